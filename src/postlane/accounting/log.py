@@ -1,0 +1,264 @@
+"""Accounting file writer: CSV (RFC 4180) and/or JSON Lines, rotated by age and size.
+
+Writes go to large user-space buffers and are never fsynced per record, so the hot path stays
+cheap at thousands of records per second; durability points are rotate(), close() and an
+explicit flush(fsync=True).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from postlane.accounting.records import CORRELATION_HEADER_FIELD, DEFAULT_FIELDS, Record
+
+__all__ = ["FORMATS", "AccountingLog"]
+
+log = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("csv", "jsonl")
+_FILE_MODE = 0o640
+_DIR_MODE = 0o750
+_BUFFER_BYTES = 256 * 1024
+_FLOATS = frozenset({"totalSecondsQueued"})  # written with 3 decimals in CSV
+# "header_" + an RFC 5322 field name (printable ASCII except colon).
+_HEADER_FIELD = re.compile(r"header_[\x21-\x39\x3b-\x7e]+")
+
+
+def _resolve_fields(fields: Sequence[str]) -> list[tuple[str, str | None]]:
+    """Map each configured field to its as_dict key (None: a header Postlane does not keep)."""
+    if not fields:
+        raise ValueError("accounting field list is empty")
+    known = set(DEFAULT_FIELDS)
+    seen: set[str] = set()
+    out: list[tuple[str, str | None]] = []
+    for name in fields:
+        if name in seen:
+            raise ValueError(f"duplicate accounting field {name!r}")
+        seen.add(name)
+        if name in known:
+            out.append((name, name))
+        elif name.lower() == CORRELATION_HEADER_FIELD.lower():
+            out.append((name, CORRELATION_HEADER_FIELD))
+        elif _HEADER_FIELD.fullmatch(name):
+            out.append((name, None))
+        else:
+            raise ValueError(f"unknown accounting field {name!r}")
+    return out
+
+
+class AccountingLog:
+    """Append-only accounting files; one file per format, all rotated together.
+
+    Thread-safe. ``clock`` exists so tests can drive age-based rotation without sleeping.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        formats: Sequence[str] = ("csv",),
+        fields: Sequence[str] = DEFAULT_FIELDS,
+        rotate_seconds: float = 86400,
+        rotate_bytes: int = 100 * 1024 * 1024,
+        prefix: str = "acct",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not formats:
+            raise ValueError("at least one accounting format is required")
+        for fmt in formats:
+            if fmt not in FORMATS:
+                raise ValueError(f"unknown accounting format {fmt!r} (expected one of {FORMATS})")
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"duplicate accounting format in {list(formats)!r}")
+        if rotate_seconds <= 0 or rotate_bytes <= 0:
+            raise ValueError("rotate_seconds and rotate_bytes must be positive")
+        if not prefix or "/" in prefix or os.sep in prefix:
+            raise ValueError(f"invalid accounting file prefix {prefix!r}")
+        self._columns = _resolve_fields(fields)
+        self._header = [name for name, _ in self._columns]
+        self._all_default = tuple(self._header) == DEFAULT_FIELDS
+        self._float_columns = [i for i, (_, key) in enumerate(self._columns) if key in _FLOATS]
+        self._json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+        self.directory = Path(directory)
+        self.formats: tuple[str, ...] = tuple(formats)
+        self.fields: tuple[str, ...] = tuple(self._header)
+        self.rotate_seconds = float(rotate_seconds)
+        self.rotate_bytes = int(rotate_bytes)
+        self.prefix = prefix
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[Record], None]] = []
+        self._files: dict[str, BinaryIO] = {}
+        self._sizes: dict[str, int] = {}
+        self._opened_at = 0.0
+        self._closed = False
+        # csv writes into a reusable in-memory buffer so the exact encoded size is known.
+        self._csv_buf = io.StringIO()
+        self._csv = csv.writer(self._csv_buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
+        self.current_paths: dict[str, Path] = {}
+        self.directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        self._open_files()
+
+    # -- public API -------------------------------------------------------------------------
+
+    def write(self, record: Record) -> None:
+        """Buffer one record; may rotate first, never fsyncs."""
+        with self._lock:
+            self._write_locked(record)
+        self._notify(record)
+
+    def write_many(self, records: Iterable[Record]) -> None:
+        """Buffer several records under one lock acquisition."""
+        batch = list(records)
+        with self._lock:
+            for record in batch:
+                self._write_locked(record)
+        for record in batch:
+            self._notify(record)
+
+    def flush(self, fsync: bool = False) -> None:
+        """Push buffers to the OS; with fsync, also to stable storage."""
+        with self._lock:
+            self._check_open()
+            for fh in self._files.values():
+                fh.flush()
+                if fsync:
+                    os.fsync(fh.fileno())
+
+    def rotate(self) -> None:
+        """Close (with fsync) the current files and start new ones."""
+        with self._lock:
+            self._check_open()
+            self._rotate_locked()
+
+    def close(self) -> None:
+        """Flush, fsync and close; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_files()
+
+    def add_listener(self, fn: Callable[[Record], None]) -> None:
+        """Call ``fn`` after every record is written (monitoring, audit forwarding).
+
+        Listener exceptions are logged, not raised: the file is the record of truth and a
+        broken hook must not stop accounting.
+        """
+        with self._lock:
+            self._listeners.append(fn)
+
+    def __enter__(self) -> AccountingLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("accounting log is closed")
+
+    def _write_locked(self, record: Record) -> None:
+        self._check_open()
+        if self._clock() - self._opened_at >= self.rotate_seconds or any(
+            size >= self.rotate_bytes for size in self._sizes.values()
+        ):
+            self._rotate_locked()
+        values = record.as_dict()
+        if self._all_default:
+            row = list(values.values())
+        else:
+            row = [values[key] if key is not None else "" for _, key in self._columns]
+        for fmt, fh in self._files.items():
+            if fmt == "csv":
+                cells = row.copy()
+                for i in self._float_columns:
+                    cells[i] = f"{cells[i]:.3f}"
+                data = self._csv_line(cells)
+            else:
+                obj = values if self._all_default else dict(zip(self._header, row, strict=True))
+                data = (self._json.encode(obj) + "\n").encode()
+            fh.write(data)
+            self._sizes[fmt] += len(data)
+
+    def _csv_line(self, row: Sequence[object]) -> bytes:
+        buf = self._csv_buf
+        buf.seek(0)
+        buf.truncate()
+        self._csv.writerow(row)
+        return buf.getvalue().encode()
+
+    def _rotate_locked(self) -> None:
+        self._close_files()
+        self._open_files()
+
+    def _close_files(self) -> None:
+        files, self._files = self._files, {}
+        for fh in files.values():
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+
+    def _open_files(self) -> None:
+        now = self._clock()
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+        n = 0
+        while True:
+            base = f"{self.prefix}-{stamp}" + (f"-{n}" if n else "")
+            paths = {fmt: self.directory / f"{base}.{fmt}" for fmt in self.formats}
+            if not any(p.exists() for p in paths.values()):
+                files = self._create_exclusive(paths)
+                if files is not None:
+                    break
+            n += 1
+        self._files = files
+        self.current_paths = paths
+        self._sizes = dict.fromkeys(self.formats, 0)
+        self._opened_at = now
+        if "csv" in files:
+            header = self._csv_line(self._header)
+            files["csv"].write(header)
+            files["csv"].flush()  # tailers and parsers never see a headerless file
+            self._sizes["csv"] = len(header)
+        self._fsync_directory()
+
+    def _create_exclusive(self, paths: dict[str, Path]) -> dict[str, BinaryIO] | None:
+        """Create all files or none (None if another writer raced us to a name)."""
+        files: dict[str, BinaryIO] = {}
+        try:
+            for fmt, path in paths.items():
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, _FILE_MODE)
+                os.fchmod(fd, _FILE_MODE)  # exactly 0640 whatever the umask
+                files[fmt] = open(fd, "wb", buffering=_BUFFER_BYTES)  # noqa: SIM115
+        except FileExistsError:
+            for fmt, fh in files.items():
+                fh.close()
+                paths[fmt].unlink(missing_ok=True)
+            return None
+        return files
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _notify(self, record: Record) -> None:
+        for fn in tuple(self._listeners):
+            try:
+                fn(record)
+            except Exception:
+                log.exception("accounting listener %r failed", fn)

@@ -1,0 +1,231 @@
+"""RFC 3464 delivery status notifications (bounces and delay warnings).
+
+The bounce must be machine-readable (senders' bounce processors key on Status and
+Final-Recipient) and must never itself provoke a bounce, hence should_bounce() and the
+Auto-Submitted header. The bounce's own envelope sender must be the null sender "<>".
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import message_from_bytes
+from email.message import EmailMessage, Message, MIMEPart
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+
+__all__ = ["FailedRecipient", "build_bounce", "should_bounce"]
+
+# SMTP policy, but fold only past RFC 5322's hard 998 limit: folding at 78 would turn long
+# tokens in Diagnostic-Code (URLs, server ids) into RFC 2047 encoded words, which DSN
+# parsers do not decode.
+_POLICY = SMTP.clone(max_line_length=998)
+_DIAG_MAX = 900  # keeps "Diagnostic-Code: smtp; ..." under 998 octets, so it is never encoded
+_ACTIONS = frozenset({"failed", "delayed"})
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(slots=True)
+class FailedRecipient:
+    """One recipient's outcome as it should appear in the DSN."""
+
+    address: str
+    action: str  # "failed" | "delayed"
+    status: str  # "5.1.1", "4.4.7", ...
+    diagnostic: str = ""  # remote reply verbatim, e.g. "550 5.1.1 <x@y>: no such user"
+    remote_mta: str = ""  # e.g. "mx1.example.com"
+    orcpt: str = ""  # "rfc822;addr" as given at intake
+    last_attempt: float | None = None
+
+
+def _bare(address: str) -> str:
+    return address.strip().removeprefix("<").removesuffix(">").strip()
+
+
+def should_bounce(sender: str) -> bool:
+    """False for the null sender and MAILER-DAEMON: never bounce a bounce (RFC 5321 4.5.5)."""
+    addr = _bare(sender)
+    if not addr:
+        return False
+    local = addr.rpartition("@")[0] if "@" in addr else addr
+    return local.lower() != "mailer-daemon"
+
+
+def _one_line(text: str) -> str:
+    """Collapse multi-line SMTP replies and strip anything that could inject a header."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _dsn_text(text: str) -> str:
+    """DSN fields are US-ASCII: escape the rest as RFC 6533 embedded-unicode \\x{HEX}."""
+    text = _one_line(text)
+    if text.isascii():
+        return text
+    return "".join(ch if ch.isascii() else f"\\x{{{ord(ch):X}}}" for ch in text)
+
+
+def _address_field(address: str) -> str:
+    if address.isascii():
+        return f"rfc822; {address}"
+    # RFC 6533 utf-8-addr-xtext: "+", "=", "\" and non-ASCII become \x{HEX}.
+    escaped = "".join(
+        ch if ch.isascii() and ch not in "+=\\" else f"\\x{{{ord(ch):X}}}" for ch in address
+    )
+    return f"utf-8; {escaped}"
+
+
+def _date(ts: float) -> str:
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
+
+
+def _block(fields: list[tuple[str, str]]) -> Message:
+    block = Message(policy=_POLICY)
+    for name, value in fields:
+        block[name] = value
+    return block
+
+
+def _human_text(reporting_mta: str, recipients: Sequence[FailedRecipient], queue_id: str) -> str:
+    failed = [r for r in recipients if r.action == "failed"]
+    delayed = [r for r in recipients if r.action == "delayed"]
+
+    def line(r: FailedRecipient) -> str:
+        reply = _one_line(r.diagnostic) or f"status {r.status}"
+        where = f"host {r.remote_mta} said: " if r.remote_mta and r.diagnostic else ""
+        return f"<{_bare(r.address)}>: {where}{reply}"
+
+    out = [f"This is the mail system at host {reporting_mta}.", ""]
+    if failed:
+        out += [
+            "I'm sorry to have to inform you that your message could not",
+            "be delivered to one or more recipients. The original message",
+            "(or its headers) is attached below.",
+            "",
+            *map(line, failed),
+            "",
+        ]
+    if delayed:
+        out += [
+            "THIS IS A WARNING ONLY. YOU DO NOT NEED TO RESEND YOUR MESSAGE.",
+            "",
+            "Your message has not yet been delivered to the recipients below.",
+            "The mail system will keep trying.",
+            "",
+            *map(line, delayed),
+            "",
+        ]
+    out.append("For further assistance, please contact your postmaster.")
+    if queue_id:
+        out.append(f"Queue ID: {queue_id}")
+    return "\n".join(out) + "\n"
+
+
+def _original_part(original: bytes, ret: str) -> Message:
+    """The original's headers (RET=HDRS) or whole message (RET=FULL), bytes kept as given."""
+    data = _EOL.sub(b"\r\n", original)
+    if ret == "HDRS":
+        match = _HEADER_END.search(data)
+        data = data[: match.start()] + b"\r\n" if match else data
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    part = MIMEPart(policy=_POLICY)
+    # Neither type may be base64-encoded (RFC 2046 5.2.1); 8-bit bytes are carried as-is.
+    cte = "7bit" if data.isascii() else "8bit"
+    if ret == "HDRS":
+        part["Content-Type"] = "text/rfc822-headers"
+        part["Content-Transfer-Encoding"] = cte
+        # surrogateescape lets BytesGenerator write the exact original bytes back out.
+        part.set_payload(data.decode("ascii", "surrogateescape"))
+    else:
+        part["Content-Type"] = "message/rfc822"
+        part["Content-Transfer-Encoding"] = cte
+        part.set_payload([message_from_bytes(data, policy=_POLICY)])
+    return part
+
+
+def build_bounce(
+    *,
+    reporting_mta: str,
+    sender: str,
+    recipients: Sequence[FailedRecipient],
+    original: bytes,
+    arrival_date: float,
+    envid: str = "",
+    ret: str = "HDRS",
+    queue_id: str = "",
+    postmaster: str | None = None,
+    now: float | None = None,
+) -> bytes:
+    """Build a multipart/report DSN (RFC 3464/6522) to ``sender``; CRLF line endings."""
+    to = _bare(sender)
+    if not to:
+        raise ValueError("cannot build a DSN for the null sender")
+    if not recipients:
+        raise ValueError("a DSN needs at least one recipient")
+    ret = ret.upper()
+    if ret not in ("HDRS", "FULL"):
+        raise ValueError(f"RET must be HDRS or FULL, not {ret!r}")
+    for r in recipients:
+        if r.action not in _ACTIONS:
+            raise ValueError(f"DSN action must be failed or delayed, not {r.action!r}")
+        if not _STATUS.fullmatch(r.status):
+            raise ValueError(f"invalid DSN status {r.status!r} for {r.address!r}")
+    now = time.time() if now is None else now
+    policy = _POLICY if to.isascii() else _POLICY.clone(utf8=True)
+    all_delayed = all(r.action == "delayed" for r in recipients)
+
+    msg = EmailMessage(policy=policy)
+    from_addr = postmaster or f"MAILER-DAEMON@{reporting_mta}"
+    msg["From"] = from_addr if "<" in from_addr else f"Mail Delivery System <{from_addr}>"
+    msg["To"] = to
+    msg["Subject"] = (
+        "Delayed Mail (still being retried)"
+        if all_delayed
+        else "Undelivered Mail Returned to Sender"
+    )
+    msg["Date"] = _date(now)
+    msg["Message-ID"] = make_msgid(domain=reporting_mta)
+    msg["Auto-Submitted"] = "auto-replied"
+    msg["MIME-Version"] = "1.0"
+    msg["Content-Type"] = "multipart/report; report-type=delivery-status"
+
+    text = MIMEPart(policy=policy)
+    text.set_content(_human_text(reporting_mta, recipients, queue_id))
+
+    # Field order follows the RFC 3464 section 2.2 grammar; extension fields go last.
+    per_message = [("Original-Envelope-Id", _dsn_text(envid))] if envid else []
+    per_message += [
+        ("Reporting-MTA", f"dns; {_dsn_text(reporting_mta)}"),
+        ("Arrival-Date", _date(arrival_date)),
+    ]
+    if queue_id:
+        per_message.append(("X-Postlane-Queue-ID", _dsn_text(queue_id)))
+    blocks = [_block(per_message)]
+    for r in recipients:
+        fields: list[tuple[str, str]] = []
+        if r.orcpt:
+            orcpt = _dsn_text(r.orcpt)
+            fields.append(("Original-Recipient", orcpt if ";" in orcpt else f"rfc822; {orcpt}"))
+        fields += [
+            ("Final-Recipient", _address_field(_bare(r.address))),
+            ("Action", r.action),
+            ("Status", r.status),
+        ]
+        if r.remote_mta:
+            fields.append(("Remote-MTA", f"dns; {_dsn_text(r.remote_mta)}"))
+        if r.diagnostic:
+            fields.append(("Diagnostic-Code", f"smtp; {_dsn_text(r.diagnostic)[:_DIAG_MAX]}"))
+        if r.last_attempt is not None:
+            fields.append(("Last-Attempt-Date", _date(r.last_attempt)))
+        blocks.append(_block(fields))
+    status = MIMEPart(policy=policy)
+    status["Content-Type"] = "message/delivery-status"
+    status.set_payload(blocks)
+
+    msg.set_payload([text, status, _original_part(original, ret)])
+    return msg.as_bytes()

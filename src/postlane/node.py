@@ -1,0 +1,182 @@
+"""One Postlane node: wires edge, policy, spool, scheduler, relay and accounting together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .accounting.log import AccountingLog
+from .config import Config
+from .edge.smtp import Listener
+from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
+from .policy.intake import Intake, RcptIn
+from .relay.deliver import Relay
+from .relay.mx import MXResolver
+from .scheduler.scheduler import Failure, Scheduler
+from .spool import Message, SQLiteSpool
+
+log = logging.getLogger("postlane.node")
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.spool = SQLiteSpool(config.node.spool)
+        acc = config.accounting
+        self.accounting = AccountingLog(Path(acc.directory), formats=acc.formats,
+                                        rotate_seconds=acc.rotate, rotate_bytes=acc.rotate_size)
+        self.scheduler = Scheduler(config, self.spool, self.accounting.write, self._on_failures)
+        self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
+        self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
+        self.scheduler.relay = self.relay
+        self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write)
+        self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
+                          for name, lc in config.listeners.items()]
+        self.started_at = 0.0
+        self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
+        self._background: set[asyncio.Task] = set()
+        self._flusher: asyncio.Task | None = None
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Open the spool, resume every queued message, then open the listeners."""
+        await self.spool.open()
+        self.scheduler.paused = await self.spool.paused()
+        pending = await self.spool.pending()
+        for rcpt in pending.recipients:
+            self.scheduler.add(rcpt)
+        for listener in self.listeners:
+            await listener.start()
+        self.started_at = time.time()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        log.info("node started", extra={"resumed": len(pending.recipients)})
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.accounting.flush()
+
+    async def stop(self) -> None:
+        """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool."""
+        for listener in self.listeners:
+            await listener.stop()
+        await self.scheduler.drain(self.config.node.drain_timeout)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=10)
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.spool.flush()
+        await self.spool.close()
+        self.accounting.close()
+        self.stopped.set()
+
+    # -- bounces --------------------------------------------------------------------------------
+
+    def _on_failures(self, msg: Message, failures: list[Failure]) -> None:
+        """Collect a message's failed recipients; one DSN per message per loop turn."""
+        if not should_bounce(msg.mail_from):
+            return
+        entry = self._failures.get(msg.id)
+        if entry is None:
+            try:
+                body = self.spool.body(msg.id)
+            except KeyError:
+                body = b""
+            self._failures[msg.id] = (msg, body, list(failures))
+            asyncio.get_running_loop().call_soon(self._send_bounce, msg.id)
+        else:
+            entry[2].extend(failures)
+
+    def _send_bounce(self, msg_id: str) -> None:
+        msg, body, failures = self._failures.pop(msg_id)
+        report = build_bounce(
+            reporting_mta=self.config.node.hostname, sender=msg.mail_from,
+            recipients=[FailedRecipient(address=f.rcpt.address, action=f.action, status=f.status,
+                                        diagnostic=f.diag, remote_mta=f.remote_mta,
+                                        orcpt=f.rcpt.orcpt, last_attempt=time.time())
+                        for f in failures],
+            original=body, arrival_date=msg.queued_at, envid=msg.envid, ret=msg.ret or "HDRS",
+            queue_id=msg.id)
+        task = asyncio.get_running_loop().create_task(self.intake.submit(
+            "", [RcptIn(msg.mail_from, "NEVER")], report, listener="dsn",
+            src_type="dsn", forced_class=msg.cls))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        now = time.time()
+        lanes = []
+        for lane in sorted(self.scheduler.lanes.values(), key=lambda ln: ln.key):
+            lanes.append({
+                "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
+                "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
+                "oldest_age_s": round(lane.oldest(now), 3), "connections": lane.workers,
+                "paused": lane.paused,
+                "suspended_s": round(max(0.0, lane.suspended_until - now), 1),
+            })
+        pools = []
+        for name, slots in self.scheduler.slots.items():
+            pools.append({
+                "pool": name, "pausable": self.config.pools[name].pausable,
+                "paused": (name, "*") in self.scheduler.paused,
+                "connections": sum(s.in_use for s in slots),
+                "cap": sum(s.max_smtp_out for s in slots),
+                "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
+                         "max_smtp_out": s.max_smtp_out} for s in slots],
+            })
+        return {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
+                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
+                "pools": pools, "lanes": lanes}
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One JSON object per log line, so that log shippers need no parsing rules."""
+
+    class JSONFormatter(logging.Formatter):
+        _skip = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+        def format(self, record: logging.LogRecord) -> str:
+            out = {"ts": round(record.created, 3), "level": record.levelname,
+                   "logger": record.name, "msg": record.getMessage()}
+            out.update({k: v for k, v in vars(record).items() if k not in self._skip})
+            if record.exc_info:
+                out["exc"] = self.formatException(record.exc_info)
+            return json.dumps(out, default=str)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def run(config: Config) -> None:
+    """Run a node until SIGTERM/SIGINT, then drain."""
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+
+    async def main() -> None:
+        node = Node(config)
+        await node.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        ports = {ln.name: ln.port for ln in node.listeners}
+        log.info("listening", extra={"listeners": ports})
+        await stop.wait()
+        log.info("draining")
+        await node.stop()
+        log.info("stopped")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(main())

@@ -1,0 +1,134 @@
+"""Turning accepted mail into a queued message: classify, stamp, store durably, schedule.
+
+Every way in (SMTP listeners, the HTTP injection API, bounces the node generates itself) goes
+through ``Intake.submit``, so the rules are the same whichever door a message came through.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from email.utils import formatdate
+
+from ..accounting.records import Record
+from ..config import Config
+from ..spool import Message, Recipient, Spool
+from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
+
+CLASS_HEADER = "x-postlane-class"
+QUEUED_HEADER = "X-Postlane-Queued"
+
+_counter = itertools.count()
+_node_tag = os.urandom(2).hex()
+
+
+def new_queue_id(now: float) -> str:
+    """Time-ordered and unique per node: 11 hex digits of milliseconds, a random node tag and a
+    counter (sortable in logs, no coordination needed)."""
+    return f"{int(now * 1000):011X}{_node_tag.upper()}{next(_counter) & 0xFFFFF:05X}"
+
+
+class Rejection(Exception):
+    """Refuse a message with an SMTP reply (the HTTP API maps it to a 4xx/5xx status)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+@dataclass(slots=True)
+class RcptIn:
+    address: str
+    notify: str = ""
+    orcpt: str = ""
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class Intake:
+    def __init__(self, config: Config, spool: Spool, scheduler, record) -> None:
+        self.config = config
+        self.spool = spool
+        self.scheduler = scheduler
+        self.record = record
+        self.accepted = 0
+
+    def classify(self, header_class: str | None, default_class: str | None) -> str:
+        """Header first, then the listener's default, then the node's; an unknown class named
+        in a header is refused, never silently demoted."""
+        if header_class:
+            if header_class not in self.config.classes:
+                raise Rejection(550, f"5.7.1 unknown traffic class {header_class!r}"
+                                     f" in X-Postlane-Class")
+            return header_class
+        name = default_class or self.config.default_class
+        if not name:
+            raise Rejection(550, "5.7.1 no traffic class for this message (set X-Postlane-Class)")
+        return name
+
+    async def submit(self, mail_from: str, rcpts: list[RcptIn], data: bytes, *, envid: str = "",
+                     ret: str = "", listener: str = "", client_ip: str = "",
+                     client_name: str = "", auth_user: str = "", default_class: str | None = None,
+                     src_type: str = "smtp", forced_class: str | None = None) -> str:
+        """Queue a message durably and return its queue id (raises Rejection)."""
+        now = time.time()
+        data = normalize_newlines(data)
+        head, body = split_message(data)
+        fields = header_fields(head)
+        header_class = None
+        correlation = ""
+        message_id = ""
+        corr_name = self.config.correlation_header.lower()
+        kept = []
+        for name, raw in fields:
+            if name == CLASS_HEADER:
+                header_class = header_class or field_value(raw)
+                continue
+            if name == corr_name and not correlation:
+                correlation = field_value(raw)[:200]
+            elif name == "message-id" and not message_id:
+                message_id = field_value(raw)[:300]
+            kept.append((name, raw))
+        cls_name = forced_class or self.classify(header_class, default_class)
+        cls = self.config.classes[cls_name]
+        qid = new_queue_id(now)
+        if not message_id:
+            message_id = f"<{qid}@{self.config.node.hostname}>"
+            kept.append(("message-id", f"Message-ID: {message_id}".encode()))
+        stamp = [
+            ("received", (f"Received: from {client_name or 'localhost'} ({client_ip or 'local'})"
+                          f"\r\n\tby {self.config.node.hostname} (Postlane) with ESMTP id {qid};"
+                          f"\r\n\t{formatdate(now)}").encode()),
+            ("x-postlane-queued", f"{QUEUED_HEADER}: {now:.3f}; id={qid}".encode()),
+        ]
+        content = join_fields(stamp + kept) + b"\r\n" + body
+        msg = Message(
+            id=qid, cls=cls_name, pool=cls.pool, mail_from=mail_from, queued_at=now,
+            deadline=now + (cls.sla if cls.sla is not None else cls.expiry),
+            expire_at=now + cls.expiry, priority=cls.priority, size=len(content), envid=envid,
+            ret=ret, correlation_id=correlation or envid, message_id=message_id,
+            listener=listener, auth_user=auth_user, client=client_ip)
+        recipients = [Recipient(msg=msg, idx=i, address=r.address, domain=domain_of(r.address),
+                                orcpt=r.orcpt, notify=r.notify) for i, r in enumerate(rcpts)]
+        msg.remaining = len(recipients)
+        await self.spool.enqueue(msg, recipients, content, urgent=cls.sla is not None)
+        for r in recipients:
+            self.record(Record(type="r", time_logged=now, time_queued=now, orig=mail_from,
+                               rcpt=r.address, queue_id=qid, cls=cls_name, vmta_pool=cls.pool,
+                               orcpt=r.orcpt, src_type=src_type,
+                               src_mta=f"{client_name} ({client_ip})" if client_ip else "",
+                               dlv_size=msg.size, job_id=msg.correlation_id, env_id=envid,
+                               correlation_id=msg.correlation_id, message_id=message_id,
+                               listener=listener, auth_user=auth_user))
+        self.scheduler.add_message(recipients)
+        self.accepted += 1
+        return qid

@@ -1,0 +1,509 @@
+"""Asyncio outbound SMTP client for the relay.
+
+Hand-written rather than built on aiosmtplib because aiosmtplib has no RFC 2920 PIPELINING,
+and at ~1,000 messages/s the round trips saved by sending MAIL, every RCPT and DATA in one
+write dominate delivery throughput.
+
+Defences built in: message data is normalised to CRLF line endings before dot-stuffing, so a
+bare LF or CR can never form an end-of-data sequence the receiver reads differently from us
+(SMTP smuggling, CVE-2023-51766); plaintext bytes pipelined behind a STARTTLS reply are
+refused (CVE-2011-0411 style injection); replies are capped in lines and bytes so a hostile
+server cannot make us buffer megabytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from dataclasses import dataclass, field
+
+__all__ = ["Reply", "SMTPConnection", "SMTPError", "Timeouts", "Transaction"]
+
+MAX_REPLY_LINES = 100
+MAX_REPLY_BYTES = 64 * 1024
+# StreamReader buffer limit: a single line longer than this fails fast instead of buffering.
+_STREAM_LIMIT = MAX_REPLY_BYTES
+# Large messages are written in blocks so the RFC 5321 data-block timeout applies per block.
+_DATA_BLOCK = 256 * 1024
+
+_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_DSN_MAIL_PARAMS = ("ENVID=", "RET=")
+_DSN_RCPT_PARAMS = ("NOTIFY=", "ORCPT=")
+
+
+@dataclass(slots=True)
+class Reply:
+    """One (possibly multi-line) SMTP reply."""
+
+    code: int
+    text: str
+    enhanced: str | None = None
+
+    def __str__(self) -> str:
+        first = self.text.split("\n", 1)[0]
+        return f"{self.code} {first}" if first else str(self.code)
+
+    @property
+    def is_ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def is_temp(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_perm(self) -> bool:
+        return 500 <= self.code < 600
+
+
+class SMTPError(Exception):
+    """A failure before or outside a transaction's replies: connect refused/timeout, TLS
+    failure, bad greeting, garbage reply, closed connection."""
+
+    def __init__(
+        self, stage: str, message: str, reply: Reply | None = None, temporary: bool = True
+    ) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = message
+        self.reply = reply
+        self.temporary = temporary
+
+
+@dataclass(slots=True)
+class Timeouts:
+    """Per-stage timeouts in seconds (RFC 5321 4.5.3.2 gives the recommended minimums)."""
+
+    connect: float = 30.0
+    banner: float = 60.0  # RFC 5321 4.5.3.2 gives 5 min; we default shorter, configurable
+    command: float = 60.0
+    data_block: float = 180.0
+    dot: float = 600.0
+
+
+@dataclass(slots=True)
+class Transaction:
+    """Replies of one mail transaction.
+
+    A recipient was delivered iff its RCPT reply and ``data_reply`` are both 2xx.
+    ``data_reply`` is None exactly when no recipient was accepted; when MAIL was refused,
+    every entry of ``rcpt_replies`` is the MAIL reply, so the list always has one reply per
+    recipient to account with.
+    """
+
+    mail_reply: Reply
+    rcpt_replies: list[Reply] = field(default_factory=list)
+    data_reply: Reply | None = None
+
+
+def _parse_reply(lines: list[bytes], stage: str) -> Reply:
+    texts: list[str] = []
+    code = 0
+    for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if len(line) < 3 or not line[:3].isdigit() or line[0] not in b"2345" or (
+            len(line) > 3 and line[3] not in b" -"
+        ):
+            raise SMTPError(stage, f"malformed reply line {line[:80]!r}")
+        if not code:
+            code = int(line[:3])
+        texts.append(line[4:].decode("utf-8", "replace"))
+    m = _ENHANCED_RE.match(texts[0])
+    enhanced = m.group(0) if m and m.group(1) == str(code)[0] else None
+    return Reply(code, "\n".join(texts), enhanced)
+
+
+def prepare_data(data: bytes) -> bytes:
+    """Turn a message into its DATA wire form (CRLF-normalised, dot-stuffed, without the
+    final ".\\r\\n"), so no bare CR/LF can be read as end-of-data by a lenient receiver."""
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    data = data.replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..")
+
+
+def _strip_params(params: str, drop: tuple[str, ...]) -> str:
+    return " ".join(p for p in params.split() if not p.upper().startswith(drop))
+
+
+class SMTPConnection:
+    """One outbound SMTP session; run one transaction at a time on it."""
+
+    peer_ip: str
+    peer_port: int
+    source_ip: str | None
+    server_name: str
+    banner: Reply
+    ehlo_reply: Reply
+    extensions: dict[str, str]
+    tls_version: str | None
+    tls_cipher: str | None
+    messages_sent: int
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        server_name: str,
+        source_ip: str | None,
+        ehlo_name: str,
+        timeouts: Timeouts,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._timeouts = timeouts
+        self._ehlo_name = ehlo_name
+        self._usable = True
+        self._busy = False
+        peer = writer.get_extra_info("peername") or ("", 0)
+        self.peer_ip, self.peer_port = peer[0], peer[1]
+        self.source_ip = source_ip
+        self.server_name = server_name
+        self.banner = Reply(0, "")
+        self.ehlo_reply = Reply(0, "")
+        self.extensions = {}
+        self.tls_version = None
+        self.tls_cipher = None
+        self.messages_sent = 0
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        server_name: str,
+        source_ip: str | None,
+        ehlo_name: str,
+        tls: str = "opportunistic",
+        tls_verify: bool = False,
+        timeouts: Timeouts | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> SMTPConnection:
+        """Connect, read the greeting, EHLO and (per ``tls``) STARTTLS + EHLO again.
+
+        ``tls`` is "opportunistic" (STARTTLS when advertised; a refused STARTTLS command
+        continues in plaintext, a failed handshake raises), "required" or "disabled".
+        ``ssl_context`` overrides the context implied by ``tls_verify``.
+        """
+        if tls not in ("opportunistic", "required", "disabled"):
+            raise ValueError(f"tls must be opportunistic, required or disabled, not {tls!r}")
+        t = timeouts or Timeouts()
+        try:
+            async with asyncio.timeout(t.connect):
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    local_addr=(source_ip, 0) if source_ip else None,
+                    limit=_STREAM_LIMIT,
+                )
+        except TimeoutError:
+            raise SMTPError("connect", f"timed out connecting to {host}:{port}") from None
+        except OSError as e:
+            raise SMTPError("connect", f"{host}:{port}: {e.strerror or e}") from e
+        conn = cls(
+            reader, writer, server_name=server_name, source_ip=source_ip, ehlo_name=ehlo_name,
+            timeouts=t,
+        )
+        try:
+            await conn._handshake(tls, tls_verify, ssl_context)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _handshake(
+        self, tls: str, tls_verify: bool, ssl_context: ssl.SSLContext | None
+    ) -> None:
+        banner = await self._read_reply("banner", self._timeouts.banner)
+        self.banner = banner
+        if not banner.is_ok:
+            # RFC 5321 3.1: after a 554 greeting the client should QUIT.
+            await self.quit()
+            raise SMTPError(
+                "banner", f"greeting refused: {banner}", banner, temporary=not banner.is_perm
+            )
+        await self._ehlo()
+        if tls == "disabled":
+            return
+        if "STARTTLS" not in self.extensions:
+            if tls == "required":
+                raise SMTPError("starttls", f"{self.server_name} does not offer STARTTLS")
+            return
+        reply = await self._command("starttls", b"STARTTLS\r\n")
+        if reply.code != 220:
+            if tls == "required" or reply.code == 421:
+                raise SMTPError("starttls", f"STARTTLS refused: {reply}", reply)
+            return  # opportunistic: the session goes on in plaintext (RFC 3207 4.1)
+        if self._reader._buffer:  # private, but there is no public way to see pending bytes
+            raise SMTPError("starttls", "plaintext data pipelined after STARTTLS reply")
+        ctx = ssl_context or _client_context(tls_verify)
+        try:
+            async with asyncio.timeout(self._timeouts.command):
+                await self._writer.start_tls(ctx, server_hostname=self.server_name)
+        except TimeoutError:
+            raise SMTPError("starttls", "TLS handshake timed out") from None
+        except (ssl.SSLError, OSError) as e:
+            raise SMTPError("starttls", f"TLS handshake failed: {e}") from e
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls_version = ssl_object.version()
+            cipher = ssl_object.cipher()
+            self.tls_cipher = cipher[0] if cipher else None
+        await self._ehlo()
+
+    async def _ehlo(self) -> None:
+        name = self._ehlo_name.encode("ascii")
+        reply = await self._command("ehlo", b"EHLO " + name + b"\r\n")
+        if reply.code in (500, 502):
+            # RFC 5321 3.2: a server without EHLO gets HELO and no extensions.
+            reply = await self._command("ehlo", b"HELO " + name + b"\r\n")
+        if not reply.is_ok:
+            raise SMTPError("ehlo", f"EHLO refused: {reply}", reply, temporary=not reply.is_perm)
+        self.ehlo_reply = reply
+        extensions: dict[str, str] = {}
+        for line in reply.text.split("\n")[1:]:
+            keyword, _, params = line.strip().partition(" ")
+            if keyword:
+                extensions[keyword.upper()] = params.strip()
+        self.extensions = extensions
+
+    @property
+    def usable(self) -> bool:
+        """Whether another transaction may run on this connection."""
+        return self._usable and not self._writer.is_closing()
+
+    async def send(
+        self,
+        mail_from: str,
+        rcpts: list[tuple[str, str]],
+        data: bytes,
+        mail_params: str = "",
+    ) -> Transaction:
+        """Run one mail transaction, pipelined when the server offers PIPELINING.
+
+        ``rcpts`` holds (address, extra RCPT parameters). DSN parameters (ENVID, RET, NOTIFY,
+        ORCPT) are dropped when the server does not advertise DSN, since such servers reject
+        them (RFC 3461 4); the caller checks ``extensions`` to know it must report success
+        itself. A 421 marks the connection unusable; the recipients it answered (and the
+        data_reply if any recipient had been accepted) carry the 421. Network failures and
+        malformed replies raise SMTPError and leave the connection closed.
+        """
+        if not rcpts:
+            raise ValueError("send() needs at least one recipient")
+        if self._busy:
+            raise RuntimeError("one transaction at a time per SMTPConnection")
+        if not self.usable:
+            raise SMTPError("mail", "connection is not usable")
+        payload = prepare_data(data)
+        commands = self._mail_commands(mail_from, rcpts, payload, mail_params)
+        self._busy = True
+        try:
+            return await self._send(commands, payload)
+        except BaseException:
+            # A failure mid-transaction leaves the stream out of sync: never reuse it.
+            self.close()
+            raise
+        finally:
+            self._busy = False
+
+    def _mail_commands(
+        self, mail_from: str, rcpts: list[tuple[str, str]], payload: bytes, mail_params: str
+    ) -> list[str]:
+        ext = self.extensions
+        dsn = "DSN" in ext
+        given = mail_params.upper()
+        params = []
+        if "SIZE" in ext and "SIZE=" not in given:
+            params.append(f"SIZE={len(payload)}")
+        if "8BITMIME" in ext and "BODY=" not in given and not payload.isascii():
+            params.append("BODY=8BITMIME")
+        if "SMTPUTF8" in ext and not (
+            mail_from.isascii() and all(addr.isascii() for addr, _ in rcpts)
+        ):
+            params.append("SMTPUTF8")
+        if mail_params:
+            params.append(mail_params if dsn else _strip_params(mail_params, _DSN_MAIL_PARAMS))
+        tail = " ".join(p for p in params if p)
+        commands = [f"MAIL FROM:<{mail_from}>{' ' if tail else ''}{tail}\r\n"]
+        for addr, rparams in rcpts:
+            if rparams and not dsn:
+                rparams = _strip_params(rparams, _DSN_RCPT_PARAMS)
+            commands.append(f"RCPT TO:<{addr}>{' ' if rparams else ''}{rparams}\r\n")
+        joined = "".join(commands)
+        if joined.count("\n") != len(commands) or joined.count("\r") != len(commands):
+            raise ValueError("CR or LF in an envelope address or parameter")
+        return commands
+
+    async def _send(self, commands: list[str], payload: bytes) -> Transaction:
+        n = len(commands) - 1
+        cmd_timeout = self._timeouts.command
+        if "PIPELINING" in self.extensions:
+            self._writer.write(("".join(commands) + "DATA\r\n").encode("utf-8"))
+            await self._drain("mail", cmd_timeout)
+            mail_reply = await self._read_reply("mail", cmd_timeout)
+            if mail_reply.code == 421:
+                self._usable = False
+                return Transaction(mail_reply, [mail_reply] * n, None)
+            rcpt_replies: list[Reply] = []
+            for _ in range(n):
+                reply = await self._read_reply("rcpt", cmd_timeout)
+                rcpt_replies.append(reply)
+                if reply.code == 421:
+                    return self._closing(mail_reply, rcpt_replies, n)
+            data_cmd_reply = await self._read_reply("data", cmd_timeout)
+        else:
+            mail_reply = await self._command("mail", commands[0].encode("utf-8"))
+            if not mail_reply.is_ok:
+                if mail_reply.code == 421:
+                    self._usable = False
+                else:
+                    await self._quiet_rset()
+                return Transaction(mail_reply, [mail_reply] * n, None)
+            rcpt_replies = []
+            for command in commands[1:]:
+                reply = await self._command("rcpt", command.encode("utf-8"))
+                rcpt_replies.append(reply)
+                if reply.code == 421:
+                    return self._closing(mail_reply, rcpt_replies, n)
+            if not any(r.is_ok for r in rcpt_replies):
+                await self._quiet_rset()
+                return Transaction(mail_reply, rcpt_replies, None)
+            data_cmd_reply = await self._command("data", b"DATA\r\n")
+
+        accepted = mail_reply.is_ok and any(r.is_ok for r in rcpt_replies)
+        if not mail_reply.is_ok:
+            rcpt_replies = [mail_reply] * n
+        if data_cmd_reply.code == 354:
+            if not accepted:
+                # Server wants data though nobody is to receive it: end it empty.
+                self._writer.write(b".\r\n")
+                await self._drain("dot", cmd_timeout)
+                await self._read_reply("dot", self._timeouts.dot)
+                return Transaction(mail_reply, rcpt_replies, None)
+            await self._write_data(payload)
+            data_reply = await self._read_reply("dot", self._timeouts.dot)
+            if data_reply.code == 421:
+                self._usable = False
+            elif data_reply.is_ok:
+                self.messages_sent += 1
+            return Transaction(mail_reply, rcpt_replies, data_reply)
+        if data_cmd_reply.code == 421:
+            self._usable = False
+        else:
+            await self._quiet_rset()
+        return Transaction(mail_reply, rcpt_replies, data_cmd_reply if accepted else None)
+
+    def _closing(self, mail_reply: Reply, rcpt_replies: list[Reply], n: int) -> Transaction:
+        """Build the result of a transaction cut short by a 421 to a RCPT."""
+        self._usable = False
+        last = rcpt_replies[-1]
+        rcpt_replies.extend([last] * (n - len(rcpt_replies)))
+        accepted = any(r.is_ok for r in rcpt_replies)
+        return Transaction(mail_reply, rcpt_replies, last if accepted else None)
+
+    async def _write_data(self, payload: bytes) -> None:
+        timeout = self._timeouts.data_block
+        view = memoryview(payload)
+        for start in range(0, len(view), _DATA_BLOCK):
+            self._writer.write(view[start : start + _DATA_BLOCK])
+            await self._drain("data", timeout)
+        self._writer.write(b".\r\n")
+        await self._drain("dot", timeout)
+
+    async def rset(self) -> None:
+        """Abort any transaction so the connection can be reused; unusable if refused."""
+        reply = await self._command("mail", b"RSET\r\n")
+        if not reply.is_ok:
+            self._usable = False
+
+    async def _quiet_rset(self) -> None:
+        try:
+            await self.rset()
+        except SMTPError:
+            self._usable = False
+
+    async def quit(self) -> None:
+        """Say QUIT politely, ignoring any error, then close."""
+        if not self._writer.is_closing():
+            with contextlib.suppress(SMTPError, OSError):
+                await self._command("quit", b"QUIT\r\n")
+        self._usable = False
+        self._writer.close()
+        try:
+            async with asyncio.timeout(min(self._timeouts.command, 10.0)):
+                await self._writer.wait_closed()
+        except (TimeoutError, OSError, ssl.SSLError):
+            self._writer.transport.abort()
+
+    def close(self) -> None:
+        """Drop the connection without QUIT."""
+        self._usable = False
+        self._writer.transport.abort()
+
+    async def _command(self, stage: str, line: bytes) -> Reply:
+        self._writer.write(line)
+        await self._drain(stage, self._timeouts.command)
+        return await self._read_reply(stage, self._timeouts.command)
+
+    async def _drain(self, stage: str, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            self._usable = False
+            raise SMTPError(stage, "timed out writing to server") from None
+        except OSError as e:
+            self._usable = False
+            raise SMTPError(stage, f"connection lost: {e}") from e
+
+    async def _read_reply(self, stage: str, timeout: float) -> Reply:
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await self._read_lines(stage)
+        except TimeoutError:
+            self._usable = False
+            raise SMTPError(stage, "timed out waiting for reply") from None
+        except SMTPError:
+            self._usable = False
+            raise
+        except OSError as e:
+            self._usable = False
+            raise SMTPError(stage, f"connection lost: {e}") from e
+        if reply.code == 421:
+            self._usable = False
+        return reply
+
+    async def _read_lines(self, stage: str) -> Reply:
+        lines: list[bytes] = []
+        total = 0
+        readline = self._reader.readline
+        while True:
+            try:
+                line = await readline()
+            except ValueError:  # longer than the stream limit
+                raise SMTPError(stage, "reply line too long") from None
+            if not line.endswith(b"\n"):
+                raise SMTPError(stage, "connection closed by server")
+            lines.append(line)
+            total += len(line)
+            if len(line) < 5 or line[3:4] != b"-":
+                return _parse_reply(lines, stage)
+            if len(lines) >= MAX_REPLY_LINES or total > MAX_REPLY_BYTES:
+                raise SMTPError(stage, "reply too long")
+
+
+def _client_context(verify: bool) -> ssl.SSLContext:
+    if verify:
+        return ssl.create_default_context()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

@@ -1,0 +1,166 @@
+"""Delivery workers: one connection from one source IP to one destination, reused for as many
+transactions as its lane has ready, and the classification of every reply into an outcome."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..config import Config
+from ..scheduler.lanes import Lane, SourceSlot
+from ..scheduler.scheduler import Scheduler
+from ..spool import Recipient, Spool
+from .client import Reply, SMTPConnection, SMTPError, Timeouts
+from .mx import Destination, DNSPermError, DNSTempError, MXResolver
+
+log = logging.getLogger("postlane.relay")
+
+MAX_HOSTS_TRIED = 5
+
+
+def status_of(reply: Reply) -> str:
+    """The RFC 3463 status of a reply: its own enhanced code, else one derived from the class."""
+    if reply.enhanced:
+        return reply.enhanced
+    return f"{reply.code // 100}.0.0"
+
+
+class Relay:
+    def __init__(self, config: Config, scheduler: Scheduler, spool: Spool,
+                 resolver: MXResolver) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.spool = spool
+        self.resolver = resolver
+        rc = config.relay
+        self.timeouts = Timeouts(connect=rc.connect_timeout, banner=rc.command_timeout,
+                                 command=rc.command_timeout, data_block=rc.data_timeout,
+                                 dot=rc.data_timeout)
+        self.max_per_conn = {name: p.max_messages_per_connection
+                             for name, p in config.pools.items()}
+
+    async def destinations(self, domain: str) -> list[Destination]:
+        route = self.config.routes.get(domain) or self.config.routes.get("*")
+        if route:
+            host, _, port = route.rpartition(":")
+            return await self.resolver.resolve_host(host.strip("[]"), int(port))
+        return await self.resolver.destinations(domain, self.config.relay.smtp_port)
+
+    async def work(self, lane: Lane, slot: SourceSlot) -> None:
+        """Run one connection's life: connect, deliver batches while the lane has them, QUIT."""
+        sched = self.scheduler
+        batch = sched.next_batch(lane)
+        if not batch:
+            return
+        conn = await self._connect(lane, slot, batch)
+        if conn is None:
+            return
+        info = {"source_ip": slot.address, "dest_ip": conn.peer_ip, "mx": conn.server_name,
+                "tls": conn.tls_version or "", "cipher": conn.tls_cipher or "",
+                "vmta": slot.ehlo}
+        limit = self.max_per_conn[lane.pool]
+        try:
+            while batch:
+                await self._transact(conn, batch, info)
+                if not conn.usable or conn.messages_sent >= limit:
+                    break
+                batch = await sched.wait_for_work(lane, self.config.relay.idle_timeout)
+        finally:
+            await conn.quit()
+
+    async def _connect(self, lane: Lane, slot: SourceSlot,
+                       batch: list[Recipient]) -> SMTPConnection | None:
+        try:
+            dests = await self.destinations(lane.domain)
+        except DNSPermError as exc:
+            for rcpt in batch:
+                self.scheduler.bounced(rcpt, f"550 5.1.2 {exc}", "5.1.2", {}, "bad-domain")
+            return None
+        except DNSTempError as exc:
+            self._defer_all(lane, batch, f"451 4.4.3 {exc}", "4.4.3", {})
+            return None
+        last: SMTPError | None = None
+        for dest in dests[:MAX_HOSTS_TRIED]:
+            try:
+                return await SMTPConnection.open(
+                    dest.ip, dest.port, server_name=dest.host, source_ip=slot.address,
+                    ehlo_name=slot.ehlo, tls=self.config.relay.tls,
+                    tls_verify=self.config.relay.tls_verify, timeouts=self.timeouts)
+            except SMTPError as exc:
+                log.info("connect %s via %s [%s]:%s failed: %s", lane.domain, slot.address,
+                         dest.ip, dest.port, exc)
+                last = exc
+        info = {"source_ip": slot.address, "vmta": slot.ehlo}
+        reply = str(last.reply) if last and last.reply else f"451 4.4.1 {last}"
+        if last is not None and not last.temporary and last.reply is not None:
+            for rcpt in batch:
+                self.scheduler.bounced(rcpt, reply, status_of(last.reply), info,
+                                       "bad-connection")
+            return None
+        self._defer_all(lane, batch, reply, "4.4.1", info)
+        return None
+
+    def _defer_all(self, lane: Lane, batch: list[Recipient], reply: str, status: str,
+                   info: dict[str, str]) -> None:
+        """The destination cannot be reached: defer this batch and suspend the lane so the rest
+        of its queue waits without spending attempts."""
+        for rcpt in batch:
+            self.scheduler.deferred(rcpt, reply, status, info)
+        cls = self.config.classes.get(batch[0].msg.cls)
+        self.scheduler.suspend(lane, min(cls.retry[0] if cls else 60.0, 60.0), reply)
+
+    async def _transact(self, conn: SMTPConnection, batch: list[Recipient],
+                        info: dict[str, str]) -> None:
+        msg = batch[0].msg
+        sched = self.scheduler
+        try:
+            body = self.spool.body(msg.id)
+        except KeyError:
+            log.error("body of %s missing from the spool", msg.id)
+            for rcpt in batch:
+                sched.deferred(rcpt, "451 4.3.0 message body missing from spool", "4.3.0", info)
+            return
+        params = []
+        if msg.envid:
+            params.append(f"ENVID={msg.envid}")
+        if msg.ret:
+            params.append(f"RET={msg.ret}")
+        rcpts = []
+        for r in batch:
+            extra = []
+            if r.notify:
+                extra.append(f"NOTIFY={r.notify}")
+            if r.orcpt:
+                extra.append(f"ORCPT={r.orcpt}")
+            rcpts.append((r.address, " ".join(extra)))
+        started = time.monotonic()
+        try:
+            tx = await conn.send(msg.mail_from, rcpts, body, " ".join(params))
+        except SMTPError as exc:
+            reply = str(exc.reply) if exc.reply else f"451 4.4.2 {exc}"
+            for rcpt in batch:
+                if exc.reply is not None and exc.reply.is_perm:
+                    sched.bounced(rcpt, reply, status_of(exc.reply), info)
+                else:
+                    sched.deferred(rcpt, reply, "4.4.2", info)
+            return
+        log.debug("%s: %d rcpt in %.1f ms", msg.id, len(batch),
+                  (time.monotonic() - started) * 1000)
+        for rcpt, rreply in zip(batch, tx.rcpt_replies, strict=False):
+            final = rreply
+            if not tx.mail_reply.is_ok:
+                final = tx.mail_reply
+            elif rreply.is_ok:
+                final = tx.data_reply or Reply(451, "4.4.2 no data reply", "4.4.2")
+            self._settle(rcpt, final, info)
+        for rcpt in batch[len(tx.rcpt_replies):]:  # MAIL refused before any RCPT was answered
+            self._settle(rcpt, tx.mail_reply, info)
+
+    def _settle(self, rcpt: Recipient, reply: Reply, info: dict[str, str]) -> None:
+        text = str(reply)
+        if reply.is_ok:
+            self.scheduler.delivered(rcpt, text, status_of(reply), info)
+        elif reply.is_perm:
+            self.scheduler.bounced(rcpt, text, status_of(reply), info)
+        else:
+            self.scheduler.deferred(rcpt, text, status_of(reply), info)

@@ -1,0 +1,254 @@
+"""MX resolution for outbound delivery (RFC 5321 5.1), on dnspython's asyncio resolver.
+
+Errors are split into DNSTempError (retry later) and DNSPermError (bounce) because that is the
+only distinction the scheduler acts on. Answers are cached per domain for their TTL and
+concurrent lookups of one domain share a single query, since a burst to one domain at
+~1,000 messages/s must not become a burst of identical DNS queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+__all__ = ["DNSPermError", "DNSTempError", "Destination", "MXResolver"]
+
+
+class DNSTempError(Exception):
+    """SERVFAIL, timeout, no answer from any nameserver: retry later."""
+
+
+class DNSPermError(Exception):
+    """NXDOMAIN, null MX (RFC 7505 "0 ."), or no A/AAAA for any MX: bounce."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One address to try, in order, for a domain."""
+
+    host: str
+    ip: str
+    port: int
+    preference: int
+
+
+# A cached answer: (preference, host, addresses) per MX host, sorted by preference.
+_Hosts = list[tuple[int, str, list[str]]]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _key(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+class MXResolver:
+    """Resolves a domain to the ordered addresses to deliver to."""
+
+    def __init__(
+        self,
+        nameserver: str | None = None,
+        port: int = 53,
+        timeout: float = 5.0,
+        min_ttl: float = 5.0,
+        max_ttl: float = 3600.0,
+    ) -> None:
+        if nameserver is None:
+            resolver = dns.asyncresolver.Resolver()
+        else:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [nameserver]
+            resolver.port = port
+        # timeout bounds a whole lookup; each try gets at most that too.
+        resolver.lifetime = timeout
+        resolver.timeout = min(resolver.timeout, timeout)
+        self._resolver = resolver
+        self._min_ttl = min_ttl
+        self._max_ttl = max_ttl
+        # key -> (expiry on the monotonic clock, hosts or the permanent error to re-raise)
+        self._cache: dict[str, tuple[float, _Hosts | DNSPermError]] = {}
+        self._inflight: dict[str, asyncio.Future[tuple[_Hosts, float]]] = {}
+
+    async def destinations(self, domain: str, port: int = 25) -> list[Destination]:
+        """Addresses for ``domain`` in delivery order; equal preferences are shuffled per
+        call so load spreads across them for the whole cache lifetime."""
+        hosts = await self._cached("mx:" + _key(domain), lambda: self._lookup_mx(domain))
+        return _flatten(hosts, port)
+
+    async def resolve_host(self, host: str, port: int = 25) -> list[Destination]:
+        """Addresses of a route given as a host name; an IP literal is returned as is."""
+        host = host.strip()
+        if _is_ip(host.strip("[]")):
+            ip = host.strip("[]")
+            return [Destination(ip, ip, port, 0)]
+        hosts = await self._cached("host:" + _key(host), lambda: self._lookup_host(host))
+        return _flatten(hosts, port)
+
+    async def txt(self, name: str) -> list[str]:
+        """TXT strings joined per record; [] when the name or its TXT records do not exist,
+        which is what a DKIM key check wants to know."""
+        try:
+            answer = await self._resolver.resolve(_absolute(name), "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException as e:
+            raise DNSTempError(f"TXT {name}: {e}") from e
+        return [
+            b"".join(rdata.strings).decode("utf-8", "replace")
+            for rdata in answer  # type: ignore[attr-defined]
+        ]
+
+    async def _cached(
+        self, key: str, lookup: Callable[[], Awaitable[tuple[_Hosts, float]]]
+    ) -> _Hosts:
+        entry = self._cache.get(key)
+        if entry is not None:
+            expiry, value = entry
+            if expiry > time.monotonic():
+                if isinstance(value, DNSPermError):
+                    raise value
+                return value
+            del self._cache[key]
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(lookup())
+            self._inflight[key] = future
+            future.add_done_callback(lambda f: self._store(key, f))
+        # shield: one caller being cancelled must not cancel the others' shared lookup.
+        hosts, _ttl = await asyncio.shield(future)
+        return hosts
+
+    def _store(self, key: str, future: asyncio.Future[tuple[_Hosts, float]]) -> None:
+        self._inflight.pop(key, None)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, DNSPermError):
+            # Negative answers are cached briefly so a bad domain is not re-queried per message.
+            self._cache[key] = (time.monotonic() + self._min_ttl, error)
+        elif error is None:
+            hosts, ttl = future.result()
+            ttl = min(max(ttl, self._min_ttl), self._max_ttl)
+            self._cache[key] = (time.monotonic() + ttl, hosts)
+
+    async def _query(self, name: dns.name.Name, rdtype: str) -> dns.resolver.Answer | None:
+        """One query; None for NoAnswer, DNSPermError for NXDOMAIN, DNSTempError otherwise."""
+        try:
+            return await self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NoAnswer:
+            return None
+        except dns.resolver.NXDOMAIN as e:
+            raise DNSPermError(f"{name.to_text(omit_final_dot=True)}: no such domain") from e
+        except dns.exception.Timeout as e:
+            raise DNSTempError(f"{rdtype} {name}: timed out") from e
+        except dns.resolver.NoNameservers as e:
+            raise DNSTempError(f"{rdtype} {name}: no nameserver answered") from e
+        except dns.exception.DNSException as e:
+            raise DNSTempError(f"{rdtype} {name}: {e}") from e
+
+    async def _addresses(self, name: dns.name.Name) -> tuple[list[str], float]:
+        """A then AAAA addresses of ``name`` and their smallest TTL; a failure of one family
+        is tolerated when the other answers."""
+        results = await asyncio.gather(
+            self._query(name, "A"), self._query(name, "AAAA"), return_exceptions=True
+        )
+        ips: list[str] = []
+        ttl = self._max_ttl
+        errors: list[BaseException] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                if not isinstance(result, DNSTempError | DNSPermError):
+                    raise result
+                errors.append(result)
+            elif result is not None:
+                ips.extend(rdata.to_text() for rdata in result)
+                ttl = min(ttl, result.rrset.ttl if result.rrset is not None else ttl)
+        if ips:
+            return ips, ttl
+        for error in errors:
+            if isinstance(error, DNSTempError):
+                raise error
+        if errors:
+            raise errors[0]
+        raise DNSPermError(f"{name.to_text(omit_final_dot=True)}: no A/AAAA record")
+
+    async def _lookup_host(self, host: str) -> tuple[_Hosts, float]:
+        name = _absolute(host)
+        ips, ttl = await self._addresses(name)
+        return [(0, name.to_text(omit_final_dot=True).lower(), ips)], ttl
+
+    async def _lookup_mx(self, domain: str) -> tuple[_Hosts, float]:
+        name = _absolute(domain)
+        answer = await self._query(name, "MX")
+        if answer is None:
+            # RFC 5321 5.1: no MX means the domain itself is the implicit MX.
+            return await self._lookup_host(domain)
+        records = sorted(
+            ((rd.preference, rd.exchange) for rd in answer),  # type: ignore[attr-defined]
+            key=lambda r: r[0],
+        )
+        ttl = float(answer.rrset.ttl) if answer.rrset is not None else self._min_ttl
+        real = [(pref, exchange) for pref, exchange in records if exchange != dns.name.root]
+        if not real:
+            raise DNSPermError(f"{domain}: null MX, domain accepts no mail (RFC 7505)")
+        results = await asyncio.gather(
+            *(self._addresses(exchange) for _, exchange in real), return_exceptions=True
+        )
+        hosts: _Hosts = []
+        errors: list[BaseException] = []
+        for (pref, exchange), result in zip(real, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, DNSTempError | DNSPermError):
+                    raise result
+                errors.append(result)
+                continue
+            ips, host_ttl = result
+            ttl = min(ttl, host_ttl)
+            hosts.append((pref, exchange.to_text(omit_final_dot=True).lower(), ips))
+        if hosts:
+            return hosts, ttl
+        if any(isinstance(e, DNSTempError) for e in errors):
+            raise DNSTempError(f"{domain}: no MX host resolved: {_join(errors)}")
+        raise DNSPermError(f"{domain}: no MX host has an address: {_join(errors)}")
+
+
+def _absolute(name: str) -> dns.name.Name:
+    try:
+        return dns.name.from_text(name.strip())
+    except dns.exception.DNSException as e:
+        raise DNSPermError(f"{name!r}: invalid domain name: {e}") from e
+
+
+def _join(errors: list[BaseException]) -> str:
+    return "; ".join(str(e) for e in errors)
+
+
+def _flatten(hosts: _Hosts, port: int) -> list[Destination]:
+    ordered: _Hosts = []
+    i = 0
+    while i < len(hosts):
+        j = i
+        while j < len(hosts) and hosts[j][0] == hosts[i][0]:
+            j += 1
+        group = hosts[i:j]
+        if len(group) > 1:
+            random.shuffle(group)
+        ordered.extend(group)
+        i = j
+    return [Destination(host, ip, port, pref) for pref, host, ips in ordered for ip in ips]

@@ -1,0 +1,88 @@
+"""Lanes and connection slots: the in-memory shape of the queue.
+
+A lane is the queue of one (pool, destination domain). Inside a lane recipients are ordered by
+(class priority, deadline), so a policy notice sharing a pool with slower classes still goes first.
+Each source IP has a hard cap of concurrent outbound connections (``max_smtp_out``); a pool's slots
+belong to that pool alone, so no other class can ever hold them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from ..spool import Recipient, State
+
+_seq = itertools.count()
+
+
+@dataclass(slots=True, eq=False)
+class SourceSlot:
+    """One source IP of a pool, with its EHLO name and connection cap."""
+
+    pool: str
+    address: str
+    ehlo: str
+    max_smtp_out: int
+    in_use: int = 0
+    per_domain: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.max_smtp_out - self.in_use
+
+
+@dataclass(slots=True, eq=False)
+class Lane:
+    pool: str
+    domain: str
+    heap: list = field(default_factory=list)
+    workers: int = 0
+    idle: list[asyncio.Future] = field(default_factory=list)
+    paused: bool = False
+    suspended_until: float = 0.0
+    suspend_reason: str = ""
+    deferred: int = 0
+    """Recipients of this lane waiting for a retry time (they sit in the scheduler's timer heap)."""
+    inflight: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.pool, self.domain)
+
+    def push(self, rcpt: Recipient, priority: int, deadline: float) -> None:
+        heapq.heappush(self.heap, (priority, deadline, next(_seq), rcpt))
+
+    def top(self) -> tuple[int, float]:
+        prio, deadline, _, _ = self.heap[0]
+        return prio, deadline
+
+    def blocked(self, now: float) -> bool:
+        return self.paused or self.suspended_until > now
+
+    def pop_batch(self, limit: int) -> list[Recipient]:
+        """The most urgent recipient plus its message's other recipients in this lane: one
+        SMTP transaction carries them all."""
+        if not self.heap:
+            return []
+        first = heapq.heappop(self.heap)[3]
+        batch = [first]
+        while self.heap and len(batch) < limit and self.heap[0][3].msg is first.msg:
+            batch.append(heapq.heappop(self.heap)[3])
+        for rcpt in batch:
+            rcpt.state = State.INFLIGHT
+        self.inflight += len(batch)
+        return batch
+
+    def depth(self) -> int:
+        return len(self.heap) + self.deferred + self.inflight
+
+    def oldest(self, now: float | None = None) -> float:
+        """Age in seconds of the oldest message still queued in this lane (0 if none)."""
+        if not self.heap:
+            return 0.0
+        now = time.time() if now is None else now
+        return max(0.0, now - min(item[3].msg.queued_at for item in self.heap))

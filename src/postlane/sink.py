@@ -1,0 +1,128 @@
+"""A recording SMTP sink on loopback: stands in for the recipients' providers in tests, the demo
+and the benchmark. It records each arrival (time, source IP, EHLO name, envelope) and the number
+of concurrent connections per source IP, and answers per recipient as scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass(slots=True)
+class Arrival:
+    time: float
+    peer: str
+    ehlo: str
+    mail_from: str
+    rcpts: list[str]
+    data: bytes
+    tls: str | None = None
+
+
+class _SinkSMTP(SMTP):
+    def __init__(self, sink: Sink, **kwargs) -> None:
+        super().__init__(sink, **kwargs)
+        self.sink = sink
+        self._peer_ip = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._peer_ip = peer[0] if peer else ""
+        self.sink._connected(self._peer_ip)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sink._disconnected(self._peer_ip)
+        super().connection_lost(exc)
+
+
+@dataclass
+class Sink:
+    host: str = "127.0.0.1"
+    port: int = 0
+    delay: float = 0.0
+    """Seconds each message takes before its 250 (models a slow remote server)."""
+    keep_data: bool = True
+    rcpt_replies: dict[str, list[str]] = field(default_factory=dict)
+    """address -> replies to RCPT, used in order; the last one repeats (e.g. 450 then 250)."""
+    data_reply: str = "250 2.0.0 Ok"
+    tls_context: object | None = None
+    arrivals: list[Arrival] = field(default_factory=list)
+    concurrent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    max_concurrent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    connections: int = 0
+    rcpt_attempts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def __post_init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._event = asyncio.Event()
+
+    async def start(self) -> Sink:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _SinkSMTP(self, data_size_limit=None, enable_SMTPUTF8=True,
+                              hostname="sink.test", tls_context=self.tls_context, loop=loop),
+            self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def _connected(self, ip: str) -> None:
+        self.connections += 1
+        self.concurrent[ip] += 1
+        if self.concurrent[ip] > self.max_concurrent[ip]:
+            self.max_concurrent[ip] = self.concurrent[ip]
+
+    def _disconnected(self, ip: str) -> None:
+        self.concurrent[ip] -= 1
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        self.rcpt_attempts[address] += 1
+        script = self.rcpt_replies.get(address)
+        reply = "250 2.1.5 Ok"
+        if script:
+            reply = script.pop(0) if len(script) > 1 else script[0]
+        if reply.startswith("2"):
+            envelope.rcpt_tos.append(address)
+        return reply
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        tls = None
+        if server.transport is not None:
+            ssl_obj = server.transport.get_extra_info("ssl_object")
+            tls = ssl_obj.version() if ssl_obj is not None else None
+        self.arrivals.append(Arrival(
+            time=time.time(), peer=session.peer[0] if session.peer else "",
+            ehlo=session.host_name or "", mail_from=envelope.mail_from or "",
+            rcpts=list(envelope.rcpt_tos),
+            data=envelope.original_content if self.keep_data else b"", tls=tls))
+        self._event.set()
+        return self.data_reply
+
+    async def wait_for(self, count: int, timeout: float = 30.0) -> list[Arrival]:
+        """Wait until ``count`` messages arrived (raises TimeoutError)."""
+        deadline = time.monotonic() + timeout
+        while len(self.arrivals) < count:
+            self._event.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(self.arrivals)} of {count} messages arrived")
+            try:
+                await asyncio.wait_for(self._event.wait(), left)
+            except TimeoutError:
+                continue
+        return self.arrivals
+
+    def for_rcpt(self, address: str) -> list[Arrival]:
+        return [a for a in self.arrivals if address in a.rcpts]

@@ -1,0 +1,217 @@
+"""A small authoritative DNS server on loopback for tests.
+
+It runs in daemon threads rather than on the test's event loop so that it also serves an MTA
+started in a subprocess, and so a test that blocks its loop cannot starve DNS.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import socketserver
+import threading
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.TXT
+import dns.rrset
+
+__all__ = ["DNSServer"]
+
+
+def _key(name: str) -> str:
+    return name.strip().rstrip(".").lower()
+
+
+class _UDPHandler(socketserver.BaseRequestHandler):
+    server: _UDPServer
+
+    def handle(self) -> None:
+        data, sock = self.request
+        answer = self.server.dns.answer(data, max_size=None)
+        if answer is not None:
+            sock.sendto(answer, self.client_address)
+
+
+class _TCPHandler(socketserver.BaseRequestHandler):
+    server: _TCPServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(10)
+        try:
+            while True:
+                header = _recv_exact(sock, 2)
+                if header is None:
+                    return
+                data = _recv_exact(sock, int.from_bytes(header, "big"))
+                if data is None:
+                    return
+                answer = self.server.dns.answer(data, max_size=65535)
+                if answer is None:
+                    return  # a "timeout" name: hang up without answering
+                sock.sendall(len(answer).to_bytes(2, "big") + answer)
+        except OSError:
+            return
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+class _UDPServer(socketserver.ThreadingUDPServer):
+    daemon_threads = True
+    allow_reuse_address = False
+    dns: DNSServer
+
+
+class _TCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    dns: DNSServer
+
+
+class DNSServer:
+    """Authoritative answers from in-memory records, over UDP and TCP on one port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError("the test DNS server only binds loopback addresses")
+        self.host = host
+        self.port = port
+        self.queries: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        # name -> rdtype -> list of (ttl, rdata)
+        self._records: dict[str, dict[int, list[tuple[int, dns.rdata.Rdata]]]] = {}
+        self._rcodes: dict[str, dns.rcode.Rcode] = {}
+        self._silent: set[str] = set()
+        self._servers: list[socketserver.BaseServer] = []
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> DNSServer:
+        """Bind UDP and TCP on the same port (retrying if an ephemeral port clashes)."""
+        for _ in range(20):
+            udp = _UDPServer((self.host, self.port), _UDPHandler)
+            port = udp.server_address[1]
+            try:
+                tcp = _TCPServer((self.host, port), _TCPHandler)
+            except OSError:
+                udp.server_close()
+                if self.port:
+                    raise
+                continue
+            break
+        else:
+            raise OSError("could not bind UDP and TCP on one port")
+        self.port = port
+        for server in (udp, tcp):
+            server.dns = self
+            thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            )
+            thread.start()
+            self._servers.append(server)
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._servers.clear()
+        self._threads.clear()
+
+    def __enter__(self) -> DNSServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _add(self, name: str, rdtype: dns.rdatatype.RdataType, rdata: Any, ttl: int) -> None:
+        with self._lock:
+            self._records.setdefault(_key(name), {}).setdefault(rdtype, []).append((ttl, rdata))
+
+    def add_mx(self, domain: str, preference: int, exchange: str, ttl: int = 60) -> None:
+        exchange = exchange if exchange.endswith(".") else exchange + "."
+        rdata = dns.rdata.from_text("IN", "MX", f"{preference} {exchange}")
+        self._add(domain, dns.rdatatype.MX, rdata, ttl)
+
+    def add_a(self, name: str, address: str, ttl: int = 60) -> None:
+        """Add an A record, or an AAAA record when ``address`` is IPv6."""
+        rdtype = "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
+        rdata = dns.rdata.from_text("IN", rdtype, address)
+        self._add(name, dns.rdatatype.from_text(rdtype), rdata, ttl)
+
+    def add_txt(self, name: str, text: str, ttl: int = 60) -> None:
+        """Add one TXT record; text longer than 255 bytes is split into several strings."""
+        raw = text.encode("utf-8")
+        strings = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
+        rdata = dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings)
+        self._add(name, dns.rdatatype.TXT, rdata, ttl)
+
+    def set_rcode(self, name: str, rcode: str) -> None:
+        """Answer every query for ``name`` with this rcode, e.g. "SERVFAIL"."""
+        with self._lock:
+            self._rcodes[_key(name)] = dns.rcode.from_text(rcode)
+
+    def set_timeout(self, name: str) -> None:
+        """Never answer queries for ``name``."""
+        with self._lock:
+            self._silent.add(_key(name))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+            self._rcodes.clear()
+            self._silent.clear()
+            self.queries.clear()
+
+    def answer(self, wire: bytes, max_size: int | None) -> bytes | None:
+        """The response to one query in wire form, or None to stay silent."""
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        if not query.question:
+            response.set_rcode(dns.rcode.FORMERR)
+            return response.to_wire()
+        question = query.question[0]
+        key = _key(question.name.to_text())
+        self.queries.append((key, dns.rdatatype.to_text(question.rdtype)))
+        with self._lock:
+            if key in self._silent:
+                return None
+            rcode = self._rcodes.get(key)
+            records = self._records.get(key)
+            entries = list(records.get(question.rdtype, [])) if records else []
+        if rcode is not None:
+            response.set_rcode(rcode)
+        elif records is None:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        elif entries:
+            rrset = dns.rrset.RRset(question.name, dns.rdataclass.IN, question.rdtype)
+            for ttl, rdata in entries:
+                rrset.add(rdata, ttl)
+            response.answer.append(rrset)
+        if max_size is None:
+            max_size = query.payload if query.edns >= 0 else 512
+        # Records go out in the order they were added (no round-robin), so tests can assert it;
+        # an oversized UDP answer is truncated with TC set, making the client retry over TCP.
+        return response.to_wire(max_size=max_size, prefer_truncation=True, want_shuffle=False)

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from postlane.accounting.log import AccountingLog
+from postlane.accounting.records import (
+    DEFAULT_FIELDS,
+    Record,
+    format_time,
+    parse_time,
+)
+
+T0 = datetime(2026, 11, 27, 18, 40, 1, 123000, tzinfo=UTC).timestamp()
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_record(n: int = 0, **kw: object) -> Record:
+    base: dict[str, object] = dict(
+        type="d",
+        time_logged=T0 + 2.5,
+        time_queued=T0,
+        orig="bounces@bank.example",
+        rcpt=f"user{n}@example.net",
+        queue_id=f"Q{n:06d}",
+        cls="transactional",
+        vmta_pool="pool-a",
+        dsn_action="relayed",
+        dsn_status="2.0.0",
+        dsn_diag="smtp;250 2.0.0 OK queued",
+        dsn_mta="dns;mx1.example.net (127.0.0.5)",
+        dlv_size=1234,
+        attempt=1,
+        total_seconds_queued=2.5,
+        correlation_id=f"corr-{n}",
+    )
+    base.update(kw)
+    return Record(**base)  # type: ignore[arg-type]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_time_format_matches_powermta() -> None:
+    assert format_time(T0) == "2026-11-27 18:40:01.123+0000"
+    assert parse_time(format_time(T0)) == pytest.approx(T0, abs=0.0005)
+    assert format_time(0.9996) == "1970-01-01 00:00:01.000+0000"
+
+
+def test_record_as_dict_uses_file_field_names() -> None:
+    d = make_record(7).as_dict()
+    assert tuple(d) == DEFAULT_FIELDS
+    assert d["class"] == "transactional"
+    assert d["vmtaPool"] == "pool-a"
+    assert d["queueId"] == "Q000007"
+    assert d["header_X-Correlation-ID"] == "corr-7"
+    assert d["timeQueued"] == "2026-11-27 18:40:01.123+0000"
+    assert d["totalSecondsQueued"] == 2.5
+
+
+def test_record_rejects_unknown_type() -> None:
+    with pytest.raises(ValueError, match="'x'"):
+        make_record(type="x")
+
+
+def test_header_line_and_csv_values(tmp_path: Path) -> None:
+    log = AccountingLog(tmp_path / "acct", clock=FakeClock())
+    log.write(make_record(1))
+    path = log.current_paths["csv"]
+    log.close()
+    raw = path.read_bytes()
+    assert raw.startswith((",".join(DEFAULT_FIELDS) + "\r\n").encode())
+    assert path.name == "acct-20261127-184001.csv"
+    (row,) = read_csv(path)
+    assert row["rcpt"] == "user1@example.net"
+    assert row["timeLogged"] == "2026-11-27 18:40:03.623+0000"
+    assert row["totalSecondsQueued"] == "2.500"
+    assert row["dlvSize"] == "1234"
+    assert row["header_X-Correlation-ID"] == "corr-1"
+
+
+def test_rfc4180_quoting_round_trips(tmp_path: Path) -> None:
+    diag = 'smtp;550 5.7.1 "blocked", see\r\nhttps://example.net/why?a=1,b=2\nthanks'
+    log = AccountingLog(tmp_path, clock=FakeClock())
+    log.write(make_record(1, type="b", dsn_diag=diag, bounce_cat="policy-related"))
+    log.write(make_record(2, dsn_diag="plain"))
+    path = log.current_paths["csv"]
+    log.close()
+    assert b'"smtp;550 5.7.1 ""blocked"", see' in path.read_bytes()
+    rows = read_csv(path)
+    assert [r["dsnDiag"] for r in rows] == [diag, "plain"]
+    assert rows[0]["bounceCat"] == "policy-related"
+
+
+def test_jsonl_round_trip(tmp_path: Path) -> None:
+    records = [make_record(i, dsn_diag=f'diag "{i}", ünïcode') for i in range(3)]
+    log = AccountingLog(tmp_path, formats=("csv", "jsonl"), clock=FakeClock())
+    log.write_many(records)
+    paths = dict(log.current_paths)
+    log.close()
+    assert paths["csv"].stem == paths["jsonl"].stem
+    lines = paths["jsonl"].read_text(encoding="utf-8").splitlines()
+    loaded = [json.loads(line) for line in lines]
+    assert loaded == [r.as_dict() for r in records]
+    assert list(loaded[0]) == list(DEFAULT_FIELDS)
+    assert parse_time(loaded[0]["timeLogged"]) == pytest.approx(records[0].time_logged, abs=1e-3)
+    assert len(read_csv(paths["csv"])) == 3
+
+
+def test_custom_field_list(tmp_path: Path) -> None:
+    fields = ["type", "rcpt", "totalSecondsQueued", "header_X-Correlation-ID", "header_X-Campaign"]
+    log = AccountingLog(tmp_path, fields=fields, formats=("csv", "jsonl"), clock=FakeClock())
+    log.write(make_record(4))
+    paths = dict(log.current_paths)
+    log.close()
+    assert paths["csv"].read_bytes().splitlines()[0] == ",".join(fields).encode()
+    expected = {
+        "type": "d",
+        "rcpt": "user4@example.net",
+        "totalSecondsQueued": "2.500",
+        "header_X-Correlation-ID": "corr-4",
+        "header_X-Campaign": "",
+    }
+    assert read_csv(paths["csv"]) == [expected]
+    assert json.loads(paths["jsonl"].read_text()) == expected | {"totalSecondsQueued": 2.5}
+
+
+@pytest.mark.parametrize("bad", ["recipient", "dsn_status", "header_", "header_X:Bad"])
+def test_unknown_field_raises_naming_it(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match=repr(bad).replace("[", r"\[")):
+        AccountingLog(tmp_path, fields=["type", bad])
+    assert not list(tmp_path.iterdir())
+
+
+def test_rejects_unknown_format(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="xml"):
+        AccountingLog(tmp_path, formats=("xml",))
+
+
+def test_rotation_by_size(tmp_path: Path) -> None:
+    clock = FakeClock()
+    log = AccountingLog(tmp_path, rotate_bytes=600, formats=("csv", "jsonl"), clock=clock)
+    log.write_many(make_record(i) for i in range(12))
+    log.close()
+    csvs = list(tmp_path.glob("*.csv"))
+    assert len(csvs) > 2
+    # Same second: later files get a -N suffix, shared by both formats.
+    names = {p.stem for p in csvs}
+    assert {"acct-20261127-184001", "acct-20261127-184001-1", "acct-20261127-184001-2"} <= names
+    assert {p.stem for p in tmp_path.glob("*.jsonl")} == names
+    rows = []
+    for path in csvs:
+        assert path.read_bytes().startswith(b"type,timeLogged,")
+        rows += read_csv(path)
+    assert sorted(r["queueId"] for r in rows) == [f"Q{i:06d}" for i in range(12)]
+    one_row = len(make_record(0).as_dict()) * 8  # a generous bound on one record's size
+    for path in csvs:
+        assert path.stat().st_size < 600 + one_row
+
+
+def test_rotation_by_age(tmp_path: Path) -> None:
+    clock = FakeClock()
+    log = AccountingLog(tmp_path, rotate_seconds=60, clock=clock)
+    first = log.current_paths["csv"]
+    log.write(make_record(1))
+    clock.now += 59
+    log.write(make_record(2))
+    assert log.current_paths["csv"] == first
+    clock.now += 2
+    log.write(make_record(3))
+    second = log.current_paths["csv"]
+    log.close()
+    assert second != first
+    assert second.name == "acct-20261127-184102.csv"
+    assert [r["queueId"] for r in read_csv(first)] == ["Q000001", "Q000002"]
+    assert [r["queueId"] for r in read_csv(second)] == ["Q000003"]
+
+
+def test_explicit_rotate_and_flush(tmp_path: Path) -> None:
+    log = AccountingLog(tmp_path, clock=FakeClock())
+    log.write(make_record(1))
+    first = log.current_paths["csv"]
+    log.flush(fsync=True)
+    assert len(read_csv(first)) == 1
+    log.rotate()
+    assert log.current_paths["csv"] != first
+    assert log.current_paths["csv"].read_bytes().startswith(b"type,")
+    log.close()
+    log.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        log.write(make_record(2))
+
+
+def test_file_mode_and_directory_creation(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b"
+    old = os.umask(0o077)
+    try:
+        log = AccountingLog(target, formats=("csv", "jsonl"), clock=FakeClock())
+    finally:
+        os.umask(old)
+    for path in log.current_paths.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    log.close()
+
+
+def test_listener_called_for_every_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[str] = []
+
+    def broken(record: Record) -> None:
+        raise RuntimeError("monitoring down")
+
+    log = AccountingLog(tmp_path, clock=FakeClock())
+    log.add_listener(lambda r: seen.append(r.queue_id))
+    log.add_listener(broken)
+    with caplog.at_level(logging.ERROR):
+        log.write(make_record(1))
+        log.write_many([make_record(2), make_record(3)])
+    path = log.current_paths["csv"]
+    log.close()
+    assert seen == ["Q000001", "Q000002", "Q000003"]
+    assert "monitoring down" in caplog.text
+    assert len(read_csv(path)) == 3

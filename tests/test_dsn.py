@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import email
+from email.message import Message
+from email.policy import SMTP
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from postlane.feedback.dsn import FailedRecipient, build_bounce, should_bounce
+
+NOW = 1_800_000_000.0
+ORIGINAL = (
+    b"From: Alice <alice@bank.example>\n"
+    b"To: bob@example.net, carol@example.net\n"
+    b"Subject: Your statement\n"
+    b"Message-ID: <stmt-1@bank.example>\n"
+    b"\n"
+    b"Dear customer,\n"
+    b"SECRET-BODY-LINE \xc3\xa9\n"
+)
+
+
+def recipients() -> list[FailedRecipient]:
+    return [
+        FailedRecipient(
+            address="bob@example.net",
+            action="failed",
+            status="5.1.1",
+            diagnostic="550 5.1.1 <bob@example.net>: no such user",
+            remote_mta="mx1.example.net",
+            orcpt="rfc822;bob@example.net",
+            last_attempt=NOW - 10,
+        ),
+        FailedRecipient(
+            address="carol@example.net",
+            action="failed",
+            status="4.4.7",
+            diagnostic="451-4.7.1 greylisted\r\n451 4.7.1 try again later",
+            remote_mta="mx2.example.net",
+        ),
+    ]
+
+
+def bounce(**kw: object) -> Message:
+    args: dict[str, object] = dict(
+        reporting_mta="mta1.postlane.example",
+        sender="<alice@bank.example>",
+        recipients=recipients(),
+        original=ORIGINAL,
+        arrival_date=NOW - 3600,
+        envid="ENV-42",
+        queue_id="Q0001",
+        now=NOW,
+    )
+    args.update(kw)
+    raw = build_bounce(**args)  # type: ignore[arg-type]
+    assert b"\n" not in raw.replace(b"\r\n", b""), "bare LF in output"
+    return email.message_from_bytes(raw, policy=SMTP)
+
+
+def test_bounce_structure_and_delivery_status() -> None:
+    msg = bounce()
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["From"] == "Mail Delivery System <MAILER-DAEMON@mta1.postlane.example>"
+    assert msg["To"] == "alice@bank.example"
+    assert msg["Subject"] == "Undelivered Mail Returned to Sender"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    assert msg["Message-ID"].endswith("@mta1.postlane.example>")
+    assert parsedate_to_datetime(msg["Date"]).timestamp() == NOW
+
+    human, status, original = msg.get_payload()
+    assert human.get_content_type() == "text/plain"
+    text = human.get_content()
+    assert "<bob@example.net>: host mx1.example.net said: 550 5.1.1" in text
+    assert "451 4.7.1 try again later" in text
+
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, bob, carol = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; mta1.postlane.example"
+    assert per_message["Original-Envelope-Id"] == "ENV-42"
+    assert per_message["X-Postlane-Queue-ID"] == "Q0001"
+    assert parsedate_to_datetime(per_message["Arrival-Date"]).timestamp() == NOW - 3600
+
+    assert bob["Original-Recipient"] == "rfc822;bob@example.net"
+    assert bob["Final-Recipient"] == "rfc822; bob@example.net"
+    assert bob["Action"] == "failed"
+    assert bob["Status"] == "5.1.1"
+    assert bob["Remote-MTA"] == "dns; mx1.example.net"
+    assert bob["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@example.net>: no such user"
+    assert parsedate_to_datetime(bob["Last-Attempt-Date"]).timestamp() == NOW - 10
+
+    assert carol["Original-Recipient"] is None
+    assert carol["Final-Recipient"] == "rfc822; carol@example.net"
+    assert carol["Status"] == "4.4.7"
+    assert carol["Diagnostic-Code"] == ("smtp; 451-4.7.1 greylisted 451 4.7.1 try again later")
+    assert carol["Last-Attempt-Date"] is None
+
+    # RET=HDRS (default): headers only, never the body.
+    assert original.get_content_type() == "text/rfc822-headers"
+    headers = original.get_payload(decode=True)
+    assert b"Message-ID: <stmt-1@bank.example>\r\n" in headers
+    assert b"Subject: Your statement" in headers
+    assert b"SECRET-BODY-LINE" not in headers
+
+
+def test_ret_full_includes_original_verbatim() -> None:
+    raw = build_bounce(
+        reporting_mta="mta1.postlane.example",
+        sender="alice@bank.example",
+        recipients=recipients(),
+        original=ORIGINAL,
+        arrival_date=NOW,
+        ret="FULL",
+        now=NOW,
+    )
+    assert ORIGINAL.replace(b"\n", b"\r\n") in raw
+    msg = email.message_from_bytes(raw, policy=SMTP)
+    part = msg.get_payload()[2]
+    assert part.get_content_type() == "message/rfc822"
+    inner = part.get_payload()[0]
+    assert inner["Message-ID"] == "<stmt-1@bank.example>"
+    assert b"SECRET-BODY-LINE \xc3\xa9" in inner.get_payload(decode=True)
+    assert msg.get_payload()[1].get_payload()[0]["Original-Envelope-Id"] is None
+
+
+def test_all_delayed_subject_and_postmaster() -> None:
+    delayed = [FailedRecipient("bob@example.net", "delayed", "4.2.1", "452 4.2.1 mailbox full")]
+    msg = bounce(recipients=delayed, postmaster="postmaster@bank.example")
+    assert msg["Subject"] == "Delayed Mail (still being retried)"
+    assert msg["From"] == "Mail Delivery System <postmaster@bank.example>"
+    assert msg.get_payload()[1].get_payload()[1]["Action"] == "delayed"
+    assert "WARNING ONLY" in msg.get_payload()[0].get_content()
+
+
+def test_non_ascii_diagnostic_stays_ascii_in_status_part() -> None:
+    rcpt = FailedRecipient("bob@example.net", "failed", "5.2.2", "552 boîte pleine")
+    status = bounce(recipients=[rcpt]).get_payload()[1].get_payload()[1]
+    assert status["Diagnostic-Code"] == "smtp; 552 bo\\x{EE}te pleine"
+
+
+def test_header_injection_is_neutralised() -> None:
+    rcpt = FailedRecipient("bob@example.net", "failed", "5.0.0", "550 no\r\nBcc: evil@x")
+    status = bounce(recipients=[rcpt]).get_payload()[1].get_payload()[1]
+    assert status["Bcc"] is None
+    assert status["Diagnostic-Code"] == "smtp; 550 no Bcc: evil@x"
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"sender": "<>"},
+        {"recipients": []},
+        {"ret": "BODY"},
+        {"recipients": [FailedRecipient("b@example.net", "bounced", "5.1.1")]},
+        {"recipients": [FailedRecipient("b@example.net", "failed", "550")]},
+    ],
+)
+def test_invalid_arguments(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        bounce(**kw)
+
+
+@pytest.mark.parametrize(
+    ("sender", "expected"),
+    [
+        ("", False),
+        ("<>", False),
+        (" <> ", False),
+        ("MAILER-DAEMON@mx.example.net", False),
+        ("<mailer-daemon@mx.example.net>", False),
+        ("MAILER-DAEMON", False),
+        ("alice@bank.example", True),
+        ("<bounces+123@bank.example>", True),
+        ("postmaster@bank.example", True),
+    ],
+)
+def test_should_bounce(sender: str, expected: bool) -> None:
+    assert should_bounce(sender) is expected

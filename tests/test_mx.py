@@ -1,0 +1,156 @@
+"""MXResolver against a real authoritative DNS server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from postlane.relay.mx import Destination, DNSPermError, DNSTempError, MXResolver
+from tests.support.dnsserver import DNSServer
+from tests.support.fixtures_dns import dns_server  # noqa: F401  (pytest fixture)
+
+
+def resolver_for(server: DNSServer, timeout: float = 2.0) -> MXResolver:
+    return MXResolver(nameserver=server.host, port=server.port, timeout=timeout)
+
+
+def mx_queries(server: DNSServer, name: str) -> list[tuple[str, str]]:
+    return [q for q in server.queries if q == (name, "MX")]
+
+
+async def test_preference_order_and_all_addresses(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.add_mx("example.test", 20, "backup.example.test")
+    dns_server.add_mx("example.test", 10, "mx1.example.test")
+    dns_server.add_a("mx1.example.test", "127.0.0.10")
+    dns_server.add_a("mx1.example.test", "127.0.0.11")
+    dns_server.add_a("mx1.example.test", "::1")
+    dns_server.add_a("backup.example.test", "127.0.0.20")
+
+    dests = await resolver_for(dns_server).destinations("Example.TEST.", port=2525)
+
+    assert dests == [
+        Destination("mx1.example.test", "127.0.0.10", 2525, 10),
+        Destination("mx1.example.test", "127.0.0.11", 2525, 10),
+        Destination("mx1.example.test", "::1", 2525, 10),
+        Destination("backup.example.test", "127.0.0.20", 2525, 20),
+    ]
+
+
+async def test_equal_preference_hosts_all_appear(dns_server: DNSServer) -> None:  # noqa: F811
+    names = [f"mx{i}.eq.test" for i in range(4)]
+    for i, name in enumerate(names):
+        dns_server.add_mx("eq.test", 10, name)
+        dns_server.add_a(name, f"127.0.1.{i}")
+    dns_server.add_mx("eq.test", 50, "last.eq.test")
+    dns_server.add_a("last.eq.test", "127.0.1.99")
+    resolver = resolver_for(dns_server)
+
+    for _ in range(3):
+        dests = await resolver.destinations("eq.test")
+        assert sorted(d.host for d in dests[:4]) == sorted(names)
+        assert {d.preference for d in dests[:4]} == {10}
+        assert dests[4] == Destination("last.eq.test", "127.0.1.99", 25, 50)
+
+
+async def test_implicit_mx_from_a_record(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.add_a("nomx.test", "127.0.0.5")
+
+    dests = await resolver_for(dns_server).destinations("nomx.test")
+
+    assert dests == [Destination("nomx.test", "127.0.0.5", 25, 0)]
+    assert ("nomx.test", "MX") in dns_server.queries
+
+
+async def test_nxdomain_is_permanent(dns_server: DNSServer) -> None:  # noqa: F811
+    with pytest.raises(DNSPermError):
+        await resolver_for(dns_server).destinations("missing.test")
+
+
+async def test_servfail_is_temporary(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.set_rcode("broken.test", "SERVFAIL")
+    with pytest.raises(DNSTempError):
+        await resolver_for(dns_server).destinations("broken.test")
+
+
+async def test_null_mx_is_permanent(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.add_mx("nomail.test", 0, ".")
+    dns_server.add_a("nomail.test", "127.0.0.5")
+    with pytest.raises(DNSPermError, match="null MX"):
+        await resolver_for(dns_server).destinations("nomail.test")
+
+
+async def test_timeout_is_temporary(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.set_timeout("slow.test")
+    with pytest.raises(DNSTempError):
+        await resolver_for(dns_server, timeout=0.3).destinations("slow.test")
+
+
+async def test_answers_are_cached(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.add_mx("cached.test", 10, "mx.cached.test", ttl=300)
+    dns_server.add_a("mx.cached.test", "127.0.0.7", ttl=300)
+    resolver = resolver_for(dns_server)
+
+    first = await resolver.destinations("cached.test")
+    sent = len(dns_server.queries)
+    second = await resolver.destinations("CACHED.test")
+
+    assert first == second
+    assert len(dns_server.queries) == sent
+
+
+async def test_concurrent_lookups_share_one_query(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.add_mx("burst.test", 10, "mx.burst.test")
+    dns_server.add_a("mx.burst.test", "127.0.0.8")
+    resolver = resolver_for(dns_server)
+
+    results = await asyncio.gather(*(resolver.destinations("burst.test") for _ in range(20)))
+
+    assert all(r == results[0] for r in results)
+    assert len(mx_queries(dns_server, "burst.test")) == 1
+
+
+async def test_unresolvable_mx_hosts_are_skipped(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.add_mx("partial.test", 5, "gone.partial.test")
+    dns_server.add_mx("partial.test", 10, "ok.partial.test")
+    dns_server.add_a("ok.partial.test", "127.0.0.9")
+
+    dests = await resolver_for(dns_server).destinations("partial.test")
+
+    assert [d.ip for d in dests] == ["127.0.0.9"]
+
+
+async def test_all_mx_hosts_failing(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.add_mx("perm.test", 10, "gone.perm.test")
+    dns_server.add_mx("temp.test", 10, "gone.temp.test")
+    dns_server.add_mx("temp.test", 20, "flaky.temp.test")
+    dns_server.set_rcode("flaky.temp.test", "SERVFAIL")
+    resolver = resolver_for(dns_server)
+
+    with pytest.raises(DNSPermError):
+        await resolver.destinations("perm.test")
+    with pytest.raises(DNSTempError):
+        await resolver.destinations("temp.test")
+
+
+async def test_resolve_host_and_ip_literal(dns_server: DNSServer) -> None:  # noqa: F811
+    dns_server.add_a("smarthost.test", "127.0.0.30")
+    resolver = resolver_for(dns_server)
+
+    assert await resolver.resolve_host("smarthost.test", 587) == [
+        Destination("smarthost.test", "127.0.0.30", 587, 0)
+    ]
+    before = len(dns_server.queries)
+    assert await resolver.resolve_host("127.0.0.31") == [
+        Destination("127.0.0.31", "127.0.0.31", 25, 0)
+    ]
+    assert len(dns_server.queries) == before
+
+
+async def test_txt_joins_long_records(dns_server: DNSServer) -> None:  # noqa: F811
+    key = "v=DKIM1; k=rsa; p=" + "A" * 3000  # over the UDP payload: TC, then TCP
+    dns_server.add_txt("sel._domainkey.txt.test", key)
+    resolver = resolver_for(dns_server)
+
+    assert await resolver.txt("sel._domainkey.txt.test") == [key]
+    assert await resolver.txt("nothing.txt.test") == []
