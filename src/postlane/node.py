@@ -24,6 +24,14 @@ from .spool import Message, SQLiteSpool
 log = logging.getLogger("postlane.node")
 
 
+class OperationError(Exception):
+    """An operator request that cannot be carried out; ``status`` is the HTTP status to use."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -108,6 +116,29 @@ class Node:
             src_type="dsn", forced_class=msg.cls))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    # -- operations (the CLI and the HTTP API call these) ----------------------------------------
+
+    async def pause(self, pool: str, domain: str | None = None) -> None:
+        """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart."""
+        if pool not in self.config.pools:
+            raise OperationError(f"no pool named {pool!r}", 404)
+        if not self.config.pools[pool].pausable:
+            raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
+                                 409)
+        await self.scheduler.set_paused(pool, domain, True)
+        log.info("paused", extra={"pool": pool, "domain": domain or "*"})
+
+    async def resume(self, pool: str, domain: str | None = None) -> None:
+        if pool not in self.config.pools:
+            raise OperationError(f"no pool named {pool!r}", 404)
+        await self.scheduler.set_paused(pool, domain, False)
+        log.info("resumed", extra={"pool": pool, "domain": domain or "*"})
+
+    def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:
+        if pool is not None and pool not in self.config.pools:
+            raise OperationError(f"no pool named {pool!r}", 404)
+        return self.scheduler.retry_now(pool, domain)
 
     # -- introspection --------------------------------------------------------------------------
 

@@ -1,0 +1,592 @@
+"""SMTPConnection against real servers on loopback: aiosmtpd as the well-behaved sink, small
+hand-written asyncio servers for wire-level checks and misbehaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import socket
+import ssl
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from postlane.relay.client import Reply, SMTPConnection, SMTPError, Timeouts, prepare_data
+
+HOST = "127.0.0.1"
+FAST = Timeouts(connect=5, banner=5, command=5, data_block=5, dot=5)
+
+
+# --- aiosmtpd sink -------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    peer: tuple[str, int]
+    helo: str | None
+    mail_from: str
+    rcpts: list[str]
+    mail_options: list[str]
+    content: bytes
+
+
+@dataclass
+class SinkHandler:
+    pipelining: bool = True
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    messages: list[Received] = field(default_factory=list)
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        reply = self.rcpt_replies.get(address, "250 2.1.5 Ok")
+        if reply.startswith("2"):
+            envelope.rcpt_tos.append(address)
+        return reply
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        self.messages.append(
+            Received(
+                peer=session.peer,
+                helo=session.host_name,
+                mail_from=envelope.mail_from,
+                rcpts=list(envelope.rcpt_tos),
+                mail_options=list(envelope.mail_options),
+                content=envelope.original_content,
+            )
+        )
+        return "250 2.0.0 Ok: queued"
+
+
+@dataclass
+class Sink:
+    handler: SinkHandler
+    port: int
+
+
+async def start_sink(handler: SinkHandler, **smtp_kw: Any) -> tuple[asyncio.Server, Sink]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="sink.test", loop=loop, **smtp_kw), HOST, 0
+    )
+    return server, Sink(handler, server.sockets[0].getsockname()[1])
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    server, s = await start_sink(SinkHandler())
+    yield s
+    server.close()
+
+
+@pytest.fixture
+async def plain_sink() -> AsyncIterator[Sink]:
+    """A sink that does not offer PIPELINING."""
+    server, s = await start_sink(SinkHandler(pipelining=False))
+    yield s
+    server.close()
+
+
+async def connect(port: int, **kw: Any) -> SMTPConnection:
+    kw.setdefault("server_name", "sink.test")
+    kw.setdefault("source_ip", None)
+    kw.setdefault("ehlo_name", "relay.postlane.test")
+    kw.setdefault("timeouts", FAST)
+    return await SMTPConnection.open(HOST, port, **kw)
+
+
+# --- hand-written servers ------------------------------------------------------------------
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def start_raw(serve: Serve) -> tuple[asyncio.Server, int]:
+    async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(guarded, HOST, 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@dataclass
+class WireServer:
+    """Answers MAIL/RCPT only once DATA has arrived, so a client that waits for each reply
+    instead of pipelining deadlocks; records the raw DATA bytes as sent on the wire."""
+
+    rcpt_reply: Callable[[int], bytes] = lambda i: b"250 2.1.5 Ok\r\n"
+    drop_in_data: bool = False
+    commands: list[bytes] = field(default_factory=list)
+    wire_data: list[bytes] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 wire.test ESMTP\r\n")
+        pending: list[bytes] = []
+        rcpts = 0
+        while line := await reader.readline():
+            self.commands.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-wire.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 0\r\n")
+            elif verb == b"MAIL":
+                pending.append(b"250 2.1.0 Ok\r\n")
+            elif verb == b"RCPT":
+                reply = self.rcpt_reply(rcpts)
+                rcpts += 1
+                pending.append(reply)
+                if reply.startswith(b"421"):
+                    writer.write(b"".join(pending))
+                    await writer.drain()
+                    return
+            elif verb == b"DATA":
+                writer.write(b"".join(pending) + b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                pending.clear()
+                rcpts = 0
+                if self.drop_in_data:
+                    await reader.readline()
+                    return
+                self.wire_data.append(await reader.readuntil(b"\r\n.\r\n"))
+                writer.write(b"250 2.0.0 Ok: queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"".join(pending) + b"250 2.0.0 Ok\r\n")
+                pending.clear()
+            await writer.drain()
+
+
+@pytest.fixture
+async def wire() -> AsyncIterator[tuple[WireServer, int]]:
+    ws = WireServer()
+    server, port = await start_raw(ws.serve)
+    yield ws, port
+    server.close()
+
+
+# --- TLS material --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cert_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("mx.test"), x509.IPAddress(ipaddress.ip_address(HOST))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("tls")
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture
+async def tls_sink(cert_files: tuple[Path, Path]) -> AsyncIterator[Sink]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(*cert_files)
+    server, s = await start_sink(SinkHandler(), tls_context=ctx)
+    yield s
+    server.close()
+
+
+# --- delivery ------------------------------------------------------------------------------
+
+MESSAGE = (
+    b"From: a@sender.test\r\n"
+    b"To: x@rcpt.test\r\n"
+    b"Subject: test\r\n"
+    b"\r\n"
+    b".leading dot must survive\r\n"
+    b"..two dots too\r\n"
+    b"caf\xc3\xa9 8-bit line\r\n"
+    b".\r\n"
+    b"last line\r\n"
+)
+
+
+async def test_pipelined_delivery_to_three_recipients(sink: Sink) -> None:
+    conn = await connect(sink.port)
+    assert "PIPELINING" in conn.extensions
+
+    rcpts = ["x@rcpt.test", "y@rcpt.test", "z@rcpt.test"]
+    tx = await conn.send("bounce@sender.test", [(r, "") for r in rcpts], MESSAGE)
+
+    assert tx.mail_reply.is_ok
+    assert [r.code for r in tx.rcpt_replies] == [250, 250, 250]
+    assert tx.data_reply is not None and tx.data_reply.is_ok
+    assert str(tx.data_reply) == "250 2.0.0 Ok: queued"
+    assert tx.data_reply.enhanced == "2.0.0"
+    assert conn.messages_sent == 1 and conn.usable
+    [got] = sink.handler.messages
+    assert got.mail_from == "bounce@sender.test"
+    assert got.rcpts == rcpts
+    assert got.content == MESSAGE
+    assert "BODY=8BITMIME" in got.mail_options
+    assert f"SIZE={len(prepare_data(MESSAGE))}" in got.mail_options
+    await conn.quit()
+    assert not conn.usable
+
+
+async def test_client_really_pipelines(wire: tuple[WireServer, int]) -> None:
+    ws, port = wire
+    conn = await connect(port)
+
+    tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", "")], b"hello\r\n")
+
+    assert tx.data_reply is not None and tx.data_reply.is_ok
+    assert [c.split(b":")[0] for c in ws.commands[1:5]] == [b"MAIL FROM", b"RCPT TO", b"RCPT TO",
+                                                             b"DATA\r\n"]
+    await conn.quit()
+
+
+async def test_delivery_without_pipelining(plain_sink: Sink) -> None:
+    conn = await connect(plain_sink.port)
+    assert "PIPELINING" not in conn.extensions
+
+    tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", "")], MESSAGE)
+
+    assert tx.data_reply is not None and tx.data_reply.is_ok
+    assert plain_sink.handler.messages[0].content == MESSAGE
+    await conn.quit()
+
+
+async def test_source_ip_and_ehlo_name_reach_the_server(sink: Sink) -> None:
+    conn = await connect(sink.port, source_ip="127.0.0.2", ehlo_name="out7.postlane.test")
+
+    await conn.send("s@a.test", [("x@b.test", "")], b"Subject: hi\r\n\r\nbody\r\n")
+
+    [got] = sink.handler.messages
+    assert got.peer[0] == "127.0.0.2"
+    assert got.helo == "out7.postlane.test"
+    assert conn.peer_ip == HOST and conn.peer_port == sink.port
+    assert conn.source_ip == "127.0.0.2"
+    assert conn.banner.code == 220 and conn.ehlo_reply.is_ok
+    await conn.quit()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_per_recipient_replies(pipelining: bool) -> None:
+    handler = SinkHandler(
+        pipelining=pipelining,
+        rcpt_replies={
+            "later@b.test": "450 4.2.1 Mailbox busy",
+            "nobody@b.test": "550 5.1.1 No such user",
+        },
+    )
+    server, s = await start_sink(handler)
+    try:
+        conn = await connect(s.port)
+        tx = await conn.send(
+            "s@a.test", [("ok@b.test", ""), ("later@b.test", ""), ("nobody@b.test", "")], b"x\r\n"
+        )
+        assert [r.code for r in tx.rcpt_replies] == [250, 450, 550]
+        ok, later, nobody = tx.rcpt_replies
+        assert ok.is_ok and later.is_temp and nobody.is_perm
+        assert later.enhanced == "4.2.1" and nobody.enhanced == "5.1.1"
+        assert str(nobody) == "550 5.1.1 No such user"
+        assert tx.data_reply is not None and tx.data_reply.is_ok
+        assert handler.messages[0].rcpts == ["ok@b.test"]
+
+        # Nobody accepted: no data, RSET, and the connection stays usable.
+        tx = await conn.send("s@a.test", [("nobody@b.test", "")], b"x\r\n")
+        assert tx.data_reply is None and [r.code for r in tx.rcpt_replies] == [550]
+        assert conn.usable
+        tx = await conn.send("s@a.test", [("ok@b.test", "")], b"again\r\n")
+        assert tx.data_reply is not None and tx.data_reply.is_ok
+        assert conn.messages_sent == 2 and len(handler.messages) == 2
+        await conn.quit()
+    finally:
+        server.close()
+
+
+async def test_dsn_parameters_dropped_when_not_offered(sink: Sink) -> None:
+    conn = await connect(sink.port)
+    assert "DSN" not in conn.extensions
+
+    tx = await conn.send(
+        "s@a.test",
+        [("x@b.test", "NOTIFY=FAILURE ORCPT=rfc822;x@b.test")],
+        b"x\r\n",
+        mail_params="ENVID=abc RET=HDRS",
+    )
+
+    assert tx.mail_reply.is_ok and tx.rcpt_replies[0].is_ok, tx
+    await conn.quit()
+
+
+async def test_envelope_injection_is_refused(sink: Sink) -> None:
+    conn = await connect(sink.port)
+    with pytest.raises(ValueError):
+        await conn.send("s@a.test", [("x@b.test>\r\nRCPT TO:<evil@c.test", "")], b"x\r\n")
+    assert conn.usable
+    await conn.quit()
+
+
+async def test_bare_lf_is_normalised(wire: tuple[WireServer, int], sink: Sink) -> None:
+    ws, port = wire
+    conn = await connect(port)
+    await conn.send("s@a.test", [("x@b.test", "")], b"a\n.\nb\r\n")
+    await conn.quit()
+    assert ws.wire_data == [b"a\r\n..\r\nb\r\n.\r\n"]
+
+    conn = await connect(sink.port)
+    await conn.send("s@a.test", [("x@b.test", "")], b"a\n.\nb\r\n")
+    await conn.quit()
+    [got] = sink.handler.messages
+    assert got.content == b"a\r\n.\r\nb\r\n"
+
+
+async def test_smuggling_attempt_stays_one_message(sink: Sink) -> None:
+    smuggle = (
+        b"Subject: hi\r\n\r\nbody\n.\r\n"
+        b"MAIL FROM:<evil@a.test>\r\nRCPT TO:<victim@b.test>\r\nDATA\r\n"
+        b"Subject: smuggled\r\n\r\nx\r\n.\r\n"
+    )
+    conn = await connect(sink.port)
+
+    tx = await conn.send("s@a.test", [("x@b.test", "")], smuggle)
+    await conn.quit()
+
+    assert tx.data_reply is not None and tx.data_reply.is_ok
+    [got] = sink.handler.messages
+    assert got.rcpts == ["x@b.test"]
+    assert b"MAIL FROM:<evil@a.test>" in got.content
+
+
+@pytest.mark.parametrize(
+    ("raw", "wire_form"),
+    [
+        (b"", b""),
+        (b"no newline", b"no newline\r\n"),
+        (b".x\r\n.\r\n", b"..x\r\n..\r\n"),
+        (b"a\rb\r\n\r\n", b"a\r\nb\r\n\r\n"),
+        (b"a\r\r\nb", b"a\r\n\r\nb\r\n"),
+    ],
+)
+def test_prepare_data(raw: bytes, wire_form: bytes) -> None:
+    assert prepare_data(raw) == wire_form
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+async def test_starttls_opportunistic(tls_sink: Sink) -> None:
+    conn = await connect(tls_sink.port)
+
+    assert conn.tls_version == "TLSv1.3"
+    assert conn.tls_cipher
+    assert "STARTTLS" not in conn.extensions  # EHLO was repeated after the handshake
+    tx = await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
+    assert tx.data_reply is not None and tx.data_reply.is_ok
+    assert tls_sink.handler.messages[0].content == MESSAGE
+    await conn.quit()
+
+
+async def test_starttls_verified_with_trusted_cert(
+    tls_sink: Sink, cert_files: tuple[Path, Path]
+) -> None:
+    ctx = ssl.create_default_context(cafile=str(cert_files[0]))
+    conn = await connect(tls_sink.port, server_name="mx.test", tls="required", ssl_context=ctx)
+    assert conn.tls_version is not None
+    await conn.quit()
+
+
+async def test_starttls_verification_failure(tls_sink: Sink) -> None:
+    with pytest.raises(SMTPError) as info:
+        await connect(tls_sink.port, server_name="mx.test", tls_verify=True)
+    assert info.value.stage == "starttls" and info.value.temporary
+
+
+async def test_tls_required_but_not_offered(sink: Sink) -> None:
+    with pytest.raises(SMTPError) as info:
+        await connect(sink.port, tls="required")
+    assert info.value.stage == "starttls" and info.value.temporary
+
+
+async def test_tls_disabled_stays_plain(tls_sink: Sink) -> None:
+    conn = await connect(tls_sink.port, tls="disabled")
+    assert conn.tls_version is None and "STARTTLS" in conn.extensions
+    await conn.quit()
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+async def test_connection_refused() -> None:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SMTPError) as info:
+        await connect(port)
+    assert info.value.stage == "connect" and info.value.temporary
+
+
+async def test_greeting_554_is_permanent() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"554 5.7.1 You are not welcome\r\n")
+        if await reader.readline():
+            writer.write(b"221 Bye\r\n")
+            await writer.drain()
+
+    server, port = await start_raw(serve)
+    try:
+        with pytest.raises(SMTPError) as info:
+            await connect(port)
+    finally:
+        server.close()
+    err = info.value
+    assert err.stage == "banner" and not err.temporary
+    assert err.reply == Reply(554, "5.7.1 You are not welcome", "5.7.1")
+
+
+async def test_greeting_421_is_temporary() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"421 4.3.2 Too busy\r\n")
+        await writer.drain()
+
+    server, port = await start_raw(serve)
+    try:
+        with pytest.raises(SMTPError) as info:
+            await connect(port)
+    finally:
+        server.close()
+    assert info.value.stage == "banner" and info.value.temporary
+
+
+async def test_garbage_reply() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        await reader.readline()
+        writer.write(b"hello there, this is not SMTP\r\n")
+        await writer.drain()
+        await reader.read()
+
+    server, port = await start_raw(serve)
+    try:
+        with pytest.raises(SMTPError) as info:
+            await connect(port)
+    finally:
+        server.close()
+    assert info.value.stage == "ehlo" and info.value.temporary
+
+
+async def test_banner_timeout() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server, port = await start_raw(serve)
+    try:
+        with pytest.raises(SMTPError) as info:
+            await connect(port, timeouts=Timeouts(banner=0.2))
+    finally:
+        server.close()
+    assert info.value.stage == "banner" and info.value.temporary
+
+
+async def test_connection_dropped_mid_data() -> None:
+    ws = WireServer(drop_in_data=True)
+    server, port = await start_raw(ws.serve)
+    try:
+        conn = await connect(port)
+        body = b"Subject: big\r\n\r\n" + b"0123456789" * 100_000
+        with pytest.raises(SMTPError) as info:
+            await conn.send("s@a.test", [("x@b.test", "")], body)
+    finally:
+        server.close()
+    assert info.value.stage in ("data", "dot") and info.value.temporary
+    assert not conn.usable
+
+
+async def test_421_to_rcpt_makes_connection_unusable() -> None:
+    ws = WireServer(
+        rcpt_reply=lambda i: b"250 2.1.5 Ok\r\n" if i == 0 else b"421 4.4.2 Shutting down\r\n"
+    )
+    server, port = await start_raw(ws.serve)
+    try:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", ""), ("z@b.test", "")],
+                             b"x\r\n")
+    finally:
+        server.close()
+    assert [r.code for r in tx.rcpt_replies] == [250, 421, 421]
+    assert tx.data_reply is not None and tx.data_reply.code == 421
+    assert not conn.usable
+    await conn.quit()
+
+
+async def _serve_huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      head: bytes, chunk: bytes) -> None:
+    writer.write(head)
+    for _ in range(10 * 1024 * 1024 // len(chunk)):
+        writer.write(chunk)
+        await writer.drain()
+
+
+@pytest.mark.parametrize(
+    ("head", "chunk"),
+    [
+        (b"220 ", b"x" * 65536),  # one 10 MB line
+        (b"", b"220-" + b"y" * 60 + b"\r\n"),  # endless continuation lines
+    ],
+    ids=["long-line", "many-lines"],
+)
+async def test_huge_reply_is_refused_without_buffering(head: bytes, chunk: bytes) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _serve_huge(reader, writer, head, chunk)
+
+    server, port = await start_raw(serve)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SMTPError) as info:
+            await connect(port)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        server.close()
+    assert info.value.stage == "banner"
+    assert peak < 4 * 1024 * 1024
