@@ -10,6 +10,7 @@ import socket
 import ssl
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,17 +119,30 @@ async def connect(port: int, **kw: Any) -> SMTPConnection:
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def start_raw(serve: Serve) -> tuple[asyncio.Server, int]:
+@asynccontextmanager
+async def raw_server(serve: Serve) -> AsyncIterator[int]:
+    """Run ``serve`` per connection on an ephemeral port; on exit, stop its handlers too."""
+    tasks: set[asyncio.Task[Any]] = set()
+
     async def guarded(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
         try:
             await serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client hung up, or the test is over
         finally:
             writer.close()
 
     server = await asyncio.start_server(guarded, HOST, 0)
-    return server, server.sockets[0].getsockname()[1]
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -182,9 +196,8 @@ class WireServer:
 @pytest.fixture
 async def wire() -> AsyncIterator[tuple[WireServer, int]]:
     ws = WireServer()
-    server, port = await start_raw(ws.serve)
-    yield ws, port
-    server.close()
+    async with raw_server(ws.serve) as port:
+        yield ws, port
 
 
 # --- TLS material --------------------------------------------------------------------------
@@ -279,8 +292,12 @@ async def test_client_really_pipelines(wire: tuple[WireServer, int]) -> None:
     tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", "")], b"hello\r\n")
 
     assert tx.data_reply is not None and tx.data_reply.is_ok
-    assert [c.split(b":")[0] for c in ws.commands[1:5]] == [b"MAIL FROM", b"RCPT TO", b"RCPT TO",
-                                                             b"DATA\r\n"]
+    assert [c.split(b":")[0] for c in ws.commands[1:5]] == [
+        b"MAIL FROM",
+        b"RCPT TO",
+        b"RCPT TO",
+        b"DATA\r\n",
+    ]
     await conn.quit()
 
 
@@ -473,12 +490,9 @@ async def test_greeting_554_is_permanent() -> None:
             writer.write(b"221 Bye\r\n")
             await writer.drain()
 
-    server, port = await start_raw(serve)
-    try:
+    async with raw_server(serve) as port:
         with pytest.raises(SMTPError) as info:
             await connect(port)
-    finally:
-        server.close()
     err = info.value
     assert err.stage == "banner" and not err.temporary
     assert err.reply == Reply(554, "5.7.1 You are not welcome", "5.7.1")
@@ -489,12 +503,9 @@ async def test_greeting_421_is_temporary() -> None:
         writer.write(b"421 4.3.2 Too busy\r\n")
         await writer.drain()
 
-    server, port = await start_raw(serve)
-    try:
+    async with raw_server(serve) as port:
         with pytest.raises(SMTPError) as info:
             await connect(port)
-    finally:
-        server.close()
     assert info.value.stage == "banner" and info.value.temporary
 
 
@@ -506,12 +517,9 @@ async def test_garbage_reply() -> None:
         await writer.drain()
         await reader.read()
 
-    server, port = await start_raw(serve)
-    try:
+    async with raw_server(serve) as port:
         with pytest.raises(SMTPError) as info:
             await connect(port)
-    finally:
-        server.close()
     assert info.value.stage == "ehlo" and info.value.temporary
 
 
@@ -519,25 +527,19 @@ async def test_banner_timeout() -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
 
-    server, port = await start_raw(serve)
-    try:
+    async with raw_server(serve) as port:
         with pytest.raises(SMTPError) as info:
             await connect(port, timeouts=Timeouts(banner=0.2))
-    finally:
-        server.close()
     assert info.value.stage == "banner" and info.value.temporary
 
 
 async def test_connection_dropped_mid_data() -> None:
     ws = WireServer(drop_in_data=True)
-    server, port = await start_raw(ws.serve)
-    try:
+    async with raw_server(ws.serve) as port:
         conn = await connect(port)
         body = b"Subject: big\r\n\r\n" + b"0123456789" * 100_000
         with pytest.raises(SMTPError) as info:
             await conn.send("s@a.test", [("x@b.test", "")], body)
-    finally:
-        server.close()
     assert info.value.stage in ("data", "dot") and info.value.temporary
     assert not conn.usable
 
@@ -546,21 +548,20 @@ async def test_421_to_rcpt_makes_connection_unusable() -> None:
     ws = WireServer(
         rcpt_reply=lambda i: b"250 2.1.5 Ok\r\n" if i == 0 else b"421 4.4.2 Shutting down\r\n"
     )
-    server, port = await start_raw(ws.serve)
-    try:
+    async with raw_server(ws.serve) as port:
         conn = await connect(port)
-        tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", ""), ("z@b.test", "")],
-                             b"x\r\n")
-    finally:
-        server.close()
+        tx = await conn.send(
+            "s@a.test", [("x@b.test", ""), ("y@b.test", ""), ("z@b.test", "")], b"x\r\n"
+        )
     assert [r.code for r in tx.rcpt_replies] == [250, 421, 421]
     assert tx.data_reply is not None and tx.data_reply.code == 421
     assert not conn.usable
     await conn.quit()
 
 
-async def _serve_huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      head: bytes, chunk: bytes) -> None:
+async def _serve_huge(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, chunk: bytes
+) -> None:
     writer.write(head)
     for _ in range(10 * 1024 * 1024 // len(chunk)):
         writer.write(chunk)
@@ -579,14 +580,13 @@ async def test_huge_reply_is_refused_without_buffering(head: bytes, chunk: bytes
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _serve_huge(reader, writer, head, chunk)
 
-    server, port = await start_raw(serve)
-    tracemalloc.start()
-    try:
-        with pytest.raises(SMTPError) as info:
-            await connect(port)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-        server.close()
+    async with raw_server(serve) as port:
+        tracemalloc.start()
+        try:
+            with pytest.raises(SMTPError) as info:
+                await connect(port)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
     assert info.value.stage == "banner"
     assert peak < 4 * 1024 * 1024

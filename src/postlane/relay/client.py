@@ -103,8 +103,11 @@ def _parse_reply(lines: list[bytes], stage: str) -> Reply:
     code = 0
     for raw in lines:
         line = raw.rstrip(b"\r\n")
-        if len(line) < 3 or not line[:3].isdigit() or line[0] not in b"2345" or (
-            len(line) > 3 and line[3] not in b" -"
+        if (
+            len(line) < 3
+            or not line[:3].isdigit()
+            or line[0] not in b"2345"
+            or (len(line) > 3 and line[3] not in b" -")
         ):
             raise SMTPError(stage, f"malformed reply line {line[:80]!r}")
         if not code:
@@ -209,7 +212,11 @@ class SMTPConnection:
         except OSError as e:
             raise SMTPError("connect", f"{host}:{port}: {e.strerror or e}") from e
         conn = cls(
-            reader, writer, server_name=server_name, source_ip=source_ip, ehlo_name=ehlo_name,
+            reader,
+            writer,
+            server_name=server_name,
+            source_ip=source_ip,
+            ehlo_name=ehlo_name,
             timeouts=t,
         )
         try:

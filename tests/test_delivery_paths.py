@@ -1,0 +1,170 @@
+"""MX routing through a real DNS server on loopback, smuggling at intake, crash and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from postlane.sink import Sink
+from tests.conftest import config_text, message, send
+
+
+async def test_mx_preference_fallback_and_implicit_mx(tmp_path, dns_server, make_node):
+    good = await Sink(host="127.0.1.2").start()
+    implicit = await Sink(host="127.0.1.3", port=good.port).start()
+    try:
+        # MX 10 refuses connections (nothing listens there), MX 20 is the sink
+        dns_server.add_mx("example.net", 10, "mx1.example.net")
+        dns_server.add_mx("example.net", 20, "mx2.example.net")
+        dns_server.add_a("mx1.example.net", "127.0.1.1")
+        dns_server.add_a("mx2.example.net", "127.0.1.2")
+        dns_server.add_a("nomx.example.org", "127.0.1.3")  # no MX: the domain's A is used
+        extra = f'[dns]\nnameserver = "127.0.0.1"\nport = {dns_server.port}\ntimeout = 2\n'
+        node = await make_node(config_text(tmp_path, good.port, extra, routes=False))
+        port = node.listeners[0].port
+        await send(port, "s@insurer.test", ["a@example.net"], message(cls="policy-documents"))
+        await send(port, "s@insurer.test", ["b@nomx.example.org"], message(cls="marketing"))
+        [arrival] = await good.wait_for(1)
+        assert arrival.rcpts == ["a@example.net"] and arrival.peer == "127.0.0.20"
+        [arrival2] = await implicit.wait_for(1)
+        assert arrival2.rcpts == ["b@nomx.example.org"] and arrival2.peer == "127.0.0.30"
+        assert ("mx1.example.net.", "A") in dns_server.queries or any(
+            q[0].rstrip(".") == "mx1.example.net" for q in dns_server.queries)
+    finally:
+        await good.stop()
+        await implicit.stop()
+
+
+async def _raw_session(port: int, chunks: list[bytes]) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = await reader.readline()
+    for chunk in chunks:
+        writer.write(chunk)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    writer.write(b"QUIT\r\n")
+    await writer.drain()
+    out += await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return out
+
+
+async def test_smuggling_does_not_end_data_or_inject_a_second_message(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    port = node.listeners[0].port
+    for ending in (b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n"):
+        smuggled = (b"Subject: outer\r\n\r\nfirst part" + ending +
+                    b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+                    b"Subject: smuggled\r\n\r\nsecond\r\n")
+        reply = await _raw_session(port, [
+            b"EHLO client.test\r\n", b"MAIL FROM:<s@insurer.test>\r\n",
+            b"RCPT TO:<a@example.com>\r\n", b"DATA\r\n", smuggled + b".\r\n"])
+        assert reply.count(b"250 2.0.0 Ok: queued") == 1, reply
+    arrivals = await sink.wait_for(4)
+    await asyncio.sleep(0.5)
+    assert len(sink.arrivals) == 4, "each session delivered exactly one message"
+    for arrival in arrivals:
+        assert arrival.rcpts == ["a@example.com"]
+        assert b"MAIL FROM:<evil@example.com>" in arrival.data  # still inside the one message
+        assert b"\n" not in arrival.data.replace(b"\r\n", b""), "no bare LF leaves the node"
+    assert not sink.for_rcpt("victim@example.com")
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _start_node(cfg_path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "postlane.cli", "serve", "-c", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise TimeoutError("node did not start listening")
+
+
+async def test_kill_9_after_250_then_restart_delivers_once(tmp_path):
+    sink_port = _free_port()
+    listen = _free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink_port, listener_port=listen))
+    proc = _start_node(cfg)
+    try:
+        await _wait_listening(listen, proc)
+        # the destination is down: the message is acknowledged and waits in the spool
+        await send(listen, "s@insurer.test", ["a@example.com"],
+                   message("survives", cls="policy-documents"))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        sink = await Sink(port=sink_port).start()
+        proc = _start_node(cfg)
+        await _wait_listening(listen, proc)
+        await sink.wait_for(1, timeout=30)
+        await asyncio.sleep(2.0)  # a duplicate would show up by now
+        assert len(sink.arrivals) == 1
+        assert email.message_from_bytes(sink.arrivals[0].data)["Subject"] == "survives"
+        await sink.stop()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+
+
+async def test_sigterm_drains_with_421_and_exits(tmp_path):
+    sink = await Sink(delay=1.0).start()
+    listen = _free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port, listener_port=listen))
+    proc = _start_node(cfg)
+    try:
+        await _wait_listening(listen, proc)
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+        await reader.readline()
+        writer.write(b"EHLO c.test\r\n")
+        await writer.drain()
+        while not (await reader.readline()).startswith(b"250 "):
+            pass
+        await send(listen, "s@insurer.test", ["a@example.com"], message(cls="policy-documents"))
+        await asyncio.sleep(0.3)  # the delivery is now in flight (the sink takes 1 s)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        writer.write(b"MAIL FROM:<s@insurer.test>\r\n")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.readline(), 10)
+        assert reply.startswith(b"421"), reply
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert len(sink.arrivals) == 1, "the in-flight delivery finished before exit"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await sink.stop()
+
+
+def test_config_check_names_the_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[pools.p]\nips = [{address = "not-an-ip", ehlo = "x"}]\n'
+                   '[classes.c]\npool = "p"\n')
+    out = subprocess.run([sys.executable, "-m", "postlane.cli", "config", "check", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "pools.p.ips[0].address: not an IP address" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "postlane.cli", "serve", "-c", str(bad)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "pools.p.ips[0].address" in out.stderr
