@@ -590,3 +590,25 @@ async def test_huge_reply_is_refused_without_buffering(head: bytes, chunk: bytes
             tracemalloc.stop()
     assert info.value.stage == "banner"
     assert peak < 4 * 1024 * 1024
+
+
+async def test_server_that_stops_reading_data_times_out() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"EHLO"):
+                writer.write(b"250 hi\r\n")
+            elif line.upper().startswith(b"DATA"):
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                await asyncio.Event().wait()  # never read the data
+            else:
+                writer.write(b"250 Ok\r\n")
+            await writer.drain()
+
+    async with raw_server(serve) as port:
+        conn = await connect(port, timeouts=Timeouts(command=5, data_block=0.3, dot=5))
+        with pytest.raises(SMTPError) as info:
+            await conn.send("s@a.test", [("x@b.test", "")], (b"y" * 998 + b"\r\n") * 40_000)
+    assert info.value.stage == "data" and info.value.temporary
+    assert not conn.usable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -52,6 +53,41 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="where the demo kee
     from .demo import run_demo
 
     raise typer.Exit(run_demo(workdir, marketing=marketing, quick=quick))
+
+
+@app.command()
+def bench(marketing: int = typer.Option(20000, help="messages in the marketing campaign"),
+          transactional_rate: float = typer.Option(10.0, help="transactional messages per second"),
+          sink_delay_ms: float = typer.Option(0.0, help="time the sink takes per message"),
+          message_kb: int = typer.Option(10, help="message size"),
+          baseline: str = typer.Option("lanes", help="lanes (Postlane) or fifo (one queue)"),
+          config: Path | None = typer.Option(None, "--config", "-c",
+                                             help="base config (default examples/insurance.toml)"),
+          connections: int = typer.Option(8, help="SMTP connections submitting the campaign"),
+          as_json: bool = typer.Option(False, "--json", help="print only the JSON line")) -> None:
+    """The case study as a benchmark: prints one JSON line (DESIGN.md §7)."""
+    from .bench import BenchOptions, result_json, run_bench
+
+    if baseline not in ("lanes", "fifo"):
+        raise typer.BadParameter("must be 'lanes' or 'fifo'", param_hint="--baseline")
+    if marketing < 0 or transactional_rate < 0 or message_kb < 1 or connections < 1:
+        raise typer.BadParameter("counts and rates must be positive")
+    if config is not None:
+        _load(config)
+    opts = BenchOptions(marketing=marketing, transactional_rate=transactional_rate,
+                        sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
+                        config=config, connections=connections)
+
+    last = [0.0]
+
+    def tick(p) -> None:
+        if as_json or time.monotonic() - last[0] < 2:
+            return
+        last[0] = time.monotonic()
+        typer.echo(f"[{p.phase}] accepted {p.marketing_accepted}/{p.marketing_total} marketing,"
+                   f" {p.transactional_sent} transactional, delivered {p.delivered}", err=True)
+
+    typer.echo(result_json(run_bench(opts, tick)))
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from .edge.smtp import BulkDataSMTP
+
 
 @dataclass(slots=True)
 class Arrival:
@@ -21,9 +23,10 @@ class Arrival:
     rcpts: list[str]
     data: bytes
     tls: str | None = None
+    tag: str = ""
 
 
-class _SinkSMTP(SMTP):
+class _SinkSMTP(BulkDataSMTP):
     def __init__(self, sink: Sink, **kwargs) -> None:
         super().__init__(sink, **kwargs)
         self.sink = sink
@@ -51,6 +54,8 @@ class Sink:
     """address -> replies to RCPT, used in order; the last one repeats (e.g. 450 then 250)."""
     data_reply: str = "250 2.0.0 Ok"
     tls_context: object | None = None
+    tag_header: bytes = b""
+    """If set (e.g. b"X-Bench-Id"), each arrival's ``tag`` is that header's value."""
     arrivals: list[Arrival] = field(default_factory=list)
     concurrent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     max_concurrent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -102,11 +107,18 @@ class Sink:
         if server.transport is not None:
             ssl_obj = server.transport.get_extra_info("ssl_object")
             tls = ssl_obj.version() if ssl_obj is not None else None
+        data = envelope.original_content or b""
+        tag = ""
+        if self.tag_header:
+            start = data.find(self.tag_header + b": ")
+            if start >= 0:
+                start += len(self.tag_header) + 2
+                tag = data[start:data.find(b"\r\n", start)].decode()
         self.arrivals.append(Arrival(
             time=time.time(), peer=session.peer[0] if session.peer else "",
             ehlo=session.host_name or "", mail_from=envelope.mail_from or "",
-            rcpts=list(envelope.rcpt_tos),
-            data=envelope.original_content if self.keep_data else b"", tls=tls))
+            rcpts=list(envelope.rcpt_tos), data=data if self.keep_data else b"", tls=tls,
+            tag=tag))
         self._event.set()
         return self.data_reply
 

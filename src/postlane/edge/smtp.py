@@ -24,6 +24,7 @@ _MAIL_DSN = {"ENVID", "RET"}
 _RCPT_DSN = {"NOTIFY", "ORCPT"}
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
+_SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>")
 _ADDR = re.compile(r"^[^\s@<>()\[\],;:\"\\]+(\.[^\s@<>()\[\],;:\"\\]+)*@[A-Za-z0-9\-._\[\]:]+$|"
                    r"^\"[^\"\r\n]*\"@[A-Za-z0-9\-._\[\]:]+$")
 
@@ -50,7 +51,66 @@ def _split_params(arg: str, keyword: str) -> tuple[str, str, dict[str, str]] | N
     return path, " ".join(keep), dsn
 
 
-class EdgeSMTP(SMTP):
+class BulkDataSMTP(SMTP):
+    """aiosmtpd's SMTP reading DATA in blocks instead of line by line.
+
+    Measured with py-spy on ``postlane bench`` (10 KB messages): aiosmtpd's per-line DATA loop was
+    24 % of the node's CPU; scanning the stream for the end-of-data mark costs a few readuntil()
+    calls per message. Only CRLF.CRLF ends the data (a bare LF or CR never does: RFC 5321 4.1.1.4,
+    CVE-2023-51766), and pipelined commands after it stay in the reader.
+    """
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Fast path for the plain ``<local@domain> params`` form; aiosmtpd's parser (which
+        builds a typing.Protocol class on every call: 8 % of the node's CPU in the bench) for
+        anything else."""
+        match = _SIMPLE_PATH.match(arg)
+        if match:
+            return match.group(1), arg[match.end():]
+        return super()._getaddr(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        limit = self.data_size_limit
+        data = bytearray(b"\r\n")  # so that a message that is just "." is found too
+        size, too_big, tail = 0, False, b"\r\n"
+        while tail != b"\r\n.\r\n":
+            try:
+                chunk = await self._reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:  # no mark in the buffer yet: take it all
+                chunk = await self._reader.readexactly(exc.consumed)
+            except asyncio.IncompleteReadError:
+                return  # the client went away mid-DATA: nothing was acknowledged
+            size += len(chunk)
+            tail = (tail + chunk)[-5:]
+            if too_big:
+                continue
+            data += chunk
+            if limit and size - 3 > limit:
+                too_big, data = True, bytearray()  # read on to the end, keep nothing
+        if too_big:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            return
+        content = bytes(data[2:-3]).replace(b"\r\n..", b"\r\n.")
+        if content.startswith(b".."):
+            content = content[1:]
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+
+class EdgeSMTP(BulkDataSMTP):
     """aiosmtpd's SMTP with DSN parameters, 501 for malformed addresses and drain handling."""
 
     def __init__(self, handler: SMTPIntake, **kwargs) -> None:

@@ -16,9 +16,11 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 def normalize_newlines(data: bytes) -> bytes:
     """Turn every bare LF or CR into CRLF, so that no line ending can be read two ways
     downstream (SMTP smuggling, CVE-2023-51766)."""
-    if b"\n" in data.replace(b"\r\n", b""):
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf:
         data = _BARE_LF.sub(b"\r\n", data)
-    if b"\r" in data.replace(b"\r\n", b""):
+        crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf:
         data = _BARE_CR.sub(b"\r\n", data)
     return data
 

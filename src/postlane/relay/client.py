@@ -461,7 +461,13 @@ class SMTPConnection:
         return await self._read_reply(stage, self._timeouts.command)
 
     async def _drain(self, stage: str, timeout: float) -> None:
+        transport = self._writer.transport
         try:
+            if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
+                # At or below the low-water mark writing is not paused, so drain() cannot
+                # block: skip arming a timer on the hot path.
+                await self._writer.drain()
+                return
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
         except TimeoutError:

@@ -1,0 +1,394 @@
+"""``postlane bench``: the case study as a number (DESIGN.md §7).
+
+Three processes, as in production: the node (its own event loop and core), a recording sink
+standing in for the recipients' providers, and this process submitting a marketing campaign as
+fast as the node accepts it while transactional messages trickle in at a fixed rate. Latency is
+measured from the start of each submission to its arrival at the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config, load_config
+from .relay.client import SMTPConnection, SMTPError
+
+TRANSACTIONAL_DEFAULT = ("policy-documents", "claims", "payment-receipts")
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "insurance.toml"
+TAG = b"X-Bench-Id"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool) -> tuple[Config,
+                                                                                     int]:
+    """The base config pointed at the sink, with a fresh spool; ``fifo`` puts every class in one
+    shared pool served in arrival order (what the case study's ESP had)."""
+    cfg = base.model_copy(deep=True)
+    port = _free_port()
+    first = next(iter(cfg.listeners.values())).model_copy()
+    first.port, first.address, first.default_class = port, "127.0.0.1", None
+    cfg.listeners = {"bench": first}
+    cfg.node.spool = str(workdir / "spool")
+    cfg.accounting.directory = str(workdir / "accounting")
+    cfg.routes = {"*": f"127.0.0.1:{sink_port}"}
+    cfg.relay.idle_timeout = 1.0
+    if fifo:
+        ips = [ip for pool in cfg.pools.values() for ip in pool.ips]
+        total = 20  # like Postfix's default of 20 concurrent deliveries per transport
+        per_ip = max(1, total // len(ips))
+        shared = next(iter(cfg.pools.values())).model_copy(deep=True)
+        shared.ips = [ip.model_copy(update={"max_smtp_out": per_ip}) for ip in ips]
+        shared.pausable = True
+        cfg.pools = {"shared-pool": shared}
+        for cls in cfg.classes.values():
+            cls.pool = "shared-pool"
+        cfg.scheduler = "fifo"
+    return cfg, port
+
+
+def _body(kb: int) -> bytes:
+    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"
+    return line * max(1, (kb * 1024) // len(line))
+
+
+def _message(tag: str, cls: str, rcpt: str, body: bytes) -> bytes:
+    return (f"From: notices@insurer.example\r\nTo: {rcpt}\r\nSubject: {cls} {tag}\r\n"
+            f"X-Postlane-Class: {cls}\r\n{TAG.decode()}: {tag}\r\n"
+            f"X-Correlation-ID: {tag}\r\nMIME-Version: 1.0\r\n"
+            f"Content-Type: text/plain; charset=us-ascii\r\n\r\n").encode() + body
+
+
+# -- child processes ----------------------------------------------------------------------------
+
+def _run_node(cfg: Config) -> None:
+    from .node import run, setup_logging
+
+    setup_logging("WARNING")
+    run(cfg)
+
+
+def _run_sink(port: int, delay: float, out: mp.Queue, ready: mp.Event) -> None:
+    from .sink import Sink
+
+    async def main() -> None:
+        sink = Sink(port=port, delay=delay, keep_data=False, tag_header=TAG)
+        await sink.start()
+        ready.set()
+        sent = 0
+        while True:
+            await asyncio.sleep(0.05)
+            new = sink.arrivals[sent:]
+            if new:
+                out.put([(a.tag, a.time, a.peer) for a in new])
+                sent += len(new)
+                if sent > 100_000:  # keep the sink's memory flat on long runs
+                    del sink.arrivals[:sent]
+                    sent = 0
+
+    try:
+        import uvloop
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover
+        asyncio.run(main())
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _rss_peak_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
+# -- the load -----------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    marketing_total: int
+    marketing_accepted: int = 0
+    transactional_sent: int = 0
+    delivered: int = 0
+    started: float = field(default_factory=time.time)
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    sources: dict[str, set[str]] = field(default_factory=dict)
+    phase: str = "starting"
+
+
+@dataclass
+class BenchOptions:
+    marketing: int = 20000
+    transactional_rate: float = 10.0
+    sink_delay_ms: float = 0.0
+    message_kb: int = 10
+    baseline: str = "lanes"
+    config: Path | None = None
+    connections: int = 8
+    timeout: float = 3600.0
+    transactional_classes: tuple[str, ...] = TRANSACTIONAL_DEFAULT
+    marketing_class: str = "marketing"
+
+
+class _Submitter:
+    """A small pool of persistent SMTP connections to the node."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[SMTPConnection] = []
+
+    async def send(self, mail_from: str, rcpt: str, data: bytes) -> bool:
+        conn = self.idle.pop() if self.idle else None
+        for _ in range(3):
+            try:
+                if conn is None or not conn.usable:
+                    conn = await SMTPConnection.open("127.0.0.1", self.port,
+                                                     server_name="localhost", source_ip=None,
+                                                     ehlo_name="bench.local", tls="disabled")
+                tx = await conn.send(mail_from, [(rcpt, "")], data)
+                ok = tx.data_reply is not None and tx.data_reply.is_ok
+                self.idle.append(conn)
+                return ok
+            except (SMTPError, OSError):
+                conn = None
+                await asyncio.sleep(0.05)
+        return False
+
+    async def close(self) -> None:
+        for conn in self.idle:
+            await conn.quit()
+
+
+async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Progress,
+                on_tick: Callable[[Progress], None] | None) -> dict:
+    body = _body(opts.message_kb)
+    submitted: dict[str, tuple[str, float]] = {}  # tag -> (class, submit time), acknowledged only
+    counter = itertools.count()
+    first_submit = time.time()
+    marketing_done_at = 0.0
+    lost_at_intake = 0
+
+    async def marketing_worker() -> None:
+        nonlocal lost_at_intake
+        sub = _Submitter(port)
+        while True:
+            n = next(counter)
+            if n >= opts.marketing:
+                break
+            tag = f"m{n}"
+            rcpt = f"reader{n}@news{n % 20}.example"
+            t0 = time.time()
+            if await sub.send("newsletter@insurer-news.example", rcpt,
+                              _message(tag, opts.marketing_class, rcpt, body)):
+                submitted[tag] = (opts.marketing_class, t0)
+                progress.marketing_accepted += 1
+            else:
+                lost_at_intake += 1
+        await sub.close()
+
+    stop_tx = asyncio.Event()
+
+    async def transactional() -> None:
+        sub = _Submitter(port)
+        classes = itertools.cycle(opts.transactional_classes)
+        n = 0
+        interval = 1.0 / opts.transactional_rate if opts.transactional_rate > 0 else 0
+        next_at = time.monotonic()
+        pending: set[asyncio.Task] = set()
+
+        async def one(tag: str, cls: str) -> None:
+            rcpt = f"customer{tag}@customers.example"
+            t0 = time.time()
+            if await sub.send("notices@insurer.example", rcpt, _message(tag, cls, rcpt, body)):
+                submitted[tag] = (cls, t0)
+                progress.transactional_sent += 1
+
+        while interval and not stop_tx.is_set():
+            n += 1
+            task = asyncio.create_task(one(f"t{n}", next(classes)))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        if pending:
+            await asyncio.wait(pending)
+        await sub.close()
+
+    arrived: dict[str, tuple[float, str]] = {}
+    duplicates = 0
+
+    def collect() -> None:
+        nonlocal duplicates
+        while True:
+            try:
+                batch = arrivals.get_nowait()
+            except queue.Empty:
+                return
+            for tag, at, peer in batch:
+                if tag in arrived:
+                    duplicates += 1
+                else:
+                    arrived[tag] = (at, peer)
+            progress.delivered = len(arrived)
+
+    progress.phase = "campaign"
+    tx_task = asyncio.create_task(transactional())
+    workers = [asyncio.create_task(marketing_worker()) for _ in range(opts.connections)]
+    deadline = time.monotonic() + opts.timeout
+    while not all(w.done() for w in workers):
+        await asyncio.sleep(0.1)
+        collect()
+        if on_tick:
+            on_tick(progress)
+    marketing_done_at = time.time()
+    progress.phase = "delivering"
+    # transactional mail keeps arriving while the campaign is being delivered
+    while time.monotonic() < deadline:
+        collect()
+        if on_tick:
+            on_tick(progress)
+        marketing_left = sum(1 for tag, (cls, _) in list(submitted.items())
+                             if cls == opts.marketing_class and tag not in arrived)
+        if marketing_left == 0:
+            break
+        await asyncio.sleep(0.2)
+    stop_tx.set()
+    await tx_task
+    progress.phase = "draining"
+    while time.monotonic() < deadline and any(t not in arrived for t in submitted):
+        await asyncio.sleep(0.1)
+        collect()
+        if on_tick:
+            on_tick(progress)
+    await asyncio.sleep(0.5)
+    collect()
+    progress.phase = "done"
+
+    latencies: dict[str, list[float]] = {}
+    sources: dict[str, set[str]] = {}
+    for tag, (cls, t0) in submitted.items():
+        if tag in arrived:
+            at, peer = arrived[tag]
+            latencies.setdefault(cls, []).append(at - t0)
+            sources.setdefault(cls, set()).add(peer)
+    progress.latencies, progress.sources = latencies, sources
+    last = max((at for at, _ in arrived.values()), default=time.time())
+    marketing_n = progress.marketing_accepted
+    return {
+        "marketing": marketing_n,
+        "transactional": progress.transactional_sent,
+        "throughput_msgs_s": round(len(arrived) / max(1e-9, last - first_submit), 1),
+        "intake_msgs_s": round(marketing_n / max(1e-9, marketing_done_at - first_submit), 1),
+        "latency_s": {cls: _percentiles(v) for cls, v in sorted(latencies.items())},
+        "lost": sum(1 for t in submitted if t not in arrived),
+        "duplicates": duplicates,
+        "refused_at_intake": lost_at_intake,
+        "sources": {cls: sorted(v) for cls, v in sorted(sources.items())},
+        "duration_s": round(last - first_submit, 1),
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    if not values:
+        return {}
+
+    def pct(p: float) -> float:
+        return round(values[min(len(values) - 1, int(p * len(values)))], 4)
+
+    return {"n": len(values), "p50": round(statistics.median(values), 4), "p95": pct(0.95),
+            "p99": pct(0.99), "max": round(values[-1], 4)}
+
+
+def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = None,
+              workdir: Path | None = None) -> dict:
+    """Run the whole benchmark and return the result dict (also the demo's engine)."""
+    base = load_config(opts.config) if opts.config else load_config(EXAMPLE)
+    own_dir = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="postlane-bench-")) if workdir is None else workdir
+    if workdir.exists() and not own_dir:
+        shutil.rmtree(workdir / "spool", ignore_errors=True)
+    ctx = mp.get_context("spawn")
+    arrivals: mp.Queue = ctx.Queue()
+    ready = ctx.Event()
+    sink_port = _free_port()
+    cfg, port = bench_config(base, workdir=workdir, sink_port=sink_port,
+                             fifo=opts.baseline == "fifo")
+    sink = ctx.Process(target=_run_sink, args=(sink_port, opts.sink_delay_ms / 1000, arrivals,
+                                               ready), daemon=True)
+    sink.start()
+    ready.wait(30)
+    node = ctx.Process(target=_run_node, args=(cfg,), daemon=True)
+    node.start()
+    _wait_port(port, node)
+    progress = Progress(marketing_total=opts.marketing)
+    try:
+        try:
+            import uvloop
+            result = uvloop.run(_load(opts, port, arrivals, progress, on_tick))
+        except ImportError:  # pragma: no cover
+            result = asyncio.run(_load(opts, port, arrivals, progress, on_tick))
+        result["rss_mb_peak"] = _rss_peak_mb(node.pid)
+        result["node_cpu_s"] = _cpu_seconds(node.pid)
+        result["sink_cpu_s"] = _cpu_seconds(sink.pid)
+        delivered = result["marketing"] + result["transactional"]
+        result["node_cpu_ms_per_msg"] = round(1000 * result["node_cpu_s"] / max(1, delivered), 3)
+    finally:
+        if node.pid:
+            os.kill(node.pid, 15)
+        node.join(60)
+        sink.terminate()
+        sink.join(10)
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["baseline"] = opts.baseline
+    result["sink_delay_ms"] = opts.sink_delay_ms
+    result["message_kb"] = opts.message_kb
+    result["_progress"] = progress
+    return result
+
+
+def _wait_port(port: int, proc: mp.Process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.is_alive():
+            raise RuntimeError("the node exited during start-up")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError("the node did not start listening")
+
+
+def result_json(result: dict) -> str:
+    return json.dumps({k: v for k, v in result.items() if not k.startswith("_")},
+                      separators=(",", ":"))
+
