@@ -58,6 +58,14 @@ def _cross_checks(cfg: Config) -> list[str]:
                 errors.append(f"pools.{pname}.ips[{i}].address: {ip.address} already belongs to"
                           f" pool {seen[ip.address]!r} (an IP serves one pool)")
             seen[ip.address] = pname
+    for i, rule in enumerate(cfg.classification.rules):
+        if rule.cls not in cfg.classes:
+            errors.append(f"classification.rules[{i}].class: no class named {rule.cls!r}")
+    for key, name in cfg.classification.mt_priority.items():
+        if not key.lstrip("-").isdigit() or not -9 <= int(key) <= 9:
+            errors.append(f"classification.mt_priority.{key}: not a priority from -9 to 9")
+        if name not in cfg.classes:
+            errors.append(f"classification.mt_priority.{key}: no class named {name!r}")
     for domain, target in cfg.routes.items():
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -79,6 +87,11 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     errors = _cross_checks(cfg)
     if errors:
         raise ConfigError(source, errors)
+    if cfg.default_destinations:
+        from ..scheduler.rules import default_rules
+
+        for name, rule in default_rules().items():
+            cfg.destinations.setdefault(name, rule)
     return cfg
 
 

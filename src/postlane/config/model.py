@@ -117,6 +117,62 @@ class ClassConfig(Strict):
         return value
 
 
+def parse_rate(value: object) -> float:
+    """Messages per second from a number or ``"N/s"``, ``"N/m"``, ``"N/h"``."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    if isinstance(value, str):
+        count, _, unit = value.partition("/")
+        per = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}.get(unit.strip() or "s")
+        try:
+            if per and float(count) > 0:
+                return float(count) / per
+        except ValueError:
+            pass
+    raise ValueError(f"not a rate: {value!r} (use e.g. '20/s', '600/m', '3600/h')")
+
+
+Rate = Annotated[float, BeforeValidator(parse_rate)]
+
+
+class DestinationRule(Strict):
+    """ISP-specific delivery settings (PowerMTA's <domain> blocks, KumoMTA's shaping)."""
+
+    domains: list[str] = []
+    """Recipient domains this rule covers (exact, or ``*.example.com``)."""
+    mx: list[str] = []
+    """MX host patterns, e.g. ``*.google.com``: covers every domain hosted there."""
+    max_connections_per_ip: int = Field(20, ge=1)
+    max_messages_per_connection: int = Field(1000, ge=1)
+    max_rate_per_ip: Rate | None = None
+    backoff_on: list[str] = ["421", "4.7.0", "4.7.28", "try again later", "rate limit",
+                             "too many", "temporarily deferred", "throttl"]
+    """Reply fragments (codes, enhanced codes or text, case-insensitive) that mean "slow down"."""
+    backoff_max_connections_per_ip: int = Field(1, ge=1)
+    backoff_rate_per_ip: Rate | None = None
+    backoff_retry: Duration = 600.0
+    """While backing off: pause before the lane is tried again, and the retry interval."""
+    backoff_duration: Duration = 1800.0
+    """Back to normal limits after this long (or at the first success, see below)."""
+    backoff_until_success: bool = True
+    reason: str = ""
+
+
+class ClassRule(Strict):
+    """First matching rule wins; every condition given must hold."""
+
+    cls: str = Field(alias="class")
+    sender_domain: str | None = None
+    from_domain: str | None = None
+    recipient_domain: str | None = None
+
+
+class ClassificationConfig(Strict):
+    mt_priority: dict[str, str] = {}
+    """RFC 6710 MT-PRIORITY (-9..9) -> class: the class of the highest key not above the value."""
+    rules: list[ClassRule] = []
+
+
 class DNSConfig(Strict):
     nameserver: IPAddress | None = None
     port: int = Field(53, ge=1, le=65535)
@@ -155,6 +211,11 @@ class Config(Strict):
     """Recipient domain -> "host:port" (a smarthost, or a sink in tests); skips MX lookup."""
     accounting: AccountingConfig = AccountingConfig()
     correlation_header: str = "X-Correlation-ID"
+    classification: ClassificationConfig = ClassificationConfig()
+    destinations: dict[Name, DestinationRule] = {}
+    """ISP rules by name; the shipped defaults (data/destinations.toml) apply unless
+    ``default_destinations = false``, and a rule here with the same name replaces the default."""
+    default_destinations: bool = True
     scheduler: Literal["lanes", "fifo"] = "lanes"
     """``fifo`` serves every message in arrival order through one queue: the baseline to beat."""
 

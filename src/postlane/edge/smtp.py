@@ -20,7 +20,7 @@ from ..policy.intake import Intake, RcptIn, Rejection
 
 log = logging.getLogger("postlane.edge")
 
-_MAIL_DSN = {"ENVID", "RET"}
+_MAIL_DSN = {"ENVID", "RET", "MT-PRIORITY"}
 _RCPT_DSN = {"NOTIFY", "ORCPT"}
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
@@ -137,6 +137,10 @@ class EdgeSMTP(BulkDataSMTP):
             if ret is not None and ret.upper() not in ("FULL", "HDRS"):
                 await self.push("501 5.5.4 RET must be FULL or HDRS")
                 return
+            prio = dsn.get("MT-PRIORITY")
+            if prio is not None and not (prio.lstrip("+-").isdigit() and -9 <= int(prio) <= 9):
+                await self.push("501 5.5.4 MT-PRIORITY must be an integer from -9 to 9")
+                return
             envid = dsn.get("ENVID")
             if envid is not None and (not _XTEXT.match(envid) or len(envid) > 100):
                 await self.push("501 5.5.4 ENVID is not valid xtext")
@@ -187,7 +191,7 @@ class SMTPIntake:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
+        extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-MT-PRIORITY"]
         return responses[:-1] + extra + responses[-1:]
 
     async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope,
@@ -234,6 +238,7 @@ class SMTPIntake:
             qid = await self.intake.submit(
                 envelope.mail_from or "", rcpts, envelope.original_content or b"",
                 envid=dsn.get("ENVID", ""), ret=dsn.get("RET", "").upper(), listener=self.name,
+                mt_priority=int(dsn["MT-PRIORITY"]) if "MT-PRIORITY" in dsn else None,
                 client_ip=peer, client_name=session.host_name or "",
                 auth_user=str(session.auth_data or "") if session.authenticated else "",
                 default_class=self.config.default_class)

@@ -10,7 +10,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from email.utils import formatdate
+from email.utils import formatdate, parseaddr
 
 from ..accounting.records import Record
 from ..config import Config
@@ -54,6 +54,12 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+def from_domain_of(value: str) -> str:
+    """Domain of the (first) address in a From header value, lower-cased ("" if none)."""
+    address = parseaddr(value)[1]
+    return domain_of(address) if "@" in address else ""
+
+
 class Intake:
     def __init__(self, config: Config, spool: Spool, scheduler, record) -> None:
         self.config = config
@@ -62,14 +68,34 @@ class Intake:
         self.record = record
         self.accepted = 0
 
-    def classify(self, header_class: str | None, default_class: str | None) -> str:
-        """Header first, then the listener's default, then the node's; an unknown class named
-        in a header is refused, never silently demoted."""
+    def classify(self, header_class: str | None, default_class: str | None, *,
+                 auth_class: str | None = None, mail_from: str = "", from_domain: str = "",
+                 rcpt_domains: tuple[str, ...] = (), mt_priority: int | None = None) -> str:
+        """In order: the X-Postlane-Class header, the AUTH user's class, the rules (envelope
+        sender / From / recipient domain), MT-PRIORITY, the listener's default, the node's.
+        An unknown class named in a header is refused, never silently demoted."""
         if header_class:
             if header_class not in self.config.classes:
                 raise Rejection(550, f"5.7.1 unknown traffic class {header_class!r}"
                                      f" in X-Postlane-Class")
             return header_class
+        if auth_class:
+            return auth_class
+        sender_domain = domain_of(mail_from) if mail_from else ""
+        for rule in self.config.classification.rules:
+            if rule.sender_domain and rule.sender_domain.lower() != sender_domain:
+                continue
+            if rule.from_domain and rule.from_domain.lower() != from_domain:
+                continue
+            if rule.recipient_domain and rule.recipient_domain.lower() not in rcpt_domains:
+                continue
+            return rule.cls
+        if mt_priority is not None and self.config.classification.mt_priority:
+            ranked = sorted(((int(k), v) for k, v in
+                             self.config.classification.mt_priority.items()), reverse=True)
+            for floor, name in ranked:
+                if mt_priority >= floor:
+                    return name
         name = default_class or self.config.default_class
         if not name:
             raise Rejection(550, "5.7.1 no traffic class for this message (set X-Postlane-Class)")
@@ -78,7 +104,8 @@ class Intake:
     async def submit(self, mail_from: str, rcpts: list[RcptIn], data: bytes, *, envid: str = "",
                      ret: str = "", listener: str = "", client_ip: str = "",
                      client_name: str = "", auth_user: str = "", default_class: str | None = None,
-                     src_type: str = "smtp", forced_class: str | None = None) -> str:
+                     src_type: str = "smtp", forced_class: str | None = None,
+                     mt_priority: int | None = None, auth_class: str | None = None) -> str:
         """Queue a message durably and return its queue id (raises Rejection)."""
         now = time.time()
         data = normalize_newlines(data)
@@ -87,6 +114,7 @@ class Intake:
         header_class = None
         correlation = ""
         message_id = ""
+        from_domain = ""
         corr_name = self.config.correlation_header.lower()
         kept = []
         for name, raw in fields:
@@ -97,8 +125,13 @@ class Intake:
                 correlation = field_value(raw)[:200]
             elif name == "message-id" and not message_id:
                 message_id = field_value(raw)[:300]
+            elif name == "from" and not from_domain:
+                from_domain = from_domain_of(field_value(raw))
             kept.append((name, raw))
-        cls_name = forced_class or self.classify(header_class, default_class)
+        cls_name = forced_class or self.classify(
+            header_class, default_class, auth_class=auth_class, mail_from=mail_from,
+            from_domain=from_domain, rcpt_domains=tuple({domain_of(r.address) for r in rcpts}),
+            mt_priority=mt_priority)
         cls = self.config.classes[cls_name]
         qid = new_queue_id(now)
         if not message_id:

@@ -327,7 +327,7 @@ class SMTPConnection:
         ext = self.extensions
         dsn = "DSN" in ext
         given = mail_params.upper()
-        params = []
+        params: list[str] = []
         if "SIZE" in ext and "SIZE=" not in given:
             params.append(f"SIZE={len(payload)}")
         if "8BITMIME" in ext and "BODY=" not in given and not payload.isascii():

@@ -36,8 +36,6 @@ class Relay:
         self.timeouts = Timeouts(connect=rc.connect_timeout, banner=rc.command_timeout,
                                  command=rc.command_timeout, data_block=rc.data_timeout,
                                  dot=rc.data_timeout)
-        self.max_per_conn = {name: p.max_messages_per_connection
-                             for name, p in config.pools.items()}
 
     async def destinations(self, domain: str) -> list[Destination]:
         route = self.config.routes.get(domain) or self.config.routes.get("*")
@@ -58,9 +56,10 @@ class Relay:
         info = {"source_ip": slot.address, "dest_ip": conn.peer_ip, "mx": conn.server_name,
                 "tls": conn.tls_version or "", "cipher": conn.tls_cipher or "",
                 "vmta": slot.ehlo}
-        limit = self.max_per_conn[lane.pool]
+        limit = sched.max_messages_per_connection(lane)
         try:
             while batch:
+                await sched.throttle(lane, slot)
                 await self._transact(conn, batch, info)
                 if not conn.usable or conn.messages_sent >= limit:
                     break
@@ -79,6 +78,10 @@ class Relay:
         except DNSTempError as exc:
             self._defer_all(lane, batch, f"451 4.4.3 {exc}", "4.4.3", {})
             return None
+        if lane.rule is None:
+            name = self.scheduler.rules.for_mx([d.host for d in dests])
+            if name:
+                self.scheduler.set_rule(lane, name)
         last: SMTPError | None = None
         for dest in dests[:MAX_HOSTS_TRIED]:
             try:

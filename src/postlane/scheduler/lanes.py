@@ -14,6 +14,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from ..config.model import DestinationRule
 from ..spool import Recipient, State
 
 _seq = itertools.count()
@@ -28,7 +29,7 @@ class SourceSlot:
     ehlo: str
     max_smtp_out: int
     in_use: int = 0
-    per_domain: dict[str, int] = field(default_factory=dict)
+    per_dest: dict[str, int] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
@@ -48,6 +49,35 @@ class Lane:
     deferred: int = 0
     """Recipients of this lane waiting for a retry time (they sit in the scheduler's timer heap)."""
     inflight: int = 0
+    rule_name: str = ""
+    rule: DestinationRule | None = None
+    backoff_until: float = 0.0
+    backoff_switches: int = 0
+    next_send: dict[str, float] = field(default_factory=dict)
+    """Per source IP: earliest time the rate limit lets the next message go."""
+
+    @property
+    def dest_key(self) -> str:
+        """What per-IP connection limits count against: the rule (gmail.com and googlemail.com
+        share Google's MXes) or the domain."""
+        return f"rule:{self.rule_name}" if self.rule_name else self.domain
+
+    def in_backoff(self, now: float) -> bool:
+        return self.backoff_until > now
+
+    def max_connections_per_ip(self, now: float) -> int | None:
+        if self.rule is None:
+            return None
+        if self.in_backoff(now):
+            return self.rule.backoff_max_connections_per_ip
+        return self.rule.max_connections_per_ip
+
+    def rate_per_ip(self, now: float) -> float | None:
+        if self.rule is None:
+            return None
+        if self.in_backoff(now):
+            return self.rule.backoff_rate_per_ip or self.rule.max_rate_per_ip
+        return self.rule.max_rate_per_ip
 
     @property
     def key(self) -> tuple[str, str]:

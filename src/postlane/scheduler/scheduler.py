@@ -22,6 +22,7 @@ from ..accounting.records import Record
 from ..config import Config
 from ..spool import Message, Recipient, RecipientUpdate, Spool, State
 from .lanes import Lane, SourceSlot
+from .rules import RuleBook
 
 if TYPE_CHECKING:
     from ..relay.deliver import Relay
@@ -65,6 +66,7 @@ class Scheduler:
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self.fifo = config.scheduler == "fifo"
+        self.rules = RuleBook(config.destinations)
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -73,7 +75,13 @@ class Scheduler:
         if lane is None:
             lane = self.lanes[(pool, domain)] = Lane(pool, domain)
             lane.paused = (pool, ANY_DOMAIN) in self.paused or (pool, domain) in self.paused
+            name = self.rules.for_domain(domain)
+            if name:
+                self.set_rule(lane, name)
         return lane
+
+    def set_rule(self, lane: Lane, name: str) -> None:
+        lane.rule_name, lane.rule = name, self.config.destinations[name]
 
     def _order(self, msg: Message) -> tuple[int, float]:
         return (0, msg.queued_at) if self.fifo else (msg.priority, msg.deadline)
@@ -136,25 +144,53 @@ class Scheduler:
         self._waiting_priority = waiting
 
     def _lane_cap(self, lane: Lane) -> int:
-        return sum(s.max_smtp_out for s in self.slots[lane.pool])
+        slots = self.slots[lane.pool]
+        per_ip = lane.max_connections_per_ip(time.time())
+        if per_ip is None:
+            return sum(s.max_smtp_out for s in slots)
+        return sum(min(s.max_smtp_out, per_ip) for s in slots)
 
     def _acquire(self, lane: Lane) -> SourceSlot | None:
+        """The least busy IP of the lane's pool with a free slot, within the destination's
+        per-IP connection limit."""
+        per_ip = lane.max_connections_per_ip(time.time())
+        key = lane.dest_key
         best: SourceSlot | None = None
         for slot in self.slots[lane.pool]:
-            if slot.free > 0 and (best is None or slot.in_use < best.in_use):
+            if slot.free <= 0 or (per_ip is not None and slot.per_dest.get(key, 0) >= per_ip):
+                continue
+            if best is None or slot.in_use < best.in_use:
                 best = slot
         if best is not None:
             best.in_use += 1
-            best.per_domain[lane.domain] = best.per_domain.get(lane.domain, 0) + 1
+            best.per_dest[key] = best.per_dest.get(key, 0) + 1
         return best
 
     def _release(self, lane: Lane, slot: SourceSlot) -> None:
         slot.in_use -= 1
-        left = slot.per_domain.get(lane.domain, 1) - 1
+        key = lane.dest_key
+        left = slot.per_dest.get(key, 1) - 1
         if left:
-            slot.per_domain[lane.domain] = left
+            slot.per_dest[key] = left
         else:
-            slot.per_domain.pop(lane.domain, None)
+            slot.per_dest.pop(key, None)
+
+    async def throttle(self, lane: Lane, slot: SourceSlot) -> None:
+        """Hold the next transaction until the destination's per-IP rate allows it."""
+        now = time.time()
+        rate = lane.rate_per_ip(now)
+        if not rate:
+            return
+        at = max(now, lane.next_send.get(slot.address, 0.0))
+        lane.next_send[slot.address] = at + 1.0 / rate
+        if at > now:
+            await asyncio.sleep(at - now)
+
+    def max_messages_per_connection(self, lane: Lane) -> int:
+        limit = self.config.pools[lane.pool].max_messages_per_connection
+        if lane.rule is not None:
+            limit = min(limit, lane.rule.max_messages_per_connection)
+        return limit
 
     async def _run_worker(self, lane: Lane, slot: SourceSlot) -> None:
         assert self.relay is not None
@@ -239,6 +275,9 @@ class Scheduler:
         rec.dsn_action, rec.dsn_status, rec.dsn_diag = "relayed", status, f"smtp;{reply}"
         _fill_conn(rec, conn)
         self._final(rcpt, State.DELIVERED, reply, rec)
+        lane = self.lane(rcpt.msg.pool, rcpt.domain)
+        if lane.in_backoff(now) and lane.rule is not None and lane.rule.backoff_until_success:
+            self._end_backoff(lane, "delivery succeeded")
 
     def bounced(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str],
                 category: str = "") -> None:
@@ -259,6 +298,10 @@ class Scheduler:
         cls = self.config.classes.get(rcpt.msg.cls)
         schedule = cls.retry if cls else [300.0]
         delay = schedule[min(rcpt.attempts - 1, len(schedule) - 1)] * random.uniform(0.9, 1.1)
+        if self._wants_backoff(lane, reply):
+            self._start_backoff(lane, reply, now)
+        if lane.in_backoff(now) and lane.rule is not None:
+            delay = max(delay, lane.rule.backoff_retry * random.uniform(0.9, 1.1))
         if now >= rcpt.msg.expire_at:
             lane.inflight -= 1
             self._expire(rcpt, reply, conn.get("mx", ""), conn)
@@ -275,6 +318,34 @@ class Scheduler:
         lane.inflight -= 1
         lane.deferred += 1
         self._add_timer(rcpt)
+
+    # -- backoff mode ---------------------------------------------------------------------------
+
+    def _wants_backoff(self, lane: Lane, reply: str) -> bool:
+        if lane.rule is None or not lane.rule.backoff_on:
+            return False
+        text = reply.lower()
+        return any(text.startswith(p) or (len(p) > 3 and p.lower() in text)
+                   for p in lane.rule.backoff_on)
+
+    def _start_backoff(self, lane: Lane, reply: str, now: float) -> None:
+        """The destination asked us to slow down: fewer connections, slower rate, longer retry,
+        until ``backoff_duration`` has passed or (if so configured) a delivery succeeds."""
+        assert lane.rule is not None
+        if not lane.in_backoff(now):
+            lane.backoff_switches += 1
+            log.warning("backoff on", extra={"pool": lane.pool, "domain": lane.domain,
+                                             "rule": lane.rule_name, "reply": reply[:200]})
+            self.suspend(lane, lane.rule.backoff_retry, f"backoff: {reply[:200]}")
+        lane.backoff_until = now + lane.rule.backoff_duration
+
+    def _end_backoff(self, lane: Lane, why: str) -> None:
+        lane.backoff_until = 0.0
+        lane.backoff_switches += 1
+        log.warning("backoff off", extra={"pool": lane.pool, "domain": lane.domain,
+                                          "rule": lane.rule_name, "why": why})
+        self._ready.add(lane)
+        self.kick()
 
     def requeue(self, rcpt: Recipient) -> None:
         """Put back a recipient that was taken but never attempted (connection lost first)."""
