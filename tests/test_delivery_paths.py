@@ -168,3 +168,11 @@ def test_config_check_names_the_field(tmp_path):
     out = subprocess.run([sys.executable, "-m", "postlane.cli", "serve", "-c", str(bad)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "pools.p.ips[0].address" in out.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "postlane.cli", "demo", "--quick", "--workdir",
+                          str(tmp_path / "demo")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "policy-documents" in out.stdout and "lost 0" in out.stdout
+    assert list((tmp_path / "demo" / "accounting").glob("*.csv"))

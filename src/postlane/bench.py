@@ -332,9 +332,11 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
     """Run the whole benchmark and return the result dict (also the demo's engine)."""
     base = load_config(opts.config) if opts.config else load_config(EXAMPLE)
     own_dir = workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="postlane-bench-")) if workdir is None else workdir
-    if workdir.exists() and not own_dir:
-        shutil.rmtree(workdir / "spool", ignore_errors=True)
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="postlane-bench-"))
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)  # every run starts from an empty spool
+        workdir.mkdir(parents=True)
     ctx = mp.get_context("spawn")
     arrivals: mp.Queue = ctx.Queue()
     ready = ctx.Event()

@@ -67,6 +67,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self.fifo = config.scheduler == "fifo"
         self.rules = RuleBook(config.destinations)
+        self._rotation = itertools.count()
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -156,7 +157,9 @@ class Scheduler:
         per_ip = lane.max_connections_per_ip(time.time())
         key = lane.dest_key
         best: SourceSlot | None = None
-        for slot in self.slots[lane.pool]:
+        slots = self.slots[lane.pool]
+        start = next(self._rotation) % len(slots)  # ties go round the pool's IPs
+        for slot in slots[start:] + slots[:start]:
             if slot.free <= 0 or (per_ip is not None and slot.per_dest.get(key, 0) >= per_ip):
                 continue
             if best is None or slot.in_use < best.in_use:
