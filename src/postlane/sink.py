@@ -89,6 +89,12 @@ class Sink:
     def _disconnected(self, ip: str) -> None:
         self.concurrent[ip] -= 1
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        """Advertise PIPELINING like the big providers do (aiosmtpd handles it, but is silent)."""
+        session.host_name = hostname
+        return responses[:-1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"] + responses[-1:]
+
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         self.rcpt_attempts[address] += 1
