@@ -1,0 +1,48 @@
+"""`postlane bench` through its real entry point: the JSON line, pools respected, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _bench(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "postlane.cli", "bench", "--json", *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bench_lanes_keep_each_class_on_its_pool():
+    result = _bench("--marketing", "200", "--transactional-rate", "10", "--message-kb", "2")
+    assert result["lost"] == 0 and result["marketing"] == 200
+    assert set(result["latency_s"]) == {"policy-documents", "claims", "payment-receipts",
+                                        "marketing"}
+    for figures in result["latency_s"].values():
+        assert figures["p50"] <= figures["p95"] <= figures["p99"] <= figures["max"]
+    sources = result["sources"]
+    assert set(sources["policy-documents"]) <= {"127.0.0.10", "127.0.0.11"}
+    assert set(sources["claims"]) <= {"127.0.0.12", "127.0.0.13"}
+    assert set(sources["payment-receipts"]) <= {"127.0.0.14", "127.0.0.15"}
+    assert set(sources["marketing"]) <= {"127.0.0.16", "127.0.0.17", "127.0.0.18", "127.0.0.19"}
+    for key in ("throughput_msgs_s", "intake_msgs_s", "rss_mb_peak"):
+        assert result[key] > 0
+
+
+def test_bench_fifo_baseline_shares_one_queue():
+    result = _bench("--marketing", "100", "--transactional-rate", "5", "--baseline", "fifo",
+                    "--message-kb", "2")
+    assert result["lost"] == 0 and result["baseline"] == "fifo"
+    used = {ip for ips in result["sources"].values() for ip in ips}
+    assert set(result["sources"]["policy-documents"]) <= used
+
+
+@pytest.mark.parametrize("args", [["--baseline", "lifo"], ["--marketing", "-1"],
+                                  ["--message-kb", "0"]])
+def test_bench_refuses_bad_arguments(args):
+    out = subprocess.run([sys.executable, "-m", "postlane.cli", "bench", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Invalid value" in out.stderr
