@@ -13,7 +13,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["CATEGORIES", "HARD", "Classifier", "RulesError", "default_classifier", "load_classifier"]
+__all__ = ["CATEGORIES", "HARD", "Classifier", "RulesError", "default_classifier",
+           "load_classifier"]
 
 CATEGORIES: frozenset[str] = frozenset({
     "bad-mailbox", "bad-domain", "inactive-mailbox", "quota-issues", "policy-related",
