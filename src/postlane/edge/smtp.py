@@ -132,11 +132,9 @@ class SMTPIntake:
 
     async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        if address == "<>":  # aiosmtpd's spelling of the null reverse-path
-            address = ""
-        if address and not _ADDR.match(address):
+        if address != "<>" and not _ADDR.match(address):  # "<>": the null reverse-path
             return "501 5.1.7 Bad sender address syntax"
-        envelope.mail_from = address
+        envelope.mail_from = address  # kept as "<>" (aiosmtpd's RCPT needs it truthy)
         envelope.mail_options.extend(mail_options)
         envelope.dsn_mail = dict(server.dsn_params)  # type: ignore[attr-defined]
         envelope.rcpt_dsn = []  # type: ignore[attr-defined]
@@ -189,7 +187,8 @@ class SMTPIntake:
                 return "250 2.0.0 Ok: report processed"
         try:
             qid = await self.intake.submit(
-                envelope.mail_from or "", rcpts, envelope.original_content or b"",
+                "" if envelope.mail_from == "<>" else envelope.mail_from or "", rcpts,
+                envelope.original_content or b"",
                 envid=dsn.get("ENVID", ""), ret=dsn.get("RET", "").upper(), listener=self.name,
                 client_ip=peer, client_name=session.host_name or "",
                 auth_user=str(session.auth_data or "") if session.authenticated else "",
