@@ -129,10 +129,9 @@ class FeedbackService:
 
     def act_on(self, report: Report, rcpts: list[str], client: str = "") -> None:
         now = time.time()
-        verps = [v for v in (self.verp.decode(a) for a in [*rcpts, report.original_return_path])
-                 if v is not None]
-        pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in
-                     [*rcpts, report.original_return_path]
+        ours = [*rcpts, *report.to, report.original_return_path]
+        verps = list({v.recipient.lower(): v for v in map(self.verp.decode, ours) if v}.values())
+        pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in ours
                      if a.rpartition("@")[2].lower() in self.bounce_domains), "")
         base = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
                 "vmta_pool": pool, "src_type": "feedback", "src_mta": client,
