@@ -95,10 +95,15 @@ async def test_verp_round_trip_remote_bounces_become_rb_records_and_suppressions
     qmail = qmail.replace(b"\n", b"\r\n")  # the corpus file has Unix line ends
     qmail = qmail.replace(b"To: nekochan@example.jp", f"To: {senders['v2@example.com']}".encode())
     await send(port, "", [senders["v2@example.com"]], qmail)
+    # a forged DSN (no valid VERP) naming a customer suppresses nobody
+    forged_dsn = dsn.replace(senders["v1@example.com"].encode(), forged.encode()).replace(
+        b"v1@example.com", b"customer@example.com")
+    assert await send(port, "", [forged], forged_dsn) == {}
     # the bounces were parsed, not relayed; both addresses are now suppressed for every class
     with pytest.raises(smtplib.SMTPRecipientsRefused):
         await send(port, "sender@insurer.test", ["v1@example.com", "v2@example.com"],
                    message("again", cls="policy-documents"))
+    assert not node.feedback.suppression.check(["customer@example.com"], marketing=True)
     await node.stop()
     assert len(sink.arrivals) == 2
     rb = {r["rcpt"]: r for r in _records(tmp_path) if r["type"] == "rb"}

@@ -152,19 +152,20 @@ class FeedbackService:
             log.info("report ignored", extra={"kind": report.kind, "to": rcpts})
             return
         failed = [r for r in report.recipients if r.action == "failed"]
+        if not verps:  # anyone can send a DSN: without our signature it suppresses nobody
+            log.warning("bounce without a valid VERP address ignored", extra={
+                "to": rcpts, "named": [r.address for r in failed][:10]})
+            return
         for verp in verps:  # the VERP names the recipient for certain; the text may not
             match = next((r for r in failed if r.address.lower() == verp.recipient.lower()),
                          failed[0] if len(failed) == 1 else None)
-            if match is not None:
-                match.address = verp.recipient
-                failed = [match, *[r for r in failed if r is not match]]
-        qid = {v.recipient.lower(): v.queue_id for v in verps}
-        for r in failed:
-            self.record(Record(type="rb", rcpt=r.address, queue_id=qid.get(r.address.lower(), ""),
-                               dsn_action="failed", dsn_status=r.status,
-                               dsn_diag=r.diagnostic or f"{report.method};",
-                               dsn_mta=f"dns;{r.remote_mta}" if r.remote_mta else "",
-                               bounce_cat=r.category, **base))
+            if match is None:
+                continue
+            self.record(Record(type="rb", rcpt=verp.recipient, queue_id=verp.queue_id,
+                               dsn_action="failed", dsn_status=match.status,
+                               dsn_diag=match.diagnostic or f"{report.method};",
+                               dsn_mta=f"dns;{match.remote_mta}" if match.remote_mta else "",
+                               bounce_cat=match.category, **base))
 
     # -- unsubscribe ----------------------------------------------------------------------------
 
