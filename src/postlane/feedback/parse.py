@@ -50,7 +50,7 @@ _ORIGINAL_MARK = re.compile(
     re.IGNORECASE | re.MULTILINE)
 _TEMPORARY = re.compile(
     r"temporar|will (be )?(retr|continue|try again)|still trying|retry|not yet been delivered|"
-    r"delayed|will keep trying|warning|has not been delivered yet|deferred|try again later",
+    r"\bdelay|will keep trying|warning|has not been delivered yet|deferred|try again later",
     re.IGNORECASE)
 _ACTIONS = frozenset({"failed", "delayed", "delivered", "relayed", "expanded"})
 _RAW_DSN = re.compile(r"^(?:final|original)-recipient:\s*rfc822;\s*<?([^\s<>]+@[^\s<>]+?)>?\s*$",
@@ -259,9 +259,11 @@ def _heuristic(msg: Message, classifier: Classifier) -> list[ReportRecipient]:
         near = text[at: at + 600] if at >= 0 else text
         near_lines = near.split("\n\n")[0] if at >= 0 else near
         status = _status_of(near_lines) or _status_of(near) or _status_of(text)
+        diag = " ".join(near_lines.split())[:500]
+        if not status and classifier.classify("", diag) == "message-expired":
+            status = "4.4.7"  # gave up retrying: what the node itself records for expiry
         if not status:
             status = "4.0.0" if whole_temp else "5.0.0"
-        diag = " ".join(near_lines.split())[:500]
         permanent = status.startswith("5")
         rr = ReportRecipient(address=addr, action="failed" if permanent else "delayed",
                              status=status, permanent=permanent, diagnostic=diag,
