@@ -16,7 +16,7 @@ from email import message_from_bytes
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 
-__all__ = ["Complaint", "bare_address", "parse_arf", "returned_message", "walk_parts"]
+__all__ = ["Complaint", "bare_address", "parse_arf", "returned_message"]
 
 _ADDR = re.compile(r"[A-Za-z0-9._%+=!#$&'*/?^`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _IP = re.compile(r"[0-9a-fA-F:.]+")
@@ -45,17 +45,6 @@ class Complaint:
                 "reported_domains": self.reported_domains, "auth_failure": self.auth_failure,
                 "original_envelope_id": self.original_envelope_id,
                 "message_id": self.message_id, "return_path": self.return_path}
-
-
-def walk_parts(msg: Message) -> list[Message]:
-    """Every part, leaves and containers (message/* payloads included)."""
-    out = [msg]
-    payload = msg.get_payload()
-    if isinstance(payload, list):
-        for sub in payload:
-            if isinstance(sub, Message):
-                out.extend(walk_parts(sub))
-    return out
 
 
 def _fields(part: Message) -> list[tuple[str, str]]:
@@ -89,7 +78,7 @@ def bare_address(value: str) -> str:
 def returned_message(msg: Message) -> Message | None:
     """The reported or bounced message (message/rfc822 or text/rfc822-headers part)."""
 
-    for part in walk_parts(msg)[1:]:
+    for part in list(msg.walk())[1:]:
         ctype = part.get_content_type()
         if ctype in ("message/rfc822", "message/rfc822-headers"):
             payload = part.get_payload()
@@ -130,7 +119,7 @@ def _fill_from_original(report: Complaint, original: Message | None) -> None:
 
 def parse_arf(msg: Message) -> Complaint | None:
     """A Complaint if ``msg`` is a feedback report, else None."""
-    report_part = next((p for p in walk_parts(msg)
+    report_part = next((p for p in msg.walk()
                         if p.get_content_type() == "message/feedback-report"), None)
     if report_part is None:
         return _non_standard(msg)

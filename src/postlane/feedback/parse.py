@@ -14,7 +14,7 @@ from email import message_from_bytes
 from email.message import Message
 from email.utils import getaddresses
 
-from .arf import Complaint, bare_address, parse_arf, returned_message, walk_parts
+from .arf import Complaint, bare_address, parse_arf, returned_message
 from .categories import Classifier, default_classifier
 
 __all__ = ["Report", "ReportRecipient", "parse_report"]
@@ -126,7 +126,7 @@ def _status_of(text: str) -> str:
 
 
 def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
-    parts = [p for p in walk_parts(msg) if p.get_content_type() in (
+    parts = [p for p in msg.walk() if p.get_content_type() in (
         "message/delivery-status", "message/global-delivery-status")]
     if not parts:
         return None
@@ -148,14 +148,15 @@ def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
             action = " ".join(str(block.get("Action", "")).split()).lower().split(" ")[0]
             diag = " ".join(str(block.get("Diagnostic-Code", "")).split())
             status = _ENHANCED.search(str(block.get("Status", "")))
-            code = status.group(0) if status else _status_of(diag)
-            if code.endswith(".0.0") and _status_of(diag)[:1] == code[:1]:
-                code = _status_of(diag) if _ENHANCED.search(diag) else code
-            if action == "expired" and not code:
-                code = "4.4.7"
-            if action not in _ACTIONS:
-                action = {"5": "failed", "4": "delayed", "2": "delivered"}.get(code[:1], "failed")
-                action = "failed" if action == "delivered" and not status else action
+            code = status.group(0) if status else ""
+            specific = _ENHANCED.search(diag)  # "Status: 5.0.0" with "550 5.1.1 ..." in the diag
+            if specific and (not code or code.endswith(".0.0") and specific.group(1) == code[0]):
+                code = specific.group(0)
+            code = code or _status_of(diag)
+            if action == "expired":  # not RFC 3464 (SendGrid): it gave up retrying
+                action, code = "failed", code or "4.4.7"
+            elif action not in _ACTIONS:
+                action = {"4": "delayed", "2": "delivered"}.get(code[:1], "failed")
             if not code:
                 code = {"failed": "5.0.0", "delayed": "4.0.0"}.get(action, "2.0.0")
             remote = str(block.get("Remote-MTA", "")).partition(";")[2].strip()
@@ -195,7 +196,7 @@ def _own_addresses(msg: Message, original: Message | None) -> set[str]:
 def _notice_text(msg: Message) -> str:
     """The human-readable part of a bounce, cut before the returned message."""
     texts = []
-    for part in walk_parts(msg):
+    for part in msg.walk():
         if part.is_multipart() or part.get_content_maintype() == "message":
             continue
         ctype = part.get_content_type()
@@ -227,7 +228,7 @@ def _heuristic(msg: Message, classifier: Classifier) -> list[ReportRecipient]:
     for value in msg.get_all("X-Failed-Recipients") or []:
         candidates.extend(a for a in (bare_address(v) for v in str(value).split(",")) if a)
     if not candidates:
-        whole = "\n".join(_text_of(p) for p in walk_parts(msg) if not p.is_multipart())
+        whole = "\n".join(_text_of(p) for p in msg.walk() if not p.is_multipart())
         candidates = [bare_address(m.group(1)) for m in _RAW_DSN.finditer(whole)]
     if not candidates:
         senders = own - _addresses_of(msg, ("To", "Cc"))

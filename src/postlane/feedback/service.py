@@ -18,6 +18,7 @@ from pathlib import Path
 from ..accounting.records import Record
 from ..config import Config
 from ..config.model import ClassFeedbackConfig
+from ..policy.intake import RcptIn
 from ..spool import Message, Recipient
 from .categories import HARD, load_classifier
 from .complaints import ComplaintRates
@@ -77,8 +78,8 @@ class FeedbackService:
         return f"550 5.7.1 Recipient suppressed: {_one_line(hit.reason or hit.source)}"
 
     def screen(self, *, queue_id: str, now: float, cls: str, pool: str, mail_from: str,
-               rcpts: list, fields: list[tuple[str, bytes]], message_id: str,
-               listener: str) -> tuple[list, list[tuple[str, bytes]]]:
+               rcpts: list[RcptIn], fields: list[tuple[str, bytes]], message_id: str,
+               listener: str) -> tuple[list[RcptIn], list[tuple[str, bytes]]]:
         """Drop suppressed recipients (writing "s" records) and return the rest with the header
         fields to add (List-Unsubscribe for a marketing class)."""
         policy = self.policy(cls)
