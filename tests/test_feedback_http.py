@@ -95,6 +95,13 @@ async def test_one_click_unsubscribe_end_to_end(tmp_path, sink, make_node, serve
         r = await client.post(f"/unsubscribe/{token}", data={"List-Unsubscribe": "One-Click"})
         assert r.status_code == 200
         assert r.json() == {"unsubscribed": "u@example.com", "scope": "marketing"}
+    # the mailto variant carries the same token in its subject; a forged one changes nothing
+    mailto = re.search(r"<mailto:(unsubscribe@mta\.test)\?subject=unsubscribe%20([^>]+)>",
+                       offer["List-Unsubscribe"])
+    forged = f"Subject: unsubscribe {node.feedback.signer.token('u@example.com')[:-3]}xyz\r\n\r\n"
+    assert await send(port, "u@example.com", [mailto.group(1)], forged.encode()) == {}
+    await send(port, "u@example.com", [mailto.group(1)],
+               f"Subject: unsubscribe {mailto.group(2)}\r\n\r\n".encode())
     # marketing stops, the regulatory notice still arrives
     await send(port, "news@insurer.test", ["u@example.com"], message("offer 2", cls="marketing"))
     await send(port, "docs@insurer.test", ["u@example.com"], message("policy 2",
@@ -106,8 +113,10 @@ async def test_one_click_unsubscribe_end_to_end(tmp_path, sink, make_node, serve
     for path in sorted((tmp_path / "acct").glob("*.csv")):
         with open(path, newline="") as fh:
             rows.extend(csv.DictReader(fh))
-    assert [(r["type"], r["rcpt"]) for r in rows if r["type"] in ("f", "s")] == [
-        ("f", "u@example.com"), ("s", "u@example.com")]
+    assert [(r["type"], r["rcpt"], r["dsnDiag"]) for r in rows if r["type"] in ("f", "s")] == [
+        ("f", "u@example.com", "unsubscribe;one-click"),
+        ("f", "u@example.com", "unsubscribe;mailto"),
+        ("s", "u@example.com", "suppressed (marketing, unsubscribe): unsubscribe (mailto)")]
 
 
 def test_marketing_class_needs_an_unsubscribe_url(tmp_path) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
+from email import message_from_bytes
 from pathlib import Path
 
 from ..accounting.records import Record
@@ -25,7 +27,7 @@ from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
 from .suppression import SuppressionList
-from .unsubscribe import UnsubscribeSigner
+from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP
 
 __all__ = ["FeedbackService"]
@@ -35,6 +37,7 @@ log = logging.getLogger("postlane.feedback")
 #: ARF feedback types that are the recipient asking to stop (auth-failure reports are not).
 _COMPLAINTS = frozenset({"abuse", "fraud", "virus", "opt-out", "other"})
 _DEFAULT_POLICY = ClassFeedbackConfig()
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -55,6 +58,7 @@ class FeedbackService:
         self.bounce_domains = {p.bounce_domain.lower(): name for name, p in config.pools.items()
                                if p.bounce_domain}
         self.fbl_addresses = {a.lower() for a in fb.fbl_addresses}
+        self.mailto = (fb.unsubscribe_mailto or "").lower() or None
         self.record = record
 
     def close(self) -> None:
@@ -119,14 +123,33 @@ class FeedbackService:
 
     def is_report_address(self, address: str) -> bool:
         address = address.lower()
-        return address in self.fbl_addresses or address.rpartition("@")[2] in self.bounce_domains
+        return address in self.fbl_addresses or address == self.mailto or \
+            address.rpartition("@")[2] in self.bounce_domains
 
     async def receive(self, data: bytes, rcpts: list[str], client: str = "") -> Report:
-        """Act on a report received for ``rcpts`` (our VERP or FBL addresses): "rb" records for
-        failed recipients, "f" records for complaints, suppressions."""
+        """Act on a report received for ``rcpts`` (our VERP, FBL or unsubscribe addresses): "rb"
+        records for failed recipients, "f" records for complaints, suppressions."""
         report = await asyncio.to_thread(parse_report, data, self.classifier)
+        if self.mailto in (r.lower() for r in rcpts):
+            self._unsubscribe_by_mail(data)
+            rcpts = [r for r in rcpts if r.lower() != self.mailto]
+            if not rcpts:
+                return report
         self.act_on(report, rcpts, client)
         return report
+
+    def _unsubscribe_by_mail(self, data: bytes) -> None:
+        """The List-Unsubscribe mailto: the subject carries the same signed token as the URL
+        (a mail without a valid token unsubscribes nobody: anyone can send mail)."""
+        subject = str(message_from_bytes(data).get("Subject", ""))
+        for token in _TOKEN.findall(subject):
+            try:
+                address = self.signer.verify(token)
+            except TokenError:
+                continue
+            self.unsubscribe(address, "mailto")
+            return
+        log.warning("unsubscribe mail without a valid token ignored")
 
     def act_on(self, report: Report, rcpts: list[str], client: str = "") -> None:
         now = time.time()
