@@ -8,11 +8,14 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, load_config
+from .feedback.cli import feedback_app, suppress_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Postlane: a priority-aware MTA for regulated transactional email.")
 config_app = typer.Typer(no_args_is_help=True, help="Check configuration files.")
 app.add_typer(config_app, name="config")
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(suppress_app, name="suppress")
 
 
 def _load(path: Path):

@@ -15,6 +15,7 @@ from .accounting.log import AccountingLog
 from .config import Config
 from .edge.smtp import Listener
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
+from .feedback.service import FeedbackService
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
@@ -44,6 +45,11 @@ class Node:
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay
         self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write)
+        self.feedback = FeedbackService(config, self.accounting.write)
+        self.accounting.add_listener(self.feedback.on_record)
+        self.intake.feedback = self.feedback
+        self.relay.envelope_sender = self.feedback.envelope_sender
+        self.scheduler.classify = self.feedback.classifier.classify
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
                           for name, lc in config.listeners.items()]
         self.started_at = 0.0
@@ -82,6 +88,7 @@ class Node:
         await self.spool.flush()
         await self.spool.close()
         self.accounting.close()
+        self.feedback.close()
         self.stopped.set()
 
     # -- bounces --------------------------------------------------------------------------------

@@ -70,6 +70,26 @@ def _cross_checks(cfg: Config) -> list[str]:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             errors.append(f"routes.{domain}: {target!r} is not host:port")
+    errors += _feedback_checks(cfg)
+    return errors
+
+
+def _feedback_checks(cfg: Config) -> list[str]:
+    errors = []
+    fb = cfg.feedback
+    for name, cls in fb.classes.items():
+        if name not in cfg.classes:
+            errors.append(f"feedback.classes.{name}: no class named {name!r}")
+        if cls.marketing and not fb.unsubscribe_url:
+            errors.append(f"feedback.unsubscribe_url: required because class {name!r} is"
+                          f" marketing (RFC 8058 one-click unsubscribe)")
+    url = fb.unsubscribe_url or ""
+    if url and not (url.startswith("https://") or url.startswith(("http://127.",
+                                                                   "http://localhost"))):
+        errors.append("feedback.unsubscribe_url: must be an https:// URL (RFC 8058)")
+    for i, addr in enumerate(fb.fbl_addresses):
+        if "@" not in addr.strip("@"):
+            errors.append(f"feedback.fbl_addresses[{i}]: not an address: {addr!r}")
     return errors
 
 
@@ -108,4 +128,9 @@ def load_config(path: str | Path) -> Config:
         cfg.node.spool = str(base / cfg.node.spool)
     if not Path(cfg.accounting.directory).is_absolute():
         cfg.accounting.directory = str(base / cfg.accounting.directory)
+    fb = cfg.feedback
+    for name in ("bounce_rules", "suppression_db", "key_file"):
+        value = getattr(fb, name)
+        if value and not Path(value).is_absolute():
+            setattr(fb, name, str(base / value))
     return cfg

@@ -100,6 +100,9 @@ class PoolConfig(Strict):
     ips: list[SourceIP] = Field(min_length=1)
     pausable: bool = True
     max_messages_per_connection: int = Field(1000, ge=1)
+    bounce_domain: str | None = None
+    """Send with a VERP return path on this domain (one recipient per transaction) and accept
+    bounces to it on the listeners (docs/feedback.md)."""
 
 
 class ClassConfig(Strict):
@@ -199,6 +202,33 @@ class AccountingConfig(Strict):
     rotate_size: Size = 100 * 1024 * 1024
 
 
+class ClassFeedbackConfig(Strict):
+    marketing: bool = False
+    """Complaints and unsubscribes stop it, and List-Unsubscribe is added."""
+    suppressed: Literal["refuse", "drop"] = "refuse"
+    """A suppressed recipient: refused at RCPT (550 5.7.1) or accepted and dropped (an "s"
+    accounting record)."""
+
+
+class FeedbackConfig(Strict):
+    bounce_rules: str | None = None
+    """An operator's rules file extending data/bounce-rules.toml."""
+    suppression_db: str | None = None
+    """SQLite file of the suppression list; default <node.spool>/suppression.sqlite3."""
+    key_file: str | None = None
+    """Secret for VERP and unsubscribe tokens; default <node.spool>/feedback.key (created 0600)."""
+    fbl_addresses: list[str] = []
+    """Addresses on the listeners that receive ARF complaint reports (not relayed)."""
+    classes: dict[Name, ClassFeedbackConfig] = {}
+    unsubscribe_url: str | None = None
+    """Public HTTPS base URL routed to the node's POST /unsubscribe/{token}."""
+    unsubscribe_mailto: str | None = None
+    unsubscribe_ttl: Duration = 60 * 86400.0
+    complaint_alert_rate: float = Field(0.001, ge=0, le=1)
+    complaint_min_delivered: int = Field(100, ge=1)
+    """Deliveries to a pool/domain before its complaint rate can raise an alert."""
+
+
 class Config(Strict):
     node: NodeConfig = NodeConfig()
     listeners: dict[Name, ListenerConfig] = {"default": ListenerConfig()}
@@ -217,6 +247,7 @@ class Config(Strict):
     ``default_destinations = false``, and a rule here with the same name replaces the default."""
     default_destinations: bool = True
     scheduler: Literal["lanes", "fifo"] = "lanes"
+    feedback: FeedbackConfig = FeedbackConfig()
     """``fifo`` serves every message in arrival order through one queue: the baseline to beat."""
 
     def class_for(self, name: str | None) -> ClassConfig | None:

@@ -196,11 +196,9 @@ class SMTPIntake:
 
     async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        if address == "<>":  # aiosmtpd's spelling of the null reverse-path
-            address = ""
-        if address and not _ADDR.match(address):
+        if address != "<>" and not _ADDR.match(address):  # "<>": the null reverse-path
             return "501 5.1.7 Bad sender address syntax"
-        envelope.mail_from = address
+        envelope.mail_from = address  # kept as "<>" (aiosmtpd's RCPT needs it truthy)
         envelope.mail_options.extend(mail_options)
         envelope.dsn_mail = dict(server.dsn_params)  # type: ignore[attr-defined]
         envelope.rcpt_dsn = []  # type: ignore[attr-defined]
@@ -216,12 +214,18 @@ class SMTPIntake:
 
     async def handle_RCPT(self, server: EdgeSMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if not self._may_relay(session):
+        feedback = self.intake.feedback
+        report = feedback is not None and feedback.is_report_address(address)
+        if not report and not self._may_relay(session):
             return "550 5.7.1 Relaying denied: authenticate first"
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return "452 4.5.3 Too many recipients"
         if "@" not in address:
             return "501 5.1.3 Recipient needs a domain"
+        if feedback is not None and not report:
+            refusal = feedback.rcpt_refusal(address, self.config.default_class)
+            if refusal:
+                return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_dsn.append(dict(server.dsn_params))  # type: ignore[attr-defined]
         return "250 2.1.5 Recipient ok"
@@ -234,9 +238,21 @@ class SMTPIntake:
             params = rcpt_dsn[i] if i < len(rcpt_dsn) else {}
             rcpts.append(RcptIn(addr, params.get("NOTIFY", "").upper(), params.get("ORCPT", "")))
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
+        feedback = self.intake.feedback
+        reports = [r.address for r in rcpts if feedback and feedback.is_report_address(r.address)]
+        if reports:  # bounces and complaints for the node itself: parsed, never relayed
+            try:
+                await feedback.receive(envelope.original_content or b"", reports, peer)
+            except Exception:
+                log.exception("report processing failed")
+                return "451 4.3.0 Temporary failure processing the report, try again"
+            rcpts = [r for r in rcpts if r.address not in reports]
+            if not rcpts:
+                return "250 2.0.0 Ok: report processed"
         try:
             qid = await self.intake.submit(
-                envelope.mail_from or "", rcpts, envelope.original_content or b"",
+                "" if envelope.mail_from == "<>" else envelope.mail_from or "", rcpts,
+                envelope.original_content or b"",
                 envid=dsn.get("ENVID", ""), ret=dsn.get("RET", "").upper(), listener=self.name,
                 mt_priority=int(dsn["MT-PRIORITY"]) if "MT-PRIORITY" in dsn else None,
                 client_ip=peer, client_name=session.host_name or "",

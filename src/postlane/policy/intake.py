@@ -67,6 +67,9 @@ class Intake:
         self.scheduler = scheduler
         self.record = record
         self.accepted = 0
+        self.feedback = None
+        """feedback.service.FeedbackService when the node wires one: suppression, List-Unsubscribe,
+        inbound reports (the listeners ask it at RCPT and DATA)."""
 
     def classify(self, header_class: str | None, default_class: str | None, *,
                  auth_class: str | None = None, mail_from: str = "", from_domain: str = "",
@@ -137,6 +140,13 @@ class Intake:
         if not message_id:
             message_id = f"<{qid}@{self.config.node.hostname}>"
             kept.append(("message-id", f"Message-ID: {message_id}".encode()))
+        if self.feedback is not None:
+            rcpts, added = self.feedback.screen(
+                queue_id=qid, now=now, cls=cls_name, pool=cls.pool, mail_from=mail_from,
+                rcpts=rcpts, fields=kept, message_id=message_id, listener=listener)
+            if not rcpts:  # every recipient suppressed: accepted and dropped ("s" records)
+                return qid
+            kept.extend(added)
         stamp = [
             ("received", (f"Received: from {client_name or 'localhost'} ({client_ip or 'local'})"
                           f"\r\n\tby {self.config.node.hostname} (Postlane) with ESMTP id {qid};"

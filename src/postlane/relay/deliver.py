@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from ..config import Config
 from ..scheduler.lanes import Lane, SourceSlot
 from ..scheduler.scheduler import Scheduler
-from ..spool import Recipient, Spool
+from ..spool import Message, Recipient, Spool
 from .client import Reply, SMTPConnection, SMTPError, Timeouts
 from .mx import Destination, DNSPermError, DNSTempError, MXResolver
 
 log = logging.getLogger("postlane.relay")
 
 MAX_HOSTS_TRIED = 5
+
+
+def _original_sender(msg: Message, rcpt: Recipient) -> str:
+    return msg.mail_from
 
 
 def status_of(reply: Reply) -> str:
@@ -36,6 +41,8 @@ class Relay:
         self.timeouts = Timeouts(connect=rc.connect_timeout, banner=rc.command_timeout,
                                  command=rc.command_timeout, data_block=rc.data_timeout,
                                  dot=rc.data_timeout)
+        self.envelope_sender: Callable[[Message, Recipient], str] = _original_sender
+        """The MAIL FROM per message and recipient (the feedback loop sets VERP senders)."""
 
     async def destinations(self, domain: str) -> list[Destination]:
         route = self.config.routes.get(domain) or self.config.routes.get("*")
@@ -138,7 +145,8 @@ class Relay:
             rcpts.append((r.address, " ".join(extra)))
         started = time.monotonic()
         try:
-            tx = await conn.send(msg.mail_from, rcpts, body, " ".join(params))
+            tx = await conn.send(self.envelope_sender(msg, batch[0]), rcpts, body,
+                                 " ".join(params))
         except SMTPError as exc:
             reply = str(exc.reply) if exc.reply else f"451 4.4.2 {exc}"
             for rcpt in batch:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
 from ..config import Config
+from ..feedback.categories import default_classifier
 from ..spool import Message, Recipient, RecipientUpdate, Spool, State
 from .lanes import Lane, SourceSlot
 from .rules import RuleBook
@@ -68,6 +69,8 @@ class Scheduler:
         self.fifo = config.scheduler == "fifo"
         self.rules = RuleBook(config.destinations)
         self._rotation = itertools.count()
+        self.classify: Callable[[str, str], str] = default_classifier().classify
+        """Reply -> bounce category (PowerMTA names) for "b" and "t" records."""
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -221,6 +224,8 @@ class Scheduler:
     def _pop(self, lane: Lane) -> list[Recipient]:
         now = time.time()
         limit = self.config.relay.max_recipients_per_transaction
+        if self.config.pools[lane.pool].bounce_domain:
+            limit = 1  # a VERP return path names one recipient
         while lane.heap:
             batch = lane.pop_batch(limit)
             live = []
@@ -288,7 +293,7 @@ class Scheduler:
         rcpt.attempts += 1
         rec = self._base_record("b", rcpt, now)
         rec.dsn_action, rec.dsn_status, rec.dsn_diag = "failed", status, f"smtp;{reply}"
-        rec.bounce_cat = category
+        rec.bounce_cat = category or self.classify(status, reply)
         _fill_conn(rec, conn)
         self._fail(rcpt, status, reply, conn.get("mx", ""))
         self._final(rcpt, State.BOUNCED, reply, rec)
@@ -314,6 +319,7 @@ class Scheduler:
         rcpt.last_reply = reply
         rec = self._base_record("t", rcpt, now)
         rec.dsn_action, rec.dsn_status, rec.dsn_diag = "delayed", status, f"smtp;{reply}"
+        rec.bounce_cat = self.classify(status, reply)
         _fill_conn(rec, conn)
         self.record(rec)
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, State.DEFERRED, rcpt.attempts,

@@ -1,0 +1,90 @@
+"""Management HTTP routes of the feedback loop: the suppression list, reports posted by
+providers' webhooks or operators, complaint rates.
+
+Mount it in the token-protected management app (``include_router(api.router(node),
+dependencies=[...])``); unlike ``unsubscribe.router`` nothing here is public.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field
+
+from .suppression import SuppressionError
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+__all__ = ["router"]
+
+MAX_REPORT = 10 * 1024 * 1024
+
+
+class SuppressionIn(BaseModel):
+    address: str = Field(max_length=254)
+    scope: Literal["all", "marketing"] = "marketing"
+    reason: str = Field("", max_length=500)
+
+
+def router(node: Node) -> APIRouter:
+    api = APIRouter(tags=["feedback"])
+    store = node.feedback.suppression
+
+    @api.get("/suppressions")
+    async def list_(scope: Literal["all", "marketing"] | None = None, like: str | None = None,
+                    limit: int = 100, offset: int = 0) -> dict:
+        entries = store.list(scope, like, max(1, min(limit, 10_000)), max(0, offset))
+        return {"total": store.count(), "entries": [e.as_dict() for e in entries]}
+
+    @api.post("/suppressions", status_code=201)
+    async def add(item: SuppressionIn) -> dict:
+        try:
+            return store.add(item.address, item.scope, item.reason, "operator").as_dict()
+        except SuppressionError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @api.delete("/suppressions/{address}")
+    async def remove(address: str, scope: Literal["all", "marketing"] | None = None) -> dict:
+        try:
+            removed = store.remove(address, scope)
+        except SuppressionError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if not removed:
+            raise HTTPException(404, f"{address} is not suppressed")
+        return {"removed": removed}
+
+    @api.post("/suppressions/import")
+    async def import_(request: Request, scope: Literal["all", "marketing"] = "marketing") -> dict:
+        """CSV body: address[,scope,reason,source,created]; all rows or none."""
+        text = (await request.body()).decode("utf-8", "replace")
+        try:
+            return {"imported": store.import_csv(io.StringIO(text), scope)}
+        except SuppressionError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @api.get("/suppressions/export", response_class=PlainTextResponse)
+    async def export() -> PlainTextResponse:
+        out = io.StringIO()
+        store.export_csv(out)
+        return PlainTextResponse(out.getvalue(), media_type="text/csv")
+
+    @api.post("/feedback/reports")
+    async def report(request: Request) -> dict:
+        """A bounce or ARF report as a raw RFC 5322 message (e.g. from a provider webhook):
+        handled as if it had arrived by SMTP at the FBL address."""
+        data = await request.body()
+        if not data or len(data) > MAX_REPORT:
+            raise HTTPException(413 if data else 422, "send one message, at most 10 MB")
+        client = request.client.host if request.client else ""
+        return (await node.feedback.receive(data, [], client)).as_dict()
+
+    @api.get("/feedback/complaint-rates")
+    async def rates() -> dict:
+        return {"threshold": node.feedback.rates.alert_rate,
+                "rates": node.feedback.rates.rates()}
+
+    return api

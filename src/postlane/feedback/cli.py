@@ -1,0 +1,161 @@
+"""``postlane feedback parse`` and ``postlane suppress ...``.
+
+The suppress commands open the node's suppression database directly (SQLite WAL allows it while
+the node runs), so they work whether or not the node is up.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import typer
+
+from ..config import ConfigError, load_config
+from .categories import RulesError, load_classifier
+from .parse import parse_report
+from .suppression import SCOPES, SuppressionError, SuppressionList
+
+feedback_app = typer.Typer(no_args_is_help=True, help="Bounce, DSN and complaint reports.")
+suppress_app = typer.Typer(no_args_is_help=True,
+                           help="The suppression list (scope all or marketing).")
+
+_CONFIG = typer.Option(None, "-c", "--config", help="node config (locates the database)")
+_DB = typer.Option(None, "--db", help="suppression database file (instead of --config)")
+
+
+@feedback_app.command("parse")
+def parse(files: list[Path] = typer.Argument(..., help="messages (.eml), '-' for stdin"),
+          rules: Path | None = typer.Option(None, help="extra bounce rules (TOML)")) -> None:
+    """Print one JSON object per message: kind and, per recipient, address, action, status,
+    permanent/temporary and category."""
+    try:
+        classifier = load_classifier(rules)
+    except RulesError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    failed = 0
+    for path in files:
+        try:
+            data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+        except OSError as exc:
+            typer.echo(f"{path}: cannot read: {exc.strerror}", err=True)
+            failed += 1
+            continue
+        out = {"file": str(path), **parse_report(data, classifier).as_dict()}
+        typer.echo(json.dumps(out, ensure_ascii=False))
+    raise typer.Exit(1 if failed else 0)
+
+
+def _open(config: Path | None, db: Path | None) -> SuppressionList:
+    if db is None:
+        if config is None:
+            typer.echo("give --config FILE or --db FILE", err=True)
+            raise typer.Exit(2)
+        try:
+            cfg = load_config(config)
+        except ConfigError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+        db = Path(cfg.feedback.suppression_db or Path(cfg.node.spool) / "suppression.sqlite3")
+    return SuppressionList(db)
+
+
+def _scope(value: str) -> str:
+    if value not in SCOPES:
+        typer.echo(f"unknown scope {value!r} (use one of: {', '.join(SCOPES)})", err=True)
+        raise typer.Exit(2)
+    return value
+
+
+@suppress_app.command("add")
+def add(addresses: list[str] = typer.Argument(...),
+        scope: str = typer.Option("marketing", help="all | marketing"),
+        reason: str = typer.Option("", help="why (shown in the 550 reply and the export)"),
+        config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+    """Suppress addresses."""
+    store = _open(config, db)
+    try:
+        for address in addresses:
+            entry = store.add(address, _scope(scope), reason, "operator")
+            typer.echo(f"suppressed {entry.address} ({entry.scope})")
+    except SuppressionError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+
+
+@suppress_app.command("remove")
+def remove(addresses: list[str] = typer.Argument(...),
+           scope: str | None = typer.Option(None, help="all | marketing (default: both)"),
+           config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+    """Lift suppressions."""
+    store = _open(config, db)
+    missing = 0
+    try:
+        for address in addresses:
+            n = store.remove(address, _scope(scope) if scope else None)
+            typer.echo(f"{address}: {n} entr{'y' if n == 1 else 'ies'} removed")
+            missing += n == 0
+    except SuppressionError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+    raise typer.Exit(1 if missing else 0)
+
+
+@suppress_app.command("list")
+def list_(scope: str | None = typer.Option(None), like: str | None = typer.Option(
+              None, help="address pattern, * as wildcard"),
+          limit: int = typer.Option(100), offset: int = typer.Option(0),
+          as_json: bool = typer.Option(False, "--json"),
+          config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+    """Show entries (address order)."""
+    store = _open(config, db)
+    try:
+        entries = store.list(_scope(scope) if scope else None, like, limit, offset)
+    finally:
+        store.close()
+    for e in entries:
+        if as_json:
+            typer.echo(json.dumps(e.as_dict()))
+        else:
+            when = datetime.fromtimestamp(e.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            typer.echo(f"{e.address}\t{e.scope}\t{e.source}\t{when}\t{e.reason}")
+
+
+@suppress_app.command("import")
+def import_(file: Path = typer.Argument(..., help="CSV: address[,scope,reason,source,created]"),
+            scope: str = typer.Option("marketing", help="scope of rows that name none"),
+            config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+    """Import a CSV file (all rows or none)."""
+    store = _open(config, db)
+    try:
+        with file.open(newline="", encoding="utf-8") as src:
+            n = store.import_csv(src, _scope(scope))
+    except (OSError, SuppressionError) as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+    typer.echo(f"imported {n} entries")
+
+
+@suppress_app.command("export")
+def export(file: Path | None = typer.Argument(None, help="CSV file (default: stdout)"),
+           config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+    """Export every entry as CSV (address,scope,reason,source,created)."""
+    store = _open(config, db)
+    try:
+        if file is None:
+            store.export_csv(sys.stdout)
+        else:
+            with file.open("w", newline="", encoding="utf-8") as out:
+                n = store.export_csv(out)
+            typer.echo(f"exported {n} entries to {file}", err=True)
+    finally:
+        store.close()

@@ -1,0 +1,214 @@
+"""The feedback loop of one node: what it learns from replies, bounces, complaints and
+unsubscribes, and how that stops mail that should not be sent.
+
+The rest of the node calls in at four hooks (all optional, so the core runs without them):
+intake (``rcpt_refusal`` at RCPT, ``screen`` after classification), relay (``envelope_sender``),
+the listeners (``is_report_address`` / ``receive`` for bounces and ARF reports) and the
+accounting log (``on_record``: hard bounces suppress, deliveries and complaints feed the rates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
+from email import message_from_bytes
+from pathlib import Path
+
+from ..accounting.records import Record
+from ..config import Config
+from ..config.model import ClassFeedbackConfig
+from ..policy.intake import RcptIn
+from ..spool import Message, Recipient
+from .categories import HARD, load_classifier
+from .complaints import ComplaintRates
+from .keys import load_or_create_key
+from .parse import Report, parse_report
+from .suppression import SuppressionList
+from .unsubscribe import TokenError, UnsubscribeSigner
+from .verp import VERP
+
+__all__ = ["FeedbackService"]
+
+log = logging.getLogger("postlane.feedback")
+
+#: ARF feedback types that are the recipient asking to stop (auth-failure reports are not).
+_COMPLAINTS = frozenset({"abuse", "fraud", "virus", "opt-out", "other"})
+_DEFAULT_POLICY = ClassFeedbackConfig()
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return "".join(ch if 32 <= ord(ch) < 127 else " " for ch in text)[:limit].strip()
+
+
+class FeedbackService:
+    def __init__(self, config: Config, record: Callable[[Record], None]) -> None:
+        self.config = config
+        fb = config.feedback
+        spool = Path(config.node.spool)
+        self.classifier = load_classifier(fb.bounce_rules)
+        self.suppression = SuppressionList(fb.suppression_db or spool / "suppression.sqlite3")
+        key = load_or_create_key(fb.key_file or spool / "feedback.key")
+        self.verp = VERP(key)
+        self.signer = UnsubscribeSigner(key, fb.unsubscribe_ttl)
+        self.rates = ComplaintRates(fb.complaint_alert_rate, fb.complaint_min_delivered)
+        self.bounce_domains = {p.bounce_domain.lower(): name for name, p in config.pools.items()
+                               if p.bounce_domain}
+        self.fbl_addresses = {a.lower() for a in fb.fbl_addresses}
+        self.mailto = (fb.unsubscribe_mailto or "").lower() or None
+        self.record = record
+
+    def close(self) -> None:
+        self.suppression.close()
+
+    def policy(self, cls: str | None) -> ClassFeedbackConfig:
+        return self.config.feedback.classes.get(cls or "", _DEFAULT_POLICY)
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def rcpt_refusal(self, address: str, default_class: str | None) -> str | None:
+        """The 550 for a recipient suppressed for every class, unless the class this listener
+        will most likely assign drops suppressed recipients instead. Marketing-only
+        suppressions cannot be decided here (the class header comes with DATA): ``screen``
+        drops those."""
+        if self.policy(default_class or self.config.default_class).suppressed == "drop":
+            return None
+        hit = self.suppression.check([address], marketing=False).get(address)
+        if hit is None:
+            return None
+        return f"550 5.7.1 Recipient suppressed: {_one_line(hit.reason or hit.source)}"
+
+    def screen(self, *, queue_id: str, now: float, cls: str, pool: str, mail_from: str,
+               rcpts: list[RcptIn], fields: list[tuple[str, bytes]], message_id: str,
+               listener: str) -> tuple[list[RcptIn], list[tuple[str, bytes]]]:
+        """Drop suppressed recipients (writing "s" records) and return the rest with the header
+        fields to add (List-Unsubscribe for a marketing class)."""
+        policy = self.policy(cls)
+        hits = self.suppression.check([r.address for r in rcpts], policy.marketing)
+        kept = []
+        for rcpt in rcpts:
+            hit = hits.get(rcpt.address)
+            if hit is None:
+                kept.append(rcpt)
+                continue
+            self.record(Record(
+                type="s", time_logged=now, time_queued=now, orig=mail_from, rcpt=rcpt.address,
+                queue_id=queue_id, cls=cls, vmta_pool=pool, orcpt=rcpt.orcpt,
+                dsn_action="failed", dsn_status="5.7.1",
+                dsn_diag=f"suppressed ({hit.scope}, {hit.source}): {_one_line(hit.reason)}",
+                message_id=message_id, listener=listener))
+        added: list[tuple[str, bytes]] = []
+        url = self.config.feedback.unsubscribe_url
+        if policy.marketing and url and len(kept) == 1 and not any(
+                name == "list-unsubscribe" for name, _ in fields):
+            for raw in self.signer.header_fields(kept[0].address, url,
+                                                 self.config.feedback.unsubscribe_mailto):
+                added.append((raw.split(b":", 1)[0].decode().lower(), raw))
+        return kept, added
+
+    # -- relay ----------------------------------------------------------------------------------
+
+    def envelope_sender(self, msg: Message, rcpt: Recipient) -> str:
+        """The VERP return path on the pool's bounce domain (a bounce keeps ``<>``)."""
+        domain = self.config.pools[msg.pool].bounce_domain if msg.pool in self.config.pools \
+            else None
+        if not domain or not msg.mail_from:
+            return msg.mail_from
+        return self.verp.encode(msg.id, rcpt.idx, rcpt.address, domain)
+
+    # -- inbound reports ------------------------------------------------------------------------
+
+    def is_report_address(self, address: str) -> bool:
+        address = address.lower()
+        return address in self.fbl_addresses or address == self.mailto or \
+            address.rpartition("@")[2] in self.bounce_domains
+
+    async def receive(self, data: bytes, rcpts: list[str], client: str = "") -> Report:
+        """Act on a report received for ``rcpts`` (our VERP, FBL or unsubscribe addresses): "rb"
+        records for failed recipients, "f" records for complaints, suppressions."""
+        report = await asyncio.to_thread(parse_report, data, self.classifier)
+        if self.mailto in (r.lower() for r in rcpts):
+            self._unsubscribe_by_mail(data)
+            rcpts = [r for r in rcpts if r.lower() != self.mailto]
+            if not rcpts:
+                return report
+        self.act_on(report, rcpts, client)
+        return report
+
+    def _unsubscribe_by_mail(self, data: bytes) -> None:
+        """The List-Unsubscribe mailto: the subject carries the same signed token as the URL
+        (a mail without a valid token unsubscribes nobody: anyone can send mail)."""
+        subject = str(message_from_bytes(data).get("Subject", ""))
+        for token in _TOKEN.findall(subject):
+            try:
+                address = self.signer.verify(token)
+            except TokenError:
+                continue
+            self.unsubscribe(address, "mailto")
+            return
+        log.warning("unsubscribe mail without a valid token ignored")
+
+    def act_on(self, report: Report, rcpts: list[str], client: str = "") -> None:
+        now = time.time()
+        ours = [*rcpts, *report.to, report.original_return_path]
+        verps = list({v.recipient.lower(): v for v in map(self.verp.decode, ours) if v}.values())
+        pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in ours
+                     if a.rpartition("@")[2].lower() in self.bounce_domains), "")
+        base = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
+                "vmta_pool": pool, "src_type": "feedback", "src_mta": client,
+                "message_id": report.original_message_id}
+        if report.kind == "complaint" and report.complaint is not None:
+            ftype = report.complaint.feedback_type
+            targets = [v.recipient for v in verps] or [r.address for r in report.recipients]
+            qid = verps[0].queue_id if verps else ""
+            for address in dict.fromkeys(t.lower() for t in targets):
+                self.record(Record(type="f", rcpt=address, queue_id=qid,
+                                   dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
+                if ftype in _COMPLAINTS:
+                    self.suppression.add(address, "marketing", f"complaint ({ftype})",
+                                         "complaint")
+            log.info("complaint", extra={"type": ftype, "recipients": len(targets)})
+            return
+        if report.kind not in ("bounce", "delay"):
+            log.info("report ignored", extra={"kind": report.kind, "to": rcpts})
+            return
+        failed = [r for r in report.recipients if r.action == "failed"]
+        if not verps:  # anyone can send a DSN: without our signature it suppresses nobody
+            log.warning("bounce without a valid VERP address ignored", extra={
+                "to": rcpts, "named": [r.address for r in failed][:10]})
+            return
+        for verp in verps:  # the VERP names the recipient for certain; the text may not
+            match = next((r for r in failed if r.address.lower() == verp.recipient.lower()),
+                         failed[0] if len(failed) == 1 else None)
+            if match is None:
+                continue
+            self.record(Record(type="rb", rcpt=verp.recipient, queue_id=verp.queue_id,
+                               dsn_action="failed", dsn_status=match.status,
+                               dsn_diag=match.diagnostic or f"{report.method};",
+                               dsn_mta=f"dns;{match.remote_mta}" if match.remote_mta else "",
+                               bounce_cat=match.category, **base))
+
+    # -- unsubscribe ----------------------------------------------------------------------------
+
+    def unsubscribe(self, address: str, how: str) -> None:
+        now = time.time()
+        self.suppression.add(address, "marketing", f"unsubscribe ({how})", "unsubscribe")
+        self.record(Record(type="f", time_logged=now, time_queued=now, orig="", rcpt=address,
+                           queue_id="", cls="", vmta_pool="", dsn_action="unsubscribe",
+                           dsn_diag=f"unsubscribe;{how}", src_type="feedback"))
+
+    # -- accounting listener --------------------------------------------------------------------
+
+    def on_record(self, rec: Record) -> None:
+        """Hard bounces suppress for every class; deliveries and complaints feed the rates."""
+        if rec.type == "d":
+            self.rates.on_delivered(rec.vmta_pool, rec.rcpt.rpartition("@")[2].lower())
+        elif rec.type in ("b", "rb") and rec.dsn_status.startswith("5") and \
+                rec.bounce_cat in HARD:
+            self.suppression.add(rec.rcpt, "all", _one_line(f"{rec.bounce_cat}: {rec.dsn_diag}",
+                                                            400), "bounce", rec.time_logged)
+        elif rec.type == "f" and rec.dsn_action in _COMPLAINTS - {"opt-out"}:
+            self.rates.on_complaint(rec.vmta_pool, rec.rcpt.rpartition("@")[2].lower())

@@ -1,0 +1,206 @@
+"""The suppression list: addresses the node must not mail, with a scope, a reason and a time.
+
+Scope ``all`` (hard bounces, operator blocks) stops every class; scope ``marketing`` (complaints,
+unsubscribes) stops marketing classes only, so that a customer who unsubscribed from newsletters
+still receives the regulatory notices about their policy.
+
+One SQLite table keyed by (address, scope) WITHOUT ROWID: a lookup is one B-tree descent however
+long the list is, and a message's recipients are checked in one ``IN (...)`` query.
+"""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["SCOPES", "Entry", "SuppressionError", "SuppressionList", "normalize"]
+
+SCOPES = ("all", "marketing")
+CSV_FIELDS = ("address", "scope", "reason", "source", "created")
+_CHUNK = 500  # stays under SQLite's bound-parameter limit
+
+
+class SuppressionError(ValueError):
+    """Bad input to the list (unknown scope, not an address, malformed CSV row)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    address: str
+    scope: str
+    reason: str
+    source: str  # bounce | complaint | unsubscribe | operator | import
+    created: float
+
+    def as_dict(self) -> dict:
+        return {"address": self.address, "scope": self.scope, "reason": self.reason,
+                "source": self.source, "created": self.created}
+
+
+def normalize(address: str) -> str:
+    """Compare addresses case-insensitively: local parts are case-sensitive in theory, in
+    practice no mailbox provider treats them so, and a missed suppression costs more."""
+    address = address.strip().strip("<>").strip().lower()
+    if "@" not in address or address.startswith("@") or address.endswith("@") or len(
+            address) > 254 or any(ch.isspace() for ch in address):
+        raise SuppressionError(f"not an email address: {address!r}")
+    return address
+
+
+def _scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise SuppressionError(f"unknown scope {scope!r} (use one of: {', '.join(SCOPES)})")
+    return scope
+
+
+class SuppressionList:
+    """Thread-safe (one connection, one lock): the node uses it from the event loop, the CLI
+    and API from their own threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("""CREATE TABLE IF NOT EXISTS suppression (
+                address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+                source TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+                PRIMARY KEY (address, scope)) WITHOUT ROWID""")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, address: str, scope: str, reason: str = "", source: str = "operator",
+            when: float | None = None) -> Entry:
+        """Add or refresh an entry (the newest reason wins)."""
+        entry = Entry(normalize(address), _scope(scope), reason[:500], source,
+                      when if when is not None else time.time())
+        self.add_many([entry])
+        return entry
+
+    def add_many(self, entries: Iterable[Entry]) -> int:
+        rows = [(e.address, e.scope, e.reason, e.source, e.created) for e in entries]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?)",
+                                     rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    def remove(self, address: str, scope: str | None = None) -> int:
+        """Remove an address from one scope or (scope None) from every scope; returns rows."""
+        address = normalize(address)
+        with self._lock:
+            if scope is None:
+                cur = self._db.execute("DELETE FROM suppression WHERE address = ?", (address,))
+            else:
+                cur = self._db.execute("DELETE FROM suppression WHERE address = ? AND scope = ?",
+                                       (address, _scope(scope)))
+            return cur.rowcount
+
+    def check(self, addresses: Iterable[str], marketing: bool) -> dict[str, Entry]:
+        """The entries that stop mail to these addresses: scope ``all`` always, scope
+        ``marketing`` only for a marketing class. Keys are the addresses as given."""
+        wanted: dict[str, list[str]] = {}
+        for addr in addresses:
+            try:
+                wanted.setdefault(normalize(addr), []).append(addr)
+            except SuppressionError:
+                continue
+        scopes = SCOPES if marketing else ("all",)
+        found: dict[str, Entry] = {}
+        keys = list(wanted)
+        with self._lock:
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i: i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT address, scope, reason, source, created FROM suppression"
+                    f" WHERE address IN ({marks}) AND scope IN ({','.join('?' * len(scopes))})",
+                    [*chunk, *scopes]).fetchall()
+                for row in rows:
+                    entry = Entry(*row)
+                    for original in wanted[entry.address]:
+                        if original not in found or entry.scope == "all":
+                            found[original] = entry
+        return found
+
+    def list(self, scope: str | None = None, like: str | None = None, limit: int = 100,
+             offset: int = 0) -> list[Entry]:
+        sql = "SELECT address, scope, reason, source, created FROM suppression WHERE 1=1"
+        args: list = []
+        if scope is not None:
+            sql += " AND scope = ?"
+            args.append(_scope(scope))
+        if like:
+            sql += " AND address LIKE ?"
+            args.append(like.lower().replace("*", "%"))
+        sql += " ORDER BY address, scope LIMIT ? OFFSET ?"
+        args += [limit, offset]
+        with self._lock:
+            return [Entry(*row) for row in self._db.execute(sql, args)]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM suppression").fetchone()[0]
+
+    def iter_all(self) -> Iterator[Entry]:
+        """Every entry, in address order, in pages (an export never holds the lock long)."""
+        last = ("", "")
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT address, scope, reason, source, created FROM suppression"
+                    " WHERE (address, scope) > (?, ?) ORDER BY address, scope LIMIT 5000",
+                    last).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield Entry(*row)
+            last = (rows[-1][0], rows[-1][1])
+
+    def export_csv(self, out: TextIO) -> int:
+        writer = csv.writer(out)
+        writer.writerow(CSV_FIELDS)
+        n = 0
+        for e in self.iter_all():
+            writer.writerow([e.address, e.scope, e.reason, e.source, f"{e.created:.3f}"])
+            n += 1
+        return n
+
+    def import_csv(self, src: TextIO, default_scope: str = "marketing",
+                   source: str = "import") -> int:
+        """Import rows of address[,scope[,reason[,source[,created]]]] (a header line naming
+        ``address`` is skipped). All or nothing: one bad row rejects the file, naming its line."""
+        entries = []
+        now = time.time()
+        for lineno, row in enumerate(csv.reader(src), start=1):
+            if not row or not row[0].strip() or row[0].startswith("#"):
+                continue
+            if lineno == 1 and row[0].strip().lower() == "address":
+                continue
+            try:
+                scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
+                               else default_scope)
+                created = float(row[4]) if len(row) > 4 and row[4].strip() else now
+                entries.append(Entry(normalize(row[0]), scope,
+                                     row[2].strip()[:500] if len(row) > 2 else "",
+                                     row[3].strip() if len(row) > 3 and row[3].strip()
+                                     else source, created))
+            except (SuppressionError, ValueError) as exc:
+                raise SuppressionError(f"line {lineno}: {exc}") from None
+        return self.add_many(entries)

@@ -1,0 +1,185 @@
+"""The feedback loop in a running node: scoped suppression at intake, VERP round trip with
+asynchronous bounces, synchronous bounce categories, FBL complaints and complaint rates."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import email
+import logging
+import smtplib
+import time
+
+import pytest
+
+from postlane.feedback.dsn import FailedRecipient, build_bounce
+from tests.conftest import config_text, message, send
+from tests.support.corpus_score import TESTDATA
+
+FEEDBACK = """
+[feedback]
+fbl_addresses = ["fbl@mta.test"]
+complaint_min_delivered = 1
+unsubscribe_url = "https://mta.test/unsubscribe"
+[feedback.classes.marketing]
+marketing = true
+"""
+
+
+def _config(tmp_path, port: int, extra: str = FEEDBACK, verp: bool = True) -> str:
+    text = config_text(tmp_path, port, extra)
+    if verp:
+        text = text.replace("[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
+    return text
+
+
+def _records(tmp_path) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted((tmp_path / "acct").glob("*.csv")):
+        with open(path, newline="") as fh:
+            rows.extend(csv.DictReader(fh))
+    return rows
+
+
+async def test_scoped_suppression_refuses_drops_and_still_delivers_policy_notices(
+        tmp_path, sink, make_node):
+    node = await make_node(_config(tmp_path, sink.port, verp=False))
+    node.feedback.suppression.add("news@example.com", "marketing", "unsubscribed", "unsubscribe")
+    node.feedback.suppression.add("gone@example.com", "all", "5.1.1 user unknown", "bounce")
+    port = node.listeners[0].port
+    # scope "all" is known at RCPT: refused with the reason
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        await send(port, "sender@insurer.test", ["gone@example.com"], message("x"))
+    code, text = refused.value.recipients["gone@example.com"]
+    assert code == 550 and text.startswith(b"5.7.1 Recipient suppressed: 5.1.1 user unknown")
+    # scope "marketing" needs the class (known after DATA): accepted, then dropped
+    await send(port, "sender@insurer.test", ["news@example.com", "ok@example.com"],
+               message("newsletter", cls="marketing"))
+    # a regulatory notice still reaches the customer who unsubscribed from marketing
+    await send(port, "sender@insurer.test", ["news@example.com"],
+               message("your policy", cls="policy-documents"))
+    arrivals = await sink.wait_for(2)
+    await node.stop()
+    got = sorted((a.rcpts[0], email.message_from_bytes(a.data)["Subject"]) for a in arrivals)
+    assert got == [("news@example.com", "your policy"), ("ok@example.com", "newsletter")]
+    [s] = [r for r in _records(tmp_path) if r["type"] == "s"]
+    assert s["rcpt"] == "news@example.com" and s["class"] == "marketing"
+    assert s["dsnDiag"] == "suppressed (marketing, unsubscribe): unsubscribed"
+
+
+async def test_verp_round_trip_remote_bounces_become_rb_records_and_suppressions(
+        tmp_path, sink, make_node):
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["v1@example.com", "v2@example.com"],
+               message("campaign", cls="marketing"))
+    arrivals = await sink.wait_for(2)
+    # one recipient per transaction, each with its own signed return path
+    senders = {a.rcpts[0]: a.mail_from for a in arrivals}
+    assert all(len(a.rcpts) == 1 for a in arrivals)
+    for rcpt, sender in senders.items():
+        assert sender.endswith("@bounces.mta.test")
+        assert node.feedback.verp.decode(sender).recipient == rcpt
+    forged = senders["v1@example.com"].replace("v1@", "v9@").replace("=example.com", "=ex.com")
+    assert node.feedback.verp.decode(forged) is None
+    # the remote side bounces later, to the VERP address: a standard DSN for v1 ...
+    original = arrivals[0].data if arrivals[0].rcpts == ["v1@example.com"] else arrivals[1].data
+    dsn = build_bounce(reporting_mta="mx.example.com", sender=senders["v1@example.com"],
+                       recipients=[FailedRecipient("v1@example.com", "failed", "5.1.1",
+                                                   "550 5.1.1 <v1@example.com>: no such user",
+                                                   "mx.example.com")],
+                       original=original, arrival_date=time.time(), ret="HDRS")
+    await send(port, "", [senders["v1@example.com"]], dsn)
+    # ... and a qmail-style prose bounce for v2 that names some other address in its text
+    qmail = (TESTDATA / "bounces/sisimai/bsd/lhost-qmail-01.eml").read_bytes()
+    qmail = qmail.replace(b"\n", b"\r\n")  # the corpus file has Unix line ends
+    qmail = qmail.replace(b"To: nekochan@example.jp", f"To: {senders['v2@example.com']}".encode())
+    await send(port, "", [senders["v2@example.com"]], qmail)
+    # a forged DSN (no valid VERP) naming a customer suppresses nobody
+    forged_dsn = dsn.replace(senders["v1@example.com"].encode(), forged.encode()).replace(
+        b"v1@example.com", b"customer@example.com")
+    assert await send(port, "", [forged], forged_dsn) == {}
+    # the bounces were parsed, not relayed; both addresses are now suppressed for every class
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        await send(port, "sender@insurer.test", ["v1@example.com", "v2@example.com"],
+                   message("again", cls="policy-documents"))
+    assert not node.feedback.suppression.check(["customer@example.com"], marketing=True)
+    await node.stop()
+    assert len(sink.arrivals) == 2
+    rb = {r["rcpt"]: r for r in _records(tmp_path) if r["type"] == "rb"}
+    assert set(rb) == {"v1@example.com", "v2@example.com"}
+    assert rb["v1@example.com"]["dsnStatus"] == "5.1.1"
+    assert rb["v1@example.com"]["bounceCat"] == "bad-mailbox"
+    assert rb["v1@example.com"]["vmtaPool"] == "bulk"
+    qids = {r["queueId"] for r in _records(tmp_path) if r["type"] == "d"}
+    assert rb["v1@example.com"]["queueId"] in qids
+    assert rb["v2@example.com"]["bounceCat"] == "bad-mailbox"
+
+
+async def test_synchronous_bounce_gets_its_category_and_suppresses(tmp_path, sink, make_node):
+    sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 <hard@example.com>: user unknown"],
+                         "full@example.com": ["452 4.2.2 mailbox full", "250 ok"]}
+    node = await make_node(_config(tmp_path, sink.port, verp=False))
+    await send(node.listeners[0].port, "sender@example.com",
+               ["hard@example.com", "full@example.com"], message("x", cls="policy-documents"))
+    await sink.wait_for(2, timeout=20)  # full@ after its retry, and the DSN to the sender
+    await node.stop()
+    rows = _records(tmp_path)
+    [b] = [r for r in rows if r["type"] == "b"]
+    assert b["bounceCat"] == "bad-mailbox"
+    [t] = [r for r in rows if r["type"] == "t"]
+    assert t["bounceCat"] == "quota-issues"
+    node2 = await make_node(_config(tmp_path, sink.port, verp=False))
+    hits = node2.feedback.suppression.check(["hard@example.com", "full@example.com"], False)
+    assert list(hits) == ["hard@example.com"] and hits["hard@example.com"].source == "bounce"
+
+
+def _arf(return_path: str, message_id: str) -> bytes:
+    return (
+        "From: fbl@isp.example\r\nTo: fbl@mta.test\r\nSubject: complaint\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=feedback-report; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
+        "--b\r\nContent-Type: message/feedback-report\r\n\r\n"
+        "Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nVersion: 1\r\n"
+        "Source-IP: 127.0.0.30\r\nArrival-Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\n"
+        "--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Return-Path: <{return_path}>\r\nFrom: news@insurer.test\r\nTo: redacted\r\n"
+        f"Message-ID: {message_id}\r\nSubject: campaign\r\n\r\n--b--\r\n").encode()
+
+
+async def test_fbl_complaint_suppresses_for_marketing_and_raises_the_rate_alert(
+        tmp_path, sink, make_node, caplog):
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["c@example.com"], message("campaign", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    mid = email.message_from_bytes(arrival.data)["Message-ID"]
+    deadline = time.time() + 5
+    while not node.feedback.rates.rates() and time.time() < deadline:  # the "d" record
+        await asyncio.sleep(0.05)
+    with caplog.at_level(logging.WARNING, logger="postlane.feedback"):
+        # the provider redacted the recipient: the VERP return path identifies it
+        assert await send(port, "", ["fbl@mta.test"], _arf(arrival.mail_from, mid)) == {}
+    assert "complaint rate above threshold" in caplog.text
+    rates = {(r["pool"], r["domain"]): r for r in node.feedback.rates.rates()}
+    assert rates[("bulk", "example.com")]["complaints"] == 1
+    assert rates[("bulk", "example.com")]["rate"] == 1.0 and rates[("bulk", "*")]["alert"]
+    assert node.feedback.suppression.check(["c@example.com"], marketing=True)
+    assert not node.feedback.suppression.check(["c@example.com"], marketing=False)
+    await node.stop()
+    [f] = [r for r in _records(tmp_path) if r["type"] == "f"]
+    assert f["rcpt"] == "c@example.com" and f["dsnDiag"] == "arf;abuse"
+    assert f["messageId"] == mid and f["vmtaPool"] == "bulk"
+
+
+async def test_reports_are_accepted_from_anywhere_but_mail_is_not_relayed(
+        tmp_path, sink, make_node):
+    text = _config(tmp_path, sink.port).replace('max_message_size = 100000\n',
+                                                'max_message_size = 100000\nrelay_from = []\n')
+    node = await make_node(text)
+    port = node.listeners[0].port
+    assert await send(port, "", ["fbl@mta.test"], _arf("x@elsewhere.test", "<m@x>")) == {}
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        await send(port, "a@b.test", ["someone@example.com"], message("x"))
+    await node.stop()

@@ -1,0 +1,88 @@
+"""The suppression store and the ``postlane suppress`` commands."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from typer.testing import CliRunner
+
+from postlane.cli import app
+from postlane.feedback.suppression import SuppressionError, SuppressionList
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SuppressionList(tmp_path / "s.sqlite3")
+    yield s
+    s.close()
+
+
+def test_scopes(store) -> None:
+    store.add("Hard@Example.com", "all", "5.1.1 user unknown", "bounce")
+    store.add("news@example.com", "marketing", "unsubscribe", "unsubscribe")
+    rcpts = ["hard@example.COM", "news@example.com", "fine@example.com"]
+    assert set(store.check(rcpts, marketing=True)) == {"hard@example.COM", "news@example.com"}
+    assert set(store.check(rcpts, marketing=False)) == {"hard@example.COM"}
+    assert store.check(["hard@example.com"], marketing=True)["hard@example.com"].scope == "all"
+
+
+def test_remove_list_and_bad_input(store) -> None:
+    store.add("a@example.com", "all")
+    store.add("a@example.com", "marketing")
+    store.add("b@example.com", "marketing")
+    assert store.count() == 3
+    assert [e.address for e in store.list(scope="marketing")] == ["a@example.com",
+                                                                  "b@example.com"]
+    assert store.remove("a@example.com", "marketing") == 1
+    assert store.remove("A@example.com") == 1
+    assert [e.address for e in store.list(like="a*")] == []
+    with pytest.raises(SuppressionError, match="unknown scope"):
+        store.add("c@example.com", "transactional")
+    with pytest.raises(SuppressionError, match="not an email address"):
+        store.add("no-at-sign", "all")
+
+
+def test_csv_round_trip_and_all_or_nothing_import(store, tmp_path) -> None:
+    n = store.import_csv(io.StringIO("address,scope,reason\nx@example.com,all,hard\n"
+                                     "y@example.com,,complaint\n"))
+    assert n == 2
+    out = io.StringIO()
+    assert store.export_csv(out) == 2
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "address,scope,reason,source,created"
+    assert lines[1].startswith("x@example.com,all,hard,import,")
+    assert lines[2].startswith("y@example.com,marketing,complaint,import,")
+    other = SuppressionList(tmp_path / "other.sqlite3")
+    assert other.import_csv(io.StringIO(out.getvalue())) == 2
+    assert [round(e.created, 3) for e in other.list()] == [round(e.created, 3)
+                                                          for e in store.list()]
+    with pytest.raises(SuppressionError, match="line 3"):
+        other.import_csv(io.StringIO("z@example.com\nw@example.com,all\nbad address,all\n"))
+    assert other.count() == 2, "a bad file imports nothing"
+    other.close()
+
+
+def test_suppress_commands(tmp_path) -> None:
+    db = str(tmp_path / "s.sqlite3")
+    run = CliRunner().invoke
+    r = run(app, ["suppress", "add", "--db", db, "--scope", "all", "--reason", "legal hold",
+                  "p@example.com"])
+    assert r.exit_code == 0 and "suppressed p@example.com (all)" in r.output
+    csv_in = tmp_path / "in.csv"
+    csv_in.write_text("q@example.com,marketing,complaint\n")
+    assert run(app, ["suppress", "import", "--db", db, str(csv_in)]).exit_code == 0
+    r = run(app, ["suppress", "list", "--db", db])
+    assert "p@example.com\tall\toperator" in r.output and "q@example.com\tmarketing" in r.output
+    out = tmp_path / "out.csv"
+    assert run(app, ["suppress", "export", "--db", db, str(out)]).exit_code == 0
+    assert out.read_text().count("\n") == 3
+    r = run(app, ["suppress", "remove", "--db", db, "p@example.com"])
+    assert r.exit_code == 0 and "1 entry removed" in r.output
+    assert run(app, ["suppress", "remove", "--db", db, "p@example.com"]).exit_code == 1
+    r = run(app, ["suppress", "add", "--db", db, "--scope", "nope", "r@example.com"])
+    assert r.exit_code == 2 and "unknown scope" in r.output
+    csv_in.write_text("not-an-address\n")
+    r = run(app, ["suppress", "import", "--db", db, str(csv_in)])
+    assert r.exit_code == 2 and "line 1" in r.output
+    assert run(app, ["suppress", "list"]).exit_code == 2
