@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
 from dataclasses import dataclass
 from email.utils import formatdate, parseaddr
@@ -51,7 +52,8 @@ class RcptIn:
 
 
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+    """Lower-cased and interned: a campaign's 200,000 recipients share a few hundred domains."""
+    return sys.intern(address.rpartition("@")[2].lower())
 
 
 def from_domain_of(value: str) -> str:

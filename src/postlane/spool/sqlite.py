@@ -18,7 +18,7 @@ from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, St
 
 SCHEMA_VERSION = 1
 BATCH_MAX = 2000
-BODY_CACHE_BYTES = 64 * 1024 * 1024
+BODY_CACHE_BYTES = 32 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
