@@ -360,6 +360,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
         result["rss_mb_peak"] = _rss_peak_mb(node.pid)
         result["node_cpu_s"] = _cpu_seconds(node.pid)
         result["sink_cpu_s"] = _cpu_seconds(sink.pid)
+        result["load_cpu_s"] = _cpu_seconds(os.getpid())
         delivered = result["marketing"] + result["transactional"]
         result["node_cpu_ms_per_msg"] = round(1000 * result["node_cpu_s"] / max(1, delivered), 3)
     finally:
