@@ -7,11 +7,13 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, load_config
+from .policy.dkim_cli import app as dkim_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Postlane: a priority-aware MTA for regulated transactional email.")
 config_app = typer.Typer(no_args_is_help=True, help="Check configuration files.")
 app.add_typer(config_app, name="config")
+app.add_typer(dkim_app, name="dkim")
 
 
 def _load(path: Path):

@@ -15,6 +15,7 @@ from .accounting.log import AccountingLog
 from .config import Config
 from .edge.smtp import Listener
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
+from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
@@ -43,7 +44,9 @@ class Node:
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay
-        self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write)
+        self.signer = Signer(config, self.accounting.write) if config.dkim.keys else None
+        self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write,
+                             self.signer)
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
                           for name, lc in config.listeners.items()]
         self.started_at = 0.0
@@ -79,6 +82,8 @@ class Node:
             await asyncio.wait(set(self._background), timeout=10)
         if self._flusher is not None:
             self._flusher.cancel()
+        if self.signer is not None:
+            self.signer.close()
         await self.spool.flush()
         await self.spool.close()
         self.accounting.close()
