@@ -4,9 +4,11 @@ rotation, vanished key files, and a message signed end to end through a node."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import os
 import smtplib
+import threading
 from pathlib import Path
 
 import dkim as dkimpy
@@ -301,18 +303,39 @@ async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_
                        + key_entry(tmp_path, keys, "insurer.test", "e1", "ed25519-sha256"))
     text = text.replace("[pools.critical]\n",
                         '[pools.critical]\nreturn_path_domain = "bounce.insurer.test"\n')
+    text = text.replace("[routes]\n",
+                        f'[routes]\n"bounce.insurer.test" = "127.0.0.1:{sink.port}"\n')
+    sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 no such user"]}
     publish(dns_server, keys, "insurer.test", "r1")
     publish(dns_server, keys, "insurer.test", "e1", "ed25519-sha256")
     node = await make_node(text)
     port = node.listeners[0].port
     data = MESSAGES["8bit"].replace(b"Subject: Police\r\n",
                                     b"Subject: Police\r\nX-Postlane-Class: policy-documents\r\n")
-    await send(port, "notices@insurer.test", ["a@example.com"], data)
-    [arrival] = await sink.wait_for(1)
+    await send(port, "notices@insurer.test", ["a@example.com", "hard@example.com"], data)
+    arrivals = {a.rcpts[0]: a for a in await sink.wait_for(2)}
+    arrival = arrivals["a@example.com"]
     assert verify(arrival.data, dns_server) == [True, True]
     assert arrival.mail_from == "notices@bounce.insurer.test"
+    # the node's own DSN (From MAILER-DAEMON@mta.test, no key) goes out unsigned, not refused,
+    # to the pool's Return-Path domain
+    bounce = email.message_from_bytes(arrivals["notices@bounce.insurer.test"].data)
+    assert bounce.get_content_type() == "multipart/report" and not bounce["DKIM-Signature"]
     with pytest.raises(smtplib.SMTPDataError) as err:
         await send(port, "x@elsewhere.test", ["a@example.com"],
                    data.replace(b"notices@insurer.test", b"x@elsewhere.test"))
     assert err.value.smtp_code == 550 and b"5.7.1 no DKIM key" in err.value.smtp_error
     await node.stop()
+
+
+async def test_transactional_signing_never_waits_for_campaign_signing(tmp_path, keys):
+    signer, _ = make_signer(tmp_path, "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1"))
+    gate = threading.Event()
+    signer._executors[False].submit(gate.wait)  # the campaign's signing thread is busy
+    campaign = asyncio.ensure_future(sign_message(signer, MESSAGES["plain"], cls="marketing",
+                                                  pool="bulk"))
+    notice = await asyncio.wait_for(sign_message(signer, MESSAGES["plain"]), 30)
+    assert notice.startswith(b"DKIM-Signature:") and not campaign.done()
+    gate.set()
+    assert (await campaign).startswith(b"DKIM-Signature:")
+    signer.close()

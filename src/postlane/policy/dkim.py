@@ -161,6 +161,11 @@ def _fold(prefix: str, items: Sequence[str], sep: str, width: int = 76) -> str:
     return "\r\n".join([*out, line])
 
 
+def in_force(key: DKIMKeyConfig, now: float) -> bool:
+    """Started (``not_before``) and not retired (``retire_after``) at ``now``."""
+    return (key.not_before or 0.0) <= now and (key.retire_after is None or now < key.retire_after)
+
+
 @dataclass(slots=True)
 class SigningKey:
     config: DKIMKeyConfig
@@ -277,8 +282,7 @@ class KeyRing:
         usable = [sk for sk in self.keys if sk.config.domain == domain
                   and (not sk.config.classes or cls in sk.config.classes)
                   and (not sk.config.pools or pool in sk.config.pools)
-                  and (sk.config.not_before or 0.0) <= now
-                  and (sk.config.retire_after is None or now < sk.config.retire_after)]
+                  and in_force(sk.config, now)]
         if not usable:
             return []
         top = max(sk.specificity for sk in usable)

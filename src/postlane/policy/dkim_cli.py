@@ -19,6 +19,7 @@ from .dkim import (
     canonical_header,
     dns_record,
     generate_key,
+    in_force,
     public_key_b64,
     read_key,
     record_name,
@@ -142,9 +143,7 @@ def _states(dkim: DKIMConfig, now: float) -> list[tuple[DKIMKeyConfig, str]]:
     out = []
     for key in dkim.keys:
         scope = [k for k in dkim.keys if k.domain == key.domain and k.algorithm == key.algorithm
-                 and k.pools == key.pools and k.classes == key.classes
-                 and (k.not_before or 0.0) <= now
-                 and (k.retire_after is None or now < k.retire_after)]
+                 and k.pools == key.pools and k.classes == key.classes and in_force(k, now)]
         current = max(scope, key=lambda k: k.not_before or 0.0, default=None)
         try:
             read_key(key.key_file, key.algorithm)
