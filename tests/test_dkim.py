@@ -325,6 +325,7 @@ async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_
         await send(port, "x@elsewhere.test", ["a@example.com"],
                    data.replace(b"notices@insurer.test", b"x@elsewhere.test"))
     assert err.value.smtp_code == 550 and b"5.7.1 no DKIM key" in err.value.smtp_error
+    assert node.status()["dkim"] == {"signed": 1, "unsigned": 1, "refused": 1, "deferred": 0}
     await node.stop()
 
 

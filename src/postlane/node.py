@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -170,7 +171,8 @@ class Node:
             })
         return {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
                 "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
-                "pools": pools, "lanes": lanes}
+                "pools": pools, "lanes": lanes,
+                "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
 
 
 def setup_logging(level: str = "INFO") -> None:
