@@ -5,17 +5,20 @@ Every message is signed once, in ``Intake.submit`` before it is spooled, so the 
 signed one: retries and restarts never re-sign, and a key problem shows at intake (where the
 client can still be told) rather than as a stalled queue.
 
-Decisions, with the figures in docs/performance-dkim.md (``postlane dkim bench``):
+Decisions, with the figures in docs/performance-dkim.md (``postlane dkim bench``, 10 KB message,
+2 shared cores):
 - The RSA/Ed25519 operation is OpenSSL through ``cryptography``: dkimpy's own pure-Python RSA
-  is ~30x slower.
+  signed 58 messages/s against 598/s here (1,456/s with 2 threads) in the same run.
 - Canonicalization is the short code below, not dkimpy's: dkimpy needs its own parse of the whole
-  message (``rfc822_parse``) and runs every regex on every body, which measured 1.5x slower
-  on a 10 KB message; here intake's header fields are reused and clean bodies (no tabs, double
-  spaces or trailing blanks) skip the regexes. It also keeps the tests honest: they verify with
-  dkimpy, an implementation that shares no code with the signer.
-- Signing runs in threads: ``cryptography`` (>= 47) releases the GIL during the RSA/Ed25519
-  operation, so the event loop keeps serving while a signature is computed. Classes with an SLA
-  have their own thread pool, so a transactional message never queues behind campaign signing.
+  message (``rfc822_parse``) and runs its regexes over every body: 1,149 µs against 54 µs per
+  message here, where intake's header fields are reused and clean bodies (no tabs, double spaces
+  or trailing blanks) skip the regexes. It also keeps the tests honest: they verify with dkimpy,
+  which shares no code with the signer, and tests/test_dkim_vectors.py reproduces real-world
+  signatures with this code.
+- Signing runs in threads: ``cryptography`` (50.x; since early 2026 for RSA, mid 2026 for
+  Ed25519) releases the GIL during the private-key operation, so the event loop keeps serving
+  while a signature is computed and two threads sign in parallel. Classes with an SLA have their
+  own thread pool, so a transactional message never queues behind campaign signing.
 """
 
 from __future__ import annotations
