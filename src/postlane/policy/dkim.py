@@ -182,7 +182,8 @@ class SigningKey:
 
 
 def sign(fields: Sequence[tuple[str, bytes]], body: bytes, domain: str,
-         keys: Sequence[SigningKey], now: float, config: DKIMConfig) -> bytes:
+         keys: Sequence[tuple[DKIMKeyConfig, PrivateKey]], now: float,
+         config: DKIMConfig) -> bytes:
     """The DKIM-Signature field(s), CRLF-terminated, one per key (dual RSA + Ed25519 signing).
 
     ``fields`` are (lower-case name, raw bytes) in message order. Each configured header name is
@@ -211,17 +212,15 @@ def sign(fields: Sequence[tuple[str, bytes]], body: bytes, domain: str,
         used[name] = i
     signed = b"".join(chosen)
     out = []
-    for sk in keys:
-        cfg = sk.config
+    for cfg, key in keys:
         head = (f"DKIM-Signature: v=1; a={cfg.algorithm}; c={config.canonicalization};"
                 f" d={domain}; s={cfg.selector}; t={int(now)};\r\n"
                 + _fold("\th=", names, ":") + f";\r\n\tbh={bh.decode()};\r\n\tb=").encode()
         data = signed + canonical_header(head, relaxed_h)[:-2]
-        assert sk.key is not None
-        if isinstance(sk.key, ed25519.Ed25519PrivateKey):
-            sig = sk.key.sign(hashlib.sha256(data).digest())
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            sig = key.sign(hashlib.sha256(data).digest())
         else:
-            sig = sk.key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+            sig = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
         b64 = base64.b64encode(sig).decode()
         chunks = [b64[i:i + 64] for i in range(0, len(b64), 64)]
         out.append(head + "\r\n\t".join(chunks).encode() + b"\r\n")
@@ -391,6 +390,7 @@ class Signer:
                 break
         if not keys:
             return self._missing(f"no DKIM key for From domain {from_domain}", cls, qid, own)
+        pairs = [(sk.config, sk.key) for sk in keys if sk.key is not None]  # a snapshot
         broken = [sk for sk in keys if sk.key is None]
         if broken:
             self.stats.deferred += 1
@@ -406,6 +406,6 @@ class Signer:
             raise Rejection(451, text)
         urgent = self.config.classes[cls].sla is not None
         header = await asyncio.get_running_loop().run_in_executor(
-            self._executors[urgent], sign, fields, body, domain, keys, now, self.dkim)
+            self._executors[urgent], sign, fields, body, domain, pairs, now, self.dkim)
         self.stats.signed += 1
         return header
