@@ -340,3 +340,15 @@ async def test_transactional_signing_never_waits_for_campaign_signing(tmp_path, 
     gate.set()
     assert (await campaign).startswith(b"DKIM-Signature:")
     signer.close()
+
+
+async def test_utf8_from_domain_signs_with_its_a_label(tmp_path, keys, dns_server):
+    signer, _ = make_signer(tmp_path, "[dkim]\n" + key_entry(tmp_path, keys, "bücher.test", "r1"))
+    publish(dns_server, keys, "xn--bcher-kva.test", "r1")
+    data = "From: Bücher <post@bücher.test>\r\nSubject: x\r\n\r\nHallo\r\n".encode()
+    signed = await sign_message(signer, data)
+    assert "d=xn--bcher-kva.test;" in signed.decode()
+    assert verify(signed, dns_server) == [True]
+    with pytest.raises(Rejection, match="exactly one From address with a valid domain"):
+        await sign_message(signer, b"From: undisclosed\r\nSubject: x\r\n\r\nHi\r\n")
+    signer.close()

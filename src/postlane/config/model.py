@@ -69,7 +69,12 @@ def parse_instant(value: object) -> float:
 
 
 def _domain(value: object) -> str:
+    """A domain name in ASCII (a UTF-8 name becomes its IDNA A-label form)."""
     text = str(value).strip().rstrip(".").lower()
+    try:
+        text = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"not a domain name: {value!r}") from None
     if not re.fullmatch(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*", text):
         raise ValueError(f"not a domain name: {value!r}")
     return text

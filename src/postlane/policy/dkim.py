@@ -298,6 +298,20 @@ class KeyRing:
         return [best[a] for a in sorted(best, reverse=True)]  # rsa-sha256 first
 
 
+_DOMAIN = re.compile(r"[a-z0-9_]([a-z0-9_-]*)(\.[a-z0-9_-]+)*")
+
+
+def _ascii_domain(address: str) -> str | None:
+    """The address's domain in ASCII (IDNA for UTF-8 domains), or None when it is not a domain
+    name: it ends up in d= and in SMTP replies, so nothing else may pass."""
+    domain = address.rpartition("@")[2].strip().rstrip(".").lower() if "@" in address else ""
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    return domain if _DOMAIN.fullmatch(domain) else None
+
+
 # -- the signer intake calls --------------------------------------------------------------------
 
 @dataclass(slots=True)
@@ -378,10 +392,10 @@ class Signer:
             raise Rejection(550, "5.7.1 more than one From header field; cannot be signed")
         addresses = [a for _, a in getaddresses([field_value(from_fields[0])]) if a] \
             if from_fields else []
-        if len(addresses) != 1 or "@" not in addresses[0]:
-            return self._missing("a signed message needs exactly one From address", cls, qid,
-                                 own)
-        from_domain = addresses[0].rpartition("@")[2].strip().rstrip(".>").lower()
+        from_domain = _ascii_domain(addresses[0]) if len(addresses) == 1 else None
+        if from_domain is None:
+            return self._missing("a signed message needs exactly one From address with a"
+                                 " valid domain", cls, qid, own)
         self.keyring.watch(time.monotonic())
         domain, keys = "", []
         for domain in self._candidates(from_domain, pool, own):
