@@ -31,6 +31,7 @@ import os
 import re
 import stat
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -194,9 +195,10 @@ def sign(fields: Sequence[tuple[str, bytes]], body: bytes, domain: str,
     header_c, body_c = config.canonicalization.split("/")
     relaxed_h = header_c == "relaxed"
     bh = base64.b64encode(hashlib.sha256(canonical_body(body, body_c == "relaxed")).digest())
+    counts = Counter(n for n, _ in fields)
     names: list[str] = []
     for name in config.headers:
-        names += [name] * sum(1 for n, _ in fields if n == name)
+        names += [name] * counts[name]
         if name in config.oversign:
             names.append(name)
     # RFC 6376 §5.4.2: repeated names take fields from the bottom up; a missing one adds nothing.
@@ -360,7 +362,7 @@ class Signer:
         return [d for d in (".".join(labels[i:]) for i in range(len(labels)))
                 if d == org or d.endswith("." + org)]
 
-    def _missing(self, reason: str, cls: str, qid: str, own: bool) -> bytes:
+    def _missing(self, reason: str, cls: str, qid: str, own: bool) -> tuple[bytes, str]:
         policy = self.dkim.class_on_missing_key.get(cls) or self.dkim.on_missing_key
         if own:
             policy = "unsigned"
@@ -371,12 +373,13 @@ class Signer:
             raise Rejection(550, f"5.7.1 {reason}; class {cls} is only sent DKIM-signed")
         self.stats.unsigned += 1
         log.warning("sending unsigned", extra={"queue_id": qid, "class": cls, "reason": reason})
-        return b""
+        return b"", f"dkim=none ({reason})"
 
     async def sign(self, fields: Sequence[tuple[str, bytes]], body: bytes, *, qid: str,
                    cls: str, pool: str, mail_from: str, rcpts: Sequence[str],
-                   own: bool = False) -> bytes:
-        """DKIM-Signature field(s) to put on top of the message (b"" to send it unsigned).
+                   own: bool = False) -> tuple[bytes, str]:
+        """DKIM-Signature field(s) to put on top of the message, and a note for the "r"
+        accounting record when it goes out unsigned (b"" and the reason).
 
         ``own`` is mail the node writes itself (DSNs, From MAILER-DAEMON@hostname): signed when a
         key for the hostname's domain exists, otherwise sent unsigned, never refused.
@@ -422,4 +425,4 @@ class Signer:
         header = await asyncio.get_running_loop().run_in_executor(
             self._executors[urgent], sign, fields, body, domain, pairs, now, self.dkim)
         self.stats.signed += 1
-        return header
+        return header, ""

@@ -117,9 +117,9 @@ class Intake:
                           f"\r\n\t{formatdate(now)}").encode()),
             ("x-postlane-queued", f"{QUEUED_HEADER}: {now:.3f}; id={qid}".encode()),
         ]
-        signature = b""
+        signature, dkim_note = b"", ""
         if self.signer is not None:  # signed once, here, so the spooled body is the signed one
-            signature = await self.signer.sign(
+            signature, dkim_note = await self.signer.sign(
                 kept, body, qid=qid, cls=cls_name, pool=cls.pool, mail_from=mail_from,
                 rcpts=[r.address for r in rcpts], own=src_type == "dsn")
         content = signature + join_fields(stamp + kept) + b"\r\n" + body
@@ -137,7 +137,7 @@ class Intake:
         for r in recipients:
             self.record(Record(type="r", time_logged=now, time_queued=now, orig=mail_from,
                                rcpt=r.address, queue_id=qid, cls=cls_name, vmta_pool=cls.pool,
-                               orcpt=r.orcpt, src_type=src_type,
+                               orcpt=r.orcpt, src_type=src_type, dsn_diag=dkim_note,
                                src_mta=f"{client_name} ({client_ip})" if client_ip else "",
                                dlv_size=msg.size, job_id=msg.correlation_id, env_id=envid,
                                correlation_id=msg.correlation_id, message_id=message_id,
