@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -266,7 +267,7 @@ def bench(size: int = typer.Option(10240, help="message size in bytes"),
     fields = header_fields(head)
     cfg = DKIMConfig()
 
-    def rate(fn, threads: int) -> float:
+    def rate(fn: Callable[[], object], threads: int) -> float:
         def run() -> int:
             n, end = 0, time.perf_counter() + seconds
             while time.perf_counter() < end:
@@ -312,7 +313,7 @@ def bench(size: int = typer.Option(10240, help="message size in bytes"),
     asyncio.run(_bench_signer(fields, body, campaign))
 
 
-async def _bench_signer(fields, body: bytes, campaign: int) -> None:
+async def _bench_signer(fields: list[tuple[str, bytes]], body: bytes, campaign: int) -> None:
     """Through ``Signer`` as intake uses it: campaign signatures queued all at once, and the
     latency of transactional signatures submitted meanwhile (their own thread pool)."""
     with tempfile.TemporaryDirectory() as tmp:
