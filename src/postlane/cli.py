@@ -9,6 +9,7 @@ import typer
 
 from .config import ConfigError, load_config
 from .feedback.cli import feedback_app, suppress_app
+from .policy.dkim_cli import app as dkim_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Postlane: a priority-aware MTA for regulated transactional email.")
@@ -16,6 +17,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Check configuration files."
 app.add_typer(config_app, name="config")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(suppress_app, name="suppress")
+app.add_typer(dkim_app, name="dkim")
 
 
 def _load(path: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -16,6 +17,7 @@ from .config import Config
 from .edge.smtp import Listener
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
+from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
@@ -44,7 +46,9 @@ class Node:
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay
-        self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write)
+        self.signer = Signer(config, self.accounting.write) if config.dkim.keys else None
+        self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write,
+                             self.signer)
         self.feedback = FeedbackService(config, self.accounting.write)
         self.accounting.add_listener(self.feedback.on_record)
         self.intake.feedback = self.feedback
@@ -85,6 +89,8 @@ class Node:
             await asyncio.wait(set(self._background), timeout=10)
         if self._flusher is not None:
             self._flusher.cancel()
+        if self.signer is not None:
+            self.signer.close()
         await self.spool.flush()
         await self.spool.close()
         self.accounting.close()
@@ -172,7 +178,8 @@ class Node:
             })
         return {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
                 "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
-                "pools": pools, "lanes": lanes}
+                "pools": pools, "lanes": lanes,
+                "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
 
 
 def setup_logging(level: str = "INFO") -> None:

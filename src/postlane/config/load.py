@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tomllib
 from pathlib import Path
 
@@ -70,8 +71,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             errors.append(f"routes.{domain}: {target!r} is not host:port")
-    errors += _feedback_checks(cfg)
-    return errors
+    return errors + _feedback_checks(cfg) + _dkim_checks(cfg)
 
 
 def _feedback_checks(cfg: Config) -> list[str]:
@@ -91,6 +91,43 @@ def _feedback_checks(cfg: Config) -> list[str]:
         if "@" not in addr.strip("@"):
             errors.append(f"feedback.fbl_addresses[{i}]: not an address: {addr!r}")
     return errors
+
+
+def _dkim_checks(cfg: Config) -> list[str]:
+    """Keys scoped to pools/classes that exist, rotation windows that keep the old DNS record
+    published for as long as a message signed with it can still be in the queue."""
+    errors: list[str] = []
+    lifetime = max(c.expiry for c in cfg.classes.values())
+    for i, key in enumerate(cfg.dkim.keys):
+        where = f"dkim.keys[{i}]"
+        errors += [f"{where}.pools: no pool named {p!r}" for p in key.pools if p not in cfg.pools]
+        errors += [f"{where}.classes: no class named {c!r}" for c in key.classes
+                   if c not in cfg.classes]
+        if key.not_before is not None and key.retire_after is not None \
+                and key.retire_after <= key.not_before:
+            errors.append(f"{where}.retire_after: must be later than not_before")
+        later = [k.not_before for k in cfg.dkim.keys if k is not key and k.domain == key.domain
+                 and k.algorithm == key.algorithm and k.pools == key.pools
+                 and k.classes == key.classes and k.not_before is not None
+                 and k.not_before > (key.not_before or 0.0)]
+        if later and key.retire_after is not None and key.retire_after < min(later) + lifetime:
+            errors.append(f"{where}.retire_after: selector {key.selector} retires before mail"
+                          f" signed with it can have left the queue (successor starts"
+                          f" {_day(min(later))}, longest class expiry {lifetime / 86400:g} days:"
+                          f" keep it until at least {_day(min(later) + lifetime)})")
+    for name in cfg.dkim.class_on_missing_key:
+        if name not in cfg.classes:
+            errors.append(f"dkim.class_on_missing_key.{name}: no class named {name!r}")
+    domains = {k.domain for k in cfg.dkim.keys}
+    for name, pool in cfg.pools.items():
+        if pool.signing_domain and pool.signing_domain not in domains:
+            errors.append(f"pools.{name}.signing_domain: no key in [dkim] for"
+                          f" {pool.signing_domain}")
+    return errors
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
@@ -133,4 +170,16 @@ def load_config(path: str | Path) -> Config:
         value = getattr(fb, name)
         if value and not Path(value).is_absolute():
             setattr(fb, name, str(base / value))
+    from ..policy.dkim import DKIMError, read_key  # here: policy imports config
+
+    errors = []
+    for i, key in enumerate(cfg.dkim.keys):
+        if not Path(key.key_file).is_absolute():
+            key.key_file = str(base / key.key_file)
+        try:
+            read_key(key.key_file, key.algorithm)
+        except DKIMError as exc:
+            errors.append(f"dkim.keys[{i}].key_file: {exc}")
+    if errors:
+        raise ConfigError(str(path), errors)
     return cfg

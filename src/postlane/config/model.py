@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -52,7 +53,36 @@ def _ip(value: object) -> str:
         raise ValueError(f"not an IP address: {value!r}") from None
 
 
+def parse_instant(value: object) -> float:
+    """Epoch seconds from a TOML date or datetime (or ISO text); without a zone it is UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"not a date or time: {value!r} (e.g. 2027-01-01 or "
+                             f"2027-01-01T00:00:00Z)") from None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    raise ValueError(f"not a date or time: {value!r}")
+
+
+def _domain(value: object) -> str:
+    """A domain name in ASCII (a UTF-8 name becomes its IDNA A-label form)."""
+    text = str(value).strip().rstrip(".").lower()
+    try:
+        text = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"not a domain name: {value!r}") from None
+    if not re.fullmatch(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*", text):
+        raise ValueError(f"not a domain name: {value!r}")
+    return text
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Instant = Annotated[float, BeforeValidator(parse_instant)]
+DomainName = Annotated[str, BeforeValidator(_domain)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 IPAddress = Annotated[str, BeforeValidator(_ip)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
@@ -103,6 +133,10 @@ class PoolConfig(Strict):
     bounce_domain: str | None = None
     """Send with a VERP return path on this domain (one recipient per transaction) and accept
     bounces to it on the listeners (docs/feedback.md)."""
+    return_path_domain: DomainName | None = None
+    """Envelope sender (Return-Path) domain of this pool's mail; bounces come back there."""
+    signing_domain: DomainName | None = None
+    """DKIM ``d=`` of this pool's mail; the From domain must align with it (see [dkim])."""
 
 
 class ClassConfig(Strict):
@@ -227,6 +261,48 @@ class FeedbackConfig(Strict):
     complaint_alert_rate: float = Field(0.001, ge=0, le=1)
     complaint_min_delivered: int = Field(100, ge=1)
     """Deliveries to a pool/domain before its complaint rate can raise an alert."""
+DKIM_SIGNED_HEADERS = [
+    "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding",
+    "content-disposition", "list-id", "list-unsubscribe", "list-unsubscribe-post"]
+
+
+class DKIMKeyConfig(Strict):
+    domain: DomainName
+    selector: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]*)(\.[A-Za-z0-9-]+)*$",
+                          max_length=63)
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    key_file: str
+    not_before: Instant | None = None
+    """Signing with this key starts here (a later key of the same domain takes over)."""
+    retire_after: Instant | None = None
+    """No signing after this; the DNS record may be removed then."""
+    pools: list[str] = []
+    classes: list[str] = []
+    """Restrict the key to these pools/classes (overrides the domain's unrestricted keys)."""
+
+
+class DKIMConfig(Strict):
+    keys: list[DKIMKeyConfig] = []
+    """Signing is on as soon as one key is configured."""
+    alignment: Literal["strict", "relaxed"] = "strict"
+    on_missing_key: Literal["auto", "refuse", "unsigned"] = "auto"
+    """``auto``: refuse mail of classes with an SLA, send best-effort classes unsigned."""
+    class_on_missing_key: dict[str, Literal["refuse", "unsigned"]] = {}
+    canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/relaxed",
+                              "simple/simple"] = "relaxed/relaxed"
+    headers: list[str] = DKIM_SIGNED_HEADERS
+    oversign: list[str] = ["from"]
+    rotation_period: Duration = 91 * 86400.0
+    key_check_interval: Duration = 10.0
+    """How often key files are checked for replacement or removal while running."""
+    priority_threads: int = Field(1, ge=1, le=64)
+    bulk_threads: int = Field(1, ge=1, le=64)
+
+    @field_validator("headers", "oversign")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [h.strip().lower() for h in value]
 
 
 class Config(Strict):
@@ -240,6 +316,7 @@ class Config(Strict):
     routes: dict[str, str] = {}
     """Recipient domain -> "host:port" (a smarthost, or a sink in tests); skips MX lookup."""
     accounting: AccountingConfig = AccountingConfig()
+    dkim: DKIMConfig = DKIMConfig()
     correlation_header: str = "X-Correlation-ID"
     classification: ClassificationConfig = ClassificationConfig()
     destinations: dict[Name, DestinationRule] = {}

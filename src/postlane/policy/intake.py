@@ -12,11 +12,16 @@ import sys
 import time
 from dataclasses import dataclass
 from email.utils import formatdate, parseaddr
+from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
 from ..config import Config
 from ..spool import Message, Recipient, Spool
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
+from .identity import envelope_sender
+
+if TYPE_CHECKING:
+    from .dkim import Signer
 
 CLASS_HEADER = "x-postlane-class"
 QUEUED_HEADER = "X-Postlane-Queued"
@@ -63,8 +68,10 @@ def from_domain_of(value: str) -> str:
 
 
 class Intake:
-    def __init__(self, config: Config, spool: Spool, scheduler, record) -> None:
+    def __init__(self, config: Config, spool: Spool, scheduler, record,
+                 signer: Signer | None = None) -> None:
         self.config = config
+        self.signer = signer
         self.spool = spool
         self.scheduler = scheduler
         self.record = record
@@ -155,9 +162,15 @@ class Intake:
                           f"\r\n\t{formatdate(now)}").encode()),
             ("x-postlane-queued", f"{QUEUED_HEADER}: {now:.3f}; id={qid}".encode()),
         ]
-        content = join_fields(stamp + kept) + b"\r\n" + body
+        signature, dkim_note = b"", ""
+        if self.signer is not None:  # signed once, here, so the spooled body is the signed one
+            signature, dkim_note = await self.signer.sign(
+                kept, body, qid=qid, cls=cls_name, pool=cls.pool, mail_from=mail_from,
+                rcpts=[r.address for r in rcpts], own=src_type == "dsn")
+        content = signature + join_fields(stamp + kept) + b"\r\n" + body
         msg = Message(
-            id=qid, cls=cls_name, pool=cls.pool, mail_from=mail_from, queued_at=now,
+            id=qid, cls=cls_name, pool=cls.pool, queued_at=now,
+            mail_from=envelope_sender(self.config.pools[cls.pool], mail_from),
             deadline=now + (cls.sla if cls.sla is not None else cls.expiry),
             expire_at=now + cls.expiry, priority=cls.priority, size=len(content), envid=envid,
             ret=ret, correlation_id=correlation or envid, message_id=message_id,
@@ -169,7 +182,7 @@ class Intake:
         for r in recipients:
             self.record(Record(type="r", time_logged=now, time_queued=now, orig=mail_from,
                                rcpt=r.address, queue_id=qid, cls=cls_name, vmta_pool=cls.pool,
-                               orcpt=r.orcpt, src_type=src_type,
+                               orcpt=r.orcpt, src_type=src_type, dsn_diag=dkim_note,
                                src_mta=f"{client_name} ({client_ip})" if client_ip else "",
                                dlv_size=msg.size, job_id=msg.correlation_id, env_id=envid,
                                correlation_id=msg.correlation_id, message_id=message_id,
