@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .model import Config
+from .security import check_security
 
 
 class ConfigError(Exception):
@@ -76,7 +77,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except ValidationError as exc:
         errors = [f"{_path(e['loc'])}: {_message(e)}" for e in exc.errors()]
         raise ConfigError(source, errors) from None
-    errors = _cross_checks(cfg)
+    errors = _cross_checks(cfg) + check_security(cfg, None)
     if errors:
         raise ConfigError(source, errors)
     return cfg
@@ -95,4 +96,7 @@ def load_config(path: str | Path) -> Config:
         cfg.node.spool = str(base / cfg.node.spool)
     if not Path(cfg.accounting.directory).is_absolute():
         cfg.accounting.directory = str(base / cfg.accounting.directory)
+    errors = check_security(cfg, base)
+    if errors:
+        raise ConfigError(str(path), errors)
     return cfg

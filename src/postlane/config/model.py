@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from .security import ListenerSecurity, SecurityConfig
+
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
@@ -70,7 +72,7 @@ class NodeConfig(Strict):
     drain_timeout: Duration = 30.0
 
 
-class ListenerConfig(Strict):
+class ListenerConfig(ListenerSecurity, Strict):
     address: IPAddress = "127.0.0.1"
     port: int = Field(2525, ge=0, le=65535)
     default_class: str | None = None
@@ -154,6 +156,7 @@ class Config(Strict):
     routes: dict[str, str] = {}
     """Recipient domain -> "host:port" (a smarthost, or a sink in tests); skips MX lookup."""
     accounting: AccountingConfig = AccountingConfig()
+    security: SecurityConfig = SecurityConfig()
     correlation_header: str = "X-Correlation-ID"
     scheduler: Literal["lanes", "fifo"] = "lanes"
     """``fifo`` serves every message in arrival order through one queue: the baseline to beat."""

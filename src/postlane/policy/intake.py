@@ -14,6 +14,8 @@ from email.utils import formatdate
 
 from ..accounting.records import Record
 from ..config import Config
+from ..edge.auth import User, Users
+from ..edge.limits import DiskGuard
 from ..spool import Message, Recipient, Spool
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
 
@@ -61,18 +63,27 @@ class Intake:
         self.scheduler = scheduler
         self.record = record
         self.accepted = 0
+        sec = config.security
+        self.users = Users(sec.users_file) if sec.users_file else None
+        self.disk = DiskGuard(config.node.spool, sec.min_free_space)
 
-    def classify(self, header_class: str | None, default_class: str | None) -> str:
-        """Header first, then the listener's default, then the node's; an unknown class named
-        in a header is refused, never silently demoted."""
+    def classify(self, header_class: str | None, default_class: str | None,
+                 user: User | None = None) -> str:
+        """Header first, then the AUTH user's default, then the listener's, then the node's; an
+        unknown class named in a header is refused, never silently demoted, and so is a class
+        the AUTH user may not use."""
         if header_class:
             if header_class not in self.config.classes:
                 raise Rejection(550, f"5.7.1 unknown traffic class {header_class!r}"
                                      f" in X-Postlane-Class")
-            return header_class
-        name = default_class or self.config.default_class
+            name = header_class
+        else:
+            name = ((user.default_class if user else None) or default_class
+                    or self.config.default_class)
         if not name:
             raise Rejection(550, "5.7.1 no traffic class for this message (set X-Postlane-Class)")
+        if user is not None and not user.may_use(name):
+            raise Rejection(550, f"5.7.1 user {user.name!r} may not send class {name!r}")
         return name
 
     async def submit(self, mail_from: str, rcpts: list[RcptIn], data: bytes, *, envid: str = "",
@@ -81,6 +92,8 @@ class Intake:
                      src_type: str = "smtp", forced_class: str | None = None) -> str:
         """Queue a message durably and return its queue id (raises Rejection)."""
         now = time.time()
+        if src_type != "dsn" and not self.disk.ok():
+            raise Rejection(452, self.disk.TEXT)
         data = normalize_newlines(data)
         head, body = split_message(data)
         fields = header_fields(head)
@@ -98,7 +111,8 @@ class Intake:
             elif name == "message-id" and not message_id:
                 message_id = field_value(raw)[:300]
             kept.append((name, raw))
-        cls_name = forced_class or self.classify(header_class, default_class)
+        user = self.users.get(auth_user) if self.users and auth_user else None
+        cls_name = forced_class or self.classify(header_class, default_class, user)
         cls = self.config.classes[cls_name]
         qid = new_queue_id(now)
         if not message_id:
