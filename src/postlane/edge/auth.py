@@ -126,10 +126,10 @@ def save_user(path: str | Path, user: User) -> None:
     for u in users.values():
         lines.append(f'[users."{u.name}"]')
         lines.append(f'password = "{u.password}"')
-        lines.append(f"classes = [{', '.join(repr_toml(c) for c in u.classes)}]")
+        lines.append(f"classes = [{', '.join(_toml_str(c) for c in u.classes)}]")
         if u.default_class:
-            lines.append(f"default_class = {repr_toml(u.default_class)}")
-        lines.append(f"sender_domains = [{', '.join(repr_toml(d) for d in u.sender_domains)}]")
+            lines.append(f"default_class = {_toml_str(u.default_class)}")
+        lines.append(f"sender_domains = [{', '.join(_toml_str(d) for d in u.sender_domains)}]")
         lines.append("")
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -138,7 +138,7 @@ def save_user(path: str | Path, user: User) -> None:
     os.replace(tmp, path)
 
 
-def repr_toml(text: str) -> str:
+def _toml_str(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

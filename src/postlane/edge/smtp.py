@@ -22,6 +22,9 @@ from ..policy.intake import Intake, RcptIn, Rejection
 from .limits import ConnectionLimits, RateLimiter
 
 log = logging.getLogger("postlane.edge")
+# aiosmtpd logs AUTH challenge responses (base64 user names and passwords) at DEBUG; secrets never
+# reach a log, whatever level the operator runs at.
+logging.getLogger("mail.log").setLevel(logging.INFO)
 
 _MAIL_DSN = {"ENVID", "RET"}
 _RCPT_DSN = {"NOTIFY", "ORCPT"}
