@@ -22,9 +22,10 @@ from ..policy.intake import Intake, RcptIn, Rejection
 from .limits import ConnectionLimits, RateLimiter
 
 log = logging.getLogger("postlane.edge")
-# aiosmtpd logs AUTH challenge responses (base64 user names and passwords) at DEBUG; secrets never
-# reach a log, whatever level the operator runs at.
-logging.getLogger("mail.log").setLevel(logging.INFO)
+# aiosmtpd logs AUTH challenge responses (base64 user names and passwords) at DEBUG and every
+# command line (addresses) at INFO: secrets never reach a log, whatever level the operator runs
+# at, and a campaign does not cost a log line per SMTP command. Postlane logs what matters itself.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 _MAIL_DSN = {"ENVID", "RET"}
 _RCPT_DSN = {"NOTIFY", "ORCPT"}
@@ -68,7 +69,7 @@ def _with_enhanced(reply: str) -> str:
     if reply in ("250 OK", "221 Bye"):
         return f"{reply[:3]} 2.0.0 {reply[4:]}"
     code = int(reply[:3]) if reply[:3].isdigit() else 0
-    enhanced = _ENHANCED.get(code)
+    enhanced = "5.5.1" if code == 500 and "not recognized" in reply else _ENHANCED.get(code)
     if enhanced is None or _HAS_ENHANCED.match(reply):
         return reply
     return f"{reply[:4]}{enhanced} {reply[4:]}"

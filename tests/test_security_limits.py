@@ -1,0 +1,115 @@
+"""Each intake limit: its refusal, its enhanced status code, and the node serving on after it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import config_text, message, send
+from tests.support.rawsmtp import RawSMTP, session
+
+
+def limited(tmp_path, sink_port, limits: str, extra: str = "") -> str:
+    return config_text(tmp_path, sink_port, f"[listeners.in.limits]\n{limits}\n{extra}")
+
+
+async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
+    node = await make_node(limited(tmp_path, sink.port,
+                                   "max_connections_per_ip = 2\nmax_connections = 3"))
+    port = node.listeners[0].port
+    first = [await RawSMTP.connect(port) for _ in range(2)]
+    for raw in first:
+        assert (await raw.reply()).startswith("220")
+    third = await RawSMTP.connect(port)
+    assert (await third.reply()).startswith("421 4.7.0 Too many connections from your address")
+    assert await third.closed()
+    other = await RawSMTP.connect(port, source="127.0.0.2")  # another client IP still gets in
+    assert (await other.reply()).startswith("220")
+    fourth = await RawSMTP.connect(port, source="127.0.0.3")
+    assert (await fourth.reply()).startswith("421 4.7.0 Too many connections,")
+    await first[0].cmd("QUIT")
+    await first[0].close()
+    for _ in range(50):  # the slot is released once the server sees the close
+        if node.listeners[0].handler.connections.per_ip["127.0.0.1"] < 2:
+            break
+        await asyncio.sleep(0.05)
+    again = await RawSMTP.connect(port)
+    assert (await again.reply()).startswith("220")
+    for raw in (first[1], other, again):
+        await raw.close()
+
+
+async def test_recipients_size_and_line_length(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port, """
+[listeners.in.limits]
+max_line_length = 200
+""").replace("max_message_size = 100000", "max_message_size = 100000\nmax_recipients = 3"))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    replies = [await raw.cmd(f"RCPT TO:<r{i}@example.com>") for i in range(4)]
+    assert [r[:9] for r in replies] == ["250 2.1.5"] * 3 + ["452 4.5.3"]
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(b"Subject: long\r\n\r\n" + b"x" * 500 + b"\r\n.\r\n")
+    assert (await raw.reply()).startswith("500 5.5.2 Line too long")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<r@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send((b"y" * 150 + b"\r\n") * 1000 + b".\r\n")
+    assert (await raw.reply()).startswith("552 5.3.4")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<r@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(b"Subject: ok\r\n\r\n" + b"z" * 190 + b"\r\n.\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["r@example.com"]
+
+
+async def test_idle_connection_gets_421_then_closed(tmp_path, sink, make_node):
+    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.3s"'))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.reply(timeout=10)).startswith("421 4.4.2")
+    assert await raw.closed()
+
+
+async def test_bad_commands_disconnect(tmp_path, sink, make_node):
+    node = await make_node(limited(tmp_path, sink.port, "max_bad_commands = 3"))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<bad address>")).startswith("501")
+    assert (await raw.cmd("RCPT TO:<x@example.com>")).startswith("503 5.5.1")
+    raw.send(b"XYZZY\r\n")
+    assert (await raw.reply()).startswith("500 5.5.1")
+    assert (await raw.reply()).startswith("421 4.7.0 Too many errors")
+    assert await raw.closed()
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"], message())
+    await sink.wait_for(1)
+
+
+async def test_messages_per_minute(tmp_path, sink, make_node):
+    node = await make_node(limited(tmp_path, sink.port, "messages_per_minute = 2"))
+    raw = await session(node.listeners[0].port)
+    for _ in range(2):
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        assert (await raw.cmd("RSET")).startswith("250 2.0.0")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("450 4.7.1")
+    await raw.close()
+
+
+async def test_low_disk_space_refuses_with_452_and_recovers(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port, "[security]\nmin_free_space = 0\n"))
+    port = node.listeners[0].port
+    sink.delay = 0.5  # the first message is still queued while the disk "fills"
+    await send(port, "s@insurer.test", ["before@example.com"], message())
+    disk = node.intake.disk
+    disk.min_free, _ = 1 << 60, disk.recheck()
+    raw = await session(port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("452 4.3.1")
+    disk.min_free, _ = 0, disk.recheck()  # space returns: intake resumes on its own
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<after@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(message() + b".\r\n")
+    assert (await raw.reply()).startswith("250")
+    await raw.close()
+    arrivals = await sink.wait_for(2)
+    assert sorted(a.rcpts[0] for a in arrivals) == ["after@example.com", "before@example.com"]
