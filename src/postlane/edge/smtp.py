@@ -41,6 +41,21 @@ _ADDR = re.compile(r"^[^\s@<>()\[\],;:\"\\]+(\.[^\s@<>()\[\],;:\"\\]+)*@[A-Za-z0
                    r"^\"[^\"\r\n]*\"@[A-Za-z0-9\-._\[\]:]+$")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _valid_address(address: str) -> bool:
+    """Syntax, no control characters, and valid UTF-8: aiosmtpd hands undecodable bytes over as
+    surrogates, which could never be written out again by the relay."""
+    if not _ADDR.match(address) or _CONTROL.search(address):
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _split_params(arg: str, keyword: str) -> tuple[str, str, dict[str, str]] | None:
     """``FROM:<a@b> K=V ...`` -> (path, other params, DSN params); None if malformed."""
     body = arg[len(keyword):].lstrip() if arg.upper().startswith(keyword) else None
@@ -170,7 +185,7 @@ class EdgeSMTP(SMTP):
         if parts is not None:
             path, others, dsn = parts
             address = path.strip("<>")
-            if path and (not _ADDR.match(address) or len(address) > 254):
+            if path and (not _valid_address(address) or len(address) > 254):
                 await self.push("501 5.1.3 Bad recipient address syntax")
                 return
             notify = dsn.get("NOTIFY", "").upper()
@@ -216,7 +231,7 @@ class SMTPIntake:
                           address: str, mail_options: list[str]) -> str:
         if address == "<>":  # aiosmtpd's spelling of the null reverse-path
             address = ""
-        if address and not _ADDR.match(address):
+        if address and not _valid_address(address):
             return "501 5.1.7 Bad sender address syntax"
         user = self._user(session)
         if self.config.require_auth and user is None:
