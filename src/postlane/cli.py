@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_security import tls_app, users_app
+from .cli_security import killtest, tls_app, users_app
 from .config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -15,6 +15,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Check configuration files."
 app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="users")
 app.add_typer(tls_app, name="tls")
+app.command("killtest", hidden=True)(killtest)
 
 
 def _load(path: Path):

@@ -109,3 +109,15 @@ def selfsigned(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
             key.private_bytes(serialization.Encoding.PEM,
                               serialization.PrivateFormat.PKCS8,
                               serialization.NoEncryption()))
+
+
+def killtest(
+    workdir: Path = typer.Option(Path("killtest-run"), help="spool, logs and arrivals"),
+    messages: int = typer.Option(300, min=2),
+    kills: int = typer.Option(3, min=0),
+    seed: int | None = typer.Option(None, help="random seed (default: the process id)"),
+) -> None:
+    """SIGKILL a node at random moments of a campaign; check nothing acknowledged is lost."""
+    from .killtest import command
+
+    raise typer.Exit(command(workdir, messages, kills, seed))
