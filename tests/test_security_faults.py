@@ -19,7 +19,8 @@ TIMEOUTS = "[relay]\nconnect_timeout = 0.5\ncommand_timeout = 0.5\ndata_timeout 
 def fault_config(tmp_path, port: int, dns_port: int, *, routes: bool = True) -> str:
     text = config_text(tmp_path, port, f'[dns]\nnameserver = "127.0.0.1"\nport = {dns_port}\n'
                                        f"timeout = 0.5\n", routes=routes)
-    return text.replace("[relay]\n", TIMEOUTS, 1)
+    return text.replace("[relay]\n", TIMEOUTS, 1).replace('retry = ["1s", "1s", "2s"]',
+                                                         'retry = ["0.2s"]')
 
 
 def records(tmp_path) -> list[dict]:
