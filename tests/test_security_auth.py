@@ -221,3 +221,26 @@ require_auth = true
     with pytest.raises(ConfigError) as err3:
         parse_config(config_text(tmp_path, 2525, '[listeners.x]\nrequire_auth = true\n'))
     assert "AUTH is only offered over TLS" in "\n".join(err3.value.errors)
+
+
+async def test_password_guessing_is_cut_off_per_client(tmp_path, sink, make_node, tls_files,
+                                                       users_file):
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         extra="[listeners.sub.limits]\nmax_bad_commands = 50"
+                                         ).replace("[security]\n", "[security]\n"
+                                                   "auth_failures_per_minute = 2\n"))
+
+    def guesses() -> list[int]:
+        codes = []
+        with smtplib.SMTP("127.0.0.1", node.listeners[1].port, timeout=30) as c:
+            c.ehlo("client.test")
+            c.starttls(context=_client_ctx())
+            c.ehlo("client.test")
+            for i in range(4):
+                blob = base64.b64encode(f"\0alice\0guess-{i}".encode()).decode()
+                codes.append(c.docmd("AUTH", f"PLAIN {blob}")[0])
+            blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+            codes.append(c.docmd("AUTH", f"PLAIN {blob}")[0])  # even the right one, for now
+        return codes
+
+    assert await asyncio.to_thread(guesses) == [535, 535, 454, 454, 454]

@@ -62,6 +62,8 @@ class ListenerSecurity(_Strict):
 class SecurityConfig(_Strict):
     users_file: str | None = None
     """TOML file of SMTP AUTH users (``postlane users add``); no file, no AUTH."""
+    auth_failures_per_minute: int = Field(10, ge=1)
+    """Failed AUTH attempts per client IP; beyond, AUTH answers 454 4.7.0 without checking."""
     min_free_space: Size = 256 * 1024 * 1024
     """Below this much free space on the spool's file system intake answers 452 4.3.1."""
 

@@ -49,6 +49,10 @@ class RateLimiter:
         tokens, at = self._buckets.get(key, (float(self.per_minute), now))
         return min(float(self.per_minute), tokens + (now - at) * self.per_minute / 60.0)
 
+    def available(self, key: str) -> bool:
+        """Whether ``key`` has allowance left, without taking any."""
+        return not self.per_minute or self._level(key, self.clock()) >= 1.0
+
     def allow(self, key: str) -> bool:
         """Take one message from ``key``'s allowance; False when it is used up."""
         if not self.per_minute:

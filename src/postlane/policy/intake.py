@@ -64,7 +64,8 @@ class Intake:
         self.record = record
         self.accepted = 0
         sec = config.security
-        self.users = Users(sec.users_file) if sec.users_file else None
+        self.users = (Users(sec.users_file, sec.auth_failures_per_minute) if sec.users_file
+                      else None)
         self.disk = DiskGuard(config.node.spool, sec.min_free_space)
 
     def classify(self, header_class: str | None, default_class: str | None,
