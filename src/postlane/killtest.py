@@ -174,7 +174,7 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
                    for i in range(clients)]
         for t in threads:
             t.start()
-        # kill points spread over the campaign; the ones after intake ends hit delivery
+        # kill points spread over the campaign (delivery runs alongside intake)
         for point in sorted(rng.sample(range(1, messages), min(kills, messages - 1))):
             while any(t.is_alive() for t in threads):
                 with lock:

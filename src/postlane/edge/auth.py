@@ -12,6 +12,7 @@ limit, AUTH answers 454 4.7.0 without running scrypt), so guessing cannot stall 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -189,7 +190,7 @@ class Users:
         if user is not None and mac in self._verified:
             return user
         if user is None:
-            verify_password(password, _DUMMY)  # same cost, so timing does not reveal names
+            verify_password(password, _dummy_hash())  # same cost: timing does not reveal names
             return None
         if not verify_password(password, user.password):
             return None
@@ -221,4 +222,6 @@ def _peer(session) -> str:
     return peer[0] if isinstance(peer, tuple) else ""
 
 
-_DUMMY = hash_password(secrets.token_hex(8))
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_hex(8))
