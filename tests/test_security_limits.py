@@ -113,3 +113,21 @@ async def test_low_disk_space_refuses_with_452_and_recovers(tmp_path, sink, make
     await raw.close()
     arrivals = await sink.wait_for(2)
     assert sorted(a.rcpts[0] for a in arrivals) == ["after@example.com", "before@example.com"]
+
+
+async def test_command_timeout_is_idle_time_during_a_slow_data_transfer(tmp_path, sink,
+                                                                        make_node):
+    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.5s"'))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<slow@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(b"Subject: slow\r\n\r\n")
+    for i in range(8):  # 1.6 s in total, never idle for 0.5 s
+        raw.send(b"line %d\r\n" % i)
+        await raw.writer.drain()
+        await asyncio.sleep(0.2)
+    raw.send(b".\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    await sink.wait_for(1)

@@ -103,6 +103,7 @@ class EdgeSMTP(SMTP):
         self._counted_ip: str | None = None
         self._refused = False
         self._bad_commands = 0
+        self._receiving = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and self._original_transport is None:  # not the STARTTLS call
@@ -203,7 +204,18 @@ class EdgeSMTP(SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         if await self._refuse_if_draining():
             return
-        await super().smtp_DATA(arg)
+        self._receiving = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._receiving = False
+
+    def data_received(self, data: bytes) -> None:
+        # aiosmtpd arms its timeout per command only, so a large message on a slow link would be
+        # cut after command_timeout in total; while DATA flows, the timeout means idle time.
+        if self._receiving:
+            self._reset_timeout()
+        super().data_received(data)
 
 
 class SMTPIntake:
