@@ -29,7 +29,7 @@ async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
     await first[0].cmd("QUIT")
     await first[0].close()
     for _ in range(50):  # the slot is released once the server sees the close
-        if node.listeners[0].handler.connections.per_ip["127.0.0.1"] < 2:
+        if node.listeners[0].handler.guard.connections.per_ip["127.0.0.1"] < 2:
             break
         await asyncio.sleep(0.05)
     again = await RawSMTP.connect(port)
