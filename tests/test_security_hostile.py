@@ -84,8 +84,11 @@ async def test_ten_thousand_recipients(tmp_path, sink, make_node):
     raw = await session(node.listeners[0].port)
     raw.send(b"MAIL FROM:<s@insurer.test>\r\n"
              + b"".join(b"RCPT TO:<r%d@example.com>\r\n" % i for i in range(10_000)))
-    assert (await raw.reply()).startswith("250")
-    replies = [await raw.reply() for _ in range(10_000)]
+    received = b""
+    while received.count(b"\r\n") < 10_001:
+        received += await raw.reader.read(1 << 20)
+    mail, *replies = received.decode().split("\r\n")[:-1]
+    assert mail.startswith("250")
     assert sum(r.startswith("250 2.1.5") for r in replies) == 50
     assert sum(r.startswith("452 4.5.3") for r in replies) == 9_950
     assert (await raw.cmd("DATA")).startswith("354")
