@@ -244,3 +244,17 @@ async def test_password_guessing_is_cut_off_per_client(tmp_path, sink, make_node
         return codes
 
     assert await asyncio.to_thread(guesses) == [535, 535, 454, 454, 454]
+
+
+async def test_messages_per_minute_counts_per_auth_user(tmp_path, sink, make_node, tls_files,
+                                                        users_file):
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from="[]",
+                                         extra="[listeners.sub.limits]\nmessages_per_minute = 1"))
+    port = node.listeners[1].port
+    await submit(port, tls="starttls", user="alice")
+    with pytest.raises(smtplib.SMTPSenderRefused) as err:  # a new connection, the same user
+        await submit(port, tls="starttls", user="alice")
+    assert err.value.smtp_code == 450 and err.value.smtp_error.startswith(b"4.7.1")
+    await submit(port, tls="starttls", user="bob")  # another user has their own allowance
+    await sink.wait_for(2)

@@ -101,8 +101,14 @@ async def test_low_disk_space_refuses_with_452_and_recovers(tmp_path, sink, make
     sink.delay = 0.5  # the first message is still queued while the disk "fills"
     await send(port, "s@insurer.test", ["before@example.com"], message())
     disk = node.intake.disk
-    disk.min_free, _ = 1 << 60, disk.recheck()
     raw = await session(port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<during@example.com>")).startswith("250")
+    disk.min_free, _ = 1 << 60, disk.recheck()
+    assert (await raw.cmd("RCPT TO:<during2@example.com>")).startswith("452 4.3.1")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(message() + b".\r\n")
+    assert (await raw.reply()).startswith("452 4.3.1"), "not stored, so not acknowledged"
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("452 4.3.1")
     disk.min_free, _ = 0, disk.recheck()  # space returns: intake resumes on its own
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
@@ -113,6 +119,7 @@ async def test_low_disk_space_refuses_with_452_and_recovers(tmp_path, sink, make
     await raw.close()
     arrivals = await sink.wait_for(2)
     assert sorted(a.rcpts[0] for a in arrivals) == ["after@example.com", "before@example.com"]
+    assert node.intake.accepted == 2
 
 
 async def test_command_timeout_is_idle_time_during_a_slow_data_transfer(tmp_path, sink,
