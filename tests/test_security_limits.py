@@ -76,7 +76,8 @@ async def test_bad_commands_disconnect(tmp_path, sink, make_node):
     node = await make_node(limited(tmp_path, sink.port, "max_bad_commands = 3"))
     raw = await session(node.listeners[0].port)
     assert (await raw.cmd("MAIL FROM:<bad address>")).startswith("501")
-    assert (await raw.cmd("RCPT TO:<x@example.com>")).startswith("503 5.5.1")
+    assert (await raw.cmd("RCPT TO:<x@example.com>")).startswith("503 5.5.1")  # not counted
+    assert (await raw.cmd("EHLO")).startswith("501 5.5.4")
     raw.send(b"XYZZY\r\n")
     assert (await raw.reply()).startswith("500 5.5.1")
     assert (await raw.reply()).startswith("421 4.7.0 Too many errors")

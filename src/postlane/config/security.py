@@ -41,8 +41,9 @@ class ListenerLimits(_Strict):
     """Longest DATA line in octets including CRLF (RFC 5321 4.5.3.1.6: 1000); 500 5.5.2."""
     command_timeout: Duration = 300.0
     """Idle time allowed between commands (RFC 5321 4.5.3.2.7: 5 min); 421 4.4.2, then close."""
-    max_bad_commands: int = Field(10, ge=1)
-    """Syntax errors, unknown commands and failed AUTH before 421 4.7.0 and disconnect."""
+    max_bad_commands: int = Field(20, ge=1)
+    """Syntax errors, unknown commands and failed AUTH before 421 4.7.0 and disconnect
+    (Postfix's smtpd_hard_error_limit is 20 too)."""
     messages_per_minute: int = Field(600, ge=0)
     """Messages per minute per AUTH user, else per client IP (0 = unlimited); 450 4.7.1."""
 

@@ -33,7 +33,9 @@ _ENHANCED = {421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 500: "5.5.2
              501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
              550: "5.0.0", 552: "5.3.4", 554: "5.7.0"}
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
-_BAD_COMMAND = {500, 501, 502, 503, 504, 535, 538}
+# 503 (bad sequence) is left out: a pipelining client whose MAIL was refused gets one for every
+# RCPT and DATA that follows, through no fault of its own.
+_BAD_COMMAND = {500, 501, 502, 504, 535, 538}
 
 
 def with_enhanced(reply: str) -> str:
