@@ -16,6 +16,7 @@ from postlane.cli_security import selfsigned
 from postlane.config import ConfigError, parse_config
 from postlane.edge.auth import User, hash_password, save_user, verify_password
 from tests.conftest import config_text, message
+from tests.support.rawsmtp import RawSMTP, session
 
 PASSWORD = "correct horse battery staple"
 
@@ -257,4 +258,29 @@ async def test_messages_per_minute_counts_per_auth_user(tmp_path, sink, make_nod
         await submit(port, tls="starttls", user="alice")
     assert err.value.smtp_code == 450 and err.value.smtp_error.startswith(b"4.7.1")
     await submit(port, tls="starttls", user="bob")  # another user has their own allowance
+    await sink.wait_for(2)
+
+
+async def test_failed_tls_handshakes_leave_the_listener_serving(tmp_path, sink, make_node,
+                                                                tls_files, users_file):
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from="[]"))
+    starttls = node.listeners[1]
+    raw = await session(starttls.port)
+    assert (await raw.cmd("STARTTLS")).startswith("220")
+    raw.send(b"this is not a TLS ClientHello\r\n" * 4)
+    assert await raw.closed()
+    implicit = await make_node(secure_config(tmp_path / "b", sink.port, tls_files, users_file,
+                                             tls="implicit", relay_from="[]"))
+    plain = await RawSMTP.connect(implicit.listeners[1].port)
+    plain.send(b"EHLO plaintext.test\r\n")
+    assert await plain.closed()
+    for _ in range(100):
+        if starttls.handler.guard.connections.total == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert starttls.handler.guard.connections.total == 0
+    assert implicit.listeners[1].handler.guard.connections.total == 0
+    await submit(starttls.port, tls="starttls", user="alice")
+    await submit(implicit.listeners[1].port, tls="implicit", user="alice")
     await sink.wait_for(2)
