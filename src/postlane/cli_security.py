@@ -53,6 +53,9 @@ def users_add(
     except UsersError as exc:
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"{file}: cannot write: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"{file}: user {name!r} saved")
 
 
@@ -78,11 +81,15 @@ def tls_selfsigned(
 ) -> None:
     """A self-signed certificate for tests and demos (key file written 0600)."""
     cert, key = selfsigned(hostname, days)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cert.pem").write_bytes(cert)
-    fd = os.open(out / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cert.pem").write_bytes(cert)
+        fd = os.open(out / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+    except OSError as exc:
+        typer.echo(f"{out}: cannot write: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"{out}/cert.pem and {out}/key.pem for {hostname}, valid {days} days")
 
 
