@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-FAULTS = ("banner-timeout", "banner-554", "garbage-banner", "huge-reply", "ehlo-timeout",
+FAULTS = ("banner-timeout", "banner-554", "garbage-banner", "huge-reply", "huge-line",
+          "ehlo-timeout",
           "tls-fail", "mail-timeout", "mail-garbage", "rcpt-timeout", "data-timeout",
           "drop-mid-data", "dot-timeout")
 
@@ -70,6 +71,12 @@ class BadServer:
                 writer.write(line * 1000)
                 await writer.drain()
             writer.write(b"220 done\r\n")
+            return await self._hang(reader)
+        if fault == "huge-line":  # one 10 MB line without an end
+            writer.write(b"220 ")
+            for _ in range(10):
+                writer.write(b"y" * 1_000_000)
+                await writer.drain()
             return await self._hang(reader)
         writer.write(b"220 bad.test ESMTP\r\n")
         mail_from, rcpts = "", []
