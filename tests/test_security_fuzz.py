@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from postlane.config import Config, ConfigError, parse_config
@@ -24,21 +24,18 @@ from tests.conftest import config_text
 REPLY = re.compile(rb"^\d{3}[ -]")
 
 
-@pytest.fixture(scope="module")
-def live_node(tmp_path_factory):
-    """A node and sink on their own event loop in a thread, shared by every example."""
-    tmp = tmp_path_factory.mktemp("fuzz")
+def _threaded_node(tmp, extra: str, relay_from: str = '["127.0.0.0/8"]'):
+    """A node and sink on their own event loop in a thread, shared by every example (hypothesis
+    examples are synchronous); yields (node, stop)."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     box: dict = {}
 
     async def main() -> None:
         sink = await Sink(keep_data=False).start()
-        node = Node(parse_config(config_text(tmp, sink.port, """
-[listeners.in.limits]
-command_timeout = "3s"
-messages_per_minute = 0
-""")))
+        text = config_text(tmp, sink.port, extra).replace(
+            "max_message_size = 100000", f"max_message_size = 100000\nrelay_from = {relay_from}")
+        node = Node(parse_config(text))
         await node.start()
         box.update(node=node, sink=sink, stop=asyncio.Event())
         ready.set()
@@ -49,9 +46,34 @@ messages_per_minute = 0
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
     assert ready.wait(30)
-    yield box["node"].listeners[0].port
-    loop.call_soon_threadsafe(box["stop"].set)
-    thread.join(30)
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(box["stop"].set)
+        thread.join(30)
+
+    return box["node"], box["sink"], stop
+
+
+LIMITS = """
+[listeners.in.limits]
+command_timeout = "3s"
+messages_per_minute = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def live_node(tmp_path_factory):
+    node, _, stop = _threaded_node(tmp_path_factory.mktemp("fuzz"), LIMITS)
+    yield node.listeners[0].port
+    stop()
+
+
+@pytest.fixture(scope="module")
+def closed_node(tmp_path_factory):
+    """No client IP may relay and there are no users: nothing may ever be accepted."""
+    node, sink, stop = _threaded_node(tmp_path_factory.mktemp("closed"), LIMITS, "[]")
+    yield node, sink
+    stop()
 
 
 _ADDR = st.sampled_from(["<a@example.com>", "<>", "<x@insurer.test>", "a@example.com",
@@ -69,21 +91,49 @@ _LINE = st.one_of(_COMMAND, st.binary(max_size=120))
 _EOL = st.sampled_from([b"\r\n", b"\n", b"\r", b"\r\n\r\n"])
 
 
-@settings(max_examples=50, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(_LINE, _EOL), max_size=25))
-def test_random_smtp_sessions_always_get_answers(live_node, lines):
+def _session(port: int, lines: list[tuple[bytes, bytes]]) -> bytes:
     payload = b"".join(line + eol for line, eol in lines) + b"\r\n.\r\nQUIT\r\n"
-    with socket.create_connection(("127.0.0.1", live_node), timeout=15) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         sock.sendall(payload)
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
+    return received
+
+
+_SESSIONS = st.lists(st.tuples(_LINE, _EOL), max_size=25)
+
+
+@settings(max_examples=50, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_SESSIONS)
+def test_random_smtp_sessions_always_get_answers(live_node, lines):
+    received = _session(live_node, lines)
     assert received.startswith(b"220 ")
     for line in received.split(b"\r\n")[:-1]:
         assert REPLY.match(line), line
     with socket.create_connection(("127.0.0.1", live_node), timeout=15) as sock:  # still up
         assert sock.recv(1024).startswith(b"220 ")
+
+
+_RELAY_TRY = st.lists(st.one_of(
+    st.tuples(st.sampled_from([b"EHLO x", b"HELO x", b"MAIL FROM:<a@example.com>",
+                               b"MAIL FROM:<>", b"RCPT TO:<v@example.com>",
+                               b"RCPT TO:<v@example.com> NOTIFY=NEVER", b"DATA",
+                               b"Subject: x", b"", b".", b"RSET", b"AUTH PLAIN AGEAYg=="]),
+              _EOL),
+    st.tuples(_LINE, _EOL)), max_size=30)
+
+
+@settings(max_examples=50, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_RELAY_TRY)
+@example([(b"EHLO x", b"\r\n"), (b"MAIL FROM:<a@example.com>", b"\r\n"),
+          (b"RCPT TO:<v@example.com>", b"\r\n"), (b"DATA", b"\r\n"), (b"x", b"\r\n")])
+def test_no_random_session_gets_mail_relayed(closed_node, lines):
+    node, sink = closed_node
+    _session(node.listeners[0].port, lines)
+    assert node.intake.accepted == 0 and not sink.arrivals
 
 
 BASE = tomllib.loads(config_text(Path("/tmp/fuzz-never-created"), 2525))
