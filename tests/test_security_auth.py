@@ -284,3 +284,23 @@ async def test_failed_tls_handshakes_leave_the_listener_serving(tmp_path, sink, 
     await submit(starttls.port, tls="starttls", user="alice")
     await submit(implicit.listeners[1].port, tls="implicit", user="alice")
     await sink.wait_for(2)
+
+
+async def test_auth_login_mechanism(tmp_path, sink, make_node, tls_files, users_file):
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from="[]"))
+
+    def login(password: str) -> int:
+        with smtplib.SMTP("127.0.0.1", node.listeners[1].port, timeout=30) as c:
+            c.ehlo("client.test")
+            c.starttls(context=_client_ctx())
+            c.ehlo("client.test")
+            assert c.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+            c.user, c.password = "alice", password
+            try:
+                return c.auth("LOGIN", c.auth_login)[0]
+            except smtplib.SMTPAuthenticationError as exc:
+                return exc.smtp_code
+
+    assert await asyncio.to_thread(login, PASSWORD) == 235
+    assert await asyncio.to_thread(login, "wrong-password") == 535
