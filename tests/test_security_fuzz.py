@@ -8,6 +8,7 @@ import contextlib
 import json
 import re
 import socket
+import tempfile
 import threading
 import tomllib
 from pathlib import Path
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from postlane.config import Config, ConfigError, parse_config
+from postlane.edge.auth import User, hash_password, save_user
 from postlane.node import Node
 from postlane.sink import Sink
 from tests.conftest import config_text
@@ -136,7 +138,16 @@ def test_no_random_session_gets_mail_relayed(closed_node, lines):
     assert node.intake.accepted == 0 and not sink.arrivals
 
 
-BASE = tomllib.loads(config_text(Path("/tmp/fuzz-never-created"), 2525))
+_USERS = Path(tempfile.mkdtemp()) / "users.toml"
+save_user(_USERS, User("app", hash_password("fuzz-password"), ["marketing"], "marketing", ["*"]))
+BASE = tomllib.loads(config_text(Path("/tmp/fuzz-never-created"), 2525, f"""
+[security]
+users_file = "{_USERS}"
+min_free_space = "1MB"
+"""))
+BASE["listeners"]["in"].update(tls="none", tls_cert="/nonexistent/cert.pem", require_auth=False,
+                               limits={"max_connections": 10, "command_timeout": "1m",
+                                       "messages_per_minute": 0})
 _SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
                     st.floats(allow_nan=False, allow_infinity=False),
                     st.text(max_size=30), st.sampled_from(["30s", "2m", "10MB", "-1", "1e999",
@@ -170,6 +181,14 @@ def _paths(node, prefix=()):
 _BASE_PATHS = [p for p in _paths(BASE) if p]
 
 
+def _text(data: dict) -> str:
+    return "\n".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in data.items() if v is not None)
+
+
+def test_the_config_mutations_start_from_is_valid():
+    assert isinstance(parse_config(_text(BASE)), Config)
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_BASE_PATHS), _VALUE), min_size=1, max_size=4))
 def test_mutated_configs_give_config_or_config_error(mutations):
@@ -183,9 +202,8 @@ def test_mutated_configs_give_config_or_config_error(mutations):
                 target.pop(path[-1], None)
             else:
                 target[path[-1]] = value
-    text = "\n".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in data.items() if v is not None)
     try:
-        cfg = parse_config(text)
+        cfg = parse_config(_text(data))
     except ConfigError as exc:
         assert exc.errors and all(": " in e for e in exc.errors)
     else:

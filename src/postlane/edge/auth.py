@@ -84,8 +84,9 @@ def load_users(path: str | Path) -> dict[str, User]:
     """Read the users file, raising UsersError with one line per problem."""
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsersError([f"cannot read {path}: {exc.strerror}"]) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise UsersError([f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"]
+                         ) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsersError([f"{path}: not valid TOML: {exc}"]) from None
     users: dict[str, User] = {}
