@@ -8,7 +8,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .model import Config
-from .security import check_security
 
 
 class ConfigError(Exception):
@@ -66,6 +65,49 @@ def _cross_checks(cfg: Config) -> list[str]:
     return errors
 
 
+def _security_checks(cfg: Config, base: Path | None) -> list[str]:
+    """Resolve the security section's relative paths against ``base`` (the config file's folder;
+    None when parsing text) and check the TLS files and the users file that absolute paths name."""
+    from ..edge.auth import UsersError, load_users
+
+    errors: list[str] = []
+
+    def resolve(value: str | None) -> str | None:
+        if value is None or base is None or Path(value).is_absolute():
+            return value
+        return str(base / value)
+
+    sec = cfg.security
+    sec.users_file = resolve(sec.users_file)
+    for name, lst in cfg.listeners.items():
+        lst.tls_cert, lst.tls_key = resolve(lst.tls_cert), resolve(lst.tls_key)
+        where = f"listeners.{name}"
+        if lst.tls != "none":
+            for field in ("tls_cert", "tls_key"):
+                path = getattr(lst, field)
+                if not path:
+                    errors.append(f"{where}.{field}: required when tls = {lst.tls!r}")
+                elif Path(path).is_absolute() and not Path(path).is_file():
+                    errors.append(f"{where}.{field}: no such file: {path}")
+        elif lst.require_auth:
+            errors.append(f"{where}.require_auth: AUTH is only offered over TLS;"
+                          f" set tls = \"starttls\" or \"implicit\"")
+        if lst.require_auth and not sec.users_file:
+            errors.append(f"{where}.require_auth: needs security.users_file")
+    if sec.users_file and Path(sec.users_file).is_absolute():
+        try:
+            users = load_users(sec.users_file)
+        except UsersError as exc:
+            errors.extend(f"security.users_file: {e}" for e in exc.errors)
+        else:
+            for uname, user in users.items():
+                for cls in [*user.classes, *([user.default_class] if user.default_class else [])]:
+                    if cls not in cfg.classes:
+                        errors.append(f"security.users_file: user {uname!r}: no class named"
+                                      f" {cls!r}")
+    return errors
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Parse TOML text into a Config, raising ConfigError with every problem found."""
     try:
@@ -77,7 +119,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except ValidationError as exc:
         errors = [f"{_path(e['loc'])}: {_message(e)}" for e in exc.errors()]
         raise ConfigError(source, errors) from None
-    errors = _cross_checks(cfg) + check_security(cfg, None)
+    errors = _cross_checks(cfg) + _security_checks(cfg, None)
     if errors:
         raise ConfigError(source, errors)
     return cfg
@@ -96,7 +138,7 @@ def load_config(path: str | Path) -> Config:
         cfg.node.spool = str(base / cfg.node.spool)
     if not Path(cfg.accounting.directory).is_absolute():
         cfg.accounting.directory = str(base / cfg.accounting.directory)
-    errors = check_security(cfg, base)
+    errors = _security_checks(cfg, base)
     if errors:
         raise ConfigError(str(path), errors)
     return cfg
