@@ -22,7 +22,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from .limits import RateLimiter
 
@@ -198,7 +198,7 @@ class Users:
         self._verified.add(mac)
         return user
 
-    def authenticator(self, server, session, envelope, mechanism: str,
+    def authenticator(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
                       auth_data: object) -> AuthResult:
         """aiosmtpd's authenticator hook (PLAIN and LOGIN both give a LoginPassword)."""
         if not isinstance(auth_data, LoginPassword):
@@ -218,7 +218,7 @@ class Users:
         return AuthResult(success=True, auth_data=user.name)
 
 
-def _peer(session) -> str:
+def _peer(session: Session) -> str:
     peer = getattr(session, "peer", None)
     return peer[0] if isinstance(peer, tuple) else ""
 
