@@ -8,14 +8,27 @@ from tests.conftest import config_text, message, send
 from tests.support.rawsmtp import RawSMTP, session
 
 
-def limited(tmp_path, sink_port, limits: str, extra: str = "") -> str:
-    return config_text(tmp_path, sink_port, f"[listeners.in.limits]\n{limits}\n{extra}")
+def limited(tmp_path, sink_port, limits: str, extra: str = "", relay_from: str | None = None
+            ) -> str:
+    text = config_text(tmp_path, sink_port, f"[listeners.in.limits]\n{limits}\n{extra}")
+    if relay_from is not None:
+        text = text.replace("max_message_size = 100000",
+                            f"max_message_size = 100000\nrelay_from = {relay_from}")
+    return text
 
 
 async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
     node = await make_node(limited(tmp_path, sink.port,
-                                   "max_connections_per_ip = 2\nmax_connections = 3"))
+                                   "max_connections_per_ip = 2\nmax_connections = 4",
+                                   relay_from='["127.0.0.9/32"]'))
     port = node.listeners[0].port
+    trusted = [await RawSMTP.connect(port, source="127.0.0.9") for _ in range(3)]
+    for raw in trusted:  # relay_from clients are exempt from the per-IP count
+        assert (await raw.reply()).startswith("220")
+    await trusted.pop().close()
+    await trusted.pop().close()
+    while node.listeners[0].handler.guard.connections.total > 1:
+        await asyncio.sleep(0.02)
     first = [await RawSMTP.connect(port) for _ in range(2)]
     for raw in first:
         assert (await raw.reply()).startswith("220")
@@ -34,7 +47,7 @@ async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
         await asyncio.sleep(0.05)
     again = await RawSMTP.connect(port)
     assert (await again.reply()).startswith("220")
-    for raw in (first[1], other, again):
+    for raw in (first[1], other, again, *trusted):
         await raw.close()
 
 
@@ -87,13 +100,21 @@ async def test_bad_commands_disconnect(tmp_path, sink, make_node):
 
 
 async def test_messages_per_minute(tmp_path, sink, make_node):
-    node = await make_node(limited(tmp_path, sink.port, "messages_per_minute = 2"))
+    node = await make_node(limited(tmp_path, sink.port, "messages_per_minute = 2",
+                                   relay_from='["127.0.0.9/32"]'))
     raw = await session(node.listeners[0].port)
     for _ in range(2):
         assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
         assert (await raw.cmd("RSET")).startswith("250 2.0.0")
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("450 4.7.1")
     await raw.close()
+    trusted = await RawSMTP.connect(node.listeners[0].port, source="127.0.0.9")
+    assert (await trusted.reply()).startswith("220")
+    assert (await trusted.cmd("EHLO app.test")).startswith("250")
+    for _ in range(5):  # relay_from clients are exempt
+        assert (await trusted.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        assert (await trusted.cmd("RSET")).startswith("250")
+    await trusted.close()
 
 
 async def test_low_disk_space_refuses_with_452_and_recovers(tmp_path, sink, make_node):

@@ -101,24 +101,28 @@ class Guard:
             return None
         return self.intake.users.get(str(session.auth_data))
 
-    def may_relay(self, session: Session) -> bool:
-        """Only an authenticated user, or (unless the listener requires AUTH) a client in
-        ``relay_from``, may relay: there is no other way to get a recipient accepted."""
-        if self.user(session) is not None:
-            return True
+    def trusted(self, ip: str) -> bool:
+        """Whether a client IP is in ``relay_from`` (and the listener does not require AUTH):
+        it may relay, and like Postfix's mynetworks it is exempt from the per-client limits
+        (connections per IP, messages per minute), so an application host submitting a campaign
+        is not throttled as if it were a stranger."""
         if self.config.require_auth:
             return False
-        peer = peer_ip(session)
-        allowed = self._relay_ips.get(peer)
+        allowed = self._relay_ips.get(ip)
         if allowed is None:  # parsing and matching cost ~15 us, and this runs for every RCPT
             try:
-                ip = ipaddress.ip_address(peer)
+                addr = ipaddress.ip_address(ip)
             except ValueError:
                 return False
             if len(self._relay_ips) > 10_000:
                 self._relay_ips.clear()
-            allowed = self._relay_ips[peer] = any(ip in net for net in self.relay_nets)
+            allowed = self._relay_ips[ip] = any(addr in net for net in self.relay_nets)
         return allowed
+
+    def may_relay(self, session: Session) -> bool:
+        """Only an authenticated user or a trusted client may relay: there is no other way to
+        get a recipient accepted."""
+        return self.user(session) is not None or self.trusted(peer_ip(session))
 
     def check_mail(self, session: Session, address: str) -> str | None:
         """The refusal of a MAIL command, or None to go on."""
@@ -130,7 +134,8 @@ class Guard:
         if user is not None and not user.may_send_from(address):
             log.warning("sender domain refused", extra={"user": user.name, "from": address})
             return f"550 5.7.1 User {user.name!r} may not send from {address or '<>'!r}"
-        if not self.rate.allow(user.name if user is not None else peer_ip(session)):
+        key = user.name if user is not None else peer_ip(session)
+        if (user is not None or not self.trusted(key)) and not self.rate.allow(key):
             return "450 4.7.1 Too many messages, slow down and try again later"
         return None
 
@@ -162,7 +167,7 @@ class GuardedSMTP(SMTP):
         if self.transport is None and self._original_transport is None:  # not the STARTTLS call
             peer = transport.get_extra_info("peername")
             ip = peer[0] if isinstance(peer, tuple) else ""
-            refusal = self.guard.connections.admit(ip)
+            refusal = self.guard.connections.admit(ip, per_ip=not self.guard.trusted(ip))
             if refusal is not None:
                 log.info("connection refused", extra={"client": ip, "reply": refusal})
                 self._refused = True

@@ -19,11 +19,12 @@ class ConnectionLimits:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
 
-    def admit(self, ip: str) -> str | None:
-        """Count the connection in and return None, or return the 421 reply refusing it."""
+    def admit(self, ip: str, per_ip: bool = True) -> str | None:
+        """Count the connection in and return None, or return the 421 reply refusing it
+        (``per_ip`` False: only the listener's total applies)."""
         if self.total >= self.total_cap:
             return "421 4.7.0 Too many connections, try again later"
-        if self.per_ip[ip] >= self.per_ip_cap:
+        if per_ip and self.per_ip[ip] >= self.per_ip_cap:
             return "421 4.7.0 Too many connections from your address, try again later"
         self.total += 1
         self.per_ip[ip] += 1
