@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from .cli_security import killtest, tls_app, users_app
 from .config import ConfigError, load_config
 from .feedback.cli import feedback_app, suppress_app
 from .policy.dkim_cli import app as dkim_app
@@ -18,6 +19,9 @@ app.add_typer(config_app, name="config")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(suppress_app, name="suppress")
 app.add_typer(dkim_app, name="dkim")
+app.add_typer(users_app, name="users")
+app.add_typer(tls_app, name="tls")
+app.command("killtest", hidden=True)(killtest)
 
 
 def _load(path: Path):

@@ -130,6 +130,49 @@ def _day(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
+def _security_checks(cfg: Config, base: Path | None) -> list[str]:
+    """Resolve the security section's relative paths against ``base`` (the config file's folder;
+    None when parsing text) and check the TLS files and the users file that absolute paths name."""
+    from ..edge.auth import UsersError, load_users
+
+    errors: list[str] = []
+
+    def resolve(value: str | None) -> str | None:
+        if value is None or base is None or Path(value).is_absolute():
+            return value
+        return str(base / value)
+
+    sec = cfg.security
+    sec.users_file = resolve(sec.users_file)
+    for name, lst in cfg.listeners.items():
+        lst.tls_cert, lst.tls_key = resolve(lst.tls_cert), resolve(lst.tls_key)
+        where = f"listeners.{name}"
+        if lst.tls != "none":
+            for field in ("tls_cert", "tls_key"):
+                path = getattr(lst, field)
+                if not path:
+                    errors.append(f"{where}.{field}: required when tls = {lst.tls!r}")
+                elif Path(path).is_absolute() and not Path(path).is_file():
+                    errors.append(f"{where}.{field}: no such file: {path}")
+        elif lst.require_auth:
+            errors.append(f"{where}.require_auth: AUTH is only offered over TLS;"
+                          f" set tls = \"starttls\" or \"implicit\"")
+        if lst.require_auth and not sec.users_file:
+            errors.append(f"{where}.require_auth: needs security.users_file")
+    if sec.users_file and Path(sec.users_file).is_absolute():
+        try:
+            users = load_users(sec.users_file)
+        except UsersError as exc:
+            errors.extend(f"security.users_file: {e}" for e in exc.errors)
+        else:
+            for uname, user in users.items():
+                for cls in [*user.classes, *([user.default_class] if user.default_class else [])]:
+                    if cls not in cfg.classes:
+                        errors.append(f"security.users_file: user {uname!r}: no class named"
+                                      f" {cls!r}")
+    return errors
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Parse TOML text into a Config, raising ConfigError with every problem found."""
     try:
@@ -141,7 +184,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     except ValidationError as exc:
         errors = [f"{_path(e['loc'])}: {_message(e)}" for e in exc.errors()]
         raise ConfigError(source, errors) from None
-    errors = _cross_checks(cfg)
+    errors = _cross_checks(cfg) + _security_checks(cfg, None)
     if errors:
         raise ConfigError(source, errors)
     if cfg.default_destinations:
@@ -172,7 +215,7 @@ def load_config(path: str | Path) -> Config:
             setattr(fb, name, str(base / value))
     from ..policy.dkim import DKIMError, read_key  # here: policy imports config
 
-    errors = []
+    errors = _security_checks(cfg, base)
     for i, key in enumerate(cfg.dkim.keys):
         if not Path(key.key_file).is_absolute():
             key.key_file = str(base / key.key_file)

@@ -100,6 +100,25 @@ class NodeConfig(Strict):
     drain_timeout: Duration = 30.0
 
 
+class ListenerLimits(Strict):
+    """Per-listener intake limits; each refusal carries an RFC 3463 enhanced status code."""
+
+    max_connections: int = Field(500, ge=1)
+    """Concurrent connections in total (421 4.7.0 beyond)."""
+    max_connections_per_ip: int = Field(50, ge=1)
+    """Concurrent connections from one client IP (421 4.7.0 beyond)."""
+    max_line_length: int = Field(1000, ge=80, le=1_000_000)
+    """Longest DATA line in octets including CRLF (RFC 5321 4.5.3.1.6: 1000); 500 5.5.2."""
+    command_timeout: Duration = 300.0
+    """Idle time allowed between commands and during DATA (RFC 5321 4.5.3.2.7: 5 min)."""
+    max_bad_commands: int = Field(20, ge=1)
+    """Syntax errors, unknown commands and failed AUTH before 421 4.7.0 and disconnect
+    (Postfix's smtpd_hard_error_limit is 20 too)."""
+    messages_per_minute: int = Field(6000, ge=0)
+    """Messages per minute per AUTH user, else per client IP (0 = unlimited); 450 4.7.1.
+    Clients in ``relay_from`` are exempt, as is their count of connections per IP."""
+
+
 class ListenerConfig(Strict):
     address: IPAddress = "127.0.0.1"
     port: int = Field(2525, ge=0, le=65535)
@@ -108,6 +127,13 @@ class ListenerConfig(Strict):
     max_recipients: int = Field(1000, ge=1)
     relay_from: list[str] = ["127.0.0.0/8", "::1/128"]
     """Client networks allowed to relay without authentication."""
+    tls: Literal["none", "starttls", "implicit"] = "none"
+    """``starttls`` offers STARTTLS; ``implicit`` speaks TLS from the first byte (port 465)."""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    require_auth: bool = False
+    """Every client must authenticate; ``relay_from`` no longer lets anyone relay."""
+    limits: ListenerLimits = ListenerLimits()
 
     @field_validator("relay_from")
     @classmethod
@@ -303,6 +329,13 @@ class DKIMConfig(Strict):
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
         return [h.strip().lower() for h in value]
+class SecurityConfig(Strict):
+    users_file: str | None = None
+    """TOML file of SMTP AUTH users (``postlane users add``); no file, no AUTH."""
+    auth_failures_per_minute: int = Field(10, ge=1)
+    """Failed AUTH attempts per client IP; beyond, AUTH answers 454 4.7.0 without checking."""
+    min_free_space: Size = 256 * 1024 * 1024
+    """Below this much free space on the spool's file system intake answers 452 4.3.1."""
 
 
 class Config(Strict):
@@ -317,6 +350,7 @@ class Config(Strict):
     """Recipient domain -> "host:port" (a smarthost, or a sink in tests); skips MX lookup."""
     accounting: AccountingConfig = AccountingConfig()
     dkim: DKIMConfig = DKIMConfig()
+    security: SecurityConfig = SecurityConfig()
     correlation_header: str = "X-Correlation-ID"
     classification: ClassificationConfig = ClassificationConfig()
     destinations: dict[Name, DestinationRule] = {}

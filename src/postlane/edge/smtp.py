@@ -3,13 +3,12 @@
 aiosmtpd does the protocol; this module adds what an MTA's edge needs on top: DSN parameters
 (RFC 3461 ENVID/RET/NOTIFY/ORCPT, which aiosmtpd would refuse), enhanced status codes, the relay
 check, recipient limits, a 421 while the node drains, and a 250 only once the spool has the
-message on disk.
+message on disk. Who may relay, TLS, AUTH and the intake limits are ``guard.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 
@@ -17,6 +16,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from ..config import ListenerConfig
 from ..policy.intake import Intake, RcptIn, Rejection
+from .guard import Guard, GuardedSMTP
 
 log = logging.getLogger("postlane.edge")
 
@@ -27,6 +27,19 @@ _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
 _SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>")
 _ADDR = re.compile(r"^[^\s@<>()\[\],;:\"\\]+(\.[^\s@<>()\[\],;:\"\\]+)*@[A-Za-z0-9\-._\[\]:]+$|"
                    r"^\"[^\"\r\n]*\"@[A-Za-z0-9\-._\[\]:]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _valid_address(address: str) -> bool:
+    """Syntax, no control characters, and valid UTF-8: aiosmtpd hands undecodable bytes over as
+    surrogates, which could never be written out again by the relay."""
+    if not _ADDR.match(address) or _CONTROL.search(address):
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _split_params(arg: str, keyword: str) -> tuple[str, str, dict[str, str]] | None:
@@ -101,6 +114,11 @@ class BulkDataSMTP(SMTP):
             self._set_post_data_state()
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
             return
+        if size > self.line_length_limit and max(map(len, data.split(b"\r\n"))) > \
+                self.line_length_limit - 2:
+            self._set_post_data_state()
+            await self.push("500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)")
+            return
         content = bytes(data[2:-3]).replace(b"\r\n..", b"\r\n.")
         if content.startswith(b".."):
             content = content[1:]
@@ -110,7 +128,7 @@ class BulkDataSMTP(SMTP):
         await self.push(status)
 
 
-class EdgeSMTP(BulkDataSMTP):
+class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
     """aiosmtpd's SMTP with DSN parameters, 501 for malformed addresses and drain handling."""
 
     def __init__(self, handler: SMTPIntake, **kwargs) -> None:
@@ -157,7 +175,7 @@ class EdgeSMTP(BulkDataSMTP):
         if parts is not None:
             path, others, dsn = parts
             address = path.strip("<>")
-            if path and (not _ADDR.match(address) or len(address) > 254):
+            if path and (not _valid_address(address) or len(address) > 254):
                 await self.push("501 5.1.3 Bad recipient address syntax")
                 return
             notify = dsn.get("NOTIFY", "").upper()
@@ -186,38 +204,37 @@ class SMTPIntake:
         self.config = config
         self.intake = intake
         self.draining = False
-        self.relay_nets = [ipaddress.ip_network(n, strict=False) for n in config.relay_from]
+        self.guard = Guard(config, intake)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        responses = self.guard.ehlo(responses)
         extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-MT-PRIORITY"]
         return responses[:-1] + extra + responses[-1:]
 
     async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
-        if address != "<>" and not _ADDR.match(address):  # "<>": the null reverse-path
+        null = address == "<>"  # aiosmtpd's spelling of the null reverse-path
+        if not null and not _valid_address(address):
             return "501 5.1.7 Bad sender address syntax"
+        refusal = self.guard.check_mail(session, "" if null else address)
+        if refusal is not None:
+            return refusal
         envelope.mail_from = address  # kept as "<>" (aiosmtpd's RCPT needs it truthy)
         envelope.mail_options.extend(mail_options)
         envelope.dsn_mail = dict(server.dsn_params)  # type: ignore[attr-defined]
         envelope.rcpt_dsn = []  # type: ignore[attr-defined]
         return "250 2.1.0 Sender ok"
 
-    def _may_relay(self, session: Session) -> bool:
-        peer = session.peer[0] if isinstance(session.peer, tuple) else ""
-        try:
-            ip = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.relay_nets) or bool(session.authenticated)
-
     async def handle_RCPT(self, server: EdgeSMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         feedback = self.intake.feedback
         report = feedback is not None and feedback.is_report_address(address)
-        if not report and not self._may_relay(session):
-            return "550 5.7.1 Relaying denied: authenticate first"
+        if not report:
+            refusal = self.guard.check_rcpt(session)
+            if refusal is not None:
+                return refusal
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return "452 4.5.3 Too many recipients"
         if "@" not in address:
@@ -256,7 +273,7 @@ class SMTPIntake:
                 envid=dsn.get("ENVID", ""), ret=dsn.get("RET", "").upper(), listener=self.name,
                 mt_priority=int(dsn["MT-PRIORITY"]) if "MT-PRIORITY" in dsn else None,
                 client_ip=peer, client_name=session.host_name or "",
-                auth_user=str(session.auth_data or "") if session.authenticated else "",
+                auth_user=str(session.auth_data) if self.guard.user(session) else "",
                 default_class=self.config.default_class)
         except Rejection as exc:
             return exc.reply
@@ -283,9 +300,11 @@ class Listener:
         def factory() -> EdgeSMTP:
             return EdgeSMTP(self.handler, data_size_limit=cfg.max_message_size,
                             enable_SMTPUTF8=True, decode_data=False, hostname=self.hostname,
-                            ident="Postlane ESMTP", timeout=300, loop=loop)
+                            ident="Postlane ESMTP", loop=loop,
+                            **self.handler.guard.smtp_options())
 
-        self.server = await loop.create_server(factory, cfg.address, cfg.port, reuse_address=True)
+        self.server = await loop.create_server(factory, cfg.address, cfg.port, reuse_address=True,
+                                               ssl=self.handler.guard.server_ssl)
 
     @property
     def port(self) -> int:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
 from ..config import Config
+from ..edge.auth import User, Users
+from ..edge.limits import DiskGuard
 from ..spool import Message, Recipient, Spool
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
 from .identity import envelope_sender
@@ -79,20 +81,36 @@ class Intake:
         self.feedback = None
         """feedback.service.FeedbackService when the node wires one: suppression, List-Unsubscribe,
         inbound reports (the listeners ask it at RCPT and DATA)."""
+        sec = config.security
+        self.users = (Users(sec.users_file, sec.auth_failures_per_minute) if sec.users_file
+                      else None)
+        self.disk = DiskGuard(config.node.spool, sec.min_free_space)
 
-    def classify(self, header_class: str | None, default_class: str | None, *,
-                 auth_class: str | None = None, mail_from: str = "", from_domain: str = "",
+    def classify(self, header_class: str | None, default_class: str | None,
+                 user: User | None = None, *, mail_from: str = "", from_domain: str = "",
                  rcpt_domains: tuple[str, ...] = (), mt_priority: int | None = None) -> str:
-        """In order: the X-Postlane-Class header, the AUTH user's class, the rules (envelope
+        """In order: the X-Postlane-Class header, the AUTH user's default, the rules (envelope
         sender / From / recipient domain), MT-PRIORITY, the listener's default, the node's.
-        An unknown class named in a header is refused, never silently demoted."""
+        An unknown class named in a header is refused, never silently demoted, and so is a class
+        the AUTH user may not use."""
         if header_class:
             if header_class not in self.config.classes:
                 raise Rejection(550, f"5.7.1 unknown traffic class {header_class!r}"
                                      f" in X-Postlane-Class")
-            return header_class
-        if auth_class:
-            return auth_class
+            name: str | None = header_class
+        else:
+            name = ((user.default_class if user else None)
+                    or self._by_rules(mail_from, from_domain, rcpt_domains)
+                    or self._by_mt_priority(mt_priority) or default_class
+                    or self.config.default_class)
+        if not name:
+            raise Rejection(550, "5.7.1 no traffic class for this message (set X-Postlane-Class)")
+        if user is not None and not user.may_use(name):
+            raise Rejection(550, f"5.7.1 user {user.name!r} may not send class {name!r}")
+        return name
+
+    def _by_rules(self, mail_from: str, from_domain: str,
+                  rcpt_domains: tuple[str, ...]) -> str | None:
         sender_domain = domain_of(mail_from) if mail_from else ""
         for rule in self.config.classification.rules:
             if rule.sender_domain and rule.sender_domain.lower() != sender_domain:
@@ -102,24 +120,25 @@ class Intake:
             if rule.recipient_domain and rule.recipient_domain.lower() not in rcpt_domains:
                 continue
             return rule.cls
-        if mt_priority is not None and self.config.classification.mt_priority:
-            ranked = sorted(((int(k), v) for k, v in
-                             self.config.classification.mt_priority.items()), reverse=True)
-            for floor, name in ranked:
-                if mt_priority >= floor:
-                    return name
-        name = default_class or self.config.default_class
-        if not name:
-            raise Rejection(550, "5.7.1 no traffic class for this message (set X-Postlane-Class)")
-        return name
+        return None
+
+    def _by_mt_priority(self, mt_priority: int | None) -> str | None:
+        """RFC 6710: the class of the highest configured priority not above the message's."""
+        if mt_priority is None:
+            return None
+        ranked = sorted(((int(k), v) for k, v in self.config.classification.mt_priority.items()),
+                        reverse=True)
+        return next((name for floor, name in ranked if mt_priority >= floor), None)
 
     async def submit(self, mail_from: str, rcpts: list[RcptIn], data: bytes, *, envid: str = "",
                      ret: str = "", listener: str = "", client_ip: str = "",
                      client_name: str = "", auth_user: str = "", default_class: str | None = None,
                      src_type: str = "smtp", forced_class: str | None = None,
-                     mt_priority: int | None = None, auth_class: str | None = None) -> str:
+                     mt_priority: int | None = None) -> str:
         """Queue a message durably and return its queue id (raises Rejection)."""
         now = time.time()
+        if src_type != "dsn" and not self.disk.ok():
+            raise Rejection(452, self.disk.TEXT)
         data = normalize_newlines(data)
         head, body = split_message(data)
         fields = header_fields(head)
@@ -140,10 +159,10 @@ class Intake:
             elif name == "from" and not from_domain:
                 from_domain = from_domain_of(field_value(raw))
             kept.append((name, raw))
+        user = self.users.get(auth_user) if self.users and auth_user else None
         cls_name = forced_class or self.classify(
-            header_class, default_class, auth_class=auth_class, mail_from=mail_from,
-            from_domain=from_domain, rcpt_domains=tuple({domain_of(r.address) for r in rcpts}),
-            mt_priority=mt_priority)
+            header_class, default_class, user, mail_from=mail_from, from_domain=from_domain,
+            rcpt_domains=tuple({domain_of(r.address) for r in rcpts}), mt_priority=mt_priority)
         cls = self.config.classes[cls_name]
         qid = new_queue_id(now)
         if not message_id:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from ..config import Config
 from ..scheduler.lanes import Lane, SourceSlot
 from ..scheduler.scheduler import Scheduler
-from ..spool import Message, Recipient, Spool
+from ..spool import Message, Recipient, Spool, State
 from .client import Reply, SMTPConnection, SMTPError, Timeouts
 from .mx import Destination, DNSPermError, DNSTempError, MXResolver
 
@@ -67,7 +67,15 @@ class Relay:
         try:
             while batch:
                 await sched.throttle(lane, slot)
-                await self._transact(conn, batch, info)
+                try:
+                    await self._transact(conn, batch, info)
+                except Exception:  # never strand a taken batch in memory: retry it later
+                    log.exception("delivery of %s failed unexpectedly", batch[0].msg.id)
+                    for rcpt in batch:
+                        if rcpt.state is State.INFLIGHT:
+                            sched.deferred(rcpt, "451 4.3.0 internal error during delivery",
+                                           "4.3.0", info)
+                    break
                 if not conn.usable or conn.messages_sent >= limit:
                     break
                 batch = await sched.wait_for_work(lane, self.config.relay.idle_timeout)

@@ -1,0 +1,130 @@
+"""``postlane users ...`` and ``postlane tls ...``: SMTP AUTH users and test certificates."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+import typer
+
+from .edge.auth import User, UsersError, hash_password, load_users, save_user, valid_user_name
+
+users_app = typer.Typer(no_args_is_help=True, help="SMTP AUTH users (the security.users_file).")
+tls_app = typer.Typer(no_args_is_help=True, help="TLS certificates for the listeners.")
+
+
+@users_app.command("add")
+def users_add(
+    name: str = typer.Argument(..., help="login name"),
+    file: Path = typer.Option(Path("users.toml"), "--file", "-f", help="users file"),
+    password_file: Path | None = typer.Option(
+        None, help="read the password from this file's first line (else prompt)"),
+    classes: list[str] = typer.Option([], "--class", help="allowed traffic class (repeat)"),
+    default_class: str | None = typer.Option(None, help="class of mail without a class header"),
+    sender_domains: list[str] = typer.Option(
+        [], "--sender-domain", help="domain the user may send from (repeat; '*' = any)"),
+) -> None:
+    """Add or replace a user; only a salted scrypt hash of the password is stored."""
+    if not valid_user_name(name):
+        typer.echo(f"not a valid user name: {name!r}", err=True)
+        raise typer.Exit(2)
+    if password_file is not None:
+        try:
+            lines = password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            typer.echo(f"{password_file}: cannot read: {exc.strerror}", err=True)
+            raise typer.Exit(2) from None
+        password = lines[0] if lines else ""
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        typer.echo("the password needs at least 8 characters", err=True)
+        raise typer.Exit(2)
+    if default_class and classes and default_class not in classes:
+        typer.echo(f"--default-class {default_class!r} is not one of the allowed classes",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        save_user(file, User(name, hash_password(password), list(classes), default_class,
+                             [d.lower() for d in sender_domains]))
+    except UsersError as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"{file}: cannot write: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{file}: user {name!r} saved")
+
+
+@users_app.command("list")
+def users_list(file: Path = typer.Option(Path("users.toml"), "--file", "-f")) -> None:
+    """Show users and what they may do (never the hashes)."""
+    try:
+        users = load_users(file)
+    except UsersError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    for user in users.values():
+        typer.echo(f"{user.name}: classes={','.join(user.classes) or '*'}"
+                   f" default={user.default_class or '-'}"
+                   f" sender_domains={','.join(user.sender_domains) or '(none)'}")
+
+
+@tls_app.command("selfsigned")
+def tls_selfsigned(
+    out: Path = typer.Option(..., "--out", help="folder for cert.pem and key.pem"),
+    hostname: str = typer.Option("localhost", help="subject and DNS name"),
+    days: int = typer.Option(365, min=1, max=3650),
+) -> None:
+    """A self-signed certificate for tests and demos (key file written 0600)."""
+    cert, key = selfsigned(hostname, days)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cert.pem").write_bytes(cert)
+        fd = os.open(out / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+    except OSError as exc:
+        typer.echo(f"{out}: cannot write: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{out}/cert.pem and {out}/key.pem for {hostname}, valid {days} days")
+
+
+def selfsigned(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
+    """(certificate PEM, private key PEM) of a fresh P-256 self-signed certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    alt: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    with contextlib.suppress(ValueError):
+        alt.append(x509.IPAddress(ipaddress.ip_address(hostname)))
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def killtest(
+    workdir: Path = typer.Option(Path("killtest-run"), help="spool, logs and arrivals"),
+    messages: int = typer.Option(300, min=2),
+    kills: int = typer.Option(3, min=0),
+    seed: int | None = typer.Option(None, help="random seed (default: the process id)"),
+) -> None:
+    """SIGKILL a node at random moments of a campaign; check nothing acknowledged is lost."""
+    from .killtest import command
+
+    raise typer.Exit(command(workdir, messages, kills, seed))

@@ -1,0 +1,133 @@
+"""Remote faults on the delivery side: each ends as a retry or a bounce with an accounting
+record, and a message hit by a temporary fault still arrives once the remote side behaves."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import socket
+
+import pytest
+
+from postlane.policy.intake import RcptIn
+from tests.conftest import config_text, message, send
+from tests.support.badserver import FAULTS, BadServer
+
+TIMEOUTS = "[relay]\nconnect_timeout = 0.5\ncommand_timeout = 0.5\ndata_timeout = 0.5\n"
+
+
+def fault_config(tmp_path, port: int, dns_port: int, *, routes: bool = True) -> str:
+    text = config_text(tmp_path, port, f'[dns]\nnameserver = "127.0.0.1"\nport = {dns_port}\n'
+                                       f"timeout = 0.5\n", routes=routes)
+    return text.replace("[relay]\n", TIMEOUTS, 1).replace('retry = ["1s", "1s", "2s"]',
+                                                         'retry = ["0.2s"]')
+
+
+def records(tmp_path) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted((tmp_path / "acct").glob("*.csv")):
+        with open(path, newline="") as fh:
+            rows.extend(csv.DictReader(fh))
+    return rows
+
+
+async def deferred(node, count: int = 1) -> None:
+    """Wait until ``count`` recipients wait for a retry."""
+    async with asyncio.timeout(20):
+        while sum(lane.deferred for lane in node.scheduler.lanes.values()) < count:
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def bad():
+    server = await BadServer().start()
+    yield server
+    await server.stop()
+
+
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f != "banner-554"])
+async def test_temporary_fault_is_retried_then_delivered(tmp_path, make_node, dns_server, bad,
+                                                         fault):
+    bad.faults = [fault]
+    node = await make_node(fault_config(tmp_path, bad.port, dns_server.port))
+    await send(node.listeners[0].port, "s@example.com", ["a@example.com"],
+               message(fault, cls="policy-documents"))
+    await bad.wait_for(1)
+    assert node.listeners[0].handler.intake.accepted == 1
+    await node.stop()
+    kinds = [(r["rcpt"], r["type"]) for r in records(tmp_path)]
+    assert kinds == [("a@example.com", "r"), ("a@example.com", "t"), ("a@example.com", "d")]
+    deferral = next(r for r in records(tmp_path) if r["type"] == "t")
+    assert deferral["dsnStatus"].startswith("4.")
+
+
+async def test_greeting_554_bounces_with_a_record(tmp_path, make_node, dns_server, bad):
+    bad.faults = ["banner-554"]
+    node = await make_node(fault_config(tmp_path, bad.port, dns_server.port))
+    await send(node.listeners[0].port, "s@example.com", ["a@example.com"],
+               message(cls="policy-documents"))
+    await bad.wait_for(1)  # the DSN to s@example.com, on the next (good) connection
+    await node.stop()
+    [(mail_from, rcpts, data)] = bad.received
+    assert mail_from == "" and rcpts == ["s@example.com"] and b"5.3.2" in data
+    bounce = next(r for r in records(tmp_path) if r["type"] == "b")
+    assert bounce["rcpt"] == "a@example.com" and bounce["dsnStatus"] == "5.3.2"
+
+
+async def test_connection_refused_is_retried(tmp_path, make_node, dns_server, bad):
+    with socket.socket() as probe:  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    node = await make_node(fault_config(tmp_path, dead, dns_server.port))
+    await send(node.listeners[0].port, "s@example.com", ["a@example.com"],
+               message(cls="policy-documents"))
+    await deferred(node)
+    node.config.routes["example.com"] = f"127.0.0.1:{bad.port}"  # the server comes back
+    await bad.wait_for(1)
+    await node.stop()
+    kinds = [r["type"] for r in records(tmp_path)]
+    assert kinds == ["r", "t", "d"]
+
+
+@pytest.mark.parametrize("rcode", ["SERVFAIL", "timeout"])
+async def test_dns_temporary_failures_are_retried(tmp_path, make_node, dns_server, bad, rcode):
+    if rcode == "timeout":
+        dns_server.set_timeout("dnsfault.test")
+    else:
+        dns_server.set_rcode("dnsfault.test", rcode)
+    node = await make_node(fault_config(tmp_path, bad.port, dns_server.port, routes=False))
+    await send(node.listeners[0].port, "s@dnsfault.test", ["a@dnsfault.test"],
+               message(cls="policy-documents"))
+    await deferred(node)
+    dns_server.clear()
+    dns_server.add_mx("dnsfault.test", 10, "mx.dnsfault.test")
+    dns_server.add_a("mx.dnsfault.test", "127.0.0.1")
+    await bad.wait_for(1, timeout=30)
+    await node.stop()
+    rows = [r for r in records(tmp_path) if r["rcpt"] == "a@dnsfault.test"]
+    assert [r["type"] for r in rows] == ["r", "t", "d"]
+    assert rows[1]["dsnStatus"] == "4.4.3"
+
+
+async def test_nxdomain_bounces(tmp_path, make_node, dns_server, bad):
+    dns_server.set_rcode("nowhere.test", "NXDOMAIN")
+    node = await make_node(fault_config(tmp_path, bad.port, dns_server.port))
+    await send(node.listeners[0].port, "s@example.com", ["a@nowhere.test"],
+               message(cls="policy-documents"))
+    await bad.wait_for(1)  # the DSN to s@example.com
+    await node.stop()
+    rows = [r for r in records(tmp_path) if r["rcpt"] == "a@nowhere.test"]
+    assert [r["type"] for r in rows] == ["r", "b"]
+    assert rows[1]["dsnStatus"] == "5.1.2"
+
+
+async def test_an_unexpected_delivery_error_defers_instead_of_stranding(tmp_path, make_node,
+                                                                       dns_server, bad):
+    """An envelope the edge would refuse, injected behind its back, makes the client raise a
+    non-SMTP error; the recipient must still get a retry record, not vanish in memory."""
+    node = await make_node(fault_config(tmp_path, bad.port, dns_server.port))
+    await node.intake.submit("bad\r\nRSET@example.com", [RcptIn("a@example.com")],
+                             message(cls="policy-documents"))
+    await deferred(node)
+    await node.stop()
+    assert [r["type"] for r in records(tmp_path)] == ["r", "t"]

@@ -1,0 +1,100 @@
+"""Hostile input at the SMTP door: each gets a clear reply, nothing is smuggled, and the node
+keeps serving the next client."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import config_text, message, send
+from tests.support.rawsmtp import session
+
+SMUGGLED = (b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nowned\r\n")
+
+
+async def _still_serving(node, sink, count: int) -> None:
+    await send(node.listeners[0].port, "s@insurer.test", ["later@example.com"], message("later"))
+    arrivals = await sink.wait_for(count)
+    assert any(a.rcpts == ["later@example.com"] for a in arrivals)
+
+
+@pytest.mark.parametrize("ending", [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n",
+                                    b"\r\n.\r", b"\n.\r", b"\r.\n"],
+                         ids=["LF.LF", "CR.CR", "CRLF.LF", "LF.CRLF", "CR.CRLF", "CRLF.CR",
+                              "LF.CR", "CR.LF"])
+async def test_smtp_smuggling_variants_stay_one_message(tmp_path, sink, make_node, ending):
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(b"Subject: carrier\r\n\r\nbody" + ending + SMUGGLED + b"\r\n.\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    assert (await raw.cmd("QUIT")).startswith("221")
+    [arrival] = await sink.wait_for(1)
+    await _still_serving(node, sink, 2)
+    assert len(sink.arrivals) == 2, "the smuggled transaction must not become a message"
+    assert not sink.for_rcpt("victim@example.com")
+    assert arrival.rcpts == ["a@example.com"]
+    assert b"MAIL FROM:<evil@attacker.test>" in arrival.data  # stays inside the body
+    lines = arrival.data.split(b"\r\n")
+    assert b"\n" not in b"".join(lines) and b"\r" not in b"".join(lines), "no bare CR/LF left"
+
+
+async def test_nul_invalid_utf8_and_malformed_mime_get_clear_replies(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd(b"MAIL FROM:<\xff\xfe@insurer.test>\r\n")).startswith("501 5.1.7")
+    assert (await raw.cmd(b"MAIL FROM:<s\x00@insurer.test>\r\n")).startswith("501")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd(b"RCPT TO:<\xc3\x28@example.com>\r\n")).startswith("501 5.1.3")
+    assert (await raw.cmd(b"RCPT TO:<a\x00b@example.com>\r\n")).startswith("501")
+    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    body = (b"Subject: \xff\xfe broken \x00 utf8\r\nNo colon header line\r\n"
+            b"Content-Type: multipart/mixed; boundary=\"never-closed\"\r\n\r\n"
+            b"--never-closed\r\nContent-Type: text/plain\r\n\r\nnul \x00 here\r\n")
+    raw.send(body + b".\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    [arrival] = await sink.wait_for(1)
+    assert b"nul \x00 here" in arrival.data  # carried, not silently altered
+    await _still_serving(node, sink, 2)
+
+
+async def test_absurdly_long_headers(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    for data, expect in [(b"Subject: " + b"a" * 50_000 + b"\r\n\r\nx\r\n", "500 5.5.2"),
+                         (b"X-Folded: start\r\n" + b"\tcontinued\r\n" * 5_000 + b"\r\nx\r\n",
+                          "250 2.0.0"),
+                         (b"X-Many: v\r\n" * 20_000 + b"\r\nx\r\n", "552 5.3.4")]:
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
+        assert (await raw.cmd("DATA")).startswith("354")
+        raw.send(data + b".\r\n")
+        assert (await raw.reply()).startswith(expect)
+    await raw.close()
+    await _still_serving(node, sink, 2)
+
+
+async def test_ten_thousand_recipients(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port).replace(
+        "max_message_size = 100000", "max_message_size = 100000\nmax_recipients = 50"))
+    raw = await session(node.listeners[0].port)
+    raw.send(b"MAIL FROM:<s@insurer.test>\r\n"
+             + b"".join(b"RCPT TO:<r%d@example.com>\r\n" % i for i in range(10_000)))
+    received = b""
+    while received.count(b"\r\n") < 10_001:
+        received += await raw.reader.read(1 << 20)
+    mail, *replies = received.decode().split("\r\n")[:-1]
+    assert mail.startswith("250")
+    assert sum(r.startswith("250 2.1.5") for r in replies) == 50
+    assert sum(r.startswith("452 4.5.3") for r in replies) == 9_950
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(message() + b".\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    await sink.wait_for(1)
+    assert sum(len(a.rcpts) for a in sink.arrivals) == 50
+    await _still_serving(node, sink, 2)

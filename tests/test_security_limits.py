@@ -1,0 +1,162 @@
+"""Each intake limit: its refusal, its enhanced status code, and the node serving on after it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import config_text, message, send
+from tests.support.rawsmtp import RawSMTP, session
+
+
+def limited(tmp_path, sink_port, limits: str, extra: str = "", relay_from: str | None = None
+            ) -> str:
+    text = config_text(tmp_path, sink_port, f"[listeners.in.limits]\n{limits}\n{extra}")
+    if relay_from is not None:
+        text = text.replace("max_message_size = 100000",
+                            f"max_message_size = 100000\nrelay_from = {relay_from}")
+    return text
+
+
+async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
+    node = await make_node(limited(tmp_path, sink.port,
+                                   "max_connections_per_ip = 2\nmax_connections = 4",
+                                   relay_from='["127.0.0.9/32"]'))
+    port = node.listeners[0].port
+    trusted = [await RawSMTP.connect(port, source="127.0.0.9") for _ in range(3)]
+    for raw in trusted:  # relay_from clients are exempt from the per-IP count
+        assert (await raw.reply()).startswith("220")
+    await trusted.pop().close()
+    await trusted.pop().close()
+    while node.listeners[0].handler.guard.connections.total > 1:
+        await asyncio.sleep(0.02)
+    first = [await RawSMTP.connect(port) for _ in range(2)]
+    for raw in first:
+        assert (await raw.reply()).startswith("220")
+    third = await RawSMTP.connect(port)
+    assert (await third.reply()).startswith("421 4.7.0 Too many connections from your address")
+    assert await third.closed()
+    other = await RawSMTP.connect(port, source="127.0.0.2")  # another client IP still gets in
+    assert (await other.reply()).startswith("220")
+    fourth = await RawSMTP.connect(port, source="127.0.0.3")
+    assert (await fourth.reply()).startswith("421 4.7.0 Too many connections,")
+    await first[0].cmd("QUIT")
+    await first[0].close()
+    for _ in range(50):  # the slot is released once the server sees the close
+        if node.listeners[0].handler.guard.connections.per_ip["127.0.0.1"] < 2:
+            break
+        await asyncio.sleep(0.05)
+    again = await RawSMTP.connect(port)
+    assert (await again.reply()).startswith("220")
+    for raw in (first[1], other, again, *trusted):
+        await raw.close()
+
+
+async def test_recipients_size_and_line_length(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port, """
+[listeners.in.limits]
+max_line_length = 200
+""").replace("max_message_size = 100000", "max_message_size = 100000\nmax_recipients = 3"))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    replies = [await raw.cmd(f"RCPT TO:<r{i}@example.com>") for i in range(4)]
+    assert [r[:9] for r in replies] == ["250 2.1.5"] * 3 + ["452 4.5.3"]
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(b"Subject: long\r\n\r\n" + b"x" * 500 + b"\r\n.\r\n")
+    assert (await raw.reply()).startswith("500 5.5.2 Line too long")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<r@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send((b"y" * 150 + b"\r\n") * 1000 + b".\r\n")
+    assert (await raw.reply()).startswith("552 5.3.4")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<r@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(b"Subject: ok\r\n\r\n" + b"z" * 190 + b"\r\n.\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["r@example.com"]
+
+
+async def test_idle_connection_gets_421_then_closed(tmp_path, sink, make_node):
+    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.3s"'))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.reply(timeout=10)).startswith("421 4.4.2")
+    assert await raw.closed()
+
+
+async def test_bad_commands_disconnect(tmp_path, sink, make_node):
+    node = await make_node(limited(tmp_path, sink.port, "max_bad_commands = 3"))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<bad address>")).startswith("501")
+    assert (await raw.cmd("RCPT TO:<x@example.com>")).startswith("503 5.5.1")  # not counted
+    assert (await raw.cmd("EHLO")).startswith("501 5.5.4")
+    raw.send(b"XYZZY\r\n")
+    assert (await raw.reply()).startswith("500 5.5.1")
+    assert (await raw.reply()).startswith("421 4.7.0 Too many errors")
+    assert await raw.closed()
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"], message())
+    await sink.wait_for(1)
+
+
+async def test_messages_per_minute(tmp_path, sink, make_node):
+    node = await make_node(limited(tmp_path, sink.port, "messages_per_minute = 2",
+                                   relay_from='["127.0.0.9/32"]'))
+    raw = await session(node.listeners[0].port)
+    for _ in range(2):
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        assert (await raw.cmd("RSET")).startswith("250 2.0.0")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("450 4.7.1")
+    await raw.close()
+    trusted = await RawSMTP.connect(node.listeners[0].port, source="127.0.0.9")
+    assert (await trusted.reply()).startswith("220")
+    assert (await trusted.cmd("EHLO app.test")).startswith("250")
+    for _ in range(5):  # relay_from clients are exempt
+        assert (await trusted.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        assert (await trusted.cmd("RSET")).startswith("250")
+    await trusted.close()
+
+
+async def test_low_disk_space_refuses_with_452_and_recovers(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port, "[security]\nmin_free_space = 0\n"))
+    port = node.listeners[0].port
+    sink.delay = 0.5  # the first message is still queued while the disk "fills"
+    await send(port, "s@insurer.test", ["before@example.com"], message())
+    disk = node.intake.disk
+    raw = await session(port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<during@example.com>")).startswith("250")
+    disk.min_free, _ = 1 << 60, disk.recheck()
+    assert (await raw.cmd("RCPT TO:<during2@example.com>")).startswith("452 4.3.1")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(message() + b".\r\n")
+    assert (await raw.reply()).startswith("452 4.3.1"), "not stored, so not acknowledged"
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("452 4.3.1")
+    disk.min_free, _ = 0, disk.recheck()  # space returns: intake resumes on its own
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<after@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(message() + b".\r\n")
+    assert (await raw.reply()).startswith("250")
+    await raw.close()
+    arrivals = await sink.wait_for(2)
+    assert sorted(a.rcpts[0] for a in arrivals) == ["after@example.com", "before@example.com"]
+    assert node.intake.accepted == 2
+
+
+async def test_command_timeout_is_idle_time_during_a_slow_data_transfer(tmp_path, sink,
+                                                                        make_node):
+    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.5s"'))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<slow@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(b"Subject: slow\r\n\r\n")
+    for i in range(8):  # 1.6 s in total, never idle for 0.5 s
+        raw.send(b"line %d\r\n" % i)
+        await raw.writer.drain()
+        await asyncio.sleep(0.2)
+    raw.send(b".\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    await sink.wait_for(1)
