@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 from .accounting.log import AccountingLog
+from .api.server import APIServer
 from .config import Config
 from .edge.smtp import Listener
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
+from .monitor.monitor import Monitor
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
@@ -46,6 +48,9 @@ class Node:
         self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write)
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
                           for name, lc in config.listeners.items()]
+        self.monitor = Monitor(self)
+        self.accounting.add_listener(self.monitor.on_record)
+        self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
@@ -59,6 +64,9 @@ class Node:
         pending = await self.spool.pending()
         for rcpt in pending.recipients:
             self.scheduler.add(rcpt)
+        await self.monitor.start()
+        if self.api is not None:
+            await self.api.start()
         for listener in self.listeners:
             await listener.start()
         self.started_at = time.time()
@@ -74,11 +82,14 @@ class Node:
         """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool."""
         for listener in self.listeners:
             await listener.stop()
+        if self.api is not None:
+            await self.api.stop()
         await self.scheduler.drain(self.config.node.drain_timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
         if self._flusher is not None:
             self._flusher.cancel()
+        await self.monitor.stop()
         await self.spool.flush()
         await self.spool.close()
         self.accounting.close()

@@ -143,6 +143,47 @@ class AccountingConfig(Strict):
     rotate_size: Size = 100 * 1024 * 1024
 
 
+class APIConfig(Strict):
+    """The management/injection HTTP API, /metrics and the dashboard (docs/monitoring.md)."""
+
+    enabled: bool = True
+    address: IPAddress = "127.0.0.1"
+    port: int = Field(8025, ge=0, le=65535)
+    token_file: str = "var/api-token"
+    """Bearer token, one line; created with mode 0600 if missing."""
+
+
+class SLARule(Strict):
+    """Alert rules of one traffic class; defaults derive from the class SLA."""
+
+    p95: Duration | None = None
+    """Threshold rule: alert when p95 delivery latency over ``window`` exceeds this
+    (default: a third of the SLA, the case study's 10 minutes for a 30-minute SLA)."""
+    window: Duration = 300.0
+    lead_time: Duration | None = None
+    """Predictive rule: alert when the first breach is estimated closer than this
+    (default: half the SLA)."""
+
+
+class MonitorConfig(Strict):
+    evaluate_every: Duration = 1.0
+    sample_every: Duration = 5.0
+    """Dashboard history resolution (one hour is kept)."""
+    rate_window: Duration = 60.0
+    """Drain rate = final outcomes of a pool over this window."""
+    resolve_after: Duration = 30.0
+    """An alert resolves once its condition has been clear this long (no flapping)."""
+    sla: dict[str, SLARule] = {}
+    """Per class name; classes with an SLA and no entry get the default rules."""
+    webhook_url: str | None = None
+    webhook_retries: int = Field(5, ge=0, le=20)
+    webhook_backoff: Duration = 2.0
+    webhook_timeout: Duration = 5.0
+    ops_address: str | None = None
+    """Alerts are also e-mailed here, through the highest-priority class."""
+    ops_from: str = "postlane-monitor@localhost"
+
+
 class Config(Strict):
     node: NodeConfig = NodeConfig()
     listeners: dict[Name, ListenerConfig] = {"default": ListenerConfig()}
@@ -155,6 +196,8 @@ class Config(Strict):
     """Recipient domain -> "host:port" (a smarthost, or a sink in tests); skips MX lookup."""
     accounting: AccountingConfig = AccountingConfig()
     correlation_header: str = "X-Correlation-ID"
+    api: APIConfig = APIConfig()
+    monitor: MonitorConfig = MonitorConfig()
     scheduler: Literal["lanes", "fifo"] = "lanes"
     """``fifo`` serves every message in arrival order through one queue: the baseline to beat."""
 

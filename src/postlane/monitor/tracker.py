@@ -1,0 +1,197 @@
+"""Time-in-queue tracking, fed by the accounting record stream.
+
+Every event the node logs passes through ``Tracker.on_record``, so the monitor sees exactly what
+the audit trail says, whichever component produced it, and needs no hooks in the hot paths.
+Classes with an SLA keep their outstanding messages in injection order (which, with one SLA per
+class, is deadline order): that is what the breach predictor walks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ..accounting.records import Record
+from ..config import Config
+from ..spool import Recipient
+from .latency import Series
+
+RECENT_MESSAGES = 10_000
+"""Finished messages kept for lookups by queue id or correlation id."""
+
+
+@dataclass(slots=True)
+class ClassState:
+    name: str
+    pool: str
+    priority: int
+    sla: float | None
+    retry: list[float]
+    latency: Series = field(default_factory=Series)
+    depth: int = 0
+    """Recipients received and not yet final."""
+    outstanding: OrderedDict[str, list[float]] = field(default_factory=OrderedDict)
+    """SLA classes only: queue id -> [queued_at, recipients left, not before (retry time)]."""
+
+
+@dataclass(slots=True)
+class PoolState:
+    name: str
+    latency: Series = field(default_factory=Series)
+    done: Series = field(default_factory=Series)
+    """Final outcomes (delivered, bounced, expired): the drain rate."""
+    last_done: float = 0.0
+    depth: int = 0
+    busy_since: float = 0.0
+    """When the pool last went from idle to having work (the stall clock starts there)."""
+
+
+class Tracker:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.classes = {
+            name: ClassState(name, c.pool, c.priority, c.sla, list(c.retry))
+            for name, c in config.classes.items()}
+        self.pools = {name: PoolState(name) for name in config.pools}
+        self.recent: OrderedDict[str, dict] = OrderedDict()
+        self._by_correlation: dict[str, list[str]] = {}
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def seed(self, recipients: list[Recipient], now: float) -> None:
+        """Count recipients resumed from the spool at start (they log no new "r" record)."""
+        for rcpt in sorted(recipients, key=lambda r: r.msg.queued_at):
+            state = self.classes.get(rcpt.msg.cls)
+            if state is not None:
+                self._received(state, rcpt.msg.id, rcpt.msg.queued_at, now)
+
+    def on_record(self, rec: Record) -> None:
+        """The accounting listener: O(1) per record (see docs/performance-monitor.md)."""
+        kind = rec.type
+        state = self.classes.get(rec.cls)
+        if state is None:
+            return
+        if kind == "r":
+            self._received(state, rec.queue_id, rec.time_queued, rec.time_logged)
+        elif kind == "t":
+            entry = state.outstanding.get(rec.queue_id)
+            if entry is not None:
+                step = state.retry[min(max(rec.attempt, 1) - 1, len(state.retry) - 1)]
+                entry[2] = max(entry[2], rec.time_logged + step * 1.1)  # 1.1: the retry jitter
+        elif kind in ("d", "b"):
+            pool = self.pools.get(state.pool)
+            if kind == "d":
+                latency = rec.time_logged - rec.time_queued
+                state.latency.add(rec.time_logged, latency)
+                if pool is not None:
+                    pool.latency.add(rec.time_logged, latency)
+            if pool is not None:
+                pool.done.add(rec.time_logged, 0.0)
+                pool.last_done = rec.time_logged
+                pool.depth -= 1
+            state.depth -= 1
+            entry = state.outstanding.get(rec.queue_id)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del state.outstanding[rec.queue_id]
+            self._remember(rec)
+
+    def _received(self, state: ClassState, queue_id: str, queued_at: float, now: float) -> None:
+        state.depth += 1
+        pool = self.pools.get(state.pool)
+        if pool is not None:
+            if pool.depth <= 0:
+                pool.busy_since = now
+            pool.depth += 1
+        if state.sla is not None:
+            entry = state.outstanding.get(queue_id)
+            if entry is None:
+                state.outstanding[queue_id] = [queued_at, 1, 0.0]
+            else:
+                entry[1] += 1
+
+    def _remember(self, rec: Record) -> None:
+        entry = self.recent.get(rec.queue_id)
+        if entry is None:
+            entry = self.recent[rec.queue_id] = {
+                "queue_id": rec.queue_id, "class": rec.cls, "pool": rec.vmta_pool,
+                "correlation_id": rec.correlation_id, "message_id": rec.message_id,
+                "queued_at": rec.time_queued, "recipients": []}
+            if rec.correlation_id:
+                self._by_correlation.setdefault(rec.correlation_id, []).append(rec.queue_id)
+            if len(self.recent) > RECENT_MESSAGES:
+                _, old = self.recent.popitem(last=False)
+                ids = self._by_correlation.get(old["correlation_id"])
+                if ids is not None:
+                    ids.remove(old["queue_id"])
+                    if not ids:
+                        del self._by_correlation[old["correlation_id"]]
+        entry["recipients"].append({
+            "address": rec.rcpt, "state": _final_state(rec), "attempts": rec.attempt,
+            "at": rec.time_logged, "dsn_status": rec.dsn_status, "reply": rec.dsn_diag,
+            "source_ip": rec.dlv_source_ip})
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def finished(self, queue_id: str | None = None,
+                 correlation_id: str | None = None) -> list[dict]:
+        """Recently finished messages by queue id or correlation id."""
+        if queue_id is not None:
+            entry = self.recent.get(queue_id)
+            return [entry] if entry is not None else []
+        ids = self._by_correlation.get(correlation_id or "", [])
+        return [self.recent[i] for i in ids]
+
+    def oldest_age(self, name: str, now: float) -> float | None:
+        """Age of the oldest outstanding message of an SLA class (None: not tracked)."""
+        state = self.classes[name]
+        if state.sla is None:
+            return None
+        for entry in state.outstanding.values():
+            return max(0.0, now - entry[0])
+        return 0.0
+
+    def drain_rate(self, pool: str, now: float) -> float:
+        """Final outcomes per second over the rate window, capped by the stall: when work is
+        waiting and nothing finished for s seconds, the pool is draining at most 1/s."""
+        window = self.config.monitor.rate_window
+        state = self.pools[pool]
+        rate = state.done.count(now, window) / window
+        if state.depth > 0:
+            since = now - max(state.last_done, state.busy_since)
+            if since > 0:
+                rate = min(rate, 1.0 / since) if rate else 1.0 / since
+        return rate
+
+    def predict_breach(self, name: str, now: float, horizon: float) -> float | None:
+        """Seconds until the first outstanding message of class ``name`` is estimated to breach
+        its SLA (negative: already past its deadline); None if none within ``horizon``.
+
+        A message's estimated delivery time is now + (recipients ahead of it in its pool, by
+        class priority then injection order, plus itself) / drain rate, and not before its next
+        retry; it breaches if that is later than its injection time + SLA.
+        """
+        state = self.classes[name]
+        if state.sla is None or not state.outstanding:
+            return None
+        rate = self.drain_rate(state.pool, now)
+        ahead = sum(c.depth for c in self.classes.values()
+                    if c.pool == state.pool and c.priority < state.priority)
+        position = ahead
+        for queued_at, left, not_before in state.outstanding.values():
+            deadline = queued_at + state.sla
+            if deadline - now > horizon:
+                return None
+            position += left
+            eta = now + position / rate if rate > 0 else math.inf
+            if max(eta, not_before) > deadline:
+                return deadline - now
+        return None
+
+
+def _final_state(rec: Record) -> str:
+    if rec.type == "d":
+        return "delivered"
+    return {"message-expired": "expired", "purged": "purged"}.get(rec.bounce_cat, "bounced")
