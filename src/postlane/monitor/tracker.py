@@ -54,7 +54,7 @@ class Tracker:
             name: ClassState(name, c.pool, c.priority, c.sla, list(c.retry))
             for name, c in config.classes.items()}
         self.pools = {name: PoolState(name) for name in config.pools}
-        self.recent: OrderedDict[str, dict] = OrderedDict()
+        self.recent: OrderedDict[str, tuple] = OrderedDict()
         self._by_correlation: dict[str, list[str]] = {}
 
     # -- feeding --------------------------------------------------------------------------------
@@ -113,25 +113,22 @@ class Tracker:
                 entry[1] += 1
 
     def _remember(self, rec: Record) -> None:
+        """Keep a finished recipient for lookups (tuples: this runs for every final record)."""
         entry = self.recent.get(rec.queue_id)
         if entry is None:
-            entry = self.recent[rec.queue_id] = {
-                "queue_id": rec.queue_id, "class": rec.cls, "pool": rec.vmta_pool,
-                "correlation_id": rec.correlation_id, "message_id": rec.message_id,
-                "queued_at": rec.time_queued, "recipients": []}
+            entry = self.recent[rec.queue_id] = (rec.cls, rec.vmta_pool, rec.correlation_id,
+                                                 rec.message_id, rec.time_queued, [])
             if rec.correlation_id:
                 self._by_correlation.setdefault(rec.correlation_id, []).append(rec.queue_id)
             if len(self.recent) > RECENT_MESSAGES:
-                _, old = self.recent.popitem(last=False)
-                ids = self._by_correlation.get(old["correlation_id"])
+                old_id, old = self.recent.popitem(last=False)
+                ids = self._by_correlation.get(old[2])
                 if ids is not None:
-                    ids.remove(old["queue_id"])
+                    ids.remove(old_id)
                     if not ids:
-                        del self._by_correlation[old["correlation_id"]]
-        entry["recipients"].append({
-            "address": rec.rcpt, "state": _final_state(rec), "attempts": rec.attempt,
-            "at": rec.time_logged, "dsn_status": rec.dsn_status, "reply": rec.dsn_diag,
-            "source_ip": rec.dlv_source_ip})
+                        del self._by_correlation[old[2]]
+        entry[5].append((rec.rcpt, rec.type, rec.bounce_cat, rec.attempt, rec.time_logged,
+                         rec.dsn_status, rec.dsn_diag, rec.dlv_source_ip))
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -139,10 +136,19 @@ class Tracker:
                  correlation_id: str | None = None) -> list[dict]:
         """Recently finished messages by queue id or correlation id."""
         if queue_id is not None:
-            entry = self.recent.get(queue_id)
-            return [entry] if entry is not None else []
-        ids = self._by_correlation.get(correlation_id or "", [])
-        return [self.recent[i] for i in ids]
+            ids = [queue_id] if queue_id in self.recent else []
+        else:
+            ids = self._by_correlation.get(correlation_id or "", [])
+        out = []
+        for qid in ids:
+            cls, pool, corr, message_id, queued_at, rcpts = self.recent[qid]
+            out.append({
+                "queue_id": qid, "class": cls, "pool": pool, "correlation_id": corr,
+                "message_id": message_id, "queued_at": queued_at,
+                "recipients": [{"address": r[0], "state": _final_state(r[1], r[2]),
+                                "attempts": r[3], "at": r[4], "dsn_status": r[5],
+                                "reply": r[6], "source_ip": r[7]} for r in rcpts]})
+        return out
 
     def oldest_age(self, name: str, now: float) -> float | None:
         """Age of the oldest outstanding message of an SLA class (None: not tracked)."""
@@ -191,7 +197,7 @@ class Tracker:
         return None
 
 
-def _final_state(rec: Record) -> str:
-    if rec.type == "d":
+def _final_state(kind: str, bounce_cat: str) -> str:
+    if kind == "d":
         return "delivered"
-    return {"message-expired": "expired", "purged": "purged"}.get(rec.bounce_cat, "bounced")
+    return {"message-expired": "expired", "purged": "purged"}.get(bounce_cat, "bounced")
