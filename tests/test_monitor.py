@@ -228,3 +228,22 @@ async def test_webhook_gives_up_after_its_retries(hook_server, caplog):
     await notify("resolved", _alert())
     assert len(handler.bodies) == 3
     assert "alert webhook gave up" in caplog.text
+
+
+async def test_restart_counts_resumed_messages(tmp_path, sink, make_node):
+    text = config_text(tmp_path, sink.port)
+    node = await make_node(text)
+    await node.pause("bulk")
+    for i in range(2):
+        await node.intake.submit("s@insurer.test", [RcptIn(f"m{i}@example.com")],
+                                 message("offer", cls="marketing"))
+    await node.intake.submit("s@insurer.test", [RcptIn("late@example.com")],
+                             message("policy", cls="policy-documents"))
+    await sink.wait_for(1)
+    await node.stop()
+    again = await make_node(text)
+    states = {c["class"]: c for c in again.monitor.class_states(time.time())}
+    assert states["marketing"]["depth"] == 2
+    assert states["marketing"]["oldest_age_s"] > 0
+    assert states["policy-documents"]["depth"] == 0
+    assert states["policy-documents"]["latency_s"]["1m"] is None, "history is not persisted"

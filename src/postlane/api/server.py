@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
@@ -78,6 +79,9 @@ class APIServer:
         if self._task.done():
             self._task.result()
         log.info("API listening", extra={"address": cfg.address, "port": self.port})
+        if not ipaddress.ip_address(cfg.address).is_loopback:
+            log.warning("API listens beyond loopback: put TLS (a reverse proxy) in front of it,"
+                        " the bearer token travels in clear HTTP", extra={"address": cfg.address})
 
     async def stop(self) -> None:
         if self._server is not None and self._task is not None:
