@@ -81,7 +81,8 @@ def _lanes_table(status: dict) -> Table:
     table = Table(title="lanes")
     for col in ("pool", "domain", "queued", "ready", "deferred", "in flight", "oldest",
                 "connections", "state"):
-        table.add_column(col, justify="left" if col in ("pool", "domain", "state") else "right")
+        table.add_column(col, justify="left" if col in ("pool", "domain", "state") else "right",
+                         no_wrap=col in ("pool", "domain"))
     for lane in status["lanes"]:
         state = "paused" if lane["paused"] else (
             f"backoff {lane['suspended_s']}s" if lane["suspended_s"] else "running")
@@ -114,7 +115,8 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     out.print(pools)
     classes = Table(title="classes (latency over the last 5 minutes)")
     for col in ("class", "pool", "SLA", "p50", "p95", "p99", "queued", "oldest", "breach in"):
-        classes.add_column(col, justify="left" if col in ("class", "pool") else "right")
+        classes.add_column(col, justify="left" if col in ("class", "pool") else "right",
+                           no_wrap=col in ("class", "pool"))
     for c in sla["classes"]:
         q = c["latency_s"]["5m"] or {}
         classes.add_row(c["class"], c["pool"], _age(c["sla_s"]) if c["sla_s"] else "-",
