@@ -73,6 +73,27 @@ def test_predictor_sees_a_stall_before_the_deadline():
     assert breached is not None and breached < 0, "already past the deadline"
 
 
+def test_a_burst_after_a_quiet_spell_is_no_predicted_breach():
+    """The rate is measured over busy time: three messages a minute say nothing about how fast
+    the pool drains a burst of fifty."""
+    tr = _tracker("10s")
+    t0 = 1_000_000.0
+    for i in range(3):
+        t = t0 + 20 * i
+        tr.on_record(_rec("r", f"q{i}", t, t))
+        tr.on_record(_rec("d", f"q{i}", t + 0.01, t))
+        tr.mark_idle("p")  # the monitor's tick sees no ready or in-flight work
+    burst = t0 + 60
+    for i in range(50):
+        tr.on_record(_rec("r", f"b{i}", burst, burst))
+    for i in range(10):
+        tr.on_record(_rec("d", f"b{i}", burst + 0.02 * (i + 1), burst))
+    assert tr.drain_rate("p", burst + 0.25) == pytest.approx(12 / 60)  # q0 left the window
+    assert tr.service_rate("p", burst + 0.25) == pytest.approx(40, rel=0.01), "10 in 0.25 s"
+    assert tr.service_rate("p", burst + 1.2) == pytest.approx(1.0), "stalled for 1 s"
+    assert tr.predict_breach("urgent", burst + 0.25, horizon=10) is None
+
+
 def test_predictor_respects_retry_times_and_forgets_finished():
     tr = _tracker("10s")
     t0 = 1_000_000.0
@@ -135,6 +156,32 @@ async def test_predictive_alert_fires_before_any_breach_and_resolves(tmp_path, s
                (tmp_path / "acct" / "alerts.jsonl").read_text().splitlines()]
     events = [(j["event"], j["rule"]) for j in journal]
     assert ("fired", "predicted-breach") in events and ("resolved", "predicted-breach") in events
+
+
+async def test_a_growing_backlog_alerts_at_least_the_lead_time_before_the_breach(
+        tmp_path, sink, make_node):
+    """The bench's target: arrivals outpace a slowed remote server, the queue grows, and the
+    alert comes at least ``lead_time`` before the first message breaches."""
+    extra = SLA_EXTRA.replace('lead_time = "2s"', 'lead_time = "1s"')
+    text = config_text(tmp_path, sink.port, extra, max_out=1).replace('sla = "2m"', 'sla = "2s"')
+    node = await make_node(text)
+    sink.delay = 0.15  # one connection: about 6 messages a second
+    count = 0
+    end = time.time() + 2.5
+    while time.time() < end:  # about 15 a second
+        await node.intake.submit("s@insurer.test", [RcptIn(f"p{count}@example.com")],
+                                 message("policy", cls="policy-documents"))
+        count += 1
+        await asyncio.sleep(0.066)
+    await sink.wait_for(count, timeout=60)
+    queued = [float(email.message_from_bytes(a.data)["X-Postlane-Queued"].split(";")[0])
+              for a in sink.arrivals]
+    breaches = [q + 2.0 for q, a in zip(queued, sink.arrivals, strict=True) if a.time - q > 2.0]
+    assert breaches, "the backlog did make messages breach (otherwise the test proves nothing)"
+    fired = [a for a in [*node.monitor.alerts.history, *node.monitor.alerts.active.values()]
+             if a.rule == "predicted-breach"]
+    assert fired, "the predictive alert fired"
+    assert fired[0].fired_at <= min(breaches) - 1.0, (fired[0].fired_at, min(breaches))
 
 
 async def test_threshold_alert_and_ops_mail(tmp_path, sink, make_node):

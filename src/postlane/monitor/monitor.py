@@ -122,17 +122,26 @@ class Monitor:
                     "latency-threshold", name, state.pool, q[0.95], rule.p95,
                     f"{name}: p95 delivery latency {_dur(q[0.95])} over the last"
                     f" {_dur(rule.window)} exceeds {_dur(rule.p95)} (SLA {_dur(rule.sla)})"))
-            breach = self.tracker.predict_breach(name, now, rule.lead_time)
+            # + two ticks: the check runs every evaluate_every (and the loop may be late), yet
+            # the alert must come at least lead_time ahead
+            breach = self.tracker.predict_breach(
+                name, now, rule.lead_time + 2 * self.config.monitor.evaluate_every)
             if breach is not None:
                 text = (f"{name}: messages past their {_dur(rule.sla)} SLA" if breach <= 0 else
                         f"{name}: first SLA breach expected in {_dur(breach)}"
                         f" (lead time {_dur(rule.lead_time)})")
+                rate = self.tracker.service_rate(state.pool, now)
                 out.append(Condition("predicted-breach", name, state.pool, breach,
-                                     rule.lead_time, text + f"; {state.depth} queued, drain"
-                                     f" {self.tracker.drain_rate(state.pool, now):.2f}/s"))
+                                     rule.lead_time, text + f"; {state.depth} queued, draining"
+                                     f" {rate:.2f}/s"))
         return out
 
     def evaluate(self, now: float) -> None:
+        busy = {lane.pool for lane in self.node.scheduler.lanes.values()
+                if lane.heap or lane.inflight}
+        for pool, state in self.tracker.pools.items():
+            if pool not in busy and state.busy_since is not None:
+                self.tracker.mark_idle(pool)
         self.alerts.update(self.conditions(now), now)
 
     # -- views ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ class, is deadline order): that is what the breach predictor walks.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -35,16 +36,37 @@ class ClassState:
     """SLA classes only: queue id -> [queued_at, recipients left, not before (retry time)]."""
 
 
+class Completions:
+    """Times of a pool's final outcomes over the last ``window`` seconds (sorted: records are
+    logged as they happen)."""
+
+    __slots__ = ("window", "_times", "_added")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._times: list[float] = []
+        self._added = 0
+
+    def add(self, t: float) -> None:
+        self._times.append(t)
+        self._added += 1
+        if self._added & 4095 == 0:  # trim now and then: amortised O(1)
+            del self._times[:bisect_left(self._times, t - self.window)]
+
+    def since(self, t: float) -> int:
+        return len(self._times) - bisect_left(self._times, t)
+
+
 @dataclass(slots=True)
 class PoolState:
     name: str
+    done: Completions
+    """Final outcomes (delivered, bounced, expired, purged)."""
     latency: Series = field(default_factory=Series)
-    done: Series = field(default_factory=Series)
-    """Final outcomes (delivered, bounced, expired): the drain rate."""
     last_done: float = 0.0
-    depth: int = 0
-    busy_since: float = 0.0
-    """When the pool last went from idle to having work (the stall clock starts there)."""
+    busy_since: float | None = None
+    """Start of the current busy period (work ready or in flight); None while idle. Rates are
+    measured over busy time only: a quiet hour says nothing about how fast a burst drains."""
 
 
 class Tracker:
@@ -53,7 +75,8 @@ class Tracker:
         self.classes = {
             name: ClassState(name, c.pool, c.priority, c.sla, list(c.retry))
             for name, c in config.classes.items()}
-        self.pools = {name: PoolState(name) for name in config.pools}
+        window = config.monitor.rate_window
+        self.pools = {name: PoolState(name, Completions(window)) for name in config.pools}
         self.recent: OrderedDict[str, tuple] = OrderedDict()
         self._by_correlation: dict[str, list[str]] = {}
 
@@ -87,9 +110,8 @@ class Tracker:
                 if pool is not None:
                     pool.latency.add(rec.time_logged, latency)
             if pool is not None:
-                pool.done.add(rec.time_logged, 0.0)
+                pool.done.add(rec.time_logged)
                 pool.last_done = rec.time_logged
-                pool.depth -= 1
             state.depth -= 1
             entry = state.outstanding.get(rec.queue_id)
             if entry is not None:
@@ -101,10 +123,8 @@ class Tracker:
     def _received(self, state: ClassState, queue_id: str, queued_at: float, now: float) -> None:
         state.depth += 1
         pool = self.pools.get(state.pool)
-        if pool is not None:
-            if pool.depth <= 0:
-                pool.busy_since = now
-            pool.depth += 1
+        if pool is not None and pool.busy_since is None:
+            pool.busy_since = now
         if state.sla is not None:
             entry = state.outstanding.get(queue_id)
             if entry is None:
@@ -159,16 +179,29 @@ class Tracker:
             return max(0.0, now - entry[0])
         return 0.0
 
+    def mark_idle(self, pool: str) -> None:
+        """The scheduler has nothing ready or in flight for ``pool`` (deferred mail waiting for
+        its retry time does not make a pool busy)."""
+        self.pools[pool].busy_since = None
+
     def drain_rate(self, pool: str, now: float) -> float:
-        """Final outcomes per second over the rate window, capped by the stall: when work is
-        waiting and nothing finished for s seconds, the pool is draining at most 1/s."""
+        """Final outcomes per second over the rate window (what the pool did)."""
         window = self.config.monitor.rate_window
+        return self.pools[pool].done.since(now - window) / window
+
+    def service_rate(self, pool: str, now: float) -> float:
+        """What the pool can do now: final outcomes per second of busy time within the rate
+        window, capped by the stall - when work is waiting and nothing finished for an unusual
+        s seconds, the pool drains at most 1/s (this makes a sudden stall visible at once)."""
         state = self.pools[pool]
-        rate = state.done.count(now, window) / window
-        if state.depth > 0:
-            since = now - max(state.last_done, state.busy_since)
-            if since > 0:
-                rate = min(rate, 1.0 / since) if rate else 1.0 / since
+        if state.busy_since is None:
+            return math.inf
+        start = max(now - self.config.monitor.rate_window, state.busy_since)
+        stall = now - max(state.last_done, state.busy_since)
+        done = state.done.since(start)
+        rate = done / (now - start) if done and now > start else math.inf
+        if stall > 3.0 / rate:  # a gap 3x the mean is unusual (5 % for Poisson completions)
+            rate = min(rate, 1.0 / stall)
         return rate
 
     def predict_breach(self, name: str, now: float, horizon: float) -> float | None:
@@ -182,7 +215,7 @@ class Tracker:
         state = self.classes[name]
         if state.sla is None or not state.outstanding:
             return None
-        rate = self.drain_rate(state.pool, now)
+        rate = self.service_rate(state.pool, now)
         ahead = sum(c.depth for c in self.classes.values()
                     if c.pool == state.pool and c.priority < state.priority)
         position = ahead
@@ -191,7 +224,7 @@ class Tracker:
             if deadline - now > horizon:
                 return None
             position += left
-            eta = now + position / rate if rate > 0 else math.inf
+            eta = now + position / rate
             if max(eta, not_before) > deadline:
                 return deadline - now
         return None
