@@ -142,11 +142,14 @@ async def test_injection_refused_by_intake_and_too_large(tmp_path, sink, make_no
             "from": "s@insurer.test", "to": ["a@example.com"],
             "raw": message(cls="no-such-class").decode()})
         big = await client.post("/api/v1/messages", json={
-            "from": "s@insurer.test", "to": ["a@example.com"], "text": "x" * 200_000})
+            "from": "s@insurer.test", "to": ["a@example.com"], "text": "x" * 150_000})
+        huge = await client.post("/api/v1/messages", content=b"x" * 300_000,
+                                 headers={"content-type": "application/json"})
         not_json = await client.post("/api/v1/messages", content=b"{",
                                      headers={"content-type": "application/json"})
     assert unknown.status_code == 422 and "no-such-class" in unknown.json()["error"]
     assert big.status_code == 413 and "limit is 100000" in big.json()["error"]
+    assert huge.status_code == 413 and "exceeds" in huge.json()["error"]
     assert not_json.status_code == 422 and not_json.json()["error"].startswith("invalid request")
 
 

@@ -74,6 +74,18 @@ def create_app(node: Node, token: str) -> FastAPI:
         text = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return _error(422, f"invalid request: {text}", details=details)
 
+    max_size = max((lc.max_message_size for lc in node.config.listeners.values()),
+                   default=25 << 20)
+    max_body = max_size * 4 // 3 + 65536  # base64 of the largest message plus JSON fields
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        """Refuse an oversized body before it is read into memory."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body:
+            return _error(413, f"request body of {length} bytes exceeds {max_body}")
+        return await call_next(request)
+
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
 
     @api.post("/messages", status_code=202, response_model=Queued, tags=["injection"])
@@ -84,9 +96,8 @@ def create_app(node: Node, token: str) -> FastAPI:
             raise APIError(422, f"class: no traffic class named {msg.class_!r}"
                                 f" (classes: {', '.join(sorted(cfg.classes))})")
         data = msg.build(cfg.correlation_header)
-        limit = max((lc.max_message_size for lc in cfg.listeners.values()), default=25 << 20)
-        if len(data) > limit:
-            raise APIError(413, f"message is {len(data)} bytes, the limit is {limit}")
+        if len(data) > max_size:
+            raise APIError(413, f"message is {len(data)} bytes, the limit is {max_size}")
         rcpts = [RcptIn(addr) for addr in msg.envelope_recipients()]
         try:
             qid = await node.intake.submit(msg.from_, rcpts, data, listener="api",
