@@ -36,14 +36,12 @@ def _value(bucket: int) -> float:
 class Series:
     """Latency samples of one class or pool, kept in ``slice_s``-second slices for ``span_s``."""
 
-    __slots__ = ("slice_s", "span_s", "_slices", "last_at", "total")
+    __slots__ = ("slice_s", "span_s", "_slices", "total")
 
     def __init__(self, slice_s: float = 5.0, span_s: float = 900.0) -> None:
         self.slice_s = slice_s
         self.span_s = span_s
-        self._slices: deque[tuple[int, dict[int, int], list[int]]] = deque()
-        self.last_at = 0.0
-        """When the last sample arrived (0: never)."""
+        self._slices: deque[tuple[int, dict[int, int]]] = deque()
         self.total = 0
 
     def add(self, now: float, latency: float) -> None:
@@ -51,21 +49,14 @@ class Series:
         bucket = _bucket(latency)
         hist = current[1]
         hist[bucket] = hist.get(bucket, 0) + 1
-        current[2][0] += 1
-        self.last_at = now
         self.total += 1
-
-    def count(self, now: float, window: float) -> int:
-        """Samples in the last ``window`` seconds (slice resolution)."""
-        first = self._first_slice(now, window)
-        return sum(s[2][0] for s in self._slices if s[0] >= first)
 
     def quantiles(self, now: float, window: float,
                   qs: tuple[float, ...] = QUANTILES) -> dict[float, float] | None:
         """Latency at each quantile over the last ``window`` seconds (None: no samples)."""
         first = self._first_slice(now, window)
         merged: dict[int, int] = {}
-        for start, hist, _ in self._slices:
+        for start, hist in self._slices:
             if start >= first:
                 for bucket, n in hist.items():
                     merged[bucket] = merged.get(bucket, 0) + n
@@ -87,11 +78,11 @@ class Series:
     def _first_slice(self, now: float, window: float) -> int:
         return int((now - window) // self.slice_s) + 1
 
-    def _current(self, now: float) -> tuple[int, dict[int, int], list[int]]:
+    def _current(self, now: float) -> tuple[int, dict[int, int]]:
         index = int(now // self.slice_s)
         slices = self._slices
         if not slices or slices[-1][0] < index:
-            slices.append((index, {}, [0]))
+            slices.append((index, {}))
             oldest = index - int(self.span_s // self.slice_s)
             while slices[0][0] <= oldest:
                 slices.popleft()
