@@ -165,7 +165,7 @@ async def test_a_growing_backlog_alerts_at_least_the_lead_time_before_the_breach
     extra = SLA_EXTRA.replace('lead_time = "2s"', 'lead_time = "1s"')
     text = config_text(tmp_path, sink.port, extra, max_out=1).replace('sla = "2m"', 'sla = "2s"')
     node = await make_node(text)
-    sink.delay = 0.15  # one connection: about 6 messages a second
+    sink.delay = 0.2  # one connection: about 5 messages a second
     count = 0
     end = time.time() + 2.5
     while time.time() < end:  # about 15 a second
