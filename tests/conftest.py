@@ -56,6 +56,9 @@ idle_timeout = 0.5
 [accounting]
 directory = "{tmp_path}/acct"
 formats = ["csv", "jsonl"]
+[api]
+port = 0
+token_file = "{tmp_path}/api-token"
 {route}{extra}
 """
 

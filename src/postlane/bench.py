@@ -49,6 +49,8 @@ def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool) -> 
     cfg.node.spool = str(workdir / "spool")
     cfg.accounting.directory = str(workdir / "accounting")
     cfg.routes = {"*": f"127.0.0.1:{sink_port}"}
+    cfg.api.port = 0  # never collide with a node already running on this machine
+    cfg.api.token_file = str(workdir / "api-token")
     cfg.relay.idle_timeout = 1.0
     if fifo:
         ips = [ip for pool in cfg.pools.values() for ip in pool.ips]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from .api.cli import app as ops_app
 from .cli_security import killtest, tls_app, users_app
 from .config import ConfigError, load_config
 from .feedback.cli import feedback_app, suppress_app
@@ -22,6 +23,7 @@ app.add_typer(dkim_app, name="dkim")
 app.add_typer(users_app, name="users")
 app.add_typer(tls_app, name="tls")
 app.command("killtest", hidden=True)(killtest)
+app.add_typer(ops_app)  # status, queues, pause, resume, retry, purge, alerts (over the HTTP API)
 
 
 def _load(path: Path):

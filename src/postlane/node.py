@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 from .accounting.log import AccountingLog
+from .api.server import APIServer
 from .config import Config
 from .edge.smtp import Listener
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
+from .monitor.monitor import Monitor
 from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
@@ -56,6 +58,9 @@ class Node:
         self.scheduler.classify = self.feedback.classifier.classify
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
                           for name, lc in config.listeners.items()]
+        self.monitor = Monitor(self)
+        self.accounting.add_listener(self.monitor.on_record)
+        self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
@@ -69,6 +74,9 @@ class Node:
         pending = await self.spool.pending()
         for rcpt in pending.recipients:
             self.scheduler.add(rcpt)
+        await self.monitor.start()
+        if self.api is not None:
+            await self.api.start()
         for listener in self.listeners:
             await listener.start()
         self.started_at = time.time()
@@ -84,6 +92,8 @@ class Node:
         """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool."""
         for listener in self.listeners:
             await listener.stop()
+        if self.api is not None:
+            await self.api.stop()
         await self.scheduler.drain(self.config.node.drain_timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
@@ -91,6 +101,7 @@ class Node:
             self._flusher.cancel()
         if self.signer is not None:
             self.signer.close()
+        await self.monitor.stop()
         await self.spool.flush()
         await self.spool.close()
         self.accounting.close()

@@ -71,6 +71,18 @@ def _cross_checks(cfg: Config) -> list[str]:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             errors.append(f"routes.{domain}: {target!r} is not host:port")
+    for name in cfg.monitor.sla:
+        if name not in cfg.classes:
+            errors.append(f"monitor.sla.{name}: no class named {name!r}")
+        elif cfg.classes[name].sla is None:
+            errors.append(f"monitor.sla.{name}: class {name!r} has no sla to monitor")
+    url = cfg.monitor.webhook_url
+    if url is not None and not url.startswith(("http://", "https://")):
+        errors.append(f"monitor.webhook_url: {url!r} is not an http(s) URL")
+    for field in ("ops_address", "ops_from"):
+        addr = getattr(cfg.monitor, field)
+        if addr is not None and (addr.count("@") != 1 or any(c in addr for c in " \r\n<>")):
+            errors.append(f"monitor.{field}: {addr!r} is not an e-mail address")
     return errors + _feedback_checks(cfg) + _dkim_checks(cfg)
 
 
@@ -208,6 +220,8 @@ def load_config(path: str | Path) -> Config:
         cfg.node.spool = str(base / cfg.node.spool)
     if not Path(cfg.accounting.directory).is_absolute():
         cfg.accounting.directory = str(base / cfg.accounting.directory)
+    if not Path(cfg.api.token_file).is_absolute():
+        cfg.api.token_file = str(base / cfg.api.token_file)
     fb = cfg.feedback
     for name in ("bounce_rules", "suppression_db", "key_file"):
         value = getattr(fb, name)

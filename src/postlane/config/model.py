@@ -287,6 +287,8 @@ class FeedbackConfig(Strict):
     complaint_alert_rate: float = Field(0.001, ge=0, le=1)
     complaint_min_delivered: int = Field(100, ge=1)
     """Deliveries to a pool/domain before its complaint rate can raise an alert."""
+
+
 DKIM_SIGNED_HEADERS = [
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "in-reply-to",
     "references", "mime-version", "content-type", "content-transfer-encoding",
@@ -329,6 +331,8 @@ class DKIMConfig(Strict):
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
         return [h.strip().lower() for h in value]
+
+
 class SecurityConfig(Strict):
     users_file: str | None = None
     """TOML file of SMTP AUTH users (``postlane users add``); no file, no AUTH."""
@@ -336,6 +340,47 @@ class SecurityConfig(Strict):
     """Failed AUTH attempts per client IP; beyond, AUTH answers 454 4.7.0 without checking."""
     min_free_space: Size = 256 * 1024 * 1024
     """Below this much free space on the spool's file system intake answers 452 4.3.1."""
+
+
+class APIConfig(Strict):
+    """The management/injection HTTP API, /metrics and the dashboard (docs/monitoring.md)."""
+
+    enabled: bool = True
+    address: IPAddress = "127.0.0.1"
+    port: int = Field(8025, ge=0, le=65535)
+    token_file: str = "var/api-token"
+    """Bearer token, one line; created with mode 0600 if missing."""
+
+
+class SLARule(Strict):
+    """Alert rules of one traffic class; defaults derive from the class SLA."""
+
+    p95: Duration | None = None
+    """Threshold rule: alert when p95 delivery latency over ``window`` exceeds this
+    (default: a third of the SLA, the case study's 10 minutes for a 30-minute SLA)."""
+    window: Duration = 300.0
+    lead_time: Duration | None = None
+    """Predictive rule: alert when the first breach is estimated closer than this
+    (default: half the SLA)."""
+
+
+class MonitorConfig(Strict):
+    evaluate_every: Duration = 1.0
+    sample_every: Duration = 5.0
+    """Dashboard history resolution (one hour is kept)."""
+    rate_window: Duration = 60.0
+    """Drain rate = final outcomes of a pool over this window."""
+    resolve_after: Duration = 30.0
+    """An alert resolves once its condition has been clear this long (no flapping)."""
+    sla: dict[str, SLARule] = {}
+    """Per class name; classes with an SLA and no entry get the default rules."""
+    webhook_url: str | None = None
+    webhook_retries: int = Field(5, ge=0, le=20)
+    webhook_backoff: Duration = 2.0
+    webhook_timeout: Duration = 5.0
+    ops_address: str | None = None
+    """Alerts are also e-mailed here, through the highest-priority class."""
+    ops_from: str = "postlane-monitor@localhost"
 
 
 class Config(Strict):
@@ -357,6 +402,10 @@ class Config(Strict):
     """ISP rules by name; the shipped defaults (data/destinations.toml) apply unless
     ``default_destinations = false``, and a rule here with the same name replaces the default."""
     default_destinations: bool = True
+
+
+    api: APIConfig = APIConfig()
+    monitor: MonitorConfig = MonitorConfig()
     scheduler: Literal["lanes", "fifo"] = "lanes"
     feedback: FeedbackConfig = FeedbackConfig()
     """``fifo`` serves every message in arrival order through one queue: the baseline to beat."""

@@ -15,7 +15,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
@@ -435,6 +435,35 @@ class Scheduler:
                 lane.suspended_until = 0.0
         self.kick()
         return count
+
+    def purge(self, pool: str, domain: str) -> int:
+        """Drop a lane's queued and deferred recipients (an operator's decision, so no DSN is
+        sent); each gets a "b" record with bounce_cat "purged". In-flight ones finish."""
+        lane = self.lanes.get((pool, domain))
+        if lane is None:
+            return 0
+        victims = [item[3] for item in lane.heap]
+        lane.heap.clear()
+        for _, _, rcpt in self._timers:
+            if rcpt.state is State.DEFERRED and rcpt.msg.pool == pool and rcpt.domain == domain:
+                lane.deferred -= 1
+                victims.append(rcpt)  # its timer entry is skipped: state is no longer DEFERRED
+        now = time.time()
+        for rcpt in victims:
+            rec = self._base_record("b", rcpt, now)
+            rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "5.0.0", "purged"
+            rec.dsn_diag = "purged by operator"
+            self._final(rcpt, State.BOUNCED, "purged by operator", rec, from_heap=False)
+        return len(victims)
+
+    def recipients(self) -> Iterator[Recipient]:
+        """Every queued and deferred (not in-flight) recipient held in memory."""
+        for lane in self.lanes.values():
+            for item in lane.heap:
+                yield item[3]
+        for _, _, rcpt in self._timers:
+            if rcpt.state is State.DEFERRED:
+                yield rcpt
 
     # -- pause ----------------------------------------------------------------------------------
 

@@ -1,0 +1,218 @@
+"""The HTTP API: injection, operations, status/SLA/alerts, Prometheus /metrics and the dashboard.
+
+Every route under /api/v1 and /metrics needs the bearer token (a router-level dependency, so a
+router added later without it - the one-click unsubscribe endpoint - stays public). The dashboard
+page and /openapi.json carry no data and are public: the page asks for the token and keeps it in
+sessionStorage, never in a cookie, so no other site can make a browser call the API (no CSRF).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+
+from ..policy.intake import RcptIn, Rejection
+from .injection import MessageIn, Queued
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+_bearer = HTTPBearer(auto_error=False, description="token from the [api] token_file")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+def create_app(node: Node, token: str) -> FastAPI:
+    """The API of one node; ``token`` is the bearer secret every protected route requires."""
+    from ..node import OperationError
+
+    app = FastAPI(title="Postlane", version="1", docs_url=None, redoc_url=None,
+                  description="Management, injection and monitoring API of a Postlane node.")
+
+    async def require_token(
+            cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if cred is None or cred.scheme.lower() != "bearer":
+            raise APIError(401, "missing bearer token (Authorization: Bearer <token>)", challenge)
+        if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
+            raise APIError(401, "invalid bearer token", challenge)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(OperationError)
+    async def _operation_error(_: Request, exc: OperationError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"field": ".".join(str(p) for p in e["loc"]),
+                    "message": str(e["msg"]).removeprefix("Value error, ")}
+                   for e in exc.errors()]
+        text = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        return _error(422, f"invalid request: {text}", details=details)
+
+    max_size = max((lc.max_message_size for lc in node.config.listeners.values()),
+                   default=25 << 20)
+    max_body = max_size * 4 // 3 + 65536  # base64 of the largest message plus JSON fields
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        """Refuse an oversized body before it is read into memory."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body:
+            return _error(413, f"request body of {length} bytes exceeds {max_body}")
+        return await call_next(request)
+
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
+
+    @api.post("/messages", status_code=202, response_model=Queued, tags=["injection"])
+    async def inject(msg: MessageIn) -> Queued:
+        """Queue a message; answers only once it is durable in the spool."""
+        cfg = node.config
+        if msg.class_ is not None and msg.class_ not in cfg.classes:
+            raise APIError(422, f"class: no traffic class named {msg.class_!r}"
+                                f" (classes: {', '.join(sorted(cfg.classes))})")
+        data = msg.build(cfg.correlation_header)
+        if len(data) > max_size:
+            raise APIError(413, f"message is {len(data)} bytes, the limit is {max_size}")
+        rcpts = [RcptIn(addr) for addr in msg.envelope_recipients()]
+        try:
+            qid = await node.intake.submit(msg.from_, rcpts, data, listener="api",
+                                           src_type="api", forced_class=msg.class_)
+        except Rejection as exc:
+            raise APIError(*_rejection_status(exc)) from None
+        return Queued(queue_id=qid, recipients=len(rcpts))
+
+    @api.get("/status", tags=["status"])
+    async def status() -> dict:
+        """Node, pools (connections, paused) and lanes (depth, oldest age, backoff)."""
+        out = node.status()
+        out["alerts_active"] = len(node.monitor.alerts.active)
+        return out
+
+    @api.post("/pools/{pool}/pause", tags=["operations"])
+    async def pause(pool: str, domain: Annotated[str | None, Query()] = None) -> dict:
+        """Hold a pool (or its lane to one domain); refused (409) for pausable = false."""
+        await node.pause(pool, domain)
+        return {"pool": pool, "domain": domain, "paused": True}
+
+    @api.post("/pools/{pool}/resume", tags=["operations"])
+    async def resume(pool: str, domain: Annotated[str | None, Query()] = None) -> dict:
+        await node.resume(pool, domain)
+        return {"pool": pool, "domain": domain, "paused": False}
+
+    @api.post("/pools/{pool}/retry", tags=["operations"])
+    async def retry(pool: str, domain: Annotated[str | None, Query()] = None) -> dict:
+        """Make deferred recipients of the pool (or lane) due now, lifting a backoff."""
+        return {"pool": pool, "domain": domain, "retried": node.retry_now(pool, domain)}
+
+    @api.post("/pools/{pool}/lanes/{domain}/purge", tags=["operations"])
+    async def purge(pool: str, domain: str) -> dict:
+        """Drop the lane's queued and deferred recipients (accounting "b", bounceCat purged)."""
+        if pool not in node.config.pools:
+            raise APIError(404, f"no pool named {pool!r}")
+        return {"pool": pool, "domain": domain, "purged": node.scheduler.purge(pool, domain)}
+
+    @api.get("/messages/{queue_id}", tags=["messages"])
+    async def message(queue_id: str) -> dict:
+        found = _lookup(node, queue_id=queue_id)
+        if not found:
+            raise APIError(404, f"no queued or recently finished message {queue_id!r}"
+                                " (older ones are in the accounting files)")
+        return found[0]
+
+    @api.get("/messages", tags=["messages"])
+    async def messages(correlation_id: Annotated[str, Query(min_length=1)]) -> dict:
+        return {"messages": _lookup(node, correlation_id=correlation_id)}
+
+    @api.get("/sla", tags=["monitoring"])
+    async def sla() -> dict:
+        """Per class: latency percentiles (1/5/15 min), depth, oldest age, drain rate, the
+        estimated time to the first breach, and the rules in force."""
+        return {"classes": node.monitor.class_states(time.time())}
+
+    @api.get("/alerts", tags=["monitoring"])
+    async def alerts() -> dict:
+        mon = node.monitor.alerts
+        return {"active": [a.as_dict() for a in mon.active.values()],
+                "resolved": [a.as_dict() for a in reversed(mon.history)]}
+
+    @api.get("/history", tags=["monitoring"])
+    async def history() -> dict:
+        """Samples of the last hour for the dashboard's charts."""
+        return {"samples": list(node.monitor.history)}
+
+    app.include_router(api)
+
+    @app.get("/metrics", dependencies=[Depends(require_token)], tags=["monitoring"],
+             response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format (scrape with authorization: credentials_file)."""
+        return Response(node.monitor.metrics.render(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    page = resources.files("postlane.api").joinpath("dashboard.html").read_text("utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": _CSP,
+                                           "X-Frame-Options": "DENY"})
+
+    return app
+
+
+_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'")
+
+
+def _rejection_status(exc: Rejection) -> tuple[int, str]:
+    if exc.code == 552:
+        return 413, exc.text
+    if 400 <= exc.code < 500:
+        return 503, f"temporarily refused: {exc.text}"
+    return 422, exc.text
+
+
+def _lookup(node: Node, queue_id: str | None = None,
+            correlation_id: str | None = None) -> list[dict]:
+    """Queued and deferred recipients from the scheduler, finished ones from the monitor's
+    recent records (in-flight recipients show once their attempt ends)."""
+    found: dict[str, dict] = {}
+    for rcpt in node.scheduler.recipients():
+        msg = rcpt.msg
+        if msg.id != queue_id and (not correlation_id or msg.correlation_id != correlation_id):
+            continue
+        entry = found.setdefault(msg.id, {
+            "queue_id": msg.id, "class": msg.cls, "pool": msg.pool,
+            "correlation_id": msg.correlation_id, "message_id": msg.message_id,
+            "queued_at": msg.queued_at, "recipients": []})
+        entry["recipients"].append({
+            "address": rcpt.address, "state": rcpt.state.value, "attempts": rcpt.attempts,
+            "next_attempt": rcpt.next_attempt or None, "reply": rcpt.last_reply})
+    for done in node.monitor.tracker.finished(queue_id, correlation_id):
+        entry = found.setdefault(done["queue_id"], {**done, "recipients": []})
+        entry["recipients"].extend(done["recipients"])
+    return list(found.values())

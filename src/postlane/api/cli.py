@@ -1,0 +1,193 @@
+"""``postlane status|queues|pause|resume|retry|purge|alerts``: the CLI side of the HTTP API.
+
+These commands talk to the running node over its API (address and token from the node's config
+file, or ``--url`` and ``--token-file``), so they act on the live scheduler, not on files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False)
+
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "-c", "--config", envvar="POSTLANE_CONFIG",
+    help="the node's TOML config (API address and token file)")]
+URLOpt = Annotated[str | None, typer.Option("--url", help="API base URL, e.g. http://127.0.0.1:8025")]
+TokenOpt = Annotated[Path | None, typer.Option("--token-file", help="file with the API token")]
+DomainOpt = Annotated[str | None, typer.Option("--domain", "-d", help="only the lane to DOMAIN")]
+JSONOpt = Annotated[bool, typer.Option("--json", help="print the API's JSON answer")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"postlane: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _target(config: Path | None, url: str | None, token_file: Path | None) -> tuple[str, str]:
+    if config is not None:
+        from ..cli import _load
+
+        cfg = _load(config)
+        host = "127.0.0.1" if cfg.api.address in ("0.0.0.0", "::") else cfg.api.address
+        host = f"[{host}]" if ":" in host else host
+        url = url or f"http://{host}:{cfg.api.port}"
+        token_file = token_file or Path(cfg.api.token_file)
+    if url is None or token_file is None:
+        raise _fail("say where the node is: -c CONFIG (or POSTLANE_CONFIG), or --url and"
+                    " --token-file")
+    try:
+        token = token_file.read_text("utf-8").strip()
+    except OSError as exc:
+        raise _fail(f"cannot read the API token file {token_file}: {exc.strerror}") from None
+    return url.rstrip("/"), token
+
+
+def _call(target: tuple[str, str], method: str, path: str, **params: Any) -> dict:
+    url, token = target
+    try:
+        resp = httpx.request(method, url + path, headers={"Authorization": f"Bearer {token}"},
+                             params={k: v for k, v in params.items() if v is not None},
+                             timeout=30)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the node's API at {url} ({exc}); is `postlane serve`"
+                    " running with [api] enabled?") from None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"error": resp.text}
+    if not resp.is_success:
+        raise _fail(f"{body.get('error', resp.reason_phrase)} (HTTP {resp.status_code})")
+    return body
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if abs(seconds) < 120:
+        return f"{seconds:.1f}s"
+    return f"{seconds / 60:.1f}m" if abs(seconds) < 7200 else f"{seconds / 3600:.1f}h"
+
+
+def _lanes_table(status: dict) -> Table:
+    table = Table(title="lanes")
+    for col in ("pool", "domain", "queued", "ready", "deferred", "in flight", "oldest",
+                "connections", "state"):
+        table.add_column(col, justify="left" if col in ("pool", "domain", "state") else "right",
+                         no_wrap=col in ("pool", "domain"))
+    for lane in status["lanes"]:
+        state = "paused" if lane["paused"] else (
+            f"backoff {lane['suspended_s']}s" if lane["suspended_s"] else "running")
+        table.add_row(lane["pool"], lane["domain"], str(lane["depth"]), str(lane["ready"]),
+                      str(lane["deferred"]), str(lane["inflight"]), _age(lane["oldest_age_s"]),
+                      str(lane["connections"]), state)
+    return table
+
+
+@app.command()
+def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+           as_json: JSONOpt = False) -> None:
+    """The node, its pools (connections, state), classes against their SLA, and alerts."""
+    target = _target(config, url, token_file)
+    st = _call(target, "GET", "/api/v1/status")
+    sla = _call(target, "GET", "/api/v1/sla")
+    alerts = _call(target, "GET", "/api/v1/alerts")
+    if as_json:
+        typer.echo(json.dumps({"status": st, "sla": sla, "alerts": alerts}, indent=2))
+        return
+    out = Console()
+    out.print(f"node [bold]{st['node']}[/] up {_age(st['uptime_s'])}, {st['queued']} queued,"
+              f" {st['accepted']} accepted, {len(alerts['active'])} active alerts")
+    pools = Table(title="pools")
+    for col in ("pool", "connections", "state", "pausable"):
+        pools.add_column(col)
+    for p in st["pools"]:
+        pools.add_row(p["pool"], f"{p['connections']}/{p['cap']}",
+                      "paused" if p["paused"] else "running", "yes" if p["pausable"] else "no")
+    out.print(pools)
+    classes = Table(title="classes (latency over the last 5 minutes)")
+    for col in ("class", "pool", "SLA", "p50", "p95", "p99", "queued", "oldest", "breach in"):
+        classes.add_column(col, justify="left" if col in ("class", "pool") else "right",
+                           no_wrap=col in ("class", "pool"))
+    for c in sla["classes"]:
+        q = c["latency_s"]["5m"] or {}
+        classes.add_row(c["class"], c["pool"], _age(c["sla_s"]) if c["sla_s"] else "-",
+                        _age(q.get("p50")), _age(q.get("p95")), _age(q.get("p99")),
+                        str(c["depth"]), _age(c["oldest_age_s"]), _age(c["breach_in_s"]))
+    out.print(classes)
+    for alert in alerts["active"]:
+        out.print(f"[red]ALERT[/] {alert['id']}: {alert['message']}")
+
+
+@app.command()
+def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+           as_json: JSONOpt = False) -> None:
+    """Each lane: depth, oldest message age, connections in use, paused or in backoff."""
+    st = _call(_target(config, url, token_file), "GET", "/api/v1/status")
+    if as_json:
+        typer.echo(json.dumps(st["lanes"], indent=2))
+    else:
+        Console().print(_lanes_table(st))
+
+
+@app.command()
+def pause(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
+          token_file: TokenOpt = None) -> None:
+    """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart."""
+    _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/pause", domain=domain)
+    typer.echo(f"paused {pool}" + (f" to {domain}" if domain else ""))
+
+
+@app.command()
+def resume(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
+           token_file: TokenOpt = None) -> None:
+    """Let a paused pool (or lane) deliver again."""
+    _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/resume",
+          domain=domain)
+    typer.echo(f"resumed {pool}" + (f" to {domain}" if domain else ""))
+
+
+@app.command()
+def retry(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
+          token_file: TokenOpt = None) -> None:
+    """Retry deferred mail of a pool (or lane) now, lifting a backoff."""
+    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/retry",
+                domain=domain)
+    typer.echo(f"{out['retried']} recipients retried now")
+
+
+@app.command()
+def purge(pool: str, domain: str,
+          yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+          config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None) -> None:
+    """Drop every queued and deferred recipient of one lane (logged as purged, no DSN)."""
+    target = _target(config, url, token_file)
+    if not yes and not (os.isatty(0) and typer.confirm(
+            f"purge all queued mail of pool {pool} to {domain}?")):
+        raise _fail("not purged (confirm, or pass --yes)")
+    out = _call(target, "POST", f"/api/v1/pools/{pool}/lanes/{domain}/purge")
+    typer.echo(f"{out['purged']} recipients purged")
+
+
+@app.command()
+def alerts(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+           as_json: JSONOpt = False) -> None:
+    """Active alerts, then recently resolved ones."""
+    out = _call(_target(config, url, token_file), "GET", "/api/v1/alerts")
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    for alert in out["active"]:
+        typer.echo(f"ACTIVE   {alert['id']}: {alert['message']}")
+    for alert in out["resolved"]:
+        typer.echo(f"resolved {alert['id']}: {alert['message']}")
+    if not out["active"] and not out["resolved"]:
+        typer.echo("no alerts")

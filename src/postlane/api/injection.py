@@ -1,0 +1,140 @@
+"""The injection request: a raw RFC 5322 message or structured fields turned into MIME.
+
+Everything that ends up in a header is checked for CR/LF here, so a field can never smuggle in
+another header (header injection) or a second recipient.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+$")
+_HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")
+_RESERVED = {"from", "to", "cc", "bcc", "subject", "mime-version", "content-type",
+             "content-transfer-encoding", "x-postlane-class", "date"}
+
+
+def _address(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("must not contain CR or LF")
+    if len(value) > 254 or not _ADDRESS.match(value):
+        raise ValueError(f"not an e-mail address: {value!r} (local@domain, no display name)")
+    return value
+
+
+def _one_line(value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError("must not contain CR or LF")
+    return value
+
+
+Address = Annotated[str, AfterValidator(_address)]
+OneLine = Annotated[str, AfterValidator(_one_line)]
+
+
+class Attachment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filename: OneLine = Field(min_length=1, max_length=255)
+    content_type: str = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$")
+    content: str = Field(description="base64")
+
+    def data(self) -> bytes:
+        return base64.b64decode(self.content, validate=True)
+
+
+class MessageIn(BaseModel):
+    """Either ``raw`` / ``raw_base64`` (a complete message; ``from`` and ``to`` are then the
+    envelope) or structured fields (``subject``, ``text`` and/or ``html``, ...)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: Address = Field(alias="from", description="envelope sender (and From: if structured)")
+    to: list[Address] = Field(min_length=1, max_length=1000)
+    cc: list[Address] = Field([], max_length=1000)
+    bcc: list[Address] = Field([], max_length=1000, description="envelope only, no header")
+    subject: OneLine | None = Field(None, max_length=998)
+    text: str | None = None
+    html: str | None = None
+    headers: dict[str, OneLine] = {}
+    attachments: list[Attachment] = []
+    raw: str | None = Field(None, description="RFC 5322 message as text")
+    raw_base64: str | None = Field(None, description="RFC 5322 message, base64 encoded")
+    class_: OneLine | None = Field(None, alias="class", description="traffic class (default:"
+                                   " X-Postlane-Class of a raw message, then the node default)")
+    correlation_id: OneLine | None = Field(None, max_length=200)
+
+    @model_validator(mode="after")
+    def _shape(self) -> MessageIn:
+        raw = self.raw is not None or self.raw_base64 is not None
+        if self.raw is not None and self.raw_base64 is not None:
+            raise ValueError("give raw or raw_base64, not both")
+        structured = [name for name in ("subject", "text", "html") if getattr(self, name)]
+        structured += [name for name in ("cc", "headers", "attachments") if getattr(self, name)]
+        if raw and structured:
+            raise ValueError(f"a raw message cannot be combined with {', '.join(structured)}")
+        if not raw and self.text is None and self.html is None:
+            raise ValueError("give raw, raw_base64, or at least one of text and html")
+        for name in self.headers:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"headers: {name!r} is not a valid header field name")
+            if name.lower() in _RESERVED:
+                raise ValueError(f"headers: {name!r} is set from its own field, not headers")
+        if self.raw_base64 is not None:
+            try:
+                base64.b64decode(self.raw_base64, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("raw_base64 is not valid base64") from None
+        for att in self.attachments:
+            try:
+                att.data()
+            except (binascii.Error, ValueError):
+                raise ValueError(f"attachment {att.filename!r}: content is not valid base64")\
+                    from None
+        return self
+
+    def envelope_recipients(self) -> list[str]:
+        return [*self.to, *self.cc, *self.bcc]
+
+    def build(self, correlation_header: str) -> bytes:
+        """The message as bytes, with the correlation id header if one was given."""
+        if self.raw is not None or self.raw_base64 is not None:
+            data = (self.raw.encode() if self.raw is not None
+                    else base64.b64decode(self.raw_base64 or ""))
+            if self.correlation_id:
+                data = f"{correlation_header}: {self.correlation_id}\r\n".encode() + data
+            return data
+        msg = EmailMessage()
+        msg["From"] = self.from_
+        msg["To"] = ", ".join(self.to)
+        if self.cc:
+            msg["Cc"] = ", ".join(self.cc)
+        msg["Date"] = formatdate()
+        if self.subject is not None:
+            msg["Subject"] = self.subject
+        if self.correlation_id:
+            msg[correlation_header] = self.correlation_id
+        for name, value in self.headers.items():
+            msg[name] = value
+        if self.text is not None:
+            msg.set_content(self.text)
+        if self.html is not None:
+            if self.text is not None:
+                msg.add_alternative(self.html, subtype="html")
+            else:
+                msg.set_content(self.html, subtype="html")
+        for att in self.attachments:
+            maintype, subtype = att.content_type.split("/", 1)
+            msg.add_attachment(att.data(), maintype=maintype, subtype=subtype,
+                               filename=att.filename)
+        return msg.as_bytes()
+
+
+class Queued(BaseModel):
+    queue_id: str
+    recipients: int

@@ -1,0 +1,89 @@
+"""Serving the API inside the node's event loop, and the bearer token it is guarded by."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+from .app import create_app
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger("postlane.api")
+
+
+def load_token(path: str | Path) -> str:
+    """The token in ``path``; created (mode 0600, 256 random bits) if the file does not exist.
+    The token itself is never logged."""
+    path = Path(path)
+    try:
+        token = path.read_text("utf-8").strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        log.info("created API token file", extra={"path": str(path)})
+        return token
+    if not token:
+        raise ValueError(f"API token file {path} is empty")
+    if path.stat().st_mode & 0o077:
+        log.warning("API token file is readable by group/others; chmod 600 it",
+                    extra={"path": str(path)})
+    return token
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """The node owns SIGTERM/SIGINT (they drain it); uvicorn must not take them over."""
+        yield
+
+
+class APIServer:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.port = 0
+        self._server: _Server | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        cfg = self.node.config.api
+        app = create_app(self.node, load_token(cfg.token_file))
+        self._server = _Server(uvicorn.Config(app, host=cfg.address, port=cfg.port,
+                                              log_level="warning", access_log=False,
+                                              lifespan="off", server_header=False))
+        # Bound here rather than by uvicorn, whose bind failure is a sys.exit inside a task.
+        family = socket.AF_INET6 if ":" in cfg.address else socket.AF_INET
+        try:
+            sock = socket.create_server((cfg.address, cfg.port), family=family)
+        except OSError as exc:
+            raise OSError(exc.errno, f"API cannot listen on {cfg.address}:{cfg.port}:"
+                                     f" {exc.strerror}") from None
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.get_running_loop().create_task(self._server.serve([sock]))
+        while not self._server.started and not self._task.done():
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()
+        log.info("API listening", extra={"address": cfg.address, "port": self.port})
+        if not ipaddress.ip_address(cfg.address).is_loopback:
+            log.warning("API listens beyond loopback: put TLS (a reverse proxy) in front of it,"
+                        " the bearer token travels in clear HTTP", extra={"address": cfg.address})
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await asyncio.wait({self._task}, timeout=5)

@@ -1,0 +1,169 @@
+"""Alerts: fire once, stay active while the condition holds, resolve with a record.
+
+Every fire and resolve is appended to ``alerts.jsonl`` beside the accounting files (the audit
+trail of what operators were told, and when) and handed to each notifier: the log, a webhook, and
+an e-mail to the operations address sent through the node's own highest-priority class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from email.message import EmailMessage
+from email.utils import formatdate
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("postlane.monitor")
+
+
+@dataclass(slots=True)
+class Condition:
+    """A rule that currently holds for one class."""
+
+    rule: str
+    cls: str
+    pool: str
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass(slots=True)
+class Alert:
+    id: str
+    rule: str
+    cls: str
+    pool: str
+    message: str
+    value: float
+    threshold: float
+    fired_at: float
+    last_seen: float
+    resolved_at: float | None = None
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["class"] = out.pop("cls")
+        out["state"] = "resolved" if self.resolved_at is not None else "active"
+        return out
+
+
+Notifier = Callable[[str, Alert], Awaitable[None]]
+"""Called with ("fired" | "resolved", alert); may take its time (runs as its own task)."""
+
+
+class AlertManager:
+    def __init__(self, notifiers: list[Notifier], resolve_after: float,
+                 journal: Path | None = None) -> None:
+        self.notifiers = notifiers
+        self.resolve_after = resolve_after
+        self.journal = journal
+        self.active: dict[str, Alert] = {}
+        self.history: deque[Alert] = deque(maxlen=200)
+        self._tasks: set[asyncio.Task] = set()
+
+    def update(self, conditions: list[Condition], now: float) -> None:
+        """Fire new conditions, refresh held ones, resolve those clear for ``resolve_after``."""
+        seen = set()
+        for cond in conditions:
+            key = f"{cond.rule}:{cond.cls}"
+            seen.add(key)
+            alert = self.active.get(key)
+            if alert is None:
+                alert = Alert(key, cond.rule, cond.cls, cond.pool, cond.message, cond.value,
+                              cond.threshold, fired_at=now, last_seen=now)
+                self.active[key] = alert
+                self._emit("fired", alert)
+            else:
+                alert.value, alert.message, alert.last_seen = cond.value, cond.message, now
+        for key, alert in list(self.active.items()):
+            if key not in seen and now - alert.last_seen >= self.resolve_after:
+                alert.resolved_at = now
+                del self.active[key]
+                self.history.append(alert)
+                self._emit("resolved", alert)
+
+    def _emit(self, event: str, alert: Alert) -> None:
+        if self.journal is not None:
+            line = json.dumps({"event": event, "at": time.time(), **alert.as_dict()}) + "\n"
+            fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        loop = asyncio.get_running_loop()
+        for notify in self.notifiers:
+            task = loop.create_task(notify(event, alert))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("alert notifier failed", exc_info=task.exception())
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Give notifications in flight a moment to go out, then drop them."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+
+async def log_notifier(event: str, alert: Alert) -> None:
+    level = logging.WARNING if event == "fired" else logging.INFO
+    log.log(level, f"alert {event}: {alert.message}",
+            extra={"alert": alert.id, "class": alert.cls, "value": round(alert.value, 3)})
+
+
+def webhook_notifier(url: str, node: str, retries: int, backoff: float,
+                     timeout: float) -> Notifier:
+    """JSON POST; retried with exponential backoff on errors and non-2xx answers."""
+
+    async def notify(event: str, alert: Alert) -> None:
+        payload = {"event": event, "node": node, "alert": alert.as_dict()}
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            for attempt in range(retries + 1):
+                try:
+                    resp = await client.post(url, json=payload)
+                    if resp.is_success:
+                        return
+                    problem = f"HTTP {resp.status_code}"
+                except httpx.HTTPError as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                if attempt < retries:
+                    log.warning("alert webhook failed, retrying",
+                                extra={"problem": problem, "attempt": attempt + 1})
+                    await asyncio.sleep(backoff * 2 ** attempt)
+        log.error("alert webhook gave up", extra={"problem": problem, "alert": alert.id})
+
+    return notify
+
+
+def mail_notifier(submit: Callable[[bytes], Awaitable[str]], node: str, sender: str,
+                  to: str) -> Notifier:
+    """An e-mail per fire/resolve, queued through the node itself (``submit`` picks the
+    highest-priority class), so it gets the same delivery guarantees as a policy notice."""
+
+    async def notify(event: str, alert: Alert) -> None:
+        msg = EmailMessage()
+        msg["From"] = sender
+        msg["To"] = to
+        msg["Date"] = formatdate()
+        msg["Subject"] = f"[postlane {node}] {event.upper()}: {alert.message}"
+        when = alert.fired_at if event == "fired" else alert.resolved_at
+        msg.set_content(
+            f"Alert {alert.id} {event} on node {node} at {formatdate(when, usegmt=True)}.\n\n"
+            f"{alert.message}\n\nclass: {alert.cls}\npool: {alert.pool}\n"
+            f"value: {alert.value:.3f}\nthreshold: {alert.threshold:.3f}\n")
+        await submit(msg.as_bytes())
+
+    return notify

@@ -1,0 +1,89 @@
+"""Sliding-window latency percentiles with bounded memory.
+
+Keeping every sample of the last 15 minutes would cost ~100 bytes per delivery (90 MB at
+1,000 msgs/s), so each series keeps one sparse log-bucket histogram per time slice instead:
+insert is one dict increment, a window's percentile merges its slices. Buckets grow by 2 %, so a
+reported percentile is within 1 % of the true sample value. (Written here rather than taken from a
+sketch library because the windowing - slices that expire - is the part that matters, and the
+bucket arithmetic is two lines.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+_GAMMA = 1.02
+_LOG_GAMMA = math.log(_GAMMA)
+_MIN = 0.001
+"""Latencies under 1 ms share the lowest bucket."""
+
+WINDOWS: dict[str, float] = {"1m": 60.0, "5m": 300.0, "15m": 900.0}
+QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
+
+
+def _bucket(value: float) -> int:
+    return 0 if value <= _MIN else int(math.log(value / _MIN) / _LOG_GAMMA) + 1
+
+
+def _value(bucket: int) -> float:
+    """The midpoint of a bucket, in seconds."""
+    if bucket == 0:
+        return _MIN
+    return _MIN * _GAMMA ** (bucket - 0.5)
+
+
+class Series:
+    """Latency samples of one class or pool, kept in ``slice_s``-second slices for ``span_s``."""
+
+    __slots__ = ("slice_s", "span_s", "_slices", "total")
+
+    def __init__(self, slice_s: float = 5.0, span_s: float = 900.0) -> None:
+        self.slice_s = slice_s
+        self.span_s = span_s
+        self._slices: deque[tuple[int, dict[int, int]]] = deque()
+        self.total = 0
+
+    def add(self, now: float, latency: float) -> None:
+        current = self._current(now)
+        bucket = _bucket(latency)
+        hist = current[1]
+        hist[bucket] = hist.get(bucket, 0) + 1
+        self.total += 1
+
+    def quantiles(self, now: float, window: float,
+                  qs: tuple[float, ...] = QUANTILES) -> dict[float, float] | None:
+        """Latency at each quantile over the last ``window`` seconds (None: no samples)."""
+        first = self._first_slice(now, window)
+        merged: dict[int, int] = {}
+        for start, hist in self._slices:
+            if start >= first:
+                for bucket, n in hist.items():
+                    merged[bucket] = merged.get(bucket, 0) + n
+        total = sum(merged.values())
+        if not total:
+            return None
+        out: dict[float, float] = {}
+        buckets = sorted(merged)
+        for q in qs:
+            rank = max(1, math.ceil(q * total))
+            seen = 0
+            for bucket in buckets:
+                seen += merged[bucket]
+                if seen >= rank:
+                    out[q] = _value(bucket)
+                    break
+        return out
+
+    def _first_slice(self, now: float, window: float) -> int:
+        return int((now - window) // self.slice_s) + 1
+
+    def _current(self, now: float) -> tuple[int, dict[int, int]]:
+        index = int(now // self.slice_s)
+        slices = self._slices
+        if not slices or slices[-1][0] < index:
+            slices.append((index, {}))
+            oldest = index - int(self.span_s // self.slice_s)
+            while slices[0][0] <= oldest:
+                slices.popleft()
+        return slices[-1]

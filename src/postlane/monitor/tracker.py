@@ -1,0 +1,236 @@
+"""Time-in-queue tracking, fed by the accounting record stream.
+
+Every event the node logs passes through ``Tracker.on_record``, so the monitor sees exactly what
+the audit trail says, whichever component produced it, and needs no hooks in the hot paths.
+Classes with an SLA keep their outstanding messages in injection order (which, with one SLA per
+class, is deadline order): that is what the breach predictor walks.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ..accounting.records import Record
+from ..config import Config
+from ..spool import Recipient
+from .latency import Series
+
+RECENT_MESSAGES = 10_000
+"""Finished messages kept for lookups by queue id or correlation id."""
+
+
+@dataclass(slots=True)
+class ClassState:
+    name: str
+    pool: str
+    priority: int
+    sla: float | None
+    retry: list[float]
+    latency: Series = field(default_factory=Series)
+    depth: int = 0
+    """Recipients received and not yet final."""
+    outstanding: OrderedDict[str, list[float]] = field(default_factory=OrderedDict)
+    """SLA classes only: queue id -> [queued_at, recipients left, not before (retry time)]."""
+
+
+class Completions:
+    """Times of a pool's final outcomes over the last ``window`` seconds (sorted: records are
+    logged as they happen)."""
+
+    __slots__ = ("window", "_times", "_added")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._times: list[float] = []
+        self._added = 0
+
+    def add(self, t: float) -> None:
+        self._times.append(t)
+        self._added += 1
+        if self._added & 4095 == 0:  # trim now and then: amortised O(1)
+            del self._times[:bisect_left(self._times, t - self.window)]
+
+    def since(self, t: float) -> int:
+        return len(self._times) - bisect_left(self._times, t)
+
+
+@dataclass(slots=True)
+class PoolState:
+    name: str
+    done: Completions
+    """Final outcomes (delivered, bounced, expired, purged)."""
+    latency: Series = field(default_factory=Series)
+    last_done: float = 0.0
+    busy_since: float | None = None
+    """Start of the current busy period (work ready or in flight); None while idle. Rates are
+    measured over busy time only: a quiet hour says nothing about how fast a burst drains."""
+
+
+class Tracker:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.classes = {
+            name: ClassState(name, c.pool, c.priority, c.sla, list(c.retry))
+            for name, c in config.classes.items()}
+        window = config.monitor.rate_window
+        self.pools = {name: PoolState(name, Completions(window)) for name in config.pools}
+        self.recent: OrderedDict[str, tuple] = OrderedDict()
+        self._by_correlation: dict[str, list[str]] = {}
+
+    # -- feeding --------------------------------------------------------------------------------
+
+    def seed(self, recipients: list[Recipient], now: float) -> None:
+        """Count recipients resumed from the spool at start (they log no new "r" record)."""
+        for rcpt in sorted(recipients, key=lambda r: r.msg.queued_at):
+            state = self.classes.get(rcpt.msg.cls)
+            if state is not None:
+                self._received(state, rcpt.msg.id, rcpt.msg.queued_at, now)
+
+    def on_record(self, rec: Record) -> None:
+        """The accounting listener: O(1) per record (see docs/performance-monitor.md)."""
+        kind = rec.type
+        state = self.classes.get(rec.cls)
+        if state is None:
+            return
+        if kind == "r":
+            self._received(state, rec.queue_id, rec.time_queued, rec.time_logged)
+        elif kind == "t":
+            entry = state.outstanding.get(rec.queue_id)
+            if entry is not None:
+                step = state.retry[min(max(rec.attempt, 1) - 1, len(state.retry) - 1)]
+                entry[2] = max(entry[2], rec.time_logged + step * 1.1)  # 1.1: the retry jitter
+        elif kind in ("d", "b"):
+            pool = self.pools.get(state.pool)
+            if kind == "d":
+                latency = rec.time_logged - rec.time_queued
+                state.latency.add(rec.time_logged, latency)
+                if pool is not None:
+                    pool.latency.add(rec.time_logged, latency)
+            if pool is not None:
+                pool.done.add(rec.time_logged)
+                pool.last_done = rec.time_logged
+            state.depth -= 1
+            entry = state.outstanding.get(rec.queue_id)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del state.outstanding[rec.queue_id]
+            self._remember(rec)
+
+    def _received(self, state: ClassState, queue_id: str, queued_at: float, now: float) -> None:
+        state.depth += 1
+        pool = self.pools.get(state.pool)
+        if pool is not None and pool.busy_since is None:
+            pool.busy_since = now
+        if state.sla is not None:
+            entry = state.outstanding.get(queue_id)
+            if entry is None:
+                state.outstanding[queue_id] = [queued_at, 1, 0.0]
+            else:
+                entry[1] += 1
+
+    def _remember(self, rec: Record) -> None:
+        """Keep a finished recipient for lookups (tuples: this runs for every final record)."""
+        entry = self.recent.get(rec.queue_id)
+        if entry is None:
+            entry = self.recent[rec.queue_id] = (rec.cls, rec.vmta_pool, rec.correlation_id,
+                                                 rec.message_id, rec.time_queued, [])
+            if rec.correlation_id:
+                self._by_correlation.setdefault(rec.correlation_id, []).append(rec.queue_id)
+            if len(self.recent) > RECENT_MESSAGES:
+                old_id, old = self.recent.popitem(last=False)
+                ids = self._by_correlation.get(old[2])
+                if ids is not None:
+                    ids.remove(old_id)
+                    if not ids:
+                        del self._by_correlation[old[2]]
+        entry[5].append((rec.rcpt, rec.type, rec.bounce_cat, rec.attempt, rec.time_logged,
+                         rec.dsn_status, rec.dsn_diag, rec.dlv_source_ip))
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def finished(self, queue_id: str | None = None,
+                 correlation_id: str | None = None) -> list[dict]:
+        """Recently finished messages by queue id or correlation id."""
+        if queue_id is not None:
+            ids = [queue_id] if queue_id in self.recent else []
+        else:
+            ids = self._by_correlation.get(correlation_id or "", [])
+        out = []
+        for qid in ids:
+            cls, pool, corr, message_id, queued_at, rcpts = self.recent[qid]
+            out.append({
+                "queue_id": qid, "class": cls, "pool": pool, "correlation_id": corr,
+                "message_id": message_id, "queued_at": queued_at,
+                "recipients": [{"address": r[0], "state": _final_state(r[1], r[2]),
+                                "attempts": r[3], "at": r[4], "dsn_status": r[5],
+                                "reply": r[6], "source_ip": r[7]} for r in rcpts]})
+        return out
+
+    def oldest_age(self, name: str, now: float) -> float | None:
+        """Age of the oldest outstanding message of an SLA class (None: not tracked)."""
+        state = self.classes[name]
+        if state.sla is None:
+            return None
+        for entry in state.outstanding.values():
+            return max(0.0, now - entry[0])
+        return 0.0
+
+    def mark_idle(self, pool: str) -> None:
+        """The scheduler has nothing ready or in flight for ``pool`` (deferred mail waiting for
+        its retry time does not make a pool busy)."""
+        self.pools[pool].busy_since = None
+
+    def drain_rate(self, pool: str, now: float) -> float:
+        """Final outcomes per second over the rate window (what the pool did)."""
+        window = self.config.monitor.rate_window
+        return self.pools[pool].done.since(now - window) / window
+
+    def service_rate(self, pool: str, now: float) -> float:
+        """What the pool can do now: final outcomes per second of busy time within the rate
+        window, capped by the stall - when work is waiting and nothing finished for an unusual
+        s seconds, the pool drains at most 1/s (this makes a sudden stall visible at once)."""
+        state = self.pools[pool]
+        if state.busy_since is None:
+            return math.inf
+        start = max(now - self.config.monitor.rate_window, state.busy_since)
+        stall = now - max(state.last_done, state.busy_since)
+        done = state.done.since(start)
+        rate = done / (now - start) if done and now > start else math.inf
+        if stall > 3.0 / rate:  # a gap 3x the mean is unusual (5 % for Poisson completions)
+            rate = min(rate, 1.0 / stall)
+        return rate
+
+    def predict_breach(self, name: str, now: float, horizon: float) -> float | None:
+        """Seconds until the first outstanding message of class ``name`` is estimated to breach
+        its SLA (negative: already past its deadline); None if none within ``horizon``.
+
+        A message's estimated delivery time is now + (recipients ahead of it in its pool, by
+        class priority then injection order, plus itself) / drain rate, and not before its next
+        retry; it breaches if that is later than its injection time + SLA.
+        """
+        state = self.classes[name]
+        if state.sla is None or not state.outstanding:
+            return None
+        rate = self.service_rate(state.pool, now)
+        ahead = sum(c.depth for c in self.classes.values()
+                    if c.pool == state.pool and c.priority < state.priority)
+        position = ahead
+        for queued_at, left, not_before in state.outstanding.values():
+            deadline = queued_at + state.sla
+            if deadline - now > horizon:
+                return None
+            position += left
+            eta = now + position / rate
+            if max(eta, not_before) > deadline:
+                return deadline - now
+        return None
+
+
+def _final_state(kind: str, bounce_cat: str) -> str:
+    if kind == "d":
+        return "delivered"
+    return {"message-expired": "expired", "purged": "purged"}.get(bounce_cat, "bounced")

@@ -1,0 +1,66 @@
+"""`postlane status|queues|pause|resume` as real subprocesses against a running node's API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from tests.conftest import config_text
+
+POSTLANE = str(Path(sys.executable).parent / "postlane")
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        POSTLANE, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"})
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_pause_resume_status_queues(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    target = ["--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token")]
+    code, out, _ = await run_cli("pause", "bulk", *target)
+    assert code == 0 and out.strip() == "paused bulk"
+    assert ("bulk", "*") in node.scheduler.paused
+    code, out, _ = await run_cli("pause", "bulk", "--domain", "example.com", *target)
+    assert code == 0 and ("bulk", "example.com") in node.scheduler.paused
+    code, _, err = await run_cli("pause", "critical", *target)
+    assert code == 1 and "pausable = false" in err and "HTTP 409" in err
+    code, out, _ = await run_cli("status", "--json", *target)
+    assert code == 0
+    data = json.loads(out)
+    assert {p["pool"]: p["paused"] for p in data["status"]["pools"]} == {
+        "critical": False, "bulk": True}
+    assert {c["class"] for c in data["sla"]["classes"]} == {"policy-documents", "marketing"}
+    code, out, _ = await run_cli("status", *target)
+    assert code == 0 and "test-node" in out and "policy-documents" in out
+    code, out, _ = await run_cli("resume", "bulk", *target)
+    assert code == 0 and ("bulk", "*") not in node.scheduler.paused
+    code, out, _ = await run_cli("queues", *target)
+    assert code == 0 and "lanes" in out
+
+
+async def test_cli_reads_the_node_config_and_explains_failures(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port).replace("port = 0\ntoken_file",
+                                                            f"port = {node.api.port}\ntoken_file"))
+    code, out, err = await run_cli("pause", "bulk", "-c", str(cfg))
+    assert code == 0, err
+    assert ("bulk", "*") in node.scheduler.paused
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("nope\n")
+    code, _, err = await run_cli("status", "--url", f"http://127.0.0.1:{node.api.port}",
+                                 "--token-file", str(wrong))
+    assert code == 1 and "invalid bearer token" in err
+    await node.stop()
+    code, _, err = await run_cli("status", "-c", str(cfg))
+    assert code == 1 and "cannot reach the node's API" in err
+    code, _, err = await run_cli("status")
+    assert code == 1 and "-c CONFIG" in err

@@ -1,0 +1,296 @@
+"""SLA monitoring: latency windows, the breach predictor, alerts and their delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from postlane.accounting.records import Record
+from postlane.config import parse_config
+from postlane.monitor.alerts import Alert, webhook_notifier
+from postlane.monitor.latency import Series
+from postlane.monitor.tracker import Tracker
+from postlane.policy.intake import RcptIn
+from tests.conftest import config_text, message
+
+# -- latency windows (pure computation) --------------------------------------------------------
+
+
+def test_window_percentiles_are_within_two_percent_and_expire():
+    series = Series()
+    t0 = 1_000_000.0
+    values = [0.01 * (i + 1) for i in range(1000)]  # 10 ms .. 10 s
+    for i, v in enumerate(values):
+        series.add(t0 + i * 0.05, v)  # 50 s of samples
+    now = t0 + 50
+    q = series.quantiles(now, 60)
+    for quantile, exact in ((0.5, 5.0), (0.95, 9.5), (0.99, 9.9)):
+        assert abs(q[quantile] - exact) / exact < 0.02, (quantile, q[quantile])
+    assert series.total == 1000
+    assert series.quantiles(now + 200, 60) is None, "a 1-minute window forgets after a minute"
+    assert series.quantiles(now + 200, 300) is not None
+
+
+def _tracker(sla: str = "10s") -> Tracker:
+    cfg = parse_config(f"""
+[pools.p]
+ips = [{{ address = "127.0.0.20", ehlo = "a.test" }}]
+[classes.urgent]
+pool = "p"
+priority = 0
+sla = "{sla}"
+retry = ["5s"]
+""")
+    return Tracker(cfg)
+
+
+def _rec(kind: str, qid: str, t: float, queued: float, **kw) -> Record:
+    return Record(type=kind, time_logged=t, time_queued=queued, orig="s@x.test",
+                  rcpt="r@example.com", queue_id=qid, cls="urgent", vmta_pool="p", **kw)
+
+
+def test_predictor_sees_a_stall_before_the_deadline():
+    tr = _tracker("10s")
+    t0 = 1_000_000.0
+    for i in range(20):  # a healthy pool: 20 deliveries a second
+        tr.on_record(_rec("r", f"q{i}", t0 + i / 20, t0 + i / 20))
+        tr.on_record(_rec("d", f"q{i}", t0 + i / 20 + 0.01, t0 + i / 20))
+    assert tr.predict_breach("urgent", t0 + 1, horizon=10) is None
+    for i in range(10):  # then nothing finishes while five messages a second arrive
+        tr.on_record(_rec("r", f"s{i}", t0 + 1 + i / 5, t0 + 1 + i / 5))
+    early = tr.predict_breach("urgent", t0 + 1.5, horizon=10)
+    later = tr.predict_breach("urgent", t0 + 5, horizon=10)
+    assert later is not None and 0 < later < 10, later
+    assert early is None or early > later
+    assert tr.oldest_age("urgent", t0 + 5) == pytest.approx(4.0)
+    breached = tr.predict_breach("urgent", t0 + 12, horizon=10)
+    assert breached is not None and breached < 0, "already past the deadline"
+
+
+def test_a_burst_after_a_quiet_spell_is_no_predicted_breach():
+    """The rate is measured over busy time: three messages a minute say nothing about how fast
+    the pool drains a burst of fifty."""
+    tr = _tracker("10s")
+    t0 = 1_000_000.0
+    for i in range(3):
+        t = t0 + 20 * i
+        tr.on_record(_rec("r", f"q{i}", t, t))
+        tr.on_record(_rec("d", f"q{i}", t + 0.01, t))
+        tr.mark_idle("p")  # the monitor's tick sees no ready or in-flight work
+    burst = t0 + 60
+    for i in range(50):
+        tr.on_record(_rec("r", f"b{i}", burst, burst))
+    for i in range(10):
+        tr.on_record(_rec("d", f"b{i}", burst + 0.02 * (i + 1), burst))
+    assert tr.drain_rate("p", burst + 0.25) == pytest.approx(12 / 60)  # q0 left the window
+    assert tr.service_rate("p", burst + 0.25) == pytest.approx(40, rel=0.01), "10 in 0.25 s"
+    assert tr.service_rate("p", burst + 1.2) == pytest.approx(1.0), "stalled for 1 s"
+    assert tr.predict_breach("urgent", burst + 0.25, horizon=10) is None
+
+
+def test_predictor_respects_retry_times_and_forgets_finished():
+    tr = _tracker("10s")
+    t0 = 1_000_000.0
+    tr.on_record(_rec("r", "q", t0, t0))
+    tr.on_record(_rec("t", "q", t0 + 6, t0, attempt=1))  # next try ~5.5 s later: past 10 s
+    assert tr.predict_breach("urgent", t0 + 6, horizon=10) == pytest.approx(4.0)
+    tr.on_record(_rec("d", "q", t0 + 7, t0))
+    assert tr.predict_breach("urgent", t0 + 7, horizon=10) is None
+    assert tr.classes["urgent"].depth == 0
+    assert tr.finished("q")[0]["recipients"][0]["state"] == "delivered"
+
+
+# -- end to end: a slowing remote server -------------------------------------------------------
+
+SLA_EXTRA = """
+[monitor]
+evaluate_every = "0.1s"
+sample_every = "0.5s"
+rate_window = "5s"
+resolve_after = "0.5s"
+[monitor.sla.policy-documents]
+lead_time = "2s"
+p95 = "30s"
+"""
+
+
+async def test_predictive_alert_fires_before_any_breach_and_resolves(tmp_path, sink, make_node):
+    text = config_text(tmp_path, sink.port, SLA_EXTRA).replace('sla = "2m"', 'sla = "3s"')
+    node = await make_node(text)
+    sent: list[float] = []
+
+    async def trickle(seconds: float) -> None:
+        end = time.time() + seconds
+        while time.time() < end:
+            await node.intake.submit("s@insurer.test", [RcptIn(f"p{len(sent)}@example.com")],
+                                     message("policy", cls="policy-documents"))
+            sent.append(time.time())
+            await asyncio.sleep(0.2)
+
+    await trickle(1.0)  # healthy: delivered in milliseconds
+    assert not node.monitor.alerts.active
+    sink.delay = 4.0  # the remote server slows beyond the 3 s SLA
+    await trickle(2.5)
+    sink.delay = 0.0  # and recovers
+    await sink.wait_for(len(sent), timeout=30)
+    deadline = time.time() + 15
+    while node.monitor.alerts.active and time.time() < deadline:
+        await asyncio.sleep(0.1)
+    resolved = [a for a in node.monitor.alerts.history if a.rule == "predicted-breach"]
+    assert resolved, "the predictive alert fired and resolved"
+    alert = resolved[0]
+    latencies = [(a.time - float(email.message_from_bytes(a.data)["X-Postlane-Queued"]
+                                 .split(";")[0]), a) for a in sink.arrivals]
+    breaches = [a.time - lat + 3.0 for lat, a in latencies if lat > 3.0]
+    assert breaches, "the slowdown did make messages breach (otherwise the test proves nothing)"
+    assert alert.fired_at < min(breaches), (alert.fired_at, min(breaches))
+    assert alert.resolved_at is not None and alert.resolved_at > alert.fired_at
+    assert not node.monitor.alerts.active
+    journal = [json.loads(line) for line in
+               (tmp_path / "acct" / "alerts.jsonl").read_text().splitlines()]
+    events = [(j["event"], j["rule"]) for j in journal]
+    assert ("fired", "predicted-breach") in events and ("resolved", "predicted-breach") in events
+
+
+async def test_a_growing_backlog_alerts_at_least_the_lead_time_before_the_breach(
+        tmp_path, sink, make_node):
+    """The bench's target: arrivals outpace a slowed remote server, the queue grows, and the
+    alert comes at least ``lead_time`` before the first message breaches."""
+    extra = SLA_EXTRA.replace('lead_time = "2s"', 'lead_time = "1s"')
+    text = config_text(tmp_path, sink.port, extra, max_out=1).replace('sla = "2m"', 'sla = "2s"')
+    node = await make_node(text)
+    sink.delay = 0.2  # one connection: about 5 messages a second
+    count = 0
+    end = time.time() + 2.5
+    while time.time() < end:  # about 15 a second
+        await node.intake.submit("s@insurer.test", [RcptIn(f"p{count}@example.com")],
+                                 message("policy", cls="policy-documents"))
+        count += 1
+        await asyncio.sleep(0.066)
+    await sink.wait_for(count, timeout=60)
+    queued = [float(email.message_from_bytes(a.data)["X-Postlane-Queued"].split(";")[0])
+              for a in sink.arrivals]
+    breaches = [q + 2.0 for q, a in zip(queued, sink.arrivals, strict=True) if a.time - q > 2.0]
+    assert breaches, "the backlog did make messages breach (otherwise the test proves nothing)"
+    fired = [a for a in [*node.monitor.alerts.history, *node.monitor.alerts.active.values()]
+             if a.rule == "predicted-breach"]
+    assert fired, "the predictive alert fired"
+    assert fired[0].fired_at <= min(breaches) - 1.0, (fired[0].fired_at, min(breaches))
+
+
+async def test_threshold_alert_and_ops_mail(tmp_path, sink, make_node):
+    extra = """
+[monitor]
+evaluate_every = "0.1s"
+resolve_after = "60s"
+ops_address = "ops@example.com"
+ops_from = "monitor@insurer.test"
+[monitor.sla.policy-documents]
+p95 = "0.3s"
+window = "1m"
+lead_time = "0.01s"
+"""
+    node = await make_node(config_text(tmp_path, sink.port, extra))
+    sink.delay = 0.6
+    for i in range(3):
+        await node.intake.submit("s@insurer.test", [RcptIn(f"p{i}@example.com")],
+                                 message("policy", cls="policy-documents"))
+    deadline = time.time() + 20
+    while "latency-threshold:policy-documents" not in node.monitor.alerts.active:
+        assert time.time() < deadline, "threshold alert did not fire"
+        await asyncio.sleep(0.1)
+    alert = node.monitor.alerts.active["latency-threshold:policy-documents"]
+    assert alert.value > 0.3 and alert.threshold == 0.3
+    assert "p95 delivery latency" in alert.message
+    sink.delay = 0.0
+    arrivals = await sink.wait_for(4, timeout=20)
+    [mail] = [a for a in arrivals if a.rcpts == ["ops@example.com"]]
+    assert mail.peer == "127.0.0.20", "sent through the highest-priority class's pool"
+    parsed = email.message_from_bytes(mail.data)
+    assert "FIRED" in parsed["Subject"] and "policy-documents" in parsed["Subject"]
+
+
+# -- webhook delivery --------------------------------------------------------------------------
+
+
+class _Hook(BaseHTTPRequestHandler):
+    fail_first = 0
+    bodies: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        code = 500 if len(type(self).bodies) <= type(self).fail_first else 204
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hook_server():
+    servers = []
+
+    def start(fail_first: int):
+        handler = type("Hook", (_Hook,), {"fail_first": fail_first, "bodies": []})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _alert() -> Alert:
+    now = time.time()
+    return Alert("predicted-breach:claims", "predicted-breach", "claims", "trans-high",
+                 "claims: first SLA breach expected in 90s", 90.0, 1200.0, now, now)
+
+
+async def test_webhook_retries_until_accepted(hook_server):
+    url, handler = hook_server(fail_first=2)
+    notify = webhook_notifier(url, "node-1", retries=3, backoff=0.05, timeout=5)
+    await notify("fired", _alert())
+    assert len(handler.bodies) == 3, "two 500s, then delivered"
+    body = handler.bodies[-1]
+    assert body["event"] == "fired" and body["node"] == "node-1"
+    assert body["alert"]["id"] == "predicted-breach:claims"
+    assert body["alert"]["class"] == "claims" and body["alert"]["state"] == "active"
+
+
+async def test_webhook_gives_up_after_its_retries(hook_server, caplog):
+    url, handler = hook_server(fail_first=100)
+    notify = webhook_notifier(url, "node-1", retries=2, backoff=0.01, timeout=5)
+    await notify("resolved", _alert())
+    assert len(handler.bodies) == 3
+    assert "alert webhook gave up" in caplog.text
+
+
+async def test_restart_counts_resumed_messages(tmp_path, sink, make_node):
+    text = config_text(tmp_path, sink.port)
+    node = await make_node(text)
+    await node.pause("bulk")
+    for i in range(2):
+        await node.intake.submit("s@insurer.test", [RcptIn(f"m{i}@example.com")],
+                                 message("offer", cls="marketing"))
+    await node.intake.submit("s@insurer.test", [RcptIn("late@example.com")],
+                             message("policy", cls="policy-documents"))
+    await sink.wait_for(1)
+    await node.stop()
+    again = await make_node(text)
+    states = {c["class"]: c for c in again.monitor.class_states(time.time())}
+    assert states["marketing"]["depth"] == 2
+    assert states["marketing"]["oldest_age_s"] > 0
+    assert states["policy-documents"]["depth"] == 0
+    assert states["policy-documents"]["latency_s"]["1m"] is None, "history is not persisted"
