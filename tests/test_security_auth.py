@@ -12,9 +12,9 @@ import ssl
 
 import pytest
 
-from postlane.cli_security import selfsigned
 from postlane.config import ConfigError, parse_config
 from postlane.edge.auth import User, hash_password, save_user, verify_password
+from postlane.edge.cli import selfsigned
 from tests.conftest import config_text, message
 from tests.support.rawsmtp import RawSMTP, session
 

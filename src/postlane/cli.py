@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 
 from .api.cli import app as ops_app
-from .cli_security import killtest, tls_app, users_app
 from .config import ConfigError, load_config
+from .edge.cli import killtest, tls_app, users_app
 from .feedback.cli import feedback_app, suppress_app
 from .policy.dkim_cli import app as dkim_app
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from .edge.auth import User, UsersError, hash_password, load_users, save_user, valid_user_name
+from .auth import User, UsersError, hash_password, load_users, save_user, valid_user_name
 
 users_app = typer.Typer(no_args_is_help=True, help="SMTP AUTH users (the security.users_file).")
 tls_app = typer.Typer(no_args_is_help=True, help="TLS certificates for the listeners.")
@@ -125,6 +125,6 @@ def killtest(
     seed: int | None = typer.Option(None, help="random seed (default: the process id)"),
 ) -> None:
     """SIGKILL a node at random moments of a campaign; check nothing acknowledged is lost."""
-    from .killtest import command
+    from ..killtest import command
 
     raise typer.Exit(command(workdir, messages, kills, seed))
