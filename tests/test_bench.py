@@ -32,15 +32,15 @@ def test_bench_lanes_keep_each_class_on_its_pool():
         assert result[key] > 0
 
 
-def test_bench_fifo_baseline_shares_one_queue():
+def test_bench_fifo_baseline_shares_one_queue_and_signs():
     result = _bench("--marketing", "100", "--transactional-rate", "5", "--baseline", "fifo",
-                    "--message-kb", "2")
-    assert result["lost"] == 0 and result["baseline"] == "fifo"
+                    "--message-kb", "2", "--dkim", "ed25519")
+    assert result["lost"] == 0 and result["baseline"] == "fifo" and result["dkim"] == "ed25519"
     used = {ip for ips in result["sources"].values() for ip in ips}
     assert set(result["sources"]["policy-documents"]) <= used
 
 
-@pytest.mark.parametrize("args", [["--baseline", "lifo"], ["--marketing", "-1"],
+@pytest.mark.parametrize("args", [["--baseline", "lifo"], ["--marketing", "-1"], ["--dkim", "dsa"],
                                   ["--message-kb", "0"]])
 def test_bench_refuses_bad_arguments(args):
     out = subprocess.run([sys.executable, "-m", "postlane.cli", "bench", *args],

@@ -37,11 +37,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool) -> tuple[Config,
-                                                                                     int]:
+MARKETING_FROM = "newsletter@insurer-news.example"
+TRANSACTIONAL_FROM = "notices@insurer.example"
+
+
+def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
+                 dkim: str = "none") -> tuple[Config, int]:
     """The base config pointed at the sink, with a fresh spool; ``fifo`` puts every class in one
-    shared pool served in arrival order (what the case study's ESP had)."""
+    shared pool served in arrival order (what the case study's ESP had); ``dkim`` (rsa, ed25519)
+    signs every message with a key made for the run."""
     cfg = base.model_copy(deep=True)
+    if dkim != "none":
+        from .config.model import DKIMKeyConfig
+        from .policy.dkim import generate_key, write_key
+
+        algorithm = "rsa-sha256" if dkim == "rsa" else "ed25519-sha256"
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg.dkim.keys = []
+        for domain in ("insurer.example", "insurer-news.example"):
+            path = workdir / f"{domain}.{dkim}.key"
+            write_key(path, generate_key(algorithm))
+            cfg.dkim.keys.append(DKIMKeyConfig(domain=domain, selector="bench",
+                                               algorithm=algorithm, key_file=str(path)))
     port = _free_port()
     first = next(iter(cfg.listeners.values())).model_copy()
     first.port, first.address, first.default_class = port, "127.0.0.1", None
@@ -71,8 +88,8 @@ def _body(kb: int) -> bytes:
     return line * max(1, (kb * 1024) // len(line))
 
 
-def _message(tag: str, cls: str, rcpt: str, body: bytes) -> bytes:
-    return (f"From: notices@insurer.example\r\nTo: {rcpt}\r\nSubject: {cls} {tag}\r\n"
+def _message(tag: str, cls: str, rcpt: str, body: bytes, sender: str) -> bytes:
+    return (f"From: {sender}\r\nTo: {rcpt}\r\nSubject: {cls} {tag}\r\n"
             f"X-Postlane-Class: {cls}\r\n{TAG.decode()}: {tag}\r\n"
             f"X-Correlation-ID: {tag}\r\nMIME-Version: 1.0\r\n"
             f"Content-Type: text/plain; charset=us-ascii\r\n\r\n").encode() + body
@@ -152,6 +169,7 @@ class BenchOptions:
     sink_delay_ms: float = 0.0
     message_kb: int = 10
     baseline: str = "lanes"
+    dkim: str = "none"
     config: Path | None = None
     connections: int = 8
     timeout: float = 3600.0
@@ -207,8 +225,8 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
             tag = f"m{n}"
             rcpt = f"reader{n}@news{n % 20}.example"
             t0 = time.time()
-            if await sub.send("newsletter@insurer-news.example", rcpt,
-                              _message(tag, opts.marketing_class, rcpt, body)):
+            if await sub.send(MARKETING_FROM, rcpt,
+                              _message(tag, opts.marketing_class, rcpt, body, MARKETING_FROM)):
                 submitted[tag] = (opts.marketing_class, t0)
                 progress.marketing_accepted += 1
             else:
@@ -228,7 +246,8 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
         async def one(tag: str, cls: str) -> None:
             rcpt = f"customer{tag}@customers.example"
             t0 = time.time()
-            if await sub.send("notices@insurer.example", rcpt, _message(tag, cls, rcpt, body)):
+            if await sub.send(TRANSACTIONAL_FROM, rcpt,
+                              _message(tag, cls, rcpt, body, TRANSACTIONAL_FROM)):
                 submitted[tag] = (cls, t0)
                 progress.transactional_sent += 1
 
@@ -344,7 +363,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
     ready = ctx.Event()
     sink_port = _free_port()
     cfg, port = bench_config(base, workdir=workdir, sink_port=sink_port,
-                             fifo=opts.baseline == "fifo")
+                             fifo=opts.baseline == "fifo", dkim=opts.dkim)
     sink = ctx.Process(target=_run_sink, args=(sink_port, opts.sink_delay_ms / 1000, arrivals,
                                                ready), daemon=True)
     sink.start()
@@ -374,6 +393,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
         if own_dir:
             shutil.rmtree(workdir, ignore_errors=True)
     result["baseline"] = opts.baseline
+    result["dkim"] = opts.dkim
     result["sink_delay_ms"] = opts.sink_delay_ms
     result["message_kb"] = opts.message_kb
     result["_progress"] = progress

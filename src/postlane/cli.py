@@ -72,6 +72,7 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
           sink_delay_ms: float = typer.Option(0.0, help="time the sink takes per message"),
           message_kb: int = typer.Option(10, help="message size"),
           baseline: str = typer.Option("lanes", help="lanes (Postlane) or fifo (one queue)"),
+          dkim: str = typer.Option("none", help="sign every message: none, rsa (2048) or ed25519"),
           config: Path | None = typer.Option(None, "--config", "-c",
                                              help="base config (default examples/insurance.toml)"),
           connections: int = typer.Option(8, help="SMTP connections submitting the campaign"),
@@ -81,12 +82,15 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
 
     if baseline not in ("lanes", "fifo"):
         raise typer.BadParameter("must be 'lanes' or 'fifo'", param_hint="--baseline")
+    if dkim not in ("none", "rsa", "ed25519"):
+        raise typer.BadParameter("must be 'none', 'rsa' or 'ed25519'", param_hint="--dkim")
     if marketing < 0 or transactional_rate < 0 or message_kb < 1 or connections < 1:
         raise typer.BadParameter("counts and rates must be positive")
     if config is not None:
         _load(config)
     opts = BenchOptions(marketing=marketing, transactional_rate=transactional_rate,
                         sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
+                        dkim=dkim,
                         config=config, connections=connections)
 
     last = [0.0]
