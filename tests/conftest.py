@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import smtplib
 from pathlib import Path
 
@@ -84,6 +85,15 @@ async def make_node(tmp_path):
     for node in nodes:
         if not node.stopped.is_set():
             await node.stop()
+
+
+def records(tmp_path: Path) -> list[dict]:
+    """Every accounting record the node in ``tmp_path`` wrote (CSV files, in order)."""
+    rows: list[dict] = []
+    for path in sorted((tmp_path / "acct").glob("*.csv")):
+        with open(path, newline="") as fh:
+            rows.extend(csv.DictReader(fh))
+    return rows
 
 
 def message(subject: str = "hello", *, cls: str | None = None, extra: str = "",

@@ -4,7 +4,6 @@ asynchronous bounces, synchronous bounce categories, FBL complaints and complain
 from __future__ import annotations
 
 import asyncio
-import csv
 import email
 import logging
 import smtplib
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
-from tests.conftest import config_text, message, send
+from tests.conftest import config_text, message, records, send
 from tests.support.corpus_score import TESTDATA
 
 FEEDBACK = """
@@ -32,13 +31,6 @@ def _config(tmp_path, port: int, extra: str = FEEDBACK, verp: bool = True) -> st
         text = text.replace("[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
     return text
 
-
-def _records(tmp_path) -> list[dict]:
-    rows: list[dict] = []
-    for path in sorted((tmp_path / "acct").glob("*.csv")):
-        with open(path, newline="") as fh:
-            rows.extend(csv.DictReader(fh))
-    return rows
 
 
 async def test_scoped_suppression_refuses_drops_and_still_delivers_policy_notices(
@@ -62,7 +54,7 @@ async def test_scoped_suppression_refuses_drops_and_still_delivers_policy_notice
     await node.stop()
     got = sorted((a.rcpts[0], email.message_from_bytes(a.data)["Subject"]) for a in arrivals)
     assert got == [("news@example.com", "your policy"), ("ok@example.com", "newsletter")]
-    [s] = [r for r in _records(tmp_path) if r["type"] == "s"]
+    [s] = [r for r in records(tmp_path) if r["type"] == "s"]
     assert s["rcpt"] == "news@example.com" and s["class"] == "marketing"
     assert s["dsnDiag"] == "suppressed (marketing, unsubscribe): unsubscribed"
 
@@ -106,12 +98,12 @@ async def test_verp_round_trip_remote_bounces_become_rb_records_and_suppressions
     assert not node.feedback.suppression.check(["customer@example.com"], marketing=True)
     await node.stop()
     assert len(sink.arrivals) == 2
-    rb = {r["rcpt"]: r for r in _records(tmp_path) if r["type"] == "rb"}
+    rb = {r["rcpt"]: r for r in records(tmp_path) if r["type"] == "rb"}
     assert set(rb) == {"v1@example.com", "v2@example.com"}
     assert rb["v1@example.com"]["dsnStatus"] == "5.1.1"
     assert rb["v1@example.com"]["bounceCat"] == "bad-mailbox"
     assert rb["v1@example.com"]["vmtaPool"] == "bulk"
-    qids = {r["queueId"] for r in _records(tmp_path) if r["type"] == "d"}
+    qids = {r["queueId"] for r in records(tmp_path) if r["type"] == "d"}
     assert rb["v1@example.com"]["queueId"] in qids
     assert rb["v2@example.com"]["bounceCat"] == "bad-mailbox"
 
@@ -124,7 +116,7 @@ async def test_synchronous_bounce_gets_its_category_and_suppresses(tmp_path, sin
                ["hard@example.com", "full@example.com"], message("x", cls="policy-documents"))
     await sink.wait_for(2, timeout=20)  # full@ after its retry, and the DSN to the sender
     await node.stop()
-    rows = _records(tmp_path)
+    rows = records(tmp_path)
     [b] = [r for r in rows if r["type"] == "b"]
     assert b["bounceCat"] == "bad-mailbox"
     [t] = [r for r in rows if r["type"] == "t"]
@@ -168,7 +160,7 @@ async def test_fbl_complaint_suppresses_for_marketing_and_raises_the_rate_alert(
     assert node.feedback.suppression.check(["c@example.com"], marketing=True)
     assert not node.feedback.suppression.check(["c@example.com"], marketing=False)
     await node.stop()
-    [f] = [r for r in _records(tmp_path) if r["type"] == "f"]
+    [f] = [r for r in records(tmp_path) if r["type"] == "f"]
     assert f["rcpt"] == "c@example.com" and f["dsnDiag"] == "arf;abuse"
     assert f["messageId"] == mid and f["vmtaPool"] == "bulk"
 

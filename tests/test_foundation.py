@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import email
 import smtplib
 
 import pytest
 
-from tests.conftest import config_text, message, send
+from tests.conftest import config_text, message, records, send
 
 
 async def test_message_goes_out_from_its_pool_ip_with_its_ehlo(tmp_path, sink, make_node):
@@ -28,7 +27,7 @@ async def test_message_goes_out_from_its_pool_ip_with_its_ehlo(tmp_path, sink, m
     assert parsed["X-Postlane-Queued"]
     assert parsed["Message-ID"]
     await node.stop()
-    rows = _records(tmp_path)
+    rows = records(tmp_path)
     assert [r["type"] for r in rows] == ["r", "d"]
     assert rows[1]["header_X-Correlation-ID"] == "policy-4711"
     assert rows[1]["dlvSourceIp"] == "127.0.0.20"
@@ -36,13 +35,6 @@ async def test_message_goes_out_from_its_pool_ip_with_its_ehlo(tmp_path, sink, m
     assert rows[1]["vmtaPool"] == "critical"
     assert float(rows[1]["totalSecondsQueued"]) >= 0
 
-
-def _records(tmp_path) -> list[dict]:
-    rows: list[dict] = []
-    for path in sorted((tmp_path / "acct").glob("*.csv")):
-        with open(path, newline="") as fh:
-            rows.extend(csv.DictReader(fh))
-    return rows
 
 
 async def test_250_450_550_give_delivered_retried_and_bounced(tmp_path, sink, make_node):
@@ -67,7 +59,7 @@ async def test_250_450_550_give_delivered_retried_and_bounced(tmp_path, sink, ma
     assert status.get_content_type() == "message/delivery-status"
     text = status.as_string()
     assert "hard@example.com" in text and "5.1.1" in text
-    rows = [r for r in _records(tmp_path) if r["rcpt"] != "sender@example.com"]
+    rows = [r for r in records(tmp_path) if r["rcpt"] != "sender@example.com"]
     kinds = {(r["rcpt"], r["type"]) for r in rows}
     assert ("ok@example.com", "d") in kinds
     assert ("soft@example.com", "t") in kinds and ("soft@example.com", "d") in kinds

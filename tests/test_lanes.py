@@ -6,13 +6,12 @@ Ordering is checked by arrival order at the sink, never by wall-clock thresholds
 from __future__ import annotations
 
 import asyncio
-import csv
 
 import pytest
 
 from postlane.node import OperationError
 from postlane.sink import Sink
-from tests.conftest import config_text, message, send
+from tests.conftest import config_text, message, records, send
 
 
 def shared_pool_config(tmp_path, sink_port: int, *, slots: int = 1, extra: str = "") -> str:
@@ -206,11 +205,8 @@ async def test_backoff_on_421_then_recovery_on_success(tmp_path, sink, make_node
     assert lane.backoff_switches == 2, "switched into backoff on 421 and out on the success"
     assert lane.backoff_until == 0.0
     await node.stop()
-    rows = []
-    for path in (tmp_path / "acct").glob("*.csv"):
-        with open(path, newline="") as fh:
-            rows += list(csv.DictReader(fh))
-    assert [r["type"] for r in rows if r["rcpt"] == "a@example.com"] == ["r", "t", "d"]
+    assert [r["type"] for r in records(tmp_path) if r["rcpt"] == "a@example.com"] == \
+        ["r", "t", "d"]
 
 
 async def test_backoff_lowers_the_connection_cap(tmp_path, sink, make_node):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import csv
 import logging
 import smtplib
 import ssl
@@ -15,7 +14,7 @@ import pytest
 from postlane.config import ConfigError, parse_config
 from postlane.edge.auth import User, hash_password, save_user, verify_password
 from postlane.edge.cli import selfsigned
-from tests.conftest import config_text, message
+from tests.conftest import config_text, message, records
 from tests.support.rawsmtp import RawSMTP, session
 
 PASSWORD = "correct horse battery staple"
@@ -86,13 +85,6 @@ async def submit(port: int, **kwargs) -> dict:
     return await asyncio.to_thread(_submit, port, **kwargs)
 
 
-def _records(tmp_path) -> list[dict]:
-    rows: list[dict] = []
-    for path in sorted((tmp_path / "acct").glob("*.csv")):
-        with open(path, newline="") as fh:
-            rows.extend(csv.DictReader(fh))
-    return rows
-
 
 def test_password_hash_is_salted_and_verifies():
     a, b = hash_password("pw-123456"), hash_password("pw-123456")
@@ -159,7 +151,7 @@ async def test_user_relays_with_default_class_and_is_accounted(tmp_path, sink, m
     [arrival] = await sink.wait_for(1)
     assert arrival.peer == "127.0.0.20", "alice's default class is policy-documents"
     await node.stop()
-    [received] = [r for r in _records(tmp_path) if r["type"] == "r"]
+    [received] = [r for r in records(tmp_path) if r["type"] == "r"]
     assert received["authUser"] == "alice"
 
 

@@ -4,13 +4,12 @@ record, and a message hit by a temporary fault still arrives once the remote sid
 from __future__ import annotations
 
 import asyncio
-import csv
 import socket
 
 import pytest
 
 from postlane.policy.intake import RcptIn
-from tests.conftest import config_text, message, send
+from tests.conftest import config_text, message, records, send
 from tests.support.badserver import FAULTS, BadServer
 
 TIMEOUTS = "[relay]\nconnect_timeout = 0.5\ncommand_timeout = 0.5\ndata_timeout = 0.5\n"
@@ -22,13 +21,6 @@ def fault_config(tmp_path, port: int, dns_port: int, *, routes: bool = True) -> 
     return text.replace("[relay]\n", TIMEOUTS, 1).replace('retry = ["1s", "1s", "2s"]',
                                                          'retry = ["0.2s"]')
 
-
-def records(tmp_path) -> list[dict]:
-    rows: list[dict] = []
-    for path in sorted((tmp_path / "acct").glob("*.csv")):
-        with open(path, newline="") as fh:
-            rows.extend(csv.DictReader(fh))
-    return rows
 
 
 async def deferred(node, count: int = 1) -> None:
