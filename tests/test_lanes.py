@@ -235,3 +235,27 @@ async def test_classification_by_rule_and_mt_priority(tmp_path, sink, make_node)
     peers = {s: a.peer for s, a in zip(subjects(sink), sink.arrivals, strict=True)}
     assert peers["by-rule"] == "127.0.0.20" and peers["by-mt-priority"] == "127.0.0.20"
     assert peers["low"] == "127.0.0.30"
+
+
+async def test_a_busy_lane_makes_room_for_an_older_one_in_its_pool(tmp_path, make_node):
+    """One slot, two destinations of one class, both queued: the lane holding the connection
+    yields after FAIR_SHARE messages to the other (whose mail is older than its own next
+    message), instead of draining its whole queue first."""
+    from postlane.scheduler.scheduler import FAIR_SHARE
+
+    sink = await Sink(delay=0.01).start()
+    try:
+        node = await make_node(shared_pool_config(tmp_path, sink.port))
+        await node.pause("shared")
+        items = []
+        for i in range(FAIR_SHARE + 20):
+            items += [(f"a{i}", "marketing", f"r{i}@a.example"),
+                      (f"b{i}", "marketing", f"r{i}@b.example")]
+        await _submit_all(node.listeners[0].port, items)
+        await node.resume("shared")
+        await sink.wait_for(len(items), timeout=60)
+        order = subjects(sink)
+        assert order[:FAIR_SHARE] == [f"a{i}" for i in range(FAIR_SHARE)]
+        assert order[FAIR_SHARE:2 * FAIR_SHARE] == [f"b{i}" for i in range(FAIR_SHARE)]
+    finally:
+        await sink.stop()

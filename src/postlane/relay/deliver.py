@@ -78,7 +78,8 @@ class Relay:
                     break
                 if not conn.usable or conn.messages_sent >= limit:
                     break
-                batch = await sched.wait_for_work(lane, self.config.relay.idle_timeout)
+                batch = await sched.wait_for_work(lane, self.config.relay.idle_timeout,
+                                                  conn.messages_sent)
         finally:
             await conn.quit()
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("postlane.scheduler")
 
 ANY_DOMAIN = "*"
+FAIR_SHARE = 50
+"""Messages a connection sends before it makes room for an equally urgent waiting lane."""
 
 
 class Failure:
@@ -59,7 +61,8 @@ class Scheduler:
         }
         self.paused: set[tuple[str, str]] = set()
         self._ready: set[Lane] = set()
-        self._waiting_priority: dict[str, int] = {}
+        self._waiting: dict[str, tuple[int, float]] = {}
+        """Per pool, the (priority, deadline) of the most urgent lane that found no free slot."""
         self._timers: list[tuple[float, int, Recipient]] = []
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_seq = itertools.count()
@@ -127,7 +130,7 @@ class Scheduler:
         lanes = [ln for ln in self._ready if ln.heap and not ln.blocked(now)]
         self._ready = {ln for ln in self._ready if ln.heap}
         lanes.sort(key=Lane.top)
-        waiting: dict[str, int] = {}
+        waiting: dict[str, tuple[int, float]] = {}
         for lane in lanes:
             while len(lane.heap) > len(lane.idle) and lane.workers < self._lane_cap(lane):
                 if lane.idle:
@@ -135,9 +138,9 @@ class Scheduler:
                     continue
                 slot = self._acquire(lane)
                 if slot is None:
-                    prio = lane.top()[0]
-                    if prio < waiting.get(lane.pool, 99):
-                        waiting[lane.pool] = prio
+                    if lane.pool not in waiting:
+                        waiting[lane.pool] = lane.top()
+                        self._release_idle(lane.pool)
                     break
                 lane.workers += 1
                 task = asyncio.get_running_loop().create_task(self._run_worker(lane, slot))
@@ -145,7 +148,16 @@ class Scheduler:
                 task.add_done_callback(self._tasks.discard)
             if lane.idle and lane.heap:
                 lane.idle.pop(0).set_result(None)
-        self._waiting_priority = waiting
+        self._waiting = waiting
+
+    def _release_idle(self, pool: str) -> None:
+        """A lane of ``pool`` waits for a slot: connections idling on emptied lanes give theirs
+        up now rather than at their idle timeout."""
+        for lane in self.lanes.values():
+            if lane.pool == pool and lane.idle and not lane.heap:
+                for fut in lane.idle:
+                    if not fut.done():
+                        fut.set_result(None)
 
     def _lane_cap(self, lane: Lane) -> int:
         slots = self.slots[lane.pool]
@@ -211,14 +223,20 @@ class Scheduler:
                 self._ready.add(lane)
             self.kick()
 
-    def next_batch(self, lane: Lane) -> list[Recipient]:
-        """Called by a worker between transactions: more work for its connection, or nothing
-        (lane empty, paused, or a more urgent lane of the pool needs the slot)."""
+    def next_batch(self, lane: Lane, sent: int = 0) -> list[Recipient]:
+        """Called by a worker between transactions: more work for its connection, or nothing:
+        lane empty or paused, a lane of higher priority in the pool needs the slot, or (after
+        ``FAIR_SHARE`` messages on this connection) an equally urgent lane with an earlier
+        deadline does. Without the last rule, busy lanes of a campaign keep their connections
+        and one destination's mail can wait for the whole campaign."""
         if self._stopping or lane.blocked(time.time()) or not lane.heap:
             return []
-        waiting = self._waiting_priority.get(lane.pool)
-        if waiting is not None and waiting < lane.top()[0]:
-            return []
+        waiting = self._waiting.get(lane.pool)
+        if waiting is not None:
+            top = lane.top()
+            if waiting[0] < top[0] or (sent >= FAIR_SHARE and waiting < top):
+                del self._waiting[lane.pool]  # one connection makes room per waiting lane
+                return []
         return self._pop(lane)
 
     def _pop(self, lane: Lane) -> list[Recipient]:
@@ -239,11 +257,11 @@ class Scheduler:
                 return live
         return []
 
-    async def wait_for_work(self, lane: Lane, timeout: float) -> list[Recipient]:
+    async def wait_for_work(self, lane: Lane, timeout: float, sent: int = 0) -> list[Recipient]:
         """Keep a connection open a little while for more mail to the same place."""
         if self._stopping:
             return []
-        batch = self.next_batch(lane)
+        batch = self.next_batch(lane, sent)
         if batch or timeout <= 0:
             return batch
         fut = asyncio.get_running_loop().create_future()
@@ -255,7 +273,7 @@ class Scheduler:
         finally:
             if fut in lane.idle:
                 lane.idle.remove(fut)
-        return self.next_batch(lane)
+        return self.next_batch(lane, sent)
 
     def suspend(self, lane: Lane, seconds: float, reason: str) -> None:
         """Stop opening connections to a destination that just failed (Postfix's "dead
