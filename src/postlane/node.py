@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from .accounting.audit.service import AuditService
 from .accounting.log import AccountingLog
 from .config import Config
 from .edge.smtp import Listener
@@ -38,7 +39,11 @@ class Node:
         self.spool = SQLiteSpool(config.node.spool)
         acc = config.accounting
         self.accounting = AccountingLog(Path(acc.directory), formats=acc.formats,
-                                        rotate_seconds=acc.rotate, rotate_bytes=acc.rotate_size)
+                                        fields=acc.fields, rotate_seconds=acc.rotate,
+                                        rotate_bytes=acc.rotate_size)
+        self.audit = AuditService(config) if config.audit.enabled else None
+        if self.audit is not None:
+            self.accounting.add_listener(self.audit.add)
         self.scheduler = Scheduler(config, self.spool, self.accounting.write, self._on_failures)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
@@ -55,6 +60,8 @@ class Node:
     async def start(self) -> None:
         """Open the spool, resume every queued message, then open the listeners."""
         await self.spool.open()
+        if self.audit is not None:
+            await self.audit.start()
         self.scheduler.paused = await self.spool.paused()
         pending = await self.spool.pending()
         for rcpt in pending.recipients:
@@ -82,6 +89,8 @@ class Node:
         await self.spool.flush()
         await self.spool.close()
         self.accounting.close()
+        if self.audit is not None:
+            await self.audit.stop()
         self.stopped.set()
 
     # -- bounces --------------------------------------------------------------------------------

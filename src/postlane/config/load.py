@@ -62,6 +62,32 @@ def _cross_checks(cfg: Config) -> list[str]:
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             errors.append(f"routes.{domain}: {target!r} is not host:port")
+    errors.extend(_audit_checks(cfg))
+    return errors
+
+
+def _audit_checks(cfg: Config) -> list[str]:
+    errors: list[str] = []
+    audit = cfg.audit
+    for name, ret in audit.retention.items():
+        if name != "*" and name not in cfg.classes:
+            errors.append(f"audit.retention.{name}: no class named {name!r}")
+        if ret.pseudonymise is not None and not audit.pseudonymisation_key:
+            errors.append(f"audit.retention.{name}.pseudonymise: needs"
+                          " audit.pseudonymisation_key")
+        if ret.pseudonymise is not None and ret.delete is not None and \
+                ret.delete <= ret.pseudonymise:
+            errors.append(f"audit.retention.{name}.delete: must be later than pseudonymise")
+    names: set[str] = set()
+    for i, hook in enumerate(audit.webhooks):
+        for cls in hook.classes:
+            if cls not in cfg.classes:
+                errors.append(f"audit.webhooks[{i}].classes: no class named {cls!r}")
+        key = hook.name or hook.url
+        if key in names:
+            errors.append(f"audit.webhooks[{i}]: another webhook has the same name/url"
+                          " (each needs its own cursor; set name)")
+        names.add(key)
     return errors
 
 
@@ -95,4 +121,8 @@ def load_config(path: str | Path) -> Config:
         cfg.node.spool = str(base / cfg.node.spool)
     if not Path(cfg.accounting.directory).is_absolute():
         cfg.accounting.directory = str(base / cfg.accounting.directory)
+    for attr in ("path", "pseudonymisation_key"):
+        value = getattr(cfg.audit, attr)
+        if value and not Path(value).is_absolute():
+            setattr(cfg.audit, attr, str(base / value))
     return cfg
