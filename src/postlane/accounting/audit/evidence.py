@@ -88,7 +88,8 @@ class Trail:
         if final is not None and final["type"] == "b":
             what = "expired" if final["bounce_cat"] == "message-expired" else "bounced"
             return f"{what}: {final['dsn_diag']}" + (
-                f" after {len(deferrals)} deferral(s)" if deferrals else "")
+                f" after {len(deferrals)} deferral(s), last reply: {deferrals[-1]['dsn_diag']}"
+                if deferrals else "")
         if deferrals:
             return (f"{len(deferrals)} deferral(s) with retry backoff; last reply: "
                     f"{deferrals[-1]['dsn_diag']}")
@@ -259,15 +260,17 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 def sla_report(store: SQLiteAuditStore, since: float, until: float, cls: str | None = None,
                now: float | None = None) -> dict:
-    """Per class: recipients queued in [since, until), share delivered within the SLA,
+    """Per class: recipients queued in [since, until) (one "message" per recipient, as an SLA
+    applies to each delivery), share delivered within the SLA,
     latency percentiles and every breach with its ids and cause."""
     now = time.time() if now is None else now
     classes = [cls] if cls else [r[0] for r in store.db.execute(
         "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
     report: dict = {"from": format_time(since), "to": format_time(until), "classes": {}}
     for name in classes:
+        # Bounces the node generates itself (src_type "dsn") are not the sender's messages.
         items = [t for t in trails(store.find(Query(cls=name, since=since, until=until)))
-                 if t.received is not None]
+                 if t.received is not None and t.received["src_type"] != "dsn"]
         if not items:
             continue
         latencies = [t.latency for t in items if t.latency is not None]

@@ -52,7 +52,8 @@ _INDEXES = {
     "ar_pool": "vmta_pool, time_queued", "ar_time": "time_logged",
 }
 #: What a purged row keeps besides its chain columns (nothing personal; enough for statistics).
-_KEPT_AFTER_PURGE = frozenset({"type", "time_logged", "time_queued", "cls", "vmta_pool"})
+_KEPT_AFTER_PURGE = frozenset({"type", "time_logged", "time_queued", "queue_id", "cls",
+                               "vmta_pool"})
 _PURGE_BATCH = 5000
 _RECORD_KINDS = {f.name: {"str": str, "int": int, "float": float}[str(f.type)]
                  for f in dataclasses.fields(Record)}
