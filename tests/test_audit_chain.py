@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 from datetime import UTC, datetime
@@ -10,7 +11,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from postlane.accounting.audit.chain import chain_hash, content_digest, personal_digest
+from postlane.accounting.audit.chain import (
+    HASHED,
+    PERSONAL,
+    RECORD_COLUMNS,
+    chain_hash,
+    content_digest,
+    personal_digest,
+)
 from postlane.accounting.audit.evidence import trails
 from postlane.accounting.audit.service import load_key
 from postlane.accounting.audit.store import Query, Retention, SQLiteAuditStore
@@ -67,6 +75,11 @@ def db(tmp_path) -> Path:
     return make_store(tmp_path / "audit.sqlite")
 
 
+def test_hash_scheme_covers_every_record_field():
+    """A new Record field needs a new hash scheme (see chain.RECORD_COLUMNS)."""
+    assert set(RECORD_COLUMNS) == {f.name for f in dataclasses.fields(Record)}
+
+
 def test_untouched_store_verifies(db):
     result = verify(db)
     assert result.ok and result.checked == 20 and result.problem is None
@@ -118,8 +131,8 @@ def test_inserted_forged_record_is_named(db):
     row = dict(conn.execute("SELECT * FROM audit_records WHERE seq = 9").fetchone())
     prev = conn.execute("SELECT hash FROM audit_records WHERE seq = 10").fetchone()[0]
     row.update(seq=11, rcpt="forged@example.com", prev=prev)
-    row["pdigest"] = personal_digest(row["nonce"], row)
-    row["hash"] = chain_hash(prev, content_digest(row, row["pdigest"]))
+    row["pdigest"] = personal_digest(row["nonce"], [row[c] for c in PERSONAL])
+    row["hash"] = chain_hash(prev, content_digest([row[c] for c in HASHED], row["pdigest"]))
     conn.execute(f"INSERT INTO audit_records ({', '.join(row)}) VALUES "
                  f"({', '.join('?' * len(row))})", list(row.values()))
     conn.commit()

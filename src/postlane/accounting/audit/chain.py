@@ -8,8 +8,7 @@ Hashes (all SHA-256, stored as 32 raw bytes):
 - ``pdigest = H(nonce || json([rcpt, orcpt, dsn_diag]))`` — the personal fields, salted with a
   random per-row nonce so that the digest cannot be matched against a list of addresses once the
   nonce is dropped (pseudonymisation drops it).
-- ``cdigest = H(json(other fields) || pdigest)`` — the whole content. Fields equal to their
-  dataclass default are left out, so adding a field to Record later leaves old hashes valid.
+- ``cdigest = H(json([the HASHED fields in order]) || pdigest)`` — the whole content.
 - ``hash = H(prev || cdigest)`` where ``prev`` is the hash of the record before it (32 zero bytes
   for the very first). Records are grouped in days; a day's first record links to the previous
   day's last one, so each day is anchored in the next.
@@ -20,19 +19,20 @@ Retention keeps what it removes provable: pseudonymising replaces the personal f
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..records import Record
-
 __all__ = [
     "CHAIN_COLUMNS",
+    "EXTRA_COLUMNS",
+    "FLOATS",
+    "HASHED",
+    "VERIFY_COLUMNS",
     "GENESIS",
     "INTACT",
     "PERSONAL",
@@ -47,49 +47,62 @@ __all__ = [
     "personal_digest",
     "pseudonym",
     "pseudonymise_row",
+    "row_cdigest",
+    "verify_tuple",
 ]
 
 GENESIS = bytes(32)
 INTACT, PSEUDONYMISED, PURGED = 0, 1, 2
 PERSONAL: tuple[str, ...] = ("rcpt", "orcpt", "dsn_diag")
 
-_KINDS = {"str": str, "int": int, "float": float}
-#: (column, python type, default or MISSING) for every Record field, in dataclass order.
-_FIELDS: tuple[tuple[str, type, object], ...] = tuple(
-    (f.name, _KINDS[str(f.type)], f.default) for f in dataclasses.fields(Record))
-RECORD_COLUMNS: tuple[str, ...] = tuple(name for name, _, _ in _FIELDS)
-#: Extra content columns the store adds to each record (included in the hash): the class's SLA
-#: in seconds at the time the record was written (None if the class had none).
+#: Every Record field, as stored (hash scheme 1). Frozen on purpose: a field added to Record
+#: later needs a new hash scheme (tests/test_audit_chain.py fails until it gets one), so that
+#: rows written before it keep verifying.
+RECORD_COLUMNS: tuple[str, ...] = (
+    "type", "time_logged", "time_queued", "orig", "rcpt", "queue_id", "cls", "vmta_pool",
+    "orcpt", "dsn_action", "dsn_status", "dsn_diag", "dsn_mta", "bounce_cat", "src_type",
+    "src_mta", "dlv_source_ip", "dlv_destination_ip", "dlv_tls_protocol", "dlv_tls_cipher",
+    "dlv_size", "vmta", "job_id", "env_id", "correlation_id", "message_id", "attempt",
+    "total_seconds_queued", "listener", "auth_user",
+)
+#: Content columns the store adds to a record: the class's SLA in seconds when the record was
+#: written (NULL if the class had none), so evidence judges by the SLA that applied then.
 EXTRA_COLUMNS: tuple[str, ...] = ("sla",)
+#: What ``cdigest`` covers besides ``pdigest``, in this order.
+HASHED: tuple[str, ...] = tuple(c for c in RECORD_COLUMNS if c not in PERSONAL) + EXTRA_COLUMNS
+FLOATS: frozenset[str] = frozenset({"time_logged", "time_queued", "total_seconds_queued", "sla"})
 CHAIN_COLUMNS: tuple[str, ...] = ("seq", "day", "prev", "hash", "state", "nonce", "pdigest",
                                   "cdigest")
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode
+#: The column order ``ChainVerifier`` reads rows in (tuples: faster than mappings at 10^6 rows).
+VERIFY_COLUMNS: tuple[str, ...] = (
+    "seq", "prev", "hash", "state", "nonce", "pdigest", "cdigest") + HASHED + PERSONAL
+_N_HEAD, _N_HASHED = 7, len(HASHED)
+_PERSONAL_SLICE = slice(_N_HEAD + _N_HASHED, _N_HEAD + _N_HASHED + len(PERSONAL))
+# A JSON array of the values in a fixed order: the simplest canonical form another
+# implementation can reproduce, and 2x cheaper than a sorted object (measured: 6.8 vs 13.5 us).
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _sha(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def personal_digest(nonce: bytes, row: Mapping[str, object]) -> bytes:
-    return _sha(nonce + _dumps([row[name] or "" for name in PERSONAL]).encode())
+def personal_digest(nonce: bytes, personal: Sequence[object]) -> bytes:
+    """``personal``: the values of PERSONAL, in order."""
+    return _sha(nonce + _dumps(list(personal)).encode())
 
 
-def content_digest(row: Mapping[str, object], pdigest: bytes) -> bytes:
-    content: dict[str, object] = {}
-    for name, kind, default in _FIELDS:
-        if name in PERSONAL:
-            continue
-        value = row[name]
-        value = kind(value) if value is not None else kind()
-        if value != default:
-            content[name] = value
-    if row["sla"] is not None:
-        content["sla"] = float(row["sla"])  # type: ignore[arg-type]
-    return _sha(_dumps(content).encode() + pdigest)
+def content_digest(hashed: Sequence[object], pdigest: bytes) -> bytes:
+    """``hashed``: the values of HASHED, in order (floats as floats)."""
+    return _sha(_dumps(list(hashed)).encode() + pdigest)
 
 
 def chain_hash(prev: bytes, cdigest: bytes) -> bytes:
     return _sha(prev + cdigest)
+
+
+def verify_tuple(row: Mapping[str, object]) -> tuple:
+    return tuple(row[c] for c in VERIFY_COLUMNS)
 
 
 def pseudonym(key: bytes, address: str) -> str:
@@ -117,16 +130,17 @@ def pseudonymise_row(row: Mapping[str, object], key: bytes) -> dict[str, object]
             "state": PSEUDONYMISED}
 
 
-def row_cdigest(row: Mapping[str, object]) -> tuple[bytes, str]:
-    """The content digest a row proves, and a complaint if its own fields contradict it."""
-    state = row["state"]
+def row_cdigest(row: Sequence) -> tuple[bytes, str]:
+    """The content digest a row (in VERIFY_COLUMNS order) proves, and a complaint if its own
+    fields contradict it."""
+    state = row[3]
     if state == PURGED:
-        return bytes(row["cdigest"]), ""  # type: ignore[arg-type]
-    pdigest = bytes(row["pdigest"])  # type: ignore[arg-type]
+        return bytes(row[6]), ""
+    pdigest = bytes(row[5])
     problem = ""
-    if state == INTACT and personal_digest(bytes(row["nonce"]), row) != pdigest:  # type: ignore[arg-type]
+    if state == INTACT and personal_digest(bytes(row[4]), row[_PERSONAL_SLICE]) != pdigest:
         problem = "a personal field (rcpt, orcpt or dsnDiag) was altered"
-    return content_digest(row, pdigest), problem
+    return content_digest(row[_N_HEAD:_N_HEAD + _N_HASHED], pdigest), problem
 
 
 @dataclass(slots=True)
@@ -166,13 +180,13 @@ class ChainVerifier:
         """Begin at a day boundary: the first row must link to ``anchor`` (None: trust it)."""
         self._expected = anchor
 
-    def feed(self, rows: Iterable[Mapping[str, object]]) -> bool:
-        """Check rows in order; False once a problem is found (see ``problem``)."""
+    def feed(self, rows: Iterable[Sequence]) -> bool:
+        """Check rows (VERIFY_COLUMNS tuples) in order; False once a problem is found."""
         return all(self._check(row) for row in rows)
 
-    def _check(self, row: Mapping[str, object]) -> bool:
-        seq = int(row["seq"])  # type: ignore[arg-type]
-        prev, stored = bytes(row["prev"]), bytes(row["hash"])  # type: ignore[arg-type]
+    def _check(self, row: Sequence) -> bool:
+        seq = row[0]
+        prev, stored = bytes(row[1]), bytes(row[2])
         cdigest, complaint = row_cdigest(row)
         if complaint:
             return self._fail(seq, "altered", complaint)
@@ -189,9 +203,9 @@ class ChainVerifier:
             self.first_seq = seq
         self.last_seq = seq
         self.head = stored
-        if row["state"] == PSEUDONYMISED:
+        if row[3] == PSEUDONYMISED:
             self.pseudonymised += 1
-        elif row["state"] == PURGED:
+        elif row[3] == PURGED:
             self.purged += 1
         return True
 

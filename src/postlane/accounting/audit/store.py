@@ -21,11 +21,15 @@ from ..records import Record
 from .chain import (
     CHAIN_COLUMNS,
     EXTRA_COLUMNS,
+    FLOATS,
     GENESIS,
+    HASHED,
     INTACT,
+    PERSONAL,
     PSEUDONYMISED,
     PURGED,
     RECORD_COLUMNS,
+    VERIFY_COLUMNS,
     ChainVerifier,
     Problem,
     chain_hash,
@@ -33,6 +37,7 @@ from .chain import (
     personal_digest,
     pseudonymise_row,
     row_cdigest,
+    verify_tuple,
 )
 
 __all__ = ["AuditStore", "Query", "Retention", "SQLiteAuditStore", "VerifyResult", "day_of",
@@ -55,8 +60,11 @@ _INDEXES = {
 _KEPT_AFTER_PURGE = frozenset({"type", "time_logged", "time_queued", "queue_id", "cls",
                                "vmta_pool"})
 _PURGE_BATCH = 5000
+_FLOAT_POSITIONS = [i for i, c in enumerate(RECORD_COLUMNS) if c in FLOATS]
+_PERSONAL_POSITIONS = [RECORD_COLUMNS.index(c) for c in PERSONAL]
+_HASHED_POSITIONS = [RECORD_COLUMNS.index(c) for c in HASHED if c in RECORD_COLUMNS]
 _RECORD_KINDS = {f.name: {"str": str, "int": int, "float": float}[str(f.type)]
-                 for f in dataclasses.fields(Record)}
+                 for f in dataclasses.fields(Record) if f.name in RECORD_COLUMNS}
 
 
 def row_record(row: Mapping[str, object]) -> Record:
@@ -198,23 +206,26 @@ class SQLiteAuditStore:
         seq, prev, day = self._tail
         rows = []
         days: dict[str, list] = {}
+        urandom = os.urandom
         for record, sla in batch:
             seq += 1
             day = max(day, day_of(record.time_logged))
-            row = {name: getattr(record, name) for name in RECORD_COLUMNS}
-            row["sla"] = sla
-            nonce = os.urandom(16)
-            pdigest = personal_digest(nonce, row)
-            digest = chain_hash(prev, content_digest(row, pdigest))
-            row.update(seq=seq, day=day, prev=prev, hash=digest, state=INTACT, nonce=nonce,
-                       pdigest=pdigest, cdigest=None)
+            row = [getattr(record, name) for name in RECORD_COLUMNS]
+            for i in _FLOAT_POSITIONS:  # stored as REAL: hash what will be read back
+                row[i] = float(row[i])
+            sla = None if sla is None else float(sla)
+            nonce = urandom(16)
+            pdigest = personal_digest(nonce, [row[i] for i in _PERSONAL_POSITIONS])
+            hashed = [row[i] for i in _HASHED_POSITIONS]
+            hashed.append(sla)
+            digest = chain_hash(prev, content_digest(hashed, pdigest))
             stats = days.get(day)
             if stats is None:
                 days[day] = [seq, seq, 1, prev, digest]
             else:
                 stats[1], stats[4] = seq, digest
                 stats[2] += 1
-            rows.append(tuple(row[c] for c in COLUMNS))
+            rows.append((seq, day, prev, digest, INTACT, nonce, pdigest, None, *row, sla))
             prev = digest
         marks = ", ".join("?" * len(COLUMNS))
         db = self.db
@@ -339,17 +350,20 @@ class SQLiteAuditStore:
             start_seq = days[0]["first_seq"] if days else before[-1]["last_seq"] + 1
         seen: dict[str, list] = {}
         ok = True
-        cursor = self.db.execute("SELECT * FROM audit_records WHERE seq >= ? ORDER BY seq",
-                                 (start_seq,))
+        cursor = self.db.cursor()
+        cursor.row_factory = None  # plain tuples in VERIFY_COLUMNS order, then the day
+        cursor.execute(f"SELECT {', '.join(VERIFY_COLUMNS)}, day FROM audit_records "
+                       "WHERE seq >= ? ORDER BY seq", (start_seq,))
+        check = verifier.feed
         for row in cursor:
-            if not verifier.feed((row,)):
+            if not check((row,)):
                 ok = False
                 break
-            stats = seen.get(row["day"])
+            stats = seen.get(row[-1])
             if stats is None:
-                seen[row["day"]] = [row["seq"], row["seq"], 1, bytes(row["hash"])]
+                seen[row[-1]] = [row[0], row[0], 1, row[2]]
             else:
-                stats[1], stats[3] = row["seq"], bytes(row["hash"])
+                stats[1], stats[3] = row[0], row[2]
                 stats[2] += 1
         cursor.close()
         if ok:
@@ -370,7 +384,7 @@ class SQLiteAuditStore:
                                            f"(seq {day['first_seq']}..{day['last_seq']}) are "
                                            "missing")
                 return False
-            if got[1] != day["last_seq"] or got[3] != bytes(day["head"]) or \
+            if got[1] != day["last_seq"] or bytes(got[3]) != bytes(day["head"]) or \
                     got[2] != day["records"]:
                 verifier.problem = Problem(got[1] + 1 if got[1] < day["last_seq"] else got[1],
                                            "removed" if got[2] < day["records"] else "inserted",
@@ -424,7 +438,7 @@ class SQLiteAuditStore:
             last = rows[-1]["seq"]
             updates = []
             for row in rows:
-                cdigest, complaint = row_cdigest(row)
+                cdigest, complaint = row_cdigest(verify_tuple(row))
                 if complaint or chain_hash(bytes(row["prev"]), cdigest) != bytes(row["hash"]):
                     bad += 1
                     continue
