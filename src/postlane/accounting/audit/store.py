@@ -9,6 +9,7 @@ connections and never block it.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import sqlite3
 import time
@@ -60,6 +61,7 @@ _INDEXES = {
 _KEPT_AFTER_PURGE = frozenset({"type", "time_logged", "time_queued", "queue_id", "cls",
                                "vmta_pool"})
 _PURGE_BATCH = 5000
+_RECORD_GETTER = operator.attrgetter(*RECORD_COLUMNS)
 _FLOAT_POSITIONS = [i for i, c in enumerate(RECORD_COLUMNS) if c in FLOATS]
 _PERSONAL_POSITIONS = [RECORD_COLUMNS.index(c) for c in PERSONAL]
 _HASHED_POSITIONS = [RECORD_COLUMNS.index(c) for c in HASHED if c in RECORD_COLUMNS]
@@ -206,11 +208,15 @@ class SQLiteAuditStore:
         seq, prev, day = self._tail
         rows = []
         days: dict[str, list] = {}
-        urandom = os.urandom
+        urandom, fields = os.urandom, _RECORD_GETTER
+        day_number = -1
         for record, sla in batch:
             seq += 1
-            day = max(day, day_of(record.time_logged))
-            row = [getattr(record, name) for name in RECORD_COLUMNS]
+            number = int(record.time_logged // 86400)
+            if number != day_number:  # strftime once per day, not per record
+                day_number = number
+                day = max(day, day_of(record.time_logged))
+            row = list(fields(record))
             for i in _FLOAT_POSITIONS:  # stored as REAL: hash what will be read back
                 row[i] = float(row[i])
             sla = None if sla is None else float(sla)
