@@ -220,3 +220,30 @@ def test_pseudonymisation_key_must_be_private(tmp_path):
         load_key(str(key))
     key.chmod(0o600)
     assert len(load_key(str(key))) >= 16
+
+
+def test_cli_purge_then_show_finds_the_pseudonymised_recipient(db, tmp_path):
+    from tests.conftest import config_text
+
+    key = tmp_path / "audit.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, 2525, f"""
+[classes.policy]
+pool = "critical"
+[audit]
+path = "{db}"
+pseudonymisation_key = "{key}"
+[audit.retention.policy]
+pseudonymise = "1d"
+"""))
+    runner = CliRunner()
+    res = runner.invoke(app, ["audit", "purge", "-c", str(cfg)])
+    assert res.exit_code == 0 and "policy: pseudonymised 10" in res.output, res.output
+    res = runner.invoke(app, ["audit", "show", "-c", str(cfg), "--recipient", "user0@example.com"])
+    assert res.exit_code == 0 and "recipient pseud-" in res.output, res.output
+    res = runner.invoke(app, ["audit", "show", "--db", str(db), "--recipient",
+                              "user0@example.com"])
+    assert res.exit_code == 1  # without the key the address is gone
+    assert runner.invoke(app, ["audit", "verify", "-c", str(cfg)]).exit_code == 0

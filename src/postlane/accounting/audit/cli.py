@@ -58,6 +58,17 @@ def _open(config: Path | None, db: Path | None, *, write: bool = False) -> SQLit
         raise typer.Exit(2) from None
 
 
+def _pseudonym(config: Path | None, recipient: str | None) -> str | None:
+    if config is None or recipient is None:
+        return None
+    from ...cli import _load
+    from .chain import pseudonym
+    from .service import load_key
+
+    key_file = _load(config).audit.pseudonymisation_key
+    return pseudonym(load_key(key_file), recipient) if key_file else None
+
+
 @app.command()
 def show(config: Path | None = _CONFIG, db: Path | None = _DB,
          correlation_id: str | None = typer.Option(None, "--correlation-id"),
@@ -78,7 +89,12 @@ def show(config: Path | None = _CONFIG, db: Path | None = _DB,
                                  "--recipient, --queue-id, --envid")
     store = _open(config, db)
     try:
-        items = trails(store.find(query))
+        rows = store.find(query)
+        alias = _pseudonym(config, recipient)
+        if alias:  # records of this recipient that retention has pseudonymised already
+            query.rcpt = alias
+            rows = sorted(rows + store.find(query), key=lambda r: r["seq"])
+        items = trails(rows)
     finally:
         store.close()
     now = time.time()
