@@ -88,3 +88,21 @@ async def test_configured_field_list_shapes_the_csv(tmp_path, sink, make_node):
     assert list(rows[0]) == ["type", "rcpt", "dsnStatus", "header_X-Correlation-ID"]
     assert [r["type"] for r in rows] == ["r", "d"] and rows[1]["header_X-Correlation-ID"] == "c-1"
     assert not (tmp_path / "spool" / "audit.sqlite").exists()
+
+
+def test_retention_star_applies_to_classes_without_their_own_entry(tmp_path):
+    from postlane.accounting.audit.service import retention_policies
+
+    cfg = parse_config(config_text(tmp_path, 2525, """
+[audit]
+pseudonymisation_key = "k"
+[audit.retention."*"]
+pseudonymise = "30d"
+delete = "60d"
+[audit.retention.marketing]
+delete = "7d"
+"""))
+    policies = retention_policies(cfg)
+    assert (policies["marketing"].pseudonymise, policies["marketing"].delete) == (None, 604800)
+    assert (policies["policy-documents"].pseudonymise,
+            policies["policy-documents"].delete) == (2592000, 5184000)

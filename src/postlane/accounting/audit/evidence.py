@@ -12,13 +12,13 @@ import io
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..records import DEFAULT_FIELDS, format_time
 from .chain import PSEUDONYMISED, PURGED
-from .store import Query, SQLiteAuditStore, row_record
+from .store import AuditStore, Query, row_record
 
 __all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "sla_report",
            "render_sla", "trails"]
@@ -81,10 +81,19 @@ class Trail:
             return False  # bounced or expired: never delivered
         return False if now - self.first["time_queued"] > self.sla else None
 
-    def cause(self) -> str:
-        """Why a trail breached its SLA, from what the record shows."""
+    def cause(self, pauses: Sequence[tuple[float, float, str]] = ()) -> str:
+        """Why a trail breached its SLA, from what the records show; ``pauses`` are its pool's
+        pause windows (start, end, domain) — one overlapping its wait is named first."""
         deferrals = [r for r in self.rows if r["type"] == "t"]
         final = self.final
+        start = self.first["time_queued"]
+        end = final["time_logged"] if final else float("inf")
+        domain = self.rcpt.rpartition("@")[2].lower()
+        for p_start, p_end, p_domain in pauses:
+            if p_start < end and p_end > start and p_domain in ("*", domain):
+                lane = "" if p_domain == "*" else f" (lane to {p_domain})"
+                return (f"pool {self.first['vmta_pool']}{lane} paused by an operator from "
+                        f"{format_time(p_start)} to {format_time(p_end)}")
         if final is not None and final["type"] == "b":
             what = "expired" if final["bounce_cat"] == "message-expired" else "bounced"
             return f"{what}: {final['dsn_diag']}" + (
@@ -206,7 +215,7 @@ def render_csv(items: list[Trail]) -> str:
 
 # -- export -------------------------------------------------------------------------------------
 
-def export(store: SQLiteAuditStore, out: Path, since: float | None, until: float | None,
+def export(store: AuditStore, out: Path, since: float | None, until: float | None,
            cls: str | None = None) -> dict:
     """Write ``records.csv`` (readable, PowerMTA names), ``chain.jsonl`` (the stored rows with
     every value the hashes cover, to recompute them independently) and ``manifest.json``."""
@@ -258,14 +267,13 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ranked[max(0, math.ceil(q / 100 * len(ranked)) - 1)]
 
 
-def sla_report(store: SQLiteAuditStore, since: float, until: float, cls: str | None = None,
+def sla_report(store: AuditStore, since: float, until: float, cls: str | None = None,
                now: float | None = None) -> dict:
     """Per class: recipients queued in [since, until) (one "message" per recipient, as an SLA
     applies to each delivery), share delivered within the SLA,
     latency percentiles and every breach with its ids and cause."""
     now = time.time() if now is None else now
-    classes = [cls] if cls else [r[0] for r in store.db.execute(
-        "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
+    classes = [cls] if cls else store.classes()
     report: dict = {"from": format_time(since), "to": format_time(until), "classes": {}}
     for name in classes:
         # Bounces the node generates itself (src_type "dsn") are not the sender's messages.
@@ -273,13 +281,16 @@ def sla_report(store: SQLiteAuditStore, since: float, until: float, cls: str | N
                  if t.received is not None and t.received["src_type"] != "dsn"]
         if not items:
             continue
+        pools = {t.first["vmta_pool"] for t in items}
+        pauses = {pool: store.pauses(pool, now) for pool in pools}
         latencies = [t.latency for t in items if t.latency is not None]
         sla = next((t.sla for t in items if t.sla is not None), None)
         met = sum(1 for t in items if t.sla_met(now))
         breaches = [{"queue_id": t.queue_id, "message_id": t.first["message_id"],
                      "correlation_id": t.first["correlation_id"], "recipient": t.rcpt,
                      "queued": format_time(t.first["time_queued"]), "outcome": t.outcome,
-                     "latency_s": t.latency, "cause": t.cause()}
+                     "latency_s": t.latency,
+                     "cause": t.cause(pauses[t.first["vmta_pool"]])}
                     for t in items if t.sla_met(now) is False]
         report["classes"][name] = {
             "messages": len(items), "delivered": len(latencies), "sla_seconds": sla,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ...config import Config
-from .store import Retention, SQLiteAuditStore
+from .store import Retention
 from .webhooks import WebhookSender
 from .writer import AuditWriter
 
@@ -90,6 +90,11 @@ class AuditService:
             key = load_key(key_file) if key_file else None
             self._tasks.append(self._loop.create_task(self._purge_loop(policies, key)))
 
+    def note(self, action: str, pool: str, domain: str | None) -> None:
+        """Record a pause or resume (evidence for SLA breaches it caused)."""
+        when = time.time()
+        self.writer.call(lambda store: store.log_operation(when, action, pool, domain or "*"))
+
     async def _purge_loop(self, policies: dict[str, Retention], key: bytes | None) -> None:
         while True:
             future = self.writer.call(lambda store: store.purge(policies, key, time.time()))
@@ -110,8 +115,5 @@ class AuditService:
         self._tasks.clear()
         await asyncio.to_thread(self.writer.close)
         self._loop = None
-
-    def open_reader(self) -> SQLiteAuditStore:
-        return SQLiteAuditStore(self.path, readonly=True)
 
 

@@ -139,6 +139,14 @@ class AuditStore(Protocol):
 
     def days(self) -> list[dict]: ...
 
+    def purges(self) -> list[dict]: ...
+
+    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None: ...
+
+    def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]: ...
+
+    def classes(self) -> list[str]: ...
+
     def purge(self, policies: Mapping[str, Retention], key: bytes | None,
               now: float) -> dict[str, dict[str, int]]: ...
 
@@ -183,6 +191,8 @@ class SQLiteAuditStore:
                 last_seq INTEGER, records INTEGER, anchor BLOB, head BLOB);
             CREATE TABLE IF NOT EXISTS audit_cursors (name TEXT PRIMARY KEY, seq INTEGER,
                 updated REAL);
+            CREATE TABLE IF NOT EXISTS audit_operations (id INTEGER PRIMARY KEY, time REAL,
+                action TEXT, pool TEXT, domain TEXT);
             CREATE TABLE IF NOT EXISTS audit_purges (id INTEGER PRIMARY KEY, time REAL,
                 cls TEXT, action TEXT, cutoff REAL, rows INTEGER);
         """ + "".join(f"CREATE INDEX IF NOT EXISTS {name} ON audit_records ({cols});"
@@ -329,6 +339,30 @@ class SQLiteAuditStore:
 
     def purges(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM audit_purges ORDER BY id")]
+
+    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None:
+        """Operator actions that explain waiting (pause/resume of a pool or one of its lanes)."""
+        self.db.execute("INSERT INTO audit_operations (time, action, pool, domain) "
+                        "VALUES (?, ?, ?, ?)", (when, action, pool, domain))
+
+    def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
+        """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
+        ends at ``until``."""
+        out: list[tuple[float, float, str]] = []
+        started: dict[str, float] = {}
+        for when, action, domain in self.db.execute(
+                "SELECT time, action, domain FROM audit_operations WHERE pool = ? AND time < ? "
+                "ORDER BY id", (pool, until)):
+            if action == "pause":
+                started.setdefault(domain, when)
+            elif action == "resume" and domain in started:
+                out.append((started.pop(domain), when, domain))
+        out.extend((start, until, domain) for domain, start in started.items())
+        return sorted(out)
+
+    def classes(self) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
 
     # -- verification -----------------------------------------------------------------------
 

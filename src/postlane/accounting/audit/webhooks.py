@@ -40,8 +40,6 @@ class WebhookSender:
         self.node = node
         self.store_path = Path(store_path)
         self.wake = asyncio.Event()
-        self.delivered = 0
-        self.failures = 0
 
     async def run(self) -> None:
         """Deliver forever (cancel to stop; the cursor already marks what was acknowledged)."""
@@ -56,12 +54,10 @@ class WebhookSender:
                     rows, upto = await asyncio.to_thread(
                         store.rows_after, cursor, hook.types, hook.classes, hook.batch)
                     if rows and not await self._post(client, rows):
-                        self.failures += 1
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, hook.retry_max)
                         continue
                     delay = hook.retry_min
-                    self.delivered += len(rows)
                     if upto != cursor:
                         await asyncio.to_thread(store.set_cursor, self.name, upto)
                         cursor = upto
