@@ -200,3 +200,34 @@ async def test_sla_breach_caused_by_a_pause_names_it(tmp_path, sink, make_node):
     assert breach["correlation_id"] == "claim-1" and breach["outcome"] == "delivered"
     assert "pool bulk paused by an operator" in breach["cause"]
     store.close()
+
+
+async def test_node_applies_retention_periodically(tmp_path, sink, make_node):
+    key = tmp_path / "audit.key"
+    key.write_bytes(b"0123456789abcdef0123456789abcdef")
+    key.chmod(0o600)
+    extra = f"""
+[audit]
+pseudonymisation_key = "{key}"
+purge_interval = "200ms"
+[audit.retention.marketing]
+delete = "1ms"
+[audit.retention.policy-documents]
+pseudonymise = "1ms"
+"""
+    node = await make_node(config_text(tmp_path, sink.port, extra))
+    port = node.listeners[0].port
+    await send(port, "s@example.com", ["m@example.com"], message("m", cls="marketing"))
+    await send(port, "s@example.com", ["p@example.com"], message("p", cls="policy-documents"))
+    await sink.wait_for(2)
+    store = SQLiteAuditStore(node.audit.path, readonly=True)
+    deadline = asyncio.get_running_loop().time() + 10
+    count = "SELECT count(*), sum(state = 0) FROM audit_records"
+    while tuple(store.db.execute(count).fetchone()) != (4, 0):  # r and d of each, all processed
+        assert asyncio.get_running_loop().time() < deadline, "retention never ran"
+        await asyncio.sleep(0.1)
+    await node.stop()
+    states = dict(store.db.execute("SELECT cls, max(state) FROM audit_records GROUP BY cls"))
+    assert states == {"marketing": 2, "policy-documents": 1}
+    assert store.verify().ok
+    store.close()
