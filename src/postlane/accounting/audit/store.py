@@ -51,13 +51,17 @@ _SQL_TYPES = {"seq": "INTEGER PRIMARY KEY", "day": "TEXT NOT NULL", "prev": "BLO
               "time_queued": "REAL", "total_seconds_queued": "REAL", "dlv_size": "INTEGER",
               "attempt": "INTEGER"}
 #: The lookup keys of the issue: queue id, Message-ID, correlation id, ENVID, recipient,
-#: class/pool with time, and time.
+#: class/pool with time, and time. Every message has an "r" record per recipient carrying all
+#: of its keys, so the key indexes cover "r" rows only (find() goes key -> "r" rows -> queue id
+#: -> every record): each later record then costs two index inserts instead of eight.
 _INDEXES = {
-    "ar_queue": "(queue_id)", "ar_msgid": "(message_id)", "ar_corr": "(correlation_id)",
-    # most mail has no ENVID: a partial index skips those rows (find() adds the condition)
-    "ar_envid": "(env_id) WHERE env_id <> ''", "ar_rcpt": "(rcpt COLLATE NOCASE)",
-    "ar_cls": "(cls, time_queued)", "ar_pool": "(vmta_pool, time_queued)",
-    "ar_time": "(time_logged)",
+    "ar_queue": "(queue_id)", "ar_time": "(time_logged)",
+    "ar_msgid": "(message_id) WHERE type = 'r'",
+    "ar_corr": "(correlation_id) WHERE type = 'r'",
+    "ar_envid": "(env_id) WHERE type = 'r' AND env_id <> ''",
+    "ar_rcpt": "(rcpt COLLATE NOCASE) WHERE type = 'r'",
+    "ar_cls": "(cls, time_queued) WHERE type = 'r'",
+    "ar_pool": "(vmta_pool, time_queued) WHERE type = 'r'",
 }
 #: What a purged row keeps besides its chain columns (nothing personal; enough for statistics).
 _KEPT_AFTER_PURGE = frozenset({"type", "time_logged", "time_queued", "queue_id", "cls",
@@ -271,10 +275,10 @@ class SQLiteAuditStore:
     def find(self, query: Query) -> list[dict]:
         """Every record of the messages matching the keys (a recipient key keeps only that
         recipient's records), in chain order."""
+        where, args = ["type = 'r'"], []  # literal: lets SQLite use the partial indexes
         keys = {"queue_id": query.queue_id, "message_id": query.message_id,
                 "correlation_id": query.correlation_id, "env_id": query.env_id,
                 "cls": query.cls, "vmta_pool": query.pool}
-        where, args = [], []
         for col, value in keys.items():
             if value is not None:
                 where.append(f"{col} = ?")
@@ -290,7 +294,7 @@ class SQLiteAuditStore:
         if query.until is not None:
             where.append("time_queued < ?")
             args.append(query.until)
-        if not where:
+        if len(where) == 1:
             raise ValueError("an evidence query needs at least one key or a time range")
         sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
                f"audit_records WHERE {' AND '.join(where)})")
