@@ -152,6 +152,13 @@ async def test_cli_show_verify_export_sla(evidence_run, tmp_path):
     assert manifest["days"][0]["anchor"] == "00" * 32
     chain = [json.loads(line) for line in (out_dir / "chain.jsonl").open()]
     assert [c["seq"] for c in chain] == [int(r["seq"]) for r in exported]
+    res = runner.invoke(app, ["audit", "verify", "--export", str(out_dir)])
+    assert res.exit_code == 0 and res.output.startswith("ok"), res.output
+    chain[0]["dlv_destination_ip"] = "10.6.6.6"  # a regulator's copy edited afterwards
+    (out_dir / "chain.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chain))
+    res = runner.invoke(app, ["audit", "verify", "--export", str(out_dir)])
+    assert res.exit_code == 1 and "chain.jsonl: SHA-256 does not match" in res.output
+    assert f"record seq {chain[0]['seq']}: altered" in res.output
 
     res = runner.invoke(app, ["audit", "sla", "--db", db, "--from", "2000-01-01",
                               "--to", "2100-01-01", "--format", "json"])

@@ -120,4 +120,5 @@ async def test_webhook_retries_and_resumes_after_restart(tmp_path, sink, make_no
     assert store.cursor("policy-system") == last
     hashes = dict(store.db.execute("SELECT seq, hex(hash) FROM audit_records"))
     assert all(hashes[e["seq"]].lower() == e["hash"] for e in receiver.events)
+    assert store.verify().ok  # the chain continued across the restart
     store.close()

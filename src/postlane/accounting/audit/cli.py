@@ -111,9 +111,18 @@ def show(config: Path | None = _CONFIG, db: Path | None = _DB,
 @app.command()
 def verify(config: Path | None = _CONFIG, db: Path | None = _DB,
            since: str | None = typer.Option(None, help="first day to check (YYYY-MM-DD)"),
+           export_dir: Path | None = typer.Option(None, "--export",
+                                                  help="check an export directory instead"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Walk the hash chain; exit 1 and name the first altered, inserted, removed or
     reordered record."""
+    if export_dir is not None:
+        from .evidence import verify_export
+
+        problems = verify_export(export_dir)
+        for line in problems or ["ok: export files, record hashes and links check"]:
+            typer.echo(line)
+        raise typer.Exit(1 if problems else 0)
     day = None
     if since is not None:
         stamp = parse_when(since)
