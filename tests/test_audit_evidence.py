@@ -238,3 +238,23 @@ pseudonymise = "1ms"
     assert states == {"marketing": 2, "policy-documents": 1}
     assert store.verify().ok
     store.close()
+
+
+def test_remote_bounce_after_relay_is_the_outcome(tmp_path):
+    from postlane.accounting.audit.writer import AuditWriter
+    from postlane.accounting.records import Record
+
+    writer = AuditWriter(tmp_path / "a.sqlite", lambda cls: 60.0)
+    writer.start()
+    base = dict(orig="s@x", queue_id="Q1", cls="c", vmta_pool="p", rcpt="a@x",
+                time_queued=1000.0)
+    writer.add(Record(type="r", time_logged=1000.0, **base))
+    writer.add(Record(type="d", time_logged=1001.0, total_seconds_queued=1.0, **base))
+    writer.add(Record(type="rb", time_logged=1500.0, dsn_status="5.1.1",
+                      dsn_diag="smtp;550 5.1.1 user unknown", **base))
+    writer.close()
+    store = SQLiteAuditStore(tmp_path / "a.sqlite", readonly=True)
+    [trail] = trails(store.find(Query(queue_id="Q1")))
+    assert trail.outcome == "bounced by the remote side after relay"
+    assert trail.sla_met(2000.0) is False and "550 5.1.1" in trail.cause()
+    store.close()

@@ -23,7 +23,7 @@ from .store import AuditStore, Query, row_record
 __all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "sla_report",
            "render_sla", "trails", "verify_export"]
 
-_OUTCOMES = {"d": "delivered", "b": "bounced"}
+_OUTCOMES = {"d": "delivered", "b": "bounced", "rb": "bounced by the remote side after relay"}
 _STATES = {0: "intact", PSEUDONYMISED: "pseudonymised", PURGED: "purged"}
 
 
@@ -44,7 +44,7 @@ class Trail:
 
     @property
     def final(self) -> dict | None:
-        return next((r for r in reversed(self.rows) if r["type"] in ("d", "b")), None)
+        return next((r for r in reversed(self.rows) if r["type"] in _OUTCOMES), None)
 
     @property
     def first(self) -> dict:
@@ -94,8 +94,9 @@ class Trail:
                 lane = "" if p_domain == "*" else f" (lane to {p_domain})"
                 return (f"pool {self.first['vmta_pool']}{lane} paused by an operator from "
                         f"{format_time(p_start)} to {format_time(p_end)}")
-        if final is not None and final["type"] == "b":
-            what = "expired" if final["bounce_cat"] == "message-expired" else "bounced"
+        if final is not None and final["type"] != "d":
+            what = "expired" if final["bounce_cat"] == "message-expired" else _OUTCOMES[
+                final["type"]]
             return f"{what}: {final['dsn_diag']}" + (
                 f" after {len(deferrals)} deferral(s), last reply: {deferrals[-1]['dsn_diag']}"
                 if deferrals else "")
