@@ -18,7 +18,7 @@ def _bench(*args: str) -> dict:
 
 def test_bench_lanes_keep_each_class_on_its_pool():
     result = _bench("--marketing", "200", "--transactional-rate", "10", "--message-kb", "2")
-    assert result["lost"] == 0 and result["marketing"] == 200
+    assert result["lost"] == 0 and result["marketing"] == 200 and result["refused_at_intake"] == 0
     assert set(result["latency_s"]) == {"policy-documents", "claims", "payment-receipts",
                                         "marketing"}
     for figures in result["latency_s"].values():

@@ -30,8 +30,7 @@ from postlane.policy.dkim import (
 )
 from postlane.policy.headers import header_fields, normalize_newlines, split_message
 from postlane.policy.intake import Rejection
-from tests.conftest import config_text, send
-from tests.test_foundation import _records
+from tests.conftest import config_text, records, send
 
 Q2 = parse_instant("2026-04-01")
 Q3 = parse_instant("2026-07-01")  # in the past: dkimpy refuses signatures dated in the future
@@ -329,7 +328,7 @@ async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_
     assert err.value.smtp_code == 550 and b"5.7.1 no DKIM key" in err.value.smtp_error
     assert node.status()["dkim"] == {"signed": 1, "unsigned": 1, "refused": 1, "deferred": 0}
     await node.stop()
-    received = [r for r in _records(tmp_path) if r["type"] == "r"]
+    received = [r for r in records(tmp_path) if r["type"] == "r"]
     assert {r["rcpt"]: r["dsnDiag"] for r in received} == {
         "a@example.com": "", "hard@example.com": "",
         "notices@bounce.insurer.test": "dkim=none (no DKIM key for From domain mta.test)"}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from .accounting.audit.cli import app as audit_app
 from .api.cli import app as ops_app
 from .config import ConfigError, load_config
 from .edge.cli import killtest, tls_app, users_app
@@ -24,6 +25,7 @@ app.add_typer(users_app, name="users")
 app.add_typer(tls_app, name="tls")
 app.command("killtest", hidden=True)(killtest)
 app.add_typer(ops_app)  # status, queues, pause, resume, retry, purge, alerts (over the HTTP API)
+app.add_typer(audit_app, name="audit")
 
 
 def _load(path: Path):

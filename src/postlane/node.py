@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from .accounting.audit.service import AuditService
 from .accounting.log import AccountingLog
 from .api.server import APIServer
 from .config import Config
@@ -43,7 +44,11 @@ class Node:
         self.spool = SQLiteSpool(config.node.spool)
         acc = config.accounting
         self.accounting = AccountingLog(Path(acc.directory), formats=acc.formats,
-                                        rotate_seconds=acc.rotate, rotate_bytes=acc.rotate_size)
+                                        fields=acc.fields, rotate_seconds=acc.rotate,
+                                        rotate_bytes=acc.rotate_size)
+        self.audit = AuditService(config) if config.audit.enabled else None
+        if self.audit is not None:
+            self.accounting.add_listener(self.audit.add)
         self.scheduler = Scheduler(config, self.spool, self.accounting.write, self._on_failures)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
@@ -70,6 +75,8 @@ class Node:
     async def start(self) -> None:
         """Open the spool, resume every queued message, then open the listeners."""
         await self.spool.open()
+        if self.audit is not None:
+            await self.audit.start()
         self.scheduler.paused = await self.spool.paused()
         pending = await self.spool.pending()
         for rcpt in pending.recipients:
@@ -106,6 +113,8 @@ class Node:
         await self.spool.close()
         self.accounting.close()
         self.feedback.close()
+        if self.audit is not None:
+            await self.audit.stop()
         self.stopped.set()
 
     # -- bounces --------------------------------------------------------------------------------
@@ -151,12 +160,16 @@ class Node:
             raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
                                  409)
         await self.scheduler.set_paused(pool, domain, True)
+        if self.audit is not None:
+            self.audit.note("pause", pool, domain)
         log.info("paused", extra={"pool": pool, "domain": domain or "*"})
 
     async def resume(self, pool: str, domain: str | None = None) -> None:
         if pool not in self.config.pools:
             raise OperationError(f"no pool named {pool!r}", 404)
         await self.scheduler.set_paused(pool, domain, False)
+        if self.audit is not None:
+            self.audit.note("resume", pool, domain)
         log.info("resumed", extra={"pool": pool, "domain": domain or "*"})
 
     def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:

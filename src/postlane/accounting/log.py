@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from postlane.accounting.records import CORRELATION_HEADER_FIELD, DEFAULT_FIELDS, Record
 
-__all__ = ["FORMATS", "AccountingLog"]
+__all__ = ["FORMATS", "AccountingLog", "resolve_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _FLOATS = frozenset({"totalSecondsQueued"})  # written with 3 decimals in CSV
 _HEADER_FIELD = re.compile(r"header_[\x21-\x39\x3b-\x7e]+")
 
 
-def _resolve_fields(fields: Sequence[str]) -> list[tuple[str, str | None]]:
+def resolve_fields(fields: Sequence[str]) -> list[tuple[str, str | None]]:
     """Map each configured field to its as_dict key (None: a header Postlane does not keep)."""
     if not fields:
         raise ValueError("accounting field list is empty")
@@ -84,7 +84,7 @@ class AccountingLog:
             raise ValueError("rotate_seconds and rotate_bytes must be positive")
         if not prefix or "/" in prefix or os.sep in prefix:
             raise ValueError(f"invalid accounting file prefix {prefix!r}")
-        self._columns = _resolve_fields(fields)
+        self._columns = resolve_fields(fields)
         self._header = [name for name, _ in self._columns]
         self._all_default = tuple(self._header) == DEFAULT_FIELDS
         self._float_columns = [i for i, (_, key) in enumerate(self._columns) if key in _FLOATS]

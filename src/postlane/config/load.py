@@ -83,7 +83,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         addr = getattr(cfg.monitor, field)
         if addr is not None and (addr.count("@") != 1 or any(c in addr for c in " \r\n<>")):
             errors.append(f"monitor.{field}: {addr!r} is not an e-mail address")
-    return errors + _feedback_checks(cfg) + _dkim_checks(cfg)
+    return errors + _feedback_checks(cfg) + _dkim_checks(cfg) + _audit_checks(cfg)
 
 
 def _feedback_checks(cfg: Config) -> list[str]:
@@ -185,6 +185,31 @@ def _security_checks(cfg: Config, base: Path | None) -> list[str]:
     return errors
 
 
+def _audit_checks(cfg: Config) -> list[str]:
+    errors: list[str] = []
+    audit = cfg.audit
+    for name, ret in audit.retention.items():
+        if name != "*" and name not in cfg.classes:
+            errors.append(f"audit.retention.{name}: no class named {name!r}")
+        if ret.pseudonymise is not None and not audit.pseudonymisation_key:
+            errors.append(f"audit.retention.{name}.pseudonymise: needs"
+                          " audit.pseudonymisation_key")
+        if ret.pseudonymise is not None and ret.delete is not None and \
+                ret.delete <= ret.pseudonymise:
+            errors.append(f"audit.retention.{name}.delete: must be later than pseudonymise")
+    names: set[str] = set()
+    for i, hook in enumerate(audit.webhooks):
+        for cls in hook.classes:
+            if cls not in cfg.classes:
+                errors.append(f"audit.webhooks[{i}].classes: no class named {cls!r}")
+        key = hook.name or hook.url
+        if key in names:
+            errors.append(f"audit.webhooks[{i}]: another webhook has the same name/url"
+                          " (each needs its own cursor; set name)")
+        names.add(key)
+    return errors
+
+
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Parse TOML text into a Config, raising ConfigError with every problem found."""
     try:
@@ -239,4 +264,8 @@ def load_config(path: str | Path) -> Config:
             errors.append(f"dkim.keys[{i}].key_file: {exc}")
     if errors:
         raise ConfigError(str(path), errors)
+    for attr in ("path", "pseudonymisation_key"):
+        value = getattr(cfg.audit, attr)
+        if value and not Path(value).is_absolute():
+            setattr(cfg.audit, attr, str(base / value))
     return cfg

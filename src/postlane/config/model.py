@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from ..accounting.log import resolve_fields
+from ..accounting.records import DEFAULT_FIELDS, RECORD_TYPES
+
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
@@ -260,6 +263,60 @@ class AccountingConfig(Strict):
     formats: list[Literal["csv", "jsonl"]] = ["csv"]
     rotate: Duration = 86400.0
     rotate_size: Size = 100 * 1024 * 1024
+    fields: list[str] = list(DEFAULT_FIELDS)
+    """Columns of the accounting files, in order (PowerMTA names, plus ``header_<Name>``)."""
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, value: list[str]) -> list[str]:
+        resolve_fields(value)  # raises ValueError naming the bad field
+        return value
+
+
+class RetentionConfig(Strict):
+    """How long a class's audit records keep personal data (GDPR storage limitation)."""
+
+    pseudonymise: Duration | None = None
+    """After this long, recipient addresses become keyed hashes."""
+    delete: Duration | None = None
+    """After this long, only a tombstone (the record's digest) remains."""
+
+
+class WebhookConfig(Strict):
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    name: Name | None = None
+    """Key of the delivery cursor (default: the URL); renaming restarts from the beginning."""
+    types: list[str] = []
+    """Record types to send (empty: all), e.g. ["d", "b"]."""
+    classes: list[str] = []
+    """Traffic classes to send (empty: all)."""
+    batch: int = Field(100, ge=1, le=10000)
+    timeout: Duration = 10.0
+    retry_min: Duration = 1.0
+    retry_max: Duration = 300.0
+    headers: dict[str, str] = {}
+    """Extra request headers, e.g. Authorization (never logged)."""
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item not in RECORD_TYPES:
+                raise ValueError(f"unknown record type {item!r}"
+                                 f" (one of {', '.join(sorted(RECORD_TYPES))})")
+        return value
+
+
+class AuditConfig(Strict):
+    enabled: bool = True
+    path: str | None = None
+    """SQLite file of the audit store (default: audit.sqlite in the spool directory)."""
+    retention: dict[str, RetentionConfig] = {}
+    """Per class name, or "*" for every class not listed. No entry: kept forever."""
+    pseudonymisation_key: str | None = None
+    """File with the secret key (at least 16 bytes, mode 0600) for recipient pseudonyms."""
+    purge_interval: Duration = 3600.0
+    webhooks: list[WebhookConfig] = []
 
 
 class ClassFeedbackConfig(Strict):
@@ -396,6 +453,7 @@ class Config(Strict):
     accounting: AccountingConfig = AccountingConfig()
     dkim: DKIMConfig = DKIMConfig()
     security: SecurityConfig = SecurityConfig()
+    audit: AuditConfig = AuditConfig()
     correlation_header: str = "X-Correlation-ID"
     classification: ClassificationConfig = ClassificationConfig()
     destinations: dict[Name, DestinationRule] = {}

@@ -83,6 +83,15 @@ class Lane:
     def key(self) -> tuple[str, str]:
         return (self.pool, self.domain)
 
+    def wake_one(self) -> bool:
+        """Hand the lane's work to one connection idling on it; False if none is waiting."""
+        while self.idle:
+            fut = self.idle.pop(0)
+            if not fut.done():
+                fut.set_result(None)
+                return True
+        return False
+
     def push(self, rcpt: Recipient, priority: int, deadline: float) -> None:
         heapq.heappush(self.heap, (priority, deadline, next(_seq), rcpt))
 

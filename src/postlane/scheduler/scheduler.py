@@ -101,13 +101,10 @@ class Scheduler:
             self._add_timer(rcpt)
             return
         rcpt.state = State.QUEUED
-        if lane.idle and not lane.blocked(time.time()) and not lane.heap:
-            prio, deadline = self._order(rcpt.msg)
-            lane.push(rcpt, prio, deadline)
-            lane.idle.pop(0).set_result(None)
-            return
         prio, deadline = self._order(rcpt.msg)
         lane.push(rcpt, prio, deadline)
+        if len(lane.heap) == 1 and not lane.blocked(time.time()) and lane.wake_one():
+            return  # a connection was idling on this lane: it takes the work directly
         self._ready.add(lane)
         self.kick()
 
@@ -133,8 +130,7 @@ class Scheduler:
         waiting: dict[str, tuple[int, float]] = {}
         for lane in lanes:
             while len(lane.heap) > len(lane.idle) and lane.workers < self._lane_cap(lane):
-                if lane.idle:
-                    lane.idle.pop(0).set_result(None)
+                if lane.wake_one():
                     continue
                 slot = self._acquire(lane)
                 if slot is None:
@@ -146,18 +142,17 @@ class Scheduler:
                 task = asyncio.get_running_loop().create_task(self._run_worker(lane, slot))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            if lane.idle and lane.heap:
-                lane.idle.pop(0).set_result(None)
+            if lane.heap:
+                lane.wake_one()
         self._waiting = waiting
 
     def _release_idle(self, pool: str) -> None:
         """A lane of ``pool`` waits for a slot: connections idling on emptied lanes give theirs
         up now rather than at their idle timeout."""
         for lane in self.lanes.values():
-            if lane.pool == pool and lane.idle and not lane.heap:
-                for fut in lane.idle:
-                    if not fut.done():
-                        fut.set_result(None)
+            if lane.pool == pool and not lane.heap:
+                while lane.wake_one():
+                    pass
 
     def _lane_cap(self, lane: Lane) -> int:
         slots = self.slots[lane.pool]

@@ -1,0 +1,1 @@
+"""The regulatory audit trail: hash-chained store, evidence, retention and webhooks."""

@@ -1,0 +1,208 @@
+"""``postlane audit``: evidence, verification, export, SLA report and retention."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from .store import Query, SQLiteAuditStore
+
+app = typer.Typer(no_args_is_help=True,
+                  help="The regulatory audit trail: evidence, verification, retention.")
+
+_CONFIG = typer.Option(None, "-c", "--config", help="node config (finds the store, SLAs)")
+_DB = typer.Option(None, "--db", help="audit store file (instead of --config)")
+
+
+class Format(StrEnum):
+    text = "text"
+    json = "json"
+    csv = "csv"
+
+
+def parse_when(text: str | None) -> float | None:
+    """Epoch seconds, or ISO 8601 (a date or date-time; UTC unless an offset is given)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"not a time: {text!r} (use e.g. 2026-11-27 or "
+                                 "2026-11-27T18:00:00Z or epoch seconds)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _open(config: Path | None, db: Path | None, *, write: bool = False) -> SQLiteAuditStore:
+    if db is None:
+        if config is None:
+            raise typer.BadParameter("give --config or --db")
+        from ...cli import _load
+        from .service import audit_path
+
+        db = audit_path(_load(config))
+    try:
+        return SQLiteAuditStore(db, readonly=not write)
+    except FileNotFoundError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def _pseudonym(config: Path | None, recipient: str | None) -> str | None:
+    if config is None or recipient is None:
+        return None
+    from ...cli import _load
+    from .chain import pseudonym
+    from .service import load_key
+
+    key_file = _load(config).audit.pseudonymisation_key
+    return pseudonym(load_key(key_file), recipient) if key_file else None
+
+
+@app.command()
+def show(config: Path | None = _CONFIG, db: Path | None = _DB,
+         correlation_id: str | None = typer.Option(None, "--correlation-id"),
+         message_id: str | None = typer.Option(None, "--message-id"),
+         recipient: str | None = typer.Option(None, "--recipient"),
+         queue_id: str | None = typer.Option(None, "--queue-id"),
+         envid: str | None = typer.Option(None, "--envid"),
+         since: str | None = typer.Option(None, help="messages queued at or after"),
+         until: str | None = typer.Option(None, help="messages queued before"),
+         fmt: Format = typer.Option(Format.text, "--format")) -> None:
+    """The full trail of each matching message and recipient."""
+    from .evidence import render_csv, render_json, render_text, trails
+
+    query = Query(queue_id=queue_id, message_id=message_id, correlation_id=correlation_id,
+                  env_id=envid, rcpt=recipient, since=parse_when(since), until=parse_when(until))
+    if not any((queue_id, message_id, correlation_id, envid, recipient)):
+        raise typer.BadParameter("give at least one of --correlation-id, --message-id, "
+                                 "--recipient, --queue-id, --envid")
+    store = _open(config, db)
+    try:
+        rows = store.find(query)
+        alias = _pseudonym(config, recipient)
+        if alias:  # records of this recipient that retention has pseudonymised already
+            query.rcpt = alias
+            rows = sorted(rows + store.find(query), key=lambda r: r["seq"])
+        items = trails(rows)
+    finally:
+        store.close()
+    now = time.time()
+    if fmt is Format.json:
+        typer.echo(render_json(items, now), nl=False)
+    elif fmt is Format.csv:
+        typer.echo(render_csv(items), nl=False)
+    else:
+        typer.echo(render_text(items, now))
+    if not items:
+        raise typer.Exit(1)
+
+
+@app.command()
+def verify(config: Path | None = _CONFIG, db: Path | None = _DB,
+           since: str | None = typer.Option(None, help="first day to check (YYYY-MM-DD)"),
+           export_dir: Path | None = typer.Option(None, "--export",
+                                                  help="check an export directory instead"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Walk the hash chain; exit 1 and name the first altered, inserted, removed or
+    reordered record."""
+    if export_dir is not None:
+        from .evidence import verify_export
+
+        problems = verify_export(export_dir)
+        for line in problems or ["ok: export files, record hashes and links check"]:
+            typer.echo(line)
+        raise typer.Exit(1 if problems else 0)
+    day = None
+    if since is not None:
+        stamp = parse_when(since)
+        assert stamp is not None
+        day = time.strftime("%Y-%m-%d", time.gmtime(stamp))
+    store = _open(config, db)
+    try:
+        result = store.verify(day)
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+    elif result.ok:
+        typer.echo(f"ok: {result.checked} records (seq {result.first_seq}..{result.last_seq}, "
+                   f"{result.pseudonymised} pseudonymised, {result.purged} purged), "
+                   f"head {result.head}")
+    else:
+        typer.echo(f"FAILED after {result.checked} good records: {result.problem}")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the evidence files"),
+               config: Path | None = _CONFIG, db: Path | None = _DB,
+               since: str | None = typer.Option(None, help="records logged at or after"),
+               until: str | None = typer.Option(None, help="records logged before"),
+               cls: str | None = typer.Option(None, "--class")) -> None:
+    """An evidence file set for a regulator: records.csv, chain.jsonl, manifest.json."""
+    from .evidence import export
+
+    store = _open(config, db)
+    try:
+        manifest = export(store, out, parse_when(since), parse_when(until), cls)
+    finally:
+        store.close()
+    verdict = "chain verified" if manifest["store_verification"]["ok"] else \
+        f"CHAIN BROKEN: {manifest['store_verification']['problem']}"
+    typer.echo(f"{out}: {manifest['records']} records; {verdict}")
+
+
+@app.command()
+def sla(config: Path | None = _CONFIG, db: Path | None = _DB,
+        start: str = typer.Option(..., "--from", help="messages queued at or after"),
+        end: str = typer.Option(..., "--to", help="messages queued before"),
+        cls: str | None = typer.Option(None, "--class"),
+        fmt: Format = typer.Option(Format.text, "--format", help="text or json")) -> None:
+    """SLA compliance per class: share within SLA, p50/p95/p99, every breach and its cause."""
+    from .evidence import render_sla, sla_report
+
+    since, until = parse_when(start), parse_when(end)
+    assert since is not None and until is not None
+    store = _open(config, db)
+    try:
+        report = sla_report(store, since, until, cls)
+    finally:
+        store.close()
+    if fmt is Format.json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(render_sla(report), nl=False)
+
+
+@app.command()
+def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (retention)"),
+          db: Path | None = _DB) -> None:
+    """Apply the retention policy now (a running node also does so every purge_interval)."""
+    from ...cli import _load
+    from .service import audit_path, load_key, retention_policies
+
+    cfg = _load(config)
+    policies = retention_policies(cfg)
+    if not policies:
+        typer.echo("no retention configured in [audit.retention]; nothing to do")
+        return
+    key = load_key(cfg.audit.pseudonymisation_key) if cfg.audit.pseudonymisation_key else None
+    store = SQLiteAuditStore(db or audit_path(cfg))
+    try:
+        report = store.purge(policies, key, time.time())
+    finally:
+        store.close()
+    for cls, counts in report.items():
+        typer.echo(f"{cls}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

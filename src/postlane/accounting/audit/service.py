@@ -1,0 +1,119 @@
+"""The audit trail inside a node: writer thread, periodic retention, webhooks.
+
+``Node`` needs three lines: ``AuditService(config)``, its ``add`` as an accounting listener,
+and ``start``/``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+from ...config import Config
+from .store import Retention
+from .webhooks import WebhookSender
+from .writer import AuditWriter
+
+__all__ = ["AuditService", "audit_path", "load_key", "retention_policies"]
+
+log = logging.getLogger("postlane.audit")
+
+
+def audit_path(config: Config) -> Path:
+    if config.audit.path:
+        return Path(config.audit.path)
+    return Path(config.node.spool) / "audit.sqlite"
+
+
+def load_key(path: str) -> bytes:
+    """The pseudonymisation key; refused if others can read it (it would let them re-link
+    pseudonyms to addresses)."""
+    st = os.stat(path)
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise PermissionError(f"{path}: pseudonymisation key must not be readable by group or"
+                              f" others (chmod 600)")
+    key = Path(path).read_bytes().strip()
+    if len(key) < 16:
+        raise ValueError(f"{path}: pseudonymisation key is shorter than 16 bytes")
+    return key
+
+
+def retention_policies(config: Config) -> dict[str, Retention]:
+    """Per class, with "*" applied to every class that has no entry of its own."""
+    rules = config.audit.retention
+    out: dict[str, Retention] = {}
+    for name in config.classes:
+        rule = rules.get(name) or rules.get("*")
+        if rule is not None and (rule.pseudonymise is not None or rule.delete is not None):
+            out[name] = Retention(rule.pseudonymise, rule.delete)
+    return out
+
+
+class AuditService:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.path = audit_path(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.writer = AuditWriter(self.path, self._sla_of, self._committed)
+        self.webhooks = [WebhookSender(self.path, hook, config.node.name)
+                         for hook in config.audit.webhooks]
+        self._tasks: list[asyncio.Task] = []
+        self.add = self.writer.add
+
+    def _sla_of(self, cls: str) -> float | None:
+        c = self.config.classes.get(cls)
+        return c.sla if c is not None else None
+
+    def _committed(self, seq: int) -> None:
+        loop = self._loop
+        if loop is not None and self.webhooks:
+            with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
+                loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        for sender in self.webhooks:
+            sender.wake.set()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.writer.start)
+        for sender in self.webhooks:
+            self._tasks.append(self._loop.create_task(sender.run()))
+        policies = retention_policies(self.config)
+        if policies:
+            key_file = self.config.audit.pseudonymisation_key
+            key = load_key(key_file) if key_file else None
+            self._tasks.append(self._loop.create_task(self._purge_loop(policies, key)))
+
+    def note(self, action: str, pool: str, domain: str | None) -> None:
+        """Record a pause or resume (evidence for SLA breaches it caused)."""
+        when = time.time()
+        self.writer.call(lambda store: store.log_operation(when, action, pool, domain or "*"))
+
+    async def _purge_loop(self, policies: dict[str, Retention], key: bytes | None) -> None:
+        while True:
+            future = self.writer.call(lambda store: store.purge(policies, key, time.time()))
+            try:
+                report = await asyncio.wrap_future(future)
+                log.info("audit retention applied", extra={"report": report})
+            except Exception:
+                log.exception("audit retention failed")
+            await asyncio.sleep(self.config.audit.purge_interval)
+
+    async def stop(self) -> None:
+        """Stop webhooks (their cursors are durable), then write what is still queued."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await asyncio.to_thread(self.writer.close)
+        self._loop = None
+
+

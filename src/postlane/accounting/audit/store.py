@@ -1,0 +1,526 @@
+"""The audit store: every accounting record, hash-chained and indexed for evidence queries.
+
+``AuditStore`` is the interface the rest of Postlane uses; ``SQLiteAuditStore`` is the embedded
+backend (one file, WAL). A PostgreSQL backend implements the same methods with the same columns.
+Only one process appends (the node's writer thread); readers (the CLI, webhooks) use their own
+connections and never block it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..records import Record
+from .chain import (
+    CHAIN_COLUMNS,
+    EXTRA_COLUMNS,
+    FLOATS,
+    GENESIS,
+    HASHED,
+    INTACT,
+    PERSONAL,
+    PSEUDONYMISED,
+    PURGED,
+    RECORD_COLUMNS,
+    VERIFY_COLUMNS,
+    ChainVerifier,
+    Problem,
+    chain_hash,
+    content_digest,
+    personal_digest,
+    pseudonymise_row,
+    row_cdigest,
+    verify_tuple,
+)
+
+__all__ = ["AuditStore", "Query", "Retention", "SQLiteAuditStore", "VerifyResult", "day_of",
+           "row_record"]
+
+COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS
+_SQL_TYPES = {"seq": "INTEGER PRIMARY KEY", "day": "TEXT NOT NULL", "prev": "BLOB NOT NULL",
+              "hash": "BLOB NOT NULL", "state": "INTEGER NOT NULL", "nonce": "BLOB",
+              "pdigest": "BLOB", "cdigest": "BLOB", "sla": "REAL", "time_logged": "REAL",
+              "time_queued": "REAL", "total_seconds_queued": "REAL", "dlv_size": "INTEGER",
+              "attempt": "INTEGER"}
+#: The lookup keys of the issue: queue id, Message-ID, correlation id, ENVID, recipient,
+#: class/pool with time, and time. Every message has an "r" record per recipient carrying all
+#: of its keys, so the key indexes cover "r" rows only (find() goes key -> "r" rows -> queue id
+#: -> every record): each later record then costs two index inserts instead of eight.
+_INDEXES = {
+    "ar_queue": "(queue_id)", "ar_time": "(time_logged)",
+    "ar_msgid": "(message_id) WHERE type = 'r'",
+    "ar_corr": "(correlation_id) WHERE type = 'r'",
+    "ar_envid": "(env_id) WHERE type = 'r' AND env_id <> ''",
+    "ar_rcpt": "(rcpt COLLATE NOCASE) WHERE type = 'r'",
+    "ar_cls": "(cls, time_queued) WHERE type = 'r'",
+    "ar_pool": "(vmta_pool, time_queued) WHERE type = 'r'",
+}
+#: What a purged row keeps besides its chain columns (nothing personal; enough for statistics).
+_KEPT_AFTER_PURGE = frozenset({"type", "time_logged", "time_queued", "queue_id", "cls",
+                               "vmta_pool"})
+_PURGE_BATCH = 5000
+_RECORD_GETTER = operator.attrgetter(*RECORD_COLUMNS)
+_FLOAT_POSITIONS = [i for i, c in enumerate(RECORD_COLUMNS) if c in FLOATS]
+_PERSONAL_POSITIONS = [RECORD_COLUMNS.index(c) for c in PERSONAL]
+_HASHED_POSITIONS = [RECORD_COLUMNS.index(c) for c in HASHED if c in RECORD_COLUMNS]
+_RECORD_KINDS = {f.name: {"str": str, "int": int, "float": float}[str(f.type)]
+                 for f in dataclasses.fields(Record) if f.name in RECORD_COLUMNS}
+
+
+def row_record(row: Mapping[str, object]) -> Record:
+    """A stored row as a Record (purged fields come back empty), for PowerMTA-style output."""
+    values = {}
+    for name, kind in _RECORD_KINDS.items():
+        value = row[name]
+        values[name] = kind(value) if value is not None else kind()
+    return Record(**values)  # type: ignore[arg-type]
+
+
+def day_of(ts: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+@dataclass(slots=True)
+class Query:
+    """Evidence look-up: any combination of keys; times bound the message's queue time."""
+
+    queue_id: str | None = None
+    message_id: str | None = None
+    correlation_id: str | None = None
+    env_id: str | None = None
+    rcpt: str | None = None
+    cls: str | None = None
+    pool: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
+@dataclass(slots=True)
+class Retention:
+    """Per class: pseudonymise and/or delete records this many seconds after queueing."""
+
+    pseudonymise: float | None = None
+    delete: float | None = None
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    checked: int
+    problem: Problem | None
+    first_seq: int | None
+    last_seq: int | None
+    head: str
+    pseudonymised: int = 0
+    purged: int = 0
+    days: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "checked": self.checked,
+                "problem": str(self.problem) if self.problem else None,
+                "first_seq": self.first_seq, "last_seq": self.last_seq, "head": self.head,
+                "pseudonymised": self.pseudonymised, "purged": self.purged}
+
+
+class AuditStore(Protocol):
+    def append(self, batch: Sequence[tuple[Record, float | None]]) -> int: ...
+
+    def find(self, query: Query) -> list[dict]: ...
+
+    def rows_between(self, since: float | None, until: float | None,
+                     cls: str | None = None) -> Iterator[dict]: ...
+
+    def rows_after(self, seq: int, types: Sequence[str], classes: Sequence[str],
+                   limit: int) -> tuple[list[dict], int]: ...
+
+    def verify(self, since_day: str | None = None) -> VerifyResult: ...
+
+    def days(self) -> list[dict]: ...
+
+    def purges(self) -> list[dict]: ...
+
+    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None: ...
+
+    def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]: ...
+
+    def classes(self) -> list[str]: ...
+
+    def purge(self, policies: Mapping[str, Retention], key: bytes | None,
+              now: float) -> dict[str, dict[str, int]]: ...
+
+    def cursor(self, name: str) -> int: ...
+
+    def set_cursor(self, name: str, seq: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SQLiteAuditStore:
+    """The embedded audit store. One thread at a time per instance (asyncio.to_thread is fine:
+    calls are sequential)."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no audit store at {self.path}")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                      isolation_level=None, timeout=30,
+                                      check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # evidence holds addresses
+            os.close(fd)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL: a commit survives a process crash; the accounting file is the
+            # record of truth for the last instants before a power loss.
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._create()
+        self.db.row_factory = sqlite3.Row
+        self._tail: tuple[int, bytes, str] | None = None  # seq, hash, day of the last row
+
+    def _create(self) -> None:
+        cols = ", ".join(f"{c} {_SQL_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
+        self.db.executescript(f"""
+            CREATE TABLE IF NOT EXISTS audit_records ({cols});
+            CREATE TABLE IF NOT EXISTS audit_days (day TEXT PRIMARY KEY, first_seq INTEGER,
+                last_seq INTEGER, records INTEGER, anchor BLOB, head BLOB);
+            CREATE TABLE IF NOT EXISTS audit_cursors (name TEXT PRIMARY KEY, seq INTEGER,
+                updated REAL);
+            CREATE TABLE IF NOT EXISTS audit_operations (id INTEGER PRIMARY KEY, time REAL,
+                action TEXT, pool TEXT, domain TEXT);
+            CREATE TABLE IF NOT EXISTS audit_purges (id INTEGER PRIMARY KEY, time REAL,
+                cls TEXT, action TEXT, cutoff REAL, rows INTEGER);
+        """ + "".join(f"CREATE INDEX IF NOT EXISTS {name} ON audit_records {spec};"
+                      for name, spec in _INDEXES.items()))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _load_tail(self) -> tuple[int, bytes, str]:
+        row = self.db.execute(
+            "SELECT seq, hash, day FROM audit_records ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], bytes(row[1]), row[2]) if row else (0, GENESIS, "")
+
+    def append(self, batch: Sequence[tuple[Record, float | None]]) -> int:
+        """Chain and insert records (with their class SLA) in one transaction; returns the
+        last seq. Called from one writer only."""
+        if not batch:
+            return self._tail[0] if self._tail else self._load_tail()[0]
+        if self._tail is None:
+            self._tail = self._load_tail()
+        seq, prev, day = self._tail
+        rows = []
+        days: dict[str, list] = {}
+        urandom, fields = os.urandom, _RECORD_GETTER
+        day_number = -1
+        for record, sla in batch:
+            seq += 1
+            number = int(record.time_logged // 86400)
+            if number != day_number:  # strftime once per day, not per record
+                day_number = number
+                day = max(day, day_of(record.time_logged))
+            row = list(fields(record))
+            for i in _FLOAT_POSITIONS:  # stored as REAL: hash what will be read back
+                row[i] = float(row[i])
+            sla = None if sla is None else float(sla)
+            nonce = urandom(16)
+            pdigest = personal_digest(nonce, [row[i] for i in _PERSONAL_POSITIONS])
+            hashed = [row[i] for i in _HASHED_POSITIONS]
+            hashed.append(sla)
+            digest = chain_hash(prev, content_digest(hashed, pdigest))
+            stats = days.get(day)
+            if stats is None:
+                days[day] = [seq, seq, 1, prev, digest]
+            else:
+                stats[1], stats[4] = seq, digest
+                stats[2] += 1
+            rows.append((seq, day, prev, digest, INTACT, nonce, pdigest, None, *row, sla))
+            prev = digest
+        marks = f"({', '.join('?' * len(COLUMNS))})"
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # executemany, not multi-row INSERTs: those compile a new statement for each batch
+            # size and measured worse in the campaign bench (node CPU +0.3 ms/message, RSS +17 MB)
+            db.executemany(f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES {marks}",
+                           rows)
+            db.executemany(
+                "INSERT INTO audit_days (day, first_seq, last_seq, records, anchor, head) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(day) DO UPDATE SET "
+                "last_seq = excluded.last_seq, records = records + excluded.records, "
+                "head = excluded.head", [(d, *s) for d, s in days.items()])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._tail = None  # reload: the rows were not written
+            raise
+        self._tail = (seq, prev, day)
+        return seq
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def find(self, query: Query) -> list[dict]:
+        """Every record of the messages matching the keys (a recipient key keeps only that
+        recipient's records), in chain order."""
+        where, args = ["type = 'r'"], []  # literal: lets SQLite use the partial indexes
+        keys = {"queue_id": query.queue_id, "message_id": query.message_id,
+                "correlation_id": query.correlation_id, "env_id": query.env_id,
+                "cls": query.cls, "vmta_pool": query.pool}
+        for col, value in keys.items():
+            if value is not None:
+                where.append(f"{col} = ?")
+                args.append(value)
+        if query.env_id is not None:
+            where.append("env_id <> ''")
+        if query.rcpt is not None:
+            where.append("rcpt = ? COLLATE NOCASE")
+            args.append(query.rcpt)
+        if query.since is not None:
+            where.append("time_queued >= ?")
+            args.append(query.since)
+        if query.until is not None:
+            where.append("time_queued < ?")
+            args.append(query.until)
+        if len(where) == 1:
+            raise ValueError("an evidence query needs at least one key or a time range")
+        sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
+               f"audit_records WHERE {' AND '.join(where)})")
+        if query.rcpt is not None:
+            sql += " AND rcpt = ? COLLATE NOCASE"
+            args.append(query.rcpt)
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY seq", args)]
+
+    def rows_between(self, since: float | None, until: float | None,
+                     cls: str | None = None) -> Iterator[dict]:
+        """Records logged in [since, until), optionally of one class, in chain order."""
+        where, args = ["1"], []
+        if since is not None:
+            where.append("time_logged >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("time_logged < ?")
+            args.append(until)
+        if cls is not None:
+            where.append("cls = ?")
+            args.append(cls)
+        for row in self.db.execute(
+                f"SELECT * FROM audit_records WHERE {' AND '.join(where)} ORDER BY seq", args):
+            yield dict(row)
+
+    def rows_after(self, seq: int, types: Sequence[str], classes: Sequence[str],
+                   limit: int) -> tuple[list[dict], int]:
+        """Up to ``limit`` records after ``seq`` that pass the filters, and the seq the caller
+        may move its cursor to once they are delivered (past filtered-out records too)."""
+        where, args = ["seq > ?"], [seq]
+        if types:
+            where.append(f"type IN ({', '.join('?' * len(types))})")
+            args.extend(types)
+        if classes:
+            where.append(f"cls IN ({', '.join('?' * len(classes))})")
+            args.extend(classes)
+        db = self.db
+        db.execute("BEGIN")  # one snapshot for both statements
+        try:
+            top = db.execute("SELECT coalesce(max(seq), 0) FROM audit_records").fetchone()[0]
+            rows = [dict(r) for r in db.execute(
+                f"SELECT * FROM audit_records WHERE {' AND '.join(where)} AND seq <= ? "
+                "ORDER BY seq LIMIT ?", [*args, top, limit])]
+        finally:
+            db.execute("COMMIT")
+        if len(rows) == limit:
+            return rows, rows[-1]["seq"]
+        return rows, max(top, seq)
+
+    def days(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM audit_days ORDER BY day")]
+
+    def purges(self) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM audit_purges ORDER BY id")]
+
+    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None:
+        """Operator actions that explain waiting (pause/resume of a pool or one of its lanes)."""
+        self.db.execute("INSERT INTO audit_operations (time, action, pool, domain) "
+                        "VALUES (?, ?, ?, ?)", (when, action, pool, domain))
+
+    def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
+        """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
+        ends at ``until``."""
+        out: list[tuple[float, float, str]] = []
+        started: dict[str, float] = {}
+        for when, action, domain in self.db.execute(
+                "SELECT time, action, domain FROM audit_operations WHERE pool = ? AND time < ? "
+                "ORDER BY id", (pool, until)):
+            if action == "pause":
+                started.setdefault(domain, when)
+            elif action == "resume" and domain in started:
+                out.append((started.pop(domain), when, domain))
+        out.extend((start, until, domain) for domain, start in started.items())
+        return sorted(out)
+
+    def classes(self) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
+
+    # -- verification -----------------------------------------------------------------------
+
+    def seqs_with_hash(self, digest: bytes) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT seq FROM audit_records WHERE hash = ?",
+                                              (digest,))]
+
+    def seqs_linking_to(self, digest: bytes) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT seq FROM audit_records WHERE prev = ?",
+                                              (digest,))]
+
+    def verify(self, since_day: str | None = None) -> VerifyResult:
+        """Walk the chain (from the start of ``since_day``) and check every day's seal."""
+        days = self.days()
+        before: list[dict] = []
+        if since_day is not None:
+            before = [d for d in days if d["day"] < since_day]
+            days = [d for d in days if d["day"] >= since_day]
+        verifier = ChainVerifier(self)
+        start_seq = 0
+        if since_day is None or not before:
+            verifier.start(GENESIS)
+        else:
+            verifier.start(bytes(before[-1]["head"]))
+            start_seq = days[0]["first_seq"] if days else before[-1]["last_seq"] + 1
+        seen: dict[str, list] = {}
+        ok = True
+        cursor = self.db.cursor()
+        cursor.row_factory = None  # plain tuples in VERIFY_COLUMNS order, then the day
+        cursor.execute(f"SELECT {', '.join(VERIFY_COLUMNS)}, day FROM audit_records "
+                       "WHERE seq >= ? ORDER BY seq", (start_seq,))
+        check = verifier.feed
+        for row in cursor:
+            if not check((row,)):
+                ok = False
+                break
+            stats = seen.get(row[-1])
+            if stats is None:
+                seen[row[-1]] = [row[0], row[0], 1, row[2]]
+            else:
+                stats[1], stats[3] = row[0], row[2]
+                stats[2] += 1
+        cursor.close()
+        if ok:
+            ok = self._check_days(verifier, days, seen)
+        return VerifyResult(ok=ok, checked=verifier.checked, problem=verifier.problem,
+                            first_seq=verifier.first_seq, last_seq=verifier.last_seq,
+                            head=verifier.head.hex(), pseudonymised=verifier.pseudonymised,
+                            purged=verifier.purged, days=days)
+
+    @staticmethod
+    def _check_days(verifier: ChainVerifier, days: list[dict], seen: dict[str, list]) -> bool:
+        """The day seals catch what the links cannot: records cut off the end of a day."""
+        for day in days:
+            got = seen.pop(day["day"], None)
+            if got is None:
+                verifier.problem = Problem(day["first_seq"], "removed",
+                                           f"all {day['records']} records of {day['day']} "
+                                           f"(seq {day['first_seq']}..{day['last_seq']}) are "
+                                           "missing")
+                return False
+            if got[1] != day["last_seq"] or bytes(got[3]) != bytes(day["head"]) or \
+                    got[2] != day["records"]:
+                verifier.problem = Problem(got[1] + 1 if got[1] < day["last_seq"] else got[1],
+                                           "removed" if got[2] < day["records"] else "inserted",
+                                           f"day {day['day']} was sealed with {day['records']} "
+                                           f"records ending at seq {day['last_seq']}, the store "
+                                           f"has {got[2]} ending at seq {got[1]}")
+                return False
+        if seen:
+            day, got = next(iter(seen.items()))
+            verifier.problem = Problem(got[0], "inserted", f"day {day} has no seal")
+            return False
+        return True
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def purge(self, policies: Mapping[str, Retention], key: bytes | None,
+              now: float) -> dict[str, dict[str, int]]:
+        """Apply retention: pseudonymise, then delete (to a tombstone), per class. A row whose
+        own hash does not check is left alone and counted, so purging never launders a tamper."""
+        report: dict[str, dict[str, int]] = {}
+        for cls, policy in policies.items():
+            counts = {"pseudonymised": 0, "purged": 0, "skipped_tampered": 0}
+            if policy.pseudonymise is not None:
+                if key is None:
+                    raise ValueError("pseudonymisation needs a key")
+                cutoff = now - policy.pseudonymise
+                counts["pseudonymised"], bad = self._rewrite(
+                    cls, cutoff, (INTACT,), lambda row: pseudonymise_row(row, key))
+                counts["skipped_tampered"] += bad
+                self._log_purge(now, cls, "pseudonymise", cutoff, counts["pseudonymised"])
+            if policy.delete is not None:
+                cutoff = now - policy.delete
+                counts["purged"], bad = self._rewrite(cls, cutoff, (INTACT, PSEUDONYMISED),
+                                                      _tombstone)
+                counts["skipped_tampered"] += bad
+                self._log_purge(now, cls, "delete", cutoff, counts["purged"])
+            report[cls] = counts
+        return report
+
+    def _rewrite(self, cls: str, cutoff: float, states: tuple[int, ...], change) -> tuple[int, int]:
+        done = bad = 0
+        last = 0
+        marks = ", ".join("?" * len(states))
+        while True:
+            rows = [dict(r) for r in self.db.execute(
+                f"SELECT * FROM audit_records WHERE cls = ? AND time_queued < ? AND "
+                f"state IN ({marks}) AND seq > ? ORDER BY seq LIMIT ?",
+                (cls, cutoff, *states, last, _PURGE_BATCH))]
+            if not rows:
+                return done, bad
+            last = rows[-1]["seq"]
+            updates = []
+            for row in rows:
+                cdigest, complaint = row_cdigest(verify_tuple(row))
+                if complaint or chain_hash(bytes(row["prev"]), cdigest) != bytes(row["hash"]):
+                    bad += 1
+                    continue
+                row["cdigest"] = cdigest
+                updates.append((row["seq"], change(row)))
+            if updates:
+                cols = list(updates[0][1])
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.executemany(
+                    f"UPDATE audit_records SET {', '.join(f'{c} = ?' for c in cols)} "
+                    "WHERE seq = ?", [(*(new[c] for c in cols), seq) for seq, new in updates])
+                self.db.execute("COMMIT")
+                done += len(updates)
+
+    def _log_purge(self, now: float, cls: str, action: str, cutoff: float, rows: int) -> None:
+        if rows:
+            self.db.execute("INSERT INTO audit_purges (time, cls, action, cutoff, rows) "
+                            "VALUES (?, ?, ?, ?, ?)", (now, cls, action, cutoff, rows))
+
+    # -- webhook cursors ------------------------------------------------------------------------
+
+    def cursor(self, name: str) -> int:
+        row = self.db.execute("SELECT seq FROM audit_cursors WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else 0
+
+    def set_cursor(self, name: str, seq: int) -> None:
+        self.db.execute("INSERT INTO audit_cursors (name, seq, updated) VALUES (?, ?, ?) "
+                        "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, "
+                        "updated = excluded.updated", (name, seq, time.time()))
+
+
+def _tombstone(row: dict) -> dict:
+    new = {c: None for c in RECORD_COLUMNS + EXTRA_COLUMNS if c not in _KEPT_AFTER_PURGE}
+    new.update(state=PURGED, cdigest=row["cdigest"], nonce=None, pdigest=None)
+    return new

@@ -1,0 +1,141 @@
+"""The audit writer thread: group commit of accounting records into the audit store.
+
+The accounting listener only appends to a queue (a few hundred nanoseconds on the event loop,
+and no thread wake-up while the writer gathers a batch); hashing and SQLite work happen in this
+thread, one transaction per batch of whatever arrived in the last 50 ms or while the previous
+batch was being written.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+from ..records import Record
+from .store import SQLiteAuditStore
+
+__all__ = ["AuditWriter"]
+
+log = logging.getLogger("postlane.audit")
+
+_STOP = object()
+_MAX_BATCH = 20000
+_WINDOW = 0.05  # seconds a batch gathers: audit records may lag delivery by this much
+
+
+class _Call:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[SQLiteAuditStore], object]) -> None:
+        self.fn = fn
+        self.future: Future = Future()
+
+
+class AuditWriter:
+    """Owns the store's write connection. ``sla_of(class)`` is looked up per record so that
+    evidence keeps the SLA that applied when the record was written."""
+
+    def __init__(self, path: str | Path, sla_of: Callable[[str], float | None],
+                 on_commit: Callable[[int], None] | None = None) -> None:
+        self.path = Path(path)
+        self.sla_of = sla_of
+        self.on_commit = on_commit
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def add(self, record: Record) -> None:
+        """The accounting listener: never blocks, never raises."""
+        self._queue.put(record)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def call(self, fn: Callable[[SQLiteAuditStore], object]) -> Future:
+        """Run ``fn(store)`` in the writer thread after the records queued so far (purges, and
+        flush points for tests and benchmarks)."""
+        item = _Call(fn)
+        self._queue.put(item)
+        return item.future
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait until every record added so far is committed; returns the last seq."""
+        return self.call(lambda store: store.append(())).result(timeout)
+
+    def close(self) -> None:
+        """Write everything still queued, then stop the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        try:
+            store = SQLiteAuditStore(self.path)
+        except BaseException as exc:  # reported by start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        try:
+            while True:
+                batch = [get()]
+                if isinstance(batch[0], Record):
+                    # Let a batch gather instead of committing (and waking up) per record:
+                    # at a few hundred records/s this took the node's CPU per message from
+                    # +15 % to +N % (docs/performance-audit.md).
+                    time.sleep(_WINDOW)
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        batch.append(get_nowait())
+                    except queue.Empty:
+                        break
+                records: list[tuple[Record, float | None]] = []
+                stop = False
+                for item in batch:
+                    if isinstance(item, Record):
+                        records.append((item, self.sla_of(item.cls)))
+                        continue
+                    self._commit(store, records)
+                    records = []
+                    if item is _STOP:
+                        stop = True
+                        break
+                    try:
+                        item.future.set_result(item.fn(store))
+                    except BaseException as exc:
+                        item.future.set_exception(exc)
+                self._commit(store, records)
+                if stop:
+                    return
+        finally:
+            store.close()
+
+    def _commit(self, store: SQLiteAuditStore, records: list[tuple[Record, float | None]]) -> None:
+        """Append, retrying until it works: an audit record is never dropped on a disk error
+        (the queue grows meanwhile and the error is logged once per try)."""
+        if not records:
+            return
+        delay = 0.5
+        while True:
+            try:
+                seq = store.append(records)
+                break
+            except Exception:
+                log.exception("audit store write failed; retrying in %.1fs", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        if self.on_commit is not None:
+            self.on_commit(seq)
