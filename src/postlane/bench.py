@@ -42,11 +42,12 @@ TRANSACTIONAL_FROM = "notices@insurer.example"
 
 
 def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
-                 dkim: str = "none") -> tuple[Config, int]:
+                 dkim: str = "none", audit: bool = True) -> tuple[Config, int]:
     """The base config pointed at the sink, with a fresh spool; ``fifo`` puts every class in one
     shared pool served in arrival order (what the case study's ESP had); ``dkim`` (rsa, ed25519)
     signs every message with a key made for the run."""
     cfg = base.model_copy(deep=True)
+    cfg.audit.enabled = audit
     if dkim != "none":
         from .config.model import DKIMKeyConfig
         from .policy.dkim import generate_key, write_key
@@ -170,6 +171,7 @@ class BenchOptions:
     message_kb: int = 10
     baseline: str = "lanes"
     dkim: str = "none"
+    audit: bool = True
     config: Path | None = None
     connections: int = 8
     timeout: float = 3600.0
@@ -363,7 +365,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
     ready = ctx.Event()
     sink_port = _free_port()
     cfg, port = bench_config(base, workdir=workdir, sink_port=sink_port,
-                             fifo=opts.baseline == "fifo", dkim=opts.dkim)
+                             fifo=opts.baseline == "fifo", dkim=opts.dkim, audit=opts.audit)
     sink = ctx.Process(target=_run_sink, args=(sink_port, opts.sink_delay_ms / 1000, arrivals,
                                                ready), daemon=True)
     sink.start()
@@ -394,6 +396,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
             shutil.rmtree(workdir, ignore_errors=True)
     result["baseline"] = opts.baseline
     result["dkim"] = opts.dkim
+    result["audit"] = opts.audit
     result["sink_delay_ms"] = opts.sink_delay_ms
     result["message_kb"] = opts.message_kb
     result["_progress"] = progress

@@ -75,6 +75,7 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
           message_kb: int = typer.Option(10, help="message size"),
           baseline: str = typer.Option("lanes", help="lanes (Postlane) or fifo (one queue)"),
           dkim: str = typer.Option("none", help="sign every message: none, rsa (2048) or ed25519"),
+          audit: bool = typer.Option(True, help="write the audit store (--no-audit to compare)"),
           config: Path | None = typer.Option(None, "--config", "-c",
                                              help="base config (default examples/insurance.toml)"),
           connections: int = typer.Option(8, help="SMTP connections submitting the campaign"),
@@ -92,7 +93,7 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
         _load(config)
     opts = BenchOptions(marketing=marketing, transactional_rate=transactional_rate,
                         sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
-                        dkim=dkim,
+                        dkim=dkim, audit=audit,
                         config=config, connections=connections)
 
     last = [0.0]
