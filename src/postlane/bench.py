@@ -117,7 +117,7 @@ def _run_sink(port: int, delay: float, out: mp.Queue, ready: mp.Event) -> None:
             await asyncio.sleep(0.05)
             new = sink.arrivals[sent:]
             if new:
-                out.put([(a.tag, a.time, a.peer) for a in new])
+                out.put((sink.connections, [(a.tag, a.time, a.peer) for a in new]))
                 sent += len(new)
                 if sent > 100_000:  # keep the sink's memory flat on long runs
                     del sink.arrivals[:sent]
@@ -266,12 +266,13 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
 
     arrived: dict[str, tuple[float, str]] = {}
     duplicates = 0
+    connections = 0
 
     def collect() -> None:
-        nonlocal duplicates
+        nonlocal duplicates, connections
         while True:
             try:
-                batch = arrivals.get_nowait()
+                connections, batch = arrivals.get_nowait()
             except queue.Empty:
                 return
             for tag, at, peer in batch:
@@ -332,6 +333,7 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
         "latency_s": {cls: _percentiles(v) for cls, v in sorted(latencies.items())},
         "lost": sum(1 for t in submitted if t not in arrived),
         "duplicates": duplicates,
+        "sink_connections": connections,
         "refused_at_intake": lost_at_intake,
         "sources": {cls: sorted(v) for cls, v in sorted(sources.items())},
         "duration_s": round(last - first_submit, 1),

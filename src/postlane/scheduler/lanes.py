@@ -53,6 +53,8 @@ class Lane:
     rule: DestinationRule | None = None
     backoff_until: float = 0.0
     backoff_switches: int = 0
+    touched: float = 0.0
+    """monotonic time of the last message queued here: tells a dormant lane from a busy one."""
     next_send: dict[str, float] = field(default_factory=dict)
     """Per source IP: earliest time the rate limit lets the next message go."""
 
@@ -94,6 +96,7 @@ class Lane:
 
     def push(self, rcpt: Recipient, priority: int, deadline: float) -> None:
         heapq.heappush(self.heap, (priority, deadline, next(_seq), rcpt))
+        self.touched = time.monotonic()
 
     def top(self) -> tuple[int, float]:
         prio, deadline, _, _ = self.heap[0]

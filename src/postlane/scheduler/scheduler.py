@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("postlane.scheduler")
 
 ANY_DOMAIN = "*"
+DORMANT = 0.25
 FAIR_SHARE = 50
 """Messages a connection sends before it makes room for an equally urgent waiting lane."""
 
@@ -147,10 +148,13 @@ class Scheduler:
         self._waiting = waiting
 
     def _release_idle(self, pool: str) -> None:
-        """A lane of ``pool`` waits for a slot: connections idling on emptied lanes give theirs
-        up now rather than at their idle timeout."""
+        """A lane of ``pool`` waits for a slot: connections idling on dormant lanes (nothing
+        queued for DORMANT seconds) give theirs up now rather than at their idle timeout. A lane
+        that is only momentarily empty keeps its warm connection: releasing those made the bench
+        reconnect for most messages of a campaign (py-spy: 15 % of the node's CPU in connects)."""
+        dormant = time.monotonic() - DORMANT
         for lane in self.lanes.values():
-            if lane.pool == pool and not lane.heap:
+            if lane.pool == pool and not lane.heap and lane.idle and lane.touched < dormant:
                 while lane.wake_one():
                     pass
 
