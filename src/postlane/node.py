@@ -18,8 +18,9 @@ from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
+from .scheduler.claim import Claimer
 from .scheduler.scheduler import Failure, Scheduler
-from .spool import Message, SQLiteSpool
+from .spool import Message, PostgresSpool, make_spool
 
 log = logging.getLogger("postlane.node")
 
@@ -35,7 +36,7 @@ class OperationError(Exception):
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.spool = SQLiteSpool(config.node.spool)
+        self.spool = make_spool(config.node.spool, config.cluster.schema_name)
         acc = config.accounting
         self.accounting = AccountingLog(Path(acc.directory), formats=acc.formats,
                                         rotate_seconds=acc.rotate, rotate_bytes=acc.rotate_size)
@@ -43,7 +44,12 @@ class Node:
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay
-        self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write)
+        self.stop_requested = asyncio.Event()
+        """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
+        self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
+                        if isinstance(self.spool, PostgresSpool) else None)
+        self.intake = Intake(config, self.spool, self.claimer or self.scheduler,
+                             self.accounting.write)
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
                           for name, lc in config.listeners.items()]
         self.started_at = 0.0
@@ -56,14 +62,19 @@ class Node:
         """Open the spool, resume every queued message, then open the listeners."""
         await self.spool.open()
         self.scheduler.paused = await self.spool.paused()
-        pending = await self.spool.pending()
-        for rcpt in pending.recipients:
-            self.scheduler.add(rcpt)
+        resumed = 0
+        if self.claimer is not None:
+            await self.claimer.start()
+        else:
+            pending = await self.spool.pending()
+            resumed = len(pending.recipients)
+            for rcpt in pending.recipients:
+                self.scheduler.add(rcpt)
         for listener in self.listeners:
             await listener.start()
         self.started_at = time.time()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-        log.info("node started", extra={"resumed": len(pending.recipients)})
+        log.info("node started", extra={"resumed": resumed})
 
     async def _flush_loop(self) -> None:
         while True:
@@ -74,12 +85,16 @@ class Node:
         """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool."""
         for listener in self.listeners:
             await listener.stop()
+        if self.claimer is not None:
+            self.claimer.stop_claiming()
         await self.scheduler.drain(self.config.node.drain_timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
         if self._flusher is not None:
             self._flusher.cancel()
         await self.spool.flush()
+        if self.claimer is not None:
+            await self.claimer.close()
         await self.spool.close()
         self.accounting.close()
         self.stopped.set()
@@ -199,12 +214,11 @@ def run(config: Config) -> None:
         node = Node(config)
         await node.start()
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, node.stop_requested.set)
         ports = {ln.name: ln.port for ln in node.listeners}
         log.info("listening", extra={"listeners": ports})
-        await stop.wait()
+        await node.stop_requested.wait()
         log.info("draining")
         await node.stop()
         log.info("stopped")

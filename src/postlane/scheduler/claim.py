@@ -1,0 +1,171 @@
+"""Cluster mode: a node's share of the shared queue, claimed from PostgreSQL a little at a time.
+
+Why claim a little at a time rather than load everything: priority must hold across nodes. A node
+keeps only about ``claim_ahead`` ready recipients per outbound connection slot of each pool; it
+tops up from the shared queue, most urgent first, as its slots free up. A policy notice accepted
+by any node is therefore next in line for whichever node has a slot free, and a 200,000-message
+campaign stays in the shared queue, not in one node's memory.
+
+Each node keeps its own source IPs and ``max_smtp_out`` (IPs belong to machines); what it shares
+is the queue, the pause state and the list of live nodes. Leases are renewed every third of
+``cluster.lease``; a node that dies stops renewing, and its recipients become claimable by the
+others once their leases run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import asyncpg
+
+from ..config import Config
+from ..spool import PostgresSpool, Recipient
+from .scheduler import Scheduler
+
+log = logging.getLogger("postlane.cluster")
+
+
+class Claimer:
+    """Keeps one node's scheduler fed with work claimed from the shared spool."""
+
+    def __init__(self, config: Config, spool: PostgresSpool, scheduler: Scheduler,
+                 on_drain: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.scheduler = scheduler
+        self.on_drain = on_drain
+        self.name = config.node.name
+        self.lease = config.cluster.lease
+        self.targets = {name: sum(ip.max_smtp_out for ip in pool.ips) * config.cluster.claim_ahead
+                        for name, pool in config.pools.items()}
+        self.claimed = 0
+        self.draining = False
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._listener: asyncpg.Connection | None = None
+        self._claiming = False
+        self._pause_changed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Join the cluster, adopt its pause state, and start claiming."""
+        await self.spool.register(self.name, self.config.node.hostname or socket.gethostname(),
+                                  os.getpid(), self.lease)
+        self._listener = await self.spool.listen(
+            [self.spool.work_channel, self.spool.pause_channel], self._notified)
+        await self._sync_paused()
+        self.scheduler.on_final = lambda _rcpt: self._wake.set()
+        self._claiming = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._claim_loop(), name="claim"),
+                       loop.create_task(self._heartbeat_loop(), name="heartbeat")]
+
+    def stop_claiming(self) -> None:
+        """First step of a drain: take no new work (leases keep being renewed)."""
+        self._claiming = False
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Last step of a drain, after the scheduler finished and the spool flushed: give back
+        whatever is still claimed so other nodes deliver it at once, and leave the cluster."""
+        self._claiming = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        released = await self.spool.release(self.name)
+        await self.spool.deregister(self.name)
+        log.info("left the cluster", extra={"released": released})
+
+    # -- intake hands new messages here instead of to the scheduler -----------------------------
+
+    def add_message(self, rcpts: list[Recipient]) -> None:
+        """A message was committed to the shared queue: look for work now (this node may not
+        be the one that delivers it; the most urgent work goes to whoever has a slot)."""
+        self._wake.set()
+
+    # -- loops ----------------------------------------------------------------------------------
+
+    def _notified(self, channel: str) -> None:
+        if channel == self.spool.pause_channel:
+            self._pause_changed = True
+        self._wake.set()
+
+    async def _sync_paused(self) -> None:
+        stored = await self.spool.paused()
+        local = set(self.scheduler.paused)
+        for pool, domain in stored - local:
+            self.scheduler.apply_paused(pool, domain, True)
+        for pool, domain in local - stored:
+            self.scheduler.apply_paused(pool, domain, False)
+
+    async def _claim_loop(self) -> None:
+        poll = self.config.cluster.poll
+        while True:
+            self._wake.clear()
+            more = False
+            try:
+                if self._pause_changed:
+                    self._pause_changed = False
+                    await self._sync_paused()
+                if self._claiming:
+                    more = await self.claim_once()
+            except Exception as exc:  # the database may be failing over: keep trying
+                log.warning("claiming work failed: %s", exc)
+            if more:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll)
+
+    async def claim_once(self) -> bool:
+        """Top up every pool below half its target; returns whether a pool may have more."""
+        now = time.time()
+        more = False
+        for pool, target in self.targets.items():
+            if (pool, "*") in self.scheduler.paused:
+                continue
+            ready, blocked = 0, []
+            for lane in self.scheduler.lanes.values():
+                if lane.pool != pool:
+                    continue
+                if lane.blocked(now):
+                    blocked.append(lane.domain)
+                else:
+                    ready += len(lane.heap)
+            if ready > target // 2:
+                continue
+            want = target - ready
+            rcpts = await self.spool.claim(self.name, pool, want, self.lease, blocked)
+            for rcpt in rcpts:
+                self.scheduler.add(rcpt)
+            self.claimed += len(rcpts)
+            more = more or len(rcpts) == want
+        return more
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                drain = await self.spool.heartbeat(self.name)
+                await self.spool.renew(self.name, self.lease)
+            except Exception as exc:  # the database may be failing over: keep trying
+                log.warning("renewing leases failed: %s", exc)
+                continue
+            if drain and not self.draining:
+                self.draining = True
+                log.info("drain requested by an operator")
+                self.stop_claiming()
+                if self.on_drain is not None:
+                    self.on_drain()

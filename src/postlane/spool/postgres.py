@@ -1,0 +1,447 @@
+"""The shared spool of a cluster: PostgreSQL through asyncpg, with group commit and leases.
+
+Same contract as the SQLite spool (``base.Spool``), plus what several nodes need to share one
+queue: ``claim`` hands a node the most urgent ready recipients of a pool under a lease
+(``SELECT ... FOR UPDATE SKIP LOCKED``, so two nodes never take the same row), ``renew`` extends a
+node's leases, ``release`` gives them back. A dead node stops renewing; once its leases run out the
+others claim its recipients.
+
+Why one writer task: enqueues that arrive while a commit is in flight are gathered into the next
+transaction, so many acknowledgements share one WAL flush (PostgreSQL's ``synchronous_commit``
+makes each COMMIT durable). Urgent (transactional) writes are taken before bulk ones.
+
+Lease times use the database's clock (``clock_timestamp()``), so node clocks never decide who owns
+a row; retry times (``next_attempt``) come from the node that deferred the recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, State
+
+log = logging.getLogger("postlane.spool")
+
+BATCH_MAX = 2000
+BODY_CACHE_BYTES = 64 * 1024 * 1024
+_NOW = "extract(epoch from clock_timestamp())"
+_OPEN = "('queued', 'deferred', 'inflight')"
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY, cls TEXT NOT NULL, pool TEXT NOT NULL, mail_from TEXT NOT NULL,
+    queued_at DOUBLE PRECISION NOT NULL, deadline DOUBLE PRECISION NOT NULL,
+    expire_at DOUBLE PRECISION NOT NULL, priority INTEGER NOT NULL, size INTEGER NOT NULL,
+    envid TEXT, ret TEXT, correlation_id TEXT, message_id TEXT, listener TEXT, auth_user TEXT,
+    client TEXT);
+CREATE TABLE bodies (
+    id TEXT PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE, data BYTEA NOT NULL);
+CREATE TABLE recipients (
+    msg_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE, idx INTEGER NOT NULL,
+    address TEXT NOT NULL, domain TEXT NOT NULL, orcpt TEXT, notify TEXT, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL, next_attempt DOUBLE PRECISION NOT NULL, last_reply TEXT,
+    pool TEXT NOT NULL, priority INTEGER NOT NULL, deadline DOUBLE PRECISION NOT NULL,
+    lease_owner TEXT, lease_until DOUBLE PRECISION,
+    PRIMARY KEY (msg_id, idx));
+CREATE INDEX recipients_ready ON recipients (pool, priority, deadline)
+    WHERE state IN ('queued', 'deferred');
+CREATE INDEX recipients_leased ON recipients (lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE TABLE paused (pool TEXT NOT NULL, domain TEXT NOT NULL, PRIMARY KEY (pool, domain));
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY, hostname TEXT NOT NULL, pid INTEGER NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL, heartbeat DOUBLE PRECISION NOT NULL,
+    draining BOOLEAN NOT NULL DEFAULT false);
+"""),
+]
+"""Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority, size, envid,"
+             " ret, correlation_id, message_id, listener, auth_user, client")
+_RCPT_COLS = ("msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
+              " last_reply")
+
+
+class NodeConflict(RuntimeError):
+    """Another live node already uses this node name."""
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    name: str
+    hostname: str
+    pid: int
+    started_at: float
+    heartbeat: float
+    draining: bool
+
+
+class PostgresSpool:
+    """Spool in PostgreSQL schema ``schema`` of the database at ``dsn``."""
+
+    def __init__(self, dsn: str, schema: str = "postlane") -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.work_channel = f"{schema}_work"
+        self.pause_channel = f"{schema}_pause"
+        self._pool: asyncpg.Pool | None = None
+        self._writer: asyncio.Task | None = None
+        self._urgent: collections.deque = collections.deque()
+        self._bulk: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._live: dict[str, Message] = {}
+        """Messages with recipients this node holds (claimed or loaded by ``pending``)."""
+        self._live_bodies: dict[str, bytes] = {}
+        self.commits = 0
+        self.writes = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (one node at a time, under an advisory lock)."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                                   f"postlane:{self.schema}")
+                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                await conn.execute(f'SET LOCAL search_path TO "{self.schema}"')
+                await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
+                                   " version INTEGER PRIMARY KEY,"
+                                   " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+                current = await conn.fetchval(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations")
+                if current > SCHEMA_VERSION:
+                    raise RuntimeError(f"PostgreSQL schema {self.schema!r} is at version"
+                                       f" {current}, newer than this Postlane ({SCHEMA_VERSION})")
+                for version, sql in MIGRATIONS:
+                    if version > current:
+                        await conn.execute(sql)
+                        await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)",
+                                           version)
+                        log.info("applied schema migration", extra={"version": version})
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.dsn, min_size=2, max_size=4, server_settings={"search_path": self.schema})
+        self._stopping = False
+        self._writer = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    def acquire(self):
+        """A pooled connection for the cluster's own queries (claimer, status)."""
+        assert self._pool is not None, "spool is not open"
+        return self._pool.acquire()
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _submit(self, op: tuple, urgent: bool) -> None:
+        (self._urgent if urgent else self._bulk).append(op)
+        self._wake.set()
+
+    async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
+                      urgent: bool = False) -> None:
+        """Return once the message and its recipients are committed."""
+        fut = asyncio.get_running_loop().create_future()
+        row = (msg.id, msg.cls, msg.pool, msg.mail_from, msg.queued_at, msg.deadline,
+               msg.expire_at, msg.priority, msg.size, msg.envid, msg.ret, msg.correlation_id,
+               msg.message_id, msg.listener, msg.auth_user, msg.client)
+        rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
+                  r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority, msg.deadline)
+                 for r in rcpts]
+        self._submit(("enq", row, (msg.id, body), rrows, fut), urgent)
+        await fut
+        self._cache_put(msg.id, body)
+
+    def update(self, updates: list[RecipientUpdate]) -> None:
+        """Record recipient state changes; durable at the next commit (a crash re-delivers)."""
+        rows = [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.msg_id, u.idx)
+                for u in updates]
+        self._submit(("upd", rows), False)
+
+    def finish(self, msg_id: str) -> None:
+        """This node is done with a message; it is deleted once no node has work left on it."""
+        self._submit(("fin", msg_id), False)
+        self._live.pop(msg_id, None)
+        self._live_bodies.pop(msg_id, None)
+        body = self._cache.pop(msg_id, None)
+        if body is not None:
+            self._cache_bytes -= len(body)
+
+    async def set_paused(self, pool: str, domain: str, paused: bool) -> None:
+        """Pause is cluster-wide: the row is shared and every node is notified."""
+        fut = asyncio.get_running_loop().create_future()
+        self._submit(("pause", pool, domain, paused, fut), True)
+        await fut
+
+    async def flush(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._submit(("flush", fut), False)
+        await fut
+
+    async def _run(self) -> None:
+        assert self._pool is not None
+        while True:
+            if not self._urgent and not self._bulk:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = []
+            while self._urgent and len(batch) < BATCH_MAX:
+                batch.append(self._urgent.popleft())
+            while self._bulk and len(batch) < BATCH_MAX:
+                batch.append(self._bulk.popleft())
+            error: BaseException | None = None
+            try:
+                async with self._pool.acquire() as conn:
+                    await self._commit(conn, batch)
+                self.commits += 1
+                self.writes += len(batch)
+            except Exception as exc:  # a failed commit must fail every waiter, not hang them
+                log.error("spool commit failed: %s", exc)
+                error = exc
+            for op in batch:
+                fut = op[-1]
+                if isinstance(fut, asyncio.Future) and not fut.done():
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(RuntimeError(f"spool commit failed: {error}"))
+
+    async def _commit(self, conn: asyncpg.Connection, batch: list[tuple]) -> None:
+        msgs, bodies, rcpts, upds, fins, pauses = [], [], [], [], [], []
+        for op in batch:
+            kind = op[0]
+            if kind == "enq":
+                msgs.append(op[1])
+                bodies.append(op[2])
+                rcpts.extend(op[3])
+            elif kind == "upd":
+                upds.extend(op[1])
+            elif kind == "fin":
+                fins.append(op[1])
+            elif kind == "pause":
+                pauses.append(op[1:4])
+        async with conn.transaction():
+            if msgs:
+                await conn.executemany(
+                    f"INSERT INTO messages ({_MSG_COLS}) VALUES"
+                    f" ({', '.join(f'${i}' for i in range(1, 17))})", msgs)
+                await conn.executemany("INSERT INTO bodies (id, data) VALUES ($1, $2)", bodies)
+                await conn.executemany(
+                    f"INSERT INTO recipients ({_RCPT_COLS}, pool, priority, deadline) VALUES"
+                    f" ({', '.join(f'${i}' for i in range(1, 14))})", rcpts)
+                await conn.execute("SELECT pg_notify($1, '')", self.work_channel)
+            if upds:
+                await conn.executemany(
+                    "UPDATE recipients SET state=$1, attempts=$2, next_attempt=$3, last_reply=$4"
+                    " WHERE msg_id=$5 AND idx=$6", upds)
+            if fins:
+                # Lock the message rows first: a second statement then sees recipients finished
+                # concurrently on other nodes, so the last node to finish deletes the message.
+                await conn.execute("SELECT id FROM messages WHERE id = ANY($1::text[])"
+                                   " ORDER BY id FOR UPDATE", fins)
+                await conn.execute(
+                    "DELETE FROM messages m WHERE m.id = ANY($1::text[]) AND NOT EXISTS"
+                    f" (SELECT 1 FROM recipients r WHERE r.msg_id = m.id AND r.state IN {_OPEN})",
+                    fins)
+            for pool, domain, paused in pauses:
+                if paused:
+                    await conn.execute("INSERT INTO paused VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                                       pool, domain)
+                else:
+                    await conn.execute("DELETE FROM paused WHERE pool=$1 AND domain=$2",
+                                       pool, domain)
+            if pauses:
+                await conn.execute("SELECT pg_notify($1, '')", self.pause_channel)
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def _cache_put(self, msg_id: str, body: bytes) -> None:
+        self._cache[msg_id] = body
+        self._cache_bytes += len(body)
+        while self._cache_bytes > BODY_CACHE_BYTES and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= len(old)
+
+    def body(self, msg_id: str) -> bytes:
+        """The bytes of a message this node holds (claimed ones are always in memory)."""
+        body = self._live_bodies.get(msg_id)
+        if body is None:
+            body = self._cache.get(msg_id)
+        if body is None:
+            raise KeyError(msg_id)
+        return body
+
+    async def _load(self, conn: asyncpg.Connection, rows: list) -> list[Recipient]:
+        """Recipients from rows, sharing one Message per message (loaded with its body once)."""
+        missing = list({r["msg_id"] for r in rows} - self._live.keys())
+        if missing:
+            for m in await conn.fetch(
+                    f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLS.split(','))}, b.data"
+                    " FROM messages m JOIN bodies b ON b.id = m.id WHERE m.id = ANY($1::text[])",
+                    missing):
+                self._live[m["id"]] = Message(
+                    id=m["id"], cls=m["cls"], pool=m["pool"], mail_from=m["mail_from"],
+                    queued_at=m["queued_at"], deadline=m["deadline"], expire_at=m["expire_at"],
+                    priority=m["priority"], size=m["size"], envid=m["envid"] or "",
+                    ret=m["ret"] or "", correlation_id=m["correlation_id"] or "",
+                    message_id=m["message_id"] or "", listener=m["listener"] or "",
+                    auth_user=m["auth_user"] or "", client=m["client"] or "")
+                self._live_bodies[m["id"]] = bytes(m["data"])
+        out = []
+        for row in rows:
+            msg = self._live.get(row["msg_id"])
+            if msg is None:
+                continue
+            state = State(row["state"])
+            msg.remaining += 1
+            out.append(Recipient(
+                msg=msg, idx=row["idx"], address=row["address"], domain=row["domain"],
+                orcpt=row["orcpt"] or "", notify=row["notify"] or "",
+                state=State.QUEUED if state is State.INFLIGHT else state,
+                attempts=row["attempts"], next_attempt=row["next_attempt"],
+                last_reply=row["last_reply"] or ""))
+        return out
+
+    async def pending(self) -> Pending:
+        """Every recipient still to deliver, for a node that owns the whole queue alone."""
+        await self.sweep()
+        final = [s.value for s in FINAL_STATES]
+        async with self.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT r.{_RCPT_COLS.replace(', ', ', r.')} FROM recipients r"
+                " JOIN messages m ON m.id = r.msg_id WHERE r.state <> ALL($1::text[])"
+                " ORDER BY m.queued_at, r.msg_id, r.idx", final)
+            rcpts = await self._load(conn, rows)
+        msgs = list({id(r.msg): r.msg for r in rcpts}.values())
+        return Pending(messages=msgs, recipients=rcpts)
+
+    async def sweep(self) -> int:
+        """Delete messages whose recipients are all final (left by a crash before cleanup)."""
+        async with self.acquire() as conn:
+            status = await conn.execute(
+                "DELETE FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r"
+                f" WHERE r.msg_id = m.id AND r.state IN {_OPEN})")
+        return int(status.split()[-1])
+
+    async def paused(self) -> set[tuple[str, str]]:
+        async with self.acquire() as conn:
+            return {(r["pool"], r["domain"]) for r in await conn.fetch("SELECT * FROM paused")}
+
+    # -- cluster: leases and nodes --------------------------------------------------------------
+
+    async def claim(self, owner: str, pool: str, limit: int, lease: float,
+                    skip_domains: list[str] | None = None) -> list[Recipient]:
+        """Lease up to ``limit`` ready recipients of ``pool``, most urgent first (priority, then
+        deadline), skipping rows other nodes hold or are claiming right now."""
+        now_node = time.time()
+        async with self.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"""WITH c AS (
+                    SELECT r.msg_id, r.idx FROM recipients r
+                    WHERE r.pool = $1 AND r.state IN ('queued', 'deferred')
+                      AND r.next_attempt <= $2
+                      AND (r.lease_until IS NULL OR r.lease_until < {_NOW})
+                      AND r.domain <> ALL($3::text[])
+                      AND NOT EXISTS (SELECT 1 FROM paused p WHERE p.pool = r.pool
+                                      AND p.domain IN ('*', r.domain))
+                    ORDER BY r.priority, r.deadline LIMIT $4
+                    FOR UPDATE OF r SKIP LOCKED)
+                UPDATE recipients r SET lease_owner = $5, lease_until = {_NOW} + $6
+                FROM c WHERE r.msg_id = c.msg_id AND r.idx = c.idx
+                RETURNING r.{_RCPT_COLS.replace(', ', ', r.')}""",
+                pool, now_node, skip_domains or [], limit, owner, lease)
+            return await self._load(conn, rows)
+
+    async def renew(self, owner: str, lease: float) -> int:
+        """Extend every lease ``owner`` holds; returns how many."""
+        async with self.acquire() as conn:
+            status = await conn.execute(
+                f"UPDATE recipients SET lease_until = {_NOW} + $2"
+                " WHERE lease_owner = $1 AND state IN ('queued', 'deferred')", owner, lease)
+        return int(status.split()[-1])
+
+    async def release(self, owner: str) -> int:
+        """Give back every lease ``owner`` holds, so other nodes take the work at once."""
+        async with self.acquire() as conn:
+            status = await conn.execute(
+                "UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
+                " WHERE lease_owner = $1", owner)
+            await conn.execute("SELECT pg_notify($1, '')", self.work_channel)
+        return int(status.split()[-1])
+
+    async def register(self, name: str, hostname: str, pid: int, lease: float) -> None:
+        """Join the cluster as ``name``; refused while another live node has that name."""
+        async with self.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT heartbeat, {_NOW} AS now FROM nodes WHERE name = $1 FOR UPDATE", name)
+            if row is not None and row["now"] - row["heartbeat"] < lease:
+                raise NodeConflict(f"node name {name!r} is already live in cluster schema"
+                                   f" {self.schema!r} (heartbeat"
+                                   f" {row['now'] - row['heartbeat']:.1f}s ago)")
+            await conn.execute(
+                f"INSERT INTO nodes VALUES ($1, $2, $3, {_NOW}, {_NOW}, false)"
+                " ON CONFLICT (name) DO UPDATE SET hostname = $2, pid = $3,"
+                f" started_at = {_NOW}, heartbeat = {_NOW}, draining = false", name, hostname, pid)
+            # a previous life of this node died holding leases: nobody is working on them
+            await conn.execute("UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
+                               " WHERE lease_owner = $1", name)
+
+    async def heartbeat(self, name: str) -> bool:
+        """Record that ``name`` is alive; returns whether an operator asked it to drain."""
+        async with self.acquire() as conn:
+            draining = await conn.fetchval(
+                f"UPDATE nodes SET heartbeat = {_NOW} WHERE name = $1 RETURNING draining", name)
+        return bool(draining)
+
+    async def deregister(self, name: str) -> None:
+        async with self.acquire() as conn:
+            await conn.execute("DELETE FROM nodes WHERE name = $1", name)
+
+    async def request_drain(self, name: str) -> bool:
+        """Ask node ``name`` to stop claiming, finish its work and exit."""
+        async with self.acquire() as conn:
+            status = await conn.execute("UPDATE nodes SET draining = true WHERE name = $1", name)
+        return status.endswith(" 1")
+
+    async def nodes(self) -> list[NodeInfo]:
+        async with self.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM nodes ORDER BY name")
+        return [NodeInfo(**dict(r)) for r in rows]
+
+    async def now(self) -> float:
+        """The database's clock, which all lease and heartbeat times are measured by."""
+        async with self.acquire() as conn:
+            return await conn.fetchval(f"SELECT {_NOW}")
+
+    async def listen(self, channels: list[str], callback: Callable[[str], None]
+                     ) -> asyncpg.Connection:
+        """A connection that calls ``callback(channel)`` on every NOTIFY; the caller closes it."""
+        conn = await asyncpg.connect(self.dsn)
+        for channel in channels:
+            await conn.add_listener(channel, lambda _c, _pid, ch, _payload: callback(ch))
+        return conn
