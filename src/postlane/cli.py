@@ -6,12 +6,14 @@ from pathlib import Path
 
 import typer
 
+from .cluster import cluster_app
 from .config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Postlane: a priority-aware MTA for regulated transactional email.")
 config_app = typer.Typer(no_args_is_help=True, help="Check configuration files.")
 app.add_typer(config_app, name="config")
+app.add_typer(cluster_app, name="cluster")
 
 
 def _load(path: Path):

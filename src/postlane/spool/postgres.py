@@ -31,7 +31,7 @@ log = logging.getLogger("postlane.spool")
 
 BATCH_MAX = 2000
 BODY_CACHE_BYTES = 64 * 1024 * 1024
-_NOW = "extract(epoch from clock_timestamp())"
+_NOW = "extract(epoch from clock_timestamp())::float8"
 _OPEN = "('queued', 'deferred', 'inflight')"
 
 MIGRATIONS: list[tuple[int, str]] = [
@@ -432,6 +432,16 @@ class PostgresSpool:
         async with self.acquire() as conn:
             rows = await conn.fetch("SELECT * FROM nodes ORDER BY name")
         return [NodeInfo(**dict(r)) for r in rows]
+
+    async def queue_summary(self) -> list[dict]:
+        """Open recipients counted by pool, state, lease owner and whether the lease is current."""
+        async with self.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT pool, state, lease_owner,"
+                f" coalesce(lease_until >= {_NOW}, false) AS held, count(*) AS n"
+                " FROM recipients WHERE state IN ('queued', 'deferred')"
+                " GROUP BY pool, state, lease_owner, held ORDER BY pool")
+        return [dict(r) for r in rows]
 
     async def now(self) -> float:
         """The database's clock, which all lease and heartbeat times are measured by."""
