@@ -56,8 +56,7 @@ class Claimer:
 
     async def start(self) -> None:
         """Join the cluster, adopt its pause state, and start claiming."""
-        await self.spool.register(self.name, self.config.node.hostname or socket.gethostname(),
-                                  os.getpid(), self.lease)
+        await self.spool.register(self.name, socket.gethostname(), os.getpid(), self.lease)
         self._listener = await self.spool.listen(
             [self.spool.work_channel, self.spool.pause_channel], self._notified)
         await self._sync_paused()

@@ -300,10 +300,19 @@ class PostgresSpool:
         """Recipients from rows, sharing one Message per message (loaded with its body once)."""
         missing = list({r["msg_id"] for r in rows} - self._live.keys())
         if missing:
-            for m in await conn.fetch(
-                    f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLS.split(','))}, b.data"
-                    " FROM messages m JOIN bodies b ON b.id = m.id WHERE m.id = ANY($1::text[])",
-                    missing):
+            # bodies this node accepted itself are still in its cache: do not fetch them again
+            cached = {m: self._cache[m] for m in missing if m in self._cache}
+            uncached = [m for m in missing if m not in cached]
+            cols = ", ".join("m." + c.strip() for c in _MSG_COLS.split(","))
+            rows_m = []
+            if cached:
+                rows_m += await conn.fetch(f"SELECT {cols}, NULL::bytea AS data FROM messages m"
+                                           " WHERE m.id = ANY($1::text[])", list(cached))
+            if uncached:
+                rows_m += await conn.fetch(f"SELECT {cols}, b.data FROM messages m JOIN bodies b"
+                                           " ON b.id = m.id WHERE m.id = ANY($1::text[])",
+                                           uncached)
+            for m in rows_m:
                 self._live[m["id"]] = Message(
                     id=m["id"], cls=m["cls"], pool=m["pool"], mail_from=m["mail_from"],
                     queued_at=m["queued_at"], deadline=m["deadline"], expire_at=m["expire_at"],
@@ -311,7 +320,8 @@ class PostgresSpool:
                     ret=m["ret"] or "", correlation_id=m["correlation_id"] or "",
                     message_id=m["message_id"] or "", listener=m["listener"] or "",
                     auth_user=m["auth_user"] or "", client=m["client"] or "")
-                self._live_bodies[m["id"]] = bytes(m["data"])
+                body = m["data"]
+                self._live_bodies[m["id"]] = cached[m["id"]] if body is None else bytes(body)
         out = []
         for row in rows:
             msg = self._live.get(row["msg_id"])
