@@ -131,3 +131,19 @@ async def test_a_live_node_name_cannot_be_used_twice(two):
     assert [n.name for n in await a.nodes()] == ["n1", "n2"]
     await a.deregister("n1")
     await b.register("n1", "host-b", 3, 30)  # a node that left cleanly can come back at once
+
+
+async def test_a_stalled_node_neither_reclaims_its_own_rows_nor_revives_delivered_ones(two):
+    a, b = two
+    m, r, body = make_message(1, rcpts=1)
+    await a.enqueue(m, r, body)
+    assert len(await a.claim("a", "bulk", 1, 0.2)) == 1
+    await asyncio.sleep(0.4)  # "a" stalls past its lease while still holding the recipient
+    assert await a.claim("a", "bulk", 1, 30) == [], "already in a's memory"
+    assert len(await b.claim("b", "bulk", 1, 30)) == 1
+    b.update([RecipientUpdate(m.id, 0, State.DELIVERED, 1, 0.0, "250 ok")])
+    await b.flush()
+    a.update([RecipientUpdate(m.id, 0, State.DEFERRED, 1, 0.0, "451 later")])  # a wakes up
+    await a.flush()
+    async with a.acquire() as conn:
+        assert await conn.fetchval("SELECT state FROM recipients") == "delivered"

@@ -159,6 +159,13 @@ class Claimer:
             try:
                 drain = await self.spool.heartbeat(self.name)
                 await self.spool.renew(self.name, self.lease)
+                if self._listener is None or self._listener.is_closed():
+                    # the database restarted or failed over: notifications resume on a new
+                    # connection; meanwhile polling found the work, and pause state is re-read
+                    self._listener = await self.spool.listen(
+                        [self.spool.work_channel, self.spool.pause_channel], self._notified)
+                    self._pause_changed = True
+                    self._wake.set()
             except Exception as exc:  # the database may be failing over: keep trying
                 log.warning("renewing leases failed: %s", exc)
                 continue

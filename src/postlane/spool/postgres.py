@@ -256,9 +256,11 @@ class PostgresSpool:
                     f" ({', '.join(f'${i}' for i in range(1, 14))})", rcpts)
                 await conn.execute("SELECT pg_notify($1, '')", self.work_channel)
             if upds:
+                # a final state is never overwritten: a node that lost its lease to a stall
+                # must not revive a recipient another node has delivered meanwhile
                 await conn.executemany(
                     "UPDATE recipients SET state=$1, attempts=$2, next_attempt=$3, last_reply=$4"
-                    " WHERE msg_id=$5 AND idx=$6", upds)
+                    f" WHERE msg_id=$5 AND idx=$6 AND state IN {_OPEN}", upds)
             if fins:
                 # Lock the message rows first: a second statement then sees recipients finished
                 # concurrently on other nodes, so the last node to finish deletes the message.
@@ -367,7 +369,8 @@ class PostgresSpool:
     async def claim(self, owner: str, pool: str, limit: int, lease: float,
                     skip_domains: list[str] | None = None) -> list[Recipient]:
         """Lease up to ``limit`` ready recipients of ``pool``, most urgent first (priority, then
-        deadline), skipping rows other nodes hold or are claiming right now."""
+        deadline), skipping rows other nodes hold or are claiming right now, and rows ``owner``
+        itself holds (they are in its memory already, even if a stall let the lease lapse)."""
         now_node = time.time()
         async with self.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
@@ -376,6 +379,7 @@ class PostgresSpool:
                     WHERE r.pool = $1 AND r.state IN ('queued', 'deferred')
                       AND r.next_attempt <= $2
                       AND (r.lease_until IS NULL OR r.lease_until < {_NOW})
+                      AND r.lease_owner IS DISTINCT FROM $5
                       AND r.domain <> ALL($3::text[])
                       AND NOT EXISTS (SELECT 1 FROM paused p WHERE p.pool = r.pool
                                       AND p.domain IN ('*', r.domain))
