@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import asyncpg
 import pytest
 
 from postlane.spool import PostgresSpool, RecipientUpdate, State
@@ -147,3 +148,26 @@ async def test_a_stalled_node_neither_reclaims_its_own_rows_nor_revives_delivere
     await a.flush()
     async with a.acquire() as conn:
         assert await conn.fetchval("SELECT state FROM recipients") == "delivered"
+
+
+async def test_outcomes_are_retried_across_a_lost_database_connection(two):
+    a, _ = two
+    m, r, body = make_message(1, rcpts=2)
+    await a.enqueue(m, r, body)
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = $1", a.app_name)
+        assert killed >= 2
+        a.update([RecipientUpdate(m.id, 0, State.DELIVERED, 1, 0.0, "250 ok")])
+        deadline = time.monotonic() + 10
+        state = ""
+        while state != "delivered" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            state = await conn.fetchval(
+                f'SELECT state FROM "{a.schema}".recipients WHERE idx = 0')
+        assert state == "delivered", "the outcome was written once the database was back"
+        await a.enqueue(*make_message(2, rcpts=1))  # and the spool works on
+    finally:
+        await conn.close()

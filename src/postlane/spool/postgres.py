@@ -93,6 +93,8 @@ class PostgresSpool:
         self.schema = schema
         self.work_channel = f"{schema}_work"
         self.pause_channel = f"{schema}_pause"
+        self.app_name = f"postlane/{schema}"
+        """``application_name`` of this spool's connections, as pg_stat_activity shows them."""
         self._pool: asyncpg.Pool | None = None
         self._writer: asyncio.Task | None = None
         self._urgent: collections.deque = collections.deque()
@@ -135,7 +137,8 @@ class PostgresSpool:
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=2, max_size=4, server_settings={"search_path": self.schema})
+            self.dsn, min_size=2, max_size=4,
+            server_settings={"search_path": self.schema, "application_name": self.app_name})
         self._stopping = False
         self._writer = asyncio.get_running_loop().create_task(self._run())
 
@@ -202,7 +205,10 @@ class PostgresSpool:
 
     async def _run(self) -> None:
         assert self._pool is not None
+        failures = 0
         while True:
+            if failures:  # the database is away (failover?): back off, then retry
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** failures))
             if not self._urgent and not self._bulk:
                 if self._stopping:
                     return
@@ -220,9 +226,11 @@ class PostgresSpool:
                     await self._commit(conn, batch)
                 self.commits += 1
                 self.writes += len(batch)
+                failures = 0
             except Exception as exc:  # a failed commit must fail every waiter, not hang them
-                log.error("spool commit failed: %s", exc)
                 error = exc
+                failures += 1
+                self._retry([op for op in batch if op[0] in ("upd", "fin")], exc)
             for op in batch:
                 fut = op[-1]
                 if isinstance(fut, asyncio.Future) and not fut.done():
@@ -230,6 +238,17 @@ class PostgresSpool:
                         fut.set_result(None)
                     else:
                         fut.set_exception(RuntimeError(f"spool commit failed: {error}"))
+
+    def _retry(self, ops: list[tuple], exc: Exception) -> None:
+        """Keep outcomes that failed to commit until the database is back: a lost outcome
+        means a second delivery. Acknowledgements are not retried: their waiters fail (the SMTP
+        client gets a 451 and sends again)."""
+        if self._stopping:
+            log.error("spool commit failed while closing: %d outcome writes lost (those"
+                      " recipients will be delivered again): %s", len(ops), exc)
+            return
+        log.error("spool commit failed, retrying %d outcome writes: %s", len(ops), exc)
+        self._bulk.extendleft(reversed(ops))
 
     async def _commit(self, conn: asyncpg.Connection, batch: list[tuple]) -> None:
         msgs, bodies, rcpts, upds, fins, pauses = [], [], [], [], [], []
