@@ -171,3 +171,13 @@ async def test_outcomes_are_retried_across_a_lost_database_connection(two):
         await a.enqueue(*make_message(2, rcpts=1))  # and the spool works on
     finally:
         await conn.close()
+
+
+async def test_without_takeover_lapsed_leases_stay_with_their_owner(two):
+    a, b = two
+    await a.enqueue(*make_message(1, rcpts=1))
+    await a.enqueue(*make_message(2, rcpts=1))
+    assert len(await a.claim("a", "bulk", 1, 0.2)) == 1
+    await asyncio.sleep(0.4)
+    assert ids(await b.claim("b", "bulk", 5, 30, takeover=False)) == [("M000002", 0)]
+    assert ids(await b.claim("b", "bulk", 5, 30)) == [("M000001", 0)]

@@ -51,6 +51,10 @@ class Claimer:
         self._listener: asyncpg.Connection | None = None
         self._claiming = False
         self._pause_changed = False
+        self._takeover_after = 0.0
+        """After this node lost the database, it takes over no lapsed lease for one lease
+        period: after a failover every lease looks lapsed, and their owners are alive and about
+        to renew them."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -123,6 +127,7 @@ class Claimer:
                     more = await self.claim_once()
             except Exception as exc:  # the database may be failing over: keep trying
                 log.warning("claiming work failed: %s", exc)
+                self._takeover_after = time.monotonic() + self.lease
             if more:
                 continue
             with contextlib.suppress(TimeoutError):
@@ -146,7 +151,8 @@ class Claimer:
             if ready > target // 2:
                 continue
             want = target - ready
-            rcpts = await self.spool.claim(self.name, pool, want, self.lease, blocked)
+            rcpts = await self.spool.claim(self.name, pool, want, self.lease, blocked,
+                                           takeover=time.monotonic() >= self._takeover_after)
             for rcpt in rcpts:
                 self.scheduler.add(rcpt)
             self.claimed += len(rcpts)
@@ -168,6 +174,7 @@ class Claimer:
                     self._wake.set()
             except Exception as exc:  # the database may be failing over: keep trying
                 log.warning("renewing leases failed: %s", exc)
+                self._takeover_after = time.monotonic() + self.lease
                 continue
             if drain and not self.draining:
                 self.draining = True

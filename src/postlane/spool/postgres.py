@@ -386,10 +386,12 @@ class PostgresSpool:
     # -- cluster: leases and nodes --------------------------------------------------------------
 
     async def claim(self, owner: str, pool: str, limit: int, lease: float,
-                    skip_domains: list[str] | None = None) -> list[Recipient]:
+                    skip_domains: list[str] | None = None,
+                    takeover: bool = True) -> list[Recipient]:
         """Lease up to ``limit`` ready recipients of ``pool``, most urgent first (priority, then
         deadline), skipping rows other nodes hold or are claiming right now, and rows ``owner``
-        itself holds (they are in its memory already, even if a stall let the lease lapse)."""
+        itself holds (they are in its memory already, even if a stall let the lease lapse).
+        With ``takeover`` false, rows whose lease lapsed are left to their owner too."""
         now_node = time.time()
         async with self.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
@@ -397,8 +399,8 @@ class PostgresSpool:
                     SELECT r.msg_id, r.idx FROM recipients r
                     WHERE r.pool = $1 AND r.state IN ('queued', 'deferred')
                       AND r.next_attempt <= $2
-                      AND (r.lease_until IS NULL OR r.lease_until < {_NOW})
-                      AND r.lease_owner IS DISTINCT FROM $5
+                      AND (r.lease_owner IS NULL OR ($7 AND r.lease_until < {_NOW}
+                                                    AND r.lease_owner <> $5))
                       AND r.domain <> ALL($3::text[])
                       AND NOT EXISTS (SELECT 1 FROM paused p WHERE p.pool = r.pool
                                       AND p.domain IN ('*', r.domain))
@@ -407,7 +409,7 @@ class PostgresSpool:
                 UPDATE recipients r SET lease_owner = $5, lease_until = {_NOW} + $6
                 FROM c WHERE r.msg_id = c.msg_id AND r.idx = c.idx
                 RETURNING r.{_RCPT_COLS.replace(', ', ', r.')}""",
-                pool, now_node, skip_domains or [], limit, owner, lease)
+                pool, now_node, skip_domains or [], limit, owner, lease, takeover)
             return await self._load(conn, rows)
 
     async def renew(self, owner: str, lease: float) -> int:
