@@ -47,6 +47,10 @@ class Claimer:
         self.claimed = 0
         self.draining = False
         self._wake = asyncio.Event()
+        self._dirty: set[str] = set(self.targets)
+        """Pools that may have claimable work: new mail was notified, the last claim came back
+        full, or the poll interval passed. Others are not queried (an empty pool costs
+        nothing)."""
         self._tasks: list[asyncio.Task] = []
         self._listener: asyncpg.Connection | None = None
         self._claiming = False
@@ -97,13 +101,16 @@ class Claimer:
     def add_message(self, rcpts: list[Recipient]) -> None:
         """A message was committed to the shared queue: look for work now (this node may not
         be the one that delivers it; the most urgent work goes to whoever has a slot)."""
+        if rcpts:
+            self._dirty.add(rcpts[0].msg.pool)
         self._wake.set()
 
     # -- loops ----------------------------------------------------------------------------------
 
-    def _notified(self, channel: str) -> None:
+    def _notified(self, channel: str, payload: str) -> None:
         if channel == self.spool.pause_channel:
-            self._pause_changed = True
+            self._pause_changed = True  # a resume makes skipped work claimable
+        self._dirty.update(payload.split(",") if payload else self.targets)
         self._wake.set()
 
     async def _sync_paused(self) -> None:
@@ -116,9 +123,13 @@ class Claimer:
 
     async def _claim_loop(self) -> None:
         poll = self.config.cluster.poll
+        polled = time.monotonic()
         while True:
             self._wake.clear()
             more = False
+            if time.monotonic() - polled >= poll:  # due retries and lapsed leases of dead
+                polled = time.monotonic()           # nodes are not notified: look anyway
+                self._dirty.update(self.targets)
             try:
                 if self._pause_changed:
                     self._pause_changed = False
@@ -138,7 +149,7 @@ class Claimer:
         now = time.time()
         more = False
         for pool, target in self.targets.items():
-            if (pool, "*") in self.scheduler.paused:
+            if pool not in self._dirty or (pool, "*") in self.scheduler.paused:
                 continue
             ready, blocked = 0, []
             for lane in self.scheduler.lanes.values():
@@ -151,8 +162,11 @@ class Claimer:
             if ready > target // 2:
                 continue
             want = target - ready
+            self._dirty.discard(pool)  # before the query: news arriving meanwhile re-marks it
             rcpts = await self.spool.claim(self.name, pool, want, self.lease, blocked,
                                            takeover=time.monotonic() >= self._takeover_after)
+            if len(rcpts) == want:
+                self._dirty.add(pool)
             for rcpt in rcpts:
                 self.scheduler.add(rcpt)
             self.claimed += len(rcpts)

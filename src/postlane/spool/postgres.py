@@ -273,7 +273,8 @@ class PostgresSpool:
                 await conn.executemany(
                     f"INSERT INTO recipients ({_RCPT_COLS}, pool, priority, deadline) VALUES"
                     f" ({', '.join(f'${i}' for i in range(1, 14))})", rcpts)
-                await conn.execute("SELECT pg_notify($1, '')", self.work_channel)
+                await conn.execute("SELECT pg_notify($1, $2)", self.work_channel,
+                                   ",".join(sorted({m[2] for m in msgs})))
             if upds:
                 # a final state is never overwritten: a node that lost its lease to a stall
                 # must not revive a recipient another node has delivered meanwhile
@@ -483,10 +484,12 @@ class PostgresSpool:
         async with self.acquire() as conn:
             return await conn.fetchval(f"SELECT {_NOW}")
 
-    async def listen(self, channels: list[str], callback: Callable[[str], None]
+    async def listen(self, channels: list[str], callback: Callable[[str, str], None]
                      ) -> asyncpg.Connection:
-        """A connection that calls ``callback(channel)`` on every NOTIFY; the caller closes it."""
+        """A connection that calls ``callback(channel, payload)`` on every NOTIFY (the work
+        channel's payload names the pools that got new mail, or is empty for "any pool");
+        the caller closes it."""
         conn = await asyncpg.connect(self.dsn)
         for channel in channels:
-            await conn.add_listener(channel, lambda _c, _pid, ch, _payload: callback(ch))
+            await conn.add_listener(channel, lambda _c, _pid, ch, payload: callback(ch, payload))
         return conn
