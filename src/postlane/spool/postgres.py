@@ -30,6 +30,10 @@ from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, St
 log = logging.getLogger("postlane.spool")
 
 BATCH_MAX = 2000
+OUTCOME_DELAY = 0.02
+"""Seconds outcome writes wait for company when nobody waits on them: a commit costs about five
+round trips. Measured: 2,000 messages through one node took 23.5 s committing each outcome at
+once, 19.2 s with this delay (under cProfile, on the shared 2-core machine: indicative only)."""
 BODY_CACHE_BYTES = 64 * 1024 * 1024
 _NOW = "extract(epoch from clock_timestamp())::float8"
 _OPEN = "('queued', 'deferred', 'inflight')"
@@ -101,6 +105,8 @@ class PostgresSpool:
         self._bulk: collections.deque = collections.deque()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._waiters = 0
+        """Queued writes somebody awaits (acknowledgements, pause, flush): commit those at once."""
         self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
         self._live: dict[str, Message] = {}
@@ -161,6 +167,8 @@ class PostgresSpool:
 
     def _submit(self, op: tuple, urgent: bool) -> None:
         (self._urgent if urgent else self._bulk).append(op)
+        if isinstance(op[-1], asyncio.Future):
+            self._waiters += 1
         self._wake.set()
 
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
@@ -215,6 +223,8 @@ class PostgresSpool:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if not self._waiters and not self._stopping:
+                await asyncio.sleep(OUTCOME_DELAY)
             batch = []
             while self._urgent and len(batch) < BATCH_MAX:
                 batch.append(self._urgent.popleft())
@@ -233,6 +243,8 @@ class PostgresSpool:
                 self._retry([op for op in batch if op[0] in ("upd", "fin")], exc)
             for op in batch:
                 fut = op[-1]
+                if isinstance(fut, asyncio.Future):
+                    self._waiters -= 1
                 if isinstance(fut, asyncio.Future) and not fut.done():
                     if error is None:
                         fut.set_result(None)
