@@ -21,6 +21,7 @@ from .relay.mx import MXResolver
 from .scheduler.claim import Claimer
 from .scheduler.scheduler import Failure, Scheduler
 from .spool import Message, PostgresSpool, make_spool
+from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
 
@@ -64,7 +65,11 @@ class Node:
         self.scheduler.paused = await self.spool.paused()
         resumed = 0
         if self.claimer is not None:
-            await self.claimer.start()
+            try:
+                await self.claimer.start()
+            except BaseException:
+                await self.spool.close()
+                raise
         else:
             pending = await self.spool.pending()
             resumed = len(pending.recipients)
@@ -178,9 +183,14 @@ class Node:
                 "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
                          "max_smtp_out": s.max_smtp_out} for s in slots],
             })
-        return {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
-                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
-                "pools": pools, "lanes": lanes}
+        out = {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
+               "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
+               "pools": pools, "lanes": lanes}
+        if self.claimer is not None:
+            out["cluster"] = {"schema": self.config.cluster.schema_name,
+                              "claimed_total": self.claimer.claimed,
+                              "draining": self.claimer.draining}
+        return out
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -212,7 +222,11 @@ def run(config: Config) -> None:
 
     async def main() -> None:
         node = Node(config)
-        await node.start()
+        try:
+            await node.start()
+        except (ConnectionError, NodeConflict) as exc:  # say why, not a traceback
+            log.error("cannot start: %s", exc)
+            raise SystemExit(1) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop_requested.set)

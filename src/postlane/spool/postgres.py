@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -78,6 +79,15 @@ _RCPT_COLS = ("msg_id, idx, address, domain, orcpt, notify, state, attempts, nex
               " last_reply")
 
 
+def redact(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class NodeConflict(RuntimeError):
     """Another live node already uses this node name."""
 
@@ -122,7 +132,12 @@ class PostgresSpool:
 
     async def open(self) -> None:
         """Connect and bring the schema up to date (one node at a time, under an advisory lock)."""
-        conn = await asyncpg.connect(self.dsn)
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                ValueError) as exc:
+            raise ConnectionError(f"cannot open the PostgreSQL spool at {redact(self.dsn)}:"
+                                  f" {exc}") from None
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
