@@ -68,6 +68,7 @@ class Claimer:
         self._listener = await self.spool.listen(
             [self.spool.work_channel, self.spool.pause_channel], self._notified)
         await self._sync_paused()
+        await self.spool.sweep()  # messages a crash left with every recipient final
         self.scheduler.on_final = lambda _rcpt: self._wake.set()
         self._claiming = True
         loop = asyncio.get_running_loop()

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, State
+from .cache import BodyCache
 
 log = logging.getLogger("postlane.spool")
 
@@ -38,7 +39,6 @@ OUTCOME_DELAY = 0.02
 """Seconds outcome writes wait for company when nobody waits on them: a commit costs about five
 round trips. Measured: 2,000 messages through one node took 23.5 s committing each outcome at
 once, 19.2 s with this delay (under cProfile, on the shared 2-core machine: indicative only)."""
-BODY_CACHE_BYTES = 64 * 1024 * 1024
 _NOW = "extract(epoch from clock_timestamp())::float8"
 _OPEN = "('queued', 'deferred', 'inflight')"
 
@@ -120,8 +120,7 @@ class PostgresSpool:
         self._stopping = False
         self._waiters = 0
         """Queued writes somebody awaits (acknowledgements, pause, flush): commit those at once."""
-        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._cache_bytes = 0
+        self._cache = BodyCache()
         self._live: dict[str, Message] = {}
         """Messages with recipients this node holds (claimed or loaded by ``pending``)."""
         self._live_bodies: dict[str, bytes] = {}
@@ -201,7 +200,7 @@ class PostgresSpool:
                  for r in rcpts]
         self._submit(("enq", row, (msg.id, body), rrows, fut), urgent)
         await fut
-        self._cache_put(msg.id, body)
+        self._cache.put(msg.id, body)
 
     def update(self, updates: list[RecipientUpdate]) -> None:
         """Record recipient state changes; durable at the next commit (a crash re-delivers)."""
@@ -214,9 +213,7 @@ class PostgresSpool:
         self._submit(("fin", msg_id), False)
         self._live.pop(msg_id, None)
         self._live_bodies.pop(msg_id, None)
-        body = self._cache.pop(msg_id, None)
-        if body is not None:
-            self._cache_bytes -= len(body)
+        self._cache.pop(msg_id)
 
     async def set_paused(self, pool: str, domain: str, paused: bool) -> None:
         """Pause is cluster-wide: the row is shared and every node is notified."""
@@ -332,13 +329,6 @@ class PostgresSpool:
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def _cache_put(self, msg_id: str, body: bytes) -> None:
-        self._cache[msg_id] = body
-        self._cache_bytes += len(body)
-        while self._cache_bytes > BODY_CACHE_BYTES and self._cache:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old)
-
     def body(self, msg_id: str) -> bytes:
         """The bytes of a message this node holds (claimed ones are always in memory)."""
         body = self._live_bodies.get(msg_id)
@@ -353,7 +343,7 @@ class PostgresSpool:
         missing = list({r["msg_id"] for r in rows} - self._live.keys())
         if missing:
             # bodies this node accepted itself are still in its cache: do not fetch them again
-            cached = {m: self._cache[m] for m in missing if m in self._cache}
+            cached = {m: b for m in missing if (b := self._cache.get(m)) is not None}
             uncached = [m for m in missing if m not in cached]
             cols = ", ".join("m." + c.strip() for c in _MSG_COLS.split(","))
             rows_m = []
