@@ -23,7 +23,7 @@ from postlane.cluster import cluster_status
 from postlane.config import parse_config
 from postlane.node import Node
 from postlane.spool import PostgresSpool
-from tests.conftest import config_text, message
+from tests.conftest import config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 
 
@@ -209,3 +209,25 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
     finally:
         a.stop(signal.SIGKILL)
         b.stop()
+
+
+async def test_retries_and_bounces_work_on_the_shared_spool(tmp_path, sink,
+                                                            pg_schema):  # noqa: F811
+    sink.rcpt_replies = {"soft@example.com": ["450 4.2.1 mailbox busy", "250 2.1.5 ok"],
+                         "hard@example.com": ["550 5.1.1 no such user"]}
+    node = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    try:
+        await send(node.listeners[0].port, "sender@example.com",
+                   ["ok@example.com", "soft@example.com", "hard@example.com"],
+                   message("three", cls="policy-documents"))
+        arrivals = await sink.wait_for(3, timeout=30)  # ok, soft after its retry, the bounce
+        by_rcpt = {tuple(a.rcpts): a for a in arrivals}
+        assert ("ok@example.com",) in by_rcpt and ("soft@example.com",) in by_rcpt
+        bounce = email.message_from_bytes(by_rcpt[("sender@example.com",)].data)
+        assert "hard@example.com" in bounce.get_payload()[1].as_string()
+        await _until(lambda: node.scheduler.queued() == 0)
+        await node.spool.flush()
+        async with node.spool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM messages") == 0, "all cleaned up"
+    finally:
+        await node.stop()
