@@ -25,6 +25,7 @@ from postlane.node import Node
 from postlane.spool import PostgresSpool
 from tests.conftest import config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
+from tests.support.tcpproxy import TCPProxy
 
 
 def cluster_text(tmp_path: Path, sink_port: int, schema: str, name: str, extra: str = "",
@@ -231,3 +232,19 @@ async def test_retries_and_bounces_work_on_the_shared_spool(tmp_path, sink,
             assert await conn.fetchval("SELECT count(*) FROM messages") == 0, "all cleaned up"
     finally:
         await node.stop()
+
+
+async def test_a_node_cut_off_from_the_database_stops_before_its_leases_lapse(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    proxy = await TCPProxy("127.0.0.1", 5432).start()
+    text = cluster_text(tmp_path, sink.port, pg_schema, "node-a").replace(
+        "127.0.0.1:5432", f"127.0.0.1:{proxy.port}").replace('lease = "2s"', 'lease = "1.5s"')
+    node = await start_node(text)
+    try:
+        await asyncio.sleep(0.6)
+        assert not node.stop_requested.is_set()
+        proxy.cut()
+        await asyncio.wait_for(node.stop_requested.wait(), 10)
+        assert node.claimer is not None and node.claimer.fenced
+    finally:
+        await asyncio.wait_for(node.stop(), 30)

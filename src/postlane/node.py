@@ -97,7 +97,10 @@ class Node:
             await asyncio.wait(set(self._background), timeout=10)
         if self._flusher is not None:
             self._flusher.cancel()
-        await self.spool.flush()
+        try:
+            await self.spool.flush()
+        except RuntimeError as exc:  # the database is away: a crash would lose the same writes
+            log.error("last spool writes failed: %s", exc)
         if self.claimer is not None:
             await self.claimer.close()
         await self.spool.close()

@@ -9,7 +9,9 @@ campaign stays in the shared queue, not in one node's memory.
 Each node keeps its own source IPs and ``max_smtp_out`` (IPs belong to machines); what it shares
 is the queue, the pause state and the list of live nodes. Leases are renewed every third of
 ``cluster.lease``; a node that dies stops renewing, and its recipients become claimable by the
-others once their leases run out.
+others once their leases run out. A node that cannot renew for most of a lease (cut off from the
+database) stops itself before the others may take its work, so two nodes never deliver the same
+queued recipient (only what is on the wire at that moment can go twice).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from ..spool import PostgresSpool, Recipient
 from .scheduler import Scheduler
 
 log = logging.getLogger("postlane.cluster")
+
+FENCE = 0.8
+"""Fraction of ``cluster.lease`` without a successful renewal after which a node stops: the
+leases it last renewed lapse at 1.0, when other nodes may claim that work."""
 
 
 class Claimer:
@@ -56,6 +62,8 @@ class Claimer:
         self._claiming = False
         self._pause_changed = False
         self._takeover_after = 0.0
+        self._fence: asyncio.TimerHandle | None = None
+        self.fenced = False
         """After this node lost the database, it takes over no lapsed lease for one lease
         period: after a failover every lease looks lapsed, and their owners are alive and about
         to renew them."""
@@ -71,6 +79,7 @@ class Claimer:
         await self.spool.sweep()  # messages a crash left with every recipient final
         self.scheduler.on_final = lambda _rcpt: self._wake.set()
         self._claiming = True
+        self._arm_fence()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._claim_loop(), name="claim"),
                        loop.create_task(self._heartbeat_loop(), name="heartbeat")]
@@ -84,6 +93,8 @@ class Claimer:
         """Last step of a drain, after the scheduler finished and the spool flushed: give back
         whatever is still claimed so other nodes deliver it at once, and leave the cluster."""
         self._claiming = False
+        if self._fence is not None:
+            self._fence.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -91,10 +102,14 @@ class Claimer:
                 await task
         self._tasks = []
         if self._listener is not None:
-            await self._listener.close()
+            self._listener.terminate()
             self._listener = None
-        released = await self.spool.release(self.name)
-        await self.spool.deregister(self.name)
+        try:
+            released = await self.spool.release(self.name)
+            await self.spool.deregister(self.name)
+        except Exception as exc:  # database away: our leases lapse by themselves
+            log.warning("could not release leases (they lapse after %.0fs): %s", self.lease, exc)
+            return
         log.info("left the cluster", extra={"released": released})
 
     # -- intake hands new messages here instead of to the scheduler -----------------------------
@@ -174,12 +189,31 @@ class Claimer:
             more = more or len(rcpts) == want
         return more
 
+    def _arm_fence(self) -> None:
+        if self._fence is not None:
+            self._fence.cancel()
+        self._fence = asyncio.get_running_loop().call_later(FENCE * self.lease, self._fenced)
+
+    def _fenced(self) -> None:
+        """Leases not renewed for most of their life: other nodes may take this node's work any
+        moment. Stop (drain and exit; the supervisor restarts it, and on restart it claims
+        afresh) rather than deliver what may become another node's."""
+        self.fenced = True
+        log.error("leases not renewed for %.0fs (database unreachable?): stopping this node so"
+                  " that no message is delivered by two nodes", FENCE * self.lease)
+        self.stop_claiming()
+        if self.on_drain is not None:
+            self.on_drain()
+
     async def _heartbeat_loop(self) -> None:
+        interval = self.lease / 3
         while True:
-            await asyncio.sleep(self.lease / 3)
+            await asyncio.sleep(interval)
+            interval = self.lease / 3
             try:
-                drain = await self.spool.heartbeat(self.name)
-                await self.spool.renew(self.name, self.lease)
+                drain = await asyncio.wait_for(self.spool.heartbeat(self.name), interval)
+                await asyncio.wait_for(self.spool.renew(self.name, self.lease), interval)
+                self._arm_fence()
                 if self._listener is None or self._listener.is_closed():
                     # the database restarted or failed over: notifications resume on a new
                     # connection; meanwhile polling found the work, and pause state is re-read
@@ -190,6 +224,7 @@ class Claimer:
             except Exception as exc:  # the database may be failing over: keep trying
                 log.warning("renewing leases failed: %s", exc)
                 self._takeover_after = time.monotonic() + self.lease
+                interval = min(1.0, interval)
                 continue
             if drain and not self.draining:
                 self.draining = True
