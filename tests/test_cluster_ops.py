@@ -11,7 +11,7 @@ import sys
 import asyncpg
 import pytest
 
-from postlane.config import load_config
+from postlane.config import ConfigError, load_config, parse_config
 from postlane.spool import PostgresSpool
 from postlane.spool.postgres import NodeConflict
 from tests.conftest import config_text
@@ -91,3 +91,12 @@ async def test_second_live_node_with_the_same_name_is_refused(tmp_path, sink,
         assert a.status()["cluster"]["schema"] == pg_schema
     finally:
         await a.stop()
+
+
+def test_cluster_section_errors_name_their_field(tmp_path):
+    text = config_text(tmp_path, 2525) + (
+        '\n[cluster]\nschema_name = "Bad-Name"\nlease = "0.5s"\nclaim_ahead = 0\n')
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    fields = sorted(line.split(":")[0] for line in err.value.errors)
+    assert fields == ["cluster.claim_ahead", "cluster.lease", "cluster.schema_name"]

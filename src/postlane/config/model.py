@@ -146,8 +146,9 @@ class AccountingConfig(Strict):
 class ClusterConfig(Strict):
     """Cluster mode (``node.spool`` is a PostgreSQL DSN): how nodes share the queue."""
 
-    schema_name: Name = "postlane"
-    """PostgreSQL schema holding the shared spool; every node of one cluster names the same."""
+    schema_name: str = Field("postlane", pattern=r"^[a-z_][a-z0-9_]{0,39}$")
+    """PostgreSQL schema holding the shared spool; every node of one cluster names the same.
+    Lower case, digits and ``_``, at most 40 characters (it also names the NOTIFY channels)."""
     lease: Duration = 30.0
     """How long claimed work stays a node's without renewal: a dead node's mail is taken over
     by the others after at most this long (renewed every third of it)."""

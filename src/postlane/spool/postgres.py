@@ -161,7 +161,7 @@ class PostgresSpool:
             await conn.close()
         self._pool = await asyncpg.create_pool(
             self.dsn, min_size=2, max_size=4, timeout=CONNECT_TIMEOUT,
-            server_settings={"search_path": self.schema, "application_name": self.app_name})
+            server_settings={"search_path": f'"{self.schema}"', "application_name": self.app_name})
         self._stopping = False
         self._writer = asyncio.get_running_loop().create_task(self._run())
 
