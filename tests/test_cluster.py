@@ -22,7 +22,6 @@ from pathlib import Path
 from postlane.cluster import cluster_status
 from postlane.config import parse_config
 from postlane.node import Node
-from postlane.spool import PostgresSpool
 from tests.conftest import config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy
@@ -129,19 +128,31 @@ async def _until(predicate, timeout: float = 10.0) -> None:
 
 async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink,
                                                                   pg_schema):  # noqa: F811
-    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    sink.delay = 0.1
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
+                                      marketing_max_out=1))
+    b = None
     try:
+        names = [f"d{i:02d}" for i in range(12)]
+        await asyncio.to_thread(send_many, a.listeners[0].port, names)
+        await sink.wait_for(1, timeout=30)
+        b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b",
+                                          marketing_max_out=1))
         assert await a.spool.request_drain("node-a")
         await asyncio.wait_for(a.stop_requested.wait(), 10)
         assert a.claimer is not None and a.claimer.draining
-    finally:
         await a.stop()
-    spool = PostgresSpool(PG_DSN, pg_schema)
-    await spool.open()
-    try:
-        assert (await cluster_status(spool))["nodes"] == [], "a drained node leaves the cluster"
+        await sink.wait_for(12, timeout=30)
+        await asyncio.sleep(0.5)
+        assert sorted(subjects_of(sink.arrivals)) == names, "each once: a finished or released"
+        status = await cluster_status(b.spool)
+        assert [n["name"] for n in status["nodes"]] == ["node-b"], "a drained node leaves"
+        await b.stop()
+        assert delivered_by(tmp_path, "node-b") > 0
     finally:
-        await spool.close()
+        for node in (a, b):
+            if node is not None and not node.stopped.is_set():
+                await node.stop()
 
 
 # -- kill -9 ------------------------------------------------------------------------------------
