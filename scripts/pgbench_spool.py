@@ -47,17 +47,30 @@ BODY = b"Subject: bench\r\nFrom: a@insurer.test\r\n\r\n" + (b"x" * 76 + b"\r\n")
 
 # -- store ---------------------------------------------------------------------------------------
 
-def _message(n: int) -> tuple[Message, list[Recipient]]:
+def _message(n: int, priority: int = 3) -> tuple[Message, list[Recipient]]:
     now = time.time()
     msg = Message(id=f"B{n:08d}", cls="marketing", pool="bulk", mail_from="a@insurer.test",
-                  queued_at=now, deadline=now + 3600, expire_at=now + 86400, priority=3,
+                  queued_at=now, deadline=now + 3600, expire_at=now + 86400, priority=priority,
                   size=len(BODY))
     msg.remaining = 1
     return msg, [Recipient(msg=msg, idx=0, address=f"r{n}@example.com", domain="example.com")]
 
 
-async def bench_store(messages: int, producers: int, batch: int) -> dict:
-    out: dict = {"messages": messages, "producers": producers, "body_bytes": len(BODY)}
+async def _hold(spool: PostgresSpool, count: int) -> None:
+    """``count`` urgent recipients deferred and leased by another node: every claim's index scan
+    passes them (what a destination that is down does to a queue)."""
+    for start in range(0, count, 1000):
+        await asyncio.gather(*(spool.enqueue(*_message(10**7 + n, priority=0), BODY)
+                               for n in range(start, min(count, start + 1000))))
+    got = await spool.claim("other-node", "bulk", count, 3600)
+    spool.update([RecipientUpdate(r.msg.id, r.idx, State.DEFERRED, 1, time.time() + 3600,
+                                  "451 later") for r in got])
+    await spool.flush()
+
+
+async def bench_store(messages: int, producers: int, batch: int, held: int) -> dict:
+    out: dict = {"messages": messages, "producers": producers, "body_bytes": len(BODY),
+                 "held_by_another_node": held}
     schema = f"pl_bench_{secrets.token_hex(3)}"
     with tempfile.TemporaryDirectory() as tmp:
         for name, spool in (("sqlite", SQLiteSpool(tmp)), ("postgres", PostgresSpool(DSN, schema))):
@@ -76,6 +89,7 @@ async def bench_store(messages: int, producers: int, batch: int) -> dict:
                          "commits": spool.commits, "msgs_per_commit": round(
                              messages / max(1, spool.commits), 1)}
             if isinstance(spool, PostgresSpool):
+                await _hold(spool, held)
                 started = time.perf_counter()
                 done = 0
                 while True:
@@ -254,6 +268,8 @@ def main() -> None:
     st.add_argument("--messages", type=int, default=5000)
     st.add_argument("--producers", type=int, default=64)
     st.add_argument("--batch", type=int, default=100, help="recipients per claim")
+    st.add_argument("--held", type=int, default=0,
+                    help="urgent recipients another node holds deferred (claims scan past them)")
     nd = sub.add_parser("node", help="whole nodes with a sink: throughput and latency")
     nd.add_argument("--store", choices=["sqlite", "pg"], default="pg")
     nd.add_argument("--nodes", type=int, default=1)
@@ -262,7 +278,8 @@ def main() -> None:
     nd.add_argument("--sessions", type=int, default=8, help="parallel SMTP submission sessions")
     args = parser.parse_args()
     if args.what == "store":
-        result = asyncio.run(bench_store(args.messages, args.producers, args.batch))
+        result = asyncio.run(bench_store(args.messages, args.producers, args.batch,
+                                         args.held))
     else:
         if args.store == "sqlite" and args.nodes != 1:
             parser.error("SQLite is one node's spool: --nodes 1")

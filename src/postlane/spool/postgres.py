@@ -59,8 +59,8 @@ CREATE TABLE recipients (
     pool TEXT NOT NULL, priority INTEGER NOT NULL, deadline DOUBLE PRECISION NOT NULL,
     lease_owner TEXT, lease_until DOUBLE PRECISION,
     PRIMARY KEY (msg_id, idx));
-CREATE INDEX recipients_ready ON recipients (pool, priority, deadline)
-    WHERE state IN ('queued', 'deferred');
+CREATE INDEX recipients_queued ON recipients (pool, priority, deadline) WHERE state = 'queued';
+CREATE INDEX recipients_due ON recipients (pool, next_attempt) WHERE state = 'deferred';
 CREATE INDEX recipients_leased ON recipients (lease_owner) WHERE lease_owner IS NOT NULL;
 CREATE TABLE paused (pool TEXT NOT NULL, domain TEXT NOT NULL, PRIMARY KEY (pool, domain));
 CREATE TABLE nodes (
@@ -86,6 +86,21 @@ def redact(dsn: str) -> str:
         return dsn
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+_CLAIM = f"""WITH c AS (
+    SELECT r.msg_id, r.idx FROM recipients r
+    WHERE r.pool = $1 AND r.state = '{{state}}' AND r.next_attempt <= $2
+      AND (r.lease_owner IS NULL OR ($7 AND r.lease_until < {_NOW} AND r.lease_owner <> $5))
+      AND r.domain <> ALL($3::text[])
+      AND NOT EXISTS (SELECT 1 FROM paused p WHERE p.pool = r.pool
+                      AND p.domain IN ('*', r.domain))
+    ORDER BY {{order}} LIMIT $4
+    FOR UPDATE OF r SKIP LOCKED)
+UPDATE recipients r SET lease_owner = $5, lease_until = {_NOW} + $6
+FROM c WHERE r.msg_id = c.msg_id AND r.idx = c.idx
+RETURNING r.{_RCPT_COLS.replace(', ', ', r.')}"""
+"""Lease the most urgent claimable rows of one state; {state} and {order} are filled in."""
 
 
 class NodeConflict(RuntimeError):
@@ -414,23 +429,14 @@ class PostgresSpool:
         itself holds (they are in its memory already, even if a stall let the lease lapse).
         With ``takeover`` false, rows whose lease lapsed are left to their owner too."""
         now_node = time.time()
+        args = (pool, now_node, skip_domains or [], limit, owner, lease, takeover)
         async with self.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                f"""WITH c AS (
-                    SELECT r.msg_id, r.idx FROM recipients r
-                    WHERE r.pool = $1 AND r.state IN ('queued', 'deferred')
-                      AND r.next_attempt <= $2
-                      AND (r.lease_owner IS NULL OR ($7 AND r.lease_until < {_NOW}
-                                                    AND r.lease_owner <> $5))
-                      AND r.domain <> ALL($3::text[])
-                      AND NOT EXISTS (SELECT 1 FROM paused p WHERE p.pool = r.pool
-                                      AND p.domain IN ('*', r.domain))
-                    ORDER BY r.priority, r.deadline LIMIT $4
-                    FOR UPDATE OF r SKIP LOCKED)
-                UPDATE recipients r SET lease_owner = $5, lease_until = {_NOW} + $6
-                FROM c WHERE r.msg_id = c.msg_id AND r.idx = c.idx
-                RETURNING r.{_RCPT_COLS.replace(', ', ', r.')}""",
-                pool, now_node, skip_domains or [], limit, owner, lease, takeover)
+            # retries that fell due first (their own index, ordered by due time), then new mail
+            # by (priority, deadline): recipients deferred far ahead are in neither scan
+            rows = await conn.fetch(_CLAIM.format(state="deferred", order="next_attempt"), *args)
+            if len(rows) < limit:
+                rows += await conn.fetch(_CLAIM.format(state="queued", order="priority, deadline"),
+                                         *args[:3], limit - len(rows), *args[4:])
             return await self._load(conn, rows)
 
     async def renew(self, owner: str, lease: float) -> int:
