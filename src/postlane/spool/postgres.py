@@ -424,9 +424,9 @@ class PostgresSpool:
     async def claim(self, owner: str, pool: str, limit: int, lease: float,
                     skip_domains: list[str] | None = None,
                     takeover: bool = True) -> list[Recipient]:
-        """Lease up to ``limit`` ready recipients of ``pool``, most urgent first (priority, then
-        deadline), skipping rows other nodes hold or are claiming right now, and rows ``owner``
-        itself holds (they are in its memory already, even if a stall let the lease lapse).
+        """Lease up to ``limit`` ready recipients of ``pool``: due retries first, then new mail
+        by (priority, deadline), skipping rows other nodes hold or are claiming right now, and
+        rows ``owner`` itself holds (in its memory already, even if a stall let the lease lapse).
         With ``takeover`` false, rows whose lease lapsed are left to their owner too."""
         now_node = time.time()
         args = (pool, now_node, skip_domains or [], limit, owner, lease, takeover)
