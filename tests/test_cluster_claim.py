@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 
 import asyncpg
@@ -181,3 +183,12 @@ async def test_without_takeover_lapsed_leases_stay_with_their_owner(two):
     await asyncio.sleep(0.4)
     assert ids(await b.claim("b", "bulk", 5, 30, takeover=False)) == [("M000002", 0)]
     assert ids(await b.claim("b", "bulk", 5, 30)) == [("M000001", 0)]
+
+
+async def test_a_crashed_node_restarting_on_the_same_machine_is_not_refused(two):
+    a, b = two
+    host = socket.gethostname()
+    await a.register("n1", host, 2**22 + 1, 30)  # above Linux's pid_max: no such process
+    await b.register("n1", host, os.getpid(), 30)  # its predecessor is gone: accepted at once
+    with pytest.raises(NodeConflict):
+        await a.register("n1", host, 2**22 + 2, 30)  # but this process is alive

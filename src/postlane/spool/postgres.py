@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +102,18 @@ UPDATE recipients r SET lease_owner = $5, lease_until = {_NOW} + $6
 FROM c WHERE r.msg_id = c.msg_id AND r.idx = c.idx
 RETURNING r.{_RCPT_COLS.replace(', ', ', r.')}"""
 """Lease the most urgent claimable rows of one state; {state} and {order} are filled in."""
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine: a node restarted right after a crash
+    need not wait for its dead predecessor's heartbeat to age."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 class NodeConflict(RuntimeError):
@@ -457,11 +470,14 @@ class PostgresSpool:
         return int(status.split()[-1])
 
     async def register(self, name: str, hostname: str, pid: int, lease: float) -> None:
-        """Join the cluster as ``name``; refused while another live node has that name."""
+        """Join the cluster as ``name``; refused while another live node has that name (one
+        with a fresh heartbeat, unless it ran on this machine and its process is gone)."""
         async with self.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                f"SELECT heartbeat, {_NOW} AS now FROM nodes WHERE name = $1 FOR UPDATE", name)
-            if row is not None and row["now"] - row["heartbeat"] < lease:
+                f"SELECT hostname, pid, heartbeat, {_NOW} AS now FROM nodes WHERE name = $1"
+                " FOR UPDATE", name)
+            if row is not None and row["now"] - row["heartbeat"] < lease and not (
+                    row["hostname"] == hostname and _process_gone(row["pid"])):
                 raise NodeConflict(f"node name {name!r} is already live in cluster schema"
                                    f" {self.schema!r} (heartbeat"
                                    f" {row['now'] - row['heartbeat']:.1f}s ago)")
