@@ -34,7 +34,7 @@ def cluster_text(tmp_path: Path, sink_port: int, schema: str, name: str, extra: 
     text = text.replace(f'spool = "{tmp_path}/spool"', f'spool = "{PG_DSN}"')
     text = text.replace('name = "test-node"', f'name = "{name}"')
     text = text.replace(f'directory = "{tmp_path}/acct"', f'directory = "{tmp_path}/acct-{name}"')
-    return text + f'\n[cluster]\nschema_name = "{schema}"\nlease = "2s"\npoll = "0.2s"\n'
+    return text + f'\n[cluster]\nschema_name = "{schema}"\nlease = "5s"\npoll = "0.2s"\n'
 
 
 def send_many(port: int, subjects: list[str], cls: str | None = None) -> list[str]:
@@ -249,10 +249,10 @@ async def test_a_node_cut_off_from_the_database_stops_before_its_leases_lapse(
         tmp_path, sink, pg_schema):  # noqa: F811
     proxy = await TCPProxy("127.0.0.1", 5432).start()
     text = cluster_text(tmp_path, sink.port, pg_schema, "node-a").replace(
-        "127.0.0.1:5432", f"127.0.0.1:{proxy.port}").replace('lease = "2s"', 'lease = "1.5s"')
+        "127.0.0.1:5432", f"127.0.0.1:{proxy.port}").replace('lease = "5s"', 'lease = "3s"')
     node = await start_node(text)
     try:
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(3.0)  # longer than the fence: renewals keep it alive
         assert not node.stop_requested.is_set()
         proxy.cut()
         await asyncio.wait_for(node.stop_requested.wait(), 10)

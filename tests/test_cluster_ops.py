@@ -30,7 +30,7 @@ def test_status_and_drain_from_the_command_line(tmp_path):
     schema = f"pl_test_{secrets.token_hex(4)}"
     path = tmp_path / "node.toml"
     path.write_text(cluster_text(tmp_path, 2525, schema, "node-a").replace(
-        'lease = "2s"', 'lease = "5m"'))  # a slow machine must not make the node look dead
+        'lease = "5s"', 'lease = "5m"'))  # a slow machine must not make the node look dead
 
     async def setup() -> None:
         spool = PostgresSpool(PG_DSN, schema)
