@@ -192,7 +192,8 @@ class Node:
         if self.claimer is not None:
             out["cluster"] = {"schema": self.config.cluster.schema_name,
                               "claimed_total": self.claimer.claimed,
-                              "draining": self.claimer.draining}
+                              "draining": self.claimer.draining,
+                              "fenced": self.claimer.fenced}
         return out
 
 

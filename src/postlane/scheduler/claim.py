@@ -10,8 +10,8 @@ Each node keeps its own source IPs and ``max_smtp_out`` (IPs belong to machines)
 is the queue, the pause state and the list of live nodes. Leases are renewed every third of
 ``cluster.lease``; a node that dies stops renewing, and its recipients become claimable by the
 others once their leases run out. A node that cannot renew for most of a lease (cut off from the
-database) stops itself before the others may take its work, so two nodes never deliver the same
-queued recipient (only what is on the wire at that moment can go twice).
+database) stops itself before the others may take its work, so that only what is on the wire at
+that moment can be delivered twice (or, after a stall of the whole process, what it held).
 """
 
 from __future__ import annotations
@@ -62,11 +62,11 @@ class Claimer:
         self._claiming = False
         self._pause_changed = False
         self._takeover_after = 0.0
-        self._fence: asyncio.TimerHandle | None = None
-        self.fenced = False
         """After this node lost the database, it takes over no lapsed lease for one lease
         period: after a failover every lease looks lapsed, and their owners are alive and about
         to renew them."""
+        self._fence: asyncio.TimerHandle | None = None
+        self.fenced = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
