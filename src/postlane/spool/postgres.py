@@ -69,6 +69,11 @@ CREATE TABLE nodes (
     started_at DOUBLE PRECISION NOT NULL, heartbeat DOUBLE PRECISION NOT NULL,
     draining BOOLEAN NOT NULL DEFAULT false);
 """),
+    (2, """
+CREATE TABLE rate_buckets (
+    key TEXT PRIMARY KEY, tokens DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,
+    granted DOUBLE PRECISION NOT NULL);
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 
@@ -510,6 +515,22 @@ class PostgresSpool:
         async with self.acquire() as conn:
             rows = await conn.fetch("SELECT * FROM nodes ORDER BY name")
         return [NodeInfo(**dict(r)) for r in rows]
+
+    async def take_tokens(self, key: str, rate: float, burst: float, want: float) -> float:
+        """Take up to ``want`` tokens from the shared bucket ``key`` (refilled at ``rate`` per
+        second, holding at most ``burst``); returns how many were granted. One statement, so
+        nodes taking at once serialize on the row and never grant more than the bucket holds."""
+        avail = f"least($3::float8, b.tokens + $2::float8 * greatest(0, {_NOW} - b.updated))"
+        async with self.acquire() as conn:
+            return await conn.fetchval(
+                f"""INSERT INTO rate_buckets AS b (key, tokens, updated, granted)
+                VALUES ($1, $3::float8 - least($4::float8, $3::float8), {_NOW},
+                        least($4::float8, $3::float8))
+                ON CONFLICT (key) DO UPDATE SET
+                    granted = least($4::float8, greatest(0, {avail})),
+                    tokens = {avail} - least($4::float8, greatest(0, {avail})),
+                    updated = {_NOW}
+                RETURNING granted""", key, rate, burst, want)
 
     async def queue_summary(self) -> list[dict]:
         """Open recipients counted by pool, state, lease owner and whether the lease is current."""
