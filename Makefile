@@ -21,6 +21,10 @@ demo: $(STAMP)
 	$(BIN)/postlane demo
 
 test: $(STAMP) $(CHROMIUM)
+	@# the cluster tests need PostgreSQL on 127.0.0.1:5432: start the local one if installed
+	-@pg_isready -q -h 127.0.0.1 2>/dev/null || ( command -v pg_ctlcluster >/dev/null && \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -1) main start ) \
+		|| echo "PostgreSQL is not available: the cluster tests will be skipped"
 	$(BIN)/ruff check src tests
 	$(BIN)/pytest -q
 

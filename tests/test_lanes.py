@@ -45,6 +45,8 @@ priority = 3
 idle_timeout = 0.5
 [accounting]
 directory = "{tmp_path}/acct"
+[api]
+enabled = false
 [routes]
 "*" = "127.0.0.1:{sink_port}"
 {extra}

@@ -122,4 +122,5 @@ async def test_an_unexpected_delivery_error_defers_instead_of_stranding(tmp_path
                              message(cls="policy-documents"))
     await deferred(node)
     await node.stop()
-    assert [r["type"] for r in records(tmp_path)] == ["r", "t"]
+    types = [r["type"] for r in records(tmp_path)]
+    assert types[:2] == ["r", "t"] and set(types[2:]) <= {"t"}, types  # a retry may run too

@@ -9,6 +9,7 @@ import typer
 
 from .accounting.audit.cli import app as audit_app
 from .api.cli import app as ops_app
+from .cluster import cluster_app
 from .config import ConfigError, load_config
 from .edge.cli import killtest, tls_app, users_app
 from .feedback.cli import feedback_app, suppress_app
@@ -26,6 +27,7 @@ app.add_typer(tls_app, name="tls")
 app.command("killtest", hidden=True)(killtest)
 app.add_typer(ops_app)  # status, queues, pause, resume, retry, purge, alerts (over the HTTP API)
 app.add_typer(audit_app, name="audit")
+app.add_typer(cluster_app, name="cluster")
 
 
 def _load(path: Path):

@@ -24,8 +24,10 @@ from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
+from .scheduler.claim import Claimer
 from .scheduler.scheduler import Failure, Scheduler
-from .spool import Message, SQLiteSpool
+from .spool import Message, PostgresSpool, make_spool
+from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
 
@@ -41,7 +43,7 @@ class OperationError(Exception):
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.spool = SQLiteSpool(config.node.spool)
+        self.spool = make_spool(config.node.spool, config.cluster.schema_name)
         acc = config.accounting
         self.accounting = AccountingLog(Path(acc.directory), formats=acc.formats,
                                         fields=acc.fields, rotate_seconds=acc.rotate,
@@ -53,9 +55,13 @@ class Node:
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay
+        self.stop_requested = asyncio.Event()
+        """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
+        self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
+                        if isinstance(self.spool, PostgresSpool) else None)
         self.signer = Signer(config, self.accounting.write) if config.dkim.keys else None
-        self.intake = Intake(config, self.spool, self.scheduler, self.accounting.write,
-                             self.signer)
+        self.intake = Intake(config, self.spool, self.claimer or self.scheduler,
+                             self.accounting.write, self.signer)
         self.feedback = FeedbackService(config, self.accounting.write)
         self.accounting.add_listener(self.feedback.on_record)
         self.intake.feedback = self.feedback
@@ -78,9 +84,18 @@ class Node:
         if self.audit is not None:
             await self.audit.start()
         self.scheduler.paused = await self.spool.paused()
-        pending = await self.spool.pending()
-        for rcpt in pending.recipients:
-            self.scheduler.add(rcpt)
+        resumed = 0
+        if self.claimer is not None:
+            try:
+                await self.claimer.start()
+            except BaseException:
+                await self.spool.close()
+                raise
+        else:
+            pending = await self.spool.pending()
+            resumed = len(pending.recipients)
+            for rcpt in pending.recipients:
+                self.scheduler.add(rcpt)
         await self.monitor.start()
         if self.api is not None:
             await self.api.start()
@@ -88,7 +103,7 @@ class Node:
             await listener.start()
         self.started_at = time.time()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-        log.info("node started", extra={"resumed": len(pending.recipients)})
+        log.info("node started", extra={"resumed": resumed})
 
     async def _flush_loop(self) -> None:
         while True:
@@ -101,6 +116,8 @@ class Node:
             await listener.stop()
         if self.api is not None:
             await self.api.stop()
+        if self.claimer is not None:
+            self.claimer.stop_claiming()
         await self.scheduler.drain(self.config.node.drain_timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
@@ -109,7 +126,12 @@ class Node:
         if self.signer is not None:
             self.signer.close()
         await self.monitor.stop()
-        await self.spool.flush()
+        try:
+            await self.spool.flush()
+        except RuntimeError as exc:  # the database is away: a crash would lose the same writes
+            log.error("last spool writes failed: %s", exc)
+        if self.claimer is not None:
+            await self.claimer.close()
         await self.spool.close()
         self.accounting.close()
         self.feedback.close()
@@ -200,10 +222,16 @@ class Node:
                 "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
                          "max_smtp_out": s.max_smtp_out} for s in slots],
             })
-        return {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
-                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
-                "pools": pools, "lanes": lanes,
-                "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
+        out = {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
+               "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
+               "pools": pools, "lanes": lanes,
+               "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
+        if self.claimer is not None:
+            out["cluster"] = {"schema": self.config.cluster.schema_name,
+                              "claimed_total": self.claimer.claimed,
+                              "draining": self.claimer.draining,
+                              "fenced": self.claimer.fenced}
+        return out
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -235,14 +263,17 @@ def run(config: Config) -> None:
 
     async def main() -> None:
         node = Node(config)
-        await node.start()
+        try:
+            await node.start()
+        except (ConnectionError, NodeConflict) as exc:  # say why, not a traceback
+            log.error("cannot start: %s", exc)
+            raise SystemExit(1) from None
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, node.stop_requested.set)
         ports = {ln.name: ln.port for ln in node.listeners}
         log.info("listening", extra={"listeners": ports})
-        await stop.wait()
+        await node.stop_requested.wait()
         log.info("draining")
         await node.stop()
         log.info("stopped")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..spool import is_dsn
 from .model import Config
 
 
@@ -241,7 +242,7 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
     cfg = parse_config(text, str(path))
     base = path.resolve().parent
-    if not Path(cfg.node.spool).is_absolute():
+    if not is_dsn(cfg.node.spool) and not Path(cfg.node.spool).is_absolute():
         cfg.node.spool = str(base / cfg.node.spool)
     if not Path(cfg.accounting.directory).is_absolute():
         cfg.accounting.directory = str(base / cfg.accounting.directory)

@@ -99,7 +99,7 @@ class NodeConfig(Strict):
     name: Name = "postlane-1"
     hostname: str = "localhost"
     spool: str = "var/spool"
-    """Directory of the embedded SQLite spool (or, later, a PostgreSQL DSN)."""
+    """Directory of the embedded SQLite spool, or a ``postgresql://`` DSN (cluster mode)."""
     drain_timeout: Duration = 30.0
 
 
@@ -440,6 +440,28 @@ class MonitorConfig(Strict):
     ops_from: str = "postlane-monitor@localhost"
 
 
+class ClusterConfig(Strict):
+    """Cluster mode (``node.spool`` is a PostgreSQL DSN): how nodes share the queue."""
+
+    schema_name: str = Field("postlane", pattern=r"^[a-z_][a-z0-9_]{0,39}$")
+    """PostgreSQL schema holding the shared spool; every node of one cluster names the same.
+    Lower case, digits and ``_``, at most 40 characters (it also names the NOTIFY channels)."""
+    lease: Duration = 30.0
+    """How long claimed work stays a node's without renewal: a dead node's mail is taken over
+    by the others after at most this long (renewed every third of it)."""
+    claim_ahead: int = Field(2, ge=1, le=1000)
+    """Ready recipients a node keeps claimed per outbound connection slot of a pool."""
+    poll: Duration = 1.0
+    """How often a node looks for due retries and expired leases without being notified."""
+
+    @field_validator("lease")
+    @classmethod
+    def _lease(cls, value: float) -> float:
+        if value < 1.0:
+            raise ValueError("must be at least 1s")
+        return value
+
+
 class Config(Strict):
     node: NodeConfig = NodeConfig()
     listeners: dict[Name, ListenerConfig] = {"default": ListenerConfig()}
@@ -464,6 +486,7 @@ class Config(Strict):
 
     api: APIConfig = APIConfig()
     monitor: MonitorConfig = MonitorConfig()
+    cluster: ClusterConfig = ClusterConfig()
     scheduler: Literal["lanes", "fifo"] = "lanes"
     feedback: FeedbackConfig = FeedbackConfig()
     """``fifo`` serves every message in arrival order through one queue: the baseline to beat."""

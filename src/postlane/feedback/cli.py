@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from ..config import ConfigError, load_config
+from ..spool import local_dir
 from .categories import RulesError, load_classifier
 from .parse import parse_report
 from .suppression import SCOPES, SuppressionError, SuppressionList
@@ -59,7 +60,7 @@ def _open(config: Path | None, db: Path | None) -> SuppressionList:
         except ConfigError as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
-        db = Path(cfg.feedback.suppression_db or Path(cfg.node.spool) / "suppression.sqlite3")
+        db = Path(cfg.feedback.suppression_db or local_dir(cfg) / "suppression.sqlite3")
     return SuppressionList(db)
 
 

@@ -15,13 +15,12 @@ import re
 import time
 from collections.abc import Callable
 from email import message_from_bytes
-from pathlib import Path
 
 from ..accounting.records import Record
 from ..config import Config
 from ..config.model import ClassFeedbackConfig
 from ..policy.intake import RcptIn
-from ..spool import Message, Recipient
+from ..spool import Message, Recipient, local_dir
 from .categories import HARD, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
@@ -48,7 +47,7 @@ class FeedbackService:
     def __init__(self, config: Config, record: Callable[[Record], None]) -> None:
         self.config = config
         fb = config.feedback
-        spool = Path(config.node.spool)
+        spool = local_dir(config)
         self.classifier = load_classifier(fb.bounce_rules)
         self.suppression = SuppressionList(fb.suppression_db or spool / "suppression.sqlite3")
         key = load_or_create_key(fb.key_file or spool / "feedback.key")

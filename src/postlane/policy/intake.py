@@ -18,7 +18,7 @@ from ..accounting.records import Record
 from ..config import Config
 from ..edge.auth import User, Users
 from ..edge.limits import DiskGuard
-from ..spool import Message, Recipient, Spool
+from ..spool import Message, Recipient, Spool, local_dir
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
 from .identity import envelope_sender
 
@@ -84,7 +84,7 @@ class Intake:
         sec = config.security
         self.users = (Users(sec.users_file, sec.auth_failures_per_minute) if sec.users_file
                       else None)
-        self.disk = DiskGuard(config.node.spool, sec.min_free_space)
+        self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space)
 
     def classify(self, header_class: str | None, default_class: str | None,
                  user: User | None = None, *, mail_from: str = "", from_domain: str = "",

@@ -55,6 +55,8 @@ class Scheduler:
         self.record = record
         self.on_failures = on_failures
         self.relay: Relay | None = None
+        self.on_final: Callable[[Recipient], None] | None = None
+        """Called when a recipient reaches a final state (cluster mode claims more work)."""
         self.lanes: dict[tuple[str, str], Lane] = {}
         self.slots: dict[str, list[SourceSlot]] = {
             name: [SourceSlot(name, ip.address, ip.ehlo, ip.max_smtp_out) for ip in pool.ips]
@@ -403,6 +405,8 @@ class Scheduler:
         msg.remaining -= 1
         if msg.remaining <= 0:
             self.spool.finish(msg.id)
+        if self.on_final is not None:
+            self.on_final(rcpt)
 
     def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> None:
         if self.on_failures is not None and "NEVER" not in rcpt.notify.upper() and (
@@ -485,8 +489,12 @@ class Scheduler:
     # -- pause ----------------------------------------------------------------------------------
 
     async def set_paused(self, pool: str, domain: str | None, paused: bool) -> None:
+        await self.spool.set_paused(pool, domain or ANY_DOMAIN, paused)
+        self.apply_paused(pool, domain, paused)
+
+    def apply_paused(self, pool: str, domain: str | None, paused: bool) -> None:
+        """Apply a pause already stored (by this node, or by another node of a cluster)."""
         key = (pool, domain or ANY_DOMAIN)
-        await self.spool.set_paused(key[0], key[1], paused)
         (self.paused.add if paused else self.paused.discard)(key)
         for lane in self.lanes.values():
             if lane.pool == pool:

@@ -1,7 +1,36 @@
 """Where a message waits: the durable spool (SQLite embedded; PostgreSQL for clusters)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, Spool, State
+from .postgres import PostgresSpool
 from .sqlite import SQLiteSpool
 
-__all__ = ["FINAL_STATES", "Message", "Pending", "Recipient", "RecipientUpdate", "SQLiteSpool",
-           "Spool", "State"]
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["FINAL_STATES", "Message", "Pending", "PostgresSpool", "Recipient", "RecipientUpdate",
+           "SQLiteSpool", "Spool", "State", "is_dsn", "local_dir", "make_spool"]
+
+
+def is_dsn(location: str) -> bool:
+    """Whether ``node.spool`` names a PostgreSQL database (cluster mode) rather than a folder."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def local_dir(config: Config) -> Path:
+    """Where this node keeps its own files (audit store, suppression list, keys): the SQLite
+    spool's folder or, in cluster mode, ``state/`` beside the node's accounting folder."""
+    if is_dsn(config.node.spool):
+        return Path(config.accounting.directory).parent / "state"
+    return Path(config.node.spool)
+
+
+def make_spool(location: str, schema: str = "postlane") -> SQLiteSpool | PostgresSpool:
+    """The spool ``node.spool`` names: a PostgreSQL DSN, or else a SQLite directory."""
+    if is_dsn(location):
+        return PostgresSpool(location, schema)
+    return SQLiteSpool(location)

@@ -15,10 +15,10 @@ import threading
 from pathlib import Path
 
 from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, State
+from .cache import BodyCache
 
 SCHEMA_VERSION = 1
 BATCH_MAX = 2000
-BODY_CACHE_BYTES = 32 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,8 +59,7 @@ class SQLiteSpool:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
-        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._cache_bytes = 0
+        self._cache = BodyCache()
         self.commits = 0
         self.writes = 0
 
@@ -109,7 +108,7 @@ class SQLiteSpool:
                   r.attempts, r.next_attempt, r.last_reply) for r in rcpts]
         self._submit(("enq", row, (msg.id, body), rrows, fut), urgent)
         await fut
-        self._cache_put(msg.id, body)
+        self._cache.put(msg.id, body)
 
     def update(self, updates: list[RecipientUpdate]) -> None:
         """Record recipient state changes; durable at the next commit (a crash re-delivers)."""
@@ -120,9 +119,7 @@ class SQLiteSpool:
     def finish(self, msg_id: str) -> None:
         """Forget a message whose recipients are all final."""
         self._submit(("fin", msg_id), False)
-        body = self._cache.pop(msg_id, None)
-        if body is not None:
-            self._cache_bytes -= len(body)
+        self._cache.pop(msg_id)
 
     async def set_paused(self, pool: str, domain: str, paused: bool) -> None:
         assert self._loop is not None
@@ -205,13 +202,6 @@ class SQLiteSpool:
             self._loop.call_soon_threadsafe(_resolve, futs, error)
 
     # -- reads ----------------------------------------------------------------------------------
-
-    def _cache_put(self, msg_id: str, body: bytes) -> None:
-        self._cache[msg_id] = body
-        self._cache_bytes += len(body)
-        while self._cache_bytes > BODY_CACHE_BYTES and self._cache:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old)
 
     def body(self, msg_id: str) -> bytes:
         """The message's bytes: from the cache of recent messages, else from disk."""

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ...config import Config
+from ...spool import local_dir
 from .store import Retention
 from .webhooks import WebhookSender
 from .writer import AuditWriter
@@ -27,7 +28,7 @@ log = logging.getLogger("postlane.audit")
 def audit_path(config: Config) -> Path:
     if config.audit.path:
         return Path(config.audit.path)
-    return Path(config.node.spool) / "audit.sqlite"
+    return local_dir(config) / "audit.sqlite"
 
 
 def load_key(path: str) -> bytes:

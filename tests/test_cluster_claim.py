@@ -1,0 +1,194 @@
+"""Claims and leases on the shared PostgreSQL spool, with two spools standing in for two nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+
+import asyncpg
+import pytest
+
+from postlane.spool import PostgresSpool, RecipientUpdate, State
+from postlane.spool.postgres import NodeConflict
+from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
+from tests.test_store_contract import make_message
+
+
+@pytest.fixture
+async def two(pg_schema):  # noqa: F811
+    a, b = PostgresSpool(PG_DSN, pg_schema), PostgresSpool(PG_DSN, pg_schema)
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+def ids(rcpts) -> list[tuple[str, int]]:
+    return [(r.msg.id, r.idx) for r in rcpts]
+
+
+async def test_claim_takes_the_most_urgent_first(two):
+    a, _ = two
+    late, lr, lb = make_message(1, rcpts=1, priority=3)
+    urgent, ur, ub = make_message(2, rcpts=1, priority=0)
+    soon, sr, sb = make_message(3, rcpts=1, priority=3)
+    soon.deadline = late.deadline - 100
+    for m, r, b in ((late, lr, lb), (urgent, ur, ub), (soon, sr, sb)):
+        await a.enqueue(m, r, b)
+    got = await a.claim("a", "bulk", 2, 30)
+    assert ids(got) == [(urgent.id, 0), (soon.id, 0)]
+    assert a.body(urgent.id) == ub
+    assert got[0].msg.remaining == 1
+    assert ids(await a.claim("a", "bulk", 5, 30)) == [(late.id, 0)]
+    assert await a.claim("a", "bulk", 5, 30) == []
+    assert await a.claim("a", "other-pool", 5, 30) == []
+
+
+async def test_concurrent_claims_never_overlap(two):
+    a, b = two
+    await asyncio.gather(*(a.enqueue(*make_message(i, rcpts=3)) for i in range(40)))
+    got_a, got_b = [], []
+    for _ in range(6):
+        ra, rb = await asyncio.gather(a.claim("a", "bulk", 11, 30), b.claim("b", "bulk", 11, 30))
+        got_a += ids(ra)
+        got_b += ids(rb)
+    assert not set(got_a) & set(got_b)
+    assert len(got_a) + len(got_b) == 120 == len(set(got_a) | set(got_b))
+
+
+async def test_expired_lease_is_taken_over_and_renewal_prevents_it(two):
+    a, b = two
+    for i in range(2):
+        await a.enqueue(*make_message(i, rcpts=1))
+    assert len(await a.claim("a", "bulk", 1, 0.5)) == 1
+    assert len(await a.claim("keeper", "bulk", 1, 0.5)) == 1
+    assert await b.claim("b", "bulk", 5, 30) == []
+    await asyncio.sleep(0.3)
+    assert await a.renew("keeper", 30) == 1
+    await asyncio.sleep(0.4)
+    taken = await b.claim("b", "bulk", 5, 30)
+    assert ids(taken) == [("M000000", 0)], "the lapsed lease moves, the renewed one stays"
+
+
+async def test_release_and_node_restart_give_work_back(two):
+    a, b = two
+    await a.enqueue(*make_message(1, rcpts=2))
+    await a.claim("a", "bulk", 5, 30)
+    assert await b.claim("b", "bulk", 5, 30) == []
+    assert await a.release("a") == 2
+    assert len(await b.claim("b", "bulk", 5, 30)) == 2
+    await b.register("b", "host-b", 1, 30)  # a restarted "b" holds nothing any more
+    assert len(await a.claim("a", "bulk", 5, 30)) == 2
+
+
+async def test_paused_skipped_domains_and_future_retries_are_not_claimed(two):
+    a, _ = two
+    m, r, body = make_message(1, rcpts=1)
+    await a.enqueue(m, r, body)
+    m2, r2, b2 = make_message(2, rcpts=1)
+    r2[0].next_attempt = time.time() + 3600
+    r2[0].state = State.DEFERRED
+    await a.enqueue(m2, r2, b2)
+    await a.set_paused("bulk", "*", True)
+    assert await a.claim("a", "bulk", 5, 30) == []
+    await a.set_paused("bulk", "*", False)
+    await a.set_paused("bulk", "example.com", True)
+    assert await a.claim("a", "bulk", 5, 30) == []
+    await a.set_paused("bulk", "example.com", False)
+    assert await a.claim("a", "bulk", 5, 30, skip_domains=["example.com"]) == []
+    assert ids(await a.claim("a", "bulk", 5, 30)) == [(m.id, 0)]
+
+
+async def test_message_split_across_nodes_is_deleted_by_the_last_one(two):
+    a, b = two
+    m, r, body = make_message(1, rcpts=2)
+    await a.enqueue(m, r, body)
+    [ra] = await a.claim("a", "bulk", 1, 30)
+    [rb] = await b.claim("b", "bulk", 1, 30)
+    assert (ra.idx, rb.idx) == (0, 1) and ra.msg.remaining == rb.msg.remaining == 1
+    a.update([RecipientUpdate(m.id, 0, State.DELIVERED, 1, 0.0, "250 ok")])
+    a.finish(m.id)
+    await a.flush()
+    assert len((await b.pending()).recipients) == 1, "b's recipient is still queued"
+    b.update([RecipientUpdate(m.id, 1, State.DELIVERED, 1, 0.0, "250 ok")])
+    b.finish(m.id)
+    await b.flush()
+    async with a.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+        assert await conn.fetchval("SELECT count(*) FROM bodies") == 0
+
+
+async def test_a_live_node_name_cannot_be_used_twice(two):
+    a, b = two
+    await a.register("n1", "host-a", 1, 30)
+    with pytest.raises(NodeConflict, match="already live"):
+        await b.register("n1", "host-b", 2, 30)
+    assert await a.heartbeat("n1") is False
+    assert await b.request_drain("n1") is True
+    assert await a.heartbeat("n1") is True
+    assert await b.request_drain("nobody") is False
+    await b.register("n2", "host-b", 2, 30)
+    assert [n.name for n in await a.nodes()] == ["n1", "n2"]
+    await a.deregister("n1")
+    await b.register("n1", "host-b", 3, 30)  # a node that left cleanly can come back at once
+
+
+async def test_a_stalled_node_neither_reclaims_its_own_rows_nor_revives_delivered_ones(two):
+    a, b = two
+    m, r, body = make_message(1, rcpts=1)
+    await a.enqueue(m, r, body)
+    assert len(await a.claim("a", "bulk", 1, 0.2)) == 1
+    await asyncio.sleep(0.4)  # "a" stalls past its lease while still holding the recipient
+    assert await a.claim("a", "bulk", 1, 30) == [], "already in a's memory"
+    assert len(await b.claim("b", "bulk", 1, 30)) == 1
+    b.update([RecipientUpdate(m.id, 0, State.DELIVERED, 1, 0.0, "250 ok")])
+    await b.flush()
+    a.update([RecipientUpdate(m.id, 0, State.DEFERRED, 1, 0.0, "451 later")])  # a wakes up
+    await a.flush()
+    async with a.acquire() as conn:
+        assert await conn.fetchval("SELECT state FROM recipients") == "delivered"
+
+
+async def test_outcomes_are_retried_across_a_lost_database_connection(two):
+    a, _ = two
+    m, r, body = make_message(1, rcpts=2)
+    await a.enqueue(m, r, body)
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = $1", a.app_name)
+        assert killed >= 2
+        a.update([RecipientUpdate(m.id, 0, State.DELIVERED, 1, 0.0, "250 ok")])
+        deadline = time.monotonic() + 10
+        state = ""
+        while state != "delivered" and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            state = await conn.fetchval(
+                f'SELECT state FROM "{a.schema}".recipients WHERE idx = 0')
+        assert state == "delivered", "the outcome was written once the database was back"
+        await a.enqueue(*make_message(2, rcpts=1))  # and the spool works on
+    finally:
+        await conn.close()
+
+
+async def test_without_takeover_lapsed_leases_stay_with_their_owner(two):
+    a, b = two
+    await a.enqueue(*make_message(1, rcpts=1))
+    await a.enqueue(*make_message(2, rcpts=1))
+    assert len(await a.claim("a", "bulk", 1, 0.2)) == 1
+    await asyncio.sleep(0.4)
+    assert ids(await b.claim("b", "bulk", 5, 30, takeover=False)) == [("M000002", 0)]
+    assert ids(await b.claim("b", "bulk", 5, 30)) == [("M000001", 0)]
+
+
+async def test_a_crashed_node_restarting_on_the_same_machine_is_not_refused(two):
+    a, b = two
+    host = socket.gethostname()
+    await a.register("n1", host, 2**22 + 1, 30)  # above Linux's pid_max: no such process
+    await b.register("n1", host, os.getpid(), 30)  # its predecessor is gone: accepted at once
+    with pytest.raises(NodeConflict):
+        await a.register("n1", host, 2**22 + 2, 30)  # but this process is alive

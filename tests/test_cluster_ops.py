@@ -1,0 +1,102 @@
+"""Operating a cluster from the command line, and clear errors for a wrong DSN or name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from postlane.config import ConfigError, load_config, parse_config
+from postlane.spool import PostgresSpool
+from postlane.spool.postgres import NodeConflict
+from tests.conftest import config_text
+from tests.support.pg import PG_DSN, pg_reachable, pg_schema  # noqa: F401  (fixture)
+from tests.test_cluster import cluster_text, start_node
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "postlane.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_status_and_drain_from_the_command_line(tmp_path):
+    if not pg_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (make test starts it)")
+    schema = f"pl_test_{secrets.token_hex(4)}"
+    path = tmp_path / "node.toml"
+    path.write_text(cluster_text(tmp_path, 2525, schema, "node-a").replace(
+        'lease = "5s"', 'lease = "5m"'))  # a slow machine must not make the node look dead
+
+    async def setup() -> None:
+        spool = PostgresSpool(PG_DSN, schema)
+        await spool.open()
+        await spool.register("node-a", "host-a", 4242, 30)
+        await spool.close()
+
+    asyncio.run(setup())
+    try:
+        out = cli("cluster", "status", "-c", str(path), "--json")
+        assert out.returncode == 0, out.stderr
+        status = json.loads(out.stdout)
+        assert [(n["name"], n["pid"], n["alive"]) for n in status["nodes"]] == [
+            ("node-a", 4242, True)]
+        text = cli("cluster", "status", "-c", str(path))
+        assert "node-a" in text.stdout and "alive" in text.stdout
+        assert cli("cluster", "drain", "node-a", "-c", str(path)).returncode == 0
+        assert json.loads(cli("cluster", "status", "-c", str(path), "--json").stdout)[
+            "nodes"][0]["draining"] is True
+        missing = cli("cluster", "drain", "nobody", "-c", str(path))
+        assert missing.returncode == 1 and "no node named 'nobody'" in missing.stderr
+    finally:
+        asyncio.run(_drop(schema))
+
+
+async def _drop(schema: str) -> None:
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    await conn.close()
+
+
+def test_cluster_commands_on_a_sqlite_node_say_why_not(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 2525))
+    out = cli("cluster", "status", "-c", str(path))
+    assert out.returncode == 2 and "not a PostgreSQL DSN" in out.stderr
+
+
+def test_a_dsn_is_kept_as_is_by_the_config_loader(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(cluster_text(tmp_path, 2525, "s", "n"))
+    assert load_config(path).node.spool == PG_DSN
+
+
+async def test_unreachable_database_is_a_clear_error_without_the_password():
+    spool = PostgresSpool("postgresql://postlane:s3cret@127.0.0.1:1/db", "x")
+    with pytest.raises(ConnectionError, match="cannot open the PostgreSQL spool") as err:
+        await spool.open()
+    assert "s3cret" not in str(err.value) and "***" in str(err.value)
+
+
+async def test_second_live_node_with_the_same_name_is_refused(tmp_path, sink,
+                                                              pg_schema):  # noqa: F811
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "twin"))
+    try:
+        with pytest.raises(NodeConflict, match="already live"):
+            await start_node(cluster_text(tmp_path / "b", sink.port, pg_schema, "twin"))
+        assert a.status()["cluster"]["schema"] == pg_schema
+    finally:
+        await a.stop()
+
+
+def test_cluster_section_errors_name_their_field(tmp_path):
+    text = config_text(tmp_path, 2525) + (
+        '\n[cluster]\nschema_name = "Bad-Name"\nlease = "0.5s"\nclaim_ahead = 0\n')
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    fields = sorted(line.split(":")[0] for line in err.value.errors)
+    assert fields == ["cluster.claim_ahead", "cluster.lease", "cluster.schema_name"]
