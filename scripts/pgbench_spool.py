@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measure the spool backends and cluster mode (figures for docs/performance-cluster.md).
+"""Measure the spool backends and cluster mode (figures for docs/performance.md ("PostgreSQL spool and cluster mode")).
 
 Two measurements:
 

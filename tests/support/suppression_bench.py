@@ -1,4 +1,4 @@
-"""Suppression list speed at scale (figures go to docs/performance-feedback.md, not a test).
+"""Suppression list speed at scale (figures go to docs/performance.md, not a test).
 
 Run: ``.venv/bin/python -m tests.support.suppression_bench [--entries 1000000]``
 """

@@ -2,7 +2,7 @@
 
 scrypt from the standard library (OpenSSL underneath) rather than a hand-rolled KDF or another
 dependency. One verification costs ~40-70 ms of CPU with the default parameters (n=2**14, r=8,
-measured in docs/performance-security.md), and aiosmtpd calls authenticators synchronously, on
+measured in docs/performance.md), and aiosmtpd calls authenticators synchronously, on
 the event loop. So a successful check is remembered for the life of the process as a keyed HMAC
 of (user, password) (a client that logs in on every connection pays scrypt once; nothing
 reversible to the password is kept), and failed attempts are limited per client IP (after the

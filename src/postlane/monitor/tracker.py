@@ -90,7 +90,7 @@ class Tracker:
                 self._received(state, rcpt.msg.id, rcpt.msg.queued_at, now)
 
     def on_record(self, rec: Record) -> None:
-        """The accounting listener: O(1) per record (see docs/performance-monitor.md)."""
+        """The accounting listener: O(1) per record (see docs/performance.md ("Monitoring"))."""
         kind = rec.type
         state = self.classes.get(rec.cls)
         if state is None:

@@ -5,7 +5,7 @@ Every message is signed once, in ``Intake.submit`` before it is spooled, so the 
 signed one: retries and restarts never re-sign, and a key problem shows at intake (where the
 client can still be told) rather than as a stalled queue.
 
-Decisions, with the figures in docs/performance-dkim.md (``postlane dkim bench``, 10 KB message,
+Decisions, with the figures in docs/performance.md (``postlane dkim bench``, 10 KB message,
 2 shared cores):
 - The RSA/Ed25519 operation is OpenSSL through ``cryptography``: dkimpy's own pure-Python RSA
   signed 58 messages/s against 598/s here (1,456/s with 2 threads) in the same run.

@@ -95,7 +95,7 @@ class AuditWriter:
                 if isinstance(batch[0], Record):
                     # Let a batch gather instead of committing (and waking up) per record:
                     # at a few hundred records/s this took the node's CPU per message from
-                    # +15 % to +N % (docs/performance-audit.md).
+                    # +15 % to +N % (docs/performance.md, "Audit trail").
                     time.sleep(_WINDOW)
                 while len(batch) < _MAX_BATCH:
                     try:
