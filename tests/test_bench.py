@@ -46,3 +46,27 @@ def test_bench_refuses_bad_arguments(args):
     out = subprocess.run([sys.executable, "-m", "postlane.cli", "bench", *args],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Invalid value" in out.stderr
+
+
+def test_bench_on_postgresql_leaves_no_schema_behind():
+    import asyncio
+
+    import asyncpg
+
+    from tests.support.pg import PG_DSN, pg_reachable
+
+    if not pg_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (make test starts it)")
+    result = _bench("--marketing", "100", "--transactional-rate", "5", "--message-kb", "2",
+                    "--spool", PG_DSN)
+    assert result["lost"] == 0 and result["spool"] == "postgresql"
+
+    async def bench_schemas() -> list:
+        conn = await asyncpg.connect(PG_DSN)
+        try:
+            return await conn.fetch("SELECT nspname FROM pg_namespace WHERE nspname LIKE"
+                                    " 'bench\\_%'")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(bench_schemas()) == []

@@ -42,7 +42,8 @@ TRANSACTIONAL_FROM = "notices@insurer.example"
 
 
 def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
-                 dkim: str = "none", audit: bool = True) -> tuple[Config, int]:
+                 dkim: str = "none", audit: bool = True,
+                 spool: str | None = None) -> tuple[Config, int]:
     """The base config pointed at the sink, with a fresh spool; ``fifo`` puts every class in one
     shared pool served in arrival order (what the case study's ESP had); ``dkim`` (rsa, ed25519)
     signs every message with a key made for the run."""
@@ -64,7 +65,9 @@ def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
     first = next(iter(cfg.listeners.values())).model_copy()
     first.port, first.address, first.default_class = port, "127.0.0.1", None
     cfg.listeners = {"bench": first}
-    cfg.node.spool = str(workdir / "spool")
+    cfg.node.spool = spool or str(workdir / "spool")
+    if spool:  # a PostgreSQL DSN: a fresh schema per run, so runs never see each other's mail
+        cfg.cluster.schema_name = f"bench_{os.getpid()}_{int(time.time())}"
     cfg.accounting.directory = str(workdir / "accounting")
     cfg.routes = {"*": f"127.0.0.1:{sink_port}"}
     cfg.api.port = 0  # never collide with a node already running on this machine
@@ -172,6 +175,7 @@ class BenchOptions:
     baseline: str = "lanes"
     dkim: str = "none"
     audit: bool = True
+    spool: str | None = None
     config: Path | None = None
     connections: int = 8
     timeout: float = 3600.0
@@ -367,7 +371,8 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
     ready = ctx.Event()
     sink_port = _free_port()
     cfg, port = bench_config(base, workdir=workdir, sink_port=sink_port,
-                             fifo=opts.baseline == "fifo", dkim=opts.dkim, audit=opts.audit)
+                             fifo=opts.baseline == "fifo", dkim=opts.dkim, audit=opts.audit,
+                             spool=opts.spool)
     sink = ctx.Process(target=_run_sink, args=(sink_port, opts.sink_delay_ms / 1000, arrivals,
                                                ready), daemon=True)
     sink.start()
@@ -396,13 +401,27 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
         sink.join(10)
         if own_dir:
             shutil.rmtree(workdir, ignore_errors=True)
+        if opts.spool:
+            asyncio.run(_drop_schema(opts.spool, cfg.cluster.schema_name))
     result["baseline"] = opts.baseline
     result["dkim"] = opts.dkim
     result["audit"] = opts.audit
+    result["spool"] = "postgresql" if opts.spool else "sqlite"
     result["sink_delay_ms"] = opts.sink_delay_ms
     result["message_kb"] = opts.message_kb
     result["_progress"] = progress
     return result
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    """A bench run on PostgreSQL leaves nothing behind."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 def _wait_port(port: int, proc: mp.Process, timeout: float = 60) -> None:

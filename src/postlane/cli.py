@@ -78,6 +78,7 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
           baseline: str = typer.Option("lanes", help="lanes (Postlane) or fifo (one queue)"),
           dkim: str = typer.Option("none", help="sign every message: none, rsa (2048) or ed25519"),
           audit: bool = typer.Option(True, help="write the audit store (--no-audit to compare)"),
+          spool: str | None = typer.Option(None, help="a PostgreSQL DSN: run the node on it"),
           config: Path | None = typer.Option(None, "--config", "-c",
                                              help="base config (default examples/insurance.toml)"),
           connections: int = typer.Option(8, help="SMTP connections submitting the campaign"),
@@ -87,6 +88,8 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
 
     if baseline not in ("lanes", "fifo"):
         raise typer.BadParameter("must be 'lanes' or 'fifo'", param_hint="--baseline")
+    if spool is not None and not spool.startswith(("postgresql://", "postgres://")):
+        raise typer.BadParameter("must be a postgresql:// DSN", param_hint="--spool")
     if dkim not in ("none", "rsa", "ed25519"):
         raise typer.BadParameter("must be 'none', 'rsa' or 'ed25519'", param_hint="--dkim")
     if marketing < 0 or transactional_rate < 0 or message_kb < 1 or connections < 1:
@@ -95,7 +98,7 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
         _load(config)
     opts = BenchOptions(marketing=marketing, transactional_rate=transactional_rate,
                         sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
-                        dkim=dkim, audit=audit,
+                        dkim=dkim, audit=audit, spool=spool,
                         config=config, connections=connections)
 
     last = [0.0]
