@@ -80,6 +80,19 @@ class Pending:
     recipients: list[Recipient] = field(default_factory=list)
 
 
+def message_row(msg: Message) -> tuple:
+    """A message's columns, in the order both stores' ``messages`` tables declare them."""
+    return (msg.id, msg.cls, msg.pool, msg.mail_from, msg.queued_at, msg.deadline, msg.expire_at,
+            msg.priority, msg.size, msg.envid, msg.ret, msg.correlation_id, msg.message_id,
+            msg.listener, msg.auth_user, msg.client)
+
+
+def update_rows(updates: list[RecipientUpdate]) -> list[tuple]:
+    """Parameters of both stores' recipient UPDATE statement."""
+    return [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.msg_id, u.idx)
+            for u in updates]
+
+
 class Spool(Protocol):
     """The store contract. Writes are batched; ``enqueue`` returns only once durable."""
 

@@ -27,7 +27,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, State
+from .base import (
+    FINAL_STATES,
+    Message,
+    Pending,
+    Recipient,
+    RecipientUpdate,
+    State,
+    message_row,
+    update_rows,
+)
 from .cache import BodyCache
 
 log = logging.getLogger("postlane.spool")
@@ -225,9 +234,7 @@ class PostgresSpool:
                       urgent: bool = False) -> None:
         """Return once the message and its recipients are committed."""
         fut = asyncio.get_running_loop().create_future()
-        row = (msg.id, msg.cls, msg.pool, msg.mail_from, msg.queued_at, msg.deadline,
-               msg.expire_at, msg.priority, msg.size, msg.envid, msg.ret, msg.correlation_id,
-               msg.message_id, msg.listener, msg.auth_user, msg.client)
+        row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
                   r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority, msg.deadline)
                  for r in rcpts]
@@ -237,9 +244,7 @@ class PostgresSpool:
 
     def update(self, updates: list[RecipientUpdate]) -> None:
         """Record recipient state changes; durable at the next commit (a crash re-delivers)."""
-        rows = [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.msg_id, u.idx)
-                for u in updates]
-        self._submit(("upd", rows), False)
+        self._submit(("upd", update_rows(updates)), False)
 
     def finish(self, msg_id: str) -> None:
         """This node is done with a message; it is deleted once no node has work left on it."""

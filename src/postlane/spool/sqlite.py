@@ -14,7 +14,16 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, State
+from .base import (
+    FINAL_STATES,
+    Message,
+    Pending,
+    Recipient,
+    RecipientUpdate,
+    State,
+    message_row,
+    update_rows,
+)
 from .cache import BodyCache
 
 SCHEMA_VERSION = 1
@@ -101,9 +110,7 @@ class SQLiteSpool:
         """Return once the message and its recipients are committed to disk."""
         assert self._loop is not None
         fut = self._loop.create_future()
-        row = (msg.id, msg.cls, msg.pool, msg.mail_from, msg.queued_at, msg.deadline,
-               msg.expire_at, msg.priority, msg.size, msg.envid, msg.ret, msg.correlation_id,
-               msg.message_id, msg.listener, msg.auth_user, msg.client)
+        row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
                   r.attempts, r.next_attempt, r.last_reply) for r in rcpts]
         self._submit(("enq", row, (msg.id, body), rrows, fut), urgent)
@@ -112,9 +119,7 @@ class SQLiteSpool:
 
     def update(self, updates: list[RecipientUpdate]) -> None:
         """Record recipient state changes; durable at the next commit (a crash re-delivers)."""
-        rows = [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.msg_id, u.idx)
-                for u in updates]
-        self._submit(("upd", rows), False)
+        self._submit(("upd", update_rows(updates)), False)
 
     def finish(self, msg_id: str) -> None:
         """Forget a message whose recipients are all final."""
