@@ -87,3 +87,11 @@ async def test_unknown_class_is_refused_not_demoted(tmp_path, sink, make_node):
                    message(cls="no-such-class"))
     assert err.value.smtp_code == 550
     assert b"no-such-class" in err.value.smtp_error
+
+
+async def test_stop_twice_waits_for_the_first_drain(tmp_path, sink, make_node):
+    import asyncio
+
+    node = await make_node(config_text(tmp_path, sink.port))
+    await asyncio.wait_for(asyncio.gather(node.stop(), node.stop()), 30)
+    assert node.stopped.is_set()

@@ -77,6 +77,7 @@ class Node:
         self._background: set[asyncio.Task] = set()
         self._flusher: asyncio.Task | None = None
         self.stopped = asyncio.Event()
+        self._stopping = False
 
     async def start(self) -> None:
         """Open the spool, resume every queued message, then open the listeners."""
@@ -111,7 +112,12 @@ class Node:
             self.accounting.flush()
 
     async def stop(self) -> None:
-        """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool."""
+        """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool.
+        A second call (a signal during a drain) waits for the first instead of closing twice."""
+        if self._stopping:
+            await self.stopped.wait()
+            return
+        self._stopping = True
         for listener in self.listeners:
             await listener.stop()
         if self.api is not None:
