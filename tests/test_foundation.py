@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import smtplib
 
@@ -90,8 +91,6 @@ async def test_unknown_class_is_refused_not_demoted(tmp_path, sink, make_node):
 
 
 async def test_stop_twice_waits_for_the_first_drain(tmp_path, sink, make_node):
-    import asyncio
-
     node = await make_node(config_text(tmp_path, sink.port))
     await asyncio.wait_for(asyncio.gather(node.stop(), node.stop()), 30)
     assert node.stopped.is_set()
