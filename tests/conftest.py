@@ -13,6 +13,7 @@ from postlane.config import parse_config
 from postlane.node import Node
 from postlane.sink import Sink
 from tests.support.fixtures_dns import dns_server  # noqa: F401  (fixture)
+from tests.support.pg import two_spools  # noqa: F401  (fixture)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

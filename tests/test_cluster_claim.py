@@ -10,28 +10,18 @@ import time
 import asyncpg
 import pytest
 
-from postlane.spool import PostgresSpool, RecipientUpdate, State
+from postlane.spool import RecipientUpdate, State
 from postlane.spool.postgres import NodeConflict
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.test_store_contract import make_message
-
-
-@pytest.fixture
-async def two(pg_schema):  # noqa: F811
-    a, b = PostgresSpool(PG_DSN, pg_schema), PostgresSpool(PG_DSN, pg_schema)
-    await a.open()
-    await b.open()
-    yield a, b
-    await a.close()
-    await b.close()
 
 
 def ids(rcpts) -> list[tuple[str, int]]:
     return [(r.msg.id, r.idx) for r in rcpts]
 
 
-async def test_claim_takes_the_most_urgent_first(two):
-    a, _ = two
+async def test_claim_takes_the_most_urgent_first(two_spools):
+    a, _ = two_spools
     late, lr, lb = make_message(1, rcpts=1, priority=3)
     urgent, ur, ub = make_message(2, rcpts=1, priority=0)
     soon, sr, sb = make_message(3, rcpts=1, priority=3)
@@ -47,8 +37,8 @@ async def test_claim_takes_the_most_urgent_first(two):
     assert await a.claim("a", "other-pool", 5, 30) == []
 
 
-async def test_concurrent_claims_never_overlap(two):
-    a, b = two
+async def test_concurrent_claims_never_overlap(two_spools):
+    a, b = two_spools
     await asyncio.gather(*(a.enqueue(*make_message(i, rcpts=3)) for i in range(40)))
     got_a, got_b = [], []
     for _ in range(6):
@@ -59,8 +49,8 @@ async def test_concurrent_claims_never_overlap(two):
     assert len(got_a) + len(got_b) == 120 == len(set(got_a) | set(got_b))
 
 
-async def test_expired_lease_is_taken_over_and_renewal_prevents_it(two):
-    a, b = two
+async def test_expired_lease_is_taken_over_and_renewal_prevents_it(two_spools):
+    a, b = two_spools
     for i in range(2):
         await a.enqueue(*make_message(i, rcpts=1))
     assert len(await a.claim("a", "bulk", 1, 0.5)) == 1
@@ -73,8 +63,8 @@ async def test_expired_lease_is_taken_over_and_renewal_prevents_it(two):
     assert ids(taken) == [("M000000", 0)], "the lapsed lease moves, the renewed one stays"
 
 
-async def test_release_and_node_restart_give_work_back(two):
-    a, b = two
+async def test_release_and_node_restart_give_work_back(two_spools):
+    a, b = two_spools
     await a.enqueue(*make_message(1, rcpts=2))
     await a.claim("a", "bulk", 5, 30)
     assert await b.claim("b", "bulk", 5, 30) == []
@@ -84,8 +74,8 @@ async def test_release_and_node_restart_give_work_back(two):
     assert len(await a.claim("a", "bulk", 5, 30)) == 2
 
 
-async def test_paused_skipped_domains_and_future_retries_are_not_claimed(two):
-    a, _ = two
+async def test_paused_skipped_domains_and_future_retries_are_not_claimed(two_spools):
+    a, _ = two_spools
     m, r, body = make_message(1, rcpts=1)
     await a.enqueue(m, r, body)
     m2, r2, b2 = make_message(2, rcpts=1)
@@ -102,8 +92,8 @@ async def test_paused_skipped_domains_and_future_retries_are_not_claimed(two):
     assert ids(await a.claim("a", "bulk", 5, 30)) == [(m.id, 0)]
 
 
-async def test_message_split_across_nodes_is_deleted_by_the_last_one(two):
-    a, b = two
+async def test_message_split_across_nodes_is_deleted_by_the_last_one(two_spools):
+    a, b = two_spools
     m, r, body = make_message(1, rcpts=2)
     await a.enqueue(m, r, body)
     [ra] = await a.claim("a", "bulk", 1, 30)
@@ -121,8 +111,8 @@ async def test_message_split_across_nodes_is_deleted_by_the_last_one(two):
         assert await conn.fetchval("SELECT count(*) FROM bodies") == 0
 
 
-async def test_a_live_node_name_cannot_be_used_twice(two):
-    a, b = two
+async def test_a_live_node_name_cannot_be_used_twice(two_spools):
+    a, b = two_spools
     await a.register("n1", "host-a", 1, 30)
     with pytest.raises(NodeConflict, match="already live"):
         await b.register("n1", "host-b", 2, 30)
@@ -136,8 +126,8 @@ async def test_a_live_node_name_cannot_be_used_twice(two):
     await b.register("n1", "host-b", 3, 30)  # a node that left cleanly can come back at once
 
 
-async def test_a_stalled_node_neither_reclaims_its_own_rows_nor_revives_delivered_ones(two):
-    a, b = two
+async def test_a_stalled_node_neither_reclaims_its_own_rows_nor_revives_delivered_ones(two_spools):
+    a, b = two_spools
     m, r, body = make_message(1, rcpts=1)
     await a.enqueue(m, r, body)
     assert len(await a.claim("a", "bulk", 1, 0.2)) == 1
@@ -152,8 +142,8 @@ async def test_a_stalled_node_neither_reclaims_its_own_rows_nor_revives_delivere
         assert await conn.fetchval("SELECT state FROM recipients") == "delivered"
 
 
-async def test_outcomes_are_retried_across_a_lost_database_connection(two):
-    a, _ = two
+async def test_outcomes_are_retried_across_a_lost_database_connection(two_spools):
+    a, _ = two_spools
     m, r, body = make_message(1, rcpts=2)
     await a.enqueue(m, r, body)
     conn = await asyncpg.connect(PG_DSN)
@@ -175,8 +165,8 @@ async def test_outcomes_are_retried_across_a_lost_database_connection(two):
         await conn.close()
 
 
-async def test_without_takeover_lapsed_leases_stay_with_their_owner(two):
-    a, b = two
+async def test_without_takeover_lapsed_leases_stay_with_their_owner(two_spools):
+    a, b = two_spools
     await a.enqueue(*make_message(1, rcpts=1))
     await a.enqueue(*make_message(2, rcpts=1))
     assert len(await a.claim("a", "bulk", 1, 0.2)) == 1
@@ -185,8 +175,8 @@ async def test_without_takeover_lapsed_leases_stay_with_their_owner(two):
     assert ids(await b.claim("b", "bulk", 5, 30)) == [("M000001", 0)]
 
 
-async def test_a_crashed_node_restarting_on_the_same_machine_is_not_refused(two):
-    a, b = two
+async def test_a_crashed_node_restarting_on_the_same_machine_is_not_refused(two_spools):
+    a, b = two_spools
     host = socket.gethostname()
     await a.register("n1", host, 2**22 + 1, 30)  # above Linux's pid_max: no such process
     await b.register("n1", host, os.getpid(), 30)  # its predecessor is gone: accepted at once

@@ -5,25 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from postlane.scheduler.shared_rate import SharedRate
-from postlane.spool import PostgresSpool
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 
 
-@pytest.fixture
-async def spools(pg_schema):  # noqa: F811
-    a, b = PostgresSpool(PG_DSN, pg_schema), PostgresSpool(PG_DSN, pg_schema)
-    await a.open()
-    await b.open()
-    yield a, b
-    await a.close()
-    await b.close()
-
-
-async def test_bucket_grants_its_burst_then_its_rate(spools):
-    a, b = spools
+async def test_bucket_grants_its_burst_then_its_rate(two_spools):
+    a, b = two_spools
     assert await a.take_tokens("gmail", 10.0, 5.0, 8.0) == 5.0, "a full bucket holds the burst"
     assert await b.take_tokens("gmail", 10.0, 5.0, 8.0) < 1.0, "the other node finds it empty"
     await asyncio.sleep(0.6)
@@ -31,8 +18,8 @@ async def test_bucket_grants_its_burst_then_its_rate(spools):
     assert await a.take_tokens("outlook", 10.0, 5.0, 2.0) == 2.0, "buckets are per key"
 
 
-async def test_two_nodes_together_stay_within_the_shared_rate(spools):
-    a, b = spools
+async def test_two_nodes_together_stay_within_the_shared_rate(two_spools):
+    a, b = two_spools
     rate, burst = 40.0, 5.0
     spent = {"a": 0, "b": 0}
     limiters = {"a": SharedRate(a, chunk=0.2), "b": SharedRate(b, chunk=0.2)}
@@ -49,8 +36,8 @@ async def test_two_nodes_together_stay_within_the_shared_rate(spools):
     assert spent["a"] > 0 and spent["b"] > 0
 
 
-async def test_try_acquire_refuses_then_calls_back_when_tokens_arrive(spools):
-    a, _ = spools
+async def test_try_acquire_refuses_then_calls_back_when_tokens_arrive(two_spools):
+    a, _ = two_spools
     arrived = asyncio.Event()
     limiter = SharedRate(a, on_tokens=lambda key: arrived.set())
     assert limiter.try_acquire("gmx", 10.0, 3.0) is False, "no tokens in hand yet"

@@ -37,3 +37,16 @@ async def pg_schema() -> AsyncIterator[str]:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def two_spools(pg_schema: str) -> AsyncIterator[tuple]:
+    """Two open spools on one schema: two nodes sharing the queue."""
+    from postlane.spool import PostgresSpool
+
+    a, b = PostgresSpool(PG_DSN, pg_schema), PostgresSpool(PG_DSN, pg_schema)
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
