@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import email
 import os
+import signal
 import smtplib
-import threading
 from pathlib import Path
 
 import dkim as dkimpy
@@ -337,14 +337,36 @@ async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_
 
 async def test_transactional_signing_never_waits_for_campaign_signing(tmp_path, keys):
     signer, _ = make_signer(tmp_path, "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1"))
-    gate = threading.Event()
-    signer._executors[False].submit(gate.wait)  # the campaign's signing thread is busy
-    campaign = asyncio.ensure_future(sign_message(signer, MESSAGES["plain"], cls="marketing",
-                                                  pool="bulk"))
-    notice = await asyncio.wait_for(sign_message(signer, MESSAGES["plain"]), 30)
-    assert notice.startswith(b"DKIM-Signature:") and not campaign.done()
-    gate.set()
+    await signer.start()
+    bulk = signer._processes[False]._proc
+    os.kill(bulk.pid, signal.SIGSTOP)  # the campaign's signing process is stuck
+    try:
+        campaign = asyncio.ensure_future(sign_message(signer, MESSAGES["plain"],
+                                                      cls="marketing", pool="bulk"))
+        notice = await asyncio.wait_for(sign_message(signer, MESSAGES["plain"]), 30)
+        assert notice.startswith(b"DKIM-Signature:") and not campaign.done()
+    finally:
+        os.kill(bulk.pid, signal.SIGCONT)
     assert (await campaign).startswith(b"DKIM-Signature:")
+    signer.close()
+
+
+async def test_a_dead_signing_process_defers_and_is_replaced(tmp_path, keys, dns_server):
+    signer, records = make_signer(
+        tmp_path, "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1"))
+    publish(dns_server, keys, "insurer.test", "r1")
+    await signer.start()
+    child = signer._processes[True]._proc
+    os.kill(child.pid, signal.SIGSTOP)
+    pending = asyncio.ensure_future(sign_message(signer, MESSAGES["plain"]))
+    await asyncio.sleep(0.2)
+    os.kill(child.pid, signal.SIGKILL)
+    with pytest.raises(Rejection) as refused:  # in flight: 451, the client sends it again
+        await asyncio.wait_for(pending, 30)
+    assert refused.value.code == 451 and "try again later" in refused.value.text
+    signed = await asyncio.wait_for(sign_message(signer, MESSAGES["plain"]), 30)
+    assert verify(signed, dns_server) == [True]  # a new process, which was given the key again
+    assert signer._processes[True]._proc.pid != child.pid
     signer.close()
 
 

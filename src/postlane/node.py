@@ -82,6 +82,8 @@ class Node:
     async def start(self) -> None:
         """Open the spool, resume every queued message, then open the listeners."""
         await self.spool.open()
+        if self.signer is not None:
+            await self.signer.start()
         if self.audit is not None:
             await self.audit.start()
         self.scheduler.paused = await self.spool.paused()

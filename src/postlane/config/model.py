@@ -381,8 +381,6 @@ class DKIMConfig(Strict):
     rotation_period: Duration = 91 * 86400.0
     key_check_interval: Duration = 10.0
     """How often key files are checked for replacement or removal while running."""
-    priority_threads: int = Field(1, ge=1, le=64)
-    bulk_threads: int = Field(1, ge=1, le=64)
 
     @field_validator("headers", "oversign")
     @classmethod

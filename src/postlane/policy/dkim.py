@@ -15,10 +15,9 @@ Decisions, with the figures in docs/performance.md (``postlane dkim bench``, 10 
   or trailing blanks) skip the regexes. It also keeps the tests honest: they verify with dkimpy,
   which shares no code with the signer, and tests/test_dkim_vectors.py reproduces real-world
   signatures with this code.
-- Signing runs in threads: ``cryptography`` (50.x; since early 2026 for RSA, mid 2026 for
-  Ed25519) releases the GIL during the private-key operation, so the event loop keeps serving
-  while a signature is computed and two threads sign in parallel. Classes with an SLA have their
-  own thread pool, so a transactional message never queues behind campaign signing.
+- Signing runs in two child processes (``signing.py``): one for classes with an SLA, one for
+  the rest, so a policy notice never queues behind campaign signatures, and the RSA work runs
+  on the second core instead of the one the event loop fills.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -33,7 +33,6 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import getaddresses
 from pathlib import Path
@@ -46,6 +45,7 @@ from ..config.model import Config, DKIMConfig, DKIMKeyConfig
 from .headers import field_value
 from .identity import aligned, org_domain
 from .intake import Rejection
+from .signing import SigningProcess, SigningUnavailable
 
 log = logging.getLogger("postlane.dkim")
 
@@ -176,6 +176,9 @@ class SigningKey:
     key: PrivateKey | None = None
     error: str = ""
     file_id: tuple[int, int, int] = (0, 0, 0)
+    key_id: int = 0
+    """Changes whenever the file is (re)loaded: the signing process fetches the key again."""
+    der: bytes = b""
 
     @property
     def specificity(self) -> int:
@@ -231,6 +234,9 @@ def sign(fields: Sequence[tuple[str, bytes]], body: bytes, domain: str,
 
 # -- key registry -------------------------------------------------------------------------------
 
+_key_ids = itertools.count(1)
+
+
 class KeyRing:
     """The configured keys, loaded at start and watched while running.
 
@@ -257,6 +263,10 @@ class KeyRing:
             sk.error = str(exc) if isinstance(exc, DKIMError) else f"key file: {exc.strerror}"
             return False
         sk.file_id, sk.error = (st.st_ino, st.st_mtime_ns, st.st_size), ""
+        sk.key_id = next(_key_ids)
+        sk.der = sk.key.private_bytes(serialization.Encoding.DER,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
         return True
 
     def watch(self, monotonic: float) -> None:
@@ -336,14 +346,16 @@ class Signer:
         self.clock = clock
         self.keyring = KeyRing(config.dkim)
         self.stats = SignerStats()
-        self._executors = {
-            True: ThreadPoolExecutor(self.dkim.priority_threads, "dkim-priority"),
-            False: ThreadPoolExecutor(self.dkim.bulk_threads, "dkim-bulk"),
-        }
+        self._processes = {True: SigningProcess("priority", config.dkim),
+                           False: SigningProcess("bulk", config.dkim)}
+
+    async def start(self) -> None:
+        """Start the signing processes now, so the first message does not wait for one."""
+        await asyncio.gather(*(p.start() for p in self._processes.values()))
 
     def close(self) -> None:
-        for executor in self._executors.values():
-            executor.shutdown(wait=True)
+        for process in self._processes.values():
+            process.close()
 
     def _candidates(self, from_domain: str, pool: str, own: bool) -> list[str]:
         """Signing domains to try, most specific first; refuses a From that cannot align."""
@@ -407,7 +419,7 @@ class Signer:
                 break
         if not keys:
             return self._missing(f"no DKIM key for From domain {from_domain}", cls, qid, own)
-        pairs = [(sk.config, sk.key) for sk in keys if sk.key is not None]  # a snapshot
+        snapshot = [(sk.key_id, sk.config, sk.der) for sk in keys if sk.key is not None]
         broken = [sk for sk in keys if sk.key is None]
         if broken:
             self.stats.deferred += 1
@@ -422,7 +434,12 @@ class Signer:
                       extra={"queue_id": qid, "domain": domain, "error": broken[0].error})
             raise Rejection(451, text)
         urgent = self.config.classes[cls].sla is not None
-        header = await asyncio.get_running_loop().run_in_executor(
-            self._executors[urgent], sign, fields, body, domain, pairs, now, self.dkim)
+        try:
+            header = await self._processes[urgent].sign(fields, body, domain, snapshot, now)
+        except SigningUnavailable as exc:
+            self.stats.deferred += 1
+            log.error("dkim signing failed, message refused (451)",
+                      extra={"queue_id": qid, "error": str(exc)})
+            raise Rejection(451, "4.3.0 DKIM signing is unavailable, try again later") from None
         self.stats.signed += 1
         return header, ""
