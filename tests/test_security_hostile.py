@@ -3,6 +3,8 @@ keeps serving the next client."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.conftest import config_text, message, send
@@ -98,3 +100,36 @@ async def test_ten_thousand_recipients(tmp_path, sink, make_node):
     await sink.wait_for(1)
     assert sum(len(a.rcpts) for a in sink.arrivals) == 50
     await _still_serving(node, sink, 2)
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 4096], ids=lambda n: f"{n}-byte writes")
+async def test_end_of_data_found_whatever_the_packet_boundaries(tmp_path, sink, make_node,
+                                                                piece):
+    """The DATA reader jumps to CRLF.CRLF; a mark split across reads, a message that is
+    only ".", dot-stuffed lines and lines ending with a full stop must all come out right."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    bodies = [b"", b"x", b"Ends with a full stop.\r\nAnd again.\r\n..stuffed\r\n..\r\n",
+              b"\r\n\r\n.\r.\n"]
+    for i, body in enumerate(bodies):
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        assert (await raw.cmd(f"RCPT TO:<r{i}@example.com>")).startswith("250")
+        assert (await raw.cmd("DATA")).startswith("354")
+        data = (b"Subject: %d\r\n\r\n" % i + body if body else b"") + b"\r\n.\r\n"
+        if not body:
+            data = b".\r\n"  # the whole message is the end mark
+        # the next command is pipelined behind the mark, in the same pieces
+        stream = data + b"NOOP\r\n"
+        for at in range(0, len(stream), piece):
+            raw.send(stream[at:at + piece])
+            await raw.writer.drain()
+            await asyncio.sleep(0.001)  # separate reads at the node
+        assert (await raw.reply()).startswith("250 2.0.0"), body
+        assert (await raw.reply()).startswith("250"), "NOOP stays a command"
+    await raw.close()
+    arrivals = await sink.wait_for(len(bodies))
+    got = {a.rcpts[0]: a.data for a in arrivals}
+    assert b"Ends with a full stop.\r\nAnd again.\r\n.stuffed\r\n.\r\n" in got[
+        "r2@example.com"]
+    assert got["r1@example.com"].endswith(b"\r\n\r\nx\r\n")
+    assert b"Subject: 3" in got["r3@example.com"]

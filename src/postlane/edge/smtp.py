@@ -24,6 +24,8 @@ _MAIL_DSN = {"ENVID", "RET", "MT-PRIORITY"}
 _RCPT_DSN = {"NOTIFY", "ORCPT"}
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
+_END = b"\r\n.\r\n"
+_END_PREFIXES = (b"\r", b"\r\n", b"\r\n.", b"\r\n.\r")
 _SIMPLE_PATH = re.compile(r"\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+)>")
 _ADDR = re.compile(r"^[^\s@<>()\[\],;:\"\\]+(\.[^\s@<>()\[\],;:\"\\]+)*@[A-Za-z0-9\-._\[\]:]+$|"
                    r"^\"[^\"\r\n]*\"@[A-Za-z0-9\-._\[\]:]+$")
@@ -68,9 +70,10 @@ class BulkDataSMTP(SMTP):
     """aiosmtpd's SMTP reading DATA in blocks instead of line by line.
 
     Measured with py-spy on ``postlane bench`` (10 KB messages): aiosmtpd's per-line DATA loop was
-    24 % of the node's CPU; scanning the stream for the end-of-data mark costs a few readuntil()
-    calls per message. Only CRLF.CRLF ends the data (a bare LF or CR never does: RFC 5321 4.1.1.4,
-    CVE-2023-51766), and pipelined commands after it stay in the reader.
+    24 % of the node's CPU. One ``readuntil(CRLF.CRLF)`` reads most messages (6 µs for 10 KB);
+    reading up to each ".CRLF" cost 119 µs for a body whose lines end with a full stop. Only
+    CRLF.CRLF ends the data (a bare LF or CR never does: RFC 5321 4.1.1.4, CVE-2023-51766), and
+    pipelined commands after it stay in the reader.
     """
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -94,22 +97,28 @@ class BulkDataSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         limit = self.data_size_limit
-        data = bytearray(b"\r\n")  # so that a message that is just "." is found too
-        size, too_big, tail = 0, False, b"\r\n"
-        while tail != b"\r\n.\r\n":
+        data = bytearray(b"\r\n")  # the CRLF that ended the DATA line: "." alone is found too
+        size, too_big = 0, False
+        while not data.endswith(_END):
+            # readuntil(_END) misses an end mark that began in bytes already taken, so step
+            # byte by byte while the data ends in a beginning of the mark (at the start, and
+            # rarely after a limit overrun); otherwise one call reads to the end.
             try:
-                chunk = await self._reader.readuntil(b".\r\n")
+                if data.endswith(_END_PREFIXES):
+                    chunk = await self._reader.readexactly(1)
+                else:
+                    chunk = await self._reader.readuntil(_END)
             except asyncio.LimitOverrunError as exc:  # no mark in the buffer yet: take it all
                 chunk = await self._reader.readexactly(exc.consumed)
             except asyncio.IncompleteReadError:
                 return  # the client went away mid-DATA: nothing was acknowledged
             size += len(chunk)
-            tail = (tail + chunk)[-5:]
             if too_big:
+                data = data[-4:] + chunk  # keep only what finds the end mark
                 continue
             data += chunk
             if limit and size - 3 > limit:
-                too_big, data = True, bytearray()  # read on to the end, keep nothing
+                too_big, data = True, data[-4:]  # read on to the end, keep nothing
         if too_big:
             self._set_post_data_state()
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
