@@ -16,7 +16,7 @@ import pytest
 
 from postlane.accounting.audit.evidence import trails
 from postlane.accounting.audit.postgres import MIGRATIONS, PostgresAuditStore
-from postlane.accounting.audit.store import COLUMNS, Query, StoreMissing
+from postlane.accounting.audit.store import COLUMNS, Query, Retention, StoreMissing
 from postlane.accounting.records import Record
 from tests.support.audit import AuditBackend
 from tests.support.pg import PG_DSN
@@ -150,7 +150,11 @@ def test_two_appenders_at_once_keep_one_chain(audit_backend):
     done = threading.Event()
 
     def append(node: str) -> None:
-        store = audit_backend.open()
+        try:
+            store = audit_backend.open()
+        except BaseException as exc:
+            errors.append(exc)
+            return
         try:
             for i in range(batches):
                 recs = message(i, at=T0 + i)
@@ -163,7 +167,7 @@ def test_two_appenders_at_once_keep_one_chain(audit_backend):
             store.close()
 
     def check() -> None:
-        store = audit_backend.open()
+        store = audit_backend.open(readonly=True)
         try:
             while not done.is_set():
                 result = store.verify()
@@ -173,6 +177,7 @@ def test_two_appenders_at_once_keep_one_chain(audit_backend):
         finally:
             store.close()
 
+    audit_backend.open().close()  # created (and migrated) once, as the first node does
     nodes = [threading.Thread(target=append, args=(n,)) for n in ("node-a", "node-b")]
     checker = threading.Thread(target=check)
     checker.start()
@@ -245,3 +250,19 @@ def test_postgres_read_only_open_needs_an_existing_store(pg_schema):
 def test_postgres_unreachable_is_a_clear_error():
     with pytest.raises(ConnectionError, match="cannot open the PostgreSQL audit store"):
         PostgresAuditStore("postgresql://postgres@127.0.0.1:1/test")
+
+
+def test_postgres_retention_runs_on_one_node_at_a_time(pg_schema):
+    store = PostgresAuditStore(PG_DSN, pg_schema)
+    try:
+        store.append([(r, None) for r in message(1)])
+        policy = {"policy": Retention(delete=1)}
+        key = (f"postlane-audit-purge:{pg_schema}",)
+        with psycopg.connect(PG_DSN, autocommit=True) as other:  # another node, mid-purge
+            other.execute("SELECT pg_advisory_lock(hashtext(%s))", key)
+            assert store.purge(policy, None, T0 + 86_400) == {}
+            other.execute("SELECT pg_advisory_unlock(hashtext(%s))", key)
+        assert store.purge(policy, None, T0 + 86_400)["policy"]["purged"] == 3
+        assert store.verify().ok
+    finally:
+        store.close()

@@ -208,5 +208,8 @@ def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (
         report = store.purge(policies, key, time.time())
     finally:
         store.close()
+    if not report:  # PostgresAuditStore: one node purges at a time
+        typer.echo("another node is applying retention to this store right now; nothing done")
+        raise typer.Exit(1)
     for cls, counts in report.items():
         typer.echo(f"{cls}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
