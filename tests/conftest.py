@@ -12,8 +12,9 @@ import pytest
 from postlane.config import parse_config
 from postlane.node import Node
 from postlane.sink import Sink
+from tests.support.audit import audit_backend  # noqa: F401  (fixture)
 from tests.support.fixtures_dns import dns_server  # noqa: F401  (fixture)
-from tests.support.pg import two_spools  # noqa: F401  (fixture)
+from tests.support.pg import pg_schema, two_spools  # noqa: F401  (fixtures)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

@@ -1,12 +1,11 @@
-"""Tamper evidence and retention: edit the SQLite file as an attacker would, verify names it."""
+"""Tamper evidence and retention, on both audit stores (SQLite and PostgreSQL): edit the
+database in SQL as an attacker would, and verify names the record."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sqlite3
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -21,19 +20,19 @@ from postlane.accounting.audit.chain import (
 )
 from postlane.accounting.audit.evidence import trails
 from postlane.accounting.audit.service import load_key
-from postlane.accounting.audit.store import Query, Retention, SQLiteAuditStore
-from postlane.accounting.audit.writer import AuditWriter
+from postlane.accounting.audit.store import Query, Retention
 from postlane.accounting.records import Record
 from postlane.cli import app
+from tests.support.audit import AuditBackend
 
 DAY1 = datetime(2026, 11, 19, 10, tzinfo=UTC).timestamp()
 DAY2 = DAY1 + 86_400
 KEY = b"k" * 32
 
 
-def make_store(path: Path, n: int = 20) -> Path:
+def make_store(backend: AuditBackend, n: int = 20) -> AuditBackend:
     """n records (two per recipient: received, delivered), the second half on the next day."""
-    writer = AuditWriter(path, lambda cls: 120.0 if cls == "policy" else None)
+    writer = backend.writer(lambda cls: 120.0 if cls == "policy" else None)
     writer.start()
     for i in range(n):
         t = (DAY1 if i < n // 2 else DAY2) + i
@@ -45,34 +44,30 @@ def make_store(path: Path, n: int = 20) -> Path:
             dsn_diag=f"smtp;250 ok <user{i // 2}@example.com>" if i % 2 else "",
             total_seconds_queued=float(i % 2), attempt=i % 2))
     writer.close()
-    return path
+    return backend
 
 
-def verify(path: Path, since: str | None = None):
-    store = SQLiteAuditStore(path, readonly=True)
+def verify(db: AuditBackend, since: str | None = None):
+    store = db.open(readonly=True)
     try:
         return store.verify(since)
     finally:
         store.close()
 
 
-def sql(path: Path, *statements: tuple) -> None:
-    db = sqlite3.connect(path)
-    for stmt in statements:
-        db.execute(*stmt)
-    db.commit()
-    db.close()
+def sql(db: AuditBackend, *statements: tuple) -> None:
+    db.sql(*statements)
 
 
-def shift(path: Path, after: int, by: int) -> None:
+def shift(db: AuditBackend, after: int, by: int) -> None:
     """Renumber seq > after (what an attacker does to make room or close a gap)."""
-    sql(path, ("UPDATE audit_records SET seq = -(seq + ?) WHERE seq > ?", (by, after)),
+    sql(db, ("UPDATE audit_records SET seq = -(seq + ?) WHERE seq > ?", (by, after)),
         ("UPDATE audit_records SET seq = -seq WHERE seq < 0",))
 
 
 @pytest.fixture
-def db(tmp_path) -> Path:
-    return make_store(tmp_path / "audit.sqlite")
+def db(audit_backend) -> AuditBackend:
+    return make_store(audit_backend)
 
 
 def test_hash_scheme_covers_every_record_field():
@@ -126,30 +121,20 @@ def test_deleted_day_is_named(db):
 def test_inserted_forged_record_is_named(db):
     """A forger who knows the algorithm and links the new row correctly to its predecessor."""
     shift(db, 10, 1)
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    row = dict(conn.execute("SELECT * FROM audit_records WHERE seq = 9").fetchone())
-    prev = conn.execute("SELECT hash FROM audit_records WHERE seq = 10").fetchone()[0]
+    row = db.row(9)
+    prev = db.row(10)["hash"]
     row.update(seq=11, rcpt="forged@example.com", prev=prev)
     row["pdigest"] = personal_digest(row["nonce"], [row[c] for c in PERSONAL])
     row["hash"] = chain_hash(prev, content_digest([row[c] for c in HASHED], row["pdigest"]))
-    conn.execute(f"INSERT INTO audit_records ({', '.join(row)}) VALUES "
-                 f"({', '.join('?' * len(row))})", list(row.values()))
-    conn.commit()
-    conn.close()
+    db.insert(row)
     problem = verify(db).problem
     assert (problem.seq, problem.kind) == (11, "inserted"), problem
 
 
 def test_inserted_copy_is_named(db):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    row = dict(conn.execute("SELECT * FROM audit_records WHERE seq = 4").fetchone())
+    row = db.row(4)
     row["seq"] = 21
-    conn.execute(f"INSERT INTO audit_records ({', '.join(row)}) VALUES "
-                 f"({', '.join('?' * len(row))})", list(row.values()))
-    conn.commit()
-    conn.close()
+    db.insert(row)
     problem = verify(db).problem
     assert (problem.seq, problem.kind) == (21, "inserted") and "seq 4" in problem.detail
 
@@ -164,14 +149,14 @@ def test_reordered_records_are_named(db):
 
 def test_cli_verify_exits_1_and_names_the_record(db):
     runner = CliRunner()
-    assert runner.invoke(app, ["audit", "verify", "--db", str(db)]).exit_code == 0
+    assert runner.invoke(app, ["audit", "verify", *db.cli()]).exit_code == 0
     sql(db, ("UPDATE audit_records SET dsn_status = '2.0.0' WHERE seq = 3",))
-    res = runner.invoke(app, ["audit", "verify", "--db", str(db)])
+    res = runner.invoke(app, ["audit", "verify", *db.cli()])
     assert res.exit_code == 1 and "record seq 3: altered" in res.output
 
 
 def test_retention_keeps_verification_passing(db):
-    store = SQLiteAuditStore(db)
+    store = db.open()
     report = store.purge({"policy": Retention(pseudonymise=86_400 * 2),
                           "marketing": Retention(delete=86_400 * 2)}, KEY, now=DAY2 + 86_400 * 2)
     # day-1 records are older than 2 days at that moment, day-2 records are not
@@ -180,7 +165,7 @@ def test_retention_keeps_verification_passing(db):
     result = verify(db)
     assert result.ok, result.problem
     assert (result.pseudonymised, result.purged) == (6, 4)
-    store = SQLiteAuditStore(db, readonly=True)
+    store = db.open(readonly=True)
     [trail] = trails(store.find(Query(correlation_id="corr-0")))
     assert trail.rcpt.startswith("pseud-") and trail.rcpt.endswith("@example.com")
     assert "user0@" not in trail.final["dsn_diag"] and trail.rcpt in trail.final["dsn_diag"]
@@ -191,12 +176,12 @@ def test_retention_keeps_verification_passing(db):
     store.close()
     # later records are untouched and the chain stays checkable across the boundary
     assert verify(db, "2026-11-20").ok
-    sql(db, ("UPDATE audit_records SET cdigest = zeroblob(32) WHERE seq = 3",))
+    sql(db, ("UPDATE audit_records SET cdigest = ? WHERE seq = 3", (bytes(32),)))
     assert (verify(db).problem.seq, verify(db).problem.kind) == (3, "altered")
 
 
 def test_pseudonymised_rows_still_detect_edits(db):
-    store = SQLiteAuditStore(db)
+    store = db.open()
     store.purge({"policy": Retention(pseudonymise=1)}, KEY, now=DAY2 + 86_400)
     store.close()
     sql(db, ("UPDATE audit_records SET dlv_destination_ip = '10.0.0.1' WHERE seq = 2",))
@@ -205,7 +190,7 @@ def test_pseudonymised_rows_still_detect_edits(db):
 
 def test_purge_never_launders_a_tampered_row(db):
     sql(db, ("UPDATE audit_records SET rcpt = 'x@example.com' WHERE seq = 5",))
-    store = SQLiteAuditStore(db)
+    store = db.open()
     report = store.purge({"policy": Retention(delete=1)}, None, now=DAY2 + 86_400)
     store.close()
     assert report["policy"]["skipped_tampered"] == 1
@@ -232,9 +217,7 @@ def test_cli_purge_then_show_finds_the_pseudonymised_recipient(db, tmp_path):
     cfg.write_text(config_text(tmp_path, 2525, f"""
 [classes.policy]
 pool = "critical"
-[audit]
-path = "{db}"
-pseudonymisation_key = "{key}"
+{db.toml()}pseudonymisation_key = "{key}"
 [audit.retention.policy]
 pseudonymise = "1d"
 """))
@@ -243,7 +226,7 @@ pseudonymise = "1d"
     assert res.exit_code == 0 and "policy: pseudonymised 10" in res.output, res.output
     res = runner.invoke(app, ["audit", "show", "-c", str(cfg), "--recipient", "user0@example.com"])
     assert res.exit_code == 0 and "recipient pseud-" in res.output, res.output
-    res = runner.invoke(app, ["audit", "show", "--db", str(db), "--recipient",
+    res = runner.invoke(app, ["audit", "show", *db.cli(), "--recipient",
                               "user0@example.com"])
     assert res.exit_code == 1  # without the key the address is gone
     assert runner.invoke(app, ["audit", "verify", "-c", str(cfg)]).exit_code == 0

@@ -267,6 +267,6 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(str(path), errors)
     for attr in ("path", "pseudonymisation_key"):
         value = getattr(cfg.audit, attr)
-        if value and not Path(value).is_absolute():
+        if value and not Path(value).is_absolute() and not is_dsn(value):
             setattr(cfg.audit, attr, str(base / value))
     return cfg

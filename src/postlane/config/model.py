@@ -310,7 +310,9 @@ class WebhookConfig(Strict):
 class AuditConfig(Strict):
     enabled: bool = True
     path: str | None = None
-    """SQLite file of the audit store (default: audit.sqlite in the spool directory)."""
+    """The audit store: a SQLite file or a PostgreSQL DSN. Default: the spool's database when
+    ``node.spool`` is a DSN (one chain for the cluster), else audit.sqlite in the spool
+    directory."""
     retention: dict[str, RetentionConfig] = {}
     """Per class name, or "*" for every class not listed. No entry: kept forever."""
     pseudonymisation_key: str | None = None
@@ -442,7 +444,8 @@ class ClusterConfig(Strict):
     """Cluster mode (``node.spool`` is a PostgreSQL DSN): how nodes share the queue."""
 
     schema_name: str = Field("postlane", pattern=r"^[a-z_][a-z0-9_]{0,39}$")
-    """PostgreSQL schema holding the shared spool; every node of one cluster names the same.
+    """PostgreSQL schema holding the shared spool and audit store; every node of one cluster
+    names the same.
     Lower case, digits and ``_``, at most 40 characters (it also names the NOTIFY channels)."""
     lease: Duration = 30.0
     """How long claimed work stays a node's without renewal: a dead node's mail is taken over

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import typer
 
-from .store import Query, SQLiteAuditStore
+from .backend import open_audit_store, open_store_at
+from .store import AuditStore, Query, StoreMissing
 
 app = typer.Typer(no_args_is_help=True,
                   help="The regulatory audit trail: evidence, verification, retention.")
 
 _CONFIG = typer.Option(None, "-c", "--config", help="node config (finds the store, SLAs)")
-_DB = typer.Option(None, "--db", help="audit store file (instead of --config)")
+_DB = typer.Option(None, "--db", help="audit store instead of --config: a SQLite file or a "
+                   "PostgreSQL DSN")
+_SCHEMA = typer.Option("postlane", "--schema", help="PostgreSQL schema, with a DSN in --db")
 
 
 class Format(StrEnum):
@@ -43,17 +46,18 @@ def parse_when(text: str | None) -> float | None:
     return when.timestamp()
 
 
-def _open(config: Path | None, db: Path | None, *, write: bool = False) -> SQLiteAuditStore:
-    if db is None:
+def _open(config: Path | None, db: str | None, schema: str = "postlane", *,
+          write: bool = False) -> AuditStore:
+    """The store ``--db`` names, else the one the node config uses (SQLite or PostgreSQL)."""
+    try:
+        if db is not None:
+            return open_store_at(db, schema, readonly=not write)
         if config is None:
             raise typer.BadParameter("give --config or --db")
         from ...cli import _load
-        from .service import audit_path
 
-        db = audit_path(_load(config))
-    try:
-        return SQLiteAuditStore(db, readonly=not write)
-    except FileNotFoundError as exc:
+        return open_audit_store(_load(config), readonly=not write)
+    except (StoreMissing, ConnectionError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
 
@@ -70,7 +74,7 @@ def _pseudonym(config: Path | None, recipient: str | None) -> str | None:
 
 
 @app.command()
-def show(config: Path | None = _CONFIG, db: Path | None = _DB,
+def show(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHEMA,
          correlation_id: str | None = typer.Option(None, "--correlation-id"),
          message_id: str | None = typer.Option(None, "--message-id"),
          recipient: str | None = typer.Option(None, "--recipient"),
@@ -87,7 +91,7 @@ def show(config: Path | None = _CONFIG, db: Path | None = _DB,
     if not any((queue_id, message_id, correlation_id, envid, recipient)):
         raise typer.BadParameter("give at least one of --correlation-id, --message-id, "
                                  "--recipient, --queue-id, --envid")
-    store = _open(config, db)
+    store = _open(config, db, schema)
     try:
         rows = store.find(query)
         alias = _pseudonym(config, recipient)
@@ -109,7 +113,7 @@ def show(config: Path | None = _CONFIG, db: Path | None = _DB,
 
 
 @app.command()
-def verify(config: Path | None = _CONFIG, db: Path | None = _DB,
+def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHEMA,
            since: str | None = typer.Option(None, help="first day to check (YYYY-MM-DD)"),
            export_dir: Path | None = typer.Option(None, "--export",
                                                   help="check an export directory instead"),
@@ -128,7 +132,7 @@ def verify(config: Path | None = _CONFIG, db: Path | None = _DB,
         stamp = parse_when(since)
         assert stamp is not None
         day = time.strftime("%Y-%m-%d", time.gmtime(stamp))
-    store = _open(config, db)
+    store = _open(config, db, schema)
     try:
         result = store.verify(day)
     finally:
@@ -147,14 +151,14 @@ def verify(config: Path | None = _CONFIG, db: Path | None = _DB,
 
 @app.command("export")
 def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the evidence files"),
-               config: Path | None = _CONFIG, db: Path | None = _DB,
+               config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHEMA,
                since: str | None = typer.Option(None, help="records logged at or after"),
                until: str | None = typer.Option(None, help="records logged before"),
                cls: str | None = typer.Option(None, "--class")) -> None:
     """An evidence file set for a regulator: records.csv, chain.jsonl, manifest.json."""
     from .evidence import export
 
-    store = _open(config, db)
+    store = _open(config, db, schema)
     try:
         manifest = export(store, out, parse_when(since), parse_when(until), cls)
     finally:
@@ -165,7 +169,7 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the ev
 
 
 @app.command()
-def sla(config: Path | None = _CONFIG, db: Path | None = _DB,
+def sla(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHEMA,
         start: str = typer.Option(..., "--from", help="messages queued at or after"),
         end: str = typer.Option(..., "--to", help="messages queued before"),
         cls: str | None = typer.Option(None, "--class"),
@@ -175,7 +179,7 @@ def sla(config: Path | None = _CONFIG, db: Path | None = _DB,
 
     since, until = parse_when(start), parse_when(end)
     assert since is not None and until is not None
-    store = _open(config, db)
+    store = _open(config, db, schema)
     try:
         report = sla_report(store, since, until, cls)
     finally:
@@ -188,10 +192,10 @@ def sla(config: Path | None = _CONFIG, db: Path | None = _DB,
 
 @app.command()
 def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (retention)"),
-          db: Path | None = _DB) -> None:
+          db: str | None = _DB, schema: str = _SCHEMA) -> None:
     """Apply the retention policy now (a running node also does so every purge_interval)."""
     from ...cli import _load
-    from .service import audit_path, load_key, retention_policies
+    from .service import load_key, retention_policies
 
     cfg = _load(config)
     policies = retention_policies(cfg)
@@ -199,10 +203,13 @@ def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (
         typer.echo("no retention configured in [audit.retention]; nothing to do")
         return
     key = load_key(cfg.audit.pseudonymisation_key) if cfg.audit.pseudonymisation_key else None
-    store = SQLiteAuditStore(db or audit_path(cfg))
+    store = _open(config, db, schema, write=True)
     try:
         report = store.purge(policies, key, time.time())
     finally:
         store.close()
+    if not report:  # PostgresAuditStore: one node purges at a time
+        typer.echo("another node is applying retention to this store right now; nothing done")
+        raise typer.Exit(1)
     for cls, counts in report.items():
         typer.echo(f"{cls}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -15,20 +15,15 @@ import time
 from pathlib import Path
 
 from ...config import Config
-from ...spool import local_dir
+from ...spool import is_dsn
+from .backend import audit_location, open_audit_store
 from .store import Retention
 from .webhooks import WebhookSender
 from .writer import AuditWriter
 
-__all__ = ["AuditService", "audit_path", "load_key", "retention_policies"]
+__all__ = ["AuditService", "load_key", "retention_policies"]
 
 log = logging.getLogger("postlane.audit")
-
-
-def audit_path(config: Config) -> Path:
-    if config.audit.path:
-        return Path(config.audit.path)
-    return local_dir(config) / "audit.sqlite"
 
 
 def load_key(path: str) -> bytes:
@@ -58,10 +53,14 @@ def retention_policies(config: Config) -> dict[str, Retention]:
 class AuditService:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.path = audit_path(config)
+        self.location = audit_location(config)
+        """A SQLite file or a PostgreSQL DSN (``backend.audit_location``)."""
+        self.path = None if is_dsn(self.location) else Path(self.location)
+        """The SQLite file, if the store is one."""
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.writer = AuditWriter(self.path, self._sla_of, self._committed)
-        self.webhooks = [WebhookSender(self.path, hook, config.node.name)
+        opener = lambda: open_audit_store(config)  # noqa: E731  (one opener for all three)
+        self.writer = AuditWriter(opener, self._sla_of, self._committed)
+        self.webhooks = [WebhookSender(opener, hook, config.node.name)
                          for hook in config.audit.webhooks]
         self._tasks: list[asyncio.Task] = []
         self.add = self.writer.add

@@ -1,9 +1,12 @@
 """The audit store: every accounting record, hash-chained and indexed for evidence queries.
 
 ``AuditStore`` is the interface the rest of Postlane uses; ``SQLiteAuditStore`` is the embedded
-backend (one file, WAL). A PostgreSQL backend implements the same methods with the same columns.
-Only one process appends (the node's writer thread); readers (the CLI, webhooks) use their own
-connections and never block it.
+backend (one file, WAL; one node appends) and ``postgres.PostgresAuditStore`` the cluster one
+(several nodes append to one chain). What does not depend on the backend lives here and both
+use it, so they cannot drift apart: how a batch is hashed (``prepare``) and linked (``link``),
+how a chain is walked (``walk``) and how retention rewrites rows (``RetentionMixin``).
+``backend.open_audit_store`` picks the backend from the config. Readers (the CLI, webhooks) use
+their own connections and never block the writer.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +34,7 @@ from .chain import (
     PURGED,
     RECORD_COLUMNS,
     VERIFY_COLUMNS,
+    ChainLookup,
     ChainVerifier,
     Problem,
     chain_hash,
@@ -41,8 +45,9 @@ from .chain import (
     verify_tuple,
 )
 
-__all__ = ["AuditStore", "Query", "Retention", "SQLiteAuditStore", "VerifyResult", "day_of",
-           "row_record"]
+__all__ = ["AuditStore", "Query", "Retention", "RetentionMixin", "SQLiteAuditStore",
+           "StoreMissing", "VerifyResult", "check_days", "day_of", "link", "prepare", "row_record",
+           "walk"]
 
 COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS
 _SQL_TYPES = {"seq": "INTEGER PRIMARY KEY", "day": "TEXT NOT NULL", "prev": "BLOB NOT NULL",
@@ -160,10 +165,215 @@ class AuditStore(Protocol):
 
     def set_cursor(self, name: str, seq: int) -> None: ...
 
+    def hold_cursor(self, name: str) -> bool:
+        """Whether this instance may deliver (and move) cursor ``name``: with several nodes on
+        one store, one webhook sender at a time does."""
+        ...
+
     def close(self) -> None: ...
 
 
-class SQLiteAuditStore:
+class StoreMissing(FileNotFoundError):
+    """A read-only open found no audit store (no file, or no audit tables in the schema)."""
+
+
+# -- backend-neutral pieces ---------------------------------------------------------------------
+
+#: A record ready to be chained: its RECORD_COLUMNS values, sla, nonce, pdigest, content digest
+#: and time_logged; everything its hash needs except the hash of the record before it.
+Prepared = tuple[list, float | None, bytes, bytes, bytes, float]
+
+
+def _clean_text(value: object) -> object:
+    """Text PostgreSQL cannot store (NUL, lone surrogates) with U+FFFD in its place."""
+    if not isinstance(value, str):
+        return value
+    value = value.replace("\x00", "\ufffd")
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+
+
+def prepare(batch: Sequence[tuple[Record, float | None]], *, clean: bool = False
+            ) -> list[Prepared]:
+    """Hash each record's content (the part of its hash that does not depend on the chain), so
+    that a backend can do it before taking its append lock. ``clean`` first replaces text that
+    PostgreSQL refuses, so the stored row is exactly what the hash covers."""
+    out: list[Prepared] = []
+    urandom, fields = os.urandom, _RECORD_GETTER
+    for record, sla in batch:
+        row = list(fields(record))
+        if clean:
+            row = [_clean_text(v) for v in row]
+        for i in _FLOAT_POSITIONS:  # stored as floating point: hash what will be read back
+            row[i] = float(row[i])
+        sla = None if sla is None else float(sla)
+        nonce = urandom(16)
+        pdigest = personal_digest(nonce, [row[i] for i in _PERSONAL_POSITIONS])
+        hashed = [row[i] for i in _HASHED_POSITIONS]
+        hashed.append(sla)
+        out.append((row, sla, nonce, pdigest, content_digest(hashed, pdigest),
+                    record.time_logged))
+    return out
+
+
+def link(prepared: Sequence[Prepared], tail: tuple[int, bytes, str]
+         ) -> tuple[list[tuple], dict[str, list], tuple[int, bytes, str]]:
+    """Chain prepared records after ``tail`` (seq, hash and day of the last stored row).
+    Returns the rows to insert (COLUMNS order), each day's [first_seq, last_seq, records,
+    anchor, head] and the new tail. A day never goes back: a record logged before midnight by
+    a node whose clock is behind joins the day already open."""
+    seq, prev, day = tail
+    rows: list[tuple] = []
+    days: dict[str, list] = {}
+    day_number = -1
+    for row, sla, nonce, pdigest, cdigest, logged in prepared:
+        seq += 1
+        number = int(logged // 86400)
+        if number != day_number:  # strftime once per day, not per record
+            day_number = number
+            day = max(day, day_of(logged))
+        digest = chain_hash(prev, cdigest)
+        stats = days.get(day)
+        if stats is None:
+            days[day] = [seq, seq, 1, prev, digest]
+        else:
+            stats[1], stats[4] = seq, digest
+            stats[2] += 1
+        rows.append((seq, day, prev, digest, INTACT, nonce, pdigest, None, *row, sla))
+        prev = digest
+    return rows, days, (seq, prev, day)
+
+
+def walk(lookup: ChainLookup, days: list[dict], since_day: str | None,
+         rows_from: Callable[[int], Iterable[Sequence]]) -> VerifyResult:
+    """Verify a chain: ``days`` are the store's day seals, ``rows_from(seq)`` yields the rows
+    from ``seq`` on (VERIFY_COLUMNS, then the day). Both must come from one snapshot of the
+    store, or records appended in between look inserted."""
+    before: list[dict] = []
+    if since_day is not None:
+        before = [d for d in days if d["day"] < since_day]
+        days = [d for d in days if d["day"] >= since_day]
+    verifier = ChainVerifier(lookup)
+    start_seq = 0
+    if since_day is None or not before:
+        verifier.start(GENESIS)
+    else:
+        verifier.start(bytes(before[-1]["head"]))
+        start_seq = days[0]["first_seq"] if days else before[-1]["last_seq"] + 1
+    seen: dict[str, list] = {}
+    ok = True
+    check = verifier.feed
+    rows = rows_from(start_seq)
+    try:
+        for row in rows:
+            if not check((row,)):
+                ok = False
+                break
+            stats = seen.get(row[-1])
+            if stats is None:
+                seen[row[-1]] = [row[0], row[0], 1, row[2]]
+            else:
+                stats[1], stats[3] = row[0], row[2]
+                stats[2] += 1
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:  # a generator holding a cursor: release it before the snapshot ends
+            close()
+    if ok:
+        ok = check_days(verifier, days, seen)
+    return VerifyResult(ok=ok, checked=verifier.checked, problem=verifier.problem,
+                        first_seq=verifier.first_seq, last_seq=verifier.last_seq,
+                        head=verifier.head.hex(), pseudonymised=verifier.pseudonymised,
+                        purged=verifier.purged, days=days)
+
+
+def check_days(verifier: ChainVerifier, days: list[dict], seen: dict[str, list]) -> bool:
+    """The day seals catch what the links cannot: records cut off the end of a day."""
+    for day in days:
+        got = seen.pop(day["day"], None)
+        if got is None:
+            verifier.problem = Problem(day["first_seq"], "removed",
+                                       f"all {day['records']} records of {day['day']} "
+                                       f"(seq {day['first_seq']}..{day['last_seq']}) are "
+                                       "missing")
+            return False
+        if got[1] != day["last_seq"] or bytes(got[3]) != bytes(day["head"]) or \
+                got[2] != day["records"]:
+            verifier.problem = Problem(got[1] + 1 if got[1] < day["last_seq"] else got[1],
+                                       "removed" if got[2] < day["records"] else "inserted",
+                                       f"day {day['day']} was sealed with {day['records']} "
+                                       f"records ending at seq {day['last_seq']}, the store "
+                                       f"has {got[2]} ending at seq {got[1]}")
+            return False
+    if seen:
+        day, got = next(iter(seen.items()))
+        verifier.problem = Problem(got[0], "inserted", f"day {day} has no seal")
+        return False
+    return True
+
+
+class RetentionMixin:
+    """Retention on any backend, which supplies ``_candidates`` (rows of a class queued before
+    a cutoff, in some states, after a seq), ``_write_changes`` and ``_log_purge``."""
+
+    def purge(self, policies: Mapping[str, Retention], key: bytes | None,
+              now: float) -> dict[str, dict[str, int]]:
+        """Apply retention: pseudonymise, then delete (to a tombstone), per class. A row whose
+        own hash does not check is left alone and counted, so purging never launders a tamper."""
+        report: dict[str, dict[str, int]] = {}
+        for cls, policy in policies.items():
+            counts = {"pseudonymised": 0, "purged": 0, "skipped_tampered": 0}
+            if policy.pseudonymise is not None:
+                if key is None:
+                    raise ValueError("pseudonymisation needs a key")
+                cutoff = now - policy.pseudonymise
+                counts["pseudonymised"], bad = self._rewrite(
+                    cls, cutoff, (INTACT,), lambda row: pseudonymise_row(row, key))
+                counts["skipped_tampered"] += bad
+                self._log_purge(now, cls, "pseudonymise", cutoff, counts["pseudonymised"])
+            if policy.delete is not None:
+                cutoff = now - policy.delete
+                counts["purged"], bad = self._rewrite(cls, cutoff, (INTACT, PSEUDONYMISED),
+                                                      _tombstone)
+                counts["skipped_tampered"] += bad
+                self._log_purge(now, cls, "delete", cutoff, counts["purged"])
+            report[cls] = counts
+        return report
+
+    def _rewrite(self, cls: str, cutoff: float, states: tuple[int, ...],
+                 change: Callable[[dict], dict]) -> tuple[int, int]:
+        done = bad = 0
+        last = 0
+        while True:
+            rows = self._candidates(cls, cutoff, states, last, _PURGE_BATCH)
+            if not rows:
+                return done, bad
+            last = rows[-1]["seq"]
+            updates = []
+            for row in rows:
+                cdigest, complaint = row_cdigest(verify_tuple(row))
+                if complaint or chain_hash(bytes(row["prev"]), cdigest) != bytes(row["hash"]):
+                    bad += 1
+                    continue
+                row["cdigest"] = cdigest
+                updates.append((row["seq"], change(row)))
+            if updates:
+                done += self._write_changes(updates, states)
+
+    def _candidates(self, cls: str, cutoff: float, states: tuple[int, ...], after: int,
+                    limit: int) -> list[dict]:
+        raise NotImplementedError
+
+    def _write_changes(self, updates: list[tuple[int, dict]], states: tuple[int, ...]) -> int:
+        """Apply ``updates`` (seq, new values) to rows still in ``states``; returns how many."""
+        raise NotImplementedError
+
+    def _log_purge(self, now: float, cls: str, action: str, cutoff: float, rows: int) -> None:
+        raise NotImplementedError
+
+
+
+
+class SQLiteAuditStore(RetentionMixin):
     """The embedded audit store. One thread at a time per instance (asyncio.to_thread is fine:
     calls are sequential)."""
 
@@ -171,7 +381,7 @@ class SQLiteAuditStore:
         self.path = Path(path)
         if readonly:
             if not self.path.exists():
-                raise FileNotFoundError(f"no audit store at {self.path}")
+                raise StoreMissing(f"no audit store at {self.path}")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                       isolation_level=None, timeout=30,
                                       check_same_thread=False)
@@ -187,7 +397,6 @@ class SQLiteAuditStore:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._create()
         self.db.row_factory = sqlite3.Row
-        self._tail: tuple[int, bytes, str] | None = None  # seq, hash, day of the last row
 
     def _create(self) -> None:
         cols = ", ".join(f"{c} {_SQL_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
@@ -216,43 +425,16 @@ class SQLiteAuditStore:
 
     def append(self, batch: Sequence[tuple[Record, float | None]]) -> int:
         """Chain and insert records (with their class SLA) in one transaction; returns the
-        last seq. Called from one writer only."""
+        last seq. The tail is read inside the write transaction (``BEGIN IMMEDIATE`` holds the
+        file's write lock), so two writers on one file still make one chain."""
         if not batch:
-            return self._tail[0] if self._tail else self._load_tail()[0]
-        if self._tail is None:
-            self._tail = self._load_tail()
-        seq, prev, day = self._tail
-        rows = []
-        days: dict[str, list] = {}
-        urandom, fields = os.urandom, _RECORD_GETTER
-        day_number = -1
-        for record, sla in batch:
-            seq += 1
-            number = int(record.time_logged // 86400)
-            if number != day_number:  # strftime once per day, not per record
-                day_number = number
-                day = max(day, day_of(record.time_logged))
-            row = list(fields(record))
-            for i in _FLOAT_POSITIONS:  # stored as REAL: hash what will be read back
-                row[i] = float(row[i])
-            sla = None if sla is None else float(sla)
-            nonce = urandom(16)
-            pdigest = personal_digest(nonce, [row[i] for i in _PERSONAL_POSITIONS])
-            hashed = [row[i] for i in _HASHED_POSITIONS]
-            hashed.append(sla)
-            digest = chain_hash(prev, content_digest(hashed, pdigest))
-            stats = days.get(day)
-            if stats is None:
-                days[day] = [seq, seq, 1, prev, digest]
-            else:
-                stats[1], stats[4] = seq, digest
-                stats[2] += 1
-            rows.append((seq, day, prev, digest, INTACT, nonce, pdigest, None, *row, sla))
-            prev = digest
+            return self._load_tail()[0]
+        prepared = prepare(batch)  # the hashing, before taking the lock
         marks = f"({', '.join('?' * len(COLUMNS))})"
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            rows, days, tail = link(prepared, self._load_tail())
             # executemany, not multi-row INSERTs: those compile a new statement for each batch
             # size and measured worse in the campaign bench (node CPU +0.3 ms/message, RSS +17 MB)
             db.executemany(f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES {marks}",
@@ -265,10 +447,8 @@ class SQLiteAuditStore:
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
-            self._tail = None  # reload: the rows were not written
             raise
-        self._tail = (seq, prev, day)
-        return seq
+        return tail[0]
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -385,123 +565,47 @@ class SQLiteAuditStore:
                                               (digest,))]
 
     def verify(self, since_day: str | None = None) -> VerifyResult:
-        """Walk the chain (from the start of ``since_day``) and check every day's seal."""
-        days = self.days()
-        before: list[dict] = []
-        if since_day is not None:
-            before = [d for d in days if d["day"] < since_day]
-            days = [d for d in days if d["day"] >= since_day]
-        verifier = ChainVerifier(self)
-        start_seq = 0
-        if since_day is None or not before:
-            verifier.start(GENESIS)
-        else:
-            verifier.start(bytes(before[-1]["head"]))
-            start_seq = days[0]["first_seq"] if days else before[-1]["last_seq"] + 1
-        seen: dict[str, list] = {}
-        ok = True
+        """Walk the chain (from the start of ``since_day``) and check every day's seal, in one
+        read transaction: a batch the node commits meanwhile must not look inserted."""
+        self.db.execute("BEGIN")
+        try:
+            return walk(self, self.days(), since_day, self._verify_rows)
+        finally:
+            self.db.execute("COMMIT")
+
+    def _verify_rows(self, start_seq: int) -> Iterator[tuple]:
         cursor = self.db.cursor()
         cursor.row_factory = None  # plain tuples in VERIFY_COLUMNS order, then the day
-        cursor.execute(f"SELECT {', '.join(VERIFY_COLUMNS)}, day FROM audit_records "
-                       "WHERE seq >= ? ORDER BY seq", (start_seq,))
-        check = verifier.feed
-        for row in cursor:
-            if not check((row,)):
-                ok = False
-                break
-            stats = seen.get(row[-1])
-            if stats is None:
-                seen[row[-1]] = [row[0], row[0], 1, row[2]]
-            else:
-                stats[1], stats[3] = row[0], row[2]
-                stats[2] += 1
-        cursor.close()
-        if ok:
-            ok = self._check_days(verifier, days, seen)
-        return VerifyResult(ok=ok, checked=verifier.checked, problem=verifier.problem,
-                            first_seq=verifier.first_seq, last_seq=verifier.last_seq,
-                            head=verifier.head.hex(), pseudonymised=verifier.pseudonymised,
-                            purged=verifier.purged, days=days)
+        try:
+            yield from cursor.execute(f"SELECT {', '.join(VERIFY_COLUMNS)}, day FROM "
+                                      "audit_records WHERE seq >= ? ORDER BY seq", (start_seq,))
+        finally:
+            cursor.close()
 
-    @staticmethod
-    def _check_days(verifier: ChainVerifier, days: list[dict], seen: dict[str, list]) -> bool:
-        """The day seals catch what the links cannot: records cut off the end of a day."""
-        for day in days:
-            got = seen.pop(day["day"], None)
-            if got is None:
-                verifier.problem = Problem(day["first_seq"], "removed",
-                                           f"all {day['records']} records of {day['day']} "
-                                           f"(seq {day['first_seq']}..{day['last_seq']}) are "
-                                           "missing")
-                return False
-            if got[1] != day["last_seq"] or bytes(got[3]) != bytes(day["head"]) or \
-                    got[2] != day["records"]:
-                verifier.problem = Problem(got[1] + 1 if got[1] < day["last_seq"] else got[1],
-                                           "removed" if got[2] < day["records"] else "inserted",
-                                           f"day {day['day']} was sealed with {day['records']} "
-                                           f"records ending at seq {day['last_seq']}, the store "
-                                           f"has {got[2]} ending at seq {got[1]}")
-                return False
-        if seen:
-            day, got = next(iter(seen.items()))
-            verifier.problem = Problem(got[0], "inserted", f"day {day} has no seal")
-            return False
-        return True
+    # -- retention (RetentionMixin) ------------------------------------------------------------
 
-    # -- retention ----------------------------------------------------------------------------
-
-    def purge(self, policies: Mapping[str, Retention], key: bytes | None,
-              now: float) -> dict[str, dict[str, int]]:
-        """Apply retention: pseudonymise, then delete (to a tombstone), per class. A row whose
-        own hash does not check is left alone and counted, so purging never launders a tamper."""
-        report: dict[str, dict[str, int]] = {}
-        for cls, policy in policies.items():
-            counts = {"pseudonymised": 0, "purged": 0, "skipped_tampered": 0}
-            if policy.pseudonymise is not None:
-                if key is None:
-                    raise ValueError("pseudonymisation needs a key")
-                cutoff = now - policy.pseudonymise
-                counts["pseudonymised"], bad = self._rewrite(
-                    cls, cutoff, (INTACT,), lambda row: pseudonymise_row(row, key))
-                counts["skipped_tampered"] += bad
-                self._log_purge(now, cls, "pseudonymise", cutoff, counts["pseudonymised"])
-            if policy.delete is not None:
-                cutoff = now - policy.delete
-                counts["purged"], bad = self._rewrite(cls, cutoff, (INTACT, PSEUDONYMISED),
-                                                      _tombstone)
-                counts["skipped_tampered"] += bad
-                self._log_purge(now, cls, "delete", cutoff, counts["purged"])
-            report[cls] = counts
-        return report
-
-    def _rewrite(self, cls: str, cutoff: float, states: tuple[int, ...], change) -> tuple[int, int]:
-        done = bad = 0
-        last = 0
+    def _candidates(self, cls: str, cutoff: float, states: tuple[int, ...], after: int,
+                    limit: int) -> list[dict]:
         marks = ", ".join("?" * len(states))
-        while True:
-            rows = [dict(r) for r in self.db.execute(
-                f"SELECT * FROM audit_records WHERE cls = ? AND time_queued < ? AND "
-                f"state IN ({marks}) AND seq > ? ORDER BY seq LIMIT ?",
-                (cls, cutoff, *states, last, _PURGE_BATCH))]
-            if not rows:
-                return done, bad
-            last = rows[-1]["seq"]
-            updates = []
-            for row in rows:
-                cdigest, complaint = row_cdigest(verify_tuple(row))
-                if complaint or chain_hash(bytes(row["prev"]), cdigest) != bytes(row["hash"]):
-                    bad += 1
-                    continue
-                row["cdigest"] = cdigest
-                updates.append((row["seq"], change(row)))
-            if updates:
-                cols = list(updates[0][1])
-                self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany(
-                    f"UPDATE audit_records SET {', '.join(f'{c} = ?' for c in cols)} "
-                    "WHERE seq = ?", [(*(new[c] for c in cols), seq) for seq, new in updates])
-                self.db.execute("COMMIT")
-                done += len(updates)
+        return [dict(r) for r in self.db.execute(
+            f"SELECT * FROM audit_records WHERE cls = ? AND time_queued < ? AND "
+            f"state IN ({marks}) AND seq > ? ORDER BY seq LIMIT ?",
+            (cls, cutoff, *states, after, limit))]
+
+    def _write_changes(self, updates: list[tuple[int, dict]], states: tuple[int, ...]) -> int:
+        cols = list(updates[0][1])
+        marks = ", ".join("?" * len(states))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            done = self.db.executemany(
+                f"UPDATE audit_records SET {', '.join(f'{c} = ?' for c in cols)} "
+                f"WHERE seq = ? AND state IN ({marks})",
+                [(*(new[c] for c in cols), seq, *states) for seq, new in updates]).rowcount
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return done
 
     def _log_purge(self, now: float, cls: str, action: str, cutoff: float, rows: int) -> None:
         if rows:
@@ -518,6 +622,9 @@ class SQLiteAuditStore:
         self.db.execute("INSERT INTO audit_cursors (name, seq, updated) VALUES (?, ?, ?) "
                         "ON CONFLICT(name) DO UPDATE SET seq = excluded.seq, "
                         "updated = excluded.updated", (name, seq, time.time()))
+
+    def hold_cursor(self, name: str) -> bool:
+        return True  # one node per store file
 
 
 def _tombstone(row: dict) -> dict:

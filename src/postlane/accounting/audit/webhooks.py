@@ -3,7 +3,7 @@
 Each webhook has a durable cursor (the last audit seq it has acknowledged, kept in the audit
 store), so delivery is at-least-once and in order across restarts and receiver outages: a batch
 is retried with exponential backoff until the receiver answers 2xx, and only then does the cursor
-move. Receivers deduplicate on ``seq``.
+move. Receivers deduplicate on ``seq``. In a cluster the cursor is shared and one node sends.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 
 from ...config.model import WebhookConfig
-from .store import SQLiteAuditStore, row_record
+from .store import AuditStore, row_record
 
 __all__ = ["WebhookSender", "event_of"]
 
@@ -34,38 +34,63 @@ def event_of(row: dict) -> dict:
 
 
 class WebhookSender:
-    def __init__(self, store_path: str | Path, hook: WebhookConfig, node: str) -> None:
+    """Delivers one webhook. With several nodes on one PostgreSQL store, each node runs a
+    sender but only the one holding the webhook's cursor (``AuditStore.hold_cursor``) sends;
+    the others check again every few seconds and take over when that node goes away."""
+
+    def __init__(self, open_store: Callable[[], AuditStore], hook: WebhookConfig,
+                 node: str) -> None:
         self.hook = hook
         self.name = hook.name or hook.url
         self.node = node
-        self.store_path = Path(store_path)
+        self.open_store = open_store
         self.wake = asyncio.Event()
 
     async def run(self) -> None:
-        """Deliver forever (cancel to stop; the cursor already marks what was acknowledged)."""
+        """Deliver forever (cancel to stop; the cursor already marks what was acknowledged).
+        A store that cannot be read (the database away) is retried like a refusing receiver."""
         hook = self.hook
-        store = await asyncio.to_thread(SQLiteAuditStore, self.store_path)
+        store: AuditStore | None = None
+        delay = hook.retry_min
         try:
             async with httpx.AsyncClient(timeout=hook.timeout) as client:
-                cursor = await asyncio.to_thread(store.cursor, self.name)
-                delay = hook.retry_min
                 while True:
                     self.wake.clear()
-                    rows, upto = await asyncio.to_thread(
-                        store.rows_after, cursor, hook.types, hook.classes, hook.batch)
-                    if rows and not await self._post(client, rows):
+                    try:
+                        if store is None:
+                            store = await asyncio.to_thread(self.open_store)
+                        more = await self._round(client, store)
+                    except Exception as exc:  # the database away, a locked file: try again
+                        log.warning("webhook cannot read the audit store",
+                                    extra={"webhook": self.name, "error": repr(exc)})
+                        more = None
+                    if more is None:
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, hook.retry_max)
                         continue
                     delay = hook.retry_min
-                    if upto != cursor:
-                        await asyncio.to_thread(store.set_cursor, self.name, upto)
-                        cursor = upto
-                    if len(rows) < hook.batch:
+                    if not more:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self.wake.wait(), _POLL)
         finally:
-            await asyncio.to_thread(store.close)
+            if store is not None:
+                await asyncio.to_thread(store.close)
+
+    async def _round(self, client: httpx.AsyncClient, store: AuditStore) -> bool | None:
+        """Send one batch: True if more may be waiting, False to wait for a commit (or for
+        another node's sender to go away), None if the receiver did not take it."""
+        hook = self.hook
+        if not await asyncio.to_thread(store.hold_cursor, self.name):
+            return False
+        # read every round: after a reconnect another node may have moved it meanwhile
+        cursor = await asyncio.to_thread(store.cursor, self.name)
+        rows, upto = await asyncio.to_thread(store.rows_after, cursor, hook.types,
+                                             hook.classes, hook.batch)
+        if rows and not await self._post(client, rows):
+            return None
+        if upto != cursor:
+            await asyncio.to_thread(store.set_cursor, self.name, upto)
+        return len(rows) == hook.batch
 
     async def _post(self, client: httpx.AsyncClient, rows: list[dict]) -> bool:
         payload = {"node": self.node, "events": [event_of(r) for r in rows]}

@@ -1,9 +1,9 @@
 """The audit writer thread: group commit of accounting records into the audit store.
 
 The accounting listener only appends to a queue (a few hundred nanoseconds on the event loop,
-and no thread wake-up while the writer gathers a batch); hashing and SQLite work happen in this
-thread, one transaction per batch of whatever arrived in the last 50 ms or while the previous
-batch was being written.
+and no thread wake-up while the writer gathers a batch); hashing and database work happen in
+this thread, one transaction per batch of whatever arrived in the last 50 ms or while the
+previous batch was being written. The store (SQLite or PostgreSQL) is opened in this thread.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ..records import Record
-from .store import SQLiteAuditStore
+from .store import AuditStore, SQLiteAuditStore
 
 __all__ = ["AuditWriter"]
 
@@ -31,18 +31,24 @@ _WINDOW = 0.05  # seconds a batch gathers: audit records may lag delivery by thi
 class _Call:
     __slots__ = ("fn", "future")
 
-    def __init__(self, fn: Callable[[SQLiteAuditStore], object]) -> None:
+    def __init__(self, fn: Callable[[AuditStore], object]) -> None:
         self.fn = fn
         self.future: Future = Future()
 
 
 class AuditWriter:
-    """Owns the store's write connection. ``sla_of(class)`` is looked up per record so that
-    evidence keeps the SLA that applied when the record was written."""
+    """Owns the store's write connection. ``store`` opens it (``backend.open_audit_store``), or
+    is a SQLite file. ``sla_of(class)`` is looked up per record so that evidence keeps the SLA
+    that applied when the record was written."""
 
-    def __init__(self, path: str | Path, sla_of: Callable[[str], float | None],
+    def __init__(self, store: str | Path | Callable[[], AuditStore],
+                 sla_of: Callable[[str], float | None],
                  on_commit: Callable[[int], None] | None = None) -> None:
-        self.path = Path(path)
+        if callable(store):
+            self._open: Callable[[], AuditStore] = store
+        else:
+            path = Path(store)
+            self._open = lambda: SQLiteAuditStore(path)
         self.sla_of = sla_of
         self.on_commit = on_commit
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -61,7 +67,7 @@ class AuditWriter:
         if self._error is not None:
             raise self._error
 
-    def call(self, fn: Callable[[SQLiteAuditStore], object]) -> Future:
+    def call(self, fn: Callable[[AuditStore], object]) -> Future:
         """Run ``fn(store)`` in the writer thread after the records queued so far (purges, and
         flush points for tests and benchmarks)."""
         item = _Call(fn)
@@ -82,7 +88,7 @@ class AuditWriter:
 
     def _run(self) -> None:
         try:
-            store = SQLiteAuditStore(self.path)
+            store = self._open()
         except BaseException as exc:  # reported by start()
             self._error = exc
             self._ready.set()
@@ -123,9 +129,10 @@ class AuditWriter:
         finally:
             store.close()
 
-    def _commit(self, store: SQLiteAuditStore, records: list[tuple[Record, float | None]]) -> None:
-        """Append, retrying until it works: an audit record is never dropped on a disk error
-        (the queue grows meanwhile and the error is logged once per try)."""
+    def _commit(self, store: AuditStore, records: list[tuple[Record, float | None]]) -> None:
+        """Append, retrying until it works: an audit record is never dropped on a disk error or
+        while the database is away (the queue grows meanwhile and the error is logged once per
+        try)."""
         if not records:
             return
         delay = 0.5

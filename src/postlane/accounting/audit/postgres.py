@@ -1,0 +1,417 @@
+"""The audit store in PostgreSQL: one hash chain that every node of a cluster appends to.
+
+Same contract, tables and columns as ``SQLiteAuditStore`` (``BYTEA`` hashes, ``DOUBLE PRECISION``
+times, which give back exactly the floats that were hashed), in the cluster's schema
+(``cluster.schema_name``) beside the shared spool.
+
+**One chain, several appenders.** ``append`` hashes each record's content first (no lock
+needed), then in one transaction: ``pg_advisory_xact_lock`` on the schema's append key, read the
+tail (the last stored row), link the batch after it, COPY it in, update the day seals, COMMIT.
+The lock is released by the commit, so the next appender (this node's next batch or another
+node's) reads the tail just committed: seq stays dense and every record links to the one before
+it, whichever node wrote it. Records of several nodes interleave in commit order. An advisory
+lock rather than ``FOR UPDATE`` on a tail row: no extra table that could disagree with the rows,
+and a node that dies mid-append releases it with its connection. Holding it costs the chain
+hashes (about 1 µs a record) and the insert of one batch.
+
+**Driver: psycopg 3, not asyncpg** (which the spool uses). This store's interface is synchronous
+and is called from threads: the writer thread, the CLI, webhook senders through
+``asyncio.to_thread`` (any executor thread), tests. On asyncpg it would need an event loop of
+its own in a thread of its own and a hop there for every call, and ``verify`` (a server-side
+cursor in one REPEATABLE READ snapshot, interleaved with the look-ups that name a break) would be
+coroutines driven from another thread. psycopg is synchronous, thread-safe per connection, has
+server-side cursors and COPY; the ``binary`` wheel brings its own libpq.
+
+**Shared work.** Retention runs on one node at a time (a session advisory lock; the others skip
+that round), and one node at a time delivers each webhook (``hold_cursor``), so a cluster sends
+each event once, not once per node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from itertools import count
+
+import psycopg
+from psycopg.rows import dict_row
+
+from ...spool.postgres import CONNECT_TIMEOUT, redact
+from ..records import Record
+from .store import (
+    COLUMNS,
+    VERIFY_COLUMNS,
+    Query,
+    Retention,
+    RetentionMixin,
+    StoreMissing,
+    VerifyResult,
+    link,
+    prepare,
+    walk,
+)
+
+__all__ = ["MIGRATIONS", "PostgresAuditStore", "SCHEMA_VERSION"]
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE audit_records (
+    seq BIGINT PRIMARY KEY, day TEXT NOT NULL, prev BYTEA NOT NULL, hash BYTEA NOT NULL,
+    state SMALLINT NOT NULL, nonce BYTEA, pdigest BYTEA, cdigest BYTEA,
+    type TEXT, time_logged DOUBLE PRECISION, time_queued DOUBLE PRECISION, orig TEXT, rcpt TEXT,
+    queue_id TEXT, cls TEXT, vmta_pool TEXT, orcpt TEXT, dsn_action TEXT, dsn_status TEXT,
+    dsn_diag TEXT, dsn_mta TEXT, bounce_cat TEXT, src_type TEXT, src_mta TEXT,
+    dlv_source_ip TEXT, dlv_destination_ip TEXT, dlv_tls_protocol TEXT, dlv_tls_cipher TEXT,
+    dlv_size BIGINT, vmta TEXT, job_id TEXT, env_id TEXT, correlation_id TEXT, message_id TEXT,
+    attempt INTEGER, total_seconds_queued DOUBLE PRECISION, listener TEXT, auth_user TEXT,
+    sla DOUBLE PRECISION);
+CREATE INDEX ar_queue ON audit_records (queue_id);
+CREATE INDEX ar_time ON audit_records (time_logged);
+CREATE INDEX ar_msgid ON audit_records (message_id) WHERE type = 'r';
+CREATE INDEX ar_corr ON audit_records (correlation_id) WHERE type = 'r';
+CREATE INDEX ar_envid ON audit_records (env_id) WHERE type = 'r' AND env_id <> '';
+CREATE INDEX ar_rcpt ON audit_records (lower(rcpt)) WHERE type = 'r';
+CREATE INDEX ar_cls ON audit_records (cls, time_queued) WHERE type = 'r';
+CREATE INDEX ar_pool ON audit_records (vmta_pool, time_queued) WHERE type = 'r';
+CREATE TABLE audit_days (
+    day TEXT PRIMARY KEY, first_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL,
+    records BIGINT NOT NULL, anchor BYTEA NOT NULL, head BYTEA NOT NULL);
+CREATE TABLE audit_cursors (
+    name TEXT PRIMARY KEY, seq BIGINT NOT NULL, updated DOUBLE PRECISION NOT NULL);
+CREATE TABLE audit_operations (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, time DOUBLE PRECISION NOT NULL,
+    action TEXT NOT NULL, pool TEXT NOT NULL, domain TEXT NOT NULL);
+CREATE TABLE audit_purges (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, time DOUBLE PRECISION NOT NULL,
+    cls TEXT NOT NULL, action TEXT NOT NULL, cutoff DOUBLE PRECISION NOT NULL,
+    rows BIGINT NOT NULL);
+"""),
+]
+"""Versioned schema of the audit tables (table ``audit_migrations``, separate from the spool's
+``schema_migrations``): append ``(n + 1, sql)``; never edit an applied entry. The columns are
+those of ``store.COLUMNS``; a test checks that they match."""
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_INSERT = f"COPY audit_records ({', '.join(COLUMNS)}) FROM STDIN"
+_names = count()
+
+
+class PostgresAuditStore(RetentionMixin):
+    """The audit store in schema ``schema`` of the database at ``dsn``. One connection; one
+    thread at a time per instance (like the SQLite store). ``readonly``: no migrations, and
+    every transaction is read-only (the CLI's evidence commands)."""
+
+    def __init__(self, dsn: str, schema: str = "postlane", *, readonly: bool = False) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.readonly = readonly
+        self._held: set[str] = set()  # cursors this connection holds the webhook lock of
+        self._conn = self._connect()
+        try:
+            if readonly:
+                self._check_schema()
+            else:
+                self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- connection and schema ------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection:
+        try:
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                                   application_name=f"postlane-audit/{self.schema}")
+        except psycopg.Error as exc:
+            raise ConnectionError(f"cannot open the PostgreSQL audit store at"
+                                  f" {redact(self.dsn)}: {exc}") from None
+        conn.execute(f'SET search_path TO "{self.schema}"')
+        if self.readonly:
+            conn.execute("SET default_transaction_read_only = on")
+        return conn
+
+    def _db(self) -> psycopg.Connection:
+        """The connection, opened again if the last one broke (a database restart or failover:
+        the writer retries its batch, and the retry must not fail on a dead socket)."""
+        if self._conn.closed or self._conn.broken:
+            self._held.clear()  # session locks went with the old connection
+            self._conn = self._connect()
+        return self._conn
+
+    def _migrate(self) -> None:
+        """Create or upgrade the audit tables, one node at a time: under the advisory lock the
+        spool's migrations take too, so the two never race at creating the schema."""
+        conn = self._conn
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"postlane:{self.schema}",))
+            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+            conn.execute("CREATE TABLE IF NOT EXISTS audit_migrations ("
+                         " version INTEGER PRIMARY KEY,"
+                         " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            current = self._version()
+            for version, sql in MIGRATIONS:
+                if version > current:
+                    conn.execute(sql)
+                    conn.execute("INSERT INTO audit_migrations (version) VALUES (%s)", (version,))
+
+    def _check_schema(self) -> None:
+        found = self._conn.execute("SELECT to_regclass(%s)",
+                                   (f'"{self.schema}".audit_migrations',)).fetchone()[0]
+        if found is None:
+            raise StoreMissing(f"no audit store in schema {self.schema!r} at {redact(self.dsn)}")
+        self._version()
+
+    def _version(self) -> int:
+        current = self._conn.execute(
+            "SELECT coalesce(max(version), 0) FROM audit_migrations").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(f"the audit tables in PostgreSQL schema {self.schema!r} are at"
+                               f" version {current}, newer than this Postlane ({SCHEMA_VERSION})")
+        return current
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[psycopg.Connection]:
+        """One REPEATABLE READ transaction: every statement in it sees the same committed
+        state, whatever other nodes append meanwhile."""
+        conn = self._db()
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield conn
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def append(self, batch: Sequence[tuple[Record, float | None]]) -> int:
+        """Chain and insert records (with their class SLA) in one transaction, after whatever
+        any node appended last; returns the last seq. Text PostgreSQL refuses (NUL, lone
+        surrogates) is replaced by U+FFFD, and only then hashed."""
+        if not batch:
+            row = self._db().execute("SELECT coalesce(max(seq), 0) FROM audit_records").fetchone()
+            return row[0]
+        try:
+            return self._append(prepare(batch))
+        except (psycopg.DataError, UnicodeEncodeError):
+            return self._append(prepare(batch, clean=True))
+
+    def _append(self, prepared: list) -> int:
+        conn = self._db()
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                         (f"postlane-audit-append:{self.schema}",))
+            last = conn.execute("SELECT seq, hash, day FROM audit_records"
+                                " ORDER BY seq DESC LIMIT 1").fetchone()
+            tail = (last[0], bytes(last[1]), last[2]) if last else (0, bytes(32), "")
+            rows, days, tail = link(prepared, tail)
+            with conn.cursor() as cur:
+                with cur.copy(_INSERT) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                cur.executemany(
+                    "INSERT INTO audit_days (day, first_seq, last_seq, records, anchor, head)"
+                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (day) DO UPDATE SET"
+                    " last_seq = excluded.last_seq, records = audit_days.records"
+                    " + excluded.records, head = excluded.head",
+                    [(d, *s) for d, s in days.items()])
+        return tail[0]
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def find(self, query: Query) -> list[dict]:
+        """Every record of the messages matching the keys (a recipient key keeps only that
+        recipient's records), in chain order."""
+        where, args = ["type = 'r'"], []  # literal: lets PostgreSQL use the partial indexes
+        keys = {"queue_id": query.queue_id, "message_id": query.message_id,
+                "correlation_id": query.correlation_id, "env_id": query.env_id,
+                "cls": query.cls, "vmta_pool": query.pool}
+        for col, value in keys.items():
+            if value is not None:
+                where.append(f"{col} = %s")
+                args.append(value)
+        if query.env_id is not None:
+            where.append("env_id <> ''")
+        if query.rcpt is not None:
+            where.append("lower(rcpt) = lower(%s)")
+            args.append(query.rcpt)
+        if query.since is not None:
+            where.append("time_queued >= %s")
+            args.append(query.since)
+        if query.until is not None:
+            where.append("time_queued < %s")
+            args.append(query.until)
+        if len(where) == 1:
+            raise ValueError("an evidence query needs at least one key or a time range")
+        sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
+               f"audit_records WHERE {' AND '.join(where)})")
+        if query.rcpt is not None:
+            sql += " AND lower(rcpt) = lower(%s)"
+            args.append(query.rcpt)
+        with self._db().cursor(row_factory=dict_row) as cur:
+            return cur.execute(sql + " ORDER BY seq", args).fetchall()
+
+    def rows_between(self, since: float | None, until: float | None,
+                     cls: str | None = None) -> Iterator[dict]:
+        """Records logged in [since, until), optionally of one class, in chain order (read
+        through a server-side cursor: an export of millions of rows stays small in memory)."""
+        where, args = ["true"], []
+        if since is not None:
+            where.append("time_logged >= %s")
+            args.append(since)
+        if until is not None:
+            where.append("time_logged < %s")
+            args.append(until)
+        if cls is not None:
+            where.append("cls = %s")
+            args.append(cls)
+        conn = self._db()
+        with conn.transaction(), conn.cursor(f"audit_rows_{next(_names)}",
+                                             row_factory=dict_row) as cur:
+            cur.itersize = 2000
+            cur.execute(f"SELECT * FROM audit_records WHERE {' AND '.join(where)} ORDER BY seq",
+                        args)
+            yield from cur
+
+    def rows_after(self, seq: int, types: Sequence[str], classes: Sequence[str],
+                   limit: int) -> tuple[list[dict], int]:
+        """Up to ``limit`` records after ``seq`` that pass the filters, and the seq the caller
+        may move its cursor to once they are delivered (past filtered-out records too). Appends
+        commit in seq order (one at a time), so a snapshot never lacks a seq below its top."""
+        where, args = ["seq > %s"], [seq]
+        if types:
+            where.append("type = ANY(%s)")
+            args.append(list(types))
+        if classes:
+            where.append("cls = ANY(%s)")
+            args.append(list(classes))
+        with self._snapshot() as conn, conn.cursor(row_factory=dict_row) as cur:
+            top = cur.execute("SELECT coalesce(max(seq), 0) AS top FROM audit_records"
+                              ).fetchone()["top"]
+            rows = cur.execute(f"SELECT * FROM audit_records WHERE {' AND '.join(where)}"
+                               " AND seq <= %s ORDER BY seq LIMIT %s",
+                               [*args, top, limit]).fetchall()
+        if len(rows) == limit:
+            return rows, rows[-1]["seq"]
+        return rows, max(top, seq)
+
+    def days(self) -> list[dict]:
+        with self._db().cursor(row_factory=dict_row) as cur:
+            return cur.execute("SELECT * FROM audit_days ORDER BY day").fetchall()
+
+    def purges(self) -> list[dict]:
+        with self._db().cursor(row_factory=dict_row) as cur:
+            return cur.execute("SELECT * FROM audit_purges ORDER BY id").fetchall()
+
+    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None:
+        """Operator actions that explain waiting (pause/resume of a pool or one of its lanes)."""
+        self._db().execute("INSERT INTO audit_operations (time, action, pool, domain)"
+                           " VALUES (%s, %s, %s, %s)", (when, action, pool, domain))
+
+    def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
+        """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
+        ends at ``until``."""
+        out: list[tuple[float, float, str]] = []
+        started: dict[str, float] = {}
+        for when, action, domain in self._db().execute(
+                "SELECT time, action, domain FROM audit_operations WHERE pool = %s AND time < %s"
+                " ORDER BY id", (pool, until)):
+            if action == "pause":
+                started.setdefault(domain, when)
+            elif action == "resume" and domain in started:
+                out.append((started.pop(domain), when, domain))
+        out.extend((start, until, domain) for domain, start in started.items())
+        return sorted(out)
+
+    def classes(self) -> list[str]:
+        return [r[0] for r in self._db().execute(
+            "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
+
+    # -- verification ---------------------------------------------------------------------------
+
+    def seqs_with_hash(self, digest: bytes) -> list[int]:
+        return [r[0] for r in self._db().execute(
+            "SELECT seq FROM audit_records WHERE hash = %s ORDER BY seq", (digest,))]
+
+    def seqs_linking_to(self, digest: bytes) -> list[int]:
+        return [r[0] for r in self._db().execute(
+            "SELECT seq FROM audit_records WHERE prev = %s ORDER BY seq", (digest,))]
+
+    def verify(self, since_day: str | None = None) -> VerifyResult:
+        """Walk the chain (from the start of ``since_day``) and check every day's seal, in one
+        snapshot: batches other nodes commit meanwhile are not part of this walk."""
+        with self._snapshot() as conn:
+            return walk(self, self.days(), since_day, lambda start: self._verify_rows(conn, start))
+
+    @staticmethod
+    def _verify_rows(conn: psycopg.Connection, start_seq: int) -> Iterator[tuple]:
+        with conn.cursor(f"audit_verify_{next(_names)}") as cur:
+            cur.itersize = 10000
+            cur.execute(f"SELECT {', '.join(VERIFY_COLUMNS)}, day FROM audit_records"
+                        " WHERE seq >= %s ORDER BY seq", (start_seq,))
+            yield from cur
+
+    # -- retention (RetentionMixin) -------------------------------------------------------------
+
+    def purge(self, policies: Mapping[str, Retention], key: bytes | None,
+              now: float) -> dict[str, dict[str, int]]:
+        """Apply retention, on one node at a time: a node that finds another purging skips
+        this round (returns an empty report); the next round catches up."""
+        lock = ("SELECT pg_try_advisory_lock(hashtext(%s))",
+                (f"postlane-audit-purge:{self.schema}",))
+        conn = self._db()
+        if not conn.execute(*lock).fetchone()[0]:
+            return {}
+        try:
+            return super().purge(policies, key, now)
+        finally:
+            if not (conn.closed or conn.broken):
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", lock[1])
+
+    def _candidates(self, cls: str, cutoff: float, states: tuple[int, ...], after: int,
+                    limit: int) -> list[dict]:
+        with self._db().cursor(row_factory=dict_row) as cur:
+            return cur.execute(
+                "SELECT * FROM audit_records WHERE cls = %s AND time_queued < %s AND"
+                " state = ANY(%s) AND seq > %s ORDER BY seq LIMIT %s",
+                (cls, cutoff, list(states), after, limit)).fetchall()
+
+    def _write_changes(self, updates: list[tuple[int, dict]], states: tuple[int, ...]) -> int:
+        cols = list(updates[0][1])
+        conn = self._db()
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(f"UPDATE audit_records SET {', '.join(f'{c} = %s' for c in cols)}"
+                            " WHERE seq = %s AND state = ANY(%s)",
+                            [(*(new[c] for c in cols), seq, list(states)) for seq, new in updates])
+            return cur.rowcount
+
+    def _log_purge(self, now: float, cls: str, action: str, cutoff: float, rows: int) -> None:
+        if rows:
+            self._db().execute("INSERT INTO audit_purges (time, cls, action, cutoff, rows)"
+                               " VALUES (%s, %s, %s, %s, %s)", (now, cls, action, cutoff, rows))
+
+    # -- webhook cursors ------------------------------------------------------------------------
+
+    def cursor(self, name: str) -> int:
+        row = self._db().execute("SELECT seq FROM audit_cursors WHERE name = %s",
+                                 (name,)).fetchone()
+        return row[0] if row else 0
+
+    def set_cursor(self, name: str, seq: int) -> None:
+        self._db().execute("INSERT INTO audit_cursors (name, seq, updated) VALUES (%s, %s, %s)"
+                           " ON CONFLICT (name) DO UPDATE SET seq = excluded.seq,"
+                           " updated = excluded.updated", (name, seq, time.time()))
+
+    def hold_cursor(self, name: str) -> bool:
+        """Try to become the one sender of webhook ``name`` in the cluster: a session advisory
+        lock, held until this connection closes (a dead node's lock goes with it, and another
+        node's sender takes over at its next try)."""
+        conn = self._db()
+        if name in self._held:
+            return True
+        got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                           (f"postlane-audit-cursor:{self.schema}:{name}",)).fetchone()[0]
+        if got:
+            self._held.add(name)
+        return bool(got)

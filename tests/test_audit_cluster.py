@@ -1,0 +1,85 @@
+"""The audit trail of a cluster, end to end: nodes on the PostgreSQL spool write one audit chain
+in the same database, ``postlane audit`` reads it with nothing but the node config, and a
+webhook is sent by one node, not once per node."""
+
+from __future__ import annotations
+
+import asyncio
+
+from typer.testing import CliRunner
+
+from postlane.accounting.audit.backend import open_store_at
+from postlane.accounting.audit.evidence import trails
+from postlane.accounting.audit.postgres import PostgresAuditStore
+from postlane.accounting.audit.store import Query
+from postlane.cli import app
+from tests.conftest import message, send
+from tests.support.pg import PG_DSN
+from tests.test_audit_webhooks import hook, receiver, until  # noqa: F401  (fixture)
+from tests.test_cluster import cluster_text, start_node
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, ["audit", *args])
+
+
+async def test_audit_show_prints_a_trail_from_postgresql(tmp_path, sink, pg_schema):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    node = await start_node(cfg.read_text())
+    try:
+        assert isinstance(node.audit.writer.call(lambda s: s).result(10), PostgresAuditStore)
+        await send(node.listeners[0].port, "sender@insurer.test", ["anna@example.com"],
+                   message("renewal", cls="policy-documents",
+                           extra="X-Correlation-ID: policy-4711\r\n"))
+        await sink.wait_for(1)
+        await asyncio.to_thread(node.audit.writer.flush, 10)
+        # the real command, run while the node is still writing to the same store
+        res = await asyncio.to_thread(cli, "show", "-c", str(cfg), "--correlation-id",
+                                      "policy-4711")
+        assert res.exit_code == 0, res.output
+        assert "correlation policy-4711" in res.output
+        assert "recipient anna@example.com" in res.output
+        assert "attempt 1: delivered from 127.0.0.20 (tx0.test)" in res.output
+        assert "SLA 120s met" in res.output
+        res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
+        assert res.exit_code == 0 and res.output.startswith("ok: 2 records"), res.output
+        res = await asyncio.to_thread(cli, "show", "--db", PG_DSN, "--schema", pg_schema,
+                                      "--correlation-id", "policy-4711", "--format", "json")
+        assert res.exit_code == 0 and '"outcome": "delivered"' in res.output, res.output
+    finally:
+        await node.stop()
+    assert not list(tmp_path.rglob("audit.sqlite"))  # nothing went to a local file
+    res = cli("show", "--db", PG_DSN, "--schema", "pl_no_such_schema", "--correlation-id", "x")
+    assert res.exit_code == 2 and "no audit store in schema 'pl_no_such_schema'" in res.output
+
+
+async def test_two_nodes_write_one_chain_and_one_sends_the_webhook(tmp_path, sink, pg_schema,
+                                                                   receiver):  # noqa: F811
+    extra = hook(receiver.url)
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a", extra))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", extra))
+    try:
+        for i in range(6):
+            node, name = (a, "a") if i % 2 == 0 else (b, "b")
+            await send(node.listeners[0].port, "sender@insurer.test", [f"p{i}@example.com"],
+                       message(f"p{i}", cls="policy-documents",
+                               extra=f"X-Correlation-ID: via-{name}-{i}\r\n"))
+        await sink.wait_for(6)
+        await until(lambda: len(receiver.events) >= 6, timeout=30)
+        await asyncio.sleep(1.0)  # a second sender would repeat them by now
+    finally:
+        await a.stop()
+        await b.stop()
+    store = open_store_at(PG_DSN, pg_schema, readonly=True)
+    try:
+        result = store.verify()
+        assert result.ok and result.checked == 12, result.problem  # r and d of six messages
+        for i in range(6):
+            name = "a" if i % 2 == 0 else "b"
+            [trail] = trails(store.find(Query(correlation_id=f"via-{name}-{i}")))
+            assert trail.outcome == "delivered" and trail.received is not None
+        delivered = [r["seq"] for r in store.rows_between(None, None) if r["type"] == "d"]
+    finally:
+        store.close()
+    assert sorted(e["seq"] for e in receiver.events) == delivered  # each event once, in total
