@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from postlane.config.model import DestinationRule
 from postlane.scheduler.shared_rate import SharedRate
-from tests.conftest import config_text
+from tests.conftest import config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.test_cluster import (
     _until,
@@ -158,3 +158,20 @@ async def _transactional_not_held(sink, node) -> None:
     got = subjects_of(arrivals)
     assert sorted(got[3:]) == ["pol0", "pol1", "pol2"], got
     assert bulk.rate_wait and len(bulk.heap) + bulk.inflight == 3, "the campaign still waits"
+
+
+async def test_a_rate_limited_destination_does_not_stop_a_node_claiming_others(
+        tmp_path, sink, make_node, pg_schema):  # noqa: F811
+    # "other.test" joins the [routes] table that config_text ends with
+    extra = f'"other.test" = "127.0.0.1:{sink.port}"\n' + RATE_RULE.format(rate="2/m", burst=1)
+    node = await make_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a", extra))
+    port = node.listeners[0].port
+    await asyncio.to_thread(send_many, port, [f"ex{i:02d}" for i in range(30)])
+    await sink.wait_for(1, timeout=30)
+    lane = node.scheduler.lanes[("bulk", "example.com")]
+    await _until(lambda: lane.rate_wait)
+    for i in range(3):
+        await send(port, "sender@insurer.test", [f"o{i}@other.test"], message(f"other{i}"))
+    # the node holds more example.com work than its claim target, all waiting for tokens
+    arrivals = await sink.wait_for(4, timeout=20)
+    assert sorted(subjects_of(arrivals)[1:]) == ["other0", "other1", "other2"]
