@@ -140,7 +140,11 @@ class Scheduler:
         lanes.sort(key=Lane.top)
         waiting: dict[str, tuple[int, float]] = {}
         for lane in lanes:
+            tokens = self._rate_budget(lane)
             while len(lane.heap) > len(lane.idle) and lane.workers < self._lane_cap(lane):
+                if tokens < 1:
+                    break  # more connections than rate tokens would only be refused
+                tokens -= 1
                 if lane.wake_one():
                     continue
                 slot = self._acquire(lane)
@@ -156,6 +160,16 @@ class Scheduler:
             if lane.heap:
                 lane.wake_one()
         self._waiting = waiting
+
+    def _rate_budget(self, lane: Lane) -> float:
+        """How many connections of a lane may start now under its per-pool rate: the tokens
+        at hand, and at least one (whose refusal fetches more)."""
+        key = lane.rate_key
+        if key is None:
+            return float("inf")
+        assert lane.rule is not None and lane.rule.max_rate_per_pool is not None
+        return max(1.0, self.rates.available(key, lane.rule.max_rate_per_pool,
+                                             lane.rule.pool_burst))
 
     def _release_idle(self, pool: str) -> None:
         """A lane of ``pool`` waits for a slot: connections idling on dormant lanes (nothing

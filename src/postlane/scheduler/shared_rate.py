@@ -38,6 +38,8 @@ class RateLimiter(Protocol):
 
     def try_acquire(self, key: str, rate: float, burst: float) -> bool: ...
 
+    def available(self, key: str, rate: float, burst: float) -> float: ...
+
 
 class LocalRate:
     """Token buckets in this process: the one-node (SQLite) form of ``SharedRate``."""
@@ -61,6 +63,13 @@ class LocalRate:
             self._timers[key] = asyncio.get_running_loop().call_later(
                 (1.0 - tokens) / rate, self._refilled, key)
         return False
+
+    def available(self, key: str, rate: float, burst: float) -> float:
+        """Tokens of ``key`` that could be spent now (the scheduler opens no more connections
+        than that)."""
+        now = time.monotonic()
+        tokens, then = self._buckets.get(key, (burst, now))
+        return min(burst, tokens + rate * (now - then))
 
     def _refilled(self, key: str) -> None:
         self._timers.pop(key, None)
@@ -105,6 +114,11 @@ class SharedRate:
         self._refused.add(key)
         self._refill(key)
         return False
+
+    def available(self, key: str, rate: float, burst: float) -> float:
+        """Tokens of ``key`` in this node's hand (the scheduler opens no more connections than
+        that, and at least one to ask for more)."""
+        return self._hand.get(key, 0.0)
 
     async def acquire(self, key: str, rate: float, burst: float) -> None:
         """Wait until a token of ``key`` is this node's and spend it."""
