@@ -11,6 +11,10 @@ Two measurements:
            nodes accept it while transactional messages arrive at a steady rate; prints
            throughput and per-class latency (acceptance -> arrival at the sink).
 
+Whole-node figures (SQLite vs PostgreSQL, one or two nodes) now come from ``postlane bench
+--spool postgresql://… [--nodes 2]``; ``node`` stays for its ``--kill-after`` run (SIGKILL of a
+node under load) and to compare with figures recorded before.
+
 Each run prints one JSON object as its last line. Examples::
 
     .venv/bin/python scripts/pgbench_spool.py store --messages 5000 --producers 64

@@ -41,7 +41,8 @@ def test_bench_fifo_baseline_shares_one_queue_and_signs():
 
 
 @pytest.mark.parametrize("args", [["--baseline", "lifo"], ["--marketing", "-1"], ["--dkim", "dsa"],
-                                  ["--message-kb", "0"]])
+                                  ["--message-kb", "0"], ["--nodes", "2"],
+                                  ["--spool", "postgresql://x@127.0.0.1/x", "--nodes", "0"]])
 def test_bench_refuses_bad_arguments(args):
     out = subprocess.run([sys.executable, "-m", "postlane.cli", "bench", *args],
                          capture_output=True, text=True, timeout=60)
@@ -70,3 +71,24 @@ def test_bench_on_postgresql_leaves_no_schema_behind():
             await conn.close()
 
     assert asyncio.run(bench_schemas()) == []
+
+
+def test_bench_two_nodes_on_postgresql_share_the_load():
+    from tests.support.pg import PG_DSN, pg_reachable
+
+    if not pg_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (make test starts it)")
+    result = _bench("--marketing", "200", "--transactional-rate", "5", "--message-kb", "2",
+                    "--spool", PG_DSN, "--nodes", "2")
+    assert result["lost"] == 0 and result["duplicates"] == 0 and result["marketing"] == 200
+    assert result["nodes"] == 2 and result["spool"] == "postgresql"
+    per_node = result["per_node"]
+    assert set(per_node) == {"bench-1", "bench-2"}, per_node
+    assert all(node["delivered"] > 0 for node in per_node.values()), per_node
+    assert sum(node["delivered"] for node in per_node.values()) == \
+        result["marketing"] + result["transactional"]
+    # each node sends from its own copy of the pools: node 2's IPs are node 1's + 20
+    marketing = set(result["sources"]["marketing"])
+    assert marketing <= {f"127.0.0.{i}" for i in (16, 17, 18, 19, 36, 37, 38, 39)}
+    assert marketing & {"127.0.0.16", "127.0.0.17", "127.0.0.18", "127.0.0.19"}
+    assert marketing & {"127.0.0.36", "127.0.0.37", "127.0.0.38", "127.0.0.39"}

@@ -4,11 +4,18 @@ Three processes, as in production: the node (its own event loop and core), a rec
 standing in for the recipients' providers, and this process submitting a marketing campaign as
 fast as the node accepts it while transactional messages trickle in at a fixed rate. Latency is
 measured from the start of each submission to its arrival at the sink.
+
+With ``--spool postgresql://… --nodes N`` it starts N node processes sharing one schema (a
+cluster on one machine), each with its own listener and its own pool IPs, and spreads both the
+campaign's connections and the transactional submissions over them; the sink tells from each
+arrival's source IP which node delivered it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import ipaddress
 import itertools
 import json
 import multiprocessing as mp
@@ -85,6 +92,43 @@ def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
             cls.pool = "shared-pool"
         cfg.scheduler = "fifo"
     return cfg, port
+
+
+class BenchSetupError(ValueError):
+    """The requested run cannot be set up (the CLI reports it as a bad argument)."""
+
+
+def node_configs(cfg: Config, nodes: int, workdir: Path) -> list[tuple[Config, int]]:
+    """``nodes`` nodes of one cluster made from a bench config: the same schema, each with its
+    own name, listener port, files and pool IPs. IPs belong to machines, so node k's are the
+    base IPs shifted by k × stride (at least 20: 127.0.0.10… → 127.0.0.30… → …), on loopback."""
+    addrs = [ipaddress.ip_address(ip.address) for pool in cfg.pools.values() for ip in pool.ips]
+    if not all(a.version == 4 and a.is_loopback for a in addrs):
+        raise BenchSetupError("--nodes needs pool IPs on loopback (127.0.0.0/8): each node "
+                              "gets its own copy of them, shifted")
+    stride = max(20, int(max(addrs)) - int(min(addrs)) + 1) if addrs else 20
+    out = []
+    for k in range(nodes):
+        node = cfg.model_copy(deep=True)
+        home = workdir / f"node-{k + 1}"
+        node.node.name = f"bench-{k + 1}"
+        port = _free_port()
+        next(iter(node.listeners.values())).port = port
+        node.accounting.directory = str(home / "accounting")  # also locates its state/ folder
+        node.api.token_file = str(home / "api-token")
+        if node.audit.path:
+            node.audit.path = str(home / "audit.sqlite")
+        if node.feedback.suppression_db:
+            node.feedback.suppression_db = str(home / "suppression.sqlite3")
+        for pool in node.pools.values():
+            for ip in pool.ips:
+                shifted = ipaddress.ip_address(ip.address) + k * stride
+                if not shifted.is_loopback:
+                    raise BenchSetupError(f"node {k + 1}: {shifted} is not on loopback; use "
+                                          "fewer nodes or lower pool IPs")
+                ip.address = str(shifted)
+        out.append((node, port))
+    return out
 
 
 def _body(kb: int) -> bytes:
@@ -189,6 +233,8 @@ class BenchOptions:
     dkim: str = "none"
     audit: bool = True
     spool: str | None = None
+    nodes: int | None = None
+    """Node processes on the ``spool`` DSN (None: one node, and no per-node keys in the JSON)."""
     config: Path | None = None
     connections: int = 8
     timeout: float = 3600.0
@@ -225,8 +271,12 @@ class _Submitter:
             await conn.quit()
 
 
-async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Progress,
-                on_tick: Callable[[Progress], None] | None) -> dict:
+async def _load(opts: BenchOptions, ports: list[int], arrivals: mp.Queue, progress: Progress,
+                on_tick: Callable[[Progress], None] | None,
+                owners: dict[str, str] | None = None) -> dict:
+    """Submit the load to the nodes listening on ``ports`` (marketing connection i and
+    transactional message n go to node i, n mod len(ports)) and measure it at the sink;
+    ``owners`` maps a source IP to its node's name for the per-node counts."""
     body = _body(opts.message_kb)
     submitted: dict[str, tuple[str, float]] = {}  # tag -> (class, submit time), acknowledged only
     counter = itertools.count()
@@ -234,7 +284,7 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
     marketing_done_at = 0.0
     lost_at_intake = 0
 
-    async def marketing_worker() -> None:
+    async def marketing_worker(port: int) -> None:
         nonlocal lost_at_intake
         sub = _Submitter(port)
         while True:
@@ -255,14 +305,14 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
     stop_tx = asyncio.Event()
 
     async def transactional() -> None:
-        sub = _Submitter(port)
+        subs = [_Submitter(port) for port in ports]
         classes = itertools.cycle(opts.transactional_classes)
         n = 0
         interval = 1.0 / opts.transactional_rate if opts.transactional_rate > 0 else 0
         next_at = time.monotonic()
         pending: set[asyncio.Task] = set()
 
-        async def one(tag: str, cls: str) -> None:
+        async def one(tag: str, cls: str, sub: _Submitter) -> None:
             rcpt = f"customer{tag}@customers.example"
             t0 = time.time()
             if await sub.send(TRANSACTIONAL_FROM, rcpt,
@@ -272,14 +322,15 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
 
         while interval and not stop_tx.is_set():
             n += 1
-            task = asyncio.create_task(one(f"t{n}", next(classes)))
+            task = asyncio.create_task(one(f"t{n}", next(classes), subs[n % len(subs)]))
             pending.add(task)
             task.add_done_callback(pending.discard)
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         if pending:
             await asyncio.wait(pending)
-        await sub.close()
+        for sub in subs:
+            await sub.close()
 
     arrived: dict[str, tuple[float, str]] = {}
     duplicates = 0
@@ -301,7 +352,8 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
 
     progress.phase = "campaign"
     tx_task = asyncio.create_task(transactional())
-    workers = [asyncio.create_task(marketing_worker()) for _ in range(opts.connections)]
+    workers = [asyncio.create_task(marketing_worker(ports[i % len(ports)]))
+               for i in range(opts.connections)]
     deadline = time.monotonic() + opts.timeout
     while not all(w.done() for w in workers):
         await asyncio.sleep(0.1)
@@ -342,7 +394,7 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
     progress.latencies, progress.sources = latencies, sources
     last = max((at for at, _ in arrived.values()), default=time.time())
     marketing_n = progress.marketing_accepted
-    return {
+    out = {
         "marketing": marketing_n,
         "transactional": progress.transactional_sent,
         "throughput_msgs_s": round(len(arrived) / max(1e-9, last - first_submit), 1),
@@ -355,6 +407,13 @@ async def _load(opts: BenchOptions, port: int, arrivals: mp.Queue, progress: Pro
         "sources": {cls: sorted(v) for cls, v in sorted(sources.items())},
         "duration_s": round(last - first_submit, 1),
     }
+    if owners is not None:
+        per_node = collections.Counter(owners.get(peer, "unknown") for _, peer in arrived.values())
+        out["per_node"] = {name: {"delivered": per_node.get(name, 0)}
+                           for name in dict.fromkeys(owners.values())}
+        if per_node.get("unknown"):
+            out["per_node"]["unknown"] = {"delivered": per_node["unknown"]}
+    return out
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -372,6 +431,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = None,
               workdir: Path | None = None) -> dict:
     """Run the whole benchmark and return the result dict (also the demo's engine)."""
+    if opts.nodes is not None and not opts.spool:
+        raise BenchSetupError("--nodes needs --spool postgresql://…: the nodes share one queue")
     base = load_config(opts.config) if opts.config else load_config(EXAMPLE)
     own_dir = workdir is None
     if workdir is None:
@@ -386,32 +447,52 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
     cfg, port = bench_config(base, workdir=workdir, sink_port=sink_port,
                              fifo=opts.baseline == "fifo", dkim=opts.dkim, audit=opts.audit,
                              spool=opts.spool)
+    try:
+        configs = [(cfg, port)] if opts.nodes is None else node_configs(cfg, opts.nodes, workdir)
+    except BenchSetupError:
+        if own_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    owners = None if opts.nodes is None else {
+        ip.address: c.node.name for c, _ in configs for pool in c.pools.values() for ip in pool.ips}
     sink = ctx.Process(target=_run_sink, args=(sink_port, opts.sink_delay_ms / 1000, arrivals,
                                                ready), daemon=True)
     sink.start()
     ready.wait(30)
-    node = ctx.Process(target=_run_node, args=(cfg,), daemon=True)
-    node.start()
-    _wait_port(port, node)
+    nodes: list[mp.Process] = []
     progress = Progress(marketing_total=opts.marketing)
     try:
+        for node_cfg, _ in configs:
+            nodes.append(ctx.Process(target=_run_node, args=(node_cfg,), daemon=True))
+            nodes[-1].start()
+        for node, (_, node_port) in zip(nodes, configs, strict=True):
+            _wait_port(node_port, node)
+        ports = [node_port for _, node_port in configs]
         try:
             import uvloop
-            result = uvloop.run(_load(opts, port, arrivals, progress, on_tick))
+            result = uvloop.run(_load(opts, ports, arrivals, progress, on_tick, owners))
         except ImportError:  # pragma: no cover
-            result = asyncio.run(_load(opts, port, arrivals, progress, on_tick))
-        result["rss_mb_peak"] = _rss_peak_mb(node.pid)
-        result["node_cpu_s"] = _cpu_seconds(node.pid)
-        result["signer_cpu_s"] = _children_cpu_seconds(node.pid)
+            result = asyncio.run(_load(opts, ports, arrivals, progress, on_tick, owners))
+        result["rss_mb_peak"] = max(_rss_peak_mb(node.pid) for node in nodes)
+        result["node_cpu_s"] = round(sum(_cpu_seconds(node.pid) for node in nodes), 2)
+        result["signer_cpu_s"] = round(sum(_children_cpu_seconds(node.pid) for node in nodes), 2)
         result["sink_cpu_s"] = _cpu_seconds(sink.pid)
         result["load_cpu_s"] = _cpu_seconds(os.getpid())
         delivered = result["marketing"] + result["transactional"]
         result["node_cpu_ms_per_msg"] = round(
             1000 * (result["node_cpu_s"] + result["signer_cpu_s"]) / max(1, delivered), 3)
+        if opts.nodes is not None:
+            result["nodes"] = opts.nodes
+            for node, (node_cfg, _) in zip(nodes, configs, strict=True):
+                entry = result["per_node"].setdefault(node_cfg.node.name, {"delivered": 0})
+                entry["rss_mb_peak"] = _rss_peak_mb(node.pid)
+                entry["cpu_s"] = round(_cpu_seconds(node.pid) + _children_cpu_seconds(node.pid), 2)
     finally:
-        if node.pid:
-            os.kill(node.pid, 15)
-        node.join(60)
+        for node in nodes:
+            if node.pid:
+                os.kill(node.pid, 15)
+        for node in nodes:
+            node.join(60)
         sink.terminate()
         sink.join(10)
         if own_dir:

@@ -79,17 +79,25 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
           dkim: str = typer.Option("none", help="sign every message: none, rsa (2048) or ed25519"),
           audit: bool = typer.Option(True, help="write the audit store (--no-audit to compare)"),
           spool: str | None = typer.Option(None, help="a PostgreSQL DSN: run the node on it"),
+          nodes: int | None = typer.Option(
+              None, help="with --spool: this many nodes on one schema, each with its own "
+                         "listener and pool IPs; load spread over them"),
           config: Path | None = typer.Option(None, "--config", "-c",
                                              help="base config (default examples/insurance.toml)"),
           connections: int = typer.Option(8, help="SMTP connections submitting the campaign"),
           as_json: bool = typer.Option(False, "--json", help="print only the JSON line")) -> None:
     """The case study as a benchmark: prints one JSON line (DESIGN.md §7)."""
-    from .bench import BenchOptions, result_json, run_bench
+    from .bench import BenchOptions, BenchSetupError, result_json, run_bench
 
     if baseline not in ("lanes", "fifo"):
         raise typer.BadParameter("must be 'lanes' or 'fifo'", param_hint="--baseline")
     if spool is not None and not spool.startswith(("postgresql://", "postgres://")):
         raise typer.BadParameter("must be a postgresql:// DSN", param_hint="--spool")
+    if nodes is not None and spool is None:
+        raise typer.BadParameter("needs --spool postgresql://…: the nodes share one queue there",
+                                 param_hint="--nodes")
+    if nodes is not None and not 1 <= nodes <= 8:
+        raise typer.BadParameter("must be 1 to 8", param_hint="--nodes")
     if dkim not in ("none", "rsa", "ed25519"):
         raise typer.BadParameter("must be 'none', 'rsa' or 'ed25519'", param_hint="--dkim")
     if marketing < 0 or transactional_rate < 0 or message_kb < 1 or connections < 1:
@@ -98,7 +106,7 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
         _load(config)
     opts = BenchOptions(marketing=marketing, transactional_rate=transactional_rate,
                         sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
-                        dkim=dkim, audit=audit, spool=spool,
+                        dkim=dkim, audit=audit, spool=spool, nodes=nodes,
                         config=config, connections=connections)
 
     last = [0.0]
@@ -110,7 +118,11 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
         typer.echo(f"[{p.phase}] accepted {p.marketing_accepted}/{p.marketing_total} marketing,"
                    f" {p.transactional_sent} transactional, delivered {p.delivered}", err=True)
 
-    typer.echo(result_json(run_bench(opts, tick)))
+    try:
+        result = run_bench(opts, tick)
+    except BenchSetupError as exc:  # e.g. --nodes with pool IPs not on loopback
+        raise typer.BadParameter(str(exc), param_hint="--nodes") from None
+    typer.echo(result_json(result))
 
 
 def main() -> None:

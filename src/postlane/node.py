@@ -217,7 +217,7 @@ class Node:
                 "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
                 "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
                 "oldest_age_s": round(lane.oldest(now), 3), "connections": lane.workers,
-                "paused": lane.paused,
+                "paused": lane.paused, "rate_wait": lane.rate_wait,
                 "suspended_s": round(max(0.0, lane.suspended_until - now), 1),
             })
         pools = []

@@ -85,7 +85,8 @@ def _lanes_table(status: dict) -> Table:
                          no_wrap=col in ("pool", "domain"))
     for lane in status["lanes"]:
         state = "paused" if lane["paused"] else (
-            f"backoff {lane['suspended_s']}s" if lane["suspended_s"] else "running")
+            f"backoff {lane['suspended_s']}s" if lane["suspended_s"] else
+            "rate limited" if lane.get("rate_wait") else "running")
         table.add_row(lane["pool"], lane["domain"], str(lane["depth"]), str(lane["ready"]),
                       str(lane["deferred"]), str(lane["inflight"]), _age(lane["oldest_age_s"]),
                       str(lane["connections"]), state)

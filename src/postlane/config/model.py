@@ -11,7 +11,7 @@ import re
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from ..accounting.log import resolve_fields
 from ..accounting.records import DEFAULT_FIELDS, RECORD_TYPES
@@ -211,6 +211,12 @@ class DestinationRule(Strict):
     max_connections_per_ip: int = Field(20, ge=1)
     max_messages_per_connection: int = Field(1000, ge=1)
     max_rate_per_ip: Rate | None = None
+    max_rate_per_pool: Rate | None = None
+    """Messages per second from one pool to this destination, over all its IPs and, in a
+    cluster, over every node (one token bucket per rule and pool, shared in PostgreSQL)."""
+    burst_per_pool: float | None = Field(None, ge=1)
+    """Messages the pool's bucket holds when full: what may go at once after a quiet spell.
+    Default: one second of ``max_rate_per_pool`` (at least 1)."""
     backoff_on: list[str] = ["421", "4.7.0", "4.7.28", "try again later", "rate limit",
                              "too many", "temporarily deferred", "throttl"]
     """Reply fragments (codes, enhanced codes or text, case-insensitive) that mean "slow down"."""
@@ -222,6 +228,19 @@ class DestinationRule(Strict):
     """Back to normal limits after this long (or at the first success, see below)."""
     backoff_until_success: bool = True
     reason: str = ""
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> DestinationRule:
+        if self.burst_per_pool is not None and self.max_rate_per_pool is None:
+            raise ValueError("burst_per_pool needs max_rate_per_pool")
+        return self
+
+    @property
+    def pool_burst(self) -> float:
+        """The per-pool bucket's size: ``burst_per_pool``, else one second of the rate."""
+        if self.burst_per_pool is not None:
+            return self.burst_per_pool
+        return max(1.0, self.max_rate_per_pool or 1.0)
 
 
 class ClassRule(Strict):

@@ -54,11 +54,18 @@ class Relay:
     async def work(self, lane: Lane, slot: SourceSlot) -> None:
         """Run one connection's life: connect, deliver batches while the lane has them, QUIT."""
         sched = self.scheduler
+        had_rule = lane.rule is not None
         batch = sched.next_batch(lane)
         if not batch:
             return
         conn = await self._connect(lane, slot, batch)
         if conn is None:
+            return
+        if not had_rule and lane.rate_key is not None and not sched.admit(lane):
+            # the rule came with the MX lookup: this first message needs a rate token too
+            for rcpt in batch:
+                sched.requeue(rcpt)
+            await conn.quit()
             return
         info = {"source_ip": slot.address, "dest_ip": conn.peer_ip, "mx": conn.server_name,
                 "tls": conn.tls_version or "", "cipher": conn.tls_cipher or "",

@@ -171,7 +171,9 @@ class Claimer:
             for lane in self.scheduler.lanes.values():
                 if lane.pool != pool:
                     continue
-                if lane.blocked(now):
+                if lane.blocked(now) or lane.rate_wait:
+                    # held work it cannot send now must not stop the node claiming other
+                    # destinations of the pool (a rate-limited one would hold them all back)
                     blocked.append(lane.domain)
                 else:
                     ready += len(lane.heap)

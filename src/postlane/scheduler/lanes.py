@@ -57,12 +57,24 @@ class Lane:
     """monotonic time of the last message queued here: tells a dormant lane from a busy one."""
     next_send: dict[str, float] = field(default_factory=dict)
     """Per source IP: earliest time the rate limit lets the next message go."""
+    rate_wait: bool = False
+    """The rule's per-pool rate refused a token: the lane waits for ``on_tokens``."""
+    rate_refusals: int = 0
 
     @property
     def dest_key(self) -> str:
         """What per-IP connection limits count against: the rule (gmail.com and googlemail.com
         share Google's MXes) or the domain."""
         return f"rule:{self.rule_name}" if self.rule_name else self.domain
+
+    @property
+    def rate_key(self) -> str | None:
+        """The token bucket of the rule's ``max_rate_per_pool``: one per rule and pool, since a
+        pool is a sending identity (its own IPs, EHLO and signing domain) and a transactional
+        pool must never wait for tokens a campaign spent. None: no per-pool rate."""
+        if self.rule is None or self.rule.max_rate_per_pool is None:
+            return None
+        return f"{self.rule_name}/{self.pool}"
 
     def in_backoff(self, now: float) -> bool:
         return self.backoff_until > now

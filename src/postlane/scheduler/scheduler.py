@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 from ..accounting.records import Record
 from ..config import Config
 from ..feedback.categories import default_classifier
-from ..spool import Message, Recipient, RecipientUpdate, Spool, State
+from ..spool import Message, PostgresSpool, Recipient, RecipientUpdate, Spool, State
 from .lanes import Lane, SourceSlot
 from .rules import RuleBook
+from .shared_rate import LocalRate, RateLimiter, SharedRate
 
 if TYPE_CHECKING:
     from ..relay.deliver import Relay
@@ -77,6 +78,12 @@ class Scheduler:
         self._rotation = itertools.count()
         self.classify: Callable[[str, str], str] = default_classifier().classify
         """Reply -> bounce category (PowerMTA names) for "b" and "t" records."""
+        self.rates: RateLimiter = (
+            SharedRate(spool, on_tokens=self._tokens_arrived) if isinstance(spool, PostgresSpool)
+            else LocalRate(on_tokens=self._tokens_arrived))
+        """Per-pool destination rates (``max_rate_per_pool``): across the cluster on
+        PostgreSQL, in this process on SQLite; the same token bucket either way."""
+        self._rate_waiting: dict[str, set[Lane]] = {}
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -127,12 +134,17 @@ class Scheduler:
         if self._stopping or self.relay is None:
             return
         now = time.time()
-        lanes = [ln for ln in self._ready if ln.heap and not ln.blocked(now)]
+        lanes = [ln for ln in self._ready
+                 if ln.heap and not ln.blocked(now) and not ln.rate_wait]
         self._ready = {ln for ln in self._ready if ln.heap}
         lanes.sort(key=Lane.top)
         waiting: dict[str, tuple[int, float]] = {}
         for lane in lanes:
+            tokens = self._rate_budget(lane)
             while len(lane.heap) > len(lane.idle) and lane.workers < self._lane_cap(lane):
+                if tokens < 1:
+                    break  # more connections than rate tokens would only be refused
+                tokens -= 1
                 if lane.wake_one():
                     continue
                 slot = self._acquire(lane)
@@ -149,14 +161,26 @@ class Scheduler:
                 lane.wake_one()
         self._waiting = waiting
 
+    def _rate_budget(self, lane: Lane) -> float:
+        """How many connections of a lane may start now under its per-pool rate: the tokens
+        at hand, and at least one (whose refusal fetches more)."""
+        key = lane.rate_key
+        if key is None:
+            return float("inf")
+        assert lane.rule is not None and lane.rule.max_rate_per_pool is not None
+        return max(1.0, self.rates.available(key, lane.rule.max_rate_per_pool,
+                                             lane.rule.pool_burst))
+
     def _release_idle(self, pool: str) -> None:
         """A lane of ``pool`` waits for a slot: connections idling on dormant lanes (nothing
         queued for DORMANT seconds) give theirs up now rather than at their idle timeout. A lane
         that is only momentarily empty keeps its warm connection: releasing those made the bench
-        reconnect for most messages of a campaign (py-spy: 15 % of the node's CPU in connects)."""
+        reconnect for most messages of a campaign (py-spy: 15 % of the node's CPU in connects).
+        Connections of a lane waiting for rate tokens cannot use their slot either: they go too."""
         dormant = time.monotonic() - DORMANT
         for lane in self.lanes.values():
-            if lane.pool == pool and not lane.heap and lane.idle and lane.touched < dormant:
+            if lane.pool == pool and lane.idle and (
+                    lane.rate_wait or (not lane.heap and lane.touched < dormant)):
                 while lane.wake_one():
                     pass
 
@@ -235,10 +259,36 @@ class Scheduler:
         waiting = self._waiting.get(lane.pool)
         if waiting is not None:
             top = lane.top()
-            if waiting[0] < top[0] or (sent >= FAIR_SHARE and waiting < top):
+            if waiting[0] < top[0] or (sent >= FAIR_SHARE and waiting < top) or lane.rate_wait:
                 del self._waiting[lane.pool]  # one connection makes room per waiting lane
                 return []
+        if not self.admit(lane):
+            return []
         return self._pop(lane)
+
+    def admit(self, lane: Lane) -> bool:
+        """Take one token of the lane's per-pool rate for its next message. On a refusal the
+        lane waits (``rate_wait``: no new connections, idle ones stay parked) until the limiter
+        calls ``_tokens_arrived``."""
+        key = lane.rate_key
+        if key is None:
+            return True
+        assert lane.rule is not None and lane.rule.max_rate_per_pool is not None
+        if self.rates.try_acquire(key, lane.rule.max_rate_per_pool, lane.rule.pool_burst):
+            return True
+        lane.rate_wait = True
+        lane.rate_refusals += 1
+        self._rate_waiting.setdefault(key, set()).add(lane)
+        return False
+
+    def _tokens_arrived(self, key: str) -> None:
+        """Tokens for ``key`` can be had again: its waiting lanes go back to dispatch, which
+        wakes their idle connections or opens new ones, most urgent lane first."""
+        for lane in self._rate_waiting.pop(key, ()):
+            lane.rate_wait = False
+            if lane.heap:
+                self._ready.add(lane)
+        self.kick()
 
     def _pop(self, lane: Lane) -> list[Recipient]:
         now = time.time()
@@ -265,16 +315,23 @@ class Scheduler:
         batch = self.next_batch(lane, sent)
         if batch or timeout <= 0:
             return batch
-        fut = asyncio.get_running_loop().create_future()
-        lane.idle.append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            return []
-        finally:
-            if fut in lane.idle:
-                lane.idle.remove(fut)
-        return self.next_batch(lane, sent)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        while True:
+            fut = loop.create_future()
+            lane.idle.append(fut)
+            try:
+                await asyncio.wait_for(fut, until - loop.time())
+            except TimeoutError:
+                return []
+            finally:
+                if fut in lane.idle:
+                    lane.idle.remove(fut)
+            refusals = lane.rate_refusals
+            batch = self.next_batch(lane, sent)
+            if batch or lane.rate_refusals == refusals or until <= loop.time():
+                return batch
+            # woken, but the tokens went to another connection or node: wait for the next ones
 
     def suspend(self, lane: Lane, seconds: float, reason: str) -> None:
         """Stop opening connections to a destination that just failed (Postfix's "dead
@@ -510,6 +567,8 @@ class Scheduler:
         self._stopping = True
         if self._timer_handle is not None:
             self._timer_handle.cancel()
+        if isinstance(self.rates, SharedRate):
+            self.rates.close()
         for lane in self.lanes.values():
             for fut in lane.idle:
                 if not fut.done():
