@@ -83,3 +83,25 @@ async def test_two_nodes_write_one_chain_and_one_sends_the_webhook(tmp_path, sin
     finally:
         store.close()
     assert sorted(e["seq"] for e in receiver.events) == delivered  # each event once, in total
+
+
+async def test_a_store_gone_for_good_does_not_hold_the_shutdown(pg_schema, caplog):
+    """Records keep being retried while the node runs; a node that stops gives up after a few
+    tries and says how many records only the accounting files hold."""
+    import asyncpg
+
+    from postlane.accounting.audit.writer import AuditWriter
+    from postlane.accounting.records import Record
+
+    writer = AuditWriter(lambda: open_store_at(PG_DSN, pg_schema), lambda cls: None)
+    writer.start()
+    writer.add(Record(type="r", time_logged=1.0, time_queued=1.0, orig="a@b.test",
+                      rcpt="c@d.test", queue_id="Q1", cls="marketing", vmta_pool="bulk"))
+    assert await asyncio.to_thread(writer.flush, 10) == 1
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f'DROP SCHEMA "{pg_schema}" CASCADE')
+    await conn.close()
+    writer.add(Record(type="d", time_logged=2.0, time_queued=1.0, orig="a@b.test",
+                      rcpt="c@d.test", queue_id="Q1", cls="marketing", vmta_pool="bulk"))
+    await asyncio.wait_for(asyncio.to_thread(writer.close), 60)
+    assert "1 records not written to it (they are in the accounting files)" in caplog.text

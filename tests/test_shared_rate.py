@@ -139,7 +139,7 @@ async def test_a_transactional_pool_never_waits_for_campaign_tokens_sqlite(tmp_p
 
 
 async def test_a_transactional_pool_never_waits_for_campaign_tokens_postgresql(
-        tmp_path, sink, make_node, pg_schema):  # noqa: F811
+        tmp_path, sink, pg_schema, make_node):  # noqa: F811  (schema dropped after the node)
     await _transactional_not_held(sink, await make_node(cluster_text(
         tmp_path, sink.port, pg_schema, "node-a", RATE_RULE.format(rate="2/m", burst=3))))
 
@@ -162,7 +162,7 @@ async def _transactional_not_held(sink, node) -> None:
 
 
 async def test_a_rate_limited_destination_does_not_stop_a_node_claiming_others(
-        tmp_path, sink, make_node, pg_schema):  # noqa: F811
+        tmp_path, sink, pg_schema, make_node):  # noqa: F811  (schema dropped after the node)
     # "other.test" joins the [routes] table that config_text ends with
     extra = f'"other.test" = "127.0.0.1:{sink.port}"\n' + RATE_RULE.format(rate="2/m", burst=1)
     node = await make_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a", extra))

@@ -25,6 +25,7 @@ log = logging.getLogger("postlane.audit")
 
 _STOP = object()
 _MAX_BATCH = 20000
+_CLOSING_TRIES = 3
 _WINDOW = 0.05  # seconds a batch gathers: audit records may lag delivery by this much
 
 
@@ -55,6 +56,7 @@ class AuditWriter:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._closing = threading.Event()
 
     def add(self, record: Record) -> None:
         """The accounting listener: never blocks, never raises."""
@@ -82,6 +84,7 @@ class AuditWriter:
         """Write everything still queued, then stop the thread."""
         if self._thread is None:
             return
+        self._closing.set()
         self._queue.put(_STOP)
         self._thread.join()
         self._thread = None
@@ -132,17 +135,24 @@ class AuditWriter:
     def _commit(self, store: AuditStore, records: list[tuple[Record, float | None]]) -> None:
         """Append, retrying until it works: an audit record is never dropped on a disk error or
         while the database is away (the queue grows meanwhile and the error is logged once per
-        try)."""
+        try). Only a node that is stopping gives up, after ``_CLOSING_TRIES``, so that a store
+        gone for good cannot hold the shutdown forever: the records are in the accounting
+        files, and the log says how many."""
         if not records:
             return
-        delay = 0.5
+        delay, tries = 0.5, 0
         while True:
             try:
                 seq = store.append(records)
                 break
             except Exception:
+                tries += 1
+                if self._closing.is_set() and tries >= _CLOSING_TRIES:
+                    log.error("audit store unreachable at shutdown: %d records not written to"
+                              " it (they are in the accounting files)", len(records))
+                    return
                 log.exception("audit store write failed; retrying in %.1fs", delay)
-                time.sleep(delay)
+                self._closing.wait(delay)  # a stop cuts the wait short
                 delay = min(delay * 2, 30.0)
         if self.on_commit is not None:
             self.on_commit(seq)
