@@ -121,14 +121,14 @@ def _parse_reply(lines: list[bytes], stage: str) -> Reply:
 def prepare_data(data: bytes) -> bytes:
     """Turn a message into its DATA wire form (CRLF-normalised, dot-stuffed, without the
     final ".\\r\\n"), so no bare CR/LF can be read as end-of-data by a lenient receiver."""
-    if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    data = data.replace(b"\n", b"\r\n")
+    crlf = data.count(b"\r\n")  # spooled mail is CRLF already: three scans, no copies
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if data and not data.endswith(b"\r\n"):
         data += b"\r\n"
     if data.startswith(b"."):
         data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..")
+    return data.replace(b"\r\n.", b"\r\n..") if b"\r\n." in data else data
 
 
 def _strip_params(params: str, drop: tuple[str, ...]) -> str:
