@@ -230,3 +230,33 @@ pseudonymise = "1d"
                               "user0@example.com"])
     assert res.exit_code == 1  # without the key the address is gone
     assert runner.invoke(app, ["audit", "verify", "-c", str(cfg)]).exit_code == 0
+
+
+def test_a_killed_writer_process_is_replaced_and_nothing_is_lost(audit_backend):
+    """The appends run in a child process: SIGKILL it between two batches and the records of
+    the next batch still reach the store, through a new child."""
+    writer = audit_backend.writer(lambda cls: None)
+    writer.start()
+
+    def add(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            writer.add(Record(type="r", time_logged=DAY1 + i, time_queued=DAY1 + i,
+                              orig="s@x.test", rcpt=f"user{i}@example.com", queue_id=f"Q{i}",
+                              cls="marketing", vmta_pool="pool", correlation_id=f"corr-{i}"))
+
+    add(0, 50)
+    assert writer.flush(30) == 50
+    first_child = writer.child_pid
+    os.kill(first_child, 9)
+    add(50, 50)
+    assert writer.flush(30) >= 100  # a batch answered by no one may be stored twice
+    assert writer.child_pid not in (None, first_child)
+    writer.close()
+    result = verify(audit_backend)
+    assert result.ok, result
+    store = audit_backend.open(readonly=True)
+    try:
+        found = {r["correlation_id"] for r in store.find(Query(correlation_id="corr-99"))}
+    finally:
+        store.close()
+    assert found == {"corr-99"}

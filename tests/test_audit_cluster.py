@@ -93,7 +93,7 @@ async def test_a_store_gone_for_good_does_not_hold_the_shutdown(pg_schema, caplo
     from postlane.accounting.audit.writer import AuditWriter
     from postlane.accounting.records import Record
 
-    writer = AuditWriter(lambda: open_store_at(PG_DSN, pg_schema), lambda cls: None)
+    writer = AuditWriter(PG_DSN, lambda cls: None, schema=pg_schema)
     writer.start()
     writer.add(Record(type="r", time_logged=1.0, time_queued=1.0, orig="a@b.test",
                       rcpt="c@d.test", queue_id="Q1", cls="marketing", vmta_pool="bulk"))

@@ -338,15 +338,17 @@ async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_
 async def test_transactional_signing_never_waits_for_campaign_signing(tmp_path, keys):
     signer, _ = make_signer(tmp_path, "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1"))
     await signer.start()
-    bulk = signer._processes[False]._proc
-    os.kill(bulk.pid, signal.SIGSTOP)  # the campaign's signing process is stuck
+    bulk = [p._proc for p in signer._processes[False]]
+    for proc in bulk:
+        os.kill(proc.pid, signal.SIGSTOP)  # the campaign's signing processes are stuck
     try:
         campaign = asyncio.ensure_future(sign_message(signer, MESSAGES["plain"],
                                                       cls="marketing", pool="bulk"))
         notice = await asyncio.wait_for(sign_message(signer, MESSAGES["plain"]), 30)
         assert notice.startswith(b"DKIM-Signature:") and not campaign.done()
     finally:
-        os.kill(bulk.pid, signal.SIGCONT)
+        for proc in bulk:
+            os.kill(proc.pid, signal.SIGCONT)
     assert (await campaign).startswith(b"DKIM-Signature:")
     signer.close()
 
@@ -356,7 +358,8 @@ async def test_a_dead_signing_process_defers_and_is_replaced(tmp_path, keys, dns
         tmp_path, "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1"))
     publish(dns_server, keys, "insurer.test", "r1")
     await signer.start()
-    child = signer._processes[True]._proc
+    [process] = signer._processes[True]
+    child = process._proc
     os.kill(child.pid, signal.SIGSTOP)
     pending = asyncio.ensure_future(sign_message(signer, MESSAGES["plain"]))
     await asyncio.sleep(0.2)
@@ -366,7 +369,7 @@ async def test_a_dead_signing_process_defers_and_is_replaced(tmp_path, keys, dns
     assert refused.value.code == 451 and "try again later" in refused.value.text
     signed = await asyncio.wait_for(sign_message(signer, MESSAGES["plain"]), 30)
     assert verify(signed, dns_server) == [True]  # a new process, which was given the key again
-    assert signer._processes[True]._proc.pid != child.pid
+    assert process._proc.pid != child.pid
     signer.close()
 
 

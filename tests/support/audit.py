@@ -31,7 +31,7 @@ class AuditBackend:
         return open_store_at(self.location, self.schema, readonly=readonly)
 
     def writer(self, sla_of: Callable[[str], float | None]) -> AuditWriter:
-        return AuditWriter(self.open, sla_of)
+        return AuditWriter(self.location, sla_of, schema=self.schema)
 
     def cli(self) -> list[str]:
         """The CLI options naming this store."""

@@ -402,6 +402,11 @@ class DKIMConfig(Strict):
     rotation_period: Duration = 91 * 86400.0
     key_check_interval: Duration = 10.0
     """How often key files are checked for replacement or removal while running."""
+    priority_signers: int = Field(1, ge=1, le=16)
+    """Signing processes for classes with an SLA (docs/dkim.md)."""
+    bulk_signers: int = Field(2, ge=1, le=16)
+    """Signing processes for everything else: two, so that a campaign's messages are not
+    signed one at a time while the SMTP clients wait for their 250."""
 
     @field_validator("headers", "oversign")
     @classmethod

@@ -346,16 +346,20 @@ class Signer:
         self.clock = clock
         self.keyring = KeyRing(config.dkim)
         self.stats = SignerStats()
-        self._processes = {True: SigningProcess("priority", config.dkim),
-                           False: SigningProcess("bulk", config.dkim)}
+        self._processes = {
+            True: [SigningProcess(f"priority-{i}", config.dkim)
+                   for i in range(config.dkim.priority_signers)],
+            False: [SigningProcess(f"bulk-{i}", config.dkim)
+                    for i in range(config.dkim.bulk_signers)]}
 
     async def start(self) -> None:
         """Start the signing processes now, so the first message does not wait for one."""
-        await asyncio.gather(*(p.start() for p in self._processes.values()))
+        await asyncio.gather(*(p.start() for group in self._processes.values() for p in group))
 
     def close(self) -> None:
-        for process in self._processes.values():
-            process.close()
+        for group in self._processes.values():
+            for process in group:
+                process.close()
 
     def _candidates(self, from_domain: str, pool: str, own: bool) -> list[str]:
         """Signing domains to try, most specific first; refuses a From that cannot align."""
@@ -435,7 +439,8 @@ class Signer:
             raise Rejection(451, text)
         urgent = self.config.classes[cls].sla is not None
         try:
-            header = await self._processes[urgent].sign(fields, body, domain, snapshot, now)
+            process = min(self._processes[urgent], key=SigningProcess.backlog)
+            header = await process.sign(fields, body, domain, snapshot, now)
         except SigningUnavailable as exc:
             self.stats.deferred += 1
             log.error("dkim signing failed, message refused (451)",

@@ -77,6 +77,10 @@ class SigningProcess(asyncio.Protocol):
             self._transport, _ = await loop.create_unix_connection(lambda: self, sock=mine)
             self._transport.write(_frame(("hello", *self.settings)))
 
+    def backlog(self) -> int:
+        """Signatures asked and not yet answered (the signer picks the least busy process)."""
+        return len(self._pending)
+
     async def sign(self, fields: Sequence[tuple[str, bytes]], body: bytes, domain: str,
                    keys: Sequence[tuple[int, DKIMKeyConfig, bytes]], now: float) -> bytes:
         """DKIM-Signature field(s) for the message; ``keys`` are (key id, config, DER)."""

@@ -58,8 +58,9 @@ class AuditService:
         self.path = None if is_dsn(self.location) else Path(self.location)
         """The SQLite file, if the store is one."""
         self._loop: asyncio.AbstractEventLoop | None = None
-        opener = lambda: open_audit_store(config)  # noqa: E731  (one opener for all three)
-        self.writer = AuditWriter(opener, self._sla_of, self._committed)
+        opener = lambda: open_audit_store(config)  # noqa: E731  (the webhooks' reads)
+        self.writer = AuditWriter(self.location, self._sla_of, self._committed,
+                                  schema=config.cluster.schema_name)
         self.webhooks = [WebhookSender(opener, hook, config.node.name)
                          for hook in config.audit.webhooks]
         self._tasks: list[asyncio.Task] = []
