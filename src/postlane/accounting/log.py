@@ -2,7 +2,9 @@
 
 Writes go to large user-space buffers and are never fsynced per record, so the hot path stays
 cheap at thousands of records per second; durability points are rotate(), close() and an
-explicit flush(fsync=True).
+explicit flush(fsync=True). A rotation due by age or size, which happens inside a write, hands
+the old files to a thread for their fsync: fsyncing two 100 MB files on the event loop held it
+for hundreds of milliseconds (transactional max latency 290 ms in a 200k campaign).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class AccountingLog:
         self._sizes: dict[str, int] = {}
         self._opened_at = 0.0
         self._closed = False
+        self._retiring: list[threading.Thread] = []
         # csv writes into a reusable in-memory buffer so the exact encoded size is known.
         self._csv_buf = io.StringIO()
         self._csv = csv.writer(self._csv_buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
@@ -148,6 +151,8 @@ class AccountingLog:
                 return
             self._closed = True
             self._close_files()
+            for thread in self._retiring:
+                thread.join()
 
     def add_listener(self, fn: Callable[[Record], None]) -> None:
         """Call ``fn`` after every record is written (monitoring, audit forwarding).
@@ -175,7 +180,12 @@ class AccountingLog:
         if self._clock() - self._opened_at >= self.rotate_seconds or any(
             size >= self.rotate_bytes for size in self._sizes.values()
         ):
-            self._rotate_locked()
+            old, self._files = self._files, {}
+            self._open_files()
+            self._retiring = [t for t in self._retiring if t.is_alive()]
+            thread = threading.Thread(target=_retire, args=(old,), name="accounting-rotate")
+            thread.start()
+            self._retiring.append(thread)
         values = record.as_dict()
         if self._all_default:
             row = list(values.values())
@@ -206,10 +216,7 @@ class AccountingLog:
 
     def _close_files(self) -> None:
         files, self._files = self._files, {}
-        for fh in files.values():
-            fh.flush()
-            os.fsync(fh.fileno())
-            fh.close()
+        _retire(files)
 
     def _open_files(self) -> None:
         now = self._clock()
@@ -262,3 +269,11 @@ class AccountingLog:
                 fn(record)
             except Exception:
                 log.exception("accounting listener %r failed", fn)
+
+
+def _retire(files: dict[str, BinaryIO]) -> None:
+    """Flush, fsync and close files that no record goes to any more."""
+    for fh in files.values():
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
