@@ -236,7 +236,7 @@ class BenchOptions:
     nodes: int | None = None
     """Node processes on the ``spool`` DSN (None: one node, and no per-node keys in the JSON)."""
     config: Path | None = None
-    connections: int = 8
+    connections: int = 16
     timeout: float = 3600.0
     transactional_classes: tuple[str, ...] = TRANSACTIONAL_DEFAULT
     marketing_class: str = "marketing"
