@@ -61,10 +61,17 @@ DEFAULT_FIELDS: tuple[str, ...] = (
 )
 
 
+_last_second: tuple[int, str] = (-1, "")  # records come in bursts within one second
+
+
 def format_time(ts: float) -> str:
     """PowerMTA-style UTC timestamp with milliseconds, e.g. "2026-11-27 18:40:01.123+0000"."""
+    global _last_second
     secs, ms = divmod(round(ts * 1000), 1000)
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(secs)) + f".{ms:03d}+0000"
+    cached = _last_second  # one read, one write: safe from any thread
+    if cached[0] != secs:
+        cached = _last_second = (secs, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(secs)))
+    return f"{cached[1]}.{ms:03d}+0000"
 
 
 def parse_time(text: str) -> float:
