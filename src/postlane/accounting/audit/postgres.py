@@ -47,6 +47,7 @@ from .store import (
     RetentionMixin,
     StoreMissing,
     VerifyResult,
+    find_sql,
     link,
     prepare,
     walk,
@@ -223,32 +224,7 @@ class PostgresAuditStore(RetentionMixin):
     def find(self, query: Query) -> list[dict]:
         """Every record of the messages matching the keys (a recipient key keeps only that
         recipient's records), in chain order."""
-        where, args = ["type = 'r'"], []  # literal: lets PostgreSQL use the partial indexes
-        keys = {"queue_id": query.queue_id, "message_id": query.message_id,
-                "correlation_id": query.correlation_id, "env_id": query.env_id,
-                "cls": query.cls, "vmta_pool": query.pool}
-        for col, value in keys.items():
-            if value is not None:
-                where.append(f"{col} = %s")
-                args.append(value)
-        if query.env_id is not None:
-            where.append("env_id <> ''")
-        if query.rcpt is not None:
-            where.append("lower(rcpt) = lower(%s)")
-            args.append(query.rcpt)
-        if query.since is not None:
-            where.append("time_queued >= %s")
-            args.append(query.since)
-        if query.until is not None:
-            where.append("time_queued < %s")
-            args.append(query.until)
-        if len(where) == 1:
-            raise ValueError("an evidence query needs at least one key or a time range")
-        sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
-               f"audit_records WHERE {' AND '.join(where)})")
-        if query.rcpt is not None:
-            sql += " AND lower(rcpt) = lower(%s)"
-            args.append(query.rcpt)
+        sql, args = find_sql(query, "%s", "lower(rcpt) = lower(%s)")
         with self._db().cursor(row_factory=dict_row) as cur:
             return cur.execute(sql + " ORDER BY seq", args).fetchall()
 

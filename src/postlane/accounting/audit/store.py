@@ -215,6 +215,38 @@ def prepare(batch: Sequence[tuple[Record, float | None]], *, clean: bool = False
     return out
 
 
+def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
+    """The evidence query of both backends: ``mark`` is the driver's placeholder, and
+    ``rcpt_match`` the case-insensitive recipient comparison with one placeholder."""
+    where, args = ["type = 'r'"], []  # a literal: lets the database use the partial indexes
+    keys = {"queue_id": query.queue_id, "message_id": query.message_id,
+            "correlation_id": query.correlation_id, "env_id": query.env_id,
+            "cls": query.cls, "vmta_pool": query.pool}
+    for col, value in keys.items():
+        if value is not None:
+            where.append(f"{col} = {mark}")
+            args.append(value)
+    if query.env_id is not None:
+        where.append("env_id <> ''")
+    if query.rcpt is not None:
+        where.append(rcpt_match)
+        args.append(query.rcpt)
+    if query.since is not None:
+        where.append(f"time_queued >= {mark}")
+        args.append(query.since)
+    if query.until is not None:
+        where.append(f"time_queued < {mark}")
+        args.append(query.until)
+    if len(where) == 1:
+        raise ValueError("an evidence query needs at least one key or a time range")
+    sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
+           f"audit_records WHERE {' AND '.join(where)})")
+    if query.rcpt is not None:
+        sql += f" AND {rcpt_match}"
+        args.append(query.rcpt)
+    return sql, args
+
+
 def link(prepared: Sequence[Prepared], tail: tuple[int, bytes, str]
          ) -> tuple[list[tuple], dict[str, list], tuple[int, bytes, str]]:
     """Chain prepared records after ``tail`` (seq, hash and day of the last stored row).
@@ -455,32 +487,7 @@ class SQLiteAuditStore(RetentionMixin):
     def find(self, query: Query) -> list[dict]:
         """Every record of the messages matching the keys (a recipient key keeps only that
         recipient's records), in chain order."""
-        where, args = ["type = 'r'"], []  # literal: lets SQLite use the partial indexes
-        keys = {"queue_id": query.queue_id, "message_id": query.message_id,
-                "correlation_id": query.correlation_id, "env_id": query.env_id,
-                "cls": query.cls, "vmta_pool": query.pool}
-        for col, value in keys.items():
-            if value is not None:
-                where.append(f"{col} = ?")
-                args.append(value)
-        if query.env_id is not None:
-            where.append("env_id <> ''")
-        if query.rcpt is not None:
-            where.append("rcpt = ? COLLATE NOCASE")
-            args.append(query.rcpt)
-        if query.since is not None:
-            where.append("time_queued >= ?")
-            args.append(query.since)
-        if query.until is not None:
-            where.append("time_queued < ?")
-            args.append(query.until)
-        if len(where) == 1:
-            raise ValueError("an evidence query needs at least one key or a time range")
-        sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
-               f"audit_records WHERE {' AND '.join(where)})")
-        if query.rcpt is not None:
-            sql += " AND rcpt = ? COLLATE NOCASE"
-            args.append(query.rcpt)
+        sql, args = find_sql(query, "?", "rcpt = ? COLLATE NOCASE")
         return [dict(r) for r in self.db.execute(sql + " ORDER BY seq", args)]
 
     def rows_between(self, since: float | None, until: float | None,
