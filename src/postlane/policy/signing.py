@@ -56,11 +56,9 @@ class SigningProcess(asyncio.Protocol):
         self._keys: set[int] = set()
         self._next = 0
         self._buffer = bytearray()
-        self._starting: asyncio.Lock | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
-        if self._starting is None:
-            self._starting = asyncio.Lock()
         async with self._starting:
             if self._transport is not None:
                 return
