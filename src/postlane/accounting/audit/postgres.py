@@ -47,6 +47,7 @@ from .store import (
     RetentionMixin,
     StoreMissing,
     VerifyResult,
+    between_where,
     find_sql,
     link,
     prepare,
@@ -232,22 +233,12 @@ class PostgresAuditStore(RetentionMixin):
                      cls: str | None = None) -> Iterator[dict]:
         """Records logged in [since, until), optionally of one class, in chain order (read
         through a server-side cursor: an export of millions of rows stays small in memory)."""
-        where, args = ["true"], []
-        if since is not None:
-            where.append("time_logged >= %s")
-            args.append(since)
-        if until is not None:
-            where.append("time_logged < %s")
-            args.append(until)
-        if cls is not None:
-            where.append("cls = %s")
-            args.append(cls)
+        where, args = between_where(since, until, cls, "%s")
         conn = self._db()
         with conn.transaction(), conn.cursor(f"audit_rows_{next(_names)}",
                                              row_factory=dict_row) as cur:
             cur.itersize = 2000
-            cur.execute(f"SELECT * FROM audit_records WHERE {' AND '.join(where)} ORDER BY seq",
-                        args)
+            cur.execute(f"SELECT * FROM audit_records WHERE {where} ORDER BY seq", args)
             yield from cur
 
     def rows_after(self, seq: int, types: Sequence[str], classes: Sequence[str],

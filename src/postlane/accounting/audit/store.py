@@ -215,6 +215,18 @@ def prepare(batch: Sequence[tuple[Record, float | None]], *, clean: bool = False
     return out
 
 
+def between_where(since: float | None, until: float | None, cls: str | None,
+                  mark: str) -> tuple[str, list]:
+    """The WHERE clause of ``rows_between`` for both backends (``mark``: the placeholder)."""
+    where, args = ["1 = 1"], []
+    for clause, value in ((f"time_logged >= {mark}", since), (f"time_logged < {mark}", until),
+                          (f"cls = {mark}", cls)):
+        if value is not None:
+            where.append(clause)
+            args.append(value)
+    return " AND ".join(where), args
+
+
 def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
     """The evidence query of both backends: ``mark`` is the driver's placeholder, and
     ``rcpt_match`` the case-insensitive recipient comparison with one placeholder."""
@@ -493,18 +505,9 @@ class SQLiteAuditStore(RetentionMixin):
     def rows_between(self, since: float | None, until: float | None,
                      cls: str | None = None) -> Iterator[dict]:
         """Records logged in [since, until), optionally of one class, in chain order."""
-        where, args = ["1"], []
-        if since is not None:
-            where.append("time_logged >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("time_logged < ?")
-            args.append(until)
-        if cls is not None:
-            where.append("cls = ?")
-            args.append(cls)
+        where, args = between_where(since, until, cls, "?")
         for row in self.db.execute(
-                f"SELECT * FROM audit_records WHERE {' AND '.join(where)} ORDER BY seq", args):
+                f"SELECT * FROM audit_records WHERE {where} ORDER BY seq", args):
             yield dict(row)
 
     def rows_after(self, seq: int, types: Sequence[str], classes: Sequence[str],
