@@ -197,3 +197,23 @@ async def test_pause_resume_retry_purge_and_metrics(tmp_path, sink, make_node):
     assert len(purged_rows) == 3
     assert {r["type"] for r in purged_rows} == {"b"}
     assert {r["dsnDiag"] for r in purged_rows} == {"purged by operator"}
+
+
+def test_nodes_starting_together_read_one_whole_token_and_key(tmp_path):
+    """Nodes sharing a state folder may create the API token and feedback key at the same
+    instant: each reads the whole secret, the same one, from a 0600 file."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from postlane.api.server import load_token
+    from postlane.feedback.keys import load_or_create_key
+
+    for round_ in range(5):
+        token, key = tmp_path / f"t{round_}" / "api.token", tmp_path / f"k{round_}" / "fb.key"
+        with ProcessPoolExecutor(4) as pool:
+            tokens = list(pool.map(load_token, [token] * 8))
+            keys = list(pool.map(load_or_create_key, [key] * 8))
+        assert len(set(tokens)) == 1 and tokens[0]
+        assert len(set(keys)) == 1 and len(keys[0]) == 64
+        for path in (token, key):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
+from ..secretfile import create_secret
 from .app import create_app
 
 if TYPE_CHECKING:
@@ -30,13 +30,9 @@ def load_token(path: str | Path) -> str:
     try:
         token = path.read_text("utf-8").strip()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        log.info("created API token file", extra={"path": str(path)})
-        return token
+        if create_secret(path, (secrets.token_urlsafe(32) + "\n").encode()):
+            log.info("created API token file", extra={"path": str(path)})
+        return load_token(path)  # ours, or the one another node made meanwhile
     if not token:
         raise ValueError(f"API token file {path} is empty")
     if path.stat().st_mode & 0o077:

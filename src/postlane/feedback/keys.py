@@ -6,9 +6,10 @@ every node of a cluster must share the file (tokens minted by one are checked by
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
+
+from ..secretfile import create_secret
 
 __all__ = ["load_or_create_key"]
 
@@ -19,14 +20,8 @@ def load_or_create_key(path: str | Path) -> bytes:
     try:
         text = path.read_text("ascii").strip()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it meanwhile
-            return load_or_create_key(path)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32) + "\n")
-        return load_or_create_key(path)
+        create_secret(path, (secrets.token_hex(32) + "\n").encode())
+        text = path.read_text("ascii").strip()
     if len(text) < 32:
         raise ValueError(f"{path}: feedback key is too short (need at least 32 characters)")
     return text.encode("ascii")

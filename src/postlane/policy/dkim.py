@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import itertools
 import logging
@@ -42,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from ..accounting.records import Record
 from ..config.model import Config, DKIMConfig, DKIMKeyConfig
+from ..secretfile import create_secret
 from .headers import field_value
 from .identity import aligned, org_domain
 from .intake import Rejection
@@ -71,10 +73,8 @@ def write_key(path: Path, key: PrivateKey) -> None:
     """Write a PKCS#8 PEM private key that only its owner can read; never overwrite a key."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    if not create_secret(path, pem):
+        raise FileExistsError(errno.EEXIST, "key file exists already", str(path))
 
 
 def read_key(path: str | Path, algorithm: str) -> PrivateKey:
