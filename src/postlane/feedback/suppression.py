@@ -11,6 +11,7 @@ long the list is, and a message's recipients are checked in one ``IN (...)`` que
 from __future__ import annotations
 
 import csv
+import itertools
 import sqlite3
 import threading
 import time
@@ -66,15 +67,24 @@ class SuppressionList:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=30)
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("""CREATE TABLE IF NOT EXISTS suppression (
-                address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
-                source TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
-                PRIMARY KEY (address, scope)) WITHOUT ROWID""")
+        # Two nodes (or a node and the CLI) opening a new list at once: switching to WAL
+        # fails at once with "database is locked" instead of waiting, so try again.
+        for attempt in itertools.count():
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt >= 100:
+                    raise
+                time.sleep(0.05)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("""CREATE TABLE IF NOT EXISTS suppression (
+            address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+            PRIMARY KEY (address, scope)) WITHOUT ROWID""")
 
     def close(self) -> None:
         with self._lock:
