@@ -59,6 +59,22 @@ async def test_scoped_suppression_refuses_drops_and_still_delivers_policy_notice
     assert s["dsnDiag"] == "suppressed (marketing, unsubscribe): unsubscribed"
 
 
+async def test_drop_policy_accepts_at_rcpt_and_drops_at_data(tmp_path, sink, make_node):
+    """A class that drops suppressed recipients takes them at RCPT; the look-up made there
+    decides at DATA: the suppressed one gets an "s" record, the other is delivered."""
+    extra = FEEDBACK + 'suppressed = "drop"\n'
+    node = await make_node(_config(tmp_path, sink.port, extra, verp=False))
+    node.feedback.suppression.add("gone@example.com", "all", "5.1.1 user unknown", "bounce")
+    await send(node.listeners[0].port, "sender@insurer.test",
+               ["gone@example.com", "ok@example.com"], message("newsletter", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    await node.stop()
+    assert arrival.rcpts == ["ok@example.com"]
+    [s] = [r for r in records(tmp_path) if r["type"] == "s"]
+    assert s["rcpt"] == "gone@example.com"
+    assert s["dsnDiag"] == "suppressed (all, bounce): 5.1.1 user unknown"
+
+
 async def test_verp_round_trip_remote_bounces_become_rb_records_and_suppressions(
         tmp_path, sink, make_node):
     node = await make_node(_config(tmp_path, sink.port))

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from postlane.config import Config, ConfigError, parse_config
 from postlane.edge.auth import User, hash_password, save_user
+from postlane.edge.smtp import has_long_line
 from postlane.node import Node
 from postlane.sink import Sink
 from tests.conftest import config_text
@@ -215,3 +216,13 @@ def test_mutated_configs_give_config_or_config_error(mutations):
 def test_random_text_configs_give_config_or_config_error(text):
     with contextlib.suppress(ConfigError):
         parse_config(text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r\n", b"\r", b"\n", b"x" * 7]), max_size=60),
+       st.integers(min_value=2, max_value=20))
+def test_long_line_check_matches_splitting(parts, limit):
+    """The DATA reader's windowed line-length check agrees with splitting into lines."""
+    data = b"".join(parts)
+    assert has_long_line(data, limit) == any(len(line) > limit - 2
+                                             for line in data.split(b"\r\n"))

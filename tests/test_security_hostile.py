@@ -133,3 +133,24 @@ async def test_end_of_data_found_whatever_the_packet_boundaries(tmp_path, sink, 
         "r2@example.com"]
     assert got["r1@example.com"].endswith(b"\r\n\r\nx\r\n")
     assert b"Subject: 3" in got["r3@example.com"]
+
+
+async def test_pipelined_commands_get_every_reply_in_order(tmp_path, sink, make_node):
+    """RFC 2920: replies to a pipelined group may be sent together, but all of them, in order,
+    and never held while the server waits for the client (a bare-LF line is not a command)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    raw.send(b"RSET\r\nMAIL FROM:<s@insurer.test>\r\nRCPT TO:<a@example.com>\r\n"
+             b"RCPT TO:<nodomain>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+    replies = [(await raw.reply())[:3] for _ in range(6)]
+    assert replies == ["250", "250", "250", "501", "250", "354"]
+    raw.send(b"Subject: pipelined\r\n\r\nbody\r\n.\r\nNOOP\r\nNOOP\r\nQUIT\r\n")
+    replies = [(await raw.reply())[:3] for _ in range(4)]
+    assert replies == ["250", "250", "250", "221"]
+    assert await raw.closed()
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["a@example.com", "b@example.com"]
+    raw = await session(node.listeners[0].port)
+    raw.send(b"NOOP\r\nNOOP\n")  # the second is no command until its CRLF comes
+    assert (await raw.reply(timeout=5)).startswith("250")
+    await raw.close()

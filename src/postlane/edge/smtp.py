@@ -66,6 +66,22 @@ def _split_params(arg: str, keyword: str) -> tuple[str, str, dict[str, str]] | N
     return path, " ".join(keep), dsn
 
 
+def has_long_line(data: bytes | bytearray, limit: int) -> bool:
+    """Whether a CRLF-ended line of ``data`` is longer than ``limit`` - 2 bytes.
+
+    Jumps to the last CRLF within each ``limit`` bytes instead of splitting into lines: 2 µs
+    against 15 µs for a 10 KB message (``max(map(len, data.split(CRLF)))``). Any line that
+    starts in a window and ends within it is short enough; a window without CRLF holds a long
+    one."""
+    pos, end = 0, len(data)
+    while end - pos > limit:
+        last = data.rfind(b"\r\n", pos, pos + limit)
+        if last < 0:
+            return True
+        pos = last + 2
+    return b"\r\n" not in data[pos:] and end - pos > limit - 2
+
+
 class BulkDataSMTP(SMTP):
     """aiosmtpd's SMTP reading DATA in blocks instead of line by line.
 
@@ -75,6 +91,27 @@ class BulkDataSMTP(SMTP):
     CRLF.CRLF ends the data (a bare LF or CR never does: RFC 5321 4.1.1.4, CVE-2023-51766), and
     pipelined commands after it stay in the reader.
     """
+
+    _held = b""
+
+    async def push(self, status: str | bytes) -> None:
+        """Send a reply, or hold a 250 while the client's next command is already buffered
+        (RFC 2920: a pipelined MAIL, RCPT, DATA then costs one write instead of three; the
+        writes were 4 % of the node's CPU in ``postlane bench``). Any other reply, or reading
+        that must wait for the client, sends what is held first, so a client never waits for
+        a reply we hold; ``\\r\\n`` is what aiosmtpd's reader needs to go on without waiting.
+        """
+        response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") \
+            if isinstance(status, str) else status
+        response = self._held + response + b"\r\n"
+        # asyncio's StreamReader keeps unread bytes in ``_buffer`` (no public peek exists)
+        if response.startswith(b"250") and len(response) < 4096 and \
+                b"\r\n" in self._reader._buffer:
+            self._held = response
+            return
+        self._held = b""
+        self._writer.write(response)
+        await self._writer.drain()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """Fast path for the plain ``<local@domain> params`` form; aiosmtpd's parser (which
@@ -123,8 +160,7 @@ class BulkDataSMTP(SMTP):
             self._set_post_data_state()
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
             return
-        if size > self.line_length_limit and max(map(len, data.split(b"\r\n"))) > \
-                self.line_length_limit - 2:
+        if size > self.line_length_limit and has_long_line(data, self.line_length_limit):
             self._set_post_data_state()
             await self.push("500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)")
             return
@@ -234,6 +270,7 @@ class SMTPIntake:
         envelope.mail_options.extend(mail_options)
         envelope.dsn_mail = dict(server.dsn_params)  # type: ignore[attr-defined]
         envelope.rcpt_dsn = []  # type: ignore[attr-defined]
+        envelope.rcpt_suppression = []  # type: ignore[attr-defined]
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(self, server: EdgeSMTP, session: Session, envelope: Envelope,
@@ -248,21 +285,27 @@ class SMTPIntake:
             return "452 4.5.3 Too many recipients"
         if "@" not in address:
             return "501 5.1.3 Recipient needs a domain"
+        looked_up = (False, None)
         if feedback is not None and not report:
-            refusal = feedback.rcpt_refusal(address, self.config.default_class)
+            refusal, hit = feedback.at_rcpt(address, self.config.default_class)
             if refusal:
                 return refusal
+            looked_up = (True, hit)
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_suppression.append(looked_up)  # type: ignore[attr-defined]
         envelope.rcpt_dsn.append(dict(server.dsn_params))  # type: ignore[attr-defined]
         return "250 2.1.5 Recipient ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         dsn = getattr(envelope, "dsn_mail", {})
         rcpt_dsn = getattr(envelope, "rcpt_dsn", [])
+        looked_up = getattr(envelope, "rcpt_suppression", [])
         rcpts = []
         for i, addr in enumerate(envelope.rcpt_tos):
             params = rcpt_dsn[i] if i < len(rcpt_dsn) else {}
-            rcpts.append(RcptIn(addr, params.get("NOTIFY", "").upper(), params.get("ORCPT", "")))
+            checked, hit = looked_up[i] if i < len(looked_up) else (False, None)
+            rcpts.append(RcptIn(addr, params.get("NOTIFY", "").upper(), params.get("ORCPT", ""),
+                                checked, hit))
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
         feedback = self.intake.feedback
         reports = [r.address for r in rcpts if feedback and feedback.is_report_address(r.address)]

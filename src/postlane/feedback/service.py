@@ -2,7 +2,7 @@
 unsubscribes, and how that stops mail that should not be sent.
 
 The rest of the node calls in at four hooks (all optional, so the core runs without them):
-intake (``rcpt_refusal`` at RCPT, ``screen`` after classification), relay (``envelope_sender``),
+intake (``at_rcpt`` at RCPT, ``screen`` after classification), relay (``envelope_sender``),
 the listeners (``is_report_address`` / ``receive`` for bounces and ARF reports) and the
 accounting log (``on_record``: hard bounces suppress, deliveries and complaints feed the rates).
 """
@@ -25,7 +25,7 @@ from .categories import HARD, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
-from .suppression import SuppressionList
+from .suppression import Entry, SuppressionList
 from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP
 
@@ -68,29 +68,32 @@ class FeedbackService:
 
     # -- intake ---------------------------------------------------------------------------------
 
-    def rcpt_refusal(self, address: str, default_class: str | None) -> str | None:
-        """The 550 for a recipient suppressed for every class, unless the class this listener
-        will most likely assign drops suppressed recipients instead. Marketing-only
-        suppressions cannot be decided here (the class header comes with DATA): ``screen``
-        drops those."""
-        if self.policy(default_class or self.config.default_class).suppressed == "drop":
-            return None
-        hit = self.suppression.check([address], marketing=False).get(address)
-        if hit is None:
-            return None
-        return f"550 5.7.1 Recipient suppressed: {_one_line(hit.reason or hit.source)}"
+    def at_rcpt(self, address: str, default_class: str | None) -> tuple[str | None, Entry | None]:
+        """Look a recipient up once, in every scope, at RCPT: the 550 for a recipient
+        suppressed for every class (none if the class this listener will most likely assign
+        drops suppressed recipients instead), and the entry to hand on with the recipient to
+        ``screen``, which decides marketing-only suppressions once the class is known (its
+        header comes with DATA). One query per message instead of two: SQLite releases the
+        GIL, and each release can hand the event loop's turn to the spool writer."""
+        hit = self.suppression.check([address], marketing=True).get(address)
+        if hit is None or hit.scope != "all" or self.policy(
+                default_class or self.config.default_class).suppressed == "drop":
+            return None, hit
+        return f"550 5.7.1 Recipient suppressed: {_one_line(hit.reason or hit.source)}", hit
 
     def screen(self, *, queue_id: str, now: float, cls: str, pool: str, mail_from: str,
                rcpts: list[RcptIn], fields: list[tuple[str, bytes]], message_id: str,
                listener: str) -> tuple[list[RcptIn], list[tuple[str, bytes]]]:
         """Drop suppressed recipients (writing "s" records) and return the rest with the header
-        fields to add (List-Unsubscribe for a marketing class)."""
+        fields to add (List-Unsubscribe for a marketing class). Recipients looked up at RCPT
+        (``at_rcpt``) are not looked up again."""
         policy = self.policy(cls)
-        hits = self.suppression.check([r.address for r in rcpts], policy.marketing)
+        unchecked = [r.address for r in rcpts if not r.checked]
+        hits = self.suppression.check(unchecked, policy.marketing) if unchecked else {}
         kept = []
         for rcpt in rcpts:
-            hit = hits.get(rcpt.address)
-            if hit is None:
+            hit = rcpt.suppressed if rcpt.checked else hits.get(rcpt.address)
+            if hit is None or (hit.scope != "all" and not policy.marketing):
                 kept.append(rcpt)
                 continue
             self.record(Record(

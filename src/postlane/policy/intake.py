@@ -23,6 +23,7 @@ from .headers import field_value, header_fields, join_fields, normalize_newlines
 from .identity import envelope_sender
 
 if TYPE_CHECKING:
+    from ..feedback.suppression import Entry
     from .dkim import Signer
 
 CLASS_HEADER = "x-postlane-class"
@@ -56,6 +57,8 @@ class RcptIn:
     address: str
     notify: str = ""
     orcpt: str = ""
+    checked: bool = False  # looked up in the suppression list at RCPT already
+    suppressed: Entry | None = None  # what that look-up found
 
 
 def domain_of(address: str) -> str:

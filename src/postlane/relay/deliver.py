@@ -162,7 +162,7 @@ class Relay:
         started = time.monotonic()
         try:
             tx = await conn.send(self.envelope_sender(msg, batch[0]), rcpts, body,
-                                 " ".join(params))
+                                 " ".join(params), crlf=True)
         except SMTPError as exc:
             reply = str(exc.reply) if exc.reply else f"451 4.4.2 {exc}"
             for rcpt in batch:
