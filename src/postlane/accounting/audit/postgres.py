@@ -50,6 +50,7 @@ from .store import (
     between_where,
     find_sql,
     link,
+    pause_spans,
     prepare,
     walk,
 )
@@ -279,17 +280,9 @@ class PostgresAuditStore(RetentionMixin):
     def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
         """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
         ends at ``until``."""
-        out: list[tuple[float, float, str]] = []
-        started: dict[str, float] = {}
-        for when, action, domain in self._db().execute(
-                "SELECT time, action, domain FROM audit_operations WHERE pool = %s AND time < %s"
-                " ORDER BY id", (pool, until)):
-            if action == "pause":
-                started.setdefault(domain, when)
-            elif action == "resume" and domain in started:
-                out.append((started.pop(domain), when, domain))
-        out.extend((start, until, domain) for domain, start in started.items())
-        return sorted(out)
+        return pause_spans(self._db().execute(
+            "SELECT time, action, domain FROM audit_operations WHERE pool = %s AND time < %s"
+            " ORDER BY id", (pool, until)), until)
 
     def classes(self) -> list[str]:
         return [r[0] for r in self._db().execute(

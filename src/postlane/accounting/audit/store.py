@@ -330,6 +330,20 @@ def walk(lookup: ChainLookup, days: list[dict], since_day: str | None,
                         purged=verifier.purged, days=days)
 
 
+def pause_spans(operations: Iterable[Sequence], until: float) -> list[tuple[float, float, str]]:
+    """Pair (time, action, domain) operations, oldest first, into (start, end, domain) pauses;
+    a pause not yet resumed ends at ``until``."""
+    out: list[tuple[float, float, str]] = []
+    started: dict[str, float] = {}
+    for when, action, domain in operations:
+        if action == "pause":
+            started.setdefault(domain, when)
+        elif action == "resume" and domain in started:
+            out.append((started.pop(domain), when, domain))
+    out.extend((start, until, domain) for domain, start in started.items())
+    return sorted(out)
+
+
 def check_days(verifier: ChainVerifier, days: list[dict], seen: dict[str, list]) -> bool:
     """The day seals catch what the links cannot: records cut off the end of a day."""
     for day in days:
@@ -548,17 +562,9 @@ class SQLiteAuditStore(RetentionMixin):
     def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
         """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
         ends at ``until``."""
-        out: list[tuple[float, float, str]] = []
-        started: dict[str, float] = {}
-        for when, action, domain in self.db.execute(
-                "SELECT time, action, domain FROM audit_operations WHERE pool = ? AND time < ? "
-                "ORDER BY id", (pool, until)):
-            if action == "pause":
-                started.setdefault(domain, when)
-            elif action == "resume" and domain in started:
-                out.append((started.pop(domain), when, domain))
-        out.extend((start, until, domain) for domain, start in started.items())
-        return sorted(out)
+        return pause_spans(self.db.execute(
+            "SELECT time, action, domain FROM audit_operations WHERE pool = ? AND time < ? "
+            "ORDER BY id", (pool, until)), until)
 
     def classes(self) -> list[str]:
         return [r[0] for r in self.db.execute(
