@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 __all__ = ["create_secret"]
@@ -18,8 +19,7 @@ def create_secret(path: Path, data: bytes) -> bool:
     """Write ``data`` to a new 0600 file at ``path``, durably; False (and ``path`` untouched)
     if it exists already."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
