@@ -121,8 +121,8 @@ def _parse_reply(lines: list[bytes], stage: str) -> Reply:
 def prepare_data(data: bytes, crlf: bool = False) -> bytes:
     """Turn a message into its DATA wire form (CRLF-normalised, dot-stuffed, without the
     final ".\\r\\n"), so no bare CR/LF can be read as end-of-data by a lenient receiver.
-    ``crlf`` says the caller knows there is none (spooled mail: intake normalised it), which
-    saves three scans, 16 µs of a 10 KB message's 23 µs here."""
+    ``crlf`` says the caller knows there is no bare CR or LF (spooled mail: intake normalised
+    it), which saves three scans, 16 µs of a 10 KB message's 23 µs here."""
     if not crlf and not (data.count(b"\n") == data.count(b"\r") == data.count(b"\r\n")):
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if data and not data.endswith(b"\r\n"):
