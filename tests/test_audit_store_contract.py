@@ -142,6 +142,26 @@ def test_chain_continues_across_reopen(audit_backend):
         store.close()
 
 
+def test_a_batch_retried_under_its_key_is_stored_once(audit_backend):
+    """The writer's retry after a lost answer (its process killed after COMMIT, a connection
+    cut during it) finds the batch stored and does not chain it again."""
+    store = audit_backend.open()
+    try:
+        first = [(r, 120.0) for r in message(1)]
+        seq = store.append(first, ("node-a:1", 1))
+        assert store.append(first, ("node-a:1", 1)) == seq  # the retry: nothing added
+        other = store.append([(r, 120.0) for r in message(2)], ("node-b:7", 1))
+        assert other == seq + 3  # another writer's batch 1 is its own
+        seq = store.append([(r, 120.0) for r in message(3)], ("node-a:1", 2))
+        assert seq == other + 3
+        assert store.append([(r, 120.0) for r in message(4)]) == seq + 3  # no key: appended
+        result = store.verify()
+        assert result.ok and result.checked == 12
+        assert [len(store.find(Query(queue_id=f"Q{n}"))) for n in (1, 2, 3, 4)] == [3] * 4
+    finally:
+        store.close()
+
+
 def test_two_appenders_at_once_keep_one_chain(audit_backend):
     """Two store instances (two nodes) append batches at the same time while a third verifies:
     every record lands once, seq stays dense, and the chain verifies at every moment."""

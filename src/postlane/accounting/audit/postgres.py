@@ -42,6 +42,7 @@ from ..records import Record
 from .store import (
     COLUMNS,
     VERIFY_COLUMNS,
+    BatchKey,
     Query,
     Retention,
     RetentionMixin,
@@ -89,6 +90,11 @@ CREATE TABLE audit_purges (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, time DOUBLE PRECISION NOT NULL,
     cls TEXT NOT NULL, action TEXT NOT NULL, cutoff DOUBLE PRECISION NOT NULL,
     rows BIGINT NOT NULL);
+"""),
+    (2, """
+CREATE TABLE audit_writers (
+    writer TEXT PRIMARY KEY, batch BIGINT NOT NULL, last_seq BIGINT NOT NULL,
+    time DOUBLE PRECISION NOT NULL);
 """),
 ]
 """Versioned schema of the audit tables (table ``audit_migrations``, separate from the spool's
@@ -188,23 +194,29 @@ class PostgresAuditStore(RetentionMixin):
 
     # -- writing --------------------------------------------------------------------------------
 
-    def append(self, batch: Sequence[tuple[Record, float | None]]) -> int:
+    def append(self, batch: Sequence[tuple[Record, float | None]],
+               key: BatchKey | None = None) -> int:
         """Chain and insert records (with their class SLA) in one transaction, after whatever
         any node appended last; returns the last seq. Text PostgreSQL refuses (NUL, lone
-        surrogates) is replaced by U+FFFD, and only then hashed."""
+        surrogates) is replaced by U+FFFD, and only then hashed. ``key``: see ``BatchKey``."""
         if not batch:
             row = self._db().execute("SELECT coalesce(max(seq), 0) FROM audit_records").fetchone()
             return row[0]
         try:
-            return self._append(prepare(batch))
+            return self._append(prepare(batch), key)
         except (psycopg.DataError, UnicodeEncodeError):
-            return self._append(prepare(batch, clean=True))
+            return self._append(prepare(batch, clean=True), key)
 
-    def _append(self, prepared: list) -> int:
+    def _append(self, prepared: list, key: BatchKey | None) -> int:
         conn = self._db()
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
                          (f"postlane-audit-append:{self.schema}",))
+            if key is not None:
+                done = conn.execute("SELECT last_seq FROM audit_writers WHERE writer = %s AND"
+                                    " batch >= %s", key).fetchone()
+                if done is not None:
+                    return done[0]
             last = conn.execute("SELECT seq, hash, day FROM audit_records"
                                 " ORDER BY seq DESC LIMIT 1").fetchone()
             tail = (last[0], bytes(last[1]), last[2]) if last else (0, bytes(32), "")
@@ -219,6 +231,11 @@ class PostgresAuditStore(RetentionMixin):
                     " last_seq = excluded.last_seq, records = audit_days.records"
                     " + excluded.records, head = excluded.head",
                     [(d, *s) for d, s in days.items()])
+                if key is not None:
+                    cur.execute(
+                        "INSERT INTO audit_writers VALUES (%s, %s, %s, %s) ON CONFLICT (writer)"
+                        " DO UPDATE SET batch = excluded.batch, last_seq = excluded.last_seq,"
+                        " time = excluded.time", (*key, tail[0], time.time()))
         return tail[0]
 
     # -- reading --------------------------------------------------------------------------------

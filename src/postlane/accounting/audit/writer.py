@@ -14,15 +14,17 @@ The thread keeps its own connection to the store for the operations that are not
 (purges, the operations log, flush points): they run after every record queued before them is
 committed. The child gets the store's location over its socket (a DSN can hold a password, so
 never on its command line), exits when the socket closes, and if it dies the batch in hand is
-sent again to a new child (a batch the dead child had committed but not yet answered is then
-stored twice; both copies verify).
+sent again to a new child under the same ``BatchKey``, so a batch the dead child had
+committed but not yet answered is recognised and not stored twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import marshal
+import os
 import queue
 import signal
 import socket
@@ -36,7 +38,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ..records import Record
-from .store import _RECORD_GETTER, AuditStore
+from .store import _RECORD_GETTER, AuditStore, BatchKey
 
 __all__ = ["AuditWriter"]
 
@@ -100,9 +102,9 @@ class _Child:
             self.close()
             raise ConnectionError(value)
 
-    def append(self, batch: list[tuple[tuple, float | None]]) -> int:
+    def append(self, batch: list[tuple[tuple, float | None]], key: BatchKey) -> int:
         try:
-            _send(self.sock, batch)
+            _send(self.sock, (key, batch))
             ok, value = _receive(self.reader)
         except OSError as exc:
             raise _ChildGone(str(exc)) from None
@@ -139,6 +141,8 @@ class AuditWriter:
         self._error: BaseException | None = None
         self._closing = threading.Event()
         self._child: _Child | None = None
+        self._writer_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
+        self._batches = itertools.count(1)
 
     @property
     def child_pid(self) -> int | None:
@@ -233,12 +237,13 @@ class AuditWriter:
         files, and the log says how many."""
         if not records:
             return
+        key = (self._writer_id, next(self._batches))  # the same on every retry of this batch
         delay, tries = 0.5, 0
         while True:
             try:
                 if self._child is None:
                     self._child = _Child(self.location, self.schema)
-                seq = self._child.append(records)
+                seq = self._child.append(records, key)
                 break
             except _ChildGone as exc:
                 log.error("audit writer process ended (%s); starting another", exc)
@@ -281,11 +286,12 @@ def _serve(fd: int) -> None:
     try:
         while True:
             try:
-                batch = _receive(reader)
+                key, batch = _receive(reader)
             except _ChildGone:
                 return
             try:
-                reply = (True, store.append([(Record(*row), sla) for row, sla in batch]))
+                reply = (True, store.append([(Record(*row), sla) for row, sla in batch],
+                                            tuple(key)))
             except Exception as exc:  # noqa: BLE001 - the parent logs and retries
                 reply = (False, f"{type(exc).__name__}: {exc}")
             _send(sock, reply)
