@@ -258,3 +258,46 @@ def test_remote_bounce_after_relay_is_the_outcome(tmp_path):
     assert trail.outcome == "bounced by the remote side after relay"
     assert trail.sla_met(2000.0) is False and "550 5.1.1" in trail.cause()
     store.close()
+
+
+async def test_intake_refuses_while_the_audit_store_is_too_far_behind(tmp_path, sink, make_node):
+    """A store that cannot keep up (here: another connection holds its write lock) makes intake
+    answer 451 once ``audit.max_backlog`` records wait, instead of growing memory without bound;
+    once the store catches up, mail is accepted again and every record reaches it."""
+    import smtplib
+    import sqlite3
+
+    from postlane.policy.intake import RcptIn, Rejection
+
+    node = await make_node(config_text(tmp_path, sink.port, "[audit]\nmax_backlog = 1000\n"))
+    blocker = sqlite3.connect(node.audit.path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    sent, refused = 0, None
+    while refused is None and sent < 5000:
+        results = await asyncio.gather(*(
+            node.intake.submit("s@insurer.test", [RcptIn(f"m{sent + i}@example.com")],
+                               message("offer", cls="marketing")) for i in range(50)),
+            return_exceptions=True)
+        sent += sum(isinstance(r, str) for r in results)
+        refused = next((r for r in results if isinstance(r, Rejection)), None)
+    assert refused is not None and refused.reply.startswith("451 4.3.0 Audit trail is behind")
+    port = node.listeners[0].port
+    with pytest.raises(smtplib.SMTPDataError) as over:  # the same answer over SMTP
+        await send(port, "s@insurer.test", ["late@example.com"], message("late"))
+    assert over.value.smtp_code == 451
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    for _ in range(300):
+        if node.audit.writer.backlog <= 500:
+            break
+        await asyncio.sleep(0.1)
+    await send(port, "s@insurer.test", ["again@example.com"], message("again"))
+    await sink.wait_for(sent + 1)
+    await node.stop()
+    store = SQLiteAuditStore(node.audit.path, readonly=True)
+    try:
+        assert store.verify().ok
+        accepted = [r for r in store.rows_between(None, None) if r["type"] == "r"]
+    finally:
+        store.close()
+    assert len(accepted) == sent + 1  # every accepted message has its evidence, none twice

@@ -65,6 +65,8 @@ class Node:
         self.feedback = FeedbackService(config, self.accounting.write)
         self.accounting.add_listener(self.feedback.on_record)
         self.intake.feedback = self.feedback
+        if self.audit is not None:
+            self.intake.audit_behind = self.audit.behind
         self.relay.envelope_sender = self.feedback.envelope_sender
         self.scheduler.classify = self.feedback.classifier.classify
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname)

@@ -338,6 +338,10 @@ class AuditConfig(Strict):
     """File with the secret key (at least 16 bytes, mode 0600) for recipient pseudonyms."""
     purge_interval: Duration = 3600.0
     webhooks: list[WebhookConfig] = []
+    max_backlog: int = Field(200_000, ge=1000)
+    """Records waiting in memory for the audit store (it is away or slow) beyond which intake
+    answers 451 4.3.0 until it catches up: memory stays bounded, and nothing is accepted whose
+    evidence could not follow. Deliveries go on meanwhile."""
 
 
 class ClassFeedbackConfig(Strict):

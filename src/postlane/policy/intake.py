@@ -10,6 +10,7 @@ import itertools
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate, parseaddr
 from typing import TYPE_CHECKING
@@ -88,6 +89,8 @@ class Intake:
         self.users = (Users(sec.users_file, sec.auth_failures_per_minute) if sec.users_file
                       else None)
         self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space)
+        self.audit_behind: Callable[[], bool] = lambda: False
+        """Whether the audit store is too far behind to take more (``AuditService.behind``)."""
 
     def classify(self, header_class: str | None, default_class: str | None,
                  user: User | None = None, *, mail_from: str = "", from_domain: str = "",
@@ -142,6 +145,8 @@ class Intake:
         now = time.time()
         if src_type != "dsn" and not self.disk.ok():
             raise Rejection(452, self.disk.TEXT)
+        if src_type != "dsn" and self.audit_behind():
+            raise Rejection(451, "4.3.0 Audit trail is behind, try again later")
         data = normalize_newlines(data)
         head, body = split_message(data)
         fields = header_fields(head)

@@ -65,6 +65,22 @@ class AuditService:
                          for hook in config.audit.webhooks]
         self._tasks: list[asyncio.Task] = []
         self.add = self.writer.add
+        self._behind = False
+
+    def behind(self) -> bool:
+        """Whether more records wait for the store than ``audit.max_backlog`` (intake refuses
+        new mail meanwhile); logged when it starts and when the store has caught up to half."""
+        backlog = self.writer.backlog
+        limit = self.config.audit.max_backlog
+        if not self._behind and backlog > limit:
+            self._behind = True
+            log.error("audit store %d records behind (audit.max_backlog %d): refusing new mail"
+                      " with 451 until it catches up", backlog, limit)
+        elif self._behind and backlog <= limit // 2:
+            self._behind = False
+            log.warning("audit store caught up (%d records behind): accepting mail again",
+                        backlog)
+        return self._behind
 
     def _sla_of(self, cls: str) -> float | None:
         c = self.config.classes.get(cls)

@@ -141,6 +141,7 @@ class AuditWriter:
         self._error: BaseException | None = None
         self._closing = threading.Event()
         self._child: _Child | None = None
+        self._in_hand = 0  # records of the batch being committed (retried while the store is away)
         self._writer_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
         self._batches = itertools.count(1)
 
@@ -148,6 +149,11 @@ class AuditWriter:
     def child_pid(self) -> int | None:
         """The appending process (tests kill it to show that nothing is lost)."""
         return self._child.proc.pid if self._child is not None else None
+
+    @property
+    def backlog(self) -> int:
+        """Records not yet committed to the store (approximate: read without a lock)."""
+        return self._queue.qsize() + self._in_hand
 
     def add(self, record: Record) -> None:
         """The accounting listener: never blocks, never raises."""
@@ -238,6 +244,13 @@ class AuditWriter:
         if not records:
             return
         key = (self._writer_id, next(self._batches))  # the same on every retry of this batch
+        self._in_hand = len(records)
+        try:
+            self._commit_batch(records, key)
+        finally:
+            self._in_hand = 0
+
+    def _commit_batch(self, records: list[tuple[tuple, float | None]], key: BatchKey) -> None:
         delay, tries = 0.5, 0
         while True:
             try:
