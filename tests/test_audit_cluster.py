@@ -85,6 +85,36 @@ async def test_two_nodes_write_one_chain_and_one_sends_the_webhook(tmp_path, sin
     assert sorted(e["seq"] for e in receiver.events) == delivered  # each event once, in total
 
 
+async def test_events_written_by_another_node_wake_the_sender(tmp_path, sink, pg_schema,
+                                                              receiver, monkeypatch):  # noqa: F811
+    """Node A's audit service sends the webhook and writes nothing itself; another node's
+    writer appends. Its commits are announced with NOTIFY, so A sends them at once: with the
+    fallback poll set to an hour, they still come."""
+    from postlane.accounting.audit.service import AuditService
+    from postlane.accounting.audit.writer import AuditWriter
+    from postlane.accounting.records import Record
+    from postlane.config import parse_config
+
+    monkeypatch.setattr("postlane.accounting.audit.webhooks._POLL", 3600.0)
+    service = AuditService(parse_config(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
+                                                     hook(receiver.url))))
+    await service.start()
+    other = AuditWriter(PG_DSN, lambda cls: 120.0, schema=pg_schema)
+    other.start()
+    try:
+        await asyncio.sleep(0.5)  # A's sender has made its first round and waits
+        for i in range(3):
+            other.add(Record(type="d", time_logged=10.0 + i, time_queued=1.0, orig="s@x.test",
+                             rcpt=f"p{i}@example.com", queue_id=f"Q{i}",
+                             cls="policy-documents", vmta_pool="critical"))
+        assert await asyncio.to_thread(other.flush, 10) == 3
+        await until(lambda: len(receiver.events) >= 3, timeout=30)
+    finally:
+        await asyncio.to_thread(other.close)
+        await service.stop()
+    assert [e["rcpt"] for e in receiver.events] == [f"p{i}@example.com" for i in range(3)]
+
+
 async def test_a_store_gone_for_good_does_not_hold_the_shutdown(pg_schema, caplog):
     """Records keep being retried while the node runs; a node that stops gives up after a few
     tries and says how many records only the accounting files hold."""

@@ -56,7 +56,13 @@ from .store import (
     walk,
 )
 
-__all__ = ["MIGRATIONS", "PostgresAuditStore", "SCHEMA_VERSION"]
+__all__ = ["MIGRATIONS", "PostgresAuditStore", "SCHEMA_VERSION", "commit_channel"]
+
+
+def commit_channel(schema: str) -> str:
+    """The NOTIFY channel on which every append to ``schema`` is announced, once committed
+    (any node's webhook sender wakes on it instead of waiting for its next poll)."""
+    return f"postlane_audit_{schema}"
 
 MIGRATIONS: list[tuple[int, str]] = [
     (1, """
@@ -236,6 +242,7 @@ class PostgresAuditStore(RetentionMixin):
                         "INSERT INTO audit_writers VALUES (%s, %s, %s, %s) ON CONFLICT (writer)"
                         " DO UPDATE SET batch = excluded.batch, last_seq = excluded.last_seq,"
                         " time = excluded.time", (*key, tail[0], time.time()))
+                cur.execute("SELECT pg_notify(%s, '')", (commit_channel(self.schema),))
         return tail[0]
 
     # -- reading --------------------------------------------------------------------------------

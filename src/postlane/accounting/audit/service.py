@@ -14,9 +14,14 @@ import stat
 import time
 from pathlib import Path
 
+import psycopg
+from psycopg import sql
+
 from ...config import Config
 from ...spool import is_dsn
+from ...spool.postgres import CONNECT_TIMEOUT, redact
 from .backend import audit_location, open_audit_store
+from .postgres import commit_channel
 from .store import Retention
 from .webhooks import WebhookSender
 from .writer import AuditWriter
@@ -101,11 +106,37 @@ class AuditService:
         await asyncio.to_thread(self.writer.start)
         for sender in self.webhooks:
             self._tasks.append(self._loop.create_task(sender.run()))
+        if self.webhooks and is_dsn(self.location):
+            self._tasks.append(self._loop.create_task(self._listen()))
         policies = retention_policies(self.config)
         if policies:
             key_file = self.config.audit.pseudonymisation_key
             key = load_key(key_file) if key_file else None
             self._tasks.append(self._loop.create_task(self._purge_loop(policies, key)))
+
+    async def _listen(self) -> None:
+        """Wake the webhook senders on every commit to the shared store, whichever node made
+        it (NOTIFY in the append's transaction): without this, events written by other nodes
+        waited for the sender's next poll (5 s). Reconnects with backoff; the poll covers
+        the gaps."""
+        channel = commit_channel(self.config.cluster.schema_name)
+        delay = 1.0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self.location, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                    application_name=f"postlane-audit-listen/{self.config.node.name}")
+                async with conn:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    delay = 1.0
+                    self._wake()  # whatever was committed while not listening
+                    async for _ in conn.notifies():
+                        self._wake()
+            except psycopg.Error as exc:
+                log.warning("cannot listen for audit commits at %s: %s; polling meanwhile",
+                            redact(self.location), type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     def note(self, action: str, pool: str, domain: str | None) -> None:
         """Record a pause or resume (evidence for SLA breaches it caused)."""
