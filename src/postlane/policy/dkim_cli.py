@@ -315,7 +315,7 @@ def bench(size: int = typer.Option(10240, help="message size in bytes"),
 
 async def _bench_signer(fields: list[tuple[str, bytes]], body: bytes, campaign: int) -> None:
     """Through ``Signer`` as intake uses it: campaign signatures queued all at once, and the
-    latency of transactional signatures submitted meanwhile (their own thread pool)."""
+    latency of transactional signatures submitted meanwhile (their own signing process)."""
     with tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / "bench.pem"
         write_key(key_file, generate_key("rsa-sha256"))
@@ -355,5 +355,5 @@ key_file = "{key_file}"
                f" {campaign / elapsed:.0f} signatures/s; meanwhile {len(latencies)} transactional"
                f" signatures: p50 {latencies[len(latencies) // 2] * 1000:.1f} ms,"
                f" p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms,"
-               f" max {latencies[-1] * 1000:.1f} ms (the first waits while the loop hands"
-               f" all {campaign} to the thread pool)")
+               f" max {latencies[-1] * 1000:.1f} ms (the first waits while the loop writes"
+               f" all {campaign} requests to the bulk signing processes)")
