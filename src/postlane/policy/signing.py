@@ -23,25 +23,17 @@ import logging
 import marshal
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Sequence
 
+from ..childproc import HEAD, frame, read_frame, reap
 from ..config.model import DKIMConfig, DKIMKeyConfig
 
 log = logging.getLogger("postlane.dkim")
 
-_LEN = struct.Struct("!I")
-
-
 class SigningUnavailable(Exception):
     """The signing process is gone; the message can be retried."""
-
-
-def _frame(obj: object) -> bytes:
-    data = marshal.dumps(obj)
-    return _LEN.pack(len(data)) + data
 
 
 class SigningProcess(asyncio.Protocol):
@@ -73,7 +65,7 @@ class SigningProcess(asyncio.Protocol):
             self._buffer.clear()
             loop = asyncio.get_running_loop()
             self._transport, _ = await loop.create_unix_connection(lambda: self, sock=mine)
-            self._transport.write(_frame(("hello", *self.settings)))
+            self._transport.write(frame(("hello", *self.settings)))
 
     def backlog(self) -> int:
         """Signatures asked and not yet answered (the signer picks the least busy process)."""
@@ -88,11 +80,11 @@ class SigningProcess(asyncio.Protocol):
         out = []
         for key_id, cfg, der in keys:
             if key_id not in self._keys:
-                out.append(_frame(("key", key_id, cfg.algorithm, der)))
+                out.append(frame(("key", key_id, cfg.algorithm, der)))
                 self._keys.add(key_id)
         self._next += 1
         ask = self._next
-        out.append(_frame(("sign", ask, domain, [(k, c.algorithm, c.selector) for k, c, _ in keys],
+        out.append(frame(("sign", ask, domain, [(k, c.algorithm, c.selector) for k, c, _ in keys],
                            now, list(fields), body)))
         future = asyncio.get_running_loop().create_future()
         self._pending[ask] = future
@@ -104,12 +96,13 @@ class SigningProcess(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self._buffer
         buf += data
-        while len(buf) >= 4:
-            (size,) = _LEN.unpack_from(buf)
-            if len(buf) < 4 + size:
+        while len(buf) >= HEAD.size:
+            (size,) = HEAD.unpack_from(buf)
+            end = HEAD.size + size
+            if len(buf) < end:
                 break
-            ask, ok, value = marshal.loads(bytes(buf[4:4 + size]))
-            del buf[:4 + size]
+            ask, ok, value = marshal.loads(bytes(buf[HEAD.size:end]))
+            del buf[:end]
             future = self._pending.pop(ask, None)
             if future is None or future.done():
                 continue
@@ -137,11 +130,7 @@ class SigningProcess(asyncio.Protocol):
             self._transport.abort()
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+            reap(self._proc, 5)
 
 
 # -- the child ------------------------------------------------------------------------------------
@@ -156,17 +145,17 @@ def _serve(fd: int) -> None:
     config = DKIMConfig()
     keys: dict[int, object] = {}
     while True:
-        head = reader.read(4)
-        if len(head) < 4:
+        try:
+            msg = read_frame(reader)
+        except EOFError:
             return
-        frame = marshal.loads(reader.read(_LEN.unpack(head)[0]))
-        op = frame[0]
+        op = msg[0]
         if op == "hello":
-            config = DKIMConfig(canonicalization=frame[1], headers=frame[2], oversign=frame[3])
+            config = DKIMConfig(canonicalization=msg[1], headers=msg[2], oversign=msg[3])
         elif op == "key":
-            keys[frame[1]] = serialization.load_der_private_key(frame[3], password=None)
+            keys[msg[1]] = serialization.load_der_private_key(msg[3], password=None)
         else:
-            _, ask, domain, wanted, now, fields, body = frame
+            _, ask, domain, wanted, now, fields, body = msg
             try:
                 pairs = [(DKIMKeyConfig(domain=domain, selector=selector, algorithm=algorithm,
                                         key_file="-"), keys[key_id])
@@ -174,7 +163,7 @@ def _serve(fd: int) -> None:
                 reply = (ask, True, sign(fields, body, domain, pairs, now, config))
             except Exception as exc:  # noqa: BLE001 - answered, never fatal for the child
                 reply = (ask, False, f"{type(exc).__name__}: {exc}")
-            sock.sendall(_frame(reply))
+            sock.sendall(frame(reply))
 
 
 if __name__ == "__main__":

@@ -23,12 +23,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import marshal
 import os
 import queue
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -37,6 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
+from ...childproc import frame, read_frame, reap
 from ..records import Record
 from .store import _RECORD_GETTER, AuditStore, BatchKey
 
@@ -48,7 +47,6 @@ _STOP = object()
 _MAX_BATCH = 20000
 _CLOSING_TRIES = 3
 _WINDOW = 0.05  # seconds a batch gathers: audit records may lag delivery by this much
-_LEN = struct.Struct("!I")
 
 
 class _Call:
@@ -68,19 +66,14 @@ class _ChildGone(Exception):
 
 
 def _send(sock: socket.socket, obj: object) -> None:
-    data = marshal.dumps(obj)
-    sock.sendall(_LEN.pack(len(data)) + data)
+    sock.sendall(frame(obj))
 
 
 def _receive(reader) -> object:
-    head = reader.read(4)
-    if len(head) < 4:
-        raise _ChildGone("the audit writer process ended")
-    size = _LEN.unpack(head)[0]
-    data = reader.read(size)
-    if len(data) < size:
-        raise _ChildGone("the audit writer process ended")
-    return marshal.loads(data)
+    try:
+        return read_frame(reader)
+    except EOFError:
+        raise _ChildGone("the audit writer process ended") from None
 
 
 class _Child:
@@ -116,11 +109,7 @@ class _Child:
         with contextlib.suppress(OSError):
             self.reader.close()
             self.sock.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        reap(self.proc, 10)
 
 
 class AuditWriter:
