@@ -10,10 +10,10 @@ import logging
 import signal
 import sys
 import time
-from pathlib import Path
 
 from .accounting.audit.service import AuditService
-from .accounting.log import AccountingLog
+from .accounting.recorder import Recorder
+from .accounting.records import Record
 from .api.server import APIServer
 from .config import Config
 from .edge.smtp import Listener
@@ -43,15 +43,15 @@ class OperationError(Exception):
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.spool = make_spool(config.node.spool, config.cluster.schema_name)
-        acc = config.accounting
-        self.accounting = AccountingLog(Path(acc.directory), formats=acc.formats,
-                                        fields=acc.fields, rotate_seconds=acc.rotate,
-                                        rotate_bytes=acc.rotate_size)
+        self.spool = make_spool(config.node.spool, config.cluster.schema_name, config.node.name)
         self.audit = AuditService(config) if config.audit.enabled else None
-        if self.audit is not None:
-            self.accounting.add_listener(self.audit.add)
-        self.scheduler = Scheduler(config, self.spool, self.accounting.write, self._on_failures)
+        self.recorder = Recorder(config, self.spool,
+                                 self.audit.location if self.audit is not None else None,
+                                 self.audit.stored if self.audit is not None else None)
+        self._listeners: list = []
+        """In-memory observers of every record (monitor, feedback): told at once, on the
+        loop; the durable copy goes through the spool and the recorder."""
+        self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay
@@ -59,35 +59,49 @@ class Node:
         """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
         self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
                         if isinstance(self.spool, PostgresSpool) else None)
-        self.signer = Signer(config, self.accounting.write) if config.dkim.keys else None
-        self.intake = Intake(config, self.spool, self.claimer or self.scheduler,
-                             self.accounting.write, self.signer)
-        self.feedback = FeedbackService(config, self.accounting.write)
-        self.accounting.add_listener(self.feedback.on_record)
+        self.signer = Signer(config, self.persist) if config.dkim.keys else None
+        self.intake = Intake(config, self.spool, self.claimer or self.scheduler, self.emit,
+                             self.signer)
+        self.feedback = FeedbackService(config, self.persist)
+        self._listeners.append(self.feedback.on_record)
         self.intake.feedback = self.feedback
-        if self.audit is not None:
-            self.intake.audit_behind = self.audit.behind
+        self.intake.audit_behind = self.recorder.behind
         self.relay.envelope_sender = self.feedback.envelope_sender
         self.scheduler.classify = self.feedback.classifier.classify
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
                           for name, lc in config.listeners.items()]
         self.monitor = Monitor(self)
-        self.accounting.add_listener(self.monitor.on_record)
+        self._listeners.append(self.monitor.on_record)
         self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
-        self._flusher: asyncio.Task | None = None
         self.stopped = asyncio.Event()
         self._stopping = False
+
+    def emit(self, rec: Record) -> None:
+        """Tell the in-memory observers about a record whose event the caller has put into a
+        spool write (with the state change it describes)."""
+        for fn in self._listeners:
+            try:
+                fn(rec)
+            except Exception:  # a broken observer must not stop mail or its evidence
+                log.exception("record observer %r failed", fn)
+
+    def persist(self, rec: Record) -> None:
+        """A record that goes with no state change of the spool (a complaint, a refusal):
+        an event of its own, durable at the next commit."""
+        self.spool.record([rec])
+        self.emit(rec)
 
     async def start(self) -> None:
         """Open the spool, resume every queued message, then open the listeners."""
         await self.spool.open()
-        if self.signer is not None:
-            await self.signer.start()
         if self.audit is not None:
             await self.audit.start()
+        await self.recorder.start()
+        if self.signer is not None:
+            await self.signer.start()
         self.scheduler.paused = await self.spool.paused()
         resumed = 0
         if self.claimer is not None:
@@ -107,13 +121,7 @@ class Node:
         for listener in self.listeners:
             await listener.start()
         self.started_at = time.time()
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         log.info("node started", extra={"resumed": resumed})
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self.accounting.flush()
 
     async def stop(self) -> None:
         """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool.
@@ -131,8 +139,6 @@ class Node:
         await self.scheduler.drain(self.config.node.drain_timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
-        if self._flusher is not None:
-            self._flusher.cancel()
         if self.signer is not None:
             self.signer.close()
         await self.monitor.stop()
@@ -140,14 +146,19 @@ class Node:
             await self.spool.flush()
         except RuntimeError as exc:  # the database is away: a crash would lose the same writes
             log.error("last spool writes failed: %s", exc)
+        await self.recorder.stop()  # writes every event on, then reports what to trim
         if self.claimer is not None:
             await self.claimer.close()
         await self.spool.close()
-        self.accounting.close()
         self.feedback.close()
         if self.audit is not None:
             await self.audit.stop()
         self.stopped.set()
+
+    async def flush_evidence(self) -> None:
+        """Wait until every record so far is in the audit store and the accounting files."""
+        await self.spool.flush()
+        await self.recorder.flush()
 
     # -- bounces --------------------------------------------------------------------------------
 
@@ -193,7 +204,7 @@ class Node:
                                  409)
         await self.scheduler.set_paused(pool, domain, True)
         if self.audit is not None:
-            self.audit.note("pause", pool, domain)
+            await self.audit.note("pause", pool, domain)
         log.info("paused", extra={"pool": pool, "domain": domain or "*"})
 
     async def resume(self, pool: str, domain: str | None = None) -> None:
@@ -201,7 +212,7 @@ class Node:
             raise OperationError(f"no pool named {pool!r}", 404)
         await self.scheduler.set_paused(pool, domain, False)
         if self.audit is not None:
-            self.audit.note("resume", pool, domain)
+            await self.audit.note("resume", pool, domain)
         log.info("resumed", extra={"pool": pool, "domain": domain or "*"})
 
     def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:

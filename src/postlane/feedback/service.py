@@ -83,20 +83,22 @@ class FeedbackService:
 
     def screen(self, *, queue_id: str, now: float, cls: str, pool: str, mail_from: str,
                rcpts: list[RcptIn], fields: list[tuple[str, bytes]], message_id: str,
-               listener: str) -> tuple[list[RcptIn], list[tuple[str, bytes]]]:
-        """Drop suppressed recipients (writing "s" records) and return the rest with the header
-        fields to add (List-Unsubscribe for a marketing class). Recipients looked up at RCPT
-        (``at_rcpt``) are not looked up again."""
+               listener: str) -> tuple[list[RcptIn], list[tuple[str, bytes]], list[Record]]:
+        """Drop suppressed recipients and return the rest, the header fields to add
+        (List-Unsubscribe for a marketing class) and an "s" record per dropped recipient (the
+        caller commits them with the message). Recipients looked up at RCPT (``at_rcpt``) are
+        not looked up again."""
         policy = self.policy(cls)
         unchecked = [r.address for r in rcpts if not r.checked]
         hits = self.suppression.check(unchecked, policy.marketing) if unchecked else {}
         kept = []
+        dropped: list[Record] = []
         for rcpt in rcpts:
             hit = rcpt.suppressed if rcpt.checked else hits.get(rcpt.address)
             if hit is None or (hit.scope != "all" and not policy.marketing):
                 kept.append(rcpt)
                 continue
-            self.record(Record(
+            dropped.append(Record(
                 type="s", time_logged=now, time_queued=now, orig=mail_from, rcpt=rcpt.address,
                 queue_id=queue_id, cls=cls, vmta_pool=pool, orcpt=rcpt.orcpt,
                 dsn_action="failed", dsn_status="5.7.1",
@@ -109,7 +111,7 @@ class FeedbackService:
             for raw in self.signer.header_fields(kept[0].address, url,
                                                  self.config.feedback.unsubscribe_mailto):
                 added.append((raw.split(b":", 1)[0].decode().lower(), raw))
-        return kept, added
+        return kept, added, dropped
 
     # -- relay ----------------------------------------------------------------------------------
 
