@@ -318,4 +318,4 @@ def parse_aggregate(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> AggregateR
 
 
 def _mb(size: int) -> str:
-    return f"{size / 1048576:g} MB"
+    return f"{size / 1048576:g} MB" if size >= 1048576 else f"{size} bytes"
