@@ -15,6 +15,8 @@ from __future__ import annotations
 import csv
 import io
 import ipaddress
+import logging
+import re
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -26,6 +28,20 @@ from .postmaster import ImportFailed
 __all__ = ["fetch_snds", "parse_snds"]
 
 _FILTERS = ("GREEN", "YELLOW", "RED")
+_KEY = re.compile(r"(?i)([?&]key=)[^&\s\"']+")
+
+
+class _RedactKey(logging.Filter):
+    """httpx logs every request's URL at INFO: the SNDS access key must not reach the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if _KEY.search(text):
+            record.msg, record.args = _KEY.sub(r"\1***", text), ()
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactKey())
 
 
 def _when(text: str) -> float:
