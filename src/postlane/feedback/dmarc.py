@@ -206,8 +206,8 @@ def _parse_xml(xml: bytes) -> Element:
     try:
         return fromstring(xml)
     except DefusedXmlException as exc:
-        raise DMARCError(f"refused XML: {type(exc).__name__} ({exc}); reports never need"
-                         " a DTD or entities") from None
+        raise DMARCError(f"refused XML: {type(exc).__name__} (a report never needs a DTD,"
+                         " entities or external references)") from None
     except ParseError as exc:
         first = exc
     # A <feedback> inside an outer element that is never closed (seen from ikea.com):
