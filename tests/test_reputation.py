@@ -422,3 +422,21 @@ def test_rules_review_and_reviewed_cli(tmp_path):
     assert entries["microsoft"]["stale"] is True
     bad = runner.invoke(app, ["rules", "reviewed", "nope", "-c", str(path)])
     assert bad.exit_code == 2 and "no destination rule named 'nope'" in bad.output
+
+
+def test_config_check_names_reputation_errors(tmp_path):
+    from postlane.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(config_text(tmp_path, 2525, """
+[reputation]
+spam_ratio_warning = 0.005
+[reputation.dmarc]
+addresses = ["not-an-address"]
+[reputation.snds]
+url = "ftp://snds.example/data?key=secret-key"
+"""))
+    assert err.value.errors == [
+        "reputation.dmarc.addresses[0]: not an address: 'not-an-address'",
+        "reputation.snds.url: not an http(s) URL",
+        "reputation.spam_ratio_warning: must not exceed spam_ratio_critical"]

@@ -94,7 +94,6 @@ class ReputationStore:
             except psycopg.Error as exc:
                 raise ConnectionError(f"cannot open the reputation store at"
                                       f" {redact(self.location)}: {exc}") from None
-            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             conn.execute(f'SET search_path TO "{self.schema}"')
             return conn
         Path(self.location).parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +152,7 @@ class ReputationStore:
             if self.pg:  # one node at a time, under the lock the spool's migrations take
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
                              (f"postlane:{self.schema}",))
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             conn.execute("CREATE TABLE IF NOT EXISTS reputation_migrations ("
                          " version INTEGER PRIMARY KEY)")
             current = self._exec(conn, "SELECT coalesce(max(version), 0)"
