@@ -133,10 +133,9 @@ def serve_postmaster(http: FixtureHTTP, bad: bool) -> None:
     older = traffic_stats("news.insurer.test", day - dt.timedelta(days=1), reputation="HIGH",
                           spam=0.0001, bad_ips=[], good_ips=["127.0.0.30"])
     # two pages, to follow nextPageToken
-    pages = iter([{"trafficStats": [news], "nextPageToken": "p2"}, {"trafficStats": [older]}])
-
     def paged(query, body, headers):
-        page = next(pages, {"trafficStats": [news, older]})
+        page = ({"trafficStats": [older]} if query.get("pageToken") == ["p2"]
+                else {"trafficStats": [news], "nextPageToken": "p2"})
         return stats_for("", page)(query, body, headers)
 
     http.json("GET", "/v1/domains/news.insurer.test/trafficStats", paged)

@@ -105,6 +105,7 @@ class ReputationService:
         self._conditions: list[Condition] = []
         self._tasks: list[asyncio.Task] = []
         self._refreshing = asyncio.Lock()
+        self._importing = {"postmaster": asyncio.Lock(), "snds": asyncio.Lock()}
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -162,7 +163,12 @@ class ReputationService:
     # -- importers ------------------------------------------------------------------------------
 
     async def import_now(self, source: str) -> dict:
-        """Run one importer now; never raises (an outage is recorded with its reason)."""
+        """Run one importer now (after the one running, if any); never raises (an outage is
+        recorded with its reason)."""
+        async with self._importing[source]:
+            return await self._import(source)
+
+    async def _import(self, source: str) -> dict:
         assert self.store is not None
         rep = self.config.reputation
         fetch: Callable[[], list[dict]]
