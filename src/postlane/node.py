@@ -24,6 +24,7 @@ from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
+from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
 from .scheduler.scheduler import Failure, Scheduler
 from .spool import Message, PostgresSpool, make_spool
@@ -72,6 +73,11 @@ class Node:
                           for name, lc in config.listeners.items()]
         self.monitor = Monitor(self)
         self._listeners.append(self.monitor.on_record)
+        self.reputation = ReputationService(self)
+        self.feedback.dmarc = self.reputation
+        self._listeners.append(self.reputation.on_record)
+        self.monitor.sources.append(self.reputation.conditions)
+        self.monitor.metrics.registry.register(ReputationCollector(self.reputation))
         self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
@@ -115,6 +121,7 @@ class Node:
             resumed = len(pending.recipients)
             for rcpt in pending.recipients:
                 self.scheduler.add(rcpt)
+        await self.reputation.start()
         await self.monitor.start()
         if self.api is not None:
             await self.api.start()
@@ -142,6 +149,7 @@ class Node:
         if self.signer is not None:
             self.signer.close()
         await self.monitor.stop()
+        await self.reputation.stop()
         try:
             await self.spool.flush()
         except RuntimeError as exc:  # the database is away: a crash would lose the same writes

@@ -59,6 +59,9 @@ class FeedbackService:
         self.fbl_addresses = {a.lower() for a in fb.fbl_addresses}
         self.mailto = (fb.unsubscribe_mailto or "").lower() or None
         self.record = record
+        self.dmarc = None
+        """reputation.service.ReputationService when the node wires one: mail to the DMARC
+        ``rua`` addresses goes there."""
 
     def close(self) -> None:
         self.suppression.close()
@@ -128,11 +131,18 @@ class FeedbackService:
     def is_report_address(self, address: str) -> bool:
         address = address.lower()
         return address in self.fbl_addresses or address == self.mailto or \
-            address.rpartition("@")[2] in self.bounce_domains
+            address.rpartition("@")[2] in self.bounce_domains or \
+            (self.dmarc is not None and self.dmarc.is_rua(address))
 
-    async def receive(self, data: bytes, rcpts: list[str], client: str = "") -> Report:
-        """Act on a report received for ``rcpts`` (our VERP, FBL or unsubscribe addresses): "rb"
-        records for failed recipients, "f" records for complaints, suppressions."""
+    async def receive(self, data: bytes, rcpts: list[str], client: str = "") -> Report | None:
+        """Act on a report received for ``rcpts`` (our VERP, FBL, unsubscribe or DMARC
+        addresses): "rb" records for failed recipients, "f" records for complaints,
+        suppressions; DMARC aggregate reports go to the reputation store."""
+        if self.dmarc is not None and any(self.dmarc.is_rua(r) for r in rcpts):
+            await self.dmarc.receive(data, client)
+            rcpts = [r for r in rcpts if not self.dmarc.is_rua(r)]
+            if not rcpts:
+                return None
         report = await asyncio.to_thread(parse_report, data, self.classifier)
         if self.mailto in (r.lower() for r in rcpts):
             self._unsubscribe_by_mail(data)
