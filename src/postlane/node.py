@@ -213,12 +213,14 @@ class Node:
 
     def status(self) -> dict:
         now = time.time()
+        oldest = self.scheduler.oldest(now)
         lanes = []
         for lane in sorted(self.scheduler.lanes.values(), key=lambda ln: ln.key):
             lanes.append({
                 "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
                 "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
-                "oldest_age_s": round(lane.oldest(now), 3), "connections": lane.workers,
+                "held": lane.held, "oldest_age_s": round(oldest.get(lane.key, 0.0), 3),
+                "connections": lane.workers,
                 "paused": lane.paused, "rate_wait": lane.rate_wait,
                 "suspended_s": round(max(0.0, lane.suspended_until - now), 1),
             })
