@@ -352,6 +352,19 @@ class ClassFeedbackConfig(Strict):
     accounting record)."""
 
 
+class BounceSuppressionConfig(Strict):
+    """When hard bounces suppress an address (docs/feedback.md). Domain-level failures (no such
+    domain, no MX) never do: a resolver that misbehaves must not block a customer's mail."""
+
+    suppress_after: int = Field(3, ge=1)
+    """Address-level hard bounces (user unknown, mailbox disabled) within ``window`` before the
+    address is suppressed for every class, those with an SLA included; a single one suppresses
+    it for classes without an SLA."""
+    window: Duration = 7 * 86400.0
+    expiry: Duration = 30 * 86400.0
+    """How long a bounce suppression lasts (0: until removed); mailboxes come back."""
+
+
 class FeedbackConfig(Strict):
     bounce_rules: str | None = None
     """An operator's rules file extending data/bounce-rules.toml."""
@@ -369,6 +382,7 @@ class FeedbackConfig(Strict):
     complaint_alert_rate: float = Field(0.001, ge=0, le=1)
     complaint_min_delivered: int = Field(100, ge=1)
     """Deliveries to a pool/domain before its complaint rate can raise an alert."""
+    bounces: BounceSuppressionConfig = BounceSuppressionConfig()
 
 
 DKIM_SIGNED_HEADERS = [

@@ -21,7 +21,7 @@ from .suppression import SCOPES, SuppressionError, SuppressionList
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Bounce, DSN and complaint reports.")
 suppress_app = typer.Typer(no_args_is_help=True,
-                           help="The suppression list (scope all or marketing).")
+                           help="The suppression list (scope all, best-effort or marketing).")
 
 _CONFIG = typer.Option(None, "-c", "--config", help="node config (locates the database)")
 _DB = typer.Option(None, "--db", help="suppression database file (instead of --config)")
@@ -73,7 +73,7 @@ def _scope(value: str) -> str:
 
 @suppress_app.command("add")
 def add(addresses: list[str] = typer.Argument(...),
-        scope: str = typer.Option("marketing", help="all | marketing"),
+        scope: str = typer.Option("marketing", help="all | best-effort | marketing"),
         reason: str = typer.Option("", help="why (shown in the 550 reply and the export)"),
         config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
     """Suppress addresses."""
@@ -91,7 +91,8 @@ def add(addresses: list[str] = typer.Argument(...),
 
 @suppress_app.command("remove")
 def remove(addresses: list[str] = typer.Argument(...),
-           scope: str | None = typer.Option(None, help="all | marketing (default: both)"),
+           scope: str | None = typer.Option(None, help="all | best-effort | marketing"
+                                                       " (default: every scope)"),
            config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
     """Lift suppressions."""
     store = _open(config, db)
@@ -115,7 +116,7 @@ def list_(scope: str | None = typer.Option(None), like: str | None = typer.Optio
           limit: int = typer.Option(100), offset: int = typer.Option(0),
           as_json: bool = typer.Option(False, "--json"),
           config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
-    """Show entries (address order)."""
+    """Show entries in force (address order): scope, source, since when, until when, why."""
     store = _open(config, db)
     try:
         entries = store.list(_scope(scope) if scope else None, like, limit, offset)
@@ -125,12 +126,17 @@ def list_(scope: str | None = typer.Option(None), like: str | None = typer.Optio
         if as_json:
             typer.echo(json.dumps(e.as_dict()))
         else:
-            when = datetime.fromtimestamp(e.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            typer.echo(f"{e.address}\t{e.scope}\t{e.source}\t{when}\t{e.reason}")
+            typer.echo(f"{e.address}\t{e.scope}\t{e.source}\tsince {_when(e.created)}\t"
+                       f"until {_when(e.expires) if e.expires else 'removed'}\t{e.reason}")
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @suppress_app.command("import")
-def import_(file: Path = typer.Argument(..., help="CSV: address[,scope,reason,source,created]"),
+def import_(file: Path = typer.Argument(
+        ..., help="CSV: address[,scope,reason,source,created,expires]"),
             scope: str = typer.Option("marketing", help="scope of rows that name none"),
             config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
     """Import a CSV file (all rows or none)."""
@@ -149,7 +155,7 @@ def import_(file: Path = typer.Argument(..., help="CSV: address[,scope,reason,so
 @suppress_app.command("export")
 def export(file: Path | None = typer.Argument(None, help="CSV file (default: stdout)"),
            config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
-    """Export every entry as CSV (address,scope,reason,source,created)."""
+    """Export every entry in force as CSV (address,scope,reason,source,created,expires)."""
     store = _open(config, db)
     try:
         if file is None:
