@@ -173,9 +173,11 @@ def sla(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHE
         start: str = typer.Option(..., "--from", help="messages queued at or after"),
         end: str = typer.Option(..., "--to", help="messages queued before"),
         cls: str | None = typer.Option(None, "--class"),
-        fmt: Format = typer.Option(Format.text, "--format", help="text or json")) -> None:
-    """SLA compliance per class: share within SLA, p50/p95/p99, every breach and its cause."""
-    from .evidence import render_sla, sla_report
+        fmt: Format = typer.Option(Format.text, "--format",
+                                   help="text, json, or csv (one summary row per class)")) -> None:
+    """SLA compliance per class over deliverable messages, p50/p95/p99, every breach and
+    non-delivery with its cause."""
+    from .sla import render_sla, render_sla_csv, sla_report
 
     since, until = parse_when(start), parse_when(end)
     assert since is not None and until is not None
@@ -186,6 +188,8 @@ def sla(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHE
         store.close()
     if fmt is Format.json:
         typer.echo(json.dumps(report, indent=2))
+    elif fmt is Format.csv:
+        typer.echo(render_sla_csv(report), nl=False)
     else:
         typer.echo(render_sla(report), nl=False)
 
