@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -105,7 +106,13 @@ class Node:
         if self.api is not None:
             await self.api.start()
         for listener in self.listeners:
-            await listener.start()
+            try:
+                await listener.start()
+            except OSError as exc:  # say which listener of the config, not a traceback
+                lc = listener.config
+                raise OSError(exc.errno, f"listener {listener.name!r} (listeners.{listener.name}"
+                                         f" in the config) cannot listen on {lc.address}:"
+                                         f"{lc.port}: {os.strerror(exc.errno or 0)}") from None
         self.started_at = time.time()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         log.info("node started", extra={"resumed": resumed})
@@ -277,8 +284,9 @@ def run(config: Config) -> None:
         node = Node(config)
         try:
             await node.start()
-        except (ConnectionError, NodeConflict) as exc:  # say why, not a traceback
-            log.error("cannot start: %s", exc)
+        except (OSError, NodeConflict) as exc:  # say why, not a traceback
+            log.error("cannot start: %s", exc.strerror if isinstance(exc, OSError)
+                      and exc.strerror else exc)
             raise SystemExit(1) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
