@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from ..secretfile import private_dir
 from .auth import User, UsersError, hash_password, load_users, save_user, valid_user_name
 
 users_app = typer.Typer(no_args_is_help=True, help="SMTP AUTH users (the security.users_file).")
@@ -82,7 +83,7 @@ def tls_selfsigned(
     """A self-signed certificate for tests and demos (key file written 0600)."""
     cert, key = selfsigned(hostname, days)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        private_dir(out)
         (out / "cert.pem").write_bytes(cert)
         fd = os.open(out / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from ..config import ConfigError, load_config
+from ..secretfile import private_open
 from ..spool import local_dir
 from .categories import RulesError, load_classifier
 from .parse import parse_report
@@ -161,7 +162,7 @@ def export(file: Path | None = typer.Argument(None, help="CSV file (default: std
         if file is None:
             store.export_csv(sys.stdout)
         else:
-            with file.open("w", newline="", encoding="utf-8") as out:
+            with private_open(file, newline="", encoding="utf-8") as out:
                 n = store.export_csv(out)
             typer.echo(f"exported {n} entries to {file}", err=True)
     finally:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..secretfile import private_file
+
 __all__ = ["SCOPES", "Entry", "SuppressionError", "SuppressionList", "normalize"]
 
 SCOPES = ("all", "best-effort", "marketing")
@@ -79,8 +81,7 @@ class SuppressionList:
     and API from their own threads."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = private_file(path)  # addresses: 0600 in a 0700 folder
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._lock = threading.Lock()

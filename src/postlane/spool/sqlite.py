@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from ..secretfile import private_file
 from .base import (
     FINAL_STATES,
     Message,
@@ -73,7 +74,7 @@ class SQLiteSpool:
         self.writes = 0
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path)  # message bodies: 0600 in a 0700 folder
         conn = _connect(self.path)
         conn.executescript(_SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...secretfile import private_dir, private_open
 from ..records import DEFAULT_FIELDS, format_time
 from .chain import PSEUDONYMISED, PURGED, chain_hash, row_cdigest, verify_tuple
 from .store import AuditStore, row_record
@@ -209,11 +210,11 @@ def export(store: AuditStore, out: Path, since: float | None, until: float | Non
            cls: str | None = None) -> dict:
     """Write ``records.csv`` (readable, PowerMTA names), ``chain.jsonl`` (the stored rows with
     every value the hashes cover, to recompute them independently) and ``manifest.json``."""
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)  # the evidence holds addresses: 0600 files in a 0700 folder
     csv_path, chain_path = out / "records.csv", out / "chain.jsonl"
     count, first, last = 0, None, None
-    with csv_path.open("w", newline="", encoding="utf-8") as fh_csv, \
-            chain_path.open("w", encoding="utf-8") as fh_chain:
+    with private_open(csv_path, newline="", encoding="utf-8") as fh_csv, \
+            private_open(chain_path, encoding="utf-8") as fh_chain:
         writer = csv.writer(fh_csv, lineterminator="\r\n")
         writer.writerow(("day", "prev", *CSV_FIELDS))
         for row in store.rows_between(since, until, cls):
@@ -243,7 +244,8 @@ def export(store: AuditStore, out: Path, since: float | None, until: float | Non
             "other non-default fields, sorted keys, compact) || pdigest); hash = SHA256(prev || "
             "cdigest). Pseudonymised rows keep pdigest, purged rows keep cdigest."),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    with private_open(out / "manifest.json", encoding="utf-8") as fh:
+        fh.write(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
