@@ -389,6 +389,11 @@ DKIM_SIGNED_HEADERS = [
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "in-reply-to",
     "references", "mime-version", "content-type", "content-transfer-encoding",
     "content-disposition", "list-id", "list-unsubscribe", "list-unsubscribe-post"]
+DKIM_OVERSIGNED_HEADERS = [
+    "from", "to", "cc", "reply-to", "subject", "date", "sender", "list-unsubscribe",
+    "list-unsubscribe-post"]
+"""The fields whose addition in transit changes a message's meaning (OpenDKIM's
+OversignHeaders, M3AAWG's advice): a Reply-To or Cc added later must break the signature."""
 
 
 class DKIMKeyConfig(Strict):
@@ -416,7 +421,8 @@ class DKIMConfig(Strict):
     canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/relaxed",
                               "simple/simple"] = "relaxed/relaxed"
     headers: list[str] = DKIM_SIGNED_HEADERS
-    oversign: list[str] = ["from"]
+    oversign: list[str] = DKIM_OVERSIGNED_HEADERS
+    """Signed once more than present, so the field added in transit breaks the signature."""
     rotation_period: Duration = 91 * 86400.0
     key_check_interval: Duration = 10.0
     """How often key files are checked for replacement or removal while running."""
