@@ -26,6 +26,7 @@ from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
 from .scheduler.claim import Claimer
+from .scheduler.control import QueueControl, SelectionError, Selector
 from .scheduler.scheduler import Failure, Scheduler
 from .spool import Message, PostgresSpool, make_spool
 from .spool.postgres import NodeConflict
@@ -53,6 +54,7 @@ class Node:
         if self.audit is not None:
             self.accounting.add_listener(self.audit.add)
         self.scheduler = Scheduler(config, self.spool, self.accounting.write, self._on_failures)
+        self.queue = QueueControl(self.scheduler, config.pools, config.classes)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay
@@ -212,9 +214,20 @@ class Node:
         log.info("resumed", extra={"pool": pool, "domain": domain or "*"})
 
     def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:
-        if pool is not None and pool not in self.config.pools:
-            raise OperationError(f"no pool named {pool!r}", 404)
+        self._lane(pool, domain)
         return self.scheduler.retry_now(pool, domain)
+
+    def purge(self, pool: str, domain: str) -> int:
+        """Drop a lane's queued, deferred and held mail (no DSN)."""
+        self._lane(pool, domain)
+        return self.scheduler.purge(pool, domain.lower())
+
+    def _lane(self, pool: str | None, domain: str | None) -> None:
+        """A mistyped pool or domain is an error, not "0 purged"."""
+        try:
+            self.queue.check(Selector(pool=pool, domain=domain))
+        except SelectionError as exc:
+            raise OperationError(str(exc), exc.status) from None
 
     # -- introspection --------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from ..policy.intake import RcptIn, Rejection
+from . import queue
 from .injection import MessageIn, Queued
 
 if TYPE_CHECKING:
@@ -132,9 +133,7 @@ def create_app(node: Node, token: str) -> FastAPI:
     @api.post("/pools/{pool}/lanes/{domain}/purge", tags=["operations"])
     async def purge(pool: str, domain: str) -> dict:
         """Drop the lane's queued and deferred recipients (accounting "b", bounceCat purged)."""
-        if pool not in node.config.pools:
-            raise APIError(404, f"no pool named {pool!r}")
-        return {"pool": pool, "domain": domain, "purged": node.scheduler.purge(pool, domain)}
+        return {"pool": pool, "domain": domain, "purged": node.purge(pool, domain)}
 
     @api.get("/messages/{queue_id}", tags=["messages"])
     async def message(queue_id: str) -> dict:
@@ -165,6 +164,7 @@ def create_app(node: Node, token: str) -> FastAPI:
         """Samples of the last hour for the dashboard's charts."""
         return {"samples": list(node.monitor.history)}
 
+    api.include_router(queue.router(node))
     app.include_router(api)
 
     @app.get("/metrics", dependencies=[Depends(require_token)], tags=["monitoring"],

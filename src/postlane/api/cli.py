@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,12 +52,13 @@ def _target(config: Path | None, url: str | None, token_file: Path | None) -> tu
     return url.rstrip("/"), token
 
 
-def _call(target: tuple[str, str], method: str, path: str, **params: Any) -> dict:
+def _call(target: tuple[str, str], method: str, path: str, body: dict | None = None,
+          **params: Any) -> dict:
     url, token = target
     try:
         resp = httpx.request(method, url + path, headers={"Authorization": f"Bearer {token}"},
                              params={k: v for k, v in params.items() if v is not None},
-                             timeout=30)
+                             json=body, timeout=30)
     except httpx.HTTPError as exc:
         raise _fail(f"cannot reach the node's API at {url} ({exc}); is `postlane serve`"
                     " running with [api] enabled?") from None
@@ -67,6 +69,11 @@ def _call(target: tuple[str, str], method: str, path: str, **params: Any) -> dic
     if not resp.is_success:
         raise _fail(f"{body.get('error', resp.reason_phrase)} (HTTP {resp.status_code})")
     return body
+
+
+def console() -> Console:
+    """Tables as wide as the terminal; when piped, as wide as they need (nothing cut)."""
+    return Console() if sys.stdout.isatty() else Console(width=1000, soft_wrap=True)
 
 
 def _age(seconds: float | None) -> str:
@@ -104,7 +111,7 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     if as_json:
         typer.echo(json.dumps({"status": st, "sla": sla, "alerts": alerts}, indent=2))
         return
-    out = Console()
+    out = console()
     out.print(f"node [bold]{st['node']}[/] up {_age(st['uptime_s'])}, {st['queued']} queued,"
               f" {st['accepted']} accepted, {len(alerts['active'])} active alerts")
     pools = Table(title="pools")
@@ -136,7 +143,7 @@ def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     if as_json:
         typer.echo(json.dumps(st["lanes"], indent=2))
     else:
-        Console().print(_lanes_table(st))
+        console().print(_lanes_table(st))
 
 
 @app.command()
