@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -32,10 +33,13 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(cluster_app, name="cluster")
 
 
-def _load(path: Path):
+def _load(path: Path, as_json: bool = False):
     try:
         return load_config(path)
     except ConfigError as exc:
+        if as_json:
+            typer.echo(json.dumps({"file": str(path), "ok": False, "errors": exc.errors}))
+            raise typer.Exit(2) from None
         typer.echo(f"{exc.source}: configuration is not valid:", err=True)
         for line in exc.errors:
             typer.echo(f"  {line}", err=True)
@@ -43,12 +47,18 @@ def _load(path: Path):
 
 
 @config_app.command("check")
-def config_check(path: Path = typer.Argument(..., help="TOML config file")) -> None:
+def config_check(path: Path = typer.Argument(..., help="TOML config file"),
+                 as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Validate a config file; print every error with the field it is about."""
-    cfg = _load(path)
-    typer.echo(f"{path}: ok ({len(cfg.classes)} classes, {len(cfg.pools)} pools,"
-               f" {sum(len(p.ips) for p in cfg.pools.values())} source IPs,"
-               f" {len(cfg.listeners)} listeners)")
+    cfg = _load(path, as_json)
+    counts = {"classes": len(cfg.classes), "pools": len(cfg.pools),
+              "source_ips": sum(len(p.ips) for p in cfg.pools.values()),
+              "listeners": len(cfg.listeners)}
+    if as_json:
+        typer.echo(json.dumps({"file": str(path), "ok": True, "errors": [], **counts}))
+        return
+    typer.echo(f"{path}: ok ({counts['classes']} classes, {counts['pools']} pools,"
+               f" {counts['source_ips']} source IPs, {counts['listeners']} listeners)")
 
 
 @app.command()

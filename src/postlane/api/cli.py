@@ -146,43 +146,49 @@ def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
         console().print(_lanes_table(st))
 
 
+def _done(out: dict, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(out, indent=2) if as_json else text)
+
+
 @app.command()
 def pause(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
-          token_file: TokenOpt = None) -> None:
+          token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart."""
-    _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/pause", domain=domain)
-    typer.echo(f"paused {pool}" + (f" to {domain}" if domain else ""))
+    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/pause",
+                domain=domain)
+    _done(out, as_json, f"paused {pool}" + (f" to {domain}" if domain else ""))
 
 
 @app.command()
 def resume(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
-           token_file: TokenOpt = None) -> None:
+           token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Let a paused pool (or lane) deliver again."""
-    _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/resume",
-          domain=domain)
-    typer.echo(f"resumed {pool}" + (f" to {domain}" if domain else ""))
+    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/resume",
+                domain=domain)
+    _done(out, as_json, f"resumed {pool}" + (f" to {domain}" if domain else ""))
 
 
 @app.command()
 def retry(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
-          token_file: TokenOpt = None) -> None:
+          token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Retry deferred mail of a pool (or lane) now, lifting a backoff."""
     out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/retry",
                 domain=domain)
-    typer.echo(f"{out['retried']} recipients retried now")
+    _done(out, as_json, f"{out['retried']} recipients retried now")
 
 
 @app.command()
 def purge(pool: str, domain: str,
           yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
-          config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None) -> None:
-    """Drop every queued and deferred recipient of one lane (logged as purged, no DSN)."""
+          config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+          as_json: JSONOpt = False) -> None:
+    """Drop every queued, deferred and held recipient of one lane (logged as purged, no DSN)."""
     target = _target(config, url, token_file)
     if not yes and not (os.isatty(0) and typer.confirm(
             f"purge all queued mail of pool {pool} to {domain}?")):
         raise _fail("not purged (confirm, or pass --yes)")
     out = _call(target, "POST", f"/api/v1/pools/{pool}/lanes/{domain}/purge")
-    typer.echo(f"{out['purged']} recipients purged")
+    _done(out, as_json, f"{out['purged']} recipients purged")
 
 
 @app.command()

@@ -26,6 +26,7 @@ suppress_app = typer.Typer(no_args_is_help=True,
 
 _CONFIG = typer.Option(None, "-c", "--config", help="node config (locates the database)")
 _DB = typer.Option(None, "--db", help="suppression database file (instead of --config)")
+_JSON = typer.Option(False, "--json", help="JSON (one object per line)")
 
 
 @feedback_app.command("parse")
@@ -76,13 +77,14 @@ def _scope(value: str) -> str:
 def add(addresses: list[str] = typer.Argument(...),
         scope: str = typer.Option("marketing", help="all | best-effort | marketing"),
         reason: str = typer.Option("", help="why (shown in the 550 reply and the export)"),
-        config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+        config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Suppress addresses."""
     store = _open(config, db)
     try:
         for address in addresses:
             entry = store.add(address, _scope(scope), reason, "operator")
-            typer.echo(f"suppressed {entry.address} ({entry.scope})")
+            typer.echo(json.dumps(entry.as_dict()) if as_json else
+                       f"suppressed {entry.address} ({entry.scope})")
     except SuppressionError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -94,14 +96,15 @@ def add(addresses: list[str] = typer.Argument(...),
 def remove(addresses: list[str] = typer.Argument(...),
            scope: str | None = typer.Option(None, help="all | best-effort | marketing"
                                                        " (default: every scope)"),
-           config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+           config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Lift suppressions."""
     store = _open(config, db)
     missing = 0
     try:
         for address in addresses:
             n = store.remove(address, _scope(scope) if scope else None)
-            typer.echo(f"{address}: {n} entr{'y' if n == 1 else 'ies'} removed")
+            typer.echo(json.dumps({"address": address, "removed": n}) if as_json else
+                       f"{address}: {n} entr{'y' if n == 1 else 'ies'} removed")
             missing += n == 0
     except SuppressionError as exc:
         typer.echo(str(exc), err=True)
@@ -115,8 +118,7 @@ def remove(addresses: list[str] = typer.Argument(...),
 def list_(scope: str | None = typer.Option(None), like: str | None = typer.Option(
               None, help="address pattern, * as wildcard"),
           limit: int = typer.Option(100), offset: int = typer.Option(0),
-          as_json: bool = typer.Option(False, "--json"),
-          config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+          as_json: bool = _JSON, config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
     """Show entries in force (address order): scope, source, since when, until when, why."""
     store = _open(config, db)
     try:
@@ -139,7 +141,7 @@ def _when(ts: float) -> str:
 def import_(file: Path = typer.Argument(
         ..., help="CSV: address[,scope,reason,source,created,expires]"),
             scope: str = typer.Option("marketing", help="scope of rows that name none"),
-            config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+            config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Import a CSV file (all rows or none)."""
     store = _open(config, db)
     try:
@@ -150,12 +152,12 @@ def import_(file: Path = typer.Argument(
         raise typer.Exit(2) from None
     finally:
         store.close()
-    typer.echo(f"imported {n} entries")
+    typer.echo(json.dumps({"imported": n}) if as_json else f"imported {n} entries")
 
 
 @suppress_app.command("export")
 def export(file: Path | None = typer.Argument(None, help="CSV file (default: stdout)"),
-           config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+           config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Export every entry in force as CSV (address,scope,reason,source,created,expires)."""
     store = _open(config, db)
     try:
@@ -164,6 +166,9 @@ def export(file: Path | None = typer.Argument(None, help="CSV file (default: std
         else:
             with private_open(file, newline="", encoding="utf-8") as out:
                 n = store.export_csv(out)
-            typer.echo(f"exported {n} entries to {file}", err=True)
+            if as_json:
+                typer.echo(json.dumps({"exported": n, "file": str(file)}))
+            else:
+                typer.echo(f"exported {n} entries to {file}", err=True)
     finally:
         store.close()

@@ -38,6 +38,7 @@ from .headers import header_fields, split_message
 app = typer.Typer(no_args_is_help=True, help="DKIM keys: generate, rotate, status, DNS check.")
 
 _ALGORITHMS = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
+_JSON = typer.Option(False, "--json", help="one JSON object")
 
 
 def _load(path: Path) -> Config:
@@ -65,7 +66,8 @@ def _key_toml(domain: str, selector: str, algorithm: str, key_file: Path,
     return "\n".join(lines)
 
 
-def _new_key(domain: str, selector: str, algorithm: str, bits: int, key_file: Path) -> str:
+def _new_key(domain: str, selector: str, algorithm: str, bits: int, key_file: Path,
+             quiet: bool = False) -> str:
     if key_file.exists():
         typer.echo(f"error: {key_file} already exists (keys are never overwritten)", err=True)
         raise typer.Exit(1)
@@ -75,7 +77,8 @@ def _new_key(domain: str, selector: str, algorithm: str, bits: int, key_file: Pa
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     write_key(key_file, key)
-    typer.echo(f"wrote {key_file} (mode 0600)")
+    if not quiet:
+        typer.echo(f"wrote {key_file} (mode 0600)")
     return dns_record(key)
 
 
@@ -99,7 +102,7 @@ def keygen(domain: str = typer.Argument(..., help="signing domain (d=)"),
            key_file: Path | None = typer.Option(None, help="default: keys/DOMAIN.SELECTOR.pem"
                                                            " (keys/ is created 0700)"),
            force: bool = typer.Option(False, "--force", help="allow an RSA key below 2048 bits"),
-           ) -> None:
+           as_json: bool = _JSON) -> None:
     """Write a new private key (mode 0600) and print its DNS TXT record and config entry."""
     if algorithm not in _ALGORITHMS:
         typer.echo(f"error: --algorithm must be rsa or ed25519, not {algorithm!r}", err=True)
@@ -107,10 +110,16 @@ def keygen(domain: str = typer.Argument(..., help="signing domain (d=)"),
     _check_bits(_ALGORITHMS[algorithm], bits, force)
     domain = domain.lower().rstrip(".")
     path = key_file or Path("keys") / f"{domain}.{selector}.pem"
-    record = _new_key(domain, selector, _ALGORITHMS[algorithm], bits, path)
+    record = _new_key(domain, selector, _ALGORITHMS[algorithm], bits, path, as_json)
+    entry = _key_toml(domain, selector, _ALGORITHMS[algorithm], path.resolve())
+    if as_json:
+        typer.echo(json.dumps({"key_file": str(path.resolve()), "domain": domain,
+                               "selector": selector, "algorithm": _ALGORITHMS[algorithm],
+                               "record_name": record_name(selector, domain), "record": record,
+                               "config": entry}, indent=2))
+        return
     typer.echo("\nPublish this DNS record:\n" + _zone_line(selector, domain, record))
-    typer.echo("\nAdd to the config:\n" + _key_toml(domain, selector, _ALGORITHMS[algorithm],
-                                                     path.resolve()))
+    typer.echo("\nAdd to the config:\n" + entry)
 
 
 def _quarter_after(ts: float) -> datetime:
@@ -132,7 +141,7 @@ def rotate(domain: str = typer.Argument(..., help="signing domain whose keys to 
            at: str | None = typer.Option(None, help="start date (default: next quarter)"),
            bits: int = typer.Option(2048, help="RSA key size (below 2048 needs --force)"),
            force: bool = typer.Option(False, "--force", help="allow an RSA key below 2048 bits"),
-           ) -> None:
+           as_json: bool = _JSON) -> None:
     """Prepare the next key of each algorithm: write it, print its DNS record and the config
     changes (the new key's not_before, the old key's retire_after after the longest message
     lifetime)."""
@@ -174,19 +183,29 @@ def rotate(domain: str = typer.Argument(..., help="signing domain whose keys to 
         raise typer.Exit(1)
     lifetime = max(c.expiry for c in cfg.classes.values())
     retire = start + lifetime + 86400  # a day's margin for clock skew and slow verifiers
+    retire_at = f"{datetime.fromtimestamp(retire, UTC):%Y-%m-%dT%H:%M:%SZ}"
+    done = []
     for algo, sel in planned.items():
         old = current[algo]
         path = Path(old.key_file).parent / f"{domain}.{sel}.pem"
-        typer.echo(f"\n== {algo}: {old.selector} -> {sel}")
-        record = _new_key(domain, sel, algo, bits, path)
+        if not as_json:
+            typer.echo(f"\n== {algo}: {old.selector} -> {sel}")
+        record = _new_key(domain, sel, algo, bits, path, as_json)
+        entry = _key_toml(domain, sel, algo, path.resolve(), start)
+        done.append({"algorithm": algo, "current_selector": old.selector, "selector": sel,
+                     "key_file": str(path.resolve()), "record_name": record_name(sel, domain),
+                     "record": record, "not_before": start, "config": entry,
+                     "current_retire_after": retire})
+        if as_json:
+            continue
         typer.echo("\n1. Publish this DNS record now (before the switch):\n"
                    + _zone_line(sel, domain, record))
-        typer.echo("\n2. Add to the config:\n" + _key_toml(domain, sel, algo, path.resolve(),
-                                                            start))
-        typer.echo(f"\n3. Set on the current key ({old.selector}):\n"
-                   f"retire_after = {datetime.fromtimestamp(retire, UTC):%Y-%m-%dT%H:%M:%SZ}")
+        typer.echo("\n2. Add to the config:\n" + entry)
+        typer.echo(f"\n3. Set on the current key ({old.selector}):\nretire_after = {retire_at}")
         typer.echo(f"\n4. Remove {record_name(old.selector, domain)} from DNS after"
                    f" {_day(retire)} UTC (longest message lifetime {lifetime / 86400:g} days).")
+    if as_json:
+        typer.echo(json.dumps({"domain": domain, "keys": done}, indent=2))
 
 
 def _states(dkim: DKIMConfig, now: float) -> list[tuple[DKIMKeyConfig, str]]:
@@ -222,7 +241,7 @@ def _dns_action(key: DKIMKeyConfig, state: str) -> str:
 @app.command()
 def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
            now: str | None = typer.Option(None, help="evaluate at this time (default: now)"),
-           as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
+           as_json: bool = _JSON) -> None:
     """List keys, their state, the DNS records to publish, keep or remove, and when each
     domain's next rotation is due."""
     cfg = _load(config)
@@ -290,7 +309,8 @@ def _tags(text: str) -> dict[str, str]:
 @app.command()
 def check(domain: str = typer.Argument(..., help="signing domain"),
           config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
-          selector: str | None = typer.Option(None, help="only this selector")) -> None:
+          selector: str | None = typer.Option(None, help="only this selector"),
+          as_json: bool = _JSON) -> None:
     """Look up each key's TXT record through the configured resolver and compare it with the
     key; exits 1 when any record is missing or does not match."""
     cfg = _load(config)
@@ -305,24 +325,30 @@ def check(domain: str = typer.Argument(..., help="signing domain"),
         resolver.nameservers = [cfg.dns.nameserver]
         resolver.port = cfg.dns.port
     resolver.lifetime = cfg.dns.timeout
-    failed = False
+    results = []
     for key in keys:
         name = record_name(key.selector, domain)
         expected = public_key_b64(read_key(key.key_file, key.algorithm))
+        kind = "ed25519" if key.algorithm == "ed25519-sha256" else "rsa"
         try:
             answer = resolver.resolve(name, "TXT")
             texts = [b"".join(r.strings).decode("ascii", "replace") for r in answer]
         except (dns.exception.DNSException, OSError) as exc:
-            typer.echo(f"{name}: MISSING ({exc.__class__.__name__}: {exc})")
-            failed = True
+            results.append((name, "MISSING", f"{exc.__class__.__name__}: {exc}"))
             continue
         records = [_tags(t) for t in texts if _tags(t).get("v", "DKIM1") == "DKIM1"]
-        kind = "ed25519" if key.algorithm == "ed25519-sha256" else "rsa"
         if any(r.get("p") == expected and r.get("k", "rsa") == kind for r in records):
-            typer.echo(f"{name}: ok (k={kind}, matches {key.key_file})")
+            results.append((name, "ok", f"k={kind}, matches {key.key_file}"))
         else:
-            typer.echo(f"{name}: MISMATCH (published: {texts!r}; expected p={expected[:24]}…)")
-            failed = True
+            results.append((name, "MISMATCH", f"published: {texts!r}; expected"
+                                              f" p={expected[:24]}…"))
+    failed = any(status != "ok" for _, status, _ in results)
+    if as_json:
+        typer.echo(json.dumps({"ok": not failed, "records": [
+            {"name": n, "status": st, "detail": d} for n, st, d in results]}, indent=2))
+    else:
+        for name, status, detail in results:
+            typer.echo(f"{name}: {status} ({detail})")
     raise typer.Exit(1 if failed else 0)
 
 

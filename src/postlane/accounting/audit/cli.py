@@ -154,7 +154,8 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the ev
                config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHEMA,
                since: str | None = typer.Option(None, help="records logged at or after"),
                until: str | None = typer.Option(None, help="records logged before"),
-               cls: str | None = typer.Option(None, "--class")) -> None:
+               cls: str | None = typer.Option(None, "--class"),
+               as_json: bool = typer.Option(False, "--json", help="print the manifest")) -> None:
     """An evidence file set for a regulator: records.csv, chain.jsonl, manifest.json."""
     from .evidence import export
 
@@ -163,6 +164,9 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the ev
         manifest = export(store, out, parse_when(since), parse_when(until), cls)
     finally:
         store.close()
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
     verdict = "chain verified" if manifest["store_verification"]["ok"] else \
         f"CHAIN BROKEN: {manifest['store_verification']['problem']}"
     typer.echo(f"{out}: {manifest['records']} records; {verdict}")
@@ -196,7 +200,8 @@ def sla(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHE
 
 @app.command()
 def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (retention)"),
-          db: str | None = _DB, schema: str = _SCHEMA) -> None:
+          db: str | None = _DB, schema: str = _SCHEMA,
+          as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Apply the retention policy now (a running node also does so every purge_interval)."""
     from ...cli import _load
     from .service import load_key, retention_policies
@@ -204,7 +209,8 @@ def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (
     cfg = _load(config)
     policies = retention_policies(cfg)
     if not policies:
-        typer.echo("no retention configured in [audit.retention]; nothing to do")
+        typer.echo("{}" if as_json else
+                   "no retention configured in [audit.retention]; nothing to do")
         return
     key = load_key(cfg.audit.pseudonymisation_key) if cfg.audit.pseudonymisation_key else None
     store = _open(config, db, schema, write=True)
@@ -215,5 +221,8 @@ def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (
     if not report:  # PostgresAuditStore: one node purges at a time
         typer.echo("another node is applying retention to this store right now; nothing done")
         raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
     for cls, counts in report.items():
         typer.echo(f"{cls}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
