@@ -486,6 +486,9 @@ class MonitorConfig(Strict):
     ops_address: str | None = None
     """Alerts are also e-mailed here, through the highest-priority class."""
     ops_from: str = "postlane-monitor@localhost"
+    metrics_top_domains: int = Field(20, ge=1, le=1000)
+    """/metrics shows queue depth and oldest age for this many domains (the deepest); the rest
+    are summed as domain="other", so a campaign to many domains cannot blow up the series."""
 
 
 class ClusterConfig(Strict):
