@@ -20,6 +20,7 @@ from .config import Config
 from .edge.smtp import Listener
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
+from .monitor.activity import Activity
 from .monitor.monitor import Monitor
 from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
@@ -76,6 +77,8 @@ class Node:
                           for name, lc in config.listeners.items()]
         self.monitor = Monitor(self)
         self.accounting.add_listener(self.monitor.on_record)
+        self.activity = Activity()
+        self.accounting.add_listener(self.activity.on_record)
         self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
