@@ -4,22 +4,14 @@ reason, qshape, delete with a DSN; mistyped names are errors."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records
 from tests.test_cli_ops import run_cli
+from tests.test_cluster import _until
 
 GREY = "grey.example"
-
-
-async def _until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def test_queue_tools_on_a_real_backlog(tmp_path, sink, make_node):

@@ -14,6 +14,7 @@ from postlane.accounting.audit.store import Query
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records
 from tests.test_cli_ops import run_cli
+from tests.test_cluster import _until
 
 DEFERRING = "deferme.example"
 
@@ -23,14 +24,6 @@ def _deferring_config(tmp_path, sink) -> str:
     text = config_text(tmp_path, sink.port, f'[routes]\n"{DEFERRING}" = "127.0.0.1:{sink.port}"\n'
                        f'"example.com" = "127.0.0.1:{sink.port}"\n', routes=False)
     return text.replace('retry = ["1s", "2s"]', 'retry = ["1h"]')
-
-
-async def _until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 def _deferred(node, attempts: int) -> bool:
