@@ -16,12 +16,14 @@ from tests.conftest import config_text, message, records, send
 from tests.test_cli_ops import run_cli
 
 
-async def _wait_records(node, tmp_path, predicate, timeout: float = 20.0) -> list[dict]:
+async def _wait_records(node, tmp_path, predicate, count: int = 1,
+                        timeout: float = 20.0) -> list[dict]:
+    """The accounting records matching ``predicate``, once there are ``count`` of them."""
     deadline = time.monotonic() + timeout
     while True:
         node.accounting.flush()
         rows = [r for r in records(tmp_path) if predicate(r)]
-        if rows or time.monotonic() > deadline:
+        if len(rows) >= count or time.monotonic() > deadline:
             return rows
         await asyncio.sleep(0.05)
 
@@ -65,7 +67,7 @@ async def test_hard_bounces_suppress_sla_classes_only_after_repeated_evidence(
     # ... the policy notice is still sent: one reply is not proof enough
     assert await send(port, "", ["gone@example.com"],
                       message("policy 2", cls="policy-documents")) == {}
-    assert len(await _wait_records(node, tmp_path, bounces)) == 2
+    assert len(await _wait_records(node, tmp_path, bounces, count=2)) == 2
     # the second hard bounce within the window: every class stops, with why and since when
     with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
         await send(port, "", ["gone@example.com"], message("policy 3", cls="policy-documents"))
