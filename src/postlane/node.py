@@ -19,6 +19,7 @@ from .config import Config
 from .edge.smtp import Listener
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
+from .monitor.health import Health
 from .monitor.monitor import Monitor
 from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
@@ -43,7 +44,10 @@ class OperationError(Exception):
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.health = Health()
+        """Degraded states (low disk, database away, key missing, destination down)."""
         self.spool = make_spool(config.node.spool, config.cluster.schema_name)
+        self.spool.health = self.health
         acc = config.accounting
         self.accounting = AccountingLog(Path(acc.directory), formats=acc.formats,
                                         fields=acc.fields, rotate_seconds=acc.rotate,
@@ -51,7 +55,9 @@ class Node:
         self.audit = AuditService(config) if config.audit.enabled else None
         if self.audit is not None:
             self.accounting.add_listener(self.audit.add)
+            self.audit.writer.health = self.health
         self.scheduler = Scheduler(config, self.spool, self.accounting.write, self._on_failures)
+        self.scheduler.health = self.health
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay
@@ -60,8 +66,10 @@ class Node:
         self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
                         if isinstance(self.spool, PostgresSpool) else None)
         self.signer = Signer(config, self.accounting.write) if config.dkim.keys else None
+        if self.signer is not None:
+            self.signer.keyring.health = self.health
         self.intake = Intake(config, self.spool, self.claimer or self.scheduler,
-                             self.accounting.write, self.signer)
+                             self.accounting.write, self.signer, self.health)
         self.feedback = FeedbackService(config, self.accounting.write)
         self.accounting.add_listener(self.feedback.on_record)
         self.intake.feedback = self.feedback
@@ -114,6 +122,7 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             self.accounting.flush()
+            self.intake.disk.ok()  # low disk ends (and is logged) when space returns, mail or not
 
     async def stop(self) -> None:
         """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool.

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, Spool, State
+from .base import (
+    FINAL_STATES,
+    Message,
+    Pending,
+    Recipient,
+    RecipientUpdate,
+    Spool,
+    SpoolUnavailable,
+    State,
+)
 from .postgres import PostgresSpool
 from .sqlite import SQLiteSpool
 
@@ -13,7 +22,7 @@ if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = ["FINAL_STATES", "Message", "Pending", "PostgresSpool", "Recipient", "RecipientUpdate",
-           "SQLiteSpool", "Spool", "State", "is_dsn", "local_dir", "make_spool"]
+           "SQLiteSpool", "Spool", "SpoolUnavailable", "State", "is_dsn", "local_dir", "make_spool"]
 
 
 def is_dsn(location: str) -> bool:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import sqlite3
 import threading
 from pathlib import Path
 
+from ..monitor.health import Health
 from .base import (
     FINAL_STATES,
     Message,
     Pending,
     Recipient,
     RecipientUpdate,
+    SpoolUnavailable,
     State,
     message_row,
     update_rows,
@@ -59,6 +62,8 @@ def _connect(path: Path) -> sqlite3.Connection:
 class SQLiteSpool:
     """Spool in ``<directory>/spool.sqlite``."""
 
+    HEALTH_KEY = "spool"
+
     def __init__(self, directory: str | Path) -> None:
         self.path = Path(directory) / "spool.sqlite"
         self._cv = threading.Condition()
@@ -71,6 +76,8 @@ class SQLiteSpool:
         self._cache = BodyCache()
         self.commits = 0
         self.writes = 0
+        self.health = Health()
+        """Where failing commits are told (the node's; logged once per outage)."""
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,10 +206,13 @@ class SQLiteSpool:
             conn.execute("COMMIT")
             self.commits += 1
             self.writes += len(batch)
+            self.health.end(self.HEALTH_KEY)
         except BaseException as exc:  # a failed commit must fail every waiter, not hang them
             error = exc
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self.health.begin(self.HEALTH_KEY, "spool", "spool writes failing", cause=str(exc),
+                              effect="intake answers 451 4.3.0", level=logging.ERROR)
         if futs and self._loop is not None:
             self._loop.call_soon_threadsafe(_resolve, futs, error)
 
@@ -265,4 +275,4 @@ def _resolve(futs: list[asyncio.Future], error: BaseException | None) -> None:
         if error is None:
             fut.set_result(None)
         else:
-            fut.set_exception(RuntimeError(f"spool commit failed: {error}"))
+            fut.set_exception(SpoolUnavailable(f"spool commit failed: {error}"))

@@ -36,6 +36,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ...childproc import frame, read_frame, reap
+from ...monitor.health import Health
 from ..records import Record
 from .store import _RECORD_GETTER, AuditStore, BatchKey
 
@@ -133,6 +134,8 @@ class AuditWriter:
         self._in_hand = 0  # records of the batch being committed (retried while the store is away)
         self._writer_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(6).hex()}"
         self._batches = itertools.count(1)
+        self.health = Health()
+        """The node's: the store going away and coming back is told there, once each."""
 
     @property
     def child_pid(self) -> int | None:
@@ -255,15 +258,19 @@ class AuditWriter:
                 tries += 1
                 if tries == 1:
                     continue  # a new child at once; later failures wait like the others
-            except Exception:
+            except Exception as exc:  # told once, until a write works again
                 tries += 1
-                log.exception("audit store write failed; retrying in %.1fs", delay)
+                self.health.begin("audit", "audit", "audit store unreachable",
+                                  cause=f"{type(exc).__name__}: {exc}",
+                                  effect="records wait in memory and are retried (intake"
+                                         " answers 451 once audit.max_backlog are waiting)")
             if self._closing.is_set() and tries >= _CLOSING_TRIES:
                 log.error("audit store unreachable at shutdown: %d records not written to"
                           " it (they are in the accounting files)", len(records))
                 return
             self._closing.wait(delay)  # a stop cuts the wait short
             delay = min(delay * 2, 30.0)
+        self.health.end("audit")
         if self.on_commit is not None:
             self.on_commit(seq)
 
