@@ -19,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from postlane.cluster import cluster_status
 from postlane.config import parse_config
 from postlane.node import Node
+from postlane.spool import PostgresSpool
 from tests.conftest import config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy
@@ -159,30 +162,54 @@ async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink
 
 
 class Served:
-    """``postlane serve`` in a subprocess; its listener port is read from its log."""
+    """``postlane serve`` in a subprocess; its ports are read from its JSON log."""
 
     def __init__(self, tmp_path: Path, name: str, text: str) -> None:
+        self.name = name
+        self.token_file = tmp_path / "api-token"
         path = tmp_path / f"{name}.toml"
         path.write_text(text)
-        self.log = open(tmp_path / f"{name}.log", "w+b")  # noqa: SIM115
+        self.log_path = tmp_path / f"{name}.log"
+        self.log = open(self.log_path, "w+b")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postlane.cli", "serve", "-c", str(path)],
             stdout=self.log, stderr=self.log)
+        self.api_port = 0
+
+    def lines(self) -> list[dict]:
+        """The node's log so far, one JSON object per line (others, e.g. a traceback printed
+        by Python itself, as {"raw": line})."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"raw": line})
+        return out
 
     async def port(self, timeout: float = 30.0) -> int:
+        """The SMTP listener's port, once the node listens (and its API's, in ``api_port``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.log.seek(0)
-            for line in self.log.read().decode(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if record.get("msg") == "listening":
-                        return record["listeners"]["in"]
+            for record in self.lines():
+                if record.get("msg") == "API listening":
+                    self.api_port = record["port"]
+                if record.get("msg") == "listening":
+                    return record["listeners"]["in"]
             if self.proc.poll() is not None:
                 break
             await asyncio.sleep(0.1)
         self.log.seek(0)
         raise RuntimeError(f"node did not start: {self.log.read().decode(errors='replace')}")
+
+    async def api(self, path: str) -> dict | str:
+        """GET from the node's API (JSON, or the text of /metrics)."""
+        token = self.token_file.read_text().strip()
+        async with httpx.AsyncClient(timeout=30) as client:
+            resp = await client.get(f"http://127.0.0.1:{self.api_port}{path}",
+                                    headers={"Authorization": f"Bearer {token}"})
+        resp.raise_for_status()
+        return resp.text if path == "/metrics" else resp.json()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -202,16 +229,38 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
                                                 marketing_max_out=2))
     b = Served(tmp_path, "node-b", cluster_text(tmp_path, sink.port, pg_schema, "node-b",
                                                 marketing_max_out=2))
+    watcher = PostgresSpool(PG_DSN, pg_schema)  # an operator's `cluster status`
+    cluster = parse_config(cluster_text(tmp_path, sink.port, pg_schema, "x")).cluster
     try:
         port_a = await a.port()
         await b.port()
+        await watcher.open()
         names = [f"k{i:03d}" for i in range(150)]
         submit = asyncio.create_task(asyncio.to_thread(send_many, port_a, names))
         await sink.wait_for(20, timeout=60)
         a.proc.kill()  # SIGKILL: no drain, no lease release
+        killed = time.monotonic()
         a.proc.wait(10)
         acked = await submit
         assert len(acked) >= 20
+        # meanwhile the operator sees node-a gone, its work unowned and when it moves
+        seen = None
+        while time.monotonic() - killed < 60:
+            status = await cluster_status(watcher, cluster)
+            node_a = next(n for n in status["nodes"] if n["name"] == "node-a")
+            if node_a["claimed"] == 0:
+                break
+            if not node_a["session"] and seen is None:
+                seen = (node_a, sum(p["unowned"] for p in status["pools"].values()))
+            await asyncio.sleep(0.05)
+        taken_over = time.monotonic() - killed
+        assert seen is not None, "node-a's work was shown before it was taken over"
+        node_a, unowned = seen
+        assert node_a["state"] in ("suspect", "dead") and unowned == node_a["claimed"] > 0
+        # taken over for its closed session, not after its 10 s lease: at dead_after (4 s)
+        assert node_a["takeover_in_s"] <= cluster.dead_after
+        assert any(r.get("dead_node") == "node-a" for r in b.lines())
+        print(f"node-a's work taken over {taken_over:.2f}s after kill -9")
         await _until(lambda: set(acked) <= set(subjects_of(sink.arrivals)), timeout=90)
         got = subjects_of(sink.arrivals)
         twice = len(got) - len(set(got))
@@ -219,8 +268,9 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
         # but not yet recorded (it never holds more than 2 slots x (claim_ahead 2 + 1))
         assert twice <= 6, twice
     finally:
+        await watcher.close()
         a.stop(signal.SIGKILL)
-        b.stop()
+        await asyncio.to_thread(b.stop)
 
 
 async def test_retries_and_bounces_work_on_the_shared_spool(tmp_path, sink,

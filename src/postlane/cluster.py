@@ -44,8 +44,17 @@ async def cluster_status(spool: PostgresSpool, cluster: ClusterConfig) -> dict:
     per pool: ``claimed`` is held by live nodes, ``unowned`` by suspect or dead ones or under a
     lapsed lease (work about to be taken over)."""
     now = await spool.now()
+    out = summarize(await spool.nodes(), await spool.queue_summary(), now, cluster)
+    return {"schema": spool.schema, "time": now, **out,
+            "paused": sorted(f"{p}/{d}" for p, d in await spool.paused())}
+
+
+def summarize(infos: list[NodeInfo], summary: list[dict], now: float,
+              cluster: ClusterConfig) -> dict:
+    """``nodes`` and ``pools`` of ``cluster_status`` from the nodes and ``queue_summary`` rows
+    (the cluster monitor builds the same from its own queue query)."""
     nodes: dict[str, dict] = {}
-    for n in await spool.nodes():
+    for n in infos:
         age = now - n.heartbeat
         state, takeover = node_state(n, age, cluster)
         nodes[n.name] = {
@@ -55,13 +64,13 @@ async def cluster_status(spool: PostgresSpool, cluster: ClusterConfig) -> dict:
             "draining": n.draining, "claimed": 0, "claimed_by_pool": {},
             "takeover_in_s": None if takeover is None else round(max(0.0, takeover), 1)}
     pools: dict[str, dict] = {}
-    for row in await spool.queue_summary():
+    for row in summary:
         pool = pools.setdefault(row["pool"], {"queued": 0, "deferred": 0, "claimed": 0,
                                               "unowned": 0})
         pool[row["state"]] += row["n"]
-        owner = nodes.get(row["lease_owner"] or "")
         if row["lease_owner"] is None:
             continue
+        owner = nodes.get(row["lease_owner"])
         if owner is not None:
             owner["claimed"] += row["n"]
             by_pool = owner["claimed_by_pool"]
@@ -74,8 +83,7 @@ async def cluster_status(spool: PostgresSpool, cluster: ClusterConfig) -> dict:
             # a stalled node's work goes when its leases lapse, if that comes first
             lapse = max(0.0, row["lease_until"] - now)
             owner["takeover_in_s"] = round(min(owner["takeover_in_s"], lapse), 1)
-    return {"schema": spool.schema, "time": now, "nodes": list(nodes.values()), "pools": pools,
-            "paused": sorted(f"{p}/{d}" for p, d in await spool.paused())}
+    return {"nodes": list(nodes.values()), "pools": pools}
 
 
 def _spool(config: Config) -> PostgresSpool:

@@ -241,15 +241,20 @@ class Node:
                 "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
                          "max_smtp_out": s.max_smtp_out} for s in slots],
             })
+        # queued: what this node holds (on one node its whole queue; in a cluster what it has
+        # claimed - the shared queue is under "cluster")
         out = {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
-               "pools": pools, "lanes": lanes,
+               "pools": pools, "lanes": lanes, "degraded": self.health.states(),
                "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
         if self.claimer is not None:
             out["cluster"] = {"schema": self.config.cluster.schema_name,
                               "claimed_total": self.claimer.claimed,
+                              "taken_over_total": self.claimer.taken_over,
                               "draining": self.claimer.draining,
-                              "fenced": self.claimer.fenced}
+                              "fenced": self.claimer.fenced,
+                              "evaluator": self.monitor.cluster is not None
+                              and self.monitor.cluster.leader}
         return out
 
 

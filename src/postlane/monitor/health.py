@@ -28,8 +28,8 @@ class Degradation:
     what: str
     cause: str
     effect: str
-    unit: str
-    """What ``count`` counts while it lasts: refusals, deferrals."""
+    unit: str | None
+    """What ``count`` counts while it lasts (refusals, deferrals), if anything."""
     since: float
     started: float
     count: int = 0
@@ -37,7 +37,8 @@ class Degradation:
     def as_dict(self) -> dict:
         return {"key": self.key, "kind": self.kind, "what": self.what, "cause": self.cause,
                 "effect": self.effect, "since": round(self.since, 3),
-                "duration_s": round(time.monotonic() - self.started, 1), self.unit: self.count}
+                "duration_s": round(time.monotonic() - self.started, 1),
+                **({self.unit: self.count} if self.unit else {})}
 
 
 class Health:
@@ -50,7 +51,7 @@ class Health:
         self._lock = threading.Lock()
 
     def begin(self, key: str, kind: str, what: str, cause: str, effect: str,
-              unit: str = "refusals", level: int = logging.WARNING) -> None:
+              unit: str | None = "refusals", level: int = logging.WARNING) -> None:
         """Enter a degraded state (logged); nothing happens while ``key`` is already active."""
         with self._lock:
             if key in self.active:
@@ -78,11 +79,18 @@ class Health:
         if state is None:
             return
         duration = time.monotonic() - state.started
-        log.warning(f"{state.what}: over after {duration:.1f}s, {state.count} {state.unit}",
+        counted = {state.unit: state.count} if state.unit else {}
+        tail = f", {state.count} {state.unit}" if state.unit else ""
+        log.warning(f"{state.what}: over after {duration:.1f}s{tail}",
                     extra={"degraded": state.kind, "key": key, "event": "end",
-                           "duration_s": round(duration, 1), state.unit: state.count})
+                           "duration_s": round(duration, 1), **counted})
 
-    def kinds(self) -> Counter[str]:
-        """Active states per kind (the ``postlane_degraded`` gauge)."""
+    def counts(self) -> tuple[Counter[str], Counter[str]]:
+        """Per kind: states active now, and refusals or deferrals counted so far."""
         with self._lock:
-            return Counter(state.kind for state in self.active.values())
+            return Counter(state.kind for state in self.active.values()), Counter(self.events)
+
+    def states(self) -> list[dict]:
+        """The active states, for the status API."""
+        with self._lock:
+            return [state.as_dict() for state in self.active.values()]

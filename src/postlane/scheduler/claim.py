@@ -235,7 +235,7 @@ class Claimer:
         self.fenced = True
         self._hold()
         self.spool.health.begin(
-            FENCE_KEY, "fence", "cluster heartbeat late", level=logging.ERROR,
+            FENCE_KEY, "fence", "cluster heartbeat late", level=logging.ERROR, unit=None,
             cause=f"no heartbeat for {self.config.cluster.fence:g}s",
             effect=f"no delivery starts until the database answers (the others take this node's"
                    f" work {self.dead_after:g}s after its last heartbeat if its session closed)")

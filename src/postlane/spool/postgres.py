@@ -89,6 +89,22 @@ CREATE TABLE rate_buckets (
     key TEXT PRIMARY KEY, tokens DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,
     granted DOUBLE PRECISION NOT NULL);
 """),
+    (3, """
+ALTER TABLE recipients ADD COLUMN cls TEXT;
+UPDATE recipients r SET cls = m.cls FROM messages m WHERE m.id = r.msg_id;
+CREATE INDEX recipients_open ON recipients (cls, deadline) WHERE state IN ('queued', 'deferred');
+CREATE TABLE monitor_slices (
+    node TEXT NOT NULL, cls TEXT NOT NULL, at BIGINT NOT NULL, finals INTEGER NOT NULL,
+    buckets INTEGER[] NOT NULL, counts INTEGER[] NOT NULL, PRIMARY KEY (at, node, cls));
+CREATE TABLE monitor_state (
+    id INTEGER PRIMARY KEY, leader TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+    figures JSONB NOT NULL);
+CREATE TABLE alerts (
+    id TEXT NOT NULL, fired_at DOUBLE PRECISION NOT NULL, rule TEXT NOT NULL, cls TEXT NOT NULL,
+    pool TEXT NOT NULL, message TEXT NOT NULL, value DOUBLE PRECISION NOT NULL,
+    threshold DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
+    resolved_at DOUBLE PRECISION, PRIMARY KEY (id, fired_at));
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 
@@ -255,8 +271,8 @@ class PostgresSpool:
         fut = asyncio.get_running_loop().create_future()
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
-                  r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority, msg.deadline)
-                 for r in rcpts]
+                  r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority, msg.deadline,
+                  msg.cls) for r in rcpts]
         self._submit(("enq", row, (msg.id, body), rrows, fut), urgent)
         await fut
         self._cache.put(msg.id, body)
@@ -376,8 +392,8 @@ class PostgresSpool:
                     f" ({', '.join(f'${i}' for i in range(1, 17))})", msgs)
                 await conn.executemany("INSERT INTO bodies (id, data) VALUES ($1, $2)", bodies)
                 await conn.executemany(
-                    f"INSERT INTO recipients ({_RCPT_COLS}, pool, priority, deadline) VALUES"
-                    f" ({', '.join(f'${i}' for i in range(1, 14))})", rcpts)
+                    f"INSERT INTO recipients ({_RCPT_COLS}, pool, priority, deadline, cls)"
+                    f" VALUES ({', '.join(f'${i}' for i in range(1, 15))})", rcpts)
                 await conn.execute("SELECT pg_notify($1, $2)", self.work_channel,
                                    ",".join(sorted({m[2] for m in msgs})))
             if upds:
@@ -515,7 +531,7 @@ class PostgresSpool:
         """The advisory lock (two int4 keys) a node's session holds on its name."""
         return f"hashtext('postlane/{self.schema}'), hashtext({name_sql})"
 
-    def _session_open(self, name_sql: str) -> str:
+    def session_open(self, name_sql: str) -> str:
         """SQL: whether some session holds the name lock of ``name_sql``."""
         return ("EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
                 " AND l.database = (SELECT oid FROM pg_database"
@@ -579,7 +595,7 @@ class PostgresSpool:
         async with self.acquire() as conn, conn.transaction():
             dead = await conn.fetch(
                 f"SELECT name FROM nodes n WHERE name <> $1 AND heartbeat < {_NOW} - $2"
-                f" AND (heartbeat < {_NOW} - $3 OR NOT {self._session_open('n.name')})"
+                f" AND (heartbeat < {_NOW} - $3 OR NOT {self.session_open('n.name')})"
                 " AND EXISTS (SELECT 1 FROM recipients r WHERE r.lease_owner = n.name)"
                 " FOR UPDATE SKIP LOCKED", me, dead_after, lease)
             if not dead:
@@ -610,7 +626,7 @@ class PostgresSpool:
 
     async def nodes(self) -> list[NodeInfo]:
         async with self.acquire() as conn:
-            rows = await conn.fetch(f"SELECT *, {self._session_open('name')} AS session"
+            rows = await conn.fetch(f"SELECT *, {self.session_open('name')} AS session"
                                     " FROM nodes ORDER BY name")
         return [NodeInfo(**dict(r)) for r in rows]
 

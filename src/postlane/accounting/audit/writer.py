@@ -260,7 +260,7 @@ class AuditWriter:
                     continue  # a new child at once; later failures wait like the others
             except Exception as exc:  # told once, until a write works again
                 tries += 1
-                self.health.begin("audit", "audit", "audit store unreachable",
+                self.health.begin("audit", "audit", "audit store unreachable", unit=None,
                                   cause=f"{type(exc).__name__}: {exc}",
                                   effect="records wait in memory and are retried (intake"
                                          " answers 451 once audit.max_backlog are waiting)")
