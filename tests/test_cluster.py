@@ -129,16 +129,25 @@ async def _until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def busy_node(tmp_path: Path, sink, schema: str, prefix: str, count: int,
+                    database: str = "127.0.0.1:5432") -> tuple[Node, list[str]]:
+    """node-a (one bulk connection, its database at ``database``) given ``count`` messages,
+    the first of them delivered: it holds the rest."""
+    node = await start_node(cluster_text(tmp_path, sink.port, schema, "node-a",
+                                         marketing_max_out=1).replace("127.0.0.1:5432",
+                                                                      database))
+    names = [f"{prefix}{i:02d}" for i in range(count)]
+    await asyncio.to_thread(send_many, node.listeners[0].port, names)
+    await sink.wait_for(1, timeout=30)
+    return node, names
+
+
 async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink,
                                                                   pg_schema):  # noqa: F811
     sink.delay = 0.1
-    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
-                                      marketing_max_out=1))
+    a, names = await busy_node(tmp_path, sink, pg_schema, "d", 12)
     b = None
     try:
-        names = [f"d{i:02d}" for i in range(12)]
-        await asyncio.to_thread(send_many, a.listeners[0].port, names)
-        await sink.wait_for(1, timeout=30)
         b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b",
                                           marketing_max_out=1))
         assert await a.spool.request_drain("node-a")
@@ -327,14 +336,9 @@ async def test_a_node_whose_work_was_taken_over_while_cut_off_stops(tmp_path, si
                                                                    pg_schema):  # noqa: F811
     sink.delay = 0.2
     proxy = await TCPProxy("127.0.0.1", 5432).start()
-    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
-                                      marketing_max_out=1).replace(
-        "127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+    a, names = await busy_node(tmp_path, sink, pg_schema, "t", 10, f"127.0.0.1:{proxy.port}")
     b = None
     try:
-        names = [f"t{i:02d}" for i in range(10)]
-        await asyncio.to_thread(send_many, a.listeners[0].port, names)
-        await sink.wait_for(1, timeout=30)
         b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b",
                                           marketing_max_out=1))
         proxy.cut()  # node-a is cut off holding work; its session closes

@@ -110,3 +110,12 @@ def test_cluster_section_errors_name_their_field(tmp_path):
         parse_config(text)
     fields = sorted(line.split(":")[0] for line in err.value.errors)
     assert fields == ["cluster.claim_ahead", "cluster.lease", "cluster.schema_name"]
+
+
+def test_a_lease_shorter_than_twice_dead_after_is_refused(tmp_path):
+    text = config_text(tmp_path, 2525) + '\n[cluster]\nlease = "5s"\ndead_after = "4s"\n'
+    with pytest.raises(ConfigError, match="cluster.lease .5s. must be at least twice"):
+        parse_config(text)
+    cluster = parse_config(config_text(tmp_path, 2525)).cluster
+    assert (cluster.dead_after, cluster.lease, cluster.heartbeat, cluster.fence) == (
+        4.0, 10.0, 1.0, 3.0)
