@@ -75,6 +75,8 @@ idle_timeout = 0.2
 "example.com" = "127.0.0.1:{sink}"
 [accounting]
 directory = "{workdir}/acct"
+[api]
+enabled = false
 """
 
 
