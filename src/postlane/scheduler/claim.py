@@ -274,7 +274,7 @@ class Claimer:
             renew = sent - renewed >= self.lease / 3
             try:
                 got = await asyncio.wait_for(
-                    self.spool.heartbeat(self.name, self.lease if renew else None), beat)
+                    self.spool.heartbeat(self.name, self.lease if renew else None), 2 * beat)
                 if renew:
                     renewed = sent
                 draining, gap = got if got is not None else (False, math.inf)
@@ -293,8 +293,11 @@ class Claimer:
                 if self.on_drain is not None:
                     self.on_drain()
                 return
+            except TimeoutError:  # slow, not necessarily away: the fence decides, not this
+                self._takeover_after = time.monotonic() + self.lease
+                continue
             except UNREACHABLE as exc:  # the database is away (told once): retried
-                self.spool.unreachable(exc)  # a timeout here, or the session's connect
+                self.spool.unreachable(exc)  # the session's connect, if not the spool's
                 self._takeover_after = time.monotonic() + self.lease
                 continue
             except Exception:  # a bug: say so, and keep trying
