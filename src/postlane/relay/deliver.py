@@ -112,9 +112,9 @@ class Relay:
                     dest.ip, dest.port, server_name=dest.host, source_ip=slot.address,
                     ehlo_name=slot.ehlo, tls=self.config.relay.tls,
                     tls_verify=self.config.relay.tls_verify, timeouts=self.timeouts)
-            except SMTPError as exc:
-                log.info("connect %s via %s [%s]:%s failed: %s", lane.domain, slot.address,
-                         dest.ip, dest.port, exc)
+            except SMTPError as exc:  # the lane's outage is told once (Health), not each try
+                log.debug("connect %s via %s [%s]:%s failed: %s", lane.domain, slot.address,
+                          dest.ip, dest.port, exc)
                 last = exc
         info = {"source_ip": slot.address, "vmta": slot.ehlo}
         reply = str(last.reply) if last and last.reply else f"451 4.4.1 {last}"
@@ -133,7 +133,13 @@ class Relay:
         for rcpt in batch:
             self.scheduler.deferred(rcpt, reply, status, info)
         cls = self.config.classes.get(batch[0].msg.cls)
-        self.scheduler.suspend(lane, min(cls.retry[0] if cls else 60.0, 60.0), reply)
+        pause = min(cls.retry[0] if cls else 60.0, 60.0)
+        health, key = self.scheduler.health, self.scheduler.outage_key(lane)
+        health.begin(key, "destination", f"destination {lane.domain} unreachable from pool"
+                     f" {lane.pool}", cause=reply, unit="deferrals",
+                     effect=f"its mail is deferred; the lane waits {pause:.0f}s between tries")
+        health.count(key, len(batch))
+        self.scheduler.suspend(lane, pause, reply)
 
     async def _transact(self, conn: SMTPConnection, batch: list[Recipient],
                         info: dict[str, str]) -> None:
