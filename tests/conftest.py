@@ -15,8 +15,7 @@ from postlane.sink import Sink
 from tests.support.audit import audit_backend  # noqa: F401  (fixture)
 from tests.support.fixtures_dns import dns_server  # noqa: F401  (fixture)
 from tests.support.pg import pg_schema, two_spools  # noqa: F401  (fixtures)
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from tests.support.shared import SHARED  # noqa: F401  (re-exported)
 
 
 def config_text(tmp_path: Path, sink_port: int, extra: str = "", *, listener_port: int = 0,

@@ -25,12 +25,12 @@ from postlane.reputation.service import open_store
 from postlane.reputation.store import ReputationStore
 from tests.conftest import SHARED, config_text, records, send
 from tests.support.pg import PG_DSN
+from tests.support.shared import needs_corpus as shared_corpus
 
 CORPUS = SHARED / "testdata" / "dmarc"
 BROKEN = {"invalid_utf_8.xml": "not valid UTF-8: byte 0x91 at offset 706",
           "invalid_xml.xml": "not well-formed XML"}
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"{CORPUS} is absent (the shared"
-                                  " test data sits beside the repository; CI has it)")
+needs_corpus = shared_corpus(CORPUS)
 runner = CliRunner()
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from postlane.cli import app
 from tests.support.corpus_score import TESTDATA, score_arf, score_bounces
+from tests.support.shared import needs_corpus
 
-pytestmark = pytest.mark.skipif(not TESTDATA.exists(), reason="shared testdata not present")
+pytestmark = needs_corpus(TESTDATA)
 
 
 def test_bounce_corpus_recall_and_precision() -> None:

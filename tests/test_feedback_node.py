@@ -14,7 +14,32 @@ import pytest
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import config_text, message, records, send
-from tests.support.corpus_score import TESTDATA
+
+QMAIL_BOUNCE = """Return-Path: <>\r
+Date: 24 Apr 2013 00:00:00 +0900\r
+From: MAILER-DAEMON@mx4.example.jp\r
+To: {to}\r
+Subject: failure notice\r
+\r
+Hi. This is the qmail-send program at mx4.example.jp.\r
+I'm afraid I wasn't able to deliver your message to the following addresses.\r
+This is a permanent error; I've given up. Sorry it didn't work out.\r
+\r
+<kijitora@example.ne.jp>:\r
+Sorry, no SMTP connection got far enough; most progress was RCPT TO response; remote host\r
+ 192.0.2.32 said: 550 Unknown user kijitora@example.ne.jp\r
+. (#5.5.0)\r
+\r
+--- Below this line is a copy of the message.\r
+\r
+Return-Path: <nekochan@example.jp>\r
+From: Nyanko <nekochan@example.jp>\r
+To: kuroneko@example.com\r
+Subject: Message\r
+\r
+neko\r
+"""
+"""A qmail prose bounce (the layout of qmail-send's), whose text names another address too."""
 
 FEEDBACK = """
 [feedback]
@@ -104,9 +129,7 @@ async def test_verp_round_trip_remote_bounces_become_rb_records_and_suppressions
                        original=original, arrival_date=time.time(), ret="HDRS")
     await send(port, "", [senders["v1@example.com"]], dsn)
     # ... and a qmail-style prose bounce for v2 that names some other address in its text
-    qmail = (TESTDATA / "bounces/sisimai/bsd/lhost-qmail-01.eml").read_bytes()
-    qmail = qmail.replace(b"\n", b"\r\n")  # the corpus file has Unix line ends
-    qmail = qmail.replace(b"To: nekochan@example.jp", f"To: {senders['v2@example.com']}".encode())
+    qmail = QMAIL_BOUNCE.replace("{to}", senders["v2@example.com"]).encode()
     await send(port, "", [senders["v2@example.com"]], qmail)
     # a forged DSN (no valid VERP) naming a customer suppresses nobody
     forged_dsn = dsn.replace(senders["v1@example.com"].encode(), forged.encode()).replace(

@@ -8,13 +8,9 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 from postlane.feedback.parse import parse_report
-
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata"
-if not TESTDATA.exists():  # a worktree under /work/wt/<name>: shared is two levels up
-    TESTDATA = Path(__file__).resolve().parents[3].parent / "shared" / "testdata"
+from tests.support.shared import TESTDATA
 
 
 def _ratio(a: int, b: int) -> float:
