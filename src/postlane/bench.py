@@ -34,7 +34,8 @@ from .config import Config, load_config
 from .relay.client import SMTPConnection, SMTPError
 
 TRANSACTIONAL_DEFAULT = ("policy-documents", "claims", "payment-receipts")
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "insurance.toml"
+EXAMPLE = Path(__file__).resolve().parent / "data" / "insurance.toml"
+"""The case study config (examples/insurance.toml in the repository, shipped in the package)."""
 TAG = b"X-Bench-Id"
 
 

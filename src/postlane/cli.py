@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import typer
 
 from .accounting.audit.cli import app as audit_app
+from .admin.cli import dns_app, init
 from .api.cli import app as ops_app
 from .api.queue_cli import app as queue_app
 from .cluster import cluster_app
@@ -34,6 +37,21 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(dmarc_app, name="dmarc")
 app.add_typer(rules_app, name="rules")
+app.command("init")(init)
+app.add_typer(dns_app, name="dns")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"postlane {package_version('postlane')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")) -> None:
+    pass
 
 
 def _load(path: Path, as_json: bool = False):
@@ -83,6 +101,20 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="where the demo kee
     from .demo import run_demo
 
     raise typer.Exit(run_demo(workdir, marketing=marketing, quick=quick))
+
+
+@app.command()
+def sink(host: str = typer.Option("127.0.0.1", help="address to listen on"),
+         port: int = typer.Option(2600, min=0, max=65535),
+         delay_ms: float = typer.Option(0.0, min=0, help="time each message takes")) -> None:
+    """A recording SMTP sink that accepts every message and prints one line per arrival: the
+    recipients' servers for a try-out (route mail to it with [routes])."""
+    import asyncio
+
+    from .sink import run_sink
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_sink(host, port, delay_ms / 1000, typer.echo))
 
 
 @app.command()

@@ -5,8 +5,10 @@ of concurrent connections per source IP, and answers per recipient as scripted."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -144,3 +146,29 @@ class Sink:
 
     def for_rcpt(self, address: str) -> list[Arrival]:
         return [a for a in self.arrivals if address in a.rcpts]
+
+
+def _subject(data: bytes) -> str:
+    head = data.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n"):
+        if line[:8].lower() == b"subject:":
+            return line[8:].strip().decode("utf-8", "replace")
+    return ""
+
+
+async def run_sink(host: str, port: int, delay: float, out: Callable[[str], None]) -> None:
+    """A sink that runs until cancelled and tells ``out`` one line per message that arrives
+    (``postlane sink``: the recipients' servers in the README's tour)."""
+    sink = await Sink(host=host, port=port, delay=delay).start()
+    out(f"sink listening on {host}:{sink.port}")
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await sink.wait_for(1, timeout=3600)
+            for arrival in sink.arrivals:
+                out(f"{time.strftime('%H:%M:%S', time.localtime(arrival.time))} from"
+                    f" {arrival.peer} ({arrival.ehlo}) <{arrival.mail_from}> to"
+                    f" {', '.join(arrival.rcpts)}: {_subject(arrival.data)}")
+            sink.arrivals.clear()
+    finally:
+        await sink.stop()

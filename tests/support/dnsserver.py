@@ -21,6 +21,7 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
+import dns.reversename
 import dns.rrset
 
 __all__ = ["DNSServer"]
@@ -156,6 +157,12 @@ class DNSServer:
         rdtype = "AAAA" if ipaddress.ip_address(address).version == 6 else "A"
         rdata = dns.rdata.from_text("IN", rdtype, address)
         self._add(name, dns.rdatatype.from_text(rdtype), rdata, ttl)
+
+    def add_ptr(self, address: str, target: str, ttl: int = 60) -> None:
+        """Add the PTR record of ``address`` (its in-addr.arpa / ip6.arpa name)."""
+        target = target if target.endswith(".") else target + "."
+        rdata = dns.rdata.from_text("IN", "PTR", target)
+        self._add(dns.reversename.from_address(address).to_text(), dns.rdatatype.PTR, rdata, ttl)
 
     def add_txt(self, name: str, text: str, ttl: int = 60) -> None:
         """Add one TXT record; text longer than 255 bytes is split into several strings."""

@@ -1,0 +1,99 @@
+"""``postlane init``, ``dns checklist|check``, ``backup``, ``restore`` and ``upgrade``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+__all__ = ["dns_app", "init"]
+
+dns_app = typer.Typer(no_args_is_help=True, help="The DNS records a node needs, and a check of"
+                                                 " what is published.")
+_CONFIG = typer.Option(..., "-c", "--config", help="TOML config file")
+_JSON = typer.Option(False, "--json", help="one JSON object")
+
+
+def _config(path: Path):
+    from ..cli import _load  # the one place config errors are printed
+
+    return _load(path)
+
+
+def init(directory: Path = typer.Argument(..., help="new folder for the node's files"),
+         hostname: str = typer.Option(..., help="the node's name: greeting, MX target"),
+         domain: str = typer.Option(..., help="the sending domain (From, DKIM d=)"),
+         ip: list[str] = typer.Option(
+             [], "--ip", help="a dedicated source IP (repeat; at least 4, dealt to the four"
+                              " pools in turn); default loopback placeholders 127.0.0.10-17"),
+         listen: str = typer.Option("0.0.0.0:587", help="submission listener ADDRESS:PORT"),
+         inbound: str = typer.Option("0.0.0.0:25", help="listener for bounces and reports"),
+         api: str = typer.Option("127.0.0.1:8025", help="HTTP API and dashboard"),
+         smarthost: str | None = typer.Option(None, help="send all mail to HOST:PORT"),
+         state_dir: str = typer.Option("var", help="spool and accounting files (relative:"
+                                                   " inside DIRECTORY)"),
+         node_name: str = typer.Option("postlane-1", help="unique in a cluster")) -> None:
+    """Write a commented config (the four classes of the case study), DKIM keys, a self-signed
+    TLS certificate and the API token into DIRECTORY, and print the DNS checklist."""
+    from ..config import ConfigError, load_config
+    from .dnsrecords import checklist
+    from .firstrun import DEFAULT_IPS, InitError, InitOptions, write_node
+
+    opts = InitOptions(directory=directory, hostname=hostname.lower().rstrip("."),
+                       domain=domain.lower().rstrip("."), ips=ip or list(DEFAULT_IPS),
+                       listen=listen, inbound=inbound, api=api, smarthost=smarthost,
+                       state_dir=state_dir, node_name=node_name)
+    try:
+        written = write_node(opts)
+        cfg = load_config(directory / "postlane.toml")
+    except (InitError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: {exc.filename or directory}: {exc.strerror}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {directory}:")
+    for path in written:
+        typer.echo(f"  {path.relative_to(directory)}"
+                   + ("   (0600)" if path.stat().st_mode & 0o077 == 0 else ""))
+    typer.echo(f"\n{checklist(cfg)}\n")
+    config = directory / "postlane.toml"
+    typer.echo(f"Next: read {config}, then\n"
+               f"  postlane config check {config}\n"
+               f"  postlane serve -c {config}\n"
+               f"  postlane dns check -c {config}     # once the records are published")
+
+
+@dns_app.command("checklist")
+def dns_checklist(config: Path = _CONFIG) -> None:
+    """Print the records to publish: A/AAAA and PTR of every pool IP, SPF, DKIM, DMARC, MX,
+    MTA-STS and TLS-RPT."""
+    from .dnsrecords import checklist
+
+    typer.echo(checklist(_config(config)))
+
+
+@dns_app.command("check")
+def dns_check(config: Path = _CONFIG,
+              nameserver: str | None = typer.Option(
+                  None, help="ask this resolver (IP or IP:PORT) instead of [dns] or the"
+                             " system's"),
+              as_json: bool = _JSON) -> None:
+    """Look every record up and say what is missing or wrong; exit 1 unless all are ok."""
+    from .dnsrecords import check, make_resolver
+
+    cfg = _config(config)
+    results = check(cfg, make_resolver(cfg, nameserver))
+    bad = [r for r in results if r.status != "ok"]
+    if as_json:
+        typer.echo(json.dumps({"ok": not bad, "records": [
+            {"name": r.record.name, "type": r.record.rtype, "kind": r.record.kind,
+             "expected": r.record.value, "status": r.status, "detail": r.detail}
+            for r in results]}, indent=2))
+    else:
+        for r in results:
+            typer.echo(f"{r.status:<8} {r.record.name} {r.record.rtype}: {r.detail}"
+                       + (f"\n         publish: {r.record.value}" if r.status != "ok" else ""))
+        typer.echo(f"{len(results) - len(bad)} of {len(results)} records ok")
+    raise typer.Exit(1 if bad else 0)

@@ -1,0 +1,171 @@
+"""First run: ``postlane init`` writes a node that serves and signs as written, and ``postlane dns
+check`` judges a published zone (the loopback DNS server, with good and broken records)."""
+
+from __future__ import annotations
+
+import re
+import stat
+
+import dns.name
+import dns.reversename
+import pytest
+from typer.testing import CliRunner
+
+from postlane.admin.dnsrecords import expected
+from postlane.cli import app
+from postlane.config import load_config
+from tests.conftest import send
+
+runner = CliRunner()
+IPS = ["127.0.0.50", "127.0.0.51", "127.0.0.52", "127.0.0.53", "127.0.0.54"]
+
+
+def _init(tmp_path, *extra: str):
+    result = runner.invoke(app, ["init", str(tmp_path / "node"), "--hostname", "mta.example",
+                                 "--domain", "insurer.example", *[a for ip in IPS
+                                                                  for a in ("--ip", ip)],
+                                 "--listen", "127.0.0.1:0", "--inbound", "127.0.0.1:0",
+                                 "--api", "127.0.0.1:0", *extra])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_init_writes_a_valid_node_with_private_secrets_and_prints_the_checklist(tmp_path):
+    out = _init(tmp_path)
+    node = tmp_path / "node"
+    cfg = load_config(node / "postlane.toml")
+    assert list(cfg.classes) == ["policy-documents", "claims", "payment-receipts", "marketing"]
+    assert cfg.pools["trans-critical-pool"].pausable is False
+    # five IPs dealt to four pools: the critical pool gets the fifth
+    assert [ip.address for ip in cfg.pools["trans-critical-pool"].ips] == IPS[0::4]
+    assert cfg.pools["admin-pool"].ips[0].ehlo == "news1.news.insurer.example"
+    for secret in ("api-token", "tls/key.pem", *(f"keys/{k.rpartition('/')[2]}"
+                                                 for k in (k.key_file for k in cfg.dkim.keys))):
+        assert stat.S_IMODE((node / secret).stat().st_mode) == 0o600, secret
+    assert stat.S_IMODE((node / "keys").stat().st_mode) == 0o700
+    assert "# The case study: four traffic classes" in (node / "postlane.toml").read_text()
+    # the checklist: PTR per IP, SPF with every pool IP, DMARC rua at our own address, MX ...
+    assert re.search(r"50\.0\.0\.127\.in-addr\.arpa\.\s+IN PTR\s+tx1\.insurer\.example\.", out)
+    assert re.search(r"bounces\.insurer\.example\.\s+IN TXT\s+\"v=spf1 ip4:127\.0\.0\.50 "
+                     r"ip4:127\.0\.0\.54 ip4:127\.0\.0\.51 ip4:127\.0\.0\.52 -all\"", out)
+    assert "rua=mailto:dmarc@feedback.insurer.example" in out
+    assert re.search(r"feedback\.insurer\.example\.\s+IN MX\s+10 mta\.example\.", out)
+    assert "_mta-sts.bounces.insurer.example." in out and "v=TLSRPTv1" in out
+    assert re.search(r"\d{4}q[1-4]\._domainkey\.insurer\.example\.\s+IN TXT\s+\"v=DKIM1;",
+                     out)
+
+
+def test_init_refuses_a_folder_in_use_and_bad_options(tmp_path):
+    _init(tmp_path)
+    again = runner.invoke(app, ["init", str(tmp_path / "node"), "--hostname", "m.example",
+                                "--domain", "insurer.example"])
+    assert again.exit_code == 2 and "not empty" in again.output
+    few = runner.invoke(app, ["init", str(tmp_path / "n2"), "--hostname", "m.example",
+                              "--domain", "insurer.example", "--ip", "127.0.0.9"])
+    assert few.exit_code == 2 and "at least 4" in few.output
+    assert not (tmp_path / "n2").exists()  # nothing written for bad options
+    bad = runner.invoke(app, ["init", str(tmp_path / "n3"), "--hostname", "m.example",
+                              "--domain", "insurer.example", "--listen", "localhost"])
+    assert bad.exit_code == 2 and "--listen" in bad.output
+
+
+async def test_a_node_from_init_delivers_signed_mail_through_its_smarthost(tmp_path, sink,
+                                                                           make_node):
+    from postlane.node import Node
+
+    _init(tmp_path, "--smarthost", f"127.0.0.1:{sink.port}")
+    cfg = load_config(tmp_path / "node" / "postlane.toml")
+    node = Node(cfg)
+    await node.start()
+    try:
+        msg = (b"From: notices@insurer.example\r\nTo: anna@example.com\r\nSubject: renewal\r\n"
+               b"X-Postlane-Class: policy-documents\r\n\r\nDear Anna\r\n")
+        await send(node.listeners[0].port, "notices@insurer.example", ["anna@example.com"], msg)
+        arrival = (await sink.wait_for(1, timeout=20))[0]
+    finally:
+        await node.stop()
+    assert arrival.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+    assert b" d=insurer.example;" in arrival.data
+    assert arrival.mail_from.endswith("@bounces.insurer.example")  # VERP on the bounce domain
+    assert arrival.peer == "127.0.0.50"
+
+
+def _publish(server, cfg, *, skip=(), replace=None) -> None:
+    """Put the expected records into the loopback zone, leaving out or replacing some."""
+    replace = replace or {}
+    for rec in expected(cfg):
+        key = (rec.name, rec.rtype)
+        if key in skip:
+            continue
+        value = replace.get(key, rec.value)
+        if rec.rtype in ("A", "AAAA"):
+            server.add_a(rec.name, value)
+        elif rec.rtype == "PTR":
+            server.add_ptr(dns.reversename.to_address(dns.name.from_text(rec.name)), value)
+        elif rec.rtype == "MX":
+            pref, host = value.split()
+            server.add_mx(rec.name, int(pref), host)
+        else:
+            server.add_txt(rec.name, "".join(re.findall(r'"([^"]*)"', value)))
+
+
+def _check(tmp_path, server) -> tuple[int, dict]:
+    import json
+
+    result = runner.invoke(app, ["dns", "check", "-c", str(tmp_path / "node" / "postlane.toml"),
+                                 "--nameserver", f"127.0.0.1:{server.port}", "--json"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    data = json.loads(result.output)
+    return result.exit_code, {(r["name"], r["type"]): r for r in data["records"]}
+
+
+def test_dns_check_passes_a_good_zone(tmp_path, dns_server):
+    _init(tmp_path)
+    cfg = load_config(tmp_path / "node" / "postlane.toml")
+    _publish(dns_server, cfg)
+    code, records = _check(tmp_path, dns_server)
+    assert code == 0, [r for r in records.values() if r["status"] != "ok"]
+    kinds = {r["kind"] for r in records.values()}
+    assert kinds == {"a", "ptr", "spf", "dkim", "dmarc", "mx", "mta-sts", "tlsrpt"}
+
+
+def test_dns_check_names_what_is_missing_or_wrong(tmp_path, dns_server):
+    _init(tmp_path)
+    cfg = load_config(tmp_path / "node" / "postlane.toml")
+    selector = cfg.dkim.keys[0].selector
+    dkim_name = f"{selector}._domainkey.insurer.example"
+    ptr = dns.reversename.from_address(IPS[1]).to_text(omit_final_dot=True)
+    _publish(dns_server, cfg, skip={(ptr, "PTR"), ("feedback.insurer.example", "MX")},
+             replace={("tx1.insurer.example", "A"): "127.0.0.99",
+                      ("bounces.insurer.example", "TXT"):
+                          '"v=spf1 ip4:127.0.0.50 ip4:127.0.0.51 -all"',
+                      (dkim_name, "TXT"): '"v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0BAQEFAAOC"',
+                      ("_dmarc.insurer.example", "TXT"): '"v=DMARC1; p=reject"'})
+    code, records = _check(tmp_path, dns_server)
+    assert code == 1
+    assert records[(ptr, "PTR")]["status"] == "MISSING"
+    assert records[("feedback.insurer.example", "MX")]["status"] == "MISSING"
+    assert records[("tx1.insurer.example", "A")]["status"] == "WRONG"
+    spf = records[("bounces.insurer.example", "TXT")]
+    assert spf["status"] == "WRONG" and "127.0.0.54: fail" in spf["detail"]
+    assert records[(dkim_name, "TXT")]["status"] == "WRONG"
+    dmarc = records[("_dmarc.insurer.example", "TXT")]
+    assert dmarc["status"] == "WRONG" and "dmarc@feedback.insurer.example" in dmarc["detail"]
+    assert records[("bounces.news.insurer.example", "MX")]["status"] == "ok"
+
+
+def test_dns_check_reports_a_failing_resolver_as_an_error_not_a_verdict(tmp_path, dns_server):
+    _init(tmp_path)
+    cfg = load_config(tmp_path / "node" / "postlane.toml")
+    _publish(dns_server, cfg)
+    dns_server.set_rcode("bounces.insurer.example", "SERVFAIL")
+    code, records = _check(tmp_path, dns_server)
+    assert code == 1
+    assert records[("bounces.insurer.example", "MX")]["status"] == "ERROR"
+
+
+@pytest.mark.parametrize("cmd", [["dns", "checklist"], ["dns", "check"]])
+def test_dns_commands_need_a_valid_config(tmp_path, cmd):
+    (tmp_path / "bad.toml").write_text("[node]\nbogus = 1\n")
+    result = runner.invoke(app, [*cmd, "-c", str(tmp_path / "bad.toml")])
+    assert result.exit_code == 2
