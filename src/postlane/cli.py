@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from .accounting.audit.cli import app as audit_app
-from .admin.cli import dns_app, init
+from .admin.cli import backup, dns_app, init, restore
 from .api.cli import app as ops_app
 from .api.queue_cli import app as queue_app
 from .cluster import cluster_app
@@ -38,6 +38,8 @@ app.add_typer(cluster_app, name="cluster")
 app.add_typer(dmarc_app, name="dmarc")
 app.add_typer(rules_app, name="rules")
 app.command("init")(init)
+app.command("backup")(backup)
+app.command("restore")(restore)
 app.add_typer(dns_app, name="dns")
 
 

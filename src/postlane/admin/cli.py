@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-__all__ = ["dns_app", "init"]
+__all__ = ["backup", "dns_app", "init", "restore"]
 
 dns_app = typer.Typer(no_args_is_help=True, help="The DNS records a node needs, and a check of"
                                                  " what is published.")
@@ -97,3 +97,56 @@ def dns_check(config: Path = _CONFIG,
                        + (f"\n         publish: {r.record.value}" if r.status != "ok" else ""))
         typer.echo(f"{len(results) - len(bad)} of {len(results)} records ok")
     raise typer.Exit(1 if bad else 0)
+
+
+def backup(dest: Path = typer.Argument(..., help="new folder for the copy"),
+           config: Path = _CONFIG, as_json: bool = _JSON) -> None:
+    """Copy what must survive (spool, audit store, suppression list, reputation store, keys,
+    feedback key, accounting files and position, config) while the node runs."""
+    from .backup import BackupError
+    from .backup import backup as run
+
+    _config(config)  # a broken config is reported as such
+    try:
+        manifest = run(config, dest)
+    except (BackupError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    kinds: dict[str, int] = {}
+    for item in manifest["items"]:
+        kinds[item["kind"]] = kinds.get(item["kind"], 0) + 1
+    size = sum(i["size"] for i in manifest["items"])
+    typer.echo(f"backup of node {manifest['node']} in {dest}: {len(manifest['items'])} files,"
+               f" {size / 1e6:.1f} MB ({kinds.get('sqlite', 0)} SQLite databases copied"
+               f" online); manifest {dest / 'manifest.json'}")
+    if "postgresql" in manifest:
+        schema = manifest["postgresql"]["schema"]
+        typer.echo("The spool, audit store and reputation store are in PostgreSQL: back them"
+                   " up there, e.g.\n  pg_dump --format=custom --schema=" + schema
+                   + f" --file={dest}/postgresql.dump \"$DSN\"   (docs/operations.md)")
+
+
+def restore(source: Path = typer.Argument(..., help="a folder written by postlane backup"),
+            directory: Path = typer.Argument(..., help="new folder for the config (and for"
+                                                       " every file it names by a relative"
+                                                       " path)"),
+            as_json: bool = _JSON) -> None:
+    """Put a backup back: the config into DIRECTORY, each file where the config names it.
+    Refuses to overwrite anything; checks every file against the manifest first."""
+    from .backup import BackupError
+    from .backup import restore as run
+
+    try:
+        config, written = run(source, directory)
+    except (BackupError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"config": str(config), "files": [str(p) for p in written]}))
+        return
+    typer.echo(f"restored {len(written)} files; next:\n"
+               f"  postlane audit verify -c {config}\n"
+               f"  postlane serve -c {config}        # delivers what was queued")

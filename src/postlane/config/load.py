@@ -355,8 +355,10 @@ def _with_defaults(cfg: Config) -> Config:
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a config file; relative paths inside it are taken relative to the file's folder."""
+def load_config(path: str | Path, *, check_files: bool = True) -> Config:
+    """Read a config file; relative paths inside it are taken relative to the file's folder.
+    ``check_files=False`` resolves the paths without opening the keys and certificates they
+    name (``postlane restore`` learns from it where to put them)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -379,14 +381,15 @@ def load_config(path: str | Path) -> Config:
             setattr(fb, name, str(base / value))
     from ..policy.dkim import DKIMError, read_key  # here: policy imports config
 
-    errors += [e for e in _security_checks(cfg, base) if e not in errors]
+    file_errors = [e for e in _security_checks(cfg, base) if e not in errors]
     for i, key in enumerate(cfg.dkim.keys):
         if not Path(key.key_file).is_absolute():
             key.key_file = str(base / key.key_file)
         try:
             read_key(key.key_file, key.algorithm)
         except DKIMError as exc:
-            errors.append(f"dkim.keys[{i}].key_file: {exc}")
+            file_errors.append(f"dkim.keys[{i}].key_file: {exc}")
+    errors += file_errors if check_files else []
     if errors:
         raise ConfigError(str(path), errors)
     rep = cfg.reputation

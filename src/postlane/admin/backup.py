@@ -1,0 +1,278 @@
+"""``postlane backup`` and ``postlane restore``: a consistent copy of a running node.
+
+What must survive a lost machine is more than the queue: the audit store is the regulator's
+evidence, the suppression list is what keeps a complaint from being mailed again, the feedback
+key signs the VERP addresses that bounces come back to, and the DKIM keys are published in DNS.
+A backup holds:
+
+- the node's state folder (``node.spool`` for SQLite, else ``state/`` beside the accounting
+  folder): every SQLite database in it (spool, audit store, suppression list, reputation
+  store, and whatever a later release keeps there) through SQLite's online backup API, which
+  copies one consistent snapshot while the node goes on writing; every other file (feedback
+  key, generated certificates …) as it is;
+- the accounting files, each cut to the size its position file names, with that position
+  file: the copy holds exactly the events the position says it does;
+- every file the config names: DKIM keys, TLS certificates and keys, the API token, users,
+  the pseudonymisation and seal keys, the Postmaster Tools key, bounce rules; and the config.
+
+Order matters: the spool is copied first and the audit store after it. The audit store keeps,
+per spool writer, the last event it holds; a restored node's recorder writes on from there, so
+every event the spool copy holds reaches the restored audit store exactly once, and mail
+delivered after the spool copy was taken is at worst delivered again (never lost).
+
+On a PostgreSQL spool the shared database is the cluster's to back up (``pg_dump``); the
+command copies the node's own files and says what to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from ..config import Config, load_config
+from ..secretfile import private_dir
+from ..spool import is_dsn, local_dir
+
+__all__ = ["BackupError", "backup", "restore"]
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+POSITION_SUFFIX = ".position.json"
+
+
+class BackupError(Exception):
+    """A backup or restore that cannot be done (the message says why; nothing was changed in
+    a restore's target)."""
+
+
+@dataclass(frozen=True)
+class Named:
+    role: str
+    """The config field that names the file (the key restore uses to find its new place)."""
+    path: Path
+
+
+def named_files(cfg: Config) -> list[Named]:
+    """The files the config names that are not in the state folder, one per path."""
+    fields: list[tuple[str, str | None]] = [
+        ("api.token_file", cfg.api.token_file),
+        ("security.users_file", cfg.security.users_file),
+        ("feedback.key_file", cfg.feedback.key_file),
+        ("feedback.suppression_db", cfg.feedback.suppression_db),
+        ("feedback.bounce_rules", cfg.feedback.bounce_rules),
+        ("audit.path", cfg.audit.path),
+        ("audit.pseudonymisation_key", cfg.audit.pseudonymisation_key),
+        ("audit.seal_key", getattr(cfg.audit, "seal_key", None)),
+        ("reputation.store", cfg.reputation.store),
+        ("reputation.postmaster.key_file", cfg.reputation.postmaster.key_file)]
+    tls = getattr(cfg, "tls", None)
+    fields += [("tls.cert_file", getattr(tls, "cert_file", None)),
+               ("tls.key_file", getattr(tls, "key_file", None))]
+    for name, lc in cfg.listeners.items():
+        fields += [(f"listeners.{name}.tls_cert", lc.tls_cert),
+                   (f"listeners.{name}.tls_key", lc.tls_key)]
+    fields += [(f"dkim.keys[{i}].key_file", k.key_file) for i, k in enumerate(cfg.dkim.keys)]
+    state = local_dir(cfg).resolve()
+    out: dict[Path, Named] = {}
+    for role, value in fields:
+        if not value or is_dsn(str(value)):
+            continue
+        path = Path(value).resolve()
+        if not path.is_relative_to(state):
+            out.setdefault(path, Named(role, path))
+    return list(out.values())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(16) == _SQLITE_MAGIC
+
+
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """One consistent snapshot through the online backup API (readers and the node's writer
+    go on meanwhile), checked, as a self-contained file (no -wal beside it)."""
+    os.close(_new_file(target))  # 0600 before SQLite creates it with the umask's mode
+    src = sqlite3.connect(source, timeout=30)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")
+        result = dst.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        src.close()
+        dst.close()
+    if result != "ok":
+        raise BackupError(f"{source}: the copy fails SQLite's check: {result}")
+
+
+def _new_file(path: Path, mode: int = 0o600) -> int:
+    private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.fchmod(fd, mode)
+    return fd
+
+
+def _copy_file(source: Path, target: Path, limit: int | None = None, mode: int = 0o600) -> None:
+    fd = _new_file(target, mode)
+    with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+        if limit is None:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        else:
+            dst.write(src.read(limit))
+        dst.flush()
+        os.fsync(dst.fileno())
+
+
+def _state_files(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.endswith(_SIDE_FILES):
+            yield path
+
+
+def _accounting(folder: Path) -> tuple[dict[str, int], list[Path], list[Path]]:
+    """(the size each position file names per file, the position files, the other files),
+    read in that order: a file rotated meanwhile is complete, a file created meanwhile is after
+    the position and left out."""
+    positions = sorted(folder.glob(f"*{POSITION_SUFFIX}"))
+    limits: dict[str, int] = {}
+    for pos in positions:
+        for name, size in json.loads(pos.read_bytes()).get("files", {}).values():
+            limits[Path(name).name] = size
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p not in positions
+             and not p.name.endswith(".tmp")]
+    return limits, positions, files
+
+
+def backup(config_path: Path, dest: Path) -> dict:
+    """Copy everything of the node at ``config_path`` into ``dest`` (absent or empty); returns
+    the manifest."""
+    cfg = load_config(config_path)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BackupError(f"{dest} exists and is not empty")
+    private_dir(dest)
+    items: list[dict] = []
+
+    def add(kind: str, role: str, source: Path, rel: str, limit: int | None = None,
+            mode: int = 0o600) -> None:
+        target = dest / rel
+        try:
+            if kind == "sqlite":
+                _copy_sqlite(source, target)
+            else:
+                _copy_file(source, target, limit, mode)
+        except FileNotFoundError:
+            return  # gone meanwhile (a temporary file, a rotated-away accounting file)
+        items.append({"kind": kind, "role": role, "file": rel, "source": str(source),
+                      "size": target.stat().st_size, "sha256": _sha256(target)})
+
+    state = local_dir(cfg)
+    if state.is_dir():
+        files = list(_state_files(state))
+        # the spool first, the audit store after it (see the module's docstring)
+        files.sort(key=lambda p: (p.name != "spool.sqlite", p.name != "audit.sqlite", str(p)))
+        for path in files:
+            rel = path.relative_to(state).as_posix()
+            add("sqlite" if _is_sqlite(path) else "file", f"state:{rel}", path, f"state/{rel}")
+    acct = Path(cfg.accounting.directory)
+    if acct.is_dir():
+        limits, positions, files = _accounting(acct)
+        for path in positions:
+            add("position", f"accounting:{path.name}", path, f"accounting/{path.name}",
+                mode=0o640)
+        for path in files:
+            add("file", f"accounting:{path.name}", path, f"accounting/{path.name}",
+                limits.get(path.name), 0o640)
+    for named in named_files(cfg):
+        if named.path.is_file():
+            kind = "sqlite" if _is_sqlite(named.path) else "file"
+            add(kind, named.role, named.path, f"files/{named.role}/{named.path.name}")
+    add("file", "config", config_path.resolve(), f"config/{config_path.name}")
+    manifest = {"format": FORMAT, "postlane": version("postlane"), "created": time.time(),
+                "host": socket.gethostname(), "node": cfg.node.name,
+                "config": config_path.name, "items": items}
+    if is_dsn(cfg.node.spool):
+        manifest["postgresql"] = {"schema": cfg.cluster.schema_name}
+    fd = _new_file(dest / MANIFEST)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return manifest
+
+
+def restore(source: Path, directory: Path) -> tuple[Path, list[Path]]:
+    """Restore the backup in ``source`` with its config in ``directory`` (absent or empty);
+    returns the config's path and the files written. Nothing is overwritten: a target that
+    exists stops the restore before anything is written."""
+    try:
+        manifest = json.loads((source / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"{source}: not a Postlane backup ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise BackupError(f"{source}: backup format {manifest.get('format')} is not {FORMAT}")
+    for item in manifest["items"]:
+        if _sha256(source / item["file"]) != item["sha256"]:
+            raise BackupError(f"{source / item['file']}: damaged (its SHA-256 differs from the"
+                              f" manifest's)")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise BackupError(f"{directory} exists and is not empty")
+    config_item = next(i for i in manifest["items"] if i["role"] == "config")
+    config_path = directory / manifest["config"]
+    private_dir(directory)
+    _copy_file(source / config_item["file"], config_path, mode=0o640)
+    cfg = load_config(config_path, check_files=False)
+    state, acct = local_dir(cfg), Path(cfg.accounting.directory)
+    named = {n.role: n.path for n in named_files(cfg)}
+    plan: list[tuple[dict, Path]] = []
+    for item in manifest["items"]:
+        role = item["role"]
+        if role == "config":
+            continue
+        if role.startswith("state:"):
+            target = state / role.removeprefix("state:")
+        elif role.startswith("accounting:"):
+            target = acct / role.removeprefix("accounting:")
+        elif role in named:
+            target = named[role]
+        else:
+            raise BackupError(f"the restored config does not name {role} any more")
+        plan.append((item, target))
+    taken = [str(t) for _, t in plan if t.exists()]
+    if taken:
+        config_path.unlink()
+        raise BackupError("these files exist already (restore never overwrites): "
+                          + ", ".join(taken))
+    written = [config_path]
+    acct.mkdir(mode=0o750, parents=True, exist_ok=True)  # log shippers in the group read it
+    for item, target in plan:
+        if item["kind"] == "position":  # it names the accounting files where they now are
+            data = json.loads((source / item["file"]).read_bytes())
+            data["files"] = {fmt: [str(acct / Path(name).name), size]
+                             for fmt, (name, size) in data.get("files", {}).items()}
+            fd = _new_file(target, 0o640)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+        else:
+            mode = 0o640 if item["role"].startswith("accounting:") else 0o600
+            _copy_file(source / item["file"], target, mode=mode)
+        written.append(target)
+    return config_path, written

@@ -1,0 +1,126 @@
+"""Backup while mail flows, restore into a new folder, verify the evidence, deliver the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+
+from typer.testing import CliRunner
+
+from postlane.cli import app
+from postlane.config import load_config
+from postlane.node import Node
+from tests.conftest import send
+
+runner = CliRunner()
+
+
+def _init(tmp_path, sink_port: int) -> None:
+    result = runner.invoke(app, [
+        "init", str(tmp_path / "node"), "--hostname", "mta.example", "--domain",
+        "insurer.example", "--listen", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--api",
+        "127.0.0.1:0", "--smarthost", f"127.0.0.1:{sink_port}"])
+    assert result.exit_code == 0, result.output
+
+
+def _notice(n: int) -> bytes:
+    return (f"From: notices@insurer.example\r\nTo: c{n}@example.com\r\nSubject: notice {n}\r\n"
+            f"X-Postlane-Class: policy-documents\r\nX-Correlation-ID: policy-{n}\r\n\r\n"
+            f"Dear customer {n}\r\n").encode()
+
+
+def _newsletter(n: int) -> bytes:
+    return (f"From: news@news.insurer.example\r\nTo: m{n}@example.com\r\nSubject: news {n}\r\n"
+            f"\r\nOur news {n}\r\n").encode()
+
+
+async def test_backup_while_mail_flows_then_restore_verify_and_deliver(tmp_path, sink):
+    _init(tmp_path, sink.port)
+    node = Node(load_config(tmp_path / "node" / "postlane.toml"))
+    await node.start()
+    port = node.listeners[0].port
+    await node.pause("admin-pool")  # the newsletters wait in the queue
+    for n in range(5):
+        await send(port, "news@news.insurer.example", [f"m{n}@example.com"], _newsletter(n))
+    node.feedback.suppression.add("gone@example.com", "all", "test", "operator")
+    flowing = True
+
+    async def traffic() -> int:
+        n = 0
+        while flowing:
+            await send(port, "notices@insurer.example", [f"c{n}@example.com"], _notice(n))
+            n += 1
+        return n
+
+    sender = asyncio.create_task(traffic())
+    await sink.wait_for(3, timeout=20)
+    result = await asyncio.to_thread(runner.invoke, app, [
+        "backup", str(tmp_path / "copy"), "-c", str(tmp_path / "node" / "postlane.toml")])
+    flowing = False
+    notices = await sender
+    await sink.wait_for(notices, timeout=30)
+    await node.stop()
+    assert result.exit_code == 0, result.output
+    assert "SQLite databases copied online" in result.output
+
+    manifest = json.loads((tmp_path / "copy" / "manifest.json").read_text())
+    roles = {i["role"]: i for i in manifest["items"]}
+    for role in ("state:spool.sqlite", "state:audit.sqlite", "state:suppression.sqlite3",
+                 "state:feedback.key", "api.token_file", "dkim.keys[0].key_file",
+                 "dkim.keys[1].key_file", "listeners.submission.tls_key", "config"):
+        assert role in roles, role
+    assert roles["state:spool.sqlite"]["kind"] == "sqlite"
+    assert any(r.startswith("accounting:") and r.endswith(".position.json") for r in roles)
+    assert stat.S_IMODE((tmp_path / "copy").stat().st_mode) == 0o700
+    before = {p.name: p.stat().st_size for p in (tmp_path / "node" / "var" / "accounting")
+              .iterdir()}
+
+    result = runner.invoke(app, ["restore", str(tmp_path / "copy"), str(tmp_path / "new")])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "new" / "postlane.toml"
+    assert stat.S_IMODE((tmp_path / "new" / "keys" / roles["dkim.keys[0].key_file"]["source"]
+                         .rpartition("/")[2]).stat().st_mode) == 0o600
+    verify = runner.invoke(app, ["audit", "verify", "-c", str(config)])
+    assert verify.exit_code == 0, verify.output
+
+    sink.arrivals.clear()
+    restored = Node(load_config(config))
+    await restored.start()
+    try:
+        assert restored.feedback.suppression.check(["gone@example.com"])
+        assert ("admin-pool", "*") in restored.scheduler.paused  # the pause survived too
+        await restored.resume("admin-pool")
+        await sink.wait_for(5, timeout=30)
+    finally:
+        await restored.stop()
+    assert {r for a in sink.arrivals for r in a.rcpts} >= {f"m{n}@example.com" for n in range(5)}
+    verify = runner.invoke(app, ["audit", "verify", "-c", str(config), "--json"])
+    assert verify.exit_code == 0, verify.output
+    # the restored node wrote its own accounting files; the original's were not touched
+    after = {p.name: p.stat().st_size for p in (tmp_path / "node" / "var" / "accounting")
+             .iterdir()}
+    assert after == before
+    position = next((tmp_path / "new" / "var" / "accounting").glob("*.position.json"))
+    for name, _size in json.loads(position.read_text())["files"].values():
+        assert name.startswith(str(tmp_path / "new"))
+    shows = runner.invoke(app, ["audit", "show", "-c", str(config), "--recipient",
+                                "m0@example.com", "--format", "json"])
+    assert shows.exit_code == 0 and "delivered" in shows.output
+
+
+def test_restore_refuses_a_damaged_backup_and_a_folder_in_use(tmp_path):
+    _init(tmp_path, 2600)
+    result = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c",
+                                 str(tmp_path / "node" / "postlane.toml")])
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c",
+                                str(tmp_path / "node" / "postlane.toml")])
+    assert again.exit_code == 1 and "not empty" in again.output
+    used = runner.invoke(app, ["restore", str(tmp_path / "copy"), str(tmp_path / "node")])
+    assert used.exit_code == 1 and "not empty" in used.output
+    key = next((tmp_path / "copy" / "files").rglob("*.pem"))
+    key.write_bytes(key.read_bytes()[:-2] + b"x\n")
+    damaged = runner.invoke(app, ["restore", str(tmp_path / "copy"), str(tmp_path / "n2")])
+    assert damaged.exit_code == 1 and "damaged" in damaged.output
+    assert not (tmp_path / "n2").exists()
