@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from .accounting.audit.cli import app as audit_app
-from .admin.cli import backup, dns_app, init, restore
+from .admin.cli import backup, dns_app, init, restore, upgrade
 from .api.cli import app as ops_app
 from .api.queue_cli import app as queue_app
 from .cluster import cluster_app
@@ -40,6 +40,7 @@ app.add_typer(rules_app, name="rules")
 app.command("init")(init)
 app.command("backup")(backup)
 app.command("restore")(restore)
+app.command("upgrade")(upgrade)
 app.add_typer(dns_app, name="dns")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-__all__ = ["backup", "dns_app", "init", "restore"]
+__all__ = ["backup", "dns_app", "init", "restore", "upgrade"]
 
 dns_app = typer.Typer(no_args_is_help=True, help="The DNS records a node needs, and a check of"
                                                  " what is published.")
@@ -150,3 +150,36 @@ def restore(source: Path = typer.Argument(..., help="a folder written by postlan
     typer.echo(f"restored {len(written)} files; next:\n"
                f"  postlane audit verify -c {config}\n"
                f"  postlane serve -c {config}        # delivers what was queued")
+
+
+def upgrade(config: Path = _CONFIG,
+            check: bool = typer.Option(False, "--check", help="only say what would change"),
+            as_json: bool = _JSON) -> None:
+    """Compare each store's schema with this release. --check: exit 0 when nothing is to do, 1
+    when migrations are pending (the node applies them at start), 2 when a store is newer than
+    this release. Without --check, migrate the SQLite stores now (with the node stopped)."""
+    from .upgrade import apply, states
+
+    cfg = _config(config)
+    try:
+        found = states(cfg)
+        done = [] if check or any(s.status == "newer" for s in found) else apply(cfg)
+    except Exception as exc:  # an unreadable store: say which, exit 2
+        typer.echo(f"error: {exc.__class__.__name__}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if done:
+        found = states(cfg)
+    if as_json:
+        typer.echo(json.dumps([{"store": s.store, "location": s.location, "current": s.current,
+                                "latest": s.latest, "status": s.status} for s in found]))
+    else:
+        for s in found:
+            typer.echo(f"{s.store:<17} {s.status:<8} version {s.current or '-'} of {s.latest}"
+                       f"   {s.location}")
+        for s in done:
+            typer.echo(f"migrated {s.store}")
+    if any(s.status == "newer" for s in found):
+        typer.echo("a store is newer than this Postlane: install the release that wrote it, or"
+                   " restore the backup taken before the upgrade", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(1 if any(s.status == "pending" for s in found) else 0)

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from .. import schema
 from ..secretfile import private_file
 
-__all__ = ["SCOPES", "Entry", "SuppressionError", "SuppressionList", "normalize"]
+__all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionError", "SuppressionList", "baseline",
+           "normalize"]
 
 SCOPES = ("all", "best-effort", "marketing")
 """In order of precedence: ``check`` reports the first scope that stops an address."""
@@ -76,6 +78,29 @@ def _scope(scope: str) -> str:
     return scope
 
 
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE suppression (
+    address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+    PRIMARY KEY (address, scope)) WITHOUT ROWID
+"""),
+    (2, """
+ALTER TABLE suppression ADD COLUMN expires REAL NOT NULL DEFAULT 0;
+CREATE TABLE bounces (address TEXT NOT NULL, time REAL NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX bounces_address ON bounces (address, time)
+"""),
+]
+"""Versioned schema (table ``suppression_migrations``, see ``postlane.schema``): 2 adds entries
+that expire and the bounce history behind repeated-evidence suppression."""
+
+
+def baseline(conn: sqlite3.Connection) -> int:
+    """The version of a list written before versions were recorded (0: none yet)."""
+    have = schema.columns(conn, "suppression")
+    return 0 if not have else 2 if "expires" in have else 1
+
+
 class SuppressionList:
     """Thread-safe (one connection, one lock): the node uses it from the event loop, the CLI
     and API from their own threads."""
@@ -96,18 +121,7 @@ class SuppressionList:
                     raise
                 time.sleep(0.05)
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("""CREATE TABLE IF NOT EXISTS suppression (
-            address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
-            source TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
-            expires REAL NOT NULL DEFAULT 0,
-            PRIMARY KEY (address, scope)) WITHOUT ROWID""")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(suppression)")}
-        if "expires" not in columns:  # a list written before entries could expire
-            self._db.execute("ALTER TABLE suppression ADD COLUMN expires REAL NOT NULL"
-                             " DEFAULT 0")
-        self._db.execute("""CREATE TABLE IF NOT EXISTS bounces (
-            address TEXT NOT NULL, time REAL NOT NULL, detail TEXT NOT NULL)""")
-        self._db.execute("CREATE INDEX IF NOT EXISTS bounces_address ON bounces (address, time)")
+        schema.migrate(self._db, self.path, "suppression_migrations", MIGRATIONS, baseline)
 
     def close(self) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ... import schema
 from ...secretfile import private_file
 from ..records import Record
 from .chain import (
@@ -47,35 +48,72 @@ from .chain import (
     verify_tuple,
 )
 
-__all__ = ["AuditStore", "Entry", "Query", "Retention", "RetentionMixin", "SQLiteAuditStore",
-           "StoreMissing", "VerifyResult", "check_days", "day_of", "fresh", "link", "prepare",
-           "row_record",
-           "walk"]
+__all__ = ["MIGRATIONS", "AuditStore", "Entry", "Query", "Retention", "RetentionMixin",
+           "SQLiteAuditStore", "StoreMissing", "StoreOutdated", "VerifyResult", "baseline",
+           "check_days", "day_of", "fresh", "link", "prepare", "row_record", "walk"]
 
 COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS
-_SQL_TYPES = {"seq": "INTEGER PRIMARY KEY", "day": "TEXT NOT NULL", "prev": "BLOB NOT NULL",
-              "hash": "BLOB NOT NULL", "state": "INTEGER NOT NULL", "nonce": "BLOB",
-              "pdigest": "BLOB", "cdigest": "BLOB", "sla": "REAL", "time_logged": "REAL",
-              "time_queued": "REAL", "total_seconds_queued": "REAL", "dlv_size": "INTEGER",
-              "attempt": "INTEGER", "scheme": "INTEGER", "ev_n": "INTEGER"}
-#: Columns scheme 2 added: a store written by an older Postlane gets them on open (NULL in old
-#: rows, whose scheme is then 1).
-_ADDED_IN_2 = ("scheme", "dlv_tls_auth", "dlv_tls_policy", "operator", "ev_writer", "ev_n")
-#: The lookup keys: queue id, Message-ID, correlation id, ENVID and recipient on every record
-#: (a message is found from whichever of its records the store holds), class/pool with queue
-#: time on the "r" records (the SLA report's scan), log time, and each record's spool event
-#: (unique: an event is chained once, whatever replays a crash causes).
-_INDEXES = {
-    "ar_queue": "(queue_id)", "ar_time": "(time_logged)",
-    "ax_msgid": "(message_id)", "ax_corr": "(correlation_id)",
-    "ax_envid": "(env_id) WHERE env_id <> ''", "ax_rcpt": "(rcpt COLLATE NOCASE)",
-    "ar_cls": "(cls, time_queued) WHERE type = 'r'",
-    "ar_pool": "(vmta_pool, time_queued) WHERE type = 'r'",
-}
-_UNIQUE_EVENT = ("CREATE UNIQUE INDEX IF NOT EXISTS ax_event ON audit_records (ev_writer, ev_n)"
-                 " WHERE ev_writer IS NOT NULL")
-#: Indexes of scheme 1 that covered "r" rows only; replaced by the ax_ ones.
-_OLD_INDEXES = ("ar_msgid", "ar_corr", "ar_envid", "ar_rcpt")
+#: Versioned schema (table ``audit_migrations``; ``schema.migrate``): append ``(n + 1, sql)``,
+#: never edit a released entry. 1 is the store of hash scheme 1; 2 adds the columns of scheme 2
+#: (old rows keep NULL there and verify as scheme 1), the lookup keys on every record (they
+#: covered "r" rows only) and each record's spool event (unique: an event is chained once,
+#: whatever replays a crash causes). The columns are those of ``COLUMNS`` (a test checks).
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE audit_records (seq INTEGER PRIMARY KEY, day TEXT NOT NULL, prev BLOB NOT NULL,
+    hash BLOB NOT NULL, state INTEGER NOT NULL, nonce BLOB, pdigest BLOB, cdigest BLOB,
+    type TEXT, time_logged REAL, time_queued REAL, orig TEXT, rcpt TEXT, queue_id TEXT,
+    cls TEXT, vmta_pool TEXT, orcpt TEXT, dsn_action TEXT, dsn_status TEXT, dsn_diag TEXT,
+    dsn_mta TEXT, bounce_cat TEXT, src_type TEXT, src_mta TEXT, dlv_source_ip TEXT,
+    dlv_destination_ip TEXT, dlv_tls_protocol TEXT, dlv_tls_cipher TEXT, dlv_size INTEGER,
+    vmta TEXT, job_id TEXT, env_id TEXT, correlation_id TEXT, message_id TEXT, attempt INTEGER,
+    total_seconds_queued REAL, listener TEXT, auth_user TEXT, sla REAL);
+CREATE TABLE audit_days (day TEXT PRIMARY KEY, first_seq INTEGER, last_seq INTEGER,
+    records INTEGER, anchor BLOB, head BLOB);
+CREATE TABLE audit_cursors (name TEXT PRIMARY KEY, seq INTEGER, updated REAL);
+CREATE TABLE audit_operations (id INTEGER PRIMARY KEY, time REAL, action TEXT, pool TEXT,
+    domain TEXT);
+CREATE TABLE audit_purges (id INTEGER PRIMARY KEY, time REAL, cls TEXT, action TEXT,
+    cutoff REAL, rows INTEGER);
+CREATE TABLE audit_writers (writer TEXT PRIMARY KEY, batch INTEGER, last_seq INTEGER,
+    time REAL);
+CREATE INDEX ar_queue ON audit_records (queue_id);
+CREATE INDEX ar_time ON audit_records (time_logged);
+CREATE INDEX ar_msgid ON audit_records (message_id) WHERE type = 'r';
+CREATE INDEX ar_corr ON audit_records (correlation_id) WHERE type = 'r';
+CREATE INDEX ar_envid ON audit_records (env_id) WHERE type = 'r' AND env_id <> '';
+CREATE INDEX ar_rcpt ON audit_records (rcpt COLLATE NOCASE) WHERE type = 'r';
+CREATE INDEX ar_cls ON audit_records (cls, time_queued) WHERE type = 'r';
+CREATE INDEX ar_pool ON audit_records (vmta_pool, time_queued) WHERE type = 'r';
+"""),
+    (2, """
+ALTER TABLE audit_records ADD COLUMN scheme INTEGER;
+ALTER TABLE audit_records ADD COLUMN dlv_tls_auth TEXT;
+ALTER TABLE audit_records ADD COLUMN dlv_tls_policy TEXT;
+ALTER TABLE audit_records ADD COLUMN operator TEXT;
+ALTER TABLE audit_records ADD COLUMN ev_writer TEXT;
+ALTER TABLE audit_records ADD COLUMN ev_n INTEGER;
+DROP INDEX ar_msgid;
+DROP INDEX ar_corr;
+DROP INDEX ar_envid;
+DROP INDEX ar_rcpt;
+CREATE INDEX ax_msgid ON audit_records (message_id);
+CREATE INDEX ax_corr ON audit_records (correlation_id);
+CREATE INDEX ax_envid ON audit_records (env_id) WHERE env_id <> '';
+CREATE INDEX ax_rcpt ON audit_records (rcpt COLLATE NOCASE);
+CREATE UNIQUE INDEX ax_event ON audit_records (ev_writer, ev_n) WHERE ev_writer IS NOT NULL;
+CREATE TABLE audit_feed (writer TEXT PRIMARY KEY, n INTEGER, time REAL);
+DROP TABLE audit_writers;
+"""),
+]
+
+
+def baseline(conn: sqlite3.Connection) -> int:
+    """The version of a store written before versions were recorded (0: none yet)."""
+    have = schema.columns(conn, "audit_records")
+    return 0 if not have else 2 if "ev_n" in have else 1
+
+
 #: What a purged row keeps besides its chain columns (nothing personal; enough for statistics).
 _KEPT_AFTER_PURGE = frozenset({"type", "time_logged", "time_queued", "queue_id", "cls",
                                "vmta_pool", "ev_writer", "ev_n"})
@@ -188,6 +226,11 @@ class AuditStore(Protocol):
 
 class StoreMissing(FileNotFoundError):
     """A read-only open found no audit store (no file, or no audit tables in the schema)."""
+
+
+class StoreOutdated(StoreMissing):
+    """A read-only open found a store of an older schema (a node, or ``postlane upgrade``,
+    migrates it)."""
 
 
 # -- backend-neutral pieces ---------------------------------------------------------------------
@@ -484,6 +527,13 @@ class SQLiteAuditStore(RetentionMixin):
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                       isolation_level=None, timeout=30,
                                       check_same_thread=False)
+            found, latest = schema.version(self.db, "audit_migrations", baseline), \
+                MIGRATIONS[-1][0]
+            if found < latest:
+                self.db.close()
+                raise StoreOutdated(f"the audit store at {self.path} is at schema version"
+                                    f" {found} of {latest}: start the node on it, or run"
+                                    f" `postlane upgrade`, first")
         else:
             private_file(self.path)  # evidence holds addresses: 0600 in a 0700 folder
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
@@ -496,29 +546,7 @@ class SQLiteAuditStore(RetentionMixin):
         self.db.row_factory = sqlite3.Row
 
     def _create(self) -> None:
-        cols = ", ".join(f"{c} {_SQL_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
-        self.db.executescript(f"""
-            CREATE TABLE IF NOT EXISTS audit_records ({cols});
-            CREATE TABLE IF NOT EXISTS audit_days (day TEXT PRIMARY KEY, first_seq INTEGER,
-                last_seq INTEGER, records INTEGER, anchor BLOB, head BLOB);
-            CREATE TABLE IF NOT EXISTS audit_cursors (name TEXT PRIMARY KEY, seq INTEGER,
-                updated REAL);
-            CREATE TABLE IF NOT EXISTS audit_operations (id INTEGER PRIMARY KEY, time REAL,
-                action TEXT, pool TEXT, domain TEXT);
-            CREATE TABLE IF NOT EXISTS audit_purges (id INTEGER PRIMARY KEY, time REAL,
-                cls TEXT, action TEXT, cutoff REAL, rows INTEGER);
-            CREATE TABLE IF NOT EXISTS audit_feed (writer TEXT PRIMARY KEY, n INTEGER,
-                time REAL);
-        """)
-        have = {r[1] for r in self.db.execute("PRAGMA table_info(audit_records)")}
-        for column in _ADDED_IN_2:
-            if column not in have:  # a store of scheme 1: its rows keep verifying as such
-                self.db.execute(f"ALTER TABLE audit_records ADD COLUMN {column} "
-                                f"{_SQL_TYPES.get(column, 'TEXT')}")
-        self.db.executescript("".join(f"DROP INDEX IF EXISTS {name};" for name in _OLD_INDEXES)
-                              + "".join(f"CREATE INDEX IF NOT EXISTS {name} ON audit_records"
-                                        f" {spec};" for name, spec in _INDEXES.items())
-                              + _UNIQUE_EVENT + ";")
+        schema.migrate(self.db, self.path, "audit_migrations", MIGRATIONS, baseline)
 
     def close(self) -> None:
         self.db.close()

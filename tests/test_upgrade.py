@@ -1,0 +1,107 @@
+"""Upgrade: stores written by the previous release (commit d9db5f8) open, migrate, verify and
+deliver; ``postlane upgrade --check`` says what is pending; a newer store is refused."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from postlane import schema
+from postlane.accounting.audit.store import COLUMNS, SQLiteAuditStore
+from postlane.cli import app
+from postlane.config import load_config
+from postlane.feedback.suppression import SuppressionList
+from postlane.node import Node
+from tests.conftest import config_text
+from tests.support.old_stores import write_old_stores
+
+runner = CliRunner()
+
+
+def _old_node(tmp_path, sink_port: int):
+    write_old_stores(tmp_path / "spool")
+    now = time.time()  # the old message is young, whenever this runs
+    conn = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    conn.execute("UPDATE messages SET queued_at = ?, deadline = ?, expire_at = ?",
+                 (now - 10, now + 110, now + 86400))
+    conn.commit()
+    conn.close()
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, sink_port))
+    return path
+
+
+def _check(path) -> tuple[int, dict]:
+    result = runner.invoke(app, ["upgrade", "--check", "-c", str(path), "--json"])
+    return result.exit_code, {s["store"]: s for s in json.loads(result.stdout)}
+
+
+async def test_stores_of_the_previous_release_migrate_verify_and_deliver(tmp_path, sink):
+    path = _old_node(tmp_path, sink.port)
+    code, found = _check(path)
+    assert code == 1
+    assert {k: (v["current"], v["status"]) for k, v in found.items()} == {
+        "spool": (1, "pending"), "audit store": (1, "pending"),
+        "suppression list": (1, "pending"), "reputation store": (None, "absent")}
+    before = runner.invoke(app, ["audit", "verify", "-c", str(path)])
+
+    node = Node(load_config(path))
+    await node.start()  # migrates every store
+    try:
+        node.retry_now("critical")  # the deferred recipient of the old release, due now
+        arrival = (await sink.wait_for(1, timeout=20))[0]
+        assert arrival.rcpts == ["later@example.com"]
+        assert b"X-Correlation-ID: old-1" in arrival.data
+        assert node.feedback.suppression.check(["gone@example.com"])
+    finally:
+        await node.stop()
+
+    code, found = _check(path)
+    assert code == 0 and {v["status"] for v in found.values()} == {"ok"}
+    verify = runner.invoke(app, ["audit", "verify", "-c", str(path), "--json"])
+    assert verify.exit_code == 0, verify.output
+    # before the migration the evidence commands say what to do; after it the scheme-1
+    # records verify, chained with the new ones
+    assert before.exit_code == 2 and "postlane upgrade" in before.output
+    trail = runner.invoke(app, ["audit", "show", "-c", str(path), "--correlation-id", "old-1",
+                                "--format", "json"])
+    assert trail.exit_code == 0
+    outcomes = {r["recipient"]: r["outcome"] for r in json.loads(trail.output)}
+    assert outcomes == {"now@example.com": "delivered", "later@example.com": "delivered"}
+    entry = SuppressionList(tmp_path / "spool" / "suppression.sqlite3").check(
+        ["gone@example.com"])["gone@example.com"]
+    assert (entry.reason, entry.expires) == ("old complaint", 0.0)
+
+
+def test_upgrade_migrates_the_sqlite_stores_with_the_node_stopped(tmp_path):
+    path = _old_node(tmp_path, 2600)
+    result = runner.invoke(app, ["upgrade", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "migrated audit store" in result.output
+    conn = sqlite3.connect(tmp_path / "spool" / "audit.sqlite")
+    assert schema.columns(conn, "audit_records") == set(COLUMNS)
+    assert not schema.columns(conn, "audit_writers")
+    assert [r[0] for r in conn.execute("SELECT version FROM audit_migrations")] == [1, 2]
+
+
+def test_a_fresh_store_has_the_columns_of_this_release(tmp_path):
+    SQLiteAuditStore(tmp_path / "audit.sqlite").close()
+    conn = sqlite3.connect(tmp_path / "audit.sqlite")
+    assert schema.columns(conn, "audit_records") == set(COLUMNS)
+
+
+async def test_a_store_newer_than_this_release_is_refused(tmp_path, sink):
+    path = _old_node(tmp_path, sink.port)
+    runner.invoke(app, ["upgrade", "-c", str(path)])
+    conn = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3")
+    conn.execute("INSERT INTO suppression_migrations VALUES (99, 0)")
+    conn.commit()
+    conn.close()
+    code, found = _check(path)
+    assert code == 2 and found["suppression list"]["status"] == "newer"
+    with pytest.raises(RuntimeError, match="newer than this Postlane"):
+        SuppressionList(tmp_path / "spool" / "suppression.sqlite3")
