@@ -23,10 +23,16 @@ $(PROMTOOL):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 		--no-install-recommends prometheus
 
+# The systemd unit is checked with systemd-analyze verify (Debian's systemd package; no init runs).
+SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
+$(SYSTEMD_ANALYZE):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		--no-install-recommends systemd
+
 demo: $(STAMP)
 	$(BIN)/postlane demo
 
-test: $(STAMP) $(CHROMIUM) $(PROMTOOL)
+test: $(STAMP) $(CHROMIUM) $(PROMTOOL) $(SYSTEMD_ANALYZE)
 	@# the cluster tests need PostgreSQL on 127.0.0.1:5432: start the local one if installed
 	-@pg_isready -q -h 127.0.0.1 2>/dev/null || ( command -v pg_ctlcluster >/dev/null && \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -1) main start ) \

@@ -88,12 +88,13 @@ def config_check(path: Path = typer.Argument(..., help="TOML config file"),
 @app.command()
 def serve(config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
           log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
-    """Run a node until SIGTERM (which drains: 421 to new mail, in-flight deliveries finish)."""
+    """Run a node until SIGTERM (which drains: 421 to new mail, in-flight deliveries finish);
+    SIGHUP reloads keys, certificates, rules and class settings without dropping mail."""
     from .node import run, setup_logging
 
     cfg = _load(config)
     setup_logging(log_level.upper())
-    run(cfg)
+    run(cfg, config)
 
 
 @app.command()

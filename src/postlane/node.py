@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
+from pathlib import Path
 
 from .accounting.audit.service import AuditService
 from .accounting.recorder import Recorder
@@ -224,9 +226,13 @@ class Node:
                         for f in failures],
             original=body, arrival_date=msg.queued_at, envid=msg.envid, ret=msg.ret or "HDRS",
             queue_id=msg.id)
-        task = asyncio.get_running_loop().create_task(self.intake.submit(
+        self._spawn(self.intake.submit(
             "", [RcptIn(msg.mail_from, "NEVER")], report, listener="dsn",
             src_type="dsn", forced_class=msg.cls))
+
+    def _spawn(self, work: Coroutine) -> None:
+        """Run ``work`` beside the node; a drain waits for it."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -310,8 +316,25 @@ class Node:
         return out
 
 
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
+
+
+def _stderr_is_journal() -> bool:
+    """Whether systemd connected stderr to the journal ($JOURNAL_STREAM names its device and
+    inode): then each line starts with its syslog priority, which journald takes as the
+    entry's PRIORITY (``journalctl -p warning`` works) and strips from the message."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError):
+        return False
+
+
 def setup_logging(level: str = "INFO") -> None:
     """One JSON object per log line, so that log shippers need no parsing rules."""
+    prefix = _stderr_is_journal()
 
     class JSONFormatter(logging.Formatter):
         _skip = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -322,15 +345,19 @@ def setup_logging(level: str = "INFO") -> None:
             out.update({k: v for k, v in vars(record).items() if k not in self._skip})
             if record.exc_info:
                 out["exc"] = self.formatException(record.exc_info)
-            return json.dumps(out, default=str)
+            line = json.dumps(out, default=str)
+            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}" if prefix else line
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def run(config: Config) -> None:
-    """Run a node until SIGTERM/SIGINT, then drain."""
+def run(config: Config, path: Path | None = None) -> None:
+    """Run a node until SIGTERM/SIGINT, then drain; SIGHUP reloads the config at ``path``
+    (docs/operations.md); systemd is told when it is ready, reloading and stopping."""
+    from .admin.service import Notifier, reload
+
     try:
         import uvloop
         runner = uvloop.run
@@ -339,6 +366,8 @@ def run(config: Config) -> None:
 
     async def main() -> None:
         node = Node(config)
+        notifier, reloading = Notifier(), asyncio.Lock()
+        watchdog = asyncio.get_running_loop().create_task(notifier.watchdog())  # from the start
         try:
             await node.start()
         except (OSError, NodeConflict) as exc:  # say why, not a traceback
@@ -348,11 +377,21 @@ def run(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, node.stop_requested.set)
+
+        async def reload_once() -> None:
+            async with reloading:  # one after the other: the last SIGHUP's file wins
+                await reload(node, path, notifier)
+
+        if path is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))
         ports = {ln.name: ln.port for ln in node.listeners}
         log.info("listening", extra={"listeners": ports})
+        notifier.ready("listening on " + ", ".join(f"{n} :{p}" for n, p in ports.items()))
         await node.stop_requested.wait()
+        notifier.stopping()
         log.info("draining")
         await node.stop()
+        watchdog.cancel()
         log.info("stopped")
 
     with contextlib.suppress(KeyboardInterrupt):

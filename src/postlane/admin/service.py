@@ -1,0 +1,172 @@
+"""Running under a service manager: systemd readiness and watchdog, and reload on SIGHUP.
+
+**sd_notify** is a datagram to the socket systemd names in ``$NOTIFY_SOCKET`` (``@`` for the
+abstract namespace): a dozen lines, so no library. The node says ``READY=1`` once it listens,
+``RELOADING=1``/``READY=1`` around a reload, ``STOPPING=1`` when it drains, and, while the unit
+sets ``WatchdogSec``, ``WATCHDOG=1`` every half of it from the event loop: a loop that stalls
+(or a process that hangs) is restarted by systemd; queued mail is on disk and is resumed.
+
+**Reload** (``systemctl reload``, i.e. SIGHUP) reads the config again and applies, without
+closing a listener or a connection: DKIM keys (added, rotated, removed), TLS certificates and
+keys (re-read even when their paths did not change: a renewed certificate), destination rules,
+classification rules, bounce rules, routes, and each class's SLA, retry schedule, expiry and
+priority. Everything is built first and swapped only if all of it loads: a broken file leaves
+the node running as it was, with the errors logged. What a running node cannot change in place
+(listeners' addresses, pools and their IPs, the spool, the API, cluster settings, classes added
+or removed …) is named in the log as waiting for a restart, as Postfix does for
+``inet_interfaces``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..node import Node
+
+__all__ = ["Notifier", "reload"]
+
+log = logging.getLogger("postlane.service")
+
+
+class Notifier:
+    """Tells systemd about the node's state; does nothing when not started by systemd."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        address = env.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        usec = env.get("WATCHDOG_USEC", "")
+        mine = env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+        self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and mine else None
+        """Seconds between watchdog pings (half of WatchdogSec), or None."""
+
+    def send(self, *fields: str) -> None:
+        if not self.address:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            try:
+                sock.sendto("\n".join(fields).encode(), self.address)
+            except OSError as exc:  # systemd gone: nothing to tell, nothing to stop for
+                log.debug("sd_notify failed: %s", exc)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}")
+
+    def reloading(self) -> None:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.send("RELOADING=1", f"MONOTONIC_USEC={now}")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1", "STATUS=draining: 421 to new mail, deliveries finishing")
+
+    async def watchdog(self) -> None:
+        """Ping while the event loop runs (a task of the node's loop)."""
+        if self.watchdog_interval is None:
+            return
+        while True:
+            self.send("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_interval)
+
+
+_RESTART_SECTIONS = {"node", "listeners", "pools", "api", "cluster", "accounting", "audit",
+                     "scheduler", "dns", "relay", "security", "monitor", "reputation"}
+_RELOADED = {"listeners": {"__all__": {"tls_cert", "tls_key"}},
+             "feedback": {"bounce_rules"}, "dkim": {"keys"}}
+"""Fields of those sections (and of feedback and dkim) that a reload does take over."""
+
+
+def _needs_restart(old: Config, new: Config) -> list[str]:
+    """The settings that differ and that a running node cannot take over."""
+    sections = _RESTART_SECTIONS | {"feedback", "dkim"}
+    before = old.model_dump(include=sections, exclude=_RELOADED)
+    after = new.model_dump(include=sections, exclude=_RELOADED)
+    out = [s for s in sorted(sections) if before[s] != after[s]]
+    if set(new.classes) != set(old.classes):
+        out.append("classes (added or removed)")
+    out += [f"classes.{n}.pool" for n, c in new.classes.items()
+            if n in old.classes and c.pool != old.classes[n].pool]
+    if bool(new.dkim.keys) != bool(old.dkim.keys):
+        out.append("dkim.keys (signing turned on or off)")
+    return out
+
+
+def _certificates(node: Node, new: Config) -> list[tuple[ssl.SSLContext, str, str]]:
+    """Each listener's TLS context with its new certificate and key files, each pair checked
+    by loading it into a fresh context first."""
+    from ..edge.guard import server_tls_context
+
+    out = []
+    for listener in node.listeners:
+        ctx = listener.handler.guard.tls
+        lc = new.listeners.get(listener.name)
+        if ctx is None or lc is None or not (lc.tls_cert and lc.tls_key):
+            continue
+        server_tls_context(lc.tls_cert, lc.tls_key)  # raises on a broken or mismatched pair
+        out.append((ctx, lc.tls_cert, lc.tls_key))
+    return out
+
+
+async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
+    """Apply what can change in place from the config at ``path``; False (and nothing
+    changed) if it does not load."""
+    from ..feedback.categories import load_classifier
+    from ..policy.dkim import DKIMError, KeyRing
+    from ..scheduler.rules import RuleBook
+
+    notifier.reloading()
+    try:
+        new = await asyncio.to_thread(load_config, path)
+        certs = await asyncio.to_thread(_certificates, node, new)
+        keyring = KeyRing(new.dkim) if node.signer is not None and new.dkim.keys else None
+        classifier = load_classifier(new.feedback.bounce_rules)
+    except ConfigError as exc:
+        log.error("reload refused, still running the previous configuration: %s",
+                  "; ".join(exc.errors))
+        notifier.ready("reload refused: the config is not valid (see the log)")
+        return False
+    except (OSError, ValueError, ssl.SSLError, DKIMError) as exc:
+        log.error("reload refused, still running the previous configuration: %s", exc)
+        notifier.ready("reload refused (see the log)")
+        return False
+    cfg = node.config
+    waiting = _needs_restart(cfg, new)
+    for ctx, cert, key in certs:
+        ctx.load_cert_chain(cert, key)  # new handshakes use it; open sessions keep theirs
+    if keyring is not None:
+        keyring.health = node.health
+        node.signer.keyring = keyring
+        node.signer.dkim = cfg.dkim = new.dkim
+    for name, cls in new.classes.items():
+        if name in cfg.classes and cls.pool == cfg.classes[name].pool:
+            cfg.classes[name] = cls
+    cfg.destinations, cfg.default_destinations = new.destinations, new.default_destinations
+    node.scheduler.rules = RuleBook(new.destinations)
+    for lane in node.scheduler.lanes.values():
+        rule = node.scheduler.rules.for_domain(lane.domain) or (
+            lane.rule_name if lane.rule_name in new.destinations else None)
+        lane.rule_name, lane.rule = (rule, new.destinations[rule]) if rule else ("", None)
+    cfg.routes, cfg.classification = new.routes, new.classification
+    cfg.default_class, cfg.correlation_header = new.default_class, new.correlation_header
+    node.feedback.classifier = classifier
+    node.scheduler.classify = classifier.classify
+    cfg.feedback.bounce_rules = new.feedback.bounce_rules
+    log.info("configuration reloaded", extra={
+        "certificates": len(certs), "dkim_keys": len(new.dkim.keys),
+        "destination_rules": len(new.destinations), "restart_needed": waiting})
+    if waiting:
+        log.warning("reload: %s changed; those take effect at the next restart",
+                    ", ".join(waiting))
+    notifier.ready("reloaded" + (f"; restart needed for {', '.join(waiting)}"
+                                 if waiting else ""))
+    return True

@@ -1,0 +1,218 @@
+"""Running under systemd: the unit passes systemd-analyze, the node says READY/WATCHDOG/
+RELOADING/STOPPING over $NOTIFY_SOCKET, logs with journald priorities, and a SIGHUP reloads
+routes, DKIM keys and the TLS certificate while mail flows (a broken file changes nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from postlane.admin.service import Notifier, reload
+from postlane.cli import app
+from postlane.config import load_config
+from postlane.edge.cli import selfsigned
+from postlane.node import Node
+from postlane.policy.dkim import generate_key, write_key
+from postlane.sink import Sink
+
+REPO = Path(__file__).resolve().parents[1]
+POSTLANE = Path(sys.executable).parent / "postlane"
+runner = CliRunner()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (Debian package systemd)")
+def test_the_unit_passes_systemd_analyze_verify(tmp_path):
+    text = (REPO / "deploy" / "systemd" / "postlane.service").read_text()
+    for line in ("Type=notify", "ProtectSystem=strict", "NoNewPrivileges=yes",
+                 "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "ReadWritePaths=/var/lib/postlane",
+                 "ExecReload=/bin/kill -HUP $MAINPID", "User=postlane"):
+        assert line in text.splitlines(), line
+    assert any(line.startswith("WatchdogSec=") for line in text.splitlines())
+    unit = tmp_path / "postlane.service"  # ExecStart pointed at this venv's command
+    unit.write_text(text.replace("/usr/local/bin/postlane", str(POSTLANE)))
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_accounting_archive_compresses_only_closed_files(tmp_path):
+    acct = tmp_path / "accounting"
+    acct.mkdir()
+    for name in ("acct-20261101-000000.csv", "acct-20261102-000000.csv", "alerts.jsonl"):
+        (acct / name).write_text("type\n")
+    (acct / "acct.position.json").write_text(json.dumps(
+        {"files": {"csv": [str(acct / "acct-20261102-000000.csv"), 5]}, "feed": {}}))
+    subprocess.run(["sh", str(REPO / "deploy" / "accounting-archive.sh"), str(acct), "400"],
+                   check=True, timeout=30)
+    assert sorted(p.name for p in acct.iterdir()) == [
+        "acct-20261101-000000.csv.gz", "acct-20261102-000000.csv", "acct.position.json",
+        "alerts.jsonl"]
+
+
+class NotifySocket:
+    """What a service manager hears on $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.sock.recv(4096).decode())
+
+    async def wait(self, text: str, after: int = 0, timeout: float = 30) -> int:
+        """Index of the first message from ``after`` on that contains ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, msg in enumerate(self.messages[after:], after):
+                if text in msg:
+                    return i
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"no {text!r} in {self.messages[after:]}")
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_notifier_speaks_to_an_abstract_socket_and_stays_quiet_without_one():
+    name = f"postlane-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(5)
+    try:
+        Notifier({"NOTIFY_SOCKET": "@" + name}).ready("up")
+        assert sock.recv(100) == b"READY=1\nSTATUS=up"
+    finally:
+        sock.close()
+    Notifier({}).ready("nobody listens")  # no socket: nothing happens
+    assert Notifier({"WATCHDOG_USEC": "30000000"}).watchdog_interval == 15.0
+    assert Notifier({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+
+
+def _submit(port: int, n: int, cert_holder: list | None = None) -> None:
+    msg = (f"From: notices@insurer.example\r\nTo: c{n}@example.com\r\nSubject: n{n}\r\n"
+           f"X-Postlane-Class: policy-documents\r\n\r\nDear customer\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.starttls(context=ssl._create_unverified_context())
+        if cert_holder is not None:
+            cert_holder.append(client.sock.getpeercert(binary_form=True))
+        client.sendmail("notices@insurer.example", [f"c{n}@example.com"], msg)
+
+
+async def test_serve_notifies_systemd_logs_for_journald_and_reloads_on_sighup(tmp_path):
+    first, second = await Sink().start(), await Sink().start()
+    result = runner.invoke(app, [
+        "init", str(tmp_path / "node"), "--hostname", "mta.example", "--domain",
+        "insurer.example", "--listen", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--api",
+        "127.0.0.1:0", "--smarthost", f"127.0.0.1:{first.port}"])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "node" / "postlane.toml"
+    notify = NotifySocket(tmp_path / "notify")
+    log_path = tmp_path / "serve.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 (the child writes it)
+    st = os.fstat(log_file.fileno())
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000",
+           "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    proc = subprocess.Popen([str(POSTLANE), "serve", "-c", str(config)], env=env,
+                            stderr=log_file, stdout=subprocess.DEVNULL)
+    try:
+        ready = await notify.wait("READY=1")
+        await notify.wait("WATCHDOG=1", ready)
+        line = next(ln for ln in log_path.read_text().splitlines() if '"listening"' in ln)
+        assert line.startswith("<6>{")  # the priority prefix journald reads
+        port = json.loads(line[3:])["listeners"]["submission"]
+        certs: list[bytes] = []
+        await asyncio.to_thread(_submit, port, 0, certs)
+        await first.wait_for(1, timeout=30)
+
+        # new routes, a new DKIM key and a renewed certificate, then SIGHUP while mail flows
+        key = tmp_path / "node" / "keys" / "insurer.example.next.pem"
+        write_key(key, generate_key("rsa-sha256"))
+        cert, pem = selfsigned("mta-renewed.example", 30)
+        (tmp_path / "node" / "tls" / "cert.pem").write_bytes(cert)
+        (tmp_path / "node" / "tls" / "key.pem").write_bytes(pem)
+        text = config.read_text().replace(f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}")
+        config.write_text(text + '\n[[dkim.keys]]\ndomain = "insurer.example"\n'
+                                 'selector = "next"\nkey_file = "keys/insurer.example.next.pem"'
+                                 '\nnot_before = 2020-01-01\n')
+        flowing = asyncio.create_task(asyncio.to_thread(
+            lambda: [_submit(port, n) for n in range(1, 6)]))
+        mark = len(notify.messages)
+        proc.send_signal(signal.SIGHUP)
+        await notify.wait("RELOADING=1", mark)
+        await notify.wait("STATUS=reloaded", mark)
+        await flowing  # nothing refused during the reload
+        await asyncio.sleep(2.5)  # connections open to the old route finish (relay.idle_timeout)
+        await asyncio.to_thread(_submit, port, 9, certs)
+        arrivals = await second.wait_for(1, timeout=30)
+        assert certs[0] != certs[1]  # the renewed certificate, no restart
+        assert b" s=next;" in arrivals[-1].data.split(b"\r\n\r\n")[0]
+        await asyncio.sleep(0.5)
+        assert len(first.arrivals) + len(second.arrivals) == 7  # all delivered, once
+
+        # a broken config changes nothing
+        config.write_text(text + "\n[node\n")
+        mark = len(notify.messages)
+        proc.send_signal(signal.SIGHUP)
+        await notify.wait("reload refused", mark)
+        await asyncio.to_thread(_submit, port, 10)
+        await second.wait_for(len(second.arrivals) + 1, timeout=30)
+        assert "reload refused" in log_path.read_text()
+
+        mark = len(notify.messages)
+        proc.send_signal(signal.SIGTERM)
+        await notify.wait("STOPPING=1", mark)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log_file.close()
+        notify.close()
+        await first.stop()
+        await second.stop()
+
+
+async def test_reload_names_what_waits_for_a_restart_and_applies_class_settings(
+        tmp_path, sink, caplog):
+    result = runner.invoke(app, [
+        "init", str(tmp_path / "node"), "--hostname", "mta.example", "--domain",
+        "insurer.example", "--listen", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--api",
+        "127.0.0.1:0", "--smarthost", f"127.0.0.1:{sink.port}"])
+    assert result.exit_code == 0
+    config = tmp_path / "node" / "postlane.toml"
+    node = Node(load_config(config))
+    await node.start()
+    try:
+        text = config.read_text()
+        config.write_text(text.replace('sla = "30m"', 'sla = "20m"')
+                          .replace('drain_timeout = "30s"', 'drain_timeout = "40s"'))
+        assert await reload(node, config, Notifier({}))
+        assert node.config.classes["claims"].sla == 1200
+        assert node.config.node.drain_timeout == 30  # waits for a restart, and says so
+        assert "node changed; those take effect at the next restart" in caplog.text
+    finally:
+        await node.stop()
