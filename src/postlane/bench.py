@@ -1,4 +1,4 @@
-"""``postlane bench``: the case study as a number (DESIGN.md §7).
+"""``postlane bench``: the case study as a number (docs/design.md, section 8).
 
 Three processes, as in production: the node (its own event loop and core), a recording sink
 standing in for the recipients' providers, and this process submitting a marketing campaign as

@@ -137,7 +137,7 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
                                              help="base config (default examples/insurance.toml)"),
           connections: int = typer.Option(16, help="SMTP connections submitting the campaign"),
           as_json: bool = typer.Option(False, "--json", help="print only the JSON line")) -> None:
-    """The case study as a benchmark: prints one JSON line (DESIGN.md §7)."""
+    """The case study as a benchmark: prints one JSON line (docs/design.md, section 8)."""
     from .bench import BenchOptions, BenchSetupError, result_json, run_bench
 
     if baseline not in ("lanes", "fifo"):
