@@ -118,8 +118,9 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
            export_dir: Path | None = typer.Option(None, "--export",
                                                   help="check an export directory instead"),
            as_json: bool = typer.Option(False, "--json")) -> None:
-    """Walk the hash chain; exit 1 and name the first altered, inserted, removed or
-    reordered record."""
+    """Walk the hash chain and check the trail is complete; exit 1 and name the first altered,
+    inserted, removed or reordered record, then every missing one (with -c CONFIG the spool is
+    read too: recipients still queued are not missing their final record)."""
     if export_dir is not None:
         from .evidence import verify_export
 
@@ -135,18 +136,46 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
     store = _open(config, db, schema)
     try:
         result = store.verify(day)
+        spool = _spool_view(config) if db is None else None
+        try:
+            complete = store.completeness(spool)
+        finally:
+            if spool is not None:
+                spool.close()
     finally:
         store.close()
     if as_json:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
-    elif result.ok:
-        typer.echo(f"ok: {result.checked} records (seq {result.first_seq}..{result.last_seq}, "
-                   f"{result.pseudonymised} pseudonymised, {result.purged} purged), "
-                   f"head {result.head}")
+        typer.echo(json.dumps({**result.as_dict(), "completeness": complete.as_dict()},
+                              indent=2))
     else:
-        typer.echo(f"FAILED after {result.checked} good records: {result.problem}")
-    if not result.ok:
+        if result.ok:
+            typer.echo(f"ok: {result.checked} records (seq {result.first_seq}.."
+                       f"{result.last_seq}, {result.pseudonymised} pseudonymised,"
+                       f" {result.purged} purged), head {result.head}")
+        else:
+            typer.echo(f"FAILED after {result.checked} good records: {result.problem}")
+        if complete.ok:
+            typer.echo(f"complete: {complete.checked_events} events of {complete.writers}"
+                       f" spool writer(s), every received recipient has its final record or"
+                       + (" is still queued" if spool is not None else
+                          " is open (give -c CONFIG to check those against the spool)"))
+        for problem in complete.problems:
+            typer.echo(f"INCOMPLETE: {problem}")
+    if not (result.ok and complete.ok):
         raise typer.Exit(1)
+
+
+def _spool_view(config: Path | None):
+    """The node's spool, read-only, for completeness (None if it cannot be opened)."""
+    from ...cli import _load
+    from ...spool.outbox import open_outbox
+
+    cfg = _load(config)
+    try:
+        return open_outbox(cfg.node.spool, cfg.cluster.schema_name, "")
+    except Exception as exc:  # noqa: BLE001 - verify the store without it, and say so
+        typer.echo(f"spool not readable ({exc}): completeness checked without it", err=True)
+        return None
 
 
 @app.command("export")

@@ -39,8 +39,15 @@ class Trail:
 
     @property
     def attempts(self) -> list[dict]:
-        return [r for r in self.rows if r["type"] in ("d", "t", "b") and (
+        return [r for r in self.rows if r["type"] in ("d", "t", "b", "u") and (
             r["dlv_destination_ip"] or r["bounce_cat"] != "message-expired")]
+
+    @property
+    def unknown(self) -> list[dict]:
+        """Attempts whose outcome is unknown ("u": the node stopped after the attempt was
+        marked and before its reply was recorded). Its totalSecondsQueued is when it started:
+        had it been delivered, it was no sooner."""
+        return [r for r in self.rows if r["type"] == "u"]
 
     @property
     def final(self) -> dict | None:
@@ -108,6 +115,9 @@ class Trail:
             "received": _event(self.received) if self.received else None,
             "attempts": [_event(r) for r in self.attempts],
             "outcome": self.outcome, "total_seconds_queued": self.latency,
+            "unknown_attempts": [{"attempt": r["attempt"],
+                                  "started_after_s": r["total_seconds_queued"]}
+                                 for r in self.unknown],
             "sla_seconds": self.sla, "sla_met": self.sla_met(now),
             "records": [{"seq": r["seq"], "hash": bytes(r["hash"]).hex(),
                          "state": _STATES[r["state"]]} for r in self.rows],
@@ -160,8 +170,8 @@ def render_text(items: list[Trail], now: float) -> str:
                 lines.append(f"  {_t(row['time_logged'])}  expired before delivery: "
                              f"{row['dsn_diag']}")
                 continue
-            verb = {"d": "delivered", "t": "deferred", "b": "bounced"}.get(row["type"],
-                                                                          row["type"])
+            verb = {"d": "delivered", "t": "deferred", "b": "bounced",
+                    "u": "OUTCOME UNKNOWN (node stopped)"}.get(row["type"], row["type"])
             tls = (f"{row['dlv_tls_protocol']} {row['dlv_tls_cipher']}".strip()
                    if row["dlv_tls_protocol"] else "no TLS")
             lines.append(f"  {_t(row['time_logged'])}  attempt {row['attempt']}: {verb} from "

@@ -30,7 +30,7 @@ each event once, not once per node.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import count
 
@@ -38,6 +38,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ...spool.postgres import CONNECT_TIMEOUT, redact
+from .completeness import Completeness, SpoolView, check
 from .store import (
     COLUMNS,
     VERIFY_COLUMNS,
@@ -216,6 +217,13 @@ class PostgresAuditStore(RetentionMixin):
 
     def feed_cursors(self) -> dict[str, int]:
         return dict(self._db().execute("SELECT writer, n FROM audit_feed").fetchall())
+
+    def query(self, sql: str, args: Iterable = ()) -> list[tuple]:
+        return self._db().execute(sql, list(args)).fetchall()
+
+    def completeness(self, spool: SpoolView | None = None) -> Completeness:
+        """See ``completeness.check``."""
+        return check(self, "%s", self.feed_cursors(), spool)
 
     def append(self, batch: Sequence[Entry]) -> int:
         """Chain and insert records (with their class SLA) in one transaction, after whatever

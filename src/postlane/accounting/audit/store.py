@@ -46,6 +46,7 @@ from .chain import (
     row_cdigest,
     verify_tuple,
 )
+from .completeness import Completeness, SpoolView, check
 
 __all__ = ["AuditStore", "Entry", "Query", "Retention", "RetentionMixin", "SQLiteAuditStore",
            "StoreMissing", "VerifyResult", "check_days", "day_of", "fresh", "link", "prepare",
@@ -150,6 +151,8 @@ class AuditStore(Protocol):
     def feed_cursors(self) -> dict[str, int]:
         """Each spool writer's last event number the store holds (see ``Entry``)."""
         ...
+
+    def completeness(self, spool: SpoolView | None = None) -> Completeness: ...
 
     def find(self, query: Query) -> list[dict]: ...
 
@@ -532,6 +535,13 @@ class SQLiteAuditStore(RetentionMixin):
 
     def feed_cursors(self) -> dict[str, int]:
         return {w: n for w, n in self.db.execute("SELECT writer, n FROM audit_feed")}
+
+    def query(self, sql: str, args: Iterable = ()) -> list[tuple]:
+        return [tuple(r) for r in self.db.execute(sql, tuple(args))]
+
+    def completeness(self, spool: SpoolView | None = None) -> Completeness:
+        """See ``completeness.check``."""
+        return check(self, "?", self.feed_cursors(), spool)
 
     def append(self, batch: Sequence[Entry]) -> int:
         """Chain and insert records (with their class SLA) in one transaction; returns the
