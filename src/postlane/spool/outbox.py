@@ -111,6 +111,20 @@ class PostgresOutbox:
     def messages(self) -> set[str]:
         return {m for (m,) in self.conn.execute("SELECT id FROM messages")}
 
+    def filed(self, writer: str) -> int:
+        """The last event of ``writer`` its own recorder has in (fsynced) accounting files: an
+        adopted writer's events go on from there, not again from its first."""
+        row = self.conn.execute("SELECT filed FROM writers WHERE writer = %s",
+                                (writer,)).fetchone()
+        return row[0] if row else 0
+
+    def publish_filed(self, cursors: dict[str, int]) -> None:
+        """Tell the cluster how far the files hold each writer's events (see ``filed``): the
+        one column a recorder writes in the spool, right after its files' fsync."""
+        for writer, n in cursors.items():
+            self.conn.execute("UPDATE writers SET filed = %s WHERE writer = %s AND filed < %s",
+                              (n, writer, n))
+
     def release(self, writer: str) -> None:
         """Stop feeding an adopted writer (all its events are consumed, and nobody writes
         more: its node is gone)."""
