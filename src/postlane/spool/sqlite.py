@@ -224,6 +224,7 @@ class SQLiteSpool:
                         batch.append(self._urgent.popleft())
                     while self._bulk and len(batch) < BATCH_MAX:
                         batch.append(self._bulk.popleft())
+                batch = self._commit_marks(conn, batch)
                 if self._commit(conn, batch):
                     failures = 0
                     continue
@@ -238,6 +239,36 @@ class SQLiteSpool:
                     self._cv.wait(min(5.0, 0.1 * 2 ** failures))
         finally:
             conn.close()
+
+    def _commit_marks(self, conn: sqlite3.Connection, batch: list[tuple]) -> list[tuple]:
+        """Commit the batch's attempt marks first, on their own, without waiting for an fsync
+        (``synchronous=NORMAL``: a commit that survives the process, which is the crash a mark
+        is for; the next full commit makes it durable on disk too). Each delivery waits for its
+        mark before its final dot: behind a campaign's fsync'd batch, a policy notice's p99
+        went from 44 to 120 ms. Returns the rest of the batch (everything, if an outcome in it
+        concerns a marked recipient: then one transaction keeps their order)."""
+        marks = [op for op in batch if op[0] == "mark"]
+        if not marks:
+            return batch
+        marked = {(m[2], m[3]) for op in marks for m in op[1]}
+        if any((u[4], u[5]) in marked for op in batch if op[0] == "upd" for u in op[1]):
+            return batch
+        error: BaseException | None = None
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN")
+            conn.executemany("UPDATE recipients SET attempt_started=?, attempt_info=?"
+                             " WHERE msg_id=? AND idx=?", [m for op in marks for m in op[1]])
+            conn.execute("COMMIT")
+        except Exception as exc:  # the deliveries waiting for it are not sent
+            error = exc
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(_resolve, [op[2] for op in marks], error)
+        return [op for op in batch if op[0] != "mark"]
 
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> bool:
         """Commit one batch; False (and every waiter failed) if it could not be."""
