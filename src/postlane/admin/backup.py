@@ -73,7 +73,7 @@ def named_files(cfg: Config) -> list[Named]:
         ("feedback.bounce_rules", cfg.feedback.bounce_rules),
         ("audit.path", cfg.audit.path),
         ("audit.pseudonymisation_key", cfg.audit.pseudonymisation_key),
-        ("audit.seal_key", getattr(cfg.audit, "seal_key", None)),
+        ("audit.seal_key", cfg.audit.seal_key),
         ("reputation.store", cfg.reputation.store),
         ("reputation.postmaster.key_file", cfg.reputation.postmaster.key_file)]
     tls = getattr(cfg, "tls", None)

@@ -14,24 +14,24 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..accounting.records import Record, pack
 from ..monitor.health import Health
 from ..secretfile import private_file
+from .attempts import AttemptJournal
 from .base import (
     FINAL_STATES,
     Attempt,
+    GroupCommitWrites,
     Message,
     Pending,
     Recipient,
-    RecipientUpdate,
     SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
-    update_rows,
 )
 from .cache import BodyCache
 
@@ -56,8 +56,6 @@ CREATE TABLE IF NOT EXISTS paused (pool TEXT NOT NULL, domain TEXT NOT NULL,
 """
 MIGRATIONS: list[tuple[int, str]] = [
     (2, """
-ALTER TABLE recipients ADD COLUMN attempt_started REAL;
-ALTER TABLE recipients ADD COLUMN attempt_info TEXT;
 CREATE TABLE events (writer TEXT NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (writer, n)) WITHOUT ROWID;
 CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL, started REAL NOT NULL);
@@ -69,9 +67,9 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority, size, envid, ret,"
              " correlation_id, message_id, listener, auth_user, client")
-_UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?,"
-           " attempt_started=NULL, attempt_info=NULL WHERE msg_id=? AND idx=?")
-_AWAITED = frozenset({"enq", "pause", "flush", "mark"})
+_UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?"
+           " WHERE msg_id=? AND idx=?")
+_AWAITED = frozenset({"enq", "pause", "flush"})
 """Operations somebody waits for: a failed commit fails them (an SMTP client gets a 451 and
 sends again). The others (outcomes, events, clean-ups) go into the next commit instead."""
 
@@ -96,7 +94,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
                                f" ('schema_version', '{version}'); COMMIT;")
 
 
-class SQLiteSpool:
+class SQLiteSpool(GroupCommitWrites):
     """Spool in ``<directory>/spool.sqlite``."""
 
     HEALTH_KEY = "spool"
@@ -115,6 +113,7 @@ class SQLiteSpool:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
         self._cache = BodyCache()
+        self._attempts = AttemptJournal(self.path.parent)
         self.commits = 0
         self.writes = 0
         self.health = Health()
@@ -132,11 +131,20 @@ class SQLiteSpool:
         finally:
             conn.close()
         self._reader = _connect(self.path)
+        self._attempts.open()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
 
+    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
+        """Journal the attempts (``attempts.py``): written at once, nothing to wait for."""
+        self._attempts.write(attempts)
+        fut = self._future()
+        fut.set_result(None)
+        return fut
+
     async def close(self) -> None:
+        self._attempts.close()
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -161,10 +169,6 @@ class SQLiteSpool:
             (self._urgent if urgent else self._bulk).append(op)
             self._cv.notify()
 
-    def _future(self) -> asyncio.Future:
-        assert self._loop is not None, "spool is not open"
-        return self._loop.create_future()
-
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
                       urgent: bool = False, events: Sequence[Record] = ()) -> None:
         """Return once the message, its recipients and ``events`` are committed to disk."""
@@ -176,38 +180,10 @@ class SQLiteSpool:
         await fut
         self._cache.put(msg.id, body)
 
-    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
-        """Record recipient state changes and their events; durable at the next commit (a
-        crash before it re-delivers, and the attempt mark says so)."""
-        self._submit(("upd", update_rows(updates), events), False)
-
-    def record(self, events: Sequence[Record], urgent: bool = False) -> None:
-        self._submit(("ev", events), urgent)
-
-    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
-        fut = self._future()
-        self._submit(("mark", [(a.started, a.info, a.msg_id, a.idx) for a in attempts], fut),
-                     urgent)
-        return fut
-
-    def trim(self, consumed: Mapping[str, int]) -> None:
-        self._submit(("trim", dict(consumed)), False)
-
     def finish(self, msg_id: str) -> None:
         """Forget a message whose recipients are all final."""
         self._submit(("fin", msg_id), False)
         self._cache.pop(msg_id)
-
-    async def set_paused(self, pool: str, domain: str, paused: bool) -> None:
-        fut = self._future()
-        self._submit(("pause", pool, domain, paused, fut), True)
-        await fut
-
-    async def flush(self) -> None:
-        """Wait until everything submitted so far is committed."""
-        fut = self._future()
-        self._submit(("flush", fut), False)
-        await fut
 
     def _run(self) -> None:
         conn = _connect(self.path)
@@ -239,10 +215,11 @@ class SQLiteSpool:
         finally:
             conn.close()
 
+
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> bool:
         """Commit one batch; False (and every waiter failed) if it could not be."""
         msgs, bodies, rcpts, upds, fins, futs, events = [], [], [], [], [], [], []
-        pauses, marks, trims = [], [], {}
+        pauses, trims = [], {}
         for op in batch:
             kind = op[0]
             if kind == "enq":
@@ -258,9 +235,6 @@ class SQLiteSpool:
                 fins.append((op[1],))
             elif kind == "ev":
                 events.extend(op[1])
-            elif kind == "mark":
-                marks.extend(op[1])
-                futs.append(op[2])
             elif kind == "trim":
                 for writer, n in op[1].items():
                     trims[writer] = max(n, trims.get(writer, 0))
@@ -282,9 +256,6 @@ class SQLiteSpool:
                                  " VALUES (?,?,?,?,?,?,?,?,?,?)", rcpts)
             if upds:
                 conn.executemany(_UPDATE, upds)
-            if marks:
-                conn.executemany("UPDATE recipients SET attempt_started=?, attempt_info=?"
-                                 " WHERE msg_id=? AND idx=?", marks)
             if events:
                 writer = self.writer_id
                 conn.executemany("INSERT INTO events VALUES (?, ?, ?)",
@@ -334,6 +305,7 @@ class SQLiteSpool:
 
     async def pending(self) -> Pending:
         assert self._reader is not None
+        journaled = await asyncio.to_thread(self._attempts.latest)
         out = Pending()
         by_id: dict[str, Message] = {}
         for row in self._reader.execute(f"SELECT {_MSG_COLS} FROM messages ORDER BY queued_at"):
@@ -347,7 +319,7 @@ class SQLiteSpool:
         final = tuple(s.value for s in FINAL_STATES)
         for row in self._reader.execute(
                 "SELECT msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
-                " last_reply, attempt_started, attempt_info FROM recipients"
+                " last_reply FROM recipients"
                 f" WHERE state NOT IN ({','.join('?' * len(final))})", final):
             msg = by_id.get(row[0])
             if msg is None:
@@ -359,9 +331,7 @@ class SQLiteSpool:
             out.recipients.append(Recipient(
                 msg=msg, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
                 notify=row[5] or "", state=state, attempts=row[7], next_attempt=row[8],
-                last_reply=row[9] or "",
-                open_attempt=None if row[10] is None else Attempt(row[0], row[1], row[10],
-                                                                  row[11] or "")))
+                last_reply=row[9] or "", open_attempt=_unsettled(journaled, row)))
         for msg in out.messages:
             if not msg.remaining:  # crashed between the last outcome and the cleanup
                 self.finish(msg.id)
@@ -371,6 +341,13 @@ class SQLiteSpool:
     async def paused(self) -> set[tuple[str, str]]:
         assert self._reader is not None
         return {(p, d) for p, d in self._reader.execute("SELECT pool, domain FROM paused")}
+
+
+def _unsettled(journaled: dict, row: tuple) -> Attempt | None:
+    """The journaled attempt of a recipient row whose outcome the spool never got (the journal
+    names a later attempt than the row has counted)."""
+    last = journaled.get((row[0], row[1]))
+    return last[1] if last is not None and last[0] > row[7] else None
 
 
 def _resolve(futs: list[asyncio.Future], error: BaseException | None) -> None:
