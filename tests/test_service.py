@@ -166,7 +166,10 @@ async def test_serve_notifies_systemd_logs_for_journald_and_reloads_on_sighup(tm
         await notify.wait("RELOADING=1", mark)
         await notify.wait("STATUS=reloaded", mark)
         await flowing  # nothing refused during the reload
-        await asyncio.sleep(2.5)  # connections open to the old route finish (relay.idle_timeout)
+        for _ in range(600):  # connections open to the old route finish (relay.idle_timeout)
+            if not any(first.concurrent.values()):
+                break
+            await asyncio.sleep(0.05)
         await asyncio.to_thread(_submit, port, 9, certs)
         arrivals = await second.wait_for(1, timeout=30)
         assert certs[0] != certs[1]  # the renewed certificate, no restart
@@ -179,8 +182,9 @@ async def test_serve_notifies_systemd_logs_for_journald_and_reloads_on_sighup(tm
         mark = len(notify.messages)
         proc.send_signal(signal.SIGHUP)
         await notify.wait("reload refused", mark)
+        expected = len(second.arrivals) + 1
         await asyncio.to_thread(_submit, port, 10)
-        await second.wait_for(len(second.arrivals) + 1, timeout=30)
+        await second.wait_for(expected, timeout=30)
         assert "reload refused" in log_path.read_text()
 
         mark = len(notify.messages)
