@@ -124,3 +124,20 @@ def test_restore_refuses_a_damaged_backup_and_a_folder_in_use(tmp_path):
     damaged = runner.invoke(app, ["restore", str(tmp_path / "copy"), str(tmp_path / "n2")])
     assert damaged.exit_code == 1 and "damaged" in damaged.output
     assert not (tmp_path / "n2").exists()
+
+
+def test_backup_of_a_cluster_node_copies_its_files_and_says_how_to_dump_postgresql(
+        tmp_path, pg_schema):
+    from tests.support.pg import PG_DSN
+
+    _init(tmp_path, 2600)
+    config = tmp_path / "node" / "postlane.toml"
+    config.write_text(config.read_text().replace('spool = "var/spool"', f'spool = "{PG_DSN}"')
+                      + f'\n[cluster]\nschema_name = "{pg_schema}"\n')
+    result = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    assert f"pg_dump --format=custom --schema={pg_schema}" in result.output
+    manifest = json.loads((tmp_path / "copy" / "manifest.json").read_text())
+    assert manifest["postgresql"] == {"schema": pg_schema}
+    assert {"config", "api.token_file", "dkim.keys[0].key_file"} <= {
+        i["role"] for i in manifest["items"]}

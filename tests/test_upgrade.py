@@ -106,3 +106,22 @@ async def test_a_store_newer_than_this_release_is_refused(tmp_path, sink):
     assert code == 2 and found["suppression list"]["status"] == "newer"
     with pytest.raises(RuntimeError, match="newer than this Postlane"):
         SuppressionList(tmp_path / "spool" / "suppression.sqlite3")
+
+
+async def test_upgrade_check_reads_the_postgresql_schema(tmp_path, pg_schema):
+    from postlane.spool import PostgresSpool
+    from tests.support.pg import PG_DSN
+
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 2600).replace(
+        f'spool = "{tmp_path}/spool"', f'spool = "{PG_DSN}"')
+        + f'[cluster]\nschema_name = "{pg_schema}"\n')
+    code, found = _check(path)
+    assert code == 0 and found["spool"]["status"] == "absent"
+    assert found["spool"]["location"] == f"PostgreSQL schema {pg_schema}"
+    spool = PostgresSpool(PG_DSN, pg_schema)
+    await spool.open()  # the first node migrates the shared schema
+    await spool.close()
+    code, found = _check(path)
+    assert code == 0 and found["spool"]["status"] == "ok"
+    assert found["suppression list"]["location"].endswith("suppression.sqlite3")
