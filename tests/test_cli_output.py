@@ -20,6 +20,7 @@ ONE_FORMAT = {
     "demo": "a human report of a run (the bench behind it has --json)",
     "dkim bench": "a measurement printout for docs/performance.md",
     "killtest": "prints one JSON line",
+    "sink": "a try-out tool that prints a line per message it receives",
     "feedback parse": "prints one JSON object per file",
     "audit show": "--format text|json|csv",
     "audit sla": "--format text|json|csv",

@@ -55,6 +55,18 @@ def test_init_writes_a_valid_node_with_private_secrets_and_prints_the_checklist(
                      out)
 
 
+def test_init_and_checklist_answer_in_json(tmp_path):
+    import json
+
+    result = runner.invoke(app, ["init", str(tmp_path / "n"), "--hostname", "mta.example",
+                                 "--domain", "insurer.example", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["config"].endswith("postlane.toml") and len(data["files"]) == 6
+    listed = runner.invoke(app, ["dns", "checklist", "-c", data["config"], "--json"])
+    assert json.loads(listed.stdout)["records"] == data["dns"]
+
+
 def test_init_refuses_a_folder_in_use_and_bad_options(tmp_path):
     _init(tmp_path)
     again = runner.invoke(app, ["init", str(tmp_path / "node"), "--hostname", "m.example",

@@ -33,7 +33,8 @@ def init(directory: Path = typer.Argument(..., help="new folder for the node's f
          smarthost: str | None = typer.Option(None, help="send all mail to HOST:PORT"),
          state_dir: str = typer.Option("var", help="spool and accounting files (relative:"
                                                    " inside DIRECTORY)"),
-         node_name: str = typer.Option("postlane-1", help="unique in a cluster")) -> None:
+         node_name: str = typer.Option("postlane-1", help="unique in a cluster"),
+         as_json: bool = _JSON) -> None:
     """Write a commented config (the four classes of the case study), DKIM keys, a self-signed
     TLS certificate and the API token into DIRECTORY, and print the DNS checklist."""
     from ..config import ConfigError, load_config
@@ -53,6 +54,11 @@ def init(directory: Path = typer.Argument(..., help="new folder for the node's f
     except OSError as exc:
         typer.echo(f"error: {exc.filename or directory}: {exc.strerror}", err=True)
         raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"config": str(directory / "postlane.toml"),
+                               "files": [str(p) for p in written],
+                               "dns": _records(cfg)}, indent=2))
+        return
     typer.echo(f"wrote {directory}:")
     for path in written:
         typer.echo(f"  {path.relative_to(directory)}"
@@ -65,13 +71,25 @@ def init(directory: Path = typer.Argument(..., help="new folder for the node's f
                f"  postlane dns check -c {config}     # once the records are published")
 
 
+def _records(cfg) -> list[dict]:
+    from .dnsrecords import expected
+
+    return [{"name": r.name, "type": r.rtype, "value": r.value, "kind": r.kind, "note": r.note}
+            for r in expected(cfg)]
+
+
 @dns_app.command("checklist")
-def dns_checklist(config: Path = _CONFIG) -> None:
+def dns_checklist(config: Path = _CONFIG, as_json: bool = _JSON) -> None:
     """Print the records to publish: A/AAAA and PTR of every pool IP, SPF, DKIM, DMARC, MX,
     MTA-STS and TLS-RPT."""
-    from .dnsrecords import checklist
+    from .dnsrecords import checklist, mta_sts_policy
 
-    typer.echo(checklist(_config(config)))
+    cfg = _config(config)
+    if as_json:
+        typer.echo(json.dumps({"records": _records(cfg), "mta_sts_policy": mta_sts_policy(cfg)},
+                              indent=2))
+        return
+    typer.echo(checklist(cfg))
 
 
 @dns_app.command("check")
