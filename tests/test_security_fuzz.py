@@ -37,7 +37,7 @@ def _threaded_node(tmp, extra: str, relay_from: str = '["127.0.0.0/8"]'):
     async def main() -> None:
         sink = await Sink(keep_data=False).start()
         text = config_text(tmp, sink.port, extra).replace(
-            "max_message_size = 100000", f"max_message_size = 100000\nrelay_from = {relay_from}")
+            'relay_from = ["127.0.0.0/8"]', f"relay_from = {relay_from}")
         node = Node(parse_config(text))
         await node.start()
         box.update(node=node, sink=sink, stop=asyncio.Event())

@@ -17,6 +17,7 @@ from .accounting.log import AccountingLog
 from .api.server import APIServer
 from .config import Config
 from .edge.smtp import Listener
+from .edge.tls import Certificates
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
 from .monitor.monitor import Monitor
@@ -24,9 +25,10 @@ from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
+from .relay.tlsrpt import TLSReports
 from .scheduler.claim import Claimer
 from .scheduler.scheduler import Failure, Scheduler
-from .spool import Message, PostgresSpool, make_spool
+from .spool import Message, PostgresSpool, local_dir, make_spool
 from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
@@ -52,8 +54,11 @@ class Node:
         if self.audit is not None:
             self.accounting.add_listener(self.audit.add)
         self.scheduler = Scheduler(config, self.spool, self.accounting.write, self._on_failures)
-        self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
-        self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
+        self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
+                                   dnssec=config.dns.dnssec)
+        self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3")
+                            if config.tlsrpt.enabled else None)
+        self.relay = Relay(config, self.scheduler, self.spool, self.resolver, self.tls_reports)
         self.scheduler.relay = self.relay
         self.stop_requested = asyncio.Event()
         """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
@@ -65,11 +70,15 @@ class Node:
         self.feedback = FeedbackService(config, self.accounting.write)
         self.accounting.add_listener(self.feedback.on_record)
         self.intake.feedback = self.feedback
+        if self.tls_reports is not None:
+            self.tls_reports.submit = self.intake.submit
         if self.audit is not None:
             self.intake.audit_behind = self.audit.behind
         self.relay.envelope_sender = self.feedback.envelope_sender
         self.scheduler.classify = self.feedback.classifier.classify
-        self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
+        self.certificates = Certificates(config)
+        self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
+                                   self.certificates.for_listener(name))
                           for name, lc in config.listeners.items()]
         self.monitor = Monitor(self)
         self.accounting.add_listener(self.monitor.on_record)
@@ -78,6 +87,8 @@ class Node:
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
         self._flusher: asyncio.Task | None = None
+        self._tls_watch: asyncio.Task | None = None
+        self._tls_reporter: asyncio.Task | None = None
         self.stopped = asyncio.Event()
         self._stopping = False
 
@@ -107,7 +118,11 @@ class Node:
         for listener in self.listeners:
             await listener.start()
         self.started_at = time.time()
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        loop = asyncio.get_running_loop()
+        self._flusher = loop.create_task(self._flush_loop())
+        self._tls_watch = loop.create_task(self.certificates.watch())
+        if self.tls_reports is not None:
+            self._tls_reporter = loop.create_task(self.tls_reports.run())
         log.info("node started", extra={"resumed": resumed})
 
     async def _flush_loop(self) -> None:
@@ -131,8 +146,11 @@ class Node:
         await self.scheduler.drain(self.config.node.drain_timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
-        if self._flusher is not None:
-            self._flusher.cancel()
+        for task in (self._flusher, self._tls_watch, self._tls_reporter):
+            if task is not None:
+                task.cancel()
+        if self.tls_reports is not None:
+            await asyncio.to_thread(self.tls_reports.flush)
         if self.signer is not None:
             self.signer.close()
         await self.monitor.stop()
@@ -232,9 +250,18 @@ class Node:
                 "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
                          "max_smtp_out": s.max_smtp_out} for s in slots],
             })
+        listeners = []
+        for listener in self.listeners:
+            lc, cert = listener.config, listener.handler.guard.certificate
+            listeners.append({
+                "name": listener.name, "address": lc.address, "tls": lc.tls,
+                "port": listener.port if listener.server is not None else lc.port,
+                "require_tls": lc.require_tls, "require_auth": lc.require_auth,
+                "relay_without_auth": [] if lc.require_auth else list(lc.relay_from),
+                "certificate": cert.describe() if cert is not None else None})
         out = {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
-               "pools": pools, "lanes": lanes,
+               "listeners": listeners, "pools": pools, "lanes": lanes,
                "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
         if self.claimer is not None:
             out["cluster"] = {"schema": self.config.cluster.schema_name,
