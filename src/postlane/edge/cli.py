@@ -1,11 +1,14 @@
-"""``postlane users ...`` and ``postlane tls ...``: SMTP AUTH users and test certificates."""
+"""``postlane users ...`` and ``postlane tls ...``: SMTP AUTH users, the listeners'
+certificates (``tls check`` shows what a client sees), and test certificates."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import ipaddress
 import os
+import ssl
 from pathlib import Path
 
 import typer
@@ -91,6 +94,96 @@ def tls_selfsigned(
         typer.echo(f"{out}: cannot write: {exc.strerror}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{out}/cert.pem and {out}/key.pem for {hostname}, valid {days} days")
+
+
+@tls_app.command("check")
+def tls_check(
+    config: Path = typer.Option(..., "-c", "--config", envvar="POSTLANE_CONFIG",
+                                help="the node's TOML config"),
+    listener: str | None = typer.Option(None, help="only this listener (default: all with TLS)"),
+    name: str | None = typer.Option(None, help="name to verify the certificate for "
+                                               "(default: node.hostname)"),
+    ca_file: Path | None = typer.Option(None, help="CA bundle to verify against "
+                                                   "(default: the system's)"),
+) -> None:
+    """Connect to the running node's listeners as a client would and show the TLS it gets:
+    protocol, cipher, certificate names, issuer, validity, and whether it verifies."""
+    from ..cli import _load
+    from .tls import describe_certificate
+
+    cfg = _load(config)
+    names = [listener] if listener else [n for n, lc in cfg.listeners.items() if lc.tls != "none"]
+    if listener and listener not in cfg.listeners:
+        typer.echo(f"no listener named {listener!r}", err=True)
+        raise typer.Exit(2)
+    failed = False
+    for lname in names:
+        lc = cfg.listeners[lname]
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lc.address, lc.address)
+        subject = name or cfg.node.hostname
+        typer.echo(f"listener {lname} {host}:{lc.port} ({lc.tls.upper()})")
+        if lc.tls == "none":
+            typer.echo("  no TLS")
+            continue
+        try:
+            version, cipher, der = asyncio.run(_probe(host, lc.port, lc.tls == "implicit",
+                                                      subject, None))
+        except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+            typer.echo(f"  TLS failed: {exc}")
+            failed = True
+            continue
+        info = describe_certificate(der)
+        typer.echo(f"  protocol   {version}, {cipher}")
+        typer.echo(f"  subject    {info['subject']}")
+        typer.echo(f"  names      {', '.join(info['names']) or '-'}")
+        typer.echo(f"  issuer     {info['issuer']}"
+                   + (" (self-signed)" if info["self_signed"] else ""))
+        typer.echo(f"  valid      {info['not_before']} to {info['not_after']}"
+                   f" ({info['days_left']} days left)")
+        typer.echo(f"  sha256     {info['sha256']}")
+        verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        try:
+            asyncio.run(_probe(host, lc.port, lc.tls == "implicit", subject, verify))
+        except ssl.SSLCertVerificationError as exc:
+            typer.echo(f"  verified   no, for {subject}: {exc.verify_message}")
+        except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+            typer.echo(f"  verified   no, for {subject}: {exc}")
+        else:
+            typer.echo(f"  verified   yes, for {subject}"
+                       + (f" (CA {ca_file})" if ca_file else " (system CAs)"))
+    if failed:
+        raise typer.Exit(1)
+
+
+async def _probe(host: str, port: int, implicit: bool, name: str,
+                 context: ssl.SSLContext | None) -> tuple[str, str, bytes]:
+    """(protocol, cipher, certificate DER) of one TLS session with a listener; ``context``
+    None: no verification."""
+    from ..relay.client import SMTPConnection, SMTPError, Timeouts, unverified_context
+
+    context = context or unverified_context()
+    if implicit:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=context, server_hostname=name), 10)
+        try:
+            await asyncio.wait_for(reader.readline(), 10)
+            ssl_object = writer.get_extra_info("ssl_object")
+            cipher = ssl_object.cipher()
+            return ssl_object.version(), cipher[0], ssl_object.getpeercert(binary_form=True)
+        finally:
+            writer.close()
+    try:
+        conn = await SMTPConnection.open(host, port, server_name=name, source_ip=None,
+                                         ehlo_name="tls-check.local", tls="required",
+                                         timeouts=Timeouts(10, 10, 10, 10, 10),
+                                         ssl_context=context)
+    except SMTPError as exc:
+        cause = exc.__cause__
+        raise cause if isinstance(cause, ssl.SSLError) else OSError(str(exc)) from None
+    try:
+        return conn.tls_version or "", conn.tls_cipher or "", conn.peer_chain()[0]
+    finally:
+        await conn.quit()
 
 
 def selfsigned(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
