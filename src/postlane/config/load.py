@@ -191,8 +191,9 @@ def _security_checks(cfg: Config, base: Path | None) -> list[str]:
     for name, lst in cfg.listeners.items():
         lst.tls_cert, lst.tls_key = resolve(lst.tls_cert), resolve(lst.tls_key)
         where = f"listeners.{name}"
-        pair(f"{where}.tls_cert/tls_key", lst.tls_cert, lst.tls_key)
-        if lst.tls == "none":
+        if lst.tls != "none":
+            pair(f"{where}.tls_cert/tls_key", lst.tls_cert, lst.tls_key)
+        else:
             for field in ("require_auth", "require_tls"):
                 if getattr(lst, field):
                     errors.append(f"{where}.{field}: needs TLS; set tls = \"starttls\" or"
