@@ -19,9 +19,9 @@ import idna
 __all__ = ["PathError", "alabel_domain", "parse_path"]
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
-# The common case, <ascii.dot-string@ldh.domain>, in one match.
-_SIMPLE = re.compile(rf"<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@((?:[A-Za-z0-9](?:[A-Za-z0-9-]*"
-                     rf"[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)>")
+# The common case, <ascii.dot-string@ldh.domain> with labels of at most 63 octets, in one match.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SIMPLE = re.compile(rf"<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@((?:{_LABEL}\.)*{_LABEL})>")
 _ATOM = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+")
 _LDH = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -145,11 +145,12 @@ def parse_path(arg: str, *, utf8: bool, null: bool = False,
     (``utf8`` False: 553 5.6.7 rather than a syntax error)."""
     arg = arg.lstrip(" ")
     match = _SIMPLE.match(arg)
-    if match is not None:  # the common case; labels of 64+ octets and A-labels go the long way
-        rest, domain = arg[match.end():], match.group(2)
-        if (not rest or rest[0] == " ") and match.end() <= 256 and "xn--" not in \
-                domain.lower() and all(len(label) <= 63 for label in domain.split(".")):
-            return arg[1:match.end() - 1], rest.strip(" ")
+    if match is not None:  # the common case; A-labels go the long way, to be checked
+        end = match.end()
+        rest = arg[end:]
+        if (not rest or rest[0] == " ") and end <= 256 and not (
+                "-" in match.group(2) and "xn--" in match.group(2).lower()):
+            return arg[1:end - 1], rest.strip(" ")
     path, rest, bracketed = _split(arg)
     if _surrogate(path):
         raise PathError("the address is not valid UTF-8")
