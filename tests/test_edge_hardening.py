@@ -39,6 +39,16 @@ def _client_ctx() -> ssl.SSLContext:
     return ctx
 
 
+async def _transaction(raw: RawSMTP, rcpts: list[str], data: bytes) -> list[str]:
+    """MAIL, the RCPTs, DATA and the message (already dot-stuffed): every reply."""
+    replies = [await raw.cmd("MAIL FROM:<s@insurer.test>")]
+    replies += [await raw.cmd(f"RCPT TO:<{rcpt}>") for rcpt in rcpts]
+    replies.append(await raw.cmd("DATA"))
+    raw.send(data + b".\r\n")
+    replies.append(await raw.reply())
+    return replies
+
+
 async def _starttls(raw: RawSMTP) -> None:
     assert (await raw.cmd("STARTTLS")).startswith("220 2.0.0")
     await raw.writer.start_tls(_client_ctx())
@@ -60,11 +70,8 @@ async def test_ehlo_name_is_validated_and_never_reaches_a_header(tmp_path, sink,
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("503"), "no EHLO yet"
     for good in ("good.example", "[127.0.0.1]", "[IPv6:::1]", "WIN_HOST.local"):
         assert (await raw.cmd(f"EHLO {good}")).startswith("250"), good
-    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
-    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
-    assert (await raw.cmd("DATA")).startswith("354")
-    raw.send(message() + b".\r\n")
-    assert (await raw.reply()).startswith("250 2.0.0")
+    assert [r[:3] for r in await _transaction(raw, ["a@example.com"], message())] == [
+        "250", "250", "354", "250"]
     await raw.close()
     [arrival] = await sink.wait_for(1)
     head = arrival.data.split(b"\r\n\r\n")[0]
@@ -342,13 +349,9 @@ async def test_a_source_route_is_dropped_for_a_trusted_client(tmp_path, sink, ma
 async def test_a_duplicate_recipient_is_delivered_once(tmp_path, sink, make_node):
     node = await make_node(config_text(tmp_path, sink.port))
     raw = await session(node.listeners[0].port)
-    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
-    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
-    assert (await raw.cmd("RCPT TO:<a@EXAMPLE.com>")).startswith("250 2.1.5")
-    assert (await raw.cmd("RCPT TO:<b@example.com>")).startswith("250")
-    assert (await raw.cmd("DATA")).startswith("354")
-    raw.send(message() + b".\r\n")
-    assert (await raw.reply()).startswith("250 2.0.0")
+    replies = await _transaction(raw, ["a@example.com", "a@EXAMPLE.com", "b@example.com"],
+                                 message())
+    assert "duplicate" in replies[2] and [r[:3] for r in replies] == ["250"] * 4 + ["354", "250"]
     await raw.close()
     [arrival] = await sink.wait_for(1)
     await asyncio.sleep(0.5)
@@ -367,12 +370,10 @@ async def test_line_of_1001_octets_and_header_block_over_the_limit(tmp_path, sin
              (b"X-H: v\r\n" * 70_000 + b"\r\nbody\r\n", "552 5.3.4"),  # 560 KB of header
              (b"Subject: x\r\n\r\n" + b"b" * 100 + b"\r\n" * 3, "250 2.0.0")]
     for data, expect in cases:
-        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
-        assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
-        assert (await raw.cmd("DATA")).startswith("354")
         stuffed = data.replace(b"\r\n.", b"\r\n..")
-        raw.send((b"." + stuffed if stuffed.startswith(b".") else stuffed) + b".\r\n")
-        assert (await raw.reply()).startswith(expect), expect
+        replies = await _transaction(raw, ["a@example.com"], b"." + stuffed if stuffed.startswith(
+            b".") else stuffed)
+        assert replies[-1].startswith(expect), expect
     await raw.close()
 
 

@@ -146,6 +146,16 @@ async def _deliver(node, rcpt: str, cls: str = "policy-documents") -> None:
     await send(node.listeners[0].port, "s@insurer.test", [rcpt], message(cls=cls))
 
 
+async def delivered_with(world: World, make_node, rcpt: str) -> dict:
+    """Start a node, deliver to ``rcpt`` (an opportunistic class), check it was delivered, and
+    return the connection facts its delivery record was written with."""
+    node = await make_node(world.config())
+    seen = evidence(node)
+    await _deliver(node, rcpt, cls="marketing")
+    assert (await first_outcome(world.tmp_path, rcpt))["type"] == "d"
+    return seen[rcpt]
+
+
 # -- the class policies ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("class_tls, host, outcome, auth, status", [
@@ -204,12 +214,8 @@ async def test_mta_sts_enforce_delivers_to_a_matching_mx_with_a_valid_certificat
         world, make_node, tmp_path):
     world.mx("sts.test", "good.mx.test")
     world.sts("sts.test", "enforce", ["*.mx.test"])
-    node = await make_node(world.config())
-    seen = evidence(node)
-    await _deliver(node, "r@sts.test", cls="marketing")  # an opportunistic class
-    assert (await first_outcome(tmp_path, "r@sts.test"))["type"] == "d"
-    assert seen["r@sts.test"]["tls_policy"] == "mta-sts-enforce"
-    assert seen["r@sts.test"]["tls_auth"] == "pkix"
+    conn = await delivered_with(world, make_node, "r@sts.test")  # an opportunistic class
+    assert conn["tls_policy"] == "mta-sts-enforce" and conn["tls_auth"] == "pkix"
 
 
 @pytest.mark.parametrize("host, policy_mx", [("good.mx.test", ["mx.elsewhere.test"]),
@@ -278,12 +284,8 @@ async def test_dane_match_delivers_with_dane_evidence(world, make_node, tmp_path
     world.mx("dane.test", host, secure=True)
     der = (leaf_der(world.certs[host][0]) if usage == 3 else world.intermediate.der)
     world.tlsa(host, usage, selector, der, port=world.port)
-    node = await make_node(world.config())
-    seen = evidence(node)
-    await _deliver(node, "r@dane.test", cls="marketing")
-    assert (await first_outcome(tmp_path, "r@dane.test"))["type"] == "d"
-    assert seen["r@dane.test"]["tls_policy"] == "dane"
-    assert seen["r@dane.test"]["tls_auth"] == auth
+    conn = await delivered_with(world, make_node, "r@dane.test")
+    assert conn["tls_policy"] == "dane" and conn["tls_auth"] == auth
 
 
 async def test_tlsa_mismatch_defers(world, make_node, tmp_path):
@@ -304,22 +306,15 @@ async def test_tlsa_mismatch_defers(world, make_node, tmp_path):
 async def test_tlsa_without_the_ad_bit_is_ignored(world, make_node, tmp_path):
     world.mx("dane.test", "good.mx.test")  # not signed: no AD, so no DANE
     world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)
-    node = await make_node(world.config())
-    seen = evidence(node)
-    await _deliver(node, "r@dane.test", cls="marketing")
-    assert (await first_outcome(tmp_path, "r@dane.test"))["type"] == "d"
-    assert seen["r@dane.test"]["tls_policy"] == "opportunistic"
+    assert (await delivered_with(world, make_node, "r@dane.test"))["tls_policy"] == \
+        "opportunistic"
 
 
 async def test_dane_takes_precedence_over_mta_sts(world, make_node, tmp_path):
     world.mx("both.test", "good.mx.test", secure=True)
     world.sts("both.test", "enforce", ["mx.elsewhere.test"])  # would refuse the MX
     world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["good.mx.test"][0]), port=world.port)
-    node = await make_node(world.config())
-    seen = evidence(node)
-    await _deliver(node, "r@both.test", cls="marketing")
-    assert (await first_outcome(tmp_path, "r@both.test"))["type"] == "d"
-    assert seen["r@both.test"]["tls_policy"] == "dane"
+    assert (await delivered_with(world, make_node, "r@both.test"))["tls_policy"] == "dane"
     assert world.https is not None and "mta-sts.both.test" not in world.https.fetches
 
 

@@ -218,6 +218,18 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             return True
         return False
 
+    async def _path(self, body: str, refusal: str, **kind: bool
+                    ) -> tuple[str, str, dict[str, str]] | None:
+        """(address, parameters for aiosmtpd, DSN parameters), or None after refusing the path:
+        553 5.6.7 when only SMTPUTF8 was missing, else ``refusal`` and why."""
+        try:
+            address, rest = parse_path(body, **kind)
+        except PathError as exc:
+            await self.push("553 5.6.7 SMTPUTF8 is needed for a non-ASCII address" if exc.utf8
+                            else f"{refusal}: {exc}")
+            return None
+        return (address, *_dsn_params(rest))
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self._refuse_if_draining():
@@ -225,14 +237,11 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         body = _keyword(arg, "FROM:")
         self.dsn_params = {}
         if body is not None and self.session is not None and self.session.host_name:
-            try:
-                address, rest = parse_path(body, utf8="SMTPUTF8" in body.upper().split(),
-                                           null=True)
-            except PathError as exc:
-                await self.push("553 5.6.7 SMTPUTF8 is needed for a non-ASCII address" if exc.utf8
-                                else f"501 5.1.7 Bad sender address syntax: {exc}")
+            parsed = await self._path(body, "501 5.1.7 Bad sender address syntax",
+                                      utf8="SMTPUTF8" in body.upper().split(), null=True)
+            if parsed is None:
                 return
-            others, dsn = _dsn_params(rest)
+            address, others, dsn = parsed
             if dsn and not self.session.extended_smtp:
                 await self.push("501 5.5.4 Parameters need EHLO")
                 return
@@ -259,14 +268,11 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         body = _keyword(arg, "TO:")
         self.dsn_params = {}
         if body is not None and self.envelope is not None and self.envelope.mail_from:
-            try:
-                address, rest = parse_path(body, utf8=bool(self.envelope.smtp_utf8),
-                                           postmaster=True)
-            except PathError as exc:
-                await self.push("553 5.6.7 SMTPUTF8 is needed for a non-ASCII address" if exc.utf8
-                                else f"501 5.1.3 Bad recipient address syntax: {exc}")
+            parsed = await self._path(body, "501 5.1.3 Bad recipient address syntax",
+                                      utf8=bool(self.envelope.smtp_utf8), postmaster=True)
+            if parsed is None:
                 return
-            others, dsn = _dsn_params(rest)
+            address, others, dsn = parsed
             notify = dsn.get("NOTIFY", "").upper()
             if notify:
                 words = set(notify.split(","))
