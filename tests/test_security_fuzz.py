@@ -74,7 +74,8 @@ def live_node(tmp_path_factory):
 @pytest.fixture(scope="module")
 def closed_node(tmp_path_factory):
     """No client IP may relay and there are no users: nothing may ever be accepted."""
-    node, sink, stop = _threaded_node(tmp_path_factory.mktemp("closed"), LIMITS, "[]")
+    node, sink, stop = _threaded_node(tmp_path_factory.mktemp("closed"),
+                                      LIMITS + "pregreet_wait = 0\n", "[]")
     yield node, sink
     stop()
 
