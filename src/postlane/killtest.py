@@ -76,6 +76,9 @@ idle_timeout = 0.2
 "example.com" = "127.0.0.1:{sink}"
 [accounting]
 directory = "{workdir}/acct"
+[api]
+port = 0  # never collide with a node already running on this machine
+token_file = "{workdir}/api-token"
 """
 
 
