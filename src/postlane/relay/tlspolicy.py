@@ -69,7 +69,9 @@ class HostPlan:
     dest: Destination
     level: str  # disabled | opportunistic | required | verified | dane
     policy: str  # evidence: opportunistic, required, verified, mta-sts-*, dane
-    report: PolicyRef = NO_POLICY
+    report: PolicyRef | None = NO_POLICY
+    """What TLS-RPT counts the session under; None: not counted (a route is not the domain's
+    MX, so the domain's report is not about it)."""
     tlsa: list[dane.TLSA] = field(default_factory=list)
     testing: STSPolicy | None = None
     """MTA-STS testing: check the certificate as ``enforce`` would, report, deliver anyway."""
@@ -104,7 +106,8 @@ class TLSPolicy:
         """The addresses to try, in order, each with how to connect (raises NoUsableMX)."""
         base, domain = self.base(lane), lane.domain
         if base == "disabled" or routed:
-            return [HostPlan(domain, d, base, base) for d in dests]
+            return [HostPlan(domain, d, base, base, None if routed else NO_POLICY)
+                    for d in dests]
         tlsa = await self._tlsa(domain, dests, source_ip) if self.dane else {}
         sts = await self.sts.policy(domain) if self.sts is not None and not any(
             records for records in tlsa.values()) else None
@@ -202,8 +205,9 @@ class TLSPolicy:
             tls=tls, timeouts=timeouts, ssl_context=self._verify if verify else self._plain)
 
     def _count(self, plan: HostPlan, slot: SourceSlot, failure: str, why: str) -> None:
-        self._session(plan.domain, plan.report, plan.dest.host, slot.address, plan.dest.ip,
-                      failure, why)
+        if plan.report is not None:
+            self._session(plan.domain, plan.report, plan.dest.host, slot.address,
+                          plan.dest.ip, failure, why)
 
     def _session(self, domain: str, ref: PolicyRef, mx: str, source_ip: str, dest_ip: str,
                  failure: str, why: str) -> None:
