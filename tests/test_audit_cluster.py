@@ -28,12 +28,12 @@ async def test_audit_show_prints_a_trail_from_postgresql(tmp_path, sink, pg_sche
     cfg.write_text(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
     node = await start_node(cfg.read_text())
     try:
-        assert isinstance(node.audit.writer.call(lambda s: s).result(10), PostgresAuditStore)
+        assert node.audit.location == PG_DSN
         await send(node.listeners[0].port, "sender@insurer.test", ["anna@example.com"],
                    message("renewal", cls="policy-documents",
                            extra="X-Correlation-ID: policy-4711\r\n"))
         await sink.wait_for(1)
-        await asyncio.to_thread(node.audit.writer.flush, 10)
+        await node.flush_evidence()
         # the real command, run while the node is still writing to the same store
         res = await asyncio.to_thread(cli, "show", "-c", str(cfg), "--correlation-id",
                                       "policy-4711")
@@ -88,10 +88,9 @@ async def test_two_nodes_write_one_chain_and_one_sends_the_webhook(tmp_path, sin
 async def test_events_written_by_another_node_wake_the_sender(tmp_path, sink, pg_schema,
                                                               receiver, monkeypatch):  # noqa: F811
     """Node A's audit service sends the webhook and writes nothing itself; another node's
-    writer appends. Its commits are announced with NOTIFY, so A sends them at once: with the
+    recorder appends. Its commits are announced with NOTIFY, so A sends them at once: with the
     fallback poll set to an hour, they still come."""
     from postlane.accounting.audit.service import AuditService
-    from postlane.accounting.audit.writer import AuditWriter
     from postlane.accounting.records import Record
     from postlane.config import parse_config
 
@@ -99,39 +98,60 @@ async def test_events_written_by_another_node_wake_the_sender(tmp_path, sink, pg
     service = AuditService(parse_config(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
                                                      hook(receiver.url))))
     await service.start()
-    other = AuditWriter(PG_DSN, lambda cls: 120.0, schema=pg_schema)
-    other.start()
+    other = PostgresAuditStore(PG_DSN, pg_schema)
     try:
         await asyncio.sleep(0.5)  # A's sender has made its first round and waits
-        for i in range(3):
-            other.add(Record(type="d", time_logged=10.0 + i, time_queued=1.0, orig="s@x.test",
-                             rcpt=f"p{i}@example.com", queue_id=f"Q{i}",
-                             cls="policy-documents", vmta_pool="critical"))
-        assert await asyncio.to_thread(other.flush, 10) == 3
+        batch = [(Record(type="d", time_logged=10.0 + i, time_queued=1.0, orig="s@x.test",
+                         rcpt=f"p{i}@example.com", queue_id=f"Q{i}", cls="policy-documents",
+                         vmta_pool="critical"), 120.0, "node-b/1", i + 1) for i in range(3)]
+        assert await asyncio.to_thread(other.append, batch) == 3
         await until(lambda: len(receiver.events) >= 3, timeout=30)
     finally:
-        await asyncio.to_thread(other.close)
+        other.close()
         await service.stop()
     assert [e["rcpt"] for e in receiver.events] == [f"p{i}@example.com" for i in range(3)]
 
 
-async def test_a_store_gone_for_good_does_not_hold_the_shutdown(pg_schema, caplog):
-    """Records keep being retried while the node runs; a node that stops gives up after a few
-    tries and says how many records only the accounting files hold."""
+async def test_an_audit_store_gone_does_not_hold_the_shutdown_and_loses_nothing(
+        tmp_path, sink, pg_schema, caplog):
+    """The store disappears under a running node: its records wait in the spool, a stopping
+    node does not wait for the store, and the next start writes them to a store that works."""
     import asyncpg
 
-    from postlane.accounting.audit.writer import AuditWriter
-    from postlane.accounting.records import Record
+    from postlane.spool.outbox import SQLiteOutbox
+    from tests.conftest import config_text
 
-    writer = AuditWriter(PG_DSN, lambda cls: None, schema=pg_schema)
-    writer.start()
-    writer.add(Record(type="r", time_logged=1.0, time_queued=1.0, orig="a@b.test",
-                      rcpt="c@d.test", queue_id="Q1", cls="marketing", vmta_pool="bulk"))
-    assert await asyncio.to_thread(writer.flush, 10) == 1
+    def text(schema: str) -> str:
+        return config_text(tmp_path, sink.port, f'[cluster]\nschema_name = "{schema}"\n'
+                           f'[audit]\npath = "{PG_DSN}"\n')
+
+    node = await start_node(text(pg_schema))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"], message("one"))
+    await sink.wait_for(1)
+    await node.flush_evidence()
     conn = await asyncpg.connect(PG_DSN)
     await conn.execute(f'DROP SCHEMA "{pg_schema}" CASCADE')
     await conn.close()
-    writer.add(Record(type="d", time_logged=2.0, time_queued=1.0, orig="a@b.test",
-                      rcpt="c@d.test", queue_id="Q1", cls="marketing", vmta_pool="bulk"))
-    await asyncio.wait_for(asyncio.to_thread(writer.close), 60)
-    assert "1 records not written to it (they are in the accounting files)" in caplog.text
+    await send(node.listeners[0].port, "s@insurer.test", ["b@example.com"], message("two"))
+    await sink.wait_for(2)
+    await asyncio.wait_for(node.stop(), 60)
+    assert "audit store write failed" in caplog.text
+    outbox = SQLiteOutbox(tmp_path / "spool")
+    try:
+        waiting = sum(len(outbox.read(w, 0, 100)) for w in outbox.writers())
+    finally:
+        outbox.close()
+    assert waiting == 2  # the second message's "r" and "d": in the spool, not lost
+    node = await start_node(text(pg_schema + "_b"))
+    try:
+        await node.flush_evidence()
+    finally:
+        await node.stop()
+    store = open_store_at(PG_DSN, pg_schema + "_b", readonly=True)
+    try:
+        assert {r["rcpt"] for r in store.rows_between(None, None)} == {"b@example.com"}
+    finally:
+        store.close()
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}_b" CASCADE')
+    await conn.close()

@@ -174,17 +174,21 @@ async def test_cli_show_verify_export_sla(evidence_run, tmp_path):
     assert "BREACH" in res.output and "claim-9" in res.output
 
 
+def write(path, *records) -> None:
+    """Records straight into a store (class SLA 60 s), as the recorder would."""
+    store = SQLiteAuditStore(path)
+    store.append([(r, 60.0, "w", n) for n, r in enumerate(records, 1)])
+    store.close()
+
+
 def test_sla_report_counts_late_delivery_as_breach(tmp_path):
-    from postlane.accounting.audit.writer import AuditWriter
     from postlane.accounting.records import Record
 
-    writer = AuditWriter(tmp_path / "a.sqlite", lambda cls: 60.0)
-    writer.start()
     base = dict(orig="s@x", queue_id="Q1", cls="c", vmta_pool="p", correlation_id="late")
-    writer.add(Record(type="r", time_logged=1000.0, time_queued=1000.0, rcpt="a@x", **base))
-    writer.add(Record(type="d", time_logged=1300.0, time_queued=1000.0, rcpt="a@x",
-                      total_seconds_queued=300.0, attempt=1, dsn_diag="smtp;250 ok", **base))
-    writer.close()
+    write(tmp_path / "a.sqlite",
+          Record(type="r", time_logged=1000.0, time_queued=1000.0, rcpt="a@x", **base),
+          Record(type="d", time_logged=1300.0, time_queued=1000.0, rcpt="a@x",
+                 total_seconds_queued=300.0, attempt=1, dsn_diag="smtp;250 ok", **base))
     store = SQLiteAuditStore(tmp_path / "a.sqlite", readonly=True)
     report = sla_report(store, 0, 2000)["classes"]["c"]
     assert report["within_sla"] == 0 and report["latency_s"]["p99"] == 300.0
@@ -241,18 +245,14 @@ pseudonymise = "1ms"
 
 
 def test_remote_bounce_after_relay_is_the_outcome(tmp_path):
-    from postlane.accounting.audit.writer import AuditWriter
     from postlane.accounting.records import Record
 
-    writer = AuditWriter(tmp_path / "a.sqlite", lambda cls: 60.0)
-    writer.start()
     base = dict(orig="s@x", queue_id="Q1", cls="c", vmta_pool="p", rcpt="a@x",
                 time_queued=1000.0)
-    writer.add(Record(type="r", time_logged=1000.0, **base))
-    writer.add(Record(type="d", time_logged=1001.0, total_seconds_queued=1.0, **base))
-    writer.add(Record(type="rb", time_logged=1500.0, dsn_status="5.1.1",
-                      dsn_diag="smtp;550 5.1.1 user unknown", **base))
-    writer.close()
+    write(tmp_path / "a.sqlite", Record(type="r", time_logged=1000.0, **base),
+          Record(type="d", time_logged=1001.0, total_seconds_queued=1.0, **base),
+          Record(type="rb", time_logged=1500.0, dsn_status="5.1.1",
+                 dsn_diag="smtp;550 5.1.1 user unknown", **base))
     store = SQLiteAuditStore(tmp_path / "a.sqlite", readonly=True)
     [trail] = trails(store.find(Query(queue_id="Q1")))
     assert trail.outcome == "bounced by the remote side after relay"
@@ -288,7 +288,7 @@ async def test_intake_refuses_while_the_audit_store_is_too_far_behind(tmp_path, 
     blocker.execute("ROLLBACK")
     blocker.close()
     for _ in range(300):
-        if node.audit.writer.backlog <= 500:
+        if node.recorder.backlog <= 500:
             break
         await asyncio.sleep(0.1)
     await send(port, "s@insurer.test", ["again@example.com"], message("again"))

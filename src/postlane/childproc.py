@@ -1,4 +1,4 @@
-"""Child processes the node feeds over a socket pair (DKIM signers, the audit writer):
+"""Child processes the node feeds over a socket pair (DKIM signers, the recorder):
 length-prefixed ``marshal`` frames, and stopping a child that does not exit by itself."""
 
 from __future__ import annotations

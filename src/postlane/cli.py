@@ -14,6 +14,7 @@ from .config import ConfigError, load_config
 from .edge.cli import killtest, tls_app, users_app
 from .feedback.cli import feedback_app, suppress_app
 from .policy.dkim_cli import app as dkim_app
+from .reputation.cli import dmarc_app, rules_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Postlane: a priority-aware MTA for regulated transactional email.")
@@ -28,6 +29,8 @@ app.command("killtest", hidden=True)(killtest)
 app.add_typer(ops_app)  # status, queues, pause, resume, retry, purge, alerts (over the HTTP API)
 app.add_typer(audit_app, name="audit")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(dmarc_app, name="dmarc")
+app.add_typer(rules_app, name="rules")
 
 
 def _load(path: Path):

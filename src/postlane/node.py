@@ -10,10 +10,10 @@ import logging
 import signal
 import sys
 import time
-from pathlib import Path
 
 from .accounting.audit.service import AuditService
-from .accounting.log import AccountingLog
+from .accounting.recorder import Recorder
+from .accounting.records import Record
 from .api.server import APIServer
 from .config import Config
 from .edge.smtp import Listener
@@ -26,6 +26,7 @@ from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
 from .relay.tlsrpt import TLSReports
+from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
 from .scheduler.scheduler import Failure, Scheduler
 from .spool import Message, PostgresSpool, local_dir, make_spool
@@ -45,15 +46,15 @@ class OperationError(Exception):
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.spool = make_spool(config.node.spool, config.cluster.schema_name)
-        acc = config.accounting
-        self.accounting = AccountingLog(Path(acc.directory), formats=acc.formats,
-                                        fields=acc.fields, rotate_seconds=acc.rotate,
-                                        rotate_bytes=acc.rotate_size)
+        self.spool = make_spool(config.node.spool, config.cluster.schema_name, config.node.name)
         self.audit = AuditService(config) if config.audit.enabled else None
-        if self.audit is not None:
-            self.accounting.add_listener(self.audit.add)
-        self.scheduler = Scheduler(config, self.spool, self.accounting.write, self._on_failures)
+        self.recorder = Recorder(config, self.spool,
+                                 self.audit.location if self.audit is not None else None,
+                                 self.audit.stored if self.audit is not None else None)
+        self._listeners: list = []
+        """In-memory observers of every record (monitor, feedback): told at once, on the
+        loop; the durable copy goes through the spool and the recorder."""
+        self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
         self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3")
@@ -64,16 +65,15 @@ class Node:
         """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
         self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
                         if isinstance(self.spool, PostgresSpool) else None)
-        self.signer = Signer(config, self.accounting.write) if config.dkim.keys else None
-        self.intake = Intake(config, self.spool, self.claimer or self.scheduler,
-                             self.accounting.write, self.signer)
-        self.feedback = FeedbackService(config, self.accounting.write)
-        self.accounting.add_listener(self.feedback.on_record)
+        self.signer = Signer(config, self.persist) if config.dkim.keys else None
+        self.intake = Intake(config, self.spool, self.claimer or self.scheduler, self.emit,
+                             self.signer)
+        self.feedback = FeedbackService(config, self.persist)
+        self._listeners.append(self.feedback.on_record)
         self.intake.feedback = self.feedback
         if self.tls_reports is not None:
             self.tls_reports.submit = self.intake.submit
-        if self.audit is not None:
-            self.intake.audit_behind = self.audit.behind
+        self.intake.audit_behind = self.recorder.behind
         self.relay.envelope_sender = self.feedback.envelope_sender
         self.scheduler.classify = self.feedback.classifier.classify
         self.certificates = Certificates(config)
@@ -81,24 +81,43 @@ class Node:
                                    self.certificates.for_listener(name))
                           for name, lc in config.listeners.items()]
         self.monitor = Monitor(self)
-        self.accounting.add_listener(self.monitor.on_record)
+        self._listeners.append(self.monitor.on_record)
+        self.reputation = ReputationService(self)
+        self.feedback.dmarc = self.reputation
+        self._listeners.append(self.reputation.on_record)
+        self.monitor.sources.append(self.reputation.conditions)
+        self.monitor.metrics.registry.register(ReputationCollector(self.reputation))
         self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
-        self._flusher: asyncio.Task | None = None
-        self._tls_watch: asyncio.Task | None = None
-        self._tls_reporter: asyncio.Task | None = None
+        self._tls_tasks: list[asyncio.Task] = []
         self.stopped = asyncio.Event()
         self._stopping = False
+
+    def emit(self, rec: Record) -> None:
+        """Tell the in-memory observers about a record whose event the caller has put into a
+        spool write (with the state change it describes)."""
+        for fn in self._listeners:
+            try:
+                fn(rec)
+            except Exception:  # a broken observer must not stop mail or its evidence
+                log.exception("record observer %r failed", fn)
+
+    def persist(self, rec: Record) -> None:
+        """A record that goes with no state change of the spool (a complaint, a refusal):
+        an event of its own, durable at the next commit."""
+        self.spool.record([rec])
+        self.emit(rec)
 
     async def start(self) -> None:
         """Open the spool, resume every queued message, then open the listeners."""
         await self.spool.open()
-        if self.signer is not None:
-            await self.signer.start()
         if self.audit is not None:
             await self.audit.start()
+        await self.recorder.start()
+        if self.signer is not None:
+            await self.signer.start()
         self.scheduler.paused = await self.spool.paused()
         resumed = 0
         if self.claimer is not None:
@@ -112,6 +131,7 @@ class Node:
             resumed = len(pending.recipients)
             for rcpt in pending.recipients:
                 self.scheduler.add(rcpt)
+        await self.reputation.start()
         await self.monitor.start()
         if self.api is not None:
             await self.api.start()
@@ -119,16 +139,10 @@ class Node:
             await listener.start()
         self.started_at = time.time()
         loop = asyncio.get_running_loop()
-        self._flusher = loop.create_task(self._flush_loop())
-        self._tls_watch = loop.create_task(self.certificates.watch())
+        self._tls_tasks.append(loop.create_task(self.certificates.watch()))
         if self.tls_reports is not None:
-            self._tls_reporter = loop.create_task(self.tls_reports.run())
+            self._tls_tasks.append(loop.create_task(self.tls_reports.run()))
         log.info("node started", extra={"resumed": resumed})
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self.accounting.flush()
 
     async def stop(self) -> None:
         """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool.
@@ -146,26 +160,31 @@ class Node:
         await self.scheduler.drain(self.config.node.drain_timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
-        for task in (self._flusher, self._tls_watch, self._tls_reporter):
-            if task is not None:
-                task.cancel()
+        for task in self._tls_tasks:
+            task.cancel()
         if self.tls_reports is not None:
             await asyncio.to_thread(self.tls_reports.flush)
         if self.signer is not None:
             self.signer.close()
         await self.monitor.stop()
+        await self.reputation.stop()
         try:
             await self.spool.flush()
         except RuntimeError as exc:  # the database is away: a crash would lose the same writes
             log.error("last spool writes failed: %s", exc)
+        await self.recorder.stop()  # writes every event on, then reports what to trim
         if self.claimer is not None:
             await self.claimer.close()
         await self.spool.close()
-        self.accounting.close()
         self.feedback.close()
         if self.audit is not None:
             await self.audit.stop()
         self.stopped.set()
+
+    async def flush_evidence(self) -> None:
+        """Wait until every record so far is in the audit store and the accounting files."""
+        await self.spool.flush()
+        await self.recorder.flush()
 
     # -- bounces --------------------------------------------------------------------------------
 
@@ -211,7 +230,7 @@ class Node:
                                  409)
         await self.scheduler.set_paused(pool, domain, True)
         if self.audit is not None:
-            self.audit.note("pause", pool, domain)
+            await self.audit.note("pause", pool, domain)
         log.info("paused", extra={"pool": pool, "domain": domain or "*"})
 
     async def resume(self, pool: str, domain: str | None = None) -> None:
@@ -219,7 +238,7 @@ class Node:
             raise OperationError(f"no pool named {pool!r}", 404)
         await self.scheduler.set_paused(pool, domain, False)
         if self.audit is not None:
-            self.audit.note("resume", pool, domain)
+            await self.audit.note("resume", pool, domain)
         log.info("resumed", extra={"pool": pool, "domain": domain or "*"})
 
     def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:

@@ -9,7 +9,6 @@ database, as an attacker with write access would, never through the store.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -18,7 +17,6 @@ from psycopg.rows import dict_row
 
 from postlane.accounting.audit.backend import open_store_at
 from postlane.accounting.audit.store import AuditStore
-from postlane.accounting.audit.writer import AuditWriter
 from tests.support.pg import PG_DSN
 
 
@@ -29,9 +27,6 @@ class AuditBackend:
 
     def open(self, *, readonly: bool = False) -> AuditStore:
         return open_store_at(self.location, self.schema, readonly=readonly)
-
-    def writer(self, sla_of: Callable[[str], float | None]) -> AuditWriter:
-        return AuditWriter(self.location, sla_of, schema=self.schema)
 
     def cli(self) -> list[str]:
         """The CLI options naming this store."""

@@ -1,22 +1,25 @@
 """Accounting file writer: CSV (RFC 4180) and/or JSON Lines, rotated by age and size.
 
-Writes go to large user-space buffers and are never fsynced per record, so the hot path stays
-cheap at thousands of records per second; durability points are rotate(), close() and an
-explicit flush(fsync=True). A rotation due by age or size, which happens inside a write, hands
-the old files to a thread for their fsync: fsyncing two 100 MB files on the event loop held it
-for hundreds of milliseconds (transactional max latency 290 ms in a 200k campaign).
+The recorder (``accounting.recorder``) writes the files from the spool's events. Writes go to
+large user-space buffers; ``sync`` is the durability point: it fsyncs the files and then
+replaces a small *position file* beside them with the files' sizes and the last event each
+spool writer has in them. After a crash, ``recover`` cuts the files back to those sizes and
+returns the event numbers, and the recorder writes the events after them again: every event is
+in the files exactly once, whatever moment the process died at. Rotation happens only at a
+sync, so the position file always names the files being written.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,6 +35,7 @@ FORMATS: tuple[str, ...] = ("csv", "jsonl")
 _FILE_MODE = 0o640
 _DIR_MODE = 0o750
 _BUFFER_BYTES = 256 * 1024
+POSITION_FILE = ".position.json"
 _FLOATS = frozenset({"totalSecondsQueued"})  # written with 3 decimals in CSV
 # "header_" + an RFC 5322 field name (printable ASCII except colon).
 _HEADER_FIELD = re.compile(r"header_[\x21-\x39\x3b-\x7e]+")
@@ -102,38 +106,55 @@ class AccountingLog:
         self.prefix = prefix
         self._clock = clock
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[Record], None]] = []
         self._files: dict[str, BinaryIO] = {}
         self._sizes: dict[str, int] = {}
         self._opened_at = 0.0
         self._closed = False
-        self._retiring: list[threading.Thread] = []
+        self.feed: dict[str, int] = {}
+        """Each spool writer's last event the files hold, as of the last ``sync``."""
         # csv writes into a reusable in-memory buffer so the exact encoded size is known.
         self._csv_buf = io.StringIO()
         self._csv = csv.writer(self._csv_buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
         self.current_paths: dict[str, Path] = {}
         self.directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        self.recovered_bytes = self._recover()
+        """Bytes cut off the files at open: lines written after the last sync (written again
+        by the recorder)."""
         self._open_files()
+        self._save_position()
 
     # -- public API -------------------------------------------------------------------------
 
     def write(self, record: Record) -> None:
-        """Buffer one record; may rotate first, never fsyncs."""
+        """Buffer one record."""
         with self._lock:
             self._write_locked(record)
-        self._notify(record)
 
     def write_many(self, records: Iterable[Record]) -> None:
         """Buffer several records under one lock acquisition."""
-        batch = list(records)
         with self._lock:
-            for record in batch:
+            for record in records:
                 self._write_locked(record)
-        for record in batch:
-            self._notify(record)
+
+    def sync(self, feed: Mapping[str, int] | None = None) -> None:
+        """Make everything written so far durable and record ``feed`` (each spool writer's last
+        event now in the files) in the position file; rotate if the files are due."""
+        with self._lock:
+            self._check_open()
+            for fh in self._files.values():
+                fh.flush()
+                os.fsync(fh.fileno())
+            if feed:
+                self.feed.update(feed)
+            if self._clock() - self._opened_at >= self.rotate_seconds or any(
+                    size >= self.rotate_bytes for size in self._sizes.values()):
+                self._rotate_locked()
+            else:
+                self._save_position()
 
     def flush(self, fsync: bool = False) -> None:
-        """Push buffers to the OS; with fsync, also to stable storage."""
+        """Push buffers to the OS; with fsync, to stable storage (``sync`` also moves the
+        position)."""
         with self._lock:
             self._check_open()
             for fh in self._files.values():
@@ -148,23 +169,18 @@ class AccountingLog:
             self._rotate_locked()
 
     def close(self) -> None:
-        """Flush, fsync and close; idempotent."""
+        """Flush, fsync, record the position and close; idempotent. (The recorder passes its
+        last ``feed`` through ``sync`` first.)"""
         with self._lock:
             if self._closed:
                 return
+            for fh in self._files.values():
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._save_position()
             self._closed = True
-            self._close_files()
-            for thread in self._retiring:
-                thread.join()
-
-    def add_listener(self, fn: Callable[[Record], None]) -> None:
-        """Call ``fn`` after every record is written (monitoring, audit forwarding).
-
-        Listener exceptions are logged, not raised: the file is the record of truth and a
-        broken hook must not stop accounting.
-        """
-        with self._lock:
-            self._listeners.append(fn)
+            _retire(self._files)
+            self._files = {}
 
     def __enter__(self) -> AccountingLog:
         return self
@@ -180,15 +196,6 @@ class AccountingLog:
 
     def _write_locked(self, record: Record) -> None:
         self._check_open()
-        if self._clock() - self._opened_at >= self.rotate_seconds or any(
-            size >= self.rotate_bytes for size in self._sizes.values()
-        ):
-            old, self._files = self._files, {}
-            self._open_files()
-            self._retiring = [t for t in self._retiring if t.is_alive()]
-            thread = threading.Thread(target=_retire, args=(old,), name="accounting-rotate")
-            thread.start()
-            self._retiring.append(thread)
         values = record.as_dict()
         if self._all_default:
             row = list(values.values())
@@ -214,12 +221,68 @@ class AccountingLog:
         return buf.getvalue().encode()
 
     def _rotate_locked(self) -> None:
-        self._close_files()
+        """New files first, then the position naming them, then the old files closed: a crash
+        at any step leaves a position that names files holding exactly what it says."""
+        old = self._files
+        for fh in old.values():
+            fh.flush()
+            os.fsync(fh.fileno())
         self._open_files()
+        self._save_position()
+        _retire(old)
 
-    def _close_files(self) -> None:
-        files, self._files = self._files, {}
-        _retire(files)
+    # -- the position file ----------------------------------------------------------------------
+
+    def _position_path(self) -> Path:
+        return self.directory / f"{self.prefix}{POSITION_FILE}"
+
+    def _save_position(self) -> None:
+        data = json.dumps({"files": {fmt: [str(p), self._sizes[fmt]]
+                                     for fmt, p in self.current_paths.items()},
+                           "feed": self.feed}).encode()
+        path = self._position_path()
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self._fsync_directory()
+
+    def _recover(self) -> int:
+        """Cut the files the position names back to their recorded sizes; returns how many
+        bytes that removed. No position file: a new directory (or one written before positions
+        existed), nothing to cut."""
+        path = self._position_path()
+        try:
+            saved = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            log.error("accounting position file %s is unreadable; records after the last"
+                      " sync may appear twice in the files", path)
+            return 0
+        self.feed = {str(w): int(n) for w, n in saved.get("feed", {}).items()}
+        cut = 0
+        for name, size in saved.get("files", {}).values():
+            try:
+                extra = os.path.getsize(name) - size
+            except FileNotFoundError:
+                continue  # moved away (a log shipper's rotation): nothing to cut
+            if extra > 0:
+                fd = os.open(name, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                cut += extra
+        if cut:
+            log.warning("accounting files cut back by %d bytes to their last sync; the"
+                        " recorder writes those records again", cut)
+        return cut
 
     def _open_files(self) -> None:
         now = self._clock()
@@ -265,13 +328,6 @@ class AccountingLog:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def _notify(self, record: Record) -> None:
-        for fn in tuple(self._listeners):
-            try:
-                fn(record)
-            except Exception:
-                log.exception("accounting listener %r failed", fn)
 
 
 def _retire(files: dict[str, BinaryIO]) -> None:

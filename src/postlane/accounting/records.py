@@ -6,8 +6,10 @@ The file field names and time format follow PowerMTA so that existing log pipeli
 
 from __future__ import annotations
 
+import marshal
+import operator
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 
 __all__ = [
@@ -16,13 +18,16 @@ __all__ = [
     "RECORD_TYPES",
     "Record",
     "format_time",
+    "pack",
     "parse_time",
+    "unpack",
 ]
 
 #: r received, d delivered, t transient failure (deferred), b bounced (an expired recipient is a
 #: "b" with bounce_cat "message-expired", dsn_status "4.4.7", dsn_action "failed"), rb remote
-#: (asynchronous) bounce, f feedback/complaint, s suppressed.
-RECORD_TYPES: frozenset[str] = frozenset({"r", "d", "t", "b", "rb", "f", "s"})
+#: (asynchronous) bounce, f feedback/complaint, s suppressed, u outcome unknown (an attempt
+#: started, the final dot may have been sent, and the node stopped before recording the reply).
+RECORD_TYPES: frozenset[str] = frozenset({"r", "d", "t", "b", "rb", "f", "s", "u"})
 
 CORRELATION_HEADER_FIELD = "header_X-Correlation-ID"
 
@@ -45,6 +50,8 @@ DEFAULT_FIELDS: tuple[str, ...] = (
     "dlvDestinationIp",
     "dlvTlsProtocol",
     "dlvTlsCipher",
+    "dlvTlsAuth",
+    "dlvTlsPolicy",
     "dlvSize",
     "vmta",
     "vmtaPool",
@@ -57,6 +64,7 @@ DEFAULT_FIELDS: tuple[str, ...] = (
     "totalSecondsQueued",
     "listener",
     "authUser",
+    "operator",
     CORRELATION_HEADER_FIELD,
 )
 
@@ -113,6 +121,9 @@ class Record:
     total_seconds_queued: float = 0.0
     listener: str = ""
     auth_user: str = ""
+    dlv_tls_auth: str = ""  # ""|none|pkix|dane-ee|dane-ta: how the peer was authenticated
+    dlv_tls_policy: str = ""  # the outbound TLS policy that applied (opportunistic, dane …)
+    operator: str = ""  # who ordered it, for records of an operator's action
 
     def __post_init__(self) -> None:
         # Fail at the producer, not in a downstream parser that meets an unknown type.
@@ -143,6 +154,8 @@ class Record:
             "dlvDestinationIp": self.dlv_destination_ip,
             "dlvTlsProtocol": self.dlv_tls_protocol,
             "dlvTlsCipher": self.dlv_tls_cipher,
+            "dlvTlsAuth": self.dlv_tls_auth,
+            "dlvTlsPolicy": self.dlv_tls_policy,
             "dlvSize": self.dlv_size,
             "vmta": self.vmta,
             "vmtaPool": self.vmta_pool,
@@ -155,5 +168,21 @@ class Record:
             "totalSecondsQueued": round(self.total_seconds_queued, 3),
             "listener": self.listener,
             "authUser": self.auth_user,
+            "operator": self.operator,
             CORRELATION_HEADER_FIELD: self.correlation_id,
         }
+
+
+_VALUES = operator.attrgetter(*(f.name for f in fields(Record)))
+
+
+def pack(record: Record) -> bytes:
+    """A record as the bytes of a spool event: its field values in declaration order (the
+    audit store's RECORD_COLUMNS order), marshalled (≈ 1 µs; no schema to agree on between
+    the node and the recorder, which run the same code)."""
+    return marshal.dumps(_VALUES(record))
+
+
+def unpack(data: bytes) -> tuple:
+    """The field values of a packed record (``Record(*values)`` makes it again)."""
+    return marshal.loads(data)

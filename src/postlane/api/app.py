@@ -20,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from ..policy.intake import RcptIn, Rejection
+from ..reputation.api import router as reputation_router
 from .injection import MessageIn, Queued
 
 if TYPE_CHECKING:
@@ -165,6 +166,7 @@ def create_app(node: Node, token: str) -> FastAPI:
         """Samples of the last hour for the dashboard's charts."""
         return {"samples": list(node.monitor.history)}
 
+    api.include_router(reputation_router(node))
     app.include_router(api)
 
     @app.get("/metrics", dependencies=[Depends(require_token)], tags=["monitoring"],

@@ -102,7 +102,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         addr = getattr(cfg.monitor, field)
         if addr is not None and not _mailbox(addr):
             errors.append(f"monitor.{field}: {addr!r} is not an e-mail address")
-    return errors + _feedback_checks(cfg) + _dkim_checks(cfg) + _audit_checks(cfg)
+    return errors + _feedback_checks(cfg) + _dkim_checks(cfg) + _audit_checks(cfg) + \
+        _reputation_checks(cfg)
 
 
 def _feedback_checks(cfg: Config) -> list[str]:
@@ -121,6 +122,19 @@ def _feedback_checks(cfg: Config) -> list[str]:
     for i, addr in enumerate(fb.fbl_addresses):
         if "@" not in addr.strip("@"):
             errors.append(f"feedback.fbl_addresses[{i}]: not an address: {addr!r}")
+    return errors
+
+
+def _reputation_checks(cfg: Config) -> list[str]:
+    rep = cfg.reputation
+    errors = [f"reputation.dmarc.addresses[{i}]: not an address: {addr!r}"
+              for i, addr in enumerate(rep.dmarc.addresses) if "@" not in addr.strip("@")]
+    for field, url in (("postmaster.base_url", rep.postmaster.base_url),
+                       ("snds.url", rep.snds.url)):
+        if url is not None and not url.startswith(("https://", "http://")):
+            errors.append(f"reputation.{field}: not an http(s) URL")
+    if rep.spam_ratio_warning > rep.spam_ratio_critical:
+        errors.append("reputation.spam_ratio_warning: must not exceed spam_ratio_critical")
     return errors
 
 
@@ -293,6 +307,11 @@ def load_config(path: str | Path) -> Config:
             errors.append(f"dkim.keys[{i}].key_file: {exc}")
     if errors:
         raise ConfigError(str(path), errors)
+    rep = cfg.reputation
+    if rep.store and not is_dsn(rep.store) and not Path(rep.store).is_absolute():
+        rep.store = str(base / rep.store)
+    if rep.postmaster.key_file and not Path(rep.postmaster.key_file).is_absolute():
+        rep.postmaster.key_file = str(base / rep.postmaster.key_file)
     for attr in ("path", "pseudonymisation_key"):
         value = getattr(cfg.audit, attr)
         if value and not Path(value).is_absolute() and not is_dsn(value):

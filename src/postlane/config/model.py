@@ -564,6 +564,70 @@ class ClusterConfig(Strict):
         return value
 
 
+class DMARCConfig(Strict):
+    """DMARC aggregate reports (docs/reputation.md)."""
+
+    addresses: list[str] = []
+    """The ``rua`` addresses published in the domains' DMARC records: accepted on every
+    listener from anyone (like the FBL addresses), stored, never relayed."""
+    max_report_size: Size = 32 * 1024 * 1024
+    """Bytes of XML a report may decompress to; beyond, it is refused as a bomb."""
+    window: Duration = 7 * 86400.0
+    """Reports that ended within this span feed the gauges, the dashboard and the alerts."""
+    dkim_alignment_alert: float = Field(0.95, ge=0, le=1)
+    """A pool whose DKIM alignment (share of its messages that pass aligned DKIM) falls below
+    this raises an alert."""
+    unknown_alert: int = Field(100, ge=1)
+    """Messages from unknown senders (neither SPF nor DKIM aligned) for one domain within the
+    window that raise an alert."""
+    min_messages: int = Field(100, ge=1)
+    """Messages a pool needs in the window before its alignment can raise an alert."""
+
+
+class PostmasterConfig(Strict):
+    """Google Postmaster Tools API importer (off while ``key_file`` is unset)."""
+
+    key_file: str | None = None
+    """The service account's JSON key (mode 0600); the account must be a user of the domains
+    in Postmaster Tools."""
+    subject: str | None = None
+    """With domain-wide delegation: the user to act as."""
+    base_url: str = "https://gmailpostmastertools.googleapis.com"
+    domains: list[DomainName] = []
+    """Domains to import; empty: every domain the account can read."""
+    interval: Duration = 6 * 3600.0
+    history: Duration = 30 * 86400.0
+    """How far back each import reads (Google revises recent days)."""
+    timeout: Duration = 30.0
+
+
+class SNDSConfig(Strict):
+    """Microsoft SNDS automated-access importer (off while ``url`` is unset)."""
+
+    url: str | None = None
+    """The data URL with its access key, as the SNDS "Automated Access" page shows it; the key
+    is a secret and never logged."""
+    interval: Duration = 6 * 3600.0
+    timeout: Duration = 30.0
+
+
+class ReputationConfig(Strict):
+    """DMARC reports, Postmaster Tools, SNDS and the rules review (docs/reputation.md)."""
+
+    store: str | None = None
+    """A SQLite file or a PostgreSQL DSN. Default: the spool's database in cluster mode, else
+    reputation.sqlite3 in the node's folder."""
+    dmarc: DMARCConfig = DMARCConfig()
+    postmaster: PostmasterConfig = PostmasterConfig()
+    snds: SNDSConfig = SNDSConfig()
+    spam_ratio_warning: float = Field(0.001, ge=0, le=1)
+    """Gmail user-reported spam ratio that raises a warning (0.1 %)."""
+    spam_ratio_critical: float = Field(0.003, ge=0, le=1)
+    """... and a critical alert (0.3 %, Google's published limit for bulk senders)."""
+    review_after: Duration = 30 * 86400.0
+    """A destination rule not reviewed for this long is stale (``postlane rules review``)."""
+
+
 class Config(Strict):
     node: NodeConfig = NodeConfig()
     listeners: dict[Name, ListenerConfig] = {"default": ListenerConfig()}
@@ -594,6 +658,7 @@ class Config(Strict):
     scheduler: Literal["lanes", "fifo"] = "lanes"
     feedback: FeedbackConfig = FeedbackConfig()
     """``fifo`` serves every message in arrival order through one queue: the baseline to beat."""
+    reputation: ReputationConfig = ReputationConfig()
 
     def class_for(self, name: str | None) -> ClassConfig | None:
         return self.classes.get(name) if name else None

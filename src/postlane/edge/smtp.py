@@ -382,6 +382,7 @@ class SMTPIntake:
         if reports:  # bounces and complaints for the node itself: parsed, never relayed
             try:
                 await feedback.receive(envelope.original_content or b"", reports, peer)
+                await self.intake.spool.flush()  # its records are on disk before the 250
             except Exception:
                 log.exception("report processing failed")
                 return "451 4.3.0 Temporary failure processing the report, try again"

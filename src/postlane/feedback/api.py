@@ -80,7 +80,9 @@ def router(node: Node) -> APIRouter:
         if not data or len(data) > MAX_REPORT:
             raise HTTPException(413 if data else 422, "send one message, at most 10 MB")
         client = request.client.host if request.client else ""
-        return (await node.feedback.receive(data, [], client)).as_dict()
+        report = await node.feedback.receive(data, [], client)
+        await node.spool.flush()  # its records are on disk before the answer
+        return report.as_dict()
 
     @api.get("/feedback/complaint-rates")
     async def rates() -> dict:

@@ -59,6 +59,9 @@ class FeedbackService:
         self.fbl_addresses = {a.lower() for a in fb.fbl_addresses}
         self.mailto = (fb.unsubscribe_mailto or "").lower() or None
         self.record = record
+        self.dmarc = None
+        """reputation.service.ReputationService when the node wires one: mail to the DMARC
+        ``rua`` addresses goes there."""
 
     def close(self) -> None:
         self.suppression.close()
@@ -83,20 +86,22 @@ class FeedbackService:
 
     def screen(self, *, queue_id: str, now: float, cls: str, pool: str, mail_from: str,
                rcpts: list[RcptIn], fields: list[tuple[str, bytes]], message_id: str,
-               listener: str) -> tuple[list[RcptIn], list[tuple[str, bytes]]]:
-        """Drop suppressed recipients (writing "s" records) and return the rest with the header
-        fields to add (List-Unsubscribe for a marketing class). Recipients looked up at RCPT
-        (``at_rcpt``) are not looked up again."""
+               listener: str) -> tuple[list[RcptIn], list[tuple[str, bytes]], list[Record]]:
+        """Drop suppressed recipients and return the rest, the header fields to add
+        (List-Unsubscribe for a marketing class) and an "s" record per dropped recipient (the
+        caller commits them with the message). Recipients looked up at RCPT (``at_rcpt``) are
+        not looked up again."""
         policy = self.policy(cls)
         unchecked = [r.address for r in rcpts if not r.checked]
         hits = self.suppression.check(unchecked, policy.marketing) if unchecked else {}
         kept = []
+        dropped: list[Record] = []
         for rcpt in rcpts:
             hit = rcpt.suppressed if rcpt.checked else hits.get(rcpt.address)
             if hit is None or (hit.scope != "all" and not policy.marketing):
                 kept.append(rcpt)
                 continue
-            self.record(Record(
+            dropped.append(Record(
                 type="s", time_logged=now, time_queued=now, orig=mail_from, rcpt=rcpt.address,
                 queue_id=queue_id, cls=cls, vmta_pool=pool, orcpt=rcpt.orcpt,
                 dsn_action="failed", dsn_status="5.7.1",
@@ -109,7 +114,7 @@ class FeedbackService:
             for raw in self.signer.header_fields(kept[0].address, url,
                                                  self.config.feedback.unsubscribe_mailto):
                 added.append((raw.split(b":", 1)[0].decode().lower(), raw))
-        return kept, added
+        return kept, added, dropped
 
     # -- relay ----------------------------------------------------------------------------------
 
@@ -126,11 +131,18 @@ class FeedbackService:
     def is_report_address(self, address: str) -> bool:
         address = address.lower()
         return address in self.fbl_addresses or address == self.mailto or \
-            address.rpartition("@")[2] in self.bounce_domains
+            address.rpartition("@")[2] in self.bounce_domains or \
+            (self.dmarc is not None and self.dmarc.is_rua(address))
 
-    async def receive(self, data: bytes, rcpts: list[str], client: str = "") -> Report:
-        """Act on a report received for ``rcpts`` (our VERP, FBL or unsubscribe addresses): "rb"
-        records for failed recipients, "f" records for complaints, suppressions."""
+    async def receive(self, data: bytes, rcpts: list[str], client: str = "") -> Report | None:
+        """Act on a report received for ``rcpts`` (our VERP, FBL, unsubscribe or DMARC
+        addresses): "rb" records for failed recipients, "f" records for complaints,
+        suppressions; DMARC aggregate reports go to the reputation store."""
+        if self.dmarc is not None and any(self.dmarc.is_rua(r) for r in rcpts):
+            await self.dmarc.receive(data, client)
+            rcpts = [r for r in rcpts if not self.dmarc.is_rua(r)]
+            if not rcpts:
+                return None
         report = await asyncio.to_thread(parse_report, data, self.classifier)
         if self.mailto in (r.lower() for r in rcpts):
             self._unsubscribe_by_mail(data)

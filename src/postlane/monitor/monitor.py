@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +68,8 @@ class Monitor:
         journal = Path(self.config.accounting.directory) / "alerts.jsonl"
         self.alerts = AlertManager(notifiers, mon.resolve_after, journal)
         self.metrics = Metrics(self)
+        self.sources: list[Callable[[float], list[Condition]]] = []
+        """More alert conditions (the reputation service's), evaluated with the SLA rules."""
         self.history: deque[dict] = deque(maxlen=int(HISTORY_SECONDS / mon.sample_every) + 1)
         self._pool_oldest: dict[str, float] = {}
         self._task: asyncio.Task | None = None
@@ -142,7 +145,8 @@ class Monitor:
         for pool, state in self.tracker.pools.items():
             if pool not in busy and state.busy_since is not None:
                 self.tracker.mark_idle(pool)
-        self.alerts.update(self.conditions(now), now)
+        self.alerts.update(self.conditions(now) + [c for source in self.sources
+                                                   for c in source(now)], now)
 
     # -- views ----------------------------------------------------------------------------------
 

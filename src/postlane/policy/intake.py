@@ -93,13 +93,15 @@ def from_domain_of(value: str) -> str:
 
 
 class Intake:
-    def __init__(self, config: Config, spool: Spool, scheduler, record,
+    def __init__(self, config: Config, spool: Spool, scheduler, record: Callable[[Record], None],
                  signer: Signer | None = None) -> None:
         self.config = config
         self.signer = signer
         self.spool = spool
         self.scheduler = scheduler
         self.record = record
+        """Tells the in-memory observers; the records themselves go into the spool with the
+        message."""
         self.accepted = 0
         self.feedback = None
         """feedback.service.FeedbackService when the node wires one: suppression, List-Unsubscribe,
@@ -195,11 +197,16 @@ class Intake:
         if not message_id:
             message_id = f"<{qid}@{self.config.node.hostname}>"
             kept.append(("message-id", f"Message-ID: {message_id}".encode()))
+        dropped: list[Record] = []
         if self.feedback is not None:
-            rcpts, added = self.feedback.screen(
+            rcpts, added, dropped = self.feedback.screen(
                 queue_id=qid, now=now, cls=cls_name, pool=cls.pool, mail_from=mail_from,
                 rcpts=rcpts, fields=kept, message_id=message_id, listener=listener)
             if not rcpts:  # every recipient suppressed: accepted and dropped ("s" records)
+                self.spool.record(dropped, urgent=cls.sla is not None)
+                await self.spool.flush()
+                for rec in dropped:
+                    self.record(rec)
                 return qid
             kept.extend(added)
         stamp = [
@@ -225,15 +232,18 @@ class Intake:
         recipients = [Recipient(msg=msg, idx=i, address=r.address, domain=domain_of(r.address),
                                 orcpt=r.orcpt, notify=r.notify) for i, r in enumerate(rcpts)]
         msg.remaining = len(recipients)
-        await self.spool.enqueue(msg, recipients, content, urgent=cls.sla is not None)
-        for r in recipients:
-            self.record(Record(type="r", time_logged=now, time_queued=now, orig=mail_from,
-                               rcpt=r.address, queue_id=qid, cls=cls_name, vmta_pool=cls.pool,
-                               orcpt=r.orcpt, src_type=src_type, dsn_diag=dkim_note,
-                               src_mta=f"{client_name} ({client_ip})" if client_ip else "",
-                               dlv_size=msg.size, job_id=msg.correlation_id, env_id=envid,
-                               correlation_id=msg.correlation_id, message_id=message_id,
-                               listener=listener, auth_user=auth_user))
+        src_mta = f"{client_name} ({client_ip})" if client_ip else ""
+        received = [Record(type="r", time_logged=now, time_queued=now, orig=mail_from,
+                           rcpt=r.address, queue_id=qid, cls=cls_name, vmta_pool=cls.pool,
+                           orcpt=r.orcpt, src_type=src_type, dsn_diag=dkim_note, src_mta=src_mta,
+                           dlv_size=msg.size, job_id=msg.correlation_id, env_id=envid,
+                           correlation_id=msg.correlation_id, message_id=message_id,
+                           listener=listener, auth_user=auth_user) for r in recipients]
+        # the "r" (and "s") records are committed with the message: no 250 without them
+        await self.spool.enqueue(msg, recipients, content, urgent=cls.sla is not None,
+                                 events=dropped + received)
+        for rec in dropped + received:
+            self.record(rec)
         self.scheduler.add_message(recipients)
         self.accepted += 1
         return qid

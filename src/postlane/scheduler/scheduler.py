@@ -54,6 +54,8 @@ class Scheduler:
         self.config = config
         self.spool = spool
         self.record = record
+        """Tells the in-memory observers of a record; the spool write that goes with each
+        state change carries the record itself (the durable copy)."""
         self.on_failures = on_failures
         self.relay: Relay | None = None
         self.on_final: Callable[[Recipient], None] | None = None
@@ -399,7 +401,7 @@ class Scheduler:
         _fill_conn(rec, conn)
         self.record(rec)
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, State.DEFERRED, rcpt.attempts,
-                                           rcpt.next_attempt, reply)])
+                                           rcpt.next_attempt, reply)], (rec,))
         lane.inflight -= 1
         lane.deferred += 1
         self._add_timer(rcpt)
@@ -457,7 +459,7 @@ class Scheduler:
             self.lane(rcpt.msg.pool, rcpt.domain).inflight -= 1
         self.record(rec)
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, state, rcpt.attempts, 0.0,
-                                           reply)])
+                                           reply)], (rec,))
         msg = rcpt.msg
         msg.remaining -= 1
         if msg.remaining <= 0:
@@ -591,6 +593,8 @@ def _fill_conn(rec: Record, conn: dict[str, str]) -> None:
     rec.dlv_destination_ip = conn.get("dest_ip", "")
     rec.dlv_tls_protocol = conn.get("tls", "")
     rec.dlv_tls_cipher = conn.get("cipher", "")
+    rec.dlv_tls_auth = conn.get("tls_auth", "")
+    rec.dlv_tls_policy = conn.get("tls_policy", "")
     rec.vmta = conn.get("vmta", "")
     mx = conn.get("mx", "")
     if mx:

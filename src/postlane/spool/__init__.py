@@ -5,15 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .base import FINAL_STATES, Message, Pending, Recipient, RecipientUpdate, Spool, State
+from .base import (
+    FINAL_STATES,
+    Attempt,
+    Message,
+    Pending,
+    Recipient,
+    RecipientUpdate,
+    Spool,
+    State,
+)
 from .postgres import PostgresSpool
 from .sqlite import SQLiteSpool
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["FINAL_STATES", "Message", "Pending", "PostgresSpool", "Recipient", "RecipientUpdate",
-           "SQLiteSpool", "Spool", "State", "is_dsn", "local_dir", "make_spool"]
+__all__ = ["FINAL_STATES", "Attempt", "Message", "Pending", "PostgresSpool", "Recipient",
+           "RecipientUpdate", "SQLiteSpool", "Spool", "State", "is_dsn", "local_dir", "make_spool"]
 
 
 def is_dsn(location: str) -> bool:
@@ -29,8 +38,10 @@ def local_dir(config: Config) -> Path:
     return Path(config.node.spool)
 
 
-def make_spool(location: str, schema: str = "postlane") -> SQLiteSpool | PostgresSpool:
-    """The spool ``node.spool`` names: a PostgreSQL DSN, or else a SQLite directory."""
+def make_spool(location: str, schema: str = "postlane",
+               node: str = "") -> SQLiteSpool | PostgresSpool:
+    """The spool ``node.spool`` names: a PostgreSQL DSN, or else a SQLite directory;
+    ``node`` names its event writer."""
     if is_dsn(location):
-        return PostgresSpool(location, schema)
-    return SQLiteSpool(location)
+        return PostgresSpool(location, schema, node)
+    return SQLiteSpool(location, node)

@@ -6,9 +6,16 @@ restart rebuilds the scheduler's in-memory lanes from ``pending``.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..accounting.records import Record
 
 
 class State(StrEnum):
@@ -60,6 +67,21 @@ class Recipient:
     attempts: int = 0
     next_attempt: float = 0.0
     last_reply: str = ""
+    open_attempt: Attempt | None = None
+    """An attempt the spool says was started and never settled (the node stopped during it):
+    set when the recipient is loaded again, so the trail can say its outcome is unknown."""
+
+
+@dataclass(slots=True)
+class Attempt:
+    """An attempt about to send its final dot: marked durably first, so a crash before its
+    outcome is recorded leaves a trace (see ``Spool.mark``)."""
+
+    msg_id: str
+    idx: int
+    started: float
+    info: str
+    """The connection as JSON (source IP, EHLO name, MX, destination IP, TLS)."""
 
 
 @dataclass(slots=True)
@@ -88,22 +110,49 @@ def message_row(msg: Message) -> tuple:
 
 
 def update_rows(updates: list[RecipientUpdate]) -> list[tuple]:
-    """Parameters of both stores' recipient UPDATE statement."""
+    """Parameters of both stores' recipient UPDATE statement (which also clears the attempt
+    mark: an outcome settles the attempt)."""
     return [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.msg_id, u.idx)
             for u in updates]
 
 
+def new_writer_id(node: str) -> str:
+    """A spool writer's name: the node and a stamp unique to this start. Events are numbered
+    densely per writer, so a gap in a writer's numbers in the audit store is a lost event."""
+    return f"{node or 'node'}/{int(time.time() * 1000):x}{os.urandom(3).hex()}"
+
+
 class Spool(Protocol):
-    """The store contract. Writes are batched; ``enqueue`` returns only once durable."""
+    """The store contract. Writes are batched; ``enqueue`` returns only once durable.
+
+    The spool is also the evidence outbox: every accounting record is written as an *event*
+    in the same transaction as the state change it describes (``events`` arguments), numbered
+    densely per writer (``writer_id``); the recorder feeds the audit store and the accounting
+    files from these events and ``trim`` drops the ones it has consumed."""
+
+    writer_id: str
 
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
-                      urgent: bool = False) -> None: ...
+                      urgent: bool = False, events: Sequence[Record] = ()) -> None: ...
 
-    def update(self, updates: list[RecipientUpdate]) -> None: ...
+    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None: ...
+
+    def record(self, events: Sequence[Record], urgent: bool = False) -> None:
+        """Events without a state change (complaints, refusals …); durable at the next commit
+        (``flush`` waits for it), kept for the one after if that fails."""
+        ...
+
+    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
+        """Mark attempts as started; the final dot is sent only once the future is done."""
+        ...
+
+    def trim(self, consumed: Mapping[str, int]) -> None:
+        """Drop each writer's events up to the number the recorder has consumed."""
+        ...
 
     def finish(self, msg_id: str) -> None: ...
 

@@ -18,26 +18,31 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from ..accounting.records import Record, pack
 from .base import (
     FINAL_STATES,
+    Attempt,
     Message,
     Pending,
     Recipient,
     RecipientUpdate,
     State,
     message_row,
+    new_writer_id,
     update_rows,
 )
 from .cache import BodyCache
+from .outbox import writer_lock_key
 
 log = logging.getLogger("postlane.spool")
 
@@ -83,6 +88,14 @@ CREATE TABLE rate_buckets (
     key TEXT PRIMARY KEY, tokens DOUBLE PRECISION NOT NULL, updated DOUBLE PRECISION NOT NULL,
     granted DOUBLE PRECISION NOT NULL);
 """),
+    (3, """
+ALTER TABLE recipients ADD COLUMN attempt_started DOUBLE PRECISION,
+    ADD COLUMN attempt_info TEXT;
+CREATE TABLE events (writer TEXT NOT NULL, n BIGINT NOT NULL, data BYTEA NOT NULL,
+    PRIMARY KEY (writer, n));
+CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL,
+    started DOUBLE PRECISION NOT NULL);
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 
@@ -92,6 +105,8 @@ _MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority
              " ret, correlation_id, message_id, listener, auth_user, client")
 _RCPT_COLS = ("msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
               " last_reply")
+_LOAD_COLS = _RCPT_COLS + ", attempt_started, attempt_info"
+"""What a node reads back of a recipient: with the mark of an attempt never settled."""
 
 
 def redact(dsn: str) -> str:
@@ -114,7 +129,7 @@ _CLAIM = f"""WITH c AS (
     FOR UPDATE OF r SKIP LOCKED)
 UPDATE recipients r SET lease_owner = $5, lease_until = {_NOW} + $6
 FROM c WHERE r.msg_id = c.msg_id AND r.idx = c.idx
-RETURNING r.{_RCPT_COLS.replace(', ', ', r.')}"""
+RETURNING r.{_LOAD_COLS.replace(', ', ', r.')}"""
 """Lease the most urgent claimable rows of one state; {state} and {order} are filled in."""
 
 
@@ -147,14 +162,19 @@ class NodeInfo:
 class PostgresSpool:
     """Spool in PostgreSQL schema ``schema`` of the database at ``dsn``."""
 
-    def __init__(self, dsn: str, schema: str = "postlane") -> None:
+    def __init__(self, dsn: str, schema: str = "postlane", node: str = "") -> None:
         self.dsn = dsn
         self.schema = schema
+        self.node = node
+        self.writer_id = new_writer_id(node)
+        self.events_written = 0
+        """The number of this writer's last committed event."""
         self.work_channel = f"{schema}_work"
         self.pause_channel = f"{schema}_pause"
         self.app_name = f"postlane/{schema}"
         """``application_name`` of this spool's connections, as pg_stat_activity shows them."""
         self._pool: asyncpg.Pool | None = None
+        self._life: asyncpg.Connection | None = None
         self._writer: asyncio.Task | None = None
         self._urgent: collections.deque = collections.deque()
         self._bulk: collections.deque = collections.deque()
@@ -199,11 +219,20 @@ class PostgresSpool:
                         await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)",
                                            version)
                         log.info("applied schema migration", extra={"version": version})
+
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
             self.dsn, min_size=2, max_size=4, timeout=CONNECT_TIMEOUT,
             server_settings={"search_path": f'"{self.schema}"', "application_name": self.app_name})
+        # held for this spool's life: while it is, no other node's recorder feeds our events
+        # (taken before the writer is listed, so nobody can take it first)
+        self._life = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, server_settings={
+            "application_name": self.app_name, "search_path": f'"{self.schema}"'})
+        await self._life.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))",
+                                 writer_lock_key(self.schema, self.writer_id))
+        await self._life.execute(f"INSERT INTO writers VALUES ($1, $2, {_NOW})",
+                                 self.writer_id, self.node)
         self._stopping = False
         self._writer = asyncio.get_running_loop().create_task(self._run())
 
@@ -213,6 +242,13 @@ class PostgresSpool:
         if self._writer is not None:
             await self._writer
             self._writer = None
+        if self._life is not None:
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                await self._life.execute(
+                    "DELETE FROM writers w WHERE writer = $1 AND NOT EXISTS"
+                    " (SELECT 1 FROM events e WHERE e.writer = $1)", self.writer_id)
+                await self._life.close()
+            self._life = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -231,20 +267,33 @@ class PostgresSpool:
         self._wake.set()
 
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
-                      urgent: bool = False) -> None:
-        """Return once the message and its recipients are committed."""
+                      urgent: bool = False, events: Sequence[Record] = ()) -> None:
+        """Return once the message, its recipients and ``events`` are committed."""
         fut = asyncio.get_running_loop().create_future()
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
                   r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority, msg.deadline)
                  for r in rcpts]
-        self._submit(("enq", row, (msg.id, body), rrows, fut), urgent)
+        self._submit(("enq", row, (msg.id, body), rrows, events, fut), urgent)
         await fut
         self._cache.put(msg.id, body)
 
-    def update(self, updates: list[RecipientUpdate]) -> None:
-        """Record recipient state changes; durable at the next commit (a crash re-delivers)."""
-        self._submit(("upd", update_rows(updates)), False)
+    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
+        """Record recipient state changes and their events; durable at the next commit (a
+        crash before it re-delivers, and the attempt mark says so)."""
+        self._submit(("upd", update_rows(updates), events), False)
+
+    def record(self, events: Sequence[Record], urgent: bool = False) -> None:
+        self._submit(("ev", events), urgent)
+
+    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._submit(("mark", [(a.started, a.info, a.msg_id, a.idx) for a in attempts], fut),
+                     urgent)
+        return fut
+
+    def trim(self, consumed: Mapping[str, int]) -> None:
+        self._submit(("trim", dict(consumed)), False)
 
     def finish(self, msg_id: str) -> None:
         """This node is done with a message; it is deleted once no node has work left on it."""
@@ -293,7 +342,7 @@ class PostgresSpool:
             except Exception as exc:  # a failed commit must fail every waiter, not hang them
                 error = exc
                 failures += 1
-                self._retry([op for op in batch if op[0] in ("upd", "fin")], exc)
+                self._retry([op for op in batch if op[0] in ("upd", "fin", "ev", "trim")], exc)
             for op in batch:
                 fut = op[-1]
                 if isinstance(fut, asyncio.Future):
@@ -316,19 +365,30 @@ class PostgresSpool:
         self._bulk.extendleft(reversed(ops))
 
     async def _commit(self, conn: asyncpg.Connection, batch: list[tuple]) -> None:
-        msgs, bodies, rcpts, upds, fins, pauses = [], [], [], [], [], []
+        msgs, bodies, rcpts, upds, fins, pauses, events, marks = [], [], [], [], [], [], [], []
+        trims: dict[str, int] = {}
         for op in batch:
             kind = op[0]
             if kind == "enq":
                 msgs.append(op[1])
                 bodies.append(op[2])
                 rcpts.extend(op[3])
+                events.extend(op[4])
             elif kind == "upd":
                 upds.extend(op[1])
+                events.extend(op[2])
+            elif kind == "ev":
+                events.extend(op[1])
+            elif kind == "mark":
+                marks.extend(op[1])
+            elif kind == "trim":
+                for writer, n in op[1].items():
+                    trims[writer] = max(n, trims.get(writer, 0))
             elif kind == "fin":
                 fins.append(op[1])
             elif kind == "pause":
                 pauses.append(op[1:4])
+        first = self.events_written + 1
         async with conn.transaction():
             if msgs:
                 await conn.executemany(
@@ -344,8 +404,23 @@ class PostgresSpool:
                 # a final state is never overwritten: a node that lost its lease to a stall
                 # must not revive a recipient another node has delivered meanwhile
                 await conn.executemany(
-                    "UPDATE recipients SET state=$1, attempts=$2, next_attempt=$3, last_reply=$4"
+                    "UPDATE recipients SET state=$1, attempts=$2, next_attempt=$3, last_reply=$4,"
+                    " attempt_started=NULL, attempt_info=NULL"
                     f" WHERE msg_id=$5 AND idx=$6 AND state IN {_OPEN}", upds)
+            if marks:
+                await conn.executemany(
+                    "UPDATE recipients SET attempt_started=$1, attempt_info=$2"
+                    " WHERE msg_id=$3 AND idx=$4", marks)
+            if events:
+                writer = self.writer_id
+                await conn.copy_records_to_table(
+                    "events", records=[(writer, n, pack(rec))
+                                       for n, rec in enumerate(events, first)])
+            for writer, n in trims.items():
+                await conn.execute("DELETE FROM events WHERE writer=$1 AND n<=$2", writer, n)
+                await conn.execute("DELETE FROM writers WHERE writer=$1 AND writer<>$2 AND NOT"
+                                   " EXISTS (SELECT 1 FROM events WHERE writer=$1)",
+                                   writer, self.writer_id)
             if fins:
                 # Lock the message rows first: a second statement then sees recipients finished
                 # concurrently on other nodes, so the last node to finish deletes the message.
@@ -364,6 +439,7 @@ class PostgresSpool:
                                        pool, domain)
             if pauses:
                 await conn.execute("SELECT pg_notify($1, '')", self.pause_channel)
+        self.events_written += len(events)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -414,7 +490,10 @@ class PostgresSpool:
                 orcpt=row["orcpt"] or "", notify=row["notify"] or "",
                 state=State.QUEUED if state is State.INFLIGHT else state,
                 attempts=row["attempts"], next_attempt=row["next_attempt"],
-                last_reply=row["last_reply"] or ""))
+                last_reply=row["last_reply"] or "",
+                open_attempt=None if row["attempt_started"] is None else Attempt(
+                    row["msg_id"], row["idx"], row["attempt_started"],
+                    row["attempt_info"] or "")))
         return out
 
     async def pending(self) -> Pending:
@@ -423,7 +502,7 @@ class PostgresSpool:
         final = [s.value for s in FINAL_STATES]
         async with self.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT r.{_RCPT_COLS.replace(', ', ', r.')} FROM recipients r"
+                f"SELECT r.{_LOAD_COLS.replace(', ', ', r.')} FROM recipients r"
                 " JOIN messages m ON m.id = r.msg_id WHERE r.state <> ALL($1::text[])"
                 " ORDER BY m.queued_at, r.msg_id, r.idx", final)
             rcpts = await self._load(conn, rows)

@@ -10,23 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import sqlite3
 import threading
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..accounting.records import Record, pack
 from .base import (
     FINAL_STATES,
+    Attempt,
     Message,
     Pending,
     Recipient,
     RecipientUpdate,
     State,
     message_row,
+    new_writer_id,
     update_rows,
 )
 from .cache import BodyCache
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("postlane.spool")
+
 BATCH_MAX = 2000
 
 _SCHEMA = """
@@ -44,9 +51,26 @@ CREATE TABLE IF NOT EXISTS recipients (
 CREATE TABLE IF NOT EXISTS paused (pool TEXT NOT NULL, domain TEXT NOT NULL,
     PRIMARY KEY (pool, domain));
 """
+MIGRATIONS: list[tuple[int, str]] = [
+    (2, """
+ALTER TABLE recipients ADD COLUMN attempt_started REAL;
+ALTER TABLE recipients ADD COLUMN attempt_info TEXT;
+CREATE TABLE events (writer TEXT NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (writer, n)) WITHOUT ROWID;
+CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL, started REAL NOT NULL);
+"""),
+]
+"""Versioned schema after the tables of version 1 (``meta.schema_version``): append
+``(n + 1, sql)``; never edit an applied entry."""
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority, size, envid, ret,"
              " correlation_id, message_id, listener, auth_user, client")
+_UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?,"
+           " attempt_started=NULL, attempt_info=NULL WHERE msg_id=? AND idx=?")
+_AWAITED = frozenset({"enq", "pause", "flush", "mark"})
+"""Operations somebody waits for: a failed commit fails them (an SMTP client gets a 451 and
+sends again). The others (outcomes, events, clean-ups) go into the next commit instead."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -56,11 +80,28 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the tables, or bring a spool written by an older Postlane up to date."""
+    conn.executescript(_SCHEMA)
+    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    current = int(row[0]) if row else 1
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(f"{path}: schema version {current} is newer than this Postlane")
+    for version, sql in MIGRATIONS:
+        if version > current:
+            conn.executescript(f"BEGIN; {sql}; INSERT OR REPLACE INTO meta VALUES"
+                               f" ('schema_version', '{version}'); COMMIT;")
+
+
 class SQLiteSpool:
     """Spool in ``<directory>/spool.sqlite``."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, node: str = "") -> None:
         self.path = Path(directory) / "spool.sqlite"
+        self.node = node
+        self.writer_id = new_writer_id(node)
+        self.events_written = 0
+        """The number of this writer's last committed event."""
         self._cv = threading.Condition()
         self._urgent: collections.deque = collections.deque()
         self._bulk: collections.deque = collections.deque()
@@ -75,13 +116,14 @@ class SQLiteSpool:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = _connect(self.path)
-        conn.executescript(_SCHEMA)
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path}: schema version {row[0]} is newer than this Postlane")
-        conn.close()
+        try:
+            migrate(conn, self.path)
+            conn.execute("DELETE FROM writers WHERE writer NOT IN"
+                         " (SELECT DISTINCT writer FROM events)")
+            conn.execute("INSERT INTO writers VALUES (?, ?, ?)",
+                         (self.writer_id, self.node, time.time()))
+        finally:
+            conn.close()
         self._reader = _connect(self.path)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
@@ -94,6 +136,13 @@ class SQLiteSpool:
         if self._thread:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+            conn = _connect(self.path)
+            try:  # a clean stop whose events were all consumed leaves no writer behind
+                conn.execute("DELETE FROM writers WHERE writer = ? AND NOT EXISTS"
+                             " (SELECT 1 FROM events WHERE writer = ?)",
+                             (self.writer_id, self.writer_id))
+            finally:
+                conn.close()
         if self._reader:
             self._reader.close()
             self._reader = None
@@ -105,21 +154,37 @@ class SQLiteSpool:
             (self._urgent if urgent else self._bulk).append(op)
             self._cv.notify()
 
+    def _future(self) -> asyncio.Future:
+        assert self._loop is not None, "spool is not open"
+        return self._loop.create_future()
+
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
-                      urgent: bool = False) -> None:
-        """Return once the message and its recipients are committed to disk."""
-        assert self._loop is not None
-        fut = self._loop.create_future()
+                      urgent: bool = False, events: Sequence[Record] = ()) -> None:
+        """Return once the message, its recipients and ``events`` are committed to disk."""
+        fut = self._future()
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
                   r.attempts, r.next_attempt, r.last_reply) for r in rcpts]
-        self._submit(("enq", row, (msg.id, body), rrows, fut), urgent)
+        self._submit(("enq", row, (msg.id, body), rrows, events, fut), urgent)
         await fut
         self._cache.put(msg.id, body)
 
-    def update(self, updates: list[RecipientUpdate]) -> None:
-        """Record recipient state changes; durable at the next commit (a crash re-delivers)."""
-        self._submit(("upd", update_rows(updates)), False)
+    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
+        """Record recipient state changes and their events; durable at the next commit (a
+        crash before it re-delivers, and the attempt mark says so)."""
+        self._submit(("upd", update_rows(updates), events), False)
+
+    def record(self, events: Sequence[Record], urgent: bool = False) -> None:
+        self._submit(("ev", events), urgent)
+
+    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
+        fut = self._future()
+        self._submit(("mark", [(a.started, a.info, a.msg_id, a.idx) for a in attempts], fut),
+                     urgent)
+        return fut
+
+    def trim(self, consumed: Mapping[str, int]) -> None:
+        self._submit(("trim", dict(consumed)), False)
 
     def finish(self, msg_id: str) -> None:
         """Forget a message whose recipients are all final."""
@@ -127,20 +192,19 @@ class SQLiteSpool:
         self._cache.pop(msg_id)
 
     async def set_paused(self, pool: str, domain: str, paused: bool) -> None:
-        assert self._loop is not None
-        fut = self._loop.create_future()
+        fut = self._future()
         self._submit(("pause", pool, domain, paused, fut), True)
         await fut
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is committed."""
-        assert self._loop is not None
-        fut = self._loop.create_future()
+        fut = self._future()
         self._submit(("flush", fut), False)
         await fut
 
     def _run(self) -> None:
         conn = _connect(self.path)
+        failures = 0
         try:
             while True:
                 with self._cv:
@@ -153,58 +217,98 @@ class SQLiteSpool:
                         batch.append(self._urgent.popleft())
                     while self._bulk and len(batch) < BATCH_MAX:
                         batch.append(self._bulk.popleft())
-                self._commit(conn, batch)
+                if self._commit(conn, batch):
+                    failures = 0
+                    continue
+                failures += 1
+                kept = [op for op in batch if op[0] not in _AWAITED]
+                if self._stopping and failures >= 3:
+                    log.error("spool commit failed while closing: %d state changes lost (those"
+                              " recipients will be delivered again)", len(kept))
+                    return
+                with self._cv:  # never drop an outcome: it goes first into the next commit
+                    self._bulk.extendleft(reversed(kept))
+                    self._cv.wait(min(5.0, 0.1 * 2 ** failures))
         finally:
             conn.close()
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> None:
-        msgs, bodies, rcpts, upds, fins, futs = [], [], [], [], [], []
-        pauses = []
+    def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> bool:
+        """Commit one batch; False (and every waiter failed) if it could not be."""
+        msgs, bodies, rcpts, upds, fins, futs, events = [], [], [], [], [], [], []
+        pauses, marks, trims = [], [], {}
         for op in batch:
             kind = op[0]
             if kind == "enq":
                 msgs.append(op[1])
                 bodies.append(op[2])
                 rcpts.extend(op[3])
-                futs.append(op[4])
+                events.extend(op[4])
+                futs.append(op[5])
             elif kind == "upd":
                 upds.extend(op[1])
+                events.extend(op[2])
             elif kind == "fin":
                 fins.append((op[1],))
+            elif kind == "ev":
+                events.extend(op[1])
+            elif kind == "mark":
+                marks.extend(op[1])
+                futs.append(op[2])
+            elif kind == "trim":
+                for writer, n in op[1].items():
+                    trims[writer] = max(n, trims.get(writer, 0))
             elif kind == "pause":
                 pauses.append(op[1:4])
                 futs.append(op[4])
             elif kind == "flush":
                 futs.append(op[1])
         error: BaseException | None = None
+        first = self.events_written + 1
         try:
             conn.execute("BEGIN")
             if msgs:
                 conn.executemany(f"INSERT INTO messages ({_MSG_COLS}) VALUES"
                                  f" ({','.join('?' * 16)})", msgs)
                 conn.executemany("INSERT INTO bodies VALUES (?, ?)", bodies)
-                conn.executemany("INSERT INTO recipients VALUES (?,?,?,?,?,?,?,?,?,?)", rcpts)
+                conn.executemany("INSERT INTO recipients (msg_id, idx, address, domain, orcpt,"
+                                 " notify, state, attempts, next_attempt, last_reply)"
+                                 " VALUES (?,?,?,?,?,?,?,?,?,?)", rcpts)
             if upds:
-                conn.executemany("UPDATE recipients SET state=?, attempts=?, next_attempt=?,"
-                                 " last_reply=? WHERE msg_id=? AND idx=?", upds)
+                conn.executemany(_UPDATE, upds)
+            if marks:
+                conn.executemany("UPDATE recipients SET attempt_started=?, attempt_info=?"
+                                 " WHERE msg_id=? AND idx=?", marks)
+            if events:
+                writer = self.writer_id
+                conn.executemany("INSERT INTO events VALUES (?, ?, ?)",
+                                 [(writer, n, pack(rec))
+                                  for n, rec in enumerate(events, first)])
             if fins:
                 conn.executemany("DELETE FROM recipients WHERE msg_id=?", fins)
                 conn.executemany("DELETE FROM bodies WHERE id=?", fins)
                 conn.executemany("DELETE FROM messages WHERE id=?", fins)
+            for writer, n in trims.items():
+                conn.execute("DELETE FROM events WHERE writer=? AND n<=?", (writer, n))
+                if writer != self.writer_id and not conn.execute(
+                        "SELECT 1 FROM events WHERE writer=? LIMIT 1", (writer,)).fetchone():
+                    conn.execute("DELETE FROM writers WHERE writer=?", (writer,))
             for pool, domain, paused in pauses:
                 if paused:
                     conn.execute("INSERT OR IGNORE INTO paused VALUES (?, ?)", (pool, domain))
                 else:
                     conn.execute("DELETE FROM paused WHERE pool=? AND domain=?", (pool, domain))
             conn.execute("COMMIT")
+            self.events_written += len(events)
             self.commits += 1
             self.writes += len(batch)
-        except BaseException as exc:  # a failed commit must fail every waiter, not hang them
+        except Exception as exc:  # a failed commit must fail every waiter, not hang them
             error = exc
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            log.error("spool commit failed: %s", exc)
         if futs and self._loop is not None:
             self._loop.call_soon_threadsafe(_resolve, futs, error)
+        return error is None
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -234,8 +338,8 @@ class SQLiteSpool:
         final = tuple(s.value for s in FINAL_STATES)
         for row in self._reader.execute(
                 "SELECT msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
-                f" last_reply FROM recipients WHERE state NOT IN ({','.join('?' * len(final))})",
-                final):
+                " last_reply, attempt_started, attempt_info FROM recipients"
+                f" WHERE state NOT IN ({','.join('?' * len(final))})", final):
             msg = by_id.get(row[0])
             if msg is None:
                 continue
@@ -246,7 +350,9 @@ class SQLiteSpool:
             out.recipients.append(Recipient(
                 msg=msg, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
                 notify=row[5] or "", state=state, attempts=row[7], next_attempt=row[8],
-                last_reply=row[9] or ""))
+                last_reply=row[9] or "",
+                open_attempt=None if row[10] is None else Attempt(row[0], row[1], row[10],
+                                                                  row[11] or "")))
         for msg in out.messages:
             if not msg.remaining:  # crashed between the last outcome and the cleanup
                 self.finish(msg.id)

@@ -33,6 +33,9 @@ __all__ = [
     "EXTRA_COLUMNS",
     "FLOATS",
     "HASHED",
+    "HASHED_1",
+    "RECORD_COLUMNS_1",
+    "SCHEME",
     "VERIFY_COLUMNS",
     "GENESIS",
     "INTACT",
@@ -56,28 +59,39 @@ GENESIS = bytes(32)
 INTACT, PSEUDONYMISED, PURGED = 0, 1, 2
 PERSONAL: tuple[str, ...] = ("rcpt", "orcpt", "dsn_diag")
 
-#: Every Record field, as stored (hash scheme 1). Frozen on purpose: a field added to Record
-#: later needs a new hash scheme (tests/test_audit_chain.py fails until it gets one), so that
-#: rows written before it keep verifying.
-RECORD_COLUMNS: tuple[str, ...] = (
+#: The Record fields of hash scheme 1. Frozen on purpose, like every scheme's list: a field
+#: added to Record later needs a new scheme (tests/test_audit_chain.py fails until it gets
+#: one), so that rows written before it keep verifying.
+RECORD_COLUMNS_1: tuple[str, ...] = (
     "type", "time_logged", "time_queued", "orig", "rcpt", "queue_id", "cls", "vmta_pool",
     "orcpt", "dsn_action", "dsn_status", "dsn_diag", "dsn_mta", "bounce_cat", "src_type",
     "src_mta", "dlv_source_ip", "dlv_destination_ip", "dlv_tls_protocol", "dlv_tls_cipher",
     "dlv_size", "vmta", "job_id", "env_id", "correlation_id", "message_id", "attempt",
     "total_seconds_queued", "listener", "auth_user",
 )
+#: Scheme 2 adds the TLS evidence of a delivery and the operator behind an action.
+RECORD_COLUMNS: tuple[str, ...] = RECORD_COLUMNS_1 + ("dlv_tls_auth", "dlv_tls_policy",
+                                                      "operator")
 #: Content columns the store adds to a record: the class's SLA in seconds when the record was
-#: written (NULL if the class had none), so evidence judges by the SLA that applied then.
-EXTRA_COLUMNS: tuple[str, ...] = ("sla",)
-#: What ``cdigest`` covers besides ``pdigest``, in this order.
-HASHED: tuple[str, ...] = tuple(c for c in RECORD_COLUMNS if c not in PERSONAL) + EXTRA_COLUMNS
+#: written (NULL if the class had none), so evidence judges by the SLA that applied then; and
+#: (scheme 2) the spool event the record was made from — the writer that committed it and its
+#: number there, dense per writer, which lets ``verify`` prove that no event is missing.
+EXTRA_COLUMNS: tuple[str, ...] = ("sla", "ev_writer", "ev_n")
+SCHEME = 2
+"""The hash scheme of rows written now (stored per row in column ``scheme``)."""
+#: What ``cdigest`` covers besides ``pdigest``, in this order, per scheme. Scheme 2 appends
+#: its new columns after scheme 1's, so one row layout (VERIFY_COLUMNS) serves both.
+HASHED_1: tuple[str, ...] = tuple(c for c in RECORD_COLUMNS_1 if c not in PERSONAL) + ("sla",)
+HASHED: tuple[str, ...] = HASHED_1 + ("dlv_tls_auth", "dlv_tls_policy", "operator",
+                                      "ev_writer", "ev_n")
+_HASHED_LENGTH = {1: len(HASHED_1), 2: len(HASHED)}
 FLOATS: frozenset[str] = frozenset({"time_logged", "time_queued", "total_seconds_queued", "sla"})
 CHAIN_COLUMNS: tuple[str, ...] = ("seq", "day", "prev", "hash", "state", "nonce", "pdigest",
-                                  "cdigest")
+                                  "cdigest", "scheme")
 #: The column order ``ChainVerifier`` reads rows in (tuples: faster than mappings at 10^6 rows).
 VERIFY_COLUMNS: tuple[str, ...] = (
-    "seq", "prev", "hash", "state", "nonce", "pdigest", "cdigest") + HASHED + PERSONAL
-_N_HEAD, _N_HASHED = 7, len(HASHED)
+    "seq", "prev", "hash", "state", "nonce", "pdigest", "cdigest", "scheme") + HASHED + PERSONAL
+_N_HEAD, _N_HASHED = 8, len(HASHED)
 _PERSONAL_SLICE = slice(_N_HEAD + _N_HASHED, _N_HEAD + _N_HASHED + len(PERSONAL))
 # Canonical form: a compact UTF-8 JSON array of the values in a fixed order (the simplest form
 # another implementation can reproduce). orjson writes the same bytes as the stdlib's
@@ -135,7 +149,7 @@ def pseudonymise_row(row: Mapping[str, object], key: bytes) -> dict[str, object]
 
 def row_cdigest(row: Sequence) -> tuple[bytes, str]:
     """The content digest a row (in VERIFY_COLUMNS order) proves, and a complaint if its own
-    fields contradict it."""
+    fields contradict it. Rows written before schemes existed have no scheme: 1."""
     state = row[3]
     if state == PURGED:
         return bytes(row[6]), ""
@@ -143,7 +157,10 @@ def row_cdigest(row: Sequence) -> tuple[bytes, str]:
     problem = ""
     if state == INTACT and personal_digest(bytes(row[4]), row[_PERSONAL_SLICE]) != pdigest:
         problem = "a personal field (rcpt, orcpt or dsnDiag) was altered"
-    return content_digest(row[_N_HEAD:_N_HEAD + _N_HASHED], pdigest), problem
+    length = _HASHED_LENGTH.get(row[7] or 1)
+    if length is None:
+        return b"", f"unknown hash scheme {row[7]!r}"
+    return content_digest(row[_N_HEAD:_N_HEAD + length], pdigest), problem
 
 
 @dataclass(slots=True)

@@ -38,11 +38,10 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ...spool.postgres import CONNECT_TIMEOUT, redact
-from ..records import Record
 from .store import (
     COLUMNS,
     VERIFY_COLUMNS,
-    BatchKey,
+    Entry,
     Query,
     Retention,
     RetentionMixin,
@@ -50,6 +49,7 @@ from .store import (
     VerifyResult,
     between_where,
     find_sql,
+    fresh,
     link,
     pause_spans,
     prepare,
@@ -101,6 +101,20 @@ CREATE TABLE audit_purges (
 CREATE TABLE audit_writers (
     writer TEXT PRIMARY KEY, batch BIGINT NOT NULL, last_seq BIGINT NOT NULL,
     time DOUBLE PRECISION NOT NULL);
+"""),
+    (3, """
+ALTER TABLE audit_records ADD COLUMN scheme SMALLINT, ADD COLUMN dlv_tls_auth TEXT,
+    ADD COLUMN dlv_tls_policy TEXT, ADD COLUMN operator TEXT, ADD COLUMN ev_writer TEXT,
+    ADD COLUMN ev_n BIGINT;
+DROP INDEX ar_msgid, ar_corr, ar_envid, ar_rcpt;
+CREATE INDEX ax_msgid ON audit_records (message_id);
+CREATE INDEX ax_corr ON audit_records (correlation_id);
+CREATE INDEX ax_envid ON audit_records (env_id) WHERE env_id <> '';
+CREATE INDEX ax_rcpt ON audit_records (lower(rcpt));
+CREATE UNIQUE INDEX ax_event ON audit_records (ev_writer, ev_n) WHERE ev_writer IS NOT NULL;
+CREATE TABLE audit_feed (
+    writer TEXT PRIMARY KEY, n BIGINT NOT NULL, time DOUBLE PRECISION NOT NULL);
+DROP TABLE audit_writers;
 """),
 ]
 """Versioned schema of the audit tables (table ``audit_migrations``, separate from the spool's
@@ -200,32 +214,30 @@ class PostgresAuditStore(RetentionMixin):
 
     # -- writing --------------------------------------------------------------------------------
 
-    def append(self, batch: Sequence[tuple[Record, float | None]],
-               key: BatchKey | None = None) -> int:
+    def feed_cursors(self) -> dict[str, int]:
+        return dict(self._db().execute("SELECT writer, n FROM audit_feed").fetchall())
+
+    def append(self, batch: Sequence[Entry]) -> int:
         """Chain and insert records (with their class SLA) in one transaction, after whatever
         any node appended last; returns the last seq. Text PostgreSQL refuses (NUL, lone
-        surrogates) is replaced by U+FFFD, and only then hashed. ``key``: see ``BatchKey``."""
-        if not batch:
-            row = self._db().execute("SELECT coalesce(max(seq), 0) FROM audit_records").fetchone()
-            return row[0]
+        surrogates) is replaced by U+FFFD, and only then hashed. Events the store holds
+        already are skipped (see ``Entry``)."""
         try:
-            return self._append(prepare(batch), key)
+            return self._append(prepare(batch))
         except (psycopg.DataError, UnicodeEncodeError):
-            return self._append(prepare(batch, clean=True), key)
+            return self._append(prepare(batch, clean=True))
 
-    def _append(self, prepared: list, key: BatchKey | None) -> int:
+    def _append(self, prepared: list) -> int:
         conn = self._db()
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
                          (f"postlane-audit-append:{self.schema}",))
-            if key is not None:
-                done = conn.execute("SELECT last_seq FROM audit_writers WHERE writer = %s AND"
-                                    " batch >= %s", key).fetchone()
-                if done is not None:
-                    return done[0]
+            prepared, cursors = fresh(prepared, self.feed_cursors())
             last = conn.execute("SELECT seq, hash, day FROM audit_records"
                                 " ORDER BY seq DESC LIMIT 1").fetchone()
             tail = (last[0], bytes(last[1]), last[2]) if last else (0, bytes(32), "")
+            if not prepared:
+                return tail[0]
             rows, days, tail = link(prepared, tail)
             with conn.cursor() as cur:
                 with cur.copy(_INSERT) as copy:
@@ -237,11 +249,11 @@ class PostgresAuditStore(RetentionMixin):
                     " last_seq = excluded.last_seq, records = audit_days.records"
                     " + excluded.records, head = excluded.head",
                     [(d, *s) for d, s in days.items()])
-                if key is not None:
-                    cur.execute(
-                        "INSERT INTO audit_writers VALUES (%s, %s, %s, %s) ON CONFLICT (writer)"
-                        " DO UPDATE SET batch = excluded.batch, last_seq = excluded.last_seq,"
-                        " time = excluded.time", (*key, tail[0], time.time()))
+                now = time.time()
+                cur.executemany(
+                    "INSERT INTO audit_feed VALUES (%s, %s, %s) ON CONFLICT (writer)"
+                    " DO UPDATE SET n = excluded.n, time = excluded.time",
+                    [(w, n, now) for w, n in cursors.items()])
                 cur.execute("SELECT pg_notify(%s, '')", (commit_channel(self.schema),))
         return tail[0]
 

@@ -1,7 +1,7 @@
-"""The audit trail inside a node: writer thread, periodic retention, webhooks.
+"""The audit trail inside a node: periodic retention, webhooks, the operations log.
 
-``Node`` needs three lines: ``AuditService(config)``, its ``add`` as an accounting listener,
-and ``start``/``stop``.
+Records reach the store through the recorder (``accounting.recorder``); this service keeps a
+connection of its own for what is not an append.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from ...spool import is_dsn
 from ...spool.postgres import CONNECT_TIMEOUT, redact
 from .backend import audit_location, open_audit_store
 from .postgres import commit_channel
-from .store import Retention
+from .store import AuditStore, Retention
 from .webhooks import WebhookSender
-from .writer import AuditWriter
 
 __all__ = ["AuditService", "load_key", "retention_policies"]
 
@@ -63,47 +62,28 @@ class AuditService:
         self.path = None if is_dsn(self.location) else Path(self.location)
         """The SQLite file, if the store is one."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._store: AuditStore | None = None
+        self._lock = asyncio.Lock()
         opener = lambda: open_audit_store(config)  # noqa: E731  (the webhooks' reads)
-        self.writer = AuditWriter(self.location, self._sla_of, self._committed,
-                                  schema=config.cluster.schema_name)
         self.webhooks = [WebhookSender(opener, hook, config.node.name)
                          for hook in config.audit.webhooks]
         self._tasks: list[asyncio.Task] = []
-        self.add = self.writer.add
-        self._behind = False
 
-    def behind(self) -> bool:
-        """Whether more records wait for the store than ``audit.max_backlog`` (intake refuses
-        new mail meanwhile); logged when it starts and when the store has caught up to half."""
-        backlog = self.writer.backlog
-        limit = self.config.audit.max_backlog
-        if not self._behind and backlog > limit:
-            self._behind = True
-            log.error("audit store %d records behind (audit.max_backlog %d): refusing new mail"
-                      " with 451 until it catches up", backlog, limit)
-        elif self._behind and backlog <= limit // 2:
-            self._behind = False
-            log.warning("audit store caught up (%d records behind): accepting mail again",
-                        backlog)
-        return self._behind
-
-    def _sla_of(self, cls: str) -> float | None:
-        c = self.config.classes.get(cls)
-        return c.sla if c is not None else None
-
-    def _committed(self, seq: int) -> None:
-        loop = self._loop
-        if loop is not None and self.webhooks:
-            with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
-                loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
+    def stored(self) -> None:
+        """Records reached the store (the recorder says so): wake the webhooks."""
         for sender in self.webhooks:
             sender.wake.set()
 
+    async def _call(self, fn):
+        """``fn(store)`` in a thread, one at a time, on this service's own connection."""
+        async with self._lock:
+            if self._store is None:
+                self._store = await asyncio.to_thread(open_audit_store, self.config)
+            return await asyncio.to_thread(fn, self._store)
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.writer.start)
+        await self._call(lambda store: None)  # creates the store before the recorder opens it
         for sender in self.webhooks:
             self._tasks.append(self._loop.create_task(sender.run()))
         if self.webhooks and is_dsn(self.location):
@@ -129,39 +109,39 @@ class AuditService:
                 async with conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     delay = 1.0
-                    self._wake()  # whatever was committed while not listening
+                    self.stored()  # whatever was committed while not listening
                     async for _ in conn.notifies():
-                        self._wake()
+                        self.stored()
             except psycopg.Error as exc:
                 log.warning("cannot listen for audit commits at %s: %s; polling meanwhile",
                             redact(self.location), type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
-    def note(self, action: str, pool: str, domain: str | None) -> None:
+    async def note(self, action: str, pool: str, domain: str | None) -> None:
         """Record a pause or resume (evidence for SLA breaches it caused)."""
         when = time.time()
-        self.writer.call(lambda store: store.log_operation(when, action, pool, domain or "*"))
+        await self._call(lambda store: store.log_operation(when, action, pool, domain or "*"))
 
     async def _purge_loop(self, policies: dict[str, Retention], key: bytes | None) -> None:
         while True:
-            future = self.writer.call(lambda store: store.purge(policies, key, time.time()))
             try:
-                report = await asyncio.wrap_future(future)
+                report = await self._call(lambda store: store.purge(policies, key, time.time()))
                 log.info("audit retention applied", extra={"report": report})
             except Exception:
                 log.exception("audit retention failed")
             await asyncio.sleep(self.config.audit.purge_interval)
 
     async def stop(self) -> None:
-        """Stop webhooks (their cursors are durable), then write what is still queued."""
+        """Stop webhooks (their cursors are durable) and close the connection."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        await asyncio.to_thread(self.writer.close)
+        async with self._lock:
+            if self._store is not None:
+                await asyncio.to_thread(self._store.close)
+                self._store = None
         self._loop = None
-
-

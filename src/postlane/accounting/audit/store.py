@@ -33,6 +33,7 @@ from .chain import (
     PSEUDONYMISED,
     PURGED,
     RECORD_COLUMNS,
+    SCHEME,
     VERIFY_COLUMNS,
     ChainLookup,
     ChainVerifier,
@@ -45,8 +46,9 @@ from .chain import (
     verify_tuple,
 )
 
-__all__ = ["AuditStore", "BatchKey", "Query", "Retention", "RetentionMixin", "SQLiteAuditStore",
-           "StoreMissing", "VerifyResult", "check_days", "day_of", "link", "prepare", "row_record",
+__all__ = ["AuditStore", "Entry", "Query", "Retention", "RetentionMixin", "SQLiteAuditStore",
+           "StoreMissing", "VerifyResult", "check_days", "day_of", "fresh", "link", "prepare",
+           "row_record",
            "walk"]
 
 COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS
@@ -54,28 +56,34 @@ _SQL_TYPES = {"seq": "INTEGER PRIMARY KEY", "day": "TEXT NOT NULL", "prev": "BLO
               "hash": "BLOB NOT NULL", "state": "INTEGER NOT NULL", "nonce": "BLOB",
               "pdigest": "BLOB", "cdigest": "BLOB", "sla": "REAL", "time_logged": "REAL",
               "time_queued": "REAL", "total_seconds_queued": "REAL", "dlv_size": "INTEGER",
-              "attempt": "INTEGER"}
-#: The lookup keys of the issue: queue id, Message-ID, correlation id, ENVID, recipient,
-#: class/pool with time, and time. Every message has an "r" record per recipient carrying all
-#: of its keys, so the key indexes cover "r" rows only (find() goes key -> "r" rows -> queue id
-#: -> every record): each later record then costs two index inserts instead of eight.
+              "attempt": "INTEGER", "scheme": "INTEGER", "ev_n": "INTEGER"}
+#: Columns scheme 2 added: a store written by an older Postlane gets them on open (NULL in old
+#: rows, whose scheme is then 1).
+_ADDED_IN_2 = ("scheme", "dlv_tls_auth", "dlv_tls_policy", "operator", "ev_writer", "ev_n")
+#: The lookup keys: queue id, Message-ID, correlation id, ENVID and recipient on every record
+#: (a message is found from whichever of its records the store holds), class/pool with queue
+#: time on the "r" records (the SLA report's scan), log time, and each record's spool event
+#: (unique: an event is chained once, whatever replays a crash causes).
 _INDEXES = {
     "ar_queue": "(queue_id)", "ar_time": "(time_logged)",
-    "ar_msgid": "(message_id) WHERE type = 'r'",
-    "ar_corr": "(correlation_id) WHERE type = 'r'",
-    "ar_envid": "(env_id) WHERE type = 'r' AND env_id <> ''",
-    "ar_rcpt": "(rcpt COLLATE NOCASE) WHERE type = 'r'",
+    "ax_msgid": "(message_id)", "ax_corr": "(correlation_id)",
+    "ax_envid": "(env_id) WHERE env_id <> ''", "ax_rcpt": "(rcpt COLLATE NOCASE)",
     "ar_cls": "(cls, time_queued) WHERE type = 'r'",
     "ar_pool": "(vmta_pool, time_queued) WHERE type = 'r'",
 }
+_UNIQUE_EVENT = ("CREATE UNIQUE INDEX IF NOT EXISTS ax_event ON audit_records (ev_writer, ev_n)"
+                 " WHERE ev_writer IS NOT NULL")
+#: Indexes of scheme 1 that covered "r" rows only; replaced by the ax_ ones.
+_OLD_INDEXES = ("ar_msgid", "ar_corr", "ar_envid", "ar_rcpt")
 #: What a purged row keeps besides its chain columns (nothing personal; enough for statistics).
 _KEPT_AFTER_PURGE = frozenset({"type", "time_logged", "time_queued", "queue_id", "cls",
-                               "vmta_pool"})
+                               "vmta_pool", "ev_writer", "ev_n"})
 _PURGE_BATCH = 5000
 _RECORD_GETTER = operator.attrgetter(*RECORD_COLUMNS)
 _FLOAT_POSITIONS = [i for i, c in enumerate(RECORD_COLUMNS) if c in FLOATS]
 _PERSONAL_POSITIONS = [RECORD_COLUMNS.index(c) for c in PERSONAL]
-_HASHED_POSITIONS = [RECORD_COLUMNS.index(c) for c in HASHED if c in RECORD_COLUMNS]
+_HASHED_POSITIONS = [(RECORD_COLUMNS + EXTRA_COLUMNS).index(c) for c in HASHED]
+"""Where each HASHED value is in a record's values followed by its EXTRA_COLUMNS values."""
 _RECORD_KINDS = {f.name: {"str": str, "int": int, "float": float}[str(f.type)]
                  for f in dataclasses.fields(Record) if f.name in RECORD_COLUMNS}
 
@@ -136,8 +144,11 @@ class VerifyResult:
 
 
 class AuditStore(Protocol):
-    def append(self, batch: Sequence[tuple[Record, float | None]],
-               key: BatchKey | None = None) -> int: ...
+    def append(self, batch: Sequence[Entry]) -> int: ...
+
+    def feed_cursors(self) -> dict[str, int]:
+        """Each spool writer's last event number the store holds (see ``Entry``)."""
+        ...
 
     def find(self, query: Query) -> list[dict]: ...
 
@@ -180,9 +191,16 @@ class StoreMissing(FileNotFoundError):
 
 # -- backend-neutral pieces ---------------------------------------------------------------------
 
-#: A record ready to be chained: its RECORD_COLUMNS values, sla, nonce, pdigest, content digest
-#: and time_logged; everything its hash needs except the hash of the record before it.
-Prepared = tuple[list, float | None, bytes, bytes, bytes, float]
+#: A record ready to be chained: its RECORD_COLUMNS values, its EXTRA_COLUMNS values, nonce,
+#: pdigest, content digest and time_logged; everything its hash needs but the previous hash.
+Prepared = tuple[list, tuple, bytes, bytes, bytes, float]
+
+Entry = tuple
+"""What ``append`` takes per record: ``(record, sla)``, or ``(record, sla, writer, n)`` for a
+record made from spool event ``n`` of ``writer`` (the evidence outbox). ``record`` is a Record
+or its RECORD_COLUMNS values. The store keeps each writer's last event number beside the
+records, in the same transaction, and skips events it already holds: a replay after a crash
+(the recorder cannot know whether its last append committed) adds nothing."""
 
 
 def _clean_text(value: object) -> object:
@@ -193,34 +211,42 @@ def _clean_text(value: object) -> object:
     return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
 
 
-BatchKey = tuple[str, int]
-"""(writer id, batch number) of an append. A writer numbers its batches from 1 and retries only
-its latest, so a batch whose commit went through but whose answer was lost (a writer process
-killed after COMMIT, a connection cut during it) is recognised on retry and not chained twice:
-the store keeps each writer's last batch number beside the records, in the same transaction."""
-
-
-def prepare(batch: Sequence[tuple[Record, float | None]], *, clean: bool = False
-            ) -> list[Prepared]:
+def prepare(batch: Sequence[Entry], *, clean: bool = False) -> list[Prepared]:
     """Hash each record's content (the part of its hash that does not depend on the chain), so
     that a backend can do it before taking its append lock. ``clean`` first replaces text that
     PostgreSQL refuses, so the stored row is exactly what the hash covers."""
     out: list[Prepared] = []
     urandom, fields = os.urandom, _RECORD_GETTER
-    for record, sla in batch:
-        row = list(fields(record))
+    for entry in batch:
+        record, sla = entry[0], entry[1]
+        writer, n = (entry[2], entry[3]) if len(entry) > 2 else (None, None)
+        row = list(fields(record) if isinstance(record, Record) else record)
         if clean:
             row = [_clean_text(v) for v in row]
         for i in _FLOAT_POSITIONS:  # stored as floating point: hash what will be read back
             row[i] = float(row[i])
-        sla = None if sla is None else float(sla)
+        extra = (None if sla is None else float(sla), writer, n)
         nonce = urandom(16)
         pdigest = personal_digest(nonce, [row[i] for i in _PERSONAL_POSITIONS])
-        hashed = [row[i] for i in _HASHED_POSITIONS]
-        hashed.append(sla)
-        out.append((row, sla, nonce, pdigest, content_digest(hashed, pdigest),
-                    record.time_logged))
+        full = row + list(extra)
+        hashed = [full[i] for i in _HASHED_POSITIONS]
+        out.append((row, extra, nonce, pdigest, content_digest(hashed, pdigest), row[1]))
     return out
+
+
+def fresh(prepared: list[Prepared], stored: Mapping[str, int]) -> tuple[list[Prepared],
+                                                                         dict[str, int]]:
+    """The prepared records whose events the store does not hold yet (``stored``: each
+    writer's last event number there), and each writer's new last number."""
+    keep, last = [], dict(stored)
+    for item in prepared:
+        writer, n = item[1][1], item[1][2]
+        if writer is not None:
+            if n <= last.get(writer, 0):
+                continue
+            last[writer] = n
+        keep.append(item)
+    return keep, {w: n for w, n in last.items() if n != stored.get(w)}
 
 
 def between_where(since: float | None, until: float | None, cls: str | None,
@@ -238,7 +264,8 @@ def between_where(since: float | None, until: float | None, cls: str | None,
 def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
     """The evidence query of both backends: ``mark`` is the driver's placeholder, and
     ``rcpt_match`` the case-insensitive recipient comparison with one placeholder."""
-    where, args = ["type = 'r'"], []  # a literal: lets the database use the partial indexes
+    where: list[str] = []
+    args: list = []
     keys = {"queue_id": query.queue_id, "message_id": query.message_id,
             "correlation_id": query.correlation_id, "env_id": query.env_id,
             "cls": query.cls, "vmta_pool": query.pool}
@@ -257,8 +284,13 @@ def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
     if query.until is not None:
         where.append(f"time_queued < {mark}")
         args.append(query.until)
-    if len(where) == 1:
+    if not where:
         raise ValueError("an evidence query needs at least one key or a time range")
+    if not any(keys[k] is not None for k in ("queue_id", "message_id", "correlation_id",
+                                              "env_id")) and query.rcpt is None:
+        # a class, pool or time scan (the SLA report): the "r" rows name every message, and
+        # the literal lets the database use the partial indexes on them
+        where.insert(0, "type = 'r'")
     sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
            f"audit_records WHERE {' AND '.join(where)})")
     if query.rcpt is not None:
@@ -277,7 +309,7 @@ def link(prepared: Sequence[Prepared], tail: tuple[int, bytes, str]
     rows: list[tuple] = []
     days: dict[str, list] = {}
     day_number = -1
-    for row, sla, nonce, pdigest, cdigest, logged in prepared:
+    for row, extra, nonce, pdigest, cdigest, logged in prepared:
         seq += 1
         number = int(logged // 86400)
         if number != day_number:  # strftime once per day, not per record
@@ -290,7 +322,7 @@ def link(prepared: Sequence[Prepared], tail: tuple[int, bytes, str]
         else:
             stats[1], stats[4] = seq, digest
             stats[2] += 1
-        rows.append((seq, day, prev, digest, INTACT, nonce, pdigest, None, *row, sla))
+        rows.append((seq, day, prev, digest, INTACT, nonce, pdigest, None, SCHEME, *row, *extra))
         prev = digest
     return rows, days, (seq, prev, day)
 
@@ -476,10 +508,18 @@ class SQLiteAuditStore(RetentionMixin):
                 action TEXT, pool TEXT, domain TEXT);
             CREATE TABLE IF NOT EXISTS audit_purges (id INTEGER PRIMARY KEY, time REAL,
                 cls TEXT, action TEXT, cutoff REAL, rows INTEGER);
-            CREATE TABLE IF NOT EXISTS audit_writers (writer TEXT PRIMARY KEY, batch INTEGER,
-                last_seq INTEGER, time REAL);
-        """ + "".join(f"CREATE INDEX IF NOT EXISTS {name} ON audit_records {spec};"
-                      for name, spec in _INDEXES.items()))
+            CREATE TABLE IF NOT EXISTS audit_feed (writer TEXT PRIMARY KEY, n INTEGER,
+                time REAL);
+        """)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(audit_records)")}
+        for column in _ADDED_IN_2:
+            if column not in have:  # a store of scheme 1: its rows keep verifying as such
+                self.db.execute(f"ALTER TABLE audit_records ADD COLUMN {column} "
+                                f"{_SQL_TYPES.get(column, 'TEXT')}")
+        self.db.executescript("".join(f"DROP INDEX IF EXISTS {name};" for name in _OLD_INDEXES)
+                              + "".join(f"CREATE INDEX IF NOT EXISTS {name} ON audit_records"
+                                        f" {spec};" for name, spec in _INDEXES.items())
+                              + _UNIQUE_EVENT + ";")
 
     def close(self) -> None:
         self.db.close()
@@ -491,38 +531,36 @@ class SQLiteAuditStore(RetentionMixin):
             "SELECT seq, hash, day FROM audit_records ORDER BY seq DESC LIMIT 1").fetchone()
         return (row[0], bytes(row[1]), row[2]) if row else (0, GENESIS, "")
 
-    def append(self, batch: Sequence[tuple[Record, float | None]],
-               key: BatchKey | None = None) -> int:
+    def feed_cursors(self) -> dict[str, int]:
+        return {w: n for w, n in self.db.execute("SELECT writer, n FROM audit_feed")}
+
+    def append(self, batch: Sequence[Entry]) -> int:
         """Chain and insert records (with their class SLA) in one transaction; returns the
         last seq. The tail is read inside the write transaction (``BEGIN IMMEDIATE`` holds the
-        file's write lock), so two writers on one file still make one chain. ``key``: see
-        ``BatchKey``."""
-        if not batch:
-            return self._load_tail()[0]
+        file's write lock), so two writers on one file still make one chain. Events the store
+        holds already are skipped (see ``Entry``)."""
         prepared = prepare(batch)  # the hashing, before taking the lock
         marks = f"({', '.join('?' * len(COLUMNS))})"
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            if key is not None:
-                done = db.execute("SELECT last_seq FROM audit_writers WHERE writer = ? AND"
-                                  " batch >= ?", key).fetchone()
-                if done is not None:
-                    db.execute("COMMIT")
-                    return done[0]
-            rows, days, tail = link(prepared, self._load_tail())
-            # executemany, not multi-row INSERTs: those compile a new statement for each batch
-            # size and measured worse in the campaign bench (node CPU +0.3 ms/message, RSS +17 MB)
-            db.executemany(f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES {marks}",
-                           rows)
-            db.executemany(
-                "INSERT INTO audit_days (day, first_seq, last_seq, records, anchor, head) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(day) DO UPDATE SET "
-                "last_seq = excluded.last_seq, records = records + excluded.records, "
-                "head = excluded.head", [(d, *s) for d, s in days.items()])
-            if key is not None:
-                db.execute("INSERT OR REPLACE INTO audit_writers VALUES (?, ?, ?, ?)",
-                           (*key, tail[0], time.time()))
+            prepared, cursors = fresh(prepared, self.feed_cursors())
+            tail = self._load_tail()
+            if prepared:
+                rows, days, tail = link(prepared, tail)
+                # executemany, not multi-row INSERTs: those compile a new statement for each
+                # batch size and measured worse in the campaign bench (node CPU +0.3 ms per
+                # message, RSS +17 MB)
+                db.executemany(f"INSERT INTO audit_records ({', '.join(COLUMNS)}) VALUES"
+                               f" {marks}", rows)
+                db.executemany(
+                    "INSERT INTO audit_days (day, first_seq, last_seq, records, anchor, head) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(day) DO UPDATE SET "
+                    "last_seq = excluded.last_seq, records = records + excluded.records, "
+                    "head = excluded.head", [(d, *s) for d, s in days.items()])
+                now = time.time()
+                db.executemany("INSERT OR REPLACE INTO audit_feed VALUES (?, ?, ?)",
+                               [(w, n, now) for w, n in cursors.items()])
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -1,0 +1,416 @@
+"""The recorder: feeds the audit store and the accounting files from the spool's events.
+
+Every accounting record is written into the spool as an *event*, in the same transaction as the
+state change it describes (accepted, delivered, deferred, bounced, expired, suppressed …), so a
+record exists exactly when its fact does. The recorder, a child process the node starts, reads
+the events back (``spool.outbox``) and writes them on, each consumer with a durable cursor of its
+own, so a crash at any moment neither loses nor doubles a record:
+
+- the audit store keeps each writer's last event number in the same transaction as the chained
+  records (``AuditStore.append`` skips events it holds);
+- the accounting files keep theirs in a position file, written after each fsync, and cut the
+  files back to it after a crash (``AccountingLog``).
+
+The node trims the events both consumers have (the spool keeps one writer). Why a process: the
+hashing, the index inserts and the file formatting cost the node ≈ 30 µs per record in its own
+process (docs/performance.md, "Cost of audit writing"); here they run on the other core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import marshal
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..childproc import HEAD, frame, read_frame, reap
+from .log import AccountingLog
+from .records import Record, unpack
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..spool import Spool
+
+__all__ = ["Recorder"]
+
+log = logging.getLogger("postlane.recorder")
+
+POLL = 0.05
+"""Seconds between looks at the outbox when it is quiet: records reach the store and the
+webhooks this long after their fact, at most (plus the write)."""
+SYNC = 1.0
+"""Seconds between fsyncs of the accounting files (and moves of their position)."""
+BATCH = 20000
+"""Events read per writer and look: one audit transaction at most this big."""
+
+
+def _settings(config: Config, own: str, audit: str | None) -> dict:
+    acc = config.accounting
+    return {"spool": config.node.spool, "schema": config.cluster.schema_name, "own": own,
+            "audit": audit,
+            "acct": {"directory": str(acc.directory), "formats": list(acc.formats),
+                     "fields": list(acc.fields), "rotate": acc.rotate,
+                     "rotate_size": acc.rotate_size},
+            "sla": {name: c.sla for name, c in config.classes.items()}}
+
+
+class Recorder:
+    """The node's side: starts the child, replaces it if it dies, trims what it consumed."""
+
+    def __init__(self, config: Config, spool: Spool, audit: str | None,
+                 on_stored: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.audit = audit
+        """The audit store's location (None: audit disabled, files only)."""
+        self.on_stored = on_stored
+        """Called when records reached the store (the webhooks wake up)."""
+        self.stored: dict[str, int] = {}
+        """Each writer's last event in the audit store, as the child last said."""
+        self.filed: dict[str, int] = {}
+        """Each writer's last event in the (synced) accounting files."""
+        self._proc: subprocess.Popen | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._flushes: dict[int, asyncio.Future] = {}
+        self._tokens = itertools.count(1)
+        self._ready: asyncio.Future | None = None
+        self._stopping = False
+        self._behind = False
+
+    @property
+    def child_pid(self) -> int | None:
+        """The recorder process (tests kill it to show that nothing is lost)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def backlog(self) -> int:
+        """This node's events not yet in the audit store (the files, if audit is off)."""
+        done = (self.stored if self.audit else self.filed).get(self.spool.writer_id, 0)
+        return max(0, self.spool.events_written - done)
+
+    def behind(self) -> bool:
+        """Whether more events wait for the audit store than ``audit.max_backlog`` (intake
+        refuses new mail meanwhile); logged when it starts and once the store has caught up
+        to half."""
+        if not self.audit:
+            return False
+        backlog = self.backlog
+        limit = self.config.audit.max_backlog
+        if not self._behind and backlog > limit:
+            self._behind = True
+            log.error("audit store %d records behind (audit.max_backlog %d): refusing new mail"
+                      " with 451 until it catches up", backlog, limit)
+        elif self._behind and backlog <= limit // 2:
+            self._behind = False
+            log.warning("audit store caught up (%d records behind): accepting mail again",
+                        backlog)
+        return self._behind
+
+    async def start(self) -> None:
+        """Start the child; raises if it cannot open the store or the files."""
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        mine, theirs = socket.socketpair()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "postlane.accounting.recorder", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        reader, self._writer = await asyncio.open_connection(sock=mine)
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._writer.write(frame(_settings(self.config, self.spool.writer_id, self.audit)))
+        self._reader_task = loop.create_task(self._read(reader, self._proc))
+        try:
+            await self._ready
+        except BaseException:
+            await self._reap()
+            raise
+        for token in self._flushes:  # asked of a child that died: ask the new one
+            self._writer.write(frame(("flush", token)))
+
+    async def _read(self, reader: asyncio.StreamReader, proc: subprocess.Popen) -> None:
+        try:
+            while True:
+                head = await reader.readexactly(HEAD.size)
+                msg = marshal.loads(await reader.readexactly(HEAD.unpack(head)[0]))
+                self._handle(msg)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ConnectionError("the recorder process ended at start"))
+            return
+        if self._stopping or proc is not self._proc:
+            return
+        log.error("recorder process ended (exit %s); starting another",
+                  await asyncio.to_thread(proc.wait))
+        while not self._stopping:
+            try:
+                await self._spawn()
+                return
+            except Exception as exc:  # noqa: BLE001 - the events wait in the spool meanwhile
+                log.error("cannot start the recorder: %s; retrying in 5s", exc)
+                await asyncio.sleep(5)
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            assert self._ready is not None
+            self._ready.set_result(None)
+        elif kind == "error":
+            assert self._ready is not None
+            self._ready.set_exception(ConnectionError(msg[1]))
+        elif kind == "progress":
+            stored, filed = msg[1], msg[2]
+            grew = stored != self.stored
+            self.stored, self.filed = stored, filed
+            consumed = {w: min(n, stored.get(w, 0)) if self.audit else n
+                        for w, n in filed.items()}
+            if consumed:
+                self.spool.trim(consumed)
+            if grew and self.on_stored is not None:
+                self.on_stored()
+        elif kind == "log":  # the child's log lines join the node's (one stream, one format)
+            log.log(msg[1], "%s", msg[2])
+        elif kind == "flushed":
+            fut = self._flushes.pop(msg[1], None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    async def flush(self) -> None:
+        """Wait until every event committed to the spool so far is in the audit store and in
+        the (fsynced) accounting files. The caller flushes the spool first."""
+        token = next(self._tokens)
+        fut = asyncio.get_running_loop().create_future()
+        self._flushes[token] = fut
+        assert self._writer is not None
+        self._writer.write(frame(("flush", token)))
+        await fut
+
+    async def stop(self) -> None:
+        """Let the child write what the spool holds, then end it."""
+        self._stopping = True
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError):
+                self._writer.write(frame(("stop", None)))
+                await self._writer.drain()
+        await self._reap()
+
+    async def _reap(self) -> None:
+        if self._reader_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(self._reader_task), 60)
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._proc is not None:
+            await asyncio.to_thread(reap, self._proc, 10)
+
+
+# -- the child ------------------------------------------------------------------------------------
+
+class _Feed:
+    """What the child feeds: the store (optional) and the files, each with its cursors."""
+
+    def __init__(self, settings: dict) -> None:
+        from ..spool.outbox import open_outbox
+
+        self.sla: dict[str, float | None] = settings["sla"]
+        acc = settings["acct"]
+        self.files = AccountingLog(Path(acc["directory"]), formats=acc["formats"],
+                                   fields=acc["fields"], rotate_seconds=acc["rotate"],
+                                   rotate_bytes=acc["rotate_size"])
+        self.filed: dict[str, int] = dict(self.files.feed)  # written (synced when durable)
+        self.store = None
+        self.stored: dict[str, int] = {}
+        if settings["audit"]:
+            from .audit.backend import open_store_at
+
+            self.store = open_store_at(settings["audit"], settings["schema"])
+            self.stored = self.store.feed_cursors()
+        self.outbox = open_outbox(settings["spool"], settings["schema"], settings["own"])
+        self._settings = settings
+        self.dirty = False
+        self._outbox_down: float | None = None
+        self._store_down: float | None = None
+        self._store_retry = 0.0
+        self._store_delay = 0.5
+
+    def pump(self) -> int:
+        """Feed what the outbox holds beyond each cursor (one batch per writer and consumer);
+        returns how many events were taken."""
+        taken = 0
+        entries: list[tuple] = []
+        store_due = self.store is not None and time.monotonic() >= self._store_retry
+        for writer in self.outbox.writers():
+            filed = self.filed.get(writer, 0)
+            rows = self.outbox.read(writer, filed, BATCH)
+            values: list[tuple] = []
+            if rows:
+                values = [unpack(data) for _, data in rows]
+                self.files.write_many(Record(*v) for v in values)
+                self.filed[writer] = rows[-1][0]
+                self.dirty = True
+                taken += len(rows)
+            if not store_due:
+                continue
+            stored = self.stored.get(writer, 0)
+            if stored != filed:  # the store is ahead or behind the files: its own read
+                rows = self.outbox.read(writer, stored, BATCH)
+                values = [unpack(data) for _, data in rows]
+            if rows and rows[0][0] != stored + 1:
+                log.error("evidence gap: events %s#%d..%d are not in the spool's outbox;"
+                          " audit verify will name them", writer, stored + 1, rows[0][0] - 1)
+            entries.extend((v, self.sla.get(v[6]), writer, n)
+                           for (n, _), v in zip(rows, values, strict=True))
+        if entries:
+            self._append(entries)
+            taken += len(entries)
+        return taken
+
+    def safe_pump(self) -> int:
+        """``pump``, surviving an outbox that cannot be read (the database away): the events
+        wait there; logged once when it starts and once when it ends."""
+        try:
+            taken = self.pump()
+        except Exception as exc:  # noqa: BLE001 - retried at the next look
+            if self._outbox_down is None:
+                self._outbox_down = time.monotonic()
+                log.error("cannot read the spool's events (%s: %s); evidence waits there",
+                          type(exc).__name__, exc)
+            self._reopen_outbox()
+            time.sleep(1.0)
+            return 0
+        if self._outbox_down is not None:
+            log.warning("spool events readable again after %.1fs",
+                        time.monotonic() - self._outbox_down)
+            self._outbox_down = None
+        return taken
+
+    def _reopen_outbox(self) -> None:
+        from ..spool.outbox import open_outbox
+
+        with contextlib.suppress(Exception):
+            self.outbox.close()
+        with contextlib.suppress(Exception):
+            self.outbox = open_outbox(self._settings["spool"], self._settings["schema"],
+                                      self._settings["own"])
+
+    def _append(self, entries: list[tuple]) -> None:
+        assert self.store is not None
+        try:
+            self.store.append(entries)
+        except Exception as exc:  # noqa: BLE001 - the events wait in the spool; try again
+            if self._store_down is None:
+                self._store_down = time.monotonic()
+                log.error("audit store write failed (%s: %s); records wait in the spool and"
+                          " are written once it works again", type(exc).__name__, exc)
+            self._store_retry = time.monotonic() + self._store_delay
+            self._store_delay = min(self._store_delay * 2, 30.0)
+            return
+        if self._store_down is not None:
+            log.warning("audit store writes work again after %.1fs",
+                        time.monotonic() - self._store_down)
+            self._store_down = None
+        self._store_delay = 0.5
+        for _, _, writer, n in entries:
+            self.stored[writer] = n
+
+    def sync(self) -> None:
+        self.files.sync(self.filed)
+        self.dirty = False
+
+    def progress(self) -> tuple:
+        return ("progress", dict(self.stored), dict(self.files.feed))
+
+    def close(self) -> None:
+        self.sync()  # the files hold exactly the events ``filed`` names: record that
+        self.files.close()
+        self.outbox.close()
+        if self.store is not None:
+            self.store.close()
+
+
+class _ToNode(logging.Handler):
+    """Sends the child's log records to the node, which logs them as its own."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendall(frame(("log", record.levelno, record.getMessage())))
+
+
+def _serve(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    logging.getLogger().addHandler(_ToNode(sock))
+    reader = sock.makefile("rb")
+    try:
+        settings = read_frame(reader)
+    except EOFError:
+        return
+    try:
+        feed = _Feed(settings)
+    except Exception as exc:  # noqa: BLE001 - told to the node, which reports it
+        sock.sendall(frame(("error", f"{type(exc).__name__}: {exc}")))
+        return
+    sock.sendall(frame(("ready", None)))
+    last_sync, last_progress = time.monotonic(), None
+    flushes: list[int] = []
+    stopping = False
+    try:
+        while True:
+            taken = feed.safe_pump()
+            if flushes or stopping:
+                while taken:
+                    taken = feed.safe_pump()
+                feed.sync()
+            elif feed.dirty and time.monotonic() - last_sync >= SYNC:
+                feed.sync()
+                last_sync = time.monotonic()
+            progress = feed.progress()
+            if progress != last_progress:
+                sock.sendall(frame(progress))
+                last_progress = progress
+            for token in flushes:
+                sock.sendall(frame(("flushed", token)))
+            flushes.clear()
+            if stopping:
+                return
+            if taken >= BATCH:
+                continue
+            if select.select([sock], [], [], POLL)[0]:
+                try:
+                    kind, arg = read_frame(reader)
+                except EOFError:
+                    return  # the node is gone: its restart starts another recorder
+                if kind == "flush":
+                    flushes.append(arg)
+                elif kind == "stop":
+                    stopping = True
+    finally:
+        feed.close()
+
+
+if __name__ == "__main__":
+    # Ctrl-C reaches the whole process group: the node stops and tells us when to end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger().setLevel(logging.INFO)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        _serve(int(sys.argv[1]))

@@ -1,0 +1,2 @@
+"""Reputation: DMARC aggregate reports, Google Postmaster Tools, Microsoft SNDS, and the rules
+review (docs/reputation.md)."""

@@ -1,0 +1,162 @@
+"""Google Postmaster Tools API (v1) importer: per domain and day, the domain reputation, the IP
+reputation buckets, the user-reported spam ratio, SPF/DKIM/DMARC success ratios and the delivery
+errors, as ``ReputationStore.put_postmaster`` rows.
+
+Authentication is a service account's JSON key through ``google-auth`` (JWT bearer grant at the
+key's ``token_uri``; scope ``postmaster.readonly``); the HTTP calls go through httpx, and so does
+the token request (a small adapter to google-auth's transport interface), so one client with one
+timeout serves both. ``base_url`` is configurable: tests point it, and the key's ``token_uri``,
+at a loopback server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from typing import Any
+
+import httpx
+from google.auth import exceptions as gexc
+from google.auth import transport
+from google.oauth2 import service_account
+
+from ..config.model import PostmasterConfig
+
+__all__ = ["SCOPE", "ImportFailed", "fetch_postmaster"]
+
+log = logging.getLogger("postlane.reputation")
+
+SCOPE = "https://www.googleapis.com/auth/postmaster.readonly"
+_UNSET = ("REPUTATION_CATEGORY_UNSPECIFIED", "DELIVERY_ERROR_CLASS_UNSPECIFIED",
+          "DELIVERY_ERROR_TYPE_UNSPECIFIED")
+
+
+class ImportFailed(Exception):
+    """An import that got nothing: the message is for the operator (never holds a secret)."""
+
+
+class _Response(transport.Response):
+    def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
+
+    @property
+    def status(self) -> int:
+        return self._resp.status_code
+
+    @property
+    def headers(self) -> Any:
+        return self._resp.headers
+
+    @property
+    def data(self) -> bytes:
+        return self._resp.content
+
+
+class _Request(transport.Request):
+    """google-auth's transport interface over an httpx client (token requests)."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+
+    def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
+                 timeout: Any = None, **kwargs: Any) -> _Response:
+        try:
+            return _Response(self.client.request(method, url, content=body, headers=headers))
+        except httpx.HTTPError as exc:
+            raise gexc.TransportError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _get(client: httpx.Client, path: str, params: dict) -> dict:
+    try:
+        resp = client.get(path, params=params)
+    except httpx.HTTPError as exc:
+        raise ImportFailed(f"Postmaster Tools API unreachable: {type(exc).__name__}") from None
+    if not resp.is_success:
+        try:
+            detail = resp.json().get("error", {}).get("message", "")
+        except ValueError:
+            detail = ""
+        raise ImportFailed(f"Postmaster Tools API answered HTTP {resp.status_code} for {path}"
+                           + (f": {detail[:200]}" if detail else ""))
+    try:
+        return resp.json()
+    except ValueError:
+        raise ImportFailed(f"Postmaster Tools API sent no JSON for {path}") from None
+
+
+def _pages(client: httpx.Client, path: str, key: str, params: dict) -> list[dict]:
+    out: list[dict] = []
+    token = None
+    for _ in range(100):  # a bound: 100 pages of a day each is three months
+        body = _get(client, path, {**params, **({"pageToken": token} if token else {})})
+        out.extend(body.get(key) or [])
+        token = body.get("nextPageToken")
+        if not token:
+            break
+    return out
+
+
+def _day(name: str) -> str:
+    """``domains/example.com/trafficStats/20240131`` -> ``2024-01-31``."""
+    stamp = name.rsplit("/", 1)[-1]
+    if len(stamp) != 8 or not stamp.isdigit():
+        raise ImportFailed(f"unexpected trafficStats name {name[:80]!r}")
+    return f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:]}"
+
+
+def _ratio(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _row(domain: str, stat: dict) -> dict:
+    rep = stat.get("domainReputation", "")
+    return {
+        "domain": domain, "day": _day(stat.get("name", "")),
+        "domain_reputation": "" if rep in _UNSET else str(rep),
+        "spam_ratio": _ratio(stat.get("userReportedSpamRatio")),
+        "spf_ratio": _ratio(stat.get("spfSuccessRatio")),
+        "dkim_ratio": _ratio(stat.get("dkimSuccessRatio")),
+        "dmarc_ratio": _ratio(stat.get("dmarcSuccessRatio")),
+        "ip_reputations": json.dumps([
+            {"reputation": r.get("reputation", ""), "ip_count": int(r.get("ipCount") or 0),
+             "sample_ips": list(r.get("sampleIps") or [])}
+            for r in stat.get("ipReputations") or [] if r.get("reputation") not in _UNSET]),
+        "delivery_errors": json.dumps([
+            {"class": e.get("errorClass", ""), "type": e.get("errorType", ""),
+             "ratio": _ratio(e.get("errorRatio"))} for e in stat.get("deliveryErrors") or []]),
+        "raw": json.dumps(stat)[:20000]}
+
+
+def fetch_postmaster(cfg: PostmasterConfig, today: dt.date) -> list[dict]:
+    """Every domain's traffic stats from ``history`` ago to today; raises ``ImportFailed``."""
+    key_file = cfg.key_file or ""
+    try:
+        if os.stat(key_file).st_mode & 0o077:
+            log.warning("Postmaster Tools key file is readable by group/others; chmod 600 it",
+                        extra={"path": key_file})
+        creds = service_account.Credentials.from_service_account_file(
+            key_file, scopes=[SCOPE], subject=cfg.subject)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ImportFailed(f"cannot use the service-account key {key_file}:"
+                           f" {type(exc).__name__}: {exc}") from None
+    start = today - dt.timedelta(seconds=cfg.history)
+    end = today + dt.timedelta(days=1)  # endDate is exclusive
+    with httpx.Client(base_url=cfg.base_url.rstrip("/"), timeout=cfg.timeout) as client:
+        try:
+            creds.refresh(_Request(client))
+        except gexc.GoogleAuthError as exc:
+            raise ImportFailed(f"Google refused the service-account token: {exc}"[:300]) from None
+        client.headers["Authorization"] = f"Bearer {creds.token}"
+        domains = list(cfg.domains) or [
+            d["name"].removeprefix("domains/") for d in _pages(client, "/v1/domains",
+                                                               "domains", {})]
+        rows = []
+        for domain in domains:
+            params = {"startDate.year": start.year, "startDate.month": start.month,
+                      "startDate.day": start.day, "endDate.year": end.year,
+                      "endDate.month": end.month, "endDate.day": end.day, "pageSize": 200}
+            stats = _pages(client, f"/v1/domains/{domain}/trafficStats", "trafficStats", params)
+            rows.extend(_row(domain, s) for s in stats)
+    return rows

@@ -1,0 +1,106 @@
+"""Reading the evidence outbox: the spool's events, for the recorder process.
+
+The spool writes every accounting record as an event in the same transaction as the state
+change it describes (``Spool`` in base.py); the recorder reads them back here, writer by writer
+in number order, through a connection of its own (synchronous: the recorder is a plain process
+without an event loop). Trimming stays with the spool's writer, so the spool has one writer.
+
+On PostgreSQL several nodes share the table. A node's spool holds a session advisory lock named
+after its writer for as long as it lives; a recorder feeds its own node's writer, and takes over
+any other writer whose lock it can get, i.e. whose node is gone (its connection closed), keeping
+that lock while it works so that two survivors never feed the same events.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["Outbox", "PostgresOutbox", "SQLiteOutbox", "open_outbox", "writer_lock_key"]
+
+
+def writer_lock_key(schema: str, writer: str) -> str:
+    """The text whose ``hashtextextended`` is the advisory lock a live writer holds."""
+    return f"postlane-writer:{schema}:{writer}"
+
+
+class Outbox(Protocol):
+    def writers(self) -> list[str]:
+        """The writers whose events this recorder may feed now."""
+        ...
+
+    def read(self, writer: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` events of ``writer`` numbered after ``after``, in order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SQLiteOutbox:
+    """The events of ``<directory>/spool.sqlite`` (one node: every writer is this node's)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        path = Path(directory) / "spool.sqlite"
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA query_only = 1")
+
+    def writers(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT writer FROM writers ORDER BY started")]
+
+    def read(self, writer: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        return self.db.execute("SELECT n, data FROM events WHERE writer = ? AND n > ?"
+                               " ORDER BY n LIMIT ?", (writer, after, limit)).fetchall()
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class PostgresOutbox:
+    """The events of a cluster schema: this node's writer, and writers of nodes that are gone."""
+
+    def __init__(self, dsn: str, schema: str, own: str) -> None:
+        import psycopg  # only where a cluster runs
+
+        self.schema, self.own = schema, own
+        self._held: set[str] = set()
+        self.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5,
+                                    application_name=f"postlane-recorder/{schema}")
+        self.conn.execute(f'SET search_path TO "{schema}"')
+
+    def writers(self) -> list[str]:
+        out = []
+        listed = [w for (w,) in self.conn.execute("SELECT writer FROM writers ORDER BY started")]
+        for writer in self._held - set(listed):  # trimmed to nothing and forgotten
+            self.release(writer)
+        for writer in listed:
+            if writer == self.own or writer in self._held or self.conn.execute(
+                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                    (writer_lock_key(self.schema, writer),)).fetchone()[0]:
+                if writer != self.own:
+                    self._held.add(writer)
+                out.append(writer)
+        return out
+
+    def read(self, writer: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        return [(n, bytes(data)) for n, data in self.conn.execute(
+            "SELECT n, data FROM events WHERE writer = %s AND n > %s ORDER BY n LIMIT %s",
+            (writer, after, limit))]
+
+    def release(self, writer: str) -> None:
+        """Stop feeding an adopted writer (all its events are consumed, and nobody writes
+        more: its node is gone)."""
+        if writer in self._held:
+            self._held.discard(writer)
+            self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
+                              (writer_lock_key(self.schema, writer),))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_outbox(spool: str, schema: str, own: str) -> SQLiteOutbox | PostgresOutbox:
+    """The outbox of the spool at ``spool`` (``node.spool``: a folder or a DSN)."""
+    if spool.startswith(("postgresql://", "postgres://")):
+        return PostgresOutbox(spool, schema, own)
+    return SQLiteOutbox(spool)

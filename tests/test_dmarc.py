@@ -1,0 +1,400 @@
+"""DMARC aggregate reports: the real-world corpus (../shared/testdata/dmarc, see its README),
+hostile input (an XML bomb, a 200 MB gzip bomb, a zip bomb, external entities), the
+pools / forwarders / authorised / unknown split on a crafted report, the store (deduplicated, on
+SQLite and PostgreSQL), the CLI, and reports arriving by SMTP at the rua address."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tracemalloc
+import zipfile
+import zlib
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from postlane.cli import app
+from postlane.config import parse_config
+from postlane.feedback.dmarc import DEFAULT_MAX_SIZE, DMARCError, parse_aggregate
+from postlane.reputation.alignment import summarise
+from postlane.reputation.service import open_store
+from postlane.reputation.store import ReputationStore
+from tests.conftest import SHARED, config_text, records, send
+from tests.support.pg import PG_DSN
+
+CORPUS = SHARED / "testdata" / "dmarc"
+BROKEN = {"invalid_utf_8.xml": "not valid UTF-8: byte 0x91 at offset 706",
+          "invalid_xml.xml": "not well-formed XML"}
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"{CORPUS} is absent (the shared"
+                                  " test data sits beside the repository; CI has it)")
+runner = CliRunner()
+
+
+def corpus_files() -> list[Path]:
+    return sorted(CORPUS.iterdir()) if CORPUS.is_dir() else []
+
+
+# -- the corpus ----------------------------------------------------------------------------------
+
+@needs_corpus
+def test_the_corpus_has_19_reports_and_all_parse_or_fail_with_a_reason():
+    files = corpus_files()
+    assert len(files) == 19
+    result = runner.invoke(app, ["dmarc", "parse", "--json", *map(str, files)])
+    assert result.exit_code == 1  # two broken files
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(line["file"]).name for line in lines] == [f.name for f in files]
+    for line in lines:
+        name = Path(line["file"]).name
+        if name in BROKEN:
+            assert line["ok"] is False and line["error"].startswith(BROKEN[name]), line
+            continue
+        assert line["ok"] is True, line
+        assert set(line) == {"file", "ok", "org_name", "report_id", "policy_domain", "begin",
+                             "end", "records"}
+        assert line["report_id"] and line["policy_domain"] and line["begin"] <= line["end"]
+        for rec in line["records"]:
+            assert set(rec) == {"source_ip", "count", "disposition", "header_from",
+                                "dkim_aligned", "spf_aligned"}
+            assert rec["count"] >= 0 and isinstance(rec["dkim_aligned"], bool)
+
+
+@needs_corpus
+@pytest.mark.parametrize("name, org, report_id, domain, rows, messages", [
+    ("rfc9990-example.net!example.com!1700000000!1700086399.xml", "example.net",
+     "dmarcbis-test-report-001", "example.com", 2, 7),
+    ("rfc9990-sample.xml", "Sample Reporter", "3v98abbp8ya9n3va8yr8oa3ya", "example.com", 1, 123),
+    ("old_draft_from_wiki.xml", "acme.com", "9391651994964116463", "example.com", 1, 2),
+    ("ikea.com!example.de!1538690400!1538776800.xml", "ikea.com",
+     "aggr_report_2018_10_05_5bc7e9b4f3e8a", "example.de", 1, 1),  # unclosed wrapper element
+    ("mimecast-weird-gzip.eml", "Mimecast",
+     "157a5fe30ec76f4bc0d8bccfc96c118a167a1280fee7c7465af5115e73082e5e", "ab.id.au", 1, 1),
+    ("twilight.eml", "google.com", "1627703331531660819", "twlnet.com", 1, 1),  # zip in a mail
+    ("fastmail.com!example.com!1516060800!1516147199!102675056.xml.gz", "FastMail Pty Ltd",
+     "102675056", "indemed.com", 1, 1),
+    ("estadocuenta1.infonacot.gob.mx!example.com!1536853302!1536939702!2940.xml.zip",
+     "XYZ Corporation", "2940", "example.com", 1, 1),
+    ("!large-example.com!1711897200!1711983600.xml", "", "example.com:1711897200",
+     "example.com", 2286, 2286),
+    ("empty_reason.xml", "example.org", "20240125141224705995", "example.com", 1, 2),
+])
+def test_provider_formats(name, org, report_id, domain, rows, messages):
+    report = parse_aggregate((CORPUS / name).read_bytes())
+    assert (report.org_name, report.report_id, report.policy_domain) == (org, report_id, domain)
+    assert (len(report.rows), report.messages) == (rows, messages)
+    assert report.reporter  # org_name, else the reporter's address
+
+
+@needs_corpus
+def test_rfc9990_rows_carry_alignment_and_auth_results():
+    report = parse_aggregate((CORPUS / "rfc9990-example.net!example.com!1700000000!"
+                                       "1700086399.xml").read_bytes())
+    good, spoof = report.rows
+    assert (good.dkim_aligned, good.spf_aligned, good.disposition) == (True, True, "none")
+    assert good.dkim == [{"domain": "example.com", "selector": "selector1", "result": "pass"}]
+    assert (spoof.dkim_aligned, spoof.spf_aligned, spoof.disposition) == (False, False, "reject")
+    assert spoof.envelope_from == "spoofed.example.com"
+    assert spoof.reasons == [{"type": "other", "comment": "sender not authorized"}]
+    assert report.policy["np"] == "reject" and report.policy["testing"] == "y"
+
+
+# -- hostile input ------------------------------------------------------------------------------
+
+def crafted(rows: list[tuple[str, int, str, str]], report_id: str = "r-1",
+            org: str = "mail.example", domain: str = "insurer.test",
+            end: int = 4_000_000_000) -> bytes:
+    """An aggregate report: rows of (source_ip, count, dkim, spf) with policy_evaluated
+    results as a receiver writes them."""
+    records = "".join(f"""
+  <record><row><source_ip>{ip}</source_ip><count>{n}</count>
+    <policy_evaluated><disposition>none</disposition><dkim>{dkim}</dkim><spf>{spf}</spf>
+    </policy_evaluated></row>
+    <identifiers><header_from>{domain}</header_from><envelope_from>{domain}</envelope_from>
+    </identifiers>
+    <auth_results><dkim><domain>{domain}</domain><selector>s1</selector><result>{dkim}</result>
+    </dkim><spf><domain>{domain}</domain><result>{spf}</result></spf></auth_results></record>"""
+                      for ip, n, dkim, spf in rows)
+    return f"""<?xml version="1.0" encoding="UTF-8"?>
+<feedback xmlns="urn:ietf:params:xml:ns:dmarc-2.0"><version>1.0</version>
+  <report_metadata><org_name>{org}</org_name><email>dmarc@{org}</email>
+    <report_id>{report_id}</report_id>
+    <date_range><begin>{end - 86400}</begin><end>{end}</end></date_range></report_metadata>
+  <policy_published><domain>{domain}</domain><adkim>r</adkim><aspf>r</aspf><p>none</p>
+  </policy_published>{records}
+</feedback>""".encode()
+
+
+def refusal_peak(data: bytes, reason: str, **kwargs: int) -> int:
+    """Parse ``data``, expecting a refusal naming ``reason``; the peak of traced memory."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(DMARCError, match=reason):
+            parse_aggregate(data, **kwargs)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_entity_expansion_bomb_is_refused_at_its_declaration():
+    bomb = b'<?xml version="1.0"?>\n<!DOCTYPE feedback [\n<!ENTITY a "' + b"x" * 100 + b'">\n'
+    for i in range(1, 12):
+        bomb += f'<!ENTITY {chr(97 + i)} "{("&" + chr(96 + i) + ";") * 10}">\n'.encode()
+    bomb += b"]>\n<feedback><report_metadata><org_name>&l;</org_name></report_metadata>" \
+            b"</feedback>"
+    peak = refusal_peak(bomb, "refused XML: EntitiesForbidden")
+    assert peak < 1 << 20  # 10^11 expansions would be 10 TB; nothing was expanded
+
+
+def test_external_entities_are_refused():
+    xxe = b'<?xml version="1.0"?><!DOCTYPE feedback [<!ENTITY x SYSTEM "file:///etc/passwd">]>' \
+          b"<feedback>&x;</feedback>"
+    with pytest.raises(DMARCError, match="refused XML"):
+        parse_aggregate(xxe)
+
+
+def _gzip_bomb(size: int) -> bytes:
+    """``size`` bytes of zeros, gzip-compressed a megabyte at a time (bounded memory)."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as gz:
+        chunk = b"\0" * (1 << 20)
+        for _ in range(size >> 20):
+            gz.write(chunk)
+    return out.getvalue()
+
+
+def test_a_200_mb_gzip_bomb_is_refused_in_bounded_memory():
+    bomb = _gzip_bomb(200 << 20)
+    assert len(bomb) < 1 << 20  # 200 MB in ~200 KB
+    peak = refusal_peak(bomb, "gzip data expands beyond the 32 MB limit")
+    # the output buffer stops one chunk past the limit (bytearray growth may copy it once):
+    # far from the 200 MB the bomb would take
+    assert peak < 2 * DEFAULT_MAX_SIZE + (4 << 20), peak
+
+
+def test_a_zip_bomb_is_refused_in_bounded_memory():
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("r.xml", "w") as member:
+        for _ in range(100):
+            member.write(b"\0" * (1 << 20))
+    peak = refusal_peak(out.getvalue(), "zip member expands beyond the 4 MB limit",
+                        max_size=4 << 20)
+    assert peak < 3 * (4 << 20), peak  # not the 100 MB it expands to
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x1f\x8b\x08\x00garbage-after-the-magic", "broken gzip data"),
+    (gzip.compress(crafted([("192.0.2.1", 1, "pass", "pass")]))[:-40], "broken gzip data"),
+    (b"PK\x03\x04 not really a zip", "broken zip archive"),
+    (b"%PDF-1.4 a pdf", "not a DMARC report"),
+    (b"<html><body>hello</body></html>", "not a DMARC aggregate report: the root element"),
+    (b"<feedback><report_metadata/></feedback>", "report_metadata or policy_published"),
+    (crafted([("not-an-ip", 1, "pass", "pass")]), "record 1: source_ip 'not-an-ip'"),
+    (crafted([("192.0.2.1", 1, "pass", "pass")]).replace(b"<count>1</count>",
+                                                           b"<count>-3</count>"),
+     "record 1: count is negative"),
+    (crafted([]).replace(b"<report_id>r-1</report_id>", b"<report_id></report_id>"),
+     "incomplete report: report_id"),
+    (b"Subject: hi\r\n\r\nno attachment here\r\n", "carries no DMARC report"),
+])
+def test_broken_input_gets_a_clear_reason(data, reason):
+    with pytest.raises(DMARCError, match=reason.replace("(", r"\(")):
+        parse_aggregate(data)
+
+
+def test_an_oversized_plain_report_is_refused():
+    with pytest.raises(DMARCError, match="larger than the 1024 bytes limit"):
+        parse_aggregate(crafted([("192.0.2.1", 1, "pass", "pass")] * 5), max_size=1024)
+
+
+# -- the split ----------------------------------------------------------------------------------
+
+SPLIT = [("127.0.0.30", 500, "pass", "pass"),    # our bulk pool, aligned
+         ("127.0.0.20", 100, "fail", "pass"),    # our critical pool: DKIM not aligned
+         ("198.51.100.7", 40, "pass", "fail"),   # forwarded: the signature survived
+         ("198.51.100.8", 10, "pass", "fail"),
+         ("192.0.2.5", 20, "fail", "pass"),      # another system in the SPF record
+         ("203.0.113.9", 150, "fail", "fail"),   # nobody we know
+         ("203.0.113.10", 5, "fail", "fail")]
+POOL_IPS = {"127.0.0.30": "bulk", "127.0.0.20": "critical"}
+
+
+def test_the_split_into_pools_forwarders_authorised_and_unknown():
+    report = parse_aggregate(crafted(SPLIT))
+    rows = [(r.header_from, r.source_ip, r.dkim_aligned, r.spf_aligned, r.count)
+            for r in report.rows]
+    summary = summarise(rows, POOL_IPS)
+    (dom,) = summary["domains"]
+    assert dom["messages"] == 825
+    assert {g: v["messages"] for g, v in dom["groups"].items()} == {
+        "pools": 600, "forwarders": 50, "authorised": 20, "unknown": 155}
+    assert dom["pass_rate"] == round(670 / 825, 6)
+    assert [s["source_ip"] for s in dom["groups"]["forwarders"]["top"]] == [
+        "198.51.100.7", "198.51.100.8"]
+    assert [s["source_ip"] for s in dom["groups"]["unknown"]["top"]] == [
+        "203.0.113.9", "203.0.113.10"]
+    assert dom["groups"]["pools"]["top"][0] == {
+        "source_ip": "127.0.0.30", "pool": "bulk", "messages": 500, "dkim_aligned": 500,
+        "spf_aligned": 500}
+    pools = {p["pool"]: p for p in summary["pools"]}
+    assert pools["bulk"]["dkim_rate"] == 1.0 and pools["critical"]["dkim_rate"] == 0.0
+    assert pools["critical"]["pass_rate"] == 1.0  # SPF aligned: DMARC passes all the same
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+def _store_contract(store: ReputationStore) -> None:
+    report = parse_aggregate(crafted(SPLIT))
+    assert store.add_report(report, "test", 1.0) is True
+    assert store.add_report(report, "test again", 2.0) is False  # reporter + report id
+    other = parse_aggregate(crafted(SPLIT[:1], org="other.example"))  # same id, other reporter
+    assert store.add_report(other, "test", 3.0) is True
+    assert store.dmarc_report_count(0) == 2
+    rows = store.dmarc_sources(0, "insurer.test")
+    assert sum(r[4] for r in rows) == 825 + 500
+    assert store.dmarc_sources(4_000_000_001) == []  # reports that ended earlier
+    store.record_import("snds", 10.0, "", 3)
+    store.record_import("snds", 20.0, "SNDS unreachable", 0)
+    assert store.imports()["snds"] == {"last_attempt": 20.0, "last_success": 10.0,
+                                       "last_error": "SNDS unreachable", "rows": 3}
+    store.add_review("gmail", "ops", "ok", 100.0)
+    store.add_review("gmail", "ops2", "lowered", 200.0)
+    assert store.last_reviews() == {"gmail": {"reviewed_at": 200.0, "reviewer": "ops2",
+                                              "note": "lowered"}}
+
+
+def test_store_on_sqlite(tmp_path):
+    store = ReputationStore(tmp_path / "rep.sqlite3")
+    try:
+        _store_contract(store)
+    finally:
+        store.close()
+    again = ReputationStore(tmp_path / "rep.sqlite3")  # reopened: migrations are idempotent
+    assert again.dmarc_report_count(0) == 2
+    again.close()
+
+
+async def test_store_on_postgresql_in_the_cluster_schema(tmp_path, pg_schema):
+    cfg = parse_config(config_text(tmp_path, 2525).replace(
+        f'spool = "{tmp_path}/spool"', f'spool = "{PG_DSN}"') +
+        f'[cluster]\nschema_name = "{pg_schema}"\n')
+    store = open_store(cfg)  # node.spool is a DSN: the same database and schema
+    try:
+        assert store.pg and store.schema == pg_schema
+        _store_contract(store)
+        twin = open_store(cfg)  # a second node of the cluster sees the same reports
+        assert twin.add_report(parse_aggregate(crafted(SPLIT)), "node 2", 5.0) is False
+        twin.close()
+    finally:
+        store.close()
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+def _write_config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "postlane.toml"
+    path.write_text(config_text(tmp_path, 2525, extra))
+    return path
+
+
+def test_cli_import_deduplicates_and_report_splits(tmp_path):
+    cfg = _write_config(tmp_path)
+    files = []
+    for i, (name, data) in enumerate([("a.xml", crafted(SPLIT)),
+                                      ("a.xml.gz", gzip.compress(crafted(SPLIT))),
+                                      ("b.zip", None), ("bomb.xml.gz", _gzip_bomb(64 << 20))]):
+        if data is None:
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr("b.xml", crafted(SPLIT[2:4], report_id="r-2"))
+            data = buf.getvalue()
+        files.append(tmp_path / f"{i}-{name}")
+        files[-1].write_bytes(data)
+    result = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), *map(str, files)])
+    assert result.exit_code == 1, result.output  # the bomb
+    lines = result.stdout.splitlines()
+    assert "stored (mail.example r-1, 7 records, 825 messages)" in lines[0]
+    assert "already stored, skipped" in lines[1]
+    assert "stored (mail.example r-2, 2 records, 50 messages)" in lines[2]
+    assert "refused: gzip data expands beyond the 32 MB limit" in lines[3]
+    out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "100000", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    assert summary["reports"] == 2
+    (dom,) = summary["domains"]
+    assert dom["groups"]["forwarders"]["messages"] == 100
+    assert dom["groups"]["unknown"]["messages"] == 155
+    text = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "100000",
+                               "--domain", "insurer.test"])
+    assert "forwarders" in text.stdout and "198.51.100.7" in text.stdout
+    assert "(pool bulk)" in text.stdout
+
+
+# -- by SMTP to the rua address -----------------------------------------------------------------
+
+RUA = '[reputation.dmarc]\naddresses = ["dmarc-rua@insurer.test"]\n'
+
+
+def report_mail(attachment: bytes, name: str, ctype: str = "application/gzip") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "noreply-dmarc@mail.example"
+    msg["To"] = "dmarc-rua@insurer.test"
+    msg["Subject"] = "Report domain: insurer.test Submitter: mail.example Report-ID: r-1"
+    msg.set_content("This is an aggregate report from mail.example.")
+    maintype, subtype = ctype.split("/")
+    msg.add_attachment(attachment, maintype=maintype, subtype=subtype, filename=name)
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
+
+async def test_reports_by_smtp_are_stored_exactly_once_and_never_relayed(tmp_path, sink,
+                                                                          make_node):
+    node = await make_node(config_text(tmp_path, sink.port, RUA).replace(
+        "max_message_size = 100000", "max_message_size = 1000000"))  # the bomb's 270 KB
+    port = node.listeners[0].port
+    mail = report_mail(gzip.compress(crafted(SPLIT)),
+                       "mail.example!insurer.test!3999913600!4000000000.xml.gz")
+    assert await send(port, "noreply-dmarc@mail.example", ["dmarc-rua@insurer.test"], mail) == {}
+    assert await send(port, "noreply-dmarc@mail.example", ["DMARC-RUA@insurer.test"], mail) == {}
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("r2.xml", crafted(SPLIT[5:], report_id="r-2"))
+    await send(port, "noreply-dmarc@mail.example", ["dmarc-rua@insurer.test"],
+               report_mail(zipped.getvalue(), "r2.zip", "application/zip"))
+    # hostile and broken reports: accepted (250), logged, not stored, nothing relayed
+    await send(port, "x@mail.example", ["dmarc-rua@insurer.test"],
+               report_mail(_gzip_bomb(200 << 20), "bomb.xml.gz"))
+    await send(port, "x@mail.example", ["dmarc-rua@insurer.test"],
+               report_mail(b"<feedback>&x;</feedback>", "bad.xml", "text/xml"))
+    store = node.reputation.store
+    assert store.dmarc_report_count(0) == 2
+    assert sum(r[4] for r in store.dmarc_sources(0)) == 825 + 155
+    view = node.reputation.view["dmarc"]
+    assert view["reports"] == 2
+    assert {d["domain"]: d["groups"]["unknown"]["messages"] for d in view["domains"]} == {
+        "insurer.test": 310}
+    assert sink.arrivals == [] and not [r for r in records(tmp_path) if r["type"] == "r"]
+    assert node.scheduler.queued() == 0
+
+
+async def test_a_mail_to_rua_and_a_customer_delivers_only_the_customer_copy(tmp_path, sink,
+                                                                             make_node):
+    node = await make_node(config_text(tmp_path, sink.port, RUA))
+    mail = report_mail(crafted(SPLIT[:1]), "r.xml", "text/xml")
+    await send(node.listeners[0].port, "s@insurer.test",
+               ["dmarc-rua@insurer.test", "someone@example.com"], mail)
+    await sink.wait_for(1)
+    assert [m.rcpts for m in sink.arrivals] == [["someone@example.com"]]
+    assert node.reputation.store.dmarc_report_count(0) == 1
+
+
+def test_gzip_with_trailing_bytes_and_two_members():
+    xml = crafted(SPLIT[:1])
+    assert parse_aggregate(gzip.compress(xml) + b"\r\n").messages == 500
+    half = len(xml) // 2
+    assert parse_aggregate(gzip.compress(xml[:half]) + gzip.compress(xml[half:])).messages == 500
+    raw = zlib.compress(xml)  # zlib, not gzip: refused clearly, not misread
+    with pytest.raises(DMARCError, match="not a DMARC report"):
+        parse_aggregate(raw)
