@@ -14,7 +14,9 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from typer.testing import CliRunner
 
+from postlane.cli import app
 from postlane.sink import Sink
 from tests.conftest import config_text, message, records, send
 from tests.support.httpsserver import HTTPSServer
@@ -119,19 +121,6 @@ async def world(tmp_path, dns_server):
         w.https.stop()
 
 
-def evidence(node) -> dict[str, dict]:
-    """rcpt -> the connection facts its delivery was recorded with."""
-    seen: dict[str, dict] = {}
-    delivered = node.scheduler.delivered
-
-    def spy(rcpt, reply, status, conn):
-        seen[rcpt.address] = dict(conn)
-        delivered(rcpt, reply, status, conn)
-
-    node.scheduler.delivered = spy
-    return seen
-
-
 async def first_outcome(tmp_path: Path, rcpt: str, timeout: float = 30.0) -> dict:
     """The first delivery ("d") or deferral ("t") record of ``rcpt``."""
     for _ in range(int(timeout * 10)):
@@ -148,12 +137,12 @@ async def _deliver(node, rcpt: str, cls: str = "policy-documents") -> None:
 
 async def delivered_with(world: World, make_node, rcpt: str) -> dict:
     """Start a node, deliver to ``rcpt`` (an opportunistic class), check it was delivered, and
-    return the connection facts its delivery record was written with."""
+    return its delivery record."""
     node = await make_node(world.config())
-    seen = evidence(node)
     await _deliver(node, rcpt, cls="marketing")
-    assert (await first_outcome(world.tmp_path, rcpt))["type"] == "d"
-    return seen[rcpt]
+    row = await first_outcome(world.tmp_path, rcpt)
+    assert row["type"] == "d", row
+    return row
 
 
 # -- the class policies ----------------------------------------------------------------------
@@ -172,13 +161,11 @@ async def delivered_with(world: World, make_node, rcpt: str) -> dict:
 async def test_class_policy(world, make_node, tmp_path, class_tls, host, outcome, auth, status):
     world.mx("class.test", host)
     node = await make_node(world.config(class_tls))
-    seen = evidence(node)
     await _deliver(node, "r@class.test")
     row = await first_outcome(tmp_path, "r@class.test")
     assert row["type"] == outcome, row
     if outcome == "d":
-        assert seen["r@class.test"]["tls_auth"] == auth
-        assert seen["r@class.test"]["tls_policy"] == class_tls
+        assert row["dlvTlsAuth"] == auth and row["dlvTlsPolicy"] == class_tls
         assert bool(row["dlvTlsProtocol"]) == (auth != "")
     else:
         assert row["dsnStatus"] == status and f"TLS policy {class_tls}" in row["dsnDiag"], row
@@ -214,8 +201,8 @@ async def test_mta_sts_enforce_delivers_to_a_matching_mx_with_a_valid_certificat
         world, make_node, tmp_path):
     world.mx("sts.test", "good.mx.test")
     world.sts("sts.test", "enforce", ["*.mx.test"])
-    conn = await delivered_with(world, make_node, "r@sts.test")  # an opportunistic class
-    assert conn["tls_policy"] == "mta-sts-enforce" and conn["tls_auth"] == "pkix"
+    row = await delivered_with(world, make_node, "r@sts.test")  # an opportunistic class
+    assert row["dlvTlsPolicy"] == "mta-sts-enforce" and row["dlvTlsAuth"] == "pkix"
 
 
 @pytest.mark.parametrize("host, policy_mx", [("good.mx.test", ["mx.elsewhere.test"]),
@@ -256,10 +243,10 @@ async def test_mta_sts_testing_delivers_and_reports_the_failure(world, make_node
     world.mx("sts-testing.test", "wrong.mx.test")
     world.sts("sts-testing.test", "testing", ["*.mx.test"])
     node = await make_node(world.config())
-    seen = evidence(node)
     await _deliver(node, "r@sts-testing.test", cls="marketing")
-    assert (await first_outcome(tmp_path, "r@sts-testing.test"))["type"] == "d"
-    assert seen["r@sts-testing.test"]["tls_policy"] == "mta-sts-testing"
+    row = await first_outcome(tmp_path, "r@sts-testing.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "mta-sts-testing"
+    assert row["dlvTlsAuth"] == "none", "encrypted, the certificate did not check out"
     node.tls_reports.flush()
     report = node.tls_reports.report(records(tmp_path)[0]["timeLogged"][:10],
                                      "sts-testing.test")
@@ -284,8 +271,8 @@ async def test_dane_match_delivers_with_dane_evidence(world, make_node, tmp_path
     world.mx("dane.test", host, secure=True)
     der = (leaf_der(world.certs[host][0]) if usage == 3 else world.intermediate.der)
     world.tlsa(host, usage, selector, der, port=world.port)
-    conn = await delivered_with(world, make_node, "r@dane.test")
-    assert conn["tls_policy"] == "dane" and conn["tls_auth"] == auth
+    row = await delivered_with(world, make_node, "r@dane.test")
+    assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == auth
 
 
 async def test_tlsa_mismatch_defers(world, make_node, tmp_path):
@@ -306,7 +293,7 @@ async def test_tlsa_mismatch_defers(world, make_node, tmp_path):
 async def test_tlsa_without_the_ad_bit_is_ignored(world, make_node, tmp_path):
     world.mx("dane.test", "good.mx.test")  # not signed: no AD, so no DANE
     world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)
-    assert (await delivered_with(world, make_node, "r@dane.test"))["tls_policy"] == \
+    assert (await delivered_with(world, make_node, "r@dane.test"))["dlvTlsPolicy"] == \
         "opportunistic"
 
 
@@ -314,7 +301,7 @@ async def test_dane_takes_precedence_over_mta_sts(world, make_node, tmp_path):
     world.mx("both.test", "good.mx.test", secure=True)
     world.sts("both.test", "enforce", ["mx.elsewhere.test"])  # would refuse the MX
     world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["good.mx.test"][0]), port=world.port)
-    assert (await delivered_with(world, make_node, "r@both.test"))["tls_policy"] == "dane"
+    assert (await delivered_with(world, make_node, "r@both.test"))["dlvTlsPolicy"] == "dane"
     assert world.https is not None and "mta-sts.both.test" not in world.https.fetches
 
 
@@ -417,3 +404,32 @@ async def test_daily_report_by_mail_and_https(world, make_node, tmp_path):
     assert report["policies"][0]["summary"] == {"total-successful-session-count": 0,
                                                 "total-failure-session-count": 1}
     assert await node.tls_reports.send_due(before="9999-12-31") == 0, "sent once"
+
+
+# -- evidence ----------------------------------------------------------------------------------
+
+async def test_audit_show_and_sla_tell_how_each_delivery_was_protected(world, make_node,
+                                                                       tmp_path):
+    world.mx("dane.test", "good.mx.test", secure=True)
+    world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["good.mx.test"][0]), port=world.port)
+    world.mx("plain.test", "plain.mx.test")
+    node = await make_node(world.config())
+    await _deliver(node, "r@dane.test")
+    await _deliver(node, "r@plain.test")
+    for rcpt in ("r@dane.test", "r@plain.test"):
+        assert (await first_outcome(tmp_path, rcpt))["type"] == "d"
+    await node.flush_evidence()
+    db = str(node.audit.path)
+    runner = CliRunner()
+    res = await asyncio.to_thread(runner.invoke, app, ["audit", "show", "--db", db,
+                                                       "--recipient", "r@dane.test"])
+    assert "authenticated (DANE-EE), policy dane" in res.output, res.output
+    res = await asyncio.to_thread(runner.invoke, app, ["audit", "show", "--db", db,
+                                                       "--recipient", "r@plain.test"])
+    assert "no TLS, policy opportunistic" in res.output, res.output
+    res = await asyncio.to_thread(runner.invoke, app, [
+        "audit", "sla", "--db", db, "--from", "2000-01-01", "--to", "2100-01-01", "--format",
+        "json"])
+    tls = json.loads(res.output)["classes"]["policy-documents"]["tls"]
+    assert tls == {"encrypted": 1, "authenticated": 1, "encrypted_share": 0.5,
+                   "authenticated_share": 0.5}

@@ -173,8 +173,7 @@ def render_text(items: list[Trail], now: float) -> str:
                 continue
             verb = {"d": "delivered", "t": "deferred", "b": "bounced"}.get(row["type"],
                                                                           row["type"])
-            tls = (f"{row['dlv_tls_protocol']} {row['dlv_tls_cipher']}".strip()
-                   if row["dlv_tls_protocol"] else "no TLS")
+            tls = _tls_text(row)
             lines.append(f"  {_t(row['time_logged'])}  attempt {row['attempt']}: {verb} from "
                          f"{row['dlv_source_ip'] or '-'} ({row['vmta'] or '-'}) to "
                          f"{row['dsn_mta'] or '-'}, {tls}")
@@ -188,6 +187,23 @@ def render_text(items: list[Trail], now: float) -> str:
             lines.append("  (some records were purged under the retention policy)")
         lines.append("")
     return "\n".join(lines) if lines else "no records found\n"
+
+
+_AUTHENTICATED = {"pkix": "PKIX", "dane-ee": "DANE-EE", "dane-ta": "DANE-TA"}
+
+
+def _tls_text(row: dict) -> str:
+    """``TLSv1.3 TLS_AES_256_GCM_SHA384, authenticated (DANE-EE), policy dane``: how the
+    connection of an attempt was protected (docs/tls.md)."""
+    auth, policy = row["dlv_tls_auth"] or "", row["dlv_tls_policy"] or ""
+    if not row["dlv_tls_protocol"]:
+        text = "no TLS"
+    else:
+        text = f"{row['dlv_tls_protocol']} {row['dlv_tls_cipher']}".strip()
+        if auth:
+            text += (f", authenticated ({_AUTHENTICATED[auth]})" if auth in _AUTHENTICATED
+                     else ", not authenticated")
+    return text + (f", policy {policy}" if policy else "")
 
 
 def render_json(items: list[Trail], now: float) -> str:
@@ -317,6 +333,9 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
         pools = {t.first["vmta_pool"] for t in items}
         pauses = {pool: store.pauses(pool, now) for pool in pools}
         latencies = [t.latency for t in items if t.latency is not None]
+        deliveries = [t.final for t in items if t.latency is not None]
+        encrypted = sum(1 for d in deliveries if d and d["dlv_tls_protocol"])
+        authenticated = sum(1 for d in deliveries if d and d["dlv_tls_auth"] in _AUTHENTICATED)
         sla = next((t.sla for t in items if t.sla is not None), None)
         met = sum(1 for t in items if t.sla_met(now))
         breaches = [{"queue_id": t.queue_id, "message_id": t.first["message_id"],
@@ -330,6 +349,11 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
             "within_sla": met if sla is not None else None,
             "within_sla_share": round(met / len(items), 6) if sla is not None else None,
             "latency_s": {f"p{q}": _percentile(latencies, q) for q in (50, 95, 99)},
+            "tls": {"encrypted": encrypted, "authenticated": authenticated,
+                    "encrypted_share": round(encrypted / len(latencies), 6) if latencies
+                    else None,
+                    "authenticated_share": round(authenticated / len(latencies), 6)
+                    if latencies else None},
             "breaches": breaches,
         }
     return report
@@ -347,6 +371,12 @@ def render_sla(report: dict) -> str:
                      f"({100 * c['within_sla_share']:.2f}%)")
         lines.append(f"{name}: {c['messages']} messages, {c['delivered']} delivered, {share}; "
                      f"p50 {fmt['p50']} p95 {fmt['p95']} p99 {fmt['p99']}")
+        tls = c["tls"]
+        if c["delivered"]:
+            lines.append(f"  delivered over TLS: {tls['encrypted']}/{c['delivered']}"
+                         f" ({100 * tls['encrypted_share']:.2f}%), with the server"
+                         f" authenticated (PKIX or DANE): {tls['authenticated']}/{c['delivered']}"
+                         f" ({100 * tls['authenticated_share']:.2f}%)")
         for b in c["breaches"]:
             lines.append(f"  BREACH {b['queue_id']} {b['recipient']} Message-ID "
                          f"{b['message_id'] or '-'} correlation {b['correlation_id'] or '-'}: "
