@@ -26,6 +26,10 @@ import dns.resolver
 
 __all__ = ["DNSPermError", "DNSTempError", "Destination", "MXResolver"]
 
+NEGATIVE_TTL = 300.0
+"""How long ``records`` remembers that a name has no records of a type (RFC 2308's usual SOA
+minimum)."""
+
 
 class DNSTempError(Exception):
     """SERVFAIL, timeout, no answer from any nameserver: retry later."""
@@ -124,9 +128,9 @@ class MXResolver:
         try:
             answer = await self._query(_absolute(name), rdtype)
         except DNSPermError:  # NXDOMAIN
-            return ([], False), self._min_ttl
-        if answer is None:
-            return ([], False), self._min_ttl
+            answer = None
+        if answer is None:  # most domains publish no MTA-STS, TLSA or TLS-RPT record: ask
+            return ([], False), NEGATIVE_TTL  # again in 5 minutes, not at every connection
         ttl = float(answer.rrset.ttl) if answer.rrset is not None else self._min_ttl
         return (list(answer), self._secure(answer)), ttl
 
