@@ -17,10 +17,16 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 
+# /metrics is checked with promtool, from Debian's prometheus package (the server is not run).
+PROMTOOL := /usr/bin/promtool
+$(PROMTOOL):
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+		--no-install-recommends prometheus
+
 demo: $(STAMP)
 	$(BIN)/postlane demo
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) $(PROMTOOL)
 	@# the cluster tests need PostgreSQL on 127.0.0.1:5432: start the local one if installed
 	-@pg_isready -q -h 127.0.0.1 2>/dev/null || ( command -v pg_ctlcluster >/dev/null && \
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -1) main start ) \

@@ -11,7 +11,8 @@ import ssl
 import pytest
 from typer.testing import CliRunner
 
-from postlane.accounting.audit.evidence import sla_report, trails
+from postlane.accounting.audit.evidence import trails
+from postlane.accounting.audit.sla import explain, sla_report
 from postlane.accounting.audit.store import Query, SQLiteAuditStore
 from postlane.cli import app
 from postlane.sink import Sink
@@ -81,14 +82,15 @@ async def test_evidence_of_each_outcome(evidence_run):
     assert soft.outcome == "delivered" and soft.sla_met(0) is True
 
     hard = items["hard@example.com"]
-    assert hard.outcome == "bounced" and hard.sla_met(0) is False
+    assert hard.outcome == "bounced" and hard.sla_met(0) is None
+    assert hard.not_deliverable == "remote-permanent"
     assert "550 5.1.1 no such user" in hard.final["dsn_diag"]
-    assert "bounced" in hard.cause()
 
     [gone] = trails(store.find(Query(correlation_id="claim-9")))
     assert gone.outcome == "expired" and gone.sla_met(0) is False
     assert gone.final["dsn_status"] == "4.4.7"
-    assert "451 4.3.0 try again later" in gone.cause()
+    cause, detail, _ = explain(gone, [], 0)
+    assert cause == "expiry" and "451 4.3.0 try again later" in detail
     store.close()
 
 
@@ -166,11 +168,12 @@ async def test_cli_show_verify_export_sla(evidence_run, tmp_path):
     report = json.loads(res.output)["classes"]
     pol = report["policy-documents"]
     assert pol["messages"] == 3 and pol["delivered"] == 2 and pol["within_sla"] == 2
-    assert pol["latency_s"]["p50"] is not None
+    assert pol["deliverable"] == 2 and pol["within_sla_share"] == 1.0
+    assert pol["latency_s"]["p50"] is not None and pol["breaches"] == []
     assert pol["tls"] == {"encrypted": 2, "authenticated": 0, "encrypted_share": 1.0,
                           "authenticated_share": 0.0}
-    [breach] = pol["breaches"]
-    assert breach["recipient"] == "hard@example.com" and "550 5.1.1" in breach["cause"]
+    [hard] = pol["not_deliverable_recipients"]
+    assert hard["recipient"] == "hard@example.com" and "550 5.1.1" in hard["detail"]
     assert report["short"]["breaches"][0]["outcome"] == "expired"
     res = runner.invoke(app, ["audit", "sla", "--db", db, "--from", "2000-01-01",
                               "--to", "2100-01-01", "--class", "short"])
@@ -199,7 +202,8 @@ def test_sla_report_counts_late_delivery_as_breach(tmp_path):
     store = SQLiteAuditStore(tmp_path / "a.sqlite", readonly=True)
     report = sla_report(store, 0, 2000)["classes"]["c"]
     assert report["within_sla"] == 0 and report["latency_s"]["p99"] == 300.0
-    assert "waited 300.0s before its first attempt" in report["breaches"][0]["cause"]
+    assert report["breaches"][0]["cause"] == "our-backoff"
+    assert report["breaches"][0]["waits_s"]["our-backoff"] == 300.0
 
 
 async def test_sla_breach_caused_by_a_pause_names_it(tmp_path, sink, make_node):
@@ -216,7 +220,7 @@ async def test_sla_breach_caused_by_a_pause_names_it(tmp_path, sink, make_node):
     report = sla_report(store, 0, 2e9, "claims")["classes"]["claims"]
     [breach] = report["breaches"]
     assert breach["correlation_id"] == "claim-1" and breach["outcome"] == "delivered"
-    assert "pool bulk paused by an operator" in breach["cause"]
+    assert breach["cause"] == "our-pause" and "pool bulk: pool paused" in breach["detail"]
     store.close()
 
 
@@ -263,7 +267,8 @@ def test_remote_bounce_after_relay_is_the_outcome(tmp_path):
     store = SQLiteAuditStore(tmp_path / "a.sqlite", readonly=True)
     [trail] = trails(store.find(Query(queue_id="Q1")))
     assert trail.outcome == "bounced by the remote side after relay"
-    assert trail.sla_met(2000.0) is False and "550 5.1.1" in trail.cause()
+    assert trail.sla_met(2000.0) is None and trail.not_deliverable == "remote-permanent"
+    assert "550 5.1.1" in explain(trail, [], 2000.0)[1]
     store.close()
 
 

@@ -3,6 +3,7 @@ the API's numbers, and its buttons pause and resume a pool on the running node."
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -66,6 +67,12 @@ async def test_dashboard_shows_the_api_numbers_and_pauses_a_pool(tmp_path, sink,
             await page.wait_for_selector("#pools tr[data-pool='bulk'] button[data-action=pause]")
             assert ("bulk", "*") not in node.scheduler.paused
             await sink.wait_for(7)
+            # pausing asks first: dismissed, nothing happens; accepted, the pool pauses
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
+            await page.click("#pools tr[data-pool='bulk'] button[data-action=pause]")
+            await page.wait_for_timeout(300)
+            assert ("bulk", "*") not in node.scheduler.paused
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
             await page.click("#pools tr[data-pool='bulk'] button[data-action=pause]")
             await page.wait_for_selector("#pools tr[data-pool='bulk'] button[data-action=resume]")
             assert ("bulk", "*") in node.scheduler.paused
@@ -77,6 +84,76 @@ async def test_dashboard_shows_the_api_numbers_and_pauses_a_pool(tmp_path, sink,
                 tmp_path / "dashboard.png")
             await page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+        finally:
+            await browser.close()
+
+
+async def test_dashboard_explains_deferrals_and_finds_messages(tmp_path, sink, make_node):
+    """The operator's panels: top deferral and bounce reasons per pool and domain, per-IP
+    counts, outcomes per hour, lanes that sort, filter and fold idle ones away, time axes,
+    a purge that asks first, and a lookup by correlation id or address."""
+    from playwright.async_api import async_playwright
+
+    sink.rcpt_replies = {"grey@grey.example": ["451 4.7.1 <grey@grey.example> greylisted"],
+                         "gone@example.com": ["550 5.1.1 <gone@example.com> user unknown"]}
+    text = config_text(tmp_path, sink.port, f'"grey.example" = "127.0.0.1:{sink.port}"\n'
+                       f'"idle.example" = "127.0.0.1:{sink.port}"\n')
+    node = await make_node(text.replace('retry = ["1s", "2s"]', 'retry = ["1h"]'))
+    for rcpt in ("ok@example.com", "gone@example.com", "grey@grey.example", "a@idle.example"):
+        await node.intake.submit("", [RcptIn(rcpt)], message(
+            "offer", cls="marketing", extra=f"X-Correlation-ID: c-{rcpt.split('@')[0]}\r\n"))
+    await sink.wait_for(2)  # ok@ and a@idle: the idle lane is empty again
+    while not any(r.state.value == "deferred" for r in node.scheduler.recipients()):
+        await asyncio.sleep(0.05)
+    base = f"http://127.0.0.1:{node.api.port}"
+    token = (tmp_path / "api-token").read_text().strip()
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            await page.goto(base + "/")
+            await page.fill("#token", token)
+            await page.click("#login-form button")
+            await page.wait_for_selector("#reasons tr td.reason")
+            reasons = await page.inner_text("#reasons")
+            assert "greylisted" in reasons and "grey.example" in reasons
+            assert "user unknown" in reasons and "bad-mailbox" in reasons
+            assert "grey@grey.example" not in reasons, "addresses are taken out of reasons"
+            delivered = await page.text_content(
+                "#ips tr[data-ip='127.0.0.30'] td[data-field=delivered]")
+            assert delivered == "2"
+            assert await page.text_content("#hours tr td[data-field=delivered]") == "2"
+            assert await page.locator("[data-testid=time-axis]").count() >= 1
+            # idle lanes are folded away until asked for; the filter and the sort work
+            assert await page.locator("#lanes tr[data-lane='bulk/idle.example']").count() == 0
+            await page.check("#show-idle")
+            await page.wait_for_selector("#lanes tr[data-lane='bulk/idle.example']")
+            await page.fill("#lane-filter", "grey")
+            assert await page.locator("#lanes tr").count() == 1
+            await page.fill("#lane-filter", "")
+            await page.click("#lane-head th[data-sort=domain]")
+            domains = await page.eval_on_selector_all(
+                "#lanes tr", "rows => rows.map(r => r.dataset.lane.split('/')[1])")
+            assert domains == sorted(domains)
+            # look a message up by correlation id, then by address
+            await page.fill("#lookup", "c-grey")
+            await page.click("#lookup-form button")
+            await page.wait_for_selector("#lookup-results td[data-field=state]")
+            assert await page.text_content("#lookup-results td[data-field=state]") == "deferred"
+            await page.fill("#lookup", "gone@example.com")
+            await page.click("#lookup-form button")
+            await page.wait_for_selector("#lookup-results td:has-text('gone@example.com')")
+            assert await page.text_content("#lookup-results td[data-field=state]") == "bounced"
+            # purging a lane asks first
+            purge = "#lanes tr[data-lane='bulk/grey.example'] button[data-action=purge]"
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
+            await page.click(purge)
+            await page.wait_for_timeout(300)
+            assert node.scheduler.lanes[("bulk", "grey.example")].depth() == 1
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            await page.click(purge)
+            await page.wait_for_selector(purge, state="detached")
+            assert node.scheduler.lanes[("bulk", "grey.example")].depth() == 0
         finally:
             await browser.close()
 

@@ -5,6 +5,7 @@ pause the marketing pool (and pauses it), while the transactional pool's alert o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -72,7 +73,8 @@ async def test_reputation_panel_and_the_pause_offer(tmp_path, sink, make_node):
                 assert await page.locator(f"{warning} button").count() == 0
                 if os.environ.get("POSTLANE_SCREENSHOT"):
                     await page.screenshot(path=str(SCREENSHOT), full_page=True)
-                await page.click(f"{alert} button[data-pool=bulk]")
+                page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+                await page.click(f"{alert} button[data-pool=bulk]")  # asks first, like every pause
                 await page.wait_for_selector(f"{alert} >> text=bulk paused")
                 assert ("bulk", "*") in node.scheduler.paused
                 assert ("critical", "*") not in node.scheduler.paused

@@ -22,9 +22,9 @@ def test_scopes(store) -> None:
     store.add("Hard@Example.com", "all", "5.1.1 user unknown", "bounce")
     store.add("news@example.com", "marketing", "unsubscribe", "unsubscribe")
     rcpts = ["hard@example.COM", "news@example.com", "fine@example.com"]
-    assert set(store.check(rcpts, marketing=True)) == {"hard@example.COM", "news@example.com"}
-    assert set(store.check(rcpts, marketing=False)) == {"hard@example.COM"}
-    assert store.check(["hard@example.com"], marketing=True)["hard@example.com"].scope == "all"
+    assert set(store.check(rcpts)) == {"hard@example.COM", "news@example.com"}
+    assert set(store.check(rcpts, ["all"])) == {"hard@example.COM"}
+    assert store.check(["hard@example.com"])["hard@example.com"].scope == "all"
 
 
 def test_remove_list_and_bad_input(store) -> None:
@@ -50,7 +50,7 @@ def test_csv_round_trip_and_all_or_nothing_import(store, tmp_path) -> None:
     out = io.StringIO()
     assert store.export_csv(out) == 2
     lines = out.getvalue().splitlines()
-    assert lines[0] == "address,scope,reason,source,created"
+    assert lines[0] == "address,scope,reason,source,created,expires"
     assert lines[1].startswith("x@example.com,all,hard,import,")
     assert lines[2].startswith("y@example.com,marketing,complaint,import,")
     other = SuppressionList(tmp_path / "other.sqlite3")

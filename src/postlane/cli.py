@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import typer
 
 from .accounting.audit.cli import app as audit_app
 from .api.cli import app as ops_app
+from .api.queue_cli import app as queue_app
 from .cluster import cluster_app
 from .config import ConfigError, load_config
 from .edge.cli import killtest, tls_app, users_app
@@ -25,18 +27,22 @@ app.add_typer(suppress_app, name="suppress")
 app.add_typer(dkim_app, name="dkim")
 app.add_typer(users_app, name="users")
 app.add_typer(tls_app, name="tls")
-app.command("killtest", hidden=True)(killtest)
+app.command("killtest")(killtest)
 app.add_typer(ops_app)  # status, queues, pause, resume, retry, purge, alerts (over the HTTP API)
+app.add_typer(queue_app, name="queue")
 app.add_typer(audit_app, name="audit")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(dmarc_app, name="dmarc")
 app.add_typer(rules_app, name="rules")
 
 
-def _load(path: Path):
+def _load(path: Path, as_json: bool = False):
     try:
         return load_config(path)
     except ConfigError as exc:
+        if as_json:
+            typer.echo(json.dumps({"file": str(path), "ok": False, "errors": exc.errors}))
+            raise typer.Exit(2) from None
         typer.echo(f"{exc.source}: configuration is not valid:", err=True)
         for line in exc.errors:
             typer.echo(f"  {line}", err=True)
@@ -44,12 +50,18 @@ def _load(path: Path):
 
 
 @config_app.command("check")
-def config_check(path: Path = typer.Argument(..., help="TOML config file")) -> None:
+def config_check(path: Path = typer.Argument(..., help="TOML config file"),
+                 as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Validate a config file; print every error with the field it is about."""
-    cfg = _load(path)
-    typer.echo(f"{path}: ok ({len(cfg.classes)} classes, {len(cfg.pools)} pools,"
-               f" {sum(len(p.ips) for p in cfg.pools.values())} source IPs,"
-               f" {len(cfg.listeners)} listeners)")
+    cfg = _load(path, as_json)
+    counts = {"classes": len(cfg.classes), "pools": len(cfg.pools),
+              "source_ips": sum(len(p.ips) for p in cfg.pools.values()),
+              "listeners": len(cfg.listeners)}
+    if as_json:
+        typer.echo(json.dumps({"file": str(path), "ok": True, "errors": [], **counts}))
+        return
+    typer.echo(f"{path}: ok ({counts['classes']} classes, {counts['pools']} pools,"
+               f" {counts['source_ips']} source IPs, {counts['listeners']} listeners)")
 
 
 @app.command()

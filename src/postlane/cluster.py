@@ -96,7 +96,8 @@ def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config 
 
 @cluster_app.command("drain")
 def drain(node: str = typer.Argument(..., help="name of the node to drain"),
-          config: Path = typer.Option(..., "-c", "--config", help="TOML config file")) -> None:
+          config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
+          as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Ask a node to stop claiming, finish what it holds, give the rest back and exit."""
     from .cli import _load
 
@@ -104,4 +105,6 @@ def drain(node: str = typer.Argument(..., help="name of the node to drain"),
     if not asyncio.run(_with_spool(cfg, lambda s: s.request_drain(node))):
         typer.echo(f"no node named {node!r} in the cluster", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{node}: drain requested (it stops within {cfg.cluster.lease / 3:.0f}s)")
+    within = round(cfg.cluster.lease / 3)
+    typer.echo(json.dumps({"node": node, "drain_requested": True, "within_s": within})
+               if as_json else f"{node}: drain requested (it stops within {within}s)")

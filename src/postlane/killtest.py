@@ -77,8 +77,7 @@ idle_timeout = 0.2
 [accounting]
 directory = "{workdir}/acct"
 [api]
-port = 0  # never collide with a node already running on this machine
-token_file = "{workdir}/api-token"
+enabled = false  # not needed here, and port 8025 may be another node's on this machine
 """
 
 

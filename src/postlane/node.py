@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -20,6 +21,7 @@ from .edge.smtp import Listener
 from .edge.tls import Certificates
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
+from .monitor.activity import Activity
 from .monitor.monitor import Monitor
 from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
@@ -28,6 +30,7 @@ from .relay.mx import MXResolver
 from .relay.tlsrpt import TLSReports
 from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
+from .scheduler.control import QueueControl, SelectionError, Selector
 from .scheduler.scheduler import Failure, Scheduler
 from .spool import Message, PostgresSpool, local_dir, make_spool
 from .spool.postgres import NodeConflict
@@ -55,6 +58,7 @@ class Node:
         """In-memory observers of every record (monitor, feedback): told at once, on the
         loop; the durable copy goes through the spool and the recorder."""
         self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures)
+        self.queue = QueueControl(self.scheduler, config.pools, config.classes)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
         self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3")
@@ -87,6 +91,8 @@ class Node:
         self._listeners.append(self.reputation.on_record)
         self.monitor.sources.append(self.reputation.conditions)
         self.monitor.metrics.registry.register(ReputationCollector(self.reputation))
+        self.activity = Activity()
+        self._listeners.append(self.activity.on_record)
         self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
@@ -136,7 +142,13 @@ class Node:
         if self.api is not None:
             await self.api.start()
         for listener in self.listeners:
-            await listener.start()
+            try:
+                await listener.start()
+            except OSError as exc:  # say which listener of the config, not a traceback
+                lc = listener.config
+                raise OSError(exc.errno, f"listener {listener.name!r} (listeners.{listener.name}"
+                                         f" in the config) cannot listen on {lc.address}:"
+                                         f"{lc.port}: {os.strerror(exc.errno or 0)}") from None
         self.started_at = time.time()
         loop = asyncio.get_running_loop()
         self._tls_tasks.append(loop.create_task(self.certificates.watch()))
@@ -242,20 +254,33 @@ class Node:
         log.info("resumed", extra={"pool": pool, "domain": domain or "*"})
 
     def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:
-        if pool is not None and pool not in self.config.pools:
-            raise OperationError(f"no pool named {pool!r}", 404)
+        self._lane(pool, domain)
         return self.scheduler.retry_now(pool, domain)
+
+    def purge(self, pool: str, domain: str) -> int:
+        """Drop a lane's queued, deferred and held mail (no DSN)."""
+        self._lane(pool, domain)
+        return self.scheduler.purge(pool, domain.lower())
+
+    def _lane(self, pool: str | None, domain: str | None) -> None:
+        """A mistyped pool or domain is an error, not "0 purged"."""
+        try:
+            self.queue.check(Selector(pool=pool, domain=domain))
+        except SelectionError as exc:
+            raise OperationError(str(exc), exc.status) from None
 
     # -- introspection --------------------------------------------------------------------------
 
     def status(self) -> dict:
         now = time.time()
+        oldest = self.scheduler.oldest(now)
         lanes = []
         for lane in sorted(self.scheduler.lanes.values(), key=lambda ln: ln.key):
             lanes.append({
                 "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
                 "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
-                "oldest_age_s": round(lane.oldest(now), 3), "connections": lane.workers,
+                "held": lane.held, "oldest_age_s": round(oldest.get(lane.key, 0.0), 3),
+                "connections": lane.workers,
                 "paused": lane.paused, "rate_wait": lane.rate_wait,
                 "suspended_s": round(max(0.0, lane.suspended_until - now), 1),
             })
@@ -321,8 +346,9 @@ def run(config: Config) -> None:
         node = Node(config)
         try:
             await node.start()
-        except (ConnectionError, NodeConflict) as exc:  # say why, not a traceback
-            log.error("cannot start: %s", exc)
+        except (OSError, NodeConflict) as exc:  # say why, not a traceback
+            log.error("cannot start: %s", exc.strerror if isinstance(exc, OSError)
+                      and exc.strerror else exc)
             raise SystemExit(1) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

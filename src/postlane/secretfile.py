@@ -1,8 +1,9 @@
-"""Secret files (API token, feedback key, DKIM keys): created once, mode 0600, atomically.
+"""Files that hold secrets or customer data: only the node's user may read them, whatever the
+umask (message bodies, addresses, keys, tokens: 0600 files in 0700 folders).
 
-Nodes of a cluster may share a state folder and start at the same moment; a file opened with
-O_EXCL and then written can be read empty in between, so the secret is written to a private
-temporary file first and linked into place, which fails if another process got there first.
+Nodes of a cluster may share a state folder and start at the same moment; a secret opened with
+O_EXCL and then written can be read empty in between, so ``create_secret`` writes a private
+temporary file first and links it into place, which fails if another process got there first.
 """
 
 from __future__ import annotations
@@ -11,14 +12,55 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["create_secret"]
+__all__ = ["create_secret", "private_dir", "private_file", "private_open"]
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def private_dir(path: str | Path) -> None:
+    """Create ``path`` and any missing parents as 0700 folders (existing ones are left as the
+    operator made them)."""
+    path = Path(path)
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            folder.mkdir(mode=DIR_MODE)
+            os.chmod(folder, DIR_MODE)  # exactly, whatever the umask
+
+
+def private_file(path: str | Path) -> Path:
+    """Create an empty 0600 file at ``path`` (in a 0700 folder) unless it exists, before a
+    library such as SQLite creates it with the umask's mode. SQLite gives its -wal and -shm
+    files the database file's mode."""
+    path = Path(path)
+    private_dir(path.parent)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
+        os.close(fd)
+    return path
+
+
+def private_open(path: str | Path, mode: str = "w", **kwargs: Any) -> IO:
+    """``open`` for writing a file only its owner can read (created or truncated 0600)."""
+    def opener(name: str, flags: int) -> int:
+        fd = os.open(name, flags, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
+        return fd
+
+    return open(path, mode, opener=opener, **kwargs)  # noqa: SIM115
 
 
 def create_secret(path: Path, data: bytes) -> bool:
     """Write ``data`` to a new 0600 file at ``path``, durably; False (and ``path`` untouched)
     if it exists already."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 
 from ..policy.intake import RcptIn, Rejection
 from ..reputation.api import router as reputation_router
+from . import queue
 from .injection import MessageIn, Queued
 
 if TYPE_CHECKING:
@@ -133,9 +134,7 @@ def create_app(node: Node, token: str) -> FastAPI:
     @api.post("/pools/{pool}/lanes/{domain}/purge", tags=["operations"])
     async def purge(pool: str, domain: str) -> dict:
         """Drop the lane's queued and deferred recipients (accounting "b", bounceCat purged)."""
-        if pool not in node.config.pools:
-            raise APIError(404, f"no pool named {pool!r}")
-        return {"pool": pool, "domain": domain, "purged": node.scheduler.purge(pool, domain)}
+        return {"pool": pool, "domain": domain, "purged": node.purge(pool, domain)}
 
     @api.get("/messages/{queue_id}", tags=["messages"])
     async def message(queue_id: str) -> dict:
@@ -146,8 +145,27 @@ def create_app(node: Node, token: str) -> FastAPI:
         return found[0]
 
     @api.get("/messages", tags=["messages"])
-    async def messages(correlation_id: Annotated[str, Query(min_length=1)]) -> dict:
-        return {"messages": _lookup(node, correlation_id=correlation_id)}
+    async def messages(correlation_id: Annotated[str | None, Query(min_length=1)] = None,
+                       recipient: Annotated[str | None, Query(min_length=3)] = None) -> dict:
+        """Queued and recently finished messages by correlation id or recipient address."""
+        if (correlation_id is None) == (recipient is None):
+            raise APIError(422, "give correlation_id or recipient")
+        return {"messages": _lookup(node, correlation_id=correlation_id,
+                                    recipient=recipient.strip().lower() if recipient else None)}
+
+    @api.get("/activity", tags=["monitoring"])
+    async def activity() -> dict:
+        """The last 24 hours: outcomes per hour, per source IP (with its connections now) and
+        the top deferral and bounce reasons per pool and domain."""
+        out = node.activity.view(time.time())
+        counts = {(ip["pool"], ip["source_ip"]): ip for ip in out["ips"]}
+        out["ips"] = [{"pool": pool["pool"], "source_ip": ip["address"], "ehlo": ip["ehlo"],
+                       "connections": ip["in_use"], "max_smtp_out": ip["max_smtp_out"],
+                       "reputation": None,
+                       **{k: counts.get((pool["pool"], ip["address"]), {}).get(k, 0)
+                          for k in ("delivered", "deferred", "bounced")}}
+                      for pool in node.status()["pools"] for ip in pool["ips"]]
+        return out
 
     @api.get("/sla", tags=["monitoring"])
     async def sla() -> dict:
@@ -167,6 +185,7 @@ def create_app(node: Node, token: str) -> FastAPI:
         return {"samples": list(node.monitor.history)}
 
     api.include_router(reputation_router(node))
+    api.include_router(queue.router(node))
     app.include_router(api)
 
     @app.get("/metrics", dependencies=[Depends(require_token)], tags=["monitoring"],
@@ -198,14 +217,15 @@ def _rejection_status(exc: Rejection) -> tuple[int, str]:
     return 422, exc.text
 
 
-def _lookup(node: Node, queue_id: str | None = None,
-            correlation_id: str | None = None) -> list[dict]:
-    """Queued and deferred recipients from the scheduler, finished ones from the monitor's
-    recent records (in-flight recipients show once their attempt ends)."""
+def _lookup(node: Node, queue_id: str | None = None, correlation_id: str | None = None,
+            recipient: str | None = None) -> list[dict]:
+    """Queued, deferred and held recipients from the scheduler, finished ones from the
+    monitor's recent records (in-flight recipients show once their attempt ends)."""
     found: dict[str, dict] = {}
     for rcpt in node.scheduler.recipients():
         msg = rcpt.msg
-        if msg.id != queue_id and (not correlation_id or msg.correlation_id != correlation_id):
+        if msg.id != queue_id and (not correlation_id or msg.correlation_id != correlation_id) \
+                and (not recipient or rcpt.address.lower() != recipient):
             continue
         entry = found.setdefault(msg.id, {
             "queue_id": msg.id, "class": msg.cls, "pool": msg.pool,
@@ -214,7 +234,7 @@ def _lookup(node: Node, queue_id: str | None = None,
         entry["recipients"].append({
             "address": rcpt.address, "state": rcpt.state.value, "attempts": rcpt.attempts,
             "next_attempt": rcpt.next_attempt or None, "reply": rcpt.last_reply})
-    for done in node.monitor.tracker.finished(queue_id, correlation_id):
+    for done in node.monitor.tracker.finished(queue_id, correlation_id, recipient):
         entry = found.setdefault(done["queue_id"], {**done, "recipients": []})
         entry["recipients"].extend(done["recipients"])
     return list(found.values())

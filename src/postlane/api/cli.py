@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,12 +52,13 @@ def _target(config: Path | None, url: str | None, token_file: Path | None) -> tu
     return url.rstrip("/"), token
 
 
-def _call(target: tuple[str, str], method: str, path: str, **params: Any) -> dict:
+def _call(target: tuple[str, str], method: str, path: str, body: dict | None = None,
+          **params: Any) -> dict:
     url, token = target
     try:
         resp = httpx.request(method, url + path, headers={"Authorization": f"Bearer {token}"},
                              params={k: v for k, v in params.items() if v is not None},
-                             timeout=30)
+                             json=body, timeout=30)
     except httpx.HTTPError as exc:
         raise _fail(f"cannot reach the node's API at {url} ({exc}); is `postlane serve`"
                     " running with [api] enabled?") from None
@@ -67,6 +69,11 @@ def _call(target: tuple[str, str], method: str, path: str, **params: Any) -> dic
     if not resp.is_success:
         raise _fail(f"{body.get('error', resp.reason_phrase)} (HTTP {resp.status_code})")
     return body
+
+
+def console() -> Console:
+    """Tables as wide as the terminal; when piped, as wide as they need (nothing cut)."""
+    return Console() if sys.stdout.isatty() else Console(width=1000, soft_wrap=True)
 
 
 def _age(seconds: float | None) -> str:
@@ -125,7 +132,7 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     if as_json:
         typer.echo(json.dumps({"status": st, "sla": sla, "alerts": alerts}, indent=2))
         return
-    out = Console()
+    out = console()
     out.print(f"node [bold]{st['node']}[/] up {_age(st['uptime_s'])}, {st['queued']} queued,"
               f" {st['accepted']} accepted, {len(alerts['active'])} active alerts")
     out.print(_listeners_table(st.get("listeners", [])))
@@ -158,46 +165,52 @@ def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     if as_json:
         typer.echo(json.dumps(st["lanes"], indent=2))
     else:
-        Console().print(_lanes_table(st))
+        console().print(_lanes_table(st))
+
+
+def _done(out: dict, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(out, indent=2) if as_json else text)
 
 
 @app.command()
 def pause(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
-          token_file: TokenOpt = None) -> None:
+          token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart."""
-    _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/pause", domain=domain)
-    typer.echo(f"paused {pool}" + (f" to {domain}" if domain else ""))
+    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/pause",
+                domain=domain)
+    _done(out, as_json, f"paused {pool}" + (f" to {domain}" if domain else ""))
 
 
 @app.command()
 def resume(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
-           token_file: TokenOpt = None) -> None:
+           token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Let a paused pool (or lane) deliver again."""
-    _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/resume",
-          domain=domain)
-    typer.echo(f"resumed {pool}" + (f" to {domain}" if domain else ""))
+    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/resume",
+                domain=domain)
+    _done(out, as_json, f"resumed {pool}" + (f" to {domain}" if domain else ""))
 
 
 @app.command()
 def retry(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
-          token_file: TokenOpt = None) -> None:
+          token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Retry deferred mail of a pool (or lane) now, lifting a backoff."""
     out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/retry",
                 domain=domain)
-    typer.echo(f"{out['retried']} recipients retried now")
+    _done(out, as_json, f"{out['retried']} recipients retried now")
 
 
 @app.command()
 def purge(pool: str, domain: str,
           yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
-          config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None) -> None:
-    """Drop every queued and deferred recipient of one lane (logged as purged, no DSN)."""
+          config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+          as_json: JSONOpt = False) -> None:
+    """Drop every queued, deferred and held recipient of one lane (logged as purged, no DSN)."""
     target = _target(config, url, token_file)
     if not yes and not (os.isatty(0) and typer.confirm(
             f"purge all queued mail of pool {pool} to {domain}?")):
         raise _fail("not purged (confirm, or pass --yes)")
     out = _call(target, "POST", f"/api/v1/pools/{pool}/lanes/{domain}/purge")
-    typer.echo(f"{out['purged']} recipients purged")
+    _done(out, as_json, f"{out['purged']} recipients purged")
 
 
 @app.command()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import time
 import tomllib
 from pathlib import Path
+from types import UnionType
+from typing import Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..spool import is_dsn
 from .model import Config
@@ -35,7 +38,8 @@ def _message(err: dict) -> str:
     msg = str(err.get("msg", "invalid"))
     msg = msg.removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
-        return "unknown field"
+        hint = _did_you_mean(err["loc"])
+        return "unknown field" + (f" (did you mean {hint!r}?)" if hint else "")
     if err.get("type") == "missing":
         return "required field is missing"
     return msg
@@ -48,6 +52,54 @@ def _mailbox(addr: str) -> bool:
         return parse_path(f"<{addr}>", utf8=True)[1] == ""
     except PathError:
         return False
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names the model at ``loc`` (a path into Config) accepts, aliases included."""
+    annotation: object = Config
+    for part in loc:
+        while get_origin(annotation) in (Union, UnionType):  # Optional[...] and friends
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part)) or next(
+                (f for f in annotation.model_fields.values() if f.alias == part), None)
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif get_origin(annotation) in (dict, list):
+            annotation = get_args(annotation)[-1]
+        else:
+            return []
+    while get_origin(annotation) in (Union, UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [f.alias or name for name, f in annotation.model_fields.items()]
+    return []
+
+
+def _did_you_mean(loc: tuple[int | str, ...]) -> str | None:
+    close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _listener_checks(cfg: Config) -> list[str]:
+    """Two sockets on one port: ``serve`` would fail to bind the second."""
+    errors: list[str] = []
+    taken: list[tuple[str, str, int, str]] = []  # (owner, address, port, field)
+    wildcard = ("0.0.0.0", "::")
+    sockets = [(f"listener {name!r}", lc.address, lc.port, f"listeners.{name}.port")
+               for name, lc in cfg.listeners.items()]
+    if cfg.api.enabled:
+        sockets.append(("the API", cfg.api.address, cfg.api.port, "api.port"))
+    for owner, address, port, field in sockets:
+        if port == 0:
+            continue  # any free port
+        clash = next((o for o, a, p, _ in taken if p == port and (
+            a == address or a in wildcard or address in wildcard)), None)
+        if clash:
+            errors.append(f"{field}: {address}:{port} is already where {clash} listens")
+        taken.append((owner, address, port, field))
+    return errors
 
 
 def _cross_checks(cfg: Config) -> list[str]:
@@ -102,8 +154,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         addr = getattr(cfg.monitor, field)
         if addr is not None and not _mailbox(addr):
             errors.append(f"monitor.{field}: {addr!r} is not an e-mail address")
-    return errors + _feedback_checks(cfg) + _dkim_checks(cfg) + _audit_checks(cfg) + \
-        _reputation_checks(cfg)
+    return (errors + _listener_checks(cfg) + _feedback_checks(cfg) + _dkim_checks(cfg)
+            + _audit_checks(cfg) + _reputation_checks(cfg))
 
 
 def _feedback_checks(cfg: Config) -> list[str]:
@@ -253,20 +305,76 @@ def _audit_checks(cfg: Config) -> list[str]:
     return errors
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse TOML text into a Config, raising ConfigError with every problem found."""
+def _drop(data: dict, loc: tuple[int | str, ...], dropped: set[str]) -> bool:
+    """Remove what ``loc`` points at from the raw TOML data, so that the rest can still be
+    validated and cross-checked; a named entry (a pool, a class ...) removed whole is noted in
+    ``dropped``. False if there is nothing left to remove."""
+    node: object = data
+    for part in loc[:-1]:
+        try:
+            node = node[part]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            return False
+    last = loc[-1] if loc else None
+    if isinstance(node, dict) and last in node:
+        if len(loc) == 2 and isinstance(node[last], dict):
+            dropped.add(str(last))
+        del node[last]
+        return True
+    if isinstance(node, list) and isinstance(last, int) and last < len(node):
+        del node[last]
+        return True
+    # a required field is missing: drop the entry that lacks it
+    return len(loc) > 1 and _drop(data, loc[:-1], dropped)
+
+
+def _validate(text: str, source: str) -> tuple[Config | None, list[str]]:
+    """Every error in the file, and a Config of what is valid in it (None if nothing is).
+
+    Pydantic reports the field-level errors of the whole file at once; the parts they are about
+    are then left out and the rest validated again, so that the cross-section checks (a class
+    naming a pool that does not exist, two listeners on one port ...) still run, and a file
+    with five mistakes gets five errors. Cross-check errors about an entry that was left out
+    are not reported: they would only echo its first error."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        errors = [f"{_path(e['loc'])}: {_message(e)}" for e in exc.errors()]
-        raise ConfigError(source, errors) from None
-    errors = _cross_checks(cfg) + _security_checks(cfg, None)
-    if errors:
+        return None, [f"not valid TOML: {exc}"]
+    errors: list[str] = []
+    dropped: set[str] = set()
+    removed: list[tuple[int | str, ...]] = []
+    for _ in range(20):  # each round removes at least one broken part
+        try:
+            cfg = Config.model_validate(data)
+        except ValidationError as exc:
+            found = [tuple(e["loc"]) for e in exc.errors()]
+            # not errors the removals caused (a required field now missing)
+            errors += [f"{_path(loc)}: {_message(e)}" for loc, e in zip(found, exc.errors(),
+                                                                      strict=True)
+                       if not any(loc[:len(r)] == r or r[:len(loc)] == loc for r in removed)]
+            progress = False
+            for loc in found:
+                if _drop(data, loc, dropped):
+                    removed.append(loc)
+                    progress = True
+            if not progress:
+                return None, errors
+            continue
+        cross = _cross_checks(cfg) + _security_checks(cfg, None)
+        errors += [e for e in cross if not any(repr(name) in e for name in dropped)]
+        return cfg, errors
+    return None, errors
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse TOML text into a Config, raising ConfigError with every problem found."""
+    cfg, errors = _validate(text, source)
+    if errors or cfg is None:
         raise ConfigError(source, errors)
+    return _with_defaults(cfg)
+
+
+def _with_defaults(cfg: Config) -> Config:
     if cfg.default_destinations:
         from ..scheduler.rules import default_rules
 
@@ -282,7 +390,9 @@ def load_config(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    cfg = parse_config(text, str(path))
+    cfg, errors = _validate(text, str(path))
+    if cfg is None:
+        raise ConfigError(str(path), errors)
     base = path.resolve().parent
     if not is_dsn(cfg.node.spool) and not Path(cfg.node.spool).is_absolute():
         cfg.node.spool = str(base / cfg.node.spool)
@@ -297,7 +407,7 @@ def load_config(path: str | Path) -> Config:
             setattr(fb, name, str(base / value))
     from ..policy.dkim import DKIMError, read_key  # here: policy imports config
 
-    errors = _security_checks(cfg, base)
+    errors += [e for e in _security_checks(cfg, base) if e not in errors]
     for i, key in enumerate(cfg.dkim.keys):
         if not Path(key.key_file).is_absolute():
             key.key_file = str(base / key.key_file)
@@ -316,4 +426,4 @@ def load_config(path: str | Path) -> Config:
         value = getattr(cfg.audit, attr)
         if value and not Path(value).is_absolute() and not is_dsn(value):
             setattr(cfg.audit, attr, str(base / value))
-    return cfg
+    return _with_defaults(cfg)

@@ -395,6 +395,19 @@ class ClassFeedbackConfig(Strict):
     accounting record)."""
 
 
+class BounceSuppressionConfig(Strict):
+    """When hard bounces suppress an address (docs/feedback.md). Domain-level failures (no such
+    domain, no MX) never do: a resolver that misbehaves must not block a customer's mail."""
+
+    suppress_after: int = Field(3, ge=1)
+    """Address-level hard bounces (user unknown, mailbox disabled) within ``window`` before the
+    address is suppressed for every class, those with an SLA included; a single one suppresses
+    it for classes without an SLA."""
+    window: Duration = 7 * 86400.0
+    expiry: Duration = 30 * 86400.0
+    """How long a bounce suppression lasts (0: until removed); mailboxes come back."""
+
+
 class FeedbackConfig(Strict):
     bounce_rules: str | None = None
     """An operator's rules file extending data/bounce-rules.toml."""
@@ -412,12 +425,18 @@ class FeedbackConfig(Strict):
     complaint_alert_rate: float = Field(0.001, ge=0, le=1)
     complaint_min_delivered: int = Field(100, ge=1)
     """Deliveries to a pool/domain before its complaint rate can raise an alert."""
+    bounces: BounceSuppressionConfig = BounceSuppressionConfig()
 
 
 DKIM_SIGNED_HEADERS = [
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "in-reply-to",
     "references", "mime-version", "content-type", "content-transfer-encoding",
     "content-disposition", "list-id", "list-unsubscribe", "list-unsubscribe-post"]
+DKIM_OVERSIGNED_HEADERS = [
+    "from", "to", "cc", "reply-to", "subject", "date", "sender", "list-unsubscribe",
+    "list-unsubscribe-post"]
+"""The fields whose addition in transit changes a message's meaning (OpenDKIM's
+OversignHeaders, M3AAWG's advice): a Reply-To or Cc added later must break the signature."""
 
 
 class DKIMKeyConfig(Strict):
@@ -445,7 +464,8 @@ class DKIMConfig(Strict):
     canonicalization: Literal["relaxed/relaxed", "relaxed/simple", "simple/relaxed",
                               "simple/simple"] = "relaxed/relaxed"
     headers: list[str] = DKIM_SIGNED_HEADERS
-    oversign: list[str] = ["from"]
+    oversign: list[str] = DKIM_OVERSIGNED_HEADERS
+    """Signed once more than present, so the field added in transit breaks the signature."""
     rotation_period: Duration = 91 * 86400.0
     key_check_interval: Duration = 10.0
     """How often key files are checked for replacement or removal while running."""
@@ -539,6 +559,9 @@ class MonitorConfig(Strict):
     ops_address: str | None = None
     """Alerts are also e-mailed here, through the highest-priority class."""
     ops_from: str = "postlane-monitor@localhost"
+    metrics_top_domains: int = Field(20, ge=1, le=1000)
+    """/metrics shows queue depth and oldest age for this many domains (the deepest); the rest
+    are summed as domain="other", so a campaign to many domains cannot blow up the series."""
 
 
 class ClusterConfig(Strict):

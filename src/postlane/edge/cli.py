@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import ssl
 from pathlib import Path
 
 import typer
 
+from ..secretfile import private_dir
 from .auth import User, UsersError, hash_password, load_users, save_user, valid_user_name
 
 users_app = typer.Typer(no_args_is_help=True, help="SMTP AUTH users (the security.users_file).")
@@ -29,6 +31,7 @@ def users_add(
     default_class: str | None = typer.Option(None, help="class of mail without a class header"),
     sender_domains: list[str] = typer.Option(
         [], "--sender-domain", help="domain the user may send from (repeat; '*' = any)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """Add or replace a user; only a salted scrypt hash of the password is stored."""
     if not valid_user_name(name):
@@ -59,11 +62,14 @@ def users_add(
     except OSError as exc:
         typer.echo(f"{file}: cannot write: {exc.strerror}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{file}: user {name!r} saved")
+    typer.echo(json.dumps({"file": str(file), "user": name, "saved": True}) if as_json
+               else f"{file}: user {name!r} saved")
 
 
 @users_app.command("list")
-def users_list(file: Path = typer.Option(Path("users.toml"), "--file", "-f")) -> None:
+def users_list(file: Path = typer.Option(Path("users.toml"), "--file", "-f"),
+               as_json: bool = typer.Option(False, "--json", help="one JSON object per user"),
+               ) -> None:
     """Show users and what they may do (never the hashes)."""
     try:
         users = load_users(file)
@@ -71,6 +77,11 @@ def users_list(file: Path = typer.Option(Path("users.toml"), "--file", "-f")) ->
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     for user in users.values():
+        if as_json:
+            typer.echo(json.dumps({"name": user.name, "classes": user.classes,
+                                   "default_class": user.default_class,
+                                   "sender_domains": user.sender_domains}))
+            continue
         typer.echo(f"{user.name}: classes={','.join(user.classes) or '*'}"
                    f" default={user.default_class or '-'}"
                    f" sender_domains={','.join(user.sender_domains) or '(none)'}")
@@ -81,11 +92,12 @@ def tls_selfsigned(
     out: Path = typer.Option(..., "--out", help="folder for cert.pem and key.pem"),
     hostname: str = typer.Option("localhost", help="subject and DNS name"),
     days: int = typer.Option(365, min=1, max=3650),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
 ) -> None:
     """A self-signed certificate for tests and demos (key file written 0600)."""
     cert, key = selfsigned(hostname, days)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        private_dir(out)
         (out / "cert.pem").write_bytes(cert)
         fd = os.open(out / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -93,7 +105,9 @@ def tls_selfsigned(
     except OSError as exc:
         typer.echo(f"{out}: cannot write: {exc.strerror}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"{out}/cert.pem and {out}/key.pem for {hostname}, valid {days} days")
+    typer.echo(json.dumps({"cert": str(out / "cert.pem"), "key": str(out / "key.pem"),
+                           "hostname": hostname, "days": days}) if as_json else
+               f"{out}/cert.pem and {out}/key.pem for {hostname}, valid {days} days")
 
 
 @tls_app.command("check")

@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 __all__ = ["router"]
 
 MAX_REPORT = 10 * 1024 * 1024
+Scope = Literal["all", "best-effort", "marketing"]
 
 
 class SuppressionIn(BaseModel):
     address: str = Field(max_length=254)
-    scope: Literal["all", "marketing"] = "marketing"
+    scope: Scope = "marketing"
     reason: str = Field("", max_length=500)
 
 
@@ -35,7 +36,7 @@ def router(node: Node) -> APIRouter:
     store = node.feedback.suppression
 
     @api.get("/suppressions")
-    async def list_(scope: Literal["all", "marketing"] | None = None, like: str | None = None,
+    async def list_(scope: Scope | None = None, like: str | None = None,
                     limit: int = 100, offset: int = 0) -> dict:
         entries = store.list(scope, like, max(1, min(limit, 10_000)), max(0, offset))
         return {"total": store.count(), "entries": [e.as_dict() for e in entries]}
@@ -48,7 +49,7 @@ def router(node: Node) -> APIRouter:
             raise HTTPException(422, str(exc)) from None
 
     @api.delete("/suppressions/{address}")
-    async def remove(address: str, scope: Literal["all", "marketing"] | None = None) -> dict:
+    async def remove(address: str, scope: Scope | None = None) -> dict:
         try:
             removed = store.remove(address, scope)
         except SuppressionError as exc:
@@ -58,8 +59,8 @@ def router(node: Node) -> APIRouter:
         return {"removed": removed}
 
     @api.post("/suppressions/import")
-    async def import_(request: Request, scope: Literal["all", "marketing"] = "marketing") -> dict:
-        """CSV body: address[,scope,reason,source,created]; all rows or none."""
+    async def import_(request: Request, scope: Scope = "marketing") -> dict:
+        """CSV body: address[,scope,reason,source,created,expires]; all rows or none."""
         text = (await request.body()).decode("utf-8", "replace")
         try:
             return {"imported": store.import_csv(io.StringIO(text), scope)}

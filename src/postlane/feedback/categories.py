@@ -13,7 +13,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["CATEGORIES", "HARD", "Classifier", "RulesError", "default_classifier",
+__all__ = ["ADDRESS_FAILURES", "CATEGORIES", "Classifier", "RulesError", "default_classifier",
            "load_classifier"]
 
 CATEGORIES: frozenset[str] = frozenset({
@@ -22,9 +22,10 @@ CATEGORIES: frozenset[str] = frozenset({
     "bad-connection", "no-answer-from-host", "message-expired", "invalid-sender", "virus-related",
     "bad-configuration", "other",
 })
-#: Categories whose permanent failure proves the address cannot receive mail: such a bounce
-#: suppresses the address for every class.
-HARD: frozenset[str] = frozenset({"bad-mailbox", "bad-domain"})
+#: Categories whose permanent failure is about the address itself, not its domain: evidence
+#: for suppressing it. A domain-level failure (bad-domain: no such domain, no MX) never is: a
+#: resolver that fails for a moment must not stop a customer's mail for good.
+ADDRESS_FAILURES: frozenset[str] = frozenset({"bad-mailbox", "inactive-mailbox"})
 
 _STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 

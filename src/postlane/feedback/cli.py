@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from ..config import ConfigError, load_config
+from ..secretfile import private_open
 from ..spool import local_dir
 from .categories import RulesError, load_classifier
 from .parse import parse_report
@@ -21,10 +22,11 @@ from .suppression import SCOPES, SuppressionError, SuppressionList
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Bounce, DSN and complaint reports.")
 suppress_app = typer.Typer(no_args_is_help=True,
-                           help="The suppression list (scope all or marketing).")
+                           help="The suppression list (scope all, best-effort or marketing).")
 
 _CONFIG = typer.Option(None, "-c", "--config", help="node config (locates the database)")
 _DB = typer.Option(None, "--db", help="suppression database file (instead of --config)")
+_JSON = typer.Option(False, "--json", help="JSON (one object per line)")
 
 
 @feedback_app.command("parse")
@@ -73,15 +75,16 @@ def _scope(value: str) -> str:
 
 @suppress_app.command("add")
 def add(addresses: list[str] = typer.Argument(...),
-        scope: str = typer.Option("marketing", help="all | marketing"),
+        scope: str = typer.Option("marketing", help="all | best-effort | marketing"),
         reason: str = typer.Option("", help="why (shown in the 550 reply and the export)"),
-        config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+        config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Suppress addresses."""
     store = _open(config, db)
     try:
         for address in addresses:
             entry = store.add(address, _scope(scope), reason, "operator")
-            typer.echo(f"suppressed {entry.address} ({entry.scope})")
+            typer.echo(json.dumps(entry.as_dict()) if as_json else
+                       f"suppressed {entry.address} ({entry.scope})")
     except SuppressionError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
@@ -91,15 +94,17 @@ def add(addresses: list[str] = typer.Argument(...),
 
 @suppress_app.command("remove")
 def remove(addresses: list[str] = typer.Argument(...),
-           scope: str | None = typer.Option(None, help="all | marketing (default: both)"),
-           config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+           scope: str | None = typer.Option(None, help="all | best-effort | marketing"
+                                                       " (default: every scope)"),
+           config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Lift suppressions."""
     store = _open(config, db)
     missing = 0
     try:
         for address in addresses:
             n = store.remove(address, _scope(scope) if scope else None)
-            typer.echo(f"{address}: {n} entr{'y' if n == 1 else 'ies'} removed")
+            typer.echo(json.dumps({"address": address, "removed": n}) if as_json else
+                       f"{address}: {n} entr{'y' if n == 1 else 'ies'} removed")
             missing += n == 0
     except SuppressionError as exc:
         typer.echo(str(exc), err=True)
@@ -113,9 +118,8 @@ def remove(addresses: list[str] = typer.Argument(...),
 def list_(scope: str | None = typer.Option(None), like: str | None = typer.Option(
               None, help="address pattern, * as wildcard"),
           limit: int = typer.Option(100), offset: int = typer.Option(0),
-          as_json: bool = typer.Option(False, "--json"),
-          config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
-    """Show entries (address order)."""
+          as_json: bool = _JSON, config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+    """Show entries in force (address order): scope, source, since when, until when, why."""
     store = _open(config, db)
     try:
         entries = store.list(_scope(scope) if scope else None, like, limit, offset)
@@ -125,14 +129,19 @@ def list_(scope: str | None = typer.Option(None), like: str | None = typer.Optio
         if as_json:
             typer.echo(json.dumps(e.as_dict()))
         else:
-            when = datetime.fromtimestamp(e.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            typer.echo(f"{e.address}\t{e.scope}\t{e.source}\t{when}\t{e.reason}")
+            typer.echo(f"{e.address}\t{e.scope}\t{e.source}\tsince {_when(e.created)}\t"
+                       f"until {_when(e.expires) if e.expires else 'removed'}\t{e.reason}")
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @suppress_app.command("import")
-def import_(file: Path = typer.Argument(..., help="CSV: address[,scope,reason,source,created]"),
+def import_(file: Path = typer.Argument(
+        ..., help="CSV: address[,scope,reason,source,created,expires]"),
             scope: str = typer.Option("marketing", help="scope of rows that name none"),
-            config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
+            config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Import a CSV file (all rows or none)."""
     store = _open(config, db)
     try:
@@ -143,20 +152,23 @@ def import_(file: Path = typer.Argument(..., help="CSV: address[,scope,reason,so
         raise typer.Exit(2) from None
     finally:
         store.close()
-    typer.echo(f"imported {n} entries")
+    typer.echo(json.dumps({"imported": n}) if as_json else f"imported {n} entries")
 
 
 @suppress_app.command("export")
 def export(file: Path | None = typer.Argument(None, help="CSV file (default: stdout)"),
-           config: Path | None = _CONFIG, db: Path | None = _DB) -> None:
-    """Export every entry as CSV (address,scope,reason,source,created)."""
+           config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
+    """Export every entry in force as CSV (address,scope,reason,source,created,expires)."""
     store = _open(config, db)
     try:
         if file is None:
             store.export_csv(sys.stdout)
         else:
-            with file.open("w", newline="", encoding="utf-8") as out:
+            with private_open(file, newline="", encoding="utf-8") as out:
                 n = store.export_csv(out)
-            typer.echo(f"exported {n} entries to {file}", err=True)
+            if as_json:
+                typer.echo(json.dumps({"exported": n, "file": str(file)}))
+            else:
+                typer.echo(f"exported {n} entries to {file}", err=True)
     finally:
         store.close()

@@ -21,11 +21,11 @@ from ..config import Config
 from ..config.model import ClassFeedbackConfig
 from ..policy.intake import RcptIn
 from ..spool import Message, Recipient, local_dir
-from .categories import HARD, load_classifier
+from .categories import ADDRESS_FAILURES, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
-from .suppression import Entry, SuppressionList
+from .suppression import SCOPES, Entry, SuppressionList
 from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP
 
@@ -69,6 +69,12 @@ class FeedbackService:
     def policy(self, cls: str | None) -> ClassFeedbackConfig:
         return self.config.feedback.classes.get(cls or "", _DEFAULT_POLICY)
 
+    def scopes(self, cls: str) -> tuple[str, ...]:
+        """The suppression scopes that stop mail of class ``cls``."""
+        best_effort = self.config.classes[cls].sla is None
+        return tuple(s for s in SCOPES if s == "all" or (s == "best-effort" and best_effort)
+                     or (s == "marketing" and self.policy(cls).marketing))
+
     # -- intake ---------------------------------------------------------------------------------
 
     def at_rcpt(self, address: str, default_class: str | None) -> tuple[str | None, Entry | None]:
@@ -78,11 +84,12 @@ class FeedbackService:
         ``screen``, which decides marketing-only suppressions once the class is known (its
         header comes with DATA). One query per message instead of two: SQLite releases the
         GIL, and each release can hand the event loop's turn to the spool writer."""
-        hit = self.suppression.check([address], marketing=True).get(address)
+        hit = self.suppression.check([address]).get(address)
         if hit is None or hit.scope != "all" or self.policy(
                 default_class or self.config.default_class).suppressed == "drop":
             return None, hit
-        return f"550 5.7.1 Recipient suppressed: {_one_line(hit.reason or hit.source)}", hit
+        return (f"550 5.7.1 Recipient suppressed ({hit.why()}):"
+                f" {_one_line(hit.reason or hit.source)}", hit)
 
     def screen(self, *, queue_id: str, now: float, cls: str, pool: str, mail_from: str,
                rcpts: list[RcptIn], fields: list[tuple[str, bytes]], message_id: str,
@@ -92,20 +99,26 @@ class FeedbackService:
         caller commits them with the message). Recipients looked up at RCPT (``at_rcpt``) are
         not looked up again."""
         policy = self.policy(cls)
-        unchecked = [r.address for r in rcpts if not r.checked]
-        hits = self.suppression.check(unchecked, policy.marketing) if unchecked else {}
+        scopes = self.scopes(cls)
+        # not looked up at RCPT, or found there in a scope that does not stop this class (the
+        # address may have another entry that does)
+        ask = [r.address for r in rcpts if not r.checked or (
+            r.suppressed is not None and r.suppressed.scope not in scopes)]
+        hits = self.suppression.check(ask, scopes) if ask else {}
         kept = []
         dropped: list[Record] = []
         for rcpt in rcpts:
-            hit = rcpt.suppressed if rcpt.checked else hits.get(rcpt.address)
-            if hit is None or (hit.scope != "all" and not policy.marketing):
+            hit = rcpt.suppressed if rcpt.checked else None
+            if hit is None or hit.scope not in scopes:
+                hit = hits.get(rcpt.address)
+            if hit is None:
                 kept.append(rcpt)
                 continue
             dropped.append(Record(
                 type="s", time_logged=now, time_queued=now, orig=mail_from, rcpt=rcpt.address,
                 queue_id=queue_id, cls=cls, vmta_pool=pool, orcpt=rcpt.orcpt,
                 dsn_action="failed", dsn_status="5.7.1",
-                dsn_diag=f"suppressed ({hit.scope}, {hit.source}): {_one_line(hit.reason)}",
+                dsn_diag=f"suppressed ({hit.why()}): {_one_line(hit.reason)}",
                 message_id=message_id, listener=listener))
         added: list[tuple[str, bytes]] = []
         url = self.config.feedback.unsubscribe_url
@@ -217,12 +230,32 @@ class FeedbackService:
     # -- accounting listener --------------------------------------------------------------------
 
     def on_record(self, rec: Record) -> None:
-        """Hard bounces suppress for every class; deliveries and complaints feed the rates."""
+        """Hard bounces suppress (``hard_bounce``); deliveries and complaints feed the
+        rates."""
         if rec.type == "d":
             self.rates.on_delivered(rec.vmta_pool, rec.rcpt.rpartition("@")[2].lower())
         elif rec.type in ("b", "rb") and rec.dsn_status.startswith("5") and \
-                rec.bounce_cat in HARD:
-            self.suppression.add(rec.rcpt, "all", _one_line(f"{rec.bounce_cat}: {rec.dsn_diag}",
-                                                            400), "bounce", rec.time_logged)
+                rec.bounce_cat in ADDRESS_FAILURES:
+            self.hard_bounce(rec)
         elif rec.type == "f" and rec.dsn_action in _COMPLAINTS - {"opt-out"}:
             self.rates.on_complaint(rec.vmta_pool, rec.rcpt.rpartition("@")[2].lower())
+
+    def hard_bounce(self, rec: Record) -> None:
+        """An address-level hard bounce: the address stops classes without an SLA at once, and
+        every class once ``suppress_after`` bounces arrived within ``window``; either lapses
+        after ``expiry``. One reply is not enough to stop a regulated notice."""
+        policy = self.config.feedback.bounces
+        detail = _one_line(f"{rec.bounce_cat}: {rec.dsn_diag}", 300)
+        count = self.suppression.bounced(rec.rcpt, rec.time_logged, policy.window, detail)
+        expires = rec.time_logged + policy.expiry if policy.expiry else 0.0
+        if count >= policy.suppress_after:
+            reason = f"{count} hard bounces within {_days(policy.window)}, last {detail}"
+            self.suppression.add(rec.rcpt, "all", reason, "bounce", rec.time_logged, expires)
+        else:
+            reason = f"hard bounce {count} of {policy.suppress_after}: {detail}"
+            self.suppression.add(rec.rcpt, "best-effort", reason, "bounce", rec.time_logged,
+                                 expires)
+
+
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g}s"

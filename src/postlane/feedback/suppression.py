@@ -1,8 +1,10 @@
-"""The suppression list: addresses the node must not mail, with a scope, a reason and a time.
+"""The suppression list: addresses the node must not mail, with a scope, a reason, a time and
+an optional expiry.
 
-Scope ``all`` (hard bounces, operator blocks) stops every class; scope ``marketing`` (complaints,
-unsubscribes) stops marketing classes only, so that a customer who unsubscribed from newsletters
-still receives the regulatory notices about their policy.
+Scope ``all`` (operator blocks, repeated hard bounces) stops every class; ``best-effort`` (a
+hard bounce) stops classes without an SLA; ``marketing`` (complaints, unsubscribes) stops
+marketing classes only, so that a customer who unsubscribed from newsletters still receives the
+regulatory notices about their policy.
 
 One SQLite table keyed by (address, scope) WITHOUT ROWID: a lookup is one B-tree descent however
 long the list is, and a message's recipients are checked in one ``IN (...)`` query.
@@ -15,16 +17,20 @@ import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..secretfile import private_file
+
 __all__ = ["SCOPES", "Entry", "SuppressionError", "SuppressionList", "normalize"]
 
-SCOPES = ("all", "marketing")
-CSV_FIELDS = ("address", "scope", "reason", "source", "created")
+SCOPES = ("all", "best-effort", "marketing")
+"""In order of precedence: ``check`` reports the first scope that stops an address."""
+CSV_FIELDS = ("address", "scope", "reason", "source", "created", "expires")
 _CHUNK = 500  # stays under SQLite's bound-parameter limit
+_COLS = "address, scope, reason, source, created, expires"
 
 
 class SuppressionError(ValueError):
@@ -38,10 +44,20 @@ class Entry:
     reason: str
     source: str  # bounce | complaint | unsubscribe | operator | import
     created: float
+    expires: float = 0.0
+    """Epoch seconds after which the entry no longer applies; 0: never."""
 
     def as_dict(self) -> dict:
         return {"address": self.address, "scope": self.scope, "reason": self.reason,
-                "source": self.source, "created": self.created}
+                "source": self.source, "created": self.created,
+                "expires": self.expires or None}
+
+    def why(self) -> str:
+        """Why and since when, for SMTP replies and "s" records."""
+        since = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.created))
+        until = (time.strftime(", until %Y-%m-%d %H:%M UTC", time.gmtime(self.expires))
+                 if self.expires else "")
+        return f"{self.scope}, {self.source}, since {since}{until}"
 
 
 def normalize(address: str) -> str:
@@ -65,8 +81,7 @@ class SuppressionList:
     and API from their own threads."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = private_file(path)  # addresses: 0600 in a 0700 folder
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=30)
         self._lock = threading.Lock()
@@ -84,26 +99,34 @@ class SuppressionList:
         self._db.execute("""CREATE TABLE IF NOT EXISTS suppression (
             address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
             source TEXT NOT NULL DEFAULT '', created REAL NOT NULL,
+            expires REAL NOT NULL DEFAULT 0,
             PRIMARY KEY (address, scope)) WITHOUT ROWID""")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(suppression)")}
+        if "expires" not in columns:  # a list written before entries could expire
+            self._db.execute("ALTER TABLE suppression ADD COLUMN expires REAL NOT NULL"
+                             " DEFAULT 0")
+        self._db.execute("""CREATE TABLE IF NOT EXISTS bounces (
+            address TEXT NOT NULL, time REAL NOT NULL, detail TEXT NOT NULL)""")
+        self._db.execute("CREATE INDEX IF NOT EXISTS bounces_address ON bounces (address, time)")
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     def add(self, address: str, scope: str, reason: str = "", source: str = "operator",
-            when: float | None = None) -> Entry:
+            when: float | None = None, expires: float = 0.0) -> Entry:
         """Add or refresh an entry (the newest reason wins)."""
         entry = Entry(normalize(address), _scope(scope), reason[:500], source,
-                      when if when is not None else time.time())
+                      when if when is not None else time.time(), expires)
         self.add_many([entry])
         return entry
 
     def add_many(self, entries: Iterable[Entry]) -> int:
-        rows = [(e.address, e.scope, e.reason, e.source, e.created) for e in entries]
+        rows = [(e.address, e.scope, e.reason, e.source, e.created, e.expires) for e in entries]
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?)",
+                self._db.executemany("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
                                      rows)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -122,37 +145,60 @@ class SuppressionList:
                                        (address, _scope(scope)))
             return cur.rowcount
 
-    def check(self, addresses: Iterable[str], marketing: bool) -> dict[str, Entry]:
-        """The entries that stop mail to these addresses: scope ``all`` always, scope
-        ``marketing`` only for a marketing class. Keys are the addresses as given."""
+    def check(self, addresses: Iterable[str],
+              scopes: Collection[str] = SCOPES) -> dict[str, Entry]:
+        """The entries in force that stop mail to these addresses in one of ``scopes`` (the
+        scopes that apply to the message's class), the first of ``SCOPES`` order for each.
+        Keys are the addresses as given."""
         wanted: dict[str, list[str]] = {}
         for addr in addresses:
             try:
                 wanted.setdefault(normalize(addr), []).append(addr)
             except SuppressionError:
                 continue
-        scopes = SCOPES if marketing else ("all",)
+        scopes = [s for s in SCOPES if s in scopes]
         found: dict[str, Entry] = {}
         keys = list(wanted)
+        now = time.time()
         with self._lock:
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i: i + _CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(
-                    f"SELECT address, scope, reason, source, created FROM suppression"
-                    f" WHERE address IN ({marks}) AND scope IN ({','.join('?' * len(scopes))})",
-                    [*chunk, *scopes]).fetchall()
+                    f"SELECT {_COLS} FROM suppression WHERE address IN ({marks})"
+                    f" AND scope IN ({','.join('?' * len(scopes))})"
+                    " AND (expires = 0 OR expires > ?)", [*chunk, *scopes, now]).fetchall()
                 for row in rows:
                     entry = Entry(*row)
                     for original in wanted[entry.address]:
-                        if original not in found or entry.scope == "all":
+                        held = found.get(original)
+                        if held is None or scopes.index(entry.scope) < scopes.index(held.scope):
                             found[original] = entry
         return found
 
+    def bounced(self, address: str, when: float, window: float, detail: str) -> int:
+        """Note a hard bounce of ``address`` as evidence; returns how many it had within
+        ``window`` seconds up to ``when`` (older evidence is forgotten)."""
+        address = normalize(address)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute("DELETE FROM bounces WHERE address = ? AND time <= ?",
+                                 (address, when - window))
+                self._db.execute("INSERT INTO bounces VALUES (?, ?, ?)",
+                                 (address, when, detail[:400]))
+                count = self._db.execute("SELECT COUNT(*) FROM bounces WHERE address = ?",
+                                         (address,)).fetchone()[0]
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return count
+
     def list(self, scope: str | None = None, like: str | None = None, limit: int = 100,
              offset: int = 0) -> list[Entry]:
-        sql = "SELECT address, scope, reason, source, created FROM suppression WHERE 1=1"
-        args: list = []
+        sql = f"SELECT {_COLS} FROM suppression WHERE (expires = 0 OR expires > ?)"
+        args: list = [time.time()]
         if scope is not None:
             sql += " AND scope = ?"
             args.append(_scope(scope))
@@ -165,18 +211,21 @@ class SuppressionList:
             return [Entry(*row) for row in self._db.execute(sql, args)]
 
     def count(self) -> int:
+        """Entries in force."""
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM suppression").fetchone()[0]
+            return self._db.execute("SELECT COUNT(*) FROM suppression WHERE expires = 0"
+                                    " OR expires > ?", (time.time(),)).fetchone()[0]
 
     def iter_all(self) -> Iterator[Entry]:
-        """Every entry, in address order, in pages (an export never holds the lock long)."""
+        """Every entry in force, in address order, in pages (an export never holds the lock
+        long)."""
         last = ("", "")
         while True:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT address, scope, reason, source, created FROM suppression"
-                    " WHERE (address, scope) > (?, ?) ORDER BY address, scope LIMIT 5000",
-                    last).fetchall()
+                    f"SELECT {_COLS} FROM suppression WHERE (address, scope) > (?, ?)"
+                    " AND (expires = 0 OR expires > ?) ORDER BY address, scope LIMIT 5000",
+                    (*last, time.time())).fetchall()
             if not rows:
                 return
             for row in rows:
@@ -188,14 +237,16 @@ class SuppressionList:
         writer.writerow(CSV_FIELDS)
         n = 0
         for e in self.iter_all():
-            writer.writerow([e.address, e.scope, e.reason, e.source, f"{e.created:.3f}"])
+            writer.writerow([e.address, e.scope, e.reason, e.source, f"{e.created:.3f}",
+                             f"{e.expires:.3f}" if e.expires else ""])
             n += 1
         return n
 
     def import_csv(self, src: TextIO, default_scope: str = "marketing",
                    source: str = "import") -> int:
-        """Import rows of address[,scope[,reason[,source[,created]]]] (a header line naming
-        ``address`` is skipped). All or nothing: one bad row rejects the file, naming its line."""
+        """Import rows of address[,scope[,reason[,source[,created[,expires]]]]] (a header line
+        naming ``address`` is skipped). All or nothing: one bad row rejects the file, naming its
+        line."""
         entries = []
         now = time.time()
         for lineno, row in enumerate(csv.reader(src), start=1):
@@ -207,10 +258,11 @@ class SuppressionList:
                 scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
                                else default_scope)
                 created = float(row[4]) if len(row) > 4 and row[4].strip() else now
+                expires = float(row[5]) if len(row) > 5 and row[5].strip() else 0.0
                 entries.append(Entry(normalize(row[0]), scope,
                                      row[2].strip()[:500] if len(row) > 2 else "",
                                      row[3].strip() if len(row) > 3 and row[3].strip()
-                                     else source, created))
+                                     else source, created, expires))
             except (SuppressionError, ValueError) as exc:
                 raise SuppressionError(f"line {lineno}: {exc}") from None
         return self.add_many(entries)

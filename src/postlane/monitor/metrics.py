@@ -7,7 +7,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -19,6 +25,8 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800,
                    3600, 7200, 21600, 86400)
 """Seconds; dense below the 2-minute SLA, then the 10/30-minute marks of the case study."""
+
+disable_created_metrics()  # no *_created series: promtool and most dashboards do not want them
 
 _OUTCOMES = {"r": "received", "d": "delivered", "t": "deferred", "rb": "remote_bounce",
              "f": "complaint", "s": "suppressed"}
@@ -34,6 +42,9 @@ class Metrics:
         self.latency = Histogram(
             "postlane_delivery_latency_seconds", "Injection to remote 250, per recipient",
             ["class", "pool"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.deferrals = Counter(
+            "postlane_deferrals", "Deferred recipients by the reply's bounce category",
+            ["pool", "category"], registry=self.registry)
         self.registry.register(_StateCollector(monitor))
         self._counters: dict[tuple[str, str, str, str], object] = {}
         self._histograms: dict[tuple[str, str], object] = {}
@@ -50,7 +61,9 @@ class Metrics:
         if counter is None:
             counter = self._counters[key] = self.recipients.labels(*key)
         counter.inc()
-        if kind == "d":
+        if kind == "t":
+            self.deferrals.labels(rec.vmta_pool, rec.bounce_cat or "other").inc()
+        elif kind == "d":
             hkey = (rec.cls, rec.vmta_pool)
             hist = self._histograms.get(hkey)
             if hist is None:
@@ -85,9 +98,11 @@ class _StateCollector(Collector):
         predicted = GaugeMetricFamily("postlane_sla_predicted_breach_seconds",
                                       "Estimated seconds until the first SLA breach (absent: none"
                                       " expected within twice the lead time)", labels=["class"])
+        # "percentile", not "quantile": that label belongs to summaries (promtool refuses it
+        # on a gauge)
         quant = GaugeMetricFamily("postlane_delivery_latency_window_seconds",
                                   "Delivery latency percentile over a sliding window",
-                                  labels=["class", "window", "quantile"])
+                                  labels=["class", "window", "percentile"])
         for item in classes:
             name, pool = item["class"], item["pool"]
             depth.add_metric([name, pool], item["depth"])
@@ -99,8 +114,9 @@ class _StateCollector(Collector):
                     predicted.add_metric([name], item["breach_in_s"])
             for window, qs in item["latency_s"].items():
                 for q, value in (qs or {}).items():
-                    quant.add_metric([name, window, f"0.{q[1:]}"], value)
+                    quant.add_metric([name, window, q], value)
         yield from (depth, oldest, sla, breached, predicted, quant)
+        yield from _domains(status["lanes"], mon.config.monitor.metrics_top_domains)
         drain = GaugeMetricFamily("postlane_pool_drain_rate", "Final outcomes per second",
                                   labels=["pool"])
         paused = GaugeMetricFamily("postlane_pool_paused", "1 if the whole pool is paused",
@@ -131,3 +147,30 @@ class _StateCollector(Collector):
         yield alerts
         yield GaugeMetricFamily("postlane_uptime_seconds", "Seconds since the node started",
                                 value=status["uptime_s"])
+
+
+def _domains(lanes: list[dict], top: int) -> Iterator[Metric]:
+    """Queue depth and oldest age per recipient domain (all pools): the ``top`` deepest by
+    name, the others summed as "other", so the number of series stays bounded."""
+    depth: dict[str, int] = {}
+    oldest: dict[str, float] = {}
+    for lane in lanes:
+        if lane["depth"]:
+            depth[lane["domain"]] = depth.get(lane["domain"], 0) + lane["depth"]
+            oldest[lane["domain"]] = max(oldest.get(lane["domain"], 0.0), lane["oldest_age_s"])
+    ranked = sorted(depth, key=lambda d: (-depth[d], d))
+    shown = ranked[:top]
+    rest = ranked[top:]
+    gauge_depth = GaugeMetricFamily("postlane_domain_queue_depth",
+                                    "Recipients not yet final per destination domain (the"
+                                    " deepest; the rest as domain=\"other\")", labels=["domain"])
+    gauge_oldest = GaugeMetricFamily("postlane_domain_oldest_age_seconds",
+                                     "Age of the oldest message queued per destination domain",
+                                     labels=["domain"])
+    for domain in shown:
+        gauge_depth.add_metric([domain], depth[domain])
+        gauge_oldest.add_metric([domain], oldest[domain])
+    if rest:
+        gauge_depth.add_metric(["other"], sum(depth[d] for d in rest))
+        gauge_oldest.add_metric(["other"], max(oldest[d] for d in rest))
+    yield from (gauge_depth, gauge_oldest)

@@ -155,8 +155,8 @@ class Monitor:
         O(queued), so the result is reused for one sample interval."""
         if self._pool_oldest.get("_at", 0.0) + self.config.monitor.sample_every <= now:
             out: dict[str, float] = {"_at": now}
-            for lane in self.node.scheduler.lanes.values():
-                out[lane.pool] = max(out.get(lane.pool, 0.0), lane.oldest(now))
+            for (pool, _), age in self.node.scheduler.oldest(now).items():
+                out[pool] = max(out.get(pool, 0.0), age)
             self._pool_oldest = out
         return self._pool_oldest
 

@@ -152,11 +152,15 @@ class Tracker:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def finished(self, queue_id: str | None = None,
-                 correlation_id: str | None = None) -> list[dict]:
-        """Recently finished messages by queue id or correlation id."""
+    def finished(self, queue_id: str | None = None, correlation_id: str | None = None,
+                 recipient: str | None = None) -> list[dict]:
+        """Recently finished messages by queue id, correlation id or recipient address (a scan
+        of the recent messages)."""
         if queue_id is not None:
             ids = [queue_id] if queue_id in self.recent else []
+        elif recipient is not None:
+            ids = [qid for qid, entry in self.recent.items()
+                   if any(r[0].lower() == recipient for r in entry[5])]
         else:
             ids = self._by_correlation.get(correlation_id or "", [])
         out = []

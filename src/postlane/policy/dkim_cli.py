@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from .headers import header_fields, split_message
 app = typer.Typer(no_args_is_help=True, help="DKIM keys: generate, rotate, status, DNS check.")
 
 _ALGORITHMS = {"rsa": "rsa-sha256", "ed25519": "ed25519-sha256"}
+_JSON = typer.Option(False, "--json", help="one JSON object")
 
 
 def _load(path: Path) -> Config:
@@ -64,7 +66,8 @@ def _key_toml(domain: str, selector: str, algorithm: str, key_file: Path,
     return "\n".join(lines)
 
 
-def _new_key(domain: str, selector: str, algorithm: str, bits: int, key_file: Path) -> str:
+def _new_key(domain: str, selector: str, algorithm: str, bits: int, key_file: Path,
+             quiet: bool = False) -> str:
     if key_file.exists():
         typer.echo(f"error: {key_file} already exists (keys are never overwritten)", err=True)
         raise typer.Exit(1)
@@ -74,27 +77,49 @@ def _new_key(domain: str, selector: str, algorithm: str, bits: int, key_file: Pa
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     write_key(key_file, key)
-    typer.echo(f"wrote {key_file} (mode 0600)")
+    if not quiet:
+        typer.echo(f"wrote {key_file} (mode 0600)")
     return dns_record(key)
+
+
+def _check_bits(algorithm: str, bits: int, force: bool) -> None:
+    """RSA below 2048 bits is refused by Gmail-class verifiers' policies and factorable for
+    money (RFC 8301 requires verifiers to accept 1024 only for old keys): only with --force."""
+    if algorithm == "rsa-sha256" and bits < 2048:
+        typer.echo(f"warning: a {bits}-bit RSA key is weak; RFC 8301 and the mailbox providers"
+                   " ask for 2048 bits", err=True)
+        if not force:
+            typer.echo("error: use --bits 2048 (or more), or --force to make it anyway",
+                       err=True)
+            raise typer.Exit(2)
 
 
 @app.command()
 def keygen(domain: str = typer.Argument(..., help="signing domain (d=)"),
            selector: str = typer.Option(..., "--selector", "-s", help="e.g. 2026q4"),
            algorithm: str = typer.Option("rsa", help="rsa or ed25519"),
-           bits: int = typer.Option(2048, help="RSA key size (>= 1024; 2048 recommended)"),
-           key_file: Path | None = typer.Option(None, help="default: keys/DOMAIN.SELECTOR.pem"),
-           ) -> None:
+           bits: int = typer.Option(2048, help="RSA key size (below 2048 needs --force)"),
+           key_file: Path | None = typer.Option(None, help="default: keys/DOMAIN.SELECTOR.pem"
+                                                           " (keys/ is created 0700)"),
+           force: bool = typer.Option(False, "--force", help="allow an RSA key below 2048 bits"),
+           as_json: bool = _JSON) -> None:
     """Write a new private key (mode 0600) and print its DNS TXT record and config entry."""
     if algorithm not in _ALGORITHMS:
         typer.echo(f"error: --algorithm must be rsa or ed25519, not {algorithm!r}", err=True)
         raise typer.Exit(2)
+    _check_bits(_ALGORITHMS[algorithm], bits, force)
     domain = domain.lower().rstrip(".")
     path = key_file or Path("keys") / f"{domain}.{selector}.pem"
-    record = _new_key(domain, selector, _ALGORITHMS[algorithm], bits, path)
+    record = _new_key(domain, selector, _ALGORITHMS[algorithm], bits, path, as_json)
+    entry = _key_toml(domain, selector, _ALGORITHMS[algorithm], path.resolve())
+    if as_json:
+        typer.echo(json.dumps({"key_file": str(path.resolve()), "domain": domain,
+                               "selector": selector, "algorithm": _ALGORITHMS[algorithm],
+                               "record_name": record_name(selector, domain), "record": record,
+                               "config": entry}, indent=2))
+        return
     typer.echo("\nPublish this DNS record:\n" + _zone_line(selector, domain, record))
-    typer.echo("\nAdd to the config:\n" + _key_toml(domain, selector, _ALGORITHMS[algorithm],
-                                                     path.resolve()))
+    typer.echo("\nAdd to the config:\n" + entry)
 
 
 def _quarter_after(ts: float) -> datetime:
@@ -105,44 +130,82 @@ def _quarter_after(ts: float) -> datetime:
 
 
 @app.command()
-def rotate(domain: str = typer.Argument(..., help="signing domain whose key to rotate"),
+def rotate(domain: str = typer.Argument(..., help="signing domain whose keys to rotate"),
            config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
-           selector: str | None = typer.Option(None, help="default: YYYYqN of the start"),
+           algorithm: str | None = typer.Option(
+               None, help="rsa or ed25519: only this key (default: every algorithm the domain"
+                          " signs with, e.g. both keys of a dual-signing domain)"),
+           selector: str | None = typer.Option(
+               None, help="default: YYYYqN of the start (YYYYqNe for the Ed25519 key of a"
+                          " domain that also has RSA keys)"),
            at: str | None = typer.Option(None, help="start date (default: next quarter)"),
-           bits: int = typer.Option(2048, help="RSA key size")) -> None:
-    """Prepare the next key: write it, print its DNS record and the config changes (the new key's
-    not_before, the old key's retire_after after the longest message lifetime)."""
+           bits: int = typer.Option(2048, help="RSA key size (below 2048 needs --force)"),
+           force: bool = typer.Option(False, "--force", help="allow an RSA key below 2048 bits"),
+           as_json: bool = _JSON) -> None:
+    """Prepare the next key of each algorithm: write it, print its DNS record and the config
+    changes (the new key's not_before, the old key's retire_after after the longest message
+    lifetime)."""
     cfg = _load(config)
     domain = domain.lower().rstrip(".")
-    keys = sorted((k for k in cfg.dkim.keys if k.domain == domain and not k.pools
-                   and not k.classes), key=lambda k: k.not_before or 0.0)
+    keys = [k for k in cfg.dkim.keys if k.domain == domain and not k.pools and not k.classes]
+    algorithms = sorted({k.algorithm for k in keys}, reverse=True)  # rsa-sha256 first
     if not keys:
         typer.echo(f"error: no unscoped key for {domain} in {config}; use keygen", err=True)
         raise typer.Exit(1)
-    current = keys[-1]
+    if algorithm is not None:
+        wanted = _ALGORITHMS.get(algorithm)
+        if wanted not in algorithms:
+            typer.echo(f"error: --algorithm must be one {domain} signs with:"
+                       f" {', '.join(a.split('-')[0] for a in algorithms)}", err=True)
+            raise typer.Exit(2)
+        algorithms = [wanted]
+    if selector is not None and len(algorithms) > 1:
+        typer.echo(f"error: {domain} signs with {len(algorithms)} keys; --selector names one:"
+                   " add --algorithm", err=True)
+        raise typer.Exit(2)
+    if "rsa-sha256" in algorithms:
+        _check_bits("rsa-sha256", bits, force)
+    current = {a: max((k for k in keys if k.algorithm == a), key=lambda k: k.not_before or 0.0)
+               for a in algorithms}
     try:
         start = parse_instant(at) if at else _quarter_after(
-            max(time.time(), current.not_before or 0.0)).timestamp()
+            max(time.time(), *(k.not_before or 0.0 for k in current.values()))).timestamp()
     except ValueError as exc:
         typer.echo(f"error: --at: {exc}", err=True)
         raise typer.Exit(2) from None
     begin = datetime.fromtimestamp(start, UTC)
-    selector = selector or f"{begin.year}q{(begin.month - 1) // 3 + 1}"
-    if any(k.selector == selector for k in keys):
-        typer.echo(f"error: selector {selector} is already used for {domain}", err=True)
+    dual = any(k.algorithm == "rsa-sha256" for k in keys)
+    planned = {a: selector or f"{begin.year}q{(begin.month - 1) // 3 + 1}"
+               + ("e" if a == "ed25519-sha256" and dual else "") for a in algorithms}
+    taken = [s for s in planned.values() if any(k.selector == s for k in keys)]
+    if taken:
+        typer.echo(f"error: selector {taken[0]} is already used for {domain}", err=True)
         raise typer.Exit(1)
-    path = Path(current.key_file).parent / f"{domain}.{selector}.pem"
-    record = _new_key(domain, selector, current.algorithm, bits, path)
     lifetime = max(c.expiry for c in cfg.classes.values())
     retire = start + lifetime + 86400  # a day's margin for clock skew and slow verifiers
-    typer.echo("\n1. Publish this DNS record now (before the switch):\n"
-               + _zone_line(selector, domain, record))
-    typer.echo("\n2. Add to the config:\n"
-               + _key_toml(domain, selector, current.algorithm, path.resolve(), start))
-    typer.echo(f"\n3. Set on the current key ({current.selector}):\n"
-               f"retire_after = {datetime.fromtimestamp(retire, UTC):%Y-%m-%dT%H:%M:%SZ}")
-    typer.echo(f"\n4. Remove {record_name(current.selector, domain)} from DNS after"
-               f" {_day(retire)} UTC (longest message lifetime {lifetime / 86400:g} days).")
+    retire_at = f"{datetime.fromtimestamp(retire, UTC):%Y-%m-%dT%H:%M:%SZ}"
+    done = []
+    for algo, sel in planned.items():
+        old = current[algo]
+        path = Path(old.key_file).parent / f"{domain}.{sel}.pem"
+        if not as_json:
+            typer.echo(f"\n== {algo}: {old.selector} -> {sel}")
+        record = _new_key(domain, sel, algo, bits, path, as_json)
+        entry = _key_toml(domain, sel, algo, path.resolve(), start)
+        done.append({"algorithm": algo, "current_selector": old.selector, "selector": sel,
+                     "key_file": str(path.resolve()), "record_name": record_name(sel, domain),
+                     "record": record, "not_before": start, "config": entry,
+                     "current_retire_after": retire})
+        if as_json:
+            continue
+        typer.echo("\n1. Publish this DNS record now (before the switch):\n"
+                   + _zone_line(sel, domain, record))
+        typer.echo("\n2. Add to the config:\n" + entry)
+        typer.echo(f"\n3. Set on the current key ({old.selector}):\nretire_after = {retire_at}")
+        typer.echo(f"\n4. Remove {record_name(old.selector, domain)} from DNS after"
+                   f" {_day(retire)} UTC (longest message lifetime {lifetime / 86400:g} days).")
+    if as_json:
+        typer.echo(json.dumps({"domain": domain, "keys": done}, indent=2))
 
 
 def _states(dkim: DKIMConfig, now: float) -> list[tuple[DKIMKeyConfig, str]]:
@@ -164,22 +227,34 @@ def _states(dkim: DKIMConfig, now: float) -> list[tuple[DKIMKeyConfig, str]]:
     return out
 
 
+def _dns_action(key: DKIMKeyConfig, state: str) -> str:
+    """What to do with the key's DNS record in this state."""
+    if state.startswith("retired"):
+        return "remove"
+    if state.startswith("pending"):
+        return "publish"
+    if key.retire_after is not None:
+        return f"keep until {_day(key.retire_after)} UTC"
+    return "keep"
+
+
 @app.command()
 def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
-           now: str | None = typer.Option(None, help="evaluate at this time (default: now)")
-           ) -> None:
-    """List keys, their state and when each domain's next rotation is due."""
+           now: str | None = typer.Option(None, help="evaluate at this time (default: now)"),
+           as_json: bool = _JSON) -> None:
+    """List keys, their state, the DNS records to publish, keep or remove, and when each
+    domain's next rotation is due."""
     cfg = _load(config)
     at = parse_instant(now) if now else time.time()
-    if not cfg.dkim.keys:
-        typer.echo("DKIM signing is off: no keys in [dkim]")
-        return
-    typer.echo(f"{'domain':<24} {'selector':<12} {'algorithm':<15} {'not_before':<17}"
-               f" {'retire_after':<17} state")
     states = _states(cfg.dkim, at)
+    rows, due = [], []
     for key, state in states:
-        typer.echo(f"{key.domain:<24} {key.selector:<12} {key.algorithm:<15}"
-                   f" {_day(key.not_before):<17} {_day(key.retire_after):<17} {state}")
+        record = dns_record(read_key(key.key_file, key.algorithm))
+        rows.append({"domain": key.domain, "selector": key.selector, "algorithm": key.algorithm,
+                     "not_before": key.not_before, "retire_after": key.retire_after,
+                     "state": state, "dns": _dns_action(key, state),
+                     "record_name": record_name(key.selector, key.domain), "record": record,
+                     "zone_line": _zone_line(key.selector, key.domain, record)})
     for key, state in states:
         if not state.endswith("active"):
             continue
@@ -187,13 +262,39 @@ def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config 
                    and k.algorithm == key.algorithm and s.startswith("pending")]
         if pending:
             nxt = min(pending, key=lambda k: k.not_before or 0.0)
-            typer.echo(f"next rotation {key.domain} {key.algorithm}: scheduled"
-                       f" {_day(nxt.not_before)} to {nxt.selector}")
+            due.append({"domain": key.domain, "algorithm": key.algorithm,
+                        "scheduled": nxt.not_before, "selector": nxt.selector})
             continue
         since = key.not_before or Path(key.key_file).stat().st_mtime
-        due = since + cfg.dkim.rotation_period
-        typer.echo(f"next rotation {key.domain} {key.algorithm}: due {_day(due)}"
-                   + (" (OVERDUE: run postlane dkim rotate)" if due <= at else ""))
+        when = since + cfg.dkim.rotation_period
+        due.append({"domain": key.domain, "algorithm": key.algorithm, "due": when,
+                    "overdue": when <= at})
+    if as_json:
+        typer.echo(json.dumps({"keys": rows, "rotations": due}, indent=2))
+        return
+    if not rows:
+        typer.echo("DKIM signing is off: no keys in [dkim]")
+        return
+    typer.echo(f"{'domain':<24} {'selector':<12} {'algorithm':<15} {'not_before':<17}"
+               f" {'retire_after':<17} state")
+    for row in rows:
+        typer.echo(f"{row['domain']:<24} {row['selector']:<12} {row['algorithm']:<15}"
+                   f" {_day(row['not_before']):<17} {_day(row['retire_after']):<17}"
+                   f" {row['state']}")
+    for item in due:
+        head = f"next rotation {item['domain']} {item['algorithm']}:"
+        if "scheduled" in item:
+            typer.echo(f"{head} scheduled {_day(item['scheduled'])} to {item['selector']}")
+        else:
+            typer.echo(f"{head} due {_day(item['due'])}" + (
+                f" (OVERDUE: run postlane dkim rotate {item['domain']} --algorithm"
+                f" {item['algorithm'].split('-')[0]})" if item["overdue"] else ""))
+    typer.echo("\nDNS records:")
+    for row in rows:
+        if row["dns"] == "remove":
+            typer.echo(f"remove: {row['record_name']} (retired)")
+        else:
+            typer.echo(f"{row['dns']}: {row['zone_line']}")
 
 
 def _tags(text: str) -> dict[str, str]:
@@ -208,7 +309,8 @@ def _tags(text: str) -> dict[str, str]:
 @app.command()
 def check(domain: str = typer.Argument(..., help="signing domain"),
           config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
-          selector: str | None = typer.Option(None, help="only this selector")) -> None:
+          selector: str | None = typer.Option(None, help="only this selector"),
+          as_json: bool = _JSON) -> None:
     """Look up each key's TXT record through the configured resolver and compare it with the
     key; exits 1 when any record is missing or does not match."""
     cfg = _load(config)
@@ -223,24 +325,30 @@ def check(domain: str = typer.Argument(..., help="signing domain"),
         resolver.nameservers = [cfg.dns.nameserver]
         resolver.port = cfg.dns.port
     resolver.lifetime = cfg.dns.timeout
-    failed = False
+    results = []
     for key in keys:
         name = record_name(key.selector, domain)
         expected = public_key_b64(read_key(key.key_file, key.algorithm))
+        kind = "ed25519" if key.algorithm == "ed25519-sha256" else "rsa"
         try:
             answer = resolver.resolve(name, "TXT")
             texts = [b"".join(r.strings).decode("ascii", "replace") for r in answer]
         except (dns.exception.DNSException, OSError) as exc:
-            typer.echo(f"{name}: MISSING ({exc.__class__.__name__}: {exc})")
-            failed = True
+            results.append((name, "MISSING", f"{exc.__class__.__name__}: {exc}"))
             continue
         records = [_tags(t) for t in texts if _tags(t).get("v", "DKIM1") == "DKIM1"]
-        kind = "ed25519" if key.algorithm == "ed25519-sha256" else "rsa"
         if any(r.get("p") == expected and r.get("k", "rsa") == kind for r in records):
-            typer.echo(f"{name}: ok (k={kind}, matches {key.key_file})")
+            results.append((name, "ok", f"k={kind}, matches {key.key_file}"))
         else:
-            typer.echo(f"{name}: MISMATCH (published: {texts!r}; expected p={expected[:24]}…)")
-            failed = True
+            results.append((name, "MISMATCH", f"published: {texts!r}; expected"
+                                              f" p={expected[:24]}…"))
+    failed = any(status != "ok" for _, status, _ in results)
+    if as_json:
+        typer.echo(json.dumps({"ok": not failed, "records": [
+            {"name": n, "status": st, "detail": d} for n, st, d in results]}, indent=2))
+    else:
+        for name, status, detail in results:
+            typer.echo(f"{name}: {status} ({detail})")
     raise typer.Exit(1 if failed else 0)
 
 

@@ -35,6 +35,9 @@ _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 
 CLASS_HEADER = "x-postlane-class"
 QUEUED_HEADER = "X-Postlane-Queued"
+SINGLE_FIELDS = ("date", "from", "sender", "reply-to", "to", "cc", "bcc", "message-id",
+                 "in-reply-to", "references", "subject")
+"""RFC 5322 §3.6: each at most once in a message."""
 
 _counter = itertools.count()
 _node_tag = os.urandom(2).hex()
@@ -193,10 +196,14 @@ class Intake:
             header_class, default_class, user, mail_from=mail_from, from_domain=from_domain,
             rcpt_domains=tuple({domain_of(r.address) for r in rcpts}), mt_priority=mt_priority)
         cls = self.config.classes[cls_name]
+        if cls.sla is not None:  # a regulated message must mean one thing to every reader
+            _refuse_repeated_fields(kept)
         qid = new_queue_id(now)
         if not message_id:
             message_id = f"<{qid}@{self.config.node.hostname}>"
             kept.append(("message-id", f"Message-ID: {message_id}".encode()))
+        if not any(name == "date" for name, _ in kept):  # as submission servers do (RFC 6409)
+            kept.append(("date", f"Date: {formatdate(now)}".encode()))
         dropped: list[Record] = []
         if self.feedback is not None:
             rcpts, added, dropped = self.feedback.screen(
@@ -247,3 +254,13 @@ class Intake:
         self.scheduler.add_message(recipients)
         self.accepted += 1
         return qid
+
+
+def _refuse_repeated_fields(fields: list[tuple[str, bytes]]) -> None:
+    """Two Subject (or From, Date, To ...) fields are read differently by different programs
+    (OpenDKIM cannot even parse them, a DKIM signature covers one of them)."""
+    for name in SINGLE_FIELDS:
+        count = sum(1 for n, _ in fields if n == name)
+        if count > 1:
+            raise Rejection(550, f"5.6.0 message has {count} {name} header fields; RFC 5322"
+                                 " section 3.6 allows one")

@@ -79,7 +79,7 @@ def parse(files: list[Path] = typer.Argument(..., help=".xml, .xml.gz, .zip or .
 
 @dmarc_app.command("import")
 def import_(files: list[Path] = typer.Argument(..., help=".xml, .xml.gz, .zip or .eml files"),
-            config: Path = _CONFIG) -> None:
+            config: Path = _CONFIG, as_json: bool = _JSON) -> None:
     """Store reports (a report already stored, same reporter and report id, is skipped).
     Exit 1 if any file was not a readable report."""
     cfg = _config(config)
@@ -94,6 +94,9 @@ def import_(files: list[Path] = typer.Argument(..., help=".xml, .xml.gz, .zip or
                 result = {"ok": False, "error": f"cannot read: {exc.strerror}"}
             if not result["ok"]:
                 failed += 1
+            if as_json:
+                typer.echo(json.dumps({"file": str(path), **result}, ensure_ascii=False))
+            elif not result["ok"]:
                 typer.echo(f"{path}: refused: {result['error']}")
             else:
                 state = "stored" if result["stored"] else "already stored, skipped"
@@ -197,7 +200,8 @@ def rules_review(config: Path = _CONFIG, as_json: bool = _JSON) -> None:
 def rules_reviewed(rule: str = typer.Argument(..., help="rule name (see `rules review`)"),
                    config: Path = _CONFIG,
                    by: str = typer.Option("", help="who reviewed it (default: $USER)"),
-                   note: str = typer.Option("", help="what was decided")) -> None:
+                   note: str = typer.Option("", help="what was decided"),
+                   as_json: bool = _JSON) -> None:
     """Record that RULE was reviewed now."""
     cfg = _config(config)
     if rule not in cfg.destinations:
@@ -207,11 +211,13 @@ def rules_reviewed(rule: str = typer.Argument(..., help="rule name (see `rules r
     import getpass
 
     store = _store(cfg)
+    now, who = time.time(), by or getpass.getuser()
     try:
-        store.add_review(rule, by or getpass.getuser(), note, time.time())
+        store.add_review(rule, who, note, now)
     finally:
         store.close()
-    typer.echo(f"{rule}: reviewed {_day(time.time())}")
+    typer.echo(json.dumps({"rule": rule, "reviewed": now, "by": who, "note": note})
+               if as_json else f"{rule}: reviewed {_day(now)}")
 
 
 def _day(ts: float) -> str:

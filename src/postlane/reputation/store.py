@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..feedback.dmarc import AggregateReport
+from ..secretfile import private_file
 from ..spool import is_dsn
 
 __all__ = ["MIGRATIONS", "ReputationStore"]
@@ -96,7 +97,7 @@ class ReputationStore:
                                       f" {redact(self.location)}: {exc}") from None
             conn.execute(f'SET search_path TO "{self.schema}"')
             return conn
-        Path(self.location).parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.location)  # reporters' data and addresses: 0600 in a 0700 folder
         conn = sqlite3.connect(self.location, check_same_thread=False, isolation_level=None,
                                timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")

@@ -49,6 +49,8 @@ class Lane:
     deferred: int = 0
     """Recipients of this lane waiting for a retry time (they sit in the scheduler's timer heap)."""
     inflight: int = 0
+    held: int = 0
+    """Recipients of this lane an operator put on hold (in the scheduler's ``held``)."""
     rule_name: str = ""
     rule: DestinationRule | None = None
     backoff_until: float = 0.0
@@ -132,11 +134,4 @@ class Lane:
         return batch
 
     def depth(self) -> int:
-        return len(self.heap) + self.deferred + self.inflight
-
-    def oldest(self, now: float | None = None) -> float:
-        """Age in seconds of the oldest message still queued in this lane (0 if none)."""
-        if not self.heap:
-            return 0.0
-        now = time.time() if now is None else now
-        return max(0.0, now - min(item[3].msg.queued_at for item in self.heap))
+        return len(self.heap) + self.deferred + self.inflight + self.held

@@ -70,6 +70,9 @@ class Scheduler:
         self._waiting: dict[str, tuple[int, float]] = {}
         """Per pool, the (priority, deadline) of the most urgent lane that found no free slot."""
         self._timers: list[tuple[float, int, Recipient]] = []
+        """Retry timers: exactly one entry per deferred recipient (``take`` removes them)."""
+        self.held: dict[tuple[str, int], Recipient] = {}
+        """Recipients an operator put on hold, by (queue id, index)."""
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_seq = itertools.count()
         self._dispatch_pending = False
@@ -108,7 +111,12 @@ class Scheduler:
     def add(self, rcpt: Recipient) -> None:
         """Make a recipient ready now (or at its retry time if that is still ahead)."""
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
+        if rcpt.state is State.HELD:
+            lane.held += 1
+            self.held[(rcpt.msg.id, rcpt.idx)] = rcpt
+            return
         if rcpt.next_attempt > time.time():
+            rcpt.state = State.DEFERRED  # the timer only fires deferred recipients
             lane.deferred += 1
             self._add_timer(rcpt)
             return
@@ -500,50 +508,107 @@ class Scheduler:
             self.add(rcpt)
         self._arm()
 
-    def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:
-        """Make deferred recipients due at once; returns how many."""
-        count = 0
-        for _, _, rcpt in self._timers:
-            if rcpt.state is State.DEFERRED and (pool is None or rcpt.msg.pool == pool) and (
-                    domain is None or rcpt.domain == domain):
+    def take(self, chosen: Callable[[Recipient], bool]) -> list[Recipient]:
+        """Take the chosen queued, deferred and held recipients out of the queue (in-flight
+        ones finish their transaction); their state is left for the caller to set. Each heap
+        is rebuilt once, so a filter over the whole queue costs O(queued)."""
+        taken: list[Recipient] = []
+        for lane in self.lanes.values():
+            mine = [chosen(item[3]) for item in lane.heap]
+            if any(mine):
+                taken += [item[3] for item, out in zip(lane.heap, mine, strict=True) if out]
+                lane.heap = [item for item, out in zip(lane.heap, mine, strict=True) if not out]
+                heapq.heapify(lane.heap)
+        kept = []
+        for entry in self._timers:
+            rcpt = entry[2]
+            if rcpt.state is not State.DEFERRED:
+                continue  # no longer waiting for this timer
+            if chosen(rcpt):
                 self.lane(rcpt.msg.pool, rcpt.domain).deferred -= 1
-                rcpt.next_attempt = 0.0
-                self.add(rcpt)
-                count += 1
+                taken.append(rcpt)
+            else:
+                kept.append(entry)
+        if len(kept) != len(self._timers):
+            heapq.heapify(kept)
+            self._timers = kept
+            self._arm()
+        for key, rcpt in list(self.held.items()):
+            if chosen(rcpt):
+                del self.held[key]
+                self.lane(rcpt.msg.pool, rcpt.domain).held -= 1
+                taken.append(rcpt)
+        return taken
+
+    def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:
+        """Make deferred recipients due at once and lift the lanes' suspensions; returns how
+        many."""
+        taken = self.take(lambda r: r.state is State.DEFERRED and (
+            pool is None or r.msg.pool == pool) and (domain is None or r.domain == domain))
+        self.requeue_now(taken)
         for lane in self.lanes.values():
             if (pool is None or lane.pool == pool) and (domain is None or lane.domain == domain):
                 lane.suspended_until = 0.0
         self.kick()
-        return count
+        return len(taken)
 
-    def purge(self, pool: str, domain: str) -> int:
-        """Drop a lane's queued and deferred recipients (an operator's decision, so no DSN is
-        sent); each gets a "b" record with bounce_cat "purged". In-flight ones finish."""
-        lane = self.lanes.get((pool, domain))
-        if lane is None:
-            return 0
-        victims = [item[3] for item in lane.heap]
-        lane.heap.clear()
-        for _, _, rcpt in self._timers:
-            if rcpt.state is State.DEFERRED and rcpt.msg.pool == pool and rcpt.domain == domain:
-                lane.deferred -= 1
-                victims.append(rcpt)  # its timer entry is skipped: state is no longer DEFERRED
+    def requeue_now(self, rcpts: list[Recipient]) -> None:
+        """Queue recipients taken out of the queue again, due now (a retry or a release)."""
+        changed = [r for r in rcpts if r.state is not State.QUEUED]
+        for rcpt in rcpts:
+            rcpt.state, rcpt.next_attempt = State.QUEUED, 0.0
+            self.add(rcpt)
+        if changed:
+            self.spool.update([RecipientUpdate(r.msg.id, r.idx, State.QUEUED, r.attempts, 0.0,
+                                               r.last_reply) for r in changed])
+
+    def hold(self, rcpts: list[Recipient]) -> None:
+        """Keep recipients taken out of the queue on hold until released (durable)."""
+        for rcpt in rcpts:
+            rcpt.state = State.HELD
+            self.add(rcpt)
+        self.spool.update([RecipientUpdate(r.msg.id, r.idx, State.HELD, r.attempts,
+                                           r.next_attempt, r.last_reply) for r in rcpts])
+
+    def remove(self, rcpts: list[Recipient], diag: str, dsn: bool = False) -> None:
+        """Bounce recipients taken out of the queue on an operator's decision: a "b" record
+        with bounce_cat "purged" each, and a DSN to the sender only if ``dsn``."""
         now = time.time()
-        for rcpt in victims:
+        for rcpt in rcpts:
             rec = self._base_record("b", rcpt, now)
             rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "5.0.0", "purged"
-            rec.dsn_diag = "purged by operator"
-            self._final(rcpt, State.BOUNCED, "purged by operator", rec, from_heap=False)
-        return len(victims)
+            rec.dsn_diag = diag
+            if dsn:
+                self._fail(rcpt, "5.0.0", diag, "")
+            self._final(rcpt, State.BOUNCED, diag, rec, from_heap=False)
+
+    def purge(self, pool: str, domain: str) -> int:
+        """Drop a lane's queued, deferred and held recipients (an operator's decision, so no
+        DSN is sent). In-flight ones finish."""
+        taken = self.take(lambda r: r.msg.pool == pool and r.domain == domain)
+        self.remove(taken, "purged by operator")
+        return len(taken)
 
     def recipients(self) -> Iterator[Recipient]:
-        """Every queued and deferred (not in-flight) recipient held in memory."""
+        """Every queued, deferred and held (not in-flight) recipient held in memory."""
         for lane in self.lanes.values():
             for item in lane.heap:
                 yield item[3]
         for _, _, rcpt in self._timers:
             if rcpt.state is State.DEFERRED:
                 yield rcpt
+        yield from self.held.values()
+
+    def oldest(self, now: float) -> dict[tuple[str, str], float]:
+        """Per lane, the age of its oldest message not yet final (queued, deferred or held;
+        in-flight ones were taken from the queue's front). One pass over the queue."""
+        first: dict[tuple[str, str], float] = {}
+        for rcpt in self.recipients():
+            key = (rcpt.msg.pool, rcpt.domain)
+            queued_at = rcpt.msg.queued_at
+            if queued_at < first.get(key, now):
+                first[key] = queued_at
+        return {key: now - at for key, at in first.items()}
 
     # -- pause ----------------------------------------------------------------------------------
 

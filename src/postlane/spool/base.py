@@ -22,6 +22,8 @@ class State(StrEnum):
     QUEUED = "queued"
     INFLIGHT = "inflight"
     DEFERRED = "deferred"
+    HELD = "held"
+    """Put on hold by an operator: not delivered until released (``postlane queue hold``)."""
     DELIVERED = "delivered"
     BOUNCED = "bounced"
     EXPIRED = "expired"

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..accounting.records import Record, pack
+from ..secretfile import private_file
 from .base import (
     FINAL_STATES,
     Attempt,
@@ -114,7 +115,7 @@ class SQLiteSpool:
         self.writes = 0
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path)  # message bodies: 0600 in a 0700 folder
         conn = _connect(self.path)
         try:
             migrate(conn, self.path)

@@ -154,7 +154,8 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the ev
                config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHEMA,
                since: str | None = typer.Option(None, help="records logged at or after"),
                until: str | None = typer.Option(None, help="records logged before"),
-               cls: str | None = typer.Option(None, "--class")) -> None:
+               cls: str | None = typer.Option(None, "--class"),
+               as_json: bool = typer.Option(False, "--json", help="print the manifest")) -> None:
     """An evidence file set for a regulator: records.csv, chain.jsonl, manifest.json."""
     from .evidence import export
 
@@ -163,6 +164,9 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the ev
         manifest = export(store, out, parse_when(since), parse_when(until), cls)
     finally:
         store.close()
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2))
+        return
     verdict = "chain verified" if manifest["store_verification"]["ok"] else \
         f"CHAIN BROKEN: {manifest['store_verification']['problem']}"
     typer.echo(f"{out}: {manifest['records']} records; {verdict}")
@@ -173,9 +177,11 @@ def sla(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHE
         start: str = typer.Option(..., "--from", help="messages queued at or after"),
         end: str = typer.Option(..., "--to", help="messages queued before"),
         cls: str | None = typer.Option(None, "--class"),
-        fmt: Format = typer.Option(Format.text, "--format", help="text or json")) -> None:
-    """SLA compliance per class: share within SLA, p50/p95/p99, every breach and its cause."""
-    from .evidence import render_sla, sla_report
+        fmt: Format = typer.Option(Format.text, "--format",
+                                   help="text, json, or csv (one summary row per class)")) -> None:
+    """SLA compliance per class over deliverable messages, p50/p95/p99, every breach and
+    non-delivery with its cause."""
+    from .sla import render_sla, render_sla_csv, sla_report
 
     since, until = parse_when(start), parse_when(end)
     assert since is not None and until is not None
@@ -186,13 +192,16 @@ def sla(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHE
         store.close()
     if fmt is Format.json:
         typer.echo(json.dumps(report, indent=2))
+    elif fmt is Format.csv:
+        typer.echo(render_sla_csv(report), nl=False)
     else:
         typer.echo(render_sla(report), nl=False)
 
 
 @app.command()
 def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (retention)"),
-          db: str | None = _DB, schema: str = _SCHEMA) -> None:
+          db: str | None = _DB, schema: str = _SCHEMA,
+          as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Apply the retention policy now (a running node also does so every purge_interval)."""
     from ...cli import _load
     from .service import load_key, retention_policies
@@ -200,7 +209,8 @@ def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (
     cfg = _load(config)
     policies = retention_policies(cfg)
     if not policies:
-        typer.echo("no retention configured in [audit.retention]; nothing to do")
+        typer.echo("{}" if as_json else
+                   "no retention configured in [audit.retention]; nothing to do")
         return
     key = load_key(cfg.audit.pseudonymisation_key) if cfg.audit.pseudonymisation_key else None
     store = _open(config, db, schema, write=True)
@@ -211,5 +221,8 @@ def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (
     if not report:  # PostgresAuditStore: one node purges at a time
         typer.echo("another node is applying retention to this store right now; nothing done")
         raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
     for cls, counts in report.items():
         typer.echo(f"{cls}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -10,18 +10,18 @@ import csv
 import hashlib
 import io
 import json
-import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...secretfile import private_dir, private_open
 from ..records import DEFAULT_FIELDS, format_time
 from .chain import PSEUDONYMISED, PURGED, chain_hash, row_cdigest, verify_tuple
-from .store import AuditStore, Query, row_record
+from .store import AuditStore, row_record
 
-__all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "sla_report",
-           "render_sla", "trails", "verify_export"]
+__all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "trails",
+           "verify_export"]
 
 _OUTCOMES = {"d": "delivered", "b": "bounced", "rb": "bounced by the remote side after relay"}
 _STATES = {0: "intact", PSEUDONYMISED: "pseudonymised", PURGED: "purged"}
@@ -59,7 +59,24 @@ class Trail:
             return "queued"
         if final["bounce_cat"] == "message-expired":
             return "expired"
+        if final["bounce_cat"] == "purged":
+            return "purged by operator"
         return _OUTCOMES[final["type"]]
+
+    @property
+    def not_deliverable(self) -> str | None:
+        """Why the SLA does not apply to this recipient: an operator purged it
+        (``operator-purge``) or the destination refused it for good (``remote-permanent``:
+        no such user, no such domain, a bounce after relay); None otherwise."""
+        final = self.final
+        if final is None or final["type"] == "d":
+            return None
+        if final["bounce_cat"] == "purged":
+            return "operator-purge"
+        if final["type"] == "rb" or (final["bounce_cat"] != "message-expired"
+                                     and (final["dsn_status"] or "").startswith("5")):
+            return "remote-permanent"
+        return None
 
     @property
     def sla(self) -> float | None:
@@ -72,43 +89,15 @@ class Trail:
         return final["total_seconds_queued"] if final and final["type"] == "d" else None
 
     def sla_met(self, now: float) -> bool | None:
-        """True/False, or None when the class has no SLA or the verdict is still open."""
-        if self.sla is None:
+        """True/False, or None when the class has no SLA, the recipient was not deliverable
+        (``not_deliverable``) or the verdict is still open."""
+        if self.sla is None or self.not_deliverable:
             return None
         if self.latency is not None:
             return self.latency <= self.sla
         if self.final is not None:
             return False  # bounced or expired: never delivered
         return False if now - self.first["time_queued"] > self.sla else None
-
-    def cause(self, pauses: Sequence[tuple[float, float, str]] = ()) -> str:
-        """Why a trail breached its SLA, from what the records show; ``pauses`` are its pool's
-        pause windows (start, end, domain) — one overlapping its wait is named first."""
-        deferrals = [r for r in self.rows if r["type"] == "t"]
-        final = self.final
-        start = self.first["time_queued"]
-        end = final["time_logged"] if final else float("inf")
-        domain = self.rcpt.rpartition("@")[2].lower()
-        for p_start, p_end, p_domain in pauses:
-            if p_start < end and p_end > start and p_domain in ("*", domain):
-                lane = "" if p_domain == "*" else f" (lane to {p_domain})"
-                return (f"pool {self.first['vmta_pool']}{lane} paused by an operator from "
-                        f"{format_time(p_start)} to {format_time(p_end)}")
-        if final is not None and final["type"] != "d":
-            what = "expired" if final["bounce_cat"] == "message-expired" else _OUTCOMES[
-                final["type"]]
-            return f"{what}: {final['dsn_diag']}" + (
-                f" after {len(deferrals)} deferral(s), last reply: {deferrals[-1]['dsn_diag']}"
-                if deferrals else "")
-        if deferrals:
-            return (f"{len(deferrals)} deferral(s) with retry backoff; last reply: "
-                    f"{deferrals[-1]['dsn_diag']}")
-        attempt = next((r for r in self.rows if r["type"] != "r"), None)
-        if attempt is None:
-            return "not attempted yet (pool paused, backlog or destination suspended)"
-        wait = attempt["time_logged"] - self.first["time_queued"]
-        return (f"waited {wait:.1f}s before its first attempt (pool paused, backlog or "
-                "destination suspended)")
 
     def as_dict(self, now: float) -> dict:
         first = self.first
@@ -179,8 +168,9 @@ def render_text(items: list[Trail], now: float) -> str:
                          f"{row['dsn_mta'] or '-'}, {tls}")
             lines.append(f"      reply: {row['dsn_diag']}  [{row['dsn_status']}]")
         met = trail.sla_met(now)
-        sla = "no SLA" if trail.sla is None else (
-            f"SLA {trail.sla:g}s " + {True: "met", False: "BREACHED", None: "open"}[met])
+        sla = "no SLA" if trail.sla is None else f"SLA {trail.sla:g}s " + (
+            f"does not apply ({trail.not_deliverable})" if trail.not_deliverable else
+            {True: "met", False: "BREACHED", None: "open"}[met])
         latency = f"{trail.latency:.3f}s" if trail.latency is not None else "-"
         lines.append(f"  outcome: {trail.outcome}; totalSecondsQueued {latency}; {sla}")
         if any(r["state"] == PURGED for r in trail.rows):
@@ -189,7 +179,8 @@ def render_text(items: list[Trail], now: float) -> str:
     return "\n".join(lines) if lines else "no records found\n"
 
 
-_AUTHENTICATED = {"pkix": "PKIX", "dane-ee": "DANE-EE", "dane-ta": "DANE-TA"}
+AUTHENTICATED = {"pkix": "PKIX", "dane-ee": "DANE-EE", "dane-ta": "DANE-TA"}
+"""``dlv_tls_auth`` values that mean the server was authenticated, and how they are shown."""
 
 
 def _tls_text(row: dict) -> str:
@@ -201,7 +192,7 @@ def _tls_text(row: dict) -> str:
     else:
         text = f"{row['dlv_tls_protocol']} {row['dlv_tls_cipher']}".strip()
         if auth:
-            text += (f", authenticated ({_AUTHENTICATED[auth]})" if auth in _AUTHENTICATED
+            text += (f", authenticated ({AUTHENTICATED[auth]})" if auth in AUTHENTICATED
                      else ", not authenticated")
     return text + (f", policy {policy}" if policy else "")
 
@@ -236,11 +227,11 @@ def export(store: AuditStore, out: Path, since: float | None, until: float | Non
            cls: str | None = None) -> dict:
     """Write ``records.csv`` (readable, PowerMTA names), ``chain.jsonl`` (the stored rows with
     every value the hashes cover, to recompute them independently) and ``manifest.json``."""
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)  # the evidence holds addresses: 0600 files in a 0700 folder
     csv_path, chain_path = out / "records.csv", out / "chain.jsonl"
     count, first, last = 0, None, None
-    with csv_path.open("w", newline="", encoding="utf-8") as fh_csv, \
-            chain_path.open("w", encoding="utf-8") as fh_chain:
+    with private_open(csv_path, newline="", encoding="utf-8") as fh_csv, \
+            private_open(chain_path, encoding="utf-8") as fh_chain:
         writer = csv.writer(fh_csv, lineterminator="\r\n")
         writer.writerow(("day", "prev", *CSV_FIELDS))
         for row in store.rows_between(since, until, cls):
@@ -270,7 +261,8 @@ def export(store: AuditStore, out: Path, since: float | None, until: float | Non
             "other non-default fields, sorted keys, compact) || pdigest); hash = SHA256(prev || "
             "cdigest). Pseudonymised rows keep pdigest, purged rows keep cdigest."),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    with private_open(out / "manifest.json", encoding="utf-8") as fh:
+        fh.write(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -304,83 +296,3 @@ def verify_export(directory: Path) -> list[str]:
     if last is not None and manifest["last"]["hash"] != last[1].hex():
         problems.append("the last record's hash differs from the manifest")
     return problems
-
-
-# -- SLA report ---------------------------------------------------------------------------------
-
-def _percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (no interpolation: every figure is a real message's latency)."""
-    if not values:
-        return None
-    ranked = sorted(values)
-    return ranked[max(0, math.ceil(q / 100 * len(ranked)) - 1)]
-
-
-def sla_report(store: AuditStore, since: float, until: float, cls: str | None = None,
-               now: float | None = None) -> dict:
-    """Per class: recipients queued in [since, until) (one "message" per recipient, as an SLA
-    applies to each delivery), share delivered within the SLA,
-    latency percentiles and every breach with its ids and cause."""
-    now = time.time() if now is None else now
-    classes = [cls] if cls else store.classes()
-    report: dict = {"from": format_time(since), "to": format_time(until), "classes": {}}
-    for name in classes:
-        # Bounces the node generates itself (src_type "dsn") are not the sender's messages.
-        items = [t for t in trails(store.find(Query(cls=name, since=since, until=until)))
-                 if t.received is not None and t.received["src_type"] != "dsn"]
-        if not items:
-            continue
-        pools = {t.first["vmta_pool"] for t in items}
-        pauses = {pool: store.pauses(pool, now) for pool in pools}
-        latencies = [t.latency for t in items if t.latency is not None]
-        deliveries = [t.final for t in items if t.latency is not None]
-        encrypted = sum(1 for d in deliveries if d and d["dlv_tls_protocol"])
-        authenticated = sum(1 for d in deliveries if d and d["dlv_tls_auth"] in _AUTHENTICATED)
-        sla = next((t.sla for t in items if t.sla is not None), None)
-        met = sum(1 for t in items if t.sla_met(now))
-        breaches = [{"queue_id": t.queue_id, "message_id": t.first["message_id"],
-                     "correlation_id": t.first["correlation_id"], "recipient": t.rcpt,
-                     "queued": format_time(t.first["time_queued"]), "outcome": t.outcome,
-                     "latency_s": t.latency,
-                     "cause": t.cause(pauses[t.first["vmta_pool"]])}
-                    for t in items if t.sla_met(now) is False]
-        report["classes"][name] = {
-            "messages": len(items), "delivered": len(latencies), "sla_seconds": sla,
-            "within_sla": met if sla is not None else None,
-            "within_sla_share": round(met / len(items), 6) if sla is not None else None,
-            "latency_s": {f"p{q}": _percentile(latencies, q) for q in (50, 95, 99)},
-            "tls": {"encrypted": encrypted, "authenticated": authenticated,
-                    "encrypted_share": round(encrypted / len(latencies), 6) if latencies
-                    else None,
-                    "authenticated_share": round(authenticated / len(latencies), 6)
-                    if latencies else None},
-            "breaches": breaches,
-        }
-    return report
-
-
-def render_sla(report: dict) -> str:
-    lines = [f"SLA report {report['from']} .. {report['to']}"]
-    for name, c in report["classes"].items():
-        lat = c["latency_s"]
-        fmt = {k: ("-" if v is None else f"{v:.3f}s") for k, v in lat.items()}
-        if c["sla_seconds"] is None:
-            share = "no SLA"
-        else:
-            share = (f"{c['within_sla']}/{c['messages']} within {c['sla_seconds']:g}s "
-                     f"({100 * c['within_sla_share']:.2f}%)")
-        lines.append(f"{name}: {c['messages']} messages, {c['delivered']} delivered, {share}; "
-                     f"p50 {fmt['p50']} p95 {fmt['p95']} p99 {fmt['p99']}")
-        tls = c["tls"]
-        if c["delivered"]:
-            lines.append(f"  delivered over TLS: {tls['encrypted']}/{c['delivered']}"
-                         f" ({100 * tls['encrypted_share']:.2f}%), with the server"
-                         f" authenticated (PKIX or DANE): {tls['authenticated']}/{c['delivered']}"
-                         f" ({100 * tls['authenticated_share']:.2f}%)")
-        for b in c["breaches"]:
-            lines.append(f"  BREACH {b['queue_id']} {b['recipient']} Message-ID "
-                         f"{b['message_id'] or '-'} correlation {b['correlation_id'] or '-'}: "
-                         f"{b['outcome']}, {b['cause']}")
-    if not report["classes"]:
-        lines.append("no messages in this period")
-    return "\n".join(lines) + "\n"

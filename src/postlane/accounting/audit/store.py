@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ...secretfile import private_file
 from ..records import Record
 from .chain import (
     CHAIN_COLUMNS,
@@ -484,9 +485,7 @@ class SQLiteAuditStore(RetentionMixin):
                                       isolation_level=None, timeout=30,
                                       check_same_thread=False)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # evidence holds addresses
-            os.close(fd)
+            private_file(self.path)  # evidence holds addresses: 0600 in a 0700 folder
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")

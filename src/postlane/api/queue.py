@@ -1,0 +1,165 @@
+"""HTTP routes of message-level queue control (``/api/v1/queue``): list, show, hold, release,
+retry, delete, deferrals by reason, and the qshape view. Mounted behind the API token."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..config.model import parse_duration
+from ..policy.headers import field_value, header_fields, split_message
+from ..scheduler.control import SelectionError, Selector, message_view
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+__all__ = ["router"]
+
+
+class SelectorIn(BaseModel):
+    """Which messages: every field given must match; ``all`` for the whole queue."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    queue_ids: list[str] = Field([], max_length=10000)
+    pool: str | None = None
+    domain: str | None = None
+    cls: str | None = Field(None, alias="class")
+    state: Literal["queued", "deferred", "held"] | None = None
+    older_than: str | float | None = Field(None, description="age, e.g. 600 or '10m'")
+    younger_than: str | float | None = None
+    sender: str | None = Field(None, description="envelope sender, * as wildcard")
+    recipient: str | None = Field(None, description="recipient address, * as wildcard")
+    correlation_id: str | None = None
+    all: bool = False
+
+    @field_validator("older_than", "younger_than")
+    @classmethod
+    def _age(cls, value: str | float | None) -> float | None:
+        return None if value is None else parse_duration(value)
+
+    def selector(self) -> Selector:
+        return Selector(tuple(self.queue_ids), self.pool, self.domain, self.cls, self.state,
+                        self.older_than, self.younger_than, self.sender, self.recipient,
+                        self.correlation_id, self.all)
+
+
+class ActionIn(SelectorIn):
+    dry_run: bool = Field(False, description="count what would change, change nothing")
+
+
+class DeleteIn(ActionIn):
+    dsn: bool = Field(False, description="send the sender a bounce (DSN); default: silently")
+
+
+def _listing(pool: str | None = None, domain: str | None = None,
+             cls: Annotated[str | None, Query(alias="class")] = None,
+             state: Literal["queued", "deferred", "held"] | None = None,
+             older_than: str | None = None, younger_than: str | None = None,
+             sender: str | None = None, recipient: str | None = None,
+             correlation_id: str | None = None,
+             queue_id: Annotated[list[str] | None, Query()] = None) -> SelectorIn:
+    return SelectorIn(queue_ids=queue_id or [], pool=pool, domain=domain, cls=cls, state=state,
+                      older_than=older_than, younger_than=younger_than, sender=sender,
+                      recipient=recipient, correlation_id=correlation_id)
+
+
+def router(node: Node) -> APIRouter:
+    from .app import APIError
+
+    api = APIRouter(prefix="/queue", tags=["queue"])
+    queue = node.queue
+
+    def run(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SelectionError as exc:
+            raise APIError(exc.status, str(exc)) from None
+
+    @api.get("/messages")
+    async def messages(sel: Annotated[SelectorIn, Depends(_listing)],
+                       limit: Annotated[int, Query(ge=1, le=100000)] = 1000) -> dict:
+        """Queued, deferred and held messages (oldest first) with their recipients."""
+        return run(queue.messages, sel.selector(), limit)
+
+    @api.get("/messages/{queue_id}")
+    async def show(queue_id: str) -> dict:
+        """One message: envelope, header fields, recipients, and every attempt recorded in the
+        audit store (time, source IP, destination, the remote reply)."""
+        rcpts = run(queue.select, Selector(queue_ids=(queue_id,)))
+        if not rcpts:
+            raise APIError(404, f"no message {queue_id!r} in the queue (in flight, finished or"
+                                " never queued: see postlane audit show --queue-id)")
+        out = message_view(rcpts, time.time())
+        try:
+            head, body = split_message(node.spool.body(queue_id))
+            out["headers"] = [[raw.split(b":", 1)[0].decode("latin-1"), field_value(raw)]
+                              for name, raw in header_fields(head) if name]
+            out["body_bytes"] = len(body)
+        except KeyError:
+            out["headers"], out["body_bytes"] = [], 0
+        out["attempts"] = await asyncio.to_thread(_attempts, node, queue_id)
+        return out
+
+    @api.post("/hold")
+    async def hold(body: ActionIn) -> dict:
+        """Keep messages from delivery until released (survives a restart)."""
+        _single_node(node, "hold")
+        return run(queue.act, "hold", body.selector(), dry_run=body.dry_run)
+
+    @api.post("/release")
+    async def release(body: ActionIn) -> dict:
+        _single_node(node, "release")
+        return run(queue.act, "release", body.selector(), dry_run=body.dry_run)
+
+    @api.post("/retry")
+    async def retry(body: ActionIn) -> dict:
+        """Deferred recipients become due now."""
+        return run(queue.act, "retry", body.selector(), dry_run=body.dry_run)
+
+    @api.post("/delete")
+    async def delete(body: DeleteIn) -> dict:
+        """Remove messages: a "b" record each (bounceCat purged), a DSN only with ``dsn``."""
+        return run(queue.act, "delete", body.selector(), dry_run=body.dry_run, dsn=body.dsn)
+
+    @api.get("/deferrals")
+    async def deferrals(top: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:
+        """Deferred recipients grouped by the reply that deferred them."""
+        return {"reasons": queue.deferrals(node.scheduler.classify, top)}
+
+    @api.get("/shape")
+    async def shape(by: Literal["domain", "class"] = "domain",
+                    top: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
+        """qshape: recipients not yet final by age bucket, per domain or class."""
+        return queue.shape(by, top)
+
+    return api
+
+
+def _single_node(node: Node, action: str) -> None:
+    from .app import APIError
+
+    if node.claimer is not None:
+        raise APIError(409, f"{action} needs the embedded spool: on a PostgreSQL spool a held"
+                            " message would have to be kept from every node's claims")
+
+
+def _attempts(node: Node, queue_id: str) -> list[dict] | None:
+    """The message's delivery records from the audit store (None: the store is off)."""
+    if node.audit is None:
+        return None
+    from ..accounting.audit.backend import open_audit_store
+    from ..accounting.audit.store import Query as AuditQuery
+
+    store = open_audit_store(node.config, readonly=True)
+    try:
+        rows = store.find(AuditQuery(queue_id=queue_id))
+    finally:
+        store.close()
+    return [{"type": r["type"], "time": r["time_logged"], "recipient": r["rcpt"],
+             "source_ip": r["dlv_source_ip"], "destination": r["dsn_mta"],
+             "tls": r["dlv_tls_protocol"], "status": r["dsn_status"], "reply": r["dsn_diag"]}
+            for r in rows if r["type"] in ("t", "d", "b")]

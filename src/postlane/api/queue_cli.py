@@ -1,0 +1,200 @@
+"""``postlane queue list|show|hold|release|retry|delete|deferrals|shape``: message-level queue
+control over the node's API (mailq, postcat, postsuper and qshape in one place)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .cli import ConfigOpt, JSONOpt, TokenOpt, URLOpt, _age, _call, _fail, _target, console
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Message-level queue control: list, show, hold, release, retry, delete,"
+                       " deferrals by reason, qshape.")
+
+IdsArg = Annotated[list[str] | None, typer.Argument(help="queue ids", show_default=False)]
+PoolOpt = Annotated[str | None, typer.Option("--pool", help="pool")]
+DomainOpt = Annotated[str | None, typer.Option("--domain", "-d", help="recipient domain")]
+ClassOpt = Annotated[str | None, typer.Option("--class", help="traffic class")]
+StateOpt = Annotated[str | None, typer.Option("--state", help="queued, deferred or held")]
+OlderOpt = Annotated[str | None, typer.Option("--older-than", help="age, e.g. 10m")]
+YoungerOpt = Annotated[str | None, typer.Option("--younger-than", help="age, e.g. 1h")]
+SenderOpt = Annotated[str | None, typer.Option("--sender", help="envelope sender, * wildcard")]
+RcptOpt = Annotated[str | None, typer.Option("--recipient", help="address, * wildcard")]
+CorrOpt = Annotated[str | None, typer.Option("--correlation-id", help="correlation id")]
+AllOpt = Annotated[bool, typer.Option("--all", help="every message in the queue")]
+DryOpt = Annotated[bool, typer.Option("--dry-run", help="count what would change, change"
+                                                        " nothing")]
+
+
+def _selector(ids, pool, domain, cls, state, older, younger, sender, rcpt, corr,
+              everything: bool = False) -> dict:
+    body = {"queue_ids": ids or [], "pool": pool, "domain": domain, "class": cls,
+            "state": state, "older_than": older, "younger_than": younger, "sender": sender,
+            "recipient": rcpt, "correlation_id": corr, "all": everything}
+    return {k: v for k, v in body.items() if v not in (None, [], False)}
+
+
+@app.command("list")
+def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
+          cls: ClassOpt = None, state: StateOpt = None, older_than: OlderOpt = None,
+          younger_than: YoungerOpt = None, sender: SenderOpt = None, recipient: RcptOpt = None,
+          correlation_id: CorrOpt = None,
+          limit: Annotated[int, typer.Option(help="messages shown")] = 1000,
+          config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+          as_json: JSONOpt = False) -> None:
+    """Queued, deferred and held messages, oldest first (like mailq)."""
+    sel = _selector(ids, pool, domain, cls, state, older_than, younger_than, sender, recipient,
+                    correlation_id)
+    params = {k: v for k, v in sel.items() if k != "queue_ids"}
+    out = _call(_target(config, url, token_file), "GET", "/api/v1/queue/messages",
+                limit=limit, queue_id=sel.get("queue_ids"), **params)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    table = Table(title=f"{out['total_messages']} messages, {out['total_recipients']}"
+                        " recipients")
+    for col in ("queue id", "class", "pool", "age", "size", "sender", "recipient", "state",
+                "attempts", "last reply"):
+        table.add_column(col, justify="right" if col in ("age", "size", "attempts") else "left",
+                         no_wrap=col in ("queue id", "recipient"))
+    for msg in out["messages"]:
+        for i, r in enumerate(msg["recipients"]):
+            head = [msg["queue_id"], msg["class"], msg["pool"], _age(msg["age_s"]),
+                    str(msg["size"]), msg["sender"] or "<>"] if i == 0 else [""] * 6
+            table.add_row(*head, r["address"], r["state"], str(r["attempts"]), r["reply"])
+    console().print(table)
+
+
+@app.command()
+def show(queue_id: str, config: ConfigOpt = None, url: URLOpt = None,
+         token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
+    """One message: envelope, header fields, recipients, every attempt and its reply."""
+    out = _call(_target(config, url, token_file), "GET", f"/api/v1/queue/messages/{queue_id}")
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    typer.echo(f"queue id {out['queue_id']}  class {out['class']}  pool {out['pool']}  "
+               f"age {_age(out['age_s'])}  {out['size']} bytes")
+    typer.echo(f"sender <{out['sender']}>  Message-ID {out['message_id'] or '-'}  "
+               f"correlation {out['correlation_id'] or '-'}")
+    typer.echo("\nheader fields:")
+    for name, value in out["headers"]:
+        typer.echo(f"  {name}: {value}")
+    typer.echo("\nrecipients:")
+    for r in out["recipients"]:
+        nxt = f", next attempt in {_age(r['next_attempt'] - time.time())}" \
+            if r["next_attempt"] else ""
+        typer.echo(f"  {r['address']}: {r['state']}, {r['attempts']} attempt(s){nxt}"
+                   + (f"; last reply: {r['reply']}" if r["reply"] else ""))
+    typer.echo("\nattempts:")
+    if out["attempts"] is None:
+        typer.echo("  (the audit store is off: only each recipient's last reply is known)")
+    for a in out["attempts"] or []:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["time"]))
+        typer.echo(f"  {when}  {a['recipient']}  from {a['source_ip'] or '-'} to "
+                   f"{a['destination'] or '-'} {a['tls'] or ''}: {a['reply']}")
+
+
+def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json: bool,
+         **extra: object) -> None:
+    out = _call(target, "POST", f"/api/v1/queue/{action}",
+                body={**sel, "dry_run": dry_run, **extra})
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    done = {"hold": "held", "release": "released", "retry": "retried now",
+            "delete": "deleted"}[action]
+    typer.echo(f"{'would be ' if dry_run else ''}{done}: {out['recipients']} recipients of"
+               f" {out['messages']} messages")
+
+
+def _action(action: str, help_text: str):
+    def command(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
+                cls: ClassOpt = None, state: StateOpt = None, older_than: OlderOpt = None,
+                younger_than: YoungerOpt = None, sender: SenderOpt = None,
+                recipient: RcptOpt = None, correlation_id: CorrOpt = None,
+                everything: AllOpt = False, dry_run: DryOpt = False,
+                config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+                as_json: JSONOpt = False) -> None:
+        sel = _selector(ids, pool, domain, cls, state, older_than, younger_than, sender,
+                        recipient, correlation_id, everything)
+        _act(action, sel, dry_run, _target(config, url, token_file), as_json)
+
+    command.__doc__ = help_text
+    app.command(action)(command)
+
+
+_action("hold", "Keep messages from delivery until released (survives a restart).")
+_action("release", "Let held messages be delivered again, now.")
+_action("retry", "Make deferred messages due now.")
+
+
+@app.command()
+def delete(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
+           cls: ClassOpt = None, state: StateOpt = None, older_than: OlderOpt = None,
+           younger_than: YoungerOpt = None, sender: SenderOpt = None, recipient: RcptOpt = None,
+           correlation_id: CorrOpt = None, everything: AllOpt = False, dry_run: DryOpt = False,
+           dsn: Annotated[bool, typer.Option("--dsn", help="bounce to the sender (default:"
+                                                          " silently)")] = False,
+           yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+           config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+           as_json: JSONOpt = False) -> None:
+    """Remove messages (a "b" record each, bounceCat purged); counts first and asks."""
+    sel = _selector(ids, pool, domain, cls, state, older_than, younger_than, sender,
+                    recipient, correlation_id, everything)
+    target = _target(config, url, token_file)
+    if not dry_run and not yes:
+        count = _call(target, "POST", "/api/v1/queue/delete",
+                      body={**sel, "dry_run": True})
+        if not (os.isatty(0) and typer.confirm(
+                f"delete {count['recipients']} recipients of {count['messages']} messages"
+                f"{' with a DSN to each sender' if dsn else ' silently'}?")):
+            raise _fail(f"nothing deleted ({count['recipients']} recipients match; confirm,"
+                        " or pass --yes)")
+    _act("delete", sel, dry_run, target, as_json, dsn=dsn)
+
+
+@app.command()
+def deferrals(top: Annotated[int, typer.Option(help="reasons shown")] = 50,
+              config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+              as_json: JSONOpt = False) -> None:
+    """Deferred mail grouped by the reply that deferred it."""
+    out = _call(_target(config, url, token_file), "GET", "/api/v1/queue/deferrals", top=top)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    table = Table(title="deferred recipients by reason")
+    for col in ("recipients", "oldest", "category", "top domains", "reason"):
+        table.add_column(col, justify="right" if col in ("recipients", "oldest") else "left")
+    for g in out["reasons"]:
+        table.add_row(str(g["recipients"]), _age(g["oldest_age_s"]), g["category"],
+                      ", ".join(f"{d} ({n})" for d, n in g["domains"].items()), g["reason"])
+    console().print(table)
+
+
+@app.command()
+def shape(by: Annotated[str, typer.Option(help="domain or class")] = "domain",
+          top: Annotated[int, typer.Option(help="rows before the rest is summed")] = 20,
+          config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
+          as_json: JSONOpt = False) -> None:
+    """Recipients not yet final by age (like qshape), per domain or class."""
+    if by not in ("domain", "class"):
+        raise _fail("--by must be domain or class")
+    out = _call(_target(config, url, token_file), "GET", "/api/v1/queue/shape", by=by, top=top)
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    table = Table(title=f"queue age by {by}")
+    table.add_column(by, no_wrap=True)
+    table.add_column("total", justify="right")
+    for label in out["buckets"]:
+        table.add_column(label, justify="right")
+    for row in out["rows"]:
+        table.add_row(row["key"], str(row["total"]), *map(str, row["counts"]))
+    console().print(table)

@@ -1,0 +1,237 @@
+"""Message-level queue control, in the spirit of Postfix's mailq/postsuper/qshape and KumoMTA's
+kcli: select queued mail by pool, lane, class, state, age, sender, recipient or correlation id;
+hold, release, retry now or delete it (with a DSN or silently); see deferrals grouped by reason
+and the queue's age shape per domain or class.
+
+It works on the node's in-memory queue (the scheduler's lanes, retry timers and held set), so
+every action takes effect at once and is written to the spool through the scheduler. Recipients
+in flight finish their transaction and are not selected.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+from ..spool import Recipient, State
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+__all__ = ["AGE_BUCKETS", "STATES", "QueueControl", "SelectionError", "Selector", "reason_key"]
+
+STATES = ("queued", "deferred", "held")
+AGE_BUCKETS = (300, 600, 1200, 2400, 4800, 9600, 19200)
+"""Upper bounds in seconds of qshape's age columns (5, 10, 20 … 320 minutes; the last is
+open-ended)."""
+
+
+class SelectionError(ValueError):
+    """A selector that names something that does not exist (a mistyped pool, class or lane),
+    or an action with no selector at all."""
+
+    def __init__(self, message: str, status: int = 404) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class Selector:
+    """Which queued recipients an operator means; every field given must match."""
+
+    queue_ids: tuple[str, ...] = ()
+    pool: str | None = None
+    domain: str | None = None
+    """Recipient domain (with ``pool``: that lane)."""
+    cls: str | None = None
+    state: str | None = None
+    older_than: float | None = None
+    """Seconds since queueing."""
+    younger_than: float | None = None
+    sender: str | None = None
+    """Envelope sender (``*`` wildcards)."""
+    recipient: str | None = None
+    """Recipient address (``*`` wildcards)."""
+    correlation_id: str | None = None
+    all: bool = False
+    """Say so to act on the whole queue."""
+
+    def empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in fields(self) if f.name != "all")
+
+    def matcher(self, now: float):
+        """A predicate on recipients; patterns are compiled once."""
+        ids = set(self.queue_ids)
+        sender = _pattern(self.sender)
+        rcpt = _pattern(self.recipient)
+        state = State(self.state) if self.state else None
+        domain = self.domain.lower() if self.domain else None
+
+        def match(r: Recipient) -> bool:
+            msg = r.msg
+            age = now - msg.queued_at
+            return ((not ids or msg.id in ids) and (self.pool is None or msg.pool == self.pool)
+                    and (domain is None or r.domain == domain)
+                    and (self.cls is None or msg.cls == self.cls)
+                    and (state is None or r.state is state)
+                    and (self.older_than is None or age >= self.older_than)
+                    and (self.younger_than is None or age < self.younger_than)
+                    and (sender is None or sender.fullmatch(msg.mail_from.lower()) is not None)
+                    and (rcpt is None or rcpt.fullmatch(r.address.lower()) is not None)
+                    and (self.correlation_id is None
+                         or msg.correlation_id == self.correlation_id))
+        return match
+
+
+def _pattern(text: str | None) -> re.Pattern[str] | None:
+    if not text:
+        return None
+    return re.compile(".*".join(re.escape(part) for part in text.lower().split("*")))
+
+
+_VARIABLE = re.compile(r"<[^<>\s]*@[^<>\s]*>|[\w.+-]+@[\w.-]+|\b[0-9A-Fa-f]{8,}\b|\b\d{5,}\b")
+
+
+def reason_key(reply: str) -> str:
+    """A deferral reply with what varies per message (addresses, ids, long numbers) taken out,
+    so that the same refusal of many recipients groups into one line."""
+    return _VARIABLE.sub("…", reply.strip())[:200]
+
+
+class QueueControl:
+    def __init__(self, scheduler: Scheduler, pools: Iterable[str], classes: Iterable[str]) -> None:
+        self.scheduler = scheduler
+        self.pools = set(pools)
+        self.classes = set(classes)
+
+    # -- selection ------------------------------------------------------------------------------
+
+    def check(self, sel: Selector, action: bool = False) -> None:
+        """Refuse a selector naming a pool, class, state or lane that does not exist (a typo
+        must not read as "0 messages"), and an action without any selector."""
+        if sel.pool is not None and sel.pool not in self.pools:
+            raise SelectionError(f"no pool named {sel.pool!r}{_hint(sel.pool, self.pools)}")
+        if sel.cls is not None and sel.cls not in self.classes:
+            raise SelectionError(f"no class named {sel.cls!r}{_hint(sel.cls, self.classes)}")
+        if sel.state is not None and sel.state not in STATES:
+            raise SelectionError(f"state must be one of {', '.join(STATES)}", 422)
+        if sel.domain is not None:
+            domains = {d for p, d in self.scheduler.lanes if sel.pool in (None, p)}
+            if sel.domain.lower() not in domains:
+                where = f"pool {sel.pool!r}" if sel.pool else "any pool"
+                raise SelectionError(f"no lane to {sel.domain!r} in {where}"
+                                     f"{_hint(sel.domain.lower(), domains)}")
+        if action and sel.empty() and not sel.all:
+            raise SelectionError("say which messages (queue ids or a filter), or all", 422)
+
+    def select(self, sel: Selector, now: float | None = None) -> list[Recipient]:
+        self.check(sel)
+        match = sel.matcher(time.time() if now is None else now)
+        return [r for r in self.scheduler.recipients() if match(r)]
+
+    def messages(self, sel: Selector, limit: int = 1000) -> dict:
+        """The selected recipients grouped by message, oldest message first."""
+        now = time.time()
+        by_msg: dict[str, list[Recipient]] = {}
+        for rcpt in self.select(sel, now):
+            by_msg.setdefault(rcpt.msg.id, []).append(rcpt)
+        ordered = sorted(by_msg.values(), key=lambda rs: (rs[0].msg.queued_at, rs[0].msg.id))
+        return {"total_messages": len(ordered), "total_recipients": sum(map(len, ordered)),
+                "messages": [message_view(rs, now) for rs in ordered[:limit]]}
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def act(self, action: str, sel: Selector, *, dry_run: bool = False, dsn: bool = False,
+            diag: str = "deleted by operator") -> dict:
+        """hold, release, retry or delete the selected recipients; a dry run only counts."""
+        self.check(sel, action=True)
+        wanted = {"hold": (State.QUEUED, State.DEFERRED), "release": (State.HELD,),
+                  "retry": (State.DEFERRED,),
+                  "delete": (State.QUEUED, State.DEFERRED, State.HELD)}[action]
+        match = sel.matcher(time.time())
+
+        def chosen(r: Recipient) -> bool:
+            return r.state in wanted and match(r)
+
+        if dry_run:
+            found = [r for r in self.scheduler.recipients() if chosen(r)]
+        else:
+            found = self.scheduler.take(chosen)
+            if action == "hold":
+                self.scheduler.hold(found)
+            elif action == "delete":
+                self.scheduler.remove(found, diag, dsn=dsn)
+            else:
+                self.scheduler.requeue_now(found)
+                self.scheduler.kick()
+        return {"action": action, "dry_run": dry_run, "recipients": len(found),
+                "messages": len({r.msg.id for r in found})}
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def deferrals(self, classify, top: int = 50) -> list[dict]:
+        """Deferred recipients grouped by the reply that deferred them (most first)."""
+        now = time.time()
+        groups: dict[str, dict] = {}
+        for rcpt in self.scheduler.recipients():
+            if rcpt.state is not State.DEFERRED:
+                continue
+            key = reason_key(rcpt.last_reply)
+            group = groups.get(key)
+            if group is None:
+                status = next(iter(re.findall(r"\b[45]\.\d{1,3}\.\d{1,3}\b", key)), "")
+                group = groups[key] = {"reason": key, "category": classify(status, key),
+                                       "recipients": 0, "oldest_age_s": 0.0,
+                                       "domains": Counter(), "pools": Counter()}
+            group["recipients"] += 1
+            group["oldest_age_s"] = max(group["oldest_age_s"], now - rcpt.msg.queued_at)
+            group["domains"][rcpt.domain] += 1
+            group["pools"][rcpt.msg.pool] += 1
+        out = sorted(groups.values(), key=lambda g: -g["recipients"])[:top]
+        for group in out:
+            group["oldest_age_s"] = round(group["oldest_age_s"], 1)
+            group["domains"] = dict(group["domains"].most_common(5))
+            group["pools"] = dict(group["pools"])
+        return out
+
+    def shape(self, by: str = "domain", top: int = 20) -> dict:
+        """qshape: recipients not yet final per domain (or class), by age bucket."""
+        now = time.time()
+        rows: dict[str, list[int]] = {}
+        for rcpt in self.scheduler.recipients():
+            key = rcpt.domain if by == "domain" else rcpt.msg.cls
+            counts = rows.setdefault(key, [0] * (len(AGE_BUCKETS) + 1))
+            age = now - rcpt.msg.queued_at
+            counts[next((i for i, edge in enumerate(AGE_BUCKETS) if age < edge),
+                        len(AGE_BUCKETS))] += 1
+        ranked = sorted(rows.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+        shown, rest = ranked[:top], ranked[top:]
+        if rest:
+            shown.append(("(other)", [sum(c) for c in zip(*(v for _, v in rest), strict=True)]))
+        total = [sum(c) for c in zip(*(v for _, v in ranked), strict=True)] if ranked else \
+            [0] * (len(AGE_BUCKETS) + 1)
+        labels = [f"<{edge // 60}m" for edge in AGE_BUCKETS] + [f"{AGE_BUCKETS[-1] // 60}m+"]
+        return {"by": by, "buckets": labels,
+                "rows": [{"key": "TOTAL", "total": sum(total), "counts": total}]
+                + [{"key": k, "total": sum(v), "counts": v} for k, v in shown]}
+
+
+def message_view(rcpts: list[Recipient], now: float) -> dict:
+    msg = rcpts[0].msg
+    return {"queue_id": msg.id, "class": msg.cls, "pool": msg.pool, "sender": msg.mail_from,
+            "queued_at": msg.queued_at, "age_s": round(now - msg.queued_at, 1),
+            "size": msg.size, "correlation_id": msg.correlation_id,
+            "message_id": msg.message_id,
+            "recipients": [{"address": r.address, "state": r.state.value,
+                            "attempts": r.attempts, "next_attempt": r.next_attempt or None,
+                            "reply": r.last_reply} for r in rcpts]}
+
+
+def _hint(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,73 @@
+"""`postlane config check` and `postlane serve` as an operator runs them (issue 19, defect 5):
+every mistake reported at once with its field, a hint for a mistyped key, a duplicate listener
+port caught before `serve`, and a bind failure that names the listener instead of a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from pathlib import Path
+
+from tests.conftest import config_text
+from tests.test_cli_ops import run_cli
+
+POSTLANE = str(Path(sys.executable).parent / "postlane")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_config_check_reports_every_mistake_with_hints(tmp_path):
+    port = _free_port()
+    text = config_text(tmp_path, 2600, f"""
+[listeners.second]
+address = "127.0.0.1"
+port = {port}
+""", listener_port=port)
+    text = text.replace('priority = 3\n', 'prority = 3\n')               # 1: a typo
+    text = text.replace('expiry = "1h"\n', 'expiry = "soon"\n', 1)       # 2: not a duration
+    text = text.replace('pool = "bulk"', 'pool = "bulkk"')               # 3: no such pool
+    text = text.replace('127.0.0.30', '127.0.0.300')                     # 4: not an IP
+    text = text.replace('default_class = "marketing"', 'default_class = "newsletters"')  # 5
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code, out, err = await run_cli("config", "check", str(path))
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert lines[0] == f"{path}: configuration is not valid:"
+    problems = [line.strip() for line in lines[1:]]
+    assert "classes.marketing.prority: unknown field (did you mean 'priority'?)" in problems
+    assert any(p.startswith("classes.policy-documents.expiry: not a duration: 'soon'")
+               for p in problems)
+    assert any(p.startswith("pools.bulk.ips[0].address: not an IP address") for p in problems)
+    assert "default_class: no class named 'newsletters'" in problems
+    assert f"listeners.second.port: 127.0.0.1:{port} is already where listener 'in' listens" \
+        in problems
+    # the broken pool is reported once, not again through the class that names it
+    assert any(p.startswith("classes.marketing.pool: no pool named 'bulkk'") for p in problems)
+    assert len(problems) == 6, problems
+
+
+async def test_serve_names_the_listener_it_cannot_bind(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "node.toml"
+        path.write_text(config_text(tmp_path, 2600, listener_port=port))
+        code, out, err = await run_cli("config", "check", str(path))
+        assert code == 0, err
+        proc = await asyncio.create_subprocess_exec(
+            POSTLANE, "serve", "-c", str(path), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ})
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text
+    assert (f"cannot start: listener 'in' (listeners.in in the config) cannot listen on"
+            f" 127.0.0.1:{port}: Address already in use") in text

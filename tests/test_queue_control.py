@@ -1,0 +1,124 @@
+"""`postlane queue …` against a real node with a real backlog: list with filters, show a message
+with its attempts, hold (kept across a restart) and release, retry by filter, deferrals by
+reason, qshape, delete with a DSN; mistyped names are errors."""
+
+from __future__ import annotations
+
+import json
+
+from postlane.policy.intake import RcptIn
+from tests.conftest import config_text, message, records
+from tests.test_cli_ops import run_cli
+from tests.test_cluster import _until
+
+GREY = "grey.example"
+
+
+async def test_queue_tools_on_a_real_backlog(tmp_path, sink, make_node):
+    for i in range(3):
+        sink.rcpt_replies[f"r{i}@{GREY}"] = [f"451 4.7.1 <r{i}@{GREY}>: greylisted"]
+    text = config_text(tmp_path, sink.port, f'"{GREY}" = "127.0.0.1:{sink.port}"\n')
+    text = text.replace('retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
+    node = await make_node(text)
+
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+
+    async def listed(*args: str) -> dict:
+        code, out, err = await cli("queue", "list", "--json", *args)
+        assert code == 0, err
+        return json.loads(out)
+
+    await node.pause("bulk")  # the campaign waits: a backlog
+    campaign = [await node.intake.submit("news@example.com", [RcptIn(f"m{i}@example.com")],
+                                         message(f"offer {i}", cls="marketing",
+                                                 extra=f"X-Correlation-ID: camp-{i}\r\n"))
+                for i in range(5)]
+    notices = [await node.intake.submit("notices@example.com", [RcptIn(f"r{i}@{GREY}")],
+                                        message("policy", cls="policy-documents"))
+               for i in range(3)]
+    await _until(lambda: sum(1 for r in node.scheduler.recipients()
+                             if r.state.value == "deferred") == 3)
+
+    everything = await listed()
+    assert (everything["total_messages"], everything["total_recipients"]) == (8, 8)
+    assert [m["queue_id"] for m in everything["messages"]] == campaign + notices  # oldest first
+    assert {m["queue_id"] for m in (await listed("--state", "deferred"))["messages"]} == \
+        set(notices)
+    assert (await listed("--class", "marketing", "--older-than", "0s"))["total_messages"] == 5
+    assert (await listed("--correlation-id", "camp-3"))["messages"][0]["queue_id"] == campaign[3]
+    assert (await listed("--recipient", "r1@*"))["messages"][0]["queue_id"] == notices[1]
+    assert (await listed("--sender", "news@*", "--younger-than", "1h"))["total_messages"] == 5
+    code, _, err = await cli("queue", "list", "--pool", "bulkk")
+    assert code == 1 and "no pool named 'bulkk' (did you mean 'bulk'?)" in err
+    code, _, err = await cli("queue", "list", "--domain", "exmple.com")
+    assert code == 1 and "no lane to 'exmple.com' in any pool (did you mean 'example.com'?)" \
+        in err
+    code, _, err = await cli("purge", "bulk", "exmple.com", "--yes")
+    assert code == 1 and "no lane to 'exmple.com'" in err, "a typo is not '0 purged'"
+
+    code, out, err = await cli("queue", "show", notices[0], "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert ["Subject", "policy"] in shown["headers"]
+    assert shown["recipients"][0]["state"] == "deferred"
+    await node.flush_evidence()
+    code, out, err = await cli("queue", "show", notices[0], "--json")
+    assert any("greylisted" in a["reply"] for a in json.loads(out)["attempts"])
+    code, out, err = await cli("queue", "show", notices[0])
+    assert code == 0 and "greylisted" in out and "Subject: policy" in out
+
+    code, out, err = await cli("queue", "deferrals", "--json")
+    [reason] = json.loads(out)["reasons"]
+    assert reason["recipients"] == 3 and reason["reason"] == "451 4.7.1 …: greylisted"
+    assert reason["domains"] == {GREY: 3}
+    code, out, err = await cli("queue", "shape", "--json")
+    shape = json.loads(out)
+    assert shape["rows"][0] == {"key": "TOTAL", "total": 8, "counts": [8, 0, 0, 0, 0, 0, 0, 0]}
+    assert {r["key"]: r["total"] for r in shape["rows"][1:]} == {"example.com": 5, GREY: 3}
+    code, out, err = await cli("queue", "shape", "--by", "class")
+    assert code == 0 and "policy-documents" in out and "<5m" in out
+
+    # hold one message of the campaign; it stays held across a restart
+    code, out, err = await cli("queue", "hold", campaign[0])
+    assert code == 0 and out.strip() == "held: 1 recipients of 1 messages"
+    code, out, _ = await cli("queue", "hold", "--all", "--dry-run", "--state", "queued")
+    assert out.strip() == "would be held: 4 recipients of 4 messages"
+    code, _, err = await cli("queue", "hold")
+    assert code == 1 and "say which messages" in err
+    await node.stop()
+    node = await make_node(text)
+    held = await listed("--state", "held")
+    assert [m["queue_id"] for m in held["messages"]] == [campaign[0]]
+    await node.resume("bulk")
+    await sink.wait_for(4)
+    assert not sink.for_rcpt("m0@example.com")
+    assert [m["queue_id"] for m in (await listed("--class", "marketing"))["messages"]] == \
+        [campaign[0]]
+    code, out, err = await cli("queue", "release", campaign[0])
+    assert code == 0 and out.strip() == "released: 1 recipients of 1 messages"
+    await sink.wait_for(5)
+    assert sink.for_rcpt("m0@example.com")
+
+    # retry by filter: the destination now accepts r0
+    sink.rcpt_replies[f"r0@{GREY}"] = ["250 2.1.5 ok"]
+    code, out, _ = await cli("queue", "retry", "--domain", GREY, "--dry-run")
+    assert out.strip() == "would be retried now: 3 recipients of 3 messages"
+    code, out, err = await cli("queue", "retry", "--recipient", f"r0@{GREY}")
+    assert code == 0 and out.strip() == "retried now: 1 recipients of 1 messages"
+    await sink.wait_for(6)
+    assert sink.for_rcpt(f"r0@{GREY}")
+
+    # delete the rest with a DSN to the sender: asks first (no terminal: refused), then --yes
+    code, _, err = await cli("queue", "delete", "--domain", GREY, "--dsn")
+    assert code == 1 and "nothing deleted (2 recipients match" in err
+    code, out, err = await cli("queue", "delete", "--domain", GREY, "--dsn", "--yes", "--json")
+    assert code == 0 and json.loads(out)["recipients"] == 2
+    dsns = [a for a in await sink.wait_for(8) if a.rcpts == ["notices@example.com"]]
+    assert len(dsns) == 2 and all(b"deleted by operator" in a.data for a in dsns)
+    assert (await listed())["total_messages"] == 0
+    await node.stop()
+    deleted = [r for r in records(tmp_path) if r["dsnDiag"] == "deleted by operator"]
+    assert sorted(r["rcpt"] for r in deleted) == [f"r1@{GREY}", f"r2@{GREY}"]
+    assert {r["type"] + "/" + r["bounceCat"] for r in deleted} == {"b/purged"}

@@ -1,0 +1,106 @@
+"""Regression tests of issue 19's queue defects, through the real entry points: the operator CLI
+as a subprocess against a running node's API, then the accounting files and the audit store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from postlane.accounting.audit.backend import open_store_at
+from postlane.accounting.audit.store import Query
+from postlane.policy.intake import RcptIn
+from tests.conftest import config_text, message, records
+from tests.test_cli_ops import run_cli
+from tests.test_cluster import _until
+
+DEFERRING = "deferme.example"
+
+
+def _deferring_config(tmp_path, sink) -> str:
+    """Marketing retries only after an hour, so every retry in the test is the operator's."""
+    text = config_text(tmp_path, sink.port, f'[routes]\n"{DEFERRING}" = "127.0.0.1:{sink.port}"\n'
+                       f'"example.com" = "127.0.0.1:{sink.port}"\n', routes=False)
+    return text.replace('retry = ["1s", "2s"]', 'retry = ["1h"]')
+
+
+def _deferred(node, attempts: int) -> bool:
+    rcpts = list({id(r): r for r in node.scheduler.recipients() if r.domain == DEFERRING}
+                 .values())
+    return len(rcpts) == 8 and all(r.attempts == attempts and r.state.value == "deferred"
+                                   for r in rcpts)
+
+
+async def test_retry_twice_then_purge_counts_each_recipient_once(tmp_path, sink, make_node):
+    """Issue 19 defect 1: two retries of a deferred lane, then a purge, printed "24 recipients
+    purged" for 8, wrote three "b" records per recipient (files and audit chain), drove the
+    lane's depth to -16 and listed each recipient three times in the lookup API."""
+    addresses = [f"r{i}@{DEFERRING}" for i in range(8)]
+    for address in addresses:
+        sink.rcpt_replies[address] = ["451 4.7.1 greylisted, come back later"]
+    node = await make_node(_deferring_config(tmp_path, sink))
+    target = ["--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token")]
+    qids = [await node.intake.submit("s@insurer.test", [RcptIn(a)],
+                                     message("offer", cls="marketing", extra=(
+                                         "X-Correlation-ID: camp-1\r\n")))
+            for a in addresses]
+    await _until(lambda: _deferred(node, 1))
+    for attempt in (2, 3):
+        code, out, err = await run_cli("retry", "bulk", *target)
+        assert code == 0, err
+        assert out.strip() == "8 recipients retried now"
+        await _until(lambda a=attempt: _deferred(node, a))
+
+    token = (tmp_path / "api-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
+                                 headers={"Authorization": f"Bearer {token}"}) as api:
+        found = (await api.get("/api/v1/messages", params={"correlation_id": "camp-1"})).json()
+        assert sorted(m["queue_id"] for m in found["messages"]) == sorted(qids)
+        assert all(len(m["recipients"]) == 1 for m in found["messages"])
+
+        code, out, err = await run_cli("purge", "bulk", DEFERRING, "--yes", *target)
+        assert code == 0, err
+        assert out.strip() == "8 recipients purged"
+
+        status = (await api.get("/api/v1/status")).json()
+        lane = next(ln for ln in status["lanes"] if ln["domain"] == DEFERRING)
+        assert (lane["depth"], lane["deferred"], status["queued"]) == (0, 0, 0)
+        metrics = (await api.get("/metrics")).text
+        assert 'postlane_queue_depth{class="marketing",pool="bulk"} 0.0' in metrics
+        found = (await api.get("/api/v1/messages", params={"correlation_id": "camp-1"})).json()
+        assert sorted(len(m["recipients"]) for m in found["messages"]) == [1] * 8
+        assert {r["state"] for m in found["messages"] for r in m["recipients"]} == {"purged"}
+    await node.stop()
+
+    purged = [r for r in records(tmp_path) if r["bounceCat"] == "purged"]
+    assert sorted(r["rcpt"] for r in purged) == sorted(addresses)
+    store = open_store_at(str(tmp_path / "spool" / "audit.sqlite"), readonly=True)
+    try:
+        chained = [r for r in store.find(Query(cls="marketing")) if r["bounce_cat"] == "purged"]
+    finally:
+        store.close()
+    assert sorted(r["rcpt"] for r in chained) == sorted(addresses)
+
+
+async def test_a_lane_s_oldest_age_counts_its_deferred_mail(tmp_path, sink, make_node):
+    """Issue 19 defect 4: a lane whose mail is all deferred showed "oldest 0.0s" in `queues`
+    and on the dashboard while its class showed the real age."""
+    for i in range(8):
+        sink.rcpt_replies[f"r{i}@{DEFERRING}"] = ["451 4.7.1 greylisted"]
+    node = await make_node(_deferring_config(tmp_path, sink))
+    start = time.time()
+    for i in range(8):
+        await node.intake.submit("s@insurer.test", [RcptIn(f"r{i}@{DEFERRING}")],
+                                 message("offer", cls="marketing"))
+    await _until(lambda: _deferred(node, 1))
+    await asyncio.sleep(0.3)
+    code, out, err = await run_cli("queues", "--json", "--url",
+                                   f"http://127.0.0.1:{node.api.port}",
+                                   "--token-file", str(tmp_path / "api-token"))
+    assert code == 0, err
+    lane = next(ln for ln in json.loads(out) if ln["domain"] == DEFERRING)
+    assert lane["deferred"] == 8 and lane["ready"] == 0
+    assert 0.3 <= lane["oldest_age_s"] <= time.time() - start + 0.1
