@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from ..secretfile import private_dir, private_open
 from .mx import DNSPermError, DNSTempError, MXResolver
 
 log = logging.getLogger("postlane.relay.mtasts")
@@ -124,9 +125,10 @@ class MTASTS:
             return {}
 
     def _save(self) -> None:
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.cache_file.parent)
         tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
-        tmp.write_text(json.dumps({d: asdict(p) for d, p in self._policies.items()}), "utf-8")
+        with private_open(tmp, encoding="utf-8") as fh:
+            fh.write(json.dumps({d: asdict(p) for d, p in self._policies.items()}))
         os.replace(tmp, self.cache_file)
 
     async def policy(self, domain: str) -> STSPolicy | None:

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from ..config import Config
+from ..secretfile import private_file
 from .mx import DNSTempError, MXResolver
 
 log = logging.getLogger("postlane.tlsrpt")
@@ -106,8 +107,7 @@ class TLSReports:
         self.session(domain, PolicyRef("sts"), "", "", "", result, message)
 
     def _db(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path)
+        db = sqlite3.connect(private_file(self.path))  # recipient domains: 0600, as all state
         db.executescript(_SCHEMA)
         return db
 
