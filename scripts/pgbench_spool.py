@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Measure the spool backends and cluster mode (figures for docs/performance.md ("PostgreSQL spool and cluster mode")).
 
-Two measurements:
+Three measurements:
 
 ``store``  the spool alone: N messages enqueued by C concurrent producers (acknowledgement rate,
            group commit), then on PostgreSQL the claim/deliver cycle (claim a batch under a lease,
@@ -10,6 +10,13 @@ Two measurements:
            nodes), a recording sink on loopback, a marketing campaign submitted as fast as the
            nodes accept it while transactional messages arrive at a steady rate; prints
            throughput and per-class latency (acceptance -> arrival at the sink).
+``figures`` the cluster monitor's queries on a queue of N recipients (policy notices and a
+           campaign): what one evaluation a second costs the database. Figures for
+           docs/monitoring.md ("Cluster figures").
+``takeover`` two nodes on PostgreSQL, policy notices submitted to node 1 at a steady rate;
+           node 1 gets SIGKILL while it holds claimed recipients, K times (a fresh schema each
+           time): how long until node 2 picks them up (its "node … is dead" line) and until the
+           last of them arrived at the sink. Figures for docs/cluster.md ("Takeover").
 
 Whole-node figures (SQLite vs PostgreSQL, one or two nodes) now come from ``postlane bench
 --spool postgresql://… [--nodes 2]``; ``node`` stays for its ``--kill-after`` run (SIGKILL of a
@@ -19,6 +26,8 @@ Each run prints one JSON object as its last line. Examples::
 
     .venv/bin/python scripts/pgbench_spool.py store --messages 5000 --producers 64
     .venv/bin/python scripts/pgbench_spool.py node --store pg --nodes 2 --marketing 3000
+    .venv/bin/python scripts/pgbench_spool.py figures --messages 200000
+    .venv/bin/python scripts/pgbench_spool.py takeover --kills 10
 """
 
 from __future__ import annotations
@@ -51,9 +60,10 @@ BODY = b"Subject: bench\r\nFrom: a@insurer.test\r\n\r\n" + (b"x" * 76 + b"\r\n")
 
 # -- store ---------------------------------------------------------------------------------------
 
-def _message(n: int, priority: int = 3) -> tuple[Message, list[Recipient]]:
+def _message(n: int, priority: int = 3, cls: str = "marketing",
+             pool: str = "bulk") -> tuple[Message, list[Recipient]]:
     now = time.time()
-    msg = Message(id=f"B{n:08d}", cls="marketing", pool="bulk", mail_from="a@insurer.test",
+    msg = Message(id=f"B{n:08d}", cls=cls, pool=pool, mail_from="a@insurer.test",
                   queued_at=now, deadline=now + 3600, expire_at=now + 86400, priority=priority,
                   size=len(BODY))
     msg.remaining = 1
@@ -150,6 +160,8 @@ smtp_port = {port}
 "example.com" = "127.0.0.1:{port}"
 [accounting]
 directory = "{acct}"
+[api]
+enabled = false
 [cluster]
 schema_name = "{schema}"
 lease = "10s"
@@ -294,6 +306,107 @@ async def bench_node(store: str, nodes: int, marketing: int, rate: float, sessio
     return out
 
 
+async def bench_figures(messages: int, policy_share: float) -> dict:
+    """Enqueue ``messages`` (a ``policy_share`` of policy notices with a 2-minute SLA), then
+    time the evaluator's queries (median of 20)."""
+    from postlane.monitor.cluster import _COUNT, _DEFERRED, _LEASED, _OUTSTANDING, OUTSTANDING_MAX
+
+    schema = f"pl_bench_{secrets.token_hex(3)}"
+    spool = PostgresSpool(DSN, schema)
+    await spool.open()
+    policy = int(messages * policy_share)
+    for start in range(0, messages, 2000):
+        batch = []
+        for n in range(start, min(messages, start + 2000)):
+            msg, rcpts = (_message(n, 0, "policy-documents", "critical") if n < policy
+                          else _message(n))
+            if n < policy:
+                msg.deadline = msg.queued_at + 120
+            batch.append(spool.enqueue(msg, rcpts, BODY))
+        await asyncio.gather(*batch)
+    await spool.claim("node-1", "bulk", 80, 60)  # what two nodes hold
+    await spool.claim("node-2", "critical", 40, 60)
+    queries = {"count": _COUNT, "deferred": _DEFERRED, "leased": _LEASED,
+               "outstanding": _OUTSTANDING}
+    timings: dict[str, list[float]] = {name: [] for name in queries}
+    conn = await asyncpg.connect(DSN, server_settings={
+        "search_path": schema, "max_parallel_workers_per_gather": "0"})
+    await conn.execute("ANALYZE recipients")
+    for _ in range(20):
+        now = time.time()
+        for name, sql in queries.items():
+            started = time.perf_counter()
+            async with conn.transaction():
+                await conn.execute("SET LOCAL enable_seqscan = off")
+                if name == "outstanding":
+                    await conn.fetch(sql, "policy-documents", now + 150, OUTSTANDING_MAX)
+                elif name == "leased":
+                    await conn.fetch(sql)
+                else:
+                    await conn.fetch(sql, now)
+            timings[name].append(time.perf_counter() - started)
+    await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    await conn.close()
+    await spool.close()
+    total = [sum(vals) * 1000 for vals in zip(*timings.values(), strict=True)]
+    return {"recipients": messages, "policy_notices": policy,
+            **{f"{k}_ms": _pct([v * 1000 for v in vals]) for k, vals in timings.items()},
+            "evaluation_ms": _pct(total)}
+
+
+async def bench_takeover(kills: int, rate: float, delay: float, warmup: float) -> dict:
+    rounds = []
+    for _ in range(kills):
+        schema = f"pl_bench_{secrets.token_hex(3)}"
+        sink = await Sink(keep_data=False, delay=delay).start()
+        conn = await asyncpg.connect(DSN)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            served = [Served(work, f"bench-{i + 1}", DSN, schema, sink.port) for i in range(2)]
+            stop = threading.Event()
+            feeder = threading.Thread(target=_submit, args=(
+                served[0].port, 10**9, 0, "policy-documents", [], rate, stop))
+            feeder.start()
+            await asyncio.sleep(warmup)
+            served[0].proc.kill()
+            killed = time.time()
+            stop.set()
+            held = {r["address"] for r in await conn.fetch(
+                f'SELECT address FROM "{schema}".recipients WHERE lease_owner = $1'
+                " AND state IN ('queued', 'deferred')", "bench-1")}
+            arrived: dict[str, float] = {}
+            deadline = time.monotonic() + 120
+            while not held <= arrived.keys() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                arrived = {r: a.time for a in sink.arrivals if a.time > killed for r in a.rcpts}
+            picked = None
+            for line in (work / "bench-2.log").read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if record.get("dead_node") == "bench-1" and picked is None:
+                        picked = record["ts"] - killed
+            served[0].proc.wait(10)
+            await asyncio.to_thread(served[1].stop)  # the sink runs on this loop
+            feeder.join()
+        await sink.stop()
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
+        rounds.append({"held": len(held), "lost": len(held - arrived.keys()),
+                       "picked_up_s": None if picked is None else round(picked, 2),
+                       "delivered_s": round(max((arrived[r] for r in held if r in arrived),
+                                                default=0.0) - killed, 2)})
+        print(json.dumps(rounds[-1]), file=sys.stderr)
+
+    def spread(key: str) -> dict:
+        values = sorted(r[key] for r in rounds if r[key] is not None)
+        return {"min": values[0], "median": round(statistics.median(values), 2),
+                "max": values[-1]} if values else {}
+
+    return {"kills": kills, "rate": rate, "sink_delay_s": delay,
+            "picked_up_s": spread("picked_up_s"), "delivered_s": spread("delivered_s"),
+            "lost": sum(r["lost"] for r in rounds), "rounds": rounds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -311,8 +424,21 @@ def main() -> None:
     nd.add_argument("--sessions", type=int, default=8, help="parallel SMTP submission sessions")
     nd.add_argument("--kill-after", type=int, default=0,
                     help="SIGKILL node 1 once this many messages arrived (needs --nodes 2+)")
+    fg = sub.add_parser("figures", help="the cluster monitor's queries on a large queue")
+    fg.add_argument("--messages", type=int, default=200_000)
+    fg.add_argument("--policy-share", type=float, default=0.05)
+    tk = sub.add_parser("takeover", help="SIGKILL of a node holding work: time to takeover")
+    tk.add_argument("--kills", type=int, default=10)
+    tk.add_argument("--rate", type=float, default=30.0, help="policy notices per second")
+    tk.add_argument("--sink-delay", type=float, default=0.2, help="seconds per message")
+    tk.add_argument("--warmup", type=float, default=4.0, help="seconds before the kill")
     args = parser.parse_args()
-    if args.what == "store":
+    if args.what == "figures":
+        result = asyncio.run(bench_figures(args.messages, args.policy_share))
+    elif args.what == "takeover":
+        result = asyncio.run(bench_takeover(args.kills, args.rate, args.sink_delay,
+                                            args.warmup))
+    elif args.what == "store":
         result = asyncio.run(bench_store(args.messages, args.producers, args.batch,
                                          args.held))
     else:

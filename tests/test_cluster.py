@@ -19,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from postlane.cluster import cluster_status
 from postlane.config import parse_config
 from postlane.node import Node
+from postlane.spool import PostgresSpool
 from tests.conftest import config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy
@@ -34,7 +37,7 @@ def cluster_text(tmp_path: Path, sink_port: int, schema: str, name: str, extra: 
     text = text.replace(f'spool = "{tmp_path}/spool"', f'spool = "{PG_DSN}"')
     text = text.replace('name = "test-node"', f'name = "{name}"')
     text = text.replace(f'directory = "{tmp_path}/acct"', f'directory = "{tmp_path}/acct-{name}"')
-    return text + f'\n[cluster]\nschema_name = "{schema}"\nlease = "5s"\npoll = "0.2s"\n'
+    return text + f'\n[cluster]\nschema_name = "{schema}"\npoll = "0.2s"\n'
 
 
 def send_many(port: int, subjects: list[str], cls: str | None = None) -> list[str]:
@@ -81,7 +84,7 @@ async def test_two_nodes_share_a_campaign_and_deliver_each_message_once(tmp_path
         await asyncio.sleep(0.3)
         got = subjects_of(arrivals)
         assert sorted(got) == names, "every message exactly once"
-        status = await cluster_status(a.spool)
+        status = await cluster_status(a.spool, a.config.cluster)
         assert [n["name"] for n in status["nodes"]] == ["node-a", "node-b"]
         assert all(n["alive"] for n in status["nodes"])
     finally:
@@ -126,16 +129,25 @@ async def _until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def busy_node(tmp_path: Path, sink, schema: str, prefix: str, count: int,
+                    database: str = "127.0.0.1:5432") -> tuple[Node, list[str]]:
+    """node-a (one bulk connection, its database at ``database``) given ``count`` messages,
+    the first of them delivered: it holds the rest."""
+    node = await start_node(cluster_text(tmp_path, sink.port, schema, "node-a",
+                                         marketing_max_out=1).replace("127.0.0.1:5432",
+                                                                      database))
+    names = [f"{prefix}{i:02d}" for i in range(count)]
+    await asyncio.to_thread(send_many, node.listeners[0].port, names)
+    await sink.wait_for(1, timeout=30)
+    return node, names
+
+
 async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink,
                                                                   pg_schema):  # noqa: F811
     sink.delay = 0.1
-    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
-                                      marketing_max_out=1))
+    a, names = await busy_node(tmp_path, sink, pg_schema, "d", 12)
     b = None
     try:
-        names = [f"d{i:02d}" for i in range(12)]
-        await asyncio.to_thread(send_many, a.listeners[0].port, names)
-        await sink.wait_for(1, timeout=30)
         b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b",
                                           marketing_max_out=1))
         assert await a.spool.request_drain("node-a")
@@ -145,7 +157,7 @@ async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink
         await sink.wait_for(12, timeout=30)
         await asyncio.sleep(0.5)
         assert sorted(subjects_of(sink.arrivals)) == names, "each once: a finished or released"
-        status = await cluster_status(b.spool)
+        status = await cluster_status(b.spool, b.config.cluster)
         assert [n["name"] for n in status["nodes"]] == ["node-b"], "a drained node leaves"
         await b.stop()
         assert delivered_by(tmp_path, "node-b") > 0
@@ -159,30 +171,54 @@ async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink
 
 
 class Served:
-    """``postlane serve`` in a subprocess; its listener port is read from its log."""
+    """``postlane serve`` in a subprocess; its ports are read from its JSON log."""
 
     def __init__(self, tmp_path: Path, name: str, text: str) -> None:
+        self.name = name
+        self.token_file = tmp_path / "api-token"
         path = tmp_path / f"{name}.toml"
         path.write_text(text)
-        self.log = open(tmp_path / f"{name}.log", "w+b")  # noqa: SIM115
+        self.log_path = tmp_path / f"{name}.log"
+        self.log = open(self.log_path, "w+b")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "postlane.cli", "serve", "-c", str(path)],
             stdout=self.log, stderr=self.log)
+        self.api_port = 0
+
+    def lines(self) -> list[dict]:
+        """The node's log so far, one JSON object per line (others, e.g. a traceback printed
+        by Python itself, as {"raw": line})."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"raw": line})
+        return out
 
     async def port(self, timeout: float = 30.0) -> int:
+        """The SMTP listener's port, once the node listens (and its API's, in ``api_port``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.log.seek(0)
-            for line in self.log.read().decode(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    record = json.loads(line)
-                    if record.get("msg") == "listening":
-                        return record["listeners"]["in"]
+            for record in self.lines():
+                if record.get("msg") == "API listening":
+                    self.api_port = record["port"]
+                if record.get("msg") == "listening":
+                    return record["listeners"]["in"]
             if self.proc.poll() is not None:
                 break
             await asyncio.sleep(0.1)
         self.log.seek(0)
         raise RuntimeError(f"node did not start: {self.log.read().decode(errors='replace')}")
+
+    async def api(self, path: str) -> dict | str:
+        """GET from the node's API (JSON, or the text of /metrics)."""
+        token = self.token_file.read_text().strip()
+        async with httpx.AsyncClient(timeout=30) as client:
+            resp = await client.get(f"http://127.0.0.1:{self.api_port}{path}",
+                                    headers={"Authorization": f"Bearer {token}"})
+        resp.raise_for_status()
+        return resp.text if path == "/metrics" else resp.json()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -202,16 +238,38 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
                                                 marketing_max_out=2))
     b = Served(tmp_path, "node-b", cluster_text(tmp_path, sink.port, pg_schema, "node-b",
                                                 marketing_max_out=2))
+    watcher = PostgresSpool(PG_DSN, pg_schema)  # an operator's `cluster status`
+    cluster = parse_config(cluster_text(tmp_path, sink.port, pg_schema, "x")).cluster
     try:
         port_a = await a.port()
         await b.port()
+        await watcher.open()
         names = [f"k{i:03d}" for i in range(150)]
         submit = asyncio.create_task(asyncio.to_thread(send_many, port_a, names))
         await sink.wait_for(20, timeout=60)
         a.proc.kill()  # SIGKILL: no drain, no lease release
+        killed = time.monotonic()
         a.proc.wait(10)
         acked = await submit
         assert len(acked) >= 20
+        # meanwhile the operator sees node-a gone, its work unowned and when it moves
+        seen = None
+        while time.monotonic() - killed < 60:
+            status = await cluster_status(watcher, cluster)
+            node_a = next(n for n in status["nodes"] if n["name"] == "node-a")
+            if node_a["claimed"] == 0:
+                break
+            if not node_a["session"] and seen is None:
+                seen = (node_a, sum(p["unowned"] for p in status["pools"].values()))
+            await asyncio.sleep(0.05)
+        taken_over = time.monotonic() - killed
+        assert seen is not None, "node-a's work was shown before it was taken over"
+        node_a, unowned = seen
+        assert node_a["state"] in ("suspect", "dead") and unowned == node_a["claimed"] > 0
+        # taken over for its closed session, not after its 10 s lease: at dead_after (4 s)
+        assert node_a["takeover_in_s"] <= cluster.dead_after
+        assert any(r.get("dead_node") == "node-a" for r in b.lines())
+        print(f"node-a's work taken over {taken_over:.2f}s after kill -9")
         await _until(lambda: set(acked) <= set(subjects_of(sink.arrivals)), timeout=90)
         got = subjects_of(sink.arrivals)
         twice = len(got) - len(set(got))
@@ -219,8 +277,9 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
         # but not yet recorded (it never holds more than 2 slots x (claim_ahead 2 + 1))
         assert twice <= 6, twice
     finally:
+        await watcher.close()
         a.stop(signal.SIGKILL)
-        b.stop()
+        await asyncio.to_thread(b.stop)
 
 
 async def test_retries_and_bounces_work_on_the_shared_spool(tmp_path, sink,
@@ -245,17 +304,56 @@ async def test_retries_and_bounces_work_on_the_shared_spool(tmp_path, sink,
         await node.stop()
 
 
-async def test_a_node_cut_off_from_the_database_stops_before_its_leases_lapse(
+async def test_a_node_cut_off_holds_delivery_and_goes_on_when_the_database_returns(
         tmp_path, sink, pg_schema):  # noqa: F811
+    sink.delay = 0.2
     proxy = await TCPProxy("127.0.0.1", 5432).start()
-    text = cluster_text(tmp_path, sink.port, pg_schema, "node-a").replace(
-        "127.0.0.1:5432", f"127.0.0.1:{proxy.port}").replace('lease = "5s"', 'lease = "3s"')
+    text = cluster_text(tmp_path, sink.port, pg_schema, "node-a", marketing_max_out=1).replace(
+        "127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     node = await start_node(text)
     try:
-        await asyncio.sleep(3.0)  # longer than the fence: renewals keep it alive
-        assert not node.stop_requested.is_set()
+        names = [f"c{i:02d}" for i in range(20)]
+        await asyncio.to_thread(send_many, node.listeners[0].port, names)
+        await sink.wait_for(2, timeout=30)
         proxy.cut()
-        await asyncio.wait_for(node.stop_requested.wait(), 10)
-        assert node.claimer is not None and node.claimer.fenced
+        assert node.claimer is not None
+        await _until(lambda: node.claimer.fenced, timeout=30)
+        at_fence = len(sink.arrivals)
+        await asyncio.sleep(1.5)
+        # the one transaction on the wire at the fence may finish; nothing new starts
+        assert len(sink.arrivals) <= at_fence + 1
+        assert node.scheduler.fenced and not node.stop_requested.is_set()
+        await proxy.start()
+        await _until(lambda: not node.claimer.fenced, timeout=30)
+        await sink.wait_for(20, timeout=60)
+        assert sorted(subjects_of(sink.arrivals)) == names, "each once, none lost"
+        assert not node.stop_requested.is_set(), "nothing was taken: it delivers on"
     finally:
         await asyncio.wait_for(node.stop(), 30)
+
+
+async def test_a_node_whose_work_was_taken_over_while_cut_off_stops(tmp_path, sink,
+                                                                   pg_schema):  # noqa: F811
+    sink.delay = 0.2
+    proxy = await TCPProxy("127.0.0.1", 5432).start()
+    a, names = await busy_node(tmp_path, sink, pg_schema, "t", 10, f"127.0.0.1:{proxy.port}")
+    b = None
+    try:
+        b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b",
+                                          marketing_max_out=1))
+        proxy.cut()  # node-a is cut off holding work; its session closes
+        assert a.claimer is not None and b.claimer is not None
+        await _until(lambda: b.claimer.taken_over > 0, timeout=60)
+        assert a.claimer.fenced, "a stopped delivering before b took its work"
+        await sink.wait_for(10, timeout=60)
+        await proxy.start()
+        await asyncio.wait_for(a.stop_requested.wait(), 30)  # it learns, and stops
+        got = subjects_of(sink.arrivals)
+        assert sorted(set(got)) == names
+        # twice at most: on its one connection, the message on the wire at the cut and the one
+        # delivered just before whose outcome had not been committed yet
+        assert len(got) - len(set(got)) <= 2
+    finally:
+        await asyncio.wait_for(a.stop(), 30)
+        if b is not None:
+            await b.stop()

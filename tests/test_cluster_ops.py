@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import asyncpg
+import psycopg
 import pytest
 
 from postlane.config import ConfigError, load_config, parse_config
@@ -30,15 +31,19 @@ def test_status_and_drain_from_the_command_line(tmp_path):
     schema = f"pl_test_{secrets.token_hex(4)}"
     path = tmp_path / "node.toml"
     path.write_text(cluster_text(tmp_path, 2525, schema, "node-a").replace(
-        'lease = "5s"', 'lease = "5m"'))  # a slow machine must not make the node look dead
+        'poll = "0.2s"', 'poll = "0.2s"\nlease = "5m"\ndead_after = "2m"'))  # slow machine
 
     async def setup() -> None:
         spool = PostgresSpool(PG_DSN, schema)
         await spool.open()
-        await spool.register("node-a", "host-a", 4242, 30)
+        await spool.register("node-a", "host-a", 4242)
         await spool.close()
 
     asyncio.run(setup())
+    # node-a's session: the name lock a live node holds
+    session = psycopg.connect(PG_DSN, autocommit=True)
+    session.execute("SELECT pg_advisory_lock(hashtext(%s), hashtext('node-a'))",
+                    (f"postlane/{schema}",))
     try:
         out = cli("cluster", "status", "-c", str(path), "--json")
         assert out.returncode == 0, out.stderr
@@ -52,7 +57,12 @@ def test_status_and_drain_from_the_command_line(tmp_path):
             "nodes"][0]["draining"] is True
         missing = cli("cluster", "drain", "nobody", "-c", str(path))
         assert missing.returncode == 1 and "no node named 'nobody'" in missing.stderr
+        session.close()  # node-a dies: its session closes
+        dead = json.loads(cli("cluster", "status", "-c", str(path), "--json").stdout)
+        assert [(n["state"], n["session"]) for n in dead["nodes"]] == [("suspect", False)]
+        assert "CLOSED" in cli("cluster", "status", "-c", str(path)).stdout
     finally:
+        session.close()
         asyncio.run(_drop(schema))
 
 
@@ -100,3 +110,12 @@ def test_cluster_section_errors_name_their_field(tmp_path):
         parse_config(text)
     fields = sorted(line.split(":")[0] for line in err.value.errors)
     assert fields == ["cluster.claim_ahead", "cluster.lease", "cluster.schema_name"]
+
+
+def test_a_lease_shorter_than_twice_dead_after_is_refused(tmp_path):
+    text = config_text(tmp_path, 2525) + '\n[cluster]\nlease = "5s"\ndead_after = "4s"\n'
+    with pytest.raises(ConfigError, match="cluster.lease .5s. must be at least twice"):
+        parse_config(text)
+    cluster = parse_config(config_text(tmp_path, 2525)).cluster
+    assert (cluster.dead_after, cluster.lease, cluster.heartbeat, cluster.fence) == (
+        4.0, 10.0, 1.0, 3.0)

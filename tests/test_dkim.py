@@ -281,23 +281,29 @@ def test_missing_or_open_key_file_stops_the_node_and_config_check(tmp_path, keys
         Node(parse_config(cfg_file.read_text()))
 
 
-async def test_key_file_vanishing_at_run_time_gives_451_and_a_record(tmp_path, keys):
+async def test_key_file_vanishing_at_run_time_gives_451_and_a_record(tmp_path, keys, caplog):
     signer, records = make_signer(tmp_path, "[dkim]\nkey_check_interval = 0\n"
                                   + key_entry(tmp_path, keys, "insurer.test", "r1"))
     path = tmp_path / "keys" / "insurer.test.r1.rsa-sha256.pem"
     assert await sign_message(signer, MESSAGES["plain"]) != MESSAGES["plain"]
     moved = path.with_suffix(".away")
     path.rename(moved)
-    with pytest.raises(Rejection) as err:
-        await sign_message(signer, MESSAGES["plain"])
+    for _ in range(3):
+        with pytest.raises(Rejection) as err:
+            await sign_message(signer, MESSAGES["plain"])
     assert err.value.reply.startswith("451 4.3.0 DKIM key r1._domainkey.insurer.test is"
                                       " unavailable")
-    [rec] = records
+    rec = records[0]
     assert (rec.type, rec.dsn_status, rec.rcpt, rec.queue_id) == ("t", "4.3.0", "a@example.com",
                                                                  "Q1")
     moved.rename(path)  # restored: signing resumes without a restart
     assert (await sign_message(signer, MESSAGES["plain"])).startswith(b"DKIM-Signature:")
     signer.close()
+    # the log tells it once when the key went missing, once when it came back
+    told = [r for r in caplog.records if getattr(r, "degraded", None) == "dkim_key"]
+    assert [r.event for r in told] == ["start", "end"]
+    assert "451" in told[0].effect and "insurer.test" in told[0].effect
+    assert told[1].refusals == 3
 
 
 async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_server):

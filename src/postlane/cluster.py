@@ -14,44 +14,76 @@ from pathlib import Path
 import typer
 
 from .config import Config
+from .config.model import ClusterConfig
 from .spool import PostgresSpool, is_dsn
+from .spool.postgres import NodeInfo
 
 cluster_app = typer.Typer(no_args_is_help=True,
                           help="Cluster mode (node.spool is a PostgreSQL DSN): status, drain.")
 
 
-async def cluster_status(spool: PostgresSpool, lease: float = 30.0) -> dict:
-    """Nodes with their heartbeats and claimed work, and the shared queue per pool.
+def node_state(info: NodeInfo, age: float, cluster: ClusterConfig) -> tuple[str, float | None]:
+    """``alive``, ``draining``, ``suspect`` or ``dead``, and the seconds until the others take
+    its work over (None while alive; 0 for a dead node whose work waits for the next look of a
+    live node, within ``cluster.poll``).
 
-    A node is ``alive`` while its last heartbeat is younger than ``lease``; ``unowned`` counts
-    recipients still marked with a lease that ran out (a dead node's work not yet taken over).
-    """
+    Dead: its session is closed and its heartbeat is ``dead_after`` old, or its heartbeat is
+    ``lease`` old. Suspect: on the way there - its session closed, or its heartbeats are late
+    (stalled, or cut off while the database still sees its session)."""
+    if (not info.session and age >= cluster.dead_after) or age >= cluster.lease:
+        return "dead", 0.0
+    if not info.session:
+        return "suspect", cluster.dead_after - age
+    if age >= 2 * cluster.heartbeat:
+        return "suspect", cluster.lease - age
+    return ("draining" if info.draining else "alive"), None
+
+
+async def cluster_status(spool: PostgresSpool, cluster: ClusterConfig) -> dict:
+    """Nodes (state, heartbeat, session, work held, time until takeover) and the shared queue
+    per pool: ``claimed`` is held by live nodes, ``unowned`` by suspect or dead ones or under a
+    lapsed lease (work about to be taken over)."""
     now = await spool.now()
-    nodes = {n.name: {"name": n.name, "hostname": n.hostname, "pid": n.pid,
-                      "started_at": n.started_at,
-                      "heartbeat_age_s": round(now - n.heartbeat, 1),
-                      "alive": now - n.heartbeat < lease, "draining": n.draining,
-                      "claimed": 0, "claimed_by_pool": {}}
-             for n in await spool.nodes()}
+    out = summarize(await spool.nodes(), await spool.queue_summary(), now, cluster)
+    return {"schema": spool.schema, "time": now, **out,
+            "paused": sorted(f"{p}/{d}" for p, d in await spool.paused())}
+
+
+def summarize(infos: list[NodeInfo], summary: list[dict], now: float,
+              cluster: ClusterConfig) -> dict:
+    """``nodes`` and ``pools`` of ``cluster_status`` from the nodes and ``queue_summary`` rows
+    (the cluster monitor builds the same from its own queue query)."""
+    nodes: dict[str, dict] = {}
+    for n in infos:
+        age = now - n.heartbeat
+        state, takeover = node_state(n, age, cluster)
+        nodes[n.name] = {
+            "name": n.name, "hostname": n.hostname, "pid": n.pid, "started_at": n.started_at,
+            "heartbeat_age_s": round(age, 1), "state": state,
+            "alive": state in ("alive", "draining"), "session": n.session,
+            "draining": n.draining, "claimed": 0, "claimed_by_pool": {},
+            "takeover_in_s": None if takeover is None else round(max(0.0, takeover), 1)}
     pools: dict[str, dict] = {}
-    for row in await spool.queue_summary():
+    for row in summary:
         pool = pools.setdefault(row["pool"], {"queued": 0, "deferred": 0, "claimed": 0,
                                               "unowned": 0})
         pool[row["state"]] += row["n"]
-        owner = row["lease_owner"]
-        if owner is None:
+        if row["lease_owner"] is None:
             continue
-        if not row["held"]:
-            pool["unowned"] += row["n"]
+        owner = nodes.get(row["lease_owner"])
+        if owner is not None:
+            owner["claimed"] += row["n"]
+            by_pool = owner["claimed_by_pool"]
+            by_pool[row["pool"]] = by_pool.get(row["pool"], 0) + row["n"]
+        if row["held"] and owner is not None and owner["alive"]:
+            pool["claimed"] += row["n"]
             continue
-        pool["claimed"] += row["n"]
-        node = nodes.get(owner)
-        if node is not None:
-            node["claimed"] += row["n"]
-            node["claimed_by_pool"][row["pool"]] = (node["claimed_by_pool"].get(row["pool"], 0)
-                                                    + row["n"])
-    return {"schema": spool.schema, "time": now, "nodes": list(nodes.values()), "pools": pools,
-            "paused": sorted(f"{p}/{d}" for p, d in await spool.paused())}
+        pool["unowned"] += row["n"]
+        if owner is not None and owner["state"] == "suspect" and row["held"]:
+            # a stalled node's work goes when its leases lapse, if that comes first
+            lapse = max(0.0, row["lease_until"] - now)
+            owner["takeover_in_s"] = round(min(owner["takeover_in_s"], lapse), 1)
+    return {"nodes": list(nodes.values()), "pools": pools}
 
 
 def _spool(config: Config) -> PostgresSpool:
@@ -78,15 +110,21 @@ def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config 
     from .cli import _load
 
     cfg = _load(config)
-    out = asyncio.run(_with_spool(cfg, lambda s: cluster_status(s, cfg.cluster.lease)))
+    out = asyncio.run(_with_spool(cfg, lambda s: cluster_status(s, cfg.cluster)))
     if as_json:
         typer.echo(json.dumps(out))
         return
     typer.echo(f"cluster schema {out['schema']}: {len(out['nodes'])} node(s)")
     for n in out["nodes"]:
-        state = "draining" if n["draining"] else "alive" if n["alive"] else "DEAD"
-        typer.echo(f"  {n['name']:<20} {state:<8} heartbeat {n['heartbeat_age_s']:>6}s ago"
-                   f"  claimed {n['claimed']:>6}  {n['hostname']} pid {n['pid']}")
+        state = n["state"].upper() if n["state"] in ("suspect", "dead") else n["state"]
+        line = (f"  {n['name']:<20} {state:<8} heartbeat {n['heartbeat_age_s']:>6}s ago"
+                f"  session {'open' if n['session'] else 'CLOSED':<6}  claimed {n['claimed']:>6}"
+                f"  {n['hostname']} pid {n['pid']}")
+        if n["takeover_in_s"] is not None and n["claimed"]:
+            when = (f"in {n['takeover_in_s']:.1f}s" if n["takeover_in_s"] else
+                    "at the next poll")
+            line += f"  -> {n['claimed']} unowned, taken over {when}"
+        typer.echo(line)
     for name, p in sorted(out["pools"].items()):
         typer.echo(f"  pool {name:<15} queued {p['queued']:>7}  deferred {p['deferred']:>7}"
                    f"  claimed {p['claimed']:>6}  unowned {p['unowned']:>6}")

@@ -22,6 +22,7 @@ from .edge.tls import Certificates
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
 from .monitor.activity import Activity
+from .monitor.health import Health
 from .monitor.monitor import Monitor
 from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
@@ -49,15 +50,20 @@ class OperationError(Exception):
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.health = Health()
+        """Degraded states (low disk, database away, key missing, destination down)."""
         self.spool = make_spool(config.node.spool, config.cluster.schema_name, config.node.name)
+        self.spool.health = self.health
         self.audit = AuditService(config) if config.audit.enabled else None
         self.recorder = Recorder(config, self.spool,
                                  self.audit.location if self.audit is not None else None,
-                                 self.audit.stored if self.audit is not None else None)
+                                 self.audit.stored if self.audit is not None else None,
+                                 self.health)
         self._listeners: list = []
         """In-memory observers of every record (monitor, feedback): told at once, on the
         loop; the durable copy goes through the spool and the recorder."""
         self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures)
+        self.scheduler.health = self.health
         self.queue = QueueControl(self.scheduler, config.pools, config.classes)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
@@ -70,8 +76,10 @@ class Node:
         self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
                         if isinstance(self.spool, PostgresSpool) else None)
         self.signer = Signer(config, self.persist) if config.dkim.keys else None
+        if self.signer is not None:
+            self.signer.keyring.health = self.health
         self.intake = Intake(config, self.spool, self.claimer or self.scheduler, self.emit,
-                             self.signer)
+                             self.signer, self.health)
         self.feedback = FeedbackService(config, self.persist)
         self._listeners.append(self.feedback.on_record)
         self.intake.feedback = self.feedback
@@ -97,6 +105,7 @@ class Node:
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
+        self._disk_watch: asyncio.Task | None = None
         self._tls_tasks: list[asyncio.Task] = []
         self.stopped = asyncio.Event()
         self._stopping = False
@@ -151,10 +160,16 @@ class Node:
                                          f"{lc.port}: {os.strerror(exc.errno or 0)}") from None
         self.started_at = time.time()
         loop = asyncio.get_running_loop()
+        self._disk_watch = loop.create_task(self._watch_disk())
         self._tls_tasks.append(loop.create_task(self.certificates.watch()))
         if self.tls_reports is not None:
             self._tls_tasks.append(loop.create_task(self.tls_reports.run()))
         log.info("node started", extra={"resumed": resumed})
+
+    async def _watch_disk(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.intake.disk.ok()  # low disk ends (and is logged) when space returns, mail or not
 
     async def stop(self) -> None:
         """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool.
@@ -172,6 +187,8 @@ class Node:
         await self.scheduler.drain(self.config.node.drain_timeout)
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
+        if self._disk_watch is not None:
+            self._disk_watch.cancel()
         for task in self._tls_tasks:
             task.cancel()
         if self.tls_reports is not None:
@@ -303,15 +320,21 @@ class Node:
                 "require_tls": lc.require_tls, "require_auth": lc.require_auth,
                 "relay_without_auth": [] if lc.require_auth else list(lc.relay_from),
                 "certificate": cert.describe() if cert is not None else None})
+        # queued: what this node holds (on one node its whole queue; in a cluster what it has
+        # claimed - the shared queue is under "cluster")
         out = {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
                "listeners": listeners, "pools": pools, "lanes": lanes,
+               "degraded": self.health.states(),
                "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
         if self.claimer is not None:
             out["cluster"] = {"schema": self.config.cluster.schema_name,
                               "claimed_total": self.claimer.claimed,
+                              "taken_over_total": self.claimer.taken_over,
                               "draining": self.claimer.draining,
-                              "fenced": self.claimer.fenced}
+                              "fenced": self.claimer.fenced,
+                              "evaluator": self.monitor.cluster is not None
+                              and self.monitor.cluster.leader}
         return out
 
 

@@ -14,7 +14,9 @@ class TCPProxy:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> TCPProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        """Listen (again, on the same port after a ``cut``)."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                  reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -39,6 +39,7 @@ from .records import Record, unpack
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..monitor.health import Health
     from ..spool import Spool
 
 __all__ = ["Recorder"]
@@ -68,8 +69,11 @@ class Recorder:
     """The node's side: starts the child, replaces it if it dies, trims what it consumed."""
 
     def __init__(self, config: Config, spool: Spool, audit: str | None,
-                 on_stored: Callable[[], None] | None = None) -> None:
+                 on_stored: Callable[[], None] | None = None,
+                 health: Health | None = None) -> None:
         self.config = config
+        self.health = health
+        """Where the child's degraded states (store or spool unreadable) are told."""
         self.spool = spool
         self.audit = audit
         """The audit store's location (None: audit disabled, files only)."""
@@ -185,6 +189,12 @@ class Recorder:
                 self.on_stored()
         elif kind == "log":  # the child's log lines join the node's (one stream, one format)
             log.log(msg[1], "%s", msg[2])
+        elif kind == "degraded" and self.health is not None:
+            key, what, cause, effect = msg[1:]
+            self.health.begin(key, "audit", what, cause=cause, effect=effect, unit=None,
+                              level=logging.ERROR)
+        elif kind == "recovered" and self.health is not None:
+            self.health.end(msg[1])
         elif kind == "flushed":
             fut = self._flushes.pop(msg[1], None)
             if fut is not None and not fut.done():
@@ -226,9 +236,11 @@ class Recorder:
 class _Feed:
     """What the child feeds: the store (optional) and the files, each with its cursors."""
 
-    def __init__(self, settings: dict) -> None:
+    def __init__(self, settings: dict, tell: Callable[[tuple], None]) -> None:
         from ..spool.outbox import open_outbox
 
+        self.tell = tell
+        """Sends a frame to the node (degraded states go to its Health)."""
         self.sla: dict[str, float | None] = settings["sla"]
         acc = settings["acct"]
         self.files = AccountingLog(Path(acc["directory"]), formats=acc["formats"],
@@ -245,8 +257,8 @@ class _Feed:
         self.outbox = open_outbox(settings["spool"], settings["schema"], settings["own"])
         self._settings = settings
         self.dirty = False
-        self._outbox_down: float | None = None
-        self._store_down: float | None = None
+        self._outbox_down = False
+        self._store_down = False
         self._store_retry = 0.0
         self._store_delay = 0.5
 
@@ -288,17 +300,17 @@ class _Feed:
         try:
             taken = self.pump()
         except Exception as exc:  # noqa: BLE001 - retried at the next look
-            if self._outbox_down is None:
-                self._outbox_down = time.monotonic()
-                log.error("cannot read the spool's events (%s: %s); evidence waits there",
-                          type(exc).__name__, exc)
+            if not self._outbox_down:
+                self._outbox_down = True
+                self.tell(("degraded", "recorder-outbox", "spool events unreadable",
+                           f"{type(exc).__name__}: {exc}", "records wait in the spool and are"
+                           " written to the audit store and files once it can be read"))
             self._reopen_outbox()
             time.sleep(1.0)
             return 0
-        if self._outbox_down is not None:
-            log.warning("spool events readable again after %.1fs",
-                        time.monotonic() - self._outbox_down)
-            self._outbox_down = None
+        if self._outbox_down:
+            self._outbox_down = False
+            self.tell(("recovered", "recorder-outbox"))
         return taken
 
     def _reopen_outbox(self) -> None:
@@ -315,17 +327,18 @@ class _Feed:
         try:
             self.store.append(entries)
         except Exception as exc:  # noqa: BLE001 - the events wait in the spool; try again
-            if self._store_down is None:
-                self._store_down = time.monotonic()
-                log.error("audit store write failed (%s: %s); records wait in the spool and"
-                          " are written once it works again", type(exc).__name__, exc)
+            if not self._store_down:
+                self._store_down = True
+                self.tell(("degraded", "audit", "audit store write failed",
+                           f"{type(exc).__name__}: {exc}", "records wait in the spool and are"
+                           " written once it works again (intake answers 451 once"
+                           " audit.max_backlog wait)"))
             self._store_retry = time.monotonic() + self._store_delay
             self._store_delay = min(self._store_delay * 2, 30.0)
             return
-        if self._store_down is not None:
-            log.warning("audit store writes work again after %.1fs",
-                        time.monotonic() - self._store_down)
-            self._store_down = None
+        if self._store_down:
+            self._store_down = False
+            self.tell(("recovered", "audit"))
         self._store_delay = 0.5
         for _, _, writer, n in entries:
             self.stored[writer] = n
@@ -366,7 +379,7 @@ def _serve(fd: int) -> None:
     except EOFError:
         return
     try:
-        feed = _Feed(settings)
+        feed = _Feed(settings, lambda msg: sock.sendall(frame(msg)))
     except Exception as exc:  # noqa: BLE001 - told to the node, which reports it
         sock.sendall(frame(("error", f"{type(exc).__name__}: {exc}")))
         return

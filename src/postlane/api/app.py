@@ -110,9 +110,18 @@ def create_app(node: Node, token: str) -> FastAPI:
 
     @api.get("/status", tags=["status"])
     async def status() -> dict:
-        """Node, pools (connections, paused) and lanes (depth, oldest age, backoff)."""
+        """Node, pools (connections, paused), lanes (depth, oldest age, backoff) and degraded
+        states; in a cluster also its nodes (alive, suspect, dead; time until takeover) and
+        its shared queue per pool."""
         out = node.status()
-        out["alerts_active"] = len(node.monitor.alerts.active)
+        out["alerts_active"] = len((await node.monitor.alert_lists())["active"])
+        if node.monitor.cluster is not None:
+            figures = await node.monitor.cluster.current()
+            out["cluster"].update(
+                evaluated_by=figures["leader"] if figures else None,
+                age_s=figures["age_s"] if figures else None,
+                nodes=figures["nodes"] if figures else [],
+                pools=figures["pools"] if figures else {})
         return out
 
     @api.post("/pools/{pool}/pause", tags=["operations"])
@@ -170,14 +179,14 @@ def create_app(node: Node, token: str) -> FastAPI:
     @api.get("/sla", tags=["monitoring"])
     async def sla() -> dict:
         """Per class: latency percentiles (1/5/15 min), depth, oldest age, drain rate, the
-        estimated time to the first breach, and the rules in force."""
-        return {"classes": node.monitor.class_states(time.time())}
+        estimated time to the first breach, and the rules in force (``scope`` "cluster": the
+        cluster's figures, the same on every node, with this node's own under ``node``)."""
+        return await node.monitor.sla(time.time())
 
     @api.get("/alerts", tags=["monitoring"])
     async def alerts() -> dict:
-        mon = node.monitor.alerts
-        return {"active": [a.as_dict() for a in mon.active.values()],
-                "resolved": [a.as_dict() for a in reversed(mon.history)]}
+        """Active and recently resolved alerts (in a cluster: the cluster's, on every node)."""
+        return await node.monitor.alert_lists()
 
     @api.get("/history", tags=["monitoring"])
     async def history() -> dict:
@@ -192,7 +201,9 @@ def create_app(node: Node, token: str) -> FastAPI:
              response_class=Response)
     async def metrics() -> Response:
         """Prometheus text format (scrape with authorization: credentials_file)."""
-        return Response(node.monitor.metrics.render(),
+        cluster = node.monitor.cluster
+        figures = await cluster.current() if cluster is not None else None
+        return Response(node.monitor.metrics.render(figures),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     page = resources.files("postlane.api").joinpath("dashboard.html").read_text("utf-8")

@@ -124,7 +124,8 @@ def _listeners_table(listeners: list[dict]) -> Table:
 @app.command()
 def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
            as_json: JSONOpt = False) -> None:
-    """The node, its pools (connections, state), classes against their SLA, and alerts."""
+    """The node, its pools (connections, state), classes against their SLA, and alerts; in a
+    cluster the cluster's nodes and queue, and this node's own part."""
     target = _target(config, url, token_file)
     st = _call(target, "GET", "/api/v1/status")
     sla = _call(target, "GET", "/api/v1/sla")
@@ -133,17 +134,25 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
         typer.echo(json.dumps({"status": st, "sla": sla, "alerts": alerts}, indent=2))
         return
     out = console()
-    out.print(f"node [bold]{st['node']}[/] up {_age(st['uptime_s'])}, {st['queued']} queued,"
+    clustered = sla.get("scope") == "cluster"
+    holds = "holds" if clustered else "queued"
+    out.print(f"node [bold]{st['node']}[/] up {_age(st['uptime_s'])}, {holds} {st['queued']},"
               f" {st['accepted']} accepted, {len(alerts['active'])} active alerts")
     out.print(_listeners_table(st.get("listeners", [])))
-    pools = Table(title="pools")
+    for state in st.get("degraded", []):
+        out.print(f"[red]DEGRADED[/] {state['what']} for {_age(state['duration_s'])}:"
+                  f" {state['effect']} ({state['cause']})")
+    if clustered:
+        _cluster_tables(out, st["cluster"], sla)
+    pools = Table(title="pools (this node's connections)" if clustered else "pools")
     for col in ("pool", "connections", "state", "pausable"):
         pools.add_column(col)
     for p in st["pools"]:
         pools.add_row(p["pool"], f"{p['connections']}/{p['cap']}",
                       "paused" if p["paused"] else "running", "yes" if p["pausable"] else "no")
     out.print(pools)
-    classes = Table(title="classes (latency over the last 5 minutes)")
+    scope = "the cluster's queue, " if clustered else ""
+    classes = Table(title=f"classes ({scope}latency over the last 5 minutes)")
     for col in ("class", "pool", "SLA", "p50", "p95", "p99", "queued", "oldest", "breach in"):
         classes.add_column(col, justify="left" if col in ("class", "pool") else "right",
                            no_wrap=col in ("class", "pool"))
@@ -153,8 +162,40 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
                         _age(q.get("p50")), _age(q.get("p95")), _age(q.get("p99")),
                         str(c["depth"]), _age(c["oldest_age_s"]), _age(c["breach_in_s"]))
     out.print(classes)
+    if clustered:
+        own = Table(title=f"this node's own part ({sla['node']['name']})")
+        for col in ("class", "holds", "accepted", "delivered", "p95 5m", "drain/s"):
+            own.add_column(col, justify="left" if col == "class" else "right")
+        for c in sla["node"]["classes"]:
+            q = c["latency_s"]["5m"] or {}
+            own.add_row(c["class"], str(c["held"]), str(c["received_total"]),
+                        str(c["delivered_total"]), _age(q.get("p95")), f"{c['drain_rate']:.2f}")
+        out.print(own)
     for alert in alerts["active"]:
         out.print(f"[red]ALERT[/] {alert['id']}: {alert['message']}")
+
+
+def _cluster_tables(out: Console, cluster: dict, sla: dict) -> None:
+    when = ("no figures yet" if sla["evaluated_by"] is None else
+            f"figures by {sla['evaluated_by']}, {_age(sla['age_s'])} old"
+            + (" [red](STALE)[/]" if sla["stale"] else ""))
+    out.print(f"cluster [bold]{cluster['schema']}[/]: {len(cluster['nodes'])} nodes ({when})")
+    nodes = Table(title="nodes")
+    for col in ("node", "state", "heartbeat", "session", "claimed", "takeover in"):
+        nodes.add_column(col, justify="left" if col in ("node", "state") else "right")
+    for n in cluster["nodes"]:
+        state = n["state"] if n["state"] in ("alive", "draining") else f"[red]{n['state']}[/]"
+        takeover = "-" if n["takeover_in_s"] is None else _age(n["takeover_in_s"])
+        nodes.add_row(n["name"], state, f"{_age(n['heartbeat_age_s'])} ago",
+                      "open" if n["session"] else "[red]closed[/]", str(n["claimed"]), takeover)
+    out.print(nodes)
+    queue = Table(title="shared queue")
+    for col in ("pool", "queued", "deferred", "claimed", "unowned", "drain/s"):
+        queue.add_column(col, justify="left" if col == "pool" else "right")
+    for name, p in sorted(cluster["pools"].items()):
+        queue.add_row(name, str(p["queued"]), str(p["deferred"]), str(p["claimed"]),
+                      str(p["unowned"]), f"{p.get('drain_rate', 0.0):.2f}")
+    out.print(queue)
 
 
 @app.command()

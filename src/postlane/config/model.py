@@ -571,20 +571,44 @@ class ClusterConfig(Strict):
     """PostgreSQL schema holding the shared spool and audit store; every node of one cluster
     names the same.
     Lower case, digits and ``_``, at most 40 characters (it also names the NOTIFY channels)."""
-    lease: Duration = 30.0
-    """How long claimed work stays a node's without renewal: a dead node's mail is taken over
-    by the others after at most this long (renewed every third of it)."""
+    lease: Duration = 10.0
+    """How long claimed work stays a node's without renewal (renewed every third of it): the
+    takeover time of a node that stalls with its database session still open."""
+    dead_after: Duration = 4.0
+    """A node whose database session has closed (process killed, machine gone, cut off) is dead
+    once its heartbeat is this old, and its work is taken over at once. Nodes heartbeat every
+    quarter of it and stop delivering after three quarters without one."""
     claim_ahead: int = Field(2, ge=1, le=1000)
     """Ready recipients a node keeps claimed per outbound connection slot of a pool."""
     poll: Duration = 1.0
-    """How often a node looks for due retries and expired leases without being notified."""
+    """How often a node looks for due retries and dead nodes without being notified."""
 
-    @field_validator("lease")
+    @field_validator("lease", "dead_after")
     @classmethod
-    def _lease(cls, value: float) -> float:
+    def _at_least_a_second(cls, value: float) -> float:
         if value < 1.0:
             raise ValueError("must be at least 1s")
         return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_the_fence(self) -> ClusterConfig:
+        # a node stops delivering 0.75 x dead_after after its last heartbeat; its leases must
+        # still be current then (renewed every lease / 3): lease >= 2 x dead_after holds that
+        if self.lease < 2 * self.dead_after:
+            raise ValueError(f"cluster.lease ({self.lease:g}s) must be at least twice"
+                             f" cluster.dead_after ({self.dead_after:g}s)")
+        return self
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds between a node's heartbeats."""
+        return self.dead_after / 4
+
+    @property
+    def fence(self) -> float:
+        """Seconds without a heartbeat after which a node stops starting deliveries: one
+        heartbeat before the others may call it dead."""
+        return self.dead_after - self.heartbeat
 
 
 class DMARCConfig(Strict):

@@ -137,7 +137,7 @@ class Guard:
         if self.config.require_auth and user is None:
             return "530 5.7.0 Authentication required"
         if not self.intake.disk.ok():
-            return f"452 {self.intake.disk.TEXT}"
+            return self.intake.disk.refusal()
         if user is not None and not user.may_send_from(address):
             log.warning("sender domain refused", extra={"user": user.name, "from": address})
             return f"550 5.7.1 User {user.name!r} may not send from {address or '<>'!r}"
@@ -151,7 +151,7 @@ class Guard:
         if not self.may_relay(session):
             return "550 5.7.1 Relaying denied: authenticate first"
         if not self.intake.disk.ok():
-            return f"452 {self.intake.disk.TEXT}"
+            return self.intake.disk.refusal()
         return None
 
 

@@ -70,8 +70,11 @@ class AlertManager:
         self.history: deque[Alert] = deque(maxlen=200)
         self._tasks: set[asyncio.Task] = set()
 
-    def update(self, conditions: list[Condition], now: float) -> None:
-        """Fire new conditions, refresh held ones, resolve those clear for ``resolve_after``."""
+    def update(self, conditions: list[Condition], now: float) -> list[tuple[str, Alert]]:
+        """Fire new conditions, refresh held ones, resolve those clear for ``resolve_after``.
+        Returns the ("fired" | "resolved", alert) events for ``emit`` (in a cluster, once they
+        are stored: only the evaluating node may tell them)."""
+        events: list[tuple[str, Alert]] = []
         seen = set()
         for cond in conditions:
             key = f"{cond.rule}:{cond.cls}"
@@ -81,7 +84,7 @@ class AlertManager:
                 alert = Alert(key, cond.rule, cond.cls, cond.pool, cond.message, cond.value,
                               cond.threshold, fired_at=now, last_seen=now)
                 self.active[key] = alert
-                self._emit("fired", alert)
+                events.append(("fired", alert))
             else:
                 alert.value, alert.message, alert.last_seen = cond.value, cond.message, now
         for key, alert in list(self.active.items()):
@@ -89,9 +92,11 @@ class AlertManager:
                 alert.resolved_at = now
                 del self.active[key]
                 self.history.append(alert)
-                self._emit("resolved", alert)
+                events.append(("resolved", alert))
+        return events
 
-    def _emit(self, event: str, alert: Alert) -> None:
+    def emit(self, event: str, alert: Alert) -> None:
+        """Journal the event and hand it to every notifier."""
         if self.journal is not None:
             line = json.dumps({"event": event, "at": time.time(), **alert.as_dict()}) + "\n"
             fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)

@@ -22,7 +22,8 @@ WINDOWS: dict[str, float] = {"1m": 60.0, "5m": 300.0, "15m": 900.0}
 QUANTILES: tuple[float, ...] = (0.5, 0.95, 0.99)
 
 
-def _bucket(value: float) -> int:
+def bucket_of(value: float) -> int:
+    """The histogram bucket of a latency in seconds."""
     return 0 if value <= _MIN else int(math.log(value / _MIN) / _LOG_GAMMA) + 1
 
 
@@ -46,10 +47,31 @@ class Series:
 
     def add(self, now: float, latency: float) -> None:
         current = self._current(now)
-        bucket = _bucket(latency)
+        bucket = bucket_of(latency)
         hist = current[1]
         hist[bucket] = hist.get(bucket, 0) + 1
         self.total += 1
+
+    def merge(self, at: float, counts: dict[int, int]) -> None:
+        """Add bucket counts observed at ``at`` (slices of other nodes, which may come late)."""
+        index = int(at // self.slice_s)
+        slices = self._slices
+        if not slices or slices[-1][0] <= index:
+            hist = self._current(at)[1]
+        elif index <= slices[-1][0] - int(self.span_s // self.slice_s):
+            return  # older than the span
+        else:
+            pos = len(slices)
+            while pos and slices[pos - 1][0] > index:
+                pos -= 1
+            if pos and slices[pos - 1][0] == index:
+                hist = slices[pos - 1][1]
+            else:
+                hist = {}
+                slices.insert(pos, (index, hist))
+        for bucket, n in counts.items():
+            hist[bucket] = hist.get(bucket, 0) + n
+        self.total += sum(counts.values())
 
     def quantiles(self, now: float, window: float,
                   qs: tuple[float, ...] = QUANTILES) -> dict[float, float] | None:

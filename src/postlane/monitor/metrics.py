@@ -1,5 +1,10 @@
 """Prometheus metrics: counters and the latency histogram are updated per accounting record;
-gauges (queues, connections, SLA, alerts) are computed when scraped."""
+gauges (queues, connections, SLA, alerts) are computed when scraped.
+
+In a cluster the queue, SLA, drain and alert gauges are the cluster's (the same on every node:
+aggregate them with max(), never sum()); what is the node's own carries ``node`` in its name
+(``postlane_node_held_recipients``, ``postlane_node_drain_rate``), besides the counters and the
+histogram, which count this node's events and add up across nodes."""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..accounting.records import Record
@@ -45,7 +50,8 @@ class Metrics:
         self.deferrals = Counter(
             "postlane_deferrals", "Deferred recipients by the reply's bounce category",
             ["pool", "category"], registry=self.registry)
-        self.registry.register(_StateCollector(monitor))
+        self._collector = _StateCollector(monitor)
+        self.registry.register(self._collector)
         self._counters: dict[tuple[str, str, str, str], object] = {}
         self._histograms: dict[tuple[str, str], object] = {}
 
@@ -70,13 +76,16 @@ class Metrics:
                 hist = self._histograms[hkey] = self.latency.labels(*hkey)
             hist.observe(rec.time_logged - rec.time_queued)
 
-    def render(self) -> bytes:
+    def render(self, cluster: dict | None = None) -> bytes:
+        """The text format; ``cluster``: the cluster's figures (``ClusterMonitor.current``)."""
+        self._collector.cluster = cluster
         return generate_latest(self.registry)
 
 
 class _StateCollector(Collector):
     def __init__(self, monitor: Monitor) -> None:
         self.monitor = monitor
+        self.cluster: dict | None = None
 
     def describe(self) -> list[Metric]:
         return []
@@ -85,37 +94,19 @@ class _StateCollector(Collector):
         mon = self.monitor
         now = time.time()
         status = mon.node.status()
-        classes = mon.class_states(now)
-        depth = GaugeMetricFamily("postlane_queue_depth", "Recipients not yet final",
-                                  labels=["class", "pool"])
-        oldest = GaugeMetricFamily("postlane_queue_oldest_age_seconds",
-                                   "Age of the oldest queued message", labels=["class", "pool"])
-        sla = GaugeMetricFamily("postlane_sla_seconds", "Delivery SLA of the class",
-                                labels=["class"])
-        breached = GaugeMetricFamily("postlane_sla_breached_recipients",
-                                     "Queued recipients already past their SLA deadline",
-                                     labels=["class"])
-        predicted = GaugeMetricFamily("postlane_sla_predicted_breach_seconds",
-                                      "Estimated seconds until the first SLA breach (absent: none"
-                                      " expected within twice the lead time)", labels=["class"])
-        # "percentile", not "quantile": that label belongs to summaries (promtool refuses it
-        # on a gauge)
-        quant = GaugeMetricFamily("postlane_delivery_latency_window_seconds",
-                                  "Delivery latency percentile over a sliding window",
-                                  labels=["class", "window", "percentile"])
-        for item in classes:
-            name, pool = item["class"], item["pool"]
-            depth.add_metric([name, pool], item["depth"])
-            oldest.add_metric([name, pool], item["oldest_age_s"])
-            if item["sla_s"] is not None:
-                sla.add_metric([name], item["sla_s"])
-                breached.add_metric([name], item["breached"])
-                if item["breach_in_s"] is not None:
-                    predicted.add_metric([name], item["breach_in_s"])
-            for window, qs in item["latency_s"].items():
-                for q, value in (qs or {}).items():
-                    quant.add_metric([name, window, q], value)
-        yield from (depth, oldest, sla, breached, predicted, quant)
+        clustered = mon.cluster is not None
+        if clustered:
+            figures = self.cluster or {}
+            classes = figures.get("classes", [])
+            drains = {name: p.get("drain_rate", 0.0)
+                      for name, p in figures.get("pools", {}).items()}
+            active = figures.get("alerts", {}).get("active", [])
+            alert_labels = [(a["rule"], a["class"]) for a in active]
+        else:
+            classes = mon.class_states(now)
+            drains = {p: mon.tracker.drain_rate(p, now) for p in mon.tracker.pools}
+            alert_labels = [(a.rule, a.cls) for a in mon.alerts.active.values()]
+        yield from _class_metrics(classes)
         yield from _domains(status["lanes"], mon.config.monitor.metrics_top_domains)
         drain = GaugeMetricFamily("postlane_pool_drain_rate", "Final outcomes per second",
                                   labels=["pool"])
@@ -126,7 +117,7 @@ class _StateCollector(Collector):
         cap = GaugeMetricFamily("postlane_connections_max", "max_smtp_out of the source IP",
                                 labels=["pool", "source_ip"])
         for pool in status["pools"]:
-            drain.add_metric([pool["pool"]], mon.tracker.drain_rate(pool["pool"], now))
+            drain.add_metric([pool["pool"]], drains.get(pool["pool"], 0.0))
             paused.add_metric([pool["pool"]], int(pool["paused"]))
             for ip in pool["ips"]:
                 conns.add_metric([pool["pool"], ip["address"]], ip["in_use"])
@@ -142,11 +133,48 @@ class _StateCollector(Collector):
         yield lanes_paused
         alerts = GaugeMetricFamily("postlane_alert_active", "1 while an alert is active",
                                    labels=["rule", "class"])
-        for alert in mon.alerts.active.values():
-            alerts.add_metric([alert.rule, alert.cls], 1)
+        for labels in alert_labels:
+            alerts.add_metric(list(labels), 1)
         yield alerts
+        if clustered:
+            yield from self._cluster_metrics(now)
+        yield from _health_metrics(mon)
         yield GaugeMetricFamily("postlane_uptime_seconds", "Seconds since the node started",
                                 value=status["uptime_s"])
+
+    def _cluster_metrics(self, now: float) -> Iterator[Metric]:
+        mon = self.monitor
+        assert mon.cluster is not None
+        figures = self.cluster
+        held = GaugeMetricFamily("postlane_node_held_recipients", "Recipients this node holds"
+                                 " (claimed, ready or waiting for a retry)",
+                                 labels=["class", "pool"])
+        for item in mon.node_states(now):
+            held.add_metric([item["class"], item["pool"]], item["held"])
+        own = GaugeMetricFamily("postlane_node_drain_rate", "Final outcomes per second of this"
+                                " node's deliveries", labels=["pool"])
+        for pool in mon.tracker.pools:
+            own.add_metric([pool], mon.tracker.drain_rate(pool, now))
+        yield from (held, own)
+        yield GaugeMetricFamily("postlane_cluster_evaluator", "1 on the node that evaluates the"
+                                " cluster's figures and alerts", value=int(mon.cluster.leader))
+        if figures is None:
+            return
+        yield GaugeMetricFamily("postlane_cluster_figures_age_seconds", "Age of the cluster's"
+                                " figures", value=figures["age_s"])
+        nodes = GaugeMetricFamily("postlane_cluster_nodes", "Nodes of the cluster by state",
+                                  labels=["state"])
+        by_state: dict[str, int] = dict.fromkeys(("alive", "draining", "suspect", "dead"), 0)
+        for node in figures["nodes"]:
+            by_state[node["state"]] += 1
+        for state, n in by_state.items():
+            nodes.add_metric([state], n)
+        unowned = GaugeMetricFamily("postlane_cluster_unowned_recipients", "Recipients held by"
+                                    " suspect or dead nodes, not yet taken over",
+                                    labels=["pool"])
+        for name, pool in figures["pools"].items():
+            unowned.add_metric([name], pool["unowned"])
+        yield from (nodes, unowned)
 
 
 def _domains(lanes: list[dict], top: int) -> Iterator[Metric]:
@@ -174,3 +202,50 @@ def _domains(lanes: list[dict], top: int) -> Iterator[Metric]:
         gauge_depth.add_metric(["other"], sum(depth[d] for d in rest))
         gauge_oldest.add_metric(["other"], max(oldest[d] for d in rest))
     yield from (gauge_depth, gauge_oldest)
+
+
+def _class_metrics(classes: list[dict]) -> Iterator[Metric]:
+    depth = GaugeMetricFamily("postlane_queue_depth", "Recipients not yet final",
+                              labels=["class", "pool"])
+    oldest = GaugeMetricFamily("postlane_queue_oldest_age_seconds",
+                               "Age of the oldest queued message", labels=["class", "pool"])
+    sla = GaugeMetricFamily("postlane_sla_seconds", "Delivery SLA of the class",
+                            labels=["class"])
+    breached = GaugeMetricFamily("postlane_sla_breached_recipients",
+                                 "Queued recipients already past their SLA deadline",
+                                 labels=["class"])
+    predicted = GaugeMetricFamily("postlane_sla_predicted_breach_seconds",
+                                  "Estimated seconds until the first SLA breach (absent: none"
+                                  " expected within twice the lead time)", labels=["class"])
+    # "percentile", not "quantile": that label belongs to summaries (promtool refuses it on a
+    # gauge)
+    quant = GaugeMetricFamily("postlane_delivery_latency_window_seconds",
+                              "Delivery latency percentile over a sliding window",
+                              labels=["class", "window", "percentile"])
+    for item in classes:
+        name, pool = item["class"], item["pool"]
+        depth.add_metric([name, pool], item["depth"])
+        oldest.add_metric([name, pool], item["oldest_age_s"])
+        if item["sla_s"] is not None:
+            sla.add_metric([name], item["sla_s"])
+            breached.add_metric([name], item["breached"])
+            if item["breach_in_s"] is not None:
+                predicted.add_metric([name], item["breach_in_s"])
+        for window, qs in item["latency_s"].items():
+            for q, value in (qs or {}).items():
+                quant.add_metric([name, window, q], value)
+    yield from (depth, oldest, sla, breached, predicted, quant)
+
+
+def _health_metrics(mon: Monitor) -> Iterator[Metric]:
+    kinds, counted = mon.node.health.counts()
+    active = GaugeMetricFamily("postlane_degraded", "Degraded states now (low disk, database"
+                               " unreachable, DKIM key missing, destinations down ...)",
+                               labels=["state"])
+    for kind, n in kinds.items():
+        active.add_metric([kind], n)
+    events = CounterMetricFamily("postlane_degraded_events", "Refusals and deferrals caused by"
+                                 " a degraded state", labels=["state"])
+    for kind, n in counted.items():
+        events.add_metric([kind], n)
+    yield from (active, events)

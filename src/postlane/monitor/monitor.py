@@ -1,7 +1,9 @@
 """The node's monitor: latency per class and pool, SLA rules, alerts, and an hour of history.
 
 It listens to the accounting stream (``Tracker``), evaluates the rules every ``evaluate_every``
-seconds on the event loop, and keeps samples for the dashboard's charts.
+seconds on the event loop, and keeps samples for the dashboard's charts. In a cluster the rules
+run once for the cluster, on figures read from the shared spool (``cluster.py``); this node's
+tracker then describes only its own intake and deliveries.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,12 @@ from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
 from ..policy.intake import RcptIn
+from ..spool import PostgresSpool
 from .alerts import AlertManager, Condition, log_notifier, mail_notifier, webhook_notifier
+from .cluster import ClusterMonitor
 from .latency import QUANTILES, WINDOWS
 from .metrics import Metrics
-from .tracker import Tracker
+from .tracker import ClassState, Tracker
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -46,7 +50,12 @@ class Monitor:
         self.node = node
         self.config = node.config
         mon = self.config.monitor
-        self.tracker = Tracker(self.config)
+        clustered = isinstance(node.spool, PostgresSpool)
+        self.tracker = Tracker(self.config, counts_queue=not clustered)
+        """This node's own records (on one node: its whole queue)."""
+        self.cluster = ClusterMonitor(self, node.spool) if clustered else None
+        if self.cluster is not None:
+            self.tracker.slices = {}
         self.rules: dict[str, Rules] = {}
         for name, cls in self.config.classes.items():
             if cls.sla is not None:
@@ -81,7 +90,8 @@ class Monitor:
 
     async def start(self) -> None:
         now = time.time()
-        self.tracker.seed(list(self.node.scheduler.recipients()), now)
+        if self.tracker.counts_queue:
+            self.tracker.seed(list(self.node.scheduler.recipients()), now)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -89,6 +99,8 @@ class Monitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.alerts.close()
 
     async def _loop(self) -> None:
@@ -97,10 +109,14 @@ class Monitor:
         while True:
             now = time.time()
             try:
-                self.evaluate(now)
+                if self.cluster is not None:
+                    await self.cluster.tick(now)
+                else:
+                    self.evaluate(now)
                 if now >= next_sample:
-                    self.sample(now)
                     next_sample = now + mon.sample_every
+                    figures = await self.cluster.current() if self.cluster else None
+                    self.sample(now, None if figures is None else figures["classes"])
             except Exception:  # the monitor must never take the node down
                 log.exception("monitor evaluation failed")
             await asyncio.sleep(mon.evaluate_every)
@@ -115,10 +131,12 @@ class Monitor:
 
     # -- rules ----------------------------------------------------------------------------------
 
-    def conditions(self, now: float) -> list[Condition]:
+    def conditions(self, now: float, tracker: Tracker | None = None) -> list[Condition]:
+        """The rules that hold now, on ``tracker``'s figures (default: this node's)."""
+        tracker = tracker or self.tracker
         out: list[Condition] = []
         for name, rule in self.rules.items():
-            state = self.tracker.classes[name]
+            state = tracker.classes[name]
             q = state.latency.quantiles(now, rule.window, (0.95,))
             if q is not None and q[0.95] > rule.p95:
                 out.append(Condition(
@@ -127,13 +145,13 @@ class Monitor:
                     f" {_dur(rule.window)} exceeds {_dur(rule.p95)} (SLA {_dur(rule.sla)})"))
             # + two ticks: the check runs every evaluate_every (and the loop may be late), yet
             # the alert must come at least lead_time ahead
-            breach = self.tracker.predict_breach(
+            breach = tracker.predict_breach(
                 name, now, rule.lead_time + 2 * self.config.monitor.evaluate_every)
             if breach is not None:
                 text = (f"{name}: messages past their {_dur(rule.sla)} SLA" if breach <= 0 else
                         f"{name}: first SLA breach expected in {_dur(breach)}"
                         f" (lead time {_dur(rule.lead_time)})")
-                rate = self.tracker.service_rate(state.pool, now)
+                rate = tracker.service_rate(state.pool, now)
                 out.append(Condition("predicted-breach", name, state.pool, breach,
                                      rule.lead_time, text + f"; {state.depth} queued, draining"
                                      f" {rate:.2f}/s"))
@@ -145,8 +163,9 @@ class Monitor:
         for pool, state in self.tracker.pools.items():
             if pool not in busy and state.busy_since is not None:
                 self.tracker.mark_idle(pool)
-        self.alerts.update(self.conditions(now) + [c for source in self.sources
-                                                   for c in source(now)], now)
+        conditions = self.conditions(now) + [c for source in self.sources for c in source(now)]
+        for event, alert in self.alerts.update(conditions, now):
+            self.alerts.emit(event, alert)
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -160,54 +179,93 @@ class Monitor:
             self._pool_oldest = out
         return self._pool_oldest
 
-    def class_states(self, now: float) -> list[dict]:
+    def class_states(self, now: float, tracker: Tracker | None = None) -> list[dict]:
         """Per class: SLA, latency percentiles per window, depth, oldest age, drain, breach
-        estimate and rules; what /api/v1/sla, /metrics and the dashboard show."""
+        estimate and rules, on ``tracker``'s figures (default: this node's); what
+        /api/v1/sla, /metrics and the dashboard show."""
+        tracker = tracker or self.tracker
         out = []
-        for name, state in self.tracker.classes.items():
-            oldest = self.tracker.oldest_age(name, now)
+        for name, state in tracker.classes.items():
+            oldest = tracker.oldest_age(name, now)
             if oldest is None:
                 oldest = self.pool_oldest(now).get(state.pool, 0.0)
             rule = self.rules.get(name)
-            latency = {}
-            for label, seconds in WINDOWS.items():
-                q = state.latency.quantiles(now, seconds)
-                latency[label] = None if q is None else {
-                    f"p{round(k * 100)}": round(v, 4) for k, v in q.items()}
-            breach = (self.tracker.predict_breach(name, now, rule.lead_time * 2)
+            breach = (tracker.predict_breach(name, now, rule.lead_time * 2)
                       if rule else None)
             out.append({
                 "class": name, "pool": state.pool, "priority": state.priority,
                 "sla_s": state.sla, "depth": state.depth, "oldest_age_s": round(oldest, 3),
-                "drain_rate": round(self.tracker.drain_rate(state.pool, now), 3),
-                "latency_s": latency, "delivered_total": state.latency.total,
+                "drain_rate": round(tracker.drain_rate(state.pool, now), 3),
+                "latency_s": _latency(state, now), "delivered_total": state.latency.total,
                 "breach_in_s": None if breach is None else round(breach, 3),
-                "breached": self._breached(name, now),
+                "breached": _breached(state, now),
                 "rules": None if rule is None else {
                     "p95_s": rule.p95, "window_s": rule.window, "lead_time_s": rule.lead_time},
             })
         return out
 
-    def _breached(self, name: str, now: float) -> int:
-        """Outstanding recipients already past their deadline."""
-        state = self.tracker.classes[name]
-        if state.sla is None:
-            return 0
-        count = 0
-        for queued_at, left, _ in state.outstanding.values():
-            if queued_at + state.sla > now:
-                break
-            count += int(left)
-        return count
+    def node_states(self, now: float) -> list[dict]:
+        """Per class, this cluster node's own part: recipients it holds (ready or waiting for a
+        retry), accepted by its intake, delivered by it, and its own delivery latency."""
+        held = Counter(rcpt.msg.cls for rcpt in self.node.scheduler.recipients())
+        return [{"class": name, "pool": state.pool, "held": held[name],
+                 "received_total": state.received, "delivered_total": state.latency.total,
+                 "drain_rate": round(self.tracker.drain_rate(state.pool, now), 3),
+                 "latency_s": _latency(state, now)}
+                for name, state in self.tracker.classes.items()]
 
-    def sample(self, now: float) -> None:
+    async def sla(self, now: float) -> dict:
+        """What /api/v1/sla serves: the queue's figures per class (in a cluster: the cluster's,
+        as the evaluating node last computed them) and, in a cluster, this node's own."""
+        if self.cluster is None:
+            return {"scope": "node", "classes": self.class_states(now)}
+        figures = await self.cluster.current()
+        return {"scope": "cluster", "classes": figures["classes"] if figures else [],
+                "evaluated_by": figures["leader"] if figures else None,
+                "age_s": figures["age_s"] if figures else None,
+                "stale": figures["stale"] if figures else True,
+                "node": {"name": self.config.node.name, "classes": self.node_states(now)}}
+
+    async def alert_lists(self) -> dict:
+        """Active and recently resolved alerts (in a cluster: the cluster's)."""
+        if self.cluster is None:
+            return {"active": [a.as_dict() for a in self.alerts.active.values()],
+                    "resolved": [a.as_dict() for a in reversed(self.alerts.history)]}
+        figures = await self.cluster.current()
+        return figures["alerts"] if figures else {"active": [], "resolved": []}
+
+    def sample(self, now: float, classes: list[dict] | None = None) -> None:
+        """One point of the dashboard's history (``classes``: the cluster's figures)."""
         point: dict = {"t": round(now, 1), "classes": {}}
-        for item in self.class_states(now):
+        for item in classes if classes is not None else self.class_states(now):
             one_min = item["latency_s"]["1m"] or {}
             point["classes"][item["class"]] = {
                 "depth": item["depth"], "oldest_age_s": item["oldest_age_s"],
                 **{f"p{round(q * 100)}": one_min.get(f"p{round(q * 100)}") for q in QUANTILES}}
         self.history.append(point)
+
+
+def _latency(state: ClassState, now: float) -> dict:
+    out = {}
+    for label, seconds in WINDOWS.items():
+        q = state.latency.quantiles(now, seconds)
+        out[label] = None if q is None else {
+            f"p{round(k * 100)}": round(v, 4) for k, v in q.items()}
+    return out
+
+
+def _breached(state: ClassState, now: float) -> int:
+    """Queued recipients of an SLA class already past their deadline."""
+    if state.sla is None:
+        return 0
+    if state.breached is not None:  # counted by the spool (cluster figures)
+        return state.breached
+    count = 0
+    for queued_at, left, _ in state.outstanding.values():
+        if queued_at + state.sla > now:
+            break
+        count += int(left)
+    return count
 
 
 def _dur(seconds: float) -> str:

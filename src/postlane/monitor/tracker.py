@@ -4,19 +4,24 @@ Every event the node logs passes through ``Tracker.on_record``, so the monitor s
 the audit trail says, whichever component produced it, and needs no hooks in the hot paths.
 Classes with an SLA keep their outstanding messages in injection order (which, with one SLA per
 class, is deadline order): that is what the breach predictor walks.
+
+On one node the tracker counts the queue from the records (the node owns its whole queue). In a
+cluster a node's records describe only its own intake and deliveries, so its tracker counts no
+queue; the cluster's queue is read from the shared spool (``monitor/cluster.py``), which fills a
+tracker of its own with it and with the latency slices every node publishes.
 """
 
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..accounting.records import Record
 from ..config import Config
 from ..spool import Recipient
-from .latency import Series
+from .latency import Series, bucket_of
 
 RECENT_MESSAGES = 10_000
 """Finished messages kept for lookups by queue id or correlation id."""
@@ -31,14 +36,20 @@ class ClassState:
     retry: list[float]
     latency: Series = field(default_factory=Series)
     depth: int = 0
-    """Recipients received and not yet final."""
+    """Recipients received and not yet final (never negative)."""
     outstanding: OrderedDict[str, list[float]] = field(default_factory=OrderedDict)
     """SLA classes only: queue id -> [queued_at, recipients left, not before (retry time)]."""
+    received: int = 0
+    """Recipients this node's intake accepted."""
+    oldest_at: float | None = None
+    """Cluster figures: injection time of the oldest queued message (None: none queued)."""
+    breached: int | None = None
+    """Cluster figures: queued recipients past their deadline (None: count ``outstanding``)."""
 
 
 class Completions:
-    """Times of a pool's final outcomes over the last ``window`` seconds (sorted: records are
-    logged as they happen)."""
+    """Times of a pool's final outcomes over the last ``window`` seconds, sorted (a node's
+    records come in order; other nodes' slices may come a little late and are put in place)."""
 
     __slots__ = ("window", "_times", "_added")
 
@@ -47,11 +58,17 @@ class Completions:
         self._times: list[float] = []
         self._added = 0
 
-    def add(self, t: float) -> None:
-        self._times.append(t)
-        self._added += 1
-        if self._added & 4095 == 0:  # trim now and then: amortised O(1)
-            del self._times[:bisect_left(self._times, t - self.window)]
+    def add(self, t: float, n: int = 1) -> None:
+        times = self._times
+        if not times or t >= times[-1]:
+            times.extend([t] * n) if n > 1 else times.append(t)
+        else:
+            i = bisect_right(times, t)
+            times[i:i] = [t] * n
+        self._added += n
+        if self._added >= 4096:  # trim now and then: amortised O(1)
+            self._added = 0
+            del times[:bisect_left(times, times[-1] - self.window)]
 
     def since(self, t: float) -> int:
         return len(self._times) - bisect_left(self._times, t)
@@ -70,8 +87,15 @@ class PoolState:
 
 
 class Tracker:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, counts_queue: bool = True, lag: float = 0.0) -> None:
         self.config = config
+        self.counts_queue = counts_queue
+        """Whether records count the queue (depth, outstanding): only where one node owns the
+        whole queue. A cluster node keeps its latency, intake and deliveries."""
+        self.lag = lag
+        """Seconds by which completions reach this tracker late (cluster figures: the nodes
+        publish each second's slice after it, and the evaluating node reads them once a
+        second); rates are measured up to ``now - lag``, or the wait would look like a stall."""
         self.classes = {
             name: ClassState(name, c.pool, c.priority, c.sla, list(c.retry))
             for name, c in config.classes.items()}
@@ -79,6 +103,9 @@ class Tracker:
         self.pools = {name: PoolState(name, Completions(window)) for name in config.pools}
         self.recent: OrderedDict[str, tuple] = OrderedDict()
         self._by_correlation: dict[str, list[str]] = {}
+        self.slices: dict[tuple[str, int], list] | None = None
+        """Cluster nodes: per (class, second), [final outcomes, {latency bucket: deliveries}]
+        not yet published for the cluster's figures."""
 
     # -- feeding --------------------------------------------------------------------------------
 
@@ -96,7 +123,9 @@ class Tracker:
         if state is None:
             return
         if kind == "r":
-            self._received(state, rec.queue_id, rec.time_queued, rec.time_logged)
+            state.received += 1
+            if self.counts_queue:
+                self._received(state, rec.queue_id, rec.time_queued, rec.time_logged)
         elif kind == "t":
             entry = state.outstanding.get(rec.queue_id)
             if entry is not None:
@@ -104,20 +133,24 @@ class Tracker:
                 entry[2] = max(entry[2], rec.time_logged + step * 1.1)  # 1.1: the retry jitter
         elif kind in ("d", "b"):
             pool = self.pools.get(state.pool)
+            latency = rec.time_logged - rec.time_queued
             if kind == "d":
-                latency = rec.time_logged - rec.time_queued
                 state.latency.add(rec.time_logged, latency)
                 if pool is not None:
                     pool.latency.add(rec.time_logged, latency)
             if pool is not None:
                 pool.done.add(rec.time_logged)
                 pool.last_done = rec.time_logged
-            state.depth -= 1
-            entry = state.outstanding.get(rec.queue_id)
-            if entry is not None:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del state.outstanding[rec.queue_id]
+            if self.slices is not None:
+                self._slice(rec.cls, rec.time_logged, latency if kind == "d" else None)
+            if self.counts_queue:
+                if state.depth > 0:
+                    state.depth -= 1
+                entry = state.outstanding.get(rec.queue_id)
+                if entry is not None:
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del state.outstanding[rec.queue_id]
             self._remember(rec)
 
     def _received(self, state: ClassState, queue_id: str, queued_at: float, now: float) -> None:
@@ -131,6 +164,43 @@ class Tracker:
                 state.outstanding[queue_id] = [queued_at, 1, 0.0]
             else:
                 entry[1] += 1
+
+    def _slice(self, cls: str, t: float, latency: float | None) -> None:
+        assert self.slices is not None
+        entry = self.slices.get((cls, int(t)))
+        if entry is None:
+            entry = self.slices[(cls, int(t))] = [0, {}]
+        entry[0] += 1
+        if latency is not None:
+            bucket = bucket_of(latency)
+            entry[1][bucket] = entry[1].get(bucket, 0) + 1
+
+    def take_slices(self, before: float) -> list[tuple[str, int, int, list[int], list[int]]]:
+        """The finished seconds' slices (class, second, finals, buckets, counts), removed."""
+        assert self.slices is not None
+        out = []
+        for key in [k for k in self.slices if k[1] < int(before)]:
+            finals, hist = self.slices.pop(key)
+            out.append((key[0], key[1], finals, list(hist), list(hist.values())))
+        return out
+
+    def absorb(self, cls: str, second: int, finals: int, buckets: list[int],
+               counts: list[int]) -> None:
+        """Another node's (or this node's) published slice, into the cluster's figures."""
+        state = self.classes.get(cls)
+        if state is None:
+            return
+        hist = dict(zip(buckets, counts, strict=True))
+        at = second + 0.5
+        if hist:
+            state.latency.merge(at, hist)
+        pool = self.pools.get(state.pool)
+        if pool is not None:
+            if hist:
+                pool.latency.merge(at, hist)
+            if finals:
+                pool.done.add(at, finals)
+                pool.last_done = max(pool.last_done, at)
 
     def _remember(self, rec: Record) -> None:
         """Keep a finished recipient for lookups (tuples: this runs for every final record)."""
@@ -177,6 +247,8 @@ class Tracker:
     def oldest_age(self, name: str, now: float) -> float | None:
         """Age of the oldest outstanding message of an SLA class (None: not tracked)."""
         state = self.classes[name]
+        if not self.counts_queue:  # cluster figures, read from the spool
+            return 0.0 if state.oldest_at is None else max(0.0, now - state.oldest_at)
         if state.sla is None:
             return None
         for entry in state.outstanding.values():
@@ -191,7 +263,9 @@ class Tracker:
     def drain_rate(self, pool: str, now: float) -> float:
         """Final outcomes per second over the rate window (what the pool did)."""
         window = self.config.monitor.rate_window
-        return self.pools[pool].done.since(now - window) / window
+        done = self.pools[pool].done
+        now -= self.lag
+        return (done.since(now - window) - done.since(now)) / window
 
     def service_rate(self, pool: str, now: float) -> float:
         """What the pool can do now: final outcomes per second of busy time within the rate
@@ -200,9 +274,10 @@ class Tracker:
         state = self.pools[pool]
         if state.busy_since is None:
             return math.inf
+        now -= self.lag
         start = max(now - self.config.monitor.rate_window, state.busy_since)
         stall = now - max(state.last_done, state.busy_since)
-        done = state.done.since(start)
+        done = state.done.since(start) - state.done.since(now)
         rate = done / (now - start) if done and now > start else math.inf
         if stall > 3.0 / rate:  # a gap 3x the mean is unusual (5 % for Poisson completions)
             rate = min(rate, 1.0 / stall)

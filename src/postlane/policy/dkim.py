@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from ..accounting.records import Record
 from ..config.model import Config, DKIMConfig, DKIMKeyConfig
+from ..monitor.health import Health
 from ..secretfile import create_secret
 from .headers import field_value
 from .identity import aligned, org_domain
@@ -249,6 +250,8 @@ class KeyRing:
         self.config = config
         self.keys = [SigningKey(k) for k in config.keys]
         self._checked = 0.0
+        self.health = Health()
+        """The node's: a key going missing and coming back is told there, once each."""
         errors = [f"dkim.keys[{i}] ({sk.config.domain} {sk.config.selector}): {sk.error}"
                   for i, sk in enumerate(self.keys) if not self._load(sk)]
         if errors:
@@ -283,11 +286,23 @@ class KeyRing:
             if file_id != sk.file_id or (sk.key is None and file_id != (0, 0, 0)):
                 was = sk.key is not None
                 if self._load(sk):
-                    log.warning("dkim key reloaded", extra={"domain": sk.config.domain,
-                                                            "selector": sk.config.selector})
+                    if self.health_key(sk) in self.health.active:
+                        self.health.end(self.health_key(sk))
+                    else:
+                        log.warning("dkim key reloaded", extra={"domain": sk.config.domain,
+                                                                "selector": sk.config.selector})
                 elif was:
-                    log.error("dkim key unavailable", extra={"domain": sk.config.domain,
-                              "selector": sk.config.selector, "error": sk.error})
+                    self.unavailable(sk)
+
+    @staticmethod
+    def health_key(sk: SigningKey) -> str:
+        return f"dkim-key:{sk.config.selector}._domainkey.{sk.config.domain}"
+
+    def unavailable(self, sk: SigningKey) -> None:
+        """Its mail is refused with 451 until the file is back (logged once, till then)."""
+        self.health.begin(self.health_key(sk), "dkim_key", "DKIM key unavailable",
+                          cause=f"{sk.config.key_file}: {sk.error}", level=logging.ERROR,
+                          effect=f"intake answers 451 4.3.0 to mail signed by {sk.config.domain}")
 
     def select(self, domain: str, cls: str, pool: str, now: float) -> list[SigningKey]:
         """The keys to sign with: the most specific scope (class, then pool, then the domain),
@@ -434,8 +449,8 @@ class Signer:
                                    rcpt=rcpt, queue_id=qid, cls=cls, vmta_pool=pool,
                                    dsn_action="delayed", dsn_status="4.3.0",
                                    dsn_diag=f"smtp;451 {text}", bounce_cat="policy-related"))
-            log.error("dkim key unavailable, message refused (451)",
-                      extra={"queue_id": qid, "domain": domain, "error": broken[0].error})
+            self.keyring.unavailable(broken[0])
+            self.keyring.health.count(self.keyring.health_key(broken[0]))
             raise Rejection(451, text)
         urgent = self.config.classes[cls].sla is not None
         try:

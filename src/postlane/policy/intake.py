@@ -22,7 +22,8 @@ from ..config import Config
 from ..edge.address import PathError, alabel_domain
 from ..edge.auth import User, Users
 from ..edge.limits import DiskGuard
-from ..spool import Message, Recipient, Spool, local_dir
+from ..monitor.health import Health
+from ..spool import Message, Recipient, Spool, SpoolUnavailable, local_dir
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
 from .identity import envelope_sender
 
@@ -97,7 +98,7 @@ def from_domain_of(value: str) -> str:
 
 class Intake:
     def __init__(self, config: Config, spool: Spool, scheduler, record: Callable[[Record], None],
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None, health: Health | None = None) -> None:
         self.config = config
         self.signer = signer
         self.spool = spool
@@ -112,7 +113,8 @@ class Intake:
         sec = config.security
         self.users = (Users(sec.users_file, sec.auth_failures_per_minute, sec.auth_concurrency)
                       if sec.users_file else None)
-        self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space)
+        self.health = health or Health()
+        self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space, health=self.health)
         self.audit_behind: Callable[[], bool] = lambda: False
         """Whether the audit store is too far behind to take more (``AuditService.behind``)."""
 
@@ -168,6 +170,7 @@ class Intake:
         """Queue a message durably and return its queue id (raises Rejection)."""
         now = time.time()
         if src_type != "dsn" and not self.disk.ok():
+            self.disk.refusal()
             raise Rejection(452, self.disk.TEXT)
         if src_type != "dsn" and self.audit_behind():
             raise Rejection(451, "4.3.0 Audit trail is behind, try again later")
@@ -246,9 +249,13 @@ class Intake:
                            dlv_size=msg.size, job_id=msg.correlation_id, env_id=envid,
                            correlation_id=msg.correlation_id, message_id=message_id,
                            listener=listener, auth_user=auth_user) for r in recipients]
-        # the "r" (and "s") records are committed with the message: no 250 without them
-        await self.spool.enqueue(msg, recipients, content, urgent=cls.sla is not None,
-                                 events=dropped + received)
+        try:  # the "r" (and "s") records are committed with the message: no 250 without them
+            await self.spool.enqueue(msg, recipients, content, urgent=cls.sla is not None,
+                                     events=dropped + received)
+        except SpoolUnavailable:  # told once by the spool (Health), counted here
+            self.health.count(type(self.spool).HEALTH_KEY)
+            text = "4.3.0 Temporary failure storing the message, try again"
+            raise Rejection(451, text) from None
         for rec in dropped + received:
             self.record(rec)
         self.scheduler.add_message(recipients)

@@ -122,9 +122,9 @@ class Relay:
         for plan in plans[:MAX_HOSTS_TRIED]:
             try:
                 return await self.tls.connect(plan, slot, self.timeouts)
-            except SMTPError as exc:
-                log.info("connect %s via %s [%s]:%s failed: %s", lane.domain, slot.address,
-                         plan.dest.ip, plan.dest.port, exc)
+            except SMTPError as exc:  # the lane's outage is told once (Health), not each try
+                log.debug("connect %s via %s [%s]:%s failed: %s", lane.domain, slot.address,
+                          plan.dest.ip, plan.dest.port, exc)
                 last = exc
         reply = str(last.reply) if last and last.reply else f"451 4.4.1 {last}"
         if last is not None and not last.temporary and last.reply is not None:
@@ -143,7 +143,13 @@ class Relay:
         for rcpt in batch:
             self.scheduler.deferred(rcpt, reply, status, info)
         cls = self.config.classes.get(batch[0].msg.cls)
-        self.scheduler.suspend(lane, min(cls.retry[0] if cls else 60.0, 60.0), reply)
+        pause = min(cls.retry[0] if cls else 60.0, 60.0)
+        health, key = self.scheduler.health, self.scheduler.outage_key(lane)
+        health.begin(key, "destination", f"destination {lane.domain} unreachable from pool"
+                     f" {lane.pool}", cause=reply, unit="deferrals",
+                     effect=f"its mail is deferred; the lane waits {pause:.0f}s between tries")
+        health.count(key, len(batch))
+        self.scheduler.suspend(lane, pause, reply)
 
     async def _transact(self, conn: SMTPConnection, batch: list[Recipient],
                         info: dict[str, str]) -> None:

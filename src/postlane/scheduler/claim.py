@@ -7,11 +7,16 @@ by any node is therefore next in line for whichever node has a slot free, and a 
 campaign stays in the shared queue, not in one node's memory.
 
 Each node keeps its own source IPs and ``max_smtp_out`` (IPs belong to machines); what it shares
-is the queue, the pause state and the list of live nodes. Leases are renewed every third of
-``cluster.lease``; a node that dies stops renewing, and its recipients become claimable by the
-others once their leases run out. A node that cannot renew for most of a lease (cut off from the
-database) stops itself before the others may take its work, so that only what is on the wire at
-that moment can be delivered twice (or, after a stall of the whole process, what it held).
+is the queue, the pause state and the list of live nodes. A node heartbeats every quarter of
+``cluster.dead_after`` (renewing its leases every third of ``cluster.lease``) and holds a
+database session whose advisory lock names it. When that session closes (the process died, the
+machine vanished) and the heartbeat is ``dead_after`` old, any other node gives the dead node's
+work back to the queue (``reap``) and the claims take it at once; a node that stalls with its
+session open keeps its work until its leases run out. A node that misses heartbeats for three
+quarters of ``dead_after`` stops starting deliveries before anyone may take its work (the
+fence); when the database answers again it goes on if nothing was taken, or else stops, so
+that only what was on the wire at the fence can be delivered twice. docs/cluster.md has the
+arithmetic.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -28,13 +34,12 @@ import asyncpg
 
 from ..config import Config
 from ..spool import PostgresSpool, Recipient
+from ..spool.postgres import UNREACHABLE, NodeConflict
 from .scheduler import Scheduler
 
 log = logging.getLogger("postlane.cluster")
 
-FENCE = 0.8
-"""Fraction of ``cluster.lease`` without a successful renewal after which a node stops: the
-leases it last renewed lapse at 1.0, when other nodes may claim that work."""
+FENCE_KEY = "fence"
 
 
 class Claimer:
@@ -48,6 +53,7 @@ class Claimer:
         self.on_drain = on_drain
         self.name = config.node.name
         self.lease = config.cluster.lease
+        self.dead_after = config.cluster.dead_after
         self.targets = {name: sum(ip.max_smtp_out for ip in pool.ips) * config.cluster.claim_ahead
                         for name, pool in config.pools.items()}
         self.claimed = 0
@@ -58,28 +64,34 @@ class Claimer:
         full, or the poll interval passed. Others are not queried (an empty pool costs
         nothing)."""
         self._tasks: list[asyncio.Task] = []
-        self._listener: asyncpg.Connection | None = None
+        self._session: asyncpg.Connection | None = None
         self._claiming = False
         self._pause_changed = False
         self._takeover_after = 0.0
-        """After this node lost the database, it takes over no lapsed lease for one lease
-        period: after a failover every lease looks lapsed, and their owners are alive and about
-        to renew them."""
+        """After this node lost the database, it takes over no work of other nodes for one
+        lease period: after a failover every node looks dead, and they are about to renew."""
         self._fence: asyncio.TimerHandle | None = None
         self.fenced = False
+        """No heartbeat for ``cluster.fence``: no delivery starts until one succeeds."""
+        self.taken_over = 0
+        """Recipients this node gave back from dead nodes (each logged with the node)."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Join the cluster, adopt its pause state, and start claiming."""
-        await self.spool.register(self.name, socket.gethostname(), os.getpid(), self.lease)
-        self._listener = await self.spool.listen(
-            [self.spool.work_channel, self.spool.pause_channel], self._notified)
+        self.spool.on_reachability = lambda _up: self._hold()
+        self._session = await self.spool.session(self.name, self._notified)
+        try:
+            await self.spool.register(self.name, socket.gethostname(), os.getpid())
+        except BaseException:
+            self._session.terminate()
+            raise
         await self._sync_paused()
         await self.spool.sweep()  # messages a crash left with every recipient final
         self.scheduler.on_final = lambda _rcpt: self._wake.set()
         self._claiming = True
-        self._arm_fence()
+        self._arm_fence(time.monotonic())
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._claim_loop(), name="claim"),
                        loop.create_task(self._heartbeat_loop(), name="heartbeat")]
@@ -101,15 +113,17 @@ class Claimer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._listener is not None:
-            self._listener.terminate()
-            self._listener = None
         try:
             released = await self.spool.release(self.name)
             await self.spool.deregister(self.name)
-        except Exception as exc:  # database away: our leases lapse by themselves
-            log.warning("could not release leases (they lapse after %.0fs): %s", self.lease, exc)
+        except Exception as exc:  # database away: our leases are taken over without us
+            log.warning("could not release leases (others take them over %.0fs after the last"
+                        " heartbeat): %s", self.dead_after, exc)
             return
+        finally:
+            if self._session is not None:  # closed last: others see this node gone
+                self._session.terminate()
+                self._session = None
         log.info("left the cluster", extra={"released": released})
 
     # -- intake hands new messages here instead of to the scheduler -----------------------------
@@ -143,18 +157,22 @@ class Claimer:
         while True:
             self._wake.clear()
             more = False
-            if time.monotonic() - polled >= poll:  # due retries and lapsed leases of dead
-                polled = time.monotonic()           # nodes are not notified: look anyway
+            look = time.monotonic() - polled >= poll
+            if look:  # due retries, lapsed leases and dead nodes are not notified: look anyway
+                polled = time.monotonic()
                 self._dirty.update(self.targets)
             try:
                 if self._pause_changed:
                     self._pause_changed = False
                     await self._sync_paused()
                 if self._claiming:
+                    if look:
+                        await self._reap()
                     more = await self.claim_once()
-            except Exception as exc:  # the database may be failing over: keep trying
-                log.warning("claiming work failed: %s", exc)
+            except UNREACHABLE:  # the database is away (told once by the spool): retried
                 self._takeover_after = time.monotonic() + self.lease
+            except Exception:  # a bug: say so, and keep the node running
+                log.exception("claiming work failed")
             if more:
                 continue
             with contextlib.suppress(TimeoutError):
@@ -191,44 +209,101 @@ class Claimer:
             more = more or len(rcpts) == want
         return more
 
-    def _arm_fence(self) -> None:
+    async def _reap(self) -> None:
+        """Give the work of dead nodes back to the queue (whichever node looks first does)."""
+        if time.monotonic() < self._takeover_after:
+            return
+        released = await self.spool.reap(self.name, self.dead_after, self.lease)
+        for node, count in released.items():
+            self.taken_over += count
+            log.warning("node %s is dead: its %d recipients go back to the queue", node, count,
+                        extra={"dead_node": node, "released": count})
+        if released:
+            self._dirty.update(self.targets)
+
+    def _arm_fence(self, sent: float) -> None:
+        """A heartbeat sent at ``sent`` (monotonic) succeeded: the fence moves to
+        ``cluster.fence`` after it (the others count from when the database wrote it, later)."""
         if self._fence is not None:
             self._fence.cancel()
-        self._fence = asyncio.get_running_loop().call_later(FENCE * self.lease, self._fenced)
+        delay = self.config.cluster.fence - (time.monotonic() - sent)
+        self._fence = asyncio.get_running_loop().call_later(max(0.0, delay), self._fenced)
 
     def _fenced(self) -> None:
-        """Leases not renewed for most of their life: other nodes may take this node's work any
-        moment. Stop (drain and exit; the supervisor restarts it, and on restart it claims
-        afresh) rather than deliver what may become another node's."""
+        """No heartbeat for ``cluster.fence``: one heartbeat later the others may call this node
+        dead and take its work. Start no delivery until the database answers again."""
         self.fenced = True
-        log.error("leases not renewed for %.0fs (database unreachable?): stopping this node so"
-                  " that no message is delivered by two nodes", FENCE * self.lease)
-        self.stop_claiming()
-        if self.on_drain is not None:
-            self.on_drain()
+        self._hold()
+        self.spool.health.begin(
+            FENCE_KEY, "fence", "cluster heartbeat late", level=logging.ERROR, unit=None,
+            cause=f"no heartbeat for {self.config.cluster.fence:g}s",
+            effect=f"no delivery starts until the database answers (the others take this node's"
+                   f" work {self.dead_after:g}s after its last heartbeat if its session closed)")
+
+    async def _unfence(self, gap: float) -> None:
+        """The database answers again, ``gap`` seconds (its clock) after the last heartbeat
+        before. Shorter than ``dead_after``: nobody can have taken anything, deliver on. Longer:
+        go on only if this node still owns all it holds, else stop (the supervisor restarts it
+        and it claims afresh): what it holds may be on its way out from another node."""
+        if gap >= self.dead_after:
+            held = {(r.msg.id, r.idx) for r in self.scheduler.recipients()}
+            lost = held - await self.spool.owned(self.name)
+            if lost:
+                log.error("%d recipients this node held were taken over while it was cut off:"
+                          " stopping it (the supervisor restarts it)", len(lost))
+                self.stop_claiming()
+                if self.on_drain is not None:
+                    self.on_drain()
+                return
+        self.fenced = False
+        self._hold()
+        self.spool.health.end(FENCE_KEY)
+
+    def _hold(self) -> None:
+        """Start no delivery while the database is away or the node is fenced: the outcome
+        of a delivery that cannot be recorded is lost if the node's work is then taken over,
+        and that recipient would be delivered twice."""
+        self.scheduler.fence(self.spool.down or self.fenced)
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.lease / 3
+        beat = self.config.cluster.heartbeat
+        renewed = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
-            interval = self.lease / 3
+            await asyncio.sleep(beat)
+            sent = time.monotonic()
+            renew = sent - renewed >= self.lease / 3
             try:
-                drain = await asyncio.wait_for(self.spool.heartbeat(self.name), interval)
-                await asyncio.wait_for(self.spool.renew(self.name, self.lease), interval)
-                self._arm_fence()
-                if self._listener is None or self._listener.is_closed():
-                    # the database restarted or failed over: notifications resume on a new
-                    # connection; meanwhile polling found the work, and pause state is re-read
-                    self._listener = await self.spool.listen(
-                        [self.spool.work_channel, self.spool.pause_channel], self._notified)
+                got = await asyncio.wait_for(
+                    self.spool.heartbeat(self.name, self.lease if renew else None), 2 * beat)
+                if renew:
+                    renewed = sent
+                draining, gap = got if got is not None else (False, math.inf)
+                self._arm_fence(sent)
+                if self.fenced:
+                    await self._unfence(gap)
+                if self._session is None or self._session.is_closed():
+                    # the database restarted or failed over: the name lock and notifications
+                    # come back with a new session; meanwhile polling found the work
+                    self._session = await self.spool.session(self.name, self._notified)
                     self._pause_changed = True
                     self._wake.set()
-            except Exception as exc:  # the database may be failing over: keep trying
-                log.warning("renewing leases failed: %s", exc)
+            except NodeConflict as exc:  # our name was taken while our session was gone
+                log.error("stopping: %s", exc)
+                self.stop_claiming()
+                if self.on_drain is not None:
+                    self.on_drain()
+                return
+            except TimeoutError:  # slow, not necessarily away: the fence decides, not this
                 self._takeover_after = time.monotonic() + self.lease
-                interval = min(1.0, interval)
                 continue
-            if drain and not self.draining:
+            except UNREACHABLE as exc:  # the database is away (told once): retried
+                self.spool.unreachable(exc)  # the session's connect, if not the spool's
+                self._takeover_after = time.monotonic() + self.lease
+                continue
+            except Exception:  # a bug: say so, and keep trying
+                log.exception("heartbeat failed")
+                continue
+            if draining and not self.draining:
                 self.draining = True
                 log.info("drain requested by an operator")
                 self.stop_claiming()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..accounting.records import Record
 from ..config import Config
 from ..feedback.categories import default_classifier
+from ..monitor.health import Health
 from ..spool import Message, PostgresSpool, Recipient, RecipientUpdate, Spool, State
 from .lanes import Lane, SourceSlot
 from .rules import RuleBook
@@ -77,6 +78,8 @@ class Scheduler:
         self._timer_seq = itertools.count()
         self._dispatch_pending = False
         self._stopping = False
+        self.fenced = False
+        """No transaction starts (a cluster node that missed its heartbeats: the fence)."""
         self._tasks: set[asyncio.Task] = set()
         self.fifo = config.scheduler == "fifo"
         self.rules = RuleBook(config.destinations)
@@ -89,6 +92,8 @@ class Scheduler:
         """Per-pool destination rates (``max_rate_per_pool``): across the cluster on
         PostgreSQL, in this process on SQLite; the same token bucket either way."""
         self._rate_waiting: dict[str, set[Lane]] = {}
+        self.health = Health()
+        """The node's: destinations that cannot be reached are told there, once each."""
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -141,7 +146,7 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         self._dispatch_pending = False
-        if self._stopping or self.relay is None:
+        if self._stopping or self.fenced or self.relay is None:
             return
         now = time.time()
         lanes = [ln for ln in self._ready
@@ -264,7 +269,7 @@ class Scheduler:
         ``FAIR_SHARE`` messages on this connection) an equally urgent lane with an earlier
         deadline does. Without the last rule, busy lanes of a campaign keep their connections
         and one destination's mail can wait for the whole campaign."""
-        if self._stopping or lane.blocked(time.time()) or not lane.heap:
+        if self._stopping or self.fenced or lane.blocked(time.time()) or not lane.heap:
             return []
         waiting = self._waiting.get(lane.pool)
         if waiting is not None:
@@ -343,6 +348,11 @@ class Scheduler:
                 return batch
             # woken, but the tokens went to another connection or node: wait for the next ones
 
+    @staticmethod
+    def outage_key(lane: Lane) -> str:
+        """The ``Health`` key of a destination that cannot be reached from a pool."""
+        return f"destination:{lane.pool}/{lane.domain}"
+
     def suspend(self, lane: Lane, seconds: float, reason: str) -> None:
         """Stop opening connections to a destination that just failed (Postfix's "dead
         destination"); its queued recipients wait without spending attempts."""
@@ -370,6 +380,8 @@ class Scheduler:
         _fill_conn(rec, conn)
         self._final(rcpt, State.DELIVERED, reply, rec)
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
+        if self.health.active:
+            self.health.end(self.outage_key(lane))
         if lane.in_backoff(now) and lane.rule is not None and lane.rule.backoff_until_success:
             self._end_backoff(lane, "delivery succeeded")
 
@@ -628,6 +640,12 @@ class Scheduler:
         self.kick()
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    def fence(self, on: bool) -> None:
+        """Start no transaction (transactions under way finish), or start again."""
+        self.fenced = on
+        if not on:
+            self.kick()
 
     async def drain(self, timeout: float) -> None:
         """Stop taking new work; let in-flight transactions finish (up to ``timeout``)."""

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..spool import PostgresSpool
+from ..spool.postgres import UNREACHABLE
 
 log = logging.getLogger("postlane.cluster")
 
@@ -151,8 +152,10 @@ class SharedRate:
         failed = False
         try:
             granted = await self.spool.take_tokens(key, rate, burst, want)
-        except Exception as exc:  # database away: no tokens, ask again in a while
-            log.warning("taking rate tokens for %s failed: %s", key, exc)
+        except UNREACHABLE:  # the database is away (told once by the spool): ask again later
+            granted, failed = 0.0, True
+        except Exception:  # a bug: say so, and ask again later
+            log.exception("taking rate tokens for %s failed", key)
             granted, failed = 0.0, True
         finally:
             self._refilling.pop(key, None)

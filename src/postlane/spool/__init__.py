@@ -13,6 +13,7 @@ from .base import (
     Recipient,
     RecipientUpdate,
     Spool,
+    SpoolUnavailable,
     State,
 )
 from .postgres import PostgresSpool
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = ["FINAL_STATES", "Attempt", "Message", "Pending", "PostgresSpool", "Recipient",
-           "RecipientUpdate", "SQLiteSpool", "Spool", "State", "is_dsn", "local_dir", "make_spool"]
+           "RecipientUpdate", "SQLiteSpool", "Spool", "SpoolUnavailable", "State", "is_dsn",
+           "local_dir", "make_spool"]
 
 
 def is_dsn(location: str) -> bool:

@@ -30,6 +30,11 @@ class State(StrEnum):
     SUPPRESSED = "suppressed"
 
 
+class SpoolUnavailable(RuntimeError):
+    """A write could not be committed (database unreachable, disk error): intake answers 451
+    and the client sends again; nothing acknowledged is lost."""
+
+
 FINAL_STATES = frozenset({State.DELIVERED, State.BOUNCED, State.EXPIRED, State.SUPPRESSED})
 
 

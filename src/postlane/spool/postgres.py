@@ -2,9 +2,10 @@
 
 Same contract as the SQLite spool (``base.Spool``), plus what several nodes need to share one
 queue: ``claim`` hands a node the most urgent ready recipients of a pool under a lease
-(``SELECT ... FOR UPDATE SKIP LOCKED``, so two nodes never take the same row), ``renew`` extends a
-node's leases, ``release`` gives them back. A dead node stops renewing; once its leases run out the
-others claim its recipients.
+(``SELECT ... FOR UPDATE SKIP LOCKED``, so two nodes never take the same row), ``heartbeat``
+extends a node's leases, ``release`` gives them back. A dead node stops renewing: once its
+database ``session`` has closed and its heartbeat is a few seconds old, ``reap`` gives its work
+back (or its leases run out), and the others claim its recipients.
 
 Why one writer task: enqueues that arrive while a commit is in flight are gathered into the next
 transaction, so many acknowledgements share one WAL flush (PostgreSQL's ``synchronous_commit``
@@ -20,15 +21,15 @@ import asyncio
 import collections
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from ..accounting.records import Record, pack
+from ..monitor.health import Health
 from .base import (
     FINAL_STATES,
     Attempt,
@@ -36,6 +37,7 @@ from .base import (
     Pending,
     Recipient,
     RecipientUpdate,
+    SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
@@ -47,6 +49,9 @@ from .outbox import writer_lock_key
 log = logging.getLogger("postlane.spool")
 
 BATCH_MAX = 2000
+UNREACHABLE = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+               asyncpg.exceptions.OperatorInterventionError)
+"""What a database that is away (down, restarting, cut off, failing over) raises."""
 CONNECT_TIMEOUT = 5.0
 """Seconds to reach the database before a write fails: an SMTP client waiting for its 250
 during a failover gets a 451 soon, not after asyncpg's default minute."""
@@ -89,6 +94,22 @@ CREATE TABLE rate_buckets (
     granted DOUBLE PRECISION NOT NULL);
 """),
     (3, """
+ALTER TABLE recipients ADD COLUMN cls TEXT;
+UPDATE recipients r SET cls = m.cls FROM messages m WHERE m.id = r.msg_id;
+CREATE INDEX recipients_open ON recipients (cls, deadline) WHERE state IN ('queued', 'deferred');
+CREATE TABLE monitor_slices (
+    node TEXT NOT NULL, cls TEXT NOT NULL, at BIGINT NOT NULL, finals INTEGER NOT NULL,
+    buckets INTEGER[] NOT NULL, counts INTEGER[] NOT NULL, PRIMARY KEY (at, node, cls));
+CREATE TABLE monitor_state (
+    id INTEGER PRIMARY KEY, leader TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+    figures JSONB NOT NULL);
+CREATE TABLE alerts (
+    id TEXT NOT NULL, fired_at DOUBLE PRECISION NOT NULL, rule TEXT NOT NULL, cls TEXT NOT NULL,
+    pool TEXT NOT NULL, message TEXT NOT NULL, value DOUBLE PRECISION NOT NULL,
+    threshold DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION NOT NULL,
+    resolved_at DOUBLE PRECISION, PRIMARY KEY (id, fired_at));
+"""),
+    (4, """
 ALTER TABLE recipients ADD COLUMN attempt_started DOUBLE PRECISION,
     ADD COLUMN attempt_info TEXT;
 CREATE TABLE events (writer TEXT NOT NULL, n BIGINT NOT NULL, data BYTEA NOT NULL,
@@ -133,20 +154,14 @@ RETURNING r.{_LOAD_COLS.replace(', ', ', r.')}"""
 """Lease the most urgent claimable rows of one state; {state} and {order} are filled in."""
 
 
-def _process_gone(pid: int) -> bool:
-    """Whether no process ``pid`` runs on this machine: a node restarted right after a crash
-    need not wait for its dead predecessor's heartbeat to age."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 class NodeConflict(RuntimeError):
     """Another live node already uses this node name."""
+
+
+SESSION_SETTINGS = {"tcp_keepalives_idle": "2", "tcp_keepalives_interval": "1",
+                    "tcp_keepalives_count": "2"}
+"""Of a node's session connection: the server probes it after 2 s of silence, so a node whose
+machine vanished (no FIN or RST) loses its session, and its name lock, within about 4 s."""
 
 
 @dataclass(slots=True)
@@ -157,10 +172,14 @@ class NodeInfo:
     started_at: float
     heartbeat: float
     draining: bool
+    session: bool
+    """Whether its session connection is open (it holds its name lock)."""
 
 
 class PostgresSpool:
     """Spool in PostgreSQL schema ``schema`` of the database at ``dsn``."""
+
+    HEALTH_KEY = "database"
 
     def __init__(self, dsn: str, schema: str = "postlane", node: str = "") -> None:
         self.dsn = dsn
@@ -188,6 +207,11 @@ class PostgresSpool:
         self._live_bodies: dict[str, bytes] = {}
         self.commits = 0
         self.writes = 0
+        self.health = Health()
+        """Where the database going away and coming back is told (the node's)."""
+        self.down = False
+        self.on_reachability: Callable[[bool], None] | None = None
+        """Called when the database goes away (False) and when it answers again (True)."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -222,8 +246,10 @@ class PostgresSpool:
 
         finally:
             await conn.close()
+        # min_size 0: asyncpg keeps no connection floor, which it would try to restore with a
+        # traceback a second while the database is away (used connections stay pooled anyway)
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=2, max_size=4, timeout=CONNECT_TIMEOUT,
+            self.dsn, min_size=0, max_size=4, timeout=CONNECT_TIMEOUT,
             server_settings={"search_path": f'"{self.schema}"', "application_name": self.app_name})
         # held for this spool's life: while it is, no other node's recorder feeds our events
         # (taken before the writer is listed, so nobody can take it first)
@@ -253,10 +279,18 @@ class PostgresSpool:
             await self._pool.close()
             self._pool = None
 
-    def acquire(self):
-        """A pooled connection for the cluster's own queries (claimer, status)."""
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection. Every use tells ``health`` whether the database answered, so
+        an outage is logged once when the first call fails and once when one works again."""
         assert self._pool is not None, "spool is not open"
-        return self._pool.acquire()
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except UNREACHABLE as exc:
+            self.unreachable(exc)
+            raise
+        self.reachable()
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -272,8 +306,8 @@ class PostgresSpool:
         fut = asyncio.get_running_loop().create_future()
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
-                  r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority, msg.deadline)
-                 for r in rcpts]
+                  r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority, msg.deadline,
+                  msg.cls) for r in rcpts]
         self._submit(("enq", row, (msg.id, body), rrows, events, fut), urgent)
         await fut
         self._cache.put(msg.id, body)
@@ -334,7 +368,7 @@ class PostgresSpool:
                 batch.append(self._bulk.popleft())
             error: BaseException | None = None
             try:
-                async with self._pool.acquire() as conn:
+                async with self.acquire() as conn:
                     await self._commit(conn, batch)
                 self.commits += 1
                 self.writes += len(batch)
@@ -351,18 +385,39 @@ class PostgresSpool:
                     if error is None:
                         fut.set_result(None)
                     else:
-                        fut.set_exception(RuntimeError(f"spool commit failed: {error}"))
+                        fut.set_exception(SpoolUnavailable(f"spool commit failed: {error}"))
 
     def _retry(self, ops: list[tuple], exc: Exception) -> None:
         """Keep outcomes that failed to commit until the database is back: a lost outcome
         means a second delivery. Acknowledgements are not retried: their waiters fail (the SMTP
         client gets a 451 and sends again)."""
         if self._stopping:
-            log.error("spool commit failed while closing: %d outcome writes lost (those"
-                      " recipients will be delivered again): %s", len(ops), exc)
+            if ops:
+                log.error("spool commit failed while closing: %d outcome writes lost (those"
+                          " recipients will be delivered again): %s", len(ops), exc)
             return
-        log.error("spool commit failed, retrying %d outcome writes: %s", len(ops), exc)
         self._bulk.extendleft(reversed(ops))
+
+    def unreachable(self, exc: BaseException) -> None:
+        """A statement failed: the database is away (logged once, until ``reachable``)."""
+        if self.down:
+            return
+        self.down = True
+        self.health.begin(self.HEALTH_KEY, "database", "PostgreSQL spool unreachable",
+                          cause=f"{type(exc).__name__}: {exc}", level=logging.ERROR,
+                          effect="intake answers 451 4.3.0; no new delivery starts, and the"
+                                 " outcomes of those under way are kept until it is back")
+        if self.on_reachability is not None:
+            self.on_reachability(False)
+
+    def reachable(self) -> None:
+        """A statement succeeded: ends an outage begun by ``unreachable``."""
+        if not self.down:
+            return
+        self.down = False
+        self.health.end(self.HEALTH_KEY)
+        if self.on_reachability is not None:
+            self.on_reachability(True)
 
     async def _commit(self, conn: asyncpg.Connection, batch: list[tuple]) -> None:
         msgs, bodies, rcpts, upds, fins, pauses, events, marks = [], [], [], [], [], [], [], []
@@ -396,8 +451,8 @@ class PostgresSpool:
                     f" ({', '.join(f'${i}' for i in range(1, 17))})", msgs)
                 await conn.executemany("INSERT INTO bodies (id, data) VALUES ($1, $2)", bodies)
                 await conn.executemany(
-                    f"INSERT INTO recipients ({_RCPT_COLS}, pool, priority, deadline) VALUES"
-                    f" ({', '.join(f'${i}' for i in range(1, 14))})", rcpts)
+                    f"INSERT INTO recipients ({_RCPT_COLS}, pool, priority, deadline, cls)"
+                    f" VALUES ({', '.join(f'${i}' for i in range(1, 15))})", rcpts)
                 await conn.execute("SELECT pg_notify($1, $2)", self.work_channel,
                                    ",".join(sorted({m[2] for m in msgs})))
             if upds:
@@ -541,14 +596,6 @@ class PostgresSpool:
                                          *args[:3], limit - len(rows), *args[4:])
             return await self._load(conn, rows)
 
-    async def renew(self, owner: str, lease: float) -> int:
-        """Extend every lease ``owner`` holds; returns how many."""
-        async with self.acquire() as conn:
-            status = await conn.execute(
-                f"UPDATE recipients SET lease_until = {_NOW} + $2"
-                " WHERE lease_owner = $1 AND state IN ('queued', 'deferred')", owner, lease)
-        return int(status.split()[-1])
-
     async def release(self, owner: str) -> int:
         """Give back every lease ``owner`` holds, so other nodes take the work at once."""
         async with self.acquire() as conn:
@@ -558,32 +605,92 @@ class PostgresSpool:
             await conn.execute("SELECT pg_notify($1, '')", self.work_channel)
         return int(status.split()[-1])
 
-    async def register(self, name: str, hostname: str, pid: int, lease: float) -> None:
-        """Join the cluster as ``name``; refused while another live node has that name (one
-        with a fresh heartbeat, unless it ran on this machine and its process is gone)."""
-        async with self.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"SELECT hostname, pid, heartbeat, {_NOW} AS now FROM nodes WHERE name = $1"
-                " FOR UPDATE", name)
-            if row is not None and row["now"] - row["heartbeat"] < lease and not (
-                    row["hostname"] == hostname and _process_gone(row["pid"])):
+    def _name_lock(self, name_sql: str) -> str:
+        """The advisory lock (two int4 keys) a node's session holds on its name."""
+        return f"hashtext('postlane/{self.schema}'), hashtext({name_sql})"
+
+    def session_open(self, name_sql: str) -> str:
+        """SQL: whether some session holds the name lock of ``name_sql``."""
+        return ("EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+                " AND l.database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database()) AND l.objsubid = 2"
+                f" AND l.classid::bigint = hashtext('postlane/{self.schema}')::bigint & 4294967295"
+                f" AND l.objid::bigint = hashtext({name_sql})::bigint & 4294967295)")
+
+    async def session(self, name: str, callback: Callable[[str, str], None]
+                      ) -> asyncpg.Connection:
+        """Open node ``name``'s session: one connection that holds the name's advisory lock
+        (other nodes see the node die when it closes) and LISTENs on the work and pause
+        channels (``callback(channel, payload)``); the caller closes it. Refused while another
+        session holds the name: that node is alive."""
+        conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, server_settings={
+            "application_name": self.app_name, **SESSION_SETTINGS})
+        try:
+            if not await conn.fetchval(
+                    f"SELECT pg_try_advisory_lock({self._name_lock('$1::text')})", name):
                 raise NodeConflict(f"node name {name!r} is already live in cluster schema"
-                                   f" {self.schema!r} (heartbeat"
-                                   f" {row['now'] - row['heartbeat']:.1f}s ago)")
+                                   f" {self.schema!r} (its database session is open)")
+            for channel in (self.work_channel, self.pause_channel):
+                await conn.add_listener(channel,
+                                        lambda _c, _pid, ch, payload: callback(ch, payload))
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def register(self, name: str, hostname: str, pid: int) -> None:
+        """Join the cluster as ``name`` (after opening its ``session``): a previous life of
+        this node that died holding leases gives them back, since nobody works on them."""
+        async with self.acquire() as conn, conn.transaction():
             await conn.execute(
                 f"INSERT INTO nodes VALUES ($1, $2, $3, {_NOW}, {_NOW}, false)"
                 " ON CONFLICT (name) DO UPDATE SET hostname = $2, pid = $3,"
                 f" started_at = {_NOW}, heartbeat = {_NOW}, draining = false", name, hostname, pid)
-            # a previous life of this node died holding leases: nobody is working on them
             await conn.execute("UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
                                " WHERE lease_owner = $1", name)
 
-    async def heartbeat(self, name: str) -> bool:
-        """Record that ``name`` is alive; returns whether an operator asked it to drain."""
+    async def heartbeat(self, name: str, lease: float | None = None
+                        ) -> tuple[bool, float] | None:
+        """Record that ``name`` is alive and, with ``lease``, renew its leases (one
+        transaction). Returns whether an operator asked it to drain, and how long ago (by the
+        database's clock) its previous heartbeat was; None if it is not registered (any more)."""
+        async with self.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"WITH prev AS (SELECT heartbeat FROM nodes WHERE name = $1 FOR UPDATE)"
+                f" UPDATE nodes n SET heartbeat = {_NOW} FROM prev WHERE n.name = $1"
+                f" RETURNING n.draining, {_NOW} - prev.heartbeat AS gap", name)
+            if row is not None and lease is not None:
+                await conn.execute(
+                    f"UPDATE recipients SET lease_until = {_NOW} + $2"
+                    " WHERE lease_owner = $1 AND state IN ('queued', 'deferred')", name, lease)
+        return None if row is None else (row["draining"], row["gap"])
+
+    async def reap(self, me: str, dead_after: float, lease: float) -> dict[str, int]:
+        """Give back the work of dead nodes - their session is gone and their heartbeat older
+        than ``dead_after``, or their heartbeat is older than ``lease`` - so that the claims
+        take it at once; returns recipients released per node. The node row is locked first:
+        a node renewing its heartbeat meanwhile is skipped (alive), never half taken over."""
+        async with self.acquire() as conn, conn.transaction():
+            dead = await conn.fetch(
+                f"SELECT name FROM nodes n WHERE name <> $1 AND heartbeat < {_NOW} - $2"
+                f" AND (heartbeat < {_NOW} - $3 OR NOT {self.session_open('n.name')})"
+                " AND EXISTS (SELECT 1 FROM recipients r WHERE r.lease_owner = n.name)"
+                " FOR UPDATE SKIP LOCKED", me, dead_after, lease)
+            if not dead:
+                return {}
+            rows = await conn.fetch(
+                "UPDATE recipients r SET lease_owner = NULL, lease_until = NULL"
+                " FROM unnest($1::text[]) AS d (name) WHERE r.lease_owner = d.name"
+                " RETURNING d.name", [r["name"] for r in dead])
+            await conn.execute("SELECT pg_notify($1, '')", self.work_channel)
+        return dict(collections.Counter(r["name"] for r in rows))
+
+    async def owned(self, name: str) -> set[tuple[str, int]]:
+        """The open recipients leased to ``name``."""
         async with self.acquire() as conn:
-            draining = await conn.fetchval(
-                f"UPDATE nodes SET heartbeat = {_NOW} WHERE name = $1 RETURNING draining", name)
-        return bool(draining)
+            rows = await conn.fetch("SELECT msg_id, idx FROM recipients WHERE lease_owner = $1"
+                                    " AND state IN ('queued', 'deferred')", name)
+        return {(r["msg_id"], r["idx"]) for r in rows}
 
     async def deregister(self, name: str) -> None:
         async with self.acquire() as conn:
@@ -597,7 +704,8 @@ class PostgresSpool:
 
     async def nodes(self) -> list[NodeInfo]:
         async with self.acquire() as conn:
-            rows = await conn.fetch("SELECT * FROM nodes ORDER BY name")
+            rows = await conn.fetch(f"SELECT *, {self.session_open('name')} AS session"
+                                    " FROM nodes ORDER BY name")
         return [NodeInfo(**dict(r)) for r in rows]
 
     async def take_tokens(self, key: str, rate: float, burst: float, want: float) -> float:
@@ -617,11 +725,13 @@ class PostgresSpool:
                 RETURNING granted""", key, rate, burst, want)
 
     async def queue_summary(self) -> list[dict]:
-        """Open recipients counted by pool, state, lease owner and whether the lease is current."""
+        """Open recipients counted by pool, state, lease owner and whether the lease is current,
+        with the earliest lease end of each group."""
         async with self.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT pool, state, lease_owner,"
-                f" coalesce(lease_until >= {_NOW}, false) AS held, count(*) AS n"
+                f" coalesce(lease_until >= {_NOW}, false) AS held, count(*) AS n,"
+                " min(lease_until) AS lease_until"
                 " FROM recipients WHERE state IN ('queued', 'deferred')"
                 " GROUP BY pool, state, lease_owner, held ORDER BY pool")
         return [dict(r) for r in rows]
@@ -630,13 +740,3 @@ class PostgresSpool:
         """The database's clock, which all lease and heartbeat times are measured by."""
         async with self.acquire() as conn:
             return await conn.fetchval(f"SELECT {_NOW}")
-
-    async def listen(self, channels: list[str], callback: Callable[[str, str], None]
-                     ) -> asyncpg.Connection:
-        """A connection that calls ``callback(channel, payload)`` on every NOTIFY (the work
-        channel's payload names the pools that got new mail, or is empty for "any pool");
-        the caller closes it."""
-        conn = await asyncpg.connect(self.dsn)
-        for channel in channels:
-            await conn.add_listener(channel, lambda _c, _pid, ch, payload: callback(ch, payload))
-        return conn

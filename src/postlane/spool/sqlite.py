@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..accounting.records import Record, pack
+from ..monitor.health import Health
 from ..secretfile import private_file
 from .base import (
     FINAL_STATES,
@@ -26,6 +27,7 @@ from .base import (
     Pending,
     Recipient,
     RecipientUpdate,
+    SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
@@ -97,6 +99,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
 class SQLiteSpool:
     """Spool in ``<directory>/spool.sqlite``."""
 
+    HEALTH_KEY = "spool"
+
     def __init__(self, directory: str | Path, node: str = "") -> None:
         self.path = Path(directory) / "spool.sqlite"
         self.node = node
@@ -113,6 +117,8 @@ class SQLiteSpool:
         self._cache = BodyCache()
         self.commits = 0
         self.writes = 0
+        self.health = Health()
+        """Where failing commits are told (the node's; logged once per outage)."""
 
     async def open(self) -> None:
         private_file(self.path)  # message bodies: 0600 in a 0700 folder
@@ -302,11 +308,13 @@ class SQLiteSpool:
             self.events_written += len(events)
             self.commits += 1
             self.writes += len(batch)
+            self.health.end(self.HEALTH_KEY)
         except Exception as exc:  # a failed commit must fail every waiter, not hang them
             error = exc
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            log.error("spool commit failed: %s", exc)
+            self.health.begin(self.HEALTH_KEY, "spool", "spool writes failing", cause=str(exc),
+                              effect="intake answers 451 4.3.0", level=logging.ERROR)
         if futs and self._loop is not None:
             self._loop.call_soon_threadsafe(_resolve, futs, error)
         return error is None
@@ -372,4 +380,4 @@ def _resolve(futs: list[asyncio.Future], error: BaseException | None) -> None:
         if error is None:
             fut.set_result(None)
         else:
-            fut.set_exception(RuntimeError(f"spool commit failed: {error}"))
+            fut.set_exception(SpoolUnavailable(f"spool commit failed: {error}"))

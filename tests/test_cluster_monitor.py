@@ -1,0 +1,201 @@
+"""One truth for a cluster: two ``postlane serve`` processes on one PostgreSQL schema show the
+same queue, SLA figures and alerts, and an outage is told once in the log.
+
+(The issue this answers: node A fired an SLA alert for 259 messages node B had delivered in a
+second, B showed a depth of -259, and a 15 s database stop logged a traceback per message.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+from tests.conftest import message as plain_message
+from tests.conftest import send
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
+from tests.support.tcpproxy import TCPProxy
+from tests.test_cluster import Served, _until, cluster_text, delivered_by, send_many, subjects_of
+
+
+def depths(metrics: str) -> list[float]:
+    return [float(v) for v in re.findall(r"^postlane_queue_depth\{[^}]*\} (\S+)$", metrics,
+                                         re.M)]
+
+
+async def eventually(check, timeout: float = 60.0):
+    """Poll the async ``check`` until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.2)
+
+
+async def test_intake_on_one_node_delivery_by_the_other_no_alert_and_depth_zero(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    sink.delay = 0.05
+    a = Served(tmp_path, "node-a", cluster_text(tmp_path, sink.port, pg_schema, "node-a",
+                                                max_out=1))
+    b = Served(tmp_path, "node-b", cluster_text(tmp_path, sink.port, pg_schema, "node-b",
+                                                max_out=4))
+    try:
+        port_a = await a.port()
+        await b.port()
+        names = [f"p{i:03d}" for i in range(120)]
+        submit = asyncio.create_task(asyncio.to_thread(send_many, port_a, names,
+                                                       "policy-documents"))
+        seen_depths: list[int] = []
+        while not submit.done() or len(sink.arrivals) < len(names):
+            for node in (a, b):
+                sla = await node.api("/api/v1/sla")
+                seen_depths += [c["depth"] for c in sla["classes"]]
+            await asyncio.sleep(0.2)
+            if submit.done() and len(await submit) < len(names):
+                break
+        assert len(await submit) == len(names)
+        assert sorted(subjects_of(sink.arrivals)) == names
+        assert min(seen_depths) >= 0, "no negative depth, ever"
+        assert max(seen_depths) > 0, "the queue was seen while it was there"
+
+        async def settled() -> list[dict] | None:
+            slas = [await node.api("/api/v1/sla") for node in (a, b)]
+            if all(c["depth"] == 0 for s in slas for c in s["classes"]):
+                return slas
+            return None
+
+        sla_a, sla_b = await eventually(settled)
+        assert sla_a["scope"] == sla_b["scope"] == "cluster"
+        assert sla_a["evaluated_by"] == sla_b["evaluated_by"] in ("node-a", "node-b")
+        own = {s["node"]["name"]: {c["class"]: c for c in s["node"]["classes"]}
+               for s in (sla_a, sla_b)}
+        assert own["node-a"]["policy-documents"]["received_total"] == 120
+        assert own["node-b"]["policy-documents"]["received_total"] == 0
+        assert own["node-b"]["policy-documents"]["delivered_total"] > 0, "b delivered"
+        for node in (a, b):
+            metrics = await node.api("/metrics")
+            assert depths(metrics) and set(depths(metrics)) == {0.0}
+            assert "postlane_alert_active{" not in metrics
+            alerts = await node.api("/api/v1/alerts")
+            assert alerts == {"active": [], "resolved": []}, "no alert, ever"
+            status = await node.api("/api/v1/status")
+            assert {n["name"]: n["state"] for n in status["cluster"]["nodes"]} == {
+                "node-a": "alive", "node-b": "alive"}
+    finally:
+        await asyncio.to_thread(a.stop)
+        await asyncio.to_thread(b.stop)
+    assert delivered_by(tmp_path, "node-b") > delivered_by(tmp_path, "node-a")
+
+
+SLOW = """
+[monitor]
+resolve_after = "2s"
+[monitor.sla.policy-documents]
+lead_time = "4s"
+p95 = "1h"
+"""
+
+
+async def test_a_backlog_alerts_once_for_the_cluster_and_resolves_once_after_its_evaluator_dies(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    sink.delay = 1.0  # a slow receiver: 2 connections in all, one message a second each
+
+    def text(name: str) -> str:
+        return cluster_text(tmp_path, sink.port, pg_schema, name, SLOW, max_out=1).replace(
+            'sla = "2m"', 'sla = "10s"')
+
+    nodes = {name: Served(tmp_path, name, text(name)) for name in ("node-a", "node-b")}
+    try:
+        ports = [await node.port() for node in nodes.values()]
+        await asyncio.to_thread(send_many, ports[0], [f"s{i:02d}" for i in range(40)],
+                                "policy-documents")
+
+        async def fired() -> dict | None:
+            alerts = await nodes["node-b"].api("/api/v1/alerts")
+            return alerts["active"][0] if alerts["active"] else None
+
+        alert = await eventually(fired)
+        assert alert["id"] == "predicted-breach:policy-documents"
+
+        async def on_a_too() -> bool:
+            alerts = await nodes["node-a"].api("/api/v1/alerts")
+            return [a["id"] for a in alerts["active"]] == [alert["id"]]
+
+        await eventually(on_a_too)
+        # the node evaluating the cluster dies with the alert active
+        evaluator = (await nodes["node-a"].api("/api/v1/sla"))["evaluated_by"]
+        survivor = nodes["node-b" if evaluator == "node-a" else "node-a"]
+        nodes[evaluator].proc.kill()
+        nodes[evaluator].proc.wait(10)
+
+        async def adopted() -> bool:
+            sla = await survivor.api("/api/v1/sla")
+            alerts = await survivor.api("/api/v1/alerts")
+            return sla["evaluated_by"] == survivor.name and not sla["stale"] and [
+                a["id"] for a in alerts["active"]] == [alert["id"]]
+
+        await eventually(adopted)
+        sink.delay = 0.0  # the receiver recovers: the backlog drains
+
+        async def resolved() -> dict | None:
+            alerts = await survivor.api("/api/v1/alerts")
+            return None if alerts["active"] else alerts
+
+        alerts = await eventually(resolved, timeout=120)
+        assert [a["id"] for a in alerts["resolved"]] == [alert["id"]]
+        assert alerts["resolved"][0]["fired_at"] == alert["fired_at"], "the same alert"
+    finally:
+        for node in nodes.values():
+            await asyncio.to_thread(node.stop)
+    told = sorted((r for node in nodes.values() for r in node.lines()
+                   if str(r.get("msg", "")).startswith("alert ")), key=lambda r: r["ts"])
+    assert [r["msg"].split(":")[0] for r in told] == ["alert fired", "alert resolved"], told
+    journal = [json.loads(line) for name in nodes
+               for line in (tmp_path / f"acct-{name}" / "alerts.jsonl").read_text().splitlines()
+               if (tmp_path / f"acct-{name}" / "alerts.jsonl").exists()]
+    assert sorted(j["event"] for j in journal) == ["fired", "resolved"]
+
+
+def story(node: Served, kind: str) -> list[str]:
+    return [r["event"] for r in node.lines() if r.get("degraded") == kind]
+
+
+async def test_a_database_outage_is_told_once_when_it_starts_and_once_when_it_ends(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    proxy = await TCPProxy("127.0.0.1", 5432).start()
+    node = Served(tmp_path, "node-a", cluster_text(tmp_path, sink.port, pg_schema, "node-a")
+                  .replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+    try:
+        port = await node.port()
+        assert await asyncio.to_thread(send_many, port, ["before"]) == ["before"]
+        await sink.wait_for(1, timeout=30)
+        proxy.cut()
+        refused = []
+        for i in range(4):  # every message offered meanwhile gets a 451, none a traceback
+            try:
+                await send(port, "sender@insurer.test", ["x@example.com"],
+                           plain_message(f"during{i}"))
+            except Exception as exc:  # noqa: BLE001 - smtplib's refusal
+                refused.append(str(exc))
+            await asyncio.sleep(1.5)
+        assert len(refused) == 4 and all("451" in r for r in refused), refused
+        await proxy.start()
+        await _until(lambda: story(node, "database") == ["start", "end"], timeout=60)
+        assert await asyncio.to_thread(send_many, port, ["after"]) == ["after"]
+        await sink.wait_for(2, timeout=30)
+    finally:
+        await asyncio.to_thread(node.stop)  # the proxy runs on this event loop: keep it going
+    lines = node.lines()
+    assert story(node, "database") == ["start", "end"]
+    start, end = (r for r in lines if r.get("degraded") == "database")
+    assert start["level"] == "ERROR" and "451" in start["effect"] and start["cause"]
+    assert end["refusals"] == 4 and end["duration_s"] >= 5
+    assert story(node, "fence") in ([], ["start", "end"])
+    assert not [r for r in lines if "exc" in r or "raw" in r], "no traceback"
+    assert not [r for r in lines if "retrying 0" in str(r.get("msg"))]
+    assert not [r for r in lines if r.get("logger", "").startswith("asyncpg")]
+    assert sorted(subjects_of(sink.arrivals)) == ["after", "before"]
