@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import ssl
@@ -112,3 +113,8 @@ async def test_tls_check_shows_what_a_client_sees(tmp_path, sink, make_node):
     result = await asyncio.to_thread(runner.invoke, app, [
         "tls", "check", "-c", str(path), "--ca-file", str(ca.ca_file)])
     assert "verified   yes, for mta.test" in result.output, result.output
+    result = await asyncio.to_thread(runner.invoke, app, ["tls", "check", "-c", str(path),
+                                                          "--json"])
+    [listener] = json.loads(result.output)
+    assert listener["protocol"] == "TLSv1.3" and listener["verified"] is False
+    assert listener["certificate"]["names"] == ["mta.test"]

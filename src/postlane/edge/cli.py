@@ -119,54 +119,75 @@ def tls_check(
                                                "(default: node.hostname)"),
     ca_file: Path | None = typer.Option(None, help="CA bundle to verify against "
                                                    "(default: the system's)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per listener, in a list"),
 ) -> None:
     """Connect to the running node's listeners as a client would and show the TLS it gets:
     protocol, cipher, certificate names, issuer, validity, and whether it verifies."""
     from ..cli import _load
-    from .tls import describe_certificate
 
     cfg = _load(config)
-    names = [listener] if listener else [n for n, lc in cfg.listeners.items() if lc.tls != "none"]
     if listener and listener not in cfg.listeners:
         typer.echo(f"no listener named {listener!r}", err=True)
         raise typer.Exit(2)
-    failed = False
-    for lname in names:
-        lc = cfg.listeners[lname]
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lc.address, lc.address)
-        subject = name or cfg.node.hostname
-        typer.echo(f"listener {lname} {host}:{lc.port} ({lc.tls.upper()})")
-        if lc.tls == "none":
-            typer.echo("  no TLS")
-            continue
-        try:
-            version, cipher, der = asyncio.run(_probe(host, lc.port, lc.tls == "implicit",
-                                                      subject, None))
-        except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
-            typer.echo(f"  TLS failed: {exc}")
-            failed = True
-            continue
-        info = describe_certificate(der)
-        typer.echo(f"  protocol   {version}, {cipher}")
-        typer.echo(f"  subject    {info['subject']}")
-        typer.echo(f"  names      {', '.join(info['names']) or '-'}")
-        typer.echo(f"  issuer     {info['issuer']}"
-                   + (" (self-signed)" if info["self_signed"] else ""))
-        typer.echo(f"  valid      {info['not_before']} to {info['not_after']}"
-                   f" ({info['days_left']} days left)")
-        typer.echo(f"  sha256     {info['sha256']}")
-        verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
-        try:
-            asyncio.run(_probe(host, lc.port, lc.tls == "implicit", subject, verify))
-        except ssl.SSLCertVerificationError as exc:
-            typer.echo(f"  verified   no, for {subject}: {exc.verify_message}")
-        except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
-            typer.echo(f"  verified   no, for {subject}: {exc}")
-        else:
-            typer.echo(f"  verified   yes, for {subject}"
-                       + (f" (CA {ca_file})" if ca_file else " (system CAs)"))
-    if failed:
+    names = [listener] if listener else [n for n, lc in cfg.listeners.items() if lc.tls != "none"]
+    results = [_check_listener(cfg.listeners[n], n, name or cfg.node.hostname, ca_file)
+               for n in names]
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            typer.echo(_check_text(r))
+    if any(r.get("error") for r in results):
         raise typer.Exit(1)
+
+
+def _check_listener(lc, lname: str, subject: str, ca_file: Path | None) -> dict:
+    """What one listener's TLS looks like to a client (``tls check``)."""
+    from .tls import describe_certificate
+
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lc.address, lc.address)
+    out: dict = {"listener": lname, "address": host, "port": lc.port, "tls": lc.tls}
+    if lc.tls == "none":
+        return out
+    implicit = lc.tls == "implicit"
+    try:
+        out["protocol"], out["cipher"], der = asyncio.run(_probe(host, lc.port, implicit,
+                                                                 subject, None))
+    except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+        out["error"] = str(exc)
+        return out
+    out["certificate"] = describe_certificate(der)
+    verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    out["verified_for"] = subject
+    out["verified_with"] = str(ca_file) if ca_file else "system CAs"
+    try:
+        asyncio.run(_probe(host, lc.port, implicit, subject, verify))
+    except ssl.SSLCertVerificationError as exc:
+        out["verified"], out["verify_error"] = False, exc.verify_message
+    except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+        out["verified"], out["verify_error"] = False, str(exc)
+    else:
+        out["verified"] = True
+    return out
+
+
+def _check_text(r: dict) -> str:
+    lines = [f"listener {r['listener']} {r['address']}:{r['port']} ({r['tls'].upper()})"]
+    if r["tls"] == "none":
+        return "\n".join(lines + ["  no TLS"])
+    if "error" in r:
+        return "\n".join(lines + [f"  TLS failed: {r['error']}"])
+    info = r["certificate"]
+    lines += [f"  protocol   {r['protocol']}, {r['cipher']}",
+              f"  subject    {info['subject']}",
+              f"  names      {', '.join(info['names']) or '-'}",
+              f"  issuer     {info['issuer']}" + (" (self-signed)" if info["self_signed"] else ""),
+              f"  valid      {info['not_before']} to {info['not_after']}"
+              f" ({info['days_left']} days left)",
+              f"  sha256     {info['sha256']}",
+              f"  verified   yes, for {r['verified_for']} ({r['verified_with']})" if r["verified"]
+              else f"  verified   no, for {r['verified_for']}: {r['verify_error']}"]
+    return "\n".join(lines)
 
 
 async def _probe(host: str, port: int, implicit: bool, name: str,
