@@ -68,7 +68,7 @@ async def test_backup_while_mail_flows_then_restore_verify_and_deliver(tmp_path,
     roles = {i["role"]: i for i in manifest["items"]}
     for role in ("state:spool.sqlite", "state:audit.sqlite", "state:suppression.sqlite3",
                  "state:feedback.key", "api.token_file", "dkim.keys[0].key_file",
-                 "dkim.keys[1].key_file", "listeners.submission.tls_key", "config"):
+                 "dkim.keys[1].key_file", "tls.key_file", "config"):
         assert role in roles, role
     assert roles["state:spool.sqlite"]["kind"] == "sqlite"
     assert any(r.startswith("accounting:") and r.endswith(".position.json") for r in roles)

@@ -76,9 +76,7 @@ def named_files(cfg: Config) -> list[Named]:
         ("audit.seal_key", cfg.audit.seal_key),
         ("reputation.store", cfg.reputation.store),
         ("reputation.postmaster.key_file", cfg.reputation.postmaster.key_file)]
-    tls = getattr(cfg, "tls", None)
-    fields += [("tls.cert_file", getattr(tls, "cert_file", None)),
-               ("tls.key_file", getattr(tls, "key_file", None))]
+    fields += [("tls.cert_file", cfg.tls.cert_file), ("tls.key_file", cfg.tls.key_file)]
     for name, lc in cfg.listeners.items():
         fields += [(f"listeners.{name}.tls_cert", lc.tls_cert),
                    (f"listeners.{name}.tls_key", lc.tls_key)]

@@ -129,8 +129,6 @@ address = "{sub_host}"
 port = {sub_port}
 relay_from = ["127.0.0.0/8", "::1/128"]
 tls = "starttls"
-tls_cert = "tls/cert.pem"     # self-signed by init: replace with your CA's certificate
-tls_key = "tls/key.pem"       # (files replaced in place are loaded on `systemctl reload`)
 
 # The MX of the bounce and feedback domains points here: bounces, DMARC reports and complaints
 # are accepted from anyone; everything else is refused (no open relay).
@@ -139,8 +137,12 @@ address = "{in_host}"
 port = {in_port}
 relay_from = []
 tls = "starttls"
-tls_cert = "tls/cert.pem"
-tls_key = "tls/key.pem"
+
+# The listeners' certificate: self-signed by init; replace both files with your CA's (a
+# renewed pair under the same paths is served without a restart).
+[tls]
+cert_file = "tls/cert.pem"
+key_file = "tls/key.pem"
 
 [api]                         # dashboard, /metrics, HTTP API: loopback only, bearer token
 address = "{api_host}"

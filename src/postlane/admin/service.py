@@ -79,18 +79,17 @@ class Notifier:
             await asyncio.sleep(self.watchdog_interval)
 
 
-_RESTART_SECTIONS = {"node", "listeners", "pools", "api", "cluster", "accounting", "audit",
-                     "scheduler", "dns", "relay", "security", "monitor", "reputation"}
-_RELOADED = {"listeners": {"__all__": {"tls_cert", "tls_key"}},
-             "feedback": {"bounce_rules"}, "dkim": {"keys"}}
-"""Fields of those sections (and of feedback and dkim) that a reload does take over."""
+_RELOADED = {"classes", "destinations", "default_destinations", "routes", "classification",
+             "default_class", "correlation_header", "dkim", "feedback"}
+"""Top-level settings a reload takes over (dkim: its keys; feedback: its bounce rules)."""
+_RELOADED_FIELDS = {"feedback": {"bounce_rules"}, "dkim": {"keys"}}
 
 
 def _needs_restart(old: Config, new: Config) -> list[str]:
     """The settings that differ and that a running node cannot take over."""
-    sections = _RESTART_SECTIONS | {"feedback", "dkim"}
-    before = old.model_dump(include=sections, exclude=_RELOADED)
-    after = new.model_dump(include=sections, exclude=_RELOADED)
+    sections = (set(type(old).model_fields) - _RELOADED) | set(_RELOADED_FIELDS)
+    before = old.model_dump(include=sections, exclude=_RELOADED_FIELDS)
+    after = new.model_dump(include=sections, exclude=_RELOADED_FIELDS)
     out = [s for s in sorted(sections) if before[s] != after[s]]
     if set(new.classes) != set(old.classes):
         out.append("classes (added or removed)")
@@ -101,20 +100,15 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     return out
 
 
-def _certificates(node: Node, new: Config) -> list[tuple[ssl.SSLContext, str, str]]:
-    """Each listener's TLS context with its new certificate and key files, each pair checked
-    by loading it into a fresh context first."""
-    from ..edge.guard import server_tls_context
+def _certificates(node: Node) -> list:
+    """The listeners' certificates, each pair checked by loading it afresh (a renewed file
+    under the same path; a path changed in the config waits for a restart)."""
+    from ..edge.tls import server_context
 
-    out = []
-    for listener in node.listeners:
-        ctx = listener.handler.guard.tls
-        lc = new.listeners.get(listener.name)
-        if ctx is None or lc is None or not (lc.tls_cert and lc.tls_key):
-            continue
-        server_tls_context(lc.tls_cert, lc.tls_key)  # raises on a broken or mismatched pair
-        out.append((ctx, lc.tls_cert, lc.tls_key))
-    return out
+    entries = list(node.certificates.by_files.values())
+    for entry in entries:
+        server_context(entry.cert_file, entry.key_file)  # raises on a broken or mismatched pair
+    return entries
 
 
 async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
@@ -127,7 +121,7 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
     notifier.reloading()
     try:
         new = await asyncio.to_thread(load_config, path)
-        certs = await asyncio.to_thread(_certificates, node, new)
+        certs = await asyncio.to_thread(_certificates, node)
         keyring = KeyRing(new.dkim) if node.signer is not None and new.dkim.keys else None
         classifier = load_classifier(new.feedback.bounce_rules)
     except ConfigError as exc:
@@ -141,8 +135,8 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
         return False
     cfg = node.config
     waiting = _needs_restart(cfg, new)
-    for ctx, cert, key in certs:
-        ctx.load_cert_chain(cert, key)  # new handshakes use it; open sessions keep theirs
+    for entry in certs:
+        entry.reload_if_changed()  # new handshakes get it; open sessions keep theirs
     if keyring is not None:
         keyring.health = node.health
         node.signer.keyring = keyring
