@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from postlane.policy.intake import RcptIn
-from tests.conftest import config_text, message
+from tests.conftest import OPERATOR, config_text, message
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
@@ -31,7 +31,7 @@ async def test_dashboard_shows_the_api_numbers_and_pauses_a_pool(tmp_path, sink,
         await node.intake.submit("s@insurer.test", [RcptIn(f"p{i}@example.com")],
                                  message("policy", cls="policy-documents"))
     await sink.wait_for(4)
-    await node.pause("bulk")
+    await node.operations.pause("bulk", who=OPERATOR)
     for i in range(3):  # held in the paused pool: visible as queued
         await node.intake.submit("s@insurer.test", [RcptIn(f"m{i}@example.com")],
                                  message("offer", cls="marketing"))

@@ -7,12 +7,13 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config.model import parse_duration
 from ..policy.headers import field_value, header_fields, split_message
 from ..scheduler.control import SelectionError, Selector, message_view
+from .tokens import caller
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -104,26 +105,30 @@ def router(node: Node) -> APIRouter:
         out["attempts"] = await asyncio.to_thread(_attempts, node, queue_id)
         return out
 
+    def act(request: Request, action: str, body: ActionIn, dsn: bool = False) -> dict:
+        return run(node.operations.queue, action, body.selector(), who=caller(request),
+                   dry_run=body.dry_run, dsn=dsn)
+
     @api.post("/hold")
-    async def hold(body: ActionIn) -> dict:
+    async def hold(request: Request, body: ActionIn) -> dict:
         """Keep messages from delivery until released (survives a restart)."""
         _single_node(node, "hold")
-        return run(queue.act, "hold", body.selector(), dry_run=body.dry_run)
+        return act(request, "hold", body)
 
     @api.post("/release")
-    async def release(body: ActionIn) -> dict:
+    async def release(request: Request, body: ActionIn) -> dict:
         _single_node(node, "release")
-        return run(queue.act, "release", body.selector(), dry_run=body.dry_run)
+        return act(request, "release", body)
 
     @api.post("/retry")
-    async def retry(body: ActionIn) -> dict:
+    async def retry(request: Request, body: ActionIn) -> dict:
         """Deferred recipients become due now."""
-        return run(queue.act, "retry", body.selector(), dry_run=body.dry_run)
+        return act(request, "retry", body)
 
     @api.post("/delete")
-    async def delete(body: DeleteIn) -> dict:
+    async def delete(request: Request, body: DeleteIn) -> dict:
         """Remove messages: a "b" record each (bounceCat purged), a DSN only with ``dsn``."""
-        return run(queue.act, "delete", body.selector(), dry_run=body.dry_run, dsn=body.dsn)
+        return act(request, "delete", body, body.dsn)
 
     @api.get("/deferrals")
     async def deferrals(top: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:

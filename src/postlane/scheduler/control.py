@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..spool import Recipient, State
 
 if TYPE_CHECKING:
+    from ..operations import Operator
     from .scheduler import Scheduler
 
 __all__ = ["AGE_BUCKETS", "STATES", "QueueControl", "SelectionError", "Selector", "reason_key"]
@@ -146,9 +147,10 @@ class QueueControl:
 
     # -- actions --------------------------------------------------------------------------------
 
-    def act(self, action: str, sel: Selector, *, dry_run: bool = False, dsn: bool = False,
-            diag: str = "deleted by operator") -> dict:
-        """hold, release, retry or delete the selected recipients; a dry run only counts."""
+    def act(self, action: str, sel: Selector, who: Operator, *, dry_run: bool = False,
+            dsn: bool = False) -> dict:
+        """hold, release, retry or delete the selected recipients, on the record as ``who``'s
+        action; a dry run only counts."""
         self.check(sel, action=True)
         wanted = {"hold": (State.QUEUED, State.DEFERRED), "release": (State.HELD,),
                   "retry": (State.DEFERRED,),
@@ -163,11 +165,11 @@ class QueueControl:
         else:
             found = self.scheduler.take(chosen)
             if action == "hold":
-                self.scheduler.hold(found)
+                self.scheduler.hold(found, who)
             elif action == "delete":
-                self.scheduler.remove(found, diag, dsn=dsn)
+                self.scheduler.remove(found, "delete", who, dsn=dsn)
             else:
-                self.scheduler.requeue_now(found)
+                self.scheduler.requeue_now(found, action, who)
                 self.scheduler.kick()
         return {"action": action, "dry_run": dry_run, "recipients": len(found),
                 "messages": len({r.msg.id for r in found})}

@@ -15,19 +15,21 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
 from ..config import Config
 from ..feedback.categories import default_classifier
 from ..monitor.health import Health
+from ..operations import DONE, stamp
 from ..spool import Message, PostgresSpool, Recipient, RecipientUpdate, Spool, State
 from .lanes import Lane, SourceSlot
 from .rules import RuleBook
 from .shared_rate import LocalRate, RateLimiter, SharedRate
 
 if TYPE_CHECKING:
+    from ..operations import Operator
     from ..relay.deliver import Relay
 
 log = logging.getLogger("postlane.scheduler")
@@ -552,53 +554,62 @@ class Scheduler:
                 taken.append(rcpt)
         return taken
 
-    def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:
+    def retry_now(self, pool: str | None, domain: str | None, who: Operator) -> int:
         """Make deferred recipients due at once and lift the lanes' suspensions; returns how
         many."""
         taken = self.take(lambda r: r.state is State.DEFERRED and (
             pool is None or r.msg.pool == pool) and (domain is None or r.domain == domain))
-        self.requeue_now(taken)
+        self.requeue_now(taken, "retry", who)
         for lane in self.lanes.values():
             if (pool is None or lane.pool == pool) and (domain is None or lane.domain == domain):
                 lane.suspended_until = 0.0
         self.kick()
         return len(taken)
 
-    def requeue_now(self, rcpts: list[Recipient]) -> None:
-        """Queue recipients taken out of the queue again, due now (a retry or a release)."""
-        changed = [r for r in rcpts if r.state is not State.QUEUED]
+    def requeue_now(self, rcpts: list[Recipient], action: str, who: Operator) -> None:
+        """Queue recipients taken out of the queue again, due now (an operator's retry or
+        release: an "o" record each)."""
         for rcpt in rcpts:
             rcpt.state, rcpt.next_attempt = State.QUEUED, 0.0
             self.add(rcpt)
-        if changed:
-            self.spool.update([RecipientUpdate(r.msg.id, r.idx, State.QUEUED, r.attempts, 0.0,
-                                               r.last_reply) for r in changed])
+        self._operated(rcpts, action, who)
 
-    def hold(self, rcpts: list[Recipient]) -> None:
+    def hold(self, rcpts: list[Recipient], who: Operator) -> None:
         """Keep recipients taken out of the queue on hold until released (durable)."""
         for rcpt in rcpts:
             rcpt.state = State.HELD
             self.add(rcpt)
-        self.spool.update([RecipientUpdate(r.msg.id, r.idx, State.HELD, r.attempts,
-                                           r.next_attempt, r.last_reply) for r in rcpts])
+        self._operated(rcpts, "hold", who)
 
-    def remove(self, rcpts: list[Recipient], diag: str, dsn: bool = False) -> None:
-        """Bounce recipients taken out of the queue on an operator's decision: a "b" record
-        with bounce_cat "purged" each, and a DSN to the sender only if ``dsn``."""
+    def _operated(self, rcpts: list[Recipient], action: str, who: Operator) -> None:
+        """Write the recipients' new state with an "o" record each, in one spool write."""
+        if not rcpts:
+            return
+        now = time.time()
+        recs = [stamp(self._base_record("o", r, now), action, who) for r in rcpts]
+        for rec in recs:
+            self.record(rec)
+        self.spool.update([RecipientUpdate(r.msg.id, r.idx, r.state, r.attempts,
+                                           r.next_attempt, r.last_reply) for r in rcpts], recs)
+
+    def remove(self, rcpts: list[Recipient], action: str, who: Operator,
+               dsn: bool = False) -> None:
+        """Bounce recipients taken out of the queue on an operator's decision (``action``
+        purge or delete): a "b" record with bounce_cat "purged" each, naming the operator, and
+        a DSN to the sender only if ``dsn``."""
         now = time.time()
         for rcpt in rcpts:
-            rec = self._base_record("b", rcpt, now)
+            rec = stamp(self._base_record("b", rcpt, now), action, who)
             rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "5.0.0", "purged"
-            rec.dsn_diag = diag
-            if dsn:
-                self._fail(rcpt, "5.0.0", diag, "")
-            self._final(rcpt, State.BOUNCED, diag, rec, from_heap=False)
+            if dsn:  # the sender is told what happened, not who did it
+                self._fail(rcpt, "5.0.0", f"{DONE[action]} by operator", "")
+            self._final(rcpt, State.BOUNCED, rec.dsn_diag, rec, from_heap=False)
 
-    def purge(self, pool: str, domain: str) -> int:
+    def purge(self, pool: str, domain: str, who: Operator) -> int:
         """Drop a lane's queued, deferred and held recipients (an operator's decision, so no
         DSN is sent). In-flight ones finish."""
         taken = self.take(lambda r: r.msg.pool == pool and r.domain == domain)
-        self.remove(taken, "purged by operator")
+        self.remove(taken, "purge", who)
         return len(taken)
 
     def recipients(self) -> Iterator[Recipient]:
@@ -624,8 +635,10 @@ class Scheduler:
 
     # -- pause ----------------------------------------------------------------------------------
 
-    async def set_paused(self, pool: str, domain: str | None, paused: bool) -> None:
-        await self.spool.set_paused(pool, domain or ANY_DOMAIN, paused)
+    async def set_paused(self, pool: str, domain: str | None, paused: bool,
+                         events: Sequence[Record] = ()) -> None:
+        """Pause or resume, with the record of it (``events``) in the same spool write."""
+        await self.spool.set_paused(pool, domain or ANY_DOMAIN, paused, events)
         self.apply_paused(pool, domain, paused)
 
     def apply_paused(self, pool: str, domain: str | None, paused: bool) -> None:

@@ -336,10 +336,11 @@ class PostgresSpool:
         self._live_bodies.pop(msg_id, None)
         self._cache.pop(msg_id)
 
-    async def set_paused(self, pool: str, domain: str, paused: bool) -> None:
+    async def set_paused(self, pool: str, domain: str, paused: bool,
+                         events: Sequence[Record] = ()) -> None:
         """Pause is cluster-wide: the row is shared and every node is notified."""
         fut = asyncio.get_running_loop().create_future()
-        self._submit(("pause", pool, domain, paused, fut), True)
+        self._submit(("pause", pool, domain, paused, events, fut), True)
         await fut
 
     async def flush(self) -> None:
@@ -443,6 +444,7 @@ class PostgresSpool:
                 fins.append(op[1])
             elif kind == "pause":
                 pauses.append(op[1:4])
+                events.extend(op[4])
         first = self.events_written + 1
         async with conn.transaction():
             if msgs:

@@ -198,9 +198,10 @@ class SQLiteSpool:
         self._submit(("fin", msg_id), False)
         self._cache.pop(msg_id)
 
-    async def set_paused(self, pool: str, domain: str, paused: bool) -> None:
+    async def set_paused(self, pool: str, domain: str, paused: bool,
+                         events: Sequence[Record] = ()) -> None:
         fut = self._future()
-        self._submit(("pause", pool, domain, paused, fut), True)
+        self._submit(("pause", pool, domain, paused, events, fut), True)
         await fut
 
     async def flush(self) -> None:
@@ -266,7 +267,8 @@ class SQLiteSpool:
                     trims[writer] = max(n, trims.get(writer, 0))
             elif kind == "pause":
                 pauses.append(op[1:4])
-                futs.append(op[4])
+                events.extend(op[4])
+                futs.append(op[5])
             elif kind == "flush":
                 futs.append(op[1])
         error: BaseException | None = None

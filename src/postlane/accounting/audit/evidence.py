@@ -40,7 +40,12 @@ class Trail:
     @property
     def attempts(self) -> list[dict]:
         return [r for r in self.rows if r["type"] in ("d", "t", "b") and (
-            r["dlv_destination_ip"] or r["bounce_cat"] != "message-expired")]
+            r["dlv_destination_ip"] or r["bounce_cat"] not in ("message-expired", "purged"))]
+
+    @property
+    def operations(self) -> list[dict]:
+        """What operators did to it: hold, release, retry ("o" records), purge or delete."""
+        return [r for r in self.rows if _by_operator(r)]
 
     @property
     def final(self) -> dict | None:
@@ -60,7 +65,7 @@ class Trail:
         if final["bounce_cat"] == "message-expired":
             return "expired"
         if final["bounce_cat"] == "purged":
-            return "purged by operator"
+            return final["dsn_diag"] or "purged by operator"
         return _OUTCOMES[final["type"]]
 
     @property
@@ -107,11 +112,18 @@ class Trail:
             "env_id": first["env_id"], "class": first["cls"], "pool": first["vmta_pool"],
             "received": _event(self.received) if self.received else None,
             "attempts": [_event(r) for r in self.attempts],
+            "operations": [{"time": format_time(r["time_logged"]), "type": r["type"],
+                            "operator": r["operator"], "detail": r["dsn_diag"]}
+                           for r in self.operations],
             "outcome": self.outcome, "total_seconds_queued": self.latency,
             "sla_seconds": self.sla, "sla_met": self.sla_met(now),
             "records": [{"seq": r["seq"], "hash": bytes(r["hash"]).hex(),
                          "state": _STATES[r["state"]]} for r in self.rows],
         }
+
+
+def _by_operator(row: dict) -> bool:
+    return row["type"] == "o" or (row["type"] == "b" and row["bounce_cat"] == "purged")
 
 
 def _event(row: dict) -> dict:
@@ -154,6 +166,10 @@ def render_text(items: list[Trail], now: float) -> str:
                          f"{rec['dlv_size']} bytes; queued")
         for row in trail.rows:
             if row["type"] == "r":
+                continue
+            if _by_operator(row):
+                via = f" (via {row['src_type']})" if row["type"] == "o" else ""
+                lines.append(f"  {_t(row['time_logged'])}  {row['dsn_diag'] or row['type']}{via}")
                 continue
             if row["type"] == "b" and row["bounce_cat"] == "message-expired" and \
                     not row["dlv_destination_ip"]:

@@ -39,6 +39,7 @@ from psycopg.rows import dict_row
 
 from ...spool.postgres import CONNECT_TIMEOUT, redact
 from .store import (
+    CLASSES_SQL,
     COLUMNS,
     VERIFY_COLUMNS,
     Entry,
@@ -52,6 +53,7 @@ from .store import (
     fresh,
     link,
     pause_spans,
+    pauses_sql,
     prepare,
     walk,
 )
@@ -115,6 +117,9 @@ CREATE UNIQUE INDEX ax_event ON audit_records (ev_writer, ev_n) WHERE ev_writer 
 CREATE TABLE audit_feed (
     writer TEXT PRIMARY KEY, n BIGINT NOT NULL, time DOUBLE PRECISION NOT NULL);
 DROP TABLE audit_writers;
+"""),
+    (4, """
+CREATE INDEX ax_ops ON audit_records (vmta_pool, time_logged) WHERE type = 'o';
 """),
 ]
 """Versioned schema of the audit tables (table ``audit_migrations``, separate from the spool's
@@ -308,21 +313,13 @@ class PostgresAuditStore(RetentionMixin):
         with self._db().cursor(row_factory=dict_row) as cur:
             return cur.execute("SELECT * FROM audit_purges ORDER BY id").fetchall()
 
-    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None:
-        """Operator actions that explain waiting (pause/resume of a pool or one of its lanes)."""
-        self._db().execute("INSERT INTO audit_operations (time, action, pool, domain)"
-                           " VALUES (%s, %s, %s, %s)", (when, action, pool, domain))
-
     def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
         """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
         ends at ``until``."""
-        return pause_spans(self._db().execute(
-            "SELECT time, action, domain FROM audit_operations WHERE pool = %s AND time < %s"
-            " ORDER BY id", (pool, until)), until)
+        return pause_spans(self._db().execute(pauses_sql("%s"), (pool, until) * 2), until)
 
     def classes(self) -> list[str]:
-        return [r[0] for r in self._db().execute(
-            "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
+        return [r[0] for r in self._db().execute(CLASSES_SQL)]
 
     # -- verification ---------------------------------------------------------------------------
 
