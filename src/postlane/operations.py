@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from .accounting.records import Record
-from .feedback.suppression import Entry, SuppressionList
+from .feedback.suppression import Entry, SuppressionList, normalize
 from .scheduler.control import SelectionError, Selector
 
 if TYPE_CHECKING:
@@ -103,8 +103,9 @@ class Suppressions:
     def remove(self, address: str, scope: str | None, *, who: Operator) -> int:
         removed = self.store.remove(address, scope)
         if removed:
-            self.record(action_record("unsuppress", who, target=address.strip().lower(),
-                                      note=f" (scope {scope or 'every scope'}, {removed}"
+            where = f"scope {scope}" if scope else "every scope"
+            self.record(action_record("unsuppress", who, target=normalize(address),
+                                      note=f" ({where}, {removed}"
                                            f" entr{'y' if removed == 1 else 'ies'})"))
         return removed
 
@@ -204,6 +205,6 @@ class Operations:
 
     @staticmethod
     def _log(action: str, who: Operator, count: int, **what: object) -> None:
-        log.info("operator %s: %s %d", who.name, action, count,
+        log.info("%s by operator %s (%s): %d", DONE[action], who.name, who.via, count,
                  extra={"operator": who.name, "via": who.via, "action": action,
                         "count": count, **what})

@@ -59,6 +59,10 @@ class Trail:
     def outcome(self) -> str:
         final = self.final
         if final is None:
+            held = [r for r in self.rows if r["type"] == "o"
+                    and r["dsn_action"] in ("hold", "release")]
+            if held and held[-1]["dsn_action"] == "hold":
+                return f"{held[-1]['dsn_diag']} (still queued)"
             if any(r["type"] == "t" for r in self.rows):
                 return "deferred (still queued)"
             return "queued"
@@ -155,6 +159,12 @@ def render_text(items: list[Trail], now: float) -> str:
     lines: list[str] = []
     for trail in items:
         f = trail.first
+        if not trail.queue_id:  # actions on an address, not on a message of it
+            lines.append(f"address {trail.rcpt} on the suppression list")
+            lines += [f"  {_t(r['time_logged'])}  {r['dsn_diag']} (via {r['src_type']})"
+                      for r in trail.rows]
+            lines.append("")
+            continue
         lines.append(f"message {trail.queue_id}  Message-ID {f['message_id'] or '-'}  "
                      f"correlation {f['correlation_id'] or '-'}  ENVID {f['env_id'] or '-'}")
         lines.append(f"  class {f['cls']} (pool {f['vmta_pool']})  recipient {trail.rcpt}")
