@@ -1,10 +1,13 @@
-"""The crash-safety harness, small: SIGKILL the node 3 times during a 300-message campaign."""
+"""The crash-safety harness, small: SIGKILL the node 3 times during a 300-message campaign, and
+on PostgreSQL kill one of two nodes for good. Nothing acknowledged is lost, and every message
+has its evidence in the audit store and the accounting files."""
 
 from __future__ import annotations
 
 import asyncio
 
 from postlane.killtest import run
+from tests.support.pg import PG_DSN
 
 
 async def test_nothing_acknowledged_is_lost_across_sigkills(tmp_path):
@@ -13,3 +16,14 @@ async def test_nothing_acknowledged_is_lost_across_sigkills(tmp_path):
     assert result.acknowledged == 300
     assert result.lost == 0
     assert result.delivered == 300
+    assert result.evidence_ok, result.problems
+
+
+async def test_a_cluster_node_killed_for_good_loses_neither_mail_nor_evidence(tmp_path,
+                                                                              pg_schema):
+    # pg_schema: skips with the reason when PostgreSQL is away (the harness makes its own)
+    result = await asyncio.to_thread(run, tmp_path, messages=200, kills=1, seed=11,
+                                     spool=PG_DSN)
+    assert result.kills == 1 and result.acknowledged == 200
+    assert result.lost == 0 and result.delivered == 200
+    assert result.evidence_ok, result.problems

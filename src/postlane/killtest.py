@@ -1,17 +1,28 @@
 """Crash-safety harness: SIGKILL a node at random moments during a campaign, restart it, and
-check that every message acknowledged with 250 was delivered.
+check that every message acknowledged with 250 was delivered and that its evidence is complete.
 
 Three kinds of process, as in production: the node (``postlane serve``, killed and restarted),
-a sink in its own process (never killed, it records arrivals to a file), and the submitting
-client in this process (it records which sequence numbers got a 250). A message is lost when it
-was acknowledged and never arrived; a duplicate is a second arrival of one message, which SMTP
-allows for messages in flight at the kill (delivered, but the node died before recording it).
+a sink in its own process (never killed, it records each arrival to a file and fsyncs it before
+its 250), and the submitting client in this process (it records which sequence numbers got a
+250). A message is lost when it was acknowledged and never arrived; a duplicate is a second
+arrival of one message, which SMTP allows for messages in flight at the kill (delivered, but the
+node died before recording it: its trail must then say "outcome unknown").
+
+The evidence check, once the node has stopped: every message the sink saw has its "r" and its
+"d" in the audit store and in the accounting files, each line of the files once; a duplicate
+arrival is explained by an unknown attempt (or a second delivery) in the trail; every
+acknowledged message is found by its correlation id; ``audit verify`` (chain and completeness)
+passes.
+
+With a PostgreSQL DSN (``spool``), two nodes share the queue and the second is killed once and
+never restarted: the survivor takes over its work and its evidence.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import json
 import os
 import random
@@ -22,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +50,22 @@ class Result:
     lost: int
     unacknowledged_delivered: int
     seconds: float
+    evidence_gaps_store: int = 0
+    """Messages the sink saw whose "r" or "d" the audit store lacks."""
+    evidence_gaps_files: int = 0
+    """The same, in the accounting files."""
+    file_lines_twice: int = 0
+    unexplained_duplicates: int = 0
+    """Second arrivals with neither an unknown attempt nor a second delivery in the trail."""
+    acknowledged_not_found: int = 0
+    verify_ok: bool = True
+    problems: list[str] | None = None
+
+    @property
+    def evidence_ok(self) -> bool:
+        return self.verify_ok and not (self.evidence_gaps_store or self.evidence_gaps_files
+                                       or self.file_lines_twice or self.unexplained_duplicates
+                                       or self.acknowledged_not_found)
 
 
 def _free_port() -> int:
@@ -47,14 +74,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(workdir: Path, listen: int, sink: int) -> str:
+def _config(home: Path, listen: int, sink: int, spool: str, name: str, schema: str) -> str:
     return f"""
 default_class = "bulk"
 [node]
-name = "killtest"
+name = "{name}"
 hostname = "killtest.local"
-spool = "{workdir}/spool"
+spool = "{spool}"
 drain_timeout = 2
+[cluster]
+schema_name = "{schema}"
 [listeners.in]
 address = "127.0.0.1"
 port = {listen}
@@ -74,7 +103,8 @@ idle_timeout = 0.2
 [routes]
 "example.com" = "127.0.0.1:{sink}"
 [accounting]
-directory = "{workdir}/acct"
+directory = "{home}/acct"
+formats = ["csv", "jsonl"]
 [api]
 enabled = false  # not needed here, and port 8025 may be another node's on this machine
 """
@@ -109,29 +139,33 @@ class _NodeProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.kill()
 
 
-def _submit(port: int, seqs: list[int], acked: set[int], lock: threading.Lock,
+def _submit(ports: list[int], seqs: list[int], acked: set[int], lock: threading.Lock,
             stop: threading.Event) -> None:
-    """Submit each message until it gets a 250 (a retry after a kill may duplicate it)."""
+    """Submit each message until it gets a 250 (a retry after a kill may duplicate it); a node
+    that does not answer is left for the next one (a cluster's survivor)."""
     client: smtplib.SMTP | None = None
+    turn = 0
     for seq in seqs:
         data = (b"From: killtest@example.com\r\nTo: r@example.com\r\nSubject: killtest\r\n"
+                + b"X-Correlation-ID: kill-" + str(seq).encode() + b"\r\n"
                 + SEQ_HEADER + str(seq).encode() + b"\r\n\r\nmessage " + str(seq).encode()
                 + b"\r\n")
         while not stop.is_set():
             try:
                 if client is None:
-                    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+                    client = smtplib.SMTP("127.0.0.1", ports[turn % len(ports)], timeout=30)
                 client.sendmail("killtest@example.com", [f"r{seq}@example.com"], data)
             except (OSError, smtplib.SMTPException):
                 if client is not None:
                     with contextlib.suppress(Exception):
                         client.close()
                 client = None
+                turn += 1
                 time.sleep(0.1)
                 continue
             with lock:
@@ -151,64 +185,165 @@ def _arrivals(path: Path) -> Counter[int]:
 
 
 def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
-        seed: int | None = None, settle: float = 120.0) -> Result:
-    """Run the campaign with ``kills`` SIGKILLs spread over it; see ``Result``."""
+        seed: int | None = None, settle: float = 120.0, spool: str | None = None) -> Result:
+    """Run the campaign with ``kills`` SIGKILLs spread over it (with ``spool`` a PostgreSQL
+    DSN: two nodes, one killed once and not restarted); see ``Result``."""
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     arrivals = workdir / "arrivals.txt"
     arrivals.unlink(missing_ok=True)
-    sink_port, listen = _free_port(), _free_port()
+    sink_port = _free_port()
     sink = subprocess.Popen([sys.executable, "-m", "postlane.killtest", "sink", str(sink_port),
                              str(arrivals)], stdout=subprocess.DEVNULL)
-    config = workdir / "killtest.toml"
-    config.write_text(_config(workdir, listen, sink_port))
-    node = _NodeProcess(config, listen, workdir / "node.log")
+    schema = f"killtest_{os.getpid()}_{rng.randrange(1 << 30)}" if spool else "postlane"
+    names = ["node-a", "node-b"] if spool else ["killtest"]
+    nodes, configs = [], []
+    for name in names:
+        home = workdir / name if spool else workdir
+        home.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        config = home / "killtest.toml"
+        config.write_text(_config(home, port, sink_port, spool or f"{home}/spool", name, schema))
+        configs.append(config)
+        nodes.append(_NodeProcess(config, port, home / "node.log"))
     started = time.monotonic()
     acked: set[int] = set()
     lock = threading.Lock()
     stop = threading.Event()
     done = 0
     try:
-        node.start()
+        for node in nodes:
+            node.start()
+        ports = [n.port for n in nodes]
         seqs = list(range(messages))
-        threads = [threading.Thread(target=_submit, args=(listen, seqs[i::clients], acked, lock,
-                                                          stop), daemon=True)
-                   for i in range(clients)]
+        threads = [threading.Thread(target=_submit, args=(ports[i % len(ports):]
+                                                          + ports[:i % len(ports)],
+                                                          seqs[i::clients], acked, lock, stop),
+                                    daemon=True) for i in range(clients)]
         for t in threads:
             t.start()
-        # kill points spread over the campaign (delivery runs alongside intake)
-        for point in sorted(rng.sample(range(1, messages), min(kills, messages - 1))):
+        points = sorted(rng.sample(range(1, messages), min(1 if spool else kills,
+                                                           messages - 1)))
+        for point in points:  # kill points spread over the campaign (delivery runs alongside)
             while any(t.is_alive() for t in threads):
                 with lock:
                     if len(acked) >= point:
                         break
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.2))
-            node.kill()
+            victim = nodes[-1]
+            victim.kill()
             done += 1
-            time.sleep(rng.uniform(0.0, 0.3))
-            node.start()
+            if not spool:  # a single node comes back; a cluster's victim stays dead
+                time.sleep(rng.uniform(0.0, 0.3))
+                victim.start()
         for t in threads:
             t.join(settle)
         deadline = time.monotonic() + settle
-        while time.monotonic() < deadline and not acked <= set(_arrivals(arrivals)):
-            time.sleep(0.2)
+        while time.monotonic() < deadline and not (acked <= set(_arrivals(arrivals))
+                                                   and _drained(configs[0])):
+            time.sleep(0.2)  # delivered, and nothing left queued (a dead node's taken over)
     finally:
         stop.set()
-        node.stop()
+        for node in nodes:
+            node.stop()
         sink.terminate()
         sink.wait(10)
     counts = _arrivals(arrivals)
     delivered = acked & set(counts)
-    return Result(kills=done, submitted=messages, acknowledged=len(acked),
-                  delivered=len(delivered), duplicates=sum(c - 1 for c in counts.values()),
-                  lost=len(acked - delivered),
-                  unacknowledged_delivered=len(set(counts) - acked),
-                  seconds=round(time.monotonic() - started, 1))
+    result = Result(kills=done, submitted=messages, acknowledged=len(acked),
+                    delivered=len(delivered), duplicates=sum(c - 1 for c in counts.values()),
+                    lost=len(acked - delivered), unacknowledged_delivered=len(set(counts) - acked),
+                    seconds=round(time.monotonic() - started, 1))
+    try:
+        _evidence(result, configs, acked, counts)
+    finally:
+        if spool:
+            _drop_schema(spool, schema)
+    return result
+
+
+def _evidence(result: Result, configs: list[Path], acked: set[int],
+              counts: Counter[int]) -> None:
+    """Fill in the evidence figures of ``result`` from the store and the files."""
+    from .accounting.audit.backend import open_audit_store
+    from .accounting.audit.evidence import trails
+    from .accounting.audit.store import Query
+    from .config import load_config
+    from .spool.outbox import open_outbox
+
+    config = load_config(configs[0])
+    problems: list[str] = []
+    store = open_audit_store(config, readonly=True)
+    try:
+        for seq in sorted(set(counts) | acked):
+            found = trails(store.find(Query(correlation_id=f"kill-{seq}")))
+            types = Counter(r["type"] for t in found for r in t.rows)
+            if seq in acked and not found:
+                result.acknowledged_not_found += 1
+                problems.append(f"acknowledged message kill-{seq}: not found in the store")
+            if seq in counts and not (types["r"] and types["d"]):
+                result.evidence_gaps_store += 1
+                problems.append(f"kill-{seq} arrived {counts[seq]}x; the store has {dict(types)}")
+            if counts[seq] > 1 and types["u"] + types["d"] < counts[seq]:
+                result.unexplained_duplicates += 1
+                problems.append(f"kill-{seq} arrived {counts[seq]}x; the trail shows"
+                                f" {types['d']} deliveries and {types['u']} unknown attempts")
+        chain = store.verify()
+        outbox = open_outbox(config.node.spool, config.cluster.schema_name, "")
+        try:
+            complete = store.completeness(outbox)
+        finally:
+            outbox.close()
+        result.verify_ok = chain.ok and complete.ok
+        if not chain.ok:
+            problems.append(f"audit verify: {chain.problem}")
+        problems.extend(f"audit verify: {p}" for p in complete.problems)
+    finally:
+        store.close()
+    lines: Counter[tuple] = Counter()
+    by_seq: dict[int, Counter[str]] = defaultdict(Counter)
+    for cfg in configs:
+        for path in sorted(Path(load_config(cfg).accounting.directory).glob("*.csv")):
+            with open(path, newline="") as fh:
+                for row in csv.DictReader(fh):
+                    lines[tuple(row.values())] += 1
+                    corr = row.get("header_X-Correlation-ID", "")
+                    if corr.startswith("kill-"):
+                        by_seq[int(corr[5:])][row["type"]] += 1
+    result.file_lines_twice = sum(n - 1 for n in lines.values() if n > 1)
+    for seq in counts:
+        if not (by_seq[seq]["r"] and by_seq[seq]["d"]):
+            result.evidence_gaps_files += 1
+            problems.append(f"kill-{seq}: the accounting files have {dict(by_seq[seq])}")
+    result.problems = problems[:20]
+
+
+def _drained(config_path: Path) -> bool:
+    """Whether the spool holds no recipient still to deliver."""
+    from .config import load_config
+    from .spool.outbox import open_outbox
+
+    config = load_config(config_path)
+    try:
+        outbox = open_outbox(config.node.spool, config.cluster.schema_name, "")
+    except Exception:  # noqa: BLE001 - not there yet
+        return False
+    try:
+        return not outbox.open_recipients()
+    finally:
+        outbox.close()
+
+
+def _drop_schema(dsn: str, schema: str) -> None:
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error), psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def _sink_main(port: int, out: Path) -> None:
-    """The sink process: record each arrival's sequence number before answering 250."""
+    """The sink process: record each arrival's sequence number, on disk, before its 250."""
     from .sink import Sink
 
     class RecordingSink(Sink):
@@ -218,6 +353,8 @@ def _sink_main(port: int, out: Path) -> None:
             seq = data[start + len(SEQ_HEADER): data.find(b"\r\n", start)] if start >= 0 else b""
             with open(out, "ab") as fh:
                 fh.write(seq + b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
             return "250 2.0.0 Ok"
 
     async def main() -> None:
@@ -230,12 +367,14 @@ def _sink_main(port: int, out: Path) -> None:
     asyncio.run(main())
 
 
-def command(workdir: Path, messages: int, kills: int, seed: int | None) -> int:
-    """Run and print the result as one JSON line; exit status 1 when anything was lost."""
+def command(workdir: Path, messages: int, kills: int, seed: int | None,
+            spool: str | None = None) -> int:
+    """Run and print the result as one JSON line; exit status 1 when anything was lost or the
+    evidence is incomplete."""
     result = run(workdir, messages=messages, kills=kills,
-                 seed=seed if seed is not None else os.getpid())
-    print(json.dumps(asdict(result)))
-    return 1 if result.lost else 0
+                 seed=seed if seed is not None else os.getpid(), spool=spool)
+    print(json.dumps({**asdict(result), "evidence_ok": result.evidence_ok}))
+    return 1 if result.lost or not result.evidence_ok else 0
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["sink"]:

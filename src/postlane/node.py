@@ -188,9 +188,11 @@ class Node:
         self.stopped.set()
 
     async def flush_evidence(self) -> None:
-        """Wait until every record so far is in the audit store and the accounting files."""
+        """Wait until every record so far is in the audit store and the accounting files (and
+        the spool has dropped the events they hold)."""
         await self.spool.flush()
         await self.recorder.flush()
+        await self.spool.flush()  # the trim the recorder's last progress asked for
 
     # -- bounces --------------------------------------------------------------------------------
 

@@ -256,6 +256,7 @@ class _Feed:
             self.stored = self.store.feed_cursors()
         self.outbox = open_outbox(settings["spool"], settings["schema"], settings["own"])
         self._settings = settings
+        self._known: set[str] = set()
         self.dirty = False
         self._outbox_down = False
         self._store_down = False
@@ -269,6 +270,11 @@ class _Feed:
         entries: list[tuple] = []
         store_due = self.store is not None and time.monotonic() >= self._store_retry
         for writer in self.outbox.writers():
+            if writer not in self._known:  # adopted from a node that is gone: go on from
+                self._known.add(writer)    # where its own recorder's files got to
+                published = getattr(self.outbox, "filed", None)
+                if published is not None:
+                    self.filed[writer] = max(self.filed.get(writer, 0), published(writer))
             filed = self.filed.get(writer, 0)
             rows = self.outbox.read(writer, filed, BATCH)
             values: list[tuple] = []
@@ -346,6 +352,10 @@ class _Feed:
     def sync(self) -> None:
         self.files.sync(self.filed)
         self.dirty = False
+        publish = getattr(self.outbox, "publish_filed", None)
+        if publish is not None:
+            with contextlib.suppress(Exception):  # advisory; the next sync tells it again
+                publish(self.filed)
 
     def progress(self) -> tuple:
         return ("progress", dict(self.stored), dict(self.files.feed))

@@ -274,6 +274,10 @@ def _audit_checks(cfg: Config) -> list[str]:
             errors.append(f"audit.webhooks[{i}]: another webhook has the same name/url"
                           " (each needs its own cursor; set name)")
         names.add(key)
+    if audit.tsa_url and not audit.seal_key:
+        errors.append("audit.tsa_url: time-stamps are taken of seals: needs audit.seal_key")
+    if audit.tsa_url and not audit.tsa_url.startswith(("https://", "http://")):
+        errors.append("audit.tsa_url: must be an http(s):// URL (RFC 3161 over HTTP)")
     return errors
 
 
@@ -396,7 +400,7 @@ def load_config(path: str | Path) -> Config:
         rep.store = str(base / rep.store)
     if rep.postmaster.key_file and not Path(rep.postmaster.key_file).is_absolute():
         rep.postmaster.key_file = str(base / rep.postmaster.key_file)
-    for attr in ("path", "pseudonymisation_key"):
+    for attr in ("path", "pseudonymisation_key", "seal_key"):
         value = getattr(cfg.audit, attr)
         if value and not Path(value).is_absolute() and not is_dsn(value):
             setattr(cfg.audit, attr, str(base / value))

@@ -340,9 +340,17 @@ class AuditConfig(Strict):
     purge_interval: Duration = 3600.0
     webhooks: list[WebhookConfig] = []
     max_backlog: int = Field(200_000, ge=1000)
-    """Records waiting in memory for the audit store (it is away or slow) beyond which intake
-    answers 451 4.3.0 until it catches up: memory stays bounded, and nothing is accepted whose
-    evidence could not follow. Deliveries go on meanwhile."""
+    """Records waiting in the spool for the audit store (it is away or slow) beyond which intake
+    answers 451 4.3.0 until it catches up: nothing more is accepted whose evidence could not
+    follow. Deliveries go on meanwhile."""
+    seal_key: str | None = None
+    """Ed25519 private key (mode 0600, kept apart from the store) that seals each day's head
+    (``postlane audit seal-key`` makes one); none: days are not sealed."""
+    seal_interval: Duration = 3600.0
+    """How often a node seals the days that have closed (UTC)."""
+    tsa_url: str | None = None
+    """An RFC 3161 time-stamp authority: each seal also gets a time-stamp token from it."""
+    tsa_timeout: Duration = 10.0
 
 
 class ClassFeedbackConfig(Strict):

@@ -137,8 +137,11 @@ def killtest(
     messages: int = typer.Option(300, min=2),
     kills: int = typer.Option(3, min=0),
     seed: int | None = typer.Option(None, help="random seed (default: the process id)"),
+    spool: str | None = typer.Option(None, help="a PostgreSQL DSN: two nodes share it, and"
+                                     " one is killed once and never restarted"),
 ) -> None:
-    """SIGKILL a node at random moments of a campaign; check nothing acknowledged is lost."""
+    """SIGKILL a node at random moments of a campaign; check nothing acknowledged is lost and
+    the evidence of every message is complete (audit store and accounting files)."""
     from ..killtest import command
 
-    raise typer.Exit(command(workdir, messages, kills, seed))
+    raise typer.Exit(command(workdir, messages, kills, seed, spool))

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import re
 import ssl
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 __all__ = ["Reply", "SMTPConnection", "SMTPError", "Timeouts", "Transaction"]
@@ -295,6 +296,7 @@ class SMTPConnection:
         data: bytes,
         mail_params: str = "",
         crlf: bool = False,
+        before_dot: Awaitable[object] | None = None,
     ) -> Transaction:
         """Run one mail transaction, pipelined when the server offers PIPELINING.
 
@@ -304,7 +306,9 @@ class SMTPConnection:
         itself. A 421 marks the connection unusable; the recipients it answered (and the
         data_reply if any recipient had been accepted) carry the 421. Network failures and
         malformed replies raise SMTPError and leave the connection closed. ``crlf``: see
-        ``prepare_data``.
+        ``prepare_data``. ``before_dot`` is awaited after the message's last block and before
+        the final dot (which is when the remote side takes it): if it fails, the dot is never
+        sent (SMTPError, connection closed) and the message is not delivered.
         """
         if not rcpts:
             raise ValueError("send() needs at least one recipient")
@@ -316,7 +320,7 @@ class SMTPConnection:
         commands = self._mail_commands(mail_from, rcpts, payload, mail_params)
         self._busy = True
         try:
-            return await self._send(commands, payload)
+            return await self._send(commands, payload, before_dot)
         except BaseException:
             # A failure mid-transaction leaves the stream out of sync: never reuse it.
             self.close()
@@ -352,7 +356,8 @@ class SMTPConnection:
             raise ValueError("CR or LF in an envelope address or parameter")
         return commands
 
-    async def _send(self, commands: list[str], payload: bytes) -> Transaction:
+    async def _send(self, commands: list[str], payload: bytes,
+                    before_dot: Awaitable[object] | None) -> Transaction:
         n = len(commands) - 1
         cmd_timeout = self._timeouts.command
         if "PIPELINING" in self.extensions:
@@ -398,7 +403,7 @@ class SMTPConnection:
                 await self._drain("dot", cmd_timeout)
                 await self._read_reply("dot", self._timeouts.dot)
                 return Transaction(mail_reply, rcpt_replies, None)
-            await self._write_data(payload)
+            await self._write_data(payload, before_dot)
             data_reply = await self._read_reply("dot", self._timeouts.dot)
             if data_reply.code == 421:
                 self._usable = False
@@ -419,12 +424,17 @@ class SMTPConnection:
         accepted = any(r.is_ok for r in rcpt_replies)
         return Transaction(mail_reply, rcpt_replies, last if accepted else None)
 
-    async def _write_data(self, payload: bytes) -> None:
+    async def _write_data(self, payload: bytes, before_dot: Awaitable[object] | None) -> None:
         timeout = self._timeouts.data_block
         view = memoryview(payload)
         for start in range(0, len(view), _DATA_BLOCK):
             self._writer.write(view[start : start + _DATA_BLOCK])
             await self._drain("data", timeout)
+        if before_dot is not None:
+            try:
+                await before_dot
+            except Exception as exc:  # never the dot without what had to come first
+                raise SMTPError("data", f"not sent: {exc}") from None
         self._writer.write(b".\r\n")
         await self._drain("dot", timeout)
 

@@ -3,14 +3,18 @@ transactions as its lane has ready, and the classification of every reply into a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
+import orjson
+
 from ..config import Config
 from ..scheduler.lanes import Lane, SourceSlot
 from ..scheduler.scheduler import Scheduler
-from ..spool import Message, Recipient, Spool, State
+from ..spool import Attempt, Message, Recipient, Spool, State
 from .client import Reply, SMTPConnection, SMTPError, Timeouts
 from .mx import Destination, DNSPermError, DNSTempError, MXResolver
 
@@ -21,6 +25,11 @@ MAX_HOSTS_TRIED = 5
 
 def _original_sender(msg: Message, rcpt: Recipient) -> str:
     return msg.mail_from
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        fut.exception()
 
 
 def status_of(reply: Reply) -> str:
@@ -166,9 +175,15 @@ class Relay:
                 extra.append(f"ORCPT={r.orcpt}")
             rcpts.append((r.address, " ".join(extra)))
         started = time.monotonic()
+        # the attempt is on disk before its final dot: a crash between the remote's 250 and
+        # our record of it then leaves "outcome unknown" in the trail, not silence
+        cls = self.config.classes.get(msg.cls)
+        marked = self.spool.mark([Attempt(msg.id, r.idx, time.time(), orjson.dumps(info).decode())
+                                  for r in batch], urgent=cls is not None and cls.sla is not None)
+        marked.add_done_callback(_retrieve)  # a transaction refused before DATA never awaits it
         try:
             tx = await conn.send(self.envelope_sender(msg, batch[0]), rcpts, body,
-                                 " ".join(params), crlf=True)
+                                 " ".join(params), crlf=True, before_dot=marked)
         except SMTPError as exc:
             reply = str(exc.reply) if exc.reply else f"451 4.4.2 {exc}"
             for rcpt in batch:

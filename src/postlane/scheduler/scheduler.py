@@ -10,6 +10,7 @@ never kept by a lower one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -18,7 +19,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from ..accounting.records import Record
+import orjson
+
+from ..accounting.records import Record, format_time
 from ..config import Config
 from ..feedback.categories import default_classifier
 from ..monitor.health import Health
@@ -117,6 +120,8 @@ class Scheduler:
 
     def add(self, rcpt: Recipient) -> None:
         """Make a recipient ready now (or at its retry time if that is still ahead)."""
+        if rcpt.open_attempt is not None:
+            self._outcome_unknown(rcpt)
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
         if rcpt.state is State.HELD:
             lane.held += 1
@@ -373,6 +378,24 @@ class Scheduler:
                       message_id=msg.message_id, job_id=msg.correlation_id, dlv_size=msg.size,
                       attempt=rcpt.attempts, total_seconds_queued=now - msg.queued_at,
                       listener=msg.listener, auth_user=msg.auth_user)
+
+    def _outcome_unknown(self, rcpt: Recipient) -> None:
+        """A recipient comes back (restart, or another node's work taken over) with an attempt
+        that was marked as started and never settled: its final dot may have been sent and
+        taken. Say so in its trail (a "u" record), count the attempt, and deliver it again."""
+        attempt, rcpt.open_attempt = rcpt.open_attempt, None
+        assert attempt is not None
+        now = time.time()
+        rcpt.attempts += 1
+        rec = self._base_record("u", rcpt, now)
+        rec.total_seconds_queued = attempt.started - rcpt.msg.queued_at  # delivered no sooner
+        rec.dsn_diag = (f"attempt started {format_time(attempt.started)}; outcome unknown: the"
+                        " node stopped before recording the reply (it may have been delivered)")
+        with contextlib.suppress(ValueError):
+            _fill_conn(rec, orjson.loads(attempt.info or "{}"))
+        self.record(rec)
+        self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, rcpt.state, rcpt.attempts,
+                                           rcpt.next_attempt, rcpt.last_reply)], (rec,))
 
     def delivered(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str]) -> None:
         now = time.time()

@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..accounting.records import pack
 from ..secretfile import private_file
-from .base import new_writer_id
+from .base import FINAL_STATES, new_writer_id
 
 if TYPE_CHECKING:
     from ..accounting.records import Record
 
 __all__ = ["Outbox", "PostgresOutbox", "SQLiteOutbox", "open_outbox", "post",
            "writer_lock_key"]
+
+_FINAL_SQL = f"({', '.join(sorted(repr(s.value) for s in FINAL_STATES))})"
 
 
 def writer_lock_key(schema: str, writer: str) -> str:
@@ -65,6 +67,16 @@ class SQLiteOutbox:
     def read(self, writer: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         return self.db.execute("SELECT n, data FROM events WHERE writer = ? AND n > ?"
                                " ORDER BY n LIMIT ?", (writer, after, limit)).fetchall()
+
+    # what ``audit verify`` compares the trail with (``completeness.SpoolView``)
+    all_writers = writers
+
+    def open_recipients(self) -> set[tuple[str, str]]:
+        return {(m, a.lower()) for m, a in self.db.execute(
+            f"SELECT msg_id, address FROM recipients WHERE state NOT IN {_FINAL_SQL}")}
+
+    def messages(self) -> set[str]:
+        return {m for (m,) in self.db.execute("SELECT id FROM messages")}
 
     def close(self) -> None:
         self.db.close()
@@ -100,6 +112,30 @@ class PostgresOutbox:
         return [(n, bytes(data)) for n, data in self.conn.execute(
             "SELECT n, data FROM events WHERE writer = %s AND n > %s ORDER BY n LIMIT %s",
             (writer, after, limit))]
+
+    def all_writers(self) -> list[str]:
+        return [w for (w,) in self.conn.execute("SELECT writer FROM writers")]
+
+    def open_recipients(self) -> set[tuple[str, str]]:
+        return {(m, a.lower()) for m, a in self.conn.execute(
+            f"SELECT msg_id, address FROM recipients WHERE state NOT IN {_FINAL_SQL}")}
+
+    def messages(self) -> set[str]:
+        return {m for (m,) in self.conn.execute("SELECT id FROM messages")}
+
+    def filed(self, writer: str) -> int:
+        """The last event of ``writer`` its own recorder has in (fsynced) accounting files: an
+        adopted writer's events go on from there, not again from its first."""
+        row = self.conn.execute("SELECT filed FROM writers WHERE writer = %s",
+                                (writer,)).fetchone()
+        return row[0] if row else 0
+
+    def publish_filed(self, cursors: dict[str, int]) -> None:
+        """Tell the cluster how far the files hold each writer's events (see ``filed``): the
+        one column a recorder writes in the spool, right after its files' fsync."""
+        for writer, n in cursors.items():
+            self.conn.execute("UPDATE writers SET filed = %s WHERE writer = %s AND filed < %s",
+                              (n, writer, n))
 
     def release(self, writer: str) -> None:
         """Stop feeding an adopted writer (all its events are consumed, and nobody writes

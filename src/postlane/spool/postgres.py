@@ -115,7 +115,7 @@ ALTER TABLE recipients ADD COLUMN attempt_started DOUBLE PRECISION,
 CREATE TABLE events (writer TEXT NOT NULL, n BIGINT NOT NULL, data BYTEA NOT NULL,
     PRIMARY KEY (writer, n));
 CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL,
-    started DOUBLE PRECISION NOT NULL);
+    started DOUBLE PRECISION NOT NULL, filed BIGINT NOT NULL DEFAULT 0);
 """),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
@@ -257,7 +257,7 @@ class PostgresSpool:
             "application_name": self.app_name, "search_path": f'"{self.schema}"'})
         await self._life.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))",
                                  writer_lock_key(self.schema, self.writer_id))
-        await self._life.execute(f"INSERT INTO writers VALUES ($1, $2, {_NOW})",
+        await self._life.execute(f"INSERT INTO writers VALUES ($1, $2, {_NOW}, 0)",
                                  self.writer_id, self.node)
         self._stopping = False
         self._writer = asyncio.get_running_loop().create_task(self._run())

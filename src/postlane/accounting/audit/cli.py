@@ -117,13 +117,20 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
            since: str | None = typer.Option(None, help="first day to check (YYYY-MM-DD)"),
            export_dir: Path | None = typer.Option(None, "--export",
                                                   help="check an export directory instead"),
+           public_key: Path | None = typer.Option(
+               None, "--public-key", help="the seal key's public half: check every day's seal"),
+           tsa_ca: Path | None = typer.Option(
+               None, "--tsa-ca", help="the time-stamp authority's root certificate (PEM): check"
+               " the seals' time-stamps too"),
            as_json: bool = typer.Option(False, "--json")) -> None:
-    """Walk the hash chain; exit 1 and name the first altered, inserted, removed or
-    reordered record."""
+    """Walk the hash chain and check the trail is complete; exit 1 and name the first altered,
+    inserted, removed or reordered record, then every missing one (with -c CONFIG the spool is
+    read too: recipients still queued are not missing their final record)."""
+    public, roots = _seal_checkers(public_key, tsa_ca)
     if export_dir is not None:
         from .evidence import verify_export
 
-        problems = verify_export(export_dir)
+        problems = verify_export(export_dir, public, roots)
         for line in problems or ["ok: export files, record hashes and links check"]:
             typer.echo(line)
         raise typer.Exit(1 if problems else 0)
@@ -135,18 +142,138 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
     store = _open(config, db, schema)
     try:
         result = store.verify(day)
+        spool = _spool_view(config) if db is None else None
+        try:
+            complete = store.completeness(spool)
+        finally:
+            if spool is not None:
+                spool.close()
+        seal_problems: list[str] = []
+        if public is not None:
+            from .seal import check_seals
+
+            seal_problems = check_seals(store.seals(), store.days(), store.row_at, public,
+                                        roots, time.strftime("%Y-%m-%d", time.gmtime()))
     finally:
         store.close()
     if as_json:
-        typer.echo(json.dumps(result.as_dict(), indent=2))
-    elif result.ok:
-        typer.echo(f"ok: {result.checked} records (seq {result.first_seq}..{result.last_seq}, "
-                   f"{result.pseudonymised} pseudonymised, {result.purged} purged), "
-                   f"head {result.head}")
+        typer.echo(json.dumps({**result.as_dict(), "completeness": complete.as_dict(),
+                               "seals": None if public is None else seal_problems}, indent=2))
     else:
-        typer.echo(f"FAILED after {result.checked} good records: {result.problem}")
-    if not result.ok:
+        if result.ok:
+            typer.echo(f"ok: {result.checked} records (seq {result.first_seq}.."
+                       f"{result.last_seq}, {result.pseudonymised} pseudonymised,"
+                       f" {result.purged} purged), head {result.head}")
+        else:
+            typer.echo(f"FAILED after {result.checked} good records: {result.problem}")
+        if complete.ok:
+            typer.echo(f"complete: {complete.checked_events} events of {complete.writers}"
+                       f" spool writer(s), every received recipient has its final record or"
+                       + (" is still queued" if spool is not None else
+                          " is open (give -c CONFIG to check those against the spool)"))
+        for problem in complete.problems:
+            typer.echo(f"INCOMPLETE: {problem}")
+        if public is not None and not seal_problems:
+            typer.echo("sealed: every closed day's seal verifies and matches the chain")
+        for problem in seal_problems:
+            typer.echo(f"SEAL: {problem}")
+    if not (result.ok and complete.ok) or seal_problems:
         raise typer.Exit(1)
+
+
+def _seal_checkers(public_key: Path | None, tsa_ca: Path | None) -> tuple:
+    """The public key and TSA roots to check seals with (None, None: seals not checked)."""
+    if public_key is None:
+        if tsa_ca is not None:
+            raise typer.BadParameter("--tsa-ca checks the seals' time-stamps: give --public-key")
+        return None, None
+    from cryptography import x509
+
+    from .seal import load_public
+
+    try:
+        public = load_public(public_key)
+        roots = x509.load_pem_x509_certificates(tsa_ca.read_bytes()) if tsa_ca else None
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return public, roots
+
+
+@app.command("seal-key")
+def seal_key(out: Path = typer.Option(..., "--out", help="the private key file to create (0600);"
+                                      " its public half goes to OUT.pub"),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Make the Ed25519 key that seals each day's head. Keep the private file apart from the
+    store (set audit.seal_key); give the .pub file to whoever verifies."""
+    from .seal import generate_key, key_id, load_public
+
+    try:
+        public = generate_key(out)
+    except FileExistsError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    kid = key_id(load_public(public))
+    typer.echo(json.dumps({"key": str(out), "public_key": str(public), "key_id": kid})
+               if as_json else f"seal key {out} (0600), public key {public} (key id {kid})")
+
+
+@app.command()
+def seal(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHEMA,
+         key: Path | None = typer.Option(None, "--key", help="seal key (default: audit.seal_key)"),
+         open_day: bool = typer.Option(False, "--open-day",
+                                       help="also seal today's records so far (a checkpoint)"),
+         tsa_url: str | None = typer.Option(None, "--tsa-url",
+                                            help="RFC 3161 TSA (default: audit.tsa_url)"),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Seal every closed (UTC) day that has no seal yet (a node with audit.seal_key does this
+    by itself every audit.seal_interval)."""
+    from .seal import load_private, seal_days
+
+    timeout = 10.0
+    if config is not None:
+        from ...cli import _load
+
+        cfg = _load(config).audit
+        key = key or (Path(cfg.seal_key) if cfg.seal_key else None)
+        tsa_url = tsa_url or cfg.tsa_url
+        timeout = cfg.tsa_timeout
+    if key is None:
+        raise typer.BadParameter("no seal key: give --key or set audit.seal_key")
+    try:
+        private = load_private(key)
+    except (OSError, ValueError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    store = _open(config, db, schema, write=True)
+    try:
+        made = seal_days(store, private, time.time(), open_day=open_day, tsa_url=tsa_url,
+                         tsa_timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - a TSA that refuses or is away: say so
+        typer.echo(f"sealing failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps([m.as_dict() for m in made]))
+        return
+    for m in made:
+        typer.echo(f"sealed {m.day} up to seq {m.last_seq} ({m.records} records)"
+                   + (", time-stamped" if m.tsa else ""))
+    if not made:
+        typer.echo("nothing to seal")
+
+
+def _spool_view(config: Path | None):
+    """The node's spool, read-only, for completeness (None if it cannot be opened)."""
+    from ...cli import _load
+    from ...spool.outbox import open_outbox
+
+    cfg = _load(config)
+    try:
+        return open_outbox(cfg.node.spool, cfg.cluster.schema_name, "")
+    except Exception as exc:  # noqa: BLE001 - verify the store without it, and say so
+        typer.echo(f"spool not readable ({exc}): completeness checked without it", err=True)
+        return None
 
 
 @app.command("export")

@@ -39,13 +39,20 @@ class Trail:
 
     @property
     def attempts(self) -> list[dict]:
-        return [r for r in self.rows if r["type"] in ("d", "t", "b") and (
+        return [r for r in self.rows if r["type"] in ("d", "t", "b", "u") and (
             r["dlv_destination_ip"] or r["bounce_cat"] not in ("message-expired", "purged"))]
 
     @property
     def operations(self) -> list[dict]:
         """What operators did to it: hold, release, retry ("o" records), purge or delete."""
         return [r for r in self.rows if _by_operator(r)]
+
+    @property
+    def unknown(self) -> list[dict]:
+        """Attempts whose outcome is unknown ("u": the node stopped after the attempt was
+        marked and before its reply was recorded). Its totalSecondsQueued is when it started:
+        had it been delivered, it was no sooner."""
+        return [r for r in self.rows if r["type"] == "u"]
 
     @property
     def final(self) -> dict | None:
@@ -120,6 +127,9 @@ class Trail:
                             "operator": r["operator"], "detail": r["dsn_diag"]}
                            for r in self.operations],
             "outcome": self.outcome, "total_seconds_queued": self.latency,
+            "unknown_attempts": [{"attempt": r["attempt"],
+                                  "started_after_s": r["total_seconds_queued"]}
+                                 for r in self.unknown],
             "sla_seconds": self.sla, "sla_met": self.sla_met(now),
             "records": [{"seq": r["seq"], "hash": bytes(r["hash"]).hex(),
                          "state": _STATES[r["state"]]} for r in self.rows],
@@ -186,8 +196,8 @@ def render_text(items: list[Trail], now: float) -> str:
                 lines.append(f"  {_t(row['time_logged'])}  expired before delivery: "
                              f"{row['dsn_diag']}")
                 continue
-            verb = {"d": "delivered", "t": "deferred", "b": "bounced"}.get(row["type"],
-                                                                          row["type"])
+            verb = {"d": "delivered", "t": "deferred", "b": "bounced",
+                    "u": "OUTCOME UNKNOWN (node stopped)"}.get(row["type"], row["type"])
             tls = (f"{row['dlv_tls_protocol']} {row['dlv_tls_cipher']}".strip()
                    if row["dlv_tls_protocol"] else "no TLS")
             lines.append(f"  {_t(row['time_logged'])}  attempt {row['attempt']}: {verb} from "
@@ -265,29 +275,36 @@ def export(store: AuditStore, out: Path, since: float | None, until: float | Non
                   "records": d["records"], "anchor": bytes(d["anchor"]).hex(),
                   "head": bytes(d["head"]).hex()} for d in store.days()],
         "retention_applied": store.purges(),
+        "seals": [seal.as_dict() for seal in store.seals()],
         "hash_scheme": (
-            "pdigest = SHA256(nonce || JSON[rcpt, orcpt, dsn_diag]); cdigest = SHA256(JSON("
-            "other non-default fields, sorted keys, compact) || pdigest); hash = SHA256(prev || "
-            "cdigest). Pseudonymised rows keep pdigest, purged rows keep cdigest."),
+            "pdigest = SHA256(nonce || JSON[rcpt, orcpt, dsn_diag]); cdigest = SHA256(JSON["
+            "the HASHED values of the row's scheme, in order] || pdigest); hash = SHA256(prev || "
+            "cdigest). Pseudonymised rows keep pdigest, purged rows keep cdigest. A seal is an "
+            "Ed25519 signature over JSON[\"postlane-seal/1\", day, last_seq, records, head hex];"
+            " its tsa is an RFC 3161 TimeStampResp over that JSON followed by the signature."),
     }
     with private_open(out / "manifest.json", encoding="utf-8") as fh:
         fh.write(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def verify_export(directory: Path) -> list[str]:
+def verify_export(directory: Path, public=None, tsa_roots: list | None = None) -> list[str]:
     """Check an export without the store: file digests against the manifest, every row's hash
-    against its content, and the links between rows that are consecutive in the chain. Returns
-    the problems found (empty: the export is intact)."""
+    against its content, the links between rows that are consecutive in the chain and, with the
+    seal key's ``public`` half, every seal against the exported rows. Returns the problems found
+    (empty: the export is intact)."""
     manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
     problems = [f"{name}: SHA-256 does not match the manifest"
                 for name, digest in manifest["files"].items()
                 if hashlib.sha256((directory / name).read_bytes()).hexdigest() != digest]
     last: tuple[int, bytes] | None = None
     count = 0
+    seen: dict[int, tuple[bytes, str]] = {}
+    per_day: dict[str, list[int]] = {}
     with (directory / "chain.jsonl").open(encoding="utf-8") as fh:
         for line in fh:
             row = json.loads(line)
+            per_day.setdefault(row["day"], []).append(row["seq"])
             for name in ("prev", "hash", "nonce", "pdigest", "cdigest"):
                 if row[name] is not None:
                     row[name] = bytes.fromhex(row[name])
@@ -298,10 +315,27 @@ def verify_export(directory: Path) -> list[str]:
             elif last is not None and row["seq"] == last[0] + 1 and row["prev"] != last[1]:
                 problems.append(f"record seq {row['seq']}: does not link to record seq {last[0]}")
             last = (row["seq"], row["hash"])
+            seen[row["seq"]] = (row["hash"], row["day"])
             count += 1
     if count != manifest["records"]:
         problems.append(f"chain.jsonl has {count} records, the manifest says "
                         f"{manifest['records']}")
     if last is not None and manifest["last"]["hash"] != last[1].hex():
         problems.append("the last record's hash differs from the manifest")
+    if public is not None:
+        from .seal import Seal, check_seals
+
+        def row_at(seq: int) -> tuple | None:  # as the store answers, from the export
+            if seq not in seen:
+                return None
+            digest, day = seen[seq]
+            return digest, day, sum(1 for s in per_day.get(day, ()) if s <= seq)
+
+        # a filtered export may hold part of a day: its seals are checked where it is whole
+        whole = [d for d in manifest["days"]
+                 if len(per_day.get(d["day"], ())) == d["last_seq"] - d["first_seq"] + 1]
+        names = {d["day"] for d in whole}
+        seals = [Seal.from_dict(d) for d in manifest.get("seals", []) if d["day"] in names]
+        problems += check_seals(seals, whole, row_at, public, tsa_roots,
+                                manifest["generated_at"][:10])
     return problems

@@ -30,7 +30,7 @@ each event once, not once per node.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import count
 
@@ -38,7 +38,10 @@ import psycopg
 from psycopg.rows import dict_row
 
 from ...spool.postgres import CONNECT_TIMEOUT, redact
+from .completeness import Completeness, SpoolView, check
+from .seal import Seal
 from .store import (
+    _SEAL_COLS,
     CLASSES_SQL,
     COLUMNS,
     VERIFY_COLUMNS,
@@ -48,6 +51,7 @@ from .store import (
     RetentionMixin,
     StoreMissing,
     VerifyResult,
+    _row_at,
     between_where,
     find_sql,
     fresh,
@@ -55,6 +59,7 @@ from .store import (
     pause_spans,
     pauses_sql,
     prepare,
+    seal_row,
     walk,
 )
 
@@ -119,6 +124,12 @@ CREATE TABLE audit_feed (
 DROP TABLE audit_writers;
 """),
     (4, """
+CREATE TABLE audit_seals (
+    day TEXT NOT NULL, last_seq BIGINT NOT NULL, records BIGINT NOT NULL, head BYTEA NOT NULL,
+    sealed_at DOUBLE PRECISION NOT NULL, key_id TEXT NOT NULL, signature BYTEA NOT NULL,
+    tsa BYTEA, PRIMARY KEY (day, last_seq));
+"""),
+    (5, """
 CREATE INDEX ax_ops ON audit_records (vmta_pool, time_logged) WHERE type = 'o';
 """),
 ]
@@ -221,6 +232,26 @@ class PostgresAuditStore(RetentionMixin):
 
     def feed_cursors(self) -> dict[str, int]:
         return dict(self._db().execute("SELECT writer, n FROM audit_feed").fetchall())
+
+    def query(self, sql: str, args: Iterable = ()) -> list[tuple]:
+        return self._db().execute(sql, list(args)).fetchall()
+
+    def seals(self) -> list[Seal]:
+        return [Seal(*r[:6], bytes(r[6]), bytes(r[7]) if r[7] is not None else None)
+                for r in self.query(f"SELECT {_SEAL_COLS} FROM audit_seals ORDER BY day,"
+                                    " last_seq")]
+
+    def add_seal(self, seal: Seal) -> None:
+        self._db().execute(f"INSERT INTO audit_seals ({_SEAL_COLS}) VALUES"
+                           " (%s, %s, %s, %s, %s, %s, %s, %s)", seal_row(seal))
+
+    def row_at(self, seq: int) -> tuple | None:
+        """(hash, day, records of that day up to it) of record ``seq``, for seal checks."""
+        return _row_at(self, "%s", seq)
+
+    def completeness(self, spool: SpoolView | None = None) -> Completeness:
+        """See ``completeness.check``."""
+        return check(self, "%s", self.feed_cursors(), spool)
 
     def append(self, batch: Sequence[Entry]) -> int:
         """Chain and insert records (with their class SLA) in one transaction, after whatever

@@ -22,6 +22,7 @@ from ...spool import is_dsn
 from ...spool.postgres import CONNECT_TIMEOUT, redact
 from .backend import audit_location, open_audit_store
 from .postgres import commit_channel
+from .seal import load_private, seal_days
 from .store import AuditStore, Retention
 from .webhooks import WebhookSender
 
@@ -88,6 +89,9 @@ class AuditService:
             self._tasks.append(self._loop.create_task(sender.run()))
         if self.webhooks and is_dsn(self.location):
             self._tasks.append(self._loop.create_task(self._listen()))
+        if self.config.audit.seal_key:
+            key = load_private(self.config.audit.seal_key)  # refused at start if unreadable
+            self._tasks.append(self._loop.create_task(self._seal_loop(key)))
         policies = retention_policies(self.config)
         if policies:
             key_file = self.config.audit.pseudonymisation_key
@@ -117,6 +121,23 @@ class AuditService:
                             redact(self.location), type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+    async def _seal_loop(self, key) -> None:
+        """Seal the days that have closed; a TSA or a store that is away is tried again at the
+        next round (on PostgreSQL another node may seal first: the seal is stored once)."""
+        audit = self.config.audit
+        while True:
+            try:
+                made = await self._call(lambda store: seal_days(
+                    store, key, time.time(), tsa_url=audit.tsa_url,
+                    tsa_timeout=audit.tsa_timeout))
+                for seal in made:
+                    log.info("audit day sealed", extra={"day": seal.day, "last_seq":
+                                                        seal.last_seq, "tsa": bool(seal.tsa)})
+            except Exception as exc:  # noqa: BLE001 - told, and tried again next round
+                log.warning("sealing the audit days failed: %s: %s; trying again in %.0fs",
+                            type(exc).__name__, exc, audit.seal_interval)
+            await asyncio.sleep(audit.seal_interval)
 
     async def _purge_loop(self, policies: dict[str, Retention], key: bytes | None) -> None:
         while True:

@@ -162,6 +162,17 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
                 "correlation_id": trail.first["correlation_id"], "recipient": trail.rcpt,
                 "queued": format_time(trail.first["time_queued"]), "outcome": trail.outcome,
                 "latency_s": trail.latency, "cause": cause, "detail": detail, "waits_s": held})
+        unknown = []
+        for trail in items:
+            if trail.unknown:
+                first = min(r["total_seconds_queued"] for r in trail.unknown)
+                unknown.append({
+                    "queue_id": trail.queue_id, "message_id": trail.first["message_id"],
+                    "correlation_id": trail.first["correlation_id"], "recipient": trail.rcpt,
+                    "attempts": [r["attempt"] for r in trail.unknown],
+                    "started_after_s": first, "outcome": trail.outcome,
+                    "latency_s": trail.latency,
+                    "within_sla_if_then": None if sla is None else first <= sla})
         met = sum(1 for _, m in verdicts if m)
         deliverable = met + len(breaches) if sla is not None else None
         report["classes"][name] = {
@@ -175,6 +186,7 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
                               if (n := sum(1 for b in breaches if b["cause"] == key))},
             "latency_s": {f"p{q}": _percentile(latencies, q) for q in (50, 95, 99)},
             "breaches": breaches, "not_deliverable_recipients": excluded,
+            "unknown_attempts": unknown,
         }
     return report
 
@@ -200,6 +212,15 @@ def render_sla(report: dict) -> str:
                 lines.append(f"  {label} {b['queue_id']} {b['recipient']} Message-ID "
                              f"{b['message_id'] or '-'} correlation {b['correlation_id'] or '-'}:"
                              f" {b['outcome']}; cause: {CAUSES[b['cause']]}; {b['detail']}")
+        for u in c["unknown_attempts"]:
+            verdict = ("" if u["within_sla_if_then"] is None else
+                       "; within the SLA had it been delivered then" if u["within_sla_if_then"]
+                       else "; past the SLA even then")
+            tries = ", ".join(map(str, u["attempts"]))
+            lines.append(f"  UNKNOWN ATTEMPT {u['queue_id']} {u['recipient']}: attempt(s)"
+                         f" {tries} started {u['started_after_s']:.3f}s after queueing, outcome"
+                         f" not recorded (node stopped){verdict};"
+                         f" then {u['outcome']}")
     if not report["classes"]:
         lines.append("no messages in this period")
     return "\n".join(lines) + "\n"
@@ -209,7 +230,8 @@ CSV_FIELDS = ("class", "sla_seconds", "messages", "deliverable", "within_sla",
               "within_sla_percent", "delivered", "open", *(f"not_deliverable_{k}" for k in (
                   "remote-permanent", "operator-purge")),
               *(f"breaches_{k}" for k in ("remote-deferral", "our-pause", "our-backoff",
-                                          "expiry")), "p50_s", "p95_s", "p99_s")
+                                          "expiry")), "p50_s", "p95_s", "p99_s",
+              "unknown_attempts")
 
 
 def render_sla_csv(report: dict) -> str:
@@ -225,7 +247,7 @@ def render_sla_csv(report: dict) -> str:
             c["delivered"], _cell(c["open"]), *c["not_deliverable"].values(),
             *(c["breach_causes"].get(k, 0) for k in ("remote-deferral", "our-pause",
                                                       "our-backoff", "expiry")),
-            *(_cell(v) for v in c["latency_s"].values())])
+            *(_cell(v) for v in c["latency_s"].values()), len(c["unknown_attempts"])])
     return buf.getvalue()
 
 

@@ -46,10 +46,12 @@ from .chain import (
     row_cdigest,
     verify_tuple,
 )
+from .completeness import Completeness, SpoolView, check
+from .seal import Seal
 
 __all__ = ["AuditStore", "Entry", "Query", "Retention", "RetentionMixin", "SQLiteAuditStore",
            "StoreMissing", "VerifyResult", "check_days", "day_of", "fresh", "link", "pauses_sql",
-           "prepare", "row_record", "walk"]
+           "prepare", "row_record", "seal_row", "walk"]
 
 COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS
 _SQL_TYPES = {"seq": "INTEGER PRIMARY KEY", "day": "TEXT NOT NULL", "prev": "BLOB NOT NULL",
@@ -150,6 +152,14 @@ class AuditStore(Protocol):
     def feed_cursors(self) -> dict[str, int]:
         """Each spool writer's last event number the store holds (see ``Entry``)."""
         ...
+
+    def completeness(self, spool: SpoolView | None = None) -> Completeness: ...
+
+    def seals(self) -> list[Seal]: ...
+
+    def add_seal(self, seal: Seal) -> None: ...
+
+    def row_at(self, seq: int) -> tuple | None: ...
 
     def find(self, query: Query) -> list[dict]: ...
 
@@ -524,6 +534,10 @@ class SQLiteAuditStore(RetentionMixin):
                 cls TEXT, action TEXT, cutoff REAL, rows INTEGER);
             CREATE TABLE IF NOT EXISTS audit_feed (writer TEXT PRIMARY KEY, n INTEGER,
                 time REAL);
+            CREATE TABLE IF NOT EXISTS audit_seals (day TEXT NOT NULL, last_seq INTEGER NOT NULL,
+                records INTEGER NOT NULL, head BLOB NOT NULL, sealed_at REAL NOT NULL,
+                key_id TEXT NOT NULL, signature BLOB NOT NULL, tsa BLOB,
+                PRIMARY KEY (day, last_seq));
         """)
         have = {r[1] for r in self.db.execute("PRAGMA table_info(audit_records)")}
         for column in _ADDED_IN_2:
@@ -547,6 +561,28 @@ class SQLiteAuditStore(RetentionMixin):
 
     def feed_cursors(self) -> dict[str, int]:
         return {w: n for w, n in self.db.execute("SELECT writer, n FROM audit_feed")}
+
+    def query(self, sql: str, args: Iterable = ()) -> list[tuple]:
+        return [tuple(r) for r in self.db.execute(sql, tuple(args))]
+
+    # -- seals ------------------------------------------------------------------------------
+
+    def seals(self) -> list[Seal]:
+        return [Seal(*r[:6], bytes(r[6]), bytes(r[7]) if r[7] is not None else None)
+                for r in self.query(f"SELECT {_SEAL_COLS} FROM audit_seals ORDER BY day,"
+                                    " last_seq")]
+
+    def add_seal(self, seal: Seal) -> None:
+        self.db.execute(f"INSERT INTO audit_seals ({_SEAL_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        seal_row(seal))
+
+    def row_at(self, seq: int) -> tuple | None:
+        """(hash, day, records of that day up to it) of record ``seq``, for seal checks."""
+        return _row_at(self, "?", seq)
+
+    def completeness(self, spool: SpoolView | None = None) -> Completeness:
+        """See ``completeness.check``."""
+        return check(self, "?", self.feed_cursors(), spool)
 
     def append(self, batch: Sequence[Entry]) -> int:
         """Chain and insert records (with their class SLA) in one transaction; returns the
@@ -706,6 +742,24 @@ class SQLiteAuditStore(RetentionMixin):
 
     def hold_cursor(self, name: str) -> bool:
         return True  # one node per store file
+
+
+_SEAL_COLS = "day, last_seq, records, head, sealed_at, key_id, signature, tsa"
+
+
+def seal_row(seal: Seal) -> tuple:
+    return (seal.day, seal.last_seq, seal.records, seal.head, seal.sealed_at, seal.key_id,
+            seal.signature, seal.tsa)
+
+
+def _row_at(store, mark: str, seq: int) -> tuple | None:
+    row = store.query(f"SELECT hash, day FROM audit_records WHERE seq = {mark}", (seq,))
+    if not row:
+        return None
+    first = store.query(f"SELECT first_seq FROM audit_days WHERE day = {mark}", (row[0][1],))
+    count = store.query(f"SELECT count(*) FROM audit_records WHERE day = {mark} AND seq <="
+                        f" {mark}", (row[0][1], seq))[0][0]
+    return (row[0][0], row[0][1], count) if first else None
 
 
 def _tombstone(row: dict) -> dict:

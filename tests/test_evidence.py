@@ -1,0 +1,230 @@
+"""Evidence that survives a crash: records committed with the state they describe, fed to the
+audit store and the accounting files exactly once, unknown attempts written down, and gaps
+found by ``audit verify``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from postlane.accounting.audit.evidence import trails
+from postlane.accounting.audit.sla import sla_report
+from postlane.accounting.audit.store import Query, SQLiteAuditStore
+from postlane.accounting.records import unpack
+from postlane.cli import app
+from postlane.sink import Sink
+from tests.conftest import config_text, message, records, send
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, ["audit", *args])
+
+
+def outbox(tmp_path: Path) -> list[tuple]:
+    """(writer, n, type, queue id, rcpt) of the events waiting in the spool."""
+    db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    try:
+        return [(w, n, *(unpack(d)[i] for i in (0, 5, 4))) for w, n, d in db.execute(
+            "SELECT writer, n, data FROM events ORDER BY writer, n")]
+    finally:
+        db.close()
+
+
+async def test_records_are_in_the_spool_with_the_state_they_describe(tmp_path, sink, make_node):
+    """With the recorder stopped, the "r" of an accepted message and the "d" of its delivery
+    are already durable in the spool, where the recorder takes them from once it runs."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    pid = node.recorder.child_pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+                   message("one", cls="policy-documents"))
+        await sink.wait_for(1)
+        await node.spool.flush()
+        events = outbox(tmp_path)
+        assert [(e[2], e[4]) for e in events] == [("r", "a@example.com"), ("d", "a@example.com")]
+        assert events[0][1] + 1 == events[1][1] and events[0][3] == events[1][3]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await node.flush_evidence()
+    assert outbox(tmp_path) == []  # consumed by both, then trimmed
+    store = SQLiteAuditStore(node.audit.path, readonly=True)
+    try:
+        assert [r["type"] for r in store.rows_between(None, None)] == ["r", "d"]
+    finally:
+        store.close()
+    assert [r["type"] for r in records(tmp_path)] == ["r", "d"]
+
+
+async def test_a_killed_recorder_is_replaced_and_nothing_is_lost_or_doubled(tmp_path, sink,
+                                                                         make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    port = node.listeners[0].port
+    for i in range(20):
+        await send(port, "s@insurer.test", [f"u{i}@example.com"], message(f"m{i}"))
+        if i == 9:
+            os.kill(node.recorder.child_pid, signal.SIGKILL)
+    await sink.wait_for(20)
+    for _ in range(100):  # a new recorder is started by the node
+        if node.recorder.child_pid is not None and node.recorder._proc.poll() is None:
+            break
+        await asyncio.sleep(0.1)
+    await node.flush_evidence()
+    store = SQLiteAuditStore(node.audit.path, readonly=True)
+    try:
+        rows = list(store.rows_between(None, None))
+    finally:
+        store.close()
+    assert sorted((r["type"], r["rcpt"]) for r in rows) == sorted(
+        (t, f"u{i}@example.com") for i in range(20) for t in ("r", "d"))
+    lines = [(r["type"], r["rcpt"]) for r in records(tmp_path)]
+    assert sorted(lines) == sorted((t, f"u{i}@example.com") for i in range(20) for t in "rd")
+
+
+async def test_a_lost_event_fails_verify_and_is_named(tmp_path, sink, make_node):
+    """An event deleted from the spool before the recorder took it: the chain itself is
+    intact, but verify names the missing event and the recipient without a final record."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port))
+    node = await make_node(cfg.read_text())
+    pid = node.recorder.child_pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for i in range(3):
+            await send(node.listeners[0].port, "s@insurer.test", [f"v{i}@example.com"],
+                       message(f"m{i}"))
+        await sink.wait_for(3)
+        await node.spool.flush()
+        events = outbox(tmp_path)
+        writer, n, _, queue_id, _ = next(e for e in events
+                                         if e[2] == "d" and e[4] == "v1@example.com")
+        db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+        db.execute("DELETE FROM events WHERE writer = ? AND n = ?", (writer, n))
+        db.commit()
+        db.close()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await node.flush_evidence()
+    res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("ok: 5 records")  # the chain of what is there is intact
+    assert f"INCOMPLETE: event(s) {n}..{n} of spool writer {writer} are missing" in res.output
+    assert f"message {queue_id} to v1@example.com" in res.output
+    assert "has no final record" in res.output
+    res = await asyncio.to_thread(cli, "verify", "-c", str(cfg), "--json")
+    assert json.loads(res.output)["completeness"]["ok"] is False
+
+
+async def test_verify_with_the_spool_knows_queued_mail_is_not_missing(tmp_path, make_node):
+    """A recipient still deferred has no final record, and that is complete; the message is
+    found by any of its keys, from any record."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # a port nobody answers on: the delivery is deferred
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, dead.getsockname()[1]))
+    node = await make_node(cfg.read_text())
+    await send(node.listeners[0].port, "s@insurer.test", ["w@example.com"],
+               message("m", extra="X-Correlation-ID: corr-w\r\n"))
+    for _ in range(100):
+        await node.flush_evidence()
+        store = SQLiteAuditStore(node.audit.path, readonly=True)
+        try:
+            types = [r["type"] for r in store.find(Query(rcpt="w@example.com"))]
+        finally:
+            store.close()
+        if "t" in types:
+            break
+        await asyncio.sleep(0.1)
+    res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
+    assert res.exit_code == 0 and "is still queued" in res.output, res.output
+    store = SQLiteAuditStore(node.audit.path)  # the "r" gone: found through the "t" alone
+    store.db.execute("DROP INDEX ax_event")
+    store.db.execute("DELETE FROM audit_records WHERE type = 'r'")
+    try:
+        [trail] = trails(store.find(Query(correlation_id="corr-w")))
+        assert [r["type"] for r in trail.rows] == ["t"]
+    finally:
+        store.close()
+    dead.close()
+
+
+class _TakesAndHolds(Sink):
+    """Records the arrival when the final dot arrives, then holds the 250 (the moment a node
+    can die with the message delivered and its outcome not recorded)."""
+
+    hold: float = 30.0
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        await asyncio.sleep(self.hold)
+        return reply
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _serve(cfg: Path, port: int, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "postlane.cli", "serve", "-c", str(cfg)],
+                                stdout=out, stderr=out)
+    for _ in range(600):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return proc
+        assert proc.poll() is None, log.read_text()[-2000:]
+        await asyncio.sleep(0.05)
+    raise AssertionError("node did not start")
+
+
+async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):
+    """SIGKILL while the remote holds its 250: after the restart the trail says attempt 1's
+    outcome is unknown, then attempt 2 delivered; verify and the SLA report account for it."""
+    sink = await _TakesAndHolds().start()
+    port = _free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port))
+    log = tmp_path / "node.log"
+    proc = await _serve(cfg, port, log)
+    try:
+        await send(port, "s@insurer.test", ["x@example.com"],
+                   message("notice", cls="policy-documents",
+                           extra="X-Correlation-ID: crash-1\r\n"))
+        await sink.wait_for(1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        sink.hold = 0.0
+        proc = await _serve(cfg, port, log)
+        await sink.wait_for(2, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+        await sink.stop()
+    res = await asyncio.to_thread(cli, "show", "-c", str(cfg), "--correlation-id", "crash-1")
+    assert res.exit_code == 0, res.output
+    assert "attempt 1: OUTCOME UNKNOWN (node stopped) from 127.0.0.20" in res.output, res.output
+    assert "attempt 2: delivered from 127.0.0.20" in res.output
+    assert "outcome: delivered" in res.output
+    res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
+    assert res.exit_code == 0, res.output
+    store = SQLiteAuditStore(tmp_path / "spool" / "audit.sqlite", readonly=True)
+    try:
+        report = sla_report(store, 0, time.time() + 60)["classes"]["policy-documents"]
+    finally:
+        store.close()
+    [unknown] = report["unknown_attempts"]
+    assert unknown["recipient"] == "x@example.com" and unknown["attempts"] == [1]
+    assert unknown["within_sla_if_then"] is True and unknown["outcome"] == "delivered"
+    assert [r["type"] for r in records(tmp_path)] == ["r", "u", "d"]
