@@ -64,7 +64,7 @@ async def test_tables_are_not_cut_when_piped_and_json_answers(tmp_path, sink, ma
     assert long_rcpt in out.decode(), "a piped table is as wide as it needs"
     code, out, err = await run_cli("pause", "bulk", "--domain", "example.com", "--json", *target)
     assert code == 0 and json.loads(out) == {"pool": "bulk", "domain": "example.com",
-                                             "paused": True}
+                                             "paused": True, "queued": 1}
     code, out, err = await run_cli("purge", "bulk", "example.com", "--yes", "--json", *target)
     assert json.loads(out) == {"pool": "bulk", "domain": "example.com", "purged": 1}
     cfg = tmp_path / "node.toml"
