@@ -175,3 +175,52 @@ class Spool(Protocol):
     async def paused(self) -> set[tuple[str, str]]: ...
 
     async def flush(self) -> None: ...
+
+
+class GroupCommitWrites:
+    """The writes both spools queue for their group-commit writer, as operations: ``("upd",
+    rows, events)``, ``("ev", events)``, ``("mark", rows, future)``, ``("trim", cursors)``,
+    ``("pause", pool, domain, paused, events, future)``, ``("flush", future)`` (and each
+    backend's
+    ``"enq"``, ``"fin"``). A backend supplies ``_submit`` and ``_future``."""
+
+    def _submit(self, op: tuple, urgent: bool) -> None:
+        raise NotImplementedError
+
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
+        """Record recipient state changes and their events; durable at the next commit (a
+        crash before it re-delivers, and the attempt mark says so)."""
+        self._submit(("upd", update_rows(updates), events), False)
+
+    def record(self, events: Sequence[Record], urgent: bool = False) -> None:
+        """Events without a state change (complaints, refusals …); durable at the next commit
+        (``flush`` waits for it), kept for the one after if that fails."""
+        self._submit(("ev", events), urgent)
+
+    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
+        """Mark attempts as started; the final dot is sent only once the future is done."""
+        fut = self._future()
+        self._submit(("mark", [(a.started, a.info, a.msg_id, a.idx) for a in attempts], fut),
+                     urgent)
+        return fut
+
+    def trim(self, consumed: Mapping[str, int]) -> None:
+        """Drop each writer's events up to the number the recorder has consumed."""
+        self._submit(("trim", dict(consumed)), False)
+
+    async def set_paused(self, pool: str, domain: str, paused: bool,
+                         events: Sequence[Record] = ()) -> None:
+        """A pause (of a pool, or of its lane to ``domain``), with the record of it
+        (``events``), durable before it returns."""
+        fut = self._future()
+        self._submit(("pause", pool, domain, paused, events, fut), True)
+        await fut
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is committed."""
+        fut = self._future()
+        self._submit(("flush", fut), False)
+        await fut

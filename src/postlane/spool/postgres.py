@@ -22,7 +22,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,15 +33,14 @@ from ..monitor.health import Health
 from .base import (
     FINAL_STATES,
     Attempt,
+    GroupCommitWrites,
     Message,
     Pending,
     Recipient,
-    RecipientUpdate,
     SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
-    update_rows,
 )
 from .cache import BodyCache
 from .outbox import writer_lock_key
@@ -176,7 +175,7 @@ class NodeInfo:
     """Whether its session connection is open (it holds its name lock)."""
 
 
-class PostgresSpool:
+class PostgresSpool(GroupCommitWrites):
     """Spool in PostgreSQL schema ``schema`` of the database at ``dsn``."""
 
     HEALTH_KEY = "database"
@@ -312,41 +311,12 @@ class PostgresSpool:
         await fut
         self._cache.put(msg.id, body)
 
-    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
-        """Record recipient state changes and their events; durable at the next commit (a
-        crash before it re-delivers, and the attempt mark says so)."""
-        self._submit(("upd", update_rows(updates), events), False)
-
-    def record(self, events: Sequence[Record], urgent: bool = False) -> None:
-        self._submit(("ev", events), urgent)
-
-    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        self._submit(("mark", [(a.started, a.info, a.msg_id, a.idx) for a in attempts], fut),
-                     urgent)
-        return fut
-
-    def trim(self, consumed: Mapping[str, int]) -> None:
-        self._submit(("trim", dict(consumed)), False)
-
     def finish(self, msg_id: str) -> None:
         """This node is done with a message; it is deleted once no node has work left on it."""
         self._submit(("fin", msg_id), False)
         self._live.pop(msg_id, None)
         self._live_bodies.pop(msg_id, None)
         self._cache.pop(msg_id)
-
-    async def set_paused(self, pool: str, domain: str, paused: bool,
-                         events: Sequence[Record] = ()) -> None:
-        """Pause is cluster-wide: the row is shared and every node is notified."""
-        fut = asyncio.get_running_loop().create_future()
-        self._submit(("pause", pool, domain, paused, events, fut), True)
-        await fut
-
-    async def flush(self) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self._submit(("flush", fut), False)
-        await fut
 
     async def _run(self) -> None:
         assert self._pool is not None

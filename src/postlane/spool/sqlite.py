@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..accounting.records import Record, pack
@@ -23,15 +23,14 @@ from ..secretfile import private_file
 from .base import (
     FINAL_STATES,
     Attempt,
+    GroupCommitWrites,
     Message,
     Pending,
     Recipient,
-    RecipientUpdate,
     SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
-    update_rows,
 )
 from .cache import BodyCache
 
@@ -96,7 +95,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
                                f" ('schema_version', '{version}'); COMMIT;")
 
 
-class SQLiteSpool:
+class SQLiteSpool(GroupCommitWrites):
     """Spool in ``<directory>/spool.sqlite``."""
 
     HEALTH_KEY = "spool"
@@ -161,10 +160,6 @@ class SQLiteSpool:
             (self._urgent if urgent else self._bulk).append(op)
             self._cv.notify()
 
-    def _future(self) -> asyncio.Future:
-        assert self._loop is not None, "spool is not open"
-        return self._loop.create_future()
-
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
                       urgent: bool = False, events: Sequence[Record] = ()) -> None:
         """Return once the message, its recipients and ``events`` are committed to disk."""
@@ -176,39 +171,10 @@ class SQLiteSpool:
         await fut
         self._cache.put(msg.id, body)
 
-    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
-        """Record recipient state changes and their events; durable at the next commit (a
-        crash before it re-delivers, and the attempt mark says so)."""
-        self._submit(("upd", update_rows(updates), events), False)
-
-    def record(self, events: Sequence[Record], urgent: bool = False) -> None:
-        self._submit(("ev", events), urgent)
-
-    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
-        fut = self._future()
-        self._submit(("mark", [(a.started, a.info, a.msg_id, a.idx) for a in attempts], fut),
-                     urgent)
-        return fut
-
-    def trim(self, consumed: Mapping[str, int]) -> None:
-        self._submit(("trim", dict(consumed)), False)
-
     def finish(self, msg_id: str) -> None:
         """Forget a message whose recipients are all final."""
         self._submit(("fin", msg_id), False)
         self._cache.pop(msg_id)
-
-    async def set_paused(self, pool: str, domain: str, paused: bool,
-                         events: Sequence[Record] = ()) -> None:
-        fut = self._future()
-        self._submit(("pause", pool, domain, paused, events, fut), True)
-        await fut
-
-    async def flush(self) -> None:
-        """Wait until everything submitted so far is committed."""
-        fut = self._future()
-        self._submit(("flush", fut), False)
-        await fut
 
     def _run(self) -> None:
         conn = _connect(self.path)
@@ -225,6 +191,7 @@ class SQLiteSpool:
                         batch.append(self._urgent.popleft())
                     while self._bulk and len(batch) < BATCH_MAX:
                         batch.append(self._bulk.popleft())
+                batch = self._commit_marks(conn, batch)
                 if self._commit(conn, batch):
                     failures = 0
                     continue
@@ -239,6 +206,36 @@ class SQLiteSpool:
                     self._cv.wait(min(5.0, 0.1 * 2 ** failures))
         finally:
             conn.close()
+
+    def _commit_marks(self, conn: sqlite3.Connection, batch: list[tuple]) -> list[tuple]:
+        """Commit the batch's attempt marks first, on their own, without waiting for an fsync
+        (``synchronous=NORMAL``: a commit that survives the process, which is the crash a mark
+        is for; the next full commit makes it durable on disk too). Each delivery waits for its
+        mark before its final dot: behind a campaign's fsync'd batch, a policy notice's p99
+        went from 44 to 120 ms. Returns the rest of the batch (everything, if an outcome in it
+        concerns a marked recipient: then one transaction keeps their order)."""
+        marks = [op for op in batch if op[0] == "mark"]
+        if not marks:
+            return batch
+        marked = {(m[2], m[3]) for op in marks for m in op[1]}
+        if any((u[4], u[5]) in marked for op in batch if op[0] == "upd" for u in op[1]):
+            return batch
+        error: BaseException | None = None
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN")
+            conn.executemany("UPDATE recipients SET attempt_started=?, attempt_info=?"
+                             " WHERE msg_id=? AND idx=?", [m for op in marks for m in op[1]])
+            conn.execute("COMMIT")
+        except Exception as exc:  # the deliveries waiting for it are not sent
+            error = exc
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(_resolve, [op[2] for op in marks], error)
+        return [op for op in batch if op[0] != "mark"]
 
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> bool:
         """Commit one batch; False (and every waiter failed) if it could not be."""
