@@ -21,8 +21,9 @@ import httpx
 from postlane.policy.intake import RcptIn
 from postlane.scheduler.control import Selector
 from tests.conftest import OPERATOR, config_text, message, records
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.test_cli_ops import run_cli
-from tests.test_cluster import _until
+from tests.test_cluster import _until, cluster_text, start_node
 
 GREY = "grey.example"
 
@@ -221,9 +222,9 @@ async def test_sla_report_reads_pauses_and_holds_from_the_chain(tmp_path, sink, 
                                                               'retry = ["1h"]')
     node = await make_node(text)
     [notice] = await deferred_notices(node, 1)
-    node.operations.queue("hold", Selector(queue_ids=(notice,)), who=OPERATOR)
+    await node.operations.queue("hold", Selector(queue_ids=(notice,)), who=OPERATOR)
     await asyncio.sleep(1.2)
-    node.operations.queue("release", Selector(queue_ids=(notice,)), who=OPERATOR)
+    await node.operations.queue("release", Selector(queue_ids=(notice,)), who=OPERATOR)
     await sink.wait_for(1)
     await node.flush_evidence()
     await node.stop()
@@ -235,3 +236,89 @@ async def test_sla_report_reads_pauses_and_holds_from_the_chain(tmp_path, sink, 
     assert "held by operator tester" in breach["detail"]
     assert breach["waits_s"]["our-pause"] >= 1.0 > breach["waits_s"]["remote-deferral"]
 
+
+
+async def test_hold_and_release_across_a_cluster(tmp_path, sink, pg_schema):  # noqa: F811
+    """On a PostgreSQL spool a held recipient is in the shared spool, nobody's: no node claims
+    it, any node lists, shows and releases it, and whoever has a slot delivers it then."""
+    sink.rcpt_replies[f"r0@{GREY}"] = ["451 4.7.1 greylisted"]
+    route = f'"{GREY}" = "127.0.0.1:{sink.port}"\n'
+    texts = {name: cluster_text(tmp_path, sink.port, pg_schema, name, route).replace(
+        'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]') for name in ("node-a", "node-b")}
+    a, b = await start_node(texts["node-a"]), await start_node(texts["node-b"])
+    try:
+        api = {n.config.node.name: ["--url", f"http://127.0.0.1:{n.api.port}", "--token-file",
+                                    str(tmp_path / "api-token")] for n in (a, b)}
+
+        async def queue(node: str, *args: str) -> dict:
+            code, out, err = await run_cli("queue", *args, "--json", *api[node])
+            assert code == 0, err
+            return json.loads(out)
+
+        # a campaign nobody has claimed (its pool paused cluster-wide), held from node-b
+        await a.operations.pause("bulk", who=OPERATOR)
+        campaign = [await a.intake.submit("news@example.com", [RcptIn(f"m{i}@example.com")],
+                                          message(f"offer {i}", cls="marketing"))
+                    for i in range(3)]
+        held = await queue("node-b", "hold", "--pool", "bulk")
+        assert (held["recipients"], held["elsewhere"]) == (3, 0)
+        await a.operations.resume("bulk", who=OPERATOR)
+        await asyncio.sleep(1.0)
+        assert sink.arrivals == [], "no node claims a held recipient"
+        listed = await queue("node-a", "list", "--state", "held")
+        assert sorted(m["queue_id"] for m in listed["messages"]) == sorted(campaign)
+        shown = await queue("node-a", "show", campaign[0])
+        assert ["Subject", "offer 0"] in shown["headers"]
+
+        # a notice deferred on the node that claimed it: that node's to hold
+        [notice] = await deferred_across(a, b, f"r0@{GREY}")
+        owner, other = (a, b) if any(r.msg.id == notice for r in a.scheduler.recipients()) \
+            else (b, a)
+        sel = ["--recipient", f"r0@{GREY}"]
+        assert (await queue(other.config.node.name, "hold", *sel))["elsewhere"] == 1
+        assert (await queue(owner.config.node.name, "hold", *sel))["recipients"] == 1
+        assert not any(r.msg.id == notice for r in owner.scheduler.recipients())
+
+        sink.rcpt_replies[f"r0@{GREY}"] = ["250 2.1.5 ok"]
+        assert (await queue(other.config.node.name, "release", notice))["recipients"] == 1
+        assert (await queue("node-a", "release", campaign[0]))["recipients"] == 1
+        await sink.wait_for(2)
+        deleted = await queue("node-b", "delete", campaign[1], "--yes")
+        assert deleted["recipients"] == 1
+        assert (await queue("node-a", "release", "--all"))["recipients"] == 1
+        arrivals = await sink.wait_for(3)
+        assert sorted(a.rcpts[0] for a in arrivals) == [
+            "m0@example.com", "m2@example.com", f"r0@{GREY}"]
+        for node in (a, b):
+            await node.flush_evidence()
+    finally:
+        await a.stop()
+        await b.stop()
+    ops = [r for name in ("node-a", "node-b") for r in records_of(tmp_path, name)
+           if r["operator"]]
+    assert sorted((r["type"], r["dsnAction"] if r["type"] == "o" else r["bounceCat"])
+                  for r in ops) == [("b", "purged")] + [("o", "hold")] * 4 + [
+        ("o", "pause"), ("o", "release"), ("o", "release"), ("o", "release"), ("o", "resume")]
+    cfg = tmp_path / "node-a.toml"
+    cfg.write_text(texts["node-a"])
+    code, out, err = await run_cli("audit", "verify", "-c", str(cfg))
+    assert code == 0, out + err
+    code, out, _ = await run_cli("audit", "show", "-c", str(cfg), "--queue-id", campaign[1])
+    assert "held by operator admin" in out and "outcome: deleted by operator admin" in out
+
+
+async def deferred_across(a, b, rcpt: str) -> list[str]:
+    """A policy notice to ``rcpt``, deferred on whichever node claimed it."""
+    qid = await a.intake.submit("notices@example.com", [RcptIn(rcpt)],
+                                message("policy", cls="policy-documents"))
+    await _until(lambda: any(r.msg.id == qid and r.state.value == "deferred"
+                             for n in (a, b) for r in n.scheduler.recipients()))
+    return [qid]
+
+
+def records_of(tmp_path: Path, name: str) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted((tmp_path / f"acct-{name}").glob("*.csv")):
+        with open(path, newline="") as fh:
+            rows.extend(csv.DictReader(fh))
+    return rows

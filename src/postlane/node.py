@@ -55,7 +55,8 @@ class Node:
         loop; the durable copy goes through the spool and the recorder."""
         self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures)
         self.scheduler.health = self.health
-        self.queue = QueueControl(self.scheduler, config.pools, config.classes)
+        self.queue = QueueControl(self.scheduler, config.pools, config.classes,
+                                  self.spool if isinstance(self.spool, PostgresSpool) else None)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
         self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
         self.scheduler.relay = self.relay

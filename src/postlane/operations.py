@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, TextIO
 from .accounting.records import Record
 from .feedback.suppression import Entry, SuppressionList, normalize
 from .scheduler.control import SelectionError, Selector
+from .spool import SpoolUnavailable
 
 if TYPE_CHECKING:
     from .node import Node
@@ -127,14 +128,14 @@ class Operations:
     async def pause(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart.
         Returns the recipients queued there now."""
-        self._pool(pool)
+        await self._check(Selector(pool=pool))
         if not self.node.config.pools[pool].pausable:
             raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
                                  409)
         return await self._set_paused(pool, domain, True, who)
 
     async def resume(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
-        self._pool(pool)
+        await self._check(Selector(pool=pool))
         return await self._set_paused(pool, domain, False, who)
 
     async def _set_paused(self, pool: str, domain: str | None, paused: bool,
@@ -151,27 +152,30 @@ class Operations:
         self._log(action, who, queued, pool=pool, domain=domain or "*")
         return queued
 
-    def retry(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
+    async def retry(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Deferred recipients of a pool (or lane) due now; lifts the lanes' backoff."""
-        domain = self._lane(pool, domain)
-        retried = self.node.scheduler.retry_now(pool, domain, who)
-        self._log("retry", who, retried, pool=pool, domain=domain or "*")
-        return retried
+        out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who)
+        self.node.scheduler.lift(pool, domain.lower() if domain else None)
+        return out["recipients"]
 
-    def purge(self, pool: str, domain: str, *, who: Operator) -> int:
+    async def purge(self, pool: str, domain: str, *, who: Operator) -> int:
         """Drop a lane's queued, deferred and held mail (no DSN)."""
-        lane = self._lane(pool, domain)
-        assert lane is not None
-        purged = self.node.scheduler.purge(pool, lane, who)
-        self._log("purge", who, purged, pool=pool, domain=lane)
-        return purged
+        return (await self.queue("purge", Selector(pool=pool, domain=domain),
+                                 who=who))["recipients"]
 
-    def queue(self, action: str, sel: Selector, *, who: Operator, dry_run: bool = False,
-              dsn: bool = False) -> dict:
-        """hold, release, retry or delete the selected messages (``postlane queue …``)."""
-        out = self.node.queue.act(action, sel, who, dry_run=dry_run, dsn=dsn)
+    async def queue(self, action: str, sel: Selector, *, who: Operator, dry_run: bool = False,
+                    dsn: bool = False) -> dict:
+        """hold, release, retry, delete or purge the selected messages (``postlane queue …``;
+        in a cluster, those of the shared spool too)."""
+        try:
+            out = await self.node.queue.act(action, sel, who, dry_run=dry_run, dsn=dsn)
+        except SelectionError as exc:
+            raise OperationError(str(exc), exc.status) from None
+        except SpoolUnavailable as exc:
+            raise OperationError(f"not done: {exc}", 503) from None
         if not dry_run:
-            self._log(action, who, out["recipients"], messages=out["messages"])
+            self._log(action, who, out["recipients"], messages=out["messages"],
+                      pool=sel.pool or "*", domain=sel.domain or "*")
         return out
 
     async def suppress(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
@@ -192,16 +196,12 @@ class Operations:
         self._log("suppress-import", who, count, scope=scope)
         return count
 
-    def _pool(self, pool: str) -> None:
-        self._lane(pool, None)
-
-    def _lane(self, pool: str, domain: str | None) -> str | None:
-        """A mistyped pool or domain is an error, not "0 purged"; the domain in lower case."""
+    async def _check(self, sel: Selector) -> None:
+        """A mistyped pool is an error, not "paused"."""
         try:
-            self.node.queue.check(Selector(pool=pool, domain=domain))
+            await self.node.queue.check(sel)
         except SelectionError as exc:
             raise OperationError(str(exc), exc.status) from None
-        return domain.lower() if domain else None
 
     @staticmethod
     def _log(action: str, who: Operator, count: int, **what: object) -> None:

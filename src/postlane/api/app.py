@@ -152,13 +152,13 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
                     domain: Annotated[str | None, Query()] = None) -> dict:
         """Make deferred recipients of the pool (or lane) due now, lifting a backoff."""
         return {"pool": pool, "domain": domain,
-                "retried": ops.retry(pool, domain, who=caller(request))}
+                "retried": await ops.retry(pool, domain, who=caller(request))}
 
     @api.post("/pools/{pool}/lanes/{domain}/purge", tags=["operations"])
     async def purge(request: Request, pool: str, domain: str) -> dict:
         """Drop the lane's queued and deferred recipients (accounting "b", bounceCat purged)."""
         return {"pool": pool, "domain": domain,
-                "purged": ops.purge(pool, domain, who=caller(request))}
+                "purged": await ops.purge(pool, domain, who=caller(request))}
 
     @api.get("/token", tags=["status"])
     async def token(request: Request) -> dict:
