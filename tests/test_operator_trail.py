@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from postlane.api.tokens import add_token
 from postlane.policy.intake import RcptIn
 from postlane.scheduler.control import Selector
 from tests.conftest import OPERATOR, config_text, message, records
@@ -322,3 +323,24 @@ def records_of(tmp_path: Path, name: str) -> list[dict]:
         with open(path, newline="") as fh:
             rows.extend(csv.DictReader(fh))
     return rows
+
+
+async def test_a_broken_tokens_file_fails_closed(tmp_path, sink, make_node, caplog):
+    node = await make_node(config_text(tmp_path, sink.port))
+    tokens_file = tmp_path / "api-tokens.json"
+    alice = add_token(tokens_file, "alice")
+    admin = (tmp_path / "api-token").read_text().strip()
+    base = f"http://127.0.0.1:{node.api.port}/api/v1/token"
+
+    async def whoami(token: str) -> int:
+        async with httpx.AsyncClient() as client:
+            return (await client.get(base, headers={"Authorization": f"Bearer {token}"})
+                    ).status_code
+
+    assert (await whoami(alice), await whoami(admin)) == (200, 200)
+    tokens_file.write_text('{"format": "postlane-api-tokens/1", "tokens": {"alice": {}}')
+    assert (await whoami(alice), await whoami(admin)) == (401, 200)
+    assert "only the admin token is accepted until it is fixed" in caplog.text
+    tokens_file.unlink()
+    bob = add_token(tokens_file, "bob", read_only=True)
+    assert (await whoami(alice), await whoami(bob)) == (401, 200)

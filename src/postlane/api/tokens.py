@@ -121,7 +121,11 @@ class Tokens:
         stamps = (_stamp(self.token_file), _stamp(self.tokens_file))
         if stamps == self._stamps:
             return
-        known = [(_digest(load_token(self.token_file)), Token(ADMIN))]
+        known = []
+        try:
+            known.append((_digest(load_token(self.token_file)), Token(ADMIN)))
+        except TokenError as exc:  # fail closed, and say why
+            log.error("%s; the admin token is refused until it is fixed", exc)
         try:
             named = _read(self.tokens_file)
         except TokenError as exc:

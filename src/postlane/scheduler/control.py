@@ -190,7 +190,12 @@ class QueueControl:
             found = mine + [r for r in await self._unowned(wanted, sel, dsn and not dry_run)
                             if chosen(r)]
             if not dry_run:
-                found = await sched.operate_shared(found, action, who, wanted, dsn)
+                try:
+                    found = await sched.operate_shared(found, action, who, wanted, dsn)
+                except BaseException:
+                    for rcpt in mine:  # not done: this node goes on holding them
+                        sched.add(rcpt)
+                    raise
                 sched.let_go(mine)
             # matching recipients other nodes have claimed: theirs to act on
             out["elsewhere"] = sum(1 for r in await self._unowned(wanted, sel, others=True)
