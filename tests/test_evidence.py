@@ -228,3 +228,4 @@ async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):
     assert unknown["recipient"] == "x@example.com" and unknown["attempts"] == [1]
     assert unknown["within_sla_if_then"] is True and unknown["outcome"] == "delivered"
     assert [r["type"] for r in records(tmp_path)] == ["r", "u", "d"]
+    assert "observer" not in log.read_text()  # the "u" record is known to every observer

@@ -304,19 +304,32 @@ def _evidence(result: Result, configs: list[Path], acked: set[int],
     lines: Counter[tuple] = Counter()
     by_seq: dict[int, Counter[str]] = defaultdict(Counter)
     for cfg in configs:
-        for path in sorted(Path(load_config(cfg).accounting.directory).glob("*.csv")):
-            with open(path, newline="") as fh:
-                for row in csv.DictReader(fh):
-                    lines[tuple(row.values())] += 1
-                    corr = row.get("header_X-Correlation-ID", "")
-                    if corr.startswith("kill-"):
-                        by_seq[int(corr[5:])][row["type"]] += 1
+        directory = Path(load_config(cfg).accounting.directory)
+        for path in sorted(directory.glob("*.csv")):
+            for row in csv.DictReader(_committed(directory, path).splitlines()):
+                lines[tuple(row.values())] += 1
+                corr = row.get("header_X-Correlation-ID", "")
+                if corr.startswith("kill-"):
+                    by_seq[int(corr[5:])][row["type"]] += 1
     result.file_lines_twice = sum(n - 1 for n in lines.values() if n > 1)
     for seq in counts:
         if not (by_seq[seq]["r"] and by_seq[seq]["d"]):
             result.evidence_gaps_files += 1
             problems.append(f"kill-{seq}: the accounting files have {dict(by_seq[seq])}")
     result.problems = problems[:20]
+
+
+def _committed(directory: Path, path: Path) -> str:
+    """A file's committed part: up to the size its position file records (the rest, of a node
+    killed and never restarted, was written again by the node that took its work over)."""
+    from .accounting.log import POSITION_FILE
+
+    data = path.read_bytes()
+    for position in directory.glob(f"*{POSITION_FILE}"):
+        for name, size in json.loads(position.read_text()).get("files", {}).values():
+            if Path(name) == path:
+                data = data[:size]
+    return data.decode()
 
 
 def _drained(config_path: Path) -> bool:

@@ -394,6 +394,9 @@ def _serve(fd: int) -> None:
         sock.sendall(frame(("error", f"{type(exc).__name__}: {exc}")))
         return
     sock.sendall(frame(("ready", None)))
+    # In a cluster, a survivor goes on from the position this recorder publishes: sync each
+    # batch, so that a node that dies for good leaves at most one batch the survivor repeats.
+    every = 0.0 if settings["spool"].startswith(("postgresql://", "postgres://")) else SYNC
     last_sync, last_progress = time.monotonic(), None
     flushes: list[int] = []
     stopping = False
@@ -404,7 +407,7 @@ def _serve(fd: int) -> None:
                 while taken:
                     taken = feed.safe_pump()
                 feed.sync()
-            elif feed.dirty and time.monotonic() - last_sync >= SYNC:
+            elif feed.dirty and time.monotonic() - last_sync >= every:
                 feed.sync()
                 last_sync = time.monotonic()
             progress = feed.progress()

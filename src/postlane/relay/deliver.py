@@ -178,7 +178,8 @@ class Relay:
         # the attempt is on disk before its final dot: a crash between the remote's 250 and
         # our record of it then leaves "outcome unknown" in the trail, not silence
         cls = self.config.classes.get(msg.cls)
-        marked = self.spool.mark([Attempt(msg.id, r.idx, time.time(), orjson.dumps(info).decode())
+        info_text, now = orjson.dumps(info).decode(), time.time()
+        marked = self.spool.mark([Attempt(msg.id, r.idx, now, info_text, r.attempts + 1)
                                   for r in batch], urgent=cls is not None and cls.sla is not None)
         marked.add_done_callback(_retrieve)  # a transaction refused before DATA never awaits it
         try:

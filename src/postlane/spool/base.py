@@ -89,6 +89,8 @@ class Attempt:
     started: float
     info: str
     """The connection as JSON (source IP, EHLO name, MX, destination IP, TLS)."""
+    number: int = 0
+    """Which attempt of its recipient this is (its attempts so far, plus one)."""
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..accounting.records import Record, pack
 from ..monitor.health import Health
 from ..secretfile import private_file
+from .attempts import AttemptJournal
 from .base import (
     FINAL_STATES,
     Attempt,
@@ -55,8 +56,6 @@ CREATE TABLE IF NOT EXISTS paused (pool TEXT NOT NULL, domain TEXT NOT NULL,
 """
 MIGRATIONS: list[tuple[int, str]] = [
     (2, """
-ALTER TABLE recipients ADD COLUMN attempt_started REAL;
-ALTER TABLE recipients ADD COLUMN attempt_info TEXT;
 CREATE TABLE events (writer TEXT NOT NULL, n INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (writer, n)) WITHOUT ROWID;
 CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL, started REAL NOT NULL);
@@ -68,9 +67,9 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority, size, envid, ret,"
              " correlation_id, message_id, listener, auth_user, client")
-_UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?,"
-           " attempt_started=NULL, attempt_info=NULL WHERE msg_id=? AND idx=?")
-_AWAITED = frozenset({"enq", "pause", "flush", "mark"})
+_UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?"
+           " WHERE msg_id=? AND idx=?")
+_AWAITED = frozenset({"enq", "pause", "flush"})
 """Operations somebody waits for: a failed commit fails them (an SMTP client gets a 451 and
 sends again). The others (outcomes, events, clean-ups) go into the next commit instead."""
 
@@ -114,6 +113,7 @@ class SQLiteSpool(GroupCommitWrites):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
         self._cache = BodyCache()
+        self._attempts = AttemptJournal(self.path.parent)
         self.commits = 0
         self.writes = 0
         self.health = Health()
@@ -131,11 +131,20 @@ class SQLiteSpool(GroupCommitWrites):
         finally:
             conn.close()
         self._reader = _connect(self.path)
+        self._attempts.open()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
 
+    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
+        """Journal the attempts (``attempts.py``): written at once, nothing to wait for."""
+        self._attempts.write(attempts)
+        fut = self._future()
+        fut.set_result(None)
+        return fut
+
     async def close(self) -> None:
+        self._attempts.close()
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -191,7 +200,6 @@ class SQLiteSpool(GroupCommitWrites):
                         batch.append(self._urgent.popleft())
                     while self._bulk and len(batch) < BATCH_MAX:
                         batch.append(self._bulk.popleft())
-                batch = self._commit_marks(conn, batch)
                 if self._commit(conn, batch):
                     failures = 0
                     continue
@@ -207,40 +215,11 @@ class SQLiteSpool(GroupCommitWrites):
         finally:
             conn.close()
 
-    def _commit_marks(self, conn: sqlite3.Connection, batch: list[tuple]) -> list[tuple]:
-        """Commit the batch's attempt marks first, on their own, without waiting for an fsync
-        (``synchronous=NORMAL``: a commit that survives the process, which is the crash a mark
-        is for; the next full commit makes it durable on disk too). Each delivery waits for its
-        mark before its final dot: behind a campaign's fsync'd batch, a policy notice's p99
-        went from 44 to 120 ms. Returns the rest of the batch (everything, if an outcome in it
-        concerns a marked recipient: then one transaction keeps their order)."""
-        marks = [op for op in batch if op[0] == "mark"]
-        if not marks:
-            return batch
-        marked = {(m[2], m[3]) for op in marks for m in op[1]}
-        if any((u[4], u[5]) in marked for op in batch if op[0] == "upd" for u in op[1]):
-            return batch
-        error: BaseException | None = None
-        try:
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("BEGIN")
-            conn.executemany("UPDATE recipients SET attempt_started=?, attempt_info=?"
-                             " WHERE msg_id=? AND idx=?", [m for op in marks for m in op[1]])
-            conn.execute("COMMIT")
-        except Exception as exc:  # the deliveries waiting for it are not sent
-            error = exc
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        finally:
-            conn.execute("PRAGMA synchronous=FULL")
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(_resolve, [op[2] for op in marks], error)
-        return [op for op in batch if op[0] != "mark"]
 
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> bool:
         """Commit one batch; False (and every waiter failed) if it could not be."""
         msgs, bodies, rcpts, upds, fins, futs, events = [], [], [], [], [], [], []
-        pauses, marks, trims = [], [], {}
+        pauses, trims = [], {}
         for op in batch:
             kind = op[0]
             if kind == "enq":
@@ -256,9 +235,6 @@ class SQLiteSpool(GroupCommitWrites):
                 fins.append((op[1],))
             elif kind == "ev":
                 events.extend(op[1])
-            elif kind == "mark":
-                marks.extend(op[1])
-                futs.append(op[2])
             elif kind == "trim":
                 for writer, n in op[1].items():
                     trims[writer] = max(n, trims.get(writer, 0))
@@ -281,9 +257,6 @@ class SQLiteSpool(GroupCommitWrites):
                                  " VALUES (?,?,?,?,?,?,?,?,?,?)", rcpts)
             if upds:
                 conn.executemany(_UPDATE, upds)
-            if marks:
-                conn.executemany("UPDATE recipients SET attempt_started=?, attempt_info=?"
-                                 " WHERE msg_id=? AND idx=?", marks)
             if events:
                 writer = self.writer_id
                 conn.executemany("INSERT INTO events VALUES (?, ?, ?)",
@@ -333,6 +306,7 @@ class SQLiteSpool(GroupCommitWrites):
 
     async def pending(self) -> Pending:
         assert self._reader is not None
+        journaled = await asyncio.to_thread(self._attempts.latest)
         out = Pending()
         by_id: dict[str, Message] = {}
         for row in self._reader.execute(f"SELECT {_MSG_COLS} FROM messages ORDER BY queued_at"):
@@ -346,7 +320,7 @@ class SQLiteSpool(GroupCommitWrites):
         final = tuple(s.value for s in FINAL_STATES)
         for row in self._reader.execute(
                 "SELECT msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
-                " last_reply, attempt_started, attempt_info FROM recipients"
+                " last_reply FROM recipients"
                 f" WHERE state NOT IN ({','.join('?' * len(final))})", final):
             msg = by_id.get(row[0])
             if msg is None:
@@ -358,9 +332,7 @@ class SQLiteSpool(GroupCommitWrites):
             out.recipients.append(Recipient(
                 msg=msg, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
                 notify=row[5] or "", state=state, attempts=row[7], next_attempt=row[8],
-                last_reply=row[9] or "",
-                open_attempt=None if row[10] is None else Attempt(row[0], row[1], row[10],
-                                                                  row[11] or "")))
+                last_reply=row[9] or "", open_attempt=_unsettled(journaled, row)))
         for msg in out.messages:
             if not msg.remaining:  # crashed between the last outcome and the cleanup
                 self.finish(msg.id)
@@ -370,6 +342,13 @@ class SQLiteSpool(GroupCommitWrites):
     async def paused(self) -> set[tuple[str, str]]:
         assert self._reader is not None
         return {(p, d) for p, d in self._reader.execute("SELECT pool, domain FROM paused")}
+
+
+def _unsettled(journaled: dict, row: tuple) -> Attempt | None:
+    """The journaled attempt of a recipient row whose outcome the spool never got (the journal
+    names a later attempt than the row has counted)."""
+    last = journaled.get((row[0], row[1]))
+    return last[1] if last is not None and last[0] > row[7] else None
 
 
 def _resolve(futs: list[asyncio.Future], error: BaseException | None) -> None:
