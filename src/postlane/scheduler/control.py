@@ -183,12 +183,18 @@ class QueueControl:
             return r.state in wanted and match(r)
 
         sched = self.scheduler
-        found = [r for r in sched.recipients() if chosen(r)] if dry_run else sched.take(chosen)
         out: dict = {"action": action, "dry_run": dry_run}
+        if self.shared is not None:  # read before this node takes anything out of its queue
+            unowned = [r for r in await self._unowned(wanted, sel, dsn and not dry_run)
+                       if chosen(r)]
+            # matching recipients other nodes have claimed: theirs to act on
+            out["elsewhere"] = sum(1 for r in await self._unowned(wanted, sel, others=True)
+                                   if chosen(r))
+        found = [r for r in sched.recipients() if chosen(r)] if dry_run else sched.take(chosen)
         if self.shared is not None:
             mine = found
-            found = mine + [r for r in await self._unowned(wanted, sel, dsn and not dry_run)
-                            if chosen(r)]
+            keys = {(r.msg.id, r.idx) for r in mine}  # claimed by this node meanwhile: mine
+            found = mine + [r for r in unowned if (r.msg.id, r.idx) not in keys]
             if not dry_run:
                 try:
                     found = await sched.operate_shared(found, action, who, wanted, dsn)
@@ -197,9 +203,6 @@ class QueueControl:
                         sched.add(rcpt)
                     raise
                 sched.let_go(mine)
-            # matching recipients other nodes have claimed: theirs to act on
-            out["elsewhere"] = sum(1 for r in await self._unowned(wanted, sel, others=True)
-                                   if chosen(r))
         elif not dry_run:
             self._apply(action, found, who, dsn)
         return {**out, "recipients": len(found), "messages": len({r.msg.id for r in found})}
