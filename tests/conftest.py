@@ -39,6 +39,7 @@ drain_timeout = 5
 [listeners.in]
 address = "127.0.0.1"
 port = {listener_port}
+relay_from = ["127.0.0.0/8"]
 max_message_size = 100000
 [pools.critical]
 pausable = false

@@ -120,6 +120,7 @@ async def test_cli_show_verify_export_sla(evidence_run, tmp_path):
     out = res.output
     assert "450 4.2.1 mailbox busy" in out and "550 5.1.1 no such user" in out
     assert "from 127.0.0.20 (tx0.test)" in out and "TLSv1" in out
+    assert ", not authenticated, policy opportunistic" in out  # the TLS evidence (issue 16)
     assert "SLA 120s met" in out and "listener in" in out
 
     res = runner.invoke(app, ["audit", "show", "--db", db, "--recipient", "gone@example.com",
@@ -169,12 +170,18 @@ async def test_cli_show_verify_export_sla(evidence_run, tmp_path):
     assert pol["messages"] == 3 and pol["delivered"] == 2 and pol["within_sla"] == 2
     assert pol["deliverable"] == 2 and pol["within_sla_share"] == 1.0
     assert pol["latency_s"]["p50"] is not None and pol["breaches"] == []
+    assert pol["tls"] == {"encrypted": 2, "authenticated": 0, "encrypted_share": 1.0,
+                          "authenticated_share": 0.0}
     [hard] = pol["not_deliverable_recipients"]
     assert hard["recipient"] == "hard@example.com" and "550 5.1.1" in hard["detail"]
     assert report["short"]["breaches"][0]["outcome"] == "expired"
     res = runner.invoke(app, ["audit", "sla", "--db", db, "--from", "2000-01-01",
                               "--to", "2100-01-01", "--class", "short"])
     assert "BREACH" in res.output and "claim-9" in res.output
+    res = runner.invoke(app, ["audit", "sla", "--db", db, "--from", "2000-01-01",
+                              "--to", "2100-01-01", "--class", "policy-documents"])
+    assert "delivered over TLS: 2/2 (100.00%), with the server authenticated (PKIX or DANE):" \
+        " 0/2 (0.00%)" in res.output
 
 
 def write(path, *records) -> None:

@@ -40,6 +40,8 @@ async def test_cli_pause_resume_status_queues(tmp_path, sink, make_node):
     assert {c["class"] for c in data["sla"]["classes"]} == {"policy-documents", "marketing"}
     code, out, _ = await run_cli("status", *target)
     assert code == 0 and "test-node" in out and "policy-documents" in out
+    assert "127.0.0.0/8" in out, "the networks that may relay without AUTH are shown"
+    assert "self-signed, generated" in out
     code, out, _ = await run_cli("resume", "bulk", *target)
     assert code == 0 and ("bulk", "*") not in node.scheduler.paused
     code, out, _ = await run_cli("queues", *target)

@@ -35,7 +35,9 @@ async def test_spool_lists_stores_exports_and_keys_are_private(tmp_path, sink, m
     assert _mode(spool) == 0o700
     assert {"spool.sqlite", "spool.sqlite-wal", "suppression.sqlite3", "audit.sqlite",
             "feedback.key"} <= set(during)
-    assert {name: mode for name, mode in during.items() if mode != 0o600} == {}
+    assert {name: mode for name, mode in during.items()
+            if mode != (0o700 if (spool / name).is_dir() else 0o600)} == {}
+    assert _mode(spool / "tls" / "key.pem") == 0o600  # the generated TLS certificate's key
 
     evidence = tmp_path / "out" / "evidence"
     code, _, err = await run_cli("audit", "export", "--db", str(spool / "audit.sqlite"),

@@ -24,6 +24,7 @@ spool = "{tmp_path}/spool"
 drain_timeout = 5
 [listeners.in]
 port = 0
+relay_from = ["127.0.0.0/8"]
 [pools.shared]
 ips = [{{ address = "127.0.0.40", ehlo = "shared.test", max_smtp_out = {slots} }}]
 [classes.policy-documents]

@@ -455,14 +455,17 @@ async def test_starttls_verified_with_trusted_cert(
 
 async def test_starttls_verification_failure(tls_sink: Sink) -> None:
     with pytest.raises(SMTPError) as info:
-        await connect(tls_sink.port, server_name="mx.test", tls_verify=True)
+        await connect(tls_sink.port, server_name="mx.test", tls="required",
+                      ssl_context=ssl.create_default_context())
     assert info.value.stage == "starttls" and info.value.temporary
+    assert info.value.tls_failure == "certificate-not-trusted"
 
 
 async def test_tls_required_but_not_offered(sink: Sink) -> None:
     with pytest.raises(SMTPError) as info:
         await connect(sink.port, tls="required")
     assert info.value.stage == "starttls" and info.value.temporary
+    assert info.value.tls_failure == "starttls-not-supported"
 
 
 async def test_tls_disabled_stays_plain(tls_sink: Sink) -> None:

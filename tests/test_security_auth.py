@@ -197,10 +197,11 @@ def test_security_config_errors(tmp_path, tls_files, users_file):
         parse_config(config_text(tmp_path, 2525, """
 [listeners.sub]
 tls = "starttls"
+tls_cert = "/etc/ssl/certs/nope.pem"
 require_auth = true
 """))
     text = "\n".join(err.value.errors)
-    assert "listeners.sub.tls_cert: required" in text
+    assert "listeners.sub.tls_cert/tls_key: give both the certificate and the key file" in text
     assert "listeners.sub.require_auth: needs security.users_file" in text
     bad_users = tmp_path / "users.toml"
     bad_users.write_text('[users.eve]\npassword = "plain"\n')
@@ -212,8 +213,9 @@ require_auth = true
         parse_config(config_text(tmp_path, 2525, f'[security]\nusers_file = "{bad_users}"\n'))
     assert "user 'mal': no class named 'nope'" in "\n".join(err2.value.errors)
     with pytest.raises(ConfigError) as err3:
-        parse_config(config_text(tmp_path, 2525, '[listeners.x]\nrequire_auth = true\n'))
-    assert "AUTH is only offered over TLS" in "\n".join(err3.value.errors)
+        parse_config(config_text(tmp_path, 2525, '[listeners.x]\ntls = "none"\n'
+                                                 'require_auth = true\n'))
+    assert "listeners.x.require_auth: needs TLS" in "\n".join(err3.value.errors)
 
 
 async def test_password_guessing_is_cut_off_per_client(tmp_path, sink, make_node, tls_files,

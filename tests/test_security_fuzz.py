@@ -37,7 +37,7 @@ def _threaded_node(tmp, extra: str, relay_from: str = '["127.0.0.0/8"]'):
     async def main() -> None:
         sink = await Sink(keep_data=False).start()
         text = config_text(tmp, sink.port, extra).replace(
-            "max_message_size = 100000", f"max_message_size = 100000\nrelay_from = {relay_from}")
+            'relay_from = ["127.0.0.0/8"]', f"relay_from = {relay_from}")
         node = Node(parse_config(text))
         await node.start()
         box.update(node=node, sink=sink, stop=asyncio.Event())
@@ -74,7 +74,8 @@ def live_node(tmp_path_factory):
 @pytest.fixture(scope="module")
 def closed_node(tmp_path_factory):
     """No client IP may relay and there are no users: nothing may ever be accepted."""
-    node, sink, stop = _threaded_node(tmp_path_factory.mktemp("closed"), LIMITS, "[]")
+    node, sink, stop = _threaded_node(tmp_path_factory.mktemp("closed"),
+                                      LIMITS + "pregreet_wait = 0\n", "[]")
     yield node, sink
     stop()
 

@@ -12,8 +12,7 @@ def limited(tmp_path, sink_port, limits: str, extra: str = "", relay_from: str |
             ) -> str:
     text = config_text(tmp_path, sink_port, f"[listeners.in.limits]\n{limits}\n{extra}")
     if relay_from is not None:
-        text = text.replace("max_message_size = 100000",
-                            f"max_message_size = 100000\nrelay_from = {relay_from}")
+        text = text.replace('relay_from = ["127.0.0.0/8"]', f"relay_from = {relay_from}")
     return text
 
 
@@ -146,7 +145,8 @@ async def test_low_disk_space_refuses_with_452_and_recovers(tmp_path, sink, make
 
 async def test_command_timeout_is_idle_time_during_a_slow_data_transfer(tmp_path, sink,
                                                                         make_node):
-    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.5s"'))
+    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.5s"\n'
+                                                        "min_data_rate = 0"))
     raw = await session(node.listeners[0].port)
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
     assert (await raw.cmd("RCPT TO:<slow@example.com>")).startswith("250")

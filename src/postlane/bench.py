@@ -49,13 +49,22 @@ TRANSACTIONAL_FROM = "notices@insurer.example"
 
 
 def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
-                 dkim: str = "none", audit: bool = True,
-                 spool: str | None = None) -> tuple[Config, int]:
+                 dkim: str = "none", audit: bool = True, spool: str | None = None,
+                 sink_tls: str = "none") -> tuple[Config, int]:
     """The base config pointed at the sink, with a fresh spool; ``fifo`` puts every class in one
     shared pool served in arrival order (what the case study's ESP had); ``dkim`` (rsa, ed25519)
-    signs every message with a key made for the run."""
+    signs every message with a key made for the run. ``sink_tls``: "none" (the sink offers no
+    STARTTLS, so every class sends opportunistically, in clear), "starttls" (the classes' own
+    policies, against the sink's self-signed certificate) or "verified" (every class checks the
+    sink's certificate, which the node trusts through ``relay.ca_file``)."""
     cfg = base.model_copy(deep=True)
     cfg.audit.enabled = audit
+    for cls in cfg.classes.values():
+        if sink_tls != "starttls":
+            cls.tls = None
+    cfg.relay.tls = {"none": "opportunistic", "verified": "verified"}.get(sink_tls, cfg.relay.tls)
+    if sink_tls == "verified":
+        cfg.relay.ca_file = str(workdir / "sink-cert.pem")
     if dkim != "none":
         from .config.model import DKIMKeyConfig
         from .policy.dkim import generate_key, write_key
@@ -152,11 +161,32 @@ def _run_node(cfg: Config) -> None:
     run(cfg)
 
 
-def _run_sink(port: int, delay: float, out: mp.Queue, ready: mp.Event) -> None:
+def sink_certificate(workdir: Path) -> tuple[str, str]:
+    """A self-signed certificate for the sink's address (127.0.0.1, the route's host name): its
+    own trust anchor, so ``relay.ca_file`` pointed at it makes the sink verifiable."""
+    from .edge.cli import selfsigned
+    from .secretfile import create_secret
+
+    cert, key = workdir / "sink-cert.pem", workdir / "sink-key.pem"
+    cert_pem, key_pem = selfsigned("127.0.0.1")
+    cert.write_bytes(cert_pem)
+    create_secret(key, key_pem)
+    return str(cert), str(key)
+
+
+def _run_sink(port: int, delay: float, out: mp.Queue, ready: mp.Event,
+              tls: tuple[str, str] | None = None) -> None:
+    import ssl
+
     from .sink import Sink
 
     async def main() -> None:
-        sink = Sink(port=port, delay=delay, keep_data=False, tag_header=TAG)
+        context = None
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+        sink = Sink(port=port, delay=delay, keep_data=False, tag_header=TAG,
+                    tls_context=context)
         await sink.start()
         ready.set()
         sent = 0
@@ -240,6 +270,8 @@ class BenchOptions:
     timeout: float = 3600.0
     transactional_classes: tuple[str, ...] = TRANSACTIONAL_DEFAULT
     marketing_class: str = "marketing"
+    sink_tls: str = "none"
+    """none, starttls or verified: see ``bench_config``."""
 
 
 class _Submitter:
@@ -446,7 +478,8 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
     sink_port = _free_port()
     cfg, port = bench_config(base, workdir=workdir, sink_port=sink_port,
                              fifo=opts.baseline == "fifo", dkim=opts.dkim, audit=opts.audit,
-                             spool=opts.spool)
+                             spool=opts.spool, sink_tls=opts.sink_tls)
+    sink_tls = sink_certificate(workdir) if opts.sink_tls != "none" else None
     try:
         configs = [(cfg, port)] if opts.nodes is None else node_configs(cfg, opts.nodes, workdir)
     except BenchSetupError:
@@ -456,7 +489,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
     owners = None if opts.nodes is None else {
         ip.address: c.node.name for c, _ in configs for pool in c.pools.values() for ip in pool.ips}
     sink = ctx.Process(target=_run_sink, args=(sink_port, opts.sink_delay_ms / 1000, arrivals,
-                                               ready), daemon=True)
+                                               ready, sink_tls), daemon=True)
     sink.start()
     ready.wait(30)
     nodes: list[mp.Process] = []
@@ -502,6 +535,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
     result["baseline"] = opts.baseline
     result["dkim"] = opts.dkim
     result["audit"] = opts.audit
+    result["sink_tls"] = opts.sink_tls
     result["spool"] = "postgresql" if opts.spool else "sqlite"
     result["sink_delay_ms"] = opts.sink_delay_ms
     result["message_kb"] = opts.message_kb

@@ -95,6 +95,10 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
           baseline: str = typer.Option("lanes", help="lanes (Postlane) or fifo (one queue)"),
           dkim: str = typer.Option("none", help="sign every message: none, rsa (2048) or ed25519"),
           audit: bool = typer.Option(True, help="write the audit store (--no-audit to compare)"),
+          sink_tls: str = typer.Option(
+              "none", help="none (the sink offers no STARTTLS: every class sends in clear), "
+                           "starttls (the classes' own TLS policies) or verified (every class "
+                           "verifies the sink's certificate)"),
           spool: str | None = typer.Option(None, help="a PostgreSQL DSN: run the node on it"),
           nodes: int | None = typer.Option(
               None, help="with --spool: this many nodes on one schema, each with its own "
@@ -117,6 +121,9 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
         raise typer.BadParameter("must be 1 to 8", param_hint="--nodes")
     if dkim not in ("none", "rsa", "ed25519"):
         raise typer.BadParameter("must be 'none', 'rsa' or 'ed25519'", param_hint="--dkim")
+    if sink_tls not in ("none", "starttls", "verified"):
+        raise typer.BadParameter("must be 'none', 'starttls' or 'verified'",
+                                 param_hint="--sink-tls")
     if marketing < 0 or transactional_rate < 0 or message_kb < 1 or connections < 1:
         raise typer.BadParameter("counts and rates must be positive")
     if config is not None:
@@ -124,7 +131,7 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
     opts = BenchOptions(marketing=marketing, transactional_rate=transactional_rate,
                         sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
                         dkim=dkim, audit=audit, spool=spool, nodes=nodes,
-                        config=config, connections=connections)
+                        config=config, connections=connections, sink_tls=sink_tls)
 
     last = [0.0]
 

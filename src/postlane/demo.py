@@ -55,7 +55,7 @@ def run_demo(workdir: Path, marketing: int = 20000, quick: bool = False) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=110)  # logs, CI: no wrapping
     config = load_config(EXAMPLE)
     opts = BenchOptions(marketing=200 if quick else marketing, transactional_rate=10.0,
-                        config=EXAMPLE)
+                        config=EXAMPLE, sink_tls="starttls")
     console.print(f"[bold]Postlane demo[/bold]: a {opts.marketing:,}-message newsletter on"
                   " admin-pool while policy notices, claims and receipts arrive at"
                   f" {opts.transactional_rate:.0f}/s on their own pools.")

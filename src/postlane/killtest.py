@@ -87,6 +87,7 @@ schema_name = "{schema}"
 [listeners.in]
 address = "127.0.0.1"
 port = {listen}
+relay_from = ["127.0.0.0/8"]
 [listeners.in.limits]
 messages_per_minute = 0
 [security]

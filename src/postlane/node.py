@@ -18,6 +18,7 @@ from .accounting.records import Record
 from .api.server import APIServer
 from .config import Config
 from .edge.smtp import Listener
+from .edge.tls import Certificates
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
 from .monitor.activity import Activity
@@ -28,11 +29,12 @@ from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
+from .relay.tlsrpt import TLSReports
 from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
 from .scheduler.control import QueueControl
 from .scheduler.scheduler import Failure, Scheduler
-from .spool import Message, PostgresSpool, make_spool
+from .spool import Message, PostgresSpool, local_dir, make_spool
 from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
@@ -57,8 +59,11 @@ class Node:
         self.scheduler.health = self.health
         self.queue = QueueControl(self.scheduler, config.pools, config.classes,
                                   self.spool if isinstance(self.spool, PostgresSpool) else None)
-        self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout)
-        self.relay = Relay(config, self.scheduler, self.spool, self.resolver)
+        self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
+                                   dnssec=config.dns.dnssec)
+        self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3")
+                            if config.tlsrpt.enabled else None)
+        self.relay = Relay(config, self.scheduler, self.spool, self.resolver, self.tls_reports)
         self.scheduler.relay = self.relay
         self.stop_requested = asyncio.Event()
         """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
@@ -72,10 +77,14 @@ class Node:
         self.feedback = FeedbackService(config, self.persist)
         self._listeners.append(self.feedback.on_record)
         self.intake.feedback = self.feedback
+        if self.tls_reports is not None:
+            self.tls_reports.submit = self.intake.submit
         self.intake.audit_behind = self.recorder.behind
         self.relay.envelope_sender = self.feedback.envelope_sender
         self.scheduler.classify = self.feedback.classifier.classify
-        self.listeners = [Listener(name, lc, self.intake, config.node.hostname)
+        self.certificates = Certificates(config)
+        self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
+                                   self.certificates.for_listener(name))
                           for name, lc in config.listeners.items()]
         self.monitor = Monitor(self)
         self._listeners.append(self.monitor.on_record)
@@ -93,6 +102,7 @@ class Node:
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
         self._disk_watch: asyncio.Task | None = None
+        self._tls_tasks: list[asyncio.Task] = []
         self.stopped = asyncio.Event()
         self._stopping = False
 
@@ -145,7 +155,11 @@ class Node:
                                          f" in the config) cannot listen on {lc.address}:"
                                          f"{lc.port}: {os.strerror(exc.errno or 0)}") from None
         self.started_at = time.time()
-        self._disk_watch = asyncio.get_running_loop().create_task(self._watch_disk())
+        loop = asyncio.get_running_loop()
+        self._disk_watch = loop.create_task(self._watch_disk())
+        self._tls_tasks.append(loop.create_task(self.certificates.watch()))
+        if self.tls_reports is not None:
+            self._tls_tasks.append(loop.create_task(self.tls_reports.run()))
         log.info("node started", extra={"resumed": resumed})
 
     async def _watch_disk(self) -> None:
@@ -171,6 +185,10 @@ class Node:
             await asyncio.wait(set(self._background), timeout=10)
         if self._disk_watch is not None:
             self._disk_watch.cancel()
+        for task in self._tls_tasks:
+            task.cancel()
+        if self.tls_reports is not None:
+            await asyncio.to_thread(self.tls_reports.flush)
         if self.signer is not None:
             self.signer.close()
         await self.monitor.stop()
@@ -253,11 +271,21 @@ class Node:
                 "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
                          "max_smtp_out": s.max_smtp_out} for s in slots],
             })
+        listeners = []
+        for listener in self.listeners:
+            lc, cert = listener.config, listener.handler.guard.certificate
+            listeners.append({
+                "name": listener.name, "address": lc.address, "tls": lc.tls,
+                "port": listener.port if listener.server is not None else lc.port,
+                "require_tls": lc.require_tls, "require_auth": lc.require_auth,
+                "relay_without_auth": [] if lc.require_auth else list(lc.relay_from),
+                "certificate": cert.describe() if cert is not None else None})
         # queued: what this node holds (on one node its whole queue; in a cluster what it has
         # claimed - the shared queue is under "cluster")
         out = {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
-               "pools": pools, "lanes": lanes, "degraded": self.health.states(),
+               "listeners": listeners, "pools": pools, "lanes": lanes,
+               "degraded": self.health.states(),
                "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
         if self.claimer is not None:
             out["cluster"] = {"schema": self.config.cluster.schema_name,

@@ -24,6 +24,8 @@ class Arrival:
     data: bytes
     tls: str | None = None
     tag: str = ""
+    smtputf8: bool = False
+    """The transaction was sent with the SMTPUTF8 parameter."""
 
 
 class _SinkSMTP(BulkDataSMTP):
@@ -54,6 +56,8 @@ class Sink:
     """address -> replies to RCPT, used in order; the last one repeats (e.g. 450 then 250)."""
     data_reply: str = "250 2.0.0 Ok"
     tls_context: object | None = None
+    smtputf8: bool = True
+    """Offer SMTPUTF8 (RFC 6531); False: a server that only takes ASCII envelopes."""
     tag_header: bytes = b""
     """If set (e.g. b"X-Bench-Id"), each arrival's ``tag`` is that header's value."""
     arrivals: list[Arrival] = field(default_factory=list)
@@ -69,7 +73,7 @@ class Sink:
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _SinkSMTP(self, data_size_limit=None, enable_SMTPUTF8=True,
+            lambda: _SinkSMTP(self, data_size_limit=None, enable_SMTPUTF8=self.smtputf8,
                               hostname="sink.test", tls_context=self.tls_context, loop=loop),
             self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -124,7 +128,7 @@ class Sink:
             time=time.time(), peer=session.peer[0] if session.peer else "",
             ehlo=session.host_name or "", mail_from=envelope.mail_from or "",
             rcpts=list(envelope.rcpt_tos), data=data if self.keep_data else b"", tls=tls,
-            tag=tag))
+            tag=tag, smtputf8=bool(envelope.smtp_utf8)))
         self._event.set()
         return self.data_reply
 

@@ -98,6 +98,7 @@ class DNSServer:
         self._records: dict[str, dict[int, list[tuple[int, dns.rdata.Rdata]]]] = {}
         self._rcodes: dict[str, dns.rcode.Rcode] = {}
         self._silent: set[str] = set()
+        self._secure: set[str] = set()
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
 
@@ -164,6 +165,18 @@ class DNSServer:
         rdata = dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings)
         self._add(name, dns.rdatatype.TXT, rdata, ttl)
 
+    def add_tlsa(self, name: str, usage: int, selector: int, mtype: int, data: str,
+                 ttl: int = 60) -> None:
+        """Add a TLSA record (``data``: the association data in hex)."""
+        rdata = dns.rdata.from_text("IN", "TLSA", f"{usage} {selector} {mtype} {data}")
+        self._add(name, dns.rdatatype.TLSA, rdata, ttl)
+
+    def set_secure(self, zone: str) -> None:
+        """Answers for ``zone`` and the names under it carry the AD bit, as a validating
+        resolver sets it for DNSSEC-signed data."""
+        with self._lock:
+            self._secure.add(_key(zone))
+
     def set_rcode(self, name: str, rcode: str) -> None:
         """Answer every query for ``name`` with this rcode, e.g. "SERVFAIL"."""
         with self._lock:
@@ -179,6 +192,7 @@ class DNSServer:
             self._records.clear()
             self._rcodes.clear()
             self._silent.clear()
+            self._secure.clear()
             self.queries.clear()
 
     def answer(self, wire: bytes, max_size: int | None) -> bytes | None:
@@ -201,6 +215,8 @@ class DNSServer:
             rcode = self._rcodes.get(key)
             records = self._records.get(key)
             entries = list(records.get(question.rdtype, [])) if records else []
+            if any(key == zone or key.endswith("." + zone) for zone in self._secure):
+                response.flags |= dns.flags.AD
         if rcode is not None:
             response.set_rcode(rcode)
         elif records is None:

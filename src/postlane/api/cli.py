@@ -102,6 +102,27 @@ def _lanes_table(status: dict) -> Table:
     return table
 
 
+def _listeners_table(listeners: list[dict]) -> Table:
+    """TLS and who may relay without AUTH, per listener: what an auditor asks first."""
+    table = Table(title="listeners")
+    for col in ("listener", "address", "TLS", "certificate", "AUTH", "relay without AUTH"):
+        table.add_column(col)
+    for lst in listeners:
+        cert = lst.get("certificate")
+        if cert is None:
+            cert_text = "-"
+        else:
+            kind = ("self-signed, generated" if cert["generated"] else
+                    "self-signed" if cert["self_signed"] else f"issuer {cert['issuer']}")
+            cert_text = f"{cert['subject']} ({kind}; {cert['days_left']} days left)"
+        tls = lst["tls"] + (", required" if lst["require_tls"] else "")
+        open_nets = ", ".join(lst["relay_without_auth"])
+        table.add_row(lst["name"], f"{lst['address']}:{lst['port']}", tls, cert_text,
+                      "required" if lst["require_auth"] else "offered over TLS",
+                      f"[yellow]{open_nets}[/]" if open_nets else "nobody")
+    return table
+
+
 @app.command()
 def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
            as_json: JSONOpt = False) -> None:
@@ -119,6 +140,7 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     holds = "holds" if clustered else "queued"
     out.print(f"node [bold]{st['node']}[/] up {_age(st['uptime_s'])}, {holds} {st['queued']},"
               f" {st['accepted']} accepted, {len(alerts['active'])} active alerts")
+    out.print(_listeners_table(st.get("listeners", [])))
     for state in st.get("degraded", []):
         out.print(f"[red]DEGRADED[/] {state['what']} for {_age(state['duration_s'])}:"
                   f" {state['effect']} ({state['cause']})")

@@ -45,6 +45,15 @@ def _message(err: dict) -> str:
     return msg
 
 
+def _mailbox(addr: str) -> bool:
+    from ..edge.address import PathError, parse_path  # here: edge imports config
+
+    try:
+        return parse_path(f"<{addr}>", utf8=True)[1] == ""
+    except PathError:
+        return False
+
+
 def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
     """The field names the model at ``loc`` (a path into Config) accepts, aliases included."""
     annotation: object = Config
@@ -129,12 +138,21 @@ def _cross_checks(cfg: Config) -> list[str]:
             errors.append(f"monitor.sla.{name}: no class named {name!r}")
         elif cfg.classes[name].sla is None:
             errors.append(f"monitor.sla.{name}: class {name!r} has no sla to monitor")
+    if cfg.node.postmaster is not None and not _mailbox(cfg.node.postmaster):
+        errors.append(f"node.postmaster: {cfg.node.postmaster!r} is not an e-mail address")
+    rpt = cfg.tlsrpt
+    if rpt.report_class and rpt.report_class not in cfg.classes:
+        errors.append(f"tlsrpt.class: no class named {rpt.report_class!r}")
+    for field in ("contact", "mail_from"):
+        addr = getattr(rpt, field)
+        if addr is not None and not _mailbox(addr):
+            errors.append(f"tlsrpt.{field}: {addr!r} is not an e-mail address")
     url = cfg.monitor.webhook_url
     if url is not None and not url.startswith(("http://", "https://")):
         errors.append(f"monitor.webhook_url: {url!r} is not an http(s) URL")
     for field in ("ops_address", "ops_from"):
         addr = getattr(cfg.monitor, field)
-        if addr is not None and (addr.count("@") != 1 or any(c in addr for c in " \r\n<>")):
+        if addr is not None and not _mailbox(addr):
             errors.append(f"monitor.{field}: {addr!r} is not an e-mail address")
     return (errors + _listener_checks(cfg) + _feedback_checks(cfg) + _dkim_checks(cfg)
             + _audit_checks(cfg) + _reputation_checks(cfg))
@@ -221,21 +239,31 @@ def _security_checks(cfg: Config, base: Path | None) -> list[str]:
             return value
         return str(base / value)
 
+    def pair(where: str, cert: str | None, key: str | None) -> None:
+        if (cert is None) != (key is None):
+            errors.append(f"{where}: give both the certificate and the key file, or neither")
+        for path in (cert, key):
+            if path and Path(path).is_absolute() and not Path(path).is_file():
+                errors.append(f"{where}: no such file: {path}")
+
     sec = cfg.security
     sec.users_file = resolve(sec.users_file)
+    cfg.tls.cert_file, cfg.tls.key_file = resolve(cfg.tls.cert_file), resolve(cfg.tls.key_file)
+    pair("tls.cert_file/key_file", cfg.tls.cert_file, cfg.tls.key_file)
+    cfg.relay.ca_file = resolve(cfg.relay.ca_file)
+    ca = cfg.relay.ca_file
+    if ca and Path(ca).is_absolute() and not Path(ca).is_file():
+        errors.append(f"relay.ca_file: no such file: {ca}")
     for name, lst in cfg.listeners.items():
         lst.tls_cert, lst.tls_key = resolve(lst.tls_cert), resolve(lst.tls_key)
         where = f"listeners.{name}"
         if lst.tls != "none":
-            for field in ("tls_cert", "tls_key"):
-                path = getattr(lst, field)
-                if not path:
-                    errors.append(f"{where}.{field}: required when tls = {lst.tls!r}")
-                elif Path(path).is_absolute() and not Path(path).is_file():
-                    errors.append(f"{where}.{field}: no such file: {path}")
-        elif lst.require_auth:
-            errors.append(f"{where}.require_auth: AUTH is only offered over TLS;"
-                          f" set tls = \"starttls\" or \"implicit\"")
+            pair(f"{where}.tls_cert/tls_key", lst.tls_cert, lst.tls_key)
+        else:
+            for field in ("require_auth", "require_tls"):
+                if getattr(lst, field):
+                    errors.append(f"{where}.{field}: needs TLS; set tls = \"starttls\" or"
+                                  f" \"implicit\"")
         if lst.require_auth and not sec.users_file:
             errors.append(f"{where}.require_auth: needs security.users_file")
     if sec.users_file and Path(sec.users_file).is_absolute():

@@ -98,7 +98,12 @@ class Strict(BaseModel):
 
 class NodeConfig(Strict):
     name: Name = "postlane-1"
-    hostname: str = "localhost"
+    hostname: Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$",
+                                   max_length=253)] = "localhost"
+    """Name in the greeting, ``Received``, Message-IDs and bounces (a header value: LDH only)."""
+    postmaster: str | None = None
+    """Where mail to ``<postmaster>`` goes (RFC 5321 4.5.1: accepted from anyone);
+    default ``postmaster@`` the hostname."""
     spool: str = "var/spool"
     """Directory of the embedded SQLite spool, or a ``postgresql://`` DSN (cluster mode)."""
     drain_timeout: Duration = 30.0
@@ -121,6 +126,21 @@ class ListenerLimits(Strict):
     messages_per_minute: int = Field(6000, ge=0)
     """Messages per minute per AUTH user, else per client IP (0 = unlimited); 450 4.7.1.
     Clients in ``relay_from`` are exempt, as is their count of connections per IP."""
+    listen_backlog: int = Field(1024, ge=16, le=65535)
+    """Connections the kernel queues before the node accepts them (capped by somaxconn): a burst
+    beyond it is not even answered with 421."""
+    data_deadline: Duration = 600.0
+    """Longest a DATA phase may take however steadily it flows: 421 4.4.2, then close."""
+    min_data_rate: int = Field(500, ge=0)
+    """Bytes per second a DATA phase must average (Postfix's smtpd_min_data_rate): each packet
+    buys len/rate seconds, banked up to ``command_timeout``; 0 = off."""
+    max_header_size: Size = 1024 * 1024
+    """Largest header block of a message (Exim's header_maxsize): 552 5.3.4."""
+    pregreet_wait: Duration = 1.0
+    """Clients not in ``relay_from`` get the first line of a two-line greeting and this pause:
+    one that talks before the greeting ends gets 554 5.5.1 (Postfix's postscreen pregreet
+    test). 0 = only what arrived before the greeting is checked. Not on ``require_auth``
+    listeners, where every client must authenticate anyway."""
 
 
 class ListenerConfig(Strict):
@@ -129,12 +149,15 @@ class ListenerConfig(Strict):
     default_class: str | None = None
     max_message_size: Size = 25 * 1024 * 1024
     max_recipients: int = Field(1000, ge=1)
-    relay_from: list[str] = ["127.0.0.0/8", "::1/128"]
-    """Client networks allowed to relay without authentication."""
-    tls: Literal["none", "starttls", "implicit"] = "none"
+    relay_from: list[str] = []
+    """Client networks allowed to relay without authentication (default none: AUTH required)."""
+    tls: Literal["none", "starttls", "implicit"] = "starttls"
     """``starttls`` offers STARTTLS; ``implicit`` speaks TLS from the first byte (port 465)."""
     tls_cert: str | None = None
     tls_key: str | None = None
+    """This listener's own certificate; default: ``[tls]``'s (or the generated one)."""
+    require_tls: bool = False
+    """MAIL before STARTTLS gets 530 5.7.0."""
     require_auth: bool = False
     """Every client must authenticate; ``relay_from`` no longer lets anyone relay."""
     limits: ListenerLimits = ListenerLimits()
@@ -169,9 +192,16 @@ class PoolConfig(Strict):
     """DKIM ``d=`` of this pool's mail; the From domain must align with it (see [dkim])."""
 
 
+OutboundTLS = Literal["opportunistic", "required", "verified"]
+
+
 class ClassConfig(Strict):
     pool: str
     priority: int = Field(5, ge=0, le=9)
+    tls: OutboundTLS | None = None
+    """Outbound TLS of this class: ``required`` never sends in clear text, ``verified`` also
+    checks the MX certificate; default ``relay.tls``. Classes that share a pool share its
+    connections, so the pool applies the strictest of its classes."""
     sla: Duration | None = None
     retry: list[Duration] = [60.0, 300.0, 900.0, 1800.0, 3600.0]
     expiry: Duration = 5 * 86400.0
@@ -228,6 +258,8 @@ class DestinationRule(Strict):
     backoff_duration: Duration = 1800.0
     """Back to normal limits after this long (or at the first success, see below)."""
     backoff_until_success: bool = True
+    tls: OutboundTLS | None = None
+    """Outbound TLS to these domains/MXes at least (the stricter of this and the class's)."""
     reason: str = ""
 
     @model_validator(mode="after")
@@ -263,13 +295,24 @@ class DNSConfig(Strict):
     nameserver: IPAddress | None = None
     port: int = Field(53, ge=1, le=65535)
     timeout: Duration = 5.0
+    dnssec: bool = False
+    """Trust the resolver's AD bit (it validates DNSSEC and the path to it is safe, e.g. on
+    the same host): enables DANE (Postfix's ``smtp_dns_support_level = dnssec``)."""
 
 
 class RelayConfig(Strict):
     smtp_port: int = Field(25, ge=1, le=65535)
     """Port of remote MXes; tests and demos point it at a loopback sink."""
-    tls: Literal["opportunistic", "required", "disabled"] = "opportunistic"
-    tls_verify: bool = False
+    tls: Literal["opportunistic", "required", "verified", "disabled"] = "opportunistic"
+    """Default outbound TLS of the classes (``disabled``: never STARTTLS, tests only)."""
+    ca_file: str | None = None
+    """CA bundle (PEM) for ``verified``, MTA-STS and its policy fetch; default the system's."""
+    mta_sts: bool = True
+    """Look up and apply recipient domains' MTA-STS policies (RFC 8461)."""
+    mta_sts_port: int = Field(443, ge=1, le=65535)
+    """Port of ``https://mta-sts.DOMAIN``; tests point it at a loopback server."""
+    dane: bool = True
+    """Apply DANE TLSA records (RFC 7672); needs ``dns.dnssec``."""
     connect_timeout: Duration = 30.0
     command_timeout: Duration = 60.0
     data_timeout: Duration = 600.0
@@ -452,8 +495,38 @@ class SecurityConfig(Strict):
     """TOML file of SMTP AUTH users (``postlane users add``); no file, no AUTH."""
     auth_failures_per_minute: int = Field(10, ge=1)
     """Failed AUTH attempts per client IP; beyond, AUTH answers 454 4.7.0 without checking."""
+    auth_concurrency: int = Field(2, ge=1, le=64)
+    """Password checks (scrypt, ~50 ms of CPU each) running at once, node-wide, in threads off
+    the event loop; more waiting than 16 times this get 454 4.7.0 at once."""
     min_free_space: Size = 256 * 1024 * 1024
     """Below this much free space on the spool's file system intake answers 452 4.3.1."""
+
+
+class TLSConfig(Strict):
+    """The node's certificate for its listeners (a listener's tls_cert/tls_key override it)."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    """PEM files; none: a self-signed certificate for ``node.hostname`` is made at first start
+    (``<spool>/tls/``, key mode 0600) and ``postlane status`` says so."""
+    reload_interval: Duration = 10.0
+    """How often the files are checked; a changed pair is loaded without a restart."""
+
+
+class TLSRPTConfig(Strict):
+    """Daily SMTP TLS reports (RFC 8460) to the domains that publish a ``_smtp._tls`` record."""
+
+    enabled: bool = True
+    organization: str | None = None
+    """``organization-name`` of the reports; default ``node.hostname``."""
+    contact: str | None = None
+    """``contact-info``; default ``postmaster@`` the hostname."""
+    mail_from: str | None = None
+    """Sender of mailed reports; default ``noreply-tlsrpt@`` the hostname."""
+    report_class: str | None = Field(None, alias="class")
+    """Class (and so pool) mailed reports go out in; default the node's ``default_class``."""
+    send_delay: Duration = 3600.0
+    """Reports for a UTC day go out at a random moment within this long after it ends."""
 
 
 class APIConfig(Strict):
@@ -630,6 +703,8 @@ class Config(Strict):
     accounting: AccountingConfig = AccountingConfig()
     dkim: DKIMConfig = DKIMConfig()
     security: SecurityConfig = SecurityConfig()
+    tls: TLSConfig = TLSConfig()
+    tlsrpt: TLSRPTConfig = TLSRPTConfig()
     audit: AuditConfig = AuditConfig()
     correlation_header: str = "X-Correlation-ID"
     classification: ClassificationConfig = ClassificationConfig()

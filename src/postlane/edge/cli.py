@@ -1,12 +1,15 @@
-"""``postlane users ...`` and ``postlane tls ...``: SMTP AUTH users and test certificates."""
+"""``postlane users ...`` and ``postlane tls ...``: SMTP AUTH users, the listeners'
+certificates (``tls check`` shows what a client sees), and test certificates."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
 import ipaddress
 import json
 import os
+import ssl
 from pathlib import Path
 
 import typer
@@ -105,6 +108,117 @@ def tls_selfsigned(
     typer.echo(json.dumps({"cert": str(out / "cert.pem"), "key": str(out / "key.pem"),
                            "hostname": hostname, "days": days}) if as_json else
                f"{out}/cert.pem and {out}/key.pem for {hostname}, valid {days} days")
+
+
+@tls_app.command("check")
+def tls_check(
+    config: Path = typer.Option(..., "-c", "--config", envvar="POSTLANE_CONFIG",
+                                help="the node's TOML config"),
+    listener: str | None = typer.Option(None, help="only this listener (default: all with TLS)"),
+    name: str | None = typer.Option(None, help="name to verify the certificate for "
+                                               "(default: node.hostname)"),
+    ca_file: Path | None = typer.Option(None, help="CA bundle to verify against "
+                                                   "(default: the system's)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per listener, in a list"),
+) -> None:
+    """Connect to the running node's listeners as a client would and show the TLS it gets:
+    protocol, cipher, certificate names, issuer, validity, and whether it verifies."""
+    from ..cli import _load
+
+    cfg = _load(config)
+    if listener and listener not in cfg.listeners:
+        typer.echo(f"no listener named {listener!r}", err=True)
+        raise typer.Exit(2)
+    names = [listener] if listener else [n for n, lc in cfg.listeners.items() if lc.tls != "none"]
+    results = [_check_listener(cfg.listeners[n], n, name or cfg.node.hostname, ca_file)
+               for n in names]
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            typer.echo(_check_text(r))
+    if any(r.get("error") for r in results):
+        raise typer.Exit(1)
+
+
+def _check_listener(lc, lname: str, subject: str, ca_file: Path | None) -> dict:
+    """What one listener's TLS looks like to a client (``tls check``)."""
+    from .tls import describe_certificate
+
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lc.address, lc.address)
+    out: dict = {"listener": lname, "address": host, "port": lc.port, "tls": lc.tls}
+    if lc.tls == "none":
+        return out
+    implicit = lc.tls == "implicit"
+    try:
+        out["protocol"], out["cipher"], der = asyncio.run(_probe(host, lc.port, implicit,
+                                                                 subject, None))
+    except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+        out["error"] = str(exc)
+        return out
+    out["certificate"] = describe_certificate(der)
+    verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    out["verified_for"] = subject
+    out["verified_with"] = str(ca_file) if ca_file else "system CAs"
+    try:
+        asyncio.run(_probe(host, lc.port, implicit, subject, verify))
+    except ssl.SSLCertVerificationError as exc:
+        out["verified"], out["verify_error"] = False, exc.verify_message
+    except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+        out["verified"], out["verify_error"] = False, str(exc)
+    else:
+        out["verified"] = True
+    return out
+
+
+def _check_text(r: dict) -> str:
+    lines = [f"listener {r['listener']} {r['address']}:{r['port']} ({r['tls'].upper()})"]
+    if r["tls"] == "none":
+        return "\n".join(lines + ["  no TLS"])
+    if "error" in r:
+        return "\n".join(lines + [f"  TLS failed: {r['error']}"])
+    info = r["certificate"]
+    lines += [f"  protocol   {r['protocol']}, {r['cipher']}",
+              f"  subject    {info['subject']}",
+              f"  names      {', '.join(info['names']) or '-'}",
+              f"  issuer     {info['issuer']}" + (" (self-signed)" if info["self_signed"] else ""),
+              f"  valid      {info['not_before']} to {info['not_after']}"
+              f" ({info['days_left']} days left)",
+              f"  sha256     {info['sha256']}",
+              f"  verified   yes, for {r['verified_for']} ({r['verified_with']})" if r["verified"]
+              else f"  verified   no, for {r['verified_for']}: {r['verify_error']}"]
+    return "\n".join(lines)
+
+
+async def _probe(host: str, port: int, implicit: bool, name: str,
+                 context: ssl.SSLContext | None) -> tuple[str, str, bytes]:
+    """(protocol, cipher, certificate DER) of one TLS session with a listener; ``context``
+    None: no verification."""
+    from ..relay.client import SMTPConnection, SMTPError, Timeouts, unverified_context
+
+    context = context or unverified_context()
+    if implicit:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=context, server_hostname=name), 10)
+        try:
+            await asyncio.wait_for(reader.readline(), 10)
+            ssl_object = writer.get_extra_info("ssl_object")
+            cipher = ssl_object.cipher()
+            return ssl_object.version(), cipher[0], ssl_object.getpeercert(binary_form=True)
+        finally:
+            writer.close()
+    try:
+        conn = await SMTPConnection.open(host, port, server_name=name, source_ip=None,
+                                         ehlo_name="tls-check.local", tls="required",
+                                         timeouts=Timeouts(10, 10, 10, 10, 10),
+                                         ssl_context=context)
+    except SMTPError as exc:
+        cause = exc.__cause__
+        raise cause if isinstance(cause, ssl.SSLError) else OSError(str(exc)) from None
+    try:
+        return conn.tls_version or "", conn.tls_cipher or "", conn.peer_chain()[0]
+    finally:
+        await conn.quit()
 
 
 def selfsigned(hostname: str, days: int = 365) -> tuple[bytes, bytes]:

@@ -7,13 +7,13 @@ apart from ``smtp.py`` (the MTA's own protocol extensions) so each reads as one 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
-import ssl
 from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from ..config import ListenerConfig
 from .auth import User
@@ -21,6 +21,7 @@ from .limits import ConnectionLimits, RateLimiter
 
 if TYPE_CHECKING:
     from ..policy.intake import Intake
+    from .tls import ServerCertificate
 
 log = logging.getLogger("postlane.edge")
 # aiosmtpd logs AUTH challenge responses (base64 user names and passwords) at DEBUG and every
@@ -29,9 +30,14 @@ log = logging.getLogger("postlane.edge")
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 # Enhanced codes (RFC 3463) for aiosmtpd's own error replies, which carry none.
-_ENHANCED = {421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 500: "5.5.2",
-             501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
-             550: "5.0.0", 552: "5.3.4", 554: "5.7.0"}
+_ENHANCED = {421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
+             500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+             530: "5.7.0", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.7.0",
+             555: "5.5.4"}
+# aiosmtpd's own 2xx replies that need a code (RFC 2034: every reply but the greeting and
+# HELO/EHLO's); HELP answers 214 (RFC 5321 4.2), not 250.
+_SUCCESS = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye",
+            "220 Ready to start TLS": "220 2.0.0 Ready to start TLS"}
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
 # 503 (bad sequence) is left out: a pipelining client whose MAIL was refused gets one for every
 # RCPT and DATA that follows, through no fault of its own.
@@ -39,10 +45,16 @@ _BAD_COMMAND = {500, 501, 502, 504, 535, 538}
 
 
 def with_enhanced(reply: str) -> str:
-    """``500 Error: bad syntax`` -> ``500 5.5.2 Error: bad syntax``; 2xx/3xx untouched except
-    aiosmtpd's bare ``250 OK`` and ``221 Bye``."""
-    if reply in ("250 OK", "221 Bye"):
-        return f"{reply[:3]} 2.0.0 {reply[4:]}"
+    """``500 Error: bad syntax`` -> ``500 5.5.2 Error: bad syntax``; aiosmtpd's bare 2xx replies
+    (``250 OK``, ``221 Bye``, STARTTLS's 220, VRFY's 252, HELP) get theirs too."""
+    if reply[0] == "2":
+        if reply in _SUCCESS:
+            return _SUCCESS[reply]
+        if reply.startswith(("250 Supported commands", "250 Syntax:")):
+            return f"214 2.0.0 {reply[4:]}"
+        if reply.startswith("252 Cannot VRFY"):
+            return f"252 2.1.5 {reply[4:]}"
+        return reply
     code = int(reply[:3]) if reply[:3].isdigit() else 0
     enhanced = "5.5.1" if code == 500 and "not recognized" in reply else _ENHANCED.get(code)
     if enhanced is None or _HAS_ENHANCED.match(reply):
@@ -54,41 +66,34 @@ def peer_ip(session: Session) -> str:
     return session.peer[0] if isinstance(session.peer, tuple) else ""
 
 
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """TLS 1.2+ server context from PEM files (clients are not asked for certificates)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 class Guard:
     """One listener's security state: relay networks, connection counts, message rates, TLS."""
 
-    def __init__(self, config: ListenerConfig, intake: Intake) -> None:
+    def __init__(self, config: ListenerConfig, intake: Intake,
+                 certificate: ServerCertificate | None = None) -> None:
         self.config = config
         self.intake = intake
+        self.certificate = certificate
         self.relay_nets = [ipaddress.ip_network(n, strict=False) for n in config.relay_from]
         self._relay_ips: dict[str, bool] = {}
         self.connections = ConnectionLimits(config.limits.max_connections,
                                             config.limits.max_connections_per_ip)
         self.rate = RateLimiter(config.limits.messages_per_minute)
-        self.tls = (server_tls_context(config.tls_cert, config.tls_key)
-                    if config.tls != "none" and config.tls_cert and config.tls_key else None)
 
     def smtp_options(self) -> dict[str, Any]:
-        """Keyword arguments for aiosmtpd's SMTP: TLS, AUTH and the idle timeout."""
-        users = self.intake.users
+        """Keyword arguments for aiosmtpd's SMTP: STARTTLS and the idle timeout (AUTH goes
+        through ``GuardedSMTP``, which checks passwords off the event loop)."""
+        cert = self.certificate
         return {"timeout": self.config.limits.command_timeout,
-                "tls_context": self.tls if self.config.tls == "starttls" else None,
-                "authenticator": users.authenticator if users else None,
+                "tls_context": cert.context if cert and self.config.tls == "starttls" else None,
                 # an implicit-TLS socket is encrypted though aiosmtpd cannot tell
                 "auth_require_tls": self.config.tls != "implicit"}
 
     @property
-    def server_ssl(self) -> ssl.SSLContext | None:
-        """The context for the listening socket itself (implicit TLS only)."""
-        return self.tls if self.config.tls == "implicit" else None
+    def server_ssl(self) -> Any:
+        """The ``SSLContext`` of the listening socket itself (implicit TLS only)."""
+        cert = self.certificate
+        return cert.context if cert and self.config.tls == "implicit" else None
 
     def ehlo(self, responses: list[str]) -> list[str]:
         """No AUTH keyword without users to check it against."""
@@ -124,9 +129,11 @@ class Guard:
         get a recipient accepted."""
         return self.user(session) is not None or self.trusted(peer_ip(session))
 
-    def check_mail(self, session: Session, address: str) -> str | None:
+    def check_mail(self, session: Session, address: str, encrypted: bool) -> str | None:
         """The refusal of a MAIL command, or None to go on."""
         user = self.user(session)
+        if self.config.require_tls and not encrypted:
+            return "530 5.7.0 Must issue a STARTTLS command first"
         if self.config.require_auth and user is None:
             return "530 5.7.0 Authentication required"
         if not self.intake.disk.ok():
@@ -150,8 +157,9 @@ class Guard:
 
 class GuardedSMTP(SMTP):
     """aiosmtpd's SMTP with the per-connection limits: connection caps, line length, idle
-    timeout (with a 421, and counting DATA as activity), bad-command count, enhanced codes on
-    aiosmtpd's own replies. The handler must have a ``guard``."""
+    timeout (with a 421), DATA deadline and minimum rate, the pregreet test, bad-command count,
+    password checks off the event loop, enhanced codes on aiosmtpd's own replies. The handler
+    must have a ``guard``."""
 
     def __init__(self, handler: Any, **kwargs: Any) -> None:
         self.guard: Guard = handler.guard
@@ -162,6 +170,12 @@ class GuardedSMTP(SMTP):
         self._refused = False
         self._bad_commands = 0
         self._receiving = False
+        self._data_started = self._data_at = self._data_bank = 0.0
+        self._auth_request: tuple[str, Any] | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self._tls_protocol is not None or self.guard.config.tls == "implicit"
 
     def connection_made(self, transport: Any) -> None:
         if self.transport is None and self._original_transport is None:  # not the STARTTLS call
@@ -185,40 +199,143 @@ class GuardedSMTP(SMTP):
             self._counted_ip = None
         super().connection_lost(error)
 
+    def eof_received(self) -> bool:
+        """Close at once when the client closes its side: a half-closed client can send no
+        more commands, and its connection slot must not wait for ``command_timeout`` (500
+        connect-and-close clients held every slot of a listener for 5 minutes)."""
+        super().eof_received()
+        return False
+
+    async def _handle_client(self) -> None:
+        if not await self._pregreeted():
+            await super()._handle_client()
+
+    async def _pregreeted(self) -> bool:
+        """Postfix postscreen's pregreet test: a client that talks before the greeting is over
+        is a bot (or a broken client) and gets 554. Strangers on listeners that do not require
+        AUTH get a two-line greeting with a pause after its first line; everyone is checked
+        for bytes sent before the greeting."""
+        cfg = self.guard.config
+        ip = self._counted_ip or ""
+        waited = bool(cfg.limits.pregreet_wait and not cfg.require_auth
+                      and not self.guard.trusted(ip))
+        if waited:
+            self._writer.write(f"220-{self.hostname} ESMTP\r\n".encode())
+            await asyncio.sleep(cfg.limits.pregreet_wait)
+        if not self._reader._buffer:  # StreamReader has no public peek
+            return False
+        log.info("client talked before the greeting", extra={"client": ip})
+        if waited:  # the greeting is ended, then the client's first command refused
+            self._writer.write(f"220 {self.hostname} ESMTP\r\n".encode())
+        self._writer.write(b"554 5.5.1 Protocol error: talking before the greeting\r\n")
+        if self.transport is not None:
+            self.transport.close()
+        return True
+
     def _timeout_cb(self) -> None:
-        """RFC 5321 4.5.3.2: say 421 before closing an idle connection."""
+        """RFC 5321 4.5.3.2: say 421 before closing an idle (or too slow) connection."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"421 4.4.2 Idle too long, closing connection\r\n")
+            self.transport.write(b"421 4.4.2 Data too slow, closing connection\r\n"
+                                 if self._receiving else
+                                 b"421 4.4.2 Idle too long, closing connection\r\n")
         super()._timeout_cb()
 
     def data_received(self, data: bytes) -> None:
-        # aiosmtpd arms its timeout per command only, so a large message on a slow link would be
-        # cut after command_timeout in total; while DATA flows, the timeout means idle time.
         if self._receiving:
-            self._reset_timeout()
+            self._data_progress(len(data))
         super().data_received(data)
 
+    def _data_progress(self, size: int) -> None:
+        """The DATA clock (Postfix's smtpd_min_data_rate, plus a total deadline): each packet
+        buys ``size / min_data_rate`` seconds, banked up to ``command_timeout``; the connection
+        is cut when the bank or ``data_deadline`` runs out. aiosmtpd's own timeout is per
+        command, so without this a client sending a byte a second was never cut."""
+        limits = self.guard.config.limits
+        now = self.loop.time()
+        if limits.min_data_rate:
+            self._data_bank = min(limits.command_timeout, self._data_bank
+                                  - (now - self._data_at) + size / limits.min_data_rate)
+        else:
+            self._data_bank = limits.command_timeout
+        self._data_at = now
+        left = min(self._data_bank, self._data_started + limits.data_deadline - now)
+        if left <= 0:
+            log.info("DATA too slow", extra={"client": self._counted_ip})
+            self._timeout_cb()
+        else:
+            self._reset_timeout(left)
+
     async def smtp_DATA(self, arg: str) -> None:
+        self._data_started = self._data_at = self.loop.time()
+        self._data_bank = self.guard.config.limits.command_timeout
         self._receiving = True
         try:
             await super().smtp_DATA(arg)
         finally:
             self._receiving = False
 
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command == "DATA":  # the message is read: the DATA clock stops while it is stored
+            self._receiving = False
+            self._reset_timeout()
+        return await super()._call_handler_hook(command, *args)
+
     async def push(self, status: str | bytes) -> None:
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
         text = with_enhanced(text)
         await super().push(text)
         if text[:3].isdigit() and int(text[:3]) in _BAD_COMMAND:
-            self._bad_commands += 1
-            if (self._bad_commands >= self.guard.config.limits.max_bad_commands
-                    and self.transport is not None):
-                log.info("too many bad commands", extra={"client": self._counted_ip})
-                await super().push("421 4.7.0 Too many errors, closing connection")
-                self.transport.close()
+            await self._bad_command()
 
+    async def _bad_command(self) -> None:
+        self._bad_commands += 1
+        if self._bad_commands >= self.guard.config.limits.max_bad_commands and \
+                self.transport is not None:
+            log.info("too many bad commands", extra={"client": self._counted_ip})
+            await super().push("421 4.7.0 Too many errors, closing connection")
+            self.transport.close()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """503 inside TLS (aiosmtpd answered 220 and failed with a TypeError), and one log line
+        for a failed handshake instead of aiosmtpd's traceback at ERROR."""
+        if self.encrypted:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as exc:
+            log.info("TLS handshake failed: %s", str(exc.__cause__ or exc)[:200],
+                     extra={"client": self._counted_ip})
+            if self.transport is not None:
+                self.transport.close()
+            self.connection_lost(None)
+
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         if self.guard.intake.users is None:
             await self.push("502 5.5.1 AUTH not available on this server")
             return
+        before = self._bad_commands
         await super().smtp_AUTH(arg)
+        if self.session is not None and not self.session.authenticated and \
+                self._bad_commands == before:  # a refused AUTH (454 ...) is a bad command too
+            await self._bad_command()
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        """aiosmtpd calls this synchronously: note the credentials; ``_checked`` checks them."""
+        self._auth_request = (mechanism, auth_data)
+        return AuthResult(success=False, handled=True)
+
+    async def _checked(self, result: AuthResult) -> AuthResult:
+        request, self._auth_request = self._auth_request, None
+        users = self.guard.intake.users
+        if request is None or users is None:
+            return result
+        return await users.authenticate(self._counted_ip or "", *request)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._checked(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._checked(await super().auth_LOGIN(_, args))

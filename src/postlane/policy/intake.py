@@ -6,8 +6,10 @@ through ``Intake.submit``, so the rules are the same whichever door a message ca
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
 from ..config import Config
+from ..edge.address import PathError, alabel_domain
 from ..edge.auth import User, Users
 from ..edge.limits import DiskGuard
 from ..monitor.health import Health
@@ -27,6 +30,9 @@ from .identity import envelope_sender
 if TYPE_CHECKING:
     from ..feedback.suppression import Entry
     from .dkim import Signer
+
+_PRINTABLE = re.compile(r"[\x21-\x7e]*")
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 
 CLASS_HEADER = "x-postlane-class"
 QUEUED_HEADER = "X-Postlane-Queued"
@@ -67,8 +73,21 @@ class RcptIn:
 
 
 def domain_of(address: str) -> str:
-    """Lower-cased and interned: a campaign's 200,000 recipients share a few hundred domains."""
-    return sys.intern(address.rpartition("@")[2].lower())
+    """Lower-cased, in A-labels (the lane and the MX lookup of ``prüfer@exämple.org`` are
+    those of ``xn--exmple-cua.org``), and interned: a campaign's 200,000 recipients share a few
+    hundred domains."""
+    domain = address.rpartition("@")[2]
+    if not domain.isascii():
+        # the edge refuses a bad name; the API and bounces are not the edge
+        with contextlib.suppress(PathError):
+            domain = alabel_domain(domain)
+    return sys.intern(domain.lower())
+
+
+def _header_safe(text: str) -> str:
+    """Printable ASCII only: what goes into a header the node writes itself never carries a
+    CR, LF or NUL, whatever the door it came through."""
+    return text if _PRINTABLE.fullmatch(text) else _UNPRINTABLE.sub("?", text)
 
 
 def from_domain_of(value: str) -> str:
@@ -92,8 +111,8 @@ class Intake:
         """feedback.service.FeedbackService when the node wires one: suppression, List-Unsubscribe,
         inbound reports (the listeners ask it at RCPT and DATA)."""
         sec = config.security
-        self.users = (Users(sec.users_file, sec.auth_failures_per_minute) if sec.users_file
-                      else None)
+        self.users = (Users(sec.users_file, sec.auth_failures_per_minute, sec.auth_concurrency)
+                      if sec.users_file else None)
         self.health = health or Health()
         self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space, health=self.health)
         self.audit_behind: Callable[[], bool] = lambda: False
@@ -201,7 +220,8 @@ class Intake:
                 return qid
             kept.extend(added)
         stamp = [
-            ("received", (f"Received: from {client_name or 'localhost'} ({client_ip or 'local'})"
+            ("received", (f"Received: from {_header_safe(client_name) or 'localhost'}"
+                          f" ({_header_safe(client_ip) or 'local'})"
                           f"\r\n\tby {self.config.node.hostname} (Postlane) with ESMTP id {qid};"
                           f"\r\n\t{formatdate(now)}").encode()),
             ("x-postlane-queued", f"{QUEUED_HEADER}: {now:.3f}; id={qid}".encode()),

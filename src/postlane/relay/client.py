@@ -9,6 +9,11 @@ bare LF or CR can never form an end-of-data sequence the receiver reads differen
 (SMTP smuggling, CVE-2023-51766); plaintext bytes pipelined behind a STARTTLS reply are
 refused (CVE-2011-0411 style injection); replies are capped in lines and bytes so a hostile
 server cannot make us buffer megabytes.
+
+SMTPUTF8 (RFC 6531): an envelope with non-ASCII addresses goes with the SMTPUTF8 parameter to a
+server that offers it; to one that does not, domains are sent as A-labels, and an address whose
+local part is not ASCII cannot be sent at all: its recipient (or, for the sender, the whole
+transaction) gets a 553 5.6.7 made here, so it bounces instead of being retried forever.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import re
 import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+
+from ..edge.address import PathError, alabel_domain
 
 __all__ = ["Reply", "SMTPConnection", "SMTPError", "Timeouts", "Transaction"]
 
@@ -64,13 +71,17 @@ class SMTPError(Exception):
     failure, bad greeting, garbage reply, closed connection."""
 
     def __init__(
-        self, stage: str, message: str, reply: Reply | None = None, temporary: bool = True
+        self, stage: str, message: str, reply: Reply | None = None, temporary: bool = True,
+        tls_failure: str = "",
     ) -> None:
         super().__init__(f"{stage}: {message}")
         self.stage = stage
         self.message = message
         self.reply = reply
         self.temporary = temporary
+        self.tls_failure = tls_failure
+        """For a TLS failure, its RFC 8460 result type (``starttls-not-supported``,
+        ``certificate-expired`` ...)."""
 
 
 @dataclass(slots=True)
@@ -149,6 +160,11 @@ class SMTPConnection:
     extensions: dict[str, str]
     tls_version: str | None
     tls_cipher: str | None
+    tls_auth: str
+    """How the server was authenticated: "" (no TLS), "none", "pkix", "dane-ee", "dane-ta"."""
+    tls_policy: str
+    """The TLS policy the connection was made under (opportunistic, required, verified,
+    mta-sts-enforce, mta-sts-testing, dane): evidence for the accounting records."""
     messages_sent: int
 
     def __init__(
@@ -176,6 +192,8 @@ class SMTPConnection:
         self.extensions = {}
         self.tls_version = None
         self.tls_cipher = None
+        self.tls_auth = ""
+        self.tls_policy = ""
         self.messages_sent = 0
 
     @classmethod
@@ -188,7 +206,6 @@ class SMTPConnection:
         source_ip: str | None,
         ehlo_name: str,
         tls: str = "opportunistic",
-        tls_verify: bool = False,
         timeouts: Timeouts | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> SMTPConnection:
@@ -196,7 +213,9 @@ class SMTPConnection:
 
         ``tls`` is "opportunistic" (STARTTLS when advertised; a refused STARTTLS command
         continues in plaintext, a failed handshake raises), "required" or "disabled".
-        ``ssl_context`` overrides the context implied by ``tls_verify``.
+        ``ssl_context`` (default: encryption without certificate checks) may verify the
+        server's certificate for ``server_name``; a failed check raises SMTPError with its
+        ``tls_failure``.
         """
         if tls not in ("opportunistic", "required", "disabled"):
             raise ValueError(f"tls must be opportunistic, required or disabled, not {tls!r}")
@@ -222,15 +241,13 @@ class SMTPConnection:
             timeouts=t,
         )
         try:
-            await conn._handshake(tls, tls_verify, ssl_context)
+            await conn._handshake(tls, ssl_context)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    async def _handshake(
-        self, tls: str, tls_verify: bool, ssl_context: ssl.SSLContext | None
-    ) -> None:
+    async def _handshake(self, tls: str, ssl_context: ssl.SSLContext | None) -> None:
         banner = await self._read_reply("banner", self._timeouts.banner)
         self.banner = banner
         if not banner.is_ok:
@@ -244,23 +261,28 @@ class SMTPConnection:
             return
         if "STARTTLS" not in self.extensions:
             if tls == "required":
-                raise SMTPError("starttls", f"{self.server_name} does not offer STARTTLS")
+                raise SMTPError("starttls", f"{self.server_name} does not offer STARTTLS",
+                                tls_failure="starttls-not-supported")
             return
         reply = await self._command("starttls", b"STARTTLS\r\n")
         if reply.code != 220:
             if tls == "required" or reply.code == 421:
-                raise SMTPError("starttls", f"STARTTLS refused: {reply}", reply)
+                raise SMTPError("starttls", f"STARTTLS refused: {reply}", reply,
+                                tls_failure="starttls-not-supported")
             return  # opportunistic: the session goes on in plaintext (RFC 3207 4.1)
         if self._reader._buffer:  # private, but there is no public way to see pending bytes
-            raise SMTPError("starttls", "plaintext data pipelined after STARTTLS reply")
-        ctx = ssl_context or _client_context(tls_verify)
+            raise SMTPError("starttls", "plaintext data pipelined after STARTTLS reply",
+                            tls_failure="validation-failure")
+        ctx = ssl_context or unverified_context()
         try:
             async with asyncio.timeout(self._timeouts.command):
                 await self._writer.start_tls(ctx, server_hostname=self.server_name)
         except TimeoutError:
-            raise SMTPError("starttls", "TLS handshake timed out") from None
+            raise SMTPError("starttls", "TLS handshake timed out",
+                            tls_failure="validation-failure") from None
         except (ssl.SSLError, OSError) as e:
-            raise SMTPError("starttls", f"TLS handshake failed: {e}") from e
+            raise SMTPError("starttls", f"TLS handshake failed: {e}",
+                            tls_failure=_tls_failure(e)) from e
         ssl_object = self._writer.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls_version = ssl_object.version()
@@ -283,6 +305,16 @@ class SMTPConnection:
             if keyword:
                 extensions[keyword.upper()] = params.strip()
         self.extensions = extensions
+
+    def peer_chain(self) -> list[bytes]:
+        """The certificates the server sent (DER, its own first); [] without TLS."""
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return []
+        # Python 3.11 has no public way to the chain (3.13's SSLSocket.get_unverified_chain);
+        # the method of the underlying _ssl object is the same one. DANE needs it.
+        chain = ssl_object._sslobj.get_unverified_chain() or []
+        return [ssl.PEM_cert_to_DER_cert(cert.public_bytes()) for cert in chain]
 
     @property
     def usable(self) -> bool:
@@ -317,16 +349,37 @@ class SMTPConnection:
         if not self.usable:
             raise SMTPError("mail", "connection is not usable")
         payload = prepare_data(data, crlf)
+        n, kept = len(rcpts), None
+        refusal = Reply(553, f"5.6.7 {self.server_name} does not support SMTPUTF8 and the"
+                             " address's local part is not ASCII", "5.6.7")
+        if "SMTPUTF8" not in self.extensions and not (
+                mail_from.isascii() and all(addr.isascii() for addr, _ in rcpts)):
+            sender = _ascii_address(mail_from)
+            if sender is None:
+                return Transaction(refusal, [refusal] * n, None)
+            downgraded = [(_ascii_address(addr), params) for addr, params in rcpts]
+            kept = [i for i, (addr, _) in enumerate(downgraded) if addr is not None]
+            if not kept:
+                return Transaction(Reply(250, "2.0.0 nothing to send", "2.0.0"),
+                                   [refusal] * n, None)
+            mail_from = sender
+            rcpts = [(str(downgraded[i][0]), downgraded[i][1]) for i in kept]
         commands = self._mail_commands(mail_from, rcpts, payload, mail_params)
         self._busy = True
         try:
-            return await self._send(commands, payload, before_dot)
+            tx = await self._send(commands, payload, before_dot)
         except BaseException:
             # A failure mid-transaction leaves the stream out of sync: never reuse it.
             self.close()
             raise
         finally:
             self._busy = False
+        if kept is not None and len(kept) < n:  # put the 553s back in the recipients' order
+            replies = [refusal] * n
+            for i, reply in zip(kept, tx.rcpt_replies, strict=True):
+                replies[i] = reply
+            tx.rcpt_replies = replies
+        return tx
 
     def _mail_commands(
         self, mail_from: str, rcpts: list[tuple[str, str]], payload: bytes, mail_params: str
@@ -341,6 +394,7 @@ class SMTPConnection:
             params.append("BODY=8BITMIME")
         if "SMTPUTF8" in ext and not (
             mail_from.isascii() and all(addr.isascii() for addr, _ in rcpts)
+            and payload[:payload.find(b"\r\n\r\n") + 1].isascii()
         ):
             params.append("SMTPUTF8")
         if mail_params:
@@ -526,10 +580,42 @@ class SMTPConnection:
                 raise SMTPError(stage, "reply too long")
 
 
-def _client_context(verify: bool) -> ssl.SSLContext:
-    if verify:
-        return ssl.create_default_context()
+def unverified_context() -> ssl.SSLContext:
+    """Encryption without certificate checks (opportunistic TLS, and DANE, which checks the
+    certificate itself against the TLSA records)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def verifying_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """PKIX: a certificate chain to a trusted CA (``ca_file``, else the system's) and the
+    server name."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+# OpenSSL's X509_V_ERR_* codes, mapped to RFC 8460 result types.
+_EXPIRED = 10
+_NAME_MISMATCH = (62, 63, 64)  # host name, e-mail, IP address
+
+
+def _tls_failure(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        if error.verify_code == _EXPIRED:
+            return "certificate-expired"
+        if error.verify_code in _NAME_MISMATCH:
+            return "certificate-host-mismatch"
+        return "certificate-not-trusted"
+    return "validation-failure"
+
+
+def _ascii_address(address: str) -> str | None:
+    """``local@U-label`` -> ``local@A-label``; None when the local part is not ASCII."""
+    local, at, domain = address.rpartition("@")
+    if not local.isascii():
+        return None
+    try:
+        return f"{local}{at}{alabel_domain(domain)}"
+    except PathError:
+        return None

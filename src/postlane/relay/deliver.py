@@ -17,6 +17,8 @@ from ..scheduler.scheduler import Scheduler
 from ..spool import Attempt, Message, Recipient, Spool, State
 from .client import Reply, SMTPConnection, SMTPError, Timeouts
 from .mx import Destination, DNSPermError, DNSTempError, MXResolver
+from .tlspolicy import NoUsableMX, TLSPolicy
+from .tlsrpt import TLSReports
 
 log = logging.getLogger("postlane.relay")
 
@@ -41,11 +43,12 @@ def status_of(reply: Reply) -> str:
 
 class Relay:
     def __init__(self, config: Config, scheduler: Scheduler, spool: Spool,
-                 resolver: MXResolver) -> None:
+                 resolver: MXResolver, reports: TLSReports | None = None) -> None:
         self.config = config
         self.scheduler = scheduler
         self.spool = spool
         self.resolver = resolver
+        self.tls = TLSPolicy(config, resolver, reports)
         rc = config.relay
         self.timeouts = Timeouts(connect=rc.connect_timeout, banner=rc.command_timeout,
                                  command=rc.command_timeout, data_block=rc.data_timeout,
@@ -53,8 +56,11 @@ class Relay:
         self.envelope_sender: Callable[[Message, Recipient], str] = _original_sender
         """The MAIL FROM per message and recipient (the feedback loop sets VERP senders)."""
 
+    def route(self, domain: str) -> str | None:
+        return self.config.routes.get(domain) or self.config.routes.get("*")
+
     async def destinations(self, domain: str) -> list[Destination]:
-        route = self.config.routes.get(domain) or self.config.routes.get("*")
+        route = self.route(domain)
         if route:
             host, _, port = route.rpartition(":")
             return await self.resolver.resolve_host(host.strip("[]"), int(port))
@@ -78,7 +84,7 @@ class Relay:
             return
         info = {"source_ip": slot.address, "dest_ip": conn.peer_ip, "mx": conn.server_name,
                 "tls": conn.tls_version or "", "cipher": conn.tls_cipher or "",
-                "vmta": slot.ehlo}
+                "tls_auth": conn.tls_auth, "tls_policy": conn.tls_policy, "vmta": slot.ehlo}
         limit = sched.max_messages_per_connection(lane)
         try:
             while batch:
@@ -114,25 +120,29 @@ class Relay:
             name = self.scheduler.rules.for_mx([d.host for d in dests])
             if name:
                 self.scheduler.set_rule(lane, name)
+        info = {"source_ip": slot.address, "vmta": slot.ehlo}
+        try:
+            plans = await self.tls.plan(lane, dests, self.route(lane.domain) is not None,
+                                        slot.address)
+        except NoUsableMX as exc:
+            self._defer_all(lane, batch, str(exc.reply), status_of(exc.reply), info)
+            return None
         last: SMTPError | None = None
-        for dest in dests[:MAX_HOSTS_TRIED]:
+        for plan in plans[:MAX_HOSTS_TRIED]:
             try:
-                return await SMTPConnection.open(
-                    dest.ip, dest.port, server_name=dest.host, source_ip=slot.address,
-                    ehlo_name=slot.ehlo, tls=self.config.relay.tls,
-                    tls_verify=self.config.relay.tls_verify, timeouts=self.timeouts)
+                return await self.tls.connect(plan, slot, self.timeouts)
             except SMTPError as exc:  # the lane's outage is told once (Health), not each try
                 log.debug("connect %s via %s [%s]:%s failed: %s", lane.domain, slot.address,
-                          dest.ip, dest.port, exc)
+                          plan.dest.ip, plan.dest.port, exc)
                 last = exc
-        info = {"source_ip": slot.address, "vmta": slot.ehlo}
         reply = str(last.reply) if last and last.reply else f"451 4.4.1 {last}"
         if last is not None and not last.temporary and last.reply is not None:
             for rcpt in batch:
                 self.scheduler.bounced(rcpt, reply, status_of(last.reply), info,
                                        "bad-connection")
             return None
-        self._defer_all(lane, batch, reply, "4.4.1", info)
+        self._defer_all(lane, batch, reply,
+                        status_of(last.reply) if last and last.reply else "4.4.1", info)
         return None
 
     def _defer_all(self, lane: Lane, batch: list[Recipient], reply: str, status: str,

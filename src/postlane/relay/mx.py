@@ -14,14 +14,21 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
+import dns.rdata
 import dns.rdatatype
 import dns.resolver
 
 __all__ = ["DNSPermError", "DNSTempError", "Destination", "MXResolver"]
+
+NEGATIVE_TTL = 300.0
+"""How long ``records`` remembers that a name has no records of a type (RFC 2308's usual SOA
+minimum)."""
 
 
 class DNSTempError(Exception):
@@ -40,10 +47,13 @@ class Destination:
     ip: str
     port: int
     preference: int
+    secure: bool = False
+    """The MX answer and the host's addresses came with the AD bit (``dns.dnssec``): DANE
+    applies to this host (RFC 7672 2.2)."""
 
 
-# A cached answer: (preference, host, addresses) per MX host, sorted by preference.
-_Hosts = list[tuple[int, str, list[str]]]
+# A cached answer: (preference, host, addresses, secure) per MX host, sorted by preference.
+_Hosts = list[tuple[int, str, list[str], bool]]
 
 
 def _is_ip(text: str) -> bool:
@@ -68,6 +78,7 @@ class MXResolver:
         timeout: float = 5.0,
         min_ttl: float = 5.0,
         max_ttl: float = 3600.0,
+        dnssec: bool = False,
     ) -> None:
         if nameserver is None:
             resolver = dns.asyncresolver.Resolver()
@@ -75,15 +86,19 @@ class MXResolver:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [nameserver]
             resolver.port = port
+        self.dnssec = dnssec
+        if dnssec:  # ask the validating resolver to say which answers it authenticated
+            resolver.flags = dns.flags.RD | dns.flags.AD  # RFC 6840 5.7
+            resolver.use_edns(0, 0, 1232)
         # timeout bounds a whole lookup; each try gets at most that too.
         resolver.lifetime = timeout
         resolver.timeout = min(resolver.timeout, timeout)
         self._resolver = resolver
         self._min_ttl = min_ttl
         self._max_ttl = max_ttl
-        # key -> (expiry on the monotonic clock, hosts or the permanent error to re-raise)
-        self._cache: dict[str, tuple[float, _Hosts | DNSPermError]] = {}
-        self._inflight: dict[str, asyncio.Future[tuple[_Hosts, float]]] = {}
+        # key -> (expiry on the monotonic clock, the answer or the permanent error to re-raise)
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._inflight: dict[str, asyncio.Future[tuple[Any, float]]] = {}
 
     async def destinations(self, domain: str, port: int = 25) -> list[Destination]:
         """Addresses for ``domain`` in delivery order; equal preferences are shuffled per
@@ -100,6 +115,28 @@ class MXResolver:
         hosts = await self._cached("host:" + _key(host), lambda: self._lookup_host(host))
         return _flatten(hosts, port)
 
+    async def records(self, name: str, rdtype: str) -> tuple[list[dns.rdata.Rdata], bool]:
+        """(records, authenticated) of one name and type, cached for their TTL; ([], False)
+        when there are none. ``authenticated``: the AD bit, trusted only with ``dns.dnssec``.
+        Raises DNSTempError (SERVFAIL, which a validating resolver also gives for bogus
+        data, or a timeout)."""
+        return await self._cached(f"rr:{rdtype}:{_key(name)}",
+                                  lambda: self._lookup_records(name, rdtype))
+
+    async def _lookup_records(self, name: str, rdtype: str
+                              ) -> tuple[tuple[list[dns.rdata.Rdata], bool], float]:
+        try:
+            answer = await self._query(_absolute(name), rdtype)
+        except DNSPermError:  # NXDOMAIN
+            answer = None
+        if answer is None:  # most domains publish no MTA-STS, TLSA or TLS-RPT record: ask
+            return ([], False), NEGATIVE_TTL  # again in 5 minutes, not at every connection
+        ttl = float(answer.rrset.ttl) if answer.rrset is not None else self._min_ttl
+        return (list(answer), self._secure(answer)), ttl
+
+    def _secure(self, answer: dns.resolver.Answer) -> bool:
+        return self.dnssec and bool(answer.response.flags & dns.flags.AD)
+
     async def txt(self, name: str) -> list[str]:
         """TXT strings joined per record; [] when the name or its TXT records do not exist,
         which is what a DKIM key check wants to know."""
@@ -114,9 +151,7 @@ class MXResolver:
             for rdata in answer  # type: ignore[attr-defined]
         ]
 
-    async def _cached(
-        self, key: str, lookup: Callable[[], Awaitable[tuple[_Hosts, float]]]
-    ) -> _Hosts:
+    async def _cached(self, key: str, lookup: Callable[[], Awaitable[tuple[Any, float]]]) -> Any:
         entry = self._cache.get(key)
         if entry is not None:
             expiry, value = entry
@@ -134,7 +169,7 @@ class MXResolver:
         hosts, _ttl = await asyncio.shield(future)
         return hosts
 
-    def _store(self, key: str, future: asyncio.Future[tuple[_Hosts, float]]) -> None:
+    def _store(self, key: str, future: asyncio.Future[tuple[Any, float]]) -> None:
         self._inflight.pop(key, None)
         if future.cancelled():
             return
@@ -162,14 +197,15 @@ class MXResolver:
         except dns.exception.DNSException as e:
             raise DNSTempError(f"{rdtype} {name}: {e}") from e
 
-    async def _addresses(self, name: dns.name.Name) -> tuple[list[str], float]:
-        """A then AAAA addresses of ``name`` and their smallest TTL; a failure of one family
-        is tolerated when the other answers."""
+    async def _addresses(self, name: dns.name.Name) -> tuple[list[str], float, bool]:
+        """A then AAAA addresses of ``name``, their smallest TTL and whether every answer was
+        authenticated; a failure of one family is tolerated when the other answers."""
         results = await asyncio.gather(
             self._query(name, "A"), self._query(name, "AAAA"), return_exceptions=True
         )
         ips: list[str] = []
         ttl = self._max_ttl
+        secure = True
         errors: list[BaseException] = []
         for result in results:
             if isinstance(result, BaseException):
@@ -179,8 +215,9 @@ class MXResolver:
             elif result is not None:
                 ips.extend(rdata.to_text() for rdata in result)
                 ttl = min(ttl, result.rrset.ttl if result.rrset is not None else ttl)
+                secure = secure and self._secure(result)
         if ips:
-            return ips, ttl
+            return ips, ttl, secure
         for error in errors:
             if isinstance(error, DNSTempError):
                 raise error
@@ -190,8 +227,8 @@ class MXResolver:
 
     async def _lookup_host(self, host: str) -> tuple[_Hosts, float]:
         name = _absolute(host)
-        ips, ttl = await self._addresses(name)
-        return [(0, name.to_text(omit_final_dot=True).lower(), ips)], ttl
+        ips, ttl, secure = await self._addresses(name)
+        return [(0, name.to_text(omit_final_dot=True).lower(), ips, secure)], ttl
 
     async def _lookup_mx(self, domain: str) -> tuple[_Hosts, float]:
         name = _absolute(domain)
@@ -204,6 +241,7 @@ class MXResolver:
             key=lambda r: r[0],
         )
         ttl = float(answer.rrset.ttl) if answer.rrset is not None else self._min_ttl
+        mx_secure = self._secure(answer)
         real = [(pref, exchange) for pref, exchange in records if exchange != dns.name.root]
         if not real:
             raise DNSPermError(f"{domain}: null MX, domain accepts no mail (RFC 7505)")
@@ -218,9 +256,10 @@ class MXResolver:
                     raise result
                 errors.append(result)
                 continue
-            ips, host_ttl = result
+            ips, host_ttl, secure = result
             ttl = min(ttl, host_ttl)
-            hosts.append((pref, exchange.to_text(omit_final_dot=True).lower(), ips))
+            hosts.append((pref, exchange.to_text(omit_final_dot=True).lower(), ips,
+                          mx_secure and secure))
         if hosts:
             return hosts, ttl
         if any(isinstance(e, DNSTempError) for e in errors):
@@ -251,4 +290,5 @@ def _flatten(hosts: _Hosts, port: int) -> list[Destination]:
             random.shuffle(group)
         ordered.extend(group)
         i = j
-    return [Destination(host, ip, port, pref) for pref, host, ips in ordered for ip in ips]
+    return [Destination(host, ip, port, pref, secure)
+            for pref, host, ips, secure in ordered for ip in ips]

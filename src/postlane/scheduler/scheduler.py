@@ -748,6 +748,8 @@ def _fill_conn(rec: Record, conn: dict[str, str]) -> None:
     rec.dlv_destination_ip = conn.get("dest_ip", "")
     rec.dlv_tls_protocol = conn.get("tls", "")
     rec.dlv_tls_cipher = conn.get("cipher", "")
+    rec.dlv_tls_auth = conn.get("tls_auth", "")
+    rec.dlv_tls_policy = conn.get("tls_policy", "")
     rec.vmta = conn.get("vmta", "")
     mx = conn.get("mx", "")
     if mx:

@@ -198,8 +198,7 @@ def render_text(items: list[Trail], now: float) -> str:
                 continue
             verb = {"d": "delivered", "t": "deferred", "b": "bounced",
                     "u": "OUTCOME UNKNOWN (node stopped)"}.get(row["type"], row["type"])
-            tls = (f"{row['dlv_tls_protocol']} {row['dlv_tls_cipher']}".strip()
-                   if row["dlv_tls_protocol"] else "no TLS")
+            tls = _tls_text(row)
             lines.append(f"  {_t(row['time_logged'])}  attempt {row['attempt']}: {verb} from "
                          f"{row['dlv_source_ip'] or '-'} ({row['vmta'] or '-'}) to "
                          f"{row['dsn_mta'] or '-'}, {tls}")
@@ -214,6 +213,24 @@ def render_text(items: list[Trail], now: float) -> str:
             lines.append("  (some records were purged under the retention policy)")
         lines.append("")
     return "\n".join(lines) if lines else "no records found\n"
+
+
+AUTHENTICATED = {"pkix": "PKIX", "dane-ee": "DANE-EE", "dane-ta": "DANE-TA"}
+"""``dlv_tls_auth`` values that mean the server was authenticated, and how they are shown."""
+
+
+def _tls_text(row: dict) -> str:
+    """``TLSv1.3 TLS_AES_256_GCM_SHA384, authenticated (DANE-EE), policy dane``: how the
+    connection of an attempt was protected (docs/tls.md)."""
+    auth, policy = row["dlv_tls_auth"] or "", row["dlv_tls_policy"] or ""
+    if not row["dlv_tls_protocol"]:
+        text = "no TLS"
+    else:
+        text = f"{row['dlv_tls_protocol']} {row['dlv_tls_cipher']}".strip()
+        if auth:
+            text += (f", authenticated ({AUTHENTICATED[auth]})" if auth in AUTHENTICATED
+                     else ", not authenticated")
+    return text + (f", policy {policy}" if policy else "")
 
 
 def render_json(items: list[Trail], now: float) -> str:

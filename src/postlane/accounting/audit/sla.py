@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from ..records import format_time
-from .evidence import Trail, trails
+from .evidence import AUTHENTICATED, Trail, trails
 from .store import AuditStore, Query
 
 __all__ = ["CAUSES", "explain", "render_sla", "render_sla_csv", "sla_report"]
@@ -150,6 +150,9 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
         pauses = {pool: store.pauses(pool, now) for pool in pools}
         sla = next((t.sla for t in items if t.sla is not None), None)
         latencies = [t.latency for t in items if t.latency is not None]
+        deliveries = [t.final for t in items if t.latency is not None]
+        encrypted = sum(1 for d in deliveries if d and d["dlv_tls_protocol"])
+        authenticated = sum(1 for d in deliveries if d and d["dlv_tls_auth"] in AUTHENTICATED)
         verdicts = [(t, t.sla_met(now)) for t in items]
         open_ = sum(1 for t, met in verdicts if met is None and not t.not_deliverable)
         breaches, excluded = [], []
@@ -185,6 +188,11 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
             "breach_causes": {key: n for key in CAUSES
                               if (n := sum(1 for b in breaches if b["cause"] == key))},
             "latency_s": {f"p{q}": _percentile(latencies, q) for q in (50, 95, 99)},
+            "tls": {"encrypted": encrypted, "authenticated": authenticated,
+                    "encrypted_share": round(encrypted / len(latencies), 6) if latencies
+                    else None,
+                    "authenticated_share": round(authenticated / len(latencies), 6)
+                    if latencies else None},
             "breaches": breaches, "not_deliverable_recipients": excluded,
             "unknown_attempts": unknown,
         }
@@ -198,6 +206,7 @@ def render_sla(report: dict) -> str:
         if c["sla_seconds"] is None:
             lines.append(f"{name}: {c['messages']} messages, {c['delivered']} delivered, no SLA;"
                          f" p50 {fmt['p50']} p95 {fmt['p95']} p99 {fmt['p99']}")
+            lines += _tls_line(c)
             continue
         share = "-" if c["within_sla_share"] is None else f"{100 * c['within_sla_share']:.2f}%"
         apart = ", ".join(f"{n} {CAUSES[k]}" for k, n in c["not_deliverable"].items() if n)
@@ -206,6 +215,7 @@ def render_sla(report: dict) -> str:
                      f" {c['delivered']} delivered, {c['open']} open"
                      + (f", not deliverable: {apart}" if apart else "")
                      + f"; p50 {fmt['p50']} p95 {fmt['p95']} p99 {fmt['p99']}")
+        lines += _tls_line(c)
         for label, key in (("BREACH", "breaches"),
                            ("NOT DELIVERABLE", "not_deliverable_recipients")):
             for b in c[key]:
@@ -226,12 +236,23 @@ def render_sla(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tls_line(c: dict) -> list[str]:
+    """How the class's deliveries were protected (docs/tls.md)."""
+    tls = c["tls"]
+    if not c["delivered"]:
+        return []
+    return [f"  delivered over TLS: {tls['encrypted']}/{c['delivered']}"
+            f" ({100 * tls['encrypted_share']:.2f}%), with the server authenticated (PKIX or"
+            f" DANE): {tls['authenticated']}/{c['delivered']}"
+            f" ({100 * tls['authenticated_share']:.2f}%)"]
+
+
 CSV_FIELDS = ("class", "sla_seconds", "messages", "deliverable", "within_sla",
               "within_sla_percent", "delivered", "open", *(f"not_deliverable_{k}" for k in (
                   "remote-permanent", "operator-purge")),
               *(f"breaches_{k}" for k in ("remote-deferral", "our-pause", "our-backoff",
                                           "expiry")), "p50_s", "p95_s", "p99_s",
-              "unknown_attempts")
+              "unknown_attempts", "delivered_tls", "delivered_authenticated")
 
 
 def render_sla_csv(report: dict) -> str:
@@ -247,7 +268,8 @@ def render_sla_csv(report: dict) -> str:
             c["delivered"], _cell(c["open"]), *c["not_deliverable"].values(),
             *(c["breach_causes"].get(k, 0) for k in ("remote-deferral", "our-pause",
                                                       "our-backoff", "expiry")),
-            *(_cell(v) for v in c["latency_s"].values()), len(c["unknown_attempts"])])
+            *(_cell(v) for v in c["latency_s"].values()), len(c["unknown_attempts"]),
+            c["tls"]["encrypted"], c["tls"]["authenticated"]])
     return buf.getvalue()
 
 

@@ -1,0 +1,96 @@
+"""DANE for SMTP (RFC 7672, with RFC 7671): the TLSA records of an MX host, and whether the
+chain a server presented matches them.
+
+DANE-EE (usage 3) pins the server's own certificate or public key: no name or date checks apply
+(RFC 7672 3.1.1). DANE-TA (usage 2) names a trust anchor: the chain must lead from the server's
+certificate to it, with the MX host name and validity checked (RFC 7672 3.1.2); that path check
+is ``cryptography``'s X.509 verifier with the anchor as its only root. PKIX-TA/PKIX-EE (0, 1)
+are not for SMTP and are unusable (RFC 7672 3.1.3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import verification
+
+__all__ = ["TLSA", "match", "parse", "tlsa_name"]
+
+DANE_TA, DANE_EE = 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class TLSA:
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def __str__(self) -> str:
+        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
+
+    @property
+    def usable(self) -> bool:
+        return self.usage in (DANE_TA, DANE_EE) and self.selector in (0, 1) and \
+            self.mtype in (0, 1, 2)
+
+
+def tlsa_name(host: str, port: int) -> str:
+    return f"_{port}._tcp.{host}"
+
+
+def parse(rdatas: list) -> list[TLSA]:
+    """dnspython TLSA rdata -> TLSA records."""
+    return [TLSA(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in rdatas]
+
+
+def _associated(der: bytes, selector: int, mtype: int) -> bytes:
+    """The certificate association data of one certificate (RFC 6698 2.1)."""
+    data = der
+    if selector == 1:
+        data = x509.load_der_x509_certificate(der).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if mtype == 1:
+        return hashlib.sha256(data).digest()
+    if mtype == 2:
+        return hashlib.sha512(data).digest()
+    return data
+
+
+def _path_to(anchor: x509.Certificate, chain: list[bytes], host: str) -> bool:
+    certs = [x509.load_der_x509_certificate(der) for der in chain]
+    verifier = (verification.PolicyBuilder().store(verification.Store([anchor]))
+                .build_server_verifier(verification.DNSName(host)))
+    try:
+        verifier.verify(certs[0], certs[1:])
+    except (verification.VerificationError, ValueError):
+        return False
+    return True
+
+
+def match(records: list[TLSA], chain: list[bytes], host: str) -> str | None:
+    """"dane-ee" or "dane-ta" when the server's chain (DER, its own certificate first) matches
+    a usable record, else None."""
+    if not chain:
+        return None
+    usable = [r for r in records if r.usable]
+    for r in usable:
+        if r.usage == DANE_EE and _associated(chain[0], r.selector, r.mtype) == r.data:
+            return "dane-ee"
+    for r in usable:
+        if r.usage != DANE_TA:
+            continue
+        anchors = [der for der in chain[1:] if _associated(der, r.selector, r.mtype) == r.data]
+        if r.selector == 0 and r.mtype == 0:  # the full anchor is in DNS; the server may omit it
+            anchors.append(r.data)
+        for der in anchors:
+            try:
+                anchor = x509.load_der_x509_certificate(der)
+            except ValueError:
+                continue
+            if _path_to(anchor, chain, host):
+                return "dane-ta"
+    return None

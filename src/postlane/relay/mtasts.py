@@ -1,0 +1,219 @@
+"""MTA-STS (RFC 8461): a recipient domain's published TLS policy for its MXes.
+
+The ``_mta-sts.DOMAIN`` TXT record says a policy exists and names its ``id``; the policy itself
+is fetched from ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt`` (httpx, certificate checked,
+no redirects) and cached until ``max_age`` runs out. A changed ``id`` fetches it again; when the
+fetch fails, a cached policy that has not expired stays in force (RFC 8461 5.1), which is what
+protects against an attacker who blocks the fetch. The cache is a JSON file in the node's folder,
+so a restart does not forget a policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from ..secretfile import private_dir, private_open
+from .mx import DNSPermError, DNSTempError, MXResolver
+
+log = logging.getLogger("postlane.relay.mtasts")
+
+__all__ = ["MTASTS", "STSPolicy", "parse_policy"]
+
+MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3
+MAX_AGE = 31_557_600  # one year (RFC 8461 3.2)
+RETRY_FETCH = 300.0  # after a failed fetch, the next try for that domain waits this long
+_ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+
+
+class PolicyError(Exception):
+    """A policy that cannot be used; ``result`` is its RFC 8460 result type."""
+
+    def __init__(self, result: str, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(slots=True)
+class STSPolicy:
+    id: str
+    mode: str  # enforce | testing | none
+    mx: list[str]
+    max_age: int
+    fetched: float  # epoch seconds
+    text: str
+
+    def expired(self, now: float) -> bool:
+        return now >= self.fetched + self.max_age
+
+    def matches(self, host: str) -> bool:
+        """RFC 8461 4.1: an ``mx`` is a host name, or ``*.`` and a domain standing for exactly
+        one more label on the left."""
+        host = host.rstrip(".").lower()
+        for pattern in self.mx:
+            pattern = pattern.rstrip(".").lower()
+            if pattern.startswith("*."):
+                label, dot, rest = host.partition(".")
+                if label and dot and rest == pattern[2:]:
+                    return True
+            elif host == pattern:
+                return True
+        return False
+
+    @property
+    def lines(self) -> list[str]:
+        """The policy as RFC 8460's ``policy-string``."""
+        return [line.strip() for line in self.text.splitlines() if line.strip()]
+
+
+def parse_policy(text: str, policy_id: str, now: float) -> STSPolicy:
+    """RFC 8461 3.2 (raises PolicyError "sts-policy-invalid")."""
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip().lower(), []).append(value.strip())
+    version, mode = fields.get("version", [""])[0], fields.get("mode", [""])[0]
+    if version != "STSv1":
+        raise PolicyError("sts-policy-invalid", f"version is {version!r}, not STSv1")
+    if mode not in ("enforce", "testing", "none"):
+        raise PolicyError("sts-policy-invalid", f"mode {mode!r}")
+    age = fields.get("max_age", [""])[0]
+    if not age.isdigit() or len(age) > 10:
+        raise PolicyError("sts-policy-invalid", f"max_age {age!r}")
+    mx = fields.get("mx", [])
+    if mode != "none" and not mx:
+        raise PolicyError("sts-policy-invalid", "no mx")
+    return STSPolicy(policy_id, mode, mx, min(int(age), MAX_AGE), now, text)
+
+
+class MTASTS:
+    """Policies of recipient domains: looked up, fetched, cached (in memory and on disk)."""
+
+    def __init__(self, resolver: MXResolver, cache_file: Path, *, ca_file: str | None = None,
+                 port: int = 443, timeout: float = 10.0) -> None:
+        self.resolver = resolver
+        self.cache_file = cache_file
+        self.port = port
+        self.timeout = timeout
+        self._ssl = ssl.create_default_context(cafile=ca_file)
+        self._policies: dict[str, STSPolicy] = self._load()
+        self._failed: dict[str, float] = {}  # domain -> when a fetch may be tried again
+        self._fetching: dict[str, asyncio.Future[STSPolicy | None]] = {}
+        self.on_error: Callable[[str, str, str], None] = lambda domain, result, message: None
+        """Called with (domain, RFC 8460 result type, message) for a policy not fetched."""
+
+    def _load(self) -> dict[str, STSPolicy]:
+        try:
+            data = json.loads(self.cache_file.read_text("utf-8"))
+            return {domain: STSPolicy(**entry) for domain, entry in data.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("MTA-STS cache %s not read, starting empty: %s", self.cache_file, exc)
+            return {}
+
+    def _save(self) -> None:
+        private_dir(self.cache_file.parent)
+        tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
+        with private_open(tmp, encoding="utf-8") as fh:
+            fh.write(json.dumps({d: asdict(p) for d, p in self._policies.items()}))
+        os.replace(tmp, self.cache_file)
+
+    async def policy(self, domain: str) -> STSPolicy | None:
+        """The policy in force for ``domain`` (None: none, or mode "none")."""
+        now = time.time()
+        cached = self._policies.get(domain)
+        if cached is not None and cached.expired(now):
+            cached = None
+        try:
+            record_id = await self._record_id(domain)
+        except DNSTempError:
+            record_id = None  # as if there were no record: a cached policy still applies
+        if record_id is not None and (cached is None or cached.id != record_id) and \
+                self._failed.get(domain, 0.0) <= now:
+            fetched = await self._fetch_once(domain, record_id)
+            cached = fetched or cached
+        return cached if cached is not None and cached.mode != "none" else None
+
+    async def _record_id(self, domain: str) -> str | None:
+        records, _ = await self.resolver.records(f"_mta-sts.{domain}", "TXT")
+        texts = [b"".join(r.strings).decode("ascii", "replace") for r in records]
+        ours = [t for t in texts if t.startswith("v=STSv1")]
+        if len(ours) != 1:  # none, or ambiguous: no policy (RFC 8461 3.1)
+            return None
+        fields = dict(part.strip().partition("=")[::2] for part in ours[0].split(";"))
+        policy_id = fields.get("id", "").strip()
+        return policy_id if _ID.match(policy_id) else None
+
+    async def _fetch_once(self, domain: str, record_id: str) -> STSPolicy | None:
+        """One fetch per domain at a time; the others wait for its result."""
+        future = self._fetching.get(domain)
+        if future is None:
+            future = asyncio.ensure_future(self._fetch(domain, record_id))
+            self._fetching[domain] = future
+            future.add_done_callback(lambda _: self._fetching.pop(domain, None))
+        return await asyncio.shield(future)
+
+    async def _fetch(self, domain: str, record_id: str) -> STSPolicy | None:
+        try:
+            text = await self._get(domain)
+            policy = parse_policy(text, record_id, time.time())
+        except PolicyError as exc:
+            log.warning("MTA-STS policy of %s not usable: %s", domain, exc)
+            self.on_error(domain, exc.result, str(exc))
+            self._failed[domain] = time.time() + RETRY_FETCH
+            return None
+        self._failed.pop(domain, None)
+        self._policies[domain] = policy
+        self._save()
+        log.info("MTA-STS policy of %s: %s", domain, policy.mode,
+                 extra={"id": policy.id, "max_age": policy.max_age})
+        return policy
+
+    async def _get(self, domain: str) -> str:
+        """The policy file over HTTPS, with the address of ``mta-sts.DOMAIN`` from the node's
+        resolver and its certificate checked for that name."""
+        host = f"mta-sts.{domain}"
+        try:
+            dests = await self.resolver.resolve_host(host, self.port)
+        except (DNSPermError, DNSTempError) as exc:
+            raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
+        ip = dests[0].ip
+        url = f"https://{'[' + ip + ']' if ':' in ip else ip}:{self.port}/.well-known/mta-sts.txt"
+        try:
+            async with httpx.AsyncClient(verify=self._ssl, timeout=self.timeout,
+                                         follow_redirects=False) as client, \
+                    client.stream("GET", url, headers={"Host": host},
+                                  extensions={"sni_hostname": host}) as resp:
+                if resp.status_code != 200:
+                    raise PolicyError("sts-policy-fetch-error", f"{host}: HTTP {resp.status_code}")
+                ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+                if ctype != "text/plain":
+                    raise PolicyError("sts-policy-invalid", f"{host}: content type {ctype!r}")
+                body = b""
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_POLICY_BYTES:
+                        raise PolicyError("sts-policy-invalid", f"{host}: policy over 64 KB")
+        except httpx.ConnectError as exc:
+            cause = exc.__context__ or exc.__cause__
+            if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in str(exc):
+                raise PolicyError("sts-webpki-invalid", f"{host}: {exc}") from None
+            raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
+        with contextlib.suppress(UnicodeDecodeError):
+            return body.decode("utf-8")
+        raise PolicyError("sts-policy-invalid", f"{host}: not UTF-8")

@@ -1,0 +1,234 @@
+"""Which TLS a delivery connection needs, and making it so.
+
+For each MX host of a destination, in precedence order:
+
+1. **DANE** (RFC 7672), when the resolver is trusted for DNSSEC (``dns.dnssec``), the MX answer
+   and the host's addresses were authenticated and its TLSA RRset is: TLS is mandatory and the
+   certificate must match a usable TLSA record. DANE takes precedence over MTA-STS.
+2. **MTA-STS** (RFC 8461): ``enforce`` uses only the MXes the policy names, each with a
+   certificate valid for its name (PKIX); ``testing`` checks the same, reports what fails and
+   delivers anyway.
+3. The **class policy** (``classes.X.tls``, default ``relay.tls``; a pool applies the strictest
+   of its classes) and the **destination rule**'s ``tls``, whichever is stricter:
+   ``opportunistic``, ``required`` (no STARTTLS: defer, never clear text) or ``verified``
+   (PKIX for the MX name, ``relay.ca_file`` or the system's CAs).
+
+A class policy stricter than what DANE or MTA-STS asks still holds. Every session's outcome is
+counted for TLS-RPT (``tlsrpt.py``); every connection carries, as evidence for its accounting
+records, how the server was authenticated (``tls_auth``) and the policy it was made under
+(``tls_policy``). Routes (smarthosts, sinks) are not MXes: only the class and rule policies
+apply to them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..config import Config
+from ..scheduler.lanes import Lane, SourceSlot
+from ..spool import local_dir
+from . import dane
+from .client import (
+    Reply,
+    SMTPConnection,
+    SMTPError,
+    Timeouts,
+    unverified_context,
+    verifying_context,
+)
+from .mtasts import MTASTS, STSPolicy
+from .mx import Destination, DNSTempError, MXResolver
+from .tlsrpt import NO_POLICY, PolicyRef, TLSReports
+
+log = logging.getLogger("postlane.relay")
+
+__all__ = ["HostPlan", "NoUsableMX", "TLSPolicy"]
+
+LEVELS = ("disabled", "opportunistic", "required", "verified")
+
+
+def stricter(a: str, b: str | None) -> str:
+    return a if b is None or LEVELS.index(a) >= LEVELS.index(b) else b
+
+
+class NoUsableMX(Exception):
+    """The policy leaves no MX to try (MTA-STS enforce names none of them, every DANE host's
+    TLSA lookup failed): the destination is deferred with ``reply``."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(slots=True)
+class HostPlan:
+    """How to connect to one address of a destination."""
+
+    domain: str
+    dest: Destination
+    level: str  # disabled | opportunistic | required | verified | dane
+    policy: str  # evidence: opportunistic, required, verified, mta-sts-*, dane
+    report: PolicyRef | None = NO_POLICY
+    """What TLS-RPT counts the session under; None: not counted (a route is not the domain's
+    MX, so the domain's report is not about it)."""
+    tlsa: list[dane.TLSA] = field(default_factory=list)
+    testing: STSPolicy | None = None
+    """MTA-STS testing: check the certificate as ``enforce`` would, report, deliver anyway."""
+
+
+class TLSPolicy:
+    def __init__(self, config: Config, resolver: MXResolver,
+                 reports: TLSReports | None = None) -> None:
+        self.config = config
+        self.resolver = resolver
+        self.reports = reports
+        rc = config.relay
+        self.sts = (MTASTS(resolver, local_dir(config) / "mta-sts.json", ca_file=rc.ca_file,
+                           port=rc.mta_sts_port) if rc.mta_sts else None)
+        if self.sts is not None and reports is not None:
+            self.sts.on_error = reports.fetch_error
+        self.dane = rc.dane and config.dns.dnssec
+        self._verify = verifying_context(rc.ca_file)
+        self._plain = unverified_context()
+        self.pool_level: dict[str, str] = {}
+        for cls in config.classes.values():
+            level = cls.tls or rc.tls
+            self.pool_level[cls.pool] = stricter(level, self.pool_level.get(cls.pool))
+
+    def base(self, lane: Lane) -> str:
+        """The class (pool) policy and the destination rule's, whichever is stricter."""
+        level = self.pool_level.get(lane.pool, self.config.relay.tls)
+        return stricter(level, lane.rule.tls if lane.rule is not None else None)
+
+    async def plan(self, lane: Lane, dests: list[Destination], routed: bool,
+                   source_ip: str) -> list[HostPlan]:
+        """The addresses to try, in order, each with how to connect (raises NoUsableMX)."""
+        base, domain = self.base(lane), lane.domain
+        if base == "disabled" or routed:
+            return [HostPlan(domain, d, base, base, None if routed else NO_POLICY)
+                    for d in dests]
+        tlsa = await self._tlsa(domain, dests, source_ip) if self.dane else {}
+        sts = await self.sts.policy(domain) if self.sts is not None and not any(
+            records for records in tlsa.values()) else None
+        plans = []
+        for d in dests:
+            records = tlsa.get(d.host)
+            if records is None and d.host in tlsa:
+                continue  # its TLSA lookup failed: unusable (RFC 7672 2.2)
+            if records:
+                ref = PolicyRef("tlsa", tuple(str(r) for r in records), (d.host,))
+                if any(r.usable for r in records):
+                    plans.append(HostPlan(domain, d, "dane", "dane", ref, records))
+                else:  # only unusable records: TLS still mandatory (RFC 7672 2.2)
+                    plans.append(HostPlan(domain, d, stricter(base, "required"), "dane", ref))
+            elif sts is not None and sts.mode == "enforce":
+                if sts.matches(d.host):
+                    plans.append(HostPlan(domain, d, "verified", "mta-sts-enforce", _sts_ref(sts)))
+            elif sts is not None:
+                policy = "mta-sts-testing" if base == "opportunistic" else base
+                plans.append(HostPlan(domain, d, base, policy, _sts_ref(sts), testing=sts))
+            else:
+                plans.append(HostPlan(domain, d, base, base))
+        if not plans:
+            if sts is not None:
+                why = f"MTA-STS policy of {lane.domain} names none of its MX hosts"
+                self._session(lane.domain, _sts_ref(sts), "", source_ip, "",
+                              "validation-failure", why)
+            else:
+                why = f"the TLSA lookups of every MX host of {lane.domain} failed"
+            raise NoUsableMX(Reply(451, f"4.7.5 {why}", "4.7.5"))
+        return plans
+
+    async def _tlsa(self, domain: str, dests: list[Destination],
+                    source_ip: str) -> dict[str, list[dane.TLSA] | None]:
+        """host -> its authenticated TLSA records ([]: none), or None when the lookup failed;
+        hosts whose MX or address answers were not authenticated are not looked up."""
+        out: dict[str, list[dane.TLSA] | None] = {}
+        for d in dests:
+            if not d.secure or d.host in out:
+                continue
+            name = dane.tlsa_name(d.host, d.port)
+            try:
+                records, secure = await self.resolver.records(name, "TLSA")
+            except DNSTempError as exc:
+                log.warning("TLSA lookup failed: %s", exc, extra={"host": d.host})
+                out[d.host] = None
+                self._session(domain, PolicyRef("tlsa", (), (d.host,)), d.host, source_ip, "",
+                              "dnssec-invalid", str(exc)[:200])
+                continue
+            out[d.host] = dane.parse(records) if secure else []
+        return out
+
+    async def connect(self, plan: HostPlan, slot: SourceSlot,
+                      timeouts: Timeouts) -> SMTPConnection:
+        """Open the connection ``plan`` asks for; a TLS failure the policy does not allow
+        raises SMTPError with a 451 4.7.x reply saying why (a deferral, never clear text)."""
+        d = plan.dest
+        verify = plan.level == "verified" or plan.testing is not None
+        tls = plan.level if plan.level in ("disabled", "opportunistic") and not verify \
+            else "required"
+        try:
+            conn = await self._open(plan, slot, timeouts, verify, tls)
+        except SMTPError as exc:
+            if not exc.tls_failure:
+                raise
+            self._count(plan, slot, exc.tls_failure, exc.message)
+            if plan.testing is None:
+                raise _refusal(plan, exc) from None
+            try:  # MTA-STS testing: reported; deliver as the class policy alone would
+                conn = await self._open(plan, slot, timeouts, False, plan.level)
+            except SMTPError as again:
+                raise _refusal(plan, again) from None
+            return _evidence(conn, plan, "none" if conn.tls_version else "")
+        auth = "pkix" if verify else "none" if conn.tls_version else ""
+        if plan.level == "dane":
+            auth = dane.match(plan.tlsa, conn.peer_chain(), d.host) or ""
+            if not auth:
+                conn.close()
+                why = f"the certificate of {d.host} matches none of its TLSA records"
+                self._count(plan, slot, "tlsa-invalid", why)
+                raise _refusal(plan, SMTPError("starttls", why, tls_failure="tlsa-invalid"))
+        failure, why = "", ""
+        if plan.testing is not None and not plan.testing.matches(d.host):
+            failure, why = "validation-failure", f"{d.host} is not an MX of the MTA-STS policy"
+        elif not conn.tls_version:
+            failure, why = "starttls-not-supported", f"{d.host} did not offer STARTTLS"
+        self._count(plan, slot, failure, why)
+        return _evidence(conn, plan, auth)
+
+    async def _open(self, plan: HostPlan, slot: SourceSlot, timeouts: Timeouts, verify: bool,
+                    tls: str) -> SMTPConnection:
+        d = plan.dest
+        return await SMTPConnection.open(
+            d.ip, d.port, server_name=d.host, source_ip=slot.address, ehlo_name=slot.ehlo,
+            tls=tls, timeouts=timeouts, ssl_context=self._verify if verify else self._plain)
+
+    def _count(self, plan: HostPlan, slot: SourceSlot, failure: str, why: str) -> None:
+        if plan.report is not None:
+            self._session(plan.domain, plan.report, plan.dest.host, slot.address,
+                          plan.dest.ip, failure, why)
+
+    def _session(self, domain: str, ref: PolicyRef, mx: str, source_ip: str, dest_ip: str,
+                 failure: str, why: str) -> None:
+        if self.reports is not None:
+            self.reports.session(domain, ref, mx, source_ip, dest_ip, failure, why)
+
+
+def _evidence(conn: SMTPConnection, plan: HostPlan, auth: str) -> SMTPConnection:
+    conn.tls_auth, conn.tls_policy = auth, plan.policy
+    return conn
+
+
+def _refusal(plan: HostPlan, exc: SMTPError) -> SMTPError:
+    """The deferral of a connection the policy does not allow: 4.7.10 (encryption needed)
+    without STARTTLS, 4.7.5 (cryptographic failure) for a certificate."""
+    if plan.level == "opportunistic" and plan.testing is None:
+        return exc
+    status = "4.7.10" if exc.tls_failure == "starttls-not-supported" else "4.7.5"
+    exc.reply = Reply(451, f"{status} TLS policy {plan.policy}: {exc.message}", status)
+    return exc
+
+
+def _sts_ref(policy: STSPolicy) -> PolicyRef:
+    return PolicyRef("sts", tuple(policy.lines), tuple(policy.mx))

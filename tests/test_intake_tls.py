@@ -1,0 +1,120 @@
+"""TLS at intake by default: a generated certificate (0600, logged by path, shown in status),
+certificates reloaded when their files change, ``postlane tls check``, ``require_tls``."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import ssl
+import stat
+
+from typer.testing import CliRunner
+
+from postlane.cli import app
+from tests.conftest import config_text
+from tests.support.pki import TestCA
+from tests.support.rawsmtp import session
+
+
+async def _server_certificate(port: int, context: ssl.SSLContext | None = None) -> bytes:
+    raw = await session(port)
+    assert (await raw.cmd("STARTTLS")).startswith("220 2.0.0")
+    if context is None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    await raw.writer.start_tls(context, server_hostname="mta.test")
+    der = raw.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    assert (await raw.cmd("EHLO client.test")).startswith("250")
+    await raw.close()
+    return der
+
+
+async def test_starttls_by_default_with_a_generated_certificate(tmp_path, sink, make_node,
+                                                                caplog):
+    with caplog.at_level(logging.INFO):
+        node = await make_node(config_text(tmp_path, sink.port))
+    cert, key = tmp_path / "spool" / "tls" / "cert.pem", tmp_path / "spool" / "tls" / "key.pem"
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    [made] = [r for r in caplog.records if "self-signed" in r.getMessage()]
+    assert made.cert == str(cert) and made.key == str(key)
+    raw = await session(node.listeners[0].port)
+    assert "STARTTLS" in await raw.cmd("EHLO client.test")
+    await raw.close()
+    der = await _server_certificate(node.listeners[0].port)
+    [listener] = node.status()["listeners"]
+    info = listener["certificate"]
+    assert info["generated"] and info["self_signed"] and info["cert_file"] == str(cert)
+    assert info["subject"] == "CN=mta.test" and info["sha256"] == hashlib.sha256(der).hexdigest()
+    await node.stop()
+    node2 = await make_node(config_text(tmp_path, sink.port))  # the same pair next time
+    assert await _server_certificate(node2.listeners[0].port) == der
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, sink, make_node,
+                                                                caplog):
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue(["mta.test"], file_name="live")
+    node = await make_node(config_text(tmp_path, sink.port, f"""
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+reload_interval = "0.1s"
+"""))
+    port = node.listeners[0].port
+    verify = ssl.create_default_context(cafile=str(ca.ca_file))
+    first = await _server_certificate(port, verify)
+    new_cert, new_key = ca.issue(["mta.test"], file_name="renewed")
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nhalf written")  # a broken moment
+    await asyncio.sleep(0.3)
+    assert await _server_certificate(port, verify) == first, "a broken file keeps the old one"
+    assert any("not reloaded" in r.getMessage() for r in caplog.records)
+    os.replace(new_key, key)
+    os.replace(new_cert, cert)
+    for _ in range(50):
+        served = await _server_certificate(port, verify)
+        if served != first:
+            break
+        await asyncio.sleep(0.1)
+    assert served != first
+    assert not node.status()["listeners"][0]["certificate"]["generated"]
+
+
+async def test_require_tls_refuses_mail_before_starttls(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port).replace(
+        'relay_from = ["127.0.0.0/8"]', 'relay_from = ["127.0.0.0/8"]\nrequire_tls = true'))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("530 5.7.0")
+    assert (await raw.cmd("STARTTLS")).startswith("220")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    await raw.writer.start_tls(ctx)
+    assert (await raw.cmd("EHLO client.test")).startswith("250")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    await raw.close()
+
+
+async def test_tls_check_shows_what_a_client_sees(tmp_path, sink, make_node):
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue(["mta.test"])
+    text = config_text(tmp_path, sink.port, f'[tls]\ncert_file = "{cert}"\nkey_file = "{key}"\n')
+    node = await make_node(text)
+    path = tmp_path / "node.toml"
+    path.write_text(text.replace("port = 0\nrelay_from",
+                                 f"port = {node.listeners[0].port}\nrelay_from"))
+    runner = CliRunner()
+    result = await asyncio.to_thread(runner.invoke, app, ["tls", "check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "TLSv1.3" in result.output and "names      mta.test" in result.output
+    assert "verified   no, for mta.test" in result.output  # not a CA of this system
+    result = await asyncio.to_thread(runner.invoke, app, [
+        "tls", "check", "-c", str(path), "--ca-file", str(ca.ca_file)])
+    assert "verified   yes, for mta.test" in result.output, result.output
+    result = await asyncio.to_thread(runner.invoke, app, ["tls", "check", "-c", str(path),
+                                                          "--json"])
+    [listener] = json.loads(result.output)
+    assert listener["protocol"] == "TLSv1.3" and listener["verified"] is False
+    assert listener["certificate"]["names"] == ["mta.test"]

@@ -1,0 +1,435 @@
+"""Outbound TLS on loopback: the class policies, MTA-STS (RFC 8461), DANE (RFC 7672) and TLS-RPT
+(RFC 8460), against receiving sinks that present certificates from a test CA, for a wrong name,
+an expired one, or no STARTTLS at all; MX, TXT and TLSA records (AD set for DNSSEC-signed
+names) come from the test DNS server, MTA-STS policies from a local HTTPS server."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import gzip
+import json
+import ssl
+from pathlib import Path
+
+import jsonschema
+import pytest
+from typer.testing import CliRunner
+
+from postlane.cli import app
+from postlane.sink import Sink
+from tests.conftest import config_text, message, records, send
+from tests.support.httpsserver import HTTPSServer
+from tests.support.pki import TestCA, leaf_der, tlsa_sha256
+
+# MX host -> the sink it resolves to
+MX = {"good.mx.test": "127.0.0.51", "wrong.mx.test": "127.0.0.52",
+      "expired.mx.test": "127.0.0.53", "plain.mx.test": "127.0.0.54", "ta.mx.test": "127.0.0.55"}
+HTTPS_IP = "127.0.0.60"
+
+
+class World:
+    """The receiving side: sinks on one port at several addresses, DNS, an HTTPS server."""
+
+    def __init__(self, tmp_path: Path, dns_server) -> None:
+        self.tmp_path = tmp_path
+        self.dns = dns_server
+        self.ca = TestCA(tmp_path / "ca")
+        self.intermediate = self.ca.intermediate()
+        self.certs = {"good.mx.test": self.ca.issue(["good.mx.test"]),
+                      "wrong.mx.test": self.ca.issue(["wrong.invalid"]),
+                      "expired.mx.test": self.ca.issue(["expired.mx.test"], expired=True),
+                      "ta.mx.test": self.intermediate.issue(["ta.mx.test"])}
+        self.sinks: dict[str, Sink] = {}
+        self.https: HTTPSServer | None = None
+        self.port = 0
+
+    async def start(self) -> World:
+        for _ in range(20):  # one port free on every address
+            try:
+                for host, ip in MX.items():
+                    ctx = None
+                    if host in self.certs:
+                        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                        ctx.load_cert_chain(*self.certs[host])
+                    sink = await Sink(host=ip, port=self.port, tls_context=ctx).start()
+                    self.port = sink.port
+                    self.sinks[host] = sink
+                break
+            except OSError:
+                await self.stop_sinks()
+                self.port = 0
+        for host, ip in MX.items():
+            self.dns.add_a(host, ip)
+        self.https = HTTPSServer(self.ca.server_context(
+            [f"mta-sts.{d}" for d in ("sts.test", "sts-testing.test", "both.test",
+                                      "sts-away.test")] + [HTTPS_IP]), host=HTTPS_IP).start()
+        return self
+
+    async def stop_sinks(self) -> None:
+        for sink in self.sinks.values():
+            await sink.stop()
+        self.sinks.clear()
+
+    def config(self, class_tls: str | None = None, extra: str = "") -> str:
+        text = config_text(self.tmp_path, self.port, f"""
+[dns]
+nameserver = "127.0.0.1"
+port = {self.dns.port}
+dnssec = true
+[tlsrpt]
+organization = "Insurer Test"
+contact = "tls-reports@insurer.test"
+{extra}""", routes=False).replace("[relay]\n", f"""[relay]
+ca_file = "{self.ca.ca_file}"
+mta_sts_port = {self.https.port if self.https else 443}
+""")
+        if class_tls:
+            text = text.replace('[classes.policy-documents]\npool = "critical"',
+                                f'[classes.policy-documents]\npool = "critical"\n'
+                                f'tls = "{class_tls}"')
+        return text
+
+    def mx(self, domain: str, *hosts: str, secure: bool = False) -> None:
+        for i, host in enumerate(hosts):
+            self.dns.add_mx(domain, 10 + i, host)
+        if secure:
+            self.dns.set_secure(domain)
+            for host in hosts:
+                self.dns.set_secure(host)
+
+    def sts(self, domain: str, mode: str, mx: list[str], policy_id: str = "1") -> None:
+        self.dns.add_txt(f"_mta-sts.{domain}", f"v=STSv1; id={policy_id};")
+        self.dns.add_a(f"mta-sts.{domain}", HTTPS_IP)
+        lines = "".join(f"mx: {m}\r\n" for m in mx)
+        assert self.https is not None
+        self.https.policy(domain, f"version: STSv1\r\nmode: {mode}\r\n{lines}max_age: 86400\r\n")
+
+    def tlsa(self, host: str, usage: int, selector: int, der: bytes, *, port: int) -> None:
+        self.dns.add_tlsa(f"_{port}._tcp.{host}", usage, selector, 1, tlsa_sha256(der, selector))
+
+    def arrivals(self) -> int:
+        return sum(len(s.arrivals) for s in self.sinks.values())
+
+
+@pytest.fixture
+async def world(tmp_path, dns_server):
+    w = await World(tmp_path, dns_server).start()
+    yield w
+    await w.stop_sinks()
+    if w.https is not None:
+        w.https.stop()
+
+
+async def first_outcome(tmp_path: Path, rcpt: str, timeout: float = 30.0) -> dict:
+    """The first delivery ("d") or deferral ("t") record of ``rcpt``."""
+    for _ in range(int(timeout * 10)):
+        rows = [r for r in records(tmp_path) if r["rcpt"] == rcpt and r["type"] in "dtb"]
+        if rows:
+            return rows[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no outcome for {rcpt}")
+
+
+async def _deliver(node, rcpt: str, cls: str = "policy-documents") -> None:
+    await send(node.listeners[0].port, "s@insurer.test", [rcpt], message(cls=cls))
+
+
+async def delivered_with(world: World, make_node, rcpt: str) -> dict:
+    """Start a node, deliver to ``rcpt`` (an opportunistic class), check it was delivered, and
+    return its delivery record."""
+    node = await make_node(world.config())
+    await _deliver(node, rcpt, cls="marketing")
+    row = await first_outcome(world.tmp_path, rcpt)
+    assert row["type"] == "d", row
+    return row
+
+
+# -- the class policies ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("class_tls, host, outcome, auth, status", [
+    ("opportunistic", "plain.mx.test", "d", "", ""),
+    ("opportunistic", "wrong.mx.test", "d", "none", ""),
+    ("required", "plain.mx.test", "t", None, "4.7.10"),
+    ("required", "wrong.mx.test", "d", "none", ""),
+    ("required", "expired.mx.test", "d", "none", ""),
+    ("verified", "good.mx.test", "d", "pkix", ""),
+    ("verified", "wrong.mx.test", "t", None, "4.7.5"),
+    ("verified", "expired.mx.test", "t", None, "4.7.5"),
+    ("verified", "plain.mx.test", "t", None, "4.7.10"),
+])
+async def test_class_policy(world, make_node, tmp_path, class_tls, host, outcome, auth, status):
+    world.mx("class.test", host)
+    node = await make_node(world.config(class_tls))
+    await _deliver(node, "r@class.test")
+    row = await first_outcome(tmp_path, "r@class.test")
+    assert row["type"] == outcome, row
+    if outcome == "d":
+        assert row["dlvTlsAuth"] == auth and row["dlvTlsPolicy"] == class_tls
+        assert bool(row["dlvTlsProtocol"]) == (auth != "")
+    else:
+        assert row["dsnStatus"] == status and f"TLS policy {class_tls}" in row["dsnDiag"], row
+        assert world.sinks[host].arrivals == [], "never sent in clear or to a bad certificate"
+
+
+async def test_required_without_starttls_says_why(world, make_node, tmp_path):
+    world.mx("plain.test", "plain.mx.test")
+    node = await make_node(world.config("required"))
+    await _deliver(node, "r@plain.test")
+    row = await first_outcome(tmp_path, "r@plain.test")
+    assert row["dsnDiag"] == ("smtp;451 4.7.10 TLS policy required: plain.mx.test does not"
+                              " offer STARTTLS")
+    await _deliver(node, "r2@plain.test", cls="marketing")  # opportunistic class: sent
+    assert (await first_outcome(tmp_path, "r2@plain.test"))["type"] == "d"
+
+
+async def test_destination_rule_tls_raises_the_class_policy(world, make_node, tmp_path):
+    world.mx("partner.test", "wrong.mx.test")
+    node = await make_node(world.config(extra="""
+[destinations.partner]
+domains = ["partner.test"]
+tls = "verified"
+"""))
+    await _deliver(node, "r@partner.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@partner.test")
+    assert row["type"] == "t" and row["dsnStatus"] == "4.7.5"
+
+
+# -- MTA-STS -----------------------------------------------------------------------------------
+
+async def test_mta_sts_enforce_delivers_to_a_matching_mx_with_a_valid_certificate(
+        world, make_node, tmp_path):
+    world.mx("sts.test", "good.mx.test")
+    world.sts("sts.test", "enforce", ["*.mx.test"])
+    row = await delivered_with(world, make_node, "r@sts.test")  # an opportunistic class
+    assert row["dlvTlsPolicy"] == "mta-sts-enforce" and row["dlvTlsAuth"] == "pkix"
+
+
+@pytest.mark.parametrize("host, policy_mx", [("good.mx.test", ["mx.elsewhere.test"]),
+                                             ("expired.mx.test", ["*.mx.test"]),
+                                             ("plain.mx.test", ["*.mx.test"])],
+                         ids=["MX not in policy", "expired certificate", "no STARTTLS"])
+async def test_mta_sts_enforce_defers_and_sends_nothing(world, make_node, tmp_path, host,
+                                                        policy_mx):
+    world.mx("sts.test", host)
+    world.sts("sts.test", "enforce", policy_mx)
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts.test")
+    assert row["type"] == "t" and row["dsnStatus"].startswith("4.7."), row
+    await asyncio.sleep(0.5)
+    assert world.arrivals() == 0
+
+
+async def test_mta_sts_policy_survives_a_restart(world, make_node, tmp_path):
+    world.mx("sts-away.test", "good.mx.test")
+    world.sts("sts-away.test", "enforce", ["mx.elsewhere.test"])
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts-away.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "r@sts-away.test"))["type"] == "t"
+    await node.stop()
+    assert world.https is not None
+    world.https.policies.clear()  # the policy server is away (or blocked by an attacker)
+    fetches = len(world.https.fetches)
+    node = await make_node(world.config())
+    await _deliver(node, "r2@sts-away.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "r2@sts-away.test"))["type"] == "t"
+    assert len(world.https.fetches) == fetches, "the cached policy was used, not fetched"
+    assert world.arrivals() == 0
+    assert json.loads((tmp_path / "spool" / "mta-sts.json").read_text())["sts-away.test"]
+
+
+async def test_mta_sts_testing_delivers_and_reports_the_failure(world, make_node, tmp_path):
+    world.mx("sts-testing.test", "wrong.mx.test")
+    world.sts("sts-testing.test", "testing", ["*.mx.test"])
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts-testing.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts-testing.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "mta-sts-testing"
+    assert row["dlvTlsAuth"] == "none", "encrypted, the certificate did not check out"
+    node.tls_reports.flush()
+    report = node.tls_reports.report(records(tmp_path)[0]["timeLogged"][:10],
+                                     "sts-testing.test")
+    validate(report)
+    [policy] = report["policies"]
+    assert policy["policy"]["policy-type"] == "sts"
+    assert policy["policy"]["mx-host"] == ["*.mx.test"]
+    assert policy["summary"]["total-failure-session-count"] == 1
+    [detail] = policy["failure-details"]
+    assert detail["result-type"] == "certificate-host-mismatch"
+    assert detail["receiving-mx-hostname"] == "wrong.mx.test"
+    assert detail["receiving-ip"] == MX["wrong.mx.test"]
+
+
+# -- DANE ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("usage, selector, auth", [(3, 1, "dane-ee"), (3, 0, "dane-ee"),
+                                                   (2, 0, "dane-ta"), (2, 1, "dane-ta")])
+async def test_dane_match_delivers_with_dane_evidence(world, make_node, tmp_path, usage,
+                                                      selector, auth):
+    host = "good.mx.test" if usage == 3 else "ta.mx.test"
+    world.mx("dane.test", host, secure=True)
+    der = (leaf_der(world.certs[host][0]) if usage == 3 else world.intermediate.der)
+    world.tlsa(host, usage, selector, der, port=world.port)
+    row = await delivered_with(world, make_node, "r@dane.test")
+    assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == auth
+
+
+async def test_tlsa_mismatch_defers(world, make_node, tmp_path):
+    world.mx("dane.test", "good.mx.test", secure=True)
+    world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)
+    node = await make_node(world.config())
+    await _deliver(node, "r@dane.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@dane.test")
+    assert row["type"] == "t" and "TLS policy dane" in row["dsnDiag"], row
+    assert world.arrivals() == 0
+    node.tls_reports.flush()
+    report = node.tls_reports.report(row["timeLogged"][:10], "dane.test")
+    validate(report)
+    assert report["policies"][0]["policy"]["policy-type"] == "tlsa"
+    assert report["policies"][0]["failure-details"][0]["result-type"] == "tlsa-invalid"
+
+
+async def test_tlsa_without_the_ad_bit_is_ignored(world, make_node, tmp_path):
+    world.mx("dane.test", "good.mx.test")  # not signed: no AD, so no DANE
+    world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)
+    assert (await delivered_with(world, make_node, "r@dane.test"))["dlvTlsPolicy"] == \
+        "opportunistic"
+
+
+async def test_dane_takes_precedence_over_mta_sts(world, make_node, tmp_path):
+    world.mx("both.test", "good.mx.test", secure=True)
+    world.sts("both.test", "enforce", ["mx.elsewhere.test"])  # would refuse the MX
+    world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["good.mx.test"][0]), port=world.port)
+    assert (await delivered_with(world, make_node, "r@both.test"))["dlvTlsPolicy"] == "dane"
+    assert world.https is not None and "mta-sts.both.test" not in world.https.fetches
+
+
+# -- TLS-RPT -------------------------------------------------------------------------------------
+
+# RFC 8460 section 4.4 as a JSON Schema: the fields, their types, the required ones, the
+# policy types and the result types of section 4.3.2 (with the IANA registry's additions).
+TLSRPT_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["organization-name", "date-range", "contact-info", "report-id", "policies"],
+    "properties": {
+        "organization-name": {"type": "string", "minLength": 1},
+        "date-range": {
+            "type": "object", "required": ["start-datetime", "end-datetime"],
+            "properties": {"start-datetime": {"type": "string", "format": "date-time"},
+                           "end-datetime": {"type": "string", "format": "date-time"}}},
+        "contact-info": {"type": "string", "minLength": 1},
+        "report-id": {"type": "string", "minLength": 1},
+        "policies": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["policy", "summary"],
+            "properties": {
+                "policy": {
+                    "type": "object", "required": ["policy-type", "policy-domain"],
+                    "properties": {
+                        "policy-type": {"enum": ["tlsa", "sts", "no-policy-found"]},
+                        "policy-string": {"type": "array", "items": {"type": "string"}},
+                        "policy-domain": {"type": "string", "minLength": 1},
+                        "mx-host": {"type": "array", "items": {"type": "string"}}},
+                    "additionalProperties": False},
+                "summary": {
+                    "type": "object",
+                    "required": ["total-successful-session-count",
+                                 "total-failure-session-count"],
+                    "properties": {
+                        "total-successful-session-count": {"type": "integer", "minimum": 0},
+                        "total-failure-session-count": {"type": "integer", "minimum": 0}},
+                    "additionalProperties": False},
+                "failure-details": {"type": "array", "items": {
+                    "type": "object", "required": ["result-type", "failed-session-count"],
+                    "properties": {
+                        "result-type": {"enum": [
+                            "starttls-not-supported", "certificate-host-mismatch",
+                            "certificate-expired", "certificate-not-trusted",
+                            "validation-failure", "tlsa-invalid", "dnssec-invalid",
+                            "dane-required", "sts-policy-fetch-error", "sts-policy-invalid",
+                            "sts-webpki-invalid"]},
+                        "sending-mta-ip": {"type": "string", "anyOf": [
+                            {"format": "ipv4"}, {"format": "ipv6"}]},
+                        "receiving-mx-hostname": {"type": "string"},
+                        "receiving-mx-helo": {"type": "string"},
+                        "receiving-ip": {"type": "string", "anyOf": [
+                            {"format": "ipv4"}, {"format": "ipv6"}]},
+                        "failed-session-count": {"type": "integer", "minimum": 1},
+                        "additional-information": {"type": "string"},
+                        "failure-reason-code": {"type": "string"}},
+                    "additionalProperties": False}}},
+            "additionalProperties": False}}},
+    "additionalProperties": False}
+
+
+def validate(report: dict | None) -> None:
+    assert report is not None
+    jsonschema.validate(report, TLSRPT_SCHEMA, format_checker=jsonschema.FormatChecker())
+
+
+async def test_daily_report_by_mail_and_https(world, make_node, tmp_path):
+    world.mx("sts-testing.test", "wrong.mx.test")
+    world.sts("sts-testing.test", "testing", ["*.mx.test"])
+    world.mx("reports.test", "plain.mx.test")
+    assert world.https is not None
+    world.dns.add_txt("_smtp._tls.sts-testing.test",
+                      f"v=TLSRPTv1; rua=mailto:tlsrpt@reports.test,"
+                      f"https://{HTTPS_IP}:{world.https.port}/tlsrpt")
+    world.mx("quiet.test", "good.mx.test")  # no _smtp._tls record: no report
+    node = await make_node(world.config())
+    await _deliver(node, "a@sts-testing.test", cls="marketing")
+    await _deliver(node, "b@quiet.test", cls="marketing")
+    for rcpt in ("a@sts-testing.test", "b@quiet.test"):
+        assert (await first_outcome(tmp_path, rcpt))["type"] == "d"
+    sent = await node.tls_reports.send_due(before="9999-12-31")  # as after midnight
+    assert sent == 2
+    [posted] = world.https.posted
+    assert posted.content_type == "application/tlsrpt+gzip"
+    validate(json.loads(gzip.decompress(posted.body)))
+    sink = world.sinks["plain.mx.test"]
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["tlsrpt@reports.test"]
+    mail = email.message_from_bytes(arrival.data)
+    assert mail.get_content_type() == "multipart/report"
+    assert mail.get_param("report-type") == "tlsrpt"
+    assert mail["TLS-Report-Domain"] == "sts-testing.test"
+    assert mail["Subject"].startswith("Report Domain: sts-testing.test Submitter: mta.test")
+    [part] = [p for p in mail.walk() if p.get_content_type() == "application/tlsrpt+gzip"]
+    assert part.get_filename().endswith(".json.gz") and "!sts-testing.test!" in \
+        part.get_filename()
+    report = json.loads(gzip.decompress(part.get_payload(decode=True)))
+    validate(report)
+    assert report["organization-name"] == "Insurer Test"
+    assert report["policies"][0]["summary"] == {"total-successful-session-count": 0,
+                                                "total-failure-session-count": 1}
+    assert await node.tls_reports.send_due(before="9999-12-31") == 0, "sent once"
+
+
+# -- evidence ----------------------------------------------------------------------------------
+
+async def test_audit_show_and_sla_tell_how_each_delivery_was_protected(world, make_node,
+                                                                       tmp_path):
+    world.mx("dane.test", "good.mx.test", secure=True)
+    world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["good.mx.test"][0]), port=world.port)
+    world.mx("plain.test", "plain.mx.test")
+    node = await make_node(world.config())
+    await _deliver(node, "r@dane.test")
+    await _deliver(node, "r@plain.test")
+    for rcpt in ("r@dane.test", "r@plain.test"):
+        assert (await first_outcome(tmp_path, rcpt))["type"] == "d"
+    await node.flush_evidence()
+    db = str(node.audit.path)
+    runner = CliRunner()
+    res = await asyncio.to_thread(runner.invoke, app, ["audit", "show", "--db", db,
+                                                       "--recipient", "r@dane.test"])
+    assert "authenticated (DANE-EE), policy dane" in res.output, res.output
+    res = await asyncio.to_thread(runner.invoke, app, ["audit", "show", "--db", db,
+                                                       "--recipient", "r@plain.test"])
+    assert "no TLS, policy opportunistic" in res.output, res.output
+    res = await asyncio.to_thread(runner.invoke, app, [
+        "audit", "sla", "--db", db, "--from", "2000-01-01", "--to", "2100-01-01", "--format",
+        "json"])
+    tls = json.loads(res.output)["classes"]["policy-documents"]["tls"]
+    assert tls == {"encrypted": 1, "authenticated": 1, "encrypted_share": 0.5,
+                   "authenticated_share": 0.5}
