@@ -50,9 +50,8 @@ from .completeness import Completeness, SpoolView, check
 from .seal import Seal
 
 __all__ = ["AuditStore", "Entry", "Query", "Retention", "RetentionMixin", "SQLiteAuditStore",
-           "StoreMissing", "VerifyResult", "check_days", "day_of", "fresh", "link", "prepare",
-           "row_record", "seal_row",
-           "walk"]
+           "StoreMissing", "VerifyResult", "check_days", "day_of", "fresh", "link", "pauses_sql",
+           "prepare", "row_record", "seal_row", "walk"]
 
 COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS
 _SQL_TYPES = {"seq": "INTEGER PRIMARY KEY", "day": "TEXT NOT NULL", "prev": "BLOB NOT NULL",
@@ -73,6 +72,7 @@ _INDEXES = {
     "ax_envid": "(env_id) WHERE env_id <> ''", "ax_rcpt": "(rcpt COLLATE NOCASE)",
     "ar_cls": "(cls, time_queued) WHERE type = 'r'",
     "ar_pool": "(vmta_pool, time_queued) WHERE type = 'r'",
+    "ax_ops": "(vmta_pool, time_logged) WHERE type = 'o'",
 }
 _UNIQUE_EVENT = ("CREATE UNIQUE INDEX IF NOT EXISTS ax_event ON audit_records (ev_writer, ev_n)"
                  " WHERE ev_writer IS NOT NULL")
@@ -174,8 +174,6 @@ class AuditStore(Protocol):
     def days(self) -> list[dict]: ...
 
     def purges(self) -> list[dict]: ...
-
-    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None: ...
 
     def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]: ...
 
@@ -379,6 +377,23 @@ def walk(lookup: ChainLookup, days: list[dict], since_day: str | None,
                         first_seq=verifier.first_seq, last_seq=verifier.last_seq,
                         head=verifier.head.hex(), pseudonymised=verifier.pseudonymised,
                         purged=verifier.purged, days=days)
+
+
+CLASSES_SQL = ("SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL AND cls <> ''"
+               " ORDER BY cls")
+"""The classes in the store (records of actions on a pool or the suppression list have none)."""
+
+
+def pauses_sql(mark: str) -> str:
+    """The pauses and resumes of one pool before a time (parameters: pool, time, pool, time),
+    as (time, action, domain) oldest first: the operators' chained "o" records (domain from
+    ``*@DOMAIN``, "*" for the whole pool) and the unchained ``audit_operations`` table that
+    stores written before them kept. ``mark``: the driver's placeholder."""
+    return (f"SELECT time, action, domain FROM audit_operations WHERE pool = {mark}"
+            f" AND time < {mark} UNION ALL SELECT time_logged, dsn_action, CASE WHEN"
+            " coalesce(rcpt, '') = '' THEN '*' ELSE substr(rcpt, 3) END FROM audit_records"
+            f" WHERE type = 'o' AND vmta_pool = {mark} AND time_logged < {mark}"
+            " AND dsn_action IN ('pause', 'resume') ORDER BY 1")
 
 
 def pause_spans(operations: Iterable[Sequence], until: float) -> list[tuple[float, float, str]]:
@@ -648,21 +663,13 @@ class SQLiteAuditStore(RetentionMixin):
     def purges(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM audit_purges ORDER BY id")]
 
-    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None:
-        """Operator actions that explain waiting (pause/resume of a pool or one of its lanes)."""
-        self.db.execute("INSERT INTO audit_operations (time, action, pool, domain) "
-                        "VALUES (?, ?, ?, ?)", (when, action, pool, domain))
-
     def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
         """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
         ends at ``until``."""
-        return pause_spans(self.db.execute(
-            "SELECT time, action, domain FROM audit_operations WHERE pool = ? AND time < ? "
-            "ORDER BY id", (pool, until)), until)
+        return pause_spans(self.db.execute(pauses_sql("?"), (pool, until) * 2), until)
 
     def classes(self) -> list[str]:
-        return [r[0] for r in self.db.execute(
-            "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
+        return [r[0] for r in self.db.execute(CLASSES_SQL)]
 
     # -- verification -----------------------------------------------------------------------
 
