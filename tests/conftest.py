@@ -11,11 +11,15 @@ import pytest
 
 from postlane.config import parse_config
 from postlane.node import Node
+from postlane.operations import Operator
 from postlane.sink import Sink
 from tests.support.audit import audit_backend  # noqa: F401  (fixture)
 from tests.support.fixtures_dns import dns_server  # noqa: F401  (fixture)
 from tests.support.pg import pg_schema, two_spools  # noqa: F401  (fixtures)
 from tests.support.shared import SHARED  # noqa: F401  (re-exported)
+
+OPERATOR = Operator("tester", "api")
+"""Who the tests' operator actions are on the record as."""
 
 
 def config_text(tmp_path: Path, sink_port: int, extra: str = "", *, listener_port: int = 0,

@@ -196,7 +196,8 @@ async def test_pause_resume_retry_purge_and_metrics(tmp_path, sink, make_node):
     purged_rows = [r for r in rows if r["bounceCat"] == "purged"]
     assert len(purged_rows) == 3
     assert {r["type"] for r in purged_rows} == {"b"}
-    assert {r["dsnDiag"] for r in purged_rows} == {"purged by operator"}
+    assert {(r["dsnDiag"], r["operator"]) for r in purged_rows} == {
+        ("purged by operator admin", "admin")}
 
 
 def test_nodes_starting_together_read_one_whole_token_and_key(tmp_path):
@@ -204,7 +205,7 @@ def test_nodes_starting_together_read_one_whole_token_and_key(tmp_path):
     instant: each reads the whole secret, the same one, from a 0600 file."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from postlane.api.server import load_token
+    from postlane.api.tokens import load_token
     from postlane.feedback.keys import load_or_create_key
 
     for round_ in range(5):

@@ -16,7 +16,7 @@ from postlane.accounting.audit.sla import explain, sla_report
 from postlane.accounting.audit.store import Query, SQLiteAuditStore
 from postlane.cli import app
 from postlane.sink import Sink
-from tests.conftest import config_text, message, send
+from tests.conftest import OPERATOR, config_text, message, send
 from tests.test_relay_client import cert_files  # noqa: F401  (fixture)
 
 SHORT_CLASS = """
@@ -209,11 +209,11 @@ def test_sla_report_counts_late_delivery_as_breach(tmp_path):
 async def test_sla_breach_caused_by_a_pause_names_it(tmp_path, sink, make_node):
     extra = '[classes.claims]\npool = "bulk"\npriority = 1\nsla = "1s"\n'
     node = await make_node(config_text(tmp_path, sink.port, extra))
-    await node.pause("bulk")
+    await node.operations.pause("bulk", who=OPERATOR)
     await send(node.listeners[0].port, "s@example.com", ["c@example.com"],
                message("claim", cls="claims", extra="X-Correlation-ID: claim-1\r\n"))
     await asyncio.sleep(1.2)
-    await node.resume("bulk")
+    await node.operations.resume("bulk", who=OPERATOR)
     await sink.wait_for(1)
     await node.stop()
     store = SQLiteAuditStore(node.audit.path, readonly=True)

@@ -2,14 +2,13 @@
 
 What evidence, verification, retention and webhooks rely on: every look-up key finds a
 message's whole trail, the chain stays one chain across reopens and with two appenders at once,
-cursors and the operations log are durable. Tampering and retention are in test_audit_chain.py
-(also on both stores); a cluster end to end is in test_audit_cluster.py.
+cursors are durable, pauses are read from the operators' records. Tampering and retention are
+in test_audit_chain.py (also on both stores); a cluster end to end is in test_audit_cluster.py.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 
 import psycopg
 import pytest
@@ -117,16 +116,33 @@ def test_cursor_moves_past_filtered_records_and_survives_reopen(audit_backend, s
     again.close()
 
 
-def test_operations_log_explains_pauses(audit_backend):
-    store = audit_backend.open()
+def pause_record(action: str, at: float, pool: str, domain: str | None = None) -> Record:
+    """An operator's pause or resume as the node writes it (operations.action_record)."""
+    return Record(type="o", time_logged=at, time_queued=at, orig="",
+                  rcpt=f"*@{domain}" if domain else "", queue_id="", cls="", vmta_pool=pool,
+                  dsn_action=action, operator="alice", src_type="api",
+                  dsn_diag=f"pool {pool} {action}d by operator alice")
+
+
+def test_chained_operator_records_explain_pauses(audit_backend):
+    """Pauses come from the operators' chained "o" records, and, for a store written before
+    those existed, from its unchained operations table."""
+    fill(audit_backend, [pause_record("pause", T0, "bulk"),
+                         pause_record("pause", T0 + 5, "bulk", "example.com"),
+                         pause_record("resume", T0 + 10, "bulk"),
+                         pause_record("pause", T0 + 20, "critical")])
+    audit_backend.sql(("INSERT INTO audit_operations (time, action, pool, domain)"
+                       " VALUES (?, ?, ?, ?)", [T0 - 50, "pause", "bulk", "old.example"]),
+                      ("INSERT INTO audit_operations (time, action, pool, domain)"
+                       " VALUES (?, ?, ?, ?)", [T0 - 40, "resume", "bulk", "old.example"]))
+    store = audit_backend.open(readonly=True)
     try:
-        store.log_operation(T0, "pause", "bulk", "*")
-        store.log_operation(T0 + 5, "pause", "bulk", "example.com")
-        store.log_operation(T0 + 10, "resume", "bulk", "*")
-        store.log_operation(T0 + 20, "pause", "critical", "*")
-        assert store.pauses("bulk", T0 + 100) == [(T0, T0 + 10, "*"),
+        assert store.pauses("bulk", T0 + 100) == [(T0 - 50, T0 - 40, "old.example"),
+                                                  (T0, T0 + 10, "*"),
                                                   (T0 + 5, T0 + 100, "example.com")]
         assert store.pauses("critical", T0 + 15) == []
+        assert store.classes() == []  # the records of actions on a pool have no class
+        assert store.verify().ok
     finally:
         store.close()
 
@@ -265,7 +281,7 @@ def test_postgres_read_only_open_needs_an_existing_store(pg_schema):
     reader = PostgresAuditStore(PG_DSN, pg_schema, readonly=True)
     try:
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-            reader.log_operation(time.time(), "pause", "bulk", "*")
+            reader.set_cursor("hook", 1)
     finally:
         reader.close()
 

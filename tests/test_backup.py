@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from postlane.cli import app
 from postlane.config import load_config
 from postlane.node import Node
-from tests.conftest import send
+from tests.conftest import OPERATOR, send
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ async def test_backup_while_mail_flows_then_restore_verify_and_deliver(tmp_path,
     node = Node(load_config(tmp_path / "node" / "postlane.toml"))
     await node.start()
     port = node.listeners[0].port
-    await node.pause("admin-pool")  # the newsletters wait in the queue
+    await node.operations.pause("admin-pool", who=OPERATOR)  # the newsletters wait
     for n in range(5):
         await send(port, "news@news.insurer.example", [f"m{n}@example.com"], _newsletter(n))
     node.feedback.suppression.add("gone@example.com", "all", "test", "operator")
@@ -90,7 +90,7 @@ async def test_backup_while_mail_flows_then_restore_verify_and_deliver(tmp_path,
     try:
         assert restored.feedback.suppression.check(["gone@example.com"])
         assert ("admin-pool", "*") in restored.scheduler.paused  # the pause survived too
-        await restored.resume("admin-pool")
+        await restored.operations.resume("admin-pool", who=OPERATOR)
         await sink.wait_for(5, timeout=30)
     finally:
         await restored.stop()

@@ -11,7 +11,7 @@ import typer
 
 from postlane.cli import app
 from postlane.policy.intake import RcptIn
-from tests.conftest import config_text, message
+from tests.conftest import OPERATOR, config_text, message
 from tests.test_cli_ops import POSTLANE, run_cli
 
 #: Commands whose output is one format by design: JSON already, CSV, or a run's own report.
@@ -50,7 +50,7 @@ async def test_killtest_is_listed_in_help():
 
 async def test_tables_are_not_cut_when_piped_and_json_answers(tmp_path, sink, make_node):
     node = await make_node(config_text(tmp_path, sink.port))
-    await node.pause("bulk")
+    await node.operations.pause("bulk", who=OPERATOR)
     long_rcpt = "a-very-long-local-part-of-a-policyholder-address-" + "x" * 60 + "@example.com"
     await node.intake.submit("s@insurer.test", [RcptIn(long_rcpt)],
                              message("offer", cls="marketing"))
@@ -65,7 +65,7 @@ async def test_tables_are_not_cut_when_piped_and_json_answers(tmp_path, sink, ma
     assert long_rcpt in out.decode(), "a piped table is as wide as it needs"
     code, out, err = await run_cli("pause", "bulk", "--domain", "example.com", "--json", *target)
     assert code == 0 and json.loads(out) == {"pool": "bulk", "domain": "example.com",
-                                             "paused": True}
+                                             "paused": True, "queued": 1}
     code, out, err = await run_cli("purge", "bulk", "example.com", "--yes", "--json", *target)
     assert json.loads(out) == {"pool": "bulk", "domain": "example.com", "purged": 1}
     cfg = tmp_path / "node.toml"

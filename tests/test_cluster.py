@@ -25,7 +25,7 @@ from postlane.cluster import cluster_status
 from postlane.config import parse_config
 from postlane.node import Node
 from postlane.spool import PostgresSpool
-from tests.conftest import config_text, message, send
+from tests.conftest import OPERATOR, config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy
 
@@ -103,14 +103,14 @@ async def test_priority_and_pause_hold_across_nodes(tmp_path, sink, pg_schema): 
     b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", extra,
                                       marketing_max_out=1))
     try:
-        await a.pause("bulk")
+        await a.operations.pause("bulk", who=OPERATOR)
         await _until(lambda: ("bulk", "*") in b.scheduler.paused)
         await asyncio.to_thread(send_many, a.listeners[0].port, [f"mkt{i}" for i in range(20)])
         await asyncio.to_thread(send_many, b.listeners[0].port, [f"clm{i}" for i in range(5)],
                                 "claims")
         await asyncio.sleep(0.5)
         assert sink.arrivals == [], "a pause on one node holds the pool on every node"
-        await b.resume("bulk")
+        await b.operations.resume("bulk", who=OPERATOR)
         arrivals = await sink.wait_for(25, timeout=60)
         order = subjects_of(arrivals)
         claims_at = [i for i, s in enumerate(order) if s.startswith("clm")]

@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from postlane.api.tokens import add_token
 from postlane.policy.intake import RcptIn
-from tests.conftest import config_text, message
+from tests.conftest import OPERATOR, config_text, message, records
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
@@ -31,7 +32,7 @@ async def test_dashboard_shows_the_api_numbers_and_pauses_a_pool(tmp_path, sink,
         await node.intake.submit("s@insurer.test", [RcptIn(f"p{i}@example.com")],
                                  message("policy", cls="policy-documents"))
     await sink.wait_for(4)
-    await node.pause("bulk")
+    await node.operations.pause("bulk", who=OPERATOR)
     for i in range(3):  # held in the paused pool: visible as queued
         await node.intake.submit("s@insurer.test", [RcptIn(f"m{i}@example.com")],
                                  message("offer", cls="marketing"))
@@ -84,8 +85,24 @@ async def test_dashboard_shows_the_api_numbers_and_pauses_a_pool(tmp_path, sink,
                 tmp_path / "dashboard.png")
             await page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            assert await page.text_content("[data-testid=who]") == "admin"
+
+            # a read-only token sees the same numbers and is offered nothing to change
+            viewer = add_token(tmp_path / "api-tokens.json", "viewer", read_only=True)
+            ro = await browser.new_page(viewport={"width": 1280, "height": 900})
+            await ro.goto(base + "/")
+            await ro.fill("#token", viewer)
+            await ro.click("#login-form button")
+            await ro.wait_for_selector("[data-testid=who]:has-text('viewer (read-only)')")
+            resume = ro.locator("#pools tr[data-pool='bulk'] button[data-action=resume]")
+            await resume.wait_for(state="attached")
+            assert await resume.is_hidden()
         finally:
             await browser.close()
+        await node.flush_evidence()
+        assert [(r["dsnAction"], r["operator"]) for r in records(tmp_path)
+                if r["type"] == "o"] == [("pause", "tester"), ("resume", "admin"),
+                                         ("pause", "admin")]
 
 
 async def test_dashboard_explains_deferrals_and_finds_messages(tmp_path, sink, make_node):

@@ -132,16 +132,14 @@ def test_marketing_class_needs_an_unsubscribe_url(tmp_path) -> None:
     assert "feedback.classes.nope: no class named 'nope'" in str(exc.value)
 
 
-async def test_management_routes(tmp_path, sink, make_node, serve):
-    from postlane.feedback import api
-
+async def test_management_routes(tmp_path, sink, make_node):
+    """The routes under the node's API, behind its token."""
     text = config_text(tmp_path, sink.port, EXTRA).replace(
         "[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
     node = await make_node(text)
-    app = FastAPI()
-    app.include_router(api.router(node))
-    base = await serve(app)
-    async with httpx.AsyncClient(base_url=base) as client:
+    token = (tmp_path / "api-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}/api/v1",
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
         r = await client.post("/suppressions", json={"address": "X@example.com", "scope": "all",
                                                      "reason": "legal"})
         assert r.status_code == 201 and r.json()["address"] == "x@example.com"
@@ -152,7 +150,7 @@ async def test_management_routes(tmp_path, sink, make_node, serve):
         r = await client.post("/suppressions/import", content="a@example.com\nb@example.com,all\n")
         assert r.json() == {"imported": 2}
         r = await client.post("/suppressions/import", content="ok@example.com\nbad\n")
-        assert r.status_code == 422 and "line 2" in r.json()["detail"]
+        assert r.status_code == 422 and "line 2" in r.json()["error"]
         r = await client.get("/suppressions", params={"scope": "all"})
         assert r.json()["total"] == 3
         assert [e["address"] for e in r.json()["entries"]] == ["b@example.com", "x@example.com"]

@@ -9,9 +9,9 @@ import asyncio
 
 import pytest
 
-from postlane.node import OperationError
+from postlane.operations import OperationError
 from postlane.sink import Sink
-from tests.conftest import config_text, message, records, send
+from tests.conftest import OPERATOR, config_text, message, records, send
 
 
 def shared_pool_config(tmp_path, sink_port: int, *, slots: int = 1, extra: str = "") -> str:
@@ -150,7 +150,7 @@ async def test_pause_holds_marketing_not_transactional_and_survives_restart(
     text = config_text(tmp_path, sink.port)
     node = await make_node(text)
     port = node.listeners[0].port
-    await node.pause("bulk")
+    await node.operations.pause("bulk", who=OPERATOR)
     for i in range(5):
         await send(port, "s@insurer.test", [f"m{i}@example.com"], message(f"m{i}",
                                                                           cls="marketing"))
@@ -167,7 +167,7 @@ async def test_pause_holds_marketing_not_transactional_and_survives_restart(
     assert ("bulk", "*") in node2.scheduler.paused
     await asyncio.sleep(0.5)
     assert len(sink.arrivals) == 1
-    await node2.resume("bulk")
+    await node2.operations.resume("bulk", who=OPERATOR)
     await sink.wait_for(6, timeout=30)
     assert sorted(subjects(sink)[1:]) == [f"m{i}" for i in range(5)]
 
@@ -176,23 +176,23 @@ async def test_pause_one_domain_of_a_pool(tmp_path, sink, make_node):
     text = config_text(tmp_path, sink.port).replace('[routes]\n"example.com"', '[routes]\n"*"')
     node = await make_node(text)
     port = node.listeners[0].port
-    await node.pause("bulk", "slow.example")
+    await node.operations.pause("bulk", "slow.example", who=OPERATOR)
     await send(port, "s@insurer.test", ["a@slow.example"], message("held", cls="marketing"))
     await send(port, "s@insurer.test", ["b@fast.example"], message("goes", cls="marketing"))
     await sink.wait_for(1)
     await asyncio.sleep(0.5)
     assert subjects(sink) == ["goes"]
-    await node.resume("bulk", "slow.example")
+    await node.operations.resume("bulk", "slow.example", who=OPERATOR)
     await sink.wait_for(2)
 
 
 async def test_non_pausable_pool_refuses_pause(tmp_path, sink, make_node):
     node = await make_node(config_text(tmp_path, sink.port))
     with pytest.raises(OperationError) as err:
-        await node.pause("critical")
+        await node.operations.pause("critical", who=OPERATOR)
     assert err.value.status == 409 and "pausable" in str(err.value)
     with pytest.raises(OperationError):
-        await node.pause("no-such-pool")
+        await node.operations.pause("no-such-pool", who=OPERATOR)
 
 
 async def test_backoff_on_421_then_recovery_on_success(tmp_path, sink, make_node):
@@ -249,13 +249,13 @@ async def test_a_busy_lane_makes_room_for_an_older_one_in_its_pool(tmp_path, mak
     sink = await Sink(delay=0.01).start()
     try:
         node = await make_node(shared_pool_config(tmp_path, sink.port))
-        await node.pause("shared")
+        await node.operations.pause("shared", who=OPERATOR)
         items = []
         for i in range(FAIR_SHARE + 20):
             items += [(f"a{i}", "marketing", f"r{i}@a.example"),
                       (f"b{i}", "marketing", f"r{i}@b.example")]
         await _submit_all(node.listeners[0].port, items)
-        await node.resume("shared")
+        await node.operations.resume("shared", who=OPERATOR)
         await sink.wait_for(len(items), timeout=60)
         order = subjects(sink)
         assert order[:FAIR_SHARE] == [f"a{i}" for i in range(FAIR_SHARE)]

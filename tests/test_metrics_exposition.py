@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from postlane.policy.intake import RcptIn
-from tests.conftest import config_text, message
+from tests.conftest import OPERATOR, config_text, message
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
@@ -31,7 +31,7 @@ async def _backlog(tmp_path, sink, make_node, domains: int):
     sink.rcpt_replies["late@example.com"] = ["451 4.2.2 mailbox full"]
     sink.rcpt_replies["slow@example.com"] = ["421 4.7.0 try again later"]
     node = await make_node(text.replace('retry = ["1s", "1s", "2s"]', 'retry = ["1h"]'))
-    await node.pause("bulk")
+    await node.operations.pause("bulk", who=OPERATOR)
     for i in range(domains):  # d0 has 1 queued message, d1 2 ...
         for j in range(i + 1):
             await node.intake.submit("s@insurer.test", [RcptIn(f"r{j}@d{i}.example")],

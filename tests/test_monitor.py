@@ -17,7 +17,7 @@ from postlane.monitor.alerts import Alert, webhook_notifier
 from postlane.monitor.latency import Series
 from postlane.monitor.tracker import Tracker
 from postlane.policy.intake import RcptIn
-from tests.conftest import config_text, message
+from tests.conftest import OPERATOR, config_text, message
 
 # -- latency windows (pure computation) --------------------------------------------------------
 
@@ -280,7 +280,7 @@ async def test_webhook_gives_up_after_its_retries(hook_server, caplog):
 async def test_restart_counts_resumed_messages(tmp_path, sink, make_node):
     text = config_text(tmp_path, sink.port)
     node = await make_node(text)
-    await node.pause("bulk")
+    await node.operations.pause("bulk", who=OPERATOR)
     for i in range(2):
         await node.intake.submit("s@insurer.test", [RcptIn(f"m{i}@example.com")],
                                  message("offer", cls="marketing"))

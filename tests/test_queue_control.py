@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from postlane.policy.intake import RcptIn
-from tests.conftest import config_text, message, records
+from tests.conftest import OPERATOR, config_text, message, records
 from tests.test_cli_ops import run_cli
 from tests.test_cluster import _until
 
@@ -30,7 +30,7 @@ async def test_queue_tools_on_a_real_backlog(tmp_path, sink, make_node):
         assert code == 0, err
         return json.loads(out)
 
-    await node.pause("bulk")  # the campaign waits: a backlog
+    await node.operations.pause("bulk", who=OPERATOR)  # the campaign waits: a backlog
     campaign = [await node.intake.submit("news@example.com", [RcptIn(f"m{i}@example.com")],
                                          message(f"offer {i}", cls="marketing",
                                                  extra=f"X-Correlation-ID: camp-{i}\r\n"))
@@ -91,7 +91,7 @@ async def test_queue_tools_on_a_real_backlog(tmp_path, sink, make_node):
     node = await make_node(text)
     held = await listed("--state", "held")
     assert [m["queue_id"] for m in held["messages"]] == [campaign[0]]
-    await node.resume("bulk")
+    await node.operations.resume("bulk", who=OPERATOR)
     await sink.wait_for(4)
     assert not sink.for_rcpt("m0@example.com")
     assert [m["queue_id"] for m in (await listed("--class", "marketing"))["messages"]] == \
@@ -116,9 +116,12 @@ async def test_queue_tools_on_a_real_backlog(tmp_path, sink, make_node):
     code, out, err = await cli("queue", "delete", "--domain", GREY, "--dsn", "--yes", "--json")
     assert code == 0 and json.loads(out)["recipients"] == 2
     dsns = [a for a in await sink.wait_for(8) if a.rcpts == ["notices@example.com"]]
+    # the sender learns what happened, not who did it
     assert len(dsns) == 2 and all(b"deleted by operator" in a.data for a in dsns)
+    assert not any(b"operator admin" in a.data for a in dsns)
     assert (await listed())["total_messages"] == 0
     await node.stop()
-    deleted = [r for r in records(tmp_path) if r["dsnDiag"] == "deleted by operator"]
+    deleted = [r for r in records(tmp_path) if r["dsnDiag"] == "deleted by operator admin"]
     assert sorted(r["rcpt"] for r in deleted) == [f"r1@{GREY}", f"r2@{GREY}"]
-    assert {r["type"] + "/" + r["bounceCat"] for r in deleted} == {"b/purged"}
+    assert {r["type"] + "/" + r["bounceCat"] + "/" + r["operator"] for r in deleted} == {
+        "b/purged/admin"}

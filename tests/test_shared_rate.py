@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from postlane.config.model import DestinationRule
 from postlane.scheduler.shared_rate import SharedRate
-from tests.conftest import config_text, message, send
+from tests.conftest import OPERATOR, config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.test_cluster import (
     _until,
@@ -96,14 +96,14 @@ async def test_two_nodes_hold_a_per_pool_rate_together(tmp_path, sink, pg_schema
     b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", extra))
     try:
         # queue the whole campaign first, so the limit (not intake) sets the pace
-        await a.pause("bulk")
+        await a.operations.pause("bulk", who=OPERATOR)
         await _until(lambda: ("bulk", "*") in b.scheduler.paused)
         names = [f"r{i:03d}" for i in range(count)]
         acked = await asyncio.gather(
             asyncio.to_thread(send_many, a.listeners[0].port, names[:count // 2]),
             asyncio.to_thread(send_many, b.listeners[0].port, names[count // 2:]))
         assert sum(map(len, acked)) == count
-        await a.resume("bulk")
+        await a.operations.resume("bulk", who=OPERATOR)
         arrivals = await sink.wait_for(count, timeout=90)
         await asyncio.sleep(0.3)
         assert sorted(subjects_of(arrivals)) == names, "every message exactly once"
@@ -122,10 +122,10 @@ async def test_one_node_on_sqlite_holds_the_same_rate_locally(tmp_path, sink, ma
     rate, burst, count = 20.0, 5, 80
     node = await make_node(config_text(tmp_path, sink.port,
                                        RATE_RULE.format(rate="1200/m", burst=burst)))
-    await node.pause("bulk")
+    await node.operations.pause("bulk", who=OPERATOR)
     names = [f"s{i:03d}" for i in range(count)]
     assert len(await asyncio.to_thread(send_many, node.listeners[0].port, names)) == count
-    await node.resume("bulk")
+    await node.operations.resume("bulk", who=OPERATOR)
     arrivals = await sink.wait_for(count, timeout=60)
     times = [arr.time for arr in arrivals]
     assert most_in_window(times, 1.0) <= burst + rate * 1.0 + 3, times

@@ -57,8 +57,8 @@ async def test_sla_report_names_the_real_cause_and_counts_deliverable_mail(
     apart = {e["recipient"]: e for e in report["not_deliverable_recipients"]}
     grey, gone = apart["grey@grey.example"], apart["gone@example.com"]
     # the purge is named, not the pause of a few milliseconds before it
-    assert grey["cause"] == "operator-purge" and grey["outcome"] == "purged by operator"
-    assert "purged by operator" in grey["detail"] and "greylisted" in grey["detail"]
+    assert grey["cause"] == "operator-purge" and grey["outcome"] == "purged by operator admin"
+    assert "purged by operator admin" in grey["detail"] and "greylisted" in grey["detail"]
     assert grey["waits_s"]["remote-deferral"] > grey["waits_s"]["our-pause"] > 0
     assert gone["cause"] == "remote-permanent" and "5.1.1" in gone["detail"]
 

@@ -16,7 +16,7 @@ from postlane.cli import app
 from postlane.config import load_config
 from postlane.feedback.suppression import SuppressionList
 from postlane.node import Node
-from tests.conftest import config_text
+from tests.conftest import OPERATOR, config_text
 from tests.support.old_stores import write_old_stores
 
 runner = CliRunner()
@@ -52,7 +52,7 @@ async def test_stores_of_the_previous_release_migrate_verify_and_deliver(tmp_pat
     node = Node(load_config(path))
     await node.start()  # migrates every store
     try:
-        node.retry_now("critical")  # the deferred recipient of the old release, due now
+        await node.operations.retry("critical", who=OPERATOR)  # the old release's deferral
         arrival = (await sink.wait_for(1, timeout=20))[0]
         assert arrival.rcpts == ["later@example.com"]
         assert b"X-Correlation-ID: old-1" in arrival.data

@@ -14,6 +14,7 @@ from .accounting.audit.cli import app as audit_app
 from .admin.cli import backup, dns_app, init, restore, upgrade
 from .api.cli import app as ops_app
 from .api.queue_cli import app as queue_app
+from .api.token_cli import app as api_app
 from .cluster import cluster_app
 from .config import ConfigError, load_config
 from .edge.cli import killtest, tls_app, users_app
@@ -33,6 +34,7 @@ app.add_typer(tls_app, name="tls")
 app.command("killtest")(killtest)
 app.add_typer(ops_app)  # status, queues, pause, resume, retry, purge, alerts (over the HTTP API)
 app.add_typer(queue_app, name="queue")
+app.add_typer(api_app, name="api")
 app.add_typer(audit_app, name="audit")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(dmarc_app, name="dmarc")

@@ -26,6 +26,7 @@ from .feedback.service import FeedbackService
 from .monitor.activity import Activity
 from .monitor.health import Health
 from .monitor.monitor import Monitor
+from .operations import Operations
 from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
@@ -33,20 +34,12 @@ from .relay.mx import MXResolver
 from .relay.tlsrpt import TLSReports
 from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
-from .scheduler.control import QueueControl, SelectionError, Selector
+from .scheduler.control import QueueControl
 from .scheduler.scheduler import Failure, Scheduler
 from .spool import Message, PostgresSpool, local_dir, make_spool
 from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
-
-
-class OperationError(Exception):
-    """An operator request that cannot be carried out; ``status`` is the HTTP status to use."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Node:
@@ -66,7 +59,8 @@ class Node:
         loop; the durable copy goes through the spool and the recorder."""
         self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures)
         self.scheduler.health = self.health
-        self.queue = QueueControl(self.scheduler, config.pools, config.classes)
+        self.queue = QueueControl(self.scheduler, config.pools, config.classes,
+                                  self.spool if isinstance(self.spool, PostgresSpool) else None)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
         self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3")
@@ -103,6 +97,8 @@ class Node:
         self.monitor.metrics.registry.register(ReputationCollector(self.reputation))
         self.activity = Activity()
         self._listeners.append(self.activity.on_record)
+        self.operations = Operations(self)
+        """Every operator action goes through here, on the record (the API calls it)."""
         self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
@@ -255,44 +251,6 @@ class Node:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    # -- operations (the CLI and the HTTP API call these) ----------------------------------------
-
-    async def pause(self, pool: str, domain: str | None = None) -> None:
-        """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart."""
-        if pool not in self.config.pools:
-            raise OperationError(f"no pool named {pool!r}", 404)
-        if not self.config.pools[pool].pausable:
-            raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
-                                 409)
-        await self.scheduler.set_paused(pool, domain, True)
-        if self.audit is not None:
-            await self.audit.note("pause", pool, domain)
-        log.info("paused", extra={"pool": pool, "domain": domain or "*"})
-
-    async def resume(self, pool: str, domain: str | None = None) -> None:
-        if pool not in self.config.pools:
-            raise OperationError(f"no pool named {pool!r}", 404)
-        await self.scheduler.set_paused(pool, domain, False)
-        if self.audit is not None:
-            await self.audit.note("resume", pool, domain)
-        log.info("resumed", extra={"pool": pool, "domain": domain or "*"})
-
-    def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:
-        self._lane(pool, domain)
-        return self.scheduler.retry_now(pool, domain)
-
-    def purge(self, pool: str, domain: str) -> int:
-        """Drop a lane's queued, deferred and held mail (no DSN)."""
-        self._lane(pool, domain)
-        return self.scheduler.purge(pool, domain.lower())
-
-    def _lane(self, pool: str | None, domain: str | None) -> None:
-        """A mistyped pool or domain is an error, not "0 purged"."""
-        try:
-            self.queue.check(Selector(pool=pool, domain=domain))
-        except SelectionError as exc:
-            raise OperationError(str(exc), exc.status) from None
 
     # -- introspection --------------------------------------------------------------------------
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["create_secret", "private_dir", "private_file", "private_open"]
+__all__ = ["create_secret", "private_dir", "private_file", "private_open", "replace_secret"]
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -60,6 +61,21 @@ def private_open(path: str | Path, mode: str = "w", **kwargs: Any) -> IO:
 def create_secret(path: Path, data: bytes) -> bool:
     """Write ``data`` to a new 0600 file at ``path``, durably; False (and ``path`` untouched)
     if it exists already."""
+    try:
+        _place(path, data, os.link)
+    except FileExistsError:
+        return False
+    return True
+
+
+def replace_secret(path: Path, data: bytes) -> None:
+    """Write ``data`` as the 0600 file at ``path``, durably and at once: a reader sees the
+    old content or the new, never a part."""
+    _place(path, data, os.replace)
+
+
+def _place(path: Path, data: bytes, put: Callable[[str, Path], None]) -> None:
+    """Write a private temporary file beside ``path``, fsync it, then ``put`` it there."""
     private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
     try:
@@ -67,10 +83,7 @@ def create_secret(path: Path, data: bytes) -> bool:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
+        put(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    return True

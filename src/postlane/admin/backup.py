@@ -67,6 +67,7 @@ def named_files(cfg: Config) -> list[Named]:
     """The files the config names that are not in the state folder, one per path."""
     fields: list[tuple[str, str | None]] = [
         ("api.token_file", cfg.api.token_file),
+        ("api.tokens_file", cfg.api.named_tokens_file()),
         ("security.users_file", cfg.security.users_file),
         ("feedback.key_file", cfg.feedback.key_file),
         ("feedback.suppression_db", cfg.feedback.suppression_db),

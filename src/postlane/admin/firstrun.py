@@ -264,7 +264,7 @@ tls = "opportunistic"
 
 def write_node(opts: InitOptions, now: float | None = None) -> list[Path]:
     """Write the node's files into ``opts.directory`` (absent or empty); returns them."""
-    from ..api.server import load_token
+    from ..api.tokens import load_token
 
     now = time.time() if now is None else now
     folder = opts.directory

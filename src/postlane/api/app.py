@@ -8,7 +8,6 @@ sessionStorage, never in a cookie, so no other site can make a browser call the 
 
 from __future__ import annotations
 
-import hmac
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
@@ -19,10 +18,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from ..feedback import api as feedback_api
+from ..feedback import unsubscribe
+from ..operations import OperationError
 from ..policy.intake import RcptIn, Rejection
 from ..reputation.api import router as reputation_router
 from . import queue
 from .injection import MessageIn, Queued
+from .tokens import Tokens, caller
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -41,20 +44,25 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None,
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
-def create_app(node: Node, token: str) -> FastAPI:
-    """The API of one node; ``token`` is the bearer secret every protected route requires."""
-    from ..node import OperationError
-
+def create_app(node: Node, tokens: Tokens) -> FastAPI:
+    """The API of one node; every protected route requires one of ``tokens``, and a read-only
+    one may only read (GET)."""
     app = FastAPI(title="Postlane", version="1", docs_url=None, redoc_url=None,
                   description="Management, injection and monitoring API of a Postlane node.")
 
     async def require_token(
+            request: Request,
             cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         challenge = {"WWW-Authenticate": "Bearer"}
         if cred is None or cred.scheme.lower() != "bearer":
             raise APIError(401, "missing bearer token (Authorization: Bearer <token>)", challenge)
-        if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
+        token = tokens.check(cred.credentials)
+        if token is None:
             raise APIError(401, "invalid bearer token", challenge)
+        if token.read_only and request.method not in ("GET", "HEAD"):
+            raise APIError(403, f"token {token.name!r} is read-only: it cannot"
+                                f" {request.method} {request.url.path}")
+        request.state.token = token
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -124,26 +132,40 @@ def create_app(node: Node, token: str) -> FastAPI:
                 pools=figures["pools"] if figures else {})
         return out
 
+    ops = node.operations
+
     @api.post("/pools/{pool}/pause", tags=["operations"])
-    async def pause(pool: str, domain: Annotated[str | None, Query()] = None) -> dict:
+    async def pause(request: Request, pool: str,
+                    domain: Annotated[str | None, Query()] = None) -> dict:
         """Hold a pool (or its lane to one domain); refused (409) for pausable = false."""
-        await node.pause(pool, domain)
-        return {"pool": pool, "domain": domain, "paused": True}
+        queued = await ops.pause(pool, domain, who=caller(request))
+        return {"pool": pool, "domain": domain, "paused": True, "queued": queued}
 
     @api.post("/pools/{pool}/resume", tags=["operations"])
-    async def resume(pool: str, domain: Annotated[str | None, Query()] = None) -> dict:
-        await node.resume(pool, domain)
-        return {"pool": pool, "domain": domain, "paused": False}
+    async def resume(request: Request, pool: str,
+                     domain: Annotated[str | None, Query()] = None) -> dict:
+        queued = await ops.resume(pool, domain, who=caller(request))
+        return {"pool": pool, "domain": domain, "paused": False, "queued": queued}
 
     @api.post("/pools/{pool}/retry", tags=["operations"])
-    async def retry(pool: str, domain: Annotated[str | None, Query()] = None) -> dict:
+    async def retry(request: Request, pool: str,
+                    domain: Annotated[str | None, Query()] = None) -> dict:
         """Make deferred recipients of the pool (or lane) due now, lifting a backoff."""
-        return {"pool": pool, "domain": domain, "retried": node.retry_now(pool, domain)}
+        return {"pool": pool, "domain": domain,
+                "retried": await ops.retry(pool, domain, who=caller(request))}
 
     @api.post("/pools/{pool}/lanes/{domain}/purge", tags=["operations"])
-    async def purge(pool: str, domain: str) -> dict:
+    async def purge(request: Request, pool: str, domain: str) -> dict:
         """Drop the lane's queued and deferred recipients (accounting "b", bounceCat purged)."""
-        return {"pool": pool, "domain": domain, "purged": node.purge(pool, domain)}
+        return {"pool": pool, "domain": domain,
+                "purged": await ops.purge(pool, domain, who=caller(request))}
+
+    @api.get("/token", tags=["status"])
+    async def token(request: Request) -> dict:
+        """The token this request came with: its name and whether it may only read (the
+        dashboard offers no actions to a read-only token)."""
+        token = request.state.token
+        return {"name": token.name, "read_only": token.read_only}
 
     @api.get("/messages/{queue_id}", tags=["messages"])
     async def message(queue_id: str) -> dict:
@@ -195,7 +217,9 @@ def create_app(node: Node, token: str) -> FastAPI:
 
     api.include_router(reputation_router(node))
     api.include_router(queue.router(node))
+    api.include_router(feedback_api.router(node))
     app.include_router(api)
+    app.include_router(unsubscribe.router(node))  # public: mailbox providers call it
 
     @app.get("/metrics", dependencies=[Depends(require_token)], tags=["monitoring"],
              response_class=Response)

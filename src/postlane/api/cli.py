@@ -23,7 +23,9 @@ ConfigOpt = Annotated[Path | None, typer.Option(
     "-c", "--config", envvar="POSTLANE_CONFIG",
     help="the node's TOML config (API address and token file)")]
 URLOpt = Annotated[str | None, typer.Option("--url", help="API base URL, e.g. http://127.0.0.1:8025")]
-TokenOpt = Annotated[Path | None, typer.Option("--token-file", help="file with the API token")]
+TokenOpt = Annotated[Path | None, typer.Option(
+    "--token-file", envvar="POSTLANE_TOKEN_FILE",
+    help="file with the API token (default: the config's api.token_file, named admin)")]
 DomainOpt = Annotated[str | None, typer.Option("--domain", "-d", help="only the lane to DOMAIN")]
 JSONOpt = Annotated[bool, typer.Option("--json", help="print the API's JSON answer")]
 

@@ -7,12 +7,13 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config.model import parse_duration
 from ..policy.headers import field_value, header_fields, split_message
 from ..scheduler.control import SelectionError, Selector, message_view
+from .tokens import caller
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -73,29 +74,36 @@ def router(node: Node) -> APIRouter:
     api = APIRouter(prefix="/queue", tags=["queue"])
     queue = node.queue
 
-    def run(fn, *args, **kwargs):
+    async def run(fn, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return await fn(*args, **kwargs)
         except SelectionError as exc:
             raise APIError(exc.status, str(exc)) from None
 
     @api.get("/messages")
     async def messages(sel: Annotated[SelectorIn, Depends(_listing)],
                        limit: Annotated[int, Query(ge=1, le=100000)] = 1000) -> dict:
-        """Queued, deferred and held messages (oldest first) with their recipients."""
-        return run(queue.messages, sel.selector(), limit)
+        """Queued, deferred and held messages (oldest first) with their recipients (in a
+        cluster: those this node holds, and every held one)."""
+        return await run(queue.messages, sel.selector(), limit)
 
     @api.get("/messages/{queue_id}")
     async def show(queue_id: str) -> dict:
         """One message: envelope, header fields, recipients, and every attempt recorded in the
         audit store (time, source IP, destination, the remote reply)."""
-        rcpts = run(queue.select, Selector(queue_ids=(queue_id,)))
+        rcpts = await run(queue.select, Selector(queue_ids=(queue_id,)))
         if not rcpts:
             raise APIError(404, f"no message {queue_id!r} in the queue (in flight, finished or"
                                 " never queued: see postlane audit show --queue-id)")
         out = message_view(rcpts, time.time())
         try:
-            head, body = split_message(node.spool.body(queue_id))
+            try:
+                data = node.spool.body(queue_id)
+            except KeyError:  # in a cluster: held, or claimed by another node
+                if queue.shared is None:
+                    raise
+                data = await queue.shared.load_body(queue_id)
+            head, body = split_message(data)
             out["headers"] = [[raw.split(b":", 1)[0].decode("latin-1"), field_value(raw)]
                               for name, raw in header_fields(head) if name]
             out["body_bytes"] = len(body)
@@ -104,26 +112,29 @@ def router(node: Node) -> APIRouter:
         out["attempts"] = await asyncio.to_thread(_attempts, node, queue_id)
         return out
 
+    async def act(request: Request, action: str, body: ActionIn, dsn: bool = False) -> dict:
+        return await node.operations.queue(action, body.selector(), who=caller(request),
+                                           dry_run=body.dry_run, dsn=dsn)
+
     @api.post("/hold")
-    async def hold(body: ActionIn) -> dict:
-        """Keep messages from delivery until released (survives a restart)."""
-        _single_node(node, "hold")
-        return run(queue.act, "hold", body.selector(), dry_run=body.dry_run)
+    async def hold(request: Request, body: ActionIn) -> dict:
+        """Keep messages from delivery until released (survives a restart; in a cluster,
+        held in the shared spool, where no node claims them)."""
+        return await act(request, "hold", body)
 
     @api.post("/release")
-    async def release(body: ActionIn) -> dict:
-        _single_node(node, "release")
-        return run(queue.act, "release", body.selector(), dry_run=body.dry_run)
+    async def release(request: Request, body: ActionIn) -> dict:
+        return await act(request, "release", body)
 
     @api.post("/retry")
-    async def retry(body: ActionIn) -> dict:
+    async def retry(request: Request, body: ActionIn) -> dict:
         """Deferred recipients become due now."""
-        return run(queue.act, "retry", body.selector(), dry_run=body.dry_run)
+        return await act(request, "retry", body)
 
     @api.post("/delete")
-    async def delete(body: DeleteIn) -> dict:
+    async def delete(request: Request, body: DeleteIn) -> dict:
         """Remove messages: a "b" record each (bounceCat purged), a DSN only with ``dsn``."""
-        return run(queue.act, "delete", body.selector(), dry_run=body.dry_run, dsn=body.dsn)
+        return await act(request, "delete", body, body.dsn)
 
     @api.get("/deferrals")
     async def deferrals(top: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:
@@ -137,14 +148,6 @@ def router(node: Node) -> APIRouter:
         return queue.shape(by, top)
 
     return api
-
-
-def _single_node(node: Node, action: str) -> None:
-    from .app import APIError
-
-    if node.claimer is not None:
-        raise APIError(409, f"{action} needs the embedded spool: on a PostgreSQL spool a held"
-                            " message would have to be kept from every node's claims")
 
 
 def _attempts(node: Node, queue_id: str) -> list[dict] | None:

@@ -112,6 +112,9 @@ def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json
             "delete": "deleted"}[action]
     typer.echo(f"{'would be ' if dry_run else ''}{done}: {out['recipients']} recipients of"
                f" {out['messages']} messages")
+    if out.get("elsewhere"):
+        typer.echo(f"{out['elsewhere']} more match on other nodes of the cluster, which have"
+                   f" claimed them: run it on those nodes' APIs too (postlane cluster status)")
 
 
 def _action(action: str, help_text: str):

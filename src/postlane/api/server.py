@@ -1,4 +1,4 @@
-"""Serving the API inside the node's event loop, and the bearer token it is guarded by."""
+"""Serving the API inside the node's event loop, guarded by the named tokens (tokens.py)."""
 
 from __future__ import annotations
 
@@ -6,39 +6,19 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import secrets
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
 
-from ..secretfile import create_secret
 from .app import create_app
+from .tokens import Tokens
 
 if TYPE_CHECKING:
     from ..node import Node
 
 log = logging.getLogger("postlane.api")
-
-
-def load_token(path: str | Path) -> str:
-    """The token in ``path``; created (mode 0600, 256 random bits) if the file does not exist.
-    The token itself is never logged."""
-    path = Path(path)
-    try:
-        token = path.read_text("utf-8").strip()
-    except FileNotFoundError:
-        if create_secret(path, (secrets.token_urlsafe(32) + "\n").encode()):
-            log.info("created API token file", extra={"path": str(path)})
-        return load_token(path)  # ours, or the one another node made meanwhile
-    if not token:
-        raise ValueError(f"API token file {path} is empty")
-    if path.stat().st_mode & 0o077:
-        log.warning("API token file is readable by group/others; chmod 600 it",
-                    extra={"path": str(path)})
-    return token
 
 
 class _Server(uvicorn.Server):
@@ -57,7 +37,7 @@ class APIServer:
 
     async def start(self) -> None:
         cfg = self.node.config.api
-        app = create_app(self.node, load_token(cfg.token_file))
+        app = create_app(self.node, Tokens(cfg.token_file, cfg.named_tokens_file()))
         self._server = _Server(uvicorn.Config(app, host=cfg.address, port=cfg.port,
                                               log_level="warning", access_log=False,
                                               lifespan="off", server_header=False))

@@ -404,8 +404,10 @@ def load_config(path: str | Path, *, check_files: bool = True) -> Config:
         cfg.node.spool = str(base / cfg.node.spool)
     if not Path(cfg.accounting.directory).is_absolute():
         cfg.accounting.directory = str(base / cfg.accounting.directory)
-    if not Path(cfg.api.token_file).is_absolute():
-        cfg.api.token_file = str(base / cfg.api.token_file)
+    for name in ("token_file", "tokens_file"):
+        value = getattr(cfg.api, name)
+        if value and not Path(value).is_absolute():
+            setattr(cfg.api, name, str(base / value))
     fb = cfg.feedback
     for name in ("bounce_rules", "suppression_db", "key_file"):
         value = getattr(fb, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -535,7 +536,13 @@ class APIConfig(Strict):
     address: IPAddress = "127.0.0.1"
     port: int = Field(8025, ge=0, le=65535)
     token_file: str = "var/api-token"
-    """Bearer token, one line; created with mode 0600 if missing."""
+    """Bearer token, one line; created with mode 0600 if missing. Its name is "admin"."""
+    tokens_file: str | None = None
+    """Named tokens (``postlane api token add``): name, SHA-256, read-only (docs/api.md).
+    Default: ``api-tokens.json`` beside ``token_file``."""
+
+    def named_tokens_file(self) -> str:
+        return self.tokens_file or str(Path(self.token_file).with_name("api-tokens.json"))
 
 
 class SLARule(Strict):

@@ -1,8 +1,8 @@
 """Management HTTP routes of the feedback loop: the suppression list, reports posted by
 providers' webhooks or operators, complaint rates.
 
-Mount it in the token-protected management app (``include_router(api.router(node),
-dependencies=[...])``); unlike ``unsubscribe.router`` nothing here is public.
+Mounted under ``/api/v1`` behind the API token (unlike ``unsubscribe.router``, nothing here is
+public); changes to the list go through ``node.operations``, on the record.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
+from ..api.tokens import caller
 from .suppression import SuppressionError
 
 if TYPE_CHECKING:
@@ -41,17 +42,21 @@ def router(node: Node) -> APIRouter:
         entries = store.list(scope, like, max(1, min(limit, 10_000)), max(0, offset))
         return {"total": store.count(), "entries": [e.as_dict() for e in entries]}
 
+    ops = node.operations
+
     @api.post("/suppressions", status_code=201)
-    async def add(item: SuppressionIn) -> dict:
+    async def add(request: Request, item: SuppressionIn) -> dict:
         try:
-            return store.add(item.address, item.scope, item.reason, "operator").as_dict()
+            entry = await ops.suppress(item.address, item.scope, item.reason,
+                                       who=caller(request))
         except SuppressionError as exc:
             raise HTTPException(422, str(exc)) from None
+        return entry.as_dict()
 
     @api.delete("/suppressions/{address}")
-    async def remove(address: str, scope: Scope | None = None) -> dict:
+    async def remove(request: Request, address: str, scope: Scope | None = None) -> dict:
         try:
-            removed = store.remove(address, scope)
+            removed = await ops.unsuppress(address, scope, who=caller(request))
         except SuppressionError as exc:
             raise HTTPException(422, str(exc)) from None
         if not removed:
@@ -63,9 +68,11 @@ def router(node: Node) -> APIRouter:
         """CSV body: address[,scope,reason,source,created,expires]; all rows or none."""
         text = (await request.body()).decode("utf-8", "replace")
         try:
-            return {"imported": store.import_csv(io.StringIO(text), scope)}
+            count = await ops.import_suppressions(io.StringIO(text), scope,
+                                                  who=caller(request))
         except SuppressionError as exc:
             raise HTTPException(422, str(exc)) from None
+        return {"imported": count}
 
     @api.get("/suppressions/export", response_class=PlainTextResponse)
     async def export() -> PlainTextResponse:

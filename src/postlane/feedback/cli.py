@@ -1,21 +1,28 @@
 """``postlane feedback parse`` and ``postlane suppress ...``.
 
 The suppress commands open the node's suppression database directly (SQLite WAL allows it while
-the node runs), so they work whether or not the node is up.
+the node runs), so they work whether or not the node is up. Changes go through
+``operations.Suppressions`` as the local user, and their records into the spool's outbox, so
+the audit trail has them (given ``--config``, which says where the spool is).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
 
-from ..config import ConfigError, load_config
+from ..accounting.records import Record
+from ..config import Config, ConfigError, load_config
+from ..operations import Operator, Suppressions
 from ..secretfile import private_open
 from ..spool import local_dir
+from ..spool.outbox import post
 from .categories import RulesError, load_classifier
 from .parse import parse_report
 from .suppression import SCOPES, SuppressionError, SuppressionList
@@ -52,18 +59,50 @@ def parse(files: list[Path] = typer.Argument(..., help="messages (.eml), '-' for
     raise typer.Exit(1 if failed else 0)
 
 
+def _config(config: Path | None) -> Config | None:
+    if config is None:
+        return None
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
 def _open(config: Path | None, db: Path | None) -> SuppressionList:
+    return _list(_config(config) if db is None else None, db)
+
+
+def _list(cfg: Config | None, db: Path | None) -> SuppressionList:
     if db is None:
-        if config is None:
+        if cfg is None:
             typer.echo("give --config FILE or --db FILE", err=True)
             raise typer.Exit(2)
-        try:
-            cfg = load_config(config)
-        except ConfigError as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(2) from None
         db = Path(cfg.feedback.suppression_db or local_dir(cfg) / "suppression.sqlite3")
     return SuppressionList(db)
+
+
+@contextlib.contextmanager
+def _changing(config: Path | None, db: Path | None) -> Iterator[Suppressions]:
+    """The list, to change on the record as the local user: the records go into the spool's
+    outbox when the command ends (even after an error, for the changes made before it)."""
+    cfg = _config(config)
+    store = _list(cfg, db)
+    made: list[Record] = []
+    try:
+        yield Suppressions(store, made.append)
+    finally:
+        store.close()
+        if made and cfg is None:
+            typer.echo("postlane: not on the audit trail: give -c CONFIG (it says where the"
+                       " spool is) so that the change is recorded", err=True)
+        elif made:
+            try:
+                post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
+            except Exception as exc:  # noqa: BLE001 - say it, do not hide the change made
+                typer.echo(f"postlane: the change is made but its record could not be"
+                           f" written to the spool: {exc}", err=True)
+                raise typer.Exit(1) from None
 
 
 def _scope(value: str) -> str:
@@ -79,17 +118,16 @@ def add(addresses: list[str] = typer.Argument(...),
         reason: str = typer.Option("", help="why (shown in the 550 reply and the export)"),
         config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Suppress addresses."""
-    store = _open(config, db)
+    who = Operator.local()
     try:
-        for address in addresses:
-            entry = store.add(address, _scope(scope), reason, "operator")
-            typer.echo(json.dumps(entry.as_dict()) if as_json else
-                       f"suppressed {entry.address} ({entry.scope})")
+        with _changing(config, db) as lst:
+            for address in addresses:
+                entry = lst.add(address, _scope(scope), reason, who=who)
+                typer.echo(json.dumps(entry.as_dict()) if as_json else
+                           f"suppressed {entry.address} ({entry.scope})")
     except SuppressionError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    finally:
-        store.close()
 
 
 @suppress_app.command("remove")
@@ -98,19 +136,18 @@ def remove(addresses: list[str] = typer.Argument(...),
                                                        " (default: every scope)"),
            config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Lift suppressions."""
-    store = _open(config, db)
+    who = Operator.local()
     missing = 0
     try:
-        for address in addresses:
-            n = store.remove(address, _scope(scope) if scope else None)
-            typer.echo(json.dumps({"address": address, "removed": n}) if as_json else
-                       f"{address}: {n} entr{'y' if n == 1 else 'ies'} removed")
-            missing += n == 0
+        with _changing(config, db) as lst:
+            for address in addresses:
+                n = lst.remove(address, _scope(scope) if scope else None, who=who)
+                typer.echo(json.dumps({"address": address, "removed": n}) if as_json else
+                           f"{address}: {n} entr{'y' if n == 1 else 'ies'} removed")
+                missing += n == 0
     except SuppressionError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
-    finally:
-        store.close()
     raise typer.Exit(1 if missing else 0)
 
 
@@ -143,15 +180,12 @@ def import_(file: Path = typer.Argument(
             scope: str = typer.Option("marketing", help="scope of rows that name none"),
             config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Import a CSV file (all rows or none)."""
-    store = _open(config, db)
     try:
-        with file.open(newline="", encoding="utf-8") as src:
-            n = store.import_csv(src, _scope(scope))
+        with _changing(config, db) as lst, file.open(newline="", encoding="utf-8") as src:
+            n = lst.import_csv(src, _scope(scope), who=Operator.local())
     except (OSError, SuppressionError) as exc:
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(2) from None
-    finally:
-        store.close()
     typer.echo(json.dumps({"imported": n}) if as_json else f"imported {n} entries")
 
 

@@ -60,8 +60,10 @@ class Metrics:
         if kind == "b":
             outcome = {"message-expired": "expired", "purged": "purged"}.get(rec.bounce_cat,
                                                                               "bounced")
-        else:
+        elif kind in _OUTCOMES:
             outcome = _OUTCOMES[kind]
+        else:
+            return  # an operator's action ("o") is no recipient's outcome
         key = (rec.cls, rec.vmta_pool, rec.dlv_source_ip, outcome)
         counter = self._counters.get(key)
         if counter is None:

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from ..spool import Recipient, State
+from ..spool import PostgresSpool, Recipient, State
 
 if TYPE_CHECKING:
+    from ..operations import Operator
     from .scheduler import Scheduler
 
 __all__ = ["AGE_BUCKETS", "STATES", "QueueControl", "SelectionError", "Selector", "reason_key"]
@@ -103,15 +104,28 @@ def reason_key(reply: str) -> str:
     return _VARIABLE.sub("…", reply.strip())[:200]
 
 
+WANTED = {"hold": (State.QUEUED, State.DEFERRED), "release": (State.HELD,),
+          "retry": (State.DEFERRED,), "delete": (State.QUEUED, State.DEFERRED, State.HELD),
+          "purge": (State.QUEUED, State.DEFERRED, State.HELD)}
+"""The states each action takes recipients from."""
+
+
 class QueueControl:
-    def __init__(self, scheduler: Scheduler, pools: Iterable[str], classes: Iterable[str]) -> None:
+    """On one node its whole queue. In a cluster (``shared``: the PostgreSQL spool) the
+    recipients this node has claimed, and those of the shared spool no node holds: held ones
+    are listed, and actions reach unclaimed and held ones too (``Scheduler.operate_shared``);
+    recipients another node has claimed are that node's to act on."""
+
+    def __init__(self, scheduler: Scheduler, pools: Iterable[str], classes: Iterable[str],
+                 shared: PostgresSpool | None = None) -> None:
         self.scheduler = scheduler
         self.pools = set(pools)
         self.classes = set(classes)
+        self.shared = shared
 
     # -- selection ------------------------------------------------------------------------------
 
-    def check(self, sel: Selector, action: bool = False) -> None:
+    async def check(self, sel: Selector, action: bool = False) -> None:
         """Refuse a selector naming a pool, class, state or lane that does not exist (a typo
         must not read as "0 messages"), and an action without any selector."""
         if sel.pool is not None and sel.pool not in self.pools:
@@ -122,6 +136,8 @@ class QueueControl:
             raise SelectionError(f"state must be one of {', '.join(STATES)}", 422)
         if sel.domain is not None:
             domains = {d for p, d in self.scheduler.lanes if sel.pool in (None, p)}
+            if sel.domain.lower() not in domains and self.shared is not None:
+                domains |= await self.shared.domains(sel.pool)
             if sel.domain.lower() not in domains:
                 where = f"pool {sel.pool!r}" if sel.pool else "any pool"
                 raise SelectionError(f"no lane to {sel.domain!r} in {where}"
@@ -129,16 +145,25 @@ class QueueControl:
         if action and sel.empty() and not sel.all:
             raise SelectionError("say which messages (queue ids or a filter), or all", 422)
 
-    def select(self, sel: Selector, now: float | None = None) -> list[Recipient]:
-        self.check(sel)
+    async def select(self, sel: Selector, now: float | None = None) -> list[Recipient]:
+        await self.check(sel)
         match = sel.matcher(time.time() if now is None else now)
-        return [r for r in self.scheduler.recipients() if match(r)]
+        found = [r for r in self.scheduler.recipients() if match(r)]
+        if self.shared is not None:
+            found += [r for r in await self._unowned((State.HELD,), sel) if match(r)]
+        return found
 
-    def messages(self, sel: Selector, limit: int = 1000) -> dict:
+    async def _unowned(self, states: tuple[State, ...], sel: Selector, bodies: bool = False,
+                       others: bool = False) -> list[Recipient]:
+        assert self.shared is not None
+        return await self.shared.unowned(states, sel.pool, sel.domain.lower() if sel.domain
+                                         else None, sel.cls, bodies, others)
+
+    async def messages(self, sel: Selector, limit: int = 1000) -> dict:
         """The selected recipients grouped by message, oldest message first."""
         now = time.time()
         by_msg: dict[str, list[Recipient]] = {}
-        for rcpt in self.select(sel, now):
+        for rcpt in await self.select(sel, now):
             by_msg.setdefault(rcpt.msg.id, []).append(rcpt)
         ordered = sorted(by_msg.values(), key=lambda rs: (rs[0].msg.queued_at, rs[0].msg.id))
         return {"total_messages": len(ordered), "total_recipients": sum(map(len, ordered)),
@@ -146,31 +171,51 @@ class QueueControl:
 
     # -- actions --------------------------------------------------------------------------------
 
-    def act(self, action: str, sel: Selector, *, dry_run: bool = False, dsn: bool = False,
-            diag: str = "deleted by operator") -> dict:
-        """hold, release, retry or delete the selected recipients; a dry run only counts."""
-        self.check(sel, action=True)
-        wanted = {"hold": (State.QUEUED, State.DEFERRED), "release": (State.HELD,),
-                  "retry": (State.DEFERRED,),
-                  "delete": (State.QUEUED, State.DEFERRED, State.HELD)}[action]
+    async def act(self, action: str, sel: Selector, who: Operator, *, dry_run: bool = False,
+                  dsn: bool = False) -> dict:
+        """hold, release, retry, delete or purge (a delete without DSN) the selected
+        recipients, on the record as ``who``'s action; a dry run only counts."""
+        await self.check(sel, action=True)
+        wanted = WANTED[action]
         match = sel.matcher(time.time())
 
         def chosen(r: Recipient) -> bool:
             return r.state in wanted and match(r)
 
-        if dry_run:
-            found = [r for r in self.scheduler.recipients() if chosen(r)]
+        sched = self.scheduler
+        out: dict = {"action": action, "dry_run": dry_run}
+        if self.shared is not None:  # read before this node takes anything out of its queue
+            unowned = [r for r in await self._unowned(wanted, sel, dsn and not dry_run)
+                       if chosen(r)]
+            # matching recipients other nodes have claimed: theirs to act on
+            out["elsewhere"] = sum(1 for r in await self._unowned(wanted, sel, others=True)
+                                   if chosen(r))
+        found = [r for r in sched.recipients() if chosen(r)] if dry_run else sched.take(chosen)
+        if self.shared is not None:
+            mine = found
+            keys = {(r.msg.id, r.idx) for r in mine}  # claimed by this node meanwhile: mine
+            found = mine + [r for r in unowned if (r.msg.id, r.idx) not in keys]
+            if not dry_run:
+                try:
+                    found = await sched.operate_shared(found, action, who, wanted, dsn)
+                except BaseException:
+                    for rcpt in mine:  # not done: this node goes on holding them
+                        sched.add(rcpt)
+                    raise
+                sched.let_go(mine)
+        elif not dry_run:
+            self._apply(action, found, who, dsn)
+        return {**out, "recipients": len(found), "messages": len({r.msg.id for r in found})}
+
+    def _apply(self, action: str, rcpts: list[Recipient], who: Operator, dsn: bool) -> None:
+        """One node: the action on recipients taken out of its queue."""
+        if action == "hold":
+            self.scheduler.hold(rcpts, who)
+        elif action in ("delete", "purge"):
+            self.scheduler.remove(rcpts, action, who, dsn=dsn)
         else:
-            found = self.scheduler.take(chosen)
-            if action == "hold":
-                self.scheduler.hold(found)
-            elif action == "delete":
-                self.scheduler.remove(found, diag, dsn=dsn)
-            else:
-                self.scheduler.requeue_now(found)
-                self.scheduler.kick()
-        return {"action": action, "dry_run": dry_run, "recipients": len(found),
-                "messages": len({r.msg.id for r in found})}
+            self.scheduler.requeue_now(rcpts, action, who)
+            self.scheduler.kick()
 
     # -- views ----------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -25,12 +25,14 @@ from ..accounting.records import Record, format_time
 from ..config import Config
 from ..feedback.categories import default_classifier
 from ..monitor.health import Health
+from ..operations import DONE, stamp
 from ..spool import Message, PostgresSpool, Recipient, RecipientUpdate, Spool, State
 from .lanes import Lane, SourceSlot
 from .rules import RuleBook
 from .shared_rate import LocalRate, RateLimiter, SharedRate
 
 if TYPE_CHECKING:
+    from ..operations import Operator
     from ..relay.deliver import Relay
 
 log = logging.getLogger("postlane.scheduler")
@@ -575,54 +577,99 @@ class Scheduler:
                 taken.append(rcpt)
         return taken
 
-    def retry_now(self, pool: str | None = None, domain: str | None = None) -> int:
-        """Make deferred recipients due at once and lift the lanes' suspensions; returns how
-        many."""
-        taken = self.take(lambda r: r.state is State.DEFERRED and (
-            pool is None or r.msg.pool == pool) and (domain is None or r.domain == domain))
-        self.requeue_now(taken)
+    def lift(self, pool: str, domain: str | None) -> None:
+        """End the suspension (backoff wait) of a pool's lanes, or of its lane to ``domain``."""
         for lane in self.lanes.values():
-            if (pool is None or lane.pool == pool) and (domain is None or lane.domain == domain):
+            if lane.pool == pool and domain in (None, lane.domain):
                 lane.suspended_until = 0.0
         self.kick()
-        return len(taken)
 
-    def requeue_now(self, rcpts: list[Recipient]) -> None:
-        """Queue recipients taken out of the queue again, due now (a retry or a release)."""
-        changed = [r for r in rcpts if r.state is not State.QUEUED]
+    def requeue_now(self, rcpts: list[Recipient], action: str, who: Operator) -> None:
+        """Queue recipients taken out of the queue again, due now (an operator's retry or
+        release: an "o" record each)."""
         for rcpt in rcpts:
             rcpt.state, rcpt.next_attempt = State.QUEUED, 0.0
             self.add(rcpt)
-        if changed:
-            self.spool.update([RecipientUpdate(r.msg.id, r.idx, State.QUEUED, r.attempts, 0.0,
-                                               r.last_reply) for r in changed])
+        self._operated(rcpts, action, who)
 
-    def hold(self, rcpts: list[Recipient]) -> None:
+    def hold(self, rcpts: list[Recipient], who: Operator) -> None:
         """Keep recipients taken out of the queue on hold until released (durable)."""
         for rcpt in rcpts:
             rcpt.state = State.HELD
             self.add(rcpt)
-        self.spool.update([RecipientUpdate(r.msg.id, r.idx, State.HELD, r.attempts,
-                                           r.next_attempt, r.last_reply) for r in rcpts])
+        self._operated(rcpts, "hold", who)
 
-    def remove(self, rcpts: list[Recipient], diag: str, dsn: bool = False) -> None:
-        """Bounce recipients taken out of the queue on an operator's decision: a "b" record
-        with bounce_cat "purged" each, and a DSN to the sender only if ``dsn``."""
+    def _operated(self, rcpts: list[Recipient], action: str, who: Operator) -> None:
+        """Write the recipients' new state with an "o" record each, in one spool write."""
+        if not rcpts:
+            return
+        recs = self.operator_records(rcpts, action, who)
+        for rec in recs:
+            self.record(rec)
+        self.spool.update([RecipientUpdate(r.msg.id, r.idx, r.state, r.attempts,
+                                           r.next_attempt, r.last_reply) for r in rcpts], recs)
+
+    def operator_records(self, rcpts: list[Recipient], action: str,
+                         who: Operator) -> list[Record]:
+        """The records of ``who``'s ``action`` on recipients: purge and delete end them (a
+        "b" each, bounce_cat "purged"), the others get an "o" each."""
         now = time.time()
-        for rcpt in rcpts:
-            rec = self._base_record("b", rcpt, now)
-            rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "5.0.0", "purged"
-            rec.dsn_diag = diag
-            if dsn:
-                self._fail(rcpt, "5.0.0", diag, "")
-            self._final(rcpt, State.BOUNCED, diag, rec, from_heap=False)
+        final = action in ("purge", "delete")
+        recs = [stamp(self._base_record("b" if final else "o", r, now), action, who)
+                for r in rcpts]
+        if final:
+            for rec in recs:
+                rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "5.0.0", "purged"
+        return recs
 
-    def purge(self, pool: str, domain: str) -> int:
-        """Drop a lane's queued, deferred and held recipients (an operator's decision, so no
-        DSN is sent). In-flight ones finish."""
-        taken = self.take(lambda r: r.msg.pool == pool and r.domain == domain)
-        self.remove(taken, "purged by operator")
-        return len(taken)
+    def remove(self, rcpts: list[Recipient], action: str, who: Operator,
+               dsn: bool = False) -> None:
+        """Bounce recipients taken out of the queue on an operator's decision (``action``
+        purge or delete): a "b" record each, naming the operator, and a DSN to the sender only
+        if ``dsn``."""
+        for rcpt, rec in zip(rcpts, self.operator_records(rcpts, action, who), strict=True):
+            if dsn:
+                self._told(rcpt, action)
+            self._final(rcpt, State.BOUNCED, rec.dsn_diag, rec, from_heap=False)
+
+    def _told(self, rcpt: Recipient, action: str) -> None:
+        """A DSN for a recipient an operator removed: it says what happened, not who did it."""
+        self._fail(rcpt, "5.0.0", f"{DONE[action]} by operator", "")
+
+    def let_go(self, rcpts: list[Recipient]) -> None:
+        """Cluster mode: recipients taken out of this node's queue that the shared spool
+        alone keeps now (``operate_shared``): their messages are forgotten once none of their
+        recipients is left here."""
+        for rcpt in rcpts:
+            rcpt.msg.remaining -= 1
+            if rcpt.msg.remaining <= 0:
+                self.spool.finish(rcpt.msg.id)
+            if self.on_final is not None:
+                self.on_final(rcpt)  # room for more work
+
+    async def operate_shared(self, rcpts: list[Recipient], action: str, who: Operator,
+                             states: tuple[State, ...], dsn: bool = False) -> list[Recipient]:
+        """Cluster mode: ``who``'s ``action`` on recipients no other node holds (those this
+        node took out of its queue, and unclaimed or held ones of the shared spool), written
+        with their records in one guarded transaction; returns those it changed. Nothing of
+        them stays in this node's memory: held ones are nobody's, released and retried ones
+        are claimed afresh by whichever node has a slot."""
+        state = {"hold": State.HELD, "release": State.QUEUED, "retry": State.QUEUED}.get(
+            action, State.BOUNCED)
+        made: dict[int, Record] = {}
+
+        def records(moved: list[Recipient]) -> list[Record]:
+            made.update(zip(map(id, moved), self.operator_records(moved, action, who),
+                            strict=True))
+            return [made[id(r)] for r in moved]
+
+        assert isinstance(self.spool, PostgresSpool)
+        moved = await self.spool.operate(rcpts, state, states, records)
+        for rcpt in moved:
+            self.record(made[id(rcpt)])
+            if dsn:
+                self._told(rcpt, action)
+        return moved
 
     def recipients(self) -> Iterator[Recipient]:
         """Every queued, deferred and held (not in-flight) recipient held in memory."""
@@ -647,8 +694,10 @@ class Scheduler:
 
     # -- pause ----------------------------------------------------------------------------------
 
-    async def set_paused(self, pool: str, domain: str | None, paused: bool) -> None:
-        await self.spool.set_paused(pool, domain or ANY_DOMAIN, paused)
+    async def set_paused(self, pool: str, domain: str | None, paused: bool,
+                         events: Sequence[Record] = ()) -> None:
+        """Pause or resume, with the record of it (``events``) in the same spool write."""
+        await self.spool.set_paused(pool, domain or ANY_DOMAIN, paused, events)
         self.apply_paused(pool, domain, paused)
 
     def apply_paused(self, pool: str, domain: str | None, paused: bool) -> None:

@@ -169,7 +169,10 @@ class Spool(Protocol):
 
     async def pending(self) -> Pending: ...
 
-    async def set_paused(self, pool: str, domain: str, paused: bool) -> None: ...
+    async def set_paused(self, pool: str, domain: str, paused: bool,
+                         events: Sequence[Record] = ()) -> None:
+        """Pause or resume a pool (domain "*") or lane, with the record of it (``events``)."""
+        ...
 
     async def paused(self) -> set[tuple[str, str]]: ...
 
@@ -179,7 +182,8 @@ class Spool(Protocol):
 class GroupCommitWrites:
     """The writes both spools queue for their group-commit writer, as operations: ``("upd",
     rows, events)``, ``("ev", events)``, ``("mark", rows, future)``, ``("trim", cursors)``,
-    ``("pause", pool, domain, paused, future)``, ``("flush", future)`` (and each backend's
+    ``("pause", pool, domain, paused, events, future)``, ``("flush", future)`` (and each
+    backend's
     ``"enq"``, ``"fin"``). A backend supplies ``_submit`` and ``_future``."""
 
     def _submit(self, op: tuple, urgent: bool) -> None:
@@ -209,10 +213,12 @@ class GroupCommitWrites:
         """Drop each writer's events up to the number the recorder has consumed."""
         self._submit(("trim", dict(consumed)), False)
 
-    async def set_paused(self, pool: str, domain: str, paused: bool) -> None:
-        """A pause (of a pool, or of its lane to ``domain``), durable before it returns."""
+    async def set_paused(self, pool: str, domain: str, paused: bool,
+                         events: Sequence[Record] = ()) -> None:
+        """A pause (of a pool, or of its lane to ``domain``), with the record of it
+        (``events``), durable before it returns."""
         fut = self._future()
-        self._submit(("pause", pool, domain, paused, fut), True)
+        self._submit(("pause", pool, domain, paused, events, fut), True)
         await fut
 
     async def flush(self) -> None:

@@ -5,6 +5,10 @@ change it describes (``Spool`` in base.py); the recorder reads them back here, w
 in number order, through a connection of its own (synchronous: the recorder is a plain process
 without an event loop). Trimming stays with the spool's writer, so the spool has one writer.
 
+A command that acts on a store without a node (``postlane suppress …``) puts the record of
+its action into the outbox with ``post``, as a writer of its own: the recorder of a node feeds
+it like any other (at once if one runs, else at the next start).
+
 On PostgreSQL several nodes share the table. A node's spool holds a session advisory lock named
 after its writer for as long as it lives; a recorder feeds its own node's writer, and takes over
 any other writer whose lock it can get, i.e. whose node is gone (its connection closed), keeping
@@ -14,12 +18,20 @@ that lock while it works so that two survivors never feed the same events.
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .base import FINAL_STATES
+from ..accounting.records import pack
+from ..secretfile import private_file
+from .base import FINAL_STATES, new_writer_id
 
-__all__ = ["Outbox", "PostgresOutbox", "SQLiteOutbox", "open_outbox", "writer_lock_key"]
+if TYPE_CHECKING:
+    from ..accounting.records import Record
+
+__all__ = ["Outbox", "PostgresOutbox", "SQLiteOutbox", "open_outbox", "post",
+           "writer_lock_key"]
 
 _FINAL_SQL = f"({', '.join(sorted(repr(s.value) for s in FINAL_STATES))})"
 
@@ -142,3 +154,32 @@ def open_outbox(spool: str, schema: str, own: str) -> SQLiteOutbox | PostgresOut
     if spool.startswith(("postgresql://", "postgres://")):
         return PostgresOutbox(spool, schema, own)
     return SQLiteOutbox(spool)
+
+
+def post(spool: str, schema: str, node: str, events: Sequence[Record]) -> str:
+    """Commit ``events`` to the outbox of the spool at ``spool`` as a new writer (named after
+    ``node``), numbered from 1, in one transaction; returns the writer. No advisory lock is
+    held for it, so on PostgreSQL any node's recorder adopts it."""
+    writer = new_writer_id(node)
+    rows = [(writer, n, pack(rec)) for n, rec in enumerate(events, 1)]
+    if spool.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        with psycopg.connect(spool, connect_timeout=5) as conn:  # one transaction
+            conn.execute(f'SET search_path TO "{schema}"')
+            conn.execute("INSERT INTO writers VALUES (%s, %s, %s)", (writer, node, time.time()))
+            conn.cursor().executemany("INSERT INTO events VALUES (%s, %s, %s)", rows)
+        return writer
+    from .sqlite import _connect, migrate
+
+    path = private_file(Path(spool) / "spool.sqlite")
+    conn = _connect(path)
+    try:
+        migrate(conn, path)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO writers VALUES (?, ?, ?)", (writer, node, time.time()))
+        conn.executemany("INSERT INTO events VALUES (?, ?, ?)", rows)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return writer

@@ -22,7 +22,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -59,7 +59,8 @@ OUTCOME_DELAY = 0.02
 round trips. Measured: 2,000 messages through one node took 23.5 s committing each outcome at
 once, 19.2 s with this delay (under cProfile, on the shared 2-core machine: indicative only)."""
 _NOW = "extract(epoch from clock_timestamp())::float8"
-_OPEN = "('queued', 'deferred', 'inflight')"
+_OPEN = "('queued', 'deferred', 'inflight', 'held')"
+"""Not final: a message keeps its row while one of its recipients is in one of these."""
 
 MIGRATIONS: list[tuple[int, str]] = [
     (1, """
@@ -392,6 +393,7 @@ class PostgresSpool(GroupCommitWrites):
 
     async def _commit(self, conn: asyncpg.Connection, batch: list[tuple]) -> None:
         msgs, bodies, rcpts, upds, fins, pauses, events, marks = [], [], [], [], [], [], [], []
+        operates: list[tuple] = []
         trims: dict[str, int] = {}
         for op in batch:
             kind = op[0]
@@ -414,6 +416,9 @@ class PostgresSpool(GroupCommitWrites):
                 fins.append(op[1])
             elif kind == "pause":
                 pauses.append(op[1:4])
+                events.extend(op[4])
+            elif kind == "operate":
+                operates.append(op[1:6])
         first = self.events_written + 1
         async with conn.transaction():
             if msgs:
@@ -437,6 +442,11 @@ class PostgresSpool(GroupCommitWrites):
                 await conn.executemany(
                     "UPDATE recipients SET attempt_started=$1, attempt_info=$2"
                     " WHERE msg_id=$3 AND idx=$4", marks)
+            for moving, state, states, records, moved in operates:
+                moved[:] = await self._operate(conn, moving, state, states)
+                events.extend(records(moved))
+                if state in FINAL_STATES:
+                    fins.extend({r.msg.id for r in moved})
             if events:
                 writer = self.writer_id
                 await conn.copy_records_to_table(
@@ -467,6 +477,22 @@ class PostgresSpool(GroupCommitWrites):
                 await conn.execute("SELECT pg_notify($1, '')", self.pause_channel)
         self.events_written += len(events)
 
+    async def _operate(self, conn: asyncpg.Connection, rcpts: list[Recipient], state: State,
+                       states: Sequence[State]) -> list[Recipient]:
+        rows = await conn.fetch(
+            "UPDATE recipients r SET state = $1, lease_owner = NULL, lease_until = NULL,"
+            " next_attempt = CASE WHEN $1 = 'held' THEN r.next_attempt ELSE 0 END"
+            " FROM unnest($2::text[], $3::int[]) AS k (msg_id, idx)"
+            " WHERE r.msg_id = k.msg_id AND r.idx = k.idx AND r.state = ANY($4::text[])"
+            " AND (r.lease_owner IS NULL OR r.lease_owner = $5) RETURNING r.msg_id, r.idx, r.pool",
+            state.value, [r.msg.id for r in rcpts], [r.idx for r in rcpts],
+            [s.value for s in states], self.node)
+        if state is State.QUEUED and rows:  # claimable again: the claimers look at once
+            await conn.execute("SELECT pg_notify($1, $2)", self.work_channel,
+                               ",".join(sorted({r["pool"] for r in rows})))
+        got = {(r["msg_id"], r["idx"]) for r in rows}
+        return [r for r in rcpts if (r.msg.id, r.idx) in got]
+
     # -- reads ----------------------------------------------------------------------------------
 
     def body(self, msg_id: str) -> bytes:
@@ -495,13 +521,7 @@ class PostgresSpool(GroupCommitWrites):
                                            " ON b.id = m.id WHERE m.id = ANY($1::text[])",
                                            uncached)
             for m in rows_m:
-                self._live[m["id"]] = Message(
-                    id=m["id"], cls=m["cls"], pool=m["pool"], mail_from=m["mail_from"],
-                    queued_at=m["queued_at"], deadline=m["deadline"], expire_at=m["expire_at"],
-                    priority=m["priority"], size=m["size"], envid=m["envid"] or "",
-                    ret=m["ret"] or "", correlation_id=m["correlation_id"] or "",
-                    message_id=m["message_id"] or "", listener=m["listener"] or "",
-                    auth_user=m["auth_user"] or "", client=m["client"] or "")
+                self._live[m["id"]] = _message(m)
                 body = m["data"]
                 self._live_bodies[m["id"]] = cached[m["id"]] if body is None else bytes(body)
         out = []
@@ -509,18 +529,74 @@ class PostgresSpool(GroupCommitWrites):
             msg = self._live.get(row["msg_id"])
             if msg is None:
                 continue
-            state = State(row["state"])
             msg.remaining += 1
-            out.append(Recipient(
-                msg=msg, idx=row["idx"], address=row["address"], domain=row["domain"],
-                orcpt=row["orcpt"] or "", notify=row["notify"] or "",
-                state=State.QUEUED if state is State.INFLIGHT else state,
-                attempts=row["attempts"], next_attempt=row["next_attempt"],
-                last_reply=row["last_reply"] or "",
-                open_attempt=None if row["attempt_started"] is None else Attempt(
-                    row["msg_id"], row["idx"], row["attempt_started"],
-                    row["attempt_info"] or "")))
+            out.append(_recipient(row, msg))
         return out
+
+    # -- an operator's actions across the cluster ----------------------------------------------
+
+    async def unowned(self, states: Sequence[State], pool: str | None = None,
+                      domain: str | None = None, cls: str | None = None,
+                      bodies: bool = False, others: bool = False) -> list[Recipient]:
+        """Recipients in ``states`` that no node holds (held ones; queued or deferred ones not
+        claimed yet), narrowed by pool, domain and class, with their messages (not kept in this
+        node's memory; with ``bodies`` their bodies go to the cache, for a DSN). ``others``:
+        those other nodes have claimed instead, to count them."""
+        cols = ", ".join("m." + c.strip() for c in _MSG_COLS.split(","))
+        args: list = [[s.value for s in states], pool, domain, cls]
+        owner = "r.lease_owner IS NULL"
+        if others:
+            owner, args = "r.lease_owner <> $5", [*args, self.node]
+        async with self.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT r.{_LOAD_COLS.replace(', ', ', r.')}, {cols}"
+                + (", b.data" if bodies else "") + " FROM recipients r"
+                " JOIN messages m ON m.id = r.msg_id"
+                + (" JOIN bodies b ON b.id = r.msg_id" if bodies else "")
+                + f" WHERE r.state = ANY($1::text[]) AND {owner}"
+                " AND ($2::text IS NULL OR r.pool = $2) AND ($3::text IS NULL OR r.domain = $3)"
+                " AND ($4::text IS NULL OR r.cls = $4) ORDER BY m.queued_at, r.msg_id, r.idx",
+                *args)
+        msgs: dict[str, Message] = {}
+        out = []
+        for row in rows:
+            msg = msgs.get(row["msg_id"])
+            if msg is None:
+                msg = msgs[row["msg_id"]] = _message(row)
+                if bodies:
+                    self._cache.put(msg.id, bytes(row["data"]))
+            msg.remaining += 1
+            out.append(_recipient(row, msg))
+        return out
+
+    async def load_body(self, msg_id: str) -> bytes:
+        """A message's bytes from the shared spool (``queue show`` of one no node holds)."""
+        async with self.acquire() as conn:
+            data = await conn.fetchval("SELECT data FROM bodies WHERE id = $1", msg_id)
+        if data is None:
+            raise KeyError(msg_id)
+        return bytes(data)
+
+    async def domains(self, pool: str | None) -> set[str]:
+        """The destination domains with mail not yet final (of ``pool``), on any node."""
+        async with self.acquire() as conn:
+            rows = await conn.fetch(f"SELECT DISTINCT domain FROM recipients WHERE state IN"
+                                    f" {_OPEN} AND ($1::text IS NULL OR pool = $1)", pool)
+        return {r["domain"] for r in rows}
+
+    async def operate(self, rcpts: list[Recipient], state: State, states: Sequence[State],
+                      records: Callable[[list[Recipient]], Sequence[Record]]
+                      ) -> list[Recipient]:
+        """Move the recipients still in ``states`` that no other node holds to ``state`` (an
+        operator's hold, release, retry or delete across the cluster) with ``records`` of the
+        ones moved, in one transaction; returns those (another node may have claimed some
+        meanwhile). Leases are cleared: a held recipient is nobody's, a released one is
+        claimed afresh, by any node."""
+        moved: list[Recipient] = []
+        fut = asyncio.get_running_loop().create_future()
+        self._submit(("operate", rcpts, state, states, records, moved, fut), True)
+        await fut
+        return moved
 
     async def pending(self) -> Pending:
         """Every recipient still to deliver, for a node that owns the whole queue alone."""
@@ -711,3 +787,23 @@ class PostgresSpool(GroupCommitWrites):
         """The database's clock, which all lease and heartbeat times are measured by."""
         async with self.acquire() as conn:
             return await conn.fetchval(f"SELECT {_NOW}")
+
+
+def _message(m: Mapping) -> Message:
+    return Message(
+        id=m["id"], cls=m["cls"], pool=m["pool"], mail_from=m["mail_from"],
+        queued_at=m["queued_at"], deadline=m["deadline"], expire_at=m["expire_at"],
+        priority=m["priority"], size=m["size"], envid=m["envid"] or "", ret=m["ret"] or "",
+        correlation_id=m["correlation_id"] or "", message_id=m["message_id"] or "",
+        listener=m["listener"] or "", auth_user=m["auth_user"] or "", client=m["client"] or "")
+
+
+def _recipient(row: Mapping, msg: Message) -> Recipient:
+    state = State(row["state"])
+    return Recipient(
+        msg=msg, idx=row["idx"], address=row["address"], domain=row["domain"],
+        orcpt=row["orcpt"] or "", notify=row["notify"] or "",
+        state=State.QUEUED if state is State.INFLIGHT else state, attempts=row["attempts"],
+        next_attempt=row["next_attempt"], last_reply=row["last_reply"] or "",
+        open_attempt=None if row["attempt_started"] is None else Attempt(
+            row["msg_id"], row["idx"], row["attempt_started"], row["attempt_info"] or ""))

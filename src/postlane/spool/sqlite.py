@@ -240,7 +240,8 @@ class SQLiteSpool(GroupCommitWrites):
                     trims[writer] = max(n, trims.get(writer, 0))
             elif kind == "pause":
                 pauses.append(op[1:4])
-                futs.append(op[4])
+                events.extend(op[4])
+                futs.append(op[5])
             elif kind == "flush":
                 futs.append(op[1])
         error: BaseException | None = None

@@ -40,7 +40,12 @@ class Trail:
     @property
     def attempts(self) -> list[dict]:
         return [r for r in self.rows if r["type"] in ("d", "t", "b", "u") and (
-            r["dlv_destination_ip"] or r["bounce_cat"] != "message-expired")]
+            r["dlv_destination_ip"] or r["bounce_cat"] not in ("message-expired", "purged"))]
+
+    @property
+    def operations(self) -> list[dict]:
+        """What operators did to it: hold, release, retry ("o" records), purge or delete."""
+        return [r for r in self.rows if _by_operator(r)]
 
     @property
     def unknown(self) -> list[dict]:
@@ -61,13 +66,17 @@ class Trail:
     def outcome(self) -> str:
         final = self.final
         if final is None:
+            held = [r for r in self.rows if r["type"] == "o"
+                    and r["dsn_action"] in ("hold", "release")]
+            if held and held[-1]["dsn_action"] == "hold":
+                return f"{held[-1]['dsn_diag']} (still queued)"
             if any(r["type"] == "t" for r in self.rows):
                 return "deferred (still queued)"
             return "queued"
         if final["bounce_cat"] == "message-expired":
             return "expired"
         if final["bounce_cat"] == "purged":
-            return "purged by operator"
+            return final["dsn_diag"] or "purged by operator"
         return _OUTCOMES[final["type"]]
 
     @property
@@ -114,6 +123,9 @@ class Trail:
             "env_id": first["env_id"], "class": first["cls"], "pool": first["vmta_pool"],
             "received": _event(self.received) if self.received else None,
             "attempts": [_event(r) for r in self.attempts],
+            "operations": [{"time": format_time(r["time_logged"]), "type": r["type"],
+                            "operator": r["operator"], "detail": r["dsn_diag"]}
+                           for r in self.operations],
             "outcome": self.outcome, "total_seconds_queued": self.latency,
             "unknown_attempts": [{"attempt": r["attempt"],
                                   "started_after_s": r["total_seconds_queued"]}
@@ -122,6 +134,10 @@ class Trail:
             "records": [{"seq": r["seq"], "hash": bytes(r["hash"]).hex(),
                          "state": _STATES[r["state"]]} for r in self.rows],
         }
+
+
+def _by_operator(row: dict) -> bool:
+    return row["type"] == "o" or (row["type"] == "b" and row["bounce_cat"] == "purged")
 
 
 def _event(row: dict) -> dict:
@@ -153,6 +169,12 @@ def render_text(items: list[Trail], now: float) -> str:
     lines: list[str] = []
     for trail in items:
         f = trail.first
+        if not trail.queue_id:  # actions on an address, not on a message of it
+            lines.append(f"address {trail.rcpt} on the suppression list")
+            lines += [f"  {_t(r['time_logged'])}  {r['dsn_diag']} (via {r['src_type']})"
+                      for r in trail.rows]
+            lines.append("")
+            continue
         lines.append(f"message {trail.queue_id}  Message-ID {f['message_id'] or '-'}  "
                      f"correlation {f['correlation_id'] or '-'}  ENVID {f['env_id'] or '-'}")
         lines.append(f"  class {f['cls']} (pool {f['vmta_pool']})  recipient {trail.rcpt}")
@@ -164,6 +186,10 @@ def render_text(items: list[Trail], now: float) -> str:
                          f"{rec['dlv_size']} bytes; queued")
         for row in trail.rows:
             if row["type"] == "r":
+                continue
+            if _by_operator(row):
+                via = f" (via {row['src_type']})" if row["type"] == "o" else ""
+                lines.append(f"  {_t(row['time_logged'])}  {row['dsn_diag'] or row['type']}{via}")
                 continue
             if row["type"] == "b" and row["bounce_cat"] == "message-expired" and \
                     not row["dlv_destination_ip"]:

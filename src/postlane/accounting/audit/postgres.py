@@ -42,6 +42,7 @@ from .completeness import Completeness, SpoolView, check
 from .seal import Seal
 from .store import (
     _SEAL_COLS,
+    CLASSES_SQL,
     COLUMNS,
     VERIFY_COLUMNS,
     Entry,
@@ -56,6 +57,7 @@ from .store import (
     fresh,
     link,
     pause_spans,
+    pauses_sql,
     prepare,
     seal_row,
     walk,
@@ -126,6 +128,9 @@ CREATE TABLE audit_seals (
     day TEXT NOT NULL, last_seq BIGINT NOT NULL, records BIGINT NOT NULL, head BYTEA NOT NULL,
     sealed_at DOUBLE PRECISION NOT NULL, key_id TEXT NOT NULL, signature BYTEA NOT NULL,
     tsa BYTEA, PRIMARY KEY (day, last_seq));
+"""),
+    (5, """
+CREATE INDEX ax_ops ON audit_records (vmta_pool, time_logged) WHERE type = 'o';
 """),
 ]
 """Versioned schema of the audit tables (table ``audit_migrations``, separate from the spool's
@@ -339,21 +344,13 @@ class PostgresAuditStore(RetentionMixin):
         with self._db().cursor(row_factory=dict_row) as cur:
             return cur.execute("SELECT * FROM audit_purges ORDER BY id").fetchall()
 
-    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None:
-        """Operator actions that explain waiting (pause/resume of a pool or one of its lanes)."""
-        self._db().execute("INSERT INTO audit_operations (time, action, pool, domain)"
-                           " VALUES (%s, %s, %s, %s)", (when, action, pool, domain))
-
     def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
         """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
         ends at ``until``."""
-        return pause_spans(self._db().execute(
-            "SELECT time, action, domain FROM audit_operations WHERE pool = %s AND time < %s"
-            " ORDER BY id", (pool, until)), until)
+        return pause_spans(self._db().execute(pauses_sql("%s"), (pool, until) * 2), until)
 
     def classes(self) -> list[str]:
-        return [r[0] for r in self._db().execute(
-            "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
+        return [r[0] for r in self._db().execute(CLASSES_SQL)]
 
     # -- verification ---------------------------------------------------------------------------
 

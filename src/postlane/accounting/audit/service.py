@@ -1,4 +1,4 @@
-"""The audit trail inside a node: periodic retention, webhooks, the operations log.
+"""The audit trail inside a node: periodic retention and webhooks.
 
 Records reach the store through the recorder (``accounting.recorder``); this service keeps a
 connection of its own for what is not an append.
@@ -121,11 +121,6 @@ class AuditService:
                             redact(self.location), type(exc).__name__)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
-
-    async def note(self, action: str, pool: str, domain: str | None) -> None:
-        """Record a pause or resume (evidence for SLA breaches it caused)."""
-        when = time.time()
-        await self._call(lambda store: store.log_operation(when, action, pool, domain or "*"))
 
     async def _seal_loop(self, key) -> None:
         """Seal the days that have closed; a TSA or a store that is away is tried again at the

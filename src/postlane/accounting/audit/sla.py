@@ -4,8 +4,8 @@ cause of each breach and non-delivery.
 A recipient the destination refused for good (no such user, no such domain) or that an operator
 purged is not deliverable: it is counted and listed apart, not as a breach. For a breach, the
 time it waited is split among what the records show held it: deferrals by the destination, an
-operator's pause of its pool or lane, and our own queue (backlog, suspended destination,
-backoff); the largest share names the cause.
+operator's pause of its pool or lane or hold of the message (their chained "o" records), and
+our own queue (backlog, suspended destination, backoff); the largest share names the cause.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ CAUSES = {
     "operator-purge": "purged by an operator",
     "expiry": "expired",
     "remote-deferral": "deferred by the destination",
-    "our-pause": "our pause",
+    "our-pause": "paused or held by an operator",
     "our-backoff": "waited in our queue (backlog, suspended destination or backoff)",
 }
 """Cause keys of the report and their wording."""
@@ -46,14 +46,32 @@ def _paused(start: float, end: float, spans: list[tuple[float, float]]) -> float
     return covered
 
 
+def _holds(trail: Trail, end: float) -> list[tuple[float, float, str]]:
+    """(start, end, operator) of each time an operator held this recipient: from the hold to
+    its release, or to ``end``."""
+    spans: list[tuple[float, float, str]] = []
+    held: dict | None = None
+    for row in trail.rows:
+        if row["type"] == "o" and row["dsn_action"] == "hold" and held is None:
+            held = row
+        elif row["type"] == "o" and row["dsn_action"] == "release" and held is not None:
+            spans.append((held["time_logged"], row["time_logged"], held["operator"]))
+            held = None
+    if held is not None:
+        spans.append((held["time_logged"], end, held["operator"]))
+    return spans
+
+
 def waits(trail: Trail, pauses: Pauses, now: float) -> dict[str, float]:
     """Seconds the recipient waited, by cause: before its first attempt (our queue), after each
-    deferral (the destination), and within either, while its pool or lane was paused."""
+    deferral (the destination), and within either, while its pool or lane was paused or an
+    operator held it."""
     domain = trail.rcpt.rpartition("@")[2].lower()
-    spans = sorted((s, e) for s, e, d in pauses if d in ("*", domain))
-    out = dict.fromkeys(("remote-deferral", "our-pause", "our-backoff"), 0.0)
     final = trail.final
     end = final["time_logged"] if final else now
+    spans = sorted([(s, e) for s, e, d in pauses if d in ("*", domain)]
+                   + [(s, e) for s, e, _ in _holds(trail, end)])
+    out = dict.fromkeys(("remote-deferral", "our-pause", "our-backoff"), 0.0)
     cursor, cause = trail.first["time_queued"], "our-backoff"
     for row in [*(r for r in trail.rows if r["type"] in ("d", "t", "b")), None]:
         until = end if row is None else min(row["time_logged"], end)
@@ -97,7 +115,11 @@ def explain(trail: Trail, pauses: Pauses, now: float) -> tuple[str, str, dict[st
         domain = trail.rcpt.rpartition("@")[2].lower()
         windows = [f"{'pool' if d == '*' else 'lane to ' + d} paused {format_time(s)} to "
                    f"{format_time(e)}" for s, e, d in pauses if d in ("*", domain)]
-        detail += f"; pool {trail.first['vmta_pool']}: " + ", ".join(windows)
+        if windows:
+            detail += f"; pool {trail.first['vmta_pool']}: " + ", ".join(windows)
+        end = final["time_logged"] if final else now
+        detail += "".join(f"; held by operator {who} {format_time(s)} to {format_time(e)}"
+                          for s, e, who in _holds(trail, end))
     return cause, detail, held
 
 

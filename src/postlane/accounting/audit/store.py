@@ -52,15 +52,16 @@ from .seal import Seal
 
 __all__ = ["MIGRATIONS", "AuditStore", "Entry", "Query", "Retention", "RetentionMixin",
            "SQLiteAuditStore", "StoreMissing", "StoreOutdated", "VerifyResult", "baseline",
-           "check_days", "day_of", "fresh", "link", "prepare", "row_record", "seal_row", "walk"]
+           "check_days", "day_of", "fresh", "link", "pauses_sql", "prepare", "row_record",
+           "seal_row", "walk"]
 
 COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS
 #: Versioned schema (table ``audit_migrations``; ``schema.migrate``): append ``(n + 1, sql)``,
 #: never edit a released entry. 1 is the store of hash scheme 1; 2 adds the columns of scheme 2
 #: (old rows keep NULL there and verify as scheme 1), the lookup keys on every record (they
 #: covered "r" rows only) and each record's spool event (unique: an event is chained once,
-#: whatever replays a crash causes); 3 the day seals (Ed25519 signatures, time-stamps). The
-#: columns are those of ``COLUMNS`` (a test checks).
+#: whatever replays a crash causes); 3 the day seals (Ed25519 signatures, time-stamps); 4 the
+#: index of operators' actions. The columns are those of ``COLUMNS`` (a test checks).
 MIGRATIONS: list[tuple[int, str]] = [
     (1, """
 CREATE TABLE audit_records (seq INTEGER PRIMARY KEY, day TEXT NOT NULL, prev BLOB NOT NULL,
@@ -113,12 +114,17 @@ CREATE TABLE audit_seals (day TEXT NOT NULL, last_seq INTEGER NOT NULL,
     records INTEGER NOT NULL, head BLOB NOT NULL, sealed_at REAL NOT NULL,
     key_id TEXT NOT NULL, signature BLOB NOT NULL, tsa BLOB, PRIMARY KEY (day, last_seq));
 """),
+    (4, """
+CREATE INDEX ax_ops ON audit_records (vmta_pool, time_logged) WHERE type = 'o';
+"""),
 ]
 
 
 def baseline(conn: sqlite3.Connection) -> int:
     """The version of a store written before versions were recorded (0: none yet)."""
     have = schema.columns(conn, "audit_records")
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'ax_ops'").fetchone():
+        return 4
     if schema.columns(conn, "audit_seals"):
         return 3
     return 0 if not have else 2 if "ev_n" in have else 1
@@ -220,8 +226,6 @@ class AuditStore(Protocol):
     def days(self) -> list[dict]: ...
 
     def purges(self) -> list[dict]: ...
-
-    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None: ...
 
     def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]: ...
 
@@ -430,6 +434,23 @@ def walk(lookup: ChainLookup, days: list[dict], since_day: str | None,
                         first_seq=verifier.first_seq, last_seq=verifier.last_seq,
                         head=verifier.head.hex(), pseudonymised=verifier.pseudonymised,
                         purged=verifier.purged, days=days)
+
+
+CLASSES_SQL = ("SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL AND cls <> ''"
+               " ORDER BY cls")
+"""The classes in the store (records of actions on a pool or the suppression list have none)."""
+
+
+def pauses_sql(mark: str) -> str:
+    """The pauses and resumes of one pool before a time (parameters: pool, time, pool, time),
+    as (time, action, domain) oldest first: the operators' chained "o" records (domain from
+    ``*@DOMAIN``, "*" for the whole pool) and the unchained ``audit_operations`` table that
+    stores written before them kept. ``mark``: the driver's placeholder."""
+    return (f"SELECT time, action, domain FROM audit_operations WHERE pool = {mark}"
+            f" AND time < {mark} UNION ALL SELECT time_logged, dsn_action, CASE WHEN"
+            " coalesce(rcpt, '') = '' THEN '*' ELSE substr(rcpt, 3) END FROM audit_records"
+            f" WHERE type = 'o' AND vmta_pool = {mark} AND time_logged < {mark}"
+            " AND dsn_action IN ('pause', 'resume') ORDER BY 1")
 
 
 def pause_spans(operations: Iterable[Sequence], until: float) -> list[tuple[float, float, str]]:
@@ -680,21 +701,13 @@ class SQLiteAuditStore(RetentionMixin):
     def purges(self) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM audit_purges ORDER BY id")]
 
-    def log_operation(self, when: float, action: str, pool: str, domain: str) -> None:
-        """Operator actions that explain waiting (pause/resume of a pool or one of its lanes)."""
-        self.db.execute("INSERT INTO audit_operations (time, action, pool, domain) "
-                        "VALUES (?, ?, ?, ?)", (when, action, pool, domain))
-
     def pauses(self, pool: str, until: float) -> list[tuple[float, float, str]]:
         """(start, end, domain) of each pause of ``pool`` begun before ``until``; an open pause
         ends at ``until``."""
-        return pause_spans(self.db.execute(
-            "SELECT time, action, domain FROM audit_operations WHERE pool = ? AND time < ? "
-            "ORDER BY id", (pool, until)), until)
+        return pause_spans(self.db.execute(pauses_sql("?"), (pool, until) * 2), until)
 
     def classes(self) -> list[str]:
-        return [r[0] for r in self.db.execute(
-            "SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL ORDER BY cls")]
+        return [r[0] for r in self.db.execute(CLASSES_SQL)]
 
     # -- verification -----------------------------------------------------------------------
 

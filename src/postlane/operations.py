@@ -1,0 +1,210 @@
+"""Operator actions, on the record: the one door through which the HTTP API (and so the CLI
+and the dashboard, which use it) pauses, resumes, retries, purges, holds, releases, deletes,
+suppresses and unsuppresses, and through which the CLI's suppress commands change the list.
+
+Each action names its operator (an API token's name, or the local user of a CLI command that
+works on the stores directly) in accounting records written through the spool like every other
+record, so the recorder chains them into the audit store: one record per recipient it changed,
+in the spool transaction that changes it (purge and delete: the recipient's final ``b`` record;
+hold, release and retry: an ``o`` record), and one ``o`` record for an action on a pool, a lane
+or the suppression list. ``audit show`` then says "purged by operator alice", ``audit verify``
+covers it, and the SLA report reads pauses from it (docs/audit.md, "Operator actions").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
+
+from .accounting.records import Record
+from .feedback.suppression import Entry, SuppressionList, normalize
+from .scheduler.control import SelectionError, Selector
+from .spool import SpoolUnavailable
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["DONE", "OperationError", "Operations", "Operator", "Suppressions",
+           "action_record", "stamp"]
+
+log = logging.getLogger("postlane.operations")
+
+DONE = {"pause": "paused", "resume": "resumed", "retry": "retried now", "purge": "purged",
+        "delete": "deleted", "hold": "held", "release": "released", "suppress": "suppressed",
+        "unsuppress": "unsuppressed", "suppress-import": "imported into the suppression list"}
+"""Each action (``dsnAction`` of its ``o`` records) and how the records word it."""
+
+
+class OperationError(Exception):
+    """An operator request that cannot be carried out; ``status`` is the HTTP status to use."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """Who ordered an action, and how it came (``via``: "api" or "cli")."""
+
+    name: str
+    via: str = "api"
+
+    @classmethod
+    def local(cls) -> Operator:
+        """The user running this command (who ran sudo, when it runs as root through sudo)."""
+        name = pwd.getpwuid(os.getuid()).pw_name
+        sudo = os.environ.get("SUDO_USER", "")
+        if os.getuid() == 0 and sudo and sudo != "root":
+            name = f"{sudo} (sudo)"
+        return cls(name, "cli")
+
+
+def stamp(rec: Record, action: str, who: Operator, what: str = "", note: str = "") -> Record:
+    """Make ``rec`` the record of ``who``'s ``action``: ``operator`` set and ``dsnDiag``
+    "[what ]<done> by operator <name>[note]"; an ``o`` record also gets the action as
+    ``dsnAction`` and how it came as ``srcType``."""
+    rec.operator = who.name
+    rec.dsn_diag = f"{what + ' ' if what else ''}{DONE[action]} by operator {who.name}{note}"
+    if rec.type == "o":
+        rec.dsn_action, rec.src_type = action, who.via
+    return rec
+
+
+def action_record(action: str, who: Operator, *, pool: str = "", target: str = "",
+                  what: str = "", note: str = "") -> Record:
+    """The ``o`` record of an action on a pool or lane (``target`` "" for the whole pool,
+    ``*@DOMAIN`` for its lane to DOMAIN) or on the suppression list (``target``: the address)."""
+    now = time.time()
+    return stamp(Record("o", now, now, "", target, "", "", pool), action, who, what, note)
+
+
+class Suppressions:
+    """The suppression list changed on the record: by a node (``record`` writes through its
+    spool), or by the CLI on the list's file (``record`` collects for ``outbox.post``). The
+    list and the spool are two stores: the record follows the change, so a crash between the
+    two leaves a change without its record, never a record of a change not made."""
+
+    def __init__(self, store: SuppressionList, record: Callable[[Record], None]) -> None:
+        self.store = store
+        self.record = record
+
+    def add(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
+        entry = self.store.add(address, scope, reason, "operator")
+        self.record(action_record("suppress", who, target=entry.address,
+                                  note=f" (scope {entry.scope})" + (f": {entry.reason}"
+                                                                    if entry.reason else "")))
+        return entry
+
+    def remove(self, address: str, scope: str | None, *, who: Operator) -> int:
+        removed = self.store.remove(address, scope)
+        if removed:
+            where = f"scope {scope}" if scope else "every scope"
+            self.record(action_record("unsuppress", who, target=normalize(address),
+                                      note=f" ({where}, {removed}"
+                                           f" entr{'y' if removed == 1 else 'ies'})"))
+        return removed
+
+    def import_csv(self, src: TextIO, scope: str, *, who: Operator) -> int:
+        count = self.store.import_csv(src, scope)
+        self.record(action_record("suppress-import", who, what=f"{count} addresses",
+                                  note=f" (scope {scope} where a row names none)"))
+        return count
+
+
+class Operations:
+    """A node's operator actions. Every method takes ``who``; the records are written where
+    the state changes (scheduler, spool), so no path changes the queue without them."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.suppressions = Suppressions(node.feedback.suppression, node.persist)
+
+    async def pause(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
+        """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart.
+        Returns the recipients queued there now."""
+        await self._check(Selector(pool=pool))
+        if not self.node.config.pools[pool].pausable:
+            raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
+                                 409)
+        return await self._set_paused(pool, domain, True, who)
+
+    async def resume(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
+        await self._check(Selector(pool=pool))
+        return await self._set_paused(pool, domain, False, who)
+
+    async def _set_paused(self, pool: str, domain: str | None, paused: bool,
+                          who: Operator) -> int:
+        domain = domain.lower() if domain else None
+        queued = sum(lane.depth() for lane in self.node.scheduler.lanes.values()
+                     if lane.pool == pool and domain in (None, lane.domain))
+        action = "pause" if paused else "resume"
+        rec = action_record(action, who, pool=pool, target=f"*@{domain}" if domain else "",
+                            what=f"lane {pool}/{domain}" if domain else f"pool {pool}",
+                            note=f" ({queued} recipients queued)")
+        await self.node.scheduler.set_paused(pool, domain, paused, (rec,))
+        self.node.emit(rec)
+        self._log(action, who, queued, pool=pool, domain=domain or "*")
+        return queued
+
+    async def retry(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
+        """Deferred recipients of a pool (or lane) due now; lifts the lanes' backoff."""
+        out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who)
+        self.node.scheduler.lift(pool, domain.lower() if domain else None)
+        return out["recipients"]
+
+    async def purge(self, pool: str, domain: str, *, who: Operator) -> int:
+        """Drop a lane's queued, deferred and held mail (no DSN)."""
+        return (await self.queue("purge", Selector(pool=pool, domain=domain),
+                                 who=who))["recipients"]
+
+    async def queue(self, action: str, sel: Selector, *, who: Operator, dry_run: bool = False,
+                    dsn: bool = False) -> dict:
+        """hold, release, retry, delete or purge the selected messages (``postlane queue …``;
+        in a cluster, those of the shared spool too)."""
+        try:
+            out = await self.node.queue.act(action, sel, who, dry_run=dry_run, dsn=dsn)
+        except SelectionError as exc:
+            raise OperationError(str(exc), exc.status) from None
+        except SpoolUnavailable as exc:
+            raise OperationError(f"not done: {exc}", 503) from None
+        if not dry_run:
+            self._log(action, who, out["recipients"], messages=out["messages"],
+                      pool=sel.pool or "*", domain=sel.domain or "*")
+        return out
+
+    async def suppress(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
+        entry = self.suppressions.add(address, scope, reason, who=who)
+        await self.node.spool.flush()  # on the record before the answer
+        self._log("suppress", who, 1, scope=scope)
+        return entry
+
+    async def unsuppress(self, address: str, scope: str | None, *, who: Operator) -> int:
+        removed = self.suppressions.remove(address, scope, who=who)
+        await self.node.spool.flush()
+        self._log("unsuppress", who, removed, scope=scope or "*")
+        return removed
+
+    async def import_suppressions(self, src: TextIO, scope: str, *, who: Operator) -> int:
+        count = self.suppressions.import_csv(src, scope, who=who)
+        await self.node.spool.flush()
+        self._log("suppress-import", who, count, scope=scope)
+        return count
+
+    async def _check(self, sel: Selector) -> None:
+        """A mistyped pool is an error, not "paused"."""
+        try:
+            await self.node.queue.check(sel)
+        except SelectionError as exc:
+            raise OperationError(str(exc), exc.status) from None
+
+    @staticmethod
+    def _log(action: str, who: Operator, count: int, **what: object) -> None:
+        log.info("%s by operator %s (%s): %d", DONE[action], who.name, who.via, count,
+                 extra={"operator": who.name, "via": who.via, "action": action,
+                        "count": count, **what})
