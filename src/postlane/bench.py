@@ -240,6 +240,19 @@ def _rss_peak_mb(pid: int) -> float:
     return 0.0
 
 
+def _tree_rss_peak_mb(pid: int) -> float:
+    """Peak RSS of a node and its live children (recorder, signers) together: an upper bound."""
+    total = _rss_peak_mb(pid)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                    total += _rss_peak_mb(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return round(total, 1)
+
+
 # -- the load -----------------------------------------------------------------------------------
 
 @dataclass
@@ -508,6 +521,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
         except ImportError:  # pragma: no cover
             result = asyncio.run(_load(opts, ports, arrivals, progress, on_tick, owners))
         result["rss_mb_peak"] = max(_rss_peak_mb(node.pid) for node in nodes)
+        result["rss_mb_peak_all"] = max(_tree_rss_peak_mb(node.pid) for node in nodes)
         result["node_cpu_s"] = round(sum(_cpu_seconds(node.pid) for node in nodes), 2)
         result["signer_cpu_s"] = round(sum(_children_cpu_seconds(node.pid) for node in nodes), 2)
         result["sink_cpu_s"] = _cpu_seconds(sink.pid)
