@@ -1,0 +1,197 @@
+"""The import contract between Postlane's parts (docs/architecture.md, "Layers").
+
+A *part* is a subpackage or a top-level module of ``postlane``. Every import counts: at module
+level, inside functions (lazy) and under ``if TYPE_CHECKING`` - a design dependency is one
+whichever way Python loads it. Read with ``ast``, so the check costs milliseconds and imports
+nothing.
+
+The contract: the parts stand in ordered layers (``LAYERS``, top first); a part imports only parts
+of lower layers, never one of its own layer or above. ``DEBT`` lists the imports that still break
+it, each with why; the list may only shrink (an entry whose import is gone fails the test, so it
+is struck off), and no new one may appear.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "src" / "postlane"
+
+LAYERS: list[set[str]] = [
+    {"cli"},                                        # commands: the `postlane` entry point
+    {"harness", "demo"},                            # bench, demo, crash tests; never imported
+    {"bench", "killtest"},                          # (moving into harness/)
+    {"sink"},
+    {"cluster"},                                    # cluster commands (moving into cli/)
+    {"node"},                                       # the composition root: wires every part
+    {"admin"},                                      # running a node: init, backup, upgrade, service
+    {"api"},                                        # HTTP API and dashboard
+    {"reputation"},                                 # DMARC/Postmaster/SNDS views, alerts
+    {"operations"},                                 # operator actions, on the record
+    {"monitor"},                                    # metrics, alerts, SLA tracking
+    {"feedback"},                                   # DSN, ARF, suppression, VERP, unsubscribe
+    {"scheduler"},                                  # lanes, slots, retries: drives the relay
+    {"relay"},                                      # one SMTP transaction per call, outcomes
+    {"edge"},                                       # SMTP server: hands messages to intake
+    {"policy"},                                     # intake: classify, stamp, sign, store
+    {"spool"},                                      # the durable queue and evidence outbox
+    {"accounting"},                                 # records, their files, the audit store
+    {"config"},                                     # data and validation of data
+    {"schema", "secretfile", "childproc"},          # leaf helpers
+]
+
+DEBT: dict[tuple[str, str], str] = {
+    # (importer, imported): why it is still there
+    ("accounting", "cli"): "audit commands live in accounting/audit/cli.py (item 4)",
+    ("accounting", "monitor"): "the recorder reports to monitor/health.py (a leaf to move down)",
+    ("accounting", "spool"): "the recorder and the audit store read the spool's outbox; audit"
+                             " moves to a part of its own above spool (item 5)",
+    ("admin", "cli"): "admin commands live in admin/cli.py (item 4)",
+    ("admin", "node"): "admin/service.py reloads a running Node",
+    ("api", "cli"): "API commands live in api/cli.py, api/token_cli.py (item 4)",
+    ("api", "node"): "the API takes the whole Node (item 3)",
+    ("cluster", "cli"): "cluster.py holds commands (item 4)",
+    ("config", "accounting"): "config/model.py imports the accounting file writer (item 2)",
+    ("config", "edge"): "config/load.py checks users files with edge.auth (item 2)",
+    ("config", "policy"): "config/load.py checks DKIM keys with policy.dkim (item 2)",
+    ("config", "scheduler"): "config/load.py checks destination rules (item 2)",
+    ("config", "spool"): "config/load.py imports spool for local_dir (item 2)",
+    ("edge", "cli"): "edge commands live in edge/cli.py (item 4)",
+    ("edge", "killtest"): "edge/cli.py runs the kill test (item 4)",
+    ("edge", "monitor"): "edge/limits.py reports to monitor/health.py (a leaf to move down)",
+    ("edge", "relay"): "edge/cli.py's TLS check uses the SMTP client (item 4)",
+    ("feedback", "api"): "feedback/api.py is an API router (item 3)",
+    ("feedback", "node"): "feedback/api.py and unsubscribe.py take the whole Node (item 3)",
+    ("feedback", "operations"): "feedback/cli.py (item 4)",
+    ("monitor", "cluster"): "monitor/cluster.py uses cluster.summarize",
+    ("monitor", "node"): "the monitor takes the whole Node (item 3)",
+    ("operations", "node"): "the operator facade takes the whole Node (item 3)",
+    ("policy", "cli"): "DKIM commands live in policy/dkim_cli.py (item 4)",
+    ("policy", "edge"): "intake uses edge's address parser, users and disk guard",
+    ("policy", "feedback"): "intake screens with the suppression list's Entry type",
+    ("policy", "monitor"): "intake and the signer report to monitor/health.py",
+    ("relay", "scheduler"): "the relay drives the scheduler (item 1)",
+    ("reputation", "node"): "the reputation service takes the whole Node (item 3)",
+    ("scheduler", "feedback"): "the scheduler's default bounce classifier (item 3)",
+    ("scheduler", "monitor"): "the scheduler reports outages to monitor/health.py",
+    ("scheduler", "operations"): "operator records are stamped by operations.py",
+    ("spool", "monitor"): "the spool reports to monitor/health.py (a leaf to move down)",
+}
+
+
+def _part(module: str) -> str | None:
+    names = module.split(".")
+    return names[1] if names[0] == "postlane" and len(names) > 1 else None
+
+
+def part_imports() -> dict[str, dict[str, list[str]]]:
+    """importer part -> imported part -> ["module:line", ...] over every .py file."""
+    edges: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted(ROOT.rglob("*.py")):
+        names = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        package = names[:-1] if names[-1] != "__init__" else names[:-1]
+        if names[-1] == "__init__":
+            names = names[:-1]
+        module = ".".join(names)
+        source = _part(module)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = (package[:len(package) - node.level + 1] if node.level
+                        else (node.module or "").split("."))
+                if node.level and node.module:
+                    base = base + node.module.split(".")
+                stem = ".".join(base)
+                targets = ([f"{stem}.{a.name}" for a in node.names] if stem == "postlane"
+                           else [stem])
+            else:
+                continue
+            for target in targets:
+                part = _part(target)
+                if part and source and part != source:
+                    edges[source][part].append(f"{module}:{node.lineno}")
+    return edges
+
+
+def cycles(edges: dict[str, dict[str, list[str]]]) -> list[list[str]]:
+    """The strongly connected components of more than one part (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(set(edges) | {w for ws in edges.values() for w in ws}):
+        if v not in index:
+            visit(v)
+    return sorted(out, key=len, reverse=True)
+
+
+def _rank() -> dict[str, int]:
+    return {part: -i for i, layer in enumerate(LAYERS) for part in layer}
+
+
+def violations(edges: dict[str, dict[str, list[str]]]) -> dict[tuple[str, str], list[str]]:
+    """Imports of a part of the same or a higher layer."""
+    rank = _rank()
+    return {(a, b): where for a, targets in edges.items() for b, where in targets.items()
+            if rank[b] >= rank[a]}
+
+
+def test_every_part_has_a_layer() -> None:
+    parts = {p.stem for p in ROOT.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    assert parts - {"data"} <= set(_rank()), sorted(parts - set(_rank()))
+
+
+def test_no_import_against_the_layers() -> None:
+    found = violations(part_imports())
+    new = {edge: where for edge, where in found.items() if edge not in DEBT}
+    assert not new, "imports against the layers (docs/architecture.md, Layers):\n" + "\n".join(
+        f"  {a} -> {b}: {', '.join(where)}" for (a, b), where in sorted(new.items()))
+    paid = sorted(set(DEBT) - set(found))
+    assert not paid, f"paid off, strike from DEBT: {paid}"
+
+
+def test_no_cycles_beyond_the_debt() -> None:
+    """Without the debt the graph is acyclic (layers imply it); with it, the cycles shrink."""
+    edges = part_imports()
+    clean = {a: {b: w for b, w in ts.items() if (a, b) not in DEBT} for a, ts in edges.items()}
+    assert cycles(clean) == []
+
+
+if __name__ == "__main__":  # python tests/test_layers.py: the graph, its cycles, the debt
+    graph = part_imports()
+    comps = cycles(graph)
+    print(f"{len(set(graph) | {w for ws in graph.values() for w in ws})} parts;"
+          f" cycles: {[len(c) for c in comps]}")
+    for comp in comps:
+        print("  ", " ".join(comp))
+    for (a, b), where in sorted(violations(graph).items()):
+        print(f"{a} -> {b}: {', '.join(where)}")
