@@ -57,16 +57,19 @@ class Node:
         self._listeners: list = []
         """In-memory observers of every record (monitor, feedback): told at once, on the
         loop; the durable copy goes through the spool and the recorder."""
-        self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures)
-        self.scheduler.health = self.health
-        self.queue = QueueControl(self.scheduler, config.pools, config.classes,
-                                  self.spool if isinstance(self.spool, PostgresSpool) else None)
+        self.feedback = FeedbackService(config, self.persist)
+        self._listeners.append(self.feedback.on_record)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
         self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3")
                             if config.tlsrpt.enabled else None)
-        self.relay = Relay(config, self.scheduler, self.spool, self.resolver, self.tls_reports)
-        self.scheduler.relay = self.relay
+        self.relay = Relay(config, self.spool, self.resolver, self.tls_reports,
+                           envelope_sender=self.feedback.envelope_sender)
+        self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures,
+                                   relay=self.relay, health=self.health,
+                                   classify=self.feedback.classifier.classify)
+        self.queue = QueueControl(self.scheduler, config.pools, config.classes,
+                                  self.spool if isinstance(self.spool, PostgresSpool) else None)
         self.stop_requested = asyncio.Event()
         """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
         self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
@@ -76,14 +79,10 @@ class Node:
             self.signer.keyring.health = self.health
         self.intake = Intake(config, self.spool, self.claimer or self.scheduler, self.emit,
                              self.signer, self.health)
-        self.feedback = FeedbackService(config, self.persist)
-        self._listeners.append(self.feedback.on_record)
         self.intake.feedback = self.feedback
         if self.tls_reports is not None:
             self.tls_reports.submit = self.intake.submit
         self.intake.audit_behind = self.recorder.behind
-        self.relay.envelope_sender = self.feedback.envelope_sender
-        self.scheduler.classify = self.feedback.classifier.classify
         self.certificates = Certificates(config)
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
                                    self.certificates.for_listener(name))

@@ -14,13 +14,10 @@ covers it, and the SLA report reads pauses from it (docs/audit.md, "Operator act
 from __future__ import annotations
 
 import logging
-import os
-import pwd
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+from .accounting.operators import DONE, Operator, action_record, stamp
 from .accounting.records import Record
 from .feedback.suppression import Entry, SuppressionList, normalize
 from .scheduler.control import SelectionError, Selector
@@ -34,11 +31,6 @@ __all__ = ["DONE", "OperationError", "Operations", "Operator", "Suppressions",
 
 log = logging.getLogger("postlane.operations")
 
-DONE = {"pause": "paused", "resume": "resumed", "retry": "retried now", "purge": "purged",
-        "delete": "deleted", "hold": "held", "release": "released", "suppress": "suppressed",
-        "unsuppress": "unsuppressed", "suppress-import": "imported into the suppression list"}
-"""Each action (``dsnAction`` of its ``o`` records) and how the records word it."""
-
 
 class OperationError(Exception):
     """An operator request that cannot be carried out; ``status`` is the HTTP status to use."""
@@ -46,42 +38,6 @@ class OperationError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class Operator:
-    """Who ordered an action, and how it came (``via``: "api" or "cli")."""
-
-    name: str
-    via: str = "api"
-
-    @classmethod
-    def local(cls) -> Operator:
-        """The user running this command (who ran sudo, when it runs as root through sudo)."""
-        name = pwd.getpwuid(os.getuid()).pw_name
-        sudo = os.environ.get("SUDO_USER", "")
-        if os.getuid() == 0 and sudo and sudo != "root":
-            name = f"{sudo} (sudo)"
-        return cls(name, "cli")
-
-
-def stamp(rec: Record, action: str, who: Operator, what: str = "", note: str = "") -> Record:
-    """Make ``rec`` the record of ``who``'s ``action``: ``operator`` set and ``dsnDiag``
-    "[what ]<done> by operator <name>[note]"; an ``o`` record also gets the action as
-    ``dsnAction`` and how it came as ``srcType``."""
-    rec.operator = who.name
-    rec.dsn_diag = f"{what + ' ' if what else ''}{DONE[action]} by operator {who.name}{note}"
-    if rec.type == "o":
-        rec.dsn_action, rec.src_type = action, who.via
-    return rec
-
-
-def action_record(action: str, who: Operator, *, pool: str = "", target: str = "",
-                  what: str = "", note: str = "") -> Record:
-    """The ``o`` record of an action on a pool or lane (``target`` "" for the whole pool,
-    ``*@DOMAIN`` for its lane to DOMAIN) or on the suppression list (``target``: the address)."""
-    now = time.time()
-    return stamp(Record("o", now, now, "", target, "", "", pool), action, who, what, note)
 
 
 class Suppressions:
