@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from postlane.config import parse_config
 from postlane.scheduler.lanes import Lane, SourceSlot
 from postlane.scheduler.scheduler import Scheduler
 from postlane.spool import Message, Recipient, State
+from postlane.startup import parse_config
 from tests.conftest import config_text
 
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from postlane import schema
 from postlane.accounting.audit.store import COLUMNS, SQLiteAuditStore
 from postlane.cli import app
-from postlane.config import load_config
 from postlane.feedback.suppression import SuppressionList
 from postlane.node import Node
+from postlane.startup import load_config
 from tests.conftest import OPERATOR, config_text
 from tests.support.old_stores import write_old_stores
 

@@ -30,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, load_config
+from .config import Config
 from .relay.client import SMTPConnection, SMTPError
+from .startup import load_config
 
 TRANSACTIONAL_DEFAULT = ("policy-documents", "claims", "payment-receipts")
 EXAMPLE = Path(__file__).resolve().parent / "data" / "insurance.toml"

@@ -16,11 +16,11 @@ from .api.cli import app as ops_app
 from .api.queue_cli import app as queue_app
 from .api.token_cli import app as api_app
 from .cluster import cluster_app
-from .config import ConfigError, load_config
 from .edge.cli import killtest, tls_app, users_app
 from .feedback.cli import feedback_app, suppress_app
 from .policy.dkim_cli import app as dkim_app
 from .reputation.cli import dmarc_app, rules_app
+from .startup import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Postlane: a priority-aware MTA for regulated transactional email.")

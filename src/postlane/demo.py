@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from .bench import EXAMPLE, BenchOptions, Progress, run_bench
-from .config import load_config
+from .startup import load_config
 
 
 def _progress_table(p: Progress) -> Table:

@@ -276,8 +276,8 @@ def _evidence(result: Result, configs: list[Path], acked: set[int],
     from .accounting.audit.backend import open_audit_store
     from .accounting.audit.evidence import trails
     from .accounting.audit.store import Query
-    from .config import load_config
     from .spool.outbox import open_outbox
+    from .startup import load_config
 
     config = load_config(configs[0])
     problems: list[str] = []
@@ -341,8 +341,8 @@ def _committed(directory: Path, path: Path) -> str:
 
 def _drained(config_path: Path) -> bool:
     """Whether the spool holds no recipient still to deliver."""
-    from .config import load_config
     from .spool.outbox import open_outbox
+    from .startup import load_config
 
     config = load_config(config_path)
     try:

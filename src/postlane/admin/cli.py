@@ -37,7 +37,7 @@ def init(directory: Path = typer.Argument(..., help="new folder for the node's f
          as_json: bool = _JSON) -> None:
     """Write a commented config (the four classes of the case study), DKIM keys, a self-signed
     TLS certificate and the API token into DIRECTORY, and print the DNS checklist."""
-    from ..config import ConfigError, load_config
+    from ..startup import ConfigError, load_config
     from .dnsrecords import checklist
     from .firstrun import DEFAULT_IPS, InitError, InitOptions, write_node
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, load_config
+from ..startup import ConfigError, load_config
 
 if TYPE_CHECKING:
     from ..config import Config

@@ -14,14 +14,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from ..accounting.log import resolve_fields
-from ..accounting.records import DEFAULT_FIELDS, RECORD_TYPES
+from .fields import DEFAULT_FIELDS, RECORD_TYPES, resolve_fields
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
                "gb": 1024**3}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?b?)\s*$", re.IGNORECASE)
+
+
+def is_dsn(location: str) -> bool:
+    """Whether ``node.spool`` names a PostgreSQL database (cluster mode) rather than a folder."""
+    return location.startswith(("postgresql://", "postgres://"))
 
 
 def parse_duration(value: object) -> float:

@@ -18,11 +18,12 @@ from pathlib import Path
 import typer
 
 from ..accounting.records import Record
-from ..config import Config, ConfigError, load_config
+from ..config import Config
 from ..operations import Operator, Suppressions
 from ..secretfile import private_open
 from ..spool import local_dir
 from ..spool.outbox import post
+from ..startup import ConfigError, load_config
 from .categories import RulesError, load_classifier
 from .parse import parse_report
 from .suppression import SCOPES, SuppressionError, SuppressionList

@@ -17,8 +17,8 @@ import typer
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from ..config import parse_config
 from ..config.model import Config, DKIMConfig, DKIMKeyConfig, parse_instant
+from ..startup import parse_config
 from .dkim import (
     DKIMError,
     Signer,

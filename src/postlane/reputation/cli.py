@@ -14,8 +14,9 @@ from pathlib import Path
 
 import typer
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config
 from ..feedback.dmarc import DEFAULT_MAX_SIZE, DMARCError, parse_aggregate
+from ..startup import ConfigError, load_config
 from .alignment import GROUPS, summarise
 from .review import PERIOD, review
 from .service import import_report, open_store
