@@ -17,6 +17,7 @@ from pathlib import Path
 from .accounting.audit.service import AuditService
 from .accounting.recorder import Recorder
 from .accounting.records import Record
+from .api.parts import NodeParts
 from .api.server import APIServer
 from .config import Config
 from .edge.smtp import Listener
@@ -26,7 +27,7 @@ from .feedback.service import FeedbackService
 from .monitor.activity import Activity
 from .monitor.health import Health
 from .monitor.monitor import Monitor
-from .operations import Operations
+from .operations import Operations, Suppressions
 from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
@@ -36,6 +37,7 @@ from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
 from .scheduler.control import QueueControl
 from .scheduler.scheduler import Failure, Scheduler
+from .scheduler.view import QueueView
 from .spool import Message, PostgresSpool, local_dir, make_spool
 from .spool.postgres import NodeConflict
 
@@ -87,7 +89,10 @@ class Node:
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
                                    self.certificates.for_listener(name))
                           for name, lc in config.listeners.items()]
-        self.monitor = Monitor(self)
+        self.view = QueueView(self.scheduler)
+        """The queue, read-only (monitor, API, status)."""
+        self.monitor = Monitor(config, self.spool, self.view, self.intake.submit, self.status,
+                               self.health)
         self._listeners.append(self.monitor.on_record)
         self.reputation = ReputationService(self)
         self.feedback.dmarc = self.reputation
@@ -96,9 +101,14 @@ class Node:
         self.monitor.metrics.registry.register(ReputationCollector(self.reputation))
         self.activity = Activity()
         self._listeners.append(self.activity.on_record)
-        self.operations = Operations(self)
+        self.operations = Operations(config, self.scheduler, self.queue, self.spool,
+                                     Suppressions(self.feedback.suppression, self.persist),
+                                     self.emit)
         """Every operator action goes through here, on the record (the API calls it)."""
-        self.api = APIServer(self) if config.api.enabled else None
+        self.api = APIServer(NodeParts(
+            config, self.intake.submit, self.status, self.monitor, self.operations,
+            self.activity, self.view, self.queue, self.spool, self.feedback, self.reputation,
+            self.audit is not None)) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
@@ -255,27 +265,8 @@ class Node:
 
     def status(self) -> dict:
         now = time.time()
-        oldest = self.scheduler.oldest(now)
-        lanes = []
-        for lane in sorted(self.scheduler.lanes.values(), key=lambda ln: ln.key):
-            lanes.append({
-                "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
-                "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
-                "held": lane.held, "oldest_age_s": round(oldest.get(lane.key, 0.0), 3),
-                "connections": lane.workers,
-                "paused": lane.paused, "rate_wait": lane.rate_wait,
-                "suspended_s": round(max(0.0, lane.suspended_until - now), 1),
-            })
-        pools = []
-        for name, slots in self.scheduler.slots.items():
-            pools.append({
-                "pool": name, "pausable": self.config.pools[name].pausable,
-                "paused": (name, "*") in self.scheduler.paused,
-                "connections": sum(s.in_use for s in slots),
-                "cap": sum(s.max_smtp_out for s in slots),
-                "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
-                         "max_smtp_out": s.max_smtp_out} for s in slots],
-            })
+        lanes = self.view.lane_rows(now)
+        pools = self.view.pool_rows(lambda name: self.config.pools[name].pausable)
         listeners = []
         for listener in self.listeners:
             lc, cert = listener.config, listener.handler.guard.certificate

@@ -24,7 +24,10 @@ from .scheduler.control import SelectionError, Selector
 from .spool import SpoolUnavailable
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .config import Config
+    from .scheduler.control import QueueControl
+    from .scheduler.scheduler import Scheduler
+    from .spool import Spool
 
 __all__ = ["DONE", "OperationError", "Operations", "Operator", "Suppressions",
            "action_record", "stamp"]
@@ -77,15 +80,22 @@ class Operations:
     """A node's operator actions. Every method takes ``who``; the records are written where
     the state changes (scheduler, spool), so no path changes the queue without them."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.suppressions = Suppressions(node.feedback.suppression, node.persist)
+    def __init__(self, config: Config, scheduler: Scheduler, control: QueueControl,
+                 spool: Spool, suppressions: Suppressions,
+                 emit: Callable[[Record], None]) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.control = control
+        self.spool = spool
+        self.suppressions = suppressions
+        self.emit = emit
+        """Tells the node's in-memory observers of a record the spool write carries."""
 
     async def pause(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart.
         Returns the recipients queued there now."""
         await self._check(Selector(pool=pool))
-        if not self.node.config.pools[pool].pausable:
+        if not self.config.pools[pool].pausable:
             raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
                                  409)
         return await self._set_paused(pool, domain, True, who)
@@ -97,21 +107,21 @@ class Operations:
     async def _set_paused(self, pool: str, domain: str | None, paused: bool,
                           who: Operator) -> int:
         domain = domain.lower() if domain else None
-        queued = sum(lane.depth() for lane in self.node.scheduler.lanes.values()
+        queued = sum(lane.depth() for lane in self.scheduler.lanes.values()
                      if lane.pool == pool and domain in (None, lane.domain))
         action = "pause" if paused else "resume"
         rec = action_record(action, who, pool=pool, target=f"*@{domain}" if domain else "",
                             what=f"lane {pool}/{domain}" if domain else f"pool {pool}",
                             note=f" ({queued} recipients queued)")
-        await self.node.scheduler.set_paused(pool, domain, paused, (rec,))
-        self.node.emit(rec)
+        await self.scheduler.set_paused(pool, domain, paused, (rec,))
+        self.emit(rec)
         self._log(action, who, queued, pool=pool, domain=domain or "*")
         return queued
 
     async def retry(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Deferred recipients of a pool (or lane) due now; lifts the lanes' backoff."""
         out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who)
-        self.node.scheduler.lift(pool, domain.lower() if domain else None)
+        self.scheduler.lift(pool, domain.lower() if domain else None)
         return out["recipients"]
 
     async def purge(self, pool: str, domain: str, *, who: Operator) -> int:
@@ -124,7 +134,7 @@ class Operations:
         """hold, release, retry, delete or purge the selected messages (``postlane queue …``;
         in a cluster, those of the shared spool too)."""
         try:
-            out = await self.node.queue.act(action, sel, who, dry_run=dry_run, dsn=dsn)
+            out = await self.control.act(action, sel, who, dry_run=dry_run, dsn=dsn)
         except SelectionError as exc:
             raise OperationError(str(exc), exc.status) from None
         except SpoolUnavailable as exc:
@@ -136,26 +146,26 @@ class Operations:
 
     async def suppress(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
         entry = self.suppressions.add(address, scope, reason, who=who)
-        await self.node.spool.flush()  # on the record before the answer
+        await self.spool.flush()  # on the record before the answer
         self._log("suppress", who, 1, scope=scope)
         return entry
 
     async def unsuppress(self, address: str, scope: str | None, *, who: Operator) -> int:
         removed = self.suppressions.remove(address, scope, who=who)
-        await self.node.spool.flush()
+        await self.spool.flush()
         self._log("unsuppress", who, removed, scope=scope or "*")
         return removed
 
     async def import_suppressions(self, src: TextIO, scope: str, *, who: Operator) -> int:
         count = self.suppressions.import_csv(src, scope, who=who)
-        await self.node.spool.flush()
+        await self.spool.flush()
         self._log("suppress-import", who, count, scope=scope)
         return count
 
     async def _check(self, sel: Selector) -> None:
         """A mistyped pool is an error, not "paused"."""
         try:
-            await self.node.queue.check(sel)
+            await self.control.check(sel)
         except SelectionError as exc:
             raise OperationError(str(exc), exc.status) from None
 
