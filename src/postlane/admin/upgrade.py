@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import schema
-from ..accounting.audit import store as audit_store
-from ..accounting.audit.backend import audit_location
+from ..audit import store as audit_store
+from ..audit.backend import audit_location
 from ..config import Config
 from ..feedback import suppression
 from ..reputation import store as reputation_store
@@ -91,7 +91,7 @@ def states(cfg: Config) -> list[StoreState]:
         else spool_sqlite.SCHEMA_VERSION, _spool_version)
     if cfg.audit.enabled:
         location = audit_location(cfg)
-        from ..accounting.audit import postgres as audit_postgres
+        from ..audit import postgres as audit_postgres
 
         add("audit store", location, "audit_migrations",
             audit_postgres.SCHEMA_VERSION if is_dsn(location)

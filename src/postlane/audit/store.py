@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ... import schema
-from ...secretfile import private_file
-from ..records import Record
+from .. import schema
+from ..accounting.records import Record
+from ..secretfile import private_file
 from .chain import (
     CHAIN_COLUMNS,
     EXTRA_COLUMNS,

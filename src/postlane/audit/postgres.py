@@ -37,7 +37,7 @@ from itertools import count
 import psycopg
 from psycopg.rows import dict_row
 
-from ...spool.postgres import CONNECT_TIMEOUT, redact
+from ..spool.postgres import CONNECT_TIMEOUT, redact
 from .completeness import Completeness, SpoolView, check
 from .seal import Seal
 from .store import (

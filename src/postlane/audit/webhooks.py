@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import httpx
 
-from ...config.model import WebhookConfig
+from ..config.model import WebhookConfig
 from .store import AuditStore, row_record
 
 __all__ = ["WebhookSender", "event_of"]

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...secretfile import private_dir, private_open
-from ..records import DEFAULT_FIELDS, format_time
+from ..accounting.records import DEFAULT_FIELDS, format_time
+from ..secretfile import private_dir, private_open
 from .chain import PSEUDONYMISED, PURGED, chain_hash, row_cdigest, verify_tuple
 from .store import AuditStore, row_record
 
