@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from postlane.audit.store import SQLiteAuditStore
+from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.audit.writer import AuditWriter
 from postlane.accounting.records import Record
 

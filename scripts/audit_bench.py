@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from postlane.audit.evidence import render_text, trails
-from postlane.audit.store import Query, SQLiteAuditStore
+from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.audit.store import Query
 from postlane.audit.writer import AuditWriter
 from postlane.accounting.records import Record
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from postlane.audit.evidence import trails
 from postlane.audit.sla import explain, sla_report
-from postlane.audit.store import Query, SQLiteAuditStore
+from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.audit.store import Query
 from postlane.cli import app
 from postlane.sink import Sink
 from tests.conftest import OPERATOR, config_text, message, send

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..spool import is_dsn, local_dir
-from .store import AuditStore, SQLiteAuditStore
+from .sqlite import SQLiteAuditStore
+from .store import AuditStore
 
 if TYPE_CHECKING:
     from ..config import Config

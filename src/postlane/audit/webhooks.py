@@ -16,7 +16,8 @@ from collections.abc import Callable
 import httpx
 
 from ..config.model import WebhookConfig
-from .store import AuditStore, row_record
+from .queries import row_record
+from .store import AuditStore
 
 __all__ = ["WebhookSender", "event_of"]
 
