@@ -80,11 +80,10 @@ class Node:
         if self.signer is not None:
             self.signer.keyring.health = self.health
         self.intake = Intake(config, self.spool, self.claimer or self.scheduler, self.emit,
-                             self.signer, self.health)
-        self.intake.feedback = self.feedback
+                             self.signer, self.health, feedback=self.feedback,
+                             audit_behind=self.recorder.behind)
         if self.tls_reports is not None:
             self.tls_reports.submit = self.intake.submit
-        self.intake.audit_behind = self.recorder.behind
         self.certificates = Certificates(config)
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
                                    self.certificates.for_listener(name))

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate, parseaddr
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..accounting.records import Record
 from ..config import Config
@@ -96,9 +96,13 @@ def from_domain_of(value: str) -> str:
     return domain_of(address) if "@" in address else ""
 
 
+def _never() -> bool:
+    return False
+
 class Intake:
     def __init__(self, config: Config, spool: Spool, scheduler, record: Callable[[Record], None],
-                 signer: Signer | None = None, health: Health | None = None) -> None:
+                 signer: Signer | None = None, health: Health | None = None, *,
+                 feedback: Any = None, audit_behind: Callable[[], bool] = _never) -> None:
         self.config = config
         self.signer = signer
         self.spool = spool
@@ -107,7 +111,7 @@ class Intake:
         """Tells the in-memory observers; the records themselves go into the spool with the
         message."""
         self.accepted = 0
-        self.feedback = None
+        self.feedback = feedback
         """feedback.service.FeedbackService when the node wires one: suppression, List-Unsubscribe,
         inbound reports (the listeners ask it at RCPT and DATA)."""
         sec = config.security
@@ -115,7 +119,7 @@ class Intake:
                       if sec.users_file else None)
         self.health = health or Health()
         self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space, health=self.health)
-        self.audit_behind: Callable[[], bool] = lambda: False
+        self.audit_behind = audit_behind
         """Whether the audit store is too far behind to take more (``AuditService.behind``)."""
 
     def classify(self, header_class: str | None, default_class: str | None,
