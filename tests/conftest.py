@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from postlane.harness.sink import Sink
 from postlane.node import Node
 from postlane.operations import Operator
-from postlane.sink import Sink
 from postlane.startup import parse_config
 from tests.support.audit import audit_backend  # noqa: F401  (fixture)
 from tests.support.fixtures_dns import dns_server  # noqa: F401  (fixture)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from postlane.cluster import cluster_status
+from postlane.cli.cluster import cluster_status
 from postlane.node import Node
 from postlane.spool import PostgresSpool
 from postlane.startup import parse_config

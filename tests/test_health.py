@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from postlane.accounting.records import Record
+from postlane.harness.sink import Sink
 from postlane.monitor.tracker import Tracker
-from postlane.sink import Sink
 from postlane.startup import parse_config
 from tests.conftest import config_text, message, send
 from tests.test_cluster import _until

@@ -22,10 +22,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "postlane"
 
 LAYERS: list[set[str]] = [
     {"cli"},                                        # commands: the `postlane` entry point
-    {"harness", "demo"},                            # bench, demo, crash tests; never imported
-    {"bench", "killtest"},                          # (moving into harness/)
-    {"sink"},
-    {"cluster"},                                    # cluster commands (moving into cli/)
+    {"harness"},                                    # bench, demo, sink, kill test: never imported
     {"node"},                                       # the composition root: wires every part
     {"admin"},                                      # running a node: init, backup, upgrade, service
     {"startup"},                                    # reading a config with the checks of all parts
@@ -47,28 +44,15 @@ LAYERS: list[set[str]] = [
 
 DEBT: dict[tuple[str, str], str] = {
     # (importer, imported): why it is still there
-    ("audit", "cli"): "audit commands live in audit/cli.py (item 4)",
     ("accounting", "audit"): "the recorder (accounting/recorder.py) feeds the audit store: it"
                              " belongs above spool and audit",
     ("accounting", "monitor"): "the recorder reports to monitor/health.py (a leaf to move down)",
     ("accounting", "spool"): "the recorder reads the spool's outbox (see accounting -> audit)",
-    ("admin", "cli"): "admin commands live in admin/cli.py (item 4)",
     ("admin", "node"): "admin/service.py reloads a running Node",
-    ("api", "cli"): "API commands live in api/cli.py, api/token_cli.py (item 4)",
-    ("cluster", "cli"): "cluster.py holds commands (item 4)",
-    ("edge", "cli"): "edge commands live in edge/cli.py (item 4)",
-    ("edge", "killtest"): "edge/cli.py runs the kill test (item 4)",
     ("edge", "monitor"): "edge/limits.py reports to monitor/health.py (a leaf to move down)",
-    ("edge", "relay"): "edge/cli.py's TLS check uses the SMTP client (item 4)",
-    ("feedback", "operations"): "feedback/cli.py (item 4)",
-    ("feedback", "startup"): "feedback/cli.py reads the config (item 4)",
-    ("monitor", "cluster"): "monitor/cluster.py uses cluster.summarize",
-    ("policy", "cli"): "DKIM commands live in policy/dkim_cli.py (item 4)",
-    ("policy", "startup"): "policy/dkim_cli.py reads the config (item 4)",
     ("policy", "edge"): "intake uses edge's address parser, users and disk guard",
     ("policy", "feedback"): "intake screens with the suppression list's Entry type",
     ("policy", "monitor"): "intake and the signer report to monitor/health.py",
-    ("reputation", "startup"): "reputation/cli.py reads the config (item 4)",
     ("reputation", "node"): "the reputation service takes the whole Node (item 3)",
     ("scheduler", "monitor"): "the scheduler reports outages to monitor/health.py",
     ("spool", "monitor"): "the spool reports to monitor/health.py (a leaf to move down)",

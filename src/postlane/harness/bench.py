@@ -30,12 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
-from .relay.client import SMTPConnection, SMTPError
-from .startup import load_config
+from ..config import Config
+from ..relay.client import SMTPConnection, SMTPError
+from ..startup import load_config
 
 TRANSACTIONAL_DEFAULT = ("policy-documents", "claims", "payment-receipts")
-EXAMPLE = Path(__file__).resolve().parent / "data" / "insurance.toml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "insurance.toml"
 """The case study config (examples/insurance.toml in the repository, shipped in the package)."""
 TAG = b"X-Bench-Id"
 
@@ -68,8 +68,8 @@ def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
     if sink_tls == "verified":
         cfg.relay.ca_file = str(workdir / "sink-cert.pem")
     if dkim != "none":
-        from .config.model import DKIMKeyConfig
-        from .policy.dkim import generate_key, write_key
+        from ..config.model import DKIMKeyConfig
+        from ..policy.dkim import generate_key, write_key
 
         algorithm = "rsa-sha256" if dkim == "rsa" else "ed25519-sha256"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def _message(tag: str, cls: str, rcpt: str, body: bytes, sender: str) -> bytes:
 # -- child processes ----------------------------------------------------------------------------
 
 def _run_node(cfg: Config) -> None:
-    from .node import run, setup_logging
+    from ..node import run, setup_logging
 
     setup_logging("WARNING")
     run(cfg)
@@ -166,8 +166,8 @@ def _run_node(cfg: Config) -> None:
 def sink_certificate(workdir: Path) -> tuple[str, str]:
     """A self-signed certificate for the sink's address (127.0.0.1, the route's host name): its
     own trust anchor, so ``relay.ca_file`` pointed at it makes the sink verifiable."""
-    from .edge.cli import selfsigned
-    from .secretfile import create_secret
+    from ..edge.tls import selfsigned
+    from ..secretfile import create_secret
 
     cert, key = workdir / "sink-cert.pem", workdir / "sink-key.pem"
     cert_pem, key_pem = selfsigned("127.0.0.1")
