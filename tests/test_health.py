@@ -81,7 +81,7 @@ def test_a_node_tracker_never_counts_below_zero(tmp_path):
 
 
 async def test_health_lines_carry_their_counts(caplog):
-    from postlane.monitor.health import Health
+    from postlane.health import Health
 
     health = Health()
     health.begin("k", "disk", "low disk space", cause="1 MB free", effect="452")

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "postlane"
 LAYERS: list[set[str]] = [
     {"cli"},                                        # commands: the `postlane` entry point
     {"harness"},                                    # bench, demo, sink, kill test: never imported
-    {"node"},                                       # the composition root: wires every part
     {"admin"},                                      # running a node: init, backup, upgrade, service
+    {"node"},                                       # the composition root: wires every part
     {"startup"},                                    # reading a config with the checks of all parts
     {"api"},                                        # HTTP API and dashboard
     {"reputation"},                                 # DMARC/Postmaster/SNDS views, alerts
@@ -35,27 +35,18 @@ LAYERS: list[set[str]] = [
     {"relay"},                                      # one SMTP transaction per call, outcomes
     {"edge"},                                       # SMTP server: hands messages to intake
     {"policy"},                                     # intake: classify, stamp, sign, store
-    {"audit"},                                      # the audit store: chain, seals, evidence
+    {"audit"},                                      # the audit store and the recorder that feeds it
     {"spool"},                                      # the durable queue and evidence outbox
-    {"accounting"},                                 # records, their files, the audit store
+    {"accounting"},                                 # records and their CSV/JSONL files
     {"config"},                                     # data and validation of data
-    {"schema", "secretfile", "childproc"},          # leaf helpers
+    {"schema", "secretfile", "childproc", "health"},  # leaf helpers
 ]
 
 DEBT: dict[tuple[str, str], str] = {
     # (importer, imported): why it is still there
-    ("accounting", "audit"): "the recorder (accounting/recorder.py) feeds the audit store: it"
-                             " belongs above spool and audit",
-    ("accounting", "monitor"): "the recorder reports to monitor/health.py (a leaf to move down)",
-    ("accounting", "spool"): "the recorder reads the spool's outbox (see accounting -> audit)",
-    ("admin", "node"): "admin/service.py reloads a running Node",
-    ("edge", "monitor"): "edge/limits.py reports to monitor/health.py (a leaf to move down)",
-    ("policy", "edge"): "intake uses edge's address parser, users and disk guard",
-    ("policy", "feedback"): "intake screens with the suppression list's Entry type",
-    ("policy", "monitor"): "intake and the signer report to monitor/health.py",
-    ("reputation", "node"): "the reputation service takes the whole Node (item 3)",
-    ("scheduler", "monitor"): "the scheduler reports outages to monitor/health.py",
-    ("spool", "monitor"): "the spool reports to monitor/health.py (a leaf to move down)",
+    ("policy", "edge"): "intake uses edge's address parser, SMTP users and disk guard, and"
+                        " edge/smtp.py hands messages to intake: those three belong below"
+                        " both (or edge's server takes intake as a port)",
 }
 
 

@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 
-from .accounting.recorder import Recorder
 from .accounting.records import Record
 from .api.parts import NodeParts
 from .api.server import APIServer
+from .audit.recorder import Recorder
 from .audit.service import AuditService
 from .config import Config
 from .edge.smtp import Listener
 from .edge.tls import Certificates
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
+from .health import Health
 from .monitor.activity import Activity
-from .monitor.health import Health
 from .monitor.monitor import Monitor
 from .operations import Operations, Suppressions
 from .policy.dkim import Signer
@@ -39,7 +36,6 @@ from .scheduler.control import QueueControl
 from .scheduler.scheduler import Failure, Scheduler
 from .scheduler.view import QueueView
 from .spool import Message, PostgresSpool, local_dir, make_spool
-from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
 
@@ -93,7 +89,7 @@ class Node:
         self.monitor = Monitor(config, self.spool, self.view, self.intake.submit, self.status,
                                self.health)
         self._listeners.append(self.monitor.on_record)
-        self.reputation = ReputationService(self)
+        self.reputation = ReputationService(config, self.feedback.rates)
         self.feedback.dmarc = self.reputation
         self._listeners.append(self.reputation.on_record)
         self.monitor.sources.append(self.reputation.conditions)
@@ -328,48 +324,3 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
-
-
-def run(config: Config, path: Path | None = None) -> None:
-    """Run a node until SIGTERM/SIGINT, then drain; SIGHUP reloads the config at ``path``
-    (docs/operations.md); systemd is told when it is ready, reloading and stopping."""
-    from .admin.service import Notifier, reload
-
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-
-    async def main() -> None:
-        node = Node(config)
-        notifier, reloading = Notifier(), asyncio.Lock()
-        watchdog = asyncio.get_running_loop().create_task(notifier.watchdog())  # from the start
-        try:
-            await node.start()
-        except (OSError, NodeConflict) as exc:  # say why, not a traceback
-            log.error("cannot start: %s", exc.strerror if isinstance(exc, OSError)
-                      and exc.strerror else exc)
-            raise SystemExit(1) from None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, node.stop_requested.set)
-
-        async def reload_once() -> None:
-            async with reloading:  # one after the other: the last SIGHUP's file wins
-                await reload(node, path, notifier)
-
-        if path is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))
-        ports = {ln.name: ln.port for ln in node.listeners}
-        log.info("listening", extra={"listeners": ports})
-        notifier.ready("listening on " + ", ".join(f"{n} :{p}" for n, p in ports.items()))
-        await node.stop_requested.wait()
-        notifier.stopping()
-        log.info("draining")
-        await node.stop()
-        watchdog.cancel()
-        log.info("stopped")
-
-    with contextlib.suppress(KeyboardInterrupt):
-        runner(main())

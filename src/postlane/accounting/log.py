@@ -1,6 +1,6 @@
 """Accounting file writer: CSV (RFC 4180) and/or JSON Lines, rotated by age and size.
 
-The recorder (``accounting.recorder``) writes the files from the spool's events. Writes go to
+The recorder (``audit.recorder``) writes the files from the spool's events. Writes go to
 large user-space buffers; ``sync`` is the durability point: it fsyncs the files and then
 replaces a small *position file* beside them with the files' sizes and the last event each
 spool writer has in them. After a crash, ``recover`` cuts the files back to those sizes and

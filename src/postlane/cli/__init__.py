@@ -92,7 +92,8 @@ def serve(config: Path = typer.Option(..., "-c", "--config", help="TOML config f
           log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
     """Run a node until SIGTERM (which drains: 421 to new mail, in-flight deliveries finish);
     SIGHUP reloads keys, certificates, rules and class settings without dropping mail."""
-    from ..node import run, setup_logging
+    from ..admin.service import run
+    from ..node import setup_logging
 
     cfg = _load(config)
     setup_logging(log_level.upper())

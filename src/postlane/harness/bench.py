@@ -157,7 +157,8 @@ def _message(tag: str, cls: str, rcpt: str, body: bytes, sender: str) -> bytes:
 # -- child processes ----------------------------------------------------------------------------
 
 def _run_node(cfg: Config) -> None:
-    from ..node import run, setup_logging
+    from ..admin.service import run
+    from ..node import setup_logging
 
     setup_logging("WARNING")
     run(cfg)

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
+from ..health import Health
 from ..policy.intake import RcptIn
 from ..spool import PostgresSpool
 from .alerts import AlertManager, Condition, log_notifier, mail_notifier, webhook_notifier
 from .cluster import ClusterMonitor
-from .health import Health
 from .latency import QUANTILES, WINDOWS
 from .metrics import Metrics
 from .tracker import ClassState, Tracker

@@ -22,13 +22,12 @@ from ..config import Config
 from ..edge.address import PathError, alabel_domain
 from ..edge.auth import User, Users
 from ..edge.limits import DiskGuard
-from ..monitor.health import Health
+from ..health import Health
 from ..spool import Message, Recipient, Spool, SpoolUnavailable, local_dir
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
 from .identity import envelope_sender
 
 if TYPE_CHECKING:
-    from ..feedback.suppression import Entry
     from .dkim import Signer
 
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
@@ -69,7 +68,9 @@ class RcptIn:
     notify: str = ""
     orcpt: str = ""
     checked: bool = False  # looked up in the suppression list at RCPT already
-    suppressed: Entry | None = None  # what that look-up found
+    suppressed: object | None = None
+    """What that look-up found (the feedback loop's suppression ``Entry``: feedback stands above
+    policy, so intake does not name its type)."""
 
 
 def domain_of(address: str) -> str:

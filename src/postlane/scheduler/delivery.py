@@ -19,7 +19,7 @@ from .pacing import send_delay
 from .rules import RuleBook
 
 if TYPE_CHECKING:
-    from ..monitor.health import Health
+    from ..health import Health
 
 log = logging.getLogger("postlane.scheduler")
 

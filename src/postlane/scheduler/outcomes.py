@@ -21,7 +21,7 @@ from .lanes import Lane
 from .pacing import wants_backoff
 
 if TYPE_CHECKING:
-    from ..monitor.health import Health
+    from ..health import Health
     from .timers import RetryTimers
 
 log = logging.getLogger("postlane.scheduler")

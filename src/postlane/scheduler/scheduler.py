@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from ..accounting.records import Record
 from ..config import Config
-from ..monitor.health import Health
+from ..health import Health
 from ..relay.deliver import Relay
 from ..spool import Message, PostgresSpool, Recipient, Spool, State
 from .clock import SYSTEM_CLOCK, Clock

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from ..accounting.records import Record, pack
-from ..monitor.health import Health
+from ..health import Health
 from .base import (
     FINAL_STATES,
     Attempt,
