@@ -9,7 +9,6 @@ before bulk ones, so a campaign's backlog of writes never sits in front of a pol
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import sqlite3
 import threading
@@ -24,20 +23,17 @@ from .attempts import AttemptJournal
 from .base import (
     FINAL_STATES,
     Attempt,
-    GroupCommitWrites,
     Message,
     Pending,
     Recipient,
-    SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
 )
 from .cache import BodyCache
+from .writer import Batch, Enqueue, Finish, GroupCommitWrites, Op, WriteQueue, settle
 
 log = logging.getLogger("postlane.spool")
-
-BATCH_MAX = 2000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,9 +65,6 @@ _MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority
              " correlation_id, message_id, listener, auth_user, client")
 _UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?"
            " WHERE msg_id=? AND idx=?")
-_AWAITED = frozenset({"enq", "pause", "flush"})
-"""Operations somebody waits for: a failed commit fails them (an SMTP client gets a 451 and
-sends again). The others (outcomes, events, clean-ups) go into the next commit instead."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -106,8 +99,8 @@ class SQLiteSpool(GroupCommitWrites):
         self.events_written = 0
         """The number of this writer's last committed event."""
         self._cv = threading.Condition()
-        self._urgent: collections.deque = collections.deque()
-        self._bulk: collections.deque = collections.deque()
+        self._writes = WriteQueue()
+        """Guarded by ``_cv``: the loop queues, the writer thread takes."""
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,9 +157,9 @@ class SQLiteSpool(GroupCommitWrites):
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _submit(self, op: tuple, urgent: bool) -> None:
+    def _submit(self, op: Op, urgent: bool) -> None:
         with self._cv:
-            (self._urgent if urgent else self._bulk).append(op)
+            self._writes.put(op, urgent)
             self._cv.notify()
 
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
@@ -176,102 +169,73 @@ class SQLiteSpool(GroupCommitWrites):
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
                   r.attempts, r.next_attempt, r.last_reply) for r in rcpts]
-        self._submit(("enq", row, (msg.id, body), rrows, events, fut), urgent)
+        self._submit(Enqueue(row, (msg.id, body), rrows, events, fut), urgent)
         await fut
         self._cache.put(msg.id, body)
 
     def finish(self, msg_id: str) -> None:
         """Forget a message whose recipients are all final."""
-        self._submit(("fin", msg_id), False)
+        self._submit(Finish(msg_id), False)
         self._cache.pop(msg_id)
 
     def _run(self) -> None:
+        """The writer thread: commit what is queued, a batch at a time (``writer.py`` says
+        what a failed commit does)."""
         conn = _connect(self.path)
-        failures = 0
+        writes = self._writes
         try:
             while True:
                 with self._cv:
-                    while not self._urgent and not self._bulk and not self._stopping:
+                    while not writes and not self._stopping:
                         self._cv.wait()
-                    if self._stopping and not self._urgent and not self._bulk:
+                    if self._stopping and not writes:
                         return
-                    batch = []
-                    while self._urgent and len(batch) < BATCH_MAX:
-                        batch.append(self._urgent.popleft())
-                    while self._bulk and len(batch) < BATCH_MAX:
-                        batch.append(self._bulk.popleft())
-                if self._commit(conn, batch):
-                    failures = 0
-                    continue
-                failures += 1
-                kept = [op for op in batch if op[0] not in _AWAITED]
-                if self._stopping and failures >= 3:
-                    log.error("spool commit failed while closing: %d state changes lost (those"
-                              " recipients will be delivered again)", len(kept))
+                    ops = writes.take()
+                batch = Batch.of(ops)
+                error = self._commit(conn, batch)
+                if batch.waiters and self._loop is not None:
+                    self._loop.call_soon_threadsafe(settle, batch.waiters, error)
+                with self._cv:
+                    delay = writes.committed(ops, error, self._stopping)
+                if delay is None:
                     return
-                with self._cv:  # never drop an outcome: it goes first into the next commit
-                    self._bulk.extendleft(reversed(kept))
-                    self._cv.wait(min(5.0, 0.1 * 2 ** failures))
+                if delay:  # the spool is failing (disk full? locked?): back off, then retry
+                    time.sleep(delay)
         finally:
             conn.close()
 
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> bool:
-        """Commit one batch; False (and every waiter failed) if it could not be."""
-        msgs, bodies, rcpts, upds, fins, futs, events = [], [], [], [], [], [], []
-        pauses, trims = [], {}
-        for op in batch:
-            kind = op[0]
-            if kind == "enq":
-                msgs.append(op[1])
-                bodies.append(op[2])
-                rcpts.extend(op[3])
-                events.extend(op[4])
-                futs.append(op[5])
-            elif kind == "upd":
-                upds.extend(op[1])
-                events.extend(op[2])
-            elif kind == "fin":
-                fins.append((op[1],))
-            elif kind == "ev":
-                events.extend(op[1])
-            elif kind == "trim":
-                for writer, n in op[1].items():
-                    trims[writer] = max(n, trims.get(writer, 0))
-            elif kind == "pause":
-                pauses.append(op[1:4])
-                events.extend(op[4])
-                futs.append(op[5])
-            elif kind == "flush":
-                futs.append(op[1])
+    def _commit(self, conn: sqlite3.Connection, batch: Batch) -> BaseException | None:
+        """Commit one batch in one transaction; the error if it could not be."""
         error: BaseException | None = None
         first = self.events_written + 1
+        events = batch.events
         try:
             conn.execute("BEGIN")
-            if msgs:
+            if batch.messages:
                 conn.executemany(f"INSERT INTO messages ({_MSG_COLS}) VALUES"
-                                 f" ({','.join('?' * 16)})", msgs)
-                conn.executemany("INSERT INTO bodies VALUES (?, ?)", bodies)
+                                 f" ({','.join('?' * 16)})", batch.messages)
+                conn.executemany("INSERT INTO bodies VALUES (?, ?)", batch.bodies)
                 conn.executemany("INSERT INTO recipients (msg_id, idx, address, domain, orcpt,"
                                  " notify, state, attempts, next_attempt, last_reply)"
-                                 " VALUES (?,?,?,?,?,?,?,?,?,?)", rcpts)
-            if upds:
-                conn.executemany(_UPDATE, upds)
+                                 " VALUES (?,?,?,?,?,?,?,?,?,?)", batch.recipients)
+            if batch.updates:
+                conn.executemany(_UPDATE, batch.updates)
             if events:
                 writer = self.writer_id
                 conn.executemany("INSERT INTO events VALUES (?, ?, ?)",
                                  [(writer, n, pack(rec))
                                   for n, rec in enumerate(events, first)])
-            if fins:
+            if batch.finished:
+                fins = [(m,) for m in batch.finished]
                 conn.executemany("DELETE FROM recipients WHERE msg_id=?", fins)
                 conn.executemany("DELETE FROM bodies WHERE id=?", fins)
                 conn.executemany("DELETE FROM messages WHERE id=?", fins)
-            for writer, n in trims.items():
+            for writer, n in batch.trims.items():
                 conn.execute("DELETE FROM events WHERE writer=? AND n<=?", (writer, n))
                 if writer != self.writer_id and not conn.execute(
                         "SELECT 1 FROM events WHERE writer=? LIMIT 1", (writer,)).fetchone():
                     conn.execute("DELETE FROM writers WHERE writer=?", (writer,))
-            for pool, domain, paused in pauses:
+            for pool, domain, paused in batch.pauses:
                 if paused:
                     conn.execute("INSERT OR IGNORE INTO paused VALUES (?, ?)", (pool, domain))
                 else:
@@ -279,7 +243,7 @@ class SQLiteSpool(GroupCommitWrites):
             conn.execute("COMMIT")
             self.events_written += len(events)
             self.commits += 1
-            self.writes += len(batch)
+            self.writes += len(batch.ops)
             self.health.end(self.HEALTH_KEY)
         except Exception as exc:  # a failed commit must fail every waiter, not hang them
             error = exc
@@ -287,9 +251,7 @@ class SQLiteSpool(GroupCommitWrites):
                 conn.execute("ROLLBACK")
             self.health.begin(self.HEALTH_KEY, "spool", "spool writes failing", cause=str(exc),
                               effect="intake answers 451 4.3.0", level=logging.ERROR)
-        if futs and self._loop is not None:
-            self._loop.call_soon_threadsafe(_resolve, futs, error)
-        return error is None
+        return error
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -350,12 +312,3 @@ def _unsettled(journaled: dict, row: tuple) -> Attempt | None:
     last = journaled.get((row[0], row[1]))
     return last[1] if last is not None and last[0] > row[7] else None
 
-
-def _resolve(futs: list[asyncio.Future], error: BaseException | None) -> None:
-    for fut in futs:
-        if fut.done():
-            continue
-        if error is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(SpoolUnavailable(f"spool commit failed: {error}"))
