@@ -24,6 +24,7 @@ from ..spool import PostgresSpool
 from .alerts import AlertManager, Condition, log_notifier, mail_notifier, webhook_notifier
 from .cluster import ClusterMonitor
 from .latency import QUANTILES, WINDOWS
+from .loopwatch import LoopWatch
 from .metrics import Metrics
 from .tracker import ClassState, Tracker
 
@@ -77,6 +78,8 @@ class Monitor:
         journal = Path(self.config.accounting.directory) / "alerts.jsonl"
         self.alerts = AlertManager(notifiers, mon.resolve_after, journal)
         self.metrics = Metrics(self)
+        self.loop_watch = LoopWatch(self.metrics.registry)
+        """How late the event loop runs (``postlane_event_loop_lag_seconds``)."""
         self.sources: list[Callable[[float], list[Condition]]] = []
         """More alert conditions (the reputation service's), evaluated with the SLA rules."""
         self.history: deque[dict] = deque(maxlen=int(HISTORY_SECONDS / mon.sample_every) + 1)
@@ -92,9 +95,11 @@ class Monitor:
         now = time.time()
         if self.tracker.counts_queue:
             self.tracker.seed(list(self.node.scheduler.recipients()), now)
+        self.loop_watch.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        self.loop_watch.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
