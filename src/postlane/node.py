@@ -101,7 +101,7 @@ class Node:
         """Every operator action goes through here, on the record (the API calls it)."""
         self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
-        self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
+        self._failures: dict[str, tuple[Message, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
         self._disk_watch: asyncio.Task | None = None
         self._tls_tasks: list[asyncio.Task] = []
@@ -203,14 +203,15 @@ class Node:
         if self.claimer is not None:
             await self.claimer.close()
         await self.spool.close()
-        self.feedback.close()
+        await asyncio.to_thread(self.feedback.close)  # waits for the list's writer thread
         if self.audit is not None:
             await self.audit.stop()
         self.stopped.set()
 
     async def flush_evidence(self) -> None:
         """Wait until every record so far is in the audit store and the accounting files (and
-        the spool has dropped the events they hold)."""
+        the spool has dropped the events they hold), and their suppressions are written."""
+        await self.feedback.flush()
         await self.spool.flush()
         await self.recorder.flush()
         await self.spool.flush()  # the trim the recorder's last progress asked for
@@ -223,17 +224,17 @@ class Node:
             return
         entry = self._failures.get(msg.id)
         if entry is None:
-            try:
-                body = self.spool.body(msg.id)
-            except KeyError:
-                body = b""
-            self._failures[msg.id] = (msg, body, list(failures))
-            asyncio.get_running_loop().call_soon(self._send_bounce, msg.id)
+            self._failures[msg.id] = (msg, list(failures))
+            self._spawn(self._send_bounce(msg.id))
         else:
-            entry[2].extend(failures)
+            entry[1].extend(failures)
 
-    def _send_bounce(self, msg_id: str) -> None:
-        msg, body, failures = self._failures.pop(msg_id)
+    async def _send_bounce(self, msg_id: str) -> None:
+        msg, failures = self._failures.pop(msg_id)
+        try:
+            body = await self.spool.load_body(msg.id)  # read off the loop if not cached
+        except KeyError:
+            body = b""
         report = build_bounce(
             reporting_mta=self.config.node.hostname, sender=msg.mail_from,
             recipients=[FailedRecipient(address=f.rcpt.address, action=f.action, status=f.status,
@@ -242,9 +243,9 @@ class Node:
                         for f in failures],
             original=body, arrival_date=msg.queued_at, envid=msg.envid, ret=msg.ret or "HDRS",
             queue_id=msg.id)
-        self._spawn(self.intake.submit(
+        await self.intake.submit(
             "", [RcptIn(msg.mail_from, "NEVER")], report, listener="dsn",
-            src_type="dsn", forced_class=msg.cls))
+            src_type="dsn", forced_class=msg.cls)
 
     def _spawn(self, work: Coroutine) -> None:
         """Run ``work`` beside the node; a drain waits for it."""

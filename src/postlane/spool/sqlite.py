@@ -112,6 +112,8 @@ class SQLiteSpool(GroupCommitWrites):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        """``_reader`` is shared by the threads that read bodies (``load_body``)."""
         self._cache = BodyCache()
         self._attempts = AttemptJournal(self.path.parent)
         self.commits = 0
@@ -159,7 +161,8 @@ class SQLiteSpool(GroupCommitWrites):
             finally:
                 conn.close()
         if self._reader:
-            self._reader.close()
+            with self._read_lock:
+                self._reader.close()
             self._reader = None
 
     # -- writes ---------------------------------------------------------------------------------
@@ -294,12 +297,26 @@ class SQLiteSpool(GroupCommitWrites):
     # -- reads ----------------------------------------------------------------------------------
 
     def body(self, msg_id: str) -> bytes:
-        """The message's bytes: from the cache of recent messages, else from disk."""
+        """The message's bytes: from the cache of recent messages, else from disk (a query:
+        on the event loop, use ``load_body``)."""
         cached = self._cache.get(msg_id)
         if cached is not None:
             return cached
+        return self._read_body(msg_id)
+
+    async def load_body(self, msg_id: str) -> bytes:
+        """The message's bytes without blocking the loop: from the cache, else read in a
+        thread (with 200,000 messages queued most bodies are on disk only)."""
+        cached = self._cache.get(msg_id)
+        if cached is not None:
+            return cached
+        return await asyncio.to_thread(self._read_body, msg_id)
+
+    def _read_body(self, msg_id: str) -> bytes:
         assert self._reader is not None
-        row = self._reader.execute("SELECT data FROM bodies WHERE id=?", (msg_id,)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT data FROM bodies WHERE id=?",
+                                       (msg_id,)).fetchone()
         if row is None:
             raise KeyError(msg_id)
         return bytes(row[0])
