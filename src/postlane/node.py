@@ -192,7 +192,7 @@ class Node:
         if self.tls_reports is not None:
             await asyncio.to_thread(self.tls_reports.flush)
         if self.signer is not None:
-            self.signer.close()
+            await self.signer.stop()
         await self.monitor.stop()
         await self.reputation.stop()
         try:
