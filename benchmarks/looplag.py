@@ -129,10 +129,13 @@ async def prefill(home: Path, queued: int, domains: int) -> None:
     await spool.close()
 
 
-def _send(port: int, count: int, start: int) -> None:
+def _send(port: int, count: int, start: int, until=None) -> None:
+    """``count`` hard-bouncing policy notices (or, with ``until``, as many as it takes)."""
     import smtplib
     with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
         for i in range(start, start + count):
+            if until is not None and until.is_set():
+                return
             data = (f"From: n@insurer.test\r\nTo: gone{i}@example.com\r\nSubject: p{i}\r\n"
                     "X-Postlane-Class: policy-documents\r\n\r\nDear customer\r\n").encode()
             client.sendmail("n@insurer.test", [f"gone{i}@example.com"], data)
@@ -208,9 +211,12 @@ async def main() -> None:
             proc = await asyncio.create_subprocess_exec(
                 str(postlane), "suppress", "import", "--db", str(db), str(csv_path),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            sender = asyncio.create_task(asyncio.to_thread(_send, port, args.bounces,
-                                                           args.bounces))
+            import threading
+            done = threading.Event()
+            sender = asyncio.create_task(asyncio.to_thread(_send, port, args.bounces * 3,
+                                                           args.bounces, done))
             await proc.wait()
+            done.set()  # bounces arrived during the whole import
             await sender
             await asyncio.sleep(2)
 
