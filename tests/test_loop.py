@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from postlane.monitor.loopwatch import LoopWatch
 from postlane.spool import Message, Recipient
@@ -193,3 +194,46 @@ async def test_stopping_a_stuck_signing_process_does_not_stall_the_loop(tmp_path
         watch.stop()
     assert all(proc.poll() is not None for proc in procs)
     assert stalls.max_blocked < BLOCKED, stalls
+
+
+async def test_a_node_that_cannot_listen_closes_what_it_opened(tmp_path, sink, keys):  # noqa: F811
+    """Node.start with a listener port in use: a clean OSError naming the listener, and the
+    spool, audit writer, recorder, signers, monitor, API and the list's writer closed again."""
+    import socket
+    import threading
+
+    from postlane.config import parse_config
+    from postlane.node import Node
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    before = set(threading.enumerate())
+    node = Node(parse_config(config_text(
+        tmp_path, sink.port, "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1"),
+        listener_port=port)))
+    try:
+        try:
+            await node.start()
+        except OSError as exc:
+            error = exc
+        else:
+            raise AssertionError("started on a port in use")
+    finally:
+        taken.close()
+    assert f"listener 'in' (listeners.in in the config) cannot listen on 127.0.0.1:{port}" \
+        in str(error)
+    children = [node.recorder._proc] + [p._proc for group in node.signer._processes.values()
+                                        for p in group]
+    assert all(proc is not None and proc.poll() is not None for proc in children)
+    assert node.spool._thread is None and node.spool._reader is None  # closed
+    assert not node.feedback.writes._thread.is_alive()
+    assert node.monitor.loop_watch._handle is None and node.monitor._task.done()
+    with pytest.raises(OSError):  # the API's port is closed again
+        socket.create_connection(("127.0.0.1", node.api.port), timeout=1).close()
+    left = [t for t in set(threading.enumerate()) - before if t.is_alive()
+            and not t.name.startswith(("asyncio_", "ThreadPoolExecutor"))]
+    assert not left, left
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not [t for t in tasks if not t.done()], tasks

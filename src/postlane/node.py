@@ -124,38 +124,49 @@ class Node:
         self.emit(rec)
 
     async def start(self) -> None:
-        """Open the spool, resume every queued message, then open the listeners."""
-        await self.spool.open()
-        if self.audit is not None:
-            await self.audit.start()
-        await self.recorder.start()
-        if self.signer is not None:
-            await self.signer.start()
-        self.scheduler.paused = await self.spool.paused()
-        resumed = 0
-        if self.claimer is not None:
-            try:
+        """Open the spool, resume every queued message, then open the listeners. If a part
+        cannot start (a listener's port is taken, the database is away), what was opened is
+        closed again, in reverse order, before the error is raised."""
+        async with contextlib.AsyncExitStack() as opened:
+            opened.push_async_callback(asyncio.to_thread, self.feedback.close)  # its thread
+            await self.spool.open()
+            opened.push_async_callback(self.spool.close)
+            if self.audit is not None:
+                await self.audit.start()
+                opened.push_async_callback(self.audit.stop)
+            await self.recorder.start()
+            opened.push_async_callback(self.recorder.stop)
+            if self.signer is not None:
+                await self.signer.start()
+                opened.push_async_callback(self.signer.stop)
+            self.scheduler.paused = await self.spool.paused()
+            resumed = 0
+            if self.claimer is not None:
                 await self.claimer.start()
-            except BaseException:
-                await self.spool.close()
-                raise
-        else:
-            pending = await self.spool.pending()
-            resumed = len(pending.recipients)
-            for rcpt in pending.recipients:
-                self.scheduler.add(rcpt)
-        await self.reputation.start()
-        await self.monitor.start()
-        if self.api is not None:
-            await self.api.start()
-        for listener in self.listeners:
-            try:
-                await listener.start()
-            except OSError as exc:  # say which listener of the config, not a traceback
-                lc = listener.config
-                raise OSError(exc.errno, f"listener {listener.name!r} (listeners.{listener.name}"
-                                         f" in the config) cannot listen on {lc.address}:"
-                                         f"{lc.port}: {os.strerror(exc.errno or 0)}") from None
+                opened.push_async_callback(self.claimer.close)
+            else:
+                pending = await self.spool.pending()
+                resumed = len(pending.recipients)
+                for rcpt in pending.recipients:
+                    self.scheduler.add(rcpt)
+            await self.reputation.start()
+            opened.push_async_callback(self.reputation.stop)
+            await self.monitor.start()
+            opened.push_async_callback(self.monitor.stop)
+            if self.api is not None:
+                await self.api.start()
+                opened.push_async_callback(self.api.stop)
+            for listener in self.listeners:
+                try:
+                    await listener.start()
+                except OSError as exc:  # say which listener of the config, not a traceback
+                    lc = listener.config
+                    raise OSError(exc.errno, f"listener {listener.name!r} (listeners."
+                                             f"{listener.name} in the config) cannot listen on"
+                                             f" {lc.address}:{lc.port}:"
+                                             f" {os.strerror(exc.errno or 0)}") from None
+                opened.push_async_callback(listener.stop)
+            opened.pop_all()  # all open: ``stop`` closes them from now on
         self.started_at = time.time()
         loop = asyncio.get_running_loop()
         self._disk_watch = loop.create_task(self._watch_disk())
