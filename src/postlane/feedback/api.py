@@ -94,7 +94,7 @@ def router(node: Node) -> APIRouter:
         client = request.client.host if request.client else ""
         report = await node.feedback.receive(data, [], client)
         await node.spool.flush()  # its records are on disk before the answer
-        return report.as_dict()
+        return report.as_dict() if report is not None else {"kind": "dmarc"}
 
     @api.get("/feedback/complaint-rates")
     async def rates() -> dict:

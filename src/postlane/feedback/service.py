@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from email import message_from_bytes
+from typing import Any
 
 from ..accounting.records import Record
 from ..config import Config
@@ -165,7 +166,7 @@ class FeedbackService:
             if not rcpts:
                 return None
         report = await asyncio.to_thread(parse_report, data, self.classifier)
-        if self.mailto in (r.lower() for r in rcpts):
+        if self.mailto is not None and self.mailto in (r.lower() for r in rcpts):
             self._unsubscribe_by_mail(data)
             rcpts = [r for r in rcpts if r.lower() != self.mailto]
             if not rcpts:
@@ -193,7 +194,7 @@ class FeedbackService:
         verps = list({v.recipient.lower(): v for v in map(self.verp.decode, ours) if v}.values())
         pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in ours
                      if a.rpartition("@")[2].lower() in self.bounce_domains), "")
-        base = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
+        base: dict[str, Any] = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
                 "vmta_pool": pool, "src_type": "feedback", "src_mta": client,
                 "message_id": report.original_message_id}
         if report.kind == "complaint" and report.complaint is not None:

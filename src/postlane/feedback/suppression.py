@@ -64,7 +64,7 @@ class Entry:
     expires: float = 0.0
     """Epoch seconds after which the entry no longer applies; 0: never."""
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"address": self.address, "scope": self.scope, "reason": self.reason,
                 "source": self.source, "created": self.created,
                 "expires": self.expires or None}
@@ -213,12 +213,13 @@ class SuppressionList:
                patience: float | None = -1.0) -> int:
         """Remove an address from one scope or (scope None) from every scope; returns rows."""
         address = normalize(address)
-        if scope is None:
-            sql, args = "DELETE FROM suppression WHERE address = ?", (address,)
-        else:
-            sql = "DELETE FROM suppression WHERE address = ? AND scope = ?"
+        sql = "DELETE FROM suppression WHERE address = ?"
+        args: tuple[str, ...] = (address,)
+        if scope is not None:
+            sql += " AND scope = ?"
             args = (address, _scope(scope))
-        return self.write(lambda conn: conn.execute(sql, args).rowcount, patience)
+        removed: int = self.write(lambda conn: conn.execute(sql, args).rowcount, patience)
+        return removed
 
     def check(self, addresses: Iterable[str],
               scopes: Collection[str] = SCOPES) -> dict[str, Entry]:
@@ -263,8 +264,8 @@ class SuppressionList:
             conn.execute("DELETE FROM bounces WHERE address = ? AND time <= ?",
                          (address, when - window))
             conn.execute("INSERT INTO bounces VALUES (?, ?, ?)", (address, when, detail[:400]))
-            count = conn.execute("SELECT COUNT(*) FROM bounces WHERE address = ?",
-                                 (address,)).fetchone()[0]
+            count: int = conn.execute("SELECT COUNT(*) FROM bounces WHERE address = ?",
+                                      (address,)).fetchone()[0]
             entry = then(count) if then is not None else None
             if entry is not None:
                 conn.execute("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
@@ -277,7 +278,7 @@ class SuppressionList:
     def list(self, scope: str | None = None, like: str | None = None, limit: int = 100,
              offset: int = 0) -> list[Entry]:
         sql = f"SELECT {_COLS} FROM suppression WHERE (expires = 0 OR expires > ?)"
-        args: list = [time.time()]
+        args: list[object] = [time.time()]
         if scope is not None:
             sql += " AND scope = ?"
             args.append(_scope(scope))
@@ -292,8 +293,9 @@ class SuppressionList:
     def count(self) -> int:
         """Entries in force (a scan: the API calls it in a thread)."""
         with self._reading() as conn:
-            return conn.execute("SELECT COUNT(*) FROM suppression WHERE expires = 0"
-                                " OR expires > ?", (time.time(),)).fetchone()[0]
+            count: int = conn.execute("SELECT COUNT(*) FROM suppression WHERE expires = 0"
+                                      " OR expires > ?", (time.time(),)).fetchone()[0]
+            return count
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
@@ -374,7 +376,7 @@ class SuppressionWriter:
         self.waiting = 0.0
         """Seconds the current write has waited for the lock (0: none is waiting)."""
         self._patience_at_close = 30.0
-        self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="suppression-writer",
                                         daemon=True)
         self._thread.start()
@@ -422,7 +424,7 @@ class SuppressionWriter:
             if fut is not None:
                 loop.call_soon_threadsafe(_settle, fut, result, None)
 
-    def _attempt(self, fn: Callable[..., Any], args: tuple, closing: bool) -> Any:
+    def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], closing: bool) -> Any:
         """Try ``fn`` until it is done; bad input (``SuppressionError``) is not tried again."""
         failures = 0
         started = time.monotonic()
@@ -456,7 +458,7 @@ class SuppressionWriter:
             self.waiting = time.monotonic() - started
 
 
-def _settle(fut: asyncio.Future, result: object, error: BaseException | None) -> None:
+def _settle(fut: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
     if fut.done():
         return
     if error is None:

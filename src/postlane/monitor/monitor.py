@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 from ..accounting.records import Record
 from ..policy.intake import RcptIn
 from ..spool import PostgresSpool
-from .alerts import AlertManager, Condition, log_notifier, mail_notifier, webhook_notifier
+from .alerts import (
+    AlertManager,
+    Condition,
+    Notifier,
+    log_notifier,
+    mail_notifier,
+    webhook_notifier,
+)
 from .cluster import ClusterMonitor
 from .latency import QUANTILES, WINDOWS
 from .loopwatch import LoopWatch
@@ -67,7 +74,7 @@ class Monitor:
                     window=rule.window if rule else 300.0,
                     lead_time=rule.lead_time if rule and rule.lead_time is not None
                     else cls.sla / 2)
-        notifiers = [log_notifier]
+        notifiers: list[Notifier] = [log_notifier]
         if mon.webhook_url:
             notifiers.append(webhook_notifier(mon.webhook_url, self.config.node.name,
                                               mon.webhook_retries, mon.webhook_backoff,

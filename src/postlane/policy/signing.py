@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..childproc import HEAD, frame, read_frame, reap
 from ..config.model import DKIMConfig, DKIMKeyConfig
@@ -169,7 +170,7 @@ def _serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     reader = sock.makefile("rb")
     config = DKIMConfig()
-    keys: dict[int, object] = {}
+    keys: dict[int, Any] = {}
     while True:
         try:
             msg = read_frame(reader)
@@ -186,7 +187,8 @@ def _serve(fd: int) -> None:
                 pairs = [(DKIMKeyConfig(domain=domain, selector=selector, algorithm=algorithm,
                                         key_file="-"), keys[key_id])
                          for key_id, algorithm, selector in wanted]
-                reply = (ask, True, sign(fields, body, domain, pairs, now, config))
+                reply: tuple[int, bool, bytes | str] = (
+                    ask, True, sign(fields, body, domain, pairs, now, config))
             except Exception as exc:  # noqa: BLE001 - answered, never fatal for the child
                 reply = (ask, False, f"{type(exc).__name__}: {exc}")
             sock.sendall(frame(reply))

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..accounting.records import Record, pack
 from ..monitor.health import Health
@@ -198,7 +199,7 @@ class SQLiteSpool(GroupCommitWrites):
                         self._cv.wait()
                     if self._stopping and not self._urgent and not self._bulk:
                         return
-                    batch = []
+                    batch: list[tuple[Any, ...]] = []
                     while self._urgent and len(batch) < BATCH_MAX:
                         batch.append(self._urgent.popleft())
                     while self._bulk and len(batch) < BATCH_MAX:
@@ -222,7 +223,8 @@ class SQLiteSpool(GroupCommitWrites):
     def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> bool:
         """Commit one batch; False (and every waiter failed) if it could not be."""
         msgs, bodies, rcpts, upds, fins, futs, events = [], [], [], [], [], [], []
-        pauses, trims = [], {}
+        pauses: list[tuple[Any, ...]] = []
+        trims: dict[str, int] = {}
         for op in batch:
             kind = op[0]
             if kind == "enq":
@@ -339,15 +341,15 @@ class SQLiteSpool(GroupCommitWrites):
                 "SELECT msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
                 " last_reply FROM recipients"
                 f" WHERE state NOT IN ({','.join('?' * len(final))})", final):
-            msg = by_id.get(row[0])
-            if msg is None:
+            owner = by_id.get(row[0])
+            if owner is None:
                 continue
             state = State(row[6])
             if state is State.INFLIGHT:
                 state = State.QUEUED
-            msg.remaining += 1
+            owner.remaining += 1
             out.recipients.append(Recipient(
-                msg=msg, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
+                msg=owner, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
                 notify=row[5] or "", state=state, attempts=row[7], next_attempt=row[8],
                 last_reply=row[9] or "", open_attempt=_unsettled(journaled, row)))
         for msg in out.messages:
