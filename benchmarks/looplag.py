@@ -3,8 +3,9 @@
 
 It runs a node in this process with its own probe (the same as ``monitor/loopwatch.py``, kept
 here so that the script also runs against a checkout without the watchdog): a timer due every
-10 ms whose lateness is the lag, and the loop thread's run-queue wait over the same tick, so
-that "blocked" is the lag the node caused itself, not the CPU other processes took.
+10 ms whose lateness is the lag, and the longest run-queue wait of the process's threads over
+the same tick, so that "blocked" is the lag the node caused itself, not the CPU other
+processes took.
 
 Usage (each checkout with its own venv; compare side by side in one run):
 ``nice -n 19 CHECKOUT/.venv/bin/python benchmarks/looplag.py [--queued 200000] [--rows 300000]``
@@ -41,19 +42,31 @@ class Probe:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        self.fds: dict[str, int] = {}
         self.waited = self._ns()
         self.due = self.loop.time() + self.interval
         self.handle = self.loop.call_at(self.due, self._tick)
 
-    def _ns(self) -> int:
-        return int(os.pread(self.fd, 64, 0).split()[1])
+    def _ns(self) -> dict[str, int]:
+        """Per thread, its run-queue wait so far (as monitor/loopwatch.py)."""
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                fd = self.fds.get(tid)
+                if fd is None:
+                    fd = self.fds[tid] = os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY)
+                out[tid] = int(os.pread(fd, 64, 0).split()[1])
+            except OSError:
+                continue
+        return out
 
     def _tick(self) -> None:
         now = self.loop.time()
         lag = max(0.0, now - self.due)
         waited = self._ns()
-        starved, self.waited = (waited - self.waited) / 1e9, waited
+        starved = max((n - self.waited[t] for t, n in waited.items() if t in self.waited),
+                      default=0) / 1e9
+        self.waited = waited
         self.max_lag = max(self.max_lag, lag)
         self.max_blocked = max(self.max_blocked, lag - starved)
         self.lags.append(lag)
