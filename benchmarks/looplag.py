@@ -64,8 +64,7 @@ class Probe:
         now = self.loop.time()
         lag = max(0.0, now - self.due)
         waited = self._ns()
-        starved = max((n - self.waited[t] for t, n in waited.items() if t in self.waited),
-                      default=0) / 1e9
+        starved = max((n - self.waited.get(t, 0) for t, n in waited.items()), default=0) / 1e9
         self.waited = waited
         self.max_lag = max(self.max_lag, lag)
         self.max_blocked = max(self.max_blocked, lag - starved)

@@ -116,8 +116,8 @@ class LoopWatch:
         lag = max(0.0, now - self._due)
         waited = self._runqueue_ns()
         before = self._waited
-        starved = max((n - before[t] for t, n in waited.items() if t in before),
-                      default=0) / 1e9
+        # a thread started within the tick (a to_thread worker) waited within it
+        starved = max((n - before.get(t, 0) for t, n in waited.items()), default=0) / 1e9
         self._waited = waited
         self.last = lag
         self.histogram.observe(lag)
