@@ -13,6 +13,7 @@ block and never on noise.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sqlite3
@@ -80,6 +81,7 @@ async def test_a_scrape_and_lookups_do_not_stall_the_loop(tmp_path, sink, make_n
     await prefill(tmp_path / "spool", 20_000)
     node = await make_node(config_text(tmp_path, sink.port))
     assert node.scheduler.queued() == 20_000
+    assert gc.get_freeze_count() >= 20_000  # the resumed queue is out of the GC's full walks
     token = (tmp_path / "api-token").read_text().strip()
     port = node.api.port
     with node.monitor.loop_watch.track() as stalls:

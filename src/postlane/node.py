@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -149,6 +150,9 @@ class Node:
                 resumed = len(pending.recipients)
                 for rcpt in pending.recipients:
                     self.scheduler.add(rcpt)
+                if resumed:  # long-lived: out of the cyclic collector's full walks (below)
+                    gc.collect()
+                    gc.freeze()
             await self.reputation.start()
             opened.push_async_callback(self.reputation.stop)
             await self.monitor.start()
