@@ -239,3 +239,26 @@ async def test_a_node_that_cannot_listen_closes_what_it_opened(tmp_path, sink, k
     assert not left, left
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     assert not [t for t in tasks if not t.done()], tasks
+
+
+async def test_an_api_import_waits_for_the_lock_and_imports_every_row(tmp_path, sink, make_node):
+    """The import's rows are parsed once, then written when the lock is free: a write the
+    writer tries again must not find its input consumed."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    token = (tmp_path / "api-token").read_text().strip()
+    db = tmp_path / "spool" / "suppression.sqlite3"
+    importer = sqlite3.connect(db, isolation_level=None)
+    importer.execute("BEGIN IMMEDIATE")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
+        posted = asyncio.ensure_future(client.post(
+            "/api/v1/suppressions/import", content="a@example.com\nb@example.com,all\n",
+            timeout=60))
+        while node.feedback.writes.waiting < 5.5:  # past one round of the writer's patience
+            await asyncio.sleep(0.1)
+        importer.execute("COMMIT")
+        importer.close()
+        resp = await posted
+    assert resp.status_code == 200 and resp.json() == {"imported": 2}
+    assert set(node.feedback.suppression.check(["a@example.com", "b@example.com"])) == {
+        "a@example.com", "b@example.com"}

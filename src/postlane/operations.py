@@ -13,6 +13,7 @@ covers it, and the SLA report reads pauses from it (docs/audit.md, "Operator act
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pwd
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from .accounting.records import Record
-from .feedback.suppression import Entry, SuppressionList, normalize
+from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
 from .scheduler.control import SelectionError, Selector
 from .spool import SpoolUnavailable
 
@@ -210,8 +211,10 @@ class Operations:
         return removed
 
     async def import_suppressions(self, src: TextIO, scope: str, *, who: Operator) -> int:
-        count = await self.node.feedback.writes.call(self.suppressions.store.import_csv, src,
-                                                     scope)
+        store = self.suppressions.store
+        # parsed once, in a thread; the writer may try the write more than once (a lock)
+        entries = await asyncio.to_thread(parse_csv, src, scope)
+        count = await self.node.feedback.writes.call(store.add_many, entries)
         self.suppressions.imported(count, scope, who)
         await self.node.spool.flush()
         self._log("suppress-import", who, count, scope=scope)

@@ -29,8 +29,8 @@ from typing import Any, TextIO, TypeVar
 from .. import schema
 from ..secretfile import private_file
 
-__all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionError", "SuppressionList", "baseline",
-           "normalize"]
+__all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionBusy", "SuppressionError",
+           "SuppressionList", "SuppressionWriter", "baseline", "normalize", "parse_csv"]
 
 SCOPES = ("all", "best-effort", "marketing")
 """In order of precedence: ``check`` reports the first scope that stops an address."""
@@ -337,25 +337,32 @@ class SuppressionList:
         """Import rows of address[,scope[,reason[,source[,created[,expires]]]]] (a header line
         naming ``address`` is skipped). All or nothing: one bad row rejects the file, naming its
         line."""
-        entries = []
-        now = time.time()
-        for lineno, row in enumerate(csv.reader(src), start=1):
-            if not row or not row[0].strip() or row[0].startswith("#"):
-                continue
-            if lineno == 1 and row[0].strip().lower() == "address":
-                continue
-            try:
-                scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
-                               else default_scope)
-                created = float(row[4]) if len(row) > 4 and row[4].strip() else now
-                expires = float(row[5]) if len(row) > 5 and row[5].strip() else 0.0
-                entries.append(Entry(normalize(row[0]), scope,
-                                     row[2].strip()[:500] if len(row) > 2 else "",
-                                     row[3].strip() if len(row) > 3 and row[3].strip()
-                                     else source, created, expires))
-            except (SuppressionError, ValueError) as exc:
-                raise SuppressionError(f"line {lineno}: {exc}") from None
-        return self.add_many(entries, patience)
+        return self.add_many(parse_csv(src, default_scope, source), patience)
+
+
+def parse_csv(src: TextIO, default_scope: str = "marketing",
+              source: str = "import") -> list[Entry]:
+    """The entries of an import file (``import_csv``); ``SuppressionError`` names the first
+    bad line."""
+    entries = []
+    now = time.time()
+    for lineno, row in enumerate(csv.reader(src), start=1):
+        if not row or not row[0].strip() or row[0].startswith("#"):
+            continue
+        if lineno == 1 and row[0].strip().lower() == "address":
+            continue
+        try:
+            scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
+                           else default_scope)
+            created = float(row[4]) if len(row) > 4 and row[4].strip() else now
+            expires = float(row[5]) if len(row) > 5 and row[5].strip() else 0.0
+            entries.append(Entry(normalize(row[0]), scope,
+                                 row[2].strip()[:500] if len(row) > 2 else "",
+                                 row[3].strip() if len(row) > 3 and row[3].strip()
+                                 else source, created, expires))
+        except (SuppressionError, ValueError) as exc:
+            raise SuppressionError(f"line {lineno}: {exc}") from None
+    return entries
 
 
 class SuppressionWriter:
@@ -367,7 +374,8 @@ class SuppressionWriter:
     Writes run one after the other, in the order given. A write is never dropped: while the
     database is locked or failing it is tried again (a failure is logged once per outage).
     ``call`` waits for the result; ``submit`` does not (``flush`` waits for every write
-    submitted so far)."""
+    submitted so far). A write is a store method that takes ``patience`` and may be run more
+    than once (it is, while another process holds the lock): give it its data, not a stream."""
 
     def __init__(self, store: SuppressionList, log: logging.Logger | None = None) -> None:
         self.store = store
