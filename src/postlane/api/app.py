@@ -9,6 +9,7 @@ sessionStorage, never in a cookie, so no other site can make a browser call the 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,6 +30,7 @@ from .tokens import Tokens, caller
 
 if TYPE_CHECKING:
     from ..node import Node
+    from ..spool import Recipient
 
 _bearer = HTTPBearer(auto_error=False, description="token from the [api] token_file")
 
@@ -255,9 +257,19 @@ def _rejection_status(exc: Rejection) -> tuple[int, str]:
 def _lookup(node: Node, queue_id: str | None = None, correlation_id: str | None = None,
             recipient: str | None = None) -> list[dict]:
     """Queued, deferred and held recipients from the scheduler, finished ones from the
-    monitor's recent records (in-flight recipients show once their attempt ends)."""
+    monitor's recent records (in-flight recipients show once their attempt ends). By queue id
+    or correlation id through the scheduler's index; by recipient address a walk of the
+    queue."""
     found: dict[str, dict] = {}
-    for rcpt in node.scheduler.recipients():
+    sched = node.scheduler
+    if queue_id is not None:
+        held: Iterable[Recipient] = sched.message(queue_id)
+    elif correlation_id:
+        held = [r for qid in sched.with_correlation_id(correlation_id)
+                for r in sched.message(qid)]
+    else:
+        held = sched.recipients()
+    for rcpt in held:
         msg = rcpt.msg
         if msg.id != queue_id and (not correlation_id or msg.correlation_id != correlation_id) \
                 and (not recipient or rcpt.address.lower() != recipient):

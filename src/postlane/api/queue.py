@@ -98,7 +98,7 @@ def router(node: Node) -> APIRouter:
         out = message_view(rcpts, time.time())
         try:
             try:
-                data = node.spool.body(queue_id)
+                data = await node.spool.load_body(queue_id)
             except KeyError:  # in a cluster: held, or claimed by another node
                 if queue.shared is None:
                     raise

@@ -131,7 +131,7 @@ class BulkDataSMTP(SMTP):
         response = self._held + response + b"\r\n"
         # asyncio's StreamReader keeps unread bytes in ``_buffer`` (no public peek exists)
         if response.startswith(b"250") and len(response) < 4096 and \
-                b"\r\n" in self._reader._buffer:
+                b"\r\n" in self._reader._buffer:  # type: ignore[attr-defined]
             self._held = response
             return
         self._held = b""
@@ -379,7 +379,7 @@ class SMTPIntake:
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
         feedback = self.intake.feedback
         reports = [r.address for r in rcpts if feedback and feedback.is_report_address(r.address)]
-        if reports:  # bounces and complaints for the node itself: parsed, never relayed
+        if reports and feedback is not None:  # reports for the node itself: never relayed
             try:
                 await feedback.receive(envelope.original_content or b"", reports, peer)
                 await self.intake.spool.flush()  # its records are on disk before the 250

@@ -21,9 +21,17 @@ from typing import TYPE_CHECKING
 from ..accounting.records import Record
 from ..policy.intake import RcptIn
 from ..spool import PostgresSpool
-from .alerts import AlertManager, Condition, log_notifier, mail_notifier, webhook_notifier
+from .alerts import (
+    AlertManager,
+    Condition,
+    Notifier,
+    log_notifier,
+    mail_notifier,
+    webhook_notifier,
+)
 from .cluster import ClusterMonitor
 from .latency import QUANTILES, WINDOWS
+from .loopwatch import LoopWatch
 from .metrics import Metrics
 from .tracker import ClassState, Tracker
 
@@ -66,7 +74,7 @@ class Monitor:
                     window=rule.window if rule else 300.0,
                     lead_time=rule.lead_time if rule and rule.lead_time is not None
                     else cls.sla / 2)
-        notifiers = [log_notifier]
+        notifiers: list[Notifier] = [log_notifier]
         if mon.webhook_url:
             notifiers.append(webhook_notifier(mon.webhook_url, self.config.node.name,
                                               mon.webhook_retries, mon.webhook_backoff,
@@ -77,6 +85,8 @@ class Monitor:
         journal = Path(self.config.accounting.directory) / "alerts.jsonl"
         self.alerts = AlertManager(notifiers, mon.resolve_after, journal)
         self.metrics = Metrics(self)
+        self.loop_watch = LoopWatch(self.metrics.registry)
+        """How late the event loop runs (``postlane_event_loop_lag_seconds``)."""
         self.sources: list[Callable[[float], list[Condition]]] = []
         """More alert conditions (the reputation service's), evaluated with the SLA rules."""
         self.history: deque[dict] = deque(maxlen=int(HISTORY_SECONDS / mon.sample_every) + 1)
@@ -92,9 +102,11 @@ class Monitor:
         now = time.time()
         if self.tracker.counts_queue:
             self.tracker.seed(list(self.node.scheduler.recipients()), now)
+        self.loop_watch.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        self.loop_watch.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

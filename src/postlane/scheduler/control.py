@@ -148,7 +148,11 @@ class QueueControl:
     async def select(self, sel: Selector, now: float | None = None) -> list[Recipient]:
         await self.check(sel)
         match = sel.matcher(time.time() if now is None else now)
-        found = [r for r in self.scheduler.recipients() if match(r)]
+        if sel.queue_ids:  # by id: the scheduler's index, not a walk of the whole queue
+            held = (r for qid in dict.fromkeys(sel.queue_ids) for r in self.scheduler.message(qid))
+        else:
+            held = self.scheduler.recipients()
+        found = [r for r in held if match(r)]
         if self.shared is not None:
             found += [r for r in await self._unowned((State.HELD,), sel) if match(r)]
         return found

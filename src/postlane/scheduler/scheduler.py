@@ -78,6 +78,11 @@ class Scheduler:
         self._timers: list[tuple[float, int, Recipient]] = []
         """Retry timers: exactly one entry per deferred recipient (``take`` removes them)."""
         self.held: dict[tuple[str, int], Recipient] = {}
+        self._by_msg: dict[str, dict[int, Recipient]] = {}
+        """Every recipient held, not yet final, by message id: a lookup of one message (the
+        API's) must not walk the whole queue."""
+        self._by_corr: dict[str, set[str]] = {}
+        """Message ids by correlation id (of the messages in ``_by_msg``)."""
         """Recipients an operator put on hold, by (queue id, index)."""
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_seq = itertools.count()
@@ -122,6 +127,7 @@ class Scheduler:
         """Make a recipient ready now (or at its retry time if that is still ahead)."""
         if rcpt.open_attempt is not None:
             self._outcome_unknown(rcpt)
+        self._index(rcpt)
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
         if rcpt.state is State.HELD:
             lane.held += 1
@@ -505,6 +511,7 @@ class Scheduler:
         self.record(rec)
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, state, rcpt.attempts, 0.0,
                                            reply)], (rec,))
+        self._unindex(rcpt)
         msg = rcpt.msg
         msg.remaining -= 1
         if msg.remaining <= 0:
@@ -641,6 +648,7 @@ class Scheduler:
         alone keeps now (``operate_shared``): their messages are forgotten once none of their
         recipients is left here."""
         for rcpt in rcpts:
+            self._unindex(rcpt)
             rcpt.msg.remaining -= 1
             if rcpt.msg.remaining <= 0:
                 self.spool.finish(rcpt.msg.id)
@@ -680,6 +688,39 @@ class Scheduler:
             if rcpt.state is State.DEFERRED:
                 yield rcpt
         yield from self.held.values()
+
+    def _index(self, rcpt: Recipient) -> None:
+        msg = rcpt.msg
+        held = self._by_msg.get(msg.id)
+        if held is None:
+            held = self._by_msg[msg.id] = {}
+            if msg.correlation_id:
+                self._by_corr.setdefault(msg.correlation_id, set()).add(msg.id)
+        held[rcpt.idx] = rcpt
+
+    def _unindex(self, rcpt: Recipient) -> None:
+        msg = rcpt.msg
+        held = self._by_msg.get(msg.id)
+        if held is None or held.pop(rcpt.idx, None) is None or held:
+            return
+        del self._by_msg[msg.id]
+        ids = self._by_corr.get(msg.correlation_id)
+        if ids is not None:
+            ids.discard(msg.id)
+            if not ids:
+                del self._by_corr[msg.correlation_id]
+
+    def message(self, msg_id: str) -> list[Recipient]:
+        """The queued, deferred and held recipients of one message (as ``recipients``, without
+        walking the queue)."""
+        held = self._by_msg.get(msg_id)
+        if not held:
+            return []
+        return [r for _, r in sorted(held.items()) if r.state in _WAITING]
+
+    def with_correlation_id(self, correlation_id: str) -> list[str]:
+        """The ids of the messages held with this correlation id."""
+        return sorted(self._by_corr.get(correlation_id, ()))
 
     def oldest(self, now: float) -> dict[tuple[str, str], float]:
         """Per lane, the age of its oldest message not yet final (queued, deferred or held;
@@ -739,6 +780,9 @@ class Scheduler:
 
     def queued(self) -> int:
         return sum(lane.depth() for lane in self.lanes.values())
+
+
+_WAITING = frozenset({State.QUEUED, State.DEFERRED, State.HELD})
 
 
 def _fill_conn(rec: Record, conn: dict[str, str]) -> None:

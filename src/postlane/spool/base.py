@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..accounting.records import Record
@@ -111,14 +111,14 @@ class Pending:
     recipients: list[Recipient] = field(default_factory=list)
 
 
-def message_row(msg: Message) -> tuple:
+def message_row(msg: Message) -> tuple[Any, ...]:
     """A message's columns, in the order both stores' ``messages`` tables declare them."""
     return (msg.id, msg.cls, msg.pool, msg.mail_from, msg.queued_at, msg.deadline, msg.expire_at,
             msg.priority, msg.size, msg.envid, msg.ret, msg.correlation_id, msg.message_id,
             msg.listener, msg.auth_user, msg.client)
 
 
-def update_rows(updates: list[RecipientUpdate]) -> list[tuple]:
+def update_rows(updates: list[RecipientUpdate]) -> list[tuple[Any, ...]]:
     """Parameters of both stores' recipient UPDATE statement (which also clears the attempt
     mark: an outcome settles the attempt)."""
     return [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.msg_id, u.idx)
@@ -155,7 +155,7 @@ class Spool(Protocol):
         (``flush`` waits for it), kept for the one after if that fails."""
         ...
 
-    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
+    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future[None]:
         """Mark attempts as started; the final dot is sent only once the future is done."""
         ...
 
@@ -165,7 +165,13 @@ class Spool(Protocol):
 
     def finish(self, msg_id: str) -> None: ...
 
-    def body(self, msg_id: str) -> bytes: ...
+    def body(self, msg_id: str) -> bytes:
+        """The message's bytes (KeyError if unknown); may read the disk: not on the loop."""
+        ...
+
+    async def load_body(self, msg_id: str) -> bytes:
+        """``body`` for the event loop: a read from disk happens in a thread."""
+        ...
 
     async def pending(self) -> Pending: ...
 

@@ -387,7 +387,10 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
         return out
 
     async def load_body(self, msg_id: str) -> bytes:
-        """A message's bytes from the shared spool (``queue show`` of one no node holds)."""
+        """A message's bytes: in memory if this node holds it, else from the shared spool
+        (``queue show`` of one no node holds)."""
+        with contextlib.suppress(KeyError):
+            return self.body(msg_id)
         async with self.acquire() as conn:
             data = await conn.fetchval("SELECT data FROM bodies WHERE id = $1", msg_id)
         if data is None:

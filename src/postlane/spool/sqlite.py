@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..accounting.records import Record, pack
 from ..monitor.health import Health
@@ -105,6 +106,8 @@ class SQLiteSpool(GroupCommitWrites):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        """``_reader`` is shared by the threads that read bodies (``load_body``)."""
         self._cache = BodyCache()
         self._attempts = AttemptJournal(self.path.parent)
         self.commits = 0
@@ -152,7 +155,8 @@ class SQLiteSpool(GroupCommitWrites):
             finally:
                 conn.close()
         if self._reader:
-            self._reader.close()
+            with self._read_lock:
+                self._reader.close()
             self._reader = None
 
     # -- writes ---------------------------------------------------------------------------------
@@ -256,12 +260,26 @@ class SQLiteSpool(GroupCommitWrites):
     # -- reads ----------------------------------------------------------------------------------
 
     def body(self, msg_id: str) -> bytes:
-        """The message's bytes: from the cache of recent messages, else from disk."""
+        """The message's bytes: from the cache of recent messages, else from disk (a query:
+        on the event loop, use ``load_body``)."""
         cached = self._cache.get(msg_id)
         if cached is not None:
             return cached
+        return self._read_body(msg_id)
+
+    async def load_body(self, msg_id: str) -> bytes:
+        """The message's bytes without blocking the loop: from the cache, else read in a
+        thread (with 200,000 messages queued most bodies are on disk only)."""
+        cached = self._cache.get(msg_id)
+        if cached is not None:
+            return cached
+        return await asyncio.to_thread(self._read_body, msg_id)
+
+    def _read_body(self, msg_id: str) -> bytes:
         assert self._reader is not None
-        row = self._reader.execute("SELECT data FROM bodies WHERE id=?", (msg_id,)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT data FROM bodies WHERE id=?",
+                                       (msg_id,)).fetchone()
         if row is None:
             raise KeyError(msg_id)
         return bytes(row[0])
@@ -284,15 +302,15 @@ class SQLiteSpool(GroupCommitWrites):
                 "SELECT msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
                 " last_reply FROM recipients"
                 f" WHERE state NOT IN ({','.join('?' * len(final))})", final):
-            msg = by_id.get(row[0])
-            if msg is None:
+            owner = by_id.get(row[0])
+            if owner is None:
                 continue
             state = State(row[6])
             if state is State.INFLIGHT:
                 state = State.QUEUED
-            msg.remaining += 1
+            owner.remaining += 1
             out.recipients.append(Recipient(
-                msg=msg, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
+                msg=owner, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
                 notify=row[5] or "", state=state, attempts=row[7], next_attempt=row[8],
                 last_reply=row[9] or "", open_attempt=_unsettled(journaled, row)))
         for msg in out.messages:
