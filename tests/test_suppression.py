@@ -86,3 +86,32 @@ def test_suppress_commands(tmp_path) -> None:
     r = run(app, ["suppress", "import", "--db", db, str(csv_in)])
     assert r.exit_code == 2 and "line 1" in r.output
     assert run(app, ["suppress", "list"]).exit_code == 2
+
+
+def test_in_memory_hashes_see_every_change(tmp_path, monkeypatch) -> None:
+    """``check`` skips the query for addresses whose hash is not in memory: its own changes
+    apply at once, another connection's (the CLI's) once ``recheck`` has passed (0 here),
+    and a list over ``FILTER_MAX`` is queried for every address."""
+    path = tmp_path / "s.sqlite3"
+    node = SuppressionList(path, recheck=3600)
+    assert node.check(["a@example.com"]) == {}  # loads the (empty) hashes
+    node.add("A@example.com", "all")
+    assert node.check(["a@EXAMPLE.com"])["a@EXAMPLE.com"].scope == "all"
+    node.remove("a@example.com")
+    assert node.check(["a@example.com"]) == {}  # a stale hash only costs a query
+    cli = SuppressionList(path)
+    cli.add("b@example.com", "marketing")
+    assert node.check(["b@example.com"]) == {}  # not looked for another hour
+    node.recheck = 0
+    assert node.check(["b@example.com"])["b@example.com"].scope == "marketing"
+    cli.add("c@example.com", "best-effort", expires=1.0)  # lapsed: listed, not in force
+    assert node.check(["c@example.com"]) == {}
+    monkeypatch.setattr("postlane.feedback.suppression.FILTER_MAX", 2)
+    cli.add("d@example.com", "all")
+    assert node.check(["d@example.com", "b@example.com", "z@example.com"]).keys() == {
+        "d@example.com", "b@example.com"}
+    assert node._hashes is None  # too many to mirror: every address is queried
+    node.add("e@example.com", "all")
+    assert set(node.check(["e@example.com", "x@example.com"])) == {"e@example.com"}
+    cli.close()
+    node.close()
