@@ -198,6 +198,7 @@ class SMTPConnection:
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     async def open(
@@ -579,7 +580,9 @@ class SMTPConnection:
     # the timer, when it fires before the deadline, sets itself again for it.
 
     def _start_clock(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # (asyncio.get_running_loop() costs a getpid() system call)
+            loop = self._loop = asyncio.get_running_loop()
         self._deadline = deadline = loop.time() + timeout
         timer = self._timer
         if timer is None or timer.when() > deadline:
@@ -592,7 +595,8 @@ class SMTPConnection:
         deadline = self._deadline
         if deadline is None:  # no reply awaited now: the next one sets the clock again
             return
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         if deadline - loop.time() > 0.001:
             self._timer = loop.call_at(deadline, self._clock_fired)
             return
