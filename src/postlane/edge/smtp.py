@@ -168,6 +168,13 @@ class BulkDataSMTP(SMTP):
             return None, None
         return address or "<>", rest
 
+    def _may_straddle(self, data: bytearray) -> bool:
+        """Whether an end mark could begin in ``data`` and end in bytes not read yet: unknown
+        until 4 bytes are buffered, else whether the 8 bytes around the seam hold one. Each
+        message starts so (its DATA line's CRLF); this spares most a 1-byte read."""
+        buffered = self._reader._buffer  # StreamReader has no public peek
+        return len(buffered) < 4 or _END in bytes(data[-4:]) + bytes(buffered[:4])
+
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
@@ -187,7 +194,7 @@ class BulkDataSMTP(SMTP):
             # byte by byte while the data ends in a beginning of the mark (at the start, and
             # rarely after a limit overrun); otherwise one call reads to the end.
             try:
-                if data.endswith(_END_PREFIXES):
+                if data.endswith(_END_PREFIXES) and self._may_straddle(data):
                     chunk = await self._reader.readexactly(1)
                 else:
                     chunk = await self._reader.readuntil(_END)
