@@ -243,7 +243,8 @@ class GuardedSMTP(SMTP):
         loop = self.loop
         self._deadline = deadline = loop.time() + (duration or self._timeout_duration)
         handle = self._timeout_handle
-        if handle is not None and self._timer_armed and handle.when() <= deadline:
+        if handle is not None and self._timer_armed and handle.when() <= deadline and \
+                not handle.cancelled():  # (aiosmtpd cancels it when the connection is lost)
             return
         if handle is not None:
             handle.cancel()
