@@ -348,11 +348,14 @@ class Scheduler:
         while True:
             fut = loop.create_future()
             lane.idle.append(fut)
+            # a timer that ends the wait, lighter than asyncio.wait_for (its own future, timer
+            # and callbacks for each wait: one per message when connections outnumber the flow)
+            timer = loop.call_at(until, _time_up, fut)
             try:
-                await asyncio.wait_for(fut, until - loop.time())
-            except TimeoutError:
-                return []
+                if await fut is _TIME_UP:
+                    return []
             finally:
+                timer.cancel()
                 if fut in lane.idle:
                     lane.idle.remove(fut)
             refusals = lane.rate_refusals
@@ -783,6 +786,15 @@ class Scheduler:
 
 
 _WAITING = frozenset({State.QUEUED, State.DEFERRED, State.HELD})
+
+
+_TIME_UP = object()
+
+
+def _time_up(fut: asyncio.Future) -> None:
+    """End an idle connection's wait (``wait_for_work``) unless work came first."""
+    if not fut.done():
+        fut.set_result(_TIME_UP)
 
 
 def _fill_conn(rec: Record, conn: dict[str, str]) -> None:
