@@ -35,8 +35,9 @@ from .relay.tlsrpt import TLSReports
 from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
 from .scheduler.control import QueueControl
+from .scheduler.paging import Pager
 from .scheduler.scheduler import Failure, Scheduler
-from .spool import Message, PostgresSpool, local_dir, make_spool
+from .spool import Message, PostgresSpool, SQLiteSpool, local_dir, make_spool
 from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
@@ -139,6 +140,15 @@ class Node:
             except BaseException:
                 await self.spool.close()
                 raise
+        elif isinstance(self.spool, SQLiteSpool) and not self.scheduler.fifo:
+            # deep lanes stay in the spool: deferred and held recipients come into memory,
+            # queued ones are counted and read in as their lanes drain (scheduler/paging.py)
+            pager = self.scheduler.pager = Pager(self.scheduler, self.spool)
+            sla = [name for name, cls in self.config.classes.items() if cls.sla is not None]
+            found = await self.spool.resume(sla)
+            resumed = pager.resume(found)
+            self.monitor.tracker.seed_counts(found.classes, found.outstanding, time.time())
+            self.monitor.seeded = True
         else:
             pending = await self.spool.pending()
             resumed = len(pending.recipients)
@@ -261,7 +271,7 @@ class Node:
         for lane in sorted(self.scheduler.lanes.values(), key=lambda ln: ln.key):
             lanes.append({
                 "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
-                "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
+                "ready": lane.ready(), "deferred": lane.deferred, "inflight": lane.inflight,
                 "held": lane.held, "oldest_age_s": round(oldest.get(lane.key, 0.0), 3),
                 "connections": lane.workers,
                 "paused": lane.paused, "rate_wait": lane.rate_wait,
