@@ -156,6 +156,9 @@ def bench(marketing: int | None = typer.Option(
           queued_behind: int = typer.Option(
               0, help="first pause the marketing pool and queue N campaign messages behind it;"
                       " report RSS and the time of /metrics and /api/v1/status"),
+          seed_queue: bool = typer.Option(
+              False, "--seed-queue", help="with --queued-behind: write the queue into the spool"
+                                          " before the node starts (as after a restart)"),
           transactional_seconds: float = typer.Option(
               0.0, help="run the transactional stream at least this long"),
           node_from: Path | None = typer.Option(
@@ -199,7 +202,8 @@ def bench(marketing: int | None = typer.Option(
                         config=config, connections=connections, sink_tls=sink_tls,
                         pipelining=not no_pipelining, reconnect_every=reconnect_every,
                         domains=domains, sink_pipelining=not sink_no_pipelining,
-                        queued_behind=queued_behind, transactional_seconds=(
+                        queued_behind=queued_behind, seed_queue=seed_queue,
+                        transactional_seconds=(
                             transactional_seconds or (20.0 if queued_behind else 0.0)),
                         node_from=node_from.resolve() if node_from else None)
 
