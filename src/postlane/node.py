@@ -193,6 +193,8 @@ class Node:
         if self.claimer is not None:
             self.claimer.stop_claiming()
         await self.scheduler.drain(self.config.node.drain_timeout)
+        if self.scheduler.pager is not None:
+            self.scheduler.pager.close()
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
         if self._disk_watch is not None:

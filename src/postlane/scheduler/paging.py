@@ -107,6 +107,11 @@ class Pager:
         if lane.cursor is not None and not lane.paging and len(lane.heap) < LOW:
             self._spawn(self._page(lane))
 
+    def close(self) -> None:
+        """The node stops: page reads under way are abandoned (the spool keeps the rows)."""
+        for task in self._tasks:
+            task.cancel()
+
     # -- reads ----------------------------------------------------------------------------------
 
     def _spawn(self, work: Awaitable[None]) -> None:
