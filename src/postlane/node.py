@@ -36,8 +36,9 @@ from .relay.tlsrpt import TLSReports
 from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
 from .scheduler.control import QueueControl
+from .scheduler.paging import Pager
 from .scheduler.scheduler import Failure, Scheduler
-from .spool import Message, PostgresSpool, local_dir, make_spool
+from .spool import Message, PostgresSpool, SQLiteSpool, local_dir, make_spool
 from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
@@ -145,6 +146,15 @@ class Node:
             if self.claimer is not None:
                 await self.claimer.start()
                 opened.push_async_callback(self.claimer.close)
+            elif isinstance(self.spool, SQLiteSpool) and not self.scheduler.fifo:
+                # deep lanes stay in the spool: deferred and held recipients come into memory,
+                # queued ones are counted and read in as their lanes drain (scheduler/paging.py)
+                pager = self.scheduler.pager = Pager(self.scheduler, self.spool)
+                sla = [name for name, cls in self.config.classes.items() if cls.sla is not None]
+                found = await self.spool.resume(sla)
+                resumed = pager.resume(found)
+                self.monitor.tracker.seed_counts(found.classes, found.outstanding, time.time())
+                self.monitor.seeded = True
             else:
                 pending = await self.spool.pending()
                 resumed = len(pending.recipients)
@@ -198,6 +208,8 @@ class Node:
         if self.claimer is not None:
             self.claimer.stop_claiming()
         await self.scheduler.drain(self.config.node.drain_timeout)
+        if self.scheduler.pager is not None:
+            self.scheduler.pager.close()
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
         if self._disk_watch is not None:
@@ -277,7 +289,7 @@ class Node:
         for lane in sorted(self.scheduler.lanes.values(), key=lambda ln: ln.key):
             lanes.append({
                 "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
-                "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
+                "ready": lane.ready(), "deferred": lane.deferred, "inflight": lane.inflight,
                 "held": lane.held, "oldest_age_s": round(oldest.get(lane.key, 0.0), 3),
                 "connections": lane.workers,
                 "paused": lane.paused, "rate_wait": lane.rate_wait,

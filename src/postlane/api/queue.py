@@ -145,7 +145,7 @@ def router(node: Node) -> APIRouter:
     async def shape(by: Literal["domain", "class"] = "domain",
                     top: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
         """qshape: recipients not yet final by age bucket, per domain or class."""
-        return queue.shape(by, top)
+        return await queue.shape(by, top)
 
     return api
 

@@ -28,6 +28,7 @@ from ..monitor.health import Health
 from ..operations import DONE, stamp
 from ..spool import Message, PostgresSpool, Recipient, RecipientUpdate, Spool, State
 from .lanes import Lane, SourceSlot
+from .paging import Pager
 from .rules import RuleBook
 from .shared_rate import LocalRate, RateLimiter, SharedRate
 
@@ -104,6 +105,9 @@ class Scheduler:
         self._rate_waiting: dict[str, set[Lane]] = {}
         self.health = Health()
         """The node's: destinations that cannot be reached are told there, once each."""
+        self.pager: Pager | None = None
+        """Deep lanes keep their heads in memory and the rest in the spool (``paging.py``;
+        the node sets it up on a SQLite spool)."""
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -123,23 +127,36 @@ class Scheduler:
     def _order(self, msg: Message) -> tuple[int, float]:
         return (0, msg.queued_at) if self.fifo else (msg.priority, msg.deadline)
 
-    def add(self, rcpt: Recipient) -> None:
-        """Make a recipient ready now (or at its retry time if that is still ahead)."""
+    def add(self, rcpt: Recipient, fresh: bool = False) -> None:
+        """Make a recipient ready now (or at its retry time if that is still ahead); ``fresh``:
+        just accepted (a deep lane may leave it in the spool, see ``paging.py``)."""
         if rcpt.open_attempt is not None:
             self._outcome_unknown(rcpt)
         self._index(rcpt)
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
+        if not rcpt.counted:
+            rcpt.counted = True
+            lane.ages.enter(rcpt.msg.queued_at)
+        pager = self.pager
         if rcpt.state is State.HELD:
             lane.held += 1
             self.held[(rcpt.msg.id, rcpt.idx)] = rcpt
+            if pager is not None:
+                pager.keep(rcpt)
             return
         if rcpt.next_attempt > time.time():
             rcpt.state = State.DEFERRED  # the timer only fires deferred recipients
             lane.deferred += 1
             self._add_timer(rcpt)
+            if pager is not None:
+                pager.keep(rcpt)
             return
         rcpt.state = State.QUEUED
         prio, deadline = self._order(rcpt.msg)
+        if pager is not None:
+            if fresh and pager.spill(lane, rcpt, prio, deadline):
+                return
+            pager.keep(rcpt)
         lane.push(rcpt, prio, deadline)
         if len(lane.heap) == 1 and not lane.blocked(time.time()) and lane.wake_one():
             return  # a connection was idling on this lane: it takes the work directly
@@ -148,7 +165,28 @@ class Scheduler:
 
     def add_message(self, rcpts: list[Recipient]) -> None:
         for rcpt in rcpts:
-            self.add(rcpt)
+            self.add(rcpt, fresh=True)
+
+    def wake(self, lane: Lane) -> None:
+        """Work arrived in a lane from elsewhere than intake (a page read from the spool)."""
+        if lane.heap:
+            self._ready.add(lane)
+            self.kick()
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def outcome_unknown(self, rcpt: Recipient) -> None:
+        """See ``_outcome_unknown`` (for recipients read in from the spool)."""
+        self._outcome_unknown(rcpt)
+
+    def _left(self, rcpt: Recipient) -> None:
+        """A recipient is final, or no longer this node's: its lane's ages and the pager
+        forget it."""
+        if rcpt.counted:
+            self.lane(rcpt.msg.pool, rcpt.domain).ages.leave(rcpt.msg.queued_at)
+        if self.pager is not None:
+            self.pager.gone(rcpt)
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -333,7 +371,11 @@ class Scheduler:
                 else:
                     live.append(rcpt)
             if live:
+                if self.pager is not None and lane.cursor is not None:
+                    self.pager.low(lane)
                 return live
+        if self.pager is not None and lane.cursor is not None:
+            self.pager.low(lane)
         return []
 
     async def wait_for_work(self, lane: Lane, timeout: float, sent: int = 0) -> list[Recipient]:
@@ -519,6 +561,7 @@ class Scheduler:
         msg.remaining -= 1
         if msg.remaining <= 0:
             self.spool.finish(msg.id)
+        self._left(rcpt)
         if self.on_final is not None:
             self.on_final(rcpt)
 
@@ -655,6 +698,7 @@ class Scheduler:
             rcpt.msg.remaining -= 1
             if rcpt.msg.remaining <= 0:
                 self.spool.finish(rcpt.msg.id)
+            self._left(rcpt)
             if self.on_final is not None:
                 self.on_final(rcpt)  # room for more work
 
@@ -726,15 +770,9 @@ class Scheduler:
         return sorted(self._by_corr.get(correlation_id, ()))
 
     def oldest(self, now: float) -> dict[tuple[str, str], float]:
-        """Per lane, the age of its oldest message not yet final (queued, deferred or held;
-        in-flight ones were taken from the queue's front). One pass over the queue."""
-        first: dict[tuple[str, str], float] = {}
-        for rcpt in self.recipients():
-            key = (rcpt.msg.pool, rcpt.domain)
-            queued_at = rcpt.msg.queued_at
-            if queued_at < first.get(key, now):
-                first[key] = queued_at
-        return {key: now - at for key, at in first.items()}
+        """Per lane with recipients not yet final, the age of its oldest (``Lane.oldest``:
+        kept as recipients come and go, so this is O(lanes))."""
+        return {lane.key: lane.oldest(now) for lane in self.lanes.values() if lane.depth()}
 
     # -- pause ----------------------------------------------------------------------------------
 
@@ -753,6 +791,8 @@ class Scheduler:
                 lane.paused = bool({(pool, ANY_DOMAIN), (pool, lane.domain)} & self.paused)
                 if lane.heap:
                     self._ready.add(lane)
+                if self.pager is not None and lane.cursor is not None:
+                    self.pager.low(lane)
         self.kick()
 
     # -- lifecycle ------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ class Recipient:
     open_attempt: Attempt | None = None
     """An attempt the spool says was started and never settled (the node stopped during it):
     set when the recipient is loaded again, so the trail can say its outcome is unknown."""
+    counted: bool = False
+    """Counted in its lane's ages (``Lane.ages``) until final; in memory only."""
 
 
 @dataclass(slots=True)

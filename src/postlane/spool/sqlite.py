@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..accounting.records import Record, pack
@@ -56,6 +57,15 @@ CREATE TABLE events (writer TEXT NOT NULL, n INTEGER NOT NULL, data BLOB NOT NUL
     PRIMARY KEY (writer, n)) WITHOUT ROWID;
 CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL, started REAL NOT NULL);
 """),
+    (3, """
+ALTER TABLE recipients ADD COLUMN pool TEXT NOT NULL DEFAULT '';
+ALTER TABLE recipients ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN deadline REAL NOT NULL DEFAULT 0;
+UPDATE recipients SET (pool, priority, deadline) =
+    (SELECT pool, priority, deadline FROM messages WHERE id = msg_id);
+CREATE INDEX recipients_lane ON recipients (pool, domain, priority, deadline, msg_id, idx)
+    WHERE state = 'queued';
+"""),
 ]
 """Versioned schema after the tables of version 1 (``meta.schema_version``): append
 ``(n + 1, sql)``; never edit an applied entry."""
@@ -65,6 +75,16 @@ _MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority
              " correlation_id, message_id, listener, auth_user, client")
 _UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?"
            " WHERE msg_id=? AND idx=?")
+_FINAL = "('delivered', 'bounced', 'expired', 'suppressed')"
+assert {f"'{st.value}'" for st in FINAL_STATES} == set(_FINAL[1:-1].split(", "))
+ROW = ("SELECT m.id, m.cls, m.pool, m.mail_from, m.queued_at, m.deadline, m.expire_at,"
+       " m.priority, m.size, m.envid, m.ret, m.correlation_id, m.message_id, m.listener,"
+       " m.auth_user, m.client, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state,"
+       " r.attempts, r.next_attempt, r.last_reply, (SELECT count(*) FROM recipients o WHERE"
+       f" o.msg_id = r.msg_id AND o.state NOT IN {_FINAL})"
+       " FROM recipients r JOIN messages m ON m.id = r.msg_id")
+"""A recipient with its message and the message's recipients not yet final (``paging.py``
+turns these rows into objects)."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -107,6 +127,9 @@ class SQLiteSpool(GroupCommitWrites):
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         """``_reader`` is shared by the threads that read bodies (``load_body``)."""
+        self._pager: sqlite3.Connection | None = None
+        """Reads of lane pages and queue scans, in threads (``_reader`` serves the loop)."""
+        self._pager_lock = threading.Lock()
         self._cache = BodyCache()
         self._attempts = AttemptJournal(self.path.parent)
         self.commits = 0
@@ -126,6 +149,7 @@ class SQLiteSpool(GroupCommitWrites):
         finally:
             conn.close()
         self._reader = _connect(self.path)
+        self._pager = _connect(self.path)
         self._attempts.open()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
@@ -157,6 +181,9 @@ class SQLiteSpool(GroupCommitWrites):
             with self._read_lock:
                 self._reader.close()
             self._reader = None
+        if self._pager:
+            self._pager.close()
+            self._pager = None
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -171,7 +198,8 @@ class SQLiteSpool(GroupCommitWrites):
         fut = self._future()
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
-                  r.attempts, r.next_attempt, r.last_reply) for r in rcpts]
+                  r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority,
+                  msg.deadline) for r in rcpts]
         self._submit(Enqueue(row, (msg.id, body), rrows, events, fut), urgent)
         await fut
         self._cache.put(msg.id, body)
@@ -219,8 +247,9 @@ class SQLiteSpool(GroupCommitWrites):
                                  f" ({','.join('?' * 16)})", batch.messages)
                 conn.executemany("INSERT INTO bodies VALUES (?, ?)", batch.bodies)
                 conn.executemany("INSERT INTO recipients (msg_id, idx, address, domain, orcpt,"
-                                 " notify, state, attempts, next_attempt, last_reply)"
-                                 " VALUES (?,?,?,?,?,?,?,?,?,?)", batch.recipients)
+                                 " notify, state, attempts, next_attempt, last_reply, pool,"
+                                 " priority, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                 batch.recipients)
             if batch.updates:
                 conn.executemany(_UPDATE, batch.updates)
             if events:
@@ -318,9 +347,78 @@ class SQLiteSpool(GroupCommitWrites):
         out.messages = [m for m in out.messages if m.remaining]
         return out
 
+    # -- paged reads (the lanes keep their heads in memory, the rest stays here) ----------------
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        assert self._pager is not None
+        with self._pager_lock:
+            return self._pager.execute(sql, params).fetchall()
+
+    async def page(self, pool: str, domain: str, after: tuple, limit: int) -> list[tuple]:
+        """The next ``limit`` queued recipients of a lane after ``after`` (priority, deadline,
+        queue id, index) in the lane's order, as ``ROW`` rows (index ``recipients_lane``)."""
+        return await asyncio.to_thread(
+            self._read, f"{ROW} WHERE r.pool = ? AND r.domain = ? AND r.state = 'queued' AND"
+            " (r.priority, r.deadline, r.msg_id, r.idx) > (?, ?, ?, ?)"
+            " ORDER BY r.priority, r.deadline, r.msg_id, r.idx LIMIT ?",
+            (pool, domain, *after, limit))
+
+    async def scan(self, where: str = "", params: tuple = ()) -> list[tuple]:
+        """Recipients not yet final as ``ROW`` rows, with an extra condition on ``r`` (the
+        recipient) and ``m`` (its message): the operator's views of a deep queue."""
+        extra = f" AND ({where})" if where else ""
+        return await asyncio.to_thread(
+            self._read, f"{ROW} WHERE r.state NOT IN {_FINAL}{extra}", params)
+
+    async def resume(self, sla_classes: Sequence[str] = ()) -> Resumed:
+        """What a restart needs when lanes page: every recipient not final and not queued
+        (deferred, held) as ``ROW`` rows, the queued ones counted per lane and second, and the
+        queue per class for the monitor (messages of ``sla_classes`` one by one)."""
+        def read() -> Resumed:
+            out = Resumed()
+            for (msg_id,) in self._read(
+                    "SELECT id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r"
+                    f" WHERE r.msg_id = m.id AND r.state NOT IN {_FINAL})"):
+                out.finished.append(msg_id)  # crashed between the last outcome and the cleanup
+            out.rows = self._read(f"{ROW} WHERE r.state NOT IN {_FINAL} AND r.state != 'queued'")
+            out.lanes = self._read(
+                "SELECT r.pool, r.domain, CAST(m.queued_at AS INTEGER), count(*),"
+                " min(m.queued_at) FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                " WHERE r.state = 'queued' GROUP BY r.pool, r.domain, 3")
+            out.classes = dict(self._read(
+                "SELECT m.cls, count(*) FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                f" WHERE r.state NOT IN {_FINAL} GROUP BY m.cls"))
+            if sla_classes:
+                out.outstanding = self._read(
+                    "SELECT m.cls, m.id, m.queued_at, count(*) FROM recipients r JOIN messages m"
+                    f" ON m.id = r.msg_id WHERE r.state NOT IN {_FINAL} AND m.cls IN"
+                    f" ({','.join('?' * len(sla_classes))}) GROUP BY m.id ORDER BY m.queued_at",
+                    tuple(sla_classes))
+            out.journaled = self._attempts.latest()
+            return out
+
+        out = await asyncio.to_thread(read)
+        for msg_id in out.finished:
+            self.finish(msg_id)
+        return out
+
     async def paused(self) -> set[tuple[str, str]]:
         assert self._reader is not None
         return {(p, d) for p, d in self._reader.execute("SELECT pool, domain FROM paused")}
+
+
+@dataclass(slots=True)
+class Resumed:
+    """A restart's view of the spool when lanes page (``SQLiteSpool.resume``)."""
+
+    rows: list[tuple] = field(default_factory=list)
+    lanes: list[tuple] = field(default_factory=list)
+    """(pool, domain, second, queued recipients, earliest injection time in that second)"""
+    classes: dict[str, int] = field(default_factory=dict)
+    outstanding: list[tuple] = field(default_factory=list)
+    """(class, queue id, injection time, recipients not final), oldest first"""
+    journaled: dict = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)
 
 
 def _unsettled(journaled: dict, row: tuple) -> Attempt | None:
