@@ -13,13 +13,14 @@ covers it, and the SLA report reads pauses from it (docs/audit.md, "Operator act
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from .accounting.operators import DONE, Operator, action_record, stamp
 from .accounting.records import Record
-from .feedback.suppression import Entry, SuppressionList, normalize
+from .feedback.suppression import Entry, SuppressionList, SuppressionWriter, normalize, parse_csv
 from .scheduler.control import SelectionError, Selector
 from .spool import SpoolUnavailable
 
@@ -55,25 +56,36 @@ class Suppressions:
 
     def add(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
         entry = self.store.add(address, scope, reason, "operator")
+        self.added(entry, who)
+        return entry
+
+    def added(self, entry: Entry, who: Operator) -> None:
+        """The record of an entry ``who`` added."""
         self.record(action_record("suppress", who, target=entry.address,
                                   note=f" (scope {entry.scope})" + (f": {entry.reason}"
                                                                     if entry.reason else "")))
-        return entry
 
     def remove(self, address: str, scope: str | None, *, who: Operator) -> int:
         removed = self.store.remove(address, scope)
+        self.removed(address, scope, removed, who)
+        return removed
+
+    def removed(self, address: str, scope: str | None, removed: int, who: Operator) -> None:
+        """The record of ``who`` removing ``removed`` entries (none: nothing to record)."""
         if removed:
             where = f"scope {scope}" if scope else "every scope"
             self.record(action_record("unsuppress", who, target=normalize(address),
                                       note=f" ({where}, {removed}"
                                            f" entr{'y' if removed == 1 else 'ies'})"))
-        return removed
 
     def import_csv(self, src: TextIO, scope: str, *, who: Operator) -> int:
         count = self.store.import_csv(src, scope)
+        self.imported(count, scope, who)
+        return count
+
+    def imported(self, count: int, scope: str, who: Operator) -> None:
         self.record(action_record("suppress-import", who, what=f"{count} addresses",
                                   note=f" (scope {scope} where a row names none)"))
-        return count
 
 
 class Operations:
@@ -81,13 +93,15 @@ class Operations:
     the state changes (scheduler, spool), so no path changes the queue without them."""
 
     def __init__(self, config: Config, scheduler: Scheduler, control: QueueControl,
-                 spool: Spool, suppressions: Suppressions,
+                 spool: Spool, suppressions: Suppressions, writes: SuppressionWriter,
                  emit: Callable[[Record], None]) -> None:
         self.config = config
         self.scheduler = scheduler
         self.control = control
         self.spool = spool
         self.suppressions = suppressions
+        self.writes = writes
+        """The suppression list's writer (its writes, off the loop)."""
         self.emit = emit
         """Tells the node's in-memory observers of a record the spool write carries."""
 
@@ -144,20 +158,32 @@ class Operations:
                       pool=sel.pool or "*", domain=sel.domain or "*")
         return out
 
+    # The list is written in the feedback service's writer thread (a lock held by a
+    # ``postlane suppress import`` must not stall the event loop), the record on the loop.
+
     async def suppress(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
-        entry = self.suppressions.add(address, scope, reason, who=who)
+        writes = self.writes
+        entry = await writes.call(self.suppressions.store.add, address, scope, reason,
+                                  "operator")
+        self.suppressions.added(entry, who)
         await self.spool.flush()  # on the record before the answer
         self._log("suppress", who, 1, scope=scope)
         return entry
 
     async def unsuppress(self, address: str, scope: str | None, *, who: Operator) -> int:
-        removed = self.suppressions.remove(address, scope, who=who)
+        removed = await self.writes.call(self.suppressions.store.remove, address,
+                                                       scope)
+        self.suppressions.removed(address, scope, removed, who)
         await self.spool.flush()
         self._log("unsuppress", who, removed, scope=scope or "*")
         return removed
 
     async def import_suppressions(self, src: TextIO, scope: str, *, who: Operator) -> int:
-        count = self.suppressions.import_csv(src, scope, who=who)
+        store = self.suppressions.store
+        # parsed once, in a thread; the writer may try the write more than once (a lock)
+        entries = await asyncio.to_thread(parse_csv, src, scope)
+        count = await self.writes.call(store.add_many, entries)
+        self.suppressions.imported(count, scope, who)
         await self.spool.flush()
         self._log("suppress-import", who, count, scope=scope)
         return count

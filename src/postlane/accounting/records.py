@@ -11,6 +11,7 @@ import operator
 import time
 from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any
 
 from ..config.fields import CORRELATION_HEADER_FIELD, DEFAULT_FIELDS, RECORD_TYPES
 
@@ -139,6 +140,7 @@ def pack(record: Record) -> bytes:
     return marshal.dumps(_VALUES(record))
 
 
-def unpack(data: bytes) -> tuple:
+def unpack(data: bytes) -> tuple[Any, ...]:
     """The field values of a packed record (``Record(*values)`` makes it again)."""
-    return marshal.loads(data)
+    values: tuple[Any, ...] = marshal.loads(data)
+    return values

@@ -150,7 +150,7 @@ class Relay:
         one outcome per recipient, in the batch's order."""
         msg = batch[0].msg
         try:
-            body = self.spool.body(msg.id)
+            body = await self.spool.load_body(msg.id)
         except KeyError:
             log.error("body of %s missing from the spool", msg.id)
             return [Outcome(DEFERRED, "451 4.3.0 message body missing from spool", "4.3.0")

@@ -16,6 +16,7 @@ from .lanes import Lane
 from .outcomes import base_record
 
 if TYPE_CHECKING:
+    from .paging import Pager
     from .timers import RetryTimers
 
 ANY_DOMAIN = "*"
@@ -30,12 +31,15 @@ class OperatorActions:
     paused: set[tuple[str, str]]
     record: Callable[[Record], None]
     on_final: Callable[[Recipient], None] | None
+    pager: Pager | None
     _ready: set[Lane]
 
     if TYPE_CHECKING:  # the Scheduler's
         def lane(self, pool: str, domain: str) -> Lane: ...
         def kick(self) -> None: ...
-        def add(self, rcpt: Recipient) -> None: ...
+        def add(self, rcpt: Recipient, fresh: bool = False) -> None: ...
+        def _unindex(self, rcpt: Recipient) -> None: ...
+        def _left(self, rcpt: Recipient) -> None: ...
         def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> None: ...
         def _final(self, rcpt: Recipient, state: State, reply: str, rec: Record,
                    from_heap: bool = True) -> None: ...
@@ -124,9 +128,11 @@ class OperatorActions:
         alone keeps now (``operate_shared``): their messages are forgotten once none of their
         recipients is left here."""
         for rcpt in rcpts:
+            self._unindex(rcpt)
             rcpt.msg.remaining -= 1
             if rcpt.msg.remaining <= 0:
                 self.spool.finish(rcpt.msg.id)
+            self._left(rcpt)
             if self.on_final is not None:
                 self.on_final(rcpt)  # room for more work
 
@@ -171,4 +177,6 @@ class OperatorActions:
                 lane.paused = bool({(pool, ANY_DOMAIN), (pool, lane.domain)} & self.paused)
                 if lane.heap:
                     self._ready.add(lane)
+                if self.pager is not None and lane.cursor is not None:
+                    self.pager.low(lane)
         self.kick()

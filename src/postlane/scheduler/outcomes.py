@@ -84,6 +84,8 @@ class OutcomeRecording:
         def kick(self) -> None: ...
         def suspend(self, lane: Lane, seconds: float, reason: str) -> None: ...
         def outage_key(self, lane: Lane) -> str: ...
+        def _unindex(self, rcpt: Recipient) -> None: ...
+        def _left(self, rcpt: Recipient) -> None: ...
 
     def _outcome_unknown(self, rcpt: Recipient) -> None:
         """A recipient comes back (restart, or another node's work taken over) with an attempt
@@ -200,10 +202,12 @@ class OutcomeRecording:
         self.record(rec)
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, state, rcpt.attempts, 0.0,
                                            reply)], (rec,))
+        self._unindex(rcpt)
         msg = rcpt.msg
         msg.remaining -= 1
         if msg.remaining <= 0:
             self.spool.finish(msg.id)
+        self._left(rcpt)
         if self.on_final is not None:
             self.on_final(rcpt)
 

@@ -22,6 +22,14 @@ class QueueView:
         """Every queued, deferred and held (not in-flight) recipient of this node."""
         return self._sched.recipients()
 
+    def message(self, msg_id: str) -> list[Recipient]:
+        """The queued, deferred and held recipients of one message (an index, not a walk)."""
+        return self._sched.message(msg_id)
+
+    def with_correlation_id(self, correlation_id: str) -> list[str]:
+        """The ids of the messages held with this correlation id."""
+        return self._sched.with_correlation_id(correlation_id)
+
     def oldest(self, now: float) -> dict[tuple[str, str], float]:
         """Per lane, the age of its oldest message not yet final."""
         return self._sched.oldest(now)
@@ -31,8 +39,10 @@ class QueueView:
         return list(self._sched.lanes.values())
 
     def busy_pools(self) -> set[str]:
-        """Pools with a lane that has recipients ready or in flight."""
-        return {lane.pool for lane in self._sched.lanes.values() if lane.heap or lane.inflight}
+        """Pools with a lane that has recipients ready (in memory or left in the spool) or in
+        flight."""
+        return {lane.pool for lane in self._sched.lanes.values()
+                if lane.heap or lane.spooled or lane.inflight}
 
     def queued(self) -> int:
         return self._sched.queued()
@@ -48,7 +58,7 @@ class QueueView:
         oldest = self.oldest(now)
         return [{
             "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
-            "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
+            "ready": lane.ready(), "deferred": lane.deferred, "inflight": lane.inflight,
             "held": lane.held, "oldest_age_s": round(oldest.get(lane.key, 0.0), 3),
             "connections": lane.workers,
             "paused": lane.paused, "rate_wait": lane.rate_wait,
