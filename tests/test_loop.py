@@ -81,7 +81,8 @@ async def test_a_scrape_and_lookups_do_not_stall_the_loop(tmp_path, sink, make_n
     await prefill(tmp_path / "spool", 20_000)
     node = await make_node(config_text(tmp_path, sink.port))
     assert node.scheduler.queued() == 20_000
-    assert gc.get_freeze_count() >= 20_000  # the resumed queue is out of the GC's full walks
+    # the queue stays in the spool (paged lanes), or, resumed into memory, out of the GC's walks
+    assert node.scheduler.pager is not None or gc.get_freeze_count() >= 20_000
     token = (tmp_path / "api-token").read_text().strip()
     port = node.api.port
     with node.monitor.loop_watch.track() as stalls:
@@ -90,7 +91,7 @@ async def test_a_scrape_and_lookups_do_not_stall_the_loop(tmp_path, sink, make_n
             assert resp.status_code == 200
         for i in (0, 7_777, 19_999):
             one = await asyncio.to_thread(_get, port, token, f"/api/v1/messages/pre{i:07d}")
-            assert one.json()["queue_id"] == f"pre{i:07d}"
+            assert one.json().get("queue_id") == f"pre{i:07d}", one.text
             shown = await asyncio.to_thread(_get, port, token,
                                             f"/api/v1/queue/messages/pre{i:07d}")
             assert shown.json()["recipients"][0]["address"] == f"u{i}@d{i % 200}.example"

@@ -154,6 +154,7 @@ class Pager:
                         rcpt.state = State.QUEUED
                         prio, deadline = rcpt.msg.priority, rcpt.msg.deadline
                         lane.push(rcpt, prio, deadline)
+                        sched.index(rcpt)
                         self.keep(rcpt)
                         pushed += 1
                     lane.spooled = max(0, lane.spooled - pushed)

@@ -129,7 +129,7 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         just accepted (a deep lane may leave it in the spool, see ``paging.py``)."""
         if rcpt.open_attempt is not None:
             self._outcome_unknown(rcpt)
-        self._index(rcpt)
+        self.index(rcpt)
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
         if not rcpt.counted:
             rcpt.counted = True
@@ -387,7 +387,9 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         yield from self.timers
         yield from self.held.values()
 
-    def _index(self, rcpt: Recipient) -> None:
+    def index(self, rcpt: Recipient) -> None:
+        """Make a recipient in memory findable by message and correlation id (a page read in
+        from the spool comes in here too)."""
         msg = rcpt.msg
         held = self._by_msg.get(msg.id)
         if held is None:
