@@ -14,7 +14,8 @@ from typing import Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from .destinations import default_rules
-from .model import Config, is_dsn
+from .locations import is_dsn
+from .model import Config
 
 
 def _any_mailbox(addr: str) -> bool:

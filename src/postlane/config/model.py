@@ -23,11 +23,6 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?b?)\s*$", re.IGNORECASE)
 
 
-def is_dsn(location: str) -> bool:
-    """Whether ``node.spool`` names a PostgreSQL database (cluster mode) rather than a folder."""
-    return location.startswith(("postgresql://", "postgres://"))
-
-
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string like ``"30s"``, ``"2m"``, ``"1d"``."""
     if isinstance(value, bool):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config.model import is_dsn
+from ..config.locations import is_dsn
 from .base import (
     FINAL_STATES,
     Attempt,
