@@ -21,6 +21,7 @@ from .api.server import APIServer
 from .config import Config
 from .edge.smtp import Listener
 from .edge.tls import Certificates
+from .edge.workers import WorkerPool, worker_count
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
 from .monitor.activity import Activity
@@ -88,6 +89,9 @@ class Node:
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
                                    self.certificates.for_listener(name))
                           for name, lc in config.listeners.items()]
+        self.workers = (WorkerPool(self, worker_count(config.node.workers))
+                        if worker_count(config.node.workers) > 1 else None)
+        """SMTP intake in worker processes (``[node] workers`` > 1); None: in this process."""
         self.monitor = Monitor(self)
         self._listeners.append(self.monitor.on_record)
         self.reputation = ReputationService(self)
@@ -148,7 +152,9 @@ class Node:
         await self.monitor.start()
         if self.api is not None:
             await self.api.start()
-        for listener in self.listeners:
+        if self.workers is not None:
+            await self.workers.start()
+        for listener in self.listeners if self.workers is None else ():
             try:
                 await listener.start()
             except OSError as exc:  # say which listener of the config, not a traceback
@@ -178,6 +184,8 @@ class Node:
         self._stopping = True
         for listener in self.listeners:
             await listener.stop()
+        if self.workers is not None:  # they finish their transfers, committed here
+            await self.workers.stop(self.config.node.drain_timeout)
         if self.api is not None:
             await self.api.stop()
         if self.claimer is not None:
@@ -368,7 +376,8 @@ def run(config: Config, path: Path | None = None) -> None:
 
         async def reload_once() -> None:
             async with reloading:  # one after the other: the last SIGHUP's file wins
-                await reload(node, path, notifier)
+                if await reload(node, path, notifier) and node.workers is not None:
+                    node.workers.reload()
 
         if path is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))
