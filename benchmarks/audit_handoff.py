@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from postlane.accounting.audit.store import SQLiteAuditStore
-from postlane.accounting.audit.writer import AuditWriter
+from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.audit.writer import AuditWriter
 from postlane.accounting.records import Record
 
 

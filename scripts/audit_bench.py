@@ -16,9 +16,10 @@ import statistics
 import time
 from pathlib import Path
 
-from postlane.accounting.audit.evidence import render_text, trails
-from postlane.accounting.audit.store import Query, SQLiteAuditStore
-from postlane.accounting.audit.writer import AuditWriter
+from postlane.audit.evidence import render_text, trails
+from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.audit.store import Query
+from postlane.audit.writer import AuditWriter
 from postlane.accounting.records import Record
 
 CHUNK = 50_000

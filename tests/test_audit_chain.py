@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 import pytest
 from typer.testing import CliRunner
 
-from postlane.accounting.audit.chain import (
+from postlane.accounting.records import Record
+from postlane.audit.chain import (
     HASHED,
     PERSONAL,
     RECORD_COLUMNS,
@@ -18,10 +19,9 @@ from postlane.accounting.audit.chain import (
     content_digest,
     personal_digest,
 )
-from postlane.accounting.audit.evidence import trails
-from postlane.accounting.audit.service import load_key
-from postlane.accounting.audit.store import Query, Retention
-from postlane.accounting.records import Record
+from postlane.audit.evidence import trails
+from postlane.audit.service import load_key
+from postlane.audit.store import Query, Retention
 from postlane.cli import app
 from tests.support.audit import AuditBackend
 

@@ -8,10 +8,10 @@ import asyncio
 
 from typer.testing import CliRunner
 
-from postlane.accounting.audit.backend import open_store_at
-from postlane.accounting.audit.evidence import trails
-from postlane.accounting.audit.postgres import PostgresAuditStore
-from postlane.accounting.audit.store import Query
+from postlane.audit.backend import open_store_at
+from postlane.audit.evidence import trails
+from postlane.audit.postgres import PostgresAuditStore
+from postlane.audit.store import Query
 from postlane.cli import app
 from tests.conftest import message, send
 from tests.support.pg import PG_DSN
@@ -90,11 +90,11 @@ async def test_events_written_by_another_node_wake_the_sender(tmp_path, sink, pg
     """Node A's audit service sends the webhook and writes nothing itself; another node's
     recorder appends. Its commits are announced with NOTIFY, so A sends them at once: with the
     fallback poll set to an hour, they still come."""
-    from postlane.accounting.audit.service import AuditService
     from postlane.accounting.records import Record
+    from postlane.audit.service import AuditService
     from postlane.config import parse_config
 
-    monkeypatch.setattr("postlane.accounting.audit.webhooks._POLL", 3600.0)
+    monkeypatch.setattr("postlane.audit.webhooks._POLL", 3600.0)
     service = AuditService(parse_config(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
                                                      hook(receiver.url))))
     await service.start()

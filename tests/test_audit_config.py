@@ -91,7 +91,7 @@ async def test_configured_field_list_shapes_the_csv(tmp_path, sink, make_node):
 
 
 def test_retention_star_applies_to_classes_without_their_own_entry(tmp_path):
-    from postlane.accounting.audit.service import retention_policies
+    from postlane.audit.service import retention_policies
 
     cfg = parse_config(config_text(tmp_path, 2525, """
 [audit]

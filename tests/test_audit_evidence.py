@@ -11,9 +11,10 @@ import ssl
 import pytest
 from typer.testing import CliRunner
 
-from postlane.accounting.audit.evidence import trails
-from postlane.accounting.audit.sla import explain, sla_report
-from postlane.accounting.audit.store import Query, SQLiteAuditStore
+from postlane.audit.evidence import trails
+from postlane.audit.sla import explain, sla_report
+from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.audit.store import Query
 from postlane.cli import app
 from postlane.sink import Sink
 from tests.conftest import OPERATOR, config_text, message, send

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
-from postlane.accounting.audit.chain import (
+from postlane.audit.chain import (
     GENESIS,
     PERSONAL,
     chain_hash,
@@ -234,7 +234,7 @@ def test_time_stamped_seals_verify_offline_from_an_export(audit_backend, key, ts
         [seal] = [s for s in store.seals() if s.day == "2026-11-19"]
     finally:
         store.close()
-    from postlane.accounting.audit.seal import load_private, payload
+    from postlane.audit.seal import load_private, payload
 
     day = db.open(readonly=True)
     try:

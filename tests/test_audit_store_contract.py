@@ -13,10 +13,10 @@ import threading
 import psycopg
 import pytest
 
-from postlane.accounting.audit.evidence import trails
-from postlane.accounting.audit.postgres import MIGRATIONS, PostgresAuditStore
-from postlane.accounting.audit.store import COLUMNS, Query, Retention, StoreMissing
 from postlane.accounting.records import Record
+from postlane.audit.evidence import trails
+from postlane.audit.postgres import MIGRATIONS, PostgresAuditStore
+from postlane.audit.store import COLUMNS, Query, Retention, StoreMissing
 from tests.support.audit import AuditBackend
 from tests.support.pg import PG_DSN
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from postlane.accounting.audit.store import SQLiteAuditStore
+from postlane.audit.sqlite import SQLiteAuditStore
 from tests.conftest import config_text, message, send
 
 

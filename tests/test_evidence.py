@@ -18,10 +18,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from postlane.accounting.audit.evidence import trails
-from postlane.accounting.audit.sla import sla_report
-from postlane.accounting.audit.store import Query, SQLiteAuditStore
 from postlane.accounting.records import unpack
+from postlane.audit.evidence import trails
+from postlane.audit.sla import sla_report
+from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.audit.store import Query
 from postlane.cli import app
 from postlane.sink import Sink
 from tests.conftest import config_text, message, records, send

@@ -9,8 +9,8 @@ import time
 
 import httpx
 
-from postlane.accounting.audit.backend import open_store_at
-from postlane.accounting.audit.store import Query
+from postlane.audit.backend import open_store_at
+from postlane.audit.store import Query
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records
 from tests.test_cli_ops import run_cli

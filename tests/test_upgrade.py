@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from postlane import schema
-from postlane.accounting.audit.store import COLUMNS, SQLiteAuditStore
+from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.audit.store import COLUMNS
 from postlane.cli import app
 from postlane.config import load_config
 from postlane.feedback.suppression import SuppressionList

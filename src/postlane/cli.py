@@ -10,11 +10,11 @@ from pathlib import Path
 
 import typer
 
-from .accounting.audit.cli import app as audit_app
 from .admin.cli import backup, dns_app, init, restore, upgrade
 from .api.cli import app as ops_app
 from .api.queue_cli import app as queue_app
 from .api.token_cli import app as api_app
+from .audit.cli import app as audit_app
 from .cluster import cluster_app
 from .config import ConfigError, load_config
 from .edge.cli import killtest, tls_app, users_app

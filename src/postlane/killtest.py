@@ -273,9 +273,9 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
 def _evidence(result: Result, configs: list[Path], acked: set[int],
               counts: Counter[int]) -> None:
     """Fill in the evidence figures of ``result`` from the store and the files."""
-    from .accounting.audit.backend import open_audit_store
-    from .accounting.audit.evidence import trails
-    from .accounting.audit.store import Query
+    from .audit.backend import open_audit_store
+    from .audit.evidence import trails
+    from .audit.store import Query
     from .config import load_config
     from .spool.outbox import open_outbox
 

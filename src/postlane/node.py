@@ -14,10 +14,10 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 
-from .accounting.audit.service import AuditService
 from .accounting.recorder import Recorder
 from .accounting.records import Record
 from .api.server import APIServer
+from .audit.service import AuditService
 from .config import Config
 from .edge.smtp import Listener
 from .edge.tls import Certificates

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from postlane.accounting.audit.backend import open_store_at
-from postlane.accounting.audit.store import AuditStore
+from postlane.audit.backend import open_store_at
+from postlane.audit.store import AuditStore
 from tests.support.pg import PG_DSN
 
 

@@ -250,7 +250,7 @@ class _Feed:
         self.store = None
         self.stored: dict[str, int] = {}
         if settings["audit"]:
-            from .audit.backend import open_store_at
+            from ..audit.backend import open_store_at
 
             self.store = open_store_at(settings["audit"], settings["schema"])
             self.stored = self.store.feed_cursors()

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import schema
-from ..accounting.audit import store as audit_store
-from ..accounting.audit.backend import audit_location
+from ..audit import sqlite as audit_sqlite
+from ..audit.backend import audit_location
 from ..config import Config
 from ..feedback import suppression
 from ..reputation import store as reputation_store
@@ -91,12 +91,12 @@ def states(cfg: Config) -> list[StoreState]:
         else spool_sqlite.SCHEMA_VERSION, _spool_version)
     if cfg.audit.enabled:
         location = audit_location(cfg)
-        from ..accounting.audit import postgres as audit_postgres
+        from ..audit import postgres as audit_postgres
 
         add("audit store", location, "audit_migrations",
             audit_postgres.SCHEMA_VERSION if is_dsn(location)
-            else audit_store.MIGRATIONS[-1][0],
-            lambda c: schema.version(c, "audit_migrations", audit_store.baseline))
+            else audit_sqlite.MIGRATIONS[-1][0],
+            lambda c: schema.version(c, "audit_migrations", audit_sqlite.baseline))
     add("suppression list", cfg.feedback.suppression_db or str(state / "suppression.sqlite3"),
         "suppression_migrations", suppression.MIGRATIONS[-1][0],
         lambda c: schema.version(c, "suppression_migrations", suppression.baseline))
@@ -124,7 +124,7 @@ def apply(cfg: Config) -> list[StoreState]:
             finally:
                 conn.close()
         elif st.store == "audit store":
-            audit_store.SQLiteAuditStore(st.location).close()
+            audit_sqlite.SQLiteAuditStore(st.location).close()
         elif st.store == "suppression list":
             SuppressionList(st.location).close()
         else:

@@ -154,8 +154,8 @@ def _attempts(node: Node, queue_id: str) -> list[dict] | None:
     """The message's delivery records from the audit store (None: the store is off)."""
     if node.audit is None:
         return None
-    from ..accounting.audit.backend import open_audit_store
-    from ..accounting.audit.store import Query as AuditQuery
+    from ..audit.backend import open_audit_store
+    from ..audit.store import Query as AuditQuery
 
     store = open_audit_store(node.config, readonly=True)
     try:

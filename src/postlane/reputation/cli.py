@@ -150,8 +150,8 @@ def report(config: Path = _CONFIG,
 def rules_review(config: Path = _CONFIG, as_json: bool = _JSON) -> None:
     """Each destination rule in force: where it came from, when it was last reviewed, and what
     the last 30 days of deliveries and reputation data suggest."""
-    from ..accounting.audit.backend import open_audit_store
-    from ..accounting.audit.store import StoreMissing
+    from ..audit.backend import open_audit_store
+    from ..audit.store import StoreMissing
 
     cfg = _config(config)
     store = _store(cfg)

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Sequence
 
-from ..records import format_time
+from ..accounting.records import format_time
 from .evidence import AUTHENTICATED, Trail, trails
 from .store import AuditStore, Query
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..records import unpack
+from ..accounting.records import unpack
 from .chain import PURGED
 
 __all__ = ["SpoolView", "check"]

@@ -17,9 +17,9 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from ...config import Config
-from ...spool import is_dsn
-from ...spool.postgres import CONNECT_TIMEOUT, redact
+from ..config import Config
+from ..spool import is_dsn
+from ..spool.postgres import CONNECT_TIMEOUT, redact
 from .backend import audit_location, open_audit_store
 from .postgres import commit_channel
 from .seal import load_private, seal_days

@@ -37,31 +37,23 @@ from itertools import count
 import psycopg
 from psycopg.rows import dict_row
 
-from ...spool.postgres import CONNECT_TIMEOUT, redact
+from ..spool.postgres import CONNECT_TIMEOUT, redact
+from .chain import VERIFY_COLUMNS
 from .completeness import Completeness, SpoolView, check
-from .seal import Seal
-from .store import (
-    _SEAL_COLS,
+from .linking import fresh, link, prepare, walk
+from .queries import (
     CLASSES_SQL,
-    COLUMNS,
-    VERIFY_COLUMNS,
-    Entry,
-    Query,
-    Retention,
-    RetentionMixin,
-    StoreMissing,
-    VerifyResult,
-    _row_at,
+    SEAL_COLS,
     between_where,
     find_sql,
-    fresh,
-    link,
     pause_spans,
     pauses_sql,
-    prepare,
+    row_at,
     seal_row,
-    walk,
 )
+from .retention import RetentionMixin
+from .seal import Seal
+from .store import COLUMNS, Entry, Query, Retention, StoreMissing, VerifyResult
 
 __all__ = ["MIGRATIONS", "PostgresAuditStore", "SCHEMA_VERSION", "commit_channel"]
 
@@ -238,16 +230,16 @@ class PostgresAuditStore(RetentionMixin):
 
     def seals(self) -> list[Seal]:
         return [Seal(*r[:6], bytes(r[6]), bytes(r[7]) if r[7] is not None else None)
-                for r in self.query(f"SELECT {_SEAL_COLS} FROM audit_seals ORDER BY day,"
+                for r in self.query(f"SELECT {SEAL_COLS} FROM audit_seals ORDER BY day,"
                                     " last_seq")]
 
     def add_seal(self, seal: Seal) -> None:
-        self._db().execute(f"INSERT INTO audit_seals ({_SEAL_COLS}) VALUES"
+        self._db().execute(f"INSERT INTO audit_seals ({SEAL_COLS}) VALUES"
                            " (%s, %s, %s, %s, %s, %s, %s, %s)", seal_row(seal))
 
     def row_at(self, seq: int) -> tuple | None:
         """(hash, day, records of that day up to it) of record ``seq``, for seal checks."""
-        return _row_at(self, "%s", seq)
+        return row_at(self, "%s", seq)
 
     def completeness(self, spool: SpoolView | None = None) -> Completeness:
         """See ``completeness.check``."""

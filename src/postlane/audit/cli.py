@@ -54,7 +54,7 @@ def _open(config: Path | None, db: str | None, schema: str = "postlane", *,
             return open_store_at(db, schema, readonly=not write)
         if config is None:
             raise typer.BadParameter("give --config or --db")
-        from ...cli import _load
+        from ..cli import _load
 
         return open_audit_store(_load(config), readonly=not write)
     except (StoreMissing, ConnectionError) as exc:
@@ -65,7 +65,7 @@ def _open(config: Path | None, db: str | None, schema: str = "postlane", *,
 def _pseudonym(config: Path | None, recipient: str | None) -> str | None:
     if config is None or recipient is None:
         return None
-    from ...cli import _load
+    from ..cli import _load
     from .chain import pseudonym
     from .service import load_key
 
@@ -231,7 +231,7 @@ def seal(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
 
     timeout = 10.0
     if config is not None:
-        from ...cli import _load
+        from ..cli import _load
 
         cfg = _load(config).audit
         key = key or (Path(cfg.seal_key) if cfg.seal_key else None)
@@ -265,8 +265,8 @@ def seal(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
 
 def _spool_view(config: Path | None):
     """The node's spool, read-only, for completeness (None if it cannot be opened)."""
-    from ...cli import _load
-    from ...spool.outbox import open_outbox
+    from ..cli import _load
+    from ..spool.outbox import open_outbox
 
     cfg = _load(config)
     try:
@@ -330,7 +330,7 @@ def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (
           db: str | None = _DB, schema: str = _SCHEMA,
           as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Apply the retention policy now (a running node also does so every purge_interval)."""
-    from ...cli import _load
+    from ..cli import _load
     from .service import load_key, retention_policies
 
     cfg = _load(config)

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import httpx
 
-from ...config.model import WebhookConfig
-from .store import AuditStore, row_record
+from ..config.model import WebhookConfig
+from .queries import row_record
+from .store import AuditStore
 
 __all__ = ["WebhookSender", "event_of"]
 

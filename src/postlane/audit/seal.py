@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ...secretfile import create_secret
+from ..secretfile import create_secret
 
 __all__ = ["Seal", "check_seals", "generate_key", "key_id", "load_private", "load_public",
            "payload", "seal_days", "timestamp", "verify_timestamp"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...spool import is_dsn, local_dir
-from .store import AuditStore, SQLiteAuditStore
+from ..spool import is_dsn, local_dir
+from .sqlite import SQLiteAuditStore
+from .store import AuditStore
 
 if TYPE_CHECKING:
-    from ...config import Config
+    from ..config import Config
 
 __all__ = ["audit_location", "open_audit_store", "open_store_at"]
 

@@ -1,0 +1,137 @@
+"""The SQL both audit backends build, with the driver's placeholder (``mark``) as a parameter:
+evidence look-ups (``find_sql``), time ranges (``between_where``), the classes, an operator's
+pauses (``pauses_sql``, ``pause_spans``), seals (``SEAL_COLS``, ``seal_row``, ``row_at``); and
+a stored row read back as a ``Record`` (``row_record``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+from ..accounting.records import Record
+from .chain import RECORD_COLUMNS
+from .seal import Seal
+from .store import Query
+
+__all__ = ["CLASSES_SQL", "SEAL_COLS", "between_where", "find_sql", "pause_spans",
+           "pauses_sql", "row_at", "row_record", "seal_row"]
+
+_RECORD_KINDS = {f.name: {"str": str, "int": int, "float": float}[str(f.type)]
+                 for f in dataclasses.fields(Record) if f.name in RECORD_COLUMNS}
+
+
+def row_record(row: Mapping[str, object]) -> Record:
+    """A stored row as a Record (purged fields come back empty), for PowerMTA-style output."""
+    values = {}
+    for name, kind in _RECORD_KINDS.items():
+        value = row[name]
+        values[name] = kind(value) if value is not None else kind()
+    return Record(**values)  # type: ignore[arg-type]
+
+
+def between_where(since: float | None, until: float | None, cls: str | None,
+                  mark: str) -> tuple[str, list]:
+    """The WHERE clause of ``rows_between`` for both backends (``mark``: the placeholder)."""
+    where, args = ["1 = 1"], []
+    for clause, value in ((f"time_logged >= {mark}", since), (f"time_logged < {mark}", until),
+                          (f"cls = {mark}", cls)):
+        if value is not None:
+            where.append(clause)
+            args.append(value)
+    return " AND ".join(where), args
+
+
+def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
+    """The evidence query of both backends: ``mark`` is the driver's placeholder, and
+    ``rcpt_match`` the case-insensitive recipient comparison with one placeholder."""
+    where: list[str] = []
+    args: list = []
+    keys = {"queue_id": query.queue_id, "message_id": query.message_id,
+            "correlation_id": query.correlation_id, "env_id": query.env_id,
+            "cls": query.cls, "vmta_pool": query.pool}
+    for col, value in keys.items():
+        if value is not None:
+            where.append(f"{col} = {mark}")
+            args.append(value)
+    if query.env_id is not None:
+        where.append("env_id <> ''")
+    if query.rcpt is not None:
+        where.append(rcpt_match)
+        args.append(query.rcpt)
+    if query.since is not None:
+        where.append(f"time_queued >= {mark}")
+        args.append(query.since)
+    if query.until is not None:
+        where.append(f"time_queued < {mark}")
+        args.append(query.until)
+    if not where:
+        raise ValueError("an evidence query needs at least one key or a time range")
+    if not any(keys[k] is not None for k in ("queue_id", "message_id", "correlation_id",
+                                              "env_id")) and query.rcpt is None:
+        # a class, pool or time scan (the SLA report): the "r" rows name every message, and
+        # the literal lets the database use the partial indexes on them
+        where.insert(0, "type = 'r'")
+    sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
+           f"audit_records WHERE {' AND '.join(where)})")
+    if query.rcpt is not None:
+        sql += f" AND {rcpt_match}"
+        args.append(query.rcpt)
+    return sql, args
+
+
+CLASSES_SQL = ("SELECT DISTINCT cls FROM audit_records WHERE cls IS NOT NULL AND cls <> ''"
+               " ORDER BY cls")
+"""The classes in the store (records of actions on a pool or the suppression list have none)."""
+
+
+def pauses_sql(mark: str) -> str:
+    """The pauses and resumes of one pool before a time (parameters: pool, time, pool, time),
+    as (time, action, domain) oldest first: the operators' chained "o" records (domain from
+    ``*@DOMAIN``, "*" for the whole pool) and the unchained ``audit_operations`` table that
+    stores written before them kept. ``mark``: the driver's placeholder."""
+    return (f"SELECT time, action, domain FROM audit_operations WHERE pool = {mark}"
+            f" AND time < {mark} UNION ALL SELECT time_logged, dsn_action, CASE WHEN"
+            " coalesce(rcpt, '') = '' THEN '*' ELSE substr(rcpt, 3) END FROM audit_records"
+            f" WHERE type = 'o' AND vmta_pool = {mark} AND time_logged < {mark}"
+            " AND dsn_action IN ('pause', 'resume') ORDER BY 1")
+
+
+def pause_spans(operations: Iterable[Sequence], until: float) -> list[tuple[float, float, str]]:
+    """Pair (time, action, domain) operations, oldest first, into (start, end, domain) pauses;
+    a pause not yet resumed ends at ``until``."""
+    out: list[tuple[float, float, str]] = []
+    started: dict[str, float] = {}
+    for when, action, domain in operations:
+        if action == "pause":
+            started.setdefault(domain, when)
+        elif action == "resume" and domain in started:
+            out.append((started.pop(domain), when, domain))
+    out.extend((start, until, domain) for domain, start in started.items())
+    return sorted(out)
+
+
+class SQLReader(Protocol):
+    """A backend's plain query: rows of ``sql`` with ``args`` as tuples."""
+
+    def query(self, sql: str, args: Iterable = ()) -> list[tuple]: ...
+
+
+SEAL_COLS = "day, last_seq, records, head, sealed_at, key_id, signature, tsa"
+
+
+def seal_row(seal: Seal) -> tuple:
+    return (seal.day, seal.last_seq, seal.records, seal.head, seal.sealed_at, seal.key_id,
+            seal.signature, seal.tsa)
+
+
+def row_at(store: SQLReader, mark: str, seq: int) -> tuple | None:
+    """(hash, day, records of that day up to it) of record ``seq``, for seal checks; None
+    if there is no such record or its day was never sealed."""
+    row = store.query(f"SELECT hash, day FROM audit_records WHERE seq = {mark}", (seq,))
+    if not row:
+        return None
+    first = store.query(f"SELECT first_seq FROM audit_days WHERE day = {mark}", (row[0][1],))
+    count = store.query(f"SELECT count(*) FROM audit_records WHERE day = {mark} AND seq <="
+                        f" {mark}", (row[0][1], seq))[0][0]
+    return (row[0][0], row[0][1], count) if first else None
