@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-FIGURES = ("throughput_msgs_s", "node_cpu_ms_per_msg", "rss_mb_peak", "rss_mb_peak_all")
+FIGURES = ("throughput_msgs_s", "node_cpu_ms_per_msg", "main_cpu_ms_per_msg", "rss_mb_peak",
+           "rss_mb_peak_all")
 
 
 def _load_average() -> float:
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--a", type=Path, required=True, help="checkout A (the baseline)")
     parser.add_argument("--b", type=Path, required=True, help="checkout B (the change)")
     parser.add_argument("--rounds", type=int, default=1, help="ABBA rounds")
+    parser.add_argument("--a-args", default="", help="bench arguments for A only, e.g."
+                        " '--workers 1' (--a and --b may then be the same checkout)")
+    parser.add_argument("--b-args", default="", help="bench arguments for B only")
     args, bench_args = parser.parse_known_args()
     bench_args = [a for a in bench_args if a != "--"]
     runs: dict[str, list[dict]] = {"A": [], "B": []}
@@ -70,13 +74,15 @@ def main() -> None:
         for side in "ABBA":
             checkout = (args.a if side == "A" else args.b).resolve()
             started = time.time()
-            result = run(checkout, bench_args)
+            own = (args.a_args if side == "A" else args.b_args).split()
+            result = run(checkout, [*bench_args, *own])
             runs[side].append(result)
             print(json.dumps({"side": side, "checkout": str(checkout),
                               "seconds": round(time.time() - started),
                               **{f: result.get(f) for f in (*FIGURES, "lost", "load_before")},
                               "latency_s": result["latency_s"]}), flush=True)
-    print(json.dumps({"bench_args": bench_args, "host_cpus": os.cpu_count(),
+    print(json.dumps({"bench_args": bench_args, "a_args": args.a_args, "b_args": args.b_args,
+                      "host_cpus": os.cpu_count(),
                       **summary(runs)}, indent=1))
 
 

@@ -203,3 +203,34 @@ async def test_drain_with_workers_answers_421_then_stops(tmp_path, sink, make_no
         except ProcessLookupError:
             pass
     await sink.wait_for(1)
+
+
+async def test_starttls_through_a_worker(tmp_path, sink, make_node):
+    node = await make_node(_with_workers(config_text(tmp_path, sink.port)))
+    port = node.listeners[0].port
+
+    def over_tls() -> None:
+        import ssl
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.starttls(context=ctx)
+            client.sendmail("s@insurer.test", ["tls@example.com"], message("tls", cls="marketing"))
+
+    await asyncio.to_thread(over_tls)
+    await sink.wait_for(1)
+    assert subjects(sink) == ["tls"]
+
+
+async def test_reload_reaches_every_worker(tmp_path, sink, make_node):
+    node = await make_node(_with_workers(config_text(tmp_path, sink.port)))
+    port = node.listeners[0].port
+    node.config.default_class = "policy-documents"  # as admin/service.py's reload merges it
+    await node.workers.reload()
+    for i in range(4):  # whichever worker takes each connection
+        await send(port, "s@insurer.test", [f"x{i}@example.com"], message(f"x{i}"))
+    await sink.wait_for(4)
+    await node.stop()
+    classes = {r["class"] for r in records(tmp_path) if r["type"] == "r"}
+    assert classes == {"policy-documents"}, classes

@@ -142,6 +142,8 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
           config: Path | None = typer.Option(None, "--config", "-c",
                                              help="base config (default examples/insurance.toml)"),
           connections: int = typer.Option(16, help="SMTP connections submitting the campaign"),
+          workers: str = typer.Option("1", help="the node's [node] workers: SMTP intake "
+                                                "processes, a number or auto (one per core)"),
           as_json: bool = typer.Option(False, "--json", help="print only the JSON line")) -> None:
     """The case study as a benchmark: prints one JSON line (docs/design.md, section 8)."""
     from .bench import BenchOptions, BenchSetupError, result_json, run_bench
@@ -162,9 +164,11 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
                                  param_hint="--sink-tls")
     if marketing < 0 or transactional_rate < 0 or message_kb < 1 or connections < 1:
         raise typer.BadParameter("counts and rates must be positive")
+    if workers != "auto" and not (workers.isdigit() and 1 <= int(workers) <= 256):
+        raise typer.BadParameter("must be a number from 1 to 256 or auto", param_hint="--workers")
     if config is not None:
         _load(config)
-    opts = BenchOptions(marketing=marketing, transactional_rate=transactional_rate,
+    opts = BenchOptions(workers=workers, marketing=marketing, transactional_rate=transactional_rate,
                         sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
                         dkim=dkim, audit=audit, spool=spool, nodes=nodes,
                         config=config, connections=connections, sink_tls=sink_tls)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -24,6 +22,7 @@ from .edge.tls import Certificates
 from .edge.workers import WorkerPool, worker_count
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
+from .logsetup import setup_logging  # noqa: F401  (re-exported: cli, bench)
 from .monitor.activity import Activity
 from .monitor.health import Health
 from .monitor.monitor import Monitor
@@ -312,43 +311,6 @@ class Node:
         return out
 
 
-_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                    logging.CRITICAL: 2}
-
-
-def _stderr_is_journal() -> bool:
-    """Whether systemd connected stderr to the journal ($JOURNAL_STREAM names its device and
-    inode): then each line starts with its syslog priority, which journald takes as the
-    entry's PRIORITY (``journalctl -p warning`` works) and strips from the message."""
-    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        st = os.fstat(sys.stderr.fileno())
-        return (st.st_dev, st.st_ino) == (int(device), int(inode))
-    except (ValueError, OSError):
-        return False
-
-
-def setup_logging(level: str = "INFO") -> None:
-    """One JSON object per log line, so that log shippers need no parsing rules."""
-    prefix = _stderr_is_journal()
-
-    class JSONFormatter(logging.Formatter):
-        _skip = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-        def format(self, record: logging.LogRecord) -> str:
-            out = {"ts": round(record.created, 3), "level": record.levelname,
-                   "logger": record.name, "msg": record.getMessage()}
-            out.update({k: v for k, v in vars(record).items() if k not in self._skip})
-            if record.exc_info:
-                out["exc"] = self.formatException(record.exc_info)
-            line = json.dumps(out, default=str)
-            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}" if prefix else line
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter())
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-
-
 def run(config: Config, path: Path | None = None) -> None:
     """Run a node until SIGTERM/SIGINT, then drain; SIGHUP reloads the config at ``path``
     (docs/operations.md); systemd is told when it is ready, reloading and stopping."""
@@ -377,7 +339,7 @@ def run(config: Config, path: Path | None = None) -> None:
         async def reload_once() -> None:
             async with reloading:  # one after the other: the last SIGHUP's file wins
                 if await reload(node, path, notifier) and node.workers is not None:
-                    node.workers.reload()
+                    await node.workers.reload()
 
         if path is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))

@@ -366,7 +366,7 @@ async def _serve(fd: int) -> None:
     await loop.create_unix_connection(lambda: channel, sock=socket.socket(fileno=fd))
     op, config_bytes, sockets, tag, level = await channel.commands.get()
     assert op == "hello"
-    from ..node import setup_logging
+    from ..logsetup import setup_logging
 
     setup_logging(level)
     config: Config = pickle.loads(config_bytes)
@@ -382,6 +382,7 @@ async def _serve(fd: int) -> None:
                 worker.reload(pickle.loads(command[1]))
             except Exception:  # noqa: BLE001 - the previous settings stay
                 log.exception("worker reload failed")
+            channel.tell("reloaded")
         elif command[0] == "drain":
             await worker.drain()
             watch.cancel()

@@ -69,6 +69,7 @@ class WorkerChannel(asyncio.Protocol):
         """Connections this worker was admitted for and has not given back."""
         self.ready = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
+        self.reloaded: asyncio.Future | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -204,11 +205,21 @@ class WorkerPool:
         for proc in self.procs.values():
             await proc.wait()
 
-    def reload(self) -> None:
-        """Hand the reloaded config to every worker (admin/service.py merged it here)."""
+    async def reload(self, timeout: float = 30.0) -> None:
+        """Hand the reloaded config to every worker (admin/service.py merged it here) and wait
+        until each has applied it."""
         data = pickle.dumps(self.node.config)
+        loop = asyncio.get_running_loop()
+        waits = []
         for channel in self.channels.values():
+            if channel.transport is None:
+                continue  # starting again: it gets the current config in its hello
+            channel.reloaded = loop.create_future()
+            waits.append(channel.reloaded)
             channel.send(("reload", data))
+        done, pending = await asyncio.wait(waits, timeout=timeout) if waits else (set(), set())
+        if pending:
+            log.error("%d intake worker(s) did not confirm the reload", len(pending))
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values() if p.returncode is None]
@@ -240,6 +251,9 @@ class WorkerPool:
             self._spawn_task(self._flush(channel, ask, *msg[2:]))
         elif op == "report":
             self._spawn_task(self._report(channel, ask, *msg[2:]))
+        elif op == "reloaded":
+            if channel.reloaded is not None and not channel.reloaded.done():
+                channel.reloaded.set_result(None)
         elif op == "ready":
             if not channel.ready.done():
                 channel.ready.set_result(None)
