@@ -38,10 +38,12 @@ test: $(STAMP) $(CHROMIUM) $(PROMTOOL) $(SYSTEMD_ANALYZE)
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -1) main start ) \
 		|| echo "PostgreSQL is not available: the cluster tests will be skipped"
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/postlane bench --marketing 20000 --transactional-rate 10

@@ -7,6 +7,11 @@ editable install); an older commit can be checked out with ``git worktree add DI
 Usage: ``.venv/bin/python benchmarks/abba.py --a ../base --b . [--rounds 1] -- --marketing 20000``
 (every argument after ``--`` goes to ``postlane bench``; ``--json`` is added). One round is
 A B B A; the summary gives, for each side, the median of its runs and B/A ratios of the medians.
+
+``--same-load`` runs B's ``postlane bench`` for both sides, A's node through ``--node-from A``:
+one load generator, one sink and one way of measuring for both commits (needed when A's bench
+lacks options, e.g. the plain-client ones). ``--compare REV`` (instead of ``--a``) makes a
+worktree of REV with its own ``.venv`` beside B (``../compare-REV``) and uses it as A.
 """
 
 from __future__ import annotations
@@ -21,18 +26,20 @@ import time
 from pathlib import Path
 
 FIGURES = ("throughput_msgs_s", "node_cpu_ms_per_msg", "main_cpu_ms_per_msg", "rss_mb_peak",
-           "rss_mb_peak_all")
+           "rss_mb_peak_all", "rss_mb_all_max")
 
 
 def _load_average() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def run(checkout: Path, bench_args: list[str]) -> dict:
-    """One bench run of a checkout; the JSON line it printed, with the load average around it."""
+def run(checkout: Path, bench_args: list[str], node_from: Path | None = None) -> dict:
+    """One bench run of a checkout (``node_from``: its node from that checkout instead); the
+    JSON line it printed, with the load average around it."""
     before = _load_average()
-    proc = subprocess.run([str(checkout / ".venv/bin/postlane"), "bench", "--json", *bench_args],
-                          cwd=checkout, capture_output=True, text=True, check=False)
+    extra = ["--node-from", str(node_from)] if node_from is not None else []
+    proc = subprocess.run([str(checkout / ".venv/bin/postlane"), "bench", "--json", *bench_args,
+                           *extra], cwd=checkout, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"bench failed in {checkout}:\n{proc.stderr[-2000:]}")
@@ -59,23 +66,47 @@ def summary(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
+def checkout_of(rev: str, beside: Path) -> Path:
+    """A worktree of ``rev`` with its own ``.venv`` (made once, then reused)."""
+    target = beside.resolve().parent / f"compare-{rev}"
+    if not target.exists():
+        subprocess.run(["git", "-C", str(beside), "worktree", "add", "--detach", str(target),
+                        rev], check=True)
+    if not (target / ".venv/bin/postlane").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(target / ".venv")], check=True)
+        subprocess.run([str(target / ".venv/bin/pip"), "install", "-q", "-e", str(target)],
+                       check=True)
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--a", type=Path, required=True, help="checkout A (the baseline)")
+    parser.add_argument("--a", type=Path, help="checkout A (the baseline)")
+    parser.add_argument("--compare", metavar="REV", help="A: a worktree of this commit")
     parser.add_argument("--b", type=Path, required=True, help="checkout B (the change)")
     parser.add_argument("--rounds", type=int, default=1, help="ABBA rounds")
+    parser.add_argument("--same-load", action="store_true",
+                        help="B's load generator and sink for both sides (A's node via"
+                             " --node-from)")
     parser.add_argument("--a-args", default="", help="bench arguments for A only, e.g."
-                        " '--workers 1' (--a and --b may then be the same checkout)")
+                        " --a-args='--workers 1' (--a and --b may then be one checkout)")
     parser.add_argument("--b-args", default="", help="bench arguments for B only")
     args, bench_args = parser.parse_known_args()
     bench_args = [a for a in bench_args if a != "--"]
+    if (args.a is None) == (args.compare is None):
+        parser.error("give --a DIR or --compare REV")
+    a_dir = args.a if args.a is not None else checkout_of(args.compare, args.b)
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     for _ in range(args.rounds):
         for side in "ABBA":
-            checkout = (args.a if side == "A" else args.b).resolve()
+            checkout = (a_dir if side == "A" else args.b).resolve()
             started = time.time()
-            own = (args.a_args if side == "A" else args.b_args).split()
-            result = run(checkout, [*bench_args, *own])
+            side_args = [*bench_args, *(args.a_args if side == "A" else args.b_args).split()]
+            if args.same_load:
+                result = run(args.b.resolve(), side_args,
+                             checkout if side == "A" else None)
+            else:
+                result = run(checkout, side_args)
             runs[side].append(result)
             print(json.dumps({"side": side, "checkout": str(checkout),
                               "seconds": round(time.time() - started),
@@ -83,6 +114,8 @@ def main() -> None:
                               "latency_s": result["latency_s"]}), flush=True)
     print(json.dumps({"bench_args": bench_args, "a_args": args.a_args, "b_args": args.b_args,
                       "host_cpus": os.cpu_count(),
+                      "same_load": args.same_load, "a": str(a_dir.resolve()),
+                      "b": str(args.b.resolve()),
                       **summary(runs)}, indent=1))
 
 

@@ -34,6 +34,36 @@ def test_bench_lanes_keep_each_class_on_its_pool():
         assert result[key] > 0
 
 
+def test_bench_plain_clients_reconnect_without_pipelining():
+    # the plain-client shape of issue 17: no PIPELINING either side, reconnects, one domain
+    result = _bench("--marketing", "120", "--transactional-rate", "20", "--no-pipelining",
+                    "--reconnect-every", "10", "--domains", "1", "--message-kb", "2.5",
+                    "--connections", "4", "--sink-no-pipelining")
+    assert result["lost"] == 0 and result["marketing"] == 120
+    assert result["client"] == {"pipelining": False, "reconnect_every": 10, "connections": 4,
+                                "domains": 1}
+    assert result["sink_pipelining"] is False and result["message_kb"] == 2.5
+    assert result["client_connects"] >= 120 // 10  # each connection QUIT after 10 messages
+    assert result["node_processes"] >= 1
+    assert result["node_cpu_s_all"] >= result["node_cpu_s"] > 0
+    assert result["rss_mb_all_max"] > 0
+
+
+@pytest.mark.parametrize("seed", [False, True])
+def test_bench_queued_behind_a_paused_pool(seed):
+    result = _bench("--queued-behind", "300", "--transactional-rate", "20",
+                    "--transactional-seconds", "2", "--message-kb", "1", "--domains", "3",
+                    *(["--seed-queue"] if seed else []))
+    behind = result["queued_behind"]
+    assert behind["accepted"] == 300 and behind["node_queued"] == 300
+    assert behind["via"] == ("spool" if seed else "smtp")
+    assert result["lost"] == 0 and result["marketing"] == 0 and result["transactional"] > 0
+    assert "marketing" not in result["latency_s"]  # the campaign waits behind its pause
+    for key in ("metrics", "status", "metrics_after", "status_after"):
+        assert 0 < behind[key]["p50_ms"] <= behind[key]["max_ms"]
+    assert behind["rss_mb_all_queued"] > 0
+
+
 def test_bench_fifo_baseline_shares_one_queue_and_signs():
     result = _bench("--marketing", "100", "--transactional-rate", "5", "--baseline", "fifo",
                     "--message-kb", "2", "--dkim", "ed25519")
@@ -43,7 +73,8 @@ def test_bench_fifo_baseline_shares_one_queue_and_signs():
 
 
 @pytest.mark.parametrize("args", [["--baseline", "lifo"], ["--marketing", "-1"], ["--dkim", "dsa"],
-                                  ["--message-kb", "0"], ["--nodes", "2"],
+                                  ["--message-kb", "0"], ["--nodes", "2"], ["--domains", "0"],
+                                  ["--marketing", "10", "--queued-behind", "10"],
                                   ["--spool", "postgresql://x@127.0.0.1/x", "--nodes", "0"]])
 def test_bench_refuses_bad_arguments(args):
     out = subprocess.run([sys.executable, "-m", "postlane.cli", "bench", *args],

@@ -370,7 +370,8 @@ async def test_a_dead_signing_process_defers_and_is_replaced(tmp_path, keys, dns
     child = process._proc
     os.kill(child.pid, signal.SIGSTOP)
     pending = asyncio.ensure_future(sign_message(signer, MESSAGES["plain"]))
-    await asyncio.sleep(0.2)
+    while not process.backlog():  # the request is in flight (no fixed wait)
+        await asyncio.sleep(0.01)
     os.kill(child.pid, signal.SIGKILL)
     with pytest.raises(Rejection) as refused:  # in flight: 451, the client sends it again
         await asyncio.wait_for(pending, 30)

@@ -157,15 +157,16 @@ async def test_pause_holds_marketing_not_transactional_and_survives_restart(
     await send(port, "s@insurer.test", ["p@example.com"], message("policy",
                                                                    cls="policy-documents"))
     await sink.wait_for(1)
-    await asyncio.sleep(1.0)
     assert subjects(sink) == ["policy"], "paused marketing waits, the policy notice does not"
     lane = next(ln for ln in node.status()["lanes"] if ln["pool"] == "bulk")
-    assert lane["paused"] and lane["depth"] == 5
+    # the state, not a wait: every marketing recipient is ready and none was taken
+    assert lane["paused"] and lane["depth"] == lane["ready"] == 5 and lane["inflight"] == 0
     await node.stop()
 
     node2 = await make_node(text)  # same spool: pause state and queue come back
     assert ("bulk", "*") in node2.scheduler.paused
-    await asyncio.sleep(0.5)
+    lane = next(ln for ln in node2.status()["lanes"] if ln["pool"] == "bulk")
+    assert lane["paused"] and lane["ready"] == 5 and lane["inflight"] == 0
     assert len(sink.arrivals) == 1
     await node2.operations.resume("bulk", who=OPERATOR)
     await sink.wait_for(6, timeout=30)
@@ -180,8 +181,9 @@ async def test_pause_one_domain_of_a_pool(tmp_path, sink, make_node):
     await send(port, "s@insurer.test", ["a@slow.example"], message("held", cls="marketing"))
     await send(port, "s@insurer.test", ["b@fast.example"], message("goes", cls="marketing"))
     await sink.wait_for(1)
-    await asyncio.sleep(0.5)
     assert subjects(sink) == ["goes"]
+    lane = node.scheduler.lanes[("bulk", "slow.example")]
+    assert lane.paused and len(lane.heap) == 1 and lane.inflight == 0  # waits, not taken
     await node.operations.resume("bulk", "slow.example", who=OPERATOR)
     await sink.wait_for(2)
 

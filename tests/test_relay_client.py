@@ -615,3 +615,94 @@ async def test_server_that_stops_reading_data_times_out() -> None:
             await conn.send("s@a.test", [("x@b.test", "")], (b"y" * 998 + b"\r\n") * 40_000)
     assert info.value.stage == "data" and info.value.temporary
     assert not conn.usable
+
+
+# --- the end of data and the reply clock -----------------------------------------------------
+
+
+async def test_message_and_final_dot_when_nothing_is_awaited_before_it(
+        wire: tuple[WireServer, int]) -> None:
+    """A settled ``before_dot`` (the SQLite spool's journal) lets the message and its end mark
+    go in one write; the receiver reads one message, dot-stuffed, ended once."""
+    ws, port = wire
+    conn = await connect(port)
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    tx = await conn.send("s@a.test", [("x@b.test", "")], MESSAGE, before_dot=done)
+    assert tx.data_reply is not None and tx.data_reply.code == 250
+    assert ws.wire_data == [prepare_data(MESSAGE) + b".\r\n"]
+    await conn.quit()
+
+
+async def test_failed_before_dot_already_done_sends_no_dot(wire: tuple[WireServer, int]) -> None:
+    ws, port = wire
+    conn = await connect(port)
+    failed = asyncio.get_running_loop().create_future()
+    failed.set_exception(OSError("journal not written"))
+    with pytest.raises(SMTPError) as info:
+        await conn.send("s@a.test", [("x@b.test", "")], MESSAGE, before_dot=failed)
+    assert info.value.stage == "data" and "journal not written" in info.value.message
+    assert not conn.usable
+    await asyncio.sleep(0.05)
+    assert ws.wire_data == []  # the server never saw an end of data
+
+
+async def test_pending_before_dot_is_awaited_before_the_dot(wire: tuple[WireServer, int]) -> None:
+    ws, port = wire
+    conn = await connect(port)
+    loop = asyncio.get_running_loop()
+    pending = loop.create_future()
+    loop.call_later(0.05, pending.set_result, None)
+    tx = await conn.send("s@a.test", [("x@b.test", "")], MESSAGE, before_dot=pending)
+    assert tx.data_reply is not None and tx.data_reply.code == 250
+    assert ws.wire_data == [prepare_data(MESSAGE) + b".\r\n"]
+    await conn.quit()
+
+
+def _slow_server(delay: float, answer_dot: bool = True) -> Serve:
+    """Answers every command one by one, each after ``delay`` seconds (no PIPELINING)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            await asyncio.sleep(delay)
+            if verb == b"DATA":
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                await reader.readuntil(b"\r\n.\r\n")
+                if not answer_dot:
+                    await asyncio.Event().wait()
+                await asyncio.sleep(delay)
+                writer.write(b"250 2.0.0 Ok\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 Bye\r\n")
+                await writer.drain()
+                return
+            else:
+                writer.write(b"250 Ok\r\n")
+            await writer.drain()
+
+    return serve
+
+
+async def test_each_reply_has_its_own_deadline() -> None:
+    """The clock is per reply (RFC 5321 4.5.3.2), not per transaction: five replies that each
+    take 0.3 s pass a 1 s command timeout although the whole takes longer."""
+    async with raw_server(_slow_server(0.3)) as port:
+        conn = await connect(port, timeouts=Timeouts(connect=5, banner=5, command=1,
+                                                     data_block=5, dot=1))
+        tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", "")], MESSAGE)
+        assert tx.data_reply is not None and tx.data_reply.code == 250
+        assert conn.usable
+        await conn.quit()
+
+
+async def test_final_reply_that_never_comes_times_out() -> None:
+    async with raw_server(_slow_server(0, answer_dot=False)) as port:
+        conn = await connect(port, timeouts=Timeouts(connect=5, banner=5, command=5,
+                                                     data_block=5, dot=0.3))
+        with pytest.raises(SMTPError) as info:
+            await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
+    assert info.value.stage == "dot" and info.value.message == "timed out waiting for reply"
+    assert info.value.temporary and not conn.usable

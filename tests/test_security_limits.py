@@ -84,6 +84,18 @@ async def test_idle_connection_gets_421_then_closed(tmp_path, sink, make_node):
     assert await raw.closed()
 
 
+async def test_each_command_restarts_the_idle_clock(tmp_path, sink, make_node):
+    """The idle clock is one timer per connection whose deadline each command moves: a client
+    that keeps talking is never cut, and one that stops is cut once the deadline passes."""
+    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.5s"'))
+    raw = await session(node.listeners[0].port)
+    for _ in range(8):  # 1.6 s in total, never idle for 0.5 s
+        assert (await raw.cmd("NOOP")).startswith("250")
+        await asyncio.sleep(0.2)
+    assert (await raw.reply(timeout=10)).startswith("421 4.4.2 Idle too long")
+    assert await raw.closed()
+
+
 async def test_bad_commands_disconnect(tmp_path, sink, make_node):
     node = await make_node(limited(tmp_path, sink.port, "max_bad_commands = 3"))
     raw = await session(node.listeners[0].port)

@@ -86,3 +86,5 @@ def test_suppress_commands(tmp_path) -> None:
     r = run(app, ["suppress", "import", "--db", db, str(csv_in)])
     assert r.exit_code == 2 and "line 1" in r.output
     assert run(app, ["suppress", "list"]).exit_code == 2
+
+

@@ -6,7 +6,7 @@ from __future__ import annotations
 import marshal
 import struct
 import subprocess
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = ["HEAD", "frame", "read_frame", "reap"]
 
@@ -14,12 +14,12 @@ HEAD = struct.Struct("!I")
 """The frame header: the length of the marshalled body."""
 
 
-def frame(obj: object) -> bytes:
+def frame(obj: Any) -> bytes:
     data = marshal.dumps(obj)
     return HEAD.pack(len(data)) + data
 
 
-def read_frame(reader: BinaryIO) -> object:
+def read_frame(reader: BinaryIO) -> Any:
     """The next frame's object; EOFError when the other side has gone (mid-frame too)."""
     head = reader.read(HEAD.size)
     if len(head) < HEAD.size:
@@ -31,7 +31,7 @@ def read_frame(reader: BinaryIO) -> object:
     return marshal.loads(data)
 
 
-def reap(proc: subprocess.Popen, timeout: float) -> None:
+def reap(proc: subprocess.Popen[bytes], timeout: float) -> None:
     """Wait for ``proc`` to exit, killing it after ``timeout`` seconds."""
     try:
         proc.wait(timeout=timeout)

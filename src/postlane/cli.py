@@ -124,10 +124,12 @@ def sink(host: str = typer.Option("127.0.0.1", help="address to listen on"),
 
 
 @app.command()
-def bench(marketing: int = typer.Option(20000, help="messages in the marketing campaign"),
+def bench(marketing: int | None = typer.Option(
+              None, help="messages in the marketing campaign (default 20000; with"
+                         " --queued-behind 0: the campaign waits behind its paused pool)"),
           transactional_rate: float = typer.Option(10.0, help="transactional messages per second"),
           sink_delay_ms: float = typer.Option(0.0, help="time the sink takes per message"),
-          message_kb: int = typer.Option(10, help="message size"),
+          message_kb: float = typer.Option(10.0, help="message size in KB (fractions allowed)"),
           baseline: str = typer.Option("lanes", help="lanes (Postlane) or fifo (one queue)"),
           dkim: str = typer.Option("none", help="sign every message: none, rsa (2048) or ed25519"),
           audit: bool = typer.Option(True, help="write the audit store (--no-audit to compare)"),
@@ -144,6 +146,26 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
           connections: int = typer.Option(16, help="SMTP connections submitting the campaign"),
           workers: str = typer.Option("1", help="the node's [node] workers: SMTP intake "
                                                 "processes, a number or auto (one per core)"),
+          no_pipelining: bool = typer.Option(
+              False, "--no-pipelining", help="the load generator sends each SMTP command and"
+                                             " waits for its reply (a plain client)"),
+          reconnect_every: int = typer.Option(
+              0, help="each submitting connection QUITs and reconnects every N messages"
+                      " (0: never)"),
+          domains: int = typer.Option(20, help="recipient domains of the campaign (1 allowed)"),
+          sink_no_pipelining: bool = typer.Option(
+              False, "--sink-no-pipelining", help="the sink does not advertise PIPELINING"),
+          queued_behind: int = typer.Option(
+              0, help="first pause the marketing pool and queue N campaign messages behind it;"
+                      " report RSS and the time of /metrics and /api/v1/status"),
+          seed_queue: bool = typer.Option(
+              False, "--seed-queue", help="with --queued-behind: write the queue into the spool"
+                                          " before the node starts (as after a restart)"),
+          transactional_seconds: float = typer.Option(
+              0.0, help="run the transactional stream at least this long"),
+          node_from: Path | None = typer.Option(
+              None, help="run the node from this checkout's .venv (its own bench config); the"
+                         " load, sink and measurements stay this one's"),
           as_json: bool = typer.Option(False, "--json", help="print only the JSON line")) -> None:
     """The case study as a benchmark: prints one JSON line (docs/design.md, section 8)."""
     from .bench import BenchOptions, BenchSetupError, result_json, run_bench
@@ -162,8 +184,18 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
     if sink_tls not in ("none", "starttls", "verified"):
         raise typer.BadParameter("must be 'none', 'starttls' or 'verified'",
                                  param_hint="--sink-tls")
-    if marketing < 0 or transactional_rate < 0 or message_kb < 1 or connections < 1:
+    if marketing is None:
+        marketing = 0 if queued_behind else 20000
+    if marketing and queued_behind:
+        raise typer.BadParameter("the campaign's pool is paused with --queued-behind: its"
+                                 " messages would wait too", param_hint="--marketing")
+    if marketing < 0 or transactional_rate < 0 or message_kb <= 0 or connections < 1 \
+            or reconnect_every < 0 or domains < 1 or queued_behind < 0 \
+            or transactional_seconds < 0:
         raise typer.BadParameter("counts and rates must be positive")
+    if (queued_behind or node_from is not None) and nodes is not None:
+        raise typer.BadParameter("--queued-behind and --node-from run one node",
+                                 param_hint="--nodes")
     if workers != "auto" and not (workers.isdigit() and 1 <= int(workers) <= 256):
         raise typer.BadParameter("must be a number from 1 to 256 or auto", param_hint="--workers")
     if config is not None:
@@ -171,7 +203,13 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
     opts = BenchOptions(workers=workers, marketing=marketing, transactional_rate=transactional_rate,
                         sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
                         dkim=dkim, audit=audit, spool=spool, nodes=nodes,
-                        config=config, connections=connections, sink_tls=sink_tls)
+                        config=config, connections=connections, sink_tls=sink_tls,
+                        pipelining=not no_pipelining, reconnect_every=reconnect_every,
+                        domains=domains, sink_pipelining=not sink_no_pipelining,
+                        queued_behind=queued_behind, seed_queue=seed_queue,
+                        transactional_seconds=(
+                            transactional_seconds or (20.0 if queued_behind else 0.0)),
+                        node_from=node_from.resolve() if node_from else None)
 
     last = [0.0]
 
@@ -179,7 +217,8 @@ def bench(marketing: int = typer.Option(20000, help="messages in the marketing c
         if as_json or time.monotonic() - last[0] < 2:
             return
         last[0] = time.monotonic()
-        typer.echo(f"[{p.phase}] accepted {p.marketing_accepted}/{p.marketing_total} marketing,"
+        typer.echo(f"[{p.phase}] queued {p.queued_behind}, "
+                   f"accepted {p.marketing_accepted}/{p.marketing_total} marketing,"
                    f" {p.transactional_sent} transactional, delivered {p.delivered}", err=True)
 
     try:

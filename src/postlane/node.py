@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -35,8 +36,9 @@ from .relay.tlsrpt import TLSReports
 from .reputation.service import ReputationCollector, ReputationService
 from .scheduler.claim import Claimer
 from .scheduler.control import QueueControl
+from .scheduler.paging import Pager
 from .scheduler.scheduler import Failure, Scheduler
-from .spool import Message, PostgresSpool, local_dir, make_spool
+from .spool import Message, PostgresSpool, SQLiteSpool, local_dir, make_spool
 from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
@@ -104,7 +106,7 @@ class Node:
         """Every operator action goes through here, on the record (the API calls it)."""
         self.api = APIServer(self) if config.api.enabled else None
         self.started_at = 0.0
-        self._failures: dict[str, tuple[Message, bytes, list[Failure]]] = {}
+        self._failures: dict[str, tuple[Message, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
         self._disk_watch: asyncio.Task | None = None
         self._tls_tasks: list[asyncio.Task] = []
@@ -127,40 +129,66 @@ class Node:
         self.emit(rec)
 
     async def start(self) -> None:
-        """Open the spool, resume every queued message, then open the listeners."""
-        await self.spool.open()
-        if self.audit is not None:
-            await self.audit.start()
-        await self.recorder.start()
-        if self.signer is not None:
-            await self.signer.start()
-        self.scheduler.paused = await self.spool.paused()
-        resumed = 0
-        if self.claimer is not None:
-            try:
+        """Open the spool, resume every queued message, then open the listeners. If a part
+        cannot start (a listener's port is taken, the database is away), what was opened is
+        closed again, in reverse order, before the error is raised."""
+        async with contextlib.AsyncExitStack() as opened:
+            opened.push_async_callback(asyncio.to_thread, self.feedback.close)  # its thread
+            await self.spool.open()
+            opened.push_async_callback(self.spool.close)
+            if self.audit is not None:
+                await self.audit.start()
+                opened.push_async_callback(self.audit.stop)
+            await self.recorder.start()
+            opened.push_async_callback(self.recorder.stop)
+            if self.signer is not None:
+                await self.signer.start()
+                opened.push_async_callback(self.signer.stop)
+            self.scheduler.paused = await self.spool.paused()
+            resumed = 0
+            if self.claimer is not None:
                 await self.claimer.start()
-            except BaseException:
-                await self.spool.close()
-                raise
-        else:
-            pending = await self.spool.pending()
-            resumed = len(pending.recipients)
-            for rcpt in pending.recipients:
-                self.scheduler.add(rcpt)
-        await self.reputation.start()
-        await self.monitor.start()
-        if self.api is not None:
-            await self.api.start()
-        if self.workers is not None:
-            await self.workers.start()
-        for listener in self.listeners if self.workers is None else ():
-            try:
-                await listener.start()
-            except OSError as exc:  # say which listener of the config, not a traceback
-                lc = listener.config
-                raise OSError(exc.errno, f"listener {listener.name!r} (listeners.{listener.name}"
-                                         f" in the config) cannot listen on {lc.address}:"
-                                         f"{lc.port}: {os.strerror(exc.errno or 0)}") from None
+                opened.push_async_callback(self.claimer.close)
+            elif isinstance(self.spool, SQLiteSpool) and not self.scheduler.fifo:
+                # deep lanes stay in the spool: deferred and held recipients come into memory,
+                # queued ones are counted and read in as their lanes drain (scheduler/paging.py)
+                pager = self.scheduler.pager = Pager(self.scheduler, self.spool)
+                sla = [name for name, cls in self.config.classes.items() if cls.sla is not None]
+                found = await self.spool.resume(sla)
+                resumed = pager.resume(found)
+                self.monitor.tracker.seed_counts(found.classes, found.outstanding, time.time())
+                self.monitor.seeded = True
+            else:
+                pending = await self.spool.pending()
+                resumed = len(pending.recipients)
+                for rcpt in pending.recipients:
+                    self.scheduler.add(rcpt)
+                if resumed:  # long-lived: out of the cyclic collector's full walks (below)
+                    gc.collect()
+                    gc.freeze()
+            await self.reputation.start()
+            opened.push_async_callback(self.reputation.stop)
+            await self.monitor.start()
+            opened.push_async_callback(self.monitor.stop)
+            if self.api is not None:
+                await self.api.start()
+                opened.push_async_callback(self.api.stop)
+            if self.workers is not None:  # the workers accept; this process binds
+                for listener in self.listeners:
+                    opened.push_async_callback(listener.stop)
+                await self.workers.start()
+                opened.push_async_callback(self.workers.stop, self.config.node.drain_timeout)
+            for listener in self.listeners if self.workers is None else ():
+                try:
+                    await listener.start()
+                except OSError as exc:  # say which listener of the config, not a traceback
+                    lc = listener.config
+                    raise OSError(exc.errno, f"listener {listener.name!r} (listeners."
+                                             f"{listener.name} in the config) cannot listen on"
+                                             f" {lc.address}:{lc.port}:"
+                                             f" {os.strerror(exc.errno or 0)}") from None
+                opened.push_async_callback(listener.stop)
+            opened.pop_all()  # all open: ``stop`` closes them from now on
         self.started_at = time.time()
         loop = asyncio.get_running_loop()
         self._disk_watch = loop.create_task(self._watch_disk())
@@ -190,6 +218,8 @@ class Node:
         if self.claimer is not None:
             self.claimer.stop_claiming()
         await self.scheduler.drain(self.config.node.drain_timeout)
+        if self.scheduler.pager is not None:
+            self.scheduler.pager.close()
         if self._background:
             await asyncio.wait(set(self._background), timeout=10)
         if self._disk_watch is not None:
@@ -199,7 +229,7 @@ class Node:
         if self.tls_reports is not None:
             await asyncio.to_thread(self.tls_reports.flush)
         if self.signer is not None:
-            self.signer.close()
+            await self.signer.stop()
         await self.monitor.stop()
         await self.reputation.stop()
         try:
@@ -210,14 +240,15 @@ class Node:
         if self.claimer is not None:
             await self.claimer.close()
         await self.spool.close()
-        self.feedback.close()
+        await asyncio.to_thread(self.feedback.close)  # waits for the list's writer thread
         if self.audit is not None:
             await self.audit.stop()
         self.stopped.set()
 
     async def flush_evidence(self) -> None:
         """Wait until every record so far is in the audit store and the accounting files (and
-        the spool has dropped the events they hold)."""
+        the spool has dropped the events they hold), and their suppressions are written."""
+        await self.feedback.flush()
         await self.spool.flush()
         await self.recorder.flush()
         await self.spool.flush()  # the trim the recorder's last progress asked for
@@ -230,17 +261,17 @@ class Node:
             return
         entry = self._failures.get(msg.id)
         if entry is None:
-            try:
-                body = self.spool.body(msg.id)
-            except KeyError:
-                body = b""
-            self._failures[msg.id] = (msg, body, list(failures))
-            asyncio.get_running_loop().call_soon(self._send_bounce, msg.id)
+            self._failures[msg.id] = (msg, list(failures))
+            self._spawn(self._send_bounce(msg.id))
         else:
-            entry[2].extend(failures)
+            entry[1].extend(failures)
 
-    def _send_bounce(self, msg_id: str) -> None:
-        msg, body, failures = self._failures.pop(msg_id)
+    async def _send_bounce(self, msg_id: str) -> None:
+        msg, failures = self._failures.pop(msg_id)
+        try:
+            body = await self.spool.load_body(msg.id)  # read off the loop if not cached
+        except KeyError:
+            body = b""
         report = build_bounce(
             reporting_mta=self.config.node.hostname, sender=msg.mail_from,
             recipients=[FailedRecipient(address=f.rcpt.address, action=f.action, status=f.status,
@@ -249,9 +280,9 @@ class Node:
                         for f in failures],
             original=body, arrival_date=msg.queued_at, envid=msg.envid, ret=msg.ret or "HDRS",
             queue_id=msg.id)
-        self._spawn(self.intake.submit(
+        await self.intake.submit(
             "", [RcptIn(msg.mail_from, "NEVER")], report, listener="dsn",
-            src_type="dsn", forced_class=msg.cls))
+            src_type="dsn", forced_class=msg.cls)
 
     def _spawn(self, work: Coroutine) -> None:
         """Run ``work`` beside the node; a drain waits for it."""
@@ -268,7 +299,7 @@ class Node:
         for lane in sorted(self.scheduler.lanes.values(), key=lambda ln: ln.key):
             lanes.append({
                 "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
-                "ready": len(lane.heap), "deferred": lane.deferred, "inflight": lane.inflight,
+                "ready": lane.ready(), "deferred": lane.deferred, "inflight": lane.inflight,
                 "held": lane.held, "oldest_age_s": round(oldest.get(lane.key, 0.0), 3),
                 "connections": lane.workers,
                 "paused": lane.paused, "rate_wait": lane.rate_wait,

@@ -13,6 +13,7 @@ covers it, and the SLA report reads pauses from it (docs/audit.md, "Operator act
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pwd
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from .accounting.records import Record
-from .feedback.suppression import Entry, SuppressionList, normalize
+from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
 from .scheduler.control import SelectionError, Selector
 from .spool import SpoolUnavailable
 
@@ -96,25 +97,36 @@ class Suppressions:
 
     def add(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
         entry = self.store.add(address, scope, reason, "operator")
+        self.added(entry, who)
+        return entry
+
+    def added(self, entry: Entry, who: Operator) -> None:
+        """The record of an entry ``who`` added."""
         self.record(action_record("suppress", who, target=entry.address,
                                   note=f" (scope {entry.scope})" + (f": {entry.reason}"
                                                                     if entry.reason else "")))
-        return entry
 
     def remove(self, address: str, scope: str | None, *, who: Operator) -> int:
         removed = self.store.remove(address, scope)
+        self.removed(address, scope, removed, who)
+        return removed
+
+    def removed(self, address: str, scope: str | None, removed: int, who: Operator) -> None:
+        """The record of ``who`` removing ``removed`` entries (none: nothing to record)."""
         if removed:
             where = f"scope {scope}" if scope else "every scope"
             self.record(action_record("unsuppress", who, target=normalize(address),
                                       note=f" ({where}, {removed}"
                                            f" entr{'y' if removed == 1 else 'ies'})"))
-        return removed
 
     def import_csv(self, src: TextIO, scope: str, *, who: Operator) -> int:
         count = self.store.import_csv(src, scope)
+        self.imported(count, scope, who)
+        return count
+
+    def imported(self, count: int, scope: str, who: Operator) -> None:
         self.record(action_record("suppress-import", who, what=f"{count} addresses",
                                   note=f" (scope {scope} where a row names none)"))
-        return count
 
 
 class Operations:
@@ -178,20 +190,32 @@ class Operations:
                       pool=sel.pool or "*", domain=sel.domain or "*")
         return out
 
+    # The list is written in the feedback service's writer thread (a lock held by a
+    # ``postlane suppress import`` must not stall the event loop), the record on the loop.
+
     async def suppress(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
-        entry = self.suppressions.add(address, scope, reason, who=who)
+        writes = self.node.feedback.writes
+        entry = await writes.call(self.suppressions.store.add, address, scope, reason,
+                                  "operator")
+        self.suppressions.added(entry, who)
         await self.node.spool.flush()  # on the record before the answer
         self._log("suppress", who, 1, scope=scope)
         return entry
 
     async def unsuppress(self, address: str, scope: str | None, *, who: Operator) -> int:
-        removed = self.suppressions.remove(address, scope, who=who)
+        removed = await self.node.feedback.writes.call(self.suppressions.store.remove, address,
+                                                       scope)
+        self.suppressions.removed(address, scope, removed, who)
         await self.node.spool.flush()
         self._log("unsuppress", who, removed, scope=scope or "*")
         return removed
 
     async def import_suppressions(self, src: TextIO, scope: str, *, who: Operator) -> int:
-        count = self.suppressions.import_csv(src, scope, who=who)
+        store = self.suppressions.store
+        # parsed once, in a thread; the writer may try the write more than once (a lock)
+        entries = await asyncio.to_thread(parse_csv, src, scope)
+        count = await self.node.feedback.writes.call(store.add_many, entries)
+        self.suppressions.imported(count, scope, who)
         await self.node.spool.flush()
         self._log("suppress-import", who, count, scope=scope)
         return count

@@ -60,6 +60,8 @@ class Sink:
     tls_context: object | None = None
     smtputf8: bool = True
     """Offer SMTPUTF8 (RFC 6531); False: a server that only takes ASCII envelopes."""
+    pipelining: bool = True
+    """Advertise PIPELINING (RFC 2920); False: a server whose clients wait for every reply."""
     tag_header: bytes = b""
     """If set (e.g. b"X-Bench-Id"), each arrival's ``tag`` is that header's value."""
     arrivals: list[Arrival] = field(default_factory=list)
@@ -99,7 +101,8 @@ class Sink:
                           hostname: str, responses: list[str]) -> list[str]:
         """Advertise PIPELINING like the big providers do (aiosmtpd handles it, but is silent)."""
         session.host_name = hostname
-        return responses[:-1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"] + responses[-1:]
+        extra = ["250-PIPELINING"] if self.pipelining else []
+        return responses[:-1] + [*extra, "250-ENHANCEDSTATUSCODES"] + responses[-1:]
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:

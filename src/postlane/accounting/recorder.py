@@ -128,7 +128,8 @@ class Recorder:
     async def _spawn(self) -> None:
         mine, theirs = socket.socketpair()
         try:
-            self._proc = subprocess.Popen(
+            self._proc = proc = await asyncio.to_thread(  # fork and exec off the loop
+                subprocess.Popen,
                 [sys.executable, "-m", "postlane.accounting.recorder", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
@@ -137,7 +138,7 @@ class Recorder:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._writer.write(frame(_settings(self.config, self.spool.writer_id, self.audit)))
-        self._reader_task = loop.create_task(self._read(reader, self._proc))
+        self._reader_task = loop.create_task(self._read(reader, proc))
         try:
             await self._ready
         except BaseException:

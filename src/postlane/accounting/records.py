@@ -11,6 +11,7 @@ import operator
 import time
 from dataclasses import dataclass, fields
 from datetime import datetime
+from typing import Any
 
 __all__ = [
     "CORRELATION_HEADER_FIELD",
@@ -184,6 +185,7 @@ def pack(record: Record) -> bytes:
     return marshal.dumps(_VALUES(record))
 
 
-def unpack(data: bytes) -> tuple:
+def unpack(data: bytes) -> tuple[Any, ...]:
     """The field values of a packed record (``Record(*values)`` makes it again)."""
-    return marshal.loads(data)
+    values: tuple[Any, ...] = marshal.loads(data)
+    return values

@@ -9,6 +9,7 @@ sessionStorage, never in a cookie, so no other site can make a browser call the 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,12 +24,14 @@ from ..feedback import unsubscribe
 from ..operations import OperationError
 from ..policy.intake import RcptIn, Rejection
 from ..reputation.api import router as reputation_router
+from ..scheduler.control import Selector
 from . import queue
 from .injection import MessageIn, Queued
 from .tokens import Tokens, caller
 
 if TYPE_CHECKING:
     from ..node import Node
+    from ..spool import Recipient
 
 _bearer = HTTPBearer(auto_error=False, description="token from the [api] token_file")
 
@@ -169,7 +172,7 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
 
     @api.get("/messages/{queue_id}", tags=["messages"])
     async def message(queue_id: str) -> dict:
-        found = _lookup(node, queue_id=queue_id)
+        found = await _lookup(node, queue_id=queue_id)
         if not found:
             raise APIError(404, f"no queued or recently finished message {queue_id!r}"
                                 " (older ones are in the accounting files)")
@@ -181,7 +184,7 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
         """Queued and recently finished messages by correlation id or recipient address."""
         if (correlation_id is None) == (recipient is None):
             raise APIError(422, "give correlation_id or recipient")
-        return {"messages": _lookup(node, correlation_id=correlation_id,
+        return {"messages": await _lookup(node, correlation_id=correlation_id,
                                     recipient=recipient.strip().lower() if recipient else None)}
 
     @api.get("/activity", tags=["monitoring"])
@@ -252,12 +255,27 @@ def _rejection_status(exc: Rejection) -> tuple[int, str]:
     return 422, exc.text
 
 
-def _lookup(node: Node, queue_id: str | None = None, correlation_id: str | None = None,
-            recipient: str | None = None) -> list[dict]:
-    """Queued, deferred and held recipients from the scheduler, finished ones from the
-    monitor's recent records (in-flight recipients show once their attempt ends)."""
+async def _lookup(node: Node, queue_id: str | None = None, correlation_id: str | None = None,
+                  recipient: str | None = None) -> list[dict]:
+    """Queued, deferred and held recipients from the scheduler (by queue id or correlation id
+    through its index, by recipient address a walk) and those deep lanes left in the spool,
+    finished ones from the monitor's recent records (in-flight recipients show once their
+    attempt ends)."""
     found: dict[str, dict] = {}
-    for rcpt in node.scheduler.recipients():
+    sched = node.scheduler
+    sel = Selector(queue_ids=(queue_id,) if queue_id else (), correlation_id=correlation_id,
+                   recipient=recipient)
+    held: Iterable[Recipient]
+    if queue_id is not None:
+        held = sched.message(queue_id)
+    elif correlation_id:
+        held = [r for qid in sched.with_correlation_id(correlation_id)
+                for r in sched.message(qid)]
+    else:
+        held = sched.recipients()
+    async with node.queue.spooled(sel) as spooled:
+        everyone = [*held, *spooled]
+    for rcpt in everyone:
         msg = rcpt.msg
         if msg.id != queue_id and (not correlation_id or msg.correlation_id != correlation_id) \
                 and (not recipient or rcpt.address.lower() != recipient):

@@ -98,7 +98,7 @@ def router(node: Node) -> APIRouter:
         out = message_view(rcpts, time.time())
         try:
             try:
-                data = node.spool.body(queue_id)
+                data = await node.spool.load_body(queue_id)
             except KeyError:  # in a cluster: held, or claimed by another node
                 if queue.shared is None:
                     raise
@@ -145,7 +145,7 @@ def router(node: Node) -> APIRouter:
     async def shape(by: Literal["domain", "class"] = "domain",
                     top: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
         """qshape: recipients not yet final by age bucket, per domain or class."""
-        return queue.shape(by, top)
+        return await queue.shape(by, top)
 
     return api
 

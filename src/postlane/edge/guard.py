@@ -232,6 +232,33 @@ class GuardedSMTP(SMTP):
             self.transport.close()
         return True
 
+    _deadline = 0.0
+    _timer_armed = False
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's per-command clock, with one timer per connection: aiosmtpd cancels and
+        arms a timer for each command line and (here) each DATA packet; this moves a deadline
+        and lets the armed timer, when it fires early, set itself again for it. A shorter
+        deadline (the DATA clock) re-arms at once."""
+        loop = self.loop
+        self._deadline = deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is not None and self._timer_armed and handle.when() <= deadline and \
+                not handle.cancelled():  # (aiosmtpd cancels it when the connection is lost)
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timer_armed = True
+        self._timeout_handle = loop.call_at(deadline, self._clock_fired)
+
+    def _clock_fired(self) -> None:
+        self._timer_armed = False
+        if self._deadline - self.loop.time() > 0.001:  # activity since: not idle yet
+            self._timer_armed = True
+            self._timeout_handle = self.loop.call_at(self._deadline, self._clock_fired)
+            return
+        self._timeout_cb()
+
     def _timeout_cb(self) -> None:
         """RFC 5321 4.5.3.2: say 421 before closing an idle (or too slow) connection."""
         if self.transport is not None and not self.transport.is_closing():

@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import re
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from ..config import ListenerConfig
@@ -34,6 +35,25 @@ _END_PREFIXES = (b"\r", b"\r\n", b"\r\n.", b"\r\n.\r")
 # address literal, or a bare address. It is written into the Received header: nothing else is.
 _HELO_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
                         r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?")
+
+
+_sanitized_log = aiosmtpd.smtp.sanitized_log
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+
+def _log_if_enabled(func, msg, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """aiosmtpd's ``sanitized_log``, skipped when its level is off: aiosmtpd logs every
+    command line at DEBUG and INFO through it, sanitizing (a regex per argument) before the
+    logger looks at its level: 0.9 % of the node's profile samples in the bench."""
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    logger = getattr(func, "__self__", None)
+    if level is not None and isinstance(logger, logging.Logger) and \
+            not logger.isEnabledFor(level):
+        return
+    _sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = _log_if_enabled
 
 
 def helo_name(text: str) -> str | None:
@@ -131,7 +151,7 @@ class BulkDataSMTP(SMTP):
         response = self._held + response + b"\r\n"
         # asyncio's StreamReader keeps unread bytes in ``_buffer`` (no public peek exists)
         if response.startswith(b"250") and len(response) < 4096 and \
-                b"\r\n" in self._reader._buffer:
+                b"\r\n" in self._reader._buffer:  # type: ignore[attr-defined]
             self._held = response
             return
         self._held = b""
@@ -147,6 +167,13 @@ class BulkDataSMTP(SMTP):
         except PathError:
             return None, None
         return address or "<>", rest
+
+    def _may_straddle(self, data: bytearray) -> bool:
+        """Whether an end mark could begin in ``data`` and end in bytes not read yet: unknown
+        until 4 bytes are buffered, else whether the 8 bytes around the seam hold one. Each
+        message starts so (its DATA line's CRLF); this spares most a 1-byte read."""
+        buffered = self._reader._buffer  # StreamReader has no public peek
+        return len(buffered) < 4 or _END in bytes(data[-4:]) + bytes(buffered[:4])
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
@@ -167,7 +194,7 @@ class BulkDataSMTP(SMTP):
             # byte by byte while the data ends in a beginning of the mark (at the start, and
             # rarely after a limit overrun); otherwise one call reads to the end.
             try:
-                if data.endswith(_END_PREFIXES):
+                if data.endswith(_END_PREFIXES) and self._may_straddle(data):
                     chunk = await self._reader.readexactly(1)
                 else:
                     chunk = await self._reader.readuntil(_END)
@@ -379,7 +406,7 @@ class SMTPIntake:
         peer = session.peer[0] if isinstance(session.peer, tuple) else ""
         feedback = self.intake.feedback
         reports = [r.address for r in rcpts if feedback and feedback.is_report_address(r.address)]
-        if reports:  # bounces and complaints for the node itself: parsed, never relayed
+        if reports and feedback is not None:  # reports for the node itself: never relayed
             try:
                 await feedback.receive(envelope.original_content or b"", reports, peer)
                 await self.intake.spool.flush()  # its records are on disk before the 250

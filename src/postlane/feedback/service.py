@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from email import message_from_bytes
+from typing import Any
 
 from ..accounting.records import Record
 from ..config import Config
@@ -25,7 +26,7 @@ from .categories import ADDRESS_FAILURES, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
-from .suppression import SCOPES, Entry, SuppressionList
+from .suppression import SCOPES, Entry, SuppressionList, SuppressionWriter
 from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP
 
@@ -50,6 +51,8 @@ class FeedbackService:
         spool = local_dir(config)
         self.classifier = load_classifier(fb.bounce_rules)
         self.suppression = SuppressionList(fb.suppression_db or spool / "suppression.sqlite3")
+        self.writes = SuppressionWriter(self.suppression, log)
+        """Every write of the node to the list goes through this thread, never the loop."""
         key = load_or_create_key(fb.key_file or spool / "feedback.key")
         self.verp = VERP(key)
         self.signer = UnsubscribeSigner(key, fb.unsubscribe_ttl)
@@ -64,7 +67,13 @@ class FeedbackService:
         ``rua`` addresses goes there."""
 
     def close(self) -> None:
+        """Write what is queued, then close the list (blocks: call it in a thread)."""
+        self.writes.close()
         self.suppression.close()
+
+    async def flush(self) -> None:
+        """Wait until the suppressions of every record so far are written."""
+        await self.writes.flush()
 
     def policy(self, cls: str | None) -> ClassFeedbackConfig:
         return self.config.feedback.classes.get(cls or "", _DEFAULT_POLICY)
@@ -157,12 +166,13 @@ class FeedbackService:
             if not rcpts:
                 return None
         report = await asyncio.to_thread(parse_report, data, self.classifier)
-        if self.mailto in (r.lower() for r in rcpts):
+        if self.mailto is not None and self.mailto in (r.lower() for r in rcpts):
             self._unsubscribe_by_mail(data)
             rcpts = [r for r in rcpts if r.lower() != self.mailto]
             if not rcpts:
                 return report
         self.act_on(report, rcpts, client)
+        await self.writes.flush()  # in force before the report's sender gets its answer
         return report
 
     def _unsubscribe_by_mail(self, data: bytes) -> None:
@@ -184,7 +194,7 @@ class FeedbackService:
         verps = list({v.recipient.lower(): v for v in map(self.verp.decode, ours) if v}.values())
         pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in ours
                      if a.rpartition("@")[2].lower() in self.bounce_domains), "")
-        base = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
+        base: dict[str, Any] = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
                 "vmta_pool": pool, "src_type": "feedback", "src_mta": client,
                 "message_id": report.original_message_id}
         if report.kind == "complaint" and report.complaint is not None:
@@ -195,8 +205,7 @@ class FeedbackService:
                 self.record(Record(type="f", rcpt=address, queue_id=qid,
                                    dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
                 if ftype in _COMPLAINTS:
-                    self.suppression.add(address, "marketing", f"complaint ({ftype})",
-                                         "complaint")
+                    self._suppress(address, "marketing", f"complaint ({ftype})", "complaint")
             log.info("complaint", extra={"type": ftype, "recipients": len(targets)})
             return
         if report.kind not in ("bounce", "delay"):
@@ -222,7 +231,7 @@ class FeedbackService:
 
     def unsubscribe(self, address: str, how: str) -> None:
         now = time.time()
-        self.suppression.add(address, "marketing", f"unsubscribe ({how})", "unsubscribe")
+        self._suppress(address, "marketing", f"unsubscribe ({how})", "unsubscribe")
         self.record(Record(type="f", time_logged=now, time_queued=now, orig="", rcpt=address,
                            queue_id="", cls="", vmta_pool="", dsn_action="unsubscribe",
                            dsn_diag=f"unsubscribe;{how}", src_type="feedback"))
@@ -246,15 +255,24 @@ class FeedbackService:
         after ``expiry``. One reply is not enough to stop a regulated notice."""
         policy = self.config.feedback.bounces
         detail = _one_line(f"{rec.bounce_cat}: {rec.dsn_diag}", 300)
-        count = self.suppression.bounced(rec.rcpt, rec.time_logged, policy.window, detail)
         expires = rec.time_logged + policy.expiry if policy.expiry else 0.0
-        if count >= policy.suppress_after:
-            reason = f"{count} hard bounces within {_days(policy.window)}, last {detail}"
-            self.suppression.add(rec.rcpt, "all", reason, "bounce", rec.time_logged, expires)
-        else:
-            reason = f"hard bounce {count} of {policy.suppress_after}: {detail}"
-            self.suppression.add(rec.rcpt, "best-effort", reason, "bounce", rec.time_logged,
-                                 expires)
+
+        def entry(count: int) -> Entry:
+            if count >= policy.suppress_after:
+                return SuppressionList.entry(
+                    rec.rcpt, "all", f"{count} hard bounces within {_days(policy.window)},"
+                    f" last {detail}", "bounce", rec.time_logged, expires)
+            return SuppressionList.entry(
+                rec.rcpt, "best-effort", f"hard bounce {count} of {policy.suppress_after}:"
+                f" {detail}", "bounce", rec.time_logged, expires)
+
+        self.writes.submit(self.suppression.bounced, rec.rcpt, rec.time_logged, policy.window,
+                           detail, entry)
+
+    def _suppress(self, address: str, scope: str, reason: str, source: str) -> None:
+        """Add an entry in the writer thread (a bad address raises here, at once)."""
+        self.writes.submit(self.suppression.add_many,
+                           [SuppressionList.entry(address, scope, reason, source)])
 
 
 def _days(seconds: float) -> str:

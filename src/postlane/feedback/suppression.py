@@ -12,31 +12,46 @@ long the list is, and a message's recipients are checked in one ``IN (...)`` que
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import itertools
+import logging
+import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 from .. import schema
 from ..secretfile import private_file
 
-__all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionError", "SuppressionList", "baseline",
-           "normalize"]
+__all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionBusy", "SuppressionError",
+           "SuppressionList", "SuppressionWriter", "baseline", "normalize", "parse_csv"]
 
 SCOPES = ("all", "best-effort", "marketing")
 """In order of precedence: ``check`` reports the first scope that stops an address."""
 CSV_FIELDS = ("address", "scope", "reason", "source", "created", "expires")
 _CHUNK = 500  # stays under SQLite's bound-parameter limit
 _COLS = "address, scope, reason, source, created, expires"
+BUSY_TIMEOUT = 0.05
+"""Seconds a write waits inside SQLite for the lock before ``write`` sleeps and tries again."""
+T = TypeVar("T")
 
 
 class SuppressionError(ValueError):
     """Bad input to the list (unknown scope, not an address, malformed CSV row)."""
+
+
+class SuppressionBusy(sqlite3.OperationalError):
+    """Another process held the list's write lock for longer than the caller's patience."""
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return isinstance(exc, SuppressionBusy) or "locked" in str(exc) or "busy" in str(exc)
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,7 +64,7 @@ class Entry:
     expires: float = 0.0
     """Epoch seconds after which the entry no longer applies; 0: never."""
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"address": self.address, "scope": self.scope, "reason": self.reason,
                 "source": self.source, "created": self.created,
                 "expires": self.expires or None}
@@ -102,62 +117,109 @@ def baseline(conn: sqlite3.Connection) -> int:
 
 
 class SuppressionList:
-    """Thread-safe (one connection, one lock): the node uses it from the event loop, the CLI
-    and API from their own threads."""
+    """Thread-safe. Reads that the node makes on its event loop (``check``, one indexed query)
+    have a connection of their own, so they never wait behind a write; listings open one per
+    call. Writes go through a write connection with a short busy timeout and are tried again
+    while another process (``postlane suppress import``) holds the database's write lock: for
+    ``patience`` seconds in the CLI, for ever in the node's writer thread
+    (``SuppressionWriter``), which keeps them off the event loop."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, patience: float = 30.0) -> None:
         self.path = private_file(path)  # addresses: 0600 in a 0700 folder
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                   timeout=30)
-        self._lock = threading.Lock()
+        self.patience = patience
+        self._wdb = self._connect(BUSY_TIMEOUT)
+        self._wlock = threading.Lock()
         # Two nodes (or a node and the CLI) opening a new list at once: switching to WAL
         # fails at once with "database is locked" instead of waiting, so try again.
         for attempt in itertools.count():
             try:
-                self._db.execute("PRAGMA journal_mode=WAL")
+                self._wdb.execute("PRAGMA journal_mode=WAL")
                 break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or attempt >= 100:
                     raise
                 time.sleep(0.05)
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        schema.migrate(self._db, self.path, "suppression_migrations", MIGRATIONS, baseline)
+        self._wdb.execute("PRAGMA synchronous=NORMAL")
+        self._wdb.execute(f"PRAGMA busy_timeout={int(patience * 1000)}")
+        schema.migrate(self._wdb, self.path, "suppression_migrations", MIGRATIONS, baseline)
+        self._wdb.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+        self._db = self._connect(30)
+        self._lock = threading.Lock()
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                               timeout=timeout)
 
     def close(self) -> None:
+        with self._wlock:
+            self._wdb.close()
         with self._lock:
             self._db.close()
 
+    def write(self, fn: Callable[[sqlite3.Connection], T], patience: float | None = -1.0) -> T:
+        """``fn(connection)`` in one write transaction (``BEGIN IMMEDIATE``: the lock is taken
+        first, so a busy database is seen before any work is done, and the work is never half
+        done). While another connection holds the lock, try again every few ms, for
+        ``patience`` seconds (-1: this list's; None: for ever)."""
+        if patience is not None and patience < 0:
+            patience = self.patience
+        started = time.monotonic()
+        pause = 0.005
+        while True:
+            with self._wlock:
+                conn = self._wdb
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = fn(conn)
+                        conn.execute("COMMIT")
+                        return result
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
+                except sqlite3.OperationalError as exc:
+                    if not _busy(exc):
+                        raise
+            waited = time.monotonic() - started
+            if patience is not None and waited >= patience:
+                raise SuppressionBusy(f"{self.path}: locked by another process for"
+                                      f" {waited:.0f}s") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
     def add(self, address: str, scope: str, reason: str = "", source: str = "operator",
-            when: float | None = None, expires: float = 0.0) -> Entry:
+            when: float | None = None, expires: float = 0.0,
+            patience: float | None = -1.0) -> Entry:
         """Add or refresh an entry (the newest reason wins)."""
-        entry = Entry(normalize(address), _scope(scope), reason[:500], source,
-                      when if when is not None else time.time(), expires)
-        self.add_many([entry])
+        entry = self.entry(address, scope, reason, source, when, expires)
+        self.add_many([entry], patience)
         return entry
 
-    def add_many(self, entries: Iterable[Entry]) -> int:
+    @staticmethod
+    def entry(address: str, scope: str, reason: str = "", source: str = "operator",
+              when: float | None = None, expires: float = 0.0) -> Entry:
+        """A checked entry (``SuppressionError`` for a bad address or scope)."""
+        return Entry(normalize(address), _scope(scope), reason[:500], source,
+                     when if when is not None else time.time(), expires)
+
+    def add_many(self, entries: Iterable[Entry], patience: float | None = -1.0) -> int:
         rows = [(e.address, e.scope, e.reason, e.source, e.created, e.expires) for e in entries]
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
-                                     rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        self.write(lambda conn: conn.executemany(
+            "INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)", rows), patience)
         return len(rows)
 
-    def remove(self, address: str, scope: str | None = None) -> int:
+    def remove(self, address: str, scope: str | None = None,
+               patience: float | None = -1.0) -> int:
         """Remove an address from one scope or (scope None) from every scope; returns rows."""
         address = normalize(address)
-        with self._lock:
-            if scope is None:
-                cur = self._db.execute("DELETE FROM suppression WHERE address = ?", (address,))
-            else:
-                cur = self._db.execute("DELETE FROM suppression WHERE address = ? AND scope = ?",
-                                       (address, _scope(scope)))
-            return cur.rowcount
+        sql = "DELETE FROM suppression WHERE address = ?"
+        args: tuple[str, ...] = (address,)
+        if scope is not None:
+            sql += " AND scope = ?"
+            args = (address, _scope(scope))
+        removed: int = self.write(lambda conn: conn.execute(sql, args).rowcount, patience)
+        return removed
 
     def check(self, addresses: Iterable[str],
               scopes: Collection[str] = SCOPES) -> dict[str, Entry]:
@@ -190,29 +252,33 @@ class SuppressionList:
                             found[original] = entry
         return found
 
-    def bounced(self, address: str, when: float, window: float, detail: str) -> int:
+    def bounced(self, address: str, when: float, window: float, detail: str,
+                then: Callable[[int], Entry | None] | None = None,
+                patience: float | None = -1.0) -> int:
         """Note a hard bounce of ``address`` as evidence; returns how many it had within
-        ``window`` seconds up to ``when`` (older evidence is forgotten)."""
+        ``window`` seconds up to ``when`` (older evidence is forgotten). ``then(count)``: the
+        entry this count calls for, written in the same transaction."""
         address = normalize(address)
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.execute("DELETE FROM bounces WHERE address = ? AND time <= ?",
-                                 (address, when - window))
-                self._db.execute("INSERT INTO bounces VALUES (?, ?, ?)",
-                                 (address, when, detail[:400]))
-                count = self._db.execute("SELECT COUNT(*) FROM bounces WHERE address = ?",
-                                         (address,)).fetchone()[0]
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return count
+
+        def note(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM bounces WHERE address = ? AND time <= ?",
+                         (address, when - window))
+            conn.execute("INSERT INTO bounces VALUES (?, ?, ?)", (address, when, detail[:400]))
+            count: int = conn.execute("SELECT COUNT(*) FROM bounces WHERE address = ?",
+                                      (address,)).fetchone()[0]
+            entry = then(count) if then is not None else None
+            if entry is not None:
+                conn.execute("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
+                             (entry.address, entry.scope, entry.reason, entry.source,
+                              entry.created, entry.expires))
+            return count
+
+        return self.write(note, patience)
 
     def list(self, scope: str | None = None, like: str | None = None, limit: int = 100,
              offset: int = 0) -> list[Entry]:
         sql = f"SELECT {_COLS} FROM suppression WHERE (expires = 0 OR expires > ?)"
-        args: list = [time.time()]
+        args: list[object] = [time.time()]
         if scope is not None:
             sql += " AND scope = ?"
             args.append(_scope(scope))
@@ -221,30 +287,40 @@ class SuppressionList:
             args.append(like.lower().replace("*", "%"))
         sql += " ORDER BY address, scope LIMIT ? OFFSET ?"
         args += [limit, offset]
-        with self._lock:
-            return [Entry(*row) for row in self._db.execute(sql, args)]
+        with self._reading() as conn:
+            return [Entry(*row) for row in conn.execute(sql, args)]
 
     def count(self) -> int:
-        """Entries in force."""
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM suppression WHERE expires = 0"
-                                    " OR expires > ?", (time.time(),)).fetchone()[0]
+        """Entries in force (a scan: the API calls it in a thread)."""
+        with self._reading() as conn:
+            count: int = conn.execute("SELECT COUNT(*) FROM suppression WHERE expires = 0"
+                                      " OR expires > ?", (time.time(),)).fetchone()[0]
+            return count
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own for a listing, so a long one never holds up ``check``."""
+        conn = self._connect(30)
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     def iter_all(self) -> Iterator[Entry]:
         """Every entry in force, in address order, in pages (an export never holds the lock
         long)."""
         last = ("", "")
-        while True:
-            with self._lock:
-                rows = self._db.execute(
+        with self._reading() as conn:
+            while True:
+                rows = conn.execute(
                     f"SELECT {_COLS} FROM suppression WHERE (address, scope) > (?, ?)"
                     " AND (expires = 0 OR expires > ?) ORDER BY address, scope LIMIT 5000",
                     (*last, time.time())).fetchall()
-            if not rows:
-                return
-            for row in rows:
-                yield Entry(*row)
-            last = (rows[-1][0], rows[-1][1])
+                if not rows:
+                    return
+                for row in rows:
+                    yield Entry(*row)
+                last = (rows[-1][0], rows[-1][1])
 
     def export_csv(self, out: TextIO) -> int:
         writer = csv.writer(out)
@@ -257,26 +333,151 @@ class SuppressionList:
         return n
 
     def import_csv(self, src: TextIO, default_scope: str = "marketing",
-                   source: str = "import") -> int:
+                   source: str = "import", patience: float | None = -1.0) -> int:
         """Import rows of address[,scope[,reason[,source[,created[,expires]]]]] (a header line
         naming ``address`` is skipped). All or nothing: one bad row rejects the file, naming its
         line."""
-        entries = []
-        now = time.time()
-        for lineno, row in enumerate(csv.reader(src), start=1):
-            if not row or not row[0].strip() or row[0].startswith("#"):
+        return self.add_many(parse_csv(src, default_scope, source), patience)
+
+
+def parse_csv(src: TextIO, default_scope: str = "marketing",
+              source: str = "import") -> list[Entry]:
+    """The entries of an import file (``import_csv``); ``SuppressionError`` names the first
+    bad line."""
+    entries = []
+    now = time.time()
+    for lineno, row in enumerate(csv.reader(src), start=1):
+        if not row or not row[0].strip() or row[0].startswith("#"):
+            continue
+        if lineno == 1 and row[0].strip().lower() == "address":
+            continue
+        try:
+            scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
+                           else default_scope)
+            created = float(row[4]) if len(row) > 4 and row[4].strip() else now
+            expires = float(row[5]) if len(row) > 5 and row[5].strip() else 0.0
+            entries.append(Entry(normalize(row[0]), scope,
+                                 row[2].strip()[:500] if len(row) > 2 else "",
+                                 row[3].strip() if len(row) > 3 and row[3].strip()
+                                 else source, created, expires))
+        except (SuppressionError, ValueError) as exc:
+            raise SuppressionError(f"line {lineno}: {exc}") from None
+    return entries
+
+
+class SuppressionWriter:
+    """The node's writes to the list, in a thread of their own: a hard bounce, a complaint or
+    an operator's change never waits on the event loop for the database's write lock, which
+    a ``postlane suppress import`` of a large list holds for seconds (that wait used to stall
+    every SMTP session and delivery of the node).
+
+    Writes run one after the other, in the order given. A write is never dropped: while the
+    database is locked or failing it is tried again (a failure is logged once per outage).
+    ``call`` waits for the result; ``submit`` does not (``flush`` waits for every write
+    submitted so far). A write is a store method that takes ``patience`` and may be run more
+    than once (it is, while another process holds the lock): give it its data, not a stream."""
+
+    def __init__(self, store: SuppressionList, log: logging.Logger | None = None) -> None:
+        self.store = store
+        self.log = log or logging.getLogger("postlane.feedback")
+        self.written = 0
+        self.waiting = 0.0
+        """Seconds the current write has waited for the lock (0: none is waiting)."""
+        self._patience_at_close = 30.0
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="suppression-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the writer thread (a method of the store that writes)."""
+        self._queue.put((fn, args, None, None))
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the writer thread, after every write submitted before it."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, args, loop, fut))
+        return await fut
+
+    async def flush(self) -> None:
+        await self.call(_nothing)
+
+    def close(self, patience: float = 30.0) -> None:
+        """Write what is queued (waiting at most ``patience`` seconds for a lock), then stop."""
+        self._patience_at_close = patience
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        closing = False
+        while True:
+            item = self._queue.get()
+            if item is None:
+                closing = True
+                if self._queue.empty():
+                    return
+                self._queue.put(None)  # after what was queued before the close
                 continue
-            if lineno == 1 and row[0].strip().lower() == "address":
-                continue
+            fn, args, loop, fut = item
             try:
-                scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
-                               else default_scope)
-                created = float(row[4]) if len(row) > 4 and row[4].strip() else now
-                expires = float(row[5]) if len(row) > 5 and row[5].strip() else 0.0
-                entries.append(Entry(normalize(row[0]), scope,
-                                     row[2].strip()[:500] if len(row) > 2 else "",
-                                     row[3].strip() if len(row) > 3 and row[3].strip()
-                                     else source, created, expires))
-            except (SuppressionError, ValueError) as exc:
-                raise SuppressionError(f"line {lineno}: {exc}") from None
-        return self.add_many(entries)
+                result = self._attempt(fn, args, closing)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                if fut is None:
+                    self.log.error("suppression write %s failed: %s", _name(fn), exc)
+                else:
+                    loop.call_soon_threadsafe(_settle, fut, None, exc)
+                continue
+            self.written += 1
+            if fut is not None:
+                loop.call_soon_threadsafe(_settle, fut, result, None)
+
+    def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], closing: bool) -> Any:
+        """Try ``fn`` until it is done; bad input (``SuppressionError``) is not tried again."""
+        failures = 0
+        started = time.monotonic()
+        told = False
+        while True:
+            waited = time.monotonic() - started
+            patience = 5.0 if not closing else max(0.0, self._patience_at_close - waited)
+            try:
+                result = fn(*args, patience=patience)
+                if failures or told:
+                    self.log.warning("suppression list writable again after %.1fs",
+                                     time.monotonic() - started)
+                self.waiting = 0.0
+                return result
+            except SuppressionError:
+                raise
+            except SuppressionBusy:
+                if closing and patience <= 0:
+                    raise
+                if not told:
+                    told = True
+                    self.log.warning("suppression list locked by another process (an import?):"
+                                     " writes wait, the node goes on")
+            except Exception as exc:  # a disk error: wait and try again, never drop it
+                if failures == 0:
+                    self.log.error("suppression list write failed: %s; trying again", exc)
+                failures += 1
+                if closing and failures >= 3:
+                    raise
+                time.sleep(min(5.0, 0.1 * 2 ** failures))
+            self.waiting = time.monotonic() - started
+
+
+def _settle(fut: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
+
+
+def _nothing(patience: float | None = None) -> None:
+    return None
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", repr(fn))

@@ -13,11 +13,12 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -56,7 +57,7 @@ class Alert:
         return out
 
 
-Notifier = Callable[[str, Alert], Awaitable[None]]
+Notifier = Callable[[str, Alert], Coroutine[Any, Any, None]]
 """Called with ("fired" | "resolved", alert); may take its time (runs as its own task)."""
 
 

@@ -52,8 +52,8 @@ class Metrics:
             ["pool", "category"], registry=self.registry)
         self._collector = _StateCollector(monitor)
         self.registry.register(self._collector)
-        self._counters: dict[tuple[str, str, str, str], object] = {}
-        self._histograms: dict[tuple[str, str], object] = {}
+        self._counters: dict[tuple[str, str, str, str], Counter] = {}
+        self._histograms: dict[tuple[str, str], Histogram] = {}
 
     def on_record(self, rec: Record) -> None:
         kind = rec.type

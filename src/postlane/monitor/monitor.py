@@ -21,9 +21,17 @@ from typing import TYPE_CHECKING
 from ..accounting.records import Record
 from ..policy.intake import RcptIn
 from ..spool import PostgresSpool
-from .alerts import AlertManager, Condition, log_notifier, mail_notifier, webhook_notifier
+from .alerts import (
+    AlertManager,
+    Condition,
+    Notifier,
+    log_notifier,
+    mail_notifier,
+    webhook_notifier,
+)
 from .cluster import ClusterMonitor
 from .latency import QUANTILES, WINDOWS
+from .loopwatch import LoopWatch
 from .metrics import Metrics
 from .tracker import ClassState, Tracker
 
@@ -66,7 +74,7 @@ class Monitor:
                     window=rule.window if rule else 300.0,
                     lead_time=rule.lead_time if rule and rule.lead_time is not None
                     else cls.sla / 2)
-        notifiers = [log_notifier]
+        notifiers: list[Notifier] = [log_notifier]
         if mon.webhook_url:
             notifiers.append(webhook_notifier(mon.webhook_url, self.config.node.name,
                                               mon.webhook_retries, mon.webhook_backoff,
@@ -77,11 +85,14 @@ class Monitor:
         journal = Path(self.config.accounting.directory) / "alerts.jsonl"
         self.alerts = AlertManager(notifiers, mon.resolve_after, journal)
         self.metrics = Metrics(self)
+        self.loop_watch = LoopWatch(self.metrics.registry)
+        """How late the event loop runs (``postlane_event_loop_lag_seconds``)."""
         self.sources: list[Callable[[float], list[Condition]]] = []
         """More alert conditions (the reputation service's), evaluated with the SLA rules."""
         self.history: deque[dict] = deque(maxlen=int(HISTORY_SECONDS / mon.sample_every) + 1)
-        self._pool_oldest: dict[str, float] = {}
         self._task: asyncio.Task | None = None
+        self.seeded = False
+        """The node counted its resumed queue into the tracker already (from the spool)."""
 
     def on_record(self, rec: Record) -> None:
         """Accounting listener (registered by the node)."""
@@ -90,11 +101,13 @@ class Monitor:
 
     async def start(self) -> None:
         now = time.time()
-        if self.tracker.counts_queue:
+        if self.tracker.counts_queue and not self.seeded:
             self.tracker.seed(list(self.node.scheduler.recipients()), now)
+        self.loop_watch.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        self.loop_watch.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -159,7 +172,7 @@ class Monitor:
 
     def evaluate(self, now: float) -> None:
         busy = {lane.pool for lane in self.node.scheduler.lanes.values()
-                if lane.heap or lane.inflight}
+                if lane.heap or lane.spooled or lane.inflight}
         for pool, state in self.tracker.pools.items():
             if pool not in busy and state.busy_since is not None:
                 self.tracker.mark_idle(pool)
@@ -170,14 +183,11 @@ class Monitor:
     # -- views ----------------------------------------------------------------------------------
 
     def pool_oldest(self, now: float) -> dict[str, float]:
-        """Oldest queued age per pool from the scheduler's lanes; walking every lane's heap is
-        O(queued), so the result is reused for one sample interval."""
-        if self._pool_oldest.get("_at", 0.0) + self.config.monitor.sample_every <= now:
-            out: dict[str, float] = {"_at": now}
-            for (pool, _), age in self.node.scheduler.oldest(now).items():
-                out[pool] = max(out.get(pool, 0.0), age)
-            self._pool_oldest = out
-        return self._pool_oldest
+        """Oldest age per pool from the scheduler's lanes (each lane keeps its own: O(lanes))."""
+        out: dict[str, float] = {}
+        for (pool, _), age in self.node.scheduler.oldest(now).items():
+            out[pool] = max(out.get(pool, 0.0), age)
+        return out
 
     def class_states(self, now: float, tracker: Tracker | None = None) -> list[dict]:
         """Per class: SLA, latency percentiles per window, depth, oldest age, drain, breach

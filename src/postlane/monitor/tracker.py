@@ -116,6 +116,23 @@ class Tracker:
             if state is not None:
                 self._received(state, rcpt.msg.id, rcpt.msg.queued_at, now)
 
+    def seed_counts(self, depths: dict[str, int], outstanding: list[tuple], now: float) -> None:
+        """Count a queue resumed from the spool from its counts (``SQLiteSpool.resume``): per
+        class, and one (class, queue id, injection time, recipients) per message of an SLA
+        class, oldest first. What ``seed`` does without loading every recipient."""
+        for name, n in depths.items():
+            state = self.classes.get(name)
+            if state is None or not n:
+                continue
+            state.depth += n
+            pool = self.pools.get(state.pool)
+            if pool is not None and pool.busy_since is None:
+                pool.busy_since = now
+        for name, queue_id, queued_at, n in outstanding:
+            state = self.classes.get(name)
+            if state is not None and state.sla is not None:
+                state.outstanding[queue_id] = [queued_at, n, 0.0]
+
     def on_record(self, rec: Record) -> None:
         """The accounting listener: O(1) per record (see docs/performance.md ("Monitoring"))."""
         kind = rec.type

@@ -372,9 +372,14 @@ class Signer:
         await asyncio.gather(*(p.start() for group in self._processes.values() for p in group))
 
     def close(self) -> None:
+        """Stop the signing processes, waiting for them here (not on the loop: ``stop``)."""
         for group in self._processes.values():
             for process in group:
                 process.close()
+
+    async def stop(self) -> None:
+        """Stop the signing processes; their exits are awaited in threads."""
+        await asyncio.gather(*(p.stop() for group in self._processes.values() for p in group))
 
     def _candidates(self, from_domain: str, pool: str, own: bool) -> list[str]:
         """Signing domains to try, most specific first; refuses a From that cannot align."""

@@ -7,6 +7,7 @@ through ``Intake.submit``, so the rules are the same whichever door a message ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import re
@@ -90,10 +91,27 @@ def _header_safe(text: str) -> str:
     return text if _PRINTABLE.fullmatch(text) else _UNPRINTABLE.sub("?", text)
 
 
+@functools.lru_cache(maxsize=4096)
 def from_domain_of(value: str) -> str:
-    """Domain of the (first) address in a From header value, lower-cased ("" if none)."""
+    """Domain of the (first) address in a From header value, lower-cased ("" if none).
+
+    Cached: a campaign's messages share a few From values, and ``parseaddr`` (the RFC 5322
+    address-list parser) was 1.6 % of the node's profile samples in the bench."""
     address = parseaddr(value)[1]
     return domain_of(address) if "@" in address else ""
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def header_date(now: float) -> str:
+    """``formatdate`` of ``now`` (RFC 5322, whole seconds), made once per second: intake
+    stamps every message's Received (and a Date when it has none)."""
+    global _date_cache
+    second = int(now)
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second))
+    return _date_cache[1]
 
 
 class Intake:
@@ -206,7 +224,7 @@ class Intake:
             message_id = f"<{qid}@{self.config.node.hostname}>"
             kept.append(("message-id", f"Message-ID: {message_id}".encode()))
         if not any(name == "date" for name, _ in kept):  # as submission servers do (RFC 6409)
-            kept.append(("date", f"Date: {formatdate(now)}".encode()))
+            kept.append(("date", f"Date: {header_date(now)}".encode()))
         dropped: list[Record] = []
         if self.feedback is not None:
             rcpts, added, dropped = self.feedback.screen(
@@ -223,7 +241,7 @@ class Intake:
             ("received", (f"Received: from {_header_safe(client_name) or 'localhost'}"
                           f" ({_header_safe(client_ip) or 'local'})"
                           f"\r\n\tby {self.config.node.hostname} (Postlane) with ESMTP id {qid};"
-                          f"\r\n\t{formatdate(now)}").encode()),
+                          f"\r\n\t{header_date(now)}").encode()),
             ("x-postlane-queued", f"{QUEUED_HEADER}: {now:.3f}; id={qid}".encode()),
         ]
         signature, dkim_note = b"", ""

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..childproc import HEAD, frame, read_frame, reap
 from ..config.model import DKIMConfig, DKIMKeyConfig
@@ -49,20 +50,23 @@ class SigningProcess(asyncio.Protocol):
         self._next = 0
         self._buffer = bytearray()
         self._starting = asyncio.Lock()
+        self._closing = False
 
     async def start(self) -> None:
         async with self._starting:
             if self._transport is not None:
                 return
             mine, theirs = socket.socketpair()
-            try:
-                self._proc = subprocess.Popen(
+            try:  # fork and exec in a thread: the loop goes on serving meanwhile
+                self._proc = await asyncio.to_thread(
+                    subprocess.Popen,
                     [sys.executable, "-m", "postlane.policy.signing", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
             finally:
                 theirs.close()
             self._keys.clear()
             self._buffer.clear()
+            self._closing = False
             loop = asyncio.get_running_loop()
             self._transport, _ = await loop.create_unix_connection(lambda: self, sock=mine)
             self._transport.write(frame(("hello", *self.settings)))
@@ -120,17 +124,40 @@ class SigningProcess(asyncio.Protocol):
         for future in pending.values():
             if not future.done():
                 future.set_exception(SigningUnavailable("the signing process ended"))
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=1)
+        if self._proc is not None and self._proc.poll() is None and not self._closing:
+            # collect its exit status in a thread (a child that does not exit at once must
+            # not hold up the loop); the next signature starts a new child meanwhile
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(_collect, self._proc, 1.0))
+            _collecting.add(task)
+            task.add_done_callback(_collecting.discard)
 
     def close(self) -> None:
-        """Stop the child (called once nothing is left to sign: after the drain)."""
+        """Stop the child, waiting for it here (outside the event loop: use ``stop``)."""
+        self._closing = True
         if self._transport is not None:
             self._transport.abort()
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             reap(self._proc, 5)
+
+    async def stop(self) -> None:
+        """``close`` for the event loop: the wait for the child's exit runs in a thread."""
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            await asyncio.to_thread(reap, self._proc, 5)
+
+
+_collecting: set[asyncio.Task] = set()
+"""Exit statuses being collected (a reference keeps each task alive until it is done)."""
+
+
+def _collect(proc: subprocess.Popen, timeout: float) -> None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=timeout)
 
 
 # -- the child ------------------------------------------------------------------------------------
@@ -143,7 +170,7 @@ def _serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     reader = sock.makefile("rb")
     config = DKIMConfig()
-    keys: dict[int, object] = {}
+    keys: dict[int, Any] = {}
     while True:
         try:
             msg = read_frame(reader)
@@ -160,7 +187,8 @@ def _serve(fd: int) -> None:
                 pairs = [(DKIMKeyConfig(domain=domain, selector=selector, algorithm=algorithm,
                                         key_file="-"), keys[key_id])
                          for key_id, algorithm, selector in wanted]
-                reply = (ask, True, sign(fields, body, domain, pairs, now, config))
+                reply: tuple[int, bool, bytes | str] = (
+                    ask, True, sign(fields, body, domain, pairs, now, config))
             except Exception as exc:  # noqa: BLE001 - answered, never fatal for the child
                 reply = (ask, False, f"{type(exc).__name__}: {exc}")
             sock.sendall(frame(reply))

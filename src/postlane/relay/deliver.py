@@ -165,7 +165,7 @@ class Relay:
         msg = batch[0].msg
         sched = self.scheduler
         try:
-            body = self.spool.body(msg.id)
+            body = await self.spool.load_body(msg.id)
         except KeyError:
             log.error("body of %s missing from the spool", msg.id)
             for rcpt in batch:

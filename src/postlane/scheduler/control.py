@@ -3,18 +3,20 @@ kcli: select queued mail by pool, lane, class, state, age, sender, recipient or 
 hold, release, retry now or delete it (with a DSN or silently); see deferrals grouped by reason
 and the queue's age shape per domain or class.
 
-It works on the node's in-memory queue (the scheduler's lanes, retry timers and held set), so
+It works on the node's in-memory queue (the scheduler's lanes, retry timers and held set) and,
+where deep lanes left recipients in the spool (``paging.py``), on those too (read off the loop);
 every action takes effect at once and is written to the spool through the scheduler. Recipients
 in flight finish their transaction and are not selected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -145,10 +147,45 @@ class QueueControl:
         if action and sel.empty() and not sel.all:
             raise SelectionError("say which messages (queue ids or a filter), or all", 422)
 
+    @contextlib.asynccontextmanager
+    async def spooled(self, sel: Selector | None = None) -> AsyncIterator[list[Recipient]]:
+        """The queued recipients that only the spool holds (deep lanes, ``paging.py``) within
+        what ``sel`` names, not yet in memory; valid inside the block (what becomes final
+        meanwhile is not in it)."""
+        pager = self.scheduler.pager
+        if pager is None or (sel is not None and sel.state not in (None, "queued")):
+            yield []
+            return
+        where, params = [], []
+        if sel is not None:
+            for column, value in (("m.pool", sel.pool), ("m.cls", sel.cls),
+                                  ("r.domain", sel.domain.lower() if sel.domain else None),
+                                  ("m.correlation_id", sel.correlation_id)):
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    params.append(value)
+            if sel.recipient and "*" not in sel.recipient:
+                where.append("lower(r.address) = ?")
+                params.append(sel.recipient.lower())
+            if sel.queue_ids:
+                where.append(f"m.id IN ({','.join('?' * len(sel.queue_ids))})")
+                params.extend(sel.queue_ids)
+        found = await pager.spooled(" AND ".join(where), tuple(params))
+        try:
+            yield found
+        finally:
+            pager.done_reading()
+
     async def select(self, sel: Selector, now: float | None = None) -> list[Recipient]:
         await self.check(sel)
         match = sel.matcher(time.time() if now is None else now)
-        found = [r for r in self.scheduler.recipients() if match(r)]
+        if sel.queue_ids:  # by id: the scheduler's index, not a walk of the whole queue
+            held = (r for qid in dict.fromkeys(sel.queue_ids) for r in self.scheduler.message(qid))
+        else:
+            held = self.scheduler.recipients()
+        async with self.spooled(sel) as spooled:
+            found = [r for r in held if match(r)]
+            found += [r for r in spooled if match(r)]
         if self.shared is not None:
             found += [r for r in await self._unowned((State.HELD,), sel) if match(r)]
         return found
@@ -190,7 +227,18 @@ class QueueControl:
             # matching recipients other nodes have claimed: theirs to act on
             out["elsewhere"] = sum(1 for r in await self._unowned(wanted, sel, others=True)
                                    if chosen(r))
-        found = [r for r in sched.recipients() if chosen(r)] if dry_run else sched.take(chosen)
+        async with self.spooled(sel) as spooled:
+            # the spool's rows first, then memory, in one loop turn: nothing moves in between
+            spooled = [r for r in spooled if chosen(r)]
+            if dry_run:
+                found = [r for r in sched.recipients() if chosen(r)]
+            else:
+                found = sched.take(chosen)
+                if spooled and sched.pager is not None:
+                    known = sched.pager.known
+                    spooled = [r for r in spooled if (r.msg.id, r.idx) not in known]
+                    sched.pager.take_in(spooled)
+            found += spooled
         if self.shared is not None:
             mine = found
             keys = {(r.msg.id, r.idx) for r in mine}  # claimed by this node meanwhile: mine
@@ -244,11 +292,13 @@ class QueueControl:
             group["pools"] = dict(group["pools"])
         return out
 
-    def shape(self, by: str = "domain", top: int = 20) -> dict:
+    async def shape(self, by: str = "domain", top: int = 20) -> dict:
         """qshape: recipients not yet final per domain (or class), by age bucket."""
         now = time.time()
         rows: dict[str, list[int]] = {}
-        for rcpt in self.scheduler.recipients():
+        async with self.spooled() as spooled:
+            everyone = [*self.scheduler.recipients(), *spooled]
+        for rcpt in everyone:
             key = rcpt.domain if by == "domain" else rcpt.msg.cls
             counts = rows.setdefault(key, [0] * (len(AGE_BUCKETS) + 1))
             age = now - rcpt.msg.queued_at

@@ -4,6 +4,12 @@ A lane is the queue of one (pool, destination domain). Inside a lane recipients 
 (class priority, deadline), so a policy notice sharing a pool with slower classes still goes first.
 Each source IP has a hard cap of concurrent outbound connections (``max_smtp_out``); a pool's slots
 belong to that pool alone, so no other class can ever hold them.
+
+A lane keeps only its head in memory when it is deep: ``spooled`` counts its ready recipients
+that wait in the spool alone, all of them after ``cursor`` in the lane's order; the pager
+(``paging.py``) reads them in, in order, as the head drains. What the monitor and the status
+need (depth, oldest age) are counters kept as recipients come and go, so reading them costs
+nothing however deep the queue.
 """
 
 from __future__ import annotations
@@ -36,6 +42,44 @@ class SourceSlot:
         return self.max_smtp_out - self.in_use
 
 
+class AgeLedger:
+    """The injection times of a lane's recipients not yet final, by second: ``oldest`` is
+    amortised O(1) and memory grows with the seconds a queue spans, not its depth. Exact while
+    the oldest second still holds its first recipient, otherwise early by under a second."""
+
+    __slots__ = ("_count", "_seconds")
+
+    def __init__(self) -> None:
+        self._count: dict[int, list] = {}
+        """second -> [recipients, earliest injection time seen in it]"""
+        self._seconds: list[int] = []
+
+    def enter(self, queued_at: float, n: int = 1, earliest: float | None = None) -> None:
+        second = int(queued_at)
+        entry = self._count.get(second)
+        if entry is None:
+            self._count[second] = [n, queued_at if earliest is None else earliest]
+            heapq.heappush(self._seconds, second)
+        else:
+            entry[0] += n
+            entry[1] = min(entry[1], queued_at if earliest is None else earliest)
+
+    def leave(self, queued_at: float) -> None:
+        entry = self._count.get(int(queued_at))
+        if entry is not None:
+            entry[0] -= 1
+
+    def oldest(self) -> float | None:
+        """Injection time of the oldest recipient not yet final (None: none)."""
+        seconds, count = self._seconds, self._count
+        while seconds:
+            entry = count[seconds[0]]
+            if entry[0] > 0:
+                return entry[1]
+            del count[heapq.heappop(seconds)]
+        return None
+
+
 @dataclass(slots=True, eq=False)
 class Lane:
     pool: str
@@ -62,6 +106,18 @@ class Lane:
     rate_wait: bool = False
     """The rule's per-pool rate refused a token: the lane waits for ``on_tokens``."""
     rate_refusals: int = 0
+    spooled: int = 0
+    """Ready recipients of this lane kept only in the spool (after ``cursor``), read in by the
+    pager as the head drains."""
+    cursor: tuple | None = None
+    """(priority, deadline, queue id, index) of the last recipient the head covers: every
+    ready recipient up to it is in ``heap``, none after it. None: the whole lane is here."""
+    paging: bool = False
+    """A read of the next page is under way."""
+    spills: int = 0
+    """New recipients left in the spool so far (a page tells from it whether any came while
+    it read)."""
+    ages: AgeLedger = field(default_factory=AgeLedger)
 
     @property
     def dest_key(self) -> str:
@@ -134,4 +190,13 @@ class Lane:
         return batch
 
     def depth(self) -> int:
-        return len(self.heap) + self.deferred + self.inflight + self.held
+        return len(self.heap) + self.spooled + self.deferred + self.inflight + self.held
+
+    def ready(self) -> int:
+        """Recipients that could go now but for a pause, a suspension or a free slot."""
+        return len(self.heap) + self.spooled
+
+    def oldest(self, now: float) -> float:
+        """Age of the lane's oldest recipient not yet final (0: none); O(1)."""
+        at = self.ages.oldest()
+        return 0.0 if at is None else max(0.0, now - at)

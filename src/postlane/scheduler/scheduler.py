@@ -28,6 +28,7 @@ from ..monitor.health import Health
 from ..operations import DONE, stamp
 from ..spool import Message, PostgresSpool, Recipient, RecipientUpdate, Spool, State
 from .lanes import Lane, SourceSlot
+from .paging import Pager
 from .rules import RuleBook
 from .shared_rate import LocalRate, RateLimiter, SharedRate
 
@@ -78,6 +79,11 @@ class Scheduler:
         self._timers: list[tuple[float, int, Recipient]] = []
         """Retry timers: exactly one entry per deferred recipient (``take`` removes them)."""
         self.held: dict[tuple[str, int], Recipient] = {}
+        self._by_msg: dict[str, dict[int, Recipient]] = {}
+        """Every recipient held, not yet final, by message id: a lookup of one message (the
+        API's) must not walk the whole queue."""
+        self._by_corr: dict[str, set[str]] = {}
+        """Message ids by correlation id (of the messages in ``_by_msg``)."""
         """Recipients an operator put on hold, by (queue id, index)."""
         self._timer_handle: asyncio.TimerHandle | None = None
         self._timer_seq = itertools.count()
@@ -99,6 +105,9 @@ class Scheduler:
         self._rate_waiting: dict[str, set[Lane]] = {}
         self.health = Health()
         """The node's: destinations that cannot be reached are told there, once each."""
+        self.pager: Pager | None = None
+        """Deep lanes keep their heads in memory and the rest in the spool (``paging.py``;
+        the node sets it up on a SQLite spool)."""
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -118,22 +127,36 @@ class Scheduler:
     def _order(self, msg: Message) -> tuple[int, float]:
         return (0, msg.queued_at) if self.fifo else (msg.priority, msg.deadline)
 
-    def add(self, rcpt: Recipient) -> None:
-        """Make a recipient ready now (or at its retry time if that is still ahead)."""
+    def add(self, rcpt: Recipient, fresh: bool = False) -> None:
+        """Make a recipient ready now (or at its retry time if that is still ahead); ``fresh``:
+        just accepted (a deep lane may leave it in the spool, see ``paging.py``)."""
         if rcpt.open_attempt is not None:
             self._outcome_unknown(rcpt)
+        self.index(rcpt)
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
+        if not rcpt.counted:
+            rcpt.counted = True
+            lane.ages.enter(rcpt.msg.queued_at)
+        pager = self.pager
         if rcpt.state is State.HELD:
             lane.held += 1
             self.held[(rcpt.msg.id, rcpt.idx)] = rcpt
+            if pager is not None:
+                pager.keep(rcpt)
             return
         if rcpt.next_attempt > time.time():
             rcpt.state = State.DEFERRED  # the timer only fires deferred recipients
             lane.deferred += 1
             self._add_timer(rcpt)
+            if pager is not None:
+                pager.keep(rcpt)
             return
         rcpt.state = State.QUEUED
         prio, deadline = self._order(rcpt.msg)
+        if pager is not None:
+            if fresh and pager.spill(lane, rcpt, prio, deadline):
+                return
+            pager.keep(rcpt)
         lane.push(rcpt, prio, deadline)
         if len(lane.heap) == 1 and not lane.blocked(time.time()) and lane.wake_one():
             return  # a connection was idling on this lane: it takes the work directly
@@ -142,7 +165,28 @@ class Scheduler:
 
     def add_message(self, rcpts: list[Recipient]) -> None:
         for rcpt in rcpts:
-            self.add(rcpt)
+            self.add(rcpt, fresh=True)
+
+    def wake(self, lane: Lane) -> None:
+        """Work arrived in a lane from elsewhere than intake (a page read from the spool)."""
+        if lane.heap:
+            self._ready.add(lane)
+            self.kick()
+
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def outcome_unknown(self, rcpt: Recipient) -> None:
+        """See ``_outcome_unknown`` (for recipients read in from the spool)."""
+        self._outcome_unknown(rcpt)
+
+    def _left(self, rcpt: Recipient) -> None:
+        """A recipient is final, or no longer this node's: its lane's ages and the pager
+        forget it."""
+        if rcpt.counted:
+            self.lane(rcpt.msg.pool, rcpt.domain).ages.leave(rcpt.msg.queued_at)
+        if self.pager is not None:
+            self.pager.gone(rcpt)
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -327,7 +371,11 @@ class Scheduler:
                 else:
                     live.append(rcpt)
             if live:
+                if self.pager is not None and lane.cursor is not None:
+                    self.pager.low(lane)
                 return live
+        if self.pager is not None and lane.cursor is not None:
+            self.pager.low(lane)
         return []
 
     async def wait_for_work(self, lane: Lane, timeout: float, sent: int = 0) -> list[Recipient]:
@@ -342,11 +390,14 @@ class Scheduler:
         while True:
             fut = loop.create_future()
             lane.idle.append(fut)
+            # a timer that ends the wait, lighter than asyncio.wait_for (its own future, timer
+            # and callbacks for each wait: one per message when connections outnumber the flow)
+            timer = loop.call_at(until, _time_up, fut)
             try:
-                await asyncio.wait_for(fut, until - loop.time())
-            except TimeoutError:
-                return []
+                if await fut is _TIME_UP:
+                    return []
             finally:
+                timer.cancel()
                 if fut in lane.idle:
                     lane.idle.remove(fut)
             refusals = lane.rate_refusals
@@ -505,10 +556,12 @@ class Scheduler:
         self.record(rec)
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, state, rcpt.attempts, 0.0,
                                            reply)], (rec,))
+        self._unindex(rcpt)
         msg = rcpt.msg
         msg.remaining -= 1
         if msg.remaining <= 0:
             self.spool.finish(msg.id)
+        self._left(rcpt)
         if self.on_final is not None:
             self.on_final(rcpt)
 
@@ -641,9 +694,11 @@ class Scheduler:
         alone keeps now (``operate_shared``): their messages are forgotten once none of their
         recipients is left here."""
         for rcpt in rcpts:
+            self._unindex(rcpt)
             rcpt.msg.remaining -= 1
             if rcpt.msg.remaining <= 0:
                 self.spool.finish(rcpt.msg.id)
+            self._left(rcpt)
             if self.on_final is not None:
                 self.on_final(rcpt)  # room for more work
 
@@ -681,16 +736,45 @@ class Scheduler:
                 yield rcpt
         yield from self.held.values()
 
+    def index(self, rcpt: Recipient) -> None:
+        """Make a recipient in memory findable by message and correlation id (a page read in
+        from the spool comes in here too)."""
+        msg = rcpt.msg
+        held = self._by_msg.get(msg.id)
+        if held is None:
+            held = self._by_msg[msg.id] = {}
+            if msg.correlation_id:
+                self._by_corr.setdefault(msg.correlation_id, set()).add(msg.id)
+        held[rcpt.idx] = rcpt
+
+    def _unindex(self, rcpt: Recipient) -> None:
+        msg = rcpt.msg
+        held = self._by_msg.get(msg.id)
+        if held is None or held.pop(rcpt.idx, None) is None or held:
+            return
+        del self._by_msg[msg.id]
+        ids = self._by_corr.get(msg.correlation_id)
+        if ids is not None:
+            ids.discard(msg.id)
+            if not ids:
+                del self._by_corr[msg.correlation_id]
+
+    def message(self, msg_id: str) -> list[Recipient]:
+        """The queued, deferred and held recipients of one message (as ``recipients``, without
+        walking the queue)."""
+        held = self._by_msg.get(msg_id)
+        if not held:
+            return []
+        return [r for _, r in sorted(held.items()) if r.state in _WAITING]
+
+    def with_correlation_id(self, correlation_id: str) -> list[str]:
+        """The ids of the messages held with this correlation id."""
+        return sorted(self._by_corr.get(correlation_id, ()))
+
     def oldest(self, now: float) -> dict[tuple[str, str], float]:
-        """Per lane, the age of its oldest message not yet final (queued, deferred or held;
-        in-flight ones were taken from the queue's front). One pass over the queue."""
-        first: dict[tuple[str, str], float] = {}
-        for rcpt in self.recipients():
-            key = (rcpt.msg.pool, rcpt.domain)
-            queued_at = rcpt.msg.queued_at
-            if queued_at < first.get(key, now):
-                first[key] = queued_at
-        return {key: now - at for key, at in first.items()}
+        """Per lane with recipients not yet final, the age of its oldest (``Lane.oldest``:
+        kept as recipients come and go, so this is O(lanes))."""
+        return {lane.key: lane.oldest(now) for lane in self.lanes.values() if lane.depth()}
 
     # -- pause ----------------------------------------------------------------------------------
 
@@ -709,6 +793,8 @@ class Scheduler:
                 lane.paused = bool({(pool, ANY_DOMAIN), (pool, lane.domain)} & self.paused)
                 if lane.heap:
                     self._ready.add(lane)
+                if self.pager is not None and lane.cursor is not None:
+                    self.pager.low(lane)
         self.kick()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -739,6 +825,18 @@ class Scheduler:
 
     def queued(self) -> int:
         return sum(lane.depth() for lane in self.lanes.values())
+
+
+_WAITING = frozenset({State.QUEUED, State.DEFERRED, State.HELD})
+
+
+_TIME_UP = object()
+
+
+def _time_up(fut: asyncio.Future) -> None:
+    """End an idle connection's wait (``wait_for_work``) unless work came first."""
+    if not fut.done():
+        fut.set_result(_TIME_UP)
 
 
 def _fill_conn(rec: Record, conn: dict[str, str]) -> None:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..accounting.records import Record
@@ -77,6 +77,8 @@ class Recipient:
     open_attempt: Attempt | None = None
     """An attempt the spool says was started and never settled (the node stopped during it):
     set when the recipient is loaded again, so the trail can say its outcome is unknown."""
+    counted: bool = False
+    """Counted in its lane's ages (``Lane.ages``) until final; in memory only."""
 
 
 @dataclass(slots=True)
@@ -111,14 +113,14 @@ class Pending:
     recipients: list[Recipient] = field(default_factory=list)
 
 
-def message_row(msg: Message) -> tuple:
+def message_row(msg: Message) -> tuple[Any, ...]:
     """A message's columns, in the order both stores' ``messages`` tables declare them."""
     return (msg.id, msg.cls, msg.pool, msg.mail_from, msg.queued_at, msg.deadline, msg.expire_at,
             msg.priority, msg.size, msg.envid, msg.ret, msg.correlation_id, msg.message_id,
             msg.listener, msg.auth_user, msg.client)
 
 
-def update_rows(updates: list[RecipientUpdate]) -> list[tuple]:
+def update_rows(updates: list[RecipientUpdate]) -> list[tuple[Any, ...]]:
     """Parameters of both stores' recipient UPDATE statement (which also clears the attempt
     mark: an outcome settles the attempt)."""
     return [(u.state.value, u.attempts, u.next_attempt, u.last_reply, u.msg_id, u.idx)
@@ -155,7 +157,7 @@ class Spool(Protocol):
         (``flush`` waits for it), kept for the one after if that fails."""
         ...
 
-    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
+    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future[None]:
         """Mark attempts as started; the final dot is sent only once the future is done."""
         ...
 
@@ -165,7 +167,13 @@ class Spool(Protocol):
 
     def finish(self, msg_id: str) -> None: ...
 
-    def body(self, msg_id: str) -> bytes: ...
+    def body(self, msg_id: str) -> bytes:
+        """The message's bytes (KeyError if unknown); may read the disk: not on the loop."""
+        ...
+
+    async def load_body(self, msg_id: str) -> bytes:
+        """``body`` for the event loop: a read from disk happens in a thread."""
+        ...
 
     async def pending(self) -> Pending: ...
 
@@ -178,51 +186,3 @@ class Spool(Protocol):
 
     async def flush(self) -> None: ...
 
-
-class GroupCommitWrites:
-    """The writes both spools queue for their group-commit writer, as operations: ``("upd",
-    rows, events)``, ``("ev", events)``, ``("mark", rows, future)``, ``("trim", cursors)``,
-    ``("pause", pool, domain, paused, events, future)``, ``("flush", future)`` (and each
-    backend's
-    ``"enq"``, ``"fin"``). A backend supplies ``_submit`` and ``_future``."""
-
-    def _submit(self, op: tuple, urgent: bool) -> None:
-        raise NotImplementedError
-
-    def _future(self) -> asyncio.Future:
-        return asyncio.get_running_loop().create_future()
-
-    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
-        """Record recipient state changes and their events; durable at the next commit (a
-        crash before it re-delivers, and the attempt mark says so)."""
-        self._submit(("upd", update_rows(updates), events), False)
-
-    def record(self, events: Sequence[Record], urgent: bool = False) -> None:
-        """Events without a state change (complaints, refusals …); durable at the next commit
-        (``flush`` waits for it), kept for the one after if that fails."""
-        self._submit(("ev", events), urgent)
-
-    def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
-        """Mark attempts as started; the final dot is sent only once the future is done."""
-        fut = self._future()
-        self._submit(("mark", [(a.started, a.info, a.msg_id, a.idx) for a in attempts], fut),
-                     urgent)
-        return fut
-
-    def trim(self, consumed: Mapping[str, int]) -> None:
-        """Drop each writer's events up to the number the recorder has consumed."""
-        self._submit(("trim", dict(consumed)), False)
-
-    async def set_paused(self, pool: str, domain: str, paused: bool,
-                         events: Sequence[Record] = ()) -> None:
-        """A pause (of a pool, or of its lane to ``domain``), with the record of it
-        (``events``), durable before it returns."""
-        fut = self._future()
-        self._submit(("pause", pool, domain, paused, events, fut), True)
-        await fut
-
-    async def flush(self) -> None:
-        """Wait until everything submitted so far is committed."""
-        fut = self._future()
-        self._submit(("flush", fut), False)
-        await fut

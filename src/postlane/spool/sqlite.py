@@ -9,12 +9,12 @@ before bulk ones, so a campaign's backlog of writes never sits in front of a pol
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..accounting.records import Record, pack
@@ -24,20 +24,17 @@ from .attempts import AttemptJournal
 from .base import (
     FINAL_STATES,
     Attempt,
-    GroupCommitWrites,
     Message,
     Pending,
     Recipient,
-    SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
 )
 from .cache import BodyCache
+from .writer import Batch, Enqueue, Finish, GroupCommitWrites, Op, WriteQueue, settle
 
 log = logging.getLogger("postlane.spool")
-
-BATCH_MAX = 2000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,6 +57,15 @@ CREATE TABLE events (writer TEXT NOT NULL, n INTEGER NOT NULL, data BLOB NOT NUL
     PRIMARY KEY (writer, n)) WITHOUT ROWID;
 CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL, started REAL NOT NULL);
 """),
+    (3, """
+ALTER TABLE recipients ADD COLUMN pool TEXT NOT NULL DEFAULT '';
+ALTER TABLE recipients ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE recipients ADD COLUMN deadline REAL NOT NULL DEFAULT 0;
+UPDATE recipients SET (pool, priority, deadline) =
+    (SELECT pool, priority, deadline FROM messages WHERE id = msg_id);
+CREATE INDEX recipients_lane ON recipients (pool, domain, priority, deadline, msg_id, idx)
+    WHERE state = 'queued';
+"""),
 ]
 """Versioned schema after the tables of version 1 (``meta.schema_version``): append
 ``(n + 1, sql)``; never edit an applied entry."""
@@ -69,9 +75,16 @@ _MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority
              " correlation_id, message_id, listener, auth_user, client")
 _UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?"
            " WHERE msg_id=? AND idx=?")
-_AWAITED = frozenset({"enq", "pause", "flush"})
-"""Operations somebody waits for: a failed commit fails them (an SMTP client gets a 451 and
-sends again). The others (outcomes, events, clean-ups) go into the next commit instead."""
+_FINAL = "('delivered', 'bounced', 'expired', 'suppressed')"
+assert {f"'{st.value}'" for st in FINAL_STATES} == set(_FINAL[1:-1].split(", "))
+ROW = ("SELECT m.id, m.cls, m.pool, m.mail_from, m.queued_at, m.deadline, m.expire_at,"
+       " m.priority, m.size, m.envid, m.ret, m.correlation_id, m.message_id, m.listener,"
+       " m.auth_user, m.client, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state,"
+       " r.attempts, r.next_attempt, r.last_reply, (SELECT count(*) FROM recipients o WHERE"
+       f" o.msg_id = r.msg_id AND o.state NOT IN {_FINAL})"
+       " FROM recipients r JOIN messages m ON m.id = r.msg_id")
+"""A recipient with its message and the message's recipients not yet final (``paging.py``
+turns these rows into objects)."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -106,12 +119,17 @@ class SQLiteSpool(GroupCommitWrites):
         self.events_written = 0
         """The number of this writer's last committed event."""
         self._cv = threading.Condition()
-        self._urgent: collections.deque = collections.deque()
-        self._bulk: collections.deque = collections.deque()
+        self._writes = WriteQueue()
+        """Guarded by ``_cv``: the loop queues, the writer thread takes."""
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        """``_reader`` is shared by the threads that read bodies (``load_body``)."""
+        self._pager: sqlite3.Connection | None = None
+        """Reads of lane pages and queue scans, in threads (``_reader`` serves the loop)."""
+        self._pager_lock = threading.Lock()
         self._cache = BodyCache()
         self._attempts = AttemptJournal(self.path.parent)
         self.commits = 0
@@ -131,6 +149,7 @@ class SQLiteSpool(GroupCommitWrites):
         finally:
             conn.close()
         self._reader = _connect(self.path)
+        self._pager = _connect(self.path)
         self._attempts.open()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
@@ -159,14 +178,18 @@ class SQLiteSpool(GroupCommitWrites):
             finally:
                 conn.close()
         if self._reader:
-            self._reader.close()
+            with self._read_lock:
+                self._reader.close()
             self._reader = None
+        if self._pager:
+            self._pager.close()
+            self._pager = None
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _submit(self, op: tuple, urgent: bool) -> None:
+    def _submit(self, op: Op, urgent: bool) -> None:
         with self._cv:
-            (self._urgent if urgent else self._bulk).append(op)
+            self._writes.put(op, urgent)
             self._cv.notify()
 
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
@@ -175,103 +198,76 @@ class SQLiteSpool(GroupCommitWrites):
         fut = self._future()
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
-                  r.attempts, r.next_attempt, r.last_reply) for r in rcpts]
-        self._submit(("enq", row, (msg.id, body), rrows, events, fut), urgent)
+                  r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority,
+                  msg.deadline) for r in rcpts]
+        self._submit(Enqueue(row, (msg.id, body), rrows, events, fut), urgent)
         await fut
         self._cache.put(msg.id, body)
 
     def finish(self, msg_id: str) -> None:
         """Forget a message whose recipients are all final."""
-        self._submit(("fin", msg_id), False)
+        self._submit(Finish(msg_id), False)
         self._cache.pop(msg_id)
 
     def _run(self) -> None:
+        """The writer thread: commit what is queued, a batch at a time (``writer.py`` says
+        what a failed commit does)."""
         conn = _connect(self.path)
-        failures = 0
+        writes = self._writes
         try:
             while True:
                 with self._cv:
-                    while not self._urgent and not self._bulk and not self._stopping:
+                    while not writes and not self._stopping:
                         self._cv.wait()
-                    if self._stopping and not self._urgent and not self._bulk:
+                    if self._stopping and not writes:
                         return
-                    batch = []
-                    while self._urgent and len(batch) < BATCH_MAX:
-                        batch.append(self._urgent.popleft())
-                    while self._bulk and len(batch) < BATCH_MAX:
-                        batch.append(self._bulk.popleft())
-                if self._commit(conn, batch):
-                    failures = 0
-                    continue
-                failures += 1
-                kept = [op for op in batch if op[0] not in _AWAITED]
-                if self._stopping and failures >= 3:
-                    log.error("spool commit failed while closing: %d state changes lost (those"
-                              " recipients will be delivered again)", len(kept))
+                    ops = writes.take()
+                batch = Batch.of(ops)
+                error = self._commit(conn, batch)
+                if batch.waiters and self._loop is not None:
+                    self._loop.call_soon_threadsafe(settle, batch.waiters, error)
+                with self._cv:
+                    delay = writes.committed(ops, error, self._stopping)
+                if delay is None:
                     return
-                with self._cv:  # never drop an outcome: it goes first into the next commit
-                    self._bulk.extendleft(reversed(kept))
-                    self._cv.wait(min(5.0, 0.1 * 2 ** failures))
+                if delay:  # the spool is failing (disk full? locked?): back off, then retry
+                    time.sleep(delay)
         finally:
             conn.close()
 
-
-    def _commit(self, conn: sqlite3.Connection, batch: list[tuple]) -> bool:
-        """Commit one batch; False (and every waiter failed) if it could not be."""
-        msgs, bodies, rcpts, upds, fins, futs, events = [], [], [], [], [], [], []
-        pauses, trims = [], {}
-        for op in batch:
-            kind = op[0]
-            if kind == "enq":
-                msgs.append(op[1])
-                bodies.append(op[2])
-                rcpts.extend(op[3])
-                events.extend(op[4])
-                futs.append(op[5])
-            elif kind == "upd":
-                upds.extend(op[1])
-                events.extend(op[2])
-            elif kind == "fin":
-                fins.append((op[1],))
-            elif kind == "ev":
-                events.extend(op[1])
-            elif kind == "trim":
-                for writer, n in op[1].items():
-                    trims[writer] = max(n, trims.get(writer, 0))
-            elif kind == "pause":
-                pauses.append(op[1:4])
-                events.extend(op[4])
-                futs.append(op[5])
-            elif kind == "flush":
-                futs.append(op[1])
+    def _commit(self, conn: sqlite3.Connection, batch: Batch) -> BaseException | None:
+        """Commit one batch in one transaction; the error if it could not be."""
         error: BaseException | None = None
         first = self.events_written + 1
+        events = batch.events
         try:
             conn.execute("BEGIN")
-            if msgs:
+            if batch.messages:
                 conn.executemany(f"INSERT INTO messages ({_MSG_COLS}) VALUES"
-                                 f" ({','.join('?' * 16)})", msgs)
-                conn.executemany("INSERT INTO bodies VALUES (?, ?)", bodies)
+                                 f" ({','.join('?' * 16)})", batch.messages)
+                conn.executemany("INSERT INTO bodies VALUES (?, ?)", batch.bodies)
                 conn.executemany("INSERT INTO recipients (msg_id, idx, address, domain, orcpt,"
-                                 " notify, state, attempts, next_attempt, last_reply)"
-                                 " VALUES (?,?,?,?,?,?,?,?,?,?)", rcpts)
-            if upds:
-                conn.executemany(_UPDATE, upds)
+                                 " notify, state, attempts, next_attempt, last_reply, pool,"
+                                 " priority, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                 batch.recipients)
+            if batch.updates:
+                conn.executemany(_UPDATE, batch.updates)
             if events:
                 writer = self.writer_id
                 conn.executemany("INSERT INTO events VALUES (?, ?, ?)",
                                  [(writer, n, pack(rec))
                                   for n, rec in enumerate(events, first)])
-            if fins:
+            if batch.finished:
+                fins = [(m,) for m in batch.finished]
                 conn.executemany("DELETE FROM recipients WHERE msg_id=?", fins)
                 conn.executemany("DELETE FROM bodies WHERE id=?", fins)
                 conn.executemany("DELETE FROM messages WHERE id=?", fins)
-            for writer, n in trims.items():
+            for writer, n in batch.trims.items():
                 conn.execute("DELETE FROM events WHERE writer=? AND n<=?", (writer, n))
                 if writer != self.writer_id and not conn.execute(
                         "SELECT 1 FROM events WHERE writer=? LIMIT 1", (writer,)).fetchone():
                     conn.execute("DELETE FROM writers WHERE writer=?", (writer,))
-            for pool, domain, paused in pauses:
+            for pool, domain, paused in batch.pauses:
                 if paused:
                     conn.execute("INSERT OR IGNORE INTO paused VALUES (?, ?)", (pool, domain))
                 else:
@@ -279,7 +275,7 @@ class SQLiteSpool(GroupCommitWrites):
             conn.execute("COMMIT")
             self.events_written += len(events)
             self.commits += 1
-            self.writes += len(batch)
+            self.writes += len(batch.ops)
             self.health.end(self.HEALTH_KEY)
         except Exception as exc:  # a failed commit must fail every waiter, not hang them
             error = exc
@@ -287,19 +283,31 @@ class SQLiteSpool(GroupCommitWrites):
                 conn.execute("ROLLBACK")
             self.health.begin(self.HEALTH_KEY, "spool", "spool writes failing", cause=str(exc),
                               effect="intake answers 451 4.3.0", level=logging.ERROR)
-        if futs and self._loop is not None:
-            self._loop.call_soon_threadsafe(_resolve, futs, error)
-        return error is None
+        return error
 
     # -- reads ----------------------------------------------------------------------------------
 
     def body(self, msg_id: str) -> bytes:
-        """The message's bytes: from the cache of recent messages, else from disk."""
+        """The message's bytes: from the cache of recent messages, else from disk (a query:
+        on the event loop, use ``load_body``)."""
         cached = self._cache.get(msg_id)
         if cached is not None:
             return cached
+        return self._read_body(msg_id)
+
+    async def load_body(self, msg_id: str) -> bytes:
+        """The message's bytes without blocking the loop: from the cache, else read in a
+        thread (with 200,000 messages queued most bodies are on disk only)."""
+        cached = self._cache.get(msg_id)
+        if cached is not None:
+            return cached
+        return await asyncio.to_thread(self._read_body, msg_id)
+
+    def _read_body(self, msg_id: str) -> bytes:
         assert self._reader is not None
-        row = self._reader.execute("SELECT data FROM bodies WHERE id=?", (msg_id,)).fetchone()
+        with self._read_lock:
+            row = self._reader.execute("SELECT data FROM bodies WHERE id=?",
+                                       (msg_id,)).fetchone()
         if row is None:
             raise KeyError(msg_id)
         return bytes(row[0])
@@ -322,15 +330,15 @@ class SQLiteSpool(GroupCommitWrites):
                 "SELECT msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
                 " last_reply FROM recipients"
                 f" WHERE state NOT IN ({','.join('?' * len(final))})", final):
-            msg = by_id.get(row[0])
-            if msg is None:
+            owner = by_id.get(row[0])
+            if owner is None:
                 continue
             state = State(row[6])
             if state is State.INFLIGHT:
                 state = State.QUEUED
-            msg.remaining += 1
+            owner.remaining += 1
             out.recipients.append(Recipient(
-                msg=msg, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
+                msg=owner, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
                 notify=row[5] or "", state=state, attempts=row[7], next_attempt=row[8],
                 last_reply=row[9] or "", open_attempt=_unsettled(journaled, row)))
         for msg in out.messages:
@@ -339,9 +347,78 @@ class SQLiteSpool(GroupCommitWrites):
         out.messages = [m for m in out.messages if m.remaining]
         return out
 
+    # -- paged reads (the lanes keep their heads in memory, the rest stays here) ----------------
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        assert self._pager is not None
+        with self._pager_lock:
+            return self._pager.execute(sql, params).fetchall()
+
+    async def page(self, pool: str, domain: str, after: tuple, limit: int) -> list[tuple]:
+        """The next ``limit`` queued recipients of a lane after ``after`` (priority, deadline,
+        queue id, index) in the lane's order, as ``ROW`` rows (index ``recipients_lane``)."""
+        return await asyncio.to_thread(
+            self._read, f"{ROW} WHERE r.pool = ? AND r.domain = ? AND r.state = 'queued' AND"
+            " (r.priority, r.deadline, r.msg_id, r.idx) > (?, ?, ?, ?)"
+            " ORDER BY r.priority, r.deadline, r.msg_id, r.idx LIMIT ?",
+            (pool, domain, *after, limit))
+
+    async def scan(self, where: str = "", params: tuple = ()) -> list[tuple]:
+        """Recipients not yet final as ``ROW`` rows, with an extra condition on ``r`` (the
+        recipient) and ``m`` (its message): the operator's views of a deep queue."""
+        extra = f" AND ({where})" if where else ""
+        return await asyncio.to_thread(
+            self._read, f"{ROW} WHERE r.state NOT IN {_FINAL}{extra}", params)
+
+    async def resume(self, sla_classes: Sequence[str] = ()) -> Resumed:
+        """What a restart needs when lanes page: every recipient not final and not queued
+        (deferred, held) as ``ROW`` rows, the queued ones counted per lane and second, and the
+        queue per class for the monitor (messages of ``sla_classes`` one by one)."""
+        def read() -> Resumed:
+            out = Resumed()
+            for (msg_id,) in self._read(
+                    "SELECT id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r"
+                    f" WHERE r.msg_id = m.id AND r.state NOT IN {_FINAL})"):
+                out.finished.append(msg_id)  # crashed between the last outcome and the cleanup
+            out.rows = self._read(f"{ROW} WHERE r.state NOT IN {_FINAL} AND r.state != 'queued'")
+            out.lanes = self._read(
+                "SELECT r.pool, r.domain, CAST(m.queued_at AS INTEGER), count(*),"
+                " min(m.queued_at) FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                " WHERE r.state = 'queued' GROUP BY r.pool, r.domain, 3")
+            out.classes = dict(self._read(
+                "SELECT m.cls, count(*) FROM recipients r JOIN messages m ON m.id = r.msg_id"
+                f" WHERE r.state NOT IN {_FINAL} GROUP BY m.cls"))
+            if sla_classes:
+                out.outstanding = self._read(
+                    "SELECT m.cls, m.id, m.queued_at, count(*) FROM recipients r JOIN messages m"
+                    f" ON m.id = r.msg_id WHERE r.state NOT IN {_FINAL} AND m.cls IN"
+                    f" ({','.join('?' * len(sla_classes))}) GROUP BY m.id ORDER BY m.queued_at",
+                    tuple(sla_classes))
+            out.journaled = self._attempts.latest()
+            return out
+
+        out = await asyncio.to_thread(read)
+        for msg_id in out.finished:
+            self.finish(msg_id)
+        return out
+
     async def paused(self) -> set[tuple[str, str]]:
         assert self._reader is not None
         return {(p, d) for p, d in self._reader.execute("SELECT pool, domain FROM paused")}
+
+
+@dataclass(slots=True)
+class Resumed:
+    """A restart's view of the spool when lanes page (``SQLiteSpool.resume``)."""
+
+    rows: list[tuple] = field(default_factory=list)
+    lanes: list[tuple] = field(default_factory=list)
+    """(pool, domain, second, queued recipients, earliest injection time in that second)"""
+    classes: dict[str, int] = field(default_factory=dict)
+    outstanding: list[tuple] = field(default_factory=list)
+    """(class, queue id, injection time, recipients not final), oldest first"""
+    journaled: dict = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)
 
 
 def _unsettled(journaled: dict, row: tuple) -> Attempt | None:
@@ -350,12 +427,3 @@ def _unsettled(journaled: dict, row: tuple) -> Attempt | None:
     last = journaled.get((row[0], row[1]))
     return last[1] if last is not None and last[0] > row[7] else None
 
-
-def _resolve(futs: list[asyncio.Future], error: BaseException | None) -> None:
-    for fut in futs:
-        if fut.done():
-            continue
-        if error is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(SpoolUnavailable(f"spool commit failed: {error}"))

@@ -1,0 +1,134 @@
+"""Deep lanes keep their head in memory and the rest in the spool (scheduler/paging.py): with a
+small window, a paused campaign stays mostly on disk, the figures count it, the operator's
+actions reach it, a restart resumes it, and every recipient is delivered exactly once."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import httpx
+import pytest
+
+from postlane.config import parse_config
+from postlane.node import Node
+from postlane.policy.intake import RcptIn
+from postlane.scheduler import paging
+from postlane.scheduler.control import Selector
+from tests.conftest import OPERATOR, config_text, message
+from tests.test_cluster import _until
+
+N = 120
+
+
+@pytest.fixture(autouse=True)
+def small_window(monkeypatch):
+    monkeypatch.setattr(paging, "WINDOW", 20)
+    monkeypatch.setattr(paging, "LOW", 5)
+
+
+async def _queue_campaign(node: Node, n: int = N, domains: int = 1) -> list[str]:
+    await node.operations.pause("bulk", who=OPERATOR)
+    return [await node.intake.submit("s@insurer.test", [RcptIn(f"r{i}@d{i % domains}.example")],
+                                     message(f"offer {i}", cls="marketing"))
+            for i in range(n)]
+
+
+def _arrivals(sink) -> collections.Counter:
+    return collections.Counter(a.rcpts[0] for a in sink.arrivals)
+
+
+def _routes(tmp_path, sink, domains: int = 1) -> str:
+    routes = "".join(f'"d{i}.example" = "127.0.0.1:{sink.port}"\n' for i in range(domains))
+    return config_text(tmp_path, sink.port,
+                       f'[routes]\n"example.com" = "127.0.0.1:{sink.port}"\n{routes}',
+                       routes=False)
+
+
+async def test_a_paused_campaign_stays_in_the_spool_and_is_counted(tmp_path, sink, make_node):
+    node = await make_node(_routes(tmp_path, sink))
+    await _queue_campaign(node)
+    lane = node.scheduler.lanes[("bulk", "d0.example")]
+    await _until(lambda: not lane.paging)
+    assert len(lane.heap) <= paging.WINDOW and lane.spooled >= N - paging.WINDOW
+    assert lane.depth() == N and node.scheduler.queued() == N
+    assert len(node.scheduler.pager.known) <= paging.WINDOW + 1
+
+    token = (tmp_path / "api-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
+                                 headers={"Authorization": f"Bearer {token}"}) as api:
+        status = (await api.get("/api/v1/status")).json()
+        row = next(ln for ln in status["lanes"] if ln["domain"] == "d0.example")
+        assert (row["depth"], row["ready"], status["queued"]) == (N, N, N)
+        assert row["oldest_age_s"] > 0
+        metrics = (await api.get("/metrics")).text
+        assert f'postlane_queue_depth{{class="marketing",pool="bulk"}} {N}.0' in metrics
+        assert f'postlane_domain_queue_depth{{domain="d0.example"}} {N}.0' in metrics
+        listed = await node.queue.messages(Selector(pool="bulk"))
+        assert (listed["total_messages"], listed["total_recipients"]) == (N, N)
+        shape = await node.queue.shape()
+        assert shape["rows"][0]["total"] == N
+
+    # a policy notice goes out while the campaign waits
+    await node.intake.submit("s@insurer.test", [RcptIn("urgent@example.com")],
+                             message("notice", cls="policy-documents"))
+    await sink.wait_for(1)
+    await node.operations.resume("bulk", who=OPERATOR)
+    await sink.wait_for(N + 1, timeout=60)
+    await _until(lambda: node.scheduler.queued() == 0)
+    counts = _arrivals(sink)
+    assert len(counts) == N + 1 and set(counts.values()) == {1}
+    assert lane.spooled == 0 and lane.cursor is None and lane.oldest(0) == 0.0
+    assert not node.scheduler.pager.known and not node.scheduler.pager.messages
+
+
+async def test_operator_actions_reach_recipients_in_the_spool(tmp_path, sink, make_node):
+    node = await make_node(_routes(tmp_path, sink))
+    qids = await _queue_campaign(node)
+    lane = node.scheduler.lanes[("bulk", "d0.example")]
+    await _until(lambda: not lane.paging)
+    last = qids[-10:]  # deep in the spool, after the lane's head
+    out = await node.operations.queue("hold", Selector(queue_ids=tuple(last)), who=OPERATOR)
+    assert out["recipients"] == 10
+    assert lane.held == 10 and lane.depth() == N
+    out = await node.operations.queue("delete", Selector(queue_ids=tuple(qids[-20:-10])),
+                                      who=OPERATOR)
+    assert out["recipients"] == 10 and lane.depth() == N - 10
+    dry = await node.operations.queue("hold", Selector(pool="bulk"), who=OPERATOR, dry_run=True)
+    assert dry["recipients"] == N - 20  # queued ones, in memory and in the spool
+
+    await node.operations.resume("bulk", who=OPERATOR)
+    await sink.wait_for(N - 20, timeout=60)
+    await _until(lambda: lane.depth() == 10)
+    out = await node.operations.queue("release", Selector(queue_ids=tuple(last)), who=OPERATOR)
+    assert out["recipients"] == 10
+    await sink.wait_for(N - 10, timeout=60)
+    await _until(lambda: node.scheduler.queued() == 0)
+    counts = _arrivals(sink)
+    assert len(counts) == N - 10 and set(counts.values()) == {1}
+
+
+async def test_a_restart_resumes_a_deep_queue_from_the_spool(tmp_path, sink):
+    text = _routes(tmp_path, sink, domains=2)
+    node = Node(parse_config(text))
+    await node.start()
+    await _queue_campaign(node, domains=2)
+    await node.stop()
+
+    again = Node(parse_config(text))
+    await again.start()
+    try:
+        lanes = [again.scheduler.lanes[("bulk", f"d{i}.example")] for i in range(2)]
+        await _until(lambda: not any(ln.paging for ln in lanes))
+        assert sum(ln.depth() for ln in lanes) == N
+        assert all(len(ln.heap) <= paging.WINDOW for ln in lanes)
+        assert all(ln.oldest(time.time()) > 0 for ln in lanes)
+        states = {s["class"]: s for s in again.monitor.class_states(10 ** 10)}
+        assert states["marketing"]["depth"] == N
+        await again.operations.resume("bulk", who=OPERATOR)
+        await sink.wait_for(N, timeout=60)
+        await _until(lambda: again.scheduler.queued() == 0)
+        counts = _arrivals(sink)
+        assert len(counts) == N and set(counts.values()) == {1}
+    finally:
+        await again.stop()

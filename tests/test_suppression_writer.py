@@ -1,0 +1,57 @@
+"""The suppression list's writes while another process holds its write lock (a ``postlane
+suppress import``): the CLI gives up after its patience, the node's writer thread waits and
+writes everything in order, and a stop writes what is queued."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from postlane.feedback.suppression import SuppressionBusy, SuppressionList, SuppressionWriter
+
+
+def _hold(path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_a_cli_write_gives_up_after_its_patience(tmp_path) -> None:
+    store = SuppressionList(tmp_path / "s.sqlite3", patience=0.2)
+    other = _hold(store.path)
+    try:
+        with pytest.raises(SuppressionBusy, match="locked by another process"):
+            store.add("a@example.com", "all")
+        assert store.check(["a@example.com"]) == {}  # a read does not wait for the lock
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.add("a@example.com", "all")
+    assert "a@example.com" in store.check(["a@example.com"])
+    store.close()
+
+
+async def test_the_writer_waits_for_the_lock_and_keeps_the_order(tmp_path) -> None:
+    store = SuppressionList(tmp_path / "s.sqlite3")
+    writes = SuppressionWriter(store)
+    other = _hold(store.path)
+    try:
+        writes.submit(store.add, "b@example.com", "marketing", "first")
+        writes.submit(store.add, "b@example.com", "marketing", "second")
+        writes.submit(store.bounced, "c@example.com", 1000.0, 3600.0, "550 5.1.1")
+        while writes.waiting < 0.3:  # waiting in its thread, not failing
+            await asyncio.sleep(0.02)
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    await writes.flush()
+    assert store.check(["b@example.com"])["b@example.com"].reason == "second"  # in order
+    assert await writes.call(store.bounced, "c@example.com", 1001.0, 3600.0, "again") == 2
+    with pytest.raises(Exception, match="not an email address"):  # bad input: told, not retried
+        await writes.call(store.add, "nobody", "all")
+    writes.submit(store.add, "d@example.com", "all")
+    writes.close()  # writes what is queued first
+    assert "d@example.com" in store.check(["d@example.com"])
+    store.close()
