@@ -196,7 +196,8 @@ def run(config: Config, path: Path | None = None) -> None:
 
         async def reload_once() -> None:
             async with reloading:  # one after the other: the last SIGHUP's file wins
-                await reload(node, path, notifier)
+                if await reload(node, path, notifier) and node.workers is not None:
+                    await node.workers.reload()
 
         if path is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))
