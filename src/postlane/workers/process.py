@@ -32,15 +32,15 @@ from aiosmtpd.smtp import Envelope, Session
 from ..accounting.records import Record
 from ..childproc import HEAD, frame
 from ..config import Config, ListenerConfig
+from ..edge.guard import peer_ip
+from ..edge.smtp import EdgeSMTP, SMTPIntake
+from ..edge.tls import Certificates, ServerCertificate
 from ..feedback.service import FeedbackService
 from ..policy import intake as intake_module
 from ..policy.intake import Intake, Rejection
 from ..spool import Message, Recipient
-from .guard import peer_ip
-from .smtp import EdgeSMTP, SMTPIntake
-from .tls import Certificates, ServerCertificate
 
-log = logging.getLogger("postlane.edge.worker")
+log = logging.getLogger("postlane.workers.process")
 
 MESSAGE_FIELDS = tuple(f.name for f in fields(Message) if f.name != "remaining")
 """A message crosses the channel as these values, in this order (``Message(*values)``)."""
@@ -193,7 +193,8 @@ class WorkerSMTP(EdgeSMTP):
         if refusal is not None:
             log.info("connection refused", extra={"client": ip, "reply": refusal})
             if self.transport is not None:
-                self.transport.write(refusal.encode() + b"\r\n")
+                self.transport.write(  # type: ignore[attr-defined]
+                    refusal.encode() + b"\r\n")
                 self.transport.close()
             return
         handler.sessions += 1
@@ -272,7 +273,8 @@ class Worker:
         self.channel = channel
         self.feedback = WorkerFeedback(config, self.persist)
         self.feedback.channel = channel
-        self.feedback.dmarc = _Rua(config.reputation.dmarc.addresses)
+        self.feedback.dmarc = _Rua(  # type: ignore[assignment]
+            config.reputation.dmarc.addresses)
         self.signer = None
         if config.dkim.keys:
             from ..policy.dkim import Signer
