@@ -15,9 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.audit.writer import AuditWriter
+
 from postlane.accounting.records import Record
+from postlane.audit.sqlite import SQLiteAuditStore
 
 
 def records(n: int) -> list[Record]:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from postlane import bench
-from postlane.config import load_config
 from postlane.node import Node
+from postlane.startup import load_config
 
 
 def timings(fn, n: int = 20) -> str:

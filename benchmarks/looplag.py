@@ -27,11 +27,11 @@ from pathlib import Path
 
 import httpx
 
-from postlane.config import parse_config
+from postlane.harness.sink import Sink
 from postlane.node import Node
-from postlane.sink import Sink
 from postlane.spool import Message, Recipient
 from postlane.spool.sqlite import SQLiteSpool
+from postlane.startup import parse_config
 
 
 class Probe:

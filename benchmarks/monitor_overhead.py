@@ -22,8 +22,8 @@ import tracemalloc
 from collections.abc import Iterator
 
 from postlane.accounting.records import Record
-from postlane.config import parse_config
 from postlane.node import Node
+from postlane.startup import parse_config
 
 CONFIG = """
 [node]

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import asyncpg
 
-from postlane.sink import Sink
+from postlane.harness.sink import Sink
 from postlane.spool import Message, PostgresSpool, Recipient, RecipientUpdate, SQLiteSpool, State
 
 DSN = os.environ.get("POSTLANE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")

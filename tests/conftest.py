@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from postlane.config import parse_config
+from postlane.harness.sink import Sink
 from postlane.node import Node
 from postlane.operations import Operator
-from postlane.sink import Sink
+from postlane.startup import parse_config
 from tests.support.audit import audit_backend  # noqa: F401  (fixture)
 from tests.support.fixtures_dns import dns_server  # noqa: F401  (fixture)
 from tests.support.pg import pg_schema, two_spools  # noqa: F401  (fixtures)

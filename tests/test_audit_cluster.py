@@ -92,7 +92,7 @@ async def test_events_written_by_another_node_wake_the_sender(tmp_path, sink, pg
     fallback poll set to an hour, they still come."""
     from postlane.accounting.records import Record
     from postlane.audit.service import AuditService
-    from postlane.config import parse_config
+    from postlane.startup import parse_config
 
     monkeypatch.setattr("postlane.audit.webhooks._POLL", 3600.0)
     service = AuditService(parse_config(cluster_text(tmp_path, sink.port, pg_schema, "node-a",

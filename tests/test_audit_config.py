@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from postlane.config import ConfigError, load_config, parse_config
+from postlane.startup import ConfigError, load_config, parse_config
 from tests.conftest import config_text, message, send
 
 

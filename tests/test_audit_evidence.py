@@ -16,7 +16,7 @@ from postlane.audit.sla import explain, sla_report
 from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.audit.store import Query
 from postlane.cli import app
-from postlane.sink import Sink
+from postlane.harness.sink import Sink
 from tests.conftest import OPERATOR, config_text, message, send
 from tests.test_relay_client import cert_files  # noqa: F401  (fixture)
 

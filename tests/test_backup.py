@@ -9,8 +9,8 @@ import stat
 from typer.testing import CliRunner
 
 from postlane.cli import app
-from postlane.config import load_config
 from postlane.node import Node
+from postlane.startup import load_config
 from tests.conftest import OPERATOR, send
 
 runner = CliRunner()

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import httpx
 
-from postlane.cluster import cluster_status
-from postlane.config import parse_config
+from postlane.cli.cluster import cluster_status
 from postlane.node import Node
 from postlane.spool import PostgresSpool
+from postlane.startup import parse_config
 from tests.conftest import OPERATOR, config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy

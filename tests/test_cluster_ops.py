@@ -12,9 +12,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from postlane.config import ConfigError, load_config, parse_config
 from postlane.spool import PostgresSpool
 from postlane.spool.postgres import NodeConflict
+from postlane.startup import ConfigError, load_config, parse_config
 from tests.conftest import config_text
 from tests.support.pg import PG_DSN, pg_reachable, pg_schema  # noqa: F401  (fixture)
 from tests.test_cluster import cluster_text, start_node

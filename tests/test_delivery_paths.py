@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from postlane.sink import Sink
+from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, send
 
 

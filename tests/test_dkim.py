@@ -17,7 +17,6 @@ import dns.resolver
 import pytest
 
 from postlane.accounting.records import Record
-from postlane.config import ConfigError, load_config, parse_config
 from postlane.config.model import parse_instant
 from postlane.node import Node
 from postlane.policy.dkim import (
@@ -30,6 +29,7 @@ from postlane.policy.dkim import (
 )
 from postlane.policy.headers import header_fields, normalize_newlines, split_message
 from postlane.policy.intake import Rejection
+from postlane.startup import ConfigError, load_config, parse_config
 from tests.conftest import config_text, records, send
 
 Q2 = parse_instant("2026-04-01")

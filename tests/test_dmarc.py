@@ -18,11 +18,11 @@ import pytest
 from typer.testing import CliRunner
 
 from postlane.cli import app
-from postlane.config import parse_config
 from postlane.feedback.dmarc import DEFAULT_MAX_SIZE, DMARCError, parse_aggregate
 from postlane.reputation.alignment import summarise
 from postlane.reputation.service import open_store
 from postlane.reputation.store import ReputationStore
+from postlane.startup import parse_config
 from tests.conftest import SHARED, config_text, records, send
 from tests.support.pg import PG_DSN
 from tests.support.shared import needs_corpus as shared_corpus

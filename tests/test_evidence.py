@@ -24,7 +24,7 @@ from postlane.audit.sla import sla_report
 from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.audit.store import Query
 from postlane.cli import app
-from postlane.sink import Sink
+from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records, send
 
 

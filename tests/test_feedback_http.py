@@ -65,7 +65,7 @@ def test_tokens() -> None:
 async def test_one_click_unsubscribe_end_to_end(tmp_path, sink, make_node, serve):
     node = await make_node(config_text(tmp_path, sink.port, EXTRA))
     app = FastAPI()
-    app.include_router(router(node))
+    app.include_router(router(node.feedback))
     base = await serve(app)
     port = node.listeners[0].port
     await send(port, "news@insurer.test", ["u@example.com"], message("offer", cls="marketing"))
@@ -121,7 +121,7 @@ async def test_one_click_unsubscribe_end_to_end(tmp_path, sink, make_node, serve
 
 
 def test_marketing_class_needs_an_unsubscribe_url(tmp_path) -> None:
-    from postlane.config import ConfigError, parse_config
+    from postlane.startup import ConfigError, parse_config
 
     text = config_text(tmp_path, 25, "[feedback.classes.marketing]\nmarketing = true\n"
                                      "[feedback.classes.nope]\n")

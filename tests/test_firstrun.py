@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from postlane.admin.dnsrecords import expected
 from postlane.cli import app
-from postlane.config import load_config
+from postlane.startup import load_config
 from tests.conftest import send
 
 runner = CliRunner()

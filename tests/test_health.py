@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from postlane.accounting.records import Record
-from postlane.config import parse_config
+from postlane.harness.sink import Sink
 from postlane.monitor.tracker import Tracker
-from postlane.sink import Sink
+from postlane.startup import parse_config
 from tests.conftest import config_text, message, send
 from tests.test_cluster import _until
 
@@ -81,7 +81,7 @@ def test_a_node_tracker_never_counts_below_zero(tmp_path):
 
 
 async def test_health_lines_carry_their_counts(caplog):
-    from postlane.monitor.health import Health
+    from postlane.health import Health
 
     health = Health()
     health.begin("k", "disk", "low disk space", cause="1 MB free", effect="452")

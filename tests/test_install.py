@@ -17,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from postlane.sink import Sink
+from postlane.harness.sink import Sink
 
 REPO = Path(__file__).resolve().parents[1]
 

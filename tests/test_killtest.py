@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from postlane.killtest import run
+from postlane.harness.killtest import run
 from tests.support.pg import PG_DSN
 
 

@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
+from postlane.harness.sink import Sink
 from postlane.operations import OperationError
-from postlane.sink import Sink
 from tests.conftest import OPERATOR, config_text, message, records, send
 
 

@@ -205,8 +205,8 @@ async def test_a_node_that_cannot_listen_closes_what_it_opened(tmp_path, sink, k
     import socket
     import threading
 
-    from postlane.config import parse_config
     from postlane.node import Node
+    from postlane.startup import parse_config
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

@@ -12,11 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from postlane.accounting.records import Record
-from postlane.config import parse_config
 from postlane.monitor.alerts import Alert, webhook_notifier
 from postlane.monitor.latency import Series
 from postlane.monitor.tracker import Tracker
 from postlane.policy.intake import RcptIn
+from postlane.startup import parse_config
 from tests.conftest import OPERATOR, config_text, message
 
 # -- latency windows (pure computation) --------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from postlane.cli import app
-from postlane.sink import Sink
+from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records, send
 from tests.support.httpsserver import HTTPSServer
 from tests.support.pki import TestCA, leaf_der, tlsa_sha256

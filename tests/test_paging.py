@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 
-from postlane.config import parse_config
 from postlane.node import Node
 from postlane.policy.intake import RcptIn
 from postlane.scheduler import paging
 from postlane.scheduler.control import Selector
+from postlane.startup import parse_config
 from tests.conftest import OPERATOR, config_text, message
 from tests.test_cluster import _until
 

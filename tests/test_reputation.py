@@ -46,10 +46,10 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from typer.testing import CliRunner
 
 from postlane.cli import app
-from postlane.config import parse_config
 from postlane.reputation.postmaster import SCOPE
 from postlane.reputation.review import review
 from postlane.reputation.snds import parse_snds
+from postlane.startup import parse_config
 from tests.conftest import config_text
 from tests.support.httpfixture import FixtureHTTP
 from tests.test_dmarc import crafted

@@ -24,11 +24,11 @@ from typer.testing import CliRunner
 
 from postlane.admin.service import Notifier, reload
 from postlane.cli import app
-from postlane.config import load_config
-from postlane.edge.cli import selfsigned
+from postlane.cli.edge import selfsigned
+from postlane.harness.sink import Sink
 from postlane.node import Node
 from postlane.policy.dkim import generate_key, write_key
-from postlane.sink import Sink
+from postlane.startup import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 POSTLANE = Path(sys.executable).parent / "postlane"

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from postlane.sink import Sink
+from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records
 from tests.support.rawsmtp import session
 

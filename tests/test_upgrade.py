@@ -14,9 +14,9 @@ from postlane import schema
 from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.audit.store import COLUMNS
 from postlane.cli import app
-from postlane.config import load_config
 from postlane.feedback.suppression import SuppressionList
 from postlane.node import Node
+from postlane.startup import load_config
 from tests.conftest import OPERATOR, config_text
 from tests.support.old_stores import write_old_stores
 

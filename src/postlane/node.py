@@ -8,14 +8,13 @@ import dataclasses
 import gc
 import logging
 import os
-import signal
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 
-from .accounting.recorder import Recorder
 from .accounting.records import Record
+from .api.parts import NodeParts
 from .api.server import APIServer
+from .audit.recorder import Recorder
 from .audit.service import AuditService
 from .config import Config
 from .edge.smtp import Listener
@@ -23,11 +22,10 @@ from .edge.tls import Certificates
 from .edge.workers import WorkerPool, worker_count
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
-from .logsetup import setup_logging  # noqa: F401  (re-exported: cli, bench)
+from .health import Health
 from .monitor.activity import Activity
-from .monitor.health import Health
 from .monitor.monitor import Monitor
-from .operations import Operations
+from .operations import Operations, Suppressions
 from .policy.dkim import Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
@@ -38,8 +36,8 @@ from .scheduler.claim import Claimer
 from .scheduler.control import QueueControl
 from .scheduler.paging import Pager
 from .scheduler.scheduler import Failure, Scheduler
+from .scheduler.view import QueueView
 from .spool import Message, PostgresSpool, SQLiteSpool, local_dir, make_spool
-from .spool.postgres import NodeConflict
 
 log = logging.getLogger("postlane.node")
 
@@ -59,16 +57,19 @@ class Node:
         self._listeners: list = []
         """In-memory observers of every record (monitor, feedback): told at once, on the
         loop; the durable copy goes through the spool and the recorder."""
-        self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures)
-        self.scheduler.health = self.health
-        self.queue = QueueControl(self.scheduler, config.pools, config.classes,
-                                  self.spool if isinstance(self.spool, PostgresSpool) else None)
+        self.feedback = FeedbackService(config, self.persist)
+        self._listeners.append(self.feedback.on_record)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
         self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3")
                             if config.tlsrpt.enabled else None)
-        self.relay = Relay(config, self.scheduler, self.spool, self.resolver, self.tls_reports)
-        self.scheduler.relay = self.relay
+        self.relay = Relay(config, self.spool, self.resolver, self.tls_reports,
+                           envelope_sender=self.feedback.envelope_sender)
+        self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures,
+                                   relay=self.relay, health=self.health,
+                                   classify=self.feedback.classifier.classify)
+        self.queue = QueueControl(self.scheduler, config.pools, config.classes,
+                                  self.spool if isinstance(self.spool, PostgresSpool) else None)
         self.stop_requested = asyncio.Event()
         """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
         self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
@@ -77,34 +78,37 @@ class Node:
         if self.signer is not None:
             self.signer.keyring.health = self.health
         self.intake = Intake(config, self.spool, self.claimer or self.scheduler, self.emit,
-                             self.signer, self.health)
-        self.feedback = FeedbackService(config, self.persist)
-        self._listeners.append(self.feedback.on_record)
-        self.intake.feedback = self.feedback
+                             self.signer, self.health, feedback=self.feedback,
+                             audit_behind=self.recorder.behind)
         if self.tls_reports is not None:
             self.tls_reports.submit = self.intake.submit
-        self.intake.audit_behind = self.recorder.behind
-        self.relay.envelope_sender = self.feedback.envelope_sender
-        self.scheduler.classify = self.feedback.classifier.classify
         self.certificates = Certificates(config)
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
                                    self.certificates.for_listener(name))
                           for name, lc in config.listeners.items()]
+        self.view = QueueView(self.scheduler)
+        """The queue, read-only (monitor, API, status)."""
         self.workers = (WorkerPool(self, worker_count(config.node.workers))
                         if worker_count(config.node.workers) > 1 else None)
         """SMTP intake in worker processes (``[node] workers`` > 1); None: in this process."""
-        self.monitor = Monitor(self)
+        self.monitor = Monitor(config, self.spool, self.view, self.intake.submit, self.status,
+                               self.health)
         self._listeners.append(self.monitor.on_record)
-        self.reputation = ReputationService(self)
+        self.reputation = ReputationService(config, self.feedback.rates)
         self.feedback.dmarc = self.reputation
         self._listeners.append(self.reputation.on_record)
         self.monitor.sources.append(self.reputation.conditions)
         self.monitor.metrics.registry.register(ReputationCollector(self.reputation))
         self.activity = Activity()
         self._listeners.append(self.activity.on_record)
-        self.operations = Operations(self)
+        self.operations = Operations(config, self.scheduler, self.queue, self.spool,
+                                     Suppressions(self.feedback.suppression, self.persist),
+                                     self.feedback.writes, self.emit)
         """Every operator action goes through here, on the record (the API calls it)."""
-        self.api = APIServer(self) if config.api.enabled else None
+        self.api = APIServer(NodeParts(
+            config, self.intake.submit, self.status, self.monitor, self.operations,
+            self.activity, self.view, self.queue, self.spool, self.feedback, self.reputation,
+            self.audit is not None)) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
@@ -294,27 +298,8 @@ class Node:
 
     def status(self) -> dict:
         now = time.time()
-        oldest = self.scheduler.oldest(now)
-        lanes = []
-        for lane in sorted(self.scheduler.lanes.values(), key=lambda ln: ln.key):
-            lanes.append({
-                "pool": lane.pool, "domain": lane.domain, "depth": lane.depth(),
-                "ready": lane.ready(), "deferred": lane.deferred, "inflight": lane.inflight,
-                "held": lane.held, "oldest_age_s": round(oldest.get(lane.key, 0.0), 3),
-                "connections": lane.workers,
-                "paused": lane.paused, "rate_wait": lane.rate_wait,
-                "suspended_s": round(max(0.0, lane.suspended_until - now), 1),
-            })
-        pools = []
-        for name, slots in self.scheduler.slots.items():
-            pools.append({
-                "pool": name, "pausable": self.config.pools[name].pausable,
-                "paused": (name, "*") in self.scheduler.paused,
-                "connections": sum(s.in_use for s in slots),
-                "cap": sum(s.max_smtp_out for s in slots),
-                "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
-                         "max_smtp_out": s.max_smtp_out} for s in slots],
-            })
+        lanes = self.view.lane_rows(now)
+        pools = self.view.pool_rows(lambda name: self.config.pools[name].pausable)
         listeners = []
         for listener in self.listeners:
             lc, cert = listener.config, listener.handler.guard.certificate
@@ -342,47 +327,3 @@ class Node:
         return out
 
 
-def run(config: Config, path: Path | None = None) -> None:
-    """Run a node until SIGTERM/SIGINT, then drain; SIGHUP reloads the config at ``path``
-    (docs/operations.md); systemd is told when it is ready, reloading and stopping."""
-    from .admin.service import Notifier, reload
-
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-
-    async def main() -> None:
-        node = Node(config)
-        notifier, reloading = Notifier(), asyncio.Lock()
-        watchdog = asyncio.get_running_loop().create_task(notifier.watchdog())  # from the start
-        try:
-            await node.start()
-        except (OSError, NodeConflict) as exc:  # say why, not a traceback
-            log.error("cannot start: %s", exc.strerror if isinstance(exc, OSError)
-                      and exc.strerror else exc)
-            raise SystemExit(1) from None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, node.stop_requested.set)
-
-        async def reload_once() -> None:
-            async with reloading:  # one after the other: the last SIGHUP's file wins
-                if await reload(node, path, notifier) and node.workers is not None:
-                    await node.workers.reload()
-
-        if path is not None:
-            loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))
-        ports = {ln.name: ln.port for ln in node.listeners}
-        log.info("listening", extra={"listeners": ports})
-        notifier.ready("listening on " + ", ".join(f"{n} :{p}" for n, p in ports.items()))
-        await node.stop_requested.wait()
-        notifier.stopping()
-        log.info("draining")
-        await node.stop()
-        watchdog.cancel()
-        log.info("stopped")
-
-    with contextlib.suppress(KeyboardInterrupt):
-        runner(main())

@@ -15,30 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import pwd
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
+from .accounting.operators import DONE, Operator, action_record, stamp
 from .accounting.records import Record
-from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
+from .feedback.suppression import Entry, SuppressionList, SuppressionWriter, normalize, parse_csv
 from .scheduler.control import SelectionError, Selector
 from .spool import SpoolUnavailable
 
 if TYPE_CHECKING:
-    from .node import Node
+    from .config import Config
+    from .scheduler.control import QueueControl
+    from .scheduler.scheduler import Scheduler
+    from .spool import Spool
 
 __all__ = ["DONE", "OperationError", "Operations", "Operator", "Suppressions",
            "action_record", "stamp"]
 
 log = logging.getLogger("postlane.operations")
-
-DONE = {"pause": "paused", "resume": "resumed", "retry": "retried now", "purge": "purged",
-        "delete": "deleted", "hold": "held", "release": "released", "suppress": "suppressed",
-        "unsuppress": "unsuppressed", "suppress-import": "imported into the suppression list"}
-"""Each action (``dsnAction`` of its ``o`` records) and how the records word it."""
 
 
 class OperationError(Exception):
@@ -47,42 +42,6 @@ class OperationError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class Operator:
-    """Who ordered an action, and how it came (``via``: "api" or "cli")."""
-
-    name: str
-    via: str = "api"
-
-    @classmethod
-    def local(cls) -> Operator:
-        """The user running this command (who ran sudo, when it runs as root through sudo)."""
-        name = pwd.getpwuid(os.getuid()).pw_name
-        sudo = os.environ.get("SUDO_USER", "")
-        if os.getuid() == 0 and sudo and sudo != "root":
-            name = f"{sudo} (sudo)"
-        return cls(name, "cli")
-
-
-def stamp(rec: Record, action: str, who: Operator, what: str = "", note: str = "") -> Record:
-    """Make ``rec`` the record of ``who``'s ``action``: ``operator`` set and ``dsnDiag``
-    "[what ]<done> by operator <name>[note]"; an ``o`` record also gets the action as
-    ``dsnAction`` and how it came as ``srcType``."""
-    rec.operator = who.name
-    rec.dsn_diag = f"{what + ' ' if what else ''}{DONE[action]} by operator {who.name}{note}"
-    if rec.type == "o":
-        rec.dsn_action, rec.src_type = action, who.via
-    return rec
-
-
-def action_record(action: str, who: Operator, *, pool: str = "", target: str = "",
-                  what: str = "", note: str = "") -> Record:
-    """The ``o`` record of an action on a pool or lane (``target`` "" for the whole pool,
-    ``*@DOMAIN`` for its lane to DOMAIN) or on the suppression list (``target``: the address)."""
-    now = time.time()
-    return stamp(Record("o", now, now, "", target, "", "", pool), action, who, what, note)
 
 
 class Suppressions:
@@ -133,15 +92,24 @@ class Operations:
     """A node's operator actions. Every method takes ``who``; the records are written where
     the state changes (scheduler, spool), so no path changes the queue without them."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.suppressions = Suppressions(node.feedback.suppression, node.persist)
+    def __init__(self, config: Config, scheduler: Scheduler, control: QueueControl,
+                 spool: Spool, suppressions: Suppressions, writes: SuppressionWriter,
+                 emit: Callable[[Record], None]) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.control = control
+        self.spool = spool
+        self.suppressions = suppressions
+        self.writes = writes
+        """The suppression list's writer (its writes, off the loop)."""
+        self.emit = emit
+        """Tells the node's in-memory observers of a record the spool write carries."""
 
     async def pause(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart.
         Returns the recipients queued there now."""
         await self._check(Selector(pool=pool))
-        if not self.node.config.pools[pool].pausable:
+        if not self.config.pools[pool].pausable:
             raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
                                  409)
         return await self._set_paused(pool, domain, True, who)
@@ -153,21 +121,21 @@ class Operations:
     async def _set_paused(self, pool: str, domain: str | None, paused: bool,
                           who: Operator) -> int:
         domain = domain.lower() if domain else None
-        queued = sum(lane.depth() for lane in self.node.scheduler.lanes.values()
+        queued = sum(lane.depth() for lane in self.scheduler.lanes.values()
                      if lane.pool == pool and domain in (None, lane.domain))
         action = "pause" if paused else "resume"
         rec = action_record(action, who, pool=pool, target=f"*@{domain}" if domain else "",
                             what=f"lane {pool}/{domain}" if domain else f"pool {pool}",
                             note=f" ({queued} recipients queued)")
-        await self.node.scheduler.set_paused(pool, domain, paused, (rec,))
-        self.node.emit(rec)
+        await self.scheduler.set_paused(pool, domain, paused, (rec,))
+        self.emit(rec)
         self._log(action, who, queued, pool=pool, domain=domain or "*")
         return queued
 
     async def retry(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Deferred recipients of a pool (or lane) due now; lifts the lanes' backoff."""
         out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who)
-        self.node.scheduler.lift(pool, domain.lower() if domain else None)
+        self.scheduler.lift(pool, domain.lower() if domain else None)
         return out["recipients"]
 
     async def purge(self, pool: str, domain: str, *, who: Operator) -> int:
@@ -180,7 +148,7 @@ class Operations:
         """hold, release, retry, delete or purge the selected messages (``postlane queue …``;
         in a cluster, those of the shared spool too)."""
         try:
-            out = await self.node.queue.act(action, sel, who, dry_run=dry_run, dsn=dsn)
+            out = await self.control.act(action, sel, who, dry_run=dry_run, dsn=dsn)
         except SelectionError as exc:
             raise OperationError(str(exc), exc.status) from None
         except SpoolUnavailable as exc:
@@ -194,19 +162,19 @@ class Operations:
     # ``postlane suppress import`` must not stall the event loop), the record on the loop.
 
     async def suppress(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
-        writes = self.node.feedback.writes
+        writes = self.writes
         entry = await writes.call(self.suppressions.store.add, address, scope, reason,
                                   "operator")
         self.suppressions.added(entry, who)
-        await self.node.spool.flush()  # on the record before the answer
+        await self.spool.flush()  # on the record before the answer
         self._log("suppress", who, 1, scope=scope)
         return entry
 
     async def unsuppress(self, address: str, scope: str | None, *, who: Operator) -> int:
-        removed = await self.node.feedback.writes.call(self.suppressions.store.remove, address,
+        removed = await self.writes.call(self.suppressions.store.remove, address,
                                                        scope)
         self.suppressions.removed(address, scope, removed, who)
-        await self.node.spool.flush()
+        await self.spool.flush()
         self._log("unsuppress", who, removed, scope=scope or "*")
         return removed
 
@@ -214,16 +182,16 @@ class Operations:
         store = self.suppressions.store
         # parsed once, in a thread; the writer may try the write more than once (a lock)
         entries = await asyncio.to_thread(parse_csv, src, scope)
-        count = await self.node.feedback.writes.call(store.add_many, entries)
+        count = await self.writes.call(store.add_many, entries)
         self.suppressions.imported(count, scope, who)
-        await self.node.spool.flush()
+        await self.spool.flush()
         self._log("suppress-import", who, count, scope=scope)
         return count
 
     async def _check(self, sel: Selector) -> None:
         """A mistyped pool is an error, not "paused"."""
         try:
-            await self.node.queue.check(sel)
+            await self.control.check(sel)
         except SelectionError as exc:
             raise OperationError(str(exc), exc.status) from None
 

@@ -1,6 +1,6 @@
 """Accounting file writer: CSV (RFC 4180) and/or JSON Lines, rotated by age and size.
 
-The recorder (``accounting.recorder``) writes the files from the spool's events. Writes go to
+The recorder (``audit.recorder``) writes the files from the spool's events. Writes go to
 large user-space buffers; ``sync`` is the durability point: it fsyncs the files and then
 replaces a small *position file* beside them with the files' sizes and the last event each
 spool writer has in them. After a crash, ``recover`` cuts the files back to those sizes and
@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +24,8 @@ from typing import BinaryIO
 
 import orjson
 
-from postlane.accounting.records import CORRELATION_HEADER_FIELD, DEFAULT_FIELDS, Record
+from postlane.accounting.records import DEFAULT_FIELDS, Record
+from postlane.config.fields import resolve_fields
 
 __all__ = ["FORMATS", "AccountingLog", "resolve_fields"]
 
@@ -37,30 +37,6 @@ _DIR_MODE = 0o750
 _BUFFER_BYTES = 256 * 1024
 POSITION_FILE = ".position.json"
 _FLOATS = frozenset({"totalSecondsQueued"})  # written with 3 decimals in CSV
-# "header_" + an RFC 5322 field name (printable ASCII except colon).
-_HEADER_FIELD = re.compile(r"header_[\x21-\x39\x3b-\x7e]+")
-
-
-def resolve_fields(fields: Sequence[str]) -> list[tuple[str, str | None]]:
-    """Map each configured field to its as_dict key (None: a header Postlane does not keep)."""
-    if not fields:
-        raise ValueError("accounting field list is empty")
-    known = set(DEFAULT_FIELDS)
-    seen: set[str] = set()
-    out: list[tuple[str, str | None]] = []
-    for name in fields:
-        if name in seen:
-            raise ValueError(f"duplicate accounting field {name!r}")
-        seen.add(name)
-        if name in known:
-            out.append((name, name))
-        elif name.lower() == CORRELATION_HEADER_FIELD.lower():
-            out.append((name, CORRELATION_HEADER_FIELD))
-        elif _HEADER_FIELD.fullmatch(name):
-            out.append((name, None))
-        else:
-            raise ValueError(f"unknown accounting field {name!r}")
-    return out
 
 
 class AccountingLog:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
+from ..config.fields import CORRELATION_HEADER_FIELD, DEFAULT_FIELDS, RECORD_TYPES
+
 __all__ = [
     "CORRELATION_HEADER_FIELD",
     "DEFAULT_FIELDS",
@@ -23,53 +25,6 @@ __all__ = [
     "parse_time",
     "unpack",
 ]
-
-#: r received, d delivered, t transient failure (deferred), b bounced (an expired recipient is a
-#: "b" with bounce_cat "message-expired", dsn_status "4.4.7", dsn_action "failed"), rb remote
-#: (asynchronous) bounce, f feedback/complaint, s suppressed, u outcome unknown (an attempt
-#: started, the final dot may have been sent, and the node stopped before recording the reply),
-#: o an operator's action (pause, resume, hold, release, retry, suppress …; see operations.py).
-RECORD_TYPES: frozenset[str] = frozenset({"r", "d", "t", "b", "rb", "f", "s", "u", "o"})
-
-CORRELATION_HEADER_FIELD = "header_X-Correlation-ID"
-
-#: File field names, in the default column order (PowerMTA names where PowerMTA has one).
-DEFAULT_FIELDS: tuple[str, ...] = (
-    "type",
-    "timeLogged",
-    "timeQueued",
-    "orig",
-    "rcpt",
-    "orcpt",
-    "dsnAction",
-    "dsnStatus",
-    "dsnDiag",
-    "dsnMta",
-    "bounceCat",
-    "srcType",
-    "srcMta",
-    "dlvSourceIp",
-    "dlvDestinationIp",
-    "dlvTlsProtocol",
-    "dlvTlsCipher",
-    "dlvTlsAuth",
-    "dlvTlsPolicy",
-    "dlvSize",
-    "vmta",
-    "vmtaPool",
-    "jobId",
-    "envId",
-    "queueId",
-    "class",
-    "messageId",
-    "attempt",
-    "totalSecondsQueued",
-    "listener",
-    "authUser",
-    "operator",
-    CORRELATION_HEADER_FIELD,
-)
-
 
 _last_second: tuple[int, str] = (-1, "")  # records come in bursts within one second
 

@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from ..config import Config, load_config
+from ..config import Config
 from ..secretfile import private_dir
 from ..spool import is_dsn, local_dir
+from ..startup import load_config
 
 __all__ = ["BackupError", "backup", "restore"]
 

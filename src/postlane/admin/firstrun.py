@@ -291,7 +291,7 @@ def write_node(opts: InitOptions, now: float | None = None) -> list[Path]:
 def write_certificate(folder: Path, hostname: str) -> list[Path]:
     """A self-signed certificate for ``hostname`` (ten years; key 0600): STARTTLS works from
     the first start, and a CA's certificate replaces it in place."""
-    from ..edge.cli import selfsigned
+    from ..edge.tls import selfsigned
 
     cert, key = selfsigned(hostname, days=3650)
     private_dir(folder)

@@ -20,23 +20,28 @@ or removed …) is named in the log as waiting for a restart, as Postfix does fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import ssl
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, load_config
+from ..node import Node
+from ..spool.postgres import NodeConflict
+from ..startup import ConfigError, load_config
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..node import Node
 
-__all__ = ["Notifier", "reload"]
+__all__ = ["Notifier", "reload", "run"]
 
 log = logging.getLogger("postlane.service")
+_node_log = logging.getLogger("postlane.node")
+"""What ``run`` says about the node's life (listening, draining, stopped)."""
 
 
 class Notifier:
@@ -164,3 +169,47 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
     notifier.ready("reloaded" + (f"; restart needed for {', '.join(waiting)}"
                                  if waiting else ""))
     return True
+
+
+def run(config: Config, path: Path | None = None) -> None:
+    """Run a node until SIGTERM/SIGINT, then drain; SIGHUP reloads the config at ``path``
+    (docs/operations.md); systemd is told when it is ready, reloading and stopping."""
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+
+    async def main() -> None:
+        node = Node(config)
+        notifier, reloading = Notifier(), asyncio.Lock()
+        watchdog = asyncio.get_running_loop().create_task(notifier.watchdog())  # from the start
+        try:
+            await node.start()
+        except (OSError, NodeConflict) as exc:  # say why, not a traceback
+            _node_log.error("cannot start: %s", exc.strerror if isinstance(exc, OSError)
+                      and exc.strerror else exc)
+            raise SystemExit(1) from None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.stop_requested.set)
+
+        async def reload_once() -> None:
+            async with reloading:  # one after the other: the last SIGHUP's file wins
+                if await reload(node, path, notifier) and node.workers is not None:
+                    await node.workers.reload()
+
+        if path is not None:
+            loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))
+        ports = {ln.name: ln.port for ln in node.listeners}
+        _node_log.info("listening", extra={"listeners": ports})
+        notifier.ready("listening on " + ", ".join(f"{n} :{p}" for n, p in ports.items()))
+        await node.stop_requested.wait()
+        notifier.stopping()
+        _node_log.info("draining")
+        await node.stop()
+        watchdog.cancel()
+        _node_log.info("stopped")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(main())

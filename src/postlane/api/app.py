@@ -19,18 +19,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from ..feedback import api as feedback_api
 from ..feedback import unsubscribe
 from ..operations import OperationError
 from ..policy.intake import RcptIn, Rejection
 from ..reputation.api import router as reputation_router
 from ..scheduler.control import Selector
+from . import feedback as feedback_api
 from . import queue
 from .injection import MessageIn, Queued
+from .parts import NodeParts
 from .tokens import Tokens, caller
 
 if TYPE_CHECKING:
-    from ..node import Node
     from ..spool import Recipient
 
 _bearer = HTTPBearer(auto_error=False, description="token from the [api] token_file")
@@ -47,7 +47,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None,
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
-def create_app(node: Node, tokens: Tokens) -> FastAPI:
+def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     """The API of one node; every protected route requires one of ``tokens``, and a read-only
     one may only read (GET)."""
     app = FastAPI(title="Postlane", version="1", docs_url=None, redoc_url=None,
@@ -87,7 +87,7 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
         text = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return _error(422, f"invalid request: {text}", details=details)
 
-    max_size = max((lc.max_message_size for lc in node.config.listeners.values()),
+    max_size = max((lc.max_message_size for lc in parts.config.listeners.values()),
                    default=25 << 20)
     max_body = max_size * 4 // 3 + 65536  # base64 of the largest message plus JSON fields
 
@@ -104,7 +104,7 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
     @api.post("/messages", status_code=202, response_model=Queued, tags=["injection"])
     async def inject(msg: MessageIn) -> Queued:
         """Queue a message; answers only once it is durable in the spool."""
-        cfg = node.config
+        cfg = parts.config
         if msg.class_ is not None and msg.class_ not in cfg.classes:
             raise APIError(422, f"class: no traffic class named {msg.class_!r}"
                                 f" (classes: {', '.join(sorted(cfg.classes))})")
@@ -113,8 +113,8 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
             raise APIError(413, f"message is {len(data)} bytes, the limit is {max_size}")
         rcpts = [RcptIn(addr) for addr in msg.envelope_recipients()]
         try:
-            qid = await node.intake.submit(msg.from_, rcpts, data, listener="api",
-                                           src_type="api", forced_class=msg.class_)
+            qid = await parts.submit(msg.from_, rcpts, data, listener="api",
+                                    src_type="api", forced_class=msg.class_)
         except Rejection as exc:
             raise APIError(*_rejection_status(exc)) from None
         return Queued(queue_id=qid, recipients=len(rcpts))
@@ -124,10 +124,10 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
         """Node, pools (connections, paused), lanes (depth, oldest age, backoff) and degraded
         states; in a cluster also its nodes (alive, suspect, dead; time until takeover) and
         its shared queue per pool."""
-        out = node.status()
-        out["alerts_active"] = len((await node.monitor.alert_lists())["active"])
-        if node.monitor.cluster is not None:
-            figures = await node.monitor.cluster.current()
+        out = parts.status()
+        out["alerts_active"] = len((await parts.monitor.alert_lists())["active"])
+        if parts.monitor.cluster is not None:
+            figures = await parts.monitor.cluster.current()
             out["cluster"].update(
                 evaluated_by=figures["leader"] if figures else None,
                 age_s=figures["age_s"] if figures else None,
@@ -135,7 +135,7 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
                 pools=figures["pools"] if figures else {})
         return out
 
-    ops = node.operations
+    ops = parts.operations
 
     @api.post("/pools/{pool}/pause", tags=["operations"])
     async def pause(request: Request, pool: str,
@@ -172,7 +172,7 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
 
     @api.get("/messages/{queue_id}", tags=["messages"])
     async def message(queue_id: str) -> dict:
-        found = await _lookup(node, queue_id=queue_id)
+        found = await _lookup(parts, queue_id=queue_id)
         if not found:
             raise APIError(404, f"no queued or recently finished message {queue_id!r}"
                                 " (older ones are in the accounting files)")
@@ -184,21 +184,21 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
         """Queued and recently finished messages by correlation id or recipient address."""
         if (correlation_id is None) == (recipient is None):
             raise APIError(422, "give correlation_id or recipient")
-        return {"messages": await _lookup(node, correlation_id=correlation_id,
+        return {"messages": await _lookup(parts, correlation_id=correlation_id,
                                     recipient=recipient.strip().lower() if recipient else None)}
 
     @api.get("/activity", tags=["monitoring"])
     async def activity() -> dict:
         """The last 24 hours: outcomes per hour, per source IP (with its connections now) and
         the top deferral and bounce reasons per pool and domain."""
-        out = node.activity.view(time.time())
+        out = parts.activity.view(time.time())
         counts = {(ip["pool"], ip["source_ip"]): ip for ip in out["ips"]}
         out["ips"] = [{"pool": pool["pool"], "source_ip": ip["address"], "ehlo": ip["ehlo"],
                        "connections": ip["in_use"], "max_smtp_out": ip["max_smtp_out"],
                        "reputation": None,
                        **{k: counts.get((pool["pool"], ip["address"]), {}).get(k, 0)
                           for k in ("delivered", "deferred", "bounced")}}
-                      for pool in node.status()["pools"] for ip in pool["ips"]]
+                      for pool in parts.status()["pools"] for ip in pool["ips"]]
         return out
 
     @api.get("/sla", tags=["monitoring"])
@@ -206,31 +206,31 @@ def create_app(node: Node, tokens: Tokens) -> FastAPI:
         """Per class: latency percentiles (1/5/15 min), depth, oldest age, drain rate, the
         estimated time to the first breach, and the rules in force (``scope`` "cluster": the
         cluster's figures, the same on every node, with this node's own under ``node``)."""
-        return await node.monitor.sla(time.time())
+        return await parts.monitor.sla(time.time())
 
     @api.get("/alerts", tags=["monitoring"])
     async def alerts() -> dict:
         """Active and recently resolved alerts (in a cluster: the cluster's, on every node)."""
-        return await node.monitor.alert_lists()
+        return await parts.monitor.alert_lists()
 
     @api.get("/history", tags=["monitoring"])
     async def history() -> dict:
         """Samples of the last hour for the dashboard's charts."""
-        return {"samples": list(node.monitor.history)}
+        return {"samples": list(parts.monitor.history)}
 
-    api.include_router(reputation_router(node))
-    api.include_router(queue.router(node))
-    api.include_router(feedback_api.router(node))
+    api.include_router(reputation_router(parts.reputation, parts.config))
+    api.include_router(queue.router(parts))
+    api.include_router(feedback_api.router(parts))
     app.include_router(api)
-    app.include_router(unsubscribe.router(node))  # public: mailbox providers call it
+    app.include_router(unsubscribe.router(parts.feedback))  # public: mailbox providers call it
 
     @app.get("/metrics", dependencies=[Depends(require_token)], tags=["monitoring"],
              response_class=Response)
     async def metrics() -> Response:
         """Prometheus text format (scrape with authorization: credentials_file)."""
-        cluster = node.monitor.cluster
+        cluster = parts.monitor.cluster
         figures = await cluster.current() if cluster is not None else None
-        return Response(node.monitor.metrics.render(figures),
+        return Response(parts.monitor.metrics.render(figures),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     page = resources.files("postlane.api").joinpath("dashboard.html").read_text("utf-8")
@@ -255,14 +255,15 @@ def _rejection_status(exc: Rejection) -> tuple[int, str]:
     return 422, exc.text
 
 
-async def _lookup(node: Node, queue_id: str | None = None, correlation_id: str | None = None,
+async def _lookup(parts: NodeParts, queue_id: str | None = None,
+                  correlation_id: str | None = None,
                   recipient: str | None = None) -> list[dict]:
     """Queued, deferred and held recipients from the scheduler (by queue id or correlation id
     through its index, by recipient address a walk) and those deep lanes left in the spool,
     finished ones from the monitor's recent records (in-flight recipients show once their
     attempt ends)."""
     found: dict[str, dict] = {}
-    sched = node.scheduler
+    sched = parts.queue
     sel = Selector(queue_ids=(queue_id,) if queue_id else (), correlation_id=correlation_id,
                    recipient=recipient)
     held: Iterable[Recipient]
@@ -273,7 +274,7 @@ async def _lookup(node: Node, queue_id: str | None = None, correlation_id: str |
                 for r in sched.message(qid)]
     else:
         held = sched.recipients()
-    async with node.queue.spooled(sel) as spooled:
+    async with parts.control.spooled(sel) as spooled:
         everyone = [*held, *spooled]
     for rcpt in everyone:
         msg = rcpt.msg
@@ -287,7 +288,7 @@ async def _lookup(node: Node, queue_id: str | None = None, correlation_id: str |
         entry["recipients"].append({
             "address": rcpt.address, "state": rcpt.state.value, "attempts": rcpt.attempts,
             "next_attempt": rcpt.next_attempt or None, "reply": rcpt.last_reply})
-    for done in node.monitor.tracker.finished(queue_id, correlation_id, recipient):
+    for done in parts.monitor.tracker.finished(queue_id, correlation_id, recipient):
         entry = found.setdefault(done["queue_id"], {**done, "recipients": []})
         entry["recipients"].extend(done["recipients"])
     return list(found.values())

@@ -16,7 +16,7 @@ from ..scheduler.control import SelectionError, Selector, message_view
 from .tokens import caller
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .parts import NodeParts
 
 __all__ = ["router"]
 
@@ -68,11 +68,11 @@ def _listing(pool: str | None = None, domain: str | None = None,
                       recipient=recipient, correlation_id=correlation_id)
 
 
-def router(node: Node) -> APIRouter:
+def router(parts: NodeParts) -> APIRouter:
     from .app import APIError
 
     api = APIRouter(prefix="/queue", tags=["queue"])
-    queue = node.queue
+    queue = parts.control
 
     async def run(fn, *args, **kwargs):
         try:
@@ -98,7 +98,7 @@ def router(node: Node) -> APIRouter:
         out = message_view(rcpts, time.time())
         try:
             try:
-                data = await node.spool.load_body(queue_id)
+                data = await parts.spool.load_body(queue_id)
             except KeyError:  # in a cluster: held, or claimed by another node
                 if queue.shared is None:
                     raise
@@ -109,11 +109,11 @@ def router(node: Node) -> APIRouter:
             out["body_bytes"] = len(body)
         except KeyError:
             out["headers"], out["body_bytes"] = [], 0
-        out["attempts"] = await asyncio.to_thread(_attempts, node, queue_id)
+        out["attempts"] = await asyncio.to_thread(_attempts, parts, queue_id)
         return out
 
     async def act(request: Request, action: str, body: ActionIn, dsn: bool = False) -> dict:
-        return await node.operations.queue(action, body.selector(), who=caller(request),
+        return await parts.operations.queue(action, body.selector(), who=caller(request),
                                            dry_run=body.dry_run, dsn=dsn)
 
     @api.post("/hold")
@@ -139,7 +139,7 @@ def router(node: Node) -> APIRouter:
     @api.get("/deferrals")
     async def deferrals(top: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:
         """Deferred recipients grouped by the reply that deferred them."""
-        return {"reasons": queue.deferrals(node.scheduler.classify, top)}
+        return {"reasons": queue.deferrals(parts.queue.classify, top)}
 
     @api.get("/shape")
     async def shape(by: Literal["domain", "class"] = "domain",
@@ -150,14 +150,14 @@ def router(node: Node) -> APIRouter:
     return api
 
 
-def _attempts(node: Node, queue_id: str) -> list[dict] | None:
+def _attempts(parts: NodeParts, queue_id: str) -> list[dict] | None:
     """The message's delivery records from the audit store (None: the store is off)."""
-    if node.audit is None:
+    if not parts.audited:
         return None
     from ..audit.backend import open_audit_store
     from ..audit.store import Query as AuditQuery
 
-    store = open_audit_store(node.config, readonly=True)
+    store = open_audit_store(parts.config, readonly=True)
     try:
         rows = store.find(AuditQuery(queue_id=queue_id))
     finally:

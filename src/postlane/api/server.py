@@ -16,7 +16,7 @@ from .app import create_app
 from .tokens import Tokens
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .parts import NodeParts
 
 log = logging.getLogger("postlane.api")
 
@@ -29,15 +29,15 @@ class _Server(uvicorn.Server):
 
 
 class APIServer:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, parts: NodeParts) -> None:
+        self.parts = parts
         self.port = 0
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        cfg = self.node.config.api
-        app = create_app(self.node, Tokens(cfg.token_file, cfg.named_tokens_file()))
+        cfg = self.parts.config.api
+        app = create_app(self.parts, Tokens(cfg.token_file, cfg.named_tokens_file()))
         self._server = _Server(uvicorn.Config(app, host=cfg.address, port=cfg.port,
                                               log_level="warning", access_log=False,
                                               lifespan="off", server_header=False))

@@ -1,6 +1,6 @@
 """The audit trail inside a node: periodic retention and webhooks.
 
-Records reach the store through the recorder (``accounting.recorder``); this service keeps a
+Records reach the store through the recorder (``audit.recorder``); this service keeps a
 connection of its own for what is not an append.
 """
 

@@ -5,14 +5,37 @@ from __future__ import annotations
 import difflib
 import time
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
 from typing import Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from ..spool import is_dsn
+from .destinations import default_rules
+from .locations import is_dsn
 from .model import Config
+
+
+def _any_mailbox(addr: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class PartChecks:
+    """The checks of a config that need other parts (``postlane/startup.py`` supplies them, so
+    config imports none of those parts); the defaults skip them."""
+
+    mailbox: Callable[[str], bool] = _any_mailbox
+    """Whether a string is an e-mail address, as the edge parses them."""
+    users_file: Callable[[str, Config], list[str]] | None = None
+    """The errors of an SMTP users file (it loads, its classes exist)."""
+    dkim_key: Callable[[str, str], str | None] | None = None
+    """Why a DKIM key file of an algorithm cannot be used (None: it can)."""
+
+
+NO_PART_CHECKS = PartChecks()
 
 
 class ConfigError(Exception):
@@ -43,15 +66,6 @@ def _message(err: dict) -> str:
     if err.get("type") == "missing":
         return "required field is missing"
     return msg
-
-
-def _mailbox(addr: str) -> bool:
-    from ..edge.address import PathError, parse_path  # here: edge imports config
-
-    try:
-        return parse_path(f"<{addr}>", utf8=True)[1] == ""
-    except PathError:
-        return False
 
 
 def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
@@ -102,7 +116,7 @@ def _listener_checks(cfg: Config) -> list[str]:
     return errors
 
 
-def _cross_checks(cfg: Config) -> list[str]:
+def _cross_checks(cfg: Config, checks: PartChecks) -> list[str]:
     """Checks that span sections (a class names a pool that exists, ...)."""
     errors: list[str] = []
     for name, cls in cfg.classes.items():
@@ -138,21 +152,21 @@ def _cross_checks(cfg: Config) -> list[str]:
             errors.append(f"monitor.sla.{name}: no class named {name!r}")
         elif cfg.classes[name].sla is None:
             errors.append(f"monitor.sla.{name}: class {name!r} has no sla to monitor")
-    if cfg.node.postmaster is not None and not _mailbox(cfg.node.postmaster):
+    if cfg.node.postmaster is not None and not checks.mailbox(cfg.node.postmaster):
         errors.append(f"node.postmaster: {cfg.node.postmaster!r} is not an e-mail address")
     rpt = cfg.tlsrpt
     if rpt.report_class and rpt.report_class not in cfg.classes:
         errors.append(f"tlsrpt.class: no class named {rpt.report_class!r}")
     for field in ("contact", "mail_from"):
         addr = getattr(rpt, field)
-        if addr is not None and not _mailbox(addr):
+        if addr is not None and not checks.mailbox(addr):
             errors.append(f"tlsrpt.{field}: {addr!r} is not an e-mail address")
     url = cfg.monitor.webhook_url
     if url is not None and not url.startswith(("http://", "https://")):
         errors.append(f"monitor.webhook_url: {url!r} is not an http(s) URL")
     for field in ("ops_address", "ops_from"):
         addr = getattr(cfg.monitor, field)
-        if addr is not None and not _mailbox(addr):
+        if addr is not None and not checks.mailbox(addr):
             errors.append(f"monitor.{field}: {addr!r} is not an e-mail address")
     return (errors + _listener_checks(cfg) + _feedback_checks(cfg) + _dkim_checks(cfg)
             + _audit_checks(cfg) + _reputation_checks(cfg))
@@ -227,11 +241,9 @@ def _day(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
-def _security_checks(cfg: Config, base: Path | None) -> list[str]:
+def _security_checks(cfg: Config, base: Path | None, checks: PartChecks) -> list[str]:
     """Resolve the security section's relative paths against ``base`` (the config file's folder;
     None when parsing text) and check the TLS files and the users file that absolute paths name."""
-    from ..edge.auth import UsersError, load_users
-
     errors: list[str] = []
 
     def resolve(value: str | None) -> str | None:
@@ -266,17 +278,8 @@ def _security_checks(cfg: Config, base: Path | None) -> list[str]:
                                   f" \"implicit\"")
         if lst.require_auth and not sec.users_file:
             errors.append(f"{where}.require_auth: needs security.users_file")
-    if sec.users_file and Path(sec.users_file).is_absolute():
-        try:
-            users = load_users(sec.users_file)
-        except UsersError as exc:
-            errors.extend(f"security.users_file: {e}" for e in exc.errors)
-        else:
-            for uname, user in users.items():
-                for cls in [*user.classes, *([user.default_class] if user.default_class else [])]:
-                    if cls not in cfg.classes:
-                        errors.append(f"security.users_file: user {uname!r}: no class named"
-                                      f" {cls!r}")
+    if sec.users_file and Path(sec.users_file).is_absolute() and checks.users_file:
+        errors += checks.users_file(sec.users_file, cfg)
     return errors
 
 
@@ -332,7 +335,7 @@ def _drop(data: dict, loc: tuple[int | str, ...], dropped: set[str]) -> bool:
     return len(loc) > 1 and _drop(data, loc[:-1], dropped)
 
 
-def _validate(text: str, source: str) -> tuple[Config | None, list[str]]:
+def _validate(text: str, source: str, checks: PartChecks) -> tuple[Config | None, list[str]]:
     """Every error in the file, and a Config of what is valid in it (None if nothing is).
 
     Pydantic reports the field-level errors of the whole file at once; the parts they are about
@@ -364,15 +367,17 @@ def _validate(text: str, source: str) -> tuple[Config | None, list[str]]:
             if not progress:
                 return None, errors
             continue
-        cross = _cross_checks(cfg) + _security_checks(cfg, None)
+        cross = _cross_checks(cfg, checks) + _security_checks(cfg, None, checks)
         errors += [e for e in cross if not any(repr(name) in e for name in dropped)]
         return cfg, errors
     return None, errors
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Parse TOML text into a Config, raising ConfigError with every problem found."""
-    cfg, errors = _validate(text, source)
+def parse_config_text(text: str, source: str = "<config>",
+                      checks: PartChecks = NO_PART_CHECKS) -> Config:
+    """Parse TOML text into a Config, raising ConfigError with every problem found (the checks
+    that need other parts only as ``checks`` gives them: use ``startup.parse_config``)."""
+    cfg, errors = _validate(text, source, checks)
     if errors or cfg is None:
         raise ConfigError(source, errors)
     return _with_defaults(cfg)
@@ -380,23 +385,23 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 def _with_defaults(cfg: Config) -> Config:
     if cfg.default_destinations:
-        from ..scheduler.rules import default_rules
-
         for name, rule in default_rules().items():
             cfg.destinations.setdefault(name, rule)
     return cfg
 
 
-def load_config(path: str | Path, *, check_files: bool = True) -> Config:
+def read_config_file(path: str | Path, checks: PartChecks = NO_PART_CHECKS, *,
+                     check_files: bool = True) -> Config:
     """Read a config file; relative paths inside it are taken relative to the file's folder.
     ``check_files=False`` resolves the paths without opening the keys and certificates they
-    name (``postlane restore`` learns from it where to put them)."""
+    name (``postlane restore`` learns from it where to put them). Use ``startup.load_config``:
+    it passes the ``checks`` that need other parts."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    cfg, errors = _validate(text, str(path))
+    cfg, errors = _validate(text, str(path), checks)
     if cfg is None:
         raise ConfigError(str(path), errors)
     base = path.resolve().parent
@@ -413,16 +418,13 @@ def load_config(path: str | Path, *, check_files: bool = True) -> Config:
         value = getattr(fb, name)
         if value and not Path(value).is_absolute():
             setattr(fb, name, str(base / value))
-    from ..policy.dkim import DKIMError, read_key  # here: policy imports config
-
-    file_errors = [e for e in _security_checks(cfg, base) if e not in errors]
+    file_errors = [e for e in _security_checks(cfg, base, checks) if e not in errors]
     for i, key in enumerate(cfg.dkim.keys):
         if not Path(key.key_file).is_absolute():
             key.key_file = str(base / key.key_file)
-        try:
-            read_key(key.key_file, key.algorithm)
-        except DKIMError as exc:
-            file_errors.append(f"dkim.keys[{i}].key_file: {exc}")
+        why = checks.dkim_key(key.key_file, key.algorithm) if checks.dkim_key else None
+        if why is not None:
+            file_errors.append(f"dkim.keys[{i}].key_file: {why}")
     errors += file_errors if check_files else []
     if errors:
         raise ConfigError(str(path), errors)

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from ..monitor.health import Health
+from ..health import Health
 
 
 class ConnectionLimits:

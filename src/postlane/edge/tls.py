@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import ipaddress
 import logging
 import os
 import ssl
@@ -118,8 +119,6 @@ def _first_pem(text: str) -> str:
 
 def generated_pair(config: Config) -> tuple[str, str]:
     """The self-signed pair in ``<spool>/tls/``, made now if missing (key written 0600)."""
-    from .cli import selfsigned
-
     folder = local_dir(config) / "tls"
     cert, key = folder / "cert.pem", folder / "key.pem"
     if cert.is_file() and key.is_file():
@@ -163,3 +162,28 @@ class Certificates:
             await asyncio.sleep(self.config.tls.reload_interval)
             for entry in self.by_files.values():
                 entry.reload_if_changed()
+
+
+def selfsigned(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
+    """(certificate PEM, private key PEM) of a fresh P-256 self-signed certificate."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    alt: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    with contextlib.suppress(ValueError):
+        alt.append(x509.IPAddress(ipaddress.ip_address(hostname)))
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM,
+                              serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))

@@ -19,7 +19,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import HTMLResponse
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .service import FeedbackService
 
 __all__ = ["TokenError", "UnsubscribeSigner", "router"]
 
@@ -89,14 +89,14 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</
 <p>Notices about your contracts are not affected.</p></body></html>"""
 
 
-def router(node: Node) -> APIRouter:
+def router(feedback: FeedbackService) -> APIRouter:
     """Public routes (no API token: mailbox providers call them): ``POST /unsubscribe/{token}``
     suppresses the address for marketing; ``GET`` shows a confirmation page."""
     api = APIRouter(tags=["unsubscribe"])
 
     def _verify(token: str) -> str:
         try:
-            return node.feedback.signer.verify(token)
+            return feedback.signer.verify(token)
         except TokenError as exc:
             raise HTTPException(410 if exc.expired else 400, str(exc)) from None
 
@@ -104,7 +104,7 @@ def router(node: Node) -> APIRouter:
     async def one_click(token: str) -> dict:
         """RFC 8058 one-click: the body (List-Unsubscribe=One-Click) carries nothing we need."""
         address = _verify(token)
-        node.feedback.unsubscribe(address, "one-click")
+        feedback.unsubscribe(address, "one-click")
         return {"unsubscribed": address, "scope": "marketing"}
 
     @api.get("/unsubscribe/{token}", response_class=HTMLResponse)

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from ..cluster import summarize
 from ..spool import PostgresSpool
 from ..spool.postgres import CONNECT_TIMEOUT, SESSION_SETTINGS, UNREACHABLE, NodeInfo
 from .alerts import Alert
+from .membership import summarize
 from .tracker import Tracker
 
 if TYPE_CHECKING:

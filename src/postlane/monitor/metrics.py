@@ -95,7 +95,7 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         mon = self.monitor
         now = time.time()
-        status = mon.node.status()
+        status = mon.status()
         clustered = mon.cluster is not None
         if clustered:
             figures = self.cluster or {}
@@ -240,7 +240,7 @@ def _class_metrics(classes: list[dict]) -> Iterator[Metric]:
 
 
 def _health_metrics(mon: Monitor) -> Iterator[Metric]:
-    kinds, counted = mon.node.health.counts()
+    kinds, counted = mon.health.counts()
     active = GaugeMetricFamily("postlane_degraded", "Degraded states now (low disk, database"
                                " unreachable, DKIM key missing, destinations down ...)",
                                labels=["state"])

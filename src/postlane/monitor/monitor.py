@@ -13,12 +13,13 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
+from ..health import Health
 from ..policy.intake import RcptIn
 from ..spool import PostgresSpool
 from .alerts import (
@@ -36,7 +37,9 @@ from .metrics import Metrics
 from .tracker import ClassState, Tracker
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..config import Config
+    from ..scheduler.view import QueueView
+    from ..spool import Spool
 
 log = logging.getLogger("postlane.monitor")
 
@@ -54,14 +57,22 @@ class Rules:
 
 
 class Monitor:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.config = node.config
+    def __init__(self, config: Config, spool: Spool, queue: QueueView,
+                 submit: Callable[..., Awaitable[str]], status: Callable[[], dict],
+                 health: Health) -> None:
+        self.config = config
+        self.queue = queue
+        """The node's queue, read-only."""
+        self.submit = submit
+        """The intake's ``submit``: alert mail goes out as mail."""
+        self.status = status
+        """The node's status (lanes, pools, uptime) for /metrics."""
+        self.health = health
         mon = self.config.monitor
-        clustered = isinstance(node.spool, PostgresSpool)
+        clustered = isinstance(spool, PostgresSpool)
         self.tracker = Tracker(self.config, counts_queue=not clustered)
         """This node's own records (on one node: its whole queue)."""
-        self.cluster = ClusterMonitor(self, node.spool) if clustered else None
+        self.cluster = ClusterMonitor(self, spool) if clustered else None
         if self.cluster is not None:
             self.tracker.slices = {}
         self.rules: dict[str, Rules] = {}
@@ -102,7 +113,7 @@ class Monitor:
     async def start(self) -> None:
         now = time.time()
         if self.tracker.counts_queue and not self.seeded:
-            self.tracker.seed(list(self.node.scheduler.recipients()), now)
+            self.tracker.seed(list(self.queue.recipients()), now)
         self.loop_watch.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -138,7 +149,7 @@ class Monitor:
         classes = self.config.classes
         top = min(classes, key=lambda n: (classes[n].priority, n))
         mon = self.config.monitor
-        return await self.node.intake.submit(
+        return await self.submit(
             mon.ops_from, [RcptIn(mon.ops_address or "", "NEVER")], data, listener="monitor",
             src_type="monitor", forced_class=top)
 
@@ -171,8 +182,7 @@ class Monitor:
         return out
 
     def evaluate(self, now: float) -> None:
-        busy = {lane.pool for lane in self.node.scheduler.lanes.values()
-                if lane.heap or lane.spooled or lane.inflight}
+        busy = self.queue.busy_pools()
         for pool, state in self.tracker.pools.items():
             if pool not in busy and state.busy_since is not None:
                 self.tracker.mark_idle(pool)
@@ -185,7 +195,7 @@ class Monitor:
     def pool_oldest(self, now: float) -> dict[str, float]:
         """Oldest age per pool from the scheduler's lanes (each lane keeps its own: O(lanes))."""
         out: dict[str, float] = {}
-        for (pool, _), age in self.node.scheduler.oldest(now).items():
+        for (pool, _), age in self.queue.oldest(now).items():
             out[pool] = max(out.get(pool, 0.0), age)
         return out
 
@@ -217,7 +227,7 @@ class Monitor:
     def node_states(self, now: float) -> list[dict]:
         """Per class, this cluster node's own part: recipients it holds (ready or waiting for a
         retry), accepted by its intake, delivered by it, and its own delivery latency."""
-        held = Counter(rcpt.msg.cls for rcpt in self.node.scheduler.recipients())
+        held = Counter(rcpt.msg.cls for rcpt in self.queue.recipients())
         return [{"class": name, "pool": state.pool, "held": held[name],
                  "received_total": state.received, "delivered_total": state.latency.total,
                  "drain_rate": round(self.tracker.drain_rate(state.pool, now), 3),

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from ..accounting.records import Record
 from ..config.model import Config, DKIMConfig, DKIMKeyConfig
-from ..monitor.health import Health
+from ..health import Health
 from ..secretfile import create_secret
 from .headers import field_value
 from .identity import aligned, org_domain

@@ -16,20 +16,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate, parseaddr
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..accounting.records import Record
 from ..config import Config
 from ..edge.address import PathError, alabel_domain
 from ..edge.auth import User, Users
 from ..edge.limits import DiskGuard
-from ..monitor.health import Health
+from ..health import Health
 from ..spool import Message, Recipient, Spool, SpoolUnavailable, local_dir
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
 from .identity import envelope_sender
 
 if TYPE_CHECKING:
-    from ..feedback.suppression import Entry
     from .dkim import Signer
 
 _PRINTABLE = re.compile(r"[\x21-\x7e]*")
@@ -70,7 +69,9 @@ class RcptIn:
     notify: str = ""
     orcpt: str = ""
     checked: bool = False  # looked up in the suppression list at RCPT already
-    suppressed: Entry | None = None  # what that look-up found
+    suppressed: object | None = None
+    """What that look-up found (the feedback loop's suppression ``Entry``: feedback stands above
+    policy, so intake does not name its type)."""
 
 
 def domain_of(address: str) -> str:
@@ -101,6 +102,10 @@ def from_domain_of(value: str) -> str:
     return domain_of(address) if "@" in address else ""
 
 
+def _never() -> bool:
+    return False
+
+
 _date_cache: tuple[int, str] = (0, "")
 
 
@@ -116,7 +121,8 @@ def header_date(now: float) -> str:
 
 class Intake:
     def __init__(self, config: Config, spool: Spool, scheduler, record: Callable[[Record], None],
-                 signer: Signer | None = None, health: Health | None = None) -> None:
+                 signer: Signer | None = None, health: Health | None = None, *,
+                 feedback: Any = None, audit_behind: Callable[[], bool] = _never) -> None:
         self.config = config
         self.signer = signer
         self.spool = spool
@@ -125,7 +131,7 @@ class Intake:
         """Tells the in-memory observers; the records themselves go into the spool with the
         message."""
         self.accepted = 0
-        self.feedback = None
+        self.feedback = feedback
         """feedback.service.FeedbackService when the node wires one: suppression, List-Unsubscribe,
         inbound reports (the listeners ask it at RCPT and DATA)."""
         sec = config.security
@@ -133,7 +139,7 @@ class Intake:
                       if sec.users_file else None)
         self.health = health or Health()
         self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space, health=self.health)
-        self.audit_behind: Callable[[], bool] = lambda: False
+        self.audit_behind = audit_behind
         """Whether the audit store is too far behind to take more (``AuditService.behind``)."""
 
     def classify(self, header_class: str | None, default_class: str | None,

@@ -26,7 +26,6 @@ import logging
 from dataclasses import dataclass, field
 
 from ..config import Config
-from ..scheduler.lanes import Lane, SourceSlot
 from ..spool import local_dir
 from . import dane
 from .client import (
@@ -39,6 +38,7 @@ from .client import (
 )
 from .mtasts import MTASTS, STSPolicy
 from .mx import Destination, DNSTempError, MXResolver
+from .route import Route, Source
 from .tlsrpt import NO_POLICY, PolicyRef, TLSReports
 
 log = logging.getLogger("postlane.relay")
@@ -96,12 +96,12 @@ class TLSPolicy:
             level = cls.tls or rc.tls
             self.pool_level[cls.pool] = stricter(level, self.pool_level.get(cls.pool))
 
-    def base(self, lane: Lane) -> str:
+    def base(self, lane: Route) -> str:
         """The class (pool) policy and the destination rule's, whichever is stricter."""
         level = self.pool_level.get(lane.pool, self.config.relay.tls)
         return stricter(level, lane.rule.tls if lane.rule is not None else None)
 
-    async def plan(self, lane: Lane, dests: list[Destination], routed: bool,
+    async def plan(self, lane: Route, dests: list[Destination], routed: bool,
                    source_ip: str) -> list[HostPlan]:
         """The addresses to try, in order, each with how to connect (raises NoUsableMX)."""
         base, domain = self.base(lane), lane.domain
@@ -160,7 +160,7 @@ class TLSPolicy:
             out[d.host] = dane.parse(records) if secure else []
         return out
 
-    async def connect(self, plan: HostPlan, slot: SourceSlot,
+    async def connect(self, plan: HostPlan, slot: Source,
                       timeouts: Timeouts) -> SMTPConnection:
         """Open the connection ``plan`` asks for; a TLS failure the policy does not allow
         raises SMTPError with a 451 4.7.x reply saying why (a deferral, never clear text)."""
@@ -197,14 +197,14 @@ class TLSPolicy:
         self._count(plan, slot, failure, why)
         return _evidence(conn, plan, auth)
 
-    async def _open(self, plan: HostPlan, slot: SourceSlot, timeouts: Timeouts, verify: bool,
+    async def _open(self, plan: HostPlan, slot: Source, timeouts: Timeouts, verify: bool,
                     tls: str) -> SMTPConnection:
         d = plan.dest
         return await SMTPConnection.open(
             d.ip, d.port, server_name=d.host, source_ip=slot.address, ehlo_name=slot.ehlo,
             tls=tls, timeouts=timeouts, ssl_context=self._verify if verify else self._plain)
 
-    def _count(self, plan: HostPlan, slot: SourceSlot, failure: str, why: str) -> None:
+    def _count(self, plan: HostPlan, slot: Source, failure: str, why: str) -> None:
         if plan.report is not None:
             self._session(plan.domain, plan.report, plan.dest.host, slot.address,
                           plan.dest.ip, failure, why)

@@ -11,14 +11,14 @@ from fastapi import APIRouter, HTTPException, Query
 from .alignment import summarise
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..config import Config
+    from .service import ReputationService
 
 __all__ = ["router"]
 
 
-def router(node: Node) -> APIRouter:
+def router(service: ReputationService, config: Config) -> APIRouter:
     api = APIRouter(tags=["reputation"])
-    service = node.reputation
 
     @api.get("/reputation")
     async def reputation() -> dict:
@@ -48,7 +48,7 @@ def router(node: Node) -> APIRouter:
     @api.post("/reputation/import/{source}")
     async def import_now(source: Literal["postmaster", "snds"]) -> dict:
         """Run an importer now (it also runs every ``interval``)."""
-        rep = node.config.reputation
+        rep = config.reputation
         if not (rep.postmaster.key_file if source == "postmaster" else rep.snds.url):
             raise HTTPException(409, f"the {source} importer is not configured")
         return await service.import_now(source)

@@ -34,7 +34,7 @@ from .snds import fetch_snds
 from .store import ReputationStore
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..feedback.complaints import ComplaintRates
 
 __all__ = ["ReputationService", "import_report", "marketing_pools", "open_store"]
 
@@ -90,9 +90,10 @@ def _pool_domains(config: Config) -> dict[str, list[str]]:
 
 
 class ReputationService:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.config = node.config
+    def __init__(self, config: Config, complaints: ComplaintRates) -> None:
+        self.config = config
+        self.complaints = complaints
+        """The feedback loop's complaint rates (part of the reputation view)."""
         self.store: ReputationStore | None = None
         self.addresses = {a.lower() for a in self.config.reputation.dmarc.addresses}
         self.pool_ips = {ip.address: name for name, p in self.config.pools.items()
@@ -294,7 +295,7 @@ class ReputationService:
         return view, conditions, offers
 
     def _complaint_rate(self, pool: str) -> float | None:
-        rates = self.node.feedback.rates
+        rates = self.complaints
         return round(rates.rate(pool), 6) if rates.delivered[(pool, "*")] else None
 
     def _pools_of_domain(self, domain: str) -> str:

@@ -37,7 +37,7 @@ from ..spool import PostgresSpool, Recipient
 from ..spool.postgres import UNREACHABLE, NodeConflict
 from .scheduler import Scheduler
 
-log = logging.getLogger("postlane.cluster")
+log = logging.getLogger("postlane.cli.cluster")
 
 FENCE_KEY = "fence"
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ..spool import PostgresSpool, Recipient, State
 
 if TYPE_CHECKING:
-    from ..operations import Operator
+    from ..accounting.operators import Operator
     from .scheduler import Scheduler
 
 __all__ = ["AGE_BUCKETS", "STATES", "QueueControl", "SelectionError", "Selector", "reason_key"]

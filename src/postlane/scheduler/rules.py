@@ -4,19 +4,11 @@ once resolved, on its MX hosts."""
 from __future__ import annotations
 
 import fnmatch
-import tomllib
-from importlib import resources
 
+from ..config.destinations import DEFAULTS_FILE, default_rules
 from ..config.model import DestinationRule
 
-DEFAULTS_FILE = "destinations.toml"
-
-
-def default_rules() -> dict[str, DestinationRule]:
-    """The shipped rules for the big mailbox providers (data/destinations.toml)."""
-    text = resources.files("postlane.data").joinpath(DEFAULTS_FILE).read_text(encoding="utf-8")
-    return {name: DestinationRule.model_validate(body)
-            for name, body in tomllib.loads(text).items()}
+__all__ = ["DEFAULTS_FILE", "RuleBook", "default_rules"]
 
 
 class RuleBook:

@@ -10,83 +10,76 @@ never kept by a lower one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
-import itertools
 import logging
-import random
-import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
-import orjson
-
-from ..accounting.records import Record, format_time
+from ..accounting.records import Record
 from ..config import Config
-from ..feedback.categories import default_classifier
-from ..monitor.health import Health
-from ..operations import DONE, stamp
-from ..spool import Message, PostgresSpool, Recipient, RecipientUpdate, Spool, State
+from ..health import Health
+from ..relay.deliver import Relay
+from ..spool import Message, PostgresSpool, Recipient, Spool, State
+from .clock import SYSTEM_CLOCK, Clock
+from .delivery import DeliveryLoop
 from .lanes import Lane, SourceSlot
+from .operator import ANY_DOMAIN, OperatorActions
+from .outcomes import Failure, OutcomeRecording
 from .paging import Pager
 from .rules import RuleBook
 from .shared_rate import LocalRate, RateLimiter, SharedRate
+from .slots import Slots
+from .timers import RetryTimers
 
-if TYPE_CHECKING:
-    from ..operations import Operator
-    from ..relay.deliver import Relay
+__all__ = ["ANY_DOMAIN", "Failure", "Scheduler"]
 
 log = logging.getLogger("postlane.scheduler")
 
-ANY_DOMAIN = "*"
 DORMANT = 0.25
 FAIR_SHARE = 50
 """Messages a connection sends before it makes room for an equally urgent waiting lane."""
 
 
-class Failure:
-    """A recipient that failed for good, waiting to be reported in a bounce."""
-
-    __slots__ = ("rcpt", "status", "diag", "remote_mta", "action")
-
-    def __init__(self, rcpt: Recipient, status: str, diag: str, remote_mta: str,
-                 action: str = "failed") -> None:
-        self.rcpt, self.status, self.diag = rcpt, status, diag
-        self.remote_mta, self.action = remote_mta, action
+def _unclassified(status: str, reply: str) -> str:
+    return ""
 
 
-class Scheduler:
+class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
+    """The queue and its workers. Its concepts live in modules of their own: slots.py
+    (connection slots), pacing.py (per-IP spacing, backoff), timers.py (retry timers),
+    delivery.py (the worker loop that drives the relay), outcomes.py (outcome recording),
+    operator.py (operator actions); here: queueing and dispatch."""
+
     def __init__(self, config: Config, spool: Spool, record: Callable[[Record], None],
-                 on_failures: Callable[[Message, list[Failure]], None] | None = None) -> None:
+                 on_failures: Callable[[Message, list[Failure]], None] | None = None, *,
+                 relay: Relay | None = None,
+                 classify: Callable[[str, str], str] = _unclassified,
+                 health: Health | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
         self.spool = spool
+        self.clock = clock
+        """Every time the scheduler reads (tests pass one they set)."""
         self.record = record
         """Tells the in-memory observers of a record; the spool write that goes with each
         state change carries the record itself (the durable copy)."""
         self.on_failures = on_failures
-        self.relay: Relay | None = None
+        self.relay = relay
+        """Opens connections and performs transactions for the workers (None: no delivery)."""
         self.on_final: Callable[[Recipient], None] | None = None
         """Called when a recipient reaches a final state (cluster mode claims more work)."""
         self.lanes: dict[tuple[str, str], Lane] = {}
-        self.slots: dict[str, list[SourceSlot]] = {
-            name: [SourceSlot(name, ip.address, ip.ehlo, ip.max_smtp_out) for ip in pool.ips]
-            for name, pool in config.pools.items()
-        }
+        self._slots = Slots(config)
         self.paused: set[tuple[str, str]] = set()
         self._ready: set[Lane] = set()
         self._waiting: dict[str, tuple[int, float]] = {}
         """Per pool, the (priority, deadline) of the most urgent lane that found no free slot."""
-        self._timers: list[tuple[float, int, Recipient]] = []
+        self.timers = RetryTimers(clock, self._due)
         """Retry timers: exactly one entry per deferred recipient (``take`` removes them)."""
         self.held: dict[tuple[str, int], Recipient] = {}
+        """Recipients an operator put on hold, by (queue id, index)."""
         self._by_msg: dict[str, dict[int, Recipient]] = {}
         """Every recipient held, not yet final, by message id: a lookup of one message (the
         API's) must not walk the whole queue."""
         self._by_corr: dict[str, set[str]] = {}
         """Message ids by correlation id (of the messages in ``_by_msg``)."""
-        """Recipients an operator put on hold, by (queue id, index)."""
-        self._timer_handle: asyncio.TimerHandle | None = None
-        self._timer_seq = itertools.count()
         self._dispatch_pending = False
         self._stopping = False
         self.fenced = False
@@ -94,8 +87,7 @@ class Scheduler:
         self._tasks: set[asyncio.Task] = set()
         self.fifo = config.scheduler == "fifo"
         self.rules = RuleBook(config.destinations)
-        self._rotation = itertools.count()
-        self.classify: Callable[[str, str], str] = default_classifier().classify
+        self.classify = classify
         """Reply -> bounce category (PowerMTA names) for "b" and "t" records."""
         self.rates: RateLimiter = (
             SharedRate(spool, on_tokens=self._tokens_arrived) if isinstance(spool, PostgresSpool)
@@ -103,11 +95,16 @@ class Scheduler:
         """Per-pool destination rates (``max_rate_per_pool``): across the cluster on
         PostgreSQL, in this process on SQLite; the same token bucket either way."""
         self._rate_waiting: dict[str, set[Lane]] = {}
-        self.health = Health()
+        self.health = health if health is not None else Health()
         """The node's: destinations that cannot be reached are told there, once each."""
         self.pager: Pager | None = None
         """Deep lanes keep their heads in memory and the rest in the spool (``paging.py``;
         the node sets it up on a SQLite spool)."""
+
+    @property
+    def slots(self) -> dict[str, list[SourceSlot]]:
+        """Each pool's source slots (connection counts per IP)."""
+        return self._slots.by_pool
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -144,10 +141,10 @@ class Scheduler:
             if pager is not None:
                 pager.keep(rcpt)
             return
-        if rcpt.next_attempt > time.time():
+        if rcpt.next_attempt > self.clock.time():
             rcpt.state = State.DEFERRED  # the timer only fires deferred recipients
             lane.deferred += 1
-            self._add_timer(rcpt)
+            self.timers.add(rcpt)
             if pager is not None:
                 pager.keep(rcpt)
             return
@@ -158,7 +155,7 @@ class Scheduler:
                 return
             pager.keep(rcpt)
         lane.push(rcpt, prio, deadline)
-        if len(lane.heap) == 1 and not lane.blocked(time.time()) and lane.wake_one():
+        if len(lane.heap) == 1 and not lane.blocked(self.clock.time()) and lane.wake_one():
             return  # a connection was idling on this lane: it takes the work directly
         self._ready.add(lane)
         self.kick()
@@ -199,7 +196,7 @@ class Scheduler:
         self._dispatch_pending = False
         if self._stopping or self.fenced or self.relay is None:
             return
-        now = time.time()
+        now = self.clock.time()
         lanes = [ln for ln in self._ready
                  if ln.heap and not ln.blocked(now) and not ln.rate_wait]
         self._ready = {ln for ln in self._ready if ln.heap}
@@ -213,7 +210,7 @@ class Scheduler:
                 tokens -= 1
                 if lane.wake_one():
                     continue
-                slot = self._acquire(lane)
+                slot = self._slots.acquire(lane, now)
                 if slot is None:
                     if lane.pool not in waiting:
                         waiting[lane.pool] = lane.top()
@@ -243,7 +240,7 @@ class Scheduler:
         that is only momentarily empty keeps its warm connection: releasing those made the bench
         reconnect for most messages of a campaign (py-spy: 15 % of the node's CPU in connects).
         Connections of a lane waiting for rate tokens cannot use their slot either: they go too."""
-        dormant = time.monotonic() - DORMANT
+        dormant = self.clock.monotonic() - DORMANT
         for lane in self.lanes.values():
             if lane.pool == pool and lane.idle and (
                     lane.rate_wait or (not lane.heap and lane.touched < dormant)):
@@ -251,65 +248,16 @@ class Scheduler:
                     pass
 
     def _lane_cap(self, lane: Lane) -> int:
-        slots = self.slots[lane.pool]
-        per_ip = lane.max_connections_per_ip(time.time())
-        if per_ip is None:
-            return sum(s.max_smtp_out for s in slots)
-        return sum(min(s.max_smtp_out, per_ip) for s in slots)
-
-    def _acquire(self, lane: Lane) -> SourceSlot | None:
-        """The least busy IP of the lane's pool with a free slot, within the destination's
-        per-IP connection limit."""
-        per_ip = lane.max_connections_per_ip(time.time())
-        key = lane.dest_key
-        best: SourceSlot | None = None
-        slots = self.slots[lane.pool]
-        start = next(self._rotation) % len(slots)  # ties go round the pool's IPs
-        for slot in slots[start:] + slots[:start]:
-            if slot.free <= 0 or (per_ip is not None and slot.per_dest.get(key, 0) >= per_ip):
-                continue
-            if best is None or slot.in_use < best.in_use:
-                best = slot
-        if best is not None:
-            best.in_use += 1
-            best.per_dest[key] = best.per_dest.get(key, 0) + 1
-        return best
-
-    def _release(self, lane: Lane, slot: SourceSlot) -> None:
-        slot.in_use -= 1
-        key = lane.dest_key
-        left = slot.per_dest.get(key, 1) - 1
-        if left:
-            slot.per_dest[key] = left
-        else:
-            slot.per_dest.pop(key, None)
-
-    async def throttle(self, lane: Lane, slot: SourceSlot) -> None:
-        """Hold the next transaction until the destination's per-IP rate allows it."""
-        now = time.time()
-        rate = lane.rate_per_ip(now)
-        if not rate:
-            return
-        at = max(now, lane.next_send.get(slot.address, 0.0))
-        lane.next_send[slot.address] = at + 1.0 / rate
-        if at > now:
-            await asyncio.sleep(at - now)
-
-    def max_messages_per_connection(self, lane: Lane) -> int:
-        limit = self.config.pools[lane.pool].max_messages_per_connection
-        if lane.rule is not None:
-            limit = min(limit, lane.rule.max_messages_per_connection)
-        return limit
+        return self._slots.lane_cap(lane, self.clock.time())
 
     async def _run_worker(self, lane: Lane, slot: SourceSlot) -> None:
-        assert self.relay is not None
         try:
-            await self.relay.work(lane, slot)
+            await self.serve(lane, slot)
         except Exception:  # a worker bug must not leak its slot or kill the node
             log.exception("delivery worker for %s/%s failed", lane.pool, lane.domain)
         finally:
             lane.workers -= 1
-            self._release(lane, slot)
+            self._slots.release(lane, slot)
             if lane.heap:
                 self._ready.add(lane)
             self.kick()
@@ -320,7 +268,7 @@ class Scheduler:
         ``FAIR_SHARE`` messages on this connection) an equally urgent lane with an earlier
         deadline does. Without the last rule, busy lanes of a campaign keep their connections
         and one destination's mail can wait for the whole campaign."""
-        if self._stopping or self.fenced or lane.blocked(time.time()) or not lane.heap:
+        if self._stopping or self.fenced or lane.blocked(self.clock.time()) or not lane.heap:
             return []
         waiting = self._waiting.get(lane.pool)
         if waiting is not None:
@@ -357,7 +305,7 @@ class Scheduler:
         self.kick()
 
     def _pop(self, lane: Lane) -> list[Recipient]:
-        now = time.time()
+        now = self.clock.time()
         limit = self.config.relay.max_recipients_per_transaction
         if self.config.pools[lane.pool].bounce_domain:
             limit = 1  # a VERP return path names one recipient
@@ -414,121 +362,16 @@ class Scheduler:
     def suspend(self, lane: Lane, seconds: float, reason: str) -> None:
         """Stop opening connections to a destination that just failed (Postfix's "dead
         destination"); its queued recipients wait without spending attempts."""
-        lane.suspended_until = time.time() + seconds
+        lane.suspended_until = self.clock.time() + seconds
         lane.suspend_reason = reason
         self._ready.add(lane)
         asyncio.get_running_loop().call_later(seconds, self.kick)
 
-    # -- outcomes -------------------------------------------------------------------------------
-
-    def _base_record(self, kind: str, rcpt: Recipient, now: float) -> Record:
-        msg = rcpt.msg
-        return Record(type=kind, time_logged=now, time_queued=msg.queued_at, orig=msg.mail_from,
-                      rcpt=rcpt.address, queue_id=msg.id, cls=msg.cls, vmta_pool=msg.pool,
-                      orcpt=rcpt.orcpt, env_id=msg.envid, correlation_id=msg.correlation_id,
-                      message_id=msg.message_id, job_id=msg.correlation_id, dlv_size=msg.size,
-                      attempt=rcpt.attempts, total_seconds_queued=now - msg.queued_at,
-                      listener=msg.listener, auth_user=msg.auth_user)
-
-    def _outcome_unknown(self, rcpt: Recipient) -> None:
-        """A recipient comes back (restart, or another node's work taken over) with an attempt
-        that was marked as started and never settled: its final dot may have been sent and
-        taken. Say so in its trail (a "u" record), count the attempt, and deliver it again."""
-        attempt, rcpt.open_attempt = rcpt.open_attempt, None
-        assert attempt is not None
-        now = time.time()
-        rcpt.attempts += 1
-        rec = self._base_record("u", rcpt, now)
-        rec.total_seconds_queued = attempt.started - rcpt.msg.queued_at  # delivered no sooner
-        rec.dsn_diag = (f"attempt started {format_time(attempt.started)}; outcome unknown: the"
-                        " node stopped before recording the reply (it may have been delivered)")
-        with contextlib.suppress(ValueError):
-            _fill_conn(rec, orjson.loads(attempt.info or "{}"))
-        self.record(rec)
-        self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, rcpt.state, rcpt.attempts,
-                                           rcpt.next_attempt, rcpt.last_reply)], (rec,))
-
-    def delivered(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str]) -> None:
-        now = time.time()
-        rcpt.attempts += 1
-        rec = self._base_record("d", rcpt, now)
-        rec.dsn_action, rec.dsn_status, rec.dsn_diag = "relayed", status, f"smtp;{reply}"
-        _fill_conn(rec, conn)
-        self._final(rcpt, State.DELIVERED, reply, rec)
-        lane = self.lane(rcpt.msg.pool, rcpt.domain)
-        if self.health.active:
-            self.health.end(self.outage_key(lane))
-        if lane.in_backoff(now) and lane.rule is not None and lane.rule.backoff_until_success:
-            self._end_backoff(lane, "delivery succeeded")
-
-    def bounced(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str],
-                category: str = "") -> None:
-        now = time.time()
-        rcpt.attempts += 1
-        rec = self._base_record("b", rcpt, now)
-        rec.dsn_action, rec.dsn_status, rec.dsn_diag = "failed", status, f"smtp;{reply}"
-        rec.bounce_cat = category or self.classify(status, reply)
-        _fill_conn(rec, conn)
-        self._fail(rcpt, status, reply, conn.get("mx", ""))
-        self._final(rcpt, State.BOUNCED, reply, rec)
-
-    def deferred(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str]) -> None:
-        """A temporary failure: retry per the class schedule, or expire past the class expiry."""
-        now = time.time()
-        rcpt.attempts += 1
-        lane = self.lane(rcpt.msg.pool, rcpt.domain)
-        cls = self.config.classes.get(rcpt.msg.cls)
-        schedule = cls.retry if cls else [300.0]
-        delay = schedule[min(rcpt.attempts - 1, len(schedule) - 1)] * random.uniform(0.9, 1.1)
-        if self._wants_backoff(lane, reply):
-            self._start_backoff(lane, reply, now)
-        if lane.in_backoff(now) and lane.rule is not None:
-            delay = max(delay, lane.rule.backoff_retry * random.uniform(0.9, 1.1))
-        if now >= rcpt.msg.expire_at:
-            lane.inflight -= 1
-            self._expire(rcpt, reply, conn.get("mx", ""), conn)
-            return
-        rcpt.next_attempt = min(now + delay, rcpt.msg.expire_at)
-        rcpt.state = State.DEFERRED
-        rcpt.last_reply = reply
-        rec = self._base_record("t", rcpt, now)
-        rec.dsn_action, rec.dsn_status, rec.dsn_diag = "delayed", status, f"smtp;{reply}"
-        rec.bounce_cat = self.classify(status, reply)
-        _fill_conn(rec, conn)
-        self.record(rec)
-        self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, State.DEFERRED, rcpt.attempts,
-                                           rcpt.next_attempt, reply)], (rec,))
-        lane.inflight -= 1
-        lane.deferred += 1
-        self._add_timer(rcpt)
-
-    # -- backoff mode ---------------------------------------------------------------------------
-
-    def _wants_backoff(self, lane: Lane, reply: str) -> bool:
-        if lane.rule is None or not lane.rule.backoff_on:
-            return False
-        text = reply.lower()
-        return any(text.startswith(p) or (len(p) > 3 and p.lower() in text)
-                   for p in lane.rule.backoff_on)
-
-    def _start_backoff(self, lane: Lane, reply: str, now: float) -> None:
-        """The destination asked us to slow down: fewer connections, slower rate, longer retry,
-        until ``backoff_duration`` has passed or (if so configured) a delivery succeeds."""
-        assert lane.rule is not None
-        if not lane.in_backoff(now):
-            lane.backoff_switches += 1
-            log.warning("backoff on", extra={"pool": lane.pool, "domain": lane.domain,
-                                             "rule": lane.rule_name, "reply": reply[:200]})
-            self.suspend(lane, lane.rule.backoff_retry, f"backoff: {reply[:200]}")
-        lane.backoff_until = now + lane.rule.backoff_duration
-
-    def _end_backoff(self, lane: Lane, why: str) -> None:
-        lane.backoff_until = 0.0
-        lane.backoff_switches += 1
-        log.warning("backoff off", extra={"pool": lane.pool, "domain": lane.domain,
-                                          "rule": lane.rule_name, "why": why})
-        self._ready.add(lane)
-        self.kick()
+    def _due(self, rcpt: Recipient) -> None:
+        """A deferred recipient's retry time has come: queue it."""
+        self.lane(rcpt.msg.pool, rcpt.domain).deferred -= 1
+        rcpt.next_attempt = 0.0
+        self.add(rcpt)
 
     def requeue(self, rcpt: Recipient) -> None:
         """Put back a recipient that was taken but never attempted (connection lost first)."""
@@ -536,204 +379,12 @@ class Scheduler:
         lane.inflight -= 1
         self.add(rcpt)
 
-    def _expire(self, rcpt: Recipient, reply: str, mx: str,
-                conn: dict[str, str] | None = None) -> None:
-        now = time.time()
-        rec = self._base_record("b", rcpt, now)
-        rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "4.4.7", "message-expired"
-        rec.dsn_diag = f"smtp;{reply}" if reply else "message expired"
-        if conn:
-            _fill_conn(rec, conn)
-        self._fail(rcpt, "4.4.7", reply or "message expired", mx)
-        self._final(rcpt, State.EXPIRED, reply, rec, from_heap=False)
-
-    def _final(self, rcpt: Recipient, state: State, reply: str, rec: Record,
-               from_heap: bool = True) -> None:
-        rcpt.state = state
-        rcpt.last_reply = reply
-        if from_heap:
-            self.lane(rcpt.msg.pool, rcpt.domain).inflight -= 1
-        self.record(rec)
-        self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, state, rcpt.attempts, 0.0,
-                                           reply)], (rec,))
-        self._unindex(rcpt)
-        msg = rcpt.msg
-        msg.remaining -= 1
-        if msg.remaining <= 0:
-            self.spool.finish(msg.id)
-        self._left(rcpt)
-        if self.on_final is not None:
-            self.on_final(rcpt)
-
-    def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> None:
-        if self.on_failures is not None and "NEVER" not in rcpt.notify.upper() and (
-                not rcpt.notify or "FAILURE" in rcpt.notify.upper()):
-            self.on_failures(rcpt.msg, [Failure(rcpt, status, diag, mx)])
-
-    # -- retry timers ---------------------------------------------------------------------------
-
-    def _add_timer(self, rcpt: Recipient) -> None:
-        heapq.heappush(self._timers, (rcpt.next_attempt, next(self._timer_seq), rcpt))
-        if self._timers[0][2] is rcpt:
-            self._arm()
-
-    def _arm(self) -> None:
-        if self._timer_handle is not None:
-            self._timer_handle.cancel()
-            self._timer_handle = None
-        if self._timers and not self._stopping:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, self._timers[0][0] - time.time())
-            self._timer_handle = loop.call_later(delay, self._fire)
-
-    def _fire(self) -> None:
-        self._timer_handle = None
-        now = time.time()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, rcpt = heapq.heappop(self._timers)
-            if rcpt.state is not State.DEFERRED:
-                continue  # retried early ("retry now") or purged meanwhile
-            self.lane(rcpt.msg.pool, rcpt.domain).deferred -= 1
-            rcpt.next_attempt = 0.0
-            self.add(rcpt)
-        self._arm()
-
-    def take(self, chosen: Callable[[Recipient], bool]) -> list[Recipient]:
-        """Take the chosen queued, deferred and held recipients out of the queue (in-flight
-        ones finish their transaction); their state is left for the caller to set. Each heap
-        is rebuilt once, so a filter over the whole queue costs O(queued)."""
-        taken: list[Recipient] = []
-        for lane in self.lanes.values():
-            mine = [chosen(item[3]) for item in lane.heap]
-            if any(mine):
-                taken += [item[3] for item, out in zip(lane.heap, mine, strict=True) if out]
-                lane.heap = [item for item, out in zip(lane.heap, mine, strict=True) if not out]
-                heapq.heapify(lane.heap)
-        kept = []
-        for entry in self._timers:
-            rcpt = entry[2]
-            if rcpt.state is not State.DEFERRED:
-                continue  # no longer waiting for this timer
-            if chosen(rcpt):
-                self.lane(rcpt.msg.pool, rcpt.domain).deferred -= 1
-                taken.append(rcpt)
-            else:
-                kept.append(entry)
-        if len(kept) != len(self._timers):
-            heapq.heapify(kept)
-            self._timers = kept
-            self._arm()
-        for key, rcpt in list(self.held.items()):
-            if chosen(rcpt):
-                del self.held[key]
-                self.lane(rcpt.msg.pool, rcpt.domain).held -= 1
-                taken.append(rcpt)
-        return taken
-
-    def lift(self, pool: str, domain: str | None) -> None:
-        """End the suspension (backoff wait) of a pool's lanes, or of its lane to ``domain``."""
-        for lane in self.lanes.values():
-            if lane.pool == pool and domain in (None, lane.domain):
-                lane.suspended_until = 0.0
-        self.kick()
-
-    def requeue_now(self, rcpts: list[Recipient], action: str, who: Operator) -> None:
-        """Queue recipients taken out of the queue again, due now (an operator's retry or
-        release: an "o" record each)."""
-        for rcpt in rcpts:
-            rcpt.state, rcpt.next_attempt = State.QUEUED, 0.0
-            self.add(rcpt)
-        self._operated(rcpts, action, who)
-
-    def hold(self, rcpts: list[Recipient], who: Operator) -> None:
-        """Keep recipients taken out of the queue on hold until released (durable)."""
-        for rcpt in rcpts:
-            rcpt.state = State.HELD
-            self.add(rcpt)
-        self._operated(rcpts, "hold", who)
-
-    def _operated(self, rcpts: list[Recipient], action: str, who: Operator) -> None:
-        """Write the recipients' new state with an "o" record each, in one spool write."""
-        if not rcpts:
-            return
-        recs = self.operator_records(rcpts, action, who)
-        for rec in recs:
-            self.record(rec)
-        self.spool.update([RecipientUpdate(r.msg.id, r.idx, r.state, r.attempts,
-                                           r.next_attempt, r.last_reply) for r in rcpts], recs)
-
-    def operator_records(self, rcpts: list[Recipient], action: str,
-                         who: Operator) -> list[Record]:
-        """The records of ``who``'s ``action`` on recipients: purge and delete end them (a
-        "b" each, bounce_cat "purged"), the others get an "o" each."""
-        now = time.time()
-        final = action in ("purge", "delete")
-        recs = [stamp(self._base_record("b" if final else "o", r, now), action, who)
-                for r in rcpts]
-        if final:
-            for rec in recs:
-                rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "5.0.0", "purged"
-        return recs
-
-    def remove(self, rcpts: list[Recipient], action: str, who: Operator,
-               dsn: bool = False) -> None:
-        """Bounce recipients taken out of the queue on an operator's decision (``action``
-        purge or delete): a "b" record each, naming the operator, and a DSN to the sender only
-        if ``dsn``."""
-        for rcpt, rec in zip(rcpts, self.operator_records(rcpts, action, who), strict=True):
-            if dsn:
-                self._told(rcpt, action)
-            self._final(rcpt, State.BOUNCED, rec.dsn_diag, rec, from_heap=False)
-
-    def _told(self, rcpt: Recipient, action: str) -> None:
-        """A DSN for a recipient an operator removed: it says what happened, not who did it."""
-        self._fail(rcpt, "5.0.0", f"{DONE[action]} by operator", "")
-
-    def let_go(self, rcpts: list[Recipient]) -> None:
-        """Cluster mode: recipients taken out of this node's queue that the shared spool
-        alone keeps now (``operate_shared``): their messages are forgotten once none of their
-        recipients is left here."""
-        for rcpt in rcpts:
-            self._unindex(rcpt)
-            rcpt.msg.remaining -= 1
-            if rcpt.msg.remaining <= 0:
-                self.spool.finish(rcpt.msg.id)
-            self._left(rcpt)
-            if self.on_final is not None:
-                self.on_final(rcpt)  # room for more work
-
-    async def operate_shared(self, rcpts: list[Recipient], action: str, who: Operator,
-                             states: tuple[State, ...], dsn: bool = False) -> list[Recipient]:
-        """Cluster mode: ``who``'s ``action`` on recipients no other node holds (those this
-        node took out of its queue, and unclaimed or held ones of the shared spool), written
-        with their records in one guarded transaction; returns those it changed. Nothing of
-        them stays in this node's memory: held ones are nobody's, released and retried ones
-        are claimed afresh by whichever node has a slot."""
-        state = {"hold": State.HELD, "release": State.QUEUED, "retry": State.QUEUED}.get(
-            action, State.BOUNCED)
-        made: dict[int, Record] = {}
-
-        def records(moved: list[Recipient]) -> list[Record]:
-            made.update(zip(map(id, moved), self.operator_records(moved, action, who),
-                            strict=True))
-            return [made[id(r)] for r in moved]
-
-        assert isinstance(self.spool, PostgresSpool)
-        moved = await self.spool.operate(rcpts, state, states, records)
-        for rcpt in moved:
-            self.record(made[id(rcpt)])
-            if dsn:
-                self._told(rcpt, action)
-        return moved
-
     def recipients(self) -> Iterator[Recipient]:
         """Every queued, deferred and held (not in-flight) recipient held in memory."""
         for lane in self.lanes.values():
             for item in lane.heap:
                 yield item[3]
-        for _, _, rcpt in self._timers:
-            if rcpt.state is State.DEFERRED:
-                yield rcpt
+        yield from self.timers
         yield from self.held.values()
 
     def index(self, rcpt: Recipient) -> None:
@@ -776,27 +427,6 @@ class Scheduler:
         kept as recipients come and go, so this is O(lanes))."""
         return {lane.key: lane.oldest(now) for lane in self.lanes.values() if lane.depth()}
 
-    # -- pause ----------------------------------------------------------------------------------
-
-    async def set_paused(self, pool: str, domain: str | None, paused: bool,
-                         events: Sequence[Record] = ()) -> None:
-        """Pause or resume, with the record of it (``events``) in the same spool write."""
-        await self.spool.set_paused(pool, domain or ANY_DOMAIN, paused, events)
-        self.apply_paused(pool, domain, paused)
-
-    def apply_paused(self, pool: str, domain: str | None, paused: bool) -> None:
-        """Apply a pause already stored (by this node, or by another node of a cluster)."""
-        key = (pool, domain or ANY_DOMAIN)
-        (self.paused.add if paused else self.paused.discard)(key)
-        for lane in self.lanes.values():
-            if lane.pool == pool:
-                lane.paused = bool({(pool, ANY_DOMAIN), (pool, lane.domain)} & self.paused)
-                if lane.heap:
-                    self._ready.add(lane)
-                if self.pager is not None and lane.cursor is not None:
-                    self.pager.low(lane)
-        self.kick()
-
     # -- lifecycle ------------------------------------------------------------------------------
 
     def fence(self, on: bool) -> None:
@@ -808,8 +438,7 @@ class Scheduler:
     async def drain(self, timeout: float) -> None:
         """Stop taking new work; let in-flight transactions finish (up to ``timeout``)."""
         self._stopping = True
-        if self._timer_handle is not None:
-            self._timer_handle.cancel()
+        self.timers.stop()
         if isinstance(self.rates, SharedRate):
             self.rates.close()
         for lane in self.lanes.values():
@@ -837,18 +466,3 @@ def _time_up(fut: asyncio.Future) -> None:
     """End an idle connection's wait (``wait_for_work``) unless work came first."""
     if not fut.done():
         fut.set_result(_TIME_UP)
-
-
-def _fill_conn(rec: Record, conn: dict[str, str]) -> None:
-    if not conn:
-        return
-    rec.dlv_source_ip = conn.get("source_ip", "")
-    rec.dlv_destination_ip = conn.get("dest_ip", "")
-    rec.dlv_tls_protocol = conn.get("tls", "")
-    rec.dlv_tls_cipher = conn.get("cipher", "")
-    rec.dlv_tls_auth = conn.get("tls_auth", "")
-    rec.dlv_tls_policy = conn.get("tls_policy", "")
-    rec.vmta = conn.get("vmta", "")
-    mx = conn.get("mx", "")
-    if mx:
-        rec.dsn_mta = f"dns;{mx} ({conn.get('dest_ip', '')})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config.locations import is_dsn
 from .base import (
     FINAL_STATES,
     Attempt,
@@ -25,11 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["FINAL_STATES", "Attempt", "Message", "Pending", "PostgresSpool", "Recipient",
            "RecipientUpdate", "SQLiteSpool", "Spool", "SpoolUnavailable", "State", "is_dsn",
            "local_dir", "make_spool"]
-
-
-def is_dsn(location: str) -> bool:
-    """Whether ``node.spool`` names a PostgreSQL database (cluster mode) rather than a folder."""
-    return location.startswith(("postgresql://", "postgres://"))
 
 
 def local_dir(config: Config) -> Path:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import asyncpg
 
 from ..accounting.records import Record, pack
-from ..monitor.health import Health
+from ..health import Health
 from .base import FINAL_STATES, Message, Pending, Recipient, State, message_row, new_writer_id
 from .cache import BodyCache
 from .leases import Leases

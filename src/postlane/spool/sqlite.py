@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..accounting.records import Record, pack
-from ..monitor.health import Health
+from ..health import Health
 from ..secretfile import private_file
 from .attempts import AttemptJournal
 from .base import (

@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 
+from ..api.tokens import TokenError, add_token, list_tokens, revoke_token
 from ..secretfile import private_open
-from .cli import ConfigOpt, JSONOpt, _fail
-from .tokens import TokenError, add_token, list_tokens, revoke_token
+from .ops import ConfigOpt, JSONOpt, _fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="The management API.")
 token_app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -29,7 +29,7 @@ def _path(config: Path | None, tokens_file: Path | None) -> Path:
         return tokens_file
     if config is None:
         raise _fail("say which tokens file: -c CONFIG (or POSTLANE_CONFIG), or --tokens-file")
-    from ..cli import _load
+    from . import _load
 
     return Path(_load(config).api.named_tokens_file())
 

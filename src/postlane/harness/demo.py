@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ..startup import load_config
 from .bench import EXAMPLE, BenchOptions, Progress, run_bench
-from .config import load_config
 
 
 def _progress_table(p: Progress) -> Table:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .cli import ConfigOpt, JSONOpt, TokenOpt, URLOpt, _age, _call, _fail, _target, console
+from .ops import ConfigOpt, JSONOpt, TokenOpt, URLOpt, _age, _call, _fail, _target, console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Message-level queue control: list, show, hold, release, retry, delete,"

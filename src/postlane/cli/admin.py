@@ -16,7 +16,7 @@ _JSON = typer.Option(False, "--json", help="one JSON object")
 
 
 def _config(path: Path):
-    from ..cli import _load  # the one place config errors are printed
+    from . import _load  # the one place config errors are printed
 
     return _load(path)
 
@@ -37,9 +37,9 @@ def init(directory: Path = typer.Argument(..., help="new folder for the node's f
          as_json: bool = _JSON) -> None:
     """Write a commented config (the four classes of the case study), DKIM keys, a self-signed
     TLS certificate and the API token into DIRECTORY, and print the DNS checklist."""
-    from ..config import ConfigError, load_config
-    from .dnsrecords import checklist
-    from .firstrun import DEFAULT_IPS, InitError, InitOptions, write_node
+    from ..admin.dnsrecords import checklist
+    from ..admin.firstrun import DEFAULT_IPS, InitError, InitOptions, write_node
+    from ..startup import ConfigError, load_config
 
     opts = InitOptions(directory=directory, hostname=hostname.lower().rstrip("."),
                        domain=domain.lower().rstrip("."), ips=ip or list(DEFAULT_IPS),
@@ -72,7 +72,7 @@ def init(directory: Path = typer.Argument(..., help="new folder for the node's f
 
 
 def _records(cfg) -> list[dict]:
-    from .dnsrecords import expected
+    from ..admin.dnsrecords import expected
 
     return [{"name": r.name, "type": r.rtype, "value": r.value, "kind": r.kind, "note": r.note}
             for r in expected(cfg)]
@@ -82,7 +82,7 @@ def _records(cfg) -> list[dict]:
 def dns_checklist(config: Path = _CONFIG, as_json: bool = _JSON) -> None:
     """Print the records to publish: A/AAAA and PTR of every pool IP, SPF, DKIM, DMARC, MX,
     MTA-STS and TLS-RPT."""
-    from .dnsrecords import checklist, mta_sts_policy
+    from ..admin.dnsrecords import checklist, mta_sts_policy
 
     cfg = _config(config)
     if as_json:
@@ -99,7 +99,7 @@ def dns_check(config: Path = _CONFIG,
                              " system's"),
               as_json: bool = _JSON) -> None:
     """Look every record up and say what is missing or wrong; exit 1 unless all are ok."""
-    from .dnsrecords import check, make_resolver
+    from ..admin.dnsrecords import check, make_resolver
 
     cfg = _config(config)
     results = check(cfg, make_resolver(cfg, nameserver))
@@ -121,8 +121,8 @@ def backup(dest: Path = typer.Argument(..., help="new folder for the copy"),
            config: Path = _CONFIG, as_json: bool = _JSON) -> None:
     """Copy what must survive (spool, audit store, suppression list, reputation store, keys,
     feedback key, accounting files and position, config) while the node runs."""
-    from .backup import BackupError
-    from .backup import backup as run
+    from ..admin.backup import BackupError
+    from ..admin.backup import backup as run
 
     _config(config)  # a broken config is reported as such
     try:
@@ -154,8 +154,8 @@ def restore(source: Path = typer.Argument(..., help="a folder written by postlan
             as_json: bool = _JSON) -> None:
     """Put a backup back: the config into DIRECTORY, each file where the config names it.
     Refuses to overwrite anything; checks every file against the manifest first."""
-    from .backup import BackupError
-    from .backup import restore as run
+    from ..admin.backup import BackupError
+    from ..admin.backup import restore as run
 
     try:
         config, written = run(source, directory)
@@ -176,7 +176,7 @@ def upgrade(config: Path = _CONFIG,
     """Compare each store's schema with this release. --check: exit 0 when nothing is to do, 1
     when migrations are pending (the node applies them at start), 2 when a store is newer than
     this release. Without --check, migrate the SQLite stores now (with the node stopped)."""
-    from .upgrade import apply, states
+    from ..admin.upgrade import apply, states
 
     cfg = _config(config)
     try:

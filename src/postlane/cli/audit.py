@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
-from .backend import open_audit_store, open_store_at
-from .store import AuditStore, Query, StoreMissing
+from ..audit.backend import open_audit_store, open_store_at
+from ..audit.store import AuditStore, Query, StoreMissing
 
 app = typer.Typer(no_args_is_help=True,
                   help="The regulatory audit trail: evidence, verification, retention.")
@@ -54,7 +54,7 @@ def _open(config: Path | None, db: str | None, schema: str = "postlane", *,
             return open_store_at(db, schema, readonly=not write)
         if config is None:
             raise typer.BadParameter("give --config or --db")
-        from ..cli import _load
+        from . import _load
 
         return open_audit_store(_load(config), readonly=not write)
     except (StoreMissing, ConnectionError) as exc:
@@ -65,9 +65,9 @@ def _open(config: Path | None, db: str | None, schema: str = "postlane", *,
 def _pseudonym(config: Path | None, recipient: str | None) -> str | None:
     if config is None or recipient is None:
         return None
-    from ..cli import _load
-    from .chain import pseudonym
-    from .service import load_key
+    from ..audit.chain import pseudonym
+    from ..audit.service import load_key
+    from . import _load
 
     key_file = _load(config).audit.pseudonymisation_key
     return pseudonym(load_key(key_file), recipient) if key_file else None
@@ -84,7 +84,7 @@ def show(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
          until: str | None = typer.Option(None, help="messages queued before"),
          fmt: Format = typer.Option(Format.text, "--format")) -> None:
     """The full trail of each matching message and recipient."""
-    from .evidence import render_csv, render_json, render_text, trails
+    from ..audit.evidence import render_csv, render_json, render_text, trails
 
     query = Query(queue_id=queue_id, message_id=message_id, correlation_id=correlation_id,
                   env_id=envid, rcpt=recipient, since=parse_when(since), until=parse_when(until))
@@ -128,7 +128,7 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
     read too: recipients still queued are not missing their final record)."""
     public, roots = _seal_checkers(public_key, tsa_ca)
     if export_dir is not None:
-        from .evidence import verify_export
+        from ..audit.evidence import verify_export
 
         problems = verify_export(export_dir, public, roots)
         for line in problems or ["ok: export files, record hashes and links check"]:
@@ -150,7 +150,7 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
                 spool.close()
         seal_problems: list[str] = []
         if public is not None:
-            from .seal import check_seals
+            from ..audit.seal import check_seals
 
             seal_problems = check_seals(store.seals(), store.days(), store.row_at, public,
                                         roots, time.strftime("%Y-%m-%d", time.gmtime()))
@@ -189,7 +189,7 @@ def _seal_checkers(public_key: Path | None, tsa_ca: Path | None) -> tuple:
         return None, None
     from cryptography import x509
 
-    from .seal import load_public
+    from ..audit.seal import load_public
 
     try:
         public = load_public(public_key)
@@ -205,7 +205,7 @@ def seal_key(out: Path = typer.Option(..., "--out", help="the private key file t
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Make the Ed25519 key that seals each day's head. Keep the private file apart from the
     store (set audit.seal_key); give the .pub file to whoever verifies."""
-    from .seal import generate_key, key_id, load_public
+    from ..audit.seal import generate_key, key_id, load_public
 
     try:
         public = generate_key(out)
@@ -227,11 +227,11 @@ def seal(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
          as_json: bool = typer.Option(False, "--json")) -> None:
     """Seal every closed (UTC) day that has no seal yet (a node with audit.seal_key does this
     by itself every audit.seal_interval)."""
-    from .seal import load_private, seal_days
+    from ..audit.seal import load_private, seal_days
 
     timeout = 10.0
     if config is not None:
-        from ..cli import _load
+        from . import _load
 
         cfg = _load(config).audit
         key = key or (Path(cfg.seal_key) if cfg.seal_key else None)
@@ -265,8 +265,8 @@ def seal(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
 
 def _spool_view(config: Path | None):
     """The node's spool, read-only, for completeness (None if it cannot be opened)."""
-    from ..cli import _load
     from ..spool.outbox import open_outbox
+    from . import _load
 
     cfg = _load(config)
     try:
@@ -284,7 +284,7 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the ev
                cls: str | None = typer.Option(None, "--class"),
                as_json: bool = typer.Option(False, "--json", help="print the manifest")) -> None:
     """An evidence file set for a regulator: records.csv, chain.jsonl, manifest.json."""
-    from .evidence import export
+    from ..audit.evidence import export
 
     store = _open(config, db, schema)
     try:
@@ -308,7 +308,7 @@ def sla(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCHE
                                    help="text, json, or csv (one summary row per class)")) -> None:
     """SLA compliance per class over deliverable messages, p50/p95/p99, every breach and
     non-delivery with its cause."""
-    from .sla import render_sla, render_sla_csv, sla_report
+    from ..audit.sla import render_sla, render_sla_csv, sla_report
 
     since, until = parse_when(start), parse_when(end)
     assert since is not None and until is not None
@@ -330,8 +330,8 @@ def purge(config: Path = typer.Option(..., "-c", "--config", help="node config (
           db: str | None = _DB, schema: str = _SCHEMA,
           as_json: bool = typer.Option(False, "--json", help="one JSON object")) -> None:
     """Apply the retention policy now (a running node also does so every purge_interval)."""
-    from ..cli import _load
-    from .service import load_key, retention_policies
+    from ..audit.service import load_key, retention_policies
+    from . import _load
 
     cfg = _load(config)
     policies = retention_policies(cfg)

@@ -37,7 +37,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _target(config: Path | None, url: str | None, token_file: Path | None) -> tuple[str, str]:
     if config is not None:
-        from ..cli import _load
+        from . import _load
 
         cfg = _load(config)
         host = "127.0.0.1" if cfg.api.address in ("0.0.0.0", "::") else cfg.api.address

@@ -18,14 +18,15 @@ from pathlib import Path
 import typer
 
 from ..accounting.records import Record
-from ..config import Config, ConfigError, load_config
+from ..config import Config
+from ..feedback.categories import RulesError, load_classifier
+from ..feedback.parse import parse_report
+from ..feedback.suppression import SCOPES, SuppressionError, SuppressionList
 from ..operations import Operator, Suppressions
 from ..secretfile import private_open
 from ..spool import local_dir
 from ..spool.outbox import post
-from .categories import RulesError, load_classifier
-from .parse import parse_report
-from .suppression import SCOPES, SuppressionError, SuppressionList
+from ..startup import ConfigError, load_config
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Bounce, DSN and complaint reports.")
 suppress_app = typer.Typer(no_args_is_help=True,

@@ -17,9 +17,8 @@ import typer
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from ..config import parse_config
 from ..config.model import Config, DKIMConfig, DKIMKeyConfig, parse_instant
-from .dkim import (
+from ..policy.dkim import (
     DKIMError,
     Signer,
     canonical_body,
@@ -33,7 +32,8 @@ from .dkim import (
     sign,
     write_key,
 )
-from .headers import header_fields, split_message
+from ..policy.headers import header_fields, split_message
+from ..startup import parse_config
 
 app = typer.Typer(no_args_is_help=True, help="DKIM keys: generate, rotate, status, DNS check.")
 
@@ -42,7 +42,7 @@ _JSON = typer.Option(False, "--json", help="one JSON object")
 
 
 def _load(path: Path) -> Config:
-    from ..cli import _load as load_checked  # the one place config errors are printed
+    from . import _load as load_checked  # the one place config errors are printed
 
     return load_checked(path)
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import typer
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config
 from ..feedback.dmarc import DEFAULT_MAX_SIZE, DMARCError, parse_aggregate
-from .alignment import GROUPS, summarise
-from .review import PERIOD, review
-from .service import import_report, open_store
-from .store import ReputationStore
+from ..reputation.alignment import GROUPS, summarise
+from ..reputation.review import PERIOD, review
+from ..reputation.service import import_report, open_store
+from ..reputation.store import ReputationStore
+from ..startup import ConfigError, load_config
 
 dmarc_app = typer.Typer(no_args_is_help=True, help="DMARC aggregate (rua) reports.")
 rules_app = typer.Typer(no_args_is_help=True, help="The monthly review of destination rules.")

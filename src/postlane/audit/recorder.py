@@ -33,13 +33,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..accounting.log import AccountingLog
+from ..accounting.records import Record, unpack
 from ..childproc import HEAD, frame, read_frame, reap
-from .log import AccountingLog
-from .records import Record, unpack
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..monitor.health import Health
+    from ..health import Health
     from ..spool import Spool
 
 __all__ = ["Recorder"]
@@ -130,7 +130,7 @@ class Recorder:
         try:
             self._proc = proc = await asyncio.to_thread(  # fork and exec off the loop
                 subprocess.Popen,
-                [sys.executable, "-m", "postlane.accounting.recorder", str(theirs.fileno())],
+                [sys.executable, "-m", "postlane.audit.recorder", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             theirs.close()

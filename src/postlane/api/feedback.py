@@ -2,7 +2,7 @@
 providers' webhooks or operators, complaint rates.
 
 Mounted under ``/api/v1`` behind the API token (unlike ``unsubscribe.router``, nothing here is
-public); changes to the list go through ``node.operations``, on the record.
+public); changes to the list go through ``parts.operations``, on the record.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
-from ..api.tokens import caller
-from .suppression import SuppressionError
+from ..feedback.suppression import SuppressionError
+from .tokens import caller
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .parts import NodeParts
 
 __all__ = ["router"]
 
@@ -33,9 +33,9 @@ class SuppressionIn(BaseModel):
     reason: str = Field("", max_length=500)
 
 
-def router(node: Node) -> APIRouter:
+def router(parts: NodeParts) -> APIRouter:
     api = APIRouter(tags=["feedback"])
-    store = node.feedback.suppression
+    store = parts.feedback.suppression
 
     @api.get("/suppressions")
     async def list_(scope: Scope | None = None, like: str | None = None,
@@ -46,7 +46,7 @@ def router(node: Node) -> APIRouter:
         return {"total": await asyncio.to_thread(store.count),
                 "entries": [e.as_dict() for e in entries]}
 
-    ops = node.operations
+    ops = parts.operations
 
     @api.post("/suppressions", status_code=201)
     async def add(request: Request, item: SuppressionIn) -> dict:
@@ -92,13 +92,13 @@ def router(node: Node) -> APIRouter:
         if not data or len(data) > MAX_REPORT:
             raise HTTPException(413 if data else 422, "send one message, at most 10 MB")
         client = request.client.host if request.client else ""
-        report = await node.feedback.receive(data, [], client)
-        await node.spool.flush()  # its records are on disk before the answer
+        report = await parts.feedback.receive(data, [], client)
+        await parts.spool.flush()  # its records are on disk before the answer
         return report.as_dict() if report is not None else {"kind": "dmarc"}
 
     @api.get("/feedback/complaint-rates")
     async def rates() -> dict:
-        return {"threshold": node.feedback.rates.alert_rate,
-                "rates": node.feedback.rates.rates()}
+        return {"threshold": parts.feedback.rates.alert_rate,
+                "rates": parts.feedback.rates.rates()}
 
     return api

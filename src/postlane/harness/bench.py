@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, load_config
-from .relay.client import SMTPConnection, SMTPError
+from ..config import Config
+from ..relay.client import SMTPConnection, SMTPError
+from ..startup import load_config
 
 TRANSACTIONAL_DEFAULT = ("policy-documents", "claims", "payment-receipts")
-EXAMPLE = Path(__file__).resolve().parent / "data" / "insurance.toml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "insurance.toml"
 """The case study config (examples/insurance.toml in the repository, shipped in the package)."""
 TAG = b"X-Bench-Id"
 
@@ -67,8 +68,8 @@ def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
     if sink_tls == "verified":
         cfg.relay.ca_file = str(workdir / "sink-cert.pem")
     if dkim != "none":
-        from .config.model import DKIMKeyConfig
-        from .policy.dkim import generate_key, write_key
+        from ..config.model import DKIMKeyConfig
+        from ..policy.dkim import generate_key, write_key
 
         algorithm = "rsa-sha256" if dkim == "rsa" else "ed25519-sha256"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,8 @@ def _message(tag: str, cls: str, rcpt: str, body: bytes, sender: str) -> bytes:
 # -- child processes ----------------------------------------------------------------------------
 
 def _run_node(cfg: Config) -> None:
-    from .node import run, setup_logging
+    from ..admin.service import run
+    from ..logsetup import setup_logging
 
     setup_logging("WARNING")
     run(cfg)
@@ -165,8 +167,8 @@ def _run_node(cfg: Config) -> None:
 def sink_certificate(workdir: Path) -> tuple[str, str]:
     """A self-signed certificate for the sink's address (127.0.0.1, the route's host name): its
     own trust anchor, so ``relay.ca_file`` pointed at it makes the sink verifiable."""
-    from .edge.cli import selfsigned
-    from .secretfile import create_secret
+    from ..edge.tls import selfsigned
+    from ..secretfile import create_secret
 
     cert, key = workdir / "sink-cert.pem", workdir / "sink-key.pem"
     cert_pem, key_pem = selfsigned("127.0.0.1")
@@ -764,7 +766,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
 async def _seed_spool(cfg: Config, opts: BenchOptions) -> None:
     """``--seed-queue``: the campaign queued behind its paused pool, written with the spool's
     own ``enqueue`` (group commit), as a node would find it after a restart."""
-    from .spool import Message, Recipient, SQLiteSpool
+    from ..spool import Message, Recipient, SQLiteSpool
 
     cls = cfg.classes[opts.marketing_class]
     spool = SQLiteSpool(cfg.node.spool, "bench-seed")
@@ -794,8 +796,12 @@ async def _seed_spool(cfg: Config, opts: BenchOptions) -> None:
 _EXTERNAL = """
 import inspect, json, sys
 from pathlib import Path
-from postlane import bench
-from postlane.config import load_config
+try:
+    from postlane.harness import bench
+    from postlane.startup import load_config
+except ImportError:  # a checkout from before the cli/ and harness/ packages (issue 21)
+    from postlane import bench
+    from postlane.config import load_config
 a = json.loads(sys.argv[1])
 base = load_config(Path(a["config"]) if a["config"] else bench.EXAMPLE)
 kw = dict(workdir=Path(a["workdir"]), sink_port=a["sink_port"], fifo=a["fifo"], dkim=a["dkim"],

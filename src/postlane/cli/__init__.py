@@ -10,17 +10,17 @@ from pathlib import Path
 
 import typer
 
-from .admin.cli import backup, dns_app, init, restore, upgrade
-from .api.cli import app as ops_app
-from .api.queue_cli import app as queue_app
-from .api.token_cli import app as api_app
-from .audit.cli import app as audit_app
+from ..startup import ConfigError, load_config
+from .admin import backup, dns_app, init, restore, upgrade
+from .api import app as api_app
+from .audit import app as audit_app
 from .cluster import cluster_app
-from .config import ConfigError, load_config
-from .edge.cli import killtest, tls_app, users_app
-from .feedback.cli import feedback_app, suppress_app
-from .policy.dkim_cli import app as dkim_app
-from .reputation.cli import dmarc_app, rules_app
+from .dkim import app as dkim_app
+from .edge import killtest, tls_app, users_app
+from .feedback import feedback_app, suppress_app
+from .ops import app as ops_app
+from .queue import app as queue_app
+from .reputation import dmarc_app, rules_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Postlane: a priority-aware MTA for regulated transactional email.")
@@ -92,7 +92,8 @@ def serve(config: Path = typer.Option(..., "-c", "--config", help="TOML config f
           log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
     """Run a node until SIGTERM (which drains: 421 to new mail, in-flight deliveries finish);
     SIGHUP reloads keys, certificates, rules and class settings without dropping mail."""
-    from .node import run, setup_logging
+    from ..admin.service import run
+    from ..logsetup import setup_logging
 
     cfg = _load(config)
     setup_logging(log_level.upper())
@@ -104,7 +105,7 @@ def demo(workdir: Path = typer.Option(Path("demo-run"), help="where the demo kee
          marketing: int = typer.Option(20000, help="size of the marketing campaign"),
          quick: bool = typer.Option(False, help="a few messages per class only")) -> None:
     """The case study end to end on this machine, with a per-class report."""
-    from .demo import run_demo
+    from ..harness.demo import run_demo
 
     raise typer.Exit(run_demo(workdir, marketing=marketing, quick=quick))
 
@@ -117,7 +118,7 @@ def sink(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     recipients' servers for a try-out (route mail to it with [routes])."""
     import asyncio
 
-    from .sink import run_sink
+    from ..harness.sink import run_sink
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_sink(host, port, delay_ms / 1000, typer.echo))
@@ -168,7 +169,7 @@ def bench(marketing: int | None = typer.Option(
                          " load, sink and measurements stay this one's"),
           as_json: bool = typer.Option(False, "--json", help="print only the JSON line")) -> None:
     """The case study as a benchmark: prints one JSON line (docs/design.md, section 8)."""
-    from .bench import BenchOptions, BenchSetupError, result_json, run_bench
+    from ..harness.bench import BenchOptions, BenchSetupError, result_json, run_bench
 
     if baseline not in ("lanes", "fifo"):
         raise typer.BadParameter("must be 'lanes' or 'fifo'", param_hint="--baseline")

@@ -4,9 +4,6 @@ certificates (``tls check`` shows what a client sees), and test certificates."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import ssl
@@ -14,8 +11,9 @@ from pathlib import Path
 
 import typer
 
+from ..edge.auth import User, UsersError, hash_password, load_users, save_user, valid_user_name
+from ..edge.tls import selfsigned
 from ..secretfile import private_dir
-from .auth import User, UsersError, hash_password, load_users, save_user, valid_user_name
 
 users_app = typer.Typer(no_args_is_help=True, help="SMTP AUTH users (the security.users_file).")
 tls_app = typer.Typer(no_args_is_help=True, help="TLS certificates for the listeners.")
@@ -123,7 +121,7 @@ def tls_check(
 ) -> None:
     """Connect to the running node's listeners as a client would and show the TLS it gets:
     protocol, cipher, certificate names, issuer, validity, and whether it verifies."""
-    from ..cli import _load
+    from . import _load
 
     cfg = _load(config)
     if listener and listener not in cfg.listeners:
@@ -143,7 +141,7 @@ def tls_check(
 
 def _check_listener(lc, lname: str, subject: str, ca_file: Path | None) -> dict:
     """What one listener's TLS looks like to a client (``tls check``)."""
-    from .tls import describe_certificate
+    from ..edge.tls import describe_certificate
 
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lc.address, lc.address)
     out: dict = {"listener": lname, "address": host, "port": lc.port, "tls": lc.tls}
@@ -221,31 +219,6 @@ async def _probe(host: str, port: int, implicit: bool, name: str,
         await conn.quit()
 
 
-def selfsigned(hostname: str, days: int = 365) -> tuple[bytes, bytes]:
-    """(certificate PEM, private key PEM) of a fresh P-256 self-signed certificate."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    alt: list[x509.GeneralName] = [x509.DNSName(hostname)]
-    with contextlib.suppress(ValueError):
-        alt.append(x509.IPAddress(ipaddress.ip_address(hostname)))
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .sign(key, hashes.SHA256()))
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM,
-                              serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
-
-
 def killtest(
     workdir: Path = typer.Option(Path("killtest-run"), help="spool, logs and arrivals"),
     messages: int = typer.Option(300, min=2),
@@ -257,7 +230,7 @@ def killtest(
 ) -> None:
     """SIGKILL a node at random moments of a campaign; check nothing acknowledged is lost and
     the evidence of every message is complete (audit store and accounting files)."""
-    from ..killtest import command
+    from ..harness.killtest import command
 
     if workers != "auto" and not (workers.isdigit() and 1 <= int(workers) <= 256):
         raise typer.BadParameter("must be a number from 1 to 256 or auto", param_hint="--workers")

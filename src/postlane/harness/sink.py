@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from .edge.smtp import BulkDataSMTP
+from ..edge.smtp import BulkDataSMTP
 
 
 @dataclass(slots=True)

@@ -203,8 +203,8 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
     arrivals = workdir / "arrivals.txt"
     arrivals.unlink(missing_ok=True)
     sink_port = _free_port()
-    sink = subprocess.Popen([sys.executable, "-m", "postlane.killtest", "sink", str(sink_port),
-                             str(arrivals)], stdout=subprocess.DEVNULL)
+    sink = subprocess.Popen([sys.executable, "-m", "postlane.harness.killtest", "sink",
+                             str(sink_port), str(arrivals)], stdout=subprocess.DEVNULL)
     schema = f"killtest_{os.getpid()}_{rng.randrange(1 << 30)}" if spool else "postlane"
     names = ["node-a", "node-b"] if spool else ["killtest"]
     nodes, configs = [], []
@@ -277,11 +277,11 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
 def _evidence(result: Result, configs: list[Path], acked: set[int],
               counts: Counter[int]) -> None:
     """Fill in the evidence figures of ``result`` from the store and the files."""
-    from .audit.backend import open_audit_store
-    from .audit.evidence import trails
-    from .audit.store import Query
-    from .config import load_config
-    from .spool.outbox import open_outbox
+    from ..audit.backend import open_audit_store
+    from ..audit.evidence import trails
+    from ..audit.store import Query
+    from ..spool.outbox import open_outbox
+    from ..startup import load_config
 
     config = load_config(configs[0])
     problems: list[str] = []
@@ -333,7 +333,7 @@ def _evidence(result: Result, configs: list[Path], acked: set[int],
 def _committed(directory: Path, path: Path) -> str:
     """A file's committed part: up to the size its position file records (the rest, of a node
     killed and never restarted, was written again by the node that took its work over)."""
-    from .accounting.log import POSITION_FILE
+    from ..accounting.log import POSITION_FILE
 
     data = path.read_bytes()
     for position in directory.glob(f"*{POSITION_FILE}"):
@@ -345,8 +345,8 @@ def _committed(directory: Path, path: Path) -> str:
 
 def _drained(config_path: Path) -> bool:
     """Whether the spool holds no recipient still to deliver."""
-    from .config import load_config
-    from .spool.outbox import open_outbox
+    from ..spool.outbox import open_outbox
+    from ..startup import load_config
 
     config = load_config(config_path)
     try:

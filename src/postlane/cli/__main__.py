@@ -1,0 +1,5 @@
+"""``python -m postlane.cli``."""
+
+from . import main
+
+main()

@@ -1,0 +1,85 @@
+"""Operating a cluster: who is alive, who holds which work, and draining a node.
+
+``cluster_status`` (monitor/membership.py) returns plain data (the HTTP API can serve it as is);
+``postlane cluster`` prints it and asks a node to drain. Both read the shared PostgreSQL spool
+directly, so they work from any machine that reaches the database, with no node running there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import typer
+
+from ..config import Config
+from ..monitor.membership import cluster_status, node_state, summarize
+from ..spool import PostgresSpool, is_dsn
+
+__all__ = ["cluster_app", "cluster_status", "node_state", "summarize"]
+
+cluster_app = typer.Typer(no_args_is_help=True,
+                          help="Cluster mode (node.spool is a PostgreSQL DSN): status, drain.")
+
+
+def _spool(config: Config) -> PostgresSpool:
+    if not is_dsn(config.node.spool):
+        typer.echo("node.spool is not a PostgreSQL DSN: this node does not run in cluster mode",
+                   err=True)
+        raise typer.Exit(2)
+    return PostgresSpool(config.node.spool, config.cluster.schema_name)
+
+
+async def _with_spool(config: Config, work):
+    spool = _spool(config)
+    await spool.open()
+    try:
+        return await work(spool)
+    finally:
+        await spool.close()
+
+
+@cluster_app.command("status")
+def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
+           as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Show the cluster's nodes, their heartbeats and claimed work, and the shared queue."""
+    from . import _load
+
+    cfg = _load(config)
+    out = asyncio.run(_with_spool(cfg, lambda s: cluster_status(s, cfg.cluster)))
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    typer.echo(f"cluster schema {out['schema']}: {len(out['nodes'])} node(s)")
+    for n in out["nodes"]:
+        state = n["state"].upper() if n["state"] in ("suspect", "dead") else n["state"]
+        line = (f"  {n['name']:<20} {state:<8} heartbeat {n['heartbeat_age_s']:>6}s ago"
+                f"  session {'open' if n['session'] else 'CLOSED':<6}  claimed {n['claimed']:>6}"
+                f"  {n['hostname']} pid {n['pid']}")
+        if n["takeover_in_s"] is not None and n["claimed"]:
+            when = (f"in {n['takeover_in_s']:.1f}s" if n["takeover_in_s"] else
+                    "at the next poll")
+            line += f"  -> {n['claimed']} unowned, taken over {when}"
+        typer.echo(line)
+    for name, p in sorted(out["pools"].items()):
+        typer.echo(f"  pool {name:<15} queued {p['queued']:>7}  deferred {p['deferred']:>7}"
+                   f"  claimed {p['claimed']:>6}  unowned {p['unowned']:>6}")
+    if out["paused"]:
+        typer.echo(f"  paused: {', '.join(out['paused'])}")
+
+
+@cluster_app.command("drain")
+def drain(node: str = typer.Argument(..., help="name of the node to drain"),
+          config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
+          as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Ask a node to stop claiming, finish what it holds, give the rest back and exit."""
+    from . import _load
+
+    cfg = _load(config)
+    if not asyncio.run(_with_spool(cfg, lambda s: s.request_drain(node))):
+        typer.echo(f"no node named {node!r} in the cluster", err=True)
+        raise typer.Exit(1)
+    within = round(cfg.cluster.lease / 3)
+    typer.echo(json.dumps({"node": node, "drain_requested": True, "within_s": within})
+               if as_json else f"{node}: drain requested (it stops within {within}s)")

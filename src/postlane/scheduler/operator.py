@@ -1,0 +1,182 @@
+"""Operator actions on the in-memory queue (a mixin of ``Scheduler``): take recipients out,
+queue them again, hold, remove, pause and resume, each written with the record naming the
+operator in the same spool write. ``operations.py`` is the door to these (it logs and audits)."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ..accounting.operators import DONE, Operator, stamp
+from ..accounting.records import Record
+from ..spool import PostgresSpool, Recipient, RecipientUpdate, Spool, State
+from .clock import Clock
+from .lanes import Lane
+from .outcomes import base_record
+
+if TYPE_CHECKING:
+    from .paging import Pager
+    from .timers import RetryTimers
+
+ANY_DOMAIN = "*"
+
+
+class OperatorActions:
+    spool: Spool
+    clock: Clock
+    timers: RetryTimers
+    lanes: dict[tuple[str, str], Lane]
+    held: dict[tuple[str, int], Recipient]
+    paused: set[tuple[str, str]]
+    record: Callable[[Record], None]
+    on_final: Callable[[Recipient], None] | None
+    pager: Pager | None
+    _ready: set[Lane]
+
+    if TYPE_CHECKING:  # the Scheduler's
+        def lane(self, pool: str, domain: str) -> Lane: ...
+        def kick(self) -> None: ...
+        def add(self, rcpt: Recipient, fresh: bool = False) -> None: ...
+        def _unindex(self, rcpt: Recipient) -> None: ...
+        def _left(self, rcpt: Recipient) -> None: ...
+        def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> None: ...
+        def _final(self, rcpt: Recipient, state: State, reply: str, rec: Record,
+                   from_heap: bool = True) -> None: ...
+
+    def take(self, chosen: Callable[[Recipient], bool]) -> list[Recipient]:
+        """Take the chosen queued, deferred and held recipients out of the queue (in-flight
+        ones finish their transaction); their state is left for the caller to set. Each heap
+        is rebuilt once, so a filter over the whole queue costs O(queued)."""
+        taken: list[Recipient] = []
+        for lane in self.lanes.values():
+            mine = [chosen(item[3]) for item in lane.heap]
+            if any(mine):
+                taken += [item[3] for item, out in zip(lane.heap, mine, strict=True) if out]
+                lane.heap = [item for item, out in zip(lane.heap, mine, strict=True) if not out]
+                heapq.heapify(lane.heap)
+        for rcpt in self.timers.take(chosen):
+            self.lane(rcpt.msg.pool, rcpt.domain).deferred -= 1
+            taken.append(rcpt)
+        for key, rcpt in list(self.held.items()):
+            if chosen(rcpt):
+                del self.held[key]
+                self.lane(rcpt.msg.pool, rcpt.domain).held -= 1
+                taken.append(rcpt)
+        return taken
+
+    def lift(self, pool: str, domain: str | None) -> None:
+        """End the suspension (backoff wait) of a pool's lanes, or of its lane to ``domain``."""
+        for lane in self.lanes.values():
+            if lane.pool == pool and domain in (None, lane.domain):
+                lane.suspended_until = 0.0
+        self.kick()
+
+    def requeue_now(self, rcpts: list[Recipient], action: str, who: Operator) -> None:
+        """Queue recipients taken out of the queue again, due now (an operator's retry or
+        release: an "o" record each)."""
+        for rcpt in rcpts:
+            rcpt.state, rcpt.next_attempt = State.QUEUED, 0.0
+            self.add(rcpt)
+        self._operated(rcpts, action, who)
+
+    def hold(self, rcpts: list[Recipient], who: Operator) -> None:
+        """Keep recipients taken out of the queue on hold until released (durable)."""
+        for rcpt in rcpts:
+            rcpt.state = State.HELD
+            self.add(rcpt)
+        self._operated(rcpts, "hold", who)
+
+    def _operated(self, rcpts: list[Recipient], action: str, who: Operator) -> None:
+        """Write the recipients' new state with an "o" record each, in one spool write."""
+        if not rcpts:
+            return
+        recs = self.operator_records(rcpts, action, who)
+        for rec in recs:
+            self.record(rec)
+        self.spool.update([RecipientUpdate(r.msg.id, r.idx, r.state, r.attempts,
+                                           r.next_attempt, r.last_reply) for r in rcpts], recs)
+
+    def operator_records(self, rcpts: list[Recipient], action: str,
+                         who: Operator) -> list[Record]:
+        """The records of ``who``'s ``action`` on recipients: purge and delete end them (a
+        "b" each, bounce_cat "purged"), the others get an "o" each."""
+        now = self.clock.time()
+        final = action in ("purge", "delete")
+        recs = [stamp(base_record("b" if final else "o", r, now), action, who) for r in rcpts]
+        if final:
+            for rec in recs:
+                rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "5.0.0", "purged"
+        return recs
+
+    def remove(self, rcpts: list[Recipient], action: str, who: Operator,
+               dsn: bool = False) -> None:
+        """Bounce recipients taken out of the queue on an operator's decision (``action``
+        purge or delete): a "b" record each, naming the operator, and a DSN to the sender only
+        if ``dsn``."""
+        for rcpt, rec in zip(rcpts, self.operator_records(rcpts, action, who), strict=True):
+            if dsn:
+                self._told(rcpt, action)
+            self._final(rcpt, State.BOUNCED, rec.dsn_diag, rec, from_heap=False)
+
+    def _told(self, rcpt: Recipient, action: str) -> None:
+        """A DSN for a recipient an operator removed: it says what happened, not who did it."""
+        self._fail(rcpt, "5.0.0", f"{DONE[action]} by operator", "")
+
+    def let_go(self, rcpts: list[Recipient]) -> None:
+        """Cluster mode: recipients taken out of this node's queue that the shared spool
+        alone keeps now (``operate_shared``): their messages are forgotten once none of their
+        recipients is left here."""
+        for rcpt in rcpts:
+            self._unindex(rcpt)
+            rcpt.msg.remaining -= 1
+            if rcpt.msg.remaining <= 0:
+                self.spool.finish(rcpt.msg.id)
+            self._left(rcpt)
+            if self.on_final is not None:
+                self.on_final(rcpt)  # room for more work
+
+    async def operate_shared(self, rcpts: list[Recipient], action: str, who: Operator,
+                             states: tuple[State, ...], dsn: bool = False) -> list[Recipient]:
+        """Cluster mode: ``who``'s ``action`` on recipients no other node holds (those this
+        node took out of its queue, and unclaimed or held ones of the shared spool), written
+        with their records in one guarded transaction; returns those it changed. Nothing of
+        them stays in this node's memory: held ones are nobody's, released and retried ones
+        are claimed afresh by whichever node has a slot."""
+        state = {"hold": State.HELD, "release": State.QUEUED, "retry": State.QUEUED}.get(
+            action, State.BOUNCED)
+        made: dict[int, Record] = {}
+
+        def records(moved: list[Recipient]) -> list[Record]:
+            made.update(zip(map(id, moved), self.operator_records(moved, action, who),
+                            strict=True))
+            return [made[id(r)] for r in moved]
+
+        assert isinstance(self.spool, PostgresSpool)
+        moved = await self.spool.operate(rcpts, state, states, records)
+        for rcpt in moved:
+            self.record(made[id(rcpt)])
+            if dsn:
+                self._told(rcpt, action)
+        return moved
+
+    # -- pause ----------------------------------------------------------------------------------
+
+    async def set_paused(self, pool: str, domain: str | None, paused: bool,
+                         events: Sequence[Record] = ()) -> None:
+        """Pause or resume, with the record of it (``events``) in the same spool write."""
+        await self.spool.set_paused(pool, domain or ANY_DOMAIN, paused, events)
+        self.apply_paused(pool, domain, paused)
+
+    def apply_paused(self, pool: str, domain: str | None, paused: bool) -> None:
+        """Apply a pause already stored (by this node, or by another node of a cluster)."""
+        key = (pool, domain or ANY_DOMAIN)
+        (self.paused.add if paused else self.paused.discard)(key)
+        for lane in self.lanes.values():
+            if lane.pool == pool:
+                lane.paused = bool({(pool, ANY_DOMAIN), (pool, lane.domain)} & self.paused)
+                if lane.heap:
+                    self._ready.add(lane)
+                if self.pager is not None and lane.cursor is not None:
+                    self.pager.low(lane)
+        self.kick()

@@ -1,0 +1,217 @@
+"""Outcome recording: what a delivery's result does to a recipient (final, or deferred to its
+next retry time, or expired), the accounting record that goes with each state change in the
+same spool write, the failures reported in a DSN, and the switch of a lane into and out of
+backoff that a reply can cause."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import orjson
+
+from ..accounting.records import Record, format_time
+from ..config import Config
+from ..spool import Message, Recipient, RecipientUpdate, Spool, State
+from .clock import Clock
+from .lanes import Lane
+from .pacing import wants_backoff
+
+if TYPE_CHECKING:
+    from ..health import Health
+    from .timers import RetryTimers
+
+log = logging.getLogger("postlane.scheduler")
+
+
+class Failure:
+    """A recipient that failed for good, waiting to be reported in a bounce."""
+
+    __slots__ = ("rcpt", "status", "diag", "remote_mta", "action")
+
+    def __init__(self, rcpt: Recipient, status: str, diag: str, remote_mta: str,
+                 action: str = "failed") -> None:
+        self.rcpt, self.status, self.diag = rcpt, status, diag
+        self.remote_mta, self.action = remote_mta, action
+
+
+def base_record(kind: str, rcpt: Recipient, now: float) -> Record:
+    """The fields every record of a recipient carries."""
+    msg = rcpt.msg
+    return Record(type=kind, time_logged=now, time_queued=msg.queued_at, orig=msg.mail_from,
+                  rcpt=rcpt.address, queue_id=msg.id, cls=msg.cls, vmta_pool=msg.pool,
+                  orcpt=rcpt.orcpt, env_id=msg.envid, correlation_id=msg.correlation_id,
+                  message_id=msg.message_id, job_id=msg.correlation_id, dlv_size=msg.size,
+                  attempt=rcpt.attempts, total_seconds_queued=now - msg.queued_at,
+                  listener=msg.listener, auth_user=msg.auth_user)
+
+
+def fill_conn(rec: Record, conn: dict[str, str]) -> None:
+    """The connection's facts (addresses, MX, TLS) on a record."""
+    if not conn:
+        return
+    rec.dlv_source_ip = conn.get("source_ip", "")
+    rec.dlv_destination_ip = conn.get("dest_ip", "")
+    rec.dlv_tls_protocol = conn.get("tls", "")
+    rec.dlv_tls_cipher = conn.get("cipher", "")
+    rec.dlv_tls_auth = conn.get("tls_auth", "")
+    rec.dlv_tls_policy = conn.get("tls_policy", "")
+    rec.vmta = conn.get("vmta", "")
+    mx = conn.get("mx", "")
+    if mx:
+        rec.dsn_mta = f"dns;{mx} ({conn.get('dest_ip', '')})"
+
+
+class OutcomeRecording:
+    """The scheduler's outcome half (a mixin of ``Scheduler``)."""
+
+    config: Config
+    spool: Spool
+    clock: Clock
+    health: Health
+    timers: RetryTimers
+    record: Callable[[Record], None]
+    classify: Callable[[str, str], str]
+    on_failures: Callable[[Message, list[Failure]], None] | None
+    on_final: Callable[[Recipient], None] | None
+    _ready: set[Lane]
+
+    if TYPE_CHECKING:  # the Scheduler's
+        def lane(self, pool: str, domain: str) -> Lane: ...
+        def kick(self) -> None: ...
+        def suspend(self, lane: Lane, seconds: float, reason: str) -> None: ...
+        def outage_key(self, lane: Lane) -> str: ...
+        def _unindex(self, rcpt: Recipient) -> None: ...
+        def _left(self, rcpt: Recipient) -> None: ...
+
+    def _outcome_unknown(self, rcpt: Recipient) -> None:
+        """A recipient comes back (restart, or another node's work taken over) with an attempt
+        that was marked as started and never settled: its final dot may have been sent and
+        taken. Say so in its trail (a "u" record), count the attempt, and deliver it again."""
+        attempt, rcpt.open_attempt = rcpt.open_attempt, None
+        assert attempt is not None
+        now = self.clock.time()
+        rcpt.attempts += 1
+        rec = base_record("u", rcpt, now)
+        rec.total_seconds_queued = attempt.started - rcpt.msg.queued_at  # delivered no sooner
+        rec.dsn_diag = (f"attempt started {format_time(attempt.started)}; outcome unknown: the"
+                        " node stopped before recording the reply (it may have been delivered)")
+        with contextlib.suppress(ValueError):
+            fill_conn(rec, orjson.loads(attempt.info or "{}"))
+        self.record(rec)
+        self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, rcpt.state, rcpt.attempts,
+                                           rcpt.next_attempt, rcpt.last_reply)], (rec,))
+
+    def delivered(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str]) -> None:
+        now = self.clock.time()
+        rcpt.attempts += 1
+        rec = base_record("d", rcpt, now)
+        rec.dsn_action, rec.dsn_status, rec.dsn_diag = "relayed", status, f"smtp;{reply}"
+        fill_conn(rec, conn)
+        self._final(rcpt, State.DELIVERED, reply, rec)
+        lane = self.lane(rcpt.msg.pool, rcpt.domain)
+        if self.health.active:
+            self.health.end(self.outage_key(lane))
+        if lane.in_backoff(now) and lane.rule is not None and lane.rule.backoff_until_success:
+            self._end_backoff(lane, "delivery succeeded")
+
+    def bounced(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str],
+                category: str = "") -> None:
+        now = self.clock.time()
+        rcpt.attempts += 1
+        rec = base_record("b", rcpt, now)
+        rec.dsn_action, rec.dsn_status, rec.dsn_diag = "failed", status, f"smtp;{reply}"
+        rec.bounce_cat = category or self.classify(status, reply)
+        fill_conn(rec, conn)
+        self._fail(rcpt, status, reply, conn.get("mx", ""))
+        self._final(rcpt, State.BOUNCED, reply, rec)
+
+    def deferred(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str]) -> None:
+        """A temporary failure: retry per the class schedule, or expire past the class expiry."""
+        now = self.clock.time()
+        rcpt.attempts += 1
+        lane = self.lane(rcpt.msg.pool, rcpt.domain)
+        cls = self.config.classes.get(rcpt.msg.cls)
+        schedule = cls.retry if cls else [300.0]
+        delay = schedule[min(rcpt.attempts - 1, len(schedule) - 1)] * random.uniform(0.9, 1.1)
+        if wants_backoff(lane.rule, reply):
+            self._start_backoff(lane, reply, now)
+        if lane.in_backoff(now) and lane.rule is not None:
+            delay = max(delay, lane.rule.backoff_retry * random.uniform(0.9, 1.1))
+        if now >= rcpt.msg.expire_at:
+            lane.inflight -= 1
+            self._expire(rcpt, reply, conn.get("mx", ""), conn)
+            return
+        rcpt.next_attempt = min(now + delay, rcpt.msg.expire_at)
+        rcpt.state = State.DEFERRED
+        rcpt.last_reply = reply
+        rec = base_record("t", rcpt, now)
+        rec.dsn_action, rec.dsn_status, rec.dsn_diag = "delayed", status, f"smtp;{reply}"
+        rec.bounce_cat = self.classify(status, reply)
+        fill_conn(rec, conn)
+        self.record(rec)
+        self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, State.DEFERRED, rcpt.attempts,
+                                           rcpt.next_attempt, reply)], (rec,))
+        lane.inflight -= 1
+        lane.deferred += 1
+        self.timers.add(rcpt)
+
+    # -- backoff mode ---------------------------------------------------------------------------
+
+    def _start_backoff(self, lane: Lane, reply: str, now: float) -> None:
+        """The destination asked us to slow down: fewer connections, slower rate, longer retry,
+        until ``backoff_duration`` has passed or (if so configured) a delivery succeeds."""
+        assert lane.rule is not None
+        if not lane.in_backoff(now):
+            lane.backoff_switches += 1
+            log.warning("backoff on", extra={"pool": lane.pool, "domain": lane.domain,
+                                             "rule": lane.rule_name, "reply": reply[:200]})
+            self.suspend(lane, lane.rule.backoff_retry, f"backoff: {reply[:200]}")
+        lane.backoff_until = now + lane.rule.backoff_duration
+
+    def _end_backoff(self, lane: Lane, why: str) -> None:
+        lane.backoff_until = 0.0
+        lane.backoff_switches += 1
+        log.warning("backoff off", extra={"pool": lane.pool, "domain": lane.domain,
+                                          "rule": lane.rule_name, "why": why})
+        self._ready.add(lane)
+        self.kick()
+
+    # -- final states ---------------------------------------------------------------------------
+
+    def _expire(self, rcpt: Recipient, reply: str, mx: str,
+                conn: dict[str, str] | None = None) -> None:
+        now = self.clock.time()
+        rec = base_record("b", rcpt, now)
+        rec.dsn_action, rec.dsn_status, rec.bounce_cat = "failed", "4.4.7", "message-expired"
+        rec.dsn_diag = f"smtp;{reply}" if reply else "message expired"
+        if conn:
+            fill_conn(rec, conn)
+        self._fail(rcpt, "4.4.7", reply or "message expired", mx)
+        self._final(rcpt, State.EXPIRED, reply, rec, from_heap=False)
+
+    def _final(self, rcpt: Recipient, state: State, reply: str, rec: Record,
+               from_heap: bool = True) -> None:
+        rcpt.state = state
+        rcpt.last_reply = reply
+        if from_heap:
+            self.lane(rcpt.msg.pool, rcpt.domain).inflight -= 1
+        self.record(rec)
+        self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, state, rcpt.attempts, 0.0,
+                                           reply)], (rec,))
+        self._unindex(rcpt)
+        msg = rcpt.msg
+        msg.remaining -= 1
+        if msg.remaining <= 0:
+            self.spool.finish(msg.id)
+        self._left(rcpt)
+        if self.on_final is not None:
+            self.on_final(rcpt)
+
+    def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> None:
+        if self.on_failures is not None and "NEVER" not in rcpt.notify.upper() and (
+                not rcpt.notify or "FAILURE" in rcpt.notify.upper()):
+            self.on_failures(rcpt.msg, [Failure(rcpt, status, diag, mx)])

@@ -1,0 +1,144 @@
+"""The scheduler's decisions on a clock the test sets: lane selection, earliest-deadline order and
+retry timers, in milliseconds, with no sockets and no storage (the spool must not be touched)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from postlane.scheduler.lanes import Lane, SourceSlot
+from postlane.scheduler.scheduler import Scheduler
+from postlane.spool import Message, Recipient, State
+from postlane.startup import parse_config
+from tests.conftest import config_text
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class NoSpool:
+    """These decisions write nothing: any use of the spool fails the test."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the spool was used: {name}")
+
+
+class NoRelay:
+    """A relay is there (dispatch starts workers), but these workers never call it."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the relay was used: {name}")
+
+
+class Served(Scheduler):
+    """The real dispatcher; a worker only notes which lane got a connection slot."""
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.served: list[str] = []
+
+    async def serve(self, lane: Lane, slot: SourceSlot) -> None:
+        self.served.append(lane.domain)
+
+
+def _sched(tmp_path: Path, clock: FakeClock, cls: type[Scheduler] = Scheduler,
+           **kw: object) -> Scheduler:
+    cfg = parse_config(config_text(tmp_path, 2525, marketing_max_out=1, **kw))
+    return cls(cfg, NoSpool(), lambda rec: None, relay=NoRelay(),  # type: ignore[arg-type]
+               clock=clock)
+
+
+def _rcpt(clock: FakeClock, domain: str, *, priority: int = 3, deadline: float = 0.0,
+          pool: str = "bulk", mid: str = "m") -> Recipient:
+    msg = Message(mid, "marketing", pool, "a@b.test", clock.now, deadline or clock.now + 3600,
+                  clock.now + 3600, priority, remaining=1)
+    return Recipient(msg, 0, f"x@{domain}", domain)
+
+
+async def test_a_lane_is_ordered_by_priority_then_deadline(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sched = _sched(tmp_path, clock)
+    late = _rcpt(clock, "d.test", priority=3, deadline=clock.now + 50, mid="late")
+    early = _rcpt(clock, "d.test", priority=3, deadline=clock.now + 10, mid="early")
+    urgent = _rcpt(clock, "d.test", priority=0, deadline=clock.now + 99, mid="urgent")
+    for rcpt in (late, early, urgent):
+        sched.add(rcpt)
+    lane = sched.lane("bulk", "d.test")
+    order = [sched.next_batch(lane)[0].msg.id for _ in range(3)]
+    assert order == ["urgent", "early", "late"]
+    assert lane.inflight == 3 and sched.next_batch(lane) == []
+
+
+async def test_the_one_free_slot_goes_to_the_most_urgent_lane(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sched = _sched(tmp_path, clock, Served)
+    assert isinstance(sched, Served)
+    sched.add(_rcpt(clock, "later.test", deadline=clock.now + 500, mid="a"))
+    sched.add(_rcpt(clock, "sooner.test", deadline=clock.now + 5, mid="b"))
+    sched.add(_rcpt(clock, "middle.test", deadline=clock.now + 50, mid="c"))
+    await asyncio.sleep(0)  # the dispatch runs once, for all three
+    await asyncio.sleep(0)  # the worker it started
+    assert sched.served == ["sooner.test"]  # the pool has one IP with max_smtp_out = 1
+    assert sched._waiting["bulk"] == (3, clock.now + 50)  # the next most urgent waits
+
+
+async def test_a_paused_or_suspended_lane_gets_no_slot(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sched = _sched(tmp_path, clock, Served)
+    assert isinstance(sched, Served)
+    sched.apply_paused("bulk", "held.test", True)
+    sched.suspend(sched.lane("bulk", "down.test"), 60, "451 try later")
+    sched.add(_rcpt(clock, "held.test", deadline=clock.now + 1, mid="a"))
+    sched.add(_rcpt(clock, "down.test", deadline=clock.now + 2, mid="b"))
+    sched.add(_rcpt(clock, "open.test", deadline=clock.now + 3, mid="c"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sched.served == ["open.test"]
+    clock.now += 61  # the suspension is over: the lane is ready again on the next kick
+    assert not sched.lane("bulk", "down.test").blocked(clock.now)
+
+
+async def test_a_deferred_recipient_waits_for_its_timer(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sched = _sched(tmp_path, clock)
+    rcpt = _rcpt(clock, "d.test")
+    rcpt.next_attempt = clock.now + 30
+    sched.add(rcpt)
+    lane = sched.lane("bulk", "d.test")
+    assert rcpt.state is State.DEFERRED and lane.deferred == 1 and not lane.heap
+    assert list(sched.recipients()) == [rcpt]
+    sched.timers.fire()  # too early: nothing moves
+    assert rcpt.state is State.DEFERRED
+    clock.now += 30
+    sched.timers.fire()
+    assert rcpt.state is State.QUEUED and lane.deferred == 0 and rcpt.next_attempt == 0.0
+    assert sched.next_batch(lane) == [rcpt]
+
+
+async def test_timers_fire_in_retry_order_and_take_removes(tmp_path: Path) -> None:
+    clock = FakeClock()
+    sched = _sched(tmp_path, clock)
+    rcpts = []
+    for i, delay in enumerate((30, 10, 20)):
+        rcpt = _rcpt(clock, "d.test", mid=f"m{i}")
+        rcpt.next_attempt = clock.now + delay
+        sched.add(rcpt)
+        rcpts.append(rcpt)
+    taken = sched.take(lambda r: r.msg.id == "m2")  # the 20 s one
+    assert taken == [rcpts[2]] and len(sched.timers) == 2
+    assert sched.lane("bulk", "d.test").deferred == 2
+    clock.now += 15
+    sched.timers.fire()
+    assert [r.msg.id for r in rcpts if r.state is State.QUEUED] == ["m1"]
+    clock.now += 15
+    sched.timers.fire()
+    assert [r.msg.id for r in rcpts if r.state is State.QUEUED] == ["m0", "m1"]
+    assert len(sched.timers) == 0
