@@ -11,8 +11,7 @@ import signal
 import smtplib
 import socket
 
-from postlane.sink import Sink
-
+from postlane.harness.sink import Sink
 from tests.conftest import OPERATOR, config_text, message, records, send
 from tests.test_lanes import _submit_all, shared_pool_config, subjects
 
