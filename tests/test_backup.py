@@ -141,3 +141,62 @@ def test_backup_of_a_cluster_node_copies_its_files_and_says_how_to_dump_postgres
     assert manifest["postgresql"] == {"schema": pg_schema}
     assert {"config", "api.token_file", "dkim.keys[0].key_file"} <= {
         i["role"] for i in manifest["items"]}
+
+
+async def test_while_a_backup_holds_the_spool_no_event_is_trimmed(tmp_path, sink):
+    """The backup copies the audit store before the spool: events the recorder consumes between
+    the two copies must still be in the spool copy, so the node trims none while it holds."""
+    import sqlite3
+
+    from postlane.spool.hold import held, holding
+
+    _init(tmp_path, sink.port)
+    node = Node(load_config(tmp_path / "node" / "postlane.toml"))
+    await node.start()
+    state = node.spool.path.parent
+
+    def events() -> int:
+        with sqlite3.connect(node.spool.path) as db:
+            return db.execute("SELECT count(*) FROM events").fetchone()[0]
+
+    try:
+        port = node.listeners[0].port
+        assert not held(state)
+        with holding(state):
+            assert held(state)
+            for n in range(3):
+                await send(port, "notices@insurer.example", [f"c{n}@example.com"], _notice(n))
+            await sink.wait_for(3, timeout=20)
+            await node.flush_evidence()  # the recorder has consumed every event
+            await node.spool.flush()
+            assert events() >= 6  # 3 r + 3 d, none trimmed
+        assert not held(state)
+        await send(port, "notices@insurer.example", ["c9@example.com"], _notice(9))
+        await sink.wait_for(4, timeout=20)
+        for _ in range(100):  # the next progress trims what both consumers hold
+            await node.flush_evidence()
+            await node.spool.flush()
+            if events() < 6:
+                break
+            await asyncio.sleep(0.1)
+        assert events() < 6
+    finally:
+        await node.stop()
+
+
+async def test_a_backup_copies_the_audit_store_and_the_files_before_the_spool(tmp_path, sink):
+    _init(tmp_path, sink.port)
+    node = Node(load_config(tmp_path / "node" / "postlane.toml"))
+    await node.start()
+    await send(node.listeners[0].port, "notices@insurer.example", ["c1@example.com"], _notice(1))
+    await sink.wait_for(1, timeout=20)
+    await node.stop()
+    result = await asyncio.to_thread(runner.invoke, app, ["backup", str(tmp_path / "copy"), "-c",
+                                 str(tmp_path / "node" / "postlane.toml")])
+    assert result.exit_code == 0, result.output
+    roles = [i["role"] for i in json.loads((tmp_path / "copy" / "manifest.json")
+                                           .read_text())["items"]]
+    spool = roles.index("state:spool.sqlite")
+    assert roles.index("state:audit.sqlite") < spool
+    assert all(roles.index(r) < spool for r in roles if r.startswith("accounting:"))
+    assert "state:trim.hold" not in roles

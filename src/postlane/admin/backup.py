@@ -15,10 +15,13 @@ A backup holds:
 - every file the config names: DKIM keys, TLS certificates and keys, the API token, users,
   the pseudonymisation and seal keys, the Postmaster Tools key, bounce rules; and the config.
 
-Order matters: the spool is copied first and the audit store after it. The audit store keeps,
-per spool writer, the last event it holds; a restored node's recorder writes on from there, so
-every event the spool copy holds reaches the restored audit store exactly once, and mail
-delivered after the spool copy was taken is at worst delivered again (never lost).
+Order matters: the audit store and the accounting files are copied first and the spool after
+them, while the backup holds the spool's events (``spool/hold.py``: the node trims none
+meanwhile). Each consumer keeps its position (the audit store its last event per spool writer,
+the files their position file), and the spool copy holds every event after those positions,
+so a restored node's recorder writes on from there: the restored evidence is complete, and each
+event reaches it once. Mail accepted after the spool copy was taken is not in the backup; the
+records of it are not either.
 
 On a PostgreSQL spool the shared database is the cluster's to back up (``pg_dump``); the
 command copies the node's own files and says what to run.
@@ -26,6 +29,7 @@ command copies the node's own files and says what to run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +37,7 @@ import shutil
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -41,6 +45,7 @@ from pathlib import Path
 from ..config import Config
 from ..secretfile import private_dir
 from ..spool import is_dsn, local_dir
+from ..spool.hold import HOLD, holding
 from ..startup import load_config
 
 __all__ = ["BackupError", "backup", "restore"]
@@ -148,6 +153,19 @@ def _state_files(folder: Path) -> Iterator[Path]:
             yield path
 
 
+def _copy_accounting(cfg: Config, add: Callable[..., None]) -> None:
+    """The accounting files, each cut to what its position file names, with that file."""
+    acct = Path(cfg.accounting.directory)
+    if acct.is_dir():
+        limits, positions, files = _accounting(acct)
+        for path in positions:
+            add("position", f"accounting:{path.name}", path, f"accounting/{path.name}",
+                mode=0o640)
+        for path in files:
+            add("file", f"accounting:{path.name}", path, f"accounting/{path.name}",
+                limits.get(path.name), 0o640)
+
+
 def _accounting(folder: Path) -> tuple[dict[str, int], list[Path], list[Path]]:
     """(the size each position file names per file, the position files, the other files),
     read in that order: a file rotated meanwhile is complete, a file created meanwhile is after
@@ -185,22 +203,22 @@ def backup(config_path: Path, dest: Path) -> dict:
                       "size": target.stat().st_size, "sha256": _sha256(target)})
 
     state = local_dir(cfg)
-    if state.is_dir():
-        files = list(_state_files(state))
-        # the spool first, the audit store after it (see the module's docstring)
-        files.sort(key=lambda p: (p.name != "spool.sqlite", p.name != "audit.sqlite", str(p)))
-        for path in files:
-            rel = path.relative_to(state).as_posix()
-            add("sqlite" if _is_sqlite(path) else "file", f"state:{rel}", path, f"state/{rel}")
-    acct = Path(cfg.accounting.directory)
-    if acct.is_dir():
-        limits, positions, files = _accounting(acct)
-        for path in positions:
-            add("position", f"accounting:{path.name}", path, f"accounting/{path.name}",
-                mode=0o640)
-        for path in files:
-            add("file", f"accounting:{path.name}", path, f"accounting/{path.name}",
-                limits.get(path.name), 0o640)
+    with contextlib.ExitStack() as hold:
+        if state.is_dir():
+            hold.enter_context(holding(state))
+            # the audit store, then the accounting files, then the spool (module docstring)
+            files = [p for p in _state_files(state) if p.name != HOLD]
+            files.sort(key=lambda p: (p.name == "spool.sqlite", p.name != "audit.sqlite", str(p)))
+            for path in files:
+                if path.name == "spool.sqlite":
+                    _copy_accounting(cfg, add)
+                rel = path.relative_to(state).as_posix()
+                add("sqlite" if _is_sqlite(path) else "file", f"state:{rel}", path,
+                    f"state/{rel}")
+            if not any(p.name == "spool.sqlite" for p in files):
+                _copy_accounting(cfg, add)
+        else:
+            _copy_accounting(cfg, add)
     for named in named_files(cfg):
         if named.path.is_file():
             kind = "sqlite" if _is_sqlite(named.path) else "file"

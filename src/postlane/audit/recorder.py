@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from ..accounting.log import AccountingLog
 from ..accounting.records import Record, unpack
 from ..childproc import HEAD, frame, read_frame, reap
+from ..spool.hold import held
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -184,7 +185,8 @@ class Recorder:
             self.stored, self.filed = stored, filed
             consumed = {w: min(n, stored.get(w, 0)) if self.audit else n
                         for w, n in filed.items()}
-            if consumed:
+            state = getattr(self.spool, "path", None)  # an SQLite spool's file
+            if consumed and not (state is not None and held(state.parent)):  # (a backup runs)
                 self.spool.trim(consumed)
             if grew and self.on_stored is not None:
                 self.on_stored()
