@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-FIGURES = ("throughput_msgs_s", "node_cpu_ms_per_msg", "rss_mb_peak", "rss_mb_peak_all",
-           "rss_mb_all_max")
+FIGURES = ("throughput_msgs_s", "node_cpu_ms_per_msg", "main_cpu_ms_per_msg", "rss_mb_peak",
+           "rss_mb_peak_all", "rss_mb_all_max")
 
 
 def _load_average() -> float:
@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--same-load", action="store_true",
                         help="B's load generator and sink for both sides (A's node via"
                              " --node-from)")
+    parser.add_argument("--a-args", default="", help="bench arguments for A only, e.g."
+                        " --a-args='--workers 1' (--a and --b may then be one checkout)")
+    parser.add_argument("--b-args", default="", help="bench arguments for B only")
     args, bench_args = parser.parse_known_args()
     bench_args = [a for a in bench_args if a != "--"]
     if (args.a is None) == (args.compare is None):
@@ -98,17 +101,19 @@ def main() -> None:
         for side in "ABBA":
             checkout = (a_dir if side == "A" else args.b).resolve()
             started = time.time()
+            side_args = [*bench_args, *(args.a_args if side == "A" else args.b_args).split()]
             if args.same_load:
-                result = run(args.b.resolve(), bench_args,
+                result = run(args.b.resolve(), side_args,
                              checkout if side == "A" else None)
             else:
-                result = run(checkout, bench_args)
+                result = run(checkout, side_args)
             runs[side].append(result)
             print(json.dumps({"side": side, "checkout": str(checkout),
                               "seconds": round(time.time() - started),
                               **{f: result.get(f) for f in (*FIGURES, "lost", "load_before")},
                               "latency_s": result["latency_s"]}), flush=True)
-    print(json.dumps({"bench_args": bench_args, "host_cpus": os.cpu_count(),
+    print(json.dumps({"bench_args": bench_args, "a_args": args.a_args, "b_args": args.b_args,
+                      "host_cpus": os.cpu_count(),
                       "same_load": args.same_load, "a": str(a_dir.resolve()),
                       "b": str(args.b.resolve()),
                       **summary(runs)}, indent=1))

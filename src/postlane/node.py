@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Coroutine
 
@@ -39,6 +37,7 @@ from .scheduler.paging import Pager
 from .scheduler.scheduler import Failure, Scheduler
 from .scheduler.view import QueueView
 from .spool import Message, PostgresSpool, SQLiteSpool, local_dir, make_spool
+from .workers.pool import WorkerPool, worker_count
 
 log = logging.getLogger("postlane.node")
 
@@ -89,6 +88,9 @@ class Node:
                           for name, lc in config.listeners.items()]
         self.view = QueueView(self.scheduler)
         """The queue, read-only (monitor, API, status)."""
+        self.workers = (WorkerPool(self, worker_count(config.node.workers))
+                        if worker_count(config.node.workers) > 1 else None)
+        """SMTP intake in worker processes (``[node] workers`` > 1); None: in this process."""
         self.monitor = Monitor(config, self.spool, self.view, self.intake.submit, self.status,
                                self.health)
         self._listeners.append(self.monitor.on_record)
@@ -175,7 +177,12 @@ class Node:
             if self.api is not None:
                 await self.api.start()
                 opened.push_async_callback(self.api.stop)
-            for listener in self.listeners:
+            if self.workers is not None:  # the workers accept; this process binds
+                for listener in self.listeners:
+                    opened.push_async_callback(listener.stop)
+                await self.workers.start()
+                opened.push_async_callback(self.workers.stop, self.config.node.drain_timeout)
+            for listener in self.listeners if self.workers is None else ():
                 try:
                     await listener.start()
                 except OSError as exc:  # say which listener of the config, not a traceback
@@ -208,6 +215,8 @@ class Node:
         self._stopping = True
         for listener in self.listeners:
             await listener.stop()
+        if self.workers is not None:  # they finish their transfers, committed here
+            await self.workers.stop(self.config.node.drain_timeout)
         if self.api is not None:
             await self.api.stop()
         if self.claimer is not None:
@@ -318,38 +327,3 @@ class Node:
         return out
 
 
-_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-                    logging.CRITICAL: 2}
-
-
-def _stderr_is_journal() -> bool:
-    """Whether systemd connected stderr to the journal ($JOURNAL_STREAM names its device and
-    inode): then each line starts with its syslog priority, which journald takes as the
-    entry's PRIORITY (``journalctl -p warning`` works) and strips from the message."""
-    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    try:
-        st = os.fstat(sys.stderr.fileno())
-        return (st.st_dev, st.st_ino) == (int(device), int(inode))
-    except (ValueError, OSError):
-        return False
-
-
-def setup_logging(level: str = "INFO") -> None:
-    """One JSON object per log line, so that log shippers need no parsing rules."""
-    prefix = _stderr_is_journal()
-
-    class JSONFormatter(logging.Formatter):
-        _skip = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-        def format(self, record: logging.LogRecord) -> str:
-            out = {"ts": round(record.created, 3), "level": record.levelname,
-                   "logger": record.name, "msg": record.getMessage()}
-            out.update({k: v for k, v in vars(record).items() if k not in self._skip})
-            if record.exc_info:
-                out["exc"] = self.formatException(record.exc_info)
-            line = json.dumps(out, default=str)
-            return f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>{line}" if prefix else line
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter())
-    logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -93,7 +93,7 @@ def serve(config: Path = typer.Option(..., "-c", "--config", help="TOML config f
     """Run a node until SIGTERM (which drains: 421 to new mail, in-flight deliveries finish);
     SIGHUP reloads keys, certificates, rules and class settings without dropping mail."""
     from ..admin.service import run
-    from ..node import setup_logging
+    from ..logsetup import setup_logging
 
     cfg = _load(config)
     setup_logging(log_level.upper())
@@ -145,6 +145,8 @@ def bench(marketing: int | None = typer.Option(
           config: Path | None = typer.Option(None, "--config", "-c",
                                              help="base config (default examples/insurance.toml)"),
           connections: int = typer.Option(16, help="SMTP connections submitting the campaign"),
+          workers: str = typer.Option("1", help="the node's [node] workers: SMTP intake "
+                                                "processes, a number or auto (one per core)"),
           no_pipelining: bool = typer.Option(
               False, "--no-pipelining", help="the load generator sends each SMTP command and"
                                              " waits for its reply (a plain client)"),
@@ -195,9 +197,11 @@ def bench(marketing: int | None = typer.Option(
     if (queued_behind or node_from is not None) and nodes is not None:
         raise typer.BadParameter("--queued-behind and --node-from run one node",
                                  param_hint="--nodes")
+    if workers != "auto" and not (workers.isdigit() and 1 <= int(workers) <= 256):
+        raise typer.BadParameter("must be a number from 1 to 256 or auto", param_hint="--workers")
     if config is not None:
         _load(config)
-    opts = BenchOptions(marketing=marketing, transactional_rate=transactional_rate,
+    opts = BenchOptions(workers=workers, marketing=marketing, transactional_rate=transactional_rate,
                         sink_delay_ms=sink_delay_ms, message_kb=message_kb, baseline=baseline,
                         dkim=dkim, audit=audit, spool=spool, nodes=nodes,
                         config=config, connections=connections, sink_tls=sink_tls,

@@ -106,6 +106,11 @@ class NodeConfig(Strict):
     spool: str = "var/spool"
     """Directory of the embedded SQLite spool, or a ``postgresql://`` DSN (cluster mode)."""
     drain_timeout: Duration = 30.0
+    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = 1
+    """SMTP intake processes: ``"auto"`` is one per core, 1 keeps intake in the main process.
+    With more than one, the workers share the listening sockets and run the SMTP edge; the
+    main process keeps the spool writer, the scheduler and the relay (docs/architecture.md,
+    *Processes*)."""
 
 
 class ListenerLimits(Strict):

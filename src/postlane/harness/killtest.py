@@ -80,10 +80,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(home: Path, listen: int, sink: int, spool: str, name: str, schema: str) -> str:
+def _config(home: Path, listen: int, sink: int, spool: str, name: str, schema: str,
+            workers: str = "1") -> str:
     return f"""
 default_class = "bulk"
 [node]
+workers = {workers if workers.isdigit() else '"' + workers + '"'}
 name = "{name}"
 hostname = "killtest.local"
 spool = "{spool}"
@@ -192,7 +194,8 @@ def _arrivals(path: Path) -> Counter[int]:
 
 
 def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
-        seed: int | None = None, settle: float = 120.0, spool: str | None = None) -> Result:
+        seed: int | None = None, settle: float = 120.0, spool: str | None = None,
+        workers: str = "1") -> Result:
     """Run the campaign with ``kills`` SIGKILLs spread over it (with ``spool`` a PostgreSQL
     DSN: two nodes, one killed once and not restarted); see ``Result``."""
     rng = random.Random(seed)
@@ -210,7 +213,8 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
         home.mkdir(parents=True, exist_ok=True)
         port = _free_port()
         config = home / "killtest.toml"
-        config.write_text(_config(home, port, sink_port, spool or f"{home}/spool", name, schema))
+        config.write_text(_config(home, port, sink_port, spool or f"{home}/spool", name, schema,
+                                  workers))
         configs.append(config)
         nodes.append(_NodeProcess(config, port, home / "node.log"))
     started = time.monotonic()
@@ -388,11 +392,11 @@ def _sink_main(port: int, out: Path) -> None:
 
 
 def command(workdir: Path, messages: int, kills: int, seed: int | None,
-            spool: str | None = None) -> int:
+            spool: str | None = None, workers: str = "1") -> int:
     """Run and print the result as one JSON line; exit status 1 when anything was lost or the
     evidence is incomplete."""
     result = run(workdir, messages=messages, kills=kills,
-                 seed=seed if seed is not None else os.getpid(), spool=spool)
+                 seed=seed if seed is not None else os.getpid(), spool=spool, workers=workers)
     print(json.dumps({**asdict(result), "evidence_ok": result.evidence_ok}))
     return 1 if result.lost or not result.evidence_ok else 0
 

@@ -1,0 +1,334 @@
+"""The main process's side of SMTP intake in several processes (``[node] workers`` > 1).
+
+The main process binds every listener (so a port taken or port 0 is resolved once, and its
+error names the listener) but never accepts on it: N worker processes (``workers/process.py``)
+inherit the listening sockets and the kernel hands each new connection to one of them. Each
+worker runs the SMTP edge and sends every accepted message here over its socket pair; the
+main process commits it with the same spool writer (group commit, urgent queue first), emits
+its records, schedules it, and only then tells the worker, which answers 250. The scheduler,
+the connection slots of every pool IP (``max_smtp_out``), the relay, pause/resume and the
+evidence stay in this process, so priority and the caps hold node-wide as before.
+
+Also answered here, because they must hold across the node: admission of a connection (each
+listener's ``max_connections`` and ``max_connections_per_ip``) and the messages-per-minute
+allowance of each AUTH user or client IP. The main process counts them in the listener's own
+``Guard`` objects, as in one process; a worker that dies gives its connections back.
+
+A worker that exits is started again (a second later if it lived less than a second); the
+messages it was transferring were never acknowledged. Frames are ``childproc``'s
+length-prefixed ``marshal``; the config goes to a worker pickled, once, and again on reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import os
+import pickle
+import socket
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+from ..accounting.records import Record
+from ..childproc import HEAD, frame
+from ..edge.smtp import EdgeSMTP, Listener
+from ..policy import intake as intake_module
+from ..spool import Message, Recipient, SpoolUnavailable
+
+__all__ = ["WorkerPool", "worker_count"]
+
+log = logging.getLogger("postlane.workers")
+
+
+def worker_count(setting: int | str) -> int:
+    """``[node] workers``: ``"auto"`` is the cores this process may run on."""
+    if setting == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return os.cpu_count() or 1
+    return int(setting)
+
+
+class WorkerChannel(asyncio.Protocol):
+    """The main process's end of one worker's socket pair."""
+
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self.held: Counter[tuple[str, str]] = Counter()
+        """Connections this worker was admitted for and has not given back."""
+        self.ready = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.get_running_loop().create_future()
+        self.reloaded: asyncio.Future | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, obj: object) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame(obj))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        while len(buf) >= HEAD.size:
+            (size,) = HEAD.unpack_from(buf)
+            end = HEAD.size + size
+            if len(buf) < end:
+                break
+            msg = marshal.loads(bytes(buf[HEAD.size:end]))
+            del buf[:end]
+            try:
+                self.pool.dispatch(self, msg)
+            except Exception:  # a bad frame must not take the main process down
+                log.exception("intake worker %d: frame %r failed", self.index, msg[0])
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        for (listener, ip), count in self.held.items():  # the worker's clients are gone
+            connections = self.pool.guards[listener].connections
+            for _ in range(count):
+                connections.release(ip)
+        self.held.clear()
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(f"intake worker {self.index} exited at start"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class WorkerPool:
+    """N intake worker processes sharing the node's listening sockets."""
+
+    def __init__(self, node: Any, count: int) -> None:  # a Node: node.py imports this module
+        self.node = node
+        self.count = count
+        self.guards = {ln.name: ln.handler.guard for ln in node.listeners}
+        self.channels: dict[int, WorkerChannel] = {}
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.restarts = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._watchers: list[asyncio.Task] = []
+        self._stopping = False
+        self._base_tag = int(intake_module._node_tag, 16)
+
+    # -- start and stop -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every listener here (not serving), then start the workers and wait until each
+        listens."""
+        loop = asyncio.get_running_loop()
+        for listener in self.node.listeners:
+            await _bind(listener, loop)
+        starting = []
+        for index in range(1, self.count + 1):
+            starting.append(await self._spawn(index))
+        try:
+            await asyncio.wait_for(asyncio.gather(*(c.ready for c in starting)), 120)
+        except BaseException:
+            await self._kill_all()
+            raise
+        self._watchers = [loop.create_task(self._watch(i)) for i in range(1, self.count + 1)]
+        log.info("intake workers started", extra={"workers": self.count})
+
+    async def _spawn(self, index: int) -> WorkerChannel:
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair()
+        fds = {ln.name: ln.server.sockets[0].fileno() for ln in self.node.listeners
+               if ln.server is not None}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "postlane.workers.process", str(theirs.fileno()),
+                str(os.getpid()), pass_fds=(theirs.fileno(), *fds.values()),
+                stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        channel = WorkerChannel(self, index)
+        await loop.create_unix_connection(lambda: channel, sock=mine)
+        self.channels[index], self.procs[index] = channel, proc
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        channel.send(("hello", pickle.dumps(self.node.config), fds,
+                      (self._base_tag + index) & 0xFFFF, level))
+        return channel
+
+    async def _watch(self, index: int) -> None:
+        """Start a worker again when it exits (unless the node is stopping)."""
+        while True:
+            started = time.monotonic()
+            code = await self.procs[index].wait()
+            await self.channels[index].closed
+            if self._stopping:
+                return
+            self.restarts += 1
+            log.error("intake worker %d exited (status %s); starting it again", index, code)
+            if time.monotonic() - started < 1.0:
+                await asyncio.sleep(1.0)
+            if self._stopping:
+                return
+            try:
+                channel = await self._spawn(index)
+                await asyncio.wait_for(channel.ready, 120)
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                log.error("intake worker %d did not start: %s", index, exc)
+
+    async def stop(self, timeout: float) -> None:
+        """Drain every worker (transfers under way are committed and answered), then wait for
+        them to exit; kill what is left after ``timeout``."""
+        self._stopping = True
+        for watcher in self._watchers:
+            watcher.cancel()
+        for channel in self.channels.values():
+            channel.send(("drain",))
+        waits = [proc.wait() for proc in self.procs.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout + 5)
+        except TimeoutError:
+            log.error("intake workers did not stop in time; killing them")
+            await self._kill_all()
+        if self._tasks:  # commits asked for before the workers went
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def _kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        for proc in self.procs.values():
+            await proc.wait()
+
+    async def reload(self, timeout: float = 30.0) -> None:
+        """Hand the reloaded config to every worker (admin/service.py merged it here) and wait
+        until each has applied it."""
+        data = pickle.dumps(self.node.config)
+        loop = asyncio.get_running_loop()
+        waits = []
+        for channel in self.channels.values():
+            if channel.transport is None:
+                continue  # starting again: it gets the current config in its hello
+            channel.reloaded = loop.create_future()
+            waits.append(channel.reloaded)
+            channel.send(("reload", data))
+        done, pending = await asyncio.wait(waits, timeout=timeout) if waits else (set(), set())
+        if pending:
+            log.error("%d intake worker(s) did not confirm the reload", len(pending))
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values() if p.returncode is None]
+
+    # -- requests from the workers ----------------------------------------------------------------
+
+    def dispatch(self, channel: WorkerChannel, msg: tuple) -> None:
+        op, ask = msg[0], msg[1]
+        if op == "enqueue":
+            self._spawn_task(self._enqueue(channel, ask, *msg[2:]))
+        elif op == "admit":
+            listener, ip, per_ip = msg[2:]
+            refusal = self.guards[listener].connections.admit(ip, per_ip=per_ip)
+            if refusal is None:
+                channel.held[(listener, ip)] += 1
+            channel.send((ask, refusal))
+        elif op == "release":
+            listener, ip = msg[2:]
+            if channel.held[(listener, ip)] > 0:
+                channel.held[(listener, ip)] -= 1
+                self.guards[listener].connections.release(ip)
+            if not channel.held[(listener, ip)]:
+                del channel.held[(listener, ip)]
+        elif op == "rate":
+            channel.send((ask, self.guards[msg[2]].rate.allow(msg[3])))
+        elif op == "persist":
+            self.node.persist(Record(*msg[2]))
+        elif op == "flush":
+            self._spawn_task(self._flush(channel, ask, *msg[2:]))
+        elif op == "report":
+            self._spawn_task(self._report(channel, ask, *msg[2:]))
+        elif op == "reloaded":
+            if channel.reloaded is not None and not channel.reloaded.done():
+                channel.reloaded.set_result(None)
+        elif op == "ready":
+            if not channel.ready.done():
+                channel.ready.set_result(None)
+        else:
+            log.error("intake worker %d: unknown request %r", channel.index, op)
+
+    def _spawn_task(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _enqueue(self, channel: WorkerChannel, ask: int, values: tuple, rcpts: list,
+                       content: bytes, urgent: bool, events: list) -> None:
+        """Commit a message a worker accepted, then tell the worker (which answers 250)."""
+        intake = self.node.intake
+        if intake.audit_behind():
+            channel.send((ask, (451, "4.3.0 Audit trail is behind, try again later")))
+            return
+        msg = Message(*values)
+        recipients = [Recipient(msg=msg, idx=idx, address=address, domain=sys.intern(domain),
+                                orcpt=orcpt, notify=notify)
+                      for idx, address, domain, orcpt, notify in rcpts]
+        msg.remaining = len(recipients)
+        records = [Record(*e) for e in events]
+        try:
+            await intake.spool.enqueue(msg, recipients, content, urgent=urgent, events=records)
+        except SpoolUnavailable:
+            intake.health.count(type(intake.spool).HEALTH_KEY)
+            channel.send((ask, (451, "4.3.0 Temporary failure storing the message, try again")))
+            return
+        except Exception:
+            log.exception("commit of a worker's message failed")
+            channel.send((ask, (451, "4.3.0 Temporary failure storing the message, try again")))
+            return
+        for rec in records:
+            intake.record(rec)
+        intake.scheduler.add_message(recipients)
+        intake.accepted += 1
+        channel.send((ask, None))
+
+    async def _flush(self, channel: WorkerChannel, ask: int, events: list, urgent: bool) -> None:
+        records = [Record(*e) for e in events]
+        try:
+            if records:
+                self.node.spool.record(records, urgent=urgent)
+            await self.node.spool.flush()
+        except Exception:
+            log.exception("flush for an intake worker failed")
+            channel.send((ask, False))
+            return
+        for rec in records:
+            self.node.intake.record(rec)
+        channel.send((ask, True))
+
+    async def _report(self, channel: WorkerChannel, ask: int, data: bytes, rcpts: list[str],
+                      client: str) -> None:
+        """A bounce, complaint or DMARC report for the node's own addresses."""
+        try:
+            await self.node.feedback.receive(data, rcpts, client)
+        except Exception as exc:
+            log.exception("report processing failed")
+            channel.send((ask, f"{type(exc).__name__}: {exc}"))
+            return
+        channel.send((ask, ""))
+
+
+async def _bind(listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
+    """Listen on the listener's address without accepting: the workers accept."""
+    cfg = listener.config
+
+    def never() -> EdgeSMTP:  # pragma: no cover - a server that is not serving accepts nothing
+        raise RuntimeError("the main process does not accept SMTP connections")
+
+    try:
+        listener.server = await loop.create_server(never, cfg.address, cfg.port,
+                                                   reuse_address=True, start_serving=False,
+                                                   backlog=cfg.limits.listen_backlog)
+    except OSError as exc:
+        raise OSError(exc.errno, f"listener {listener.name!r} (listeners.{listener.name} in"
+                                 f" the config) cannot listen on {cfg.address}:{cfg.port}:"
+                                 f" {os.strerror(exc.errno or 0)}") from None
