@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"cli"},                                        # commands: the `postlane` entry point
     {"harness"},                                    # bench, demo, sink, kill test: never imported
     {"admin"},                                      # running a node: init, backup, upgrade, service
-    {"node"},                                       # the composition root: wires every part
+    {"node", "worker"},                             # the composition roots: wires every part
     {"startup"},                                    # reading a config with the checks of all parts
     {"api"},                                        # HTTP API and dashboard
     {"reputation"},                                 # DMARC/Postmaster/SNDS views, alerts
@@ -39,7 +39,7 @@ LAYERS: list[set[str]] = [
     {"spool"},                                      # the durable queue and evidence outbox
     {"accounting"},                                 # records and their CSV/JSONL files
     {"config"},                                     # data and validation of data
-    {"schema", "secretfile", "childproc", "health"},  # leaf helpers
+    {"schema", "secretfile", "childproc", "health", "logsetup"},  # leaf helpers
 ]
 
 DEBT: dict[tuple[str, str], str] = {
