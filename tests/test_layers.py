@@ -24,7 +24,8 @@ LAYERS: list[set[str]] = [
     {"cli"},                                        # commands: the `postlane` entry point
     {"harness"},                                    # bench, demo, sink, kill test: never imported
     {"admin"},                                      # running a node: init, backup, upgrade, service
-    {"node", "worker"},                             # the composition roots: wires every part
+    {"node"},                                       # the composition root: wires every part
+    {"workers"},                                    # SMTP intake in worker processes
     {"startup"},                                    # reading a config with the checks of all parts
     {"api"},                                        # HTTP API and dashboard
     {"reputation"},                                 # DMARC/Postmaster/SNDS views, alerts

@@ -19,7 +19,6 @@ from .audit.service import AuditService
 from .config import Config
 from .edge.smtp import Listener
 from .edge.tls import Certificates
-from .edge.workers import WorkerPool, worker_count
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
 from .health import Health
@@ -38,6 +37,7 @@ from .scheduler.paging import Pager
 from .scheduler.scheduler import Failure, Scheduler
 from .scheduler.view import QueueView
 from .spool import Message, PostgresSpool, SQLiteSpool, local_dir, make_spool
+from .workers.pool import WorkerPool, worker_count
 
 log = logging.getLogger("postlane.node")
 

@@ -27,8 +27,9 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..node import Node
 from ..spool.postgres import NodeConflict
@@ -174,6 +175,7 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
 def run(config: Config, path: Path | None = None) -> None:
     """Run a node until SIGTERM/SIGINT, then drain; SIGHUP reloads the config at ``path``
     (docs/operations.md); systemd is told when it is ready, reloading and stopping."""
+    runner: Callable[..., Any]
     try:
         import uvloop
         runner = uvloop.run
@@ -196,6 +198,7 @@ def run(config: Config, path: Path | None = None) -> None:
 
         async def reload_once() -> None:
             async with reloading:  # one after the other: the last SIGHUP's file wins
+                assert path is not None  # (only then is SIGHUP handled)
                 if await reload(node, path, notifier) and node.workers is not None:
                     await node.workers.reload()
 

@@ -183,7 +183,7 @@ def check_days(verifier: ChainVerifier, days: list[dict], seen: dict[str, list])
                                        f"has {got[2]} ending at seq {got[1]}")
             return False
     if seen:
-        day, got = next(iter(seen.items()))
-        verifier.problem = Problem(got[0], "inserted", f"day {day} has no seal")
+        unsealed, got = next(iter(seen.items()))
+        verifier.problem = Problem(got[0], "inserted", f"day {unsealed} has no seal")
         return False
     return True

@@ -27,7 +27,7 @@ def row_record(row: Mapping[str, object]) -> Record:
     for name, kind in _RECORD_KINDS.items():
         value = row[name]
         values[name] = kind(value) if value is not None else kind()
-    return Record(**values)  # type: ignore[arg-type]
+    return Record(**values)
 
 
 def between_where(since: float | None, until: float | None, cls: str | None,

@@ -41,7 +41,7 @@ _sanitized_log = aiosmtpd.smtp.sanitized_log
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
-def _log_if_enabled(func, msg, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+def _log_if_enabled(func, msg, *args, **kwargs) -> None:
     """aiosmtpd's ``sanitized_log``, skipped when its level is off: aiosmtpd logs every
     command line at DEBUG and INFO through it, sanitizing (a regex per argument) before the
     logger looks at its level: 0.9 % of the node's profile samples in the bench."""
@@ -172,7 +172,7 @@ class BulkDataSMTP(SMTP):
         """Whether an end mark could begin in ``data`` and end in bytes not read yet: unknown
         until 4 bytes are buffered, else whether the 8 bytes around the seam hold one. Each
         message starts so (its DATA line's CRLF); this spares most a 1-byte read."""
-        buffered = self._reader._buffer  # StreamReader has no public peek
+        buffered = self._reader._buffer  # type: ignore[attr-defined]  # no public peek
         return len(buffered) < 4 or _END in bytes(data[-4:]) + bytes(buffered[:4])
 
     async def smtp_DATA(self, arg: str) -> None:

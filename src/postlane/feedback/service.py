@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from email import message_from_bytes
-from typing import Any
+from typing import Any, cast
 
 from ..accounting.records import Record
 from ..config import Config
@@ -111,13 +111,14 @@ class FeedbackService:
         scopes = self.scopes(cls)
         # not looked up at RCPT, or found there in a scope that does not stop this class (the
         # address may have another entry that does)
+        found = {id(r): cast("Entry | None", r.suppressed) for r in rcpts}  # see RcptIn
         ask = [r.address for r in rcpts if not r.checked or (
-            r.suppressed is not None and r.suppressed.scope not in scopes)]
+            (e := found[id(r)]) is not None and e.scope not in scopes)]
         hits = self.suppression.check(ask, scopes) if ask else {}
         kept = []
         dropped: list[Record] = []
         for rcpt in rcpts:
-            hit = rcpt.suppressed if rcpt.checked else None
+            hit = found[id(rcpt)] if rcpt.checked else None
             if hit is None or hit.scope not in scopes:
                 hit = hits.get(rcpt.address)
             if hit is None:

@@ -1,6 +1,4 @@
-"""One SMTP intake worker process (``[node] workers`` > 1; docs/architecture.md, *Processes*):
-a composition root like ``node.py`` (it wires the edge, intake and the suppression look-ups),
-started by ``edge/workers.py``.
+"""One SMTP intake worker process (``[node] workers`` > 1; docs/architecture.md, *Processes*).
 
 The worker runs the whole SMTP edge on its own core: aiosmtpd's protocol, the guard's checks,
 the suppression look-up at RCPT, classification, header work and DKIM signing (its own signing
@@ -31,18 +29,18 @@ from typing import Any
 
 from aiosmtpd.smtp import Envelope, Session
 
-from .accounting.records import Record
-from .childproc import HEAD, frame
-from .config import Config, ListenerConfig
-from .edge.guard import peer_ip
-from .edge.smtp import EdgeSMTP, SMTPIntake
-from .edge.tls import Certificates, ServerCertificate
-from .feedback.service import FeedbackService
-from .policy import intake as intake_module
-from .policy.intake import Intake, Rejection
-from .spool import Message, Recipient
+from ..accounting.records import Record
+from ..childproc import HEAD, frame
+from ..config import Config, ListenerConfig
+from ..edge.guard import peer_ip
+from ..edge.smtp import EdgeSMTP, SMTPIntake
+from ..edge.tls import Certificates, ServerCertificate
+from ..feedback.service import FeedbackService
+from ..policy import intake as intake_module
+from ..policy.intake import Intake, Rejection
+from ..spool import Message, Recipient
 
-log = logging.getLogger("postlane.worker")
+log = logging.getLogger("postlane.workers.process")
 
 MESSAGE_FIELDS = tuple(f.name for f in fields(Message) if f.name != "remaining")
 """A message crosses the channel as these values, in this order (``Message(*values)``)."""
@@ -195,7 +193,8 @@ class WorkerSMTP(EdgeSMTP):
         if refusal is not None:
             log.info("connection refused", extra={"client": ip, "reply": refusal})
             if self.transport is not None:
-                self.transport.write(refusal.encode() + b"\r\n")
+                self.transport.write(  # type: ignore[attr-defined]
+                    refusal.encode() + b"\r\n")
                 self.transport.close()
             return
         handler.sessions += 1
@@ -274,10 +273,11 @@ class Worker:
         self.channel = channel
         self.feedback = WorkerFeedback(config, self.persist)
         self.feedback.channel = channel
-        self.feedback.dmarc = _Rua(config.reputation.dmarc.addresses)
+        self.feedback.dmarc = _Rua(  # type: ignore[assignment]
+            config.reputation.dmarc.addresses)
         self.signer = None
         if config.dkim.keys:
-            from .policy.dkim import Signer
+            from ..policy.dkim import Signer
 
             self.signer = Signer(config, self.persist)
         self.spool = RemoteSpool(channel)
@@ -317,7 +317,7 @@ class Worker:
     def reload(self, new: Config) -> None:
         """What a reload changes at the edge (admin/service.py applies the same in the main
         process, whose merged config this is): certificates, classes, classification, DKIM."""
-        from .policy.dkim import KeyRing
+        from ..policy.dkim import KeyRing
 
         cfg = self.config
         for entry in self.certificates.by_files.values():
@@ -368,7 +368,7 @@ async def _serve(fd: int) -> None:
     await loop.create_unix_connection(lambda: channel, sock=socket.socket(fileno=fd))
     op, config_bytes, sockets, tag, level = await channel.commands.get()
     assert op == "hello"
-    from .logsetup import setup_logging
+    from ..logsetup import setup_logging
 
     setup_logging(level)
     config: Config = pickle.loads(config_bytes)

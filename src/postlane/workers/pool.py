@@ -1,7 +1,7 @@
 """The main process's side of SMTP intake in several processes (``[node] workers`` > 1).
 
 The main process binds every listener (so a port taken or port 0 is resolved once, and its
-error names the listener) but never accepts on it: N worker processes (``postlane/worker.py``)
+error names the listener) but never accepts on it: N worker processes (``workers/process.py``)
 inherit the listening sockets and the kernel hands each new connection to one of them. Each
 worker runs the SMTP edge and sends every accepted message here over its socket pair; the
 main process commits it with the same spool writer (group commit, urgent queue first), emits
@@ -35,13 +35,13 @@ from typing import Any
 
 from ..accounting.records import Record
 from ..childproc import HEAD, frame
+from ..edge.smtp import EdgeSMTP, Listener
 from ..policy import intake as intake_module
 from ..spool import Message, Recipient, SpoolUnavailable
-from .smtp import EdgeSMTP, Listener
 
 __all__ = ["WorkerPool", "worker_count"]
 
-log = logging.getLogger("postlane.edge.workers")
+log = logging.getLogger("postlane.workers")
 
 
 def worker_count(setting: int | str) -> int:
@@ -106,10 +106,7 @@ class WorkerChannel(asyncio.Protocol):
 class WorkerPool:
     """N intake worker processes sharing the node's listening sockets."""
 
-    def __init__(self, node: Any, count: int) -> None:
-        """``node``: the composition root (``node.Node``) whose listeners, config, spool,
-        intake, feedback and ``persist`` the workers' requests use (typed loosely: the edge sits
-        below the node)."""
+    def __init__(self, node: Any, count: int) -> None:  # a Node: node.py imports this module
         self.node = node
         self.count = count
         self.guards = {ln.name: ln.handler.guard for ln in node.listeners}
@@ -147,7 +144,7 @@ class WorkerPool:
                if ln.server is not None}
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "postlane.worker", str(theirs.fileno()),
+                sys.executable, "-m", "postlane.workers.process", str(theirs.fileno()),
                 str(os.getpid()), pass_fds=(theirs.fileno(), *fds.values()),
                 stdin=asyncio.subprocess.DEVNULL)
         finally:
