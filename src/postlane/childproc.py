@@ -6,6 +6,7 @@ from __future__ import annotations
 import marshal
 import struct
 import subprocess
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 __all__ = ["HEAD", "frame", "read_frame", "reap"]
@@ -17,6 +18,19 @@ HEAD = struct.Struct("!I")
 def frame(obj: Any) -> bytes:
     data = marshal.dumps(obj)
     return HEAD.pack(len(data)) + data
+
+
+def frames(buf: bytearray) -> Iterator[Any]:
+    """The whole frames at the start of ``buf`` (bytes an asyncio protocol received), each
+    taken out of it as it is yielded; a partial frame stays for the next data."""
+    while len(buf) >= HEAD.size:
+        (size,) = HEAD.unpack_from(buf)
+        end = HEAD.size + size
+        if len(buf) < end:
+            return
+        obj = marshal.loads(bytes(buf[HEAD.size:end]))
+        del buf[:end]
+        yield obj
 
 
 def read_frame(reader: BinaryIO) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import marshal
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ..childproc import HEAD, frame, read_frame, reap
+from ..childproc import frame, frames, read_frame, reap
 from ..config.model import DKIMConfig, DKIMKeyConfig
 
 log = logging.getLogger("postlane.dkim")
@@ -98,15 +97,8 @@ class SigningProcess(asyncio.Protocol):
     # -- asyncio.Protocol --
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buffer
-        buf += data
-        while len(buf) >= HEAD.size:
-            (size,) = HEAD.unpack_from(buf)
-            end = HEAD.size + size
-            if len(buf) < end:
-                break
-            ask, ok, value = marshal.loads(bytes(buf[HEAD.size:end]))
-            del buf[:end]
+        self._buffer += data
+        for ask, ok, value in frames(self._buffer):
             future = self._pending.pop(ask, None)
             if future is None or future.done():
                 continue

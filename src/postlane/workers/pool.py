@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import marshal
 import os
 import pickle
 import socket
@@ -34,7 +33,7 @@ from collections import Counter
 from typing import Any
 
 from ..accounting.records import Record
-from ..childproc import HEAD, frame
+from ..childproc import frame, frames
 from ..edge.smtp import EdgeSMTP, Listener
 from ..policy import intake as intake_module
 from ..spool import Message, Recipient, SpoolUnavailable
@@ -76,15 +75,8 @@ class WorkerChannel(asyncio.Protocol):
             self.transport.write(frame(obj))
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buffer
-        buf += data
-        while len(buf) >= HEAD.size:
-            (size,) = HEAD.unpack_from(buf)
-            end = HEAD.size + size
-            if len(buf) < end:
-                break
-            msg = marshal.loads(bytes(buf[HEAD.size:end]))
-            del buf[:end]
+        self._buffer += data
+        for msg in frames(self._buffer):
             try:
                 self.pool.dispatch(self, msg)
             except Exception:  # a bad frame must not take the main process down

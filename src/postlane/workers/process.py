@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import marshal
 import os
 import pickle
 import signal
@@ -30,7 +29,7 @@ from typing import Any
 from aiosmtpd.smtp import Envelope, Session
 
 from ..accounting.records import Record
-from ..childproc import HEAD, frame
+from ..childproc import frame, frames
 from ..config import Config, ListenerConfig
 from ..edge.guard import peer_ip
 from ..edge.smtp import EdgeSMTP, SMTPIntake
@@ -86,15 +85,8 @@ class MainChannel(asyncio.Protocol):
             self.transport.write(frame((op, 0, *args)))
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buffer
-        buf += data
-        while len(buf) >= HEAD.size:
-            (size,) = HEAD.unpack_from(buf)
-            end = HEAD.size + size
-            if len(buf) < end:
-                break
-            msg = marshal.loads(bytes(buf[HEAD.size:end]))
-            del buf[:end]
+        self._buffer += data
+        for msg in frames(self._buffer):
             if isinstance(msg[0], int):  # an answer
                 future = self._pending.pop(msg[0], None)
                 if future is not None and not future.done():
