@@ -144,7 +144,7 @@ async def busy_node(tmp_path: Path, sink, schema: str, prefix: str, count: int,
 
 async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink,
                                                                   pg_schema):  # noqa: F811
-    sink.delay = 0.1
+    sink.delay = 0.5  # node-a's 12 take 6 s: node-b starts well before (≈ 2 s on a busy box)
     a, names = await busy_node(tmp_path, sink, pg_schema, "d", 12)
     b = None
     try:
