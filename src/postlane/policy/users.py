@@ -185,7 +185,7 @@ class Users:
         return hmac.new(self._key, name.encode() + b"\0" + password, "sha256").digest()
 
     def remembered(self, name: str, password: bytes) -> User | None:
-        """The user if this password was checked right before (no scrypt), else None."""
+        """The user if ``check`` passed this name and password before (no scrypt), else None."""
         user = self._users.get(name)
         return user if user is not None and self._mac(name, password) in self._verified else None
 
