@@ -207,13 +207,16 @@ class WriteQueue:
             self.waiters += 1
 
     def take(self) -> list[Op]:
-        """The next batch: urgent operations first, at most ``BATCH_MAX``."""
+        """The next batch, at most ``BATCH_MAX`` operations: the urgent ones alone if there
+        are any (a policy notice's 250 waits for a small commit, not for the campaign's
+        thousand rows beside it), else the bulk."""
         batch: list[Op] = []
         urgent, bulk = self.urgent, self.bulk
         while urgent and len(batch) < BATCH_MAX:
             batch.append(urgent.popleft())
-        while bulk and len(batch) < BATCH_MAX:
-            batch.append(bulk.popleft())
+        if not batch:
+            while bulk and len(batch) < BATCH_MAX:
+                batch.append(bulk.popleft())
         self.waiters -= sum(1 for op in batch if op.done is not None)
         return batch
 
