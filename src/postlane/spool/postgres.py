@@ -64,7 +64,8 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
 
     HEALTH_KEY = "database"
 
-    def __init__(self, dsn: str, schema: str = "postlane", node: str = "") -> None:
+    def __init__(self, dsn: str, schema: str = "postlane", node: str = "",
+                 health: Health | None = None) -> None:
         self.dsn = dsn
         self.schema = schema
         self.node = node
@@ -87,7 +88,7 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
         self._live_bodies: dict[str, bytes] = {}
         self.commits = 0
         self.writes = 0
-        self.health = Health()
+        self.health = health if health is not None else Health()
         """Where the database going away and coming back is told (the node's)."""
         self.down = False
         self.on_reachability: Callable[[bool], None] | None = None

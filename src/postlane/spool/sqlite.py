@@ -112,7 +112,8 @@ class SQLiteSpool(GroupCommitWrites):
 
     HEALTH_KEY = "spool"
 
-    def __init__(self, directory: str | Path, node: str = "") -> None:
+    def __init__(self, directory: str | Path, node: str = "",
+                 health: Health | None = None) -> None:
         self.path = Path(directory) / "spool.sqlite"
         self.node = node
         self.writer_id = new_writer_id(node)
@@ -134,7 +135,7 @@ class SQLiteSpool(GroupCommitWrites):
         self._attempts = AttemptJournal(self.path.parent)
         self.commits = 0
         self.writes = 0
-        self.health = Health()
+        self.health = health if health is not None else Health()
         """Where failing commits are told (the node's; logged once per outage)."""
 
     async def open(self) -> None:
