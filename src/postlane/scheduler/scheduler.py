@@ -114,6 +114,11 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         """Page deep lanes through ``pager`` (at start, before the queue is resumed)."""
         self.pager = pager
 
+    def notify_final(self, fn: Callable[[Recipient], None]) -> None:
+        """Call ``fn`` when a recipient reaches a final state: the claimer, built after the
+        scheduler (it needs it), registers at its start to claim more work."""
+        self.on_final = fn
+
     def apply_rules(self, destinations: dict[str, DestinationRule]) -> None:
         """Take a reload's destination rules (already in ``config.destinations``): every lane
         is matched again; a lane matched by its MX (not its domain) keeps that rule if it is

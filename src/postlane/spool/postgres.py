@@ -94,6 +94,11 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
         self.on_reachability: Callable[[bool], None] | None = None
         """Called when the database goes away (False) and when it answers again (True)."""
 
+    def notify_reachability(self, fn: Callable[[bool], None]) -> None:
+        """Call ``fn`` when the database goes away (False) and answers again (True): the
+        claimer, built after the spool (it needs it), registers at its start."""
+        self.on_reachability = fn
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def open(self) -> None:
