@@ -18,6 +18,7 @@ from .api.server import APIServer
 from .audit.recorder import Recorder
 from .audit.service import AuditService
 from .config import Config
+from .edge.auth import Authenticator
 from .edge.smtp import Listener
 from .edge.tls import Certificates, ServerCertificate
 from .feedback.categories import Classifier
@@ -85,8 +86,10 @@ class Node:
                              self.signer, self.health, feedback=self.feedback,
                              audit_behind=self.recorder.behind)
         self.certificates = Certificates(config)
+        self.auth = Authenticator.of(self.intake.users, config.security)
+        """SMTP AUTH, shared by the listeners: its cap on password checks is node-wide."""
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
-                                   self.certificates.for_listener(name))
+                                   self.certificates.for_listener(name), self.auth)
                           for name, lc in config.listeners.items()]
         self.view = QueueView(self.scheduler)
         """The queue, read-only (monitor, API, status)."""

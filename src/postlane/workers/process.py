@@ -32,6 +32,7 @@ from aiosmtpd.smtp import Envelope, Session
 from ..accounting.records import Record
 from ..childproc import frame, frames
 from ..config import Config, ListenerConfig
+from ..edge.auth import Authenticator
 from ..edge.guard import peer_ip
 from ..edge.smtp import EdgeSMTP, SMTPIntake
 from ..edge.tls import Certificates, ServerCertificate
@@ -230,9 +231,10 @@ class WorkerHandler(SMTPIntake):
     process (node-wide, per AUTH user or client IP, as in one process)."""
 
     def __init__(self, name: str, config: ListenerConfig, intake: Intake,
-                 certificate: ServerCertificate | None, channel: MainChannel) -> None:
+                 certificate: ServerCertificate | None, channel: MainChannel,
+                 auth: Authenticator | None = None) -> None:
         # admission and the message rate are counted by the main process instead
-        super().__init__(name, config, intake, certificate, local_limits=False)
+        super().__init__(name, config, intake, certificate, auth, local_limits=False)
         self.channel = channel
         self.rate_limited = config.limits.messages_per_minute > 0
         self.sessions = 0
@@ -270,8 +272,10 @@ class Worker:
         self.intake = Intake(config, self.spool, _NoScheduler(), lambda rec: None, self.signer,  # type: ignore[arg-type]
                              feedback=self.feedback)
         self.certificates = Certificates(config)
+        self.auth = Authenticator.of(self.intake.users, config.security)
         self.handlers = {name: WorkerHandler(name, config.listeners[name], self.intake,
-                                             self.certificates.for_listener(name), channel)
+                                             self.certificates.for_listener(name), channel,
+                                             self.auth)
                          for name in sockets}
         self.sockets = sockets
         self.servers: list[asyncio.Server] = []
