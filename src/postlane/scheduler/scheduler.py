@@ -72,6 +72,8 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         self._ready: set[Lane] = set()
         self._waiting: dict[str, tuple[int, float]] = {}
         """Per pool, the (priority, deadline) of the most urgent lane that found no free slot."""
+        self._waiting_workers: dict[str, int] = {}
+        """Per pool, the connections that lane holds already."""
         self.timers = RetryTimers(clock, self._due)
         """Retry timers: exactly one entry per deferred recipient (``take`` removes them)."""
         self.held: dict[tuple[str, int], Recipient] = {}
@@ -242,6 +244,7 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
                 if slot is None:
                     if lane.pool not in waiting:
                         waiting[lane.pool] = lane.top()
+                        self._waiting_workers[lane.pool] = lane.workers
                         self._release_idle(lane.pool)
                     break
                 lane.workers += 1
@@ -293,15 +296,20 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
     def next_batch(self, lane: Lane, sent: int = 0) -> list[Recipient]:
         """Called by a worker between transactions: more work for its connection, or nothing:
         lane empty or paused, a lane of higher priority in the pool needs the slot, or (after
-        ``FAIR_SHARE`` messages on this connection) an equally urgent lane with an earlier
-        deadline does. Without the last rule, busy lanes of a campaign keep their connections
-        and one destination's mail can wait for the whole campaign."""
+        ``FAIR_SHARE`` messages on this connection, or at once if this lane holds two
+        connections more than it) an equally urgent lane with an earlier deadline does.
+        Without the last rule, busy lanes of a campaign keep their connections and one
+        destination's mail can wait for the whole campaign; without "at once", a lane that
+        found the pool's slots taken waited for 50 messages of another lane's connection (over
+        a second in a campaign: the campaign's p95 was 0.7-0.9 s against a p50 of 30 ms)."""
         if self._stopping or self.fenced or lane.blocked(self.clock.time()) or not lane.heap:
             return []
         waiting = self._waiting.get(lane.pool)
         if waiting is not None:
             top = lane.top()
-            if waiting[0] < top[0] or (sent >= FAIR_SHARE and waiting < top) or lane.rate_wait:
+            richer = lane.workers >= self._waiting_workers.get(lane.pool, 0) + 2
+            if (waiting[0] < top[0] or lane.rate_wait
+                    or ((sent >= FAIR_SHARE or richer) and waiting < top)):
                 del self._waiting[lane.pool]  # one connection makes room per waiting lane
                 return []
         if not self.admit(lane):
