@@ -1,6 +1,7 @@
 """Operator actions, on the record: the one door through which the HTTP API (and so the CLI
 and the dashboard, which use it) pauses, resumes, retries, purges, holds, releases, deletes,
-suppresses and unsuppresses, and through which the CLI's suppress commands change the list.
+suppresses and unsuppresses, and through which the CLI's suppress commands change the list and
+``postlane cluster drain`` asks a node to drain.
 
 Each action names its operator (an API token's name, or the local user of a CLI command that
 works on the stores directly) in accounting records written through the spool like every other
