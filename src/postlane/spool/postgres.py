@@ -75,7 +75,8 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
 
     HEALTH_KEY = "database"
 
-    def __init__(self, dsn: str, schema: str = "postlane", node: str = "") -> None:
+    def __init__(self, dsn: str, schema: str = "postlane", node: str = "",
+                 health: Health | None = None) -> None:
         self.dsn = dsn
         self.schema = schema
         self.node = node
@@ -97,11 +98,16 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
         """Messages with recipients this node holds (claimed or loaded by ``pending``)."""
         self._live_bodies: dict[str, bytes] = {}
         self.stats = CommitStats()
-        self.health = Health()
+        self.health = health if health is not None else Health()
         """Where the database going away and coming back is told (the node's)."""
         self.down = False
         self.on_reachability: Callable[[bool], None] | None = None
         """Called when the database goes away (False) and when it answers again (True)."""
+
+    def notify_reachability(self, fn: Callable[[bool], None]) -> None:
+        """Call ``fn`` when the database goes away (False) and answers again (True): the
+        claimer, built after the spool (it needs it), registers at its start."""
+        self.on_reachability = fn
 
     # -- lifecycle ------------------------------------------------------------------------------
 

@@ -121,7 +121,8 @@ class SQLiteSpool(GroupCommitWrites):
 
     HEALTH_KEY = "spool"
 
-    def __init__(self, directory: str | Path, node: str = "") -> None:
+    def __init__(self, directory: str | Path, node: str = "",
+                 health: Health | None = None) -> None:
         self.path = Path(directory) / "spool.sqlite"
         self.node = node
         self.writer_id = new_writer_id(node)
@@ -142,7 +143,7 @@ class SQLiteSpool(GroupCommitWrites):
         self._cache = BodyCache()
         self._attempts = AttemptJournal(self.path.parent)
         self.stats = CommitStats()
-        self.health = Health()
+        self.health = health if health is not None else Health()
         """Where failing commits are told (the node's; logged once per outage)."""
 
     async def open(self) -> None:
