@@ -76,6 +76,8 @@ async def test_intake_on_one_node_delivery_by_the_other_no_alert_and_depth_zero(
         assert own["node-a"]["policy-documents"]["received_total"] == 120
         assert own["node-b"]["policy-documents"]["received_total"] == 0
         assert own["node-b"]["policy-documents"]["delivered_total"] > 0, "b delivered"
+        assert own["node-a"]["policy-documents"]["held"] == own["node-b"]["policy-documents"][
+            "held"] == 0, "what each node holds is counted down as it delivers"
         for node in (a, b):
             metrics = await node.api("/metrics")
             assert depths(metrics) and set(depths(metrics)) == {0.0}

@@ -12,6 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from postlane.accounting.records import Record, unpack
 from postlane.spool import PostgresSpool
 from postlane.spool.postgres import NodeConflict
 from postlane.startup import ConfigError, load_config, parse_config
@@ -55,8 +56,14 @@ def test_status_and_drain_from_the_command_line(tmp_path):
         assert cli("cluster", "drain", "node-a", "-c", str(path)).returncode == 0
         assert json.loads(cli("cluster", "status", "-c", str(path), "--json").stdout)[
             "nodes"][0]["draining"] is True
+        # the request is an operator's action: on the record (operations.request_drain)
+        [drained] = [r for r in _outbox(schema) if r.type == "o"]
+        assert drained.dsn_action == "drain" and drained.src_type == "cli"
+        assert drained.dsn_diag == f"node node-a asked to drain by operator {drained.operator}"
+        assert drained.operator
         missing = cli("cluster", "drain", "nobody", "-c", str(path))
         assert missing.returncode == 1 and "no node named 'nobody'" in missing.stderr
+        assert len(_outbox(schema)) == 1, "nothing done, nothing recorded"
         session.close()  # node-a dies: its session closes
         dead = json.loads(cli("cluster", "status", "-c", str(path), "--json").stdout)
         assert [(n["state"], n["session"]) for n in dead["nodes"]] == [("suspect", False)]
@@ -64,6 +71,13 @@ def test_status_and_drain_from_the_command_line(tmp_path):
     finally:
         session.close()
         asyncio.run(_drop(schema))
+
+
+def _outbox(schema: str) -> list[Record]:
+    """The records waiting in the shared spool's outbox."""
+    with psycopg.connect(PG_DSN) as conn:
+        rows = conn.execute(f'SELECT data FROM "{schema}".events ORDER BY writer, n').fetchall()
+    return [Record(*unpack(bytes(data))) for (data,) in rows]
 
 
 async def _drop(schema: str) -> None:

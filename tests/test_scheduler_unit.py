@@ -142,3 +142,26 @@ async def test_timers_fire_in_retry_order_and_take_removes(tmp_path: Path) -> No
     sched.timers.fire()
     assert [r.msg.id for r in rcpts if r.state is State.QUEUED] == ["m0", "m1"]
     assert len(sched.timers) == 0
+
+
+async def test_what_the_node_holds_per_class_is_counted_not_walked(tmp_path: Path) -> None:
+    """``held_by_class`` (a cluster node's /metrics and SLA view) follows the recipients in
+    memory - queued, deferred, in flight - and a recipient added again is not counted twice (a
+final outcome: tests/test_queue_view.py)."""
+    clock = FakeClock()
+    sched = _sched(tmp_path, clock)
+    queued = _rcpt(clock, "d.test", mid="q")
+    later = _rcpt(clock, "d.test", mid="later")
+    later.next_attempt = clock.now + 600  # waits for its retry time
+    notice = _rcpt(clock, "e.test", pool="critical", mid="n")
+    notice.msg.cls = "policy-documents"
+    for rcpt in (queued, later, notice):
+        sched.add(rcpt)
+    assert later.state is State.DEFERRED
+    assert sched.held_by_class() == {"marketing": 2, "policy-documents": 1}
+    [taken] = sched.next_batch(sched.lane("bulk", "d.test"))
+    assert taken is queued and taken.state is State.INFLIGHT
+    assert sched.held_by_class() == {"marketing": 2, "policy-documents": 1}  # in flight: held
+    sched.requeue(taken)  # its connection was lost before the transaction: queued again
+    assert sched.held_by_class() == {"marketing": 2, "policy-documents": 1}
+    assert sum(sched.held_by_class().values()) == len(list(sched.recipients()))  # none in flight

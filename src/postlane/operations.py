@@ -1,6 +1,7 @@
 """Operator actions, on the record: the one door through which the HTTP API (and so the CLI
 and the dashboard, which use it) pauses, resumes, retries, purges, holds, releases, deletes,
-suppresses and unsuppresses, and through which the CLI's suppress commands change the list.
+suppresses and unsuppresses, and through which the CLI's suppress commands change the list and
+``postlane cluster drain`` asks a node to drain.
 
 Each action names its operator (an API token's name, or the local user of a CLI command that
 works on the stores directly) in accounting records written through the spool like every other
@@ -28,10 +29,10 @@ if TYPE_CHECKING:
     from .config import Config
     from .scheduler.control import QueueControl
     from .scheduler.scheduler import Scheduler
-    from .spool import Spool
+    from .spool import PostgresSpool, Spool
 
 __all__ = ["DONE", "OperationError", "Operations", "Operator", "Suppressions",
-           "action_record", "stamp"]
+           "action_record", "request_drain", "stamp"]
 
 log = logging.getLogger("postlane.operations")
 
@@ -86,6 +87,19 @@ class Suppressions:
     def imported(self, count: int, scope: str, who: Operator) -> None:
         self.record(action_record("suppress-import", who, what=f"{count} addresses",
                                   note=f" (scope {scope} where a row names none)"))
+
+
+async def request_drain(spool: PostgresSpool, node: str, *, who: Operator,
+                        record: Callable[[Record], None]) -> bool:
+    """Ask a cluster node to drain (``postlane cluster drain``, from any machine that reaches
+    the shared spool): its flag in the spool, then the ``o`` record of ``who``'s request to
+    ``record`` (the CLI posts it to the spool's outbox, as ``Suppressions`` does). False: no
+    node of that name, nothing done, nothing recorded."""
+    if not await spool.request_drain(node):
+        return False
+    record(action_record("drain", who, what=f"node {node}"))
+    Operations._log("drain", who, 1, node=node)
+    return True
 
 
 class Operations:

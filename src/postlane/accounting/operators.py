@@ -12,7 +12,8 @@ from .records import Record
 
 DONE = {"pause": "paused", "resume": "resumed", "retry": "retried now", "purge": "purged",
         "delete": "deleted", "hold": "held", "release": "released", "suppress": "suppressed",
-        "unsuppress": "unsuppressed", "suppress-import": "imported into the suppression list"}
+        "unsuppress": "unsuppressed", "suppress-import": "imported into the suppression list",
+        "drain": "asked to drain"}
 """Each action (``dsnAction`` of its ``o`` records) and how the records word it."""
 
 

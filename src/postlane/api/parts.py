@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from ..monitor.monitor import Monitor
     from ..operations import Operations
     from ..reputation.service import ReputationService
-    from ..scheduler.control import QueueControl
+    from ..scheduler.control import QueueSelections
     from ..scheduler.view import QueueView
     from ..spool import Spool
 
@@ -31,8 +31,9 @@ class NodeParts:
     activity: Activity
     queue: QueueView
     """The in-memory queue, read-only."""
-    control: QueueControl
-    """Selections over the queue for ``postlane queue`` (listing, qshape, deferrals)."""
+    control: QueueSelections
+    """Selections over the queue for ``postlane queue`` (listing, qshape, deferrals); its
+    actions are not in this type: the API acts through ``operations``."""
     spool: Spool
     feedback: FeedbackService
     reputation: ReputationService

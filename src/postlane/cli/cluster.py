@@ -1,8 +1,9 @@
 """Operating a cluster: who is alive, who holds which work, and draining a node.
 
 ``cluster_status`` (monitor/membership.py) returns plain data (the HTTP API can serve it as is);
-``postlane cluster`` prints it and asks a node to drain. Both read the shared PostgreSQL spool
-directly, so they work from any machine that reaches the database, with no node running there.
+``postlane cluster`` prints it and asks a node to drain (through ``operations.request_drain``,
+on the record as the local user). Both use the shared PostgreSQL spool directly, so they work
+from any machine that reaches the database, with no node running there.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from pathlib import Path
 
 import typer
 
+from ..accounting.records import Record
 from ..config import Config
 from ..monitor.membership import cluster_status, node_state, summarize
+from ..operations import Operator, request_drain
 from ..spool import PostgresSpool, is_dsn
+from ..spool.outbox import post
 
 __all__ = ["cluster_app", "cluster_status", "node_state", "summarize"]
 
@@ -77,9 +81,17 @@ def drain(node: str = typer.Argument(..., help="name of the node to drain"),
     from . import _load
 
     cfg = _load(config)
-    if not asyncio.run(_with_spool(cfg, lambda s: s.request_drain(node))):
+    made: list[Record] = []
+    if not asyncio.run(_with_spool(cfg, lambda s: request_drain(
+            s, node, who=Operator.local(), record=made.append))):
         typer.echo(f"no node named {node!r} in the cluster", err=True)
         raise typer.Exit(1)
+    try:  # the request is made: its record follows it onto the audit trail
+        post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
+    except Exception as exc:  # noqa: BLE001 - say it, do not hide the request made
+        typer.echo(f"postlane: the drain is requested but its record could not be written to"
+                   f" the spool: {exc}", err=True)
+        raise typer.Exit(1) from None
     within = round(cfg.cluster.lease / 3)
     typer.echo(json.dumps({"node": node, "drain_requested": True, "within_s": within})
                if as_json else f"{node}: drain requested (it stops within {within}s)")

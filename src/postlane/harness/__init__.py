@@ -1,2 +1,3 @@
-"""Harnesses around a node: the benchmark, the demo, the recording sink and the kill test.
+"""Harnesses around a node: the benchmark, the DKIM signing benchmark, the demo, the recording
+sink and the kill test.
 The product never imports them (tests/test_layers.py); only the `postlane` command does."""

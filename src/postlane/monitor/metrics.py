@@ -156,7 +156,8 @@ class _StateCollector(Collector):
         assert mon.cluster is not None
         figures = self.cluster
         held = GaugeMetricFamily("postlane_node_held_recipients", "Recipients this node holds"
-                                 " (claimed, ready or waiting for a retry)",
+                                 " (claimed, not yet final: ready, in flight or waiting for a"
+                                 " retry)",
                                  labels=["class", "pool"])
         for item in mon.node_states(now):
             held.add_metric([item["class"], item["pool"]], item["held"])

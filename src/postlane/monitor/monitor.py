@@ -238,9 +238,11 @@ class Monitor:
         return out
 
     def node_states(self, now: float) -> list[dict]:
-        """Per class, this cluster node's own part: recipients it holds (ready or waiting for a
-        retry), accepted by its intake, delivered by it, and its own delivery latency."""
-        held = Counter(rcpt.msg.cls for rcpt in self.queue.recipients())
+        """Per class, this cluster node's own part: recipients it holds (claimed and not yet
+        final: ready, in flight or waiting for a retry, as its status's ``queued``), accepted
+        by its intake, delivered by it, and its own delivery latency. Read per scrape: from
+        counters, never a walk of the queue."""
+        held = Counter(self.queue.held_by_class())
         return [{"class": name, "pool": state.pool, "held": held[name],
                  "received_total": state.received, "delivered_total": state.latency.total,
                  "drain_rate": round(self.tracker.drain_rate(state.pool, now), 3),

@@ -110,6 +110,7 @@ class MTASTS:
         self.timeout = timeout
         self._ssl = ssl.create_default_context(cafile=ca_file)
         self._policies: dict[str, STSPolicy] = self._load()
+        self._saving = asyncio.Lock()
         self._failed: dict[str, float] = {}  # domain -> when a fetch may be tried again
         self._fetching: dict[str, asyncio.Future[STSPolicy | None]] = {}
         self.on_error: Callable[[str, str, str], None] = (
@@ -126,12 +127,20 @@ class MTASTS:
             log.error("MTA-STS cache %s not read, starting empty: %s", self.cache_file, exc)
             return {}
 
-    def _save(self) -> None:
+    def _save(self, policies: dict[str, STSPolicy]) -> None:
+        """Write ``policies`` (a copy: the loop goes on changing the cache) as the cache file
+        (blocking, and as large as the cache: call it in a thread, through ``_persist``)."""
         private_dir(self.cache_file.parent)
         tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
         with private_open(tmp, encoding="utf-8") as fh:
-            fh.write(json.dumps({d: asdict(p) for d, p in self._policies.items()}))
+            fh.write(json.dumps({d: asdict(p) for d, p in policies.items()}))
         os.replace(tmp, self.cache_file)
+
+    async def _persist(self) -> None:
+        """The cache file rewritten in a thread, one write at a time, each from the cache as it
+        is when its turn comes (so the last write holds every policy fetched before it)."""
+        async with self._saving:
+            await asyncio.to_thread(self._save, dict(self._policies))
 
     async def policy(self, domain: str) -> STSPolicy | None:
         """The policy in force for ``domain`` (None: none, or mode "none")."""
@@ -179,7 +188,7 @@ class MTASTS:
             return None
         self._failed.pop(domain, None)
         self._policies[domain] = policy
-        self._save()
+        await self._persist()
         log.info("MTA-STS policy of %s: %s", domain, policy.mode,
                  extra={"id": policy.id, "max_age": policy.max_age})
         return policy

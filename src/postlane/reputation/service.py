@@ -127,8 +127,8 @@ class ReputationService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.store is not None:
-            self.store.close()
+        if self.store is not None:  # in a thread: an import's write may still hold its lock
+            await asyncio.to_thread(self.store.close)
 
     async def _every(self, interval: float, source: str | None) -> None:
         while True:

@@ -16,9 +16,9 @@ import difflib
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..spool import PostgresSpool, Recipient, State
 
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from ..accounting.operators import Operator
     from .scheduler import Scheduler
 
-__all__ = ["AGE_BUCKETS", "STATES", "QueueControl", "SelectionError", "Selector", "reason_key"]
+__all__ = ["AGE_BUCKETS", "STATES", "QueueControl", "QueueSelections", "SelectionError", "Selector",
+           "reason_key"]
 
 STATES = ("queued", "deferred", "held")
 AGE_BUCKETS = (300, 600, 1200, 2400, 4800, 9600, 19200)
@@ -110,6 +111,24 @@ WANTED = {"hold": (State.QUEUED, State.DEFERRED), "release": (State.HELD,),
           "retry": (State.DEFERRED,), "delete": (State.QUEUED, State.DEFERRED, State.HELD),
           "purge": (State.QUEUED, State.DEFERRED, State.HELD)}
 """The states each action takes recipients from."""
+
+
+class QueueSelections(Protocol):
+    """What the API reads through ``QueueControl``: selections, listings and views. No action
+    (hold, release, retry, delete): those go through ``operations.py``, on the record."""
+
+    shared: PostgresSpool | None
+
+    async def select(self, sel: Selector, now: float | None = None) -> list[Recipient]: ...
+
+    async def messages(self, sel: Selector, limit: int = 1000) -> dict: ...
+
+    def spooled(self, sel: Selector | None = None
+                ) -> contextlib.AbstractAsyncContextManager[list[Recipient]]: ...
+
+    def deferrals(self, classify: Callable[[str, str], str], top: int = 50) -> list[dict]: ...
+
+    async def shape(self, by: str = "domain", top: int = 20) -> dict: ...
 
 
 class QueueControl:
@@ -267,7 +286,7 @@ class QueueControl:
 
     # -- views ----------------------------------------------------------------------------------
 
-    def deferrals(self, classify, top: int = 50) -> list[dict]:
+    def deferrals(self, classify: Callable[[str, str], str], top: int = 50) -> list[dict]:
         """Deferred recipients grouped by the reply that deferred them (most first)."""
         now = time.time()
         groups: dict[str, dict] = {}

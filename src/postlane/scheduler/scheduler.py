@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 from ..accounting.records import Record
@@ -83,6 +84,9 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         API's) must not walk the whole queue."""
         self._by_corr: dict[str, set[str]] = {}
         """Message ids by correlation id (of the messages in ``_by_msg``)."""
+        self._by_class: Counter[str] = Counter()
+        """The recipients in ``_by_msg`` per class: what a cluster node holds, for /metrics
+        and the SLA view without a walk of the queue."""
         self._dispatch_pending = False
         self._stopping = False
         self.fenced = False
@@ -432,12 +436,17 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
             held = self._by_msg[msg.id] = {}
             if msg.correlation_id:
                 self._by_corr.setdefault(msg.correlation_id, set()).add(msg.id)
+        if rcpt.idx not in held:
+            self._by_class[msg.cls] += 1
         held[rcpt.idx] = rcpt
 
     def _unindex(self, rcpt: Recipient) -> None:
         msg = rcpt.msg
         held = self._by_msg.get(msg.id)
-        if held is None or held.pop(rcpt.idx, None) is None or held:
+        if held is None or held.pop(rcpt.idx, None) is None:
+            return
+        self._by_class[msg.cls] -= 1
+        if held:
             return
         del self._by_msg[msg.id]
         ids = self._by_corr.get(msg.correlation_id)
@@ -457,6 +466,11 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
     def with_correlation_id(self, correlation_id: str) -> list[str]:
         """The ids of the messages held with this correlation id."""
         return sorted(self._by_corr.get(correlation_id, ()))
+
+    def held_by_class(self) -> dict[str, int]:
+        """Per class, the recipients held in memory and not yet final (in flight included),
+        from a counter kept as they come and go: O(classes)."""
+        return {cls: n for cls, n in self._by_class.items() if n}
 
     def oldest(self, now: float) -> dict[tuple[str, str], float]:
         """Per lane with recipients not yet final, the age of its oldest (``Lane.oldest``:

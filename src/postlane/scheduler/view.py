@@ -30,6 +30,11 @@ class QueueView:
         """The ids of the messages held with this correlation id."""
         return self._sched.with_correlation_id(correlation_id)
 
+    def held_by_class(self) -> dict[str, int]:
+        """Per class, the recipients held in memory and not yet final, in flight included (a
+        counter: O(classes), not a walk)."""
+        return self._sched.held_by_class()
+
     def oldest(self, now: float) -> dict[tuple[str, str], float]:
         """Per lane, the age of its oldest message not yet final."""
         return self._sched.oldest(now)

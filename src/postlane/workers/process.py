@@ -335,9 +335,9 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*(h.idle.wait() for h in busy)),
                                        self.config.node.drain_timeout)
-        if self.signer is not None:
-            self.signer.close()
-        self.feedback.close()
+        if self.signer is not None:  # the signing children's exits: awaited in threads
+            await self.signer.stop()
+        await asyncio.to_thread(self.feedback.close)  # joins the list's writer thread
 
 
 def _die_with_parent(parent: int) -> None:
