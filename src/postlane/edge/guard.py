@@ -17,6 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from ..config import ListenerConfig
 from ..policy.users import User
+from ..streams import pending_bytes
 from .limits import ConnectionLimits, RateLimiter
 
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ class GuardedSMTP(SMTP):
         if waited:
             self._writer.write(f"220-{self.hostname} ESMTP\r\n".encode())
             await asyncio.sleep(cfg.limits.pregreet_wait)
-        if not self._reader._buffer:  # StreamReader has no public peek
+        if not pending_bytes(self._reader):
             return False
         log.info("client talked before the greeting", extra={"client": ip})
         if waited:  # the greeting is ended, then the client's first command refused
