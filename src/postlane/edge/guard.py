@@ -180,6 +180,10 @@ class GuardedSMTP(SMTP):
     password checks off the event loop, enhanced codes on aiosmtpd's own replies. The handler
     must have a ``guard``."""
 
+    transport: asyncio.WriteTransport | None
+    """aiosmtpd declares a BaseTransport; a stream server's connection (plain or after
+    STARTTLS) is always written to, and the idle timeout writes its 421 on it directly."""
+
     def __init__(self, handler: Any, **kwargs: Any) -> None:
         self.guard: Guard = handler.guard
         # +1: aiosmtpd counts the transparent dot of a stuffed line (RFC 5321 4.5.3.1.6)
