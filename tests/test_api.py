@@ -200,6 +200,41 @@ async def test_pause_resume_retry_purge_and_metrics(tmp_path, sink, make_node):
         ("purged by operator admin", "admin")}
 
 
+async def test_queue_ages_from_query_and_body(tmp_path, sink, make_node):
+    """older_than/younger_than are seconds or duration texts, from the query string or JSON; a
+    bad one is a 422 naming it (it was a 500 from the query string)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        assert (await client.post("/api/v1/pools/bulk/pause")).json()["paused"] is True
+        resp = await client.post("/api/v1/messages", json={
+            "from": "s@insurer.test", "to": ["aged@example.com"], "text": "offer"})
+        assert resp.status_code == 202
+
+        async def listed(query: str) -> int:
+            resp = await client.get(f"/api/v1/queue/messages?pool=bulk&{query}")
+            assert resp.status_code == 200, resp.text
+            return resp.json()["total_messages"]
+
+        assert await listed("younger_than=1h") == 1
+        assert await listed("younger_than=3600") == 1
+        assert await listed("older_than=1h") == 0
+        assert await listed("older_than=0") == 1
+        for query in ("older_than=soon", "younger_than=-5"):
+            bad = await client.get(f"/api/v1/queue/messages?{query}")
+            assert bad.status_code == 422, bad.text
+            field = query.split("=")[0]
+            assert bad.json()["error"].startswith(f"invalid request: query.{field}: ")
+        dry = await client.post("/api/v1/queue/hold", json={
+            "pool": "bulk", "older_than": "1h", "dry_run": True})
+        assert dry.status_code == 200 and dry.json()["recipients"] == 0, dry.text
+        dry = await client.post("/api/v1/queue/hold", json={
+            "pool": "bulk", "younger_than": 3600, "dry_run": True})
+        assert dry.status_code == 200 and dry.json()["recipients"] == 1, dry.text
+        bad = await client.post("/api/v1/queue/hold", json={"older_than": "soon"})
+        assert bad.status_code == 422 and "body.older_than" in bad.json()["error"]
+        assert "not a duration" in bad.json()["error"]
+
+
 def test_nodes_starting_together_read_one_whole_token_and_key(tmp_path):
     """Nodes sharing a state folder may create the API token and feedback key at the same
     instant: each reads the whole secret, the same one, from a 0600 file."""

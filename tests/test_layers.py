@@ -41,7 +41,8 @@ LAYERS: list[set[str]] = [
     {"spool"},                                      # the durable queue and evidence outbox
     {"accounting"},                                 # records and their CSV/JSONL files
     {"config"},                                     # data and validation of data
-    {"address", "schema", "secretfile", "childproc", "health", "logsetup"},  # leaf helpers
+    {"address", "schema", "secretfile", "childproc", "health", "logsetup",  # leaf helpers
+     "streams"},
 ]
 
 DEBT: dict[tuple[str, str], str] = {

@@ -526,6 +526,26 @@ async def test_garbage_reply() -> None:
     assert info.value.stage == "ehlo" and info.value.temporary
 
 
+async def test_plaintext_pipelined_after_starttls_reply_is_refused() -> None:
+    """Bytes after the 220 to STARTTLS (a man in the middle injecting replies that would be
+    read as if they came over TLS) end the session before the handshake."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        await reader.readline()
+        writer.write(b"250-mx.test\r\n250 STARTTLS\r\n")
+        await reader.readline()
+        writer.write(b"220 2.0.0 go ahead\r\n250 injected\r\n")  # one segment
+        await writer.drain()
+        await reader.read()
+
+    async with raw_server(serve) as port:
+        with pytest.raises(SMTPError) as info:
+            await connect(port, tls="required")
+    err = info.value
+    assert err.stage == "starttls" and err.tls_failure == "validation-failure"
+    assert "pipelined" in str(err)
+
+
 async def test_banner_timeout() -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()

@@ -8,7 +8,8 @@ import time
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 
 from ..config.model import parse_duration
 from ..policy.headers import field_value, header_fields, split_message
@@ -21,6 +22,18 @@ if TYPE_CHECKING:
 __all__ = ["router"]
 
 
+def _age(value: object) -> float | None:
+    """Seconds from a number or a duration text (``600``, ``"600"``, ``"10m"``): the query
+    string gives text, JSON either."""
+    return None if value is None else parse_duration(value)
+
+
+Age = Annotated[float | None, BeforeValidator(_age),
+                WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"},
+                                          {"type": "null"}]})]
+"""An age in seconds, given as a number or a duration text."""
+
+
 class SelectorIn(BaseModel):
     """Which messages: every field given must match; ``all`` for the whole queue."""
 
@@ -30,17 +43,12 @@ class SelectorIn(BaseModel):
     domain: str | None = None
     cls: str | None = Field(None, alias="class")
     state: Literal["queued", "deferred", "held"] | None = None
-    older_than: str | float | None = Field(None, description="age, e.g. 600 or '10m'")
-    younger_than: str | float | None = None
+    older_than: Age = Field(None, description="age, e.g. 600 or '10m'")
+    younger_than: Age = None
     sender: str | None = Field(None, description="envelope sender, * as wildcard")
     recipient: str | None = Field(None, description="recipient address, * as wildcard")
     correlation_id: str | None = None
     all: bool = False
-
-    @field_validator("older_than", "younger_than")
-    @classmethod
-    def _age(cls, value: str | float | None) -> float | None:
-        return None if value is None else parse_duration(value)
 
     def selector(self) -> Selector:
         return Selector(tuple(self.queue_ids), self.pool, self.domain, self.cls, self.state,
@@ -63,9 +71,15 @@ def _listing(pool: str | None = None, domain: str | None = None,
              sender: str | None = None, recipient: str | None = None,
              correlation_id: str | None = None,
              queue_id: Annotated[list[str] | None, Query()] = None) -> SelectorIn:
-    return SelectorIn(queue_ids=queue_id or [], pool=pool, domain=domain, cls=cls, state=state,
-                      older_than=older_than, younger_than=younger_than, sender=sender,
-                      recipient=recipient, correlation_id=correlation_id)
+    """The query parameters of a listing as a selector; a bad value (``older_than=soon``) is a
+    422 naming the parameter, as FastAPI's own checks give."""
+    try:
+        return SelectorIn(queue_ids=queue_id or [], pool=pool, domain=domain, cls=cls,
+                          state=state, older_than=older_than, younger_than=younger_than,
+                          sender=sender, recipient=recipient, correlation_id=correlation_id)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])}
+                                      for e in exc.errors(include_url=False)]) from None
 
 
 def router(parts: NodeParts) -> APIRouter:

@@ -142,7 +142,8 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
     store = _open(config, db, schema)
     try:
         result = store.verify(day)
-        spool = _spool_view(config) if db is None else None
+        # without --db the store is the config's (_open refused neither being given)
+        spool = _spool_view(config) if db is None and config is not None else None
         try:
             complete = store.completeness(spool)
         finally:
@@ -263,7 +264,7 @@ def seal(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
         typer.echo("nothing to seal")
 
 
-def _spool_view(config: Path | None):
+def _spool_view(config: Path):
     """The node's spool, read-only, for completeness (None if it cannot be opened)."""
     from ..spool.outbox import open_outbox
     from . import _load

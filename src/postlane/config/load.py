@@ -9,13 +9,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Union, get_args, get_origin
+from typing import TYPE_CHECKING, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
 from .destinations import default_rules
 from .locations import is_dsn
 from .model import Config
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 def _any_mailbox(addr: str) -> bool:
@@ -57,7 +60,7 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _message(err: dict) -> str:
+def _message(err: ErrorDetails) -> str:
     msg = str(err.get("msg", "invalid"))
     msg = msg.removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":

@@ -17,6 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from ..config import ListenerConfig
 from ..policy.users import User
+from ..streams import pending_bytes
 from .limits import ConnectionLimits, RateLimiter
 
 if TYPE_CHECKING:
@@ -179,6 +180,10 @@ class GuardedSMTP(SMTP):
     password checks off the event loop, enhanced codes on aiosmtpd's own replies. The handler
     must have a ``guard``."""
 
+    transport: asyncio.WriteTransport | None
+    """aiosmtpd declares a BaseTransport; a stream server's connection (plain or after
+    STARTTLS) is always written to, and the idle timeout writes its 421 on it directly."""
+
     def __init__(self, handler: Any, **kwargs: Any) -> None:
         self.guard: Guard = handler.guard
         # +1: aiosmtpd counts the transparent dot of a stuffed line (RFC 5321 4.5.3.1.6)
@@ -240,7 +245,7 @@ class GuardedSMTP(SMTP):
         if waited:
             self._writer.write(f"220-{self.hostname} ESMTP\r\n".encode())
             await asyncio.sleep(cfg.limits.pregreet_wait)
-        if not self._reader._buffer:  # StreamReader has no public peek
+        if not pending_bytes(self._reader):
             return False
         log.info("client talked before the greeting", extra={"client": ip})
         if waited:  # the greeting is ended, then the client's first command refused

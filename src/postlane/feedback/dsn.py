@@ -205,7 +205,7 @@ def build_bounce(
     ]
     if queue_id:
         per_message.append(("X-Postlane-Queue-ID", _dsn_text(queue_id)))
-    blocks = [_block(per_message)]
+    blocks: list[Message | str] = [_block(per_message)]  # what set_payload takes
     for r in recipients:
         fields: list[tuple[str, str]] = []
         if r.orcpt:

@@ -79,7 +79,7 @@ class Monitor:
         self.tracker = Tracker(self.config, counts_queue=not clustered,
                                publishes_slices=clustered)
         """This node's own records (on one node: its whole queue)."""
-        self.cluster = ClusterMonitor(self, spool) if clustered else None
+        self.cluster = ClusterMonitor(self, spool) if isinstance(spool, PostgresSpool) else None
         self.rules: dict[str, Rules] = {}
         for name, cls in self.config.classes.items():
             if cls.sla is not None:

@@ -287,7 +287,7 @@ class Intake:
         try:
             await self.spool.enqueue(msg, recipients, content, urgent=urgent, events=events)
         except SpoolUnavailable:  # told once by the spool (Health), counted here
-            self.health.count(type(self.spool).HEALTH_KEY)
+            self.health.count(self.spool.HEALTH_KEY)
             text = "4.3.0 Temporary failure storing the message, try again"
             raise Rejection(451, text) from None
         for rec in events:

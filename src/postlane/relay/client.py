@@ -26,6 +26,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from ..address import PathError, alabel_domain
+from ..streams import pending_bytes
 
 __all__ = ["Reply", "SMTPConnection", "SMTPError", "Timeouts", "Transaction"]
 
@@ -274,7 +275,7 @@ class SMTPConnection:
                 raise SMTPError("starttls", f"STARTTLS refused: {reply}", reply,
                                 tls_failure="starttls-not-supported")
             return  # opportunistic: the session goes on in plaintext (RFC 3207 4.1)
-        if self._reader._buffer:  # private, but there is no public way to see pending bytes
+        if pending_bytes(self._reader):  # the server's reply was not the last thing it sent
             raise SMTPError("starttls", "plaintext data pipelined after STARTTLS reply",
                             tls_failure="validation-failure")
         ctx = ssl_context or unverified_context()

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from ..secretfile import private_dir, private_open
-from .mx import DNSPermError, DNSTempError, MXResolver
+from .mx import DNSPermError, DNSTempError, MXResolver, txt_strings
 
 log = logging.getLogger("postlane.relay.mtasts")
 
@@ -160,7 +160,7 @@ class MTASTS:
 
     async def _record_id(self, domain: str) -> str | None:
         records, _ = await self.resolver.records(f"_mta-sts.{domain}", "TXT")
-        texts = [b"".join(r.strings).decode("ascii", "replace") for r in records]
+        texts = [text.decode("ascii", "replace") for text in txt_strings(records)]
         ours = [t for t in texts if t.startswith("v=STSv1")]
         if len(ours) != 1:  # none, or ambiguous: no policy (RFC 8461 3.1)
             return None

@@ -12,7 +12,7 @@ import asyncio
 import ipaddress
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,10 @@ import dns.flags
 import dns.name
 import dns.rdata
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 
-__all__ = ["DNSPermError", "DNSTempError", "Destination", "MXResolver"]
+__all__ = ["DNSPermError", "DNSTempError", "Destination", "MXResolver", "txt_strings"]
 
 NEGATIVE_TTL = 300.0
 """How long ``records`` remembers that a name has no records of a type (RFC 2308's usual SOA
@@ -146,10 +147,7 @@ class MXResolver:
             return []
         except dns.exception.DNSException as e:
             raise DNSTempError(f"TXT {name}: {e}") from e
-        return [
-            b"".join(rdata.strings).decode("utf-8", "replace")
-            for rdata in answer  # type: ignore[attr-defined]
-        ]
+        return [text.decode("utf-8", "replace") for text in txt_strings(answer)]
 
     async def _cached(self, key: str, lookup: Callable[[], Awaitable[tuple[Any, float]]]) -> Any:
         entry = self._cache.get(key)
@@ -265,6 +263,13 @@ class MXResolver:
         if any(isinstance(e, DNSTempError) for e in errors):
             raise DNSTempError(f"{domain}: no MX host resolved: {_join(errors)}")
         raise DNSPermError(f"{domain}: no MX host has an address: {_join(errors)}")
+
+
+def txt_strings(records: Iterable[dns.rdata.Rdata]) -> list[bytes]:
+    """Each TXT record's character-strings joined into one (a record longer than 255 bytes is
+    published as several strings and read as their concatenation: RFC 7208 3.3, RFC 8461 3.1);
+    records of another type are skipped."""
+    return [b"".join(r.strings) for r in records if isinstance(r, dns.rdtypes.ANY.TXT.TXT)]
 
 
 def _absolute(name: str) -> dns.name.Name:

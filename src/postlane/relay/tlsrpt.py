@@ -37,7 +37,7 @@ import httpx
 
 from ..config import Config
 from ..secretfile import private_file
-from .mx import DNSTempError, MXResolver
+from .mx import DNSTempError, MXResolver, txt_strings
 
 log = logging.getLogger("postlane.tlsrpt")
 
@@ -201,7 +201,7 @@ class TLSReports:
     async def _rua(self, domain: str) -> list[str]:
         """The ``rua`` URIs of ``_smtp._tls.DOMAIN`` (RFC 8460 3)."""
         records, _ = await self.resolver.records(f"_smtp._tls.{domain}", "TXT")
-        texts = [b"".join(r.strings).decode("utf-8", "replace") for r in records]
+        texts = [text.decode("utf-8", "replace") for text in txt_strings(records)]
         ours = [t for t in texts if t.startswith("v=TLSRPTv1")]
         if len(ours) != 1:
             return []

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from ..accounting.records import Record
@@ -142,7 +142,12 @@ class Spool(Protocol):
     densely per writer (``writer_id``); the recorder feeds the audit store and the accounting
     files from these events and ``trim`` drops the ones it has consumed."""
 
+    HEALTH_KEY: ClassVar[str]
+    """The ``Health`` key the spool's outage is reported (and counted) under."""
     writer_id: str
+    events_written: int
+    """The number of this writer's last committed event (the recorder's backlog is the
+    distance to it)."""
     stats: CommitStats
     """The writer's commits and their durations (``postlane_spool_commit_seconds``)."""
 

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import ClassVar
 
 import asyncpg
 
@@ -73,7 +74,7 @@ once, 19.2 s with this delay (under cProfile, on the shared 2-core machine: indi
 class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
     """Spool in PostgreSQL schema ``schema`` of the database at ``dsn``."""
 
-    HEALTH_KEY = "database"
+    HEALTH_KEY: ClassVar[str] = "database"
 
     def __init__(self, dsn: str, schema: str = "postlane", node: str = "",
                  health: Health | None = None) -> None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..accounting.records import Record, pack
 from ..health import Health
@@ -119,7 +120,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
 class SQLiteSpool(GroupCommitWrites):
     """Spool in ``<directory>/spool.sqlite``."""
 
-    HEALTH_KEY = "spool"
+    HEALTH_KEY: ClassVar[str] = "spool"
 
     def __init__(self, directory: str | Path, node: str = "",
                  health: Health | None = None) -> None:

@@ -25,7 +25,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import Any, ClassVar
 
 from aiosmtpd.smtp import Envelope, Session
 
@@ -105,7 +105,7 @@ class MainChannel(asyncio.Protocol):
 class RemoteSpool:
     """What ``Intake`` needs of a spool, answered by the main process's spool writer."""
 
-    HEALTH_KEY = "spool"
+    HEALTH_KEY: ClassVar[str] = "spool"
 
     def __init__(self, channel: MainChannel) -> None:
         self.channel = channel
@@ -184,8 +184,7 @@ class WorkerSMTP(EdgeSMTP):
         if refusal is not None:
             log.info("connection refused", extra={"client": ip, "reply": refusal})
             if self.transport is not None:
-                self.transport.write(  # type: ignore[attr-defined]
-                    refusal.encode() + b"\r\n")
+                self.transport.write(refusal.encode() + b"\r\n")
                 self.transport.close()
             return
         handler.sessions += 1
