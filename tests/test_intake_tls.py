@@ -17,6 +17,7 @@ from postlane.cli import app
 from tests.conftest import config_text
 from tests.support.pki import TestCA
 from tests.support.rawsmtp import session
+from tests.support.waiting import until
 
 
 async def _server_certificate(port: int, context: ssl.SSLContext | None = None) -> bytes:
@@ -69,17 +70,16 @@ reload_interval = "0.1s"
     first = await _server_certificate(port, verify)
     new_cert, new_key = ca.issue(["mta.test"], file_name="renewed")
     cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nhalf written")  # a broken moment
-    await asyncio.sleep(0.3)
+    await until(lambda: any("not reloaded" in r.getMessage() for r in caplog.records),
+                what="the broken file tried and refused")
     assert await _server_certificate(port, verify) == first, "a broken file keeps the old one"
-    assert any("not reloaded" in r.getMessage() for r in caplog.records)
     os.replace(new_key, key)
     os.replace(new_cert, cert)
-    for _ in range(50):
-        served = await _server_certificate(port, verify)
-        if served != first:
-            break
-        await asyncio.sleep(0.1)
-    assert served != first
+
+    async def renewed() -> bool:
+        return await _server_certificate(port, verify) != first
+
+    await until(renewed, timeout=10, step=0.05, what="the renewed certificate served")
     assert not node.status()["listeners"][0]["certificate"]["generated"]
 
 
