@@ -55,6 +55,21 @@ async def test_starttls_by_default_with_a_generated_certificate(tmp_path, sink, 
     assert await _server_certificate(node2.listeners[0].port) == der
 
 
+def test_nodes_starting_at_once_make_one_generated_pair(tmp_path, sink):
+    """Cluster nodes may share the state folder and start together: each gets the same pair,
+    and its key matches its certificate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from postlane.edge.tls import generated_pair, server_context
+    from postlane.startup import parse_config
+
+    config = parse_config(config_text(tmp_path, sink.port))
+    with ThreadPoolExecutor(8) as pool:
+        pairs = list(pool.map(lambda _: generated_pair(config), range(8)))
+    assert len(set(pairs)) == 1
+    server_context(*pairs[0])  # loads: the key is the certificate's
+
+
 async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, sink, make_node,
                                                                 caplog):
     ca = TestCA(tmp_path / "ca")
