@@ -158,6 +158,37 @@ def test_no_cycles_between_parts() -> None:
     assert cycles(part_imports()) == []
 
 
+WIRING = ["node.py", "admin/service.py", "workers/pool.py", "workers/process.py"]
+"""The composition root and the code that runs it: they hand parts what they use (constructor
+arguments, methods of the part), never set a part's attribute (docs/architecture.md, Wiring)."""
+
+
+def _reaches_into_part(target: ast.expr) -> bool:
+    """``self.part.attr = ...`` or ``node.part[.attr] = ...`` (``self.x = ...`` and the
+    config's data, ``cfg.x.y = ...``, are fine)."""
+    if not isinstance(target, ast.Attribute):
+        return False
+    root: ast.expr = target.value
+    depth = 1
+    while isinstance(root, ast.Attribute):
+        root, depth = root.value, depth + 1
+    name = root.id if isinstance(root, ast.Name) else ""
+    return name == "node" or (name == "self" and depth > 1)
+
+
+def test_the_wiring_assigns_no_attribute_of_a_part() -> None:
+    found = []
+    for rel in WIRING:
+        for node in ast.walk(ast.parse((ROOT / rel).read_text())):
+            targets = (node.targets if isinstance(node, ast.Assign) else
+                       [node.target] if isinstance(node, ast.AugAssign | ast.AnnAssign) else [])
+            for target in targets:
+                for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                    if _reaches_into_part(t):
+                        found.append(f"{rel}:{node.lineno}: {ast.unparse(t)}")
+    assert not found, "give the part a constructor argument or a method:\n" + "\n".join(found)
+
+
 if __name__ == "__main__":  # python tests/test_layers.py: the graph, its cycles, the debt
     graph = part_imports()
     comps = cycles(graph)

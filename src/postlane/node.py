@@ -9,7 +9,8 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 from .accounting.records import Record
 from .api.parts import NodeParts
@@ -19,14 +20,16 @@ from .audit.service import AuditService
 from .config import Config
 from .edge.auth import Authenticator
 from .edge.smtp import Listener
-from .edge.tls import Certificates
+from .edge.tls import Certificates, ServerCertificate
+from .feedback.categories import Classifier
+from .feedback.complaints import ComplaintRates
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
 from .health import Health
 from .monitor.activity import Activity
 from .monitor.monitor import Monitor
 from .operations import Operations, Suppressions
-from .policy.dkim import Signer
+from .policy.dkim import KeyRing, Signer
 from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
@@ -48,41 +51,40 @@ class Node:
         self.config = config
         self.health = Health()
         """Degraded states (low disk, database away, key missing, destination down)."""
-        self.spool = make_spool(config.node.spool, config.cluster.schema_name, config.node.name)
-        self.spool.health = self.health
+        self.spool = make_spool(config.node.spool, config.cluster.schema_name, config.node.name,
+                                self.health)
         self.audit = AuditService(config) if config.audit.enabled else None
         self.recorder = Recorder(config, self.spool,
                                  self.audit.location if self.audit is not None else None,
                                  self.audit.stored if self.audit is not None else None,
                                  self.health)
-        self._listeners: list = []
-        """In-memory observers of every record (monitor, feedback): told at once, on the
-        loop; the durable copy goes through the spool and the recorder."""
-        self.feedback = FeedbackService(config, self.persist)
-        self._listeners.append(self.feedback.on_record)
+        complaints = ComplaintRates.for_config(config.feedback)
+        self.reputation = ReputationService(config, complaints)
+        self.feedback = FeedbackService(config, self.persist, rates=complaints,
+                                        dmarc=self.reputation)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
-        self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3")
+        # the relay counts TLS sessions for the reports, the scheduler drives the relay and the
+        # intake feeds the scheduler: the reports mail through the intake built after them
+        self.tls_reports = (TLSReports(config, self.resolver, local_dir(config) / "tlsrpt.sqlite3",
+                                       submit=self._submit)
                             if config.tlsrpt.enabled else None)
         self.relay = Relay(config, self.spool, self.resolver, self.tls_reports,
                            envelope_sender=self.feedback.envelope_sender)
         self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures,
                                    relay=self.relay, health=self.health,
-                                   classify=self.feedback.classifier.classify)
+                                   classify=self.feedback.classify)
         self.queue = QueueControl(self.scheduler, config.pools, config.classes,
                                   self.spool if isinstance(self.spool, PostgresSpool) else None)
         self.stop_requested = asyncio.Event()
         """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
         self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
                         if isinstance(self.spool, PostgresSpool) else None)
-        self.signer = Signer(config, self.persist) if config.dkim.keys else None
-        if self.signer is not None:
-            self.signer.keyring.health = self.health
+        self.signer = (Signer(config, self.persist, health=self.health) if config.dkim.keys
+                       else None)
         self.intake = Intake(config, self.spool, self.claimer or self.scheduler, self.emit,
                              self.signer, self.health, feedback=self.feedback,
                              audit_behind=self.recorder.behind)
-        if self.tls_reports is not None:
-            self.tls_reports.submit = self.intake.submit
         self.certificates = Certificates(config)
         self.auth = Authenticator.of(self.intake.users, config.security)
         """SMTP AUTH, shared by the listeners: its cap on password checks is node-wide."""
@@ -95,15 +97,14 @@ class Node:
                         if worker_count(config.node.workers) > 1 else None)
         """SMTP intake in worker processes (``[node] workers`` > 1); None: in this process."""
         self.monitor = Monitor(config, self.spool, self.view, self.intake.submit, self.status,
-                               self.health)
-        self._listeners.append(self.monitor.on_record)
-        self.reputation = ReputationService(config, self.feedback.rates)
-        self.feedback.dmarc = self.reputation
-        self._listeners.append(self.reputation.on_record)
-        self.monitor.sources.append(self.reputation.conditions)
-        self.monitor.metrics.registry.register(ReputationCollector(self.reputation))
+                               self.health, conditions=[self.reputation.conditions],
+                               collectors=[ReputationCollector(self.reputation)])
         self.activity = Activity()
-        self._listeners.append(self.activity.on_record)
+        self._listeners: list[Callable[[Record], None]] = [
+            self.feedback.on_record, self.monitor.on_record, self.reputation.on_record,
+            self.activity.on_record]
+        """In-memory observers of every record, told in this order at once, on the loop; the
+        durable copy goes through the spool and the recorder."""
         self.operations = Operations(config, self.scheduler, self.queue, self.spool,
                                      Suppressions(self.feedback.suppression, self.persist),
                                      self.feedback.writes, self.emit)
@@ -129,6 +130,10 @@ class Node:
             except Exception:  # a broken observer must not stop mail or its evidence
                 log.exception("record observer %r failed", fn)
 
+    def _submit(self, *args: Any, **kwargs: Any) -> Awaitable[str]:
+        """``Intake.submit``, for a part built before the intake (the TLS reports)."""
+        return self.intake.submit(*args, **kwargs)
+
     def persist(self, rec: Record) -> None:
         """A record that goes with no state change of the spool (a complaint, a refusal):
         an event of its own, durable at the next commit."""
@@ -151,7 +156,7 @@ class Node:
             if self.signer is not None:
                 await self.signer.start()
                 opened.push_async_callback(self.signer.stop)
-            self.scheduler.paused = await self.spool.paused()
+            self.scheduler.resume_paused(await self.spool.paused())
             resumed = 0
             if self.claimer is not None:
                 await self.claimer.start()
@@ -159,12 +164,12 @@ class Node:
             elif isinstance(self.spool, SQLiteSpool) and not self.scheduler.fifo:
                 # deep lanes stay in the spool: deferred and held recipients come into memory,
                 # queued ones are counted and read in as their lanes drain (scheduler/paging.py)
-                pager = self.scheduler.pager = Pager(self.scheduler, self.spool)
+                pager = Pager(self.scheduler, self.spool)
+                self.scheduler.use_pager(pager)
                 sla = [name for name, cls in self.config.classes.items() if cls.sla is not None]
                 found = await self.spool.resume(sla)
                 resumed = pager.resume(found)
-                self.monitor.tracker.seed_counts(found.classes, found.outstanding, time.time())
-                self.monitor.seeded = True
+                self.monitor.seed(found.classes, found.outstanding, time.time())
             else:
                 pending = await self.spool.pending()
                 resumed = len(pending.recipients)
@@ -203,6 +208,29 @@ class Node:
         if self.tls_reports is not None:
             self._tls_tasks.append(loop.create_task(self.tls_reports.run()))
         log.info("node started", extra={"resumed": resumed})
+
+    def reload(self, new: Config, *, certificates: Sequence[ServerCertificate],
+               keyring: KeyRing | None, classifier: Classifier) -> None:
+        """Take over what a reload changes in place (admin/service.py): from ``new``, and from
+        the parts already built and checked from it, so nothing here fails half-way: the
+        listeners' ``certificates`` (re-read if their files changed), the DKIM ``keyring``
+        (None: signing keeps its keys), the bounce rules' ``classifier``; classes (same pool),
+        destination rules, routes and classification go into the running config."""
+        cfg = self.config
+        for entry in certificates:
+            entry.reload_if_changed()  # new handshakes get it; open sessions keep theirs
+        if keyring is not None and self.signer is not None:
+            self.signer.use_keyring(keyring)
+            cfg.dkim = new.dkim
+        for name, cls in new.classes.items():
+            if name in cfg.classes and cls.pool == cfg.classes[name].pool:
+                cfg.classes[name] = cls
+        cfg.destinations, cfg.default_destinations = new.destinations, new.default_destinations
+        self.scheduler.apply_rules(new.destinations)
+        cfg.routes, cfg.classification = new.routes, new.classification
+        cfg.default_class, cfg.correlation_header = new.default_class, new.correlation_header
+        self.feedback.use_classifier(classifier)  # the scheduler's records follow it
+        cfg.feedback.bounce_rules = new.feedback.bounce_rules
 
     async def _watch_disk(self) -> None:
         while True:

@@ -37,6 +37,7 @@ from ..startup import ConfigError, load_config
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..edge.tls import ServerCertificate
 
 __all__ = ["Notifier", "reload", "run"]
 
@@ -106,7 +107,7 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
     return out
 
 
-def _certificates(node: Node) -> list:
+def _certificates(node: Node) -> list[ServerCertificate]:
     """The listeners' certificates, each pair checked by loading it afresh (a renewed file
     under the same path; a path changed in the config waits for a restart)."""
     from ..edge.tls import server_context
@@ -122,13 +123,13 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
     changed) if it does not load."""
     from ..feedback.categories import load_classifier
     from ..policy.dkim import DKIMError, KeyRing
-    from ..scheduler.rules import RuleBook
 
     notifier.reloading()
     try:
         new = await asyncio.to_thread(load_config, path)
         certs = await asyncio.to_thread(_certificates, node)
-        keyring = KeyRing(new.dkim) if node.signer is not None and new.dkim.keys else None
+        keyring = (KeyRing(new.dkim, node.health) if node.signer is not None and new.dkim.keys
+                   else None)
         classifier = load_classifier(new.feedback.bounce_rules)
     except ConfigError as exc:
         log.error("reload refused, still running the previous configuration: %s",
@@ -139,28 +140,8 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
         log.error("reload refused, still running the previous configuration: %s", exc)
         notifier.ready("reload refused (see the log)")
         return False
-    cfg = node.config
-    waiting = _needs_restart(cfg, new)
-    for entry in certs:
-        entry.reload_if_changed()  # new handshakes get it; open sessions keep theirs
-    if keyring is not None:
-        keyring.health = node.health
-        node.signer.keyring = keyring
-        node.signer.dkim = cfg.dkim = new.dkim
-    for name, cls in new.classes.items():
-        if name in cfg.classes and cls.pool == cfg.classes[name].pool:
-            cfg.classes[name] = cls
-    cfg.destinations, cfg.default_destinations = new.destinations, new.default_destinations
-    node.scheduler.rules = RuleBook(new.destinations)
-    for lane in node.scheduler.lanes.values():
-        rule = node.scheduler.rules.for_domain(lane.domain) or (
-            lane.rule_name if lane.rule_name in new.destinations else None)
-        lane.rule_name, lane.rule = (rule, new.destinations[rule]) if rule else ("", None)
-    cfg.routes, cfg.classification = new.routes, new.classification
-    cfg.default_class, cfg.correlation_header = new.default_class, new.correlation_header
-    node.feedback.classifier = classifier
-    node.scheduler.classify = classifier.classify
-    cfg.feedback.bounce_rules = new.feedback.bounce_rules
+    waiting = _needs_restart(node.config, new)
+    node.reload(new, certificates=certs, keyring=keyring, classifier=classifier)
     log.info("configuration reloaded", extra={
         "certificates": len(certs), "dkim_keys": len(new.dkim.keys),
         "destination_rules": len(new.destinations), "restart_needed": waiting})

@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 import marshal
+import os
 import select
 import signal
 import socket
@@ -54,6 +55,11 @@ SYNC = 1.0
 """Seconds between fsyncs of the accounting files (and moves of their position)."""
 BATCH = 20000
 """Events read per writer and look: one audit transaction at most this big."""
+NICE = 5
+"""The recorder runs this much nicer than the node: when the cores are short, the mail path
+(the event loop, the spool writer, the signers) goes first and the evidence follows a little
+later - it is already durable as events in the spool, and intake slows down if the recorder
+falls far behind (``Recorder.behind``)."""
 
 
 def _settings(config: Config, own: str, audit: str | None) -> dict:
@@ -121,6 +127,11 @@ class Recorder:
             log.warning("audit store caught up (%d records behind): accepting mail again",
                         backlog)
         return self._behind
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before it started)."""
+        return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> None:
         """Start the child; raises if it cannot open the store or the files."""
@@ -440,6 +451,7 @@ def _serve(fd: int) -> None:
 if __name__ == "__main__":
     # Ctrl-C reaches the whole process group: the node stops and tells us when to end.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.nice(NICE)
     logging.getLogger().setLevel(logging.INFO)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         _serve(int(sys.argv[1]))

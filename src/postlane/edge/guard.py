@@ -67,22 +67,36 @@ def peer_ip(session: Session) -> str:
     return session.peer[0] if isinstance(session.peer, tuple) else ""
 
 
+class _Unlimited:
+    """Admits every connection: admission is counted elsewhere (a worker process asks its
+    main process, node-wide)."""
+
+    def admit(self, ip: str, per_ip: bool = True) -> str | None:
+        return None
+
+    def release(self, ip: str) -> None:
+        pass
+
+
 class Guard:
     """One listener's security state: relay networks, connection counts, message rates, TLS,
     and the node's SMTP AUTH (``auth``; None: no users file, no AUTH)."""
 
     def __init__(self, config: ListenerConfig, intake: Intake,
                  certificate: ServerCertificate | None = None,
-                 auth: Authenticator | None = None) -> None:
+                 auth: Authenticator | None = None, *, local_limits: bool = True) -> None:
+        """``local_limits`` False: connection caps and message rates are not counted here
+        (an intake worker asks the main process, which counts them for the whole node)."""
         self.config = config
         self.intake = intake
         self.certificate = certificate
         self.auth = auth
         self.relay_nets = [ipaddress.ip_network(n, strict=False) for n in config.relay_from]
         self._relay_ips: dict[str, bool] = {}
-        self.connections = ConnectionLimits(config.limits.max_connections,
-                                            config.limits.max_connections_per_ip)
-        self.rate = RateLimiter(config.limits.messages_per_minute)
+        self.connections: ConnectionLimits | _Unlimited = (
+            ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_ip)
+            if local_limits else _Unlimited())
+        self.rate = RateLimiter(config.limits.messages_per_minute if local_limits else 0)
 
     def smtp_options(self) -> dict[str, Any]:
         """Keyword arguments for aiosmtpd's SMTP: STARTTLS and the idle timeout (AUTH goes

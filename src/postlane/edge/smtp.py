@@ -325,14 +325,19 @@ class SMTPIntake:
 
     def __init__(self, name: str, config: ListenerConfig, intake: Intake,
                  certificate: ServerCertificate | None = None,
-                 auth: Authenticator | None = None) -> None:
+                 auth: Authenticator | None = None, *, local_limits: bool = True) -> None:
         self.name = name
         self.config = config
         self.intake = intake
         self.draining = False
-        self.guard = Guard(config, intake, certificate, auth)
+        """421 to new mail (``drain``)."""
+        self.guard = Guard(config, intake, certificate, auth, local_limits=local_limits)
         node = intake.config.node
         self.postmaster = node.postmaster or f"postmaster@{node.hostname}"
+
+    def drain(self) -> None:
+        """Refuse new mail with 421 from now on (the node or its worker is stopping)."""
+        self.draining = True
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -468,6 +473,6 @@ class Listener:
         return self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        self.handler.draining = True
+        self.handler.drain()
         if self.server is not None:
             self.server.close()

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config.model import FeedbackConfig
 
 __all__ = ["ComplaintRates"]
 
@@ -22,6 +26,11 @@ class ComplaintRates:
         self.delivered: Counter[tuple[str, str]] = Counter()
         self.complaints: Counter[tuple[str, str]] = Counter()
         self.alerting: set[tuple[str, str]] = set()
+
+    @classmethod
+    def for_config(cls, feedback: FeedbackConfig) -> ComplaintRates:
+        """The rates ``[feedback]`` asks for (its alert threshold and minimum volume)."""
+        return cls(feedback.complaint_alert_rate, feedback.complaint_min_delivered)
 
     def on_delivered(self, pool: str, domain: str) -> None:
         self.delivered[(pool, domain)] += 1

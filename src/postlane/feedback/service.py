@@ -15,14 +15,14 @@ import re
 import time
 from collections.abc import Callable
 from email import message_from_bytes
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from ..accounting.records import Record
 from ..config import Config
 from ..config.model import ClassFeedbackConfig
 from ..policy.intake import RcptIn
 from ..spool import Message, Recipient, local_dir
-from .categories import ADDRESS_FAILURES, load_classifier
+from .categories import ADDRESS_FAILURES, Classifier, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
@@ -30,7 +30,7 @@ from .suppression import SCOPES, Entry, SuppressionList, SuppressionWriter
 from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP
 
-__all__ = ["FeedbackService"]
+__all__ = ["DMARCReports", "FeedbackService"]
 
 log = logging.getLogger("postlane.feedback")
 
@@ -44,27 +44,49 @@ def _one_line(text: str, limit: int = 200) -> str:
     return "".join(ch if 32 <= ord(ch) < 127 else " " for ch in text)[:limit].strip()
 
 
+class DMARCReports(Protocol):
+    """Where mail to the DMARC ``rua`` addresses goes (the reputation service, a layer above:
+    this port is how it is handed in)."""
+
+    def is_rua(self, address: str) -> bool: ...
+
+    async def receive(self, data: bytes, client: str = "") -> Any: ...
+
+
 class FeedbackService:
-    def __init__(self, config: Config, record: Callable[[Record], None]) -> None:
+    def __init__(self, config: Config, record: Callable[[Record], None], *,
+                 rates: ComplaintRates | None = None, dmarc: DMARCReports | None = None) -> None:
         self.config = config
         fb = config.feedback
         spool = local_dir(config)
         self.classifier = load_classifier(fb.bounce_rules)
+        """Reply -> bounce category; replaced by a reload (``use_classifier``)."""
         self.suppression = SuppressionList(fb.suppression_db or spool / "suppression.sqlite3")
         self.writes = SuppressionWriter(self.suppression, log)
         """Every write of the node to the list goes through this thread, never the loop."""
         key = load_or_create_key(fb.key_file or spool / "feedback.key")
         self.verp = VERP(key)
         self.signer = UnsubscribeSigner(key, fb.unsubscribe_ttl)
-        self.rates = ComplaintRates(fb.complaint_alert_rate, fb.complaint_min_delivered)
+        self.rates = rates if rates is not None else ComplaintRates.for_config(fb)
+        """Complaint rates per pool and domain (the reputation view reads the same object)."""
         self.bounce_domains = {p.bounce_domain.lower(): name for name, p in config.pools.items()
                                if p.bounce_domain}
         self.fbl_addresses = {a.lower() for a in fb.fbl_addresses}
         self.mailto = (fb.unsubscribe_mailto or "").lower() or None
         self.record = record
-        self.dmarc = None
-        """reputation.service.ReputationService when the node wires one: mail to the DMARC
-        ``rua`` addresses goes there."""
+        self.dmarc = dmarc
+        """The reputation service when the node has one: mail to the DMARC ``rua`` addresses
+        goes there."""
+
+    def classify(self, status: str, reply: str = "") -> str:
+        """A reply's bounce category by the rules in force (the scheduler's "b" and "t"
+        records use this, so a reload's new rules reach them too)."""
+        return self.classifier.classify(status, reply)
+
+    def use_classifier(self, classifier: Classifier) -> None:
+        """Categorize with ``classifier`` from now on (a reload's bounce rules, loaded
+        beforehand): reports parsed from here on and ``classify``."""
+        self.classifier = classifier
 
     def close(self) -> None:
         """Write what is queued, then close the list (blocks: call it in a thread)."""

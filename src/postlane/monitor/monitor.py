@@ -13,10 +13,12 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from prometheus_client.registry import Collector
 
 from ..accounting.records import Record
 from ..health import Health
@@ -59,7 +61,9 @@ class Rules:
 class Monitor:
     def __init__(self, config: Config, spool: Spool, queue: QueueView,
                  submit: Callable[..., Awaitable[str]], status: Callable[[], dict],
-                 health: Health) -> None:
+                 health: Health, *,
+                 conditions: Sequence[Callable[[float], list[Condition]]] = (),
+                 collectors: Sequence[Collector] = ()) -> None:
         self.config = config
         self.queue = queue
         """The node's queue, read-only."""
@@ -68,13 +72,14 @@ class Monitor:
         self.status = status
         """The node's status (lanes, pools, uptime) for /metrics."""
         self.health = health
+        self.commits = spool.stats
+        """The spool writer's commits (what every 250 waits for), for /metrics."""
         mon = self.config.monitor
         clustered = isinstance(spool, PostgresSpool)
-        self.tracker = Tracker(self.config, counts_queue=not clustered)
+        self.tracker = Tracker(self.config, counts_queue=not clustered,
+                               publishes_slices=clustered)
         """This node's own records (on one node: its whole queue)."""
         self.cluster = ClusterMonitor(self, spool) if clustered else None
-        if self.cluster is not None:
-            self.tracker.slices = {}
         self.rules: dict[str, Rules] = {}
         for name, cls in self.config.classes.items():
             if cls.sla is not None:
@@ -98,12 +103,20 @@ class Monitor:
         self.metrics = Metrics(self)
         self.loop_watch = LoopWatch(self.metrics.registry)
         """How late the event loop runs (``postlane_event_loop_lag_seconds``)."""
-        self.sources: list[Callable[[float], list[Condition]]] = []
+        for collector in collectors:  # after the monitor's own: /metrics keeps its order
+            self.metrics.registry.register(collector)
+        self.sources: list[Callable[[float], list[Condition]]] = list(conditions)
         """More alert conditions (the reputation service's), evaluated with the SLA rules."""
         self.history: deque[dict] = deque(maxlen=int(HISTORY_SECONDS / mon.sample_every) + 1)
         self._task: asyncio.Task | None = None
         self.seeded = False
         """The node counted its resumed queue into the tracker already (from the spool)."""
+
+    def seed(self, depths: dict[str, int], outstanding: list[tuple], now: float) -> None:
+        """Count a queue resumed from the spool by its counts (``SQLiteSpool.resume``), so
+        ``start`` does not count it again from the recipients in memory."""
+        self.tracker.seed_counts(depths, outstanding, now)
+        self.seeded = True
 
     def on_record(self, rec: Record) -> None:
         """Accounting listener (registered by the node)."""

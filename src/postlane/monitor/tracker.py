@@ -87,7 +87,8 @@ class PoolState:
 
 
 class Tracker:
-    def __init__(self, config: Config, counts_queue: bool = True, lag: float = 0.0) -> None:
+    def __init__(self, config: Config, counts_queue: bool = True, lag: float = 0.0,
+                 publishes_slices: bool = False) -> None:
         self.config = config
         self.counts_queue = counts_queue
         """Whether records count the queue (depth, outstanding): only where one node owns the
@@ -103,9 +104,9 @@ class Tracker:
         self.pools = {name: PoolState(name, Completions(window)) for name in config.pools}
         self.recent: OrderedDict[str, tuple] = OrderedDict()
         self._by_correlation: dict[str, list[str]] = {}
-        self.slices: dict[tuple[str, int], list] | None = None
-        """Cluster nodes: per (class, second), [final outcomes, {latency bucket: deliveries}]
-        not yet published for the cluster's figures."""
+        self.slices: dict[tuple[str, int], list] | None = {} if publishes_slices else None
+        """Cluster nodes (``publishes_slices``): per (class, second), [final outcomes,
+        {latency bucket: deliveries}] not yet published for the cluster's figures."""
 
     # -- feeding --------------------------------------------------------------------------------
 

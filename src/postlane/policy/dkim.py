@@ -246,11 +246,11 @@ class KeyRing:
     with a temporary error instead of being signed with a key the operator withdrew.
     """
 
-    def __init__(self, config: DKIMConfig) -> None:
+    def __init__(self, config: DKIMConfig, health: Health | None = None) -> None:
         self.config = config
         self.keys = [SigningKey(k) for k in config.keys]
         self._checked = 0.0
-        self.health = Health()
+        self.health = health if health is not None else Health()
         """The node's: a key going missing and coming back is told there, once each."""
         errors = [f"dkim.keys[{i}] ({sk.config.domain} {sk.config.selector}): {sk.error}"
                   for i, sk in enumerate(self.keys) if not self._load(sk)]
@@ -354,18 +354,25 @@ class Signer:
     missing-key policy, and signs off the event loop."""
 
     def __init__(self, config: Config, record: Callable[[Record], None],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, health: Health | None = None) -> None:
         self.config = config
         self.dkim = config.dkim
         self.record = record
         self.clock = clock
-        self.keyring = KeyRing(config.dkim)
+        self.health = health if health is not None else Health()
+        """The node's: a key file going missing is told there (by the key ring)."""
+        self.keyring = KeyRing(config.dkim, self.health)
         self.stats = SignerStats()
         self._processes = {
             True: [SigningProcess(f"priority-{i}", config.dkim)
                    for i in range(config.dkim.priority_signers)],
             False: [SigningProcess(f"bulk-{i}", config.dkim)
                     for i in range(config.dkim.bulk_signers)]}
+
+    def use_keyring(self, keyring: KeyRing) -> None:
+        """Sign with ``keyring`` (and its ``[dkim]`` settings) from the next message on: a
+        reload, which built and loaded it beforehand (``KeyRing(new.dkim, signer.health)``)."""
+        self.keyring, self.dkim = keyring, keyring.config
 
     async def start(self) -> None:
         """Start the signing processes now, so the first message does not wait for one."""

@@ -274,18 +274,26 @@ class Intake:
                            dlv_size=msg.size, job_id=msg.correlation_id, env_id=envid,
                            correlation_id=msg.correlation_id, message_id=message_id,
                            listener=listener, auth_user=auth_user) for r in recipients]
-        try:  # the "r" (and "s") records are committed with the message: no 250 without them
-            await self.spool.enqueue(msg, recipients, content, urgent=cls.sla is not None,
-                                     events=dropped + received)
+        # the "r" (and "s") records are committed with the message: no 250 without them
+        await self.store(msg, recipients, content, urgent=cls.sla is not None,
+                         events=dropped + received)
+        return qid
+
+    async def store(self, msg: Message, recipients: list[Recipient], content: bytes, *,
+                    urgent: bool, events: list[Record]) -> None:
+        """Commit an accepted message with its records, tell the observers, queue it and
+        count it: the end of ``submit``, and what the main process does with a message an
+        intake worker accepted. Raises Rejection (451) when the spool cannot take it."""
+        try:
+            await self.spool.enqueue(msg, recipients, content, urgent=urgent, events=events)
         except SpoolUnavailable:  # told once by the spool (Health), counted here
             self.health.count(type(self.spool).HEALTH_KEY)
             text = "4.3.0 Temporary failure storing the message, try again"
             raise Rejection(451, text) from None
-        for rec in dropped + received:
+        for rec in events:
             self.record(rec)
         self.scheduler.add_message(recipients)
         self.accepted += 1
-        return qid
 
 
 def _refuse_repeated_fields(fields: list[tuple[str, bytes]]) -> None:

@@ -102,7 +102,8 @@ class MTASTS:
     """Policies of recipient domains: looked up, fetched, cached (in memory and on disk)."""
 
     def __init__(self, resolver: MXResolver, cache_file: Path, *, ca_file: str | None = None,
-                 port: int = 443, timeout: float = 10.0) -> None:
+                 port: int = 443, timeout: float = 10.0,
+                 on_error: Callable[[str, str, str], None] | None = None) -> None:
         self.resolver = resolver
         self.cache_file = cache_file
         self.port = port
@@ -111,7 +112,8 @@ class MTASTS:
         self._policies: dict[str, STSPolicy] = self._load()
         self._failed: dict[str, float] = {}  # domain -> when a fetch may be tried again
         self._fetching: dict[str, asyncio.Future[STSPolicy | None]] = {}
-        self.on_error: Callable[[str, str, str], None] = lambda domain, result, message: None
+        self.on_error: Callable[[str, str, str], None] = (
+            on_error if on_error is not None else lambda domain, result, message: None)
         """Called with (domain, RFC 8460 result type, message) for a policy not fetched."""
 
     def _load(self) -> dict[str, STSPolicy]:

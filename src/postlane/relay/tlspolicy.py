@@ -85,9 +85,9 @@ class TLSPolicy:
         self.reports = reports
         rc = config.relay
         self.sts = (MTASTS(resolver, local_dir(config) / "mta-sts.json", ca_file=rc.ca_file,
-                           port=rc.mta_sts_port) if rc.mta_sts else None)
-        if self.sts is not None and reports is not None:
-            self.sts.on_error = reports.fetch_error
+                           port=rc.mta_sts_port,
+                           on_error=reports.fetch_error if reports is not None else None)
+                    if rc.mta_sts else None)
         self.dane = rc.dane and config.dns.dnssec
         self._verify = verifying_context(rc.ca_file)
         self._plain = unverified_context()

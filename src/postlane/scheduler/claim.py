@@ -80,7 +80,7 @@ class Claimer:
 
     async def start(self) -> None:
         """Join the cluster, adopt its pause state, and start claiming."""
-        self.spool.on_reachability = lambda _up: self._hold()
+        self.spool.notify_reachability(lambda _up: self._hold())
         self._session = await self.spool.session(self.name, self._notified)
         try:
             await self.spool.register(self.name, socket.gethostname(), os.getpid())
@@ -89,7 +89,7 @@ class Claimer:
             raise
         await self._sync_paused()
         await self.spool.sweep()  # messages a crash left with every recipient final
-        self.scheduler.on_final = lambda _rcpt: self._wake.set()
+        self.scheduler.notify_final(lambda _rcpt: self._wake.set())
         self._claiming = True
         self._arm_fence(time.monotonic())
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 from ..accounting.records import Record
 from ..config import Config
+from ..config.model import DestinationRule
 from ..health import Health
 from ..relay.deliver import Relay
 from ..spool import Message, PostgresSpool, Recipient, Spool, State
@@ -88,7 +89,8 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         self.fifo = config.scheduler == "fifo"
         self.rules = RuleBook(config.destinations)
         self.classify = classify
-        """Reply -> bounce category (PowerMTA names) for "b" and "t" records."""
+        """Reply -> bounce category (PowerMTA names) for "b" and "t" records (the node
+        passes the feedback loop's, which follows a reload's bounce rules)."""
         self.rates: RateLimiter = (
             SharedRate(spool, on_tokens=self._tokens_arrived) if isinstance(spool, PostgresSpool)
             else LocalRate(on_tokens=self._tokens_arrived))
@@ -99,7 +101,33 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         """The node's: destinations that cannot be reached are told there, once each."""
         self.pager: Pager | None = None
         """Deep lanes keep their heads in memory and the rest in the spool (``paging.py``;
-        the node sets it up on a SQLite spool)."""
+        the node sets it up on a SQLite spool: ``use_pager``)."""
+
+    # -- set-up and reload ----------------------------------------------------------------------
+
+    def resume_paused(self, paused: set[tuple[str, str]]) -> None:
+        """Adopt the pauses stored in the spool, at start, before any recipient is queued
+        (each lane reads them when it is made)."""
+        self.paused = set(paused)
+
+    def use_pager(self, pager: Pager) -> None:
+        """Page deep lanes through ``pager`` (at start, before the queue is resumed)."""
+        self.pager = pager
+
+    def notify_final(self, fn: Callable[[Recipient], None]) -> None:
+        """Call ``fn`` when a recipient reaches a final state: the claimer, built after the
+        scheduler (it needs it), registers at its start to claim more work."""
+        self.on_final = fn
+
+    def apply_rules(self, destinations: dict[str, DestinationRule]) -> None:
+        """Take a reload's destination rules (already in ``config.destinations``): every lane
+        is matched again; a lane matched by its MX (not its domain) keeps that rule if it is
+        still there."""
+        self.rules = RuleBook(destinations)
+        for lane in self.lanes.values():
+            name = self.rules.for_domain(lane.domain) or (
+                lane.rule_name if lane.rule_name in destinations else None)
+            lane.rule_name, lane.rule = (name, destinations[name]) if name else ("", None)
 
     @property
     def slots(self) -> dict[str, list[SourceSlot]]:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config.locations import is_dsn
+from ..health import Health
 from .base import (
     FINAL_STATES,
     Attempt,
@@ -37,9 +38,9 @@ def local_dir(config: Config) -> Path:
 
 
 def make_spool(location: str, schema: str = "postlane",
-               node: str = "") -> SQLiteSpool | PostgresSpool:
+               node: str = "", health: Health | None = None) -> SQLiteSpool | PostgresSpool:
     """The spool ``node.spool`` names: a PostgreSQL DSN, or else a SQLite directory;
-    ``node`` names its event writer."""
+    ``node`` names its event writer, ``health`` is where its outages are told."""
     if is_dsn(location):
-        return PostgresSpool(location, schema, node)
-    return SQLiteSpool(location, node)
+        return PostgresSpool(location, schema, node, health)
+    return SQLiteSpool(location, node, health)

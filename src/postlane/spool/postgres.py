@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
@@ -45,7 +46,17 @@ from .pgsql import (
     redact,
 )
 from .tokens import Tokens
-from .writer import Batch, Enqueue, Finish, GroupCommitWrites, Op, Operate, WriteQueue, settle
+from .writer import (
+    Batch,
+    CommitStats,
+    Enqueue,
+    Finish,
+    GroupCommitWrites,
+    Op,
+    Operate,
+    WriteQueue,
+    settle,
+)
 
 __all__ = ["CONNECT_TIMEOUT", "MIGRATIONS", "SCHEMA_VERSION", "SESSION_SETTINGS", "UNREACHABLE",
            "NodeConflict", "NodeInfo", "PostgresSpool", "redact"]
@@ -64,7 +75,8 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
 
     HEALTH_KEY = "database"
 
-    def __init__(self, dsn: str, schema: str = "postlane", node: str = "") -> None:
+    def __init__(self, dsn: str, schema: str = "postlane", node: str = "",
+                 health: Health | None = None) -> None:
         self.dsn = dsn
         self.schema = schema
         self.node = node
@@ -85,13 +97,17 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
         self._live: dict[str, Message] = {}
         """Messages with recipients this node holds (claimed or loaded by ``pending``)."""
         self._live_bodies: dict[str, bytes] = {}
-        self.commits = 0
-        self.writes = 0
-        self.health = Health()
+        self.stats = CommitStats()
+        self.health = health if health is not None else Health()
         """Where the database going away and coming back is told (the node's)."""
         self.down = False
         self.on_reachability: Callable[[bool], None] | None = None
         """Called when the database goes away (False) and when it answers again (True)."""
+
+    def notify_reachability(self, fn: Callable[[bool], None]) -> None:
+        """Call ``fn`` when the database goes away (False) and answers again (True): the
+        claimer, built after the spool (it needs it), registers at its start."""
+        self.on_reachability = fn
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -195,11 +211,11 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
             ops = writes.take()
             batch = Batch.of(ops)
             error: BaseException | None = None
+            started = time.perf_counter()
             try:
                 async with self.acquire() as conn:
                     await self._commit(conn, batch)
-                self.commits += 1
-                self.writes += len(ops)
+                self.stats.committed(time.perf_counter() - started, len(ops))
             except Exception as exc:  # a failed commit must fail every waiter, not hang them
                 error = exc
             settle(batch.waiters, error)

@@ -32,7 +32,16 @@ from .base import (
     new_writer_id,
 )
 from .cache import BodyCache
-from .writer import Batch, Enqueue, Finish, GroupCommitWrites, Op, WriteQueue, settle
+from .writer import (
+    Batch,
+    CommitStats,
+    Enqueue,
+    Finish,
+    GroupCommitWrites,
+    Op,
+    WriteQueue,
+    settle,
+)
 
 log = logging.getLogger("postlane.spool")
 
@@ -112,7 +121,8 @@ class SQLiteSpool(GroupCommitWrites):
 
     HEALTH_KEY = "spool"
 
-    def __init__(self, directory: str | Path, node: str = "") -> None:
+    def __init__(self, directory: str | Path, node: str = "",
+                 health: Health | None = None) -> None:
         self.path = Path(directory) / "spool.sqlite"
         self.node = node
         self.writer_id = new_writer_id(node)
@@ -132,9 +142,8 @@ class SQLiteSpool(GroupCommitWrites):
         self._pager_lock = threading.Lock()
         self._cache = BodyCache()
         self._attempts = AttemptJournal(self.path.parent)
-        self.commits = 0
-        self.writes = 0
-        self.health = Health()
+        self.stats = CommitStats()
+        self.health = health if health is not None else Health()
         """Where failing commits are told (the node's; logged once per outage)."""
 
     async def open(self) -> None:
@@ -240,6 +249,7 @@ class SQLiteSpool(GroupCommitWrites):
         error: BaseException | None = None
         first = self.events_written + 1
         events = batch.events
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN")
             if batch.messages:
@@ -274,8 +284,7 @@ class SQLiteSpool(GroupCommitWrites):
                     conn.execute("DELETE FROM paused WHERE pool=? AND domain=?", (pool, domain))
             conn.execute("COMMIT")
             self.events_written += len(events)
-            self.commits += 1
-            self.writes += len(batch.ops)
+            self.stats.committed(time.perf_counter() - started, len(batch.ops))
             self.health.end(self.HEALTH_KEY)
         except Exception as exc:  # a failed commit must fail every waiter, not hang them
             error = exc

@@ -36,7 +36,8 @@ from ..accounting.records import Record
 from ..childproc import frame, frames
 from ..edge.smtp import EdgeSMTP, Listener
 from ..policy import intake as intake_module
-from ..spool import Message, Recipient, SpoolUnavailable
+from ..policy.intake import Rejection
+from ..spool import Message, Recipient
 
 __all__ = ["WorkerPool", "worker_count"]
 
@@ -268,19 +269,14 @@ class WorkerPool:
         msg.remaining = len(recipients)
         records = [Record(*e) for e in events]
         try:
-            await intake.spool.enqueue(msg, recipients, content, urgent=urgent, events=records)
-        except SpoolUnavailable:
-            intake.health.count(type(intake.spool).HEALTH_KEY)
-            channel.send((ask, (451, "4.3.0 Temporary failure storing the message, try again")))
+            await intake.store(msg, recipients, content, urgent=urgent, events=records)
+        except Rejection as exc:  # the spool is away (counted by the intake)
+            channel.send((ask, (exc.code, exc.text)))
             return
         except Exception:
             log.exception("commit of a worker's message failed")
             channel.send((ask, (451, "4.3.0 Temporary failure storing the message, try again")))
             return
-        for rec in records:
-            intake.record(rec)
-        intake.scheduler.add_message(recipients)
-        intake.accepted += 1
         channel.send((ask, None))
 
     async def _flush(self, channel: WorkerChannel, ask: int, events: list, urgent: bool) -> None:

@@ -23,6 +23,7 @@ import pickle
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -139,16 +140,6 @@ class _NoScheduler:
         pass
 
 
-class _Unlimited:
-    """The worker's local connection count: admission is the main process's (node-wide)."""
-
-    def admit(self, ip: str, per_ip: bool = True) -> str | None:
-        return None
-
-    def release(self, ip: str) -> None:
-        pass
-
-
 class _Rua:
     """The DMARC ``rua`` addresses (their reports go to the main process)."""
 
@@ -158,12 +149,19 @@ class _Rua:
     def is_rua(self, address: str) -> bool:
         return address.lower() in self.addresses
 
+    async def receive(self, data: bytes, client: str = "") -> None:
+        """Never called: ``WorkerFeedback.receive`` hands every report to the main process."""
+        raise NotImplementedError("DMARC reports are stored by the main process")
+
 
 class WorkerFeedback(FeedbackService):
     """Suppression look-ups and List-Unsubscribe here; inbound reports (bounces, complaints,
     DMARC) are acted on by the main process, which owns the suppression writes and records."""
 
-    channel: MainChannel
+    def __init__(self, config: Config, record: Callable[[Record], None],
+                 channel: MainChannel) -> None:
+        super().__init__(config, record, dmarc=_Rua(config.reputation.dmarc.addresses))
+        self.channel = channel
 
     async def receive(self, data: bytes, rcpts: list[str], client: str = "") -> None:
         error = await self.channel.ask("report", data, rcpts, client)
@@ -235,11 +233,10 @@ class WorkerHandler(SMTPIntake):
     def __init__(self, name: str, config: ListenerConfig, intake: Intake,
                  certificate: ServerCertificate | None, channel: MainChannel,
                  auth: Authenticator | None = None) -> None:
-        super().__init__(name, config, intake, certificate, auth)
+        # admission and the message rate are counted by the main process instead
+        super().__init__(name, config, intake, certificate, auth, local_limits=False)
         self.channel = channel
-        self.rate_limited = self.guard.rate.per_minute > 0
-        self.guard.rate.per_minute = 0  # counted by the main process instead
-        self.guard.connections = _Unlimited()  # type: ignore[assignment]
+        self.rate_limited = config.limits.messages_per_minute > 0
         self.sessions = 0
         self.transfers = 0
         self.idle = asyncio.Event()
@@ -265,18 +262,15 @@ class Worker:
     def __init__(self, config: Config, channel: MainChannel, sockets: dict[str, int]) -> None:
         self.config = config
         self.channel = channel
-        self.feedback = WorkerFeedback(config, self.persist)
-        self.feedback.channel = channel
-        self.feedback.dmarc = _Rua(  # type: ignore[assignment]
-            config.reputation.dmarc.addresses)
+        self.feedback = WorkerFeedback(config, self.persist, channel)
         self.signer = None
         if config.dkim.keys:
             from ..policy.dkim import Signer
 
             self.signer = Signer(config, self.persist)
         self.spool = RemoteSpool(channel)
-        self.intake = Intake(config, self.spool, _NoScheduler(), lambda rec: None, self.signer)  # type: ignore[arg-type]
-        self.intake.feedback = self.feedback
+        self.intake = Intake(config, self.spool, _NoScheduler(), lambda rec: None, self.signer,  # type: ignore[arg-type]
+                             feedback=self.feedback)
         self.certificates = Certificates(config)
         self.auth = Authenticator.of(self.intake.users, config.security)
         self.handlers = {name: WorkerHandler(name, config.listeners[name], self.intake,
@@ -324,16 +318,14 @@ class Worker:
         cfg.routes, cfg.classification = new.routes, new.classification
         cfg.default_class, cfg.correlation_header = new.default_class, new.correlation_header
         if self.signer is not None and new.dkim.keys:
-            keyring = KeyRing(new.dkim)
-            keyring.health = self.signer.keyring.health
-            self.signer.keyring = keyring
-            self.signer.dkim = cfg.dkim = new.dkim
+            self.signer.use_keyring(KeyRing(new.dkim, self.signer.health))
+            cfg.dkim = new.dkim
 
     async def drain(self) -> None:
         """421 to new mail, no new connections; wait for transfers under way (their commit
         needs the main process, which waits for us), then stop."""
         for handler in self.handlers.values():
-            handler.draining = True
+            handler.drain()
         for server in self.servers:
             server.close()
         busy = [h for h in self.handlers.values() if h.transfers]
