@@ -15,8 +15,19 @@ from postlane.audit.store import Query
 from postlane.cli import app
 from tests.conftest import message, send
 from tests.support.pg import PG_DSN
-from tests.test_audit_webhooks import hook, receiver, until  # noqa: F401  (fixture)
+from tests.support.waiting import until
+from tests.test_audit_webhooks import hook, receiver  # noqa: F401  (fixture)
 from tests.test_cluster import cluster_text, start_node
+
+
+def cursor_at_end(schema: str) -> bool:
+    """The webhook's shared cursor is past every record of the chain."""
+    store = open_store_at(PG_DSN, schema, readonly=True)
+    try:
+        last = max((r["seq"] for r in store.rows_between(None, None)), default=0)
+        return store.cursor("policy-system") >= last
+    finally:
+        store.close()
 
 
 def cli(*args: str):
@@ -67,7 +78,16 @@ async def test_two_nodes_write_one_chain_and_one_sends_the_webhook(tmp_path, sin
                                extra=f"X-Correlation-ID: via-{name}-{i}\r\n"))
         await sink.wait_for(6)
         await until(lambda: len(receiver.events) >= 6, timeout=30)
-        await asyncio.sleep(1.0)  # a second sender would repeat them by now
+        senders = [node.audit.webhooks[0] for node in (a, b)]
+        await until(lambda: asyncio.to_thread(cursor_at_end, pg_schema), timeout=30, step=0.1,
+                    what="the shared cursor at the last record")
+        # a round that began before the cursor moved may still be posting (a second sender's
+        # duplicate): wake both, and wait until each has ended a round since then
+        rounds = [s.rounds for s in senders]
+        for node in (a, b):
+            node.audit.stored()
+        await until(lambda: all(s.rounds > n for s, n in zip(senders, rounds, strict=True)),
+                    what="a round of each node's sender after the cursor reached the end")
     finally:
         await a.stop()
         await b.stop()
@@ -100,7 +120,10 @@ async def test_events_written_by_another_node_wake_the_sender(tmp_path, sink, pg
     await service.start()
     other = PostgresAuditStore(PG_DSN, pg_schema)
     try:
-        await asyncio.sleep(0.5)  # A's sender has made its first round and waits
+        # A's sender made its first round, then one more when the commit listener was up (it
+        # wakes the senders once it listens); now it waits for a commit (the poll is an hour)
+        sender = service.webhooks[0]
+        await until(lambda: sender.rounds >= 2, what="A's sender's round after LISTEN")
         batch = [(Record(type="d", time_logged=10.0 + i, time_queued=1.0, orig="s@x.test",
                          rcpt=f"p{i}@example.com", queue_id=f"Q{i}", cls="policy-documents",
                          vmta_pool="critical"), 120.0, "node-b/1", i + 1) for i in range(3)]

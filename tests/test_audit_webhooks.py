@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from postlane.audit.sqlite import SQLiteAuditStore
 from tests.conftest import config_text, message, send
+from tests.support.waiting import until
 
 
 class Receiver(ThreadingHTTPServer):
@@ -76,13 +75,6 @@ headers = {{ Authorization = "Bearer t0k" }}
 """
 
 
-async def until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
-
-
 async def test_webhook_retries_and_resumes_after_restart(tmp_path, sink, make_node, receiver):
     text = config_text(tmp_path, sink.port, hook(receiver.url))
     receiver.fail = 3
@@ -107,10 +99,13 @@ async def test_webhook_retries_and_resumes_after_restart(tmp_path, sink, make_no
     receiver.down = False
     node = await make_node(text)
     await until(lambda: len(receiver.events) == 4)
-    await asyncio.sleep(0.3)  # nothing further (no duplicates) arrives
+    store = SQLiteAuditStore(node.audit.path, readonly=True)
+    written = store.db.execute("SELECT max(seq) FROM audit_records").fetchone()[0]
+    # the cursor moves after the 2xx of its batch: once it is past every record, nothing is left
+    # to send (again), so no duplicate can follow
+    await until(lambda: store.cursor("policy-system") >= written, what="the cursor at the end")
     await node.stop()
 
-    store = SQLiteAuditStore(node.audit.path, readonly=True)
     expected = [r[0] for r in store.db.execute(
         "SELECT seq FROM audit_records WHERE type IN ('d', 'b') AND cls = 'policy-documents' "
         "ORDER BY seq")]

@@ -12,6 +12,7 @@ from postlane.cli import app
 from postlane.node import Node
 from postlane.startup import load_config
 from tests.conftest import OPERATOR, send
+from tests.support.waiting import until
 
 runner = CliRunner()
 
@@ -173,13 +174,13 @@ async def test_while_a_backup_holds_the_spool_no_event_is_trimmed(tmp_path, sink
         assert not held(state)
         await send(port, "notices@insurer.example", ["c9@example.com"], _notice(9))
         await sink.wait_for(4, timeout=20)
-        for _ in range(100):  # the next progress trims what both consumers hold
+
+        async def trimmed() -> bool:  # the next progress trims what both consumers hold
             await node.flush_evidence()
             await node.spool.flush()
-            if events() < 6:
-                break
-            await asyncio.sleep(0.1)
-        assert events() < 6
+            return events() < 6
+
+        await until(trimmed, step=0.1, what="the events both consumers hold trimmed")
     finally:
         await node.stop()
 

@@ -28,6 +28,7 @@ from postlane.startup import parse_config
 from tests.conftest import OPERATOR, config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy
+from tests.support.waiting import until
 
 
 def cluster_text(tmp_path: Path, sink_port: int, schema: str, name: str, extra: str = "",
@@ -69,6 +70,21 @@ async def start_node(text: str) -> Node:
     return node
 
 
+async def settled(*nodes: Node) -> None:
+    """Nothing is left that could still be delivered: every node's scheduler is empty and the
+    shared spool holds no message (a check that nothing arrives twice needs no sleep after)."""
+    await until(lambda: all(n.scheduler.queued() == 0 for n in nodes), timeout=30,
+                what="every node's scheduler empty")
+
+    async def empty() -> bool:
+        for node in nodes:
+            await node.spool.flush()
+        async with nodes[0].spool.acquire() as conn:
+            return await conn.fetchval("SELECT count(*) FROM messages") == 0
+
+    await until(empty, timeout=30, step=0.05, what="no message left in the shared spool")
+
+
 async def test_two_nodes_share_a_campaign_and_deliver_each_message_once(tmp_path, sink,
                                                                         pg_schema):  # noqa: F811
     sink.delay = 0.005
@@ -81,7 +97,7 @@ async def test_two_nodes_share_a_campaign_and_deliver_each_message_once(tmp_path
             asyncio.to_thread(send_many, b.listeners[0].port, names[150:]))
         assert sum(map(len, acked)) == 300
         arrivals = await sink.wait_for(300, timeout=90)
-        await asyncio.sleep(0.3)
+        await settled(a, b)
         got = subjects_of(arrivals)
         assert sorted(got) == names, "every message exactly once"
         status = await cluster_status(a.spool, a.config.cluster)
@@ -108,6 +124,8 @@ async def test_priority_and_pause_hold_across_nodes(tmp_path, sink, pg_schema): 
         await asyncio.to_thread(send_many, a.listeners[0].port, [f"mkt{i}" for i in range(20)])
         await asyncio.to_thread(send_many, b.listeners[0].port, [f"clm{i}" for i in range(5)],
                                 "claims")
+        # a bound, not a state: a node that ignored the pause would claim within one poll
+        # (0.2 s) and deliver at once; both looked at the queue at least twice meanwhile
         await asyncio.sleep(0.5)
         assert sink.arrivals == [], "a pause on one node holds the pool on every node"
         await b.operations.resume("bulk", who=OPERATOR)
@@ -122,11 +140,8 @@ async def test_priority_and_pause_hold_across_nodes(tmp_path, sink, pg_schema): 
 
 
 async def _until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.05)
+    """``until`` with this file's 10 s default (other test files import this name)."""
+    await until(predicate, timeout=timeout)
 
 
 async def busy_node(tmp_path: Path, sink, schema: str, prefix: str, count: int,
@@ -155,7 +170,7 @@ async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink
         assert a.claimer is not None and a.claimer.draining
         await a.stop()
         await sink.wait_for(12, timeout=30)
-        await asyncio.sleep(0.5)
+        await settled(b)
         assert sorted(subjects_of(sink.arrivals)) == names, "each once: a finished or released"
         status = await cluster_status(b.spool, b.config.cluster)
         assert [n["name"] for n in status["nodes"]] == ["node-b"], "a drained node leaves"
@@ -198,16 +213,20 @@ class Served:
 
     async def port(self, timeout: float = 30.0) -> int:
         """The SMTP listener's port, once the node listens (and its API's, in ``api_port``)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def listening() -> int | None:
             for record in self.lines():
                 if record.get("msg") == "API listening":
                     self.api_port = record["port"]
                 if record.get("msg") == "listening":
                     return record["listeners"]["in"]
-            if self.proc.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
+            return None
+
+        with contextlib.suppress(AssertionError):
+            port = await until(lambda: listening() or self.proc.poll() is not None,
+                               timeout=timeout, step=0.05, what="the node listening")
+            if port is not True:
+                return port
         self.log.seek(0)
         raise RuntimeError(f"node did not start: {self.log.read().decode(errors='replace')}")
 
@@ -254,14 +273,18 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
         assert len(acked) >= 20
         # meanwhile the operator sees node-a gone, its work unowned and when it moves
         seen = None
-        while time.monotonic() - killed < 60:
+
+        async def given_back() -> bool:
+            nonlocal seen
             status = await cluster_status(watcher, cluster)
             node_a = next(n for n in status["nodes"] if n["name"] == "node-a")
             if node_a["claimed"] == 0:
-                break
+                return True
             if not node_a["session"] and seen is None:
                 seen = (node_a, sum(p["unowned"] for p in status["pools"].values()))
-            await asyncio.sleep(0.05)
+            return False
+
+        await until(given_back, timeout=60, step=0.05, what="node-a's work given back")
         taken_over = time.monotonic() - killed
         assert seen is not None, "node-a's work was shown before it was taken over"
         node_a, unowned = seen
@@ -319,6 +342,8 @@ async def test_a_node_cut_off_holds_delivery_and_goes_on_when_the_database_retur
         assert node.claimer is not None
         await _until(lambda: node.claimer.fenced, timeout=30)
         at_fence = len(sink.arrivals)
+        # real time in the scenario: the node stays cut off (fenced) for a while; 1.5 s is
+        # seven of the sink's 0.2 s deliveries, any of which would start if the fence leaked
         await asyncio.sleep(1.5)
         # the one transaction on the wire at the fence may finish; nothing new starts
         assert len(sink.arrivals) <= at_fence + 1

@@ -11,6 +11,7 @@ import pytest
 from postlane.spool import RecipientUpdate, State
 from postlane.spool.postgres import NodeConflict
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
+from tests.support.waiting import until
 from tests.test_store_contract import make_message
 
 
@@ -55,10 +56,10 @@ async def test_expired_lease_is_taken_over_and_renewal_prevents_it(two_spools):
     assert len(await a.claim("a", "bulk", 1, 0.5)) == 1
     assert len(await a.claim("keeper", "bulk", 1, 0.5)) == 1
     assert await b.claim("b", "bulk", 5, 30) == []
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # real time: the heartbeat gap below and the 0.5 s leases age
     draining, gap = await a.heartbeat("keeper", 30)  # a heartbeat with a lease renews
     assert draining is False and 0.3 <= gap < 10
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.4)  # real time: a's 0.5 s lease lapses (keeper's was renewed for 30 s)
     taken = await b.claim("b", "bulk", 5, 30)
     assert ids(taken) == [("M000000", 0)], "the lapsed lease moves, the renewed one stays"
 
@@ -135,7 +136,8 @@ async def test_a_stalled_node_neither_reclaims_its_own_rows_nor_revives_delivere
     m, r, body = make_message(1, rcpts=1)
     await a.enqueue(m, r, body)
     assert len(await a.claim("a", "bulk", 1, 0.2)) == 1
-    await asyncio.sleep(0.4)  # "a" stalls past its lease while still holding the recipient
+    # real time: "a" stalls past its 0.2 s lease while still holding the recipient
+    await asyncio.sleep(0.4)
     assert await a.claim("a", "bulk", 1, 30) == [], "already in a's memory"
     assert len(await b.claim("b", "bulk", 1, 30)) == 1
     b.update([RecipientUpdate(m.id, 0, State.DELIVERED, 1, 0.0, "250 ok")])
@@ -157,13 +159,13 @@ async def test_outcomes_are_retried_across_a_lost_database_connection(two_spools
             " WHERE application_name = $1", a.app_name)
         assert killed >= 1
         a.update([RecipientUpdate(m.id, 0, State.DELIVERED, 1, 0.0, "250 ok")])
-        deadline = time.monotonic() + 10
-        state = ""
-        while state != "delivered" and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-            state = await conn.fetchval(
-                f'SELECT state FROM "{a.schema}".recipients WHERE idx = 0')
-        assert state == "delivered", "the outcome was written once the database was back"
+
+        async def delivered() -> bool:
+            return await conn.fetchval(
+                f'SELECT state FROM "{a.schema}".recipients WHERE idx = 0') == "delivered"
+
+        await until(delivered, timeout=10, step=0.05,
+                    what="the outcome written once the database was back")
         await a.enqueue(*make_message(2, rcpts=1))  # and the spool works on
     finally:
         await conn.close()
@@ -174,7 +176,7 @@ async def test_without_takeover_lapsed_leases_stay_with_their_owner(two_spools):
     await a.enqueue(*make_message(1, rcpts=1))
     await a.enqueue(*make_message(2, rcpts=1))
     assert len(await a.claim("a", "bulk", 1, 0.2)) == 1
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(0.4)  # real time: a's 0.2 s lease lapses
     assert ids(await b.claim("b", "bulk", 5, 30, takeover=False)) == [("M000002", 0)]
     assert ids(await b.claim("b", "bulk", 5, 30)) == [("M000001", 0)]
 
@@ -188,7 +190,7 @@ async def test_dead_nodes_work_is_given_back_and_live_ones_kept(two_spools):
         await a.enqueue(*make_message(i, rcpts=2))
         assert len(await a.claim(name, "bulk", 2, 30)) == 2
     await sessions.pop("killed").close()  # its process died: the session closes
-    await asyncio.sleep(0.5)  # nobody heartbeats for 0.5 s ...
+    await asyncio.sleep(0.5)  # real time: nobody heartbeats for 0.5 s ...
     await a.heartbeat("fine")  # ... but "fine"
     assert await b.reap("b", 5.0, 30.0) == {}, "heartbeats younger than dead_after"
     assert await b.reap("b", 0.3, 30.0) == {"killed": 2}, "session closed, heartbeat old"

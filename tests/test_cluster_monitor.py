@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 
 from tests.conftest import message as plain_message
 from tests.conftest import send
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy
+from tests.support.waiting import until
 from tests.test_cluster import Served, _until, cluster_text, delivered_by, send_many, subjects_of
 
 
@@ -25,15 +25,8 @@ def depths(metrics: str) -> list[float]:
 
 
 async def eventually(check, timeout: float = 60.0):
-    """Poll the async ``check`` until it returns something true; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.2)
+    """``until`` the async ``check`` (an API call each) returns something true; that value."""
+    return await until(check, timeout=timeout, step=0.2, what=check.__name__)
 
 
 async def test_intake_on_one_node_delivery_by_the_other_no_alert_and_depth_zero(
@@ -50,13 +43,15 @@ async def test_intake_on_one_node_delivery_by_the_other_no_alert_and_depth_zero(
         submit = asyncio.create_task(asyncio.to_thread(send_many, port_a, names,
                                                        "policy-documents"))
         seen_depths: list[int] = []
-        while not submit.done() or len(sink.arrivals) < len(names):
+
+        async def sampled() -> bool:  # every 0.2 s, both nodes' depths while the mail flows
             for node in (a, b):
                 sla = await node.api("/api/v1/sla")
-                seen_depths += [c["depth"] for c in sla["classes"]]
-            await asyncio.sleep(0.2)
-            if submit.done() and len(await submit) < len(names):
-                break
+                seen_depths.extend(c["depth"] for c in sla["classes"])
+            return submit.done() and (len(sink.arrivals) >= len(names)
+                                      or len(await submit) < len(names))
+
+        await until(sampled, timeout=120, step=0.2, what="every message delivered")
         assert len(await submit) == len(names)
         assert sorted(subjects_of(sink.arrivals)) == names
         assert min(seen_depths) >= 0, "no negative depth, ever"
@@ -183,6 +178,7 @@ async def test_a_database_outage_is_told_once_when_it_starts_and_once_when_it_en
                            plain_message(f"during{i}"))
             except Exception as exc:  # noqa: BLE001 - smtplib's refusal
                 refused.append(str(exc))
+            # real time in the scenario: the outage lasts (it is told with its duration, >= 5 s)
             await asyncio.sleep(1.5)
         assert len(refused) == 4 and all("451" in r for r in refused), refused
         await proxy.start()

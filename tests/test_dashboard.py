@@ -13,6 +13,7 @@ import pytest
 from postlane.api.tokens import add_token
 from postlane.policy.intake import RcptIn
 from tests.conftest import OPERATOR, config_text, message, records
+from tests.support.waiting import until
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
@@ -120,8 +121,8 @@ async def test_dashboard_explains_deferrals_and_finds_messages(tmp_path, sink, m
         await node.intake.submit("", [RcptIn(rcpt)], message(
             "offer", cls="marketing", extra=f"X-Correlation-ID: c-{rcpt.split('@')[0]}\r\n"))
     await sink.wait_for(2)  # ok@ and a@idle: the idle lane is empty again
-    while not any(r.state.value == "deferred" for r in node.scheduler.recipients()):
-        await asyncio.sleep(0.05)
+    await until(lambda: any(r.state.value == "deferred" for r in node.scheduler.recipients()),
+                what="grey@'s first attempt deferred")
     base = f"http://127.0.0.1:{node.api.port}"
     token = (tmp_path / "api-token").read_text().strip()
     async with async_playwright() as pw:

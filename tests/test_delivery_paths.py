@@ -7,12 +7,13 @@ import email
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
-import time
 
 from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, send
+from tests.support.waiting import until
 
 
 async def test_mx_preference_fallback_and_implicit_mx(tmp_path, dns_server, make_node):
@@ -41,13 +42,25 @@ async def test_mx_preference_fallback_and_implicit_mx(tmp_path, dns_server, make
         await implicit.stop()
 
 
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """One whole reply (its lines up to the one with a space after the code)."""
+    out = b""
+    while True:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        out += line
+        if line[3:4] != b"-":
+            return out
+
+
 async def _raw_session(port: int, chunks: list[bytes]) -> bytes:
+    """Each chunk sent once the reply to the one before has come, as a client without
+    pipelining does; then QUIT, and everything the server said."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    out = await reader.readline()
+    out = await _reply(reader)
     for chunk in chunks:
         writer.write(chunk)
         await writer.drain()
-        await asyncio.sleep(0.05)
+        out += await _reply(reader)
     writer.write(b"QUIT\r\n")
     await writer.drain()
     out += await asyncio.wait_for(reader.read(), 10)
@@ -67,7 +80,9 @@ async def test_smuggling_does_not_end_data_or_inject_a_second_message(tmp_path, 
             b"RCPT TO:<a@example.com>\r\n", b"DATA\r\n", smuggled + b".\r\n"])
         assert reply.count(b"250 2.0.0 Ok: queued") == 1, reply
     arrivals = await sink.wait_for(4)
-    await asyncio.sleep(0.5)
+    # nothing is left to deliver: an injected second message would have been queued with the
+    # first (in the same session) and have arrived too
+    await until(lambda: node.scheduler.queued() == 0, what="the node's queue empty")
     assert len(sink.arrivals) == 4, "each session delivered exactly one message"
     for arrival in arrivals:
         assert arrival.rcpts == ["a@example.com"]
@@ -87,17 +102,31 @@ def _start_node(cfg_path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+async def _listening(port: int) -> bool:
+    """Whether a connection to ``port`` is accepted (False: refused)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
 async def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    async def started() -> bool:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise TimeoutError("node did not start listening")
+        return await _listening(port)
+
+    await until(started, timeout=timeout, step=0.05, what="the node listening")
+
+
+def _spooled(tmp_path) -> int:
+    """Messages in the node's SQLite spool (read while the node runs)."""
+    db = sqlite3.connect(f"file:{tmp_path / 'spool' / 'spool.sqlite'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT count(*) FROM messages").fetchone()[0]
+    finally:
+        db.close()
 
 
 async def test_kill_9_after_250_then_restart_delivers_once(tmp_path):
@@ -117,7 +146,11 @@ async def test_kill_9_after_250_then_restart_delivers_once(tmp_path):
         proc = _start_node(cfg)
         await _wait_listening(listen, proc)
         await sink.wait_for(1, timeout=30)
-        await asyncio.sleep(2.0)  # a duplicate would show up by now
+        # the restarted node has finished the message (the spool holds none), and a drained
+        # stop lets anything still in flight finish: a duplicate would be here by then
+        await until(lambda: _spooled(tmp_path) == 0, what="the message finished in the spool")
+        proc.terminate()
+        assert await asyncio.to_thread(proc.wait, 30) == 0
         assert len(sink.arrivals) == 1
         assert email.message_from_bytes(sink.arrivals[0].data)["Subject"] == "survives"
         await sink.stop()
@@ -142,9 +175,14 @@ async def test_sigterm_drains_with_421_and_exits(tmp_path):
         while not (await reader.readline()).startswith(b"250 "):
             pass
         await send(listen, "s@insurer.test", ["a@example.com"], message(cls="policy-documents"))
-        await asyncio.sleep(0.3)  # the delivery is now in flight (the sink takes 1 s)
+        # the delivery is in flight once the sink took its RCPT (its DATA then takes 1 s)
+        await until(lambda: sink.rcpt_attempts["a@example.com"] >= 1, what="the RCPT at the sink")
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        # draining: the listener is closed to new connections (the open session stays)
+        async def refused() -> bool:
+            return not await _listening(listen)
+
+        await until(refused, what="the node draining (its listener closed)")
         writer.write(b"MAIL FROM:<s@insurer.test>\r\n")
         await writer.drain()
         reply = await asyncio.wait_for(reader.readline(), 10)

@@ -31,6 +31,7 @@ from postlane.policy.headers import header_fields, normalize_newlines, split_mes
 from postlane.policy.intake import Rejection
 from postlane.startup import ConfigError, load_config, parse_config
 from tests.conftest import config_text, records, send
+from tests.support.waiting import until
 
 Q2 = parse_instant("2026-04-01")
 Q3 = parse_instant("2026-07-01")  # in the past: dkimpy refuses signatures dated in the future
@@ -370,8 +371,7 @@ async def test_a_dead_signing_process_defers_and_is_replaced(tmp_path, keys, dns
     child = process._proc
     os.kill(child.pid, signal.SIGSTOP)
     pending = asyncio.ensure_future(sign_message(signer, MESSAGES["plain"]))
-    while not process.backlog():  # the request is in flight (no fixed wait)
-        await asyncio.sleep(0.01)
+    await until(process.backlog, what="the request in flight")
     os.kill(child.pid, signal.SIGKILL)
     with pytest.raises(Rejection) as refused:  # in flight: 451, the client sends it again
         await asyncio.wait_for(pending, 30)

@@ -23,6 +23,7 @@ from postlane.policy.users import User, hash_password, save_user
 from postlane.startup import parse_config
 from tests.conftest import config_text, message, send
 from tests.support.rawsmtp import RawSMTP, session
+from tests.support.waiting import until
 
 PASSWORD = "correct horse battery staple"
 
@@ -116,11 +117,8 @@ def test_clients_that_close_at_once_free_their_slot_at_once(tmp_path):
             assert (await probe.reply())[:3] in ("220", "421")
             await probe.close()
             guard = node.listeners[0].handler.guard
-            for _ in range(200):
-                if guard.connections.total == 0:
-                    break
-                await asyncio.sleep(0.05)
-            assert guard.connections.total == 0, "CLOSE-WAIT connections still hold slots"
+            await until(lambda: guard.connections.total == 0, timeout=10,
+                        what="no slot held (CLOSE-WAIT connections still hold slots)")
             raw = await RawSMTP.connect(port)
             assert (await raw.reply()).startswith("220"), "a new client is served, not 421"
             await raw.close()
@@ -208,7 +206,7 @@ async def test_a_steady_data_phase_is_not_cut(tmp_path, sink, make_node):
     raw.send(b"Subject: steady\r\n\r\n")
     for _ in range(15):  # 2,000 bytes/s, well above the minimum, for 1.5 s
         raw.send(b"z" * 198 + b"\r\n")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # real time in the scenario: a client sending at a steady rate
     raw.send(b".\r\n")
     assert (await raw.reply()).startswith("250 2.0.0")
     await raw.close()
@@ -292,7 +290,10 @@ async def test_failed_handshake_is_one_log_line(tmp_path, sink, make_node, caplo
         assert (await raw.cmd("STARTTLS")).startswith("220")
         raw.send(b"this is no TLS client hello\r\n" * 4)
         assert await raw.closed()
-        await asyncio.sleep(0.2)
+        # the session is over for the node too (its slot given back) and the failure is told
+        await until(lambda: node.listeners[0].handler.guard.connections.total == 0
+                    and any("TLS handshake failed" in r.getMessage() for r in caplog.records),
+                    what="the failed handshake logged and its connection gone")
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
     assert not noisy, [r.getMessage() for r in noisy]
     assert sum("TLS handshake failed" in r.getMessage() for r in caplog.records) == 1
@@ -354,7 +355,8 @@ async def test_a_duplicate_recipient_is_delivered_once(tmp_path, sink, make_node
     assert "duplicate" in replies[2] and [r[:3] for r in replies] == ["250"] * 4 + ["354", "250"]
     await raw.close()
     [arrival] = await sink.wait_for(1)
-    await asyncio.sleep(0.5)
+    # nothing is left to deliver, so a second copy cannot follow
+    await until(lambda: node.scheduler.queued() == 0, what="the node's queue empty")
     assert len(sink.arrivals) == 1 and arrival.rcpts == ["a@example.com", "b@example.com"]
 
 

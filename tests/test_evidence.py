@@ -26,6 +26,7 @@ from postlane.audit.store import Query
 from postlane.cli import app
 from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records, send
+from tests.support.waiting import until
 
 
 def cli(*args: str):
@@ -77,10 +78,9 @@ async def test_a_killed_recorder_is_replaced_and_nothing_is_lost_or_doubled(tmp_
         if i == 9:
             os.kill(node.recorder.child_pid, signal.SIGKILL)
     await sink.wait_for(20)
-    for _ in range(100):  # a new recorder is started by the node
-        if node.recorder.child_pid is not None and node.recorder._proc.poll() is None:
-            break
-        await asyncio.sleep(0.1)
+    await until(lambda: node.recorder.child_pid is not None
+                and node.recorder._proc.poll() is None,
+                what="a new recorder started by the node")
     await node.flush_evidence()
     store = SQLiteAuditStore(node.audit.path, readonly=True)
     try:
@@ -137,16 +137,16 @@ async def test_verify_with_the_spool_knows_queued_mail_is_not_missing(tmp_path, 
     node = await make_node(cfg.read_text())
     await send(node.listeners[0].port, "s@insurer.test", ["w@example.com"],
                message("m", extra="X-Correlation-ID: corr-w\r\n"))
-    for _ in range(100):
+
+    async def deferred() -> bool:  # the "t" of the first attempt is in the store
         await node.flush_evidence()
         store = SQLiteAuditStore(node.audit.path, readonly=True)
         try:
-            types = [r["type"] for r in store.find(Query(rcpt="w@example.com"))]
+            return "t" in [r["type"] for r in store.find(Query(rcpt="w@example.com"))]
         finally:
             store.close()
-        if "t" in types:
-            break
-        await asyncio.sleep(0.1)
+
+    await until(deferred, step=0.05, what="the deferral's record")
     res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
     assert res.exit_code == 0 and "is still queued" in res.output, res.output
     store = SQLiteAuditStore(node.audit.path)  # the "r" gone: found through the "t" alone
@@ -168,7 +168,7 @@ class _TakesAndHolds(Sink):
 
     async def handle_DATA(self, server, session, envelope) -> str:
         reply = await super().handle_DATA(server, session, envelope)
-        await asyncio.sleep(self.hold)
+        await asyncio.sleep(self.hold)  # real time in the scenario: a remote that holds its 250
         return reply
 
 
@@ -182,12 +182,15 @@ async def _serve(cfg: Path, port: int, log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "postlane.cli", "serve", "-c", str(cfg)],
                                 stdout=out, stderr=out)
-    for _ in range(600):
+
+    def listening() -> bool:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return proc
+            return True
         assert proc.poll() is None, log.read_text()[-2000:]
-        await asyncio.sleep(0.05)
-    raise AssertionError("node did not start")
+        return False
+
+    await until(listening, timeout=30, step=0.05, what="the node listening")
+    return proc
 
 
 async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):

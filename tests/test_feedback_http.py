@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from postlane.feedback.unsubscribe import TokenError, UnsubscribeSigner, router
 from tests.conftest import config_text, message, send
+from tests.support.waiting import until
 
 EXTRA = """
 [feedback]
@@ -36,8 +37,7 @@ async def serve():
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
                                                log_level="warning", lifespan="off"))
         task = asyncio.get_running_loop().create_task(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.01)
+        await until(lambda: server.started, what="the HTTP server started")
         servers.append((server, task))
         port = server.servers[0].sockets[0].getsockname()[1]
         return f"http://127.0.0.1:{port}"

@@ -3,7 +3,6 @@ asynchronous bounces, synchronous bounce categories, FBL complaints and complain
 
 from __future__ import annotations
 
-import asyncio
 import email
 import logging
 import re
@@ -14,6 +13,7 @@ import pytest
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import config_text, message, records, send
+from tests.support.waiting import until
 
 QMAIL_BOUNCE = """Return-Path: <>\r
 Date: 24 Apr 2013 00:00:00 +0900\r
@@ -193,9 +193,7 @@ async def test_fbl_complaint_suppresses_for_marketing_and_raises_the_rate_alert(
     await send(port, "news@insurer.test", ["c@example.com"], message("campaign", cls="marketing"))
     [arrival] = await sink.wait_for(1)
     mid = email.message_from_bytes(arrival.data)["Message-ID"]
-    deadline = time.time() + 5
-    while not node.feedback.rates.rates() and time.time() < deadline:  # the "d" record
-        await asyncio.sleep(0.05)
+    await until(node.feedback.rates.rates, what='the "d" record in the rates')
     with caplog.at_level(logging.WARNING, logger="postlane.feedback"):
         # the provider redacted the recipient: the VERP return path identifies it
         assert await send(port, "", ["fbl@mta.test"], _arf(arrival.mail_from, mid)) == {}

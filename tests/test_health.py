@@ -3,14 +3,12 @@ a count while they last, an end line with the duration - not a line per refused 
 
 from __future__ import annotations
 
-import asyncio
-
 from postlane.accounting.records import Record
 from postlane.harness.sink import Sink
 from postlane.monitor.tracker import Tracker
 from postlane.startup import parse_config
 from tests.conftest import config_text, message, send
-from tests.test_cluster import _until
+from tests.support.waiting import until
 
 
 def told(caplog, kind: str) -> list:
@@ -29,7 +27,7 @@ async def test_low_disk_is_told_once_when_it_starts_and_once_when_it_ends(make_n
         except Exception as exc:  # noqa: BLE001 - smtplib's refusal
             assert "452" in str(exc)
     disk.min_free = 0  # space returns: the node notices on its own within a second
-    await _until(lambda: "disk" not in node.health.active, timeout=10)
+    await until(lambda: "disk" not in node.health.active, timeout=10)
     lines = told(caplog, "disk")
     assert [r.event for r in lines] == ["start", "end"]
     assert lines[0].levelname == "ERROR" and "452" in lines[0].effect
@@ -49,12 +47,12 @@ async def test_a_receiver_down_is_told_once_while_its_mail_is_deferred(make_node
     for i in range(3):
         await send(node.listeners[0].port, "sender@insurer.test", ["x@example.com"],
                    message(f"m{i}", cls="policy-documents"))
-    await _until(lambda: len(told(caplog, "destination")) == 1, timeout=10)
+    await until(lambda: len(told(caplog, "destination")) == 1, timeout=10)
     assert node.health.states()[0]["key"] == "destination:critical/example.com"
     back = await Sink(port=port).start()  # the receiver returns: retries (1s) deliver
     try:
         await back.wait_for(3, timeout=30)
-        await _until(lambda: not node.health.active, timeout=10)
+        await until(lambda: not node.health.active, timeout=10)
     finally:
         await back.stop()
     lines = told(caplog, "destination")
@@ -80,7 +78,7 @@ def test_a_node_tracker_never_counts_below_zero(tmp_path):
     assert clustered.classes["marketing"].received == 1
 
 
-async def test_health_lines_carry_their_counts(caplog):
+def test_health_lines_carry_their_counts(caplog):
     from postlane.health import Health
 
     health = Health()
@@ -88,7 +86,6 @@ async def test_health_lines_carry_their_counts(caplog):
     health.begin("k", "disk", "low disk space", cause="again", effect="452")  # once
     health.count("k", 2)
     health.count("other")  # not active: nothing
-    await asyncio.sleep(0)
     health.end("k")
     health.end("k")
     lines = told(caplog, "disk")

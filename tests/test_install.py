@@ -5,6 +5,7 @@ files (destination and bounce rules, the case study, the dashboard), and `postla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -13,11 +14,11 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 from postlane.harness.sink import Sink
+from tests.support.waiting import until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,14 +77,16 @@ print(json.dumps({"pkg": postlane.__file__, "files": [str(d / n) for n in (
     proc = subprocess.Popen([str(postlane), "serve", "-c", "node/postlane.toml"], cwd=home,
                             stderr=log, env={**os.environ, "PYTHONPATH": ""})
     try:
-        ports = None
-        for _ in range(300):
+        def listening() -> dict | None:
             for line in (home / "serve.log").read_text().splitlines():
                 if '"listening"' in line:
-                    ports = json.loads(line)["listeners"]
-            if ports or proc.poll() is not None:
-                break
-            time.sleep(0.1)
+                    return json.loads(line)["listeners"]
+            return None
+
+        with contextlib.suppress(AssertionError):  # the log says why, below
+            await until(lambda: listening() or proc.poll() is not None, timeout=30, step=0.05,
+                        what="the node listening (or gone)")
+        ports = listening()
         assert ports, (home / "serve.log").read_text()
         msg = (b"From: notices@insurer.example\r\nTo: anna@example.com\r\nSubject: renewal\r\n"
                b"X-Postlane-Class: policy-documents\r\n\r\nDear Anna\r\n")

@@ -17,6 +17,7 @@ from postlane.cli import app
 from tests.conftest import config_text
 from tests.support.pki import TestCA
 from tests.support.rawsmtp import session
+from tests.support.waiting import until
 
 
 async def _server_certificate(port: int, context: ssl.SSLContext | None = None) -> bytes:
@@ -54,6 +55,21 @@ async def test_starttls_by_default_with_a_generated_certificate(tmp_path, sink, 
     assert await _server_certificate(node2.listeners[0].port) == der
 
 
+def test_nodes_starting_at_once_make_one_generated_pair(tmp_path, sink):
+    """Cluster nodes may share the state folder and start together: each gets the same pair,
+    and its key matches its certificate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from postlane.edge.tls import generated_pair, server_context
+    from postlane.startup import parse_config
+
+    config = parse_config(config_text(tmp_path, sink.port))
+    with ThreadPoolExecutor(8) as pool:
+        pairs = list(pool.map(lambda _: generated_pair(config), range(8)))
+    assert len(set(pairs)) == 1
+    server_context(*pairs[0])  # loads: the key is the certificate's
+
+
 async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, sink, make_node,
                                                                 caplog):
     ca = TestCA(tmp_path / "ca")
@@ -69,17 +85,16 @@ reload_interval = "0.1s"
     first = await _server_certificate(port, verify)
     new_cert, new_key = ca.issue(["mta.test"], file_name="renewed")
     cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nhalf written")  # a broken moment
-    await asyncio.sleep(0.3)
+    await until(lambda: any("not reloaded" in r.getMessage() for r in caplog.records),
+                what="the broken file tried and refused")
     assert await _server_certificate(port, verify) == first, "a broken file keeps the old one"
-    assert any("not reloaded" in r.getMessage() for r in caplog.records)
     os.replace(new_key, key)
     os.replace(new_cert, cert)
-    for _ in range(50):
-        served = await _server_certificate(port, verify)
-        if served != first:
-            break
-        await asyncio.sleep(0.1)
-    assert served != first
+
+    async def renewed() -> bool:
+        return await _server_certificate(port, verify) != first
+
+    await until(renewed, timeout=10, step=0.05, what="the renewed certificate served")
     assert not node.status()["listeners"][0]["certificate"]["generated"]
 
 

@@ -27,6 +27,7 @@ from postlane.monitor.loopwatch import LoopWatch
 from postlane.spool import Message, Recipient
 from postlane.spool.sqlite import SQLiteSpool
 from tests.conftest import config_text, message, send
+from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
 from tests.test_dkim import key_entry, keys, make_signer  # noqa: F401  (fixture)
 
@@ -65,11 +66,11 @@ async def test_the_watchdog_sees_a_block_and_not_a_sleep() -> None:
     watch.start()
     try:
         with watch.track() as stalls:
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the scenario: an idle wait of 0.3 s is no block
         assert stalls.ticks >= 3 and stalls.max_blocked < BLOCKED
         with watch.track() as stalls:
             time.sleep(0.4)  # the kind of call this issue removed from the loop
-            await asyncio.sleep(0.1)
+            await until(lambda: stalls.ticks >= 1, what="the watchdog's tick after the block")
         assert stalls.max_lag >= 0.3 and stalls.max_blocked >= 0.3
         assert watch.max_lag() >= 0.3
         assert watch.histogram.collect()[0].samples  # observed into the histogram
@@ -99,7 +100,8 @@ async def test_a_scrape_and_lookups_do_not_stall_the_loop(tmp_path, sink, make_n
         by_corr = await asyncio.to_thread(_get, port, token,
                                           "/api/v1/messages?correlation_id=corr-7")
         assert len(by_corr.json()["messages"]) == 20
-        await asyncio.sleep(0.1)  # the tick after the last request
+        ticks = stalls.ticks
+        await until(lambda: stalls.ticks > ticks, what="the tick after the last request")
     assert stalls.ticks >= 3
     assert stalls.max_blocked < BLOCKED, stalls
     metrics = (await asyncio.to_thread(_get, port, token, "/metrics")).text
@@ -142,8 +144,8 @@ async def test_hard_bounces_while_an_import_holds_the_lock_do_not_stall_the_loop
         with node.monitor.loop_watch.track() as stalls:
             await send(node.listeners[0].port, "s@insurer.test", ["gone@example.com"],
                        message("news", cls="marketing"))
-            while writes.waiting < 1.0:  # the bounce is written in the writer thread, waiting
-                await asyncio.sleep(0.05)
+            await until(lambda: writes.waiting >= 1.0,  # in the writer thread, waiting
+                        what="the bounce's write waiting for the lock")
             # the node serves on meanwhile: it takes and delivers mail
             assert await send(node.listeners[0].port, "s@insurer.test", ["ok@example.com"],
                               message("more", cls="marketing")) == {}
@@ -192,7 +194,8 @@ async def test_stopping_a_stuck_signing_process_does_not_stall_the_loop(tmp_path
     try:
         with watch.track() as stalls:
             await signer.stop()
-            await asyncio.sleep(0.1)
+            ticks = stalls.ticks
+            await until(lambda: stalls.ticks > ticks, what="the tick after the stop")
     finally:
         watch.stop()
     assert all(proc.poll() is not None for proc in procs)
@@ -255,8 +258,8 @@ async def test_an_api_import_waits_for_the_lock_and_imports_every_row(tmp_path, 
         posted = asyncio.ensure_future(client.post(
             "/api/v1/suppressions/import", content="a@example.com\nb@example.com,all\n",
             timeout=60))
-        while node.feedback.writes.waiting < 5.5:  # past one round of the writer's patience
-            await asyncio.sleep(0.1)
+        await until(lambda: node.feedback.writes.waiting >= 5.5,
+                    what="the write waiting past one round of the writer's patience")
         importer.execute("COMMIT")
         importer.close()
         resp = await posted

@@ -46,6 +46,9 @@ class WebhookSender:
         self.node = node
         self.open_store = open_store
         self.wake = asyncio.Event()
+        self.rounds = 0
+        """Looks at the store completed (sent or found nothing, held the cursor or not): that
+        the sender is alive and has seen what was committed before its last round began."""
 
     async def run(self) -> None:
         """Deliver forever (cancel to stop; the cursor already marks what was acknowledged).
@@ -65,6 +68,7 @@ class WebhookSender:
                         log.warning("webhook cannot read the audit store",
                                     extra={"webhook": self.name, "error": repr(exc)})
                         more = None
+                    self.rounds += 1
                     if more is None:
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, hook.retry_max)

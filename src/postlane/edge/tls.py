@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 from cryptography import x509
 
 from ..config import Config
-from ..secretfile import create_secret
+from ..secretfile import create_secret, private_dir, private_open
 from ..spool import local_dir
 
 log = logging.getLogger("postlane.tls")
@@ -118,17 +119,25 @@ def _first_pem(text: str) -> str:
 
 
 def generated_pair(config: Config) -> tuple[str, str]:
-    """The self-signed pair in ``<spool>/tls/``, made now if missing (key written 0600)."""
+    """The self-signed pair in ``<spool>/tls/``, made now if missing (key written 0600).
+    Nodes of a cluster may share the state folder and start at once: a lock on the folder
+    makes one of them make the pair, and the others use it (else one could delete the
+    other's half-made pair, or pair its key with the other's certificate)."""
     folder = local_dir(config) / "tls"
     cert, key = folder / "cert.pem", folder / "key.pem"
     if cert.is_file() and key.is_file():
         return str(cert), str(key)
-    for stray in (cert, key):  # a half-made pair (a crash in between) is made again
-        with contextlib.suppress(FileNotFoundError):
-            stray.unlink()
-    cert_pem, key_pem = selfsigned(config.node.hostname, days=3650)
-    create_secret(key, key_pem)
-    create_secret(cert, cert_pem)
+    private_dir(folder)
+    with private_open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if cert.is_file() and key.is_file():  # made by another node meanwhile
+            return str(cert), str(key)
+        for stray in (cert, key):  # a half-made pair (a crash in between) is made again
+            with contextlib.suppress(FileNotFoundError):
+                stray.unlink()
+        cert_pem, key_pem = selfsigned(config.node.hostname, days=3650)
+        create_secret(key, key_pem)
+        create_secret(cert, cert_pem)
     log.warning("no TLS certificate configured: made a self-signed one (set tls.cert_file and"
                 " tls.key_file for a real one)", extra={"cert": str(cert), "key": str(key)})
     return str(cert), str(key)
