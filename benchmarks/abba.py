@@ -111,7 +111,8 @@ def main() -> None:
             print(json.dumps({"side": side, "checkout": str(checkout),
                               "seconds": round(time.time() - started),
                               **{f: result.get(f) for f in (*FIGURES, "lost", "load_before")},
-                              "latency_s": result["latency_s"]}), flush=True)
+                              "latency_s": result["latency_s"],
+                              "accept_s": result.get("accept_s")}), flush=True)
     print(json.dumps({"bench_args": bench_args, "a_args": args.a_args, "b_args": args.b_args,
                       "host_cpus": os.cpu_count(),
                       "same_load": args.same_load, "a": str(a_dir.resolve()),

@@ -100,8 +100,8 @@ async def bench_store(messages: int, producers: int, batch: int, held: int) -> d
             await asyncio.gather(*(produce() for _ in range(producers)))
             took = time.perf_counter() - started
             out[name] = {"enqueue_msgs_s": round(messages / took),
-                         "commits": spool.commits, "msgs_per_commit": round(
-                             messages / max(1, spool.commits), 1)}
+                         "commits": spool.stats.commits, "msgs_per_commit": round(
+                             messages / max(1, spool.stats.commits), 1)}
             if isinstance(spool, PostgresSpool):
                 await _hold(spool, held)
                 started = time.perf_counter()

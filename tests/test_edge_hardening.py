@@ -16,10 +16,10 @@ import ssl
 
 import pytest
 
-from postlane.edge.auth import User, hash_password, save_user
 from postlane.harness.sink import Sink
 from postlane.node import Node
 from postlane.policy.intake import RcptIn
+from postlane.policy.users import User, hash_password, save_user
 from postlane.startup import parse_config
 from tests.conftest import config_text, message, send
 from tests.support.rawsmtp import RawSMTP, session

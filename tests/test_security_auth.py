@@ -12,7 +12,7 @@ import ssl
 import pytest
 
 from postlane.cli.edge import selfsigned
-from postlane.edge.auth import User, hash_password, save_user, verify_password
+from postlane.policy.users import User, hash_password, save_user, verify_password
 from postlane.startup import ConfigError, parse_config
 from tests.conftest import config_text, message, records
 from tests.support.rawsmtp import RawSMTP, session

@@ -7,7 +7,7 @@ import ssl
 from typer.testing import CliRunner
 
 from postlane.cli import app
-from postlane.edge.auth import Users
+from postlane.policy.users import Users
 
 runner = CliRunner()
 

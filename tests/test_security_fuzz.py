@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from postlane.config import Config
-from postlane.edge.auth import User, hash_password, save_user
 from postlane.edge.smtp import has_long_line
 from postlane.harness.sink import Sink
 from postlane.node import Node
+from postlane.policy.users import User, hash_password, save_user
 from postlane.startup import ConfigError, parse_config
 from tests.conftest import config_text
 

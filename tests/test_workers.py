@@ -11,10 +11,13 @@ import signal
 import smtplib
 import socket
 
+import pytest
+
 from postlane.harness.sink import Sink
 from tests.conftest import OPERATOR, config_text, message, records, send
 from tests.support.waiting import until
 from tests.test_lanes import _submit_all, shared_pool_config, subjects
+from tests.test_security_auth import secure_config, submit, tls_files, users_file  # noqa: F401
 
 
 def _with_workers(text: str, extra_node: str = "") -> str:
@@ -222,3 +225,24 @@ async def test_reload_reaches_every_worker(tmp_path, sink, make_node):
     await node.stop()
     classes = {r["class"] for r in records(tmp_path) if r["type"] == "r"}
     assert classes == {"policy-documents"}, classes
+
+
+async def test_auth_through_a_worker(
+        tmp_path, sink, make_node, tls_files, users_file):  # noqa: F811
+    """Each worker process builds its own SMTP AUTH from its intake's users store: a wrong
+    password is refused with 535, the right one relays with the user's default class and is
+    accounted to the user, through whichever worker takes the connection."""
+    node = await make_node(_with_workers(secure_config(tmp_path, sink.port, tls_files,
+                                                       users_file, relay_from="[]")))
+    await _ready(node)
+    port = node.listeners[1].port
+    with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        await submit(port, tls="starttls", user="alice", password="not-the-password-4711")
+    assert err.value.smtp_code == 535
+    for _ in range(2):
+        await submit(port, tls="starttls", user="alice")
+    arrivals = await sink.wait_for(2)
+    assert {a.peer for a in arrivals} == {"127.0.0.20"}, "alice's default class"
+    await node.stop()
+    users = [r["authUser"] for r in records(tmp_path) if r["type"] == "r"]
+    assert users == ["alice", "alice"]

@@ -17,6 +17,7 @@ from .api.server import APIServer
 from .audit.recorder import Recorder
 from .audit.service import AuditService
 from .config import Config
+from .edge.auth import Authenticator
 from .edge.smtp import Listener
 from .edge.tls import Certificates
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
@@ -83,8 +84,10 @@ class Node:
         if self.tls_reports is not None:
             self.tls_reports.submit = self.intake.submit
         self.certificates = Certificates(config)
+        self.auth = Authenticator.of(self.intake.users, config.security)
+        """SMTP AUTH, shared by the listeners: its cap on password checks is node-wide."""
         self.listeners = [Listener(name, lc, self.intake, config.node.hostname,
-                                   self.certificates.for_listener(name))
+                                   self.certificates.for_listener(name), self.auth)
                           for name, lc in config.listeners.items()]
         self.view = QueueView(self.scheduler)
         """The queue, read-only (monitor, API, status)."""

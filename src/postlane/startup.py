@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .address import PathError, parse_path
 from .config import Config, ConfigError
 from .config.load import PartChecks, parse_config_text, read_config_file
-from .edge.address import PathError, parse_path
-from .edge.auth import UsersError, load_users
 from .policy.dkim import DKIMError, read_key
+from .policy.users import UsersError, load_users
 
 __all__ = ["CHECKS", "ConfigError", "load_config", "parse_config"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import typer
 
-from ..edge.auth import User, UsersError, hash_password, load_users, save_user, valid_user_name
 from ..edge.tls import selfsigned
+from ..policy.users import User, UsersError, hash_password, load_users, save_user, valid_user_name
 from ..secretfile import private_dir
 
 users_app = typer.Typer(no_args_is_help=True, help="SMTP AUTH users (the security.users_file).")

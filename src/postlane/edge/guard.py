@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from ..config import ListenerConfig
-from .auth import User
+from ..policy.users import User
 from .limits import ConnectionLimits, RateLimiter
 
 if TYPE_CHECKING:
     from ..policy.intake import Intake
+    from .auth import Authenticator
     from .tls import ServerCertificate
 
 log = logging.getLogger("postlane.edge")
@@ -67,13 +68,16 @@ def peer_ip(session: Session) -> str:
 
 
 class Guard:
-    """One listener's security state: relay networks, connection counts, message rates, TLS."""
+    """One listener's security state: relay networks, connection counts, message rates, TLS,
+    and the node's SMTP AUTH (``auth``; None: no users file, no AUTH)."""
 
     def __init__(self, config: ListenerConfig, intake: Intake,
-                 certificate: ServerCertificate | None = None) -> None:
+                 certificate: ServerCertificate | None = None,
+                 auth: Authenticator | None = None) -> None:
         self.config = config
         self.intake = intake
         self.certificate = certificate
+        self.auth = auth
         self.relay_nets = [ipaddress.ip_network(n, strict=False) for n in config.relay_from]
         self._relay_ips: dict[str, bool] = {}
         self.connections = ConnectionLimits(config.limits.max_connections,
@@ -97,14 +101,14 @@ class Guard:
 
     def ehlo(self, responses: list[str]) -> list[str]:
         """No AUTH keyword without users to check it against."""
-        if self.intake.users is None:
+        if self.auth is None:
             return [r for r in responses if not r.startswith("250-AUTH")]
         return responses
 
     def user(self, session: Session) -> User | None:
-        if not session.authenticated or self.intake.users is None:
+        if not session.authenticated or self.auth is None:
             return None
-        return self.intake.users.get(str(session.auth_data))
+        return self.auth.users.get(str(session.auth_data))
 
     def trusted(self, ip: str) -> bool:
         """Whether a client IP is in ``relay_from`` (and the listener does not require AUTH):
@@ -340,7 +344,7 @@ class GuardedSMTP(SMTP):
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
-        if self.guard.intake.users is None:
+        if self.guard.auth is None:
             await self.push("502 5.5.1 AUTH not available on this server")
             return
         before = self._bad_commands
@@ -356,10 +360,10 @@ class GuardedSMTP(SMTP):
 
     async def _checked(self, result: AuthResult) -> AuthResult:
         request, self._auth_request = self._auth_request, None
-        users = self.guard.intake.users
-        if request is None or users is None:
+        auth = self.guard.auth
+        if request is None or auth is None:
             return result
-        return await users.authenticate(self._counted_ip or "", *request)
+        return await auth.authenticate(self._counted_ip or "", *request)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         return await self._checked(await super().auth_PLAIN(_, args))

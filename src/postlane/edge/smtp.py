@@ -1,10 +1,11 @@
 """The SMTP intake listener, on aiosmtpd.
 
 aiosmtpd does the protocol; this module adds what an MTA's edge needs on top: strict paths and
-SMTPUTF8 (``address.py``), a checked EHLO name, DSN parameters (RFC 3461 ENVID/RET/NOTIFY/ORCPT,
-which aiosmtpd would refuse), the relay check, recipient limits, ``<postmaster>``, a 421 while
-the node drains, and a 250 only once the spool has the message on disk. Who may relay, TLS,
-AUTH and the intake limits are ``guard.py``'s.
+SMTPUTF8 (``postlane/address.py``), a checked EHLO name, DSN parameters (RFC 3461
+ENVID/RET/NOTIFY/ORCPT, which aiosmtpd would refuse), the relay check, recipient limits,
+``<postmaster>``, a 421 while the node drains, and a 250 only once the spool has the message on
+disk. Who may relay, TLS, AUTH and the intake limits are ``guard.py``'s (AUTH's password checks
+``auth.py``'s).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import re
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
+from ..address import PathError, alabel_domain, parse_path
 from ..config import ListenerConfig
 from ..policy.intake import Intake, RcptIn, Rejection
-from .address import PathError, alabel_domain, parse_path
+from .auth import Authenticator
 from .guard import Guard, GuardedSMTP
 from .tls import ServerCertificate
 
@@ -322,12 +324,13 @@ class SMTPIntake:
     """aiosmtpd handler of one listener."""
 
     def __init__(self, name: str, config: ListenerConfig, intake: Intake,
-                 certificate: ServerCertificate | None = None) -> None:
+                 certificate: ServerCertificate | None = None,
+                 auth: Authenticator | None = None) -> None:
         self.name = name
         self.config = config
         self.intake = intake
         self.draining = False
-        self.guard = Guard(config, intake, certificate)
+        self.guard = Guard(config, intake, certificate, auth)
         node = intake.config.node
         self.postmaster = node.postmaster or f"postmaster@{node.hostname}"
 
@@ -437,10 +440,11 @@ class Listener:
     """One bound intake socket."""
 
     def __init__(self, name: str, config: ListenerConfig, intake: Intake, hostname: str,
-                 certificate: ServerCertificate | None = None) -> None:
+                 certificate: ServerCertificate | None = None,
+                 auth: Authenticator | None = None) -> None:
         self.name = name
         self.config = config
-        self.handler = SMTPIntake(name, config, intake, certificate)
+        self.handler = SMTPIntake(name, config, intake, certificate, auth)
         self.hostname = hostname
         self.server: asyncio.Server | None = None
 

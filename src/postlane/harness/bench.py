@@ -527,6 +527,7 @@ async def _load(opts: BenchOptions, ports: list[int], arrivals: mp.Queue, progre
             if await sub.send(TRANSACTIONAL_FROM, rcpt,
                               _message(tag, cls, rcpt, body, TRANSACTIONAL_FROM)):
                 submitted[tag] = (cls, t0)
+                accepted_in.setdefault(cls, []).append(time.time() - t0)
                 progress.transactional_sent += 1
 
         while interval and not (stop_tx.is_set() and time.monotonic() >= tx_until):
@@ -542,6 +543,9 @@ async def _load(opts: BenchOptions, ports: list[int], arrivals: mp.Queue, progre
             await sub.close()
 
     arrived: dict[str, tuple[float, str]] = {}
+    accepted_in: dict[str, list[float]] = {}
+    """Per transactional class: submission to the 250 (the rest of latency_s is the queue
+    and the delivery)."""
     duplicates = 0
     connections = 0
 
@@ -610,6 +614,7 @@ async def _load(opts: BenchOptions, ports: list[int], arrivals: mp.Queue, progre
         "throughput_msgs_s": round(len(arrived) / max(1e-9, last - first_submit), 1),
         "intake_msgs_s": round(marketing_n / max(1e-9, marketing_done_at - first_submit), 1),
         "latency_s": {cls: _percentiles(v) for cls, v in sorted(latencies.items())},
+        "accept_s": {cls: _percentiles(v) for cls, v in sorted(accepted_in.items())},
         "lost": sum(1 for t in submitted if t not in arrived),
         "duplicates": duplicates,
         "sink_connections": connections,
@@ -630,6 +635,32 @@ async def _load(opts: BenchOptions, ports: list[int], arrivals: mp.Queue, progre
         if per_node.get("unknown"):
             out["per_node"]["unknown"] = {"delivered": per_node["unknown"]}
     return out
+
+
+def _commit_figures(exposition: bytes) -> dict:
+    """The node's spool commits from its /metrics: how many, operations per commit, mean
+    duration, and the bucket bounds holding the median and the 99th percentile."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: list[tuple[float, float]] = []
+    count = total = ops = 0.0
+    for family in text_string_to_metric_families(exposition.decode()):
+        for sample in family.samples:
+            if sample.name == "postlane_spool_commit_seconds_bucket":
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name == "postlane_spool_commit_seconds_count":
+                count = sample.value
+            elif sample.name == "postlane_spool_commit_seconds_sum":
+                total = sample.value
+            elif sample.name == "postlane_spool_operations_total":
+                ops = sample.value
+
+    def bound(q: float) -> float | None:
+        return next((round(1000 * le, 1) for le, n in sorted(buckets) if n >= q * count), None)
+
+    return {"commits": int(count), "ops_per_commit": round(ops / max(1.0, count), 1),
+            "mean_ms": round(1000 * total / max(1.0, count), 2),
+            "p50_le_ms": bound(0.5), "p99_le_ms": bound(0.99)}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -710,6 +741,8 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
             result = asyncio.run(load)
         if seeded:
             result["queued_behind"].update(seeded)
+        if admin is not None:
+            result["spool_commits"] = _commit_figures(admin.call("GET", "/metrics")[1])
         result["rss_mb_peak"] = max(_rss_peak_mb(node.pid) for node in nodes)
         result["rss_mb_peak_all"] = max(_tree_rss_peak_mb(node.pid) for node in nodes)
         result["rss_mb_all_max"] = sampler.stop()

@@ -19,10 +19,16 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from ..accounting.records import Record
+from ..spool.writer import COMMIT_BUCKETS
 
 if TYPE_CHECKING:
     from .monitor import Monitor
@@ -141,6 +147,7 @@ class _StateCollector(Collector):
         if clustered:
             yield from self._cluster_metrics(now)
         yield from _health_metrics(mon)
+        yield from _commit_metrics(mon)
         yield GaugeMetricFamily("postlane_uptime_seconds", "Seconds since the node started",
                                 value=status["uptime_s"])
 
@@ -251,3 +258,18 @@ def _health_metrics(mon: Monitor) -> Iterator[Metric]:
     for kind, n in counted.items():
         events.add_metric([kind], n)
     yield from (active, events)
+
+
+def _commit_metrics(mon: Monitor) -> Iterator[Metric]:
+    stats = mon.commits
+    buckets, total = [], 0
+    for bound, n in zip(COMMIT_BUCKETS, stats.buckets, strict=True):
+        total += n
+        buckets.append((str(bound), total))
+    buckets.append(("+Inf", stats.commits))
+    yield HistogramMetricFamily("postlane_spool_commit_seconds", "Spool commits by duration: a"
+                                " 250 waits for the commit under way and its own",
+                                buckets=buckets, sum_value=stats.seconds)
+    yield CounterMetricFamily("postlane_spool_operations", "Write operations committed (a"
+                              " message, a batch of outcomes, events, a trim ...)",
+                              value=stats.writes)

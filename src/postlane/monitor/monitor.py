@@ -68,6 +68,8 @@ class Monitor:
         self.status = status
         """The node's status (lanes, pools, uptime) for /metrics."""
         self.health = health
+        self.commits = spool.stats
+        """The spool writer's commits (what every 250 waits for), for /metrics."""
         mon = self.config.monitor
         clustered = isinstance(spool, PostgresSpool)
         self.tracker = Tracker(self.config, counts_queue=not clustered)

@@ -19,14 +19,14 @@ from email.utils import formatdate, parseaddr
 from typing import TYPE_CHECKING, Any
 
 from ..accounting.records import Record
+from ..address import PathError, alabel_domain
 from ..config import Config
-from ..edge.address import PathError, alabel_domain
-from ..edge.auth import User, Users
-from ..edge.limits import DiskGuard
 from ..health import Health
 from ..spool import Message, Recipient, Spool, SpoolUnavailable, local_dir
+from ..spool.disk import DiskGuard
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
 from .identity import envelope_sender
+from .users import User, Users
 
 if TYPE_CHECKING:
     from .dkim import Signer
@@ -135,8 +135,9 @@ class Intake:
         """feedback.service.FeedbackService when the node wires one: suppression, List-Unsubscribe,
         inbound reports (the listeners ask it at RCPT and DATA)."""
         sec = config.security
-        self.users = (Users(sec.users_file, sec.auth_failures_per_minute, sec.auth_concurrency)
-                      if sec.users_file else None)
+        self.users = Users(sec.users_file) if sec.users_file else None
+        """The SMTP users store (None: no users file, no AUTH); the edge's AUTH checks
+        passwords against it (``edge/auth.py``)."""
         self.health = health or Health()
         self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space, health=self.health)
         self.audit_behind = audit_behind

@@ -25,7 +25,7 @@ import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-from ..edge.address import PathError, alabel_domain
+from ..address import PathError, alabel_domain
 
 __all__ = ["Reply", "SMTPConnection", "SMTPError", "Timeouts", "Transaction"]
 

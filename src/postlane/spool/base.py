@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..accounting.records import Record
+    from .writer import CommitStats
 
 
 class State(StrEnum):
@@ -142,6 +143,8 @@ class Spool(Protocol):
     files from these events and ``trim`` drops the ones it has consumed."""
 
     writer_id: str
+    stats: CommitStats
+    """The writer's commits and their durations (``postlane_spool_commit_seconds``)."""
 
     async def open(self) -> None: ...
 

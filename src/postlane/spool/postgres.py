@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
@@ -45,7 +46,17 @@ from .pgsql import (
     redact,
 )
 from .tokens import Tokens
-from .writer import Batch, Enqueue, Finish, GroupCommitWrites, Op, Operate, WriteQueue, settle
+from .writer import (
+    Batch,
+    CommitStats,
+    Enqueue,
+    Finish,
+    GroupCommitWrites,
+    Op,
+    Operate,
+    WriteQueue,
+    settle,
+)
 
 __all__ = ["CONNECT_TIMEOUT", "MIGRATIONS", "SCHEMA_VERSION", "SESSION_SETTINGS", "UNREACHABLE",
            "NodeConflict", "NodeInfo", "PostgresSpool", "redact"]
@@ -85,8 +96,7 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
         self._live: dict[str, Message] = {}
         """Messages with recipients this node holds (claimed or loaded by ``pending``)."""
         self._live_bodies: dict[str, bytes] = {}
-        self.commits = 0
-        self.writes = 0
+        self.stats = CommitStats()
         self.health = Health()
         """Where the database going away and coming back is told (the node's)."""
         self.down = False
@@ -195,11 +205,11 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
             ops = writes.take()
             batch = Batch.of(ops)
             error: BaseException | None = None
+            started = time.perf_counter()
             try:
                 async with self.acquire() as conn:
                     await self._commit(conn, batch)
-                self.commits += 1
-                self.writes += len(ops)
+                self.stats.committed(time.perf_counter() - started, len(ops))
             except Exception as exc:  # a failed commit must fail every waiter, not hang them
                 error = exc
             settle(batch.waiters, error)

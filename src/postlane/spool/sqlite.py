@@ -32,7 +32,16 @@ from .base import (
     new_writer_id,
 )
 from .cache import BodyCache
-from .writer import Batch, Enqueue, Finish, GroupCommitWrites, Op, WriteQueue, settle
+from .writer import (
+    Batch,
+    CommitStats,
+    Enqueue,
+    Finish,
+    GroupCommitWrites,
+    Op,
+    WriteQueue,
+    settle,
+)
 
 log = logging.getLogger("postlane.spool")
 
@@ -132,8 +141,7 @@ class SQLiteSpool(GroupCommitWrites):
         self._pager_lock = threading.Lock()
         self._cache = BodyCache()
         self._attempts = AttemptJournal(self.path.parent)
-        self.commits = 0
-        self.writes = 0
+        self.stats = CommitStats()
         self.health = Health()
         """Where failing commits are told (the node's; logged once per outage)."""
 
@@ -240,6 +248,7 @@ class SQLiteSpool(GroupCommitWrites):
         error: BaseException | None = None
         first = self.events_written + 1
         events = batch.events
+        started = time.perf_counter()
         try:
             conn.execute("BEGIN")
             if batch.messages:
@@ -274,8 +283,7 @@ class SQLiteSpool(GroupCommitWrites):
                     conn.execute("DELETE FROM paused WHERE pool=? AND domain=?", (pool, domain))
             conn.execute("COMMIT")
             self.events_written += len(events)
-            self.commits += 1
-            self.writes += len(batch.ops)
+            self.stats.committed(time.perf_counter() - started, len(batch.ops))
             self.health.end(self.HEALTH_KEY)
         except Exception as exc:  # a failed commit must fail every waiter, not hang them
             error = exc

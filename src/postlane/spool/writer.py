@@ -173,6 +173,32 @@ class Batch:
         return b
 
 
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Seconds: a commit is what every 250 waits for, so its tail is the acknowledgement's floor."""
+
+
+class CommitStats:
+    """Commits, their operations and how long each took (a histogram kept here, exposed by
+    the monitor as ``postlane_spool_commit_seconds``). Updated by the writer only."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.writes = 0
+        """Operations committed."""
+        self.seconds = 0.0
+        self.buckets = [0] * len(COMMIT_BUCKETS)
+        """Commits that took at most each bound (not cumulative; the +Inf count is the rest)."""
+
+    def committed(self, seconds: float, ops: int) -> None:
+        self.commits += 1
+        self.writes += ops
+        self.seconds += seconds
+        for i, bound in enumerate(COMMIT_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+                break
+
+
 def settle(waiters: Iterable[asyncio.Future], error: BaseException | None) -> None:
     """Answer the operations of a commit (on the event loop): done, or the spool is away."""
     for fut in waiters:
@@ -207,13 +233,16 @@ class WriteQueue:
             self.waiters += 1
 
     def take(self) -> list[Op]:
-        """The next batch: urgent operations first, at most ``BATCH_MAX``."""
+        """The next batch, at most ``BATCH_MAX`` operations: the urgent ones alone if there
+        are any (a policy notice's 250 waits for a small commit, not for the campaign's
+        thousand rows beside it), else the bulk."""
         batch: list[Op] = []
         urgent, bulk = self.urgent, self.bulk
         while urgent and len(batch) < BATCH_MAX:
             batch.append(urgent.popleft())
-        while bulk and len(batch) < BATCH_MAX:
-            batch.append(bulk.popleft())
+        if not batch:
+            while bulk and len(batch) < BATCH_MAX:
+                batch.append(bulk.popleft())
         self.waiters -= sum(1 for op in batch if op.done is not None)
         return batch
 
@@ -242,6 +271,11 @@ class GroupCommitWrites:
     backend supplies ``_submit`` (queue it and wake its writer) and may override ``mark``."""
 
     _writes: WriteQueue
+    stats: CommitStats
+
+    @property
+    def commits(self) -> int:
+        return self.stats.commits
 
     @property
     def failed_commits(self) -> int:

@@ -31,6 +31,7 @@ from aiosmtpd.smtp import Envelope, Session
 from ..accounting.records import Record
 from ..childproc import frame, frames
 from ..config import Config, ListenerConfig
+from ..edge.auth import Authenticator
 from ..edge.guard import peer_ip
 from ..edge.smtp import EdgeSMTP, SMTPIntake
 from ..edge.tls import Certificates, ServerCertificate
@@ -232,8 +233,9 @@ class WorkerHandler(SMTPIntake):
     process (node-wide, per AUTH user or client IP, as in one process)."""
 
     def __init__(self, name: str, config: ListenerConfig, intake: Intake,
-                 certificate: ServerCertificate | None, channel: MainChannel) -> None:
-        super().__init__(name, config, intake, certificate)
+                 certificate: ServerCertificate | None, channel: MainChannel,
+                 auth: Authenticator | None = None) -> None:
+        super().__init__(name, config, intake, certificate, auth)
         self.channel = channel
         self.rate_limited = self.guard.rate.per_minute > 0
         self.guard.rate.per_minute = 0  # counted by the main process instead
@@ -276,8 +278,10 @@ class Worker:
         self.intake = Intake(config, self.spool, _NoScheduler(), lambda rec: None, self.signer)  # type: ignore[arg-type]
         self.intake.feedback = self.feedback
         self.certificates = Certificates(config)
+        self.auth = Authenticator.of(self.intake.users, config.security)
         self.handlers = {name: WorkerHandler(name, config.listeners[name], self.intake,
-                                             self.certificates.for_listener(name), channel)
+                                             self.certificates.for_listener(name), channel,
+                                             self.auth)
                          for name in sockets}
         self.sockets = sockets
         self.servers: list[asyncio.Server] = []
