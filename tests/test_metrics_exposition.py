@@ -14,6 +14,7 @@ import pytest
 
 from postlane.policy.intake import RcptIn
 from tests.conftest import OPERATOR, config_text, message
+from tests.support.waiting import until
 
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 
@@ -39,8 +40,9 @@ async def _backlog(tmp_path, sink, make_node, domains: int):
     for rcpt in ("late@example.com", "slow@example.com"):
         await node.intake.submit("s@insurer.test", [RcptIn(rcpt)],
                                  message("policy", cls="policy-documents"))
-    while sum(1 for r in node.scheduler.recipients() if r.state.value == "deferred") < 2:
-        await asyncio.sleep(0.02)
+    await until(lambda: sum(1 for r in node.scheduler.recipients()
+                            if r.state.value == "deferred") >= 2,
+                what="the two policy notices deferred")
     return node
 
 

@@ -18,6 +18,7 @@ from postlane.monitor.tracker import Tracker
 from postlane.policy.intake import RcptIn
 from postlane.startup import parse_config
 from tests.conftest import OPERATOR, config_text, message
+from tests.support.waiting import until
 
 # -- latency windows (pure computation) --------------------------------------------------------
 
@@ -131,7 +132,7 @@ async def test_predictive_alert_fires_before_any_breach_and_resolves(tmp_path, s
             await node.intake.submit("s@insurer.test", [RcptIn(f"p{len(sent)}@example.com")],
                                      message("policy", cls="policy-documents"))
             sent.append(time.time())
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the scenario: a steady arrival rate, in real time
 
     await trickle(1.0)  # healthy: delivered in milliseconds
     assert not node.monitor.alerts.active
@@ -139,9 +140,8 @@ async def test_predictive_alert_fires_before_any_breach_and_resolves(tmp_path, s
     await trickle(2.5)
     sink.delay = 0.0  # and recovers
     await sink.wait_for(len(sent), timeout=30)
-    deadline = time.time() + 15
-    while node.monitor.alerts.active and time.time() < deadline:
-        await asyncio.sleep(0.1)
+    await until(lambda: not node.monitor.alerts.active, timeout=15,
+                what="the alerts resolved after the recovery")
     resolved = [a for a in node.monitor.alerts.history if a.rule == "predicted-breach"]
     assert resolved, "the predictive alert fired and resolved"
     alert = resolved[0]
@@ -172,7 +172,7 @@ async def test_a_growing_backlog_alerts_at_least_the_lead_time_before_the_breach
         await node.intake.submit("s@insurer.test", [RcptIn(f"p{count}@example.com")],
                                  message("policy", cls="policy-documents"))
         count += 1
-        await asyncio.sleep(0.066)
+        await asyncio.sleep(0.066)  # the scenario: arrivals at a real-time rate
     await sink.wait_for(count, timeout=60)
     queued = [float(email.message_from_bytes(a.data)["X-Postlane-Queued"].split(";")[0])
               for a in sink.arrivals]
@@ -201,10 +201,8 @@ lead_time = "0.01s"
     for i in range(3):
         await node.intake.submit("s@insurer.test", [RcptIn(f"p{i}@example.com")],
                                  message("policy", cls="policy-documents"))
-    deadline = time.time() + 20
-    while "latency-threshold:policy-documents" not in node.monitor.alerts.active:
-        assert time.time() < deadline, "threshold alert did not fire"
-        await asyncio.sleep(0.1)
+    await until(lambda: "latency-threshold:policy-documents" in node.monitor.alerts.active,
+                what="the threshold alert fired")
     alert = node.monitor.alerts.active["latency-threshold:policy-documents"]
     assert alert.value > 0.3 and alert.threshold == 0.3
     assert "p95 delivery latency" in alert.message

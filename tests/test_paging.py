@@ -16,7 +16,7 @@ from postlane.scheduler import paging
 from postlane.scheduler.control import Selector
 from postlane.startup import parse_config
 from tests.conftest import OPERATOR, config_text, message
-from tests.test_cluster import _until
+from tests.support.waiting import until as _until
 
 N = 120
 

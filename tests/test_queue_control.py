@@ -8,8 +8,8 @@ import json
 
 from postlane.policy.intake import RcptIn
 from tests.conftest import OPERATOR, config_text, message, records
+from tests.support.waiting import until as _until
 from tests.test_cli_ops import run_cli
-from tests.test_cluster import _until
 
 GREY = "grey.example"
 

@@ -3,7 +3,6 @@ as a subprocess against a running node's API, then the accounting files and the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -13,8 +12,8 @@ from postlane.audit.backend import open_store_at
 from postlane.audit.store import Query
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records
+from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
-from tests.test_cluster import _until
 
 DEFERRING = "deferme.example"
 
@@ -47,12 +46,12 @@ async def test_retry_twice_then_purge_counts_each_recipient_once(tmp_path, sink,
                                      message("offer", cls="marketing", extra=(
                                          "X-Correlation-ID: camp-1\r\n")))
             for a in addresses]
-    await _until(lambda: _deferred(node, 1))
+    await until(lambda: _deferred(node, 1), what="all 8 deferred once")
     for attempt in (2, 3):
         code, out, err = await run_cli("retry", "bulk", *target)
         assert code == 0, err
         assert out.strip() == "8 recipients retried now"
-        await _until(lambda a=attempt: _deferred(node, a))
+        await until(lambda a=attempt: _deferred(node, a), what=f"all 8 deferred {attempt} times")
 
     token = (tmp_path / "api-token").read_text().strip()
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
@@ -95,12 +94,16 @@ async def test_a_lane_s_oldest_age_counts_its_deferred_mail(tmp_path, sink, make
     for i in range(8):
         await node.intake.submit("s@insurer.test", [RcptIn(f"r{i}@{DEFERRING}")],
                                  message("offer", cls="marketing"))
-    await _until(lambda: _deferred(node, 1))
-    await asyncio.sleep(0.3)
+        if i == 0:
+            first_queued = time.time()  # the oldest message was queued by now
+    await until(lambda: _deferred(node, 1), what="all 8 deferred once")
+    asked = time.time()
     code, out, err = await run_cli("queues", "--json", "--url",
                                    f"http://127.0.0.1:{node.api.port}",
                                    "--token-file", str(tmp_path / "api-token"))
     assert code == 0, err
     lane = next(ln for ln in json.loads(out) if ln["domain"] == DEFERRING)
     assert lane["deferred"] == 8 and lane["ready"] == 0
-    assert 0.3 <= lane["oldest_age_s"] <= time.time() - start + 0.1
+    # the age of the oldest (deferred) message when asked, not 0.0 (the API rounds to ms)
+    assert asked - first_queued - 0.0005 <= lane["oldest_age_s"] <= time.time() - start + 0.1
+    assert lane["oldest_age_s"] > 0

@@ -154,8 +154,17 @@ class WireServer:
     drop_in_data: bool = False
     commands: list[bytes] = field(default_factory=list)
     wire_data: list[bytes] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a conversation is over (whoever ended it): what it saw is all it will see."""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._converse(reader, writer)
+        finally:
+            self.ended.set()
+
+    async def _converse(self, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 wire.test ESMTP\r\n")
         pending: list[bytes] = []
         rcpts = 0
@@ -663,7 +672,7 @@ async def test_failed_before_dot_already_done_sends_no_dot(wire: tuple[WireServe
         await conn.send("s@a.test", [("x@b.test", "")], MESSAGE, before_dot=failed)
     assert info.value.stage == "data" and "journal not written" in info.value.message
     assert not conn.usable
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(ws.ended.wait(), 10)  # the client dropped the connection
     assert ws.wire_data == []  # the server never saw an end of data
 
 
@@ -686,14 +695,14 @@ def _slow_server(delay: float, answer_dot: bool = True) -> Serve:
         writer.write(b"220 slow.test\r\n")
         while line := await reader.readline():
             verb = line[:4].upper()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # the scenario: a server slow to answer, in real time
             if verb == b"DATA":
                 writer.write(b"354 go\r\n")
                 await writer.drain()
                 await reader.readuntil(b"\r\n.\r\n")
                 if not answer_dot:
                     await asyncio.Event().wait()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay)  # slow to answer the dot too
                 writer.write(b"250 2.0.0 Ok\r\n")
             elif verb == b"QUIT":
                 writer.write(b"221 Bye\r\n")

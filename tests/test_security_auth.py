@@ -16,6 +16,7 @@ from postlane.policy.users import User, hash_password, save_user, verify_passwor
 from postlane.startup import ConfigError, parse_config
 from tests.conftest import config_text, message, records
 from tests.support.rawsmtp import RawSMTP, session
+from tests.support.waiting import until
 
 PASSWORD = "correct horse battery staple"
 
@@ -269,10 +270,9 @@ async def test_failed_tls_handshakes_leave_the_listener_serving(tmp_path, sink, 
     plain = await RawSMTP.connect(implicit.listeners[1].port)
     plain.send(b"EHLO plaintext.test\r\n")
     assert await plain.closed()
-    for _ in range(100):
-        if starttls.handler.guard.connections.total == 0:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: starttls.handler.guard.connections.total == 0
+                and implicit.listeners[1].handler.guard.connections.total == 0,
+                what="both listeners let go of the failed connections")
     assert starttls.handler.guard.connections.total == 0
     assert implicit.listeners[1].handler.guard.connections.total == 0
     await submit(starttls.port, tls="starttls", user="alice")

@@ -3,7 +3,6 @@ record, and a message hit by a temporary fault still arrives once the remote sid
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records, send
 from tests.support.badserver import FAULTS, BadServer
+from tests.support.waiting import until
 
 TIMEOUTS = "[relay]\nconnect_timeout = 0.5\ncommand_timeout = 0.5\ndata_timeout = 0.5\n"
 
@@ -25,9 +25,8 @@ def fault_config(tmp_path, port: int, dns_port: int, *, routes: bool = True) -> 
 
 async def deferred(node, count: int = 1) -> None:
     """Wait until ``count`` recipients wait for a retry."""
-    async with asyncio.timeout(20):
-        while sum(lane.deferred for lane in node.scheduler.lanes.values()) < count:
-            await asyncio.sleep(0.02)
+    await until(lambda: sum(lane.deferred for lane in node.scheduler.lanes.values()) >= count,
+                what=f"{count} recipient(s) deferred")
 
 
 @pytest.fixture

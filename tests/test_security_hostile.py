@@ -123,7 +123,8 @@ async def test_end_of_data_found_whatever_the_packet_boundaries(tmp_path, sink, 
         for at in range(0, len(stream), piece):
             raw.send(stream[at:at + piece])
             await raw.writer.drain()
-            await asyncio.sleep(0.001)  # separate reads at the node
+            await asyncio.sleep(0.001)  # the scenario: a pause between pieces, so the node
+            # reads them separately (split as they are on the wire)
         assert (await raw.reply()).startswith("250 2.0.0"), body
         assert (await raw.reply()).startswith("250"), "NOOP stays a command"
     await raw.close()

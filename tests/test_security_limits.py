@@ -6,6 +6,7 @@ import asyncio
 
 from tests.conftest import config_text, message, send
 from tests.support.rawsmtp import RawSMTP, session
+from tests.support.waiting import until
 
 
 def limited(tmp_path, sink_port, limits: str, extra: str = "", relay_from: str | None = None
@@ -26,8 +27,8 @@ async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
         assert (await raw.reply()).startswith("220")
     await trusted.pop().close()
     await trusted.pop().close()
-    while node.listeners[0].handler.guard.connections.total > 1:
-        await asyncio.sleep(0.02)
+    await until(lambda: node.listeners[0].handler.guard.connections.total <= 1,
+                what="the closed trusted connections given back")
     first = [await RawSMTP.connect(port) for _ in range(2)]
     for raw in first:
         assert (await raw.reply()).startswith("220")
@@ -40,10 +41,9 @@ async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
     assert (await fourth.reply()).startswith("421 4.7.0 Too many connections,")
     await first[0].cmd("QUIT")
     await first[0].close()
-    for _ in range(50):  # the slot is released once the server sees the close
-        if node.listeners[0].handler.guard.connections.per_ip["127.0.0.1"] < 2:
-            break
-        await asyncio.sleep(0.05)
+    # the slot is released once the server sees the close
+    await until(lambda: node.listeners[0].handler.guard.connections.per_ip["127.0.0.1"] < 2,
+                what="the closed connection's slot released")
     again = await RawSMTP.connect(port)
     assert (await again.reply()).startswith("220")
     for raw in (first[1], other, again, *trusted):
@@ -91,7 +91,7 @@ async def test_each_command_restarts_the_idle_clock(tmp_path, sink, make_node):
     raw = await session(node.listeners[0].port)
     for _ in range(8):  # 1.6 s in total, never idle for 0.5 s
         assert (await raw.cmd("NOOP")).startswith("250")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the scenario: real time passes on the node's idle clock
     assert (await raw.reply(timeout=10)).startswith("421 4.4.2 Idle too long")
     assert await raw.closed()
 
@@ -167,7 +167,7 @@ async def test_command_timeout_is_idle_time_during_a_slow_data_transfer(tmp_path
     for i in range(8):  # 1.6 s in total, never idle for 0.5 s
         raw.send(b"line %d\r\n" % i)
         await raw.writer.drain()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the scenario: a slow sender, in real time
     raw.send(b".\r\n")
     assert (await raw.reply()).startswith("250 2.0.0")
     await raw.close()

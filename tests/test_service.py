@@ -16,7 +16,6 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from postlane.harness.sink import Sink
 from postlane.node import Node
 from postlane.policy.dkim import generate_key, write_key
 from postlane.startup import load_config
+from tests.support.waiting import until
 
 REPO = Path(__file__).resolve().parents[1]
 POSTLANE = Path(sys.executable).parent / "postlane"
@@ -84,13 +84,16 @@ class NotifySocket:
 
     async def wait(self, text: str, after: int = 0, timeout: float = 30) -> int:
         """Index of the first message from ``after`` on that contains ``text``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for i, msg in enumerate(self.messages[after:], after):
-                if text in msg:
-                    return i
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"no {text!r} in {self.messages[after:]}")
+
+        def found() -> int | None:
+            return next((i for i, msg in enumerate(self.messages[after:], after) if text in msg),
+                        None)
+
+        await until(lambda: found() is not None, timeout=timeout,
+                    what=f"{text!r} on the notify socket (after message {after})")
+        index = found()
+        assert index is not None
+        return index
 
     def close(self) -> None:
         self._stop = True
@@ -166,15 +169,16 @@ async def test_serve_notifies_systemd_logs_for_journald_and_reloads_on_sighup(tm
         await notify.wait("RELOADING=1", mark)
         await notify.wait("STATUS=reloaded", mark)
         await flowing  # nothing refused during the reload
-        for _ in range(600):  # connections open to the old route finish (relay.idle_timeout)
-            if not any(first.concurrent.values()):
-                break
-            await asyncio.sleep(0.05)
+        # connections open to the old route finish (relay.idle_timeout)
+        await until(lambda: not any(first.concurrent.values()), timeout=30,
+                    what="the connections to the old route closed")
         await asyncio.to_thread(_submit, port, 9, certs)
         arrivals = await second.wait_for(1, timeout=30)
         assert certs[0] != certs[1]  # the renewed certificate, no restart
         assert b" s=next;" in arrivals[-1].data.split(b"\r\n\r\n")[0]
-        await asyncio.sleep(0.5)
+        await until(lambda: len(first.arrivals) + len(second.arrivals) >= 7,
+                    what="all 7 delivered")
+        await asyncio.sleep(0.5)  # a bound: no duplicate comes after them (nothing to wait on)
         assert len(first.arrivals) + len(second.arrivals) == 7  # all delivered, once
 
         # a broken config changes nothing

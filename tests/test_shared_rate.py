@@ -16,8 +16,8 @@ from postlane.config.model import DestinationRule
 from postlane.scheduler.shared_rate import SharedRate
 from tests.conftest import OPERATOR, config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
+from tests.support.waiting import until
 from tests.test_cluster import (
-    _until,
     cluster_text,
     delivered_by,
     send_many,
@@ -30,7 +30,7 @@ async def test_bucket_grants_its_burst_then_its_rate(two_spools):
     a, b = two_spools
     assert await a.take_tokens("gmail", 10.0, 5.0, 8.0) == 5.0, "a full bucket holds the burst"
     assert await b.take_tokens("gmail", 10.0, 5.0, 8.0) < 1.0, "the other node finds it empty"
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(0.6)  # the scenario: the bucket refills in real time (database clock)
     assert await b.take_tokens("gmail", 10.0, 5.0, 8.0) == 5.0, "refilled, capped at the burst"
     assert await a.take_tokens("outlook", 10.0, 5.0, 2.0) == 2.0, "buckets are per key"
 
@@ -97,7 +97,7 @@ async def test_two_nodes_hold_a_per_pool_rate_together(tmp_path, sink, pg_schema
     try:
         # queue the whole campaign first, so the limit (not intake) sets the pace
         await a.operations.pause("bulk", who=OPERATOR)
-        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        await until(lambda: ("bulk", "*") in b.scheduler.paused, what="node-b took the pause")
         names = [f"r{i:03d}" for i in range(count)]
         acked = await asyncio.gather(
             asyncio.to_thread(send_many, a.listeners[0].port, names[:count // 2]),
@@ -105,7 +105,7 @@ async def test_two_nodes_hold_a_per_pool_rate_together(tmp_path, sink, pg_schema
         assert sum(map(len, acked)) == count
         await a.operations.resume("bulk", who=OPERATOR)
         arrivals = await sink.wait_for(count, timeout=90)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a bound after the last arrival: no duplicate comes later
         assert sorted(subjects_of(arrivals)) == names, "every message exactly once"
     finally:
         await a.stop()
@@ -151,7 +151,7 @@ async def _transactional_not_held(sink, node) -> None:
     await asyncio.to_thread(send_many, port, [f"mkt{i}" for i in range(6)])
     await sink.wait_for(3, timeout=30)
     bulk = node.scheduler.lanes[("bulk", "example.com")]
-    await _until(lambda: bulk.rate_wait)
+    await until(lambda: bulk.rate_wait, what="the lane waits for rate tokens")
     await asyncio.to_thread(send_many, port, [f"pol{i}" for i in range(3)], "policy-documents")
     # one bucket for both pools would hold each notice ~30 s
     arrivals = await sink.wait_for(6, timeout=20)
@@ -170,7 +170,7 @@ async def test_a_rate_limited_destination_does_not_stop_a_node_claiming_others(
     await asyncio.to_thread(send_many, port, [f"ex{i:02d}" for i in range(30)])
     await sink.wait_for(1, timeout=30)
     lane = node.scheduler.lanes[("bulk", "example.com")]
-    await _until(lambda: lane.rate_wait)
+    await until(lambda: lane.rate_wait, what="the lane waits for rate tokens")
     for i in range(3):
         await send(port, "sender@insurer.test", [f"o{i}@other.test"], message(f"other{i}"))
     # the node holds more example.com work than its claim target, all waiting for tokens

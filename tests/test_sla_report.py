@@ -4,13 +4,13 @@ then `postlane audit sla` as a subprocess on the audit store it wrote."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
 import time
 
 from tests.conftest import config_text, message, send
+from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
 
 
@@ -37,8 +37,8 @@ async def test_sla_report_names_the_real_cause_and_counts_deliverable_mail(
                                              extra=f"X-Correlation-ID: {rcpt}\r\n"))
     await sink.wait_for(2)  # ok@ at once, slow@ after its retry
     # ... the destination greylists it twice, then the operator purges the lane
-    while sink.rcpt_attempts["grey@grey.example"] < 2:
-        await asyncio.sleep(0.05)
+    await until(lambda: sink.rcpt_attempts["grey@grey.example"] >= 2,
+                what="grey@ greylisted twice")
     code, out, err = await run_cli("purge", "critical", "grey.example", "--yes", *target)
     assert (code, out.strip()) == (0, "1 recipients purged"), err
     await node.stop()

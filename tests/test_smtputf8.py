@@ -4,13 +4,12 @@ SMTPUTF8 sends A-labels when the local part is ASCII and bounces (5.6.7, once) w
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records
 from tests.support.rawsmtp import session
+from tests.support.waiting import until
 
 ALABEL = "xn--exmple-cua.org"  # exämple.org
 
@@ -92,11 +91,12 @@ async def test_ascii_local_parts_go_as_a_labels_to_a_server_without_smtputf8(utf
     assert [r[:3] for r in replies] == ["250", "250", "250", "354", "250"]
     [arrival] = await target.wait_for(1)
     assert arrival.rcpts == [f"anna@{ALABEL}"] and not arrival.smtputf8
-    for _ in range(50):
+
+    def outcomes() -> list[dict]:
         rows = [r for r in records(tmp_path) if r["type"] in ("d", "b", "t")]
-        if len(rows) >= 2:
-            break
-        await asyncio.sleep(0.1)
+        return rows if len(rows) >= 2 else []
+
+    rows = await until(outcomes, what="an outcome record for both recipients")
     by_rcpt = {r["rcpt"]: r for r in rows}
     assert by_rcpt["anna@exämple.org"]["type"] == "d"
     bounce = by_rcpt["jürgen@exämple.org"]

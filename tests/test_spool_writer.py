@@ -8,7 +8,6 @@ middle of its commit."""
 
 from __future__ import annotations
 
-import asyncio
 import smtplib
 import sqlite3
 import time
@@ -20,6 +19,7 @@ from postlane.accounting.records import Record
 from postlane.spool import PostgresSpool, RecipientUpdate, SpoolUnavailable, SQLiteSpool, State
 from tests.conftest import config_text, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
+from tests.support.waiting import until
 from tests.test_store_contract import make_message
 
 
@@ -65,14 +65,6 @@ def open_spool(request, tmp_path):
     return lambda: PostgresSpool(PG_DSN, schema)
 
 
-async def until(predicate, timeout: float = 60.0) -> None:
-    """Wait for a state (the timeout only turns a hang into a failure)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 def delivered(msg_id: str, idx: int) -> RecipientUpdate:
     return RecipientUpdate(msg_id, idx, State.DELIVERED, 1, 0.0, "250 2.0.0 ok")
 
@@ -102,7 +94,8 @@ async def test_an_outcome_whose_commit_fails_is_retried_until_it_lands(open_spoo
         await spool.enqueue(msg, rcpts, body)
         await fault.install("recipients", "UPDATE")
         spool.update([delivered(msg.id, 0)], [d_record(msg.id)])
-        await until(lambda: spool.failed_commits >= 2)  # failed, and failed again on retry
+        # failed, and failed again on retry
+        await until(lambda: spool.failed_commits >= 2, timeout=60, what="two failed commits")
         assert await stored_events(spool) == 0
         await fault.remove("recipients")
         await spool.flush()
@@ -164,7 +157,7 @@ async def test_a_connection_terminated_in_the_middle_of_a_commit_loses_no_outcom
                 " CREATE TRIGGER fault BEFORE UPDATE ON recipients FOR EACH ROW"
                 " EXECUTE FUNCTION fault()")
         spool.update([delivered(msg.id, 0)], [d_record(msg.id)])
-        await until(lambda: spool.failed_commits >= 1)
+        await until(lambda: spool.failed_commits >= 1, timeout=60, what="a failed commit")
         await spool.flush()
         async with spool.acquire() as conn:
             state = await conn.fetchval("SELECT state FROM recipients WHERE msg_id = $1"

@@ -13,19 +13,20 @@ import time
 import pytest
 
 from tests.conftest import config_text, message, records, send
+from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
 
 
 async def _wait_records(node, tmp_path, predicate, count: int = 1,
                         timeout: float = 20.0) -> list[dict]:
     """The accounting records matching ``predicate``, once there are ``count`` of them."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def matching() -> list[dict]:
         await node.flush_evidence()
         rows = [r for r in records(tmp_path) if predicate(r)]
-        if len(rows) >= count or time.monotonic() > deadline:
-            return rows
-        await asyncio.sleep(0.05)
+        return rows if len(rows) >= count else []
+
+    return await until(matching, timeout=timeout, what=f"{count} matching accounting record(s)")
 
 
 async def test_no_such_domain_from_the_resolver_suppresses_nobody(tmp_path, sink, dns_server,
@@ -82,7 +83,8 @@ async def test_hard_bounces_suppress_sla_classes_only_after_repeated_evidence(
     entries = {e["scope"]: e for e in map(json.loads, out.splitlines())}
     assert set(entries) == {"all", "best-effort"}
     assert entries["all"]["expires"] == pytest.approx(entries["all"]["created"] + 3, abs=0.01)
-    # the suppression lapses: the address may receive mail again
+    # the suppression lapses: the address may receive mail again (its expiry passes in real
+    # time: the store and the node read the wall clock)
     await asyncio.sleep(max(0.0, entries["all"]["expires"] - time.time()) + 0.1)
     assert await send(port, "", ["gone@example.com"],
                       message("policy 4", cls="policy-documents")) == {}

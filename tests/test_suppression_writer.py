@@ -4,12 +4,12 @@ writes everything in order, and a stop writes what is queued."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 
 import pytest
 
 from postlane.feedback.suppression import SuppressionBusy, SuppressionList, SuppressionWriter
+from tests.support.waiting import until
 
 
 def _hold(path) -> sqlite3.Connection:
@@ -41,8 +41,8 @@ async def test_the_writer_waits_for_the_lock_and_keeps_the_order(tmp_path) -> No
         writes.submit(store.add, "b@example.com", "marketing", "first")
         writes.submit(store.add, "b@example.com", "marketing", "second")
         writes.submit(store.bounced, "c@example.com", 1000.0, 3600.0, "550 5.1.1")
-        while writes.waiting < 0.3:  # waiting in its thread, not failing
-            await asyncio.sleep(0.02)
+        # waiting in its thread, not failing: for 0.3 s of real time (several of its retries)
+        await until(lambda: writes.waiting >= 0.3, what="the writer waiting 0.3 s for the lock")
     finally:
         other.execute("COMMIT")
         other.close()

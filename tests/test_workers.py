@@ -15,6 +15,7 @@ import pytest
 
 from postlane.harness.sink import Sink
 from tests.conftest import OPERATOR, config_text, message, records, send
+from tests.support.waiting import until
 from tests.test_lanes import _submit_all, shared_pool_config, subjects
 from tests.test_security_auth import secure_config, submit, tls_files, users_file  # noqa: F401
 
@@ -88,36 +89,26 @@ async def test_kill_of_a_worker_mid_transfer_loses_nothing_acknowledged(
     clients = [asyncio.to_thread(_client_until_acked, port, list(range(k, 200, 4)), acked, stop)
                for k in range(4)]
     tasks = [asyncio.ensure_future(c) for c in clients]
-    while len(acked) < 40:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(acked) >= 40, what="40 messages acknowledged")
     for pid in node.workers.pids():  # both workers: whichever held a transfer
         os.kill(pid, signal.SIGKILL)
     await asyncio.gather(*tasks)
     assert acked == set(range(200))
     await sink.wait_for(200, timeout=60)
-    await asyncio.sleep(0.3)
+    await until(lambda: {f"k{i}" for i in acked} <= set(subjects(sink)),
+                what="every acknowledged message delivered")  # 200 arrivals may hold a repeat
     got = set(subjects(sink))
     assert {f"k{i}" for i in acked} <= got, "every acknowledged message was delivered"
     assert "half" not in " ".join(got)
     assert node.workers.restarts >= 2
-    for _ in range(100):  # both started again
-        if len(node.workers.pids()) == 2 and all(
-                c.ready.done() for c in node.workers.channels.values()):
-            break
-        await asyncio.sleep(0.1)
+    await until(lambda: len(node.workers.pids()) == 2 and all(
+        c.ready.done() for c in node.workers.channels.values()), what="both workers started again")
     await send(port, "s@insurer.test", ["after@example.com"], message("after", cls="marketing"))
     held.close()
-    for _ in range(300):
-        if "after" in subjects(sink):
-            break
-        await asyncio.sleep(0.1)
-    assert "after" in subjects(sink)
+    await until(lambda: "after" in subjects(sink), timeout=30, what="the message sent after")
     # the killed workers' connections were given back
-    for _ in range(100):
-        if node.workers.guards["in"].connections.total == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert node.workers.guards["in"].connections.total == 0
+    await until(lambda: node.workers.guards["in"].connections.total == 0,
+                what="the killed workers' connections given back")
 
 
 async def test_priority_holds_through_the_workers(tmp_path, make_node):
@@ -167,11 +158,8 @@ async def test_connection_cap_per_ip_is_node_wide(tmp_path, sink, make_node):
     assert greetings.count(b"220") == 3 and greetings.count(b"421") == 2, greetings
     for sock, _ in opened:
         sock.close()
-    for _ in range(100):
-        if node.workers.guards["in"].connections.total == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert node.workers.guards["in"].connections.total == 0
+    await until(lambda: node.workers.guards["in"].connections.total == 0,
+                what="the closed connections given back")
     sock, greeting = await asyncio.to_thread(greet)
     assert greeting.startswith(b"220")
     sock.close()
