@@ -27,11 +27,17 @@ from pathlib import Path
 
 import httpx
 
-from postlane.harness.sink import Sink
 from postlane.node import Node
 from postlane.spool import Message, Recipient
 from postlane.spool.sqlite import SQLiteSpool
-from postlane.startup import parse_config
+
+try:
+    from postlane.harness.sink import Sink
+    from postlane.startup import parse_config
+except ImportError:  # a checkout from before issue 21's layering (the "before" side)
+    from postlane.sink import Sink  # type: ignore[no-redef]
+
+    from postlane.config.load import parse_config  # type: ignore[no-redef]
 
 
 class Probe:
