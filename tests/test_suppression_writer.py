@@ -8,7 +8,8 @@ import sqlite3
 
 import pytest
 
-from postlane.feedback.suppression import SuppressionBusy, SuppressionList, SuppressionWriter
+from postlane.feedback.suppression import SuppressionBusy, SuppressionList
+from postlane.feedback.suppression_writer import SuppressionWriter
 from tests.support.waiting import until
 
 

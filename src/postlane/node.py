@@ -34,7 +34,8 @@ from .policy.intake import Intake, RcptIn
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
 from .relay.tlsrpt import TLSReports
-from .reputation.service import ReputationCollector, ReputationService
+from .reputation.metrics import ReputationCollector
+from .reputation.service import ReputationService
 from .scheduler.claim import Claimer
 from .scheduler.control import QueueControl
 from .scheduler.paging import Pager

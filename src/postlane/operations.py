@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from .accounting.operators import DONE, Operator, action_record, stamp
 from .accounting.records import Record
-from .feedback.suppression import Entry, SuppressionList, SuppressionWriter, normalize, parse_csv
+from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
+from .feedback.suppression_writer import SuppressionWriter
 from .scheduler.control import SelectionError, Selector
 from .spool import SpoolUnavailable
 

@@ -26,7 +26,8 @@ from .categories import ADDRESS_FAILURES, Classifier, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
-from .suppression import SCOPES, Entry, SuppressionList, SuppressionWriter
+from .suppression import SCOPES, Entry, SuppressionList
+from .suppression_writer import SuppressionWriter
 from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP
 

@@ -33,6 +33,15 @@ from pathlib import Path
 from ..config import Config
 from ..relay.client import SMTPConnection, SMTPError
 from ..startup import load_config
+from .procstats import (
+    TreeSampler,
+    children_cpu_seconds,
+    cpu_seconds,
+    descendants,
+    rss_peak_mb,
+    tree_cpu_seconds,
+    tree_rss_peak_mb,
+)
 
 TRANSACTIONAL_DEFAULT = ("policy-documents", "claims", "payment-receipts")
 EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "insurance.toml"
@@ -208,107 +217,6 @@ def _run_sink(port: int, delay: float, out: mp.Queue, ready: mp.Event,
         uvloop.run(main())
     except ImportError:  # pragma: no cover
         asyncio.run(main())
-
-
-def _stat_fields(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-
-
-def _cpu_seconds(pid: int, reaped: bool = False) -> float:
-    """User + system CPU time of a process, from /proc (Linux); ``reaped``: with that of its
-    children it has waited for (fields cutime, cstime), which a tree walk no longer sees."""
-    try:
-        fields = _stat_fields(pid)
-        ticks = int(fields[11]) + int(fields[12])
-        if reaped:
-            ticks += int(fields[13]) + int(fields[14])
-        return round(ticks / os.sysconf("SC_CLK_TCK"), 2)
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (children, their children …): a node's recorder,
-    signers and workers, however they are nested."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(
-                    int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), ()):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _children_cpu_seconds(pid: int) -> float:
-    """CPU time of a process's live descendants (the node's recorder and signing processes)."""
-    return round(sum(_cpu_seconds(child) for child in _descendants(pid)), 2)
-
-
-def _tree_cpu_seconds(pid: int) -> float:
-    """CPU time of a node's whole process tree: the node, every live descendant, and the
-    children each of them has reaped. What "node CPU" means in every figure of the bench,
-    however many processes the node runs."""
-    return round(sum(_cpu_seconds(p, reaped=True) for p in [pid, *_descendants(pid)]), 2)
-
-
-def _status_kb(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _rss_peak_mb(pid: int) -> float:
-    return round(_status_kb(pid, "VmHWM:") / 1024, 1)
-
-
-def _tree_rss_peak_mb(pid: int) -> float:
-    """Peak RSS of a node and its live descendants together (each one's own peak, summed: an
-    upper bound)."""
-    return round(sum(_rss_peak_mb(p) for p in [pid, *_descendants(pid)]), 1)
-
-
-def _tree_rss_mb(pid: int) -> float:
-    """RSS of a node's whole process tree now."""
-    return round(sum(_status_kb(p, "VmRSS:") for p in [pid, *_descendants(pid)]) / 1024, 1)
-
-
-class TreeSampler:
-    """Samples the summed RSS of the nodes' process trees twice a second, in a thread: the
-    highest sum seen is a truer "memory of all node processes" than a sum of each one's peak."""
-
-    def __init__(self, pids: list[int], every: float = 0.5) -> None:
-        import threading
-
-        self.pids = pids
-        self.every = every
-        self.max_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tree-sampler", daemon=True)
-        self._thread.start()
-
-    def now_mb(self) -> float:
-        return round(sum(_tree_rss_mb(pid) for pid in self.pids), 1)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.max_mb = max(self.max_mb, self.now_mb())
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join(5)
-        self.max_mb = max(self.max_mb, self.now_mb())
-        return self.max_mb
 
 
 # -- the load -----------------------------------------------------------------------------------
@@ -743,15 +651,15 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
             result["queued_behind"].update(seeded)
         if admin is not None:
             result["spool_commits"] = _commit_figures(admin.call("GET", "/metrics")[1])
-        result["rss_mb_peak"] = max(_rss_peak_mb(node.pid) for node in nodes)
-        result["rss_mb_peak_all"] = max(_tree_rss_peak_mb(node.pid) for node in nodes)
+        result["rss_mb_peak"] = max(rss_peak_mb(node.pid) for node in nodes)
+        result["rss_mb_peak_all"] = max(tree_rss_peak_mb(node.pid) for node in nodes)
         result["rss_mb_all_max"] = sampler.stop()
-        result["node_cpu_s"] = round(sum(_cpu_seconds(node.pid) for node in nodes), 2)
-        result["signer_cpu_s"] = round(sum(_children_cpu_seconds(node.pid) for node in nodes), 2)
-        result["node_cpu_s_all"] = round(sum(_tree_cpu_seconds(node.pid) for node in nodes), 2)
-        result["node_processes"] = sum(1 + len(_descendants(node.pid)) for node in nodes)
-        result["sink_cpu_s"] = _cpu_seconds(sink.pid)
-        result["load_cpu_s"] = _cpu_seconds(os.getpid())
+        result["node_cpu_s"] = round(sum(cpu_seconds(node.pid) for node in nodes), 2)
+        result["signer_cpu_s"] = round(sum(children_cpu_seconds(node.pid) for node in nodes), 2)
+        result["node_cpu_s_all"] = round(sum(tree_cpu_seconds(node.pid) for node in nodes), 2)
+        result["node_processes"] = sum(1 + len(descendants(node.pid)) for node in nodes)
+        result["sink_cpu_s"] = cpu_seconds(sink.pid)
+        result["load_cpu_s"] = cpu_seconds(os.getpid())
         delivered = result["marketing"] + result["transactional"]
         if opts.queued_behind:  # the queue was taken in too: its intake is part of the work
             delivered += result["queued_behind"]["accepted"]
@@ -763,8 +671,8 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
             result["nodes"] = opts.nodes
             for node, (node_cfg, _) in zip(nodes, configs, strict=True):
                 entry = result["per_node"].setdefault(node_cfg.node.name, {"delivered": 0})
-                entry["rss_mb_peak"] = _rss_peak_mb(node.pid)
-                entry["cpu_s"] = round(_cpu_seconds(node.pid) + _children_cpu_seconds(node.pid), 2)
+                entry["rss_mb_peak"] = rss_peak_mb(node.pid)
+                entry["cpu_s"] = round(cpu_seconds(node.pid) + children_cpu_seconds(node.pid), 2)
     finally:
         if sampler is not None:
             sampler.stop()

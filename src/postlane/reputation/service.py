@@ -1,6 +1,6 @@
 """The reputation side of a node: DMARC reports arriving at the ``rua`` addresses, the
-Postmaster Tools and SNDS importers, the one reputation view per pool and IP, its gauges and
-its alerts.
+Postmaster Tools and SNDS importers, the one reputation view per pool and IP and its alerts
+(its gauges are ``metrics.py``).
 
 Everything here is off the delivery path: reports are parsed in a thread, the importers run
 every ``interval`` in a thread and never raise (an outage is recorded and shown as the age of
@@ -16,18 +16,15 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from ..accounting.records import Record
 from ..config import Config
 from ..feedback.dmarc import DMARCError, parse_aggregate
 from ..monitor.alerts import Condition
 from ..spool import is_dsn, local_dir
-from .alignment import GROUPS, summarise
+from .alignment import summarise
 from .postmaster import ImportFailed, fetch_postmaster
 from .review import stale_rules
 from .snds import fetch_snds
@@ -36,7 +33,7 @@ from .store import ReputationStore
 if TYPE_CHECKING:
     from ..feedback.complaints import ComplaintRates
 
-__all__ = ["ReputationService", "import_report", "marketing_pools", "open_store"]
+__all__ = ["LEVELS", "ReputationService", "import_report", "marketing_pools", "open_store"]
 
 log = logging.getLogger("postlane.reputation")
 
@@ -44,8 +41,9 @@ REFRESH_EVERY = 60.0
 RECENT = 5 * 86400.0
 """Postmaster and SNDS data older than this no longer raises alerts (the sources lag a day or
 two; older figures describe a state that has passed)."""
-_LEVELS = {"BAD": 0, "LOW": 1, "MEDIUM": 2, "HIGH": 3}
-_FILTERS = {"GREEN": 0, "YELLOW": 1, "RED": 2}
+LEVELS = {"BAD": 0, "LOW": 1, "MEDIUM": 2, "HIGH": 3}
+"""Gmail's reputation categories in order: the alerts compare them, the gauges (``metrics.py``)
+show them."""
 
 
 def open_store(config: Config) -> ReputationStore:
@@ -312,8 +310,8 @@ class ReputationService:
             pools = self._pools_of_domain(domain)
             level = row["domain_reputation"]
             if level in ("LOW", "BAD"):
-                out.append(Condition("gmail-domain-reputation", domain, pools, _LEVELS[level],
-                                     _LEVELS["MEDIUM"], f"Gmail domain reputation of {domain} is"
+                out.append(Condition("gmail-domain-reputation", domain, pools, LEVELS[level],
+                                     LEVELS["MEDIUM"], f"Gmail domain reputation of {domain} is"
                                      f" {level} ({row['day']})"))
             ratio = row["spam_ratio"]
             if ratio is not None and ratio > rep.spam_ratio_warning:
@@ -326,7 +324,7 @@ class ReputationService:
         for ip, level in sorted(ip_rep.items()):
             if ip in self.pool_ips and level in ("LOW", "BAD"):
                 out.append(Condition("gmail-ip-reputation", ip, self.pool_ips[ip],
-                                     _LEVELS[level], _LEVELS["MEDIUM"],
+                                     LEVELS[level], LEVELS["MEDIUM"],
                                      f"Gmail IP reputation of {ip} (pool {self.pool_ips[ip]}) is"
                                      f" {level}"))
         for ip, row in sorted(snds.items()):
@@ -364,80 +362,3 @@ def _snds_view(row: dict | None) -> dict | None:
         return None
     return {k: row[k] for k in ("filter", "complaint_rate", "complaint_ratio", "trap_hits",
                                 "period_start", "period_end", "recipients")}
-
-
-class ReputationCollector(Collector):
-    """The gauges of the reputation view, for /metrics."""
-
-    def __init__(self, service: ReputationService) -> None:
-        self.service = service
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        view = self.service.view
-        if not view:
-            return
-        dmarc = view["dmarc"]
-        domain_pass = GaugeMetricFamily("postlane_dmarc_pass_ratio", "Share of reported"
-                                        " messages passing DMARC (SPF or DKIM aligned), per"
-                                        " header From domain", labels=["domain"])
-        groups = GaugeMetricFamily("postlane_dmarc_messages", "Reported messages per sender"
-                                   " group (pools, forwarders, authorised, unknown)",
-                                   labels=["domain", "group"])
-        for dom in dmarc["domains"]:
-            if dom["pass_rate"] is not None:
-                domain_pass.add_metric([dom["domain"]], dom["pass_rate"])
-            for group in GROUPS:
-                groups.add_metric([dom["domain"], group], dom["groups"][group]["messages"])
-        pool_pass = GaugeMetricFamily("postlane_dmarc_pool_pass_ratio", "Share of a pool's"
-                                      " reported messages passing DMARC", labels=["pool"])
-        pool_dkim = GaugeMetricFamily("postlane_dmarc_pool_dkim_aligned_ratio", "Share of a"
-                                      " pool's reported messages with aligned DKIM",
-                                      labels=["pool"])
-        for pool in dmarc["pools"]:
-            if pool["pass_rate"] is not None:
-                pool_pass.add_metric([pool["pool"]], pool["pass_rate"])
-                pool_dkim.add_metric([pool["pool"]], pool["dkim_rate"])
-        yield from (domain_pass, groups, pool_pass, pool_dkim)
-        spam = GaugeMetricFamily("postlane_gmail_spam_ratio", "Gmail user-reported spam ratio"
-                                 " (latest day)", labels=["domain"])
-        dom_rep = GaugeMetricFamily("postlane_gmail_domain_reputation", "Gmail domain"
-                                    " reputation: 0 bad, 1 low, 2 medium, 3 high",
-                                    labels=["domain"])
-        ip_rep = GaugeMetricFamily("postlane_gmail_ip_reputation", "Gmail IP reputation: 0 bad,"
-                                   " 1 low, 2 medium, 3 high", labels=["pool", "ip"])
-        snds = GaugeMetricFamily("postlane_snds_filter", "SNDS filter result: 0 green,"
-                                 " 1 yellow, 2 red", labels=["pool", "ip"])
-        complaints = GaugeMetricFamily("postlane_snds_complaint_ratio", "SNDS complaint rate",
-                                       labels=["pool", "ip"])
-        seen = set()
-        for pool in view["pools"]:
-            g = pool["gmail"]
-            if g and g["domain"] not in seen:
-                seen.add(g["domain"])
-                if g["spam_ratio"] is not None:
-                    spam.add_metric([g["domain"]], g["spam_ratio"])
-                if g["domain_reputation"] in _LEVELS:
-                    dom_rep.add_metric([g["domain"]], _LEVELS[g["domain_reputation"]])
-            for ip in pool["ips"]:
-                if ip["gmail_reputation"] in _LEVELS:
-                    ip_rep.add_metric([pool["pool"], ip["address"]],
-                                      _LEVELS[ip["gmail_reputation"]])
-                if ip["snds"]:
-                    snds.add_metric([pool["pool"], ip["address"]],
-                                    _FILTERS[ip["snds"]["filter"]])
-                    complaints.add_metric([pool["pool"], ip["address"]],
-                                          ip["snds"]["complaint_ratio"])
-        yield from (spam, dom_rep, ip_rep, snds, complaints)
-        age = GaugeMetricFamily("postlane_reputation_import_age_seconds", "Seconds since the"
-                                " last successful import", labels=["source"])
-        for source, state in view["imports"].items():
-            if state["age_s"] is not None:
-                age.add_metric([source], state["age_s"])
-        yield age
-        yield GaugeMetricFamily("postlane_rules_stale", "Destination rules not reviewed within"
-                                " reputation.review_after", value=len(view["stale_rules"]))
-
-
