@@ -566,9 +566,11 @@ def _commit_figures(exposition: bytes) -> dict:
     def bound(q: float) -> float | None:
         return next((round(1000 * le, 1) for le, n in sorted(buckets) if n >= q * count), None)
 
+    within_10ms = next((n for le, n in sorted(buckets) if le >= 0.01), count)
     return {"commits": int(count), "ops_per_commit": round(ops / max(1.0, count), 1),
             "mean_ms": round(1000 * total / max(1.0, count), 2),
-            "p50_le_ms": bound(0.5), "p99_le_ms": bound(0.99)}
+            "p50_le_ms": bound(0.5), "p99_le_ms": bound(0.99), "p999_le_ms": bound(0.999),
+            "over_10ms": int(count - within_10ms)}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
