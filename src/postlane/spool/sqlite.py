@@ -97,13 +97,6 @@ ROW = ("SELECT m.id, m.cls, m.pool, m.mail_from, m.queued_at, m.deadline, m.expi
 turns these rows into objects)."""
 
 
-CHECKPOINT_EVERY = 0.25
-"""Seconds between the checkpointer thread's looks at the write-ahead log. The writer's own
-connection never checkpoints (``wal_autocheckpoint=0``): SQLite's automatic checkpoint runs
-inside the commit that crosses 1,000 pages, so every 250 waiting on that commit (and a policy
-notice's urgent commit behind it) waited for 4 MB copied into the database and its fsync."""
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -141,8 +134,6 @@ class SQLiteSpool(GroupCommitWrites):
         """Guarded by ``_cv``: the loop queues, the writer thread takes."""
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._checkpoints: threading.Thread | None = None
-        self._checkpoint_stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
@@ -173,22 +164,6 @@ class SQLiteSpool(GroupCommitWrites):
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
-        self._checkpoints = threading.Thread(target=self._checkpoint, name="spool-checkpoint",
-                                             daemon=True)
-        self._checkpoints.start()
-
-    def _checkpoint(self) -> None:
-        """Copy committed pages of the write-ahead log into the database, beside the writer
-        (PASSIVE: never waits for it, nor it for us), so that no commit carries a checkpoint."""
-        conn = _connect(self.path)
-        try:
-            while not self._checkpoint_stop.wait(CHECKPOINT_EVERY):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error as exc:  # the writer reports a failing disk; try again
-                    log.debug("spool checkpoint failed: %s", exc)
-        finally:
-            conn.close()
 
     def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
         """Journal the attempts (``attempts.py``): written at once, nothing to wait for."""
@@ -199,10 +174,6 @@ class SQLiteSpool(GroupCommitWrites):
 
     async def close(self) -> None:
         self._attempts.close()
-        self._checkpoint_stop.set()
-        if self._checkpoints is not None:
-            await asyncio.to_thread(self._checkpoints.join)
-            self._checkpoints = None
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -252,7 +223,6 @@ class SQLiteSpool(GroupCommitWrites):
         """The writer thread: commit what is queued, a batch at a time (``writer.py`` says
         what a failed commit does)."""
         conn = _connect(self.path)
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does it
         writes = self._writes
         try:
             while True:
