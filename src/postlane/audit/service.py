@@ -90,13 +90,13 @@ class AuditService:
         if self.webhooks and is_dsn(self.location):
             self._tasks.append(self._loop.create_task(self._listen()))
         if self.config.audit.seal_key:
-            key = load_private(self.config.audit.seal_key)  # refused at start if unreadable
-            self._tasks.append(self._loop.create_task(self._seal_loop(key)))
+            seal_key = load_private(self.config.audit.seal_key)  # refused at start if unreadable
+            self._tasks.append(self._loop.create_task(self._seal_loop(seal_key)))
         policies = retention_policies(self.config)
         if policies:
             key_file = self.config.audit.pseudonymisation_key
-            key = load_key(key_file) if key_file else None
-            self._tasks.append(self._loop.create_task(self._purge_loop(policies, key)))
+            pseudo_key = load_key(key_file) if key_file else None
+            self._tasks.append(self._loop.create_task(self._purge_loop(policies, pseudo_key)))
 
     async def _listen(self) -> None:
         """Wake the webhook senders on every commit to the shared store, whichever node made
@@ -107,8 +107,8 @@ class AuditService:
         delay = 1.0
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.location, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+                conn = await psycopg.AsyncConnection.connect(  # libpq's timeout: whole seconds
+                    self.location, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT),
                     application_name=f"postlane-audit-listen/{self.config.node.name}")
                 async with conn:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

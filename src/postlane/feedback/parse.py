@@ -106,8 +106,8 @@ class Report:
 
 
 def _text_of(part: Message) -> str:
-    raw = part.get_payload(decode=True)
-    if raw is None:
+    raw = part.get_payload(decode=True)  # bytes, or None for a multipart
+    if not isinstance(raw, bytes):
         payload = part.get_payload()
         return payload if isinstance(payload, str) else ""
     charset = part.get_content_charset() or "utf-8"
@@ -179,15 +179,15 @@ def _own_addresses(msg: Message, original: Message | None) -> set[str]:
     """Addresses that are not the failed recipient: the bounce's own parties and the original
     sender."""
     own: set[str] = set()
-    heads = [(msg, ("From", "To", "Cc", "Return-Path", "Reply-To",
-                    "Sender", "Errors-To"))]
+    heads: list[tuple[Message, tuple[str, ...]]] = [
+        (msg, ("From", "To", "Cc", "Return-Path", "Reply-To", "Sender", "Errors-To"))]
     if original is not None:
         heads.append((original, ("From", "Return-Path", "Sender", "Reply-To", "Errors-To")))
     for m, names in heads:
         own |= _addresses_of(m, names)
-    for m in (msg, original):
-        if m is not None:
-            mid = str(m.get("Message-ID", "")).strip("<> \t")
+    for part in (msg, original):
+        if part is not None:
+            mid = str(part.get("Message-ID", "")).strip("<> \t")
             if mid:
                 own.add(mid.lower())
     return own

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..relay.client import SMTPConnection, SMTPError
@@ -42,6 +43,9 @@ from .procstats import (
     tree_cpu_seconds,
     tree_rss_peak_mb,
 )
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event
 
 TRANSACTIONAL_DEFAULT = ("policy-documents", "claims", "payment-receipts")
 EXAMPLE = Path(__file__).resolve().parents[1] / "data" / "insurance.toml"
@@ -73,7 +77,10 @@ def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
     for cls in cfg.classes.values():
         if sink_tls != "starttls":
             cls.tls = None
-    cfg.relay.tls = {"none": "opportunistic", "verified": "verified"}.get(sink_tls, cfg.relay.tls)
+    if sink_tls == "none":
+        cfg.relay.tls = "opportunistic"
+    elif sink_tls == "verified":
+        cfg.relay.tls = "verified"
     if sink_tls == "verified":
         cfg.relay.ca_file = str(workdir / "sink-cert.pem")
     if dkim != "none":
@@ -186,7 +193,7 @@ def sink_certificate(workdir: Path) -> tuple[str, str]:
     return str(cert), str(key)
 
 
-def _run_sink(port: int, delay: float, out: mp.Queue, ready: mp.Event,
+def _run_sink(port: int, delay: float, out: mp.Queue, ready: Event,
               tls: tuple[str, str] | None = None, pipelining: bool = True) -> None:
     import ssl
 
@@ -516,7 +523,7 @@ async def _load(opts: BenchOptions, ports: list[int], arrivals: mp.Queue, progre
     progress.latencies, progress.sources = latencies, sources
     last = max((at for at, _ in arrived.values()), default=time.time())
     marketing_n = progress.marketing_accepted
-    out = {
+    out: dict[str, Any] = {  # the JSON report
         "marketing": marketing_n,
         "transactional": progress.transactional_sent,
         "throughput_msgs_s": round(len(arrived) / max(1e-9, last - first_submit), 1),
@@ -627,6 +634,9 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
                                                ready, sink_tls, opts.sink_pipelining),
                        daemon=True)
     sink.start()
+    if sink.pid is None:  # start() sets it; without it there is no CPU time to read
+        raise BenchSetupError("the sink process did not start")
+    sink_pid = sink.pid
     ready.wait(30)
     nodes: list = []
     progress = Progress(marketing_total=opts.marketing)
@@ -660,7 +670,7 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
         result["signer_cpu_s"] = round(sum(children_cpu_seconds(node.pid) for node in nodes), 2)
         result["node_cpu_s_all"] = round(sum(tree_cpu_seconds(node.pid) for node in nodes), 2)
         result["node_processes"] = sum(1 + len(descendants(node.pid)) for node in nodes)
-        result["sink_cpu_s"] = cpu_seconds(sink.pid)
+        result["sink_cpu_s"] = cpu_seconds(sink_pid)
         result["load_cpu_s"] = cpu_seconds(os.getpid())
         delivered = result["marketing"] + result["transactional"]
         if opts.queued_behind:  # the queue was taken in too: its intake is part of the work

@@ -283,8 +283,8 @@ class ClusterMonitor:
     def _load(self, queue: Queue, now: float) -> None:
         """The queue as the spool has it, into the cluster tracker."""
         tracker = self.tracker
-        for state in tracker.classes.values():
-            state.depth, state.oldest_at, state.breached = 0, None, 0
+        for cls_state in tracker.classes.values():
+            cls_state.depth, cls_state.oldest_at, cls_state.breached = 0, None, 0
         for row in queue.classes:
             state = tracker.classes.get(row["cls"])
             if state is None:
@@ -311,8 +311,8 @@ class ClusterMonitor:
 
     def _figures(self, queue: Queue, infos: list[NodeInfo], now: float, db_now: float) -> dict:
         depth: collections.Counter[str] = collections.Counter()
-        for state in self.tracker.classes.values():
-            depth[state.pool] += state.depth
+        for cls_state in self.tracker.classes.values():
+            depth[cls_state.pool] += cls_state.depth
         summary = []
         unleased = {pool: [depth[pool] - queue.deferred.get(pool, (0, 0))[0],
                            queue.deferred.get(pool, (0, 0))[0]] for pool in self.config.pools}

@@ -315,7 +315,7 @@ class Tracker:
         rate = self.service_rate(state.pool, now)
         ahead = sum(c.depth for c in self.classes.values()
                     if c.pool == state.pool and c.priority < state.priority)
-        position = ahead
+        position: float = ahead  # a count, summed with `left` from the list[float] entries
         for queued_at, left, not_before in state.outstanding.values():
             deadline = queued_at + state.sla
             if deadline - now > horizon:

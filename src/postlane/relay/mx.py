@@ -235,7 +235,7 @@ class MXResolver:
             # RFC 5321 5.1: no MX means the domain itself is the implicit MX.
             return await self._lookup_host(domain)
         records = sorted(
-            ((rd.preference, rd.exchange) for rd in answer),  # type: ignore[attr-defined]
+            ((rd.preference, rd.exchange) for rd in answer),
             key=lambda r: r[0],
         )
         ttl = float(answer.rrset.ttl) if answer.rrset is not None else self._min_ttl

@@ -152,7 +152,7 @@ def fetch_postmaster(cfg: PostmasterConfig, today: dt.date) -> list[dict]:
         domains = list(cfg.domains) or [
             d["name"].removeprefix("domains/") for d in _pages(client, "/v1/domains",
                                                                "domains", {})]
-        rows = []
+        rows: list[dict] = []
         for domain in domains:
             params = {"startDate.year": start.year, "startDate.month": start.month,
                       "startDate.day": start.day, "endDate.year": end.year,

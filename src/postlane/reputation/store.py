@@ -89,8 +89,8 @@ class ReputationStore:
             from ..spool.postgres import CONNECT_TIMEOUT, redact
 
             try:
-                conn = psycopg.connect(self.location, autocommit=True,
-                                       connect_timeout=CONNECT_TIMEOUT,
+                conn = psycopg.connect(self.location, autocommit=True,  # libpq: whole seconds
+                                       connect_timeout=int(CONNECT_TIMEOUT),
                                        application_name=f"postlane-reputation/{self.schema}")
             except psycopg.Error as exc:
                 raise ConnectionError(f"cannot open the reputation store at"
@@ -98,11 +98,11 @@ class ReputationStore:
             conn.execute(f'SET search_path TO "{self.schema}"')
             return conn
         private_file(self.location)  # reporters' data and addresses: 0600 in a 0700 folder
-        conn = sqlite3.connect(self.location, check_same_thread=False, isolation_level=None,
+        lite = sqlite3.connect(self.location, check_same_thread=False, isolation_level=None,
                                timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
+        lite.execute("PRAGMA journal_mode=WAL")
+        lite.execute("PRAGMA synchronous=NORMAL")
+        return lite
 
     def _db(self) -> Any:
         """The connection, opened again if PostgreSQL dropped the last one (a restart or a

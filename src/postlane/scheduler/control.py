@@ -199,7 +199,8 @@ class QueueControl:
         await self.check(sel)
         match = sel.matcher(time.time() if now is None else now)
         if sel.queue_ids:  # by id: the scheduler's index, not a walk of the whole queue
-            held = (r for qid in dict.fromkeys(sel.queue_ids) for r in self.scheduler.message(qid))
+            held: Iterable[Recipient] = (r for qid in dict.fromkeys(sel.queue_ids)
+                                         for r in self.scheduler.message(qid))
         else:
             held = self.scheduler.recipients()
         async with self.spooled(sel) as spooled:

@@ -100,13 +100,19 @@ class PostgresOutbox:
         for writer in self._held - set(listed):  # trimmed to nothing and forgotten
             self.release(writer)
         for writer in listed:
-            if writer == self.own or writer in self._held or self.conn.execute(
-                    "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                    (writer_lock_key(self.schema, writer),)).fetchone()[0]:
+            if writer == self.own or writer in self._held or self._try_lock(writer):
                 if writer != self.own:
                     self._held.add(writer)
                 out.append(writer)
         return out
+
+    def _try_lock(self, writer: str) -> bool:
+        """Take the advisory lock that makes this recorder the one feeding ``writer``."""
+        row = self.conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                (writer_lock_key(self.schema, writer),)).fetchone()
+        if row is None:  # a SELECT of one function call returns one row
+            raise RuntimeError(f"pg_try_advisory_lock returned no row for writer {writer}")
+        return bool(row[0])
 
     def read(self, writer: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         return [(n, bytes(data)) for n, data in self.conn.execute(
@@ -173,13 +179,13 @@ def post(spool: str, schema: str, node: str, events: Sequence[Record]) -> str:
     from .sqlite import _connect, migrate
 
     path = private_file(Path(spool) / "spool.sqlite")
-    conn = _connect(path)
+    lite = _connect(path)
     try:
-        migrate(conn, path)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO writers VALUES (?, ?, ?)", (writer, node, time.time()))
-        conn.executemany("INSERT INTO events VALUES (?, ?, ?)", rows)
-        conn.execute("COMMIT")
+        migrate(lite, path)
+        lite.execute("BEGIN IMMEDIATE")
+        lite.execute("INSERT INTO writers VALUES (?, ?, ?)", (writer, node, time.time()))
+        lite.executemany("INSERT INTO events VALUES (?, ?, ?)", rows)
+        lite.execute("COMMIT")
     finally:
-        conn.close()
+        lite.close()
     return writer
