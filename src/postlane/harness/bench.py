@@ -662,7 +662,10 @@ def run_bench(opts: BenchOptions, on_tick: Callable[[Progress], None] | None = N
         if seeded:
             result["queued_behind"].update(seeded)
         if admin is not None:
-            result["spool_commits"] = _commit_figures(admin.call("GET", "/metrics")[1])
+            try:
+                result["spool_commits"] = _commit_figures(admin.call("GET", "/metrics")[1])
+            except OSError as exc:  # a figure, not the run: say why it is missing
+                result["spool_commits"] = {"error": f"/metrics: {exc}"}
         result["rss_mb_peak"] = max(rss_peak_mb(node.pid) for node in nodes)
         result["rss_mb_peak_all"] = max(tree_rss_peak_mb(node.pid) for node in nodes)
         result["rss_mb_all_max"] = sampler.stop()
