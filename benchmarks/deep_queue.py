@@ -2,7 +2,8 @@
 behind a paused pool (written into the spool first, as ``postlane bench --seed-queue`` does),
 without the HTTP stack or the load generator: what the node itself spends per scrape.
 
-Usage: ``.venv/bin/python benchmarks/deep_queue.py 1000000 [--workdir /tmp/deep]``
+Usage: ``.venv/bin/python benchmarks/deep_queue.py 1000000 [--domains 20] [--profile]
+[--workdir /tmp/deep]``
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from postlane import bench
+from postlane.harness import bench
 from postlane.node import Node
 from postlane.startup import load_config
 
@@ -28,7 +29,7 @@ def timings(fn, n: int = 20) -> str:
     return f"p50 {statistics.median(times):.2f} ms, max {max(times):.2f} ms"
 
 
-async def measure(cfg) -> None:
+async def measure(cfg, profile: bool = False) -> None:
     node = Node(cfg)
     t0 = time.time()
     await node.start()
@@ -36,6 +37,13 @@ async def measure(cfg) -> None:
     await asyncio.sleep(3)  # the lanes read their heads
     print("metrics.render():", timings(node.monitor.metrics.render))
     print("node.status():", timings(node.status))
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(timings, node.monitor.metrics.render)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
     print("recipients in memory:", len(node.scheduler.pager.known)
           if node.scheduler.pager else "all")
     await node.stop()
@@ -44,6 +52,9 @@ async def measure(cfg) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("queued", type=int)
+    parser.add_argument("--domains", type=int, default=20, help="campaign domains (lanes)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print cProfile's top functions of 20 renders")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/postlane-deep-queue"))
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
@@ -53,10 +64,11 @@ def main() -> None:
     t0 = time.time()
     if args.queued:
         asyncio.run(bench._seed_spool(cfg, bench.BenchOptions(queued_behind=args.queued,
-                                                              message_kb=2.5)))
+                                                              message_kb=2.5,
+                                                              domains=args.domains)))
     print(f"seeded {args.queued} in {time.time() - t0:.0f} s")
     try:
-        asyncio.run(measure(cfg))
+        asyncio.run(measure(cfg, args.profile))
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

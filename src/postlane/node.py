@@ -176,9 +176,6 @@ class Node:
                 resumed = len(pending.recipients)
                 for rcpt in pending.recipients:
                     self.scheduler.add(rcpt)
-                if resumed:  # long-lived: out of the cyclic collector's full walks (below)
-                    gc.collect()
-                    gc.freeze()
             await self.reputation.start()
             opened.push_async_callback(self.reputation.stop)
             await self.monitor.start()
@@ -191,6 +188,12 @@ class Node:
                     opened.push_async_callback(listener.stop)
                 await self.workers.start()
                 opened.push_async_callback(self.workers.stop, self.config.node.drain_timeout)
+            # Everything made so far lives as long as the node (modules, config, parts, a
+            # resumed queue): out of the cyclic collector's full walks. A full collection walks
+            # every tracked object with the loop stopped: 62 ms for an empty node's 110,000,
+            # 300 ms with 200,000 recipients in memory (benchmarks/deep_queue.py, 2026-12-06).
+            gc.collect()
+            gc.freeze()
             for listener in self.listeners if self.workers is None else ():
                 try:
                     await listener.start()
