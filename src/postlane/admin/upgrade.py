@@ -66,9 +66,14 @@ def _postgres(dsn: str, schema_name: str, table: str) -> int | None:
 
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         found = conn.execute("SELECT to_regclass(%s)", (f'"{schema_name}".{table}',)).fetchone()
+        if found is None:  # a SELECT without FROM always yields one row
+            raise RuntimeError("PostgreSQL returned no row for SELECT to_regclass(...)")
         if found[0] is None:
             return None
-        return conn.execute(f'SELECT max(version) FROM "{schema_name}".{table}').fetchone()[0]
+        latest = conn.execute(f'SELECT max(version) FROM "{schema_name}".{table}').fetchone()
+        if latest is None:  # an aggregate always yields one row
+            raise RuntimeError(f"PostgreSQL returned no row for max(version) of {table}")
+        return latest[0]
 
 
 def states(cfg: Config) -> list[StoreState]:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import count
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -49,6 +50,7 @@ from .queries import (
     pause_spans,
     pauses_sql,
     row_at,
+    seal_from_row,
     seal_row,
 )
 from .retention import RetentionMixin
@@ -56,6 +58,14 @@ from .seal import Seal
 from .store import COLUMNS, Entry, Query, Retention, StoreMissing, VerifyResult
 
 __all__ = ["MIGRATIONS", "PostgresAuditStore", "SCHEMA_VERSION", "commit_channel"]
+
+
+def _scalar(row: tuple[Any, ...] | None, query: str) -> Any:
+    """The one value of a query that always yields one row (an aggregate, a function call);
+    no row there would be a driver or server bug, so it is an error, not a None."""
+    if row is None:
+        raise RuntimeError(f"PostgreSQL returned no row for {query}")
+    return row[0]
 
 
 def commit_channel(schema: str) -> str:
@@ -159,7 +169,7 @@ class PostgresAuditStore(RetentionMixin):
 
     def _connect(self) -> psycopg.Connection:
         try:
-            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
+            conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT),
                                    application_name=f"postlane-audit/{self.schema}")
         except psycopg.Error as exc:
             raise ConnectionError(f"cannot open the PostgreSQL audit store at"
@@ -194,15 +204,16 @@ class PostgresAuditStore(RetentionMixin):
                     conn.execute("INSERT INTO audit_migrations (version) VALUES (%s)", (version,))
 
     def _check_schema(self) -> None:
-        found = self._conn.execute("SELECT to_regclass(%s)",
-                                   (f'"{self.schema}".audit_migrations',)).fetchone()[0]
+        found = _scalar(self._conn.execute("SELECT to_regclass(%s)",
+                                           (f'"{self.schema}".audit_migrations',)).fetchone(),
+                        "to_regclass")
         if found is None:
             raise StoreMissing(f"no audit store in schema {self.schema!r} at {redact(self.dsn)}")
         self._version()
 
     def _version(self) -> int:
-        current = self._conn.execute(
-            "SELECT coalesce(max(version), 0) FROM audit_migrations").fetchone()[0]
+        current: int = _scalar(self._conn.execute(
+            "SELECT coalesce(max(version), 0) FROM audit_migrations").fetchone(), "max(version)")
         if current > SCHEMA_VERSION:
             raise RuntimeError(f"the audit tables in PostgreSQL schema {self.schema!r} are at"
                                f" version {current}, newer than this Postlane ({SCHEMA_VERSION})")
@@ -229,7 +240,7 @@ class PostgresAuditStore(RetentionMixin):
         return self._db().execute(sql, list(args)).fetchall()
 
     def seals(self) -> list[Seal]:
-        return [Seal(*r[:6], bytes(r[6]), bytes(r[7]) if r[7] is not None else None)
+        return [seal_from_row(r)
                 for r in self.query(f"SELECT {SEAL_COLS} FROM audit_seals ORDER BY day,"
                                     " last_seq")]
 
@@ -311,7 +322,8 @@ class PostgresAuditStore(RetentionMixin):
         """Up to ``limit`` records after ``seq`` that pass the filters, and the seq the caller
         may move its cursor to once they are delivered (past filtered-out records too). Appends
         commit in seq order (one at a time), so a snapshot never lacks a seq below its top."""
-        where, args = ["seq > %s"], [seq]
+        where = ["seq > %s"]
+        args: list[int | list[str]] = [seq]
         if types:
             where.append("type = ANY(%s)")
             args.append(list(types))
@@ -319,8 +331,11 @@ class PostgresAuditStore(RetentionMixin):
             where.append("cls = ANY(%s)")
             args.append(list(classes))
         with self._snapshot() as conn, conn.cursor(row_factory=dict_row) as cur:
-            top = cur.execute("SELECT coalesce(max(seq), 0) AS top FROM audit_records"
-                              ).fetchone()["top"]
+            found = cur.execute("SELECT coalesce(max(seq), 0) AS top FROM audit_records"
+                                ).fetchone()
+            if found is None:  # an aggregate always yields one row
+                raise RuntimeError("PostgreSQL returned no row for max(seq)")
+            top = found["top"]
             rows = cur.execute(f"SELECT * FROM audit_records WHERE {' AND '.join(where)}"
                                " AND seq <= %s ORDER BY seq LIMIT %s",
                                [*args, top, limit]).fetchall()
@@ -377,7 +392,7 @@ class PostgresAuditStore(RetentionMixin):
         lock = ("SELECT pg_try_advisory_lock(hashtext(%s))",
                 (f"postlane-audit-purge:{self.schema}",))
         conn = self._db()
-        if not conn.execute(*lock).fetchone()[0]:
+        if not _scalar(conn.execute(*lock).fetchone(), "pg_try_advisory_lock"):
             return {}
         try:
             return super().purge(policies, key, now)
@@ -426,8 +441,9 @@ class PostgresAuditStore(RetentionMixin):
         conn = self._db()
         if name in self._held:
             return True
-        got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
-                           (f"postlane-audit-cursor:{self.schema}:{name}",)).fetchone()[0]
+        got = _scalar(conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
+                                   (f"postlane-audit-cursor:{self.schema}:{name}",)).fetchone(),
+                      "pg_try_advisory_lock")
         if got:
             self._held.add(name)
         return bool(got)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..accounting.records import Record
 from .chain import RECORD_COLUMNS
@@ -123,6 +123,13 @@ SEAL_COLS = "day, last_seq, records, head, sealed_at, key_id, signature, tsa"
 def seal_row(seal: Seal) -> tuple:
     return (seal.day, seal.last_seq, seal.records, seal.head, seal.sealed_at, seal.key_id,
             seal.signature, seal.tsa)
+
+
+def seal_from_row(r: Sequence[Any]) -> Seal:
+    """The inverse of ``seal_row`` for a row read back as ``SEAL_COLS`` (the driver may hand
+    the blobs back as memoryview, hence bytes())."""
+    return Seal(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]),
+                bytes(r[7]) if r[7] is not None else None)
 
 
 def row_at(store: SQLReader, mark: str, seq: int) -> tuple | None:

@@ -4,6 +4,7 @@ laundering a row whose own hash does not check (``RetentionMixin``)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from .chain import (
     EXTRA_COLUMNS,
@@ -87,6 +88,7 @@ class RetentionMixin:
 
 
 def _tombstone(row: dict) -> dict:
-    new = {c: None for c in RECORD_COLUMNS + EXTRA_COLUMNS if c not in _KEPT_AFTER_PURGE}
+    new: dict[str, Any] = {c: None for c in RECORD_COLUMNS + EXTRA_COLUMNS
+                           if c not in _KEPT_AFTER_PURGE}
     new.update(state=PURGED, cdigest=row["cdigest"], nonce=None, pdigest=None)
     return new

@@ -15,6 +15,7 @@ import io
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ..accounting.records import format_time
 from .evidence import AUTHENTICATED, Trail, trails
@@ -155,7 +156,8 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
         authenticated = sum(1 for d in deliveries if d and d["dlv_tls_auth"] in AUTHENTICATED)
         verdicts = [(t, t.sla_met(now)) for t in items]
         open_ = sum(1 for t, met in verdicts if met is None and not t.not_deliverable)
-        breaches, excluded = [], []
+        breaches: list[dict[str, Any]] = []
+        excluded: list[dict[str, Any]] = []
         for trail, met in verdicts:
             if met is not False and not (sla is not None and trail.not_deliverable):
                 continue
@@ -165,7 +167,7 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
                 "correlation_id": trail.first["correlation_id"], "recipient": trail.rcpt,
                 "queued": format_time(trail.first["time_queued"]), "outcome": trail.outcome,
                 "latency_s": trail.latency, "cause": cause, "detail": detail, "waits_s": held})
-        unknown = []
+        unknown: list[dict[str, Any]] = []
         for trail in items:
             if trail.unknown:
                 first = min(r["total_seconds_queued"] for r in trail.unknown)
@@ -176,12 +178,12 @@ def sla_report(store: AuditStore, since: float, until: float, cls: str | None = 
                     "started_after_s": first, "outcome": trail.outcome,
                     "latency_s": trail.latency,
                     "within_sla_if_then": None if sla is None else first <= sla})
-        met = sum(1 for _, m in verdicts if m)
-        deliverable = met + len(breaches) if sla is not None else None
+        within = sum(1 for _, m in verdicts if m)
+        deliverable = within + len(breaches) if sla is not None else None
         report["classes"][name] = {
             "messages": len(items), "delivered": len(latencies), "sla_seconds": sla,
-            "deliverable": deliverable, "within_sla": met if sla is not None else None,
-            "within_sla_share": round(met / deliverable, 6) if deliverable else None,
+            "deliverable": deliverable, "within_sla": within if sla is not None else None,
+            "within_sla_share": round(within / deliverable, 6) if deliverable else None,
             "open": open_ if sla is not None else None,
             "not_deliverable": {key: sum(1 for e in excluded if e["cause"] == key)
                                 for key in ("remote-permanent", "operator-purge")},

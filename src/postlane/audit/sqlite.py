@@ -21,6 +21,7 @@ from .queries import (
     pause_spans,
     pauses_sql,
     row_at,
+    seal_from_row,
     seal_row,
 )
 from .retention import RetentionMixin
@@ -155,7 +156,7 @@ class SQLiteAuditStore(RetentionMixin):
     # -- seals ------------------------------------------------------------------------------
 
     def seals(self) -> list[Seal]:
-        return [Seal(*r[:6], bytes(r[6]), bytes(r[7]) if r[7] is not None else None)
+        return [seal_from_row(r)
                 for r in self.query(f"SELECT {SEAL_COLS} FROM audit_seals ORDER BY day,"
                                     " last_seq")]
 
@@ -224,7 +225,8 @@ class SQLiteAuditStore(RetentionMixin):
                    limit: int) -> tuple[list[dict], int]:
         """Up to ``limit`` records after ``seq`` that pass the filters, and the seq the caller
         may move its cursor to once they are delivered (past filtered-out records too)."""
-        where, args = ["seq > ?"], [seq]
+        where = ["seq > ?"]
+        args: list[int | str] = [seq]
         if types:
             where.append(f"type IN ({', '.join('?' * len(types))})")
             args.extend(types)

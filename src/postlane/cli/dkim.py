@@ -6,6 +6,7 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 import dns.exception
 import dns.resolver
@@ -33,6 +34,31 @@ def _load(path: Path) -> Config:
     from . import _load as load_checked  # the one place config errors are printed
 
     return load_checked(path)
+
+
+class _KeyRow(TypedDict):
+    """One key in ``dkim status`` (the --json shape, and what the table prints)."""
+    domain: str
+    selector: str
+    algorithm: str
+    not_before: float | None
+    retire_after: float | None
+    state: str
+    dns: str
+    record_name: str
+    record: str
+    zone_line: str
+
+
+class _Rotation(TypedDict):
+    """A domain's next rotation: ``scheduled`` to a pending ``selector``, or ``due`` (and
+    whether it is ``overdue``) when none is pending."""
+    domain: str
+    algorithm: str
+    scheduled: NotRequired[float | None]
+    selector: NotRequired[str]
+    due: NotRequired[float]
+    overdue: NotRequired[bool]
 
 
 def _day(ts: float | None) -> str:
@@ -235,7 +261,8 @@ def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config 
     cfg = _load(config)
     at = parse_instant(now) if now else time.time()
     states = _states(cfg.dkim, at)
-    rows, due = [], []
+    rows: list[_KeyRow] = []
+    due: list[_Rotation] = []
     for key, state in states:
         record = dns_record(read_key(key.key_file, key.algorithm))
         rows.append({"domain": key.domain, "selector": key.selector, "algorithm": key.algorithm,

@@ -97,7 +97,7 @@ def _changing(config: Path | None, db: Path | None) -> Iterator[Suppressions]:
         if made and cfg is None:
             typer.echo("postlane: not on the audit trail: give -c CONFIG (it says where the"
                        " spool is) so that the change is recorded", err=True)
-        elif made:
+        elif made and cfg is not None:
             try:
                 post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
             except Exception as exc:  # noqa: BLE001 - say it, do not hide the change made

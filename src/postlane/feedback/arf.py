@@ -47,6 +47,13 @@ class Complaint:
                 "message_id": self.message_id, "return_path": self.return_path}
 
 
+def _decoded(part: Message) -> bytes:
+    """The transfer-decoded body of a non-multipart part (get_payload(decode=True) is typed
+    as any payload; for a leaf part it is bytes, or None when there is none)."""
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
 def _fields(part: Message) -> list[tuple[str, str]]:
     """Header-style fields of a message/feedback-report (or message/delivery-status) part."""
     payload = part.get_payload()
@@ -56,9 +63,8 @@ def _fields(part: Message) -> list[tuple[str, str]]:
             if isinstance(block, Message):
                 out.extend((k.lower(), " ".join(str(v).split())) for k, v in block.items())
         return out
-    text = part.get_payload(decode=True) or b""
     out = []
-    for line in re.sub(r"\r?\n[ \t]+", " ", text.decode("utf-8", "replace")).splitlines():
+    for line in re.sub(r"\r?\n[ \t]+", " ", _decoded(part).decode("utf-8", "replace")).splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() and " " not in key.strip():
             out.append((key.strip().lower(), value.strip()))
@@ -82,10 +88,10 @@ def returned_message(msg: Message) -> Message | None:
         ctype = part.get_content_type()
         if ctype in ("message/rfc822", "message/rfc822-headers"):
             payload = part.get_payload()
-            if isinstance(payload, list) and payload:
+            if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 return payload[0]
         if ctype == "text/rfc822-headers":
-            return message_from_bytes(part.get_payload(decode=True) or b"")
+            return message_from_bytes(_decoded(part))
     return None
 
 
@@ -124,7 +130,7 @@ def parse_arf(msg: Message) -> Complaint | None:
     if report_part is None:
         return _non_standard(msg)
     fields = _fields(report_part)
-    first = {}
+    first: dict[str, str] = {}
     for key, value in fields:
         first.setdefault(key, value)
     report = Complaint(feedback_type=first.get("feedback-type", "other").lower(),

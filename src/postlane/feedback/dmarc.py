@@ -161,7 +161,9 @@ def _attachment(data: bytes) -> bytes:
                                    part.get_content_subtype() != "xml" and
                                    not name.endswith(".xml")):
             continue
-        payload = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)  # bytes, or None when there is none
+        if not isinstance(payload, bytes):
+            payload = b""
         if _kind(payload) in ("gzip", "zip", "xml"):
             return payload
     raise DMARCError("the message carries no DMARC report (no .xml, .xml.gz or .zip"

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import IO, Any, TextIO, TypeVar
 
 from .. import schema
 from ..secretfile import private_file
@@ -319,7 +319,7 @@ class SuppressionList:
                     yield Entry(*row)
                 last = (rows[-1][0], rows[-1][1])
 
-    def export_csv(self, out: TextIO) -> int:
+    def export_csv(self, out: IO[str]) -> int:
         writer = csv.writer(out)
         writer.writerow(CSV_FIELDS)
         n = 0

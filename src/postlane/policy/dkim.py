@@ -103,6 +103,10 @@ def read_key(path: str | Path, algorithm: str) -> PrivateKey:
         if key.key_size < MIN_RSA_BITS:
             raise DKIMError(f"key file {path} has a {key.key_size}-bit RSA key; at least"
                             f" {MIN_RSA_BITS} bits are needed (2048 recommended)")
+    if not isinstance(key, (rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)):
+        # only reachable with an algorithm the config schema does not allow
+        raise DKIMError(f"key file {path} holds a {type(key).__name__}, which DKIM cannot"
+                        f" use (algorithm {algorithm})")
     return key
 
 

@@ -45,8 +45,8 @@ def header_fields(head: bytes) -> list[tuple[str, bytes]]:
             name, raw = fields[-1]
             fields[-1] = (name, raw + b"\r\n" + line)
             continue
-        name, sep, _ = line.partition(b":")
-        fields.append((name.strip().decode("latin-1").lower() if sep else "", line))
+        raw_name, sep, _ = line.partition(b":")
+        fields.append((raw_name.strip().decode("latin-1").lower() if sep else "", line))
     return fields
 
 
