@@ -112,11 +112,11 @@ async def test_message_with_all_recipients_final_is_cleaned_up_on_pending(store_
 
 
 async def test_concurrent_enqueues_share_commits(store):
-    before = store.commits
+    before = store.stats.commits
     msgs = [make_message(i, rcpts=1) for i in range(200)]
     await asyncio.gather(*(store.enqueue(m, r, b) for m, r, b in msgs))
     assert len((await store.pending()).messages) == 200
-    assert store.commits - before < 200, "group commit: fewer transactions than messages"
+    assert store.stats.commits - before < 200, "group commit: fewer transactions than messages"
 
 
 async def test_urgent_and_bulk_both_land(store):

@@ -18,6 +18,7 @@ once:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -193,10 +194,9 @@ class CommitStats:
         self.commits += 1
         self.writes += ops
         self.seconds += seconds
-        for i, bound in enumerate(COMMIT_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-                break
+        i = bisect.bisect_left(COMMIT_BUCKETS, seconds)  # the first bound >= seconds
+        if i < len(COMMIT_BUCKETS):
+            self.buckets[i] += 1
 
 
 def settle(waiters: Iterable[asyncio.Future], error: BaseException | None) -> None:
@@ -272,10 +272,6 @@ class GroupCommitWrites:
 
     _writes: WriteQueue
     stats: CommitStats
-
-    @property
-    def commits(self) -> int:
-        return self.stats.commits
 
     @property
     def failed_commits(self) -> int:
