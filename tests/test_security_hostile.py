@@ -80,6 +80,25 @@ async def test_absurdly_long_headers(tmp_path, sink, make_node):
     await _still_serving(node, sink, 2)
 
 
+@pytest.mark.parametrize("over", [1, 2, 3, 5000])
+async def test_a_message_over_the_size_limit_gets_552_however_it_arrives(tmp_path, sink,
+                                                                         make_node, over):
+    """The read that crosses the limit may also hold the end mark (the whole message was
+    buffered): the 552 comes at once instead of a wait for bytes that never come."""
+    node = await make_node(config_text(tmp_path, sink.port))  # max_message_size = 100000
+    raw = await session(node.listeners[0].port)
+    line = b"x" * 98 + b"\r\n"
+    body = line * (999 + over // 100) + b"y" * (98 + over % 100) + b"\r\n"
+    assert len(body) == 100_000 + over
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(body + b".\r\n")
+    assert (await raw.reply()).startswith("552 5.3.4")
+    assert (await raw.cmd("NOOP")).startswith("250")
+    await raw.close()
+
+
 async def test_ten_thousand_recipients(tmp_path, sink, make_node):
     node = await make_node(config_text(tmp_path, sink.port).replace(
         "max_message_size = 100000", "max_message_size = 100000\nmax_recipients = 50"))

@@ -142,23 +142,37 @@ class BulkDataSMTP(SMTP):
         return None
 
     async def push(self, status: str | bytes) -> None:
-        """Send a reply, or hold a 250 while the client's next command is already buffered
-        (RFC 2920: a pipelined MAIL, RCPT, DATA then costs one write instead of three; the
-        writes were 4 % of the node's CPU in ``postlane bench``). Any other reply, or reading
-        that must wait for the client, sends what is held first, so a client never waits for
-        a reply we hold; ``\\r\\n`` is what aiosmtpd's reader needs to go on without waiting.
+        """Send a reply, or hold it while more is sure to follow at once.
+
+        Held: a continuation line (``250-...``: aiosmtpd pushes a multi-line reply line by
+        line, and EHLO's nine lines were nine writes, each a wake-up for the client), and a 250
+        while the client's next command is already buffered (RFC 2920: a pipelined MAIL, RCPT,
+        DATA then costs one write instead of three; the writes were 4 % of the node's CPU in
+        ``postlane bench``). Any other reply, or reading that must wait for the client, sends
+        what is held first, so a client never waits for a reply we hold; ``\\r\\n`` is what
+        aiosmtpd's reader needs to go on without waiting. A continuation line stays held
+        whatever its size: the reply's last line follows it without reading anything.
         """
-        response = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") \
+        line = status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") \
             if isinstance(status, str) else status
-        response = self._held + response + b"\r\n"
+        response = self._held + line + b"\r\n"
+        if line[3:4] == b"-":
+            self._held = response
+            return
         # asyncio's StreamReader keeps unread bytes in ``_buffer`` (no public peek exists)
         if response.startswith(b"250") and len(response) < 4096 and \
                 b"\r\n" in self._reader._buffer:  # type: ignore[attr-defined]
             self._held = response
             return
         self._held = b""
-        self._writer.write(response)
-        await self._writer.drain()
+        writer = self._writer
+        writer.write(response)
+        transport = self.transport
+        if transport is None or transport.is_closing() or \
+                transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            # drain() waits for a full buffer, and on a closing connection yields so that
+            # connection_lost() runs and raises; with the buffer empty it returns at once
+            await writer.drain()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """Strict RFC 5321/6531 paths (``address.py``) instead of aiosmtpd's parser, which is
@@ -189,19 +203,25 @@ class BulkDataSMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         limit = self.data_size_limit
+        reader = self._reader
+        buffered = reader._buffer  # type: ignore[attr-defined]  # no public peek
         data = bytearray(b"\r\n")  # the CRLF that ended the DATA line: "." alone is found too
         size, too_big = 0, False
         while not data.endswith(_END):
             # readuntil(_END) misses an end mark that began in bytes already taken, so step
             # byte by byte while the data ends in a beginning of the mark (at the start, and
-            # rarely after a limit overrun); otherwise one call reads to the end.
+            # rarely after a limit overrun); otherwise one call reads to the end. A mark
+            # already buffered is taken with readexactly: readuntil stops at the reader's
+            # line limit and raised LimitOverrunError for every message over 1,000 octets.
             try:
                 if data.endswith(_END_PREFIXES) and self._may_straddle(data):
-                    chunk = await self._reader.readexactly(1)
+                    chunk = await reader.readexactly(1)
+                elif (end := buffered.find(_END)) >= 0:
+                    chunk = await reader.readexactly(end + len(_END))
                 else:
-                    chunk = await self._reader.readuntil(_END)
+                    chunk = await reader.readuntil(_END)
             except asyncio.LimitOverrunError as exc:  # no mark in the buffer yet: take it all
-                chunk = await self._reader.readexactly(exc.consumed)
+                chunk = await reader.readexactly(exc.consumed)
             except asyncio.IncompleteReadError:
                 return  # the client went away mid-DATA: nothing was acknowledged
             size += len(chunk)
@@ -210,12 +230,14 @@ class BulkDataSMTP(SMTP):
                 continue
             data += chunk
             if limit and size - 3 > limit:
-                too_big, data = True, data[-4:]  # read on to the end, keep nothing
+                # read on to the end, keeping only what finds the end mark (all of it when
+                # this chunk ended the data: 4 bytes cut it, and the read waited for more)
+                too_big, data = True, data[-len(_END):]
         if too_big:
             self._set_post_data_state()
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
             return
-        content = bytes(data[2:-3]).replace(b"\r\n..", b"\r\n.")
+        content = bytes(memoryview(data)[2:-3]).replace(b"\r\n..", b"\r\n.")
         if content.startswith(b".."):
             content = content[1:]
         refusal = self.check_content(content)

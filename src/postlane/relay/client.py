@@ -112,23 +112,42 @@ class Transaction:
 
 
 def _parse_reply(lines: list[bytes], stage: str) -> Reply:
+    if len(lines) == 1:
+        return _parse_line(lines[0], stage)
     texts: list[str] = []
     code = 0
     for raw in lines:
         line = raw.rstrip(b"\r\n")
-        if (
-            len(line) < 3
-            or not line[:3].isdigit()
-            or line[0] not in b"2345"
-            or (len(line) > 3 and line[3] not in b" -")
-        ):
-            raise SMTPError(stage, f"malformed reply line {line[:80]!r}")
+        _check_line(line, stage)
         if not code:
             code = int(line[:3])
         texts.append(line[4:].decode("utf-8", "replace"))
-    m = _ENHANCED_RE.match(texts[0])
-    enhanced = m.group(0) if m and m.group(1) == str(code)[0] else None
-    return Reply(code, "\n".join(texts), enhanced)
+    return Reply(code, "\n".join(texts), _enhanced(texts[0], code))
+
+
+def _parse_line(raw: bytes, stage: str) -> Reply:
+    """A one-line reply (most are): ``_parse_reply`` without its lists."""
+    line = raw.rstrip(b"\r\n")
+    _check_line(line, stage)
+    code = int(line[:3])
+    text = line[4:].decode("utf-8", "replace")
+    return Reply(code, text, _enhanced(text, code))
+
+
+def _check_line(line: bytes, stage: str) -> None:
+    if (
+        len(line) < 3
+        or not line[:3].isdigit()
+        or line[0] not in b"2345"
+        or (len(line) > 3 and line[3] not in b" -")
+    ):
+        raise SMTPError(stage, f"malformed reply line {line[:80]!r}")
+
+
+def _enhanced(text: str, code: int) -> str | None:
+    """The enhanced code (RFC 3463) the reply's text starts with, if of the reply's class."""
+    m = _ENHANCED_RE.match(text)
+    return m.group(0) if m and m.group(1) == str(code)[0] else None
 
 
 def prepare_data(data: bytes, crlf: bool = False) -> bytes:
@@ -355,10 +374,10 @@ class SMTPConnection:
             raise SMTPError("mail", "connection is not usable")
         payload = prepare_data(data, crlf)
         n, kept = len(rcpts), None
-        refusal = Reply(553, f"5.6.7 {self.server_name} does not support SMTPUTF8 and the"
-                             " address's local part is not ASCII", "5.6.7")
         if "SMTPUTF8" not in self.extensions and not (
                 mail_from.isascii() and all(addr.isascii() for addr, _ in rcpts)):
+            refusal = Reply(553, f"5.6.7 {self.server_name} does not support SMTPUTF8 and"
+                                 " the address's local part is not ASCII", "5.6.7")
             sender = _ascii_address(mail_from)
             if sender is None:
                 return Transaction(refusal, [refusal] * n, None)
@@ -388,7 +407,8 @@ class SMTPConnection:
 
     def _mail_commands(
         self, mail_from: str, rcpts: list[tuple[str, str]], payload: bytes, mail_params: str
-    ) -> list[str]:
+    ) -> list[bytes]:
+        """The MAIL and RCPT command lines, encoded once (UTF-8)."""
         ext = self.extensions
         dsn = "DSN" in ext
         given = mail_params.upper()
@@ -405,22 +425,22 @@ class SMTPConnection:
         if mail_params:
             params.append(mail_params if dsn else _strip_params(mail_params, _DSN_MAIL_PARAMS))
         tail = " ".join(p for p in params if p)
-        commands = [f"MAIL FROM:<{mail_from}>{' ' if tail else ''}{tail}\r\n"]
+        commands = [f"MAIL FROM:<{mail_from}>{' ' if tail else ''}{tail}\r\n".encode()]
         for addr, rparams in rcpts:
             if rparams and not dsn:
                 rparams = _strip_params(rparams, _DSN_RCPT_PARAMS)
-            commands.append(f"RCPT TO:<{addr}>{' ' if rparams else ''}{rparams}\r\n")
-        joined = "".join(commands)
-        if joined.count("\n") != len(commands) or joined.count("\r") != len(commands):
+            commands.append(f"RCPT TO:<{addr}>{' ' if rparams else ''}{rparams}\r\n".encode())
+        joined = b"".join(commands)
+        if joined.count(b"\n") != len(commands) or joined.count(b"\r") != len(commands):
             raise ValueError("CR or LF in an envelope address or parameter")
         return commands
 
-    async def _send(self, commands: list[str], payload: bytes,
+    async def _send(self, commands: list[bytes], payload: bytes,
                     before_dot: Awaitable[object] | None) -> Transaction:
         n = len(commands) - 1
         cmd_timeout = self._timeouts.command
         if "PIPELINING" in self.extensions:
-            self._writer.write(("".join(commands) + "DATA\r\n").encode("utf-8"))
+            self._writer.write(b"".join(commands) + b"DATA\r\n")
             await self._drain("mail", cmd_timeout)
             mail_reply = await self._read_reply("mail", cmd_timeout)
             if mail_reply.code == 421:
@@ -434,7 +454,7 @@ class SMTPConnection:
                     return self._closing(mail_reply, rcpt_replies, n)
             data_cmd_reply = await self._read_reply("data", cmd_timeout)
         else:
-            mail_reply = await self._command("mail", commands[0].encode("utf-8"))
+            mail_reply = await self._command("mail", commands[0])
             if not mail_reply.is_ok:
                 if mail_reply.code == 421:
                     self._usable = False
@@ -443,7 +463,7 @@ class SMTPConnection:
                 return Transaction(mail_reply, [mail_reply] * n, None)
             rcpt_replies = []
             for command in commands[1:]:
-                reply = await self._command("rcpt", command.encode("utf-8"))
+                reply = await self._command("rcpt", command)
                 rcpt_replies.append(reply)
                 if reply.code == 421:
                     return self._closing(mail_reply, rcpt_replies, n)
@@ -543,6 +563,10 @@ class SMTPConnection:
 
     async def _drain(self, stage: str, timeout: float) -> None:
         transport = self._writer.transport
+        if not transport.get_write_buffer_size() and not transport.is_closing():
+            # All written: drain() would return at once (it waits for a paused transport, and
+            # on a closing one yields for connection_lost() to raise), after two coroutines.
+            return
         try:
             if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
                 # At or below the low-water mark writing is not paused, so drain() cannot
@@ -612,9 +636,19 @@ class SMTPConnection:
             self._timer = None
 
     async def _read_lines(self, stage: str) -> Reply:
-        lines: list[bytes] = []
-        total = 0
         readline = self._reader.readline
+        try:
+            line = await readline()
+        except ValueError:  # longer than the stream limit
+            raise SMTPError(stage, "reply line too long") from None
+        if not line.endswith(b"\n"):
+            raise SMTPError(stage, "connection closed by server")
+        if len(line) < 5 or line[3:4] != b"-":  # one line: most replies
+            return _parse_line(line, stage)
+        lines = [line]
+        total = len(line)
+        if total > MAX_REPLY_BYTES:
+            raise SMTPError(stage, "reply too long")
         while True:
             try:
                 line = await readline()
