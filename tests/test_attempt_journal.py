@@ -149,3 +149,20 @@ def test_a_new_journal_after_a_kill_reads_the_old_file_and_starts_its_own(tmp_pa
     assert len(got) == before + 1 and got[("Q0999999999", 0)][0] == 5
     jnl.close()
     assert len(files(tmp_path)) == 2
+
+
+def test_one_write_longer_than_several_windows(tmp_path):
+    """A batch whose lines reach over more than one window (allocated at once, copied window
+    by window), after a line that leaves the first window nearly full."""
+    jnl = AttemptJournal(tmp_path)
+    jnl.open()
+    assert [p.stat().st_size for p in files(tmp_path)] == [0]  # nothing allocated before use
+    first = Attempt("Q0", 0, 1_800_000_000.0, "x" * (WINDOW - 100), 1)
+    big = [Attempt(f"Q{i}", 0, 1_800_000_000.0, "y" * 100_000, 1) for i in range(1, 30)]
+    jnl.write([first])
+    jnl.write(big)
+    jnl.write([attempt(99)])
+    got = jnl.latest()  # read while still open: the zero tail of the last window
+    jnl.close()
+    assert [v[1] for v in got.values()] == [first, *big, attempt(99)]
+    assert got == jnl.latest()
