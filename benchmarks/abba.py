@@ -25,8 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-FIGURES = ("throughput_msgs_s", "node_cpu_ms_per_msg", "main_cpu_ms_per_msg", "rss_mb_peak",
-           "rss_mb_peak_all", "rss_mb_all_max")
+FIGURES = ("throughput_msgs_s", "node_cpu_ms_per_msg", "node_cpu_ms_per_msg_running",
+           "node_startup_cpu_s", "node_system_ms_per_msg",
+           "main_cpu_ms_per_msg", "harness_cpu_ms_per_msg", "rss_mb_peak", "rss_mb_peak_all",
+           "rss_mb_all_max")
 
 
 def _load_average() -> float:

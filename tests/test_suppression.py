@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -25,6 +26,20 @@ def test_scopes(store) -> None:
     assert set(store.check(rcpts)) == {"hard@example.COM", "news@example.com"}
     assert set(store.check(rcpts, ["all"])) == {"hard@example.COM"}
     assert store.check(["hard@example.com"])["hard@example.com"].scope == "all"
+
+
+def test_check_one_answers_as_check_does(store) -> None:
+    """The look-up at RCPT: the entry ``check`` gives in every scope, expired ones ignored."""
+    store.add("both@example.com", "marketing", "unsubscribe", "unsubscribe")
+    store.add("Both@example.com", "best-effort", "complaint", "fbl")
+    store.add("gone@example.com", "all", "5.1.1", "bounce", expires=time.time() - 1)
+    store.add("gone@example.com", "marketing", "unsubscribe", "unsubscribe")
+    for address in ("BOTH@example.com", "gone@example.com", "fine@example.com", "no-at-sign",
+                    "a b@example.com"):
+        assert store.check_one(address) == store.check([address]).get(address), address
+    assert store.check_one("both@example.com").scope == "best-effort"
+    assert store.check_one("gone@example.com").scope == "marketing"
+    assert store.check_one("fine@example.com") is None
 
 
 def test_remove_list_and_bad_input(store) -> None:

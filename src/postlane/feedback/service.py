@@ -116,7 +116,7 @@ class FeedbackService:
         ``screen``, which decides marketing-only suppressions once the class is known (its
         header comes with DATA). One query per message instead of two: SQLite releases the
         GIL, and each release can hand the event loop's turn to the spool writer."""
-        hit = self.suppression.check([address]).get(address)
+        hit = self.suppression.check_one(address)
         if hit is None or hit.scope != "all" or self.policy(
                 default_class or self.config.default_class).suppressed == "drop":
             return None, hit

@@ -12,21 +12,23 @@ import threading
 from pathlib import Path
 
 __all__ = ["TreeSampler", "children_cpu_seconds", "cpu_seconds", "descendants", "rss_peak_mb",
-           "tree_cpu_seconds", "tree_rss_peak_mb"]
+           "tree_cpu_seconds", "tree_rss_peak_mb", "tree_system_seconds"]
 
 
 def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
 
 
-def cpu_seconds(pid: int, reaped: bool = False) -> float:
+def cpu_seconds(pid: int, reaped: bool = False, system_only: bool = False) -> float:
     """User + system CPU time of a process, from /proc (Linux); ``reaped``: with that of its
-    children it has waited for (fields cutime, cstime), which a tree walk no longer sees."""
+    children it has waited for (fields cutime, cstime), which a tree walk no longer sees;
+    ``system_only``: the kernel's part alone (system calls: on loopback a send carries the
+    receiving side's TCP work too)."""
     try:
         fields = _stat_fields(pid)
-        ticks = int(fields[11]) + int(fields[12])
+        ticks = int(fields[12]) + (0 if system_only else int(fields[11]))
         if reaped:
-            ticks += int(fields[13]) + int(fields[14])
+            ticks += int(fields[14]) + (0 if system_only else int(fields[13]))
         return round(ticks / os.sysconf("SC_CLK_TCK"), 2)
     except (OSError, IndexError, ValueError):
         return 0.0
@@ -61,6 +63,13 @@ def tree_cpu_seconds(pid: int) -> float:
     children each of them has reaped. What "node CPU" means in every figure of the bench,
     however many processes the node runs."""
     return round(sum(cpu_seconds(p, reaped=True) for p in [pid, *descendants(pid)]), 2)
+
+
+def tree_system_seconds(pid: int) -> float:
+    """The kernel's part of ``tree_cpu_seconds``: what no change to the node's Python can cut
+    while it makes the same system calls."""
+    return round(sum(cpu_seconds(p, reaped=True, system_only=True)
+                     for p in [pid, *descendants(pid)]), 2)
 
 
 def _status_kb(pid: int, key: str) -> int:

@@ -21,15 +21,18 @@ HOURS = 24
 MAX_REASONS = 2000
 
 
+_BOUNCES = {"message-expired": "expired", "purged": "purged"}
+
+
 def outcome(rec: Record) -> str | None:
     """delivered, deferred, bounced, expired or purged; None for other record types."""
-    if rec.type == "d":
+    kind = rec.type
+    if kind == "d":
         return "delivered"
-    if rec.type == "t":
+    if kind == "t":
         return "deferred"
-    if rec.type == "b":
-        return {"message-expired": "expired", "purged": "purged"}.get(rec.bounce_cat,
-                                                                       "bounced")
+    if kind == "b":
+        return _BOUNCES.get(rec.bounce_cat, "bounced")
     return None
 
 
@@ -53,9 +56,13 @@ class Activity:
         if kind is None:
             return
         start = rec.time_logged // 3600 * 3600
-        if not self.hours or self.hours[-1].start < start:
-            self.hours.append(_Hour(start))
-        hour = next((h for h in reversed(self.hours) if h.start <= start), self.hours[0])
+        hours = self.hours
+        if hours and hours[-1].start == start:  # nearly always: the hour under way
+            hour = hours[-1]
+        else:
+            if not hours or hours[-1].start < start:
+                hours.append(_Hour(start))
+            hour = next((h for h in reversed(hours) if h.start <= start), hours[0])
         hour.totals[kind] += 1
         if rec.dlv_source_ip:
             hour.ips[(rec.vmta_pool, rec.dlv_source_ip, kind)] += 1

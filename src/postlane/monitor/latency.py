@@ -46,9 +46,16 @@ class Series:
         self.total = 0
 
     def add(self, now: float, latency: float) -> None:
-        current = self._current(now)
-        bucket = bucket_of(latency)
-        hist = current[1]
+        self.count(now, bucket_of(latency))
+
+    def count(self, now: float, bucket: int) -> None:
+        """A sample already in its bucket (``bucket_of``): the tracker puts a delivery into
+        its class's series and its pool's, and finds the bucket once."""
+        slices = self._slices
+        if slices and slices[-1][0] >= now // self.slice_s:  # the slice under way
+            hist = slices[-1][1]
+        else:
+            hist = self._current(now)[1]
         hist[bucket] = hist.get(bucket, 0) + 1
         self.total += 1
 

@@ -121,7 +121,7 @@ class Monitor:
     def on_record(self, rec: Record) -> None:
         """Accounting listener (registered by the node)."""
         self.tracker.on_record(rec)
-        self.metrics.on_record(rec)
+        self.metrics.records.on_record(rec)
 
     async def start(self) -> None:
         now = time.time()

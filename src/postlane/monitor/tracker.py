@@ -140,27 +140,21 @@ class Tracker:
         state = self.classes.get(rec.cls)
         if state is None:
             return
-        if kind == "r":
-            state.received += 1
-            if self.counts_queue:
-                self._received(state, rec.queue_id, rec.time_queued, rec.time_logged)
-        elif kind == "t":
-            entry = state.outstanding.get(rec.queue_id)
-            if entry is not None:
-                step = state.retry[min(max(rec.attempt, 1) - 1, len(state.retry) - 1)]
-                entry[2] = max(entry[2], rec.time_logged + step * 1.1)  # 1.1: the retry jitter
-        elif kind in ("d", "b"):
+        if kind == "d" or kind == "b":  # final; the branches are exclusive, the common first
             pool = self.pools.get(state.pool)
-            latency = rec.time_logged - rec.time_queued
+            t = rec.time_logged
+            latency = t - rec.time_queued
+            bucket = None
             if kind == "d":
-                state.latency.add(rec.time_logged, latency)
+                bucket = bucket_of(latency)
+                state.latency.count(t, bucket)
                 if pool is not None:
-                    pool.latency.add(rec.time_logged, latency)
+                    pool.latency.count(t, bucket)
             if pool is not None:
-                pool.done.add(rec.time_logged)
-                pool.last_done = rec.time_logged
+                pool.done.add(t)
+                pool.last_done = t
             if self.slices is not None:
-                self._slice(rec.cls, rec.time_logged, latency if kind == "d" else None)
+                self._slice(rec.cls, t, bucket)
             if self.counts_queue:
                 if state.depth > 0:
                     state.depth -= 1
@@ -170,6 +164,15 @@ class Tracker:
                     if entry[1] <= 0:
                         del state.outstanding[rec.queue_id]
             self._remember(rec)
+        elif kind == "r":
+            state.received += 1
+            if self.counts_queue:
+                self._received(state, rec.queue_id, rec.time_queued, rec.time_logged)
+        elif kind == "t":
+            entry = state.outstanding.get(rec.queue_id)
+            if entry is not None:
+                step = state.retry[min(max(rec.attempt, 1) - 1, len(state.retry) - 1)]
+                entry[2] = max(entry[2], rec.time_logged + step * 1.1)  # 1.1: the retry jitter
 
     def _received(self, state: ClassState, queue_id: str, queued_at: float, now: float) -> None:
         state.depth += 1
@@ -183,14 +186,14 @@ class Tracker:
             else:
                 entry[1] += 1
 
-    def _slice(self, cls: str, t: float, latency: float | None) -> None:
+    def _slice(self, cls: str, t: float, bucket: int | None) -> None:
+        """A final outcome into its second's slice (``bucket``: a delivery's latency bucket)."""
         assert self.slices is not None
         entry = self.slices.get((cls, int(t)))
         if entry is None:
             entry = self.slices[(cls, int(t))] = [0, {}]
         entry[0] += 1
-        if latency is not None:
-            bucket = bucket_of(latency)
+        if bucket is not None:
             entry[1][bucket] = entry[1].get(bucket, 0) + 1
 
     def take_slices(self, before: float) -> list[tuple[str, int, int, list[int], list[int]]]:

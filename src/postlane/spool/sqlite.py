@@ -261,8 +261,12 @@ class SQLiteSpool(GroupCommitWrites):
                                  " notify, state, attempts, next_attempt, last_reply, pool,"
                                  " priority, deadline) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                                  batch.recipients)
-            if batch.updates:
-                conn.executemany(_UPDATE, batch.updates)
+            updates = batch.updates
+            if updates and batch.finished:  # rows this commit deletes need no update first
+                gone = set(batch.finished)
+                updates = [row for row in updates if row[4] not in gone]
+            if updates:
+                conn.executemany(_UPDATE, updates)
             if events:
                 writer = self.writer_id
                 conn.executemany("INSERT INTO events VALUES (?, ?, ?)",
