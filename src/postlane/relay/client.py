@@ -637,18 +637,8 @@ class SMTPConnection:
 
     async def _read_lines(self, stage: str) -> Reply:
         readline = self._reader.readline
-        try:
-            line = await readline()
-        except ValueError:  # longer than the stream limit
-            raise SMTPError(stage, "reply line too long") from None
-        if not line.endswith(b"\n"):
-            raise SMTPError(stage, "connection closed by server")
-        if len(line) < 5 or line[3:4] != b"-":  # one line: most replies
-            return _parse_line(line, stage)
-        lines = [line]
-        total = len(line)
-        if total > MAX_REPLY_BYTES:
-            raise SMTPError(stage, "reply too long")
+        lines: list[bytes] = []
+        total = 0
         while True:
             try:
                 line = await readline()
@@ -656,10 +646,10 @@ class SMTPConnection:
                 raise SMTPError(stage, "reply line too long") from None
             if not line.endswith(b"\n"):
                 raise SMTPError(stage, "connection closed by server")
+            if len(line) < 5 or line[3:4] != b"-":  # the last line (most replies: the only)
+                return _parse_reply([*lines, line], stage) if lines else _parse_line(line, stage)
             lines.append(line)
             total += len(line)
-            if len(line) < 5 or line[3:4] != b"-":
-                return _parse_reply(lines, stage)
             if len(lines) >= MAX_REPLY_LINES or total > MAX_REPLY_BYTES:
                 raise SMTPError(stage, "reply too long")
 
