@@ -646,9 +646,9 @@ class SMTPConnection:
                 raise SMTPError(stage, "reply line too long") from None
             if not line.endswith(b"\n"):
                 raise SMTPError(stage, "connection closed by server")
-            if len(line) < 5 or line[3:4] != b"-":  # the last line (most replies: the only)
-                return _parse_reply([*lines, line], stage) if lines else _parse_line(line, stage)
             lines.append(line)
+            if len(line) < 5 or line[3:4] != b"-":  # the last line (most replies: the only)
+                return _parse_reply(lines, stage)
             total += len(line)
             if len(lines) >= MAX_REPLY_LINES or total > MAX_REPLY_BYTES:
                 raise SMTPError(stage, "reply too long")
