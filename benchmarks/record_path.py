@@ -27,25 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIG = """
-[node]
-spool = "{d}/spool"
-[api]
-enabled = false
-[accounting]
-directory = "{d}/acct"
-[pools.critical]
-ips = [{{ address = "127.0.0.20", ehlo = "tx.test" }}]
-[pools.bulk]
-ips = [{{ address = "127.0.0.30", ehlo = "bulk.test" }}]
-[classes.policy-documents]
-pool = "critical"
-priority = 0
-sla = "2m"
-[classes.marketing]
-pool = "bulk"
-priority = 3
-"""
+from monitor_overhead import CONFIG  # the same node as that sibling script measures
 
 CONN = {"source_ip": "127.0.0.30", "dest_ip": "127.0.0.5", "tls": "TLSv1.3",
         "cipher": "TLS_AES_256_GCM_SHA384", "tls_auth": "none", "tls_policy": "opportunistic",
