@@ -33,32 +33,10 @@ LINE = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod
 
 
 def config(home: Path, sink_port: int) -> str:
-    return f"""
-default_class = "marketing"
-[node]
-name = "exchange"
-hostname = "mta.test"
-spool = "{home}/spool"
-[listeners.in]
-address = "127.0.0.1"
-port = 0
-relay_from = ["127.0.0.0/8"]
-[pools.bulk]
-ips = [{{ address = "127.0.0.30", ehlo = "bulk.test", max_smtp_out = 8 }}]
-[classes.marketing]
-pool = "bulk"
-priority = 3
-[relay]
-smtp_port = {sink_port}
-idle_timeout = 1.0
-[accounting]
-directory = "{home}/acct"
-[api]
-port = 0
-token_file = "{home}/api-token"
-[routes]
-"*" = "127.0.0.1:{sink_port}"
-"""
+    """looplag.py's node (a sibling script), its relay closing idle connections after 1 s."""
+    from looplag import config as looplag_config
+
+    return looplag_config(home, sink_port).replace("[relay]\n", "[relay]\nidle_timeout = 1.0\n")
 
 
 def _run_sink(conn) -> None:  # type: ignore[no-untyped-def]
