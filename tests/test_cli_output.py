@@ -72,3 +72,22 @@ async def test_tables_are_not_cut_when_piped_and_json_answers(tmp_path, sink, ma
     cfg.write_text(config_text(tmp_path, sink.port))
     code, out, err = await run_cli("config", "check", str(cfg), "--json")
     assert code == 0 and json.loads(out)["ok"] is True
+
+
+def test_help_keeps_bracketed_words():
+    """Help is rendered as rich markup, where ``[routes]`` is a style tag and vanishes unless
+    written ``\\[routes]``: every bracketed word of a command's help reaches the reader."""
+    import re
+
+    from typer.testing import CliRunner
+
+    root = typer.main.get_command(app)
+    lost = []
+    for path, cmd in _commands(root):
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        words = [w.replace("\\[", "[") for t in texts for w in re.findall(r"\\?\[[^\]\s]*\]", t)]
+        if not words:
+            continue
+        out = CliRunner().invoke(app, [*path.split(), "--help"], terminal_width=200).output
+        lost += [(path, w) for w in words if w not in out]
+    assert lost == []

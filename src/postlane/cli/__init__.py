@@ -115,7 +115,7 @@ def sink(host: str = typer.Option("127.0.0.1", help="address to listen on"),
          port: int = typer.Option(2600, min=0, max=65535),
          delay_ms: float = typer.Option(0.0, min=0, help="time each message takes")) -> None:
     """A recording SMTP sink that accepts every message and prints one line per arrival: the
-    recipients' servers for a try-out (route mail to it with [routes])."""
+    recipients' servers for a try-out (route mail to it with \\[routes])."""
     import asyncio
 
     from ..harness.sink import run_sink
@@ -145,7 +145,7 @@ def bench(marketing: int | None = typer.Option(
           config: Path | None = typer.Option(None, "--config", "-c",
                                              help="base config (default examples/insurance.toml)"),
           connections: int = typer.Option(16, help="SMTP connections submitting the campaign"),
-          workers: str = typer.Option("1", help="the node's [node] workers: SMTP intake "
+          workers: str = typer.Option("1", help="the node's \\[node] workers: SMTP intake "
                                                 "processes, a number or auto (one per core)"),
           no_pipelining: bool = typer.Option(
               False, "--no-pipelining", help="the load generator sends each SMTP command and"

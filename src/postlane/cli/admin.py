@@ -95,7 +95,7 @@ def dns_checklist(config: Path = _CONFIG, as_json: bool = _JSON) -> None:
 @dns_app.command("check")
 def dns_check(config: Path = _CONFIG,
               nameserver: str | None = typer.Option(
-                  None, help="ask this resolver (IP or IP:PORT) instead of [dns] or the"
+                  None, help="ask this resolver (IP or IP:PORT) instead of \\[dns] or the"
                              " system's"),
               as_json: bool = _JSON) -> None:
     """Look every record up and say what is missing or wrong; exit 1 unless all are ok."""

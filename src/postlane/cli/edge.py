@@ -226,7 +226,7 @@ def killtest(
     seed: int | None = typer.Option(None, help="random seed (default: the process id)"),
     spool: str | None = typer.Option(None, help="a PostgreSQL DSN: two nodes share it, and"
                                      " one is killed once and never restarted"),
-    workers: str = typer.Option("1", help="the node's [node] workers (a number or auto)"),
+    workers: str = typer.Option("1", help="the node's \\[node] workers (a number or auto)"),
 ) -> None:
     """SIGKILL a node at random moments of a campaign; check nothing acknowledged is lost and
     the evidence of every message is complete (audit store and accounting files)."""

@@ -177,7 +177,7 @@ def _when(ts: float) -> str:
 
 @suppress_app.command("import")
 def import_(file: Path = typer.Argument(
-        ..., help="CSV: address[,scope,reason,source,created,expires]"),
+        ..., help="CSV: address\\[,scope,reason,source,created,expires]"),
             scope: str = typer.Option("marketing", help="scope of rows that name none"),
             config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Import a CSV file (all rows or none)."""
