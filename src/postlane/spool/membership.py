@@ -108,9 +108,13 @@ class Membership:
                 f" UPDATE nodes n SET heartbeat = {NOW} FROM prev WHERE n.name = $1"
                 f" RETURNING n.draining, {NOW} - prev.heartbeat AS gap", name)
             if row is not None and lease is not None:
+                # SKIP LOCKED: a row locked now is being written by this node's own outcome
+                # commit; waiting for it could deadlock with that commit (PostgreSQL then fails
+                # one of the two after a second). Its lease, renewed last time, outlives the wait.
                 await conn.execute(
-                    f"UPDATE recipients SET lease_until = {NOW} + $2"
-                    " WHERE lease_owner = $1 AND state IN ('queued', 'deferred')", name, lease)
+                    f"UPDATE recipients SET lease_until = {NOW} + $2 WHERE (msg_id, idx) IN"
+                    " (SELECT msg_id, idx FROM recipients WHERE lease_owner = $1"
+                    " AND state IN ('queued', 'deferred') FOR UPDATE SKIP LOCKED)", name, lease)
         return None if row is None else (row["draining"], row["gap"])
 
     async def reap(self, me: str, dead_after: float, lease: float) -> dict[str, int]:
