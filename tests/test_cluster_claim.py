@@ -64,7 +64,7 @@ async def test_expired_lease_is_taken_over_and_renewal_prevents_it(two_spools):
     assert ids(taken) == [("M000000", 0)], "the lapsed lease moves, the renewed one stays"
 
 
-async def test_heartbeat_skips_rows_an_outcome_is_writing(two_spools, pg_schema):
+async def test_heartbeat_skips_rows_an_outcome_is_writing(two_spools):
     """The lease renewal never waits for a row lock: a node's own outcome commit (another
     connection) holds one recipient and would wait for another the renewal had locked first,
     a deadlock PostgreSQL breaks after a second by failing one of them (seen in a 2-node bench:
@@ -74,7 +74,7 @@ async def test_heartbeat_skips_rows_an_outcome_is_writing(two_spools, pg_schema)
     for i in range(2):
         await a.enqueue(*make_message(i, rcpts=1))
     assert len(await a.claim("keeper", "bulk", 2, 0.5)) == 2
-    outcome = await asyncpg.connect(PG_DSN, server_settings={"search_path": pg_schema})
+    outcome = await asyncpg.connect(PG_DSN, server_settings={"search_path": a.schema})
     try:
         async with outcome.transaction():
             await outcome.execute("UPDATE recipients SET state = 'delivered'"
