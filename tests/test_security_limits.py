@@ -172,3 +172,16 @@ async def test_command_timeout_is_idle_time_during_a_slow_data_transfer(tmp_path
     assert (await raw.reply()).startswith("250 2.0.0")
     await raw.close()
     await sink.wait_for(1)
+
+
+async def test_unknown_commands_count_as_bad_commands_then_421(tmp_path, sink, make_node):
+    """aiosmtpd closed the session at the 5th unknown command with a 502, whatever
+    ``max_bad_commands`` said; an unknown command is a bad command like the others."""
+    node = await make_node(limited(tmp_path, sink.port, "max_bad_commands = 8"))
+    raw = await session(node.listeners[0].port)
+    for i in range(7):
+        assert (await raw.cmd(f"XCMD{i}")).startswith("500 5.5.1"), i
+    assert (await raw.cmd("NOOP")).startswith("250"), "the session goes on"
+    assert (await raw.cmd("XCMD7")).startswith("500 5.5.1")
+    assert (await raw.reply()).startswith("421 4.7.0 Too many errors")
+    assert await raw.closed()

@@ -11,8 +11,10 @@ import asyncio
 import ipaddress
 import logging
 import re
+import sys
 from typing import TYPE_CHECKING, Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
 
 from ..config import ListenerConfig
@@ -30,6 +32,11 @@ log = logging.getLogger("postlane.edge")
 # command line (addresses) at INFO: secrets never reach a log, whatever level the operator runs
 # at, and a campaign does not cost a log line per SMTP command. Postlane logs what matters itself.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
+# aiosmtpd ends a session at its 5th unknown command with "502 ... goodbye" (BOGUS_LIMIT, one
+# for the whole module): a 5xx reply to a command, not the 421 that RFC 5321 3.8 asks before a
+# server closes, and regardless of the listener's max_bad_commands. GuardedSMTP counts unknown
+# commands with the other bad ones and says 421 at max_bad_commands.
+aiosmtpd.smtp.BOGUS_LIMIT = sys.maxsize
 
 # Enhanced codes (RFC 3463) for aiosmtpd's own error replies, which carry none.
 _ENHANCED = {421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
