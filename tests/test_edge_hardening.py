@@ -413,3 +413,52 @@ async def test_a_client_talking_before_the_greeting_gets_554(tmp_path, sink, mak
     assert (await raw.reply()).startswith("220-mta.test ESMTP\r\n220 ")
     assert (await raw.cmd("EHLO good.example")).startswith("250")
     await raw.close()
+
+
+# -- ESMTP parameters ------------------------------------------------------------------------
+
+async def test_esmtp_parameters_auth_duplicates_and_dsn_syntax(tmp_path, sink, make_node):
+    """AUTH= on MAIL is accepted (RFC 4954 5; aiosmtpd answered 555, so an Exim that
+    authenticated could send nothing); a keyword given twice, a parameter of the other command
+    and a malformed ORCPT or NOTIFY are refused (all were accepted, the garbage ORCPT sent on
+    to the next hop, where a strict server refuses the recipient of a message already
+    acknowledged)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    mail = "MAIL FROM:<s@insurer.test>"
+    for params, expect in [("AUTH=<>", "250"), ("AUTH=s+40insurer.test", "250"),
+                           ("AUTH=", "501 5.5.4"), ("AUTH=a=b", "501 5.5.4"),
+                           ("RET=FULL RET=HDRS", "501 5.5.4"), ("SIZE=10 size=20", "501 5.5.4"),
+                           ("BODY=8BITMIME BODY=7BIT", "501 5.5.4"),
+                           ("ENVID=a ENVID=b", "501 5.5.4"), ("NOTIFY=NEVER", "555 5.5.4"),
+                           ("ORCPT=rfc822;a@example.com", "555 5.5.4")]:
+        assert (await raw.cmd(f"{mail} {params}")).startswith(expect), params
+        assert (await raw.cmd("RSET")).startswith("250")
+    assert (await raw.cmd(f"{mail} RET=HDRS ENVID=e1 AUTH=<>")).startswith("250")
+    rcpt = "RCPT TO:<a@example.com>"
+    for params, expect in [("ORCPT=garbage", "501 5.5.4"), ("ORCPT=rfc822;", "501 5.5.4"),
+                           ("ORCPT=;a@example.com", "501 5.5.4"),
+                           ("ORCPT=rfc822;a b@example.com", "501 5.5.4"),
+                           ("ORCPT=rfc822;a=b@example.com", "501 5.5.4"),
+                           ("ORCPT=rfc822;ä@example.com", "501 5.5.4"),  # no SMTPUTF8
+                           ("NOTIFY=", "501 5.5.4"), ("NOTIFY=NEVER NOTIFY=NEVER", "501 5.5.4"),
+                           ("ORCPT=rfc822;a@example.com ORCPT=rfc822;a@example.com",
+                            "501 5.5.4"), ("RET=FULL", "555 5.5.4")]:
+        assert (await raw.cmd(f"{rcpt} {params}".encode() + b"\r\n")).startswith(expect), params
+    assert (await raw.cmd(f"{rcpt} NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+2Bx@example.com")
+            ).startswith("250 2.1.5")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(message() + b".\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    assert (await raw.cmd(b"MAIL FROM:<s@insurer.test> SMTPUTF8\r\n")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<b@example.com> ORCPT=utf-8;b\u00e4@example.com".encode()
+                          + b"\r\n")).startswith("250 2.1.5"), "RFC 6533 in an SMTPUTF8 session"
+    await raw.close()
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["a@example.com"]
+    raw = await RawSMTP.connect(node.listeners[0].port)
+    assert (await raw.reply()).startswith("220")
+    assert (await raw.cmd("HELO client.test")).startswith("250")
+    assert (await raw.cmd(mail)).startswith("250")
+    assert (await raw.cmd(f"{rcpt} NOTIFY=NEVER")).startswith("501 5.5.4"), "needs EHLO"
+    await raw.close()

@@ -27,8 +27,11 @@ from .tls import ServerCertificate
 
 log = logging.getLogger("postlane.edge")
 
-_MAIL_DSN = {"ENVID", "RET", "MT-PRIORITY"}
-_RCPT_DSN = {"NOTIFY", "ORCPT"}
+# Parameters the edge handles itself (aiosmtpd would refuse them): DSN (RFC 3461), MT-PRIORITY
+# (RFC 6710) and AUTH (RFC 4954 5: a server offering AUTH accepts it; Postlane ignores it, as
+# RFC 4954 allows for a submitter it does not trust to assert one).
+_MAIL_OURS = frozenset({"ENVID", "RET", "MT-PRIORITY", "AUTH"})
+_RCPT_OURS = frozenset({"NOTIFY", "ORCPT"})
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
 _END = b"\r\n.\r\n"
@@ -79,16 +82,42 @@ def helo_name(text: str) -> str | None:
     return text if len(text) <= 253 and _HELO_NAME.fullmatch(text) else None
 
 
-def _dsn_params(rest: str) -> tuple[str, dict[str, str]]:
-    """The parameters after a path -> (those for aiosmtpd, the DSN ones)."""
-    keep, dsn = [], {}
+class ParamError(ValueError):
+    """A parameter refused with the reply that is the exception's text."""
+
+
+def _split_params(rest: str, ours: frozenset[str]) -> tuple[str, dict[str, str]]:
+    """The parameters after a path -> (those for aiosmtpd, those in ``ours``). Raises ParamError
+    for a keyword given twice: aiosmtpd kept the last silently (RET=FULL RET=HDRS), where
+    Postfix refuses (RFC 3461 4: each DSN parameter at most once)."""
+    keep, mine, seen = [], {}, set()
     for param in rest.split():
         key, _, value = param.partition("=")
-        if key.upper() in _MAIL_DSN | _RCPT_DSN:
-            dsn[key.upper()] = value
+        key = key.upper()
+        if key in seen:
+            raise ParamError(f"501 5.5.4 {key} given more than once")
+        seen.add(key)
+        if key in ours:
+            mine[key] = value
         else:
             keep.append(param)
-    return " ".join(keep), dsn
+    return " ".join(keep), mine
+
+
+def _xtext(value: str, utf8: bool = False) -> bool:
+    """RFC 3461 xtext; in an SMTPUTF8 transaction also UTF-8 (RFC 6533's unitext)."""
+    if utf8 and not any("\ud800" <= c <= "\udfff" for c in value):
+        value = "".join(c if c.isascii() else "x" for c in value)
+    return bool(_XTEXT.match(value))
+
+
+def _orcpt_ok(value: str, utf8: bool) -> bool:
+    """``addr-type ";" xtext`` (RFC 3461 4.2): it is sent on as given, and a strict next hop
+    refuses the recipient (Postfix: 501 5.5.4 Bad ORCPT parameter syntax) of a message
+    already acknowledged."""
+    kind, sep, address = value.partition(";")
+    return bool(sep and address and re.fullmatch(r"[A-Za-z0-9-]+", kind)
+                and _xtext(address, utf8))
 
 
 def _keyword(arg: str | None, keyword: str) -> str | None:
@@ -269,17 +298,20 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             return True
         return False
 
-    async def _path(self, body: str, refusal: str, **kind: bool
+    async def _path(self, body: str, refusal: str, ours: frozenset[str], **kind: bool
                     ) -> tuple[str, str, dict[str, str]] | None:
-        """(address, parameters for aiosmtpd, DSN parameters), or None after refusing the path:
-        553 5.6.7 when only SMTPUTF8 was missing, else ``refusal`` and why."""
+        """(address, parameters for aiosmtpd, those in ``ours``), or None after refusing the
+        command: 553 5.6.7 when only SMTPUTF8 was missing, ``refusal`` and why for a bad path,
+        501 for a parameter given twice."""
         try:
             address, rest = parse_path(body, **kind)
+            return (address, *_split_params(rest, ours))
         except PathError as exc:
             await self.push("553 5.6.7 SMTPUTF8 is needed for a non-ASCII address" if exc.utf8
                             else f"{refusal}: {exc}")
-            return None
-        return (address, *_dsn_params(rest))
+        except ParamError as exc:
+            await self.push(str(exc))
+        return None
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -288,8 +320,9 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         body = _keyword(arg, "FROM:")
         self.dsn_params = {}
         if body is not None and self.session is not None and self.session.host_name:
-            parsed = await self._path(body, "501 5.1.7 Bad sender address syntax",
-                                      utf8="SMTPUTF8" in body.upper().split(), null=True)
+            utf8 = "SMTPUTF8" in body.upper().split()
+            parsed = await self._path(body, "501 5.1.7 Bad sender address syntax", _MAIL_OURS,
+                                      utf8=utf8, null=True)
             if parsed is None:
                 return
             address, others, dsn = parsed
@@ -308,6 +341,10 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             if envid is not None and (not _XTEXT.match(envid) or len(envid) > 100):
                 await self.push("501 5.5.4 ENVID is not valid xtext")
                 return
+            auth = dsn.pop("AUTH", None)
+            if auth is not None and auth != "<>" and not (auth and _xtext(auth, utf8)):
+                await self.push("501 5.5.4 AUTH must be <> or an address in xtext")
+                return
             self.dsn_params = dsn
             arg = f"FROM:<{address}> {others}".rstrip()
         await super().smtp_MAIL(arg)
@@ -319,18 +356,24 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         body = _keyword(arg, "TO:")
         self.dsn_params = {}
         if body is not None and self.envelope is not None and self.envelope.mail_from:
-            parsed = await self._path(body, "501 5.1.3 Bad recipient address syntax",
-                                      utf8=bool(self.envelope.smtp_utf8), postmaster=True)
+            utf8 = bool(self.envelope.smtp_utf8)
+            parsed = await self._path(body, "501 5.1.3 Bad recipient address syntax", _RCPT_OURS,
+                                      utf8=utf8, postmaster=True)
             if parsed is None:
                 return
             address, others, dsn = parsed
-            notify = dsn.get("NOTIFY", "").upper()
-            if notify:
-                words = set(notify.split(","))
+            if dsn and not (self.session and self.session.extended_smtp):
+                await self.push("501 5.5.4 Parameters need EHLO")
+                return
+            if "NOTIFY" in dsn:
+                words = set(dsn["NOTIFY"].upper().split(","))
                 if not words <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
                         "NEVER" in words and len(words) > 1):
                     await self.push("501 5.5.4 NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY")
                     return
+            if "ORCPT" in dsn and not _orcpt_ok(dsn["ORCPT"], utf8):
+                await self.push("501 5.5.4 ORCPT must be addr-type;xtext")
+                return
             self.dsn_params = dsn
             arg = f"TO:<{address}> {others}".rstrip()
         await super().smtp_RCPT(arg)
