@@ -462,3 +462,26 @@ async def test_esmtp_parameters_auth_duplicates_and_dsn_syntax(tmp_path, sink, m
     assert (await raw.cmd(mail)).startswith("250")
     assert (await raw.cmd(f"{rcpt} NOTIFY=NEVER")).startswith("501 5.5.4"), "needs EHLO"
     await raw.close()
+
+
+async def test_command_line_limits_are_per_session_and_count_the_extensions(tmp_path, sink,
+                                                                            make_node):
+    """RFC 3461 4 lengthens RCPT by 500 octets for NOTIFY and ORCPT (a 254-octet address and
+    its ORCPT make 560); aiosmtpd kept 512. Its MAIL limit (512 + SIZE's 26 + SMTPUTF8's 10)
+    lived in a dict all sessions share, reset to 512 whenever another client connected."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    port = node.listeners[0].port
+    address = "a" * 64 + "@" + ".".join(["b" * 60] * 3) + ".exam"
+    assert len(address) == 252
+    raw = await session(port)
+    other = await RawSMTP.connect(port)  # another client connects after our EHLO
+    assert (await other.reply()).startswith("220")
+    mail = f"MAIL FROM:<{address}> SIZE=1000 SMTPUTF8 AUTH={address}"
+    assert 512 < len(mail) + 2 <= 512 + 36
+    assert (await raw.cmd(mail)).startswith("250 2.1.0"), "our EHLO's allowance kept"
+    rcpt = f"RCPT TO:<{address}> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;{address}"
+    assert len(rcpt) + 2 > 512 + 36
+    assert (await raw.cmd(rcpt)).startswith("250 2.1.5")
+    assert (await raw.cmd("NOOP " + "x" * 600)).startswith("500 5.5.2 Command line too long")
+    await other.close()
+    await raw.close()

@@ -280,8 +280,30 @@ class BulkDataSMTP(SMTP):
         await self.push(status)
 
 
+class _CommandSizes(dict[str, int]):
+    """The longest command line per verb: 512 octets (RFC 5321 4.5.3.1.4), MAIL and RCPT
+    lengthened by the extensions offered (SIZE 26, SMTPUTF8 10, DSN 100 and 500, AUTH 500),
+    all capped by the reader's line limit (``max_line_length``).
+
+    aiosmtpd keeps these in one dict that every session shares, clears it when a session starts
+    and adds SIZE's and SMTPUTF8's octets at each EHLO: a session's MAIL limit depended on how
+    many clients had connected or said EHLO since its own EHLO, and RCPT never got DSN's 500.
+    Its writes are ignored here."""
+
+    def __missing__(self, verb: str) -> int:
+        return 512
+
+    def __setitem__(self, verb: str, size: int) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
 class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
     """aiosmtpd's SMTP with strict paths, SMTPUTF8, DSN parameters and drain handling."""
+
+    command_size_limits = _CommandSizes(MAIL=512 + 26 + 10 + 100 + 500, RCPT=512 + 500)
 
     def __init__(self, handler: SMTPIntake, **kwargs) -> None:
         super().__init__(handler, **kwargs)
