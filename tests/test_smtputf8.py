@@ -103,3 +103,21 @@ async def test_ascii_local_parts_go_as_a_labels_to_a_server_without_smtputf8(utf
     assert bounce["type"] == "b" and bounce["dsnStatus"] == "5.6.7"
     assert not [r for r in rows if r["type"] == "t"], "a bounce, not a retry loop"
     assert target.rcpt_attempts.get("jürgen@exämple.org", 0) == 0
+
+
+async def test_unicode_line_separators_and_c1_controls_are_refused(tmp_path, sink, make_node):
+    """U+0085, U+2028 and U+2029 are line breaks to Python's email package: a sender holding
+    one was accepted, and the bounce of its undeliverable message was lost (build_bounce raised
+    "Header values may not contain linefeed or carriage return characters")."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    for char in ("\u2028", "\u2029", "\x85", "\x9b"):
+        assert (await raw.cmd(f"MAIL FROM:<a{char}b@exämple.org> SMTPUTF8".encode() + b"\r\n")
+                ).startswith("501 5.1.7"), repr(char)
+    assert (await raw.cmd("MAIL FROM:<prüfer@exämple.org> SMTPUTF8".encode() + b"\r\n")
+            ).startswith("250")
+    assert (await raw.cmd("RCPT TO:<x\u2028y@example.com>".encode() + b"\r\n")).startswith(
+        "501 5.1.3")
+    assert (await raw.cmd("RCPT TO:<x\u00a0y@example.com>".encode() + b"\r\n")).startswith(
+        "250"), "other non-ASCII stays allowed"
+    await raw.close()

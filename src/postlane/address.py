@@ -24,7 +24,10 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _SIMPLE = re.compile(rf"<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@((?:{_LABEL}\.)*{_LABEL})>")
 _ATOM = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+")
 _LDH = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Controls, C1 controls too, and the Unicode line and paragraph separators: Python's email
+# package treats U+0085, U+2028 and U+2029 as line breaks and refuses them in a header, so a
+# sender holding one got its message accepted and its bounce lost (build_bounce raised).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class PathError(ValueError):
