@@ -174,3 +174,20 @@ async def test_pipelined_commands_get_every_reply_in_order(tmp_path, sink, make_
     raw.send(b"NOOP\r\nNOOP\n")  # the second is no command until its CRLF comes
     assert (await raw.reply(timeout=5)).startswith("250")
     await raw.close()
+
+
+async def test_a_354_is_never_held_behind_pipelined_250s(tmp_path, sink, make_node):
+    """A client that sends the start of its message before the 354 and then waits for the
+    replies gets them: the 250s of MAIL and RCPT, held while more input was buffered, were
+    held with the 354 too, and the node waited for the rest of the message (421 after
+    command_timeout)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    raw.send(b"MAIL FROM:<s@insurer.test>\r\nRCPT TO:<early@example.com>\r\nDATA\r\n"
+             b"Subject: early\r\n")
+    assert [(await raw.reply(timeout=5))[:3] for _ in range(3)] == ["250", "250", "354"]
+    raw.send(b"\r\nbody\r\n.\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["early@example.com"]

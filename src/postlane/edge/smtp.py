@@ -189,7 +189,7 @@ class BulkDataSMTP(SMTP):
             self._held = response
             return
         # asyncio's StreamReader keeps unread bytes in ``_buffer`` (no public peek exists)
-        if response.startswith(b"250") and len(response) < 4096 and \
+        if line.startswith(b"250") and len(response) < 4096 and \
                 b"\r\n" in self._reader._buffer:  # type: ignore[attr-defined]
             self._held = response
             return
