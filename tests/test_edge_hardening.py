@@ -129,6 +129,39 @@ def test_clients_that_close_at_once_free_their_slot_at_once(tmp_path):
     uvloop.run(main())
 
 
+async def test_a_client_that_closes_its_side_gets_every_reply(tmp_path, sink, make_node):
+    """A client may send its whole session, QUIT included, then shut its side (printf | nc -N,
+    or a client done after QUIT): every command it sent is answered before the close (RFC 5321
+    4.1.1.10). The session was cancelled at the end of the stream: no reply at all, nothing
+    queued (or, when the end came while the message was stored, no 250 for it)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    port = node.listeners[0].port
+
+    def pipelined(i: int, data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert sock.recv(1024).startswith(b"220")
+            sock.sendall(b"EHLO client.test\r\nMAIL FROM:<s@insurer.test>\r\n"
+                         b"RCPT TO:<half%d@example.com>\r\nDATA\r\n" % i + data)
+            sock.shutdown(socket.SHUT_WR)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received
+
+    for i in range(5):
+        replies = await asyncio.to_thread(pipelined, i, message() + b".\r\nQUIT\r\n")
+        codes = [line[:3] for line in replies.split(b"\r\n") if line[3:4] == b" "]
+        assert codes == [b"250", b"250", b"250", b"354", b"250", b"221"], replies
+    arrivals = await sink.wait_for(5)
+    assert sorted(a.rcpts[0] for a in arrivals) == [f"half{i}@example.com" for i in range(5)]
+    # an unfinished message is not taken, and the connection is not held for it
+    replies = await asyncio.to_thread(pipelined, 9, b"Subject: cut\r\n\r\nno end")
+    assert replies.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+    guard = node.listeners[0].handler.guard
+    await until(lambda: guard.connections.total == 0, what="every slot given back")
+    assert node.intake.accepted == 5
+
+
 async def test_every_client_of_a_burst_gets_a_greeting_or_a_421(tmp_path, sink, make_node):
     """600 simultaneous connections against 300 slots: each gets 220 or 421 promptly (a
     100-deep listen backlog left hundreds with no answer at all for minutes)."""

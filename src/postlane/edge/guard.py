@@ -181,6 +181,19 @@ class Guard:
         return None
 
 
+class _SessionReader(asyncio.StreamReader):
+    """A session's reader once its client has closed its side: a read that needs bytes which
+    will never come ends the session (CancelledError, aiosmtpd's way out, which closes the
+    connection after the replies already written) instead of raising IncompleteReadError,
+    which aiosmtpd's command loop answers with a 500 and reads again, for ever."""
+
+    async def readuntil(self, separator: Any = b"\n") -> bytes:
+        try:
+            return await super().readuntil(separator)
+        except asyncio.IncompleteReadError:
+            raise asyncio.CancelledError from None
+
+
 class GuardedSMTP(SMTP):
     """aiosmtpd's SMTP with the per-connection limits: connection caps, line length, idle
     timeout (with a 421), DATA deadline and minimum rate, the pregreet test, bad-command count,
@@ -229,12 +242,26 @@ class GuardedSMTP(SMTP):
             self._counted_ip = None
         super().connection_lost(error)
 
+    def _cb_client_connected(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        reader.__class__ = _SessionReader  # the object the protocol feeds, so not a new one
+        super()._cb_client_connected(reader, writer)
+
     def eof_received(self) -> bool:
-        """Close at once when the client closes its side: a half-closed client can send no
-        more commands, and its connection slot must not wait for ``command_timeout`` (500
-        connect-and-close clients held every slot of a listener for 5 minutes)."""
-        super().eof_received()
-        return False
+        """When the client closes its side, what it sent before is still answered, then the
+        connection closes (RFC 5321 4.1.1.10: QUIT gets its reply before the close; a client
+        may pipeline a whole session, QUIT included, and shut its side). aiosmtpd cancelled
+        the session at once: the buffered commands, and a message being stored, got no reply.
+        The reader ends the session once nothing answerable is left (``_SessionReader``), so a
+        half-closed client's slot is not held for ``command_timeout`` (500 connect-and-close
+        clients held every slot of a listener for 5 minutes). TLS cannot stay half-open:
+        closed at once."""
+        if self.session is None or self.session.ssl is not None or \
+                self.guard.config.tls == "implicit":
+            super().eof_received()
+            return False
+        self._reader.feed_eof()
+        return True
 
     async def _handle_client(self) -> None:
         if not await self._pregreeted():
