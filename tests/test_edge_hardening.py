@@ -353,6 +353,18 @@ async def test_every_reply_carries_an_enhanced_status_code(tmp_path, sink, make_
     assert (await raw.cmd("STARTTLS")).startswith("220 2.0.0")
 
 
+async def test_vrfy_of_a_user_name_is_252_not_502(tmp_path, sink, make_node):
+    """VRFY takes a user name too (RFC 5321 3.5.3): aiosmtpd answered 502 (command not
+    implemented) with the argument echoed, and each counted as a bad command."""
+    node = await make_node(_limits(tmp_path, sink.port, "max_bad_commands = 2"))
+    raw = await session(node.listeners[0].port)
+    for arg in ("anna", "Anna Smith", "<a@example.com>", "postmaster"):
+        assert (await raw.cmd(f"VRFY {arg}")).startswith("252 2.1.5 Cannot VRFY user"), arg
+    assert (await raw.cmd("VRFY")).startswith("501 5.5.4")
+    assert (await raw.cmd("NOOP")).startswith("250"), "not disconnected for bad commands"
+    await raw.close()
+
+
 # -- postmaster, source routes, duplicates ---------------------------------------------------
 
 async def test_postmaster_and_source_routes_are_accepted(tmp_path, sink, make_node):

@@ -406,6 +406,16 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             return
         await super().smtp_DATA(arg)
 
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        """252 for any argument (RFC 5321 3.5.3 allows a user name, not only a path): aiosmtpd
+        answered "502 Could not VRFY <arg>" to anything not a path, 502 saying the command is
+        not implemented (4.2.4), echoing the argument, and counting as a bad command."""
+        if await self.check_auth_needed("VRFY"):
+            return
+        await self.push("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
+                        if arg else "501 5.5.4 Syntax: VRFY <address>")
+
 
 class SMTPIntake:
     """aiosmtpd handler of one listener."""
