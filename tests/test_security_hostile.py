@@ -191,3 +191,17 @@ async def test_a_354_is_never_held_behind_pipelined_250s(tmp_path, sink, make_no
     await raw.close()
     [arrival] = await sink.wait_for(1)
     assert arrival.rcpts == ["early@example.com"]
+
+
+async def test_replies_never_echo_control_characters(tmp_path, sink, make_node):
+    """aiosmtpd names an unknown command in its reply as sent: a NUL, an ESC (terminal
+    escapes in the client's log) or a bare CR went back to the client inside a reply line."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    for line in (b"X\x00Y", b"A\x1b[2JB", b"FOO\rBAR"):
+        raw.send(line + b"\r\n")
+        reply = await raw.reader.readline()
+        assert reply.startswith(b"500 5.5.1") and reply.endswith(b"\r\n"), reply
+        assert all(32 <= byte < 127 for byte in reply[:-2]), reply
+    assert (await raw.cmd("NOOP")).startswith("250")
+    await raw.close()

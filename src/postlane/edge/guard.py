@@ -370,6 +370,9 @@ class GuardedSMTP(SMTP):
 
     async def push(self, status: str | bytes) -> None:
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+        if not text.isprintable():  # aiosmtpd echoes an unknown command as sent: NUL, ESC,
+            # a bare CR went back to the client (a reply is printable text, RFC 5321 4.2)
+            text = "".join(c if c.isprintable() else "?" for c in text)
         text = with_enhanced(text)
         await super().push(text)
         if text[:3] in _BAD_COMMAND:
