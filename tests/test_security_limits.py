@@ -185,3 +185,24 @@ async def test_unknown_commands_count_as_bad_commands_then_421(tmp_path, sink, m
     assert (await raw.cmd("XCMD7")).startswith("500 5.5.1")
     assert (await raw.reply()).startswith("421 4.7.0 Too many errors")
     assert await raw.closed()
+
+
+async def test_junk_commands_beyond_the_limit_count_as_bad_ones(tmp_path, sink, make_node):
+    """NOOP, RSET, VRFY, EXPN and HELP cost nothing: without a limit one client held a slot
+    for ever by sending one before each idle timeout. Beyond ``max_junk_commands`` since the
+    last accepted message each is a bad command (Postfix's smtpd_junk_command_limit)."""
+    node = await make_node(limited(tmp_path, sink.port,
+                                   "max_junk_commands = 4\nmax_bad_commands = 2"))
+    raw = await session(node.listeners[0].port)
+    for verb in ("NOOP", "RSET", "VRFY anna", "HELP"):
+        assert (await raw.cmd(verb))[0] == "2", verb
+    assert (await raw.cmd("MAIL FROM:<app@insurer.example>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<anna@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    assert (await raw.cmd("Subject: x\r\n\r\nbody\r\n.")).startswith("250")
+    for _ in range(4):  # an accepted message starts the count again
+        assert (await raw.cmd("NOOP")).startswith("250")
+    assert (await raw.cmd("NOOP")).startswith("250"), "the 5th is answered, and counted"
+    assert (await raw.cmd("NOOP")).startswith("250")
+    assert (await raw.reply()).startswith("421 4.7.0 Too many errors")
+    assert await raw.closed()

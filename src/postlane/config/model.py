@@ -127,6 +127,10 @@ class ListenerLimits(Strict):
     max_bad_commands: int = Field(20, ge=1)
     """Syntax errors, unknown commands and failed AUTH before 421 4.7.0 and disconnect
     (Postfix's smtpd_hard_error_limit is 20 too)."""
+    max_junk_commands: int = Field(100, ge=1)
+    """NOOP, RSET, VRFY, EXPN and HELP since the last accepted message; each one beyond counts
+    as a bad command, so a client cannot hold a connection slot for ever with commands that
+    cost nothing (Postfix's smtpd_junk_command_limit is 100 too)."""
     messages_per_minute: int = Field(6000, ge=0)
     """Messages per minute per AUTH user, else per client IP (0 = unlimited); 450 4.7.1.
     Clients in ``relay_from`` are exempt, as is their count of connections per IP."""

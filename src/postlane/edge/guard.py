@@ -212,6 +212,7 @@ class GuardedSMTP(SMTP):
         self._counted_ip: str | None = None
         self._refused = False
         self._bad_commands = 0
+        self._junk_commands = 0
         self._receiving = False
         self._data_started = self._data_at = self._data_bank = 0.0
         self._auth_request: tuple[str, Any] | None = None
@@ -366,7 +367,10 @@ class GuardedSMTP(SMTP):
         hook = self._handle_hooks.get(command)
         if hook is None:
             return MISSING
-        return await hook(self, self.session, self.envelope, *args)
+        status = await hook(self, self.session, self.envelope, *args)
+        if command == "DATA" and isinstance(status, str) and status.startswith("250"):
+            self._junk_commands = 0  # a message accepted: the count starts again (Postfix's)
+        return status
 
     async def push(self, status: str | bytes) -> None:
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
@@ -377,6 +381,32 @@ class GuardedSMTP(SMTP):
         await super().push(text)
         if text[:3] in _BAD_COMMAND:
             await self._bad_command()
+
+    async def _junk_command(self) -> None:
+        """One more command that does no work (``limits.max_junk_commands``)."""
+        self._junk_commands += 1
+        if self._junk_commands > self.guard.config.limits.max_junk_commands:
+            await self._bad_command()
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        await super().smtp_NOOP(arg)
+        await self._junk_command()
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        await super().smtp_RSET(arg)
+        await self._junk_command()
+
+    @syntax("EXPN <address>")
+    async def smtp_EXPN(self, arg: str) -> None:
+        await super().smtp_EXPN(arg)
+        await self._junk_command()
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        await super().smtp_HELP(arg)
+        await self._junk_command()
 
     async def _bad_command(self) -> None:
         self._bad_commands += 1

@@ -415,6 +415,7 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             return
         await self.push("252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
                         if arg else "501 5.5.4 Syntax: VRFY <address>")
+        await self._junk_command()
 
 
 class SMTPIntake:
