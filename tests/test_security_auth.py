@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import smtplib
 import ssl
 
@@ -298,3 +299,29 @@ async def test_auth_login_mechanism(tmp_path, sink, make_node, tls_files, users_
 
     assert await asyncio.to_thread(login, PASSWORD) == 235
     assert await asyncio.to_thread(login, "wrong-password") == 535
+
+
+async def test_received_names_the_protocol(tmp_path, sink, make_node, tls_files, users_file):
+    """The Received field's "with" says what the client did (RFC 3848, RFC 6531): an auditor
+    reading a header can tell a message came over TLS, from a logged-in user."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from='["127.0.0.0/8"]'))
+    port = node.listeners[1].port
+    await submit(port, tls="starttls", user="alice")
+    await submit(port, tls="starttls", user=None)
+    await submit(port, tls="none", user=None)
+
+    def helo_and_utf8() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            c.helo("client.test")
+            c.sendmail("notices@insurer.test", ["a@example.com"], message("helo"))
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            c.ehlo("client.test")
+            c.sendmail("notices@insurer.test", ["ü@example.com"], message("utf8"),
+                       mail_options=["SMTPUTF8"])
+
+    await asyncio.to_thread(helo_and_utf8)
+    arrivals = await sink.wait_for(5)
+    withs = sorted(re.search(rb"\(Postlane\) with (\S+) id", a.data)[1].decode()
+                   for a in arrivals)
+    assert withs == ["ESMTP", "ESMTPS", "ESMTPSA", "SMTP", "UTF8SMTP"]

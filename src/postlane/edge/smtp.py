@@ -522,21 +522,32 @@ class SMTPIntake:
             rcpts = [r for r in rcpts if r.address not in reports]
             if not rcpts:
                 return "250 2.0.0 Ok: report processed"
+        auth_user = str(session.auth_data) if self.guard.user(session) else ""
         try:
             qid = await self.intake.submit(
                 "" if envelope.mail_from == "<>" else envelope.mail_from or "", rcpts,
                 envelope.original_content or b"",
                 envid=dsn.get("ENVID", ""), ret=dsn.get("RET", "").upper(), listener=self.name,
                 mt_priority=int(dsn["MT-PRIORITY"]) if "MT-PRIORITY" in dsn else None,
-                client_ip=peer, client_name=session.host_name or "",
-                auth_user=str(session.auth_data) if self.guard.user(session) else "",
-                default_class=self.config.default_class)
+                client_ip=peer, client_name=session.host_name or "", auth_user=auth_user,
+                default_class=self.config.default_class,
+                protocol=_protocol(session, envelope, getattr(server, "encrypted", False),
+                                   bool(auth_user)))
         except Rejection as exc:
             return exc.reply
         except Exception:  # never 250 what is not on disk
             log.exception("intake failed")
             return "451 4.3.0 Temporary failure storing the message, try again"
         return f"250 2.0.0 Ok: queued as {qid}"
+
+
+def _protocol(session: Session, envelope: Envelope, encrypted: bool, authenticated: bool) -> str:
+    """The Received field's "with": SMTP after HELO, else ESMTP or UTF8SMTP with S for TLS and
+    A for AUTH (RFC 3848, RFC 6531)."""
+    if not session.extended_smtp:
+        return "SMTP"
+    return (("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") + ("S" if encrypted else "")
+            + ("A" if authenticated else ""))
 
 
 class Listener:

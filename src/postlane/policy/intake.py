@@ -191,8 +191,9 @@ class Intake:
                      ret: str = "", listener: str = "", client_ip: str = "",
                      client_name: str = "", auth_user: str = "", default_class: str | None = None,
                      src_type: str = "smtp", forced_class: str | None = None,
-                     mt_priority: int | None = None) -> str:
-        """Queue a message durably and return its queue id (raises Rejection)."""
+                     mt_priority: int | None = None, protocol: str = "ESMTP") -> str:
+        """Queue a message durably and return its queue id (raises Rejection); ``protocol``
+        is the Received field's "with" (RFC 3848)."""
         now = time.time()
         if src_type != "dsn" and not self.disk.ok():
             self.disk.refusal()
@@ -247,7 +248,8 @@ class Intake:
         stamp = [
             ("received", (f"Received: from {_header_safe(client_name) or 'localhost'}"
                           f" ({_header_safe(client_ip) or 'local'})"
-                          f"\r\n\tby {self.config.node.hostname} (Postlane) with ESMTP id {qid};"
+                          f"\r\n\tby {self.config.node.hostname} (Postlane) with {protocol}"
+                          f" id {qid};"
                           f"\r\n\t{header_date(now)}").encode()),
             ("x-postlane-queued", f"{QUEUED_HEADER}: {now:.3f}; id={qid}".encode()),
         ]
