@@ -325,3 +325,22 @@ async def test_received_names_the_protocol(tmp_path, sink, make_node, tls_files,
     withs = sorted(re.search(rb"\(Postlane\) with (\S+) id", a.data)[1].decode()
                    for a in arrivals)
     assert withs == ["ESMTP", "ESMTPS", "ESMTPSA", "SMTP", "UTF8SMTP"]
+
+
+async def test_a_long_auth_line_is_checked_not_refused_as_too_long(tmp_path, sink, make_node,
+                                                                    tls_files, users_file):
+    """AUTH's line may be longer than 512 octets (RFC 4954 4: up to 12,288): a long password
+    is checked (535), not answered "line too long"."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from="[]"))
+
+    def long_auth() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", node.listeners[1].port, timeout=30) as c:
+            c.ehlo("client.test")
+            c.starttls(context=_client_ctx())
+            c.ehlo("client.test")
+            blob = base64.b64encode(b"\0alice\0" + b"p" * 500).decode()
+            return c.docmd("AUTH", f"PLAIN {blob}")
+
+    code, text = await asyncio.to_thread(long_auth)
+    assert code == 535, text

@@ -283,7 +283,8 @@ class BulkDataSMTP(SMTP):
 class _CommandSizes(dict[str, int]):
     """The longest command line per verb: 512 octets (RFC 5321 4.5.3.1.4), MAIL and RCPT
     lengthened by the extensions offered (SIZE 26, SMTPUTF8 10, DSN 100 and 500, AUTH 500),
-    all capped by the reader's line limit (``max_line_length``).
+    AUTH's own line 12,288 (RFC 4954 4), all capped by the reader's line limit
+    (``max_line_length``).
 
     aiosmtpd keeps these in one dict that every session shares, clears it when a session starts
     and adds SIZE's and SMTPUTF8's octets at each EHLO: a session's MAIL limit depended on how
@@ -303,7 +304,8 @@ class _CommandSizes(dict[str, int]):
 class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
     """aiosmtpd's SMTP with strict paths, SMTPUTF8, DSN parameters and drain handling."""
 
-    command_size_limits = _CommandSizes(MAIL=512 + 26 + 10 + 100 + 500, RCPT=512 + 500)
+    command_size_limits = _CommandSizes(MAIL=512 + 26 + 10 + 100 + 500, RCPT=512 + 500,
+                                        AUTH=12288)
 
     def __init__(self, handler: SMTPIntake, **kwargs) -> None:
         super().__init__(handler, **kwargs)
