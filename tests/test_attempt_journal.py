@@ -166,3 +166,20 @@ def test_one_write_longer_than_several_windows(tmp_path):
     jnl.close()
     assert [v[1] for v in got.values()] == [first, *big, attempt(99)]
     assert got == jnl.latest()
+
+
+def test_an_old_file_with_an_unsettled_attempt_is_kept_at_open(tmp_path):
+    """A start hours after a crash: the old file goes only once the spool has the outcome of
+    every attempt it names (a start killed before writing the "u" must find it again)."""
+    old = tmp_path / "attempts-0000000000001-1.log"
+    old.write_bytes(b"Q1 0 2 1800000000.000 {}\n")
+    then = time.time() - KEEP - 60
+    os.utime(old, (then, then))
+    seen = []
+    jnl = AttemptJournal(tmp_path)
+    jnl.open(lambda key, n: seen.append((key, n)) or n > 1)  # the spool counted 1 attempt
+    jnl.close()
+    assert old.exists() and seen == [(("Q1", 0), 2)]
+    jnl.open(lambda key, n: False)  # its "u" recorded: settled
+    jnl.close()
+    assert not old.exists()

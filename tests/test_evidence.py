@@ -25,6 +25,7 @@ from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.audit.store import Query
 from postlane.cli import app
 from postlane.harness.sink import Sink
+from postlane.spool.attempts import KEEP
 from tests.conftest import config_text, message, records, send
 from tests.support.waiting import until
 
@@ -233,3 +234,35 @@ async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):
     assert unknown["within_sla_if_then"] is True and unknown["outcome"] == "delivered"
     assert [r["type"] for r in records(tmp_path)] == ["r", "u", "d"]
     assert "observer" not in log.read_text()  # the "u" record is known to every observer
+
+
+async def test_an_unknown_attempt_survives_a_restart_hours_after_the_crash(tmp_path):
+    """The node is SIGKILLed while the remote holds its 250 and comes back only after the
+    attempt journal's files are older than their keep time (a crash at night, a restart in the
+    morning): the restart still reads the attempt and writes its "u" record."""
+    sink = await _TakesAndHolds().start()
+    port = _free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port))
+    log = tmp_path / "node.log"
+    proc = await _serve(cfg, port, log)
+    try:
+        await send(port, "s@insurer.test", ["x@example.com"],
+                   message("notice", cls="policy-documents",
+                           extra="X-Correlation-ID: late-1\r\n"))
+        await sink.wait_for(1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        then = time.time() - KEEP - 3600
+        for path in (tmp_path / "spool").glob("attempts-*.log"):
+            os.utime(path, (then, then))
+        sink.hold = 0.0
+        proc = await _serve(cfg, port, log)
+        await sink.wait_for(2, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+        await sink.stop()
+    assert [r["type"] for r in records(tmp_path)] == ["r", "u", "d"]
+    res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
+    assert res.exit_code == 0, res.output

@@ -19,8 +19,10 @@ window of it). What was never written reads as zero bytes: the journal ends at t
 A line is ``queue-id idx attempt started info-json``. An outcome is recorded with the
 recipient's attempt count in the spool, so an attempt is *unsettled* when the journal names a
 higher attempt than the spool holds: nothing has to be erased. Files roll every ``ROLL_BYTES``
-and are deleted once older than ``KEEP`` seconds (far longer than any transaction lasts); a
-file closed cleanly is cut to its content. A copy into a page that is clean again (new, or
+and are deleted once older than ``KEEP`` seconds (far longer than any transaction lasts), but
+not at a start while they name an attempt still unsettled: a node restarted hours after a
+crash must read it (and one killed again during that start must find it again); a file closed
+cleanly is cut to its content. A copy into a page that is clean again (new, or
 written back since) sets the file's mtime, so a file's age trails its last line by the
 writeback interval at most.
 """
@@ -30,7 +32,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .base import Attempt
@@ -55,8 +57,10 @@ class AttemptJournal:
         self._mapped = 0
         """File offset where the current window ends (its start: ``_mapped - WINDOW``)."""
 
-    def open(self) -> None:
-        self._roll()
+    def open(self, unsettled: Callable[[tuple[str, int], int], bool] | None = None) -> None:
+        """Start a new file; ``unsettled(recipient, attempt)``: whether the spool has no outcome
+        of that attempt (a file that names one is kept, however old)."""
+        self._roll(unsettled)
 
     def close(self) -> None:
         if self._map is not None:
@@ -101,22 +105,7 @@ class AttemptJournal:
 
     def latest(self) -> dict[tuple[str, int], tuple[int, Attempt]]:
         """The last attempt journaled per recipient (attempt number and the attempt)."""
-        out: dict[tuple[str, int], tuple[int, Attempt]] = {}
-        for path in sorted(self.directory.glob(f"{_PREFIX}*.log")):
-            for line in _lines(path):
-                parts = line.split(b" ", 4)
-                if len(parts) < 5:
-                    continue
-                try:
-                    msg_id, idx, n = parts[0].decode(), int(parts[1]), int(parts[2])
-                    started = float(parts[3])
-                except ValueError:
-                    continue
-                key = (msg_id, idx)
-                if key not in out or out[key][0] < n:
-                    out[key] = (n, Attempt(msg_id, idx, started,
-                                           parts[4].decode("utf-8", "replace"), n))
-        return out
+        return _latest(sorted(self.directory.glob(f"{_PREFIX}*.log")))
 
     def _next_window(self) -> None:
         """Map the next ``WINDOW`` bytes of the file (allocated already)."""
@@ -127,11 +116,12 @@ class AttemptJournal:
         self._map = window
         self._mapped += WINDOW
 
-    def _roll(self) -> None:
+    def _roll(self, unsettled: Callable[[tuple[str, int], int], bool] | None = None) -> None:
         self.close()
         now = time.time()
         for path in self.directory.glob(f"{_PREFIX}*.log"):
-            if now - path.stat().st_mtime > KEEP:
+            if now - path.stat().st_mtime > KEEP and not (unsettled is not None and any(
+                    unsettled(key, n) for key, (n, _) in _latest([path]).items())):
                 path.unlink(missing_ok=True)
         stamp = int(now * 1000)
         while True:  # names sort in writing order; a second roll within a millisecond: +1
@@ -142,6 +132,25 @@ class AttemptJournal:
             except FileExistsError:
                 stamp += 1
         self._size = self._mapped = 0  # the first write allocates and maps
+
+
+def _latest(paths: Iterable[Path]) -> dict[tuple[str, int], tuple[int, Attempt]]:
+    out: dict[tuple[str, int], tuple[int, Attempt]] = {}
+    for path in paths:
+        for line in _lines(path):
+            parts = line.split(b" ", 4)
+            if len(parts) < 5:
+                continue
+            try:
+                msg_id, idx, n = parts[0].decode(), int(parts[1]), int(parts[2])
+                started = float(parts[3])
+            except ValueError:
+                continue
+            key = (msg_id, idx)
+            if key not in out or out[key][0] < n:
+                out[key] = (n, Attempt(msg_id, idx, started,
+                                       parts[4].decode("utf-8", "replace"), n))
+    return out
 
 
 def _lines(path: Path) -> Iterator[bytes]:

@@ -156,11 +156,17 @@ class SQLiteSpool(GroupCommitWrites):
                          " (SELECT DISTINCT writer FROM events)")
             conn.execute("INSERT INTO writers VALUES (?, ?, ?)",
                          (self.writer_id, self.node, time.time()))
+
+            def unsettled(key: tuple[str, int], attempt: int) -> bool:
+                row = conn.execute(f"SELECT attempts FROM recipients WHERE msg_id=? AND idx=?"
+                                   f" AND state NOT IN {_FINAL}", key).fetchone()
+                return row is not None and row[0] < attempt
+
+            self._attempts.open(unsettled)  # the last run's attempts stay until settled
         finally:
             conn.close()
         self._reader = _connect(self.path)
         self._pager = _connect(self.path)
-        self._attempts.open()
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
