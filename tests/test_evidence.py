@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -264,5 +265,92 @@ async def test_an_unknown_attempt_survives_a_restart_hours_after_the_crash(tmp_p
         await asyncio.to_thread(proc.wait, 60)
         await sink.stop()
     assert [r["type"] for r in records(tmp_path)] == ["r", "u", "d"]
+    res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
+    assert res.exit_code == 0, res.output
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(") ", 1)[1][0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _filed(tmp_path: Path) -> list[tuple[str, str]]:
+    """(type, rcpt) of the lines the accounting position vouches for (synced)."""
+    acct = tmp_path / "acct"
+    position = json.loads((acct / "acct.position.json").read_text())
+    out = []
+    for name, size in position["files"].values():
+        if name.endswith(".csv"):
+            text = Path(name).read_bytes()[:size].decode()
+            out += [(r["type"], r["rcpt"]) for r in csv.DictReader(text.splitlines())]
+    return out
+
+
+async def test_a_recorder_that_outlives_its_killed_node_writes_no_line_twice(tmp_path, sink):
+    """SIGKILL of the node alone: its recorder, slow (stopped here) with lines it has not
+    synced yet, writes them after the restarted node's recorder has started. The new one waits
+    for it, so each record is in the accounting files once."""
+    port = _free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port))
+    log = tmp_path / "node.log"
+    proc = await _serve(cfg, port, log)
+    try:
+        [recorder] = _children(proc.pid)
+        store = tmp_path / "spool" / "audit.sqlite"
+        for i in range(50):  # stop the recorder between writing a record's lines and its sync
+            await send(port, "s@insurer.test", [f"o{i}@example.com"], message(f"m{i}"))
+
+            def stored(i: int = i) -> bool:
+                with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+                    return bool(db.execute("SELECT 1 FROM audit_records WHERE type = 'd' AND"
+                                           " rcpt = ?", (f"o{i}@example.com",)).fetchone())
+
+            await until(stored, what="the delivery in the audit store")
+            os.kill(recorder, signal.SIGSTOP)
+            if ("d", f"o{i}@example.com") not in _filed(tmp_path):
+                break
+            os.kill(recorder, signal.SIGCONT)
+        else:
+            raise AssertionError("the recorder synced each line before it could be stopped")
+        sent = i + 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "postlane.cli", "serve", "-c",
+                                     str(cfg)], stdout=out, stderr=out)
+
+        def listening() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                return True
+            return False
+
+        await until(lambda: listening() or "previous recorder" in log.read_text(), timeout=30,
+                    what="the new node listening, or its recorder waiting for the old one")
+        if listening():  # the new recorder runs beside the old one: let it sync the lines
+            await until(lambda: ("d", f"o{i}@example.com") in _filed(tmp_path),
+                        what="the new recorder's sync")
+        os.kill(recorder, signal.SIGCONT)
+        await until(lambda: _gone(recorder), what="the old recorder's end")
+        await until(listening, timeout=30, what="the new node listening")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(recorder, signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+    lines = sorted((r["type"], r["rcpt"]) for r in records(tmp_path))
+    assert lines == sorted((t, f"o{n}@example.com") for n in range(sent) for t in "rd")
     res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
     assert res.exit_code == 0, res.output

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import marshal
@@ -394,6 +395,22 @@ class _ToNode(logging.Handler):
             self.sock.sendall(frame(("log", record.levelno, record.getMessage())))
 
 
+def _hold_files(directory: Path) -> int:
+    """Lock the accounting folder for this process's life (the kernel drops the lock when it
+    ends, killed or not). A recorder whose node was SIGKILLed goes on until it sees the node
+    gone, and then writes its unsynced lines and its position; the restarted node's recorder
+    waits for that, rather than cut the files back under it and write the same records again."""
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("waiting for the previous recorder process to finish writing the"
+                    " accounting files in %s", directory)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def _serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     logging.getLogger().addHandler(_ToNode(sock))
@@ -403,6 +420,7 @@ def _serve(fd: int) -> None:
     except EOFError:
         return
     try:
+        _hold_files(Path(settings["acct"]["directory"]))  # held until this process ends
         feed = _Feed(settings, lambda msg: sock.sendall(frame(msg)))
     except Exception as exc:  # noqa: BLE001 - told to the node, which reports it
         sock.sendall(frame(("error", f"{type(exc).__name__}: {exc}")))
