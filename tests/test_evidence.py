@@ -234,7 +234,12 @@ async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):
     assert unknown["recipient"] == "x@example.com" and unknown["attempts"] == [1]
     assert unknown["within_sla_if_then"] is True and unknown["outcome"] == "delivered"
     assert [r["type"] for r in records(tmp_path)] == ["r", "u", "d"]
-    assert "observer" not in log.read_text()  # the "u" record is known to every observer
+    text = log.read_text()
+    assert "observer" not in text  # the "u" record is known to every observer
+    # the restart says what it recovered (the first start, on a new spool, says nothing)
+    assert text.count("recovered after an unclean stop") == 1
+    assert "1 recipients not yet final queued again" in text
+    assert "outcome unknown: attempt 1 to x@example.com (queue id" in text, text[-3000:]
 
 
 async def test_an_unknown_attempt_survives_a_restart_hours_after_the_crash(tmp_path):

@@ -212,6 +212,12 @@ class Node:
         if self.tls_reports is not None:
             self._tls_tasks.append(loop.create_task(self.tls_reports.run()))
         log.info("node started", extra={"resumed": resumed})
+        if isinstance(self.spool, SQLiteSpool) and self.spool.unclean:
+            log.warning("recovered after an unclean stop (crash, SIGKILL or power loss):"
+                        " %d recipients not yet final queued again, %d records of the stopped"
+                        " run written on to the audit store and accounting files; each attempt"
+                        " whose outcome is unknown is logged ('outcome unknown') and delivered"
+                        " again", resumed, self.spool.backlog)
 
     def reload(self, new: Config, *, certificates: Sequence[ServerCertificate],
                keyring: KeyRing | None, classifier: Classifier) -> None:

@@ -101,6 +101,10 @@ class OutcomeRecording:
                         " node stopped before recording the reply (it may have been delivered)")
         with contextlib.suppress(ValueError):
             fill_conn(rec, orjson.loads(attempt.info or "{}"))
+        log.warning("outcome unknown: attempt %d to %s (queue id %s) from %s started %s and the"
+                    " node stopped before its reply was recorded; recorded as such ('u') and"
+                    " delivered again", rcpt.attempts, rcpt.address, rcpt.msg.id,
+                    rec.dlv_source_ip or "?", format_time(attempt.started))
         self.record(rec)
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, rcpt.state, rcpt.attempts,
                                            rcpt.next_attempt, rcpt.last_reply)], (rec,))

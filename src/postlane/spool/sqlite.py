@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import ClassVar
 
 from ..accounting.records import Record, pack
 from ..health import Health
-from ..secretfile import private_file
+from ..secretfile import private_file, private_open
 from .attempts import AttemptJournal
 from .base import (
     FINAL_STATES,
@@ -45,6 +46,9 @@ from .writer import (
 )
 
 log = logging.getLogger("postlane.spool")
+
+RUNNING = "spool.running"
+"""Beside the spool while a node has it open (its process id); removed by a clean close."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -146,12 +150,22 @@ class SQLiteSpool(GroupCommitWrites):
         self.stats = CommitStats()
         self.health = health if health is not None else Health()
         """Where failing commits are told (the node's; logged once per outage)."""
+        self.unclean = False
+        """Whether the run before this one ended without closing the spool (a crash, a
+        SIGKILL, a power loss): ``RUNNING`` was still there at open."""
+        self.backlog = 0
+        """Events the audit store and the files had not all taken at open."""
 
     async def open(self) -> None:
         private_file(self.path)  # message bodies: 0600 in a 0700 folder
+        running = self.path.parent / RUNNING
+        self.unclean = running.exists()
+        with private_open(running) as fh:
+            fh.write(f"{os.getpid()}\n")
         conn = _connect(self.path)
         try:
             migrate(conn, self.path)
+            self.backlog = conn.execute("SELECT count(*) FROM events").fetchone()[0]
             conn.execute("DELETE FROM writers WHERE writer NOT IN"
                          " (SELECT DISTINCT writer FROM events)")
             conn.execute("INSERT INTO writers VALUES (?, ?, ?)",
@@ -193,6 +207,7 @@ class SQLiteSpool(GroupCommitWrites):
                              (self.writer_id, self.writer_id))
             finally:
                 conn.close()
+            (self.path.parent / RUNNING).unlink(missing_ok=True)  # a clean stop
         if self._reader:
             with self._read_lock:
                 self._reader.close()
