@@ -359,3 +359,38 @@ async def test_a_recorder_that_outlives_its_killed_node_writes_no_line_twice(tmp
     assert lines == sorted((t, f"o{n}@example.com") for n in range(sent) for t in "rd")
     res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
     assert res.exit_code == 0, res.output
+
+
+async def test_a_bounced_recipient_is_not_final_on_disk_before_its_dsn(tmp_path, sink,
+                                                                      make_node):
+    """Between a 550 and the commit of its DSN (the original read back, the report built and
+    queued) a SIGKILL must not leave the recipient bounced and its message gone with no DSN
+    queued: the sender would never learn. The DSN's submission is held here; what the spool
+    holds meanwhile is what a SIGKILL would leave."""
+    sink.rcpt_replies = {"gone@example.com": ["550 5.1.1 <gone@example.com>: user unknown"]}
+    node = await make_node(config_text(tmp_path, sink.port))
+    submit, held, go = node.intake.submit, asyncio.Event(), asyncio.Event()
+
+    async def slow_dsn(*args, **kwargs):
+        if kwargs.get("src_type") == "dsn":
+            held.set()
+            await go.wait()
+        return await submit(*args, **kwargs)
+
+    node.intake.submit = slow_dsn
+    await send(node.listeners[0].port, "s@example.com", ["gone@example.com"], message("m"))
+    await until(held.is_set, what="the DSN on its way")
+    await node.spool.flush()
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool" / "spool.sqlite")) as db:
+        rows = db.execute("SELECT r.state, m.mail_from FROM recipients r JOIN messages m"
+                          " ON m.id = r.msg_id").fetchall()
+    assert rows == [("queued", "s@example.com")]  # a restart delivers it again ("u" first)
+    go.set()
+    [dsn] = await sink.wait_for(1)
+    assert dsn.rcpts == ["s@example.com"] and dsn.mail_from == "<>"
+    await node.flush_evidence()
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool" / "spool.sqlite")) as db:
+        assert db.execute("SELECT count(*) FROM recipients").fetchone() == (0,)
+    assert sorted((r["type"], r["rcpt"]) for r in records(tmp_path)) == [
+        ("b", "gone@example.com"), ("d", "s@example.com"), ("r", "gone@example.com"),
+        ("r", "s@example.com")]  # the DSN's "r" is written before the bounce's "b"

@@ -300,19 +300,29 @@ class Node:
 
     # -- bounces --------------------------------------------------------------------------------
 
-    def _on_failures(self, msg: Message, failures: list[Failure]) -> None:
-        """Collect a message's failed recipients; one DSN per message per loop turn."""
+    def _on_failures(self, msg: Message, failures: list[Failure]) -> bool:
+        """Collect a message's failed recipients; one DSN per message per loop turn. Whether
+        a DSN will be sent."""
         if not should_bounce(msg.mail_from):
-            return
+            return False
         entry = self._failures.get(msg.id)
         if entry is None:
             self._failures[msg.id] = (msg, list(failures))
             self._spawn(self._send_bounce(msg.id))
         else:
             entry[1].extend(failures)
+        return True
 
     async def _send_bounce(self, msg_id: str) -> None:
         msg, failures = self._failures.pop(msg_id)
+        try:
+            await self._bounce(msg, failures)
+        finally:  # the DSN is durable (or failed): now the recipients' final states
+            for failure in failures:
+                if failure.write is not None:
+                    failure.write()
+
+    async def _bounce(self, msg: Message, failures: list[Failure]) -> None:
         try:
             body = await self.spool.load_body(msg.id)  # read off the loop if not cached
         except KeyError:

@@ -13,7 +13,7 @@ from ..accounting.records import Record
 from ..spool import PostgresSpool, Recipient, RecipientUpdate, Spool, State
 from .clock import Clock
 from .lanes import Lane
-from .outcomes import base_record
+from .outcomes import Failure, base_record
 
 if TYPE_CHECKING:
     from .paging import Pager
@@ -40,9 +40,11 @@ class OperatorActions:
         def add(self, rcpt: Recipient, fresh: bool = False) -> None: ...
         def _unindex(self, rcpt: Recipient) -> None: ...
         def _left(self, rcpt: Recipient) -> None: ...
-        def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> None: ...
+        def _fail(self, rcpt: Recipient, status: str, diag: str,
+                  mx: str) -> Failure | None: ...
         def _final(self, rcpt: Recipient, state: State, reply: str, rec: Record,
-                   from_heap: bool = True, lane: Lane | None = None) -> None: ...
+                   from_heap: bool = True, lane: Lane | None = None,
+                   owed: Failure | None = None) -> None: ...
 
     def take(self, chosen: Callable[[Recipient], bool]) -> list[Recipient]:
         """Take the chosen queued, deferred and held recipients out of the queue (in-flight
@@ -115,13 +117,12 @@ class OperatorActions:
         purge or delete): a "b" record each, naming the operator, and a DSN to the sender only
         if ``dsn``."""
         for rcpt, rec in zip(rcpts, self.operator_records(rcpts, action, who), strict=True):
-            if dsn:
-                self._told(rcpt, action)
-            self._final(rcpt, State.BOUNCED, rec.dsn_diag, rec, from_heap=False)
+            owed = self._told(rcpt, action) if dsn else None
+            self._final(rcpt, State.BOUNCED, rec.dsn_diag, rec, from_heap=False, owed=owed)
 
-    def _told(self, rcpt: Recipient, action: str) -> None:
+    def _told(self, rcpt: Recipient, action: str) -> Failure | None:
         """A DSN for a recipient an operator removed: it says what happened, not who did it."""
-        self._fail(rcpt, "5.0.0", f"{DONE[action]} by operator", "")
+        return self._fail(rcpt, "5.0.0", f"{DONE[action]} by operator", "")
 
     def let_go(self, rcpts: list[Recipient]) -> None:
         """Cluster mode: recipients taken out of this node's queue that the shared spool

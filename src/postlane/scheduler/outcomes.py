@@ -30,12 +30,15 @@ log = logging.getLogger("postlane.scheduler")
 class Failure:
     """A recipient that failed for good, waiting to be reported in a bounce."""
 
-    __slots__ = ("rcpt", "status", "diag", "remote_mta", "action")
+    __slots__ = ("rcpt", "status", "diag", "remote_mta", "action", "write")
 
     def __init__(self, rcpt: Recipient, status: str, diag: str, remote_mta: str,
                  action: str = "failed") -> None:
         self.rcpt, self.status, self.diag = rcpt, status, diag
         self.remote_mta, self.action = remote_mta, action
+        self.write: Callable[[], None] | None = None
+        """The recipient's final state and record, for the spool once the bounce is queued
+        (whoever sends the bounce calls it, whatever became of the bounce)."""
 
 
 def base_record(kind: str, rcpt: Recipient, now: float) -> Record:
@@ -75,7 +78,11 @@ class OutcomeRecording:
     timers: RetryTimers
     record: Callable[[Record], None]
     classify: Callable[[str, str], str]
-    on_failures: Callable[[Message, list[Failure]], None] | None
+    on_failures: Callable[[Message, list[Failure]], bool] | None
+    owing: dict[str, int]
+    """Per message, final states held back until their bounce is queued (``_final``)."""
+    unwritten: set[tuple[str, int]]
+    """Recipients final in memory whose final state is held back: a page read skips them."""
     on_final: Callable[[Recipient], None] | None
     _ready: set[Lane]
 
@@ -130,8 +137,8 @@ class OutcomeRecording:
         rec.dsn_action, rec.dsn_status, rec.dsn_diag = "failed", status, f"smtp;{reply}"
         rec.bounce_cat = category or self.classify(status, reply)
         fill_conn(rec, conn)
-        self._fail(rcpt, status, reply, conn.get("mx", ""))
-        self._final(rcpt, State.BOUNCED, reply, rec)
+        owed = self._fail(rcpt, status, reply, conn.get("mx", ""))
+        self._final(rcpt, State.BOUNCED, reply, rec, owed=owed)
 
     def deferred(self, rcpt: Recipient, reply: str, status: str, conn: dict[str, str]) -> None:
         """A temporary failure: retry per the class schedule, or expire past the class expiry."""
@@ -194,29 +201,53 @@ class OutcomeRecording:
         rec.dsn_diag = f"smtp;{reply}" if reply else "message expired"
         if conn:
             fill_conn(rec, conn)
-        self._fail(rcpt, "4.4.7", reply or "message expired", mx)
-        self._final(rcpt, State.EXPIRED, reply, rec, from_heap=False)
+        owed = self._fail(rcpt, "4.4.7", reply or "message expired", mx)
+        self._final(rcpt, State.EXPIRED, reply, rec, from_heap=False, owed=owed)
 
     def _final(self, rcpt: Recipient, state: State, reply: str, rec: Record,
-               from_heap: bool = True, lane: Lane | None = None) -> None:
-        """``lane``: the recipient's, when the caller has it already."""
+               from_heap: bool = True, lane: Lane | None = None,
+               owed: Failure | None = None) -> None:
+        """``lane``: the recipient's, when the caller has it already; ``owed``: the bounce
+        this recipient is reported in. Its final state goes to the spool only once that bounce
+        is queued (``Failure.write``): a crash in between delivers it again (its attempt
+        journaled, so "outcome unknown" first), never leaves it bounced without its bounce."""
         rcpt.state = state
         rcpt.last_reply = reply
         if from_heap:
             (lane or self.lane(rcpt.msg.pool, rcpt.domain)).inflight -= 1
         self.record(rec)
-        self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, state, rcpt.attempts, 0.0,
-                                           reply)], (rec,))
-        self._unindex(rcpt)
         msg = rcpt.msg
+        update = RecipientUpdate(msg.id, rcpt.idx, state, rcpt.attempts, 0.0, reply)
+        if owed is None:
+            self.spool.update([update], (rec,))
+        else:
+            key = (msg.id, rcpt.idx)
+            self.unwritten.add(key)
+            self.owing[msg.id] = self.owing.get(msg.id, 0) + 1
+
+            def write() -> None:
+                self.spool.update([update], (rec,))
+                self.unwritten.discard(key)
+                self.owing[msg.id] -= 1
+                if not self.owing[msg.id]:
+                    del self.owing[msg.id]
+                    if msg.remaining <= 0:
+                        self.spool.finish(msg.id)
+
+            owed.write = write
+        self._unindex(rcpt)
         msg.remaining -= 1
-        if msg.remaining <= 0:
+        if msg.remaining <= 0 and msg.id not in self.owing:
             self.spool.finish(msg.id)
         self._left(rcpt)
         if self.on_final is not None:
             self.on_final(rcpt)
 
-    def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> None:
+    def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> Failure | None:
+        """Report a recipient in a bounce; the ``Failure`` if a bounce will be sent."""
         if self.on_failures is not None and "NEVER" not in rcpt.notify.upper() and (
                 not rcpt.notify or "FAILURE" in rcpt.notify.upper()):
-            self.on_failures(rcpt.msg, [Failure(rcpt, status, diag, mx)])
+            failure = Failure(rcpt, status, diag, mx)
+            if self.on_failures(rcpt.msg, [failure]):
+                return failure
+        return None

@@ -182,7 +182,8 @@ class Pager:
         made: dict[str, Message] = {}
         for row in rows:
             key = (row[0], row[16])
-            if skip_known and (key in self.known or key in self._gone):
+            if skip_known and (key in self.known or key in self._gone
+                               or key in self.scheduler.unwritten):
                 continue
             msg = self.messages.get(row[0]) or made.get(row[0])
             if msg is None:

@@ -51,7 +51,7 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
     operator.py (operator actions); here: queueing and dispatch."""
 
     def __init__(self, config: Config, spool: Spool, record: Callable[[Record], None],
-                 on_failures: Callable[[Message, list[Failure]], None] | None = None, *,
+                 on_failures: Callable[[Message, list[Failure]], bool] | None = None, *,
                  relay: Relay | None = None,
                  classify: Callable[[str, str], str] = _unclassified,
                  health: Health | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -63,6 +63,8 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         """Tells the in-memory observers of a record; the spool write that goes with each
         state change carries the record itself (the durable copy)."""
         self.on_failures = on_failures
+        self.owing: dict[str, int] = {}
+        self.unwritten: set[tuple[str, int]] = set()
         self.relay = relay
         """Opens connections and performs transactions for the workers (None: no delivery)."""
         self.on_final: Callable[[Recipient], None] | None = None
