@@ -17,7 +17,9 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..feedback import unsubscribe
 from ..operations import OperationError
@@ -91,13 +93,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
                    default=25 << 20)
     max_body = max_size * 4 // 3 + 65536  # base64 of the largest message plus JSON fields
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        """Refuse an oversized body before it is read into memory."""
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > max_body:
-            return _error(413, f"request body of {length} bytes exceeds {max_body}")
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, limit=max_body)
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
 
@@ -241,6 +237,33 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
                                            "X-Frame-Options": "DENY"})
 
     return app
+
+
+class _BodyLimit:
+    """Refuse a body larger than ``limit`` before it is in memory: from its Content-Length
+    before it is read, and while a body without one (chunked) streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            response = _error(413, f"request body of {length} bytes exceeds {self.limit}")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # the app's handler turns it into the JSON error
+                raise HTTPException(413, f"request body exceeds {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "

@@ -1,0 +1,37 @@
+"""Hostile requests to the HTTP API over real HTTP on loopback: each gets a clear 4xx JSON error
+(never a 500 or a traceback) and changes no queued mail."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from tests.conftest import config_text
+from tests.test_api import api_client
+
+
+async def _chunks(total: int, piece: bytes) -> AsyncIterator[bytes]:
+    """A body without Content-Length (chunked transfer encoding), ``total`` bytes."""
+    sent = 0
+    while sent < total:
+        yield piece
+        sent += len(piece)
+
+
+async def test_a_chunked_body_over_the_limit_is_refused(tmp_path, sink, make_node):
+    """The body limit held only for a Content-Length: a chunked body was read whole into memory
+    (an anonymous 150 MB one grew the node by 300 MB and got a 422) and an import over the
+    limit was taken."""
+    node = await make_node(config_text(tmp_path, sink.port))  # limit: 198,869 bytes
+    line = b"someone-with-a-long-address@example.com\n"
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/suppressions/import", content=_chunks(300_000, line))
+        assert resp.status_code == 413, resp.text
+        assert "exceeds" in resp.json()["error"]
+        assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
+        small = await client.post("/api/v1/suppressions/import", content=_chunks(1, line))
+        assert small.json() == {"imported": 1}
+    async with api_client(node, tmp_path, token="") as anon:
+        resp = await anon.post("/api/v1/messages", content=_chunks(1_000_000, b"x" * 65536),
+                               headers={"content-type": "application/json"})
+        assert resp.status_code == 413, resp.text
+    assert node.intake.accepted == 0
