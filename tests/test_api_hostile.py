@@ -35,3 +35,18 @@ async def test_a_chunked_body_over_the_limit_is_refused(tmp_path, sink, make_nod
                                headers={"content-type": "application/json"})
         assert resp.status_code == 413, resp.text
     assert node.intake.accepted == 0
+
+
+async def test_suppression_paging_out_of_range_is_a_422(tmp_path, sink, make_node):
+    """offset=2**63 was a 500 (SQLite's integer overflowed), a negative or zero limit and a
+    negative offset were quietly changed."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for query in ("offset=9223372036854775808", "offset=-1", "limit=0", "limit=10001",
+                      "limit=-99999999999999999999"):
+            resp = await client.get(f"/api/v1/suppressions?{query}")
+            assert resp.status_code == 422, (query, resp.text)
+            assert resp.json()["error"].startswith(f"invalid request: query.{query[:5]}")
+        resp = await client.get("/api/v1/suppressions?limit=10000&offset=9223372036854775807")
+        assert resp.json() == {"total": 0, "entries": []}
+

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -39,10 +39,10 @@ def router(parts: NodeParts) -> APIRouter:
 
     @api.get("/suppressions")
     async def list_(scope: Scope | None = None, like: str | None = None,
-                    limit: int = 100, offset: int = 0) -> dict:
+                    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+                    offset: Annotated[int, Query(ge=0, lt=2**63)] = 0) -> dict:
         # scans of a list of millions: in a thread, never on the event loop
-        entries = await asyncio.to_thread(store.list, scope, like, max(1, min(limit, 10_000)),
-                                          max(0, offset))
+        entries = await asyncio.to_thread(store.list, scope, like, limit, offset)
         return {"total": await asyncio.to_thread(store.count),
                 "entries": [e.as_dict() for e in entries]}
 
