@@ -50,3 +50,14 @@ async def test_suppression_paging_out_of_range_is_a_422(tmp_path, sink, make_nod
         resp = await client.get("/api/v1/suppressions?limit=10000&offset=9223372036854775807")
         assert resp.json() == {"total": 0, "entries": []}
 
+
+async def test_suppression_import_with_an_oversized_field_is_a_422(tmp_path, sink, make_node):
+    """A CSV field over the csv module's 128 KiB limit was a 500; now the line is named and
+    nothing is imported."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    body = "ok@example.com\n" + "a" * 140_000 + "@example.com\n"
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/suppressions/import", content=body)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"].startswith("line 2: field larger than field limit")
+        assert (await client.get("/api/v1/suppressions")).json()["total"] == 0

@@ -364,20 +364,24 @@ def parse_csv(src: TextIO, default_scope: str = "marketing",
     bad line."""
     entries = []
     now = time.time()
-    for lineno, row in enumerate(csv.reader(src), start=1):
-        if not row or not row[0].strip() or row[0].startswith("#"):
-            continue
-        if lineno == 1 and row[0].strip().lower() == "address":
-            continue
-        try:
-            scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
-                           else default_scope)
-            created = float(row[4]) if len(row) > 4 and row[4].strip() else now
-            expires = float(row[5]) if len(row) > 5 and row[5].strip() else 0.0
-            entries.append(Entry(normalize(row[0]), scope,
-                                 row[2].strip()[:500] if len(row) > 2 else "",
-                                 row[3].strip() if len(row) > 3 and row[3].strip()
-                                 else source, created, expires))
-        except (SuppressionError, ValueError) as exc:
-            raise SuppressionError(f"line {lineno}: {exc}") from None
+    rows = csv.reader(src)
+    try:
+        for lineno, row in enumerate(rows, start=1):
+            if not row or not row[0].strip() or row[0].startswith("#"):
+                continue
+            if lineno == 1 and row[0].strip().lower() == "address":
+                continue
+            try:
+                scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
+                               else default_scope)
+                created = float(row[4]) if len(row) > 4 and row[4].strip() else now
+                expires = float(row[5]) if len(row) > 5 and row[5].strip() else 0.0
+                entries.append(Entry(normalize(row[0]), scope,
+                                     row[2].strip()[:500] if len(row) > 2 else "",
+                                     row[3].strip() if len(row) > 3 and row[3].strip()
+                                     else source, created, expires))
+            except (SuppressionError, ValueError) as exc:
+                raise SuppressionError(f"line {lineno}: {exc}") from None
+    except csv.Error as exc:  # e.g. a field over the csv module's 128 KiB limit
+        raise SuppressionError(f"line {rows.line_num}: {exc}") from None
     return entries
