@@ -61,3 +61,19 @@ async def test_suppression_import_with_an_oversized_field_is_a_422(tmp_path, sin
         assert resp.status_code == 422, resp.text
         assert resp.json()["error"].startswith("line 2: field larger than field limit")
         assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
+
+
+async def test_405_names_every_method_the_path_allows(tmp_path, sink, make_node):
+    """Allow named only the first route of a path: PUT /api/v1/messages said "POST" although
+    GET serves it too."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for path, allowed in (("/api/v1/messages", "GET, POST"),
+                              ("/api/v1/suppressions", "GET, POST"),
+                              ("/api/v1/suppressions/export", "GET, DELETE"),
+                              ("/unsubscribe/abc", "GET, POST"), ("/api/v1/status", "GET"),
+                              ("/api/v1/queue/hold", "POST")):
+            resp = await client.put(path)
+            assert resp.status_code == 405, (path, resp.text)
+            assert resp.headers["allow"] == allowed, path
+            assert resp.json() == {"error": "Method Not Allowed"}
