@@ -63,6 +63,24 @@ async def test_suppression_import_with_an_oversized_field_is_a_422(tmp_path, sin
         assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
 
 
+async def test_an_unexpected_error_is_a_json_500_without_details(tmp_path, sink, make_node,
+                                                                 monkeypatch):
+    """A bug behind a route answered "Internal Server Error" as text/plain; the API's errors
+    are JSON, and the exception's text (a path, a value) stays in the log."""
+    node = await make_node(config_text(tmp_path, sink.port))
+
+    async def broken() -> dict:
+        raise RuntimeError("/var/lib/postlane/secret.key is broken")
+
+    monkeypatch.setattr(node.monitor, "alert_lists", broken)
+    async with api_client(node, tmp_path) as client:
+        resp = await client.get("/api/v1/alerts")
+        assert resp.status_code == 500
+        assert resp.json() == {"error": "internal error (the node's log has the details)"}
+        assert "secret" not in resp.text
+        assert (await client.get("/api/v1/token")).status_code == 200  # and it goes on serving
+
+
 async def test_405_names_every_method_the_path_allows(tmp_path, sink, make_node):
     """Allow named only the first route of a path: PUT /api/v1/messages said "POST" although
     GET serves it too."""

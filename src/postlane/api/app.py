@@ -85,6 +85,12 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
             headers = {"Allow": ", ".join(_allowed(request))}
         return _error(exc.status_code, str(exc.detail), headers)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        """A bug: a JSON error like any other; what went wrong goes to the log only (Starlette
+        logs the traceback after this answer)."""
+        return _error(500, "internal error (the node's log has the details)")
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         details = [{"field": ".".join(str(p) for p in e["loc"]),
