@@ -95,3 +95,18 @@ async def test_405_names_every_method_the_path_allows(tmp_path, sink, make_node)
             assert resp.status_code == 405, (path, resp.text)
             assert resp.headers["allow"] == allowed, path
             assert resp.json() == {"error": "Method Not Allowed"}
+
+
+async def test_an_empty_domain_is_refused_not_read_as_the_whole_pool(tmp_path, sink, make_node):
+    """pause?domain= paused the whole pool (and resume?domain= resumed it) while the answer
+    said domain "": a client that meant one lane changed every lane of the pool."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for action in ("pause", "resume", "retry"):
+            resp = await client.post(f"/api/v1/pools/bulk/{action}?domain=")
+            assert resp.status_code == 422, (action, resp.text)
+            assert resp.json()["error"].startswith("invalid request: query.domain: ")
+        assert ("bulk", "*") not in node.scheduler.paused
+        assert (await client.post("/api/v1/pools/bulk/pause")).status_code == 200
+        assert (await client.post("/api/v1/pools/bulk/resume?domain=")).status_code == 422
+        assert ("bulk", "*") in node.scheduler.paused

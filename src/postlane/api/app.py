@@ -36,6 +36,10 @@ from .tokens import Tokens, caller
 if TYPE_CHECKING:
     from ..spool import Recipient
 
+LaneDomain = Annotated[str | None, Query(min_length=1, description="one lane: its recipient"
+                                                             " domain (default: every lane)")]
+"""A lane's domain; given empty, it is an error, not the whole pool."""
+
 _bearer = HTTPBearer(auto_error=False, description="token from the [api] token_file")
 
 
@@ -145,20 +149,20 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
 
     @api.post("/pools/{pool}/pause", tags=["operations"])
     async def pause(request: Request, pool: str,
-                    domain: Annotated[str | None, Query()] = None) -> dict:
+                    domain: LaneDomain = None) -> dict:
         """Hold a pool (or its lane to one domain); refused (409) for pausable = false."""
         queued = await ops.pause(pool, domain, who=caller(request))
         return {"pool": pool, "domain": domain, "paused": True, "queued": queued}
 
     @api.post("/pools/{pool}/resume", tags=["operations"])
     async def resume(request: Request, pool: str,
-                     domain: Annotated[str | None, Query()] = None) -> dict:
+                     domain: LaneDomain = None) -> dict:
         queued = await ops.resume(pool, domain, who=caller(request))
         return {"pool": pool, "domain": domain, "paused": False, "queued": queued}
 
     @api.post("/pools/{pool}/retry", tags=["operations"])
     async def retry(request: Request, pool: str,
-                    domain: Annotated[str | None, Query()] = None) -> dict:
+                    domain: LaneDomain = None) -> dict:
         """Make deferred recipients of the pool (or lane) due now, lifting a backoff."""
         return {"pool": pool, "domain": domain,
                 "retried": await ops.retry(pool, domain, who=caller(request))}
