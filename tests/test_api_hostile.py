@@ -110,3 +110,22 @@ async def test_an_empty_domain_is_refused_not_read_as_the_whole_pool(tmp_path, s
         assert (await client.post("/api/v1/pools/bulk/pause")).status_code == 200
         assert (await client.post("/api/v1/pools/bulk/resume?domain=")).status_code == 422
         assert ("bulk", "*") in node.scheduler.paused
+
+
+async def test_cli_path_arguments_cannot_reach_another_route(tmp_path, sink, make_node):
+    """The CLI put pool, domain and queue id into the URL unescaped, and the HTTP client folds
+    "..": `postlane resume x/../bulk` resumed pool bulk, and `postlane purge bulk
+    x/../../../critical/lanes/example.com --yes` would purge another pool's lane."""
+    from tests.test_cli_ops import run_cli
+
+    node = await make_node(config_text(tmp_path, sink.port))
+    target = ["--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token")]
+    code, _, err = await run_cli("pause", "bulk", *target)
+    assert code == 0, err
+    for args in (("resume", "x/../bulk"), ("resume", "bulk?domain=x"),
+                 ("purge", "critical", "x/../../../bulk/lanes/example.com", "--yes"),
+                 ("queue", "show", "../../status")):
+        code, out, err = await run_cli(*args, *target)
+        assert code == 1 and "HTTP 404" in err, (args, out, err)
+    assert ("bulk", "*") in node.scheduler.paused

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -52,6 +53,12 @@ def _target(config: Path | None, url: str | None, token_file: Path | None) -> tu
     except OSError as exc:
         raise _fail(f"cannot read the API token file {token_file}: {exc.strerror}") from None
     return url.rstrip("/"), token
+
+
+def _seg(value: str) -> str:
+    """One path segment, escaped: a "/", "..", "?" or "#" in a name must not reach another
+    route (the HTTP client folds "..")."""
+    return quote(value, safe="")
 
 
 def _call(target: tuple[str, str], method: str, path: str, body: dict | None = None,
@@ -219,7 +226,7 @@ def _done(out: dict, as_json: bool, text: str) -> None:
 def pause(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
           token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart."""
-    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/pause",
+    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{_seg(pool)}/pause",
                 domain=domain)
     _done(out, as_json, f"paused {pool}" + (f" to {domain}" if domain else ""))
 
@@ -228,7 +235,7 @@ def pause(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: UR
 def resume(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
            token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Let a paused pool (or lane) deliver again."""
-    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/resume",
+    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{_seg(pool)}/resume",
                 domain=domain)
     _done(out, as_json, f"resumed {pool}" + (f" to {domain}" if domain else ""))
 
@@ -237,7 +244,7 @@ def resume(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: U
 def retry(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
           token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Retry deferred mail of a pool (or lane) now, lifting a backoff."""
-    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{pool}/retry",
+    out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{_seg(pool)}/retry",
                 domain=domain)
     _done(out, as_json, f"{out['retried']} recipients retried now")
 
@@ -252,7 +259,7 @@ def purge(pool: str, domain: str,
     if not yes and not (os.isatty(0) and typer.confirm(
             f"purge all queued mail of pool {pool} to {domain}?")):
         raise _fail("not purged (confirm, or pass --yes)")
-    out = _call(target, "POST", f"/api/v1/pools/{pool}/lanes/{domain}/purge")
+    out = _call(target, "POST", f"/api/v1/pools/{_seg(pool)}/lanes/{_seg(domain)}/purge")
     _done(out, as_json, f"{out['purged']} recipients purged")
 
 

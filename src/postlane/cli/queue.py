@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .ops import ConfigOpt, JSONOpt, TokenOpt, URLOpt, _age, _call, _fail, _target, console
+from .ops import ConfigOpt, JSONOpt, TokenOpt, URLOpt, _age, _call, _fail, _seg, _target, console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Message-level queue control: list, show, hold, release, retry, delete,"
@@ -75,7 +75,7 @@ def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
 def show(queue_id: str, config: ConfigOpt = None, url: URLOpt = None,
          token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """One message: envelope, header fields, recipients, every attempt and its reply."""
-    out = _call(_target(config, url, token_file), "GET", f"/api/v1/queue/messages/{queue_id}")
+    out = _call(_target(config, url, token_file), "GET", f"/api/v1/queue/messages/{_seg(queue_id)}")
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
