@@ -129,3 +129,25 @@ async def test_cli_path_arguments_cannot_reach_another_route(tmp_path, sink, mak
         code, out, err = await run_cli(*args, *target)
         assert code == 1 and "HTTP 404" in err, (args, out, err)
     assert ("bulk", "*") in node.scheduler.paused
+
+
+async def test_a_body_that_is_not_sent_as_json_is_a_415(tmp_path, sink, make_node):
+    """curl -d sends a form content type: the answer was "body: Input should be a valid
+    dictionary or object to extract fields from" for a body that was a JSON object."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    body = b'{"from": "s@insurer.test", "to": ["a@example.com"], "text": "x"}'
+    async with api_client(node, tmp_path) as client:
+        for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+            resp = await client.post("/api/v1/messages", content=body,
+                                     headers={"content-type": content_type})
+            assert resp.status_code == 415, (content_type, resp.text)
+            assert "Content-Type: application/json" in resp.json()["error"]
+        resp = await client.post("/api/v1/queue/delete", content=b'{"all": true}',
+                                 headers={"content-type": "text/plain"})
+        assert resp.status_code == 415
+        not_object = await client.post("/api/v1/messages", json=[])
+        assert not_object.status_code == 422, not_object.text
+        assert node.intake.accepted == 0
+        # none at all: a 415 too, where FastAPI does not read such a body as JSON anyway
+        resp = await client.post("/api/v1/messages", content=body)
+        assert resp.status_code in (202, 415), resp.text

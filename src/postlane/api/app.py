@@ -8,6 +8,7 @@ sessionStorage, never in a cookie, so no other site can make a browser call the 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from importlib import resources
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 LaneDomain = Annotated[str | None, Query(min_length=1, description="one lane: its recipient"
                                                              " domain (default: every lane)")]
 """A lane's domain; given empty, it is an error, not the whole pool."""
+
+_JSON = re.compile(r"application/([\w.+-]+\+)?json\s*(;|$)", re.IGNORECASE)
+"""A content type FastAPI reads as JSON."""
 
 _bearer = HTTPBearer(auto_error=False, description="token from the [api] token_file")
 
@@ -96,7 +100,13 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
         return _error(500, "internal error (the node's log has the details)")
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if (any(e["loc"] == ("body",) and e["type"] == "model_attributes_type"
+                for e in exc.errors()) and not _JSON.match(content_type)):
+            # the body was not read as JSON: say why instead of "not an object"
+            return _error(415, "send the body as JSON, with Content-Type: application/json"
+                               f" (got {content_type or 'none'})")
         details = [{"field": ".".join(str(p) for p in e["loc"]),
                     "message": str(e["msg"]).removeprefix("Value error, ")}
                    for e in exc.errors()]
