@@ -1,7 +1,8 @@
 """The HTTP API: injection, operations, status/SLA/alerts, Prometheus /metrics and the dashboard.
 
 Every route under /api/v1 and /metrics needs the bearer token (a router-level dependency, so a
-router added later without it - the one-click unsubscribe endpoint - stays public). The dashboard
+router added later without it - the one-click unsubscribe endpoint - stays public), checked
+before the body is read (``_TokenFirst``). The dashboard
 page and /openapi.json carry no data and are public: the page asks for the token and keeps it in
 sessionStorage, never in a cookie, so no other site can make a browser call the API (no CSRF).
 """
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -32,7 +34,7 @@ from . import feedback as feedback_api
 from . import queue
 from .injection import MessageIn, Queued
 from .parts import NodeParts
-from .tokens import Tokens, caller
+from .tokens import Token, Tokens, caller
 
 if TYPE_CHECKING:
     from ..spool import Recipient
@@ -66,13 +68,9 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
 
     async def require_token(
             request: Request,
-            cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if cred is None or cred.scheme.lower() != "bearer":
-            raise APIError(401, "missing bearer token (Authorization: Bearer <token>)", challenge)
-        token = tokens.check(cred.credentials)
-        if token is None:
-            raise APIError(401, "invalid bearer token", challenge)
+            _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]  # OpenAPI
+    ) -> None:
+        token = _authenticate(tokens, request.headers.get("authorization"))
         if token.read_only and request.method not in ("GET", "HEAD"):
             raise APIError(403, f"token {token.name!r} is read-only: it cannot"
                                 f" {request.method} {request.url.path}")
@@ -118,6 +116,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     max_body = max_size * 4 // 3 + 65536  # base64 of the largest message plus JSON fields
 
     app.add_middleware(_BodyLimit, limit=max_body)
+    app.add_middleware(_TokenFirst, tokens=tokens)  # outermost: before anything else
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
 
@@ -261,6 +260,38 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
                                            "X-Frame-Options": "DENY"})
 
     return app
+
+
+def _authenticate(tokens: Tokens, authorization: str | None) -> Token:
+    """The known token an Authorization header carries (else APIError 401)."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not credentials:
+        raise APIError(401, "missing bearer token (Authorization: Bearer <token>)", challenge)
+    token = tokens.check(credentials)
+    if token is None:
+        raise APIError(401, "invalid bearer token", challenge)
+    return token
+
+
+class _TokenFirst:
+    """Refuse a request to a protected path without a valid token before its body is read:
+    FastAPI reads and parses a body before a route's dependencies run, so an anonymous client
+    had the node parse its body and got answers about it. The routes' dependency still checks
+    (and refuses a read-only token's changes)."""
+
+    def __init__(self, app: ASGIApp, tokens: Tokens) -> None:
+        self.app, self.tokens = app, tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/api/v1/") or path == "/metrics"):
+            try:
+                _authenticate(self.tokens, Headers(scope=scope).get("authorization"))
+            except APIError as exc:
+                response = _error(exc.status, exc.message, exc.headers)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _BodyLimit:
