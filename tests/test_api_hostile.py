@@ -170,3 +170,27 @@ async def test_the_token_is_checked_before_the_body_is_read(tmp_path, sink, make
     async with api_client(node, tmp_path, token="wrong") as bad:
         resp = await bad.post("/api/v1/messages", content=b"{", headers=json_type)
         assert resp.status_code == 401 and resp.json() == {"error": "invalid bearer token"}
+
+
+async def test_a_wildcard_selector_cannot_stall_the_node(tmp_path, sink, make_node):
+    """`*` became `.*` in a backtracking regex: recipient=*a*a*a*a*a*a*a*a*a*b against one
+    queued address of 40 a's took 10 s (12 a's: hours) on the event loop, stopping mail and
+    API alike; a read-only token could do it with a GET."""
+    import time
+
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        assert (await client.post("/api/v1/pools/bulk/pause")).status_code == 200
+        resp = await client.post("/api/v1/messages", json={
+            "from": "s@insurer.test", "to": ["a" * 40 + "@example.com"], "text": "x"})
+        assert resp.status_code == 202
+        start = time.monotonic()
+        resp = await client.get("/api/v1/queue/messages",
+                                params={"recipient": "*a" * 9 + "*b"})
+        assert resp.status_code == 200 and resp.json()["total_messages"] == 0
+        assert time.monotonic() - start < 2
+        for pattern, found in (("*a*@example.com", 1), ("a*", 1), ("*.com", 1), ("*", 1),
+                               ("a*b", 0), ("*aa@example.co", 0), ("A" * 40 + "@*", 1),
+                               ("a*a@example.com", 1), ("*@example.com*", 1), ("b*", 0)):
+            resp = await client.get("/api/v1/queue/messages", params={"recipient": pattern})
+            assert resp.json()["total_messages"] == found, pattern

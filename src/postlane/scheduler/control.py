@@ -93,9 +93,16 @@ class Selector:
 
 
 def _pattern(text: str | None) -> re.Pattern[str] | None:
+    """``*`` wildcards as a regex for ``fullmatch`` that does not backtrack: each part between
+    two ``*`` is taken at its first place (an atomic group; the first place is always the best),
+    so the time is linear, not exponential in the ``*`` (``*a*a*a…*b`` froze the loop)."""
     if not text:
         return None
-    return re.compile(".*".join(re.escape(part) for part in text.lower().split("*")))
+    parts = [re.escape(part) for part in text.lower().split("*")]
+    if len(parts) == 1:
+        return re.compile(parts[0])
+    first, *middle, last = parts
+    return re.compile(first + "".join(f"(?>.*?{part})" for part in middle) + f".*{last}")
 
 
 _VARIABLE = re.compile(r"<[^<>\s]*@[^<>\s]*>|[\w.+-]+@[\w.-]+|\b[0-9A-Fa-f]{8,}\b|\b\d{5,}\b")
