@@ -194,3 +194,34 @@ async def test_a_wildcard_selector_cannot_stall_the_node(tmp_path, sink, make_no
                                ("a*a@example.com", 1), ("*@example.com*", 1), ("b*", 0)):
             resp = await client.get("/api/v1/queue/messages", params={"recipient": pattern})
             assert resp.json()["total_messages"] == found, pattern
+
+
+def _json(text: str) -> dict:
+    """A JSON body as a client may send it, lone surrogates ("\\ud800") included."""
+    return {"content": text.encode(), "headers": {"content-type": "application/json"}}
+
+
+async def test_lone_surrogates_are_a_422(tmp_path, sink, make_node):
+    """JSON may escape half a UTF-16 pair ("\\ud800"), which no UTF-8 text holds: it was a 500
+    from the email package, the spool or SQLite, in a message or a queue selector."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = '"from": "s@insurer.test", "to": ["a@example.com"]'
+    async with api_client(node, tmp_path) as client:
+        for field, body in (
+                ("raw", f'{{{env}, "raw": "Subject: x\\r\\n\\r\\n\\ud800"}}'),
+                ("text", f'{{{env}, "text": "\\udfff"}}'),
+                ("headers.X-A", f'{{{env}, "text": "x", "headers": {{"X-A": "\\ud800"}}}}'),
+                ("correlation_id", f'{{{env}, "text": "x", "correlation_id": "\\ud800"}}'),
+                ("to.0", '{"from": "s@insurer.test", "to": ["\\ud800@example.com"],'
+                         ' "text": "x"}'),
+                ("headers", f'{{{env}, "text": "x", "headers": {{"X-\\ud800": "v"}}}}')):
+            resp = await client.post("/api/v1/messages", **_json(body))
+            assert resp.status_code == 422, (field, resp.text)
+            assert f"body: {field} is not valid Unicode" in resp.json()["error"], resp.text
+        for field, body in (("recipient", '{"recipient": "\\ud800", "dry_run": true}'),
+                            ("correlation_id", '{"correlation_id": "\\ud800"}'),
+                            ("queue_ids.0", '{"queue_ids": ["\\ud800"]}')):
+            resp = await client.post("/api/v1/queue/delete", **_json(body))
+            assert resp.status_code == 422, (field, resp.text)
+            assert f"body: {field} is not valid Unicode" in resp.json()["error"], resp.text
+    assert node.intake.accepted == 0

@@ -21,6 +21,27 @@ _RESERVED = {"from", "to", "cc", "bcc", "subject", "mime-version", "content-type
              "content-transfer-encoding", "x-postlane-class", "date"}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(data: object) -> object:
+    """Refuse (ValueError naming where) a string holding half a UTF-16 pair: JSON may escape
+    one ("\\ud800"), no UTF-8 text can hold it, and the email package, the spool and SQLite
+    failed on it later (500)."""
+    stack: list[tuple[str, object]] = [("the body", data)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, dict):
+            stack += [(where, key) for key in item]  # a key is named by its dict
+            stack += [(f"{key}" if where == "the body" else f"{where}.{key}", value)
+                      for key, value in item.items() if not _SURROGATE.search(str(key))]
+        elif isinstance(item, list):
+            stack += [(f"{where}.{i}", value) for i, value in enumerate(item)]
+        elif isinstance(item, str) and _SURROGATE.search(item):
+            raise ValueError(f"{where} is not valid Unicode (a lone surrogate, \\ud800-\\udfff)")
+    return data
+
+
 def _address(value: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError("must not contain CR or LF")
@@ -68,6 +89,8 @@ class MessageIn(BaseModel):
     class_: OneLine | None = Field(None, alias="class", description="traffic class (default:"
                                    " X-Postlane-Class of a raw message, then the node default)")
     correlation_id: OneLine | None = Field(None, max_length=200)
+
+    _unicode = model_validator(mode="before")(staticmethod(valid_unicode))
 
     @model_validator(mode="after")
     def _shape(self) -> MessageIn:

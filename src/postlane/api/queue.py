@@ -9,11 +9,20 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 from ..config.model import parse_duration
 from ..policy.headers import field_value, header_fields, split_message
 from ..scheduler.control import SelectionError, Selector, message_view
+from .injection import valid_unicode
 from .tokens import caller
 
 if TYPE_CHECKING:
@@ -49,6 +58,7 @@ class SelectorIn(BaseModel):
     recipient: str | None = Field(None, description="recipient address, * as wildcard")
     correlation_id: str | None = None
     all: bool = False
+    _unicode = model_validator(mode="before")(staticmethod(valid_unicode))
 
     def selector(self) -> Selector:
         return Selector(tuple(self.queue_ids), self.pool, self.domain, self.cls, self.state,
