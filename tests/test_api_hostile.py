@@ -225,3 +225,21 @@ async def test_lone_surrogates_are_a_422(tmp_path, sink, make_node):
             assert resp.status_code == 422, (field, resp.text)
             assert f"body: {field} is not valid Unicode" in resp.json()["error"], resp.text
     assert node.intake.accepted == 0
+
+
+async def test_every_line_break_in_a_header_field_is_a_422(tmp_path, sink, make_node):
+    """Only CR and LF were refused; the email package also breaks lines at VT, FF, FS, GS, RS,
+    NEL, U+2028 and U+2029 and refused those values itself: a 500."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "x"}
+    async with api_client(node, tmp_path) as client:
+        for brk in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029":
+            for field, extra in (("subject", {"subject": f"a{brk}Bcc: x@evil.test"}),
+                                 ("headers.X-A", {"headers": {"X-A": f"a{brk}b"}}),
+                                 ("correlation_id", {"correlation_id": f"a{brk}b"}),
+                                 ("attachments.0.filename", {"attachments": [
+                                     {"filename": f"a{brk}b", "content": ""}]})):
+                resp = await client.post("/api/v1/messages", json={**env, **extra})
+                assert resp.status_code == 422, (repr(brk), field, resp.text)
+                assert f"body.{field}: must not contain a line break" in resp.json()["error"]
+    assert node.intake.accepted == 0

@@ -51,8 +51,9 @@ def _address(value: str) -> str:
 
 
 def _one_line(value: str) -> str:
-    if "\r" in value or "\n" in value:
-        raise ValueError("must not contain CR or LF")
+    # every break str.splitlines() knows (VT, FF, NEL, U+2028 ...), as the email package
+    if "".join(value.splitlines()) != value:
+        raise ValueError("must not contain a line break (CR or LF, nor VT, FF, NEL, U+2028 ...)")
     return value
 
 
