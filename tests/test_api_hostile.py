@@ -243,3 +243,23 @@ async def test_every_line_break_in_a_header_field_is_a_422(tmp_path, sink, make_
                 assert resp.status_code == 422, (repr(brk), field, resp.text)
                 assert f"body.{field}: must not contain a line break" in resp.json()["error"]
     assert node.intake.accepted == 0
+
+
+async def test_an_address_smtp_would_refuse_is_a_422(tmp_path, sink, make_node):
+    """The API's address check was looser than the SMTP door's: a@., a@- and ..@example.com
+    were queued (lanes to "." and "-", DNS lookups of them)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        assert (await client.post("/api/v1/pools/bulk/pause")).status_code == 200  # no DNS
+        for address in ("a@.", "a@-", "a@example..com", "a@-example.com", "..@example.com",
+                        "a.@example.com", "a@" + "x" * 64 + ".com"):
+            for body in ({"from": "s@insurer.test", "to": [address], "text": "x"},
+                         {"from": address, "to": ["a@example.com"], "text": "x"}):
+                resp = await client.post("/api/v1/messages", json=body)
+                assert resp.status_code == 422, (address, resp.text)
+                assert "not an e-mail address" in resp.json()["error"]
+        for address in ("a@example.com", "ü@example.com", "a.b+c@x-y.example.com", "a@b"):
+            resp = await client.post("/api/v1/messages", json={
+                "from": "s@insurer.test", "to": [address], "text": "x"})
+            assert resp.status_code == 202, (address, resp.text)
+    assert node.intake.accepted == 4

@@ -15,6 +15,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ..address import PathError, parse_path
+
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+$")
 _HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")
 _RESERVED = {"from", "to", "cc", "bcc", "subject", "mime-version", "content-type",
@@ -45,8 +47,12 @@ def valid_unicode(data: object) -> object:
 def _address(value: str) -> str:
     if "\r" in value or "\n" in value:
         raise ValueError("must not contain CR or LF")
-    if len(value) > 254 or not _ADDRESS.match(value):
-        raise ValueError(f"not an e-mail address: {value!r} (local@domain, no display name)")
+    try:
+        if len(value) > 254 or not _ADDRESS.match(value):
+            raise PathError("local@domain, no display name")
+        parse_path(f"<{value}>", utf8=True)  # as strict as the SMTP door
+    except PathError as exc:
+        raise ValueError(f"not an e-mail address: {value!r} ({exc})") from None
     return value
 
 
