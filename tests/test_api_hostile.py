@@ -263,3 +263,23 @@ async def test_an_address_smtp_would_refuse_is_a_422(tmp_path, sink, make_node):
                 "from": "s@insurer.test", "to": [address], "text": "x"})
             assert resp.status_code == 202, (address, resp.text)
     assert node.intake.accepted == 4
+
+
+async def test_control_characters_are_not_suppressed_addresses(tmp_path, sink, make_node):
+    """POST /suppressions took "a\\x00b@…" and "a\\x1b[31mb@…" (a terminal escape) into the list
+    and, verbatim, into the accounting files; the SMTP door refuses control characters."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for address in ("a\x00b@example.com", "a\x1b[31mb@example.com", "a\x7f@example.com"):
+            resp = await client.post("/api/v1/suppressions", json={"address": address})
+            assert resp.status_code == 422, (address, resp.text)
+            assert "not an email address" in resp.json()["error"]
+            resp = await client.post("/api/v1/suppressions/import", content=address + "\n")
+            assert resp.status_code == 422 and "line 1" in resp.json()["error"], resp.text
+        resp = await client.post("/api/v1/suppressions", json={"address": "ok@example.com",
+                                                               "reason": "x\x1b[2Jy"})
+        assert resp.status_code == 422, resp.text
+        assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
+        resp = await client.post("/api/v1/suppressions", json={"address": "ok@example.com",
+                                                               "reason": "court order\t42"})
+        assert resp.status_code == 201, resp.text

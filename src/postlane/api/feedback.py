@@ -30,7 +30,8 @@ Scope = Literal["all", "best-effort", "marketing"]
 class SuppressionIn(BaseModel):
     address: str = Field(max_length=254)
     scope: Scope = "marketing"
-    reason: str = Field("", max_length=500)
+    reason: str = Field("", max_length=500, pattern=r"^[^\x00-\x08\x0a-\x1f\x7f]*$",
+                        description="free text; no control characters but tab")
 
 
 def router(parts: NodeParts) -> APIRouter:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import itertools
+import re
 import sqlite3
 import threading
 import time
@@ -80,12 +81,16 @@ class Entry:
         return f"{self.scope}, {self.source}, since {since}{until}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def normalize(address: str) -> str:
     """Compare addresses case-insensitively: local parts are case-sensitive in theory, in
     practice no mailbox provider treats them so, and a missed suppression costs more."""
     address = address.strip().strip("<>").strip().lower()
-    if "@" not in address or address.startswith("@") or address.endswith("@") or len(
-            address) > 254 or len(address.split()) > 1:  # inner white space (ends are stripped)
+    if ("@" not in address or address.startswith("@") or address.endswith("@")
+            or len(address) > 254 or len(address.split()) > 1  # inner white space
+            or _CONTROL.search(address)):  # NUL, ESC ...: the SMTP door refuses them too
         raise SuppressionError(f"not an email address: {address!r}")
     return address
 
