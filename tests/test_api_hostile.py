@@ -283,3 +283,15 @@ async def test_control_characters_are_not_suppressed_addresses(tmp_path, sink, m
         resp = await client.post("/api/v1/suppressions", json={"address": "ok@example.com",
                                                                "reason": "court order\t42"})
         assert resp.status_code == 201, resp.text
+
+
+async def test_a_report_nested_too_deep_is_no_report(tmp_path, sink, make_node):
+    """3000 nested message/rfc822 parts (96 KB) overflowed the email parser's recursion: a 500
+    from POST /feedback/reports, and a 451 forever for the same mail at the FBL address."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    nested = b"From: fbl@isp.example\r\nMIME-Version: 1.0\r\n" + (
+        b"Content-Type: message/rfc822\r\n\r\n" * 3000) + b"Subject: x\r\n\r\nx\r\n"
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/feedback/reports", content=nested)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["kind"] == "not-a-report"

@@ -8,6 +8,7 @@ and its status is the enhanced code or SMTP reply code written next to it.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from email import message_from_bytes
@@ -16,6 +17,8 @@ from email.utils import getaddresses
 
 from .arf import Complaint, bare_address, parse_arf, returned_message
 from .categories import Classifier, default_classifier
+
+log = logging.getLogger("postlane.feedback")
 
 __all__ = ["Report", "ReportRecipient", "parse_report"]
 
@@ -283,8 +286,16 @@ def _kind(recipients: list[ReportRecipient]) -> str:
 
 
 def parse_report(data: bytes, classifier: Classifier | None = None) -> Report:
-    """Everything the node concludes from one received message."""
-    classifier = classifier or default_classifier()
+    """Everything the node concludes from one received message; one nested too deep for the
+    email package (thousands of message/rfc822 parts in each other) is no report."""
+    try:
+        return _parse_report(data, classifier or default_classifier())
+    except RecursionError:
+        log.warning("report nested too deep to parse: ignored", extra={"bytes": len(data)})
+        return Report(kind="not-a-report")
+
+
+def _parse_report(data: bytes, classifier: Classifier) -> Report:
     msg = message_from_bytes(data)
     to = [bare_address(str(v)) for v in (msg.get_all("To") or [])]
     report = Report(kind="not-a-report", to=[a for a in to if a])
