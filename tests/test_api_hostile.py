@@ -295,3 +295,15 @@ async def test_a_report_nested_too_deep_is_no_report(tmp_path, sink, make_node):
         resp = await client.post("/api/v1/feedback/reports", content=nested)
         assert resp.status_code == 200, resp.text
         assert resp.json()["kind"] == "not-a-report"
+
+
+async def test_a_malformed_unsubscribe_token_gets_a_plain_answer(tmp_path, sink, make_node):
+    """The public unsubscribe routes answered a malformed token with Python's own words
+    ("not enough values to unpack (expected 2, got 1)", "Incorrect padding")."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path, token="") as anon:
+        for token in ("abc", "a.b.c", "%00", "x" * 5000, "YQ.YQ", "!!!.!!!"):
+            for method in ("GET", "POST"):
+                resp = await anon.request(method, f"/unsubscribe/{token}")
+                assert resp.status_code == 400, (token, resp.text)
+                assert resp.json() == {"error": "malformed token"}, (token, resp.text)
