@@ -307,3 +307,21 @@ async def test_a_malformed_unsubscribe_token_gets_a_plain_answer(tmp_path, sink,
                 resp = await anon.request(method, f"/unsubscribe/{token}")
                 assert resp.status_code == 400, (token, resp.text)
                 assert resp.json() == {"error": "malformed token"}, (token, resp.text)
+
+
+async def test_two_authorization_headers_are_refused(tmp_path, sink, make_node):
+    """With two Authorization headers the first counted and the second was ignored: a proxy
+    adding its own header, or a client adding one to a proxy's, got the other's rights."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    token = (tmp_path / "api-token").read_text().strip()
+    async with api_client(node, tmp_path, token="") as anon:
+        for i, pair in enumerate(((f"Bearer {token}", "Bearer nope"),
+                                  ("Bearer nope", f"Bearer {token}"),
+                                  (f"Bearer {token}", f"Bearer {token}"))):
+            for method, path in (("GET", "/api/v1/token"), ("POST", "/api/v1/pools/bulk/pause"),
+                                 ("GET", "/metrics")):
+                resp = await anon.request(method, path, headers=[("Authorization", pair[0]),
+                                                                 ("Authorization", pair[1])])
+                assert resp.status_code == 401, (i, path, resp.text)
+                assert resp.json() == {"error": "send one Authorization header, not several"}
+    assert ("bulk", "*") not in node.scheduler.paused

@@ -70,7 +70,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
             request: Request,
             _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]  # OpenAPI
     ) -> None:
-        token = _authenticate(tokens, request.headers.get("authorization"))
+        token = _authenticate(tokens, request.headers)
         if token.read_only and request.method not in ("GET", "HEAD"):
             raise APIError(403, f"token {token.name!r} is read-only: it cannot"
                                 f" {request.method} {request.url.path}")
@@ -262,10 +262,15 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     return app
 
 
-def _authenticate(tokens: Tokens, authorization: str | None) -> Token:
-    """The known token an Authorization header carries (else APIError 401)."""
-    scheme, credentials = get_authorization_scheme_param(authorization)
+def _authenticate(tokens: Tokens, headers: Headers) -> Token:
+    """The known token the Authorization header carries (else APIError 401). Two headers are
+    refused: which one counts would depend on who reads them (a proxy, this app)."""
+    authorization = headers.getlist("authorization")
     challenge = {"WWW-Authenticate": "Bearer"}
+    if len(authorization) > 1:
+        raise APIError(401, "send one Authorization header, not several", challenge)
+    scheme, credentials = get_authorization_scheme_param(authorization[0] if authorization
+                                                         else None)
     if scheme.lower() != "bearer" or not credentials:
         raise APIError(401, "missing bearer token (Authorization: Bearer <token>)", challenge)
     token = tokens.check(credentials)
@@ -287,7 +292,7 @@ class _TokenFirst:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path.startswith("/api/v1/") or path == "/metrics"):
             try:
-                _authenticate(self.tokens, Headers(scope=scope).get("authorization"))
+                _authenticate(self.tokens, Headers(scope=scope))
             except APIError as exc:
                 response = _error(exc.status, exc.message, exc.headers)
                 return await response(scope, receive, send)
