@@ -2,9 +2,9 @@
 
 Every route under /api/v1 and /metrics needs the bearer token (a router-level dependency, so a
 router added later without it - the one-click unsubscribe endpoint - stays public), checked
-before the body is read (``_TokenFirst``). The dashboard
-page and /openapi.json carry no data and are public: the page asks for the token and keeps it in
-sessionStorage, never in a cookie, so no other site can make a browser call the API (no CSRF).
+before the body is read too (``_TokenFirst``). The dashboard page and /openapi.json carry no
+data and are public: the page asks for the token and keeps it in sessionStorage, never in a
+cookie, so no other site can make a browser call the API (no CSRF).
 """
 
 from __future__ import annotations
