@@ -325,3 +325,34 @@ async def test_two_authorization_headers_are_refused(tmp_path, sink, make_node):
                 assert resp.status_code == 401, (i, path, resp.text)
                 assert resp.json() == {"error": "send one Authorization header, not several"}
     assert ("bulk", "*") not in node.scheduler.paused
+
+
+async def test_an_unknown_query_parameter_is_a_422(tmp_path, sink, make_node):
+    """Unknown JSON fields were refused, unknown query parameters ignored: pause?domian=…
+    paused the whole pool, and delete?dry_run=true with {"all": true} deleted every message."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/pools/bulk/pause?domian=example.com")
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"] == ("unknown query parameter 'domian' (this route takes:"
+                                        " domain)")
+        assert ("bulk", "*") not in node.scheduler.paused
+        assert (await client.post("/api/v1/pools/bulk/pause")).status_code == 200
+        queued = await client.post("/api/v1/messages", json={
+            "from": "s@insurer.test", "to": ["a@example.com"], "text": "x"})
+        assert queued.status_code == 202
+        resp = await client.post("/api/v1/queue/delete?dry_run=true", json={"all": True})
+        assert resp.status_code == 422, resp.text
+        resp = await client.post("/api/v1/pools/bulk/lanes/example.com/purge?dry_run=1")
+        assert resp.status_code == 422 and "this route takes none" in resp.json()["error"]
+        resp = await client.get("/api/v1/queue/messages?sate=held&limit=5")
+        assert resp.status_code == 422, resp.text
+        listed = await client.get("/api/v1/queue/messages", params={
+            "class": "marketing", "queue_id": [queued.json()["queue_id"], "x"], "limit": 5,
+            "pool": "bulk", "state": "queued", "older_than": "0", "sender": "*"})
+        assert listed.status_code == 200 and listed.json()["total_messages"] == 1, listed.text
+        for path, params in (("/api/v1/suppressions", {"scope": "all", "limit": 5}),
+                             ("/api/v1/dmarc/report", {"days": 7, "domain": "x"}),
+                             ("/api/v1/queue/shape", {"by": "class", "top": 3}),
+                             ("/api/v1/messages", {"recipient": "a@example.com"})):
+            assert (await client.get(path, params=params)).status_code == 200, path

@@ -118,7 +118,8 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     app.add_middleware(_BodyLimit, limit=max_body)
     app.add_middleware(_TokenFirst, tokens=tokens)  # outermost: before anything else
 
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)])
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token),
+                                                    Depends(_known_query)])
 
     @api.post("/messages", status_code=202, response_model=Queued, tags=["injection"])
     async def inject(msg: MessageIn) -> Queued:
@@ -277,6 +278,25 @@ def _authenticate(tokens: Tokens, headers: Headers) -> Token:
     if token is None:
         raise APIError(401, "invalid bearer token", challenge)
     return token
+
+
+def _known_query(request: Request) -> None:
+    """Refuse a query parameter the route does not take, as unknown JSON fields are: ignored,
+    a misspelt one widens an action (``pause?domian=…`` paused the whole pool)."""
+    route = request.scope.get("route")
+    known = _query_names(route.dependant) if route is not None else set()
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        takes = f"this route takes: {', '.join(sorted(known))}" if known else \
+            "this route takes none"
+        raise APIError(422, f"unknown query parameter{'s' if len(unknown) > 1 else ''}"
+                            f" {', '.join(map(repr, unknown))} ({takes})")
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route (FastAPI's ``Dependant``) and its dependencies declare."""
+    return {p.alias for p in dependant.query_params}.union(
+        *(_query_names(sub) for sub in dependant.dependencies))
 
 
 class _TokenFirst:
