@@ -356,3 +356,18 @@ async def test_an_unknown_query_parameter_is_a_422(tmp_path, sink, make_node):
                              ("/api/v1/queue/shape", {"by": "class", "top": 3}),
                              ("/api/v1/messages", {"recipient": "a@example.com"})):
             assert (await client.get(path, params=params)).status_code == 200, path
+
+
+async def test_a_suppression_import_that_is_not_utf8_is_a_422(tmp_path, sink, make_node):
+    """Bytes that are not UTF-8 became U+FFFD: "m\\xfcller@example.com" in Latin-1 was imported
+    as "m\\ufffdller@example.com", suppressing nobody, and the import said it was done."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/suppressions/import",
+                                 content="ok@example.com\nmüller@example.com\n".encode("latin-1"))
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"].startswith("line 2: not UTF-8")
+        assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
+        resp = await client.post("/api/v1/suppressions/import",
+                                 content="müller@example.com\n".encode())
+        assert resp.json() == {"imported": 1}

@@ -71,7 +71,12 @@ def router(parts: NodeParts) -> APIRouter:
     @api.post("/suppressions/import")
     async def import_(request: Request, scope: Scope = "marketing") -> dict:
         """CSV body: address[,scope,reason,source,created,expires]; all rows or none."""
-        text = (await request.body()).decode("utf-8", "replace")
+        body = await request.body()
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:  # replaced, an address would suppress nobody
+            line = body.count(b"\n", 0, exc.start) + 1
+            raise HTTPException(422, f"line {line}: not UTF-8 (byte {exc.start})") from None
         try:
             count = await ops.import_suppressions(io.StringIO(text), scope,
                                                   who=caller(request))
