@@ -71,3 +71,39 @@ async def test_serve_names_the_listener_it_cannot_bind(tmp_path):
     assert "Traceback" not in text
     assert (f"cannot start: listener 'in' (listeners.in in the config) cannot listen on"
             f" 127.0.0.1:{port}: Address already in use") in text
+
+
+async def test_config_check_loads_the_files_serve_would_fail_on(tmp_path):
+    """A broken TLS pair, a missing bounce-rules file or audit key, and a spool, accounting or
+    token folder that is a file: `config check` names each field (serve used to pass the check and
+    then crash with a traceback or an unnamed 'No such file or directory')."""
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    (tmp_path / "afile").write_text("x")
+    text = config_text(tmp_path, 2600, f"""
+[tls]
+cert_file = "{tmp_path}/cert.pem"
+key_file = "{tmp_path}/key.pem"
+[feedback]
+bounce_rules = "{tmp_path}/no-rules.toml"
+[audit]
+seal_key = "{tmp_path}/no-seal.key"
+""").replace(f'spool = "{tmp_path}/spool"', f'spool = "{tmp_path}/afile/spool"').replace(
+        f'directory = "{tmp_path}/acct"', f'directory = "{tmp_path}/afile"').replace(
+        f'token_file = "{tmp_path}/api-token"', f'token_file = "{tmp_path}/afile/api-token"')
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    for cmd in (["config", "check", str(path)], ["serve", "-c", str(path)]):
+        code, out, err = await run_cli(*cmd)
+        assert code == 2 and "Traceback" not in err, err
+        problems = [line.strip() for line in err.splitlines()[1:]]
+        assert any(p.startswith("tls.cert_file/key_file: ") and "cert.pem" in p
+                   for p in problems), problems
+        assert f"feedback.bounce_rules: {tmp_path}/no-rules.toml: cannot read:" \
+               " No such file or directory" in problems
+        assert f"audit.seal_key: cannot read {tmp_path}/no-seal.key: No such file or" \
+               " directory" in problems
+        assert f"node.spool: {tmp_path}/afile is not a directory" in problems
+        assert f"accounting.directory: {tmp_path}/afile is not a directory" in problems
+        assert f"api.token_file: {tmp_path}/afile is not a directory" in problems
+        assert len(problems) == 6, problems

@@ -5,11 +5,15 @@ its config through here (``load_config``, ``parse_config``)."""
 
 from __future__ import annotations
 
+import os
+import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from .address import PathError, parse_path
 from .config import Config, ConfigError
 from .config.load import PartChecks, parse_config_text, read_config_file
+from .config.locations import is_dsn
 from .policy.dkim import DKIMError, read_key
 from .policy.users import UsersError, load_users
 
@@ -45,7 +49,89 @@ def _dkim_key(path: str, algorithm: str) -> str | None:
     return None
 
 
-CHECKS = PartChecks(mailbox=_mailbox, users_file=_users_file, dkim_key=_dkim_key)
+def _tls_pair(field: str, cert: str, key: str) -> str | None:
+    from .edge.tls import server_context
+
+    try:
+        for path in (cert, key):
+            with open(path, "rb"):
+                pass
+        server_context(cert, key)
+    except ssl.SSLError as exc:
+        return (f"{field}: {cert} and {key} are not a PEM certificate and its private key"
+                f" ({exc.reason or exc})")
+    except OSError as exc:
+        return f"{field}: cannot read {exc.filename}: {exc.strerror}"
+    return None
+
+
+def _loads(field: str, path: str, load: Callable[[str], object]) -> str | None:
+    try:
+        load(path)
+    except OSError as exc:
+        return f"{field}: cannot read {path}: {exc.strerror}" if exc.strerror else \
+            f"{field}: {exc}"
+    except (ValueError, TypeError) as exc:
+        return f"{field}: {exc}"
+    return None
+
+
+def _folder(field: str, path: str) -> str | None:
+    """A folder the node creates at start: it is one, or can be made."""
+    wanted = Path(path)
+    for found in (wanted, *wanted.parents):
+        if found.exists():
+            if not found.is_dir():
+                return f"{field}: {found} is not a directory"
+            if not os.access(found, os.W_OK | os.X_OK):
+                return f"{field}: {found} is not writable"
+            return None
+    return None
+
+
+def _file(field: str, path: str) -> str | None:
+    """A file the node creates or opens at start: not a folder, and its folder can be made."""
+    if Path(path).is_dir():
+        return f"{field}: {path} is a directory"
+    return _folder(field, str(Path(path).parent))
+
+
+def _files(cfg: Config) -> list[str]:
+    """What ``serve`` opens at start beyond the DKIM keys and the users file."""
+    from .audit.seal import load_private
+    from .audit.service import load_key, retention_policies
+    from .feedback.categories import RulesError, load_classifier
+
+    pairs = [("tls.cert_file/key_file", cfg.tls.cert_file, cfg.tls.key_file)]
+    pairs += [(f"listeners.{name}.tls_cert/tls_key", lst.tls_cert, lst.tls_key)
+              for name, lst in cfg.listeners.items() if lst.tls != "none"]
+    errors = [_tls_pair(field, cert, key) for field, cert, key in pairs
+              if cert and key and Path(cert).is_file() and Path(key).is_file()]
+    if cfg.feedback.bounce_rules:
+        try:
+            load_classifier(cfg.feedback.bounce_rules)
+        except RulesError as exc:
+            errors.append(f"feedback.bounce_rules: {exc}")
+    if cfg.audit.seal_key:
+        errors.append(_loads("audit.seal_key", cfg.audit.seal_key, load_private))
+    if cfg.audit.pseudonymisation_key and retention_policies(cfg):  # only then does it load
+        errors.append(_loads("audit.pseudonymisation_key", cfg.audit.pseudonymisation_key,
+                             load_key))
+    if not is_dsn(cfg.node.spool):
+        errors.append(_folder("node.spool", cfg.node.spool))
+    errors.append(_folder("accounting.directory", cfg.accounting.directory))
+    files = {"reputation.store": cfg.reputation.store,
+             "feedback.suppression_db": cfg.feedback.suppression_db,
+             "feedback.key_file": cfg.feedback.key_file}
+    if cfg.api.enabled:
+        files |= {"api.token_file": cfg.api.token_file, "api.tokens_file": cfg.api.tokens_file}
+    if cfg.audit.enabled:
+        files["audit.path"] = cfg.audit.path
+    errors += [_file(field, path) for field, path in files.items() if path and not is_dsn(path)]
+    return [e for e in errors if e is not None]
+
+
+CHECKS = PartChecks(mailbox=_mailbox, users_file=_users_file, dkim_key=_dkim_key, files=_files)
 """The checks of a config that need the edge and policy parts."""
 
 

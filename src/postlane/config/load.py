@@ -36,6 +36,9 @@ class PartChecks:
     """The errors of an SMTP users file (it loads, its classes exist)."""
     dkim_key: Callable[[str, str], str | None] | None = None
     """Why a DKIM key file of an algorithm cannot be used (None: it can)."""
+    files: Callable[[Config], list[str]] | None = None
+    """The errors of the other files and folders the node opens at start (TLS pairs, bounce
+    rules, audit keys, the spool and accounting folders), its paths resolved."""
 
 
 NO_PART_CHECKS = PartChecks()
@@ -428,9 +431,6 @@ def read_config_file(path: str | Path, checks: PartChecks = NO_PART_CHECKS, *,
         why = checks.dkim_key(key.key_file, key.algorithm) if checks.dkim_key else None
         if why is not None:
             file_errors.append(f"dkim.keys[{i}].key_file: {why}")
-    errors += file_errors if check_files else []
-    if errors:
-        raise ConfigError(str(path), errors)
     rep = cfg.reputation
     if rep.store and not is_dsn(rep.store) and not Path(rep.store).is_absolute():
         rep.store = str(base / rep.store)
@@ -440,4 +440,9 @@ def read_config_file(path: str | Path, checks: PartChecks = NO_PART_CHECKS, *,
         value = getattr(cfg.audit, attr)
         if value and not Path(value).is_absolute() and not is_dsn(value):
             setattr(cfg.audit, attr, str(base / value))
+    if checks.files:
+        file_errors += [e for e in checks.files(cfg) if e not in file_errors]
+    errors += file_errors if check_files else []
+    if errors:
+        raise ConfigError(str(path), errors)
     return _with_defaults(cfg)
