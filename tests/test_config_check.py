@@ -107,3 +107,24 @@ seal_key = "{tmp_path}/no-seal.key"
         assert f"accounting.directory: {tmp_path}/afile is not a directory" in problems
         assert f"api.token_file: {tmp_path}/afile is not a directory" in problems
         assert len(problems) == 6, problems
+
+
+async def test_serve_names_the_file_it_cannot_open(tmp_path):
+    """A node whose own state is broken (the feedback key is a folder, the spool database is
+    one) exits 1 with one line naming it, not a traceback."""
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 2600))
+    (tmp_path / "spool" / "feedback.key").mkdir(parents=True)
+    (tmp_path / "spool" / "spool.sqlite").mkdir()
+    for broken in ("feedback.key", "spool.sqlite"):
+        proc = await asyncio.create_subprocess_exec(
+            POSTLANE, "serve", "-c", str(path), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ})
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        text = err.decode()
+        assert proc.returncode == 1 and "Traceback" not in text and "│" not in text, text
+        expected = (f"cannot start: {tmp_path}/spool/feedback.key: Is a directory"
+                    if broken == "feedback.key" else
+                    "cannot start: SQLite: unable to open database file")
+        assert expected in text, text
+        (tmp_path / "spool" / broken).rmdir()

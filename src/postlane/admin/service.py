@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable
@@ -153,6 +154,15 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
     return True
 
 
+def _why(exc: Exception) -> str:
+    """One line for a start failure: the file and the reason, or the SQLite error."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    if isinstance(exc, sqlite3.Error):
+        return f"SQLite: {exc}"
+    return str(exc)
+
+
 def run(config: Config, path: Path | None = None) -> None:
     """Run a node until SIGTERM/SIGINT, then drain; SIGHUP reloads the config at ``path``
     (docs/operations.md); systemd is told when it is ready, reloading and stopping."""
@@ -164,14 +174,13 @@ def run(config: Config, path: Path | None = None) -> None:
         runner = asyncio.run
 
     async def main() -> None:
-        node = Node(config)
         notifier, reloading = Notifier(), asyncio.Lock()
         watchdog = asyncio.get_running_loop().create_task(notifier.watchdog())  # from the start
         try:
+            node = Node(config)
             await node.start()
-        except (OSError, NodeConflict) as exc:  # say why, not a traceback
-            _node_log.error("cannot start: %s", exc.strerror if isinstance(exc, OSError)
-                      and exc.strerror else exc)
+        except (OSError, sqlite3.Error, NodeConflict) as exc:  # say why, not a traceback
+            _node_log.error("cannot start: %s", _why(exc))
             raise SystemExit(1) from None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
