@@ -163,17 +163,31 @@ def checklist(cfg: Config, now: float | None = None) -> str:
     return "\n".join(lines)
 
 
+def _address(text: str, port: int) -> tuple[str, int]:
+    """``IP``, ``IPv4:PORT`` or ``[IPv6]:PORT``; ValueError for anything else."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+        port = int(port_text) if port_text else port
+    except ValueError:
+        raise ValueError(f"{text!r} is not IP or IP:PORT") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r}: the port must be 1 to 65535")
+    return host, port
+
+
 def make_resolver(cfg: Config, nameserver: str | None = None) -> dns.resolver.Resolver:
-    """A resolver for ``nameserver`` (``IP`` or ``IP:PORT``), else the config's ``[dns]``,
-    else the system's."""
+    """A resolver for ``nameserver`` (``IP`` or ``IP:PORT``; ValueError if it is neither),
+    else the config's ``[dns]``, else the system's."""
     port = cfg.dns.port
-    if nameserver and nameserver.startswith("["):  # [IPv6]:PORT
-        nameserver, _, rest = nameserver[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else port
-    elif nameserver and nameserver.count(":") == 1:  # IPv4:PORT
-        nameserver, text = nameserver.split(":")
-        port = int(text)
-    elif not nameserver:
+    if nameserver:
+        nameserver, port = _address(nameserver, port)
+    else:
         nameserver = cfg.dns.nameserver
     resolver = dns.resolver.Resolver(configure=nameserver is None)
     if nameserver is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -89,12 +90,14 @@ def config_check(path: Path = typer.Argument(..., help="TOML config file"),
 
 @app.command()
 def serve(config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
-          log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING")) -> None:
+          log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR")) -> None:
     """Run a node until SIGTERM (which drains: 421 to new mail, in-flight deliveries finish);
     SIGHUP reloads keys, certificates, rules and class settings without dropping mail."""
     from ..admin.service import run
     from ..logsetup import setup_logging
 
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise typer.BadParameter("must be DEBUG, INFO, WARNING or ERROR", param_hint="--log-level")
     cfg = _load(config)
     setup_logging(log_level.upper())
     run(cfg, config)
@@ -120,8 +123,13 @@ def sink(host: str = typer.Option("127.0.0.1", help="address to listen on"),
 
     from ..harness.sink import run_sink
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_sink(host, port, delay_ms / 1000, typer.echo))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_sink(host, port, delay_ms / 1000, typer.echo))
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or exc
+        typer.echo(f"postlane sink: cannot listen on {host}:{port}: {why}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

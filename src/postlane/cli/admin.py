@@ -102,7 +102,11 @@ def dns_check(config: Path = _CONFIG,
     from ..admin.dnsrecords import check, make_resolver
 
     cfg = _config(config)
-    results = check(cfg, make_resolver(cfg, nameserver))
+    try:
+        resolver = make_resolver(cfg, nameserver)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--nameserver") from None
+    results = check(cfg, resolver)
     bad = [r for r in results if r.status != "ok"]
     if as_json:
         typer.echo(json.dumps({"ok": not bad, "records": [

@@ -1,0 +1,49 @@
+"""Bad arguments an operator may type: one clear line naming the option, a non-zero exit code,
+never a traceback."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from postlane.cli import app
+from tests.conftest import config_text
+
+runner = CliRunner()
+
+
+def _config(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 2600))
+    return str(path)
+
+
+def test_serve_refuses_an_unknown_log_level(tmp_path):
+    result = runner.invoke(app, ["serve", "-c", _config(tmp_path), "--log-level", "bogus"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2 and "--log-level" in result.output, result.output
+
+
+@pytest.mark.parametrize("nameserver", ["300.1.1.1", "localhost", "127.0.0.1:99999",
+                                        "127.0.0.1:x", "[::1]:0"])
+def test_dns_check_refuses_a_bad_nameserver(tmp_path, nameserver):
+    result = runner.invoke(app, ["dns", "check", "-c", _config(tmp_path),
+                                 "--nameserver", nameserver])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2 and "--nameserver" in result.output, result.output
+
+
+def test_sink_says_why_it_cannot_listen():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["sink", "--port", str(port)])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, result.output
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
+    result = runner.invoke(app, ["sink", "--host", "300.1.1.1", "--port", "0"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1 and "cannot listen on 300.1.1.1:0" in result.output
