@@ -128,3 +128,23 @@ async def test_serve_names_the_file_it_cannot_open(tmp_path):
                     "cannot start: SQLite: unable to open database file")
         assert expected in text, text
         (tmp_path / "spool" / broken).rmdir()
+
+
+async def test_config_check_refuses_zero_class_times_and_says_what_workers_takes(tmp_path):
+    """An expiry of 0 bounced every accepted message before its first attempt, a retry of 0
+    retried a failing destination in a busy loop, an SLA of 0 breached on every message; and a
+    bad ``workers`` gave two lines in pydantic's words (``node.workers.literal['auto']``)."""
+    text = config_text(tmp_path, 2600).replace("drain_timeout = 5",
+                                               "drain_timeout = 5\nworkers = 0")
+    text = text.replace('sla = "2m"', 'sla = 0').replace('expiry = "1h"', 'expiry = "0s"', 1)
+    text = text.replace('retry = ["1s", "2s"]', 'retry = ["1s", 0]')
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 2
+    problems = [line.strip() for line in err.splitlines()[1:]]
+    assert problems == [
+        "node.workers: not 'auto' or a number of processes from 1 to 256: 0",
+        "classes.policy-documents.sla: must be more than 0s",
+        "classes.policy-documents.expiry: must be more than 0s",
+        "classes.marketing.retry[1]: must be more than 0s"], problems

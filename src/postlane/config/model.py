@@ -12,7 +12,15 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from .fields import DEFAULT_FIELDS, RECORD_TYPES, resolve_fields
 
@@ -83,7 +91,22 @@ def _domain(value: object) -> str:
     return text
 
 
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be more than 0s")
+    return value
+
+
+def _workers(value: object) -> object:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and 1 <= value <= 256):
+        return value
+    raise ValueError(f"not 'auto' or a number of processes from 1 to 256: {value!r}")
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+"""A time that must pass (an SLA, a retry interval, an expiry): 0 is a mistake."""
 Instant = Annotated[float, BeforeValidator(parse_instant)]
 DomainName = Annotated[str, BeforeValidator(_domain)]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -106,7 +129,7 @@ class NodeConfig(Strict):
     spool: str = "var/spool"
     """Directory of the embedded SQLite spool, or a ``postgresql://`` DSN (cluster mode)."""
     drain_timeout: Duration = 30.0
-    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] = 1
+    workers: Annotated[Literal["auto"] | int, BeforeValidator(_workers)] = 1
     """SMTP intake processes: ``"auto"`` is one per core, 1 keeps intake in the main process.
     With more than one, the workers share the listening sockets and run the SMTP edge; the
     main process keeps the spool writer, the scheduler and the relay (docs/architecture.md,
@@ -210,9 +233,9 @@ class ClassConfig(Strict):
     """Outbound TLS of this class: ``required`` never sends in clear text, ``verified`` also
     checks the MX certificate; default ``relay.tls``. Classes that share a pool share its
     connections, so the pool applies the strictest of its classes."""
-    sla: Duration | None = None
-    retry: list[Duration] = [60.0, 300.0, 900.0, 1800.0, 3600.0]
-    expiry: Duration = 5 * 86400.0
+    sla: PositiveDuration | None = None
+    retry: list[PositiveDuration] = [60.0, 300.0, 900.0, 1800.0, 3600.0]
+    expiry: PositiveDuration = 5 * 86400.0
 
     @field_validator("retry")
     @classmethod
