@@ -148,3 +148,16 @@ async def test_config_check_refuses_zero_class_times_and_says_what_workers_takes
         "classes.policy-documents.sla: must be more than 0s",
         "classes.policy-documents.expiry: must be more than 0s",
         "classes.marketing.retry[1]: must be more than 0s"], problems
+
+
+async def test_a_field_left_out_is_not_reported_again_through_what_needs_it(tmp_path):
+    """docs/configuration.md's own example: a class's bad ``sla`` used to be reported twice,
+    the second time as ``monitor.sla.X: class 'X' has no sla to monitor``."""
+    text = config_text(tmp_path, 2600, "[monitor.sla.policy-documents]\nlead_time = \"60s\"\n")
+    path = tmp_path / "bad.toml"
+    path.write_text(text.replace('sla = "2m"', 'sla = "soon"'))
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 2
+    assert [line.strip() for line in err.splitlines()[1:]] == [
+        "classes.policy-documents.sla: not a duration: 'soon' (use seconds or e.g. '30s', '2m',"
+        " '1h', '3d')"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import time
 import tomllib
 from collections.abc import Callable
@@ -374,7 +375,11 @@ def _validate(text: str, source: str, checks: PartChecks) -> tuple[Config | None
                 return None, errors
             continue
         cross = _cross_checks(cfg, checks) + _security_checks(cfg, None, checks)
-        errors += [e for e in cross if not any(repr(name) in e for name in dropped)]
+        # an entry's field left out: what needs that field of it (class 'x' has no sla)
+        fields = {(str(loc[1]), str(loc[2])) for loc in removed if len(loc) >= 3}
+        errors += [e for e in cross if not any(repr(name) in e for name in dropped)
+                   and not any(repr(name) in e and re.search(rf"\b{re.escape(field)}\b", e)
+                               for name, field in fields)]
         return cfg, errors
     return None, errors
 
