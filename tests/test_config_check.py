@@ -161,3 +161,27 @@ async def test_a_field_left_out_is_not_reported_again_through_what_needs_it(tmp_
     assert [line.strip() for line in err.splitlines()[1:]] == [
         "classes.policy-documents.sla: not a duration: 'soon' (use seconds or e.g. '30s', '2m',"
         " '1h', '3d')"]
+
+
+async def test_the_reference_doc_example_is_what_config_check_prints(tmp_path):
+    """docs/configuration.md opens with `postlane config check bad.toml` on the example config
+    with two mistakes: its output is exactly that; and every field of the [destinations.NAME]
+    table the doc gives exists (``tls`` was missing)."""
+    from postlane.config.model import DestinationRule
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "configuration.md").read_text()
+    shown = doc[doc.index("$ postlane config check bad.toml\n"):].split("```")[0].splitlines()[1:]
+    text = (repo / "examples" / "insurance.toml").read_text()
+    text = text.replace('address = "127.0.0.10"', 'address = "999.1.1.1"')
+    claims = text.index("[classes.claims]")
+    text = text[:claims] + text[claims:].replace('sla = "30m"', 'sla = "soon"', 1)
+    (tmp_path / "bad.toml").write_text(text)
+    proc = await asyncio.create_subprocess_exec(
+        POSTLANE, "config", "check", "bad.toml", cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2 and err.decode().splitlines() == shown, err.decode()
+    section = doc[doc.index("## `[destinations.NAME]`"):doc.index("A rule with the same name")]
+    documented = {row.split("`")[1] for row in section.splitlines() if row.startswith("| `")}
+    assert documented == {f.alias or n for n, f in DestinationRule.model_fields.items()}
