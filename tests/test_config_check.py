@@ -185,3 +185,18 @@ async def test_the_reference_doc_example_is_what_config_check_prints(tmp_path):
     section = doc[doc.index("## `[destinations.NAME]`"):doc.index("A rule with the same name")]
     documented = {row.split("`")[1] for row in section.splitlines() if row.startswith("| `")}
     assert documented == {f.alias or n for n, f in DestinationRule.model_fields.items()}
+
+
+async def test_serve_refuses_pool_ips_this_machine_does_not_have(tmp_path):
+    """A pool whose source IP is not on the machine used to start, accept mail and defer all of
+    it as 'destination unreachable ... Cannot assign requested address'."""
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 2600).replace("127.0.0.30", "192.0.2.30"))
+    proc = await asyncio.create_subprocess_exec(
+        POSTLANE, "serve", "-c", str(path), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ})
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 1 and "Traceback" not in text, text
+    assert ("cannot start: pools.bulk.ips[0].address: 192.0.2.30 is not an address of this"
+            " machine: Cannot assign requested address") in text, text

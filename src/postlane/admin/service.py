@@ -154,6 +154,22 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
     return True
 
 
+def _source_ips(config: Config) -> list[str]:
+    """The pools' source IPs this machine cannot send from: every connection of theirs would
+    fail (EADDRNOTAVAIL) and their mail wait in the queue as if the destination were away."""
+    errors = []
+    for name, pool in config.pools.items():
+        for i, ip in enumerate(pool.ips):
+            family = socket.AF_INET6 if ":" in ip.address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((ip.address, 0))
+                except OSError as exc:
+                    errors.append(f"pools.{name}.ips[{i}].address: {ip.address} is not an"
+                                  f" address of this machine: {os.strerror(exc.errno or 0)}")
+    return errors
+
+
 def _why(exc: Exception) -> str:
     """One line for a start failure: the file and the reason, or the SQLite error."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -176,6 +192,10 @@ def run(config: Config, path: Path | None = None) -> None:
     async def main() -> None:
         notifier, reloading = Notifier(), asyncio.Lock()
         watchdog = asyncio.get_running_loop().create_task(notifier.watchdog())  # from the start
+        if foreign := _source_ips(config):
+            for error in foreign:
+                _node_log.error("cannot start: %s", error)
+            raise SystemExit(1)
         try:
             node = Node(config)
             await node.start()
