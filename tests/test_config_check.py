@@ -200,3 +200,14 @@ async def test_serve_refuses_pool_ips_this_machine_does_not_have(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in text, text
     assert ("cannot start: pools.bulk.ips[0].address: 192.0.2.30 is not an address of this"
             " machine: Cannot assign requested address") in text, text
+
+
+async def test_a_bad_webhook_url_is_named_not_printed(tmp_path):
+    """Webhook URLs carry their secret in the path (a chat hook's token): a mistyped one is
+    reported by its field, like reputation.snds.url, never echoed to a terminal or a CI log."""
+    path = tmp_path / "bad.toml"
+    path.write_text(config_text(tmp_path, 2600, '[monitor]\nwebhook_url = '
+                                                '"hooks.example/services/T0/B0/s3cretTOKEN"\n'))
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 2 and "s3cretTOKEN" not in err, err
+    assert "monitor.webhook_url: not an http(s) URL" in err

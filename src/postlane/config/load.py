@@ -170,7 +170,7 @@ def _cross_checks(cfg: Config, checks: PartChecks) -> list[str]:
             errors.append(f"tlsrpt.{field}: {addr!r} is not an e-mail address")
     url = cfg.monitor.webhook_url
     if url is not None and not url.startswith(("http://", "https://")):
-        errors.append(f"monitor.webhook_url: {url!r} is not an http(s) URL")
+        errors.append("monitor.webhook_url: not an http(s) URL")  # never echoed: a secret
     for field in ("ops_address", "ops_from"):
         addr = getattr(cfg.monitor, field)
         if addr is not None and not checks.mailbox(addr):
