@@ -211,3 +211,20 @@ async def test_a_bad_webhook_url_is_named_not_printed(tmp_path):
     code, _, err = await run_cli("config", "check", str(path))
     assert code == 2 and "s3cretTOKEN" not in err, err
     assert "monitor.webhook_url: not an http(s) URL" in err
+
+
+async def test_a_value_of_the_wrong_type_is_an_error_not_a_guess(tmp_path):
+    """TOML has types: ``pausable = "no"`` and ``port = "2525"`` used to pass (pydantic's lax
+    mode reads "no" as false and "2525" as a number), ``max_smtp_out = 4.0`` too."""
+    text = config_text(tmp_path, 2600).replace("pausable = false", 'pausable = "no"')
+    text = text.replace("max_message_size = 100000", 'max_message_size = 100000\nmax_recipients'
+                                                      ' = "50"')
+    text = text.replace("max_smtp_out = 4 }", "max_smtp_out = 4.0 }", 1)
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 2
+    assert [line.strip() for line in err.splitlines()[1:]] == [
+        "listeners.in.max_recipients: Input should be a valid integer",
+        "pools.critical.ips[0].max_smtp_out: Input should be a valid integer",
+        "pools.critical.pausable: Input should be a valid boolean"], err

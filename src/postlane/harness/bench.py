@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import Config
 from ..relay.client import SMTPConnection, SMTPError
@@ -88,7 +88,8 @@ def bench_config(base: Config, *, workdir: Path, sink_port: int, fifo: bool,
         from ..config.model import DKIMKeyConfig
         from ..policy.dkim import generate_key, write_key
 
-        algorithm = "rsa-sha256" if dkim == "rsa" else "ed25519-sha256"
+        algorithm: Literal["rsa-sha256", "ed25519-sha256"] = (
+            "rsa-sha256" if dkim == "rsa" else "ed25519-sha256")
         workdir.mkdir(parents=True, exist_ok=True)
         cfg.dkim.keys = []
         for domain in ("insurer.example", "insurer-news.example"):
