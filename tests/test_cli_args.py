@@ -47,3 +47,16 @@ def test_sink_says_why_it_cannot_listen():
     result = runner.invoke(app, ["sink", "--host", "300.1.1.1", "--port", "0"])
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1 and "cannot listen on 300.1.1.1:0" in result.output
+
+
+@pytest.mark.parametrize("cmd", [["suppress", "export"], ["rules", "review"],
+                                 ["dmarc", "import", "/dev/null"]])
+def test_every_command_reports_a_bad_config_the_same_way(tmp_path, cmd):
+    """``suppress``, ``rules`` and ``dmarc`` printed the exception (``FILE: 1 error(s)``)
+    instead of the ``FILE: configuration is not valid:`` block of every other command."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nbogus = 1\n")
+    result = runner.invoke(app, [*cmd, "-c", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[:2] == [f"{bad}: configuration is not valid:",
+                                              "  node.bogus: unknown field"], result.output

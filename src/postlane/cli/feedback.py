@@ -26,7 +26,6 @@ from ..operations import Operator, Suppressions
 from ..secretfile import private_open
 from ..spool import local_dir
 from ..spool.outbox import post
-from ..startup import ConfigError, load_config
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Bounce, DSN and complaint reports.")
 suppress_app = typer.Typer(no_args_is_help=True,
@@ -61,13 +60,9 @@ def parse(files: list[Path] = typer.Argument(..., help="messages (.eml), '-' for
 
 
 def _config(config: Path | None) -> Config | None:
-    if config is None:
-        return None
-    try:
-        return load_config(config)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    from . import _load  # the one place config errors are printed
+
+    return None if config is None else _load(config)
 
 
 def _open(config: Path | None, db: Path | None) -> SuppressionList:

@@ -20,7 +20,6 @@ from ..reputation.alignment import GROUPS, summarise
 from ..reputation.review import PERIOD, review
 from ..reputation.service import import_report, open_store
 from ..reputation.store import ReputationStore
-from ..startup import ConfigError, load_config
 
 dmarc_app = typer.Typer(no_args_is_help=True, help="DMARC aggregate (rua) reports.")
 rules_app = typer.Typer(no_args_is_help=True, help="The monthly review of destination rules.")
@@ -31,11 +30,10 @@ _JSON = typer.Option(False, "--json", help="JSON output")
 
 
 def _config(path: Path) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
+    from . import _load  # the one place config errors are printed
+
+    cfg: Config = _load(path)
+    return cfg
 
 
 def _store(cfg: Config) -> ReputationStore:
