@@ -181,3 +181,16 @@ def test_dns_commands_need_a_valid_config(tmp_path, cmd):
     (tmp_path / "bad.toml").write_text("[node]\nbogus = 1\n")
     result = runner.invoke(app, [*cmd, "-c", str(tmp_path / "bad.toml")])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(("option", "value"), [("--hostname", "bad host"),
+                                               ("--domain", "bad domain"),
+                                               ("--smarthost", "bogus")])
+def test_init_writes_nothing_when_the_options_make_no_valid_config(tmp_path, option, value):
+    """A bad --hostname, --domain or --smarthost used to leave a folder with keys, a token and
+    an invalid config behind, so that init with the option corrected refused: 'not empty'."""
+    args = {"--hostname": "m.example", "--domain": "insurer.example", option: value}
+    result = runner.invoke(app, ["init", str(tmp_path / "n"),
+                                 *[a for kv in args.items() for a in kv]])
+    assert result.exit_code == 2 and f"error: {option}: " in result.output, result.output
+    assert not (tmp_path / "n").exists()

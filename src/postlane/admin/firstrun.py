@@ -262,6 +262,26 @@ tls = "opportunistic"
 {routes}"""
 
 
+_OPTIONS = (("node.hostname", "--hostname"), ("node.name", "--node-name"),
+            ("routes.", "--smarthost"))
+
+
+def _check(text: str) -> None:
+    """The config the options make is valid, else InitError naming the option (no domain,
+    host name or smarthost is half-written into a folder that init then refuses to reuse)."""
+    from ..startup import ConfigError, parse_config
+
+    try:
+        parse_config(text)
+    except ConfigError as exc:
+        first: dict[str, str] = {}  # one error per option (--domain is in many fields)
+        for e in exc.errors:
+            opt = next((o for field, o in _OPTIONS if e.startswith(field)),
+                       "--domain" if "domain" in e.partition(":")[0] else "")
+            first.setdefault(opt or e, f"{opt}: {e}" if opt else e)
+        raise InitError("; ".join(first.values())) from None
+
+
 def write_node(opts: InitOptions, now: float | None = None) -> list[Path]:
     """Write the node's files into ``opts.directory`` (absent or empty); returns them."""
     from ..api.tokens import load_token
@@ -273,6 +293,7 @@ def write_node(opts: InitOptions, now: float | None = None) -> list[Path]:
                         f" files (keys above all)")
     selector = _quarter(now)
     text = config_text(opts, selector)  # every option checked before anything is written
+    _check(text)
     private_dir(folder)
     written = [folder / "postlane.toml"]
     written[0].write_text(text, encoding="utf-8")
