@@ -228,3 +228,24 @@ async def test_a_value_of_the_wrong_type_is_an_error_not_a_guess(tmp_path):
         "listeners.in.max_recipients: Input should be a valid integer",
         "pools.critical.ips[0].max_smtp_out: Input should be a valid integer",
         "pools.critical.pausable: Input should be a valid boolean"], err
+
+
+async def test_a_name_that_does_not_fit_is_explained_in_words(tmp_path):
+    """Pattern mismatches were pydantic's regex ('String should match pattern
+    '^[A-Za-z0-9][A-Za-z0-9_.-]*$''), and a bad table name ended in '.[key]'."""
+    text = config_text(tmp_path, 2600, '[[audit.webhooks]]\nurl = "ftp://hooks.example/s3cret"\n'
+                                       '[cluster]\nschema_name = "Bad-Name"\n')
+    text = text.replace("[classes.marketing]", '[classes."mark eting"]').replace(
+        'hostname = "mta.test"', 'hostname = "mta_test"').replace(
+        'default_class = "marketing"', "")
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 2 and "s3cret" not in err and "should match pattern" not in err, err
+    assert [line.strip() for line in err.splitlines()[1:]] == [
+        "node.hostname: not a host name (letters, digits, '.' and '-')",
+        "classes.mark eting: not a name (letters, digits, '.', '_' and '-', starting with a"
+        " letter or digit)",
+        "audit.webhooks[0].url: not an http(s):// URL",
+        "cluster.schema_name: not a schema name (lower case letters, digits and '_', at most 40,"
+        " not starting with a digit)"], err

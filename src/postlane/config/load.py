@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from .destinations import default_rules
 from .locations import is_dsn
-from .model import Config
+from .model import PATTERN_WORDS, Config
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails
@@ -57,6 +57,8 @@ class ConfigError(Exception):
 def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
+        if part == "[key]":  # a table's name: the path ends at it
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:
@@ -72,6 +74,8 @@ def _message(err: ErrorDetails) -> str:
         return "unknown field" + (f" (did you mean {hint!r}?)" if hint else "")
     if err.get("type") == "missing":
         return "required field is missing"
+    if err.get("type") == "string_pattern_mismatch":
+        return PATTERN_WORDS.get(str(err.get("ctx", {}).get("pattern")), msg)
     return msg
 
 

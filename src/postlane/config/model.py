@@ -111,7 +111,20 @@ Instant = Annotated[float, BeforeValidator(parse_instant)]
 DomainName = Annotated[str, BeforeValidator(_domain)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 IPAddress = Annotated[str, BeforeValidator(_ip)]
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_HOSTNAME = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"
+_URL = r"^https?://[^\s]+$"
+_SELECTOR = r"^[A-Za-z0-9]([A-Za-z0-9-]*)(\.[A-Za-z0-9-]+)*$"
+_SCHEMA = r"^[a-z_][a-z0-9_]{0,39}$"
+PATTERN_WORDS = {
+    _NAME: "not a name (letters, digits, '.', '_' and '-', starting with a letter or digit)",
+    _HOSTNAME: "not a host name (letters, digits, '.' and '-')",
+    _URL: "not an http(s):// URL",
+    _SELECTOR: "not a DKIM selector (letters, digits and '-', labels joined by '.')",
+    _SCHEMA: "not a schema name (lower case letters, digits and '_', at most 40, not starting"
+             " with a digit)"}
+"""What each pattern a field must match means, for the error (never the regular expression)."""
+Name = Annotated[str, Field(pattern=_NAME, max_length=64)]
 
 
 class Strict(BaseModel):
@@ -120,8 +133,7 @@ class Strict(BaseModel):
 
 class NodeConfig(Strict):
     name: Name = "postlane-1"
-    hostname: Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$",
-                                   max_length=253)] = "localhost"
+    hostname: Annotated[str, Field(pattern=_HOSTNAME, max_length=253)] = "localhost"
     """Name in the greeting, ``Received``, Message-IDs and bounces (a header value: LDH only)."""
     postmaster: str | None = None
     """Where mail to ``<postmaster>`` goes (RFC 5321 4.5.1: accepted from anyone);
@@ -377,7 +389,7 @@ class RetentionConfig(Strict):
 
 
 class WebhookConfig(Strict):
-    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    url: Annotated[str, Field(pattern=_URL)]
     name: Name | None = None
     """Key of the delivery cursor (default: the URL); renaming restarts from the beginning."""
     types: list[str] = []
@@ -481,7 +493,7 @@ OversignHeaders, M3AAWG's advice): a Reply-To or Cc added later must break the s
 
 class DKIMKeyConfig(Strict):
     domain: DomainName
-    selector: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]*)(\.[A-Za-z0-9-]+)*$",
+    selector: str = Field(pattern=_SELECTOR,
                           max_length=63)
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
     key_file: str
@@ -613,7 +625,7 @@ class MonitorConfig(Strict):
 class ClusterConfig(Strict):
     """Cluster mode (``node.spool`` is a PostgreSQL DSN): how nodes share the queue."""
 
-    schema_name: str = Field("postlane", pattern=r"^[a-z_][a-z0-9_]{0,39}$")
+    schema_name: str = Field("postlane", pattern=_SCHEMA)
     """PostgreSQL schema holding the shared spool and audit store; every node of one cluster
     names the same.
     Lower case, digits and ``_``, at most 40 characters (it also names the NOTIFY channels)."""
