@@ -60,3 +60,14 @@ def test_every_command_reports_a_bad_config_the_same_way(tmp_path, cmd):
     assert result.exit_code == 2, result.output
     assert result.output.splitlines()[:2] == [f"{bad}: configuration is not valid:",
                                               "  node.bogus: unknown field"], result.output
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate\n"])
+def test_tls_check_refuses_a_ca_file_it_cannot_load(tmp_path, content):
+    ca = tmp_path / "ca.pem"
+    if content is not None:
+        ca.write_text(content)
+    result = runner.invoke(app, ["tls", "check", "-c", _config(tmp_path), "--ca-file", str(ca)])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2 and f"--ca-file: cannot load {ca}" in result.output, \
+        result.output

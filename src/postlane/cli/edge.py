@@ -127,6 +127,12 @@ def tls_check(
     if listener and listener not in cfg.listeners:
         typer.echo(f"no listener named {listener!r}", err=True)
         raise typer.Exit(2)
+    if ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            typer.echo(f"--ca-file: cannot load {ca_file}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
     names = [listener] if listener else [n for n, lc in cfg.listeners.items() if lc.tls != "none"]
     results = [_check_listener(cfg.listeners[n], n, name or cfg.node.hostname, ca_file)
                for n in names]
