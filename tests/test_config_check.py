@@ -195,7 +195,12 @@ async def test_serve_refuses_pool_ips_this_machine_does_not_have(tmp_path):
     proc = await asyncio.create_subprocess_exec(
         POSTLANE, "serve", "-c", str(path), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, env={**os.environ})
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # it started after all: stop it
+            proc.terminate()
+            await proc.wait()
     text = err.decode()
     assert proc.returncode == 1 and "Traceback" not in text, text
     assert ("cannot start: pools.bulk.ips[0].address: 192.0.2.30 is not an address of this"
