@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from postlane.startup import ConfigError
 from tests.conftest import config_text
 from tests.test_cli_ops import run_cli
 
@@ -254,3 +255,28 @@ async def test_a_name_that_does_not_fit_is_explained_in_words(tmp_path):
         "audit.webhooks[0].url: not an http(s):// URL",
         "cluster.schema_name: not a schema name (lower case letters, digits and '_', at most 40,"
         " not starting with a digit)"], err
+
+
+def test_files_that_exist_need_no_writable_folder(tmp_path, monkeypatch):
+    """Under deploy/systemd/postlane.service (ProtectSystem=strict) /etc/postlane is read-only
+    to ExecStartPre's `config check`: the token file init wrote there is fine as it is. Only a
+    file still to be made needs a folder it can be made in."""
+    from postlane.startup import load_config
+
+    ro = tmp_path / "etc"
+    ro.mkdir()
+    (ro / "api-token").write_text("x" * 40 + "\n")
+    real = os.access
+    monkeypatch.setattr("postlane.startup.os.access",
+                        lambda p, mode: False if Path(p) == ro else real(p, mode))
+    path = ro / "node.toml"
+    path.write_text(config_text(tmp_path, 2600).replace(f'token_file = "{tmp_path}/api-token"',
+                                                        'token_file = "api-token"'))
+    load_config(path)  # no error
+    (ro / "api-token").unlink()
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert exc.errors == [f"api.token_file: {ro} is not writable"]
+    else:
+        raise AssertionError("a token file that cannot be made passed")

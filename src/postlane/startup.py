@@ -90,10 +90,11 @@ def _folder(field: str, path: str) -> str | None:
 
 
 def _file(field: str, path: str) -> str | None:
-    """A file the node creates or opens at start: not a folder, and its folder can be made."""
+    """A file the node opens at start: not a folder; one still to be made, in a folder that
+    can be written (one that exists may sit in a read-only /etc, as under systemd)."""
     if Path(path).is_dir():
         return f"{field}: {path} is a directory"
-    return _folder(field, str(Path(path).parent))
+    return None if Path(path).exists() else _folder(field, str(Path(path).parent))
 
 
 def _files(cfg: Config) -> list[str]:
