@@ -224,3 +224,40 @@ async def test_reload_names_what_waits_for_a_restart_and_applies_class_settings(
         assert "node changed; those take effect at the next restart" in caplog.text
     finally:
         await node.stop()
+
+
+async def test_sigterm_to_the_whole_unit_drains_like_sigterm_to_the_node(tmp_path):
+    """systemd's default KillMode=control-group (and `timeout`, `kill -- -PGID`) sends SIGTERM to
+    every process of the node at once. The recorder and the DKIM signers died of it mid-drain
+    ('recorder process ended (exit -15); starting another'); like the intake workers, they now
+    leave their ending to the node, which drains first."""
+    sink = await Sink().start()
+    result = runner.invoke(app, [
+        "init", str(tmp_path / "node"), "--hostname", "mta.example", "--domain",
+        "insurer.example", "--listen", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--api",
+        "127.0.0.1:0", "--smarthost", f"127.0.0.1:{sink.port}"])
+    assert result.exit_code == 0, result.output
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([str(POSTLANE), "serve", "-c", str(tmp_path / "node" /
+                                                                   "postlane.toml")],
+                                stderr=log_file, stdout=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        await until(lambda: '"listening"' in log_path.read_text(), timeout=60,
+                    what="the node listening")
+        line = next(ln for ln in log_path.read_text().splitlines() if '"listening"' in ln)
+        port = json.loads(line)["listeners"]["submission"]
+        await asyncio.to_thread(_submit, port, 0)
+        await sink.wait_for(1, timeout=30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        await sink.stop()
+    log = log_path.read_text()
+    assert code == 0, log
+    assert '"level": "ERROR"' not in log, log
+    assert '"stopped"' in log

@@ -467,8 +467,10 @@ def _serve(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    # Ctrl-C reaches the whole process group: the node stops and tells us when to end.
+    # Ctrl-C, and SIGTERM from systemd's control-group stop or `kill -- -PGID`, reach the whole
+    # process group: the node drains, then tells us when to end (stop, or the socket closes).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(NICE)
     logging.getLogger().setLevel(logging.INFO)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):

@@ -130,7 +130,7 @@ class SigningProcess(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
+            self._proc.kill()  # it ignores SIGTERM (see the child) and has nothing to save
             reap(self._proc, 5)
 
     async def stop(self) -> None:
@@ -139,7 +139,7 @@ class SigningProcess(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
+            self._proc.kill()  # it ignores SIGTERM (see the child) and has nothing to save
             await asyncio.to_thread(reap, self._proc, 5)
 
 
@@ -187,8 +187,10 @@ def _serve(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    # Ctrl-C in a terminal reaches the whole process group: the node drains, and this child
-    # keeps signing until the node closes the socket.
+    # Ctrl-C in a terminal, and SIGTERM from systemd's control-group stop, reach the whole
+    # process group: the node drains, and this child keeps signing until the node closes the
+    # socket and kills it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         _serve(int(sys.argv[1]))
