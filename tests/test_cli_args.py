@@ -71,3 +71,11 @@ def test_tls_check_refuses_a_ca_file_it_cannot_load(tmp_path, content):
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 2 and f"--ca-file: cannot load {ca}" in result.output, \
         result.output
+
+
+def test_demo_refuses_a_campaign_of_no_messages(tmp_path):
+    """`postlane demo --marketing -5` went on to run the case study with a negative campaign."""
+    result = runner.invoke(app, ["demo", "--workdir", str(tmp_path / "d"), "--marketing", "-5"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 2 and "--marketing" in result.output, result.output
+    assert not (tmp_path / "d").exists()

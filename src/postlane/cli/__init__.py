@@ -105,7 +105,7 @@ def serve(config: Path = typer.Option(..., "-c", "--config", help="TOML config f
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path("demo-run"), help="where the demo keeps its spool"),
-         marketing: int = typer.Option(20000, help="size of the marketing campaign"),
+         marketing: int = typer.Option(20000, min=1, help="size of the marketing campaign"),
          quick: bool = typer.Option(False, help="a few messages per class only")) -> None:
     """The case study end to end on this machine, with a per-class report."""
     from ..harness.demo import run_demo
