@@ -111,6 +111,22 @@ async def test_an_empty_domain_is_refused_not_read_as_the_whole_pool(tmp_path, s
         assert ("bulk", "*") in node.scheduler.paused
 
 
+async def test_a_lane_is_paused_only_for_what_could_be_a_domain(tmp_path, sink, make_node):
+    """`pause bulk --domain 'bad domain'` was kept as a paused lane nothing could ever match;
+    a domain with no mail yet may be paused, one that cannot exist is a 422."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for bad in ("bad domain", "a..b", "-x.example", "[1.2.3]", "x@y.example"):
+            resp = await client.post("/api/v1/pools/bulk/pause", params={"domain": bad})
+            assert resp.status_code == 422, (bad, resp.text)
+            assert "is not a domain" in resp.json()["error"]
+        for good in ("Example.COM", "bücher.example", "[127.0.0.1]"):
+            resp = await client.post("/api/v1/pools/bulk/pause", params={"domain": good})
+            assert resp.status_code == 200, (good, resp.text)
+    assert {d for p, d in node.scheduler.paused if p == "bulk"} == {
+        "example.com", "xn--bcher-kva.example", "[127.0.0.1]"}, "named as lanes name them"
+
+
 async def test_cli_path_arguments_cannot_reach_another_route(tmp_path, sink, make_node):
     """The CLI put pool, domain and queue id into the URL unescaped, and the HTTP client folds
     "..": `postlane resume x/../bulk` resumed pool bulk, and `postlane purge bulk

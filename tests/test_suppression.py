@@ -97,6 +97,11 @@ def test_suppress_commands(tmp_path) -> None:
     assert run(app, ["suppress", "remove", "--db", db, "p@example.com"]).exit_code == 1
     r = run(app, ["suppress", "add", "--db", db, "--scope", "nope", "r@example.com"])
     assert r.exit_code == 2 and "unknown scope" in r.output
+    csv_in.write_bytes("ok@example.com\nm\u00fcller@example.com\n".encode("latin-1"))
+    r = run(app, ["suppress", "import", "--db", db, str(csv_in)])
+    assert r.exit_code == 2 and "line 2: not UTF-8" in r.output, "not a traceback"
+    r = run(app, ["suppress", "list", "--db", db, "--like", "nobody*"])
+    assert r.exit_code == 0 and "no entries match" in r.output
     csv_in.write_text("not-an-address\n")
     r = run(app, ["suppress", "import", "--db", db, str(csv_in)])
     assert r.exit_code == 2 and "line 1" in r.output

@@ -63,7 +63,8 @@ def _local_part(text: str) -> None:
         raise PathError("bad local part")
 
 
-def _domain(text: str) -> None:
+def check_domain(text: str) -> None:
+    """A domain as a path may name it (raises PathError): also what a lane may be paused for."""
     if text.startswith("["):
         literal = text[1:-1] if text.endswith("]") else ""
         try:
@@ -107,7 +108,7 @@ def _mailbox(text: str) -> str:
         raise PathError("the address needs local-part@domain")
     local, domain = text[:at], text[at + 1:]
     _local_part(local)
-    _domain(domain)
+    check_domain(domain)
     return text
 
 
@@ -172,7 +173,7 @@ def parse_path(arg: str, *, utf8: bool, null: bool = False,
         for hop in route.split(","):
             if not hop.startswith("@"):
                 raise PathError("bad source route")
-            _domain(hop[1:])
+            check_domain(hop[1:])
     address = _mailbox(path)
     if len(address.encode("utf-8")) > 254:
         raise PathError("the address is too long")

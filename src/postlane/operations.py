@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from .accounting.operators import DONE, Operator, action_record, stamp
 from .accounting.records import Record
+from .address import PathError, alabel_domain, check_domain
 from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
 from .feedback.suppression_writer import SuppressionWriter
 from .scheduler.control import SelectionError, Selector
@@ -135,7 +136,13 @@ class Operations:
 
     async def _set_paused(self, pool: str, domain: str | None, paused: bool,
                           who: Operator) -> int:
-        domain = domain.lower() if domain else None
+        if domain:  # a lane with no mail yet may be paused, but only one that could have some
+            try:
+                check_domain(domain)
+                domain = alabel_domain(domain)  # as lanes name it (``intake.domain_of``)
+            except PathError as exc:
+                raise OperationError(f"{domain!r} is not a domain: {exc}", 422) from None
+        domain = domain or None
         queued = sum(lane.depth() for lane in self.scheduler.lanes.values()
                      if lane.pool == pool and domain in (None, lane.domain))
         action = "pause" if paused else "resume"

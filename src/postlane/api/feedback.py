@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
-from ..feedback.suppression import SuppressionError
+from ..feedback.suppression import SuppressionError, csv_text
 from .tokens import caller
 
 if TYPE_CHECKING:
@@ -71,13 +71,8 @@ def router(parts: NodeParts) -> APIRouter:
     @api.post("/suppressions/import")
     async def import_(request: Request, scope: Scope = "marketing") -> dict:
         """CSV body: address[,scope,reason,source,created,expires]; all rows or none."""
-        body = await request.body()
         try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError as exc:  # replaced, an address would suppress nobody
-            line = body.count(b"\n", 0, exc.start) + 1
-            raise HTTPException(422, f"line {line}: not UTF-8 (byte {exc.start})") from None
-        try:
+            text = csv_text(await request.body())
             count = await ops.import_suppressions(io.StringIO(text), scope,
                                                   who=caller(request))
         except SuppressionError as exc:

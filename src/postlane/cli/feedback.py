@@ -9,6 +9,7 @@ the audit trail has them (given ``--config``, which says where the spool is).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from ..accounting.records import Record
 from ..config import Config
 from ..feedback.categories import RulesError, load_classifier
 from ..feedback.parse import parse_report
-from ..feedback.suppression import SCOPES, SuppressionError, SuppressionList
+from ..feedback.suppression import SCOPES, SuppressionError, SuppressionList, csv_text
 from ..operations import Operator, Suppressions
 from ..secretfile import private_open
 from ..spool import local_dir
@@ -158,6 +159,9 @@ def list_(scope: str | None = typer.Option(None), like: str | None = typer.Optio
         entries = store.list(_scope(scope) if scope else None, like, limit, offset)
     finally:
         store.close()
+    if not entries and not as_json:  # on stderr: a script reading the lines gets none
+        typer.echo("no entries" + (" at this offset" if offset else "")
+                   + (" match" if scope or like else " in force"), err=True)
     for e in entries:
         if as_json:
             typer.echo(json.dumps(e.as_dict()))
@@ -177,8 +181,10 @@ def import_(file: Path = typer.Argument(
             config: Path | None = _CONFIG, db: Path | None = _DB, as_json: bool = _JSON) -> None:
     """Import a CSV file (all rows or none)."""
     try:
-        with _changing(config, db) as lst, file.open(newline="", encoding="utf-8") as src:
-            n = lst.import_csv(src, _scope(scope), who=Operator.local())
+        text = csv_text(file.read_bytes())
+        with _changing(config, db) as lst:
+            n = lst.import_csv(io.StringIO(text, newline=""), _scope(scope),
+                               who=Operator.local())
     except (OSError, SuppressionError) as exc:
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(2) from None

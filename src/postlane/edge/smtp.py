@@ -90,6 +90,8 @@ def _split_params(rest: str, ours: frozenset[str]) -> tuple[str, dict[str, str]]
     """The parameters after a path -> (those for aiosmtpd, those in ``ours``). Raises ParamError
     for a keyword given twice: aiosmtpd kept the last silently (RET=FULL RET=HDRS), where
     Postfix refuses (RFC 3461 4: each DSN parameter at most once)."""
+    if not rest:  # most MAIL and RCPT commands
+        return "", {}
     keep, mine, seen = [], {}, set()
     for param in rest.split():
         key, _, value = param.partition("=")

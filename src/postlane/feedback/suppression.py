@@ -363,6 +363,16 @@ class SuppressionList:
         return self.add_many(parse_csv(src, default_scope, source), patience)
 
 
+def csv_text(data: bytes) -> str:
+    """An import file's text: UTF-8 or refused, naming the line (a byte replaced by U+FFFD
+    would make an address that suppresses nobody, and the import would say it was done)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SuppressionError(f"line {line}: not UTF-8 (byte {exc.start})") from None
+
+
 def parse_csv(src: TextIO, default_scope: str = "marketing",
               source: str = "import") -> list[Entry]:
     """The entries of an import file (``import_csv``); ``SuppressionError`` names the first
