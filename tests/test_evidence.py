@@ -394,3 +394,23 @@ async def test_a_bounced_recipient_is_not_final_on_disk_before_its_dsn(tmp_path,
     assert sorted((r["type"], r["rcpt"]) for r in records(tmp_path)) == [
         ("b", "gone@example.com"), ("d", "s@example.com"), ("r", "gone@example.com"),
         ("r", "s@example.com")]  # the DSN's "r" is written before the bounce's "b"
+
+
+async def test_a_recorder_that_keeps_dying_is_restarted_after_a_pause(tmp_path, sink, make_node,
+                                                                      caplog):
+    """A recorder that ends soon after each start (a full disk, say) was started again at once,
+    some eight times a second; the second quick end in a row waits, and nothing is lost."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    port = node.listeners[0].port
+    for kill in range(2):
+        child = node.recorder.child_pid
+        os.kill(child, signal.SIGKILL)
+        await until(lambda child=child: node.recorder.child_pid not in (None, child)
+                    and node.recorder._ready.done(), what=f"restart {kill + 1}")
+    ends = [r.getMessage() for r in caplog.records if "recorder process ended" in r.getMessage()]
+    assert ends[0].endswith("starting another") and ends[1].endswith("starting another in 1s")
+    await send(port, "s@insurer.test", ["u@example.com"], message("after"))
+    await sink.wait_for(1)
+    await node.flush_evidence()
+    assert [(r["type"], r["rcpt"]) for r in records(tmp_path)] == [
+        ("r", "u@example.com"), ("d", "u@example.com")]

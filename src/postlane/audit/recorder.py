@@ -56,6 +56,10 @@ SYNC = 1.0
 """Seconds between fsyncs of the accounting files (and moves of their position)."""
 BATCH = 20000
 """Events read per writer and look: one audit transaction at most this big."""
+STEADY = 10.0
+"""Seconds a recorder child has to live for its end to count as a one-off (restarted at once);
+the second quick end in a row waits 1 s, then 2, 4 ... up to ``RESTART_MAX``."""
+RESTART_MAX = 60.0
 NICE = 5
 """The recorder runs this much nicer than the node: when the cores are short, the mail path
 (the event loop, the spool writer, the signers) goes first and the evidence follows a little
@@ -99,6 +103,10 @@ class Recorder:
         self._ready: asyncio.Future | None = None
         self._stopping = False
         self._behind = False
+        self._started = 0.0
+        """When the running child was ready (``time.monotonic``)."""
+        self._quick_deaths = 0
+        """Children in a row that ended within ``STEADY`` seconds of their start."""
 
     @property
     def child_pid(self) -> int | None:
@@ -157,6 +165,7 @@ class Recorder:
         except BaseException:
             await self._reap()
             raise
+        self._started = time.monotonic()
         for token in self._flushes:  # asked of a child that died: ask the new one
             self._writer.write(frame(("flush", token)))
 
@@ -173,8 +182,17 @@ class Recorder:
             return
         if self._stopping or proc is not self._proc:
             return
-        log.error("recorder process ended (exit %s); starting another",
-                  await asyncio.to_thread(proc.wait))
+        code = await asyncio.to_thread(proc.wait)
+        # A child that keeps dying soon after its start (a full disk, a store it cannot write)
+        # is restarted after a growing pause, not in a loop of process starts; the events wait
+        # in the spool meanwhile, and intake says 451 once they exceed audit.max_backlog.
+        quick = time.monotonic() - self._started < STEADY
+        self._quick_deaths = self._quick_deaths + 1 if quick else 0
+        delay = min(RESTART_MAX, 2.0 ** (self._quick_deaths - 2)) if self._quick_deaths > 1 else 0
+        log.error("recorder process ended (exit %s); starting another%s", code,
+                  f" in {delay:g}s" if delay else "")
+        if delay:
+            await asyncio.sleep(delay)
         while not self._stopping:
             try:
                 await self._spawn()
