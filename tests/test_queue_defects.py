@@ -4,14 +4,18 @@ as a subprocess against a running node's API, then the accounting files and the 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 
 import httpx
+import pytest
 
 from postlane.audit.backend import open_store_at
 from postlane.audit.store import Query
+from postlane.operations import OperationError
 from postlane.policy.intake import RcptIn
-from tests.conftest import config_text, message, records
+from tests.conftest import OPERATOR, config_text, message, records, send
 from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
 
@@ -107,3 +111,28 @@ async def test_a_lane_s_oldest_age_counts_its_deferred_mail(tmp_path, sink, make
     # the age of the oldest (deferred) message when asked, not 0.0 (the API rounds to ms)
     assert asked - first_queued - 0.0005 <= lane["oldest_age_s"] <= time.time() - start + 0.1
     assert lane["oldest_age_s"] > 0
+
+
+async def test_mail_of_a_pool_removed_from_the_config_is_told_and_can_be_removed(
+        tmp_path, sink, make_node, caplog):
+    """A restart with a pool taken out of the config left its queued mail in a lane nothing
+    served, without a word; now it is a degraded state (log, status) until purged."""
+    text = config_text(tmp_path, sink.port)
+    node = await make_node(text)
+    await node.operations.pause("bulk", who=OPERATOR)
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+               message("m", cls="marketing"))
+    await node.stop()
+    without = re.sub(r"\[pools\.bulk\]\nips = \[[^\n]*\]\n", "", text).replace(
+        'pool = "bulk"', 'pool = "critical"')
+    assert "[pools.bulk]" not in without
+    node = await make_node(without)
+    [state] = node.status()["degraded"]
+    assert state["key"] == "orphan-pool:bulk" and state["what"].startswith("1 recipients")
+    assert any("no longer has" in r.getMessage() for r in caplog.records
+               if r.levelno >= logging.WARNING)
+    with pytest.raises(OperationError, match="no longer in the config"):
+        await node.operations.pause("bulk", who=OPERATOR)
+    assert await node.operations.purge("bulk", "example.com", who=OPERATOR) == 1
+    await until(lambda: not node.status()["degraded"], what="the state ends once purged")
+    assert not sink.arrivals

@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -212,6 +213,7 @@ class Node:
         if self.tls_reports is not None:
             self._tls_tasks.append(loop.create_task(self.tls_reports.run()))
         log.info("node started", extra={"resumed": resumed})
+        self._orphans()
         if isinstance(self.spool, SQLiteSpool) and self.spool.unclean:
             log.warning("recovered after an unclean stop (crash, SIGKILL or power loss):"
                         " %d recipients not yet final queued again, %d records of the stopped"
@@ -246,6 +248,30 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             self.intake.disk.ok()  # low disk ends (and is logged) when space returns, mail or not
+            self._orphans()
+
+    def _orphans(self) -> None:
+        """Mail queued for a pool the config no longer has cannot go anywhere (its source IPs
+        are gone, and another pool's would break the separation): a degraded state for each
+        such pool while it holds mail, so it is told and seen (log, status, metrics), and
+        the queue commands may name the pool to remove it."""
+        depth: Counter[str] = Counter()
+        for (pool, _), lane in self.scheduler.lanes.items():
+            if pool not in self.config.pools:
+                depth[pool] += lane.depth()
+        for pool, n in depth.items():
+            key = f"orphan-pool:{pool}"
+            if n and key not in self.health.active:
+                self.queue.pools.add(pool)
+                self.health.begin(
+                    key, "queue", f"{n} recipients queued for pool {pool!r}, which the config"
+                    " no longer has", cause="the pool was removed from the config",
+                    effect=f"they wait until the pool is back (restart with it), or are removed"
+                    f" (postlane purge {pool} DOMAIN, postlane queue delete --pool {pool})",
+                    unit=None)
+        for key in [k for k in self.health.active if k.startswith("orphan-pool:")]:
+            if not depth[key.partition(":")[2]]:
+                self.health.end(key)
 
     async def stop(self) -> None:
         """Drain: refuse new mail with 421, let in-flight deliveries finish, close the spool.

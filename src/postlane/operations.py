@@ -125,6 +125,9 @@ class Operations:
         """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart.
         Returns the recipients queued there now."""
         await self._check(Selector(pool=pool))
+        if pool not in self.config.pools:  # mail left in a pool the config no longer has
+            raise OperationError(f"pool {pool!r} is no longer in the config: its mail waits"
+                                 " already; purge or delete it", 409)
         if not self.config.pools[pool].pausable:
             raise OperationError(f"pool {pool!r} is marked pausable = false and cannot be paused",
                                  409)
