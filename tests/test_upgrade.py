@@ -90,6 +90,26 @@ def test_upgrade_migrates_the_sqlite_stores_with_the_node_stopped(tmp_path):
     assert schema.columns(conn, "audit_seals")
 
 
+def test_upgrade_refuses_to_migrate_under_a_running_node(tmp_path):
+    """Without --check it migrated the SQLite stores even while a node had them open; a
+    running node's recorder holds the accounting folder, so that is what it looks at."""
+    import fcntl
+    import os
+
+    path = _old_node(tmp_path, 2600)
+    acct = tmp_path / "acct"
+    acct.mkdir(exist_ok=True)
+    fd = os.open(acct, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running recorder does
+        result = runner.invoke(app, ["upgrade", "-c", str(path)])
+        assert result.exit_code == 2 and "a node is running" in result.output
+        assert _check(path)[1]["spool"]["status"] == "pending", "nothing migrated"
+    finally:
+        os.close(fd)
+    assert runner.invoke(app, ["upgrade", "-c", str(path)]).exit_code == 0
+
+
 def test_a_fresh_store_has_the_columns_of_this_release(tmp_path):
     SQLiteAuditStore(tmp_path / "audit.sqlite").close()
     conn = sqlite3.connect(tmp_path / "audit.sqlite")

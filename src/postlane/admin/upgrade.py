@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import schema
 from ..audit import sqlite as audit_sqlite
 from ..audit.backend import audit_location
+from ..audit.recorder import recording
 from ..config import Config
 from ..feedback import suppression
 from ..reputation import store as reputation_store
@@ -118,10 +119,14 @@ def apply(cfg: Config) -> list[StoreState]:
     from ..feedback.suppression import SuppressionList
     from ..reputation.store import ReputationStore
 
+    pending = [st for st in states(cfg)
+               if st.status == "pending" and not st.location.startswith("PostgreSQL")]
+    if pending and recording(Path(cfg.accounting.directory)):
+        raise RuntimeError("a node is running on these stores (its recorder holds"
+                           f" {cfg.accounting.directory}): stop it first, or let it migrate"
+                           " them at its next start")
     done = []
-    for st in states(cfg):
-        if st.status != "pending" or st.location.startswith("PostgreSQL"):
-            continue
+    for st in pending:
         if st.store == "spool":
             conn = sqlite3.connect(st.location, isolation_level=None)
             try:
