@@ -133,3 +133,18 @@ async def test_tls_check_shows_what_a_client_sees(tmp_path, sink, make_node):
     [listener] = json.loads(result.output)
     assert listener["protocol"] == "TLSv1.3" and listener["verified"] is False
     assert listener["certificate"]["names"] == ["mta.test"]
+
+
+def test_a_private_key_every_user_can_read_is_told(tmp_path, caplog):
+    """A TLS key left at mode 0644 served mail without a word (DKIM keys must be 0600)."""
+    from postlane.cli.edge import selfsigned
+    from postlane.edge.tls import ServerCertificate
+
+    cert, key = selfsigned("localhost")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    for mode, told in ((0o644, True), (0o640, False), (0o600, False)):
+        (tmp_path / "key.pem").chmod(mode)
+        caplog.clear()
+        ServerCertificate(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
+        assert any("readable by every user" in r.getMessage() for r in caplog.records) == told

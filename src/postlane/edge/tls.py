@@ -81,6 +81,11 @@ class ServerCertificate:
 
     def __post_init__(self) -> None:
         self._current = server_context(self.cert_file, self.key_file)
+        mode = os.stat(self.key_file).st_mode & 0o777
+        if mode & 0o007:  # told, not refused: a web server beside it may share the key
+            log.warning("TLS private key %s is readable by every user of the machine (mode"
+                        " %04o): chmod 640 (group of the node's user) or 600", self.key_file,
+                        mode, extra={"key": self.key_file})
         self._stamp = _stamp(self.cert_file, self.key_file)
         self.context = server_context(self.cert_file, self.key_file)
         self.context.sni_callback = self._select
