@@ -344,3 +344,20 @@ async def test_a_long_auth_line_is_checked_not_refused_as_too_long(tmp_path, sin
 
     code, text = await asyncio.to_thread(long_auth)
     assert code == 535, text
+
+
+async def test_help_lists_what_ehlo_offers(tmp_path, sink, make_node, tls_files, users_file):
+    """HELP listed AUTH where it is not offered (before TLS) and STARTTLS inside TLS."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file))
+
+    def helps() -> tuple[str, str]:
+        with smtplib.SMTP("127.0.0.1", node.listeners[1].port, timeout=30) as c:
+            c.ehlo("client.test")
+            before = c.docmd("HELP")[1].decode()
+            c.starttls(context=_client_ctx())
+            c.ehlo("client.test")
+            return before, c.docmd("HELP")[1].decode()
+
+    before, inside = await asyncio.to_thread(helps)
+    assert "STARTTLS" in before.split() and "AUTH" not in before.split()
+    assert "STARTTLS" not in inside.split() and "AUTH" in inside.split()

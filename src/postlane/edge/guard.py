@@ -416,7 +416,17 @@ class GuardedSMTP(SMTP):
             await super().push("421 4.7.0 Too many errors, closing connection")
             self.transport.close()
 
-    @syntax("STARTTLS", when="tls_context")
+    @property
+    def _starttls_offered(self) -> bool:
+        """HELP lists STARTTLS only where EHLO offers it (not inside TLS)."""
+        return self.tls_context is not None and not self.encrypted
+
+    @property
+    def _auth_offered(self) -> bool:
+        """HELP lists AUTH only where EHLO offers it (users to check, TLS if required)."""
+        return self.guard.auth is not None and (self.encrypted or not self._auth_require_tls)
+
+    @syntax("STARTTLS", when="_starttls_offered")
     async def smtp_STARTTLS(self, arg: str) -> None:
         """503 inside TLS (aiosmtpd answered 220 and failed with a TypeError), and one log line
         for a failed handshake instead of aiosmtpd's traceback at ERROR."""
@@ -432,7 +442,7 @@ class GuardedSMTP(SMTP):
                 self.transport.close()
             self.connection_lost(None)
 
-    @syntax("AUTH <mechanism>")
+    @syntax("AUTH <mechanism>", when="_auth_offered")
     async def smtp_AUTH(self, arg: str) -> None:
         if self.guard.auth is None:
             await self.push("502 5.5.1 AUTH not available on this server")
