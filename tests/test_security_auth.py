@@ -361,3 +361,22 @@ async def test_help_lists_what_ehlo_offers(tmp_path, sink, make_node, tls_files,
     before, inside = await asyncio.to_thread(helps)
     assert "STARTTLS" in before.split() and "AUTH" not in before.split()
     assert "STARTTLS" not in inside.split() and "AUTH" in inside.split()
+
+
+async def test_auth_plain_refuses_another_authorization_identity(tmp_path, sink, make_node,
+                                                                 tls_files, users_file):
+    """RFC 4616 2: a user may not act as another (aiosmtpd ignored the authorization identity:
+    "mallory\\0alice\\0pw" logged in as alice); the user's own name there is fine."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file))
+
+    def auth(authzid: str) -> int:
+        with smtplib.SMTP("127.0.0.1", node.listeners[1].port, timeout=30) as c:
+            c.ehlo("client.test")
+            c.starttls(context=_client_ctx())
+            c.ehlo("client.test")
+            blob = base64.b64encode(f"{authzid}\0alice\0{PASSWORD}".encode()).decode()
+            return c.docmd("AUTH", f"PLAIN {blob}")[0]
+
+    assert await asyncio.to_thread(auth, "mallory") == 535
+    assert await asyncio.to_thread(auth, "alice") == 235
+    assert await asyncio.to_thread(auth, "") == 235

@@ -12,10 +12,19 @@ import ipaddress
 import logging
 import re
 import sys
+from base64 import b64decode
 from typing import TYPE_CHECKING, Any
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 
 from ..config import ListenerConfig
 from ..policy.users import User
@@ -466,7 +475,29 @@ class GuardedSMTP(SMTP):
         return await auth.authenticate(self._counted_ip or "", *request)
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._checked(await super().auth_PLAIN(_, args))
+        """aiosmtpd's, refusing an authorization identity other than the user's own (RFC 4616
+        2: there is no proxy authorization here; aiosmtpd ignored it, ``x\0app\0pw`` logged
+        in as app)."""
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            await self.push("535 5.7.8 Authentication credentials invalid (no proxy"
+                            " authorization: leave the authorization identity empty)")
+            return AuthResult(success=False, handled=True)
+        return await self._checked(self._authenticate("PLAIN", LoginPassword(login, password)))
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
         return await self._checked(await super().auth_LOGIN(_, args))
