@@ -132,3 +132,66 @@ async def test_a_restart_resumes_a_deep_queue_from_the_spool(tmp_path, sink):
         assert len(counts) == N and set(counts.values()) == {1}
     finally:
         await again.stop()
+
+
+async def test_a_look_at_the_queue_leaves_a_deep_recipient_its_unknown_attempt(tmp_path, sink):
+    """An attempt journaled before a crash, for a recipient deep in a paused lane: the
+    operator's look at the queue (which reads spool rows too) took the journal entry, so when
+    the lane reached the recipient it was delivered again without its "u" record."""
+    from postlane.spool.attempts import AttemptJournal
+    from postlane.spool.base import Attempt
+    from tests.conftest import records
+
+    text = _routes(tmp_path, sink)
+    node = Node(parse_config(text))
+    await node.start()
+    qids = await _queue_campaign(node)
+    await node.stop()
+    journal = AttemptJournal(tmp_path / "spool")
+    journal.open()
+    journal.write([Attempt(qids[-1], 0, time.time(), "{}", 1)])  # as a crash would leave it
+    journal.close()
+
+    again = Node(parse_config(text))
+    await again.start()
+    try:
+        seen = await again.queue.select(Selector(pool="bulk"))  # the operator looks
+        assert len(seen) == N
+        await again.operations.resume("bulk", who=OPERATOR)
+        await sink.wait_for(N, timeout=60)
+        await _until(lambda: again.scheduler.queued() == 0)
+        await again.flush_evidence()
+    finally:
+        await again.stop()
+    last = [r["type"] for r in records(tmp_path) if r["rcpt"] == f"r{N - 1}@d0.example"]
+    assert last == ["r", "u", "d"]
+
+
+async def test_an_action_on_a_deep_recipient_records_its_unknown_attempt_first(tmp_path, sink):
+    """Deleting a recipient still in the spool whose last attempt's outcome is unknown: its
+    trail says "u" before the deletion, as when a page reads it in."""
+    from postlane.spool.attempts import AttemptJournal
+    from postlane.spool.base import Attempt
+    from tests.conftest import records
+
+    text = _routes(tmp_path, sink)
+    node = Node(parse_config(text))
+    await node.start()
+    qids = await _queue_campaign(node)
+    await node.stop()
+    journal = AttemptJournal(tmp_path / "spool")
+    journal.open()
+    journal.write([Attempt(qids[-1], 0, time.time(), "{}", 1)])
+    journal.close()
+
+    again = Node(parse_config(text))
+    await again.start()
+    try:
+        out = await again.operations.queue("delete", Selector(queue_ids=(qids[-1],)),
+                                           who=OPERATOR)
+        assert out["recipients"] == 1
+        await again.flush_evidence()
+    finally:
+        await again.stop()
+    last = [r["type"] for r in records(tmp_path) if r["rcpt"] == f"r{N - 1}@d0.example"]
+    assert last[:2] == ["r", "u"] and len(last) == 3, last

@@ -73,8 +73,12 @@ class Pager:
     # -- the scheduler's hooks ------------------------------------------------------------------
 
     def keep(self, rcpt: Recipient) -> None:
-        """A recipient is (or stays) in memory."""
-        self.known[(rcpt.msg.id, rcpt.idx)] = rcpt
+        """A recipient is (or stays) in memory (its journaled attempt, if any, is its own now:
+        ``open_attempt``)."""
+        key = (rcpt.msg.id, rcpt.idx)
+        self.known[key] = rcpt
+        if self.journaled:
+            self.journaled.pop(key, None)
         if rcpt.msg.id not in self.messages:
             self.messages[rcpt.msg.id] = rcpt.msg
 
@@ -203,7 +207,9 @@ class Pager:
         return out
 
     def _unsettled(self, key: tuple[str, int], attempts: int) -> Attempt | None:
-        last = self.journaled.pop(key, None) if self.journaled else None
+        """The journaled attempt a row's recipient never got an outcome for; kept until the
+        recipient comes into memory (``keep``): an operator's look at the queue reads rows too."""
+        last = self.journaled.get(key) if self.journaled else None
         return last[1] if last is not None and last[0] > attempts else None
 
     # -- start and the operator's views -------------------------------------------------------
@@ -240,6 +246,8 @@ class Pager:
         """Spooled recipients an operator acts on come into memory (their lanes count them
         no longer as spooled)."""
         for rcpt in rcpts:
+            if rcpt.open_attempt is not None:  # its "u" first, as when a page reads it in
+                self.scheduler.outcome_unknown(rcpt)
             lane = self.scheduler.lane(rcpt.msg.pool, rcpt.domain)
             lane.spooled = max(0, lane.spooled - 1)
             self.keep(rcpt)
