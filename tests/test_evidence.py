@@ -414,3 +414,26 @@ async def test_a_recorder_that_keeps_dying_is_restarted_after_a_pause(tmp_path, 
     await node.flush_evidence()
     assert [(r["type"], r["rcpt"]) for r in records(tmp_path)] == [
         ("r", "u@example.com"), ("d", "u@example.com")]
+
+
+async def test_a_dsn_the_spool_cannot_take_now_is_tried_again(tmp_path, sink, make_node):
+    """The DSN's submission failed (the spool failing for a moment): the recipients were
+    written final anyway and the sender never told. Now the DSN is tried again."""
+    from postlane.spool import SpoolUnavailable
+
+    sink.rcpt_replies = {"gone@example.com": ["550 5.1.1 <gone@example.com>: user unknown"]}
+    node = await make_node(config_text(tmp_path, sink.port))
+    submit, failed = node.intake.submit, []
+
+    async def failing_once(*args, **kwargs):
+        if kwargs.get("src_type") == "dsn" and not failed:
+            failed.append(1)
+            raise SpoolUnavailable("spool commit failed: disk I/O error")
+        return await submit(*args, **kwargs)
+
+    node.intake.submit = failing_once
+    await send(node.listeners[0].port, "s@example.com", ["gone@example.com"], message("m"))
+    [dsn] = await sink.wait_for(1, timeout=20)
+    assert failed and dsn.rcpts == ["s@example.com"] and dsn.mail_from == "<>"
+    await node.flush_evidence()
+    assert sorted(r["type"] for r in records(tmp_path)) == ["b", "d", "r", "r"]

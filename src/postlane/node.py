@@ -31,7 +31,7 @@ from .monitor.activity import Activity
 from .monitor.monitor import Monitor
 from .operations import Operations, Suppressions
 from .policy.dkim import KeyRing, Signer
-from .policy.intake import Intake, RcptIn
+from .policy.intake import Intake, RcptIn, Rejection
 from .relay.deliver import Relay
 from .relay.mx import MXResolver
 from .relay.tlsrpt import TLSReports
@@ -42,7 +42,14 @@ from .scheduler.control import QueueControl
 from .scheduler.paging import Pager
 from .scheduler.scheduler import Failure, Scheduler
 from .scheduler.view import QueueView
-from .spool import Message, PostgresSpool, SQLiteSpool, local_dir, make_spool
+from .spool import (
+    Message,
+    PostgresSpool,
+    SpoolUnavailable,
+    SQLiteSpool,
+    local_dir,
+    make_spool,
+)
 from .workers.pool import WorkerPool, worker_count
 
 log = logging.getLogger("postlane.node")
@@ -340,13 +347,36 @@ class Node:
         return True
 
     async def _send_bounce(self, msg_id: str) -> None:
+        """Queue the DSN, then write its recipients' final states. A DSN the intake cannot
+        take now (the spool failing, a 4xx) is tried again, 1 s, 2 s ... 60 s apart: written
+        final without it, the sender would never be told. A node stopping meanwhile leaves
+        them not final (delivered, and so bounced, again after its restart)."""
         msg, failures = self._failures.pop(msg_id)
-        try:
-            await self._bounce(msg, failures)
-        finally:  # the DSN is durable (or failed): now the recipients' final states
-            for failure in failures:
-                if failure.write is not None:
-                    failure.write()
+        delay = 1.0
+        while True:
+            try:
+                await self._bounce(msg, failures)
+                break
+            except (SpoolUnavailable, Rejection) as exc:
+                if isinstance(exc, Rejection) and exc.code >= 500:
+                    log.error("bounce for queue id %s refused (%s): its sender is not told",
+                              msg.id, exc)
+                    break
+                if self._stopping:
+                    log.warning("bounce for queue id %s not queued before the stop (%s): its"
+                                " recipients stay not final and are tried again", msg.id, exc)
+                    return
+                log.warning("bounce for queue id %s not queued (%s); trying again in %gs",
+                            msg.id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(60.0, delay * 2)
+            except Exception:  # a report that cannot be built: said, not a task's traceback
+                log.exception("bounce for queue id %s could not be built: its sender is not"
+                              " told", msg.id)
+                break
+        for failure in failures:  # the DSN is durable (or refused): the final states now
+            if failure.write is not None:
+                failure.write()
 
     async def _bounce(self, msg: Message, failures: list[Failure]) -> None:
         try:
