@@ -17,13 +17,13 @@ from pathlib import Path
 from .. import schema
 from ..audit import sqlite as audit_sqlite
 from ..audit.backend import audit_location
-from ..audit.recorder import recording
 from ..config import Config
 from ..feedback import suppression
 from ..reputation import store as reputation_store
 from ..spool import is_dsn, local_dir
 from ..spool import postgres as spool_postgres
 from ..spool import sqlite as spool_sqlite
+from ..spool.hold import locked
 
 __all__ = ["StoreState", "apply", "states"]
 
@@ -121,7 +121,7 @@ def apply(cfg: Config) -> list[StoreState]:
 
     pending = [st for st in states(cfg)
                if st.status == "pending" and not st.location.startswith("PostgreSQL")]
-    if pending and recording(Path(cfg.accounting.directory)):
+    if pending and locked(Path(cfg.accounting.directory)):  # a running recorder's lock
         raise RuntimeError("a node is running on these stores (its recorder holds"
                            f" {cfg.accounting.directory}): stop it first, or let it migrate"
                            " them at its next start")

@@ -429,21 +429,6 @@ def _hold_files(directory: Path) -> int:
     return fd
 
 
-def recording(directory: Path) -> bool:
-    """Whether a recorder, so a node, runs on these accounting files now (their lock is held)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def _serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     logging.getLogger().addHandler(_ToNode(sock))

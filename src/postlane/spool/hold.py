@@ -32,9 +32,14 @@ def holding(state: Path) -> Iterator[None]:
 
 def held(state: Path) -> bool:
     """Whether a backup holds the events of the spool in ``state`` now."""
+    return locked(state / HOLD)
+
+
+def locked(path: Path) -> bool:
+    """Whether some process holds an exclusive ``flock`` on ``path`` (a file or a folder) now."""
     try:
-        fd = os.open(state / HOLD, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
