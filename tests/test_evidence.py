@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -195,9 +196,12 @@ async def _serve(cfg: Path, port: int, log: Path) -> subprocess.Popen:
     return proc
 
 
-async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):
-    """SIGKILL while the remote holds its 250: after the restart the trail says attempt 1's
-    outcome is unknown, then attempt 2 delivered; verify and the SLA report account for it."""
+async def _killed_after_the_final_dot(tmp_path: Path, correlation: str,
+                                      before_restart: Callable[[], None] = lambda: None
+                                      ) -> tuple[Path, Path]:
+    """A policy notice submitted to ``postlane serve``, the node SIGKILLed while the remote
+    holds its 250, ``before_restart`` run, the node started again until the remote has the
+    second copy, then stopped: the config file and the node's log."""
     sink = await _TakesAndHolds().start()
     port = _free_port()
     cfg = tmp_path / "node.toml"
@@ -207,10 +211,11 @@ async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):
     try:
         await send(port, "s@insurer.test", ["x@example.com"],
                    message("notice", cls="policy-documents",
-                           extra="X-Correlation-ID: crash-1\r\n"))
+                           extra=f"X-Correlation-ID: {correlation}\r\n"))
         await sink.wait_for(1)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        before_restart()
         sink.hold = 0.0
         proc = await _serve(cfg, port, log)
         await sink.wait_for(2, timeout=60)
@@ -218,6 +223,13 @@ async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait, 60)
         await sink.stop()
+    return cfg, log
+
+
+async def test_a_crash_after_the_final_dot_leaves_an_unknown_attempt(tmp_path):
+    """SIGKILL while the remote holds its 250: after the restart the trail says attempt 1's
+    outcome is unknown, then attempt 2 delivered; verify and the SLA report account for it."""
+    cfg, log = await _killed_after_the_final_dot(tmp_path, "crash-1")
     res = await asyncio.to_thread(cli, "show", "-c", str(cfg), "--correlation-id", "crash-1")
     assert res.exit_code == 0, res.output
     assert "attempt 1: OUTCOME UNKNOWN (node stopped) from 127.0.0.20" in res.output, res.output
@@ -246,29 +258,12 @@ async def test_an_unknown_attempt_survives_a_restart_hours_after_the_crash(tmp_p
     """The node is SIGKILLed while the remote holds its 250 and comes back only after the
     attempt journal's files are older than their keep time (a crash at night, a restart in the
     morning): the restart still reads the attempt and writes its "u" record."""
-    sink = await _TakesAndHolds().start()
-    port = _free_port()
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port))
-    log = tmp_path / "node.log"
-    proc = await _serve(cfg, port, log)
-    try:
-        await send(port, "s@insurer.test", ["x@example.com"],
-                   message("notice", cls="policy-documents",
-                           extra="X-Correlation-ID: late-1\r\n"))
-        await sink.wait_for(1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    def hours_later() -> None:
         then = time.time() - KEEP - 3600
         for path in (tmp_path / "spool").glob("attempts-*.log"):
             os.utime(path, (then, then))
-        sink.hold = 0.0
-        proc = await _serve(cfg, port, log)
-        await sink.wait_for(2, timeout=60)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 60)
-        await sink.stop()
+
+    cfg, _ = await _killed_after_the_final_dot(tmp_path, "late-1", hours_later)
     assert [r["type"] for r in records(tmp_path)] == ["r", "u", "d"]
     res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
     assert res.exit_code == 0, res.output
