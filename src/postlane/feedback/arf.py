@@ -10,13 +10,15 @@ returned message's To header when it holds exactly one address.
 
 from __future__ import annotations
 
+import binascii
+import quopri
 import re
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 
-__all__ = ["Complaint", "bare_address", "parse_arf", "returned_message"]
+__all__ = ["Complaint", "bare_address", "message_body", "parse_arf", "returned_message"]
 
 _ADDR = re.compile(r"[A-Za-z0-9._%+=!#$&'*/?^`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _IP = re.compile(r"[0-9a-fA-F:.]+")
@@ -54,17 +56,30 @@ def _decoded(part: Message) -> bytes:
     return payload if isinstance(payload, bytes) else b""
 
 
+def message_body(part: Message) -> bytes | None:
+    """The transfer-decoded body of a message/* part sent base64 or quoted-printable (RFC 2046
+    forbids it; Exchange and some FBLs do it): the email package parses the encoded text as
+    fields or headers, so the part is written back out and decoded. None if not encoded."""
+    cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    if cte not in ("base64", "quoted-printable"):
+        return None
+    body = re.split(rb"\r?\n\r?\n", part.as_bytes(), maxsplit=1)[-1]
+    return binascii.a2b_base64(body) if cte == "base64" else quopri.decodestring(body)
+
+
 def _fields(part: Message) -> list[tuple[str, str]]:
     """Header-style fields of a message/feedback-report (or message/delivery-status) part."""
     payload = part.get_payload()
-    if isinstance(payload, list):
+    encoded = message_body(part)
+    if isinstance(payload, list) and encoded is None:
         out: list[tuple[str, str]] = []
         for block in payload:
             if isinstance(block, Message):
                 out.extend((k.lower(), " ".join(str(v).split())) for k, v in block.items())
         return out
     out = []
-    for line in re.sub(r"\r?\n[ \t]+", " ", _decoded(part).decode("utf-8", "replace")).splitlines():
+    raw = _decoded(part) if encoded is None else encoded
+    for line in re.sub(r"\r?\n[ \t]+", " ", raw.decode("utf-8", "replace")).splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() and " " not in key.strip():
             out.append((key.strip().lower(), value.strip()))
@@ -87,6 +102,9 @@ def returned_message(msg: Message) -> Message | None:
     for part in list(msg.walk())[1:]:
         ctype = part.get_content_type()
         if ctype in ("message/rfc822", "message/rfc822-headers"):
+            encoded = message_body(part)
+            if encoded is not None:
+                return message_from_bytes(encoded)
             payload = part.get_payload()
             if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 return payload[0]

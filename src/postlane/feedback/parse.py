@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from email import message_from_bytes
+from email import message_from_bytes, message_from_string
 from email.message import Message
 from email.utils import getaddresses
 
-from .arf import Complaint, bare_address, parse_arf, returned_message
+from .arf import Complaint, bare_address, message_body, parse_arf, returned_message
 from .categories import Classifier, default_classifier
 
 log = logging.getLogger("postlane.feedback")
@@ -63,6 +63,7 @@ _STRONG = re.compile(r"^\s*<([^\s<>@]+@[^\s<>@]+)>:?\s*$|rcpt to:\s*<?([^\s<>@]+
                      re.IGNORECASE | re.MULTILINE)
 _SKIP_LOCAL = re.compile(r"^(mailer-daemon|postmaster|daemon|abuse|root|noreply|no-reply)$",
                          re.IGNORECASE)
+_UNI_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 _HEXDIGIT = re.compile(r"[0-9a-f]", re.IGNORECASE)
 
 
@@ -128,6 +129,18 @@ def _status_of(text: str) -> str:
     return f"{reply.group(1)}.0.0" if reply else ""
 
 
+def _recipient(value: str) -> str:
+    """A Final-/Original-Recipient value; ``utf-8`` addresses (RFC 6533) may be non-ASCII and
+    carry ``\\x{HEX}`` escapes, which the ASCII address pattern would cut apart."""
+    kind, sep, rest = value.partition(";")
+    if sep and kind.strip().lower() == "utf-8":
+        addr = _UNI_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), rest).strip().strip("<>")
+        local, at, domain = addr.rpartition("@")
+        if at and local and domain and not any(ch.isspace() for ch in addr):
+            return f"{local}@{domain.lower()}"
+    return bare_address(value)
+
+
 def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
     parts = [p for p in msg.walk() if p.get_content_type() in (
         "message/delivery-status", "message/global-delivery-status")]
@@ -137,15 +150,23 @@ def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
     for part in parts:
         payload = part.get_payload()
         blocks = payload if isinstance(payload, list) else []
-        if not blocks:
+        encoded = message_body(part)  # base64: the email package parsed the encoded text
+        text = None
+        if encoded is not None:
+            text = encoded.decode("utf-8", "replace")
+        elif not blocks:
             text = _text_of(part)
-            blocks = [message_from_bytes(b.encode("utf-8", "replace"))
+        elif part.get_content_type() == "message/global-delivery-status":
+            # RFC 6533: the email package parses it as one message, recipients in its body
+            text = part.as_bytes().split(b"\n\n", 1)[-1].decode("utf-8", "replace")
+        if text is not None:
+            blocks = [message_from_string(b)
                       for b in re.split(r"\r?\n\s*\r?\n", text) if b.strip()]
         for block in blocks:
             if not isinstance(block, Message):
                 continue
             final = str(block.get("Final-Recipient") or block.get("Original-Recipient") or "")
-            address = bare_address(final)
+            address = _recipient(final)
             if not address:
                 continue
             action = " ".join(str(block.get("Action", "")).split()).lower().split(" ")[0]

@@ -1,0 +1,102 @@
+"""Reports whose parts are encoded or in the RFC 6533 form: base64 message/delivery-status
+(Exchange and others send it despite RFC 2046), message/global-delivery-status with UTF-8
+addresses, base64 ARF parts, and Postlane's own DSN for a non-ASCII recipient read back."""
+
+from __future__ import annotations
+
+import base64
+import email
+
+from postlane.feedback.dsn import FailedRecipient, build_bounce
+from postlane.feedback.parse import parse_report
+from tests.conftest import message, records, send
+from tests.test_feedback_node import _config
+
+STATUS = (b"Reporting-MTA: dns; mx.example.net\r\n\r\n"
+          b"Final-Recipient: rfc822; bob@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+          b"Diagnostic-Code: smtp; 550 5.1.1 <bob@example.net>: no such user\r\n")
+
+
+def _report(kind: bytes, part: bytes, original: bytes, *, to: str = "x@bounces.example",
+            encode: bool = True, ctype: bytes = b"message/delivery-status") -> bytes:
+    """A multipart/report whose second part (and the returned message) are base64."""
+    cte = b"Content-Transfer-Encoding: base64\r\n" if encode else b""
+    body = base64.encodebytes(part) if encode else part
+    return (b"From: MAILER-DAEMON@mx.example.net\r\nTo: " + to.encode() +
+            b"\r\nSubject: Undeliverable: hi\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/report; report-type=" + kind + b"; boundary=B\r\n\r\n"
+            b"--B\r\nContent-Type: text/plain\r\n\r\nSee the attached report.\r\n"
+            b"--B\r\nContent-Type: " + ctype + b"\r\n" + cte +
+            b"\r\n" + body + b"\r\n--B\r\nContent-Type: message/rfc822\r\n" + cte + b"\r\n" +
+            (base64.encodebytes(original) if encode else original) + b"\r\n--B--\r\n")
+
+
+ORIGINAL = (b"Return-Path: <v-1@bounces.example>\r\nFrom: news@bank.example\r\nTo: redacted\r\n"
+            b"Message-ID: <m1@bank.example>\r\nSubject: hi\r\n\r\nbody\r\n")
+ARF = (b"Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nVersion: 1\r\n"
+       b"Source-IP: 192.0.2.7\r\n")
+
+
+def test_base64_delivery_status_keeps_the_status_and_category() -> None:
+    report = parse_report(_report(b"delivery-status", STATUS, ORIGINAL))
+    assert report.method == "dsn"
+    [r] = report.recipients
+    assert (r.address, r.status, r.category) == ("bob@example.net", "5.1.1", "bad-mailbox")
+    assert report.original_return_path == "v-1@bounces.example"
+
+
+def test_global_delivery_status_with_a_utf8_recipient() -> None:
+    status = STATUS.replace(b"rfc822; bob@example.net", "utf-8; jörg@exämple.net".encode())
+    for encode in (False, True):
+        report = parse_report(_report(b"global-delivery-status", status, ORIGINAL,
+                                      encode=encode, ctype=b"message/global-delivery-status"))
+        assert report.method == "dsn", encode
+        [r] = report.recipients
+        assert (r.address, r.status, r.category) == ("jörg@exämple.net", "5.1.1", "bad-mailbox")
+
+
+def test_base64_arf_parts_keep_the_feedback_type_and_reported_return_path() -> None:
+    report = parse_report(_report(b"feedback-report", ARF, ORIGINAL,
+                                  ctype=b"message/feedback-report"))
+    assert report.complaint is not None
+    assert report.complaint.feedback_type == "abuse"
+    assert report.complaint.source_ip == "192.0.2.7"
+    assert report.original_return_path == "v-1@bounces.example"
+    assert report.original_message_id == "<m1@bank.example>"
+
+
+def test_own_dsn_for_a_non_ascii_recipient_is_read_back() -> None:
+    dsn = build_bounce(reporting_mta="mta.postlane.example", sender="a@bank.example",
+                       recipients=[FailedRecipient("jörg@exämple.net", "failed", "5.1.1",
+                                                   "550 5.1.1 no such user", "mx.example.net")],
+                       original=ORIGINAL, arrival_date=0)
+    [r] = parse_report(dsn).recipients
+    assert (r.address, r.status, r.category) == ("jörg@exämple.net", "5.1.1", "bad-mailbox")
+
+
+async def test_encoded_bounce_and_complaint_over_smtp_suppress(tmp_path, sink, make_node):
+    """Through the node: a base64 DSN to the VERP address suppresses the address (a 5.0.0
+    "other" did not), a base64 ARF to the FBL address names the VERP recipient."""
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["v1@example.com", "v2@example.com"],
+               message("campaign", cls="marketing"))
+    arrivals = {a.rcpts[0]: a for a in await sink.wait_for(2)}
+    v1, v2 = arrivals["v1@example.com"], arrivals["v2@example.com"]
+    status = STATUS.replace(b"bob@example.net", b"v1@example.com")
+    dsn = _report(b"delivery-status", status, v1.data, to=v1.mail_from)
+    assert await send(port, "", [v1.mail_from], dsn) == {}
+    original = f"Return-Path: <{v2.mail_from}>\r\n".encode() + v2.data
+    assert await send(port, "", ["fbl@mta.test"], _report(
+        b"feedback-report", ARF, original, to="fbl@mta.test",
+        ctype=b"message/feedback-report")) == {}
+    hits = node.feedback.suppression.check(["v1@example.com", "v2@example.com"])
+    assert {a: (e.scope, e.source) for a, e in hits.items()} == {
+        "v1@example.com": ("best-effort", "bounce"), "v2@example.com": ("marketing", "complaint")}
+    await node.stop()
+    [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
+    assert (rb["rcpt"], rb["dsnStatus"], rb["bounceCat"]) == ("v1@example.com", "5.1.1",
+                                                            "bad-mailbox")
+    [f] = [r for r in records(tmp_path) if r["type"] == "f"]
+    assert (f["rcpt"], f["dsnDiag"]) == ("v2@example.com", "arf;abuse")
+    assert f["messageId"] == email.message_from_bytes(v2.data)["Message-ID"]
