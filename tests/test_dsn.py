@@ -178,3 +178,15 @@ def test_invalid_arguments(kw: dict[str, object]) -> None:
 )
 def test_should_bounce(sender: str, expected: bool) -> None:
     assert should_bounce(sender) is expected
+
+
+def test_original_recipient_is_the_orcpt_decoded_from_xtext() -> None:
+    """RFC 3461 4.2: ORCPT is xtext (``+`` is ``+2B``); the DSN field carries the address
+    itself, as Postfix and Sendmail write it, and Postlane's parser reads it back."""
+    r = FailedRecipient(address="bob+tag@example.net", action="failed", status="5.1.1",
+                        orcpt="rfc822;Bob+2Btag+3Dx@example.net")
+    _, status, _ = bounce(recipients=[r]).get_payload()
+    assert status.get_payload()[1]["Original-Recipient"] == "rfc822;Bob+tag=x@example.net"
+    r.orcpt = "utf-8;j\\x{F6}rg@example.net"  # RFC 6533 utf-8-addr-xtext: already DSN form
+    _, status, _ = bounce(recipients=[r]).get_payload()
+    assert status.get_payload()[1]["Original-Recipient"] == "utf-8;j\\x{F6}rg@example.net"

@@ -28,6 +28,7 @@ _ACTIONS = frozenset({"failed", "delayed"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _EOL = re.compile(rb"\r\n|\r|\n")
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
 
 
 @dataclass(slots=True)
@@ -77,6 +78,18 @@ def _address_field(address: str) -> str:
         ch if ch.isascii() and ch not in "+=\\" else f"\\x{{{ord(ch):X}}}" for ch in address
     )
     return f"utf-8; {escaped}"
+
+
+def _original_recipient(orcpt: str) -> str:
+    """The ORCPT parameter as the DSN field: an rfc822 address decoded from xtext (RFC 3461
+    4.2: ``bob+2Btag@x`` is ``bob+tag@x``), as Postfix and Sendmail write it; other types as
+    given (RFC 6533's utf-8-addr-xtext is already the DSN form)."""
+    kind, sep, address = _dsn_text(orcpt).partition(";")
+    if not sep:
+        kind, sep, address = "rfc822", "; ", kind
+    if kind.strip().lower() == "rfc822":
+        address = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), address)
+    return f"{kind}{sep}{address}"
 
 
 def _date(ts: float) -> str:
@@ -209,8 +222,7 @@ def build_bounce(
     for r in recipients:
         fields: list[tuple[str, str]] = []
         if r.orcpt:
-            orcpt = _dsn_text(r.orcpt)
-            fields.append(("Original-Recipient", orcpt if ";" in orcpt else f"rfc822; {orcpt}"))
+            fields.append(("Original-Recipient", _original_recipient(r.orcpt)))
         fields += [
             ("Final-Recipient", _address_field(_bare(r.address))),
             ("Action", r.action),
