@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import base64
 import email
+from pathlib import Path
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from postlane.feedback.parse import parse_report
 from tests.conftest import message, records, send
 from tests.test_feedback_node import _config
 
+DATA = Path(__file__).parent / "data" / "feedback"
 STATUS = (b"Reporting-MTA: dns; mx.example.net\r\n\r\n"
           b"Final-Recipient: rfc822; bob@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\n"
           b"Diagnostic-Code: smtp; 550 5.1.1 <bob@example.net>: no such user\r\n")
@@ -100,3 +102,22 @@ async def test_encoded_bounce_and_complaint_over_smtp_suppress(tmp_path, sink, m
     [f] = [r for r in records(tmp_path) if r["type"] == "f"]
     assert (f["rcpt"], f["dsnDiag"]) == ("v2@example.com", "arf;abuse")
     assert f["messageId"] == email.message_from_bytes(v2.data)["Message-ID"]
+
+
+async def test_expired_prose_bounce_is_a_failure_not_a_delay(tmp_path, sink, make_node):
+    """OpenSMTPD's "Envelope expired" (as qmail's and Sendmail's give-ups): the message is lost,
+    so it is an "rb" record like the node's own expiry (failed, 4.4.7), not an ignored delay;
+    a 4.x.x never suppresses."""
+    real = (DATA / "opensmtpd-expired.eml").read_bytes()
+    assert parse_report(real).kind == "bounce"
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["k@example.com"], message("x", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    # the VERP names the recipient (the text names the corpus's own)
+    assert await send(port, "", [arrival.mail_from], real.replace(b"\n", b"\r\n")) == {}
+    assert not node.feedback.suppression.check(["k@example.com"])
+    await node.stop()
+    [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
+    assert (rb["rcpt"], rb["dsnAction"], rb["dsnStatus"], rb["bounceCat"]) == (
+        "k@example.com", "failed", "4.4.7", "message-expired")

@@ -290,7 +290,9 @@ def _heuristic(msg: Message, classifier: Classifier) -> list[ReportRecipient]:
         if not status:
             status = "4.0.0" if whole_temp else "5.0.0"
         permanent = status.startswith("5")
-        rr = ReportRecipient(address=addr, action="failed" if permanent else "delayed",
+        # 4.4.7: the sender gave up, the message is lost (the node's own expiry is "failed")
+        failed = permanent or status == "4.4.7"
+        rr = ReportRecipient(address=addr, action="failed" if failed else "delayed",
                              status=status, permanent=permanent, diagnostic=diag,
                              category=classifier.classify(status, diag))
         out.append(rr)
