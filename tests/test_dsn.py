@@ -190,3 +190,9 @@ def test_original_recipient_is_the_orcpt_decoded_from_xtext() -> None:
     r.orcpt = "utf-8;j\\x{F6}rg@example.net"  # RFC 6533 utf-8-addr-xtext: already DSN form
     _, status, _ = bounce(recipients=[r]).get_payload()
     assert status.get_payload()[1]["Original-Recipient"] == "utf-8;j\\x{F6}rg@example.net"
+
+
+def test_original_envelope_id_is_the_envid_decoded_from_xtext() -> None:
+    """RFC 3461 4.4: ENVID is xtext too; the DSN shows the sender's identifier itself."""
+    per_message = bounce(envid="ORDER+2B42+3Dx").get_payload()[1].get_payload()[0]
+    assert per_message["Original-Envelope-Id"] == "ORDER+42=x"

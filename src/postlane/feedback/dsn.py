@@ -88,8 +88,13 @@ def _original_recipient(orcpt: str) -> str:
     if not sep:
         kind, sep, address = "rfc822", "; ", kind
     if kind.strip().lower() == "rfc822":
-        address = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), address)
+        address = _unxtext(address)
     return f"{kind}{sep}{address}"
+
+
+def _unxtext(text: str) -> str:
+    """RFC 3461 xtext decoded (``+2B`` is ``+``): ENVID and ORCPT arrive encoded."""
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
 def _date(ts: float) -> str:
@@ -211,7 +216,7 @@ def build_bounce(
     text.set_content(_human_text(reporting_mta, recipients, queue_id))
 
     # Field order follows the RFC 3464 section 2.2 grammar; extension fields go last.
-    per_message = [("Original-Envelope-Id", _dsn_text(envid))] if envid else []
+    per_message = [("Original-Envelope-Id", _dsn_text(_unxtext(envid)))] if envid else []
     per_message += [
         ("Reporting-MTA", f"dns; {_dsn_text(reporting_mta)}"),
         ("Arrival-Date", _date(arrival_date)),
