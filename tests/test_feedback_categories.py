@@ -39,6 +39,9 @@ REAL = [
     ("5.7.1", "550 5.7.1 Unable to relay for kijitora@example.net", "relaying-issues"),
     ("5.5.1", "503 5.5.1 Error: send HELO/EHLO first", "protocol-errors"),
     ("4.4.1", "421 4.4.1 Connection timed out", "no-answer-from-host"),
+    # Microsoft 365 Directory-Based Edge Blocking: no such recipient in the tenant
+    ("5.4.1", "550 5.4.1 [kijitora@example.org]: Recipient address rejected: Access denied"
+              " [NEKOCHAN.cat-neko22.prod.protection.outlook.com]", "bad-mailbox"),
     ("4.4.2", "421 4.4.2 Connection dropped", "bad-connection"),
     ("5.1.8", "553 5.1.8 <sender@nxdomain.example>... Domain of sender address does not exist",
      "invalid-sender"),
@@ -71,4 +74,17 @@ def test_operator_rules_come_first_and_bad_rules_are_named(tmp_path) -> None:
         load_classifier(rules)
     rules.write_text('[status]\n"X.1.1" = "no-such-category"\n')
     with pytest.raises(RulesError, match="unknown category 'no-such-category'"):
+        load_classifier(rules)
+
+
+def test_a_pattern_for_codes_outranks_their_status_only(tmp_path) -> None:
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[pattern]]\nregex = "nyaan"\ncategory = "quota-issues"\n'
+                     'codes = ["X.4.4"]\n')
+    clf = load_classifier(rules)
+    assert clf.classify("5.4.4", "550 5.4.4 nyaan") == "quota-issues"
+    assert clf.classify("5.4.4", "550 5.4.4 unable to route") == "routing-errors"
+    assert clf.classify("5.7.1", "550 5.7.1 nyaan") != "quota-issues"
+    rules.write_text('[[pattern]]\nregex = "x"\ncategory = "other"\ncodes = "X.4.1"\n')
+    with pytest.raises(RulesError, match=r"pattern\[0\]\.codes"):
         load_classifier(rules)

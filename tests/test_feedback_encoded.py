@@ -121,3 +121,21 @@ async def test_expired_prose_bounce_is_a_failure_not_a_delay(tmp_path, sink, mak
     [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
     assert (rb["rcpt"], rb["dsnAction"], rb["dsnStatus"], rb["bounceCat"]) == (
         "k@example.com", "failed", "4.4.7", "message-expired")
+
+
+async def test_microsoft365_no_such_user_suppresses(tmp_path, sink, make_node):
+    """Microsoft 365 refuses a recipient its tenant does not have with "550 5.4.1 Recipient
+    address rejected: Access denied" (Sisimai: userunknown): a bad mailbox, not "no answer
+    from host", so one such bounce suppresses the address for classes without an SLA."""
+    real = (DATA / "microsoft365-dbeb.eml").read_bytes()
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["k@example.com"], message("x", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    assert await send(port, "", [arrival.mail_from], real.replace(b"\n", b"\r\n")) == {}
+    hits = node.feedback.suppression.check(["k@example.com"])
+    assert {a: (e.scope, e.source) for a, e in hits.items()} == {
+        "k@example.com": ("best-effort", "bounce")}
+    await node.stop()
+    [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
+    assert (rb["dsnStatus"], rb["bounceCat"]) == ("5.4.1", "bad-mailbox")

@@ -40,6 +40,10 @@ class Classifier:
     subject: dict[str, str] = field(default_factory=dict)  # "1" -> category
     text_first: set[str] = field(default_factory=set)
     patterns: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
+    for_codes: list[tuple[re.Pattern[str], str, frozenset[str]]] = field(default_factory=list)
+    """Patterns (with ``codes``) that outrank the status table for those codes only: a
+    provider's wording that contradicts its code (Microsoft 365's "5.4.1 Recipient address
+    rejected: Access denied" is no such user, not no answer from host)."""
 
     def classify(self, status: str, text: str = "") -> str:
         """Category of a reply: ``status`` is the enhanced code if known ("" otherwise; then
@@ -52,6 +56,9 @@ class Classifier:
         parts = status.split(".")
         if len(parts) == 3:
             key = f"X.{parts[1]}.{parts[2]}"
+        for regex, category, codes in self.for_codes:
+            if key in codes and regex.search(text):
+                return category
         if key in self.status and key not in self.text_first:
             return self.status[key]
         for regex, category in self.patterns:
@@ -68,7 +75,8 @@ class Classifier:
         return Classifier(status={**self.status, **other.status},
                           subject={**self.subject, **other.subject},
                           text_first=(self.text_first | other.text_first),
-                          patterns=other.patterns + self.patterns)
+                          patterns=other.patterns + self.patterns,
+                          for_codes=other.for_codes + self.for_codes)
 
 
 def _category(value: object, where: str) -> str:
@@ -88,6 +96,7 @@ def parse_rules(text: str, source: str) -> Classifier:
     subject = {str(k): _category(v, f"{source}: subject.{k}")
                for k, v in data.get("subject", {}).items()}
     patterns = []
+    for_codes = []
     for i, item in enumerate(data.get("pattern", [])):
         where = f"{source}: pattern[{i}]"
         if not isinstance(item, dict) or "regex" not in item:
@@ -96,9 +105,18 @@ def parse_rules(text: str, source: str) -> Classifier:
             regex = re.compile(str(item["regex"]), re.IGNORECASE)
         except re.error as exc:
             raise RulesError(f"{where}.regex: {exc}") from None
-        patterns.append((regex, _category(item.get("category"), f"{where}.category")))
+        category = _category(item.get("category"), f"{where}.category")
+        if "codes" in item:
+            codes = item["codes"]
+            if not isinstance(codes, list) or not all(
+                    isinstance(c, str) and re.fullmatch(r"X\.\d{1,3}\.\d{1,3}", c) for c in codes):
+                raise RulesError(f"{where}.codes: a list of codes such as \"X.4.1\"")
+            for_codes.append((regex, category, frozenset(codes)))
+        else:
+            patterns.append((regex, category))
     return Classifier(status=status, subject=subject,
-                      text_first=set(data.get("text_first", [])), patterns=patterns)
+                      text_first=set(data.get("text_first", [])), patterns=patterns,
+                      for_codes=for_codes)
 
 
 @lru_cache(maxsize=1)
