@@ -139,3 +139,28 @@ async def test_microsoft365_no_such_user_suppresses(tmp_path, sink, make_node):
     await node.stop()
     [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
     assert (rb["dsnStatus"], rb["bounceCat"]) == ("5.4.1", "bad-mailbox")
+
+
+async def test_forwarded_arf_names_the_reported_recipient_not_our_fbl_address(
+        tmp_path, sink, make_node):
+    """An ARF report forwarded as message/rfc822 (an abuse desk passing it on): the reported
+    message is the one beside the report part, not the first message/rfc822 found (the
+    forwarded report, whose single To: is our FBL address, which was then suppressed)."""
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["c@example.com"], message("x", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    original = f"Return-Path: <{arrival.mail_from}>\r\n".encode() + arrival.data.replace(
+        b"To: someone@example.com", b"To: redacted@example.com")
+    arf = _report(b"feedback-report", ARF, original, to="fbl@mta.test", encode=False,
+                  ctype=b"message/feedback-report")
+    forwarded = (b"From: abuse-desk@isp.example\r\nTo: fbl@mta.test\r\nSubject: Fwd: report\r\n"
+                 b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=F\r\n\r\n"
+                 b"--F\r\nContent-Type: text/plain\r\n\r\nFYI\r\n--F\r\n"
+                 b"Content-Type: message/rfc822\r\n\r\n" + arf + b"\r\n--F--\r\n")
+    assert await send(port, "", ["fbl@mta.test"], forwarded) == {}
+    hits = node.feedback.suppression.check(["c@example.com", "fbl@mta.test"])
+    assert {a: e.source for a, e in hits.items()} == {"c@example.com": "complaint"}
+    await node.stop()
+    [f] = [r for r in records(tmp_path) if r["type"] == "f"]
+    assert (f["rcpt"], f["dsnDiag"]) == ("c@example.com", "arf;abuse")

@@ -166,7 +166,11 @@ def parse_arf(msg: Message) -> Complaint | None:
                 report.recipients.append(addr)
         elif key == "reported-domain":
             report.reported_domains.append(value)
-    _fill_from_original(report, returned_message(msg))
+    # the reported message beside the report part: in an ARF forwarded as message/rfc822 the
+    # first one is the forwarded report itself (whose To: is our FBL address)
+    container = next((p for p in msg.walk() if p.is_multipart() and any(
+        c is report_part for c in p.get_payload())), msg)
+    _fill_from_original(report, returned_message(container))
     return report
 
 
