@@ -164,3 +164,13 @@ async def test_forwarded_arf_names_the_reported_recipient_not_our_fbl_address(
     await node.stop()
     [f] = [r for r in records(tmp_path) if r["type"] == "f"]
     assert (f["rcpt"], f["dsnDiag"]) == ("c@example.com", "arf;abuse")
+
+
+def test_feedback_report_fields_sent_as_text_plain_are_read() -> None:
+    """multipart/report; report-type=feedback-report with the fields labelled text/plain:
+    a complaint (it was "not-a-report", logged and ignored)."""
+    report = parse_report(_report(b"feedback-report", ARF, ORIGINAL, encode=False,
+                                  ctype=b"text/plain"))
+    assert report.kind == "complaint" and report.complaint is not None
+    assert report.complaint.feedback_type == "abuse"
+    assert report.original_return_path == "v-1@bounces.example"

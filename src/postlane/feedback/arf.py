@@ -144,7 +144,8 @@ def _fill_from_original(report: Complaint, original: Message | None) -> None:
 def parse_arf(msg: Message) -> Complaint | None:
     """A Complaint if ``msg`` is a feedback report, else None."""
     report_part = next((p for p in msg.walk()
-                        if p.get_content_type() == "message/feedback-report"), None)
+                        if p.get_content_type() == "message/feedback-report"), None) or \
+        _mislabelled_report(msg)
     if report_part is None:
         return _non_standard(msg)
     fields = _fields(report_part)
@@ -172,6 +173,21 @@ def parse_arf(msg: Message) -> Complaint | None:
         c is report_part for c in p.get_payload())), msg)
     _fill_from_original(report, returned_message(container))
     return report
+
+
+def _mislabelled_report(msg: Message) -> Message | None:
+    """A report=feedback-report whose fields come as text/plain (some small providers'
+    FBLs): the part after the human-readable one, if it holds a Feedback-Type field."""
+    for part in msg.walk():
+        if part.get_content_type() != "multipart/report" or \
+                str(part.get_param("report-type", "")).lower() != "feedback-report":
+            continue
+        parts = part.get_payload()
+        if isinstance(parts, list) and len(parts) > 1 and isinstance(parts[1], Message) and \
+                parts[1].get_content_type() == "text/plain" and re.search(
+                rb"^feedback-type:", _decoded(parts[1]), re.IGNORECASE | re.MULTILINE):
+            return parts[1]
+    return None
 
 
 def _non_standard(msg: Message) -> Complaint | None:
