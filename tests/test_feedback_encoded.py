@@ -174,3 +174,29 @@ def test_feedback_report_fields_sent_as_text_plain_are_read() -> None:
     assert report.kind == "complaint" and report.complaint is not None
     assert report.complaint.feedback_type == "abuse"
     assert report.original_return_path == "v-1@bounces.example"
+
+
+async def test_quoted_local_part_gets_a_valid_verp_and_its_bounce_is_read(
+        tmp_path, sink, make_node):
+    """``"neko..nyaan"@example.com`` is a valid recipient; its VERP was ``b.…."neko..nyaan"=…``,
+    which the next hop refused (553 5.1.3 malformed address): the message failed and that reply
+    counted as the recipient's hard bounce. The VERP is now a quoted-string, and a DSN naming
+    the quoted address is read and suppresses it."""
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    rcpt = '"neko..nyaan"@example.com'
+    await send(port, "news@insurer.test", [rcpt], message("x", cls="marketing"))
+    [arrival] = await sink.wait_for(1, timeout=10)
+    assert arrival.rcpts == [rcpt] and arrival.mail_from.startswith('"b.')
+    verp = node.feedback.verp.decode(arrival.mail_from)
+    assert verp is not None and verp.recipient == rcpt
+    dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
+                       recipients=[FailedRecipient(rcpt, "failed", "5.1.1", "550 5.1.1 unknown")],
+                       original=arrival.data, arrival_date=0)
+    assert await send(port, "", [arrival.mail_from], dsn) == {}
+    assert [r.address for r in parse_report(dsn).recipients] == [rcpt]
+    assert node.feedback.suppression.check([rcpt])[rcpt].scope == "best-effort"
+    await node.stop()
+    [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
+    assert (rb["rcpt"], rb["dsnStatus"]) == (rcpt, "5.1.1")
+    assert not [r for r in records(tmp_path) if r["type"] == "b"]

@@ -63,6 +63,7 @@ _STRONG = re.compile(r"^\s*<([^\s<>@]+@[^\s<>@]+)>:?\s*$|rcpt to:\s*<?([^\s<>@]+
                      re.IGNORECASE | re.MULTILINE)
 _SKIP_LOCAL = re.compile(r"^(mailer-daemon|postmaster|daemon|abuse|root|noreply|no-reply)$",
                          re.IGNORECASE)
+_QUOTED_ADDR = re.compile(r'"(?:[^"\\\r\n]|\\.)*"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+')
 _UNI_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 _HEXDIGIT = re.compile(r"[0-9a-f]", re.IGNORECASE)
 
@@ -138,6 +139,10 @@ def _recipient(value: str) -> str:
         local, at, domain = addr.rpartition("@")
         if at and local and domain and not any(ch.isspace() for ch in addr):
             return f"{local}@{domain.lower()}"
+    quoted = _QUOTED_ADDR.search(rest if sep else value)  # "john doe"@x: the pattern cuts it
+    if quoted:
+        local, _, domain = quoted.group(0).rpartition("@")
+        return f"{local}@{domain.lower()}"
     return bare_address(value)
 
 

@@ -19,6 +19,24 @@ __all__ = ["VERP", "VerpAddress"]
 _MAC_LEN = 10
 _LOCAL = re.compile(r"^b\.([0-9A-Fa-f]{8,40})\.(\d{1,6})\.([0-9a-f]{" + str(_MAC_LEN) +
                     r"})\.(.+)=([^=@]+)$")
+_DOT_ATOM = re.compile(r"[\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*")
+
+
+def _unquote(local: str) -> str:
+    """``"john doe"`` -> ``john doe`` (RFC 5321 quoted-string); a dot-atom as it is."""
+    if len(local) >= 2 and local[0] == local[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local
+
+
+def _quote(local: str) -> str:
+    """A local part that is not a dot-atom as a quoted-string: the VERP of a recipient such as
+    ``"john doe"@x`` must itself be a valid address (a next hop refuses ``MAIL FROM:<b.…
+    "john doe"=x@…>`` with 553 5.1.3, and that reply then counted as the recipient's hard
+    bounce)."""
+    if _DOT_ATOM.fullmatch(local):
+        return local
+    return '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +56,14 @@ class VERP:
 
     def encode(self, queue_id: str, index: int, recipient: str, bounce_domain: str) -> str:
         local, _, domain = recipient.rpartition("@")
-        mac = self._mac(queue_id, index, recipient)
-        return f"b.{queue_id}.{index}.{mac}.{local}={domain}@{bounce_domain}"
+        local = _unquote(local)  # a dot-atom is signed as before: addresses in flight stay valid
+        mac = self._mac(queue_id, index, f"{local}@{domain}")
+        return f"{_quote(f'b.{queue_id}.{index}.{mac}.{local}={domain}')}@{bounce_domain}"
 
     def decode(self, address: str) -> VerpAddress | None:
         """The message and recipient a VERP address stands for; None if it is not one of ours
         (or its signature does not match)."""
-        local = address.strip("<>").rpartition("@")[0]
+        local = _unquote(address.strip("<>").rpartition("@")[0])
         found = _LOCAL.match(local)
         if not found:
             return None
@@ -52,4 +71,4 @@ class VERP:
         recipient = f"{rlocal}@{rdomain}"
         if not hmac.compare_digest(mac.lower(), self._mac(qid, int(index), recipient)):
             return None
-        return VerpAddress(qid.upper(), int(index), recipient)
+        return VerpAddress(qid.upper(), int(index), f"{_quote(rlocal)}@{rdomain}")
