@@ -200,3 +200,24 @@ async def test_quoted_local_part_gets_a_valid_verp_and_its_bounce_is_read(
     [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
     assert (rb["rcpt"], rb["dsnStatus"]) == (rcpt, "5.1.1")
     assert not [r for r in records(tmp_path) if r["type"] == "b"]
+
+
+async def test_complaint_for_a_non_ascii_address_names_that_address(
+        tmp_path, sink, make_node):
+    """Original-Rcpt-To: jörg@example.net (RFC 6531) suppressed "rg@example.net", someone
+    else, because the address pattern was ASCII-only."""
+    node = await make_node(_config(tmp_path, sink.port))
+    arf = _report(b"feedback-report", ARF + "Original-Rcpt-To: jörg@example.net\r\n".encode(),
+                  ORIGINAL, to="fbl@mta.test", encode=False, ctype=b"message/feedback-report")
+    assert await send(node.listeners[0].port, "", ["fbl@mta.test"], arf) == {}
+    hits = node.feedback.suppression.check(["jörg@example.net", "rg@example.net"])
+    assert {a: e.source for a, e in hits.items()} == {"jörg@example.net": "complaint"}
+    await node.stop()
+
+
+def test_raw_utf8_final_recipient_in_a_plain_delivery_status() -> None:
+    """An SMTPUTF8 MTA that writes raw UTF-8 into message/delivery-status (not the global
+    type): the address is read whole, not as U+FFFD bytes or a cut-off ASCII tail."""
+    status = STATUS.replace(b"rfc822; bob@example.net", "rfc822; jörg@example.net".encode())
+    [r] = parse_report(_report(b"delivery-status", status, ORIGINAL, encode=False)).recipients
+    assert (r.address, r.status) == ("jörg@example.net", "5.1.1")

@@ -15,12 +15,15 @@ import quopri
 import re
 from dataclasses import dataclass, field
 from email import message_from_bytes
+from email.header import Header, decode_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 
-__all__ = ["Complaint", "bare_address", "message_body", "parse_arf", "returned_message"]
+__all__ = ["Complaint", "bare_address", "field_text", "message_body", "parse_arf",
+           "returned_message"]
 
-_ADDR = re.compile(r"[A-Za-z0-9._%+=!#$&'*/?^`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# \w is Unicode: an ASCII-only pattern cut "rg@example.net" out of "jörg@example.net" (RFC 6531)
+_ADDR = re.compile(r"(?<![\w.%+=!#$&'*/?^`{|}~-])[\w.%+=!#$&'*/?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 _IP = re.compile(r"[0-9a-fA-F:.]+")
 _JMRP = re.compile(r"complaint about message from", re.IGNORECASE)
 
@@ -67,6 +70,15 @@ def message_body(part: Message) -> bytes | None:
     return binascii.a2b_base64(body) if cte == "base64" else quopri.decodestring(body)
 
 
+def field_text(value: object) -> str:
+    """A field's value as text; raw UTF-8 (RFC 6532/6533 reports) comes back from the email
+    package as a Header of unknown-8bit bytes, whose str() is U+FFFD for each byte."""
+    if isinstance(value, Header):
+        return "".join(b.decode("utf-8", "replace") if isinstance(b, bytes) else b
+                       for b, _ in decode_header(value))
+    return "" if value is None else str(value)
+
+
 def _fields(part: Message) -> list[tuple[str, str]]:
     """Header-style fields of a message/feedback-report (or message/delivery-status) part."""
     payload = part.get_payload()
@@ -75,7 +87,8 @@ def _fields(part: Message) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         for block in payload:
             if isinstance(block, Message):
-                out.extend((k.lower(), " ".join(str(v).split())) for k, v in block.items())
+                out.extend((k.lower(), " ".join(field_text(v).split()))
+                           for k, v in block.items())
         return out
     out = []
     raw = _decoded(part) if encoded is None else encoded

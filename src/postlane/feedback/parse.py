@@ -15,7 +15,7 @@ from email import message_from_bytes, message_from_string
 from email.message import Message
 from email.utils import getaddresses
 
-from .arf import Complaint, bare_address, message_body, parse_arf, returned_message
+from .arf import Complaint, bare_address, field_text, message_body, parse_arf, returned_message
 from .categories import Classifier, default_classifier
 
 log = logging.getLogger("postlane.feedback")
@@ -170,7 +170,7 @@ def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
         for block in blocks:
             if not isinstance(block, Message):
                 continue
-            final = str(block.get("Final-Recipient") or block.get("Original-Recipient") or "")
+            final = field_text(block.get("Final-Recipient") or block.get("Original-Recipient"))
             address = _recipient(final)
             if not address:
                 continue
