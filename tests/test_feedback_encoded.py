@@ -221,3 +221,16 @@ def test_raw_utf8_final_recipient_in_a_plain_delivery_status() -> None:
     status = STATUS.replace(b"rfc822; bob@example.net", "rfc822; jörg@example.net".encode())
     [r] = parse_report(_report(b"delivery-status", status, ORIGINAL, encode=False)).recipients
     assert (r.address, r.status) == ("jörg@example.net", "5.1.1")
+
+
+def test_parts_labelled_base64_that_are_not_do_not_crash_the_parser() -> None:
+    """Plain text under "Content-Transfer-Encoding: base64" is read as the email package parsed
+    it (binascii raised, and a report address answered 451 for ever)."""
+    for ctype in (b"message/delivery-status", b"message/global-delivery-status"):
+        raw = _report(b"delivery-status", STATUS, ORIGINAL, encode=False, ctype=ctype)
+        raw = raw.replace(b"Content-Type: " + ctype + b"\r\n", b"Content-Type: " + ctype +
+                          b"\r\nContent-Transfer-Encoding: base64\r\n")
+        raw = raw.replace(b"Content-Type: message/rfc822\r\n", b"Content-Type: message/rfc822"
+                          b"\r\nContent-Transfer-Encoding: base64\r\n")
+        [r] = parse_report(raw).recipients
+        assert r.address == "bob@example.net"

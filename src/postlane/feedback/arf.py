@@ -10,6 +10,7 @@ returned message's To header when it holds exactly one address.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import quopri
 import re
@@ -62,12 +63,18 @@ def _decoded(part: Message) -> bytes:
 def message_body(part: Message) -> bytes | None:
     """The transfer-decoded body of a message/* part sent base64 or quoted-printable (RFC 2046
     forbids it; Exchange and some FBLs do it): the email package parses the encoded text as
-    fields or headers, so the part is written back out and decoded. None if not encoded."""
+    fields or headers, so the part is written back out and decoded. None if not encoded
+    (or not really base64)."""
     cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
     if cte not in ("base64", "quoted-printable"):
         return None
     body = re.split(rb"\r?\n\r?\n", part.as_bytes(), maxsplit=1)[-1]
-    return binascii.a2b_base64(body) if cte == "base64" else quopri.decodestring(body)
+    if cte == "quoted-printable":
+        return quopri.decodestring(body)
+    try:  # strict: text labelled base64 that is not is read as the package parsed it
+        return base64.b64decode(b"".join(body.split()), validate=True)
+    except binascii.Error:
+        return None
 
 
 def field_text(value: object) -> str:
