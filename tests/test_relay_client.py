@@ -735,3 +735,51 @@ async def test_final_reply_that_never_comes_times_out() -> None:
             await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
     assert info.value.stage == "dot" and info.value.message == "timed out waiting for reply"
     assert info.value.temporary and not conn.usable
+
+
+# --- hostile receivers: replies that must never read as a delivery --------------------------
+
+
+@dataclass
+class Scripted:
+    """Answers each command as it reads it, with ``replies`` by verb (default 250); DATA's 354
+    is followed by reading the data and ``dot``. Records what it received."""
+
+    ehlo: bytes = b"250-scripted.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+    replies: dict[bytes, bytes] = field(default_factory=dict)
+    dot: bytes = b"250 2.0.0 Ok\r\n"
+    commands: list[bytes] = field(default_factory=list)
+    data: list[bytes] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 scripted.test\r\n")
+        while line := await reader.readline():
+            self.commands.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(self.ehlo)
+            elif verb == b"QUIT":
+                writer.write(b"221 Bye\r\n")
+                await writer.drain()
+                return
+            else:
+                reply = self.replies.get(verb, b"354 go\r\n" if verb == b"DATA" else b"250 Ok\r\n")
+                writer.write(reply)
+                if verb == b"DATA" and reply.startswith(b"354"):
+                    await writer.drain()
+                    self.data.append(await reader.readuntil(b"\r\n.\r\n"))
+                    writer.write(self.dot)
+            await writer.drain()
+
+
+async def test_data_command_answered_250_is_not_a_delivery() -> None:
+    """A 250 where DATA wants 354 means the message was never sent: no outcome may read it
+    as delivered (it was: data_reply carried the 250)."""
+    server = Scripted(replies={b"DATA": b"250 2.0.0 Ok\r\n"})
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        with pytest.raises(SMTPError) as info:
+            await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
+    assert info.value.stage == "data" and info.value.temporary
+    assert server.data == [] and not conn.usable
+

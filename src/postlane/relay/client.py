@@ -489,6 +489,8 @@ class SMTPConnection:
             elif data_reply.is_ok:
                 self.messages_sent += 1
             return Transaction(mail_reply, rcpt_replies, data_reply)
+        if data_cmd_reply.code < 400:  # 2xx/3xx other than 354: the data was never sent
+            raise SMTPError("data", f"unexpected reply to DATA: {data_cmd_reply}")
         if data_cmd_reply.code == 421:
             self._usable = False
         else:
