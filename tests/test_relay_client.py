@@ -783,3 +783,14 @@ async def test_data_command_answered_250_is_not_a_delivery() -> None:
     assert info.value.stage == "data" and info.value.temporary
     assert server.data == [] and not conn.usable
 
+
+async def test_final_reply_with_mixed_codes_is_malformed() -> None:
+    """``250-queued`` then ``550 rejected``: RFC 5321 4.2.1 wants one code per reply; taking
+    the first line's made a rejected message delivered."""
+    server = Scripted(dot=b"250-2.0.0 queued\r\n550 5.7.1 rejected after all\r\n")
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        with pytest.raises(SMTPError) as info:
+            await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
+    assert info.value.stage == "dot" and "different codes" in info.value.message
+    assert not conn.usable

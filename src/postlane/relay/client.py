@@ -121,6 +121,8 @@ def _parse_reply(lines: list[bytes], stage: str) -> Reply:
         _check_line(line, stage)
         if not code:
             code = int(line[:3])
+        elif int(line[:3]) != code:  # RFC 5321 4.2.1: which one would be the answer?
+            raise SMTPError(stage, f"reply lines with different codes {line[:80]!r}")
         texts.append(line[4:].decode("utf-8", "replace"))
     return Reply(code, "\n".join(texts), _enhanced(texts[0], code))
 
