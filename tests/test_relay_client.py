@@ -708,6 +708,8 @@ def _slow_server(delay: float, answer_dot: bool = True) -> Serve:
                 writer.write(b"221 Bye\r\n")
                 await writer.drain()
                 return
+            elif verb == b"EHLO":
+                writer.write(b"250-slow.test\r\n250 8BITMIME\r\n")  # MESSAGE is 8-bit
             else:
                 writer.write(b"250 Ok\r\n")
             await writer.drain()
@@ -794,3 +796,28 @@ async def test_final_reply_with_mixed_codes_is_malformed() -> None:
             await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
     assert info.value.stage == "dot" and "different codes" in info.value.message
     assert not conn.usable
+
+
+@pytest.mark.parametrize(
+    ("ehlo", "body", "status"),
+    [
+        (b"250-x\r\n250-PIPELINING\r\n250 SIZE 100\r\n", b"Subject: big\r\n\r\n" + b"y" * 200,
+         "5.3.4"),
+        (b"250-x\r\n250 PIPELINING\r\n", "Subject: x\r\n\r\nGrüße\r\n".encode(), "5.6.3"),
+        (b"250-x\r\n250 PIPELINING\r\n", "Subject: Grüße\r\n\r\nx\r\n".encode(), "5.6.3"),
+    ],
+    ids=["over-size", "8bit-without-8bitmime", "utf8-headers-without-8bitmime"],
+)
+async def test_message_the_server_cannot_take_is_not_sent(
+        ehlo: bytes, body: bytes, status: str) -> None:
+    """What the EHLO says the server cannot take is refused here, before MAIL: sent, it was
+    cut by the server's limit or delivered as bytes the server never agreed to carry."""
+    server = Scripted(ehlo=ehlo)
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", "")], body)
+        assert tx.mail_reply.is_perm and tx.mail_reply.enhanced == status
+        assert [r.enhanced for r in tx.rcpt_replies] == [status, status]
+        assert tx.data_reply is None and conn.usable
+        await conn.quit()
+    assert [c[:4] for c in server.commands] == [b"EHLO", b"QUIT"]

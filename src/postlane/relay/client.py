@@ -14,6 +14,10 @@ SMTPUTF8 (RFC 6531): an envelope with non-ASCII addresses goes with the SMTPUTF8
 server that offers it; to one that does not, domains are sent as A-labels, and an address whose
 local part is not ASCII cannot be sent at all: its recipient (or, for the sender, the whole
 transaction) gets a 553 5.6.7 made here, so it bounces instead of being retried forever.
+Likewise a message the EHLO says the server cannot take (over its SIZE, 8-bit without
+8BITMIME) is refused here and never sent; UTF-8 headers with ASCII addresses go as they are to
+a server with 8BITMIME (docs/security.md, as Postfix does for mail that did not ask for
+SMTPUTF8).
 """
 
 from __future__ import annotations
@@ -376,6 +380,9 @@ class SMTPConnection:
             raise SMTPError("mail", "connection is not usable")
         payload = prepare_data(data, crlf)
         n, kept = len(rcpts), None
+        unsendable = self._unsendable(payload)
+        if unsendable is not None:
+            return Transaction(unsendable, [unsendable] * n, None)
         if "SMTPUTF8" not in self.extensions and not (
                 mail_from.isascii() and all(addr.isascii() for addr, _ in rcpts)):
             refusal = Reply(553, f"5.6.7 {self.server_name} does not support SMTPUTF8 and"
@@ -406,6 +413,20 @@ class SMTPConnection:
                 replies[i] = reply
             tx.rcpt_replies = replies
         return tx
+
+    def _unsendable(self, payload: bytes) -> Reply | None:
+        """The refusal, made here, of a message this server's EHLO says it cannot take, so
+        that it is never sent: larger than its SIZE (RFC 1870 6), 8-bit (body or headers) to
+        a server without 8BITMIME or SMTPUTF8 (RFC 6152 3: we do not convert)."""
+        ext = self.extensions
+        limit = ext.get("SIZE", "")
+        if limit.isdigit() and 0 < int(limit) < len(payload):
+            return Reply(552, f"5.3.4 message of {len(payload)} bytes exceeds the {limit} bytes"
+                              f" {self.server_name} accepts (SIZE)", "5.3.4")
+        if "8BITMIME" in ext or "SMTPUTF8" in ext or payload.isascii():
+            return None
+        return Reply(554, f"5.6.3 {self.server_name} does not support 8BITMIME and the"
+                          " message is 8-bit", "5.6.3")
 
     def _mail_commands(
         self, mail_from: str, rcpts: list[tuple[str, str]], payload: bytes, mail_params: str
