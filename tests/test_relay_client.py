@@ -821,3 +821,19 @@ async def test_message_the_server_cannot_take_is_not_sent(
         assert tx.data_reply is None and conn.usable
         await conn.quit()
     assert [c[:4] for c in server.commands] == [b"EHLO", b"QUIT"]
+
+
+async def test_stray_reply_after_a_transaction_ends_reuse() -> None:
+    """A reply nobody asked for, after the final one, shifts every later reply by one: the
+    next message's MAIL would be answered by it (here a 550 that would bounce it). Such a
+    connection is not reused."""
+    server = Scripted(dot=b"250 2.0.0 Ok\r\n550 5.7.1 stray\r\n")
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
+        assert tx.data_reply is not None and tx.data_reply.code == 250
+        assert not conn.usable
+        with pytest.raises(SMTPError):
+            await conn.send("s@a.test", [("y@b.test", "")], MESSAGE)
+        assert len(server.data) == 1
+        await conn.quit()

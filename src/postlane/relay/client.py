@@ -348,8 +348,11 @@ class SMTPConnection:
 
     @property
     def usable(self) -> bool:
-        """Whether another transaction may run on this connection."""
-        return self._usable and not self._writer.is_closing()
+        """Whether another transaction may run on this connection: not when the server has
+        sent something unasked (a stray reply would be read as the next MAIL's, and every
+        reply after it as the one before's) or hung up."""
+        return (self._usable and not self._writer.is_closing()
+                and not pending_bytes(self._reader) and not self._reader.at_eof())
 
     async def send(
         self,
