@@ -25,7 +25,8 @@ from tests.support.waiting import until
 
 # MX host -> the sink it resolves to
 MX = {"good.mx.test": "127.0.0.51", "wrong.mx.test": "127.0.0.52",
-      "expired.mx.test": "127.0.0.53", "plain.mx.test": "127.0.0.54", "ta.mx.test": "127.0.0.55"}
+      "expired.mx.test": "127.0.0.53", "plain.mx.test": "127.0.0.54", "ta.mx.test": "127.0.0.55",
+      "broken.mx.test": "127.0.0.56"}
 HTTPS_IP = "127.0.0.60"
 
 
@@ -53,6 +54,8 @@ class World:
                     if host in self.certs:
                         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
                         ctx.load_cert_chain(*self.certs[host])
+                    elif host == "broken.mx.test":  # offers STARTTLS, every handshake fails
+                        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # (it has no certificate)
                     sink = await Sink(host=ip, port=self.port, tls_context=ctx).start()
                     self.port = sink.port
                     self.sinks[host] = sink
@@ -151,6 +154,9 @@ async def delivered_with(world: World, make_node, rcpt: str) -> dict:
 @pytest.mark.parametrize("class_tls, host, outcome, auth, status", [
     ("opportunistic", "plain.mx.test", "d", "", ""),
     ("opportunistic", "wrong.mx.test", "d", "none", ""),
+    ("opportunistic", "broken.mx.test", "d", "", ""),  # the handshake fails: in clear
+    ("required", "broken.mx.test", "t", None, "4.7.5"),
+    ("verified", "broken.mx.test", "t", None, "4.7.5"),
     ("required", "plain.mx.test", "t", None, "4.7.10"),
     ("required", "wrong.mx.test", "d", "none", ""),
     ("required", "expired.mx.test", "d", "none", ""),
@@ -208,8 +214,10 @@ async def test_mta_sts_enforce_delivers_to_a_matching_mx_with_a_valid_certificat
 
 @pytest.mark.parametrize("host, policy_mx", [("good.mx.test", ["mx.elsewhere.test"]),
                                              ("expired.mx.test", ["*.mx.test"]),
-                                             ("plain.mx.test", ["*.mx.test"])],
-                         ids=["MX not in policy", "expired certificate", "no STARTTLS"])
+                                             ("plain.mx.test", ["*.mx.test"]),
+                                             ("broken.mx.test", ["*.mx.test"])],
+                         ids=["MX not in policy", "expired certificate", "no STARTTLS",
+                              "failed handshake"])
 async def test_mta_sts_enforce_defers_and_sends_nothing(world, make_node, tmp_path, host,
                                                         policy_mx):
     world.mx("sts.test", host)

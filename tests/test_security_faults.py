@@ -36,7 +36,7 @@ async def bad():
     await server.stop()
 
 
-@pytest.mark.parametrize("fault", [f for f in FAULTS if f != "banner-554"])
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f not in ("banner-554", "tls-fail")])
 async def test_temporary_fault_is_retried_then_delivered(tmp_path, make_node, dns_server, bad,
                                                          fault):
     bad.faults = [fault]
@@ -50,6 +50,20 @@ async def test_temporary_fault_is_retried_then_delivered(tmp_path, make_node, dn
     assert kinds == [("a@example.com", "r"), ("a@example.com", "t"), ("a@example.com", "d")]
     deferral = next(r for r in records(tmp_path) if r["type"] == "t")
     assert deferral["dsnStatus"].startswith("4.")
+
+
+async def test_failed_tls_handshake_goes_in_clear_at_once(tmp_path, make_node, dns_server,
+                                                           bad):
+    """Under the (default) opportunistic policy a failed STARTTLS handshake is retried in
+    clear text on a new connection in the same attempt: delivered, no deferral."""
+    bad.faults = ["tls-fail"]
+    node = await make_node(fault_config(tmp_path, bad.port, dns_server.port))
+    await send(node.listeners[0].port, "s@example.com", ["a@example.com"],
+               message(cls="policy-documents"))
+    await bad.wait_for(1)
+    await node.stop()
+    assert [r["type"] for r in records(tmp_path)] == ["r", "d"]
+    assert bad.connections == 2 and len(bad.received) == 1
 
 
 async def test_greeting_554_bounces_with_a_record(tmp_path, make_node, dns_server, bad):

@@ -175,11 +175,16 @@ class TLSPolicy:
                 raise
             self._count(plan, slot, exc.tls_failure, exc.message)
             if plan.testing is None:
-                raise _refusal(plan, exc) from None
+                if not _plain_allowed(plan, exc):
+                    raise _refusal(plan, exc) from None
+                return _evidence(await self._open(plan, slot, timeouts, False, "disabled"),
+                                 plan, "")
             try:  # MTA-STS testing: reported; deliver as the class policy alone would
                 conn = await self._open(plan, slot, timeouts, False, plan.level)
             except SMTPError as again:
-                raise _refusal(plan, again) from None
+                if not (again.tls_failure and _plain_allowed(plan, again)):
+                    raise _refusal(plan, again) from None
+                conn = await self._open(plan, slot, timeouts, False, "disabled")
             return _evidence(conn, plan, "none" if conn.tls_version else "")
         auth = "pkix" if verify else "none" if conn.tls_version else ""
         if plan.level == "dane":
@@ -218,6 +223,13 @@ class TLSPolicy:
 def _evidence(conn: SMTPConnection, plan: HostPlan, auth: str) -> SMTPConnection:
     conn.tls_auth, conn.tls_policy = auth, plan.policy
     return conn
+
+
+def _plain_allowed(plan: HostPlan, exc: SMTPError) -> bool:
+    """Whether a failed STARTTLS handshake may be retried in clear text on a new connection:
+    only under the opportunistic policy (RFC 7435 3: an attacker could strip the STARTTLS
+    anyway; Postfix's "may" does the same), never after a 421 (the server is closing)."""
+    return plan.level == "opportunistic" and exc.stage == "starttls" and exc.reply is None
 
 
 def _refusal(plan: HostPlan, exc: SMTPError) -> SMTPError:
