@@ -837,3 +837,17 @@ async def test_stray_reply_after_a_transaction_ends_reuse() -> None:
             await conn.send("s@a.test", [("y@b.test", "")], MESSAGE)
         assert len(server.data) == 1
         await conn.quit()
+
+
+@pytest.mark.parametrize("body", [MESSAGE, MESSAGE + b"z" * 400_000 + b"\r\n"],
+                         ids=["one-block", "blocks"])
+async def test_reply_before_the_end_of_data_is_not_the_final_reply(body: bytes) -> None:
+    """A 250 sent with the 354, before any data, is no answer to the final dot (this server
+    then never answers the dot): the message is not delivered."""
+    server = Scripted(replies={b"DATA": b"354 go\r\n250 2.0.0 early\r\n"}, dot=b"")
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        with pytest.raises(SMTPError) as info:
+            await conn.send("s@a.test", [("x@b.test", "")], body)
+    assert info.value.stage == "data" and info.value.temporary
+    assert not conn.usable
