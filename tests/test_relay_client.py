@@ -851,3 +851,15 @@ async def test_reply_before_the_end_of_data_is_not_the_final_reply(body: bytes) 
             await conn.send("s@a.test", [("x@b.test", "")], body)
     assert info.value.stage == "data" and info.value.temporary
     assert not conn.usable
+
+
+async def test_3xx_to_the_final_dot_defers_and_ends_reuse() -> None:
+    """A 354 to the dot: not delivered, and the server may still be reading data, where the
+    next transaction's commands would land."""
+    server = Scripted(dot=b"354 2.0.0 more please\r\n")
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
+        assert tx.data_reply is not None and tx.data_reply.code == 354
+        assert not conn.usable and conn.messages_sent == 0
+        await conn.quit()

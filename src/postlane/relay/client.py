@@ -510,8 +510,8 @@ class SMTPConnection:
                 return Transaction(mail_reply, rcpt_replies, None)
             await self._write_data(payload, before_dot)
             data_reply = await self._read_reply("dot", self._timeouts.dot)
-            if data_reply.code == 421:
-                self._usable = False
+            if data_reply.code == 421 or (data_reply.code < 400 and not data_reply.is_ok):
+                self._usable = False  # a 3xx to the dot: the server is not where we are
             elif data_reply.is_ok:
                 self.messages_sent += 1
             return Transaction(mail_reply, rcpt_replies, data_reply)
