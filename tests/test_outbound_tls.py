@@ -270,6 +270,19 @@ async def test_mta_sts_testing_delivers_and_reports_the_failure(world, make_node
     assert detail["receiving-ip"] == MX["wrong.mx.test"]
 
 
+async def test_mta_sts_testing_over_a_failed_handshake_delivers_in_clear(world, make_node,
+                                                                         tmp_path):
+    """Testing mode delivers as the class policy alone would: opportunistic, so a server
+    whose STARTTLS handshake fails gets the message in clear, on a new connection."""
+    world.mx("sts-testing.test", "broken.mx.test")
+    world.sts("sts-testing.test", "testing", ["*.mx.test"])
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts-testing.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts-testing.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "mta-sts-testing", row
+    assert row["dlvTlsAuth"] == "" and row["dlvTlsProtocol"] == ""
+
+
 # -- DANE ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("usage, selector, auth", [(3, 1, "dane-ee"), (3, 0, "dane-ee"),
