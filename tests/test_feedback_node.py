@@ -218,3 +218,24 @@ async def test_reports_are_accepted_from_anywhere_but_mail_is_not_relayed(
     with pytest.raises(smtplib.SMTPRecipientsRefused):
         await send(port, "a@b.test", ["someone@example.com"], message("x"))
     await node.stop()
+
+
+async def test_a_report_with_long_lines_is_read_mail_with_them_is_not_relayed(
+        tmp_path, sink, make_node):
+    """GMX's and Amazon SES's bounces come with lines over 998 octets: refused with 500 5.5.2
+    at the bounce and FBL addresses, the feedback was lost. Mail to be relayed still meets
+    RFC 5321's limit."""
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    long_line = "X-Long: " + "y" * 1500 + "\r\n"
+    report = _arf("x@elsewhere.test", "<m@x>").replace(
+        b"\r\n\r\n", f"\r\n{long_line}\r\n".encode(), 1)
+    assert await send(port, "", ["fbl@mta.test"], report) == {}
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await send(port, "a@insurer.test", ["someone@example.com"],
+                   message("x", extra=long_line))
+    assert err.value.smtp_code == 500
+    with pytest.raises(smtplib.SMTPDataError):  # a report and mail to relay: relayed rules
+        await send(port, "a@insurer.test", ["fbl@mta.test", "someone@example.com"],
+                   message("x", extra=long_line))
+    await node.stop()

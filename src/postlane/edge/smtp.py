@@ -164,13 +164,19 @@ class BulkDataSMTP(SMTP):
     def check_content(self, content: bytes) -> str | None:
         """The refusal of a message read by DATA, or None: lines over ``max_line`` octets
         (500 5.5.2) and header blocks over ``max_header`` (552 5.3.4)."""
-        if len(content) > self.max_line - 2 and has_long_line(content, self.max_line):
+        if len(content) > self.max_line - 2 and has_long_line(content, self.max_line) \
+                and not self.read_here():
             return "500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)"
         if self.max_header and len(content) > self.max_header:
             end = content.find(b"\r\n\r\n", 0, self.max_header + 4)
             if end < 0 and not content.startswith(b"\r\n"):
                 return "552 5.3.4 Header block too large"
         return None
+
+    def read_here(self) -> bool:
+        """Whether the message is only for this node to read, never relayed (its long lines
+        harm nobody)."""
+        return False
 
     async def push(self, status: str | bytes) -> None:
         """Send a reply, or hold it while more is sure to follow at once.
@@ -315,6 +321,14 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         self.dsn_params: dict[str, str] = {}
         limits = handler.config.limits
         self.max_line, self.max_header = limits.max_line_length, limits.max_header_size
+
+    def read_here(self) -> bool:
+        """Reports to the node's own addresses (bounces, complaints, DMARC reports): GMX's and
+        Amazon SES's come with lines over 998 octets, and refusing them lost the feedback."""
+        feedback = self.intake_handler.intake.feedback
+        rcpts = self.envelope.rcpt_tos if self.envelope is not None else []
+        return feedback is not None and bool(rcpts) and all(
+            feedback.is_report_address(r) for r in rcpts)
 
     async def _refuse_if_draining(self) -> bool:
         if self.intake_handler.draining:
