@@ -11,12 +11,20 @@ import asyncio
 import json
 import re
 
+from tests.conftest import OPERATOR, send
 from tests.conftest import message as plain_message
-from tests.conftest import send
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy
 from tests.support.waiting import until
-from tests.test_cluster import Served, _until, cluster_text, delivered_by, send_many, subjects_of
+from tests.test_cluster import (
+    Served,
+    _until,
+    cluster_text,
+    delivered_by,
+    send_many,
+    start_node,
+    subjects_of,
+)
 
 
 def depths(metrics: str) -> list[float]:
@@ -86,6 +94,43 @@ async def test_intake_on_one_node_delivery_by_the_other_no_alert_and_depth_zero(
         await asyncio.to_thread(a.stop)
         await asyncio.to_thread(b.stop)
     assert delivered_by(tmp_path, "node-b") > delivered_by(tmp_path, "node-a")
+
+
+def domain_depths(metrics: str) -> dict[str, float]:
+    return {d: float(v) for d, v in re.findall(
+        r'^postlane_domain_queue_depth\{domain="([^"]*)"\} (\S+)$', metrics, re.M)}
+
+
+async def test_the_queue_per_domain_is_the_clusters_on_every_node(tmp_path, sink,
+                                                                  pg_schema):  # noqa: F811
+    """/metrics per destination domain counts the shared queue, as its per-class depth does,
+    not the lanes of what the scraped node happens to hold (that was 0 on every node while
+    a paused pool's 10 waited; and each node's own share while a campaign went out)."""
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        await asyncio.to_thread(send_many, a.listeners[0].port, [f"q{i}" for i in range(10)])
+
+        for node in (a, b):
+            async def counted(node=node) -> dict | None:
+                figures = await node.monitor.cluster.current()
+                return figures if figures is not None and any(
+                    c["class"] == "marketing" and c["depth"] == 10
+                    for c in figures["classes"]) else None
+
+            figures = await until(counted, timeout=30, what="the cluster's figures: the 10")
+            metrics = node.monitor.metrics.render(figures).decode()
+            assert depths(metrics) and max(depths(metrics)) == 10.0
+            assert domain_depths(metrics) == {"example.com": 10.0}, node.config.node.name
+            oldest = re.search(r'^postlane_domain_oldest_age_seconds\{domain="example.com"\} '
+                               r'(\S+)$', metrics, re.M)
+            assert oldest is not None and 0 <= float(oldest[1]) < 60
+        assert sink.arrivals == []
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 SLOW = """

@@ -34,6 +34,7 @@ from ..spool import PostgresSpool
 from ..spool.postgres import CONNECT_TIMEOUT, SESSION_SETTINGS, UNREACHABLE, NodeInfo
 from .alerts import Alert
 from .membership import summarize
+from .metrics import top_domains
 from .tracker import Tracker
 
 if TYPE_CHECKING:
@@ -74,6 +75,10 @@ _OUTSTANDING = f"""SELECT msg_id, min(deadline) AS deadline, count(*) AS left,
 FROM recipients WHERE cls = $1 AND {_OPEN} AND deadline <= $2
 GROUP BY msg_id ORDER BY 2 LIMIT $3"""
 """The messages of one class due within the horizon, in deadline order (index recipients_open)."""
+_DOMAINS = """SELECT domain, cls, count(*) AS n, min(deadline) AS first_deadline
+FROM recipients WHERE state IN ('queued', 'deferred', 'held') GROUP BY domain, cls"""
+"""The queue per destination domain, held mail included as in a node's lanes (a scan of the
+open recipients: 36 ms on 200,000 of them)."""
 
 
 @dataclass(slots=True)
@@ -84,6 +89,7 @@ class Queue:
     deferred: dict[str, tuple[int, int]]  # pool -> (deferred, due)
     leased: list  # _LEASED rows
     outstanding: dict[str, list]  # SLA class -> _OUTSTANDING rows
+    domains: list  # _DOMAINS rows
 
 
 class ClusterMonitor:
@@ -278,7 +284,7 @@ class ClusterMonitor:
         for name, rule in self.monitor.rules.items():  # the horizon of class_states' estimate
             outstanding[name] = await conn.fetch(
                 _OUTSTANDING, name, now + 2 * rule.lead_time + 2 * evaluate, OUTSTANDING_MAX)
-        return Queue(classes, deferred, leased, outstanding)
+        return Queue(classes, deferred, leased, outstanding, await conn.fetch(_DOMAINS))
 
     def _load(self, queue: Queue, now: float) -> None:
         """The queue as the spool has it, into the cluster tracker."""
@@ -339,9 +345,22 @@ class ClusterMonitor:
         alerts = self.monitor.alerts
         return {"leader": self.name, "at": now,
                 "classes": self.monitor.class_states(now, self.tracker),
-                "pools": pools, "nodes": status["nodes"],
+                "pools": pools, "nodes": status["nodes"], "domains": self._domains(queue, now),
                 "alerts": {"active": [a.as_dict() for a in alerts.active.values()],
                            "resolved": [a.as_dict() for a in reversed(alerts.history)]}}
+
+    def _domains(self, queue: Queue, now: float) -> list[dict]:
+        """The deepest destination domains of the whole queue, for /metrics on every node."""
+        depth: collections.Counter[str] = collections.Counter()
+        oldest: dict[str, float] = {}
+        for row in queue.domains:
+            cls = self.config.classes.get(row["cls"])
+            if cls is None:
+                continue
+            age = now - (row["first_deadline"] - (cls.sla if cls.sla is not None else cls.expiry))
+            depth[row["domain"]] += row["n"]
+            oldest[row["domain"]] = round(max(oldest.get(row["domain"], 0.0), age), 3)
+        return top_domains(depth, oldest, self.config.monitor.metrics_top_domains)
 
 
 def _alert(row: asyncpg.Record) -> Alert:

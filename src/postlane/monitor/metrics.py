@@ -156,7 +156,11 @@ class _StateCollector(Collector):
             drains = {p: mon.tracker.drain_rate(p, now) for p in mon.tracker.pools}
             alert_labels = [(a.rule, a.cls) for a in mon.alerts.active.values()]
         yield from _class_metrics(classes)
-        yield from _domains(status["lanes"], mon.config.monitor.metrics_top_domains)
+        top = mon.config.monitor.metrics_top_domains
+        if clustered:  # the cluster's queue per domain, not the lanes of what this node holds
+            yield from _domain_metrics(self.cluster.get("domains", []) if self.cluster else [])
+        else:
+            yield from _domain_metrics(top_domains(*_lane_domains(status["lanes"]), top))
         drain = GaugeMetricFamily("postlane_pool_drain_rate", "Final outcomes per second",
                                   labels=["pool"])
         paused = GaugeMetricFamily("postlane_pool_paused", "1 if the whole pool is paused",
@@ -228,30 +232,40 @@ class _StateCollector(Collector):
         yield from (nodes, unowned)
 
 
-def _domains(lanes: list[dict], top: int) -> Iterator[Metric]:
-    """Queue depth and oldest age per recipient domain (all pools): the ``top`` deepest by
-    name, the others summed as "other", so the number of series stays bounded."""
+def _lane_domains(lanes: list[dict]) -> tuple[dict[str, int], dict[str, float]]:
+    """Depth and oldest age per recipient domain, over all pools' lanes."""
     depth: dict[str, int] = {}
     oldest: dict[str, float] = {}
     for lane in lanes:
         if lane["depth"]:
             depth[lane["domain"]] = depth.get(lane["domain"], 0) + lane["depth"]
             oldest[lane["domain"]] = max(oldest.get(lane["domain"], 0.0), lane["oldest_age_s"])
+    return depth, oldest
+
+
+def top_domains(depth: dict[str, int], oldest: dict[str, float], top: int) -> list[dict]:
+    """The ``top`` deepest domains (by name on a tie), the others summed as "other", so the
+    number of series stays bounded. Also what a cluster's evaluator publishes."""
     ranked = sorted(depth, key=lambda d: (-depth[d], d))
-    shown = ranked[:top]
+    out = [{"domain": d, "depth": depth[d], "oldest_age_s": oldest[d]} for d in ranked[:top]]
     rest = ranked[top:]
+    if rest:
+        out.append({"domain": "other", "depth": sum(depth[d] for d in rest),
+                    "oldest_age_s": max(oldest[d] for d in rest)})
+    return out
+
+
+def _domain_metrics(domains: list[dict]) -> Iterator[Metric]:
+    """Queue depth and oldest age per recipient domain (``top_domains``)."""
     gauge_depth = GaugeMetricFamily("postlane_domain_queue_depth",
                                     "Recipients not yet final per destination domain (the"
                                     " deepest; the rest as domain=\"other\")", labels=["domain"])
     gauge_oldest = GaugeMetricFamily("postlane_domain_oldest_age_seconds",
                                      "Age of the oldest message queued per destination domain",
                                      labels=["domain"])
-    for domain in shown:
-        gauge_depth.add_metric([domain], depth[domain])
-        gauge_oldest.add_metric([domain], oldest[domain])
-    if rest:
-        gauge_depth.add_metric(["other"], sum(depth[d] for d in rest))
-        gauge_oldest.add_metric(["other"], max(oldest[d] for d in rest))
+    for item in domains:
+        gauge_depth.add_metric([item["domain"]], item["depth"])
+        gauge_oldest.add_metric([item["domain"]], item["oldest_age_s"])
     yield from (gauge_depth, gauge_oldest)
 
 
