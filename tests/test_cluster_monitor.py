@@ -11,6 +11,8 @@ import asyncio
 import json
 import re
 
+from postlane.monitor.membership import cluster_status
+from postlane.scheduler.control import Selector
 from tests.conftest import OPERATOR, send
 from tests.conftest import message as plain_message
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
@@ -127,6 +129,42 @@ async def test_the_queue_per_domain_is_the_clusters_on_every_node(tmp_path, sink
             oldest = re.search(r'^postlane_domain_oldest_age_seconds\{domain="example.com"\} '
                                r'(\S+)$', metrics, re.M)
             assert oldest is not None and 0 <= float(oldest[1]) < 60
+        assert sink.arrivals == []
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_mail_on_hold_is_in_the_clusters_queue_as_on_one_node(tmp_path, sink,
+                                                                    pg_schema):  # noqa: F811
+    """Recipients on hold are not final: one node counts them in its depth (and lanes); the
+    cluster's figures left them out, so 2 held of 4 queued showed as a queue of 2, and the
+    shared queue per pool had no place for them."""
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        await asyncio.to_thread(send_many, a.listeners[0].port, [f"h{i}" for i in range(4)])
+        for rcpt in ("h0@example.com", "h1@example.com"):
+            held = await b.operations.queue("hold", Selector(recipient=rcpt), who=OPERATOR)
+            assert held["recipients"] == 1, held
+        for node in (a, b):
+            async def counted(node=node) -> dict | None:
+                figures = await node.monitor.cluster.current()
+                return figures if figures is not None and figures["pools"]["bulk"][
+                    "on_hold"] == 2 else None
+
+            figures = await until(counted, timeout=30, what="the cluster's figures: 2 on hold")
+            [marketing] = [c for c in figures["classes"] if c["class"] == "marketing"]
+            assert marketing["depth"] == 4
+            assert (figures["pools"]["bulk"]["queued"], figures["pools"]["bulk"]["on_hold"]) \
+                == (2, 2)
+            metrics = node.monitor.metrics.render(figures).decode()
+            assert 'postlane_queue_depth{class="marketing",pool="bulk"} 4.0' in metrics
+            assert domain_depths(metrics) == {"example.com": 4.0}
+        status = await cluster_status(a.spool, a.config.cluster)
+        assert (status["pools"]["bulk"]["queued"], status["pools"]["bulk"]["on_hold"]) == (2, 2)
         assert sink.arrivals == []
     finally:
         await a.stop()

@@ -68,7 +68,8 @@ def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config 
         typer.echo(line)
     for name, p in sorted(out["pools"].items()):
         typer.echo(f"  pool {name:<15} queued {p['queued']:>7}  deferred {p['deferred']:>7}"
-                   f"  claimed {p['claimed']:>6}  unowned {p['unowned']:>6}")
+                   f"  claimed {p['claimed']:>6}  unowned {p['unowned']:>6}"
+                   f"  on hold {p.get('on_hold', 0):>6}")
     if out["paused"]:
         typer.echo(f"  paused: {', '.join(out['paused'])}")
 

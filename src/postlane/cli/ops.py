@@ -199,11 +199,12 @@ def _cluster_tables(out: Console, cluster: dict, sla: dict) -> None:
                       "open" if n["session"] else "[red]closed[/]", str(n["claimed"]), takeover)
     out.print(nodes)
     queue = Table(title="shared queue")
-    for col in ("pool", "queued", "deferred", "claimed", "unowned", "drain/s"):
+    for col in ("pool", "queued", "deferred", "claimed", "unowned", "on hold", "drain/s"):
         queue.add_column(col, justify="left" if col == "pool" else "right")
     for name, p in sorted(cluster["pools"].items()):
         queue.add_row(name, str(p["queued"]), str(p["deferred"]), str(p["claimed"]),
-                      str(p["unowned"]), f"{p.get('drain_rate', 0.0):.2f}")
+                      str(p["unowned"]), str(p.get("on_hold", 0)),
+                      f"{p.get('drain_rate', 0.0):.2f}")
     out.print(queue)
 
 

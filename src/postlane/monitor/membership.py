@@ -29,7 +29,7 @@ def node_state(info: NodeInfo, age: float, cluster: ClusterConfig) -> tuple[str,
 async def cluster_status(spool: PostgresSpool, cluster: ClusterConfig) -> dict:
     """Nodes (state, heartbeat, session, work held, time until takeover) and the shared queue
     per pool: ``claimed`` is held by live nodes, ``unowned`` by suspect or dead ones or under a
-    lapsed lease (work about to be taken over)."""
+    lapsed lease (work about to be taken over), ``on_hold`` by nobody (``queue hold``)."""
     now = await spool.now()
     out = summarize(await spool.nodes(), await spool.queue_summary(), now, cluster)
     return {"schema": spool.schema, "time": now, **out,
@@ -53,8 +53,8 @@ def summarize(infos: list[NodeInfo], summary: list[dict], now: float,
     pools: dict[str, dict] = {}
     for row in summary:
         pool = pools.setdefault(row["pool"], {"queued": 0, "deferred": 0, "claimed": 0,
-                                              "unowned": 0})
-        pool[row["state"]] += row["n"]
+                                              "unowned": 0, "on_hold": 0})
+        pool["on_hold" if row["state"] == "held" else row["state"]] += row["n"]
         if row["lease_owner"] is None:
             continue
         owner = nodes.get(row["lease_owner"])

@@ -76,7 +76,7 @@ class Leases:
                 "SELECT pool, state, lease_owner,"
                 f" coalesce(lease_until >= {NOW}, false) AS held, count(*) AS n,"
                 " min(lease_until) AS lease_until"
-                " FROM recipients WHERE state IN ('queued', 'deferred')"
+                " FROM recipients WHERE state IN ('queued', 'deferred', 'held')"
                 " GROUP BY pool, state, lease_owner, held ORDER BY pool")
         return [dict(r) for r in rows]
 
