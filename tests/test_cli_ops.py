@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from tests.conftest import config_text
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
+from tests.support.waiting import until
 
 POSTLANE = str(Path(sys.executable).parent / "postlane")
 
@@ -66,3 +68,34 @@ async def test_cli_reads_the_node_config_and_explains_failures(tmp_path, sink, m
     assert code == 1 and "cannot reach the node's API" in err
     code, _, err = await run_cli("status")
     assert code == 1 and "-c CONFIG" in err
+
+
+async def test_queues_on_a_cluster_node_shows_the_shared_queue_and_labels_its_lanes(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """A cluster node's lanes hold only what it claimed: a paused pool's mail was "queued 0" on
+    every node, under a plain "lanes" title, while the cluster held it."""
+    from tests.conftest import OPERATOR
+    from tests.test_cluster import _until, cluster_text, send_many, start_node
+
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        await asyncio.to_thread(send_many, a.listeners[0].port, [f"c{i}" for i in range(3)])
+
+        async def counted() -> bool:
+            figures = await b.monitor.cluster.current()
+            return figures is not None and figures["pools"]["bulk"]["queued"] == 3
+
+        await until(counted, timeout=30, what="node-b's figures counting the 3")
+        code, out, err = await run_cli("queues", "--url", f"http://127.0.0.1:{b.api.port}",
+                                       "--token-file", str(tmp_path / "api-token"))
+        assert code == 0, err
+        assert "shared queue (the whole cluster)" in out
+        [bulk] = [line for line in out.splitlines() if line.startswith("│ bulk ")]
+        assert bulk.split("│")[2].strip() == "3", bulk
+        assert "lanes of this node (node-b: what it has claimed)" in out
+    finally:
+        await a.stop()
+        await b.stop()

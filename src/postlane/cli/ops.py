@@ -94,7 +94,9 @@ def _age(seconds: float | None) -> str:
 
 
 def _lanes_table(status: dict) -> Table:
-    table = Table(title="lanes")
+    clustered = "cluster" in status
+    table = Table(title=f"lanes of this node ({status['node']}: what it has claimed)"
+                  if clustered else "lanes")
     for col in ("pool", "domain", "queued", "ready", "deferred", "in flight", "oldest",
                 "connections", "state"):
         table.add_column(col, justify="left" if col in ("pool", "domain", "state") else "right",
@@ -198,25 +200,34 @@ def _cluster_tables(out: Console, cluster: dict, sla: dict) -> None:
         nodes.add_row(n["name"], state, f"{_age(n['heartbeat_age_s'])} ago",
                       "open" if n["session"] else "[red]closed[/]", str(n["claimed"]), takeover)
     out.print(nodes)
-    queue = Table(title="shared queue")
+    out.print(_shared_table(cluster))
+
+
+def _shared_table(cluster: dict) -> Table:
+    """The cluster's queue per pool, the same on every node."""
+    queue = Table(title="shared queue (the whole cluster)")
     for col in ("pool", "queued", "deferred", "claimed", "unowned", "on hold", "drain/s"):
         queue.add_column(col, justify="left" if col == "pool" else "right")
     for name, p in sorted(cluster["pools"].items()):
         queue.add_row(name, str(p["queued"]), str(p["deferred"]), str(p["claimed"]),
                       str(p["unowned"]), str(p.get("on_hold", 0)),
                       f"{p.get('drain_rate', 0.0):.2f}")
-    out.print(queue)
+    return queue
 
 
 @app.command()
 def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
            as_json: JSONOpt = False) -> None:
-    """Each lane: depth, oldest message age, connections in use, paused or in backoff."""
+    """Each lane: depth, oldest message age, connections in use, paused or in backoff (in a
+    cluster: the shared queue per pool, then this node's lanes, which hold what it claimed)."""
     st = _call(_target(config, url, token_file), "GET", "/api/v1/status")
     if as_json:
         typer.echo(json.dumps(st["lanes"], indent=2))
-    else:
-        console().print(_lanes_table(st))
+        return
+    out = console()
+    if "cluster" in st:
+        out.print(_shared_table(st["cluster"]))
+    out.print(_lanes_table(st))
 
 
 def _done(out: dict, as_json: bool, text: str) -> None:
