@@ -291,7 +291,8 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
         assert node_a["state"] in ("suspect", "dead") and unowned == node_a["claimed"] > 0
         # taken over for its closed session, not after its 10 s lease: at dead_after (4 s)
         assert node_a["takeover_in_s"] <= cluster.dead_after
-        assert any(r.get("dead_node") == "node-a" for r in b.lines())
+        assert [r["logger"] for r in b.lines() if r.get("dead_node") == "node-a"] == [
+            "postlane.cluster"], "told once, by the node that gave the work back"
         print(f"node-a's work taken over {taken_over:.2f}s after kill -9")
         await _until(lambda: set(acked) <= set(subjects_of(sink.arrivals)), timeout=90)
         got = subjects_of(sink.arrivals)

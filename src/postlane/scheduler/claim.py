@@ -37,7 +37,7 @@ from ..spool import PostgresSpool, Recipient
 from ..spool.postgres import UNREACHABLE, NodeConflict
 from .scheduler import Scheduler
 
-log = logging.getLogger("postlane.cli.cluster")
+log = logging.getLogger("postlane.cluster")
 
 FENCE_KEY = "fence"
 

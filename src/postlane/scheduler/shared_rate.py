@@ -26,7 +26,7 @@ from typing import Protocol
 from ..spool import PostgresSpool
 from ..spool.postgres import UNREACHABLE
 
-log = logging.getLogger("postlane.cli.cluster")
+log = logging.getLogger("postlane.cluster")
 
 DB_RETRY = 1.0
 """Seconds before asking the database again after a failed take (no tokens meanwhile)."""
