@@ -392,3 +392,38 @@ async def test_utf8_from_domain_signs_with_its_a_label(tmp_path, keys, dns_serve
     with pytest.raises(Rejection, match="exactly one From address with a valid domain"):
         await sign_message(signer, b"From: undisclosed\r\nSubject: x\r\n\r\nHi\r\n")
     signer.close()
+
+
+async def test_a_reload_takes_the_keys_and_leaves_the_other_dkim_settings_to_a_restart(
+        tmp_path, keys, sink, dns_server, caplog):
+    """The reload says '[dkim] changed; those take effect at the next restart' for anything but
+    the keys. Alignment switched from strict to relaxed at once all the same (a From on a
+    subdomain was signed as the parent domain), while the signing processes kept signing with
+    the canonicalization of the start."""
+    from postlane.admin.service import Notifier, reload
+
+    publish(dns_server, keys, "insurer.test", "r1")
+    key = key_entry(tmp_path, keys, "insurer.test", "r1")
+    config = tmp_path / "node.toml"
+    config.write_text(config_text(tmp_path, sink.port, "[dkim]\n" + key))
+    node = Node(load_config(config))
+    await node.start()
+    try:
+        port = node.listeners[0].port
+        notice = MESSAGES["plain"].replace(b"Subject: hi\r\n",
+                                           b"Subject: hi\r\nX-Postlane-Class: policy-documents\r\n")
+        sub = notice.replace(b"notices@insurer.test", b"notices@mail.insurer.test")
+        config.write_text(config_text(tmp_path, sink.port, '[dkim]\nalignment = "relaxed"\n'
+                                      'canonicalization = "simple/simple"\n' + key))
+        assert await reload(node, config, Notifier({}))
+        assert "dkim changed; those take effect at the next restart" in caplog.text
+        with pytest.raises(smtplib.SMTPDataError) as refused:  # still strict, as told
+            await send(port, "notices@mail.insurer.test", ["a@example.com"], sub)
+        assert b"no DKIM key for From domain mail.insurer.test" in refused.value.smtp_error
+        assert node.config.dkim.alignment == "strict"
+        await send(port, "notices@insurer.test", ["a@example.com"], notice)
+        [arrival] = await sink.wait_for(1)
+        assert "c=relaxed/relaxed;" in arrival.data.decode()
+        assert verify(arrival.data, dns_server) == [True]
+    finally:
+        await node.stop()

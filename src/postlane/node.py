@@ -240,7 +240,7 @@ class Node:
             entry.reload_if_changed()  # new handshakes get it; open sessions keep theirs
         if keyring is not None and self.signer is not None:
             self.signer.use_keyring(keyring)
-            cfg.dkim = new.dkim
+            cfg.dkim.keys = new.dkim.keys  # the rest waits for a restart (reload says so)
         for name, cls in new.classes.items():
             if name in cfg.classes and cls.pool == cfg.classes[name].pool:
                 cfg.classes[name] = cls

@@ -374,9 +374,11 @@ class Signer:
                     for i in range(config.dkim.bulk_signers)]}
 
     def use_keyring(self, keyring: KeyRing) -> None:
-        """Sign with ``keyring`` (and its ``[dkim]`` settings) from the next message on: a
-        reload, which built and loaded it beforehand (``KeyRing(new.dkim, signer.health)``)."""
-        self.keyring, self.dkim = keyring, keyring.config
+        """Sign with ``keyring``'s keys from the next message on: a reload, which built and
+        loaded it beforehand (``KeyRing(new.dkim, signer.health)``). The other ``[dkim]``
+        settings stay those of the start, as the reload tells the operator: the signing
+        processes were started with them, and alignment must not change apart from them."""
+        self.keyring = keyring
 
     async def start(self) -> None:
         """Start the signing processes now, so the first message does not wait for one."""

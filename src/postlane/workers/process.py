@@ -318,7 +318,7 @@ class Worker:
         cfg.default_class, cfg.correlation_header = new.default_class, new.correlation_header
         if self.signer is not None and new.dkim.keys:
             self.signer.use_keyring(KeyRing(new.dkim, self.signer.health))
-            cfg.dkim = new.dkim
+            cfg.dkim.keys = new.dkim.keys  # the rest waits for a restart (reload says so)
 
     async def drain(self) -> None:
         """421 to new mail, no new connections; wait for transfers under way (their commit
