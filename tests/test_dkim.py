@@ -427,3 +427,22 @@ async def test_a_reload_takes_the_keys_and_leaves_the_other_dkim_settings_to_a_r
         assert verify(arrival.data, dns_server) == [True]
     finally:
         await node.stop()
+
+
+def test_signed_headers_must_include_from_and_be_field_names(tmp_path, keys):
+    """RFC 6376 section 5.4: From MUST be signed, and verifiers that follow section 6.1.1 (here
+    mailauth: 'neutral, From field not signed') ignore a signature without it, so DMARC fails.
+    ``headers = ["subject", "date"]`` was accepted and signed every message that way; a name
+    with a colon or a space made an h= tag no verifier can read."""
+    key = key_entry(tmp_path, keys, "insurer.test", "r1")
+    with pytest.raises(ConfigError) as err:
+        parse_config(config_text(tmp_path, 2500, '[dkim]\nheaders = ["subject", "date"]\n'
+                                 + key))
+    assert any(e.startswith("dkim.headers:") and "from" in e for e in err.value.errors), \
+        err.value.errors
+    with pytest.raises(ConfigError) as err:
+        parse_config(config_text(tmp_path, 2500, '[dkim]\noversign = ["from", "reply to:"]\n'
+                                 + key))
+    assert any(e.startswith("dkim.oversign") and "reply to:" in e for e in err.value.errors), \
+        err.value.errors
+    parse_config(config_text(tmp_path, 2500, '[dkim]\nheaders = [" From ", "Subject"]\n' + key))

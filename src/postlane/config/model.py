@@ -480,6 +480,7 @@ class FeedbackConfig(Strict):
     bounces: BounceSuppressionConfig = BounceSuppressionConfig()
 
 
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 DKIM_SIGNED_HEADERS = [
     "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id", "in-reply-to",
     "references", "mime-version", "content-type", "content-transfer-encoding",
@@ -530,7 +531,21 @@ class DKIMConfig(Strict):
     @field_validator("headers", "oversign")
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
-        return [h.strip().lower() for h in value]
+        """Field names (RFC 5322 section 3.6.8: printable ASCII but the colon): anything else
+        makes an h= tag that no verifier can read."""
+        names = [h.strip().lower() for h in value]
+        for name in names:
+            if not _FIELD_NAME.fullmatch(name):
+                raise ValueError(f"not a header field name: {name!r}")
+        return names
+
+    @field_validator("headers")
+    @classmethod
+    def _from_signed(cls, value: list[str]) -> list[str]:
+        if "from" not in value:
+            raise ValueError("must name from: RFC 6376 section 5.4 requires From to be signed,"
+                             " and verifiers ignore a signature without it")
+        return value
 
 
 class SecurityConfig(Strict):
