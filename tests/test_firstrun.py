@@ -194,3 +194,17 @@ def test_init_writes_nothing_when_the_options_make_no_valid_config(tmp_path, opt
                                  *[a for kv in args.items() for a in kv]])
     assert result.exit_code == 2 and f"error: {option}: " in result.output, result.output
     assert not (tmp_path / "n").exists()
+
+
+def test_the_dmarc_record_asks_for_the_dkim_alignment_the_node_signs_with(tmp_path):
+    """Under ``dkim.alignment = "relaxed"`` mail from mail.insurer.example is signed d=
+    insurer.example; the checklist's ``adkim=s`` made DMARC fail every such message."""
+    _init(tmp_path)
+    path = tmp_path / "node" / "postlane.toml"
+    dmarc = [r.value for r in expected(load_config(path)) if r.kind == "dmarc"]
+    assert dmarc and all("adkim=s;" in v for v in dmarc)
+    text = path.read_text()
+    assert 'alignment = "strict"' in text
+    path.write_text(text.replace('alignment = "strict"', 'alignment = "relaxed"', 1))
+    dmarc = [r.value for r in expected(load_config(path)) if r.kind == "dmarc"]
+    assert dmarc and all("adkim=r;" in v for v in dmarc)
