@@ -446,3 +446,23 @@ def test_signed_headers_must_include_from_and_be_field_names(tmp_path, keys):
     assert any(e.startswith("dkim.oversign") and "reply to:" in e for e in err.value.errors), \
         err.value.errors
     parse_config(config_text(tmp_path, 2500, '[dkim]\nheaders = [" From ", "Subject"]\n' + key))
+
+
+async def test_oversigned_names_are_signed_even_when_headers_leaves_them_out(
+        tmp_path, keys, dns_server):
+    """OpenDKIM's OversignHeaders, which docs/dkim.md follows: a name in ``oversign`` is signed
+    once more than present whatever ``headers`` says. With ``headers`` shortened, Reply-To
+    was left out of h=, and a Reply-To added in transit kept the signature valid."""
+    signer, _ = make_signer(tmp_path, '[dkim]\nheaders = ["from", "subject", "date"]\n'
+                            + key_entry(tmp_path, keys, "insurer.test", "r1"))
+    publish(dns_server, keys, "insurer.test", "r1")
+    signed = await sign_message(signer, MESSAGES["plain"])
+    assert verify(signed, dns_server) == [True]
+    h = "".join(email.message_from_bytes(signed)["DKIM-Signature"].split()).split("h=")[1]
+    assert h.split(";")[0].split(":") == ["from", "from", "subject", "subject", "date", "date",
+                                          "to", "to", "cc", "reply-to", "sender",
+                                          "list-unsubscribe", "list-unsubscribe-post"]
+    head, _, body = signed.partition(b"\r\n\r\n")
+    assert verify(head + b"\r\nReply-To: attacker@evil.test\r\n\r\n" + body, dns_server) == [
+        False]
+    signer.close()

@@ -196,16 +196,16 @@ def sign(fields: Sequence[tuple[str, bytes]], body: bytes, domain: str,
     """The DKIM-Signature field(s), CRLF-terminated, one per key (dual RSA + Ed25519 signing).
 
     ``fields`` are (lower-case name, raw bytes) in message order. Each configured header name is
-    signed as often as it occurs; names in ``oversign`` once more, so that a field of that name
-    added later (a second From) breaks the signature. Never ``l=``: a length limit would let
-    anyone append content.
+    signed as often as it occurs; names in ``oversign`` (listed in ``headers`` or not) once more,
+    so that a field of that name added later (a second From) breaks the signature. Never
+    ``l=``: a length limit would let anyone append content.
     """
     header_c, body_c = config.canonicalization.split("/")
     relaxed_h = header_c == "relaxed"
     bh = base64.b64encode(hashlib.sha256(canonical_body(body, body_c == "relaxed")).digest())
     counts = Counter(n for n, _ in fields)
     names: list[str] = []
-    for name in config.headers:
+    for name in dict.fromkeys([*config.headers, *config.oversign]):  # as OpenDKIM's Oversign
         names += [name] * counts[name]
         if name in config.oversign:
             names.append(name)
