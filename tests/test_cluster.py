@@ -383,3 +383,25 @@ async def test_a_node_whose_work_was_taken_over_while_cut_off_stops(tmp_path, si
         await asyncio.wait_for(a.stop(), 30)
         if b is not None:
             await b.stop()
+
+
+async def test_a_node_with_another_feedback_key_is_told(tmp_path, sink, pg_schema):  # noqa: F811
+    """`postlane init` makes a feedback key per node; a cluster needs one: the VERP address or
+    unsubscribe link one node makes is read by whichever node gets the bounce, complaint or
+    click. A node whose key differs from a live node's says so (a degraded state)."""
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    other = f'[feedback]\nkey_file = "{tmp_path}/other.key"\n'
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", other))
+    try:
+        [state] = [d for d in b.status()["degraded"] if d["key"] == "feedback-key"]
+        assert state["what"] == "feedback key differs from node(s) node-a"
+        assert a.feedback.key_id != b.feedback.key_id
+        assert str(b.feedback.key_id) not in str(state)  # names the nodes, not the key
+    finally:
+        await b.stop()
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        assert not [d for d in b.status()["degraded"] if d["key"] == "feedback-key"]
+    finally:
+        await a.stop()
+        await b.stop()

@@ -87,7 +87,8 @@ class Node:
                                   self.spool if isinstance(self.spool, PostgresSpool) else None)
         self.stop_requested = asyncio.Event()
         """Set by a signal or by an operator's cluster drain: ``run`` then drains and exits."""
-        self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set)
+        self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set,
+                                feedback_key=self.feedback.key_id)
                         if isinstance(self.spool, PostgresSpool) else None)
         self.signer = (Signer(config, self.persist, health=self.health) if config.dkim.keys
                        else None)

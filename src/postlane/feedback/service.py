@@ -10,6 +10,7 @@ accounting log (``on_record``: hard bounces suppress, deliveries and complaints 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -66,6 +67,8 @@ class FeedbackService:
         self.writes = SuppressionWriter(self.suppression, log)
         """Every write of the node to the list goes through this thread, never the loop."""
         key = load_or_create_key(fb.key_file or spool / "feedback.key")
+        self.key_id = hashlib.sha256(b"postlane feedback key\0" + key).hexdigest()[:16]
+        """Names the key without revealing it: every node of a cluster must have the same."""
         self.verp = VERP(key)
         self.signer = UnsubscribeSigner(key, fb.unsubscribe_ttl)
         self.rates = rates if rates is not None else ComplaintRates.for_config(fb)

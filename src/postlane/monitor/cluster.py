@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from ..spool import PostgresSpool
+from ..spool.membership import NODE_COLS
 from ..spool.postgres import CONNECT_TIMEOUT, SESSION_SETTINGS, UNREACHABLE, NodeInfo
 from .alerts import Alert
 from .membership import summarize
@@ -244,7 +245,8 @@ class ClusterMonitor:
         self._seen = {key for key in self._seen if key[2] >= self._read_from}
         queue = await self._read_queue(conn, now)
         infos = [NodeInfo(**dict(r)) for r in await conn.fetch(
-            f"SELECT *, {self.spool.session_open('name')} AS session FROM nodes ORDER BY name")]
+            f"SELECT {NODE_COLS}, {self.spool.session_open('name')} AS session FROM nodes"
+            " ORDER BY name")]
         db_now = await conn.fetchval(f"SELECT {_NOW}")
         self._load(queue, now)
         alerts = self.monitor.alerts

@@ -40,13 +40,15 @@ from .scheduler import Scheduler
 log = logging.getLogger("postlane.cluster")
 
 FENCE_KEY = "fence"
+KEY_CHECK = 30.0
+"""Seconds between comparisons of the nodes' feedback keys (a node restarted with another key)."""
 
 
 class Claimer:
     """Keeps one node's scheduler fed with work claimed from the shared spool."""
 
     def __init__(self, config: Config, spool: PostgresSpool, scheduler: Scheduler,
-                 on_drain: Callable[[], None] | None = None) -> None:
+                 on_drain: Callable[[], None] | None = None, feedback_key: str = "") -> None:
         self.config = config
         self.spool = spool
         self.scheduler = scheduler
@@ -75,6 +77,9 @@ class Claimer:
         """No heartbeat for ``cluster.fence``: no delivery starts until one succeeds."""
         self.taken_over = 0
         """Recipients this node gave back from dead nodes (each logged with the node)."""
+        self.feedback_key = feedback_key
+        """The fingerprint of this node's feedback key: compared with the other nodes' at the
+        start and every ``KEY_CHECK`` seconds."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -83,10 +88,12 @@ class Claimer:
         self.spool.notify_reachability(lambda _up: self._hold())
         self._session = await self.spool.session(self.name, self._notified)
         try:
-            await self.spool.register(self.name, socket.gethostname(), os.getpid())
+            await self.spool.register(self.name, socket.gethostname(), os.getpid(),
+                                      self.feedback_key)
         except BaseException:
             self._session.terminate()
             raise
+        await self._check_key()
         await self._sync_paused()
         await self.spool.sweep()  # messages a crash left with every recipient final
         self.scheduler.notify_final(lambda _rcpt: self._wake.set())
@@ -265,12 +272,32 @@ class Claimer:
         and that recipient would be delivered twice."""
         self.scheduler.fence(self.spool.down or self.fenced)
 
+    async def _check_key(self) -> None:
+        """A degraded state while a live node has another feedback key: a bounce, complaint or
+        unsubscribe click for mail one node sent may reach any node, which then finds no
+        recipient in its VERP address or link."""
+        if not self.feedback_key:
+            return
+        others = await self.spool.other_keys(self.name, self.feedback_key, self.dead_after)
+        if not others:
+            self.spool.health.end("feedback-key")
+            return
+        self.spool.health.begin(
+            "feedback-key", "config", f"feedback key differs from node(s) {', '.join(others)}",
+            cause="feedback.key_file is not one file copied to every node",
+            effect="bounces, complaints and unsubscribe clicks for mail another node sent find"
+            " no recipient here, and the reverse", unit=None, level=logging.ERROR)
+
     async def _heartbeat_loop(self) -> None:
         beat = self.config.cluster.heartbeat
-        renewed = time.monotonic()
+        renewed = checked = time.monotonic()
         while True:
             await asyncio.sleep(beat)
             sent = time.monotonic()
+            if sent - checked >= KEY_CHECK:
+                checked = sent
+                with contextlib.suppress(*UNREACHABLE):  # the heartbeat below tells an outage
+                    await self._check_key()
             renew = sent - renewed >= self.lease / 3
             try:
                 got = await asyncio.wait_for(

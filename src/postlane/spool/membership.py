@@ -38,6 +38,10 @@ class NodeInfo:
     """Whether its session connection is open (it holds its name lock)."""
 
 
+NODE_COLS = "name, hostname, pid, started_at, heartbeat, draining"
+"""The ``nodes`` columns a ``NodeInfo`` holds (with ``session``)."""
+
+
 class Membership:
     """The nodes of a cluster (a mixin of ``PostgresSpool``, which supplies ``acquire``,
     ``dsn``, ``schema``, ``app_name`` and the channels): a node's ``session`` holds an
@@ -86,14 +90,16 @@ class Membership:
             raise
         return conn
 
-    async def register(self, name: str, hostname: str, pid: int) -> None:
+    async def register(self, name: str, hostname: str, pid: int, feedback_key: str = "") -> None:
         """Join the cluster as ``name`` (after opening its ``session``): a previous life of
-        this node that died holding leases gives them back, since nobody works on them."""
+        this node that died holding leases gives them back, since nobody works on them.
+        ``feedback_key``: the fingerprint of its feedback key (``other_keys``)."""
         async with self.acquire() as conn, conn.transaction():
             await conn.execute(
-                f"INSERT INTO nodes VALUES ($1, $2, $3, {NOW}, {NOW}, false)"
+                f"INSERT INTO nodes VALUES ($1, $2, $3, {NOW}, {NOW}, false, $4)"
                 " ON CONFLICT (name) DO UPDATE SET hostname = $2, pid = $3,"
-                f" started_at = {NOW}, heartbeat = {NOW}, draining = false", name, hostname, pid)
+                f" started_at = {NOW}, heartbeat = {NOW}, draining = false, feedback_key = $4",
+                name, hostname, pid, feedback_key)
             await conn.execute("UPDATE recipients SET lease_owner = NULL, lease_until = NULL"
                                " WHERE lease_owner = $1", name)
 
@@ -116,6 +122,15 @@ class Membership:
                     " (SELECT msg_id, idx FROM recipients WHERE lease_owner = $1"
                     " AND state IN ('queued', 'deferred') FOR UPDATE SKIP LOCKED)", name, lease)
         return None if row is None else (row["draining"], row["gap"])
+
+    async def other_keys(self, me: str, feedback_key: str, dead_after: float) -> list[str]:
+        """The live nodes whose feedback key is not ``feedback_key`` (a fingerprint): a VERP
+        or unsubscribe link one node makes must be readable by all."""
+        async with self.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT name FROM nodes WHERE name <> $1 AND feedback_key NOT IN ('', $2)"
+                f" AND heartbeat >= {NOW} - $3 ORDER BY name", me, feedback_key, dead_after)
+        return [r["name"] for r in rows]
 
     async def reap(self, me: str, dead_after: float, lease: float) -> dict[str, int]:
         """Give back the work of dead nodes - their session is gone and their heartbeat older
@@ -156,6 +171,6 @@ class Membership:
 
     async def nodes(self) -> list[NodeInfo]:
         async with self.acquire() as conn:
-            rows = await conn.fetch(f"SELECT *, {self.session_open('name')} AS session"
-                                    " FROM nodes ORDER BY name")
+            rows = await conn.fetch(f"SELECT {NODE_COLS}, {self.session_open('name')} AS"
+                                    " session FROM nodes ORDER BY name")
         return [NodeInfo(**dict(r)) for r in rows]

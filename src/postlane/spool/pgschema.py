@@ -65,6 +65,9 @@ CREATE TABLE events (writer TEXT NOT NULL, n BIGINT NOT NULL, data BYTEA NOT NUL
 CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL,
     started DOUBLE PRECISION NOT NULL, filed BIGINT NOT NULL DEFAULT 0);
 """),
+    (5, """
+ALTER TABLE nodes ADD COLUMN feedback_key TEXT NOT NULL DEFAULT '';
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 
