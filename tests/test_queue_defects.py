@@ -136,3 +136,18 @@ async def test_mail_of_a_pool_removed_from_the_config_is_told_and_can_be_removed
     assert await node.operations.purge("bulk", "example.com", who=OPERATOR) == 1
     await until(lambda: not node.status()["degraded"], what="the state ends once purged")
     assert not sink.arrivals
+
+
+async def test_a_lane_paused_before_its_first_mail_is_seen_as_paused(tmp_path, sink, make_node):
+    """`pause bulk --domain gmail.example` with no mail there yet was stored and applied, but
+    shown nowhere: status, `postlane queues` and the metrics list lanes, and there was none."""
+    text = config_text(tmp_path, sink.port)
+    node = await make_node(text)
+    await node.operations.pause("bulk", "gmail.example", who=OPERATOR)
+    lanes = {(r["pool"], r["domain"]): r for r in node.status()["lanes"]}
+    assert lanes[("bulk", "gmail.example")]["paused"] is True
+    assert lanes[("bulk", "gmail.example")]["depth"] == 0
+    await node.stop()
+    node = await make_node(text)  # a restart shows it too
+    lanes = {(r["pool"], r["domain"]): r for r in node.status()["lanes"]}
+    assert lanes[("bulk", "gmail.example")]["paused"] is True

@@ -16,6 +16,7 @@ from .lanes import Lane
 from .outcomes import Failure, base_record
 
 if TYPE_CHECKING:
+    from ..config import Config
     from .paging import Pager
     from .timers import RetryTimers
 
@@ -27,6 +28,7 @@ class OperatorActions:
     clock: Clock
     timers: RetryTimers
     lanes: dict[tuple[str, str], Lane]
+    config: Config
     held: dict[tuple[str, int], Recipient]
     paused: set[tuple[str, str]]
     record: Callable[[Record], None]
@@ -173,6 +175,8 @@ class OperatorActions:
         """Apply a pause already stored (by this node, or by another node of a cluster)."""
         key = (pool, domain or ANY_DOMAIN)
         (self.paused.add if paused else self.paused.discard)(key)
+        if paused and domain not in (None, ANY_DOMAIN) and pool in self.config.pools:
+            self.lane(pool, domain)  # a lane paused before its first mail is seen as paused
         for lane in self.lanes.values():
             if lane.pool == pool:
                 lane.paused = bool({(pool, ANY_DOMAIN), (pool, lane.domain)} & self.paused)

@@ -115,8 +115,12 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
 
     def resume_paused(self, paused: set[tuple[str, str]]) -> None:
         """Adopt the pauses stored in the spool, at start, before any recipient is queued
-        (each lane reads them when it is made)."""
+        (each lane reads them when it is made); a lane paused before its first mail is made
+        now, so that it is seen as paused."""
         self.paused = set(paused)
+        for pool, domain in paused:
+            if domain != ANY_DOMAIN and pool in self.config.pools:
+                self.lane(pool, domain)
 
     def use_pager(self, pager: Pager) -> None:
         """Page deep lanes through ``pager`` (at start, before the queue is resumed)."""
