@@ -127,6 +127,8 @@ class Node:
         self._failures: dict[str, tuple[Message, list[Failure]]] = {}
         self._background: set[asyncio.Task] = set()
         self._disk_watch: asyncio.Task | None = None
+        self._orphan_pools: set[str] = set()
+        """Pools the resumed queue has mail for and the config no longer has (``_orphans``)."""
         self._tls_tasks: list[asyncio.Task] = []
         self.stopped = asyncio.Event()
         self._stopping = False
@@ -221,6 +223,8 @@ class Node:
         if self.tls_reports is not None:
             self._tls_tasks.append(loop.create_task(self.tls_reports.run()))
         log.info("node started", extra={"resumed": resumed})
+        # pools are fixed until a restart (a reload keeps them): only a resumed queue has these
+        self._orphan_pools = {pool for pool, _ in self.scheduler.lanes} - set(self.config.pools)
         self._orphans()
         if isinstance(self.spool, SQLiteSpool) and self.spool.unclean:
             log.warning("recovered after an unclean stop (crash, SIGKILL or power loss):"
@@ -256,7 +260,8 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             self.intake.disk.ok()  # low disk ends (and is logged) when space returns, mail or not
-            self._orphans()
+            if self._orphan_pools:
+                self._orphans()
 
     def _orphans(self) -> None:
         """Mail queued for a pool the config no longer has cannot go anywhere (its source IPs
@@ -265,7 +270,7 @@ class Node:
         the queue commands may name the pool to remove it."""
         depth: Counter[str] = Counter()
         for (pool, _), lane in self.scheduler.lanes.items():
-            if pool not in self.config.pools:
+            if pool in self._orphan_pools:
                 depth[pool] += lane.depth()
         for pool, n in depth.items():
             key = f"orphan-pool:{pool}"

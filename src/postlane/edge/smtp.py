@@ -378,7 +378,7 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
                 await self.push("501 5.5.4 MT-PRIORITY must be an integer from -9 to 9")
                 return
             envid = dsn.get("ENVID")
-            if envid is not None and (not _XTEXT.match(envid) or len(envid) > 100):
+            if envid is not None and (not _xtext(envid) or len(envid) > 100):
                 await self.push("501 5.5.4 ENVID is not valid xtext")
                 return
             auth = dsn.pop("AUTH", None)
