@@ -99,6 +99,32 @@ async def test_a_message_over_the_size_limit_gets_552_however_it_arrives(tmp_pat
     await raw.close()
 
 
+@pytest.mark.parametrize("over", [0, 1])
+async def test_the_size_limit_counts_the_message_not_its_stuffed_dots(tmp_path, sink,
+                                                                      make_node, over):
+    """RFC 1870: a transparent dot is not an octet of the message. 20,000 lines of "." are
+    60,000 octets and 80,000 on the wire; with the rest the message is exactly at the limit
+    (accepted, delivered as sent) or one octet over it (552)."""
+    node = await make_node(config_text(tmp_path, sink.port))  # max_message_size = 100000
+    raw = await session(node.listeners[0].port)
+    head = b"From: s@insurer.test\r\nTo: a@example.com\r\nSubject: dots\r\n\r\n"
+    rest = 100_000 + over - len(head) - 60_000
+    tail = (b"x" * 98 + b"\r\n") * (rest // 100 - 1) + b"y" * (rest % 100 + 98) + b"\r\n"
+    assert len(head + b".\r\n" * 20_000 + tail) == 100_000 + over
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(head + b"..\r\n" * 20_000 + tail + b".\r\n")
+    reply = await raw.reply()
+    await raw.close()
+    if over:
+        assert reply.startswith("552 5.3.4")
+        return
+    assert reply.startswith("250")
+    await sink.wait_for(1)
+    assert sink.arrivals[0].data.endswith(b"\r\n\r\n" + b".\r\n" * 20_000 + tail)
+
+
 async def test_ten_thousand_recipients(tmp_path, sink, make_node):
     node = await make_node(config_text(tmp_path, sink.port).replace(
         "max_message_size = 100000", "max_message_size = 100000\nmax_recipients = 50"))

@@ -35,6 +35,7 @@ _RCPT_OURS = frozenset({"NOTIFY", "ORCPT"})
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
 _END = b"\r\n.\r\n"
+_STUFFED = b"\r\n.."
 _END_PREFIXES = (b"\r", b"\r\n", b"\r\n.", b"\r\n.\r")
 # An EHLO/HELO name: LDH labels (with "_", which Windows host names carry, as Postfix allows), an
 # address literal, or a bare address. It is written into the Received header: nothing else is.
@@ -243,7 +244,8 @@ class BulkDataSMTP(SMTP):
         reader = self._reader
         buffered = reader._buffer  # type: ignore[attr-defined]  # no public peek
         data = bytearray(b"\r\n")  # the CRLF that ended the DATA line: "." alone is found too
-        size, too_big = 0, False
+        # RFC 1870 counts the message, not the wire: a transparent dot is not an octet of it
+        size, stuffed, counted, too_big = 0, 0, 0, False
         while not data.endswith(_END):
             # readuntil(_END) misses an end mark that began in bytes already taken, so step
             # byte by byte while the data ends in a beginning of the mark (at the start, and
@@ -266,7 +268,10 @@ class BulkDataSMTP(SMTP):
                 data = data[-4:] + chunk  # keep only what finds the end mark
                 continue
             data += chunk
-            if limit and size - 3 > limit:
+            if limit and size - 3 > limit:  # counted only past the limit on the wire
+                stuffed += data.count(_STUFFED, counted)
+                counted = len(data) - 3  # a mark is 4 bytes: none is counted twice
+            if limit and size - 3 - stuffed > limit:
                 # read on to the end, keeping only what finds the end mark (all of it when
                 # this chunk ended the data: 4 bytes cut it, and the read waited for more)
                 too_big, data = True, data[-len(_END):]
