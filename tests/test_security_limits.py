@@ -37,8 +37,10 @@ async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
     assert await third.closed()
     other = await RawSMTP.connect(port, source="127.0.0.2")  # another client IP still gets in
     assert (await other.reply()).startswith("220")
-    fourth = await RawSMTP.connect(port, source="127.0.0.3")
-    assert (await fourth.reply()).startswith("421 4.7.0 Too many connections,")
+    fourth = await RawSMTP.connect(port, source="127.0.0.3")  # the trusted one takes no slot
+    assert (await fourth.reply()).startswith("220")
+    fifth = await RawSMTP.connect(port, source="127.0.0.4")
+    assert (await fifth.reply()).startswith("421 4.7.0 Too many connections,")
     await first[0].cmd("QUIT")
     await first[0].close()
     # the slot is released once the server sees the close
@@ -46,8 +48,46 @@ async def test_connections_per_ip_and_in_total(tmp_path, sink, make_node):
                 what="the closed connection's slot released")
     again = await RawSMTP.connect(port)
     assert (await again.reply()).startswith("220")
-    for raw in (first[1], other, again, *trusted):
+    for raw in (first[1], other, fourth, again, *trusted):
         await raw.close()
+
+
+async def test_strangers_filling_the_slots_lock_out_no_trusted_client(tmp_path, sink,
+                                                                     make_node):
+    """Idle strangers holding every slot (slot exhaustion): the applications in relay_from
+    still get in and submit, and once strangers hold 80 % of the slots their idle connections
+    get the short stress timeout, so the slots come free (Postfix's smtpd under stress)."""
+    node = await make_node(limited(
+        tmp_path, sink.port, 'max_connections = 5\npregreet_wait = 0\nstress_timeout = "1s"',
+        relay_from='["127.0.0.1/32"]'))
+    port = node.listeners[0].port
+    idle = [await RawSMTP.connect(port, source=f"127.0.0.{2 + i}") for i in range(3)]
+    for raw in idle:
+        assert (await raw.reply()).startswith("220")
+    assert not node.listeners[0].handler.guard.connections.stressed
+    idle += [await RawSMTP.connect(port, source=f"127.0.0.{5 + i}") for i in range(2)]
+    for raw in idle[3:]:
+        assert (await raw.reply()).startswith("220")
+    refused = await RawSMTP.connect(port, source="127.0.0.8")
+    assert (await refused.reply()).startswith("421 4.7.0 Too many connections,")
+    app = await session(port)  # 127.0.0.1: trusted
+    assert (await app.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await app.cmd("RCPT TO:<a@example.com>")).startswith("250")
+    assert (await app.cmd("DATA")).startswith("354")
+    app.send(message() + b".\r\n")
+    assert (await app.reply()).startswith("250")
+    # every idle stranger, including the three that came before the stress, is cut
+    for raw in idle:
+        assert (await raw.reply(timeout=60)).startswith("421 4.4.2 Idle too long")
+        assert await raw.closed()
+    await until(lambda: not node.listeners[0].handler.guard.connections.stressed,
+                what="the stress over")
+    late = await RawSMTP.connect(port, source="127.0.0.8")
+    assert (await late.reply()).startswith("220")
+    assert (await late.cmd("EHLO late.test")).startswith("250")
+    await app.close()
+    await late.close()
+    await sink.wait_for(1)
 
 
 async def test_recipients_size_and_line_length(tmp_path, sink, make_node):

@@ -152,13 +152,18 @@ class ListenerLimits(Strict):
     """Per-listener intake limits; each refusal carries an RFC 3463 enhanced status code."""
 
     max_connections: int = Field(500, ge=1)
-    """Concurrent connections in total (421 4.7.0 beyond)."""
+    """Concurrent connections in total (421 4.7.0 beyond); ``relay_from`` clients have as many
+    again of their own."""
     max_connections_per_ip: int = Field(50, ge=1)
     """Concurrent connections from one client IP (421 4.7.0 beyond)."""
     max_line_length: int = Field(1000, ge=80, le=1_000_000)
     """Longest DATA line in octets including CRLF (RFC 5321 4.5.3.1.6: 1000); 500 5.5.2."""
     command_timeout: Duration = 300.0
     """Idle time allowed between commands and during DATA (RFC 5321 4.5.3.2.7: 5 min)."""
+    stress_timeout: PositiveDuration = 10.0
+    """Idle time allowed between commands to clients not in ``relay_from`` while they hold 80 %
+    of ``max_connections`` (Postfix's smtpd_timeout under stress is 10 s too): idle strangers
+    cannot keep every slot for ``command_timeout``."""
     max_bad_commands: int = Field(20, ge=1)
     """Syntax errors, unknown commands and failed AUTH before 421 4.7.0 and disconnect
     (Postfix's smtpd_hard_error_limit is 20 too)."""

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import re
 import sys
+import weakref
 from base64 import b64decode
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,8 @@ class _Unlimited:
     """Admits every connection: admission is counted elsewhere (a worker process asks its
     main process, node-wide)."""
 
+    stressed = False
+
     def admit(self, ip: str, per_ip: bool = True) -> str | None:
         return None
 
@@ -114,6 +117,26 @@ class Guard:
             ConnectionLimits(config.limits.max_connections, config.limits.max_connections_per_ip)
             if local_limits else _Unlimited())
         self.rate = RateLimiter(config.limits.messages_per_minute if local_limits else 0)
+        self._strangers: weakref.WeakSet[GuardedSMTP] = weakref.WeakSet()
+        self._under_stress = False
+
+    def stranger_came(self, session: GuardedSMTP) -> None:
+        """When strangers' connections put the listener under stress, the idle ones among
+        them (an attacker's, typically, holding slots) get the short timeout at once."""
+        self._strangers.add(session)
+        if self.connections.stressed and not self._under_stress:
+            self._under_stress = True
+            log.warning("listener under stress: idle strangers get the short timeout",
+                        extra={"listener": self.config.port, "connections": len(self._strangers),
+                               "timeout": self.config.limits.stress_timeout})
+            for other in list(self._strangers):
+                other.stress()
+
+    def stranger_left(self, session: GuardedSMTP) -> None:
+        self._strangers.discard(session)
+        if self._under_stress and not self.connections.stressed:
+            self._under_stress = False
+            log.info("listener no longer under stress", extra={"listener": self.config.port})
 
     def smtp_options(self) -> dict[str, Any]:
         """Keyword arguments for aiosmtpd's SMTP: STARTTLS and the idle timeout (AUTH goes
@@ -225,6 +248,7 @@ class GuardedSMTP(SMTP):
         self._receiving = False
         self._data_started = self._data_at = self._data_bank = 0.0
         self._auth_request: tuple[str, Any] | None = None
+        self._stranger = False
 
     @property
     def encrypted(self) -> bool:
@@ -234,14 +258,19 @@ class GuardedSMTP(SMTP):
         if self.transport is None and self._original_transport is None:  # not the STARTTLS call
             peer = transport.get_extra_info("peername")
             ip = peer[0] if isinstance(peer, tuple) else ""
-            refusal = self.guard.connections.admit(ip, per_ip=not self.guard.trusted(ip))
+            stranger = not self.guard.trusted(ip)
+            refusal = self.guard.connections.admit(ip, per_ip=stranger)
             if refusal is not None:
                 log.info("connection refused", extra={"client": ip, "reply": refusal})
                 self._refused = True
                 transport.write(refusal.encode() + b"\r\n")
                 transport.close()
                 return
-            self._counted_ip = ip
+            self._counted_ip, self._stranger = ip, stranger
+            super().connection_made(transport)
+            if stranger:
+                self.guard.stranger_came(self)
+            return
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -250,6 +279,8 @@ class GuardedSMTP(SMTP):
         if self._counted_ip is not None:
             self.guard.connections.release(self._counted_ip)
             self._counted_ip = None
+            if self._stranger:
+                self.guard.stranger_left(self)
         super().connection_lost(error)
 
     def _cb_client_connected(self, reader: asyncio.StreamReader,
@@ -308,6 +339,8 @@ class GuardedSMTP(SMTP):
         and lets the armed timer, when it fires early, set itself again for it. A shorter
         deadline (the DATA clock) re-arms at once."""
         loop = self.loop
+        if duration is None and self._stranger and self.guard.connections.stressed:
+            duration = min(self._timeout_duration, self.guard.config.limits.stress_timeout)
         self._deadline = deadline = loop.time() + (duration or self._timeout_duration)
         handle = self._timeout_handle
         if handle is not None and self._timer_armed and handle.when() <= deadline and \
@@ -317,6 +350,12 @@ class GuardedSMTP(SMTP):
             handle.cancel()
         self._timer_armed = True
         self._timeout_handle = loop.call_at(deadline, self._clock_fired)
+
+    def stress(self) -> None:
+        """The listener came under stress: an idle connection gets the short timeout now
+        (a DATA phase keeps its own clock)."""
+        if not self._receiving and self.transport is not None:
+            self._reset_timeout()
 
     def _clock_fired(self) -> None:
         self._timer_armed = False

@@ -10,30 +10,57 @@ from collections.abc import Callable
 
 
 class ConnectionLimits:
-    """Counts open connections of one listener, in total and per client IP."""
+    """Counts open connections of one listener, in total and per client IP.
+
+    Strangers and trusted clients (``relay_from``) are counted apart, each up to the cap:
+    strangers filling a listener's slots never lock out the applications submitting through
+    it. Past ``STRESS`` of the cap taken by strangers the listener is under stress
+    (``stressed``): their idle connections get a short timeout (``guard.py``), as Postfix's
+    smtpd does when all its processes are busy."""
+
+    STRESS = 0.8
 
     def __init__(self, total: int, per_ip: int) -> None:
         self.total_cap = total
         self.per_ip_cap = per_ip
         self.total = 0
+        """Strangers' connections."""
+        self.trusted_total = 0
         self.per_ip: Counter[str] = Counter()
+        self._trusted: Counter[str] = Counter()
+        self._stress_at = max(1, int(total * self.STRESS))
+
+    @property
+    def stressed(self) -> bool:
+        return self.total >= self._stress_at
 
     def admit(self, ip: str, per_ip: bool = True) -> str | None:
         """Count the connection in and return None, or return the 421 reply refusing it
-        (``per_ip`` False: only the listener's total applies)."""
+        (``per_ip`` False: a trusted client, only the trusted clients' total applies)."""
+        if not per_ip:
+            if self.trusted_total >= self.total_cap:
+                return "421 4.7.0 Too many connections, try again later"
+            self.trusted_total += 1
+            self._trusted[ip] += 1
+            return None
         if self.total >= self.total_cap:
             return "421 4.7.0 Too many connections, try again later"
-        if per_ip and self.per_ip[ip] >= self.per_ip_cap:
+        if self.per_ip[ip] >= self.per_ip_cap:
             return "421 4.7.0 Too many connections from your address, try again later"
         self.total += 1
         self.per_ip[ip] += 1
         return None
 
     def release(self, ip: str) -> None:
-        self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
+        """Count a connection out (a stranger's first: an IP's trust may change on reload)."""
+        counter = self.per_ip if ip in self.per_ip else self._trusted
+        if counter is self.per_ip:
+            self.total -= 1
+        else:
+            self.trusted_total -= 1
+        counter[ip] -= 1
+        if counter[ip] <= 0:
+            del counter[ip]
 
 
 class RateLimiter:
