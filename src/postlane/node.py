@@ -23,9 +23,10 @@ from .edge.auth import Authenticator
 from .edge.smtp import Listener
 from .edge.tls import Certificates, ServerCertificate
 from .feedback.categories import Classifier
-from .feedback.complaints import ComplaintRates
+from .feedback.complaints import ComplaintRates, SharedRates
 from .feedback.dsn import FailedRecipient, build_bounce, should_bounce
 from .feedback.service import FeedbackService
+from .feedback.shared_suppression import SuppressionSync
 from .health import Health
 from .monitor.activity import Activity
 from .monitor.monitor import Monitor
@@ -90,6 +91,13 @@ class Node:
         self.claimer = (Claimer(config, self.spool, self.scheduler, self.stop_requested.set,
                                 feedback_key=self.feedback.key_id)
                         if isinstance(self.spool, PostgresSpool) else None)
+        self.suppression_sync = (SuppressionSync(self.spool, self.feedback.writes)
+                                 if isinstance(self.spool, PostgresSpool) else None)
+        """One suppression list for the cluster: this node's copy follows the shared log."""
+        self.shared_rates = (SharedRates(self.spool, complaints, config.node.name,
+                                         config.cluster.dead_after)
+                             if isinstance(self.spool, PostgresSpool) else None)
+        """Complaint rates counted over the cluster's live nodes."""
         self.signer = (Signer(config, self.persist, health=self.health) if config.dkim.keys
                        else None)
         self.intake = Intake(config, self.spool, self.claimer or self.scheduler, self.emit,
@@ -173,6 +181,12 @@ class Node:
             if self.claimer is not None:
                 await self.claimer.start()
                 opened.push_async_callback(self.claimer.close)
+            if self.suppression_sync is not None:  # before the listeners: the list is current
+                await self.suppression_sync.start()
+                opened.push_async_callback(self.suppression_sync.stop)
+            if self.shared_rates is not None:
+                await self.shared_rates.start()
+                opened.push_async_callback(self.shared_rates.stop)
             elif isinstance(self.spool, SQLiteSpool) and not self.scheduler.fifo:
                 # deep lanes stay in the spool: deferred and held recipients come into memory,
                 # queued ones are counted and read in as their lanes drain (scheduler/paging.py)
@@ -321,6 +335,10 @@ class Node:
         except RuntimeError as exc:  # the database is away: a crash would lose the same writes
             log.error("last spool writes failed: %s", exc)
         await self.recorder.stop()  # writes every event on, then reports what to trim
+        if self.suppression_sync is not None:  # pushes this node's last changes
+            await self.suppression_sync.stop()
+        if self.shared_rates is not None:
+            await self.shared_rates.stop()
         if self.claimer is not None:
             await self.claimer.close()
         await self.spool.close()

@@ -294,7 +294,7 @@ class ReputationService:
 
     def _complaint_rate(self, pool: str) -> float | None:
         rates = self.complaints
-        return round(rates.rate(pool), 6) if rates.delivered[(pool, "*")] else None
+        return round(rates.rate(pool), 6) if rates.sent(pool) else None
 
     def _pools_of_domain(self, domain: str) -> str:
         return ",".join(p for p, doms in self.domains.items() if domain in doms)

@@ -68,6 +68,23 @@ CREATE TABLE writers (writer TEXT PRIMARY KEY, node TEXT NOT NULL,
     (5, """
 ALTER TABLE nodes ADD COLUMN feedback_key TEXT NOT NULL DEFAULT '';
 """),
+    (6, """
+CREATE TABLE suppression_changes (
+    seq BIGSERIAL PRIMARY KEY, origin TEXT NOT NULL, origin_n BIGINT NOT NULL, op TEXT NOT NULL,
+    address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL, source TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION NOT NULL,
+    at DOUBLE PRECISION NOT NULL, UNIQUE (origin, origin_n));
+CREATE TABLE suppressions (
+    address TEXT NOT NULL, scope TEXT NOT NULL, reason TEXT NOT NULL, source TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL, expires DOUBLE PRECISION NOT NULL, seq BIGINT NOT NULL,
+    PRIMARY KEY (address, scope));
+CREATE TABLE suppression_log (
+    id INTEGER PRIMARY KEY CHECK (id = 1), cluster TEXT NOT NULL, trimmed BIGINT NOT NULL);
+INSERT INTO suppression_log VALUES (1, md5(random()::text || clock_timestamp()::text), 0);
+CREATE TABLE complaint_counts (
+    node TEXT NOT NULL, pool TEXT NOT NULL, domain TEXT NOT NULL, delivered BIGINT NOT NULL,
+    complaints BIGINT NOT NULL, PRIMARY KEY (node, pool, domain));
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 

@@ -46,6 +46,7 @@ from .pgsql import (
     recipient_of,
     redact,
 )
+from .suppressions import SharedFeedback, SuppressionChange
 from .tokens import Tokens
 from .writer import (
     Batch,
@@ -60,7 +61,7 @@ from .writer import (
 )
 
 __all__ = ["CONNECT_TIMEOUT", "MIGRATIONS", "SCHEMA_VERSION", "SESSION_SETTINGS", "UNREACHABLE",
-           "NodeConflict", "NodeInfo", "PostgresSpool", "redact"]
+           "NodeConflict", "NodeInfo", "PostgresSpool", "SuppressionChange", "redact"]
 """``PostgresSpool`` and, for its users, the names of its parts they need."""
 
 log = logging.getLogger("postlane.spool")
@@ -71,7 +72,7 @@ round trips. Measured: 2,000 messages through one node took 23.5 s committing ea
 once, 19.2 s with this delay (under cProfile, on the shared 2-core machine: indicative only)."""
 
 
-class PostgresSpool(GroupCommitWrites, Leases, Membership, Tokens):
+class PostgresSpool(GroupCommitWrites, Leases, Membership, SharedFeedback, Tokens):
     """Spool in PostgreSQL schema ``schema`` of the database at ``dsn``."""
 
     HEALTH_KEY: ClassVar[str] = "database"
