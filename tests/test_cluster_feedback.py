@@ -9,16 +9,22 @@ from __future__ import annotations
 import asyncio
 import email
 import smtplib
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from postlane.accounting.records import Record
 from postlane.cli import app
+from postlane.feedback import shared_suppression
+from postlane.feedback.shared_suppression import SuppressionSync
 from postlane.feedback.suppression import SuppressionList
+from postlane.feedback.suppression_writer import SuppressionWriter
 from postlane.node import Node
 from tests.conftest import OPERATOR, message, send
-from tests.support.pg import pg_schema  # noqa: F401  (fixture)
+from tests.support.pg import pg_schema, two_spools  # noqa: F401  (fixtures)
 from tests.support.waiting import until
 from tests.test_cluster import cluster_text, start_node
 from tests.test_feedback_node import _arf
@@ -153,7 +159,7 @@ async def test_hard_bounces_at_two_nodes_add_up(tmp_path, sink, pg_schema):  # n
     try:
         def bounce(node: Node) -> None:
             node.feedback.on_record(Record(
-                type="rb", time_logged=__import__("time").time(), time_queued=0, orig="",
+                type="rb", time_logged=time.time(), time_queued=0, orig="",
                 rcpt="h@example.com", queue_id="q", cls="marketing", vmta_pool="bulk",
                 dsn_action="failed", dsn_status="5.1.1", dsn_diag="smtp;550 5.1.1 unknown",
                 bounce_cat="bad-mailbox"))
@@ -199,3 +205,59 @@ async def test_complaint_rates_count_every_node(tmp_path, sink, pg_schema):  # n
     finally:
         await a.stop()
         await b.stop()
+
+
+@pytest.fixture
+async def copies(two_spools, tmp_path, monkeypatch) -> AsyncIterator[list[SuppressionSync]]:  # noqa: F811
+    """Two nodes' lists on one shared log, synced only when the test says (no tick)."""
+    monkeypatch.setattr(shared_suppression, "TICK", 3600.0)
+    syncs = [SuppressionSync(spool, SuppressionWriter(SuppressionList(tmp_path / f"{i}.db")))
+             for i, spool in enumerate(two_spools)]
+    yield syncs
+    for sync in syncs:
+        await sync.stop()
+        sync.writes.close()
+        sync.store.close()
+
+
+def listed(sync: SuppressionSync) -> dict[str, str]:
+    return {e.address: e.reason for e in sync.store.list()}
+
+
+async def test_changes_to_one_address_on_two_nodes_end_alike_on_both(copies) -> None:
+    """Node B removes an address, then node A (not yet having seen it) adds it again: both
+    end with the add, the later change in the shared log, whichever order they sync in."""
+    a, b = copies
+    a.store.add("x@example.com", "all", "first")
+    await a.start()
+    await b.start()
+    assert listed(b) == {"x@example.com": "first"}
+    b.store.remove("x@example.com")
+    a.store.add("x@example.com", "all", "again")
+    await b.sync()  # the removal goes into the log first
+    await a.sync()  # then the add: node A applies the removal, then its own add
+    await b.sync()
+    assert listed(a) == listed(b) == {"x@example.com": "again"}
+    # and the other way round: an add, then a removal made elsewhere
+    a.store.add("y@example.com", "marketing", "a's")
+    b.store.add("y@example.com", "marketing", "b's")
+    b.store.remove("y@example.com")
+    await a.sync()
+    await b.sync()
+    await a.sync()
+    assert listed(a) == listed(b) == {"x@example.com": "again"}
+
+
+async def test_a_node_away_longer_than_the_log_copies_the_whole_list(copies) -> None:
+    a, b = copies
+    a.store.add("x@example.com", "all")
+    a.store.add("y@example.com", "all")
+    await a.start()
+    await b.start()
+    await b.stop()  # node B goes away
+    a.store.remove("x@example.com")
+    a.store.add("z@example.com", "all")
+    await a.sync()
+    assert await a.spool.trim_suppressions(0.0) > 0  # the log no longer has those changes
+    await b.start()
+    assert set(listed(b)) == {"y@example.com", "z@example.com"}
