@@ -52,8 +52,6 @@ _JOURNAL = (
     n INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, address TEXT NOT NULL,
     scope TEXT NOT NULL, reason TEXT NOT NULL, source TEXT NOT NULL, created REAL NOT NULL,
     expires REAL NOT NULL)""",
-    """CREATE INDEX IF NOT EXISTS suppression_journal_key
-    ON suppression_journal (address, scope)""",
     """CREATE TABLE IF NOT EXISTS suppression_sync (
     id INTEGER PRIMARY KEY CHECK (id = 1), cluster TEXT NOT NULL, origin TEXT NOT NULL,
     applied INTEGER NOT NULL, applying INTEGER NOT NULL DEFAULT 0)""",
@@ -120,21 +118,24 @@ def pushed(conn: sqlite3.Connection, upto: int) -> None:
     conn.execute("DELETE FROM suppression_journal WHERE n <= ?", (upto,))
 
 
-def _pending(conn: sqlite3.Connection, address: str, scope: str) -> bool:
-    return conn.execute("SELECT 1 FROM suppression_journal WHERE address = ? AND scope = ?"
-                        " AND op <> 'bounce' LIMIT 1", (address, scope)).fetchone() is not None
+def _pending(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+    """The addresses and scopes this node changed and has not pushed yet (the journal is
+    short: it is pushed each second; no index, so an import's rows cost one insert each)."""
+    return set(conn.execute("SELECT DISTINCT address, scope FROM suppression_journal"
+                            " WHERE op <> 'bounce'").fetchall())
 
 
 def apply(conn: sqlite3.Connection, origin: str, changes: Sequence[SuppressionChange],
           upto: int) -> None:
     """Apply changes from the shared log, in its order, and note ``upto`` as applied."""
     conn.execute("UPDATE suppression_sync SET applying = 1")
+    pending = _pending(conn)
     for c in changes:
         if c.op == "bounce":
             if c.origin != origin:  # our own is in the table already
                 conn.execute("INSERT INTO bounces VALUES (?, ?, ?)", (c.address, c.created,
                                                                        c.reason))
-        elif _pending(conn, c.address, c.scope):
+        elif (c.address, c.scope) in pending:
             continue  # our later change to it wins (it goes into the log after this one)
         elif c.op == "add":
             conn.execute("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
@@ -152,8 +153,7 @@ def replace(conn: sqlite3.Connection, entries: Sequence[SuppressionChange], upto
     kept = conn.execute(
         "SELECT address, scope, reason, source, created, expires FROM suppression WHERE"
         " (address, scope) IN (SELECT address, scope FROM suppression_journal)").fetchall()
-    mine = {(r[0], r[1]) for r in conn.execute(
-        "SELECT address, scope FROM suppression_journal WHERE op <> 'bounce'")}
+    mine = _pending(conn)
     conn.execute("DELETE FROM suppression")
     conn.executemany("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
                      [(e.address, e.scope, e.reason, e.source, e.created, e.expires)
