@@ -25,6 +25,7 @@ from postlane.feedback.suppression_writer import SuppressionWriter
 from postlane.node import Node
 from tests.conftest import OPERATOR, message, send
 from tests.support.pg import pg_schema, two_spools  # noqa: F401  (fixtures)
+from tests.support.tcpproxy import TCPProxy
 from tests.support.waiting import until
 from tests.test_cluster import cluster_text, start_node
 from tests.test_feedback_node import _arf
@@ -261,3 +262,30 @@ async def test_a_node_away_longer_than_the_log_copies_the_whole_list(copies) -> 
     assert await a.spool.trim_suppressions(0.0) > 0  # the log no longer has those changes
     await b.start()
     assert set(listed(b)) == {"y@example.com", "z@example.com"}
+
+
+async def test_a_node_cut_off_keeps_its_copy_and_catches_up(tmp_path, sink, pg_schema,  # noqa: F811
+                                                             caplog):
+    proxy = await TCPProxy("127.0.0.1", 5432).start()
+    a = await start_node(node_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(node_text(tmp_path, sink.port, pg_schema, "node-b").replace(
+        "127.0.0.1:5432", f"127.0.0.1:{proxy.port}"))
+    try:
+        await a.operations.suppress("before@example.com", "all", "", who=OPERATOR)
+        await until(lambda: b.feedback.suppression.check_one("before@example.com"),
+                    what="node A's entry on node B")
+        proxy.cut()
+        await a.operations.suppress("during@example.com", "all", "", who=OPERATOR)
+        b.feedback.suppression.add("local@example.com", "all", "5.1.1", "bounce")
+        await until(lambda: "suppression list not synced" in caplog.text,
+                    what="node B's sync failing")
+        assert b.feedback.suppression.check_one("before@example.com")  # its copy still works
+        assert b.feedback.suppression.check_one("during@example.com") is None
+        await proxy.start()
+        await until(lambda: b.feedback.suppression.check_one("during@example.com"),
+                    what="node B catching up")
+        await until(lambda: a.feedback.suppression.check_one("local@example.com"),
+                    what="node B's change made while cut off, on node A")
+    finally:
+        await a.stop()
+        await asyncio.wait_for(b.stop(), 30)

@@ -147,8 +147,16 @@ class SharedRates:
         self.rates.merge(await self.spool.other_complaint_counts(self.node, self.dead_after))
 
     async def _run(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.RATES_TICK)
-            with contextlib.suppress(*UNREACHABLE, RuntimeError):
+            try:
                 await self.sync()
-
+            except Exception as exc:  # told once per outage; the node's own counts go on
+                if not failing:
+                    failing = True
+                    log.warning("complaint counts not shared with the cluster (%s: %s)",
+                                type(exc).__name__, exc,
+                                exc_info=not isinstance(exc, (*UNREACHABLE, RuntimeError)))
+                continue
+            failing = False

@@ -195,8 +195,11 @@ class SuppressionSync:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        with contextlib.suppress(*UNREACHABLE, RuntimeError):
+        try:
             await asyncio.wait_for(self._push(), 5.0)
+        except Exception as exc:  # noqa: BLE001 - kept in the journal, pushed at the next start
+            log.warning("suppression changes not pushed at the stop (%s: %s): they are at the"
+                        " next start", type(exc).__name__, exc)
 
     async def sync(self, trimmed: int | None = None) -> None:
         """Push this node's changes, then apply the log's new ones (the whole list instead when
@@ -241,14 +244,13 @@ class SuppressionSync:
                 if time.monotonic() - self._trimmed >= TRIM_EVERY:
                     self._trimmed = time.monotonic()
                     await self.spool.trim_suppressions(KEEP)
-            except (*UNREACHABLE, RuntimeError) as exc:
+            except Exception as exc:  # told once per outage; the next tick tries again
                 if not self._failing:
                     self._failing = True
-                    log.warning("suppression list not synced with the cluster (%s): this node"
-                                " checks its own copy and tries again every %gs", exc, TICK)
-                continue
-            except Exception:
-                log.exception("suppression list sync failed; trying again")
+                    log.warning("suppression list not synced with the cluster (%s: %s): this"
+                                " node checks its own copy and tries again every %gs",
+                                type(exc).__name__, exc, TICK,
+                                exc_info=not isinstance(exc, (*UNREACHABLE, RuntimeError)))
                 continue
             if self._failing:
                 self._failing = False
