@@ -210,8 +210,10 @@ async def test_complaint_rates_count_every_node(tmp_path, sink, pg_schema):  # n
 
 @pytest.fixture
 async def copies(two_spools, tmp_path, monkeypatch) -> AsyncIterator[list[SuppressionSync]]:  # noqa: F811
-    """Two nodes' lists on one shared log, synced only when the test says (no tick)."""
+    """Two nodes' lists on one shared log, synced only when the test says (no tick), one
+    change per page (every push, pull and copy takes several)."""
     monkeypatch.setattr(shared_suppression, "TICK", 3600.0)
+    monkeypatch.setattr(shared_suppression, "PAGE", 1)
     syncs = [SuppressionSync(spool, SuppressionWriter(SuppressionList(tmp_path / f"{i}.db")))
              for i, spool in enumerate(two_spools)]
     yield syncs

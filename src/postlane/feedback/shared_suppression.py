@@ -106,7 +106,7 @@ def join(conn: sqlite3.Connection, cluster: str) -> tuple[str, int]:
     return origin, -1
 
 
-def journal(conn: sqlite3.Connection, origin: str, limit: int = PAGE) -> list[SuppressionChange]:
+def journal(conn: sqlite3.Connection, origin: str, limit: int) -> list[SuppressionChange]:
     """The oldest changes not yet pushed."""
     return [SuppressionChange(r[0], origin, *r[1:]) for r in conn.execute(
         "SELECT n, op, address, scope, reason, source, created, expires FROM suppression_journal"
@@ -146,19 +146,28 @@ def apply(conn: sqlite3.Connection, origin: str, changes: Sequence[SuppressionCh
     conn.execute("UPDATE suppression_sync SET applying = 0, applied = ?", (upto,))
 
 
-def replace(conn: sqlite3.Connection, entries: Sequence[SuppressionChange], upto: int) -> None:
-    """Make the list the shared one (a node new to the cluster, or away longer than the log is
-    kept), keeping this node's changes not yet pushed."""
-    conn.execute("UPDATE suppression_sync SET applying = 1")
-    kept = conn.execute(
-        "SELECT address, scope, reason, source, created, expires FROM suppression WHERE"
-        " (address, scope) IN (SELECT address, scope FROM suppression_journal)").fetchall()
-    mine = _pending(conn)
-    conn.execute("DELETE FROM suppression")
-    conn.executemany("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
+def stage(conn: sqlite3.Connection, entries: Sequence[SuppressionChange], first: bool) -> None:
+    """Copy a page of the shared list aside (``replace`` swaps it in at once)."""
+    if first:
+        conn.execute("DROP TABLE IF EXISTS suppression_staging")
+        conn.execute("CREATE TABLE suppression_staging (address TEXT NOT NULL, scope TEXT NOT"
+                     " NULL, reason TEXT NOT NULL, source TEXT NOT NULL, created REAL NOT NULL,"
+                     " expires REAL NOT NULL, PRIMARY KEY (address, scope)) WITHOUT ROWID")
+    conn.executemany("INSERT OR REPLACE INTO suppression_staging VALUES (?,?,?,?,?,?)",
                      [(e.address, e.scope, e.reason, e.source, e.created, e.expires)
-                      for e in entries if (e.address, e.scope) not in mine])
-    conn.executemany("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)", kept)
+                      for e in entries])
+
+
+def replace(conn: sqlite3.Connection, upto: int) -> None:
+    """Make the list the shared one copied aside (a node new to the cluster, or away longer
+    than the log is kept), keeping this node's changes not yet pushed; in one transaction, so
+    a look-up never sees half of it."""
+    conn.execute("UPDATE suppression_sync SET applying = 1")
+    mine = "SELECT address, scope FROM suppression_journal WHERE op <> 'bounce'"
+    conn.execute(f"DELETE FROM suppression WHERE (address, scope) NOT IN ({mine})")
+    conn.execute("INSERT OR IGNORE INTO suppression SELECT * FROM suppression_staging"
+                 f" WHERE (address, scope) NOT IN ({mine})")
+    conn.execute("DROP TABLE suppression_staging")
     conn.execute("UPDATE suppression_sync SET applying = 0, applied = ?", (upto,))
 
 
@@ -208,10 +217,19 @@ class SuppressionSync:
         if trimmed is None:
             trimmed = (await self.spool.suppression_log())[1]
         if self.applied < 0 or self.applied < trimmed:
-            upto, entries = await self.spool.suppression_snapshot()
-            await self.writes.call(self._write, replace, entries, upto)
+            copied = 0
+
+            async def consume(entries: list[SuppressionChange]) -> None:
+                nonlocal copied
+                await self.writes.call(self._write, stage, entries, copied == 0)
+                copied += len(entries)
+
+            upto = await self.spool.suppression_snapshot(consume, PAGE)
+            if copied == 0:
+                await self.writes.call(self._write, stage, [], True)
+            await self.writes.call(self._write, replace, upto)
             self.applied = upto
-            log.info("suppression list copied from the cluster", extra={"entries": len(entries)})
+            log.info("suppression list copied from the cluster", extra={"entries": copied})
         while True:
             changes = await self.spool.suppression_changes(self.applied, PAGE)
             if not changes:
@@ -223,7 +241,7 @@ class SuppressionSync:
 
     async def _push(self) -> None:
         while True:
-            changes = await self.writes.call(self._write, journal, self.origin)
+            changes = await self.writes.call(self._write, journal, self.origin, PAGE)
             if not changes:
                 return
             self.pushed += await self.spool.push_suppressions(self.origin, changes)

@@ -12,7 +12,7 @@ order: a node that has read up to ``seq`` never misses a smaller one committed l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -104,16 +104,26 @@ class SharedFeedback:
                                     " WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit)
         return [SuppressionChange(*r) for r in rows]
 
-    async def suppression_snapshot(self) -> tuple[int, list[SuppressionChange]]:
-        """The whole shared list as "add" changes, and the sequence number it is at (one
-        snapshot: the list holds exactly the changes up to that number)."""
+    async def suppression_snapshot(
+            self, consume: Callable[[list[SuppressionChange]], Awaitable[None]],
+            page: int) -> int:
+        """Hand the whole shared list to ``consume``, ``page`` entries at a time, as "add"
+        changes; returns the sequence number it is at (one snapshot: the list holds exactly
+        the changes up to that number). Never all in memory: a list may have millions."""
         async with self.acquire() as conn, conn.transaction(isolation="repeatable_read",
                                                             readonly=True):
             seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM suppression_changes")
             seq = max(seq, await conn.fetchval("SELECT trimmed FROM suppression_log"))
-            rows = await conn.fetch("SELECT seq, '' AS origin, 'add' AS op, address, scope,"
-                                    " reason, source, created, expires FROM suppressions")
-        return seq, [SuppressionChange(*r) for r in rows]
+            last = ("", "")
+            while True:
+                rows = await conn.fetch(
+                    "SELECT seq, '' AS origin, 'add' AS op, address, scope, reason, source,"
+                    " created, expires FROM suppressions WHERE (address, scope) > ($1, $2)"
+                    " ORDER BY address, scope LIMIT $3", *last, page)
+                if not rows:
+                    return int(seq)
+                await consume([SuppressionChange(*r) for r in rows])
+                last = (rows[-1]["address"], rows[-1]["scope"])
 
     async def trim_suppressions(self, keep: float) -> int:
         """Forget changes older than ``keep`` seconds (the list keeps their effect): a node
