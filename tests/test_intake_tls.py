@@ -148,3 +148,29 @@ def test_a_private_key_every_user_can_read_is_told(tmp_path, caplog):
         caplog.clear()
         ServerCertificate(str(tmp_path / "cert.pem"), str(tmp_path / "key.pem"))
         assert any("readable by every user" in r.getMessage() for r in caplog.records) == told
+
+
+async def test_a_stalled_starttls_handshake_frees_its_slot(tmp_path, sink, make_node, caplog):
+    """RFC 3207 after the 220: a client that never finishes the handshake (silent, or half a
+    ClientHello) is cut at ``command_timeout`` and its connection slot is given back. With a
+    command timeout under asyncio's 60 s handshake timeout, the cut left aiosmtpd's session
+    waiting for commands for ever: the slot stayed taken, ``max_connections_per_ip`` such
+    clients locked a host out until a restart."""
+    node = await make_node(config_text(tmp_path, sink.port, """
+[listeners.in.limits]
+command_timeout = "0.5s"
+pregreet_wait = 0
+"""))
+    port = node.listeners[0].port
+    connections = node.listeners[0].handler.guard.connections
+    caplog.set_level(logging.INFO, logger="postlane.edge")
+    for first_bytes in (b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+        raw = await session(port)
+        assert (await raw.cmd("STARTTLS")).startswith("220")
+        raw.send(first_bytes)
+        assert await raw.closed(), "the server cuts the stalled handshake"
+        await until(lambda: connections.total == 0, what="the slot given back")
+    assert any("TLS handshake failed" in r.getMessage() for r in caplog.records)
+    raw = await session(port)  # and the listener still serves
+    assert (await raw.cmd("QUIT")).startswith("221")
+    await raw.close()

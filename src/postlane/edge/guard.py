@@ -477,18 +477,27 @@ class GuardedSMTP(SMTP):
     @syntax("STARTTLS", when="_starttls_offered")
     async def smtp_STARTTLS(self, arg: str) -> None:
         """503 inside TLS (aiosmtpd answered 220 and failed with a TypeError), and one log line
-        for a failed handshake instead of aiosmtpd's traceback at ERROR."""
+        for a failed handshake instead of aiosmtpd's traceback at ERROR.
+
+        A handshake cut short without an error (the idle timeout closing a client that never
+        finished it, a clean close mid-handshake) ends too: asyncio then wakes aiosmtpd as if
+        the handshake had succeeded but never tells the session the connection is lost, and
+        the session waited for commands for ever, holding its connection slot."""
         if self.encrypted:
             await self.push("503 5.5.1 TLS already active")
             return
         try:
             await super().smtp_STARTTLS(arg)
         except TLSSetupException as exc:
-            log.info("TLS handshake failed: %s", str(exc.__cause__ or exc)[:200],
-                     extra={"client": self._counted_ip})
-            if self.transport is not None:
-                self.transport.close()
-            self.connection_lost(None)
+            why = str(exc.__cause__ or exc)[:200]
+        else:
+            if self.session is not None and self.session.ssl is not None:
+                return  # connection_made() of the TLS layer made the new session
+            why = "connection closed or timed out during the handshake"
+        log.info("TLS handshake failed: %s", why, extra={"client": self._counted_ip})
+        if self.transport is not None:
+            self.transport.close()
+        self.connection_lost(None)
 
     @syntax("AUTH <mechanism>", when="_auth_offered")
     async def smtp_AUTH(self, arg: str) -> None:
