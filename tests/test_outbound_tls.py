@@ -283,6 +283,30 @@ async def test_mta_sts_testing_over_a_failed_handshake_delivers_in_clear(world, 
     assert row["dlvTlsAuth"] == "" and row["dlvTlsProtocol"] == ""
 
 
+
+@pytest.mark.parametrize("max_age", ["\u00b2", "\u0661\u0662", "86400x", "+86400", ""],
+                         ids=["superscript two", "Arabic-Indic digits", "trailing junk",
+                              "sign", "empty"])
+async def test_a_policy_with_a_bad_max_age_is_invalid(world, make_node, tmp_path, max_age):
+    """RFC 8461 3.2: ``max_age`` is 1*10 ASCII DIGIT. A policy with anything else is
+    sts-policy-invalid and the domain is sent to as if it had no policy (RFC 8461 5). A
+    superscript digit passed ``str.isdigit`` and made ``int()`` raise inside the fetch."""
+    world.mx("sts.test", "good.mx.test")
+    world.sts("sts.test", "enforce", ["mx.elsewhere.test"])  # would defer, if it applied
+    assert world.https is not None
+    world.https.policy("sts.test", "version: STSv1\r\nmode: enforce\r\nmx: mx.elsewhere.test"
+                                   f"\r\nmax_age: {max_age}\r\n")
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "opportunistic", row
+    node.tls_reports.flush()
+    report = node.tls_reports.report(row["timeLogged"][:10], "sts.test")
+    validate(report)
+    assert report is not None
+    results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
+    assert results == ["sts-policy-invalid"]
+
 # -- DANE ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("usage, selector, auth", [(3, 1, "dane-ee"), (3, 0, "dane-ee"),

@@ -35,6 +35,7 @@ MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3
 MAX_AGE = 31_557_600  # one year (RFC 8461 3.2)
 RETRY_FETCH = 300.0  # after a failed fetch, the next try for that domain waits this long
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+_MAX_AGE = re.compile(r"[0-9]{1,10}")  # ASCII DIGIT: str.isdigit() also takes "²" and "١"
 
 
 class PolicyError(Exception):
@@ -90,7 +91,7 @@ def parse_policy(text: str, policy_id: str, now: float) -> STSPolicy:
     if mode not in ("enforce", "testing", "none"):
         raise PolicyError("sts-policy-invalid", f"mode {mode!r}")
     age = fields.get("max_age", [""])[0]
-    if not age.isdigit() or len(age) > 10:
+    if not _MAX_AGE.fullmatch(age):
         raise PolicyError("sts-policy-invalid", f"max_age {age!r}")
     mx = fields.get("mx", [])
     if mode != "none" and not mx:
