@@ -196,7 +196,17 @@ class MTASTS:
 
     async def _get(self, domain: str) -> str:
         """The policy file over HTTPS, with the address of ``mta-sts.DOMAIN`` from the node's
-        resolver and its certificate checked for that name."""
+        resolver and its certificate checked for that name, all within ``timeout`` seconds
+        (RFC 8461 3.3): httpx's timeout is per read, and a server sending a byte now and then
+        held the fetch, and every delivery waiting for it, for hours."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._get_file(domain)
+        except TimeoutError:
+            raise PolicyError("sts-policy-fetch-error",
+                              f"mta-sts.{domain}: not fetched within {self.timeout:g} s") from None
+
+    async def _get_file(self, domain: str) -> str:
         host = f"mta-sts.{domain}"
         try:
             dests = await self.resolver.resolve_host(host, self.port)

@@ -1,0 +1,72 @@
+"""Fetching an MTA-STS policy (RFC 8461 3.1, 3.3) against a loopback DNS server and HTTPS
+servers with certificates from a test CA: what the TXT record must say, and that a policy
+server cannot hold a delivery for longer than the fetch's time limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+
+from postlane.relay.mtasts import MTASTS
+from postlane.relay.mx import MXResolver
+from tests.support.httpsserver import HTTPSServer
+from tests.support.pki import TestCA
+
+POLICY = "version: STSv1\r\nmode: enforce\r\nmx: *.mx.test\r\nmax_age: 86400\r\n"
+HTTPS_IP = "127.0.0.60"
+
+
+class Drip:
+    """An HTTPS policy server that sends its headers, then one byte of the body at a time,
+    ``interval`` apart: a hostile or broken host that never quite stops sending."""
+
+    def __init__(self, context: ssl.SSLContext, size: int = 1500, interval: float = 0.05):
+        self.context, self.size, self.interval = context, size, interval
+        self.sent = 0
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: %d\r\n\r\n" % self.size)
+            for _ in range(self.size):  # bounded: it stops by itself
+                writer.write(b"#")
+                await writer.drain()
+                self.sent += 1
+                await asyncio.sleep(self.interval)
+        writer.close()
+
+    async def start(self) -> Drip:
+        self.server = await asyncio.start_server(self._serve, HTTPS_IP, 0, ssl=self.context)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+def _sts(dns_server, tmp_path, ca: TestCA, port: int, errors: list, **kw) -> MTASTS:
+    resolver = MXResolver("127.0.0.1", dns_server.port)
+    return MTASTS(resolver, tmp_path / "mta-sts.json", ca_file=str(ca.ca_file), port=port,
+                  on_error=lambda *e: errors.append(e), **kw)
+
+
+async def test_a_dripping_policy_server_is_given_up_on_at_the_time_limit(dns_server,
+                                                                          tmp_path):
+    """RFC 8461 3.3 asks for a time limit on the fetch. httpx's timeout is per read, so a
+    server sending a byte every few seconds held the fetch, and with it every delivery slot
+    waiting to plan a connection to that domain, for hours."""
+    ca = TestCA(tmp_path / "ca")
+    drip = await Drip(ca.server_context(["mta-sts.drip.test"])).start()
+    dns_server.add_txt("_mta-sts.drip.test", "v=STSv1; id=1;")
+    dns_server.add_a("mta-sts.drip.test", HTTPS_IP)
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, drip.port, errors, timeout=0.5)
+    try:
+        assert await sts.policy("drip.test") is None
+        assert drip.sent < drip.size, "given up on while the server was still sending"
+        assert [e[1] for e in errors] == ["sts-policy-fetch-error"]
+    finally:
+        drip.stop()
