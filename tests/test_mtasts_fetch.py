@@ -70,3 +70,25 @@ async def test_a_dripping_policy_server_is_given_up_on_at_the_time_limit(dns_ser
         assert [e[1] for e in errors] == ["sts-policy-fetch-error"]
     finally:
         drip.stop()
+
+
+async def test_only_a_record_of_version_stsv1_announces_a_policy(dns_server, tmp_path):
+    """RFC 8461 3.1: the record is ``v=STSv1`` then ``;`` and fields; records that do not
+    begin so are discarded. ``v=STSv10`` (a future version) was read as STSv1."""
+    ca = TestCA(tmp_path / "ca")
+    names = ["mta-sts.v1.test", "mta-sts.v10.test", "mta-sts.v1x.test"]
+    https = HTTPSServer(ca.server_context(names), host=HTTPS_IP).start()
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, https.port, errors)
+    try:
+        for domain, record in (("v1.test", "v=STSv1; id=1;"), ("v10.test", "v=STSv10; id=1;"),
+                               ("v1x.test", "v=STSv1x;id=1")):
+            dns_server.add_txt(f"_mta-sts.{domain}", record)
+            dns_server.add_a(f"mta-sts.{domain}", HTTPS_IP)
+            https.policy(domain, POLICY)
+        assert (await sts.policy("v1.test")) is not None
+        assert await sts.policy("v10.test") is None
+        assert await sts.policy("v1x.test") is None
+        assert https.fetches == ["mta-sts.v1.test"]
+    finally:
+        https.stop()

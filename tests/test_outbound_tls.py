@@ -452,6 +452,21 @@ async def test_daily_report_by_mail_and_https(world, make_node, tmp_path):
     assert await node.tls_reports.send_due(before="9999-12-31") == 0, "sent once"
 
 
+
+async def test_only_a_tlsrpt_record_of_version_1_asks_for_reports(world, make_node, tmp_path):
+    """RFC 8460 3: the record is ``v=TLSRPTv1`` then ``;`` and fields; ``v=TLSRPTv10`` (a
+    future version, whose ``rua`` may mean something else) was read as version 1."""
+    world.mx("sts-testing.test", "wrong.mx.test")
+    world.sts("sts-testing.test", "testing", ["*.mx.test"])
+    assert world.https is not None
+    world.dns.add_txt("_smtp._tls.sts-testing.test",
+                      f"v=TLSRPTv10; rua=https://{HTTPS_IP}:{world.https.port}/tlsrpt")
+    node = await make_node(world.config())
+    await _deliver(node, "a@sts-testing.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
+    assert await node.tls_reports.send_due(before="9999-12-31") == 0
+    assert world.https.posted == []
+
 # -- evidence ----------------------------------------------------------------------------------
 
 async def test_audit_show_and_sla_tell_how_each_delivery_was_protected(world, make_node,

@@ -35,6 +35,7 @@ MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3
 MAX_AGE = 31_557_600  # one year (RFC 8461 3.2)
 RETRY_FETCH = 300.0  # after a failed fetch, the next try for that domain waits this long
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
+_VERSION = re.compile(r"v=STSv1[ \t]*;")  # RFC 8461 3.1: "v=STSv1;" (WSP before ";": ABNF)
 _MAX_AGE = re.compile(r"[0-9]{1,10}")  # ASCII DIGIT: str.isdigit() also takes "²" and "١"
 
 
@@ -162,7 +163,7 @@ class MTASTS:
     async def _record_id(self, domain: str) -> str | None:
         records, _ = await self.resolver.records(f"_mta-sts.{domain}", "TXT")
         texts = [text.decode("ascii", "replace") for text in txt_strings(records)]
-        ours = [t for t in texts if t.startswith("v=STSv1")]
+        ours = [t for t in texts if _VERSION.match(t)]  # not "v=STSv10", a later version
         if len(ours) != 1:  # none, or ambiguous: no policy (RFC 8461 3.1)
             return None
         fields = dict(part.strip().partition("=")[::2] for part in ours[0].split(";"))

@@ -20,6 +20,7 @@ import gzip
 import json
 import logging
 import random
+import re
 import sqlite3
 import ssl
 import time
@@ -44,6 +45,7 @@ log = logging.getLogger("postlane.tlsrpt")
 __all__ = ["NO_POLICY", "PolicyRef", "TLSReports"]
 
 FLUSH_EVERY = 60.0
+_VERSION = re.compile(r"v=TLSRPTv1[ \t]*;")  # RFC 8460 3: "v=TLSRPTv1" then field-delim
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +204,7 @@ class TLSReports:
         """The ``rua`` URIs of ``_smtp._tls.DOMAIN`` (RFC 8460 3)."""
         records, _ = await self.resolver.records(f"_smtp._tls.{domain}", "TXT")
         texts = [text.decode("utf-8", "replace") for text in txt_strings(records)]
-        ours = [t for t in texts if t.startswith("v=TLSRPTv1")]
+        ours = [t for t in texts if _VERSION.match(t)]  # not "v=TLSRPTv10", a later version
         if len(ours) != 1:
             return []
         fields = dict(part.strip().partition("=")[::2] for part in ours[0].split(";"))
