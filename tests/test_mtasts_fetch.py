@@ -12,6 +12,7 @@ from postlane.relay.mtasts import MTASTS
 from postlane.relay.mx import MXResolver
 from tests.support.httpsserver import HTTPSServer
 from tests.support.pki import TestCA
+from tests.support.waiting import until
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: *.mx.test\r\nmax_age: 86400\r\n"
 HTTPS_IP = "127.0.0.60"
@@ -90,5 +91,35 @@ async def test_only_a_record_of_version_stsv1_announces_a_policy(dns_server, tmp
         assert await sts.policy("v10.test") is None
         assert await sts.policy("v1x.test") is None
         assert https.fetches == ["mta-sts.v1.test"]
+    finally:
+        https.stop()
+
+
+async def test_a_cached_policy_is_refreshed_before_it_expires(dns_server, tmp_path):
+    """RFC 8461 10.2: an attacker who blocks the fetch when a cached policy runs out strips
+    it; senders should refresh a cached policy before it expires. A policy past half its
+    max_age (or a day) is fetched again in the background while it stays in force, and a
+    refresh that fails keeps it."""
+    ca = TestCA(tmp_path / "ca")
+    https = HTTPSServer(ca.server_context(["mta-sts.warm.test"]), host=HTTPS_IP).start()
+    dns_server.add_txt("_mta-sts.warm.test", "v=STSv1; id=1;")
+    dns_server.add_a("mta-sts.warm.test", HTTPS_IP)
+    https.policy("warm.test", POLICY)
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, https.port, errors)
+    try:
+        first = await sts.policy("warm.test")
+        assert first is not None and https.fetches == ["mta-sts.warm.test"]
+        assert await sts.policy("warm.test") is first, "fresh: not fetched again"
+        first.fetched -= 43_300  # past half of its max_age (86,400 s)
+        assert await sts.policy("warm.test") is first, "in force while it is refreshed"
+        refreshed = await until(lambda: (p := sts._policies["warm.test"]) is not first and p,
+                                what="the policy fetched again")
+        assert len(https.fetches) == 2 and refreshed.fetched > first.fetched + 43_000
+        refreshed.fetched -= 43_300
+        https.policies.clear()  # the policy server blocked: the refresh fails
+        assert await sts.policy("warm.test") is refreshed
+        await until(lambda: errors, what="the failed refresh told")
+        assert await sts.policy("warm.test") is refreshed, "a failed refresh keeps the policy"
     finally:
         https.stop()

@@ -2,10 +2,10 @@
 
 The ``_mta-sts.DOMAIN`` TXT record says a policy exists and names its ``id``; the policy itself
 is fetched from ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt`` (httpx, certificate checked,
-no redirects) and cached until ``max_age`` runs out. A changed ``id`` fetches it again; when the
-fetch fails, a cached policy that has not expired stays in force (RFC 8461 5.1), which is what
-protects against an attacker who blocks the fetch. The cache is a JSON file in the node's folder,
-so a restart does not forget a policy.
+no redirects) and cached until ``max_age`` runs out, refreshed in the background before that. A
+changed ``id`` fetches it again; when the fetch fails, a cached policy that has not expired stays
+in force (RFC 8461 5.1), which is what protects against an attacker who blocks the fetch. The
+cache is a JSON file in the node's folder, so a restart does not forget a policy.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = ["MTASTS", "STSPolicy", "parse_policy"]
 
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3
 MAX_AGE = 31_557_600  # one year (RFC 8461 3.2)
+REFRESH_AFTER = 86_400.0  # a cached policy is fetched again (in the background) after a day
 RETRY_FETCH = 300.0  # after a failed fetch, the next try for that domain waits this long
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _VERSION = re.compile(r"v=STSv1[ \t]*;")  # RFC 8461 3.1: "v=STSv1;" (WSP before ";": ABNF)
@@ -58,6 +59,12 @@ class STSPolicy:
 
     def expired(self, now: float) -> bool:
         return now >= self.fetched + self.max_age
+
+    def refresh_due(self, now: float) -> bool:
+        """Past half its ``max_age`` (at most a day): fetched again while still in force, so
+        an attacker must block every fetch from then on, not just the one at expiry (RFC 8461
+        10.2)."""
+        return now >= self.fetched + min(self.max_age / 2, REFRESH_AFTER)
 
     def matches(self, host: str) -> bool:
         """RFC 8461 4.1: an ``mx`` is a host name, or ``*.`` and a domain standing for exactly
@@ -154,10 +161,14 @@ class MTASTS:
             record_id = await self._record_id(domain)
         except DNSTempError:
             record_id = None  # as if there were no record: a cached policy still applies
-        if record_id is not None and (cached is None or cached.id != record_id) and \
-                self._failed.get(domain, 0.0) <= now:
+        may_fetch = record_id is not None and self._failed.get(domain, 0.0) <= now
+        if may_fetch and (cached is None or cached.id != record_id):
+            assert record_id is not None
             fetched = await self._fetch_once(domain, record_id)
             cached = fetched or cached
+        elif may_fetch and cached is not None and cached.refresh_due(now):
+            assert record_id is not None
+            self._start_fetch(domain, record_id)  # in the background: the cached one holds
         return cached if cached is not None and cached.mode != "none" else None
 
     async def _record_id(self, domain: str) -> str | None:
@@ -172,12 +183,21 @@ class MTASTS:
 
     async def _fetch_once(self, domain: str, record_id: str) -> STSPolicy | None:
         """One fetch per domain at a time; the others wait for its result."""
+        return await asyncio.shield(self._start_fetch(domain, record_id))
+
+    def _start_fetch(self, domain: str, record_id: str) -> asyncio.Future[STSPolicy | None]:
+        """The fetch of ``domain``'s policy under way, started now if none is."""
         future = self._fetching.get(domain)
         if future is None:
             future = asyncio.ensure_future(self._fetch(domain, record_id))
             self._fetching[domain] = future
-            future.add_done_callback(lambda _: self._fetching.pop(domain, None))
-        return await asyncio.shield(future)
+            future.add_done_callback(lambda f: self._fetched(domain, f))
+        return future
+
+    def _fetched(self, domain: str, future: asyncio.Future[STSPolicy | None]) -> None:
+        self._fetching.pop(domain, None)
+        if not future.cancelled() and future.exception() is not None:  # a bug: told once
+            log.error("MTA-STS fetch of %s failed", domain, exc_info=future.exception())
 
     async def _fetch(self, domain: str, record_id: str) -> STSPolicy | None:
         try:
