@@ -113,8 +113,9 @@ async def test_a_cached_policy_is_refreshed_before_it_expires(dns_server, tmp_pa
         assert await sts.policy("warm.test") is first, "fresh: not fetched again"
         first.fetched -= 43_300  # past half of its max_age (86,400 s)
         assert await sts.policy("warm.test") is first, "in force while it is refreshed"
-        refreshed = await until(lambda: (p := sts._policies["warm.test"]) is not first and p,
-                                what="the policy fetched again")
+        await until(lambda: sts._policies["warm.test"] is not first and not sts._fetching,
+                    what="the policy fetched again (and the fetch over)")
+        refreshed = sts._policies["warm.test"]
         assert len(https.fetches) == 2 and refreshed.fetched > first.fetched + 43_000
         refreshed.fetched -= 43_300
         https.policies.clear()  # the policy server blocked: the refresh fails
