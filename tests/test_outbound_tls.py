@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import email
 import gzip
+import hashlib
 import json
+import shutil
 import ssl
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -20,7 +23,7 @@ from postlane.cli import app
 from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records, send
 from tests.support.httpsserver import HTTPSServer
-from tests.support.pki import TestCA, leaf_der, tlsa_sha256
+from tests.support.pki import TestCA, explicit_version_one, leaf_der, tlsa_sha256
 from tests.support.waiting import until
 
 # MX host -> the sink it resolves to
@@ -350,6 +353,50 @@ async def test_dane_takes_precedence_over_mta_sts(world, make_node, tmp_path):
     assert (await delivered_with(world, make_node, "r@both.test"))["dlvTlsPolicy"] == "dane"
     assert world.https is not None and "mta-sts.both.test" not in world.https.fetches
 
+
+
+async def _dane_host(world: World, host: str, ip: str, cert: Path, key: Path,
+                     spki: bytes) -> None:
+    """A sink at ``ip`` serving ``cert``, the MX of dane.test (signed), with a ``3 1 1`` TLSA
+    record of ``spki`` as the certificate carries it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    world.sinks[host] = await Sink(host=ip, port=world.port, tls_context=ctx).start()
+    world.dns.add_a(host, ip)
+    world.mx("dane.test", host, secure=True)
+    world.dns.add_tlsa(f"_{world.port}._tcp.{host}", 3, 1, 1, hashlib.sha256(spki).hexdigest())
+
+
+async def test_dane_ee_takes_a_certificate_our_parser_refuses(world, make_node, tmp_path):
+    """RFC 6698 2.1.1: selector 1 is the SubjectPublicKeyInfo as the certificate carries it;
+    DANE-EE checks nothing else (RFC 7672 3.1.1). It was taken from ``cryptography``'s parse
+    of the whole certificate: one that OpenSSL served but ``cryptography`` refused raised out
+    of the TLS policy and killed the lane's delivery worker, the message left without an
+    outcome."""
+    cert, key, spki = explicit_version_one(tmp_path / "odd", "odd.mx.test")
+    await _dane_host(world, "odd.mx.test", "127.0.0.57", cert, key, spki)
+    row = await delivered_with(world, make_node, "r@dane.test")
+    assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == "dane-ee"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_dane_ee_matches_an_rsa_pss_key_as_published(world, make_node, tmp_path):
+    """An RSA-PSS key's SubjectPublicKeyInfo names id-RSASSA-PSS; ``cryptography`` re-encodes
+    the key as rsaEncryption, so the ``3 1 1`` record an operator makes with ``openssl x509
+    -pubkey`` never matched and the host's mail was deferred for ever (tlsa-invalid)."""
+    folder = tmp_path / "pss"
+    folder.mkdir()
+    cert, key = folder / "pss.crt", folder / "pss.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa-pss", "-pkeyopt",
+                    "rsa_keygen_bits:2048", "-nodes", "-days", "30", "-subj", "/CN=pss.mx.test",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    pem = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-pubkey"],
+                         check=True, capture_output=True).stdout
+    spki = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=pem,
+                          check=True, capture_output=True).stdout
+    await _dane_host(world, "pss.mx.test", "127.0.0.58", cert, key, spki)
+    row = await delivered_with(world, make_node, "r@dane.test")
+    assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == "dane-ee"
 
 # -- TLS-RPT -------------------------------------------------------------------------------------
 

@@ -120,3 +120,38 @@ def tlsa_sha256(der: bytes, selector: int) -> str:
         der = x509.load_der_x509_certificate(der).public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
+
+
+def _der_length(n: int) -> bytes:
+    if n < 128:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def explicit_version_one(folder: Path, name: str) -> tuple[Path, Path, bytes]:
+    """(cert file, key file, SubjectPublicKeyInfo DER) of a self-signed certificate whose
+    version field spells out its default (v1 = 0, which DER leaves out): OpenSSL serves it,
+    ``cryptography`` refuses to parse it. A stand-in for any certificate a peer's TLS stack
+    accepts and ours is stricter about."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(_NOW - datetime.timedelta(days=1))
+            .not_valid_after(_NOW + datetime.timedelta(days=90))
+            .sign(key, hashes.SHA256()))
+    tbs = bytearray(cert.tbs_certificate_bytes)
+    at = tbs.index(b"\xa0\x03\x02\x01\x02")  # [0] EXPLICIT INTEGER 2 (v3) ...
+    tbs[at + 4] = 0  # ... as v1, encoded although it is the default
+    signature = key.sign(bytes(tbs), ec.ECDSA(hashes.SHA256()))
+    body = (bytes(tbs) + bytes.fromhex("300a06082a8648ce3d040302")  # ecdsa-with-SHA256
+            + b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature)
+    der = b"\x30" + _der_length(len(body)) + body
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_text(ssl.DER_cert_to_PEM_cert(der))
+    key_path.write_bytes(_key_pem(key))
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return cert_path, key_path, spki

@@ -14,10 +14,9 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 
-__all__ = ["TLSA", "match", "parse", "tlsa_name"]
+__all__ = ["TLSA", "match", "parse", "subject_public_key_info", "tlsa_name"]
 
 DANE_TA, DANE_EE = 2, 3
 
@@ -47,12 +46,46 @@ def parse(rdatas: list) -> list[TLSA]:
     return [TLSA(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in rdatas]
 
 
-def _associated(der: bytes, selector: int, mtype: int) -> bytes:
-    """The certificate association data of one certificate (RFC 6698 2.1)."""
+def _tlv(der: bytes, pos: int) -> tuple[int, int]:
+    """(start of the value, end) of the DER element at ``pos`` (raises ValueError)."""
+    if pos + 2 > len(der):
+        raise ValueError("truncated DER")
+    length, pos = der[pos + 1], pos + 2
+    if length & 0x80:
+        size = length & 0x7F
+        if not 0 < size <= 4 or pos + size > len(der):
+            raise ValueError("bad DER length")
+        length, pos = int.from_bytes(der[pos:pos + size], "big"), pos + size
+    if pos + length > len(der):
+        raise ValueError("truncated DER")
+    return pos, pos + length
+
+
+def subject_public_key_info(der: bytes) -> bytes:
+    """The SubjectPublicKeyInfo of a certificate, its bytes as the certificate carries them
+    (RFC 6698 2.1.1's selector 1): read from the DER, not rebuilt from a parsed key, which
+    ``cryptography`` re-encodes (an RSA-PSS key as rsaEncryption) or refuses (a certificate
+    that OpenSSL took, an algorithm it does not know)."""
+    tbs, _ = _tlv(der, _tlv(der, 0)[0])  # Certificate -> tbsCertificate
+    pos = tbs
+    if der[pos] == 0xA0:  # [0] version
+        pos = _tlv(der, pos)[1]
+    for _ in range(5):  # serialNumber, signature, issuer, validity, subject
+        pos = _tlv(der, pos)[1]
+    if der[pos] != 0x30:
+        raise ValueError("no SubjectPublicKeyInfo")
+    return der[pos:_tlv(der, pos)[1]]
+
+
+def _associated(der: bytes, selector: int, mtype: int) -> bytes | None:
+    """The certificate association data of one certificate (RFC 6698 2.1); None for bytes
+    that are not a certificate."""
     data = der
     if selector == 1:
-        data = x509.load_der_x509_certificate(der).public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        try:
+            data = subject_public_key_info(der)
+        except (ValueError, IndexError):
+            return None
     if mtype == 1:
         return hashlib.sha256(data).digest()
     if mtype == 2:
@@ -61,10 +94,10 @@ def _associated(der: bytes, selector: int, mtype: int) -> bytes:
 
 
 def _path_to(anchor: x509.Certificate, chain: list[bytes], host: str) -> bool:
-    certs = [x509.load_der_x509_certificate(der) for der in chain]
     verifier = (verification.PolicyBuilder().store(verification.Store([anchor]))
                 .build_server_verifier(verification.DNSName(host)))
-    try:
+    try:  # a certificate ``cryptography`` cannot parse is a chain that does not verify
+        certs = [x509.load_der_x509_certificate(der) for der in chain]
         verifier.verify(certs[0], certs[1:])
     except (verification.VerificationError, ValueError):
         return False
