@@ -137,3 +137,29 @@ async def test_an_unexpected_delivery_error_defers_instead_of_stranding(tmp_path
     await node.stop()
     types = [r["type"] for r in records(tmp_path)]
     assert types[:2] == ["r", "t"] and set(types[2:]) <= {"t"}, types  # a retry may run too
+
+
+async def test_an_unexpected_error_while_connecting_defers_instead_of_stranding(
+        tmp_path, make_node, sink, monkeypatch, caplog):
+    """A bug in planning or opening the connection (the TLS policy: a hostile MTA-STS policy
+    and a certificate our parser refused both once raised there) killed the lane's worker
+    with the batch it had taken: the recipients got no record and waited in memory until a
+    restart. They are deferred like a failed transaction's."""
+    from postlane.relay.tlspolicy import TLSPolicy
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the TLS policy")
+
+    monkeypatch.setattr(TLSPolicy, "plan", broken)
+    node = await make_node(config_text(tmp_path, sink.port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+               message(cls="policy-documents"))
+
+    def deferral() -> dict | None:
+        rows = [r for r in records(tmp_path) if r["rcpt"] == "a@example.com" and r["type"] == "t"]
+        return rows[0] if rows else None
+
+    row = await until(deferral, what="a deferral record")
+    assert row["dsnStatus"] == "4.3.0", row
+    assert any("a bug in the TLS policy" in (r.exc_text or "") or r.exc_info
+               for r in caplog.records if "unexpectedly" in r.getMessage())

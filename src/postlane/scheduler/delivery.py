@@ -55,7 +55,12 @@ class DeliveryLoop:
         batch = self.next_batch(lane)
         if not batch:
             return
-        conn = await self._open(relay, lane, slot, batch)
+        try:
+            conn = await self._open(relay, lane, slot, batch)
+        except Exception:  # never strand a taken batch in memory (as for a transaction below)
+            log.exception("connecting for %s failed unexpectedly", batch[0].msg.id)
+            self._defer_inflight(batch, {"source_ip": slot.address, "vmta": slot.ehlo})
+            return
         if conn is None:
             return
         if not had_rule and lane.rate_key is not None and not self.admit(lane):
@@ -73,10 +78,7 @@ class DeliveryLoop:
                     self.settle(batch, await relay.transact(conn, batch, info), info)
                 except Exception:  # never strand a taken batch in memory: retry it later
                     log.exception("delivery of %s failed unexpectedly", batch[0].msg.id)
-                    for rcpt in batch:
-                        if rcpt.state is State.INFLIGHT:
-                            self.deferred(rcpt, "451 4.3.0 internal error during delivery",
-                                          "4.3.0", info)
+                    self._defer_inflight(batch, info)
                     break
                 if not conn.usable or conn.messages_sent >= limit:
                     break
@@ -84,6 +86,12 @@ class DeliveryLoop:
                                                  conn.messages_sent)
         finally:
             await conn.quit()
+
+    def _defer_inflight(self, batch: list[Recipient], info: dict[str, str]) -> None:
+        """Defer what of ``batch`` is still in flight after an unexpected error (a bug)."""
+        for rcpt in batch:
+            if rcpt.state is State.INFLIGHT:
+                self.deferred(rcpt, "451 4.3.0 internal error during delivery", "4.3.0", info)
 
     async def _open(self, relay: Relay, lane: Lane, slot: SourceSlot,
                     batch: list[Recipient]) -> SMTPConnection | None:
