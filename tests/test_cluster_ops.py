@@ -13,11 +13,12 @@ import psycopg
 import pytest
 
 from postlane.accounting.records import Record, unpack
-from postlane.spool import PostgresSpool
+from postlane.spool import PostgresSpool, State
 from postlane.spool.postgres import NodeConflict
 from postlane.startup import ConfigError, load_config, parse_config
-from tests.conftest import config_text
+from tests.conftest import OPERATOR, config_text, message, send
 from tests.support.pg import PG_DSN, pg_reachable, pg_schema  # noqa: F401  (fixture)
+from tests.support.waiting import until
 from tests.test_cluster import cluster_text, start_node
 
 
@@ -133,3 +134,44 @@ def test_a_lease_shorter_than_twice_dead_after_is_refused(tmp_path):
     cluster = parse_config(config_text(tmp_path, 2525)).cluster
     assert (cluster.dead_after, cluster.lease, cluster.heartbeat, cluster.fence) == (
         4.0, 10.0, 1.0, 3.0)
+
+
+def _records(tmp_path, name: str) -> list[dict]:
+    return [json.loads(line) for path in sorted((tmp_path / f"acct-{name}").glob("*.jsonl"))
+            for line in path.read_text().splitlines()]
+
+
+async def test_retry_now_on_one_node_retries_what_the_other_nodes_hold(tmp_path, sink,
+                                                                      pg_schema):  # noqa: F811
+    """``postlane retry POOL`` (retry now) sent to any node: a deferred recipient stays with
+    the node that deferred it, so a retry that acted on the asked node alone left it to its
+    retry time (an hour here) and said nothing of it. Every node is asked (a shared request
+    row), and the node that holds it retries it, on the record as the operator's retry."""
+    sink.rcpt_replies = {"slow@example.com": ["450 4.2.1 try later", "250 2.1.5 ok"]}
+
+    def hourly(name: str) -> str:
+        return cluster_text(tmp_path, sink.port, pg_schema, name).replace(
+            'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
+
+    b = await start_node(hourly("node-b"))
+    a = None
+    try:
+        await send(b.listeners[0].port, "sender@insurer.test", ["slow@example.com"],
+                   message("slow", cls="policy-documents"))
+        await until(lambda: [r.state for r in b.scheduler.recipients()] == [State.DEFERRED],
+                    timeout=30, what="node-b holding the deferred recipient")
+        a = await start_node(hourly("node-a"))
+        out = await a.operations.retry("critical", who=OPERATOR)
+        assert (out["recipients"], out["elsewhere"]) == (0, 1), out
+        [arrival] = await sink.wait_for(1, timeout=30)
+        assert arrival.rcpts == ["slow@example.com"]
+        await until(lambda: b.scheduler.queued() == 0, timeout=30, what="node-b done")
+    finally:
+        for node in (a, b):
+            if node is not None:
+                await node.stop()
+    retried = [r for r in _records(tmp_path, "node-b") if r["type"] == "o"]
+    assert [(r["dsnAction"], r["rcpt"]) for r in retried] == [("retry", "slow@example.com")]
+    assert OPERATOR.name in retried[0]["dsnDiag"]
+    assert not [r for r in _records(tmp_path, "node-a") if r["type"] == "o"], \
+        "node-a held nothing: its own records say so"

@@ -127,6 +127,8 @@ class Node:
                                      Suppressions(self.feedback.suppression, self.persist),
                                      self.feedback.writes, self.emit)
         """Every operator action goes through here, on the record (the API calls it)."""
+        if self.claimer is not None:  # "retry now" sent to another node: this node's share
+            self.claimer.retries_by(self.operations.retry_asked)
         self.api = APIServer(NodeParts(
             config, self.intake.submit, self.status, self.monitor, self.operations,
             self.activity, self.view, self.queue, self.spool, self.feedback, self.reputation,

@@ -26,6 +26,7 @@ from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
 from .feedback.suppression_writer import SuppressionWriter
 from .scheduler.control import SelectionError, Selector
 from .spool import SpoolUnavailable
+from .spool.requests import RetryRequest, RetryRequests
 
 if TYPE_CHECKING:
     from .config import Config
@@ -157,11 +158,35 @@ class Operations:
         self._log(action, who, queued, pool=pool, domain=domain or "*")
         return queued
 
-    async def retry(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
-        """Deferred recipients of a pool (or lane) due now; lifts the lanes' backoff."""
+    async def retry(self, pool: str, domain: str | None = None, *, who: Operator) -> dict:
+        """Deferred recipients of a pool (or lane) due now; lifts the lanes' backoff. In a
+        cluster every node is asked too (``spool.requests``): a deferred recipient stays with
+        the node that deferred it. ``recipients``: retried here (with the shared queue's
+        unclaimed ones); ``elsewhere``: those other nodes hold, which they retry now."""
         out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who)
         self.scheduler.lift(pool, domain.lower() if domain else None)
-        return out["recipients"]
+        if isinstance(self.spool, RetryRequests):
+            try:
+                await self.spool.request_retry(pool, domain.lower() if domain else None,
+                                               self.config.node.name, who.name, who.via)
+            except SpoolUnavailable as exc:
+                raise OperationError(f"retried {out['recipients']} here, but the other nodes"
+                                     f" could not be asked: {exc}", 503) from None
+        return {"recipients": out["recipients"], "elsewhere": out.get("elsewhere", 0)}
+
+    async def retry_asked(self, request: RetryRequest) -> None:
+        """Another node was sent ``request`` (retry now): the same on what this node holds,
+        as the same operator's action (its records name them; logged with the asked node)."""
+        who = Operator(request.operator, request.via)
+        out = await self.control.act("retry", Selector(pool=request.pool,
+                                                       domain=request.domain), who)
+        self.scheduler.lift(request.pool, request.domain)
+        if out["recipients"]:
+            log.info("retried now by operator %s (%s), asked of node %s: %d", who.name, who.via,
+                     request.node, out["recipients"],
+                     extra={"operator": who.name, "via": who.via, "action": "retry",
+                            "count": out["recipients"], "asked_node": request.node,
+                            "pool": request.pool, "domain": request.domain or "*"})
 
     async def purge(self, pool: str, domain: str, *, who: Operator) -> int:
         """Drop a lane's queued, deferred and held mail (no DSN)."""

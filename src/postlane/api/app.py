@@ -173,9 +173,11 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     @api.post("/pools/{pool}/retry", tags=["operations"])
     async def retry(request: Request, pool: str,
                     domain: LaneDomain = None) -> dict:
-        """Make deferred recipients of the pool (or lane) due now, lifting a backoff."""
-        return {"pool": pool, "domain": domain,
-                "retried": await ops.retry(pool, domain, who=caller(request))}
+        """Make deferred recipients of the pool (or lane) due now, lifting a backoff (in a
+        cluster on every node: ``elsewhere`` counts those other nodes hold and now retry)."""
+        out = await ops.retry(pool, domain, who=caller(request))
+        return {"pool": pool, "domain": domain, "retried": out["recipients"],
+                "elsewhere": out["elsewhere"]}
 
     @api.post("/pools/{pool}/lanes/{domain}/purge", tags=["operations"])
     async def purge(request: Request, pool: str, domain: str) -> dict:

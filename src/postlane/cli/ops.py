@@ -255,10 +255,13 @@ def resume(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: U
 @app.command()
 def retry(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
           token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
-    """Retry deferred mail of a pool (or lane) now, lifting a backoff."""
+    """Retry deferred mail of a pool (or lane) now, lifting a backoff (in a cluster: on every
+    node)."""
     out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{_seg(pool)}/retry",
                 domain=domain)
-    _done(out, as_json, f"{out['retried']} recipients retried now")
+    elsewhere = out.get("elsewhere", 0)
+    _done(out, as_json, f"{out['retried']} recipients retried now" + (
+        f"; {elsewhere} more held by other nodes, which retry them now" if elsewhere else ""))
 
 
 @app.command()

@@ -28,13 +28,14 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
 from ..config import Config
 from ..spool import PostgresSpool, Recipient
 from ..spool.postgres import UNREACHABLE, NodeConflict
+from ..spool.requests import RetryRequest
 from .scheduler import Scheduler
 
 log = logging.getLogger("postlane.cluster")
@@ -77,6 +78,12 @@ class Claimer:
         """No heartbeat for ``cluster.fence``: no delivery starts until one succeeds."""
         self.taken_over = 0
         """Recipients this node gave back from dead nodes (each logged with the node)."""
+        self.on_retry: Callable[[RetryRequest], Awaitable[None]] | None = None
+        """Carries out an operator's "retry now" asked of another node, on this node's share
+        (``retries_by``)."""
+        self._retry_seen = 0
+        """The last retry request read (``spool.requests``)."""
+        self._retry_asked = False
         self.feedback_key = feedback_key
         """The fingerprint of this node's feedback key: compared with the other nodes' at the
         start and every ``KEY_CHECK`` seconds."""
@@ -95,6 +102,7 @@ class Claimer:
             raise
         await self._check_key()
         await self._sync_paused()
+        self._retry_seen = await self.spool.last_retry_request()
         await self.spool.sweep()  # messages a crash left with every recipient final
         self.scheduler.notify_final(lambda _rcpt: self._wake.set())
         self._claiming = True
@@ -102,6 +110,11 @@ class Claimer:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._claim_loop(), name="claim"),
                        loop.create_task(self._heartbeat_loop(), name="heartbeat")]
+
+    def retries_by(self, fn: Callable[[RetryRequest], Awaitable[None]]) -> None:
+        """Carry out the "retry now" requests sent to other nodes with ``fn`` (the node's
+        ``Operations.retry_asked``, built after the claimer)."""
+        self.on_retry = fn
 
     def stop_claiming(self) -> None:
         """First step of a drain: take no new work (leases keep being renewed)."""
@@ -145,6 +158,10 @@ class Claimer:
     # -- loops ----------------------------------------------------------------------------------
 
     def _notified(self, channel: str, payload: str) -> None:
+        if channel == self.spool.retry_channel:
+            self._retry_asked = True
+            self._wake.set()
+            return
         if channel == self.spool.pause_channel:
             self._pause_changed = True  # a resume makes skipped work claimable
         self._dirty.update(payload.split(",") if payload else self.targets)
@@ -172,6 +189,9 @@ class Claimer:
                 if self._pause_changed:
                     self._pause_changed = False
                     await self._sync_paused()
+                if self._retry_asked or look:
+                    self._retry_asked = False
+                    await self._retry_requests()
                 if self._claiming:
                     if look:
                         await self._reap()
@@ -215,6 +235,15 @@ class Claimer:
             self.claimed += len(rcpts)
             more = more or len(rcpts) == want
         return more
+
+    async def _retry_requests(self) -> None:
+        """Carry out the "retry now" requests other nodes were sent, on what this node holds
+        (a deferred recipient stays with the node that deferred it). A request that fails is
+        read again at the next look (a second retry of the same recipients finds none)."""
+        for request in await self.spool.retry_requests(self._retry_seen):
+            if request.node != self.name and self.on_retry is not None:
+                await self.on_retry(request)
+            self._retry_seen = request.id
 
     async def _reap(self) -> None:
         """Give the work of dead nodes back to the queue (whichever node looks first does)."""

@@ -54,6 +54,7 @@ class Membership:
         app_name: str
         work_channel: str
         pause_channel: str
+        retry_channel: str
 
         def acquire(self) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
 
@@ -72,8 +73,8 @@ class Membership:
     async def session(self, name: str, callback: Callable[[str, str], None]
                       ) -> asyncpg.Connection:
         """Open node ``name``'s session: one connection that holds the name's advisory lock
-        (other nodes see the node die when it closes) and LISTENs on the work and pause
-        channels (``callback(channel, payload)``); the caller closes it. Refused while another
+        (other nodes see the node die when it closes) and LISTENs on the work, pause and
+        retry channels (``callback(channel, payload)``); the caller closes it. Refused while another
         session holds the name: that node is alive."""
         conn = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT, server_settings={
             "application_name": self.app_name, **SESSION_SETTINGS})
@@ -82,7 +83,7 @@ class Membership:
                     f"SELECT pg_try_advisory_lock({self._name_lock('$1::text')})", name):
                 raise NodeConflict(f"node name {name!r} is already live in cluster schema"
                                    f" {self.schema!r} (its database session is open)")
-            for channel in (self.work_channel, self.pause_channel):
+            for channel in (self.work_channel, self.pause_channel, self.retry_channel):
                 await conn.add_listener(channel,
                                         lambda _c, _pid, ch, payload: callback(ch, payload))
         except BaseException:

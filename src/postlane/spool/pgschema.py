@@ -85,6 +85,11 @@ CREATE TABLE complaint_counts (
     node TEXT NOT NULL, pool TEXT NOT NULL, domain TEXT NOT NULL, delivered BIGINT NOT NULL,
     complaints BIGINT NOT NULL, PRIMARY KEY (node, pool, domain));
 """),
+    (7, """
+CREATE TABLE retry_requests (
+    id BIGSERIAL PRIMARY KEY, pool TEXT NOT NULL, domain TEXT NOT NULL, node TEXT NOT NULL,
+    operator TEXT NOT NULL, via TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 

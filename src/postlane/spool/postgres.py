@@ -46,6 +46,7 @@ from .pgsql import (
     recipient_of,
     redact,
 )
+from .requests import RetryRequests
 from .suppressions import SharedFeedback, SuppressionChange
 from .tokens import Tokens
 from .writer import (
@@ -72,7 +73,8 @@ round trips. Measured: 2,000 messages through one node took 23.5 s committing ea
 once, 19.2 s with this delay (under cProfile, on the shared 2-core machine: indicative only)."""
 
 
-class PostgresSpool(GroupCommitWrites, Leases, Membership, SharedFeedback, Tokens):
+class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, SharedFeedback,
+                     Tokens):
     """Spool in PostgreSQL schema ``schema`` of the database at ``dsn``."""
 
     HEALTH_KEY: ClassVar[str] = "database"
@@ -87,6 +89,7 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, SharedFeedback, Token
         """The number of this writer's last committed event."""
         self.work_channel = f"{schema}_work"
         self.pause_channel = f"{schema}_pause"
+        self.retry_channel = f"{schema}_retry"
         self.app_name = f"postlane/{schema}"
         """``application_name`` of this spool's connections, as pg_stat_activity shows them."""
         self._pool: asyncpg.Pool | None = None
