@@ -291,8 +291,11 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
         assert node_a["state"] in ("suspect", "dead") and unowned == node_a["claimed"] > 0
         # taken over for its closed session, not after its 10 s lease: at dead_after (4 s)
         assert node_a["takeover_in_s"] <= cluster.dead_after
-        assert [r["logger"] for r in b.lines() if r.get("dead_node") == "node-a"] == [
-            "postlane.cluster"], "told once, by the node that gave the work back"
+        told = [r for r in b.lines() if r.get("dead_node") == "node-a"]
+        assert [(r["logger"], r.get("node")) for r in told] == [("postlane.cluster", "node-b")], \
+            "told once, by the node that gave the work back, which the line names"
+        assert {r.get("node") for r in b.lines() if "raw" not in r} == {"node-b"}, \
+            "every line names its node: the nodes' logs are read merged"
         print(f"node-a's work taken over {taken_over:.2f}s after kill -9")
         await _until(lambda: set(acked) <= set(subjects_of(sink.arrivals)), timeout=90)
         got = subjects_of(sink.arrivals)

@@ -26,8 +26,10 @@ def _stderr_is_journal() -> bool:
         return False
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """One JSON object per log line, so that log shippers need no parsing rules."""
+def setup_logging(level: str = "INFO", node: str = "") -> None:
+    """One JSON object per log line, so that log shippers need no parsing rules. ``node``:
+    the node's name, on every line (``"node"``), so that the logs of a cluster's nodes can be
+    read merged and each line still says which node it comes from."""
     prefix = _stderr_is_journal()
 
     class JSONFormatter(logging.Formatter):
@@ -36,6 +38,8 @@ def setup_logging(level: str = "INFO") -> None:
         def format(self, record: logging.LogRecord) -> str:
             out = {"ts": round(record.created, 3), "level": record.levelname,
                    "logger": record.name, "msg": record.getMessage()}
+            if node:
+                out["node"] = node
             out.update({k: v for k, v in vars(record).items() if k not in self._skip})
             if record.exc_info:
                 out["exc"] = self.formatException(record.exc_info)

@@ -99,7 +99,7 @@ def serve(config: Path = typer.Option(..., "-c", "--config", help="TOML config f
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise typer.BadParameter("must be DEBUG, INFO, WARNING or ERROR", param_hint="--log-level")
     cfg = _load(config)
-    setup_logging(log_level.upper())
+    setup_logging(log_level.upper(), cfg.node.name)
     run(cfg, config)
 
 

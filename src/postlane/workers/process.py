@@ -357,8 +357,8 @@ async def _serve(fd: int) -> None:
     assert op == "hello"
     from ..logsetup import setup_logging
 
-    setup_logging(level)
     config: Config = pickle.loads(config_bytes)
+    setup_logging(level, config.node.name)
     intake_module._node_tag = f"{tag:04x}"  # queue ids stay unique across the node's processes
     worker = Worker(config, channel, sockets)
     await worker.start()
