@@ -13,6 +13,7 @@ import pytest
 from postlane.api.tokens import add_token
 from postlane.policy.intake import RcptIn
 from tests.conftest import OPERATOR, config_text, message, records
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
 
 CHROMIUM = "/usr/bin/chromium"
@@ -180,3 +181,43 @@ async def _get(base: str, token: str, path: str) -> dict:
     async with httpx.AsyncClient(base_url=base,
                                  headers={"Authorization": f"Bearer {token}"}) as api:
         return (await api.get(path)).json()
+
+
+async def test_in_a_cluster_the_activity_panels_say_whose_they_are(tmp_path, sink,
+                                                                  pg_schema):  # noqa: F811
+    """The outcomes per hour, top reasons and source IPs come from the node's own accounting
+    stream: in a cluster, node-b's dashboard showed "0 delivered" beside the cluster's queue
+    and SLA while node-a delivered everything, with nothing saying whose numbers they were."""
+    from playwright.async_api import async_playwright
+
+    from tests.test_cluster import cluster_text, send_many, start_node
+
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = None
+    try:
+        await asyncio.to_thread(send_many, a.listeners[0].port, ["one", "two"])
+        await sink.wait_for(2)
+        b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+        base = f"http://127.0.0.1:{b.api.port}"
+        token = (tmp_path / "api-token").read_text().strip()
+        activity = await _get(base, token, "/api/v1/activity")
+        assert (activity["scope"], activity["node"]) == ("node", "node-b")
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 1280, "height": 900})
+                await page.goto(base + "/")
+                await page.fill("#token", token)
+                await page.click("#login-form button")
+                await page.wait_for_selector("#cluster:not([hidden])")
+                await page.wait_for_selector(".activity-scope:has-text('node-b')")
+                headings = await page.eval_on_selector_all(
+                    ".activity-scope", "spans => spans.map(s => s.closest('h2').innerText)")
+                assert len(headings) == 3, headings
+                assert all("node node-b only" in h for h in headings), headings
+            finally:
+                await browser.close()
+    finally:
+        for node in (a, b):
+            if node is not None:
+                await node.stop()

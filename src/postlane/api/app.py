@@ -212,8 +212,10 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     @api.get("/activity", tags=["monitoring"])
     async def activity() -> dict:
         """The last 24 hours: outcomes per hour, per source IP (with its connections now) and
-        the top deferral and bounce reasons per pool and domain."""
-        out = parts.activity.view(time.time())
+        the top deferral and bounce reasons per pool and domain. This node's own (``scope``
+        "node", ``node``): in a cluster, what it delivered, deferred and bounced itself."""
+        out = {"scope": "node", "node": parts.config.node.name,
+               **parts.activity.view(time.time())}
         counts = {(ip["pool"], ip["source_ip"]): ip for ip in out["ips"]}
         out["ips"] = [{"pool": pool["pool"], "source_ip": ip["address"], "ehlo": ip["ehlo"],
                        "connections": ip["in_use"], "max_smtp_out": ip["max_smtp_out"],
