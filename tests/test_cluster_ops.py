@@ -19,7 +19,7 @@ from postlane.startup import ConfigError, load_config, parse_config
 from tests.conftest import OPERATOR, config_text, message, send
 from tests.support.pg import PG_DSN, pg_reachable, pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
-from tests.test_cluster import cluster_text, start_node
+from tests.test_cluster import cluster_text, send_many, start_node
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -175,3 +175,24 @@ async def test_retry_now_on_one_node_retries_what_the_other_nodes_hold(tmp_path,
     assert OPERATOR.name in retried[0]["dsnDiag"]
     assert not [r for r in _records(tmp_path, "node-a") if r["type"] == "o"], \
         "node-a held nothing: its own records say so"
+
+
+async def test_a_pause_on_any_node_counts_the_clusters_queue(tmp_path, sink,
+                                                             pg_schema):  # noqa: F811
+    """The answer to a pause (and its record, "paused … (N recipients queued)") counted the
+    lanes of the node asked: 0 on a node that held none of the pool's queued mail."""
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await until(lambda: ("bulk", "*") in b.scheduler.paused, what="b sees the pause")
+        await asyncio.to_thread(send_many, a.listeners[0].port, ["p0", "p1", "p2"])
+        assert b.scheduler.queued() == 0
+        assert await b.operations.pause("bulk", "example.com", who=OPERATOR) == 3
+        assert await b.operations.resume("bulk", "example.com", who=OPERATOR) == 3
+    finally:
+        await a.stop()
+        await b.stop()
+    paused = [r for r in _records(tmp_path, "node-b") if r["type"] == "o"]
+    assert [(r["dsnAction"], "(3 recipients queued)" in r["dsnDiag"]) for r in paused] == [
+        ("pause", True), ("resume", True)], paused

@@ -25,14 +25,14 @@ from .address import PathError, alabel_domain, check_domain
 from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
 from .feedback.suppression_writer import SuppressionWriter
 from .scheduler.control import SelectionError, Selector
-from .spool import SpoolUnavailable
-from .spool.requests import RetryRequest, RetryRequests
+from .spool import PostgresSpool, SpoolUnavailable
+from .spool.requests import RetryRequest
 
 if TYPE_CHECKING:
     from .config import Config
     from .scheduler.control import QueueControl
     from .scheduler.scheduler import Scheduler
-    from .spool import PostgresSpool, Spool
+    from .spool import Spool
 
 __all__ = ["DONE", "OperationError", "Operations", "Operator", "Suppressions",
            "action_record", "request_drain", "stamp"]
@@ -147,8 +147,14 @@ class Operations:
             except PathError as exc:
                 raise OperationError(f"{domain!r} is not a domain: {exc}", 422) from None
         domain = domain or None
-        queued = sum(lane.depth() for lane in self.scheduler.lanes.values()
-                     if lane.pool == pool and domain in (None, lane.domain))
+        if isinstance(self.spool, PostgresSpool):  # a cluster: its queue, not this node's share
+            try:
+                queued = await self.spool.open_count(pool, domain)
+            except SpoolUnavailable as exc:
+                raise OperationError(f"not done: {exc}", 503) from None
+        else:
+            queued = sum(lane.depth() for lane in self.scheduler.lanes.values()
+                         if lane.pool == pool and domain in (None, lane.domain))
         action = "pause" if paused else "resume"
         rec = action_record(action, who, pool=pool, target=f"*@{domain}" if domain else "",
                             what=f"lane {pool}/{domain}" if domain else f"pool {pool}",
@@ -165,7 +171,7 @@ class Operations:
         unclaimed ones); ``elsewhere``: those other nodes hold, which they retry now."""
         out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who)
         self.scheduler.lift(pool, domain.lower() if domain else None)
-        if isinstance(self.spool, RetryRequests):
+        if isinstance(self.spool, PostgresSpool):
             try:
                 await self.spool.request_retry(pool, domain.lower() if domain else None,
                                                self.config.node.name, who.name, who.via)

@@ -425,6 +425,14 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                                     f" {OPEN} AND ($1::text IS NULL OR pool = $1)", pool)
         return {r["domain"] for r in rows}
 
+    async def open_count(self, pool: str, domain: str | None = None) -> int:
+        """Recipients of ``pool`` (to ``domain``) not yet final, on any node or none: what
+        a pause or resume holds or lets go in the whole cluster."""
+        async with self.acquire() as conn:
+            return await conn.fetchval(
+                f"SELECT count(*) FROM recipients WHERE state IN {OPEN} AND pool = $1"
+                " AND ($2::text IS NULL OR domain = $2)", pool, domain)
+
     async def operate(self, rcpts: list[Recipient], state: State, states: Sequence[State],
                       records: Callable[[list[Recipient]], Sequence[Record]]
                       ) -> list[Recipient]:
