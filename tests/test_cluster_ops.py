@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from postlane.accounting.records import Record, unpack
+from postlane.scheduler.control import Selector
 from postlane.spool import PostgresSpool, State
 from postlane.spool.postgres import NodeConflict
 from postlane.startup import ConfigError, load_config, parse_config
@@ -196,3 +197,35 @@ async def test_a_pause_on_any_node_counts_the_clusters_queue(tmp_path, sink,
     paused = [r for r in _records(tmp_path, "node-b") if r["type"] == "o"]
     assert [(r["dsnAction"], "(3 recipients queued)" in r["dsnDiag"]) for r in paused] == [
         ("pause", True), ("resume", True)], paused
+
+
+async def test_queue_retry_by_selector_on_one_node_reaches_the_node_holding_it(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """``postlane queue retry --recipient …`` on node-a: node-b holds the deferred recipient
+    and retries it; a recipient the selector does not name stays deferred."""
+    sink.rcpt_replies = {"one@example.com": ["450 4.2.1 try later", "250 2.1.5 ok"],
+                         "two@example.com": ["450 4.2.1 try later", "250 2.1.5 ok"]}
+
+    def hourly(name: str) -> str:
+        return cluster_text(tmp_path, sink.port, pg_schema, name).replace(
+            'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
+
+    b = await start_node(hourly("node-b"))
+    a = None
+    try:
+        await send(b.listeners[0].port, "sender@insurer.test",
+                   ["one@example.com", "two@example.com"], message("two", cls="policy-documents"))
+        await until(lambda: [r.state for r in b.scheduler.recipients()] == [State.DEFERRED] * 2,
+                    timeout=30, what="node-b holding both deferred")
+        a = await start_node(hourly("node-a"))
+        out = await a.operations.queue("retry", Selector(recipient="one@example.com"),
+                                       who=OPERATOR)
+        assert (out["recipients"], out["elsewhere"]) == (0, 1), out
+        [arrival] = await sink.wait_for(1, timeout=30)
+        assert arrival.rcpts == ["one@example.com"]
+        await until(lambda: [r.address for r in b.scheduler.recipients()] == ["two@example.com"],
+                    timeout=30, what="only one retried")
+    finally:
+        for node in (a, b):
+            if node is not None:
+                await node.stop()

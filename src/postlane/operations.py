@@ -15,6 +15,7 @@ covers it, and the SLA report reads pauses from it (docs/audit.md, "Operator act
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
@@ -165,34 +166,27 @@ class Operations:
         return queued
 
     async def retry(self, pool: str, domain: str | None = None, *, who: Operator) -> dict:
-        """Deferred recipients of a pool (or lane) due now; lifts the lanes' backoff. In a
-        cluster every node is asked too (``spool.requests``): a deferred recipient stays with
-        the node that deferred it. ``recipients``: retried here (with the shared queue's
+        """Deferred recipients of a pool (or lane) due now; lifts the lanes' backoff (in a
+        cluster on every node). ``recipients``: retried here (with the shared queue's
         unclaimed ones); ``elsewhere``: those other nodes hold, which they retry now."""
-        out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who)
-        self.scheduler.lift(pool, domain.lower() if domain else None)
-        if isinstance(self.spool, PostgresSpool):
-            try:
-                await self.spool.request_retry(pool, domain.lower() if domain else None,
-                                               self.config.node.name, who.name, who.via)
-            except SpoolUnavailable as exc:
-                raise OperationError(f"retried {out['recipients']} here, but the other nodes"
-                                     f" could not be asked: {exc}", 503) from None
+        out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who, lift=True)
         return {"recipients": out["recipients"], "elsewhere": out.get("elsewhere", 0)}
 
     async def retry_asked(self, request: RetryRequest) -> None:
         """Another node was sent ``request`` (retry now): the same on what this node holds,
         as the same operator's action (its records name them; logged with the asked node)."""
         who = Operator(request.operator, request.via)
-        out = await self.control.act("retry", Selector(pool=request.pool,
-                                                       domain=request.domain), who)
-        self.scheduler.lift(request.pool, request.domain)
+        sel = Selector(**{**request.selector,
+                          "queue_ids": tuple(request.selector.get("queue_ids", ()))})
+        out = await self.control.act("retry", sel, who)
+        if request.lift and sel.pool is not None:
+            self.scheduler.lift(sel.pool, sel.domain.lower() if sel.domain else None)
         if out["recipients"]:
             log.info("retried now by operator %s (%s), asked of node %s: %d", who.name, who.via,
                      request.node, out["recipients"],
                      extra={"operator": who.name, "via": who.via, "action": "retry",
                             "count": out["recipients"], "asked_node": request.node,
-                            "pool": request.pool, "domain": request.domain or "*"})
+                            "pool": sel.pool or "*", "domain": sel.domain or "*"})
 
     async def purge(self, pool: str, domain: str, *, who: Operator) -> int:
         """Drop a lane's queued, deferred and held mail (no DSN)."""
@@ -200,15 +194,26 @@ class Operations:
                                  who=who))["recipients"]
 
     async def queue(self, action: str, sel: Selector, *, who: Operator, dry_run: bool = False,
-                    dsn: bool = False) -> dict:
+                    dsn: bool = False, lift: bool = False) -> dict:
         """hold, release, retry, delete or purge the selected messages (``postlane queue …``;
-        in a cluster, those of the shared spool too)."""
+        in a cluster, those of the shared spool too, and a retry is asked of every node: a
+        deferred recipient stays with the node that deferred it). ``lift``: a retry also ends
+        the backoff of the selector's pool (or lane)."""
         try:
             out = await self.control.act(action, sel, who, dry_run=dry_run, dsn=dsn)
         except SelectionError as exc:
             raise OperationError(str(exc), exc.status) from None
         except SpoolUnavailable as exc:
             raise OperationError(f"not done: {exc}", 503) from None
+        if lift and sel.pool is not None:
+            self.scheduler.lift(sel.pool, sel.domain.lower() if sel.domain else None)
+        if action == "retry" and not dry_run and isinstance(self.spool, PostgresSpool):
+            try:
+                await self.spool.request_retry(dataclasses.asdict(sel), lift,
+                                               self.config.node.name, who.name, who.via)
+            except SpoolUnavailable as exc:
+                raise OperationError(f"retried {out['recipients']} here, but the other nodes"
+                                     f" could not be asked: {exc}", 503) from None
         if not dry_run:
             self._log(action, who, out["recipients"], messages=out["messages"],
                       pool=sel.pool or "*", domain=sel.domain or "*")

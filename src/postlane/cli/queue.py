@@ -112,7 +112,10 @@ def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json
             "delete": "deleted"}[action]
     typer.echo(f"{'would be ' if dry_run else ''}{done}: {out['recipients']} recipients of"
                f" {out['messages']} messages")
-    if out.get("elsewhere"):
+    if out.get("elsewhere") and action == "retry" and not dry_run:
+        typer.echo(f"{out['elsewhere']} more match on other nodes of the cluster, which have"
+                   f" claimed them: those nodes retry them now")
+    elif out.get("elsewhere"):
         typer.echo(f"{out['elsewhere']} more match on other nodes of the cluster, which have"
                    f" claimed them: run it on those nodes' APIs too (postlane cluster status)")
 

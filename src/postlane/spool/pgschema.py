@@ -87,8 +87,9 @@ CREATE TABLE complaint_counts (
 """),
     (7, """
 CREATE TABLE retry_requests (
-    id BIGSERIAL PRIMARY KEY, pool TEXT NOT NULL, domain TEXT NOT NULL, node TEXT NOT NULL,
-    operator TEXT NOT NULL, via TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
+    id BIGSERIAL PRIMARY KEY, selector JSONB NOT NULL, lift BOOLEAN NOT NULL,
+    node TEXT NOT NULL, operator TEXT NOT NULL, via TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL);
 """),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""

@@ -9,6 +9,7 @@ later is due anyway); rows older than ``KEEP`` seconds are deleted by the next r
 
 from __future__ import annotations
 
+import json
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,8 +26,10 @@ KEEP = 3600.0
 @dataclass(frozen=True, slots=True)
 class RetryRequest:
     id: int
-    pool: str
-    domain: str | None
+    selector: dict
+    """The operator's selector (``scheduler.control.Selector`` as a dict)."""
+    lift: bool
+    """Also end the backoff of the selector's pool (or lane): ``postlane retry POOL``."""
     node: str
     """The node the operator asked (it has acted on its own share already)."""
     operator: str
@@ -42,15 +45,16 @@ class RetryRequests:
 
         def acquire(self) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
 
-    async def request_retry(self, pool: str, domain: str | None, node: str, operator: str,
+    async def request_retry(self, selector: dict, lift: bool, node: str, operator: str,
                             via: str) -> None:
-        """Ask every node to retry its deferred recipients of ``pool`` (or its lane to
-        ``domain``) now; they are told at once (NOTIFY) or at their next poll."""
+        """Ask every node to retry its deferred recipients that ``selector`` names now; they
+        are told at once (NOTIFY) or at their next poll."""
         async with self.acquire() as conn, conn.transaction():
             await conn.execute(f"DELETE FROM retry_requests WHERE at < {NOW} - $1", KEEP)
             await conn.execute(
-                "INSERT INTO retry_requests (pool, domain, node, operator, via, at)"
-                f" VALUES ($1, $2, $3, $4, $5, {NOW})", pool, domain or "", node, operator, via)
+                "INSERT INTO retry_requests (selector, lift, node, operator, via, at)"
+                f" VALUES ($1::jsonb, $2, $3, $4, $5, {NOW})", json.dumps(selector), lift, node,
+                operator, via)
             await conn.execute("SELECT pg_notify($1, '')", self.retry_channel)
 
     async def last_retry_request(self) -> int:
@@ -61,7 +65,7 @@ class RetryRequests:
     async def retry_requests(self, after: int) -> list[RetryRequest]:
         """The requests made after request ``after``, oldest first."""
         async with self.acquire() as conn:
-            rows = await conn.fetch("SELECT id, pool, domain, node, operator, via"
+            rows = await conn.fetch("SELECT id, selector::text, lift, node, operator, via"
                                     " FROM retry_requests WHERE id > $1 ORDER BY id", after)
-        return [RetryRequest(r["id"], r["pool"], r["domain"] or None, r["node"], r["operator"],
-                             r["via"]) for r in rows]
+        return [RetryRequest(r["id"], json.loads(r["selector"]), r["lift"], r["node"],
+                             r["operator"], r["via"]) for r in rows]
