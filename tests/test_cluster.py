@@ -286,6 +286,9 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
 
         await until(given_back, timeout=60, step=0.05, what="node-a's work given back")
         taken_over = time.monotonic() - killed
+        after = await cluster_status(watcher, cluster)
+        assert [(n["state"], n["claimed"], n["takeover_in_s"]) for n in after["nodes"]
+                if n["name"] == "node-a"] == [("dead", 0, None)], "dead, nothing left to take"
         assert seen is not None, "node-a's work was shown before it was taken over"
         node_a, unowned = seen
         assert node_a["state"] in ("suspect", "dead") and unowned == node_a["claimed"] > 0

@@ -12,7 +12,7 @@ from ..spool.postgres import NodeInfo
 def node_state(info: NodeInfo, age: float, cluster: ClusterConfig) -> tuple[str, float | None]:
     """``alive``, ``draining``, ``suspect`` or ``dead``, and the seconds until the others take
     its work over (None while alive; 0 for a dead node whose work waits for the next look of a
-    live node, within ``cluster.poll``).
+    live node, within ``cluster.poll``; ``summarize`` makes it None when it holds nothing).
 
     Dead: its session is closed and its heartbeat is ``dead_after`` old, or its heartbeat is
     ``lease`` old. Suspect: on the way there - its session closed, or its heartbeats are late
@@ -70,4 +70,7 @@ def summarize(infos: list[NodeInfo], summary: list[dict], now: float,
             # a stalled node's work goes when its leases lapse, if that comes first
             lapse = max(0.0, row["lease_until"] - now)
             owner["takeover_in_s"] = round(min(owner["takeover_in_s"], lapse), 1)
+    for node in nodes.values():
+        if not node["claimed"]:  # nothing left to take over (a dead node stays listed)
+            node["takeover_in_s"] = None
     return {"nodes": list(nodes.values()), "pools": pools}
