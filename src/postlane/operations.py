@@ -178,7 +178,10 @@ class Operations:
         who = Operator(request.operator, request.via)
         sel = Selector(**{**request.selector,
                           "queue_ids": tuple(request.selector.get("queue_ids", ()))})
-        out = await self.control.act("retry", sel, who)
+        try:
+            out = await self.control.act("retry", sel, who)
+        except SelectionError:  # names nothing here (a lane this node never had): nothing to do
+            return
         if request.lift and sel.pool is not None:
             self.scheduler.lift(sel.pool, sel.domain.lower() if sel.domain else None)
         if out["recipients"]:

@@ -189,7 +189,7 @@ class Claimer:
                 if self._pause_changed:
                     self._pause_changed = False
                     await self._sync_paused()
-                if self._retry_asked or look:
+                if self._retry_asked:
                     self._retry_asked = False
                     await self._retry_requests()
                 if self._claiming:
@@ -238,12 +238,18 @@ class Claimer:
 
     async def _retry_requests(self) -> None:
         """Carry out the "retry now" requests other nodes were sent, on what this node holds
-        (a deferred recipient stays with the node that deferred it). A request that fails is
-        read again at the next look (a second retry of the same recipients finds none)."""
-        for request in await self.spool.retry_requests(self._retry_seen):
-            if request.node != self.name and self.on_retry is not None:
-                await self.on_retry(request)
-            self._retry_seen = request.id
+        (a deferred recipient stays with the node that deferred it): read when notified, and
+        after the session reconnects (notifications may have been missed meanwhile). A request
+        that fails is read again with the next (a second retry of the same recipients finds
+        none)."""
+        try:
+            for request in await self.spool.retry_requests(self._retry_seen):
+                if request.node != self.name and self.on_retry is not None:
+                    await self.on_retry(request)
+                self._retry_seen = request.id
+        except BaseException:
+            self._retry_asked = True  # read again at the next turn
+            raise
 
     async def _reap(self) -> None:
         """Give the work of dead nodes back to the queue (whichever node looks first does)."""
@@ -341,7 +347,7 @@ class Claimer:
                     # the database restarted or failed over: the name lock and notifications
                     # come back with a new session; meanwhile polling found the work
                     self._session = await self.spool.session(self.name, self._notified)
-                    self._pause_changed = True
+                    self._pause_changed = self._retry_asked = True  # missed notifications
                     self._wake.set()
             except NodeConflict as exc:  # our name was taken while our session was gone
                 log.error("stopping: %s", exc)

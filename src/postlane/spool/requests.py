@@ -2,7 +2,7 @@
 
 Why a row and not only a NOTIFY: a deferred recipient stays with the node that deferred it (its
 timers retry it), so a retry sent to one node must reach the node holding the recipient; a
-notification is lost by a node whose session is reconnecting, a row is read at its next poll.
+notification is lost by a node whose session is reconnecting, a row is read when it is back.
 Each node reads the requests after the last it saw (from the newest at its start: work it claims
 later is due anyway); rows older than ``KEEP`` seconds are deleted by the next request.
 """
@@ -48,7 +48,7 @@ class RetryRequests:
     async def request_retry(self, selector: dict, lift: bool, node: str, operator: str,
                             via: str) -> None:
         """Ask every node to retry its deferred recipients that ``selector`` names now; they
-        are told at once (NOTIFY) or at their next poll."""
+        are told at once (NOTIFY), or read it when their session reconnects."""
         async with self.acquire() as conn, conn.transaction():
             await conn.execute(f"DELETE FROM retry_requests WHERE at < {NOW} - $1", KEEP)
             await conn.execute(
