@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
+
+import httpx
 
 from postlane.monitor.membership import cluster_status
 from postlane.scheduler.control import Selector
@@ -280,3 +284,48 @@ async def test_a_database_outage_is_told_once_when_it_starts_and_once_when_it_en
     assert not [r for r in lines if "retrying 0" in str(r.get("msg"))]
     assert not [r for r in lines if r.get("logger", "").startswith("asyncpg")]
     assert sorted(subjects_of(sink.arrivals)) == ["after", "before"]
+
+
+async def test_the_queue_per_lane_is_the_clusters_on_every_node(tmp_path, sink,
+                                                                pg_schema):  # noqa: F811
+    """``postlane queues`` and the status in a cluster: a lane's queue was shown only as what
+    the asked node had claimed (nothing, on a node holding none of it), so no node could say
+    how much waits for a destination in a pool. The cluster's deepest lanes, on every node."""
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        await asyncio.to_thread(send_many, a.listeners[0].port, [f"l{i}" for i in range(5)])
+        held = await b.operations.queue("hold", Selector(recipient="l0@example.com"),
+                                        who=OPERATOR)
+        assert held["recipients"] == 1
+        token = (tmp_path / "api-token").read_text().strip()
+        for node in (a, b):
+            async def counted(node=node) -> dict | None:
+                async with httpx.AsyncClient(timeout=30) as client:
+                    status = (await client.get(
+                        f"http://127.0.0.1:{node.api.port}/api/v1/status",
+                        headers={"Authorization": f"Bearer {token}"})).json()
+                lanes = status["cluster"]["lanes"]
+                return status if lanes and lanes[0]["on_hold"] == 1 else None
+
+            status = await until(counted, timeout=30, what="the cluster's lanes")
+            [lane] = status["cluster"]["lanes"]
+            assert {k: lane[k] for k in ("pool", "domain", "depth", "queued", "deferred",
+                                         "on_hold")} == {
+                "pool": "bulk", "domain": "example.com", "depth": 5, "queued": 4,
+                "deferred": 0, "on_hold": 1}
+            assert 0 <= lane["oldest_age_s"] < 60
+        assert b.scheduler.queued() == 0, "node-b holds none of it"
+        out = await asyncio.to_thread(subprocess.run, [
+            sys.executable, "-m", "postlane.cli", "queues", "--url",
+            f"http://127.0.0.1:{b.api.port}", "--token-file", str(tmp_path / "api-token")],
+            capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "shared queue per lane" in out.stdout
+        [row] = [ln for ln in out.stdout.splitlines() if "example.com" in ln and "bulk" in ln]
+        assert [c.strip() for c in row.split("│")[3:6]] == ["4", "0", "1"], row
+    finally:
+        await a.stop()
+        await b.stop()

@@ -152,7 +152,8 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
                 evaluated_by=figures["leader"] if figures else None,
                 age_s=figures["age_s"] if figures else None,
                 nodes=figures["nodes"] if figures else [],
-                pools=figures["pools"] if figures else {})
+                pools=figures["pools"] if figures else {},
+                lanes=figures.get("lanes", []) if figures else [])
         return out
 
     ops = parts.operations

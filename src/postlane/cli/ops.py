@@ -215,11 +215,23 @@ def _shared_table(cluster: dict) -> Table:
     return queue
 
 
+def _shared_lanes_table(cluster: dict) -> Table:
+    """The cluster's deepest lanes, the same on every node."""
+    table = Table(title="shared queue per lane (the whole cluster, deepest first)")
+    for col in ("pool", "domain", "queued", "deferred", "on hold", "oldest"):
+        table.add_column(col, justify="left" if col in ("pool", "domain") else "right")
+    for lane in cluster.get("lanes", []):
+        table.add_row(lane["pool"], lane["domain"], str(lane["queued"]), str(lane["deferred"]),
+                      str(lane["on_hold"]), _age(lane["oldest_age_s"]))
+    return table
+
+
 @app.command()
 def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
            as_json: JSONOpt = False) -> None:
     """Each lane: depth, oldest message age, connections in use, paused or in backoff (in a
-    cluster: the shared queue per pool, then this node's lanes, which hold what it claimed)."""
+    cluster: the shared queue per pool and per lane, then this node's lanes, which hold what it
+    claimed)."""
     st = _call(_target(config, url, token_file), "GET", "/api/v1/status")
     if as_json:
         typer.echo(json.dumps(st["lanes"], indent=2))
@@ -227,6 +239,7 @@ def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     out = console()
     if "cluster" in st:
         out.print(_shared_table(st["cluster"]))
+        out.print(_shared_lanes_table(st["cluster"]))
     out.print(_lanes_table(st))
 
 
