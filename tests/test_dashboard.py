@@ -197,6 +197,8 @@ async def test_in_a_cluster_the_activity_panels_say_whose_they_are(tmp_path, sin
     try:
         await asyncio.to_thread(send_many, a.listeners[0].port, ["one", "two"])
         await sink.wait_for(2)
+        await a.operations.pause("bulk", who=OPERATOR)  # three wait in the cluster's queue
+        await asyncio.to_thread(send_many, a.listeners[0].port, ["w1", "w2", "w3"])
         b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
         base = f"http://127.0.0.1:{b.api.port}"
         token = (tmp_path / "api-token").read_text().strip()
@@ -215,6 +217,10 @@ async def test_in_a_cluster_the_activity_panels_say_whose_they_are(tmp_path, sin
                     ".activity-scope", "spans => spans.map(s => s.closest('h2').innerText)")
                 assert len(headings) == 3, headings
                 assert all("node node-b only" in h for h in headings), headings
+                queued = "#shared-lanes tr[data-lane='bulk/example.com'] td[data-field=queued]"
+                await page.wait_for_selector(f"{queued}:has-text('3')")
+                lanes = await page.inner_text("#lanes-scope")
+                assert "node node-b only: what it has claimed" in lanes, lanes
             finally:
                 await browser.close()
     finally:
