@@ -19,6 +19,7 @@ from postlane.monitor.membership import cluster_status
 from postlane.scheduler.control import Selector
 from tests.conftest import OPERATOR, send
 from tests.conftest import message as plain_message
+from tests.support.httpfixture import FixtureHTTP
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.tcpproxy import TCPProxy
 from tests.support.waiting import until
@@ -187,9 +188,18 @@ p95 = "1h"
 async def test_a_backlog_alerts_once_for_the_cluster_and_resolves_once_after_its_evaluator_dies(
         tmp_path, sink, pg_schema):  # noqa: F811
     sink.delay = 1.0  # a slow receiver: 2 connections in all, one message a second each
+    hook = FixtureHTTP()  # the operators' pager: told once per event, not once per node
+    paged: list[dict] = []
+
+    def page(_query: dict, body: bytes, _headers: dict) -> tuple[int, str, bytes]:
+        paged.append(json.loads(body))
+        return 200, "application/json", b"{}"
+
+    hook.json("POST", "/hook", page)
+    slow = SLOW.replace("[monitor]\n", f'[monitor]\nwebhook_url = "{hook.url}/hook"\n')
 
     def text(name: str) -> str:
-        return cluster_text(tmp_path, sink.port, pg_schema, name, SLOW, max_out=1).replace(
+        return cluster_text(tmp_path, sink.port, pg_schema, name, slow, max_out=1).replace(
             'sla = "2m"', 'sla = "10s"')
 
     nodes = {name: Served(tmp_path, name, text(name)) for name in ("node-a", "node-b")}
@@ -235,6 +245,9 @@ async def test_a_backlog_alerts_once_for_the_cluster_and_resolves_once_after_its
     finally:
         for node in nodes.values():
             await asyncio.to_thread(node.stop)
+        hook.stop()
+    assert [(p["event"], p["alert"]["id"]) for p in paged] == [
+        ("fired", alert["id"]), ("resolved", alert["id"])], paged
     told = sorted((r for node in nodes.values() for r in node.lines()
                    if str(r.get("msg", "")).startswith("alert ")), key=lambda r: r["ts"])
     assert [r["msg"].split(":")[0] for r in told] == ["alert fired", "alert resolved"], told
