@@ -93,8 +93,10 @@ async def test_queues_on_a_cluster_node_shows_the_shared_queue_and_labels_its_la
                                        "--token-file", str(tmp_path / "api-token"))
         assert code == 0, err
         assert "shared queue (the whole cluster)" in out
-        [bulk] = [line for line in out.splitlines() if line.startswith("│ bulk ")]
+        # the pool table first, then the cluster's lanes (bulk to example.com)
+        bulk, lane = [line for line in out.splitlines() if line.startswith("│ bulk ")]
         assert bulk.split("│")[2].strip() == "3", bulk
+        assert [c.strip() for c in lane.split("│")[2:4]] == ["example.com", "3"], lane
         assert "lanes of this node (node-b: what it has claimed)" in out
     finally:
         await a.stop()
