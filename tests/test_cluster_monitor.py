@@ -246,8 +246,8 @@ async def test_a_backlog_alerts_once_for_the_cluster_and_resolves_once_after_its
         for node in nodes.values():
             await asyncio.to_thread(node.stop)
         hook.stop()
-    assert [(p["event"], p["alert"]["id"]) for p in paged] == [
-        ("fired", alert["id"]), ("resolved", alert["id"])], paged
+    assert [(p["event"], p["alert"]["id"], p["cluster"]) for p in paged] == [
+        ("fired", alert["id"], pg_schema), ("resolved", alert["id"], pg_schema)], paged
     told = sorted((r for node in nodes.values() for r in node.lines()
                    if str(r.get("msg", "")).startswith("alert ")), key=lambda r: r["ts"])
     assert [r["msg"].split(":")[0] for r in told] == ["alert fired", "alert resolved"], told

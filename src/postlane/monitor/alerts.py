@@ -131,11 +131,12 @@ async def log_notifier(event: str, alert: Alert) -> None:
 
 
 def webhook_notifier(url: str, node: str, retries: int, backoff: float,
-                     timeout: float) -> Notifier:
-    """JSON POST; retried with exponential backoff on errors and non-2xx answers."""
+                     timeout: float, cluster: str | None = None) -> Notifier:
+    """JSON POST; retried with exponential backoff on errors and non-2xx answers. ``cluster``
+    (its schema): the alert is the cluster's, and ``node`` only the one that told it."""
 
     async def notify(event: str, alert: Alert) -> None:
-        payload = {"event": event, "node": node, "alert": alert.as_dict()}
+        payload = {"event": event, "node": node, "cluster": cluster, "alert": alert.as_dict()}
         async with httpx.AsyncClient(timeout=timeout) as client:
             for attempt in range(retries + 1):
                 try:
@@ -155,19 +156,22 @@ def webhook_notifier(url: str, node: str, retries: int, backoff: float,
 
 
 def mail_notifier(submit: Callable[[bytes], Awaitable[str]], node: str, sender: str,
-                  to: str) -> Notifier:
+                  to: str, cluster: str | None = None) -> Notifier:
     """An e-mail per fire/resolve, queued through the node itself (``submit`` picks the
-    highest-priority class), so it gets the same delivery guarantees as a policy notice."""
+    highest-priority class), so it gets the same delivery guarantees as a policy notice.
+    ``cluster``: the alert is that cluster's, told by ``node``."""
+    where = f"cluster {cluster}" if cluster else node
+    on = f"in cluster {cluster} (told by node {node})" if cluster else f"on node {node}"
 
     async def notify(event: str, alert: Alert) -> None:
         msg = EmailMessage()
         msg["From"] = sender
         msg["To"] = to
         msg["Date"] = formatdate()
-        msg["Subject"] = f"[postlane {node}] {event.upper()}: {alert.message}"
+        msg["Subject"] = f"[postlane {where}] {event.upper()}: {alert.message}"
         when = alert.fired_at if event == "fired" else alert.resolved_at
         msg.set_content(
-            f"Alert {alert.id} {event} on node {node} at {formatdate(when, usegmt=True)}.\n\n"
+            f"Alert {alert.id} {event} {on} at {formatdate(when, usegmt=True)}.\n\n"
             f"{alert.message}\n\nclass: {alert.cls}\npool: {alert.pool}\n"
             f"value: {alert.value:.3f}\nthreshold: {alert.threshold:.3f}\n")
         await submit(msg.as_bytes())

@@ -91,13 +91,15 @@ class Monitor:
                     lead_time=rule.lead_time if rule and rule.lead_time is not None
                     else cls.sla / 2)
         notifiers: list[Notifier] = [log_notifier]
+        # in a cluster an alert is the cluster's (told by whichever node evaluates): say so
+        cluster = self.config.cluster.schema_name if clustered else None
         if mon.webhook_url:
             notifiers.append(webhook_notifier(mon.webhook_url, self.config.node.name,
                                               mon.webhook_retries, mon.webhook_backoff,
-                                              mon.webhook_timeout))
+                                              mon.webhook_timeout, cluster))
         if mon.ops_address:
             notifiers.append(mail_notifier(self._submit_alert_mail, self.config.node.name,
-                                           mon.ops_from, mon.ops_address))
+                                           mon.ops_from, mon.ops_address, cluster))
         journal = Path(self.config.accounting.directory) / "alerts.jsonl"
         self.alerts = AlertManager(notifiers, mon.resolve_after, journal)
         self.metrics = Metrics(self)
