@@ -133,6 +133,7 @@ async def test_a_node_started_later_has_the_whole_list_and_shares_what_it_had(
         for i in range(3):
             await a.operations.suppress(f"old{i}@example.com", "all", "", who=OPERATOR)
         await a.operations.unsuppress("old1@example.com", None, who=OPERATOR)
+        await a.suppression_sync.sync()  # pushed now, not at A's next tick (a loaded machine)
         # node C had a list of its own before it joined the cluster
         before = SuppressionList(tmp_path / "node-c-suppression.sqlite3")
         before.add("mine@example.com", "all", "from before", "import")
