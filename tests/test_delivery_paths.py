@@ -11,8 +11,11 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
+
 from postlane.harness.sink import Sink
-from tests.conftest import config_text, message, send
+from tests.conftest import config_text, message, records, send
+from tests.support.badserver import BadServer
 from tests.support.waiting import until
 
 
@@ -214,3 +217,155 @@ def test_demo_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "policy-documents" in out.stdout and "lost 0" in out.stdout
     assert list((tmp_path / "demo" / "accounting").glob("*.csv"))
+
+
+# -- next-MX fallback within one attempt (RFC 5321 5.1, Postfix's smtp_connect) -------------
+
+FAST = "[relay]\nconnect_timeout = 0.5\ncommand_timeout = 0.5\ndata_timeout = 0.5\n"
+
+
+def mx_config(tmp_path, port: int, dns_port: int, relay: str = "") -> str:
+    """Delivery by MX (no routes), short timeouts, quick retries."""
+    text = config_text(tmp_path, port, f'[dns]\nnameserver = "127.0.0.1"\nport = {dns_port}\n'
+                                       f"timeout = 0.5\n", routes=False)
+    return text.replace("[relay]\n", FAST + relay, 1).replace('retry = ["1s", "1s", "2s"]',
+                                                              'retry = ["0.2s"]')
+
+
+async def two_mx(dns_server, fault: str | list[str]) -> tuple[BadServer, Sink]:
+    """example.net: MX 10 misbehaves (``fault``), MX 20 is a good sink, on one port."""
+    good = await Sink(host="127.0.1.12").start()
+    bad = await BadServer(faults=[fault] if isinstance(fault, str) else fault,
+                          host="127.0.1.11", port=good.port).start()
+    dns_server.add_mx("example.net", 10, "mx1.example.net")
+    dns_server.add_mx("example.net", 20, "mx2.example.net")
+    dns_server.add_a("mx1.example.net", "127.0.1.11")
+    dns_server.add_a("mx2.example.net", "127.0.1.12")
+    return bad, good
+
+
+def outcomes(tmp_path, rcpt: str) -> list[dict]:
+    return [r for r in records(tmp_path) if r["rcpt"] == rcpt and r["type"] != "r"]
+
+
+SESSION_FAULTS = ["banner-421", "banner-554", "banner-timeout", "garbage-banner", "ehlo-timeout",
+                  "ehlo-drop", "mail-timeout", "mail-garbage", "mail-421", "mail-drop"]
+
+
+@pytest.mark.parametrize("fault", SESSION_FAULTS)
+async def test_session_failure_moves_on_to_the_next_mx(tmp_path, dns_server, make_node, fault):
+    """A server that fails the session before the transaction (greeting, EHLO, MAIL) is
+    skipped for the next MX in the same attempt: delivered, no deferral in between, and the
+    record names the host that took it."""
+    bad, good = await two_mx(dns_server, fault)
+    try:
+        node = await make_node(mx_config(tmp_path, good.port, dns_server.port))
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
+                   message(cls="policy-documents"))
+        [arrival] = await good.wait_for(1)
+        assert arrival.rcpts == ["a@example.net"]
+        await node.stop()
+        [row] = outcomes(tmp_path, "a@example.net")
+        assert row["type"] == "d", row
+        assert row["dlvDestinationIp"] == "127.0.1.12"
+        assert bad.connections == 1 and bad.received == []
+    finally:
+        await good.stop()
+        await bad.stop()
+
+
+@pytest.mark.parametrize("fault", ["rcpt-timeout", "data-timeout", "drop-mid-data",
+                                   "dot-timeout"])
+async def test_failure_in_the_transaction_defers_without_moving_on(tmp_path, dns_server,
+                                                                   make_node, fault):
+    """Past MAIL the failure is this message's: deferred, never tried on the next MX in the
+    same attempt (the first server may have it already); the retry goes to MX 10 again."""
+    bad, good = await two_mx(dns_server, fault)
+    try:
+        node = await make_node(mx_config(tmp_path, good.port, dns_server.port))
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
+                   message(cls="policy-documents"))
+        await bad.wait_for(1)
+        await node.stop()
+        rows = outcomes(tmp_path, "a@example.net")
+        assert [r["type"] for r in rows] == ["t", "d"], rows
+        assert rows[0]["dlvDestinationIp"] == rows[1]["dlvDestinationIp"] == "127.0.1.11"
+        assert good.connections == 0
+    finally:
+        await good.stop()
+        await bad.stop()
+
+
+async def test_5xx_greeting_of_every_mx_defers(tmp_path, dns_server, make_node):
+    """smtp_skip_5xx_greeting: a 554 greeting skips the server; when every MX was skipped the
+    mail is deferred (4.x.x), not bounced, and arrives once a server takes it."""
+    bad, good = await two_mx(dns_server, ["banner-554", "banner-554"])
+    await good.stop()  # MX 20 greets 554 too: the same server behind both names
+    dns_server.clear()
+    dns_server.add_mx("example.net", 10, "mx1.example.net")
+    dns_server.add_mx("example.net", 20, "mx2.example.net")
+    dns_server.add_a("mx1.example.net", "127.0.1.11")
+    dns_server.add_a("mx2.example.net", "127.0.1.11")
+    try:
+        node = await make_node(mx_config(tmp_path, bad.port, dns_server.port))
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
+                   message(cls="policy-documents"))
+        await bad.wait_for(1)
+        await node.stop()
+        rows = outcomes(tmp_path, "a@example.net")
+        assert [r["type"] for r in rows] == ["t", "d"], rows
+        assert rows[0]["dsnStatus"] == "4.3.2" and "554 5.3.2" in rows[0]["dsnDiag"]
+        assert bad.connections == 3
+        assert [rcpts for _, rcpts, _ in bad.received] == [["a@example.net"]], "no DSN"
+    finally:
+        await bad.stop()
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+async def test_session_limit(tmp_path, dns_server, make_node, limit):
+    """relay.mx_session_limit (2, Postfix's smtp_mx_session_limit): sessions that got through
+    EHLO and then broke off count; after two the attempt is deferred and MX 20 waits for the
+    retry (which the bad server, behaving by then, takes). With 3 MX 20 takes it at once."""
+    bad, good = await two_mx(dns_server, ["mail-421", "mail-421"])
+    dns_server.add_mx("example.net", 15, "mx15.example.net")
+    dns_server.add_a("mx15.example.net", "127.0.1.11")  # the bad server again
+    try:
+        relay = f"mx_session_limit = {limit}\n" if limit else ""
+        node = await make_node(mx_config(tmp_path, good.port, dns_server.port, relay))
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
+                   message(cls="policy-documents"))
+        if limit:
+            await good.wait_for(1)
+        else:
+            await bad.wait_for(1)
+        await node.stop()
+        rows = outcomes(tmp_path, "a@example.net")
+        if limit:
+            assert [r["type"] for r in rows] == ["d"] and bad.connections == 2
+            return
+        assert [r["type"] for r in rows] == ["t", "d"], rows
+        assert rows[0]["dsnStatus"] == "4.3.2" and rows[0]["dlvDestinationIp"] == "127.0.1.11"
+        assert bad.connections == 3 and good.connections == 0
+    finally:
+        await good.stop()
+        await bad.stop()
+
+
+@pytest.mark.parametrize("limit, outcome", [(None, "t"), (6, "d")])
+async def test_address_limit(tmp_path, dns_server, make_node, limit, outcome):
+    """relay.mx_address_limit (5, Postfix's smtp_mx_address_limit): five dead addresses and
+    the attempt is deferred without trying the sixth."""
+    good = await Sink(host="127.0.1.46").start()
+    try:
+        for i in range(6):  # nothing listens at 127.0.1.40-45: refused
+            dns_server.add_mx("example.net", 10 + i, f"mx{i}.example.net")
+            dns_server.add_a(f"mx{i}.example.net", f"127.0.1.{40 + i}" if i < 5 else "127.0.1.46")
+        relay = f"mx_address_limit = {limit}\n" if limit else ""
+        node = await make_node(mx_config(tmp_path, good.port, dns_server.port, relay))
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
+                   message(cls="policy-documents"))
+        await until(lambda: outcomes(tmp_path, "a@example.net"), what="an outcome")
+        assert outcomes(tmp_path, "a@example.net")[0]["type"] == outcome
+        assert good.connections == (1 if outcome == "d" else 0)
+    finally:
+        await good.stop()

@@ -10,21 +10,22 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-FAULTS = ("banner-timeout", "banner-554", "garbage-banner", "huge-reply", "huge-line",
-          "ehlo-timeout",
-          "tls-fail", "mail-timeout", "mail-garbage", "rcpt-timeout", "data-timeout",
-          "drop-mid-data", "dot-timeout")
+FAULTS = ("banner-timeout", "banner-554", "banner-421", "garbage-banner", "huge-reply",
+          "huge-line", "ehlo-timeout", "ehlo-drop",
+          "tls-fail", "mail-timeout", "mail-garbage", "mail-421", "mail-drop", "rcpt-timeout",
+          "data-timeout", "drop-mid-data", "dot-timeout")
 
 
 @dataclass
 class BadServer:
     faults: list[str] = field(default_factory=list)
     port: int = 0
+    host: str = "127.0.0.1"
     received: list[tuple[str, list[str], bytes]] = field(default_factory=list)
     connections: int = 0
 
     async def start(self) -> BadServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port,
+        self._server = await asyncio.start_server(self._serve, self.host, self.port,
                                                   limit=2**20)
         self.port = self._server.sockets[0].getsockname()[1]
         self._arrived = asyncio.Event()
@@ -62,6 +63,10 @@ class BadServer:
         if fault == "banner-554":
             writer.write(b"554 5.3.2 No SMTP service here\r\n")
             return await self._hang(reader)
+        if fault == "banner-421":
+            writer.write(b"421 4.3.2 Too busy, try another\r\n")
+            await writer.drain()
+            return None
         if fault == "garbage-banner":
             writer.write(b"hello there, what is this?\r\n")
             return await self._hang(reader)
@@ -88,6 +93,9 @@ class BadServer:
             if verb in (b"EHLO", b"HELO"):
                 if fault == "ehlo-timeout":
                     return await self._hang(reader)
+                if fault == "ehlo-drop":
+                    writer.transport.abort()
+                    return None
                 tls = b"250-STARTTLS\r\n" if fault == "tls-fail" else b""
                 writer.write(b"250-bad.test\r\n" + tls + b"250 8BITMIME\r\n")
             elif verb == b"STAR":
@@ -98,6 +106,13 @@ class BadServer:
             elif verb == b"MAIL":
                 if fault == "mail-timeout":
                     return await self._hang(reader)
+                if fault == "mail-421":
+                    writer.write(b"421 4.3.2 Shutting down\r\n")
+                    await writer.drain()
+                    return None
+                if fault == "mail-drop":
+                    writer.transport.abort()
+                    return None
                 if fault == "mail-garbage":
                     writer.write(b"OK?? \x00\xff\r\n")
                     continue

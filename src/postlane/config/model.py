@@ -367,6 +367,13 @@ class RelayConfig(Strict):
     idle_timeout: Duration = 2.0
     """How long an open connection waits for more mail to its destination before QUIT."""
     max_recipients_per_transaction: int = Field(100, ge=1)
+    mx_address_limit: int = Field(5, ge=1)
+    """Addresses tried per delivery attempt, over all MX hosts in preference order
+    (Postfix's ``smtp_mx_address_limit``)."""
+    mx_session_limit: int = Field(2, ge=1)
+    """Sessions per delivery attempt that got through the greeting, EHLO and STARTTLS and then
+    failed before the transaction, after which the attempt is deferred (Postfix's
+    ``smtp_mx_session_limit``)."""
 
 
 class AccountingConfig(Strict):

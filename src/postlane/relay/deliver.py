@@ -19,12 +19,10 @@ from ..spool import Attempt, Message, Recipient, Spool
 from .client import Reply, SMTPConnection, SMTPError, Timeouts
 from .mx import Destination, DNSPermError, DNSTempError, MXResolver
 from .route import Route, Source
-from .tlspolicy import NoUsableMX, TLSPolicy
+from .tlspolicy import HostPlan, NoUsableMX, TLSPolicy
 from .tlsrpt import TLSReports
 
 log = logging.getLogger("postlane.relay")
-
-MAX_HOSTS_TRIED = 5
 
 DELIVERED, BOUNCED, DEFERRED = "delivered", "bounced", "deferred"
 
@@ -74,6 +72,16 @@ class Failed:
     unreachable: bool = False
 
 
+class SessionLost(Exception):
+    """The session failed before the transaction got going (the connection lost, a timeout or
+    a garbled reply at MAIL, a 421 to MAIL): a fault of the server, not of the message, so the
+    batch goes to the next host of the attempt (``Hosts.lost``)."""
+
+    def __init__(self, error: SMTPError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class Relay:
     """Opens connections and performs transactions for the scheduler; decides nothing about
     the queue."""
@@ -112,30 +120,19 @@ class Relay:
         except DNSTempError as exc:
             return Failed(Outcome(DEFERRED, f"451 4.4.3 {exc}", "4.4.3"), unreachable=True)
 
-    async def connect(self, lane: Route, slot: Source,
-                      dests: list[Destination]) -> SMTPConnection | Failed:
-        """A connection from ``slot`` to the first host of ``dests`` that takes one under the
-        TLS policy (at most MAX_HOSTS_TRIED), or the outcome for the batch that waited."""
+    async def connect(self, lane: Route, slot: Source, dests: list[Destination]) -> Hosts | Failed:
+        """The hosts of one delivery attempt to ``lane`` from ``slot``, with a connection to
+        the first that takes one under the TLS policy, or the outcome for the batch that
+        waited."""
         info = {"source_ip": slot.address, "vmta": slot.ehlo}
         try:
             plans = await self.tls.plan(lane, dests, self.route(lane.domain) is not None,
                                         slot.address)
         except NoUsableMX as exc:
             return Failed(Outcome(DEFERRED, str(exc.reply), status_of(exc.reply)), info, True)
-        last: SMTPError | None = None
-        for plan in plans[:MAX_HOSTS_TRIED]:
-            try:
-                return await self.tls.connect(plan, slot, self.timeouts)
-            except SMTPError as exc:  # the lane's outage is told once (Health), not each try
-                log.debug("connect %s via %s [%s]:%s failed: %s", lane.domain, slot.address,
-                          plan.dest.ip, plan.dest.port, exc)
-                last = exc
-        reply = str(last.reply) if last and last.reply else f"451 4.4.1 {last}"
-        if last is not None and not last.temporary and last.reply is not None:
-            return Failed(Outcome(BOUNCED, reply, status_of(last.reply), "bad-connection"), info)
-        return Failed(Outcome(DEFERRED, reply,
-                              status_of(last.reply) if last and last.reply else "4.4.1"),
-                      info, True)
+        hosts = Hosts(self, lane, slot, plans[:self.config.relay.mx_address_limit], info)
+        opened = await hosts.next()
+        return opened if isinstance(opened, Failed) else hosts
 
     @staticmethod
     def facts(conn: SMTPConnection, slot: Source) -> dict[str, str]:
@@ -180,10 +177,15 @@ class Relay:
             tx = await conn.send(self.envelope_sender(msg, batch[0]), rcpts, body,
                                  " ".join(params), crlf=True, before_dot=marked)
         except SMTPError as exc:
+            if exc.stage == "mail":  # nothing of the message got through: the server failed
+                raise SessionLost(exc) from exc
             reply = str(exc.reply) if exc.reply else f"451 4.4.2 {exc}"
             if exc.reply is not None and exc.reply.is_perm:
                 return [Outcome(BOUNCED, reply, status_of(exc.reply))] * len(batch)
             return [Outcome(DEFERRED, reply, "4.4.2")] * len(batch)
+        if tx.mail_reply.code == 421:  # the server closes the session, whatever the message
+            raise SessionLost(SMTPError("mail", f"MAIL answered {tx.mail_reply}",
+                                        tx.mail_reply))
         log.debug("%s: %d rcpt in %.1f ms", msg.id, len(batch),
                   (time.monotonic() - started) * 1000)
         out = []
@@ -197,3 +199,82 @@ class Relay:
         # MAIL refused before any RCPT was answered
         out += [Outcome.of(tx.mail_reply)] * (len(batch) - len(out))
         return out
+
+
+class Hosts:
+    """The hosts of one delivery attempt, in order, and how far down them it has gone.
+
+    As Postfix's SMTP client does (RFC 5321 5.1: try the next MX), a session that fails before
+    its transaction gets going moves on to the next address, of the same host or the next MX:
+    no connection, a greeting other than 2xx, EHLO, STARTTLS (under what the TLS policy
+    allows), or the session lost at MAIL (``SessionLost``). A reply to RCPT or DATA is about
+    the message and never does. A 5xx greeting skips the server too (Postfix's
+    ``smtp_skip_5xx_greeting``): when every host was skipped the mail is deferred. At most
+    ``relay.mx_address_limit`` addresses are tried (the caller cuts the list), and at most
+    ``relay.mx_session_limit`` sessions that got through EHLO and TLS and then failed. One
+    connection at a time, from the one source slot: the per-IP caps hold."""
+
+    def __init__(self, relay: Relay, lane: Route, slot: Source, plans: list[HostPlan],
+                 info: dict[str, str]) -> None:
+        self._relay = relay
+        self._lane = lane
+        self._slot = slot
+        self._plans = plans
+        self._info = info
+        self._next = 0
+        self._sessions = 0
+        self._delivered = False
+        self._last: tuple[HostPlan, SMTPError] | None = None
+        self._current: HostPlan | None = None
+        self.conn: SMTPConnection | None = None
+        """The connection open now (set by ``next``)."""
+
+    async def next(self) -> SMTPConnection | Failed:
+        """A connection to the next host that takes one, or the batch's outcome when none is
+        left (the last failure tells it)."""
+        relay = self._relay
+        limit = relay.config.relay.mx_session_limit
+        while self._next < len(self._plans) and self._sessions < limit:
+            plan = self._plans[self._next]
+            self._next += 1
+            try:
+                self.conn = await relay.tls.connect(plan, self._slot, relay.timeouts)
+                self._current = plan
+                return self.conn
+            except SMTPError as exc:  # the lane's outage is told once (Health), not each try
+                log.debug("connect %s via %s [%s]:%s failed: %s", self._lane.domain,
+                          self._slot.address, plan.dest.ip, plan.dest.port, exc)
+                self._last = plan, exc
+        self.conn = None
+        return self._failed()
+
+    async def lost(self, exc: SessionLost) -> SMTPConnection | Failed:
+        """The open session failed (``exc``): close it and go on to the next host."""
+        conn, plan = self.conn, self._current
+        assert conn is not None and plan is not None
+        log.debug("session %s [%s] lost: %s", conn.server_name, conn.peer_ip, exc)
+        self._sessions += 1
+        self._delivered = self._delivered or conn.messages_sent > 0
+        self._last = plan, exc.error
+        await conn.quit()  # closed before the next is opened: one connection per slot
+        return await self.next()
+
+    def _failed(self) -> Failed:
+        info = dict(self._info)
+        if self._last is None:  # no address at all (never: plan() raises instead)
+            return Failed(Outcome(DEFERRED, "451 4.4.1 no host to try", "4.4.1"), info, True)
+        plan, last = self._last
+        info.update(mx=plan.dest.host, dest_ip=plan.dest.ip)  # the evidence: the last tried
+        reply = last.reply
+        # a session that delivered before it was lost: the destination is up, only this
+        # batch waits (its lane is not suspended)
+        unreachable = not self._delivered
+        if reply is None:  # 4.4.2: lost at MAIL, as a transaction's failure says (transact)
+            status = "4.4.2" if last.stage == "mail" else "4.4.1"
+            return Failed(Outcome(DEFERRED, f"451 {status} {last}", status), info, unreachable)
+        if reply.is_perm and last.stage == "banner":  # skipped, as a temporary failure
+            status = "4" + status_of(reply)[1:]
+            return Failed(Outcome(DEFERRED, str(reply), status), info, unreachable)
+        if reply.is_perm and not last.temporary:
+            return Failed(Outcome(BOUNCED, str(reply), status_of(reply), "bad-connection"), info)
+        return Failed(Outcome(DEFERRED, str(reply), status_of(reply)), info, unreachable)

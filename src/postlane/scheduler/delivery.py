@@ -10,8 +10,16 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..config import Config
-from ..relay.client import SMTPConnection
-from ..relay.deliver import BOUNCED, DELIVERED, Failed, Outcome, Relay
+from ..relay.deliver import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    Failed,
+    Hosts,
+    Outcome,
+    Relay,
+    SessionLost,
+)
 from ..spool import Recipient, State
 from .clock import Clock
 from .lanes import Lane, SourceSlot
@@ -56,13 +64,15 @@ class DeliveryLoop:
         if not batch:
             return
         try:
-            conn = await self._open(relay, lane, slot, batch)
+            hosts = await self._open(relay, lane, slot, batch)
         except Exception:  # never strand a taken batch in memory (as for a transaction below)
             log.exception("connecting for %s failed unexpectedly", batch[0].msg.id)
             self._defer_inflight(batch, {"source_ip": slot.address, "vmta": slot.ehlo})
             return
-        if conn is None:
+        if hosts is None:
             return
+        conn = hosts.conn
+        assert conn is not None
         if not had_rule and lane.rate_key is not None and not self.admit(lane):
             # the rule came with the MX lookup: this first message needs a rate token too
             for rcpt in batch:
@@ -76,6 +86,19 @@ class DeliveryLoop:
                 await self.throttle(lane, slot)
                 try:
                     self.settle(batch, await relay.transact(conn, batch, info), info)
+                except SessionLost as lost:  # the server's fault: the batch tries the next host
+                    try:
+                        opened = await hosts.lost(lost)
+                    except Exception:  # never strand the batch (as below)
+                        log.exception("fallback of %s failed unexpectedly", batch[0].msg.id)
+                        opened = Failed(Outcome(DEFERRED, "451 4.3.0 internal error during"
+                                                          " delivery", "4.3.0"), info)
+                    if isinstance(opened, Failed):
+                        self._failed(lane, batch, opened)
+                        return
+                    conn = opened
+                    info = relay.facts(conn, slot)
+                    continue
                 except Exception:  # never strand a taken batch in memory: retry it later
                     log.exception("delivery of %s failed unexpectedly", batch[0].msg.id)
                     self._defer_inflight(batch, info)
@@ -85,7 +108,8 @@ class DeliveryLoop:
                 batch = await self.wait_for_work(lane, self.config.relay.idle_timeout,
                                                  conn.messages_sent)
         finally:
-            await conn.quit()
+            if hosts.conn is not None:
+                await hosts.conn.quit()
 
     def _defer_inflight(self, batch: list[Recipient], info: dict[str, str]) -> None:
         """Defer what of ``batch`` is still in flight after an unexpected error (a bug)."""
@@ -94,8 +118,9 @@ class DeliveryLoop:
                 self.deferred(rcpt, "451 4.3.0 internal error during delivery", "4.3.0", info)
 
     async def _open(self, relay: Relay, lane: Lane, slot: SourceSlot,
-                    batch: list[Recipient]) -> SMTPConnection | None:
-        """A connection for ``batch``, or None with the batch's outcome recorded."""
+                    batch: list[Recipient]) -> Hosts | None:
+        """The attempt's hosts, one connected, for ``batch``, or None with the batch's
+        outcome recorded."""
         dests = await relay.resolve(lane.domain)
         if isinstance(dests, Failed):
             self._failed(lane, batch, dests)
@@ -104,11 +129,11 @@ class DeliveryLoop:
             name = self.rules.for_mx([d.host for d in dests])
             if name:
                 self.set_rule(lane, name)
-        conn = await relay.connect(lane, slot, dests)
-        if isinstance(conn, Failed):
-            self._failed(lane, batch, conn)
+        hosts = await relay.connect(lane, slot, dests)
+        if isinstance(hosts, Failed):
+            self._failed(lane, batch, hosts)
             return None
-        return conn
+        return hosts
 
     def settle(self, batch: list[Recipient], outcomes: list[Outcome],
                info: dict[str, str]) -> None:
