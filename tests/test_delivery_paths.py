@@ -369,3 +369,22 @@ async def test_address_limit(tmp_path, dns_server, make_node, limit, outcome):
         assert good.connections == (1 if outcome == "d" else 0)
     finally:
         await good.stop()
+
+
+async def test_null_mx_bounces_with_5_1_10_without_connecting(tmp_path, dns_server, make_node):
+    """RFC 7505: "0 ." says the domain takes no mail: bounced at once with 556 5.1.10 (not
+    NXDOMAIN's 5.1.2), its A record never connected to."""
+    target = await Sink(host="127.0.1.51").start()
+    try:
+        dns_server.add_mx("nomail.example.net", 0, ".")
+        dns_server.add_a("nomail.example.net", "127.0.1.51")
+        node = await make_node(mx_config(tmp_path, target.port, dns_server.port))
+        await send(node.listeners[0].port, "s@insurer.test", ["a@nomail.example.net"],
+                   message(cls="policy-documents"))
+        await until(lambda: outcomes(tmp_path, "a@nomail.example.net"), what="an outcome")
+        [row] = outcomes(tmp_path, "a@nomail.example.net")
+        assert row["type"] == "b" and row["dsnStatus"] == "5.1.10", row
+        assert row["dsnDiag"].startswith("smtp;556 5.1.10 ")
+        assert target.connections == 0
+    finally:
+        await target.stop()

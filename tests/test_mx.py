@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from postlane.relay.mx import Destination, DNSPermError, DNSTempError, MXResolver
+from postlane.relay.mx import Destination, DNSNullMX, DNSPermError, DNSTempError, MXResolver
 from tests.support.dnsserver import DNSServer
 from tests.support.fixtures_dns import dns_server  # noqa: F401  (pytest fixture)
 
@@ -154,3 +154,49 @@ async def test_txt_joins_long_records(dns_server: DNSServer) -> None:  # noqa: F
 
     assert await resolver.txt("sel._domainkey.txt.test") == [key]
     assert await resolver.txt("nothing.txt.test") == []
+
+
+async def test_mx_pointing_at_a_cname_is_followed(dns_server: DNSServer) -> None:  # noqa: F811
+    """RFC 2181 10.3 forbids it, RFC 5321 5.1 asks for leniency: the CNAME's target's address
+    is used, under the MX name (what TLS checks the certificate against)."""
+    dns_server.add_mx("alias.test", 10, "mx.alias.test")
+    dns_server.add_cname("mx.alias.test", "real.hosting.test")
+    dns_server.add_a("real.hosting.test", "127.0.0.41")
+
+    dests = await resolver_for(dns_server).destinations("alias.test")
+
+    assert dests == [Destination("mx.alias.test", "127.0.0.41", 25, 10)]
+
+
+async def test_mx_naming_an_ip_address_is_used_as_one(dns_server: DNSServer) -> None:  # noqa: F811
+    """An MX exchange written as an address ("10 127.0.0.42.") is invalid but seen in the
+    wild; Postfix warns and connects to the address. Here too, without an A query for it."""
+    dns_server.add_mx("literal.test", 10, "127.0.0.42")
+    dns_server.add_mx("literal.test", 20, "backup.literal.test")
+    dns_server.add_a("backup.literal.test", "127.0.0.43")
+
+    dests = await resolver_for(dns_server).destinations("literal.test")
+
+    assert [(d.host, d.ip, d.preference) for d in dests] == [
+        ("127.0.0.42", "127.0.0.42", 10), ("backup.literal.test", "127.0.0.43", 20)]
+    assert not any(q[0].startswith("127.0.0.42") for q in dns_server.queries)
+
+
+async def test_no_implicit_mx_when_mx_records_exist(dns_server: DNSServer) -> None:  # noqa: F811
+    """RFC 5321 5.1: the domain's own A is the implicit MX only when it has no MX records; MX
+    hosts without addresses make the domain undeliverable, not its A."""
+    dns_server.add_mx("hasmx.test", 10, "gone.hasmx.test")
+    dns_server.add_a("hasmx.test", "127.0.0.44")
+
+    with pytest.raises(DNSPermError):
+        await resolver_for(dns_server).destinations("hasmx.test")
+
+
+async def test_null_mx_is_its_own_error(dns_server: DNSServer) -> None:  # noqa: F811
+    """RFC 7505: the relay bounces a null MX with 556 5.1.10, distinct from NXDOMAIN."""
+    dns_server.add_mx("nullmx.test", 0, ".")
+    resolver = resolver_for(dns_server)
+    with pytest.raises(DNSNullMX):
+        await resolver.destinations("nullmx.test")
+    with pytest.raises(DNSNullMX):  # cached: the same error again
+        await resolver.destinations("nullmx.test")

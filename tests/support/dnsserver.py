@@ -159,6 +159,12 @@ class DNSServer:
         rdata = dns.rdata.from_text("IN", rdtype, address)
         self._add(name, dns.rdatatype.from_text(rdtype), rdata, ttl)
 
+    def add_cname(self, name: str, target: str, ttl: int = 60) -> None:
+        """Add a CNAME record; a query of another type for ``name`` is answered as a recursive
+        resolver does: the CNAME, then the target's records of that type."""
+        target = target if target.endswith(".") else target + "."
+        self._add(name, dns.rdatatype.CNAME, dns.rdata.from_text("IN", "CNAME", target), ttl)
+
     def add_ptr(self, address: str, target: str, ttl: int = 60) -> None:
         """Add the PTR record of ``address`` (its in-addr.arpa / ip6.arpa name)."""
         target = target if target.endswith(".") else target + "."
@@ -202,6 +208,29 @@ class DNSServer:
             self._secure.clear()
             self.queries.clear()
 
+    def _follow_cname(self, response: dns.message.Message, name: dns.name.Name,
+                      rdtype: int, records: dict[int, list[tuple[int, dns.rdata.Rdata]]]
+                      ) -> None:
+        """The CNAME chain from ``name`` (at most 8 links) and the records at its end."""
+        for _ in range(8):
+            cnames = records.get(dns.rdatatype.CNAME) if rdtype != dns.rdatatype.CNAME else None
+            if not cnames:
+                return
+            ttl, rdata = cnames[0]
+            rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.CNAME)
+            rrset.add(rdata, ttl)
+            response.answer.append(rrset)
+            name = rdata.target
+            with self._lock:
+                records = dict(self._records.get(_key(name.to_text()), {}))
+            entries = records.get(rdtype, [])
+            if entries:
+                rrset = dns.rrset.RRset(name, dns.rdataclass.IN, rdtype)
+                for ttl, rdata in entries:
+                    rrset.add(rdata, ttl)
+                response.answer.append(rrset)
+                return
+
     def answer(self, wire: bytes, max_size: int | None) -> bytes | None:
         """The response to one query in wire form, or None to stay silent."""
         try:
@@ -233,6 +262,8 @@ class DNSServer:
             for ttl, rdata in entries:
                 rrset.add(rdata, ttl)
             response.answer.append(rrset)
+        else:
+            self._follow_cname(response, question.name, question.rdtype, records)
         if max_size is None:
             max_size = query.payload if query.edns >= 0 else 512
         # Records go out in the order they were added (no round-robin), so tests can assert it;

@@ -17,7 +17,7 @@ import orjson
 from ..config import Config
 from ..spool import Attempt, Message, Recipient, Spool
 from .client import Reply, SMTPConnection, SMTPError, Timeouts
-from .mx import Destination, DNSPermError, DNSTempError, MXResolver
+from .mx import Destination, DNSNullMX, DNSPermError, DNSTempError, MXResolver
 from .route import Route, Source
 from .tlspolicy import HostPlan, NoUsableMX, TLSPolicy
 from .tlsrpt import TLSReports
@@ -115,6 +115,8 @@ class Relay:
         """The hosts to try for ``domain`` (its route, else its MX), or why there are none."""
         try:
             return await self.destinations(domain)
+        except DNSNullMX as exc:  # RFC 7505 3: 556 5.1.10, and nothing is connected to
+            return Failed(Outcome(BOUNCED, f"556 5.1.10 {exc}", "5.1.10", "bad-domain"))
         except DNSPermError as exc:
             return Failed(Outcome(BOUNCED, f"550 5.1.2 {exc}", "5.1.2", "bad-domain"))
         except DNSTempError as exc:

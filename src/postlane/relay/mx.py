@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -25,7 +26,9 @@ import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.resolver
 
-__all__ = ["DNSPermError", "DNSTempError", "Destination", "MXResolver", "txt_strings"]
+log = logging.getLogger("postlane.relay")
+
+__all__ = ["DNSNullMX", "DNSPermError", "DNSTempError", "Destination", "MXResolver", "txt_strings"]
 
 NEGATIVE_TTL = 300.0
 """How long ``records`` remembers that a name has no records of a type (RFC 2308's usual SOA
@@ -38,6 +41,11 @@ class DNSTempError(Exception):
 
 class DNSPermError(Exception):
     """NXDOMAIN, null MX (RFC 7505 "0 ."), or no A/AAAA for any MX: bounce."""
+
+
+class DNSNullMX(DNSPermError):
+    """The domain publishes a null MX (RFC 7505 "0 ."): it accepts no mail; bounced with
+    556 5.1.10 without connecting anywhere."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +231,16 @@ class MXResolver:
             raise errors[0]
         raise DNSPermError(f"{name.to_text(omit_final_dot=True)}: no A/AAAA record")
 
+    async def _exchange(self, exchange: dns.name.Name) -> tuple[list[str], float, bool]:
+        """The addresses of one MX host. An exchange written as an IP address ("10 192.0.2.1.")
+        breaks RFC 5321 5.1 but is seen in the wild: as Postfix does, the address is used (no
+        A query for a name that has none; not DANE-secure, there is no TLSA name for it)."""
+        text = exchange.to_text(omit_final_dot=True).strip("[]")
+        if _is_ip(text):
+            log.warning("MX record names an IP address, not a host: %s", text)
+            return [text], self._max_ttl, False
+        return await self._addresses(exchange)
+
     async def _lookup_host(self, host: str) -> tuple[_Hosts, float]:
         name = _absolute(host)
         ips, ttl, secure = await self._addresses(name)
@@ -242,9 +260,9 @@ class MXResolver:
         mx_secure = self._secure(answer)
         real = [(pref, exchange) for pref, exchange in records if exchange != dns.name.root]
         if not real:
-            raise DNSPermError(f"{domain}: null MX, domain accepts no mail (RFC 7505)")
+            raise DNSNullMX(f"{domain}: null MX, domain accepts no mail (RFC 7505)")
         results = await asyncio.gather(
-            *(self._addresses(exchange) for _, exchange in real), return_exceptions=True
+            *(self._exchange(exchange) for _, exchange in real), return_exceptions=True
         )
         hosts: _Hosts = []
         errors: list[BaseException] = []
@@ -256,7 +274,7 @@ class MXResolver:
                 continue
             ips, host_ttl, secure = result
             ttl = min(ttl, host_ttl)
-            hosts.append((pref, exchange.to_text(omit_final_dot=True).lower(), ips,
+            hosts.append((pref, exchange.to_text(omit_final_dot=True).strip("[]").lower(), ips,
                           mx_secure and secure))
         if hosts:
             return hosts, ttl
