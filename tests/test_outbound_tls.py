@@ -205,6 +205,52 @@ tls = "verified"
     assert row["type"] == "t" and row["dsnStatus"] == "4.7.5"
 
 
+# -- the next MX under a TLS policy --------------------------------------------------------------
+
+@pytest.mark.parametrize("class_tls, first", [("verified", "wrong.mx.test"),
+                                              ("verified", "plain.mx.test"),
+                                              ("required", "broken.mx.test"),
+                                              ("required", "plain.mx.test")])
+async def test_host_failing_the_policy_is_skipped_for_the_next_mx(world, make_node, tmp_path,
+                                                                  class_tls, first):
+    """An MX the policy refuses (no STARTTLS, a bad certificate, a failed handshake) is passed
+    over for the next MX in the same attempt, never tried again in clear; the record names the
+    host that took the mail and how it was protected."""
+    world.mx("fallback.test", first, "good.mx.test")
+    node = await make_node(world.config(class_tls))
+    await _deliver(node, "r@fallback.test")
+    row = await first_outcome(tmp_path, "r@fallback.test")
+    assert row["type"] == "d", row
+    assert row["dlvDestinationIp"] == MX["good.mx.test"] and row["dlvTlsPolicy"] == class_tls
+    assert row["dlvTlsAuth"] == ("pkix" if class_tls == "verified" else "none")
+    assert world.sinks[first].arrivals == []
+
+
+async def test_every_mx_failing_the_policy_defers_and_sends_nothing(world, make_node,
+                                                                     tmp_path):
+    world.mx("fallback.test", "plain.mx.test", "broken.mx.test")
+    node = await make_node(world.config("required"))
+    await _deliver(node, "r@fallback.test")
+    row = await first_outcome(tmp_path, "r@fallback.test")
+    assert row["type"] == "t" and row["dsnStatus"] == "4.7.5", row  # the last host's reason
+    assert row["dlvDestinationIp"] == MX["broken.mx.test"], "the evidence: the last host tried"
+    await asyncio.sleep(0.5)  # a bound after the deferral record: nothing arrives later
+    assert world.arrivals() == 0
+    assert world.sinks["plain.mx.test"].connections >= 1, "MX 10 was tried first"
+
+
+async def test_mta_sts_enforce_falls_over_only_to_policy_mx(world, make_node, tmp_path):
+    """Under MTA-STS enforce the next MX is tried only if the policy names it: MX 10 has an
+    expired certificate, MX 20 is not in the policy (never connected to), MX 30 takes it."""
+    world.mx("sts.test", "expired.mx.test", "ta.mx.test", "good.mx.test")
+    world.sts("sts.test", "enforce", ["expired.mx.test", "good.mx.test"])
+    row = await delivered_with(world, make_node, "r@sts.test")
+    assert row["dlvDestinationIp"] == MX["good.mx.test"]
+    assert row["dlvTlsPolicy"] == "mta-sts-enforce" and row["dlvTlsAuth"] == "pkix"
+    assert world.sinks["ta.mx.test"].connections == 0
+    assert world.sinks["expired.mx.test"].arrivals == []
+
+
 # -- MTA-STS -----------------------------------------------------------------------------------
 
 async def test_mta_sts_enforce_delivers_to_a_matching_mx_with_a_valid_certificate(
