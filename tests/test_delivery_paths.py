@@ -274,6 +274,30 @@ async def test_session_failure_moves_on_to_the_next_mx(tmp_path, dns_server, mak
         await bad.stop()
 
 
+async def test_next_address_of_the_same_mx_host(tmp_path, dns_server, make_node):
+    """The next address of the same host comes before the next MX: mx1's first address drops
+    the session at MAIL, its second takes the mail."""
+    bad, good = await two_mx(dns_server, "mail-drop")
+    dns_server.clear()
+    dns_server.add_mx("example.net", 10, "mx1.example.net")
+    dns_server.add_mx("example.net", 20, "mx2.example.net")
+    dns_server.add_a("mx1.example.net", "127.0.1.11")
+    dns_server.add_a("mx1.example.net", "127.0.1.12")
+    dns_server.add_a("mx2.example.net", "127.0.1.13")  # nothing listens: never reached
+    try:
+        node = await make_node(mx_config(tmp_path, good.port, dns_server.port))
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
+                   message(cls="policy-documents"))
+        await good.wait_for(1)
+        await node.stop()
+        [row] = outcomes(tmp_path, "a@example.net")
+        assert row["type"] == "d" and row["dlvDestinationIp"] == "127.0.1.12", row
+        assert "mx1.example.net" in row["dsnMta"], row
+    finally:
+        await good.stop()
+        await bad.stop()
+
+
 @pytest.mark.parametrize("fault", ["rcpt-timeout", "data-timeout", "drop-mid-data",
                                    "dot-timeout"])
 async def test_failure_in_the_transaction_defers_without_moving_on(tmp_path, dns_server,
