@@ -29,9 +29,12 @@ async def test_preference_order_and_all_addresses(dns_server: DNSServer) -> None
 
     dests = await resolver_for(dns_server).destinations("Example.TEST.", port=2525)
 
-    assert dests == [
+    # mx1's two IPv4 addresses come in random order (test_addresses_of_one_host_are_shuffled)
+    assert sorted(dests[:2], key=lambda d: d.ip) == [
         Destination("mx1.example.test", "127.0.0.10", 2525, 10),
         Destination("mx1.example.test", "127.0.0.11", 2525, 10),
+    ]
+    assert dests[2:] == [
         Destination("mx1.example.test", "::1", 2525, 10),
         Destination("backup.example.test", "127.0.0.20", 2525, 20),
     ]
@@ -200,3 +203,22 @@ async def test_null_mx_is_its_own_error(dns_server: DNSServer) -> None:  # noqa:
         await resolver.destinations("nullmx.test")
     with pytest.raises(DNSNullMX):  # cached: the same error again
         await resolver.destinations("nullmx.test")
+
+
+async def test_addresses_of_one_host_are_shuffled_per_call(dns_server: DNSServer) -> None:  # noqa: F811
+    """RFC 5321 5.1: destinations of equal preference are randomised. A host's addresses are
+    too (Postfix's smtp_randomize_addresses), IPv4 before IPv6 as before: with the answer
+    cached for its TTL, a fixed order would send every connection to the first address."""
+    for i in range(4):
+        dns_server.add_a("mx.spread.test", f"127.0.2.{i}")
+    dns_server.add_a("mx.spread.test", "::1")
+    dns_server.add_mx("spread.test", 10, "mx.spread.test")
+    resolver = resolver_for(dns_server)
+
+    firsts = set()
+    for _ in range(40):
+        dests = await resolver.destinations("spread.test")
+        assert sorted(d.ip for d in dests[:4]) == [f"127.0.2.{i}" for i in range(4)]
+        assert dests[4].ip == "::1"
+        firsts.add(dests[0].ip)
+    assert len(firsts) > 1

@@ -110,8 +110,9 @@ class MXResolver:
         self._inflight: dict[str, asyncio.Future[tuple[Any, float]]] = {}
 
     async def destinations(self, domain: str, port: int = 25) -> list[Destination]:
-        """Addresses for ``domain`` in delivery order; equal preferences are shuffled per
-        call so load spreads across them for the whole cache lifetime."""
+        """Addresses for ``domain`` in delivery order; equal preferences, and each host's
+        addresses, are shuffled per call so load spreads across them for the whole cache
+        lifetime."""
         hosts = await self._cached("mx:" + _key(domain), lambda: self._lookup_mx(domain))
         return _flatten(hosts, port)
 
@@ -314,4 +315,16 @@ def _flatten(hosts: _Hosts, port: int) -> list[Destination]:
         ordered.extend(group)
         i = j
     return [Destination(host, ip, port, pref, secure)
-            for pref, host, ips, secure in ordered for ip in ips]
+            for pref, host, ips, secure in ordered for ip in _shuffled(ips)]
+
+
+def _shuffled(ips: list[str]) -> list[str]:
+    """A host's addresses in random order, IPv4 before IPv6 (Postfix's smtp_randomize_addresses:
+    the cached answer's order would otherwise send every connection to its first address)."""
+    if len(ips) < 2:
+        return ips
+    v4 = [ip for ip in ips if ":" not in ip]
+    v6 = [ip for ip in ips if ":" in ip]
+    random.shuffle(v4)
+    random.shuffle(v6)
+    return v4 + v6
