@@ -234,6 +234,7 @@ async def test_every_mx_failing_the_policy_defers_and_sends_nothing(world, make_
     row = await first_outcome(tmp_path, "r@fallback.test")
     assert row["type"] == "t" and row["dsnStatus"] == "4.7.5", row  # the last host's reason
     assert row["dlvDestinationIp"] == MX["broken.mx.test"], "the evidence: the last host tried"
+    assert row["dlvTlsPolicy"] == "required" and row["dlvTlsProtocol"] == ""
     await asyncio.sleep(0.5)  # a bound after the deferral record: nothing arrives later
     assert world.arrivals() == 0
     assert world.sinks["plain.mx.test"].connections >= 1, "MX 10 was tried first"

@@ -266,7 +266,8 @@ class Hosts:
         if self._last is None:  # no address at all (never: plan() raises instead)
             return Failed(Outcome(DEFERRED, "451 4.4.1 no host to try", "4.4.1"), info, True)
         plan, last = self._last
-        info.update(mx=plan.dest.host, dest_ip=plan.dest.ip)  # the evidence: the last tried
+        # the evidence: the last host tried, and the policy it was held to
+        info.update(mx=plan.dest.host, dest_ip=plan.dest.ip, tls_policy=plan.policy)
         reply = last.reply
         # a session that delivered before it was lost: the destination is up, only this
         # batch waits (its lane is not suspended)
