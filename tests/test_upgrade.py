@@ -146,3 +146,29 @@ async def test_upgrade_check_reads_the_postgresql_schema(tmp_path, pg_schema):
     code, found = _check(path)
     assert code == 0 and found["spool"]["status"] == "ok"
     assert found["suppression list"]["location"].endswith("suppression.sqlite3")
+
+
+@pytest.mark.parametrize("store", ["spool", "audit"])
+def test_serve_on_a_newer_store_says_so_in_one_line_and_exits_2(tmp_path, store):
+    """A downgrade: the node refuses the store with the advice `upgrade --check` gives, exit
+    2, and no traceback (a traceback in the journal reads as a crash, not as a refusal)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _old_node(tmp_path, 9)
+    assert runner.invoke(app, ["upgrade", "-c", str(path)]).exit_code == 0
+    conn = sqlite3.connect(tmp_path / "spool" / ("spool.sqlite" if store == "spool"
+                                                 else "audit.sqlite"))
+    if store == "spool":
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    else:
+        conn.execute("INSERT INTO audit_migrations VALUES (99, 0)")
+    conn.commit()
+    conn.close()
+    done = subprocess.run([Path(sys.executable).parent / "postlane", "serve", "-c", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "newer than this Postlane" in done.stderr, done.stderr
+    assert "install the release that wrote it" in done.stderr, done.stderr

@@ -15,9 +15,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["Migrations", "columns", "migrate", "version"]
+__all__ = ["DOWNGRADE_ADVICE", "Migrations", "NewerSchema", "columns", "migrate", "version"]
 
 Migrations = Sequence[tuple[int, str]]
+
+DOWNGRADE_ADVICE = ("install the release that wrote it, or restore the backup taken before the"
+                    " upgrade (postlane upgrade --check)")
+
+
+class NewerSchema(RuntimeError):
+    """A store written by a newer Postlane (a downgrade): refused, never opened, because this
+    release would write rows the newer code cannot read. ``serve`` says so in one line."""
 
 
 def columns(conn: sqlite3.Connection, table: str) -> set[str]:
@@ -43,8 +51,8 @@ def migrate(conn: sqlite3.Connection, path: str | Path, table: str, migrations: 
     try:
         current = version(conn, table, baseline)
         if current > latest:
-            raise RuntimeError(f"{path}: schema version {current} is newer than this Postlane"
-                               f" ({latest}); upgrade Postlane or restore a backup")
+            raise NewerSchema(f"{path}: schema version {current} is newer than this Postlane"
+                              f" ({latest})")
         conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER PRIMARY KEY,"
                      f" applied_at REAL NOT NULL)")
         now = time.time()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..node import Node
+from ..schema import DOWNGRADE_ADVICE, NewerSchema
 from ..spool.postgres import NodeConflict
 from ..startup import ConfigError, load_config
 
@@ -199,6 +200,9 @@ def run(config: Config, path: Path | None = None) -> None:
         try:
             node = Node(config)
             await node.start()
+        except NewerSchema as exc:  # a downgrade: retrying cannot help
+            _node_log.error("cannot start: %s: %s", exc, DOWNGRADE_ADVICE)
+            raise SystemExit(2) from None
         except (OSError, sqlite3.Error, NodeConflict) as exc:  # say why, not a traceback
             _node_log.error("cannot start: %s", _why(exc))
             raise SystemExit(1) from None

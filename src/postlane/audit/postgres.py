@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from ..schema import NewerSchema
 from ..spool.postgres import CONNECT_TIMEOUT, redact
 from .chain import VERIFY_COLUMNS
 from .completeness import Completeness, SpoolView, check
@@ -215,7 +216,7 @@ class PostgresAuditStore(RetentionMixin):
         current: int = _scalar(self._conn.execute(
             "SELECT coalesce(max(version), 0) FROM audit_migrations").fetchone(), "max(version)")
         if current > SCHEMA_VERSION:
-            raise RuntimeError(f"the audit tables in PostgreSQL schema {self.schema!r} are at"
+            raise NewerSchema(f"the audit tables in PostgreSQL schema {self.schema!r} are at"
                                f" version {current}, newer than this Postlane ({SCHEMA_VERSION})")
         return current
 

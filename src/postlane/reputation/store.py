@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..feedback.dmarc import AggregateReport
+from ..schema import NewerSchema
 from ..secretfile import private_file
 from ..spool import is_dsn
 
@@ -159,8 +160,9 @@ class ReputationStore:
             current = self._exec(conn, "SELECT coalesce(max(version), 0)"
                                        " FROM reputation_migrations").fetchone()[0]
             if current > MIGRATIONS[-1][0]:
-                raise RuntimeError(f"the reputation tables are at version {current}, newer than"
-                                   f" this Postlane ({MIGRATIONS[-1][0]})")
+                where = f"PostgreSQL schema {self.schema!r}" if self.pg else self.location
+                raise NewerSchema(f"the reputation tables in {where} are at version {current},"
+                                  f" newer than this Postlane ({MIGRATIONS[-1][0]})")
             for version, sql in MIGRATIONS:
                 if version > current:
                     for statement in filter(str.strip, sql.split(";")):

@@ -6,6 +6,8 @@ import logging
 
 import asyncpg
 
+from ..schema import NewerSchema
+
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
 log = logging.getLogger("postlane.spool")
@@ -111,7 +113,7 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> None:
         current = await conn.fetchval(
             "SELECT coalesce(max(version), 0) FROM schema_migrations")
         if current > SCHEMA_VERSION:
-            raise RuntimeError(f"PostgreSQL schema {schema!r} is at version"
+            raise NewerSchema(f"PostgreSQL schema {schema!r} is at version"
                                f" {current}, newer than this Postlane ({SCHEMA_VERSION})")
         for version, sql in MIGRATIONS:
             if version > current:

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from ..accounting.records import Record, pack
 from ..health import Health
+from ..schema import NewerSchema
 from ..secretfile import private_file, private_open
 from .attempts import AttemptJournal
 from .base import (
@@ -114,7 +115,8 @@ def migrate(conn: sqlite3.Connection, path: Path) -> None:
     row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     current = int(row[0]) if row else 1
     if current > SCHEMA_VERSION:
-        raise RuntimeError(f"{path}: schema version {current} is newer than this Postlane")
+        raise NewerSchema(f"{path}: schema version {current} is newer than this Postlane"
+                          f" ({SCHEMA_VERSION})")
     for version, sql in MIGRATIONS:
         if version > current:
             conn.executescript(f"BEGIN; {sql}; INSERT OR REPLACE INTO meta VALUES"
