@@ -6,6 +6,7 @@ import asyncio
 import json
 import stat
 
+import pytest
 from typer.testing import CliRunner
 
 from postlane.cli import app
@@ -201,3 +202,52 @@ async def test_a_backup_copies_the_audit_store_and_the_files_before_the_spool(tm
     assert roles.index("state:audit.sqlite") < spool
     assert all(roles.index(r) < spool for r in roles if r.startswith("accounting:"))
     assert "state:trim.hold" not in roles
+
+
+def _damage(copy, how: str) -> None:
+    path = copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    spool = next(i for i in manifest["items"] if i["role"] == "state:spool.sqlite")
+    if how == "not-an-object":
+        manifest = []
+    elif how == "no-items":
+        del manifest["items"]
+    elif how == "no-config":
+        manifest["items"] = [i for i in manifest["items"] if i["role"] != "config"]
+    elif how == "item-outside":
+        spool["file"] = "../elsewhere/spool.sqlite"
+    elif how == "config-outside":
+        manifest["config"] = "../postlane.toml"
+    elif how == "file-missing":  # a copy of the backup cut short
+        (copy / spool["file"]).unlink()
+    elif how == "sqlite-truncated":  # and a manifest written after the damage
+        target = copy / spool["file"]
+        target.write_bytes(target.read_bytes()[:4096])
+        import hashlib
+
+        spool["sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["not-an-object", "no-items", "no-config", "item-outside",
+                                 "config-outside", "file-missing", "sqlite-truncated"])
+async def test_restore_refuses_a_broken_backup_in_one_line(tmp_path, how):
+    """A backup that is cut short or whose manifest is not what backup writes is refused with
+    one line saying why, nothing written (it was a traceback, or a restore that succeeded)."""
+    _init(tmp_path, 2600)
+    node = Node(load_config(tmp_path / "node" / "postlane.toml"))
+    await node.start()  # the stores exist
+    await node.stop()
+    result = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c",
+                                 str(tmp_path / "node" / "postlane.toml")])
+    assert result.exit_code == 0, result.output
+    _damage(tmp_path / "copy", how)
+    done = runner.invoke(app, ["restore", str(tmp_path / "copy"), str(tmp_path / "new")])
+    assert done.exit_code == 1, (done.output, done.exception)
+    assert done.exception is None or isinstance(done.exception, SystemExit), done.exception
+    lines = done.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.output
+    said = {"file-missing": "incomplete", "sqlite-truncated": "SQLite's check",
+            "no-config": "lists no config"}.get(how, "damaged")
+    assert said in lines[0], done.output
+    assert not (tmp_path / "new").exists() and not (tmp_path / "elsewhere").exists()

@@ -237,20 +237,64 @@ def backup(config_path: Path, dest: Path) -> dict:
     return manifest
 
 
-def restore(source: Path, directory: Path) -> tuple[Path, list[Path]]:
-    """Restore the backup in ``source`` with its config in ``directory`` (absent or empty);
-    returns the config's path and the files written. Nothing is overwritten: a target that
-    exists stops the restore before anything is written."""
+def _manifest(source: Path) -> dict:
+    """The backup's manifest, checked to be what ``backup`` writes: a manifest damaged or
+    made by hand is refused, never half-followed."""
     try:
         manifest = json.loads((source / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise BackupError(f"{source}: not a Postlane backup ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BackupError(f"{source}: {MANIFEST} is damaged (not a JSON object)")
     if manifest.get("format") != FORMAT:
         raise BackupError(f"{source}: backup format {manifest.get('format')} is not {FORMAT}")
+    items, config = manifest.get("items"), manifest.get("config")
+    if not isinstance(items, list) or not all(
+            isinstance(i, dict) and all(isinstance(i.get(k), str)
+                                        for k in ("kind", "role", "file", "sha256"))
+            for i in items):
+        raise BackupError(f"{source}: {MANIFEST} is damaged (its list of files is not what"
+                          f" postlane backup writes)")
+    if not isinstance(config, str) or Path(config).name != config or config in ("", ".", ".."):
+        raise BackupError(f"{source}: {MANIFEST} is damaged (no config file name)")
+    if not any(i["role"] == "config" for i in items):
+        raise BackupError(f"{source}: {MANIFEST} lists no config: not a whole backup")
+    return manifest
+
+
+def _check_item(source: Path, item: dict) -> None:
+    """The file is inside the backup, whole (its SHA-256), and a database SQLite can read."""
+    path = source / item["file"]
+    rel = Path(item["file"])
+    if rel.is_absolute() or ".." in rel.parts:
+        raise BackupError(f"{source}: {MANIFEST} is damaged (it names {item['file']!r},"
+                          f" outside the backup)")
+    try:
+        digest = _sha256(path)
+    except FileNotFoundError:
+        raise BackupError(f"{path}: missing: the backup is incomplete (cut short while it"
+                          f" was copied?)") from None
+    if digest != item["sha256"]:
+        raise BackupError(f"{path}: damaged (its SHA-256 differs from the manifest's)")
+    if item["kind"] == "sqlite":
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+        try:
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.Error as exc:
+            result = str(exc)
+        finally:
+            conn.close()
+        if result != "ok":
+            raise BackupError(f"{path}: damaged (SQLite's check: {result})")
+
+
+def restore(source: Path, directory: Path) -> tuple[Path, list[Path]]:
+    """Restore the backup in ``source`` with its config in ``directory`` (absent or empty);
+    returns the config's path and the files written. Nothing is overwritten: a target that
+    exists stops the restore before anything is written."""
+    manifest = _manifest(source)
     for item in manifest["items"]:
-        if _sha256(source / item["file"]) != item["sha256"]:
-            raise BackupError(f"{source / item['file']}: damaged (its SHA-256 differs from the"
-                              f" manifest's)")
+        _check_item(source, item)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise BackupError(f"{directory} exists and is not empty")
     config_item = next(i for i in manifest["items"] if i["role"] == "config")
