@@ -4,6 +4,7 @@ reason, qshape, delete with a DSN; mistyped names are errors."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from postlane.policy.intake import RcptIn
@@ -125,3 +126,54 @@ async def test_queue_tools_on_a_real_backlog(tmp_path, sink, make_node):
     assert sorted(r["rcpt"] for r in deleted) == [f"r1@{GREY}", f"r2@{GREY}"]
     assert {r["type"] + "/" + r["bounceCat"] + "/" + r["operator"] for r in deleted} == {
         "b/purged/admin"}
+
+
+async def test_an_action_on_a_queue_id_it_cannot_act_on_says_why_and_exits_1(
+        tmp_path, sink, make_node):
+    """By queue id, an id the action left alone is named with the reason (not in the queue:
+    delivered or never queued; being delivered now; nothing in the state the action takes)
+    and the command exits 1; it was "held: 0 recipients of 0 messages", exit 0, for a typo,
+    for a message just delivered and for one mid-delivery alike."""
+    gate, data = asyncio.Event(), sink.handle_DATA
+
+    async def held_up(*args):  # a delivery stays under way until the gate opens
+        await gate.wait()
+        return await data(*args)
+
+    sink.handle_DATA = held_up
+    node = await make_node(config_text(tmp_path, sink.port))
+
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+
+    code, out, err = await cli("queue", "hold", "NOSUCHID")
+    assert code == 1 and "NOSUCHID: not in the queue" in err, (out, err)
+    assert "audit show --queue-id NOSUCHID" in err
+
+    qid = await node.intake.submit("notices@example.com", [RcptIn("a@example.com")],
+                                   message("policy", cls="policy-documents"))
+    await _until(lambda: node.scheduler.in_flight(qid) == 1)
+    code, out, err = await cli("queue", "hold", qid, "--json")
+    assert code == 1 and json.loads(out)["untouched"] == {qid: "being delivered now"}, err
+    assert f"{qid}: being delivered now" in err
+    gate.set()
+    await sink.wait_for(1)
+    await _until(lambda: not node.scheduler.in_flight(qid))
+    await node.spool.flush()
+    for action in ("hold", "release", "retry"):  # just delivered
+        code, out, err = await cli("queue", action, qid)
+        assert code == 1 and f"{qid}: not in the queue" in err, (action, out, err)
+    code, out, err = await cli("queue", "delete", qid, "--yes")
+    assert code == 1 and f"{qid}: not in the queue" in err
+
+    await node.operations.pause("bulk", who=OPERATOR)
+    waiting = await node.intake.submit("news@example.com", [RcptIn("m@example.com")],
+                                       message("offer", cls="marketing"))
+    code, out, err = await cli("queue", "release", waiting, "NOSUCHID")
+    assert code == 1 and f"{waiting}: none of its recipients is held" in err, err
+    assert "NOSUCHID: not in the queue" in err
+    code, out, err = await cli("queue", "hold", waiting, "NOSUCHID")
+    assert code == 1 and "held: 1 recipients of 1 messages" in out and "NOSUCHID" in err
+    code, out, err = await cli("queue", "release", waiting)
+    assert code == 0 and "released: 1 recipients of 1 messages" in out and not err, err

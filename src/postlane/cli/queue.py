@@ -105,9 +105,12 @@ def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json
          **extra: object) -> None:
     out = _call(target, "POST", f"/api/v1/queue/{action}",
                 body={**sel, "dry_run": dry_run, **extra})
+    untouched = out.get("untouched") or {}
+    for qid, why in untouched.items():  # named, left alone: say why, exit 1
+        typer.echo(f"{qid}: {why}", err=True)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
-        return
+        raise typer.Exit(1 if untouched else 0)
     done = {"hold": "held", "release": "released", "retry": "retried now",
             "delete": "deleted"}[action]
     typer.echo(f"{'would be ' if dry_run else ''}{done}: {out['recipients']} recipients of"
@@ -118,6 +121,8 @@ def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json
     elif out.get("elsewhere"):
         typer.echo(f"{out['elsewhere']} more match on other nodes of the cluster, which have"
                    f" claimed them: run it on those nodes' APIs too (postlane cluster status)")
+    if untouched:
+        raise typer.Exit(1)
 
 
 def _action(action: str, help_text: str):

@@ -280,7 +280,40 @@ class QueueControl:
                 sched.let_go(mine)
         elif not dry_run:
             self._apply(action, found, who, dsn)
-        return {**out, "recipients": len(found), "messages": len({r.msg.id for r in found})}
+        out |= {"recipients": len(found), "messages": len({r.msg.id for r in found})}
+        if sel.queue_ids:
+            out["untouched"] = await self._untouched(sel, wanted, {r.msg.id for r in found})
+        return out
+
+    async def _untouched(self, sel: Selector, wanted: tuple[State, ...],
+                         touched: set[str]) -> dict[str, str]:
+        """Each queue id named that the action left alone, and why: a typo, a message just
+        delivered and one mid-delivery must not read as done."""
+        out: dict[str, str] = {}
+        for qid in dict.fromkeys(sel.queue_ids):
+            if qid in touched:
+                continue
+            if self.scheduler.message(qid):
+                waiting = True
+            elif self.scheduler.in_flight(qid):
+                out[qid] = "being delivered now"
+                continue
+            else:
+                try:  # a deep lane's recipients, or (a cluster) another node's, are spooled
+                    await self.scheduler.spool.load_body(qid)
+                    waiting = True
+                except KeyError:
+                    waiting = False
+            if not waiting:
+                out[qid] = ("not in the queue (delivered, removed or never queued: see"
+                            f" postlane audit show --queue-id {qid})")
+            else:
+                filters = any(v is not None for v in (
+                    sel.pool, sel.domain, sel.cls, sel.state, sel.older_than,
+                    sel.younger_than, sel.sender, sel.recipient, sel.correlation_id))
+                out[qid] = (f"none of its recipients is {' or '.join(wanted)}"
+                            + (" and matches the filters" if filters else ""))
+        return out
 
     def _apply(self, action: str, rcpts: list[Recipient], who: Operator, dsn: bool) -> None:
         """One node: the action on recipients taken out of its queue."""

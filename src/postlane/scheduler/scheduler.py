@@ -469,6 +469,11 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
             return []
         return [r for _, r in sorted(held.items()) if r.state in _WAITING]
 
+    def in_flight(self, msg_id: str) -> int:
+        """How many of one message's recipients are being delivered now."""
+        held = self._by_msg.get(msg_id) or {}
+        return sum(1 for r in held.values() if r.state is State.INFLIGHT)
+
     def with_correlation_id(self, correlation_id: str) -> list[str]:
         """The ids of the messages held with this correlation id."""
         return sorted(self._by_corr.get(correlation_id, ()))
