@@ -79,3 +79,25 @@ def test_demo_refuses_a_campaign_of_no_messages(tmp_path):
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 2 and "--marketing" in result.output, result.output
     assert not (tmp_path / "d").exists()
+
+
+async def test_audit_export_never_overwrites_evidence_and_says_why_it_cannot_write(tmp_path):
+    """An export is evidence: a second export into the same folder must not replace the first
+    (it did, silently), and a folder it cannot write is one line, not a traceback."""
+    from postlane.node import Node
+    from postlane.startup import load_config
+
+    config = _config(tmp_path)
+    node = Node(load_config(config))
+    await node.start()  # the audit store exists
+    await node.stop()
+    first = runner.invoke(app, ["audit", "export", "-c", config, "--out", str(tmp_path / "ev")])
+    assert first.exit_code == 0, first.output
+    manifest = (tmp_path / "ev" / "manifest.json").read_bytes()
+    for out in (tmp_path / "ev", tmp_path / "node.toml", "/proc/postlane-evidence"):
+        result = runner.invoke(app, ["audit", "export", "-c", config, "--out", str(out)])
+        assert result.exit_code == 1, (out, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit), (out, result.exception)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert str(out) in result.output, result.output
+    assert (tmp_path / "ev" / "manifest.json").read_bytes() == manifest

@@ -287,9 +287,16 @@ def export_cmd(out: Path = typer.Option(..., "--out", help="directory for the ev
     """An evidence file set for a regulator: records.csv, chain.jsonl, manifest.json."""
     from ..audit.evidence import export
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never over evidence
+        typer.echo(f"error: {out} exists and is not empty: an export goes into a new folder",
+                   err=True)
+        raise typer.Exit(1)
     store = _open(config, db, schema)
     try:
         manifest = export(store, out, parse_when(since), parse_when(until), cls)
+    except OSError as exc:  # a folder it cannot make or write
+        typer.echo(f"error: cannot write the export to {out}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         store.close()
     if as_json:
