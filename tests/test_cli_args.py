@@ -101,3 +101,37 @@ async def test_audit_export_never_overwrites_evidence_and_says_why_it_cannot_wri
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert str(out) in result.output, result.output
     assert (tmp_path / "ev" / "manifest.json").read_bytes() == manifest
+
+
+@pytest.mark.parametrize("cmd", [
+    ["api", "token", "add", "alice"], ["api", "token", "revoke", "alice"],
+    ["suppress", "add", "x@example.com"], ["suppress", "remove", "x@example.com"],
+    ["dkim", "keygen", "example.com", "--selector", "s1", "--key-file", "{node}/keys/k.pem"],
+    ["users", "add", "billing", "--class", "claims", "--file", "{node}/users.toml"]])
+def test_root_is_told_to_act_as_the_nodes_user_in_its_folders(tmp_path, cmd):
+    """Under systemd the node runs as its own user and its files are 0600: a file root writes
+    into the node's folders is one the node cannot read (a token added as root was refused, a
+    rotated DKIM key unreadable). Run as root in a folder another user owns, the commands that
+    write there refuse in one line, naming the user to run them as; nothing is written."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("the check is about root")
+    node = tmp_path / "node"
+    node.mkdir(mode=0o700)
+    config = node / "node.toml"
+    config.write_text(config_text(node, 2600).replace(str(tmp_path / "node" / "api-token"),
+                                                      str(node / "api-token")))
+    (node / "api-token").write_text("x" * 43 + "\n")
+    (node / "keys").mkdir()
+    for path in (node, node / "keys", node / "api-token"):
+        os.chown(path, 65534, 65534)  # nobody: the node's user
+    before = sorted(p.name for p in node.rglob("*"))
+    args = [a.format(node=node) for a in cmd]
+    if args[0] in ("api", "suppress"):
+        args += ["-c", str(config)]
+    result = runner.invoke(app, args, input="secret-password\nsecret-password\n")
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "sudo -u nobody postlane" in result.output, result.output
+    assert sorted(p.name for p in node.rglob("*")) == before

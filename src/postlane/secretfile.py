@@ -15,10 +15,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["create_secret", "private_dir", "private_file", "private_open", "replace_secret"]
+__all__ = ["NotTheOwner", "as_the_owner", "create_secret", "private_dir", "private_file",
+           "private_open", "replace_secret"]
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+
+
+class NotTheOwner(PermissionError):
+    """Root about to write into a folder the node's user owns."""
+
+
+def as_the_owner(path: str | Path) -> None:
+    """Refuse to write, as root, into a folder another user owns (the node's, under systemd):
+    a 0600 file root makes there is one the node cannot read (a token it refuses, a DKIM key
+    it cannot sign with). The nearest existing folder of ``path`` decides."""
+    if os.geteuid() != 0:
+        return
+    folder = Path(path).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    owner = folder.stat().st_uid
+    if owner == 0:
+        return
+    import pwd
+
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = f"#{owner}"
+    raise NotTheOwner(f"{folder} belongs to {name}: run this as that user (sudo -u {name}"
+                      f" postlane …); a file root writes there is one the node cannot read")
 
 
 def private_dir(path: str | Path) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ..api.tokens import TokenError, add_token, list_tokens, revoke_token
-from ..secretfile import private_open
+from ..secretfile import NotTheOwner, as_the_owner, private_open
 from .ops import ConfigOpt, JSONOpt, _fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="The management API.")
@@ -45,8 +45,9 @@ def add(name: str,
     """Make a token named NAME and print it, once: only its hash is kept."""
     path = _path(config, tokens_file)
     try:
+        as_the_owner(path.parent)
         token = add_token(path, name, read_only)
-    except TokenError as exc:
+    except (TokenError, NotTheOwner) as exc:
         raise _fail(str(exc)) from None
     kind = "read-only token" if read_only else "token"
     if out is not None:
@@ -80,9 +81,11 @@ def list_(config: ConfigOpt = None, tokens_file: TokensOpt = None,
 def revoke(name: str, config: ConfigOpt = None, tokens_file: TokensOpt = None,
            as_json: JSONOpt = False) -> None:
     """Remove the token named NAME; a running node refuses it from its next request."""
+    path = _path(config, tokens_file)
     try:
-        removed = revoke_token(_path(config, tokens_file), name)
-    except TokenError as exc:
+        as_the_owner(path.parent)
+        removed = revoke_token(path, name)
+    except (TokenError, NotTheOwner) as exc:
         raise _fail(str(exc)) from None
     if not removed:
         raise _fail(f"no token named {name!r}")

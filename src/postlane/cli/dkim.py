@@ -23,6 +23,7 @@ from ..policy.dkim import (
     record_name,
     write_key,
 )
+from ..secretfile import NotTheOwner, as_the_owner
 
 app = typer.Typer(no_args_is_help=True, help="DKIM keys: generate, rotate, status, DNS check.")
 
@@ -85,6 +86,11 @@ def _new_key(domain: str, selector: str, algorithm: str, bits: int, key_file: Pa
     if key_file.exists():
         typer.echo(f"error: {key_file} already exists (keys are never overwritten)", err=True)
         raise typer.Exit(1)
+    try:
+        as_the_owner(key_file.parent)
+    except NotTheOwner as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     try:
         key = generate_key(algorithm, bits)
     except DKIMError as exc:

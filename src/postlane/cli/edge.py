@@ -13,7 +13,7 @@ import typer
 
 from ..edge.tls import selfsigned
 from ..policy.users import User, UsersError, hash_password, load_users, save_user, valid_user_name
-from ..secretfile import private_dir
+from ..secretfile import NotTheOwner, as_the_owner, private_dir
 
 users_app = typer.Typer(no_args_is_help=True, help="SMTP AUTH users (the security.users_file).")
 tls_app = typer.Typer(no_args_is_help=True, help="TLS certificates for the listeners.")
@@ -35,6 +35,11 @@ def users_add(
     if not valid_user_name(name):
         typer.echo(f"not a valid user name: {name!r}", err=True)
         raise typer.Exit(2)
+    try:
+        as_the_owner(file.parent)
+    except NotTheOwner as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(1) from None
     if password_file is not None:
         try:
             lines = password_file.read_text(encoding="utf-8").splitlines()

@@ -24,8 +24,8 @@ from ..feedback.categories import RulesError, load_classifier
 from ..feedback.parse import parse_report
 from ..feedback.suppression import SCOPES, SuppressionError, SuppressionList, csv_text
 from ..operations import Operator, Suppressions
-from ..secretfile import private_open
-from ..spool import local_dir
+from ..secretfile import NotTheOwner, as_the_owner, private_open
+from ..spool import is_dsn, local_dir
 from ..spool.outbox import post
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Bounce, DSN and complaint reports.")
@@ -70,12 +70,20 @@ def _open(config: Path | None, db: Path | None) -> SuppressionList:
     return _list(_config(config) if db is None else None, db)
 
 
-def _list(cfg: Config | None, db: Path | None) -> SuppressionList:
+def _list(cfg: Config | None, db: Path | None, write: bool = False) -> SuppressionList:
     if db is None:
         if cfg is None:
             typer.echo("give --config FILE or --db FILE", err=True)
             raise typer.Exit(2)
         db = Path(cfg.feedback.suppression_db or local_dir(cfg) / "suppression.sqlite3")
+    if write:  # the list and the spool's outbox are the node's files
+        try:
+            as_the_owner(db.parent)
+            if cfg is not None and not is_dsn(cfg.node.spool):
+                as_the_owner(local_dir(cfg))
+        except NotTheOwner as exc:
+            typer.echo(f"postlane: {exc}", err=True)
+            raise typer.Exit(1) from None
     return SuppressionList(db)
 
 
@@ -84,7 +92,7 @@ def _changing(config: Path | None, db: Path | None) -> Iterator[Suppressions]:
     """The list, to change on the record as the local user: the records go into the spool's
     outbox when the command ends (even after an error, for the changes made before it)."""
     cfg = _config(config)
-    store = _list(cfg, db)
+    store = _list(cfg, db, write=True)
     made: list[Record] = []
     try:
         yield Suppressions(store, made.append)
