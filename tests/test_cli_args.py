@@ -135,3 +135,17 @@ def test_root_is_told_to_act_as_the_nodes_user_in_its_folders(tmp_path, cmd):
     assert isinstance(result.exception, SystemExit), result.exception
     assert "sudo -u nobody postlane" in result.output, result.output
     assert sorted(p.name for p in node.rglob("*")) == before
+
+
+def test_a_url_without_a_token_and_an_empty_queue_id_are_named(tmp_path):
+    """`--url` alone said "say where the node is" (it was said: the token is what is missing);
+    `queue show ''` answered "postlane:  (HTTP 307)"."""
+    env = {"POSTLANE_TOKEN_FILE": None, "POSTLANE_CONFIG": None}
+    result = runner.invoke(app, ["status", "--url", "http://127.0.0.1:9"], env=env)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "--url needs --token-file" in result.output, result.output
+    token = tmp_path / "token"
+    token.write_text("x\n")
+    result = runner.invoke(app, ["queue", "show", "", "--url", "http://127.0.0.1:9",
+                                 "--token-file", str(token)], env=env)
+    assert result.exit_code == 1 and "give a queue id" in result.output, result.output

@@ -45,6 +45,9 @@ def _target(config: Path | None, url: str | None, token_file: Path | None) -> tu
         host = f"[{host}]" if ":" in host else host
         url = url or f"http://{host}:{cfg.api.port}"
         token_file = token_file or Path(cfg.api.token_file)
+    if url is not None and token_file is None:
+        raise _fail(f"--url needs --token-file (or POSTLANE_TOKEN_FILE): the API token of the"
+                    f" node at {url}")
     if url is None or token_file is None:
         raise _fail("say where the node is: -c CONFIG (or POSTLANE_CONFIG), or --url and"
                     " --token-file")
@@ -76,7 +79,7 @@ def _call(target: tuple[str, str], method: str, path: str, body: dict | None = N
     except ValueError:
         body = {"error": resp.text}
     if not resp.is_success:
-        raise _fail(f"{body.get('error', resp.reason_phrase)} (HTTP {resp.status_code})")
+        raise _fail(f"{body.get('error') or resp.reason_phrase} (HTTP {resp.status_code})")
     return body
 
 

@@ -75,6 +75,8 @@ def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
 def show(queue_id: str, config: ConfigOpt = None, url: URLOpt = None,
          token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """One message: envelope, header fields, recipients, every attempt and its reply."""
+    if not queue_id.strip():
+        raise _fail("give a queue id (postlane queue list shows them)")
     out = _call(_target(config, url, token_file), "GET", f"/api/v1/queue/messages/{_seg(queue_id)}")
     if as_json:
         typer.echo(json.dumps(out, indent=2))
