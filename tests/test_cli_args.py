@@ -138,7 +138,7 @@ def test_root_is_told_to_act_as_the_nodes_user_in_its_folders(tmp_path, cmd):
 
 
 def test_a_url_without_a_token_and_an_empty_queue_id_are_named(tmp_path):
-    """`--url` alone said "say where the node is" (it was said: the token is what is missing);
+    """`--url` alone said "say where the node is" (it was given: the token is what is missing);
     `queue show ''` answered "postlane:  (HTTP 307)"."""
     env = {"POSTLANE_TOKEN_FILE": None, "POSTLANE_CONFIG": None}
     result = runner.invoke(app, ["status", "--url", "http://127.0.0.1:9"], env=env)
