@@ -41,7 +41,8 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
     text = (REPO / "deploy" / "systemd" / "postlane.service").read_text()
     for line in ("Type=notify", "ProtectSystem=strict", "NoNewPrivileges=yes",
                  "CapabilityBoundingSet=CAP_NET_BIND_SERVICE", "ReadWritePaths=/var/lib/postlane",
-                 "ExecReload=/bin/kill -HUP $MAINPID", "User=postlane"):
+                 "ExecReload=/bin/kill -HUP $MAINPID", "User=postlane",
+                 "RestartPreventExitStatus=2"):
         assert line in text.splitlines(), line
     assert any(line.startswith("WatchdogSec=") for line in text.splitlines())
     unit = tmp_path / "postlane.service"  # ExecStart pointed at this venv's command
