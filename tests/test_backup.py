@@ -251,3 +251,22 @@ async def test_restore_refuses_a_broken_backup_in_one_line(tmp_path, how):
             "no-config": "lists no config"}.get(how, "damaged")
     assert said in lines[0], done.output
     assert not (tmp_path / "new").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_backup_run_as_root_leaves_the_hold_file_to_the_nodes_user(tmp_path):
+    """Backups run as root; the node runs as its own user and must be able to see the hold
+    (a root-owned 0600 trim.hold read as 'not held': the node trimmed events the backup
+    needed) and the next backup as that user must open it."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("the check is about root")
+    _init(tmp_path, 2600)
+    state = tmp_path / "node" / "var" / "spool"
+    state.mkdir(parents=True, exist_ok=True)
+    os.chown(state, 65534, 65534)
+    result = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c",
+                                 str(tmp_path / "node" / "postlane.toml")])
+    assert result.exit_code == 0, result.output
+    hold = state / "trim.hold"
+    assert (hold.stat().st_uid, hold.stat().st_gid) == (65534, 65534)

@@ -24,6 +24,9 @@ def holding(state: Path) -> Iterator[None]:
     """Hold the events of the spool in ``state`` (blocks while another backup holds them)."""
     fd = os.open(state / HOLD, os.O_CREAT | os.O_RDWR, 0o600)
     try:
+        if os.geteuid() == 0:  # a backup run as root: the node's user must see the hold
+            folder = state.stat()
+            os.fchown(fd, folder.st_uid, folder.st_gid)
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
