@@ -149,3 +149,17 @@ def test_a_url_without_a_token_and_an_empty_queue_id_are_named(tmp_path):
     result = runner.invoke(app, ["queue", "show", "", "--url", "http://127.0.0.1:9",
                                  "--token-file", str(token)], env=env)
     assert result.exit_code == 1 and "give a queue id" in result.output, result.output
+
+
+@pytest.mark.parametrize("cmd", [
+    ["audit", "verify", "--export", "{tmp}/no-such-export"],
+    ["audit", "show", "--db", "{tmp}/node.toml", "--correlation-id", "x"],
+    ["audit", "verify", "--db", "{tmp}/node.toml"],
+    ["suppress", "export", "/proc/postlane-list.csv", "--db", "{tmp}/list.sqlite3"]])
+def test_files_that_are_not_there_or_not_stores_are_one_line(tmp_path, cmd):
+    """These printed a traceback (FileNotFoundError, sqlite3.DatabaseError)."""
+    _config(tmp_path)
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in cmd])
+    assert result.exit_code in (1, 2), (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert len(result.output.strip().splitlines()) == 1, result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -59,6 +60,9 @@ def _open(config: Path | None, db: str | None, schema: str = "postlane", *,
         return open_audit_store(_load(config), readonly=not write)
     except (StoreMissing, ConnectionError) as exc:
         typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    except sqlite3.DatabaseError as exc:  # --db names some other file
+        typer.echo(f"{db or config}: not an audit store ({exc})", err=True)
         raise typer.Exit(2) from None
 
 
@@ -130,7 +134,12 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
     if export_dir is not None:
         from ..audit.evidence import verify_export
 
-        problems = verify_export(export_dir, public, roots)
+        try:
+            problems = verify_export(export_dir, public, roots)
+        except OSError as exc:
+            typer.echo(f"{export_dir}: cannot read the export: {exc.strerror or exc}"
+                       f"{': ' + exc.filename if exc.filename else ''}", err=True)
+            raise typer.Exit(2) from None
         for line in problems or ["ok: export files, record hashes and links check"]:
             typer.echo(line)
         raise typer.Exit(1 if problems else 0)

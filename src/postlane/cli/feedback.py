@@ -208,8 +208,12 @@ def export(file: Path | None = typer.Argument(None, help="CSV file (default: std
         if file is None:
             store.export_csv(sys.stdout)
         else:
-            with private_open(file, newline="", encoding="utf-8") as out:
-                n = store.export_csv(out)
+            try:
+                with private_open(file, newline="", encoding="utf-8") as out:
+                    n = store.export_csv(out)
+            except OSError as exc:
+                typer.echo(f"{file}: cannot write: {exc.strerror or exc}", err=True)
+                raise typer.Exit(1) from None
             if as_json:
                 typer.echo(json.dumps({"exported": n, "file": str(file)}))
             else:
