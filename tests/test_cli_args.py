@@ -163,3 +163,28 @@ def test_files_that_are_not_there_or_not_stores_are_one_line(tmp_path, cmd):
     assert result.exit_code in (1, 2), (result.output, result.exception)
     assert isinstance(result.exception, SystemExit), result.exception
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize("cmd", [
+    ["dkim", "keygen", "a.example", "-s", "s1", "--key-file", "/proc/postlane-x/k.pem"],
+    ["api", "token", "add", "bob", "--tokens-file", "/proc/postlane-x/tokens.json"],
+    ["suppress", "add", "a@b.example", "--db", "/proc/postlane-x/list.sqlite3"],
+    ["suppress", "list", "--db", "{tmp}"]])
+def test_an_error_no_command_foresaw_is_one_line_not_a_traceback(tmp_path, cmd):
+    """The `postlane` command turns an error a command did not catch into one line naming the
+    file and the reason, exit 1 (these printed a traceback); POSTLANE_DEBUG=1 shows it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = [str(Path(sys.executable).parent / "postlane"), *(a.format(tmp=tmp_path) for a in cmd)]
+    env = {k: v for k, v in os.environ.items() if k != "POSTLANE_DEBUG"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, \
+        done.stderr
+    assert done.stderr.startswith("postlane: "), done.stderr
+    debug = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                           env={**env, "POSTLANE_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
+import sys
 import time
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -238,7 +240,26 @@ def bench(marketing: int | None = typer.Option(
 
 
 def main() -> None:
-    app()
+    """The ``postlane`` command. An error no command foresaw (a path that cannot be made, a
+    file that is not what it should be) is one line on stderr and exit 1: a traceback in an
+    operator's terminal reads as a crash and hides the one fact that matters. ``serve`` keeps
+    its tracebacks (a node that dies needs them in the journal), as does POSTLANE_DEBUG=1."""
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get("POSTLANE_DEBUG") or sys.argv[1:2] == ["serve"]:
+            raise
+        typer.echo(f"postlane: {_unforeseen(exc)}", err=True)
+        raise SystemExit(1) from None
+
+
+def _unforeseen(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    if isinstance(exc, sqlite3.Error):
+        return f"SQLite: {exc}"
+    return (f"{type(exc).__name__}: {exc} (unexpected; POSTLANE_DEBUG=1 shows where, for a bug"
+            " report)")
 
 
 if __name__ == "__main__":
