@@ -342,3 +342,28 @@ async def test_the_queue_per_lane_is_the_clusters_on_every_node(tmp_path, sink,
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_an_action_by_queue_id_in_a_cluster_names_the_ids_it_left_alone(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """By queue id on a cluster node: a held message of the shared spool is released (no
+    id left alone), an id no node has is named as not in the queue."""
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        await asyncio.to_thread(send_many, a.listeners[0].port, ["k0"])
+        held = await b.operations.queue("hold", Selector(recipient="k0@example.com"),
+                                        who=OPERATOR)
+        assert held["recipients"] == 1, held
+        [msg] = (await a.operations.control.messages(Selector(state="held")))["messages"]
+        qid = msg["queue_id"]
+        out = await a.operations.queue("release", Selector(queue_ids=(qid, "NOSUCHID")),
+                                       who=OPERATOR)
+        assert out["recipients"] == 1, out
+        assert list(out["untouched"]) == ["NOSUCHID"], out
+        assert out["untouched"]["NOSUCHID"].startswith("not in the queue"), out
+    finally:
+        await a.stop()
+        await b.stop()

@@ -285,6 +285,19 @@ class QueueControl:
             out["untouched"] = await self._untouched(sel, wanted, {r.msg.id for r in found})
         return out
 
+    async def _spooled_body(self, qid: str) -> bool:
+        """Whether the spool still has the message (a deep lane's recipients are only there;
+        in a cluster, those another node has claimed or that are held in the shared spool)."""
+        for spool in (self.scheduler.spool, self.shared):
+            if spool is None:
+                continue
+            try:
+                await spool.load_body(qid)
+                return True
+            except KeyError:
+                pass
+        return False
+
     async def _untouched(self, sel: Selector, wanted: tuple[State, ...],
                          touched: set[str]) -> dict[str, str]:
         """Each queue id named that the action left alone, and why: a typo, a message just
@@ -299,11 +312,7 @@ class QueueControl:
                 out[qid] = "being delivered now"
                 continue
             else:
-                try:  # a deep lane's recipients, or (a cluster) another node's, are spooled
-                    await self.scheduler.spool.load_body(qid)
-                    waiting = True
-                except KeyError:
-                    waiting = False
+                waiting = await self._spooled_body(qid)
             if not waiting:
                 out[qid] = ("not in the queue (delivered, removed or never queued: see"
                             f" postlane audit show --queue-id {qid})")
