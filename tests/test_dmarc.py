@@ -18,7 +18,12 @@ import pytest
 from typer.testing import CliRunner
 
 from postlane.cli import app
-from postlane.feedback.dmarc import DEFAULT_MAX_SIZE, DMARCError, parse_aggregate
+from postlane.feedback.dmarc import (
+    DEFAULT_MAX_SIZE,
+    AggregateReport,
+    DMARCError,
+    parse_aggregate,
+)
 from postlane.reputation.alignment import summarise
 from postlane.reputation.service import open_store
 from postlane.reputation.store import ReputationStore
@@ -199,6 +204,15 @@ def test_a_zip_bomb_is_refused_in_bounded_memory():
     (crafted([]).replace(b"<report_id>r-1</report_id>", b"<report_id></report_id>"),
      "incomplete report: report_id"),
     (b"Subject: hi\r\n\r\nno attachment here\r\n", "carries no DMARC report"),
+    # numbers that would crash the parser (inf), overflow the store's BIGINT or its sums
+    (crafted([("192.0.2.1", 1, "pass", "pass")]).replace(b"<count>1</count>",
+                                                           b"<count>1e400</count>"),
+     "record 1: count is not a number: '1e400'"),
+    (crafted([("192.0.2.1", 1, "pass", "pass")]).replace(b"<count>1</count>",
+                                                           b"<count>9000000000000000000</count>"),
+     "record 1: count is implausibly large: 9000000000000000000"),
+    (crafted([]).replace(b"<end>4000000000</end>", b"<end>100000000000000000000</end>"),
+     "date_range/end is implausibly large"),
 ])
 def test_broken_input_gets_a_clear_reason(data, reason):
     with pytest.raises(DMARCError, match=reason.replace("(", r"\(")):
@@ -208,6 +222,58 @@ def test_broken_input_gets_a_clear_reason(data, reason):
 def test_an_oversized_plain_report_is_refused():
     with pytest.raises(DMARCError, match="larger than the 1024 bytes limit"):
         parse_aggregate(crafted([("192.0.2.1", 1, "pass", "pass")] * 5), max_size=1024)
+
+
+def xml_peak(data: bytes) -> tuple[object, int]:
+    """Parse ``data``: the report (or the DMARCError) and the peak of traced memory."""
+    tracemalloc.start()
+    try:
+        try:
+            result: object = parse_aggregate(data)
+        except DMARCError as exc:
+            result = exc
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_flood_of_elements_is_read_in_memory_that_follows_the_rows():
+    """512 KB of empty elements inside <feedback> took ~12 MB as a tree; streamed, they are
+    dropped as they close."""
+    report = crafted([("192.0.2.1", 3, "pass", "pass")])
+    flood = report.replace(b"</feedback>", b"<x/>" * (1 << 17) + b"</feedback>")
+    parsed, peak = xml_peak(flood)
+    assert isinstance(parsed, AggregateReport) and parsed.messages == 3
+    assert peak < 4 << 20, peak  # the tree took 11.7 MB
+
+
+def test_one_stuffed_record_and_deep_nesting_are_refused():
+    stuffed = crafted([("192.0.2.1", 1, "pass", "pass")]).replace(
+        b"</row>", b"<x/>" * 5000 + b"</row>")
+    with pytest.raises(DMARCError, match="more than 2000 elements in one <record>"):
+        parse_aggregate(stuffed)
+    with pytest.raises(DMARCError, match="nested deeper than 32"):
+        parse_aggregate(b"<feedback>" + b"<x>" * 100_000)
+
+
+def test_a_flood_of_unclosed_feedback_tags_is_read_once():
+    """The old fallback for an unclosed wrapper searched the bytes for <feedback>...</feedback>
+    from every <feedback: quadratic (10 s for 32,000 tags, days for a 32 MB report). The
+    stream finds the first <feedback> and stops when it closes."""
+    flat = b"<wrapper>" + b'<feedback a="1"/>' * 20_000
+    with pytest.raises(DMARCError, match="report_metadata or policy_published is missing"):
+        parse_aggregate(flat)
+    nested = b"<wrapper>" + b"<feedback>" * 20_000
+    with pytest.raises(DMARCError, match="nested deeper than 32"):
+        parse_aggregate(nested)
+
+
+def test_bytes_after_the_report_and_utf16_are_tolerated():
+    report = crafted([("192.0.2.1", 2, "pass", "pass")])
+    assert parse_aggregate(report + b"\r\n-- \r\ntrailer <junk").messages == 2
+    utf16 = report.decode().replace('encoding="UTF-8"', 'encoding="UTF-16"').encode("utf-16")
+    assert parse_aggregate(utf16).messages == 2
+    assert parse_aggregate(gzip.compress(utf16)).messages == 2
 
 
 # -- the split ----------------------------------------------------------------------------------
@@ -377,6 +443,18 @@ async def test_reports_by_smtp_are_stored_exactly_once_and_never_relayed(tmp_pat
         "insurer.test": 310}
     assert sink.arrivals == [] and not [r for r in records(tmp_path) if r["type"] == "r"]
     assert node.scheduler.queued() == 0
+
+
+async def test_a_report_with_an_impossible_count_is_answered_250_not_451(tmp_path, sink,
+                                                                          make_node):
+    """``<count>1e400</count>`` raised OverflowError, which the listener took for a store
+    failure: 451, and the reporter would resend it for days."""
+    node = await make_node(config_text(tmp_path, sink.port, RUA))
+    bad = crafted([("192.0.2.1", 1, "pass", "pass")]).replace(b"<count>1</count>",
+                                                             b"<count>1e400</count>")
+    assert await send(node.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                      report_mail(bad, "r.xml", "text/xml")) == {}
+    assert node.reputation.store.dmarc_report_count(0) == 0
 
 
 async def test_a_mail_to_rua_and_a_customer_delivers_only_the_customer_copy(tmp_path, sink,

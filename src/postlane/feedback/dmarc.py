@@ -3,21 +3,25 @@
 
 Reports come from anyone who can reach the ``rua`` address, so nothing in them is trusted:
 the XML is parsed by ``defusedxml`` (DTDs, entity declarations and external references are
-refused, so a billion-laughs bomb stops at its first ``<!ENTITY``), decompression is streamed
-and stops at ``max_size`` bytes of output (a 200 MB gzip bomb costs one chunk of memory
-beyond the limit), and a zip archive is read member by member under the same budget.
+refused, so a billion-laughs bomb stops at its first ``<!ENTITY``) as a stream: each record is
+read when it closes and its elements dropped, nesting and the size of one record are bounded,
+and counts and dates must be numbers a store can sum. Decompression is streamed and stops at
+``max_size`` bytes of output (a 200 MB gzip bomb costs one chunk of memory beyond the limit),
+and a zip archive is read member by member under the same budget.
 
 What providers really send is tolerated: namespaces (``urn:ietf:params:xml:ns:dmarc-2.0``,
 XML Schema attributes), the old draft format (no ``<version>``, no envelope_from), an outer
-wrapper element that is never closed (a ``<feedback>`` inside an unclosed ``<xs:schema>``), empty
-fields, gzip streams with trailing bytes, and a whole report e-mail whose attachment holds the
-report.
+wrapper element that is never closed (a ``<feedback>`` inside an unclosed ``<xs:schema>``), bytes
+after ``</feedback>``, UTF-16, single-byte encodings the XML declaration names (ISO-8859-1,
+windows-1252), empty fields, gzip
+streams with trailing bytes, and a whole report e-mail whose attachment holds the report.
 """
 
 from __future__ import annotations
 
 import io
 import ipaddress
+import math
 import re
 import zipfile
 import zlib
@@ -26,7 +30,7 @@ from email import message_from_bytes, policy
 from xml.etree.ElementTree import Element, ParseError
 
 from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring
+from defusedxml.ElementTree import iterparse
 
 __all__ = ["DEFAULT_MAX_SIZE", "AggregateReport", "DMARCError", "Row", "parse_aggregate"]
 
@@ -34,9 +38,6 @@ DEFAULT_MAX_SIZE = 32 * 1024 * 1024
 """Bytes of XML one report may decompress to (the largest real report in the test corpus is
 0.9 MB; a busy domain's daily Google report stays in the low megabytes)."""
 _CHUNK = 1 << 20
-_PREFIX = rb"(?:[A-Za-z_][\w.-]*:)?"
-_FEEDBACK = re.compile(rb"<" + _PREFIX + rb"feedback[\s>].*</" + _PREFIX + rb"feedback\s*>",
-                       re.DOTALL)
 
 
 class DMARCError(ValueError):
@@ -176,8 +177,8 @@ def _kind(data: bytes) -> str:
         return "gzip"
     if data[:4] == b"PK\x03\x04":
         return "zip"
-    if head.startswith(b"<"):
-        return "xml"
+    if head.startswith(b"<") or data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "xml"  # UTF-8 (perhaps with a BOM) or UTF-16 with its byte order mark
     if re.match(rb"[!-9;-~]+:", head):  # a header field name: an e-mail
         return "mail"
     return "unknown"
@@ -204,29 +205,73 @@ def unpack(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> bytes:
 
 # -- XML --------------------------------------------------------------------------------------
 
-def _parse_xml(xml: bytes) -> Element:
+_MAX_DEPTH = 32
+"""Element nesting a report may use (a real one nests 6 deep, 7 in a wrapper element)."""
+_MAX_PART = 2000
+"""Elements in one child of ``<feedback>`` (a record has about 20)."""
+_KEPT = ("report_metadata", "policy_published", "version")
+_MAX_COUNT = 2**32 - 1
+"""Messages one record may count: more is not a report but an attempt to overflow the sums."""
+_MAX_TIME = 253402300799
+"""9999-12-31T23:59:59Z, the last date a timestamp can show."""
+
+
+def _read_xml(xml: bytes) -> tuple[Element, list[Row]]:
+    """The ``<feedback>`` element (its metadata and policy) and its records as rows, streamed:
+    a record becomes a ``Row`` as soon as it closes and its elements are dropped, and so is
+    every element outside ``<feedback>``, so memory follows the rows, not the markup (32 MB of
+    empty elements would take ~700 MB as a tree). Nesting and the size of one record are
+    bounded. Parsing stops at ``</feedback>``: an outer element that is never closed (a
+    ``<feedback>`` inside an unclosed ``<xs:schema>``, seen from ikea.com) or bytes after the
+    report do not matter."""
+    stack: list[Element] = []
+    feedback: Element | None = None
+    top, inner, part = "", 0, 0
+    rows: list[Row] = []
     try:
-        return fromstring(xml)
+        for event, el in iterparse(io.BytesIO(xml), events=("start", "end")):
+            if event == "start":
+                stack.append(el)
+                top = top or _local(el.tag)
+                if len(stack) > _MAX_DEPTH:
+                    raise DMARCError(f"refused XML: elements nested deeper than {_MAX_DEPTH}")
+                if feedback is None:
+                    if _local(el.tag) == "feedback":
+                        feedback, inner = el, len(stack) + 1
+                elif len(stack) == inner:
+                    part = 0
+                elif len(stack) > inner:
+                    part += 1
+                    if part > _MAX_PART:
+                        raise DMARCError(f"refused XML: more than {_MAX_PART} elements in one"
+                                         f" <{_local(stack[inner - 1].tag)}>")
+                continue
+            stack.pop()
+            if el is feedback:
+                return feedback, rows
+            if feedback is not None and len(stack) >= inner:
+                continue  # inside a record or the metadata: read when its element closes
+            if feedback is not None and len(stack) == inner - 1:
+                name = _local(el.tag)
+                if name == "record":
+                    rows.append(_row(el, len(rows) + 1))
+                elif name in _KEPT:
+                    continue
+            if stack:
+                del stack[-1][-1]  # a closing element is its parent's last child
     except DefusedXmlException as exc:
         raise DMARCError(f"refused XML: {type(exc).__name__} (a report never needs a DTD,"
                          " entities or external references)") from None
     except ParseError as exc:
-        first = exc
-    # A <feedback> inside an outer element that is never closed (seen from ikea.com):
-    # parse the <feedback> element alone.
-    match = _FEEDBACK.search(xml)
-    if match and match.start() > 0:
         try:
-            return fromstring(match.group(0))
-        except (ParseError, DefusedXmlException):
-            pass
-    try:
-        xml.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if not re.match(rb"<\?xml[^>]*encoding=[\"'](?!utf-?8)", xml, re.IGNORECASE):
-            raise DMARCError(f"not valid UTF-8: byte 0x{xml[exc.start]:02x} at offset"
-                             f" {exc.start}") from None
-    raise DMARCError(f"not well-formed XML: {first}") from None
+            xml.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            if not re.match(rb"<\?xml[^>]*encoding=[\"'](?!utf-?8)", xml, re.IGNORECASE):
+                raise DMARCError(f"not valid UTF-8: byte 0x{xml[bad.start]:02x} at offset"
+                                 f" {bad.start}") from None
+        raise DMARCError(f"not well-formed XML: {exc}") from None
+    raise DMARCError(f"not a DMARC aggregate report: the root element is <{top}>, not"
+                     " <feedback>")
 
 
 def _local(tag: object) -> str:
@@ -249,13 +294,23 @@ def _text(el: Element | None, *path: str) -> str:
     return (el.text or "").strip() if el is not None else ""
 
 
-def _int(value: str, what: str) -> int:
+def _int(value: str, what: str, limit: int) -> int:
+    """A non-negative integer up to ``limit`` (``1.0`` and ``1e3`` are read as integers, as
+    before; ``inf``, ``nan`` and a number too large to store are refused)."""
     try:
-        number = int(float(value))
+        number = int(value)
     except ValueError:
-        raise DMARCError(f"{what} is not a number: {value[:40]!r}") from None
+        try:
+            real = float(value)
+        except ValueError:
+            real = math.nan
+        if not math.isfinite(real):
+            raise DMARCError(f"{what} is not a number: {value[:40]!r}") from None
+        number = int(real)
     if number < 0:
         raise DMARCError(f"{what} is negative: {number}")
+    if number > limit:
+        raise DMARCError(f"{what} is implausibly large: {str(number)[:40]}")
     return number
 
 
@@ -270,7 +325,7 @@ def _row(record: Element, n: int) -> Row:
     ids = _child(record, "identifiers")
     auth = _child(record, "auth_results")
     return Row(
-        source_ip=ip, count=_int(_text(row, "count") or "0", f"record {n}: count"),
+        source_ip=ip, count=_int(_text(row, "count") or "0", f"record {n}: count", _MAX_COUNT),
         disposition=_text(evaluated, "disposition").lower() or "none",
         dkim_aligned=_text(evaluated, "dkim").lower() == "pass",
         spf_aligned=_text(evaluated, "spf").lower() == "pass",
@@ -285,10 +340,7 @@ def _row(record: Element, n: int) -> Row:
                  for r in _children(evaluated, "reason") if _text(r, "type")])
 
 
-def _report(root: Element) -> AggregateReport:
-    if _local(root.tag) != "feedback":
-        raise DMARCError(f"not a DMARC aggregate report: the root element is"
-                         f" <{_local(root.tag)}>, not <feedback>")
+def _report(root: Element, rows: list[Row]) -> AggregateReport:
     meta = _child(root, "report_metadata")
     published = _child(root, "policy_published")
     if meta is None or published is None:
@@ -302,13 +354,12 @@ def _report(root: Element) -> AggregateReport:
     if missing:
         raise DMARCError(f"incomplete report: {', '.join(missing)} empty or missing")
     dates = _child(meta, "date_range")
-    begin = _int(_text(dates, "begin"), "date_range/begin")
-    end = _int(_text(dates, "end"), "date_range/end")
+    begin = _int(_text(dates, "begin"), "date_range/begin", _MAX_TIME)
+    end = _int(_text(dates, "end"), "date_range/end", _MAX_TIME)
     if end < begin:
         raise DMARCError(f"date_range ends ({end}) before it begins ({begin})")
     policy_ = {_local(c.tag): (c.text or "").strip() for c in published
                if _local(c.tag) != "domain" and (c.text or "").strip()}
-    rows = [_row(rec, i) for i, rec in enumerate(_children(root, "record"), start=1)]
     return AggregateReport(org_name=org, email=email, report_id=report_id, begin=begin,
                            end=end, policy_domain=domain, policy=policy_, rows=rows,
                            version=_text(root, "version"))
@@ -316,7 +367,7 @@ def _report(root: Element) -> AggregateReport:
 
 def parse_aggregate(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> AggregateReport:
     """The report in ``data`` (an e-mail, gzip, zip or XML); raises ``DMARCError``."""
-    return _report(_parse_xml(unpack(data, max_size)))
+    return _report(*_read_xml(unpack(data, max_size)))
 
 
 def _mb(size: int) -> str:
