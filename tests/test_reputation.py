@@ -35,6 +35,7 @@ import base64
 import datetime as dt
 import json
 import logging
+import threading
 import time
 from urllib.parse import parse_qs
 
@@ -45,6 +46,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from typer.testing import CliRunner
 
 from postlane.cli import app
+from postlane.reputation import api as reputation_api
+from postlane.reputation.alignment import summarise
 from postlane.reputation.postmaster import SCOPE
 from postlane.reputation.review import review
 from postlane.reputation.snds import parse_snds
@@ -317,7 +320,8 @@ async def test_a_missing_key_file_is_an_import_error_not_a_crash(tmp_path, sink,
     assert failed["ok"] is False and "cannot use the service-account key" in failed["error"]
 
 
-async def test_dmarc_alignment_and_unknown_sender_alerts(tmp_path, sink, make_node):
+async def test_dmarc_alignment_and_unknown_sender_alerts(tmp_path, sink, make_node,
+                                                         monkeypatch):
     node = await make_node(rep_config(tmp_path, sink.port, "", "http://127.0.0.1:9",
                                       "http://127.0.0.1:9/snds").replace(
         'key_file = ""\n', "").replace('url = "http://127.0.0.1:9/snds"\n', ""))
@@ -339,6 +343,21 @@ async def test_dmarc_alignment_and_unknown_sender_alerts(tmp_path, sink, make_no
     pools = {p["pool"]: p for p in node.reputation.view["pools"]}
     assert pools["bulk"]["dmarc"]["dkim_rate"] == 0.2
     assert pools["critical"]["ips"][0]["dmarc"]["pass_rate"] == 1.0
+
+    # GET /api/v1/dmarc/report sums months of rows: off the event loop, which serves SMTP
+    threads = []
+
+    def summarise_watched(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return summarise(*args, **kwargs)
+
+    monkeypatch.setattr(reputation_api, "summarise", summarise_watched)
+    token = (tmp_path / "api-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
+                                 headers={"Authorization": f"Bearer {token}"}) as api:
+        got = await api.get("/api/v1/dmarc/report", params={"days": 3})
+    assert got.status_code == 200 and got.json()["domains"][0]["messages"] == 690
+    assert threads and threading.main_thread() not in threads
 
 
 def test_snds_csv_parsing():

@@ -40,7 +40,9 @@ def summarise(rows: Iterable[tuple[str, str, bool, bool, int]], pool_ips: dict[s
     and the four groups with their top sources; per pool and per pool IP: the same rates.
     ``rows`` are ``(header_from, source_ip, dkim_aligned, spf_aligned, messages)``."""
     domains: dict[str, dict] = {}
-    sources: dict[tuple[str, str, str], dict] = {}
+    sources: dict[str, dict[tuple[str, str], dict]] = defaultdict(dict)
+    """Per domain, per (group, source IP): one pass, so hostile reports naming thousands of
+    domains cost their rows, not domains x sources."""
     pools: dict[str, dict] = defaultdict(lambda: {"messages": 0, "passed": 0, "dkim": 0})
     ips: dict[str, dict] = defaultdict(lambda: {"messages": 0, "passed": 0, "dkim": 0})
     for domain, ip, dkim, spf, count in rows:
@@ -51,7 +53,7 @@ def summarise(rows: Iterable[tuple[str, str, bool, bool, int]], pool_ips: dict[s
         dom["passed"] += count if dkim or spf else 0
         dom["dkim"] += count if dkim else 0
         dom["groups"][group] += count
-        src = sources.setdefault((domain, group, ip), {
+        src = sources[domain].setdefault((group, ip), {
             "source_ip": ip, "pool": pool_ips.get(ip), "messages": 0, "dkim_aligned": 0,
             "spf_aligned": 0})
         src["messages"] += count
@@ -65,8 +67,11 @@ def summarise(rows: Iterable[tuple[str, str, bool, bool, int]], pool_ips: dict[s
     out_domains = []
     for name in sorted(domains):
         dom = domains[name]
-        tops = {g: sorted((s for (d, grp, _), s in sources.items() if d == name and grp == g),
-                          key=lambda s: (-s["messages"], s["source_ip"]))[:top] for g in GROUPS}
+        by_group: dict[str, list[dict]] = {g: [] for g in GROUPS}
+        for (group, _), src in sources[name].items():
+            by_group[group].append(src)
+        tops = {g: sorted(by_group[g], key=lambda s: (-s["messages"], s["source_ip"]))[:top]
+                for g in GROUPS}
         out_domains.append({
             "domain": name, "messages": dom["messages"],
             "pass_rate": _rate(dom["passed"], dom["messages"]),

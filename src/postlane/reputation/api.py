@@ -41,9 +41,13 @@ def router(service: ReputationService, config: Config) -> APIRouter:
         split with the top sources of each (``postlane dmarc report``)."""
         if service.store is None:
             raise HTTPException(503, "the reputation store is not open")
-        rows = await asyncio.to_thread(service.store.dmarc_sources,
-                                       time.time() - days * 86400, domain)
-        return {"days": days, **summarise(rows, service.pool_ips)}
+        store = service.store
+
+        def read() -> dict:  # off the event loop: months of reports are many rows
+            return summarise(store.dmarc_sources(time.time() - days * 86400, domain),
+                             service.pool_ips)
+
+        return {"days": days, **await asyncio.to_thread(read)}
 
     @api.post("/reputation/import/{source}")
     async def import_now(source: Literal["postmaster", "snds"]) -> dict:
