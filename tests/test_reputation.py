@@ -35,6 +35,8 @@ import base64
 import datetime as dt
 import json
 import logging
+import math
+import re
 import threading
 import time
 from urllib.parse import parse_qs
@@ -48,7 +50,8 @@ from typer.testing import CliRunner
 from postlane.cli import app
 from postlane.reputation import api as reputation_api
 from postlane.reputation.alignment import summarise
-from postlane.reputation.postmaster import SCOPE
+from postlane.reputation.postmaster import SCOPE, ImportFailed
+from postlane.reputation.postmaster import _row as postmaster_row
 from postlane.reputation.review import review
 from postlane.reputation.snds import parse_snds
 from postlane.startup import parse_config
@@ -379,6 +382,109 @@ def test_snds_csv_parsing():
 
 
 # -- the monthly rules review -------------------------------------------------------------------
+
+SNDS_LINE = ("127.0.0.30,1/2/2026 12:00 AM,1/2/2026 11:59 PM,{rcpt},5100,5150,GREEN,{rate},,,"
+             "{trap},helo.test,m@x.test,\r\n")
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"rate": "nan%"}, "complaint rate 'nan%' is not a percentage"),
+    ({"rate": "inf"}, "complaint rate 'inf' is not a percentage"),
+    ({"rate": "-5%"}, "complaint rate '-5%' is not a percentage"),
+    ({"rate": "500%"}, "complaint rate '500%' is not a percentage"),
+    ({"trap": "-4"}, "trap hits '-4' is not a count"),
+    ({"trap": "1" * 25}, "trap hits '11111111111111111111' is not a count"),
+    ({"rcpt": "1e3"}, "RCPT commands '1e3' is not a count"),
+])
+def test_snds_refuses_impossible_values(fields, reason):
+    """A NaN rate reached the view, whose JSON cannot hold it (GET /reputation: 500); a count
+    beyond BIGINT failed the store with a bare OverflowError."""
+    line = SNDS_LINE.format(**{"rcpt": "5200", "rate": "1%", "trap": "0", **fields})
+    with pytest.raises(ImportFailed, match=f"SNDS data line 2: {re.escape(reason)}"):
+        parse_snds(SNDS_LINE.format(rcpt="1", rate="< 0.1%", trap="0") + line)
+
+
+def test_snds_odd_but_readable_files():
+    good = SNDS_LINE.format(rcpt="5200", rate="0.4%", trap="2")
+    # a UTF-8 BOM hid the first IP: the line was skipped as a header, silently
+    assert [r["ip"] for r in parse_snds("\ufeff" + good)] == ["127.0.0.30"]
+    assert parse_snds("") == [] and parse_snds("\r\n\r\n") == []  # no data for the day
+    v6 = parse_snds(good.replace("127.0.0.30", "2001:DB8::0001"))
+    assert v6[0]["ip"] == "2001:db8::1"  # as the pools write it
+    with pytest.raises(ImportFailed, match="SNDS data line 2: field larger than field limit"):
+        parse_snds(good + '127.0.0.31,"' + "x" * 200_000 + '"\r\n')
+    with pytest.raises(ImportFailed, match="SNDS data line 1: the activity ends"):
+        parse_snds(good.replace("1/2/2026 12:00 AM", "1/5/2026 12:00 AM", 1))
+
+
+def test_postmaster_rows_keep_plausible_values():
+    stat = traffic_stats("insurer.test", dt.date(2026, 1, 2), reputation="HIGH", spam=0.001,
+                         bad_ips=["2001:DB8::0001", "not an ip", {"ip": 1}],
+                         good_ips="127.0.0.20")
+    stat.update(userReportedSpamRatio=math.nan, spfSuccessRatio=True, dkimSuccessRatio=7,
+                domainReputation={"level": "HIGH"})
+    stat["ipReputations"].append("BAD")
+    stat["deliveryErrors"].append(None)
+    row = postmaster_row("insurer.test", stat)
+    assert (row["spam_ratio"], row["spf_ratio"], row["dkim_ratio"], row["dmarc_ratio"]) == (
+        None, None, None, 0.99)
+    assert row["domain_reputation"] == ""
+    assert json.loads(row["ip_reputations"]) == [
+        {"reputation": "BAD", "ip_count": 3, "sample_ips": ["2001:db8::1"]},
+        {"reputation": "HIGH", "ip_count": 10, "sample_ips": []}]  # a string is not a list
+    assert len(json.loads(row["delivery_errors"])) == 1
+    with pytest.raises(ImportFailed, match="unexpected trafficStats name"):
+        postmaster_row("insurer.test",
+                       {**stat, "name": "domains/insurer.test/trafficStats/20261399"})
+
+
+async def test_hostile_answers_never_break_the_view(tmp_path, sink, make_node, google_http,
+                                                   snds_http):
+    """Postmaster JSON with NaN (Python's JSON parser takes it), a date in the year 2999 and
+    garbage sample IPs; an SNDS file with a NaN rate: the imports say what was wrong, the view,
+    the API and /metrics stay correct."""
+    http, key_file = google_http
+    day = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    stats = [traffic_stats("news.insurer.test", day, reputation="HIGH", spam=0.0002,
+                           bad_ips=[], good_ips=["127.0.0.30", {"x": 1}, ["127.0.0.20"]]),
+             traffic_stats("news.insurer.test", dt.date(2999, 12, 31), reputation="BAD",
+                           spam=0.5, bad_ips=["127.0.0.30"], good_ips=[])]
+    stats[0]["userReportedSpamRatio"] = math.nan
+    body = json.dumps({"trafficStats": stats}).encode()
+    assert b"NaN" in body
+    http.json("GET", "/v1/domains", {"domains": [{"name": "domains/news.insurer.test"},
+                                                 {"name": "domains/../../token?"}, {}]})
+    http.json("GET", "/v1/domains/news.insurer.test/trafficStats",
+              lambda q, b, h: (200, "application/json", body))
+    snds_http.text("/snds/data.aspx", SNDS_LINE.format(rcpt="1", rate="nan%", trap="0"))
+    node = await make_node(rep_config(tmp_path, sink.port, key_file, http.url,
+                                      f"{snds_http.url}/snds/data.aspx?key={SNDS_KEY}"))
+    rep = node.reputation
+    assert (await rep.import_now("postmaster")) == {"source": "postmaster", "ok": True,
+                                                    "error": "", "rows": 1}
+    failed = await rep.import_now("snds")
+    assert failed["error"] == ("SNDS data line 1: complaint rate 'nan%' is not a percentage")
+    bulk = next(p for p in rep.view["pools"] if p["pool"] == "bulk")
+    assert bulk["gmail"]["day"] == day.isoformat() and bulk["gmail"]["spam_ratio"] is None
+    assert bulk["ips"][0]["gmail_reputation"] == "HIGH"
+    assert not [c for c in rep.conditions(time.time()) if c.rule.startswith("gmail")]
+    token = (tmp_path / "api-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
+                                 headers={"Authorization": f"Bearer {token}"}) as api:
+        got = await api.get("/api/v1/reputation")
+        assert got.status_code == 200, got.text
+        metrics = (await api.get("/metrics")).text
+    assert "NaN" not in metrics and "postlane_gmail_spam_ratio{" not in metrics
+    # what this version cannot show (a row from elsewhere in a shared store) keeps the last
+    # view: the refresh raised, which ended its once-a-minute task for good
+    rep.store.put_postmaster([{**postmaster_row("news.insurer.test", stats[0]),
+                               "ip_reputations": json.dumps([{"reputation": "LOW",
+                                                              "sample_ips": [{"x": 1}]}])}],
+                             time.time())
+    before = rep.view
+    await rep.refresh()
+    assert rep.view is before
+
 
 def test_review_suggests_from_deferrals_and_reputation(tmp_path):
     cfg = parse_config(config_text(tmp_path, 2525, """

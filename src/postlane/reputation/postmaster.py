@@ -12,9 +12,11 @@ at a loopback server.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import httpx
@@ -31,6 +33,9 @@ log = logging.getLogger("postlane.reputation")
 SCOPE = "https://www.googleapis.com/auth/postmaster.readonly"
 _UNSET = ("REPUTATION_CATEGORY_UNSPECIFIED", "DELIVERY_ERROR_CLASS_UNSPECIFIED",
           "DELIVERY_ERROR_TYPE_UNSPECIFIED")
+
+
+_DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
 class ImportFailed(Exception):
@@ -91,42 +96,77 @@ def _pages(client: httpx.Client, path: str, key: str, params: dict) -> list[dict
     token = None
     for _ in range(100):  # a bound: 100 pages of a day each is three months
         body = _get(client, path, {**params, **({"pageToken": token} if token else {})})
-        out.extend(body.get(key) or [])
+        items = body.get(key) if isinstance(body, dict) else None
+        if not isinstance(items, list | None) or not all(isinstance(i, dict)
+                                                         for i in items or []):
+            raise ImportFailed(f"Postmaster Tools API sent an unexpected {key} list for {path}")
+        out.extend(items or [])
         token = body.get("nextPageToken")
         if not token:
             break
     return out
 
 
-def _day(name: str) -> str:
-    """``domains/example.com/trafficStats/20240131`` -> ``2024-01-31``."""
-    stamp = name.rsplit("/", 1)[-1]
-    if len(stamp) != 8 or not stamp.isdigit():
-        raise ImportFailed(f"unexpected trafficStats name {name[:80]!r}")
-    return f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:]}"
+def _day(name: Any) -> str:
+    """``domains/example.com/trafficStats/20240131`` -> ``2024-01-31`` (a real date)."""
+    stamp = str(name).rsplit("/", 1)[-1]
+    try:
+        return dt.datetime.strptime(stamp, "%Y%m%d").date().isoformat() if len(stamp) == 8 \
+            else ""
+    except ValueError:
+        return ""
 
 
 def _ratio(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
+    """A ratio from 0 to 1, else unknown: JSON may carry ``NaN`` (Python's parser takes it,
+    the API's JSON cannot give it back: HTTP 500), ``true`` or ``7``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 <= value <= 1 else None
+
+
+def _ips(values: Any) -> list[str]:
+    """Sample IPs as the pools write them (``ipaddress`` form); anything else is dropped."""
+    out = []
+    for value in values if isinstance(values, list) else []:
+        try:
+            out.append(str(ipaddress.ip_address(str(value).strip())))
+        except ValueError:
+            continue
+    return out
+
+
+def _ip_count(value: Any) -> int:
+    """``ipCount`` is an int64 as a string."""
+    text = str(value).strip()
+    return int(text) if text.isdigit() and len(text) < 19 else 0
 
 
 def _row(domain: str, stat: dict) -> dict:
+    day = _day(stat.get("name", ""))
+    if not day:
+        raise ImportFailed(f"unexpected trafficStats name {str(stat.get('name'))[:80]!r}")
     rep = stat.get("domainReputation", "")
     return {
-        "domain": domain, "day": _day(stat.get("name", "")),
-        "domain_reputation": "" if rep in _UNSET else str(rep),
+        "domain": domain, "day": day,
+        "domain_reputation": rep if isinstance(rep, str) and rep not in _UNSET else "",
         "spam_ratio": _ratio(stat.get("userReportedSpamRatio")),
         "spf_ratio": _ratio(stat.get("spfSuccessRatio")),
         "dkim_ratio": _ratio(stat.get("dkimSuccessRatio")),
         "dmarc_ratio": _ratio(stat.get("dmarcSuccessRatio")),
         "ip_reputations": json.dumps([
-            {"reputation": r.get("reputation", ""), "ip_count": int(r.get("ipCount") or 0),
-             "sample_ips": list(r.get("sampleIps") or [])}
-            for r in stat.get("ipReputations") or [] if r.get("reputation") not in _UNSET]),
+            {"reputation": r["reputation"], "ip_count": _ip_count(r.get("ipCount")),
+             "sample_ips": _ips(r.get("sampleIps"))}
+            for r in _dicts(stat.get("ipReputations"))
+            if isinstance(r.get("reputation"), str) and r["reputation"] not in _UNSET]),
         "delivery_errors": json.dumps([
-            {"class": e.get("errorClass", ""), "type": e.get("errorType", ""),
-             "ratio": _ratio(e.get("errorRatio"))} for e in stat.get("deliveryErrors") or []]),
+            {"class": str(e.get("errorClass", ""))[:100], "type": str(e.get("errorType", ""))[:100],
+             "ratio": _ratio(e.get("errorRatio"))} for e in _dicts(stat.get("deliveryErrors"))]),
         "raw": json.dumps(stat)[:20000]}
+
+
+def _dicts(value: Any) -> list[dict]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
 def fetch_postmaster(cfg: PostmasterConfig, today: dt.date) -> list[dict]:
@@ -150,8 +190,8 @@ def fetch_postmaster(cfg: PostmasterConfig, today: dt.date) -> list[dict]:
             raise ImportFailed(f"Google refused the service-account token: {exc}"[:300]) from None
         client.headers["Authorization"] = f"Bearer {creds.token}"
         domains = list(cfg.domains) or [
-            d["name"].removeprefix("domains/") for d in _pages(client, "/v1/domains",
-                                                               "domains", {})]
+            name for d in _pages(client, "/v1/domains", "domains", {})
+            if _DOMAIN.fullmatch(name := str(d.get("name", "")).removeprefix("domains/"))]
         rows: list[dict] = []
         for domain in domains:
             params = {"startDate.year": start.year, "startDate.month": start.month,
@@ -159,4 +199,5 @@ def fetch_postmaster(cfg: PostmasterConfig, today: dt.date) -> list[dict]:
                       "endDate.month": end.month, "endDate.day": end.day, "pageSize": 200}
             stats = _pages(client, f"/v1/domains/{domain}/trafficStats", "trafficStats", params)
             rows.extend(_row(domain, s) for s in stats)
-    return rows
+    # a day after tomorrow (a broken stamp) would stay "the latest day" and its alerts forever
+    return [r for r in rows if r["day"] <= end.isoformat()]

@@ -223,10 +223,11 @@ class ReputationService:
         async with self._refreshing:
             try:
                 data = await asyncio.to_thread(self._read, time.time())
-            except Exception:  # the store is away: keep the last view, try again later
+                self.view, self._conditions, self.offers = self._compute(data, time.time())
+            except Exception:  # the store is away, or holds what this version cannot show:
+                # keep the last view and try again later (raising here ended the refresh
+                # task for good, and made POST /reputation/import answer 500)
                 log.exception("reputation view not refreshed")
-                return
-            self.view, self._conditions, self.offers = self._compute(data, time.time())
 
     def _read(self, now: float) -> dict:
         assert self.store is not None

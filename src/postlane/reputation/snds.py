@@ -16,6 +16,7 @@ import csv
 import io
 import ipaddress
 import logging
+import math
 import re
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -54,22 +55,44 @@ def _when(text: str) -> float:
 
 
 def _ratio(text: str) -> float:
-    """``"0.4%"`` -> 0.004; ``"< 0.1%"`` (below what SNDS reports) -> 0.0."""
+    """``"0.4%"`` -> 0.004; ``"< 0.1%"`` (below what SNDS reports) -> 0.0. A rate that is not
+    a percentage from 0 to 100 (``nan%``, ``-5%``, ``500%``) is refused: a NaN reached the API,
+    whose JSON cannot hold one (HTTP 500), and the gauges."""
     text = text.strip()
     if not text or text.startswith("<"):
         return 0.0
-    return float(text.rstrip("%").strip()) / 100
+    try:
+        value = float(text.rstrip("%").strip())
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:  # False for NaN
+        raise ValueError(f"complaint rate {text[:20]!r} is not a percentage")
+    return value / 100
 
 
-def _count(text: str) -> int:
-    return int(text.strip() or 0)
+def _count(text: str, what: str) -> int:
+    """A count: digits only (a negative count or one too large to store is refused)."""
+    text = text.strip()
+    if not text:
+        return 0
+    if not re.fullmatch(r"\d{1,18}", text):
+        raise ValueError(f"{what} {text[:20]!r} is not a count")
+    return int(text)
 
 
 def parse_snds(text: str) -> list[dict]:
     """Rows for ``ReputationStore.put_snds``; a line that is not data (a header) is skipped,
     a data line that does not parse raises ``ImportFailed`` naming the line."""
     rows = []
-    for n, fields in enumerate(csv.reader(io.StringIO(text)), start=1):
+    reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))  # a BOM hid the first IP
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # a field beyond csv's limit, a broken quote
+            raise ImportFailed(f"SNDS data line {reader.line_num}: {exc}") from None
+        n = reader.line_num
         if not fields or not fields[0].strip():
             continue
         try:
@@ -84,12 +107,17 @@ def parse_snds(text: str) -> list[dict]:
             filt = fields[6].strip().upper()
             if filt not in _FILTERS:
                 raise ValueError(f"filter result {filt[:20]!r} is not GREEN, YELLOW or RED")
+            start, end = _when(fields[1]), _when(fields[2])
+            if end < start:
+                raise ValueError(f"the activity ends ({fields[2].strip()[:20]}) before it"
+                                 f" starts ({fields[1].strip()[:20]})")
             rows.append({
-                "ip": ip, "period_start": _when(fields[1]), "period_end": _when(fields[2]),
-                "rcpt_commands": _count(fields[3]), "data_commands": _count(fields[4]),
-                "recipients": _count(fields[5]), "filter": filt,
-                "complaint_rate": fields[7].strip(), "complaint_ratio": _ratio(fields[7]),
-                "trap_hits": _count(fields[10]), "helo": fields[11].strip()[:255],
+                "ip": ip, "period_start": start, "period_end": end,
+                "rcpt_commands": _count(fields[3], "RCPT commands"),
+                "data_commands": _count(fields[4], "DATA commands"),
+                "recipients": _count(fields[5], "recipients"), "filter": filt,
+                "complaint_rate": fields[7].strip()[:20], "complaint_ratio": _ratio(fields[7]),
+                "trap_hits": _count(fields[10], "trap hits"), "helo": fields[11].strip()[:255],
                 "mail_from": fields[12].strip()[:255], "comments": fields[13].strip()[:500]})
         except ValueError as exc:
             raise ImportFailed(f"SNDS data line {n}: {exc}") from None
