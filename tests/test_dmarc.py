@@ -423,6 +423,15 @@ def test_cli_import_deduplicates_and_report_splits(tmp_path):
     assert "(pool bulk)" in text.stdout
 
 
+@pytest.mark.parametrize("days", ["inf", "1e300", "nan", "0"])
+def test_cli_report_refuses_impossible_periods(tmp_path, days):
+    """``--days inf`` and ``--days 1e300`` ended in a traceback (OverflowError)."""
+    cfg = _write_config(tmp_path)
+    result = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", days])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "--days" in result.output
+
+
 # -- by SMTP to the rua address -----------------------------------------------------------------
 
 RUA = '[reputation.dmarc]\naddresses = ["dmarc-rua@insurer.test"]\n'

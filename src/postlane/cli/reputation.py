@@ -109,8 +109,9 @@ def import_(files: list[Path] = typer.Argument(..., help=".xml, .xml.gz, .zip or
 @dmarc_app.command("report")
 def report(config: Path = _CONFIG,
            domain: str | None = typer.Option(None, help="only this header From domain"),
-           days: float = typer.Option(7, min=0.01, help="reports that ended this many days ago"
-                                      " or later"),
+           days: float = typer.Option(7, min=0.01, max=3660, help="reports that ended this"
+                                      " many days ago or later (at most ten years, as the"
+                                      " API)"),
            top: int = typer.Option(5, min=1, help="top sources per group"),
            as_json: bool = _JSON) -> None:
     """Alignment per sending domain; sources split into our pools, known forwarders (DKIM
