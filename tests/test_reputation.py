@@ -492,6 +492,8 @@ def test_review_suggests_from_deferrals_and_reputation(tmp_path):
 domains = ["partner.test"]
 max_connections_per_ip = 4
 reason = "Partner asked for 4 connections (ticket 1234)"
+[reputation]
+spam_ratio_critical = 0.004
 """))
     now = time.time()
     early, late = now - 20 * 86400, now - 2 * 86400
@@ -502,7 +504,10 @@ reason = "Partner asked for 4 connections (ticket 1234)"
     recs += [{"type": "d", "rcpt": "x@outlook.com", "time_logged": late}]
     gmail = [{"domain": "news.insurer.test", "day": "2026-06-01", "spam_ratio": 0.0025,
               "domain_reputation": "LOW"}]
-    snds = [{"filter": "RED"}, {"filter": "YELLOW"}, {"filter": "GREEN"}]
+    snds = [{"ip": "127.0.0.30", "filter": "RED"}, {"ip": "127.0.0.20", "filter": "YELLOW"},
+            {"ip": "127.0.0.30", "filter": "GREEN"}]
+    # the SNDS account also lists IPs outside the pools: they say nothing about these rules
+    snds += [{"ip": "198.51.100.9", "filter": "RED"}] * 3
     entries = {e["rule"]: e for e in review(cfg, {"microsoft": {
         "reviewed_at": now - 86400, "reviewer": "ops"}}, recs, gmail, snds, now, "node.toml")}
     g = entries["gmail"]
@@ -511,7 +516,8 @@ reason = "Partner asked for 4 connections (ticket 1234)"
                                       "bounced": 0}
     assert any(s.startswith("deferrals with throttling replies rising (0.0% -> 10.0%")
                for s in g["suggestions"])
-    assert "Gmail user-reported spam ratio reached 0.25% (limit 0.30 %)" in g["suggestions"]
+    # the configured limit, not Google's 0.30 %
+    assert "Gmail user-reported spam ratio reached 0.25% (limit 0.40%)" in g["suggestions"]
     m = entries["microsoft"]
     assert m["stale"] is False and m["reviewer"] == "ops"
     assert "SNDS: 1 RED and 1 YELLOW IP-days" in m["suggestions"]

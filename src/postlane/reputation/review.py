@@ -4,8 +4,8 @@ it was last reviewed, and what the last 30 days of delivery and reputation data 
 The delivery side comes from the audit store (every "d", "t" and "b" record, matched to a rule
 by recipient domain or by the MX host in ``dsnMta``); a "t" whose reply matches one of the
 rule's ``backoff_on`` fragments counts as throttled. The reputation side comes from the
-reputation store: Postmaster Tools for rules covering gmail.com, SNDS for those covering
-outlook.com or hotmail.com.
+reputation store: Postmaster Tools for rules covering gmail.com, SNDS (the pools' IPs only) for
+those covering outlook.com or hotmail.com.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _share(acc: dict) -> float:
 
 
 def _suggest(rule_domains: list[str], traffic: dict | None, have_records: bool,
-             gmail: list[dict], snds: list[dict], warning: float) -> list[str]:
+             gmail: list[dict], snds: list[dict], warning: float, critical: float) -> list[str]:
     out: list[str] = []
     if not have_records:
         out.append("no delivery data: the audit store is off or empty")
@@ -136,7 +136,8 @@ def _suggest(rule_domains: list[str], traffic: dict | None, have_records: bool,
     if "gmail.com" in rule_domains and gmail:
         worst = max((g["spam_ratio"] or 0.0) for g in gmail)
         if worst > warning:
-            out.append(f"Gmail user-reported spam ratio reached {worst:.2%} (limit 0.30 %)")
+            out.append(f"Gmail user-reported spam ratio reached {worst:.2%} (limit"
+                       f" {critical:.2%})")
         bad = sorted({g["domain"] for g in gmail if g["domain_reputation"] in ("LOW", "BAD")})
         if bad:
             out.append(f"Gmail domain reputation LOW/BAD on some days for {', '.join(bad)}")
@@ -156,6 +157,10 @@ def review(config: Config, reviews: dict[str, dict], records: Iterable[dict] | N
     now = time.time() if now is None else now
     origins = rule_origins(config, config_file)
     traffic = _traffic(config, records, now) if records is not None else {}
+    # an SNDS account may list IPs that are not the pools' (old ones, another department's):
+    # their colours say nothing about these rules
+    ours = {ip.address for pool in config.pools.values() for ip in pool.ips}
+    snds = [row for row in snds if row.get("ip") in ours]
     stale = {s["rule"] for s in stale_rules(config, reviews, now)}
     out = []
     for name in sorted(config.destinations):
@@ -163,7 +168,8 @@ def review(config: Config, reviews: dict[str, dict], records: Iterable[dict] | N
         domains = [d.lower() for d in rule.domains]
         last = reviews.get(name, {})
         suggestions = _suggest(domains, traffic.get(name), records is not None, gmail, snds,
-                               config.reputation.spam_ratio_warning)
+                               config.reputation.spam_ratio_warning,
+                               config.reputation.spam_ratio_critical)
         out.append({"rule": name, **origins[name], "domains": domains, "mx": rule.mx,
                     "last_reviewed": last.get("reviewed_at"), "reviewer": last.get("reviewer"),
                     "stale": name in stale, "traffic": traffic.get(name),
