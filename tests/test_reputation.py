@@ -363,6 +363,37 @@ async def test_dmarc_alignment_and_unknown_sender_alerts(tmp_path, sink, make_no
     assert threads and threading.main_thread() not in threads
 
 
+async def test_a_report_naming_many_domains_keeps_the_view_bounded(tmp_path, sink, make_node):
+    """Anyone may mail the rua address: 150 header From domains with unknown senders made 150
+    alerts, 750 series on /metrics and 150 dashboard rows. The view keeps 100, the pools'
+    domain first however small."""
+    node = await make_node(rep_config(tmp_path, sink.port, "", "http://127.0.0.1:9",
+                                      "http://127.0.0.1:9/snds").replace(
+        'key_file = ""\n', "").replace('url = "http://127.0.0.1:9/snds"\n', ""))
+    rows = [(f"203.0.113.{i % 200}", 1000 + i, "fail", "fail") for i in range(150)]
+    rows.append(("127.0.0.30", 1, "pass", "pass"))
+    report = crafted(rows, domain="spoofed.test", end=int(time.time()))
+    names = iter([f"d{i}.spoofed.test" for i in range(150)] + ["news.insurer.test"])
+    report = re.sub(rb"<header_from>spoofed.test</header_from>",
+                    lambda m: f"<header_from>{next(names)}</header_from>".encode(), report)
+    assert (await node.reputation.receive(report, "127.0.0.1"))["stored"] is True
+    dmarc = node.reputation.view["dmarc"]
+    assert len(dmarc["domains"]) == 100 and dmarc["domains_omitted"] == 51
+    kept = {d["domain"] for d in dmarc["domains"]}
+    assert "news.insurer.test" in kept and "d149.spoofed.test" in kept
+    assert "d0.spoofed.test" not in kept  # the smallest of the others
+    unknown = [c for c in node.reputation.conditions(time.time())
+               if c.rule == "dmarc-unknown-senders"]
+    assert len(unknown) == 99
+    token = (tmp_path / "api-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
+                                 headers={"Authorization": f"Bearer {token}"}) as api:
+        metrics = (await api.get("/metrics")).text
+        everything = (await api.get("/api/v1/dmarc/report", params={"days": 3})).json()
+    assert metrics.count("postlane_dmarc_messages{") == 400
+    assert len(everything["domains"]) == 151  # asked for: all of them
+
+
 def test_snds_csv_parsing():
     rows = parse_snds("IP Address,Activity start,Activity end,RCPT,DATA,Recipients,Filter,"
                       "Complaint,Trap start,Trap end,Traps,HELO,MAIL FROM,Comments\r\n"

@@ -41,6 +41,9 @@ REFRESH_EVERY = 60.0
 RECENT = 5 * 86400.0
 """Postmaster and SNDS data older than this no longer raises alerts (the sources lag a day or
 two; older figures describe a state that has passed)."""
+VIEW_DOMAINS = 100
+"""Header From domains in the view, its gauges and alerts (``postlane dmarc report`` and
+``GET /dmarc/report`` list them all)."""
 LEVELS = {"BAD": 0, "LOW": 1, "MEDIUM": 2, "HIGH": 3}
 """Gmail's reputation categories in order: the alerts compare them, the gauges (``metrics.py``)
 show them."""
@@ -233,12 +236,30 @@ class ReputationService:
         assert self.store is not None
         rep = self.config.reputation
         since_day = time.strftime("%Y-%m-%d", time.gmtime(now - RECENT))
-        return {"dmarc": summarise(self.store.dmarc_sources(now - rep.dmarc.window),
-                                   self.pool_ips),
+        return {"dmarc": self._bounded(summarise(self.store.dmarc_sources(now - rep.dmarc.window),
+                                                 self.pool_ips)),
                 "reports": self.store.dmarc_report_count(now - rep.dmarc.window),
                 "postmaster": self.store.postmaster(since_day),
                 "snds": self.store.snds(now - RECENT), "imports": self.store.imports(),
                 "reviews": self.store.last_reviews()}
+
+    def _bounded(self, summary: dict) -> dict:
+        """At most ``VIEW_DOMAINS`` header From domains, the pools' own (and their subdomains)
+        first, then those with the most messages: anyone can mail the rua address a report
+        naming thousands of domains, and each became gauges, an alert and a dashboard row."""
+        domains = summary["domains"]
+        if len(domains) <= VIEW_DOMAINS:
+            return {**summary, "domains_omitted": 0}
+        ours = {d for doms in self.domains.values() for d in doms}
+
+        def rank(dom: dict) -> tuple[bool, int, str]:
+            name = dom["domain"]
+            own = name in ours or any(name.endswith("." + d) for d in ours)
+            return (not own, -dom["messages"], name)
+
+        kept = {d["domain"] for d in sorted(domains, key=rank)[:VIEW_DOMAINS]}
+        return {**summary, "domains": [d for d in domains if d["domain"] in kept],
+                "domains_omitted": len(domains) - len(kept)}
 
     def _compute(self, data: dict, now: float) -> tuple[dict, list[Condition], dict[str, str]]:
         rep = self.config.reputation
