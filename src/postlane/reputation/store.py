@@ -173,17 +173,20 @@ class ReputationStore:
 
     def add_report(self, report: AggregateReport, source: str, now: float) -> bool:
         """Store a report and its rows once; False when this reporter's report id is already
-        stored (a resent report)."""
+        stored (a resent report). A report that claims to end after it arrived is taken as
+        ending on arrival: dated in 2096, it stayed in every window (and its alerts firing)
+        for good."""
+        end = min(report.end, int(now))
         with self._tx() as conn:
             cur = self._exec(conn, """INSERT INTO dmarc_reports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
                 ON CONFLICT (reporter, report_id) DO NOTHING""", (
                 report.reporter, report.report_id, report.org_name, report.email,
-                report.policy_domain, report.begin, report.end, json.dumps(report.policy),
+                report.policy_domain, min(report.begin, end), end, json.dumps(report.policy),
                 report.version, len(report.rows), report.messages, source[:200], now))
             if cur.rowcount == 0:
                 return False
             self._many(conn, "INSERT INTO dmarc_rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [
-                (report.reporter, report.report_id, i, report.end, r.source_ip, r.count,
+                (report.reporter, report.report_id, i, end, r.source_ip, r.count,
                  r.disposition, int(r.dkim_aligned), int(r.spf_aligned), r.header_from,
                  r.envelope_from, r.envelope_to, json.dumps(r.dkim), json.dumps(r.spf),
                  json.dumps(r.reasons)) for i, r in enumerate(report.rows)])
