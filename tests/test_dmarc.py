@@ -490,6 +490,50 @@ async def test_reports_by_smtp_are_stored_exactly_once_and_never_relayed(tmp_pat
     assert node.scheduler.queued() == 0
 
 
+REAL = Path(__file__).parent / "data" / "dmarc"  # a copy of real reports, see its README
+
+
+async def test_real_report_mails_by_smtp_are_stored_once_each(tmp_path, sink, make_node):
+    """Google's, Mimecast's (a gzip with trailing bytes) and another reporter's real mails, sent
+    twice over SMTP to the rua address: three reports, each counted once, nothing relayed."""
+    node = await make_node(config_text(tmp_path, sink.port, RUA))
+    port = node.listeners[0].port
+    mails = sorted(REAL.glob("*.eml"))
+    assert len(mails) == 3
+    for _ in range(2):
+        for path in mails:
+            assert await send(port, "noreply-dmarc@mail.example", ["dmarc-rua@insurer.test"],
+                              path.read_bytes()) == {}
+    store = node.reputation.store
+    assert store.dmarc_report_count(0) == 3
+    assert {row[0] for row in store.dmarc_sources(0)} == {"borschow.com", "ab.id.au",
+                                                           "twlnet.com"}
+    assert sink.arrivals == [] and node.scheduler.queued() == 0
+
+
+def test_real_report_files_through_the_cli_import(tmp_path):
+    """The import path with real xml, gzip, zip and mail files; a second run skips them all;
+    the refused file is named with its reason."""
+    cfg = _write_config(tmp_path)
+    files = sorted(map(str, REAL.iterdir()))
+    files.remove(str(REAL / "README.md"))
+    first = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), "--json", *files])
+    assert first.exit_code == 1  # invalid_utf_8.xml
+    lines = [json.loads(line) for line in first.stdout.splitlines()]
+    refused = [line for line in lines if not line["ok"]]
+    assert [Path(line["file"]).name for line in refused] == ["invalid_utf_8.xml"]
+    assert refused[0]["error"].startswith("not valid UTF-8: byte 0x91")
+    assert all(line["stored"] for line in lines if line["ok"]) and len(lines) == 8
+    again = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), "--json", *files])
+    assert not [line for line in map(json.loads, again.stdout.splitlines())
+                if line["ok"] and line["stored"]]
+    store = open_store(parse_config(cfg.read_text()))
+    try:
+        assert store.dmarc_report_count(0) == 7
+    finally:
+        store.close()
+
+
 async def test_a_report_with_an_impossible_count_is_answered_250_not_451(tmp_path, sink,
                                                                           make_node):
     """``<count>1e400</count>`` raised OverflowError, which the listener took for a store
