@@ -31,6 +31,7 @@ comments; no header line; times as M/D/YYYY h:mm AM.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -392,6 +393,49 @@ async def test_a_report_naming_many_domains_keeps_the_view_bounded(tmp_path, sin
         everything = (await api.get("/api/v1/dmarc/report", params={"days": 3})).json()
     assert metrics.count("postlane_dmarc_messages{") == 400
     assert len(everything["domains"]) == 151  # asked for: all of them
+
+
+async def test_a_burst_of_reports_shares_view_refreshes(tmp_path, sink, make_node,
+                                                         monkeypatch):
+    """Each stored report waits for the view before its 250: five reports arriving while the
+    view is being computed read the whole window five times, one after the other; they now
+    share one run."""
+    node = await make_node(rep_config(tmp_path, sink.port, "", "http://127.0.0.1:9",
+                                      "http://127.0.0.1:9/snds").replace(
+        'key_file = ""\n', "").replace('url = "http://127.0.0.1:9/snds"\n', ""))
+    rep = node.reputation
+    gate, reads, read = threading.Event(), [], rep._read
+
+    def held_read(now):
+        reads.append(now)
+        if len(reads) == 1:
+            gate.wait(30)  # the first run is slow: the others arrive meanwhile
+        return read(now)
+
+    monkeypatch.setattr(rep, "_read", held_read)
+    asked, refresh = [], rep.refresh
+
+    async def counted_refresh():
+        asked.append(1)
+        await refresh()
+
+    monkeypatch.setattr(rep, "refresh", counted_refresh)
+    end = int(time.time())
+
+    def mail(i: int) -> bytes:
+        return crafted([("203.0.113.9", 5, "fail", "fail")], report_id=f"burst-{i}",
+                       domain="news.insurer.test", end=end)
+
+    first = asyncio.create_task(rep.receive(mail(0), "127.0.0.1"))
+    await until(lambda: reads, what="the first refresh")
+    others = [asyncio.create_task(rep.receive(mail(i), "127.0.0.1")) for i in range(1, 6)]
+    await until(lambda: len(asked) == 6, what="five more refreshes asked")
+    gate.set()
+    results = await asyncio.gather(first, *others)
+    assert all(r["stored"] for r in results)
+    assert len(reads) == 2
+    unknown = next(d for d in rep.view["dmarc"]["domains"] if d["domain"] == "news.insurer.test")
+    assert unknown["groups"]["unknown"]["messages"] == 30  # the shared run saw every report
 
 
 def test_snds_csv_parsing():

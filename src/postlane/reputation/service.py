@@ -107,6 +107,8 @@ class ReputationService:
         self._conditions: list[Condition] = []
         self._tasks: list[asyncio.Task] = []
         self._refreshing = asyncio.Lock()
+        self._refresh_asked = 0
+        self._refresh_covered = 0
         self._importing = {"postmaster": asyncio.Lock(), "snds": asyncio.Lock()}
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -221,9 +223,17 @@ class ReputationService:
         return self._conditions
 
     async def refresh(self) -> None:
+        """Recompute the view. Callers that arrive while a run is going share the next run: a
+        burst of report mails (each waits for the view before its 250) cost one read of the
+        whole window each, one after the other."""
         if self.store is None:
             return
+        self._refresh_asked += 1
+        ticket = self._refresh_asked
         async with self._refreshing:
+            if self._refresh_covered >= ticket:
+                return  # a run that started after this request has finished
+            covered = self._refresh_asked
             try:
                 data = await asyncio.to_thread(self._read, time.time())
                 self.view, self._conditions, self.offers = self._compute(data, time.time())
@@ -231,6 +241,7 @@ class ReputationService:
                 # keep the last view and try again later (raising here ended the refresh
                 # task for good, and made POST /reputation/import answer 500)
                 log.exception("reputation view not refreshed")
+            self._refresh_covered = covered
 
     def _read(self, now: float) -> dict:
         assert self.store is not None
