@@ -490,6 +490,10 @@ def test_snds_odd_but_readable_files():
         parse_snds(good + '127.0.0.31,"' + "x" * 200_000 + '"\r\n')
     with pytest.raises(ImportFailed, match="SNDS data line 1: the activity ends"):
         parse_snds(good.replace("1/2/2026 12:00 AM", "1/5/2026 12:00 AM", 1))
+    # a period in 2099 would stay the IP's latest, its colour (and alert) for good
+    future = good.replace("1/2/2026", "1/2/2099").replace("127.0.0.30", "127.0.0.20")
+    now = dt.datetime(2026, 1, 3, tzinfo=dt.UTC).timestamp()
+    assert [r["ip"] for r in parse_snds(good + future, now)] == ["127.0.0.30"]
 
 
 def test_postmaster_rows_keep_plausible_values():

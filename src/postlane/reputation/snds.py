@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import math
 import re
+import time
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -80,10 +81,12 @@ def _count(text: str, what: str) -> int:
     return int(text)
 
 
-def parse_snds(text: str) -> list[dict]:
+def parse_snds(text: str, now: float | None = None) -> list[dict]:
     """Rows for ``ReputationStore.put_snds``; a line that is not data (a header) is skipped,
-    a data line that does not parse raises ``ImportFailed`` naming the line."""
-    rows = []
+    a data line that does not parse raises ``ImportFailed`` naming the line. With ``now``,
+    periods starting more than a day later are dropped: a wrong date would stay "the latest
+    period" of its IP, and a RED one its alert, for good."""
+    rows: list[dict] = []
     reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))  # a BOM hid the first IP
     while True:
         try:
@@ -121,6 +124,8 @@ def parse_snds(text: str) -> list[dict]:
                 "mail_from": fields[12].strip()[:255], "comments": fields[13].strip()[:500]})
         except ValueError as exc:
             raise ImportFailed(f"SNDS data line {n}: {exc}") from None
+    if now is not None:
+        rows = [r for r in rows if r["period_start"] <= now + 86400]
     return rows
 
 
@@ -138,4 +143,4 @@ def fetch_snds(cfg: SNDSConfig) -> list[dict]:
     if text.lstrip().startswith("<"):
         raise ImportFailed(f"SNDS at {host} sent a page, not CSV data (is the access key"
                            " still valid?)")
-    return parse_snds(text)
+    return parse_snds(text, time.time())
