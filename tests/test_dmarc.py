@@ -213,6 +213,15 @@ def test_a_zip_bomb_is_refused_in_bounded_memory():
      "record 1: count is implausibly large: 9000000000000000000"),
     (crafted([]).replace(b"<end>4000000000</end>", b"<end>100000000000000000000</end>"),
      "date_range/end is implausibly large"),
+    # a megabyte "domain" became a /metrics label, a dashboard row and a primary key
+    (crafted([], domain="x" * 300 + ".test"), "domain is longer than 255 characters"),
+    (crafted([("192.0.2.1", 1, "pass", "pass")]).replace(
+        b"<header_from>insurer.test", b"<header_from>" + b"a" * 1_000_000),
+     "header_from is longer than 255 characters"),
+    (crafted([]).replace(b"<report_id>r-1", b"<report_id>" + b"7" * 300),
+     "report_id is longer than 255 characters"),
+    (crafted([]).replace(b"<p>none</p>", b"<p>" + b"n" * 300 + b"</p>"),
+     "p is longer than 255 characters"),
 ])
 def test_broken_input_gets_a_clear_reason(data, reason):
     with pytest.raises(DMARCError, match=reason.replace("(", r"\(")):

@@ -212,6 +212,9 @@ _MAX_PART = 2000
 _KEPT = ("report_metadata", "policy_published", "version")
 _MAX_COUNT = 2**32 - 1
 """Messages one record may count: more is not a report but an attempt to overflow the sums."""
+_MAX_TEXT = 255
+"""Characters in one field (a domain name has at most 253; ids and selectors are short)."""
+_MAX_COMMENT = 2000
 _MAX_TIME = 253402300799
 """9999-12-31T23:59:59Z, the last date a timestamp can show."""
 
@@ -288,10 +291,16 @@ def _children(el: Element | None, name: str) -> list[Element]:
     return [] if el is None else [c for c in el if _local(c.tag) == name]
 
 
-def _text(el: Element | None, *path: str) -> str:
+def _text(el: Element | None, *path: str, limit: int = _MAX_TEXT) -> str:
+    """The stripped text at ``path``; longer than ``limit`` is refused: a 30 MB header_from
+    became a /metrics label and a dashboard row."""
     for name in path:
         el = _child(el, name)
-    return (el.text or "").strip() if el is not None else ""
+    text = (el.text or "").strip() if el is not None else ""
+    if len(text) > limit:
+        what = "/".join(path) or (_local(el.tag) if el is not None else "")
+        raise DMARCError(f"{what} is longer than {limit} characters")
+    return text
 
 
 def _int(value: str, what: str, limit: int) -> int:
@@ -336,7 +345,7 @@ def _row(record: Element, n: int) -> Row:
                "result": _text(d, "result").lower()} for d in _children(auth, "dkim")],
         spf=[{"domain": _text(s, "domain").lower(), "scope": _text(s, "scope").lower(),
               "result": _text(s, "result").lower()} for s in _children(auth, "spf")],
-        reasons=[{"type": _text(r, "type"), "comment": _text(r, "comment")}
+        reasons=[{"type": _text(r, "type"), "comment": _text(r, "comment", limit=_MAX_COMMENT)}
                  for r in _children(evaluated, "reason") if _text(r, "type")])
 
 
@@ -358,8 +367,8 @@ def _report(root: Element, rows: list[Row]) -> AggregateReport:
     end = _int(_text(dates, "end"), "date_range/end", _MAX_TIME)
     if end < begin:
         raise DMARCError(f"date_range ends ({end}) before it begins ({begin})")
-    policy_ = {_local(c.tag): (c.text or "").strip() for c in published
-               if _local(c.tag) != "domain" and (c.text or "").strip()}
+    policy_ = {name: value for c in published
+               if (name := _local(c.tag)) != "domain" and (value := _text(c))}
     return AggregateReport(org_name=org, email=email, report_id=report_id, begin=begin,
                            end=end, policy_domain=domain, policy=policy_, rows=rows,
                            version=_text(root, "version"))
