@@ -277,6 +277,24 @@ def test_a_flood_of_unclosed_feedback_tags_is_read_once():
         parse_aggregate(nested)
 
 
+@pytest.mark.parametrize("encoding", ["Shift_JIS", "EUC-JP", "GB2312", "windows-1252"])
+def test_encodings_python_reads_are_read(encoding):
+    """expat reads UTF-8, UTF-16 and single-byte encodings; a multi-byte one (a Japanese or
+    Chinese reporter's) raised ValueError, which the listener answered with a 451."""
+    org = "\u65e5\u672c" if encoding != "windows-1252" else "Soci\u00e9t\u00e9 \u2019"
+    report = crafted([("192.0.2.1", 4, "pass", "pass")]).decode().replace(
+        'encoding="UTF-8"', f'encoding="{encoding}"').replace("<org_name>mail.example",
+                                                             f"<org_name>{org}")
+    parsed = parse_aggregate(report.encode(encoding))
+    assert (parsed.org_name, parsed.messages) == (org, 4)
+
+
+def test_an_encoding_nobody_reads_is_refused_with_its_name():
+    report = crafted([]).replace(b'encoding="UTF-8"', b'encoding="x-mac-klingon"')
+    with pytest.raises(DMARCError, match="unreadable encoding 'x-mac-klingon'"):
+        parse_aggregate(report)
+
+
 def test_bytes_after_the_report_and_utf16_are_tolerated():
     report = crafted([("192.0.2.1", 2, "pass", "pass")])
     assert parse_aggregate(report + b"\r\n-- \r\ntrailer <junk").messages == 2
@@ -543,7 +561,7 @@ def test_real_report_files_through_the_cli_import(tmp_path):
         store.close()
 
 
-async def test_a_report_with_an_impossible_count_is_answered_250_not_451(tmp_path, sink,
+async def test_impossible_counts_and_encodings_are_answered_250_not_451(tmp_path, sink,
                                                                           make_node):
     """``<count>1e400</count>`` raised OverflowError, which the listener took for a store
     failure: 451, and the reporter would resend it for days."""
@@ -552,6 +570,10 @@ async def test_a_report_with_an_impossible_count_is_answered_250_not_451(tmp_pat
                                                              b"<count>1e400</count>")
     assert await send(node.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
                       report_mail(bad, "r.xml", "text/xml")) == {}
+    # an encoding expat cannot read raised LookupError: 451 as well
+    unknown = crafted([]).replace(b'encoding="UTF-8"', b'encoding="x-mac-klingon"')
+    assert await send(node.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                      report_mail(unknown, "r.xml", "text/xml")) == {}
     assert node.reputation.store.dmarc_report_count(0) == 0
 
 

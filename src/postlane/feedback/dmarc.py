@@ -12,8 +12,8 @@ and a zip archive is read member by member under the same budget.
 What providers really send is tolerated: namespaces (``urn:ietf:params:xml:ns:dmarc-2.0``,
 XML Schema attributes), the old draft format (no ``<version>``, no envelope_from), an outer
 wrapper element that is never closed (a ``<feedback>`` inside an unclosed ``<xs:schema>``), bytes
-after ``</feedback>``, UTF-16, single-byte encodings the XML declaration names (ISO-8859-1,
-windows-1252), empty fields, gzip
+after ``</feedback>``, UTF-16, any encoding the XML declaration names that Python reads
+(ISO-8859-1, windows-1252, Shift_JIS ...), empty fields, gzip
 streams with trailing bytes, and a whole report e-mail whose attachment holds the report.
 """
 
@@ -212,6 +212,7 @@ _MAX_PART = 2000
 _KEPT = ("report_metadata", "policy_published", "version")
 _MAX_COUNT = 2**32 - 1
 """Messages one record may count: more is not a report but an attempt to overflow the sums."""
+_DECLARED = re.compile(rb"(<\?xml[^>]*?encoding\s*=\s*[\"'])([A-Za-z0-9._:-]+)([\"'])")
 _MAX_TEXT = 255
 """Characters in one field (a domain name has at most 253; ids and selectors are short)."""
 _MAX_COMMENT = 2000
@@ -219,7 +220,19 @@ _MAX_TIME = 253402300799
 """9999-12-31T23:59:59Z, the last date a timestamp can show."""
 
 
-def _read_xml(xml: bytes) -> tuple[Element, list[Row]]:
+def _to_utf8(xml: bytes, exc: Exception) -> bytes:
+    """The document in UTF-8 with its declaration saying so, for the encodings expat does not
+    read itself but Python does (Shift_JIS, EUC-JP, GB2312, UTF-32 ...)."""
+    declared = _DECLARED.match(xml)
+    name = declared.group(2).decode("ascii", "replace") if declared else "?"
+    try:
+        text = xml.decode(name)
+    except (LookupError, UnicodeDecodeError):
+        raise DMARCError(f"unreadable encoding {name[:40]!r}: {exc}") from None
+    return _DECLARED.sub(rb"\1utf-8\3", text.encode("utf-8"), count=1)
+
+
+def _read_xml(xml: bytes, transcoded: bool = False) -> tuple[Element, list[Row]]:
     """The ``<feedback>`` element (its metadata and policy) and its records as rows, streamed:
     a record becomes a ``Row`` as soon as it closes and its elements are dropped, and so is
     every element outside ``<feedback>``, so memory follows the rows, not the markup (32 MB of
@@ -262,9 +275,15 @@ def _read_xml(xml: bytes) -> tuple[Element, list[Row]]:
                     continue
             if stack:
                 del stack[-1][-1]  # a closing element is its parent's last child
+    except DMARCError:
+        raise
     except DefusedXmlException as exc:
         raise DMARCError(f"refused XML: {type(exc).__name__} (a report never needs a DTD,"
                          " entities or external references)") from None
+    except (ValueError, LookupError) as exc:  # expat: a multi-byte or unknown encoding
+        if transcoded:
+            raise DMARCError(f"not readable XML: {exc}") from None
+        return _read_xml(_to_utf8(xml, exc), transcoded=True)
     except ParseError as exc:
         try:
             xml.decode("utf-8")
