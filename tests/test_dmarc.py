@@ -24,6 +24,7 @@ from postlane.feedback.dmarc import (
     DMARCError,
     parse_aggregate,
 )
+from postlane.reputation import service as reputation_service
 from postlane.reputation.alignment import summarise
 from postlane.reputation.service import open_store
 from postlane.reputation.store import ReputationStore
@@ -574,6 +575,22 @@ async def test_impossible_counts_and_encodings_are_answered_250_not_451(tmp_path
     unknown = crafted([]).replace(b'encoding="UTF-8"', b'encoding="x-mac-klingon"')
     assert await send(node.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
                       report_mail(unknown, "r.xml", "text/xml")) == {}
+    assert node.reputation.store.dmarc_report_count(0) == 0
+
+
+async def test_a_parser_failure_is_not_a_store_failure(tmp_path, sink, make_node, monkeypatch,
+                                                        caplog):
+    """Whatever else the parser may raise (a bug: RecursionError, KeyError) is logged and the
+    report dropped with a 250; only the store failing gives a 451, which a resend can cure."""
+    node = await make_node(config_text(tmp_path, sink.port, RUA))
+
+    def broken(data, max_size):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(reputation_service, "parse_aggregate", broken)
+    assert await send(node.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                      report_mail(crafted([]), "r.xml", "text/xml")) == {}
+    assert "DMARC report parser failed" in caplog.text
     assert node.reputation.store.dmarc_report_count(0) == 0
 
 

@@ -65,6 +65,10 @@ def import_report(store: ReputationStore, data: bytes, source: str, max_size: in
         report = parse_aggregate(data, max_size)
     except DMARCError as exc:
         return {"ok": False, "error": str(exc)}
+    except Exception as exc:  # a parser bug: the same bytes would fail again, so no 451 (the
+        # reporter would resend for days); the store's failures below still raise
+        log.exception("DMARC report parser failed", extra={"source": source})
+        return {"ok": False, "error": f"the parser failed: {type(exc).__name__}"}
     stored = store.add_report(report, source, time.time())
     return {"ok": True, "stored": stored, "reporter": report.reporter,
             "report_id": report.report_id, "policy_domain": report.policy_domain,
