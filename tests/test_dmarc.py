@@ -255,6 +255,10 @@ def test_a_flood_of_elements_is_read_in_memory_that_follows_the_rows():
     parsed, peak = xml_peak(flood)
     assert isinstance(parsed, AggregateReport) and parsed.messages == 3
     assert peak < 4 << 20, peak  # the tree took 11.7 MB
+    versions = report.replace(b"</feedback>", b"<version/>" * (1 << 16) + b"</feedback>")
+    parsed, peak = xml_peak(versions)  # the elements the report keeps: only the first
+    assert isinstance(parsed, AggregateReport) and parsed.version == "1.0"
+    assert peak < 4 << 20, peak
 
 
 def test_one_stuffed_record_and_deep_nesting_are_refused():

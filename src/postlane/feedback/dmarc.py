@@ -244,6 +244,7 @@ def _read_xml(xml: bytes, transcoded: bool = False) -> tuple[Element, list[Row]]
     feedback: Element | None = None
     top, inner, part = "", 0, 0
     rows: list[Row] = []
+    kept: set[str] = set()
     try:
         for event, el in iterparse(io.BytesIO(xml), events=("start", "end")):
             if event == "start":
@@ -271,7 +272,8 @@ def _read_xml(xml: bytes, transcoded: bool = False) -> tuple[Element, list[Row]]
                 name = _local(el.tag)
                 if name == "record":
                     rows.append(_row(el, len(rows) + 1))
-                elif name in _KEPT:
+                elif name in _KEPT and name not in kept:
+                    kept.add(name)  # the first one is read; a million more are dropped
                     continue
             if stack:
                 del stack[-1][-1]  # a closing element is its parent's last child
