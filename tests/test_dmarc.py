@@ -300,6 +300,16 @@ def test_an_encoding_nobody_reads_is_refused_with_its_name():
         parse_aggregate(report)
 
 
+def test_a_mail_nesting_its_parts_too_deep_is_refused():
+    """email's parser recurses: 3,000 nested multiparts (170 KB) raised RecursionError."""
+    nested = "".join(f"--b{i}\r\nContent-Type: multipart/mixed; boundary=b{i + 1}\r\n\r\n"
+                     for i in range(3000))
+    mail = ("From: a@mail.example\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/mixed; boundary=b0\r\n\r\n" + nested).encode()
+    with pytest.raises(DMARCError, match="nests its MIME parts too deep"):
+        parse_aggregate(mail)
+
+
 def test_bytes_after_the_report_and_utf16_are_tolerated():
     report = crafted([("192.0.2.1", 2, "pass", "pass")])
     assert parse_aggregate(report + b"\r\n-- \r\ntrailer <junk").messages == 2
