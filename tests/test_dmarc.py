@@ -410,6 +410,32 @@ def test_a_report_dated_in_the_future_ages_out(tmp_path):
         store.close()
 
 
+def test_reports_stored_before_dated_in_the_future_are_brought_back(tmp_path, monkeypatch):
+    """Migration 2: what version 1 stored as ending in 2096 ends when it arrived."""
+    import postlane.reputation.store as store_module
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+    old = ReputationStore(tmp_path / "rep.sqlite3")
+    report = parse_aggregate(crafted(SPLIT, end=4_000_000_000))
+    with old._tx() as conn:  # as version 1 wrote it
+        old._exec(conn, "INSERT INTO dmarc_reports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                  (report.reporter, report.report_id, "", "", report.policy_domain,
+                   report.begin, report.end, "{}", "", 7, 825, "t", 1000.0))
+        for i, r in enumerate(report.rows):
+            old._exec(conn, "INSERT INTO dmarc_rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (report.reporter, report.report_id, i, report.end, r.source_ip, r.count,
+                       "none", 1, 1, r.header_from, "", "", "[]", "[]", "[]"))
+    assert old.dmarc_report_count(1001) == 1
+    old.close()
+    monkeypatch.undo()
+    new = ReputationStore(tmp_path / "rep.sqlite3")
+    try:
+        assert new.dmarc_report_count(1001) == 0 and new.dmarc_sources(1001) == []
+        assert sum(r[4] for r in new.dmarc_sources(1000)) == 825
+    finally:
+        new.close()
+
+
 def test_store_on_sqlite(tmp_path):
     store = ReputationStore(tmp_path / "rep.sqlite3")
     try:

@@ -61,9 +61,18 @@ CREATE TABLE reputation_imports (
 CREATE TABLE rule_reviews (
     rule TEXT NOT NULL, reviewed_at DOUBLE PRECISION NOT NULL, reviewer TEXT NOT NULL,
     note TEXT NOT NULL, PRIMARY KEY (rule, reviewed_at));
+"""), (2, """
+UPDATE dmarc_rows SET end_ts = (SELECT CAST(r.received_at AS BIGINT) FROM dmarc_reports r
+    WHERE r.reporter = dmarc_rows.reporter AND r.report_id = dmarc_rows.report_id)
+  WHERE end_ts > (SELECT r.received_at FROM dmarc_reports r
+    WHERE r.reporter = dmarc_rows.reporter AND r.report_id = dmarc_rows.report_id);
+UPDATE dmarc_reports SET end_ts = CAST(received_at AS BIGINT),
+    begin_ts = CASE WHEN begin_ts > received_at THEN CAST(received_at AS BIGINT) ELSE begin_ts END
+  WHERE end_ts > received_at
 """)]
 """Versioned schema (table ``reputation_migrations``): append ``(n + 1, sql)``, never edit an
-applied entry."""
+applied entry. 2: reports stored as ending after they arrived end on arrival, as new ones do
+(``add_report``)."""
 
 
 class ReputationStore:
