@@ -196,3 +196,18 @@ def test_original_envelope_id_is_the_envid_decoded_from_xtext() -> None:
     """RFC 3461 4.4: ENVID is xtext too; the DSN shows the sender's identifier itself."""
     per_message = bounce(envid="ORDER+2B42+3Dx").get_payload()[1].get_payload()[0]
     assert per_message["Original-Envelope-Id"] == "ORDER+42=x"
+
+
+def test_xtext_that_decodes_to_a_line_break_or_control_is_escaped() -> None:
+    """An ORCPT of ``a+0D+0ABcc:+20x@y`` is valid xtext; it was one-lined before it was decoded,
+    so the decoded CR LF reached the email package, which refused the field: the DSN could not
+    be built and the sender never learnt of the bounce. A control character in ENVID or a remote
+    reply (NUL, ESC) went into the report as it was."""
+    rcpt = FailedRecipient("bob@example.net", "failed", "5.1.1", "550 no\x1b[2J\x00 such user",
+                           orcpt="rfc822;bob+0D+0ABcc:+20evil@example.net")
+    msg = bounce(recipients=[rcpt], envid="E+00+1B[2J+0D+0AX-Env:+20y")
+    per_message, status = msg.get_payload()[1].get_payload()
+    assert status["Bcc"] is None and per_message["X-Env"] is None
+    assert status["Original-Recipient"] == "rfc822;bob\\x{D}\\x{A}Bcc: evil@example.net"
+    assert status["Diagnostic-Code"] == "smtp; 550 no\\x{1B}[2J\\x{0} such user"
+    assert per_message["Original-Envelope-Id"] == "E\\x{0}\\x{1B}[2J\\x{D}\\x{A}X-Env: y"

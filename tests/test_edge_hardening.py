@@ -530,3 +530,36 @@ async def test_command_line_limits_are_per_session_and_count_the_extensions(tmp_
     assert (await raw.cmd("NOOP " + "x" * 600)).startswith("500 5.5.2 Command line too long")
     await other.close()
     await raw.close()
+
+
+async def test_xtext_that_decodes_to_a_control_character_is_refused(tmp_path, sink, make_node):
+    """ENVID and ORCPT are xtext: ``+0D+0A`` is a valid encoding of CR LF, and was accepted;
+    the DSN writes the decoded value into a field, where that CR LF made the DSN impossible to
+    build (the bounce was lost). Refused as Postfix does (``Bad ORCPT parameter syntax``); the
+    DSN escapes such a value if one comes through another door (tests/test_dsn.py)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    mail = "MAIL FROM:<s@insurer.test>"
+    for envid in ("e+0D+0AX:+20y", "e+00", "e+1B[2J", "e+7F"):
+        assert (await raw.cmd(f"{mail} ENVID={envid}")).startswith("501 5.5.4"), envid
+    assert (await raw.cmd(f"{mail} ENVID=e+2B+3D+20x")).startswith("250")
+    rcpt = "RCPT TO:<a@example.com>"
+    for orcpt in ("rfc822;a+0D+0ABcc:+20evil@example.com", "rfc822;a+00@example.com",
+                  "rfc822;a+09@example.com"):
+        assert (await raw.cmd(f"{rcpt} ORCPT={orcpt}")).startswith("501 5.5.4"), orcpt
+    assert (await raw.cmd(f"{rcpt} ORCPT=rfc822;a+2B+20b@example.com")).startswith("250 2.1.5")
+    await raw.close()
+
+
+async def test_a_bounce_is_built_whatever_its_orcpt_decodes_to(tmp_path, sink, make_node):
+    """A recipient whose ORCPT decodes to a CR LF (accepted by the edge before it refused such
+    values, or submitted through another door) still gets its DSN, the value escaped."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    sink.rcpt_replies["dead@example.com"] = ["550 5.1.1 no such user"]
+    await node.intake.submit("back@example.com", [RcptIn(
+        "dead@example.com", "FAILURE", "rfc822;dead+0D+0ABcc:+20evil@example.com")],
+        message(), envid="E+0D+0AX-Env:+20y", listener="api")
+    [dsn] = await sink.wait_for(1)
+    assert dsn.rcpts == ["back@example.com"]
+    assert b"rfc822;dead\\x{D}\\x{A}Bcc: evil@example.com" in dsn.data
+    assert b"\r\nBcc:" not in dsn.data and b"\r\nX-Env:" not in dsn.data

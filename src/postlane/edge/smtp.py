@@ -34,6 +34,7 @@ _MAIL_OURS = frozenset({"ENVID", "RET", "MT-PRIORITY", "AUTH"})
 _RCPT_OURS = frozenset({"NOTIFY", "ORCPT"})
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
+_XCODE = re.compile(r"\+([0-9A-F]{2})")
 _END = b"\r\n.\r\n"
 _STUFFED = b"\r\n.."
 _END_PREFIXES = (b"\r", b"\r\n", b"\r\n.", b"\r\n.\r")
@@ -108,10 +109,13 @@ def _split_params(rest: str, ours: frozenset[str]) -> tuple[str, dict[str, str]]
 
 
 def _xtext(value: str, utf8: bool = False) -> bool:
-    """RFC 3461 xtext; in an SMTPUTF8 transaction also UTF-8 (RFC 6533's unitext)."""
+    """RFC 3461 xtext; in an SMTPUTF8 transaction also UTF-8 (RFC 6533's unitext). An encoded
+    control character (``+0D+0A``, ``+00``) is refused, as Postfix does: the DSN writes the
+    decoded value into a field."""
     if utf8 and not any("\ud800" <= c <= "\udfff" for c in value):
         value = "".join(c if c.isascii() else "x" for c in value)
-    return bool(_XTEXT.match(value))
+    return bool(_XTEXT.match(value)) and not any(
+        int(code, 16) < 0x20 or int(code, 16) == 0x7F for code in _XCODE.findall(value))
 
 
 def _orcpt_ok(value: str, utf8: bool) -> bool:

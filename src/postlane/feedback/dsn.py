@@ -29,6 +29,7 @@ _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _EOL = re.compile(rb"\r\n|\r|\n")
 _XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+_PRINTABLE = re.compile(r"[ -~]*")
 
 
 @dataclass(slots=True)
@@ -62,12 +63,17 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
-def _dsn_text(text: str) -> str:
-    """DSN fields are US-ASCII: escape the rest as RFC 6533 embedded-unicode \\x{HEX}."""
-    text = _one_line(text)
-    if text.isascii():
+def _escaped(text: str) -> str:
+    """DSN fields are printable US-ASCII: the rest (non-ASCII, and controls such as NUL, ESC
+    or a CR LF decoded from xtext) as RFC 6533 embedded-unicode \\x{HEX}."""
+    if _PRINTABLE.fullmatch(text):
         return text
-    return "".join(ch if ch.isascii() else f"\\x{{{ord(ch):X}}}" for ch in text)
+    return "".join(ch if " " <= ch <= "~" else f"\\x{{{ord(ch):X}}}" for ch in text)
+
+
+def _dsn_text(text: str) -> str:
+    """A remote reply or name as one line of a DSN field (multi-line replies joined)."""
+    return _escaped(_one_line(text))
 
 
 def _address_field(address: str) -> str:
@@ -84,12 +90,12 @@ def _original_recipient(orcpt: str) -> str:
     """The ORCPT parameter as the DSN field: an rfc822 address decoded from xtext (RFC 3461
     4.2: ``bob+2Btag@x`` is ``bob+tag@x``), as Postfix and Sendmail write it; other types as
     given (RFC 6533's utf-8-addr-xtext is already the DSN form)."""
-    kind, sep, address = _dsn_text(orcpt).partition(";")
+    kind, sep, address = orcpt.partition(";")
     if not sep:
         kind, sep, address = "rfc822", "; ", kind
-    if kind.strip().lower() == "rfc822":
+    if kind.strip().lower() == "rfc822":  # decoded first: "+0D+0A" is a CR LF, escaped below
         address = _unxtext(address)
-    return f"{kind}{sep}{address}"
+    return _escaped(f"{kind}{sep}{address}")
 
 
 def _unxtext(text: str) -> str:
@@ -216,7 +222,7 @@ def build_bounce(
     text.set_content(_human_text(reporting_mta, recipients, queue_id))
 
     # Field order follows the RFC 3464 section 2.2 grammar; extension fields go last.
-    per_message = [("Original-Envelope-Id", _dsn_text(_unxtext(envid)))] if envid else []
+    per_message = [("Original-Envelope-Id", _escaped(_unxtext(envid)))] if envid else []
     per_message += [
         ("Reporting-MTA", f"dns; {_dsn_text(reporting_mta)}"),
         ("Arrival-Date", _date(arrival_date)),
