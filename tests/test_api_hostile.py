@@ -387,3 +387,41 @@ async def test_a_suppression_import_that_is_not_utf8_is_a_422(tmp_path, sink, ma
         resp = await client.post("/api/v1/suppressions/import",
                                  content="müller@example.com\n".encode())
         assert resp.json() == {"imported": 1}
+
+
+async def test_a_control_character_in_a_header_field_is_a_422(tmp_path, sink, make_node):
+    """Only line breaks were refused: a NUL, ESC or DEL in a subject, header value, correlation
+    id or file name went into the header as it was (``X-A: a\\x00Bcc: x``; a program that
+    stops at the NUL reads another header than one that does not). A tab is white space."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "x"}
+    async with api_client(node, tmp_path) as client:
+        for char in "\x00\x01\x08\x1b\x1f\x7f\x80\x9b":
+            for field, extra in (("subject", {"subject": f"a{char}Bcc: x@evil.test"}),
+                                 ("headers.X-A", {"headers": {"X-A": f"a{char}b"}}),
+                                 ("correlation_id", {"correlation_id": f"a{char}b"}),
+                                 ("attachments.0.filename", {"attachments": [
+                                     {"filename": f"a{char}b", "content": ""}]})):
+                resp = await client.post("/api/v1/messages", json={**env, **extra})
+                assert resp.status_code == 422, (repr(char), field, resp.text)
+                assert f"body.{field}: must not contain a control character" in \
+                    resp.json()["error"], resp.text
+        resp = await client.post("/api/v1/messages", json={**env, "subject": "a\tb"})
+        assert resp.status_code == 202, resp.text
+    [arrival] = await sink.wait_for(1)
+    assert b"\r\nSubject: a\tb\r\n" in arrival.data
+
+
+async def test_content_header_fields_are_refused_not_dropped(tmp_path, sink, make_node):
+    """``headers: {"Content-ID": ...}`` was accepted and silently dropped (the email package
+    sets the Content-* fields of the part it builds); the docs say Content-* fields come from
+    their own fields."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "x"}
+    async with api_client(node, tmp_path) as client:
+        for name in ("Content-ID", "content-disposition", "Content-Language"):
+            resp = await client.post("/api/v1/messages",
+                                     json={**env, "headers": {name: "<x@y>"}})
+            assert resp.status_code == 422, (name, resp.text)
+            assert f"headers: {name!r} is set from its own field" in resp.json()["error"]
+    assert node.intake.accepted == 0

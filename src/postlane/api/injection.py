@@ -19,11 +19,13 @@ from ..address import PathError, parse_path
 
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+$")
 _HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")
-_RESERVED = {"from", "to", "cc", "bcc", "subject", "mime-version", "content-type",
-             "content-transfer-encoding", "x-postlane-class", "date"}
+_RESERVED = {"from", "to", "cc", "bcc", "subject", "mime-version", "x-postlane-class", "date"}
+"""With every Content-* field: set from their own fields (the email package replaces a
+part's Content-* fields when it builds the part, so one given in ``headers`` was dropped)."""
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def valid_unicode(data: object) -> object:
@@ -60,6 +62,10 @@ def _one_line(value: str) -> str:
     # every break str.splitlines() knows (VT, FF, NEL, U+2028 ...), as the email package
     if "".join(value.splitlines()) != value:
         raise ValueError("must not contain a line break (CR or LF, nor VT, FF, NEL, U+2028 ...)")
+    # the email package writes other controls as they are: a NUL ends the field for some readers
+    if _CONTROL.search(value):
+        raise ValueError("must not contain a control character (NUL, ESC, DEL ...; a tab is"
+                         " allowed)")
     return value
 
 
@@ -113,7 +119,7 @@ class MessageIn(BaseModel):
         for name in self.headers:
             if not _HEADER_NAME.match(name):
                 raise ValueError(f"headers: {name!r} is not a valid header field name")
-            if name.lower() in _RESERVED:
+            if name.lower() in _RESERVED or name.lower().startswith("content-"):
                 raise ValueError(f"headers: {name!r} is set from its own field, not headers")
         if self.raw_base64 is not None:
             try:
