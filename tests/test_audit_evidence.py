@@ -312,3 +312,27 @@ async def test_intake_refuses_while_the_audit_store_is_too_far_behind(tmp_path, 
     finally:
         store.close()
     assert len(accepted) == sent + 1  # every accepted message has its evidence, none twice
+
+
+async def test_hostile_values_cannot_forge_a_line_of_the_text_trail(tmp_path, sink, make_node):
+    """``audit show`` printed values as they were: a remote server's reply with an ESC
+    sequence, or a Message-ID with U+2028 or NEL from the client's header, moved the
+    terminal's cursor over the auditor's view (``\\x1b[1A\\x1b[2K`` rewrites the line above) or
+    broke a line where a viewer breaks lines. Every control character and line separator is
+    shown escaped; the store keeps the value as it was (``--format json``)."""
+    sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 no such user\x1b[1A\x1b[2K"]}
+    node = await make_node(config_text(tmp_path, sink.port))
+    await send(node.listeners[0].port, "sender@example.com", ["hard@example.com"], message(
+        "x", extra="Message-ID: <m\u2028\x85x@insurer.test>\r\nX-Correlation-ID: c\x00d\x7f\r\n"))
+    await sink.wait_for(1)  # the DSN
+    await node.stop()
+    runner = CliRunner()
+    show = ["audit", "show", "--db", str(node.audit.path), "--recipient", "hard@example.com"]
+    res = runner.invoke(app, show)
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert not any(c in out for c in "\x00\x1b\x7f\x85\u2028\r"), repr(out)
+    assert "no such user\\x1b[1A\\x1b[2K" in out
+    assert "Message-ID <m\\u2028\\x85x@insurer.test>  correlation c\\x00d\\x7f" in out
+    [trail] = json.loads(runner.invoke(app, [*show, "--format", "json"]).output)
+    assert trail["received"]["messageId"] == "<m\u2028\x85x@insurer.test>"

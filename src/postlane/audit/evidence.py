@@ -7,6 +7,7 @@ attempt, the outcome, and whether the class's SLA (as configured when it was wri
 from __future__ import annotations
 
 import csv
+import re
 import hashlib
 import io
 import json
@@ -21,7 +22,7 @@ from .chain import PSEUDONYMISED, PURGED, chain_hash, row_cdigest, verify_tuple
 from .queries import row_record
 from .store import AuditStore
 
-__all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "trails",
+__all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "trails", "visible",
            "verify_export"]
 
 _OUTCOMES = {"d": "delivered", "b": "bounced", "rb": "bounced by the remote side after relay"}
@@ -162,6 +163,19 @@ def trails(rows: Iterable[dict]) -> list[Trail]:
 
 # -- rendering ----------------------------------------------------------------------------------
 
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def visible(line: str) -> str:
+    """One line of a text report with its control characters and line separators escaped
+    (``\\n``, ``\\x1b``, ``\\u2028``): a remote reply, a Message-ID or a correlation id is
+    shown as it was, but cannot write a line of its own into the report nor move a terminal's
+    cursor over it."""
+    if not _INVISIBLE.search(line):
+        return line
+    return _INVISIBLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), line)
+
+
 def _t(ts: float | None) -> str:
     return format_time(ts) if ts else "-"
 
@@ -213,7 +227,7 @@ def render_text(items: list[Trail], now: float) -> str:
         if any(r["state"] == PURGED for r in trail.rows):
             lines.append("  (some records were purged under the retention policy)")
         lines.append("")
-    return "\n".join(lines) if lines else "no records found\n"
+    return "\n".join(map(visible, lines)) if lines else "no records found\n"
 
 
 AUTHENTICATED = {"pkix": "PKIX", "dane-ee": "DANE-EE", "dane-ta": "DANE-TA"}

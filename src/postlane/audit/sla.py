@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..accounting.records import format_time
-from .evidence import AUTHENTICATED, Trail, trails
+from .evidence import AUTHENTICATED, Trail, trails, visible
 from .store import AuditStore, Query
 
 __all__ = ["CAUSES", "explain", "render_sla", "render_sla_csv", "sla_report"]
@@ -235,7 +235,7 @@ def render_sla(report: dict) -> str:
                          f" then {u['outcome']}")
     if not report["classes"]:
         lines.append("no messages in this period")
-    return "\n".join(lines) + "\n"
+    return "\n".join(map(visible, lines)) + "\n"
 
 
 def _tls_line(c: dict) -> list[str]:
