@@ -7,10 +7,10 @@ attempt, the outcome, and whether the class's SLA (as configured when it was wri
 from __future__ import annotations
 
 import csv
-import re
 import hashlib
 import io
 import json
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
