@@ -237,3 +237,22 @@ def test_a_crash_after_a_sync_cuts_the_files_back_to_it(tmp_path: Path) -> None:
     again.close()
     assert [r["queueId"] for r in read_csv(paths["csv"])] == ["Q000001", "Q000002"]
     assert len(paths["jsonl"].read_text().splitlines()) == 2
+
+
+def test_a_line_separator_in_a_value_does_not_split_a_jsonl_line(tmp_path: Path) -> None:
+    """JSON allows U+2028, U+2029 and NEL raw in a string, and orjson writes them so; a Message-ID
+    or remote reply holding one split the record for every reader that breaks lines where
+    Python's ``str.splitlines`` does (this file's own round-trip test reads it so). They are
+    written as ``\\u2028`` escapes: the same JSON value, one line per record."""
+    diag = "smtp;550 a\u2028b\u2029c\x85d\x1ce, \"quoted\" | tab\t nul\x00 \u2013 dash"
+    records = [make_record(1, dsn_diag=diag, message_id="<m\u2028@x>"), make_record(2)]
+    log = AccountingLog(tmp_path, formats=("csv", "jsonl"), clock=FakeClock())
+    log.write_many(records)
+    paths = dict(log.current_paths)
+    log.close()
+    raw = paths["jsonl"].read_bytes()
+    assert b"\xe2\x80\xa8" not in raw and b"\xe2\x80\xa9" not in raw and b"\xc2\x85" not in raw
+    assert "\u2013".encode() in raw  # other characters stay as they are
+    lines = raw.decode("utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [r.as_dict() for r in records]
+    assert [r["dsnDiag"] for r in read_csv(paths["csv"])] == [diag, records[1].dsn_diag]

@@ -185,7 +185,10 @@ class AccountingLog:
                 data = self._csv_line(cells)
             else:
                 obj = values if self._all_default else dict(zip(self._header, row, strict=True))
-                data = self._json(obj) + b"\n"
+                data = self._json(obj)
+                if b"\xe2\x80" in data or b"\xc2\x85" in data:
+                    data = _escape_separators(data)
+                data += b"\n"
             fh.write(data)
             self._sizes[fmt] += len(data)
 
@@ -304,6 +307,19 @@ class AccountingLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"),
+               (b"\xc2\x85", b"\\u0085"))
+
+
+def _escape_separators(data: bytes) -> bytes:
+    """U+2028, U+2029 and NEL as JSON escapes (orjson writes them raw, as JSON allows): one
+    record stays one line for readers that break lines where ``str.splitlines`` does. In
+    orjson's UTF-8 these bytes only ever occur as those characters, inside strings."""
+    for raw, escaped in _SEPARATORS:
+        data = data.replace(raw, escaped)
+    return data
 
 
 def _retire(files: dict[str, BinaryIO]) -> None:
