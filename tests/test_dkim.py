@@ -466,3 +466,26 @@ async def test_oversigned_names_are_signed_even_when_headers_leaves_them_out(
     assert verify(head + b"\r\nReply-To: attacker@evil.test\r\n\r\n" + body, dns_server) == [
         False]
     signer.close()
+
+
+@pytest.mark.parametrize("head", [b"Subject: s\r\nno colon here\r\n",
+                                  b" X-Folded: first line\r\nSubject: s\r\n",
+                                  b"Fr om: b@attacker.test\r\nSubject: s\r\n"],
+                         ids=["no colon", "first line folded", "space in name"])
+async def test_a_header_line_that_is_no_field_is_refused_not_signed(tmp_path, keys, dns_server,
+                                                                     head):
+    """A line in the header block that is not a field: intake read on past it and signed the
+    From below it, while a verifier stops (dkimpy: "Unexpected characters in RFC822 header")
+    or takes the body to start there (the email package, so no From at all): a signature
+    nobody could verify, over a From that readers do not agree is one. Refused, as a second
+    From is."""
+    signer, _ = make_signer(tmp_path, "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1"))
+    data = head + b"From: notices@insurer.test\r\nTo: a@example.com\r\n\r\nBody\r\n"
+    with pytest.raises(Rejection) as err:
+        await sign_message(signer, data)
+    assert (err.value.code, err.value.text[:5]) == (550, "5.6.0")
+    assert "not a header field" in err.value.text
+    publish(dns_server, keys, "insurer.test", "r1")
+    ok = await sign_message(signer, b"From : notices@insurer.test\r\nTo: a@example.com\r\n\r\nB")
+    assert ok.startswith(b"DKIM-Signature:")  # RFC 5322 4.5 obsolete white space: a field
+    signer.close()

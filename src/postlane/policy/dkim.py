@@ -330,6 +330,9 @@ class KeyRing:
 
 
 _DOMAIN = re.compile(r"[a-z0-9_]([a-z0-9_-]*)(\.[a-z0-9_-]+)*")
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+"""RFC 5322 2.2 (``header_fields`` has stripped white space before the colon, 4.5's obsolete
+syntax)."""
 
 
 def _ascii_domain(address: str) -> str | None:
@@ -456,6 +459,11 @@ class Signer:
                 break
         if not keys:
             return self._missing(f"no DKIM key for From domain {from_domain}", cls, qid, own)
+        if any(not _FIELD_NAME.fullmatch(name) or raw[:1] in b" \t" for name, raw in fields):
+            # intake read on past it; a verifier stops there, or takes the body to start there
+            self.stats.refused += 1
+            raise Rejection(550, "5.6.0 a line of the header block is not a header field"
+                                 " (name and colon); cannot be signed")
         snapshot = [(sk.key_id, sk.config, sk.der) for sk in keys if sk.key is not None]
         broken = [sk for sk in keys if sk.key is None]
         if broken:
