@@ -425,3 +425,25 @@ async def test_content_header_fields_are_refused_not_dropped(tmp_path, sink, mak
             assert resp.status_code == 422, (name, resp.text)
             assert f"headers: {name!r} is set from its own field" in resp.json()["error"]
     assert node.intake.accepted == 0
+
+
+async def test_a_header_block_over_the_listeners_limit_is_a_413(tmp_path, sink, make_node):
+    """The SMTP door refuses a header block over ``max_header_size`` (552 5.3.4); the API took
+    one of any size below the message limit (a 20 MB header block, which receivers refuse
+    after the node acknowledged it). The largest listener's limit applies, as for the size."""
+    node = await make_node(config_text(tmp_path, sink.port,
+                                       "[listeners.in.limits]\nmax_header_size = 4096\n"))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"]}
+    big = "X-Big: " + "a" * 70 + "".join(f"\n\t{'b' * 70}" for _ in range(80))
+    async with api_client(node, tmp_path) as client:
+        for body in ({**env, "raw": f"Subject: s\n{big}\n\nbody\n"},
+                     {**env, "raw": f"Subject: s\n{big}"},  # no body at all
+                     {**env, "text": "x", "headers": {"X-Big": "a " * 2100}}):
+            resp = await client.post("/api/v1/messages", json=body)
+            assert resp.status_code == 413, resp.text
+            assert "header block is" in resp.json()["error"]
+            assert "the limit is 4096" in resp.json()["error"]
+        resp = await client.post("/api/v1/messages",
+                                 json={**env, "raw": "Subject: s\n\n" + "body line\n" * 1000})
+        assert resp.status_code == 202, resp.text
+    assert node.intake.accepted == 1

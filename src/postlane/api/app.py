@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..feedback import unsubscribe
 from ..operations import OperationError
+from ..policy.headers import normalize_newlines, split_message
 from ..policy.intake import RcptIn, Rejection
 from ..reputation.api import router as reputation_router
 from ..scheduler.control import Selector
@@ -114,6 +115,9 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     max_size = max((lc.max_message_size for lc in parts.config.listeners.values()),
                    default=25 << 20)
     max_body = max_size * 4 // 3 + 65536  # base64 of the largest message plus JSON fields
+    # the largest listener's max_header_size (0: no limit), as for the size
+    header_limits = [lc.limits.max_header_size for lc in parts.config.listeners.values()]
+    max_header = 0 if 0 in header_limits else max(header_limits, default=1 << 20)
 
     app.add_middleware(_BodyLimit, limit=max_body)
     app.add_middleware(_TokenFirst, tokens=tokens)  # outermost: before anything else
@@ -131,6 +135,10 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
         data = msg.build(cfg.correlation_header)
         if len(data) > max_size:
             raise APIError(413, f"message is {len(data)} bytes, the limit is {max_size}")
+        if max_header and len(data) > max_header:  # as the SMTP door's 552 5.3.4
+            head = len(split_message(normalize_newlines(data))[0])
+            if head > max_header:
+                raise APIError(413, f"header block is {head} bytes, the limit is {max_header}")
         rcpts = [RcptIn(addr) for addr in msg.envelope_recipients()]
         try:
             qid = await parts.submit(msg.from_, rcpts, data, listener="api",
