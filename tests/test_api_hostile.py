@@ -447,3 +447,24 @@ async def test_a_header_block_over_the_listeners_limit_is_a_413(tmp_path, sink, 
                                  json={**env, "raw": "Subject: s\n\n" + "body line\n" * 1000})
         assert resp.status_code == 202, resp.text
     assert node.intake.accepted == 1
+
+
+async def test_a_header_field_given_twice_is_a_422(tmp_path, sink, make_node):
+    """``headers`` names differing only in case were two fields: ``Message-ID`` and
+    ``message-id`` (or Reply-To, Sender, ...) made the email package raise, a 500; two
+    ``X-A`` fields, or the correlation header beside ``correlation_id``, went out twice (intake
+    took the first as the correlation id, a reader may take the other)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "x"}
+    async with api_client(node, tmp_path) as client:
+        for headers in ({"Message-ID": "<a@b>", "message-id": "<c@d>"},
+                        {"Reply-To": "a@b.example", "REPLY-TO": "c@d.example"},
+                        {"X-A": "1", "x-a": "2"}):
+            resp = await client.post("/api/v1/messages", json={**env, "headers": headers})
+            assert resp.status_code == 422, (headers, resp.text)
+            assert "given twice" in resp.json()["error"], resp.text
+        resp = await client.post("/api/v1/messages", json={
+            **env, "correlation_id": "c1", "headers": {"x-correlation-id": "c2"}})
+        assert resp.status_code == 422, resp.text
+        assert "correlation_id" in resp.json()["error"]
+    assert node.intake.accepted == 0

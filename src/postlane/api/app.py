@@ -132,6 +132,10 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
         if msg.class_ is not None and msg.class_ not in cfg.classes:
             raise APIError(422, f"class: no traffic class named {msg.class_!r}"
                                 f" (classes: {', '.join(sorted(cfg.classes))})")
+        if msg.correlation_id and any(name.lower() == cfg.correlation_header.lower()
+                                      for name in msg.headers):
+            raise APIError(422, f"headers: {cfg.correlation_header} is set from correlation_id;"
+                                f" give one of them")
         data = msg.build(cfg.correlation_header)
         if len(data) > max_size:
             raise APIError(413, f"message is {len(data)} bytes, the limit is {max_size}")

@@ -116,7 +116,11 @@ class MessageIn(BaseModel):
             raise ValueError(f"a raw message cannot be combined with {', '.join(structured)}")
         if not raw and self.text is None and self.html is None:
             raise ValueError("give raw, raw_base64, or at least one of text and html")
+        seen: set[str] = set()
         for name in self.headers:
+            if name.lower() in seen:  # two fields (a 500 for a Message-ID, a Reply-To ...)
+                raise ValueError(f"headers: {name!r} given twice (names are case-insensitive)")
+            seen.add(name.lower())
             if not _HEADER_NAME.match(name):
                 raise ValueError(f"headers: {name!r} is not a valid header field name")
             if name.lower() in _RESERVED or name.lower().startswith("content-"):
