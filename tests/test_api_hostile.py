@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 from collections.abc import AsyncIterator
 
+import pytest
+
+from postlane.api.injection import MessageIn, UnwritableHeader
 from tests.conftest import config_text
 from tests.test_api import api_client
 
@@ -467,4 +472,61 @@ async def test_a_header_field_given_twice_is_a_422(tmp_path, sink, make_node):
             **env, "correlation_id": "c1", "headers": {"x-correlation-id": "c2"}})
         assert resp.status_code == 422, resp.text
         assert "correlation_id" in resp.json()["error"]
+    assert node.intake.accepted == 0
+
+
+async def test_an_encoded_line_break_cannot_inject_a_header_field(tmp_path, sink, make_node):
+    """An RFC 2047 encoded word is decoded by the email package when a field is set, and on
+    Python before 3.11.10 (CVE-2024-6923) written out with the line break it decodes to: a
+    subject of ``=?utf-8?b?DQpCY2M6IHg=?=`` (CR LF ``Bcc: x``) put a Bcc field of its own into
+    the message. Such a value is a 422, as a raw line break is; an encoded word that decodes to
+    text is kept (it is how a client writes a non-ASCII subject itself)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "x"}
+    crlf_b = "=?utf-8?b?DQpCY2M6IGV2aWxAYXR0YWNrZXIudGVzdA==?="  # "\r\nBcc: evil@attacker.test"
+    crlf_q = "=?utf-8?q?a=0D=0ABcc:_evil@attacker.test?="
+    nul_q = "=?iso-8859-1?Q?a=00b?="
+    async with api_client(node, tmp_path) as client:
+        for value in (crlf_b, crlf_q, nul_q, f"ok {crlf_b.upper().replace('?B?', '?b?')}"):
+            for field, extra in (("subject", {"subject": value}),
+                                 ("headers.X-A", {"headers": {"X-A": value}}),
+                                 ("headers.Message-ID", {"headers": {"Message-ID": value}}),
+                                 ("correlation_id", {"correlation_id": value}),
+                                 ("attachments.0.filename", {"attachments": [
+                                     {"filename": value, "content": ""}]})):
+                resp = await client.post("/api/v1/messages", json={**env, **extra})
+                assert resp.status_code == 422, (value, field, resp.text)
+                assert f"body.{field}: " in resp.json()["error"], resp.text
+                assert "encoded word" in resp.json()["error"], resp.text
+        resp = await client.post("/api/v1/messages", json={
+            **env, "subject": "=?utf-8?q?Gr=C3=BC=C3=9Fe?="})
+        assert resp.status_code == 202, resp.text
+    [arrival] = await sink.wait_for(1)
+    assert b"Bcc" not in arrival.data and b"attacker" not in arrival.data
+    assert "Grüße" in str(email.message_from_bytes(arrival.data, policy=email.policy.default)[
+        "Subject"])
+
+
+def test_a_value_written_as_two_fields_is_refused_whatever_passed_the_checks() -> None:
+    """The second line of defence: the built message is read back, and a value the email
+    package wrote as more than one field (here unvalidated, as a future email package or a
+    missed encoding might) is refused instead of sent."""
+    msg = MessageIn.model_construct(
+        from_="s@insurer.test", to=["a@example.com"], cc=[], bcc=[], subject=None, text="x",
+        html=None, headers={"X-A": "=?utf-8?b?DQpCY2M6IHg=?="}, attachments=[], raw=None,
+        raw_base64=None, class_=None, correlation_id=None)
+    with pytest.raises(UnwritableHeader):
+        msg.build("X-Correlation-ID")
+
+
+async def test_a_header_value_the_email_package_cannot_write_is_a_422(tmp_path, sink, make_node):
+    """Address fields in ``headers`` are parsed by the email package, which raised on some
+    values (``Resent-From: <`` an IndexError, ``Message-ID: ü@ü`` a UnicodeEncodeError): a 500."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "x"}
+    async with api_client(node, tmp_path) as client:
+        for name, value in (("Resent-From", "<"), ("Resent-To", '"'), ("Message-ID", "ü@ü")):
+            resp = await client.post("/api/v1/messages", json={**env, "headers": {name: value}})
+            assert resp.status_code == 422, (name, value, resp.text)
+            assert resp.json()["error"].startswith("a header field cannot be written")
     assert node.intake.accepted == 0

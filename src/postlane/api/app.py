@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
+from email.errors import MessageError
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -136,7 +137,10 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
                                       for name in msg.headers):
             raise APIError(422, f"headers: {cfg.correlation_header} is set from correlation_id;"
                                 f" give one of them")
-        data = msg.build(cfg.correlation_header)
+        try:
+            data = msg.build(cfg.correlation_header)
+        except (ValueError, IndexError, MessageError) as exc:  # the email package's, on a value
+            raise APIError(422, f"a header field cannot be written: {exc}") from None
         if len(data) > max_size:
             raise APIError(413, f"message is {len(data)} bytes, the limit is {max_size}")
         if max_header and len(data) > max_header:  # as the SMTP door's 552 5.3.4

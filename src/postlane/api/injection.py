@@ -1,7 +1,10 @@
 """The injection request: a raw RFC 5322 message or structured fields turned into MIME.
 
 Everything that ends up in a header is checked for CR/LF here, so a field can never smuggle in
-another header (header injection) or a second recipient.
+another header (header injection) or a second recipient: line breaks, other control characters
+and RFC 2047 encoded words that decode to them (the email package decodes them when a field is
+set, and Python before 3.11.10 wrote the decoded line break out), and the built message is read
+back to check that each field stayed one field.
 """
 
 from __future__ import annotations
@@ -9,7 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Iterator
+from email import message_from_bytes
+from email.errors import MessageError
+from email.header import decode_header
 from email.message import EmailMessage
+from email.policy import compat32
 from email.utils import formatdate
 from typing import Annotated
 
@@ -26,6 +34,7 @@ part's Content-* fields when it builds the part, so one given in ``headers`` was
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_ENCODED_WORD = re.compile(r"=\?[^?]*\?[bBqQ]\?.*?\?=", re.DOTALL)
 
 
 def valid_unicode(data: object) -> object:
@@ -66,7 +75,30 @@ def _one_line(value: str) -> str:
     if _CONTROL.search(value):
         raise ValueError("must not contain a control character (NUL, ESC, DEL ...; a tab is"
                          " allowed)")
+    if "=?" in value and any("".join(text.splitlines()) != text or _CONTROL.search(text)
+                             for text in _decoded_words(value)):
+        raise ValueError("must not contain an encoded word (RFC 2047) that decodes to a line"
+                         " break or a control character")
     return value
+
+
+def _decoded_words(value: str) -> Iterator[str]:
+    """The text of each RFC 2047 encoded word in ``value``, found as loosely as the email
+    package's parser finds them (white space inside, an unknown charset read as Latin-1)."""
+    for word in _ENCODED_WORD.findall(value):
+        try:
+            parts = decode_header(word)
+        except (ValueError, MessageError):
+            yield word
+            continue
+        for data, charset in parts:
+            if isinstance(data, str):
+                yield data
+                continue
+            try:
+                yield data.decode(charset or "ascii")
+            except (LookupError, UnicodeDecodeError):
+                yield data.decode("latin-1")
 
 
 Address = Annotated[str, AfterValidator(_address)]
@@ -172,7 +204,25 @@ class MessageIn(BaseModel):
             maintype, subtype = att.content_type.split("/", 1)
             msg.add_attachment(att.data(), maintype=maintype, subtype=subtype,
                                filename=att.filename)
-        return msg.as_bytes()
+        data = msg.as_bytes()
+        _check_fields(msg, data)
+        return data
+
+
+class UnwritableHeader(ValueError):
+    """A header field value the email package cannot write as one field (a 422)."""
+
+
+def _check_fields(msg: EmailMessage, data: bytes) -> None:
+    """Read the built message back (without decoding anything) and check that every part has
+    the fields it was given: a value the email package decoded into a line break was written
+    as a field of its own (``Subject: \\r\\nBcc: x``), or ended the header block early."""
+    back = message_from_bytes(data, policy=compat32)
+    built = [len(part.keys()) for part in msg.walk()]
+    read = [len(part.keys()) for part in back.walk()]
+    if built != read:
+        raise UnwritableHeader("a header field value would be written as more than one field"
+                               " (an encoded line break?)")
 
 
 class Queued(BaseModel):
