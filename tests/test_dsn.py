@@ -211,3 +211,34 @@ def test_xtext_that_decodes_to_a_line_break_or_control_is_escaped() -> None:
     assert status["Original-Recipient"] == "rfc822;bob\\x{D}\\x{A}Bcc: evil@example.net"
     assert status["Diagnostic-Code"] == "smtp; 550 no\\x{1B}[2J\\x{0} such user"
     assert per_message["Original-Envelope-Id"] == "E\\x{0}\\x{1B}[2J\\x{D}\\x{A}X-Env: y"
+
+
+ENCODED_CRLF = "=?utf-8?q?=0D=0AAction:_delivered=0D=0AStatus:_2.0.0?="
+"""An RFC 2047 encoded word of CR LF ``Action: delivered`` CR LF ``Status: 2.0.0``: valid text
+in a quoted local part (RFC 5321 4.1.2), so the edge accepts it in an address."""
+
+
+def test_an_encoded_word_in_an_address_is_not_decoded_into_the_report() -> None:
+    """The email package decodes encoded words when a field is set (even inside a quoted local
+    part) and wrote the decoded line break out: a recipient ``"=?…?="@x`` forged ``Action`` and
+    ``Status`` fields in the machine-readable report, and a sender of that form made the DSN
+    impossible to build (``address parts cannot contain CR or LF``): the bounce was lost."""
+    address = f'"{ENCODED_CRLF}"@example.net'
+    rcpt = FailedRecipient(address, "failed", "5.1.1", "550 no such user")
+    msg = bounce(sender=address, recipients=[rcpt])
+    assert msg["To"] is not None and "\r" not in str(msg["To"])
+    status = msg.get_payload()[1].get_payload()[1]
+    assert status.get_all("Action") == ["failed"] and status.get_all("Status") == ["5.1.1"]
+    assert status["Final-Recipient"].startswith('rfc822; "=\\x{3F}utf-8')
+
+
+def test_the_returned_message_keeps_its_header_fields_as_they_were() -> None:
+    """RET=FULL re-wrote the original's fields longer than the line limit, decoding their
+    encoded words: a long Subject of encoded CR LF became fields of their own in the copy."""
+    original = (b"From: a@bank.example\r\nSubject: " + (ENCODED_CRLF.encode() + b" ") * 30
+                + b"\r\n\r\nbody\r\n")
+    raw = build_bounce(reporting_mta="mta.test", sender="back@example.net",
+                       recipients=recipients(), original=original, arrival_date=NOW, ret="FULL",
+                       now=NOW)
+    assert b"\r\nAction: delivered" not in raw and b"\r\nStatus: 2.0.0" not in raw
+    assert b"Subject: " + ENCODED_CRLF.encode() in raw

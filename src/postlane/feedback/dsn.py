@@ -22,7 +22,9 @@ __all__ = ["FailedRecipient", "build_bounce", "should_bounce"]
 # SMTP policy, but fold only past RFC 5322's hard 998 limit: folding at 78 would turn long
 # tokens in Diagnostic-Code (URLs, server ids) into RFC 2047 encoded words, which DSN
 # parsers do not decode.
-_POLICY = SMTP.clone(max_line_length=998)
+_POLICY = SMTP.clone(max_line_length=998, refold_source="none")
+# refold_source "none": the returned original's fields are written as they came. Refolding one
+# over the limit decoded its RFC 2047 words, and an encoded CR LF became fields of their own.
 _DIAG_MAX = 900  # keeps "Diagnostic-Code: smtp; ..." under 998 octets, so it is never encoded
 _ACTIONS = frozenset({"failed", "delayed"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
@@ -65,10 +67,12 @@ def _one_line(text: str) -> str:
 
 def _escaped(text: str) -> str:
     """DSN fields are printable US-ASCII: the rest (non-ASCII, and controls such as NUL, ESC
-    or a CR LF decoded from xtext) as RFC 6533 embedded-unicode \\x{HEX}."""
-    if _PRINTABLE.fullmatch(text):
-        return text
-    return "".join(ch if " " <= ch <= "~" else f"\\x{{{ord(ch):X}}}" for ch in text)
+    or a CR LF decoded from xtext) as RFC 6533 embedded-unicode \\x{HEX}; and the "?" of
+    "=?" too, because the email package decodes RFC 2047 words in a field it is given (even in
+    an address's quoted local part) and wrote what they decode to, a CR LF included."""
+    if not _PRINTABLE.fullmatch(text):
+        text = "".join(ch if " " <= ch <= "~" else f"\\x{{{ord(ch):X}}}" for ch in text)
+    return text.replace("=?", "=\\x{3F}") if "=?" in text else text
 
 
 def _dsn_text(text: str) -> str:
@@ -78,7 +82,7 @@ def _dsn_text(text: str) -> str:
 
 def _address_field(address: str) -> str:
     if address.isascii():
-        return f"rfc822; {address}"
+        return _escaped(f"rfc822; {address}")
     # RFC 6533 utf-8-addr-xtext: "+", "=", "\" and non-ASCII become \x{HEX}.
     escaped = "".join(
         ch if ch.isascii() and ch not in "+=\\" else f"\\x{{{ord(ch):X}}}" for ch in address
@@ -206,7 +210,7 @@ def build_bounce(
     msg = EmailMessage(policy=policy)
     from_addr = postmaster or f"MAILER-DAEMON@{reporting_mta}"
     msg["From"] = from_addr if "<" in from_addr else f"Mail Delivery System <{from_addr}>"
-    msg["To"] = to
+    msg["To"] = to.replace("=?", "=\\x{3F}") if "=?" in to else to  # see _escaped
     msg["Subject"] = (
         "Delayed Mail (still being retried)"
         if all_delayed
