@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from postlane.accounting.records import Record
-from postlane.monitor.alerts import Alert, webhook_notifier
+from postlane.monitor.alerts import Alert, mail_notifier, webhook_notifier
 from postlane.monitor.latency import Series
 from postlane.monitor.tracker import Tracker
 from postlane.policy.intake import RcptIn
@@ -292,3 +292,24 @@ async def test_restart_counts_resumed_messages(tmp_path, sink, make_node):
     assert states["marketing"]["oldest_age_s"] > 0
     assert states["policy-documents"]["depth"] == 0
     assert states["policy-documents"]["latency_s"]["1m"] is None, "history is not persisted"
+
+
+async def test_an_alert_mail_subject_carries_no_field_of_its_own() -> None:
+    """An alert's text can name what a DMARC report (anyone's XML) calls a domain; in the
+    alert mail's Subject an RFC 2047 word of CR LF ``Bcc: x`` was decoded by the email package
+    and written as a field of its own, and a raw CR LF made the notification raise."""
+    sent: list[bytes] = []
+
+    async def submit(data: bytes) -> str:
+        sent.append(data)
+        return "Q1"
+
+    notify = mail_notifier(submit, "n1", "postlane@mta.test", "ops@insurer.test")
+    for domain in ("=?utf-8?b?DQpCY2M6IGV2aWxAYXR0YWNrZXIudGVzdA==?=", "a.test\r\nBcc: x@y.test"):
+        alert = Alert("dmarc-unknown-senders:x", "dmarc-unknown-senders", "", "",
+                      f"600 messages as {domain} from unknown senders", 600, 500, 0, 0)
+        await notify("fired", alert)
+    assert len(sent) == 2
+    for data in sent:
+        msg = email.message_from_bytes(data)
+        assert msg["Bcc"] is None and len(msg.get_all("Subject")) == 1, data[:400]

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -155,6 +156,14 @@ def webhook_notifier(url: str, node: str, retries: int, backoff: float,
     return notify
 
 
+def _inert(text: str) -> str:
+    """One line the email package writes as it is: an alert's text can name what a DMARC
+    report (anyone's XML) calls a domain, and the package decodes RFC 2047 words in a field it
+    is given, writing an encoded CR LF out as a field of its own (and raises on a raw one)."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", " ".join(text.split()))
+    return text.replace("=?", "= ?") if "=?" in text else text
+
+
 def mail_notifier(submit: Callable[[bytes], Awaitable[str]], node: str, sender: str,
                   to: str, cluster: str | None = None) -> Notifier:
     """An e-mail per fire/resolve, queued through the node itself (``submit`` picks the
@@ -168,7 +177,7 @@ def mail_notifier(submit: Callable[[bytes], Awaitable[str]], node: str, sender: 
         msg["From"] = sender
         msg["To"] = to
         msg["Date"] = formatdate()
-        msg["Subject"] = f"[postlane {where}] {event.upper()}: {alert.message}"
+        msg["Subject"] = _inert(f"[postlane {where}] {event.upper()}: {alert.message}")
         when = alert.fired_at if event == "fired" else alert.resolved_at
         msg.set_content(
             f"Alert {alert.id} {event} {on} at {formatdate(when, usegmt=True)}.\n\n"
