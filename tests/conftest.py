@@ -17,6 +17,7 @@ from tests.support.audit import audit_backend  # noqa: F401  (fixture)
 from tests.support.fixtures_dns import dns_server  # noqa: F401  (fixture)
 from tests.support.pg import pg_schema, two_spools  # noqa: F401  (fixtures)
 from tests.support.shared import SHARED  # noqa: F401  (re-exported)
+from tests.support.smallfs import small_fs  # noqa: F401  (fixture)
 
 OPERATOR = Operator("tester", "api")
 """Who the tests' operator actions are on the record as."""

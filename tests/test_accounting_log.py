@@ -256,3 +256,35 @@ def test_a_line_separator_in_a_value_does_not_split_a_jsonl_line(tmp_path: Path)
     lines = raw.decode("utf-8").splitlines()
     assert [json.loads(line) for line in lines] == [r.as_dict() for r in records]
     assert [r["dsnDiag"] for r in read_csv(paths["csv"])] == [diag, records[1].dsn_diag]
+
+
+def test_a_full_disk_leaves_each_record_once_in_the_files(small_fs) -> None:
+    """ENOSPC in the middle of a batch (a partial write, a failed fsync) must not leave half
+    a batch behind for the retry to write again: the files go back to the last sync, the
+    position says which events they hold, and once space returns the retry writes each
+    record exactly once (a real tmpfs, not a mock: the kernel's short writes and all)."""
+    fs = small_fs("acct", "256k")
+    log = AccountingLog(fs.path, formats=("csv", "jsonl"), clock=FakeClock())
+    written, failures = 0, 0
+    while failures < 3:  # the disk fills; the recorder goes on trying from its cursor
+        start = log.feed.get("w1", 0)
+        batch = [make_record(n) for n in range(start + 1, start + 51)]
+        try:
+            log.write_many(batch)
+            log.sync({"w1": start + 50})
+            written = start + 50
+        except OSError:
+            failures += 1
+            assert log.feed.get("w1", 0) == written  # the cursor names what is synced
+    fs.grow("8m")
+    while log.feed["w1"] < written + 100:
+        start = log.feed["w1"]
+        log.write_many(make_record(n) for n in range(start + 1, start + 51))
+        log.sync({"w1": start + 50})
+    log.close()
+    expected = [f"Q{n:06d}" for n in range(1, written + 101)]
+    rows = [r for p in sorted(fs.path.glob("*.csv")) for r in read_csv(p)]
+    assert [r["queueId"] for r in rows] == expected
+    lines = [json.loads(line) for p in sorted(fs.path.glob("*.jsonl"))
+             for line in p.read_text().splitlines()]
+    assert [r["queueId"] for r in lines] == expected

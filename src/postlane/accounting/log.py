@@ -7,10 +7,16 @@ spool writer has in them. After a crash, ``recover`` cuts the files back to thos
 returns the event numbers, and the recorder writes the events after them again: every event is
 in the files exactly once, whatever moment the process died at. Rotation happens only at a
 sync, so the position file always names the files being written.
+
+A write that fails (ENOSPC, EIO) goes back to the last sync: what was buffered since is
+dropped, the files are cut back to the sizes the position names, and the error is raised; the
+caller writes again from ``feed`` later. A failed write can leave part of a batch (or of a
+line) in a file, and buffering on past it would put those records in twice once space returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -18,9 +24,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import orjson
 
@@ -82,8 +87,13 @@ class AccountingLog:
         self.prefix = prefix
         self._clock = clock
         self._lock = threading.Lock()
-        self._files: dict[str, BinaryIO] = {}
+        self._files: dict[str, int] = {}
+        """File descriptors, one per format (our own buffers: a failed write must be undone)."""
+        self._pending: dict[str, bytearray] = {}
         self._sizes: dict[str, int] = {}
+        """Each file's size once its pending bytes are written."""
+        self._synced: dict[str, int] = {}
+        """Each file's size as of the last sync: what the position file names."""
         self._opened_at = 0.0
         self._closed = False
         self.feed: dict[str, int] = {}
@@ -96,66 +106,77 @@ class AccountingLog:
         self.recovered_bytes = self._recover()
         """Bytes cut off the files at open: lines written after the last sync (written again
         by the recorder)."""
-        self._open_files()
-        self._save_position()
+        self._install(*self._create_files())
+        try:
+            self._save_position(self._sizes, self.feed)
+        except OSError:
+            self._discard(self._files, self.current_paths)
+            raise
 
     # -- public API -------------------------------------------------------------------------
 
     def write(self, record: Record) -> None:
         """Buffer one record."""
-        with self._lock:
-            self._write_locked(record)
+        self.write_many((record,))
 
     def write_many(self, records: Iterable[Record]) -> None:
-        """Buffer several records under one lock acquisition."""
+        """Buffer several records under one lock acquisition. An OSError (the disk full)
+        takes the files back to the last sync (``feed``) before it is raised."""
         with self._lock:
-            for record in records:
-                self._write_locked(record)
+            self._check_open()
+            with self._undo_on_error():
+                for record in records:
+                    self._write_locked(record)
 
     def sync(self, feed: Mapping[str, int] | None = None) -> None:
         """Make everything written so far durable and record ``feed`` (each spool writer's last
-        event now in the files) in the position file; rotate if the files are due."""
+        event now in the files) in the position file; rotate if the files are due. An OSError
+        takes the files back to the previous sync before it is raised (``feed`` unchanged)."""
         with self._lock:
             self._check_open()
-            for fh in self._files.values():
-                fh.flush()
-                os.fsync(fh.fileno())
-            if feed:
-                self.feed.update(feed)
-            if self._clock() - self._opened_at >= self.rotate_seconds or any(
-                    size >= self.rotate_bytes for size in self._sizes.values()):
-                self._rotate_locked()
-            else:
-                self._save_position()
+            with self._undo_on_error():
+                self._write_out(fsync=True)
+                new_feed = {**self.feed, **(feed or {})}
+                self._save_position(self._sizes, new_feed)
+                self.feed = new_feed
+                if self._clock() - self._opened_at >= self.rotate_seconds or any(
+                        size >= self.rotate_bytes for size in self._sizes.values()):
+                    self._rotate_locked()
 
     def flush(self, fsync: bool = False) -> None:
         """Push buffers to the OS; with fsync, to stable storage (``sync`` also moves the
         position)."""
         with self._lock:
             self._check_open()
-            for fh in self._files.values():
-                fh.flush()
-                if fsync:
-                    os.fsync(fh.fileno())
+            with self._undo_on_error():
+                self._write_out(fsync)
 
     def rotate(self) -> None:
         """Close (with fsync) the current files and start new ones."""
         with self._lock:
             self._check_open()
-            self._rotate_locked()
+            with self._undo_on_error():
+                self._write_out(fsync=True)
+                self._save_position(self._sizes, self.feed)
+                self._rotate_locked()
 
     def close(self) -> None:
         """Flush, fsync, record the position and close; idempotent. (The recorder passes its
-        last ``feed`` through ``sync`` first.)"""
+        last ``feed`` through ``sync`` first.) Lines that cannot be written (the disk full)
+        are dropped back to the last sync: the recorder writes them at its next start."""
         with self._lock:
             if self._closed:
                 return
-            for fh in self._files.values():
-                fh.flush()
-                os.fsync(fh.fileno())
-            self._save_position()
+            try:
+                with self._undo_on_error():
+                    self._write_out(fsync=True)
+                    self._save_position(self._sizes, self.feed)
+            except OSError as exc:
+                log.error("accounting files closed at their last sync (%s); the records after"
+                          " it are written at the next start", exc)
             self._closed = True
-            _retire(self._files)
+            for fd in self._files.values():
+                os.close(fd)
             self._files = {}
 
     def __enter__(self) -> AccountingLog:
@@ -177,7 +198,7 @@ class AccountingLog:
             row = list(values.values())
         else:
             row = [values[key] if key is not None else "" for _, key in self._columns]
-        for fmt, fh in self._files.items():
+        for fmt, fd in self._files.items():
             if fmt == "csv":
                 cells = row.copy()
                 for i in self._float_columns:
@@ -189,8 +210,11 @@ class AccountingLog:
                 if b"\xe2\x80" in data or b"\xc2\x85" in data:
                     data = _escape_separators(data)
                 data += b"\n"
-            fh.write(data)
+            pending = self._pending[fmt]
+            pending += data
             self._sizes[fmt] += len(data)
+            if len(pending) >= _BUFFER_BYTES:
+                _write_all(fd, pending)
 
     def _csv_line(self, row: Sequence[object]) -> bytes:
         buf = self._csv_buf
@@ -199,36 +223,72 @@ class AccountingLog:
         self._csv.writerow(row)
         return buf.getvalue().encode()
 
+    @contextlib.contextmanager
+    def _undo_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError:
+            self._rewind()
+            raise
+
+    def _write_out(self, fsync: bool) -> None:
+        for fmt, fd in self._files.items():
+            _write_all(fd, self._pending[fmt])
+            if fsync:
+                os.fsync(fd)
+
+    def _rewind(self) -> None:
+        """Back to the last sync: drop the pending bytes, cut the files to the sizes the
+        position names (a cut frees space, so it works on a full disk)."""
+        for fmt, fd in self._files.items():
+            self._pending[fmt].clear()
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._synced[fmt])
+        self._sizes = dict(self._synced)
+
     def _rotate_locked(self) -> None:
         """New files first, then the position naming them, then the old files closed: a crash
-        at any step leaves a position that names files holding exactly what it says."""
-        old = self._files
-        for fh in old.values():
-            fh.flush()
-            os.fsync(fh.fileno())
-        self._open_files()
-        self._save_position()
-        _retire(old)
+        at any step leaves a position that names files holding exactly what it says. The
+        current files are synced and named by the position already. New files that cannot be
+        set up (the disk full) are removed and the current ones stay."""
+        old, old_paths, old_opened = self._files, self.current_paths, self._opened_at
+        new = self._create_files()
+        self._install(*new)
+        try:
+            self._save_position(self._sizes, self.feed)
+        except OSError:
+            self._discard(self._files, self.current_paths)
+            self._files, self.current_paths, self._opened_at = old, old_paths, old_opened
+            self._pending = {fmt: bytearray() for fmt in old}
+            self._sizes = {fmt: os.fstat(fd).st_size for fmt, fd in old.items()}
+            self._synced = dict(self._sizes)
+            raise
+        for fd in old.values():
+            os.close(fd)
 
     # -- the position file ----------------------------------------------------------------------
 
     def _position_path(self) -> Path:
         return self.directory / f"{self.prefix}{POSITION_FILE}"
 
-    def _save_position(self) -> None:
-        data = json.dumps({"files": {fmt: [str(p), self._sizes[fmt]]
+    def _save_position(self, sizes: Mapping[str, int], feed: Mapping[str, int]) -> None:
+        """Replace the position file (written and fsynced aside, then renamed); once renamed,
+        ``sizes`` are what a restart cuts the files back to."""
+        data = json.dumps({"files": {fmt: [str(p), sizes[fmt]]
                                      for fmt, p in self.current_paths.items()},
-                           "feed": self.feed}).encode()
+                           "feed": dict(feed)}).encode()
         path = self._position_path()
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
         try:
-            os.write(fd, data)
+            _write_all(fd, bytearray(data))
             os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        self._fsync_directory()
+        self._synced = dict(sizes)
+        with contextlib.suppress(OSError):  # the rename is done: a lost one is the old position
+            self._fsync_directory()
 
     def _recover(self) -> int:
         """Cut the files the position names back to their recorded sizes; returns how many
@@ -263,7 +323,9 @@ class AccountingLog:
                         " recorder writes those records again", cut)
         return cut
 
-    def _open_files(self) -> None:
+    def _create_files(self) -> tuple[dict[str, int], dict[str, Path]]:
+        """New files (one per format, the CSV one with its header written); none left behind
+        if that fails."""
         now = self._clock()
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
         n = 0
@@ -275,30 +337,42 @@ class AccountingLog:
                 if files is not None:
                     break
             n += 1
+        try:
+            if "csv" in files:  # tailers and parsers never see a headerless file
+                _write_all(files["csv"], bytearray(self._csv_line(self._header)))
+            self._fsync_directory()
+        except OSError:
+            self._discard(files, paths)
+            raise
+        self._opened_at = now
+        return files, paths
+
+    def _install(self, files: dict[str, int], paths: dict[str, Path]) -> None:
         self._files = files
         self.current_paths = paths
-        self._sizes = dict.fromkeys(self.formats, 0)
-        self._opened_at = now
-        if "csv" in files:
-            header = self._csv_line(self._header)
-            files["csv"].write(header)
-            files["csv"].flush()  # tailers and parsers never see a headerless file
-            self._sizes["csv"] = len(header)
-        self._fsync_directory()
+        self._pending = {fmt: bytearray() for fmt in files}
+        self._sizes = {fmt: os.fstat(fd).st_size for fmt, fd in files.items()}
 
-    def _create_exclusive(self, paths: dict[str, Path]) -> dict[str, BinaryIO] | None:
+    @staticmethod
+    def _discard(files: dict[str, int], paths: dict[str, Path]) -> None:
+        for fmt, fd in files.items():
+            os.close(fd)
+            paths[fmt].unlink(missing_ok=True)
+
+    def _create_exclusive(self, paths: dict[str, Path]) -> dict[str, int] | None:
         """Create all files or none (None if another writer raced us to a name)."""
-        files: dict[str, BinaryIO] = {}
+        files: dict[str, int] = {}
         try:
             for fmt, path in paths.items():
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, _FILE_MODE)
+                files[fmt] = fd
                 os.fchmod(fd, _FILE_MODE)  # exactly 0640 whatever the umask
-                files[fmt] = open(fd, "wb", buffering=_BUFFER_BYTES)  # noqa: SIM115
         except FileExistsError:
-            for fmt, fh in files.items():
-                fh.close()
-                paths[fmt].unlink(missing_ok=True)
+            self._discard(files, paths)
             return None
+        except OSError:
+            self._discard(files, paths)
+            raise
         return files
 
     def _fsync_directory(self) -> None:
@@ -322,9 +396,14 @@ def _escape_separators(data: bytes) -> bytes:
     return data
 
 
-def _retire(files: dict[str, BinaryIO]) -> None:
-    """Flush, fsync and close files that no record goes to any more."""
-    for fh in files.values():
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
+def _write_all(fd: int, data: bytearray) -> None:
+    """Write ``data`` and empty it; on an error, what was written is gone from it too (the
+    caller rewinds the file anyway)."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        written = len(data) - len(view)
+        view.release()
+        del data[:written]

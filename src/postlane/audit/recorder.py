@@ -295,32 +295,43 @@ class _Feed:
         self._store_down = False
         self._store_retry = 0.0
         self._store_delay = 0.5
+        self._files_down = False
+        self._files_retry = 0.0
+        self._files_delay = 0.5
+        self._adopted: dict[str, int] = {}
+        """Where adopted writers' files got to (their own recorder's published position)."""
 
     def pump(self) -> int:
         """Feed what the outbox holds beyond each cursor (one batch per writer and consumer);
         returns how many events were taken."""
         taken = 0
         entries: list[tuple] = []
-        store_due = self.store is not None and time.monotonic() >= self._store_retry
+        now = time.monotonic()
+        files_due = now >= self._files_retry
+        store_due = self.store is not None and now >= self._store_retry
         for writer in self.outbox.writers():
             if writer not in self._known:  # adopted from a node that is gone: go on from
                 self._known.add(writer)    # where its own recorder's files got to
                 published = getattr(self.outbox, "filed", None)
                 if published is not None:
-                    self.filed[writer] = max(self.filed.get(writer, 0), published(writer))
+                    self._adopted[writer] = published(writer)
+                    self.filed[writer] = max(self.filed.get(writer, 0), self._adopted[writer])
             filed = self.filed.get(writer, 0)
-            rows = self.outbox.read(writer, filed, BATCH)
+            rows: list | None = None
             values: list[tuple] = []
-            if rows:
+            if files_due:
+                rows = self.outbox.read(writer, filed, BATCH)
                 values = [unpack(data) for _, data in rows]
-                self.files.write_many(Record(*v) for v in values)
-                self.filed[writer] = rows[-1][0]
-                self.dirty = True
-                taken += len(rows)
+                if rows and self._file(values):
+                    self.filed[writer] = rows[-1][0]
+                    self.dirty = True
+                    taken += len(rows)
+                elif rows:
+                    files_due = False
             if not store_due:
                 continue
             stored = self.stored.get(writer, 0)
-            if stored != filed:  # the store is ahead or behind the files: its own read
+            if rows is None or stored != filed:  # the store is ahead or behind: its own read
                 rows = self.outbox.read(writer, stored, BATCH)
                 values = [unpack(data) for _, data in rows]
             if rows and rows[0][0] != stored + 1:
@@ -332,6 +343,30 @@ class _Feed:
             self._append(entries)
             taken += len(entries)
         return taken
+
+    def _file(self, values: list[tuple]) -> bool:
+        """Write records into the files; False if they cannot be written (the disk full):
+        the files and ``filed`` go back to the last sync and are written again later."""
+        try:
+            self.files.write_many(Record(*v) for v in values)
+        except OSError as exc:
+            self._files_failed(exc)
+            return False
+        return True
+
+    def _files_failed(self, exc: OSError) -> None:
+        """The files are back at their last sync (``AccountingLog``): so is ``filed``. Told
+        once; tried again after a pause that doubles up to 30 s."""
+        self.filed = {w: max(self.files.feed.get(w, 0), self._adopted.get(w, 0))
+                      for w in self.filed}
+        self.dirty = False
+        if not self._files_down:
+            self._files_down = True
+            self.tell(("degraded", "accounting", "accounting files write failed",
+                       f"{type(exc).__name__}: {exc}", "records wait in the spool and are"
+                       " written to the files once they can be (deliveries go on)"))
+        self._files_retry = time.monotonic() + self._files_delay
+        self._files_delay = min(self._files_delay * 2, 30.0)
 
     def safe_pump(self) -> int:
         """``pump``, surviving an outbox that cannot be read (the database away): the events
@@ -382,9 +417,21 @@ class _Feed:
         for _, _, writer, n in entries:
             self.stored[writer] = n
 
-    def sync(self) -> None:
-        self.files.sync(self.filed)
+    def sync(self, last: bool = False) -> None:
+        """Make the files durable up to ``filed`` (while they fail, only when a retry is due,
+        or ``last``)."""
+        if self._files_down and not last and time.monotonic() < self._files_retry:
+            return
+        try:
+            self.files.sync(self.filed)
+        except OSError as exc:
+            self._files_failed(exc)
+            return
         self.dirty = False
+        if self._files_down:
+            self._files_down = False
+            self._files_delay = 0.5
+            self.tell(("recovered", "accounting"))
         publish = getattr(self.outbox, "publish_filed", None)
         if publish is not None:
             with contextlib.suppress(Exception):  # advisory; the next sync tells it again
@@ -394,7 +441,7 @@ class _Feed:
         return ("progress", dict(self.stored), dict(self.files.feed))
 
     def close(self) -> None:
-        self.sync()  # the files hold exactly the events ``filed`` names: record that
+        self.sync(last=True)  # the files hold exactly the events ``filed`` names: record that
         self.files.close()
         self.outbox.close()
         if self.store is not None:

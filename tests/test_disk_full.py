@@ -1,0 +1,42 @@
+"""A full disk under the spool, the accounting folder or the audit store, on a real small file
+system (a tmpfs mounted for the test: ``tests/support/smallfs.py``): nothing acknowledged is
+lost, every record reaches the files and the store exactly once when space returns, the node
+tells the operator once, and it recovers without a restart."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from tests.conftest import config_text, message, records, send
+from tests.support.waiting import until
+
+NO_FLOOR = "[security]\nmin_free_space = 0\n"
+
+
+async def test_a_full_accounting_folder_delays_the_files_and_doubles_no_line(
+        tmp_path, sink, make_node, small_fs):
+    """The recorder cannot write the accounting files: it says so once, keeps running (no
+    crash and restart loop), deliveries go on, and once there is room every record is in the
+    files once (a failed write used to leave half a batch that the retry wrote again)."""
+    acct = small_fs("acct", "160k")
+    node = await make_node(config_text(tmp_path, sink.port, NO_FLOOR))
+    recorder = node.recorder.child_pid
+    port = node.listeners[0].port
+    n = 0
+    while "accounting" not in node.health.active:
+        await send(port, "s@insurer.test", [f"u{n}@example.com"], message(f"m{n}"))
+        n += 1
+        assert n < 400, "the accounting folder never filled"
+    for i in range(n, n + 10):  # accepted and delivered while the files cannot be written
+        await send(port, "s@insurer.test", [f"u{i}@example.com"], message(f"m{i}"))
+    n += 10
+    await sink.wait_for(n)
+    assert node.recorder.child_pid == recorder  # still the same process
+    acct.grow("16m")
+    await until(lambda: "accounting" not in node.health.active, timeout=60,
+                what="the files written again once there is room")
+    await node.flush_evidence()
+    lines = Counter((r["type"], r["rcpt"]) for r in records(tmp_path))
+    assert lines == Counter({(t, f"u{i}@example.com"): 1 for i in range(n) for t in "rd"})
+    assert node.recorder.child_pid == recorder
