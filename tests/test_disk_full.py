@@ -15,7 +15,7 @@ NO_FLOOR = "[security]\nmin_free_space = 0\n"
 
 
 async def test_a_full_accounting_folder_delays_the_files_and_doubles_no_line(
-        tmp_path, sink, make_node, small_fs):
+        tmp_path, small_fs, sink, make_node):
     """The recorder cannot write the accounting files: it says so once, keeps running (no
     crash and restart loop), deliveries go on, and once there is room every record is in the
     files once (a failed write used to leave half a batch that the retry wrote again)."""
@@ -40,3 +40,28 @@ async def test_a_full_accounting_folder_delays_the_files_and_doubles_no_line(
     lines = Counter((r["type"], r["rcpt"]) for r in records(tmp_path))
     assert lines == Counter({(t, f"u{i}@example.com"): 1 for i in range(n) for t in "rd"})
     assert node.recorder.child_pid == recorder
+
+
+async def test_a_full_spool_disk_defers_deliveries_once_not_a_traceback_each(
+        tmp_path, small_fs, sink, make_node, caplog):
+    """The attempt journal (beside the spool) cannot grow: no final dot is sent without its
+    mark, so the delivery is deferred - told once as a degraded state, not a traceback per
+    attempt - and made once the disk has room again."""
+    spool = small_fs("spool", "24m")
+    node = await make_node(config_text(tmp_path, sink.port, NO_FLOOR))
+    spool.fill()
+    with open(spool.path / "ballast", "r+b") as fh:  # room for the spool's commit (the 250),
+        fh.truncate(fh.seek(0, 2) - 512 * 1024)      # not for a journal window (1 MB)
+    caplog.set_level(logging.INFO)
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+               message("one", cls="policy-documents"))
+    await until(lambda: node.health.active.get("attempt-journal")
+                and node.health.active["attempt-journal"].count >= 2, timeout=30,
+                what="deliveries deferred for the journal")
+    assert sink.arrivals == []
+    assert not [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    spool.free()
+    await sink.wait_for(1)
+    await until(lambda: "attempt-journal" not in node.health.active, what="the state ended")
+    await node.flush_evidence()
+    assert [r["type"] for r in records(tmp_path)][-1] == "d"

@@ -175,6 +175,9 @@ class Relay:
         marked = self.spool.mark([Attempt(msg.id, r.idx, now, info_text, r.attempts + 1)
                                   for r in batch], urgent=cls is not None and cls.sla is not None)
         marked.add_done_callback(_retrieve)  # a transaction refused before DATA never awaits it
+        if marked.done() and marked.exception() is not None:  # no journal, no delivery: wait
+            reply = f"451 4.3.0 {marked.exception()}"
+            return [Outcome(DEFERRED, reply, "4.3.0")] * len(batch)
         try:
             tx = await conn.send(self.envelope_sender(msg, batch[0]), rcpts, body,
                                  " ".join(params), crlf=True, before_dot=marked)

@@ -30,6 +30,7 @@ from .base import (
     Message,
     Pending,
     Recipient,
+    SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
@@ -127,6 +128,7 @@ class SQLiteSpool(GroupCommitWrites):
     """Spool in ``<directory>/spool.sqlite``."""
 
     HEALTH_KEY: ClassVar[str] = "spool"
+    JOURNAL_KEY: ClassVar[str] = "attempt-journal"
 
     def __init__(self, directory: str | Path, node: str = "",
                  health: Health | None = None) -> None:
@@ -188,9 +190,21 @@ class SQLiteSpool(GroupCommitWrites):
         self._thread.start()
 
     def mark(self, attempts: list[Attempt], urgent: bool = False) -> asyncio.Future:
-        """Journal the attempts (``attempts.py``): written at once, nothing to wait for."""
-        self._attempts.write(attempts)
+        """Journal the attempts (``attempts.py``): written at once, nothing to wait for. A
+        journal that cannot be written (the disk full) fails the future with
+        ``SpoolUnavailable``: the final dot is not sent, the delivery waits (told once)."""
         fut = self._future()
+        try:
+            self._attempts.write(attempts)
+        except OSError as exc:
+            self.health.begin(self.JOURNAL_KEY, "spool", "attempt journal cannot be written",
+                              cause=str(exc), unit="deferrals", level=logging.ERROR,
+                              effect="deliveries are deferred until it can be (no final dot"
+                                     " is sent without its mark)")
+            self.health.count(self.JOURNAL_KEY, len(attempts))
+            fut.set_exception(SpoolUnavailable(f"attempt journal cannot be written: {exc}"))
+            return fut
+        self.health.end(self.JOURNAL_KEY)
         fut.set_result(None)
         return fut
 
