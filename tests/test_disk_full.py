@@ -6,7 +6,10 @@ tells the operator once, and it recovers without a restart."""
 from __future__ import annotations
 
 import logging
+import smtplib
 from collections import Counter
+
+import pytest
 
 from tests.conftest import config_text, message, records, send
 from tests.support.waiting import until
@@ -65,3 +68,29 @@ async def test_a_full_spool_disk_defers_deliveries_once_not_a_traceback_each(
     await until(lambda: "attempt-journal" not in node.health.active, what="the state ended")
     await node.flush_evidence()
     assert [r["type"] for r in records(tmp_path)][-1] == "d"
+
+
+async def test_the_free_space_floor_covers_the_evidence_folders(tmp_path, small_fs, sink,
+                                                               make_node):
+    """The accounting folder (and the audit store) may be another file system than the spool:
+    below ``security.min_free_space`` there, intake refuses new mail (452 4.3.1; the API 503)
+    so that the records of mail already accepted still have room."""
+    acct = small_fs("acct", "8m")
+    audit = small_fs("audit", "8m")
+    node = await make_node(config_text(
+        tmp_path, sink.port,
+        f'[audit]\npath = "{audit.path}/audit.sqlite"\n[security]\nmin_free_space = "4MB"\n'))
+    port = node.listeners[0].port
+    await send(port, "s@insurer.test", ["before@example.com"], message("before"))
+    for fs in (acct, audit):
+        fs.fill()
+        node.intake.disk.recheck()
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            await send(port, "s@insurer.test", ["during@example.com"], message("during"))
+        assert refused.value.smtp_code == 452 and b"4.3.1" in refused.value.smtp_error
+        assert str(fs.path) in node.health.active["disk"].cause
+        fs.free()
+        await until(lambda: "disk" not in node.health.active, what="space back, noticed")
+    await send(port, "s@insurer.test", ["after@example.com"], message("after"))
+    arrivals = await sink.wait_for(2)
+    assert sorted(a.rcpts[0] for a in arrivals) == ["after@example.com", "before@example.com"]

@@ -569,7 +569,8 @@ class SecurityConfig(Strict):
     """Password checks (scrypt, ~50 ms of CPU each) running at once, node-wide, in threads off
     the event loop; more waiting than 16 times this get 454 4.7.0 at once."""
     min_free_space: Size = 256 * 1024 * 1024
-    """Below this much free space on the spool's file system intake answers 452 4.3.1."""
+    """Below this much free space on the file system of the spool, the accounting folder or
+    the audit store, intake answers 452 4.3.1 (room kept for the records of accepted mail)."""
 
 
 class TLSConfig(Strict):

@@ -23,7 +23,7 @@ from ..address import PathError, alabel_domain
 from ..config import Config
 from ..health import Health
 from ..spool import Message, Recipient, Spool, SpoolUnavailable, local_dir
-from ..spool.disk import DiskGuard
+from ..spool.disk import DiskGuard, guarded_folders
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
 from .identity import envelope_sender
 from .users import User, Users
@@ -139,7 +139,8 @@ class Intake:
         """The SMTP users store (None: no users file, no AUTH); the edge's AUTH checks
         passwords against it (``edge/auth.py``)."""
         self.health = health or Health()
-        self.disk = DiskGuard(str(local_dir(config)), sec.min_free_space, health=self.health)
+        self.disk = DiskGuard(guarded_folders(config, local_dir(config)), sec.min_free_space,
+                              health=self.health)
         self.audit_behind = audit_behind
         """Whether the audit store is too far behind to take more (``AuditService.behind``)."""
 
