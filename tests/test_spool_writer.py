@@ -8,6 +8,7 @@ middle of its commit."""
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
 import sqlite3
 import time
@@ -181,3 +182,40 @@ async def test_the_edge_answers_451_while_the_spool_cannot_commit_and_250_after(
     await send(port, "sender@insurer.test", ["a@example.com"], message("accepted"))
     await sink.wait_for(1, timeout=30)
     assert [b"Subject: accepted" in a.data for a in sink.arrivals] == [True]
+
+
+async def test_a_wait_behind_outcomes_that_cannot_commit_is_answered_not_left_hanging(
+        open_spool):
+    """More outcomes wait than one commit takes (a full disk with a queue draining into it):
+    each failed commit puts them first again, so a flush or an enqueue behind them was never
+    reached - a drain (SIGTERM) hung until the disk had room. Now every wait queued at a
+    failed commit is answered with SpoolUnavailable; the outcomes are kept and land later."""
+    spool = open_spool()
+    await spool.open()
+    fault = Fault(spool)
+    try:
+        msg, rcpts, body = make_message(1)
+        await spool.enqueue(msg, rcpts, body)
+        await fault.install("events", "INSERT")
+        for _ in range(2500):  # more than BATCH_MAX
+            spool.record([d_record(msg.id)])
+        with pytest.raises(SpoolUnavailable):
+            await asyncio.wait_for(spool.flush(), 60)
+        second, rcpts2, body2 = make_message(2)
+        with pytest.raises(SpoolUnavailable):
+            await asyncio.wait_for(spool.enqueue(second, rcpts2, body2), 60)
+        await fault.remove("events")
+        await asyncio.wait_for(_flushed(spool), 60)
+        assert await stored_events(spool) == 2500
+    finally:
+        await spool.close()
+
+
+async def _flushed(spool: SQLiteSpool | PostgresSpool) -> None:
+    """Flush once the spool commits again (a flush queued during a failure is refused)."""
+    while True:
+        try:
+            await spool.flush()
+            return
+        except SpoolUnavailable:
+            continue

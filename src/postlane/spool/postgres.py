@@ -225,6 +225,8 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                 error = exc
             settle(batch.waiters, error)
             delay = writes.committed(ops, error, self._stopping)
+            settle(writes.refused, error)
+            writes.refused = []
             if delay is None:
                 return
             if delay:  # the database is away (failover?): back off, then retry

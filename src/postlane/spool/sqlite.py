@@ -275,6 +275,9 @@ class SQLiteSpool(GroupCommitWrites):
                     self._loop.call_soon_threadsafe(settle, batch.waiters, error)
                 with self._cv:
                     delay = writes.committed(ops, error, self._stopping)
+                    refused, writes.refused = writes.refused, []
+                if refused and self._loop is not None:
+                    self._loop.call_soon_threadsafe(settle, refused, error)
                 if delay is None:
                     return
                 if delay:  # the spool is failing (disk full? locked?): back off, then retry

@@ -7,7 +7,8 @@ once:
 
 - an operation somebody waits for (``done``: an acknowledgement, a pause, an attempt mark, a
   flush, an operator's action) is answered only after its commit succeeded; a failed commit
-  fails it with ``SpoolUnavailable`` (intake answers 451 and the client sends again);
+  fails it with ``SpoolUnavailable`` (intake answers 451 and the client sends again), and
+  with it every such operation still queued (none waits behind outcomes that cannot land);
 - an operation nobody waits for (an outcome, events, a trim, a clean-up) is never dropped: it
   goes back to the front of the queue and into the next commit, after a backoff that doubles
   up to ``BACKOFF_MAX`` seconds, so the message stays recoverable;
@@ -223,6 +224,8 @@ class WriteQueue:
         """Commits failed in a row (0 once one succeeds)."""
         self.failed_commits = 0
         """Commits failed since the spool opened."""
+        self.refused: list[asyncio.Future] = []
+        """Waits queued at the last failed commit: the writer fails them (``settle``)."""
 
     def __bool__(self) -> bool:
         return bool(self.urgent or self.bulk)
@@ -249,13 +252,20 @@ class WriteQueue:
     def committed(self, ops: list[Op], error: BaseException | None,
                   closing: bool) -> float | None:
         """Apply the failure rule after the commit of ``ops`` (whose waiters the caller
-        answers with ``settle``). Returns the seconds to wait before the next commit (0 after
-        a success), or None when a closing writer gives up."""
+        answers with ``settle``, as it answers ``refused``). Returns the seconds to wait before
+        the next commit (0 after a success), or None when a closing writer gives up."""
         if error is None:
             self.failures = 0
             return 0.0
         self.failures += 1
         self.failed_commits += 1
+        # Every wait queued now is answered too: behind more kept outcomes than one commit
+        # takes it would never be reached while commits fail (a drain hung on a full disk).
+        self.refused = [op.done for op in (*self.urgent, *self.bulk) if op.done is not None]
+        if self.refused:
+            self.urgent = collections.deque(op for op in self.urgent if op.done is None)
+            self.bulk = collections.deque(op for op in self.bulk if op.done is None)
+            self.waiters = 0
         kept = [op for op in ops if op.done is None]
         if closing and self.failures >= CLOSING_TRIES:
             if kept:
