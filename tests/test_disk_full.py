@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from tests.conftest import config_text, message, records, send
+from tests.test_api import api_client
 from tests.support.waiting import until
 
 NO_FLOOR = "[security]\nmin_free_space = 0\n"
@@ -94,3 +95,22 @@ async def test_the_free_space_floor_covers_the_evidence_folders(tmp_path, small_
     await send(port, "s@insurer.test", ["after@example.com"], message("after"))
     arrivals = await sink.wait_for(2)
     assert sorted(a.rcpts[0] for a in arrivals) == ["after@example.com", "before@example.com"]
+
+
+async def test_the_api_says_503_while_the_spool_cannot_commit(tmp_path, small_fs, sink,
+                                                             make_node):
+    """A full spool disk: injection is refused 503 with the reason, and so is an operator's
+    pause (its commit failed: it used to be a 500 "internal error" and a traceback)."""
+    spool = small_fs("spool", "24m")
+    node = await make_node(config_text(tmp_path, sink.port, NO_FLOOR))
+    spool.fill()
+    async with api_client(node, tmp_path) as api:
+        sent = await api.post("/api/v1/messages", json={
+            "from": "s@insurer.test", "to": ["a@example.com"], "subject": "s",
+            "text": "x" * 50000})
+        assert sent.status_code == 503 and "4.3.0" in sent.json()["error"]
+        paused = await api.post("/api/v1/pools/bulk/pause")
+        assert paused.status_code == 503, paused.text
+        assert "spool" in paused.json()["error"]
+        spool.free()
+        assert (await api.post("/api/v1/pools/bulk/pause")).status_code == 200

@@ -32,6 +32,7 @@ from ..policy.headers import normalize_newlines, split_message
 from ..policy.intake import RcptIn, Rejection
 from ..reputation.api import router as reputation_router
 from ..scheduler.control import Selector
+from ..spool import SpoolUnavailable
 from . import feedback as feedback_api
 from . import queue
 from .injection import MessageIn, Queued
@@ -85,6 +86,13 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     @app.exception_handler(OperationError)
     async def _operation_error(_: Request, exc: OperationError) -> JSONResponse:
         return _error(exc.status, str(exc))
+
+    @app.exception_handler(SpoolUnavailable)
+    async def _spool_unavailable(_: Request, exc: SpoolUnavailable) -> JSONResponse:
+        """The spool could not commit (a full disk, the database away): nothing changed,
+        try again; told once in the log as a degraded state, not a traceback per request."""
+        return _error(503, f"the spool cannot write now, nothing was changed: {exc}",
+                      {"Retry-After": "5"})
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
