@@ -12,8 +12,8 @@ from collections import Counter
 import pytest
 
 from tests.conftest import config_text, message, records, send
-from tests.test_api import api_client
 from tests.support.waiting import until
+from tests.test_api import api_client
 
 NO_FLOOR = "[security]\nmin_free_space = 0\n"
 
