@@ -863,3 +863,37 @@ async def test_3xx_to_the_final_dot_defers_and_ends_reuse() -> None:
         assert tx.data_reply is not None and tx.data_reply.code == 354
         assert not conn.usable and conn.messages_sent == 0
         await conn.quit()
+
+
+@pytest.mark.parametrize(
+    ("ehlo", "asked", "body", "sent", "status"),
+    [
+        (b"250-x\r\n250 8BITMIME\r\n", True, "Subject: Grüße\r\n\r\nx\r\n", None, "5.6.7"),
+        (b"250-x\r\n250 8BITMIME\r\n", False, "Subject: Grüße\r\n\r\nx\r\n",
+         b"MAIL FROM:<s@a.test> BODY=8BITMIME\r\n", None),
+        (b"250-x\r\n250 8BITMIME\r\n", True, "Subject: x\r\n\r\nGrüße\r\n",
+         b"MAIL FROM:<s@a.test> BODY=8BITMIME\r\n", None),
+        (b"250-x\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n", True, "Subject: Grüße\r\n\r\nx\r\n",
+         b"MAIL FROM:<s@a.test> BODY=8BITMIME SMTPUTF8\r\n", None),
+        (b"250-x\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n", True, "Subject: x\r\n\r\nx\r\n",
+         b"MAIL FROM:<s@a.test>\r\n", None),
+    ],
+    ids=["asked-utf8-header-no-smtputf8", "not-asked-utf8-header", "asked-8bit-body-only",
+         "asked-server-offers-it", "asked-all-ascii"],
+)
+async def test_smtputf8_is_sent_when_needed_and_required_when_asked(
+        ehlo: bytes, asked: bool, body: str, sent: bytes | None, status: str | None) -> None:
+    """RFC 6531 3.2: a message that asked for SMTPUTF8 and has UTF-8 in its header is not sent
+    to a server without it (550 5.6.7, Postfix's text); the parameter goes only when needed."""
+    server = Scripted(ehlo=ehlo)
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], body.encode(), smtputf8=asked)
+        await conn.quit()
+    if status is not None:
+        assert tx.mail_reply.code == 550 and tx.mail_reply.enhanced == status
+        assert "SMTPUTF8 is required, but was not offered by host" in tx.mail_reply.text
+        assert [c[:4] for c in server.commands] == [b"EHLO", b"QUIT"]
+    else:
+        assert tx.data_reply is not None and tx.data_reply.is_ok
+        assert server.commands[1] == sent

@@ -76,6 +76,27 @@ async def test_enqueued_message_survives_reopen(store_factory, store):
         await again.close()
 
 
+async def test_the_smtputf8_flag_survives_reopen(store_factory, store):
+    """Whether the client asked for SMTPUTF8 decides where the message may go (RFC 6531 3.2):
+    it was not stored, and a restart (or another node) sent it as plain 8-bit mail."""
+    msg, rcpts, body = make_message(1)
+    plain, prcpts, pbody = make_message(2)
+    msg.smtputf8 = True
+    await store.enqueue(msg, rcpts, body)
+    await store.enqueue(plain, prcpts, pbody)
+    await store.close()
+    again = store_factory()
+    await again.open()
+    try:
+        pending = await again.pending()
+        assert {m.id: m.smtputf8 for m in pending.messages} == {msg.id: True, plain.id: False}
+        if isinstance(again, SQLiteSpool):  # the paged reads (ROW) carry it too
+            rows = await again.scan()
+            assert {row[0]: bool(row[26]) for row in rows} == {msg.id: True, plain.id: False}
+    finally:
+        await again.close()
+
+
 async def test_updates_and_finish_are_durable(store_factory, store):
     a, ra, ba = make_message(1)
     b, rb, bb = make_message(2)

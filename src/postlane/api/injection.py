@@ -18,6 +18,7 @@ from email.errors import MessageError
 from email.header import decode_header
 from email.message import EmailMessage
 from email.policy import compat32
+from email.policy import default as default_policy
 from email.utils import formatdate
 from typing import Annotated
 
@@ -181,7 +182,12 @@ class MessageIn(BaseModel):
             if self.correlation_id:
                 data = f"{correlation_header}: {self.correlation_id}\r\n".encode() + data
             return data
-        msg = EmailMessage()
+        # A non-ASCII address is written as UTF-8 (RFC 6532): the email package's encoded
+        # words in an addr-spec (=?utf-8?q?pr=C3=BCfer?=@...) are forbidden (RFC 2047 5) and
+        # undeliverable. Intake then marks the message SMTPUTF8 (policy/intake.py).
+        ascii_only = all(a.isascii() for a in (self.from_, *self.to, *self.cc))
+        msg = EmailMessage(policy=default_policy if ascii_only
+                           else default_policy.clone(utf8=True))
         msg["From"] = self.from_
         msg["To"] = ", ".join(self.to)
         if self.cc:

@@ -557,7 +557,7 @@ class SMTPIntake:
                 envid=dsn.get("ENVID", ""), ret=dsn.get("RET", "").upper(), listener=self.name,
                 mt_priority=int(dsn["MT-PRIORITY"]) if "MT-PRIORITY" in dsn else None,
                 client_ip=peer, client_name=session.host_name or "", auth_user=auth_user,
-                default_class=self.config.default_class,
+                default_class=self.config.default_class, smtputf8=bool(envelope.smtp_utf8),
                 protocol=_protocol(session, envelope, getattr(server, "encrypted", False),
                                    bool(auth_user)))
         except Rejection as exc:

@@ -60,6 +60,8 @@ class Sink:
     tls_context: object | None = None
     smtputf8: bool = True
     """Offer SMTPUTF8 (RFC 6531); False: a server that only takes ASCII envelopes."""
+    eightbitmime: bool = True
+    """Offer 8BITMIME (RFC 6152); False: a server that takes 7-bit mail only."""
     pipelining: bool = True
     """Advertise PIPELINING (RFC 2920); False: a server whose clients wait for every reply."""
     tag_header: bytes = b""
@@ -102,6 +104,8 @@ class Sink:
         """Advertise PIPELINING like the big providers do (aiosmtpd handles it, but is silent)."""
         session.host_name = hostname
         extra = ["250-PIPELINING"] if self.pipelining else []
+        if not self.eightbitmime:
+            responses = [r for r in responses if r[4:].upper() != "8BITMIME"]
         return responses[:-1] + [*extra, "250-ENHANCEDSTATUSCODES"] + responses[-1:]
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,

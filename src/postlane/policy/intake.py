@@ -192,9 +192,12 @@ class Intake:
                      ret: str = "", listener: str = "", client_ip: str = "",
                      client_name: str = "", auth_user: str = "", default_class: str | None = None,
                      src_type: str = "smtp", forced_class: str | None = None,
-                     mt_priority: int | None = None, protocol: str = "ESMTP") -> str:
+                     mt_priority: int | None = None, protocol: str = "ESMTP",
+                     smtputf8: bool | None = None) -> str:
         """Queue a message durably and return its queue id (raises Rejection); ``protocol``
-        is the Received field's "with" (RFC 3848)."""
+        is the Received field's "with" (RFC 3848). ``smtputf8``: the SMTP client gave the
+        SMTPUTF8 parameter; None (mail made here, the HTTP API) asks for it when an address
+        or a header field is not ASCII, as Postfix's ``smtputf8_autodetect_classes`` does."""
         now = time.time()
         if src_type != "dsn" and not self.disk.ok():
             self.disk.refusal()
@@ -203,6 +206,9 @@ class Intake:
             raise Rejection(451, "4.3.0 Audit trail is behind, try again later")
         data = normalize_newlines(data)
         head, body = split_message(data)
+        if smtputf8 is None:
+            smtputf8 = not (mail_from.isascii() and head.isascii()
+                            and all(r.address.isascii() for r in rcpts))
         fields = header_fields(head)
         header_class = None
         correlation = ""
@@ -266,7 +272,7 @@ class Intake:
             deadline=now + (cls.sla if cls.sla is not None else cls.expiry),
             expire_at=now + cls.expiry, priority=cls.priority, size=len(content), envid=envid,
             ret=ret, correlation_id=correlation or envid, message_id=message_id,
-            listener=listener, auth_user=auth_user, client=client_ip)
+            listener=listener, auth_user=auth_user, client=client_ip, smtputf8=smtputf8)
         recipients = [Recipient(msg=msg, idx=i, address=r.address, domain=domain_of(r.address),
                                 orcpt=r.orcpt, notify=r.notify) for i, r in enumerate(rcpts)]
         msg.remaining = len(recipients)

@@ -10,14 +10,17 @@ bare LF or CR can never form an end-of-data sequence the receiver reads differen
 refused (CVE-2011-0411 style injection); replies are capped in lines and bytes so a hostile
 server cannot make us buffer megabytes.
 
-SMTPUTF8 (RFC 6531): an envelope with non-ASCII addresses goes with the SMTPUTF8 parameter to a
-server that offers it; to one that does not, domains are sent as A-labels, and an address whose
-local part is not ASCII cannot be sent at all: its recipient (or, for the sender, the whole
-transaction) gets a 553 5.6.7 made here, so it bounces instead of being retried forever.
-Likewise a message the EHLO says the server cannot take (over its SIZE, 8-bit without
-8BITMIME) is refused here and never sent; UTF-8 headers with ASCII addresses go as they are to
-a server with 8BITMIME (docs/security.md, as Postfix does for mail that did not ask for
-SMTPUTF8).
+SMTPUTF8 (RFC 6531): an envelope with non-ASCII addresses, or a header with UTF-8 (RFC 6532),
+goes with the SMTPUTF8 parameter to a server that offers it. To one that does not: a message
+that asked for SMTPUTF8 (``send(smtputf8=True)``) and has UTF-8 in its header cannot be sent
+(RFC 6531 3.2; we do not downgrade): every recipient gets a 550 5.6.7 made here, as Postfix's
+"SMTPUTF8 is required, but was not offered by host"; otherwise domains are sent as A-labels,
+and an address whose local part is not ASCII cannot be sent at all: its recipient (or, for the
+sender, the whole transaction) gets a 553 5.6.7 made here, so it bounces instead of being
+retried forever. Likewise a message the EHLO says the server cannot take (over its SIZE, 8-bit
+without 8BITMIME) is refused here and never sent, not converted (a conversion would break its
+DKIM signature). UTF-8 headers in mail that did not ask for SMTPUTF8 go as they are to a
+server with 8BITMIME (docs/security.md, as Postfix does).
 """
 
 from __future__ import annotations
@@ -168,6 +171,12 @@ def prepare_data(data: bytes, crlf: bool = False) -> bytes:
     if data.startswith(b"."):
         data = b"." + data
     return data.replace(b"\r\n.", b"\r\n..") if b"\r\n." in data else data
+
+
+def _header(payload: bytes) -> bytes:
+    """The header block of a message in wire form (all of it when there is no blank line)."""
+    end = payload.find(b"\r\n\r\n")
+    return payload if end < 0 else payload[:end]
 
 
 def _strip_params(params: str, drop: tuple[str, ...]) -> str:
@@ -362,6 +371,7 @@ class SMTPConnection:
         mail_params: str = "",
         crlf: bool = False,
         before_dot: Awaitable[object] | None = None,
+        smtputf8: bool = False,
     ) -> Transaction:
         """Run one mail transaction, pipelined when the server offers PIPELINING.
 
@@ -373,7 +383,9 @@ class SMTPConnection:
         malformed replies raise SMTPError and leave the connection closed. ``crlf``: see
         ``prepare_data``. ``before_dot`` is awaited after the message's last block and before
         the final dot (which is when the remote side takes it): if it fails, the dot is never
-        sent (SMTPError, connection closed) and the message is not delivered.
+        sent (SMTPError, connection closed) and the message is not delivered. ``smtputf8``: the
+        message asked for SMTPUTF8 (``Message.smtputf8``), so UTF-8 in its header cannot go to
+        a server without it.
         """
         if not rcpts:
             raise ValueError("send() needs at least one recipient")
@@ -384,6 +396,10 @@ class SMTPConnection:
         payload = prepare_data(data, crlf)
         n, kept = len(rcpts), None
         unsendable = self._unsendable(payload)
+        if unsendable is None and smtputf8 and "SMTPUTF8" not in self.extensions \
+                and not _header(payload).isascii():
+            unsendable = Reply(550, "5.6.7 SMTPUTF8 is required, but was not offered by host"
+                                    f" {self.server_name}", "5.6.7")
         if unsendable is not None:
             return Transaction(unsendable, [unsendable] * n, None)
         if "SMTPUTF8" not in self.extensions and not (
@@ -445,7 +461,7 @@ class SMTPConnection:
             params.append("BODY=8BITMIME")
         if "SMTPUTF8" in ext and not (
             mail_from.isascii() and all(addr.isascii() for addr, _ in rcpts)
-            and payload[:payload.find(b"\r\n\r\n") + 1].isascii()
+            and _header(payload).isascii()
         ):
             params.append("SMTPUTF8")
         if mail_params:

@@ -180,7 +180,8 @@ class Relay:
             return [Outcome(DEFERRED, reply, "4.3.0")] * len(batch)
         try:
             tx = await conn.send(self.envelope_sender(msg, batch[0]), rcpts, body,
-                                 " ".join(params), crlf=True, before_dot=marked)
+                                 " ".join(params), crlf=True, before_dot=marked,
+                                 smtputf8=msg.smtputf8)
         except SMTPError as exc:
             if exc.stage == "mail":  # nothing of the message got through: the server failed
                 raise SessionLost(exc) from exc

@@ -196,7 +196,8 @@ class Pager:
                               priority=row[7], size=row[8], envid=row[9] or "", ret=row[10] or "",
                               correlation_id=row[11] or "", message_id=row[12] or "",
                               listener=row[13] or "", auth_user=row[14] or "",
-                              client=row[15] or "", remaining=row[25])
+                              client=row[15] or "", remaining=row[25],
+                              smtputf8=bool(row[26]))
                 made[msg.id] = msg
             state = State(row[21])
             out.append(Recipient(

@@ -59,6 +59,10 @@ class Message:
     listener: str = ""
     auth_user: str = ""
     client: str = ""
+    smtputf8: bool = False
+    """The message asked for SMTPUTF8 (the client's MAIL parameter, or non-ASCII addresses or
+    header fields in a message made here or given to the API): UTF-8 in its envelope or header
+    then needs a next hop that offers SMTPUTF8 (RFC 6531 3.2; relay/client.py)."""
     remaining: int = 0
     """Recipients not yet in a final state; in memory only."""
 
@@ -118,7 +122,7 @@ def message_row(msg: Message) -> tuple[Any, ...]:
     """A message's columns, in the order both stores' ``messages`` tables declare them."""
     return (msg.id, msg.cls, msg.pool, msg.mail_from, msg.queued_at, msg.deadline, msg.expire_at,
             msg.priority, msg.size, msg.envid, msg.ret, msg.correlation_id, msg.message_id,
-            msg.listener, msg.auth_user, msg.client)
+            msg.listener, msg.auth_user, msg.client, msg.smtputf8)
 
 
 def update_rows(updates: list[RecipientUpdate]) -> list[tuple[Any, ...]]:

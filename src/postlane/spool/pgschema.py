@@ -93,6 +93,9 @@ CREATE TABLE retry_requests (
     node TEXT NOT NULL, operator TEXT NOT NULL, via TEXT NOT NULL,
     at DOUBLE PRECISION NOT NULL);
 """),
+    (8, """
+ALTER TABLE messages ADD COLUMN smtputf8 BOOLEAN NOT NULL DEFAULT false;
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 

@@ -27,7 +27,7 @@ OPEN = "('queued', 'deferred', 'inflight', 'held')"
 """Not final: a message keeps its row while one of its recipients is in one of these."""
 
 MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority, size, envid,"
-            " ret, correlation_id, message_id, listener, auth_user, client")
+            " ret, correlation_id, message_id, listener, auth_user, client, smtputf8")
 RCPT_COLS = ("msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
              " last_reply")
 LOAD_COLS = RCPT_COLS + ", attempt_started, attempt_info"
@@ -49,7 +49,8 @@ def message_of(m: Mapping) -> Message:
         queued_at=m["queued_at"], deadline=m["deadline"], expire_at=m["expire_at"],
         priority=m["priority"], size=m["size"], envid=m["envid"] or "", ret=m["ret"] or "",
         correlation_id=m["correlation_id"] or "", message_id=m["message_id"] or "",
-        listener=m["listener"] or "", auth_user=m["auth_user"] or "", client=m["client"] or "")
+        listener=m["listener"] or "", auth_user=m["auth_user"] or "", client=m["client"] or "",
+        smtputf8=bool(m["smtputf8"]))
 
 
 def recipient_of(row: Mapping, msg: Message) -> Recipient:

@@ -262,7 +262,7 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
             if msgs:
                 await conn.executemany(
                     f"INSERT INTO messages ({MSG_COLS}) VALUES"
-                    f" ({', '.join(f'${i}' for i in range(1, 17))})", msgs)
+                    f" ({', '.join(f'${i}' for i in range(1, 18))})", msgs)
                 await conn.executemany("INSERT INTO bodies (id, data) VALUES ($1, $2)",
                                        batch.bodies)
                 await conn.executemany(

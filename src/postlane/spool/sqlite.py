@@ -82,13 +82,16 @@ UPDATE recipients SET (pool, priority, deadline) =
 CREATE INDEX recipients_lane ON recipients (pool, domain, priority, deadline, msg_id, idx)
     WHERE state = 'queued';
 """),
+    (4, """
+ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;
+"""),
 ]
 """Versioned schema after the tables of version 1 (``meta.schema_version``): append
 ``(n + 1, sql)``; never edit an applied entry."""
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority, size, envid, ret,"
-             " correlation_id, message_id, listener, auth_user, client")
+             " correlation_id, message_id, listener, auth_user, client, smtputf8")
 _UPDATE = ("UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?"
            " WHERE msg_id=? AND idx=?")
 _FINAL = "('delivered', 'bounced', 'expired', 'suppressed')"
@@ -97,7 +100,7 @@ ROW = ("SELECT m.id, m.cls, m.pool, m.mail_from, m.queued_at, m.deadline, m.expi
        " m.priority, m.size, m.envid, m.ret, m.correlation_id, m.message_id, m.listener,"
        " m.auth_user, m.client, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state,"
        " r.attempts, r.next_attempt, r.last_reply, (SELECT count(*) FROM recipients o WHERE"
-       f" o.msg_id = r.msg_id AND o.state NOT IN {_FINAL})"
+       f" o.msg_id = r.msg_id AND o.state NOT IN {_FINAL}), m.smtputf8"
        " FROM recipients r JOIN messages m ON m.id = r.msg_id")
 """A recipient with its message and the message's recipients not yet final (``paging.py``
 turns these rows into objects)."""
@@ -295,7 +298,7 @@ class SQLiteSpool(GroupCommitWrites):
             conn.execute("BEGIN")
             if batch.messages:
                 conn.executemany(f"INSERT INTO messages ({_MSG_COLS}) VALUES"
-                                 f" ({','.join('?' * 16)})", batch.messages)
+                                 f" ({','.join('?' * 17)})", batch.messages)
                 conn.executemany("INSERT INTO bodies VALUES (?, ?)", batch.bodies)
                 conn.executemany("INSERT INTO recipients (msg_id, idx, address, domain, orcpt,"
                                  " notify, state, attempts, next_attempt, last_reply, pool,"
@@ -376,7 +379,8 @@ class SQLiteSpool(GroupCommitWrites):
                           deadline=row[5], expire_at=row[6], priority=row[7], size=row[8],
                           envid=row[9] or "", ret=row[10] or "", correlation_id=row[11] or "",
                           message_id=row[12] or "", listener=row[13] or "",
-                          auth_user=row[14] or "", client=row[15] or "")
+                          auth_user=row[14] or "", client=row[15] or "",
+                          smtputf8=bool(row[16]))
             by_id[msg.id] = msg
             out.messages.append(msg)
         final = tuple(s.value for s in FINAL_STATES)
