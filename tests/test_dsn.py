@@ -242,3 +242,23 @@ def test_the_returned_message_keeps_its_header_fields_as_they_were() -> None:
                        now=NOW)
     assert b"\r\nAction: delivered" not in raw and b"\r\nStatus: 2.0.0" not in raw
     assert b"Subject: " + ENCODED_CRLF.encode() in raw
+
+
+@pytest.mark.parametrize(("ret", "ctype"), [("HDRS", "message/global-headers"),
+                                            ("FULL", "message/global")])
+def test_utf8_headers_are_returned_as_message_global(ret: str, ctype: str) -> None:
+    """RFC 6533 6.3: an original with UTF-8 header fields (an SMTPUTF8 message) is returned as
+    message/global(-headers), not as text/rfc822-headers or message/rfc822 (both ASCII-header
+    types); its bytes kept, and our own bounce parser finds it again."""
+    from postlane.feedback.arf import returned_message
+
+    original = ("From: prüfer@example.org\r\nSubject: Prüfung\r\n"
+                "Message-ID: <u@example.org>\r\n\r\nGrüße\r\n").encode()
+    raw = build_bounce(reporting_mta="mta.test", sender="s@example.com",
+                       recipients=[FailedRecipient("a@example.net", "failed", "5.6.7")],
+                       original=original, arrival_date=NOW, ret=ret, now=NOW)
+    assert f"Content-Type: {ctype}\r\nContent-Transfer-Encoding: 8bit".encode() in raw
+    assert b"Subject: Pr\xc3\xbcfung\r\n" in raw
+    assert (b"Gr\xc3\xbc\xc3\x9fe" in raw) == (ret == "FULL")
+    back = returned_message(email.message_from_bytes(raw))
+    assert back is not None and back["Message-ID"] == "<u@example.org>"

@@ -169,6 +169,7 @@ async def test_utf8_header_that_asked_for_smtputf8_bounces_at_a_server_without_i
         [dsn] = await target.wait_for(1)  # the DSN to s@example.com: nothing else arrived
         assert dsn.mail_from == "<>" and dsn.rcpts == ["s@example.com"]
         assert b"Status: 5.6.7" in dsn.data and b"Subject: Pr\xc3\xbcfung" in dsn.data
+        assert b"Content-Type: message/global-headers" in dsn.data  # RFC 6533 6.3
         assert target.rcpt_attempts.get("anna@example.com", 0) == 0, "never sent"
         assert not [r for r in records(tmp_path) if r["type"] == "t"], "not retried"
     finally:

@@ -117,11 +117,13 @@ def bare_address(value: str) -> str:
 
 
 def returned_message(msg: Message) -> Message | None:
-    """The reported or bounced message (message/rfc822 or text/rfc822-headers part)."""
+    """The reported or bounced message (message/rfc822 or text/rfc822-headers part; for a
+    message with UTF-8 headers message/global or message/global-headers, RFC 6533 6.3)."""
 
     for part in list(msg.walk())[1:]:
         ctype = part.get_content_type()
-        if ctype in ("message/rfc822", "message/rfc822-headers"):
+        if ctype in ("message/rfc822", "message/rfc822-headers", "message/global",
+                     "message/global-headers"):
             encoded = message_body(part)
             if encoded is not None:
                 return message_from_bytes(encoded)

@@ -154,17 +154,24 @@ def _human_text(reporting_mta: str, recipients: Sequence[FailedRecipient], queue
 
 
 def _original_part(original: bytes, ret: str) -> Message:
-    """The original's headers (RET=HDRS) or whole message (RET=FULL), bytes kept as given."""
+    """The original's headers (RET=HDRS) or whole message (RET=FULL), bytes kept as given;
+    with UTF-8 in its header (RFC 6532) as message/global-headers or message/global (RFC 6533
+    6.3), so the DSN itself needs 8BITMIME only, not SMTPUTF8."""
     data = _EOL.sub(b"\r\n", original)
+    match = _HEADER_END.search(data)
+    utf8 = not (data[: match.start()] if match else data).isascii()
     if ret == "HDRS":
-        match = _HEADER_END.search(data)
         data = data[: match.start()] + b"\r\n" if match else data
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     part = MIMEPart(policy=_POLICY)
     # Neither type may be base64-encoded (RFC 2046 5.2.1); 8-bit bytes are carried as-is.
     cte = "7bit" if data.isascii() else "8bit"
-    if ret == "HDRS":
+    if utf8:
+        part["Content-Type"] = "message/global-headers" if ret == "HDRS" else "message/global"
+        part["Content-Transfer-Encoding"] = cte
+        part.set_payload([message_from_bytes(data, policy=_POLICY)])
+    elif ret == "HDRS":
         part["Content-Type"] = "text/rfc822-headers"
         part["Content-Transfer-Encoding"] = cte
         # surrogateescape lets BytesGenerator write the exact original bytes back out.
