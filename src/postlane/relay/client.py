@@ -399,7 +399,7 @@ class SMTPConnection:
         if unsendable is None and smtputf8 and "SMTPUTF8" not in self.extensions \
                 and not _header(payload).isascii():
             unsendable = Reply(550, "5.6.7 SMTPUTF8 is required, but was not offered by host"
-                                    f" {self.server_name}", "5.6.7")
+                                    f" {self.server_name}[{self.peer_ip}]", "5.6.7")
         if unsendable is not None:
             return Transaction(unsendable, [unsendable] * n, None)
         if "SMTPUTF8" not in self.extensions and not (
