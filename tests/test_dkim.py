@@ -489,3 +489,20 @@ async def test_a_header_line_that_is_no_field_is_refused_not_signed(tmp_path, ke
     ok = await sign_message(signer, b"From : notices@insurer.test\r\nTo: a@example.com\r\n\r\nB")
     assert ok.startswith(b"DKIM-Signature:")  # RFC 5322 4.5 obsolete white space: a field
     signer.close()
+
+
+async def test_smtputf8_message_is_signed_and_arrives_verifiable(tmp_path, keys, sink, make_node,
+                                                                 dns_server):
+    """A message with UTF-8 header fields (SMTPUTF8) is signed once at intake and sent as it
+    is (with SMTPUTF8 to a server offering it): nothing converts it after signing."""
+    text = config_text(tmp_path, sink.port, "[dkim]\n"
+                       + key_entry(tmp_path, keys, "insurer.test", "r1"))
+    publish(dns_server, keys, "insurer.test", "r1")
+    node = await make_node(text)
+    data = ("From: Prüfer <notices@insurer.test>\r\nTo: a@example.com\r\nSubject: Prüfung\r\n"
+            "\r\nGrüße\r\n").encode()
+    await send(node.listeners[0].port, "notices@insurer.test", ["a@example.com"], data,
+               ["SMTPUTF8"])
+    [arrival] = await sink.wait_for(1)
+    assert arrival.smtputf8 and b"Subject: Pr\xc3\xbcfung\r\n" in arrival.data
+    assert verify(arrival.data, dns_server) == [True]
