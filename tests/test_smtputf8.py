@@ -296,3 +296,18 @@ async def test_api_raw_message_with_a_utf8_header_bounces_at_a_server_without_sm
         assert bounce["type"] == "b" and bounce["dsnStatus"] == "5.6.7"
     finally:
         await target.stop()
+
+
+async def test_intake_workers_carry_the_smtputf8_flag(tmp_path, make_node):
+    """With ``workers = 2`` the message crosses from a worker process to the main one (as
+    ``Message`` values): the flag must cross with it."""
+    target = await Sink(smtputf8=False).start()
+    try:
+        node = await make_node(config_text(tmp_path, target.port).replace(
+            "[node]\n", "[node]\nworkers = 2\n", 1))
+        await _submit(node.listeners[0].port, "s@example.com", ["anna@example.com"],
+                      UTF8_HEADERS)
+        [bounce] = await until(_outcomes(tmp_path, 1), what="the outcome")
+        assert bounce["type"] == "b" and bounce["dsnStatus"] == "5.6.7"
+    finally:
+        await target.stop()
