@@ -311,3 +311,24 @@ async def test_intake_workers_carry_the_smtputf8_flag(tmp_path, make_node):
         assert bounce["type"] == "b" and bounce["dsnStatus"] == "5.6.7"
     finally:
         await target.stop()
+
+
+async def test_api_takes_a_u_label_domain_and_delivers_it_with_smtputf8(utf8_route, dns_server,
+                                                                       tmp_path):
+    """The API refused ``jürgen@exämple.org`` (422, its address pattern was LDH only) though
+    the SMTP door takes it with SMTPUTF8; now it is checked as strictly (IDNA 2008), the MX
+    of the A-label is looked up and the message goes with SMTPUTF8."""
+    from tests.test_api import api_client
+    node, target = await utf8_route(True)
+    async with api_client(node, tmp_path) as api:
+        resp = await api.post("/api/v1/messages", json={
+            "from": "s@example.com", "to": ["jürgen@exämple.org"], "subject": "Grüße",
+            "text": "Hallo"})
+        assert resp.status_code == 202, resp.text
+        bad = await api.post("/api/v1/messages", json={
+            "from": "s@example.com", "to": ["a@xn--zzzzzz.org"], "text": "x"})
+        assert bad.status_code == 422
+    [arrival] = await target.wait_for(1)
+    assert arrival.smtputf8 and arrival.rcpts == ["jürgen@exämple.org"]
+    assert "To: jürgen@exämple.org\r\n".encode() in arrival.data
+    assert (ALABEL, "MX") in dns_server.queries

@@ -26,7 +26,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from ..address import PathError, parse_path
 
-_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@[A-Za-z0-9.-]+$")
+_ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@(?:[A-Za-z0-9.-]|[^\x00-\x7f])+$")
+"""Bare local@domain; a domain of LDH labels or U-labels (``parse_path`` then checks IDNA 2008,
+as the SMTP door does with SMTPUTF8)."""
 _HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")
 _RESERVED = {"from", "to", "cc", "bcc", "subject", "mime-version", "x-postlane-class", "date"}
 """With every Content-* field: set from their own fields (the email package replaces a
