@@ -23,7 +23,7 @@ from .edge import killtest, tls_app, users_app
 from .feedback import feedback_app, suppress_app
 from .ops import app as ops_app
 from .queue import app as queue_app
-from .reputation import dmarc_app, rules_app
+from .reputation import dmarc_app, reputation_app, rules_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Postlane: a priority-aware MTA for regulated transactional email.")
@@ -42,6 +42,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(dmarc_app, name="dmarc")
 app.add_typer(rules_app, name="rules")
+app.add_typer(reputation_app, name="reputation")
 app.command("init")(init)
 app.command("backup")(backup)
 app.command("restore")(restore)

@@ -1,7 +1,9 @@
-"""``postlane dmarc parse|import|report`` and ``postlane rules review|reviewed``.
+"""``postlane dmarc parse|import|report``, ``postlane reputation import|show`` and
+``postlane rules review|reviewed``.
 
 The commands open the reputation store the node's config names (SQLite WAL or PostgreSQL), so
-they work whether or not the node runs.
+they work whether or not the node runs; a running node reads what they wrote at its next view
+refresh (once a minute).
 """
 
 from __future__ import annotations
@@ -14,15 +16,22 @@ from pathlib import Path
 
 import typer
 
+from ..audit.evidence import visible
 from ..config import Config
 from ..feedback.dmarc import DEFAULT_MAX_SIZE, DMARCError, parse_aggregate
 from ..reputation.alignment import GROUPS, summarise
+from ..reputation.postmaster import ImportFailed, drop_future_days, parse_traffic_stats
 from ..reputation.review import PERIOD, review
-from ..reputation.service import import_report, open_store
+from ..reputation.service import RECENT, import_report, open_store, store_location, store_view
+from ..reputation.snds import drop_future, parse_snds
 from ..reputation.store import ReputationStore
+from ..secretfile import NotTheOwner, as_the_owner
+from ..spool import is_dsn
 
 dmarc_app = typer.Typer(no_args_is_help=True, help="DMARC aggregate (rua) reports.")
 rules_app = typer.Typer(no_args_is_help=True, help="The monthly review of destination rules.")
+reputation_app = typer.Typer(no_args_is_help=True, help="The daily review: Microsoft SNDS and"
+                             " Google Postmaster Tools data beside each pool and IP.")
 
 _CONFIG = typer.Option(..., "-c", "--config", envvar="POSTLANE_CONFIG",
                        help="the node's config (locates the reputation store)")
@@ -36,11 +45,19 @@ def _config(path: Path) -> Config:
     return cfg
 
 
-def _store(cfg: Config) -> ReputationStore:
+def _store(cfg: Config, write: bool = False) -> ReputationStore:
+    location = store_location(cfg)
     try:
+        if write and not is_dsn(location):  # a file root makes there, the node cannot open
+            as_the_owner(Path(location).parent)
         return open_store(cfg)
-    except (ConnectionError, OSError) as exc:
-        typer.echo(f"cannot open the reputation store: {exc}", err=True)
+    except NotTheOwner as exc:
+        typer.echo(f"postlane: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (ConnectionError, OSError) as exc:  # one line (libpq's reasons take two)
+        why = str(exc) if isinstance(exc, ConnectionError) else \
+            f"cannot open the reputation store: {exc}"
+        typer.echo(" ".join(why.split()), err=True)
         raise typer.Exit(1) from None
 
 
@@ -82,7 +99,7 @@ def import_(files: list[Path] = typer.Argument(..., help=".xml, .xml.gz, .zip or
     """Store reports (a report already stored, same reporter and report id, is skipped).
     Exit 1 if any file was not a readable report."""
     cfg = _config(config)
-    store = _store(cfg)
+    store = _store(cfg, write=True)
     failed = 0
     try:
         for path in files:
@@ -144,6 +161,212 @@ def report(config: Path = _CONFIG,
         for pool in summary["pools"]:
             typer.echo(f"  {pool['pool']:<24} {pool['messages']:>9} messages, DMARC pass"
                        f" {_pct(pool['pass_rate'])}, DKIM aligned {_pct(pool['dkim_rate'])}")
+
+
+MAX_FILE = 64 * 1024 * 1024
+"""Bytes of one file ``reputation import`` reads: months of SNDS lines for hundreds of IPs, or
+of Postmaster days for dozens of domains, are a few megabytes."""
+SOURCES = ("snds", "postmaster")
+
+
+def _rows_of(source: str, path: Path, now: float) -> tuple[list[dict], int]:
+    """The file's rows to store, and how many it dated more than a day ahead (left out).
+    Raises ``ImportFailed`` (the reason, naming the line) or ``OSError``."""
+    data = sys.stdin.buffer.read(MAX_FILE + 1) if str(path) == "-" else _head(path)
+    if len(data) > MAX_FILE:
+        raise ImportFailed(f"larger than {MAX_FILE // 2**20} MB: not an SNDS export nor"
+                           " Postmaster Tools answers")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ImportFailed(f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})")\
+            from None
+    if source == "snds":
+        if text.lstrip("\ufeff \t\r\n").startswith(("<", "{", "[")):
+            raise ImportFailed("line 1: not SNDS CSV data (an HTML page or JSON); the SNDS"
+                               " export has one line per IP and day: IP, activity start, end,"
+                               " RCPT, DATA, recipients, filter result, complaint rate, …")
+        rows = parse_snds(text)
+        kept = drop_future(rows, now)
+        what = "no SNDS data lines (one line per IP and day: IP, activity start, end, …)"
+    else:
+        rows = parse_traffic_stats(text)
+        kept = drop_future_days(rows, datetime.fromtimestamp(now, UTC).date())
+        what = "no traffic stats (a trafficStats.list answer: {\"trafficStats\": [...]})"
+    if not rows:
+        raise ImportFailed(what)
+    if not kept:
+        raise ImportFailed(f"every row is dated more than a day ahead (from"
+                           f" {_first_day(source, rows)}): is the file or this clock wrong?")
+    return kept, len(rows) - len(kept)
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(MAX_FILE + 1)
+
+
+def _first_day(source: str, rows: list[dict]) -> str:
+    if source == "snds":
+        return _day(min(r["period_start"] for r in rows))[:10]
+    return str(min(r["day"] for r in rows))
+
+
+@reputation_app.command("import")
+def rep_import(source: str = typer.Argument(..., metavar="SOURCE",
+                                            help="snds (the per-IP CSV SNDS exports) or"
+                                            " postmaster (trafficStats JSON answers)"),
+               files: list[Path] = typer.Argument(..., metavar="FILE",
+                                                  help="files; '-' stdin"),
+               config: Path = _CONFIG, as_json: bool = _JSON) -> None:
+    """Store SNDS or Postmaster Tools data downloaded by hand.
+
+    As the scheduled importers would: each file whole or not at all; a row already stored (same
+    IP and period, or domain and day) is stored once, with the file's figures. Exit 1 if any
+    file was refused."""
+    if source not in SOURCES:
+        raise typer.BadParameter("must be snds or postmaster", param_hint="SOURCE")
+    cfg = _config(config)
+    store = _store(cfg, write=True)
+    failed = 0
+    try:
+        for path in files:
+            now = time.time()
+            try:
+                rows, future = _rows_of(source, path, now)
+            except OSError as exc:
+                result: dict = {"ok": False, "error": f"cannot read: {exc.strerror}"}
+            except ImportFailed as exc:
+                result = {"ok": False, "error": str(exc)}
+            else:
+                put = store.put_snds if source == "snds" else store.put_postmaster
+                new = put(rows, now)
+                result = {"ok": True, **_summary(source, rows, now), "new": new}
+                result["already_stored"] = result["rows"] - new
+                result["future_skipped"] = future
+            failed += not result["ok"]
+            if as_json:
+                typer.echo(json.dumps({"file": str(path), "source": source, **result}))
+            elif not result["ok"]:
+                typer.echo(f"{path}: refused: {visible(result['error'])}")
+            else:
+                typer.echo(_import_line(path, result))
+    finally:
+        store.close()
+    raise typer.Exit(1 if failed else 0)
+
+
+def _summary(source: str, rows: list[dict], now: float) -> dict:
+    """What a file held, once per key: rows, the IPs or domains, its first and last day, and
+    how many rows are older than the view's window."""
+    if source == "snds":
+        keys = {(r["ip"], r["period_start"]): r for r in rows}
+        names = sorted({r["ip"] for r in rows})
+        days = sorted(_day(r["period_start"])[:10] for r in keys.values())
+        old = sum(r["period_end"] < now - RECENT for r in keys.values())
+        return {"rows": len(keys), "ips": names, "first_day": days[0], "last_day": days[-1],
+                "older_than_view": old}
+    keys = {(r["domain"], r["day"]): r for r in rows}
+    since = time.strftime("%Y-%m-%d", time.gmtime(now - RECENT))
+    days = sorted(r["day"] for r in keys.values())
+    return {"rows": len(keys), "domains": sorted({r["domain"] for r in rows}),
+            "first_day": days[0], "last_day": days[-1],
+            "older_than_view": sum(r["day"] < since for r in keys.values())}
+
+
+def _import_line(path: Path, r: dict) -> str:
+    names = r.get("ips") or r.get("domains") or []
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    period = r["first_day"] if r["first_day"] == r["last_day"] else \
+        f"{r['first_day']} .. {r['last_day']}"
+    counts = f"{r['new']} new" + (f", {r['already_stored']} already stored, updated from the"
+                                  f" file" if r["already_stored"] else "")
+    line = (f"{path}: stored {r['rows']} row{'s' if r['rows'] != 1 else ''} ({counts}) for"
+            f" {shown}, {period}")
+    if r["future_skipped"]:
+        line += f"; {r['future_skipped']} dated more than a day ahead left out"
+    if r["older_than_view"]:
+        line += (f"; {r['older_than_view']} older than {RECENT / 86400:g} days (stored; the"
+                 f" view and its alerts use the last {RECENT / 86400:g} days)")
+    return line
+
+
+@reputation_app.command("show")
+def rep_show(config: Path = _CONFIG, as_json: bool = _JSON) -> None:
+    """The reputation view per pool and IP, and its alerts.
+
+    Computed from the store as the node computes it: Gmail domain and IP reputation and spam
+    ratio, SNDS colour, complaint rate and trap hits, DMARC pass rate and DKIM alignment; the
+    alerts these raise; the importers' state."""
+    cfg = _config(config)
+    store = _store(cfg)
+    now = time.time()
+    try:
+        view, conditions = store_view(cfg, store, now)
+    finally:
+        store.close()
+    alerts = [{"id": f"{c.rule}:{c.cls}", "rule": c.rule, "subject": c.cls, "pools": c.pool,
+               "value": c.value, "threshold": c.threshold, "message": c.message}
+              for c in conditions]
+    if as_json:
+        typer.echo(json.dumps({**view, "alerts": alerts}))
+        return
+    for line in _view_lines(view, alerts):
+        typer.echo(visible(line))
+
+
+def _view_lines(view: dict, alerts: list[dict]) -> list[str]:
+    dmarc = view["dmarc"]
+    out = [f"DMARC: {dmarc['reports']} reports in the last {dmarc['window_s'] / 86400:g} days;"
+           f" Postmaster Tools and SNDS: the latest day within {RECENT / 86400:g} days"]
+    for pool in view["pools"]:
+        kind = "; marketing: its alerts offer a pause" if pool["marketing"] else ""
+        domains = ", ".join(pool["domains"]) or "-"
+        out.extend(("", f"pool {pool['pool']} (domains: {domains}{kind})"))
+        g = pool["gmail"]
+        out.append("  Gmail: no data" if g is None else
+                   f"  Gmail {g['domain']} {g['day']}: domain reputation"
+                   f" {g['domain_reputation'] or '-'}, spam ratio {_pct(g['spam_ratio'], 2)}")
+        d = pool["dmarc"]
+        out.append("  DMARC: no reports" if d is None else
+                   f"  DMARC: {d['messages']} messages, pass {_pct(d['pass_rate'])}, DKIM aligned"
+                   f" {_pct(d['dkim_rate'])}")
+        for ip in pool["ips"]:
+            sn = ip["snds"]
+            snds = "SNDS -" if sn is None else (
+                f"SNDS {sn['filter']} {_day(sn['period_start'])[:10]}, complaint rate"
+                f" {_snds_rate(sn)}, {sn['trap_hits']} trap hits")
+            dm = ip["dmarc"]
+            out.append(f"  {ip['address']:<15}  {snds};  Gmail IP {ip['gmail_reputation'] or '-'};"
+                       f"  DMARC pass {_pct(dm['pass_rate']) if dm else '-'}")
+    if dmarc["domains"]:
+        out.extend(("", "DMARC by header From domain:"))
+        for dom in dmarc["domains"]:
+            out.append(f"  {dom['domain']}: {dom['messages']} messages, pass"
+                       f" {_pct(dom['pass_rate'])}, DKIM aligned {_pct(dom['dkim_rate'])},"
+                       f" unknown senders {dom['groups']['unknown']['messages']}")
+    out.extend(("", f"alerts: {len(alerts) or 'none'}"))
+    out.extend(f"  {a['id']}: {a['message']}" for a in alerts)
+    parts = []
+    for source, state in view["imports"].items():
+        last = state.get("last_success")
+        text = f"{source}: {'scheduled' if state['enabled'] else 'not configured'}, last good" \
+               f" import {'never' if last is None else _day(last)}"
+        if state.get("last_error"):
+            text += f" (last error: {state['last_error']})"
+        parts.append(text)
+    out.append("importers: " + "; ".join(parts))
+    if view["stale_rules"]:
+        out.append(f"stale rules (postlane rules review): "
+                   f"{', '.join(r['rule'] for r in view['stale_rules'])}")
+    return out
+
+
+def _snds_rate(row: dict) -> str:
+    """SNDS's own words for a rate below what it reports (``< 0.1%``), else the ratio."""
+    raw = str(row["complaint_rate"])
+    return raw if raw.startswith("<") else _pct(row["complaint_ratio"])
 
 
 @rules_app.command("review")
@@ -210,7 +433,7 @@ def rules_reviewed(rule: str = typer.Argument(..., help="rule name (see `rules r
         raise typer.Exit(2)
     import getpass
 
-    store = _store(cfg)
+    store = _store(cfg, write=True)
     now, who = time.time(), by or getpass.getuser()
     try:
         store.add_review(rule, who, note, now)
@@ -224,5 +447,5 @@ def _day(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def _pct(rate: float | None) -> str:
-    return "-" if rate is None else f"{rate:.1%}"
+def _pct(rate: float | None, digits: int = 1) -> str:
+    return "-" if rate is None else f"{rate:.{digits}%}"

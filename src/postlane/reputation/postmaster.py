@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import json.decoder
+import json.scanner
 import logging
 import os
 import re
@@ -26,7 +28,8 @@ from google.oauth2 import service_account
 
 from ..config.model import PostmasterConfig
 
-__all__ = ["SCOPE", "ImportFailed", "fetch_postmaster"]
+__all__ = ["SCOPE", "ImportFailed", "drop_future_days", "fetch_postmaster",
+           "parse_traffic_stats"]
 
 log = logging.getLogger("postlane.reputation")
 
@@ -199,5 +202,89 @@ def fetch_postmaster(cfg: PostmasterConfig, today: dt.date) -> list[dict]:
                       "endDate.month": end.month, "endDate.day": end.day, "pageSize": 200}
             stats = _pages(client, f"/v1/domains/{domain}/trafficStats", "trafficStats", params)
             rows.extend(_row(domain, s) for s in stats)
-    # a day after tomorrow (a broken stamp) would stay "the latest day" and its alerts forever
-    return [r for r in rows if r["day"] <= end.isoformat()]
+    return drop_future_days(rows, today)
+
+
+def drop_future_days(rows: list[dict], today: dt.date) -> list[dict]:
+    """Days up to tomorrow: a day after (a broken stamp) would stay "the latest day" and its
+    alerts for ever."""
+    last = (today + dt.timedelta(days=1)).isoformat()
+    return [r for r in rows if r["day"] <= last]
+
+
+_NAME = re.compile(r"domains/([^/]+)/trafficStats/[^/]*")
+_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def parse_traffic_stats(text: str) -> list[dict]:
+    """Rows from ``trafficStats.list`` answers saved to a file (``{"trafficStats": [...]}``,
+    several of them one after the other or in a JSON array, or single ``trafficStats.get``
+    objects), each entry read by the importer's own ``_row``; the domain is the one the
+    entry's ``name`` gives. Raises ``ImportFailed`` naming the line."""
+    starts: dict[int, int] = {}
+    """Where each JSON object began (``id`` -> offset), to name an entry's line."""
+
+    def parse_object(s_and_end: tuple[str, int], *args: Any) -> tuple[Any, int]:
+        value, end = json.decoder.JSONObject(s_and_end, *args)  # type: ignore[attr-defined]
+        starts[id(value)] = s_and_end[1] - 1
+        return value, end
+
+    decoder = json.JSONDecoder()
+    decoder.parse_object = parse_object  # type: ignore[attr-defined]
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+
+    def line(offset: int) -> int:
+        return text.count("\n", 0, offset) + 1
+
+    text = text.removeprefix("\ufeff")
+    docs: list[Any] = []
+    pos = 0
+    while True:
+        pos = _WS.match(text, pos).end()  # type: ignore[union-attr]
+        if pos >= len(text):
+            break
+        try:
+            doc, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise ImportFailed(f"line {exc.lineno}, column {exc.colno}: not JSON:"
+                               f" {exc.msg}") from None
+        except RecursionError:
+            raise ImportFailed(f"line {line(pos)}: the JSON nests too deep") from None
+        if not isinstance(doc, dict | list):  # "127.0.0.1,..." starts with a number
+            raise ImportFailed(f"line {line(pos)}: not Postmaster Tools JSON (trafficStats"
+                               f" answers are JSON objects)")
+        docs.extend(doc if isinstance(doc, list) else [doc])
+        pos = end
+    rows: list[dict] = []
+    for doc in docs:
+        where = f"line {line(starts[id(doc)])}" if id(doc) in starts else "the file"
+        if not isinstance(doc, dict):
+            raise ImportFailed(f"{where}: {type(doc).__name__} where a trafficStats answer"
+                               f" (a JSON object) belongs")
+        if isinstance(doc.get("error"), dict):
+            raise ImportFailed(f"{where}: an error answer, not traffic stats:"
+                               f" {str(doc['error'].get('message', ''))[:200]!r}")
+        if "name" in doc:
+            entries: Any = [doc]
+        elif "trafficStats" in doc or not doc:  # {} is the answer for days without data
+            entries = doc.get("trafficStats", [])
+        else:
+            raise ImportFailed(f"{where}: neither a trafficStats.list answer (no"
+                               f" \"trafficStats\") nor a TrafficStats (no \"name\")")
+        if not isinstance(entries, list):
+            raise ImportFailed(f"{where}: \"trafficStats\" is not a list")
+        for stat in entries:
+            at = f"line {line(starts[id(stat)])}" if id(stat) in starts else where
+            if not isinstance(stat, dict):
+                raise ImportFailed(f"{at}: a trafficStats entry is {type(stat).__name__},"
+                                   f" not an object")
+            name = stat.get("name")
+            match = _NAME.fullmatch(name) if isinstance(name, str) else None
+            if match is None or not _DOMAIN.fullmatch(match.group(1)):
+                raise ImportFailed(f"{at}: trafficStats name {str(name)[:80]!r} is not"
+                                   f" domains/DOMAIN/trafficStats/YYYYMMDD")
+            try:
+                rows.append(_row(match.group(1).lower(), stat))
+            except ImportFailed as exc:
+                raise ImportFailed(f"{at}: {exc}") from None
+    return rows

@@ -33,7 +33,8 @@ from .store import ReputationStore
 if TYPE_CHECKING:
     from ..feedback.complaints import ComplaintRates
 
-__all__ = ["LEVELS", "ReputationService", "import_report", "marketing_pools", "open_store"]
+__all__ = ["LEVELS", "ReputationService", "import_report", "marketing_pools", "open_store",
+           "store_location", "store_view"]
 
 log = logging.getLogger("postlane.reputation")
 
@@ -49,13 +50,17 @@ LEVELS = {"BAD": 0, "LOW": 1, "MEDIUM": 2, "HIGH": 3}
 show them."""
 
 
-def open_store(config: Config) -> ReputationStore:
+def store_location(config: Config) -> str:
     """``reputation.store`` if set; else the spool's PostgreSQL database in cluster mode (the
     cluster's schema); else reputation.sqlite3 in the node's folder."""
-    location = config.reputation.store or (
+    return config.reputation.store or (
         config.node.spool if is_dsn(config.node.spool)
         else str(local_dir(config) / "reputation.sqlite3"))
-    return ReputationStore(location, config.cluster.schema_name)
+
+
+def open_store(config: Config) -> ReputationStore:
+    """The store at ``store_location``."""
+    return ReputationStore(store_location(config), config.cluster.schema_name)
 
 
 def import_report(store: ReputationStore, data: bytes, source: str, max_size: int) -> dict:
@@ -73,6 +78,19 @@ def import_report(store: ReputationStore, data: bytes, source: str, max_size: in
     return {"ok": True, "stored": stored, "reporter": report.reporter,
             "report_id": report.report_id, "policy_domain": report.policy_domain,
             "records": len(report.rows), "messages": report.messages}
+
+
+def store_view(config: Config, store: ReputationStore, now: float) -> tuple[dict,
+                                                                          list[Condition]]:
+    """The view and alert conditions a node would compute from ``store``, without the node
+    (``postlane reputation show``): our own complaint and bounce rates are counted by a running
+    node since it started, so they are unknown (None) here."""
+    from ..feedback.complaints import ComplaintRates
+
+    service = ReputationService(config, ComplaintRates.for_config(config.feedback))
+    service.store = store
+    view, conditions, _ = service._compute(service._read(now), now)
+    return view, conditions
 
 
 def marketing_pools(config: Config) -> set[str]:

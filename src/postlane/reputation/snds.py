@@ -27,7 +27,7 @@ import httpx
 from ..config.model import SNDSConfig
 from .postmaster import ImportFailed
 
-__all__ = ["fetch_snds", "parse_snds"]
+__all__ = ["drop_future", "fetch_snds", "parse_snds"]
 
 _FILTERS = ("GREEN", "YELLOW", "RED")
 _KEY = re.compile(r"(?i)([?&]key=)[^&\s\"']+")
@@ -84,8 +84,7 @@ def _count(text: str, what: str) -> int:
 def parse_snds(text: str, now: float | None = None) -> list[dict]:
     """Rows for ``ReputationStore.put_snds``; a line that is not data (a header) is skipped,
     a data line that does not parse raises ``ImportFailed`` naming the line. With ``now``,
-    periods starting more than a day later are dropped: a wrong date would stay "the latest
-    period" of its IP, and a RED one its alert, for good."""
+    periods starting more than a day later are dropped (``drop_future``)."""
     rows: list[dict] = []
     reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))  # a BOM hid the first IP
     while True:
@@ -124,9 +123,13 @@ def parse_snds(text: str, now: float | None = None) -> list[dict]:
                 "mail_from": fields[12].strip()[:255], "comments": fields[13].strip()[:500]})
         except ValueError as exc:
             raise ImportFailed(f"SNDS data line {n}: {exc}") from None
-    if now is not None:
-        rows = [r for r in rows if r["period_start"] <= now + 86400]
-    return rows
+    return rows if now is None else drop_future(rows, now)
+
+
+def drop_future(rows: list[dict], now: float) -> list[dict]:
+    """Periods starting at most a day after ``now``: a wrong date would stay "the latest
+    period" of its IP, and a RED one its alert, for good."""
+    return [r for r in rows if r["period_start"] <= now + 86400]
 
 
 def fetch_snds(cfg: SNDSConfig) -> list[dict]:

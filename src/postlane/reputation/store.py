@@ -219,15 +219,24 @@ class ReputationStore:
 
     # -- Postmaster Tools and SNDS --------------------------------------------------------------
 
-    def put_postmaster(self, rows: list[dict], now: float) -> None:
-        """Upsert one row per (domain, day): Google revises a day's figures for a while."""
+    def put_postmaster(self, rows: list[dict], now: float) -> int:
+        """Upsert one row per (domain, day): Google revises a day's figures for a while.
+        Returns how many (domain, day) were not stored before (a file imported twice: 0)."""
         cols = ("domain", "day", "domain_reputation", "spam_ratio", "spf_ratio", "dkim_ratio",
                 "dmarc_ratio", "ip_reputations", "delivery_errors", "raw")
         update = ", ".join(f"{c} = excluded.{c}" for c in (*cols[2:], "imported_at"))
+        latest = {(r["domain"], r["day"]): r for r in rows}  # a key twice: its last row
         with self._tx() as conn:
+            new = self._new(conn, "postmaster_stats", ("domain", "day"), list(latest))
             self._many(conn, f"INSERT INTO postmaster_stats VALUES (?,?,?,?,?,?,?,?,?,?,?)"
                              f" ON CONFLICT (domain, day) DO UPDATE SET {update}",
-                       [(*(r[c] for c in cols), now) for r in rows])
+                       [(*(r[c] for c in cols), now) for r in latest.values()])
+        return new
+
+    def _new(self, conn: Any, table: str, key: tuple[str, str], keys: list[tuple]) -> int:
+        """How many of ``keys`` ``table`` does not hold yet (in the writing transaction)."""
+        sql = f"SELECT 1 FROM {table} WHERE {key[0]} = ? AND {key[1]} = ?"
+        return sum(self._exec(conn, sql, k).fetchone() is None for k in keys)
 
     def postmaster(self, since_day: str) -> list[dict]:
         """Days from ``since_day`` (YYYY-MM-DD), newest first."""
@@ -247,12 +256,16 @@ class ReputationStore:
              "recipients", "filter", "complaint_rate", "complaint_ratio", "trap_hits", "helo",
              "mail_from", "comments")
 
-    def put_snds(self, rows: list[dict], now: float) -> None:
+    def put_snds(self, rows: list[dict], now: float) -> int:
+        """Upsert one row per (IP, period start); returns how many were not stored before."""
         update = ", ".join(f"{c} = excluded.{c}" for c in (*self._SNDS[2:], "imported_at"))
+        latest = {(r["ip"], r["period_start"]): r for r in rows}
         with self._tx() as conn:
+            new = self._new(conn, "snds_data", ("ip", "period_start"), list(latest))
             self._many(conn, f"INSERT INTO snds_data VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
                              f" ON CONFLICT (ip, period_start) DO UPDATE SET {update}",
-                       [(*(r[c] for c in self._SNDS), now) for r in rows])
+                       [(*(r[c] for c in self._SNDS), now) for r in latest.values()])
+        return new
 
     def snds(self, since: float) -> list[dict]:
         """Periods that ended since ``since``, newest first."""
