@@ -323,10 +323,17 @@ async def test_root_is_refused_a_store_the_node_could_not_read(tmp_path):
     report.write_bytes(crafted([("127.0.0.30", 1, "pass", "pass")]))
     location = store_location(parse_config(cfg.read_text()))
     for args in (("reputation", "import", "snds", str(good)), ("dmarc", "import", str(report)),
-                 ("rules", "reviewed", "gmail")):
+                 ("rules", "reviewed", "gmail"), ("reputation", "show"),
+                 ("dmarc", "report")):  # reading creates the store when there is none yet
         code, _, err = await run_cli(*args, "-c", str(cfg))
         assert code == 1 and f"{folder} belongs to" in err and "sudo -u" in err, (args, err)
         assert not os.path.exists(location)
+    # a store the node made is read as root (it leaves no file of its own there)
+    open_store(parse_config(cfg.read_text())).close()
+    os.chown(location, 65534, 65534)
+    code, out, err = await run_cli("reputation", "show", "-c", str(cfg), "--json")
+    assert code == 0 and json.loads(out)["pools"], err
+    assert {p.stat().st_uid for p in folder.iterdir()} == {65534}
 
 
 async def test_import_into_the_clusters_postgresql_store(tmp_path, pg_schema):  # noqa: F811

@@ -46,9 +46,11 @@ def _config(path: Path) -> Config:
 
 
 def _store(cfg: Config, write: bool = False) -> ReputationStore:
+    """The store; as root, a SQLite store in another user's folder only to read one that exists:
+    a file root makes there (opening creates it) is one the node cannot open."""
     location = store_location(cfg)
     try:
-        if write and not is_dsn(location):  # a file root makes there, the node cannot open
+        if not is_dsn(location) and (write or not Path(location).exists()):
             as_the_owner(Path(location).parent)
         return open_store(cfg)
     except NotTheOwner as exc:
