@@ -50,7 +50,8 @@ def test_sink_says_why_it_cannot_listen():
 
 
 @pytest.mark.parametrize("cmd", [["suppress", "export"], ["rules", "review"],
-                                 ["dmarc", "import", "/dev/null"]])
+                                 ["dmarc", "import", "/dev/null"], ["reputation", "show"],
+                                 ["reputation", "import", "snds", "/dev/null"]])
 def test_every_command_reports_a_bad_config_the_same_way(tmp_path, cmd):
     """``suppress``, ``rules`` and ``dmarc`` printed the exception (``FILE: 1 error(s)``)
     instead of the ``FILE: configuration is not valid:`` block of every other command."""
