@@ -93,8 +93,6 @@ def cycles(edges: dict[str, dict[str, list[str]]]) -> list[list[str]]:
     stack: list[str] = []
     on: set[str] = set()
     out: list[list[str]] = []
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
-
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)
         stack.append(v)
@@ -116,9 +114,15 @@ def cycles(edges: dict[str, dict[str, list[str]]]) -> list[list[str]]:
             if len(comp) > 1:
                 out.append(sorted(comp))
 
-    for v in sorted(set(edges) | {w for ws in edges.values() for w in ws}):
-        if v not in index:
-            visit(v)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
+    try:  # put back: a limit raised for good let later tests' deep inputs (a mail nesting
+        # 3,000 MIME parts, test_dmarc) parse instead of being refused as too deep
+        for v in sorted(set(edges) | {w for ws in edges.values() for w in ws}):
+            if v not in index:
+                visit(v)
+    finally:
+        sys.setrecursionlimit(limit)
     return sorted(out, key=len, reverse=True)
 
 
