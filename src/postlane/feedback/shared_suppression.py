@@ -147,10 +147,12 @@ def apply(conn: sqlite3.Connection, origin: str, changes: Sequence[SuppressionCh
 
 
 def stage(conn: sqlite3.Connection, entries: Sequence[SuppressionChange], first: bool) -> None:
-    """Copy a page of the shared list aside (``replace`` swaps it in at once)."""
+    """Copy a page of the shared list aside (``replace`` swaps it in at once). The table is
+    TEMP, this connection's own: two nodes sharing one state folder (one machine) dropped each
+    other's, and the node whose ``replace`` found none retried it for ever at its start."""
     if first:
-        conn.execute("DROP TABLE IF EXISTS suppression_staging")
-        conn.execute("CREATE TABLE suppression_staging (address TEXT NOT NULL, scope TEXT NOT"
+        conn.execute("DROP TABLE IF EXISTS temp.suppression_staging")
+        conn.execute("CREATE TEMP TABLE suppression_staging (address TEXT NOT NULL, scope TEXT NOT"
                      " NULL, reason TEXT NOT NULL, source TEXT NOT NULL, created REAL NOT NULL,"
                      " expires REAL NOT NULL, PRIMARY KEY (address, scope)) WITHOUT ROWID")
     conn.executemany("INSERT OR REPLACE INTO suppression_staging VALUES (?,?,?,?,?,?)",
@@ -167,7 +169,7 @@ def replace(conn: sqlite3.Connection, upto: int) -> None:
     conn.execute(f"DELETE FROM suppression WHERE (address, scope) NOT IN ({mine})")
     conn.execute("INSERT OR IGNORE INTO suppression SELECT * FROM suppression_staging"
                  f" WHERE (address, scope) NOT IN ({mine})")
-    conn.execute("DROP TABLE suppression_staging")
+    conn.execute("DROP TABLE temp.suppression_staging")
     conn.execute("UPDATE suppression_sync SET applying = 0, applied = ?", (upto,))
 
 
