@@ -288,3 +288,81 @@ def test_a_full_disk_leaves_each_record_once_in_the_files(small_fs) -> None:
     lines = [json.loads(line) for p in sorted(fs.path.glob("*.jsonl"))
              for line in p.read_text().splitlines()]
     assert [r["queueId"] for r in lines] == expected
+
+
+def test_a_file_shorter_than_its_sync_is_cut_to_a_whole_record_and_names_the_lost_events(
+        tmp_path: Path) -> None:
+    """A power loss (or a cut outside Postlane) takes synced bytes off the end: the files are
+    cut back to the same last whole record and the events of the lines lost are named, to be
+    written again, instead of a torn line left in the file and the record missing from it."""
+    log = AccountingLog(tmp_path, formats=("csv", "jsonl"), clock=FakeClock())
+    log.write_events("w1", [(1, make_record(1)), (2, make_record(2))])
+    log.write_events("w2", [(7, make_record(3))])
+    log.write_events("w1", [(3, make_record(4)), (4, make_record(5))])
+    log.sync({"w1": 4, "w2": 7})
+    paths = dict(log.current_paths)
+    log.close()
+    for path in paths.values():  # the last record torn, in each file
+        os.truncate(path, path.stat().st_size - 5)
+    # and the JSONL file lost one whole line more: both are cut to the fewer records
+    data = paths["jsonl"].read_bytes()
+    paths["jsonl"].write_bytes(data[:data.rindex(b"\n", 0, data.rindex(b"\n")) + 1])
+    again = AccountingLog(tmp_path, formats=("csv", "jsonl"), clock=FakeClock())
+    assert again.lost == {"w1": (3, 4)}
+    assert again.feed == {"w1": 2, "w2": 7}
+    again.close()
+    assert [r["queueId"] for r in read_csv(paths["csv"])] == ["Q000001", "Q000002", "Q000003"]
+    assert [json.loads(line)["queueId"] for line in paths["jsonl"].read_text().splitlines()] \
+        == ["Q000001", "Q000002", "Q000003"]
+
+
+def test_a_quoted_line_break_is_not_a_record_end(tmp_path: Path) -> None:
+    log = AccountingLog(tmp_path, formats=("csv",), clock=FakeClock())
+    log.write_events("w1", [(1, make_record(1, dsn_diag="550 one\nline two")),
+                            (2, make_record(2))])
+    log.sync({"w1": 2})
+    path = log.current_paths["csv"]
+    log.close()
+    os.truncate(path, path.stat().st_size - 3)
+    again = AccountingLog(tmp_path, formats=("csv",), clock=FakeClock())
+    assert again.lost == {"w1": (2, 2)}
+    again.close()
+    assert [r["dsnDiag"] for r in read_csv(path)] == ["550 one\nline two"]
+
+
+def test_a_full_disk_then_a_torn_tail_still_leaves_each_record_once(small_fs) -> None:
+    """The two repairs meet: writes that failed on a full disk went back to the last sync,
+    and so did the list of events the files' lines are; a power loss then tears the synced
+    tail. The repair names exactly the events of the lines lost (not those of the failed
+    writes too), and writing them again leaves each record once in the files."""
+    fs = small_fs("acct", "256k")
+    log = AccountingLog(fs.path, formats=("csv", "jsonl"), clock=FakeClock())
+    failures = 0
+    while failures < 3:  # the disk fills; the recorder goes on trying from its cursor
+        start = log.feed.get("w1", 0)
+        try:
+            log.write_events("w1", [(n, make_record(n)) for n in range(start + 1, start + 51)])
+            log.sync({"w1": start + 50})
+        except OSError:
+            failures += 1
+    fs.grow("8m")
+    start = log.feed["w1"]
+    log.write_events("w1", [(n, make_record(n)) for n in range(start + 1, start + 21)])
+    log.sync({"w1": start + 20})
+    total = start + 20
+    paths = dict(log.current_paths)
+    log.close()
+    for path in paths.values():  # a power loss tears the last synced record
+        os.truncate(path, path.stat().st_size - 5)
+    again = AccountingLog(fs.path, formats=("csv", "jsonl"), clock=FakeClock())
+    assert again.lost == {"w1": (total, total)}
+    assert again.feed == {"w1": total - 1}
+    again.write_events("w1", [(total, make_record(total))])  # what the recorder does
+    again.sync({"w1": total})
+    again.close()
+    expected = [f"Q{n:06d}" for n in range(1, total + 1)]
+    files = sorted(fs.path.glob("acct-*.csv"), key=lambda p: p.stat().st_mtime_ns)
+    assert [r["queueId"] for p in files for r in read_csv(p)] == expected
+    files = sorted(fs.path.glob("acct-*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
+    assert [json.loads(line)["queueId"] for p in files
+            for line in p.read_text().splitlines()] == expected

@@ -12,6 +12,14 @@ A write that fails (ENOSPC, EIO) goes back to the last sync: what was buffered s
 dropped, the files are cut back to the sizes the position names, and the error is raised; the
 caller writes again from ``feed`` later. A failed write can leave part of a batch (or of a
 line) in a file, and buffering on past it would put those records in twice once space returns.
+The undo covers the event list too: after it, ``runs`` and ``records`` describe the
+synced files again.
+
+A file *shorter* than its position says lost synced lines (a power loss on a disk that lied
+about its fsync, a file cut outside Postlane): the position also lists which spool events the
+current files' lines are (``runs``), so ``recover`` cuts every file back to its last whole
+record, says so, and hands back the events of the lines lost (``lost``) for the recorder to
+write again (from the spool, or from the audit store once the spool has let them go).
 """
 
 from __future__ import annotations
@@ -98,6 +106,18 @@ class AccountingLog:
         self._closed = False
         self.feed: dict[str, int] = {}
         """Each spool writer's last event the files hold, as of the last ``sync``."""
+        self._runs: list[list] = []
+        """``[writer, first, last]``: the spool events the current files' lines are, in order
+        (one line per event in each file; lines written by ``write``/``write_many`` have none,
+        and then ``_records`` exceeds what the runs count)."""
+        self._records = 0
+        """Records in the current files."""
+        self._synced_runs: list[list] = []
+        self._synced_records = 0
+        """``_runs`` and ``_records`` as of the last sync: what the position file names."""
+        self.lost: dict[str, tuple[int, int]] = {}
+        """Found at open: per spool writer, the first and last event whose lines a file
+        shorter than its position lost (the recorder writes them again)."""
         # csv writes into a reusable in-memory buffer so the exact encoded size is known.
         self._csv_buf = io.StringIO()
         self._csv = csv.writer(self._csv_buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
@@ -127,6 +147,21 @@ class AccountingLog:
             with self._undo_on_error():
                 for record in records:
                     self._write_locked(record)
+
+    def write_events(self, writer: str, events: Sequence[tuple[int, Record]]) -> None:
+        """Buffer the records of spool events ``(n, record)`` of ``writer``, in order; the
+        position names them, so lines a crash tears away can be written again. An OSError
+        takes the files (and their event list) back to the last sync, as ``write_many``."""
+        with self._lock:
+            self._check_open()
+            with self._undo_on_error():
+                for n, record in events:
+                    self._write_locked(record)
+                    runs = self._runs
+                    if runs and runs[-1][0] == writer and runs[-1][2] == n - 1:
+                        runs[-1][2] = n
+                    else:
+                        runs.append([writer, n, n])
 
     def sync(self, feed: Mapping[str, int] | None = None) -> None:
         """Make everything written so far durable and record ``feed`` (each spool writer's last
@@ -215,6 +250,7 @@ class AccountingLog:
             self._sizes[fmt] += len(data)
             if len(pending) >= _BUFFER_BYTES:
                 _write_all(fd, pending)
+        self._records += 1
 
     def _csv_line(self, row: Sequence[object]) -> bytes:
         buf = self._csv_buf
@@ -245,6 +281,10 @@ class AccountingLog:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, self._synced[fmt])
         self._sizes = dict(self._synced)
+        # the event list too: the retry writes the same events again, and a list still
+        # naming the dropped ones would misname the lines a later torn tail loses
+        self._runs = [list(run) for run in self._synced_runs]
+        self._records = self._synced_records
 
     def _rotate_locked(self) -> None:
         """New files first, then the position naming them, then the old files closed: a crash
@@ -252,6 +292,7 @@ class AccountingLog:
         current files are synced and named by the position already. New files that cannot be
         set up (the disk full) are removed and the current ones stay."""
         old, old_paths, old_opened = self._files, self.current_paths, self._opened_at
+        old_runs, old_records = self._runs, self._records
         new = self._create_files()
         self._install(*new)
         try:
@@ -262,6 +303,9 @@ class AccountingLog:
             self._pending = {fmt: bytearray() for fmt in old}
             self._sizes = {fmt: os.fstat(fd).st_size for fmt, fd in old.items()}
             self._synced = dict(self._sizes)
+            self._runs, self._records = old_runs, old_records
+            self._synced_runs = [list(run) for run in old_runs]
+            self._synced_records = old_records
             raise
         for fd in old.values():
             os.close(fd)
@@ -276,7 +320,8 @@ class AccountingLog:
         ``sizes`` are what a restart cuts the files back to."""
         data = json.dumps({"files": {fmt: [str(p), sizes[fmt]]
                                      for fmt, p in self.current_paths.items()},
-                           "feed": dict(feed)}).encode()
+                           "feed": dict(feed), "records": self._records,
+                           "runs": self._runs}).encode()
         path = self._position_path()
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
@@ -287,6 +332,8 @@ class AccountingLog:
             os.close(fd)
         os.replace(tmp, path)
         self._synced = dict(sizes)
+        self._synced_runs = [list(run) for run in self._runs]
+        self._synced_records = self._records
         with contextlib.suppress(OSError):  # the rename is done: a lost one is the old position
             self._fsync_directory()
 
@@ -304,6 +351,7 @@ class AccountingLog:
                       " sync may appear twice in the files", path)
             return 0
         self.feed = {str(w): int(n) for w, n in saved.get("feed", {}).items()}
+        self._repair_torn(saved)
         cut = 0
         for name, size in saved.get("files", {}).values():
             try:
@@ -322,6 +370,52 @@ class AccountingLog:
             log.warning("accounting files cut back by %d bytes to their last sync; the"
                         " recorder writes those records again", cut)
         return cut
+
+    def _repair_torn(self, saved: dict) -> None:
+        """Files shorter than the position says (their synced tail is gone): cut every file
+        the position names back to the same last whole record and note the events of the
+        lines lost in ``lost`` (and take them out of ``feed``), to be written again."""
+        files = {fmt: (Path(name), int(size)) for fmt, (name, size) in
+                 saved.get("files", {}).items() if os.path.exists(name)}
+        short = {fmt: size - os.path.getsize(path) for fmt, (path, size) in files.items()
+                 if os.path.getsize(path) < size}
+        if not short:
+            return
+        ends = {fmt: _record_ends(path.read_bytes()[:size], fmt == "csv")
+                for fmt, (path, size) in files.items()}
+        head = {fmt: int(fmt == "csv") for fmt in files}  # a CSV file starts with its header
+        keep = max(0, min(len(e) - head[fmt] for fmt, e in ends.items()))
+        for fmt, (path, _) in files.items():
+            whole = keep + head[fmt]  # lines to keep
+            cut_at = ends[fmt][whole - 1] if whole and len(ends[fmt]) >= whole else 0
+            with open(path, "r+b") as fh:
+                fh.truncate(cut_at)
+                os.fsync(fh.fileno())
+        where = ", ".join(f"{files[fmt][0].name} ({n} bytes)" for fmt, n in short.items())
+        if "records" not in saved:  # a position file from before the event lists
+            log.error("accounting files shorter than at their last sync (a power loss, or cut"
+                      " outside Postlane): %s; cut back to their last whole record, the records"
+                      " after it cannot be named (no event list in the position file): see the"
+                      " audit store", where)
+            return
+        records, runs = int(saved["records"]), saved.get("runs", [])
+        lost_count = records - keep
+        counted = sum(last - first + 1 for _, first, last in runs)
+        skip = keep - (records - counted)  # runs describe the last ``counted`` records
+        for writer, first, last in runs:
+            if skip > last - first:
+                skip -= last - first + 1
+                continue
+            first, skip = first + max(skip, 0), 0
+            was = self.lost.get(writer)
+            self.lost[writer] = (min(first, was[0]) if was else first, max(last, was[1]) if was
+                                 else last)
+            self.feed[writer] = min(self.feed.get(writer, first), first - 1)
+        log.error("accounting files shorter than at their last sync (a power loss, or cut"
+                  " outside Postlane): %s; cut back to their last whole record, %d record(s)"
+                  " after it %s", where, lost_count,
+                  "to be written again" if self.lost else "cannot be named (no event list in"
+                  " the position file): see the audit store")
 
     def _create_files(self) -> tuple[dict[str, int], dict[str, Path]]:
         """New files (one per format, the CSV one with its header written); none left behind
@@ -352,6 +446,7 @@ class AccountingLog:
         self.current_paths = paths
         self._pending = {fmt: bytearray() for fmt in files}
         self._sizes = {fmt: os.fstat(fd).st_size for fmt, fd in files.items()}
+        self._runs, self._records = [], 0
 
     @staticmethod
     def _discard(files: dict[str, int], paths: dict[str, Path]) -> None:
@@ -381,6 +476,18 @@ class AccountingLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _record_ends(data: bytes, quoted: bool) -> list[int]:
+    """The offset after each whole record (line) in ``data``; with ``quoted`` (CSV), a line
+    break inside a quoted field does not end a record."""
+    ends, pos, open_quote = [], 0, False
+    for line in data.split(b"\n")[:-1]:  # the last piece has no line break: torn
+        pos += len(line) + 1
+        open_quote ^= line.count(b'"') % 2 == 1
+        if not (quoted and open_quote):
+            ends.append(pos)
+    return ends
 
 
 _SEPARATORS = ((b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"),

@@ -38,6 +38,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from ..accounting.records import Record
 from ..schema import NewerSchema
 from ..spool.postgres import CONNECT_TIMEOUT, redact
 from .chain import VERIFY_COLUMNS
@@ -50,6 +51,7 @@ from .queries import (
     find_sql,
     pause_spans,
     pauses_sql,
+    records_of,
     row_at,
     seal_from_row,
     seal_row,
@@ -248,6 +250,10 @@ class PostgresAuditStore(RetentionMixin):
     def add_seal(self, seal: Seal) -> None:
         self._db().execute(f"INSERT INTO audit_seals ({SEAL_COLS}) VALUES"
                            " (%s, %s, %s, %s, %s, %s, %s, %s)", seal_row(seal))
+
+    def records_of(self, writer: str, first: int, last: int) -> list[tuple[int, Record]]:
+        """See ``queries.records_of``."""
+        return records_of(self, "%s", writer, first, last)
 
     def row_at(self, seq: int) -> tuple | None:
         """(hash, day, records of that day up to it) of record ``seq``, for seal checks."""

@@ -14,7 +14,7 @@ from .chain import RECORD_COLUMNS
 from .seal import Seal
 from .store import Query
 
-__all__ = ["CLASSES_SQL", "SEAL_COLS", "between_where", "find_sql", "pause_spans",
+__all__ = ["CLASSES_SQL", "SEAL_COLS", "between_where", "find_sql", "pause_spans", "records_of",
            "pauses_sql", "row_at", "row_record", "seal_row"]
 
 _RECORD_KINDS = {f.name: {"str": str, "int": int, "float": float}[str(f.type)]
@@ -142,3 +142,14 @@ def row_at(store: SQLReader, mark: str, seq: int) -> tuple | None:
     count = store.query(f"SELECT count(*) FROM audit_records WHERE day = {mark} AND seq <="
                         f" {mark}", (row[0][1], seq))[0][0]
     return (row[0][0], row[0][1], count) if first else None
+
+
+def records_of(store: SQLReader, mark: str, writer: str, first: int,
+               last: int) -> list[tuple[int, Record]]:
+    """The records of spool events ``first..last`` of ``writer`` the store holds, in event
+    order (the accounting files write again lines a torn file lost)."""
+    names = list(_RECORD_KINDS)
+    rows = store.query(f"SELECT ev_n, {', '.join(names)} FROM audit_records WHERE ev_writer ="
+                       f" {mark} AND ev_n BETWEEN {mark} AND {mark} ORDER BY ev_n",
+                       (writer, first, last))
+    return [(row[0], row_record(dict(zip(names, row[1:], strict=True)))) for row in rows]

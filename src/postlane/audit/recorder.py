@@ -300,6 +300,37 @@ class _Feed:
         self._files_delay = 0.5
         self._adopted: dict[str, int] = {}
         """Where adopted writers' files got to (their own recorder's published position)."""
+        for writer, (first, last) in self.files.lost.items():
+            self._write_again(writer, first, last)
+
+    def _write_again(self, writer: str, first: int, last: int) -> None:
+        """Write again the lines of events ``first..last`` a torn file lost: from the spool
+        if it still has them (the next ``pump`` does), else from the audit store."""
+        rows = self.outbox.read(writer, first - 1, 1)
+        if rows and rows[0][0] == first:
+            log.warning("accounting files: events %s#%d..%d written again from the spool",
+                        writer, first, last)
+            return
+        found = self.store.records_of(writer, first, last) if self.store is not None else []
+        done = first - 1
+        for n, _ in found:
+            if n != done + 1:
+                break
+            done = n
+        if done >= first:
+            try:
+                self.files.write_events(writer, found[:done - first + 1])
+            except OSError as exc:  # the disk full: the files are back at their last sync
+                self._files_failed(exc)
+                return
+            self.filed[writer] = done
+            self.dirty = True
+        if done == last:
+            log.warning("accounting files: events %s#%d..%d written again from the audit store",
+                        writer, first, last)
+        else:
+            log.error("accounting files: the lines of events %s#%d..%d are lost (neither the"
+                      " spool nor the audit store has them)", writer, done + 1, last)
 
     def pump(self) -> int:
         """Feed what the outbox holds beyond each cursor (one batch per writer and consumer);
@@ -322,7 +353,7 @@ class _Feed:
             if files_due:
                 rows = self.outbox.read(writer, filed, BATCH)
                 values = [unpack(data) for _, data in rows]
-                if rows and self._file(values):
+                if rows and self._file(writer, rows, values):
                     self.filed[writer] = rows[-1][0]
                     self.dirty = True
                     taken += len(rows)
@@ -344,11 +375,13 @@ class _Feed:
             taken += len(entries)
         return taken
 
-    def _file(self, values: list[tuple]) -> bool:
-        """Write records into the files; False if they cannot be written (the disk full):
-        the files and ``filed`` go back to the last sync and are written again later."""
+    def _file(self, writer: str, rows: list, values: list[tuple]) -> bool:
+        """Write the records of events ``rows`` of ``writer`` into the files; False if they
+        cannot be written (the disk full): the files and ``filed`` go back to the last sync
+        and are written again later."""
         try:
-            self.files.write_many(Record(*v) for v in values)
+            self.files.write_events(writer, [(n, Record(*v)) for (n, _), v in
+                                             zip(rows, values, strict=True)])
         except OSError as exc:
             self._files_failed(exc)
             return False

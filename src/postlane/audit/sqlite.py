@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .. import schema
+from ..accounting.records import Record
 from ..secretfile import private_file
 from .chain import GENESIS, VERIFY_COLUMNS
 from .completeness import Completeness, SpoolView, check
@@ -20,6 +21,7 @@ from .queries import (
     find_sql,
     pause_spans,
     pauses_sql,
+    records_of,
     row_at,
     seal_from_row,
     seal_row,
@@ -163,6 +165,10 @@ class SQLiteAuditStore(RetentionMixin):
     def add_seal(self, seal: Seal) -> None:
         self.db.execute(f"INSERT INTO audit_seals ({SEAL_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         seal_row(seal))
+
+    def records_of(self, writer: str, first: int, last: int) -> list[tuple[int, Record]]:
+        """See ``queries.records_of``."""
+        return records_of(self, "?", writer, first, last)
 
     def row_at(self, seq: int) -> tuple | None:
         """(hash, day, records of that day up to it) of record ``seq``, for seal checks."""

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..accounting.records import Record
 from .chain import CHAIN_COLUMNS, EXTRA_COLUMNS, RECORD_COLUMNS, Problem
 from .completeness import Completeness, SpoolView
 from .seal import Seal
@@ -82,6 +83,10 @@ class AuditStore(Protocol):
     def add_seal(self, seal: Seal) -> None: ...
 
     def row_at(self, seq: int) -> tuple | None: ...
+
+    def records_of(self, writer: str, first: int, last: int) -> list[tuple[int, Record]]:
+        """The records of spool events ``first..last`` of ``writer`` held, in event order."""
+        ...
 
     def find(self, query: Query) -> list[dict]: ...
 
