@@ -10,6 +10,8 @@ import signal
 import sqlite3
 from pathlib import Path
 
+import httpx
+
 from postlane.harness.sink import Sink
 from postlane.spool.hold import locked
 from tests.conftest import config_text, message, records, send
@@ -67,3 +69,73 @@ async def test_a_torn_accounting_line_is_cut_and_its_record_written_again(tmp_pa
             json.loads(line)
     res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
     assert res.exit_code == 0, res.output
+
+
+def _spool_state(tmp_path: Path) -> list[str]:
+    db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    try:
+        return [s for (s,) in db.execute("SELECT state FROM recipients ORDER BY msg_id, idx")]
+    finally:
+        db.close()
+
+
+async def test_an_answered_hold_survives_a_sigkill(tmp_path):
+    """An operator's hold is answered only once it is durable: while the spool cannot commit
+    (another process holds its write lock) the API does not say "held"; a node SIGKILLed then
+    has not held the message and has no record of it (not done at all); once answered, a
+    SIGKILL right after leaves it held, with its record (done, with its audit record)."""
+    sink = await Sink().start()
+    port, api = _free_port(), _free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port).replace(
+        "[api]\nport = 0", f"[api]\nport = {api}"))
+    log = tmp_path / "node.log"
+    proc = await _serve(cfg, port, log)
+    token = (tmp_path / "api-token").read_text().strip()
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}/api/v1",
+                               headers={"Authorization": f"Bearer {token}"}, timeout=None)
+    lock = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
+    try:
+        assert (await client.post("/pools/bulk/pause", json={})).status_code == 200
+        await send(port, "s@insurer.test", ["held@example.com"], message("m"))
+        held = lambda: client.get("/queue/messages", params={"state": "held"})  # noqa: E731
+
+        async def in_memory() -> bool:
+            return (await held()).json()["total_recipients"] == 1
+
+        lock.execute("BEGIN IMMEDIATE")  # the node's spool writer cannot commit now
+        post = asyncio.ensure_future(client.post("/queue/hold", json={"all": True}))
+        await until(in_memory, what="the hold applied in the node's memory")
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(post), 5)
+        except TimeoutError:
+            answer = None
+        if answer is not None:  # said "held" while nothing could be committed
+            proc.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.wait)
+            lock.execute("ROLLBACK")
+            assert _spool_state(tmp_path) == ["held"], f"answered {answer.json()}, not held"
+        proc.send_signal(signal.SIGKILL)  # not answered: not done
+        await asyncio.to_thread(proc.wait)
+        post.cancel()
+        lock.execute("ROLLBACK")
+        assert _spool_state(tmp_path) == ["queued"]
+        await until(lambda: not locked(tmp_path / "acct"), what="the recorder ended")
+        proc = await _serve(cfg, port, log)
+        assert not (await held()).json()["total_recipients"]
+        answer = await client.post("/queue/hold", json={"all": True})
+        assert answer.json()["recipients"] == 1
+        proc.send_signal(signal.SIGKILL)  # at once after the answer
+        await asyncio.to_thread(proc.wait)
+        assert _spool_state(tmp_path) == ["held"]
+        await until(lambda: not locked(tmp_path / "acct"), what="the recorder ended")
+        proc = await _serve(cfg, port, log)
+        await until(in_memory, what="the message held after the restart")
+    finally:
+        lock.close()
+        await client.aclose()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+        await sink.stop()
+    ops = [r for r in records(tmp_path) if r["type"] == "o"]
+    assert [r["dsnAction"] for r in ops if r["rcpt"] == "held@example.com"] == ["hold"]

@@ -210,6 +210,12 @@ class Operations:
             raise OperationError(f"not done: {exc}", 503) from None
         if lift and sel.pool is not None:
             self.scheduler.lift(sel.pool, sel.domain.lower() if sel.domain else None)
+        if not dry_run:  # durable, with its records, before the answer says it is done
+            try:
+                await self.spool.flush()
+            except SpoolUnavailable as exc:  # the writer keeps the change and commits it later
+                raise OperationError(f"done on the running node, not yet on disk ({exc}): it"
+                                     " is written once the spool commits again", 503) from None
         if action == "retry" and not dry_run and isinstance(self.spool, PostgresSpool):
             try:
                 await self.spool.request_retry(dataclasses.asdict(sel), lift,
