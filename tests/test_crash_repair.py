@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.harness.sink import Sink
 from postlane.spool.hold import locked
 from tests.conftest import config_text, message, records, send
@@ -139,3 +140,16 @@ async def test_an_answered_hold_survives_a_sigkill(tmp_path):
         await sink.stop()
     ops = [r for r in records(tmp_path) if r["type"] == "o"]
     assert [r["dsnAction"] for r in ops if r["rcpt"] == "held@example.com"] == ["hold"]
+
+
+def test_the_audit_store_commits_to_disk_before_the_spool_lets_the_events_go(tmp_path):
+    """The node trims the spool's events once the store has committed them, so a commit must
+    be on disk when it returns (``synchronous=FULL``): under NORMAL a power loss took the
+    store's last commits back after their events had left the spool, and those records were
+    lost from the store for good."""
+    store = SQLiteAuditStore(tmp_path / "audit.sqlite")
+    try:
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()

@@ -130,9 +130,11 @@ class SQLiteAuditStore(RetentionMixin):
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL: a commit survives a process crash; the accounting file is the
-            # record of truth for the last instants before a power loss.
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk when it returns. The node trims the spool's events
+            # once the store has committed them; under NORMAL a power loss took the last
+            # commits back after their events were gone from the spool, and the records with
+            # them. One fsync per recorder batch, in the recorder process.
+            self.db.execute("PRAGMA synchronous=FULL")
             self._create()
         self.db.row_factory = sqlite3.Row
 
