@@ -153,3 +153,49 @@ def test_the_audit_store_commits_to_disk_before_the_spool_lets_the_events_go(tmp
         assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         store.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the node's recorder, started from a thread)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_verify_names_records_a_torn_store_lost_that_the_files_hold(tmp_path):
+    """The node and its recorder SIGKILLed with every event consumed and trimmed, then the
+    store's last commit torn off (its WAL cut short, as a power loss leaves it): verify says
+    which events the store lost, that the spool has let them go and that the files hold them,
+    rather than only that a recipient has no final record."""
+    sink = await Sink().start()
+    port = _free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port))
+    proc = await _serve(cfg, port, tmp_path / "node.log")
+    try:
+        for i in range(3):
+            await send(port, "s@insurer.test", [f"t{i}@example.com"], message(f"m{i}"))
+        await sink.wait_for(3)
+        await until(lambda: _events(tmp_path) == 0, what="the events consumed and trimmed")
+        for pid in [proc.pid, *_children(proc.pid)]:  # a power loss stops every process
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(proc.wait)
+        await until(lambda: not locked(tmp_path / "acct"), what="the recorder gone")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await sink.stop()
+    wal = tmp_path / "spool" / "audit.sqlite-wal"
+    os.truncate(wal, wal.stat().st_size - 100)
+    res = await asyncio.to_thread(cli, "verify", "-c", str(cfg))
+    assert res.exit_code == 1, res.output
+    assert "of spool writer" in res.output and "are in the accounting files but not in the" \
+        " store, and the spool has let them go" in res.output, res.output
+    assert "..6 of spool writer" in res.output, res.output

@@ -82,14 +82,37 @@ def _pending(spool: SpoolView, cursors: dict[str, int]) -> set[tuple[str, str]]:
     return out
 
 
+def _files_ahead(reader: _Reader, mark: str, result: Completeness, spool: SpoolView,
+                 filed: dict[str, int], highs: dict[str, int]) -> None:
+    """Events the accounting files hold past the store's last one, and that the spool has let
+    go (so they are not on their way): the store lost its last commits (a power loss)."""
+    for writer, n in sorted(filed.items()):
+        have = highs.get(writer, 0)
+        if n <= have:
+            continue
+        nxt = spool.read(writer, have, 1)
+        if nxt and nxt[0][0] == have + 1:
+            continue  # still in the spool: the recorder writes it on
+        again = reader.query("SELECT coalesce(max(ev_n), 0) FROM audit_records WHERE"
+                             f" ev_writer = {mark}", (writer,))[0][0]
+        if again >= n:
+            continue  # committed meanwhile (the node runs)
+        result.fail(f"event(s) {again + 1}..{n} of spool writer {writer} are in the accounting"
+                    " files but not in the store, and the spool has let them go: the store"
+                    " lost its last commits (a power loss?); the files hold their records")
+
+
 def check(reader: _Reader, mark: str, cursors: dict[str, int],
-          spool: SpoolView | None = None) -> Completeness:
+          spool: SpoolView | None = None, filed: dict[str, int] | None = None) -> Completeness:
     """Check the store through ``reader`` (``mark``: its placeholder); ``cursors``: each
-    writer's last event in the store; ``spool``: the node's spool, for the open recipients."""
+    writer's last event in the store; ``spool``: the node's spool, for the open recipients;
+    ``filed``: each writer's last event in the node's accounting files (their position)."""
     result = Completeness()
+    highs: dict[str, int] = {}
     for writer, count, low, high in reader.query(
             "SELECT ev_writer, count(*), min(ev_n), max(ev_n) FROM audit_records"
             " WHERE ev_writer IS NOT NULL GROUP BY ev_writer ORDER BY ev_writer"):
+        highs[writer] = high
         result.writers += 1
         result.checked_events += count
         if low != 1 or count != high - low + 1:
@@ -100,6 +123,8 @@ def check(reader: _Reader, mark: str, cursors: dict[str, int],
             first, last = (1, low - 1) if low != 1 else (gap[0][0] + 1, gap[0][1] - 1)
             result.fail(f"event(s) {first}..{last} of spool writer {writer} are missing:"
                         " the records made from them never reached the store")
+    if filed and spool is not None:
+        _files_ahead(reader, mark, result, spool, filed, highs)
     rows = reader.query(
         "SELECT queue_id, lower(rcpt), min(seq),"
         " sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END),"

@@ -259,9 +259,10 @@ class PostgresAuditStore(RetentionMixin):
         """(hash, day, records of that day up to it) of record ``seq``, for seal checks."""
         return row_at(self, "%s", seq)
 
-    def completeness(self, spool: SpoolView | None = None) -> Completeness:
+    def completeness(self, spool: SpoolView | None = None,
+                     filed: dict[str, int] | None = None) -> Completeness:
         """See ``completeness.check``."""
-        return check(self, "%s", self.feed_cursors(), spool)
+        return check(self, "%s", self.feed_cursors(), spool, filed)
 
     def append(self, batch: Sequence[Entry]) -> int:
         """Chain and insert records (with their class SLA) in one transaction, after whatever

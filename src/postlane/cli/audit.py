@@ -154,7 +154,7 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
         # without --db the store is the config's (_open refused neither being given)
         spool = _spool_view(config) if db is None and config is not None else None
         try:
-            complete = store.completeness(spool)
+            complete = store.completeness(spool, _filed(config) if spool is not None else None)
         finally:
             if spool is not None:
                 spool.close()
@@ -271,6 +271,22 @@ def seal(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
                    + (", time-stamped" if m.tsa else ""))
     if not made:
         typer.echo("nothing to seal")
+
+
+def _filed(config: Path | None) -> dict[str, int] | None:
+    """Each spool writer's last event in the node's accounting files (their position file),
+    to find records the store lost that the files hold."""
+    from ..accounting.log import POSITION_FILE
+    from . import _load
+
+    if config is None:
+        return None
+    acc = _load(config).accounting
+    try:
+        feed = json.loads((Path(acc.directory) / f"acct{POSITION_FILE}").read_bytes())["feed"]
+        return {str(w): int(n) for w, n in feed.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _spool_view(config: Path):
