@@ -310,7 +310,10 @@ def test_a_file_shorter_than_its_sync_is_cut_to_a_whole_record_and_names_the_los
     again = AccountingLog(tmp_path, formats=("csv", "jsonl"), clock=FakeClock())
     assert again.lost == {"w1": (3, 4)}
     assert again.feed == {"w1": 2, "w2": 7}
-    again.close()
+    again.close()  # a crash before the recorder wrote them again: the position still says so
+    third = AccountingLog(tmp_path, formats=("csv", "jsonl"), clock=FakeClock())
+    assert third.lost == {"w1": (3, 4)} and third.feed == {"w1": 2, "w2": 7}
+    third.close()
     assert [r["queueId"] for r in read_csv(paths["csv"])] == ["Q000001", "Q000002", "Q000003"]
     assert [json.loads(line)["queueId"] for line in paths["jsonl"].read_text().splitlines()] \
         == ["Q000001", "Q000002", "Q000003"]
@@ -366,3 +369,41 @@ def test_a_full_disk_then_a_torn_tail_still_leaves_each_record_once(small_fs) ->
     files = sorted(fs.path.glob("acct-*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
     assert [json.loads(line)["queueId"] for p in files
             for line in p.read_text().splitlines()] == expected
+
+
+def test_lost_events_stay_in_the_position_when_writing_them_again_fails(small_fs) -> None:
+    """A torn tail names events to write again; the recorder takes them out of ``lost`` as it
+    writes them. If that write fails (the disk full), the files go back to their last sync and
+    ``lost`` with them: the position still names the events, and neither this process's retry
+    nor a restart forgets them."""
+    fs = small_fs("acct", "1m")
+    log = AccountingLog(fs.path, formats=("csv", "jsonl"), clock=FakeClock())
+    log.write_events("w1", [(n, make_record(n)) for n in range(1, 11)])
+    log.sync({"w1": 10})
+    paths = dict(log.current_paths)
+    log.close()
+    for path in paths.values():  # a power loss tears the last synced record
+        os.truncate(path, path.stat().st_size - 5)
+    again = AccountingLog(fs.path, formats=("csv", "jsonl"), clock=FakeClock())
+    assert again.lost == {"w1": (10, 10)}
+    fs.fill()
+    again.lost.pop("w1")  # the recorder writes it again (from the audit store) ...
+    again.write_events("w1", [(10, make_record(10))])
+    with pytest.raises(OSError):
+        again.sync({"w1": 10})
+    assert again.lost == {"w1": (10, 10)}  # ... and the failed write puts it back
+    assert again.feed == {"w1": 9}
+    again.close()
+    fs.free()
+    third = AccountingLog(fs.path, formats=("csv", "jsonl"), clock=FakeClock())
+    assert third.lost == {"w1": (10, 10)} and third.feed == {"w1": 9}
+    third.lost.pop("w1")
+    third.write_events("w1", [(10, make_record(10))])
+    third.sync({"w1": 10})
+    third.close()
+    fourth = AccountingLog(fs.path, formats=("csv", "jsonl"), clock=FakeClock())
+    assert fourth.lost == {}
+    fourth.close()
+    expected = [f"Q{n:06d}" for n in range(1, 11)]
+    files = sorted(fs.path.glob("acct-*.csv"), key=lambda p: p.stat().st_mtime_ns)
+    assert [r["queueId"] for p in files for r in read_csv(p)] == expected

@@ -116,8 +116,10 @@ class AccountingLog:
         self._synced_records = 0
         """``_runs`` and ``_records`` as of the last sync: what the position file names."""
         self.lost: dict[str, tuple[int, int]] = {}
-        """Found at open: per spool writer, the first and last event whose lines a file
-        shorter than its position lost (the recorder writes them again)."""
+        """Per spool writer, the first and last event whose lines a file shorter than its
+        position lost: kept in the position until the recorder has written them again (and
+        taken them out of here); a failed write puts back what the last sync had."""
+        self._synced_lost: dict[str, tuple[int, int]] = {}
         # csv writes into a reusable in-memory buffer so the exact encoded size is known.
         self._csv_buf = io.StringIO()
         self._csv = csv.writer(self._csv_buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
@@ -285,6 +287,8 @@ class AccountingLog:
         # naming the dropped ones would misname the lines a later torn tail loses
         self._runs = [list(run) for run in self._synced_runs]
         self._records = self._synced_records
+        # and the lost events: the recorder took out those it wrote again, and they are not
+        self.lost = dict(self._synced_lost)
 
     def _rotate_locked(self) -> None:
         """New files first, then the position naming them, then the old files closed: a crash
@@ -321,7 +325,7 @@ class AccountingLog:
         data = json.dumps({"files": {fmt: [str(p), sizes[fmt]]
                                      for fmt, p in self.current_paths.items()},
                            "feed": dict(feed), "records": self._records,
-                           "runs": self._runs}).encode()
+                           "runs": self._runs, "lost": self.lost}).encode()
         path = self._position_path()
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
@@ -334,6 +338,7 @@ class AccountingLog:
         self._synced = dict(sizes)
         self._synced_runs = [list(run) for run in self._runs]
         self._synced_records = self._records
+        self._synced_lost = dict(self.lost)
         with contextlib.suppress(OSError):  # the rename is done: a lost one is the old position
             self._fsync_directory()
 
@@ -351,6 +356,7 @@ class AccountingLog:
                       " sync may appear twice in the files", path)
             return 0
         self.feed = {str(w): int(n) for w, n in saved.get("feed", {}).items()}
+        self.lost = {str(w): (int(a), int(b)) for w, (a, b) in saved.get("lost", {}).items()}
         self._repair_torn(saved)
         cut = 0
         for name, size in saved.get("files", {}).values():

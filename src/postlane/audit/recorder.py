@@ -300,17 +300,31 @@ class _Feed:
         self._files_delay = 0.5
         self._adopted: dict[str, int] = {}
         """Where adopted writers' files got to (their own recorder's published position)."""
-        for writer, (first, last) in self.files.lost.items():
-            self._write_again(writer, first, last)
+        lost = dict(self.files.lost)
+        self._write_lost()
+        # this recorder's files had them: the position published in a cluster (from before
+        # the loss) must not skip the lines being written again
+        self._known.update(lost)
 
-    def _write_again(self, writer: str, first: int, last: int) -> None:
+    def _write_lost(self) -> bool:
+        """Write again the events ``files.lost`` names: at the start, and after a failed write
+        (the disk full) put them back with the files' last sync. False if the files cannot be
+        written now (tried again at a later ``pump``, before any other event of theirs)."""
+        for writer, (first, last) in list(self.files.lost.items()):
+            if not self._write_again(writer, first, last):
+                return False
+        return True
+
+    def _write_again(self, writer: str, first: int, last: int) -> bool:
         """Write again the lines of events ``first..last`` a torn file lost: from the spool
         if it still has them (the next ``pump`` does), else from the audit store."""
         rows = self.outbox.read(writer, first - 1, 1)
         if rows and rows[0][0] == first:
             log.warning("accounting files: events %s#%d..%d written again from the spool",
                         writer, first, last)
-            return
+            self.filed[writer] = first - 1
+            self.files.lost.pop(writer)
+            return True
         found = self.store.records_of(writer, first, last) if self.store is not None else []
         done = first - 1
         for n, _ in found:
@@ -320,17 +334,22 @@ class _Feed:
         if done >= first:
             try:
                 self.files.write_events(writer, found[:done - first + 1])
-            except OSError as exc:  # the disk full: the files are back at their last sync
-                self._files_failed(exc)
-                return
+            except OSError as exc:  # the disk full: the files are back at their last sync,
+                self._files_failed(exc)  # and ``files.lost`` with them
+                return False
             self.filed[writer] = done
             self.dirty = True
-        if done == last:
-            log.warning("accounting files: events %s#%d..%d written again from the audit store",
-                        writer, first, last)
+        rest = self.outbox.read(writer, done, 1) if done < last else []
+        if done == last or (rest and rest[0][0] == done + 1):  # the spool has the rest
+            log.warning("accounting files: events %s#%d..%d written again from the audit store"
+                        "%s", writer, first, done, " and the spool" if done < last else "")
         else:
             log.error("accounting files: the lines of events %s#%d..%d are lost (neither the"
                       " spool nor the audit store has them)", writer, done + 1, last)
+            self.filed[writer] = last
+            self.dirty = True
+        self.files.lost.pop(writer)  # the next sync's position says so
+        return True
 
     def pump(self) -> int:
         """Feed what the outbox holds beyond each cursor (one batch per writer and consumer);
@@ -340,6 +359,8 @@ class _Feed:
         now = time.monotonic()
         files_due = now >= self._files_retry
         store_due = self.store is not None and now >= self._store_retry
+        if files_due and self.files.lost and not self._write_lost():
+            files_due = False
         for writer in self.outbox.writers():
             if writer not in self._known:  # adopted from a node that is gone: go on from
                 self._known.add(writer)    # where its own recorder's files got to
