@@ -305,3 +305,17 @@ def test_postgres_retention_runs_on_one_node_at_a_time(pg_schema):
         assert store.verify().ok
     finally:
         store.close()
+
+
+def test_records_of_spool_events_come_back_in_event_order(audit_backend):
+    """What the accounting files write again when a torn file lost lines (``records_of``)."""
+    recs = message(7)
+    store = audit_backend.open()
+    try:
+        store.append([(r, 120.0, "node-a/1", n) for n, r in enumerate(recs, 1)]
+                     + [(message(8)[0], 120.0, "node-b/1", 1)])
+        got = store.records_of("node-a/1", 2, 9)
+    finally:
+        store.close()
+    assert [n for n, _ in got] == [2, 3]
+    assert got == [(2, recs[1]), (3, recs[2])]
