@@ -5,8 +5,11 @@ tells the operator once, and it recovers without a restart."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import smtplib
+import sqlite3
 from collections import Counter
 
 import pytest
@@ -114,3 +117,46 @@ async def test_the_api_says_503_while_the_spool_cannot_commit(tmp_path, small_fs
         assert "spool" in paused.json()["error"]
         spool.free()
         assert (await api.post("/api/v1/pools/bulk/pause")).status_code == 200
+
+
+def _spool_events(tmp_path) -> int:
+    db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    try:
+        return db.execute("SELECT count(*) FROM events").fetchone()[0]
+    finally:
+        db.close()
+
+
+async def test_torn_lines_written_again_on_a_full_disk_are_written_once_space_returns(
+        tmp_path, small_fs, sink, make_node):
+    """A power loss tore the accounting files' synced tail, and the disk is full at the
+    restart: the lost records (the spool has let their events go) cannot be written again from
+    the audit store. The files go back to their last sync, the position still names the lost
+    events, and once there is room every record is in the files once (the failed write had
+    taken them out of the list to write again, and they were never written)."""
+    acct = small_fs("acct", "16m")
+    cfg = config_text(tmp_path, sink.port, NO_FLOOR)
+    node = await make_node(cfg)
+    port = node.listeners[0].port
+    for i in range(20):
+        await send(port, "s@insurer.test", [f"t{i}@example.com"], message(f"m{i}"))
+    await sink.wait_for(20)
+    await node.flush_evidence()
+    await until(lambda: _spool_events(tmp_path) == 0, what="the events consumed and trimmed")
+    await node.stop()
+    position = acct.path / "acct.position.json"
+    for name, _ in json.loads(position.read_text())["files"].values():
+        os.truncate(name, os.path.getsize(name) // 2)  # half the synced records gone
+    acct.fill()
+    with open(acct.path / "ballast", "r+b") as fh:  # room for the new files and their
+        fh.truncate(fh.seek(0, 2) - 2 * 4096)      # position, not for the lost lines
+    node = await make_node(cfg)
+    await until(lambda: "accounting" in node.health.active, what="the write again failed")
+    assert json.loads(position.read_text())["lost"], "the lost events left the position"
+    acct.free()
+    await until(lambda: "accounting" not in node.health.active, timeout=60,
+                what="the lost lines written once there is room")
+    await node.flush_evidence()
+    lines = Counter((r["type"], r["rcpt"]) for r in records(tmp_path))
+    assert lines == Counter({(t, f"t{i}@example.com"): 1 for i in range(20) for t in "rd"})
+    assert not json.loads(position.read_text())["lost"]
