@@ -255,14 +255,29 @@ class Hosts:
         return self._failed()
 
     async def lost(self, exc: SessionLost) -> SMTPConnection | Failed:
-        """The open session failed (``exc``): close it and go on to the next host."""
+        """The open session failed (``exc``): close it and go on to the next host.
+
+        A session that had delivered before it was lost is reopened to the same host first:
+        the server is up and took our mail; it ended the session, as Exim does after
+        ``smtp_accept_max_per_connection`` MAIL commands (421) or as an idle timeout racing
+        our next MAIL does (a close). The batch waited for its class's retry (15 minutes for
+        marketing) with a deferral on its record. Each reopening needs a session that
+        delivered, so it cannot loop; a reopened session lost before delivering is counted and
+        moved on from as any other."""
         conn, plan = self.conn, self._current
         assert conn is not None and plan is not None
         log.debug("session %s [%s] lost: %s", conn.server_name, conn.peer_ip, exc)
-        self._sessions += 1
-        self._delivered = self._delivered or conn.messages_sent > 0
         self._last = plan, exc.error
         await conn.quit()  # closed before the next is opened: one connection per slot
+        if conn.messages_sent > 0:
+            self._delivered = True
+            relay = self._relay
+            try:
+                self.conn = await relay.tls.connect(plan, self._slot, relay.timeouts)
+                return self.conn
+            except SMTPError as again:
+                self._last = plan, again
+        self._sessions += 1
         return await self.next()
 
     def _failed(self) -> Failed:
