@@ -146,7 +146,14 @@ class Relay:
     async def transact(self, conn: SMTPConnection, batch: list[Recipient],
                        info: dict[str, str]) -> list[Outcome]:
         """Send one message to the recipients of ``batch`` (all of one message) and return
-        one outcome per recipient, in the batch's order."""
+        one outcome per recipient, in the batch's order.
+
+        Recipients refused with 452 4.5.3 "too many recipients" by a transaction that took
+        others go at once in the next transaction on the same connection (RFC 5321
+        4.5.3.1.10), as long as each transaction takes some: a server's recipient limit
+        (Postfix's ``smtpd_recipient_limit``) is no reason to defer them to the class's
+        retry. A session lost in a follow-up defers only its own recipients; those delivered
+        before stay delivered."""
         msg = batch[0].msg
         try:
             body = await self.spool.load_body(msg.id)
@@ -154,6 +161,27 @@ class Relay:
             log.error("body of %s missing from the spool", msg.id)
             return [Outcome(DEFERRED, "451 4.3.0 message body missing from spool", "4.3.0")
                     ] * len(batch)
+        outcomes = await self._transact_once(conn, batch, info, body)
+        pending = list(range(len(batch)))
+        latest = outcomes
+        while conn.usable:
+            over = [i for i, out in zip(pending, latest, strict=True) if _too_many(out)]
+            if not over or len(over) == len(pending):  # none left, or none taken: stop
+                break
+            pending = over
+            try:
+                latest = await self._transact_once(conn, [batch[i] for i in pending], info, body)
+            except SessionLost as lost:
+                reply = f"451 4.4.2 {lost}"
+                latest = [Outcome(DEFERRED, reply, "4.4.2")] * len(pending)
+            for i, out in zip(pending, latest, strict=True):
+                outcomes[i] = out
+        return outcomes
+
+    async def _transact_once(self, conn: SMTPConnection, batch: list[Recipient],
+                             info: dict[str, str], body: bytes) -> list[Outcome]:
+        """One SMTP transaction of ``body`` to the recipients of ``batch``."""
+        msg = batch[0].msg
         params = []
         if msg.envid:
             params.append(f"ENVID={msg.envid}")
@@ -205,6 +233,12 @@ class Relay:
         # MAIL refused before any RCPT was answered
         out += [Outcome.of(tx.mail_reply)] * (len(batch) - len(out))
         return out
+
+
+def _too_many(out: Outcome) -> bool:
+    """A 452 to RCPT for the server's recipient limit (4.5.3, or its words without a code)."""
+    return out.kind == DEFERRED and out.reply.startswith("452") and (
+        out.status == "4.5.3" or "too many recipients" in out.reply.lower())
 
 
 class Hosts:
