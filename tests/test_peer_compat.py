@@ -84,8 +84,11 @@ async def test_session_ended_after_n_messages_is_reopened_not_deferred(tmp_path,
 
 
 class _RcptCappedSMTP(SMTP):
-    """A receiver that takes 2 recipients per transaction and answers 452 4.5.3 to the rest,
-    as Postfix does past ``smtpd_recipient_limit`` (RFC 5321 4.5.3.1.10)."""
+    """A receiver that takes 2 recipients per transaction and answers ``reply`` to the rest:
+    452 4.5.3 as Postfix does past ``smtpd_recipient_limit`` (RFC 5321 4.5.3.1.10), or 552 as
+    RFC 821 had it."""
+
+    reply = "452 4.5.3 Error: too many recipients"
 
     def __init__(self, handler: _Handler, **kwargs: object) -> None:
         super().__init__(handler, **kwargs)  # type: ignore[arg-type]
@@ -94,20 +97,24 @@ class _RcptCappedSMTP(SMTP):
 
     async def smtp_RCPT(self, arg: str) -> None:
         if self.envelope is not None and len(self.envelope.rcpt_tos) >= 2:
-            await self.push("452 4.5.3 Error: too many recipients")
+            await self.push(self.reply)
             return
         await super().smtp_RCPT(arg)
 
 
-async def test_too_many_recipients_go_in_the_next_transaction(tmp_path, make_node):
+@pytest.mark.parametrize("reply", ["452 4.5.3 Error: too many recipients",
+                                   "552 Too many recipients"])
+async def test_too_many_recipients_go_in_the_next_transaction(tmp_path, make_node, reply):
     """452 4.5.3 "too many recipients" to some RCPTs of a transaction that took others: the
     rest are sent at once in further transactions on the same connection, as RFC 5321
-    4.5.3.1.10 asks of a client. Before, they were deferred to the class's retry (a ``t``
-    record each; 15 minutes for marketing) though the server was willing."""
+    4.5.3.1.10 asks of a client, which is to read RFC 821's 552 for it as temporary too.
+    Before, they were deferred to the class's retry (a ``t`` record each; 15 minutes for
+    marketing) though the server was willing, and a 552 bounced them."""
     handler = _Handler()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: _RcptCappedSMTP(handler, decode_data=False), "127.0.0.1", 0)
+    capped = type("Capped", (_RcptCappedSMTP,), {"reply": reply})
+    server = await loop.create_server(lambda: capped(handler, decode_data=False),
+                                      "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         node = await make_node(config_text(tmp_path, port))

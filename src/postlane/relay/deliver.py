@@ -229,15 +229,24 @@ class Relay:
                 final = tx.mail_reply
             elif rreply.is_ok:
                 final = tx.data_reply or Reply(451, "4.4.2 no data reply", "4.4.2")
-            out.append(Outcome.of(final))
+            out.append(_outcome(final))
         # MAIL refused before any RCPT was answered
-        out += [Outcome.of(tx.mail_reply)] * (len(batch) - len(out))
+        out += [_outcome(tx.mail_reply)] * (len(batch) - len(out))
         return out
 
 
+def _outcome(reply: Reply) -> Outcome:
+    """``Outcome.of``, reading RFC 821's 552 "too many recipients" as the 452 it is (RFC 5321
+    4.5.3.1.10: clients should treat it as temporary): never a bounce."""
+    if reply.code == 552 and "too many recipients" in reply.text.lower():
+        return Outcome(DEFERRED, str(reply), "4.5.3")
+    return Outcome.of(reply)
+
+
 def _too_many(out: Outcome) -> bool:
-    """A 452 to RCPT for the server's recipient limit (4.5.3, or its words without a code)."""
-    return out.kind == DEFERRED and out.reply.startswith("452") and (
+    """A refusal for the server's recipient limit: 452 (4.5.3, or its words without a code),
+    or RFC 821's 552 (``_outcome``)."""
+    return out.kind == DEFERRED and out.reply[:3] in ("452", "552") and (
         out.status == "4.5.3" or "too many recipients" in out.reply.lower())
 
 
