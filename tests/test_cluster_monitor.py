@@ -257,6 +257,72 @@ async def test_a_backlog_alerts_once_for_the_cluster_and_resolves_once_after_its
     assert sorted(j["event"] for j in journal) == ["fired", "resolved"]
 
 
+async def test_an_alert_whose_page_failed_is_paged_by_the_node_taking_over(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """The evaluator stored an alert as fired, its pager refused, and it died: the node that
+    took over kept the alert active and never paged it (an outage nobody was told of). Every
+    event is now marked told once delivered; the next evaluator tells what was not."""
+    sink.delay = 1.0
+    hook = FixtureHTTP()
+    up = False
+    paged: list[dict] = []
+    refused: list[dict] = []
+
+    def page(_query: dict, body: bytes, _headers: dict) -> tuple[int, str, bytes]:
+        (paged if up else refused).append(json.loads(body))
+        return (200 if up else 503), "application/json", b"{}"
+
+    hook.json("POST", "/hook", page)
+    slow = SLOW.replace("[monitor]\n", f'[monitor]\nwebhook_url = "{hook.url}/hook"\n'
+                        'webhook_retries = 0\nwebhook_backoff = "0.2s"\n')
+
+    def text(name: str) -> str:
+        return cluster_text(tmp_path, sink.port, pg_schema, name, slow, max_out=1).replace(
+            'sla = "2m"', 'sla = "10s"')
+
+    nodes = {name: Served(tmp_path, name, text(name)) for name in ("node-a", "node-b")}
+    try:
+        ports = [await node.port() for node in nodes.values()]
+        await asyncio.to_thread(send_many, ports[0], [f"s{i:02d}" for i in range(40)],
+                                "policy-documents")
+
+        async def fired_not_told() -> dict | None:
+            alerts = await nodes["node-b"].api("/api/v1/alerts")
+            return alerts["active"][0] if alerts["active"] and refused else None
+
+        alert = await eventually(fired_not_told)
+        assert alert["id"] == "predicted-breach:policy-documents"
+        evaluator = (await nodes["node-a"].api("/api/v1/sla"))["evaluated_by"]
+        assert {r["node"] for r in refused} == {evaluator}
+        survivor = nodes["node-b" if evaluator == "node-a" else "node-a"]
+        nodes[evaluator].proc.kill()
+        nodes[evaluator].proc.wait(10)
+        up = True  # the pager is back
+
+        async def told() -> dict | None:
+            alerts = await survivor.api("/api/v1/alerts")
+            return alerts["active"][0] if paged and alerts["active"] and alerts["active"][0].get(
+                "notified") == ["fired"] else None
+
+        again = await eventually(told)
+        assert again["fired_at"] == alert["fired_at"], "the same alert, not a new one"
+        assert [(p["event"], p["node"]) for p in paged] == [("fired", survivor.name)], paged
+        sink.delay = 0.0
+
+        async def resolved() -> dict | None:
+            alerts = await survivor.api("/api/v1/alerts")
+            done = alerts["resolved"][0] if alerts["resolved"] else None
+            return done if done and done.get("notified") == ["fired", "resolved"] else None
+
+        await eventually(resolved, timeout=120)
+    finally:
+        for node in nodes.values():
+            await asyncio.to_thread(node.stop)
+        hook.stop()
+    assert [(p["event"], p["alert"]["id"]) for p in paged] == [
+        ("fired", alert["id"]), ("resolved", alert["id"])], paged
+
+
 def story(node: Served, kind: str) -> list[str]:
     return [r["event"] for r in node.lines() if r.get("degraded") == kind]
 

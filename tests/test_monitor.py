@@ -12,7 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from postlane.accounting.records import Record
-from postlane.monitor.alerts import Alert, mail_notifier, webhook_notifier
+from postlane.monitor.alerts import (
+    Alert,
+    AlertManager,
+    Undelivered,
+    log_notifier,
+    mail_notifier,
+    webhook_notifier,
+)
 from postlane.monitor.latency import Series
 from postlane.monitor.tracker import Tracker
 from postlane.policy.intake import RcptIn
@@ -267,12 +274,43 @@ async def test_webhook_retries_until_accepted(hook_server):
     assert body["alert"]["class"] == "claims" and body["alert"]["state"] == "active"
 
 
-async def test_webhook_gives_up_after_its_retries(hook_server, caplog):
+async def test_webhook_says_so_after_its_retries(hook_server, caplog):
     url, handler = hook_server(fail_first=100)
     notify = webhook_notifier(url, "node-1", retries=2, backoff=0.01, timeout=5)
-    await notify("resolved", _alert())
+    with pytest.raises(Undelivered, match="HTTP 500"):
+        await notify("resolved", _alert())
     assert len(handler.bodies) == 3
-    assert "alert webhook gave up" in caplog.text
+    assert "alert webhook failed after its retries" in caplog.text
+
+
+async def test_a_refused_page_is_tried_again_until_it_gets_through(hook_server, tmp_path):
+    """The webhook notifier gave up after ``webhook_retries`` and the event was never told:
+    a pager down for a minute lost the page. Now the alert manager tries the failed notifier
+    again, with backoff, until it takes the event, and only then marks it told - the other
+    notifiers are told once."""
+    url, handler = hook_server(fail_first=5)
+    logged: list[str] = []
+
+    async def log_once(event: str, alert: Alert) -> None:
+        logged.append(event)
+        await log_notifier(event, alert)
+
+    manager = AlertManager([log_once, webhook_notifier(url, "node-1", retries=0, backoff=0.01,
+                                                       timeout=5)],
+                           resolve_after=0.0, journal=tmp_path / "alerts.jsonl",
+                           retry_backoff=0.01)
+    told: list[tuple[str, str]] = []
+
+    async def record(event: str, alert: Alert) -> None:
+        told.append((event, alert.id))
+
+    manager.told = record
+    alert = _alert()
+    manager.emit("fired", alert)
+    await until(lambda: alert.notified == ["fired"], timeout=30, what="the page through")
+    assert len(handler.bodies) == 6, "five refusals, then taken"
+    assert logged == ["fired"] and told == [("fired", alert.id)]
+    await manager.close()
 
 
 async def test_restart_counts_resumed_messages(tmp_path, sink, make_node):

@@ -3,6 +3,10 @@
 Every fire and resolve is appended to ``alerts.jsonl`` beside the accounting files (the audit
 trail of what operators were told, and when) and handed to each notifier: the log, a webhook, and
 an e-mail to the operations address sent through the node's own highest-priority class.
+
+Telling is at least once: each notifier is retried with backoff until it succeeds, and only then
+is the event marked told on the alert (``notified``; in a cluster also in the ``alerts`` table),
+so whichever node evaluates next tells again what its predecessor stored but never told.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -50,6 +54,13 @@ class Alert:
     fired_at: float
     last_seen: float
     resolved_at: float | None = None
+    notified: list[str] = field(default_factory=list)
+    """The events ("fired", "resolved") every notifier has been told of."""
+
+    def pending(self) -> list[str]:
+        """The events decided but not yet told, in order."""
+        events = ["fired"] if self.resolved_at is None else ["fired", "resolved"]
+        return [e for e in events if e not in self.notified]
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -59,18 +70,33 @@ class Alert:
 
 
 Notifier = Callable[[str, Alert], Coroutine[Any, Any, None]]
-"""Called with ("fired" | "resolved", alert); may take its time (runs as its own task)."""
+"""Called with ("fired" | "resolved", alert); may take its time (runs as its own task). Raises
+when the event did not get through: it is called again later."""
+
+Told = Callable[[str, Alert], Awaitable[None]]
+"""Records that every notifier has been told ``event`` of ``alert`` (the cluster's store)."""
+
+RETRY_MAX = 600.0
+"""The longest wait between two tries of a notifier that keeps failing."""
+
+
+class Undelivered(Exception):
+    """A notifier could not tell its event (for now)."""
 
 
 class AlertManager:
     def __init__(self, notifiers: list[Notifier], resolve_after: float,
-                 journal: Path | None = None) -> None:
+                 journal: Path | None = None, retry_backoff: float = 2.0) -> None:
         self.notifiers = notifiers
         self.resolve_after = resolve_after
         self.journal = journal
+        self.retry_backoff = retry_backoff
+        """First wait before a failed notifier is tried again (doubled up to ``RETRY_MAX``)."""
+        self.told: Told | None = None
         self.active: dict[str, Alert] = {}
         self.history: deque[Alert] = deque(maxlen=200)
         self._tasks: set[asyncio.Task] = set()
+        self._telling: dict[tuple[str, float], asyncio.Task] = {}
 
     def update(self, conditions: list[Condition], now: float) -> list[tuple[str, Alert]]:
         """Fire new conditions, refresh held ones, resolve those clear for ``resolve_after``.
@@ -98,7 +124,7 @@ class AlertManager:
         return events
 
     def emit(self, event: str, alert: Alert) -> None:
-        """Journal the event and hand it to every notifier."""
+        """Journal the event and have every notifier told of it (at least once)."""
         if self.journal is not None:
             line = json.dumps({"event": event, "at": time.time(), **alert.as_dict()}) + "\n"
             fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
@@ -106,14 +132,57 @@ class AlertManager:
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
-        loop = asyncio.get_running_loop()
-        for notify in self.notifiers:
-            task = loop.create_task(notify(event, alert))
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+        self._tell(alert)
+
+    def resend(self) -> None:
+        """Tell what the alerts (adopted from a store) say was decided but never told."""
+        for alert in [*self.active.values(), *self.history]:
+            for event in alert.pending():
+                log.warning("alert event not told yet: telling it now",
+                            extra={"alert": alert.id, "event": event})
+                self.emit(event, alert)
+
+    def _tell(self, alert: Alert) -> None:
+        key = (alert.id, alert.fired_at)
+        task = self._telling.get(key)
+        if task is not None and not task.done():
+            return  # it tells what is pending when it gets there, in order
+        task = asyncio.get_running_loop().create_task(self._telling_task(alert))
+        self._telling[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    async def _telling_task(self, alert: Alert) -> None:
+        while pending := alert.pending():
+            event = pending[0]
+            for notify in self.notifiers:
+                tries = 0
+                while True:
+                    try:
+                        await notify(event, alert)
+                        break
+                    except Exception as exc:  # told again later, whatever failed
+                        delay = min(self.retry_backoff * 2 ** tries, RETRY_MAX)
+                        tries += 1
+                        log.warning("alert notification failed, trying again later",
+                                    extra={"alert": alert.id, "event": event,
+                                           "problem": f"{type(exc).__name__}: {exc}",
+                                           "retry_in_s": round(delay, 1), "tries": tries})
+                        await asyncio.sleep(delay)
+            if self.told is not None:
+                try:
+                    await self.told(event, alert)
+                except Exception as exc:  # told all the same; the next evaluator may retell
+                    log.warning("could not record an alert event as told",
+                                extra={"alert": alert.id, "event": event,
+                                       "problem": f"{type(exc).__name__}: {exc}"})
+            alert.notified.append(event)
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        for key, t in list(self._telling.items()):
+            if t is task:
+                del self._telling[key]
         if not task.cancelled() and task.exception() is not None:
             log.error("alert notifier failed", exc_info=task.exception())
 
@@ -151,7 +220,9 @@ def webhook_notifier(url: str, node: str, retries: int, backoff: float,
                     log.warning("alert webhook failed, retrying",
                                 extra={"problem": problem, "attempt": attempt + 1})
                     await asyncio.sleep(backoff * 2 ** attempt)
-        log.error("alert webhook gave up", extra={"problem": problem, "alert": alert.id})
+        log.error("alert webhook failed after its retries", extra={"problem": problem,
+                                                                   "alert": alert.id})
+        raise Undelivered(problem)
 
     return notify
 

@@ -12,7 +12,9 @@ Instead:
   horizon), merges every node's slices into one set of latency
   windows and drain rates, runs the SLA rules, keeps the alerts in the ``alerts`` table (so the
   next evaluator adopts them: nothing fires twice, nothing stays stuck) and writes the figures
-  to ``monitor_state``; only then does it tell the alert's notifiers;
+  to ``monitor_state``; only then does it tell the alert's notifiers, and once every notifier
+  took an event it marks the alert's row ``notified`` (so an evaluator that dies before its
+  page got through leaves the event to the next one: told at least once);
 * the other nodes read that row: ``status``, the API, the dashboard and /metrics show the same
   figures on every node. When the evaluator dies its session closes, its lock with it, and the
   next node to try (every node tries once a ``monitor.evaluate_every``) takes over.
@@ -222,6 +224,8 @@ class ClusterMonitor:
                 "SELECT * FROM alerts WHERE resolved_at IS NOT NULL"
                 " ORDER BY resolved_at DESC LIMIT $1", HISTORY)):
             alerts.history.append(_alert(row))
+        alerts.told = self._told
+        alerts.resend()  # what the last evaluator stored but did not get through
         raw = await self._conn.fetchval("SELECT figures FROM monitor_state WHERE id = 1")
         if raw is not None:  # how long each pool has been busy: the rates' time base
             for name, pool in json.loads(raw)["pools"].items():
@@ -258,10 +262,13 @@ class ClusterMonitor:
         stored += [_row(a) for event, a in events if event == "resolved"]
         async with conn.transaction():
             await conn.executemany(
-                "INSERT INTO alerts VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                "INSERT INTO alerts (id, fired_at, rule, cls, pool, message, value, threshold,"
+                " last_seen, resolved_at, notified)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
                 " ON CONFLICT (id, fired_at) DO UPDATE SET message = excluded.message,"
                 " value = excluded.value, last_seen = excluded.last_seen,"
-                " resolved_at = excluded.resolved_at", stored)
+                " resolved_at = excluded.resolved_at, notified = ARRAY(SELECT DISTINCT e FROM"
+                " unnest(coalesce(alerts.notified, '{}') || excluded.notified) AS e)", stored)
             await conn.execute(
                 "INSERT INTO monitor_state VALUES (1, $1, $2, $3) ON CONFLICT (id) DO UPDATE"
                 " SET leader = $1, at = $2, figures = $3", self.name, now, json.dumps(figures))
@@ -276,6 +283,14 @@ class ClusterMonitor:
         for event, alert in events:  # stored by the lock holder: told once for the cluster
             alerts.emit(event, alert)
         self.figures = figures
+
+    async def _told(self, event: str, alert: Alert) -> None:
+        """Every notifier took ``event``: the next evaluator must not tell it again."""
+        async with self.spool.acquire() as conn:
+            await conn.execute(
+                "UPDATE alerts SET notified = array_append(coalesce(notified, '{}'), $3)"
+                " WHERE id = $1 AND fired_at = $2 AND NOT $3 = ANY(coalesce(notified, '{}'))",
+                alert.id, alert.fired_at, event)
 
     async def _read_queue(self, conn: asyncpg.Connection, now: float) -> Queue:
         async with conn.transaction():
@@ -410,10 +425,15 @@ class ClusterMonitor:
 
 
 def _alert(row: asyncpg.Record) -> Alert:
-    return Alert(row["id"], row["rule"], row["cls"], row["pool"], row["message"], row["value"],
-                 row["threshold"], row["fired_at"], row["last_seen"], row["resolved_at"])
+    alert = Alert(row["id"], row["rule"], row["cls"], row["pool"], row["message"], row["value"],
+                  row["threshold"], row["fired_at"], row["last_seen"], row["resolved_at"])
+    # NULL: stored by a Postlane that told each event as it stored it
+    alert.notified = list(row["notified"]) if row["notified"] is not None else [
+        e for e in ("fired", "resolved") if e == "fired" or alert.resolved_at is not None]
+    return alert
 
 
 def _row(alert: Alert) -> tuple:
     return (alert.id, alert.fired_at, alert.rule, alert.cls, alert.pool, alert.message,
-            alert.value, alert.threshold, alert.last_seen, alert.resolved_at)
+            alert.value, alert.threshold, alert.last_seen, alert.resolved_at,
+            list(alert.notified))

@@ -101,7 +101,8 @@ class Monitor:
             notifiers.append(mail_notifier(self._submit_alert_mail, self.config.node.name,
                                            mon.ops_from, mon.ops_address, cluster))
         journal = Path(self.config.accounting.directory) / "alerts.jsonl"
-        self.alerts = AlertManager(notifiers, mon.resolve_after, journal)
+        self.alerts = AlertManager(notifiers, mon.resolve_after, journal,
+                                   retry_backoff=mon.webhook_backoff)
         self.metrics = Metrics(self)
         self.loop_watch = LoopWatch(self.metrics.registry)
         """How late the event loop runs (``postlane_event_loop_lag_seconds``)."""

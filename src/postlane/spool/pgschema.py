@@ -96,6 +96,9 @@ CREATE TABLE retry_requests (
     (8, """
 ALTER TABLE messages ADD COLUMN smtputf8 BOOLEAN NOT NULL DEFAULT false;
 """),
+    (9, """
+ALTER TABLE alerts ADD COLUMN notified TEXT[];
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 
