@@ -49,6 +49,29 @@ async def test_a_full_accounting_folder_delays_the_files_and_doubles_no_line(
     assert node.recorder.child_pid == recorder
 
 
+async def test_a_node_starts_on_a_full_accounting_disk_degraded_not_refused(
+        tmp_path, small_fs, sink, make_node):
+    """The recorder could not create its files at start (ENOSPC) and the node refused to
+    start ("cannot start: ...", exit 1) - while the same disk filling under a running node
+    only degrades it. Now it starts in the ``accounting`` state: mail is taken and delivered,
+    the records wait in the spool, and the files are written once there is room."""
+    acct = small_fs("acct", "160k")
+    acct.fill()
+    node = await make_node(config_text(tmp_path, sink.port, NO_FLOOR))
+    assert "accounting" in node.health.active
+    port = node.listeners[0].port
+    for i in range(3):
+        await send(port, "s@insurer.test", [f"u{i}@example.com"], message(f"m{i}"))
+    await sink.wait_for(3)
+    assert "accounting" in node.health.active
+    acct.free()
+    await until(lambda: "accounting" not in node.health.active, timeout=60,
+                what="the files set up once there is room")
+    await node.flush_evidence()
+    lines = Counter((r["type"], r["rcpt"]) for r in records(tmp_path))
+    assert lines == Counter({(t, f"u{i}@example.com"): 1 for i in range(3) for t in "rd"})
+
+
 async def test_a_full_spool_disk_defers_deliveries_once_not_a_traceback_each(
         tmp_path, small_fs, sink, make_node, caplog):
     """The attempt journal (beside the spool) cannot grow: no final dot is sent without its

@@ -128,12 +128,13 @@ class AccountingLog:
         self.recovered_bytes = self._recover()
         """Bytes cut off the files at open: lines written after the last sync (written again
         by the recorder)."""
-        self._install(*self._create_files())
+        self.open_error: OSError | None = None
+        """Why the files could not be set up at open (the disk full): none are open yet, and
+        the next write or sync tries again (the records wait in the spool meanwhile)."""
         try:
-            self._save_position(self._sizes, self.feed)
-        except OSError:
-            self._discard(self._files, self.current_paths)
-            raise
+            self._open_files()
+        except OSError as exc:
+            self.open_error = exc
 
     # -- public API -------------------------------------------------------------------------
 
@@ -146,6 +147,7 @@ class AccountingLog:
         takes the files back to the last sync (``feed``) before it is raised."""
         with self._lock:
             self._check_open()
+            self._ensure_files()
             with self._undo_on_error():
                 for record in records:
                     self._write_locked(record)
@@ -171,6 +173,7 @@ class AccountingLog:
         takes the files back to the previous sync before it is raised (``feed`` unchanged)."""
         with self._lock:
             self._check_open()
+            self._ensure_files()
             with self._undo_on_error():
                 self._write_out(fsync=True)
                 new_feed = {**self.feed, **(feed or {})}
@@ -192,6 +195,7 @@ class AccountingLog:
         """Close (with fsync) the current files and start new ones."""
         with self._lock:
             self._check_open()
+            self._ensure_files()
             with self._undo_on_error():
                 self._write_out(fsync=True)
                 self._save_position(self._sizes, self.feed)
@@ -203,6 +207,9 @@ class AccountingLog:
         are dropped back to the last sync: the recorder writes them at its next start."""
         with self._lock:
             if self._closed:
+                return
+            if not self._files:  # never set up (the disk full): the position is as it was
+                self._closed = True
                 return
             try:
                 with self._undo_on_error():
@@ -227,6 +234,22 @@ class AccountingLog:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("accounting log is closed")
+
+    def _open_files(self) -> None:
+        """New files and the position naming them (nothing left behind if that fails)."""
+        self._install(*self._create_files())
+        try:
+            self._save_position(self._sizes, self.feed)
+        except OSError:
+            self._discard(self._files, self.current_paths)
+            self._files, self.current_paths = {}, {}
+            raise
+
+    def _ensure_files(self) -> None:
+        """Set the files up if the open could not (raises OSError while it still cannot)."""
+        if not self._files:
+            self._open_files()
+            self.open_error = None
 
     def _write_locked(self, record: Record) -> None:
         self._check_open()

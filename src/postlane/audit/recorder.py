@@ -180,6 +180,9 @@ class Recorder:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(ConnectionError("the recorder process ended at start"))
             return
+        if self._ready is not None and not self._ready.cancelled() and \
+                self._ready.exception() is not None:
+            return  # it said why it could not start: the start fails with that, no restart
         if self._stopping or proc is not self._proc:
             return
         code = await asyncio.to_thread(proc.wait)
@@ -300,6 +303,8 @@ class _Feed:
         self._files_delay = 0.5
         self._adopted: dict[str, int] = {}
         """Where adopted writers' files got to (their own recorder's published position)."""
+        if self.files.open_error is not None:  # a full disk at start: degraded, not dead
+            self._files_failed(self.files.open_error)
         lost = dict(self.files.lost)
         self._write_lost()
         # this recorder's files had them: the position published in a cluster (from before
@@ -421,6 +426,11 @@ class _Feed:
                        " written to the files once they can be (deliveries go on)"))
         self._files_retry = time.monotonic() + self._files_delay
         self._files_delay = min(self._files_delay * 2, 30.0)
+
+    @property
+    def files_down(self) -> bool:
+        """The files cannot be written: ``sync`` tries again when its pause is over."""
+        return self._files_down
 
     def safe_pump(self) -> int:
         """``pump``, surviving an outbox that cannot be read (the database away): the events
@@ -558,7 +568,7 @@ def _serve(fd: int) -> None:
                 while taken:
                     taken = feed.safe_pump()
                 feed.sync()
-            elif feed.dirty and time.monotonic() - last_sync >= every:
+            elif (feed.dirty or feed.files_down) and time.monotonic() - last_sync >= every:
                 feed.sync()
                 last_sync = time.monotonic()
             progress = feed.progress()
