@@ -10,10 +10,13 @@ import logging
 import os
 import smtplib
 import sqlite3
+import time
 from collections import Counter
 
 import pytest
 
+from postlane.relay.tlsrpt import NO_POLICY, TLSReports
+from postlane.startup import parse_config
 from tests.conftest import config_text, message, records, send
 from tests.support.waiting import until
 from tests.test_api import api_client
@@ -183,3 +186,35 @@ async def test_torn_lines_written_again_on_a_full_disk_are_written_once_space_re
     lines = Counter((r["type"], r["rcpt"]) for r in records(tmp_path))
     assert lines == Counter({(t, f"t{i}@example.com"): 1 for i in range(20) for t in "rd"})
     assert not json.loads(position.read_text())["lost"]
+
+
+async def test_tls_report_counts_on_a_full_disk_are_one_line_per_outage_and_kept(
+        tmp_path, small_fs, caplog):
+    """The TLS-report file (tlsrpt.sqlite3) on a full disk: each round (a minute) logged a
+    traceback, and the counts taken out of memory for the failed write were gone. Now: one
+    line when the outage starts, one when it ends, and the counts are saved once there is
+    room."""
+    fs = small_fs("state", "256k")
+    reports = TLSReports(parse_config(config_text(tmp_path, 2525)), None, fs.path / "t.sqlite3")
+    reports.session("a.test", NO_POLICY, "mx.a.test", "192.0.2.1", "192.0.2.2")
+    assert await reports.tick(send=True)  # the file exists, with its first count
+    fs.fill()
+    caplog.clear()
+    for _ in range(3):  # three rounds of the outage, a session counted in each
+        reports.session("a.test", NO_POLICY, "mx.a.test", "192.0.2.1", "192.0.2.2",
+                        "starttls-not-supported", "no STARTTLS")
+        assert not await reports.tick(send=True)
+    told = [r for r in caplog.records if r.name == "postlane.tlsrpt"]
+    assert [r.levelname for r in told] == ["ERROR"], told
+    assert told[0].exc_info is None and "cannot be saved" in told[0].getMessage()
+    fs.free()
+    caplog.clear()
+    assert await reports.tick(send=True)
+    assert [r.getMessage() for r in caplog.records if r.name == "postlane.tlsrpt"] == [
+        "TLS report counts saved again"]
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    report = reports.report(day, "a.test")
+    assert report is not None
+    [policy] = report["policies"]
+    assert policy["summary"] == {"total-successful-session-count": 1,
+                                 "total-failure-session-count": 3}

@@ -327,7 +327,7 @@ class Node:
         for task in self._tls_tasks:
             task.cancel()
         if self.tls_reports is not None:
-            await asyncio.to_thread(self.tls_reports.flush)
+            await asyncio.to_thread(self.tls_reports.close)
         if self.signer is not None:
             await self.signer.stop()
         await self.monitor.stop()

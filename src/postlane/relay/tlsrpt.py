@@ -87,6 +87,8 @@ class TLSReports:
         self.submit = submit
         """``Intake.submit``: mailed reports go through the node's own queue."""
         self._counts: Counter[_Key] = Counter()
+        self._down = False
+        """The file could not be written at the last round (told once)."""
         host = config.node.hostname
         rpt = config.tlsrpt
         self.organization = rpt.organization or host
@@ -114,15 +116,33 @@ class TLSReports:
         return db
 
     def flush(self) -> None:
-        """Add the counts in memory to the file (blocking: call it in a thread)."""
+        """Add the counts in memory to the file (blocking: call it in a thread). If the file
+        cannot take them (the disk full) they stay in memory for the next flush."""
         counts, self._counts = self._counts, Counter()
         if not counts:
             return
-        with self._db() as db:
-            db.executemany(
-                "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET"
-                " count = count + excluded.count", [(*key, n) for key, n in counts.items()])
-        db.close()
+        try:
+            db = self._db()
+            try:
+                with db:
+                    db.executemany(
+                        "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT DO"
+                        " UPDATE SET count = count + excluded.count",
+                        [(*key, n) for key, n in counts.items()])
+            finally:
+                db.close()
+        except BaseException:
+            self._counts.update(counts)  # with what was counted meanwhile
+            raise
+
+    def close(self) -> None:
+        """The last flush, at stop (blocking): a file that cannot be written (the disk full)
+        costs the counts since the last flush, told in one line - the node still stops."""
+        try:
+            self.flush()
+        except (OSError, sqlite3.OperationalError) as exc:
+            log.error("TLS report counts since the last minute not saved to %s (%s): the"
+                      " reports of today miss them", self.path, exc)
 
     # -- reports ----------------------------------------------------------------------------
 
@@ -276,13 +296,31 @@ class TLSReports:
         due = time.time() + random.uniform(0, min(300.0, self.config.tlsrpt.send_delay))
         while True:
             await asyncio.sleep(min(FLUSH_EVERY, max(0.0, due - time.time())))
-            await asyncio.to_thread(self.flush)
-            if time.time() >= due:
-                try:
-                    await self.send_due()
-                except Exception:
-                    log.exception("sending TLS reports failed")
+            if await self.tick(send=time.time() >= due):
                 due = _next_send(time.time(), self.config.tlsrpt.send_delay)
+
+    async def tick(self, send: bool) -> bool:
+        """One round of ``run``: flush, and with ``send`` send what is due. False if the file
+        could not be written (the disk full): the counts stay in memory and the reports due
+        are sent at the next round. That is told once when it starts and once when it ends,
+        not a traceback a minute; anything else is a bug, logged with its traceback."""
+        try:
+            await asyncio.to_thread(self.flush)
+            if send:
+                await self.send_due()
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not self._down:
+                self._down = True
+                log.error("TLS report counts cannot be saved to %s (%s): kept in memory,"
+                          " saved and reported once it can be written", self.path, exc)
+            return False
+        except Exception:
+            log.exception("sending TLS reports failed")
+            return True
+        if self._down:
+            self._down = False
+            log.warning("TLS report counts saved again", extra={"file": str(self.path)})
+        return True
 
 
 def _next_send(now: float, spread: float) -> float:
