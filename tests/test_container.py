@@ -4,9 +4,14 @@ configs compose mounts (docs/operations.md says how to build and run them)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 import yaml
 
@@ -34,6 +39,84 @@ def test_the_dockerfile_runs_a_non_root_node_with_volumes_and_a_health_check():
     assert any(ln.startswith("HEALTHCHECK ") for ln in lines)
     assert 'ENTRYPOINT ["postlane"]' in lines
     assert ".venv" in (REPO / ".dockerignore").read_text().split()
+
+
+def _final_stage() -> list[str]:
+    """The Dockerfile's last stage, one instruction a line (continuations joined)."""
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    last = max(i for i, ln in enumerate(lines) if ln.startswith("FROM "))
+    return lines[last:]
+
+
+def test_the_image_can_bind_ports_25_and_587_on_the_hosts_network():
+    """The docs run the image with ``--network host``, where uid 10025 may not bind a port
+    below 1024 (EACCES: the host's ip_unprivileged_port_start is 1024), and the comment said
+    Docker lets it. The node's interpreter now carries cap_net_bind_service: a real file (not
+    the base image's python, not a link), the one ``postlane`` and PATH run."""
+    stage = _final_stage()
+    runs = " ".join(ln for ln in stage if ln.startswith("RUN "))
+    assert "apt-get install -y --no-install-recommends libcap2-bin" in runs
+    assert "python -m venv --copies /opt/postlane" in runs
+    assert "ln -sf python3.12 /opt/postlane/bin/python " in runs
+    assert "ln -sf python3.12 /opt/postlane/bin/python3 " in runs
+    assert "/opt/postlane/bin/python -m pip install" in runs
+    assert "setcap cap_net_bind_service=+ep /opt/postlane/bin/python3.12" in runs
+    assert runs.index("pip install") < runs.index("setcap"), "capability after the install"
+    assert "ENV PATH=/opt/postlane/bin:$PATH" in stage
+    user = stage.index(next(ln for ln in stage if ln.startswith("USER ")))
+    assert all(not ln.startswith("RUN ") for ln in stage[user:]), "set up as root, run as 10025"
+    text = (REPO / "Dockerfile").read_text()
+    assert "Docker lets containers bind low ports" not in text
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    for node in ("node1", "node2"):
+        assert compose["services"][node]["network_mode"] == "host"
+        assert "NET_BIND_SERVICE" in compose["services"][node]["cap_add"]
+
+
+_BIND = """
+import errno, socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", 25))
+except OSError as exc:
+    sys.exit("EACCES" if exc.errno == errno.EACCES else f"other: {exc}")
+print("bound")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setcap") is None
+                    or shutil.which("setpriv") is None,
+                    reason="needs root, setcap and setpriv (CI runs the tests as root)")
+def test_a_setcap_interpreter_binds_port_25_as_uid_10025():
+    """The image's mechanism outside Docker (no engine here): a copied interpreter binds
+    127.0.0.1:25 as uid 10025 once it has cap_net_bind_service, and not before."""
+    if Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text().strip() == "0":
+        pytest.skip("every port is unprivileged on this machine")
+    folder = Path(tempfile.mkdtemp(prefix="postlane-cap-"))
+    try:
+        folder.chmod(0o755)  # uid 10025 must reach the interpreter
+        subprocess.run([sys.executable, "-m", "venv", "--copies", "--without-pip",
+                        str(folder / "venv")], check=True, timeout=120)
+        real = (folder / "venv" / "bin" / "python").resolve()
+        link = folder / "venv" / "bin" / "python3"
+        link.unlink()
+        link.symlink_to(real.name)  # as the image links python3 to the capable file
+
+        def bind() -> subprocess.CompletedProcess:
+            return subprocess.run(["setpriv", "--reuid", "10025", "--regid", "10025",
+                                   "--clear-groups", str(link), "-c", _BIND],
+                                  capture_output=True, text=True, timeout=60)
+
+        before = bind()
+        assert before.returncode != 0 and "EACCES" in before.stderr, before
+        subprocess.run(["setcap", "cap_net_bind_service=+ep", str(real)], check=True)
+        after = bind()
+        if "other:" in after.stderr:
+            pytest.skip(f"127.0.0.1:25 is not free here: {after.stderr}")
+        assert after.returncode == 0 and after.stdout.strip() == "bound", after
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_compose_runs_two_nodes_on_one_postgresql():
