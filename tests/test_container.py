@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from postlane.startup import load_config

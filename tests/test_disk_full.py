@@ -15,6 +15,7 @@ from collections import Counter
 
 import pytest
 
+from postlane.monitor.alerts import Alert, AlertManager
 from postlane.relay.tlsrpt import NO_POLICY, TLSReports
 from postlane.startup import parse_config
 from tests.conftest import config_text, message, records, send
@@ -218,3 +219,23 @@ async def test_tls_report_counts_on_a_full_disk_are_one_line_per_outage_and_kept
     [policy] = report["policies"]
     assert policy["summary"] == {"total-successful-session-count": 1,
                                  "total-failure-session-count": 3}
+
+
+async def test_an_alert_is_told_while_its_journal_disk_is_full(tmp_path, small_fs, caplog):
+    """``alerts.jsonl`` lives in the accounting folder: on a full disk its write raised before
+    the notifiers were called, so the alert about the full disk itself was never paged."""
+    acct = small_fs("acct", "64k")
+    acct.fill()
+    told: list[str] = []
+
+    async def pager(event: str, alert: Alert) -> None:
+        told.append(event)
+
+    manager = AlertManager([pager], resolve_after=0.0, journal=acct.path / "alerts.jsonl")
+    now = time.time()
+    for n in range(2):
+        manager.emit("fired", Alert(f"disk:{n}", "disk", "c", "p", "full", 1.0, 0.0, now, now))
+    await until(lambda: told == ["fired", "fired"], what="both told")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "alert file cannot be written; alerts are told all the same"]
+    await manager.close()

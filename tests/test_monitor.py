@@ -15,6 +15,7 @@ from postlane.accounting.records import Record
 from postlane.monitor.alerts import (
     Alert,
     AlertManager,
+    Condition,
     Undelivered,
     log_notifier,
     mail_notifier,
@@ -25,6 +26,7 @@ from postlane.monitor.tracker import Tracker
 from postlane.policy.intake import RcptIn
 from postlane.startup import parse_config
 from tests.conftest import OPERATOR, config_text, message
+from tests.support.httpfixture import FixtureHTTP
 from tests.support.waiting import until
 
 # -- latency windows (pure computation) --------------------------------------------------------
@@ -351,3 +353,43 @@ async def test_an_alert_mail_subject_carries_no_field_of_its_own() -> None:
     for data in sent:
         msg = email.message_from_bytes(data)
         assert msg["Bcc"] is None and len(msg.get_all("Subject")) == 1, data[:400]
+
+
+async def test_an_alert_not_told_before_a_restart_is_told_after_it(tmp_path, sink, make_node):
+    """One node fired an alert while its pager was down, then restarted: its alerts were in
+    memory only, so the page was never sent (and an alert told as fired was never resolved).
+    The node now keeps them in ``alerts.json`` beside its spool and, at start, tells what it
+    had not told - here the fire, then the resolve, its condition being gone."""
+    hook = FixtureHTTP()
+    up = False
+    paged: list[dict] = []
+    refused: list[dict] = []
+
+    def page(_query: dict, body: bytes, _headers: dict) -> tuple[int, str, bytes]:
+        (paged if up else refused).append(json.loads(body))
+        return (200 if up else 503), "application/json", b"{}"
+
+    hook.json("POST", "/hook", page)
+    text = config_text(tmp_path, sink.port, f"""
+[monitor]
+webhook_url = "{hook.url}/hook"
+webhook_retries = 0
+webhook_backoff = "0.1s"
+resolve_after = "1s"
+evaluate_every = "0.1s"
+""")
+    try:
+        node = await make_node(text)
+        node.monitor.sources.append(lambda now: [Condition(
+            "gmail-reputation", "marketing", "bulk", 1.0, 2.0, "marketing: reputation low")])
+        await until(lambda: refused, timeout=30, what="the page refused")
+        [alert] = node.monitor.alerts.active.values()
+        await node.stop()
+        assert paged == []
+        up = True  # the pager is back; the condition is gone with the old process
+        await make_node(text)
+        await until(lambda: len(paged) == 2, timeout=30, what="fired and resolved told")
+    finally:
+        hook.stop()
+    assert [(p["event"], p["alert"]["id"], p["alert"]["fired_at"]) for p in paged] == [
+        ("fired", alert.id, alert.fired_at), ("resolved", alert.id, alert.fired_at)]

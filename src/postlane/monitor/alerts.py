@@ -86,10 +86,16 @@ class Undelivered(Exception):
 
 class AlertManager:
     def __init__(self, notifiers: list[Notifier], resolve_after: float,
-                 journal: Path | None = None, retry_backoff: float = 2.0) -> None:
+                 journal: Path | None = None, retry_backoff: float = 2.0,
+                 state: Path | None = None) -> None:
         self.notifiers = notifiers
         self.resolve_after = resolve_after
         self.journal = journal
+        self.state = state
+        """On one node: the alerts and what was told of them, kept across a restart (``load``);
+        a cluster keeps them in its ``alerts`` table instead."""
+        self._unwritable: set[str] = set()
+        """Files that could not be written (the disk full): told once until they can."""
         self.retry_backoff = retry_backoff
         """First wait before a failed notifier is tried again (doubled up to ``RETRY_MAX``)."""
         self.told: Told | None = None
@@ -127,12 +133,70 @@ class AlertManager:
         """Journal the event and have every notifier told of it (at least once)."""
         if self.journal is not None:
             line = json.dumps({"event": event, "at": time.time(), **alert.as_dict()}) + "\n"
-            fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
             try:
-                os.write(fd, line.encode())
+                fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+                try:
+                    os.write(fd, line.encode())
+                finally:
+                    os.close(fd)
+            except OSError as exc:  # the page matters more than its journal line
+                self._cannot_write(self.journal, exc)
+            else:
+                self._written(self.journal)
+        self.save()
+        self._tell(alert)
+
+    def save(self) -> None:
+        """Keep the alerts in ``state`` (written aside, synced, renamed): after a restart the
+        node tells what it had not told, and resolves what is active no longer."""
+        if self.state is None:
+            return
+        data = json.dumps({"active": [asdict(a) for a in self.active.values()],
+                           "history": [asdict(a) for a in self.history]}).encode()
+        tmp = self.state.with_name(self.state.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
             finally:
                 os.close(fd)
-        self._tell(alert)
+            os.replace(tmp, self.state)
+        except OSError as exc:  # told once; written again at the next change
+            self._cannot_write(self.state, exc)
+        else:
+            self._written(self.state)
+
+    def load(self, now: float) -> None:
+        """The alerts ``save`` kept (one node, at start). An active one counts as seen now: it
+        resolves ``resolve_after`` from now if its condition does not hold any more."""
+        if self.state is None:
+            return
+        try:
+            saved = json.loads(self.state.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.error("alert state unreadable, starting without it",
+                      extra={"file": str(self.state), "problem": str(exc)})
+            return
+        for raw in saved.get("active", []):
+            alert = Alert(**raw)
+            alert.last_seen = now
+            self.active[alert.id] = alert
+        for raw in saved.get("history", []):
+            self.history.append(Alert(**raw))
+
+    def _cannot_write(self, path: Path, exc: OSError) -> None:
+        if str(path) not in self._unwritable:
+            self._unwritable.add(str(path))
+            log.error("alert file cannot be written; alerts are told all the same",
+                      extra={"file": str(path), "problem": f"{type(exc).__name__}: {exc}"})
+
+    def _written(self, path: Path) -> None:
+        if str(path) in self._unwritable:
+            self._unwritable.discard(str(path))
+            log.warning("alert file written again", extra={"file": str(path)})
 
     def resend(self) -> None:
         """Tell what the alerts (adopted from a store) say was decided but never told."""
@@ -177,6 +241,7 @@ class AlertManager:
                                 extra={"alert": alert.id, "event": event,
                                        "problem": f"{type(exc).__name__}: {exc}"})
             alert.notified.append(event)
+            self.save()
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from ..accounting.records import Record
 from ..health import Health
 from ..policy.intake import RcptIn
-from ..spool import PostgresSpool
+from ..spool import PostgresSpool, local_dir
 from .alerts import (
     AlertManager,
     Condition,
@@ -101,8 +101,10 @@ class Monitor:
             notifiers.append(mail_notifier(self._submit_alert_mail, self.config.node.name,
                                            mon.ops_from, mon.ops_address, cluster))
         journal = Path(self.config.accounting.directory) / "alerts.jsonl"
+        # one node keeps its alerts in a file beside its spool; a cluster in its alerts table
         self.alerts = AlertManager(notifiers, mon.resolve_after, journal,
-                                   retry_backoff=mon.webhook_backoff)
+                                   retry_backoff=mon.webhook_backoff,
+                                   state=None if clustered else local_dir(config) / "alerts.json")
         self.metrics = Metrics(self)
         self.loop_watch = LoopWatch(self.metrics.registry)
         """How late the event loop runs (``postlane_event_loop_lag_seconds``)."""
@@ -130,6 +132,9 @@ class Monitor:
         now = time.time()
         if self.tracker.counts_queue and not self.seeded:
             self.tracker.seed(list(self.queue.recipients()), now)
+        if self.cluster is None:  # what the last run decided, and had not told yet
+            self.alerts.load(now)
+            self.alerts.resend()
         self.loop_watch.start()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
