@@ -158,6 +158,7 @@ class AccountingLog:
         takes the files (and their event list) back to the last sync, as ``write_many``."""
         with self._lock:
             self._check_open()
+            self._ensure_files()
             with self._undo_on_error():
                 for n, record in events:
                     self._write_locked(record)
@@ -253,6 +254,8 @@ class AccountingLog:
 
     def _write_locked(self, record: Record) -> None:
         self._check_open()
+        if not self._files:  # a caller that skipped ``_ensure_files`` would drop the line
+            raise RuntimeError("accounting files are not set up")
         values = record.as_dict()
         if self._all_default:
             row = list(values.values())
