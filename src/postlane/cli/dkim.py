@@ -81,8 +81,7 @@ def _key_toml(domain: str, selector: str, algorithm: str, key_file: Path,
     return "\n".join(lines)
 
 
-def _new_key(domain: str, selector: str, algorithm: str, bits: int, key_file: Path,
-             quiet: bool = False) -> str:
+def _new_key(algorithm: str, bits: int, key_file: Path, quiet: bool = False) -> str:
     if key_file.exists():
         typer.echo(f"error: {key_file} already exists (keys are never overwritten)", err=True)
         raise typer.Exit(1)
@@ -130,7 +129,7 @@ def keygen(domain: str = typer.Argument(..., help="signing domain (d=)"),
     _check_bits(_ALGORITHMS[algorithm], bits, force)
     domain = domain.lower().rstrip(".")
     path = key_file or Path("keys") / f"{domain}.{selector}.pem"
-    record = _new_key(domain, selector, _ALGORITHMS[algorithm], bits, path, as_json)
+    record = _new_key(_ALGORITHMS[algorithm], bits, path, as_json)
     entry = _key_toml(domain, selector, _ALGORITHMS[algorithm], path.resolve())
     if as_json:
         typer.echo(json.dumps({"key_file": str(path.resolve()), "domain": domain,
@@ -210,7 +209,7 @@ def rotate(domain: str = typer.Argument(..., help="signing domain whose keys to 
         path = Path(old.key_file).parent / f"{domain}.{sel}.pem"
         if not as_json:
             typer.echo(f"\n== {algo}: {old.selector} -> {sel}")
-        record = _new_key(domain, sel, algo, bits, path, as_json)
+        record = _new_key(algo, bits, path, as_json)
         entry = _key_toml(domain, sel, algo, path.resolve(), start)
         done.append({"algorithm": algo, "current_selector": old.selector, "selector": sel,
                      "key_file": str(path.resolve()), "record_name": record_name(sel, domain),

@@ -784,14 +784,10 @@ class Config(Strict):
     ``default_destinations = false``, and a rule here with the same name replaces the default."""
     default_destinations: bool = True
 
-
     api: APIConfig = APIConfig()
     monitor: MonitorConfig = MonitorConfig()
     cluster: ClusterConfig = ClusterConfig()
     scheduler: Literal["lanes", "fifo"] = "lanes"
-    feedback: FeedbackConfig = FeedbackConfig()
     """``fifo`` serves every message in arrival order through one queue: the baseline to beat."""
+    feedback: FeedbackConfig = FeedbackConfig()
     reputation: ReputationConfig = ReputationConfig()
-
-    def class_for(self, name: str | None) -> ClassConfig | None:
-        return self.classes.get(name) if name else None
