@@ -142,6 +142,92 @@ async def test_an_answered_hold_survives_a_sigkill(tmp_path):
     assert [r["dsnAction"] for r in ops if r["rcpt"] == "held@example.com"] == ["hold"]
 
 
+def _open(tmp_path: Path) -> list[tuple[str, str, str]]:
+    """(queue id, address, state) of every recipient row the spool has on disk."""
+    db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    try:
+        return list(db.execute("SELECT msg_id, address, state FROM recipients"
+                               " ORDER BY msg_id, idx"))
+    finally:
+        db.close()
+
+
+async def _deleted_with_a_dsn(tmp_path: Path, locked_spool: bool) -> None:
+    """A message of the paused pool deleted with a DSN over the API (with the spool's write
+    lock held by another process while the answer is awaited if ``locked_spool``), the node
+    SIGKILLed at once after the answer and started again, the pool resumed, the node
+    stopped: the deleted recipient is never delivered, it has one "b" record (purged), and
+    its sender has one DSN."""
+    sink = await Sink().start()
+    port, api = _free_port(), _free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port).replace(
+        "[api]\nport = 0", f"[api]\nport = {api}"))
+    log = tmp_path / "node.log"
+    proc = await _serve(cfg, port, log)
+    token = (tmp_path / "api-token").read_text().strip()
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}/api/v1",
+                               headers={"Authorization": f"Bearer {token}"}, timeout=None)
+    lock = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
+    try:
+        assert (await client.post("/pools/bulk/pause", json={})).status_code == 200
+        await send(port, "notices@example.com", ["gone@example.com"], message("m"))
+        [msg] = (await client.get("/queue/messages")).json()["messages"]
+        qid = msg["queue_id"]
+        if locked_spool:  # the DSN cannot be committed: no "deleted" that is not so
+            lock.execute("BEGIN IMMEDIATE")
+        answer = await client.post("/queue/delete", json={"queue_ids": [qid], "dsn": True})
+        if locked_spool:
+            assert answer.status_code == 503, answer.text
+            assert "the DSN is not yet queued" in answer.json()["error"], answer.text
+            lock.execute("ROLLBACK")  # the node queues the DSN, then writes the final state
+            await until(lambda: [a for q, a, s in _open(tmp_path) if q != qid] == [
+                "notices@example.com"] and all(s == "bounced" for q, _, s in _open(tmp_path)
+                                               if q == qid), what="the DSN queued, then final")
+        else:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["recipients"] == 1
+        proc.send_signal(signal.SIGKILL)  # at once after the answer
+        await asyncio.to_thread(proc.wait)
+        rows = _open(tmp_path)
+        assert [(a, s) for q, a, s in rows if q != qid] == [("notices@example.com", "queued")], \
+            f"answered {answer.text}; on disk: {rows}"
+        assert all(s == "bounced" for q, _, s in rows if q == qid), rows
+        await until(lambda: not locked(tmp_path / "acct"), what="the recorder ended")
+        proc = await _serve(cfg, port, log)
+        assert (await client.post("/pools/bulk/resume", json={})).status_code == 200
+        await sink.wait_for(1)
+    finally:
+        lock.close()
+        await client.aclose()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+        await sink.stop()
+    assert [a.rcpts for a in sink.arrivals] == [["notices@example.com"]]
+    assert b"deleted by operator" in sink.arrivals[0].data
+    rows = records(tmp_path)
+    gone = [(r["type"], r["bounceCat"]) for r in rows if r["rcpt"] == "gone@example.com"]
+    assert gone == [("r", ""), ("b", "purged")], gone
+    assert [r["type"] for r in rows if r["rcpt"] == "notices@example.com"] == ["r", "d"]
+
+
+async def test_an_answered_delete_with_a_dsn_survives_a_sigkill(tmp_path):
+    """``queue delete --dsn`` is answered once the DSN is queued and the recipients' final
+    states are written after it (the order that never leaves a sender untold): a node
+    SIGKILLed right after the answer has deleted the message, with its "b" record, and sends
+    the DSN after its restart. The final states used to wait for the DSN in a task of their
+    own after the answer: the restarted node delivered the "deleted" message."""
+    await _deleted_with_a_dsn(tmp_path, locked_spool=False)
+
+
+async def test_a_delete_whose_dsn_cannot_be_queued_is_answered_503(tmp_path):
+    """While the spool cannot commit (another process holds its write lock), the DSN of a
+    ``delete --dsn`` cannot be queued: after ``DSN_WAIT`` the answer is 503, not "deleted"
+    and not a hang; once the spool commits again the node queues the DSN and writes the
+    final states, each once."""
+    await _deleted_with_a_dsn(tmp_path, locked_spool=True)
+
+
 def test_the_audit_store_commits_to_disk_before_the_spool_lets_the_events_go(tmp_path):
     """The node trims the spool's events once the store has committed them, so a commit must
     be on disk when it returns (``synchronous=FULL``): under NORMAL a power loss took the

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from .accounting.records import Record
 from .api.parts import NodeParts
@@ -54,6 +55,8 @@ from .spool import (
 from .workers.pool import WorkerPool, worker_count
 
 log = logging.getLogger("postlane.node")
+
+T = TypeVar("T")
 
 
 class Node:
@@ -125,7 +128,7 @@ class Node:
         durable copy goes through the spool and the recorder."""
         self.operations = Operations(config, self.scheduler, self.queue, self.spool,
                                      Suppressions(self.feedback.suppression, self.persist),
-                                     self.feedback.writes, self.emit)
+                                     self.feedback.writes, self.emit, self.bounces_pending)
         """Every operator action goes through here, on the record (the API calls it)."""
         if self.claimer is not None:  # "retry now" sent to another node: this node's share
             self.claimer.retries_by(self.operations.retry_asked)
@@ -135,6 +138,9 @@ class Node:
             self.audit is not None)) if config.api.enabled else None
         self.started_at = 0.0
         self._failures: dict[str, tuple[Message, list[Failure]]] = {}
+        self._bounces: dict[str, set[asyncio.Task[bool]]] = {}
+        """Per queue id, its DSNs being queued (``_send_bounce``): a delete with a DSN is
+        answered once they are done (``Operations.queue``)."""
         self._background: set[asyncio.Task] = set()
         self._disk_watch: asyncio.Task | None = None
         self._orphan_pools: set[str] = set()
@@ -367,16 +373,30 @@ class Node:
         entry = self._failures.get(msg.id)
         if entry is None:
             self._failures[msg.id] = (msg, list(failures))
-            self._spawn(self._send_bounce(msg.id))
+            task = self._spawn(self._send_bounce(msg.id))
+            self._bounces.setdefault(msg.id, set()).add(task)
+            task.add_done_callback(functools.partial(self._bounce_done, msg.id))
         else:
             entry[1].extend(failures)
         return True
 
-    async def _send_bounce(self, msg_id: str) -> None:
+    def _bounce_done(self, msg_id: str, task: asyncio.Task[bool]) -> None:
+        tasks = self._bounces.get(msg_id)
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                del self._bounces[msg_id]
+
+    def bounces_pending(self, msg_ids: Collection[str]) -> list[asyncio.Future[bool]]:
+        """The DSNs of these messages being queued (their final states are handed to the
+        spool after them): ``Operations`` waits for them before it answers a delete."""
+        return [task for qid in msg_ids for task in self._bounces.get(qid, ())]
+
+    async def _send_bounce(self, msg_id: str) -> bool:
         """Queue the DSN, then write its recipients' final states. A DSN the intake cannot
         take now (the spool failing, a 4xx) is tried again, 1 s, 2 s ... 60 s apart: written
         final without it, the sender would never be told. A node stopping meanwhile leaves
-        them not final (delivered, and so bounced, again after its restart)."""
+        them not final (delivered, and so bounced, again after its restart): False."""
         msg, failures = self._failures.pop(msg_id)
         delay = 1.0
         while True:
@@ -391,7 +411,7 @@ class Node:
                 if self._stopping:
                     log.warning("bounce for queue id %s not queued before the stop (%s): its"
                                 " recipients stay not final and are tried again", msg.id, exc)
-                    return
+                    return False
                 log.warning("bounce for queue id %s not queued (%s); trying again in %gs",
                             msg.id, exc, delay)
                 await asyncio.sleep(delay)
@@ -403,6 +423,7 @@ class Node:
         for failure in failures:  # the DSN is durable (or refused): the final states now
             if failure.write is not None:
                 failure.write()
+        return True
 
     async def _bounce(self, msg: Message, failures: list[Failure]) -> None:
         try:
@@ -421,11 +442,12 @@ class Node:
             "", [RcptIn(msg.mail_from, "NEVER")], report, listener="dsn",
             src_type="dsn", forced_class=msg.cls)
 
-    def _spawn(self, work: Coroutine) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``work`` beside the node; a drain waits for it."""
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     # -- introspection --------------------------------------------------------------------------
 

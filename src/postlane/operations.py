@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, TextIO
 
 from .accounting.operators import DONE, Operator, action_record, stamp
@@ -39,6 +39,14 @@ __all__ = ["DONE", "OperationError", "Operations", "Operator", "Suppressions",
            "action_record", "request_drain", "stamp"]
 
 log = logging.getLogger("postlane.operations")
+
+DSN_WAIT = 10.0
+"""Seconds a delete with a DSN waits for its DSNs to be queued (the final states of the
+removed recipients are written after them) before it answers 503 instead of "deleted"."""
+
+Bounces = Callable[[Collection[str]], list["asyncio.Future[bool]"]]
+"""The node's DSNs still being queued for these queue ids; each one's result: whether the
+final states it owes were written (False: the node stopped first)."""
 
 
 class OperationError(Exception):
@@ -112,7 +120,7 @@ class Operations:
 
     def __init__(self, config: Config, scheduler: Scheduler, control: QueueControl,
                  spool: Spool, suppressions: Suppressions, writes: SuppressionWriter,
-                 emit: Callable[[Record], None]) -> None:
+                 emit: Callable[[Record], None], bounces: Bounces | None = None) -> None:
         self.config = config
         self.scheduler = scheduler
         self.control = control
@@ -122,6 +130,8 @@ class Operations:
         """The suppression list's writer (its writes, off the loop)."""
         self.emit = emit
         """Tells the node's in-memory observers of a record the spool write carries."""
+        self.bounces = bounces
+        """The DSNs being queued per message (``Node``); None: nothing sends DSNs here."""
 
     async def pause(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart.
@@ -202,14 +212,18 @@ class Operations:
         in a cluster, those of the shared spool too, and a retry is asked of every node: a
         deferred recipient stays with the node that deferred it). ``lift``: a retry also ends
         the backoff of the selector's pool (or lane)."""
+        touched: set[str] = set()
         try:
-            out = await self.control.act(action, sel, who, dry_run=dry_run, dsn=dsn)
+            out = await self.control.act(action, sel, who, dry_run=dry_run, dsn=dsn,
+                                         touched=touched)
         except SelectionError as exc:
             raise OperationError(str(exc), exc.status) from None
         except SpoolUnavailable as exc:
             raise OperationError(f"not done: {exc}", 503) from None
         if lift and sel.pool is not None:
             self.scheduler.lift(sel.pool, sel.domain.lower() if sel.domain else None)
+        if dsn and not dry_run:  # the DSNs first: the final states are written after them
+            await self._dsns_queued(touched)
         if not dry_run:  # durable, with its records, before the answer says it is done
             try:
                 await self.spool.flush()
@@ -227,6 +241,25 @@ class Operations:
             self._log(action, who, out["recipients"], messages=out["messages"],
                       pool=sel.pool or "*", domain=sel.domain or "*")
         return out
+
+    async def _dsns_queued(self, ids: Collection[str]) -> None:
+        """Wait (``DSN_WAIT`` at most) until the DSNs owed for the messages ``ids`` are
+        queued and the final states that wait for them handed to the spool (the flush after
+        commits them). A DSN the node cannot queue now (the spool failing, the intake
+        refusing with a 4xx) is tried again in the background: 503, never "deleted" while a
+        SIGKILL would leave the message queued (one node) or its sender untold (a cluster,
+        where the final states are committed already)."""
+        waits = self.bounces(ids) if self.bounces is not None and ids else []
+        if not waits:
+            return
+        done, pending = await asyncio.wait(waits, timeout=DSN_WAIT)  # never cancels them
+        if pending or not all(not t.cancelled() and t.exception() is None and t.result()
+                              for t in done):
+            if isinstance(self.spool, PostgresSpool):
+                raise OperationError("removed, with their records; the DSN is not yet queued"
+                                     " (this node keeps trying while it runs)", 503)
+            raise OperationError("removed on the running node; the DSN is not yet queued,"
+                                 " their final states are written once it is", 503)
 
     # The list is written in the feedback service's writer thread (a lock held by a
     # ``postlane suppress import`` must not stall the event loop), the record on the loop.

@@ -236,9 +236,11 @@ class QueueControl:
     # -- actions --------------------------------------------------------------------------------
 
     async def act(self, action: str, sel: Selector, who: Operator, *, dry_run: bool = False,
-                  dsn: bool = False) -> dict:
+                  dsn: bool = False, touched: set[str] | None = None) -> dict:
         """hold, release, retry, delete or purge (a delete without DSN) the selected
-        recipients, on the record as ``who``'s action; a dry run only counts."""
+        recipients, on the record as ``who``'s action; a dry run only counts. ``touched``:
+        gets the queue ids of the messages the action changed (a delete with a DSN waits for
+        theirs, ``Operations.queue``)."""
         await self.check(sel, action=True)
         wanted = WANTED[action]
         match = sel.matcher(time.time())
@@ -280,9 +282,12 @@ class QueueControl:
                 sched.let_go(mine)
         elif not dry_run:
             self._apply(action, found, who, dsn)
-        out |= {"recipients": len(found), "messages": len({r.msg.id for r in found})}
+        ids = {r.msg.id for r in found}
+        if touched is not None and not dry_run:
+            touched |= ids
+        out |= {"recipients": len(found), "messages": len(ids)}
         if sel.queue_ids:
-            out["untouched"] = await self._untouched(sel, wanted, {r.msg.id for r in found})
+            out["untouched"] = await self._untouched(sel, wanted, ids)
         return out
 
     async def _spooled_body(self, qid: str) -> bool:
