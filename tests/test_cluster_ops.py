@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from postlane.accounting.records import Record, unpack
+from postlane.operations import OperationError
 from postlane.scheduler.control import Selector
 from postlane.spool import PostgresSpool, State
 from postlane.spool.postgres import NodeConflict
@@ -20,7 +21,7 @@ from postlane.startup import ConfigError, load_config, parse_config
 from tests.conftest import OPERATOR, config_text, message, send
 from tests.support.pg import PG_DSN, pg_reachable, pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
-from tests.test_cluster import cluster_text, send_many, start_node
+from tests.test_cluster import cluster_text, send_many, settled, start_node
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -229,3 +230,39 @@ async def test_queue_retry_by_selector_on_one_node_reaches_the_node_holding_it(
         for node in (a, b):
             if node is not None:
                 await node.stop()
+
+
+async def test_a_delete_whose_dsn_cannot_be_queued_is_answered_503_in_a_cluster(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """In a cluster a delete's final states and "b" records are committed at once (one
+    guarded transaction), its DSN after: the answer said "deleted" while the DSN was not
+    queued, and a node stopped then left the sender untold. With the shared spool refusing
+    new messages (a constraint no new body meets) the answer is 503 after ``DSN_WAIT``; once
+    the spool takes them again the DSN is queued and delivered, once."""
+    node = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await node.operations.pause("bulk", who=OPERATOR)
+        await send(node.listeners[0].port, "notices@example.com", ["gone@example.com"],
+                   message("m"))
+        [qid] = await conn.fetchval(f'SELECT array_agg(id) FROM "{pg_schema}".messages')
+        await conn.execute(f'ALTER TABLE "{pg_schema}".bodies ADD CONSTRAINT spool_full'
+                           " CHECK (false) NOT VALID")
+        with pytest.raises(OperationError, match="the DSN is not yet queued") as err:
+            await node.operations.queue("delete", Selector(queue_ids=(qid,)), who=OPERATOR,
+                                        dsn=True)
+        assert err.value.status == 503
+        assert await conn.fetchval(f'SELECT count(*) FROM "{pg_schema}".messages') == 0
+        await conn.execute(f'ALTER TABLE "{pg_schema}".bodies DROP CONSTRAINT spool_full')
+        await node.operations.resume("bulk", who=OPERATOR)
+        [dsn] = await sink.wait_for(1, timeout=60)
+        await settled(node)
+    finally:
+        await conn.close()
+        await node.stop()
+    assert dsn.rcpts == ["notices@example.com"] and b"deleted by operator" in dsn.data
+    assert len(sink.arrivals) == 1
+    rows = _records(tmp_path, "node-a")
+    assert [(r["type"], r["bounceCat"]) for r in rows if r["rcpt"] == "gone@example.com"] == [
+        ("r", ""), ("b", "purged")]
+    assert [r["type"] for r in rows if r["rcpt"] == "notices@example.com"] == ["r", "d"]
