@@ -80,25 +80,55 @@ def _spool_state(tmp_path: Path) -> list[str]:
         db.close()
 
 
+class _APINode:
+    """A ``postlane serve`` process with its API on a known port, a client for it, and a
+    second connection to its spool (to hold the write lock); SIGKILLed and started again."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.port, self.api = _free_port(), _free_port()
+        self.cfg, self.log = tmp_path / "node.toml", tmp_path / "node.log"
+
+    async def __aenter__(self) -> _APINode:
+        self.sink = await Sink().start()
+        self.cfg.write_text(config_text(self.tmp_path, self.sink.port,
+                                        listener_port=self.port).replace(
+            "[api]\nport = 0", f"[api]\nport = {self.api}"))
+        self.proc = await _serve(self.cfg, self.port, self.log)
+        token = (self.tmp_path / "api-token").read_text().strip()
+        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.api}/api/v1",
+                                        headers={"Authorization": f"Bearer {token}"},
+                                        timeout=None)
+        self.lock = sqlite3.connect(self.tmp_path / "spool" / "spool.sqlite",
+                                    isolation_level=None)
+        return self
+
+    async def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(self.proc.wait)
+
+    async def restart(self) -> None:
+        """Start again once the killed node's recorder has ended (its lock gone)."""
+        await until(lambda: not locked(self.tmp_path / "acct"), what="the recorder ended")
+        self.proc = await _serve(self.cfg, self.port, self.log)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.close()
+        await self.client.aclose()
+        self.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(self.proc.wait, 60)
+        await self.sink.stop()
+
+
 async def test_an_answered_hold_survives_a_sigkill(tmp_path):
     """An operator's hold is answered only once it is durable: while the spool cannot commit
     (another process holds its write lock) the API does not say "held"; a node SIGKILLed then
     has not held the message and has no record of it (not done at all); once answered, a
     SIGKILL right after leaves it held, with its record (done, with its audit record)."""
-    sink = await Sink().start()
-    port, api = _free_port(), _free_port()
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port).replace(
-        "[api]\nport = 0", f"[api]\nport = {api}"))
-    log = tmp_path / "node.log"
-    proc = await _serve(cfg, port, log)
-    token = (tmp_path / "api-token").read_text().strip()
-    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}/api/v1",
-                               headers={"Authorization": f"Bearer {token}"}, timeout=None)
-    lock = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
-    try:
+    async with _APINode(tmp_path) as node:
+        client, lock = node.client, node.lock
         assert (await client.post("/pools/bulk/pause", json={})).status_code == 200
-        await send(port, "s@insurer.test", ["held@example.com"], message("m"))
+        await send(node.port, "s@insurer.test", ["held@example.com"], message("m"))
         held = lambda: client.get("/queue/messages", params={"state": "held"})  # noqa: E731
 
         async def in_memory() -> bool:
@@ -112,32 +142,21 @@ async def test_an_answered_hold_survives_a_sigkill(tmp_path):
         except TimeoutError:
             answer = None
         if answer is not None:  # said "held" while nothing could be committed
-            proc.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(proc.wait)
+            await node.kill()
             lock.execute("ROLLBACK")
             assert _spool_state(tmp_path) == ["held"], f"answered {answer.json()}, not held"
-        proc.send_signal(signal.SIGKILL)  # not answered: not done
-        await asyncio.to_thread(proc.wait)
+        await node.kill()  # not answered: not done
         post.cancel()
         lock.execute("ROLLBACK")
         assert _spool_state(tmp_path) == ["queued"]
-        await until(lambda: not locked(tmp_path / "acct"), what="the recorder ended")
-        proc = await _serve(cfg, port, log)
+        await node.restart()
         assert not (await held()).json()["total_recipients"]
         answer = await client.post("/queue/hold", json={"all": True})
         assert answer.json()["recipients"] == 1
-        proc.send_signal(signal.SIGKILL)  # at once after the answer
-        await asyncio.to_thread(proc.wait)
+        await node.kill()  # at once after the answer
         assert _spool_state(tmp_path) == ["held"]
-        await until(lambda: not locked(tmp_path / "acct"), what="the recorder ended")
-        proc = await _serve(cfg, port, log)
+        await node.restart()
         await until(in_memory, what="the message held after the restart")
-    finally:
-        lock.close()
-        await client.aclose()
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 60)
-        await sink.stop()
     ops = [r for r in records(tmp_path) if r["type"] == "o"]
     assert [r["dsnAction"] for r in ops if r["rcpt"] == "held@example.com"] == ["hold"]
 
@@ -158,20 +177,10 @@ async def _deleted_with_a_dsn(tmp_path: Path, locked_spool: bool) -> None:
     SIGKILLed at once after the answer and started again, the pool resumed, the node
     stopped: the deleted recipient is never delivered, it has one "b" record (purged), and
     its sender has one DSN."""
-    sink = await Sink().start()
-    port, api = _free_port(), _free_port()
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(config_text(tmp_path, sink.port, listener_port=port).replace(
-        "[api]\nport = 0", f"[api]\nport = {api}"))
-    log = tmp_path / "node.log"
-    proc = await _serve(cfg, port, log)
-    token = (tmp_path / "api-token").read_text().strip()
-    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api}/api/v1",
-                               headers={"Authorization": f"Bearer {token}"}, timeout=None)
-    lock = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
-    try:
+    async with _APINode(tmp_path) as node:
+        client, lock = node.client, node.lock
         assert (await client.post("/pools/bulk/pause", json={})).status_code == 200
-        await send(port, "notices@example.com", ["gone@example.com"], message("m"))
+        await send(node.port, "notices@example.com", ["gone@example.com"], message("m"))
         [msg] = (await client.get("/queue/messages")).json()["messages"]
         qid = msg["queue_id"]
         if locked_spool:  # the DSN cannot be committed: no "deleted" that is not so
@@ -187,24 +196,17 @@ async def _deleted_with_a_dsn(tmp_path: Path, locked_spool: bool) -> None:
         else:
             assert answer.status_code == 200, answer.text
             assert answer.json()["recipients"] == 1
-        proc.send_signal(signal.SIGKILL)  # at once after the answer
-        await asyncio.to_thread(proc.wait)
+        await node.kill()  # at once after the answer
         rows = _open(tmp_path)
         assert [(a, s) for q, a, s in rows if q != qid] == [("notices@example.com", "queued")], \
             f"answered {answer.text}; on disk: {rows}"
         assert all(s == "bounced" for q, _, s in rows if q == qid), rows
-        await until(lambda: not locked(tmp_path / "acct"), what="the recorder ended")
-        proc = await _serve(cfg, port, log)
+        await node.restart()
         assert (await client.post("/pools/bulk/resume", json={})).status_code == 200
-        await sink.wait_for(1)
-    finally:
-        lock.close()
-        await client.aclose()
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(proc.wait, 60)
-        await sink.stop()
-    assert [a.rcpts for a in sink.arrivals] == [["notices@example.com"]]
-    assert b"deleted by operator" in sink.arrivals[0].data
+        await node.sink.wait_for(1)
+    arrivals = node.sink.arrivals
+    assert [a.rcpts for a in arrivals] == [["notices@example.com"]]
+    assert b"deleted by operator" in arrivals[0].data
     rows = records(tmp_path)
     gone = [(r["type"], r["bounceCat"]) for r in rows if r["rcpt"] == "gone@example.com"]
     assert gone == [("r", ""), ("b", "purged")], gone
