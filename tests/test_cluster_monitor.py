@@ -185,6 +185,22 @@ p95 = "1h"
 """
 
 
+def _alerting_pair(tmp_path, sink, schema: str, monitor: str) -> dict[str, Served]:
+    """Two nodes on one schema, one connection per IP and a 10 s policy SLA: a backlog of
+    policy notices predicts a breach. ``monitor``: lines added to ``[monitor]``."""
+    slow = SLOW.replace("[monitor]\n", "[monitor]\n" + monitor)
+    return {name: Served(tmp_path, name, cluster_text(
+        tmp_path, sink.port, schema, name, slow, max_out=1).replace(
+            'sla = "2m"', 'sla = "10s"')) for name in ("node-a", "node-b")}
+
+
+async def _backlog(nodes: dict[str, Served]) -> None:
+    """40 policy notices through the first node."""
+    ports = [await node.port() for node in nodes.values()]
+    await asyncio.to_thread(send_many, ports[0], [f"s{i:02d}" for i in range(40)],
+                            "policy-documents")
+
+
 async def test_a_backlog_alerts_once_for_the_cluster_and_resolves_once_after_its_evaluator_dies(
         tmp_path, sink, pg_schema):  # noqa: F811
     sink.delay = 1.0  # a slow receiver: 2 connections in all, one message a second each
@@ -196,17 +212,9 @@ async def test_a_backlog_alerts_once_for_the_cluster_and_resolves_once_after_its
         return 200, "application/json", b"{}"
 
     hook.json("POST", "/hook", page)
-    slow = SLOW.replace("[monitor]\n", f'[monitor]\nwebhook_url = "{hook.url}/hook"\n')
-
-    def text(name: str) -> str:
-        return cluster_text(tmp_path, sink.port, pg_schema, name, slow, max_out=1).replace(
-            'sla = "2m"', 'sla = "10s"')
-
-    nodes = {name: Served(tmp_path, name, text(name)) for name in ("node-a", "node-b")}
+    nodes = _alerting_pair(tmp_path, sink, pg_schema, f'webhook_url = "{hook.url}/hook"\n')
     try:
-        ports = [await node.port() for node in nodes.values()]
-        await asyncio.to_thread(send_many, ports[0], [f"s{i:02d}" for i in range(40)],
-                                "policy-documents")
+        await _backlog(nodes)
 
         async def fired() -> dict | None:
             alerts = await nodes["node-b"].api("/api/v1/alerts")
@@ -273,18 +281,10 @@ async def test_an_alert_whose_page_failed_is_paged_by_the_node_taking_over(
         return (200 if up else 503), "application/json", b"{}"
 
     hook.json("POST", "/hook", page)
-    slow = SLOW.replace("[monitor]\n", f'[monitor]\nwebhook_url = "{hook.url}/hook"\n'
-                        'webhook_retries = 0\nwebhook_backoff = "0.2s"\n')
-
-    def text(name: str) -> str:
-        return cluster_text(tmp_path, sink.port, pg_schema, name, slow, max_out=1).replace(
-            'sla = "2m"', 'sla = "10s"')
-
-    nodes = {name: Served(tmp_path, name, text(name)) for name in ("node-a", "node-b")}
+    nodes = _alerting_pair(tmp_path, sink, pg_schema, f'webhook_url = "{hook.url}/hook"\n'
+                           'webhook_retries = 0\nwebhook_backoff = "0.2s"\n')
     try:
-        ports = [await node.port() for node in nodes.values()]
-        await asyncio.to_thread(send_many, ports[0], [f"s{i:02d}" for i in range(40)],
-                                "policy-documents")
+        await _backlog(nodes)
 
         async def fired_not_told() -> dict | None:
             alerts = await nodes["node-b"].api("/api/v1/alerts")
