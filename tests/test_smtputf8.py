@@ -14,9 +14,11 @@ from tests.support.waiting import until
 ALABEL = "xn--exmple-cua.org"  # exämple.org
 
 
-async def _submit(port: int, mail_from: str, rcpts: list[str], body: bytes) -> list[str]:
+async def _submit(port: int, mail_from: str, rcpts: list[str], body: bytes,
+                  params: str = " SMTPUTF8") -> list[str]:
+    """One transaction on a raw session (MAIL with ``params``); every reply."""
     raw = await session(port)
-    replies = [await raw.cmd(f"MAIL FROM:<{mail_from}> SMTPUTF8".encode() + b"\r\n")]
+    replies = [await raw.cmd(f"MAIL FROM:<{mail_from}>{params}".encode() + b"\r\n")]
     for rcpt in rcpts:
         replies.append(await raw.cmd(f"RCPT TO:<{rcpt}>".encode() + b"\r\n"))
     replies.append(await raw.cmd("DATA"))
@@ -137,19 +139,6 @@ def _outcomes(tmp_path, count: int, rcpt: str = "anna@example.com"):
     return found
 
 
-async def _submit_plain(port: int, mail_from: str, rcpts: list[str], body: bytes,
-                        params: str = "") -> list[str]:
-    raw = await session(port)
-    replies = [await raw.cmd(f"MAIL FROM:<{mail_from}>{params}".encode() + b"\r\n")]
-    for rcpt in rcpts:
-        replies.append(await raw.cmd(f"RCPT TO:<{rcpt}>".encode() + b"\r\n"))
-    replies.append(await raw.cmd("DATA"))
-    raw.send(body + b".\r\n")
-    replies.append(await raw.reply())
-    await raw.close()
-    return replies
-
-
 async def test_utf8_header_that_asked_for_smtputf8_bounces_at_a_server_without_it(
         tmp_path, make_node):
     """ASCII addresses, UTF-8 Subject, given with SMTPUTF8: the spool did not keep the
@@ -195,8 +184,8 @@ async def test_utf8_header_without_smtputf8_goes_as_8bit_mail(tmp_path, make_nod
     target = await Sink(smtputf8=False).start()
     try:
         node = await make_node(config_text(tmp_path, target.port))
-        replies = await _submit_plain(node.listeners[0].port, "s@example.com",
-                                      ["anna@example.com"], UTF8_HEADERS, " BODY=8BITMIME")
+        replies = await _submit(node.listeners[0].port, "s@example.com",
+                                ["anna@example.com"], UTF8_HEADERS, " BODY=8BITMIME")
         assert [r[:3] for r in replies] == ["250", "250", "354", "250"]
         [arrival] = await target.wait_for(1)
         assert not arrival.smtputf8 and b"Subject: Pr\xc3\xbcfung" in arrival.data
@@ -226,8 +215,8 @@ async def test_eight_bit_mail_to_a_seven_bit_server_bounces_unconverted(tmp_path
     try:
         node = await make_node(config_text(tmp_path, target.port))
         body = "From: s@example.com\r\nSubject: plain\r\n\r\nGrüße\r\n".encode()
-        await _submit_plain(node.listeners[0].port, "s@example.com", ["anna@example.com"],
-                            body, " BODY=8BITMIME")
+        await _submit(node.listeners[0].port, "s@example.com", ["anna@example.com"], body,
+                      " BODY=8BITMIME")
         [bounce] = await until(_outcomes(tmp_path, 1), what="the outcome")
         assert bounce["type"] == "b" and bounce["dsnStatus"] == "5.6.3"
         assert target.rcpt_attempts.get("anna@example.com", 0) == 0
