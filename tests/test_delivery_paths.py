@@ -244,6 +244,16 @@ async def two_mx(dns_server, fault: str | list[str]) -> tuple[BadServer, Sink]:
     return bad, good
 
 
+async def _one_notice(make_node, text: str, arrives_at: Sink | BadServer) -> None:
+    """A node of ``text`` takes one policy notice to a@example.net; it is stopped once
+    ``arrives_at`` has it (its outcomes are then in the files)."""
+    node = await make_node(text)
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
+               message(cls="policy-documents"))
+    await arrives_at.wait_for(1)
+    await node.stop()
+
+
 def outcomes(tmp_path, rcpt: str) -> list[dict]:
     return [r for r in records(tmp_path) if r["rcpt"] == rcpt and r["type"] != "r"]
 
@@ -286,11 +296,8 @@ async def test_next_address_of_the_same_mx_host(tmp_path, dns_server, make_node)
     dns_server.add_a("mx1.example.net", "127.0.1.12")
     dns_server.add_a("mx2.example.net", "127.0.1.13")  # nothing listens: never reached
     try:
-        node = await make_node(mx_config(tmp_path, good.port, dns_server.port))
-        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
-                   message(cls="policy-documents"))
-        await good.wait_for(1)
-        await node.stop()
+        await _one_notice(make_node, mx_config(tmp_path, good.port, dns_server.port),
+                          good)
         [row] = outcomes(tmp_path, "a@example.net")
         assert row["type"] == "d" and row["dlvDestinationIp"] == "127.0.1.12", row
         assert "mx1.example.net" in row["dsnMta"], row
@@ -307,11 +314,8 @@ async def test_failure_in_the_transaction_defers_without_moving_on(tmp_path, dns
     same attempt (the first server may have it already); the retry goes to MX 10 again."""
     bad, good = await two_mx(dns_server, fault)
     try:
-        node = await make_node(mx_config(tmp_path, good.port, dns_server.port))
-        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
-                   message(cls="policy-documents"))
-        await bad.wait_for(1)
-        await node.stop()
+        await _one_notice(make_node, mx_config(tmp_path, good.port, dns_server.port),
+                          bad)
         rows = outcomes(tmp_path, "a@example.net")
         assert [r["type"] for r in rows] == ["t", "d"], rows
         assert rows[0]["dlvDestinationIp"] == rows[1]["dlvDestinationIp"] == "127.0.1.11"
@@ -332,11 +336,8 @@ async def test_5xx_greeting_of_every_mx_defers(tmp_path, dns_server, make_node):
     dns_server.add_a("mx1.example.net", "127.0.1.11")
     dns_server.add_a("mx2.example.net", "127.0.1.11")
     try:
-        node = await make_node(mx_config(tmp_path, bad.port, dns_server.port))
-        await send(node.listeners[0].port, "s@insurer.test", ["a@example.net"],
-                   message(cls="policy-documents"))
-        await bad.wait_for(1)
-        await node.stop()
+        await _one_notice(make_node, mx_config(tmp_path, bad.port, dns_server.port),
+                          bad)
         rows = outcomes(tmp_path, "a@example.net")
         assert [r["type"] for r in rows] == ["t", "d"], rows
         assert rows[0]["dsnStatus"] == "4.3.2" and "554 5.3.2" in rows[0]["dsnDiag"]
