@@ -11,7 +11,7 @@ connections and never block the writer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -84,6 +84,10 @@ class AuditStore(Protocol):
     def add_seal(self, seal: Seal) -> None: ...
 
     def row_at(self, seq: int) -> tuple | None: ...
+
+    def query(self, sql: str, args: Iterable = ()) -> list[tuple]:
+        """Rows of a read-only statement (the backend's placeholders)."""
+        ...
 
     def records_of(self, writer: str, first: int, last: int) -> list[tuple[int, Record]]:
         """The records of spool events ``first..last`` of ``writer`` held, in event order."""

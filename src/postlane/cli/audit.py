@@ -126,11 +126,17 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
            tsa_ca: Path | None = typer.Option(
                None, "--tsa-ca", help="the time-stamp authority's root certificate (PEM): check"
                " the seals' time-stamps too"),
+           files: bool = typer.Option(
+               False, "--files", help="compare the accounting files (rotated ones too) with the"
+               " store: lines missing, not in the store, doubled or cut (needs -c CONFIG)"),
            as_json: bool = typer.Option(False, "--json")) -> None:
     """Walk the hash chain and check the trail is complete; exit 1 and name the first altered,
     inserted, removed or reordered record, then every missing one (with -c CONFIG the spool is
     read too: recipients still queued are not missing their final record)."""
     public, roots = _seal_checkers(public_key, tsa_ca)
+    if files and (config is None or db is not None or export_dir is not None):
+        raise typer.BadParameter("--files compares the accounting files of -c CONFIG with its"
+                                 " store: give -c CONFIG, without --db or --export")
     if export_dir is not None:
         from ..audit.evidence import verify_export
 
@@ -164,11 +170,14 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
 
             seal_problems = check_seals(store.seals(), store.days(), store.row_at, public,
                                         roots, time.strftime("%Y-%m-%d", time.gmtime()))
+        filecheck = _check_files(store, config) if files and config is not None else None
     finally:
         store.close()
     if as_json:
         typer.echo(json.dumps({**result.as_dict(), "completeness": complete.as_dict(),
-                               "seals": None if public is None else seal_problems}, indent=2))
+                               "seals": None if public is None else seal_problems,
+                               **({"files": filecheck.as_dict()} if filecheck else {})},
+                              indent=2))
     else:
         if result.ok:
             typer.echo(f"ok: {result.checked} records (seq {result.first_seq}.."
@@ -187,8 +196,19 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
             typer.echo("sealed: every closed day's seal verifies and matches the chain")
         for problem in seal_problems:
             typer.echo(f"SEAL: {problem}")
-    if not (result.ok and complete.ok) or seal_problems:
+        for line in filecheck.report() if filecheck else []:
+            typer.echo(line)
+    if not (result.ok and complete.ok) or seal_problems or (filecheck and not filecheck.ok):
         raise typer.Exit(1)
+
+
+def _check_files(store: AuditStore, config: Path):
+    """The accounting files of ``config`` against ``store`` (``audit.filecheck``)."""
+    from ..audit.filecheck import check_files
+    from . import _load
+
+    acc = _load(config).accounting
+    return check_files(store, Path(acc.directory), list(acc.formats), list(acc.fields))
 
 
 def _seal_checkers(public_key: Path | None, tsa_ca: Path | None) -> tuple:
