@@ -143,6 +143,12 @@ def _records(tmp_path, name: str) -> list[dict]:
             for line in path.read_text().splitlines()]
 
 
+def _hourly(tmp_path, sink, schema: str, name: str) -> str:
+    """A cluster node whose policy notices, once deferred, wait an hour for their retry."""
+    return cluster_text(tmp_path, sink.port, schema, name).replace(
+        'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
+
+
 async def test_retry_now_on_one_node_retries_what_the_other_nodes_hold(tmp_path, sink,
                                                                       pg_schema):  # noqa: F811
     """``postlane retry POOL`` (retry now) sent to any node: a deferred recipient stays with
@@ -151,18 +157,14 @@ async def test_retry_now_on_one_node_retries_what_the_other_nodes_hold(tmp_path,
     row), and the node that holds it retries it, on the record as the operator's retry."""
     sink.rcpt_replies = {"slow@example.com": ["450 4.2.1 try later", "250 2.1.5 ok"]}
 
-    def hourly(name: str) -> str:
-        return cluster_text(tmp_path, sink.port, pg_schema, name).replace(
-            'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
-
-    b = await start_node(hourly("node-b"))
+    b = await start_node(_hourly(tmp_path, sink, pg_schema, "node-b"))
     a = None
     try:
         await send(b.listeners[0].port, "sender@insurer.test", ["slow@example.com"],
                    message("slow", cls="policy-documents"))
         await until(lambda: [r.state for r in b.scheduler.recipients()] == [State.DEFERRED],
                     timeout=30, what="node-b holding the deferred recipient")
-        a = await start_node(hourly("node-a"))
+        a = await start_node(_hourly(tmp_path, sink, pg_schema, "node-a"))
         out = await a.operations.retry("critical", who=OPERATOR)
         assert (out["recipients"], out["elsewhere"]) == (0, 1), out
         [arrival] = await sink.wait_for(1, timeout=30)
@@ -207,18 +209,14 @@ async def test_queue_retry_by_selector_on_one_node_reaches_the_node_holding_it(
     sink.rcpt_replies = {"one@example.com": ["450 4.2.1 try later", "250 2.1.5 ok"],
                          "two@example.com": ["450 4.2.1 try later", "250 2.1.5 ok"]}
 
-    def hourly(name: str) -> str:
-        return cluster_text(tmp_path, sink.port, pg_schema, name).replace(
-            'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
-
-    b = await start_node(hourly("node-b"))
+    b = await start_node(_hourly(tmp_path, sink, pg_schema, "node-b"))
     a = None
     try:
         await send(b.listeners[0].port, "sender@insurer.test",
                    ["one@example.com", "two@example.com"], message("two", cls="policy-documents"))
         await until(lambda: [r.state for r in b.scheduler.recipients()] == [State.DEFERRED] * 2,
                     timeout=30, what="node-b holding both deferred")
-        a = await start_node(hourly("node-a"))
+        a = await start_node(_hourly(tmp_path, sink, pg_schema, "node-a"))
         out = await a.operations.queue("retry", Selector(recipient="one@example.com"),
                                        who=OPERATOR)
         assert (out["recipients"], out["elsewhere"]) == (0, 1), out
