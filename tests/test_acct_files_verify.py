@@ -17,9 +17,8 @@ from postlane.accounting.records import DEFAULT_FIELDS
 from postlane.audit.filecheck import ordered
 from tests.conftest import config_text, message, send
 from tests.support.waiting import until
+from tests.test_disk_full import NO_FLOOR, fill_accounting
 from tests.test_evidence import cli
-
-NO_FLOOR = "[security]\nmin_free_space = 0\n"
 
 
 def node_config(tmp_path: Path, port: int, formats: str = '["csv", "jsonl"]',
@@ -168,11 +167,7 @@ async def test_a_running_node_has_records_not_yet_filed(tmp_path, small_fs, sink
     cfg = node_config(tmp_path, sink.port, extra=NO_FLOOR)
     node = await make_node(cfg.read_text())
     port = node.listeners[0].port
-    n = 0
-    while "accounting" not in node.health.active:
-        await send(port, "s@insurer.test", [f"u{n}@example.com"], message(f"m{n}"))
-        n += 1
-        assert n < 400, "the accounting folder never filled"
+    n = await fill_accounting(node)
     for i in range(n, n + 5):
         await send(port, "s@insurer.test", [f"u{i}@example.com"], message(f"m{i}"))
     n += 5

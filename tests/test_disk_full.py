@@ -25,6 +25,18 @@ from tests.test_api import api_client
 NO_FLOOR = "[security]\nmin_free_space = 0\n"
 
 
+async def fill_accounting(node) -> int:
+    """Send one message at a time (to u0@, u1@ ...) until the node's accounting files cannot
+    be written (its ``accounting`` state); how many were sent."""
+    n = 0
+    while "accounting" not in node.health.active:
+        await send(node.listeners[0].port, "s@insurer.test", [f"u{n}@example.com"],
+                   message(f"m{n}"))
+        n += 1
+        assert n < 400, "the accounting folder never filled"
+    return n
+
+
 async def test_a_full_accounting_folder_delays_the_files_and_doubles_no_line(
         tmp_path, small_fs, sink, make_node):
     """The recorder cannot write the accounting files: it says so once, keeps running (no
@@ -34,11 +46,7 @@ async def test_a_full_accounting_folder_delays_the_files_and_doubles_no_line(
     node = await make_node(config_text(tmp_path, sink.port, NO_FLOOR))
     recorder = node.recorder.child_pid
     port = node.listeners[0].port
-    n = 0
-    while "accounting" not in node.health.active:
-        await send(port, "s@insurer.test", [f"u{n}@example.com"], message(f"m{n}"))
-        n += 1
-        assert n < 400, "the accounting folder never filled"
+    n = await fill_accounting(node)
     for i in range(n, n + 10):  # accepted and delivered while the files cannot be written
         await send(port, "s@insurer.test", [f"u{i}@example.com"], message(f"m{i}"))
     n += 10

@@ -52,6 +52,16 @@ POSITION_FILE = ".position.json"
 _FLOATS = frozenset({"totalSecondsQueued"})  # written with 3 decimals in CSV
 
 
+
+def read_position(directory: Path, prefix: str = "acct") -> dict:
+    """The position file a node's accounting files in ``directory`` keep (their names and
+    synced sizes, ``feed``, ``lost``); {} if there is none or it cannot be read."""
+    try:
+        saved = json.loads((directory / f"{prefix}{POSITION_FILE}").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
 class AccountingLog:
     """Append-only accounting files; one file per format, all rotated together.
 

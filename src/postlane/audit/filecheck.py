@@ -17,7 +17,6 @@ line (measured: ≈ 86 bytes a line, 86 MB for a million lines), never the rows 
 from __future__ import annotations
 
 import csv
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from ..accounting.log import FORMATS, POSITION_FILE
+from ..accounting.log import FORMATS, read_position
 from ..accounting.records import RECORD_TYPES, format_time, parse_time
 from ..config.fields import resolve_fields
 from .chain import INTACT
@@ -127,14 +126,6 @@ def ordered(paths: Iterable[Path]) -> list[Path]:
     return sorted(paths, key=order)
 
 
-def _position(directory: Path) -> dict:
-    try:
-        saved = json.loads((directory / f"acct{POSITION_FILE}").read_bytes())
-        return saved if isinstance(saved, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def check_files(store: AuditStore, directory: Path, formats: list[str],
                 fields: list[str]) -> FilesCheck:
     """Compare the accounting files in ``directory`` (CSV if the node writes it, else JSONL)
@@ -152,7 +143,7 @@ def check_files(store: AuditStore, directory: Path, formats: list[str],
         return result
     fmt = "csv" if "csv" in formats else next(f for f in formats if f in FORMATS)
     result.format = fmt
-    position = _position(directory)  # before the files: what it names is in them
+    position = read_position(directory)  # before the files: what it names is in them
     feed = {str(w): int(n) for w, n in position.get("feed", {}).items()}
     lost = {str(w): (int(a), int(b)) for w, (a, b) in position.get("lost", {}).items()}
     have_position = "feed" in position

@@ -296,16 +296,15 @@ def seal(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
 def _filed(config: Path | None) -> dict[str, int] | None:
     """Each spool writer's last event in the node's accounting files (their position file),
     to find records the store lost that the files hold."""
-    from ..accounting.log import POSITION_FILE
+    from ..accounting.log import read_position
     from . import _load
 
     if config is None:
         return None
-    acc = _load(config).accounting
+    feed = read_position(Path(_load(config).accounting.directory)).get("feed")
     try:
-        feed = json.loads((Path(acc.directory) / f"acct{POSITION_FILE}").read_bytes())["feed"]
-        return {str(w): int(n) for w, n in feed.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {str(w): int(n) for w, n in feed.items()} if feed is not None else None
+    except (ValueError, TypeError, AttributeError):
         return None
 
 
