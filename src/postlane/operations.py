@@ -247,17 +247,14 @@ class Operations:
         queued and the final states that wait for them handed to the spool (the flush after
         commits them). A DSN the node cannot queue now (the spool failing, the intake
         refusing with a 4xx) is tried again in the background: 503, never "deleted" while a
-        SIGKILL would leave the message queued (one node) or its sender untold (a cluster,
-        where the final states are committed already)."""
+        SIGKILL would leave the message queued (in a cluster, leased to this node until the
+        DSN is queued, then delivered by another node after the lease)."""
         waits = self.bounces(ids) if self.bounces is not None and ids else []
         if not waits:
             return
         done, pending = await asyncio.wait(waits, timeout=DSN_WAIT)  # never cancels them
         if pending or not all(not t.cancelled() and t.exception() is None and t.result()
                               for t in done):
-            if isinstance(self.spool, PostgresSpool):
-                raise OperationError("removed, with their records; the DSN is not yet queued"
-                                     " (this node keeps trying while it runs)", 503)
             raise OperationError("removed on the running node; the DSN is not yet queued,"
                                  " their final states are written once it is", 503)
 

@@ -143,7 +143,8 @@ class OperatorActions:
                              states: tuple[State, ...], dsn: bool = False) -> list[Recipient]:
         """Cluster mode: ``who``'s ``action`` on recipients no other node holds (those this
         node took out of its queue, and unclaimed or held ones of the shared spool), written
-        with their records in one guarded transaction; returns those it changed. Nothing of
+        with their records in one guarded transaction (a delete with DSNs: after them,
+        ``_delete_telling``); returns those it changed. Nothing of
         them stays in this node's memory: held ones are nobody's, released and retried ones
         are claimed afresh by whichever node has a slot."""
         state = {"hold": State.HELD, "release": State.QUEUED, "retry": State.QUEUED}.get(
@@ -156,12 +157,37 @@ class OperatorActions:
             return [made[id(r)] for r in moved]
 
         assert isinstance(self.spool, PostgresSpool)
+        if dsn:
+            return await self._delete_telling(rcpts, action, who, states)
         moved = await self.spool.operate(rcpts, state, states, records)
         for rcpt in moved:
             self.record(made[id(rcpt)])
-            if dsn:
-                self._told(rcpt, action)
         return moved
+
+    async def _delete_telling(self, rcpts: list[Recipient], action: str, who: Operator,
+                              states: tuple[State, ...]) -> list[Recipient]:
+        """Cluster mode, a delete with DSNs: as on one node, each final state and "b" record
+        is written only once its DSN is queued (``Failure.write``). Until then the recipients
+        are leased to this node, so no other node delivers them meanwhile; a node that dies in
+        between leaves them to be delivered after its lease, never bounced untold."""
+        spool = self.spool
+        assert isinstance(spool, PostgresSpool)
+        leased = await spool.reserve(spool.node, rcpts, states, self.config.cluster.lease)
+        for rcpt, rec in zip(leased, self.operator_records(leased, action, who), strict=True):
+            self.record(rec)
+            update = RecipientUpdate(rcpt.msg.id, rcpt.idx, State.BOUNCED, rcpt.attempts, 0.0,
+                                     rec.dsn_diag)
+
+            def write(update: RecipientUpdate = update, rec: Record = rec) -> None:
+                spool.update([update], (rec,))
+                spool.finish_shared(update.msg_id)
+
+            owed = self._told(rcpt, action)
+            if owed is None:  # a null sender, or NOTIFY=NEVER: nobody to tell
+                write()
+            else:
+                owed.write = write
+        return leased
 
     # -- pause ----------------------------------------------------------------------------------
 

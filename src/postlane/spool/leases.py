@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 import asyncpg
 
-from .base import Recipient
-from .pgsql import LOAD_COLS, NOW
+from .base import Recipient, SpoolUnavailable, State
+from .pgsql import LOAD_COLS, NOW, UNREACHABLE
 
 __all__ = ["Leases"]
 
@@ -32,7 +33,7 @@ class Leases:
     """Leases of a cluster's spool (a mixin of ``PostgresSpool``, which supplies
     ``acquire``, ``_load`` and ``work_channel``): ``claim`` hands a node the most urgent
     ready recipients of a pool (``SELECT ... FOR UPDATE SKIP LOCKED``, so two nodes never
-    take the same row), ``release`` gives them back."""
+    take the same row), ``reserve`` leases chosen ones, ``release`` gives them back."""
 
     if TYPE_CHECKING:  # supplied by PostgresSpool
         work_channel: str
@@ -58,6 +59,26 @@ class Leases:
                 rows += await conn.fetch(_CLAIM.format(state="queued", order="priority, deadline"),
                                          *args[:3], limit - len(rows), *args[4:])
             return await self._load(conn, rows)
+
+    async def reserve(self, owner: str, rcpts: list[Recipient], states: Sequence[State],
+                      lease: float) -> list[Recipient]:
+        """Lease to ``owner`` those of ``rcpts`` still in ``states`` that no other node holds,
+        without changing their state; returns those. An operator's delete with a DSN: their
+        final states follow once the DSN is queued, and a node that dies in between leaves them
+        to be delivered after its lease, never bounced with the sender untold."""
+        try:
+            async with self.acquire() as conn:
+                rows = await conn.fetch(
+                    f"UPDATE recipients r SET lease_owner = $1, lease_until = {NOW} + $2"
+                    " FROM unnest($3::text[], $4::int[]) AS k (msg_id, idx)"
+                    " WHERE r.msg_id = k.msg_id AND r.idx = k.idx AND r.state = ANY($5::text[])"
+                    " AND (r.lease_owner IS NULL OR r.lease_owner = $1) RETURNING r.msg_id, r.idx",
+                    owner, lease, [r.msg.id for r in rcpts], [r.idx for r in rcpts],
+                    [s.value for s in states])
+        except UNREACHABLE as exc:
+            raise SpoolUnavailable(f"the shared spool is unreachable: {exc}") from None
+        got = {(r["msg_id"], r["idx"]) for r in rows}
+        return [r for r in rcpts if (r.msg.id, r.idx) in got]
 
     async def release(self, owner: str) -> int:
         """Give back every lease ``owner`` holds, so other nodes take the work at once."""

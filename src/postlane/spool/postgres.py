@@ -194,10 +194,15 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
 
     def finish(self, msg_id: str) -> None:
         """This node is done with a message; it is deleted once no node has work left on it."""
-        self._submit(Finish(msg_id), False)
+        self.finish_shared(msg_id)
         self._live.pop(msg_id, None)
         self._live_bodies.pop(msg_id, None)
         self._cache.pop(msg_id)
+
+    def finish_shared(self, msg_id: str) -> None:
+        """The message is deleted once no node has work left on it (this node's own copy of
+        it, if it holds other recipients of it, is left alone)."""
+        self._submit(Finish(msg_id), False)
 
     async def _run(self) -> None:
         """The writer task: commit what is queued, a batch at a time (``writer.py`` says what
