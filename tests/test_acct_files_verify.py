@@ -16,7 +16,9 @@ import pytest
 from postlane.accounting.records import DEFAULT_FIELDS
 from postlane.audit.filecheck import ordered
 from tests.conftest import config_text, message, send
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
+from tests.test_cluster import cluster_text, start_node
 from tests.test_disk_full import NO_FLOOR, fill_accounting
 from tests.test_evidence import cli
 
@@ -193,3 +195,42 @@ async def test_a_running_node_has_records_not_yet_filed(tmp_path, small_fs, sink
     res = await verify(cfg)
     assert res.exit_code == 0, res.output
     assert f"files: {2 * n} lines in" in res.output
+
+
+async def test_each_node_of_a_cluster_checks_its_own_files(tmp_path, sink, pg_schema):  # noqa: F811
+    """Two nodes on one PostgreSQL spool and audit store (one chain for the cluster): each
+    node's files hold its own records only, so the other node's records in the same span are
+    not missing from them, nor are its earlier life's; a line deleted from node-a's rotated
+    file is."""
+    texts = {name: cluster_text(tmp_path, sink.port, pg_schema, name).replace(
+        'formats = ["csv", "jsonl"]', 'formats = ["csv", "jsonl"]\nrotate_size = 2048')
+        for name in ("node-a", "node-b")}
+    nodes = [await start_node(text) for text in texts.values()]
+    try:
+        for i in range(16):  # interleaved: both nodes' records share one time span
+            if i == 8:  # node-a's second life writes on under a new spool writer id
+                await nodes[0].stop()
+                nodes[0] = await start_node(texts["node-a"])
+            node = nodes[i % 2]
+            await send(node.listeners[0].port, "s@insurer.test", [f"u{i}@example.com"],
+                       message(f"m{i}"))
+            await sink.wait_for(i + 1)
+            await node.flush_evidence()
+    finally:
+        for node in nodes:
+            await node.stop()
+    cfgs = {}
+    for name, text in texts.items():
+        cfgs[name] = tmp_path / f"{name}.toml"
+        cfgs[name].write_text(text)
+        res = await verify(cfgs[name])
+        assert res.exit_code == 0, res.output
+        assert "match the store" in res.output and "missing" not in res.output
+    files = ordered((tmp_path / "acct-node-a").glob("acct-*.csv"))
+    assert len(files) >= 3
+    lines = files[1].read_bytes().splitlines(keepends=True)
+    files[1].write_bytes(b"".join(lines[:2] + lines[3:]))
+    res = await verify(cfgs["node-a"])
+    assert res.exit_code == 1, res.output
+    assert f"FILES: missing from the files: {identity(lines[2])}" in res.output
+    assert (await verify(cfgs["node-b"])).exit_code == 0
