@@ -32,16 +32,17 @@ RUN apt-get update \
     && chmod 0700 /etc/postlane /var/lib/postlane
 COPY --from=build /wheels /wheels
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# The node runs on its own interpreter: a copy of python3.12 in a virtualenv (python and python3
-# link to it), allowed to bind ports 25 and 587 as uid 10025 (cap_net_bind_service, a file
-# capability); the image's /usr/local/bin/python stays without it.
+# The node runs on its own interpreter: a copy of the image's python3.X in a virtualenv (python
+# and python3 link to it), allowed to bind ports 25 and 587 as uid 10025 (cap_net_bind_service, a
+# file capability); the image's /usr/local/bin/python stays without it.
 RUN python -m venv --copies /opt/postlane \
-    && ln -sf python3.12 /opt/postlane/bin/python \
-    && ln -sf python3.12 /opt/postlane/bin/python3 \
+    && py="$(python -c 'import sys; print("python%d.%d" % sys.version_info[:2])')" \
+    && ln -sf "$py" /opt/postlane/bin/python \
+    && ln -sf "$py" /opt/postlane/bin/python3 \
     && /opt/postlane/bin/python -m pip install --no-cache-dir /wheels/*.whl \
     && rm -rf /wheels \
-    && setcap cap_net_bind_service=+ep /opt/postlane/bin/python3.12 \
-    && getcap /opt/postlane/bin/python3.12 | grep -q cap_net_bind_service
+    && setcap cap_net_bind_service=+ep "/opt/postlane/bin/$py" \
+    && getcap "/opt/postlane/bin/$py" | grep -q cap_net_bind_service
 ENV PATH=/opt/postlane/bin:$PATH
 # numeric, so that runtimes checking runAsNonRoot can tell (uid 10025 is the postlane user)
 USER 10025:10025
