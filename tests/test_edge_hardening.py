@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email
 import logging
+import re
 import smtplib
 import socket
 import ssl
@@ -17,6 +19,7 @@ import ssl
 import pytest
 
 from postlane.harness.sink import Sink
+from postlane.maildate import header_date
 from postlane.node import Node
 from postlane.policy.intake import RcptIn
 from postlane.policy.users import User, hash_password, save_user
@@ -79,6 +82,20 @@ async def test_ehlo_name_is_validated_and_never_reaches_a_header(tmp_path, sink,
     assert b"Received: from WIN_HOST.local (127.0.0.1)" in head
     assert b"X-Injected" not in arrival.data and b"\x00" not in head
     assert head.count(b"\r") == head.count(b"\r\n")
+
+
+async def test_the_received_stamp_and_a_missing_date_say_utc_as_plus_0000(tmp_path, sink,
+                                                                          make_node):
+    """RFC 5322 3.3: ``-0000`` says the zone is unknown (``email.utils.formatdate``'s default,
+    what the node wrote); UTC is ``+0000``, as Postfix writes it in the Received it adds."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"], message())
+    [arrival] = await sink.wait_for(1)
+    head = email.message_from_bytes(arrival.data)
+    stamp = head["Received"].rsplit(";", 1)[1].strip()
+    assert re.fullmatch(r"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000", stamp), stamp
+    assert head["Date"].endswith(" +0000"), head["Date"]
+    assert header_date(1796582144.9) == "Sun, 06 Dec 2026 18:35:44 +0000"
 
 
 async def test_a_header_the_node_writes_carries_no_control_character(tmp_path, sink, make_node):

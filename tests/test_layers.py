@@ -42,7 +42,7 @@ LAYERS: list[set[str]] = [
     {"accounting"},                                 # records and their CSV/JSONL files
     {"config"},                                     # data and validation of data
     {"address", "schema", "secretfile", "childproc", "health", "logsetup",  # leaf helpers
-     "streams"},
+     "streams", "maildate"},
 ]
 
 DEBT: dict[tuple[str, str], str] = {

@@ -19,12 +19,12 @@ from email.header import decode_header
 from email.message import EmailMessage
 from email.policy import compat32
 from email.policy import default as default_policy
-from email.utils import formatdate
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..address import PathError, parse_path
+from ..maildate import header_date
 
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@(?:[A-Za-z0-9.-]|[^\x00-\x7f])+$")
 """Bare local@domain; a domain of LDH labels or U-labels (``parse_path`` then checks IDNA 2008,
@@ -194,7 +194,7 @@ class MessageIn(BaseModel):
         msg["To"] = ", ".join(self.to)
         if self.cc:
             msg["Cc"] = ", ".join(self.cc)
-        msg["Date"] = formatdate()
+        msg["Date"] = header_date()
         if self.subject is not None:
             msg["Subject"] = self.subject
         if self.correlation_id:

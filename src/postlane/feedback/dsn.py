@@ -11,11 +11,12 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import EmailMessage, Message, MIMEPart
 from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
+from email.utils import make_msgid
+
+from ..maildate import header_date
 
 __all__ = ["FailedRecipient", "build_bounce", "should_bounce"]
 
@@ -105,10 +106,6 @@ def _original_recipient(orcpt: str) -> str:
 def _unxtext(text: str) -> str:
     """RFC 3461 xtext decoded (``+2B`` is ``+``): ENVID and ORCPT arrive encoded."""
     return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), text)
-
-
-def _date(ts: float) -> str:
-    return format_datetime(datetime.fromtimestamp(ts, UTC))
 
 
 def _block(fields: list[tuple[str, str]]) -> Message:
@@ -223,7 +220,7 @@ def build_bounce(
         if all_delayed
         else "Undelivered Mail Returned to Sender"
     )
-    msg["Date"] = _date(now)
+    msg["Date"] = header_date(now)
     msg["Message-ID"] = make_msgid(domain=reporting_mta)
     msg["Auto-Submitted"] = "auto-replied"
     msg["MIME-Version"] = "1.0"
@@ -236,7 +233,7 @@ def build_bounce(
     per_message = [("Original-Envelope-Id", _escaped(_unxtext(envid)))] if envid else []
     per_message += [
         ("Reporting-MTA", f"dns; {_dsn_text(reporting_mta)}"),
-        ("Arrival-Date", _date(arrival_date)),
+        ("Arrival-Date", header_date(arrival_date)),
     ]
     if queue_id:
         per_message.append(("X-Postlane-Queue-ID", _dsn_text(queue_id)))
@@ -255,7 +252,7 @@ def build_bounce(
         if r.diagnostic:
             fields.append(("Diagnostic-Code", f"smtp; {_dsn_text(r.diagnostic)[:_DIAG_MAX]}"))
         if r.last_attempt is not None:
-            fields.append(("Last-Attempt-Date", _date(r.last_attempt)))
+            fields.append(("Last-Attempt-Date", header_date(r.last_attempt)))
         blocks.append(_block(fields))
     status = MIMEPart(policy=policy)
     status["Content-Type"] = "message/delivery-status"

@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from ..maildate import header_date
+
 log = logging.getLogger("postlane.monitor")
 
 
@@ -312,7 +314,7 @@ def mail_notifier(submit: Callable[[bytes], Awaitable[str]], node: str, sender: 
         msg = EmailMessage()
         msg["From"] = sender
         msg["To"] = to
-        msg["Date"] = formatdate()
+        msg["Date"] = header_date()
         msg["Subject"] = _inert(f"[postlane {where}] {event.upper()}: {alert.message}")
         when = alert.fired_at if event == "fired" else alert.resolved_at
         msg.set_content(

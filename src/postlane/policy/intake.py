@@ -15,13 +15,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import formatdate, parseaddr
+from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any
 
 from ..accounting.records import Record
 from ..address import PathError, alabel_domain
 from ..config import Config
 from ..health import Health
+from ..maildate import header_date
 from ..spool import Message, Recipient, Spool, SpoolUnavailable, local_dir
 from ..spool.disk import DiskGuard, guarded_folders
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
@@ -104,19 +105,6 @@ def from_domain_of(value: str) -> str:
 
 def _never() -> bool:
     return False
-
-
-_date_cache: tuple[int, str] = (0, "")
-
-
-def header_date(now: float) -> str:
-    """``formatdate`` of ``now`` (RFC 5322, whole seconds), made once per second: intake
-    stamps every message's Received (and a Date when it has none)."""
-    global _date_cache
-    second = int(now)
-    if _date_cache[0] != second:
-        _date_cache = (second, formatdate(second))
-    return _date_cache[1]
 
 
 class Intake:

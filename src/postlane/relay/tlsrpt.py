@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from email.utils import formatdate, make_msgid
+from email.utils import make_msgid
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from ..config import Config
+from ..maildate import header_date
 from ..secretfile import private_file
 from .mx import DNSTempError, MXResolver, txt_strings
 
@@ -263,7 +264,7 @@ class TLSReports:
         msg = MIMEMultipart("report", report_type="tlsrpt")
         msg["From"] = self.mail_from
         msg["To"] = address
-        msg["Date"] = formatdate()
+        msg["Date"] = header_date()
         msg["Message-ID"] = make_msgid(domain=submitter)
         msg["Subject"] = (f"Report Domain: {domain} Submitter: {submitter}"
                           f" Report-ID: <{report['report-id']}>")
