@@ -3,17 +3,22 @@ asynchronous bounces, synchronous bounce categories, FBL complaints and complain
 
 from __future__ import annotations
 
+import asyncio
 import email
 import logging
 import re
 import smtplib
 import time
+from pathlib import Path
 
 import pytest
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import config_text, message, records, send
 from tests.support.waiting import until
+from tests.test_evidence import cli as evidence_cli
+
+DATA = Path(__file__).parent / "data" / "feedback"
 
 QMAIL_BOUNCE = """Return-Path: <>\r
 Date: 24 Apr 2013 00:00:00 +0900\r
@@ -151,6 +156,41 @@ async def test_verp_round_trip_remote_bounces_become_rb_records_and_suppressions
     qids = {r["queueId"] for r in records(tmp_path) if r["type"] == "d"}
     assert rb["v1@example.com"]["queueId"] in qids
     assert rb["v2@example.com"]["bounceCat"] == "bad-mailbox"
+
+
+async def test_a_success_dsn_back_at_the_verp_address_is_an_rd_record_in_the_evidence(
+        tmp_path, sink, make_node, caplog):
+    """NOTIFY=SUCCESS is passed on; the receiving side's success DSN (Postfix's, as it sent
+    one to a VERP address) comes back to the bounce domain and was "report ignored": the
+    proof of delivery to the mailbox was dropped. It is an "rd" record now, and the evidence
+    says so; a report to a forged VERP address proves nothing."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(_config(tmp_path, sink.port))
+    node = await make_node(cfg.read_text())
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["v1@example.com"], message("campaign", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    verp = arrival.mail_from
+    template = (DATA / "postfix-success-dsn.eml").read_text()
+    report = template.replace("{verp}", verp).replace("{rcpt}", "v1@example.com")
+    await send(port, "", [verp], report.replace("\n", "\r\n").encode())
+    forged = verp.replace("v1=example.com", "v9=example.com")
+    with caplog.at_level(logging.WARNING, logger="postlane.feedback"):
+        await send(port, "", [forged], template.replace("{verp}", forged).replace(
+            "{rcpt}", "v9@example.com").replace("\n", "\r\n").encode())
+    assert "delivery report without a valid VERP address ignored" in caplog.text
+    await node.stop()
+    [rd] = [r for r in records(tmp_path) if r["type"] == "rd"]
+    [d] = [r for r in records(tmp_path) if r["type"] == "d"]
+    assert (rd["rcpt"], rd["queueId"], rd["dsnAction"], rd["dsnStatus"]) == (
+        "v1@example.com", d["queueId"], "delivered", "2.0.0")
+    assert rd["dsnDiag"] == "X-Postfix; delivery via local: delivered to mailbox"
+    res = await asyncio.to_thread(evidence_cli, "show", "-c", str(cfg), "--queue-id",
+                                  d["queueId"])
+    assert res.exit_code == 0, res.output
+    assert ("reports it delivered: X-Postfix; delivery via local: delivered to mailbox"
+            "  [2.0.0]") in res.output
+    assert "outcome: delivered, confirmed by the receiving side's delivery report" in res.output
 
 
 async def test_synchronous_bounce_gets_its_category_and_suppresses(tmp_path, sink, make_node):

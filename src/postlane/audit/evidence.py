@@ -79,7 +79,15 @@ class Trail:
             return "expired"
         if final["bounce_cat"] == "purged":
             return final["dsn_diag"] or "purged by operator"
+        if final["type"] == "d" and self.confirmed:
+            return "delivered, confirmed by the receiving side's delivery report"
         return _OUTCOMES[final["type"]]
+
+    @property
+    def confirmed(self) -> list[dict]:
+        """The receiving side's success DSNs ("rd": NOTIFY=SUCCESS was passed on, and the
+        report came back to the VERP address): delivery to the mailbox, in its own words."""
+        return [r for r in self.rows if r["type"] == "rd"]
 
     @property
     def not_deliverable(self) -> str | None:
@@ -128,6 +136,7 @@ class Trail:
             "operations": [{"time": format_time(r["time_logged"]), "type": r["type"],
                             "operator": r["operator"], "detail": r["dsn_diag"]}
                            for r in self.operations],
+            "delivery_reports": [_event(r) for r in self.confirmed],
             "outcome": self.outcome, "total_seconds_queued": self.latency,
             "unknown_attempts": [{"attempt": r["attempt"],
                                   "started_after_s": r["total_seconds_queued"]}
@@ -210,6 +219,12 @@ def render_text(items: list[Trail], now: float) -> str:
                     not row["dlv_destination_ip"]:
                 lines.append(f"  {_t(row['time_logged'])}  expired before delivery: "
                              f"{row['dsn_diag']}")
+                continue
+            if row["type"] in ("rb", "rd"):  # a report of the receiving side, after relay
+                what = "bounced it" if row["type"] == "rb" else f"reports it {row['dsn_action']}"
+                lines.append(f"  {_t(row['time_logged'])}  the receiving side"
+                             f" ({row['dsn_mta'] or row['src_mta'] or '-'}) {what}:"
+                             f" {row['dsn_diag'] or '-'}  [{row['dsn_status']}]")
                 continue
             verb = {"d": "delivered", "t": "deferred", "b": "bounced",
                     "u": "OUTCOME UNKNOWN (node stopped)"}.get(row["type"], row["type"])

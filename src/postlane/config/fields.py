@@ -10,10 +10,12 @@ __all__ = ["CORRELATION_HEADER_FIELD", "DEFAULT_FIELDS", "RECORD_TYPES", "resolv
 
 #: r received, d delivered, t transient failure (deferred), b bounced (an expired recipient is a
 #: "b" with bounce_cat "message-expired", dsn_status "4.4.7", dsn_action "failed"), rb remote
-#: (asynchronous) bounce, f feedback/complaint, s suppressed, u outcome unknown (an attempt
-#: started, the final dot may have been sent, and the node stopped before recording the reply),
-#: o an operator's action (pause, resume, hold, release, retry, suppress …; see operations.py).
-RECORD_TYPES: frozenset[str] = frozenset({"r", "d", "t", "b", "rb", "f", "s", "u", "o"})
+#: (asynchronous) bounce, rd remote delivery report (the receiving side's success DSN, asked for
+#: with NOTIFY=SUCCESS, back at the VERP address), f feedback/complaint, s suppressed, u outcome
+#: unknown (an attempt started, the final dot may have been sent, and the node stopped before
+#: recording the reply), o an operator's action (pause, resume, hold, release, retry, suppress
+#: …; see operations.py).
+RECORD_TYPES: frozenset[str] = frozenset({"r", "d", "t", "b", "rb", "rd", "f", "s", "u", "o"})
 
 CORRELATION_HEADER_FIELD = "header_X-Correlation-ID"
 

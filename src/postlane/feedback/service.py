@@ -185,8 +185,8 @@ class FeedbackService:
 
     async def receive(self, data: bytes, rcpts: list[str], client: str = "") -> Report | None:
         """Act on a report received for ``rcpts`` (our VERP, FBL, unsubscribe or DMARC
-        addresses): "rb" records for failed recipients, "f" records for complaints,
-        suppressions; DMARC aggregate reports go to the reputation store."""
+        addresses): "rb" records for failed recipients, "rd" for delivery reports, "f" records
+        for complaints, suppressions; DMARC aggregate reports go to the reputation store."""
         if self.dmarc is not None and any(self.dmarc.is_rua(r) for r in rcpts):
             await self.dmarc.receive(data, client)
             rcpts = [r for r in rcpts if not self.dmarc.is_rua(r)]
@@ -235,24 +235,31 @@ class FeedbackService:
                     self._suppress(address, "marketing", f"complaint ({ftype})", "complaint")
             log.info("complaint", extra={"type": ftype, "recipients": len(targets)})
             return
-        if report.kind not in ("bounce", "delay"):
+        if report.kind not in ("bounce", "delay", "delivered"):
             log.info("report ignored", extra={"kind": report.kind, "to": rcpts})
             return
-        failed = [r for r in report.recipients if r.action == "failed"]
-        if not verps:  # anyone can send a DSN: without our signature it suppresses nobody
-            log.warning("bounce without a valid VERP address ignored", extra={
-                "to": rcpts, "named": [r.address for r in failed][:10]})
+        # a bounce names failed recipients; a success DSN (NOTIFY=SUCCESS, passed on when the
+        # mail was relayed) delivered, relayed or expanded ones
+        wanted = ("failed",) if report.kind != "delivered" else (
+            "delivered", "relayed", "expanded")
+        named = [r for r in report.recipients if r.action in wanted]
+        if not verps:  # anyone can send a DSN: without our signature it proves nothing
+            log.warning(f"{'bounce' if report.kind != 'delivered' else 'delivery report'}"
+                        " without a valid VERP address ignored",
+                        extra={"to": rcpts, "named": [r.address for r in named][:10]})
             return
         for verp in verps:  # the VERP names the recipient for certain; the text may not
-            match = next((r for r in failed if r.address.lower() == verp.recipient.lower()),
-                         failed[0] if len(failed) == 1 else None)
+            match = next((r for r in named if r.address.lower() == verp.recipient.lower()),
+                         named[0] if len(named) == 1 else None)
             if match is None:
                 continue
-            self.record(Record(type="rb", rcpt=verp.recipient, queue_id=verp.queue_id,
-                               dsn_action="failed", dsn_status=match.status,
+            self.record(Record(type="rb" if match.action == "failed" else "rd",
+                               rcpt=verp.recipient, queue_id=verp.queue_id,
+                               dsn_action=match.action, dsn_status=match.status,
                                dsn_diag=match.diagnostic or f"{report.method};",
                                dsn_mta=f"dns;{match.remote_mta}" if match.remote_mta else "",
-                               bounce_cat=match.category, **base))
+                               bounce_cat=match.category if match.action == "failed" else "",
+                               **base))
 
     # -- unsubscribe ----------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1
 disable_created_metrics()  # no *_created series: promtool and most dashboards do not want them
 
 _OUTCOMES = {"r": "received", "d": "delivered", "t": "deferred", "rb": "remote_bounce",
-             "f": "complaint", "s": "suppressed", "u": "unknown"}
+             "rd": "remote_delivered", "f": "complaint", "s": "suppressed", "u": "unknown"}
 _BOUNCES = {"message-expired": "expired", "purged": "purged"}
 """The outcome of a "b" record by its bounce category (otherwise "bounced")."""
 
