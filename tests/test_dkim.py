@@ -307,6 +307,31 @@ async def test_key_file_vanishing_at_run_time_gives_451_and_a_record(tmp_path, k
     assert told[1].refusals == 3
 
 
+async def test_a_dsn_is_signed_by_the_organisations_key_when_the_hostname_has_none(
+        tmp_path, keys, sink, make_node, dns_server):
+    """Strict alignment, a key for insurer.test only, the node called mta.insurer.test: its
+    DSNs (From MAILER-DAEMON@mta.insurer.test) went out unsigned, with a warning each; they
+    are signed d=insurer.test now (a DKIM pass, aligned relaxed)."""
+    text = config_text(tmp_path, sink.port, "[dkim]\n"
+                       + key_entry(tmp_path, keys, "insurer.test", "r1"))
+    text = text.replace('hostname = "mta.test"', 'hostname = "mta.insurer.test"')
+    text = text.replace("[routes]\n", f'[routes]\n"insurer.test" = "127.0.0.1:{sink.port}"\n')
+    sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 no such user"]}
+    publish(dns_server, keys, "insurer.test", "r1")
+    node = await make_node(text)
+    data = MESSAGES["plain"].replace(b"Subject:", b"X-Postlane-Class: policy-documents\r\n"
+                                                  b"Subject:", 1)
+    await send(node.listeners[0].port, "notices@insurer.test", ["hard@example.com"], data)
+    [bounce] = await sink.wait_for(1)
+    assert bounce.rcpts == ["notices@insurer.test"]
+    head = email.message_from_bytes(bounce.data)
+    assert head["From"].endswith("@mta.insurer.test>") and "d=insurer.test" in head[
+        "DKIM-Signature"]
+    assert _valid(bounce.data, 0, dns_server)  # the top one (the original's is quoted below)
+    assert node.status()["dkim"]["unsigned"] == 0
+    await node.stop()
+
+
 async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_server):
     text = config_text(tmp_path, sink.port, "[dkim]\n"
                        + key_entry(tmp_path, keys, "insurer.test", "r1")

@@ -407,8 +407,11 @@ class Signer:
                 raise Rejection(550, f"5.7.1 From domain {from_domain} is not aligned ({mode})"
                                      f" with the signing domain {pinned} of pool {pool}")
             return [pinned]
-        if mode == "strict":
+        if mode == "strict" and not own:
             return [from_domain]
+        # relaxed, or the node's own mail (From MAILER-DAEMON@hostname): the organisation's
+        # key signs a DSN when the hostname has none of its own (aligned relaxed only, but a
+        # DKIM pass all the same, where it went unsigned)
         labels = from_domain.split(".")
         org = org_domain(from_domain)
         return [d for d in (".".join(labels[i:]) for i in range(len(labels)))
@@ -433,8 +436,9 @@ class Signer:
         """DKIM-Signature field(s) to put on top of the message, and a note for the "r"
         accounting record when it goes out unsigned (b"" and the reason).
 
-        ``own`` is mail the node writes itself (DSNs, From MAILER-DAEMON@hostname): signed when a
-        key for the hostname's domain exists, otherwise sent unsigned, never refused.
+        ``own`` is mail the node writes itself (DSNs, From MAILER-DAEMON@hostname): signed with
+        the key of the hostname's domain or, lacking one, of a parent domain in its
+        organisation; otherwise sent unsigned, never refused.
 
         Raises Rejection: 550 for a From that cannot be aligned or has no key (when the class
         must be signed), 451 when the key exists but its file is gone (temporary: the operator
