@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 
 from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.feedback.suppression import SuppressionList
 from postlane.harness.sink import Sink
+from postlane.reputation.store import ReputationStore
 from postlane.spool.hold import locked
 from tests.conftest import config_text, message, records, send
 from tests.support.waiting import until
@@ -241,6 +243,22 @@ def test_the_audit_store_commits_to_disk_before_the_spool_lets_the_events_go(tmp
         assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         store.close()
+
+
+def test_the_stores_that_answer_a_report_commit_to_disk_first(tmp_path):
+    """A complaint or an unsubscribe is in force, and a DMARC report stored, once its sender
+    has its 250: their stores commit with ``synchronous=FULL`` (they ran NORMAL, under which
+    WAL gives the last commits back to a power loss: a complainer mailed again, a report the
+    reporter will not resend lost)."""
+    suppression = SuppressionList(tmp_path / "suppression.sqlite")
+    reputation = ReputationStore(tmp_path / "reputation.sqlite")
+    try:
+        for conn in (suppression._wdb, reputation._conn):
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        suppression.close()
+        reputation.close()
 
 
 def _children(pid: int) -> list[int]:

@@ -147,7 +147,9 @@ class SuppressionList:
                 if "locked" not in str(exc) or attempt >= 100:
                     raise
                 time.sleep(0.05)
-        self._wdb.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a complaint or an unsubscribe is in force once its report is answered; under
+        # NORMAL (WAL) a power loss takes the last commits back, and the complainer is mailed
+        self._wdb.execute("PRAGMA synchronous=FULL")
         self._wdb.execute(f"PRAGMA busy_timeout={int(patience * 1000)}")
         schema.migrate(self._wdb, self.path, "suppression_migrations", MIGRATIONS, baseline)
         self._wdb.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
