@@ -18,6 +18,7 @@ def header_date(ts: float | None = None) -> str:
     message's Received (and a Date when it has none)."""
     global _cache
     second = int(time.time() if ts is None else ts)
-    if _cache[0] != second:
-        _cache = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
-    return _cache[1]
+    cached = _cache  # read once: another thread may replace it meanwhile
+    if cached[0] != second:
+        cached = _cache = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return cached[1]

@@ -144,9 +144,12 @@ class OperatorActions:
         """Cluster mode: ``who``'s ``action`` on recipients no other node holds (those this
         node took out of its queue, and unclaimed or held ones of the shared spool), written
         with their records in one guarded transaction (a delete with DSNs: after them,
-        ``_delete_telling``); returns those it changed. Nothing of
-        them stays in this node's memory: held ones are nobody's, released and retried ones
-        are claimed afresh by whichever node has a slot."""
+        ``_delete_telling``); returns those it changed. Nothing of them stays in this node's
+        memory: held ones are nobody's, released and retried ones are claimed afresh by
+        whichever node has a slot."""
+        assert isinstance(self.spool, PostgresSpool)
+        if dsn:
+            return await self._delete_telling(rcpts, action, who, states)
         state = {"hold": State.HELD, "release": State.QUEUED, "retry": State.QUEUED}.get(
             action, State.BOUNCED)
         made: dict[int, Record] = {}
@@ -156,9 +159,6 @@ class OperatorActions:
                             strict=True))
             return [made[id(r)] for r in moved]
 
-        assert isinstance(self.spool, PostgresSpool)
-        if dsn:
-            return await self._delete_telling(rcpts, action, who, states)
         moved = await self.spool.operate(rcpts, state, states, records)
         for rcpt in moved:
             self.record(made[id(rcpt)])
