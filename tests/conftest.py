@@ -112,12 +112,15 @@ def message(subject: str = "hello", *, cls: str | None = None, extra: str = "",
 
 
 def _send_sync(port: int, mail_from: str, rcpts: list[str], data: bytes,
-               mail_options: list[str] | None = None) -> dict:
+               mail_options: list[str] | None = None,
+               rcpt_options: list[str] | None = None) -> dict:
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-        return client.sendmail(mail_from, rcpts, data, mail_options or [])
+        return client.sendmail(mail_from, rcpts, data, mail_options or [], rcpt_options or [])
 
 
 async def send(port: int, mail_from: str, rcpts: list[str], data: bytes,
-               mail_options: list[str] | None = None) -> dict:
+               mail_options: list[str] | None = None,
+               rcpt_options: list[str] | None = None) -> dict:
     """Submit over real SMTP (stdlib smtplib in a thread)."""
-    return await asyncio.to_thread(_send_sync, port, mail_from, rcpts, data, mail_options)
+    return await asyncio.to_thread(_send_sync, port, mail_from, rcpts, data, mail_options,
+                                   rcpt_options)

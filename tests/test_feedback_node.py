@@ -193,6 +193,45 @@ async def test_a_success_dsn_back_at_the_verp_address_is_an_rd_record_in_the_evi
     assert "outcome: delivered, confirmed by the receiving side's delivery report" in res.output
 
 
+@pytest.mark.parametrize("case", ["no DSN at the receiver", "DSN at the receiver",
+                                  "DSN at the receiver, VERP pool", "NOTIFY=FAILURE"])
+async def test_notify_success_gets_a_relayed_dsn_where_nobody_beyond_reports(
+        tmp_path, sink, make_node, case):
+    """RFC 3461 5.2.2: NOTIFY=SUCCESS relayed to a server without DSN gets a "relayed" DSN
+    from this node (it got nothing: the parameter was dropped, the promise with it). A server
+    with DSN is given NOTIFY and reports itself, to the sender; in a VERP pool its report
+    comes back to this node (an "rd" record), so the sender gets the "relayed" DSN here too."""
+    sink.dsn = case != "no DSN at the receiver"
+    verp = case.endswith("VERP pool")
+    text = _config(tmp_path, sink.port, verp=verp).replace(
+        "[routes]\n", f'[routes]\n"insurer.test" = "127.0.0.1:{sink.port}"\n')
+    node = await make_node(text)
+    notify = "FAILURE" if case == "NOTIFY=FAILURE" else "SUCCESS,FAILURE"
+    await send(node.listeners[0].port, "app@insurer.test", ["anna@example.com"],
+               message("notice", cls="marketing" if verp else "policy-documents"),
+               rcpt_options=[f"NOTIFY={notify}"])
+    told = case not in ("DSN at the receiver", "NOTIFY=FAILURE")
+    arrivals = await sink.wait_for(2 if told else 1)
+    await node.flush_evidence()
+    await node.stop()
+    [mail] = sink.for_rcpt("anna@example.com")
+    assert mail.notify == ({"anna@example.com": notify} if sink.dsn else {})
+    dsns = [a for a in arrivals if a.rcpts == ["app@insurer.test"]]
+    assert len(sink.arrivals) == (2 if told else 1)
+    if not told:
+        assert not dsns
+        return
+    [dsn] = dsns
+    report = email.message_from_bytes(dsn.data)
+    assert dsn.mail_from == "<>" and report["Subject"] == "Successful Mail Delivery Report"
+    status = next(p for p in report.walk() if p.get_content_type() == "message/delivery-status")
+    text = status.as_string()
+    assert "Action: relayed" in text and "Status: 2.0.0" in text
+    assert "Final-Recipient: rfc822; anna@example.com" in text
+    assert [r["type"] for r in records(tmp_path) if r["rcpt"] == "anna@example.com"] == [
+        "r", "d"]
+
+
 async def test_synchronous_bounce_gets_its_category_and_suppresses(tmp_path, sink, make_node):
     sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 <hard@example.com>: user unknown"],
                          "full@example.com": ["452 4.2.2 mailbox full", "250 ok"]}

@@ -27,7 +27,7 @@ _POLICY = SMTP.clone(max_line_length=998, refold_source="none")
 # refold_source "none": the returned original's fields are written as they came. Refolding one
 # over the limit decoded its RFC 2047 words, and an encoded CR LF became fields of their own.
 _DIAG_MAX = 900  # keeps "Diagnostic-Code: smtp; ..." under 998 octets, so it is never encoded
-_ACTIONS = frozenset({"failed", "delayed"})
+_ACTIONS = frozenset({"failed", "delayed", "relayed"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _EOL = re.compile(rb"\r\n|\r|\n")
@@ -40,7 +40,7 @@ class FailedRecipient:
     """One recipient's outcome as it should appear in the DSN."""
 
     address: str
-    action: str  # "failed" | "delayed"
+    action: str  # "failed" | "delayed" | "relayed" (NOTIFY=SUCCESS, no report from beyond)
     status: str  # "5.1.1", "4.4.7", ...
     diagnostic: str = ""  # remote reply verbatim, e.g. "550 5.1.1 <x@y>: no such user"
     remote_mta: str = ""  # e.g. "mx1.example.com"
@@ -118,6 +118,7 @@ def _block(fields: list[tuple[str, str]]) -> Message:
 def _human_text(reporting_mta: str, recipients: Sequence[FailedRecipient], queue_id: str) -> str:
     failed = [r for r in recipients if r.action == "failed"]
     delayed = [r for r in recipients if r.action == "delayed"]
+    relayed = [r for r in recipients if r.action == "relayed"]
 
     def line(r: FailedRecipient) -> str:
         reply = _one_line(r.diagnostic) or f"status {r.status}"
@@ -142,6 +143,15 @@ def _human_text(reporting_mta: str, recipients: Sequence[FailedRecipient], queue
             "The mail system will keep trying.",
             "",
             *map(line, delayed),
+            "",
+        ]
+    if relayed:
+        out += [
+            "Your message was successfully relayed to the recipients below, as you",
+            "asked (NOTIFY=SUCCESS). Their mail systems will not report its delivery",
+            "to you: you may receive no further notifications.",
+            "",
+            *map(line, relayed),
             "",
         ]
     out.append("For further assistance, please contact your postmaster.")
@@ -204,21 +214,22 @@ def build_bounce(
         raise ValueError(f"RET must be HDRS or FULL, not {ret!r}")
     for r in recipients:
         if r.action not in _ACTIONS:
-            raise ValueError(f"DSN action must be failed or delayed, not {r.action!r}")
+            raise ValueError(f"DSN action must be failed, delayed or relayed, not {r.action!r}")
         if not _STATUS.fullmatch(r.status):
             raise ValueError(f"invalid DSN status {r.status!r} for {r.address!r}")
     now = time.time() if now is None else now
     policy = _POLICY if to.isascii() else _POLICY.clone(utf8=True)
-    all_delayed = all(r.action == "delayed" for r in recipients)
+    actions = {r.action for r in recipients}
 
     msg = EmailMessage(policy=policy)
     from_addr = postmaster or f"MAILER-DAEMON@{reporting_mta}"
     msg["From"] = from_addr if "<" in from_addr else f"Mail Delivery System <{from_addr}>"
     msg["To"] = to.replace("=?", "=\\x{3F}") if "=?" in to else to  # see _escaped
-    msg["Subject"] = (
-        "Delayed Mail (still being retried)"
-        if all_delayed
-        else "Undelivered Mail Returned to Sender"
+    msg["Subject"] = (  # Postfix's wording
+        "Undelivered Mail Returned to Sender" if "failed" in actions
+        else "Delayed Mail (still being retried)" if actions == {"delayed"}
+        else "Successful Mail Delivery Report" if actions == {"relayed"}
+        else "Delivery Status Notification"
     )
     msg["Date"] = header_date(now)
     msg["Message-ID"] = make_msgid(domain=reporting_mta)

@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from ..edge.smtp import BulkDataSMTP
+
+_DSN_MAIL = re.compile(r"\s(?:ENVID|RET)=\S*", re.IGNORECASE)
+_DSN_RCPT = re.compile(r"\s(?:NOTIFY|ORCPT)=\S*", re.IGNORECASE)
+_NOTIFY = re.compile(r"\sNOTIFY=(\S*)", re.IGNORECASE)
 
 
 @dataclass(slots=True)
@@ -28,6 +33,8 @@ class Arrival:
     tag: str = ""
     smtputf8: bool = False
     """The transaction was sent with the SMTPUTF8 parameter."""
+    notify: dict[str, str] = field(default_factory=dict)
+    """Each recipient's NOTIFY parameter, as given (a sink offering DSN)."""
 
 
 class _SinkSMTP(BulkDataSMTP):
@@ -35,6 +42,21 @@ class _SinkSMTP(BulkDataSMTP):
         super().__init__(sink, **kwargs)
         self.sink = sink
         self._peer_ip = ""
+        self.notify = ""
+        """The NOTIFY of the RCPT being answered (a sink offering DSN)."""
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(_DSN_MAIL.sub("", arg or "") if self.sink.dsn else arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.notify = ""
+        if self.sink.dsn and arg:
+            found = _NOTIFY.search(arg)
+            self.notify = found.group(1) if found else ""
+            arg = _DSN_RCPT.sub("", arg)
+        await super().smtp_RCPT(arg)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -64,6 +86,8 @@ class Sink:
     """Offer 8BITMIME (RFC 6152); False: a server that takes 7-bit mail only."""
     pipelining: bool = True
     """Advertise PIPELINING (RFC 2920); False: a server whose clients wait for every reply."""
+    dsn: bool = False
+    """Advertise DSN (RFC 3461): the client then passes NOTIFY, ORCPT, ENVID and RET on."""
     tag_header: bytes = b""
     """If set (e.g. b"X-Bench-Id"), each arrival's ``tag`` is that header's value."""
     arrivals: list[Arrival] = field(default_factory=list)
@@ -104,6 +128,8 @@ class Sink:
         """Advertise PIPELINING like the big providers do (aiosmtpd handles it, but is silent)."""
         session.host_name = hostname
         extra = ["250-PIPELINING"] if self.pipelining else []
+        if self.dsn:
+            extra.append("250-DSN")
         if not self.eightbitmime:
             responses = [r for r in responses if r[4:].upper() != "8BITMIME"]
         return responses[:-1] + [*extra, "250-ENHANCEDSTATUSCODES"] + responses[-1:]
@@ -117,6 +143,10 @@ class Sink:
             reply = script.pop(0) if len(script) > 1 else script[0]
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)
+            notify = getattr(server, "notify", "")
+            if notify:  # kept on the envelope until DATA makes the arrival
+                given = getattr(envelope, "notify", {})
+                envelope.notify = {**given, address: notify}  # type: ignore[attr-defined]
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -137,7 +167,7 @@ class Sink:
             time=time.time(), peer=session.peer[0] if session.peer else "",
             ehlo=session.host_name or "", mail_from=envelope.mail_from or "",
             rcpts=list(envelope.rcpt_tos), data=data if self.keep_data else b"", tls=tls,
-            tag=tag, smtputf8=bool(envelope.smtp_utf8)))
+            tag=tag, smtputf8=bool(envelope.smtp_utf8), notify=getattr(envelope, "notify", {})))
         self._event.set()
         return self.data_reply
 

@@ -141,7 +141,8 @@ class Relay:
         """The connection's facts every outcome's record carries (addresses, MX, TLS)."""
         return {"source_ip": slot.address, "dest_ip": conn.peer_ip, "mx": conn.server_name,
                 "tls": conn.tls_version or "", "cipher": conn.tls_cipher or "",
-                "tls_auth": conn.tls_auth, "tls_policy": conn.tls_policy, "vmta": slot.ehlo}
+                "tls_auth": conn.tls_auth, "tls_policy": conn.tls_policy, "vmta": slot.ehlo,
+                "dsn": "yes" if "DSN" in conn.extensions else ""}
 
     async def transact(self, conn: SMTPConnection, batch: list[Recipient],
                        info: dict[str, str]) -> list[Outcome]:
