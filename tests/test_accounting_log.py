@@ -175,6 +175,44 @@ def test_rotation_by_size(tmp_path: Path) -> None:
         assert path.stat().st_size < 600 + one_row
 
 
+def test_a_closed_file_changed_outside_postlane_is_named_at_open(tmp_path: Path,
+                                                                  caplog) -> None:
+    """A rotated file is never written again, so its size when closed is kept in the
+    position: a cut or an edit since is named when the files are opened (the node's start),
+    not only when someone runs ``audit verify --files``. A file moved or compressed away (a
+    log shipper, deploy/accounting-archive.sh) is not a change."""
+    def run() -> AccountingLog:
+        log = AccountingLog(tmp_path, rotate_bytes=600, formats=("csv", "jsonl"),
+                            clock=FakeClock())
+        for i in range(12):
+            log.write(make_record(i))
+            log.sync()
+        return log
+
+    run().close()
+    csvs = sorted(tmp_path.glob("*.csv"))
+    assert len(csvs) > 3
+    with caplog.at_level("ERROR", logger="postlane.accounting.log"):
+        untouched = AccountingLog(tmp_path, formats=("csv", "jsonl"), clock=FakeClock())
+    assert untouched.changed == [] and not caplog.records
+    assert len(untouched.closed) == 2 * len(csvs)  # every format's files, the last run's too
+    untouched.close()
+    cut, shipped = csvs[1], csvs[0]
+    size = cut.stat().st_size
+    os.truncate(cut, size - 10)
+    shipped.rename(shipped.with_suffix(".csv.gz"))
+    for _ in range(2):  # still named at the next open: the position keeps the size
+        caplog.clear()
+        with caplog.at_level("ERROR", logger="postlane.accounting.log"):
+            again = AccountingLog(tmp_path, formats=("csv", "jsonl"), clock=FakeClock())
+        assert again.changed == [f"{cut} is {size - 10} bytes, {size} when it was closed"]
+        assert [r.getMessage() for r in caplog.records] == [
+            f"accounting file {cut} is {size - 10} bytes, {size} when it was closed: it was"
+            " changed outside Postlane; postlane audit verify --files names the records it"
+            " lacks or adds"]
+        again.close()
+
+
 def test_rotation_by_age(tmp_path: Path) -> None:
     clock = FakeClock()
     log = AccountingLog(tmp_path, rotate_seconds=60, clock=clock)

@@ -58,12 +58,18 @@ def test_accounting_archive_compresses_only_closed_files(tmp_path):
     for name in ("acct-20261101-000000.csv", "acct-20261102-000000.csv", "alerts.jsonl"):
         (acct / name).write_text("type\n")
     (acct / "acct.position.json").write_text(json.dumps(
-        {"files": {"csv": [str(acct / "acct-20261102-000000.csv"), 5]}, "feed": {}}))
+        {"files": {"csv": [str(acct / "acct-20261102-000000.csv"), 5]}, "feed": {},
+         "closed": {str(acct / "acct-20261101-000000.csv"): 5}}))  # closed for good
     subprocess.run(["sh", str(REPO / "deploy" / "accounting-archive.sh"), str(acct), "400"],
                    check=True, timeout=30)
     assert sorted(p.name for p in acct.iterdir()) == [
         "acct-20261101-000000.csv.gz", "acct-20261102-000000.csv", "acct.position.json",
         "alerts.jsonl"]
+    (acct / "acct-20261103-000000.csv").write_text("type\n")
+    (acct / "acct.position.json").write_text("{not json")  # cannot tell what is open: stop
+    done = subprocess.run(["sh", str(REPO / "deploy" / "accounting-archive.sh"), str(acct),
+                           "400"], capture_output=True, timeout=30)
+    assert done.returncode != 0 and (acct / "acct-20261103-000000.csv").exists()
 
 
 class NotifySocket:

@@ -48,6 +48,9 @@ FORMATS: tuple[str, ...] = ("csv", "jsonl")
 _FILE_MODE = 0o640
 _DIR_MODE = 0o750
 _BUFFER_BYTES = 256 * 1024
+CLOSED_KEPT = 64
+"""Rotated files the position remembers the size of (a check at open, not a full proof:
+``postlane audit verify --files`` compares every line of every file with the store)."""
 POSITION_FILE = ".position.json"
 _FLOATS = frozenset({"totalSecondsQueued"})  # written with 3 decimals in CSV
 
@@ -130,6 +133,11 @@ class AccountingLog:
         position lost: kept in the position until the recorder has written them again (and
         taken them out of here); a failed write puts back what the last sync had."""
         self._synced_lost: dict[str, tuple[int, int]] = {}
+        self.closed: dict[str, int] = {}
+        """The last ``CLOSED_KEPT`` rotated files and their sizes when closed (fsynced): one
+        that has changed since is named at open (``changed``)."""
+        self.changed: list[str] = []
+        """What open found of the closed files: each one whose size differs, and how."""
         # csv writes into a reusable in-memory buffer so the exact encoded size is known.
         self._csv_buf = io.StringIO()
         self._csv = csv.writer(self._csv_buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
@@ -332,12 +340,15 @@ class AccountingLog:
         current files are synced and named by the position already. New files that cannot be
         set up (the disk full) are removed and the current ones stay."""
         old, old_paths, old_opened = self._files, self.current_paths, self._opened_at
-        old_runs, old_records = self._runs, self._records
+        old_runs, old_records, old_closed = self._runs, self._records, dict(self.closed)
         new = self._create_files()
+        for fmt in old:
+            self._close_as(str(old_paths[fmt]), self._synced[fmt])
         self._install(*new)
         try:
             self._save_position(self._sizes, self.feed)
         except OSError:
+            self.closed = old_closed
             self._discard(self._files, self.current_paths)
             self._files, self.current_paths, self._opened_at = old, old_paths, old_opened
             self._pending = {fmt: bytearray() for fmt in old}
@@ -361,7 +372,8 @@ class AccountingLog:
         data = json.dumps({"files": {fmt: [str(p), sizes[fmt]]
                                      for fmt, p in self.current_paths.items()},
                            "feed": dict(feed), "records": self._records,
-                           "runs": self._runs, "lost": self.lost}).encode()
+                           "runs": self._runs, "lost": self.lost,
+                           "closed": self.closed}).encode()
         path = self._position_path()
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
@@ -393,6 +405,7 @@ class AccountingLog:
             return 0
         self.feed = {str(w): int(n) for w, n in saved.get("feed", {}).items()}
         self.lost = {str(w): (int(a), int(b)) for w, (a, b) in saved.get("lost", {}).items()}
+        self._check_closed(saved.get("closed", {}))
         self._repair_torn(saved)
         cut = 0
         for name, size in saved.get("files", {}).values():
@@ -408,10 +421,34 @@ class AccountingLog:
                 finally:
                     os.close(fd)
                 cut += extra
+            # the files of the last run are closed now: this run writes new ones
+            self._close_as(name, os.path.getsize(name))
         if cut:
             log.warning("accounting files cut back by %d bytes to their last sync; the"
                         " recorder writes those records again", cut)
         return cut
+
+    def _close_as(self, name: str, size: int) -> None:
+        """Remember a file closed at ``size`` (the last ``CLOSED_KEPT`` of them)."""
+        self.closed.pop(name, None)
+        self.closed[name] = size
+        while len(self.closed) > CLOSED_KEPT:
+            del self.closed[next(iter(self.closed))]
+
+    def _check_closed(self, closed: Mapping[str, int]) -> None:
+        """Rotated files are never written again: one whose size changed since it was closed
+        was cut or edited outside Postlane (a file moved or compressed away is not checked)."""
+        for name, size in closed.items():
+            try:
+                now = os.path.getsize(name)
+            except FileNotFoundError:
+                continue
+            self.closed[name] = int(size)
+            if now != size:
+                self.changed.append(f"{name} is {now} bytes, {size} when it was closed")
+                log.error("accounting file %s is %d bytes, %d when it was closed: it was changed"
+                          " outside Postlane; postlane audit verify --files names the records"
+                          " it lacks or adds", name, now, size)
 
     def _repair_torn(self, saved: dict) -> None:
         """Files shorter than the position says (their synced tail is gone): cut every file
