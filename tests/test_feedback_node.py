@@ -232,6 +232,32 @@ async def test_notify_success_gets_a_relayed_dsn_where_nobody_beyond_reports(
         "r", "d"]
 
 
+async def test_a_report_for_a_pool_sharing_its_bounce_domain_names_the_messages_pool(
+        tmp_path, sink, make_node):
+    """Pools may share a bounce domain (``postlane init`` gives the three transactional pools
+    one): the report's records took the pool the domain was listed under last, and no class
+    nor sender, so a policy notice's remote bounce counted against the marketing pool's
+    bounce rate. The audit store's "r" record of the queue id names them now."""
+    text = _config(tmp_path, sink.port).replace(
+        "[pools.critical]\n", '[pools.critical]\nbounce_domain = "bounces.mta.test"\n')
+    node = await make_node(text)
+    port = node.listeners[0].port
+    await send(port, "notices@insurer.test", ["p1@example.com"],
+               message("notice", cls="policy-documents"))
+    [arrival] = await sink.wait_for(1)
+    assert arrival.mail_from.endswith("@bounces.mta.test")
+    await node.flush_evidence()  # the "r" record is in the store before the report comes
+    dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
+                       recipients=[FailedRecipient("p1@example.com", "failed", "5.1.1",
+                                                   "550 5.1.1 no such user", "mx.example.com")],
+                       original=arrival.data, arrival_date=time.time(), ret="HDRS")
+    await send(port, "", [arrival.mail_from], dsn)
+    await node.stop()
+    [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
+    assert (rb["vmtaPool"], rb["class"], rb["orig"]) == (
+        "critical", "policy-documents", "notices@insurer.test")
+
+
 async def test_synchronous_bounce_gets_its_category_and_suppresses(tmp_path, sink, make_node):
     sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 <hard@example.com>: user unknown"],
                          "full@example.com": ["452 4.2.2 mailbox full", "250 ok"]}

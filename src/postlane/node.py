@@ -74,7 +74,8 @@ class Node:
         complaints = ComplaintRates.for_config(config.feedback)
         self.reputation = ReputationService(config, complaints)
         self.feedback = FeedbackService(config, self.persist, rates=complaints,
-                                        dmarc=self.reputation)
+                                        dmarc=self.reputation,
+                                        origin=self.audit.received if self.audit else None)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
         # the relay counts TLS sessions for the reports, the scheduler drives the relay and the

@@ -23,7 +23,7 @@ from ..spool.postgres import CONNECT_TIMEOUT, redact
 from .backend import audit_location, open_audit_store
 from .postgres import commit_channel
 from .seal import load_private, seal_days
-from .store import AuditStore, Retention
+from .store import AuditStore, Query, Retention
 from .webhooks import WebhookSender
 
 __all__ = ["AuditService", "load_key", "retention_policies"]
@@ -81,6 +81,12 @@ class AuditService:
             if self._store is None:
                 self._store = await asyncio.to_thread(open_audit_store, self.config)
             return await asyncio.to_thread(fn, self._store)
+
+    async def received(self, queue_id: str) -> dict | None:
+        """The "r" record of a message (its pool, class and sender): a report that comes back
+        for it names only its queue id."""
+        rows = await self._call(lambda store: store.find(Query(queue_id=queue_id)))
+        return next((r for r in rows if r["type"] == "r"), None)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

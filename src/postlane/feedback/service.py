@@ -14,7 +14,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from email import message_from_bytes
 from typing import Any, Protocol, cast
 
@@ -30,11 +30,13 @@ from .parse import Report, parse_report
 from .suppression import SCOPES, Entry, SuppressionList
 from .suppression_writer import SuppressionWriter
 from .unsubscribe import TokenError, UnsubscribeSigner
-from .verp import VERP
+from .verp import VERP, VerpAddress
 
 __all__ = ["DMARCReports", "FeedbackService"]
 
 log = logging.getLogger("postlane.feedback")
+ORIGIN_WAIT = 2.0
+"""Seconds a report waits for the audit store to name its message's pool and class."""
 
 #: ARF feedback types that are the recipient asking to stop (auth-failure reports are not).
 _COMPLAINTS = frozenset({"abuse", "fraud", "virus", "opt-out", "other"})
@@ -57,8 +59,13 @@ class DMARCReports(Protocol):
 
 class FeedbackService:
     def __init__(self, config: Config, record: Callable[[Record], None], *,
-                 rates: ComplaintRates | None = None, dmarc: DMARCReports | None = None) -> None:
+                 rates: ComplaintRates | None = None, dmarc: DMARCReports | None = None,
+                 origin: Callable[[str], Awaitable[dict | None]] | None = None) -> None:
         self.config = config
+        self.origin = origin
+        """The "r" record of a queue id (the audit store's): the pool, class and sender of
+        the message a report names, which its bounce domain alone does not tell (pools may
+        share one)."""
         fb = config.feedback
         spool = local_dir(config)
         self.classifier = load_classifier(fb.bounce_rules)
@@ -198,7 +205,7 @@ class FeedbackService:
             rcpts = [r for r in rcpts if r.lower() != self.mailto]
             if not rcpts:
                 return report
-        self.act_on(report, rcpts, client)
+        self.act_on(report, rcpts, client, await self._origins(self._verps(report, rcpts)))
         await self.writes.flush()  # in force before the report's sender gets its answer
         return report
 
@@ -215,15 +222,51 @@ class FeedbackService:
             return
         log.warning("unsubscribe mail without a valid token ignored")
 
-    def act_on(self, report: Report, rcpts: list[str], client: str = "") -> None:
+    def _verps(self, report: Report, rcpts: list[str]) -> list[VerpAddress]:
+        """The valid VERP addresses a report came to or names, one per recipient."""
+        ours = [*rcpts, *report.to, report.original_return_path]
+        return list({v.recipient.lower(): v for v in map(self.verp.decode, ours) if v}.values())
+
+    async def _origins(self, verps: list[VerpAddress]) -> dict[str, dict]:
+        """The "r" records of the messages ``verps`` name (``origin``); a store that is away
+        or slow (``ORIGIN_WAIT``) leaves the records to the bounce domain's pool."""
+        found: dict[str, dict] = {}
+        if self.origin is None:
+            return found
+        for qid in dict.fromkeys(v.queue_id for v in verps):
+            try:
+                row = await asyncio.wait_for(self.origin(qid), ORIGIN_WAIT)
+            except Exception as exc:  # noqa: BLE001 - the report is still acted on
+                log.warning("the audit store could not tell queue id %s's pool and class"
+                            " (%s): its feedback record has the bounce domain's pool", qid,
+                            type(exc).__name__)
+                continue
+            if row is not None:
+                found[qid] = row
+        return found
+
+    def act_on(self, report: Report, rcpts: list[str], client: str = "",
+               origins: Mapping[str, dict] | None = None) -> None:
+        """``origins``: the "r" record of each queue id the report names, where known."""
         now = time.time()
         ours = [*rcpts, *report.to, report.original_return_path]
-        verps = list({v.recipient.lower(): v for v in map(self.verp.decode, ours) if v}.values())
+        verps = self._verps(report, rcpts)
         pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in ours
                      if a.rpartition("@")[2].lower() in self.bounce_domains), "")
-        base: dict[str, Any] = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
-                "vmta_pool": pool, "src_type": "feedback", "src_mta": client,
-                "message_id": report.original_message_id}
+        common: dict[str, Any] = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
+                                  "vmta_pool": pool, "src_type": "feedback", "src_mta": client,
+                                  "message_id": report.original_message_id}
+
+        def of(qid: str) -> dict[str, Any]:
+            """The fields of a record about ``qid``: its message's, where the store knows."""
+            row = (origins or {}).get(qid)
+            if row is None:
+                return common
+            return {**common, "vmta_pool": row["vmta_pool"] or pool, "cls": row["cls"] or "",
+                    "orig": row["orig"] or "", "time_queued": row["time_queued"] or now,
+                    "message_id": common["message_id"] or row["message_id"] or ""}
+
+        base = of(verps[0].queue_id) if verps else common
         if report.kind == "complaint" and report.complaint is not None:
             ftype = report.complaint.feedback_type
             targets = [v.recipient for v in verps] or [r.address for r in report.recipients]
@@ -259,7 +302,7 @@ class FeedbackService:
                                dsn_diag=match.diagnostic or f"{report.method};",
                                dsn_mta=f"dns;{match.remote_mta}" if match.remote_mta else "",
                                bounce_cat=match.category if match.action == "failed" else "",
-                               **base))
+                               **of(verp.queue_id)))
 
     # -- unsubscribe ----------------------------------------------------------------------------
 
