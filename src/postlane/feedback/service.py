@@ -205,7 +205,8 @@ class FeedbackService:
             rcpts = [r for r in rcpts if r.lower() != self.mailto]
             if not rcpts:
                 return report
-        self.act_on(report, rcpts, client, await self._origins(self._verps(report, rcpts)))
+        verps = self._verps(report, rcpts)
+        self.act_on(report, rcpts, verps, client, await self._origins(verps))
         await self.writes.flush()  # in force before the report's sender gets its answer
         return report
 
@@ -245,12 +246,12 @@ class FeedbackService:
                 found[qid] = row
         return found
 
-    def act_on(self, report: Report, rcpts: list[str], client: str = "",
-               origins: Mapping[str, dict] | None = None) -> None:
-        """``origins``: the "r" record of each queue id the report names, where known."""
+    def act_on(self, report: Report, rcpts: list[str], verps: list[VerpAddress],
+               client: str = "", origins: Mapping[str, dict] | None = None) -> None:
+        """``verps``: ``_verps`` of the report; ``origins``: the "r" record of each queue id
+        the report names, where known."""
         now = time.time()
         ours = [*rcpts, *report.to, report.original_return_path]
-        verps = self._verps(report, rcpts)
         pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in ours
                      if a.rpartition("@")[2].lower() in self.bounce_domains), "")
         common: dict[str, Any] = {"time_logged": now, "time_queued": now, "orig": "", "cls": "",
