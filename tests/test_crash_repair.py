@@ -19,7 +19,7 @@ from postlane.reputation.store import ReputationStore
 from postlane.spool.hold import locked
 from tests.conftest import config_text, message, records, send
 from tests.support.waiting import until
-from tests.test_evidence import _free_port, _serve, cli
+from tests.test_evidence import _free_port, _free_ports, _serve, cli
 
 
 def _events(tmp_path: Path) -> int:
@@ -88,7 +88,7 @@ class _APINode:
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.port, self.api = _free_port(), _free_port()
+        self.port, self.api = _free_ports(2)
         self.cfg, self.log = tmp_path / "node.toml", tmp_path / "node.log"
 
     async def __aenter__(self) -> _APINode:
