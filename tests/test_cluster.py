@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import asyncpg
 import httpx
 
 from postlane.cli.cluster import cluster_status
@@ -306,6 +307,20 @@ async def test_kill_9_of_a_node_loses_no_acknowledged_message(tmp_path, sink,
         # only what node-a held at the kill may arrive twice: on its 2 connections, or delivered
         # but not yet recorded (it never holds more than 2 slots x (claim_ahead 2 + 1))
         assert twice <= 6, twice
+
+        async def adopted() -> bool:  # node-b's recorder took what node-a's left in the outbox
+            conn = await asyncpg.connect(PG_DSN)
+            try:
+                left = await conn.fetchval(
+                    f'SELECT count(*) FROM "{pg_schema}".events e JOIN "{pg_schema}".writers w'
+                    " ON w.writer = e.writer WHERE w.node = 'node-a'")
+            finally:
+                await conn.close()
+            return left == 0
+
+        await until(adopted, timeout=60, what="node-a's events recorded by node-b")
+        assert not [r for r in b.lines() if "evidence gap" in r.get("msg", "")], \
+            "what node-a's recorder stored before the kill is no gap"
     finally:
         await watcher.close()
         a.stop(signal.SIGKILL)

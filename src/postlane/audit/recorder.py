@@ -391,7 +391,9 @@ class _Feed:
             if rows is None or stored != filed:  # the store is ahead or behind: its own read
                 rows = self.outbox.read(writer, stored, BATCH)
                 values = [unpack(data) for _, data in rows]
-            if rows and rows[0][0] != stored + 1:
+            if rows and rows[0][0] > stored + 1:
+                stored = self._stored_by_anyone(writer, stored)
+            if rows and rows[0][0] > stored + 1:
                 log.error("evidence gap: events %s#%d..%d are not in the spool's outbox;"
                           " audit verify will name them", writer, stored + 1, rows[0][0] - 1)
             entries.extend((v, self.sla.get(v[6]), writer, n)
@@ -400,6 +402,19 @@ class _Feed:
             self._append(entries)
             taken += len(entries)
         return taken
+
+    def _stored_by_anyone(self, writer: str, stored: int) -> int:
+        """The store's own cursor for ``writer`` when it is ahead of this recorder's: in a
+        cluster, a dead node's recorder stored (and its spool trimmed) events before this one
+        adopted the writer, which is no gap. On a store error, ``stored``: ``_append`` tells."""
+        assert self.store is not None
+        try:
+            ahead = self.store.feed_cursors().get(writer, 0)
+        except Exception:  # noqa: BLE001 - the append that follows meets it and says so
+            return stored
+        if ahead > stored:
+            self.stored[writer] = ahead
+        return max(stored, ahead)
 
     def _file(self, writer: str, rows: list, values: list[tuple]) -> bool:
         """Write the records of events ``rows`` of ``writer`` into the files; False if they
