@@ -277,6 +277,28 @@ def test_a_crash_after_a_sync_cuts_the_files_back_to_it(tmp_path: Path) -> None:
     assert len(paths["jsonl"].read_text().splitlines()) == 2
 
 
+def test_a_position_file_of_another_shape_is_unreadable_not_fatal(tmp_path: Path, caplog) -> None:
+    """Valid JSON that is not what the log writes (edited by hand, another program's) stopped
+    the node's start with an AttributeError; it is an unreadable position: said, and the
+    files go on (records after the last sync may be written twice, as for one cut short)."""
+    log = AccountingLog(tmp_path, formats=("csv",), clock=FakeClock())
+    log.write(make_record(1))
+    log.sync({"w1": 1})
+    log.close()
+    position = tmp_path / "acct.position.json"
+    for shape in ('{"files": 5}', '[1, 2]', '{"feed": {"w1": "many"}}',
+                  '{"closed": {"a.csv": null}}', '{"runs": [[1]]}'):
+        position.write_text(shape)
+        caplog.clear()
+        again = AccountingLog(tmp_path, formats=("csv",), clock=FakeClock())
+        again.write(make_record(2))
+        again.sync({"w1": 2})
+        again.close()
+        assert [r.message for r in caplog.records if r.levelname == "ERROR"] and all(
+            "is unreadable" in r.message for r in caplog.records if r.levelname == "ERROR"), \
+            shape
+
+
 def test_a_line_separator_in_a_value_does_not_split_a_jsonl_line(tmp_path: Path) -> None:
     """JSON allows U+2028, U+2029 and NEL raw in a string, and orjson writes them so; a Message-ID
     or remote reply holding one split the record for every reader that breaks lines where

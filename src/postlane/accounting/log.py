@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -64,6 +65,26 @@ def read_position(directory: Path, prefix: str = "acct") -> dict:
     except (OSError, ValueError):
         return {}
     return saved if isinstance(saved, dict) else {}
+
+def _check_shape(saved: Any) -> None:
+    """Raise ValueError or TypeError unless ``saved`` has the shape ``_save_position`` writes
+    (valid JSON edited or cut by hand must not stop the node: it is an unreadable position)."""
+    def whole(*values: Any) -> None:
+        if not all(isinstance(v, int) for v in values):
+            raise TypeError(f"not whole numbers: {values!r}")
+
+    if not isinstance(saved, dict):
+        raise TypeError("not a JSON object")
+    for name, size in saved.get("files", {}).values():
+        os.fspath(name)
+        whole(size)
+    whole(*saved.get("feed", {}).values(), saved.get("records", 0))
+    for first, last in saved.get("lost", {}).values():
+        whole(first, last)
+    whole(*saved.get("closed", {}).values())
+    for _, first, last in saved.get("runs", []):
+        whole(first, last)
+
 
 class AccountingLog:
     """Append-only accounting files; one file per format, all rotated together.
@@ -397,11 +418,12 @@ class AccountingLog:
         path = self._position_path()
         try:
             saved = json.loads(path.read_bytes())
+            _check_shape(saved)
         except FileNotFoundError:
             return 0
-        except ValueError:
-            log.error("accounting position file %s is unreadable; records after the last"
-                      " sync may appear twice in the files", path)
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.error("accounting position file %s is unreadable (%s); records after the last"
+                      " sync may appear twice in the files", path, exc)
             return 0
         self.feed = {str(w): int(n) for w, n in saved.get("feed", {}).items()}
         self.lost = {str(w): (int(a), int(b)) for w, (a, b) in saved.get("lost", {}).items()}
