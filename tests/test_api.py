@@ -235,6 +235,16 @@ async def test_queue_ages_from_query_and_body(tmp_path, sink, make_node):
         assert "not a duration" in bad.json()["error"]
 
 
+def test_a_token_file_that_is_not_text_is_refused_in_words(tmp_path):
+    """Binary bytes in the token file raised UnicodeDecodeError out of the node's start."""
+    from postlane.api.tokens import TokenError, load_token
+
+    path = tmp_path / "api-token"
+    path.write_bytes(bytes(range(128, 200)))
+    with pytest.raises(TokenError, match="is not text"):
+        load_token(path)
+
+
 def test_nodes_starting_together_read_one_whole_token_and_key(tmp_path):
     """Nodes sharing a state folder may create the API token and feedback key at the same
     instant: each reads the whole secret, the same one, from a 0600 file."""

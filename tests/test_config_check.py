@@ -126,9 +126,47 @@ async def test_serve_names_the_file_it_cannot_open(tmp_path):
         assert proc.returncode == 1 and "Traceback" not in text and "│" not in text, text
         expected = (f"cannot start: {tmp_path}/spool/feedback.key: Is a directory"
                     if broken == "feedback.key" else
-                    "cannot start: SQLite: unable to open database file")
+                    f"cannot start: SQLite: {tmp_path}/spool/spool.sqlite: unable to open"
+                    " database file")
         assert expected in text, text
         (tmp_path / "spool" / broken).rmdir()
+
+
+async def test_serve_names_the_file_that_is_not_what_it_should_be(tmp_path):
+    """A feedback key that is not text or too short, a database that is not one (which of
+    the four: SQLite's error does not say), a config file that is not UTF-8: one line naming
+    the file, exit 1 (2 for the config), no traceback."""
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 2600))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    garbage = bytes(range(128, 256)) * 64
+    cases = [("feedback.key", garbage, 1, f"cannot start: feedback key file {spool}/feedback.key"
+              " is not text: a key is at least 32 ASCII characters"),
+             ("feedback.key", b"abc\n", 1, f"cannot start: feedback key file {spool}/"
+              "feedback.key is too short"),
+             ("spool.sqlite", garbage, 1, f"cannot start: SQLite: {spool}/spool.sqlite: file is"
+              " not a database"),
+             ("audit.sqlite", garbage, 1, f"cannot start: SQLite: {spool}/audit.sqlite: file is"
+              " not a database"),
+             ("suppression.sqlite3", garbage, 1, f"cannot start: SQLite: {spool}/"
+              "suppression.sqlite3: file is not a database"),
+             ("../node.toml", path.read_bytes() + b"# \xff\n", 2, f"{path}: configuration is"
+              " not valid:\n  not UTF-8 text: byte 0xff on line")]
+    for name, content, code, expected in cases:
+        before = (spool / name).read_bytes() if (spool / name).exists() else None
+        (spool / name).write_bytes(content)
+        proc = await asyncio.create_subprocess_exec(
+            POSTLANE, "serve", "-c", str(path), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ})
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        text = err.decode()
+        assert proc.returncode == code and "Traceback" not in text and "│" not in text, text
+        assert expected in text, text
+        if before is None:
+            (spool / name).unlink()
+        else:
+            (spool / name).write_bytes(before)
 
 
 async def test_config_check_refuses_zero_class_times_and_says_what_workers_takes(tmp_path):

@@ -10,17 +10,31 @@ without changing anything (``version``).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["DOWNGRADE_ADVICE", "Migrations", "NewerSchema", "columns", "migrate", "version"]
+__all__ = ["DOWNGRADE_ADVICE", "Migrations", "NewerSchema", "columns", "migrate", "naming",
+           "version"]
 
 Migrations = Sequence[tuple[int, str]]
 
 DOWNGRADE_ADVICE = ("install the release that wrote it, or restore the backup taken before the"
                     " upgrade (postlane upgrade --check)")
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """SQLite's errors do not say which file ("file is not a database"): a node opens four
+    at start, so opening one names it in the error."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
 
 
 class NewerSchema(RuntimeError):

@@ -15,11 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["NotTheOwner", "as_the_owner", "create_secret", "private_dir", "private_file",
-           "private_open", "replace_secret"]
+__all__ = ["NotTheOwner", "UnusableFile", "as_the_owner", "create_secret", "private_dir",
+           "private_file", "private_open", "replace_secret"]
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+
+
+class UnusableFile(ValueError):
+    """A file the operator keeps (a key) that exists but cannot be used: ``serve`` and the CLI
+    say which and why in one line, as for a file they cannot open."""
 
 
 class NotTheOwner(PermissionError):

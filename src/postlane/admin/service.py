@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..node import Node
 from ..schema import DOWNGRADE_ADVICE, NewerSchema
+from ..secretfile import UnusableFile
 from ..spool.postgres import NodeConflict
 from ..startup import ConfigError, load_config
 
@@ -203,7 +204,7 @@ def run(config: Config, path: Path | None = None) -> None:
         except NewerSchema as exc:  # a downgrade: retrying cannot help
             _node_log.error("cannot start: %s: %s", exc, DOWNGRADE_ADVICE)
             raise SystemExit(2) from None
-        except (OSError, sqlite3.Error, NodeConflict) as exc:  # say why, not a traceback
+        except (OSError, sqlite3.Error, NodeConflict, UnusableFile) as exc:  # why, not a traceback
             _node_log.error("cannot start: %s", _why(exc))
             raise SystemExit(1) from None
         loop = asyncio.get_running_loop()

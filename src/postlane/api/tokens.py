@@ -71,6 +71,9 @@ def load_token(path: str | Path) -> str:
         if create_secret(path, (secrets.token_urlsafe(32) + "\n").encode()):
             log.info("created API token file", extra={"path": str(path)})
         return load_token(path)  # ours, or the one another node made meanwhile
+    except UnicodeDecodeError:
+        raise TokenError(f"API token file {path} is not text (a token is printable"
+                         " characters, e.g. from `openssl rand -hex 32`)") from None
     if not token:
         raise TokenError(f"API token file {path} is empty")
     if path.stat().st_mode & 0o077:

@@ -129,13 +129,14 @@ class SQLiteAuditStore(RetentionMixin):
             private_file(self.path)  # evidence holds addresses: 0600 in a 0700 folder
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
                                       check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk when it returns. The node trims the spool's events
-            # once the store has committed them; under NORMAL a power loss took the last
-            # commits back after their events were gone from the spool, and the records with
-            # them. One fsync per recorder batch, in the recorder process.
-            self.db.execute("PRAGMA synchronous=FULL")
-            self._create()
+            with schema.naming(self.path):
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # FULL: a commit is on disk when it returns. The node trims the spool's events
+                # once the store has committed them; under NORMAL a power loss took the last
+                # commits back after their events were gone from the spool, and the records
+                # with them. One fsync per recorder batch, in the recorder process.
+                self.db.execute("PRAGMA synchronous=FULL")
+                self._create()
         self.db.row_factory = sqlite3.Row
 
     def _create(self) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from ..secretfile import UnusableFile
 from ..startup import ConfigError, load_config
 from .admin import backup, dns_app, init, restore, upgrade
 from .api import app as api_app
@@ -259,6 +260,8 @@ def _unforeseen(exc: Exception) -> str:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     if isinstance(exc, sqlite3.Error):
         return f"SQLite: {exc}"
+    if isinstance(exc, UnusableFile):
+        return str(exc)
     return (f"{type(exc).__name__}: {exc} (unexpected; POSTLANE_DEBUG=1 shows where, for a bug"
             " report)")
 

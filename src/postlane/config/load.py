@@ -416,6 +416,10 @@ def read_config_file(path: str | Path, checks: PartChecks = NO_PART_CHECKS, *,
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(str(path), [f"not UTF-8 text: byte {exc.object[exc.start]:#04x} on"
+                                      f" line {line}"]) from None
     cfg, errors = _validate(text, str(path), checks)
     if cfg is None:
         raise ConfigError(str(path), errors)

@@ -9,9 +9,14 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from ..secretfile import create_secret
+from ..secretfile import UnusableFile, create_secret
 
-__all__ = ["load_or_create_key"]
+__all__ = ["FeedbackKeyError", "load_or_create_key"]
+
+
+class FeedbackKeyError(UnusableFile):
+    """A feedback key file that exists but cannot be used: the node does not start (a new key
+    would break every VERP address and unsubscribe link already sent)."""
 
 
 def load_or_create_key(path: str | Path) -> bytes:
@@ -22,6 +27,10 @@ def load_or_create_key(path: str | Path) -> bytes:
     except FileNotFoundError:
         create_secret(path, (secrets.token_hex(32) + "\n").encode())
         text = path.read_text("ascii").strip()
+    except UnicodeDecodeError:
+        raise FeedbackKeyError(f"feedback key file {path} is not text: a key is at least 32"
+                               " ASCII characters, e.g. from `openssl rand -hex 32`") from None
     if len(text) < 32:
-        raise ValueError(f"{path}: feedback key is too short (need at least 32 characters)")
+        raise FeedbackKeyError(f"feedback key file {path} is too short: a key is at least 32"
+                               " ASCII characters, e.g. from `openssl rand -hex 32`")
     return text.encode("ascii")

@@ -135,6 +135,10 @@ class SuppressionList:
     def __init__(self, path: str | Path, patience: float = 30.0) -> None:
         self.path = private_file(path)  # addresses: 0600 in a 0700 folder
         self.patience = patience
+        with schema.naming(self.path):
+            self._open(patience)
+
+    def _open(self, patience: float) -> None:
         self._wdb = self._connect(BUSY_TIMEOUT)
         self._wlock = threading.Lock()
         # Two nodes (or a node and the CLI) opening a new list at once: switching to WAL

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..feedback.dmarc import AggregateReport
-from ..schema import NewerSchema
+from ..schema import NewerSchema, naming
 from ..secretfile import private_file
 from ..spool import is_dsn
 
@@ -110,7 +110,8 @@ class ReputationStore:
         private_file(self.location)  # reporters' data and addresses: 0600 in a 0700 folder
         lite = sqlite3.connect(self.location, check_same_thread=False, isolation_level=None,
                                timeout=30)
-        lite.execute("PRAGMA journal_mode=WAL")
+        with naming(self.location):
+            lite.execute("PRAGMA journal_mode=WAL")
         # FULL: a DMARC report is answered 250 once stored; under NORMAL (WAL) a power loss
         # takes the last commits back, and the reporter does not send it again
         lite.execute("PRAGMA synchronous=FULL")

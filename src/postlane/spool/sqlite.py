@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from ..accounting.records import Record, pack
 from ..health import Health
-from ..schema import NewerSchema
+from ..schema import NewerSchema, naming
 from ..secretfile import private_file, private_open
 from .attempts import AttemptJournal
 from .base import (
@@ -169,25 +169,26 @@ class SQLiteSpool(GroupCommitWrites):
         self.unclean = running.exists()
         with private_open(running) as fh:
             fh.write(f"{os.getpid()}\n")
-        conn = _connect(self.path)
-        try:
-            migrate(conn, self.path)
-            self.backlog = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-            conn.execute("DELETE FROM writers WHERE writer NOT IN"
-                         " (SELECT DISTINCT writer FROM events)")
-            conn.execute("INSERT INTO writers VALUES (?, ?, ?)",
-                         (self.writer_id, self.node, time.time()))
+        with naming(self.path):
+            conn = _connect(self.path)
+            try:
+                migrate(conn, self.path)
+                self.backlog = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+                conn.execute("DELETE FROM writers WHERE writer NOT IN"
+                             " (SELECT DISTINCT writer FROM events)")
+                conn.execute("INSERT INTO writers VALUES (?, ?, ?)",
+                             (self.writer_id, self.node, time.time()))
 
-            def unsettled(key: tuple[str, int], attempt: int) -> bool:
-                row = conn.execute(f"SELECT attempts FROM recipients WHERE msg_id=? AND idx=?"
-                                   f" AND state NOT IN {_FINAL}", key).fetchone()
-                return row is not None and row[0] < attempt
+                def unsettled(key: tuple[str, int], attempt: int) -> bool:
+                    row = conn.execute(f"SELECT attempts FROM recipients WHERE msg_id=?"
+                                       f" AND idx=? AND state NOT IN {_FINAL}", key).fetchone()
+                    return row is not None and row[0] < attempt
 
-            self._attempts.open(unsettled)  # the last run's attempts stay until settled
-        finally:
-            conn.close()
-        self._reader = _connect(self.path)
-        self._pager = _connect(self.path)
+                self._attempts.open(unsettled)  # the last run's attempts stay until settled
+            finally:
+                conn.close()
+            self._reader = _connect(self.path)
+            self._pager = _connect(self.path)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._thread.start()
