@@ -62,9 +62,11 @@ def read_position(directory: Path, prefix: str = "acct") -> dict:
     synced sizes, ``feed``, ``lost``); {} if there is none or it cannot be read."""
     try:
         saved = json.loads((directory / f"{prefix}{POSITION_FILE}").read_bytes())
-    except (OSError, ValueError):
+        _check_shape(saved)
+    except (OSError, ValueError, TypeError, AttributeError):
         return {}
-    return saved if isinstance(saved, dict) else {}
+    return saved
+
 
 def _check_shape(saved: Any) -> None:
     """Raise ValueError or TypeError unless ``saved`` has the shape ``_save_position`` writes
