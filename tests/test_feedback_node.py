@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
-from tests.conftest import config_text, message, records, send
+from tests.conftest import OPERATOR, config_text, message, records, send
 from tests.support.waiting import until
+from tests.test_cli_ops import run_cli
 from tests.test_evidence import cli as evidence_cli
 
 DATA = Path(__file__).parent / "data" / "feedback"
@@ -91,6 +92,84 @@ async def test_scoped_suppression_refuses_drops_and_still_delivers_policy_notice
     assert s["rcpt"] == "news@example.com" and s["class"] == "marketing"
     assert re.fullmatch(r"suppressed \(marketing, unsubscribe, since [-0-9]+ [0-9:]+ UTC\):"
                         r" unsubscribed", s["dsnDiag"]), s["dsnDiag"]
+
+
+async def test_a_campaign_queued_before_an_unsubscribe_is_not_sent_to_it(tmp_path, sink,
+                                                                         make_node):
+    """The case study's campaign waits behind a paused pool; a recipient unsubscribes (or
+    complains) meanwhile: when the pool resumes, that recipient is not sent the campaign (an
+    "s" record, as at intake, and no DSN: an unsubscribe is not a failure), the others are."""
+    node = await make_node(_config(tmp_path, sink.port, verp=False))
+    await node.operations.pause("bulk", who=OPERATOR)
+    await send(node.listeners[0].port, "news@example.com",
+               ["stay@example.com", "leave@example.com"], message("campaign", cls="marketing"))
+    node.feedback.suppression.add("leave@example.com", "marketing", "unsubscribed",
+                                  "unsubscribe")
+    await node.operations.resume("bulk", who=OPERATOR)
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["stay@example.com"]
+    await until(lambda: any(r["type"] == "s" for r in records(tmp_path)), timeout=10,
+                what="the s record")
+    await node.stop()
+    rows = records(tmp_path)
+    [s] = [r for r in rows if r["type"] == "s"]
+    assert s["rcpt"] == "leave@example.com" and s["class"] == "marketing"
+    assert re.fullmatch(r"suppressed \(marketing, unsubscribe, since [-0-9]+ [0-9:]+ UTC\):"
+                        r" unsubscribed", s["dsnDiag"]), s["dsnDiag"]
+    assert [r["rcpt"] for r in rows if r["type"] == "d"] == ["stay@example.com"]
+    assert len(sink.arrivals) == 1, "no DSN for a marketing suppression"
+
+
+async def test_a_notice_deferred_then_suppressed_is_not_sent_and_its_sender_is_told(
+        tmp_path, sink, make_node):
+    """A transactional message waits for its retry; an operator suppresses its recipient for
+    every class meanwhile, with the CLI (another process writing the list's file): the retry
+    sends nothing, the trail says why, and the sender gets a DSN - it was told 250."""
+    sink.rcpt_replies = {"x@example.com": ["451 4.3.0 try later", "250 ok"]}
+    text = _config(tmp_path, sink.port, verp=False).replace(
+        'retry = ["1s", "1s", "2s"]', 'retry = ["4s"]')
+    node = await make_node(text)
+    await send(node.listeners[0].port, "app@example.com", ["x@example.com"],
+               message("your policy", cls="policy-documents"))
+    await until(lambda: any(r["type"] == "t" for r in records(tmp_path)), timeout=10,
+                what="the deferral")
+    code, out, err = await run_cli("suppress", "add", "x@example.com", "--scope", "all",
+                                   "--reason", "customer deceased", "--db",
+                                   str(tmp_path / "spool" / "suppression.sqlite3"))
+    assert code == 0, err
+    [dsn] = await sink.wait_for(1, timeout=30)
+    assert dsn.rcpts == ["app@example.com"] and dsn.mail_from in ("", "<>")
+    report = email.message_from_bytes(dsn.data)
+    assert "customer deceased" in dsn.data.decode(errors="replace")
+    assert report.get_content_type() == "multipart/report"
+    await node.stop()
+    rows = records(tmp_path)
+    assert [r["type"] for r in rows if r["rcpt"] == "x@example.com"] == ["r", "t", "s"]
+    [s] = [r for r in rows if r["type"] == "s"]
+    assert s["dsnStatus"] == "5.7.1" and "(all, operator, since" in s["dsnDiag"]
+
+
+async def test_mail_queued_before_a_restart_is_screened_against_the_list_as_it_is_now(
+        tmp_path, sink, make_node):
+    """Entries written while the node was down (an import of unsubscribes) stop the mail it
+    had queued: what was queued before the start is looked up again at delivery."""
+    text = _config(tmp_path, sink.port, verp=False)
+    node = await make_node(text)
+    await node.operations.pause("bulk", who=OPERATOR)
+    await send(node.listeners[0].port, "news@example.com", ["a@example.com", "b@example.com"],
+               message("campaign", cls="marketing"))
+    await node.stop()
+    code, _, err = await run_cli("suppress", "add", "b@example.com", "--db",
+                                 str(tmp_path / "spool" / "suppression.sqlite3"))
+    assert code == 0, err
+    node2 = await make_node(text)
+    await node2.operations.resume("bulk", who=OPERATOR)
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["a@example.com"]
+    await until(lambda: any(r["type"] == "s" for r in records(tmp_path)), timeout=10,
+                what="the s record")
+    await node2.stop()
+    assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "s"] == ["b@example.com"]
 
 
 async def test_drop_policy_accepts_at_rcpt_and_drops_at_data(tmp_path, sink, make_node):

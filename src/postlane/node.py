@@ -87,7 +87,8 @@ class Node:
                            envelope_sender=self.feedback.envelope_sender)
         self.scheduler = Scheduler(config, self.spool, self.emit, self._on_failures,
                                    relay=self.relay, health=self.health,
-                                   classify=self.feedback.classify)
+                                   classify=self.feedback.classify,
+                                   screen=self.feedback.at_delivery)
         self.queue = QueueControl(self.scheduler, config.pools, config.classes,
                                   self.spool if isinstance(self.spool, PostgresSpool) else None)
         self.stop_requested = asyncio.Event()

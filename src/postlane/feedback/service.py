@@ -57,6 +57,12 @@ class DMARCReports(Protocol):
     async def receive(self, data: bytes, client: str = "") -> Any: ...
 
 
+CHANGE_MARGIN = 60.0
+"""Seconds after a change of the suppression list during which newly queued mail is still
+looked up at delivery: its RCPT may have been checked before the change (DATA takes time),
+and the change is seen up to a second late."""
+
+
 class FeedbackService:
     def __init__(self, config: Config, record: Callable[[Record], None], *,
                  rates: ComplaintRates | None = None, dmarc: DMARCReports | None = None,
@@ -85,6 +91,11 @@ class FeedbackService:
         self.fbl_addresses = {a.lower() for a in fb.fbl_addresses}
         self.mailto = (fb.unsubscribe_mailto or "").lower() or None
         self.record = record
+        self._started = time.time()
+        self._version = self.suppression.data_version()
+        self._changed = 0.0
+        """When the list was last seen to change (0: not since the start)."""
+        self._next_look = 0.0
         self.dmarc = dmarc
         """The reputation service when the node has one: mail to the DMARC ``rua`` addresses
         goes there."""
@@ -171,6 +182,36 @@ class FeedbackService:
                                                  self.config.feedback.unsubscribe_mailto):
                 added.append((raw.split(b":", 1)[0].decode().lower(), raw))
         return kept, added, dropped
+
+    # -- delivery -------------------------------------------------------------------------------
+
+    def at_delivery(self, rcpt: Recipient) -> tuple[str, str] | None:
+        """(scope, reason) when the list now stops ``rcpt``, which intake let through: the
+        entry came while the message was queued (a complaint or an unsubscribe while a
+        campaign waited, a hard bounce of another message). Looked up only for messages queued
+        before this node started or around a change of the list, so mail that intake checked
+        against the list as it is costs nothing more. Bounces (``<>``) are not screened, as
+        at intake."""
+        msg = rcpt.msg
+        if not msg.mail_from or not self._maybe_changed_since(msg.queued_at):
+            return None
+        scopes = self.scopes(msg.cls) if msg.cls in self.config.classes else ("all",)
+        hit = self.suppression.check((rcpt.address,), scopes).get(rcpt.address)
+        if hit is None:
+            return None
+        return hit.scope, f"suppressed ({hit.why()}): {_one_line(hit.reason)}"
+
+    def _maybe_changed_since(self, queued_at: float) -> bool:
+        """Whether the list may hold an entry that intake did not see for mail queued then
+        (anyone's change - this node's, the cluster's sync, the CLI's - is noticed within a
+        second: one ``data_version`` look a second at most)."""
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._next_look = now + 1.0
+            version = self.suppression.data_version()
+            if version != self._version:
+                self._version, self._changed = version, time.time()
+        return queued_at < self._started or queued_at < self._changed + CHANGE_MARGIN
 
     # -- relay ----------------------------------------------------------------------------------
 

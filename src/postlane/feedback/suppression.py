@@ -281,6 +281,13 @@ class SuppressionList:
         live = [Entry(*row) for row in rows if row[5] == 0 or row[5] > now]
         return min(live, key=lambda e: SCOPES.index(e.scope)) if live else None
 
+    def data_version(self) -> int:
+        """A number that changes whenever anyone (this process's writer, the cluster's sync,
+        the CLI) commits to the list: SQLite's ``PRAGMA data_version`` of the reading
+        connection, which never writes itself."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
     def bounced(self, address: str, when: float, window: float, detail: str,
                 then: Callable[[int], Entry | None] | None = None,
                 patience: float | None = -1.0) -> int:

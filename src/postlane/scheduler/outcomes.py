@@ -206,6 +206,16 @@ class OutcomeRecording:
         owed = self._fail(rcpt, "4.4.7", reply or "message expired", mx)
         self._final(rcpt, State.EXPIRED, reply, rec, from_heap=False, owed=owed)
 
+    def _suppress(self, rcpt: Recipient, scope: str, diag: str, lane: Lane) -> None:
+        """The suppression list stops a recipient intake let through (the entry came while
+        the message waited: a complaint, an unsubscribe, another message's hard bounce): an
+        "s" record, as at intake, and a DSN to the sender unless only marketing is stopped -
+        a notice it was told was accepted went nowhere, and it must learn so (RFC 5321 6.1)."""
+        rec = base_record("s", rcpt, self.clock.time())
+        rec.dsn_action, rec.dsn_status, rec.dsn_diag = "failed", "5.7.1", diag
+        owed = self._fail(rcpt, "5.7.1", diag, "") if scope != "marketing" else None
+        self._final(rcpt, State.SUPPRESSED, diag, rec, lane=lane, owed=owed)
+
     def _final(self, rcpt: Recipient, state: State, reply: str, rec: Record,
                from_heap: bool = True, lane: Lane | None = None,
                owed: Failure | None = None) -> None:

@@ -54,8 +54,12 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
                  on_failures: Callable[[Message, list[Failure]], bool] | None = None, *,
                  relay: Relay | None = None,
                  classify: Callable[[str, str], str] = _unclassified,
+                 screen: Callable[[Recipient], tuple[str, str] | None] | None = None,
                  health: Health | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        self.screen = screen
+        """(scope, reason) when the suppression list now stops a recipient about to be sent
+        (``FeedbackService.at_delivery``): the entry came while it was queued."""
         self.spool = spool
         self.clock = clock
         """Every time the scheduler reads (tests pass one they set)."""
@@ -362,6 +366,8 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
                 if now >= rcpt.msg.expire_at:
                     lane.inflight -= 1
                     self._expire(rcpt, "message expired before delivery", "")
+                elif self.screen is not None and (stop := self.screen(rcpt)) is not None:
+                    self._suppress(rcpt, *stop, lane=lane)
                 else:
                     live.append(rcpt)
             if live:
