@@ -5,6 +5,7 @@ recipient as ``{verp}`` and ``{rcpt}``, so CI needs no Exim."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from postlane.address import parse_path
@@ -13,6 +14,7 @@ from postlane.feedback.verp import VERP, VerpAddress
 from postlane.harness.sink import Sink
 from tests.conftest import message, records, send
 from tests.support.rawsmtp import session
+from tests.test_evidence import cli as evidence_cli
 from tests.test_feedback_node import _config
 
 DATA = Path(__file__).parent / "data" / "feedback"
@@ -138,3 +140,30 @@ async def test_idn_recipient_in_a_verp_pool_goes_to_a_server_without_smtputf8(
         assert [r["type"] for r in records(tmp_path) if r["type"] not in ("r", "o")] == ["d"]
     finally:
         await target.stop()
+
+
+async def test_exim_delay_warning_is_an_rd_record_not_a_confirmation(tmp_path, sink, make_node):
+    """Exim's delay warning (NOTIFY=DELAY, ``delay_warning``) to the VERP address was taken
+    with 250 and dropped without a word: the trail said "delivered" while the receiving side
+    still held the message. It is an ``rd`` record with dsnAction ``delayed`` now: on the
+    trail as the receiving side's report, never a confirmation of delivery, no suppression."""
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(_config(tmp_path, sink.port))
+    node = await make_node(cfg.read_text())
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["k@example.com"], message("x", cls="marketing"),
+               rcpt_options=["NOTIFY=DELAY,FAILURE"])
+    [arrival] = await sink.wait_for(1)
+    report = _exim("exim-delay-warning.eml", arrival.mail_from, "k@example.com")
+    assert await send(port, "", [arrival.mail_from], report) == {}
+    assert not node.feedback.suppression.check(["k@example.com"])
+    await node.stop()
+    [rd] = [r for r in records(tmp_path) if r["type"] == "rd"]
+    [d] = [r for r in records(tmp_path) if r["type"] == "d"]
+    assert (rd["rcpt"], rd["queueId"], rd["dsnAction"], rd["dsnStatus"], rd["bounceCat"]) == (
+        "k@example.com", d["queueId"], "delayed", "4.0.0", "")
+    res = await asyncio.to_thread(evidence_cli, "show", "-c", str(cfg), "--queue-id",
+                                  d["queueId"])
+    assert res.exit_code == 0, res.output
+    assert "the receiving side (127.0.0.1) reports it delayed" in res.output, res.output
+    assert "outcome: delivered;" in res.output and "confirmed" not in res.output
