@@ -1,7 +1,8 @@
-"""Exim 4.96 as the receiving MX and as a client: what it sent back to the node's bounce domain
-when the node relayed to it (checked by hand on Debian 12, docs/operations.md "Clients and
-peers checked"). Its reports are kept under tests/data/feedback/ with the VERP address and the
-recipient as ``{verp}`` and ``{rcpt}``, so CI needs no Exim."""
+"""Exim 4.96 (and OpenSMTPD 6.8) as the receiving MX and as a client: what they sent back to
+the node's bounce domain when the node relayed to them (checked by hand on Debian 12,
+docs/operations.md "Clients and peers checked"). Their reports are kept under
+tests/data/feedback/ with the VERP address and the recipient as ``{verp}`` and ``{rcpt}``, so
+CI needs neither."""
 
 from __future__ import annotations
 
@@ -167,3 +168,26 @@ async def test_exim_delay_warning_is_an_rd_record_not_a_confirmation(tmp_path, s
     assert res.exit_code == 0, res.output
     assert "the receiving side (127.0.0.1) reports it delayed" in res.output, res.output
     assert "outcome: delivered;" in res.output and "confirmed" not in res.output
+
+
+async def test_opensmtpd_expiry_reported_as_delayed_is_a_failure(tmp_path, sink, make_node):
+    """OpenSMTPD 6.8 reports an envelope it removed at its queue ttl as ``Action: delayed``,
+    ``Status: 4.4.7`` ("Envelope expired"; its text still says the message is kept in the
+    queue). The message is lost: an ``rb`` record (failed, 4.4.7, message-expired) like the
+    node's own expiry, never a suppression; not a delay report beside "delivered"."""
+    real = _exim("opensmtpd-expired-dsn.eml", "b.1.0.x.k=example.com@b.test", "k@example.com")
+    [rcpt] = parse_report(real).recipients
+    assert (rcpt.action, rcpt.status, rcpt.category, rcpt.diagnostic) == (
+        "failed", "4.4.7", "message-expired", "Envelope expired")
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["k@example.com"], message("x", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    report = _exim("opensmtpd-expired-dsn.eml", arrival.mail_from, "k@example.com")
+    assert await send(port, "", [arrival.mail_from], report) == {}
+    assert not node.feedback.suppression.check(["k@example.com"])
+    await node.stop()
+    assert not [r for r in records(tmp_path) if r["type"] == "rd"]
+    [rb] = [r for r in records(tmp_path) if r["type"] == "rb"]
+    assert (rb["rcpt"], rb["dsnAction"], rb["dsnStatus"], rb["bounceCat"]) == (
+        "k@example.com", "failed", "4.4.7", "message-expired")

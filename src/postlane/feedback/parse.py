@@ -208,6 +208,10 @@ def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
             code = code or _status_of(diag)
             if action == "expired":  # not RFC 3464 (SendGrid): it gave up retrying
                 action, code = "failed", code or "4.4.7"
+            elif action == "delayed" and code == "4.4.7":
+                # "delivery time expired": OpenSMTPD 6.8 reports the envelope it removed at its
+                # queue ttl as "delayed" (its text still says it keeps the message): lost
+                action = "failed"
             elif action not in _ACTIONS:
                 action = {"4": "delayed", "2": "delivered"}.get(code[:1], "failed")
             if not code:
