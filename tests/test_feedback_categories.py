@@ -49,6 +49,13 @@ REAL = [
     ("5.7.1", "554 5.7.1 Message rejected under policy of the recipient domain",
      "policy-related"),
     ("5.3.2", "452 5.3.2 Service not available, closing transmission channel", "other"),
+    # OpenSMTPD's DSN for a recipient domain without DNS ("Domain does not exist", no
+    # Diagnostic-Code): a domain-level failure, which never suppresses; it was a bad mailbox
+    # (the bare "does not exist" of the mailbox pattern), so the address was suppressed
+    ("5.0.0", "Domain does not exist", "bad-domain"),
+    ("", "kijitora@neko.example.jp: Domain does not exist", "bad-domain"),
+    ("5.0.0", "Host does not exist", "bad-domain"),
+    ("5.0.0", "The mailbox does not exist", "bad-mailbox"),
 ]
 
 

@@ -87,7 +87,7 @@ class Trail:
     def confirmed(self) -> list[dict]:
         """The receiving side's success DSNs ("rd": NOTIFY=SUCCESS was passed on, and the
         report came back to the VERP address): delivery to the mailbox, in its own words."""
-        return [r for r in self.rows if r["type"] == "rd"]
+        return [r for r in self.rows if r["type"] == "rd" and r["dsn_action"] != "delayed"]
 
     @property
     def not_deliverable(self) -> str | None:

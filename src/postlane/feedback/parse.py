@@ -146,12 +146,33 @@ def _recipient(value: str) -> str:
     return bare_address(value)
 
 
+def _said_of(notice: str, address: str) -> str:
+    """What the human-readable part says under ``address``: Exim writes no Diagnostic-Code
+    for a recipient that failed after it took the message (a router's ``:fail:``, an unknown
+    local user, a full mailbox), only ``Status: 5.0.0``, and the reason in its text, indented
+    under the address (``  k@example.com\n    5.1.1 mailbox unavailable``)."""
+    lines = notice.splitlines()
+    for i, line in enumerate(lines):
+        at = line.lower().find(address.lower())
+        if at < 0:
+            continue
+        indent = len(line) - len(line.lstrip())
+        said = [line[at + len(address):].strip(" \t<>:")]
+        for nxt in lines[i + 1:]:
+            if not nxt.strip() or len(nxt) - len(nxt.lstrip()) <= indent:
+                break
+            said.append(nxt)
+        return " ".join(" ".join(said).split())[:500]
+    return ""
+
+
 def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
     parts = [p for p in msg.walk() if p.get_content_type() in (
         "message/delivery-status", "message/global-delivery-status")]
     if not parts:
         return None
     out: list[ReportRecipient] = []
+    notice: str | None = None
     for part in parts:
         payload = part.get_payload()
         blocks = payload if isinstance(payload, list) else []
@@ -176,6 +197,9 @@ def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
                 continue
             action = " ".join(str(block.get("Action", "")).split()).lower().split(" ")[0]
             diag = " ".join(str(block.get("Diagnostic-Code", "")).split())
+            if not diag and action in ("failed", "delayed"):
+                notice = _notice_text(msg) if notice is None else notice
+                diag = _said_of(notice, address)
             status = _ENHANCED.search(str(block.get("Status", "")))
             code = status.group(0) if status else ""
             specific = _ENHANCED.search(diag)  # "Status: 5.0.0" with "550 5.1.1 ..." in the diag
@@ -184,6 +208,10 @@ def _dsn(msg: Message, classifier: Classifier) -> list[ReportRecipient] | None:
             code = code or _status_of(diag)
             if action == "expired":  # not RFC 3464 (SendGrid): it gave up retrying
                 action, code = "failed", code or "4.4.7"
+            elif action == "delayed" and code == "4.4.7":
+                # "delivery time expired": OpenSMTPD 6.8 reports the envelope it removed at its
+                # queue ttl as "delayed" (its text still says it keeps the message): lost
+                action = "failed"
             elif action not in _ACTIONS:
                 action = {"4": "delayed", "2": "delivered"}.get(code[:1], "failed")
             if not code:

@@ -323,14 +323,17 @@ class FeedbackService:
         if report.kind not in ("bounce", "delay", "delivered"):
             log.info("report ignored", extra={"kind": report.kind, "to": rcpts})
             return
-        # a bounce names failed recipients; a success DSN (NOTIFY=SUCCESS, passed on when the
-        # mail was relayed) delivered, relayed or expanded ones
-        wanted = ("failed",) if report.kind != "delivered" else (
-            "delivered", "relayed", "expanded")
+        # a bounce names failed recipients; a delay DSN (NOTIFY=DELAY or none: the receiving
+        # side still holds the message after it took it) delayed ones; a success DSN
+        # (NOTIFY=SUCCESS, passed on when the mail was relayed) delivered, relayed or
+        # expanded ones
+        wanted = {"bounce": ("failed",), "delay": ("delayed",)}.get(
+            report.kind, ("delivered", "relayed", "expanded"))
         named = [r for r in report.recipients if r.action in wanted]
         if not verps:  # anyone can send a DSN: without our signature it proves nothing
-            log.warning(f"{'bounce' if report.kind != 'delivered' else 'delivery report'}"
-                        " without a valid VERP address ignored",
+            what = {"bounce": "bounce", "delay": "delay report"}.get(report.kind,
+                                                                     "delivery report")
+            log.warning(f"{what} without a valid VERP address ignored",
                         extra={"to": rcpts, "named": [r.address for r in named][:10]})
             return
         for verp in verps:  # the VERP names the recipient for certain; the text may not

@@ -5,6 +5,12 @@ recipient it is about with certainty, whatever the remote MTA writes (or fails t
 to keep for the life of the bounce window) and signed, so that forged bounces cannot suppress
 addresses. The recipient is spelled in the address, as classic VERP does; local parts may then
 exceed RFC 5321's 64 octets, which receiving MTAs accept in practice.
+
+A recipient that is not ASCII (a UTF-8 local part, a U-label domain) is spelled in Punycode
+(RFC 3492) instead: ``u.<queue id>.<index>.<mac>.<punycode of local=domain>@<bounce domain>``.
+The return path then stays ASCII, so a report about it comes back without SMTPUTF8 (Exim
+4.96 sends its DSNs without it, and a U-label recipient can be downgraded to its A-label for a
+server without SMTPUTF8, which a UTF-8 return path cannot).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ __all__ = ["VERP", "VerpAddress"]
 _MAC_LEN = 10
 _LOCAL = re.compile(r"^b\.([0-9A-Fa-f]{8,40})\.(\d{1,6})\.([0-9a-f]{" + str(_MAC_LEN) +
                     r"})\.(.+)=([^=@]+)$")
+_ULOCAL = re.compile(r"^u\.([0-9A-Fa-f]{8,40})\.(\d{1,6})\.([0-9a-f]{" + str(_MAC_LEN) +
+                     r"})\.(.+)$")
 _DOT_ATOM = re.compile(r"[\w!#$%&'*+/=?^`{|}~-]+(?:\.[\w!#$%&'*+/=?^`{|}~-]+)*")
 
 
@@ -58,16 +66,31 @@ class VERP:
         local, _, domain = recipient.rpartition("@")
         local = _unquote(local)  # a dot-atom is signed as before: addresses in flight stay valid
         mac = self._mac(queue_id, index, f"{local}@{domain}")
-        return f"{_quote(f'b.{queue_id}.{index}.{mac}.{local}={domain}')}@{bounce_domain}"
+        spelled = f"{local}={domain}"
+        if not spelled.isascii():
+            coded = spelled.encode("punycode").decode("ascii")
+            return f"{_quote(f'u.{queue_id}.{index}.{mac}.{coded}')}@{bounce_domain}"
+        return f"{_quote(f'b.{queue_id}.{index}.{mac}.{spelled}')}@{bounce_domain}"
 
     def decode(self, address: str) -> VerpAddress | None:
         """The message and recipient a VERP address stands for; None if it is not one of ours
         (or its signature does not match)."""
         local = _unquote(address.strip("<>").rpartition("@")[0])
         found = _LOCAL.match(local)
-        if not found:
-            return None
-        qid, index, mac, rlocal, rdomain = found.groups()
+        if found:
+            qid, index, mac, rlocal, rdomain = found.groups()
+        else:
+            coded = _ULOCAL.match(local)
+            if not coded:
+                return None
+            qid, index, mac, text = coded.groups()
+            try:
+                spelled = text.encode("ascii").decode("punycode")
+            except (UnicodeError, ValueError):
+                return None
+            rlocal, _, rdomain = spelled.rpartition("=")
+            if not rlocal or not rdomain or "@" in rdomain:
+                return None
         recipient = f"{rlocal}@{rdomain}"
         if not hmac.compare_digest(mac.lower(), self._mac(qid, int(index), recipient)):
             return None

@@ -86,6 +86,8 @@ class RecordFigures(Collector):
             outcome = "delivered"
         elif kind == "b":
             outcome = _BOUNCES.get(rec.bounce_cat, "bounced")
+        elif kind == "rd" and rec.dsn_action == "delayed":
+            outcome = "remote_delayed"  # the receiving side's delay DSN, not a delivery
         elif kind in _OUTCOMES:
             outcome = _OUTCOMES[kind]
         else:
