@@ -273,6 +273,29 @@ def test_remote_bounce_after_relay_is_the_outcome(tmp_path):
     store.close()
 
 
+def test_a_relayed_report_is_not_called_a_delivery_to_the_mailbox(tmp_path):
+    """A success DSN with Action relayed (OpenSMTPD's, passing the message to a next hop
+    without DSN) says the message left the receiving side, not that it reached the mailbox:
+    the trail said "confirmed" for it as for "delivered"."""
+    from postlane.accounting.records import Record
+
+    for action, said in (("relayed", "delivered; the receiving side's report says it relayed it"
+                          " onward, not that it reached the mailbox"),
+                         ("delivered", "delivered, confirmed by the receiving side's delivery"
+                          " report")):
+        base = dict(orig="s@x", queue_id="Q1", cls="c", vmta_pool="p", rcpt="a@x",
+                    time_queued=1000.0)
+        path = tmp_path / f"{action}.sqlite"
+        write(path, Record(type="r", time_logged=1000.0, **base),
+              Record(type="d", time_logged=1001.0, total_seconds_queued=1.0, **base),
+              Record(type="rd", time_logged=1500.0, dsn_action=action, dsn_status="2.0.0",
+                     **base))
+        store = SQLiteAuditStore(path, readonly=True)
+        [trail] = trails(store.find(Query(queue_id="Q1")))
+        assert trail.outcome == said
+        store.close()
+
+
 async def test_intake_refuses_while_the_audit_store_is_too_far_behind(tmp_path, sink, make_node):
     """A store that cannot keep up (here: another connection holds its write lock) makes intake
     answer 451 once ``audit.max_backlog`` records wait, instead of growing memory without bound;

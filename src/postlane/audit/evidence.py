@@ -80,7 +80,11 @@ class Trail:
         if final["bounce_cat"] == "purged":
             return final["dsn_diag"] or "purged by operator"
         if final["type"] == "d" and self.confirmed:
-            return "delivered, confirmed by the receiving side's delivery report"
+            if any(r["dsn_action"] == "delivered" for r in self.confirmed):
+                return "delivered, confirmed by the receiving side's delivery report"
+            # "relayed" (RFC 3464 2.3.3): passed on to a system that does not report
+            return "delivered; the receiving side's report says it relayed it onward, not that it" \
+                " reached the mailbox"
         return _OUTCOMES[final["type"]]
 
     @property
