@@ -56,6 +56,10 @@ REAL = [
     ("", "kijitora@neko.example.jp: Domain does not exist", "bad-domain"),
     ("5.0.0", "Host does not exist", "bad-domain"),
     ("5.0.0", "The mailbox does not exist", "bad-mailbox"),
+    # Exim's DSN when it gave up on a recipient after its retry rules: not a connection
+    # failure ("timeout" came first)
+    ("5.0.0", "retry timeout exceeded", "message-expired"),
+    ("", "connect to mx.example.com[192.0.2.1]:25: Connection timed out", "bad-connection"),
 ]
 
 
