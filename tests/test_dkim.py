@@ -332,6 +332,31 @@ async def test_a_dsn_is_signed_by_the_organisations_key_when_the_hostname_has_no
     await node.stop()
 
 
+async def test_a_dsn_comes_from_the_configured_postmaster_signed_aligned(
+        tmp_path, keys, sink, make_node, dns_server):
+    """A node named outside its sending domain (the README's mta.example for insurer.example)
+    sent its DSNs from MAILER-DAEMON@mta.example, unsigned with a warning each; with
+    ``node.postmaster`` set (``postlane init`` sets it) they come from that address, signed
+    with its domain's key: aligned strict."""
+    text = config_text(tmp_path, sink.port, "[dkim]\n"
+                       + key_entry(tmp_path, keys, "insurer.test", "r1"))
+    text = text.replace('hostname = "mta.test"',
+                        'hostname = "mta.test"\npostmaster = "postmaster@insurer.test"')
+    text = text.replace("[routes]\n", f'[routes]\n"insurer.test" = "127.0.0.1:{sink.port}"\n')
+    sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 no such user"]}
+    publish(dns_server, keys, "insurer.test", "r1")
+    node = await make_node(text)
+    data = MESSAGES["plain"].replace(b"Subject:", b"X-Postlane-Class: policy-documents\r\n"
+                                                  b"Subject:", 1)
+    await send(node.listeners[0].port, "notices@insurer.test", ["hard@example.com"], data)
+    [bounce] = await sink.wait_for(1)
+    head = email.message_from_bytes(bounce.data)
+    assert head["From"] == "Mail Delivery System <postmaster@insurer.test>"
+    assert "d=insurer.test" in head["DKIM-Signature"] and _valid(bounce.data, 0, dns_server)
+    assert node.status()["dkim"]["unsigned"] == 0
+    await node.stop()
+
+
 async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_server):
     text = config_text(tmp_path, sink.port, "[dkim]\n"
                        + key_entry(tmp_path, keys, "insurer.test", "r1")

@@ -439,7 +439,7 @@ class Node:
                                         orcpt=f.rcpt.orcpt, last_attempt=time.time())
                         for f in failures],
             original=body, arrival_date=msg.queued_at, envid=msg.envid, ret=msg.ret or "HDRS",
-            queue_id=msg.id)
+            queue_id=msg.id, postmaster=self.config.node.postmaster)
         await self.intake.submit(
             "", [RcptIn(msg.mail_from, "NEVER")], report, listener="dsn",
             src_type="dsn", forced_class=msg.cls)

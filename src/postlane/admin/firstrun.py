@@ -119,6 +119,7 @@ def config_text(opts: InitOptions, selector: str) -> str:
 # list, feedback key (a postgresql:// DSN here makes a cluster: docs/cluster.md).
 name = "{opts.node_name}"
 hostname = "{host}"
+postmaster = "postmaster@{d}"  # mail to <postmaster>, and the From of the node's DSNs (signed)
 spool = "{state}/spool"
 drain_timeout = "30s"         # SIGTERM: deliveries in flight get this long to finish
 

@@ -136,8 +136,9 @@ class NodeConfig(Strict):
     hostname: Annotated[str, Field(pattern=_HOSTNAME, max_length=253)] = "localhost"
     """Name in the greeting, ``Received``, Message-IDs and bounces (a header value: LDH only)."""
     postmaster: str | None = None
-    """Where mail to ``<postmaster>`` goes (RFC 5321 4.5.1: accepted from anyone);
-    default ``postmaster@`` the hostname."""
+    """Where mail to ``<postmaster>`` goes (RFC 5321 4.5.1: accepted from anyone), and the
+    From of the node's DSNs (signed, aligned, with its domain's key); default ``postmaster@``
+    the hostname, and DSNs from ``MAILER-DAEMON@`` it."""
     spool: str = "var/spool"
     """Directory of the embedded SQLite spool, or a ``postgresql://`` DSN (cluster mode)."""
     drain_timeout: Duration = 30.0
