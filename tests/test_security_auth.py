@@ -146,10 +146,12 @@ async def test_wrong_password_is_refused_and_never_logged(tmp_path, sink, make_n
 
 
 async def test_user_relays_with_default_class_and_is_accounted(tmp_path, sink, make_node,
-                                                               tls_files, users_file):
+                                                               tls_files, users_file, caplog):
     node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
                                          relay_from="[]"))
-    await submit(node.listeners[1].port, tls="starttls", user="alice")
+    with caplog.at_level(logging.WARNING):
+        await submit(node.listeners[1].port, tls="starttls", user="alice")
+    assert "login_data" not in caplog.text, "aiosmtpd's own deprecation, once per login"
     [arrival] = await sink.wait_for(1)
     assert arrival.peer == "127.0.0.20", "alice's default class is policy-documents"
     await node.stop()

@@ -42,6 +42,10 @@ log = logging.getLogger("postlane.edge")
 # command line (addresses) at INFO: secrets never reach a log, whatever level the operator runs
 # at, and a campaign does not cost a log line per SMTP command. Postlane logs what matters itself.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
+# aiosmtpd 1.4's own AUTH code sets the deprecated Session.login_data after every successful
+# login and warns about it: a WARNING per authenticated session that is not the operator's to fix.
+logging.getLogger("mail.log").addFilter(
+    lambda record: not record.getMessage().startswith("Session.login_data is deprecated"))
 # aiosmtpd ends a session at its 5th unknown command with "502 ... goodbye" (BOGUS_LIMIT, one
 # for the whole module): a 5xx reply to a command, not the 421 that RFC 5321 3.8 asks before a
 # server closes, and regardless of the listener's max_bad_commands. GuardedSMTP counts unknown
