@@ -36,7 +36,10 @@ _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
 _XCODE = re.compile(r"\+([0-9A-F]{2})")
 _END = b"\r\n.\r\n"
-_STUFFED = b"\r\n.."
+# A transparent dot (RFC 5321 4.5.2) begins a line, and a line ends at LF, bare or not: intake
+# turns a bare LF into CRLF, and clients that send bare LFs stuff after them (Python's smtplib,
+# ``sendmail`` of ``msg.as_bytes()``), as Postfix, Exim and Sendmail read them.
+_STUFFED = b"\n.."
 _END_PREFIXES = (b"\r", b"\r\n", b"\r\n.", b"\r\n.\r")
 # An EHLO/HELO name: LDH labels (with "_", which Windows host names carry, as Postfix allows), an
 # address literal, or a bare address. It is written into the Received header: nothing else is.
@@ -274,7 +277,7 @@ class BulkDataSMTP(SMTP):
             data += chunk
             if limit and size - 3 > limit:  # counted only past the limit on the wire
                 stuffed += data.count(_STUFFED, counted)
-                counted = len(data) - 3  # a mark is 4 bytes: none is counted twice
+                counted = len(data) - 2  # a stuffing is 3 bytes: none is counted twice
             if limit and size - 3 - stuffed > limit:
                 # read on to the end, keeping only what finds the end mark (all of it when
                 # this chunk ended the data: 4 bytes cut it, and the read waited for more)
@@ -283,7 +286,7 @@ class BulkDataSMTP(SMTP):
             self._set_post_data_state()
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
             return
-        content = bytes(memoryview(data)[2:-3]).replace(b"\r\n..", b"\r\n.")
+        content = bytes(memoryview(data)[2:-3]).replace(_STUFFED, b"\n.")
         if content.startswith(b".."):
             content = content[1:]
         refusal = self.check_content(content)
