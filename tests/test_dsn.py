@@ -198,6 +198,23 @@ def test_original_envelope_id_is_the_envid_decoded_from_xtext() -> None:
     assert per_message["Original-Envelope-Id"] == "ORDER+42=x"
 
 
+def test_xtext_of_utf8_octets_decodes_to_the_characters() -> None:
+    """xtext encodes octets, and clients encode a UTF-8 ORCPT and ENVID octet by octet
+    (nodemailer: ``ORCPT=rfc822;+C3+BCnal@example.com`` for ``ünal@example.com``). Each octet
+    became a character of its own: the report said ``\\x{C3}\\x{BC}nal`` ("Ã¼nal") where RFC
+    6533 means code points, and the address the sender gave could not be matched."""
+    r = FailedRecipient(address="ünal@example.com", action="failed", status="5.1.1",
+                        orcpt="rfc822;+C3+BCnal@example.com")
+    msg = bounce(recipients=[r], envid="+C3+AFd-1")
+    per_message, status = msg.get_payload()[1].get_payload()
+    assert status["Original-Recipient"] == "utf-8; \\x{FC}nal@example.com"
+    assert status["Final-Recipient"] == "utf-8; \\x{FC}nal@example.com"
+    assert per_message["Original-Envelope-Id"] == "\\x{EF}d-1"
+    r.orcpt = "rfc822;caf+E9@example.com"  # not UTF-8: one octet, one character, as before
+    status = bounce(recipients=[r]).get_payload()[1].get_payload()[1]
+    assert status["Original-Recipient"] == "utf-8; caf\\x{E9}@example.com"
+
+
 def test_xtext_that_decodes_to_a_line_break_or_control_is_escaped() -> None:
     """An ORCPT of ``a+0D+0ABcc:+20x@y`` is valid xtext; it was one-lined before it was decoded,
     so the decoded CR LF reached the email package, which refused the field: the DSN could not

@@ -44,3 +44,22 @@ async def test_stuffed_dots_after_crlf_and_bare_lf_on_the_wire(tmp_path, sink, m
     await raw.close()
     [arrival] = await sink.wait_for(1)
     assert arrival.data.endswith(b"\r\n\r\na\r\n.crlf\r\nb\r\n.lf\r\n..two\r\n..cr\r\n")
+
+
+async def test_nodemailer_utf8_dsn_options_come_back_as_written(tmp_path, sink, make_node):
+    """nodemailer's ``dsn: {id, notify, recipient}`` for a UTF-8 recipient, exactly as it sends
+    it: ENVID and ORCPT xtext-encoded octet by octet. The success report's Original-Recipient
+    and Original-Envelope-Id said ``\\x{C3}\\x{BC}nal`` for ``ünal``."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    for command in ("MAIL FROM:<jörg@example.com> SMTPUTF8 RET=FULL ENVID=+C3+AFd-1",
+                    "RCPT TO:<ünal@example.com> NOTIFY=SUCCESS ORCPT=rfc822;+C3+BCnal@example.com",
+                    "DATA"):
+        assert (await raw.cmd(command.encode() + b"\r\n"))[:1] in "23"
+    raw.send(b"From: j\xc3\xb6rg@example.com\r\nSubject: dsn\r\n\r\nx\r\n.\r\n")
+    assert (await raw.reply()).startswith("250 ")
+    await raw.close()
+    await sink.wait_for(2)
+    [report] = sink.for_rcpt("jörg@example.com")
+    assert b"Original-Recipient: utf-8; \\x{FC}nal@example.com\r\n" in report.data
+    assert b"Original-Envelope-Id: \\x{EF}d-1\r\n" in report.data

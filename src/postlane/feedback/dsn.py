@@ -31,7 +31,6 @@ _ACTIONS = frozenset({"failed", "delayed", "relayed"})
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _EOL = re.compile(rb"\r\n|\r|\n")
-_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
 _PRINTABLE = re.compile(r"[ -~]*")
 
 
@@ -94,18 +93,34 @@ def _address_field(address: str) -> str:
 def _original_recipient(orcpt: str) -> str:
     """The ORCPT parameter as the DSN field: an rfc822 address decoded from xtext (RFC 3461
     4.2: ``bob+2Btag@x`` is ``bob+tag@x``), as Postfix and Sendmail write it; other types as
-    given (RFC 6533's utf-8-addr-xtext is already the DSN form)."""
+    given (RFC 6533's utf-8-addr-xtext is already the DSN form). An rfc822 address that decodes
+    to UTF-8 (``+C3+BCnal@x``, nodemailer's ORCPT of ``ünal@x`` in an SMTPUTF8 transaction) is
+    written as RFC 6533's ``utf-8;`` type, whose \\x{HEX} are code points."""
     kind, sep, address = orcpt.partition(";")
     if not sep:
         kind, sep, address = "rfc822", "; ", kind
     if kind.strip().lower() == "rfc822":  # decoded first: "+0D+0A" is a CR LF, escaped below
         address = _unxtext(address)
+        if not address.isascii() and address.isprintable():
+            return _address_field(address)
     return _escaped(f"{kind}{sep}{address}")
 
 
+_XTEXT_HEX_BYTES = re.compile(rb"\+([0-9A-F]{2})")
+_STRAY_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _unxtext(text: str) -> str:
-    """RFC 3461 xtext decoded (``+2B`` is ``+``): ENVID and ORCPT arrive encoded."""
-    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), text)
+    """RFC 3461 xtext decoded (``+2B`` is ``+``): ENVID and ORCPT arrive encoded. xtext encodes
+    octets: those of a UTF-8 character (``+C3+BC``, as nodemailer and other clients encode one)
+    decode to that character, not to one character per octet ("Ã¼"); an octet that is not part
+    of UTF-8 stays a character of its own (Latin-1)."""
+    if "+" not in text:
+        return text
+    raw = _XTEXT_HEX_BYTES.sub(lambda m: bytes([int(m.group(1), 16)]),
+                               text.encode("utf-8", "surrogatepass"))
+    decoded = raw.decode("utf-8", "surrogateescape")
+    return _STRAY_BYTE.sub(lambda m: chr(ord(m.group()) - 0xDC00), decoded)
 
 
 def _block(fields: list[tuple[str, str]]) -> Message:
