@@ -332,6 +332,19 @@ async def test_second_starttls_gets_503(tmp_path, sink, make_node):
     await raw.close()
 
 
+async def test_starttls_with_an_argument_gets_501_and_the_session_goes_on(tmp_path, sink,
+                                                                         make_node, caplog):
+    """aiosmtpd answers ``STARTTLS x`` with 501 and returns; the edge took that return for a
+    handshake cut short, logged "TLS handshake failed" and closed the connection without a
+    421: the client's STARTTLS that followed got no answer at all."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("STARTTLS x")).startswith("501 5.5.4")
+    await _starttls(raw)
+    assert not [r for r in caplog.records if "handshake" in r.getMessage()]
+    await raw.close()
+
+
 async def test_failed_handshake_is_one_log_line(tmp_path, sink, make_node, caplog):
     node = await make_node(config_text(tmp_path, sink.port))
     raw = await session(node.listeners[0].port)

@@ -490,6 +490,10 @@ class GuardedSMTP(SMTP):
         if self.encrypted:
             await self.push("503 5.5.1 TLS already active")
             return
+        if arg:  # aiosmtpd answers 501 and returns: taken below for a handshake cut short,
+            # and the connection was closed after the 501 (a retried STARTTLS got nothing)
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
         try:
             await super().smtp_STARTTLS(arg)
         except TLSSetupException as exc:
