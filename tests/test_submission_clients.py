@@ -63,3 +63,38 @@ async def test_nodemailer_utf8_dsn_options_come_back_as_written(tmp_path, sink, 
     [report] = sink.for_rcpt("jörg@example.com")
     assert b"Original-Recipient: utf-8; \\x{FC}nal@example.com\r\n" in report.data
     assert b"Original-Envelope-Id: \\x{EF}d-1\r\n" in report.data
+
+
+async def test_lf_line_endings_are_lines_for_the_line_and_header_limits(tmp_path, sink,
+                                                                         make_node):
+    """``smtplib.sendmail(from, to, msg.as_bytes())`` (the email package's default policy
+    writes LF line endings, CRLF nowhere) and curl uploading a Unix file send a message without
+    a single CRLF. Intake makes each bare LF a line break, but the limits looked for CRLF: the
+    whole message was one line, refused with ``500 5.5.2 Line too long`` past 998 octets (curl
+    reports "Weird server reply"), and a message bigger than ``max_header_size`` had no end to
+    its header block (552 5.3.4)."""
+    node = await make_node(config_text(
+        tmp_path, sink.port, '[listeners.in.limits]\nmax_header_size = "8KB"\n'))
+    port = node.listeners[0].port
+    msg = EmailMessage(policy=email.policy.default)
+    msg["From"] = "sender@insurer.test"
+    msg["To"] = "a@example.com"
+    msg["Subject"] = "policy notice"
+    msg.set_content("Dear customer,\n" + "A short line of a policy notice.\n" * 600)
+    data = msg.as_bytes()
+    assert b"\r" not in data and len(data) > 16 * 1024
+    assert await send(port, "sender@insurer.test", ["a@example.com"], data) == {}
+    [arrival] = await sink.wait_for(1)
+    assert arrival.data.count(b"A short line of a policy notice.\r\n") == 600
+    # the limits still hold where the lines are long: one line of 999 octets between LFs ...
+    raw = await session(port)
+    for command in ("MAIL FROM:<s@insurer.test>", "RCPT TO:<a@example.com>", "DATA"):
+        assert (await raw.cmd(command))[:1] in "23"
+    raw.send(b"Subject: x\n\nshort\n" + b"a" * 999 + b"\nshort\r\n.\r\n")
+    assert (await raw.reply()).startswith("500 5.5.2")
+    # ... and a header block over 8 KB, its lines ending in LF
+    for command in ("MAIL FROM:<s@insurer.test>", "RCPT TO:<a@example.com>", "DATA"):
+        assert (await raw.cmd(command))[:1] in "23"
+    raw.send(b"Subject: x\n" + b"X-Filler: abc\n" * 700 + b"\nbody\r\n.\r\n")
+    assert (await raw.reply()).startswith("552 5.3.4")
+    await raw.close()

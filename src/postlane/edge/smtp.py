@@ -20,6 +20,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from ..address import PathError, alabel_domain, parse_path
 from ..config import ListenerConfig
+from ..policy.headers import normalize_newlines
 from ..policy.intake import Intake, RcptIn, Rejection
 from .auth import Authenticator
 from .guard import Guard, GuardedSMTP
@@ -171,13 +172,23 @@ class BulkDataSMTP(SMTP):
 
     def check_content(self, content: bytes) -> str | None:
         """The refusal of a message read by DATA, or None: lines over ``max_line`` octets
-        (500 5.5.2) and header blocks over ``max_header`` (552 5.3.4)."""
-        if len(content) > self.max_line - 2 and has_long_line(content, self.max_line) \
-                and not self.read_here():
+        (500 5.5.2) and header blocks over ``max_header`` (552 5.3.4).
+
+        Both are measured on the lines as intake stores and relays them, where a bare LF or CR
+        ends a line (``normalize_newlines``): a message written with LF line endings
+        (``smtplib.sendmail(..., msg.as_bytes())``, curl uploading a Unix file) was one "line"
+        from CRLF to CRLF, refused as too long past 998 octets, and past ``max_header`` a
+        header block without CRLF CRLF was refused as too large."""
+        long_enough = len(content) > self.max_line - 2
+        big_enough = bool(self.max_header) and len(content) > self.max_header
+        if not (long_enough or big_enough):
+            return None
+        lines = normalize_newlines(content)  # without bare CR or LF: counts only, no copy
+        if long_enough and has_long_line(lines, self.max_line) and not self.read_here():
             return "500 5.5.2 Line too long (see RFC5321 4.5.3.1.6)"
-        if self.max_header and len(content) > self.max_header:
-            end = content.find(b"\r\n\r\n", 0, self.max_header + 4)
-            if end < 0 and not content.startswith(b"\r\n"):
+        if big_enough:
+            end = lines.find(b"\r\n\r\n", 0, self.max_header + 4)
+            if end < 0 and not lines.startswith(b"\r\n"):
                 return "552 5.3.4 Header block too large"
         return None
 
