@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from postlane.edge.smtp import Listener
+from postlane.node import Node
+from postlane.startup import parse_config
 from tests.conftest import config_text
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
@@ -48,6 +51,41 @@ async def test_cli_pause_resume_status_queues(tmp_path, sink, make_node):
     assert code == 0 and ("bulk", "*") not in node.scheduler.paused
     code, out, _ = await run_cli("queues", *target)
     assert code == 0 and "lanes" in out
+
+
+async def test_status_is_not_ready_until_the_listeners_are_open(tmp_path, sink, monkeypatch):
+    """The API answers before the SMTP listeners are open (with intake workers, seconds
+    before), and ``status`` said "up 499053.9h" (uptime from 0) and exited 0: the README's
+    ``until postlane status`` and the container's health check called the node ready, and the
+    application that then submitted got "Connection refused"."""
+    gate = asyncio.Event()
+    opening = Listener.start
+
+    async def held(self: Listener) -> None:
+        await gate.wait()
+        await opening(self)
+
+    monkeypatch.setattr(Listener, "start", held)
+    node = Node(parse_config(config_text(tmp_path, sink.port)))
+    starting = asyncio.create_task(node.start())
+    try:
+        await until(lambda: node.api is not None and node.api.port != 0, what="the API up")
+        assert node.api is not None
+        target = ["--url", f"http://127.0.0.1:{node.api.port}",
+                  "--token-file", str(tmp_path / "api-token")]
+        code, _, err = await run_cli("status", *target)
+        assert code == 1 and "is starting: its listeners are not open yet" in err
+        code, out, _ = await run_cli("status", "--json", *target)
+        assert code == 1 and json.loads(out)["status"]["starting"] is True
+        assert json.loads(out)["status"]["uptime_s"] == 0
+        gate.set()
+        await starting
+        code, out, _ = await run_cli("status", *target)
+        assert code == 0 and "test-node" in out
+    finally:
+        gate.set()
+        await starting
+        await node.stop()
 
 
 async def test_cli_reads_the_node_config_and_explains_failures(tmp_path, sink, make_node):

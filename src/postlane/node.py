@@ -468,7 +468,10 @@ class Node:
                 "certificate": cert.describe() if cert is not None else None})
         # queued: what this node holds (on one node its whole queue; in a cluster what it has
         # claimed - the shared queue is under "cluster")
-        out = {"node": self.config.node.name, "uptime_s": round(now - self.started_at, 1),
+        # the API answers before the listeners are open (with intake workers, seconds before):
+        # "starting" until they are, so that waiting for `postlane status` waits for SMTP too
+        out = {"node": self.config.node.name, "starting": not self.started_at,
+               "uptime_s": round(now - self.started_at, 1) if self.started_at else 0.0,
                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
                "listeners": listeners, "pools": pools, "lanes": lanes,
                "degraded": self.health.states(),

@@ -142,6 +142,11 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     cluster the cluster's nodes and queue, and this node's own part."""
     target = _target(config, url, token_file)
     st = _call(target, "GET", "/api/v1/status")
+    if st.get("starting"):  # the API is up, the SMTP listeners not yet: not ready (exit 1)
+        if as_json:
+            typer.echo(json.dumps({"status": st}, indent=2))
+            raise typer.Exit(1)
+        raise _fail(f"node {st['node']} is starting: its listeners are not open yet")
     sla = _call(target, "GET", "/api/v1/sla")
     alerts = _call(target, "GET", "/api/v1/alerts")
     if as_json:
