@@ -4,11 +4,21 @@ pinned here through real SMTP on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
+import smtplib
 from email.message import EmailMessage
 
+from postlane.policy.users import User, hash_password, save_user
 from tests.conftest import config_text, send
 from tests.support.rawsmtp import session
+from tests.test_security_auth import (  # noqa: F401  (fixture)
+    PASSWORD,
+    _client_ctx,
+    secure_config,
+    submit,
+    tls_files,
+)
 
 
 async def test_smtplib_bare_lf_message_keeps_its_leading_dots(tmp_path, sink, make_node):
@@ -98,3 +108,39 @@ async def test_lf_line_endings_are_lines_for_the_line_and_header_limits(tmp_path
     raw.send(b"Subject: x\n" + b"X-Filler: abc\n" * 700 + b"\nbody\r\n.\r\n")
     assert (await raw.reply()).startswith("552 5.3.4")
     await raw.close()
+
+
+async def test_sender_domains_and_rules_compare_idna_domains_in_a_labels(tmp_path, sink,
+                                                                        make_node, tls_files):  # noqa: F811
+    """A user allowed to send from ``bücher.example`` was refused ``550 5.7.1 may not send
+    from`` when its client gave the A-label (``a@xn--bcher-kva.example``, as every client
+    without SMTPUTF8 writes it), and a user configured with the A-label was refused the U-label
+    nodemailer sends in an SMTPUTF8 transaction; a classification rule with a U-label domain
+    never matched (intake compares in A-labels)."""
+    users = tmp_path / "users.toml"
+    hashed = hash_password(PASSWORD)
+    save_user(users, User("ulabel", hashed, [], None, ["bücher.example"]))
+    save_user(users, User("alabel", hashed, [], "policy-documents", ["xn--bcher-kva.example"]))
+    node = await make_node(secure_config(
+        tmp_path, sink.port, tls_files, users, relay_from="[]",
+        extra='[[classification.rules]]\nclass = "policy-documents"\n'
+              'from_domain = "bücher.example"\n'))
+    port = node.listeners[1].port
+
+    def mail_from(user: str, sender: str, options: list[str]) -> int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.starttls(context=_client_ctx())
+            client.ehlo("client.test")
+            client.login(user, PASSWORD)
+            return client.mail(sender, options)[0]
+
+    for user in ("ulabel", "alabel"):
+        assert await asyncio.to_thread(mail_from, user, "a@xn--bcher-kva.example", []) == 250
+        assert await asyncio.to_thread(mail_from, user, "a@bücher.example", ["SMTPUTF8"]) == 250
+        assert await asyncio.to_thread(mail_from, user, "a@insurer.test", []) == 550
+    data = b"From: a@xn--bcher-kva.example\r\nSubject: rule\r\n\r\nx\r\n"
+    assert await submit(port, tls="starttls", user="ulabel", mail_from="a@xn--bcher-kva.example",
+                        data=data) == {}
+    [arrival] = await sink.wait_for(1)
+    assert arrival.peer == "127.0.0.20"  # the rule's class's pool, not the default (marketing)

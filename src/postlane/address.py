@@ -11,12 +11,13 @@ default (``strict_rfc821_envelopes = no``); when one is there both must be.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
 import idna
 
-__all__ = ["PathError", "alabel_domain", "parse_path"]
+__all__ = ["PathError", "alabel_domain", "domain_key", "parse_path"]
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 # The common case, <ascii.dot-string@ldh.domain> with labels of at most 63 octets, in one match.
@@ -100,6 +101,17 @@ def alabel_domain(domain: str) -> str:
         return idna.encode(folded).decode("ascii")
     except (idna.IDNAError, UnicodeError):
         raise PathError("the domain is not a valid internationalised name (IDNA 2008)") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def domain_key(domain: str) -> str:
+    """A domain as configured or given, in the form domains are compared in: lower case, in
+    A-labels (``bücher.example`` and ``xn--bcher-kva.example`` are one domain, RFC 5890); a
+    name that is not IDNA stays as it is, lower-cased."""
+    try:
+        return alabel_domain(domain)
+    except PathError:
+        return domain.lower()
 
 
 def _mailbox(text: str) -> str:

@@ -19,7 +19,7 @@ from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any
 
 from ..accounting.records import Record
-from ..address import PathError, alabel_domain
+from ..address import PathError, alabel_domain, domain_key
 from ..config import Config
 from ..health import Health
 from ..maildate import header_date
@@ -158,12 +158,12 @@ class Intake:
     def _by_rules(self, mail_from: str, from_domain: str,
                   rcpt_domains: tuple[str, ...]) -> str | None:
         sender_domain = domain_of(mail_from) if mail_from else ""
-        for rule in self.config.classification.rules:
-            if rule.sender_domain and rule.sender_domain.lower() != sender_domain:
+        for rule in self.config.classification.rules:  # A-labels, as domain_of gives them
+            if rule.sender_domain and domain_key(rule.sender_domain) != sender_domain:
                 continue
-            if rule.from_domain and rule.from_domain.lower() != from_domain:
+            if rule.from_domain and domain_key(rule.from_domain) != from_domain:
                 continue
-            if rule.recipient_domain and rule.recipient_domain.lower() not in rcpt_domains:
+            if rule.recipient_domain and domain_key(rule.recipient_domain) not in rcpt_domains:
                 continue
             return rule.cls
         return None

@@ -24,6 +24,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..address import domain_key
+
 log = logging.getLogger("postlane.auth")
 
 _N, _R, _P = 2**14, 8, 1
@@ -69,10 +71,14 @@ class User:
     """Domains this user may send from ("*" = any); empty = none, so a new user cannot forge."""
 
     def may_send_from(self, address: str) -> bool:
+        """Whether MAIL FROM ``address`` is in one of ``sender_domains``, compared in A-labels:
+        a client without SMTPUTF8 sends ``bücher.example`` as ``xn--bcher-kva.example``."""
         if "*" in self.sender_domains:
             return True
-        domain = address.rpartition("@")[2].lower()
-        return bool(address) and domain in self.sender_domains
+        if not address:
+            return False
+        domain = domain_key(address.rpartition("@")[2])
+        return any(domain_key(allowed) == domain for allowed in self.sender_domains)
 
     def may_use(self, cls: str) -> bool:
         return not self.classes or cls in self.classes
