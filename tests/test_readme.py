@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "`tests/test_readme.py` runs this block"
 
@@ -21,6 +23,7 @@ def tour() -> str:
     return re.search(r"```sh\n(.*?)```", after, re.S).group(1)
 
 
+@pytest.mark.timeout(330)  # ~20 commands, each a Python start: 23 s quiet, minutes when loaded
 def test_the_readme_tour_runs_as_written(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     proc = subprocess.Popen(["bash", "-e", "-c", tour()], cwd=tmp_path, env=env,
@@ -28,6 +31,10 @@ def test_the_readme_tour_runs_as_written(tmp_path):
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # show where it stood, not only that it took too long
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the tour did not finish in 300 s; its output so far:\n{out}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
