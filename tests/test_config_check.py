@@ -169,6 +169,36 @@ async def test_serve_names_the_file_that_is_not_what_it_should_be(tmp_path):
             (spool / name).write_bytes(before)
 
 
+async def test_a_second_node_on_the_same_spool_is_refused_at_start(tmp_path, make_node):
+    """``postlane serve`` twice on one config: the second opened the SQLite spool beside the
+    first (both would deliver its queue, and write one outbox as two writers) and, once the
+    first stopped, said it recovered from an unclean stop. It is refused now, naming the
+    running node; once that one has stopped, a node starts on the spool again."""
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 2600))
+    node = await make_node(path.read_text())
+
+    async def serve() -> tuple[int | None, str]:
+        proc = await asyncio.create_subprocess_exec(
+            POSTLANE, "serve", "-c", str(path), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ})
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), 15)
+        except TimeoutError:  # it runs: the spool was free
+            proc.terminate()
+            _, err = await proc.communicate()
+            return None, err.decode()
+        return proc.returncode, err.decode()
+
+    code, text = await serve()
+    assert code == 1 and "Traceback" not in text, text
+    assert (f"cannot start: the spool {tmp_path}/spool is open in another node (pid"
+            f" {os.getpid()})") in text, text
+    await node.stop()
+    code, text = await serve()
+    assert code is None and "recovered" not in text and "unclean" not in text, text
+
+
 async def test_config_check_refuses_zero_class_times_and_says_what_workers_takes(tmp_path):
     """An expiry of 0 bounced every accepted message before its first attempt, a retry of 0
     retried a failing destination in a busy loop, an SLA of 0 breached on every message; and a

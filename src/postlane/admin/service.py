@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from ..node import Node
 from ..schema import DOWNGRADE_ADVICE, NewerSchema
 from ..secretfile import UnusableFile
+from ..spool import SpoolInUse
 from ..spool.postgres import NodeConflict
 from ..startup import ConfigError, load_config
 
@@ -204,7 +205,8 @@ def run(config: Config, path: Path | None = None) -> None:
         except NewerSchema as exc:  # a downgrade: retrying cannot help
             _node_log.error("cannot start: %s: %s", exc, DOWNGRADE_ADVICE)
             raise SystemExit(2) from None
-        except (OSError, sqlite3.Error, NodeConflict, UnusableFile) as exc:  # why, not a traceback
+        except (OSError, sqlite3.Error, NodeConflict, SpoolInUse,
+                UnusableFile) as exc:  # why, not a traceback
             _node_log.error("cannot start: %s", _why(exc))
             raise SystemExit(1) from None
         loop = asyncio.get_running_loop()

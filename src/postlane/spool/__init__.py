@@ -19,14 +19,14 @@ from .base import (
     State,
 )
 from .postgres import PostgresSpool
-from .sqlite import SQLiteSpool
+from .sqlite import SpoolInUse, SQLiteSpool
 
 if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = ["FINAL_STATES", "Attempt", "Message", "Pending", "PostgresSpool", "Recipient",
-           "RecipientUpdate", "SQLiteSpool", "Spool", "SpoolUnavailable", "State", "is_dsn",
-           "local_dir", "make_spool"]
+           "RecipientUpdate", "SQLiteSpool", "Spool", "SpoolInUse", "SpoolUnavailable", "State",
+           "is_dsn", "local_dir", "make_spool"]
 
 
 def local_dir(config: Config) -> Path:

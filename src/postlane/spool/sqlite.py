@@ -9,6 +9,7 @@ before bulk ones, so a campaign's backlog of writes never sits in front of a pol
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import sqlite3
@@ -51,6 +52,32 @@ log = logging.getLogger("postlane.spool")
 
 RUNNING = "spool.running"
 """Beside the spool while a node has it open (its process id); removed by a clean close."""
+LOCK = "spool.lock"
+"""Locked (``flock``) by the node that has the spool open, for as long as it has it: a second
+node on the same folder is refused at start. The kernel drops the lock with the process,
+however it ends, so a crash leaves no stale lock behind."""
+
+
+class SpoolInUse(RuntimeError):
+    """Another process has this spool open: two nodes on one SQLite spool would both deliver
+    its queue (every message twice) and write one outbox as two writers."""
+
+
+def _lock(folder: Path) -> int:
+    """The spool folder's lock, taken (its file descriptor), or ``SpoolInUse``."""
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            holder = f"pid {int((folder / RUNNING).read_text().split()[0])}"
+        except (OSError, ValueError, IndexError):
+            holder = "another process"
+        raise SpoolInUse(f"the spool {folder} is open in another node ({holder}): one node"
+                         " per spool; stop that one first, or give this one a spool of its"
+                         " own") from None
+    return fd
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -162,9 +189,19 @@ class SQLiteSpool(GroupCommitWrites):
         SIGKILL, a power loss): ``RUNNING`` was still there at open."""
         self.backlog = 0
         """Events the audit store and the files had not all taken at open."""
+        self._lock_fd: int | None = None
 
     async def open(self) -> None:
         private_file(self.path)  # message bodies: 0600 in a 0700 folder
+        self._lock_fd = _lock(self.path.parent)
+        try:
+            await self._open()
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+
+    async def _open(self) -> None:
         running = self.path.parent / RUNNING
         self.unclean = running.exists()
         with private_open(running) as fh:
@@ -235,6 +272,9 @@ class SQLiteSpool(GroupCommitWrites):
         if self._pager:
             self._pager.close()
             self._pager = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- writes ---------------------------------------------------------------------------------
 
