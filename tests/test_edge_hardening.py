@@ -24,7 +24,7 @@ from postlane.node import Node
 from postlane.policy.intake import RcptIn
 from postlane.policy.users import User, hash_password, save_user
 from postlane.startup import parse_config
-from tests.conftest import config_text, message, send
+from tests.conftest import config_text, message, records, send
 from tests.support.rawsmtp import RawSMTP, session
 from tests.support.waiting import until
 
@@ -412,6 +412,36 @@ async def test_postmaster_and_source_routes_are_accepted(tmp_path, sink, make_no
     await raw.close()
     [arrival] = await sink.wait_for(1)
     assert arrival.rcpts == ["pm@example.com"] and arrival.mail_from == "s@insurer.test"
+
+
+async def test_postmaster_at_the_nodes_domains_reaches_the_postmaster_without_a_class(
+        tmp_path, sink, make_node):
+    """RFC 5321 4.5.1 from a stranger, in the words other operators use: postmaster@ the
+    node's name got 550 "Relaying denied", postmaster@ a bounce domain was read as a bounce
+    report and dropped, and plain <postmaster> got 550 "no traffic class" for mail without
+    Postlane's class header (all such mail): each is delivered to node.postmaster, in the most
+    urgent class when neither the listener nor the node has a default."""
+    text = config_text(tmp_path, sink.port, "").replace(
+        'hostname = "mta.test"', 'hostname = "mta.test"\npostmaster = "pm@example.com"').replace(
+        'relay_from = ["127.0.0.0/8"]', "relay_from = []").replace(
+        'default_class = "marketing"\n', "").replace(
+        "[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
+    node = await make_node(text)
+    letter = (b"From: abuse-desk@isp.example\r\nTo: postmaster\r\nSubject: abuse from your"
+              b" IP\r\n\r\nPlease look at this.\r\n")
+    for to in ("postmaster", "Postmaster@MTA.test", "POSTMASTER@bounces.mta.test"):
+        assert await send(node.listeners[0].port, "abuse-desk@isp.example", [to],
+                          letter) == {}, to
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<x@isp.example>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<postmaster@elsewhere.example>")).startswith(
+        "550 5.7.1"), "only the node's own domains' postmaster"
+    await raw.close()
+    arrivals = await sink.wait_for(3)
+    assert [a.rcpts for a in arrivals] == [["pm@example.com"]] * 3
+    assert {a.peer for a in arrivals} == {"127.0.0.20"}, "policy-documents: the most urgent"
+    await node.stop()
+    assert {r["class"] for r in records(tmp_path) if r["type"] == "r"} == {"policy-documents"}
 
 
 async def test_a_source_route_is_dropped_for_a_trusted_client(tmp_path, sink, make_node):

@@ -473,6 +473,17 @@ class SMTPIntake:
         self.guard = Guard(config, intake, certificate, auth, local_limits=local_limits)
         node = intake.config.node
         self.postmaster = node.postmaster or f"postmaster@{node.hostname}"
+        feedback = intake.feedback
+        self.postmaster_domains = {node.hostname.lower()} | (
+            feedback.report_domains() if feedback is not None else set())
+        """postmaster@ these is the postmaster (RFC 5321 4.5.1): the node's name, and the
+        domains whose mail it takes itself (bounce, FBL, unsubscribe)."""
+        classes = intake.config.classes
+        self.postmaster_class = (config.default_class or intake.config.default_class
+                                 or min(classes, key=lambda n: classes[n].priority))
+        """Mail to the postmaster carries no class header: the listener's default, the
+        node's, else the most urgent class (abuse and delivery reports from other operators
+        are not to wait behind a campaign)."""
 
     def drain(self) -> None:
         """Refuse new mail with 421 from now on (the node or its worker is stopping)."""
@@ -509,15 +520,18 @@ class SMTPIntake:
         envelope.rcpt_dsn = []  # type: ignore[attr-defined]
         envelope.rcpt_suppression = []  # type: ignore[attr-defined]
         envelope.rcpt_seen = set()  # type: ignore[attr-defined]
+        envelope.to_postmaster = 0  # type: ignore[attr-defined]
         return "250 2.1.0 Sender ok"
 
     async def handle_RCPT(self, server: EdgeSMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        postmaster = address == "postmaster"  # RFC 5321 4.5.1: accepted from anyone
+        local, _, domain = address.rpartition("@")
+        postmaster = address.lower() == "postmaster" or (  # RFC 5321 4.5.1: from anyone
+            local.lower() == "postmaster" and domain.lower() in self.postmaster_domains)
         if postmaster:
             address = self.postmaster
         feedback = self.intake.feedback
-        report = feedback is not None and feedback.is_report_address(address)
+        report = not postmaster and feedback is not None and feedback.is_report_address(address)
         if not report and not postmaster:
             refusal = self.guard.check_rcpt(session)
             if refusal is not None:
@@ -538,6 +552,7 @@ class SMTPIntake:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_suppression.append(looked_up)  # type: ignore[attr-defined]
         envelope.rcpt_dsn.append(dict(server.dsn_params))  # type: ignore[attr-defined]
+        envelope.to_postmaster += postmaster  # type: ignore[attr-defined]
         return "250 2.1.5 Recipient ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -564,6 +579,9 @@ class SMTPIntake:
             if not rcpts:
                 return "250 2.0.0 Ok: report processed"
         auth_user = str(session.auth_data) if self.guard.user(session) else ""
+        # only the postmaster: its class is ours to give, and another operator's report in
+        # its own name is forwarded as it is (not signed by us, not refused for want of a key)
+        postmaster = getattr(envelope, "to_postmaster", 0) == len(envelope.rcpt_tos)
         try:
             qid = await self.intake.submit(
                 "" if envelope.mail_from == "<>" else envelope.mail_from or "", rcpts,
@@ -572,6 +590,8 @@ class SMTPIntake:
                 mt_priority=int(dsn["MT-PRIORITY"]) if "MT-PRIORITY" in dsn else None,
                 client_ip=peer, client_name=session.host_name or "", auth_user=auth_user,
                 default_class=self.config.default_class, smtputf8=bool(envelope.smtp_utf8),
+                forced_class=self.postmaster_class if postmaster else None,
+                src_type="postmaster" if postmaster else "smtp",
                 protocol=_protocol(session, envelope, getattr(server, "encrypted", False),
                                    bool(auth_user)))
         except Rejection as exc:

@@ -225,6 +225,12 @@ class FeedbackService:
 
     # -- inbound reports ------------------------------------------------------------------------
 
+    def report_domains(self) -> set[str]:
+        """The domains whose mail this node takes itself: its bounce domains and those of its
+        FBL and unsubscribe addresses (postmaster@ each is the postmaster's, RFC 5321 4.5.1)."""
+        return set(self.bounce_domains) | {a.rpartition("@")[2] for a in self.fbl_addresses} | (
+            {self.mailto.rpartition("@")[2]} if self.mailto else set())
+
     def is_report_address(self, address: str) -> bool:
         address = address.lower()
         return address in self.fbl_addresses or address == self.mailto or \

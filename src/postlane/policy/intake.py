@@ -252,7 +252,7 @@ class Intake:
         if self.signer is not None:  # signed once, here, so the spooled body is the signed one
             signature, dkim_note = await self.signer.sign(
                 kept, body, qid=qid, cls=cls_name, pool=cls.pool, mail_from=mail_from,
-                rcpts=[r.address for r in rcpts], own=src_type == "dsn")
+                rcpts=[r.address for r in rcpts], own=src_type in ("dsn", "postmaster"))
         content = signature + join_fields(stamp + kept) + b"\r\n" + body
         msg = Message(
             id=qid, cls=cls_name, pool=cls.pool, queued_at=now,
