@@ -307,14 +307,12 @@ async def test_key_file_vanishing_at_run_time_gives_451_and_a_record(tmp_path, k
     assert told[1].refusals == 3
 
 
-async def test_a_dsn_is_signed_by_the_organisations_key_when_the_hostname_has_none(
-        tmp_path, keys, sink, make_node, dns_server):
-    """Strict alignment, a key for insurer.test only, the node called mta.insurer.test: its
-    DSNs (From MAILER-DAEMON@mta.insurer.test) went out unsigned, with a warning each; they
-    are signed d=insurer.test now (a DKIM pass, aligned relaxed)."""
+async def _a_dsn(tmp_path, keys, sink, make_node, dns_server, node_fields: str):
+    """The DSN a node whose ``[node]`` starts ``node_fields`` (strict alignment, a key for
+    insurer.test only) sends for a hard bounce, and the node."""
     text = config_text(tmp_path, sink.port, "[dkim]\n"
                        + key_entry(tmp_path, keys, "insurer.test", "r1"))
-    text = text.replace('hostname = "mta.test"', 'hostname = "mta.insurer.test"')
+    text = text.replace('hostname = "mta.test"', node_fields)
     text = text.replace("[routes]\n", f'[routes]\n"insurer.test" = "127.0.0.1:{sink.port}"\n')
     sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 no such user"]}
     publish(dns_server, keys, "insurer.test", "r1")
@@ -324,6 +322,16 @@ async def test_a_dsn_is_signed_by_the_organisations_key_when_the_hostname_has_no
     await send(node.listeners[0].port, "notices@insurer.test", ["hard@example.com"], data)
     [bounce] = await sink.wait_for(1)
     assert bounce.rcpts == ["notices@insurer.test"]
+    return bounce, node
+
+
+async def test_a_dsn_is_signed_by_the_organisations_key_when_the_hostname_has_none(
+        tmp_path, keys, sink, make_node, dns_server):
+    """Strict alignment, a key for insurer.test only, the node called mta.insurer.test: its
+    DSNs (From MAILER-DAEMON@mta.insurer.test) went out unsigned, with a warning each; they
+    are signed d=insurer.test now (a DKIM pass, aligned relaxed)."""
+    bounce, node = await _a_dsn(tmp_path, keys, sink, make_node, dns_server,
+                                'hostname = "mta.insurer.test"')
     head = email.message_from_bytes(bounce.data)
     assert head["From"].endswith("@mta.insurer.test>") and "d=insurer.test" in head[
         "DKIM-Signature"]
@@ -338,18 +346,8 @@ async def test_a_dsn_comes_from_the_configured_postmaster_signed_aligned(
     sent its DSNs from MAILER-DAEMON@mta.example, unsigned with a warning each; with
     ``node.postmaster`` set (``postlane init`` sets it) they come from that address, signed
     with its domain's key: aligned strict."""
-    text = config_text(tmp_path, sink.port, "[dkim]\n"
-                       + key_entry(tmp_path, keys, "insurer.test", "r1"))
-    text = text.replace('hostname = "mta.test"',
-                        'hostname = "mta.test"\npostmaster = "postmaster@insurer.test"')
-    text = text.replace("[routes]\n", f'[routes]\n"insurer.test" = "127.0.0.1:{sink.port}"\n')
-    sink.rcpt_replies = {"hard@example.com": ["550 5.1.1 no such user"]}
-    publish(dns_server, keys, "insurer.test", "r1")
-    node = await make_node(text)
-    data = MESSAGES["plain"].replace(b"Subject:", b"X-Postlane-Class: policy-documents\r\n"
-                                                  b"Subject:", 1)
-    await send(node.listeners[0].port, "notices@insurer.test", ["hard@example.com"], data)
-    [bounce] = await sink.wait_for(1)
+    bounce, node = await _a_dsn(tmp_path, keys, sink, make_node, dns_server,
+                                'hostname = "mta.test"\npostmaster = "postmaster@insurer.test"')
     head = email.message_from_bytes(bounce.data)
     assert head["From"] == "Mail Delivery System <postmaster@insurer.test>"
     assert "d=insurer.test" in head["DKIM-Signature"] and _valid(bounce.data, 0, dns_server)
