@@ -321,3 +321,16 @@ async def test_api_takes_a_u_label_domain_and_delivers_it_with_smtputf8(utf8_rou
     assert arrival.smtputf8 and arrival.rcpts == ["jürgen@exämple.org"]
     assert "To: jürgen@exämple.org\r\n".encode() in arrival.data
     assert (ALABEL, "MX") in dns_server.queries
+
+
+def test_a_u_label_domain_in_upper_case_is_the_same_domain():
+    """Domains are case-insensitive: ``a@BÜCHER.example`` got 501 5.1.7 (IDNA 2008 alone
+    has no case mapping); UTS #46 maps first, as Postfix does, and IDNA 2008 still refuses
+    what it refuses."""
+    from postlane.address import PathError, alabel_domain, parse_path
+
+    assert alabel_domain("BÜCHER.example") == alabel_domain("bücher.example") == \
+        "xn--bcher-kva.example"
+    assert parse_path("<a@BÜCHER.example>", utf8=True) == ("a@BÜCHER.example", "")
+    with pytest.raises(PathError):
+        alabel_domain("☃.example")

@@ -96,9 +96,9 @@ def alabel_domain(domain: str) -> str:
     if domain.isascii():
         return domain.lower()
     try:
-        # IDNA 2008 has no case mapping: only ASCII letters are folded, as DNS does
-        folded = "".join(c.lower() if c.isascii() else c for c in domain)
-        return idna.encode(folded).decode("ascii")
+        # UTS #46 mapping first (case folding, width), then IDNA 2008, as Postfix does with
+        # SMTPUTF8: domains are case-insensitive, and a@BÜCHER.example got 501 5.1.7
+        return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
     except (idna.IDNAError, UnicodeError):
         raise PathError("the domain is not a valid internationalised name (IDNA 2008)") from None
 
