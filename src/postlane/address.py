@@ -5,8 +5,9 @@ without its closing bracket was accepted). A path here is ``<>`` (MAIL only), ``
 (RCPT only), or ``<[@route,...:]local@domain>``, where the source route is accepted and dropped
 (RFC 5321 4.1.1.3 and appendix C), the local part is a dot-string or a quoted string, and the
 domain is LDH labels, an address literal or, in an SMTPUTF8 transaction, U-labels that must be
-valid IDNA 2008 after UTS #46 mapping (case folded; the ``idna`` package). The angle brackets may be left out, as Postfix allows by
-default (``strict_rfc821_envelopes = no``); when one is there both must be.
+valid IDNA 2008 after UTS #46 mapping (case folded; the ``idna`` package). The angle brackets
+may be left out, as Postfix allows by default (``strict_rfc821_envelopes = no``); when one is
+there both must be.
 """
 
 from __future__ import annotations

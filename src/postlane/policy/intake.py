@@ -6,7 +6,6 @@ through ``Intake.submit``, so the rules are the same whichever door a message ca
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
@@ -19,7 +18,7 @@ from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any
 
 from ..accounting.records import Record
-from ..address import PathError, alabel_domain, domain_key
+from ..address import domain_key
 from ..config import Config
 from ..health import Health
 from ..maildate import header_date
@@ -79,12 +78,8 @@ def domain_of(address: str) -> str:
     """Lower-cased, in A-labels (the lane and the MX lookup of ``prüfer@exämple.org`` are
     those of ``xn--exmple-cua.org``), and interned: a campaign's 200,000 recipients share a few
     hundred domains."""
-    domain = address.rpartition("@")[2]
-    if not domain.isascii():
-        # the edge refuses a bad name; the API and bounces are not the edge
-        with contextlib.suppress(PathError):
-            domain = alabel_domain(domain)
-    return sys.intern(domain.lower())
+    # the edge refuses a bad name; the API and bounces are not the edge: ``domain_key`` keeps it
+    return sys.intern(domain_key(address.rpartition("@")[2]))
 
 
 def _header_safe(text: str) -> str:
