@@ -152,8 +152,9 @@ def serve_postmaster(http: FixtureHTTP, bad: bool) -> None:
                                        good_ips=["127.0.0.20"])]}))
 
 
-def snds_csv(red: bool) -> str:
-    day = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+def snds_csv(red: bool, day: dt.date | None = None) -> str:
+    """SNDS's export for ``day`` (default yesterday, as the service gives it)."""
+    day = day or dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
     start, end = f"{day:%-m/%-d/%Y} 12:00 AM", f"{day:%-m/%-d/%Y} 11:59 PM"
     return (f"127.0.0.30,{start},{end},5200,5100,5150,{'RED' if red else 'GREEN'},"
             f"{'1.2%' if red else '< 0.1%'},{start},{end},{3 if red else 0},bulk.test,"

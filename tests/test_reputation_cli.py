@@ -26,6 +26,8 @@ from tests.test_dmarc import crafted
 from tests.test_reputation import snds_csv, traffic_stats
 
 YESTERDAY = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+"""One day for the whole module, the files it writes included: a run crossing midnight UTC
+had the expectations of one day and an SNDS file of the next."""
 
 
 def node_config(tmp_path, sink_port: int, extra: str = "") -> str:
@@ -67,7 +69,7 @@ async def test_import_and_show_beside_a_running_node_then_with_it_down(tmp_path,
     cfg.write_text(text)
     node = await make_node(text)
     snds = tmp_path / "snds-export.csv"
-    snds.write_text(snds_csv(red=True))
+    snds.write_text(snds_csv(red=True, day=YESTERDAY))
     gmail = tmp_path / "trafficStats.json"
     gmail.write_text(postmaster_json(bad=True))
     report = tmp_path / "report.xml"
@@ -92,7 +94,7 @@ async def test_import_and_show_beside_a_running_node_then_with_it_down(tmp_path,
 
     # the same files again, and a file holding one line twice: each row stored once
     twice = tmp_path / "twice.csv"
-    twice.write_text(snds_csv(red=True).splitlines(keepends=True)[0] * 2)
+    twice.write_text(snds_csv(red=True, day=YESTERDAY).splitlines(keepends=True)[0] * 2)
     code, out, _ = await run_cli("reputation", "import", "snds", str(snds), str(twice), "-c",
                                  str(cfg))
     assert code == 0
@@ -147,7 +149,7 @@ async def test_import_and_show_beside_a_running_node_then_with_it_down(tmp_path,
     # with the node down, the same commands work on the store; the good figures replace the bad
     await node.stop()
     gmail.write_text(postmaster_json(bad=False))
-    snds.write_text(snds_csv(red=False))
+    snds.write_text(snds_csv(red=False, day=YESTERDAY))
     for source, path in (("postmaster", gmail), ("snds", snds)):
         code, out, err = await run_cli("reputation", "import", source, str(path), "-c",
                                        str(cfg))
@@ -180,7 +182,7 @@ async def test_stdin_old_and_future_rows(tmp_path):
         POSTLANE, "reputation", "import", "snds", "-", "-c", str(cfg),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
-    out_b, err_b = await proc.communicate(snds_csv(red=False).encode())
+    out_b, err_b = await proc.communicate(snds_csv(red=False, day=YESTERDAY).encode())
     assert proc.returncode == 0, err_b
     assert out_b.decode().startswith("-: stored 2 rows (2 new) for 127.0.0.20, 127.0.0.30")
 
@@ -237,7 +239,7 @@ POSTMASTER_REFUSALS = [
     ("not-list.json", '{"trafficStats": {"name": "x"}}', "line 1: \"trafficStats\" is not a list"),
     ("entry.json", '{"trafficStats": [\n  "domains/x/trafficStats/20261201"\n]}',
      "line 1: a trafficStats entry is str, not an object"),
-    ("csv.json", snds_csv(red=False),
+    ("csv.json", snds_csv(red=False, day=YESTERDAY),
      "line 1: not Postmaster Tools JSON (trafficStats answers are JSON objects)"),
     ("none.json", "{}\n", "no traffic stats"),
     ("deep.json", "[" * 100000, "line 1: the JSON nests too deep"),
@@ -344,7 +346,7 @@ async def test_import_into_the_clusters_postgresql_store(tmp_path, pg_schema):  
                                                     f'spool = "{PG_DSN}"')
                    + f'[cluster]\nschema_name = "{pg_schema}"\n')
     snds = tmp_path / "snds.csv"
-    snds.write_text(snds_csv(red=True))
+    snds.write_text(snds_csv(red=True, day=YESTERDAY))
     gmail = tmp_path / "stats.json"
     gmail.write_text(postmaster_json(bad=True))
     for expected in ("(2 new)", "(0 new, 2 already stored, updated from the file)"):
