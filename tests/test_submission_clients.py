@@ -9,6 +9,8 @@ import email.policy
 import smtplib
 from email.message import EmailMessage
 
+import pytest
+
 from postlane.policy.users import User, hash_password, save_user
 from tests.conftest import config_text, send
 from tests.support.rawsmtp import session
@@ -144,3 +146,38 @@ async def test_sender_domains_and_rules_compare_idna_domains_in_a_labels(tmp_pat
                         data=data) == {}
     [arrival] = await sink.wait_for(1)
     assert arrival.peer == "127.0.0.20"  # the rule's class's pool, not the default (marketing)
+
+
+async def test_data_sent_a_line_at_a_time_is_acknowledged_at_once(tmp_path, sink, make_node,
+                                                                  monkeypatch):
+    """PHPMailer writes DATA a line per send without TCP_NODELAY, so Nagle holds each next line
+    until the node ACKs, and Linux delays that ACK ~40 ms: ~48 ms per message on one
+    connection against ~5 for smtplib. While DATA is read every packet is acknowledged at once
+    (TCP_QUICKACK); commands are not (their reply carries the ACK)."""
+    from postlane.edge.guard import QUICKACK, GuardedSMTP
+
+    if QUICKACK is None:
+        pytest.skip("TCP_QUICKACK is Linux only")
+    acks: list[bool] = []
+    ack_now = GuardedSMTP._ack_now
+
+    def spy(self: GuardedSMTP) -> None:
+        ack_now(self)
+        acks.append(self._quickack is not None)  # the socket took the option
+
+    monkeypatch.setattr(GuardedSMTP, "_ack_now", spy)
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    for command in ("MAIL FROM:<s@insurer.test>", "RCPT TO:<a@example.com>", "DATA"):
+        assert (await raw.cmd(command))[:1] in "23"
+    assert acks == []
+    for line in (b"Subject: lines\r\n", b"\r\n", b"one\r\n", b"two\r\n"):
+        raw.send(line)
+        await raw.writer.drain()
+        await asyncio.sleep(0.05)  # each line its own packet, as a Nagle client's first is
+    raw.send(b".\r\n")
+    assert (await raw.reply()).startswith("250 ")
+    await raw.close()
+    [arrival] = await sink.wait_for(1)
+    assert arrival.data.endswith(b"one\r\ntwo\r\n")
+    assert len(acks) >= 4 and all(acks)
