@@ -74,3 +74,46 @@ async def test_dots_escaped(tmp_path, sink, make_node):
 def test_smtplib_still_quotes_periods() -> None:
     """The dot test relies on the stdlib client stuffing dots (aiosmtpd's does too)."""
     assert smtplib._quote_periods(b"a\r\n.\r\nb") == b"a\r\n..\r\nb"
+
+
+async def test_a_protocol_from_the_template_is_what_aiosmtpds_init_makes(tmp_path, sink,
+                                                                         make_node):
+    """``edge/protocol.py`` runs aiosmtpd's ``__init__`` once per listener and copies what it
+    set into every later connection's protocol: the copy must hold the same attributes, with
+    the command and AUTH tables bound to the new protocol and its stream state its own. If a
+    new aiosmtpd sets something else in ``__init__``, this fails."""
+    from aiosmtpd.smtp import SMTP
+
+    from postlane.edge.smtp import EdgeSMTP
+
+    node = await make_node(config_text(tmp_path, sink.port))
+    handler = node.listeners[0].handler
+    kwargs = dict(data_size_limit=1000, enable_SMTPUTF8=True, decode_data=False,
+                  hostname="node.test", ident="Postlane ESMTP", loop=asyncio.get_running_loop(),
+                  **handler.guard.smtp_options())
+    first, second = EdgeSMTP(handler, **kwargs), EdgeSMTP(handler, **kwargs)
+    plain = EdgeSMTP.__new__(EdgeSMTP)
+    SMTP.__init__(plain, handler, **kwargs)  # aiosmtpd's own, alone
+    assert set(vars(second)) == set(vars(first))
+    assert set(vars(plain)) <= set(vars(second))
+    for name in ("_smtp_methods", "_auth_methods"):
+        table = getattr(second, name)
+        assert table.keys() == getattr(plain, name).keys() and table
+    assert all(m.__self__ is second for m in second._smtp_methods.values())
+    assert all(a.method.__self__ is second for a in second._auth_methods.values()
+               if a.is_builtin)
+    assert second._handle_hooks == plain._handle_hooks
+    assert second._client_connected_cb.__self__ is second
+    for name in ("_closed", "_drain_waiters", "_strong_reader", "dsn_params"):
+        assert getattr(second, name) is not getattr(first, name), name
+    for name, value in vars(plain).items():
+        if name not in {"_smtp_methods", "_auth_methods", "_handle_hooks", "_closed",
+                        "_drain_waiters", "_strong_reader", "_stream_reader_wr",
+                        "_client_connected_cb"}:
+            assert getattr(second, name) == value, name
+    # and a session on it works end to end (the listener's own protocols come from it)
+    assert await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+                      b"Subject: t\r\n\r\nx\r\n") == {}
+    assert await send(node.listeners[0].port, "s@insurer.test", ["b@example.com"],
+                      b"Subject: t\r\n\r\ny\r\n") == {}
+    await sink.wait_for(2)

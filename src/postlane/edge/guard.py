@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import aiosmtpd.smtp
 from aiosmtpd.smtp import (
     MISSING,
-    SMTP,
     AuthResult,
     LoginPassword,
     Session,
@@ -32,6 +31,7 @@ from ..config import ListenerConfig
 from ..policy.users import User
 from ..streams import pending_bytes
 from .limits import ConnectionLimits, RateLimiter
+from .protocol import QuickSMTP
 
 if TYPE_CHECKING:
     from ..policy.intake import Intake
@@ -234,7 +234,7 @@ class _SessionReader(asyncio.StreamReader):
             raise asyncio.CancelledError from None
 
 
-class GuardedSMTP(SMTP):
+class GuardedSMTP(QuickSMTP):
     """aiosmtpd's SMTP with the per-connection limits: connection caps, line length, idle
     timeout (with a 421), DATA deadline and minimum rate, the pregreet test, bad-command count,
     password checks off the event loop, enhanced codes on aiosmtpd's own replies. The handler
