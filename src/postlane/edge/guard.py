@@ -387,8 +387,8 @@ class GuardedSMTP(QuickSMTP):
     def data_received(self, data: bytes) -> None:
         if self._receiving:
             self._data_progress(len(data))
-            if self._quickack is not None:
-                self._ack_now()
+            if self._quickack is not None and not data.endswith(b".\r\n"):
+                self._ack_now()  # (the reply to a whole message carries its ACK)
         super().data_received(data)
 
     def _ack_now(self) -> None:
