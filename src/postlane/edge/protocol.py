@@ -3,9 +3,9 @@
 aiosmtpd builds every connection's command, hook and AUTH tables with ``inspect.getmembers``
 and ``dir`` over the protocol and the handler, and ``inspect.signature`` of the EHLO hook: the
 same tables for every connection of a listener. With one connection per message (Django's
-``send_mail``, a script's ``smtplib.SMTP(...).sendmail``) that was 16 % of the event loop's
-samples (py-spy, ``postlane bench --reconnect-every 1``) and, measured alone, 152 µs of
-~170 µs per connection (``benchmarks/connection_cost.py``). ``QuickSMTP`` runs aiosmtpd's own
+``send_mail``, a script's ``smtplib.SMTP(...).sendmail``) building the protocol was 15.9 % of
+the event loop's samples (py-spy during ``postlane bench --reconnect-every 1``), 2.8 % with
+this; the node's CPU per message 0.85× (docs/performance.md). ``QuickSMTP`` runs aiosmtpd's own
 ``__init__`` once per protocol class and handler, keeps what it set, and gives each later
 connection a copy: the per-connection state of ``asyncio.StreamReaderProtocol`` made afresh,
 the tables bound to the new protocol.
