@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("postlane.edge")
 
-QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-"""Linux only: acknowledge what was received now, not after the delayed-ACK timer."""
 # aiosmtpd logs AUTH challenge responses (base64 user names and passwords) at DEBUG and every
 # command line (addresses) at INFO: secrets never reach a log, whatever level the operator runs
 # at, and a campaign does not cost a log line per SMTP command. Postlane logs what matters itself.
@@ -55,6 +53,9 @@ logging.getLogger("mail.log").addFilter(
 # server closes, and regardless of the listener's max_bad_commands. GuardedSMTP counts unknown
 # commands with the other bad ones and says 421 at max_bad_commands.
 aiosmtpd.smtp.BOGUS_LIMIT = sys.maxsize
+
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+"""Linux only: acknowledge what was received now, not after the delayed-ACK timer."""
 
 # Enhanced codes (RFC 3463) for aiosmtpd's own error replies, which carry none.
 _ENHANCED = {421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
