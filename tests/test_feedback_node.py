@@ -423,3 +423,28 @@ async def test_a_report_with_long_lines_is_read_mail_with_them_is_not_relayed(
         await send(port, "a@insurer.test", ["fbl@mta.test", "someone@example.com"],
                    message("x", extra=long_line))
     await node.stop()
+
+
+async def test_an_operators_suppression_applies_to_the_next_delivery_at_once(tmp_path, sink,
+                                                                              make_node):
+    """The node looks for changes of the list once a second, but its own writes (the API's,
+    a complaint's, a bounce's) are known the moment they are committed: a campaign resumed
+    right after ``suppress`` is not sent to that address, however recently the node last
+    looked."""
+    node = await make_node(_config(tmp_path, sink.port, verp=False))
+    port = node.listeners[0].port
+    await node.operations.pause("bulk", who=OPERATOR)
+    await send(port, "news@example.com", ["stay@example.com", "leave@example.com"],
+               message("campaign", cls="marketing"))
+    await send(port, "app@example.com", ["other@example.com"],
+               message("your policy", cls="policy-documents"))
+    await sink.wait_for(1)  # its delivery looked at the list just now
+    await node.operations.suppress("leave@example.com", "marketing", "unsubscribed",
+                                   who=OPERATOR)
+    await node.operations.resume("bulk", who=OPERATOR)
+    arrivals = await sink.wait_for(2)
+    await until(lambda: any(r["type"] == "s" for r in records(tmp_path)), timeout=10,
+                what="the s record")
+    await node.stop()
+    assert sorted(a.rcpts[0] for a in arrivals) == ["other@example.com", "stay@example.com"]
+    assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "s"] == ["leave@example.com"]

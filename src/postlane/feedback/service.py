@@ -60,7 +60,7 @@ class DMARCReports(Protocol):
 CHANGE_MARGIN = 60.0
 """Seconds after a change of the suppression list during which newly queued mail is still
 looked up at delivery: its RCPT may have been checked before the change (DATA takes time),
-and the change is seen up to a second late."""
+and another process's change is seen up to a second late."""
 
 
 class FeedbackService:
@@ -96,6 +96,8 @@ class FeedbackService:
         self._changed = 0.0
         """When the list was last seen to change (0: not since the start)."""
         self._next_look = 0.0
+        self._written = 0
+        """The writer's count of writes when the list was last looked at."""
         self.dmarc = dmarc
         """The reputation service when the node has one: mail to the DMARC ``rua`` addresses
         goes there."""
@@ -203,11 +205,13 @@ class FeedbackService:
 
     def _maybe_changed_since(self, queued_at: float) -> bool:
         """Whether the list may hold an entry that intake did not see for mail queued then
-        (anyone's change - this node's, the cluster's sync, the CLI's - is noticed within a
-        second: one ``data_version`` look a second at most)."""
+        (this node's own writes - the API's, a complaint's, a bounce's, the cluster's sync -
+        are noticed as soon as committed, another process's (the CLI's) within a second: one
+        ``data_version`` look a second at most, and one after each write of the node)."""
         now = time.monotonic()
-        if now >= self._next_look:
-            self._next_look = now + 1.0
+        written = self.writes.written
+        if now >= self._next_look or written != self._written:
+            self._next_look, self._written = now + 1.0, written
             version = self.suppression.data_version()
             if version != self._version:
                 self._version, self._changed = version, time.time()
