@@ -382,3 +382,28 @@ async def test_auth_plain_refuses_another_authorization_identity(tmp_path, sink,
     assert await asyncio.to_thread(auth, "mallory") == 535
     assert await asyncio.to_thread(auth, "alice") == 235
     assert await asyncio.to_thread(auth, "") == 235
+
+
+async def test_a_clients_bad_commands_and_aborted_auth_log_no_warning(tmp_path, sink, make_node,
+                                                                       tls_files, users_file,
+                                                                       caplog):
+    """aiosmtpd logs a WARNING for each unknown command and each AUTH a client cancels with
+    "*": a client's doing, not the operator's, and a way to flood the log a line per command.
+    The edge counts them with the other bad commands (and logs the cut-off itself)."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from="[]"))
+
+    def session_with_mistakes() -> list[int]:
+        with smtplib.SMTP("127.0.0.1", node.listeners[1].port, timeout=30) as c:
+            c.ehlo("client.test")
+            codes = [c.docmd("XYZZY")[0], c.docmd("FROB", "nicate")[0]]
+            c.starttls(context=_client_ctx())
+            c.ehlo("client.test")
+            codes.append(c.docmd("AUTH", "LOGIN")[0])
+            codes.append(c.docmd("*")[0])
+            return codes
+
+    with caplog.at_level(logging.INFO):
+        assert await asyncio.to_thread(session_with_mistakes) == [500, 500, 334, 501]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name == "mail.log"], caplog.text

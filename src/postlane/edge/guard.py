@@ -44,10 +44,14 @@ log = logging.getLogger("postlane.edge")
 # command line (addresses) at INFO: secrets never reach a log, whatever level the operator runs
 # at, and a campaign does not cost a log line per SMTP command. Postlane logs what matters itself.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
-# aiosmtpd 1.4's own AUTH code sets the deprecated Session.login_data after every successful
-# login and warns about it: a WARNING per authenticated session that is not the operator's to fix.
+# aiosmtpd also warns of what is not the operator's to fix: its own AUTH code sets the
+# deprecated Session.login_data after every successful login, and a client's unknown command or
+# AUTH cancelled with "*" is a WARNING line each (a log flood at a line per command; the guard
+# counts them with the other bad commands and logs the cut-off).
+_NOT_THE_OPERATORS = ("Session.login_data is deprecated", "%r unrecognised: %s",
+                      "%r aborted AUTH with '*'")
 logging.getLogger("mail.log").addFilter(
-    lambda record: not record.getMessage().startswith("Session.login_data is deprecated"))
+    lambda record: not str(record.msg).startswith(_NOT_THE_OPERATORS))
 # aiosmtpd ends a session at its 5th unknown command with "502 ... goodbye" (BOGUS_LIMIT, one
 # for the whole module): a 5xx reply to a command, not the 421 that RFC 5321 3.8 asks before a
 # server closes, and regardless of the listener's max_bad_commands. GuardedSMTP counts unknown
