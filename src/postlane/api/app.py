@@ -398,7 +398,8 @@ async def _lookup(parts: NodeParts, queue_id: str | None = None,
                   correlation_id: str | None = None,
                   recipient: str | None = None) -> list[dict]:
     """Queued, deferred and held recipients from the scheduler (by queue id or correlation id
-    through its index, by recipient address a walk) and those deep lanes left in the spool,
+    through its index, by recipient address a walk) and those deep lanes left in the spool (in a
+    cluster also those waiting in the shared spool unclaimed or with another node),
     finished ones from the monitor's recent records (in-flight recipients show once their
     attempt ends)."""
     found: dict[str, dict] = {}
@@ -415,6 +416,12 @@ async def _lookup(parts: NodeParts, queue_id: str | None = None,
         held = sched.recipients()
     async with parts.control.spooled(sel) as spooled:
         everyone = [*held, *spooled]
+    shared = parts.control.shared
+    if shared is not None:  # a cluster: also where it waits unclaimed or with another node
+        seen = {(r.msg.id, r.idx) for r in everyone}
+        everyone += [r for r in await shared.not_held_here(sel.queue_ids, correlation_id,
+                                                           recipient)
+                     if (r.msg.id, r.idx) not in seen]
     for rcpt in everyone:
         msg = rcpt.msg
         if msg.id != queue_id and (not correlation_id or msg.correlation_id != correlation_id) \

@@ -215,7 +215,22 @@ class QueueControl:
             found += [r for r in spooled if match(r)]
         if self.shared is not None:
             found += [r for r in await self._unowned((State.HELD,), sel) if match(r)]
+            found += await self._named_elsewhere(sel, match, found)
         return found
+
+    async def _named_elsewhere(self, sel: Selector, match: Callable[[Recipient], bool],
+                               found: list[Recipient]) -> list[Recipient]:
+        """In a cluster, the recipients of the messages ``sel`` names (queue ids, correlation
+        id, one address) that wait in the shared spool unclaimed or with another node: asked
+        about one message, every node shows it wherever it waits."""
+        assert self.shared is not None
+        exact = sel.recipient if sel.recipient and "*" not in sel.recipient else None
+        if not sel.queue_ids and not sel.correlation_id and not exact:
+            return []
+        seen = {(r.msg.id, r.idx) for r in found}
+        return [r for r in await self.shared.not_held_here(sel.queue_ids, sel.correlation_id,
+                                                           exact)
+                if (r.msg.id, r.idx) not in seen and match(r)]
 
     async def _unowned(self, states: tuple[State, ...], sel: Selector, bodies: bool = False,
                        others: bool = False) -> list[Recipient]:

@@ -414,6 +414,37 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
             out.append(recipient_of(row, msg))
         return out
 
+    async def not_held_here(self, queue_ids: Sequence[str] = (),
+                            correlation_id: str | None = None,
+                            recipient: str | None = None) -> list[Recipient]:
+        """The recipients not yet final of the messages named (by queue id, correlation id or
+        recipient address) that this node does not hold: unclaimed, on hold, or claimed by
+        another node (in flight there shows as queued). A look-up on any node must find a
+        message wherever it waits in the cluster, not say it was never queued."""
+        if not queue_ids and not correlation_id and not recipient:
+            return []
+        cols = ", ".join("m." + c.strip() for c in MSG_COLS.split(","))
+        async with self.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT r.{LOAD_COLS.replace(', ', ', r.')}, {cols} FROM recipients r"
+                f" JOIN messages m ON m.id = r.msg_id WHERE r.state IN {OPEN}"
+                " AND r.lease_owner IS DISTINCT FROM $1"
+                " AND (cardinality($2::text[]) = 0 OR r.msg_id = ANY($2::text[]))"
+                " AND ($3::text IS NULL OR m.correlation_id = $3)"
+                " AND ($4::text IS NULL OR lower(r.address) = $4)"
+                " ORDER BY m.queued_at, r.msg_id, r.idx",
+                self.node, list(queue_ids), correlation_id or None,
+                recipient.lower() if recipient else None)
+        msgs: dict[str, Message] = {}
+        out = []
+        for row in rows:
+            msg = msgs.get(row["msg_id"])
+            if msg is None:
+                msg = msgs[row["msg_id"]] = message_of(row)
+            msg.remaining += 1
+            out.append(recipient_of(row, msg))
+        return out
+
     async def load_body(self, msg_id: str) -> bytes:
         """A message's bytes: in memory if this node holds it, else from the shared spool
         (``queue show`` of one no node holds)."""

@@ -1,0 +1,72 @@
+"""What any node of a cluster says about one message: every node finds it wherever it waits.
+
+A message waits in the shared spool unclaimed (its pool paused, or simply not claimed yet: each
+node claims only what its slots can use soon), or claimed by another node (a deferred recipient
+stays with the node that tried it). Asked about it by queue id, correlation id or recipient
+address, every node must show it, not answer "no message ... never queued".
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.conftest import OPERATOR, message, send
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
+from tests.support.waiting import until
+from tests.test_api import api_client
+from tests.test_cluster import _until, cluster_text, start_node
+
+
+async def _queue_id(node, address: str) -> str:
+    async with node.spool.acquire() as conn:
+        return await conn.fetchval("SELECT msg_id FROM recipients WHERE address = $1", address)
+
+
+async def test_every_node_finds_a_message_wherever_it_waits_in_the_cluster(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    sink.rcpt_replies = {"busy@example.com": ["450 4.2.1 mailbox busy"]}
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        # unclaimed: its pool is paused, so no node holds it
+        await send(b.listeners[0].port, "sender@insurer.test", ["waiting@example.com"],
+                   message("waiting", extra="X-Correlation-ID: corr-waiting\r\n"))
+        # claimed: deferred by the node that tried it, which keeps it for its retries
+        await send(b.listeners[0].port, "sender@insurer.test", ["busy@example.com"],
+                   message("busy", cls="policy-documents"))
+        await until(lambda: sink.rcpt_attempts["busy@example.com"] >= 1, timeout=30)
+        waiting = await _queue_id(a, "waiting@example.com")
+        busy = await _queue_id(a, "busy@example.com")
+
+        async def deferred_somewhere() -> bool:
+            async with a.spool.acquire() as conn:
+                return await conn.fetchval(
+                    "SELECT state = 'deferred' AND lease_owner IS NOT NULL FROM recipients"
+                    " WHERE address = 'busy@example.com'")
+
+        await until(deferred_somewhere, timeout=30, what="busy@ deferred and kept by its node")
+        for node in (a, b):
+            name = node.config.node.name
+            async with api_client(node, tmp_path) as client:
+                for qid, address in ((waiting, "waiting@example.com"),
+                                     (busy, "busy@example.com")):
+                    shown = await client.get(f"/api/v1/queue/messages/{qid}")
+                    assert shown.status_code == 200, (name, address, shown.text)
+                    assert [r["address"] for r in shown.json()["recipients"]] == [address]
+                    found = await client.get(f"/api/v1/messages/{qid}")
+                    assert found.status_code == 200, (name, address, found.text)
+                    assert [r["address"] for r in found.json()["recipients"]] == [address]
+                    by_rcpt = (await client.get("/api/v1/messages",
+                                                params={"recipient": address})).json()
+                    assert [m["queue_id"] for m in by_rcpt["messages"]] == [qid], (name, address)
+                by_corr = (await client.get("/api/v1/messages",
+                                            params={"correlation_id": "corr-waiting"})).json()
+                assert [m["queue_id"] for m in by_corr["messages"]] == [waiting], name
+                [rcpt] = (await client.get(f"/api/v1/queue/messages/{waiting}")).json()[
+                    "recipients"]
+                assert rcpt["state"] == "queued"
+        assert sink.arrivals == [], "looking moved nothing"
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
