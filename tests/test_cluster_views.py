@@ -9,12 +9,13 @@ address, every node must show it, not answer "no message ... never queued".
 from __future__ import annotations
 
 import asyncio
+import signal
 
 from tests.conftest import OPERATOR, message, send
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
 from tests.test_api import api_client
-from tests.test_cluster import _until, cluster_text, start_node
+from tests.test_cluster import Served, _until, cluster_text, start_node
 
 
 async def _queue_id(node, address: str) -> str:
@@ -70,3 +71,48 @@ async def test_every_node_finds_a_message_wherever_it_waits_in_the_cluster(
         assert sink.arrivals == [], "looking moved nothing"
     finally:
         await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_a_stalled_evaluator_hands_the_clusters_figures_and_alerts_over(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """An evaluator that stalls with its session open (SIGSTOP: a frozen process whose kernel
+    still answers) kept the monitor's lock: every node went on showing its last figures - the
+    stalled node "alive" - and nobody evaluated the SLA rules, however long it stalled. Its
+    work is taken over when its leases lapse; so is the evaluation."""
+    a = Served(tmp_path, "node-a", cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = None
+    try:
+        await a.port()
+
+        async def evaluated_by(node: Served, name: str) -> bool:
+            sla = await node.api("/api/v1/sla")
+            return isinstance(sla, dict) and sla["evaluated_by"] == name and not sla["stale"]
+
+        await until(lambda: evaluated_by(a, "node-a"), timeout=30, what="node-a evaluates")
+        b = Served(tmp_path, "node-b", cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+        await b.port()
+        a.proc.send_signal(signal.SIGSTOP)
+
+        async def taken_over() -> bool:
+            status = await b.api("/api/v1/status")
+            assert isinstance(status, dict)
+            states = {n["name"]: n["state"] for n in status["cluster"]["nodes"]}
+            return status["cluster"]["evaluated_by"] == "node-b" and states == {
+                "node-a": "dead", "node-b": "alive"}
+
+        await until(taken_over, timeout=60, step=0.2,
+                    what="node-b evaluates and shows node-a dead")
+        metrics = await b.api("/metrics")
+        assert 'postlane_cluster_nodes{state="dead"} 1.0' in metrics
+        assert "postlane_cluster_evaluator 1.0" in metrics
+        a.proc.send_signal(signal.SIGCONT)  # it wakes: it finds the lock gone and reads
+        await until(lambda: evaluated_by(a, "node-b"), timeout=60,
+                    what="node-a shows node-b's figures")
+        assert "postlane_cluster_evaluator 0.0" in await a.api("/metrics")
+        assert [r for r in a.lines() if r.get("msg", "").startswith(
+            "lost the cluster monitor's lock")], "node-a says it lost the evaluation"
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+        await asyncio.to_thread(a.stop)
+        if b is not None:
+            await asyncio.to_thread(b.stop)

@@ -55,6 +55,8 @@ PRUNE_EVERY = 60.0
 HISTORY = 200
 """Resolved alerts kept in the table and shown."""
 
+_ENDED = (asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.ConnectionDoesNotExistError)
+"""What the evaluator's connection raises once another node ended it (``_unseat_stalled``)."""
 _OPEN = "state IN ('queued', 'deferred')"
 _NOW = "extract(epoch from clock_timestamp())::float8"
 _COUNT = f"""SELECT cls, count(*) AS n, min(deadline) AS first_deadline,
@@ -132,7 +134,7 @@ class ClusterMonitor:
         await self._publish(now)
         try:
             if self._conn is None or self._conn.is_closed():
-                self._step_down()
+                await self.close(stopping=False)  # with the connection went the lock
                 self._conn = await asyncpg.connect(
                     self.spool.dsn, timeout=CONNECT_TIMEOUT, server_settings={
                         "search_path": f'"{self.spool.schema}"',
@@ -140,15 +142,44 @@ class ClusterMonitor:
                         "max_parallel_workers_per_gather": "0", **SESSION_SETTINGS})
             if not self.leader:
                 if not await self._conn.fetchval(f"SELECT pg_try_advisory_lock({self._lock})"):
+                    await self._unseat_stalled(now)
                     return
                 await self._adopt(now)
             await self._evaluate(now)
-        except UNREACHABLE as exc:  # told once by the spool; the lock went with the session
-            self.spool.unreachable(exc)
+        except UNREACHABLE as exc:
+            if self.leader and isinstance(exc, _ENDED):  # another node ended it: we stalled
+                await self.close(stopping=False)  # (an outage is told by the spool's own)
+                return
+            self.spool.unreachable(exc)  # told once by the spool; the lock went with the session
             await self.close(stopping=False)
         except Exception:  # a bug: logged by the monitor loop; the next tick starts afresh
             await self.close(stopping=False)
             raise
+
+    async def _unseat_stalled(self, now: float) -> None:
+        """The lock holder stalled with its session open (a frozen process whose kernel still
+        answers keeps its connection, hence the lock, for ever): once the figures are
+        ``cluster.lease`` old and the evaluator they name has not heartbeat for as long (the
+        database's clock), end its monitor connection, as its work is taken over then. The
+        lock goes with the connection; the next node to try evaluates, and the stalled one,
+        when it wakes, finds its connection gone and steps down (it cannot store or tell
+        anything more)."""
+        assert self._conn is not None
+        lease = self.config.cluster.lease
+        ended = await self._conn.fetchval(
+            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            f" AND l.objsubid = 2 AND l.objid = 0 AND l.classid::bigint ="
+            f" hashtext('postlane-monitor/{self.spool.schema}')::bigint & 4294967295"
+            " AND EXISTS (SELECT 1 FROM monitor_state s LEFT JOIN nodes n ON n.name = s.leader"
+            f" WHERE s.id = 1 AND s.at < $1 AND coalesce(n.heartbeat < {_NOW} - $2, true))",
+            now - lease, lease)
+        if ended:
+            log.warning("the cluster's evaluator stalled (no figures and no heartbeat for"
+                        " %.0f s): its monitor connection is ended, another node evaluates",
+                        lease, extra={"stalled_node": await self._conn.fetchval(
+                            "SELECT leader FROM monitor_state WHERE id = 1")})
 
     async def _publish(self, now: float) -> None:
         rows = self.monitor.tracker.take_slices(now)
