@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from postlane.spool import PostgresSpool
 from tests.conftest import OPERATOR, message, send
-from tests.support.pg import pg_schema  # noqa: F401  (fixture)
+from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
 from tests.test_api import api_client
 from tests.test_cluster import Served, _until, cluster_text, start_node
+from tests.test_cluster_ops import cli
 
 
 async def _queue_id(node, address: str) -> str:
@@ -116,3 +118,26 @@ async def test_a_stalled_evaluator_hands_the_clusters_figures_and_alerts_over(
         await asyncio.to_thread(a.stop)
         if b is not None:
             await asyncio.to_thread(b.stop)
+
+
+async def test_a_drain_asked_of_a_dead_node_is_refused_not_promised(tmp_path,
+                                                                    pg_schema):  # noqa: F811
+    """`cluster drain` of a node killed a minute ago answered "drain requested (it stops within
+    3s)" and put the operator's drain on the record: nothing runs there to stop. A node whose
+    session is closed is told as not running, and nothing is recorded."""
+    path = tmp_path / "node.toml"
+    path.write_text(cluster_text(tmp_path, 2525, pg_schema, "node-x"))
+    spool = PostgresSpool(PG_DSN, pg_schema)
+    await spool.open()
+    try:
+        await spool.register("node-a", "host-a", 4242)  # registered; no session holds its name
+        out = await asyncio.to_thread(cli, "cluster", "drain", "node-a", "-c", str(path))
+        assert out.returncode == 1, out.stdout
+        assert "node-a is not running (its session is closed)" in out.stderr
+        assert "drain requested" not in out.stdout
+        async with spool.acquire() as conn:
+            assert await conn.fetchval("SELECT draining FROM nodes WHERE name = 'node-a'") \
+                is False
+            assert await conn.fetchval("SELECT count(*) FROM events") == 0, "nothing recorded"
+    finally:
+        await spool.close()

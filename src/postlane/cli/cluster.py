@@ -19,6 +19,7 @@ from ..config import Config
 from ..monitor.membership import cluster_status, node_state, summarize
 from ..operations import Operator, request_drain
 from ..spool import PostgresSpool, is_dsn
+from ..spool.membership import NodeNotRunning
 from ..spool.outbox import post
 
 __all__ = ["cluster_app", "cluster_status", "node_state", "summarize"]
@@ -83,8 +84,13 @@ def drain(node: str = typer.Argument(..., help="name of the node to drain"),
 
     cfg = _load(config)
     made: list[Record] = []
-    if not asyncio.run(_with_spool(cfg, lambda s: request_drain(
-            s, node, who=Operator.local(), record=made.append))):
+    try:
+        requested = asyncio.run(_with_spool(cfg, lambda s: request_drain(
+            s, node, who=Operator.local(), record=made.append)))
+    except NodeNotRunning as exc:
+        typer.echo(f"postlane: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not requested:
         typer.echo(f"no node named {node!r} in the cluster", err=True)
         raise typer.Exit(1)
     try:  # the request is made: its record follows it onto the audit trail

@@ -20,6 +20,10 @@ class NodeConflict(RuntimeError):
     """Another live node already uses this node name."""
 
 
+class NodeNotRunning(RuntimeError):
+    """The node is registered but its session is closed: nothing runs there to act."""
+
+
 SESSION_SETTINGS = {"tcp_keepalives_idle": "2", "tcp_keepalives_interval": "1",
                     "tcp_keepalives_count": "2"}
 """Of a node's session connection: the server probes it after 2 s of silence, so a node whose
@@ -165,10 +169,20 @@ class Membership:
             await conn.execute("DELETE FROM nodes WHERE name = $1", name)
 
     async def request_drain(self, name: str) -> bool:
-        """Ask node ``name`` to stop claiming, finish its work and exit."""
+        """Ask node ``name`` to stop claiming, finish its work and exit. False: no such node;
+        ``NodeNotRunning`` if its session is closed (killed, crashed): nothing would see the
+        request, and the others give its work back anyway. A stalled node (its session open)
+        is asked: it sees the request when it wakes."""
         async with self.acquire() as conn:
-            status = await conn.execute("UPDATE nodes SET draining = true WHERE name = $1", name)
-        return status.endswith(" 1")
+            row = await conn.fetchrow(
+                f"UPDATE nodes SET draining = {self.session_open('name')} WHERE name = $1"
+                " RETURNING draining", name)
+        if row is None:
+            return False
+        if not row["draining"]:
+            raise NodeNotRunning(f"{name} is not running (its session is closed): nothing to"
+                                 " drain; the other nodes give its work back")
+        return True
 
     async def nodes(self) -> list[NodeInfo]:
         async with self.acquire() as conn:
