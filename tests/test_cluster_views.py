@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from postlane.monitor.alerts import Condition
 from postlane.spool import PostgresSpool
 from tests.conftest import OPERATOR, message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
@@ -141,3 +142,29 @@ async def test_a_drain_asked_of_a_dead_node_is_refused_not_promised(tmp_path,
             assert await conn.fetchval("SELECT count(*) FROM events") == 0, "nothing recorded"
     finally:
         await spool.close()
+
+
+async def test_the_reputation_alerts_are_the_clusters_too(tmp_path, sink,
+                                                          pg_schema):  # noqa: F811
+    """The reputation service's alerts (SNDS red, Gmail reputation, DMARC) come from its view of
+    the shared reputation store, the same on every node; the cluster's evaluator ran only the
+    SLA rules, so in a cluster they never fired, on any node."""
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    try:
+        red = Condition("snds-red", "127.0.0.30", "bulk", 2.0, 2.0,
+                        "SNDS: 127.0.0.30 is RED (spam trap hits)")
+        for node in (a, b):  # what each node's view of the shared store computes
+            node.reputation._conditions = [red]
+
+        async def fired() -> list[dict] | None:
+            lists = [await n.monitor.alert_lists() for n in (a, b)]
+            return lists if all(x["active"] for x in lists) else None
+
+        lists = await until(fired, timeout=30, what="the reputation alert on both nodes")
+        for alerts in lists:
+            assert [x["id"] for x in alerts["active"]] == ["snds-red:127.0.0.30"]
+        async with a.spool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM alerts") == 1, "one alert, once"
+    finally:
+        await asyncio.gather(a.stop(), b.stop())

@@ -287,7 +287,11 @@ class ClusterMonitor:
         alerts = self.monitor.alerts
         events = []
         if now >= self._warm_at:
-            events = alerts.update(self.monitor.conditions(now, self.tracker), now)
+            # the SLA rules on the cluster's figures, and the other sources (the reputation
+            # service's, from the shared reputation store: the same view on every node)
+            events = alerts.update(self.monitor.conditions(now, self.tracker)
+                                   + [c for source in self.monitor.sources
+                                      for c in source(now)], now)
         figures = self._figures(queue, infos, now, db_now)
         stored = [_row(a) for a in alerts.active.values()]
         stored += [_row(a) for event, a in events if event == "resolved"]
