@@ -20,6 +20,10 @@ from tests.test_api import api_client
 from tests.test_cluster import Served, _until, cluster_text, start_node
 from tests.test_cluster_ops import cli
 
+SLOW_RETRY = ('[classes.claims]\npool = "critical"\npriority = 1\nretry = ["1h"]\n'
+              'expiry = "2h"\n')
+"""A class whose deferred mail waits an hour: it stays deferred, with the node that tried it."""
+
 
 async def _queue_id(node, address: str) -> str:
     async with node.spool.acquire() as conn:
@@ -29,8 +33,9 @@ async def _queue_id(node, address: str) -> str:
 async def test_every_node_finds_a_message_wherever_it_waits_in_the_cluster(
         tmp_path, sink, pg_schema):  # noqa: F811
     sink.rcpt_replies = {"busy@example.com": ["450 4.2.1 mailbox busy"]}
-    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
-    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
+                                          SLOW_RETRY))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", SLOW_RETRY))
     try:
         await a.operations.pause("bulk", who=OPERATOR)
         await _until(lambda: ("bulk", "*") in b.scheduler.paused)
@@ -39,7 +44,7 @@ async def test_every_node_finds_a_message_wherever_it_waits_in_the_cluster(
                    message("waiting", extra="X-Correlation-ID: corr-waiting\r\n"))
         # claimed: deferred by the node that tried it, which keeps it for its retries
         await send(b.listeners[0].port, "sender@insurer.test", ["busy@example.com"],
-                   message("busy", cls="policy-documents"))
+                   message("busy", cls="claims"))
         await until(lambda: sink.rcpt_attempts["busy@example.com"] >= 1, timeout=30)
         waiting = await _queue_id(a, "waiting@example.com")
         busy = await _queue_id(a, "busy@example.com")
@@ -166,5 +171,54 @@ async def test_the_reputation_alerts_are_the_clusters_too(tmp_path, sink,
             assert [x["id"] for x in alerts["active"]] == ["snds-red:127.0.0.30"]
         async with a.spool.acquire() as conn:
             assert await conn.fetchval("SELECT count(*) FROM alerts") == 1, "one alert, once"
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_the_queue_listing_is_the_clusters_on_every_node(tmp_path, sink,
+                                                               pg_schema):  # noqa: F811
+    """`queue list` (GET /queue/messages) listed only what the asked node had claimed (and
+    held mail): "0 messages" on every node while the status counted a paused pool's mail, and
+    each node a different part of a campaign. It lists the cluster's queue, on every node."""
+    sink.rcpt_replies = {"busy@example.com": ["450 4.2.1 mailbox busy"]}
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a",
+                                          SLOW_RETRY))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", SLOW_RETRY))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        for i in range(3):
+            await send(b.listeners[0].port, "sender@insurer.test", [f"w{i}@example.com"],
+                       message(f"w{i}"))
+        await send(a.listeners[0].port, "sender@insurer.test", ["busy@example.com"],
+                   message("busy", cls="claims"))
+
+        async def deferred_somewhere() -> bool:
+            async with a.spool.acquire() as conn:
+                return await conn.fetchval(
+                    "SELECT state = 'deferred' AND lease_owner IS NOT NULL FROM recipients"
+                    " WHERE address = 'busy@example.com'")
+
+        await until(deferred_somewhere, timeout=30, what="busy@ deferred and kept by its node")
+        waiting = [await _queue_id(a, f"w{i}@example.com") for i in range(3)]
+        busy = await _queue_id(a, "busy@example.com")
+        for node in (a, b):
+            name = node.config.node.name
+            async with api_client(node, tmp_path) as client:
+                every = (await client.get("/api/v1/queue/messages")).json()
+                assert sorted(m["queue_id"] for m in every["messages"]) == sorted(
+                    [*waiting, busy]), name
+                assert (every["total_messages"], every["total_recipients"]) == (4, 4), name
+                first = (await client.get("/api/v1/queue/messages",
+                                          params={"limit": 1})).json()
+                assert [m["queue_id"] for m in first["messages"]] == [waiting[0]], name
+                assert first["total_messages"] == 4, name
+                bulk = (await client.get("/api/v1/queue/messages",
+                                         params={"pool": "bulk", "state": "queued"})).json()
+                assert [m["queue_id"] for m in bulk["messages"]] == waiting, name
+                deferred = (await client.get("/api/v1/queue/messages",
+                                             params={"state": "deferred"})).json()
+                assert [m["queue_id"] for m in deferred["messages"]] == [busy], name
+        assert sink.arrivals == []
     finally:
         await asyncio.gather(a.stop(), b.stop())

@@ -241,11 +241,49 @@ class QueueControl:
     async def messages(self, sel: Selector, limit: int = 1000) -> dict:
         """The selected recipients grouped by message, oldest message first."""
         now = time.time()
+        if self.shared is not None:
+            return await self._cluster_messages(sel, limit, now)
         by_msg: dict[str, list[Recipient]] = {}
         for rcpt in await self.select(sel, now):
             by_msg.setdefault(rcpt.msg.id, []).append(rcpt)
         ordered = sorted(by_msg.values(), key=lambda rs: (rs[0].msg.queued_at, rs[0].msg.id))
         return {"total_messages": len(ordered), "total_recipients": sum(map(len, ordered)),
+                "messages": [message_view(rs, now) for rs in ordered[:limit]]}
+
+    async def _cluster_messages(self, sel: Selector, limit: int, now: float) -> dict:
+        """``messages`` of the cluster's queue, the same on every node: what this node holds
+        (from memory, as it is now) and, read through a cursor, what the shared spool has
+        unclaimed, on hold or with other nodes; only the first ``limit`` messages are kept."""
+        assert self.shared is not None
+        await self.check(sel)
+        match = sel.matcher(now)
+        by_msg: dict[str, list[Recipient]] = {}
+        held = self.scheduler.recipients()
+        async with self.spooled(sel) as spooled:
+            for rcpt in (*held, *spooled):
+                if match(rcpt):
+                    by_msg.setdefault(rcpt.msg.id, []).append(rcpt)
+        mine = set(by_msg)
+        total_msgs, total_rcpts = len(mine), sum(map(len, by_msg.values()))
+        kept, last = 0, ""
+        async for rcpt in self.shared.open_not_held_here(
+                sel.pool, sel.domain.lower() if sel.domain else None, sel.cls,
+                State(sel.state) if sel.state else None):
+            if not match(rcpt):
+                continue
+            total_rcpts += 1
+            qid = rcpt.msg.id
+            if qid != last:
+                last = qid
+                if qid not in mine:
+                    total_msgs += 1
+                    if kept < limit:  # messages come oldest first: the rest cannot be shown
+                        kept += 1
+                        by_msg[qid] = []
+            if qid in by_msg:
+                by_msg[qid].append(rcpt)
+        ordered = sorted(by_msg.values(), key=lambda rs: (rs[0].msg.queued_at, rs[0].msg.id))
+        return {"total_messages": total_msgs, "total_recipients": total_rcpts,
                 "messages": [message_view(rs, now) for rs in ordered[:limit]]}
 
     # -- actions --------------------------------------------------------------------------------

@@ -445,6 +445,30 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
             out.append(recipient_of(row, msg))
         return out
 
+    async def open_not_held_here(self, pool: str | None = None, domain: str | None = None,
+                                 cls: str | None = None, state: State | None = None
+                                 ) -> AsyncIterator[Recipient]:
+        """Every recipient not yet final that this node does not hold (unclaimed, on hold, or
+        another node's; in flight there shows as queued), oldest message first, read through a
+        cursor: ``queue list`` on any node lists the cluster's queue without holding all of it
+        in memory."""
+        states = {None: OPEN, State.QUEUED: "('queued', 'inflight')",
+                  State.DEFERRED: "('deferred')", State.HELD: "('held')"}[state]
+        cols = ", ".join("m." + c.strip() for c in MSG_COLS.split(","))
+        async with self.acquire() as conn, conn.transaction(readonly=True):
+            msg: Message | None = None
+            async for row in conn.cursor(
+                    f"SELECT r.{LOAD_COLS.replace(', ', ', r.')}, {cols} FROM recipients r"
+                    f" JOIN messages m ON m.id = r.msg_id WHERE r.state IN {states}"
+                    " AND r.lease_owner IS DISTINCT FROM $1"
+                    " AND ($2::text IS NULL OR r.pool = $2) AND ($3::text IS NULL OR r.domain = $3)"
+                    " AND ($4::text IS NULL OR r.cls = $4) ORDER BY m.queued_at, r.msg_id, r.idx",
+                    self.node, pool, domain, cls, prefetch=500):
+                if msg is None or msg.id != row["msg_id"]:
+                    msg = message_of(row)
+                msg.remaining += 1
+                yield recipient_of(row, msg)
+
     async def load_body(self, msg_id: str) -> bytes:
         """A message's bytes: in memory if this node holds it, else from the shared spool
         (``queue show`` of one no node holds)."""
