@@ -121,6 +121,7 @@ class ClusterMonitor:
         """Until then a new evaluator leaves the alerts as it found them: its windows and rates
         are still filling (completions reach it ``tracker.lag`` late)."""
         self._lock = f"hashtext('postlane-monitor/{spool.schema}'), 0"
+        self._unseat_refused = False
 
     def _tracker(self) -> Tracker:
         # slices reach the evaluator up to a second after theirs ends, plus a tick
@@ -166,15 +167,23 @@ class ClusterMonitor:
         anything more)."""
         assert self._conn is not None
         lease = self.config.cluster.lease
-        ended = await self._conn.fetchval(
-            "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            f" AND l.objsubid = 2 AND l.objid = 0 AND l.classid::bigint ="
-            f" hashtext('postlane-monitor/{self.spool.schema}')::bigint & 4294967295"
-            " AND EXISTS (SELECT 1 FROM monitor_state s LEFT JOIN nodes n ON n.name = s.leader"
-            f" WHERE s.id = 1 AND s.at < $1 AND coalesce(n.heartbeat < {_NOW} - $2, true))",
-            now - lease, lease)
+        try:
+            ended = await self._conn.fetchval(
+                "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()"
+                " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                f" AND l.objsubid = 2 AND l.objid = 0 AND l.classid::bigint ="
+                f" hashtext('postlane-monitor/{self.spool.schema}')::bigint & 4294967295"
+                " AND EXISTS (SELECT 1 FROM monitor_state s LEFT JOIN nodes n ON n.name = s.leader"
+                f" WHERE s.id = 1 AND s.at < $1 AND coalesce(n.heartbeat < {_NOW} - $2, true))",
+                now - lease, lease)
+        except asyncpg.exceptions.InsufficientPrivilegeError as exc:  # nodes on other roles
+            if not self._unseat_refused:
+                self._unseat_refused = True
+                log.error("the cluster's evaluator stalled and cannot be replaced: %s (give"
+                          " the nodes one role, or pg_signal_backend)", exc)
+            return
+        self._unseat_refused = False
         if ended:
             log.warning("the cluster's evaluator stalled (no figures and no heartbeat for"
                         " %.0f s): its monitor connection is ended, another node evaluates",
