@@ -222,3 +222,41 @@ async def test_the_queue_listing_is_the_clusters_on_every_node(tmp_path, sink,
         assert sink.arrivals == []
     finally:
         await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_queue_shape_and_deferrals_are_the_clusters_on_every_node(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """`queue shape` and `queue deferrals` counted what the asked node held: the paused pool's
+    mail was in no node's shape, and each node showed its own deferrals."""
+    sink.rcpt_replies = {f"busy{i}@example.com": ["450 4.2.1 mailbox busy"] for i in range(2)}
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a", SLOW_RETRY))
+    b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", SLOW_RETRY))
+    try:
+        await a.operations.pause("bulk", who=OPERATOR)
+        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+        for i in range(3):
+            await send(b.listeners[0].port, "sender@insurer.test", [f"w{i}@example.com"],
+                       message(f"w{i}"))
+        await send(a.listeners[0].port, "sender@insurer.test", ["busy0@example.com"],
+                   message("busy0", cls="claims"))
+        await send(b.listeners[0].port, "sender@insurer.test", ["busy1@example.com"],
+                   message("busy1", cls="claims"))
+
+        async def both_deferred() -> bool:
+            async with a.spool.acquire() as conn:
+                return await conn.fetchval(
+                    "SELECT count(*) FROM recipients WHERE state = 'deferred'"
+                    " AND lease_owner IS NOT NULL") == 2
+
+        await until(both_deferred, timeout=30, what="both busy@ deferred")
+        for node in (a, b):
+            name = node.config.node.name
+            async with api_client(node, tmp_path) as client:
+                shape = (await client.get("/api/v1/queue/shape")).json()
+                totals = {row["key"]: row["total"] for row in shape["rows"]}
+                assert totals == {"TOTAL": 5, "example.com": 5}, (name, shape)
+                reasons = (await client.get("/api/v1/queue/deferrals")).json()["reasons"]
+                assert [(r["reason"], r["recipients"]) for r in reasons] == [
+                    ("450 4.2.1 mailbox busy", 2)], name
+    finally:
+        await asyncio.gather(a.stop(), b.stop())

@@ -163,7 +163,7 @@ def router(parts: NodeParts) -> APIRouter:
     @api.get("/deferrals")
     async def deferrals(top: Annotated[int, Query(ge=1, le=1000)] = 50) -> dict:
         """Deferred recipients grouped by the reply that deferred them."""
-        return {"reasons": queue.deferrals(parts.queue.classify, top)}
+        return {"reasons": await queue.deferrals(parts.queue.classify, top)}
 
     @api.get("/shape")
     async def shape(by: Literal["domain", "class"] = "domain",

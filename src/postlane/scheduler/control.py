@@ -133,7 +133,8 @@ class QueueSelections(Protocol):
     def spooled(self, sel: Selector | None = None
                 ) -> contextlib.AbstractAsyncContextManager[list[Recipient]]: ...
 
-    def deferrals(self, classify: Callable[[str, str], str], top: int = 50) -> list[dict]: ...
+    async def deferrals(self, classify: Callable[[str, str], str], top: int = 50
+                        ) -> list[dict]: ...
 
     async def shape(self, by: str = "domain", top: int = 20) -> dict: ...
 
@@ -394,13 +395,25 @@ class QueueControl:
 
     # -- views ----------------------------------------------------------------------------------
 
-    def deferrals(self, classify: Callable[[str, str], str], top: int = 50) -> list[dict]:
+    async def _everyone(self, state: State | None = None) -> AsyncIterator[Recipient]:
+        """Every recipient not yet final (in ``state``): this node's, and in a cluster those
+        of the shared spool unclaimed, on hold or with other nodes (through a cursor), so the
+        views built on it are the cluster's on every node."""
+        async with self.spooled(Selector(state=state.value) if state else None) as spooled:
+            mine = [*self.scheduler.recipients(), *spooled]
+        for rcpt in mine:
+            if state is None or rcpt.state is state:
+                yield rcpt
+        if self.shared is not None:
+            async for rcpt in self.shared.open_not_held_here(state=state):
+                yield rcpt
+
+    async def deferrals(self, classify: Callable[[str, str], str], top: int = 50
+                        ) -> list[dict]:
         """Deferred recipients grouped by the reply that deferred them (most first)."""
         now = time.time()
         groups: dict[str, dict] = {}
-        for rcpt in self.scheduler.recipients():
-            if rcpt.state is not State.DEFERRED:
-                continue
+        async for rcpt in self._everyone(State.DEFERRED):
             key = reason_key(rcpt.last_reply)
             group = groups.get(key)
             if group is None:
@@ -423,9 +436,7 @@ class QueueControl:
         """qshape: recipients not yet final per domain (or class), by age bucket."""
         now = time.time()
         rows: dict[str, list[int]] = {}
-        async with self.spooled() as spooled:
-            everyone = [*self.scheduler.recipients(), *spooled]
-        for rcpt in everyone:
+        async for rcpt in self._everyone():
             key = rcpt.domain if by == "domain" else rcpt.msg.cls
             counts = rows.setdefault(key, [0] * (len(AGE_BUCKETS) + 1))
             age = now - rcpt.msg.queued_at
