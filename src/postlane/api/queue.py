@@ -108,7 +108,7 @@ def router(parts: NodeParts) -> APIRouter:
     async def messages(sel: Annotated[SelectorIn, Depends(_listing)],
                        limit: Annotated[int, Query(ge=1, le=100000)] = 1000) -> dict:
         """Queued, deferred and held messages (oldest first) with their recipients (in a
-        cluster: those this node holds, and every held one)."""
+        cluster: the cluster's queue, on whichever node is asked)."""
         return await run(queue.messages, sel.selector(), limit)
 
     @api.get("/messages/{queue_id}")

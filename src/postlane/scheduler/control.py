@@ -140,10 +140,11 @@ class QueueSelections(Protocol):
 
 
 class QueueControl:
-    """On one node its whole queue. In a cluster (``shared``: the PostgreSQL spool) the
-    recipients this node has claimed, and those of the shared spool no node holds: held ones
-    are listed, and actions reach unclaimed and held ones too (``Scheduler.operate_shared``);
-    recipients another node has claimed are that node's to act on."""
+    """On one node its whole queue. In a cluster (``shared``: the PostgreSQL spool) the views
+    (list, show, shape, deferrals) are the cluster's queue: what this node has claimed and the
+    shared spool's other open recipients; actions reach what this node claimed and what no
+    node holds (``Scheduler.operate_shared``); recipients another node has claimed are that
+    node's to act on."""
 
     def __init__(self, scheduler: Scheduler, pools: Iterable[str], classes: Iterable[str],
                  shared: PostgresSpool | None = None) -> None:
