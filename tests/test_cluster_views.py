@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import signal
 
+import asyncpg
+
 from postlane.monitor.alerts import Condition
 from postlane.spool import PostgresSpool
 from tests.conftest import OPERATOR, message, send
@@ -260,3 +262,49 @@ async def test_queue_shape_and_deferrals_are_the_clusters_on_every_node(
                     ("450 4.2.1 mailbox busy", 2)], name
     finally:
         await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_a_dead_node_that_will_not_come_back_can_be_forgotten(tmp_path,
+                                                                    pg_schema):  # noqa: F811
+    """A node killed and never restarted stayed listed DEAD, and counted as dead in /metrics,
+    for ever (only a node started under its name could clear it). `cluster forget` removes it,
+    on the record; refused while its session is open or it still holds work."""
+    path = tmp_path / "node.toml"
+    path.write_text(cluster_text(tmp_path, 2525, pg_schema, "node-x"))
+    spool = PostgresSpool(PG_DSN, pg_schema)
+    await spool.open()
+    lock = f"hashtext('postlane/{pg_schema}'), hashtext('node-a')"
+    session = await asyncpg.connect(PG_DSN)  # node-a's session: the name lock a live node holds
+    try:
+        await spool.register("node-a", "host-a", 4242)
+        await session.execute(f"SELECT pg_advisory_lock({lock})")
+        alive = await asyncio.to_thread(cli, "cluster", "forget", "node-a", "-c", str(path))
+        assert alive.returncode == 1 and "node-a is running (its session is open)" in \
+            alive.stderr
+        await session.close()  # killed; it still holds a recipient nobody took over yet
+        async with spool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO messages (id, cls, pool, mail_from, queued_at, deadline, expire_at,"
+                " priority, size) VALUES ('Q1', 'marketing', 'bulk', 's@x.test', 0, 1e10, 1e10,"
+                " 3, 1)")
+            await conn.execute(
+                "INSERT INTO recipients (msg_id, idx, address, domain, state, attempts,"
+                " next_attempt, cls, pool, priority, deadline, lease_owner, lease_until)"
+                " VALUES ('Q1', 0, 'r@example.com', 'example.com', 'queued', 0, 0, 'marketing',"
+                " 'bulk', 3, 1e10, 'node-a', 1e10)")
+        holding = await asyncio.to_thread(cli, "cluster", "forget", "node-a", "-c", str(path))
+        assert holding.returncode == 1 and "node-a still holds 1 recipients" in holding.stderr
+        async with spool.acquire() as conn:  # a live node gave it back
+            await conn.execute("UPDATE recipients SET lease_owner = NULL, lease_until = NULL")
+            assert await conn.fetchval("SELECT count(*) FROM events") == 0, "nothing recorded"
+        out = await asyncio.to_thread(cli, "cluster", "forget", "node-a", "-c", str(path))
+        assert out.returncode == 0, out.stderr
+        assert [n.name for n in await spool.nodes()] == []
+        async with spool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM events") == 1, "on the record"
+        missing = await asyncio.to_thread(cli, "cluster", "forget", "node-a", "-c", str(path))
+        assert missing.returncode == 1 and "no node named 'node-a'" in missing.stderr
+    finally:
+        if not session.is_closed():
+            await session.close()
+        await spool.close()

@@ -114,6 +114,18 @@ async def request_drain(spool: PostgresSpool, node: str, *, who: Operator,
     return True
 
 
+async def forget_node(spool: PostgresSpool, node: str, *, who: Operator,
+                      record: Callable[[Record], None]) -> bool:
+    """Remove a dead cluster node from the nodes table (``postlane cluster forget``), then the
+    ``o`` record of ``who``'s action to ``record``. False: no node of that name; refused
+    (``NodeNotForgotten``) while it runs or holds work: nothing done, nothing recorded."""
+    if not await spool.forget(node):
+        return False
+    record(action_record("forget", who, what=f"node {node}"))
+    Operations._log("forget", who, 1, node=node)
+    return True
+
+
 class Operations:
     """A node's operator actions. Every method takes ``who``; the records are written where
     the state changes (scheduler, spool), so no path changes the queue without them."""

@@ -13,7 +13,7 @@ from .records import Record
 DONE = {"pause": "paused", "resume": "resumed", "retry": "retried now", "purge": "purged",
         "delete": "deleted", "hold": "held", "release": "released", "suppress": "suppressed",
         "unsuppress": "unsuppressed", "suppress-import": "imported into the suppression list",
-        "drain": "asked to drain"}
+        "drain": "asked to drain", "forget": "removed from the cluster's nodes"}
 """Each action (``dsnAction`` of its ``o`` records) and how the records word it."""
 
 

@@ -17,9 +17,9 @@ import typer
 from ..accounting.records import Record
 from ..config import Config
 from ..monitor.membership import cluster_status, node_state, summarize
-from ..operations import Operator, request_drain
+from ..operations import Operator, forget_node, request_drain
 from ..spool import PostgresSpool, is_dsn
-from ..spool.membership import NodeNotRunning
+from ..spool.membership import NodeNotForgotten, NodeNotRunning
 from ..spool.outbox import post
 
 __all__ = ["cluster_app", "cluster_status", "node_state", "summarize"]
@@ -73,6 +73,33 @@ def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config 
                    f"  on hold {p.get('on_hold', 0):>6}")
     if out["paused"]:
         typer.echo(f"  paused: {', '.join(out['paused'])}")
+
+
+@cluster_app.command("forget")
+def forget(node: str = typer.Argument(..., help="name of the dead node to remove"),
+           config: Path = typer.Option(..., "-c", "--config", help="TOML config file")) -> None:
+    """Remove a dead node that will not come back from the cluster's list (it stays listed
+    DEAD, and counted as dead in /metrics, until it comes back under its name)."""
+    from . import _load
+
+    cfg = _load(config)
+    made: list[Record] = []
+    try:
+        forgotten = asyncio.run(_with_spool(cfg, lambda s: forget_node(
+            s, node, who=Operator.local(), record=made.append)))
+    except NodeNotForgotten as exc:
+        typer.echo(f"postlane: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not forgotten:
+        typer.echo(f"no node named {node!r} in the cluster", err=True)
+        raise typer.Exit(1)
+    try:
+        post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
+    except Exception as exc:  # noqa: BLE001 - say it, do not hide what was done
+        typer.echo(f"postlane: {node} is forgotten but its record could not be written to"
+                   f" the spool: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{node}: removed from the cluster's nodes")
 
 
 @cluster_app.command("drain")

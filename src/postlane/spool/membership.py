@@ -24,6 +24,10 @@ class NodeNotRunning(RuntimeError):
     """The node is registered but its session is closed: nothing runs there to act."""
 
 
+class NodeNotForgotten(RuntimeError):
+    """The node cannot be removed from the cluster's list: it is alive, or still holds work."""
+
+
 SESSION_SETTINGS = {"tcp_keepalives_idle": "2", "tcp_keepalives_interval": "1",
                     "tcp_keepalives_count": "2"}
 """Of a node's session connection: the server probes it after 2 s of silence, so a node whose
@@ -167,6 +171,29 @@ class Membership:
     async def deregister(self, name: str) -> None:
         async with self.acquire() as conn:
             await conn.execute("DELETE FROM nodes WHERE name = $1", name)
+
+    async def forget(self, name: str) -> bool:
+        """Remove a dead node's row (``postlane cluster forget``): one that will not come back
+        stays listed DEAD, and counted in ``postlane_cluster_nodes{state="dead"}``, for ever.
+        False: no such node. ``NodeNotForgotten`` while its session is open (alive or
+        stalled: drain it) or while it still holds recipients (the live nodes give them back
+        ``dead_after`` after its last heartbeat: try again then)."""
+        async with self.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {self.session_open('name')} AS session, (SELECT count(*) FROM"
+                " recipients WHERE lease_owner = $1) AS held FROM nodes WHERE name = $1"
+                " FOR UPDATE", name)
+            if row is None:
+                return False
+            if row["session"]:
+                raise NodeNotForgotten(f"{name} is running (its session is open): drain it"
+                                       f" instead (postlane cluster drain {name})")
+            if row["held"]:
+                raise NodeNotForgotten(f"{name} still holds {row['held']} recipients: the"
+                                       " live nodes give them back once it is dead; try again"
+                                       " then")
+            await conn.execute("DELETE FROM nodes WHERE name = $1", name)
+        return True
 
     async def request_drain(self, name: str) -> bool:
         """Ask node ``name`` to stop claiming, finish its work and exit. False: no such node;
