@@ -305,3 +305,56 @@ async def test_verify_names_records_a_torn_store_lost_that_the_files_hold(tmp_pa
     assert "of spool writer" in res.output and "are in the accounting files but not in the" \
         " store, and the spool has let them go" in res.output, res.output
     assert "..6 of spool writer" in res.output, res.output
+
+
+def _suppressed(tmp_path: Path, address: str) -> list[str]:
+    """The scopes the node's suppression list has ``address`` in, as on disk."""
+    db = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3")
+    try:
+        return [s for (s,) in db.execute("SELECT scope FROM suppression WHERE address = ?",
+                                         (address,))]
+    finally:
+        db.close()
+
+
+async def _suppression_change_killed(tmp_path: Path, change: str) -> None:
+    """An operator's suppression ``change`` ("add" or "remove") over the API while the spool
+    cannot commit (another process holds its write lock), the node SIGKILLed once the list
+    has the change but before any answer, then started again and stopped: the change is
+    either not made or made with its one "o" record."""
+    address = "gone@example.com"
+    async with _APINode(tmp_path) as node:
+        client, lock = node.client, node.lock
+        if change == "remove":
+            added = await client.post("/suppressions", json={"address": address,
+                                                             "scope": "all"})
+            assert added.status_code == 201, added.text
+        lock.execute("BEGIN IMMEDIATE")  # the record cannot be committed now
+        post = asyncio.ensure_future(
+            client.post("/suppressions", json={"address": address, "scope": "all"})
+            if change == "add" else client.delete(f"/suppressions/{address}"))
+        await until(lambda: bool(_suppressed(tmp_path, address)) == (change == "add"),
+                    what="the list changed")
+        await node.kill()  # no answer yet
+        post.cancel()
+        lock.execute("ROLLBACK")
+        await node.restart()
+    actions = [r["dsnAction"] for r in records(tmp_path)
+               if r["type"] == "o" and r["rcpt"] == address]
+    expected = {"add": ["suppress"], "remove": ["suppress", "unsuppress"]}[change]
+    assert actions == expected, (actions, _suppressed(tmp_path, address))
+    assert bool(_suppressed(tmp_path, address)) == (change == "add")
+
+
+async def test_a_suppression_killed_before_its_record_is_recorded_at_the_restart(tmp_path):
+    """The list and the spool are two stores: the list's change used to be committed first
+    and its record after, so a node SIGKILLed between the two kept the change without its
+    record (an operator's action off the record). The record now waits in the list's own
+    transaction and the restart writes it."""
+    await _suppression_change_killed(tmp_path, "add")
+
+
+async def test_an_unsuppress_killed_before_its_record_is_recorded_at_the_restart(tmp_path):
+    """The worst case of the above: the operator, unanswered, removes the address again,
+    gets 404 "not suppressed", and the removal was never on the record."""
+    await _suppression_change_killed(tmp_path, "remove")

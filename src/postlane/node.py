@@ -187,6 +187,7 @@ class Node:
                 await self.signer.start()
                 opened.push_async_callback(self.signer.stop)
             self.scheduler.resume_paused(await self.spool.paused())
+            await self.operations.record_pending()  # a list change killed before its record
             resumed = 0
             if self.claimer is not None:
                 await self.claimer.start()

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import sqlite3
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, TextIO
 
 from .accounting.operators import DONE, Operator, action_record, stamp
-from .accounting.records import Record
+from .accounting.records import Record, pack, unpack
 from .address import PathError, alabel_domain, check_domain
-from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
+from .feedback.suppression import Entry, SuppressionList, adding, normalize, parse_csv, removing
 from .feedback.suppression_writer import SuppressionWriter
 from .scheduler.control import SelectionError, Selector
 from .spool import PostgresSpool, SpoolUnavailable
@@ -60,8 +61,9 @@ class OperationError(Exception):
 class Suppressions:
     """The suppression list changed on the record: by a node (``record`` writes through its
     spool), or by the CLI on the list's file (``record`` collects for ``outbox.post``). The
-    list and the spool are two stores: the record follows the change, so a crash between the
-    two leaves a change without its record, never a record of a change not made."""
+    list and the spool are two stores: here the record follows the change, so a crash of the
+    CLI between the two leaves a change without its record; a node's changes go through
+    ``Operations``, which keeps the record in the list's transaction until the spool has it."""
 
     def __init__(self, store: SuppressionList, record: Callable[[Record], None]) -> None:
         self.store = store
@@ -74,9 +76,13 @@ class Suppressions:
 
     def added(self, entry: Entry, who: Operator) -> None:
         """The record of an entry ``who`` added."""
-        self.record(action_record("suppress", who, target=entry.address,
-                                  note=f" (scope {entry.scope})" + (f": {entry.reason}"
-                                                                    if entry.reason else "")))
+        self.record(self.added_record(entry, who))
+
+    @staticmethod
+    def added_record(entry: Entry, who: Operator) -> Record:
+        return action_record("suppress", who, target=entry.address,
+                             note=f" (scope {entry.scope})" + (f": {entry.reason}"
+                                                               if entry.reason else ""))
 
     def remove(self, address: str, scope: str | None, *, who: Operator) -> int:
         removed = self.store.remove(address, scope)
@@ -85,11 +91,19 @@ class Suppressions:
 
     def removed(self, address: str, scope: str | None, removed: int, who: Operator) -> None:
         """The record of ``who`` removing ``removed`` entries (none: nothing to record)."""
-        if removed:
-            where = f"scope {scope}" if scope else "every scope"
-            self.record(action_record("unsuppress", who, target=normalize(address),
-                                      note=f" ({where}, {removed}"
-                                           f" entr{'y' if removed == 1 else 'ies'})"))
+        rec = self.removed_record(address, scope, removed, who)
+        if rec is not None:
+            self.record(rec)
+
+    @staticmethod
+    def removed_record(address: str, scope: str | None, removed: int,
+                       who: Operator) -> Record | None:
+        if not removed:
+            return None
+        where = f"scope {scope}" if scope else "every scope"
+        return action_record("unsuppress", who, target=normalize(address),
+                             note=f" ({where}, {removed}"
+                                  f" entr{'y' if removed == 1 else 'ies'})")
 
     def import_csv(self, src: TextIO, scope: str, *, who: Operator) -> int:
         count = self.store.import_csv(src, scope)
@@ -97,8 +111,12 @@ class Suppressions:
         return count
 
     def imported(self, count: int, scope: str, who: Operator) -> None:
-        self.record(action_record("suppress-import", who, what=f"{count} addresses",
-                                  note=f" (scope {scope} where a row names none)"))
+        self.record(self.imported_record(count, scope, who))
+
+    @staticmethod
+    def imported_record(count: int, scope: str, who: Operator) -> Record:
+        return action_record("suppress-import", who, what=f"{count} addresses",
+                             note=f" (scope {scope} where a row names none)")
 
 
 async def request_drain(spool: PostgresSpool, node: str, *, who: Operator,
@@ -260,33 +278,68 @@ class Operations:
 
     # The list is written in the feedback service's writer thread (a lock held by a
     # ``postlane suppress import`` must not stall the event loop), the record on the loop.
+    # The list and the spool are two stores: each change is committed with its record kept
+    # in the list's own transaction (``SuppressionList.recorded``), which the spool then takes
+    # and, once it holds it, the list lets go; a node killed in between writes it at its
+    # next start (``record_pending``). The record is never lost and never made up.
 
     async def suppress(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
-        writes = self.writes
-        entry = await writes.call(self.suppressions.store.add, address, scope, reason,
-                                  "operator")
-        self.suppressions.added(entry, who)
-        await self.spool.flush()  # on the record before the answer
+        entry = SuppressionList.entry(address, scope, reason, "operator")
+        await self._recorded(adding([entry]), lambda n: self.suppressions.added_record(
+            entry, who))
         self._log("suppress", who, 1, scope=scope)
         return entry
 
     async def unsuppress(self, address: str, scope: str | None, *, who: Operator) -> int:
-        removed = await self.writes.call(self.suppressions.store.remove, address,
-                                                       scope)
-        self.suppressions.removed(address, scope, removed, who)
-        await self.spool.flush()
+        removed = await self._recorded(removing(address, scope), lambda n: (
+            self.suppressions.removed_record(address, scope, n, who)))
         self._log("unsuppress", who, removed, scope=scope or "*")
         return removed
 
     async def import_suppressions(self, src: TextIO, scope: str, *, who: Operator) -> int:
-        store = self.suppressions.store
         # parsed once, in a thread; the writer may try the write more than once (a lock)
         entries = await asyncio.to_thread(parse_csv, src, scope)
-        count = await self.writes.call(store.add_many, entries)
-        self.suppressions.imported(count, scope, who)
-        await self.spool.flush()
+        count = await self._recorded(adding(entries), lambda n: (
+            self.suppressions.imported_record(n, scope, who)))
         self._log("suppress-import", who, count, scope=scope)
         return count
+
+    async def _recorded(self, change: Callable[[sqlite3.Connection], int],
+                        record: Callable[[int], Record | None]) -> int:
+        """``change`` to the list with its record: committed together in the list, then in
+        the spool (durable before the answer), then let go by the list."""
+        made: dict[int, Record] = {}
+
+        def packed(result: int) -> bytes | None:
+            rec = record(result)
+            if rec is None:
+                return None
+            made[0] = rec
+            return pack(rec)
+
+        result, pending = await self.writes.call(self.suppressions.store.recorded, change,
+                                                 packed)
+        if pending is not None:
+            self.suppressions.record(made[0])
+            await self.spool.flush()  # on the record before the answer
+            await self.writes.call(self.suppressions.store.settle, (pending,))
+        return result
+
+    async def record_pending(self) -> int:
+        """At a start, before the API answers: the records of list changes whose node died
+        before its spool committed them, written now (each once: the list lets them go only
+        once the spool holds them)."""
+        store = self.suppressions.store
+        pending = await asyncio.to_thread(store.pending)
+        if not pending:
+            return 0
+        for _, data in pending:
+            self.suppressions.record(Record(*unpack(data)))
+        await self.spool.flush()
+        await self.writes.call(store.settle, [i for i, _ in pending])
+        log.warning("%d suppression-list change(s) by an operator recorded at this start: the"
+                    " node had stopped before its spool committed their record", len(pending))
+        return len(pending)
 
     async def _check(self, sel: Selector) -> None:
         """A mistyped pool is an error, not "paused"."""
