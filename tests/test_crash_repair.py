@@ -4,15 +4,18 @@ torn as by a power loss, started again with ``postlane serve``; what it repairs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import httpx
 
 from postlane.audit.sqlite import SQLiteAuditStore
+from postlane.feedback.dsn import FailedRecipient, build_bounce
 from postlane.feedback.suppression import SuppressionList
 from postlane.harness.sink import Sink
 from postlane.reputation.store import ReputationStore
@@ -86,16 +89,19 @@ class _APINode:
     """A ``postlane serve`` process with its API on a known port, a client for it, and a
     second connection to its spool (to hold the write lock); SIGKILLed and started again."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, extra: str = "", pool_extra: str = "") -> None:
         self.tmp_path = tmp_path
+        self.extra, self.pool_extra = extra, pool_extra
+        """TOML appended to the config, and to its pool ``bulk``."""
         self.port, self.api = _free_ports(2)
         self.cfg, self.log = tmp_path / "node.toml", tmp_path / "node.log"
 
     async def __aenter__(self) -> _APINode:
         self.sink = await Sink().start()
-        self.cfg.write_text(config_text(self.tmp_path, self.sink.port,
+        self.cfg.write_text(config_text(self.tmp_path, self.sink.port, self.extra,
                                         listener_port=self.port).replace(
-            "[api]\nport = 0", f"[api]\nport = {self.api}"))
+            "[api]\nport = 0", f"[api]\nport = {self.api}").replace(
+            "[pools.bulk]\n", f"[pools.bulk]\n{self.pool_extra}"))
         self.proc = await _serve(self.cfg, self.port, self.log)
         token = (self.tmp_path / "api-token").read_text().strip()
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.api}/api/v1",
@@ -358,3 +364,46 @@ async def test_an_unsuppress_killed_before_its_record_is_recorded_at_the_restart
     """The worst case of the above: the operator, unanswered, removes the address again,
     gets 404 "not suppressed", and the removal was never on the record."""
     await _suppression_change_killed(tmp_path, "remove")
+
+
+def _bounce_evidence(tmp_path: Path, address: str) -> int:
+    """The hard bounces of ``address`` the suppression list counts, as on disk."""
+    db = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3")
+    try:
+        return db.execute("SELECT count(*) FROM bounces WHERE address = ?",
+                          (address,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+async def test_a_bounce_sent_again_after_a_sigkill_is_counted_once(tmp_path):
+    """A remote bounce (DSN at the VERP address) arrives while the spool cannot commit: the
+    list's bounce evidence is written, the node is SIGKILLed before its "rb" record is
+    committed and before the 250, so the reporting MTA sends the same DSN again after the
+    restart. It is one bounce of one message: one "rb" record and one count of evidence
+    (it used to count twice, and with ``suppress_after = 2`` one bounce stopped every class,
+    regulated notices included)."""
+    rcpt = "v1@example.com"
+    async with _APINode(tmp_path, "[feedback.bounces]\nsuppress_after = 2\n",
+                        pool_extra='bounce_domain = "bounces.mta.test"\n') as node:
+        await send(node.port, "news@insurer.test", [rcpt], message("campaign"))
+        [arrival] = await node.sink.wait_for(1)
+        verp = arrival.mail_from
+        assert verp.endswith("@bounces.mta.test"), verp
+        dsn = build_bounce(reporting_mta="mx.example.com", sender=verp,
+                           recipients=[FailedRecipient(rcpt, "failed", "5.1.1",
+                                                       "550 5.1.1 no such user",
+                                                       "mx.example.com")],
+                           original=arrival.data, arrival_date=time.time(), ret="HDRS")
+        node.lock.execute("BEGIN IMMEDIATE")  # the "rb" record cannot be committed now
+        first = asyncio.ensure_future(send(node.port, "", [verp], dsn))
+        await until(lambda: _bounce_evidence(tmp_path, rcpt) == 1, what="the evidence noted")
+        await node.kill()  # before the 250
+        node.lock.execute("ROLLBACK")
+        with contextlib.suppress(Exception):
+            await first
+        await node.restart()
+        assert await send(node.port, "", [verp], dsn) == {}  # the reporting MTA's retry
+    assert [r["type"] for r in records(tmp_path) if r["rcpt"] == rcpt] == ["r", "d", "rb"]
+    assert _bounce_evidence(tmp_path, rcpt) == 1
+    assert _suppressed(tmp_path, rcpt) == ["best-effort"]

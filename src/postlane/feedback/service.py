@@ -399,7 +399,7 @@ class FeedbackService:
                 f" {detail}", "bounce", rec.time_logged, expires)
 
         self.writes.submit(self.suppression.bounced, rec.rcpt, rec.time_logged, policy.window,
-                           detail, entry)
+                           detail, entry, rec.queue_id)
 
     def _suppress(self, address: str, scope: str, reason: str, source: str) -> None:
         """Add an entry in the writer thread (a bad address raises here, at once)."""

@@ -133,8 +133,8 @@ def apply(conn: sqlite3.Connection, origin: str, changes: Sequence[SuppressionCh
     for c in changes:
         if c.op == "bounce":
             if c.origin != origin:  # our own is in the table already
-                conn.execute("INSERT INTO bounces VALUES (?, ?, ?)", (c.address, c.created,
-                                                                       c.reason))
+                conn.execute("INSERT INTO bounces (address, time, detail) VALUES (?, ?, ?)",
+                             (c.address, c.created, c.reason))
         elif (c.address, c.scope) in pending:
             continue  # our later change to it wins (it goes into the log after this one)
         elif c.op == "add":

@@ -116,10 +116,15 @@ CREATE INDEX bounces_address ON bounces (address, time)
     (3, """
 CREATE TABLE pending_records (id INTEGER PRIMARY KEY, data BLOB NOT NULL)
 """),
+    (4, """
+ALTER TABLE bounces ADD COLUMN queue_id TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX bounces_message ON bounces (address, queue_id) WHERE queue_id <> ''
+"""),
 ]
 """Versioned schema (table ``suppression_migrations``, see ``postlane.schema``): 2 adds entries
 that expire and the bounce history behind repeated-evidence suppression; 3 the records of
-operators' changes not yet committed to the spool (``recorded``)."""
+operators' changes not yet committed to the spool (``recorded``); 4 the message each bounce
+was of (``bounced``)."""
 
 
 def baseline(conn: sqlite3.Connection) -> int:
@@ -315,20 +320,25 @@ class SuppressionList:
             return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def bounced(self, address: str, when: float, window: float, detail: str,
-                then: Callable[[int], Entry | None] | None = None,
+                then: Callable[[int], Entry | None] | None = None, queue_id: str = "",
                 patience: float | None = -1.0) -> int:
         """Note a hard bounce of ``address`` as evidence; returns how many it had within
         ``window`` seconds up to ``when`` (older evidence is forgotten). ``then(count)``: the
-        entry this count calls for, written in the same transaction."""
+        entry this count calls for, written in the same transaction. A bounce of a message
+        (``queue_id``) already noted is not counted again: a report the node was killed
+        before answering is sent again, and a recipient bounced, then delivered again after a
+        restart, is bounced again; one mailbox failing once is one piece of evidence."""
         address = normalize(address)
 
         def note(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM bounces WHERE address = ? AND time <= ?",
                          (address, when - window))
-            conn.execute("INSERT INTO bounces VALUES (?, ?, ?)", (address, when, detail[:400]))
+            new = conn.execute("INSERT OR IGNORE INTO bounces (address, time, detail, queue_id)"
+                               " VALUES (?, ?, ?, ?)",
+                               (address, when, detail[:400], queue_id)).rowcount
             count: int = conn.execute("SELECT COUNT(*) FROM bounces WHERE address = ?",
                                       (address,)).fetchone()[0]
-            entry = then(count) if then is not None else None
+            entry = then(count) if then is not None and new else None
             if entry is not None:
                 conn.execute("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
                              (entry.address, entry.scope, entry.reason, entry.source,
