@@ -16,7 +16,9 @@ import httpx
 
 from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.feedback.dsn import FailedRecipient, build_bounce
+from postlane.feedback.keys import load_or_create_key
 from postlane.feedback.suppression import SuppressionList
+from postlane.feedback.unsubscribe import UnsubscribeSigner
 from postlane.harness.sink import Sink
 from postlane.reputation.store import ReputationStore
 from postlane.spool.hold import locked
@@ -407,3 +409,45 @@ async def test_a_bounce_sent_again_after_a_sigkill_is_counted_once(tmp_path):
     assert [r["type"] for r in records(tmp_path) if r["rcpt"] == rcpt] == ["r", "d", "rb"]
     assert _bounce_evidence(tmp_path, rcpt) == 1
     assert _suppressed(tmp_path, rcpt) == ["best-effort"]
+
+
+async def test_an_answered_one_click_unsubscribe_survives_a_sigkill(tmp_path):
+    """RFC 8058 one-click: the mailbox provider POSTs once and does not come back after a
+    200. The answer used to go out before the entry and its "f" record were written (the
+    entry handed to the list's writer thread, the record to the spool's next commit): a node
+    SIGKILLed right after it could have neither, and the unsubscribed customer got the next
+    campaign. Now the answer waits for both; unanswered, the change is either not made or
+    made with its record (written at the restart)."""
+    address = "reader@example.com"
+    async with _APINode(tmp_path) as node:
+        key = load_or_create_key(tmp_path / "spool" / "feedback.key")
+        token = UnsubscribeSigner(key, 3600).token(address)
+        url = f"http://127.0.0.1:{node.api}/unsubscribe/{token}"
+        async with httpx.AsyncClient(timeout=None) as anon:
+            node.lock.execute("BEGIN IMMEDIATE")  # the spool cannot commit now
+            post = asyncio.ensure_future(anon.post(url))
+            try:
+                answer = await asyncio.wait_for(asyncio.shield(post), 3)
+            except TimeoutError:
+                answer = None
+            await node.kill()  # at once after the answer, or without one
+            post.cancel()
+            node.lock.execute("ROLLBACK")
+        assert answer is None or answer.status_code == 200, answer.text
+        await node.restart()
+        later = UnsubscribeSigner(key, 3600).token("later@example.com")
+        async with httpx.AsyncClient(timeout=None) as anon:  # answered, then killed at once
+            answered = await anon.post(f"http://127.0.0.1:{node.api}/unsubscribe/{later}")
+        assert answered.status_code == 200, answered.text
+        await node.kill()
+        await node.restart()
+    rows = records(tmp_path)
+    unsubscribed = [r["dsnAction"] for r in rows if r["type"] == "f" and r["rcpt"] == address]
+    suppressed = _suppressed(tmp_path, address)
+    if answer is not None or suppressed:  # done: the entry and its one record
+        assert (suppressed, unsubscribed) == (["marketing"], ["unsubscribe"])
+    else:  # not done at all
+        assert unsubscribed == []
+    assert _suppressed(tmp_path, "later@example.com") == ["marketing"]
+    assert [r["dsnAction"] for r in rows
+            if r["type"] == "f" and r["rcpt"] == "later@example.com"] == ["unsubscribe"]

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from email import message_from_bytes
 from typing import Any, Protocol, cast
 
-from ..accounting.records import Record
+from ..accounting.records import Record, pack
 from ..config import Config
 from ..config.model import ClassFeedbackConfig
 from ..policy.intake import RcptIn
@@ -27,7 +27,7 @@ from .categories import ADDRESS_FAILURES, Classifier, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
-from .suppression import SCOPES, Entry, SuppressionList
+from .suppression import SCOPES, Entry, SuppressionList, adding
 from .suppression_writer import SuppressionWriter
 from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP, VerpAddress
@@ -362,11 +362,25 @@ class FeedbackService:
     # -- unsubscribe ----------------------------------------------------------------------------
 
     def unsubscribe(self, address: str, how: str) -> None:
-        now = time.time()
+        """For a report by mail (its 250 waits for the list's writer and the spool)."""
         self._suppress(address, "marketing", f"unsubscribe ({how})", "unsubscribe")
-        self.record(Record(type="f", time_logged=now, time_queued=now, orig="", rcpt=address,
-                           queue_id="", cls="", vmta_pool="", dsn_action="unsubscribe",
-                           dsn_diag=f"unsubscribe;{how}", src_type="feedback"))
+        self.record(_unsubscribed(address, how))
+
+    async def unsubscribe_now(self, address: str, how: str,
+                              flush: Callable[[], Awaitable[None]]) -> None:
+        """An unsubscribe answered over HTTP (one-click: the provider does not ask again
+        after its 200): the entry and its "f" record committed together in the list, then
+        the record in the spool (``flush``), before the caller answers; a node killed in
+        between writes the record at its next start (``Operations.record_pending``)."""
+        entry = SuppressionList.entry(address, "marketing", f"unsubscribe ({how})",
+                                      "unsubscribe")
+        rec = _unsubscribed(address, how)
+        _, pending = await self.writes.call(self.suppression.recorded, adding([entry]),
+                                            lambda n: pack(rec))
+        self.record(rec)
+        await flush()
+        if pending is not None:
+            await self.writes.call(self.suppression.settle, (pending,))
 
     # -- accounting listener --------------------------------------------------------------------
 
@@ -405,6 +419,13 @@ class FeedbackService:
         """Add an entry in the writer thread (a bad address raises here, at once)."""
         self.writes.submit(self.suppression.add_many,
                            [SuppressionList.entry(address, scope, reason, source)])
+
+
+def _unsubscribed(address: str, how: str) -> Record:
+    now = time.time()
+    return Record(type="f", time_logged=now, time_queued=now, orig="", rcpt=address,
+                  queue_id="", cls="", vmta_pool="", dsn_action="unsubscribe",
+                  dsn_diag=f"unsubscribe;{how}", src_type="feedback")
 
 
 def _days(seconds: float) -> str:
