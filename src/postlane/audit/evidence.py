@@ -25,7 +25,8 @@ from .store import AuditStore
 __all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "trails", "visible",
            "verify_export"]
 
-_OUTCOMES = {"d": "delivered", "b": "bounced", "rb": "bounced by the remote side after relay"}
+_OUTCOMES = {"d": "delivered", "b": "bounced", "rb": "bounced by the remote side after relay",
+             "s": "suppressed: not sent (the suppression list stopped it while it was queued)"}
 _STATES = {0: "intact", PSEUDONYMISED: "pseudonymised", PURGED: "purged"}
 
 
@@ -96,13 +97,16 @@ class Trail:
     @property
     def not_deliverable(self) -> str | None:
         """Why the SLA does not apply to this recipient: an operator purged it
-        (``operator-purge``) or the destination refused it for good (``remote-permanent``:
-        no such user, no such domain, a bounce after relay); None otherwise."""
+        (``operator-purge``), the suppression list stopped it while queued (``suppressed``) or
+        the destination refused it for good (``remote-permanent``: no such user, no such
+        domain, a bounce after relay); None otherwise."""
         final = self.final
         if final is None or final["type"] == "d":
             return None
         if final["bounce_cat"] == "purged":
             return "operator-purge"
+        if final["type"] == "s":
+            return "suppressed"
         if final["type"] == "rb" or (final["bounce_cat"] != "message-expired"
                                      and (final["dsn_status"] or "").startswith("5")):
             return "remote-permanent"
