@@ -25,6 +25,7 @@ from postlane.spool.hold import locked
 from tests.conftest import config_text, message, records, send
 from tests.support.waiting import until
 from tests.test_evidence import _free_port, _free_ports, _serve, cli
+from tests.test_feedback_node import FEEDBACK, _arf
 
 
 def _events(tmp_path: Path) -> int:
@@ -451,3 +452,42 @@ async def test_an_answered_one_click_unsubscribe_survives_a_sigkill(tmp_path):
     assert _suppressed(tmp_path, "later@example.com") == ["marketing"]
     assert [r["dsnAction"] for r in rows
             if r["type"] == "f" and r["rcpt"] == "later@example.com"] == ["unsubscribe"]
+
+
+async def test_a_complaint_while_the_node_dies_mid_delivery_is_on_the_record_once(tmp_path):
+    """An FBL complaint arrives by SMTP while the spool cannot commit (the delivery of the
+    complained-of message, a second before, is not committed either); the node is SIGKILLed
+    before the 250, and the ISP sends the report again after the restart. The complaint is
+    in force, its "f" record is there once, the recipient is not mailed again (an "s" after
+    the "u" of the attempt whose outcome the node never recorded), and the evidence is
+    complete: ``audit verify`` used to call such a recipient INCOMPLETE, and ``audit show``
+    now says that the earlier attempt may have delivered it."""
+    rcpt = "c@example.com"
+    async with _APINode(tmp_path, FEEDBACK,
+                        pool_extra='bounce_domain = "bounces.mta.test"\n') as node:
+        node.sink.delay = 1.0  # the DATA of the delivery takes a second
+        await send(node.port, "news@insurer.test", [rcpt], message("offer"))
+        await until(lambda: node.sink.rcpt_attempts[rcpt] == 1, what="the delivery started")
+        node.lock.execute("BEGIN IMMEDIATE")  # its outcome cannot be committed now
+        [arrival] = await node.sink.wait_for(1)
+        node.sink.delay = 0.0
+        arf = _arf(arrival.mail_from, "<offer@insurer.test>")
+        first = asyncio.ensure_future(send(node.port, "", ["fbl@mta.test"], arf))
+        await until(lambda: bool(_suppressed(tmp_path, rcpt)), what="the complaint in force")
+        await node.kill()  # before the 250
+        node.lock.execute("ROLLBACK")
+        with contextlib.suppress(Exception):
+            await first
+        await node.restart()
+        assert await send(node.port, "", ["fbl@mta.test"], arf) == {}  # the ISP's retry
+        await until(lambda: "s" in {r["type"] for r in records(tmp_path)},
+                    what="the recipient stopped")
+    assert len(node.sink.arrivals) == 1
+    trail = [r["type"] for r in records(tmp_path) if r["rcpt"] == rcpt]
+    assert trail[:2] == ["r", "u"] and sorted(trail[2:]) == ["f", "s"], trail
+    assert _suppressed(tmp_path, rcpt) == ["marketing"]
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
+    res = await asyncio.to_thread(cli, "show", "-c", str(node.cfg), "--recipient", rcpt)
+    assert "not sent again (an earlier attempt's outcome is unknown: it may have been" \
+           " delivered)" in res.output, res.output

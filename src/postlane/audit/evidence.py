@@ -78,6 +78,9 @@ class Trail:
             return "queued"
         if final["bounce_cat"] == "message-expired":
             return "expired"
+        if final["type"] == "s" and self.unknown:  # the node stopped mid-attempt before
+            return ("suppressed: not sent again (an earlier attempt's outcome is unknown: it"
+                    " may have been delivered)")
         if final["bounce_cat"] == "purged":
             return final["dsn_diag"] or "purged by operator"
         if final["type"] == "d" and self.confirmed:
