@@ -491,3 +491,56 @@ async def test_a_complaint_while_the_node_dies_mid_delivery_is_on_the_record_onc
     res = await asyncio.to_thread(cli, "show", "-c", str(node.cfg), "--recipient", rcpt)
     assert "not sent again (an earlier attempt's outcome is unknown: it may have been" \
            " delivered)" in res.output, res.output
+
+
+def _paused(tmp_path: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    try:
+        return list(db.execute("SELECT pool, domain FROM paused"))
+    finally:
+        db.close()
+
+
+async def test_answered_queue_actions_survive_a_sigkill_each(tmp_path):
+    """Each operator action the API answered, the node SIGKILLed at once after the answer:
+    a pause; a hold by filter and a delete by id (no DSN); a release by filter; a resume.
+    After each restart the action is done, with its records once; at the end the deleted
+    message was never delivered, the others once, and ``audit verify --files`` is clean."""
+    async with _APINode(tmp_path) as node:
+        client = node.client
+        assert (await client.post("/pools/bulk/pause", json={})).status_code == 200
+        await node.kill()
+        assert _paused(tmp_path) == [("bulk", "*")]
+        await node.restart()
+        for i in range(3):
+            await send(node.port, "s@insurer.test", [f"m{i}@example.com"], message(f"m{i}"))
+        by_rcpt = {m["recipients"][0]["address"]: m["queue_id"]
+                   for m in (await client.get("/queue/messages")).json()["messages"]}
+        answer = await client.post("/queue/hold", json={"recipient": "m1@*"})
+        assert answer.json()["recipients"] == 1, answer.text
+        answer = await client.post("/queue/delete", json={"queue_ids": [by_rcpt["m0@example.com"]]})
+        assert answer.json()["recipients"] == 1, answer.text
+        await node.kill()
+        assert [(a, s) for _, a, s in _open(tmp_path)] == [
+            ("m1@example.com", "held"), ("m2@example.com", "queued")]
+        await node.restart()
+        answer = await client.post("/queue/release", json={"recipient": "m1@*"})
+        assert answer.json()["recipients"] == 1, answer.text
+        await node.kill()
+        assert [s for _, _, s in _open(tmp_path)] == ["queued", "queued"]
+        await node.restart()
+        assert (await client.post("/pools/bulk/resume", json={})).status_code == 200
+        await node.kill()
+        assert _paused(tmp_path) == []
+        await node.restart()
+        await node.sink.wait_for(2)
+        await until(lambda: not _open(tmp_path), what="both delivered")
+    assert sorted(a.rcpts[0] for a in node.sink.arrivals) == ["m1@example.com", "m2@example.com"]
+    rows = records(tmp_path)
+    assert [(r["dsnAction"], r["rcpt"]) for r in rows if r["type"] == "o"] == [
+        ("pause", ""), ("hold", "m1@example.com"), ("release", "m1@example.com"),
+        ("resume", "")]
+    assert [(r["type"], r["bounceCat"]) for r in rows if r["rcpt"] == "m0@example.com"] == [
+        ("r", ""), ("b", "purged")]
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
