@@ -14,15 +14,17 @@ from pathlib import Path
 
 import httpx
 
+from postlane.accounting.operators import action_record
+from postlane.accounting.records import Record, pack
 from postlane.audit.sqlite import SQLiteAuditStore
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from postlane.feedback.keys import load_or_create_key
-from postlane.feedback.suppression import SuppressionList
+from postlane.feedback.suppression import SuppressionList, adding
 from postlane.feedback.unsubscribe import UnsubscribeSigner
 from postlane.harness.sink import Sink
 from postlane.reputation.store import ReputationStore
 from postlane.spool.hold import locked
-from tests.conftest import config_text, message, records, send
+from tests.conftest import OPERATOR, config_text, message, records, send
 from tests.support.waiting import until
 from tests.test_evidence import _free_port, _free_ports, _serve, cli
 from tests.test_feedback_node import FEEDBACK, _arf
@@ -544,3 +546,31 @@ async def test_answered_queue_actions_survive_a_sigkill_each(tmp_path):
         ("r", ""), ("b", "purged")]
     res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
     assert res.exit_code == 0, res.output
+
+
+async def test_a_record_the_spool_committed_is_not_written_again_at_the_start(
+        tmp_path, sink, make_node):
+    """The window the list's waiting records leave: a node killed after its spool committed
+    an operator's record and before the list let its copy go. The start looks for each
+    waiting record in the spool's outbox, then in the audit store (the outbox lets an event go
+    only once the store holds it), and writes only the one never committed."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    store, writes = node.feedback.suppression, node.feedback.writes
+
+    async def waiting(address: str) -> Record:
+        rec = action_record("suppress", OPERATOR, target=address)
+        entry = SuppressionList.entry(address, "all")
+        await writes.call(store.recorded, adding([entry]), lambda n: pack(rec))
+        return rec
+
+    node.persist(await waiting("trimmed@example.com"))  # committed, then let go by the spool
+    await node.spool.flush()
+    await until(lambda: _events(tmp_path) == 0, what="the record in the store only")
+    node.persist(await waiting("outbox@example.com"))  # committed, maybe still in the outbox
+    await node.spool.flush()
+    await waiting("lost@example.com")  # never committed
+    assert await node.operations.record_pending() == 1
+    assert not store.pending()
+    await node.stop()
+    assert sorted(r["rcpt"] for r in records(tmp_path) if r["type"] == "o") == [
+        "lost@example.com", "outbox@example.com", "trimmed@example.com"]

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import logging
 import sqlite3
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, TextIO
 
 from .accounting.operators import DONE, Operator, action_record, stamp
@@ -45,6 +45,9 @@ DSN_WAIT = 10.0
 """Seconds a delete with a DSN waits for its DSNs to be queued (the final states of the
 removed recipients are written after them) before it answers 503 instead of "deleted"."""
 
+Held = Callable[[Record, bytes], Awaitable[bool]]
+"""Whether a record (and its packed bytes) is on the record already: in the spool's outbox or
+in the audit store (``Node.holds``)."""
 Bounces = Callable[[Collection[str]], list["asyncio.Future[bool]"]]
 """The node's DSNs still being queued for these queue ids; each one's result: whether the
 final states it owes were written (False: the node stopped first)."""
@@ -138,7 +141,8 @@ class Operations:
 
     def __init__(self, config: Config, scheduler: Scheduler, control: QueueControl,
                  spool: Spool, suppressions: Suppressions, writes: SuppressionWriter,
-                 emit: Callable[[Record], None], bounces: Bounces | None = None) -> None:
+                 emit: Callable[[Record], None], bounces: Bounces | None = None,
+                 held: Held | None = None) -> None:
         self.config = config
         self.scheduler = scheduler
         self.control = control
@@ -150,6 +154,9 @@ class Operations:
         """Tells the node's in-memory observers of a record the spool write carries."""
         self.bounces = bounces
         """The DSNs being queued per message (``Node``); None: nothing sends DSNs here."""
+        self.held = held
+        """Whether the spool or the audit store has a record already (``record_pending``);
+        None: nothing to look in."""
 
     async def pause(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart.
@@ -327,19 +334,26 @@ class Operations:
 
     async def record_pending(self) -> int:
         """At a start, before the API answers: the records of list changes whose node died
-        before its spool committed them, written now (each once: the list lets them go only
-        once the spool holds them)."""
+        before its spool committed them, written now; those it had committed (``held``) are
+        not written again. Returns how many it wrote."""
         store = self.suppressions.store
         pending = await asyncio.to_thread(store.pending)
         if not pending:
             return 0
+        written = 0
         for _, data in pending:
-            self.suppressions.record(Record(*unpack(data)))
+            rec = Record(*unpack(data))
+            # killed after the spool's commit and before the list let the record go: it is
+            # on the record once already
+            if self.held is None or not await self.held(rec, data):
+                self.suppressions.record(rec)
+                written += 1
         await self.spool.flush()
         await self.writes.call(store.settle, [i for i, _ in pending])
-        log.warning("%d suppression-list change(s) by an operator recorded at this start: the"
-                    " node had stopped before its spool committed their record", len(pending))
-        return len(pending)
+        if written:
+            log.warning("%d suppression-list change(s) recorded at this start: the node had"
+                        " stopped before its spool committed their record", written)
+        return written
 
     async def _check(self, sel: Selector) -> None:
         """A mistyped pool is an error, not "paused"."""
