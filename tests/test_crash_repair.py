@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -574,3 +576,30 @@ async def test_a_record_the_spool_committed_is_not_written_again_at_the_start(
     await node.stop()
     assert sorted(r["rcpt"] for r in records(tmp_path) if r["type"] == "o") == [
         "lost@example.com", "outbox@example.com", "trimmed@example.com"]
+
+
+async def test_a_suppress_command_killed_before_its_record_is_recorded_at_the_node_start(
+        tmp_path):
+    """``postlane suppress add -c CFG`` changes the list's file and posts its record to the
+    spool's outbox as it ends. SIGKILLed in between (here: the post waits for the spool's
+    write lock another process holds), it left the address suppressed and no record of who
+    did it. The record now waits in the list: the node's next start writes it, once."""
+    async with _APINode(tmp_path) as node:
+        await node.kill()  # the node is down; its spool is locked by someone else
+        node.lock.execute("BEGIN IMMEDIATE")
+        command = subprocess.Popen(
+            [sys.executable, "-m", "postlane.cli", "suppress", "add", "court@example.com",
+             "--scope", "all", "--reason", "court order", "-c", str(node.cfg)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await until(lambda: _suppressed(tmp_path, "court@example.com") == ["all"],
+                        what="the list changed")
+        finally:
+            command.kill()
+            command.wait()
+        node.lock.execute("ROLLBACK")
+        await node.restart()
+    rows = [r for r in records(tmp_path) if r["rcpt"] == "court@example.com"]
+    assert [(r["type"], r["dsnAction"], r["srcType"]) for r in rows] == [
+        ("o", "suppress", "cli")], rows
+    assert rows[0]["dsnDiag"].endswith("(scope all): court order"), rows[0]["dsnDiag"]

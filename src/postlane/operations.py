@@ -64,39 +64,59 @@ class OperationError(Exception):
 class Suppressions:
     """The suppression list changed on the record: by a node (``record`` writes through its
     spool), or by the CLI on the list's file (``record`` collects for ``outbox.post``). The
-    list and the spool are two stores: here the record follows the change, so a crash of the
-    CLI between the two leaves a change without its record; a node's changes go through
-    ``Operations``, which keeps the record in the list's transaction until the spool has it."""
+    list and the spool are two stores: with ``waiting`` (a list), each change is committed
+    with its record waiting beside it in the list (``SuppressionList.recorded``), the ids
+    collected there for ``settle`` once the spool holds the records; a process killed before
+    that leaves them to the node's next start (``Operations.record_pending``). Without it (the
+    CLI with ``--db`` only: no spool to reach), the record follows the change."""
 
-    def __init__(self, store: SuppressionList, record: Callable[[Record], None]) -> None:
+    def __init__(self, store: SuppressionList, record: Callable[[Record], None],
+                 waiting: list[int] | None = None) -> None:
         self.store = store
         self.record = record
+        self.waiting = waiting
+
+    def _change(self, change: Callable[[sqlite3.Connection], int],
+                make: Callable[[int], Record | None]) -> int:
+        made: list[Record] = []
+
+        def packed(result: int) -> bytes | None:
+            made.clear()
+            rec = make(result)
+            if rec is None:
+                return None
+            made.append(rec)
+            return pack(rec)
+
+        if self.waiting is None:
+            result = self.store.write(change)
+            packed(result)
+        else:
+            result, pending = self.store.recorded(change, packed)
+            if pending is not None:
+                self.waiting.append(pending)
+        for rec in made:
+            self.record(rec)
+        return result
 
     def add(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
-        entry = self.store.add(address, scope, reason, "operator")
-        self.added(entry, who)
+        entry = SuppressionList.entry(address, scope, reason, "operator")
+        self._change(adding([entry]), lambda n: self.added_record(entry, who))
         return entry
 
-    def added(self, entry: Entry, who: Operator) -> None:
-        """The record of an entry ``who`` added."""
-        self.record(self.added_record(entry, who))
+    def remove(self, address: str, scope: str | None, *, who: Operator) -> int:
+        return self._change(removing(address, scope),
+                            lambda n: self.removed_record(address, scope, n, who))
+
+    def import_csv(self, src: TextIO, scope: str, *, who: Operator) -> int:
+        return self._change(adding(parse_csv(src, scope)),
+                            lambda n: self.imported_record(n, scope, who))
 
     @staticmethod
     def added_record(entry: Entry, who: Operator) -> Record:
         return action_record("suppress", who, target=entry.address,
                              note=f" (scope {entry.scope})" + (f": {entry.reason}"
                                                                if entry.reason else ""))
-
-    def remove(self, address: str, scope: str | None, *, who: Operator) -> int:
-        removed = self.store.remove(address, scope)
-        self.removed(address, scope, removed, who)
-        return removed
-
-    def removed(self, address: str, scope: str | None, removed: int, who: Operator) -> None:
-        """The record of ``who`` removing ``removed`` entries (none: nothing to record)."""
-        rec = self.removed_record(address, scope, removed, who)
-        if rec is not None:
-            self.record(rec)
 
     @staticmethod
     def removed_record(address: str, scope: str | None, removed: int,
@@ -107,14 +127,6 @@ class Suppressions:
         return action_record("unsuppress", who, target=normalize(address),
                              note=f" ({where}, {removed}"
                                   f" entr{'y' if removed == 1 else 'ies'})")
-
-    def import_csv(self, src: TextIO, scope: str, *, who: Operator) -> int:
-        count = self.store.import_csv(src, scope)
-        self.imported(count, scope, who)
-        return count
-
-    def imported(self, count: int, scope: str, who: Operator) -> None:
-        self.record(self.imported_record(count, scope, who))
 
     @staticmethod
     def imported_record(count: int, scope: str, who: Operator) -> Record:
