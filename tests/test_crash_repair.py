@@ -331,7 +331,7 @@ def _suppressed(tmp_path: Path, address: str) -> list[str]:
 
 
 async def _suppression_change_killed(tmp_path: Path, change: str) -> None:
-    """An operator's suppression ``change`` ("add" or "remove") over the API while the spool
+    """An operator's suppression ``change`` ("add", "remove", "import") over the API while the spool
     cannot commit (another process holds its write lock), the node SIGKILLed once the list
     has the change but before any answer, then started again and stopped: the change is
     either not made or made with its one "o" record."""
@@ -345,18 +345,22 @@ async def _suppression_change_killed(tmp_path: Path, change: str) -> None:
         lock.execute("BEGIN IMMEDIATE")  # the record cannot be committed now
         post = asyncio.ensure_future(
             client.post("/suppressions", json={"address": address, "scope": "all"})
-            if change == "add" else client.delete(f"/suppressions/{address}"))
-        await until(lambda: bool(_suppressed(tmp_path, address)) == (change == "add"),
+            if change == "add" else client.delete(f"/suppressions/{address}")
+            if change == "remove" else client.post(
+                "/suppressions/import", params={"scope": "all"},
+                content=f"address\n{address}\nother@example.com\n".encode()))
+        await until(lambda: bool(_suppressed(tmp_path, address)) == (change != "remove"),
                     what="the list changed")
         await node.kill()  # no answer yet
         post.cancel()
         lock.execute("ROLLBACK")
         await node.restart()
     actions = [r["dsnAction"] for r in records(tmp_path)
-               if r["type"] == "o" and r["rcpt"] == address]
-    expected = {"add": ["suppress"], "remove": ["suppress", "unsuppress"]}[change]
+               if r["type"] == "o" and r["rcpt"] in (address, "")]
+    expected = {"add": ["suppress"], "remove": ["suppress", "unsuppress"],
+                "import": ["suppress-import"]}[change]
     assert actions == expected, (actions, _suppressed(tmp_path, address))
-    assert bool(_suppressed(tmp_path, address)) == (change == "add")
+    assert bool(_suppressed(tmp_path, address)) == (change != "remove")
 
 
 async def test_a_suppression_killed_before_its_record_is_recorded_at_the_restart(tmp_path):
@@ -371,6 +375,10 @@ async def test_an_unsuppress_killed_before_its_record_is_recorded_at_the_restart
     """The worst case of the above: the operator, unanswered, removes the address again,
     gets 404 "not suppressed", and the removal was never on the record."""
     await _suppression_change_killed(tmp_path, "remove")
+
+
+async def test_an_import_killed_before_its_record_is_recorded_at_the_restart(tmp_path):
+    await _suppression_change_killed(tmp_path, "import")
 
 
 def _bounce_evidence(tmp_path: Path, address: str) -> int:
