@@ -611,3 +611,40 @@ async def test_a_suppress_command_killed_before_its_record_is_recorded_at_the_no
     assert [(r["type"], r["dsnAction"], r["srcType"]) for r in rows] == [
         ("o", "suppress", "cli")], rows
     assert rows[0]["dsnDiag"].endswith("(scope all): court order"), rows[0]["dsnDiag"]
+
+
+async def test_an_unsubscribe_by_mail_is_in_force_before_its_250(tmp_path):
+    """The List-Unsubscribe mailto: a mail to ``unsubscribe_mailto`` with the signed token in
+    its subject. Its 250 used to go out once the "f" record was committed but before the
+    entry was written (the list's writer was not waited for on that path): while the list
+    cannot commit (another process holds its write lock) the sender got its 250, and a node
+    SIGKILLed then had a record of an unsubscribe that was not in force. The 250 now waits
+    for the entry; unanswered, the sender sends again."""
+    address = "reader@example.com"
+    extra = ('[feedback]\nunsubscribe_url = "https://mta.test/unsubscribe"\n'
+             'unsubscribe_mailto = "unsubscribe@mta.test"\n')
+    async with _APINode(tmp_path, extra) as node:
+        key = load_or_create_key(tmp_path / "spool" / "feedback.key")
+        token = UnsubscribeSigner(key, 3600).token(address)
+        mail = f"From: {address}\r\nSubject: unsubscribe {token}\r\n\r\n".encode()
+        lock = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3",
+                               isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the list cannot commit now
+            first = asyncio.ensure_future(send(node.port, address, ["unsubscribe@mta.test"],
+                                               mail))
+            try:
+                answered = await asyncio.wait_for(asyncio.shield(first), 3) == {}
+            except TimeoutError:
+                answered = False
+            await node.kill()
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        with contextlib.suppress(Exception):
+            await first
+        if answered:  # told 250: the unsubscribe must be in force
+            assert _suppressed(tmp_path, address) == ["marketing"], "250 without the entry"
+        await node.restart()
+        assert await send(node.port, address, ["unsubscribe@mta.test"], mail) == {}
+    assert _suppressed(tmp_path, address) == ["marketing"]

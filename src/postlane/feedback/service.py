@@ -255,6 +255,7 @@ class FeedbackService:
             self._unsubscribe_by_mail(data)
             rcpts = [r for r in rcpts if r.lower() != self.mailto]
             if not rcpts:
+                await self.writes.flush()  # in force before the sender gets its 250
                 return report
         verps = self._verps(report, rcpts)
         self.act_on(report, rcpts, verps, client, await self._origins(verps))
