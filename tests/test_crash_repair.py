@@ -648,3 +648,38 @@ async def test_an_unsubscribe_by_mail_is_in_force_before_its_250(tmp_path):
         await node.restart()
         assert await send(node.port, address, ["unsubscribe@mta.test"], mail) == {}
     assert _suppressed(tmp_path, address) == ["marketing"]
+
+
+async def test_a_complaint_resent_after_a_sigkill_is_recorded_once(tmp_path):
+    """An FBL complaint arrives while the suppression list cannot commit (a CLI import holds
+    its write lock): no 250 until the entry is written. Its "f" record used to be handed to
+    the spool first, and committed with the spool's next write; the node SIGKILLed, the ISP
+    sends the report again and the complaint was on the record twice (and counted twice in
+    the complaint rate). The record now follows the entry."""
+    rcpt = "c@example.com"
+    async with _APINode(tmp_path, FEEDBACK,
+                        pool_extra='bounce_domain = "bounces.mta.test"\n') as node:
+        await send(node.port, "news@insurer.test", [rcpt], message("offer"))
+        [arrival] = await node.sink.wait_for(1)
+        await until(lambda: "d" in {r["type"] for r in records(tmp_path)}, what="delivered")
+        arf = _arf(arrival.mail_from, "<offer@insurer.test>")
+        lock = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3",
+                               isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the list cannot commit now
+            first = asyncio.ensure_future(send(node.port, "", ["fbl@mta.test"], arf))
+            await until(lambda: "suppression list locked by another process"
+                        in node.log.read_text(), what="the complaint's entry waiting")
+            # the spool commits whatever it was handed meanwhile (other mail goes on)
+            await send(node.port, "news@insurer.test", ["other@example.com"], message("x"))
+            assert not first.done()
+            await node.kill()
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        with contextlib.suppress(Exception):
+            await first
+        await node.restart()
+        assert await send(node.port, "", ["fbl@mta.test"], arf) == {}  # the ISP's retry
+    assert [r["type"] for r in records(tmp_path) if r["rcpt"] == rcpt] == ["r", "d", "f"]
+    assert _suppressed(tmp_path, rcpt) == ["marketing"]

@@ -251,18 +251,33 @@ class FeedbackService:
             if not rcpts:
                 return None
         report = await asyncio.to_thread(parse_report, data, self.classifier)
+        held: list[Record] = []
         if self.mailto is not None and self.mailto in (r.lower() for r in rcpts):
-            self._unsubscribe_by_mail(data)
+            self._unsubscribe_by_mail(data, held.append)
             rcpts = [r for r in rcpts if r.lower() != self.mailto]
             if not rcpts:
-                await self.writes.flush()  # in force before the sender gets its 250
+                await self._then_record(held)
                 return report
         verps = self._verps(report, rcpts)
-        self.act_on(report, rcpts, verps, client, await self._origins(verps))
-        await self.writes.flush()  # in force before the report's sender gets its answer
+        self.act_on(report, rcpts, verps, client, await self._origins(verps), held.append)
+        await self._then_record(held)
         return report
 
-    def _unsubscribe_by_mail(self, data: bytes) -> None:
+    async def _then_record(self, held: list[Record]) -> None:
+        """The report's entries written, then its records handed to the spool (the caller
+        commits them before the answer), then the writes those call for (a hard bounce's
+        evidence). In that order a node killed before the answer has, at worst, the entries
+        in force without their records: the sender, unanswered, sends the report again and
+        it is on the record once. Records first, the spool could commit them with other
+        mail's while the list waited (a CLI import's lock), and the resent report recorded
+        the complaint twice."""
+        await self.writes.flush()
+        for rec in held:
+            self.record(rec)
+        if held:
+            await self.writes.flush()
+
+    def _unsubscribe_by_mail(self, data: bytes, record: Callable[[Record], None]) -> None:
         """The List-Unsubscribe mailto: the subject carries the same signed token as the URL
         (a mail without a valid token unsubscribes nobody: anyone can send mail)."""
         subject = str(message_from_bytes(data).get("Subject", ""))
@@ -271,7 +286,8 @@ class FeedbackService:
                 address = self.signer.verify(token)
             except TokenError:
                 continue
-            self.unsubscribe(address, "mailto")
+            self._suppress(address, "marketing", "unsubscribe (mailto)", "unsubscribe")
+            record(_unsubscribed(address, "mailto"))
             return
         log.warning("unsubscribe mail without a valid token ignored")
 
@@ -299,9 +315,12 @@ class FeedbackService:
         return found
 
     def act_on(self, report: Report, rcpts: list[str], verps: list[VerpAddress],
-               client: str = "", origins: Mapping[str, dict] | None = None) -> None:
+               client: str = "", origins: Mapping[str, dict] | None = None,
+               record: Callable[[Record], None] | None = None) -> None:
         """``verps``: ``_verps`` of the report; ``origins``: the "r" record of each queue id
-        the report names, where known."""
+        the report names, where known; ``record``: where its records go (``self.record``
+        by default; ``receive`` holds them until the entries are written)."""
+        record = record or self.record
         now = time.time()
         ours = [*rcpts, *report.to, report.original_return_path]
         pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in ours
@@ -325,7 +344,7 @@ class FeedbackService:
             targets = [v.recipient for v in verps] or [r.address for r in report.recipients]
             qid = verps[0].queue_id if verps else ""
             for address in dict.fromkeys(t.lower() for t in targets):
-                self.record(Record(type="f", rcpt=address, queue_id=qid,
+                record(Record(type="f", rcpt=address, queue_id=qid,
                                    dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
                 if ftype in _COMPLAINTS:
                     self._suppress(address, "marketing", f"complaint ({ftype})", "complaint")
@@ -352,7 +371,7 @@ class FeedbackService:
                          named[0] if len(named) == 1 else None)
             if match is None:
                 continue
-            self.record(Record(type="rb" if match.action == "failed" else "rd",
+            record(Record(type="rb" if match.action == "failed" else "rd",
                                rcpt=verp.recipient, queue_id=verp.queue_id,
                                dsn_action=match.action, dsn_status=match.status,
                                dsn_diag=match.diagnostic or f"{report.method};",
@@ -361,11 +380,6 @@ class FeedbackService:
                                **of(verp.queue_id)))
 
     # -- unsubscribe ----------------------------------------------------------------------------
-
-    def unsubscribe(self, address: str, how: str) -> None:
-        """For a report by mail (its 250 waits for the list's writer and the spool)."""
-        self._suppress(address, "marketing", f"unsubscribe ({how})", "unsubscribe")
-        self.record(_unsubscribed(address, how))
 
     async def unsubscribe_now(self, address: str, how: str,
                               flush: Callable[[], Awaitable[None]]) -> None:
