@@ -155,28 +155,38 @@ async def test_a_node_started_later_has_the_whole_list_and_shares_what_it_had(
 
 
 async def test_hard_bounces_at_two_nodes_add_up(tmp_path, sink, pg_schema):  # noqa: F811
-    """``suppress_after = 2``: one hard bounce at each node suppresses for every class."""
+    """``suppress_after = 2``: one hard bounce at each node suppresses for every class; the
+    same message's bounce at both (its reporting MTA sent it again to the other node, the
+    first having died before its 250) is one piece of evidence on both."""
     a = await start_node(node_text(tmp_path, sink.port, pg_schema, "node-a"))
     b = await start_node(node_text(tmp_path, sink.port, pg_schema, "node-b"))
     try:
-        def bounce(node: Node) -> None:
+        def bounce(node: Node, rcpt: str, queue_id: str) -> None:
             node.feedback.on_record(Record(
                 type="rb", time_logged=time.time(), time_queued=0, orig="",
-                rcpt="h@example.com", queue_id="q", cls="marketing", vmta_pool="bulk",
+                rcpt=rcpt, queue_id=queue_id, cls="marketing", vmta_pool="bulk",
                 dsn_action="failed", dsn_status="5.1.1", dsn_diag="smtp;550 5.1.1 unknown",
                 bounce_cat="bad-mailbox"))
 
-        bounce(a)
+        bounce(a, "h@example.com", "q1")
+        bounce(a, "once@example.com", "q3")
         await a.feedback.flush()
-        await until(lambda: b.feedback.suppression.check_one("h@example.com") is not None,
-                    what="node A's bounce on node B")
+        await until(lambda: b.feedback.suppression.check_one("once@example.com") is not None,
+                    what="node A's bounces on node B")
         assert not b.feedback.suppression.check(["h@example.com"], ["all"])
-        bounce(b)
+        bounce(b, "h@example.com", "q2")
+        bounce(b, "once@example.com", "q3")  # the same message's bounce again
         await b.feedback.flush()
         entry = b.feedback.suppression.check(["h@example.com"], ["all"])["h@example.com"]
         assert entry.reason.startswith("2 hard bounces")
         await until(lambda: a.feedback.suppression.check(["h@example.com"], ["all"]),
                     what="the escalation on node A")
+        await asyncio.sleep(2.5)  # two syncs: node B's evidence reached node A
+        for node in (a, b):
+            assert not node.feedback.suppression.check(["once@example.com"], ["all"])
+            count = node.feedback.suppression._db.execute(
+                "SELECT count(*) FROM bounces WHERE address = 'once@example.com'").fetchone()[0]
+            assert count == 1, node.config.node.name
     finally:
         await a.stop()
         await b.stop()

@@ -4,22 +4,32 @@ torn as by a power loss, started again with ``postlane serve``; what it repairs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
 
+from postlane.accounting.operators import action_record
+from postlane.accounting.records import Record, pack
 from postlane.audit.sqlite import SQLiteAuditStore
-from postlane.feedback.suppression import SuppressionList
+from postlane.feedback.dsn import FailedRecipient, build_bounce
+from postlane.feedback.keys import load_or_create_key
+from postlane.feedback.suppression import SuppressionList, adding
+from postlane.feedback.unsubscribe import UnsubscribeSigner
 from postlane.harness.sink import Sink
 from postlane.reputation.store import ReputationStore
 from postlane.spool.hold import locked
-from tests.conftest import config_text, message, records, send
+from tests.conftest import OPERATOR, config_text, message, records, send
 from tests.support.waiting import until
 from tests.test_evidence import _free_port, _free_ports, _serve, cli
+from tests.test_feedback_node import FEEDBACK, _arf
 
 
 def _events(tmp_path: Path) -> int:
@@ -86,16 +96,19 @@ class _APINode:
     """A ``postlane serve`` process with its API on a known port, a client for it, and a
     second connection to its spool (to hold the write lock); SIGKILLed and started again."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, extra: str = "", pool_extra: str = "") -> None:
         self.tmp_path = tmp_path
+        self.extra, self.pool_extra = extra, pool_extra
+        """TOML appended to the config, and to its pool ``bulk``."""
         self.port, self.api = _free_ports(2)
         self.cfg, self.log = tmp_path / "node.toml", tmp_path / "node.log"
 
     async def __aenter__(self) -> _APINode:
         self.sink = await Sink().start()
-        self.cfg.write_text(config_text(self.tmp_path, self.sink.port,
+        self.cfg.write_text(config_text(self.tmp_path, self.sink.port, self.extra,
                                         listener_port=self.port).replace(
-            "[api]\nport = 0", f"[api]\nport = {self.api}"))
+            "[api]\nport = 0", f"[api]\nport = {self.api}").replace(
+            "[pools.bulk]\n", f"[pools.bulk]\n{self.pool_extra}"))
         self.proc = await _serve(self.cfg, self.port, self.log)
         token = (self.tmp_path / "api-token").read_text().strip()
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.api}/api/v1",
@@ -305,3 +318,368 @@ async def test_verify_names_records_a_torn_store_lost_that_the_files_hold(tmp_pa
     assert "of spool writer" in res.output and "are in the accounting files but not in the" \
         " store, and the spool has let them go" in res.output, res.output
     assert "..6 of spool writer" in res.output, res.output
+
+
+def _suppressed(tmp_path: Path, address: str) -> list[str]:
+    """The scopes the node's suppression list has ``address`` in, as on disk."""
+    db = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3")
+    try:
+        return [s for (s,) in db.execute("SELECT scope FROM suppression WHERE address = ?",
+                                         (address,))]
+    finally:
+        db.close()
+
+
+async def _suppression_change_killed(tmp_path: Path, change: str) -> None:
+    """An operator's suppression ``change`` ("add", "remove", "import") over the API while the spool
+    cannot commit (another process holds its write lock), the node SIGKILLed once the list
+    has the change but before any answer, then started again and stopped: the change is
+    either not made or made with its one "o" record."""
+    address = "gone@example.com"
+    async with _APINode(tmp_path) as node:
+        client, lock = node.client, node.lock
+        if change == "remove":
+            added = await client.post("/suppressions", json={"address": address,
+                                                             "scope": "all"})
+            assert added.status_code == 201, added.text
+        lock.execute("BEGIN IMMEDIATE")  # the record cannot be committed now
+        post = asyncio.ensure_future(
+            client.post("/suppressions", json={"address": address, "scope": "all"})
+            if change == "add" else client.delete(f"/suppressions/{address}")
+            if change == "remove" else client.post(
+                "/suppressions/import", params={"scope": "all"},
+                content=f"address\n{address}\nother@example.com\n".encode()))
+        await until(lambda: bool(_suppressed(tmp_path, address)) == (change != "remove"),
+                    what="the list changed")
+        await node.kill()  # no answer yet
+        post.cancel()
+        lock.execute("ROLLBACK")
+        await node.restart()
+    actions = [r["dsnAction"] for r in records(tmp_path)
+               if r["type"] == "o" and r["rcpt"] in (address, "")]
+    expected = {"add": ["suppress"], "remove": ["suppress", "unsuppress"],
+                "import": ["suppress-import"]}[change]
+    assert actions == expected, (actions, _suppressed(tmp_path, address))
+    assert bool(_suppressed(tmp_path, address)) == (change != "remove")
+
+
+async def test_a_suppression_killed_before_its_record_is_recorded_at_the_restart(tmp_path):
+    """The list and the spool are two stores: the list's change used to be committed first
+    and its record after, so a node SIGKILLed between the two kept the change without its
+    record (an operator's action off the record). The record now waits in the list's own
+    transaction and the restart writes it."""
+    await _suppression_change_killed(tmp_path, "add")
+
+
+async def test_an_unsuppress_killed_before_its_record_is_recorded_at_the_restart(tmp_path):
+    """The worst case of the above: the operator, unanswered, removes the address again,
+    gets 404 "not suppressed", and the removal was never on the record."""
+    await _suppression_change_killed(tmp_path, "remove")
+
+
+async def test_an_import_killed_before_its_record_is_recorded_at_the_restart(tmp_path):
+    await _suppression_change_killed(tmp_path, "import")
+
+
+def _bounce_evidence(tmp_path: Path, address: str) -> int:
+    """The hard bounces of ``address`` the suppression list counts, as on disk."""
+    db = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3")
+    try:
+        return db.execute("SELECT count(*) FROM bounces WHERE address = ?",
+                          (address,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+async def test_a_bounce_sent_again_after_a_sigkill_is_counted_once(tmp_path):
+    """A remote bounce (DSN at the VERP address) arrives while the spool cannot commit: the
+    list's bounce evidence is written, the node is SIGKILLed before its "rb" record is
+    committed and before the 250, so the reporting MTA sends the same DSN again after the
+    restart. It is one bounce of one message: one "rb" record and one count of evidence
+    (it used to count twice, and with ``suppress_after = 2`` one bounce stopped every class,
+    regulated notices included)."""
+    rcpt = "v1@example.com"
+    async with _APINode(tmp_path, "[feedback.bounces]\nsuppress_after = 2\n",
+                        pool_extra='bounce_domain = "bounces.mta.test"\n') as node:
+        await send(node.port, "news@insurer.test", [rcpt], message("campaign"))
+        [arrival] = await node.sink.wait_for(1)
+        verp = arrival.mail_from
+        assert verp.endswith("@bounces.mta.test"), verp
+        dsn = build_bounce(reporting_mta="mx.example.com", sender=verp,
+                           recipients=[FailedRecipient(rcpt, "failed", "5.1.1",
+                                                       "550 5.1.1 no such user",
+                                                       "mx.example.com")],
+                           original=arrival.data, arrival_date=time.time(), ret="HDRS")
+        node.lock.execute("BEGIN IMMEDIATE")  # the "rb" record cannot be committed now
+        first = asyncio.ensure_future(send(node.port, "", [verp], dsn))
+        await until(lambda: _bounce_evidence(tmp_path, rcpt) == 1, what="the evidence noted")
+        await node.kill()  # before the 250
+        node.lock.execute("ROLLBACK")
+        with contextlib.suppress(Exception):
+            await first
+        await node.restart()
+        assert await send(node.port, "", [verp], dsn) == {}  # the reporting MTA's retry
+    assert [r["type"] for r in records(tmp_path) if r["rcpt"] == rcpt] == ["r", "d", "rb"]
+    assert _bounce_evidence(tmp_path, rcpt) == 1
+    assert _suppressed(tmp_path, rcpt) == ["best-effort"]
+
+
+async def test_an_answered_one_click_unsubscribe_survives_a_sigkill(tmp_path):
+    """RFC 8058 one-click: the mailbox provider POSTs once and does not come back after a
+    200. The answer used to go out before the entry and its "f" record were written (the
+    entry handed to the list's writer thread, the record to the spool's next commit): a node
+    SIGKILLed right after it could have neither, and the unsubscribed customer got the next
+    campaign. Now the answer waits for both; unanswered, the change is either not made or
+    made with its record (written at the restart)."""
+    address = "reader@example.com"
+    async with _APINode(tmp_path) as node:
+        key = load_or_create_key(tmp_path / "spool" / "feedback.key")
+        token = UnsubscribeSigner(key, 3600).token(address)
+        url = f"http://127.0.0.1:{node.api}/unsubscribe/{token}"
+        async with httpx.AsyncClient(timeout=None) as anon:
+            node.lock.execute("BEGIN IMMEDIATE")  # the spool cannot commit now
+            post = asyncio.ensure_future(anon.post(url))
+            try:
+                answer = await asyncio.wait_for(asyncio.shield(post), 3)
+            except TimeoutError:
+                answer = None
+            await node.kill()  # at once after the answer, or without one
+            post.cancel()
+            node.lock.execute("ROLLBACK")
+        assert answer is None or answer.status_code == 200, answer.text
+        await node.restart()
+        later = UnsubscribeSigner(key, 3600).token("later@example.com")
+        async with httpx.AsyncClient(timeout=None) as anon:  # answered, then killed at once
+            answered = await anon.post(f"http://127.0.0.1:{node.api}/unsubscribe/{later}")
+        assert answered.status_code == 200, answered.text
+        await node.kill()
+        await node.restart()
+    rows = records(tmp_path)
+    unsubscribed = [r["dsnAction"] for r in rows if r["type"] == "f" and r["rcpt"] == address]
+    suppressed = _suppressed(tmp_path, address)
+    if answer is not None or suppressed:  # done: the entry and its one record
+        assert (suppressed, unsubscribed) == (["marketing"], ["unsubscribe"])
+    else:  # not done at all
+        assert unsubscribed == []
+    assert _suppressed(tmp_path, "later@example.com") == ["marketing"]
+    assert [r["dsnAction"] for r in rows
+            if r["type"] == "f" and r["rcpt"] == "later@example.com"] == ["unsubscribe"]
+
+
+async def test_a_complaint_while_the_node_dies_mid_delivery_is_on_the_record_once(tmp_path):
+    """An FBL complaint arrives by SMTP while the spool cannot commit (the delivery of the
+    complained-of message, a second before, is not committed either); the node is SIGKILLed
+    before the 250, and the ISP sends the report again after the restart. The complaint is
+    in force, its "f" record is there once, the recipient is not mailed again (an "s" after
+    the "u" of the attempt whose outcome the node never recorded), and the evidence is
+    complete: ``audit verify`` used to call such a recipient INCOMPLETE, and ``audit show``
+    now says that the earlier attempt may have delivered it."""
+    rcpt = "c@example.com"
+    async with _APINode(tmp_path, FEEDBACK,
+                        pool_extra='bounce_domain = "bounces.mta.test"\n') as node:
+        node.sink.delay = 1.0  # the DATA of the delivery takes a second
+        await send(node.port, "news@insurer.test", [rcpt], message("offer"))
+        await until(lambda: node.sink.rcpt_attempts[rcpt] == 1, what="the delivery started")
+        node.lock.execute("BEGIN IMMEDIATE")  # its outcome cannot be committed now
+        [arrival] = await node.sink.wait_for(1)
+        node.sink.delay = 0.0
+        arf = _arf(arrival.mail_from, "<offer@insurer.test>")
+        first = asyncio.ensure_future(send(node.port, "", ["fbl@mta.test"], arf))
+        await until(lambda: bool(_suppressed(tmp_path, rcpt)), what="the complaint in force")
+        await node.kill()  # before the 250
+        node.lock.execute("ROLLBACK")
+        with contextlib.suppress(Exception):
+            await first
+        await node.restart()
+        assert await send(node.port, "", ["fbl@mta.test"], arf) == {}  # the ISP's retry
+        await until(lambda: "s" in {r["type"] for r in records(tmp_path)},
+                    what="the recipient stopped")
+    assert len(node.sink.arrivals) == 1
+    trail = [r["type"] for r in records(tmp_path) if r["rcpt"] == rcpt]
+    assert trail[:2] == ["r", "u"] and sorted(trail[2:]) == ["f", "s"], trail
+    assert _suppressed(tmp_path, rcpt) == ["marketing"]
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
+    res = await asyncio.to_thread(cli, "show", "-c", str(node.cfg), "--recipient", rcpt)
+    assert "not sent again (an earlier attempt's outcome is unknown: it may have been" \
+           " delivered)" in res.output, res.output
+
+
+def _paused(tmp_path: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    try:
+        return list(db.execute("SELECT pool, domain FROM paused"))
+    finally:
+        db.close()
+
+
+async def test_answered_queue_actions_survive_a_sigkill_each(tmp_path):
+    """Each operator action the API answered, the node SIGKILLed at once after the answer:
+    a pause; a hold by filter and a delete by id (no DSN); a release by filter; a resume.
+    After each restart the action is done, with its records once; at the end the deleted
+    message was never delivered, the others once, and ``audit verify --files`` is clean."""
+    async with _APINode(tmp_path) as node:
+        client = node.client
+        assert (await client.post("/pools/bulk/pause", json={})).status_code == 200
+        await node.kill()
+        assert _paused(tmp_path) == [("bulk", "*")]
+        await node.restart()
+        for i in range(3):
+            await send(node.port, "s@insurer.test", [f"m{i}@example.com"], message(f"m{i}"))
+        by_rcpt = {m["recipients"][0]["address"]: m["queue_id"]
+                   for m in (await client.get("/queue/messages")).json()["messages"]}
+        answer = await client.post("/queue/hold", json={"recipient": "m1@*"})
+        assert answer.json()["recipients"] == 1, answer.text
+        answer = await client.post("/queue/delete", json={"queue_ids": [by_rcpt["m0@example.com"]]})
+        assert answer.json()["recipients"] == 1, answer.text
+        await node.kill()
+        assert [(a, s) for _, a, s in _open(tmp_path)] == [
+            ("m1@example.com", "held"), ("m2@example.com", "queued")]
+        await node.restart()
+        answer = await client.post("/queue/release", json={"recipient": "m1@*"})
+        assert answer.json()["recipients"] == 1, answer.text
+        await node.kill()
+        assert [s for _, _, s in _open(tmp_path)] == ["queued", "queued"]
+        await node.restart()
+        assert (await client.post("/pools/bulk/resume", json={})).status_code == 200
+        await node.kill()
+        assert _paused(tmp_path) == []
+        await node.restart()
+        await node.sink.wait_for(2)
+        await until(lambda: not _open(tmp_path), what="both delivered")
+    assert sorted(a.rcpts[0] for a in node.sink.arrivals) == ["m1@example.com", "m2@example.com"]
+    rows = records(tmp_path)
+    assert [(r["dsnAction"], r["rcpt"]) for r in rows if r["type"] == "o"] == [
+        ("pause", ""), ("hold", "m1@example.com"), ("release", "m1@example.com"),
+        ("resume", "")]
+    assert [(r["type"], r["bounceCat"]) for r in rows if r["rcpt"] == "m0@example.com"] == [
+        ("r", ""), ("b", "purged")]
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
+
+
+async def test_a_record_the_spool_committed_is_not_written_again_at_the_start(
+        tmp_path, sink, make_node):
+    """The window the list's waiting records leave: a node killed after its spool committed
+    an operator's record and before the list let its copy go. The start looks for each
+    waiting record in the spool's outbox, then in the audit store (the outbox lets an event go
+    only once the store holds it), and writes only the one never committed."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    store, writes = node.feedback.suppression, node.feedback.writes
+
+    async def waiting(address: str) -> Record:
+        rec = action_record("suppress", OPERATOR, target=address)
+        entry = SuppressionList.entry(address, "all")
+        await writes.call(store.recorded, adding([entry]), lambda n: pack(rec))
+        return rec
+
+    node.persist(await waiting("trimmed@example.com"))  # committed, then let go by the spool
+    await node.spool.flush()
+    await until(lambda: _events(tmp_path) == 0, what="the record in the store only")
+    node.persist(await waiting("outbox@example.com"))  # committed, maybe still in the outbox
+    await node.spool.flush()
+    await waiting("lost@example.com")  # never committed
+    assert await node.operations.record_pending() == 1
+    assert not store.pending()
+    await node.stop()
+    assert sorted(r["rcpt"] for r in records(tmp_path) if r["type"] == "o") == [
+        "lost@example.com", "outbox@example.com", "trimmed@example.com"]
+
+
+async def test_a_suppress_command_killed_before_its_record_is_recorded_at_the_node_start(
+        tmp_path):
+    """``postlane suppress add -c CFG`` changes the list's file and posts its record to the
+    spool's outbox as it ends. SIGKILLed in between (here: the post waits for the spool's
+    write lock another process holds), it left the address suppressed and no record of who
+    did it. The record now waits in the list: the node's next start writes it, once."""
+    async with _APINode(tmp_path) as node:
+        await node.kill()  # the node is down; its spool is locked by someone else
+        node.lock.execute("BEGIN IMMEDIATE")
+        command = subprocess.Popen(
+            [sys.executable, "-m", "postlane.cli", "suppress", "add", "court@example.com",
+             "--scope", "all", "--reason", "court order", "-c", str(node.cfg)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await until(lambda: _suppressed(tmp_path, "court@example.com") == ["all"],
+                        what="the list changed")
+        finally:
+            command.kill()
+            command.wait()
+        node.lock.execute("ROLLBACK")
+        await node.restart()
+    rows = [r for r in records(tmp_path) if r["rcpt"] == "court@example.com"]
+    assert [(r["type"], r["dsnAction"], r["srcType"]) for r in rows] == [
+        ("o", "suppress", "cli")], rows
+    assert rows[0]["dsnDiag"].endswith("(scope all): court order"), rows[0]["dsnDiag"]
+
+
+async def test_an_unsubscribe_by_mail_is_in_force_before_its_250(tmp_path):
+    """The List-Unsubscribe mailto: a mail to ``unsubscribe_mailto`` with the signed token in
+    its subject. Its 250 used to go out once the "f" record was committed but before the
+    entry was written (the list's writer was not waited for on that path): while the list
+    cannot commit (another process holds its write lock) the sender got its 250, and a node
+    SIGKILLed then had a record of an unsubscribe that was not in force. The 250 now waits
+    for the entry; unanswered, the sender sends again."""
+    address = "reader@example.com"
+    extra = ('[feedback]\nunsubscribe_url = "https://mta.test/unsubscribe"\n'
+             'unsubscribe_mailto = "unsubscribe@mta.test"\n')
+    async with _APINode(tmp_path, extra) as node:
+        key = load_or_create_key(tmp_path / "spool" / "feedback.key")
+        token = UnsubscribeSigner(key, 3600).token(address)
+        mail = f"From: {address}\r\nSubject: unsubscribe {token}\r\n\r\n".encode()
+        lock = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3",
+                               isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the list cannot commit now
+            first = asyncio.ensure_future(send(node.port, address, ["unsubscribe@mta.test"],
+                                               mail))
+            try:
+                answered = await asyncio.wait_for(asyncio.shield(first), 3) == {}
+            except TimeoutError:
+                answered = False
+            await node.kill()
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        with contextlib.suppress(Exception):
+            await first
+        if answered:  # told 250: the unsubscribe must be in force
+            assert _suppressed(tmp_path, address) == ["marketing"], "250 without the entry"
+        await node.restart()
+        assert await send(node.port, address, ["unsubscribe@mta.test"], mail) == {}
+    assert _suppressed(tmp_path, address) == ["marketing"]
+
+
+async def test_a_complaint_resent_after_a_sigkill_is_recorded_once(tmp_path):
+    """An FBL complaint arrives while the suppression list cannot commit (a CLI import holds
+    its write lock): no 250 until the entry is written. Its "f" record used to be handed to
+    the spool first, and committed with the spool's next write; the node SIGKILLed, the ISP
+    sends the report again and the complaint was on the record twice (and counted twice in
+    the complaint rate). The record now follows the entry."""
+    rcpt = "c@example.com"
+    async with _APINode(tmp_path, FEEDBACK,
+                        pool_extra='bounce_domain = "bounces.mta.test"\n') as node:
+        await send(node.port, "news@insurer.test", [rcpt], message("offer"))
+        [arrival] = await node.sink.wait_for(1)
+        await until(lambda: "d" in {r["type"] for r in records(tmp_path)}, what="delivered")
+        arf = _arf(arrival.mail_from, "<offer@insurer.test>")
+        lock = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3",
+                               isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the list cannot commit now
+            first = asyncio.ensure_future(send(node.port, "", ["fbl@mta.test"], arf))
+            await until(lambda: "suppression list locked by another process"
+                        in node.log.read_text(), what="the complaint's entry waiting")
+            # the spool commits whatever it was handed meanwhile (other mail goes on)
+            await send(node.port, "news@insurer.test", ["other@example.com"], message("x"))
+            assert not first.done()
+            await node.kill()
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        with contextlib.suppress(Exception):
+            await first
+        await node.restart()
+        assert await send(node.port, "", ["fbl@mta.test"], arf) == {}  # the ISP's retry
+    assert [r["type"] for r in records(tmp_path) if r["rcpt"] == rcpt] == ["r", "d", "f"]
+    assert _suppressed(tmp_path, rcpt) == ["marketing"]

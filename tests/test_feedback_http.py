@@ -65,7 +65,7 @@ def test_tokens() -> None:
 async def test_one_click_unsubscribe_end_to_end(tmp_path, sink, make_node, serve):
     node = await make_node(config_text(tmp_path, sink.port, EXTRA))
     app = FastAPI()
-    app.include_router(router(node.feedback))
+    app.include_router(router(node.feedback, node.spool.flush))
     base = await serve(app)
     port = node.listeners[0].port
     await send(port, "news@insurer.test", ["u@example.com"], message("offer", cls="marketing"))

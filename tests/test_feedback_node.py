@@ -118,6 +118,14 @@ async def test_a_campaign_queued_before_an_unsubscribe_is_not_sent_to_it(tmp_pat
                         r" unsubscribed", s["dsnDiag"]), s["dsnDiag"]
     assert [r["rcpt"] for r in rows if r["type"] == "d"] == ["stay@example.com"]
     assert len(sink.arrivals) == 1, "no DSN for a marketing suppression"
+    # the "s" is that recipient's final record: the trail is complete and says so (verify
+    # called the recipient INCOMPLETE, and show said "queued", for ever)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(_config(tmp_path, sink.port, verp=False))
+    res = evidence_cli("verify", "-c", str(cfg))
+    assert res.exit_code == 0 and "INCOMPLETE" not in res.output, res.output
+    res = evidence_cli("show", "-c", str(cfg), "--recipient", "leave@example.com")
+    assert "outcome: suppressed" in res.output, res.output
 
 
 async def test_a_notice_deferred_then_suppressed_is_not_sent_and_its_sender_is_told(

@@ -12,6 +12,7 @@ import time
 import asyncpg
 import pytest
 
+from postlane.accounting.records import Record, pack
 from postlane.spool import (
     Message,
     PostgresSpool,
@@ -162,6 +163,17 @@ async def test_pause_state_is_stored(store_factory, store):
         assert await again.paused() == {("bulk", "example.com")}
     finally:
         await again.close()
+
+
+async def test_an_event_is_found_by_its_bytes_while_the_outbox_has_it(store):
+    """``has_event``: a record written again after a crash is looked for in the outbox."""
+    rec = Record("o", 1.5, 1.5, "", "a@example.com", "", "", "", dsn_action="suppress")
+    assert not await store.has_event(pack(rec))
+    store.record([rec])
+    await store.flush()
+    assert await store.has_event(pack(rec))
+    other = Record("o", 1.5, 1.5, "", "b@example.com", "", "", "", dsn_action="suppress")
+    assert not await store.has_event(pack(other))
 
 
 async def test_reopen_keeps_data_and_refuses_a_newer_schema(store_factory, store):

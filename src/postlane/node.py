@@ -130,7 +130,8 @@ class Node:
         durable copy goes through the spool and the recorder."""
         self.operations = Operations(config, self.scheduler, self.queue, self.spool,
                                      Suppressions(self.feedback.suppression, self.persist),
-                                     self.feedback.writes, self.emit, self.bounces_pending)
+                                     self.feedback.writes, self.emit, self.bounces_pending,
+                                     self.holds)
         """Every operator action goes through here, on the record (the API calls it)."""
         if self.claimer is not None:  # "retry now" sent to another node: this node's share
             self.claimer.retries_by(self.operations.retry_asked)
@@ -187,6 +188,7 @@ class Node:
                 await self.signer.start()
                 opened.push_async_callback(self.signer.stop)
             self.scheduler.resume_paused(await self.spool.paused())
+            await self.operations.record_pending()  # a list change killed before its record
             resumed = 0
             if self.claimer is not None:
                 await self.claimer.start()
@@ -388,6 +390,15 @@ class Node:
             tasks.discard(task)
             if not tasks:
                 del self._bounces[msg_id]
+
+    async def holds(self, rec: Record, data: bytes) -> bool:
+        """Whether ``rec`` (packed: ``data``) is on the record already. The spool is asked
+        first: it lets an event go only once the store (and the files) hold it, so one not
+        found there and not in the store was never committed. Without an audit store, only
+        the spool can tell."""
+        if await self.spool.has_event(data):
+            return True
+        return self.audit is not None and await self.audit.holds(rec)
 
     def bounces_pending(self, msg_ids: Collection[str]) -> list[asyncio.Future[bool]]:
         """The DSNs of these messages being queued (their final states are handed to the

@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Collection
+import sqlite3
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, TextIO
 
 from .accounting.operators import DONE, Operator, action_record, stamp
-from .accounting.records import Record
+from .accounting.records import Record, pack, unpack
 from .address import PathError, alabel_domain, check_domain
-from .feedback.suppression import Entry, SuppressionList, normalize, parse_csv
+from .feedback.suppression import Entry, SuppressionList, adding, normalize, parse_csv, removing
 from .feedback.suppression_writer import SuppressionWriter
 from .scheduler.control import SelectionError, Selector
 from .spool import PostgresSpool, SpoolUnavailable
@@ -44,6 +45,9 @@ DSN_WAIT = 10.0
 """Seconds a delete with a DSN waits for its DSNs to be queued (the final states of the
 removed recipients are written after them) before it answers 503 instead of "deleted"."""
 
+Held = Callable[[Record, bytes], Awaitable[bool]]
+"""Whether a record (and its packed bytes) is on the record already: in the spool's outbox or
+in the audit store (``Node.holds``)."""
 Bounces = Callable[[Collection[str]], list["asyncio.Future[bool]"]]
 """The node's DSNs still being queued for these queue ids; each one's result: whether the
 final states it owes were written (False: the node stopped first)."""
@@ -60,45 +64,74 @@ class OperationError(Exception):
 class Suppressions:
     """The suppression list changed on the record: by a node (``record`` writes through its
     spool), or by the CLI on the list's file (``record`` collects for ``outbox.post``). The
-    list and the spool are two stores: the record follows the change, so a crash between the
-    two leaves a change without its record, never a record of a change not made."""
+    list and the spool are two stores: with ``waiting`` (a list), each change is committed
+    with its record waiting beside it in the list (``SuppressionList.recorded``), the ids
+    collected there for ``settle`` once the spool holds the records; a process killed before
+    that leaves them to the node's next start (``Operations.record_pending``). Without it (the
+    CLI with ``--db`` only: no spool to reach), the record follows the change."""
 
-    def __init__(self, store: SuppressionList, record: Callable[[Record], None]) -> None:
+    def __init__(self, store: SuppressionList, record: Callable[[Record], None],
+                 waiting: list[int] | None = None) -> None:
         self.store = store
         self.record = record
+        self.waiting = waiting
+
+    def _change(self, change: Callable[[sqlite3.Connection], int],
+                make: Callable[[int], Record | None]) -> int:
+        made: list[Record] = []
+
+        def packed(result: int) -> bytes | None:
+            made.clear()
+            rec = make(result)
+            if rec is None:
+                return None
+            made.append(rec)
+            return pack(rec)
+
+        if self.waiting is None:
+            result = self.store.write(change)
+            packed(result)
+        else:
+            result, pending = self.store.recorded(change, packed)
+            if pending is not None:
+                self.waiting.append(pending)
+        for rec in made:
+            self.record(rec)
+        return result
 
     def add(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
-        entry = self.store.add(address, scope, reason, "operator")
-        self.added(entry, who)
+        entry = SuppressionList.entry(address, scope, reason, "operator")
+        self._change(adding([entry]), lambda n: self.added_record(entry, who))
         return entry
 
-    def added(self, entry: Entry, who: Operator) -> None:
-        """The record of an entry ``who`` added."""
-        self.record(action_record("suppress", who, target=entry.address,
-                                  note=f" (scope {entry.scope})" + (f": {entry.reason}"
-                                                                    if entry.reason else "")))
-
     def remove(self, address: str, scope: str | None, *, who: Operator) -> int:
-        removed = self.store.remove(address, scope)
-        self.removed(address, scope, removed, who)
-        return removed
-
-    def removed(self, address: str, scope: str | None, removed: int, who: Operator) -> None:
-        """The record of ``who`` removing ``removed`` entries (none: nothing to record)."""
-        if removed:
-            where = f"scope {scope}" if scope else "every scope"
-            self.record(action_record("unsuppress", who, target=normalize(address),
-                                      note=f" ({where}, {removed}"
-                                           f" entr{'y' if removed == 1 else 'ies'})"))
+        return self._change(removing(address, scope),
+                            lambda n: self.removed_record(address, scope, n, who))
 
     def import_csv(self, src: TextIO, scope: str, *, who: Operator) -> int:
-        count = self.store.import_csv(src, scope)
-        self.imported(count, scope, who)
-        return count
+        return self._change(adding(parse_csv(src, scope)),
+                            lambda n: self.imported_record(n, scope, who))
 
-    def imported(self, count: int, scope: str, who: Operator) -> None:
-        self.record(action_record("suppress-import", who, what=f"{count} addresses",
-                                  note=f" (scope {scope} where a row names none)"))
+    @staticmethod
+    def added_record(entry: Entry, who: Operator) -> Record:
+        return action_record("suppress", who, target=entry.address,
+                             note=f" (scope {entry.scope})" + (f": {entry.reason}"
+                                                               if entry.reason else ""))
+
+    @staticmethod
+    def removed_record(address: str, scope: str | None, removed: int,
+                       who: Operator) -> Record | None:
+        if not removed:
+            return None
+        where = f"scope {scope}" if scope else "every scope"
+        return action_record("unsuppress", who, target=normalize(address),
+                             note=f" ({where}, {removed}"
+                                  f" entr{'y' if removed == 1 else 'ies'})")
+
+    @staticmethod
+    def imported_record(count: int, scope: str, who: Operator) -> Record:
+        return action_record("suppress-import", who, what=f"{count} addresses",
+                             note=f" (scope {scope} where a row names none)")
 
 
 async def request_drain(spool: PostgresSpool, node: str, *, who: Operator,
@@ -132,7 +165,8 @@ class Operations:
 
     def __init__(self, config: Config, scheduler: Scheduler, control: QueueControl,
                  spool: Spool, suppressions: Suppressions, writes: SuppressionWriter,
-                 emit: Callable[[Record], None], bounces: Bounces | None = None) -> None:
+                 emit: Callable[[Record], None], bounces: Bounces | None = None,
+                 held: Held | None = None) -> None:
         self.config = config
         self.scheduler = scheduler
         self.control = control
@@ -144,6 +178,9 @@ class Operations:
         """Tells the node's in-memory observers of a record the spool write carries."""
         self.bounces = bounces
         """The DSNs being queued per message (``Node``); None: nothing sends DSNs here."""
+        self.held = held
+        """Whether the spool or the audit store has a record already (``record_pending``);
+        None: nothing to look in."""
 
     async def pause(self, pool: str, domain: str | None = None, *, who: Operator) -> int:
         """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart.
@@ -272,33 +309,75 @@ class Operations:
 
     # The list is written in the feedback service's writer thread (a lock held by a
     # ``postlane suppress import`` must not stall the event loop), the record on the loop.
+    # The list and the spool are two stores: each change is committed with its record kept
+    # in the list's own transaction (``SuppressionList.recorded``), which the spool then takes
+    # and, once it holds it, the list lets go; a node killed in between writes it at its
+    # next start (``record_pending``). The record is never lost and never made up.
 
     async def suppress(self, address: str, scope: str, reason: str, *, who: Operator) -> Entry:
-        writes = self.writes
-        entry = await writes.call(self.suppressions.store.add, address, scope, reason,
-                                  "operator")
-        self.suppressions.added(entry, who)
-        await self.spool.flush()  # on the record before the answer
+        entry = SuppressionList.entry(address, scope, reason, "operator")
+        await self._recorded(adding([entry]), lambda n: self.suppressions.added_record(
+            entry, who))
         self._log("suppress", who, 1, scope=scope)
         return entry
 
     async def unsuppress(self, address: str, scope: str | None, *, who: Operator) -> int:
-        removed = await self.writes.call(self.suppressions.store.remove, address,
-                                                       scope)
-        self.suppressions.removed(address, scope, removed, who)
-        await self.spool.flush()
+        removed = await self._recorded(removing(address, scope), lambda n: (
+            self.suppressions.removed_record(address, scope, n, who)))
         self._log("unsuppress", who, removed, scope=scope or "*")
         return removed
 
     async def import_suppressions(self, src: TextIO, scope: str, *, who: Operator) -> int:
-        store = self.suppressions.store
         # parsed once, in a thread; the writer may try the write more than once (a lock)
         entries = await asyncio.to_thread(parse_csv, src, scope)
-        count = await self.writes.call(store.add_many, entries)
-        self.suppressions.imported(count, scope, who)
-        await self.spool.flush()
+        count = await self._recorded(adding(entries), lambda n: (
+            self.suppressions.imported_record(n, scope, who)))
         self._log("suppress-import", who, count, scope=scope)
         return count
+
+    async def _recorded(self, change: Callable[[sqlite3.Connection], int],
+                        record: Callable[[int], Record | None]) -> int:
+        """``change`` to the list with its record: committed together in the list, then in
+        the spool (durable before the answer), then let go by the list."""
+        made: dict[int, Record] = {}
+
+        def packed(result: int) -> bytes | None:
+            rec = record(result)
+            if rec is None:
+                return None
+            made[0] = rec
+            return pack(rec)
+
+        result, pending = await self.writes.call(self.suppressions.store.recorded, change,
+                                                 packed)
+        if pending is not None:
+            self.suppressions.record(made[0])
+            await self.spool.flush()  # on the record before the answer
+            await self.writes.call(self.suppressions.store.settle, (pending,))
+        return result
+
+    async def record_pending(self) -> int:
+        """At a start, before the API answers: the records of list changes whose node died
+        before its spool committed them, written now; those it had committed (``held``) are
+        not written again. Returns how many it wrote."""
+        store = self.suppressions.store
+        pending = await asyncio.to_thread(store.pending)
+        if not pending:
+            return 0
+        written = 0
+        for _, data in pending:
+            rec = Record(*unpack(data))
+            # killed after the spool's commit and before the list let the record go: it is
+            # on the record once already
+            if self.held is None or not await self.held(rec, data):
+                self.suppressions.record(rec)
+                written += 1
+        await self.spool.flush()
+        await self.writes.call(store.settle, [i for i, _ in pending])
+        if written:
+            log.warning("%d suppression-list change(s) recorded at this start: the node had"
+                        " stopped before its spool committed their record", written)
+        return written
 
     async def _check(self, sel: Selector) -> None:
         """A mistyped pool is an error, not "paused"."""

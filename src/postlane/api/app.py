@@ -271,7 +271,8 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     api.include_router(queue.router(parts))
     api.include_router(feedback_api.router(parts))
     app.include_router(api)
-    app.include_router(unsubscribe.router(parts.feedback))  # public: mailbox providers call it
+    # public: mailbox providers call it
+    app.include_router(unsubscribe.router(parts.feedback, parts.spool.flush))
 
     @app.get("/metrics", dependencies=[Depends(require_token)], tags=["monitoring"],
              response_class=Response)

@@ -6,9 +6,9 @@ per writer, which gives two proofs:
 
 - **no event missing**: each writer's event numbers in the store run 1, 2, 3 … without a gap;
 - **every fact has its records**: each recipient received (an "r") has a final record (delivered,
-  bounced, expired or purged) unless the spool still holds it open, every delivery, deferral,
-  bounce or unknown attempt belongs to a received recipient, and every message the spool holds
-  has its "r".
+  bounced, expired, purged or suppressed at delivery) unless the spool still holds it open,
+  every delivery, deferral, bounce or unknown attempt belongs to a received recipient, and every
+  message the spool holds has its "r".
 
 The second proof needs the spool (``-c CONFIG``). A node may be writing meanwhile: whatever looks
 missing in the store's snapshot is looked for again, after the spool was read, among the records
@@ -26,8 +26,13 @@ from .chain import PURGED
 
 __all__ = ["SpoolView", "check"]
 
-_FINAL = ("d", "b")
+_FINAL = ("d", "b", "s")
+"""A recipient's final record: delivered; bounced, expired or purged; or suppressed at
+delivery (an "s" after its "r": the list stopped it while it waited). An "s" of intake stands
+alone: that recipient was never queued, and has no "r"."""
 _AFTER_R = ("d", "b", "t", "u")
+_IN_FINAL = ", ".join(repr(t) for t in _FINAL)
+_IN_AFTER_R = ", ".join(repr(t) for t in _AFTER_R)
 _LIMIT = 20
 """Problems named at most (the first ones)."""
 
@@ -128,12 +133,13 @@ def check(reader: _Reader, mark: str, cursors: dict[str, int],
     rows = reader.query(
         "SELECT queue_id, lower(rcpt), min(seq),"
         " sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END),"
-        f" sum(CASE WHEN type IN ('{_FINAL[0]}', '{_FINAL[1]}') THEN 1 ELSE 0 END)"
+        f" sum(CASE WHEN type IN ({_IN_FINAL}) THEN 1 ELSE 0 END)"
         f" FROM audit_records WHERE scheme >= 2 AND state <> {PURGED}"
-        f" AND type IN ({', '.join(repr(t) for t in ('r', *_AFTER_R))})"
+        f" AND type IN ({', '.join(repr(t) for t in ('r', *_AFTER_R, 's'))})"
         " GROUP BY queue_id, lower(rcpt)"
-        " HAVING sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END) = 0"
-        f" OR sum(CASE WHEN type IN ('{_FINAL[0]}', '{_FINAL[1]}') THEN 1 ELSE 0 END)"
+        " HAVING (sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END) = 0"
+        f" AND sum(CASE WHEN type IN ({_IN_AFTER_R}) THEN 1 ELSE 0 END) > 0)"
+        f" OR sum(CASE WHEN type IN ({_IN_FINAL}) THEN 1 ELSE 0 END)"
         " < sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END)")
     top = reader.query("SELECT coalesce(max(seq), 0) FROM audit_records")[0][0]
     if spool is None:
@@ -151,7 +157,7 @@ def check(reader: _Reader, mark: str, cursors: dict[str, int],
         # committed after the snapshot (the node runs)? look again
         again = reader.query(
             "SELECT sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END),"
-            f" sum(CASE WHEN type IN ('{_FINAL[0]}', '{_FINAL[1]}') THEN 1 ELSE 0 END)"
+            f" sum(CASE WHEN type IN ({_IN_FINAL}) THEN 1 ELSE 0 END)"
             f" FROM audit_records WHERE queue_id = {mark} AND lower(rcpt) = {mark}",
             (queue_id, rcpt))[0]
         if (again[0] or 0) and (again[1] or 0) >= (again[0] or 0):
@@ -161,8 +167,8 @@ def check(reader: _Reader, mark: str, cursors: dict[str, int],
                         " record")
         elif not (again[1] or 0) >= (again[0] or 0):
             result.fail(f"message {queue_id} to {rcpt} (received, record seq {seq}) has no"
-                        " final record (delivered, bounced, expired or purged) and the spool"
-                        " does not hold it open")
+                        " final record (delivered, bounced, expired, purged or suppressed) and the"
+                        " spool does not hold it open")
     received = {q for q, _ in pending}
     messages = sorted(spool.messages() - received)
     for start in range(0, len(messages), 500):

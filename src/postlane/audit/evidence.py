@@ -25,7 +25,8 @@ from .store import AuditStore
 __all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "trails", "visible",
            "verify_export"]
 
-_OUTCOMES = {"d": "delivered", "b": "bounced", "rb": "bounced by the remote side after relay"}
+_OUTCOMES = {"d": "delivered", "b": "bounced", "rb": "bounced by the remote side after relay",
+             "s": "suppressed: not sent (the suppression list stopped it while it was queued)"}
 _STATES = {0: "intact", PSEUDONYMISED: "pseudonymised", PURGED: "purged"}
 
 
@@ -77,6 +78,9 @@ class Trail:
             return "queued"
         if final["bounce_cat"] == "message-expired":
             return "expired"
+        if final["type"] == "s" and self.unknown:  # the node stopped mid-attempt before
+            return ("suppressed: not sent again (an earlier attempt's outcome is unknown: it"
+                    " may have been delivered)")
         if final["bounce_cat"] == "purged":
             return final["dsn_diag"] or "purged by operator"
         if final["type"] == "d" and self.confirmed:
@@ -96,13 +100,16 @@ class Trail:
     @property
     def not_deliverable(self) -> str | None:
         """Why the SLA does not apply to this recipient: an operator purged it
-        (``operator-purge``) or the destination refused it for good (``remote-permanent``:
-        no such user, no such domain, a bounce after relay); None otherwise."""
+        (``operator-purge``), the suppression list stopped it while queued (``suppressed``) or
+        the destination refused it for good (``remote-permanent``: no such user, no such
+        domain, a bounce after relay); None otherwise."""
         final = self.final
         if final is None or final["type"] == "d":
             return None
         if final["bounce_cat"] == "purged":
             return "operator-purge"
+        if final["type"] == "s":
+            return "suppressed"
         if final["type"] == "rb" or (final["bounce_cat"] != "message-expired"
                                      and (final["dsn_status"] or "").startswith("5")):
             return "remote-permanent"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import stat
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+from ..accounting.records import Record
 from ..config import Config
 from ..spool import is_dsn
 from ..spool.postgres import CONNECT_TIMEOUT, redact
@@ -87,6 +89,15 @@ class AuditService:
         for it names only its queue id."""
         rows = await self._call(lambda store: store.find(Query(queue_id=queue_id)))
         return next((r for r in rows if r["type"] == "r"), None)
+
+    async def holds(self, rec: Record) -> bool:
+        """Whether the store has ``rec``: a record of its type and action, by the same
+        operator, logged at the same instant (a record written again after a crash, whose
+        first copy the spool has let go already)."""
+        until = math.nextafter(rec.time_logged, math.inf)
+        rows = await self._call(lambda store: list(store.rows_between(rec.time_logged, until)))
+        return any(r["type"] == rec.type and r["dsn_action"] == rec.dsn_action
+                   and r["operator"] == rec.operator for r in rows)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

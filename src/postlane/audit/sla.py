@@ -26,6 +26,7 @@ __all__ = ["CAUSES", "explain", "render_sla", "render_sla_csv", "sla_report"]
 CAUSES = {
     "remote-permanent": "permanent failure at the destination",
     "operator-purge": "purged by an operator",
+    "suppressed": "stopped by the suppression list while queued",
     "expiry": "expired",
     "remote-deferral": "deferred by the destination",
     "our-pause": "paused or held by an operator",

@@ -90,24 +90,33 @@ def _list(cfg: Config | None, db: Path | None, write: bool = False) -> Suppressi
 @contextlib.contextmanager
 def _changing(config: Path | None, db: Path | None) -> Iterator[Suppressions]:
     """The list, to change on the record as the local user: the records go into the spool's
-    outbox when the command ends (even after an error, for the changes made before it)."""
+    outbox when the command ends (even after an error, for the changes made before it), and
+    wait in the list until then."""
     cfg = _config(config)
     store = _list(cfg, db, write=True)
     made: list[Record] = []
+    # each change with its record waiting in the list: killed before the post, the node's
+    # next start writes them (``Operations.record_pending``); --db alone has no spool
+    waiting: list[int] | None = [] if cfg is not None else None
     try:
-        yield Suppressions(store, made.append)
+        yield Suppressions(store, made.append, waiting)
     finally:
-        store.close()
-        if made and cfg is None:
-            typer.echo("postlane: not on the audit trail: give -c CONFIG (it says where the"
-                       " spool is) so that the change is recorded", err=True)
-        elif made and cfg is not None:
-            try:
-                post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
-            except Exception as exc:  # noqa: BLE001 - say it, do not hide the change made
-                typer.echo(f"postlane: the change is made but its record could not be"
-                           f" written to the spool: {exc}", err=True)
-                raise typer.Exit(1) from None
+        try:
+            if made and cfg is None:
+                typer.echo("postlane: not on the audit trail: give -c CONFIG (it says where"
+                           " the spool is) so that the change is recorded", err=True)
+            elif made and cfg is not None:
+                try:
+                    post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
+                except Exception as exc:  # noqa: BLE001 - say it, do not hide the change made
+                    typer.echo(f"postlane: the change is made but its record could not be"
+                               f" written to the spool now ({exc}): the node writes it at"
+                               " its next start", err=True)
+                    raise typer.Exit(1) from None
+                if waiting:
+                    store.settle(waiting)
+        finally:
+            store.close()
 
 
 def _scope(value: str) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from email import message_from_bytes
 from typing import Any, Protocol, cast
 
-from ..accounting.records import Record
+from ..accounting.records import Record, pack
 from ..config import Config
 from ..config.model import ClassFeedbackConfig
 from ..policy.intake import RcptIn
@@ -27,7 +27,7 @@ from .categories import ADDRESS_FAILURES, Classifier, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
-from .suppression import SCOPES, Entry, SuppressionList
+from .suppression import SCOPES, Entry, SuppressionList, adding
 from .suppression_writer import SuppressionWriter
 from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP, VerpAddress
@@ -251,17 +251,33 @@ class FeedbackService:
             if not rcpts:
                 return None
         report = await asyncio.to_thread(parse_report, data, self.classifier)
+        held: list[Record] = []
         if self.mailto is not None and self.mailto in (r.lower() for r in rcpts):
-            self._unsubscribe_by_mail(data)
+            self._unsubscribe_by_mail(data, held.append)
             rcpts = [r for r in rcpts if r.lower() != self.mailto]
             if not rcpts:
+                await self._then_record(held)
                 return report
         verps = self._verps(report, rcpts)
-        self.act_on(report, rcpts, verps, client, await self._origins(verps))
-        await self.writes.flush()  # in force before the report's sender gets its answer
+        self.act_on(report, rcpts, verps, client, await self._origins(verps), held.append)
+        await self._then_record(held)
         return report
 
-    def _unsubscribe_by_mail(self, data: bytes) -> None:
+    async def _then_record(self, held: list[Record]) -> None:
+        """The report's entries written, then its records handed to the spool (the caller
+        commits them before the answer), then the writes those call for (a hard bounce's
+        evidence). In that order a node killed before the answer has, at worst, the entries
+        in force without their records: the sender, unanswered, sends the report again and
+        it is on the record once. Records first, the spool could commit them with other
+        mail's while the list waited (a CLI import's lock), and the resent report recorded
+        the complaint twice."""
+        await self.writes.flush()
+        for rec in held:
+            self.record(rec)
+        if held:
+            await self.writes.flush()
+
+    def _unsubscribe_by_mail(self, data: bytes, record: Callable[[Record], None]) -> None:
         """The List-Unsubscribe mailto: the subject carries the same signed token as the URL
         (a mail without a valid token unsubscribes nobody: anyone can send mail)."""
         subject = str(message_from_bytes(data).get("Subject", ""))
@@ -270,7 +286,8 @@ class FeedbackService:
                 address = self.signer.verify(token)
             except TokenError:
                 continue
-            self.unsubscribe(address, "mailto")
+            self._suppress(address, "marketing", "unsubscribe (mailto)", "unsubscribe")
+            record(_unsubscribed(address, "mailto"))
             return
         log.warning("unsubscribe mail without a valid token ignored")
 
@@ -298,9 +315,12 @@ class FeedbackService:
         return found
 
     def act_on(self, report: Report, rcpts: list[str], verps: list[VerpAddress],
-               client: str = "", origins: Mapping[str, dict] | None = None) -> None:
+               client: str = "", origins: Mapping[str, dict] | None = None,
+               record: Callable[[Record], None] | None = None) -> None:
         """``verps``: ``_verps`` of the report; ``origins``: the "r" record of each queue id
-        the report names, where known."""
+        the report names, where known; ``record``: where its records go (``self.record``
+        by default; ``receive`` holds them until the entries are written)."""
+        record = record or self.record
         now = time.time()
         ours = [*rcpts, *report.to, report.original_return_path]
         pool = next((self.bounce_domains[a.rpartition("@")[2].lower()] for a in ours
@@ -324,7 +344,7 @@ class FeedbackService:
             targets = [v.recipient for v in verps] or [r.address for r in report.recipients]
             qid = verps[0].queue_id if verps else ""
             for address in dict.fromkeys(t.lower() for t in targets):
-                self.record(Record(type="f", rcpt=address, queue_id=qid,
+                record(Record(type="f", rcpt=address, queue_id=qid,
                                    dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
                 if ftype in _COMPLAINTS:
                     self._suppress(address, "marketing", f"complaint ({ftype})", "complaint")
@@ -351,7 +371,7 @@ class FeedbackService:
                          named[0] if len(named) == 1 else None)
             if match is None:
                 continue
-            self.record(Record(type="rb" if match.action == "failed" else "rd",
+            record(Record(type="rb" if match.action == "failed" else "rd",
                                rcpt=verp.recipient, queue_id=verp.queue_id,
                                dsn_action=match.action, dsn_status=match.status,
                                dsn_diag=match.diagnostic or f"{report.method};",
@@ -361,12 +381,21 @@ class FeedbackService:
 
     # -- unsubscribe ----------------------------------------------------------------------------
 
-    def unsubscribe(self, address: str, how: str) -> None:
-        now = time.time()
-        self._suppress(address, "marketing", f"unsubscribe ({how})", "unsubscribe")
-        self.record(Record(type="f", time_logged=now, time_queued=now, orig="", rcpt=address,
-                           queue_id="", cls="", vmta_pool="", dsn_action="unsubscribe",
-                           dsn_diag=f"unsubscribe;{how}", src_type="feedback"))
+    async def unsubscribe_now(self, address: str, how: str,
+                              flush: Callable[[], Awaitable[None]]) -> None:
+        """An unsubscribe answered over HTTP (one-click: the provider does not ask again
+        after its 200): the entry and its "f" record committed together in the list, then
+        the record in the spool (``flush``), before the caller answers; a node killed in
+        between writes the record at its next start (``Operations.record_pending``)."""
+        entry = SuppressionList.entry(address, "marketing", f"unsubscribe ({how})",
+                                      "unsubscribe")
+        rec = _unsubscribed(address, how)
+        _, pending = await self.writes.call(self.suppression.recorded, adding([entry]),
+                                            lambda n: pack(rec))
+        self.record(rec)
+        await flush()
+        if pending is not None:
+            await self.writes.call(self.suppression.settle, (pending,))
 
     # -- accounting listener --------------------------------------------------------------------
 
@@ -399,12 +428,19 @@ class FeedbackService:
                 f" {detail}", "bounce", rec.time_logged, expires)
 
         self.writes.submit(self.suppression.bounced, rec.rcpt, rec.time_logged, policy.window,
-                           detail, entry)
+                           detail, entry, rec.queue_id)
 
     def _suppress(self, address: str, scope: str, reason: str, source: str) -> None:
         """Add an entry in the writer thread (a bad address raises here, at once)."""
         self.writes.submit(self.suppression.add_many,
                            [SuppressionList.entry(address, scope, reason, source)])
+
+
+def _unsubscribed(address: str, how: str) -> Record:
+    now = time.time()
+    return Record(type="f", time_logged=now, time_queued=now, orig="", rcpt=address,
+                  queue_id="", cls="", vmta_pool="", dsn_action="unsubscribe",
+                  dsn_diag=f"unsubscribe;{how}", src_type="feedback")
 
 
 def _days(seconds: float) -> str:

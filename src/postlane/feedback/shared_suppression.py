@@ -73,10 +73,13 @@ WHEN coalesce((SELECT applying FROM suppression_sync), 0) = 0 BEGIN
     INSERT INTO suppression_journal (op, address, scope, reason, source, created, expires)
     VALUES ('remove', OLD.address, OLD.scope, '', '', 0, 0);
 END""",
-    """CREATE TRIGGER IF NOT EXISTS suppression_journal_bounce AFTER INSERT ON bounces
+    # a bounce's message rides in ``source`` (one message's bounce counts once on every node);
+    # made again at each start, as lists journaled before the column had the trigger without
+    "DROP TRIGGER IF EXISTS suppression_journal_bounce",
+    """CREATE TRIGGER suppression_journal_bounce AFTER INSERT ON bounces
 WHEN coalesce((SELECT applying FROM suppression_sync), 0) = 0 BEGIN
     INSERT INTO suppression_journal (op, address, scope, reason, source, created, expires)
-    VALUES ('bounce', NEW.address, '', NEW.detail, '', NEW.time, 0);
+    VALUES ('bounce', NEW.address, '', NEW.detail, NEW.queue_id, NEW.time, 0);
 END""",
 )
 """What a node's list gets at its first cluster start (``join``): the journal of its changes
@@ -102,7 +105,8 @@ def join(conn: sqlite3.Connection, cluster: str) -> tuple[str, int]:
                  " expires) SELECT 'add', address, scope, reason, source, created, expires"
                  " FROM suppression ORDER BY address, scope")
     conn.execute("INSERT INTO suppression_journal (op, address, scope, reason, source, created,"
-                 " expires) SELECT 'bounce', address, '', detail, '', time, 0 FROM bounces")
+                 " expires) SELECT 'bounce', address, '', detail, queue_id, time, 0"
+                 " FROM bounces")
     return origin, -1
 
 
@@ -132,9 +136,9 @@ def apply(conn: sqlite3.Connection, origin: str, changes: Sequence[SuppressionCh
     pending = _pending(conn)
     for c in changes:
         if c.op == "bounce":
-            if c.origin != origin:  # our own is in the table already
-                conn.execute("INSERT INTO bounces VALUES (?, ?, ?)", (c.address, c.created,
-                                                                       c.reason))
+            if c.origin != origin:  # our own is in the table already; a message's once
+                conn.execute("INSERT OR IGNORE INTO bounces (address, time, detail, queue_id)"
+                             " VALUES (?, ?, ?, ?)", (c.address, c.created, c.reason, c.source))
         elif (c.address, c.scope) in pending:
             continue  # our later change to it wins (it goes into the log after this one)
         elif c.op == "add":

@@ -33,7 +33,7 @@ from .. import schema
 from ..secretfile import private_file
 
 __all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionBusy", "SuppressionError",
-           "SuppressionList", "baseline", "normalize", "parse_csv"]
+           "SuppressionList", "adding", "baseline", "normalize", "parse_csv", "removing"]
 
 SCOPES = ("all", "best-effort", "marketing")
 """In order of precedence: ``check`` reports the first scope that stops an address."""
@@ -113,9 +113,18 @@ ALTER TABLE suppression ADD COLUMN expires REAL NOT NULL DEFAULT 0;
 CREATE TABLE bounces (address TEXT NOT NULL, time REAL NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX bounces_address ON bounces (address, time)
 """),
+    (3, """
+CREATE TABLE pending_records (id INTEGER PRIMARY KEY, data BLOB NOT NULL)
+"""),
+    (4, """
+ALTER TABLE bounces ADD COLUMN queue_id TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX bounces_message ON bounces (address, queue_id) WHERE queue_id <> ''
+"""),
 ]
 """Versioned schema (table ``suppression_migrations``, see ``postlane.schema``): 2 adds entries
-that expire and the bounce history behind repeated-evidence suppression."""
+that expire and the bounce history behind repeated-evidence suppression; 3 the records of
+operators' changes not yet committed to the spool (``recorded``); 4 the message each bounce
+was of (``bounced``)."""
 
 
 def baseline(conn: sqlite3.Connection) -> int:
@@ -218,22 +227,44 @@ class SuppressionList:
                      when if when is not None else time.time(), expires)
 
     def add_many(self, entries: Iterable[Entry], patience: float | None = -1.0) -> int:
-        rows = [(e.address, e.scope, e.reason, e.source, e.created, e.expires) for e in entries]
-        self.write(lambda conn: conn.executemany(
-            "INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)", rows), patience)
-        return len(rows)
+        return self.write(adding(entries), patience)
 
     def remove(self, address: str, scope: str | None = None,
                patience: float | None = -1.0) -> int:
         """Remove an address from one scope or (scope None) from every scope; returns rows."""
-        address = normalize(address)
-        sql = "DELETE FROM suppression WHERE address = ?"
-        args: tuple[str, ...] = (address,)
-        if scope is not None:
-            sql += " AND scope = ?"
-            args = (address, _scope(scope))
-        removed: int = self.write(lambda conn: conn.execute(sql, args).rowcount, patience)
-        return removed
+        return self.write(removing(address, scope), patience)
+
+    def recorded(self, change: Callable[[sqlite3.Connection], T],
+                 record: Callable[[T], bytes | None],
+                 patience: float | None = -1.0) -> tuple[T, int | None]:
+        """``change`` (``adding``, ``removing``) and the packed record of it that ``record``
+        makes from its result (None: nothing to record) in one transaction: the list and the
+        spool are two stores, and a change committed without its record was off the record
+        for good when the process died before the spool committed the record. Returns the
+        result and the pending record's id, for ``settle`` once the spool holds it; those
+        still pending at a start (``pending``) are written to the spool then."""
+
+        def both(conn: sqlite3.Connection) -> tuple[T, int | None]:
+            result = change(conn)
+            data = record(result)
+            if data is None:
+                return result, None
+            cur = conn.execute("INSERT INTO pending_records (data) VALUES (?)", (data,))
+            return result, cur.lastrowid
+
+        return self.write(both, patience)
+
+    def pending(self) -> list[tuple[int, bytes]]:
+        """(id, packed record) of changes whose record the spool may not hold yet."""
+        with self._lock:
+            return [(i, bytes(d)) for i, d in self._db.execute(
+                "SELECT id, data FROM pending_records ORDER BY id")]
+
+    def settle(self, ids: Collection[int], patience: float | None = -1.0) -> None:
+        """The spool holds these pending records (``recorded``)."""
+        ids = list(ids)
+        self.write(lambda conn: conn.executemany(
+            "DELETE FROM pending_records WHERE id = ?", [(i,) for i in ids]), patience)
 
     def check(self, addresses: Iterable[str],
               scopes: Collection[str] = SCOPES) -> dict[str, Entry]:
@@ -289,20 +320,25 @@ class SuppressionList:
             return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def bounced(self, address: str, when: float, window: float, detail: str,
-                then: Callable[[int], Entry | None] | None = None,
+                then: Callable[[int], Entry | None] | None = None, queue_id: str = "",
                 patience: float | None = -1.0) -> int:
         """Note a hard bounce of ``address`` as evidence; returns how many it had within
         ``window`` seconds up to ``when`` (older evidence is forgotten). ``then(count)``: the
-        entry this count calls for, written in the same transaction."""
+        entry this count calls for, written in the same transaction. A bounce of a message
+        (``queue_id``) already noted is not counted again: a report the node was killed
+        before answering is sent again, and a recipient bounced, then delivered again after a
+        restart, is bounced again; one mailbox failing once is one piece of evidence."""
         address = normalize(address)
 
         def note(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM bounces WHERE address = ? AND time <= ?",
                          (address, when - window))
-            conn.execute("INSERT INTO bounces VALUES (?, ?, ?)", (address, when, detail[:400]))
+            new = conn.execute("INSERT OR IGNORE INTO bounces (address, time, detail, queue_id)"
+                               " VALUES (?, ?, ?, ?)",
+                               (address, when, detail[:400], queue_id)).rowcount
             count: int = conn.execute("SELECT COUNT(*) FROM bounces WHERE address = ?",
                                       (address,)).fetchone()[0]
-            entry = then(count) if then is not None else None
+            entry = then(count) if then is not None and new else None
             if entry is not None:
                 conn.execute("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)",
                              (entry.address, entry.scope, entry.reason, entry.source,
@@ -374,6 +410,34 @@ class SuppressionList:
         naming ``address`` is skipped). All or nothing: one bad row rejects the file, naming its
         line."""
         return self.add_many(parse_csv(src, default_scope, source), patience)
+
+
+def adding(entries: Iterable[Entry]) -> Callable[[sqlite3.Connection], int]:
+    """The write that adds (or refreshes) ``entries``; its result: how many."""
+    rows = [(e.address, e.scope, e.reason, e.source, e.created, e.expires) for e in entries]
+
+    def add(conn: sqlite3.Connection) -> int:
+        conn.executemany("INSERT OR REPLACE INTO suppression VALUES (?,?,?,?,?,?)", rows)
+        return len(rows)
+
+    return add
+
+
+def removing(address: str, scope: str | None = None) -> Callable[[sqlite3.Connection], int]:
+    """The write that removes ``address`` from ``scope`` (None: every scope); its result: how
+    many entries it removed. A bad address or scope raises here, before any write."""
+    address = normalize(address)
+    sql = "DELETE FROM suppression WHERE address = ?"
+    args: tuple[str, ...] = (address,)
+    if scope is not None:
+        sql += " AND scope = ?"
+        args = (address, _scope(scope))
+
+    def remove(conn: sqlite3.Connection) -> int:
+        removed: int = conn.execute(sql, args).rowcount
+        return removed
+
+    return remove
 
 
 def csv_text(data: bytes) -> str:

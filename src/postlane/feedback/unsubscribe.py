@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import html
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, HTTPException
@@ -89,9 +90,10 @@ _PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Unsubscribe</
 <p>Notices about your contracts are not affected.</p></body></html>"""
 
 
-def router(feedback: FeedbackService) -> APIRouter:
+def router(feedback: FeedbackService, flush: Callable[[], Awaitable[None]]) -> APIRouter:
     """Public routes (no API token: mailbox providers call them): ``POST /unsubscribe/{token}``
-    suppresses the address for marketing; ``GET`` shows a confirmation page."""
+    suppresses the address for marketing, answered once the entry and its record are on disk
+    (``flush``: the spool's); ``GET`` shows a confirmation page."""
     api = APIRouter(tags=["unsubscribe"])
 
     def _verify(token: str) -> str:
@@ -104,7 +106,7 @@ def router(feedback: FeedbackService) -> APIRouter:
     async def one_click(token: str) -> dict:
         """RFC 8058 one-click: the body (List-Unsubscribe=One-Click) carries nothing we need."""
         address = _verify(token)
-        feedback.unsubscribe(address, "one-click")
+        await feedback.unsubscribe_now(address, "one-click", flush)
         return {"unsubscribed": address, "scope": "marketing"}
 
     @api.get("/unsubscribe/{token}", response_class=HTMLResponse)

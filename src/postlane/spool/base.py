@@ -196,5 +196,10 @@ class Spool(Protocol):
 
     async def paused(self) -> set[tuple[str, str]]: ...
 
+    async def has_event(self, data: bytes) -> bool:
+        """Whether an event of exactly ``data`` (a packed record) is still in the outbox: a
+        record written a second time after a crash is looked for here, then in the store."""
+        ...
+
     async def flush(self) -> None: ...
 

@@ -534,6 +534,11 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
         async with self.acquire() as conn:
             return {(r["pool"], r["domain"]) for r in await conn.fetch("SELECT * FROM paused")}
 
+    async def has_event(self, data: bytes) -> bool:
+        async with self.acquire() as conn:
+            return await conn.fetchval("SELECT 1 FROM events WHERE data = $1 LIMIT 1",
+                                       data) is not None
+
     # -- cluster: leases and nodes --------------------------------------------------------------
 
 

@@ -505,6 +505,11 @@ class SQLiteSpool(GroupCommitWrites):
         assert self._reader is not None
         return {(p, d) for p, d in self._reader.execute("SELECT pool, domain FROM paused")}
 
+    async def has_event(self, data: bytes) -> bool:
+        assert self._reader is not None
+        return self._reader.execute("SELECT 1 FROM events WHERE data = ? LIMIT 1",
+                                    (data,)).fetchone() is not None
+
 
 @dataclass(slots=True)
 class Resumed:
