@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import typer
@@ -43,6 +44,28 @@ async def _with_spool(config: Config, work):
         return await work(spool)
     finally:
         await spool.close()
+
+
+def _on_record(cfg: Config, node: str, act: Callable[..., Awaitable[bool]],
+               refused: type[Exception], done: str) -> None:
+    """``act`` on ``node`` as the local user, then its record onto the audit trail; a refusal
+    (``refused``), an unknown node or a record that could not be written exits 1."""
+    made: list[Record] = []
+    try:
+        found = asyncio.run(_with_spool(cfg, lambda s: act(
+            s, node, who=Operator.local(), record=made.append)))
+    except refused as exc:
+        typer.echo(f"postlane: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if not found:
+        typer.echo(f"no node named {node!r} in the cluster", err=True)
+        raise typer.Exit(1)
+    try:  # the action is taken: its record follows it onto the audit trail
+        post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
+    except Exception as exc:  # noqa: BLE001 - say it, do not hide what was done
+        typer.echo(f"postlane: {done} but its record could not be written to the spool: {exc}",
+                   err=True)
+        raise typer.Exit(1) from None
 
 
 @cluster_app.command("status")
@@ -82,23 +105,7 @@ def forget(node: str = typer.Argument(..., help="name of the dead node to remove
     DEAD, and counted as dead in /metrics, until it comes back under its name)."""
     from . import _load
 
-    cfg = _load(config)
-    made: list[Record] = []
-    try:
-        forgotten = asyncio.run(_with_spool(cfg, lambda s: forget_node(
-            s, node, who=Operator.local(), record=made.append)))
-    except NodeNotForgotten as exc:
-        typer.echo(f"postlane: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if not forgotten:
-        typer.echo(f"no node named {node!r} in the cluster", err=True)
-        raise typer.Exit(1)
-    try:
-        post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
-    except Exception as exc:  # noqa: BLE001 - say it, do not hide what was done
-        typer.echo(f"postlane: {node} is forgotten but its record could not be written to"
-                   f" the spool: {exc}", err=True)
-        raise typer.Exit(1) from None
+    _on_record(_load(config), node, forget_node, NodeNotForgotten, f"{node} is forgotten")
     typer.echo(f"{node}: removed from the cluster's nodes")
 
 
@@ -110,22 +117,7 @@ def drain(node: str = typer.Argument(..., help="name of the node to drain"),
     from . import _load
 
     cfg = _load(config)
-    made: list[Record] = []
-    try:
-        requested = asyncio.run(_with_spool(cfg, lambda s: request_drain(
-            s, node, who=Operator.local(), record=made.append)))
-    except NodeNotRunning as exc:
-        typer.echo(f"postlane: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if not requested:
-        typer.echo(f"no node named {node!r} in the cluster", err=True)
-        raise typer.Exit(1)
-    try:  # the request is made: its record follows it onto the audit trail
-        post(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name, made)
-    except Exception as exc:  # noqa: BLE001 - say it, do not hide the request made
-        typer.echo(f"postlane: the drain is requested but its record could not be written to"
-                   f" the spool: {exc}", err=True)
-        raise typer.Exit(1) from None
+    _on_record(cfg, node, request_drain, NodeNotRunning, "the drain is requested")
     within = round(cfg.cluster.lease / 3)
     typer.echo(json.dumps({"node": node, "drain_requested": True, "within_s": within})
                if as_json else f"{node}: drain requested (it stops within {within}s)")

@@ -402,6 +402,11 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                 " AND ($2::text IS NULL OR r.pool = $2) AND ($3::text IS NULL OR r.domain = $3)"
                 " AND ($4::text IS NULL OR r.cls = $4) ORDER BY m.queued_at, r.msg_id, r.idx",
                 *args)
+        return self._grouped(rows, bodies)
+
+    def _grouped(self, rows: Sequence[asyncpg.Record], bodies: bool = False) -> list[Recipient]:
+        """Recipients of rows joined with their messages, one ``Message`` per queue id counting
+        them (``bodies``: each message's body, in the row's ``data``, to the cache)."""
         msgs: dict[str, Message] = {}
         out = []
         for row in rows:
@@ -435,15 +440,7 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                 " ORDER BY m.queued_at, r.msg_id, r.idx",
                 self.node, list(queue_ids), correlation_id or None,
                 recipient.lower() if recipient else None)
-        msgs: dict[str, Message] = {}
-        out = []
-        for row in rows:
-            msg = msgs.get(row["msg_id"])
-            if msg is None:
-                msg = msgs[row["msg_id"]] = message_of(row)
-            msg.remaining += 1
-            out.append(recipient_of(row, msg))
-        return out
+        return self._grouped(rows)
 
     async def open_not_held_here(self, pool: str | None = None, domain: str | None = None,
                                  cls: str | None = None, state: State | None = None
