@@ -177,6 +177,28 @@ async def test_the_reputation_alerts_are_the_clusters_too(tmp_path, sink,
         await asyncio.gather(a.stop(), b.stop())
 
 
+async def _paused_campaign_and_deferrals(a, b, busy: list) -> None:
+    """Pool bulk paused (on a, seen by b) with three messages waiting in it (w0..w2@, taken
+    by b), and each (node, address) of ``busy`` sent a claims message there that its receiver
+    defers: kept by that node until its retry."""
+    await a.operations.pause("bulk", who=OPERATOR)
+    await _until(lambda: ("bulk", "*") in b.scheduler.paused)
+    for i in range(3):
+        await send(b.listeners[0].port, "sender@insurer.test", [f"w{i}@example.com"],
+                   message(f"w{i}"))
+    for node, address in busy:
+        await send(node.listeners[0].port, "sender@insurer.test", [address],
+                   message(address.partition("@")[0], cls="claims"))
+
+    async def all_deferred() -> bool:
+        async with a.spool.acquire() as conn:
+            return await conn.fetchval(
+                "SELECT count(*) FROM recipients WHERE state = 'deferred'"
+                " AND lease_owner IS NOT NULL") == len(busy)
+
+    await until(all_deferred, timeout=30, what="the busy recipients deferred, kept by their node")
+
+
 async def test_the_queue_listing_is_the_clusters_on_every_node(tmp_path, sink,
                                                                pg_schema):  # noqa: F811
     """`queue list` (GET /queue/messages) listed only what the asked node had claimed (and
@@ -187,21 +209,7 @@ async def test_the_queue_listing_is_the_clusters_on_every_node(tmp_path, sink,
                                           SLOW_RETRY))
     b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", SLOW_RETRY))
     try:
-        await a.operations.pause("bulk", who=OPERATOR)
-        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
-        for i in range(3):
-            await send(b.listeners[0].port, "sender@insurer.test", [f"w{i}@example.com"],
-                       message(f"w{i}"))
-        await send(a.listeners[0].port, "sender@insurer.test", ["busy@example.com"],
-                   message("busy", cls="claims"))
-
-        async def deferred_somewhere() -> bool:
-            async with a.spool.acquire() as conn:
-                return await conn.fetchval(
-                    "SELECT state = 'deferred' AND lease_owner IS NOT NULL FROM recipients"
-                    " WHERE address = 'busy@example.com'")
-
-        await until(deferred_somewhere, timeout=30, what="busy@ deferred and kept by its node")
+        await _paused_campaign_and_deferrals(a, b, [(a, "busy@example.com")])
         waiting = [await _queue_id(a, f"w{i}@example.com") for i in range(3)]
         busy = await _queue_id(a, "busy@example.com")
         for node in (a, b):
@@ -234,23 +242,8 @@ async def test_queue_shape_and_deferrals_are_the_clusters_on_every_node(
     a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a", SLOW_RETRY))
     b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b", SLOW_RETRY))
     try:
-        await a.operations.pause("bulk", who=OPERATOR)
-        await _until(lambda: ("bulk", "*") in b.scheduler.paused)
-        for i in range(3):
-            await send(b.listeners[0].port, "sender@insurer.test", [f"w{i}@example.com"],
-                       message(f"w{i}"))
-        await send(a.listeners[0].port, "sender@insurer.test", ["busy0@example.com"],
-                   message("busy0", cls="claims"))
-        await send(b.listeners[0].port, "sender@insurer.test", ["busy1@example.com"],
-                   message("busy1", cls="claims"))
-
-        async def both_deferred() -> bool:
-            async with a.spool.acquire() as conn:
-                return await conn.fetchval(
-                    "SELECT count(*) FROM recipients WHERE state = 'deferred'"
-                    " AND lease_owner IS NOT NULL") == 2
-
-        await until(both_deferred, timeout=30, what="both busy@ deferred")
+        await _paused_campaign_and_deferrals(a, b, [(a, "busy0@example.com"),
+                                                   (b, "busy1@example.com")])
         for node in (a, b):
             name = node.config.node.name
             async with api_client(node, tmp_path) as client:

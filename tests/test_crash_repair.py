@@ -116,6 +116,10 @@ class _APINode:
                                         timeout=None)
         self.lock = sqlite3.connect(self.tmp_path / "spool" / "spool.sqlite",
                                     isolation_level=None)
+        """Held (``BEGIN IMMEDIATE``): the spool cannot commit."""
+        self.list_lock = sqlite3.connect(self.tmp_path / "spool" / "suppression.sqlite3",
+                                         isolation_level=None)
+        """Held: the suppression list cannot commit (as while a CLI import runs)."""
         return self
 
     async def kill(self) -> None:
@@ -129,6 +133,7 @@ class _APINode:
 
     async def __aexit__(self, *exc: object) -> None:
         self.lock.close()
+        self.list_lock.close()
         await self.client.aclose()
         self.proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(self.proc.wait, 60)
@@ -627,20 +632,14 @@ async def test_an_unsubscribe_by_mail_is_in_force_before_its_250(tmp_path):
         key = load_or_create_key(tmp_path / "spool" / "feedback.key")
         token = UnsubscribeSigner(key, 3600).token(address)
         mail = f"From: {address}\r\nSubject: unsubscribe {token}\r\n\r\n".encode()
-        lock = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3",
-                               isolation_level=None)
+        node.list_lock.execute("BEGIN IMMEDIATE")  # the list cannot commit now
+        first = asyncio.ensure_future(send(node.port, address, ["unsubscribe@mta.test"], mail))
         try:
-            lock.execute("BEGIN IMMEDIATE")  # the list cannot commit now
-            first = asyncio.ensure_future(send(node.port, address, ["unsubscribe@mta.test"],
-                                               mail))
-            try:
-                answered = await asyncio.wait_for(asyncio.shield(first), 3) == {}
-            except TimeoutError:
-                answered = False
-            await node.kill()
-            lock.execute("ROLLBACK")
-        finally:
-            lock.close()
+            answered = await asyncio.wait_for(asyncio.shield(first), 3) == {}
+        except TimeoutError:
+            answered = False
+        await node.kill()
+        node.list_lock.execute("ROLLBACK")
         with contextlib.suppress(Exception):
             await first
         if answered:  # told 250: the unsubscribe must be in force
@@ -663,20 +662,15 @@ async def test_a_complaint_resent_after_a_sigkill_is_recorded_once(tmp_path):
         [arrival] = await node.sink.wait_for(1)
         await until(lambda: "d" in {r["type"] for r in records(tmp_path)}, what="delivered")
         arf = _arf(arrival.mail_from, "<offer@insurer.test>")
-        lock = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3",
-                               isolation_level=None)
-        try:
-            lock.execute("BEGIN IMMEDIATE")  # the list cannot commit now
-            first = asyncio.ensure_future(send(node.port, "", ["fbl@mta.test"], arf))
-            await until(lambda: "suppression list locked by another process"
-                        in node.log.read_text(), what="the complaint's entry waiting")
-            # the spool commits whatever it was handed meanwhile (other mail goes on)
-            await send(node.port, "news@insurer.test", ["other@example.com"], message("x"))
-            assert not first.done()
-            await node.kill()
-            lock.execute("ROLLBACK")
-        finally:
-            lock.close()
+        node.list_lock.execute("BEGIN IMMEDIATE")  # the list cannot commit now
+        first = asyncio.ensure_future(send(node.port, "", ["fbl@mta.test"], arf))
+        await until(lambda: "suppression list locked by another process"
+                    in node.log.read_text(), what="the complaint's entry waiting")
+        # the spool commits whatever it was handed meanwhile (other mail goes on)
+        await send(node.port, "news@insurer.test", ["other@example.com"], message("x"))
+        assert not first.done()
+        await node.kill()
+        node.list_lock.execute("ROLLBACK")
         with contextlib.suppress(Exception):
             await first
         await node.restart()
