@@ -377,6 +377,24 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             await self.push(str(exc))
         return None
 
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        """A bad name is refused before aiosmtpd resets the session: RFC 5321 4.1.4 wants the
+        state of before a refused EHLO kept, and aiosmtpd dropped the transaction (and ESMTP)
+        first, so the MAIL and RCPT already answered 250 were gone."""
+        if hostname and helo_name(hostname) is None:
+            await self.push("501 5.5.2 Invalid domain name in EHLO")
+            return
+        await super().smtp_EHLO(hostname)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        """As ``smtp_EHLO``."""
+        if hostname and helo_name(hostname) is None:
+            await self.push("501 5.5.2 Invalid domain name in HELO")
+            return
+        await super().smtp_HELO(hostname)
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self._refuse_if_draining():
