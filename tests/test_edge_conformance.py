@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
+from postlane.cli.edge import selfsigned
+from postlane.policy.users import User, hash_password, save_user
 from tests.conftest import config_text
 from tests.support.rawsmtp import RawSMTP, session
+from tests.test_security_auth import PASSWORD, _client_ctx, secure_config
 
 # -- a refused EHLO/HELO leaves the session as it was (RFC 5321 4.1.4) -----------------------
 
@@ -43,3 +48,47 @@ async def test_a_refused_helo_before_any_greeting_still_needs_one(tmp_path, sink
     assert (await raw.cmd("EHLO good.example")).startswith("250")
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250 2.1.0")
     await raw.close()
+
+
+# -- AUTH inside a mail transaction (RFC 4954 4) ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = selfsigned("localhost")
+    (folder / "cert.pem").write_bytes(cert)
+    (folder / "key.pem").write_bytes(key)
+    (folder / "key.pem").chmod(0o600)
+    return folder / "cert.pem", folder / "key.pem"
+
+
+@pytest.fixture(scope="module")
+def users_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("users") / "users.toml"
+    save_user(path, User("alice", hash_password(PASSWORD), [], "policy-documents",
+                         ["insurer.test"]))
+    return path
+
+
+async def test_auth_during_a_transaction_is_503_and_cannot_launder_a_sender(
+        tmp_path, sink, make_node, tls_files, users_file):
+    """RFC 4954 4: "An AUTH command issued during a mail transaction MUST be rejected with a 503
+    reply". aiosmtpd took it: a stranger gave ``MAIL FROM:<ceo@other.test>`` unauthenticated
+    (no sender check without a user), then AUTH as alice (``sender_domains`` insurer.test
+    only), and the RCPT was relayed with the foreign sender alice may not use."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from="[]"))
+    raw = await session(node.listeners[1].port)
+    assert (await raw.cmd("STARTTLS")).startswith("220")
+    await raw.writer.start_tls(_client_ctx())
+    assert (await raw.cmd("EHLO client.test")).startswith("250")
+    assert (await raw.cmd("MAIL FROM:<ceo@other.test>")).startswith("250 2.1.0")
+    blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    assert (await raw.cmd(f"AUTH PLAIN {blob}")).startswith("503 5.5.1")
+    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("550 5.7.1")
+    # after RSET the same AUTH goes through, and the sender is checked against the user
+    assert (await raw.cmd("RSET")).startswith("250")
+    assert (await raw.cmd(f"AUTH PLAIN {blob}")).startswith("235")
+    assert (await raw.cmd("MAIL FROM:<ceo@other.test>")).startswith("550 5.7.1")
+    await raw.close()
+    assert not sink.arrivals

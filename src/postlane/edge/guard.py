@@ -537,6 +537,11 @@ class GuardedSMTP(QuickSMTP):
         if self.guard.auth is None:
             await self.push("502 5.5.1 AUTH not available on this server")
             return
+        if self.envelope is not None and self.envelope.mail_from:
+            # RFC 4954 4: 503 inside a transaction. aiosmtpd took it, and the MAIL it followed
+            # (checked with no user: no sender-domain check) went out under the user's name
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
         before = self._bad_commands
         await super().smtp_AUTH(arg)
         if self.session is not None and not self.session.authenticated and \
