@@ -92,3 +92,33 @@ async def test_auth_during_a_transaction_is_503_and_cannot_launder_a_sender(
     assert (await raw.cmd("MAIL FROM:<ceo@other.test>")).startswith("550 5.7.1")
     await raw.close()
     assert not sink.arrivals
+
+
+# -- an unknown parameter is 555, a malformed one 501 (RFC 5321 4.1.1.11, 4.1.2) -------------
+
+@pytest.mark.parametrize(("params", "code"), [
+    ("X-FOO=1", "555 5.5.4"), ("HOLDFOR=10", "555 5.5.4"), ("REQUIRETLS", "555 5.5.4"),
+    ("x_y=1", "501 5.5.4"), ("-X=1", "501 5.5.4"), ("X-FOO=", "501 5.5.4"),
+    ("SIZE=10 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=e1", "250 2.1.0")])
+async def test_mail_parameters_unknown_or_malformed(tmp_path, sink, make_node, params, code):
+    """``X-FOO=1`` is a well-formed esmtp-keyword (ALPHA/DIGIT then "-" allowed) that the
+    server does not implement: 555. aiosmtpd answered 501 "Syntax", as if it were malformed,
+    to any keyword with a hyphen (``isalnum``)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd(f"MAIL FROM:<s@insurer.test> {params}")).startswith(code)
+    assert (await raw.cmd("RSET")).startswith("250")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    reply = await raw.cmd(f"RCPT TO:<a@example.com> {params}")
+    assert reply.startswith("555 5.5.4" if code.startswith("250") else code), reply
+    await raw.close()
+
+
+async def test_an_unknown_parameter_after_helo_is_501(tmp_path, sink, make_node):
+    """Without EHLO there are no parameters at all: a syntax error, not an unknown one."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await RawSMTP.connect(node.listeners[0].port)
+    assert (await raw.reply()).startswith("220")
+    assert (await raw.cmd("HELO client.test")).startswith("250")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test> X-FOO=1")).startswith("501 5.5.4")
+    await raw.close()

@@ -34,6 +34,10 @@ log = logging.getLogger("postlane.edge")
 # RFC 4954 allows for a submitter it does not trust to assert one).
 _MAIL_OURS = frozenset({"ENVID", "RET", "MT-PRIORITY", "AUTH"})
 _RCPT_OURS = frozenset({"NOTIFY", "ORCPT"})
+_MAIL_KNOWN = _MAIL_OURS | {"SIZE", "BODY", "SMTPUTF8"}  # the rest are aiosmtpd's
+# esmtp-keyword (RFC 5321 4.1.2), upper-cased: one not known is refused with 555 (aiosmtpd
+# answered 501 "syntax" to one with a hyphen, X-FOO=1, as if it were malformed)
+_KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
 _XCODE = re.compile(r"\+([0-9A-F]{2})")
@@ -93,24 +97,34 @@ class ParamError(ValueError):
     """A parameter refused with the reply that is the exception's text."""
 
 
-def _split_params(rest: str, ours: frozenset[str]) -> tuple[str, dict[str, str]]:
-    """The parameters after a path -> (those for aiosmtpd, those in ``ours``). Raises ParamError
-    for a keyword given twice: aiosmtpd kept the last silently (RET=FULL RET=HDRS), where
-    Postfix refuses (RFC 3461 4: each DSN parameter at most once)."""
+def _split_params(rest: str, ours: frozenset[str], known: frozenset[str]
+                  ) -> tuple[str, dict[str, str]]:
+    """The parameters after a path -> (those for aiosmtpd, those in ``ours`` and well-formed
+    keywords not in ``known``, which the caller refuses with 555). Raises ParamError for a
+    keyword given twice: aiosmtpd kept the last silently (RET=FULL RET=HDRS), where Postfix
+    refuses (RFC 3461 4: each DSN parameter at most once)."""
     if not rest:  # most MAIL and RCPT commands
         return "", {}
     keep, mine, seen = [], {}, set()
     for param in rest.split():
-        key, _, value = param.partition("=")
+        key, eq, value = param.partition("=")
         key = key.upper()
         if key in seen:
             raise ParamError(f"501 5.5.4 {key} given more than once")
         seen.add(key)
-        if key in ours:
+        if key in ours or (key not in known and (value or not eq) and _KEYWORD.fullmatch(key)):
             mine[key] = value
         else:
             keep.append(param)
     return " ".join(keep), mine
+
+
+def _unknown(params: dict[str, str], ours: frozenset[str]) -> str | None:
+    """The 555 reply for a parameter not implemented here (RFC 5321 4.1.1.11), or None."""
+    for key in params:
+        if key not in ours:
+            return f"555 5.5.4 {key} parameter not recognized or not implemented"
+    return None
 
 
 def _xtext(value: str, utf8: bool = False) -> bool:
@@ -362,14 +376,15 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             return True
         return False
 
-    async def _path(self, body: str, refusal: str, ours: frozenset[str], **kind: bool
+    async def _path(self, body: str, refusal: str, ours: frozenset[str],
+                    known: frozenset[str], **kind: bool
                     ) -> tuple[str, str, dict[str, str]] | None:
         """(address, parameters for aiosmtpd, those in ``ours``), or None after refusing the
         command: 553 5.6.7 when only SMTPUTF8 was missing, ``refusal`` and why for a bad path,
         501 for a parameter given twice."""
         try:
             address, rest = parse_path(body, **kind)
-            return (address, *_split_params(rest, ours))
+            return (address, *_split_params(rest, ours, known))
         except PathError as exc:
             await self.push("553 5.6.7 SMTPUTF8 is needed for a non-ASCII address" if exc.utf8
                             else f"{refusal}: {exc}")
@@ -404,13 +419,16 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         if body is not None and self.session is not None and self.session.host_name:
             utf8 = "SMTPUTF8" in body.upper().split()
             parsed = await self._path(body, "501 5.1.7 Bad sender address syntax", _MAIL_OURS,
-                                      utf8=utf8, null=True)
+                                      _MAIL_KNOWN, utf8=utf8, null=True)
             if parsed is None:
                 return
             address, others, dsn = parsed
-            if dsn and not self.session.extended_smtp:
-                await self.push("501 5.5.4 Parameters need EHLO")
-                return
+            if dsn:
+                refusal = "501 5.5.4 Parameters need EHLO" if not self.session.extended_smtp \
+                    else _unknown(dsn, _MAIL_OURS)
+                if refusal:
+                    await self.push(refusal)
+                    return
             ret = dsn.get("RET")
             if ret is not None and ret.upper() not in ("FULL", "HDRS"):
                 await self.push("501 5.5.4 RET must be FULL or HDRS")
@@ -440,13 +458,16 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         if body is not None and self.envelope is not None and self.envelope.mail_from:
             utf8 = bool(self.envelope.smtp_utf8)
             parsed = await self._path(body, "501 5.1.3 Bad recipient address syntax", _RCPT_OURS,
-                                      utf8=utf8, postmaster=True)
+                                      _RCPT_OURS, utf8=utf8, postmaster=True)
             if parsed is None:
                 return
             address, others, dsn = parsed
-            if dsn and not (self.session and self.session.extended_smtp):
-                await self.push("501 5.5.4 Parameters need EHLO")
-                return
+            if dsn:
+                refusal = "501 5.5.4 Parameters need EHLO" if not (
+                    self.session and self.session.extended_smtp) else _unknown(dsn, _RCPT_OURS)
+                if refusal:
+                    await self.push(refusal)
+                    return
             if "NOTIFY" in dsn:
                 words = set(dsn["NOTIFY"].upper().split(","))
                 if not words <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
