@@ -332,8 +332,10 @@ class SMTPConnection:
     async def _ehlo(self) -> None:
         name = self._ehlo_name.encode("ascii")
         reply = await self._command("ehlo", b"EHLO " + name + b"\r\n")
-        if reply.code in (500, 502):
-            # RFC 5321 3.2: a server without EHLO gets HELO and no extensions.
+        if not reply.is_ok and reply.code != 421:
+            # A server that will not take EHLO (RFC 5321 4.1.4: 500, 501, 502 or 550) gets
+            # HELO and no extensions, as Postfix does for any refusal but 421 (closing): only
+            # 500 and 502 were, and a 550 to EHLO bounced the batch unsent.
             reply = await self._command("ehlo", b"HELO " + name + b"\r\n")
         if not reply.is_ok:
             raise SMTPError("ehlo", f"EHLO refused: {reply}", reply, temporary=not reply.is_perm)
