@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 
 import pytest
 
@@ -122,3 +124,34 @@ async def test_an_unknown_parameter_after_helo_is_501(tmp_path, sink, make_node)
     assert (await raw.cmd("HELO client.test")).startswith("250")
     assert (await raw.cmd("MAIL FROM:<s@insurer.test> X-FOO=1")).startswith("501 5.5.4")
     await raw.close()
+
+
+# -- an AUTH response over the line limit (RFC 4954 6: 500 5.5.6) ----------------------------
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-write", "line-end-later"])
+async def test_an_over_long_auth_response_is_500_5_5_6_and_the_session_goes_on(
+        tmp_path, sink, make_node, tls_files, users_file, caplog, split):
+    """aiosmtpd read the response to a 334 with ``readline``, which raised ValueError past the
+    reader's limit: a traceback logged at ERROR for each (a client wrote the log at will), a
+    reply in Python's words (``500 Error: (ValueError) Separator is not found ...``), and,
+    when the line's end came later, its rest read as one more command (a second reply)."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from="[]"))
+    raw = await session(node.listeners[1].port)
+    assert (await raw.cmd("STARTTLS")).startswith("220")
+    await raw.writer.start_tls(_client_ctx())
+    assert (await raw.cmd("EHLO client.test")).startswith("250")
+    for command in ("AUTH LOGIN", "AUTH PLAIN", "AUTH LOGIN YWxpY2U="):
+        assert (await raw.cmd(command)).startswith("334")
+        if split:
+            raw.send(b"QUFB" * 750)
+            await asyncio.sleep(0.2)
+            raw.send(b"QUFB\r\n")
+        else:
+            raw.send(b"QUFB" * 750 + b"\r\n")
+        assert (await raw.reply()) == "500 5.5.6 Authentication Exchange line is too long\r\n"
+        assert (await raw.cmd("NOOP")).startswith("250 2.0.0")
+    blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    assert (await raw.cmd(f"AUTH PLAIN {blob}")).startswith("235")
+    await raw.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
