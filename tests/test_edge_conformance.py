@@ -155,3 +155,23 @@ async def test_an_over_long_auth_response_is_500_5_5_6_and_the_session_goes_on(
     assert (await raw.cmd(f"AUTH PLAIN {blob}")).startswith("235")
     await raw.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- parameter values that are not ASCII digits (RFC 1870 SIZE, RFC 6710 MT-PRIORITY) ---------
+
+@pytest.mark.parametrize("params", ["MT-PRIORITY=+-5", "MT-PRIORITY=²", "MT-PRIORITY=٣",
+                                    "SIZE=²", "SIZE=١٢", "SMTPUTF8 SIZE=²", "BODY=8BİTMIME"])
+async def test_a_parameter_value_that_is_not_ascii_digits_is_501(tmp_path, sink, make_node,
+                                                                 caplog, params):
+    """``isdigit`` holds for ``²`` and ``٣`` and ``lstrip("+-")`` let ``+-5`` through, then
+    ``int()`` raised: a traceback at ERROR per command and ``500 5.5.2 Error: (ValueError)
+    invalid literal for int()`` in reply; ``SIZE=١٢`` (Arabic-Indic digits) was taken. RFC
+    1870's size-value and RFC 6710's priority are ASCII digits."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    reply = await raw.cmd(f"MAIL FROM:<s@insurer.test> {params}".encode() + b"\r\n")
+    assert reply.startswith("501 5.5.4"), reply
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test> SIZE=10 MT-PRIORITY=-9")).startswith(
+        "250 2.1.0")
+    await raw.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -38,6 +38,7 @@ _MAIL_KNOWN = _MAIL_OURS | {"SIZE", "BODY", "SMTPUTF8"}  # the rest are aiosmtpd
 # esmtp-keyword (RFC 5321 4.1.2), upper-cased: one not known is refused with 555 (aiosmtpd
 # answered 501 "syntax" to one with a hyphen, X-FOO=1, as if it were malformed)
 _KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
+_PRIORITY = re.compile(r"[+-]?[0-9]")  # RFC 6710 priority-value, ASCII digits only
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
 _XCODE = re.compile(r"\+([0-9A-F]{2})")
@@ -434,7 +435,7 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
                 await self.push("501 5.5.4 RET must be FULL or HDRS")
                 return
             prio = dsn.get("MT-PRIORITY")
-            if prio is not None and not (prio.lstrip("+-").isdigit() and -9 <= int(prio) <= 9):
+            if prio is not None and not _PRIORITY.fullmatch(prio):
                 await self.push("501 5.5.4 MT-PRIORITY must be an integer from -9 to 9")
                 return
             envid = dsn.get("ENVID")
@@ -444,6 +445,10 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             auth = dsn.pop("AUTH", None)
             if auth is not None and auth != "<>" and not (auth and _xtext(auth, utf8)):
                 await self.push("501 5.5.4 AUTH must be <> or an address in xtext")
+                return
+            if not others.isascii():  # SIZE= and BODY= values (aiosmtpd's) are ASCII: its
+                # isdigit() took "SIZE=١٢", and int() raised at "SIZE=²" (a traceback)
+                await self.push("501 5.5.4 Parameter values must be ASCII")
                 return
             self.dsn_params = dsn
             arg = f"FROM:<{address}> {others}".rstrip()
