@@ -925,3 +925,30 @@ async def test_ehlo_answered_421_is_not_retried_with_helo() -> None:
             await connect(port)
     assert info.value.stage == "ehlo" and info.value.temporary
     assert [c[:4] for c in server.commands] == [b"EHLO"]
+
+
+async def test_size_counts_the_message_not_its_transparent_dots() -> None:
+    """RFC 1870: the size excludes the dots added by stuffing. A message of exactly the
+    server's SIZE whose lines begin with "." was refused here (552 5.3.4, a bounce) for the
+    octets of its wire form, and would have been declared larger than it is."""
+    body = b"Subject: x\r\n\r\n.a\r\n.b\r\n.c\r\n"  # 26 octets, 29 on the wire
+    server = Scripted(ehlo=b"250-x\r\n250-PIPELINING\r\n250 SIZE 26\r\n")
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], body)
+        assert tx.data_reply is not None and tx.data_reply.code == 250
+        await conn.quit()
+    assert server.commands[1] == b"MAIL FROM:<s@a.test> SIZE=26\r\n"
+    assert server.data == [b"Subject: x\r\n\r\n..a\r\n..b\r\n..c\r\n.\r\n"]
+
+
+async def test_a_size_that_is_not_ascii_digits_is_no_limit() -> None:
+    """``250 SIZE ²``: ``isdigit`` holds and ``int`` raised inside ``send`` (not an
+    SMTPError: every batch to the server ended as an internal error)."""
+    server = Scripted(ehlo="250-x\r\n250-PIPELINING\r\n250 SIZE ²\r\n".encode())
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], b"Subject: x\r\n\r\nascii\r\n")
+        assert tx.data_reply is not None and tx.data_reply.code == 250
+        await conn.quit()
+    assert server.commands[1] == b"MAIL FROM:<s@a.test> SIZE=21\r\n"
