@@ -952,3 +952,16 @@ async def test_a_size_that_is_not_ascii_digits_is_no_limit() -> None:
         assert tx.data_reply is not None and tx.data_reply.code == 250
         await conn.quit()
     assert server.commands[1] == b"MAIL FROM:<s@a.test> SIZE=21\r\n"
+
+
+async def test_an_enhanced_code_is_ascii_digits() -> None:
+    """``\\d`` in a str pattern matches any Unicode digit: a reply ``550 5.٧.١ no`` gave the
+    status ``5.٧.١``, which went on into the DSN's Status field and the records. Without a
+    valid code the status comes from the reply's class (5.0.0)."""
+    server = Scripted(dot="550 5.٧.١ no\r\n".encode())
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], b"Subject: x\r\n\r\nascii\r\n")
+        await conn.quit()
+    assert tx.data_reply is not None and tx.data_reply.code == 550
+    assert tx.data_reply.enhanced is None

@@ -44,7 +44,7 @@ _STREAM_LIMIT = MAX_REPLY_BYTES
 # Large messages are written in blocks so the RFC 5321 data-block timeout applies per block.
 _DATA_BLOCK = 256 * 1024
 
-_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)", re.ASCII)
 _DSN_MAIL_PARAMS = ("ENVID=", "RET=")
 _DSN_RCPT_PARAMS = ("NOTIFY=", "ORCPT=")
 
