@@ -175,3 +175,31 @@ async def test_a_parameter_value_that_is_not_ascii_digits_is_501(tmp_path, sink,
         "250 2.1.0")
     await raw.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- an IPv6 zone index is no address literal (RFC 5321 4.1.3) -------------------------------
+
+@pytest.mark.parametrize("name", [b"[IPv6:fe80::1%a\rX-Injected: y]", b"fe80::1%a b",
+                                  b"[IPv6:fe80::1%eth0]", b"[IPv6:::1%\xc3\x84]"])
+async def test_an_ehlo_literal_with_a_zone_index_is_501(tmp_path, sink, make_node, name):
+    """Python's ``ip_address`` takes ``fe80::1%<anything>`` (a scope id since 3.9): a CR, a
+    space or a colon after the ``%`` passed the EHLO check, and ``Intake.submit`` had to mask
+    them in the Received field (``from [IPv6:fe80::1%a?X-Injected:?y]``)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await RawSMTP.connect(node.listeners[0].port)
+    assert (await raw.reply()).startswith("220")
+    assert (await raw.cmd(b"EHLO " + name + b"\r\n")).startswith("501 5.5.2")
+    assert (await raw.cmd(b"HELO " + name + b"\r\n")).startswith("501 5.5.2")
+    assert (await raw.cmd("EHLO [IPv6:fe80::1]")).startswith("250")
+    await raw.close()
+
+
+async def test_a_path_literal_with_a_zone_index_is_501(tmp_path, sink, make_node):
+    """The same in paths: ``RCPT TO:<a@[IPv6:fe80::1%a b]>`` was taken (and relayed as it is,
+    a space inside the path)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@[IPv6:fe80::1%x]>")).startswith("501 5.1.7")
+    assert (await raw.cmd("MAIL FROM:<s@[IPv6:fe80::1]>")).startswith("250 2.1.0")
+    assert (await raw.cmd("RCPT TO:<a@[IPv6:fe80::1%a b]>")).startswith("501 5.1.3")
+    await raw.close()

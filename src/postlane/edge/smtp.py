@@ -82,8 +82,9 @@ def helo_name(text: str) -> str | None:
     else:
         literal = text
     try:
-        ipaddress.ip_address(literal)
-        return text
+        if "%" not in literal:  # no zone index (ip_address takes any text after a "%")
+            ipaddress.ip_address(literal)
+            return text
     except ValueError:
         pass
     if not text.isascii():
