@@ -203,3 +203,25 @@ async def test_a_path_literal_with_a_zone_index_is_501(tmp_path, sink, make_node
     assert (await raw.cmd("MAIL FROM:<s@[IPv6:fe80::1]>")).startswith("250 2.1.0")
     assert (await raw.cmd("RCPT TO:<a@[IPv6:fe80::1%a b]>")).startswith("501 5.1.3")
     await raw.close()
+
+
+@pytest.mark.parametrize("mechanism", ["plain", "Plain", "login"])
+async def test_the_auth_mechanism_is_taken_in_any_case(tmp_path, sink, make_node, tls_files,
+                                                       users_file, mechanism):
+    """``AUTH plain <blob>`` got ``504 5.5.4 Unrecognized authentication type`` (and counted as
+    a bad command): aiosmtpd looked the name up as sent."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         relay_from="[]"))
+    raw = await session(node.listeners[1].port)
+    assert (await raw.cmd("STARTTLS")).startswith("220")
+    await raw.writer.start_tls(_client_ctx())
+    assert (await raw.cmd("EHLO client.test")).startswith("250")
+    if mechanism == "login":
+        assert (await raw.cmd("AUTH login")).startswith("334")
+        assert (await raw.cmd(base64.b64encode(b"alice").decode())).startswith("334")
+        reply = await raw.cmd(base64.b64encode(PASSWORD.encode()).decode())
+    else:
+        blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+        reply = await raw.cmd(f"AUTH {mechanism} {blob}")
+    assert reply.startswith("235 2.7.0"), reply
+    await raw.close()

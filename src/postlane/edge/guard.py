@@ -542,6 +542,10 @@ class GuardedSMTP(QuickSMTP):
             # (checked with no user: no sender-domain check) went out under the user's name
             await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
             return
+        if arg:  # the mechanism in any case ("auth plain ..."), as Cyrus and Dovecot take it:
+            # aiosmtpd looked it up as sent and answered 504 to all but upper case
+            mechanism, sep, rest = arg.partition(" ")
+            arg = mechanism.upper() + sep + rest
         before = self._bad_commands
         await super().smtp_AUTH(arg)
         if self.session is not None and not self.session.authenticated and \
