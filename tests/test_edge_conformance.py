@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import sqlite3
 
 import pytest
 
@@ -224,4 +225,34 @@ async def test_the_auth_mechanism_is_taken_in_any_case(tmp_path, sink, make_node
         blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
         reply = await raw.cmd(f"AUTH {mechanism} {blob}")
     assert reply.startswith("235 2.7.0"), reply
+    await raw.close()
+
+
+# -- a fault of the node at MAIL or RCPT is 451, never 500 (RFC 5321 4.2.1, 4.3.2) -----------
+
+async def test_a_failing_store_at_rcpt_or_mail_is_451_not_500(tmp_path, sink, make_node,
+                                                              monkeypatch):
+    """The suppression lookup at RCPT reads the database: when it failed (``database is
+    locked``, an I/O error) aiosmtpd answered ``500 5.5.2 Error: (OperationalError) ...``, a
+    permanent syntax error for the node's own transient fault: a peer bounces the recipient,
+    and 20 of them closed the session as a bad client. The same at MAIL (the free-space check
+    failing). Now 451 4.3.0, and the session goes on once the store answers."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    suppression = node.feedback.suppression
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    with monkeypatch.context() as patch:
+        patch.setattr(suppression, "check_one", broken)
+        for _ in range(25):  # more than max_bad_commands: not counted as the client's errors
+            assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("451 4.3.0")
+    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250 2.1.5")
+    assert (await raw.cmd("RSET")).startswith("250")
+    with monkeypatch.context() as patch:
+        patch.setattr(node.intake.disk, "ok", broken)
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("451 4.3.0")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
     await raw.close()

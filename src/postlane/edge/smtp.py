@@ -535,6 +535,15 @@ class SMTPIntake:
         """Refuse new mail with 421 from now on (the node or its worker is stopping)."""
         self.draining = True
 
+    async def handle_exception(self, error: Exception) -> str:
+        """The reply to a command whose handling raised: the node's fault (a store that
+        failed at RCPT's suppression lookup, a statvfs at MAIL), so 451, as RFC 5321 4.2.1
+        says of a local error. aiosmtpd answered ``500 Error: (OperationalError) ...``: a
+        permanent syntax error that makes a peer bounce the recipient, counted toward the
+        client's ``max_bad_commands``, in Python's words."""
+        log.error("SMTP command failed: %s: %s", type(error).__name__, error, exc_info=error)
+        return "451 4.3.0 Local error in processing, try again later"
+
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         name = helo_name(hostname)
