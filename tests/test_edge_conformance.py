@@ -256,3 +256,35 @@ async def test_a_failing_store_at_rcpt_or_mail_is_451_not_500(tmp_path, sink, ma
         assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("451 4.3.0")
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
     await raw.close()
+
+
+# -- refusals that cost nothing hold no slot for ever ----------------------------------------
+
+def _stranger_config(tmp_path, sink_port: int) -> str:
+    return config_text(tmp_path, sink_port, "[listeners.in.limits]\npregreet_wait = 0\n"
+                       "max_junk_commands = 5\nmax_bad_commands = 3\n").replace(
+        'relay_from = ["127.0.0.0/8"]', "relay_from = []")
+
+
+async def test_relaying_denied_over_and_over_ends_the_session(tmp_path, sink, make_node):
+    """A stranger repeating ``RCPT TO:<x@example.com>`` got ``550 5.7.1 Relaying denied``
+    500 times in a row, each resetting the idle clock: a slot held for ever, at no cost,
+    where Postfix's smtpd_hard_error_limit counts every such reject. They now count as junk
+    (``max_junk_commands``, reset by an accepted message), then as bad commands."""
+    node = await make_node(_stranger_config(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    raw.send(b"RCPT TO:<x@example.com>\r\n" * 12)
+    replies = [await raw.reply() for _ in range(9)]
+    assert [r[:9] for r in replies] == ["550 5.7.1"] * 8 + ["421 4.7.0"]
+    assert await raw.closed()
+
+
+async def test_unknown_parameters_over_and_over_end_the_session(tmp_path, sink, make_node):
+    """``555`` (a parameter not implemented) is the client's error like ``501``: counted."""
+    node = await make_node(_stranger_config(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    raw.send(b"MAIL FROM:<s@insurer.test> X-A=1\r\n" * 5)
+    replies = [await raw.reply() for _ in range(4)]
+    assert [r[:9] for r in replies] == ["555 5.5.4"] * 3 + ["421 4.7.0"]
+    assert await raw.closed()

@@ -73,7 +73,10 @@ _SUCCESS = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye",
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
 # 503 (bad sequence) is left out: a pipelining client whose MAIL was refused gets one for every
 # RCPT and DATA that follows, through no fault of its own.
-_BAD_COMMAND = frozenset({"500", "501", "502", "504", "535", "538"})  # the code's 3 characters
+# 555 (a parameter not implemented) is the client's error as 501 is.
+_BAD_COMMAND = frozenset({"500", "501", "502", "504", "535", "538", "555"})  # the code's 3
+RELAY_DENIED = "550 5.7.1 Relaying denied: authenticate first"
+"""Counted as a junk command: a stranger repeating it held a slot for ever at no cost."""
 
 
 def with_enhanced(reply: str) -> str:
@@ -220,7 +223,7 @@ class Guard:
     def check_rcpt(self, session: Session) -> str | None:
         """The refusal of a RCPT command, or None to go on."""
         if not self.may_relay(session):
-            return "550 5.7.1 Relaying denied: authenticate first"
+            return RELAY_DENIED
         if not self.intake.disk.ok():
             return self.intake.disk.refusal()
         return None
@@ -456,8 +459,11 @@ class GuardedSMTP(QuickSMTP):
             text = "".join(c if c.isprintable() else "?" for c in text)
         text = with_enhanced(text)
         await super().push(text)
-        if text[:3] in _BAD_COMMAND:
+        code = text[:3]
+        if code in _BAD_COMMAND:
             await self._bad_command()
+        elif code == "550" and text == RELAY_DENIED:  # work for nothing, as NOOP is
+            await self._junk_command()
 
     async def _junk_command(self) -> None:
         """One more command that does no work (``limits.max_junk_commands``)."""
