@@ -288,3 +288,19 @@ async def test_unknown_parameters_over_and_over_end_the_session(tmp_path, sink, 
     replies = [await raw.reply() for _ in range(4)]
     assert [r[:9] for r in replies] == ["555 5.5.4"] * 3 + ["421 4.7.0"]
     assert await raw.closed()
+
+
+# -- STARTTLS where TLS is not offered --------------------------------------------------------
+
+async def test_starttls_on_a_listener_without_tls_is_502_and_the_session_goes_on(
+        tmp_path, sink, make_node):
+    """``tls = "none"``: STARTTLS got ``454 4.7.0 TLS not available`` and the connection was
+    closed (the guard took aiosmtpd's return for a handshake cut short, and logged "TLS
+    handshake failed"). A client that tries it without reading EHLO lost its session; the
+    command is not implemented here: 502, and the session goes on in plaintext."""
+    node = await make_node(config_text(tmp_path, sink.port).replace(
+        'relay_from = ["127.0.0.0/8"]', 'relay_from = ["127.0.0.0/8"]\ntls = "none"'))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("STARTTLS")).startswith("502 5.5.1")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250 2.1.0")
+    await raw.close()

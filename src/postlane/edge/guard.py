@@ -521,6 +521,10 @@ class GuardedSMTP(QuickSMTP):
         if self.encrypted:
             await self.push("503 5.5.1 TLS already active")
             return
+        if self.tls_context is None:  # tls = "none": not offered, so not implemented here;
+            # aiosmtpd's 454 returned as from a handshake cut short, and the session was closed
+            await self.push("502 5.5.1 Error: command not implemented")
+            return
         if arg:  # aiosmtpd answers 501 and returns: taken below for a handshake cut short,
             # and the connection was closed after the 501 (a retried STARTTLS got nothing)
             await self.push("501 5.5.4 Syntax: STARTTLS")
