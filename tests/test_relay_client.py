@@ -897,3 +897,71 @@ async def test_smtputf8_is_sent_when_needed_and_required_when_asked(
     else:
         assert tx.data_reply is not None and tx.data_reply.is_ok
         assert server.commands[1] == sent
+
+
+@pytest.mark.parametrize("refusal", [b"501 5.5.2 Syntax error\r\n",
+                                     b"550 5.5.1 Command unknown\r\n",
+                                     b"554 5.5.1 EHLO not supported\r\n",
+                                     b"451 4.3.0 try HELO\r\n"])
+async def test_ehlo_refused_falls_back_to_helo(refusal: bytes) -> None:
+    """RFC 5321 4.1.4 lets a server refuse EHLO with 501, 500, 502 or 550; a client that can
+    do without extensions says HELO then (Postfix does for any refusal but 421, smtplib for
+    any). Only 500 and 502 were tried: after a 550 to EHLO the batch bounced, unsent."""
+    server = Scripted(ehlo=refusal)
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        assert conn.extensions == {}
+        tx = await conn.send("s@a.test", [("x@b.test", "")], b"Subject: x\r\n\r\nascii\r\n")
+        assert tx.data_reply is not None and tx.data_reply.code == 250
+        await conn.quit()
+    assert [c[:4] for c in server.commands[:3]] == [b"EHLO", b"HELO", b"MAIL"]
+
+
+async def test_ehlo_answered_421_is_not_retried_with_helo() -> None:
+    """421 says the server is closing: the session ends there."""
+    server = Scripted(ehlo=b"421 4.3.2 shutting down\r\n")
+    async with raw_server(server.serve) as port:
+        with pytest.raises(SMTPError) as info:
+            await connect(port)
+    assert info.value.stage == "ehlo" and info.value.temporary
+    assert [c[:4] for c in server.commands] == [b"EHLO"]
+
+
+async def test_size_counts_the_message_not_its_transparent_dots() -> None:
+    """RFC 1870: the size excludes the dots added by stuffing. A message of exactly the
+    server's SIZE whose lines begin with "." was refused here (552 5.3.4, a bounce) for the
+    octets of its wire form, and would have been declared larger than it is."""
+    body = b"Subject: x\r\n\r\n.a\r\n.b\r\n.c\r\n"  # 26 octets, 29 on the wire
+    server = Scripted(ehlo=b"250-x\r\n250-PIPELINING\r\n250 SIZE 26\r\n")
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], body)
+        assert tx.data_reply is not None and tx.data_reply.code == 250
+        await conn.quit()
+    assert server.commands[1] == b"MAIL FROM:<s@a.test> SIZE=26\r\n"
+    assert server.data == [b"Subject: x\r\n\r\n..a\r\n..b\r\n..c\r\n.\r\n"]
+
+
+async def test_a_size_that_is_not_ascii_digits_is_no_limit() -> None:
+    """``250 SIZE ²``: ``isdigit`` holds and ``int`` raised inside ``send`` (not an
+    SMTPError: every batch to the server ended as an internal error)."""
+    server = Scripted(ehlo="250-x\r\n250-PIPELINING\r\n250 SIZE ²\r\n".encode())
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], b"Subject: x\r\n\r\nascii\r\n")
+        assert tx.data_reply is not None and tx.data_reply.code == 250
+        await conn.quit()
+    assert server.commands[1] == b"MAIL FROM:<s@a.test> SIZE=21\r\n"
+
+
+async def test_an_enhanced_code_is_ascii_digits() -> None:
+    """``\\d`` in a str pattern matches any Unicode digit: a reply ``550 5.٧.١ no`` gave the
+    status ``5.٧.١``, which went on into the DSN's Status field and the records. Without a
+    valid code the status comes from the reply's class (5.0.0)."""
+    server = Scripted(dot="550 5.٧.١ no\r\n".encode())
+    async with raw_server(server.serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], b"Subject: x\r\n\r\nascii\r\n")
+        await conn.quit()
+    assert tx.data_reply is not None and tx.data_reply.code == 550
+    assert tx.data_reply.enhanced is None

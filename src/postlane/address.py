@@ -70,6 +70,8 @@ def check_domain(text: str) -> None:
     if text.startswith("["):
         literal = text[1:-1] if text.endswith("]") else ""
         try:
+            if "%" in literal:  # a zone index (IPv6Address takes any text after "%")
+                raise ValueError(literal)
             if literal[:5].lower() == "ipv6:":
                 ipaddress.IPv6Address(literal[5:])
             else:

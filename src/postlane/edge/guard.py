@@ -14,7 +14,7 @@ import re
 import socket
 import sys
 import weakref
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from typing import TYPE_CHECKING, Any
 
 import aiosmtpd.smtp
@@ -73,7 +73,10 @@ _SUCCESS = {"250 OK": "250 2.0.0 OK", "221 Bye": "221 2.0.0 Bye",
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
 # 503 (bad sequence) is left out: a pipelining client whose MAIL was refused gets one for every
 # RCPT and DATA that follows, through no fault of its own.
-_BAD_COMMAND = frozenset({"500", "501", "502", "504", "535", "538"})  # the code's 3 characters
+# 555 (a parameter not implemented) is the client's error as 501 is.
+_BAD_COMMAND = frozenset({"500", "501", "502", "504", "535", "538", "555"})  # the code's 3
+RELAY_DENIED = "550 5.7.1 Relaying denied: authenticate first"
+"""Counted as a junk command: a stranger repeating it held a slot for ever at no cost."""
 
 
 def with_enhanced(reply: str) -> str:
@@ -220,7 +223,7 @@ class Guard:
     def check_rcpt(self, session: Session) -> str | None:
         """The refusal of a RCPT command, or None to go on."""
         if not self.may_relay(session):
-            return "550 5.7.1 Relaying denied: authenticate first"
+            return RELAY_DENIED
         if not self.intake.disk.ok():
             return self.intake.disk.refusal()
         return None
@@ -456,8 +459,11 @@ class GuardedSMTP(QuickSMTP):
             text = "".join(c if c.isprintable() else "?" for c in text)
         text = with_enhanced(text)
         await super().push(text)
-        if text[:3] in _BAD_COMMAND:
+        code = text[:3]
+        if code in _BAD_COMMAND:
             await self._bad_command()
+        elif code == "550" and text == RELAY_DENIED:  # work for nothing, as NOOP is
+            await self._junk_command()
 
     async def _junk_command(self) -> None:
         """One more command that does no work (``limits.max_junk_commands``)."""
@@ -515,6 +521,10 @@ class GuardedSMTP(QuickSMTP):
         if self.encrypted:
             await self.push("503 5.5.1 TLS already active")
             return
+        if self.tls_context is None:  # tls = "none": not offered, so not implemented here;
+            # aiosmtpd's 454 returned as from a handshake cut short, and the session was closed
+            await self.push("502 5.5.1 Error: command not implemented")
+            return
         if arg:  # aiosmtpd answers 501 and returns: taken below for a handshake cut short,
             # and the connection was closed after the 501 (a retried STARTTLS got nothing)
             await self.push("501 5.5.4 Syntax: STARTTLS")
@@ -537,6 +547,15 @@ class GuardedSMTP(QuickSMTP):
         if self.guard.auth is None:
             await self.push("502 5.5.1 AUTH not available on this server")
             return
+        if self.envelope is not None and self.envelope.mail_from:
+            # RFC 4954 4: 503 inside a transaction. aiosmtpd took it, and the MAIL it followed
+            # (checked with no user: no sender-domain check) went out under the user's name
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
+        if arg:  # the mechanism in any case ("auth plain ..."), as Cyrus and Dovecot take it:
+            # aiosmtpd looked it up as sent and answered 504 to all but upper case
+            mechanism, sep, rest = arg.partition(" ")
+            arg = mechanism.upper() + sep + rest
         before = self._bad_commands
         await super().smtp_AUTH(arg)
         if self.session is not None and not self.session.authenticated and \
@@ -554,6 +573,36 @@ class GuardedSMTP(QuickSMTP):
         if request is None or auth is None:
             return result
         return await auth.authenticate(self._counted_ip or "", *request)
+
+    async def challenge_auth(self, challenge: str | bytes, encode_to_b64: bool = True,
+                             log_client_response: bool = False) -> Any:
+        """aiosmtpd's (334, then the client's base64 line; ``*`` cancels), reading the line to
+        its end whatever its length. aiosmtpd's ``readline`` raised ValueError past the
+        reader's limit: a traceback at ERROR per response (a client wrote the log at will), a
+        reply in Python's words, and the rest of the line read as a command. Such a line gets
+        RFC 4954 6's ``500 5.5.6``."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (b64encode(data) if encode_to_b64 else data))
+        reader, too_long = self._reader, False
+        while True:
+            try:
+                line = await reader.readuntil(b"\n")
+                break
+            except asyncio.LimitOverrunError as exc:  # skipped to the line's end
+                too_long = True
+                await reader.read(exc.consumed)
+        if too_long:
+            await self.push("500 5.5.6 Authentication Exchange line is too long")
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except ValueError:  # binascii.Error
+            await self.push("501 5.5.2 Can't decode base64")
+            return MISSING
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         """aiosmtpd's, refusing an authorization identity other than the user's own (RFC 4616

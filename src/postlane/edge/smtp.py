@@ -34,6 +34,11 @@ log = logging.getLogger("postlane.edge")
 # RFC 4954 allows for a submitter it does not trust to assert one).
 _MAIL_OURS = frozenset({"ENVID", "RET", "MT-PRIORITY", "AUTH"})
 _RCPT_OURS = frozenset({"NOTIFY", "ORCPT"})
+_MAIL_KNOWN = _MAIL_OURS | {"SIZE", "BODY", "SMTPUTF8"}  # the rest are aiosmtpd's
+# esmtp-keyword (RFC 5321 4.1.2), upper-cased: one not known is refused with 555 (aiosmtpd
+# answered 501 "syntax" to one with a hyphen, X-FOO=1, as if it were malformed)
+_KEYWORD = re.compile(r"[A-Z0-9][A-Z0-9-]*")
+_PRIORITY = re.compile(r"[+-]?[0-9]")  # RFC 6710 priority-value, ASCII digits only
 _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
 _XCODE = re.compile(r"\+([0-9A-F]{2})")
@@ -77,8 +82,9 @@ def helo_name(text: str) -> str | None:
     else:
         literal = text
     try:
-        ipaddress.ip_address(literal)
-        return text
+        if "%" not in literal:  # no zone index (ip_address takes any text after a "%")
+            ipaddress.ip_address(literal)
+            return text
     except ValueError:
         pass
     if not text.isascii():
@@ -93,24 +99,34 @@ class ParamError(ValueError):
     """A parameter refused with the reply that is the exception's text."""
 
 
-def _split_params(rest: str, ours: frozenset[str]) -> tuple[str, dict[str, str]]:
-    """The parameters after a path -> (those for aiosmtpd, those in ``ours``). Raises ParamError
-    for a keyword given twice: aiosmtpd kept the last silently (RET=FULL RET=HDRS), where
-    Postfix refuses (RFC 3461 4: each DSN parameter at most once)."""
+def _split_params(rest: str, ours: frozenset[str], known: frozenset[str]
+                  ) -> tuple[str, dict[str, str]]:
+    """The parameters after a path -> (those for aiosmtpd, those in ``ours`` and well-formed
+    keywords not in ``known``, which the caller refuses with 555). Raises ParamError for a
+    keyword given twice: aiosmtpd kept the last silently (RET=FULL RET=HDRS), where Postfix
+    refuses (RFC 3461 4: each DSN parameter at most once)."""
     if not rest:  # most MAIL and RCPT commands
         return "", {}
     keep, mine, seen = [], {}, set()
     for param in rest.split():
-        key, _, value = param.partition("=")
+        key, eq, value = param.partition("=")
         key = key.upper()
         if key in seen:
             raise ParamError(f"501 5.5.4 {key} given more than once")
         seen.add(key)
-        if key in ours:
+        if key in ours or (key not in known and (value or not eq) and _KEYWORD.fullmatch(key)):
             mine[key] = value
         else:
             keep.append(param)
     return " ".join(keep), mine
+
+
+def _unknown(params: dict[str, str], ours: frozenset[str]) -> str | None:
+    """The 555 reply for a parameter not implemented here (RFC 5321 4.1.1.11), or None."""
+    for key in params:
+        if key not in ours:
+            return f"555 5.5.4 {key} parameter not recognized or not implemented"
+    return None
 
 
 def _xtext(value: str, utf8: bool = False) -> bool:
@@ -362,20 +378,39 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             return True
         return False
 
-    async def _path(self, body: str, refusal: str, ours: frozenset[str], **kind: bool
+    async def _path(self, body: str, refusal: str, ours: frozenset[str],
+                    known: frozenset[str], **kind: bool
                     ) -> tuple[str, str, dict[str, str]] | None:
         """(address, parameters for aiosmtpd, those in ``ours``), or None after refusing the
         command: 553 5.6.7 when only SMTPUTF8 was missing, ``refusal`` and why for a bad path,
         501 for a parameter given twice."""
         try:
             address, rest = parse_path(body, **kind)
-            return (address, *_split_params(rest, ours))
+            return (address, *_split_params(rest, ours, known))
         except PathError as exc:
             await self.push("553 5.6.7 SMTPUTF8 is needed for a non-ASCII address" if exc.utf8
                             else f"{refusal}: {exc}")
         except ParamError as exc:
             await self.push(str(exc))
         return None
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        """A bad name is refused before aiosmtpd resets the session: RFC 5321 4.1.4 wants the
+        state of before a refused EHLO kept, and aiosmtpd dropped the transaction (and ESMTP)
+        first, so the MAIL and RCPT already answered 250 were gone."""
+        if hostname and helo_name(hostname) is None:
+            await self.push("501 5.5.2 Invalid domain name in EHLO")
+            return
+        await super().smtp_EHLO(hostname)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        """As ``smtp_EHLO``."""
+        if hostname and helo_name(hostname) is None:
+            await self.push("501 5.5.2 Invalid domain name in HELO")
+            return
+        await super().smtp_HELO(hostname)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -386,19 +421,22 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         if body is not None and self.session is not None and self.session.host_name:
             utf8 = "SMTPUTF8" in body.upper().split()
             parsed = await self._path(body, "501 5.1.7 Bad sender address syntax", _MAIL_OURS,
-                                      utf8=utf8, null=True)
+                                      _MAIL_KNOWN, utf8=utf8, null=True)
             if parsed is None:
                 return
             address, others, dsn = parsed
-            if dsn and not self.session.extended_smtp:
-                await self.push("501 5.5.4 Parameters need EHLO")
-                return
+            if dsn:
+                refusal = "501 5.5.4 Parameters need EHLO" if not self.session.extended_smtp \
+                    else _unknown(dsn, _MAIL_OURS)
+                if refusal:
+                    await self.push(refusal)
+                    return
             ret = dsn.get("RET")
             if ret is not None and ret.upper() not in ("FULL", "HDRS"):
                 await self.push("501 5.5.4 RET must be FULL or HDRS")
                 return
             prio = dsn.get("MT-PRIORITY")
-            if prio is not None and not (prio.lstrip("+-").isdigit() and -9 <= int(prio) <= 9):
+            if prio is not None and not _PRIORITY.fullmatch(prio):
                 await self.push("501 5.5.4 MT-PRIORITY must be an integer from -9 to 9")
                 return
             envid = dsn.get("ENVID")
@@ -408,6 +446,10 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
             auth = dsn.pop("AUTH", None)
             if auth is not None and auth != "<>" and not (auth and _xtext(auth, utf8)):
                 await self.push("501 5.5.4 AUTH must be <> or an address in xtext")
+                return
+            if not others.isascii():  # SIZE= and BODY= values (aiosmtpd's) are ASCII: its
+                # isdigit() took "SIZE=١٢", and int() raised at "SIZE=²" (a traceback)
+                await self.push("501 5.5.4 Parameter values must be ASCII")
                 return
             self.dsn_params = dsn
             arg = f"FROM:<{address}> {others}".rstrip()
@@ -422,13 +464,16 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         if body is not None and self.envelope is not None and self.envelope.mail_from:
             utf8 = bool(self.envelope.smtp_utf8)
             parsed = await self._path(body, "501 5.1.3 Bad recipient address syntax", _RCPT_OURS,
-                                      utf8=utf8, postmaster=True)
+                                      _RCPT_OURS, utf8=utf8, postmaster=True)
             if parsed is None:
                 return
             address, others, dsn = parsed
-            if dsn and not (self.session and self.session.extended_smtp):
-                await self.push("501 5.5.4 Parameters need EHLO")
-                return
+            if dsn:
+                refusal = "501 5.5.4 Parameters need EHLO" if not (
+                    self.session and self.session.extended_smtp) else _unknown(dsn, _RCPT_OURS)
+                if refusal:
+                    await self.push(refusal)
+                    return
             if "NOTIFY" in dsn:
                 words = set(dsn["NOTIFY"].upper().split(","))
                 if not words <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
@@ -489,6 +534,15 @@ class SMTPIntake:
     def drain(self) -> None:
         """Refuse new mail with 421 from now on (the node or its worker is stopping)."""
         self.draining = True
+
+    async def handle_exception(self, error: Exception) -> str:
+        """The reply to a command whose handling raised: the node's fault (a store that
+        failed at RCPT's suppression lookup, a statvfs at MAIL), so 451, as RFC 5321 4.2.1
+        says of a local error. aiosmtpd answered ``500 Error: (OperationalError) ...``: a
+        permanent syntax error that makes a peer bounce the recipient, counted toward the
+        client's ``max_bad_commands``, in Python's words."""
+        log.error("SMTP command failed: %s: %s", type(error).__name__, error, exc_info=error)
+        return "451 4.3.0 Local error in processing, try again later"
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:

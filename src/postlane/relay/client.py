@@ -44,7 +44,7 @@ _STREAM_LIMIT = MAX_REPLY_BYTES
 # Large messages are written in blocks so the RFC 5321 data-block timeout applies per block.
 _DATA_BLOCK = 256 * 1024
 
-_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_ENHANCED_RE = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)", re.ASCII)
 _DSN_MAIL_PARAMS = ("ENVID=", "RET=")
 _DSN_RCPT_PARAMS = ("NOTIFY=", "ORCPT=")
 
@@ -173,6 +173,16 @@ def prepare_data(data: bytes, crlf: bool = False) -> bytes:
     return data.replace(b"\r\n.", b"\r\n..") if b"\r\n." in data else data
 
 
+def message_size(payload: bytes, limit: int = 0) -> int:
+    """RFC 1870's size of a message in wire form: its octets without the transparent dots.
+    Counted only when the wire form exceeds ``limit`` (a scan), else the wire length, an upper
+    bound that is as good below a server's limit (0: none)."""
+    size = len(payload)
+    if not limit or size <= limit:
+        return size
+    return size - payload.count(b"\r\n..") - payload.startswith(b"..")
+
+
 def _header(payload: bytes) -> bytes:
     """The header block of a message in wire form (all of it when there is no blank line)."""
     end = payload.find(b"\r\n\r\n")
@@ -193,6 +203,8 @@ class SMTPConnection:
     banner: Reply
     ehlo_reply: Reply
     extensions: dict[str, str]
+    size_limit: int
+    """The server's SIZE (RFC 1870), 0 for none."""
     tls_version: str | None
     tls_cipher: str | None
     tls_auth: str
@@ -225,6 +237,7 @@ class SMTPConnection:
         self.banner = Reply(0, "")
         self.ehlo_reply = Reply(0, "")
         self.extensions = {}
+        self.size_limit = 0
         self.tls_version = None
         self.tls_cipher = None
         self.tls_auth = ""
@@ -332,8 +345,10 @@ class SMTPConnection:
     async def _ehlo(self) -> None:
         name = self._ehlo_name.encode("ascii")
         reply = await self._command("ehlo", b"EHLO " + name + b"\r\n")
-        if reply.code in (500, 502):
-            # RFC 5321 3.2: a server without EHLO gets HELO and no extensions.
+        if not reply.is_ok and reply.code != 421:
+            # A server that will not take EHLO (RFC 5321 4.1.4: 500, 501, 502 or 550) gets
+            # HELO and no extensions, as Postfix does for any refusal but 421 (closing): only
+            # 500 and 502 were, and a 550 to EHLO bounced the batch unsent.
             reply = await self._command("ehlo", b"HELO " + name + b"\r\n")
         if not reply.is_ok:
             raise SMTPError("ehlo", f"EHLO refused: {reply}", reply, temporary=not reply.is_perm)
@@ -344,6 +359,8 @@ class SMTPConnection:
             if keyword:
                 extensions[keyword.upper()] = params.strip()
         self.extensions = extensions
+        size = extensions.get("SIZE", "")
+        self.size_limit = int(size) if size.isdigit() and size.isascii() else 0
 
     def peer_chain(self) -> list[bytes]:
         """The certificates the server sent (DER, its own first); [] without TLS."""
@@ -438,9 +455,9 @@ class SMTPConnection:
         that it is never sent: larger than its SIZE (RFC 1870 6), 8-bit (body or headers) to
         a server without 8BITMIME or SMTPUTF8 (RFC 6152 3: we do not convert)."""
         ext = self.extensions
-        limit = ext.get("SIZE", "")
-        if limit.isdigit() and 0 < int(limit) < len(payload):
-            return Reply(552, f"5.3.4 message of {len(payload)} bytes exceeds the {limit} bytes"
+        limit = self.size_limit
+        if limit and limit < (size := message_size(payload, limit)):
+            return Reply(552, f"5.3.4 message of {size} bytes exceeds the {limit} bytes"
                               f" {self.server_name} accepts (SIZE)", "5.3.4")
         if "8BITMIME" in ext or "SMTPUTF8" in ext or payload.isascii():
             return None
@@ -456,7 +473,7 @@ class SMTPConnection:
         given = mail_params.upper()
         params: list[str] = []
         if "SIZE" in ext and "SIZE=" not in given:
-            params.append(f"SIZE={len(payload)}")
+            params.append(f"SIZE={message_size(payload, self.size_limit)}")
         if "8BITMIME" in ext and "BODY=" not in given and not payload.isascii():
             params.append("BODY=8BITMIME")
         if "SMTPUTF8" in ext and not (
