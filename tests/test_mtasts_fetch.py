@@ -124,3 +124,25 @@ async def test_a_cached_policy_is_refreshed_before_it_expires(dns_server, tmp_pa
         assert await sts.policy("warm.test") is refreshed, "a failed refresh keeps the policy"
     finally:
         https.stop()
+
+
+async def test_the_policy_is_fetched_from_the_next_address_when_one_is_down(dns_server,
+                                                                           tmp_path):
+    """``mta-sts.DOMAIN`` with two addresses, one of them down: the fetch goes on to the next
+    address, as any HTTPS client does. Only the first address (in random order) was tried, so
+    half the fetches failed and a domain's policy was, as often as not, not learned at all
+    (no cached policy: delivered as if the domain had none)."""
+    ca = TestCA(tmp_path / "ca")
+    https = HTTPSServer(ca.server_context(["mta-sts.two.test"]), host=HTTPS_IP).start()
+    dns_server.add_txt("_mta-sts.two.test", "v=STSv1; id=1;")
+    dns_server.add_a("mta-sts.two.test", "127.0.0.61")  # nothing listens there
+    dns_server.add_a("mta-sts.two.test", HTTPS_IP)
+    https.policy("two.test", POLICY)
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, https.port, errors)
+    try:
+        for _ in range(8):  # each fetch takes the addresses in a new random order
+            assert await sts._get("two.test") == POLICY
+        assert errors == []
+    finally:
+        https.stop()

@@ -233,7 +233,23 @@ class MTASTS:
             dests = await self.resolver.resolve_host(host, self.port)
         except (DNSPermError, DNSTempError) as exc:
             raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
-        ip = dests[0].ip
+        unreachable = PolicyError("sts-policy-fetch-error", f"{host}: no address")
+        for dest in dests:  # the next address when one cannot be connected to
+            try:
+                body = await self._get_from(host, dest.ip)
+            except _Unreachable as exc:
+                unreachable = PolicyError("sts-policy-fetch-error", f"{host}: {exc}")
+                continue
+            break
+        else:
+            raise unreachable
+        with contextlib.suppress(UnicodeDecodeError):
+            return body.decode("utf-8")
+        raise PolicyError("sts-policy-invalid", f"{host}: not UTF-8")
+
+    async def _get_from(self, host: str, ip: str) -> bytes:
+        """The policy file's bytes from one address of ``host`` (raises _Unreachable when no
+        connection could be made, PolicyError for anything else)."""
         url = f"https://{'[' + ip + ']' if ':' in ip else ip}:{self.port}/.well-known/mta-sts.txt"
         try:
             async with httpx.AsyncClient(verify=self._ssl, timeout=self.timeout,
@@ -250,13 +266,17 @@ class MTASTS:
                     body += chunk
                     if len(body) > MAX_POLICY_BYTES:
                         raise PolicyError("sts-policy-invalid", f"{host}: policy over 64 KB")
+                return body
         except httpx.ConnectError as exc:
             cause = exc.__context__ or exc.__cause__
             if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in str(exc):
                 raise PolicyError("sts-webpki-invalid", f"{host}: {exc}") from None
-            raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
+            raise _Unreachable(f"{ip}: {exc}") from None
+        except httpx.ConnectTimeout as exc:
+            raise _Unreachable(f"{ip}: {exc}") from None
         except httpx.HTTPError as exc:
             raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
-        with contextlib.suppress(UnicodeDecodeError):
-            return body.decode("utf-8")
-        raise PolicyError("sts-policy-invalid", f"{host}: not UTF-8")
+
+
+class _Unreachable(Exception):
+    """No connection to one address of the policy host: the next address is tried."""
