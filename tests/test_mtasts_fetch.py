@@ -10,6 +10,7 @@ import ssl
 
 from postlane.relay.mtasts import MTASTS
 from postlane.relay.mx import MXResolver
+from tests.support.dnsserver import _key
 from tests.support.httpsserver import HTTPSServer
 from tests.support.pki import TestCA
 from tests.support.waiting import until
@@ -144,5 +145,53 @@ async def test_the_policy_is_fetched_from_the_next_address_when_one_is_down(dns_
         for _ in range(8):  # each fetch takes the addresses in a new random order
             assert await sts._get("two.test") == POLICY
         assert errors == []
+    finally:
+        https.stop()
+
+
+async def test_policy_file_edge_cases(dns_server, tmp_path):
+    """RFC 8461 3.3 and 5.1: a redirect is not followed, a policy over 64 KB is invalid, a
+    changed ``id`` fetches the policy again, a failed fetch under a changed ``id`` keeps the
+    cached policy, ``mode: none`` withdraws it, CRLF and LF lines read alike."""
+    ca = TestCA(tmp_path / "ca")
+    names = [f"mta-sts.{d}" for d in ("moved.test", "big.test", "ids.test", "lf.test")]
+    https = HTTPSServer(ca.server_context(names), host=HTTPS_IP).start()
+    for domain in ("moved.test", "big.test", "ids.test", "lf.test"):
+        dns_server.add_txt(f"_mta-sts.{domain}", "v=STSv1; id=1;")
+        dns_server.add_a(f"mta-sts.{domain}", HTTPS_IP)
+    https.policy("moved.test", POLICY, status=302)
+    https.policy("big.test", POLICY + "#" * (64 * 1024))
+    https.policy("ids.test", POLICY)
+    https.policy("lf.test", POLICY.replace("\r\n", "\n"))
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, https.port, errors)
+    try:
+        assert await sts.policy("moved.test") is None
+        assert await sts.policy("big.test") is None
+        assert [e[1] for e in errors] == ["sts-policy-fetch-error", "sts-policy-invalid"]
+        lf = await sts.policy("lf.test")
+        assert lf is not None and lf.mode == "enforce" and lf.mx == ["*.mx.test"]
+        first = await sts.policy("ids.test")
+        assert first is not None and first.id == "1"
+
+        def record_id(value: str) -> None:  # the TXT record replaced, no answer cached
+            with dns_server._lock:
+                dns_server._records.pop(_key("_mta-sts.ids.test"), None)
+            dns_server.add_txt("_mta-sts.ids.test", f"v=STSv1; id={value};")
+            sts.resolver = MXResolver("127.0.0.1", dns_server.port)
+            sts._failed.clear()
+
+        fetches = len(https.fetches)
+        record_id("2")
+        https.policy("ids.test", POLICY.replace("enforce", "testing"))
+        second = await sts.policy("ids.test")
+        assert second is not None and second.id == "2" and second.mode == "testing"
+        assert len(https.fetches) == fetches + 1
+        record_id("3")
+        https.policies.pop("mta-sts.ids.test")  # the fetch fails: the cached policy holds
+        assert await sts.policy("ids.test") is second
+        record_id("4")
+        https.policy("ids.test", "version: STSv1\nmode: none\nmax_age: 86400\n")
+        assert await sts.policy("ids.test") is None, "mode none withdraws the policy"
     finally:
         https.stop()
