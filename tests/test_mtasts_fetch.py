@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 
 from postlane.relay.mtasts import MTASTS
@@ -193,5 +194,31 @@ async def test_policy_file_edge_cases(dns_server, tmp_path):
         record_id("4")
         https.policy("ids.test", "version: STSv1\nmode: none\nmax_age: 86400\n")
         assert await sts.policy("ids.test") is None, "mode none withdraws the policy"
+    finally:
+        https.stop()
+
+
+async def test_expired_policies_leave_the_cache(dns_server, tmp_path):
+    """A policy past its ``max_age`` is never used again (RFC 8461 5.1), but it stayed in the
+    cache, in memory and in the file rewritten whole at every fetch, for ever: the cache of a
+    node sending to many domains only grew. Expired policies are dropped when the cache is
+    written, and not read back from the file."""
+    ca = TestCA(tmp_path / "ca")
+    names = ["mta-sts.old.test", "mta-sts.new.test"]
+    https = HTTPSServer(ca.server_context(names), host=HTTPS_IP).start()
+    for domain in ("old.test", "new.test"):
+        dns_server.add_txt(f"_mta-sts.{domain}", "v=STSv1; id=1;")
+        dns_server.add_a(f"mta-sts.{domain}", HTTPS_IP)
+        https.policy(domain, POLICY)
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, https.port, errors)
+    try:
+        old = await sts.policy("old.test")
+        assert old is not None
+        old.fetched -= 86_401  # its max_age has run out
+        assert await sts.policy("new.test") is not None
+        cached = json.loads((tmp_path / "mta-sts.json").read_text())
+        assert sorted(cached) == ["new.test"]
+        assert "old.test" not in sts._policies
     finally:
         https.stop()

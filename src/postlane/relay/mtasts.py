@@ -129,7 +129,9 @@ class MTASTS:
     def _load(self) -> dict[str, STSPolicy]:
         try:
             data = json.loads(self.cache_file.read_text("utf-8"))
-            return {domain: STSPolicy(**entry) for domain, entry in data.items()}
+            now = time.time()
+            policies = {domain: STSPolicy(**entry) for domain, entry in data.items()}
+            return {d: p for d, p in policies.items() if not p.expired(now)}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError) as exc:
@@ -149,6 +151,9 @@ class MTASTS:
         """The cache file rewritten in a thread, one write at a time, each from the cache as it
         is when its turn comes (so the last write holds every policy fetched before it)."""
         async with self._saving:
+            now = time.time()  # an expired policy is never used again (RFC 8461 5.1): dropped
+            for domain in [d for d, p in self._policies.items() if p.expired(now)]:
+                del self._policies[domain]
             await asyncio.to_thread(self._save, dict(self._policies))
 
     async def policy(self, domain: str) -> STSPolicy | None:
