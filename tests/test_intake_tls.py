@@ -174,3 +174,32 @@ pregreet_wait = 0
     raw = await session(port)  # and the listener still serves
     assert (await raw.cmd("QUIT")).startswith("221")
     await raw.close()
+
+
+async def test_status_shows_the_certificate_served_not_a_file_that_did_not_load(
+        tmp_path, sink, make_node, caplog):
+    """``postlane status`` describes the certificate the listener serves. It read the file on
+    disk at every call: a renewed certificate whose key did not match (so not loaded, the old
+    one still served) was shown with the new dates, hiding an old certificate running out; a
+    half-written file made ``status`` itself fail."""
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue(["mta.test"], file_name="live")
+    node = await make_node(config_text(tmp_path, sink.port, f"""
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+reload_interval = "0.1s"
+"""))
+    port = node.listeners[0].port
+    served = hashlib.sha256(await _server_certificate(port)).hexdigest()
+    new_cert, _ = ca.issue(["mta.test"], file_name="renewed")
+    os.replace(new_cert, cert)  # the key not renewed with it: the pair does not load
+    await until(lambda: any("not reloaded" in r.getMessage() for r in caplog.records),
+                what="the mismatched pair tried and refused")
+    assert hashlib.sha256(await _server_certificate(port)).hexdigest() == served
+    assert node.status()["listeners"][0]["certificate"]["sha256"] == served
+    caplog.clear()
+    cert.write_bytes(b"-----BEGIN CERTIFICATE-----\nhalf written")
+    await until(lambda: any("not reloaded" in r.getMessage() for r in caplog.records),
+                what="the broken file tried and refused")
+    assert node.status()["listeners"][0]["certificate"]["sha256"] == served

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 
 from postlane.relay.mtasts import MTASTS
 from postlane.relay.mx import MXResolver
+from tests.support.dnsserver import _key
 from tests.support.httpsserver import HTTPSServer
 from tests.support.pki import TestCA
 from tests.support.waiting import until
@@ -122,5 +124,101 @@ async def test_a_cached_policy_is_refreshed_before_it_expires(dns_server, tmp_pa
         assert await sts.policy("warm.test") is refreshed
         await until(lambda: errors, what="the failed refresh told")
         assert await sts.policy("warm.test") is refreshed, "a failed refresh keeps the policy"
+    finally:
+        https.stop()
+
+
+async def test_the_policy_is_fetched_from_the_next_address_when_one_is_down(dns_server,
+                                                                           tmp_path):
+    """``mta-sts.DOMAIN`` with two addresses, one of them down: the fetch goes on to the next
+    address, as any HTTPS client does. Only the first address (in random order) was tried, so
+    half the fetches failed and a domain's policy was, as often as not, not learned at all
+    (no cached policy: delivered as if the domain had none)."""
+    ca = TestCA(tmp_path / "ca")
+    https = HTTPSServer(ca.server_context(["mta-sts.two.test"]), host=HTTPS_IP).start()
+    dns_server.add_txt("_mta-sts.two.test", "v=STSv1; id=1;")
+    dns_server.add_a("mta-sts.two.test", "127.0.0.61")  # nothing listens there
+    dns_server.add_a("mta-sts.two.test", HTTPS_IP)
+    https.policy("two.test", POLICY)
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, https.port, errors)
+    try:
+        for _ in range(8):  # each fetch takes the addresses in a new random order
+            assert await sts._get("two.test") == POLICY
+        assert errors == []
+    finally:
+        https.stop()
+
+
+async def test_policy_file_edge_cases(dns_server, tmp_path):
+    """RFC 8461 3.3 and 5.1: a redirect is not followed, a policy over 64 KB is invalid, a
+    changed ``id`` fetches the policy again, a failed fetch under a changed ``id`` keeps the
+    cached policy, ``mode: none`` withdraws it, CRLF and LF lines read alike."""
+    ca = TestCA(tmp_path / "ca")
+    names = [f"mta-sts.{d}" for d in ("moved.test", "big.test", "ids.test", "lf.test")]
+    https = HTTPSServer(ca.server_context(names), host=HTTPS_IP).start()
+    for domain in ("moved.test", "big.test", "ids.test", "lf.test"):
+        dns_server.add_txt(f"_mta-sts.{domain}", "v=STSv1; id=1;")
+        dns_server.add_a(f"mta-sts.{domain}", HTTPS_IP)
+    https.policy("moved.test", POLICY, status=302)
+    https.policy("big.test", POLICY + "#" * (64 * 1024))
+    https.policy("ids.test", POLICY)
+    https.policy("lf.test", POLICY.replace("\r\n", "\n"))
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, https.port, errors)
+    try:
+        assert await sts.policy("moved.test") is None
+        assert await sts.policy("big.test") is None
+        assert [e[1] for e in errors] == ["sts-policy-fetch-error", "sts-policy-invalid"]
+        lf = await sts.policy("lf.test")
+        assert lf is not None and lf.mode == "enforce" and lf.mx == ["*.mx.test"]
+        first = await sts.policy("ids.test")
+        assert first is not None and first.id == "1"
+
+        def record_id(value: str) -> None:  # the TXT record replaced, no answer cached
+            with dns_server._lock:
+                dns_server._records.pop(_key("_mta-sts.ids.test"), None)
+            dns_server.add_txt("_mta-sts.ids.test", f"v=STSv1; id={value};")
+            sts.resolver = MXResolver("127.0.0.1", dns_server.port)
+            sts._failed.clear()
+
+        fetches = len(https.fetches)
+        record_id("2")
+        https.policy("ids.test", POLICY.replace("enforce", "testing"))
+        second = await sts.policy("ids.test")
+        assert second is not None and second.id == "2" and second.mode == "testing"
+        assert len(https.fetches) == fetches + 1
+        record_id("3")
+        https.policies.pop("mta-sts.ids.test")  # the fetch fails: the cached policy holds
+        assert await sts.policy("ids.test") is second
+        record_id("4")
+        https.policy("ids.test", "version: STSv1\nmode: none\nmax_age: 86400\n")
+        assert await sts.policy("ids.test") is None, "mode none withdraws the policy"
+    finally:
+        https.stop()
+
+
+async def test_expired_policies_leave_the_cache(dns_server, tmp_path):
+    """A policy past its ``max_age`` is never used again (RFC 8461 5.1), but it stayed in the
+    cache, in memory and in the file rewritten whole at every fetch, for ever: the cache of a
+    node sending to many domains only grew. Expired policies are dropped when the cache is
+    written, and not read back from the file."""
+    ca = TestCA(tmp_path / "ca")
+    names = ["mta-sts.old.test", "mta-sts.new.test"]
+    https = HTTPSServer(ca.server_context(names), host=HTTPS_IP).start()
+    for domain in ("old.test", "new.test"):
+        dns_server.add_txt(f"_mta-sts.{domain}", "v=STSv1; id=1;")
+        dns_server.add_a(f"mta-sts.{domain}", HTTPS_IP)
+        https.policy(domain, POLICY)
+    errors: list = []
+    sts = _sts(dns_server, tmp_path, ca, https.port, errors)
+    try:
+        old = await sts.policy("old.test")
+        assert old is not None
+        old.fetched -= 86_401  # its max_age has run out
+        assert await sts.policy("new.test") is not None
+        cached = json.loads((tmp_path / "mta-sts.json").read_text())
+        assert sorted(cached) == ["new.test"]
+        assert "old.test" not in sts._policies
     finally:
         https.stop()

@@ -588,3 +588,40 @@ async def test_audit_show_and_sla_tell_how_each_delivery_was_protected(world, ma
     tls = json.loads(res.output)["classes"]["policy-documents"]["tls"]
     assert tls == {"encrypted": 1, "authenticated": 1, "encrypted_share": 0.5,
                    "authenticated_share": 0.5}
+
+
+async def test_mta_sts_still_holds_for_an_mx_without_tlsa_records(world, make_node, tmp_path):
+    """DANE applies per MX host: a host with TLSA records is held to them, a host without them
+    to the domain's MTA-STS policy. MTA-STS was looked up only when no MX host had TLSA
+    records, so one DANE MX switched the policy off for the others: here MX 10 (DANE) fails its
+    TLSA check, and MX 20, which has no TLSA records and a certificate for another name, got the
+    message under ``opportunistic`` although the domain's MTA-STS policy is ``enforce``."""
+    world.mx("both.test", "good.mx.test", "wrong.mx.test", secure=True)
+    world.sts("both.test", "enforce", ["*.mx.test"])
+    world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)
+    node = await make_node(world.config())
+    await _deliver(node, "r@both.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@both.test")
+    assert row["type"] == "t" and row["dsnStatus"] == "4.7.5", row
+    assert "mta-sts-enforce" in row["dsnDiag"], row
+    await asyncio.sleep(0.5)  # a bound after the deferral record: no sink receives it later
+    assert world.arrivals() == 0
+
+
+async def test_failed_tlsa_lookups_are_not_blamed_on_mta_sts(world, make_node, tmp_path):
+    """Every MX host's TLSA lookup SERVFAILs: the deferral says so, nothing is sent in clear,
+    and the domain's MTA-STS policy (which names the host) is not reported as failing. The
+    policy was fetched for such a domain and the deferral read "MTA-STS policy of ... names
+    none of its MX hosts", counted as a ``validation-failure`` of the policy."""
+    world.mx("both.test", "good.mx.test", secure=True)
+    world.sts("both.test", "enforce", ["good.mx.test"])
+    world.dns.set_rcode(f"_{world.port}._tcp.good.mx.test", "SERVFAIL")
+    node = await make_node(world.config())
+    await _deliver(node, "r@both.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@both.test")
+    assert row["type"] == "t" and "TLSA lookups" in row["dsnDiag"], row
+    node.tls_reports.flush()
+    report = node.tls_reports.report(row["timeLogged"][:10], "both.test")
+    results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
+    assert "validation-failure" not in results and "dnssec-invalid" in results, results
+    assert world.arrivals() == 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from ..config import Config
 from ..secretfile import create_secret, private_dir, private_open
@@ -80,13 +81,13 @@ class ServerCertificate:
     generated: bool = False
 
     def __post_init__(self) -> None:
-        self._current = server_context(self.cert_file, self.key_file)
+        self._stamp = _stamp(self.cert_file, self.key_file)  # before: a change is seen later
+        self._current, self._der = _load_pair(self.cert_file, self.key_file)
         mode = os.stat(self.key_file).st_mode & 0o777
         if mode & 0o007:  # told, not refused: a web server beside it may share the key
             log.warning("TLS private key %s is readable by every user of the machine (mode"
                         " %04o): chmod 640 (group of the node's user) or 600", self.key_file,
                         mode, extra={"key": self.key_file})
-        self._stamp = _stamp(self.cert_file, self.key_file)
         self.context = server_context(self.cert_file, self.key_file)
         self.context.sni_callback = self._select
         self.loaded_at = datetime.datetime.now(datetime.UTC)
@@ -101,26 +102,34 @@ class ServerCertificate:
         if not stamp or stamp == self._stamp:
             return False
         try:
-            context = server_context(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as exc:
+            context, der = _load_pair(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError, ValueError) as exc:
             log.error("TLS certificate not reloaded, keeping the previous one: %s", exc,
                       extra={"cert": self.cert_file, "key": self.key_file})
             return False
-        self._current, self._stamp = context, stamp
+        self._current, self._der, self._stamp = context, der, stamp
         self.loaded_at = datetime.datetime.now(datetime.UTC)
         log.info("TLS certificate reloaded", extra={"cert": self.cert_file})
         return True
 
     def describe(self) -> dict:
-        der = ssl.PEM_cert_to_DER_cert(_first_pem(Path(self.cert_file).read_text("ascii")))
+        """The certificate served (the pair loaded last), not the file as it is now: a file
+        that did not load (half-written, its key not matching) is not what clients get."""
         return {"cert_file": self.cert_file, "key_file": self.key_file,
                 "generated": self.generated, "loaded_at": self.loaded_at.isoformat(),
-                **describe_certificate(der)}
+                **describe_certificate(self._der)}
 
 
-def _first_pem(text: str) -> str:
-    end = "-----END CERTIFICATE-----"
-    return text[:text.index(end) + len(end)] + "\n" if end in text else text
+def _load_pair(cert: str, key: str) -> tuple[ssl.SSLContext, bytes]:
+    """The server context of a pair and the DER of the certificate it serves (the first of
+    the chain file), read from the same bytes: a file replaced while it was being loaded raises
+    ValueError, and the pair is loaded again at the next check."""
+    before = Path(cert).read_bytes()
+    context = server_context(cert, key)
+    if Path(cert).read_bytes() != before:
+        raise ValueError(f"{cert} changed while it was being loaded")
+    der = x509.load_pem_x509_certificate(before).public_bytes(serialization.Encoding.DER)
+    return context, der
 
 
 def generated_pair(config: Config) -> tuple[str, str]:

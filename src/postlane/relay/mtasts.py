@@ -129,7 +129,9 @@ class MTASTS:
     def _load(self) -> dict[str, STSPolicy]:
         try:
             data = json.loads(self.cache_file.read_text("utf-8"))
-            return {domain: STSPolicy(**entry) for domain, entry in data.items()}
+            now = time.time()
+            policies = {domain: STSPolicy(**entry) for domain, entry in data.items()}
+            return {d: p for d, p in policies.items() if not p.expired(now)}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError) as exc:
@@ -149,6 +151,9 @@ class MTASTS:
         """The cache file rewritten in a thread, one write at a time, each from the cache as it
         is when its turn comes (so the last write holds every policy fetched before it)."""
         async with self._saving:
+            now = time.time()  # an expired policy is never used again (RFC 8461 5.1): dropped
+            for domain in [d for d, p in self._policies.items() if p.expired(now)]:
+                del self._policies[domain]
             await asyncio.to_thread(self._save, dict(self._policies))
 
     async def policy(self, domain: str) -> STSPolicy | None:
@@ -233,7 +238,23 @@ class MTASTS:
             dests = await self.resolver.resolve_host(host, self.port)
         except (DNSPermError, DNSTempError) as exc:
             raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
-        ip = dests[0].ip
+        unreachable = PolicyError("sts-policy-fetch-error", f"{host}: no address")
+        for dest in dests:  # the next address when one cannot be connected to
+            try:
+                body = await self._get_from(host, dest.ip)
+            except _Unreachable as exc:
+                unreachable = PolicyError("sts-policy-fetch-error", f"{host}: {exc}")
+                continue
+            break
+        else:
+            raise unreachable
+        with contextlib.suppress(UnicodeDecodeError):
+            return body.decode("utf-8")
+        raise PolicyError("sts-policy-invalid", f"{host}: not UTF-8")
+
+    async def _get_from(self, host: str, ip: str) -> bytes:
+        """The policy file's bytes from one address of ``host`` (raises _Unreachable when no
+        connection could be made, PolicyError for anything else)."""
         url = f"https://{'[' + ip + ']' if ':' in ip else ip}:{self.port}/.well-known/mta-sts.txt"
         try:
             async with httpx.AsyncClient(verify=self._ssl, timeout=self.timeout,
@@ -250,13 +271,17 @@ class MTASTS:
                     body += chunk
                     if len(body) > MAX_POLICY_BYTES:
                         raise PolicyError("sts-policy-invalid", f"{host}: policy over 64 KB")
+                return body
         except httpx.ConnectError as exc:
             cause = exc.__context__ or exc.__cause__
             if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in str(exc):
                 raise PolicyError("sts-webpki-invalid", f"{host}: {exc}") from None
-            raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
+            raise _Unreachable(f"{ip}: {exc}") from None
+        except httpx.ConnectTimeout as exc:
+            raise _Unreachable(f"{ip}: {exc}") from None
         except httpx.HTTPError as exc:
             raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
-        with contextlib.suppress(UnicodeDecodeError):
-            return body.decode("utf-8")
-        raise PolicyError("sts-policy-invalid", f"{host}: not UTF-8")
+
+
+class _Unreachable(Exception):
+    """No connection to one address of the policy host: the next address is tried."""

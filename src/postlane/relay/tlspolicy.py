@@ -109,8 +109,11 @@ class TLSPolicy:
             return [HostPlan(domain, d, base, base, None if routed else NO_POLICY)
                     for d in dests]
         tlsa = await self._tlsa(domain, dests, source_ip) if self.dane else {}
-        sts = await self.sts.policy(domain) if self.sts is not None and not any(
-            records for records in tlsa.values()) else None
+        # DANE applies per host: MTA-STS holds for every host without TLSA records (its
+        # lookup not failed), so it is looked up unless DANE covers every host
+        sts_hosts = any(not tlsa.get(d.host) and not (d.host in tlsa and tlsa[d.host] is None)
+                        for d in dests)
+        sts = await self.sts.policy(domain) if self.sts is not None and sts_hosts else None
         plans = []
         for d in dests:
             records = tlsa.get(d.host)
