@@ -172,3 +172,30 @@ def test_serve_on_a_newer_store_says_so_in_one_line_and_exits_2(tmp_path, store)
     assert "Traceback" not in done.stderr, done.stderr
     assert "newer than this Postlane" in done.stderr, done.stderr
     assert "install the release that wrote it" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", [["suppress", "list"], ["suppress", "export"],
+                                     ["suppress", "add", "x@example.com"],
+                                     ["suppress", "remove", "x@example.com"]])
+def test_a_command_on_a_newer_suppression_list_refuses_it_as_a_downgrade(tmp_path, command):
+    """After a downgrade the suppression commands refuse the newer list as ``serve`` does: the
+    advice and exit 2, not an "unexpected" error asking for a bug report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _old_node(tmp_path, 9)
+    assert runner.invoke(app, ["upgrade", "-c", str(path)]).exit_code == 0
+    db = tmp_path / "spool" / "suppression.sqlite3"
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO suppression_migrations VALUES (99, 0)")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    done = subprocess.run([Path(sys.executable).parent / "postlane", *command, "-c", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "unexpected" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "newer than this Postlane" in done.stderr, done.stderr
+    assert "install the release that wrote it" in done.stderr, done.stderr
+    assert db.read_bytes() == before  # refused, not written
