@@ -270,3 +270,30 @@ def test_a_backup_run_as_root_leaves_the_hold_file_to_the_nodes_user(tmp_path):
     assert result.exit_code == 0, result.output
     hold = state / "trim.hold"
     assert (hold.stat().st_uid, hold.stat().st_gid) == (65534, 65534)
+
+
+async def test_stores_kept_outside_the_state_folder_are_copied_before_the_spool(tmp_path, sink):
+    """An audit store (``audit.path``) or a suppression list (``feedback.suppression_db``) the
+    config keeps elsewhere is copied before the spool too, as in the state folder: copied
+    after it, the list could hold an operator's change whose record (settled meanwhile) the
+    spool copy lacks, and the audit store events the restored spool would number again."""
+    _init(tmp_path, sink.port)
+    cfg = tmp_path / "node" / "postlane.toml"
+    text = cfg.read_text().replace(
+        "[feedback]", '[feedback]\nsuppression_db = "../elsewhere/suppression.sqlite3"', 1)
+    cfg.write_text(text + '\n[audit]\npath = "../elsewhere/audit.sqlite"\n')
+    node = Node(load_config(cfg))
+    await node.start()
+    await send(node.listeners[0].port, "notices@insurer.example", ["c1@example.com"], _notice(1))
+    await sink.wait_for(1, timeout=20)
+    await node.stop()
+    assert (tmp_path / "elsewhere" / "suppression.sqlite3").is_file()
+    result = await asyncio.to_thread(runner.invoke, app, ["backup", str(tmp_path / "copy"), "-c",
+                                                          str(cfg)])
+    assert result.exit_code == 0, result.output
+    roles = [i["role"] for i in json.loads((tmp_path / "copy" / "manifest.json")
+                                           .read_text())["items"]]
+    spool = roles.index("state:spool.sqlite")
+    assert roles.index("audit.path") < spool
+    assert roles.index("feedback.suppression_db") < spool
+    assert roles.index("audit.path") < roles.index("feedback.suppression_db")

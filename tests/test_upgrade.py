@@ -172,3 +172,62 @@ def test_serve_on_a_newer_store_says_so_in_one_line_and_exits_2(tmp_path, store)
     assert "Traceback" not in done.stderr, done.stderr
     assert "newer than this Postlane" in done.stderr, done.stderr
     assert "install the release that wrote it" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", [["suppress", "list"], ["suppress", "export"],
+                                     ["suppress", "add", "x@example.com"],
+                                     ["suppress", "remove", "x@example.com"]])
+def test_a_command_on_a_newer_suppression_list_refuses_it_as_a_downgrade(tmp_path, command):
+    """After a downgrade the suppression commands refuse the newer list as ``serve`` does: the
+    advice and exit 2, not an "unexpected" error asking for a bug report."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = _old_node(tmp_path, 9)
+    assert runner.invoke(app, ["upgrade", "-c", str(path)]).exit_code == 0
+    db = tmp_path / "spool" / "suppression.sqlite3"
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO suppression_migrations VALUES (99, 0)")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    done = subprocess.run([Path(sys.executable).parent / "postlane", *command, "-c", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "unexpected" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "newer than this Postlane" in done.stderr, done.stderr
+    assert "install the release that wrote it" in done.stderr, done.stderr
+    assert db.read_bytes() == before  # refused, not written
+
+
+def test_a_suppress_command_leaves_the_list_of_a_running_older_node_as_it_is(tmp_path):
+    """Between ``pip install --upgrade`` and the restart the old node still runs: a suppress
+    command of the new release migrated its list under it, and the old node's writer then
+    failed on every hard bounce ("table bounces has 4 columns but 3 values were supplied").
+    It refuses instead while a node runs (its recorder holds the accounting folder), and
+    migrates the list as before when none does."""
+    import fcntl
+    import os
+
+    path = _old_node(tmp_path, 2600)
+    db = tmp_path / "spool" / "suppression.sqlite3"
+    acct = tmp_path / "acct"
+    acct.mkdir(exist_ok=True)
+    fd = os.open(acct, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running recorder does
+        for command in (["suppress", "add", "x@example.com"], ["suppress", "list"]):
+            result = runner.invoke(app, [*command, "-c", str(path)])
+            assert result.exit_code == 1, result.output
+            assert "schema version" in result.output and "a node runs on it" in result.output
+            assert _check(path)[1]["suppression list"]["status"] == "pending", "not migrated"
+    finally:
+        os.close(fd)
+    result = runner.invoke(app, ["suppress", "list", "--db", str(db)])  # whose node, unknown
+    assert result.exit_code == 1 and "postlane upgrade" in result.output, result.output
+    assert _check(path)[1]["suppression list"]["status"] == "pending"
+    result = runner.invoke(app, ["suppress", "add", "x@example.com", "-c", str(path)])
+    assert result.exit_code == 0, result.output  # no node runs: migrated, then written
+    assert _check(path)[1]["suppression list"]["status"] == "ok"
+    assert runner.invoke(app, ["suppress", "list", "--db", str(db)]).exit_code == 0

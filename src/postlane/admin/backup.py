@@ -16,12 +16,14 @@ A backup holds:
   the pseudonymisation and seal keys, the Postmaster Tools key, bounce rules; and the config.
 
 Order matters: the audit store and the accounting files are copied first and the spool after
-them, while the backup holds the spool's events (``spool/hold.py``: the node trims none
-meanwhile). Each consumer keeps its position (the audit store its last event per spool writer,
-the files their position file), and the spool copy holds every event after those positions,
-so a restored node's recorder writes on from there: the restored evidence is complete, and each
-event reaches it once. Mail accepted after the spool copy was taken is not in the backup; the
-records of it are not either.
+them (so is an audit store, suppression list or reputation store the config keeps outside the
+state folder: a list copied after the spool could hold an operator's change whose record,
+settled meanwhile, the spool copy lacks), while the backup holds the spool's events
+(``spool/hold.py``: the node trims none meanwhile). Each consumer keeps its position (the
+audit store its last event per spool writer, the files their position file), and the spool
+copy holds every event after those positions, so a restored node's recorder writes on from
+there: the restored evidence is complete, and each event reaches it once. Mail accepted after
+the spool copy was taken is not in the backup; the records of it are not either.
 
 On a PostgreSQL spool the shared database is the cluster's to back up (``pg_dump``); the
 command copies the node's own files and says what to run.
@@ -67,6 +69,11 @@ class Named:
     role: str
     """The config field that names the file (the key restore uses to find its new place)."""
     path: Path
+
+
+STORES = ("audit.path", "feedback.suppression_db", "reputation.store")
+"""Roles of the databases a config may keep outside the state folder: copied before the
+spool, like those in it."""
 
 
 def named_files(cfg: Config) -> list[Named]:
@@ -202,10 +209,20 @@ def backup(config_path: Path, dest: Path) -> dict:
         items.append({"kind": kind, "role": role, "file": rel, "source": str(source),
                       "size": target.stat().st_size, "sha256": _sha256(target)})
 
+    def add_named(named: Named) -> None:
+        kind = "sqlite" if _is_sqlite(named.path) else "file"
+        add(kind, named.role, named.path, f"files/{named.role}/{named.path.name}")
+
     state = local_dir(cfg)
+    named = [n for n in named_files(cfg) if n.path.is_file()]
+    # stores the config keeps outside the state folder go before the spool as well, the audit
+    # store first: the same order as in it (module docstring)
+    stores = sorted((n for n in named if n.role in STORES), key=lambda n: n.role != "audit.path")
     with contextlib.ExitStack() as hold:
         if state.is_dir():
             hold.enter_context(holding(state))
+            for store in stores:
+                add_named(store)
             # the audit store, then the accounting files, then the spool (module docstring)
             files = [p for p in _state_files(state) if p.name != HOLD]
             files.sort(key=lambda p: (p.name == "spool.sqlite", p.name != "audit.sqlite", str(p)))
@@ -218,11 +235,12 @@ def backup(config_path: Path, dest: Path) -> dict:
             if not any(p.name == "spool.sqlite" for p in files):
                 _copy_accounting(cfg, add)
         else:
+            for store in stores:
+                add_named(store)
             _copy_accounting(cfg, add)
-    for named in named_files(cfg):
-        if named.path.is_file():
-            kind = "sqlite" if _is_sqlite(named.path) else "file"
-            add(kind, named.role, named.path, f"files/{named.role}/{named.path.name}")
+    for other in named:
+        if other not in stores:
+            add_named(other)
     add("file", "config", config_path.resolve(), f"config/{config_path.name}")
     manifest = {"format": FORMAT, "postlane": version("postlane"), "created": time.time(),
                 "host": socket.gethostname(), "node": cfg.node.name,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from ..schema import DOWNGRADE_ADVICE, NewerSchema
 from ..secretfile import UnusableFile
 from ..startup import ConfigError, load_config
 from .admin import backup, dns_app, init, restore, upgrade
@@ -244,10 +245,17 @@ def bench(marketing: int | None = typer.Option(
 def main() -> None:
     """The ``postlane`` command. An error no command foresaw (a path that cannot be made, a
     file that is not what it should be) is one line on stderr and exit 1: a traceback in an
-    operator's terminal reads as a crash and hides the one fact that matters. ``serve`` keeps
-    its tracebacks (a node that dies needs them in the journal), as does POSTLANE_DEBUG=1."""
+    operator's terminal reads as a crash and hides the one fact that matters. A store newer
+    than this release (a downgrade) is refused with the advice ``serve`` gives, exit 2.
+    ``serve`` keeps its tracebacks (a node that dies needs them in the journal), as does
+    POSTLANE_DEBUG=1."""
     try:
         app()
+    except NewerSchema as exc:  # a downgrade: a refusal with its advice, as serve gives it
+        if os.environ.get("POSTLANE_DEBUG"):
+            raise
+        typer.echo(f"postlane: {exc}: {DOWNGRADE_ADVICE}", err=True)
+        raise SystemExit(2) from None
     except Exception as exc:
         if os.environ.get("POSTLANE_DEBUG") or sys.argv[1:2] == ["serve"]:
             raise

@@ -22,10 +22,17 @@ from ..accounting.records import Record
 from ..config import Config
 from ..feedback.categories import RulesError, load_classifier
 from ..feedback.parse import parse_report
-from ..feedback.suppression import SCOPES, SuppressionError, SuppressionList, csv_text
+from ..feedback.suppression import (
+    SCOPES,
+    SuppressionError,
+    SuppressionList,
+    SuppressionOutdated,
+    csv_text,
+)
 from ..operations import Operator, Suppressions
 from ..secretfile import NotTheOwner, as_the_owner, private_open
 from ..spool import is_dsn, local_dir
+from ..spool.hold import locked
 from ..spool.outbox import post
 
 feedback_app = typer.Typer(no_args_is_help=True, help="Bounce, DSN and complaint reports.")
@@ -84,7 +91,18 @@ def _list(cfg: Config | None, db: Path | None, write: bool = False) -> Suppressi
         except NotTheOwner as exc:
             typer.echo(f"postlane: {exc}", err=True)
             raise typer.Exit(1) from None
-    return SuppressionList(db)
+    # A list of the previous release is migrated only while no node runs on it: between
+    # ``pip install --upgrade`` and the restart the old node still writes to it, and its
+    # writes fail on the new schema. Without the config, whose node it is is unknown.
+    running = cfg is None or locked(Path(cfg.accounting.directory))
+    try:
+        return SuppressionList(db, migrate=not running)
+    except SuppressionOutdated as exc:
+        typer.echo(f"postlane: {exc}" + (
+            ": start the node on it, or run `postlane upgrade`, first" if cfg is None else
+            " and a node runs on it: restart the node on this release (it migrates the list"
+            " as it opens it), then try again"), err=True)
+        raise typer.Exit(1) from None
 
 
 @contextlib.contextmanager

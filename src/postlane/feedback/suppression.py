@@ -33,7 +33,8 @@ from .. import schema
 from ..secretfile import private_file
 
 __all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionBusy", "SuppressionError",
-           "SuppressionList", "adding", "baseline", "normalize", "parse_csv", "removing"]
+           "SuppressionList", "SuppressionOutdated", "adding", "baseline", "normalize",
+           "parse_csv", "removing"]
 
 SCOPES = ("all", "best-effort", "marketing")
 """In order of precedence: ``check`` reports the first scope that stops an address."""
@@ -48,6 +49,11 @@ T = TypeVar("T")
 
 class SuppressionError(ValueError):
     """Bad input to the list (unknown scope, not an address, malformed CSV row)."""
+
+
+class SuppressionOutdated(RuntimeError):
+    """The list is at an older schema version and the opener may not migrate it (a node of the
+    previous release may still run on it: migrated under it, its writes would fail)."""
 
 
 class SuppressionBusy(sqlite3.OperationalError):
@@ -141,13 +147,15 @@ class SuppressionList:
     ``patience`` seconds in the CLI, for ever in the node's writer thread
     (``suppression_writer.SuppressionWriter``), which keeps them off the event loop."""
 
-    def __init__(self, path: str | Path, patience: float = 30.0) -> None:
+    def __init__(self, path: str | Path, patience: float = 30.0, migrate: bool = True) -> None:
+        """``migrate`` False: a list at an older schema version is refused
+        (``SuppressionOutdated``), not migrated; a new one is still made."""
         self.path = private_file(path)  # addresses: 0600 in a 0700 folder
         self.patience = patience
         with schema.naming(self.path):
-            self._open(patience)
+            self._open(patience, migrate)
 
-    def _open(self, patience: float) -> None:
+    def _open(self, patience: float, migrate: bool = True) -> None:
         self._wdb = self._connect(BUSY_TIMEOUT)
         self._wlock = threading.Lock()
         # Two nodes (or a node and the CLI) opening a new list at once: switching to WAL
@@ -164,6 +172,12 @@ class SuppressionList:
         # NORMAL (WAL) a power loss takes the last commits back, and the complainer is mailed
         self._wdb.execute("PRAGMA synchronous=FULL")
         self._wdb.execute(f"PRAGMA busy_timeout={int(patience * 1000)}")
+        if not migrate:
+            found = schema.version(self._wdb, "suppression_migrations", baseline)
+            if 0 < found < MIGRATIONS[-1][0]:
+                self._wdb.close()
+                raise SuppressionOutdated(f"the suppression list at {self.path} is at schema"
+                                          f" version {found} of {MIGRATIONS[-1][0]}")
         schema.migrate(self._wdb, self.path, "suppression_migrations", MIGRATIONS, baseline)
         self._wdb.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         self._db = self._connect(30)
