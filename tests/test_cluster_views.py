@@ -177,6 +177,10 @@ async def test_the_reputation_alerts_are_the_clusters_too(tmp_path, sink,
         await asyncio.gather(a.stop(), b.stop())
 
 
+async def _lane(lanes, pool: str) -> bool:
+    return any(x["pool"] == pool for x in await lanes)
+
+
 async def _paused_campaign_and_deferrals(a, b, busy: list) -> None:
     """Pool bulk paused (on a, seen by b) with three messages waiting in it (w0..w2@, taken
     by b), and each (node, address) of ``busy`` sent a claims message there that its receiver
@@ -229,6 +233,15 @@ async def test_the_queue_listing_is_the_clusters_on_every_node(tmp_path, sink,
                 deferred = (await client.get("/api/v1/queue/messages",
                                              params={"state": "deferred"})).json()
                 assert [m["queue_id"] for m in deferred["messages"]] == [busy], name
+
+                async def shared_lanes() -> list:
+                    return (await client.get("/api/v1/status")).json()["cluster"]["lanes"]
+
+                await until(lambda: _lane(shared_lanes(), "bulk"), what="the shared lanes")
+                lanes = await shared_lanes()
+                # the status's shared lanes say which are paused, as `cluster status` does
+                assert sorted((x["pool"], x["domain"], x["paused"]) for x in lanes) == [
+                    ("bulk", "example.com", True), ("critical", "example.com", False)], name
         assert sink.arrivals == []
     finally:
         await asyncio.gather(a.stop(), b.stop())

@@ -493,6 +493,7 @@ class Node:
                               "taken_over_total": self.claimer.taken_over,
                               "draining": self.claimer.draining,
                               "fenced": self.claimer.fenced,
+                              "paused": sorted(f"{p}/{d}" for p, d in self.scheduler.paused),
                               "evaluator": self.monitor.cluster is not None
                               and self.monitor.cluster.leader}
         return out

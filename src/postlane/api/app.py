@@ -172,12 +172,15 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
         out["alerts_active"] = len((await parts.monitor.alert_lists())["active"])
         if parts.monitor.cluster is not None:
             figures = await parts.monitor.cluster.current()
+            paused = set(out["cluster"]["paused"])  # the cluster's, as this node has them
             out["cluster"].update(
                 evaluated_by=figures["leader"] if figures else None,
                 age_s=figures["age_s"] if figures else None,
                 nodes=figures["nodes"] if figures else [],
                 pools=figures["pools"] if figures else {},
-                lanes=figures.get("lanes", []) if figures else [])
+                lanes=[{**lane, "paused": f"{lane['pool']}/*" in paused
+                        or f"{lane['pool']}/{lane['domain']}" in paused}
+                       for lane in (figures.get("lanes", []) if figures else [])])
         return out
 
     ops = parts.operations

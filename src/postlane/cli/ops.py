@@ -226,11 +226,12 @@ def _shared_table(cluster: dict) -> Table:
 def _shared_lanes_table(cluster: dict) -> Table:
     """The cluster's deepest lanes, the same on every node."""
     table = Table(title="shared queue per lane (the whole cluster, deepest first)")
-    for col in ("pool", "domain", "queued", "deferred", "on hold", "oldest"):
-        table.add_column(col, justify="left" if col in ("pool", "domain") else "right")
+    for col in ("pool", "domain", "queued", "deferred", "on hold", "oldest", "state"):
+        table.add_column(col, justify="left" if col in ("pool", "domain", "state") else "right")
     for lane in cluster.get("lanes", []):
         table.add_row(lane["pool"], lane["domain"], str(lane["queued"]), str(lane["deferred"]),
-                      str(lane["on_hold"]), _age(lane["oldest_age_s"]))
+                      str(lane["on_hold"]), _age(lane["oldest_age_s"]),
+                      "paused" if lane.get("paused") else "")
     return table
 
 
