@@ -9,6 +9,7 @@ address, every node must show it, not answer "no message ... never queued".
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 
 import asyncpg
@@ -303,8 +304,10 @@ async def test_a_dead_node_that_will_not_come_back_can_be_forgotten(tmp_path,
         async with spool.acquire() as conn:  # a live node gave it back
             await conn.execute("UPDATE recipients SET lease_owner = NULL, lease_until = NULL")
             assert await conn.fetchval("SELECT count(*) FROM events") == 0, "nothing recorded"
-        out = await asyncio.to_thread(cli, "cluster", "forget", "node-a", "-c", str(path))
+        out = await asyncio.to_thread(cli, "cluster", "forget", "node-a", "-c", str(path),
+                                      "--json")
         assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"node": "node-a", "forgotten": True}
         assert [n.name for n in await spool.nodes()] == []
         async with spool.acquire() as conn:
             assert await conn.fetchval("SELECT count(*) FROM events") == 1, "on the record"

@@ -100,13 +100,15 @@ def status(config: Path = typer.Option(..., "-c", "--config", help="TOML config 
 
 @cluster_app.command("forget")
 def forget(node: str = typer.Argument(..., help="name of the dead node to remove"),
-           config: Path = typer.Option(..., "-c", "--config", help="TOML config file")) -> None:
+           config: Path = typer.Option(..., "-c", "--config", help="TOML config file"),
+           as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Remove a dead node that will not come back from the cluster's list (it stays listed
     DEAD, and counted as dead in /metrics, until it comes back under its name)."""
     from . import _load
 
     _on_record(_load(config), node, forget_node, NodeNotForgotten, f"{node} is forgotten")
-    typer.echo(f"{node}: removed from the cluster's nodes")
+    typer.echo(json.dumps({"node": node, "forgotten": True}) if as_json
+               else f"{node}: removed from the cluster's nodes")
 
 
 @cluster_app.command("drain")
