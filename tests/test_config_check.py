@@ -348,3 +348,19 @@ def test_files_that_exist_need_no_writable_folder(tmp_path, monkeypatch):
         assert exc.errors == [f"api.token_file: {ro} is not writable"]
     else:
         raise AssertionError("a token file that cannot be made passed")
+
+
+def test_no_listener_may_take_the_name_of_the_tls_reports(tmp_path):
+    """Mail the node queues for TLS-RPT is marked by its listener name, ``tlsrpt``, and sent
+    under a relaxed TLS policy (docs/tls.md): a listener of that name would relax its mail."""
+    from postlane.startup import load_config
+
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 25999).replace("[listeners.in]", "[listeners.tlsrpt]"))
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert "listeners.tlsrpt: the name is the node's own, for its TLS reports" in \
+            exc.errors, exc.errors
+    else:
+        raise AssertionError("a listener named tlsrpt was taken")

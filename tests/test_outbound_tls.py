@@ -561,6 +561,78 @@ async def test_only_a_tlsrpt_record_of_version_1_asks_for_reports(world, make_no
     assert await node.tls_reports.send_due(before="9999-12-31") == 0
     assert world.https.posted == []
 
+@pytest.mark.parametrize("case", ["sts-expired", "sts-handshake", "dane-mismatch"])
+async def test_a_mailed_report_is_delivered_despite_the_tls_failures_of_its_rua_domain(
+        world, make_node, tmp_path, case):
+    """RFC 8460 3: reports are delivered despite any TLS failure, and their delivery is not
+    counted. The rua domain's MTA-STS is enforce (its MX certificate expired, or its handshake
+    failing) or its TLSA records do not match: the report goes with unauthenticated TLS, or in
+    clear on a new connection, while an ordinary message to that domain is still deferred."""
+    world.mx("quiet.test", "plain.mx.test")  # the reported domain
+    if case == "dane-mismatch":
+        rua, host, auth, tls = "dane.test", "good.mx.test", "none", True
+        world.mx(rua, host, secure=True)
+        world.tlsa(host, 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)
+    else:
+        rua = "sts.test"
+        host, auth, tls = (("expired.mx.test", "none", True) if case == "sts-expired"
+                           else ("broken.mx.test", "", False))
+        world.mx(rua, host)
+        world.sts(rua, "enforce", ["*.mx.test"])
+    world.dns.add_txt("_smtp._tls.quiet.test", f"v=TLSRPTv1; rua=mailto:tlsrpt@{rua}")
+    node = await make_node(world.config())
+    await _deliver(node, "a@quiet.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "a@quiet.test"))["type"] == "d"
+    assert await node.tls_reports.send_due(before="9999-12-31") == 1
+    row = await first_outcome(tmp_path, f"tlsrpt@{rua}")
+    assert row["type"] == "d", row
+    assert row["dlvTlsPolicy"] == "tlsrpt" and row["dlvTlsAuth"] == auth, row
+    assert bool(row["dlvTlsProtocol"]) is tls, row
+    [arrival] = await world.sinks[host].wait_for(1)
+    assert email.message_from_bytes(arrival.data)["TLS-Report-Domain"] == "quiet.test"
+    # the report's sessions are not counted: the rua domain has no figures
+    node.tls_reports.flush()
+    assert node.tls_reports.report(row["timeLogged"][:10], rua) is None
+    # an ordinary message to the rua domain is still held to the domain's policy (and counted)
+    await _deliver(node, f"o@{rua}", cls="marketing")
+    row = await first_outcome(tmp_path, f"o@{rua}")
+    assert row["type"] == "t" and row["dsnStatus"].startswith("4.7."), row
+    await asyncio.sleep(0.5)
+    assert len(world.sinks[host].arrivals) == 1
+    node.tls_reports.flush()
+    report = node.tls_reports.report(row["timeLogged"][:10], rua)
+    validate(report)
+    assert report is not None and report["policies"][0]["summary"][
+        "total-successful-session-count"] == 0
+
+
+async def test_a_report_goes_alone_on_its_own_connection(world, make_node, tmp_path):
+    """Ordinary mail queued for the rua domain while the report's relaxed connection is open
+    (one connection for the pool, so it waits for that one) is never sent on it: the report's
+    connection is closed after the report, and the mail is held to the domain's MTA-STS
+    enforce policy on a connection of its own (deferred: the certificate has expired)."""
+    world.mx("quiet.test", "good.mx.test")
+    world.mx("sts.test", "expired.mx.test")
+    world.sts("sts.test", "enforce", ["*.mx.test"])
+    world.dns.add_txt("_smtp._tls.quiet.test", "v=TLSRPTv1; rua=mailto:tlsrpt@sts.test")
+    sink = world.sinks["expired.mx.test"]
+    sink.delay = 1.5  # the report's DATA is answered late: the ordinary mail queues meanwhile
+    node = await make_node(world.config().replace('ehlo = "bulk.test", max_smtp_out = 4',
+                                                  'ehlo = "bulk.test", max_smtp_out = 1'))
+    await _deliver(node, "a@quiet.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "a@quiet.test"))["type"] == "d"
+    assert await node.tls_reports.send_due(before="9999-12-31") == 1
+    await until(lambda: sink.connections >= 2, what="the report's unverified connection")
+    await asyncio.sleep(0.3)
+    for i in range(3):
+        await _deliver(node, f"o{i}@sts.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "tlsrpt@sts.test"))["type"] == "d"
+    for i in range(3):
+        assert (await first_outcome(tmp_path, f"o{i}@sts.test"))["type"] == "t"
+    await asyncio.sleep(0.5)
+    assert [a.rcpts for a in sink.arrivals] == [["tlsrpt@sts.test"]]
+
+
 # -- evidence ----------------------------------------------------------------------------------
 
 async def test_audit_show_and_sla_tell_how_each_delivery_was_protected(world, make_node,

@@ -280,6 +280,8 @@ def _security_checks(cfg: Config, base: Path | None, checks: PartChecks) -> list
     for name, lst in cfg.listeners.items():
         lst.tls_cert, lst.tls_key = resolve(lst.tls_cert), resolve(lst.tls_key)
         where = f"listeners.{name}"
+        if name == "tlsrpt":  # relay/tlsrpt.py REPORT_LISTENER: its mail would be relaxed
+            errors.append(f"{where}: the name is the node's own, for its TLS reports")
         if lst.tls != "none":
             pair(f"{where}.tls_cert/tls_key", lst.tls_cert, lst.tls_key)
         else:

@@ -211,7 +211,7 @@ class SMTPConnection:
     """How the server was authenticated: "" (no TLS), "none", "pkix", "dane-ee", "dane-ta"."""
     tls_policy: str
     """The TLS policy the connection was made under (opportunistic, required, verified,
-    mta-sts-enforce, mta-sts-testing, dane): evidence for the accounting records."""
+    mta-sts-enforce, mta-sts-testing, dane, tlsrpt): evidence for the accounting records."""
     messages_sent: int
 
     def __init__(

@@ -122,14 +122,17 @@ class Relay:
         except DNSTempError as exc:
             return Failed(Outcome(DEFERRED, f"451 4.4.3 {exc}", "4.4.3"), unreachable=True)
 
-    async def connect(self, lane: Route, slot: Source, dests: list[Destination]) -> Hosts | Failed:
+    async def connect(self, lane: Route, slot: Source, dests: list[Destination],
+                      relaxed: bool = False) -> Hosts | Failed:
         """The hosts of one delivery attempt to ``lane`` from ``slot``, with a connection to
         the first that takes one under the TLS policy, or the outcome for the batch that
-        waited."""
+        waited. ``relaxed``: the connection of a mailed TLS-RPT report (``is_report``), made
+        under the report's relaxed policy (``TLSPolicy.relaxed``): the caller sends that
+        report alone on it."""
         info = {"source_ip": slot.address, "vmta": slot.ehlo}
         try:
             plans = await self.tls.plan(lane, dests, self.route(lane.domain) is not None,
-                                        slot.address)
+                                        slot.address, relaxed)
         except NoUsableMX as exc:
             return Failed(Outcome(DEFERRED, str(exc.reply), status_of(exc.reply)), info, True)
         hosts = Hosts(self, lane, slot, plans[:self.config.relay.mx_address_limit], info)

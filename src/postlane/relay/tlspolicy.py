@@ -18,6 +18,10 @@ counted for TLS-RPT (``tlsrpt.py``); every connection carries, as evidence for i
 records, how the server was authenticated (``tls_auth``) and the policy it was made under
 (``tls_policy``). Routes (smarthosts, sinks) are not MXes: only the class and rule policies
 apply to them.
+
+A mailed TLS-RPT report (``tlsrpt.is_report``) is planned with ``relaxed``: RFC 8460 3 wants it
+delivered despite the TLS failures it may be about, and not counted. The scheduler sends it
+alone on such a connection (scheduler/delivery.py), so no other mail gets the relaxed policy.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ class HostPlan:
     tlsa: list[dane.TLSA] = field(default_factory=list)
     testing: STSPolicy | None = None
     """MTA-STS testing: check the certificate as ``enforce`` would, report, deliver anyway."""
+    relaxed: bool = False
+    """A mailed TLS-RPT report (RFC 8460 3): TLS as ``level`` asks when it can be had, else
+    unauthenticated TLS, else clear text; never counted (``TLSPolicy.relaxed``)."""
 
 
 class TLSPolicy:
@@ -102,12 +109,15 @@ class TLSPolicy:
         return stricter(level, lane.rule.tls if lane.rule is not None else None)
 
     async def plan(self, lane: Route, dests: list[Destination], routed: bool,
-                   source_ip: str) -> list[HostPlan]:
-        """The addresses to try, in order, each with how to connect (raises NoUsableMX)."""
+                   source_ip: str, relaxed: bool = False) -> list[HostPlan]:
+        """The addresses to try, in order, each with how to connect (raises NoUsableMX).
+        ``relaxed``: for a mailed TLS-RPT report (``relaxed``)."""
         base, domain = self.base(lane), lane.domain
         if base == "disabled" or routed:
             return [HostPlan(domain, d, base, base, None if routed else NO_POLICY)
                     for d in dests]
+        if relaxed:
+            return await self.relaxed(lane, dests, source_ip)
         tlsa = await self._tlsa(domain, dests, source_ip) if self.dane else {}
         # DANE applies per host: MTA-STS holds for every host without TLSA records (its
         # lookup not failed), so it is looked up unless DANE covers every host
@@ -143,8 +153,30 @@ class TLSPolicy:
             raise NoUsableMX(Reply(451, f"4.7.5 {why}", "4.7.5"))
         return plans
 
-    async def _tlsa(self, domain: str, dests: list[Destination],
-                    source_ip: str) -> dict[str, list[dane.TLSA] | None]:
+    async def relaxed(self, lane: Route, dests: list[Destination],
+                      source_ip: str) -> list[HostPlan]:
+        """The plans of a mailed TLS-RPT report (RFC 8460 3: reports are delivered despite any
+        TLS failure, and their delivery is not counted): every MX host, in MX order, with
+        the TLS it would get when that works - DANE where TLSA records apply, PKIX where
+        MTA-STS (any mode) or the class or rule policy (``verified``) asks - and, when it does
+        not, unauthenticated TLS, then clear text (``connect``). Evidence: policy ``tlsrpt``
+        and the authentication actually had. Routes never get here (``plan``)."""
+        base, domain = self.base(lane), lane.domain
+        tlsa = await self._tlsa(domain, dests, source_ip, count=False) if self.dane else {}
+        sts_hosts = any(not tlsa.get(d.host) for d in dests)
+        sts = await self.sts.policy(domain) if self.sts is not None and sts_hosts else None
+        plans = []
+        for d in dests:
+            records = [r for r in tlsa.get(d.host) or [] if r.usable]
+            if records:
+                plans.append(HostPlan(domain, d, "dane", "tlsrpt", None, records, relaxed=True))
+                continue
+            level = "verified" if sts is not None or base == "verified" else "opportunistic"
+            plans.append(HostPlan(domain, d, level, "tlsrpt", None, relaxed=True))
+        return plans
+
+    async def _tlsa(self, domain: str, dests: list[Destination], source_ip: str,
+                    count: bool = True) -> dict[str, list[dane.TLSA] | None]:
         """host -> its authenticated TLSA records ([]: none), or None when the lookup failed;
         hosts whose MX or address answers were not authenticated are not looked up."""
         out: dict[str, list[dane.TLSA] | None] = {}
@@ -157,8 +189,9 @@ class TLSPolicy:
             except DNSTempError as exc:
                 log.warning("TLSA lookup failed: %s", exc, extra={"host": d.host})
                 out[d.host] = None
-                self._session(domain, PolicyRef("tlsa", (), (d.host,)), d.host, source_ip, "",
-                              "dnssec-invalid", str(exc)[:200])
+                if count:
+                    self._session(domain, PolicyRef("tlsa", (), (d.host,)), d.host, source_ip, "",
+                                  "dnssec-invalid", str(exc)[:200])
                 continue
             out[d.host] = dane.parse(records) if secure else []
         return out
@@ -167,6 +200,8 @@ class TLSPolicy:
                       timeouts: Timeouts) -> SMTPConnection:
         """Open the connection ``plan`` asks for; a TLS failure the policy does not allow
         raises SMTPError with a 451 4.7.x reply saying why (a deferral, never clear text)."""
+        if plan.relaxed:
+            return await self._connect_relaxed(plan, slot, timeouts)
         d = plan.dest
         verify = plan.level == "verified" or plan.testing is not None
         tls = plan.level if plan.level in ("disabled", "opportunistic") and not verify \
@@ -205,6 +240,38 @@ class TLSPolicy:
         self._count(plan, slot, failure, why)
         return _evidence(conn, plan, auth)
 
+    async def _connect_relaxed(self, plan: HostPlan, slot: Source,
+                               timeouts: Timeouts) -> SMTPConnection:
+        """A report's connection (``relaxed``): STARTTLS when offered, checked as the plan's
+        level asks; a certificate that fails the check is taken unchecked on a new connection,
+        a failed handshake is followed by clear text on a new connection (as the opportunistic
+        policy does). Nothing is counted for TLS-RPT."""
+        verify = plan.level == "verified"
+        conn: SMTPConnection | None = None
+        try:
+            conn = await self._open(plan, slot, timeouts, verify, "opportunistic")
+        except SMTPError as exc:
+            if not _handshake_failed(exc):
+                raise
+            log.info("TLS report to %s: %s; without authentication", plan.dest.host,
+                     exc.message)
+        if conn is None and verify:
+            verify = False
+            try:
+                conn = await self._open(plan, slot, timeouts, False, "opportunistic")
+            except SMTPError as exc:
+                if not _handshake_failed(exc):
+                    raise
+        if conn is None:
+            conn = await self._open(plan, slot, timeouts, False, "disabled")
+            return _evidence(conn, plan, "")
+        auth = ""
+        if conn.tls_version:
+            auth = "pkix" if verify else "none"
+            if plan.level == "dane":
+                auth = dane.match(plan.tlsa, conn.peer_chain(), plan.dest.host) or "none"
+        return _evidence(conn, plan, auth)
+
     async def _open(self, plan: HostPlan, slot: Source, timeouts: Timeouts, verify: bool,
                     tls: str) -> SMTPConnection:
         d = plan.dest
@@ -233,6 +300,11 @@ def _plain_allowed(plan: HostPlan, exc: SMTPError) -> bool:
     only under the opportunistic policy (RFC 7435 3: an attacker could strip the STARTTLS
     anyway; Postfix's "may" does the same), never after a 421 (the server is closing)."""
     return plan.level == "opportunistic" and exc.stage == "starttls" and exc.reply is None
+
+
+def _handshake_failed(exc: SMTPError) -> bool:
+    """STARTTLS was offered and its handshake (or the certificate's check) failed; not a 421."""
+    return bool(exc.tls_failure) and exc.stage == "starttls" and exc.reply is None
 
 
 def _refusal(plan: HostPlan, exc: SMTPError) -> SMTPError:

@@ -32,6 +32,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.utils import make_msgid
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -41,7 +42,21 @@ from ..maildate import header_date
 from ..secretfile import private_file
 from .mx import DNSTempError, MXResolver, txt_strings
 
+if TYPE_CHECKING:
+    from ..spool import Message
+
 log = logging.getLogger("postlane.tlsrpt")
+
+REPORT_LISTENER = "tlsrpt"
+"""The ``listener`` of the messages this module queues: the mark, kept in the spool with the
+message, by which the relay sends a mailed report under its relaxed TLS policy (``is_report``);
+no configured listener may take the name (config/load.py)."""
+
+
+def is_report(msg: Message) -> bool:
+    """Whether ``msg`` is a TLS-RPT report this node queued (RFC 8460 3: delivered despite
+    TLS failures, its sessions not counted; relay/tlspolicy.py)."""
+    return msg.listener == REPORT_LISTENER
 
 __all__ = ["NO_POLICY", "PolicyRef", "TLSReports"]
 
@@ -278,7 +293,7 @@ class TLSReports:
         from ..policy.intake import RcptIn  # here: policy imports relay's neighbours
 
         await self.submit(self.mail_from, [RcptIn(address, "NEVER")],
-                          msg.as_bytes().replace(b"\n", b"\r\n"), listener="tlsrpt",
+                          msg.as_bytes().replace(b"\n", b"\r\n"), listener=REPORT_LISTENER,
                           src_type="tlsrpt",
                           forced_class=self.config.tlsrpt.report_class or self.config.default_class)
 

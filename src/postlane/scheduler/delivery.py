@@ -20,6 +20,7 @@ from ..relay.deliver import (
     Relay,
     SessionLost,
 )
+from ..relay.tlsrpt import is_report
 from ..spool import Recipient, State
 from .clock import Clock
 from .lanes import Lane, SourceSlot
@@ -63,8 +64,11 @@ class DeliveryLoop:
         batch = self.next_batch(lane)
         if not batch:
             return
+        # a mailed TLS-RPT report gets a connection of its own, under its relaxed TLS policy,
+        # and goes alone on it: no other message is sent on a relaxed connection
+        report = is_report(batch[0].msg)
         try:
-            hosts = await self._open(relay, lane, slot, batch)
+            hosts = await self._open(relay, lane, slot, batch, report)
         except Exception:  # never strand a taken batch in memory (as for a transaction below)
             log.exception("connecting for %s failed unexpectedly", batch[0].msg.id)
             self._defer_inflight(batch, {"source_ip": slot.address, "vmta": slot.ehlo})
@@ -103,7 +107,7 @@ class DeliveryLoop:
                     log.exception("delivery of %s failed unexpectedly", batch[0].msg.id)
                     self._defer_inflight(batch, info)
                     break
-                if not conn.usable or conn.messages_sent >= limit:
+                if report or not conn.usable or conn.messages_sent >= limit:
                     break
                 batch = await self.wait_for_work(lane, self.config.relay.idle_timeout,
                                                  conn.messages_sent)
@@ -118,7 +122,7 @@ class DeliveryLoop:
                 self.deferred(rcpt, "451 4.3.0 internal error during delivery", "4.3.0", info)
 
     async def _open(self, relay: Relay, lane: Lane, slot: SourceSlot,
-                    batch: list[Recipient]) -> Hosts | None:
+                    batch: list[Recipient], report: bool = False) -> Hosts | None:
         """The attempt's hosts, one connected, for ``batch``, or None with the batch's
         outcome recorded."""
         dests = await relay.resolve(lane.domain)
@@ -129,7 +133,7 @@ class DeliveryLoop:
             name = self.rules.for_mx([d.host for d in dests])
             if name:
                 self.set_rule(lane, name)
-        hosts = await relay.connect(lane, slot, dests)
+        hosts = await relay.connect(lane, slot, dests, relaxed=report)
         if isinstance(hosts, Failed):
             self._failed(lane, batch, hosts)
             return None
