@@ -177,3 +177,26 @@ async def test_an_action_on_a_queue_id_it_cannot_act_on_says_why_and_exits_1(
     assert code == 1 and "held: 1 recipients of 1 messages" in out and "NOSUCHID" in err
     code, out, err = await cli("queue", "release", waiting)
     assert code == 0 and "released: 1 recipients of 1 messages" in out and not err, err
+
+
+async def test_queue_list_and_deferrals_print_replies_and_addresses_as_they_are(
+        tmp_path, sink, make_node):
+    """A remote reply, an address are text, not rich markup: ``[mx.example.net]`` vanished from
+    ``queue list`` and ``queue deferrals``, and a ``[/ip]`` in a reply made both crash with
+    ``MarkupError`` (exit 1 and a traceback), so the operator could not list the queue."""
+    reply = "451 4.7.1 try later [/ip] from [mx.grey.example] [bold]"
+    sink.rcpt_replies[f"r0@{GREY}"] = [reply]
+    text = config_text(tmp_path, sink.port, f'"{GREY}" = "127.0.0.1:{sink.port}"\n')
+    text = text.replace('retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
+    node = await make_node(text)
+    await node.intake.submit("notices@example.com", [RcptIn(f"r0@{GREY}")],
+                             message("policy", cls="policy-documents"))
+    await _until(lambda: any(r.state.value == "deferred" for r in node.scheduler.recipients()))
+    target = ("--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token"))
+    code, out, err = await run_cli("queue", "list", *target)
+    assert code == 0, err
+    assert reply in out
+    code, out, err = await run_cli("queue", "deferrals", *target)
+    assert code == 0, err
+    assert "[/ip] from [mx.grey.example] [bold]" in out

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from .ops import ConfigOpt, JSONOpt, TokenOpt, URLOpt, _age, _call, _fail, _seg, _target, console
 
@@ -67,7 +68,8 @@ def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
         for i, r in enumerate(msg["recipients"]):
             head = [msg["queue_id"], msg["class"], msg["pool"], _age(msg["age_s"]),
                     str(msg["size"]), msg["sender"] or "<>"] if i == 0 else [""] * 6
-            table.add_row(*head, r["address"], r["state"], str(r["attempts"]), r["reply"])
+            table.add_row(*map(Text, (*head, r["address"], r["state"], str(r["attempts"]),
+                                      r["reply"])))
     console().print(table)
 
 
@@ -186,8 +188,9 @@ def deferrals(top: Annotated[int, typer.Option(help="reasons shown")] = 50,
     for col in ("recipients", "oldest", "category", "top domains", "reason"):
         table.add_column(col, justify="right" if col in ("recipients", "oldest") else "left")
     for g in out["reasons"]:
-        table.add_row(str(g["recipients"]), _age(g["oldest_age_s"]), g["category"],
-                      ", ".join(f"{d} ({n})" for d, n in g["domains"].items()), g["reason"])
+        table.add_row(*map(Text, (str(g["recipients"]), _age(g["oldest_age_s"]), g["category"],
+                                  ", ".join(f"{d} ({n})" for d, n in g["domains"].items()),
+                                  g["reason"])))
     console().print(table)
 
 
@@ -209,5 +212,5 @@ def shape(by: Annotated[str, typer.Option(help="domain or class")] = "domain",
     for label in out["buckets"]:
         table.add_column(label, justify="right")
     for row in out["rows"]:
-        table.add_row(row["key"], str(row["total"]), *map(str, row["counts"]))
+        table.add_row(*map(Text, (row["key"], str(row["total"]), *map(str, row["counts"]))))
     console().print(table)
