@@ -200,3 +200,27 @@ async def test_queue_list_and_deferrals_print_replies_and_addresses_as_they_are(
     code, out, err = await run_cli("queue", "deferrals", *target)
     assert code == 0, err
     assert "[/ip] from [mx.grey.example] [bold]" in out
+
+
+async def test_queue_show_list_and_deferrals_escape_terminal_controls(tmp_path, sink, make_node):
+    """A remote reply and a header field come from strangers: their ESC sequences (clear the
+    screen, set the window title) reached the operator's terminal raw from ``queue show``,
+    ``list`` and ``deferrals``; they are shown escaped (``\\x1b``), as ``audit show`` does."""
+    sink.rcpt_replies[f"r0@{GREY}"] = ["451 4.7.1 grey \x1b]0;owned\x07 \x1b[2J done"]
+    text = config_text(tmp_path, sink.port, f'"{GREY}" = "127.0.0.1:{sink.port}"\n')
+    text = text.replace('retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
+    node = await make_node(text)
+    qid = await node.intake.submit(
+        "n@example.com", [RcptIn(f"r0@{GREY}")],
+        message("Pr\u00e4mie", cls="policy-documents", extra="X-Esc: a\x1b]0;t\x07b\r\n"))
+    await _until(lambda: any(r.state.value == "deferred" for r in node.scheduler.recipients()))
+    await node.flush_evidence()
+    target = ("--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token"))
+    for args in (("show", qid), ("list",), ("deferrals",)):
+        code, out, err = await run_cli("queue", *args, *target)
+        assert code == 0, err
+        assert "\x1b" not in out and "\x07" not in out, args
+        assert "grey \\x1b]0;owned\\x07 \\x1b[2J done" in out, args
+    code, out, _ = await run_cli("queue", "show", qid, *target)
+    assert "X-Esc: a\\x1b]0;t\\x07b" in out and "Subject: Pr\u00e4mie" in out
