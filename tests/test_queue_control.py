@@ -224,3 +224,21 @@ async def test_queue_show_list_and_deferrals_escape_terminal_controls(tmp_path, 
         assert "grey \\x1b]0;owned\\x07 \\x1b[2J done" in out, args
     code, out, _ = await run_cli("queue", "show", qid, *target)
     assert "X-Esc: a\\x1b]0;t\\x07b" in out and "Subject: Pr\u00e4mie" in out
+
+
+async def test_queue_show_of_a_malformed_id_says_there_is_no_such_message(tmp_path, sink,
+                                                                          make_node):
+    """``queue show .`` fetched the queue listing (the HTTP client folds "." and "..") and
+    failed with ``KeyError: 'queue_id'`` (with ``--json`` it printed the whole queue as if it
+    were the message); ``a/b`` and ``..`` gave a bare "Not Found"."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.pause("bulk", who=OPERATOR)
+    await node.intake.submit("news@example.com", [RcptIn("m0@example.com")],
+                             message("offer", cls="marketing"))
+    target = ("--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token"))
+    for qid in (".", "..", "a/b", "../messages", "%2e"):
+        for extra in ((), ("--json",)):
+            code, out, err = await run_cli("queue", "show", qid, *extra, *target)
+            assert code == 1 and out == "", (qid, out)
+            assert f"no message {qid!r} in the queue" in err, (qid, err)

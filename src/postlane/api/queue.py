@@ -111,7 +111,7 @@ def router(parts: NodeParts) -> APIRouter:
         cluster: the cluster's queue, on whichever node is asked)."""
         return await run(queue.messages, sel.selector(), limit)
 
-    @api.get("/messages/{queue_id}")
+    @api.get("/messages/{queue_id:path}")  # "a/b" is no message, not a missing route
     async def show(queue_id: str) -> dict:
         """One message: envelope, header fields, recipients, and every attempt recorded in the
         audit store (time, source IP, destination, the remote reply)."""
