@@ -352,6 +352,23 @@ def test_the_split_into_pools_forwarders_authorised_and_unknown():
     assert pools["critical"]["pass_rate"] == 1.0  # SPF aligned: DMARC passes all the same
 
 
+def test_an_ipv4_mapped_source_ip_is_our_pool_ip(tmp_path):
+    """Reporters that store addresses as IPv6 write our IPv4 pool address as ``::ffff:…``: the
+    daily review put our own mail with the unknown senders (spoofing) and left the pool out."""
+    cfg = _write_config(tmp_path)
+    path = tmp_path / "mapped.xml"
+    path.write_bytes(crafted([("::ffff:127.0.0.30", 500, "pass", "pass"),
+                              ("::FFFF:7f00:14", 100, "fail", "pass"),
+                              ("203.0.113.9", 3, "fail", "fail")]))
+    assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
+    out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660", "--json"])
+    (dom,) = json.loads(out.stdout)["domains"]
+    assert {g: v["messages"] for g, v in dom["groups"].items()} == {
+        "pools": 600, "forwarders": 0, "authorised": 0, "unknown": 3}
+    assert [(s["source_ip"], s["pool"]) for s in dom["groups"]["pools"]["top"]] == [
+        ("127.0.0.30", "bulk"), ("127.0.0.20", "critical")]
+
+
 class CountingDomain(str):
     """A header From domain that counts how often it is compared."""
 
