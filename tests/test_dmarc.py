@@ -369,6 +369,29 @@ def test_an_ipv4_mapped_source_ip_is_our_pool_ip(tmp_path):
         ("127.0.0.30", "bulk"), ("127.0.0.20", "critical")]
 
 
+def test_report_for_one_domain_counts_the_reports_about_it(tmp_path):
+    """``dmarc report --domain D`` said "N reports" counting every domain's reports: with a
+    typo in D it read "17 reports" over an empty review, as if they had nothing to say."""
+    cfg = _write_config(tmp_path)
+    for i, domain in enumerate(("insurer.test", "other.test", "other.test")):
+        path = tmp_path / f"{i}.xml"
+        path.write_bytes(crafted(SPLIT[:2], report_id=f"r-{i}", domain=domain))
+        assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
+
+    def reports(*args: str) -> int:
+        out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660",
+                                  "--json", *args])
+        return json.loads(out.stdout)["reports"]
+
+    assert reports() == 3
+    assert reports("--domain", "INSURER.test") == 1
+    assert reports("--domain", "other.test") == 2
+    assert reports("--domain", "insurer.tset") == 0
+    text = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660",
+                               "--domain", "insurer.tset"])
+    assert text.stdout.startswith("0 reports about insurer.tset in the last 3660 days")
+
+
 class CountingDomain(str):
     """A header From domain that counts how often it is compared."""
 
