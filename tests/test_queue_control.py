@@ -242,3 +242,22 @@ async def test_queue_show_of_a_malformed_id_says_there_is_no_such_message(tmp_pa
             code, out, err = await run_cli("queue", "show", qid, *extra, *target)
             assert code == 1 and out == "", (qid, out)
             assert f"no message {qid!r} in the queue" in err, (qid, err)
+
+
+async def test_queue_show_keeps_the_bytes_of_a_header_that_is_not_utf8(tmp_path, sink,
+                                                                      make_node):
+    """A header field in Latin-1 (8-bit, not UTF-8) was shown as ``caf\ufffd``: the byte was
+    lost; ``show`` gives it as ``\xe9``, UTF-8 and RFC 2047 words as they are."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.pause("bulk", who=OPERATOR)
+    data = (b"From: =?UTF-8?B?SsO8cmdlbg==?= <s@insurer.test>\r\nTo: a@example.com\r\n"
+            b"Subject: Pr\xc3\xa4mie \xe2\x82\xac\r\nX-Latin: caf\xe9\r\n"
+            b"X-Postlane-Class: marketing\r\n\r\nHi\r\n")
+    qid = await node.intake.submit("s@insurer.test", [RcptIn("a@example.com")], data)
+    target = ("--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token"))
+    code, out, err = await run_cli("queue", "show", qid, *target)
+    assert code == 0, err
+    assert "X-Latin: caf\\xe9" in out and "\ufffd" not in out
+    assert "Subject: Pr\u00e4mie \u20ac" in out
+    assert "From: =?UTF-8?B?SsO8cmdlbg==?= <s@insurer.test>" in out
