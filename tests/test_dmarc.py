@@ -392,6 +392,18 @@ def test_report_for_one_domain_counts_the_reports_about_it(tmp_path):
     assert text.stdout.startswith("0 reports about insurer.tset in the last 3660 days")
 
 
+def test_report_text_escapes_control_characters_a_reporter_wrote(tmp_path):
+    """Anyone can mail the rua address; XML carries C1 controls (``&#x9b;`` is CSI to a
+    terminal) and line separators: ``dmarc report`` printed the header From domain raw."""
+    cfg = _write_config(tmp_path)
+    path = tmp_path / "c1.xml"
+    path.write_bytes(crafted(SPLIT[:1], domain="evil&#x9b;2J&#x2028;.test"))
+    assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
+    out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660"]).stdout
+    assert "\x9b" not in out and "\u2028" not in out
+    assert "evil\\x9b2j\\u2028.test: 500 messages" in out  # stored in lower case
+
+
 class CountingDomain(str):
     """A header From domain that counts how often it is compared."""
 

@@ -147,10 +147,10 @@ def report(config: Path = _CONFIG,
     if as_json:
         typer.echo(json.dumps({"days": days, "reports": reports, **summary}))
         return
-    about = f" about {domain.lower()}" if domain else ""
+    about = f" about {visible(domain.lower())}" if domain else ""
     typer.echo(f"{reports} reports{about} in the last {days:g} days")
     for dom in summary["domains"]:
-        typer.echo(f"\n{dom['domain']}: {dom['messages']} messages, DMARC pass"
+        typer.echo(f"\n{visible(dom['domain'])}: {dom['messages']} messages, DMARC pass"
                    f" {_pct(dom['pass_rate'])}, DKIM aligned {_pct(dom['dkim_rate'])}")
         for group in GROUPS:
             part = dom["groups"][group]
