@@ -352,6 +352,58 @@ def test_the_split_into_pools_forwarders_authorised_and_unknown():
     assert pools["critical"]["pass_rate"] == 1.0  # SPF aligned: DMARC passes all the same
 
 
+def test_an_ipv4_mapped_source_ip_is_our_pool_ip(tmp_path):
+    """Reporters that store addresses as IPv6 write our IPv4 pool address as ``::ffff:…``: the
+    daily review put our own mail with the unknown senders (spoofing) and left the pool out."""
+    cfg = _write_config(tmp_path)
+    path = tmp_path / "mapped.xml"
+    path.write_bytes(crafted([("::ffff:127.0.0.30", 500, "pass", "pass"),
+                              ("::FFFF:7f00:14", 100, "fail", "pass"),
+                              ("203.0.113.9", 3, "fail", "fail")]))
+    assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
+    out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660", "--json"])
+    (dom,) = json.loads(out.stdout)["domains"]
+    assert {g: v["messages"] for g, v in dom["groups"].items()} == {
+        "pools": 600, "forwarders": 0, "authorised": 0, "unknown": 3}
+    assert [(s["source_ip"], s["pool"]) for s in dom["groups"]["pools"]["top"]] == [
+        ("127.0.0.30", "bulk"), ("127.0.0.20", "critical")]
+
+
+def test_report_for_one_domain_counts_the_reports_about_it(tmp_path):
+    """``dmarc report --domain D`` said "N reports" counting every domain's reports: with a
+    typo in D it read "17 reports" over an empty review, as if they had nothing to say."""
+    cfg = _write_config(tmp_path)
+    for i, domain in enumerate(("insurer.test", "other.test", "other.test")):
+        path = tmp_path / f"{i}.xml"
+        path.write_bytes(crafted(SPLIT[:2], report_id=f"r-{i}", domain=domain))
+        assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
+
+    def reports(*args: str) -> int:
+        out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660",
+                                  "--json", *args])
+        return json.loads(out.stdout)["reports"]
+
+    assert reports() == 3
+    assert reports("--domain", "INSURER.test") == 1
+    assert reports("--domain", "other.test") == 2
+    assert reports("--domain", "insurer.tset") == 0
+    text = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660",
+                               "--domain", "insurer.tset"])
+    assert text.stdout.startswith("0 reports about insurer.tset in the last 3660 days")
+
+
+def test_report_text_escapes_control_characters_a_reporter_wrote(tmp_path):
+    """Anyone can mail the rua address; XML carries C1 controls (``&#x9b;`` is CSI to a
+    terminal) and line separators: ``dmarc report`` printed the header From domain raw."""
+    cfg = _write_config(tmp_path)
+    path = tmp_path / "c1.xml"
+    path.write_bytes(crafted(SPLIT[:1], domain="evil&#x9b;2J&#x2028;.test"))
+    assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
+    out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660"]).stdout
+    assert "\x9b" not in out and "\u2028" not in out
+    assert "evil\\x9b2j\\u2028.test: 500 messages" in out  # stored in lower case
+
+
 class CountingDomain(str):
     """A header From domain that counts how often it is compared."""
 

@@ -177,3 +177,87 @@ async def test_an_action_on_a_queue_id_it_cannot_act_on_says_why_and_exits_1(
     assert code == 1 and "held: 1 recipients of 1 messages" in out and "NOSUCHID" in err
     code, out, err = await cli("queue", "release", waiting)
     assert code == 0 and "released: 1 recipients of 1 messages" in out and not err, err
+
+
+async def test_queue_list_and_deferrals_print_replies_and_addresses_as_they_are(
+        tmp_path, sink, make_node):
+    """A remote reply, an address are text, not rich markup: ``[mx.example.net]`` vanished from
+    ``queue list`` and ``queue deferrals``, and a ``[/ip]`` in a reply made both crash with
+    ``MarkupError`` (exit 1 and a traceback), so the operator could not list the queue."""
+    reply = "451 4.7.1 try later [/ip] from [mx.grey.example] [bold]"
+    sink.rcpt_replies[f"r0@{GREY}"] = [reply]
+    text = config_text(tmp_path, sink.port, f'"{GREY}" = "127.0.0.1:{sink.port}"\n')
+    text = text.replace('retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
+    node = await make_node(text)
+    await node.intake.submit("notices@example.com", [RcptIn(f"r0@{GREY}")],
+                             message("policy", cls="policy-documents"))
+    await _until(lambda: any(r.state.value == "deferred" for r in node.scheduler.recipients()))
+    target = ("--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token"))
+    code, out, err = await run_cli("queue", "list", *target)
+    assert code == 0, err
+    assert reply in out
+    code, out, err = await run_cli("queue", "deferrals", *target)
+    assert code == 0, err
+    assert "[/ip] from [mx.grey.example] [bold]" in out
+
+
+async def test_queue_show_list_and_deferrals_escape_terminal_controls(tmp_path, sink, make_node):
+    """A remote reply and a header field come from strangers: their ESC sequences (clear the
+    screen, set the window title) reached the operator's terminal raw from ``queue show``,
+    ``list`` and ``deferrals``; they are shown escaped (``\\x1b``), as ``audit show`` does."""
+    sink.rcpt_replies[f"r0@{GREY}"] = ["451 4.7.1 grey \x1b]0;owned\x07 \x1b[2J done"]
+    text = config_text(tmp_path, sink.port, f'"{GREY}" = "127.0.0.1:{sink.port}"\n')
+    text = text.replace('retry = ["1s", "1s", "2s"]', 'retry = ["1h"]')
+    node = await make_node(text)
+    qid = await node.intake.submit(
+        "n@example.com", [RcptIn(f"r0@{GREY}")],
+        message("Pr\u00e4mie", cls="policy-documents", extra="X-Esc: a\x1b]0;t\x07b\r\n"))
+    await _until(lambda: any(r.state.value == "deferred" for r in node.scheduler.recipients()))
+    await node.flush_evidence()
+    target = ("--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token"))
+    for args in (("show", qid), ("list",), ("deferrals",)):
+        code, out, err = await run_cli("queue", *args, *target)
+        assert code == 0, err
+        assert "\x1b" not in out and "\x07" not in out, args
+        assert "grey \\x1b]0;owned\\x07 \\x1b[2J done" in out, args
+    code, out, _ = await run_cli("queue", "show", qid, *target)
+    assert "X-Esc: a\\x1b]0;t\\x07b" in out and "Subject: Pr\u00e4mie" in out
+
+
+async def test_queue_show_of_a_malformed_id_says_there_is_no_such_message(tmp_path, sink,
+                                                                          make_node):
+    """``queue show .`` fetched the queue listing (the HTTP client folds "." and "..") and
+    failed with ``KeyError: 'queue_id'`` (with ``--json`` it printed the whole queue as if it
+    were the message); ``a/b`` and ``..`` gave a bare "Not Found"."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.pause("bulk", who=OPERATOR)
+    await node.intake.submit("news@example.com", [RcptIn("m0@example.com")],
+                             message("offer", cls="marketing"))
+    target = ("--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token"))
+    for qid in (".", "..", "a/b", "../messages", "%2e"):
+        for extra in ((), ("--json",)):
+            code, out, err = await run_cli("queue", "show", qid, *extra, *target)
+            assert code == 1 and out == "", (qid, out)
+            assert f"no message {qid!r} in the queue" in err, (qid, err)
+
+
+async def test_queue_show_keeps_the_bytes_of_a_header_that_is_not_utf8(tmp_path, sink,
+                                                                      make_node):
+    """A header field in Latin-1 (8-bit, not UTF-8) was shown as ``caf\ufffd``: the byte was
+    lost; ``show`` gives it as ``\xe9``, UTF-8 and RFC 2047 words as they are."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.pause("bulk", who=OPERATOR)
+    data = (b"From: =?UTF-8?B?SsO8cmdlbg==?= <s@insurer.test>\r\nTo: a@example.com\r\n"
+            b"Subject: Pr\xc3\xa4mie \xe2\x82\xac\r\nX-Latin: caf\xe9\r\n"
+            b"X-Postlane-Class: marketing\r\n\r\nHi\r\n")
+    qid = await node.intake.submit("s@insurer.test", [RcptIn("a@example.com")], data)
+    target = ("--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token"))
+    code, out, err = await run_cli("queue", "show", qid, *target)
+    assert code == 0, err
+    assert "X-Latin: caf\\xe9" in out and "\ufffd" not in out
+    assert "Subject: Pr\u00e4mie \u20ac" in out
+    assert "From: =?UTF-8?B?SsO8cmdlbg==?= <s@insurer.test>" in out

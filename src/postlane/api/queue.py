@@ -4,6 +4,7 @@ retry, delete, deferrals by reason, and the qshape view. Mounted behind the API 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -20,7 +21,7 @@ from pydantic import (
 )
 
 from ..config.model import parse_duration
-from ..policy.headers import field_value, header_fields, split_message
+from ..policy.headers import header_fields, split_message
 from ..scheduler.control import SelectionError, Selector, message_view
 from .injection import valid_unicode
 from .tokens import caller
@@ -111,7 +112,7 @@ def router(parts: NodeParts) -> APIRouter:
         cluster: the cluster's queue, on whichever node is asked)."""
         return await run(queue.messages, sel.selector(), limit)
 
-    @api.get("/messages/{queue_id}")
+    @api.get("/messages/{queue_id:path}")  # "a/b" is no message, not a missing route
     async def show(queue_id: str) -> dict:
         """One message: envelope, header fields, recipients, and every attempt recorded in the
         audit store (time, source IP, destination, the remote reply)."""
@@ -128,7 +129,7 @@ def router(parts: NodeParts) -> APIRouter:
                     raise
                 data = await queue.shared.load_body(queue_id)
             head, body = split_message(data)
-            out["headers"] = [[raw.split(b":", 1)[0].decode("latin-1"), field_value(raw)]
+            out["headers"] = [[_text(raw.split(b":", 1)[0]), _text(_unfolded(raw))]
                               for name, raw in header_fields(head) if name]
             out["body_bytes"] = len(body)
         except KeyError:
@@ -172,6 +173,17 @@ def router(parts: NodeParts) -> APIRouter:
         return await queue.shape(by, top)
 
     return api
+
+
+def _text(raw: bytes) -> str:
+    """A header field as it is: UTF-8 read as such, any other byte as ``\\xe9`` (``postcat``
+    shows the bytes; ``field_value``'s replacement character lost them)."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _unfolded(raw: bytes) -> bytes:
+    _, _, value = raw.partition(b":")
+    return re.sub(rb"\r\n[ \t]+", b" ", value).strip()
 
 
 def _attempts(parts: NodeParts, queue_id: str) -> list[dict] | None:

@@ -60,8 +60,9 @@ def _target(config: Path | None, url: str | None, token_file: Path | None) -> tu
 
 def _seg(value: str) -> str:
     """One path segment, escaped: a "/", "..", "?" or "#" in a name must not reach another
-    route (the HTTP client folds "..")."""
-    return quote(value, safe="")
+    route. The HTTP client folds "." and ".." segments (``queue show .`` fetched the queue
+    listing), and ``quote`` leaves dots: they are escaped too (the server reads them back)."""
+    return quote(value, safe="").replace(".", "%2E")
 
 
 def _call(target: tuple[str, str], method: str, path: str, body: dict | None = None,

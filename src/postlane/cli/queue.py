@@ -10,7 +10,9 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
+from ..audit.evidence import visible
 from .ops import ConfigOpt, JSONOpt, TokenOpt, URLOpt, _age, _call, _fail, _seg, _target, console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -30,6 +32,13 @@ CorrOpt = Annotated[str | None, typer.Option("--correlation-id", help="correlati
 AllOpt = Annotated[bool, typer.Option("--all", help="every message in the queue")]
 DryOpt = Annotated[bool, typer.Option("--dry-run", help="count what would change, change"
                                                         " nothing")]
+
+
+def _cells(*values: str) -> list[Text]:
+    """Table cells as they are: text, not rich markup (a reply's ``[mx.example.net]``
+    vanished, its ``[/ip]`` failed the command), with control characters escaped (a stranger's
+    reply or header field must not move the operator's cursor or retitle the terminal)."""
+    return [Text(visible(value)) for value in values]
 
 
 def _selector(ids, pool, domain, cls, state, older, younger, sender, rcpt, corr,
@@ -67,7 +76,8 @@ def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
         for i, r in enumerate(msg["recipients"]):
             head = [msg["queue_id"], msg["class"], msg["pool"], _age(msg["age_s"]),
                     str(msg["size"]), msg["sender"] or "<>"] if i == 0 else [""] * 6
-            table.add_row(*head, r["address"], r["state"], str(r["attempts"]), r["reply"])
+            table.add_row(*_cells(*head, r["address"], r["state"], str(r["attempts"]),
+                                  r["reply"]))
     console().print(table)
 
 
@@ -81,26 +91,28 @@ def show(queue_id: str, config: ConfigOpt = None, url: URLOpt = None,
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
-    typer.echo(f"queue id {out['queue_id']}  class {out['class']}  pool {out['pool']}  "
+    typer.echo(f"queue id {visible(out['queue_id'])}  class {out['class']}  pool {out['pool']}  "
                f"age {_age(out['age_s'])}  {out['size']} bytes")
-    typer.echo(f"sender <{out['sender']}>  Message-ID {out['message_id'] or '-'}  "
-               f"correlation {out['correlation_id'] or '-'}")
+    typer.echo(f"sender <{visible(out['sender'])}>  Message-ID"
+               f" {visible(out['message_id'] or '-')}  correlation"
+               f" {visible(out['correlation_id'] or '-')}")
     typer.echo("\nheader fields:")
     for name, value in out["headers"]:
-        typer.echo(f"  {name}: {value}")
+        typer.echo(f"  {visible(name)}: {visible(value)}")
     typer.echo("\nrecipients:")
     for r in out["recipients"]:
         nxt = f", next attempt in {_age(r['next_attempt'] - time.time())}" \
             if r["next_attempt"] else ""
-        typer.echo(f"  {r['address']}: {r['state']}, {r['attempts']} attempt(s){nxt}"
-                   + (f"; last reply: {r['reply']}" if r["reply"] else ""))
+        typer.echo(f"  {visible(r['address'])}: {r['state']}, {r['attempts']} attempt(s){nxt}"
+                   + (f"; last reply: {visible(r['reply'])}" if r["reply"] else ""))
     typer.echo("\nattempts:")
     if out["attempts"] is None:
         typer.echo("  (the audit store is off: only each recipient's last reply is known)")
     for a in out["attempts"] or []:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["time"]))
-        typer.echo(f"  {when}  {a['recipient']}  from {a['source_ip'] or '-'} to "
-                   f"{a['destination'] or '-'} {a['tls'] or ''}: {a['reply']}")
+        typer.echo(f"  {when}  {visible(a['recipient'])}  from {a['source_ip'] or '-'} to "
+                   f"{visible(a['destination'] or '-')} {a['tls'] or ''}:"
+                   f" {visible(a['reply'] or '')}")
 
 
 def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json: bool,
@@ -186,8 +198,9 @@ def deferrals(top: Annotated[int, typer.Option(help="reasons shown")] = 50,
     for col in ("recipients", "oldest", "category", "top domains", "reason"):
         table.add_column(col, justify="right" if col in ("recipients", "oldest") else "left")
     for g in out["reasons"]:
-        table.add_row(str(g["recipients"]), _age(g["oldest_age_s"]), g["category"],
-                      ", ".join(f"{d} ({n})" for d, n in g["domains"].items()), g["reason"])
+        table.add_row(*_cells(str(g["recipients"]), _age(g["oldest_age_s"]), g["category"],
+                              ", ".join(f"{d} ({n})" for d, n in g["domains"].items()),
+                              g["reason"]))
     console().print(table)
 
 
@@ -209,5 +222,5 @@ def shape(by: Annotated[str, typer.Option(help="domain or class")] = "domain",
     for label in out["buckets"]:
         table.add_column(label, justify="right")
     for row in out["rows"]:
-        table.add_row(row["key"], str(row["total"]), *map(str, row["counts"]))
+        table.add_row(*_cells(row["key"], str(row["total"]), *map(str, row["counts"])))
     console().print(table)

@@ -139,7 +139,7 @@ def report(config: Path = _CONFIG,
     store = _store(cfg)
     try:
         rows = store.dmarc_sources(time.time() - days * 86400, domain)
-        reports = store.dmarc_report_count(time.time() - days * 86400)
+        reports = store.dmarc_report_count(time.time() - days * 86400, domain)
     finally:
         store.close()
     pool_ips = {ip.address: name for name, p in cfg.pools.items() for ip in p.ips}
@@ -147,9 +147,10 @@ def report(config: Path = _CONFIG,
     if as_json:
         typer.echo(json.dumps({"days": days, "reports": reports, **summary}))
         return
-    typer.echo(f"{reports} reports in the last {days:g} days")
+    about = f" about {visible(domain.lower())}" if domain else ""
+    typer.echo(f"{reports} reports{about} in the last {days:g} days")
     for dom in summary["domains"]:
-        typer.echo(f"\n{dom['domain']}: {dom['messages']} messages, DMARC pass"
+        typer.echo(f"\n{visible(dom['domain'])}: {dom['messages']} messages, DMARC pass"
                    f" {_pct(dom['pass_rate'])}, DKIM aligned {_pct(dom['dkim_rate'])}")
         for group in GROUPS:
             part = dom["groups"][group]

@@ -351,9 +351,13 @@ def _row(record: Element, n: int) -> Row:
     row = _child(record, "row")
     ip = _text(row, "source_ip")
     try:
-        ip = str(ipaddress.ip_address(ip))
+        address = ipaddress.ip_address(ip)
     except ValueError:
         raise DMARCError(f"record {n}: source_ip {ip[:60]!r} is not an IP address") from None
+    # ``::ffff:192.0.2.1`` (reporters storing every address as IPv6) is the IPv4 address: as
+    # such it is a pool IP, not a stranger
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    ip = str(mapped or address)
     evaluated = _child(row, "policy_evaluated")
     ids = _child(record, "identifiers")
     auth = _child(record, "auth_results")

@@ -216,7 +216,13 @@ class ReputationStore:
         sql += " GROUP BY header_from, source_ip, dkim_aligned, spf_aligned"
         return [(h, ip, bool(d), bool(s), int(n)) for h, ip, d, s, n in self._all(sql, args)]
 
-    def dmarc_report_count(self, since: float) -> int:
+    def dmarc_report_count(self, since: float, domain: str | None = None) -> int:
+        """Reports that ended since ``since``; with ``domain``, those with rows of that header
+        From domain (as ``dmarc_sources`` reads)."""
+        if domain:
+            return self._all("SELECT count(*) FROM (SELECT DISTINCT reporter, report_id FROM"
+                             " dmarc_rows WHERE end_ts >= ? AND header_from = ?) AS about",
+                             (int(since), domain.lower()))[0][0]
         return self._all("SELECT count(*) FROM dmarc_reports WHERE end_ts >= ?",
                          (int(since),))[0][0]
 
