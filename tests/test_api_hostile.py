@@ -530,3 +530,23 @@ async def test_a_header_value_the_email_package_cannot_write_is_a_422(tmp_path, 
             assert resp.status_code == 422, (name, value, resp.text)
             assert resp.json()["error"].startswith("a header field cannot be written")
     assert node.intake.accepted == 0
+
+
+async def test_an_age_past_a_floats_range_is_a_422(tmp_path, sink, make_node):
+    """``{"older_than": 1e400}`` written out as an integer was a 500 (OverflowError turning it
+    into a float); NaN and Infinity, which Python's JSON reader takes, and a duration text whose
+    seconds overflow were ages that match nothing or everything."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for body in ('{"older_than": 1' + "0" * 400 + ', "dry_run": true}',
+                     '{"older_than": NaN, "dry_run": true}',
+                     '{"younger_than": Infinity, "dry_run": true}',
+                     '{"older_than": "' + "9" * 400 + 'd", "dry_run": true}'):
+            resp = await client.post("/api/v1/queue/hold", content=body,
+                                     headers={"content-type": "application/json"})
+            assert resp.status_code == 422, (body[:40], resp.text)
+            assert "not a duration" in resp.json()["error"]
+        resp = await client.get("/api/v1/queue/messages", params={"older_than": "9" * 400})
+        assert resp.status_code == 422, resp.text
+        ok = await client.post("/api/v1/queue/hold", json={"older_than": 10**20, "dry_run": True})
+        assert ok.status_code == 200, ok.text
