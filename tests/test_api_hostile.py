@@ -550,3 +550,15 @@ async def test_an_age_past_a_floats_range_is_a_422(tmp_path, sink, make_node):
         assert resp.status_code == 422, resp.text
         ok = await client.post("/api/v1/queue/hold", json={"older_than": 10**20, "dry_run": True})
         assert ok.status_code == 200, ok.text
+
+
+async def test_an_unknown_suppression_field_is_a_422(tmp_path, sink, make_node):
+    """An unknown field was ignored: ``"scop": "all"`` (misspelt) suppressed the address for
+    marketing only, and the caller was told 201 with the narrower scope."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/suppressions",
+                                 json={"address": "x@example.com", "scop": "all"})
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["details"][0]["field"] == "body.scop"
+        assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
