@@ -90,10 +90,11 @@ async def test_405_names_every_method_the_path_allows(tmp_path, sink, make_node)
     GET serves it too."""
     node = await make_node(config_text(tmp_path, sink.port))
     async with api_client(node, tmp_path) as client:
-        for path, allowed in (("/api/v1/messages", "GET, POST"),
-                              ("/api/v1/suppressions", "GET, POST"),
-                              ("/api/v1/suppressions/export", "GET, DELETE"),
-                              ("/unsubscribe/abc", "GET, POST"), ("/api/v1/status", "GET"),
+        for path, allowed in (("/api/v1/messages", "GET, HEAD, POST"),
+                              ("/api/v1/suppressions", "GET, HEAD, POST"),
+                              ("/api/v1/suppressions/export", "GET, HEAD, DELETE"),
+                              ("/unsubscribe/abc", "GET, HEAD, POST"),
+                              ("/api/v1/status", "GET, HEAD"),
                               ("/api/v1/queue/hold", "POST")):
             resp = await client.put(path)
             assert resp.status_code == 405, (path, resp.text)
@@ -562,3 +563,24 @@ async def test_an_unknown_suppression_field_is_a_422(tmp_path, sink, make_node):
         assert resp.status_code == 422, resp.text
         assert resp.json()["details"][0]["field"] == "body.scop"
         assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
+
+
+async def test_head_is_answered_as_get_without_a_body(tmp_path, sink, make_node):
+    """HEAD was a 405 on every path (FastAPI routes GET only), and Allow left it out: a
+    monitor's HEAD /api/v1/status or HEAD /metrics read as a broken API (RFC 9110 9.1: GET and
+    HEAD must be served)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for path in ("/api/v1/status", "/metrics", "/api/v1/suppressions", "/"):
+            get = await client.get(path)
+            head = await client.head(path)
+            assert head.status_code == get.status_code == 200, (path, head.status_code)
+            assert head.headers["content-type"] == get.headers["content-type"], path
+            assert head.content == b"", path
+        resp = await client.head("/api/v1/suppressions?limit=0")
+        assert resp.status_code == 422 and resp.content == b""
+        resp = await client.head("/api/v1/queue/hold")
+        assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+        assert (await client.put("/api/v1/status")).headers["allow"] == "GET, HEAD"
+        async with api_client(node, tmp_path, token="") as anon:
+            assert (await anon.head("/api/v1/status")).status_code == 401
