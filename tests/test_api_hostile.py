@@ -584,3 +584,27 @@ async def test_head_is_answered_as_get_without_a_body(tmp_path, sink, make_node)
         assert (await client.put("/api/v1/status")).headers["allow"] == "GET, HEAD"
         async with api_client(node, tmp_path, token="") as anon:
             assert (await anon.head("/api/v1/status")).status_code == 401
+
+
+async def test_an_import_time_that_is_no_time_is_a_422(tmp_path, sink, make_node):
+    """A created or expires of "nan" was taken as a float: SQLite stored NULL in a NOT NULL
+    column, the write failed and the import never answered; "inf" could not be listed (JSON
+    has no Infinity) and "notadate" answered with Python's float() message."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for row in ("a@example.com,all,r,s,nan", "a@example.com,all,r,s,inf",
+                    "a@example.com,all,r,s,,NaN", "a@example.com,all,r,s,,-inf",
+                    "a@example.com,all,r,s,-5", "a@example.com,all,r,s,1e300",
+                    "a@example.com,all,r,s,notadate"):
+            resp = await client.post("/api/v1/suppressions/import",
+                                     content=f"ok@example.com\n{row}\n")
+            assert resp.status_code == 422, (row, resp.text)
+            assert resp.json()["error"].startswith("line 2: "), row
+            assert "not a Unix time" in resp.json()["error"], row
+        listed = await client.get("/api/v1/suppressions")
+        assert listed.json()["total"] == 0
+        resp = await client.post("/api/v1/suppressions/import",
+                                 content="b@example.com,all,r,s,1700000000,4102444800\n")
+        assert resp.json() == {"imported": 1}
+        entry = (await client.get("/api/v1/suppressions")).json()["entries"][0]
+        assert (entry["created"], entry["expires"]) == (1700000000, 4102444800)
