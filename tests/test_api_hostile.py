@@ -90,10 +90,11 @@ async def test_405_names_every_method_the_path_allows(tmp_path, sink, make_node)
     GET serves it too."""
     node = await make_node(config_text(tmp_path, sink.port))
     async with api_client(node, tmp_path) as client:
-        for path, allowed in (("/api/v1/messages", "GET, POST"),
-                              ("/api/v1/suppressions", "GET, POST"),
-                              ("/api/v1/suppressions/export", "GET, DELETE"),
-                              ("/unsubscribe/abc", "GET, POST"), ("/api/v1/status", "GET"),
+        for path, allowed in (("/api/v1/messages", "GET, HEAD, POST"),
+                              ("/api/v1/suppressions", "GET, HEAD, POST"),
+                              ("/api/v1/suppressions/export", "GET, HEAD, DELETE"),
+                              ("/unsubscribe/abc", "GET, HEAD, POST"),
+                              ("/api/v1/status", "GET, HEAD"),
                               ("/api/v1/queue/hold", "POST")):
             resp = await client.put(path)
             assert resp.status_code == 405, (path, resp.text)
@@ -530,3 +531,80 @@ async def test_a_header_value_the_email_package_cannot_write_is_a_422(tmp_path, 
             assert resp.status_code == 422, (name, value, resp.text)
             assert resp.json()["error"].startswith("a header field cannot be written")
     assert node.intake.accepted == 0
+
+
+async def test_an_age_past_a_floats_range_is_a_422(tmp_path, sink, make_node):
+    """``{"older_than": 1e400}`` written out as an integer was a 500 (OverflowError turning it
+    into a float); NaN and Infinity, which Python's JSON reader takes, and a duration text whose
+    seconds overflow were ages that match nothing or everything."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for body in ('{"older_than": 1' + "0" * 400 + ', "dry_run": true}',
+                     '{"older_than": NaN, "dry_run": true}',
+                     '{"younger_than": Infinity, "dry_run": true}',
+                     '{"older_than": "' + "9" * 400 + 'd", "dry_run": true}'):
+            resp = await client.post("/api/v1/queue/hold", content=body,
+                                     headers={"content-type": "application/json"})
+            assert resp.status_code == 422, (body[:40], resp.text)
+            assert "not a duration" in resp.json()["error"]
+        resp = await client.get("/api/v1/queue/messages", params={"older_than": "9" * 400})
+        assert resp.status_code == 422, resp.text
+        ok = await client.post("/api/v1/queue/hold", json={"older_than": 10**20, "dry_run": True})
+        assert ok.status_code == 200, ok.text
+
+
+async def test_an_unknown_suppression_field_is_a_422(tmp_path, sink, make_node):
+    """An unknown field was ignored: ``"scop": "all"`` (misspelt) suppressed the address for
+    marketing only, and the caller was told 201 with the narrower scope."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/suppressions",
+                                 json={"address": "x@example.com", "scop": "all"})
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["details"][0]["field"] == "body.scop"
+        assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
+
+
+async def test_head_is_answered_as_get_without_a_body(tmp_path, sink, make_node):
+    """HEAD was a 405 on every path (FastAPI routes GET only), and Allow left it out: a
+    monitor's HEAD /api/v1/status or HEAD /metrics read as a broken API (RFC 9110 9.1: GET and
+    HEAD must be served)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for path in ("/api/v1/status", "/metrics", "/api/v1/suppressions", "/"):
+            get = await client.get(path)
+            head = await client.head(path)
+            assert head.status_code == get.status_code == 200, (path, head.status_code)
+            assert head.headers["content-type"] == get.headers["content-type"], path
+            assert head.content == b"", path
+        resp = await client.head("/api/v1/suppressions?limit=0")
+        assert resp.status_code == 422 and resp.content == b""
+        resp = await client.head("/api/v1/queue/hold")
+        assert resp.status_code == 405 and resp.headers["allow"] == "POST"
+        assert (await client.put("/api/v1/status")).headers["allow"] == "GET, HEAD"
+        async with api_client(node, tmp_path, token="") as anon:
+            assert (await anon.head("/api/v1/status")).status_code == 401
+
+
+async def test_an_import_time_that_is_no_time_is_a_422(tmp_path, sink, make_node):
+    """A created or expires of "nan" was taken as a float: SQLite stored NULL in a NOT NULL
+    column, the write failed and the import never answered; "inf" could not be listed (JSON
+    has no Infinity) and "notadate" answered with Python's float() message."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for row in ("a@example.com,all,r,s,nan", "a@example.com,all,r,s,inf",
+                    "a@example.com,all,r,s,,NaN", "a@example.com,all,r,s,,-inf",
+                    "a@example.com,all,r,s,-5", "a@example.com,all,r,s,1e300",
+                    "a@example.com,all,r,s,notadate"):
+            resp = await client.post("/api/v1/suppressions/import",
+                                     content=f"ok@example.com\n{row}\n")
+            assert resp.status_code == 422, (row, resp.text)
+            assert resp.json()["error"].startswith("line 2: "), row
+            assert "not a Unix time" in resp.json()["error"], row
+        listed = await client.get("/api/v1/suppressions")
+        assert listed.json()["total"] == 0
+        resp = await client.post("/api/v1/suppressions/import",
+                                 content="b@example.com,all,r,s,1700000000,4102444800\n")
+        assert resp.json() == {"imported": 1}
+        entry = (await client.get("/api/v1/suppressions")).json()["entries"][0]
+        assert (entry["created"], entry["expires"]) == (1700000000, 4102444800)

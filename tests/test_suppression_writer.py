@@ -56,3 +56,23 @@ async def test_the_writer_waits_for_the_lock_and_keeps_the_order(tmp_path) -> No
     writes.close()  # writes what is queued first
     assert "d@example.com" in store.check(["d@example.com"])
     store.close()
+
+
+async def test_a_write_the_database_refuses_is_not_tried_for_ever(tmp_path) -> None:
+    """A constraint failure (a NaN time stored as NULL in a NOT NULL column) was tried again
+    like a disk error, for ever: its caller never had an answer and every write after it (a
+    hard bounce, an unsubscribe) waited behind it. No retry can cure it: it is the caller's."""
+    from postlane.feedback.suppression import Entry, adding
+
+    store = SuppressionList(tmp_path / "s.sqlite3")
+    writes = SuppressionWriter(store)
+    try:
+        bad = Entry("a@example.com", "all", "", "test", float("nan"), 0.0)
+        with pytest.raises(sqlite3.IntegrityError):
+            await writes.call(store.write, adding([bad]))
+        store_entry = await writes.call(store.add, "b@example.com", "all")
+        assert store_entry.address == "b@example.com"
+        assert store.check(["a@example.com", "b@example.com"]).keys() == {"b@example.com"}
+    finally:
+        writes.close()
+        store.close()

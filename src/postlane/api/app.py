@@ -128,6 +128,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     header_limits = [lc.limits.max_header_size for lc in parts.config.listeners.values()]
     max_header = 0 if 0 in header_limits else max(header_limits, default=1 << 20)
 
+    app.add_middleware(_HeadAsGet)
     app.add_middleware(_BodyLimit, limit=max_body)
     app.add_middleware(_TokenFirst, tokens=tokens)  # outermost: before anything else
 
@@ -352,6 +353,26 @@ class _TokenFirst:
         await self.app(scope, receive, send)
 
 
+class _HeadAsGet:
+    """Answer HEAD as GET without the body (RFC 9110 9.3.2): FastAPI routes a GET route for GET
+    only, so HEAD was a 405 on every path. Only GET routes are reached this way, and they change
+    nothing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 class _BodyLimit:
     """Refuse a body larger than ``limit`` before it is in memory: from its Content-Length
     before it is read, and while a body without one (chunked) streams in."""
@@ -384,10 +405,11 @@ _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inlin
 
 
 def _allowed(request: Request) -> list[str]:
-    """The methods some route serves at the request's path."""
-    return [method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-            if any(route.matches({**request.scope, "method": method})[0] is Match.FULL
-                   for route in request.app.router.routes)]
+    """The methods some route serves at the request's path (HEAD wherever GET: _HeadAsGet)."""
+    methods = [method for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
+               if any(route.matches({**request.scope, "method": method})[0] is Match.FULL
+                      for route in request.app.router.routes)]
+    return [*methods[:1], "HEAD", *methods[1:]] if "GET" in methods else methods
 
 
 def _rejection_status(exc: Rejection) -> tuple[int, str]:

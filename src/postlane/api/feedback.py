@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..feedback.suppression import SuppressionError, csv_text
 from .tokens import caller
@@ -28,6 +28,7 @@ Scope = Literal["all", "best-effort", "marketing"]
 
 
 class SuppressionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt "scope" is no narrower entry
     address: str = Field(max_length=254)
     scope: Scope = "marketing"
     reason: str = Field("", max_length=500, pattern=r"^[^\x00-\x08\x0a-\x1f\x7f]*$",

@@ -7,6 +7,7 @@ field it is about (see ``load.py``).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -38,11 +39,19 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past a float's range (JSON's 1e400 written out)
+            seconds = math.inf
+        if not math.isfinite(seconds):  # also NaN and Infinity, which JSON may carry
+            raise ValueError(f"not a duration: {value!r} (too large, or not a number)")
+        return seconds
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+            seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+            if math.isfinite(seconds):
+                return seconds
     raise ValueError(f"not a duration: {value!r} (use seconds or e.g. '30s', '2m', '1h', '3d')")
 
 

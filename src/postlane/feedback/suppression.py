@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import itertools
+import math
 import re
 import sqlite3
 import threading
@@ -464,6 +465,24 @@ def csv_text(data: bytes) -> str:
         raise SuppressionError(f"line {line}: not UTF-8 (byte {exc.start})") from None
 
 
+_LAST_TIME = 253402300799.0
+"""9999-12-31 23:59:59 UTC: the last time ``time.gmtime`` and the list's dates can show."""
+
+
+def _unix_time(text: str, what: str) -> float:
+    """A time of an import row, in seconds since 1970: a NaN reached SQLite as NULL (its write
+    failed on the NOT NULL column and the import never answered), an Infinity could not be
+    shown or sent as JSON."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= _LAST_TIME:  # also NaN
+        raise SuppressionError(f"{what}: not a Unix time (seconds since 1970, up to the year"
+                               f" 9999): {text.strip()!r}")
+    return value
+
+
 def parse_csv(src: TextIO, default_scope: str = "marketing",
               source: str = "import") -> list[Entry]:
     """The entries of an import file (``import_csv``); ``SuppressionError`` names the first
@@ -480,8 +499,10 @@ def parse_csv(src: TextIO, default_scope: str = "marketing",
             try:
                 scope = _scope(row[1].strip() if len(row) > 1 and row[1].strip()
                                else default_scope)
-                created = float(row[4]) if len(row) > 4 and row[4].strip() else now
-                expires = float(row[5]) if len(row) > 5 and row[5].strip() else 0.0
+                created = _unix_time(row[4], "created") if len(row) > 4 and row[4].strip() \
+                    else now
+                expires = _unix_time(row[5], "expires") if len(row) > 5 and row[5].strip() \
+                    else 0.0
                 entries.append(Entry(normalize(row[0]), scope,
                                      row[2].strip()[:500] if len(row) > 2 else "",
                                      row[3].strip() if len(row) > 3 and row[3].strip()

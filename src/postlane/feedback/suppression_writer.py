@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,8 @@ class SuppressionWriter:
     every SMTP session and delivery of the node).
 
     Writes run one after the other, in the order given. A write is never dropped: while the
-    database is locked or failing it is tried again (a failure is logged once per outage).
+    database is locked or failing it is tried again (a failure is logged once per outage);
+    one the database refuses outright (a constraint) goes back to its caller, as bad input.
     ``call`` waits for the result; ``submit`` does not (``flush`` waits for every write
     submitted so far). A write is a store method that takes ``patience`` and may be run more
     than once (it is, while another process holds the lock): give it its data, not a stream."""
@@ -86,7 +88,8 @@ class SuppressionWriter:
                 loop.call_soon_threadsafe(_settle, fut, result, None)
 
     def _attempt(self, fn: Callable[..., Any], args: tuple[Any, ...], closing: bool) -> Any:
-        """Try ``fn`` until it is done; bad input (``SuppressionError``) is not tried again."""
+        """Try ``fn`` until it is done; bad input (``SuppressionError``, a row the database's
+        constraints refuse) is not tried again."""
         failures = 0
         started = time.monotonic()
         told = False
@@ -100,8 +103,8 @@ class SuppressionWriter:
                                      time.monotonic() - started)
                 self.waiting = 0.0
                 return result
-            except SuppressionError:
-                raise
+            except (SuppressionError, sqlite3.IntegrityError):  # the write's own fault: no
+                raise  # retry cures it, and every write after it would wait behind it
             except SuppressionBusy:
                 if closing and patience <= 0:
                     raise
