@@ -10,11 +10,15 @@ import sqlite3
 
 import pytest
 
-from postlane.cli.edge import selfsigned
-from postlane.policy.users import User, hash_password, save_user
 from tests.conftest import config_text
 from tests.support.rawsmtp import RawSMTP, session
-from tests.test_security_auth import PASSWORD, _client_ctx, secure_config
+from tests.test_security_auth import (  # noqa: F401  (fixtures tls_files, users_file)
+    PASSWORD,
+    _client_ctx,
+    secure_config,
+    tls_files,
+    users_file,
+)
 
 # -- a refused EHLO/HELO leaves the session as it was (RFC 5321 4.1.4) -----------------------
 
@@ -55,36 +59,24 @@ async def test_a_refused_helo_before_any_greeting_still_needs_one(tmp_path, sink
 
 # -- AUTH inside a mail transaction (RFC 4954 4) ----------------------------------------------
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = selfsigned("localhost")
-    (folder / "cert.pem").write_bytes(cert)
-    (folder / "key.pem").write_bytes(key)
-    (folder / "key.pem").chmod(0o600)
-    return folder / "cert.pem", folder / "key.pem"
-
-
-@pytest.fixture(scope="module")
-def users_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("users") / "users.toml"
-    save_user(path, User("alice", hash_password(PASSWORD), [], "policy-documents",
-                         ["insurer.test"]))
-    return path
-
-
-async def test_auth_during_a_transaction_is_503_and_cannot_launder_a_sender(
-        tmp_path, sink, make_node, tls_files, users_file):
-    """RFC 4954 4: "An AUTH command issued during a mail transaction MUST be rejected with a 503
-    reply". aiosmtpd took it: a stranger gave ``MAIL FROM:<ceo@other.test>`` unauthenticated
-    (no sender check without a user), then AUTH as alice (``sender_domains`` insurer.test
-    only), and the RCPT was relayed with the foreign sender alice may not use."""
-    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+async def _submission(tmp_path, sink, make_node, tls, users) -> RawSMTP:
+    """A session on a node's submission listener (AUTH offered), after STARTTLS and EHLO."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls, users,
                                          relay_from="[]"))
     raw = await session(node.listeners[1].port)
     assert (await raw.cmd("STARTTLS")).startswith("220")
     await raw.writer.start_tls(_client_ctx())
     assert (await raw.cmd("EHLO client.test")).startswith("250")
+    return raw
+
+
+async def test_auth_during_a_transaction_is_503_and_cannot_launder_a_sender(
+        tmp_path, sink, make_node, tls_files, users_file):  # noqa: F811
+    """RFC 4954 4: "An AUTH command issued during a mail transaction MUST be rejected with a 503
+    reply". aiosmtpd took it: a stranger gave ``MAIL FROM:<ceo@other.test>`` unauthenticated
+    (no sender check without a user), then AUTH as alice (``sender_domains`` insurer.test
+    only), and the RCPT was relayed with the foreign sender alice may not use."""
+    raw = await _submission(tmp_path, sink, make_node, tls_files, users_file)
     assert (await raw.cmd("MAIL FROM:<ceo@other.test>")).startswith("250 2.1.0")
     blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
     assert (await raw.cmd(f"AUTH PLAIN {blob}")).startswith("503 5.5.1")
@@ -131,17 +123,12 @@ async def test_an_unknown_parameter_after_helo_is_501(tmp_path, sink, make_node)
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-write", "line-end-later"])
 async def test_an_over_long_auth_response_is_500_5_5_6_and_the_session_goes_on(
-        tmp_path, sink, make_node, tls_files, users_file, caplog, split):
+        tmp_path, sink, make_node, tls_files, users_file, caplog, split):  # noqa: F811
     """aiosmtpd read the response to a 334 with ``readline``, which raised ValueError past the
     reader's limit: a traceback logged at ERROR for each (a client wrote the log at will), a
     reply in Python's words (``500 Error: (ValueError) Separator is not found ...``), and,
     when the line's end came later, its rest read as one more command (a second reply)."""
-    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
-                                         relay_from="[]"))
-    raw = await session(node.listeners[1].port)
-    assert (await raw.cmd("STARTTLS")).startswith("220")
-    await raw.writer.start_tls(_client_ctx())
-    assert (await raw.cmd("EHLO client.test")).startswith("250")
+    raw = await _submission(tmp_path, sink, make_node, tls_files, users_file)
     for command in ("AUTH LOGIN", "AUTH PLAIN", "AUTH LOGIN YWxpY2U="):
         assert (await raw.cmd(command)).startswith("334")
         if split:
@@ -207,16 +194,11 @@ async def test_a_path_literal_with_a_zone_index_is_501(tmp_path, sink, make_node
 
 
 @pytest.mark.parametrize("mechanism", ["plain", "Plain", "login"])
-async def test_the_auth_mechanism_is_taken_in_any_case(tmp_path, sink, make_node, tls_files,
-                                                       users_file, mechanism):
+async def test_the_auth_mechanism_is_taken_in_any_case(
+        tmp_path, sink, make_node, tls_files, users_file, mechanism):  # noqa: F811
     """``AUTH plain <blob>`` got ``504 5.5.4 Unrecognized authentication type`` (and counted as
     a bad command): aiosmtpd looked the name up as sent."""
-    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
-                                         relay_from="[]"))
-    raw = await session(node.listeners[1].port)
-    assert (await raw.cmd("STARTTLS")).startswith("220")
-    await raw.writer.start_tls(_client_ctx())
-    assert (await raw.cmd("EHLO client.test")).startswith("250")
+    raw = await _submission(tmp_path, sink, make_node, tls_files, users_file)
     if mechanism == "login":
         assert (await raw.cmd("AUTH login")).startswith("334")
         assert (await raw.cmd(base64.b64encode(b"alice").decode())).startswith("334")

@@ -10,10 +10,12 @@ import logging
 import os
 import ssl
 import stat
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from postlane.cli import app
+from postlane.node import Node
 from tests.conftest import config_text
 from tests.support.pki import TestCA
 from tests.support.rawsmtp import session
@@ -70,8 +72,9 @@ def test_nodes_starting_at_once_make_one_generated_pair(tmp_path, sink):
     server_context(*pairs[0])  # loads: the key is the certificate's
 
 
-async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, sink, make_node,
-                                                                caplog):
+async def _reloading_node(tmp_path, sink, make_node) -> tuple[TestCA, Node, Path, Path]:
+    """A CA of the test's, and a node serving its certificate for mta.test ("live": the
+    certificate and key files, returned too), looking for a renewed one every 0.1 s."""
     ca = TestCA(tmp_path / "ca")
     cert, key = ca.issue(["mta.test"], file_name="live")
     node = await make_node(config_text(tmp_path, sink.port, f"""
@@ -80,6 +83,12 @@ cert_file = "{cert}"
 key_file = "{key}"
 reload_interval = "0.1s"
 """))
+    return ca, node, cert, key
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, sink, make_node,
+                                                                caplog):
+    ca, node, cert, key = await _reloading_node(tmp_path, sink, make_node)
     port = node.listeners[0].port
     verify = ssl.create_default_context(cafile=str(ca.ca_file))
     first = await _server_certificate(port, verify)
@@ -182,14 +191,7 @@ async def test_status_shows_the_certificate_served_not_a_file_that_did_not_load(
     disk at every call: a renewed certificate whose key did not match (so not loaded, the old
     one still served) was shown with the new dates, hiding an old certificate running out; a
     half-written file made ``status`` itself fail."""
-    ca = TestCA(tmp_path / "ca")
-    cert, key = ca.issue(["mta.test"], file_name="live")
-    node = await make_node(config_text(tmp_path, sink.port, f"""
-[tls]
-cert_file = "{cert}"
-key_file = "{key}"
-reload_interval = "0.1s"
-"""))
+    ca, node, cert, key = await _reloading_node(tmp_path, sink, make_node)
     port = node.listeners[0].port
     served = hashlib.sha256(await _server_certificate(port)).hexdigest()
     new_cert, _ = ca.issue(["mta.test"], file_name="renewed")
