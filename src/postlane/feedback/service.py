@@ -345,7 +345,7 @@ class FeedbackService:
             qid = verps[0].queue_id if verps else ""
             for address in dict.fromkeys(t.lower() for t in targets):
                 record(Record(type="f", rcpt=address, queue_id=qid,
-                                   dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
+                              dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
                 if ftype in _COMPLAINTS:
                     self._suppress(address, "marketing", f"complaint ({ftype})", "complaint")
             log.info("complaint", extra={"type": ftype, "recipients": len(targets)})
@@ -372,12 +372,12 @@ class FeedbackService:
             if match is None:
                 continue
             record(Record(type="rb" if match.action == "failed" else "rd",
-                               rcpt=verp.recipient, queue_id=verp.queue_id,
-                               dsn_action=match.action, dsn_status=match.status,
-                               dsn_diag=match.diagnostic or f"{report.method};",
-                               dsn_mta=f"dns;{match.remote_mta}" if match.remote_mta else "",
-                               bounce_cat=match.category if match.action == "failed" else "",
-                               **of(verp.queue_id)))
+                          rcpt=verp.recipient, queue_id=verp.queue_id,
+                          dsn_action=match.action, dsn_status=match.status,
+                          dsn_diag=match.diagnostic or f"{report.method};",
+                          dsn_mta=f"dns;{match.remote_mta}" if match.remote_mta else "",
+                          bounce_cat=match.category if match.action == "failed" else "",
+                          **of(verp.queue_id)))
 
     # -- unsubscribe ----------------------------------------------------------------------------
 
