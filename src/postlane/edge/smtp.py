@@ -396,21 +396,24 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        """A bad name is refused before aiosmtpd resets the session: RFC 5321 4.1.4 wants the
-        state of before a refused EHLO kept, and aiosmtpd dropped the transaction (and ESMTP)
-        first, so the MAIL and RCPT already answered 250 were gone."""
-        if hostname and helo_name(hostname) is None:
+        """The name checked (a CR or NUL here would go into Received: and on downstream) and
+        in A-labels before aiosmtpd sees it: a bad one is refused before aiosmtpd resets the
+        session, as RFC 5321 4.1.4 wants the state of before a refused EHLO kept (aiosmtpd
+        dropped the transaction and ESMTP first: MAIL and RCPT answered 250 were gone)."""
+        name = helo_name(hostname) if hostname else hostname
+        if name is None:
             await self.push("501 5.5.2 Invalid domain name in EHLO")
             return
-        await super().smtp_EHLO(hostname)
+        await super().smtp_EHLO(name)
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         """As ``smtp_EHLO``."""
-        if hostname and helo_name(hostname) is None:
+        name = helo_name(hostname) if hostname else hostname
+        if name is None:
             await self.push("501 5.5.2 Invalid domain name in HELO")
             return
-        await super().smtp_HELO(hostname)
+        await super().smtp_HELO(name)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -546,21 +549,14 @@ class SMTPIntake:
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
-        name = helo_name(hostname)
-        if name is None:  # a CR or NUL here went into Received: and on downstream
-            session.extended_smtp = False
-            return ["501 5.5.2 Invalid domain name in EHLO"]
-        session.host_name = name
+        session.host_name = hostname  # checked, in A-labels (EdgeSMTP.smtp_EHLO)
         responses = self.guard.ehlo(responses)
         extra = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250-MT-PRIORITY"]
         return responses[:-1] + extra + responses[-1:]
 
     async def handle_HELO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str) -> str:
-        name = helo_name(hostname)
-        if name is None:
-            return "501 5.5.2 Invalid domain name in HELO"
-        session.host_name = name
+        session.host_name = hostname  # checked, in A-labels (EdgeSMTP.smtp_HELO)
         return f"250 {server.hostname}"
 
     async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope,
