@@ -45,11 +45,11 @@ log = logging.getLogger("postlane.edge")
 # at, and a campaign does not cost a log line per SMTP command. Postlane logs what matters itself.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 # aiosmtpd also warns of what is not the operator's to fix: its own AUTH code sets the
-# deprecated Session.login_data after every successful login, and a client's unknown command or
-# AUTH cancelled with "*" is a WARNING line each (a log flood at a line per command; the guard
-# counts them with the other bad commands and logs the cut-off).
-_NOT_THE_OPERATORS = ("Session.login_data is deprecated", "%r unrecognised: %s",
-                      "%r aborted AUTH with '*'")
+# deprecated Session.login_data after every successful login, and a client's unknown command is
+# a WARNING line each (a log flood at a line per command; the guard counts them with the other
+# bad commands and logs the cut-off). An AUTH cancelled with "*" is the guard's own
+# (``challenge_auth``), which logs nothing.
+_NOT_THE_OPERATORS = ("Session.login_data is deprecated", "%r unrecognised: %s")
 logging.getLogger("mail.log").addFilter(
     lambda record: not str(record.msg).startswith(_NOT_THE_OPERATORS))
 # aiosmtpd ends a session at its 5th unknown command with "502 ... goodbye" (BOGUS_LIMIT, one
