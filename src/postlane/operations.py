@@ -61,6 +61,24 @@ class OperationError(Exception):
         self.status = status
 
 
+def _packing(make: Callable[[int], Record | None]
+             ) -> tuple[Callable[[int], bytes | None], list[Record]]:
+    """For ``SuppressionList.recorded``: the function that makes a change's record from its
+    result and packs it (None: nothing to record), and the list it keeps that record in (the
+    last try's: the list's writer may run the change more than once)."""
+    made: list[Record] = []
+
+    def packed(result: int) -> bytes | None:
+        made.clear()
+        rec = make(result)
+        if rec is None:
+            return None
+        made.append(rec)
+        return pack(rec)
+
+    return packed, made
+
+
 class Suppressions:
     """The suppression list changed on the record: by a node (``record`` writes through its
     spool), or by the CLI on the list's file (``record`` collects for ``outbox.post``). The
@@ -78,16 +96,7 @@ class Suppressions:
 
     def _change(self, change: Callable[[sqlite3.Connection], int],
                 make: Callable[[int], Record | None]) -> int:
-        made: list[Record] = []
-
-        def packed(result: int) -> bytes | None:
-            made.clear()
-            rec = make(result)
-            if rec is None:
-                return None
-            made.append(rec)
-            return pack(rec)
-
+        packed, made = _packing(make)
         if self.waiting is None:
             result = self.store.write(change)
             packed(result)
@@ -339,15 +348,7 @@ class Operations:
                         record: Callable[[int], Record | None]) -> int:
         """``change`` to the list with its record: committed together in the list, then in
         the spool (durable before the answer), then let go by the list."""
-        made: dict[int, Record] = {}
-
-        def packed(result: int) -> bytes | None:
-            rec = record(result)
-            if rec is None:
-                return None
-            made[0] = rec
-            return pack(rec)
-
+        packed, made = _packing(record)
         result, pending = await self.writes.call(self.suppressions.store.recorded, change,
                                                  packed)
         if pending is not None:
