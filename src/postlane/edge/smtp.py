@@ -400,8 +400,8 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
         in A-labels before aiosmtpd sees it: a bad one is refused before aiosmtpd resets the
         session, as RFC 5321 4.1.4 wants the state of before a refused EHLO kept (aiosmtpd
         dropped the transaction and ESMTP first: MAIL and RCPT answered 250 were gone)."""
-        name = helo_name(hostname) if hostname else hostname
-        if name is None:
+        name = helo_name(hostname) if hostname else hostname  # none: aiosmtpd's syntax 501
+        if hostname and name is None:
             await self.push("501 5.5.2 Invalid domain name in EHLO")
             return
         await super().smtp_EHLO(name)
@@ -409,8 +409,8 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         """As ``smtp_EHLO``."""
-        name = helo_name(hostname) if hostname else hostname
-        if name is None:
+        name = helo_name(hostname) if hostname else hostname  # none: aiosmtpd's syntax 501
+        if hostname and name is None:
             await self.push("501 5.5.2 Invalid domain name in HELO")
             return
         await super().smtp_HELO(name)
