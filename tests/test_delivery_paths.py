@@ -45,6 +45,42 @@ async def test_mx_preference_fallback_and_implicit_mx(tmp_path, dns_server, make
         await implicit.stop()
 
 
+async def test_an_ipv4_pool_tries_only_ipv4_addresses(tmp_path, dns_server, make_node):
+    """A pool of IPv4 source addresses and MX hosts with IPv6 addresses too (every big
+    provider's): the IPv6 ones are not tried (each failed with "no matching local address
+    with family=AF_INET6" on the record); an MX with IPv6 addresses only is deferred with a
+    reply that says why, and nothing is connected to."""
+    good = await Sink(host="127.0.1.2").start()
+    try:
+        dns_server.add_mx("example.net", 10, "mx1.example.net")
+        dns_server.add_a("mx1.example.net", "::1")
+        dns_server.add_a("mx1.example.net", "127.0.1.1")  # nothing listens: refused
+        dns_server.add_mx("example.net", 20, "mx2.example.net")
+        dns_server.add_a("mx2.example.net", "::1")
+        dns_server.add_a("mx2.example.net", "127.0.1.2")
+        dns_server.add_mx("six.example.net", 10, "mx6.example.net")
+        dns_server.add_a("mx6.example.net", "::1")
+        extra = f'[dns]\nnameserver = "127.0.0.1"\nport = {dns_server.port}\ntimeout = 2\n'
+        node = await make_node(config_text(tmp_path, good.port, extra, routes=False))
+        await send(node.listeners[0].port, "s@insurer.test",
+                   ["a@example.net", "b@six.example.net"], message(cls="policy-documents"))
+        [arrival] = await good.wait_for(1)
+        assert arrival.rcpts == ["a@example.net"]
+        await until(lambda: any(r["rcpt"] == "b@six.example.net" and r["type"] == "t"
+                                for r in records(tmp_path)))
+        await node.stop()
+    finally:
+        await good.stop()
+    [delivered] = [r for r in records(tmp_path) if r["type"] == "d"]
+    assert delivered["dlvDestinationIp"] == "127.0.1.2"
+    deferred = [r for r in records(tmp_path) if r["rcpt"] == "b@six.example.net"
+                and r["type"] == "t"]
+    assert deferred and all(r["dsnStatus"] == "4.4.4" and r["dlvDestinationIp"] == ""
+                            and "mx6.example.net: no IPv4 address for the source address"
+                                " 127.0.0.20" in r["dsnDiag"] for r in deferred)
+    assert not any("family" in r["dsnDiag"] for r in records(tmp_path))
+
+
 async def _reply(reader: asyncio.StreamReader) -> bytes:
     """One whole reply (its lines up to the one with a space after the code)."""
     out = b""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -72,6 +73,25 @@ class Failed:
     unreachable: bool = False
 
 
+def _version(ip: str) -> int | None:
+    try:
+        return ipaddress.ip_address(ip).version
+    except ValueError:
+        return None
+
+
+def reachable(dests: list[Destination], source_ip: str) -> list[Destination]:
+    """The addresses a connection bound to ``source_ip`` can reach: those of its family, as
+    Postfix's ``inet_protocols`` does. A pool of IPv4 addresses sending to an MX that also has
+    IPv6 addresses (Gmail's, every big provider's) tried those too and failed each with "no
+    matching local address" in the record, and an IPv6-only MX got that as its reason.
+    Without a source address (a pool of none) the system chooses: every address is kept."""
+    version = _version(source_ip) if source_ip else None
+    if version is None:
+        return dests
+    return [d for d in dests if _version(d.ip) in (version, None)]
+
+
 class SessionLost(Exception):
     """The session failed before the transaction got going (the connection lost, a timeout or
     a garbled reply at MAIL, a 421 to MAIL): a fault of the server, not of the message, so the
@@ -130,8 +150,14 @@ class Relay:
         under the report's relaxed policy (``TLSPolicy.relaxed``): the caller sends that
         report alone on it."""
         info = {"source_ip": slot.address, "vmta": slot.ehlo}
+        usable = reachable(dests, slot.address)
+        if not usable:  # an IPv6-only MX from an IPv4 pool: say so, connect to nothing
+            hosts = ", ".join(dict.fromkeys(d.host for d in dests))
+            return Failed(Outcome(DEFERRED, f"451 4.4.4 {hosts}: no IPv{_version(slot.address)}"
+                                  f" address for the source address {slot.address}", "4.4.4"),
+                          info, True)
         try:
-            plans = await self.tls.plan(lane, dests, self.route(lane.domain) is not None,
+            plans = await self.tls.plan(lane, usable, self.route(lane.domain) is not None,
                                         slot.address, relaxed)
         except NoUsableMX as exc:
             return Failed(Outcome(DEFERRED, str(exc.reply), status_of(exc.reply)), info, True)
