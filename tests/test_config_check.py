@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from postlane.startup import ConfigError
-from tests.conftest import config_text
+from tests.conftest import config_text, message, send
 from tests.test_cli_ops import run_cli
 
 POSTLANE = str(Path(sys.executable).parent / "postlane")
@@ -364,3 +364,39 @@ def test_no_listener_may_take_the_name_of_the_tls_reports(tmp_path):
             exc.errors, exc.errors
     else:
         raise AssertionError("a listener named tlsrpt was taken")
+
+
+
+async def test_ipv4_and_ipv6_on_one_port(tmp_path, make_node):
+    """A public MX listens on both families: ``0.0.0.0`` and ``::`` on port 25 (a listener on
+    ``::`` is IPv6 only). ``config check`` called that a clash ("0.0.0.0:25 is already where
+    listener ... listens"), so a node could listen on one family only. Two sockets of one
+    family on one port are still refused, and so is the API's ``::``, which takes IPv4 too."""
+    port = _free_port()
+    six = f'[listeners.six]\naddress = "::"\nport = {port}\nrelay_from = []\n'
+
+    def text(extra: str = "", api: str = "") -> str:
+        body = config_text(tmp_path, 2600, extra, listener_port=port).replace(
+            f'address = "127.0.0.1"\nport = {port}', f'address = "0.0.0.0"\nport = {port}')
+        return body.replace("[api]\nport = 0", f"[api]\n{api}port = 0" if not api else
+                            f"[api]\n{api}")
+
+    path = tmp_path / "node.toml"
+    path.write_text(text(six))
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 0, err
+    node = await make_node(path.read_text())
+    for host in ("127.0.0.1", "::1"):
+        reader, writer = await asyncio.open_connection(host, port)
+        assert (await reader.readline()).startswith(b"220")
+        writer.close()
+    assert await send(port, "s@insurer.test", ["a@example.com"], message()) == {}
+    await node.stop()
+    for clash in ("::1", "::"):
+        path.write_text(text(six + f'[listeners.six2]\naddress = "{clash}"\nport = {port}\n'))
+        code, _, err = await run_cli("config", "check", str(path))
+        assert code == 2
+        assert f"listeners.six2.port: {clash}:{port} is already where listener 'six'" in err, err
+    path.write_text(text(api=f'address = "::"\nport = {port}\n'))
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 2 and f"api.port: :::{port} is already where listener 'in' listens" in err, err

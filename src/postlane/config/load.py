@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 import time
 import tomllib
@@ -107,23 +108,36 @@ def _did_you_mean(loc: tuple[int | str, ...]) -> str | None:
     return close[0] if close else None
 
 
+def _covers(a: str, a_v6only: bool, b: str) -> bool:
+    """Whether a socket bound to ``a`` takes connections to ``b``. A listener on ``::`` is
+    IPv6 only (asyncio sets ``IPV6_V6ONLY``), so ``0.0.0.0`` and ``::`` on one port is how a
+    node listens on both families; the API's server (uvicorn) leaves the system's default, and
+    its ``::`` takes IPv4 too."""
+    ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)
+    if ip_a == ip_b:
+        return True
+    if not ip_a.is_unspecified:
+        return False
+    return ip_a.version == ip_b.version or (ip_a.version == 6 and not a_v6only)
+
+
 def _listener_checks(cfg: Config) -> list[str]:
     """Two sockets on one port: ``serve`` would fail to bind the second."""
     errors: list[str] = []
-    taken: list[tuple[str, str, int, str]] = []  # (owner, address, port, field)
-    wildcard = ("0.0.0.0", "::")
-    sockets = [(f"listener {name!r}", lc.address, lc.port, f"listeners.{name}.port")
+    ports: dict[int, list[tuple[str, str, bool]]] = {}  # port -> (owner, address, v6 only)
+    sockets = [(f"listener {name!r}", lc.address, lc.port, f"listeners.{name}.port", True)
                for name, lc in cfg.listeners.items()]
     if cfg.api.enabled:
-        sockets.append(("the API", cfg.api.address, cfg.api.port, "api.port"))
-    for owner, address, port, field in sockets:
+        sockets.append(("the API", cfg.api.address, cfg.api.port, "api.port", False))
+    for owner, address, port, field, v6only in sockets:
         if port == 0:
             continue  # any free port
-        clash = next((o for o, a, p, _ in taken if p == port and (
-            a == address or a in wildcard or address in wildcard)), None)
+        taken = ports.setdefault(port, [])
+        clash = next((o for o, a, only in taken
+                      if _covers(a, only, address) or _covers(address, v6only, a)), None)
         if clash:
             errors.append(f"{field}: {address}:{port} is already where {clash} listens")
-        taken.append((owner, address, port, field))
+        taken.append((owner, address, v6only))
     return errors
 
 
