@@ -10,7 +10,9 @@ Instead:
   spool itself (an index-only count per class, the deferred and the leased recipients from
   their own indexes, one indexed walk per SLA class over the messages due within the alert
   horizon), merges every node's slices into one set of latency
-  windows and drain rates, runs the SLA rules, keeps the alerts in the ``alerts`` table (so the
+  windows and drain rates, adds the slices no evaluation counted yet to the cluster's lifetime
+  totals in ``monitor_totals`` (so a total never goes back when another node evaluates), runs
+  the SLA rules, keeps the alerts in the ``alerts`` table (so the
   next evaluator adopts them: nothing fires twice, nothing stays stuck) and writes the figures
   to ``monitor_state``; only then does it tell the alert's notifiers, and once every notifier
   took an event it marks the alert's row ``notified`` (so an evaluator that dies before its
