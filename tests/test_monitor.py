@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -332,6 +333,37 @@ async def test_restart_counts_resumed_messages(tmp_path, sink, make_node):
     assert states["marketing"]["oldest_age_s"] > 0
     assert states["policy-documents"]["depth"] == 0
     assert states["policy-documents"]["latency_s"]["1m"] is None, "history is not persisted"
+
+
+async def test_one_nodes_live_totals_are_since_its_start_and_the_audit_store_keeps_all(
+        tmp_path, sink, make_node):
+    """The decision for one node (docs/operations.md, *Monitoring*): ``delivered_total`` of
+    /api/v1/sla and the /metrics counters count since the node started - a restart starts
+    them again, as ``postlane_uptime_seconds`` does - while ``postlane audit sla`` counts
+    every delivery of a period from the audit store, restarts or not."""
+    from tests.test_cli_ops import run_cli
+
+    text = config_text(tmp_path, sink.port)
+    (tmp_path / "node.toml").write_text(text)
+    start = time.time() - 1
+    for run in range(2):
+        node = await make_node(text)
+        await node.intake.submit("s@insurer.test", [RcptIn(f"r{run}@example.com")],
+                                 message("notice", cls="policy-documents"))
+        await sink.wait_for(run + 1)
+        sla = await node.monitor.sla(time.time())
+        totals = {c["class"]: c["delivered_total"] for c in sla["classes"]}
+        assert (sla["scope"], totals["policy-documents"]) == ("node", 1), "since this start"
+        metrics = node.monitor.metrics.render().decode()
+        delivered = re.findall(
+            r'^postlane_recipients_total\{[^}]*outcome="delivered"[^}]*\} (\S+)$', metrics, re.M)
+        assert delivered == ["1.0"], metrics
+        await node.stop()
+    code, out, err = await run_cli("audit", "sla", "-c", str(tmp_path / "node.toml"),
+                                   "--from", str(start), "--to", str(time.time() + 1),
+                                   "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["classes"]["policy-documents"]["delivered"] == 2
 
 
 async def test_an_alert_mail_subject_carries_no_field_of_its_own() -> None:

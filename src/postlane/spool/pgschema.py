@@ -99,6 +99,11 @@ ALTER TABLE messages ADD COLUMN smtputf8 BOOLEAN NOT NULL DEFAULT false;
     (9, """
 ALTER TABLE alerts ADD COLUMN notified TEXT[];
 """),
+    (10, """
+ALTER TABLE monitor_slices ADD COLUMN counted BOOLEAN NOT NULL DEFAULT false;
+CREATE INDEX monitor_slices_uncounted ON monitor_slices (at) WHERE NOT counted;
+CREATE TABLE monitor_totals (cls TEXT PRIMARY KEY, delivered BIGINT NOT NULL);
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 
