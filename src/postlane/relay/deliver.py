@@ -241,17 +241,20 @@ class Relay:
 
 def _outcome(reply: Reply) -> Outcome:
     """``Outcome.of``, reading RFC 821's 552 "too many recipients" as the 452 it is (RFC 5321
-    4.5.3.1.10: clients should treat it as temporary): never a bounce."""
-    if reply.code == 552 and "too many recipients" in reply.text.lower():
+    4.5.3.1.10: clients should treat it as temporary): never a bounce. A 5xx with RFC 3463's
+    X.5.3 ("too many recipients"; the rest "to be delivered on a subsequent delivery
+    attempt") is that refusal whatever its words, as ``552 5.5.3 Recipient limit exceeded``."""
+    if reply.is_perm and (reply.enhanced == "5.5.3" or (
+            reply.code == 552 and "too many recipients" in reply.text.lower())):
         return Outcome(DEFERRED, str(reply), "4.5.3")
     return Outcome.of(reply)
 
 
 def _too_many(out: Outcome) -> bool:
-    """A refusal for the server's recipient limit: 452 (4.5.3, or its words without a code),
-    or RFC 821's 552 (``_outcome``)."""
-    return out.kind == DEFERRED and out.reply[:3] in ("452", "552") and (
-        out.status == "4.5.3" or "too many recipients" in out.reply.lower())
+    """A refusal for the server's recipient limit: X.5.3 (``_outcome`` makes a 5xx one 4.5.3),
+    or a 452 or 552 saying so without a code."""
+    return out.kind == DEFERRED and (out.status == "4.5.3" or (
+        out.reply[:3] in ("452", "552") and "too many recipients" in out.reply.lower()))
 
 
 class Hosts:
