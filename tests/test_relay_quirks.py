@@ -57,6 +57,8 @@ class Receiver:
     dot: Callable[[Conversation], bytes] = lambda conv: b"250 2.0.0 Ok: queued\r\n"
     split: bool = False
     """Send every reply one byte per TCP segment."""
+    per_connection: int = 0
+    """Close the connection after this many messages (0: never), without a word."""
     received: list[tuple[int, list[str], bytes]] = field(default_factory=list)
     """(connection, recipients, data) of each message answered 250 at its final dot."""
     commands: list[tuple[int, bytes]] = field(default_factory=list)
@@ -108,6 +110,8 @@ class Receiver:
             answer = self.script(conv, verb, line)
             if answer is None:
                 answer = self._default(conv, verb, line)
+            elif verb == b"RCPT" and answer.startswith(b"2"):
+                conv.rcpts.append(_address(line))
             if answer == HANG:
                 await reader.read()
                 return
@@ -133,7 +137,7 @@ class Receiver:
                     self.received.append((conv.number, list(conv.rcpts), data))
                 conv.rcpts, conv.mail = [], False
                 await self._say(writer, answer)
-                if answer.startswith(b"421"):
+                if answer.startswith(b"421") or conv.messages == self.per_connection:
                     return
 
     def _default(self, conv: Conversation, verb: bytes, line: bytes) -> bytes:
@@ -427,4 +431,105 @@ async def test_5xx_to_the_second_mail_on_a_connection(tmp_path, make_node, recei
     rows = {(r["orig"], r["type"]): r for r in records(tmp_path)}
     assert ("ok1@insurer.test", "d") in rows and ("ok2@insurer.test", "d") in rows, rows.keys()
     assert rows[("refused@insurer.test", "b")]["dsnStatus"] == "5.7.1"
+    no_tracebacks(caplog)
+
+
+async def test_421_to_the_second_mail_with_pipelining_reopens(tmp_path, make_node, receiver,
+                                                             caplog):
+    """A pipelining receiver that takes one message per connection and answers 421 to the
+    next MAIL (Exim's smtp_accept_max_per_connection): message 2 goes at once on a new
+    connection, without a deferral."""
+    def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
+        if verb == b"MAIL" and conv.messages >= 1:
+            return b"421 4.7.0 Too many messages in this connection\r\n"
+        return None
+
+    receiver.script = script
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port).replace("max_smtp_out = 4",
+                                                               "max_smtp_out = 1"))
+    from postlane.operations import Operator
+    await node.operations.pause("bulk", who=Operator("tester", "api"))
+    for i in range(3):
+        await send(node.listeners[0].port, "s@insurer.test", [f"a{i}@example.com"],
+                   message(cls="marketing"))
+    await node.operations.resume("bulk", who=Operator("tester", "api"))
+    await until(lambda: len(receiver.received) >= 3, what="three messages")
+    await node.stop()
+    assert sorted(outcomes(tmp_path)) == [(f"a{i}@example.com", "d") for i in range(3)]
+    assert receiver.connections == 3
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("how", ["421", "close"])
+async def test_recipient_limit_then_the_session_ends(tmp_path, make_node, receiver, caplog,
+                                                     how):
+    """2 recipients per transaction and 1 message per connection (421 to the next MAIL, or a
+    close after the message): the recipients over the limit go at once on a new connection,
+    not to the class's retry. They were deferred (a "t" record each, the retry's wait)."""
+    if how == "close":
+        receiver.per_connection = 1
+
+    def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
+        if verb == b"MAIL" and conv.messages >= 1:
+            return b"421 4.7.0 Too many messages in this connection\r\n"
+        if verb == b"RCPT" and len(conv.rcpts) >= 2:
+            return b"452 4.5.3 Error: too many recipients\r\n"
+        return None
+
+    receiver.script = script
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    rcpts = [f"a{i}@example.com" for i in range(5)]
+    await send(node.listeners[0].port, "s@insurer.test", rcpts, message(cls="marketing"))
+    await until(lambda: sum(len(r) for _, r, _ in receiver.received) >= 5, what="5 recipients")
+    await node.stop()
+    assert sorted(outcomes(tmp_path)) == sorted((r, "d") for r in rcpts), outcomes(tmp_path)
+    assert [r for _, r, _ in receiver.received] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    assert receiver.connections == 3
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize(
+    ("ehlo", "rcpt"),
+    [
+        (b"250-quirk.test\r\n250-PIPELINING\r\n220 8BITMIME\r\n", None),
+        (EHLO, b"250-2.1.5 Ok\r\n550 5.1.1 no such user\r\n"),
+        (EHLO, b"250 2.1.5 Ok\x00\xff\r\n"),
+        (EHLO, b"25O 2.1.5 Ok\r\n"),
+    ],
+    ids=["ehlo-mixed-codes", "rcpt-mixed-codes", "rcpt-binary-text", "rcpt-garbage-code"],
+)
+async def test_malformed_replies_fail_cleanly(tmp_path, make_node, receiver, caplog, ehlo,
+                                              rcpt):
+    """A reply that cannot be read as one answer: the attempt is deferred (4.x.x), never a
+    delivery or a bounce, with no traceback in the log."""
+    receiver.ehlo = ehlo
+    if rcpt is not None:
+        receiver.script = lambda conv, verb, line: rcpt if verb == b"RCPT" else None
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: outcomes(tmp_path), what="an outcome")
+    await node.stop()
+    rows = [r for r in records(tmp_path) if r["type"] not in ("r", "o")]
+    if rcpt == b"250 2.1.5 Ok\x00\xff\r\n":  # readable: a reply's text is not checked
+        assert {r["type"] for r in rows} == {"d"}, [(r["rcpt"], r["dsnDiag"]) for r in rows]
+    else:
+        assert {r["type"] for r in rows} == {"t"}, rows
+        assert all(r["dsnStatus"].startswith("4.") for r in rows), rows
+    no_tracebacks(caplog)
+
+
+async def test_multi_line_greeting(tmp_path, make_node, receiver, caplog):
+    receiver.greeting = b"220-quirk.test ESMTP\r\n220-no UCE\r\n220 welcome\r\n"
+    receiver.split = True
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: outcomes(tmp_path), what="an outcome")
+    await node.stop()
+    assert outcomes(tmp_path) == [("a@example.com", "d")]
     no_tracebacks(caplog)
