@@ -179,8 +179,8 @@ class Relay:
             if not over or len(over) == len(pending):  # none left, or none taken: stop
                 break
             if not conn.usable:
-                if not conn.messages_sent:  # nothing delivered here: a reopening could loop
-                    break
+                if not any(out.kind == DELIVERED for out in outcomes):
+                    break  # the server ended it without taking this message: the retry
                 # the server ended the session after the transaction that delivered: the rest
                 # go on a new session of the attempt, not to the class's retry
                 raise SessionLost(SMTPError("mail", "session ended with recipients over the"
