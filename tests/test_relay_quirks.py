@@ -597,3 +597,33 @@ async def test_size_smaller_than_the_message_bounces_unsent(tmp_path, make_node,
         assert row["dsnStatus"] == "5.3.4" and "SIZE" in row["dsnDiag"], row
         assert not any(line.startswith(b"MAIL") for _, line in receiver.commands)
     no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("text", [b"no\x00such \x1b[31muser \xff\xfe",
+                                  b"no such user " + b"x" * 1200],
+                         ids=["control-bytes", "long-line"])
+async def test_a_refusal_with_control_bytes_is_recorded_and_reported(tmp_path, make_node,
+                                                                     receiver, caplog, text):
+    """A 550 whose text holds NUL, an escape sequence and bytes that are not UTF-8, or is
+    1,200 octets long: bounced, its record readable, its DSN sent without the NUL or the
+    escape (RFC 2045 2.8: 8bit data has no NUL) and in lines SMTP can carry."""
+    def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
+        if verb == b"RCPT" and b"hard@" in line:
+            return b"550 5.1.1 " + text + b"\r\n"
+        return None
+
+    receiver.script = script
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@example.com", ["hard@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: receiver.received, what="the DSN")
+    await node.stop()
+    [row] = [r for r in records(tmp_path) if r["rcpt"] == "hard@example.com"
+             and r["type"] == "b"]
+    assert row["dsnStatus"] == "5.1.1" and "550 5.1.1 no" in row["dsnDiag"], row
+    [(_, rcpts, dsn)] = receiver.received
+    assert rcpts == ["s@example.com"] and b"Status: 5.1.1" in dsn
+    assert b"\x00" not in dsn and b"\x1b" not in dsn
+    assert max(map(len, dsn.split(b"\r\n"))) <= 998
+    no_tracebacks(caplog)
