@@ -24,6 +24,8 @@ HANG = b"<hang>"
 """An answer that is none: the receiver says nothing more and waits for the client to go."""
 CLOSE = b"<close>"
 """An answer that is a close without a word."""
+THEN_CLOSE = b"<then-close>"
+"""The end of an answer after which the receiver closes the connection."""
 
 EHLO = b"250-quirk.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
 
@@ -117,8 +119,8 @@ class Receiver:
                 return
             if answer == CLOSE:
                 return
-            await self._say(writer, answer)
-            if verb == b"QUIT" or answer.startswith(b"421"):
+            await self._say(writer, answer.removesuffix(THEN_CLOSE))
+            if verb == b"QUIT" or answer.startswith(b"421") or answer.endswith(THEN_CLOSE):
                 return
             if verb == b"DATA" and answer.startswith(b"354"):
                 data = b""
@@ -626,4 +628,31 @@ async def test_a_refusal_with_control_bytes_is_recorded_and_reported(tmp_path, m
     assert rcpts == ["s@example.com"] and b"Status: 5.1.1" in dsn
     assert b"\x00" not in dsn and b"\x1b" not in dsn
     assert max(map(len, dsn.split(b"\r\n"))) <= 998
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("verb", [b"MAIL", b"RCPT"])
+async def test_a_refusal_then_a_close_is_the_refusal(tmp_path, make_node, receiver, caplog,
+                                                     verb, pipelining):
+    """A receiver that refuses (550 to MAIL, or to the only RCPT) and hangs up at once, as
+    blocklist checks do: the refusal is the outcome (a bounce with its status), with or
+    without PIPELINING. With it, the close before the replies to the commands sent behind
+    was read as the session lost: deferred, the 550 lost, retried until the expiry."""
+    if not pipelining:
+        receiver.ehlo = b"250-quirk.test\r\n250 8BITMIME\r\n"
+    receiver.script = lambda conv, v, line: (
+        b"550 5.7.1 Service unavailable; client host blocked\r\n" + THEN_CLOSE
+        if v == verb else None)
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: outcomes(tmp_path), what="an outcome")
+    await node.stop()
+    rows = [r for r in records(tmp_path) if r["type"] not in ("r", "o")
+            and r["rcpt"] == "a@example.com"]
+    [row] = rows
+    assert row["type"] == "b" and row["dsnStatus"] == "5.7.1", row
+    assert "client host blocked" in row["dsnDiag"], row
     no_tracebacks(caplog)
