@@ -992,3 +992,33 @@ async def test_refusals_read_before_a_close_stand(pipelining: bool) -> None:
     assert [str(r) for r in tx.rcpt_replies] == ["550 5.1.1 no such user", "250 2.1.5 Ok"]
     assert str(tx.data_reply) == "451 4.4.2 data: connection closed by server"
     assert not conn.usable
+
+
+async def test_refusals_stand_when_an_empty_data_goes_unanswered() -> None:
+    """Every RCPT refused, and yet 354 to DATA: the client ends the data empty; the server
+    hangs up instead of answering. The refusals are still the answers (they were lost: the
+    error at the dot deferred the 550 recipient)."""
+    server = Scripted(replies={b"RCPT": b"550 5.1.1 no such user\r\n"}, dot=b"")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        while line := await reader.readline():
+            server.commands.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-hi\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"RCPT":
+                writer.write(b"550 5.1.1 no such user\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+            elif line == b".\r\n":
+                return
+            else:
+                writer.write(b"250 Ok\r\n")
+            await writer.drain()
+
+    async with raw_server(serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
+    assert [str(r) for r in tx.rcpt_replies] == ["550 5.1.1 no such user"]
+    assert tx.data_reply is None and not conn.usable

@@ -543,10 +543,14 @@ class SMTPConnection:
             rcpt_replies = [mail_reply] * n
         if data_cmd_reply.code == 354:
             if not accepted:
-                # Server wants data though nobody is to receive it: end it empty.
-                self._writer.write(b".\r\n")
-                await self._drain("dot", cmd_timeout)
-                await self._read_reply("dot", self._timeouts.dot)
+                # Server wants data though nobody is to receive it: end it empty (its reply,
+                # or none, changes no recipient's: the refusals stand).
+                try:
+                    self._writer.write(b".\r\n")
+                    await self._drain("dot", cmd_timeout)
+                    await self._read_reply("dot", self._timeouts.dot)
+                except SMTPError:
+                    self.close()
                 return Transaction(mail_reply, rcpt_replies, None)
             await self._write_data(payload, before_dot)
             data_reply = await self._read_reply("dot", self._timeouts.dot)
