@@ -1,7 +1,7 @@
 """The relay against receivers that behave as real ones do, end to end: a node delivers to a
 scripted raw server on loopback, and its records (and DSNs) say what became of each recipient.
 
-Each receiver is a small asyncio server answering from a script (``Receiver.answer``): what
+Each receiver is a small asyncio server answering from a script (``Receiver.script``): what
 real MTAs do at their limits (Postfix's ``smtpd_recipient_limit``, Exim's per-connection cap),
 in their reply formatting (continuation lines, lower-case keywords, replies split across TCP
 segments, long lines) and when they fail (a close after the final dot, a stall, 421)."""
