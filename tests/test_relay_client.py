@@ -965,3 +965,60 @@ async def test_an_enhanced_code_is_ascii_digits() -> None:
         await conn.quit()
     assert tx.data_reply is not None and tx.data_reply.code == 550
     assert tx.data_reply.enhanced is None
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_refusals_read_before_a_close_stand(pipelining: bool) -> None:
+    """550 to the first RCPT, 250 to the second, then the server hangs up before answering
+    DATA: the 550 is the first recipient's answer (it bounces), the second's is the loss
+    (451 4.4.2, deferred); no SMTPError, the connection closed."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        answers = [b"250 2.1.0 Ok\r\n", b"550 5.1.1 no such user\r\n", b"250 2.1.5 Ok\r\n"]
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-hi\r\n250-PIPELINING\r\n250 8BITMIME\r\n" if pipelining
+                             else b"250-hi\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                return
+            else:
+                writer.write(answers.pop(0))
+            await writer.drain()
+
+    async with raw_server(serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", "")], MESSAGE)
+    assert [str(r) for r in tx.rcpt_replies] == ["550 5.1.1 no such user", "250 2.1.5 Ok"]
+    assert str(tx.data_reply) == "451 4.4.2 data: connection closed by server"
+    assert not conn.usable
+
+
+async def test_refusals_stand_when_an_empty_data_goes_unanswered() -> None:
+    """Every RCPT refused, and yet 354 to DATA: the client ends the data empty; the server
+    hangs up instead of answering. The refusals are still the answers (they were lost: the
+    error at the dot deferred the 550 recipient)."""
+    server = Scripted(replies={b"RCPT": b"550 5.1.1 no such user\r\n"}, dot=b"")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        while line := await reader.readline():
+            server.commands.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-hi\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"RCPT":
+                writer.write(b"550 5.1.1 no such user\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+            elif line == b".\r\n":
+                return
+            else:
+                writer.write(b"250 Ok\r\n")
+            await writer.drain()
+
+    async with raw_server(serve) as port:
+        conn = await connect(port)
+        tx = await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
+    assert [str(r) for r in tx.rcpt_replies] == ["550 5.1.1 no such user"]
+    assert tx.data_reply is None and not conn.usable

@@ -32,6 +32,7 @@ _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _EOL = re.compile(rb"\r\n|\r|\n")
 _PRINTABLE = re.compile(r"[ -~]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(slots=True)
@@ -73,6 +74,13 @@ def _escaped(text: str) -> str:
     if not _PRINTABLE.fullmatch(text):
         text = "".join(ch if " " <= ch <= "~" else f"\\x{{{ord(ch):X}}}" for ch in text)
     return text.replace("=?", "=\\x{3F}") if "=?" in text else text
+
+
+def _visible(text: str) -> str:
+    """A remote reply for the human-readable part: its control characters (a NUL, which 8bit
+    MIME data must not hold, RFC 2045 2.8; a terminal's escape sequences) as RFC 6533
+    \\x{HEX}, as in the delivery-status part; its UTF-8 text as it is."""
+    return _CONTROL.sub(lambda m: f"\\x{{{ord(m.group()):X}}}", text)
 
 
 def _dsn_text(text: str) -> str:
@@ -136,7 +144,7 @@ def _human_text(reporting_mta: str, recipients: Sequence[FailedRecipient], queue
     relayed = [r for r in recipients if r.action == "relayed"]
 
     def line(r: FailedRecipient) -> str:
-        reply = _one_line(r.diagnostic) or f"status {r.status}"
+        reply = _visible(_one_line(r.diagnostic)) or f"status {r.status}"
         where = f"host {r.remote_mta} said: " if r.remote_mta and r.diagnostic else ""
         return f"<{_bare(r.address)}>: {where}{reply}"
 

@@ -397,7 +397,9 @@ class SMTPConnection:
         them (RFC 3461 4); the caller checks ``extensions`` to know it must report success
         itself. A 421 marks the connection unusable; the recipients it answered (and the
         data_reply if any recipient had been accepted) carry the 421. Network failures and
-        malformed replies raise SMTPError and leave the connection closed. ``crlf``: see
+        malformed replies raise SMTPError and leave the connection closed; past the MAIL reply
+        and before the message data they end the transaction instead (``_cut_short``): the
+        refusals read stand, the rest get ``451 4.4.2``. ``crlf``: see
         ``prepare_data``. ``before_dot`` is awaited after the message's last block and before
         the final dot (which is when the remote side takes it): if it fails, the dot is never
         sent (SMTPError, connection closed) and the message is not delivered. ``smtputf8``: the
@@ -498,48 +500,57 @@ class SMTPConnection:
                     before_dot: Awaitable[object] | None) -> Transaction:
         n = len(commands) - 1
         cmd_timeout = self._timeouts.command
-        if "PIPELINING" in self.extensions:
-            self._writer.write(b"".join(commands) + b"DATA\r\n")
-            await self._drain("mail", cmd_timeout)
-            mail_reply = await self._read_reply("mail", cmd_timeout)
-            if mail_reply.code == 421:
-                self._usable = False
-                return Transaction(mail_reply, [mail_reply] * n, None)
-            rcpt_replies: list[Reply] = []
-            for _ in range(n):
-                reply = await self._read_reply("rcpt", cmd_timeout)
-                rcpt_replies.append(reply)
-                if reply.code == 421:
-                    return self._closing(mail_reply, rcpt_replies, n)
-            data_cmd_reply = await self._read_reply("data", cmd_timeout)
-        else:
-            mail_reply = await self._command("mail", commands[0])
-            if not mail_reply.is_ok:
+        mail_reply: Reply | None = None
+        rcpt_replies: list[Reply] = []
+        try:
+            if "PIPELINING" in self.extensions:
+                self._writer.write(b"".join(commands) + b"DATA\r\n")
+                await self._drain("mail", cmd_timeout)
+                mail_reply = await self._read_reply("mail", cmd_timeout)
                 if mail_reply.code == 421:
                     self._usable = False
-                else:
+                    return Transaction(mail_reply, [mail_reply] * n, None)
+                for _ in range(n):
+                    reply = await self._read_reply("rcpt", cmd_timeout)
+                    rcpt_replies.append(reply)
+                    if reply.code == 421:
+                        return self._closing(mail_reply, rcpt_replies, n)
+                data_cmd_reply = await self._read_reply("data", cmd_timeout)
+            else:
+                mail_reply = await self._command("mail", commands[0])
+                if not mail_reply.is_ok:
+                    if mail_reply.code == 421:
+                        self._usable = False
+                    else:
+                        await self._quiet_rset()
+                    return Transaction(mail_reply, [mail_reply] * n, None)
+                for command in commands[1:]:
+                    reply = await self._command("rcpt", command)
+                    rcpt_replies.append(reply)
+                    if reply.code == 421:
+                        return self._closing(mail_reply, rcpt_replies, n)
+                if not any(r.is_ok for r in rcpt_replies):
                     await self._quiet_rset()
-                return Transaction(mail_reply, [mail_reply] * n, None)
-            rcpt_replies = []
-            for command in commands[1:]:
-                reply = await self._command("rcpt", command)
-                rcpt_replies.append(reply)
-                if reply.code == 421:
-                    return self._closing(mail_reply, rcpt_replies, n)
-            if not any(r.is_ok for r in rcpt_replies):
-                await self._quiet_rset()
-                return Transaction(mail_reply, rcpt_replies, None)
-            data_cmd_reply = await self._command("data", b"DATA\r\n")
+                    return Transaction(mail_reply, rcpt_replies, None)
+                data_cmd_reply = await self._command("data", b"DATA\r\n")
+        except SMTPError as exc:
+            if mail_reply is None:  # lost at MAIL: the caller's to tell (the next host)
+                raise
+            return self._cut_short(mail_reply, rcpt_replies, n, exc)
 
         accepted = mail_reply.is_ok and any(r.is_ok for r in rcpt_replies)
         if not mail_reply.is_ok:
             rcpt_replies = [mail_reply] * n
         if data_cmd_reply.code == 354:
             if not accepted:
-                # Server wants data though nobody is to receive it: end it empty.
-                self._writer.write(b".\r\n")
-                await self._drain("dot", cmd_timeout)
-                await self._read_reply("dot", self._timeouts.dot)
+                # Server wants data though nobody is to receive it: end it empty (its reply,
+                # or none, changes no recipient's: the refusals stand).
+                try:
+                    self._writer.write(b".\r\n")
+                    await self._drain("dot", cmd_timeout)
+                    await self._read_reply("dot", self._timeouts.dot)
+                except SMTPError:
+                    self.close()
                 return Transaction(mail_reply, rcpt_replies, None)
             await self._write_data(payload, before_dot)
             data_reply = await self._read_reply("dot", self._timeouts.dot)
@@ -555,6 +566,21 @@ class SMTPConnection:
         else:
             await self._quiet_rset()
         return Transaction(mail_reply, rcpt_replies, data_cmd_reply if accepted else None)
+
+    def _cut_short(self, mail_reply: Reply, rcpt_replies: list[Reply], n: int,
+                   exc: SMTPError) -> Transaction:
+        """The session lost (closed, timed out, garbled) after the MAIL reply and before any
+        message data: the refusals read stand, as they would without PIPELINING (a server
+        that refuses and hangs up, as blocklist checks do, refused; the close before the
+        replies to the commands pipelined behind read as the session lost, and the refusal
+        was deferred to be retried until the expiry). The recipients not answered, or
+        accepted, get the loss as a ``451 4.4.2``. The connection is closed."""
+        self.close()
+        if not mail_reply.is_ok:
+            return Transaction(mail_reply, [mail_reply] * n, None)
+        lost = Reply(451, f"4.4.2 {exc}", "4.4.2")
+        replies = rcpt_replies + [lost] * (n - len(rcpt_replies))
+        return Transaction(mail_reply, replies, lost if any(r.is_ok for r in replies) else None)
 
     def _closing(self, mail_reply: Reply, rcpt_replies: list[Reply], n: int) -> Transaction:
         """Build the result of a transaction cut short by a 421 to a RCPT."""

@@ -97,9 +97,13 @@ class SessionLost(Exception):
     a garbled reply at MAIL, a 421 to MAIL): a fault of the server, not of the message, so the
     batch goes to the next host of the attempt (``Hosts.lost``)."""
 
-    def __init__(self, error: SMTPError) -> None:
+    def __init__(self, error: SMTPError, settled: dict[int, Outcome] | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.settled = settled or {}
+        """Outcomes, by index in the batch, of the recipients an earlier transaction of the
+        same ``transact`` settled (the server's recipient limit split the batch): those are
+        recorded, only the rest of the batch goes on to the next session."""
 
 
 class Relay:
@@ -182,8 +186,10 @@ class Relay:
         others go at once in the next transaction on the same connection (RFC 5321
         4.5.3.1.10), as long as each transaction takes some: a server's recipient limit
         (Postfix's ``smtpd_recipient_limit``) is no reason to defer them to the class's
-        retry. A session lost in a follow-up defers only its own recipients; those delivered
-        before stay delivered."""
+        retry. When the session ends before a follow-up (lost at its MAIL, or closed after the
+        transaction that delivered), ``SessionLost`` carries the outcomes settled so far and
+        the rest of the batch goes on a new session (``Hosts.lost``: the same host again, as
+        it delivered), still not to the retry."""
         msg = batch[0].msg
         try:
             body = await self.spool.load_body(msg.id)
@@ -194,16 +200,24 @@ class Relay:
         outcomes = await self._transact_once(conn, batch, info, body)
         pending = list(range(len(batch)))
         latest = outcomes
-        while conn.usable:
+        while True:
             over = [i for i, out in zip(pending, latest, strict=True) if _too_many(out)]
             if not over or len(over) == len(pending):  # none left, or none taken: stop
                 break
+            if not conn.usable:
+                if not any(out.kind == DELIVERED for out in outcomes):
+                    break  # the server ended it without taking this message: the retry
+                # the server ended the session after the transaction that delivered: the rest
+                # go on a new session of the attempt, not to the class's retry
+                raise SessionLost(SMTPError("mail", "session ended with recipients over the"
+                                                    " server's recipient limit left"),
+                                  _settled(outcomes, over))
             pending = over
             try:
                 latest = await self._transact_once(conn, [batch[i] for i in pending], info, body)
             except SessionLost as lost:
-                reply = f"451 4.4.2 {lost}"
-                latest = [Outcome(DEFERRED, reply, "4.4.2")] * len(pending)
+                lost.settled = _settled(outcomes, pending)
+                raise
             for i, out in zip(pending, latest, strict=True):
                 outcomes[i] = out
         return outcomes
@@ -265,19 +279,28 @@ class Relay:
         return out
 
 
+def _settled(outcomes: list[Outcome], pending: list[int]) -> dict[int, Outcome]:
+    """The outcomes of the recipients not in ``pending``, by index."""
+    left = set(pending)
+    return {i: out for i, out in enumerate(outcomes) if i not in left}
+
+
 def _outcome(reply: Reply) -> Outcome:
     """``Outcome.of``, reading RFC 821's 552 "too many recipients" as the 452 it is (RFC 5321
-    4.5.3.1.10: clients should treat it as temporary): never a bounce."""
-    if reply.code == 552 and "too many recipients" in reply.text.lower():
+    4.5.3.1.10: clients should treat it as temporary): never a bounce. A 5xx with RFC 3463's
+    X.5.3 ("too many recipients"; the rest "to be delivered on a subsequent delivery
+    attempt") is that refusal whatever its words, as ``552 5.5.3 Recipient limit exceeded``."""
+    if reply.is_perm and (reply.enhanced == "5.5.3" or (
+            reply.code == 552 and "too many recipients" in reply.text.lower())):
         return Outcome(DEFERRED, str(reply), "4.5.3")
     return Outcome.of(reply)
 
 
 def _too_many(out: Outcome) -> bool:
-    """A refusal for the server's recipient limit: 452 (4.5.3, or its words without a code),
-    or RFC 821's 552 (``_outcome``)."""
-    return out.kind == DEFERRED and out.reply[:3] in ("452", "552") and (
-        out.status == "4.5.3" or "too many recipients" in out.reply.lower())
+    """A refusal for the server's recipient limit: X.5.3 (``_outcome`` makes a 5xx one 4.5.3),
+    or a 452 or 552 saying so without a code."""
+    return out.kind == DEFERRED and (out.status == "4.5.3" or (
+        out.reply[:3] in ("452", "552") and "too many recipients" in out.reply.lower()))
 
 
 class Hosts:

@@ -91,6 +91,11 @@ class DeliveryLoop:
                 try:
                     self.settle(batch, await relay.transact(conn, batch, info), info)
                 except SessionLost as lost:  # the server's fault: the batch tries the next host
+                    if lost.settled:  # recipients a transaction before the loss settled
+                        done = sorted(lost.settled)
+                        self.settle([batch[i] for i in done], [lost.settled[i] for i in done],
+                                    info)
+                        batch = [r for i, r in enumerate(batch) if i not in lost.settled]
                     try:
                         opened = await hosts.lost(lost)
                     except Exception:  # never strand the batch (as below)
