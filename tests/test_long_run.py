@@ -1,0 +1,139 @@
+"""A node that runs for weeks: what it keeps per destination, per message and per connection
+stays bounded (docs/performance.md, *Running for a long time*). Counts only, never durations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import smtplib
+import socket
+import ssl
+import struct
+
+from tests.conftest import config_text, message, send
+from tests.support.waiting import until
+from tests.test_security_auth import (  # noqa: F401  (fixtures)
+    PASSWORD,
+    _client_ctx,
+    secure_config,
+    tls_files,
+    users_file,
+)
+
+
+def _everywhere(tmp_path, sink_port: int) -> str:
+    """Every domain routed to the sink."""
+    return config_text(tmp_path, sink_port, f'[routes]\n"*" = "127.0.0.1:{sink_port}"\n',
+                       routes=False)
+
+
+async def test_lanes_of_finished_destinations_are_forgotten(tmp_path, sink, make_node):
+    """Each destination domain got a lane that was never dropped: 20 domains, 20 lanes for
+    the life of the node, listed by every ``GET /api/v1/status`` and walked by every
+    dispatch that found no free slot."""
+    node = await make_node(_everywhere(tmp_path, sink.port))
+    port = node.listeners[0].port
+    for i in range(20):
+        await send(port, "s@insurer.test", [f"a@d{i}.example"], message(f"m{i}", cls="marketing"))
+    await sink.wait_for(20)
+    await until(lambda: not node.scheduler.lanes, what="the idle lanes retired")
+    assert node.status()["lanes"] == []
+    # a destination seen again gets a lane again, and its mail goes
+    await send(port, "s@insurer.test", ["b@d3.example"], message("again", cls="marketing"))
+    await sink.wait_for(21)
+
+
+async def test_lanes_with_something_to_keep_stay(tmp_path, sink, make_node):
+    """A paused lane (and one holding a recipient) is not retired; the sweep that runs as
+    lanes are made leaves it too."""
+    from postlane.scheduler import scheduler as sched_mod
+    from tests.conftest import OPERATOR
+
+    node = await make_node(_everywhere(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await node.operations.pause("bulk", "held.example", who=OPERATOR)
+    await send(port, "s@insurer.test", ["a@held.example"], message("held", cls="marketing"))
+    await send(port, "s@insurer.test", ["a@other.example"], message("goes", cls="marketing"))
+    await sink.wait_for(1)
+    await until(lambda: ("bulk", "other.example") not in node.scheduler.lanes,
+                what="the finished lane retired")
+    node.scheduler._sweep_lanes()
+    lane = node.scheduler.lanes[("bulk", "held.example")]
+    assert lane.paused and lane.depth() == 1
+    assert node.scheduler._sweep_at == sched_mod.LANE_SWEEP
+    await node.operations.resume("bulk", "held.example", who=OPERATOR)
+    await sink.wait_for(2)
+    await until(lambda: not node.scheduler.lanes, what="the resumed lane retired once empty")
+
+
+def _tasks_gauge(node) -> float:
+    for line in node.monitor.metrics.render().decode().splitlines():
+        if line.startswith("postlane_event_loop_tasks "):
+            return float(line.split()[1])
+    raise AssertionError("no postlane_event_loop_tasks in /metrics")
+
+
+def _client_hello() -> bytes:
+    """A real TLS ClientHello (ssl's memory BIOs), to cut short."""
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with contextlib.suppress(ssl.SSLWantReadError):
+        ctx.wrap_bio(inc, out, server_hostname="x").do_handshake()
+    return out.read()
+
+
+def _broken_clients(port: int, rounds: int) -> None:
+    """STARTTLS, then the connection dropped in the handshake (nothing sent, half a
+    ClientHello, the whole one and a reset), and DATA cut short after a login."""
+    hello = _client_hello()
+    for i in range(rounds):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        with sock:
+            sock.recv(1024)
+            sock.sendall(b"EHLO c.test\r\n")
+            while not sock.recv(4096).rstrip().split(b"\r\n")[-1].startswith(b"250 "):
+                pass
+            sock.sendall(b"STARTTLS\r\n")
+            assert sock.recv(1024).startswith(b"220")
+            if i % 3 == 1:
+                sock.sendall(hello[: len(hello) // 2])
+            elif i % 3 == 2:
+                sock.sendall(hello)
+                sock.recv(100)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        client.ehlo("c.test")
+        client.starttls(context=_client_ctx())
+        client.login("alice", PASSWORD)
+        client.mail("notices@insurer.test")
+        client.rcpt("a@example.com")
+        client.putcmd("data")
+        client.getreply()
+        assert client.sock is not None
+        client.sock.sendall(message("cut")[:-10])
+        client.close()
+
+
+async def test_aborted_handshakes_and_data_leave_nothing_behind(tmp_path, sink, make_node,
+                                                                 tls_files, users_file):  # noqa: F811
+    """After N connections dropped mid-handshake or mid-DATA the node holds what it held
+    before: no connection in its guard, no task, no file descriptor."""
+    node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
+                                         require_auth=True, relay_from="[]"))
+    listener = node.listeners[1]
+    guard = listener.handler.guard
+    await asyncio.to_thread(_broken_clients, listener.port, 3)  # warm: lazily opened files
+
+    def settled() -> bool:
+        return guard.connections.total == 0 and not guard._strangers
+
+    await until(settled, what="the warm-up connections let go")
+    tasks, fds = _tasks_gauge(node), len(os.listdir("/proc/self/fd"))
+    await asyncio.to_thread(_broken_clients, listener.port, 30)
+    await until(settled, what="the broken connections let go")
+    await until(lambda: _tasks_gauge(node) <= tasks, what="the sessions' tasks done")
+    assert _tasks_gauge(node) == tasks
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert node.intake.accepted == 0
