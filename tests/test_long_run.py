@@ -137,3 +137,38 @@ async def test_aborted_handshakes_and_data_leave_nothing_behind(tmp_path, sink, 
     assert _tasks_gauge(node) == tasks
     assert len(os.listdir("/proc/self/fd")) == fds
     assert node.intake.accepted == 0
+
+
+def test_recently_finished_are_bounded_by_recipients_too():
+    """The lookups of finished messages kept 10,000 messages however many recipients each
+    had: 10,000 messages of 1,000 recipients were 10 million outcomes in memory."""
+    from postlane.accounting.records import Record
+    from postlane.monitor.tracker import RECENT_MESSAGES, RECENT_RECIPIENTS, Tracker
+    from postlane.startup import parse_config
+
+    cfg = parse_config("""
+[pools.p]
+ips = [{ address = "127.0.0.20", ehlo = "a.test" }]
+[classes.bulk]
+pool = "p"
+priority = 3
+""")
+    tracker = Tracker(cfg)
+    per_message = 1000
+    messages = RECENT_RECIPIENTS // per_message + 20
+    for m in range(messages):
+        for r in range(per_message):
+            tracker.on_record(Record(type="d", time_logged=2.0, time_queued=1.0, orig="s@x.test",
+                                     rcpt=f"r{r}@d.test", queue_id=f"q{m}", cls="bulk",
+                                     vmta_pool="p", correlation_id=f"c{m}"))
+    held = sum(len(entry[5]) for entry in tracker.recent.values())
+    assert held == tracker.recent_recipients <= RECENT_RECIPIENTS
+    assert len(tracker.recent) == RECENT_RECIPIENTS // per_message
+    assert f"q{messages - 1}" in tracker.recent and "q0" not in tracker.recent
+    assert tracker.finished(correlation_id="c0") == []
+    assert len(tracker.finished(correlation_id=f"c{messages - 1}")[0]["recipients"]) == 1000
+    # one-recipient messages: the message count is the bound, as before
+    for m in range(RECENT_MESSAGES + 5):
+        tracker.on_record(Record(type="d", time_logged=2.0, time_queued=1.0, orig="s@x.test",
+                                 rcpt="a@d.test", queue_id=f"s{m}", cls="bulk", vmta_pool="p"))
+    assert len(tracker.recent) == RECENT_MESSAGES
