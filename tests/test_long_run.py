@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import smtplib
 import socket
@@ -117,9 +118,12 @@ def _broken_clients(port: int, rounds: int) -> None:
 
 
 async def test_aborted_handshakes_and_data_leave_nothing_behind(tmp_path, sink, make_node,
-                                                                 tls_files, users_file):  # noqa: F811
+                                                                 tls_files, users_file,  # noqa: F811
+                                                                 caplog):
     """After N connections dropped mid-handshake or mid-DATA the node holds what it held
-    before: no connection in its guard, no task, no file descriptor."""
+    before: no connection in its guard, no task, no file descriptor. Each failed handshake
+    is logged with a reason (an SSLEOFError or a reset said "TLS handshake failed: ")."""
+    caplog.set_level(logging.INFO, logger="postlane")
     node = await make_node(secure_config(tmp_path, sink.port, tls_files, users_file,
                                          require_auth=True, relay_from="[]"))
     listener = node.listeners[1]
@@ -137,6 +141,8 @@ async def test_aborted_handshakes_and_data_leave_nothing_behind(tmp_path, sink, 
     assert _tasks_gauge(node) == tasks
     assert len(os.listdir("/proc/self/fd")) == fds
     assert node.intake.accepted == 0
+    failed = [r.getMessage() for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+    assert failed and all(not m.endswith(": ") for m in failed), set(failed)  # a reason each
 
 
 def test_recently_finished_are_bounded_by_recipients_too():
