@@ -178,3 +178,40 @@ priority = 3
         tracker.on_record(Record(type="d", time_logged=2.0, time_queued=1.0, orig="s@x.test",
                                  rcpt="a@d.test", queue_id=f"s{m}", cls="bulk", vmta_pool="p"))
     assert len(tracker.recent) == RECENT_MESSAGES
+
+
+async def test_an_empty_lane_gives_its_slot_to_a_waiting_one(tmp_path, sink, make_node):
+    """One message to three domains through a pool of one connection: the connection of the
+    first domain, its lane empty, idled for ``relay.idle_timeout`` while the other two
+    domains waited for the slot (a message to 50 domains through 8 slots went out one domain
+    every 2 s). With an hour's idle timeout the other domains' mail still goes at once."""
+    text = config_text(tmp_path, sink.port, f'[routes]\n"*" = "127.0.0.1:{sink.port}"\n',
+                       routes=False, marketing_max_out=1)
+    node = await make_node(text.replace("idle_timeout = 0.5", "idle_timeout = 3600"))
+    rcpts = [f"r{i}@d{i % 3}.example" for i in range(9)]
+    await send(node.listeners[0].port, "s@insurer.test", rcpts, message("m", cls="marketing"))
+    await sink.wait_for(3)
+    assert sorted(r for a in sink.arrivals for r in a.rcpts) == sorted(rcpts)
+
+
+async def test_the_spool_wal_shrinks_after_a_large_message(tmp_path, sink, make_node):
+    """SQLite keeps a WAL file at the largest size it ever reached: after one large message
+    the file beside the spool stayed that large for the life of the spool."""
+    from postlane.spool.sqlite import WAL_LIMIT
+
+    text = config_text(tmp_path, sink.port).replace("max_message_size = 100000",
+                                                    'max_message_size = "30MB"')
+    node = await make_node(text)
+    port = node.listeners[0].port
+    wal = tmp_path / "spool" / "spool.sqlite-wal"
+    body = ("x" * 998 + "\r\n") * (WAL_LIMIT // 1000 + 4096)  # the limit and 4 MB more
+    await send(port, "s@insurer.test", ["big@example.com"], message("big", cls="marketing",
+                                                                     body=body))
+    await sink.wait_for(1)
+    assert wal.stat().st_size > WAL_LIMIT
+    sent = 1
+    while wal.stat().st_size > WAL_LIMIT:  # small messages: checkpoints, and a WAL begun anew
+        await send(port, "s@insurer.test", ["a@example.com"], message("small", cls="marketing"))
+        sent += 1
+        await sink.wait_for(sent)
+        assert sent < 200, f"the WAL stays at {wal.stat().st_size} bytes"

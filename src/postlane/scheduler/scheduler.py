@@ -417,6 +417,11 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         batch = self.next_batch(lane, sent)
         if batch or timeout <= 0:
             return batch
+        if lane.pool in self._waiting and not lane.heap:
+            # another lane of the pool has mail and no slot: this one goes to it now. It
+            # waited for this connection's idle timeout: a message to 50 domains through 8
+            # slots went out one domain every ``idle_timeout`` (2 s), the slots idling between
+            return []
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
         while True:
