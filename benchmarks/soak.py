@@ -121,14 +121,14 @@ def _pace(seconds: float) -> bool:
     return not STOP.wait(seconds)
 
 
-def senders(c: Client, per_second: float) -> None:
-    i = 0
+def senders(c: Client, per_second: float, domains: int, first: int) -> None:
+    i = first
     while not STOP.is_set():
         try:
             s = c.login()
             for _ in range(random.randint(1, 5)):
                 i += 1
-                rcpt = f"user{i % 500}@dest{i % 7}.example"
+                rcpt = f"user{i % 500}@dest{i % domains}.example"
                 s.sendmail("app@soak.test", [rcpt], _message(i, rcpt=rcpt))
                 count("sent")
                 if not _pace(1.0 / per_second):
@@ -311,6 +311,7 @@ def sample(a: argparse.Namespace, last: dict, t0: float) -> dict:
         "tasks": _gauge(metrics, "postlane_event_loop_tasks"),
         "established": _established(a.host, a.port),
         "queued": status.get("queued"),
+        "lanes": len(status.get("lanes") or []),
         "spool_mb": round(_size(spool / "spool.sqlite") / 2**20, 2),
         "spool_wal_mb": round(_size(spool / "spool.sqlite-wal") / 2**20, 2),
         "audit_mb": round(_size(spool / "audit.sqlite") / 2**20, 2),
@@ -327,8 +328,9 @@ def run_soak(a: argparse.Namespace) -> None:
     last: dict = {}
     silent: list = []
     idles: list = []
-    threads = [threading.Thread(target=senders, args=(c, a.rate / a.senders), daemon=True)
-               for _ in range(a.senders)]
+    threads = [threading.Thread(target=senders, daemon=True,
+                                args=(c, a.rate / a.senders, a.domains, n * 10_000_000))
+               for n in range(a.senders)]
     threads += [threading.Thread(target=abort_data, args=(c, 2.0), daemon=True),
                 threading.Thread(target=tls_drop, args=(c, 1.0), daemon=True),
                 threading.Thread(target=scraper, args=(a.api, token, last), daemon=True)]
@@ -433,6 +435,8 @@ def main() -> None:
     p.add_argument("--sample", type=float, default=30)
     p.add_argument("--rate", type=float, default=5.0, help="messages per second in all")
     p.add_argument("--senders", type=int, default=4)
+    p.add_argument("--domains", type=int, default=7, help="recipient domains the senders use"
+                   " (a large number: nearly every message to a new domain)")
     p.add_argument("--big-count", type=int, default=10)
     p.add_argument("--big-mb", type=float, default=25)
     p.add_argument("--settle", type=float, default=20, help="seconds to sample after")
