@@ -222,3 +222,14 @@ async def test_addresses_of_one_host_are_shuffled_per_call(dns_server: DNSServer
         assert dests[4].ip == "::1"
         firsts.add(dests[0].ip)
     assert len(firsts) > 1
+
+
+async def test_expired_answers_do_not_pile_up(dns_server: DNSServer) -> None:  # noqa: F811
+    """Answers were dropped only when their name was asked again: one cached answer (or
+    more) per domain ever sent to, for the life of the node."""
+    resolver = MXResolver(nameserver=dns_server.host, port=dns_server.port, timeout=2.0,
+                          min_ttl=0.0, max_ttl=0.0, cache_sweep=50)
+    for i in range(300):
+        with pytest.raises(DNSPermError):
+            await resolver.destinations(f"gone{i}.test")
+    assert len(resolver._cache) <= 50

@@ -532,7 +532,8 @@ class GuardedSMTP(QuickSMTP):
         try:
             await super().smtp_STARTTLS(arg)
         except TLSSetupException as exc:
-            why = str(exc.__cause__ or exc)[:200]
+            cause = exc.__cause__ or exc  # (an SSLEOFError or a reset may say nothing)
+            why = (str(cause) or f"{type(cause).__name__} (the client closed the connection)")[:200]
         else:
             if self.session is not None and self.session.ssl is not None:
                 return  # connection_made() of the TLS layer made the new session

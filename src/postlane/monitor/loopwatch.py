@@ -164,3 +164,9 @@ class _MaxCollector(Collector):
             "postlane_event_loop_lag_max_seconds",
             f"The largest event-loop lag of the last {WINDOW:g} seconds",
             value=self.watch.max_lag())
+        loop = self.watch._loop
+        if loop is not None:  # a count that climbs while the traffic is flat is a task leak
+            yield GaugeMetricFamily(
+                "postlane_event_loop_tasks", "asyncio tasks not yet done on the node's event"
+                " loop (SMTP sessions, deliveries, background jobs)",
+                value=len(asyncio.all_tasks(loop)))

@@ -25,6 +25,9 @@ from .latency import Series, bucket_of
 
 RECENT_MESSAGES = 10_000
 """Finished messages kept for lookups by queue id or correlation id."""
+RECENT_RECIPIENTS = 50_000
+"""... and at most this many of their recipients (~0.4 KB each): a message may have 1,000
+(``max_recipients``), and 10,000 such messages held 10 million outcomes (gigabytes)."""
 
 
 @dataclass(slots=True)
@@ -103,6 +106,8 @@ class Tracker:
         window = config.monitor.rate_window
         self.pools = {name: PoolState(name, Completions(window)) for name in config.pools}
         self.recent: OrderedDict[str, tuple] = OrderedDict()
+        self.recent_recipients = 0
+        """The recipients' outcomes held in ``recent``."""
         self._by_correlation: dict[str, list[str]] = {}
         self.slices: dict[tuple[str, int], list] | None = {} if publishes_slices else None
         """Cluster nodes (``publishes_slices``): per (class, second), [final outcomes,
@@ -231,15 +236,21 @@ class Tracker:
                                                  rec.message_id, rec.time_queued, [])
             if rec.correlation_id:
                 self._by_correlation.setdefault(rec.correlation_id, []).append(rec.queue_id)
-            if len(self.recent) > RECENT_MESSAGES:
-                old_id, old = self.recent.popitem(last=False)
-                ids = self._by_correlation.get(old[2])
-                if ids is not None:
-                    ids.remove(old_id)
-                    if not ids:
-                        del self._by_correlation[old[2]]
         entry[5].append((rec.rcpt, rec.type, rec.bounce_cat, rec.attempt, rec.time_logged,
                          rec.dsn_status, rec.dsn_diag, rec.dlv_source_ip))
+        self.recent_recipients += 1
+        while len(self.recent) > 1 and (len(self.recent) > RECENT_MESSAGES
+                                        or self.recent_recipients > RECENT_RECIPIENTS):
+            self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        old_id, old = self.recent.popitem(last=False)
+        self.recent_recipients -= len(old[5])
+        ids = self._by_correlation.get(old[2])
+        if ids is not None:
+            ids.remove(old_id)
+            if not ids:
+                del self._by_correlation[old[2]]
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -88,7 +88,10 @@ class MXResolver:
         min_ttl: float = 5.0,
         max_ttl: float = 3600.0,
         dnssec: bool = False,
+        cache_sweep: int = 4096,
     ) -> None:
+        """``cache_sweep``: answers cached before the expired ones are dropped (then twice as
+        many as were kept)."""
         if nameserver is None:
             resolver = dns.asyncresolver.Resolver()
         else:
@@ -107,6 +110,7 @@ class MXResolver:
         self._max_ttl = max_ttl
         # key -> (expiry on the monotonic clock, the answer or the permanent error to re-raise)
         self._cache: dict[str, tuple[float, Any]] = {}
+        self._cache_sweep = self._sweep_at = cache_sweep
         self._inflight: dict[str, asyncio.Future[tuple[Any, float]]] = {}
 
     async def destinations(self, domain: str, port: int = 25) -> list[Destination]:
@@ -180,6 +184,8 @@ class MXResolver:
         self._inflight.pop(key, None)
         if future.cancelled():
             return
+        if len(self._cache) >= self._sweep_at:
+            self._sweep()
         error = future.exception()
         if isinstance(error, DNSPermError):
             # Negative answers are cached briefly so a bad domain is not re-queried per message.
@@ -188,6 +194,14 @@ class MXResolver:
             hosts, ttl = future.result()
             ttl = min(max(ttl, self._min_ttl), self._max_ttl)
             self._cache[key] = (time.monotonic() + ttl, hosts)
+
+    def _sweep(self) -> None:
+        """Drop the expired answers. An entry went only when its name was asked again, so the
+        cache held an answer (MX, addresses, TLSA, MTA-STS and TLS-RPT records) for every
+        domain a node had ever sent to. Amortised O(1) per answer stored."""
+        now = time.monotonic()
+        self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        self._sweep_at = max(self._cache_sweep, 2 * len(self._cache))
 
     async def _query(self, name: dns.name.Name, rdtype: str) -> dns.resolver.Answer | None:
         """One query; None for NoAnswer, DNSPermError for NXDOMAIN, DNSTempError otherwise."""

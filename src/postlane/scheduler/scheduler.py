@@ -37,6 +37,9 @@ log = logging.getLogger("postlane.scheduler")
 
 DORMANT = 0.25
 FAIR_SHARE = 50
+LANE_SWEEP = 1024
+"""Lanes a scheduler may hold before it looks for idle ones to retire (then twice as many as it
+kept): a node that runs for weeks sees a new destination domain every few messages."""
 """Messages a connection sends before it makes room for an equally urgent waiting lane."""
 
 
@@ -109,6 +112,7 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         """Per-pool destination rates (``max_rate_per_pool``): across the cluster on
         PostgreSQL, in this process on SQLite; the same token bucket either way."""
         self._rate_waiting: dict[str, set[Lane]] = {}
+        self._sweep_at = LANE_SWEEP
         self.health = health if health is not None else Health()
         """The node's: destinations that cannot be reached are told there, once each."""
         self.pager: Pager | None = None
@@ -155,12 +159,38 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
     def lane(self, pool: str, domain: str) -> Lane:
         lane = self.lanes.get((pool, domain))
         if lane is None:
+            if len(self.lanes) >= self._sweep_at:
+                self._sweep_lanes()
             lane = self.lanes[(pool, domain)] = Lane(pool, domain)
             lane.paused = (pool, ANY_DOMAIN) in self.paused or (pool, domain) in self.paused
             name = self.rules.for_domain(domain)
             if name:
                 self.set_rule(lane, name)
         return lane
+
+    def _idle(self, lane: Lane) -> bool:
+        """Whether a lane holds nothing a new lane to its domain would not: no recipient, no
+        connection, no pause, suspension, backoff, rate wait or per-IP spacing still ahead."""
+        now = self.clock.time()
+        return (not lane.depth() and not lane.workers and not lane.idle and not lane.paused
+                and not lane.paging and not lane.rate_wait and lane.suspended_until <= now
+                and lane.backoff_until <= now
+                and all(t <= now for t in lane.next_send.values()))
+
+    def _retire(self, lane: Lane) -> None:
+        """Forget an idle lane (``_idle``): lanes were kept for every destination domain ever
+        sent to, so memory, ``GET /api/v1/status`` and every walk of the lanes grew with the
+        domains a node had seen since its start. A new message makes it again."""
+        if self.lanes.get(lane.key) is lane:
+            del self.lanes[lane.key]
+            self._ready.discard(lane)
+
+    def _sweep_lanes(self) -> None:
+        """Retire every idle lane; the next sweep comes when the lanes double (amortised O(1)
+        per lane made): lanes a worker never left (purged, expired while suspended) go too."""
+        for lane in [ln for ln in self.lanes.values() if self._idle(ln)]:
+            self._retire(lane)
+        self._sweep_at = max(LANE_SWEEP, 2 * len(self.lanes))
 
     def set_rule(self, lane: Lane, name: str) -> None:
         lane.rule_name, lane.rule = name, self.config.destinations[name]
@@ -305,6 +335,8 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
             self._slots.release(lane, slot)
             if lane.heap:
                 self._ready.add(lane)
+            elif self._idle(lane):  # its last connection closed with nothing left to send
+                self._retire(lane)
             self.kick()
 
     def next_batch(self, lane: Lane, sent: int = 0) -> list[Recipient]:
@@ -385,6 +417,11 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         batch = self.next_batch(lane, sent)
         if batch or timeout <= 0:
             return batch
+        if lane.pool in self._waiting and not lane.heap:
+            # another lane of the pool has mail and no slot: this one goes to it now. It
+            # waited for this connection's idle timeout: a message to 50 domains through 8
+            # slots went out one domain every ``idle_timeout`` (2 s), the slots idling between
+            return []
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
         while True:
