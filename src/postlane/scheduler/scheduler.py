@@ -37,10 +37,10 @@ log = logging.getLogger("postlane.scheduler")
 
 DORMANT = 0.25
 FAIR_SHARE = 50
+"""Messages a connection sends before it makes room for an equally urgent waiting lane."""
 LANE_SWEEP = 1024
 """Lanes a scheduler may hold before it looks for idle ones to retire (then twice as many as it
 kept): a node that runs for weeks sees a new destination domain every few messages."""
-"""Messages a connection sends before it makes room for an equally urgent waiting lane."""
 
 
 def _unclassified(status: str, reply: str) -> str:
@@ -113,6 +113,7 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         PostgreSQL, in this process on SQLite; the same token bucket either way."""
         self._rate_waiting: dict[str, set[Lane]] = {}
         self._sweep_at = LANE_SWEEP
+        self._recheck: asyncio.TimerHandle | None = None
         self.health = health if health is not None else Health()
         """The node's: destinations that cannot be reached are told there, once each."""
         self.pager: Pager | None = None
@@ -316,11 +317,23 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         reconnect for most messages of a campaign (py-spy: 15 % of the node's CPU in connects).
         Connections of a lane waiting for rate tokens cannot use their slot either: they go too."""
         dormant = self.clock.monotonic() - DORMANT
+        soon = False
         for lane in self.lanes.values():
-            if lane.pool == pool and lane.idle and (
-                    lane.rate_wait or (not lane.heap and lane.touched < dormant)):
-                while lane.wake_one():
-                    pass
+            if lane.pool == pool and lane.idle:
+                if lane.rate_wait or (not lane.heap and lane.touched < dormant):
+                    while lane.wake_one():
+                        pass
+                elif not lane.heap:
+                    soon = True
+        if soon and self._recheck is None:
+            # lanes emptied less than DORMANT ago: look again once they count as dormant. The
+            # waiting lane waited for their idle timeout instead (a message to 50 domains
+            # through 8 slots went out one domain every ``relay.idle_timeout``, 2 s)
+            self._recheck = asyncio.get_running_loop().call_later(DORMANT, self._look_again)
+
+    def _look_again(self) -> None:
+        self._recheck = None
+        self.kick()
 
     def _lane_cap(self, lane: Lane) -> int:
         return self._slots.lane_cap(lane, self.clock.time())
@@ -417,11 +430,8 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         batch = self.next_batch(lane, sent)
         if batch or timeout <= 0:
             return batch
-        if lane.pool in self._waiting and not lane.heap:
-            # another lane of the pool has mail and no slot: this one goes to it now. It
-            # waited for this connection's idle timeout: a message to 50 domains through 8
-            # slots went out one domain every ``idle_timeout`` (2 s), the slots idling between
-            return []
+        if lane.pool in self._waiting:  # a lane of the pool waits for a slot: this connection
+            timeout = min(timeout, DORMANT)  # keeps it only while its lane may get more mail
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
         while True:
@@ -543,6 +553,8 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         """Stop taking new work; let in-flight transactions finish (up to ``timeout``)."""
         self._stopping = True
         self.timers.stop()
+        if self._recheck is not None:
+            self._recheck.cancel()
         if isinstance(self.rates, SharedRate):
             self.rates.close()
         for lane in self.lanes.values():
