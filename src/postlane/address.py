@@ -18,7 +18,7 @@ import re
 
 import idna
 
-__all__ = ["PathError", "alabel_domain", "domain_key", "parse_path"]
+__all__ = ["PathError", "address_literal", "alabel_domain", "domain_key", "parse_path"]
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 # The common case, <ascii.dot-string@ldh.domain> with labels of at most 63 octets, in one match.
@@ -195,3 +195,18 @@ def parse_path(arg: str, *, utf8: bool, null: bool = False,
     if not address.isascii() and not utf8:
         raise PathError("a non-ASCII address needs the SMTPUTF8 parameter", utf8=True)
     return address, rest
+
+
+def address_literal(ip: str) -> str | None:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``: an IP as RFC 5321 4.1.3 writes it in a
+    Received field's TCP-info (4.4), or None when ``ip`` is no IP address. An IPv4-mapped IPv6
+    address (``::ffff:192.0.2.1``, an IPv4 client of a dual-stack socket) is the IPv4 one."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None:
+            return f"[IPv6:{address.compressed}]"
+        address = address.ipv4_mapped
+    return f"[{address}]"
