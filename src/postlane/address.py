@@ -18,7 +18,8 @@ import re
 
 import idna
 
-__all__ = ["PathError", "address_literal", "alabel_domain", "domain_key", "parse_path"]
+__all__ = ["PathError", "address_literal", "alabel_domain", "domain_key", "parse_path",
+           "plain_ip"]
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 # The common case, <ascii.dot-string@ldh.domain> with labels of at most 63 octets, in one match.
@@ -210,3 +211,14 @@ def address_literal(ip: str) -> str | None:
             return f"[IPv6:{address.compressed}]"
         address = address.ipv4_mapped
     return f"[{address}]"
+
+
+def plain_ip(ip: str) -> str:
+    """An IPv4 client of a dual-stack socket (the API on ``::``) as its IPv4 address, not
+    ``::ffff:192.0.2.1``, so records name it as an IPv4 socket would; anything else as is."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped) if mapped is not None else ip

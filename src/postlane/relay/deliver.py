@@ -80,6 +80,12 @@ def _version(ip: str) -> int | None:
         return None
 
 
+def families(dests: list[Destination]) -> frozenset[int]:
+    """The IP versions of ``dests`` (empty when one is no IP address: any source may do)."""
+    versions = {_version(d.ip) for d in dests}
+    return frozenset() if None in versions else frozenset(v for v in versions if v)
+
+
 def reachable(dests: list[Destination], source_ip: str) -> list[Destination]:
     """The addresses a connection bound to ``source_ip`` can reach: those of its family, as
     Postfix's ``inet_protocols`` does. A pool of IPv4 addresses sending to an MX that also has
