@@ -5,15 +5,24 @@ address. Each test goes through the real entry points (SMTP, the accounting reco
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import json
 import smtplib
 
+from postlane.edge.limits import ConnectionLimits, client_key
 from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records
+from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
 from tests.test_config_check import _free_port
-from tests.support.waiting import until
+from tests.test_security_auth import (  # noqa: F401  (fixtures)
+    PASSWORD,
+    _client_ctx,
+    secure_config,
+    tls_files,
+    users_file,
+)
 
 SIX_LISTENER = ('address = "::1"\nport = 0\nrelay_from = ["::1/128"]')
 
@@ -100,7 +109,8 @@ async def test_a_pool_of_both_families_sends_an_ipv6_only_mx_from_its_ipv6_addre
                                                 routes=False), pool=pool))
         port = node.listeners[0].port
         for i in range(4):
-            await asyncio.to_thread(_send6, port, [f"b{i}@six.example.net", f"c{i}@four.example.net"],
+            await asyncio.to_thread(_send6, port, [f"b{i}@six.example.net",
+                                                   f"c{i}@four.example.net"],
                                     message(cls="policy-documents"))
         six = await mx.wait_for(4)
         fours = await four.wait_for(4)
@@ -132,3 +142,152 @@ async def test_the_api_on_ipv6_and_the_cli_that_calls_it(tmp_path, sink, make_no
             code, _, err = await run_cli("queues", "--url", f"{url}:{port}", *token)
             assert code == 0, (address, url, err)
         await node.stop()
+
+
+async def _raw6(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    reader, writer = await asyncio.open_connection("::1", port)
+    return reader, writer, await reader.readline()
+
+
+async def _cmd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: str) -> bytes:
+    writer.write(line.encode() + b"\r\n")
+    reply = await reader.readline()
+    while reply[3:4] == b"-":
+        reply = await reader.readline()
+    return reply
+
+
+async def test_the_per_client_limits_hold_for_an_ipv6_client(tmp_path, sink, make_node):
+    """A stranger at ``::1``: its connections, messages per minute and bad commands are
+    limited as an IPv4 client's are, and it is counted by its /64 (``::/64``), the network a
+    client owns whole (docs/security.md, "Limits")."""
+    text = _six(config_text(tmp_path, sink.port, "[listeners.in.limits]\n"
+                            "max_connections_per_ip = 2\nmessages_per_minute = 2\n"
+                            "max_bad_commands = 2\npregreet_wait = 0\n")).replace(
+        'relay_from = ["::1/128"]', 'relay_from = ["127.0.0.0/8"]')
+    node = await make_node(text)
+    port = node.listeners[0].port
+    guard = node.listeners[0].handler.guard
+    first, second, third = [await _raw6(port) for _ in range(3)]
+    assert first[2].startswith(b"220") and second[2].startswith(b"220")
+    assert third[2].startswith(b"421 4.7.0 Too many connections from your address")
+    assert dict(guard.connections.per_ip) == {"::/64": 2}
+    reader, writer, _ = first
+    assert (await _cmd(reader, writer, "EHLO [IPv6:::1]")).startswith(b"250")
+    for _ in range(2):
+        assert (await _cmd(reader, writer, "MAIL FROM:<s@insurer.test>")).startswith(b"250")
+        assert (await _cmd(reader, writer, "RSET")).startswith(b"250")
+    assert (await _cmd(reader, writer, "MAIL FROM:<s@insurer.test>")).startswith(b"450 4.7.1")
+    reader, writer, _ = second
+    assert (await _cmd(reader, writer, "XYZZY")).startswith(b"500")
+    assert (await _cmd(reader, writer, "XYZZY")).startswith(b"500")
+    assert (await reader.readline()).startswith(b"421 4.7.0 Too many errors")
+    for _, w, _ in (first, second, third):
+        w.close()
+    await until(lambda: not guard.connections.per_ip, what="the connections counted out")
+
+
+def test_an_ipv6_client_is_counted_by_its_64():
+    """One host owns its /64 and may connect from any address in it: per-address counting held
+    nobody. Another /64 is another client; an IPv4-mapped address is its IPv4 address."""
+    limits = ConnectionLimits(10, 1)
+    assert limits.admit("2001:db8:0:1::1") is None
+    assert limits.admit("2001:db8:0:1:ffff::2", ) is not None  # the same /64
+    assert limits.admit("2001:db8:0:2::1") is None
+    assert limits.admit("::ffff:192.0.2.1") is None and limits.admit("192.0.2.1") is not None
+    limits.release("2001:db8:0:1::1")
+    assert limits.admit("2001:db8:0:1::3") is None
+    assert client_key("2001:db8:0:1:2:3:4:5") == "2001:db8:0:1::/64"
+    assert client_key("192.0.2.1") == "192.0.2.1"
+
+
+async def test_password_guessing_from_an_ipv6_client_is_cut_off(
+        tmp_path, sink, make_node, tls_files, users_file):  # noqa: F811
+    """AUTH failures of a client at ``::1`` are counted (``auth_failures_per_minute``) and
+    then refused with 454 4.7.0, as from an IPv4 client."""
+    text = secure_config(tmp_path, sink.port, tls_files, users_file,
+                         extra="[listeners.sub.limits]\nmax_bad_commands = 50").replace(
+        "[security]\n", "[security]\nauth_failures_per_minute = 2\n")
+    text = text.replace('[listeners.sub]\naddress = "127.0.0.1"',
+                        '[listeners.sub]\naddress = "::1"')
+    node = await make_node(text)
+
+    def guesses() -> list[int]:
+        codes = []
+        with smtplib.SMTP("::1", node.listeners[1].port, timeout=30) as c:
+            c.ehlo("[IPv6:::1]")
+            c.starttls(context=_client_ctx())
+            c.ehlo("[IPv6:::1]")
+            for i in range(3):
+                blob = base64.b64encode(f"\0alice\0guess-{i}".encode()).decode()
+                codes.append(c.docmd("AUTH", f"PLAIN {blob}")[0])
+            blob = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+            codes.append(c.docmd("AUTH", f"PLAIN {blob}")[0])
+        return codes
+
+    assert await asyncio.to_thread(guesses) == [535, 535, 454, 454]
+
+
+def test_dmarc_reports_count_our_ipv6_pool_address_as_ours(tmp_path):
+    """A DMARC aggregate report's IPv6 ``source_ip``, however the reporter spells it (in full,
+    in capitals), is our pool's ``::1`` in the pools group, not an unknown sender; and the
+    reputation view lists it under its pool."""
+    from typer.testing import CliRunner
+
+    from postlane.cli import app
+    from tests.test_dmarc import crafted
+
+    runner = CliRunner()
+    cfg = tmp_path / "postlane.toml"
+    cfg.write_text(_six(config_text(tmp_path, 2525)))
+    path = tmp_path / "six.xml"
+    path.write_bytes(crafted([("0:0:0:0:0:0:0:1", 500, "pass", "pass"),
+                              ("2001:DB8::7", 3, "fail", "fail")]))
+    assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
+    out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660", "--json"])
+    (dom,) = json.loads(out.stdout)["domains"]
+    assert {g: v["messages"] for g, v in dom["groups"].items()} == {
+        "pools": 500, "forwarders": 0, "authorised": 0, "unknown": 3}
+    assert [(s["source_ip"], s["pool"]) for s in dom["groups"]["pools"]["top"]] == [
+        ("::1", "critical")]
+    assert [(s["source_ip"]) for s in dom["groups"]["unknown"]["top"]] == ["2001:db8::7"]
+    out = runner.invoke(app, ["reputation", "show", "-c", str(cfg), "--json"])
+    assert out.exit_code == 0, out.output
+    [pool] = [p for p in json.loads(out.stdout)["pools"] if p["pool"] == "critical"]
+    [ip] = pool["ips"]
+    assert ip["address"] == "::1" and ip["dmarc"]["messages"] == 500, ip
+
+
+def test_dns_checklist_and_check_of_an_ipv6_pool_address(tmp_path):
+    """``postlane init`` with ``--ip ::1``: the checklist asks for an AAAA, the ``ip6.arpa``
+    PTR and ``ip6:`` in the SPF record; ``dns check`` against a nameserver at ``[::1]:PORT``
+    finds them."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from postlane.cli import app
+    from postlane.startup import load_config
+    from tests.support.dnsserver import DNSServer
+    from tests.test_firstrun import _publish
+
+    runner = CliRunner()
+    ips = ["127.0.0.50", "::1", "127.0.0.52", "127.0.0.53"]
+    made = runner.invoke(app, ["init", str(tmp_path / "node"), "--hostname", "mta.example",
+                               "--domain", "insurer.example",
+                               *[a for ip in ips for a in ("--ip", ip)],
+                               "--listen", "127.0.0.1:0", "--inbound", "127.0.0.1:0",
+                               "--api", "127.0.0.1:0"])
+    assert made.exit_code == 0, made.output
+    out = made.output
+    assert re.search(r"tx2\.insurer\.example\.\s+IN AAAA ::1\s", out), out
+    assert re.search(r"1\.0(\.0){30}\.ip6\.arpa\.\s+IN PTR\s+tx2\.insurer\.example\.", out)
+    assert re.search(r'"v=spf1 [^"]*ip6:::1 [^"]*-all"', out)
+    config = tmp_path / "node" / "postlane.toml"
+    with DNSServer(host="::1") as server:
+        _publish(server, load_config(config))
+        checked = runner.invoke(app, ["dns", "check", "-c", str(config), "--nameserver",
+                                      f"[::1]:{server.port}", "--json"])
+    assert checked.exit_code == 0, checked.output
+    statuses = {(r["name"], r["type"]): r["status"] for r in json.loads(checked.output)["records"]}
+    assert statuses[("tx2.insurer.example", "AAAA")] == "ok"

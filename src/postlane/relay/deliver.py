@@ -158,8 +158,8 @@ class Relay:
         info = {"source_ip": slot.address, "vmta": slot.ehlo}
         usable = reachable(dests, slot.address)
         if not usable:  # an IPv6-only MX from an IPv4 pool: say so, connect to nothing
-            hosts = ", ".join(dict.fromkeys(d.host for d in dests))
-            return Failed(Outcome(DEFERRED, f"451 4.4.4 {hosts}: no IPv{_version(slot.address)}"
+            names = ", ".join(dict.fromkeys(d.host for d in dests))
+            return Failed(Outcome(DEFERRED, f"451 4.4.4 {names}: no IPv{_version(slot.address)}"
                                   f" address for the source address {slot.address}", "4.4.4"),
                           info, True)
         try:
