@@ -291,3 +291,35 @@ def test_dns_checklist_and_check_of_an_ipv6_pool_address(tmp_path):
     assert checked.exit_code == 0, checked.output
     statuses = {(r["name"], r["type"]): r["status"] for r in json.loads(checked.output)["records"]}
     assert statuses[("tx2.insurer.example", "AAAA")] == "ok"
+
+
+async def test_a_report_posted_over_ipv4_to_the_dual_stack_api_names_an_ipv4_client(
+        tmp_path, sink, make_node):
+    """The API on ``::`` sees an IPv4 client as ``::ffff:127.0.0.1``; the feedback record of a
+    report it posted names it ``127.0.0.1``, as the API on ``0.0.0.0`` would."""
+    import httpx
+
+    from tests.test_feedback_http import EXTRA
+
+    port = _free_port()
+    text = config_text(tmp_path, sink.port, EXTRA).replace(
+        "[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n').replace(
+        "[api]\nport = 0", f'[api]\naddress = "::"\nport = {port}')
+    node = await make_node(text)
+    assert node.feedback is not None
+    verp = node.feedback.verp.encode("1A2B3C4D5E6F7A8B9C0D", 0, "w@example.com",
+                                     "bounces.mta.test")
+    arf = (f"From: fbl@isp.example\r\nTo: fbl@mta.test\r\nSubject: FBL\r\n"
+           f'MIME-Version: 1.0\r\nContent-Type: multipart/report; '
+           f'report-type=feedback-report; boundary="b"\r\n\r\n'
+           f"--b\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n"
+           f"Version: 1\r\n\r\n--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+           f"Return-Path: <{verp}>\r\nTo: redacted\r\n\r\n--b--\r\n")
+    token = (tmp_path / "api-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/api/v1",
+                                 headers={"Authorization": f"Bearer {token}"}) as client:
+        r = await client.post("/feedback/reports", content=arf)
+    assert r.status_code == 200 and r.json()["kind"] == "complaint"
+    await until(lambda: [r for r in records(tmp_path) if r["srcType"] == "feedback"])
+    assert {r["srcMta"] for r in records(tmp_path) if r["srcType"] == "feedback"} == {
+        "127.0.0.1"}
