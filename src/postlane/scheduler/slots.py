@@ -17,6 +17,8 @@ class Slots:
             for name, pool in config.pools.items()
         }
         self._rotation = itertools.count()
+        self._versions = {name: frozenset(s.version for s in slots)
+                          for name, slots in self.by_pool.items()}
 
     def usable(self, lane: Lane) -> list[SourceSlot]:
         """The slots of the lane's pool whose family reaches the destination's addresses: an
@@ -25,8 +27,8 @@ class Slots:
         its turn by chance. All of them while the families are not known, or when none fits
         (the attempt then says why)."""
         slots = self.by_pool[lane.pool]
-        if not lane.families:
-            return slots
+        if not lane.families or self._versions[lane.pool] <= lane.families:
+            return slots  # the common case, a pool of one family: nothing to filter
         fit = [s for s in slots if s.version in lane.families]
         return fit or slots
 
