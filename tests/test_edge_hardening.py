@@ -79,7 +79,7 @@ async def test_ehlo_name_is_validated_and_never_reaches_a_header(tmp_path, sink,
     await raw.close()
     [arrival] = await sink.wait_for(1)
     head = arrival.data.split(b"\r\n\r\n")[0]
-    assert b"Received: from WIN_HOST.local (127.0.0.1)" in head
+    assert b"Received: from WIN_HOST.local ([127.0.0.1])" in head
     assert b"X-Injected" not in arrival.data and b"\x00" not in head
     assert head.count(b"\r") == head.count(b"\r\n")
 

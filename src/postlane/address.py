@@ -18,7 +18,8 @@ import re
 
 import idna
 
-__all__ = ["PathError", "alabel_domain", "domain_key", "parse_path"]
+__all__ = ["PathError", "address_literal", "alabel_domain", "domain_key", "parse_path",
+           "plain_ip"]
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 # The common case, <ascii.dot-string@ldh.domain> with labels of at most 63 octets, in one match.
@@ -195,3 +196,29 @@ def parse_path(arg: str, *, utf8: bool, null: bool = False,
     if not address.isascii() and not utf8:
         raise PathError("a non-ASCII address needs the SMTPUTF8 parameter", utf8=True)
     return address, rest
+
+
+def address_literal(ip: str) -> str | None:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``: an IP as RFC 5321 4.1.3 writes it in a
+    Received field's TCP-info (4.4), or None when ``ip`` is no IP address. An IPv4-mapped IPv6
+    address (``::ffff:192.0.2.1``, an IPv4 client of a dual-stack socket) is the IPv4 one."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is None:
+            return f"[IPv6:{address.compressed}]"
+        address = address.ipv4_mapped
+    return f"[{address}]"
+
+
+def plain_ip(ip: str) -> str:
+    """An IPv4 client of a dual-stack socket (the API on ``::``) as its IPv4 address, not
+    ``::ffff:192.0.2.1``, so records name it as an IPv4 socket would; anything else as is."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped) if mapped is not None else ip

@@ -105,11 +105,15 @@ class DNSServer:
 
     def start(self) -> DNSServer:
         """Bind UDP and TCP on the same port (retrying if an ephemeral port clashes)."""
+        family = socket.AF_INET6 if ipaddress.ip_address(self.host).version == 6 else \
+            socket.AF_INET
+        udp_class = type("UDP", (_UDPServer,), {"address_family": family})
+        tcp_class = type("TCP", (_TCPServer,), {"address_family": family})
         for _ in range(20):
-            udp = _UDPServer((self.host, self.port), _UDPHandler)
+            udp = udp_class((self.host, self.port), _UDPHandler)
             port = udp.server_address[1]
             try:
-                tcp = _TCPServer((self.host, port), _TCPHandler)
+                tcp = tcp_class((self.host, port), _TCPHandler)
             except OSError:
                 udp.server_close()
                 if self.port:

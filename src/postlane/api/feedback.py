@@ -15,6 +15,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..address import plain_ip
 from ..feedback.suppression import SuppressionError, csv_text
 from .tokens import caller
 
@@ -93,7 +94,7 @@ def router(parts: NodeParts) -> APIRouter:
         data = await request.body()
         if not data or len(data) > MAX_REPORT:
             raise HTTPException(413 if data else 422, "send one message, at most 10 MB")
-        client = request.client.host if request.client else ""
+        client = plain_ip(request.client.host) if request.client else ""
         report = await parts.feedback.receive(data, [], client)
         await parts.spool.flush()  # its records are on disk before the answer
         return report.as_dict() if report is not None else {"kind": "dmarc"}

@@ -43,8 +43,12 @@ class APIServer:
                                               lifespan="off", server_header=False))
         # Bound here rather than by uvicorn, whose bind failure is a sys.exit inside a task.
         family = socket.AF_INET6 if ":" in cfg.address else socket.AF_INET
+        # "::" takes IPv4 too, as documented: create_server makes an IPv6 socket IPv6 only
+        # unless told, and the CLI calls a node whose API is on "::" at 127.0.0.1
+        dual = cfg.address == "::" and socket.has_dualstack_ipv6()
         try:
-            sock = socket.create_server((cfg.address, cfg.port), family=family)
+            sock = socket.create_server((cfg.address, cfg.port), family=family,
+                                        dualstack_ipv6=dual)
         except OSError as exc:
             raise OSError(exc.errno, f"API cannot listen on {cfg.address}:{cfg.port}:"
                                      f" {exc.strerror}") from None

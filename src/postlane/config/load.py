@@ -111,8 +111,8 @@ def _did_you_mean(loc: tuple[int | str, ...]) -> str | None:
 def _covers(a: str, a_v6only: bool, b: str) -> bool:
     """Whether a socket bound to ``a`` takes connections to ``b``. A listener on ``::`` is
     IPv6 only (asyncio sets ``IPV6_V6ONLY``), so ``0.0.0.0`` and ``::`` on one port is how a
-    node listens on both families; the API's server (uvicorn) leaves the system's default, and
-    its ``::`` takes IPv4 too."""
+    node listens on both families; the API binds ``::`` dual-stack (``api/server.py``): its
+    ``::`` takes IPv4 too."""
     ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)
     if ip_a == ip_b:
         return True

@@ -165,7 +165,7 @@ class ListenerLimits(Strict):
     """Concurrent connections in total (421 4.7.0 beyond); ``relay_from`` clients have as many
     again of their own."""
     max_connections_per_ip: int = Field(50, ge=1)
-    """Concurrent connections from one client IP (421 4.7.0 beyond)."""
+    """Concurrent connections from one client IP, an IPv6 client's /64 (421 4.7.0 beyond)."""
     max_line_length: int = Field(1000, ge=80, le=1_000_000)
     """Longest DATA line in octets including CRLF (RFC 5321 4.5.3.1.6: 1000); 500 5.5.2."""
     command_timeout: Duration = 300.0

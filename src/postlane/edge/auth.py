@@ -3,9 +3,9 @@
 A password check is scrypt, tens of milliseconds of CPU. It runs in a worker thread (OpenSSL's
 scrypt releases the GIL) under a node-wide cap of concurrent checks, never on the event loop: 80
 failed AUTHs from 8 addresses used to stall another session's NOOP by up to 1.17 s. Failed
-attempts are limited per client IP (after the limit, AUTH answers 454 4.7.0 without running
-scrypt). One ``Authenticator`` per process, shared by its listeners (``node.py`` and the worker
-processes build it).
+attempts are limited per client (an IPv4 address or an IPv6 /64, ``limits.client_key``; after
+the limit, AUTH answers 454 4.7.0 without running scrypt). One ``Authenticator`` per process,
+shared by its listeners (``node.py`` and the worker processes build it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from ..config.model import SecurityConfig
 from ..policy.users import Users
-from .limits import RateLimiter
+from .limits import RateLimiter, client_key
 
 log = logging.getLogger("postlane.auth")
 
@@ -47,7 +47,7 @@ class Authenticator:
         is refused at once, so guessing costs the node bounded CPU and no event-loop time."""
         name = credentials.login.decode("utf-8", "replace")
         self.users.refresh()
-        if not self.failures.available(client):
+        if not self.failures.available(client_key(client)):
             log.warning("AUTH refused: too many failures", extra={"client": client})
             return AuthResult(success=False, handled=False,
                               message="454 4.7.0 Too many failed authentications, try later")
@@ -64,7 +64,7 @@ class Authenticator:
             finally:
                 self._waiting -= 1
         if user is None:
-            self.failures.allow(client)
+            self.failures.allow(client_key(client))
             log.info("AUTH %s failed", mechanism, extra={"user": name[:64], "client": client})
             return AuthResult(success=False, handled=False)
         log.info("AUTH %s ok", mechanism, extra={"user": user.name, "client": client})

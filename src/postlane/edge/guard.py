@@ -30,7 +30,7 @@ from aiosmtpd.smtp import (
 from ..config import ListenerConfig
 from ..policy.users import User
 from ..streams import pending_bytes
-from .limits import ConnectionLimits, RateLimiter
+from .limits import ConnectionLimits, RateLimiter, client_key
 from .protocol import QuickSMTP
 
 if TYPE_CHECKING:
@@ -215,8 +215,9 @@ class Guard:
         if user is not None and not user.may_send_from(address):
             log.warning("sender domain refused", extra={"user": user.name, "from": address})
             return f"550 5.7.1 User {user.name!r} may not send from {address or '<>'!r}"
-        key = user.name if user is not None else peer_ip(session)
-        if (user is not None or not self.trusted(key)) and not self.rate.allow(key):
+        ip = peer_ip(session)
+        key = user.name if user is not None else client_key(ip)
+        if (user is not None or not self.trusted(ip)) and not self.rate.allow(key):
             return "450 4.7.1 Too many messages, slow down and try again later"
         return None
 

@@ -4,13 +4,37 @@ messages (or failed AUTHs) per minute per client. The spool's free-space floor i
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import time
 from collections import Counter
 from collections.abc import Callable
 
+IPV6_CLIENT_PREFIX = 64
+"""An IPv6 client is counted by its /64: the smallest network an end site gets (RFC 6177,
+RIPE-690; SLAAC needs one), so one host picks any of its 2**64 addresses and per-address limits
+hold nobody (docs/security.md, "Limits")."""
+
+
+@functools.lru_cache(maxsize=65536)
+def client_key(ip: str) -> str:
+    """Whom the per-client limits count: an IPv4 address, or an IPv6 address's /64
+    (``2001:db8:1:2::/64``); an IPv4-mapped IPv6 address is its IPv4 address, anything that
+    is no address stays as it is."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
+    return ip
+
 
 class ConnectionLimits:
-    """Counts open connections of one listener, in total and per client IP.
+    """Counts open connections of one listener, in total and per client (an IPv4 address or an
+    IPv6 /64: ``client_key``).
 
     Strangers and trusted clients (``relay_from``) are counted apart, each up to the cap:
     strangers filling a listener's slots never lock out the applications submitting through
@@ -37,6 +61,7 @@ class ConnectionLimits:
     def admit(self, ip: str, per_ip: bool = True) -> str | None:
         """Count the connection in and return None, or return the 421 reply refusing it
         (``per_ip`` False: a trusted client, only the trusted clients' total applies)."""
+        ip = client_key(ip)
         if not per_ip:
             if self.trusted_total >= self.total_cap:
                 return "421 4.7.0 Too many connections, try again later"
@@ -53,6 +78,7 @@ class ConnectionLimits:
 
     def release(self, ip: str) -> None:
         """Count a connection out (a stranger's first: an IP's trust may change on reload)."""
+        ip = client_key(ip)
         counter = self.per_ip if ip in self.per_ip else self._trusted
         if counter is self.per_ip:
             self.total -= 1

@@ -18,7 +18,7 @@ from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any
 
 from ..accounting.records import Record
-from ..address import domain_key
+from ..address import address_literal, domain_key
 from ..config import Config
 from ..health import Health
 from ..maildate import header_date
@@ -235,9 +235,11 @@ class Intake:
                     self.record(rec)
                 return qid
             kept.extend(added)
+        # TCP-info as RFC 5321 4.4 has it: an address literal, "[IPv6:...]" for IPv6
+        tcp_info = address_literal(client_ip) or _header_safe(client_ip) or "local"
         stamp = [
             ("received", (f"Received: from {_header_safe(client_name) or 'localhost'}"
-                          f" ({_header_safe(client_ip) or 'local'})"
+                          f" ({tcp_info})"
                           f"\r\n\tby {self.config.node.hostname} (Postlane) with {protocol}"
                           f" id {qid};"
                           f"\r\n\t{header_date(now)}").encode()),

@@ -80,6 +80,12 @@ def _version(ip: str) -> int | None:
         return None
 
 
+def families(dests: list[Destination]) -> frozenset[int]:
+    """The IP versions of ``dests`` (empty when one is no IP address: any source may do)."""
+    versions = {_version(d.ip) for d in dests}
+    return frozenset() if None in versions else frozenset(v for v in versions if v)
+
+
 def reachable(dests: list[Destination], source_ip: str) -> list[Destination]:
     """The addresses a connection bound to ``source_ip`` can reach: those of its family, as
     Postfix's ``inet_protocols`` does. A pool of IPv4 addresses sending to an MX that also has
@@ -156,8 +162,8 @@ class Relay:
         info = {"source_ip": slot.address, "vmta": slot.ehlo}
         usable = reachable(dests, slot.address)
         if not usable:  # an IPv6-only MX from an IPv4 pool: say so, connect to nothing
-            hosts = ", ".join(dict.fromkeys(d.host for d in dests))
-            return Failed(Outcome(DEFERRED, f"451 4.4.4 {hosts}: no IPv{_version(slot.address)}"
+            names = ", ".join(dict.fromkeys(d.host for d in dests))
+            return Failed(Outcome(DEFERRED, f"451 4.4.4 {names}: no IPv{_version(slot.address)}"
                                   f" address for the source address {slot.address}", "4.4.4"),
                           info, True)
         try:

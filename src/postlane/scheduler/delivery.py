@@ -19,6 +19,7 @@ from ..relay.deliver import (
     Outcome,
     Relay,
     SessionLost,
+    families,
 )
 from ..relay.tlsrpt import is_report
 from ..spool import Recipient, State
@@ -46,6 +47,8 @@ class DeliveryLoop:
                                 sent: int = 0) -> list[Recipient]: ...
         def admit(self, lane: Lane) -> bool: ...
         def requeue(self, rcpt: Recipient) -> None: ...
+        @property
+        def slots(self) -> dict[str, list[SourceSlot]]: ...
         def set_rule(self, lane: Lane, name: str) -> None: ...
         def suspend(self, lane: Lane, seconds: float, reason: str) -> None: ...
         def outage_key(self, lane: Lane) -> str: ...
@@ -138,6 +141,14 @@ class DeliveryLoop:
             name = self.rules.for_mx([d.host for d in dests])
             if name:
                 self.set_rule(lane, name)
+        lane.families = families(dests)
+        if lane.families and slot.version not in lane.families and any(
+                s.version in lane.families for s in self.slots[lane.pool]):
+            # a slot of the other family, taken before the lookup: not an attempt, the
+            # batch goes back and the lane takes a slot that reaches the destination
+            for rcpt in batch:
+                self.requeue(rcpt)
+            return None
         hosts = await relay.connect(lane, slot, dests, relaxed=report)
         if isinstance(hosts, Failed):
             self._failed(lane, batch, hosts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import ipaddress
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ class SourceSlot:
     max_smtp_out: int
     in_use: int = 0
     per_dest: dict[str, int] = field(default_factory=dict)
+    version: int = field(init=False, default=0)
+    """4 or 6: the family of ``address``, which decides the MX addresses it can reach."""
+
+    def __post_init__(self) -> None:
+        self.version = ipaddress.ip_address(self.address).version
 
     @property
     def free(self) -> int:
@@ -118,6 +124,10 @@ class Lane:
     """New recipients left in the spool so far (a page tells from it whether any came while
     it read)."""
     ages: AgeLedger = field(default_factory=AgeLedger)
+    families: frozenset[int] = frozenset()
+    """IP versions of the destination's addresses at its last lookup (empty: not known yet).
+    A slot of another family reaches none of them (``relay.deliver.reachable``): the lane
+    takes a slot of one of these when its pool has one."""
 
     @property
     def dest_key(self) -> str:

@@ -1,5 +1,6 @@
 """Connection slots: each pool owns its source IPs and each IP its ``max_smtp_out``; a lane takes
-the least busy IP of its pool within the destination's per-IP connection limit."""
+the least busy IP of its pool within the destination's per-IP connection limit, of a family
+(IPv4, IPv6) the destination has addresses of."""
 
 from __future__ import annotations
 
@@ -16,10 +17,24 @@ class Slots:
             for name, pool in config.pools.items()
         }
         self._rotation = itertools.count()
+        self._versions = {name: frozenset(s.version for s in slots)
+                          for name, slots in self.by_pool.items()}
+
+    def usable(self, lane: Lane) -> list[SourceSlot]:
+        """The slots of the lane's pool whose family reaches the destination's addresses: an
+        IPv4 slot's attempt at an IPv6-only MX is deferred without connecting (451 4.4.4) and
+        suspends the lane, and with more IPv4 than IPv6 addresses in the pool the IPv6 one got
+        its turn by chance. All of them while the families are not known, or when none fits
+        (the attempt then says why)."""
+        slots = self.by_pool[lane.pool]
+        if not lane.families or self._versions[lane.pool] <= lane.families:
+            return slots  # the common case, a pool of one family: nothing to filter
+        fit = [s for s in slots if s.version in lane.families]
+        return fit or slots
 
     def lane_cap(self, lane: Lane, now: float) -> int:
         """How many connections the lane may hold at once over its pool's IPs."""
-        slots = self.by_pool[lane.pool]
+        slots = self.usable(lane)
         per_ip = lane.max_connections_per_ip(now)
         if per_ip is None:
             return sum(s.max_smtp_out for s in slots)
@@ -31,7 +46,7 @@ class Slots:
         per_ip = lane.max_connections_per_ip(now)
         key = lane.dest_key
         best: SourceSlot | None = None
-        slots = self.by_pool[lane.pool]
+        slots = self.usable(lane)
         start = next(self._rotation) % len(slots)  # ties go round the pool's IPs
         for slot in slots[start:] + slots[:start]:
             if slot.free <= 0 or (per_ip is not None and slot.per_dest.get(key, 0) >= per_ip):

@@ -34,6 +34,7 @@ from ..childproc import frame, frames
 from ..config import Config, ListenerConfig
 from ..edge.auth import Authenticator
 from ..edge.guard import peer_ip
+from ..edge.limits import client_key
 from ..edge.smtp import EdgeSMTP, SMTPIntake
 from ..edge.tls import Certificates, ServerCertificate
 from ..feedback.service import FeedbackService
@@ -246,8 +247,9 @@ class WorkerHandler(SMTPIntake):
         if not self.rate_limited or not reply.startswith("250"):
             return reply
         user = self.guard.user(session)
-        key = user.name if user is not None else peer_ip(session)
-        if (user is not None or not self.guard.trusted(key)) and \
+        ip = peer_ip(session)
+        key = user.name if user is not None else client_key(ip)
+        if (user is not None or not self.guard.trusted(ip)) and \
                 not await self.channel.ask("rate", self.name, key):
             envelope.mail_from = None
             envelope.mail_options.clear()
