@@ -10,8 +10,9 @@ the connection slots of every pool IP (``max_smtp_out``), the relay, pause/resum
 evidence stay in this process, so priority and the caps hold node-wide as before.
 
 Also answered here, because they must hold across the node: admission of a connection (each
-listener's ``max_connections`` and ``max_connections_per_ip``) and the messages-per-minute
-allowance of each AUTH user or client IP. The main process counts them in the listener's own
+listener's ``max_connections`` and ``max_connections_per_ip``), the messages-per-minute
+allowance of each AUTH user or client IP, and the failed AUTHs of each client IP
+(``security.auth_failures_per_minute``, in the node's ``Authenticator``). The main process counts them in the listener's own
 ``Guard`` objects, as in one process; a worker that dies gives its connections back.
 
 A worker that exits is started again (a second later if it lived less than a second); the
@@ -235,6 +236,13 @@ class WorkerPool:
                 del channel.held[(listener, ip)]
         elif op == "rate":
             channel.send((ask, self.guards[msg[2]].rate.allow(msg[3])))
+        elif op == "auth_may_try":
+            auth = self.node.auth
+            channel.send((ask, auth is None or auth.failures.available(msg[2])))
+        elif op == "auth_failed":
+            if self.node.auth is not None:
+                self.node.auth.failures.allow(msg[2])
+            channel.send((ask, None))
         elif op == "persist":
             self.node.persist(Record(*msg[2]))
         elif op == "flush":

@@ -32,6 +32,7 @@ from aiosmtpd.smtp import Envelope, Session
 from ..accounting.records import Record
 from ..childproc import frame, frames
 from ..config import Config, ListenerConfig
+from ..config.model import SecurityConfig
 from ..edge.auth import Authenticator
 from ..edge.guard import peer_ip
 from ..edge.smtp import EdgeSMTP, SMTPIntake
@@ -39,6 +40,7 @@ from ..edge.tls import Certificates, ServerCertificate
 from ..feedback.service import FeedbackService
 from ..policy import intake as intake_module
 from ..policy.intake import Intake, Rejection
+from ..policy.users import Users
 from ..spool import Message, Recipient
 
 log = logging.getLogger("postlane.workers.process")
@@ -225,6 +227,23 @@ class WorkerSMTP(EdgeSMTP):
                 handler.idle.set()
 
 
+class WorkerAuthenticator(Authenticator):
+    """SMTP AUTH in a worker: failed logins are counted by the main process (per client IP,
+    node-wide), so a guesser spreading its connections over the workers gets no more tries
+    than from one process."""
+
+    def __init__(self, users: Users, security: SecurityConfig, channel: MainChannel) -> None:
+        super().__init__(users, security.auth_failures_per_minute, security.auth_concurrency)
+        self.channel = channel
+
+    async def may_try(self, client: str) -> bool:
+        return bool(await self.channel.ask("auth_may_try", client))
+
+    async def failed(self, client: str) -> None:
+        """Counted before the 535 goes out, so the client's next try, on any worker, sees it."""
+        await self.channel.ask("auth_failed", client)
+
+
 class WorkerHandler(SMTPIntake):
     """The listener's handler with the messages-per-minute allowance asked of the main
     process (node-wide, per AUTH user or client IP, as in one process)."""
@@ -271,7 +290,8 @@ class Worker:
         self.intake = Intake(config, self.spool, _NoScheduler(), lambda rec: None, self.signer,  # type: ignore[arg-type]
                              feedback=self.feedback)
         self.certificates = Certificates(config)
-        self.auth = Authenticator.of(self.intake.users, config.security)
+        self.auth = (WorkerAuthenticator(self.intake.users, config.security, channel)
+                     if self.intake.users is not None else None)
         self.handlers = {name: WorkerHandler(name, config.listeners[name], self.intake,
                                              self.certificates.for_listener(name), channel,
                                              self.auth)

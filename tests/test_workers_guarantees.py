@@ -1,0 +1,191 @@
+"""``[node] workers = 2`` keeps the guarantees of one process, through the real entry points:
+kill -9 of the main process, the limits a client could otherwise get N times by landing on
+different workers, suppression and certificates and users changed while running, hostile
+input, and the figures ``status`` reports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import smtplib
+import ssl
+
+from postlane.harness.killtest import run
+from postlane.policy.users import User, hash_password, save_user
+from tests.conftest import config_text, message, records, send
+from tests.support.pki import TestCA
+from tests.support.rawsmtp import RawSMTP, session
+from tests.support.waiting import until
+from tests.test_api import api_client
+from tests.test_dkim import keys  # noqa: F401  (fixture)
+from tests.test_intake_tls import _server_certificate
+from tests.test_security_auth import PASSWORD, _client_ctx, secure_config, submit
+from tests.test_security_auth import tls_files, users_file  # noqa: F401  (fixtures)
+from tests.test_workers import _ready, _with_workers
+
+
+async def _on_every_worker(port: int, count: int = 8) -> list[RawSMTP]:
+    """``count`` sessions opened at once (the kernel hands them to both workers), greeted."""
+    sessions = await asyncio.gather(*(session(port) for _ in range(count)))
+    return list(sessions)
+
+
+async def test_kill_9_of_the_main_process_with_workers_loses_nothing_acknowledged(tmp_path):
+    """The node (``postlane serve``) SIGKILLed 3 times while its 2 workers accept: every
+    acknowledged message delivered, its evidence complete, ``audit verify`` clean, no record
+    written twice (the restart binds the port again: no worker outlived its main process)."""
+    result = await asyncio.to_thread(run, tmp_path, messages=300, kills=3, seed=7, workers="2")
+    assert result.kills == 3
+    assert result.acknowledged == 300
+    assert result.lost == 0
+    assert result.delivered == 300
+    assert result.evidence_ok, result.problems
+
+
+async def test_auth_failure_limit_is_node_wide(tmp_path, sink, make_node, tls_files,  # noqa: F811
+                                               users_file):  # noqa: F811
+    """``security.auth_failures_per_minute`` counts a client IP's failures on every worker
+    together: a guesser spreading its connections over the workers gets no more guesses."""
+    node = await make_node(_with_workers(secure_config(
+        tmp_path, sink.port, tls_files, users_file,
+        extra="[listeners.sub.limits]\nmax_bad_commands = 50").replace(
+            "[security]\n", "[security]\nauth_failures_per_minute = 2\n")))
+    await _ready(node)
+    port = node.listeners[1].port
+
+    def guess(client: smtplib.SMTP, password: str) -> int:
+        blob = base64.b64encode(f"\0alice\0{password}".encode()).decode()
+        return client.docmd("AUTH", f"PLAIN {blob}")[0]
+
+    def guesses() -> list[int]:
+        clients = []
+        for _ in range(8):  # all open at once: both workers hold some
+            c = smtplib.SMTP("127.0.0.1", port, timeout=30)
+            c.ehlo("client.test")
+            c.starttls(context=_client_ctx())
+            c.ehlo("client.test")
+            clients.append(c)
+        codes = [guess(c, f"guess-{i}") for i, c in enumerate(clients)]
+        codes += [guess(c, PASSWORD) for c in clients[:2]]  # even the right one, for now
+        for c in clients:
+            c.close()
+        return codes
+
+    assert await asyncio.to_thread(guesses) == [535, 535] + [454] * 8
+
+
+async def test_suppressed_through_the_api_is_refused_on_every_worker_at_once(
+        tmp_path, sink, make_node):
+    node = await make_node(_with_workers(config_text(tmp_path, sink.port)))
+    await _ready(node)
+    sessions = await _on_every_worker(node.listeners[0].port)
+    async with api_client(node, tmp_path) as api:
+        resp = await api.post("/api/v1/suppressions", json={
+            "address": "gone@example.com", "scope": "all", "reason": "asked"})
+        assert resp.status_code == 201, resp.text
+    for raw in sessions:
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        reply = await raw.cmd("RCPT TO:<gone@example.com>")
+        assert reply.startswith("550 5.7.1 Recipient suppressed"), reply
+        await raw.close()
+
+
+async def test_a_renewed_certificate_reaches_every_worker(tmp_path, sink, make_node):
+    ca = TestCA(tmp_path / "ca")
+    cert, key = ca.issue(["mta.test"], file_name="live")
+    node = await make_node(_with_workers(config_text(tmp_path, sink.port, f"""
+[tls]
+cert_file = "{cert}"
+key_file = "{key}"
+reload_interval = "0.1s"
+""")))
+    await _ready(node)
+    port = node.listeners[0].port
+    verify = ssl.create_default_context(cafile=str(ca.ca_file))
+    first = await _server_certificate(port, verify)
+    new_cert, new_key = ca.issue(["mta.test"], file_name="renewed")
+    os.replace(new_key, key)
+    os.replace(new_cert, cert)
+    await node.workers.reload()  # what SIGHUP does after the main process's own part
+
+    async def served() -> set[bytes]:
+        return set(await asyncio.gather(*(_server_certificate(port, verify)
+                                          for _ in range(8))))
+
+    seen = await served()
+    assert first not in seen and len(seen) == 1, "every worker serves the renewed one"
+
+
+async def test_a_user_added_to_the_users_file_can_log_in_on_every_worker(
+        tmp_path, sink, make_node, tls_files):  # noqa: F811
+    users = tmp_path / "users.toml"
+    save_user(users, User("alice", hash_password(PASSWORD), ["policy-documents"],
+                          "policy-documents", ["insurer.test"]))
+    node = await make_node(_with_workers(secure_config(tmp_path, sink.port, tls_files, users,
+                                                       relay_from="[]")))
+    await _ready(node)
+    port = node.listeners[1].port
+    save_user(users, User("carol", hash_password(PASSWORD), ["policy-documents"],
+                          "policy-documents", ["insurer.test"]))
+    await asyncio.gather(*(submit(port, tls="starttls", user="carol") for _ in range(6)))
+    await sink.wait_for(6)
+
+
+async def test_hostile_input_does_not_take_a_worker_down(tmp_path, sink, make_node):
+    """A bad-command storm gets the 421 of ``max_bad_commands`` as in one process, and a
+    100 MB line without CRLF is refused; no worker exits."""
+    node = await make_node(_with_workers(config_text(tmp_path, sink.port)))
+    await _ready(node)
+    pids = node.workers.pids()
+    port = node.listeners[0].port
+    storm = await _on_every_worker(port, 4)
+    for raw in storm:
+        raw.send(b"BOGUS\r\n" * 200)
+        assert await raw.closed()
+        await raw.close()
+    raw = await session(port)
+    chunk = b"A" * (1 << 20)
+    try:
+        for _ in range(100):
+            raw.send(chunk)
+            await raw.writer.drain()
+    except ConnectionError:
+        pass  # cut off before the whole line: fine too
+    await raw.close()
+    await send(port, "s@insurer.test", ["after@example.com"], message("after", cls="marketing"))
+    await sink.wait_for(1)
+    assert node.workers.pids() == pids and node.workers.restarts == 0
+
+
+async def test_size_and_recipient_limits_hold_in_a_worker(tmp_path, sink, make_node):
+    node = await make_node(_with_workers(config_text(
+        tmp_path, sink.port).replace(
+            "[listeners.in]\n", "[listeners.in]\nmax_recipients = 3\n",
+            1)))
+    await _ready(node)
+    for raw in await _on_every_worker(node.listeners[0].port, 4):
+        assert "SIZE 100000" in await raw.cmd("EHLO client.test")
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test> SIZE=200000")).startswith("552")
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        codes = [(await raw.cmd(f"RCPT TO:<r{i}@example.com>"))[:3] for i in range(5)]
+        assert codes == ["250"] * 3 + ["452"] * 2, codes
+        await raw.close()
+
+
+async def test_status_counts_what_the_workers_sign(tmp_path, sink, make_node, keys):  # noqa: F811
+    """``status`` (and the API's) DKIM figures include the signatures the workers made."""
+    from tests.test_dkim import key_entry
+
+    dkim = "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1")
+    node = await make_node(_with_workers(config_text(tmp_path, sink.port, dkim)))
+    await _ready(node)
+    for i in range(4):
+        await send(node.listeners[0].port, "s@insurer.test", [f"a{i}@example.com"],
+                   message(f"signed-{i}", cls="policy-documents"))
+    await sink.wait_for(4)
+    assert all(b"DKIM-Signature:" in a.data for a in sink.arrivals)
+    assert node.status()["accepted"] == 4
+    await until(lambda: node.status()["dkim"]["signed"] == 4, what="4 signatures counted")
+    await node.stop()
+    assert sum(1 for r in records(tmp_path) if r["type"] == "r") == 4
