@@ -486,7 +486,9 @@ class Node:
                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
                "listeners": listeners, "pools": pools, "lanes": lanes,
                "degraded": self.health.states(),
-               "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
+               "dkim": dataclasses.asdict(self.signer.stats if self.workers is None
+                                          else self.workers.signer_stats(self.signer.stats))
+               if self.signer else None}
         if self.claimer is not None:
             out["cluster"] = {"schema": self.config.cluster.schema_name,
                               "claimed_total": self.claimer.claimed,

@@ -31,12 +31,14 @@ import socket
 import sys
 import time
 from collections import Counter
+from dataclasses import astuple
 from typing import Any
 
 from ..accounting.records import Record
 from ..childproc import frame, frames
 from ..edge.smtp import EdgeSMTP, Listener
 from ..policy import intake as intake_module
+from ..policy.dkim import SignerStats
 from ..policy.intake import Rejection
 from ..spool import Message, Recipient
 
@@ -65,6 +67,8 @@ class WorkerChannel(asyncio.Protocol):
         self._buffer = bytearray()
         self.held: Counter[tuple[str, str]] = Counter()
         """Connections this worker was admitted for and has not given back."""
+        self.signer_stats: tuple[int, ...] = ()
+        """The worker's DKIM figures as it told them last (``SignerStats`` as a tuple)."""
         self.ready = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self.reloaded: asyncio.Future | None = None
@@ -86,6 +90,8 @@ class WorkerChannel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.pool.retire_signer_stats(self.signer_stats)
+        self.signer_stats = ()
         for (listener, ip), count in self.held.items():  # the worker's clients are gone
             connections = self.pool.guards[listener].connections
             for _ in range(count):
@@ -111,6 +117,7 @@ class WorkerPool:
         self._watchers: list[asyncio.Task] = []
         self._stopping = False
         self._base_tag = int(intake_module._node_tag, 16)
+        self._retired: tuple[int, ...] = astuple(SignerStats())
 
     # -- start and stop -------------------------------------------------------------------------
 
@@ -212,6 +219,20 @@ class WorkerPool:
         if pending:
             log.error("%d intake worker(s) did not confirm the reload", len(pending))
 
+    def retire_signer_stats(self, stats: tuple[int, ...]) -> None:
+        """A worker that exited keeps counting in ``signer_stats`` (its figures stay)."""
+        if stats:
+            self._retired = tuple(a + b for a, b in zip(self._retired, stats, strict=True))
+
+    def signer_stats(self, own: SignerStats) -> SignerStats:
+        """The node's DKIM figures: ``own`` (this process signs what the API submits) plus
+        every worker's, those that exited included."""
+        total = list(astuple(own))
+        for stats in [self._retired, *(c.signer_stats for c in self.channels.values())]:
+            for i, value in enumerate(stats):
+                total[i] += value
+        return SignerStats(*total)
+
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values() if p.returncode is None]
 
@@ -243,6 +264,8 @@ class WorkerPool:
             if self.node.auth is not None:
                 self.node.auth.failures.allow(msg[2])
             channel.send((ask, None))
+        elif op == "signer_stats":
+            channel.signer_stats = tuple(msg[2])
         elif op == "persist":
             self.node.persist(Record(*msg[2]))
         elif op == "flush":

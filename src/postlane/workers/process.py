@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import astuple, fields
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import Envelope, Session
@@ -225,6 +225,7 @@ class WorkerSMTP(EdgeSMTP):
             handler.transfers -= 1
             if not handler.transfers:
                 handler.idle.set()
+            handler.tell_signer_stats()
 
 
 class WorkerAuthenticator(Authenticator):
@@ -258,6 +259,18 @@ class WorkerHandler(SMTPIntake):
         self.sessions = 0
         self.transfers = 0
         self.idle = asyncio.Event()
+        self._told: tuple[int, ...] = ()
+
+    def tell_signer_stats(self) -> None:
+        """The worker's DKIM figures (signed, unsigned, refused, deferred) to the main process
+        when they changed, for ``status``: the workers sign, not the main process."""
+        signer = self.intake.signer
+        if signer is None:
+            return
+        stats = astuple(signer.stats)
+        if stats != self._told:
+            self._told = stats
+            self.channel.tell("signer_stats", stats)
 
     async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
