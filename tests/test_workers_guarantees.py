@@ -189,3 +189,30 @@ async def test_status_counts_what_the_workers_sign(tmp_path, sink, make_node, ke
     await until(lambda: node.status()["dkim"]["signed"] == 4, what="4 signatures counted")
     await node.stop()
     assert sum(1 for r in records(tmp_path) if r["type"] == "r") == 4
+
+
+async def test_status_and_metrics_count_every_workers_connections_and_messages(
+        tmp_path, sink, make_node):
+    """Open SMTP connections (``status`` listeners' ``connections``, the
+    ``postlane_smtp_connections`` gauge) and received messages (``accepted``, the "received"
+    recipients) are the node's, whichever worker took them."""
+    from tests.test_metrics_exposition import _metrics
+
+    node = await make_node(_with_workers(config_text(tmp_path, sink.port)))
+    await _ready(node)
+    port = node.listeners[0].port
+    for i in range(6):
+        await send(port, "s@insurer.test", [f"a{i}@example.com"], message(f"m{i}"))
+    held = await _on_every_worker(port, 5)
+    await until(lambda: node.status()["listeners"][0]["connections"] == 5,
+                what="5 connections counted")
+    text = await _metrics(node, tmp_path)
+    assert 'postlane_smtp_connections{listener="in"} 5.0' in text, text
+    assert node.status()["accepted"] == 6
+    received = [line for line in text.splitlines()
+                if line.startswith("postlane_recipients_total") and 'outcome="received"' in line]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in received) == 6, received
+    for raw in held:
+        await raw.close()
+    await until(lambda: node.status()["listeners"][0]["connections"] == 0,
+                what="the connections given back")

@@ -106,6 +106,7 @@ class _Unlimited:
     main process, node-wide)."""
 
     stressed = False
+    open = 0
 
     def admit(self, ip: str, per_ip: bool = True) -> str | None:
         return None
