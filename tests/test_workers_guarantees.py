@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.policy
 import os
+import signal
 import smtplib
+import socket
 import ssl
+from pathlib import Path
 
 from postlane.harness.killtest import run
 from postlane.policy.users import User, hash_password, save_user
@@ -18,10 +23,18 @@ from tests.support.pki import TestCA
 from tests.support.rawsmtp import RawSMTP, session
 from tests.support.waiting import until
 from tests.test_api import api_client
+from tests.test_cli_ops import run_cli
+from tests.test_config_check import POSTLANE, _free_port
 from tests.test_dkim import keys  # noqa: F401  (fixture)
 from tests.test_intake_tls import _server_certificate
-from tests.test_security_auth import PASSWORD, _client_ctx, secure_config, submit
-from tests.test_security_auth import tls_files, users_file  # noqa: F401  (fixtures)
+from tests.test_security_auth import (  # noqa: F401  (fixtures)
+    PASSWORD,
+    _client_ctx,
+    secure_config,
+    submit,
+    tls_files,
+    users_file,
+)
 from tests.test_workers import _ready, _with_workers
 
 
@@ -216,3 +229,168 @@ async def test_status_and_metrics_count_every_workers_connections_and_messages(
         await raw.close()
     await until(lambda: node.status()["listeners"][0]["connections"] == 0,
                 what="the connections given back")
+
+
+def _workers_of(pid: int) -> list[int]:
+    """Intake worker processes started by the main process ``pid`` (their command line names
+    it), whether or not it still runs."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"postlane.workers.process" in argv and str(pid).encode() in argv[-3:]:
+            found.append(int(entry.name))
+    return found
+
+
+async def _serve(path: Path, log: Path) -> asyncio.subprocess.Process:
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(POSTLANE, "serve", "-c", str(path),
+                                                    stdout=out, stderr=out)
+
+
+async def test_sigterm_with_transfers_under_way_in_workers(tmp_path, sink):
+    """``postlane serve`` with 2 workers, SIGTERM while clients are mid-transaction: a client
+    idle in a transaction gets 421, a message mid-DATA is finished, committed and answered 250;
+    the node exits 0, leaves no worker behind, and everything acknowledged is in the audit
+    trail (``postlane audit verify`` clean)."""
+    path = tmp_path / "node.toml"
+    port = _free_port()
+    path.write_text(_with_workers(config_text(tmp_path, sink.port, listener_port=port)))
+    proc = await _serve(path, tmp_path / "node.log")
+    try:
+        async def greeted() -> RawSMTP | None:
+            try:
+                raw = await RawSMTP.connect(port)
+            except OSError:
+                return None
+            return raw
+
+        first = await until(greeted, timeout=60, what="the listener")
+        await first.close()
+        await until(lambda: len(_workers_of(proc.pid)) == 2, timeout=60, what="2 workers")
+        sessions = await _on_every_worker(port, 6)
+        for raw in sessions:
+            assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+            assert (await raw.cmd("RCPT TO:<x@example.com>")).startswith("250")
+        mid_data = sessions[:3]
+        for i, raw in enumerate(mid_data):
+            assert (await raw.cmd("DATA")).startswith("354")
+            raw.send(f"Subject: mid-{i}\r\nX-Class: marketing\r\n\r\nhalf".encode())
+            await raw.writer.drain()
+        workers = _workers_of(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)  # the drain has begun
+        for raw in mid_data:
+            raw.send(b" and the rest\r\n.\r\n")
+            assert (await raw.reply()).startswith("250"), "a transfer under way is finished"
+        for raw in sessions[3:]:
+            reply = await raw.cmd("DATA")
+            assert reply.startswith("421"), reply
+        for raw in sessions:
+            await raw.close()
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()], "no worker left behind"
+    log = (tmp_path / "node.log").read_text()
+    assert "Traceback" not in log, log
+    code, out, err = await run_cli("audit", "verify", "-c", str(path))
+    assert code == 0, out + err
+    assert sum(1 for r in records(tmp_path) if r["type"] == "r") == 3
+    await sink.wait_for(3)  # delivered during the drain
+
+
+async def test_a_port_in_use_with_workers_is_one_clear_error_and_no_orphan(tmp_path, sink):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "node.toml"
+        path.write_text(_with_workers(config_text(tmp_path, sink.port, listener_port=port)))
+        proc = await asyncio.create_subprocess_exec(
+            POSTLANE, "serve", "-c", str(path), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    assert "Traceback" not in text
+    assert text.count("cannot listen on") == 1, text
+    assert (f"listener 'in' (listeners.in in the config) cannot listen on 127.0.0.1:{port}:"
+            f" Address already in use") in text
+    assert not _workers_of(proc.pid)
+
+
+async def test_a_worker_killed_right_after_each_250_loses_nothing(tmp_path, sink, make_node,
+                                                                  caplog):
+    """SIGKILL of the worker that just said 250: the message is committed (delivered, one "r"
+    record each, ``audit verify`` clean), the worker is started again, logged once a kill."""
+    text = _with_workers(config_text(tmp_path, sink.port))
+    (tmp_path / "node.toml").write_text(text)
+    node = await make_node(text)
+    await _ready(node)
+    port = node.listeners[0].port
+    for i in range(4):
+        raw = await session(port)
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        assert (await raw.cmd(f"RCPT TO:<k{i}@example.com>")).startswith("250")
+        assert (await raw.cmd("DATA")).startswith("354")
+        reply = await raw.cmd(f"Subject: k{i}\r\nX-Class: marketing\r\n\r\nbody\r\n.".encode()
+                              + b"\r\n")
+        assert reply.startswith("250"), reply
+        before = node.workers.restarts
+        for pid in node.workers.pids():  # the one that answered is among them
+            os.kill(pid, signal.SIGKILL)
+        await raw.close()
+        await until(lambda b=before: node.workers.restarts == b + 2 and len(
+            node.workers.pids()) == 2 and all(c.ready.done() for c in
+                                              node.workers.channels.values()),
+                    timeout=30, what="both workers started again")
+    await sink.wait_for(4)
+    await node.stop()
+    assert sorted(r["rcpt"] for r in records(tmp_path) if r["type"] == "r") == [
+        f"k{i}@example.com" for i in range(4)]
+    code, out, err = await run_cli("audit", "verify", "-c", str(tmp_path / "node.toml"))
+    assert code == 0, out + err
+    told = [r for r in caplog.records if "starting it again" in r.getMessage()]
+    assert len(told) == 8, [r.getMessage() for r in told]
+
+
+async def test_workers_sign_and_classify_as_one_process_does(tmp_path, sink, make_node,
+                                                            keys):  # noqa: F811
+    """The same message through ``workers = 1`` and ``workers = 2``: the same header fields
+    added (DKIM-Signature with the same tags, Message-ID, Date, Received...), the same record
+    fields and values but for times and ids."""
+    from tests.test_dkim import key_entry
+
+    dkim = "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1")
+    data = message("same", cls="policy-documents")
+    seen = []
+    for workers in (1, 2):
+        home = tmp_path / f"w{workers}"
+        home.mkdir()
+        text = config_text(home, sink.port, dkim)
+        node = await make_node(_with_workers(text) if workers > 1 else text)
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"], data)
+        arrival = (await sink.wait_for(workers))[-1]
+        await node.stop()
+        parsed = email.message_from_bytes(arrival.data, policy=email.policy.default)
+        sig = {k: v for k, v in (t.strip().split("=", 1)
+                                 for t in str(parsed["DKIM-Signature"]).split(";") if "=" in t)}
+        [rec] = [r for r in records(home) if r["type"] == "r"]
+        seen.append((list(parsed), sorted(sig),
+                     (sig["d"], sig["s"], sig["a"], sig["h"]),
+                     {k: v for k, v in rec.items() if not _varies(k)}, sorted(rec)))
+    assert seen[0] == seen[1]
+
+
+def _varies(field: str) -> bool:
+    """Record fields that differ from one run to the next (times, ids, the node's paths)."""
+    return any(w in field.lower() for w in ("time", "queueid", "msgid", "message-id", "jobid",
+                                            "env", "size", "id"))

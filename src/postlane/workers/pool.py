@@ -12,8 +12,9 @@ evidence stay in this process, so priority and the caps hold node-wide as before
 Also answered here, because they must hold across the node: admission of a connection (each
 listener's ``max_connections`` and ``max_connections_per_ip``), the messages-per-minute
 allowance of each AUTH user or client IP, and the failed AUTHs of each client IP
-(``security.auth_failures_per_minute``, in the node's ``Authenticator``). The main process counts them in the listener's own
-``Guard`` objects, as in one process; a worker that dies gives its connections back.
+(``security.auth_failures_per_minute``). The main process counts them in the listener's own
+``Guard`` objects and the node's ``Authenticator``, as in one process; a worker that dies gives
+its connections back.
 
 A worker that exits is started again (a second later if it lived less than a second); the
 messages it was transferring were never acknowledged. Frames are ``childproc``'s
