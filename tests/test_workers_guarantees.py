@@ -9,14 +9,20 @@ import asyncio
 import base64
 import email
 import email.policy
+import json
 import os
 import signal
 import smtplib
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 
+from postlane.cli import app
+from postlane.cli.edge import selfsigned
 from postlane.harness.killtest import run
+from postlane.harness.sink import Sink
+from postlane.policy.dkim import generate_key, write_key
 from postlane.policy.users import User, hash_password, save_user
 from tests.conftest import config_text, message, records, send
 from tests.support.pki import TestCA
@@ -394,3 +400,60 @@ def _varies(field: str) -> bool:
     """Record fields that differ from one run to the next (times, ids, the node's paths)."""
     return any(w in field.lower() for w in ("time", "queueid", "msgid", "message-id", "jobid",
                                             "env", "size", "id"))
+
+
+async def test_sighup_reaches_every_worker_before_the_reload_is_reported(tmp_path):
+    """``postlane serve`` with 2 workers and no periodic certificate check: a renewed
+    certificate and a new DKIM key, SIGHUP; once systemd hears ``reloaded`` every worker serves
+    the new certificate and signs with the new key (docs/operations.md, *Reload*)."""
+    from tests.test_service import POSTLANE as SERVE
+    from tests.test_service import NotifySocket, _submit, runner
+
+    relay = await Sink().start()
+    try:
+        result = runner.invoke(app, [
+            "init", str(tmp_path / "node"), "--hostname", "mta.example", "--domain",
+            "insurer.example", "--listen", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--api",
+            "127.0.0.1:0", "--smarthost", f"127.0.0.1:{relay.port}"])
+        assert result.exit_code == 0, result.output
+        config = tmp_path / "node" / "postlane.toml"
+        text = _with_workers(config.read_text()).replace("[tls]\n",
+                                                         '[tls]\nreload_interval = "1h"\n', 1)
+        config.write_text(text)
+        notify = NotifySocket(tmp_path / "notify")
+        log_path = tmp_path / "serve.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen([str(SERVE), "serve", "-c", str(config)],
+                                    env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+                                    stderr=log_file, stdout=subprocess.DEVNULL)
+        try:
+            await notify.wait("READY=1", timeout=60)
+            line = next(ln for ln in log_path.read_text().splitlines() if '"listening"' in ln)
+            port = json.loads(line[line.index("{"):])["listeners"]["submission"]
+            before: list[bytes] = []
+            await asyncio.to_thread(_submit, port, 0, before)
+            key = tmp_path / "node" / "keys" / "insurer.example.next.pem"
+            write_key(key, generate_key("rsa-sha256"))
+            cert, pem = selfsigned("mta-renewed.example", 30)
+            (tmp_path / "node" / "tls" / "cert.pem").write_bytes(cert)
+            (tmp_path / "node" / "tls" / "key.pem").write_bytes(pem)
+            config.write_text(text + '\n[[dkim.keys]]\ndomain = "insurer.example"\n'
+                                     'selector = "next"\nkey_file = '
+                                     '"keys/insurer.example.next.pem"\nnot_before = 2020-01-01\n')
+            mark = len(notify.messages)
+            proc.send_signal(signal.SIGHUP)
+            await notify.wait("STATUS=reloaded", mark)
+            after: list[bytes] = []
+            await asyncio.gather(*(asyncio.to_thread(_submit, port, n, after)
+                                   for n in range(1, 9)))
+            assert before[0] not in after, "every worker serves the renewed certificate"
+            arrivals = await relay.wait_for(9, timeout=30)
+            selectors = [a.data.split(b" s=", 1)[1].split(b";", 1)[0] for a in arrivals[1:]]
+            assert set(selectors) == {b"next"}, selectors
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            notify.close()
+        assert proc.returncode == 0
+    finally:
+        await relay.stop()

@@ -146,6 +146,8 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
         return False
     waiting = _needs_restart(node.config, new)
     node.reload(new, certificates=certs, keyring=keyring, classifier=classifier)
+    if node.workers is not None:  # their part (certificates, DKIM keys...) before "reloaded"
+        await node.workers.reload()
     log.info("configuration reloaded", extra={
         "certificates": len(certs), "dkim_keys": len(new.dkim.keys),
         "destination_rules": len(new.destinations), "restart_needed": waiting})
@@ -216,8 +218,7 @@ def run(config: Config, path: Path | None = None) -> None:
         async def reload_once() -> None:
             async with reloading:  # one after the other: the last SIGHUP's file wins
                 assert path is not None  # (only then is SIGHUP handled)
-                if await reload(node, path, notifier) and node.workers is not None:
-                    await node.workers.reload()
+                await reload(node, path, notifier)
 
         if path is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))
