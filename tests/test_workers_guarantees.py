@@ -457,3 +457,28 @@ async def test_sighup_reaches_every_worker_before_the_reload_is_reported(tmp_pat
         assert proc.returncode == 0
     finally:
         await relay.stop()
+
+
+async def test_strangers_filling_the_slots_get_the_stress_timeout_in_workers(
+        tmp_path, sink, make_node):
+    """Once strangers hold 80 % of a listener's ``max_connections`` (counted node-wide), their
+    idle connections get ``stress_timeout`` on every worker, as in one process."""
+    from tests.test_security_limits import limited
+
+    node = await make_node(_with_workers(limited(
+        tmp_path, sink.port, 'max_connections = 5\npregreet_wait = 0\nstress_timeout = "1s"',
+        relay_from='["127.0.0.1/32"]')))
+    await _ready(node)
+    port = node.listeners[0].port
+    idle = [await RawSMTP.connect(port, source=f"127.0.0.{2 + i}") for i in range(5)]
+    for raw in idle:
+        assert (await raw.reply()).startswith("220")
+    assert node.listeners[0].handler.guard.connections.stressed
+    for raw in idle:  # command_timeout is 300 s: only the stress timeout cuts them
+        assert (await raw.reply(timeout=30)).startswith("421 4.4.2 Idle too long")
+        assert await raw.closed()
+    await until(lambda: not node.listeners[0].handler.guard.connections.stressed,
+                what="the stress over")
+    late = await RawSMTP.connect(port, source="127.0.0.8")
+    assert (await late.reply()).startswith("220")
+    await late.close()

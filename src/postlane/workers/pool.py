@@ -97,7 +97,10 @@ class WorkerChannel(asyncio.Protocol):
             connections = self.pool.guards[listener].connections
             for _ in range(count):
                 connections.release(ip)
+        listeners = {listener for listener, _ in self.held}
         self.held.clear()
+        for listener in listeners:
+            self.pool.tell_stress(listener)
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(f"intake worker {self.index} exited at start"))
         if not self.closed.done():
@@ -119,6 +122,8 @@ class WorkerPool:
         self._stopping = False
         self._base_tag = int(intake_module._node_tag, 16)
         self._retired: tuple[int, ...] = astuple(SignerStats())
+        self._stressed: dict[str, bool] = {}
+        """Listeners under stress as the workers were told."""
 
     # -- start and stop -------------------------------------------------------------------------
 
@@ -157,6 +162,9 @@ class WorkerPool:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         channel.send(("hello", pickle.dumps(self.node.config), fds,
                       (self._base_tag + index) & 0xFFFF, level))
+        for listener, stressed in self._stressed.items():  # a worker started under stress
+            if stressed:
+                channel.send(("stress", listener, True))
         return channel
 
     async def _watch(self, index: int) -> None:
@@ -220,6 +228,24 @@ class WorkerPool:
         if pending:
             log.error("%d intake worker(s) did not confirm the reload", len(pending))
 
+    def tell_stress(self, listener: str) -> None:
+        """When strangers' connections put a listener under stress (or it ends), log it once
+        and tell every worker: their idle strangers get ``stress_timeout`` (``Guard``)."""
+        guard = self.guards[listener]
+        stressed = guard.connections.stressed
+        if stressed == self._stressed.get(listener, False):
+            return
+        self._stressed[listener] = stressed
+        if stressed:
+            log.warning("listener under stress: idle strangers get the short timeout",
+                        extra={"listener": guard.config.port,
+                               "connections": guard.connections.open,
+                               "timeout": guard.config.limits.stress_timeout})
+        else:
+            log.info("listener no longer under stress", extra={"listener": guard.config.port})
+        for channel in self.channels.values():
+            channel.send(("stress", listener, stressed))
+
     def retire_signer_stats(self, stats: tuple[int, ...]) -> None:
         """A worker that exited keeps counting in ``signer_stats`` (its figures stay)."""
         if stats:
@@ -249,6 +275,7 @@ class WorkerPool:
             if refusal is None:
                 channel.held[(listener, ip)] += 1
             channel.send((ask, refusal))
+            self.tell_stress(listener)
         elif op == "release":
             listener, ip = msg[2:]
             if channel.held[(listener, ip)] > 0:
@@ -256,6 +283,7 @@ class WorkerPool:
                 self.guards[listener].connections.release(ip)
             if not channel.held[(listener, ip)]:
                 del channel.held[(listener, ip)]
+            self.tell_stress(listener)
         elif op == "rate":
             channel.send((ask, self.guards[msg[2]].rate.allow(msg[3])))
         elif op == "auth_may_try":

@@ -353,6 +353,13 @@ class Worker:
             self.signer.use_keyring(KeyRing(new.dkim, self.signer.health))
             cfg.dkim.keys = new.dkim.keys  # the rest waits for a restart (reload says so)
 
+    def stress(self, listener: str, stressed: bool) -> None:
+        """The main process counts the node's connections and says when strangers put a
+        listener under stress: this worker's idle strangers get ``stress_timeout`` too."""
+        handler = self.handlers.get(listener)
+        if handler is not None:
+            handler.guard.stress_changed(stressed)
+
     async def drain(self) -> None:
         """421 to new mail, no new connections; wait for transfers under way (their commit
         needs the main process, which waits for us), then stop."""
@@ -405,6 +412,8 @@ async def _serve(fd: int) -> None:
             except Exception:  # noqa: BLE001 - the previous settings stay
                 log.exception("worker reload failed")
             channel.tell("reloaded")
+        elif command[0] == "stress":
+            worker.stress(command[1], command[2])
         elif command[0] == "drain":
             await worker.drain()
             watch.cancel()
