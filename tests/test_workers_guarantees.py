@@ -482,3 +482,36 @@ async def test_strangers_filling_the_slots_get_the_stress_timeout_in_workers(
     late = await RawSMTP.connect(port, source="127.0.0.8")
     assert (await late.reply()).startswith("220")
     await late.close()
+
+
+async def test_refusals_of_a_degraded_state_in_workers_are_the_nodes(tmp_path, small_fs, sink,
+                                                                      make_node):
+    """Low disk: the 452s the workers answer are counted in the node's degraded state
+    (``status`` ``degraded``, ``postlane_degraded_events_total``), as in one process."""
+    from tests.test_metrics_exposition import _metrics
+
+    acct = small_fs("acct", "8m")
+    node = await make_node(_with_workers(config_text(
+        tmp_path, sink.port, '[security]\nmin_free_space = "4MB"\n')))
+    await _ready(node)
+    port = node.listeners[0].port
+    acct.fill()
+    node.intake.disk.recheck()
+    await until(lambda: "disk" in node.health.active, what="low disk noticed")
+
+    def mail() -> int:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo("client.test")
+            return client.mail("s@insurer.test")[0]
+
+    async def refused() -> bool:
+        return await asyncio.to_thread(mail) == 452
+
+    await until(refused, what="the workers refuse too")  # their own check, each second
+    for _ in range(3):
+        assert await asyncio.to_thread(mail) == 452
+    counted = node.health.active["disk"].count
+    assert counted >= 4, node.health.states()
+    text = await _metrics(node, tmp_path)
+    assert f'postlane_degraded_events_total{{state="disk"}} {float(counted)}' in text
+    acct.free()

@@ -68,6 +68,8 @@ class WorkerChannel(asyncio.Protocol):
         self._buffer = bytearray()
         self.held: Counter[tuple[str, str]] = Counter()
         """Connections this worker was admitted for and has not given back."""
+        self.degraded: set[str] = set()
+        """The keys of the degraded states this worker is in (``Health``)."""
         self.signer_stats: tuple[int, ...] = ()
         """The worker's DKIM figures as it told them last (``SignerStats`` as a tuple)."""
         self.ready = asyncio.get_running_loop().create_future()
@@ -101,6 +103,8 @@ class WorkerChannel(asyncio.Protocol):
         self.held.clear()
         for listener in listeners:
             self.pool.tell_stress(listener)
+        for key in list(self.degraded):  # a worker gone is in no state any more
+            self.pool._health(self, "end", key)
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(f"intake worker {self.index} exited at start"))
         if not self.closed.done():
@@ -228,6 +232,20 @@ class WorkerPool:
         if pending:
             log.error("%d intake worker(s) did not confirm the reload", len(pending))
 
+    def _health(self, channel: WorkerChannel, what: str, key: str, *args: Any) -> None:
+        """A worker's degraded state, in the node's ``Health``: begun by the first worker
+        (logged once), counted from all, ended when no worker is in it any more."""
+        health = self.node.health
+        if what == "begin":
+            channel.degraded.add(key)
+            health.begin(key, *args)
+        elif what == "count":
+            health.count(key, *args)
+        elif what == "end":
+            channel.degraded.discard(key)
+            if not any(key in c.degraded for c in self.channels.values()):
+                health.end(key)
+
     def tell_stress(self, listener: str) -> None:
         """When strangers' connections put a listener under stress (or it ends), log it once
         and tell every worker: their idle strangers get ``stress_timeout`` (``Guard``)."""
@@ -295,6 +313,8 @@ class WorkerPool:
             channel.send((ask, None))
         elif op == "signer_stats":
             channel.signer_stats = tuple(msg[2])
+        elif op == "health":
+            self._health(channel, msg[2], *msg[3:])
         elif op == "persist":
             self.node.persist(Record(*msg[2]))
         elif op == "flush":

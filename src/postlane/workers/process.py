@@ -38,6 +38,7 @@ from ..edge.guard import peer_ip
 from ..edge.smtp import EdgeSMTP, SMTPIntake
 from ..edge.tls import Certificates, ServerCertificate
 from ..feedback.service import FeedbackService
+from ..health import Health
 from ..policy import intake as intake_module
 from ..policy.intake import Intake, Rejection
 from ..policy.users import Users
@@ -133,6 +134,31 @@ class RemoteSpool:
         held, urgent = self._records, self._urgent
         self._records, self._urgent = [], False
         await self.channel.ask("flush", held, urgent)
+
+
+class RemoteHealth(Health):
+    """The worker's degraded states (low disk, a DKIM key unavailable) are the node's: they
+    begin, are counted and end in the main process's ``Health``, which logs each once and
+    shows them in ``status`` and ``/metrics`` (the refusals of every worker added up)."""
+
+    def __init__(self, channel: MainChannel) -> None:
+        super().__init__()
+        self.channel = channel
+        self._begun: set[str] = set()
+
+    def begin(self, key: str, kind: str, what: str, cause: str, effect: str,
+              unit: str | None = "refusals", level: int = logging.WARNING) -> None:
+        if key not in self._begun:
+            self._begun.add(key)
+            self.channel.tell("health", "begin", key, kind, what, cause, effect, unit, level)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.channel.tell("health", "count", key, n)
+
+    def end(self, key: str) -> None:
+        if key in self._begun:
+            self._begun.discard(key)
+            self.channel.tell("health", "end", key)
 
 
 class _NoScheduler:
@@ -294,14 +320,15 @@ class Worker:
         self.config = config
         self.channel = channel
         self.feedback = WorkerFeedback(config, self.persist, channel)
+        self.health = RemoteHealth(channel)
         self.signer = None
         if config.dkim.keys:
             from ..policy.dkim import Signer
 
-            self.signer = Signer(config, self.persist)
+            self.signer = Signer(config, self.persist, health=self.health)
         self.spool = RemoteSpool(channel)
         self.intake = Intake(config, self.spool, _NoScheduler(), lambda rec: None, self.signer,  # type: ignore[arg-type]
-                             feedback=self.feedback)
+                             self.health, feedback=self.feedback)
         self.certificates = Certificates(config)
         self.auth = (WorkerAuthenticator(self.intake.users, config.security, channel)
                      if self.intake.users is not None else None)
