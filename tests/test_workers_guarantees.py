@@ -272,6 +272,22 @@ def _workers_of(pid: int) -> list[int]:
     return found
 
 
+async def _listening(port: int, pid: int) -> None:
+    """Until the node's 2 workers are up and one of them greets."""
+
+    async def greeted() -> bool:
+        try:
+            raw = await RawSMTP.connect(port)
+        except OSError:
+            return False
+        ok = (await raw.reply()).startswith("220")
+        await raw.close()
+        return ok
+
+    await until(lambda: len(_workers_of(pid)) == 2, timeout=60, what="2 workers")
+    await until(greeted, timeout=60, what="the listener")
+
+
 async def _serve(path: Path, log: Path) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(POSTLANE, "serve", "-c", str(path),
@@ -288,16 +304,7 @@ async def test_sigterm_with_transfers_under_way_in_workers(tmp_path, sink):
     path.write_text(_with_workers(config_text(tmp_path, sink.port, listener_port=port)))
     proc = await _serve(path, tmp_path / "node.log")
     try:
-        async def greeted() -> RawSMTP | None:
-            try:
-                raw = await RawSMTP.connect(port)
-            except OSError:
-                return None
-            return raw
-
-        first = await until(greeted, timeout=60, what="the listener")
-        await first.close()
-        await until(lambda: len(_workers_of(proc.pid)) == 2, timeout=60, what="2 workers")
+        await _listening(port, proc.pid)
         sessions = await _on_every_worker(port, 6)
         for raw in sessions:
             assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
@@ -534,3 +541,32 @@ async def test_refusals_of_a_degraded_state_in_workers_are_the_nodes(tmp_path, s
     text = await _metrics(node, tmp_path)
     assert f'postlane_degraded_events_total{{state="disk"}} {float(counted)}' in text
     acct.free()
+
+
+async def test_kill_9_of_the_main_process_leaves_no_worker(tmp_path, sink):
+    """Workers die with their main process (``PR_SET_PDEATHSIG``), so nothing is acknowledged
+    that the main process did not commit, and a restart finds the port free."""
+    port = _free_port()
+    path = tmp_path / "node.toml"
+    path.write_text(_with_workers(config_text(tmp_path, sink.port, listener_port=port)))
+    proc = await _serve(path, tmp_path / "node.log")
+    try:
+        await _listening(port, proc.pid)
+        raw = await session(port)  # a worker answers
+        assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+        workers = _workers_of(proc.pid)
+    finally:
+        proc.kill()
+        await proc.wait()
+    await until(lambda: not [p for p in workers if Path(f"/proc/{p}").exists()],
+                what="the workers gone with their main process")
+    assert await raw.closed()
+    await raw.close()
+    again = await _serve(path, tmp_path / "node.log")
+    try:
+        await _listening(port, again.pid)
+        await send(port, "s@insurer.test", ["after@example.com"], message("after"))
+        await sink.wait_for(1)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(again.wait(), 60) == 0
