@@ -247,6 +247,14 @@ async def test_status_and_metrics_count_every_workers_connections_and_messages(
     text = await _metrics(node, tmp_path)
     assert 'postlane_smtp_connections{listener="in"} 5.0' in text, text
     assert node.status()["accepted"] == 6
+    target = ["--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token")]
+    code, out, err = await run_cli("status", "--json", *target)
+    assert code == 0, err
+    shown = json.loads(out)["status"]
+    assert shown["listeners"][0]["connections"] == 5 and shown["accepted"] == 6
+    code, out, err = await run_cli("status", *target)
+    assert code == 0 and "connections" in out, out + err
     received = [line for line in text.splitlines()
                 if line.startswith("postlane_recipients_total") and 'outcome="received"' in line]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in received) == 6, received
