@@ -578,3 +578,16 @@ async def test_kill_9_of_the_main_process_leaves_no_worker(tmp_path, sink):
     finally:
         again.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(again.wait(), 60) == 0
+
+
+async def test_implicit_tls_and_auth_through_the_workers(
+        tmp_path, sink, make_node, tls_files, users_file):  # noqa: F811
+    node = await make_node(_with_workers(secure_config(tmp_path, sink.port, tls_files,
+                                                       users_file, tls="implicit",
+                                                       relay_from="[]")))
+    await _ready(node)
+    port = node.listeners[1].port
+    await asyncio.gather(*(submit(port, tls="implicit", user="alice") for _ in range(4)))
+    await sink.wait_for(4)
+    await node.stop()
+    assert [r["authUser"] for r in records(tmp_path) if r["type"] == "r"] == ["alice"] * 4
