@@ -104,7 +104,7 @@ class WorkerChannel(asyncio.Protocol):
         for listener in listeners:
             self.pool.tell_stress(listener)
         for key in list(self.degraded):  # a worker gone is in no state any more
-            self.pool._health(self, "end", key)
+            self.pool.worker_health(self, "end", key)
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(f"intake worker {self.index} exited at start"))
         if not self.closed.done():
@@ -232,9 +232,10 @@ class WorkerPool:
         if pending:
             log.error("%d intake worker(s) did not confirm the reload", len(pending))
 
-    def _health(self, channel: WorkerChannel, what: str, key: str, *args: Any) -> None:
+    def worker_health(self, channel: WorkerChannel, what: str, key: str, *args: Any) -> None:
         """A worker's degraded state, in the node's ``Health``: begun by the first worker
-        (logged once), counted from all, ended when no worker is in it any more."""
+        (logged once), counted from all, ended when no worker is in it any more (low disk:
+        and this process's own check agrees)."""
         health = self.node.health
         if what == "begin":
             channel.degraded.add(key)
@@ -243,7 +244,9 @@ class WorkerPool:
             health.count(key, *args)
         elif what == "end":
             channel.degraded.discard(key)
-            if not any(key in c.degraded for c in self.channels.values()):
+            disk = self.node.intake.disk
+            if not any(key in c.degraded for c in self.channels.values()) and (
+                    key != disk.KEY or disk.ok()):
                 health.end(key)
 
     def tell_stress(self, listener: str) -> None:
@@ -314,7 +317,7 @@ class WorkerPool:
         elif op == "signer_stats":
             channel.signer_stats = tuple(msg[2])
         elif op == "health":
-            self._health(channel, msg[2], *msg[3:])
+            self.worker_health(channel, msg[2], *msg[3:])
         elif op == "persist":
             self.node.persist(Record(*msg[2]))
         elif op == "flush":
