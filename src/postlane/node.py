@@ -476,6 +476,7 @@ class Node:
                 "port": listener.port if listener.server is not None else lc.port,
                 "require_tls": lc.require_tls, "require_auth": lc.require_auth,
                 "relay_without_auth": [] if lc.require_auth else list(lc.relay_from),
+                "connections": listener.handler.guard.connections.open,
                 "certificate": cert.describe() if cert is not None else None})
         # queued: what this node holds (on one node its whole queue; in a cluster what it has
         # claimed - the shared queue is under "cluster")
@@ -486,7 +487,9 @@ class Node:
                "queued": self.scheduler.queued(), "accepted": self.intake.accepted,
                "listeners": listeners, "pools": pools, "lanes": lanes,
                "degraded": self.health.states(),
-               "dkim": dataclasses.asdict(self.signer.stats) if self.signer else None}
+               "dkim": dataclasses.asdict(self.signer.stats if self.workers is None
+                                          else self.workers.signer_stats(self.signer.stats))
+               if self.signer else None}
         if self.claimer is not None:
             out["cluster"] = {"schema": self.config.cluster.schema_name,
                               "claimed_total": self.claimer.claimed,

@@ -146,6 +146,8 @@ async def reload(node: Node, path: Path, notifier: Notifier) -> bool:
         return False
     waiting = _needs_restart(node.config, new)
     node.reload(new, certificates=certs, keyring=keyring, classifier=classifier)
+    if node.workers is not None:  # their part (certificates, DKIM keys...) before "reloaded"
+        await node.workers.reload()
     log.info("configuration reloaded", extra={
         "certificates": len(certs), "dkim_keys": len(new.dkim.keys),
         "destination_rules": len(new.destinations), "restart_needed": waiting})
@@ -199,8 +201,22 @@ def run(config: Config, path: Path | None = None) -> None:
             for error in foreign:
                 _node_log.error("cannot start: %s", error)
             raise SystemExit(1)
+        loop = asyncio.get_running_loop()
         try:
             node = Node(config)
+
+            def stop(sig: signal.Signals) -> None:
+                """Drain once mail may be coming in: from the moment the listeners are bound
+                (intake workers greet clients before ``start`` returns); before that (the spool
+                opening, a queue loading) the signal does what it did without a handler."""
+                if node.started_at or any(ln.server is not None for ln in node.listeners):
+                    node.stop_requested.set()
+                else:
+                    loop.remove_signal_handler(sig)
+                    signal.raise_signal(sig)
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop, sig)
             await node.start()
         except NewerSchema as exc:  # a downgrade: retrying cannot help
             _node_log.error("cannot start: %s: %s", exc, DOWNGRADE_ADVICE)
@@ -209,15 +225,11 @@ def run(config: Config, path: Path | None = None) -> None:
                 UnusableFile) as exc:  # why, not a traceback
             _node_log.error("cannot start: %s", _why(exc))
             raise SystemExit(1) from None
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, node.stop_requested.set)
 
         async def reload_once() -> None:
             async with reloading:  # one after the other: the last SIGHUP's file wins
                 assert path is not None  # (only then is SIGHUP handled)
-                if await reload(node, path, notifier) and node.workers is not None:
-                    await node.workers.reload()
+                await reload(node, path, notifier)
 
         if path is not None:
             loop.add_signal_handler(signal.SIGHUP, lambda: node._spawn(reload_once()))

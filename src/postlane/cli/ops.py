@@ -118,7 +118,8 @@ def _lanes_table(status: dict) -> Table:
 def _listeners_table(listeners: list[dict]) -> Table:
     """TLS and who may relay without AUTH, per listener: what an auditor asks first."""
     table = Table(title="listeners")
-    for col in ("listener", "address", "TLS", "certificate", "AUTH", "relay without AUTH"):
+    for col in ("listener", "address", "connections", "TLS", "certificate", "AUTH",
+                "relay without AUTH"):
         table.add_column(col)
     for lst in listeners:
         cert = lst.get("certificate")
@@ -130,7 +131,8 @@ def _listeners_table(listeners: list[dict]) -> Table:
             cert_text = f"{cert['subject']} ({kind}; {cert['days_left']} days left)"
         tls = lst["tls"] + (", required" if lst["require_tls"] else "")
         open_nets = ", ".join(lst["relay_without_auth"])
-        table.add_row(lst["name"], f"{lst['address']}:{lst['port']}", tls, cert_text,
+        table.add_row(lst["name"], f"{lst['address']}:{lst['port']}",
+                      str(lst.get("connections", "-")), tls, cert_text,
                       "required" if lst["require_auth"] else "offered over TLS",
                       f"[yellow]{open_nets}[/]" if open_nets else "nobody")
     return table

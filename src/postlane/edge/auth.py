@@ -5,7 +5,8 @@ scrypt releases the GIL) under a node-wide cap of concurrent checks, never on th
 failed AUTHs from 8 addresses used to stall another session's NOOP by up to 1.17 s. Failed
 attempts are limited per client (an IPv4 address or an IPv6 /64, ``limits.client_key``; after
 the limit, AUTH answers 454 4.7.0 without running scrypt). One ``Authenticator`` per process,
-shared by its listeners (``node.py`` and the worker processes build it).
+shared by its listeners (``node.py`` and the worker processes build it; a worker's counts its
+failures in the main process's, node-wide).
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ class Authenticator:
             return None
         return cls(users, security.auth_failures_per_minute, security.auth_concurrency)
 
+    async def may_try(self, client: str) -> bool:
+        """Whether ``client`` has failures left this minute (an intake worker asks the main
+        process, which counts them for the whole node)."""
+        return self.failures.available(client_key(client))
+
+    async def failed(self, client: str) -> None:
+        """Count a failed login of ``client``."""
+        self.failures.allow(client_key(client))
+
     async def authenticate(self, client: str, mechanism: str,
                            credentials: LoginPassword) -> AuthResult:
         """Check an AUTH PLAIN/LOGIN login in a worker thread, at most ``concurrency`` at once
@@ -47,7 +57,7 @@ class Authenticator:
         is refused at once, so guessing costs the node bounded CPU and no event-loop time."""
         name = credentials.login.decode("utf-8", "replace")
         self.users.refresh()
-        if not self.failures.available(client_key(client)):
+        if not await self.may_try(client):
             log.warning("AUTH refused: too many failures", extra={"client": client})
             return AuthResult(success=False, handled=False,
                               message="454 4.7.0 Too many failed authentications, try later")
@@ -64,7 +74,7 @@ class Authenticator:
             finally:
                 self._waiting -= 1
         if user is None:
-            self.failures.allow(client_key(client))
+            await self.failed(client)
             log.info("AUTH %s failed", mechanism, extra={"user": name[:64], "client": client})
             return AuthResult(success=False, handled=False)
         log.info("AUTH %s ok", mechanism, extra={"user": user.name, "client": client})

@@ -103,9 +103,10 @@ def peer_ip(session: Session) -> str:
 
 class _Unlimited:
     """Admits every connection: admission is counted elsewhere (a worker process asks its
-    main process, node-wide)."""
+    main process, node-wide, which also tells it when the listener is under stress)."""
 
     stressed = False
+    open = 0
 
     def admit(self, ip: str, per_ip: bool = True) -> str | None:
         return None
@@ -141,12 +142,23 @@ class Guard:
         them (an attacker's, typically, holding slots) get the short timeout at once."""
         self._strangers.add(session)
         if self.connections.stressed and not self._under_stress:
-            self._under_stress = True
             log.warning("listener under stress: idle strangers get the short timeout",
                         extra={"listener": self.config.port, "connections": len(self._strangers),
                                "timeout": self.config.limits.stress_timeout})
+            self.stress_changed()
+
+    def stress_changed(self, told: bool | None = None) -> None:
+        """Follow ``connections.stressed`` (an intake worker: ``told`` by its main process,
+        which counts the node's connections and logs the change): under stress, the idle
+        strangers get the short timeout now."""
+        if told is not None and isinstance(self.connections, _Unlimited):
+            self.connections.stressed = told
+        if self.connections.stressed and not self._under_stress:
+            self._under_stress = True
             for other in list(self._strangers):
                 other.stress()
+        elif self._under_stress and not self.connections.stressed:
+            self._under_stress = False
 
     def stranger_left(self, session: GuardedSMTP) -> None:
         self._strangers.discard(session)

@@ -55,6 +55,11 @@ class ConnectionLimits:
         self._stress_at = max(1, int(total * self.STRESS))
 
     @property
+    def open(self) -> int:
+        """Connections open now, strangers' and trusted clients' (``status``)."""
+        return self.total + self.trusted_total
+
+    @property
     def stressed(self) -> bool:
         return self.total >= self._stress_at
 

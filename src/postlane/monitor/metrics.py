@@ -186,6 +186,11 @@ class _StateCollector(Collector):
         for pool, n in counts.items():
             lanes_paused.add_metric([pool], n)
         yield lanes_paused
+        smtp = GaugeMetricFamily("postlane_smtp_connections", "Inbound SMTP connections open"
+                                 " (every intake worker's)", labels=["listener"])
+        for listener in status["listeners"]:
+            smtp.add_metric([listener["name"]], listener["connections"])
+        yield smtp
         alerts = GaugeMetricFamily("postlane_alert_active", "1 while an alert is active",
                                    labels=["rule", "class"])
         for labels in alert_labels:

@@ -10,9 +10,11 @@ the connection slots of every pool IP (``max_smtp_out``), the relay, pause/resum
 evidence stay in this process, so priority and the caps hold node-wide as before.
 
 Also answered here, because they must hold across the node: admission of a connection (each
-listener's ``max_connections`` and ``max_connections_per_ip``) and the messages-per-minute
-allowance of each AUTH user or client IP. The main process counts them in the listener's own
-``Guard`` objects, as in one process; a worker that dies gives its connections back.
+listener's ``max_connections`` and ``max_connections_per_ip``), the messages-per-minute
+allowance of each AUTH user or client IP, and the failed AUTHs of each client IP
+(``security.auth_failures_per_minute``). The main process counts them in the listener's own
+``Guard`` objects and the node's ``Authenticator``, as in one process; a worker that dies gives
+its connections back.
 
 A worker that exits is started again (a second later if it lived less than a second); the
 messages it was transferring were never acknowledged. Frames are ``childproc``'s
@@ -30,12 +32,15 @@ import socket
 import sys
 import time
 from collections import Counter
+from dataclasses import astuple
 from typing import Any
 
 from ..accounting.records import Record
 from ..childproc import frame, frames
+from ..edge.limits import client_key
 from ..edge.smtp import EdgeSMTP, Listener
 from ..policy import intake as intake_module
+from ..policy.dkim import SignerStats
 from ..policy.intake import Rejection
 from ..spool import Message, Recipient
 
@@ -64,6 +69,10 @@ class WorkerChannel(asyncio.Protocol):
         self._buffer = bytearray()
         self.held: Counter[tuple[str, str]] = Counter()
         """Connections this worker was admitted for and has not given back."""
+        self.degraded: set[str] = set()
+        """The keys of the degraded states this worker is in (``Health``)."""
+        self.signer_stats: tuple[int, ...] = ()
+        """The worker's DKIM figures as it told them last (``SignerStats`` as a tuple)."""
         self.ready = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self.reloaded: asyncio.Future | None = None
@@ -85,11 +94,18 @@ class WorkerChannel(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.pool.retire_signer_stats(self.signer_stats)
+        self.signer_stats = ()
         for (listener, ip), count in self.held.items():  # the worker's clients are gone
             connections = self.pool.guards[listener].connections
             for _ in range(count):
                 connections.release(ip)
+        listeners = {listener for listener, _ in self.held}
         self.held.clear()
+        for listener in listeners:
+            self.pool.tell_stress(listener)
+        for key in list(self.degraded):  # a worker gone is in no state any more
+            self.pool.worker_health(self, "end", key)
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(f"intake worker {self.index} exited at start"))
         if not self.closed.done():
@@ -110,6 +126,9 @@ class WorkerPool:
         self._watchers: list[asyncio.Task] = []
         self._stopping = False
         self._base_tag = int(intake_module._node_tag, 16)
+        self._retired: tuple[int, ...] = astuple(SignerStats())
+        self._stressed: dict[str, bool] = {}
+        """Listeners under stress as the workers were told."""
 
     # -- start and stop -------------------------------------------------------------------------
 
@@ -148,6 +167,9 @@ class WorkerPool:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         channel.send(("hello", pickle.dumps(self.node.config), fds,
                       (self._base_tag + index) & 0xFFFF, level))
+        for listener, stressed in self._stressed.items():  # a worker started under stress
+            if stressed:
+                channel.send(("stress", listener, True))
         return channel
 
     async def _watch(self, index: int) -> None:
@@ -211,6 +233,55 @@ class WorkerPool:
         if pending:
             log.error("%d intake worker(s) did not confirm the reload", len(pending))
 
+    def worker_health(self, channel: WorkerChannel, what: str, key: str, *args: Any) -> None:
+        """A worker's degraded state, in the node's ``Health``: begun by the first worker
+        (logged once), counted from all, ended when no worker is in it any more (low disk:
+        and this process's own check agrees)."""
+        health = self.node.health
+        if what == "begin":
+            channel.degraded.add(key)
+            health.begin(key, *args)
+        elif what == "count":
+            health.count(key, *args)
+        elif what == "end":
+            channel.degraded.discard(key)
+            disk = self.node.intake.disk
+            if not any(key in c.degraded for c in self.channels.values()) and (
+                    key != disk.KEY or disk.ok()):
+                health.end(key)
+
+    def tell_stress(self, listener: str) -> None:
+        """When strangers' connections put a listener under stress (or it ends), log it once
+        and tell every worker: their idle strangers get ``stress_timeout`` (``Guard``)."""
+        guard = self.guards[listener]
+        stressed = guard.connections.stressed
+        if stressed == self._stressed.get(listener, False):
+            return
+        self._stressed[listener] = stressed
+        if stressed:
+            log.warning("listener under stress: idle strangers get the short timeout",
+                        extra={"listener": guard.config.port,
+                               "connections": guard.connections.open,
+                               "timeout": guard.config.limits.stress_timeout})
+        else:
+            log.info("listener no longer under stress", extra={"listener": guard.config.port})
+        for channel in self.channels.values():
+            channel.send(("stress", listener, stressed))
+
+    def retire_signer_stats(self, stats: tuple[int, ...]) -> None:
+        """A worker that exited keeps counting in ``signer_stats`` (its figures stay)."""
+        if stats:
+            self._retired = tuple(a + b for a, b in zip(self._retired, stats, strict=True))
+
+    def signer_stats(self, own: SignerStats) -> SignerStats:
+        """The node's DKIM figures: ``own`` (this process signs what the API submits) plus
+        every worker's, those that exited included."""
+        total = list(astuple(own))
+        for stats in [self._retired, *(c.signer_stats for c in self.channels.values())]:
+            for i, value in enumerate(stats):
+                total[i] += value
+        return SignerStats(*total)
+
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values() if p.returncode is None]
 
@@ -226,6 +297,7 @@ class WorkerPool:
             if refusal is None:
                 channel.held[(listener, ip)] += 1
             channel.send((ask, refusal))
+            self.tell_stress(listener)
         elif op == "release":
             listener, ip = msg[2:]
             if channel.held[(listener, ip)] > 0:
@@ -233,8 +305,20 @@ class WorkerPool:
                 self.guards[listener].connections.release(ip)
             if not channel.held[(listener, ip)]:
                 del channel.held[(listener, ip)]
+            self.tell_stress(listener)
         elif op == "rate":
             channel.send((ask, self.guards[msg[2]].rate.allow(msg[3])))
+        elif op == "auth_may_try":
+            auth = self.node.auth
+            channel.send((ask, auth is None or auth.failures.available(client_key(msg[2]))))
+        elif op == "auth_failed":
+            if self.node.auth is not None:
+                self.node.auth.failures.allow(client_key(msg[2]))
+            channel.send((ask, None))
+        elif op == "signer_stats":
+            channel.signer_stats = tuple(msg[2])
+        elif op == "health":
+            self.worker_health(channel, msg[2], *msg[3:])
         elif op == "persist":
             self.node.persist(Record(*msg[2]))
         elif op == "flush":

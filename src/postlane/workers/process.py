@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import astuple, fields
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import Envelope, Session
@@ -32,14 +32,17 @@ from aiosmtpd.smtp import Envelope, Session
 from ..accounting.records import Record
 from ..childproc import frame, frames
 from ..config import Config, ListenerConfig
+from ..config.model import SecurityConfig
 from ..edge.auth import Authenticator
 from ..edge.guard import peer_ip
 from ..edge.limits import client_key
 from ..edge.smtp import EdgeSMTP, SMTPIntake
 from ..edge.tls import Certificates, ServerCertificate
 from ..feedback.service import FeedbackService
+from ..health import Health
 from ..policy import intake as intake_module
 from ..policy.intake import Intake, Rejection
+from ..policy.users import Users
 from ..spool import Message, Recipient
 
 log = logging.getLogger("postlane.workers.process")
@@ -134,6 +137,31 @@ class RemoteSpool:
         await self.channel.ask("flush", held, urgent)
 
 
+class RemoteHealth(Health):
+    """The worker's degraded states (low disk, a DKIM key unavailable) are the node's: they
+    begin, are counted and end in the main process's ``Health``, which logs each once and
+    shows them in ``status`` and ``/metrics`` (the refusals of every worker added up)."""
+
+    def __init__(self, channel: MainChannel) -> None:
+        super().__init__()
+        self.channel = channel
+        self._begun: set[str] = set()
+
+    def begin(self, key: str, kind: str, what: str, cause: str, effect: str,
+              unit: str | None = "refusals", level: int = logging.WARNING) -> None:
+        if key not in self._begun:
+            self._begun.add(key)
+            self.channel.tell("health", "begin", key, kind, what, cause, effect, unit, level)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.channel.tell("health", "count", key, n)
+
+    def end(self, key: str) -> None:
+        if key in self._begun:
+            self._begun.discard(key)
+            self.channel.tell("health", "end", key)
+
+
 class _NoScheduler:
     """The main process schedules what it commits."""
 
@@ -224,6 +252,24 @@ class WorkerSMTP(EdgeSMTP):
             handler.transfers -= 1
             if not handler.transfers:
                 handler.idle.set()
+            handler.tell_signer_stats()
+
+
+class WorkerAuthenticator(Authenticator):
+    """SMTP AUTH in a worker: failed logins are counted by the main process (per client IP,
+    node-wide), so a guesser spreading its connections over the workers gets no more tries
+    than from one process."""
+
+    def __init__(self, users: Users, security: SecurityConfig, channel: MainChannel) -> None:
+        super().__init__(users, security.auth_failures_per_minute, security.auth_concurrency)
+        self.channel = channel
+
+    async def may_try(self, client: str) -> bool:
+        return bool(await self.channel.ask("auth_may_try", client))
+
+    async def failed(self, client: str) -> None:
+        """Counted before the 535 goes out, so the client's next try, on any worker, sees it."""
+        await self.channel.ask("auth_failed", client)
 
 
 class WorkerHandler(SMTPIntake):
@@ -240,6 +286,18 @@ class WorkerHandler(SMTPIntake):
         self.sessions = 0
         self.transfers = 0
         self.idle = asyncio.Event()
+        self._told: tuple[int, ...] = ()
+
+    def tell_signer_stats(self) -> None:
+        """The worker's DKIM figures (signed, unsigned, refused, deferred) to the main process
+        when they changed, for ``status``: the workers sign, not the main process."""
+        signer = self.intake.signer
+        if signer is None:
+            return
+        stats = astuple(signer.stats)
+        if stats != self._told:
+            self._told = stats
+            self.channel.tell("signer_stats", stats)
 
     async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -264,16 +322,18 @@ class Worker:
         self.config = config
         self.channel = channel
         self.feedback = WorkerFeedback(config, self.persist, channel)
+        self.health = RemoteHealth(channel)
         self.signer = None
         if config.dkim.keys:
             from ..policy.dkim import Signer
 
-            self.signer = Signer(config, self.persist)
+            self.signer = Signer(config, self.persist, health=self.health)
         self.spool = RemoteSpool(channel)
         self.intake = Intake(config, self.spool, _NoScheduler(), lambda rec: None, self.signer,  # type: ignore[arg-type]
-                             feedback=self.feedback)
+                             self.health, feedback=self.feedback)
         self.certificates = Certificates(config)
-        self.auth = Authenticator.of(self.intake.users, config.security)
+        self.auth = (WorkerAuthenticator(self.intake.users, config.security, channel)
+                     if self.intake.users is not None else None)
         self.handlers = {name: WorkerHandler(name, config.listeners[name], self.intake,
                                              self.certificates.for_listener(name), channel,
                                              self.auth)
@@ -321,6 +381,13 @@ class Worker:
         if self.signer is not None and new.dkim.keys:
             self.signer.use_keyring(KeyRing(new.dkim, self.signer.health))
             cfg.dkim.keys = new.dkim.keys  # the rest waits for a restart (reload says so)
+
+    def stress(self, listener: str, stressed: bool) -> None:
+        """The main process counts the node's connections and says when strangers put a
+        listener under stress: this worker's idle strangers get ``stress_timeout`` too."""
+        handler = self.handlers.get(listener)
+        if handler is not None:
+            handler.guard.stress_changed(stressed)
 
     async def drain(self) -> None:
         """421 to new mail, no new connections; wait for transfers under way (their commit
@@ -374,6 +441,8 @@ async def _serve(fd: int) -> None:
             except Exception:  # noqa: BLE001 - the previous settings stay
                 log.exception("worker reload failed")
             channel.tell("reloaded")
+        elif command[0] == "stress":
+            worker.stress(command[1], command[2])
         elif command[0] == "drain":
             await worker.drain()
             watch.cancel()
