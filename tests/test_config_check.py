@@ -400,3 +400,80 @@ async def test_ipv4_and_ipv6_on_one_port(tmp_path, make_node):
     path.write_text(text(api=f'address = "::"\nport = {port}\n'))
     code, _, err = await run_cli("config", "check", str(path))
     assert code == 2 and f"api.port: :::{port} is already where listener 'in' listens" in err, err
+
+
+async def test_zero_rotation_and_sizes_are_named_at_check_not_a_valueerror_at_start(tmp_path):
+    """``accounting.rotate = 0`` passed `config check` and `serve` then died with "cannot start:
+    ValueError: rotate_seconds and rotate_bytes must be positive", naming no field."""
+    text = config_text(tmp_path, 2600).replace("max_message_size = 100000", "max_message_size = 0")
+    text = text.replace('formats = ["csv", "jsonl"]', 'formats = ["csv"]\nrotate = 0\nrotate_size = "0MB"')
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for args in (("config", "check", str(path)), ("serve", "-c", str(path))):
+        code, out, err = await run_cli(*args)
+        assert code == 2 and "Traceback" not in out + err, (args, out, err)
+        assert [line.strip() for line in err.splitlines()[1:]] == [
+            "listeners.in.max_message_size: must be more than 0 bytes",
+            "accounting.rotate: must be more than 0s",
+            "accounting.rotate_size: must be more than 0 bytes"], err
+
+
+async def test_numbers_too_large_to_mean_anything_are_refused(tmp_path):
+    """TOML integers are 64-bit (tomllib reads longer ones anyway), and a duration of 1e308 s
+    or a size of 10^21 GB passed the check and started a node whose deadlines and dates could
+    not be shown: each is refused with its field."""
+    huge = "99999999999999999999999"
+    text = config_text(tmp_path, 2600, f'[audit]\nmax_backlog = {huge}\n').replace(
+        'formats = ["csv", "jsonl"]', 'rotate_size = "999999999999999999999GB"')
+    text = text.replace("drain_timeout = 5", "drain_timeout = 1e308")
+    text = text.replace('expiry = "1h"', 'expiry = "99999999999w"', 1)
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 2
+    assert [line.strip() for line in err.splitlines()[1:]] == [
+        f"audit.max_backlog: {huge} is not a 64-bit integer (TOML's range)",
+        "node.drain_timeout: not a duration: 1e+308 (too large: at most 100 years)",
+        "classes.policy-documents.expiry: not a duration: '99999999999w' (too large: at most"
+        " 100 years)",
+        "accounting.rotate_size: not a size: '999999999999999999999GB' (too large: at most"
+        " 1 PiB)"], err
+
+
+async def test_a_byte_order_mark_is_read_past(tmp_path):
+    """Windows editors save UTF-8 with a BOM: tomllib then said "Invalid statement (at line 1,
+    column 1)" of a file that looks right. The mark is not content, so it is skipped."""
+    path = tmp_path / "node.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + config_text(tmp_path, 2600).encode())
+    code, out, err = await run_cli("config", "check", str(path))
+    assert code == 0 and out.startswith(f"{path}: ok"), err
+
+
+async def test_a_bad_config_at_serve_leaves_the_queue_as_it_was(tmp_path, make_node):
+    """`serve` with a broken config exits 2 before it opens the spool: mail queued by the
+    last run is all there when the node starts again on a good file."""
+    import json
+
+    from postlane.policy.intake import RcptIn
+    from tests.conftest import OPERATOR, message
+
+    good = config_text(tmp_path, 2600)
+    node = await make_node(good)
+    await node.operations.pause("bulk", who=OPERATOR)
+    for i in range(3):
+        await node.intake.submit("s@insurer.test", [RcptIn(f"r{i}@example.com")],
+                                 message(f"m{i}", cls="marketing"))
+    await node.stop()
+    path = tmp_path / "node.toml"
+    for bad in (good.replace("[accounting]", "[acounting]"), good + "[x\n",
+                good.replace('formats = ["csv", "jsonl"]', "rotate = 0"),
+                good.replace('pool = "bulk"', 'pool = "bulkk"')):
+        path.write_text(bad)
+        code, out, err = await run_cli("serve", "-c", str(path))
+        assert code == 2 and "Traceback" not in out + err, err
+    node = await make_node(good)
+    target = ["--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token")]
+    code, out, err = await run_cli("queue", "list", "--json", *target)
+    assert code == 0, err
+    assert len(json.loads(out)["messages"]) == 3, out

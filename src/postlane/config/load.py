@@ -339,6 +339,14 @@ def _audit_checks(cfg: Config) -> list[str]:
     return errors
 
 
+def _drop_value(data: dict, loc: tuple[int | str, ...]) -> object:
+    """The raw value at ``loc``."""
+    node: object = data
+    for part in loc:
+        node = node[part]  # type: ignore[index]
+    return node
+
+
 def _drop(data: dict, loc: tuple[int | str, ...], dropped: set[str]) -> bool:
     """Remove what ``loc`` points at from the raw TOML data, so that the rest can still be
     validated and cross-checked; a named entry (a pool, a class ...) removed whole is noted in
@@ -362,6 +370,20 @@ def _drop(data: dict, loc: tuple[int | str, ...], dropped: set[str]) -> bool:
     return len(loc) > 1 and _drop(data, loc[:-1], dropped)
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
+def _too_long_ints(data: object, loc: tuple[int | str, ...] = ()) -> list[tuple[int | str, ...]]:
+    """Where the raw TOML has an integer outside TOML's 64-bit range (tomllib reads them)."""
+    if isinstance(data, dict):
+        return [bad for key, value in data.items() for bad in _too_long_ints(value, (*loc, key))]
+    if isinstance(data, list):
+        return [bad for i, value in enumerate(data) for bad in _too_long_ints(value, (*loc, i))]
+    if isinstance(data, int) and not isinstance(data, bool) and data not in _INT64:
+        return [loc]
+    return []
+
+
 def _validate(text: str, source: str, checks: PartChecks) -> tuple[Config | None, list[str]]:
     """Every error in the file, and a Config of what is valid in it (None if nothing is).
 
@@ -371,12 +393,17 @@ def _validate(text: str, source: str, checks: PartChecks) -> tuple[Config | None
     with five mistakes gets five errors. Cross-check errors about an entry that was left out
     are not reported: they would only echo its first error."""
     try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(text.removeprefix("\ufeff"))  # a BOM is not content
     except tomllib.TOMLDecodeError as exc:
         return None, [f"not valid TOML: {exc}"]
     errors: list[str] = []
     dropped: set[str] = set()
     removed: list[tuple[int | str, ...]] = []
+    for loc in _too_long_ints(data):
+        errors.append(f"{_path(loc)}: {_drop_value(data, loc)} is not a 64-bit integer"
+                      " (TOML's range)")
+        _drop(data, loc, dropped)
+        removed.append(loc)
     for _ in range(20):  # each round removes at least one broken part
         try:
             cfg = Config.model_validate(data)

@@ -30,6 +30,11 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3,
                "gb": 1024**3}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?b?)\s*$", re.IGNORECASE)
+MAX_DURATION = 100 * 365.25 * 86400.0
+"""Longest time a field may give: beyond it, deadlines and dates cannot be shown or stored."""
+MAX_SIZE = 2**50
+"""Largest size a field may give (1 PiB): beyond it no disk or message is meant."""
+_TOO_LONG = " (too large: at most 100 years)"
 
 
 def parse_duration(value: object) -> float:
@@ -45,24 +50,32 @@ def parse_duration(value: object) -> float:
             seconds = math.inf
         if not math.isfinite(seconds):  # also NaN and Infinity, which JSON may carry
             raise ValueError(f"not a duration: {value!r} (too large, or not a number)")
+        if seconds > MAX_DURATION:
+            raise ValueError(f"not a duration: {value!r}{_TOO_LONG}")
         return seconds
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
             seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-            if math.isfinite(seconds):
+            if math.isfinite(seconds) and seconds <= MAX_DURATION:
                 return seconds
+            raise ValueError(f"not a duration: {value!r}{_TOO_LONG}")
     raise ValueError(f"not a duration: {value!r} (use seconds or e.g. '30s', '2m', '1h', '3d')")
 
 
 def parse_size(value: object) -> int:
     """Bytes from a number or a string like ``"10MB"``."""
+    size = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         match = _SIZE.match(value)
         if match:
-            return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+            size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size is not None:
+        if size > MAX_SIZE:
+            raise ValueError(f"not a size: {value!r} (too large: at most 1 PiB)")
+        return size
     raise ValueError(f"not a size: {value!r} (use bytes or e.g. '512KB', '25MB')")
 
 
@@ -106,6 +119,12 @@ def _positive(value: float) -> float:
     return value
 
 
+def _positive_size(value: int) -> int:
+    if value <= 0:
+        raise ValueError("must be more than 0 bytes")
+    return value
+
+
 def _workers(value: object) -> object:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
                            and 1 <= value <= 256):
@@ -119,6 +138,8 @@ PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValida
 Instant = Annotated[float, BeforeValidator(parse_instant)]
 DomainName = Annotated[str, BeforeValidator(_domain)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+PositiveSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(_positive_size)]
+"""A size something must fit in (a message, a file before rotation): 0 is a mistake."""
 IPAddress = Annotated[str, BeforeValidator(_ip)]
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _HOSTNAME = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"
@@ -192,7 +213,7 @@ class ListenerLimits(Strict):
     min_data_rate: int = Field(500, ge=0)
     """Bytes per second a DATA phase must average (Postfix's smtpd_min_data_rate): each packet
     buys len/rate seconds, banked up to ``command_timeout``; 0 = off."""
-    max_header_size: Size = 1024 * 1024
+    max_header_size: PositiveSize = 1024 * 1024
     """Largest header block of a message (Exim's header_maxsize): 552 5.3.4."""
     pregreet_wait: Duration = 1.0
     """Clients not in ``relay_from`` get the first line of a two-line greeting and this pause:
@@ -205,7 +226,7 @@ class ListenerConfig(Strict):
     address: IPAddress = "127.0.0.1"
     port: int = Field(2525, ge=0, le=65535)
     default_class: str | None = None
-    max_message_size: Size = 25 * 1024 * 1024
+    max_message_size: PositiveSize = 25 * 1024 * 1024
     max_recipients: int = Field(1000, ge=1)
     relay_from: list[str] = []
     """Client networks allowed to relay without authentication (default none: AUTH required)."""
@@ -389,8 +410,8 @@ class RelayConfig(Strict):
 class AccountingConfig(Strict):
     directory: str = "var/accounting"
     formats: list[Literal["csv", "jsonl"]] = ["csv"]
-    rotate: Duration = 86400.0
-    rotate_size: Size = 100 * 1024 * 1024
+    rotate: PositiveDuration = 86400.0
+    rotate_size: PositiveSize = 100 * 1024 * 1024
     fields: list[str] = list(DEFAULT_FIELDS)
     """Columns of the accounting files, in order (PowerMTA names, plus ``header_<Name>``)."""
 
@@ -713,7 +734,7 @@ class DMARCConfig(Strict):
     addresses: list[str] = []
     """The ``rua`` addresses published in the domains' DMARC records: accepted on every
     listener from anyone (like the FBL addresses), stored, never relayed."""
-    max_report_size: Size = 32 * 1024 * 1024
+    max_report_size: PositiveSize = 32 * 1024 * 1024
     """Bytes of XML a report may decompress to; beyond, it is refused as a bomb."""
     window: Duration = 7 * 86400.0
     """Reports that ended within this span feed the gauges, the dashboard and the alerts."""
