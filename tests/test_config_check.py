@@ -406,7 +406,8 @@ async def test_zero_rotation_and_sizes_are_named_at_check_not_a_valueerror_at_st
     """``accounting.rotate = 0`` passed `config check` and `serve` then died with "cannot start:
     ValueError: rotate_seconds and rotate_bytes must be positive", naming no field."""
     text = config_text(tmp_path, 2600).replace("max_message_size = 100000", "max_message_size = 0")
-    text = text.replace('formats = ["csv", "jsonl"]', 'formats = ["csv"]\nrotate = 0\nrotate_size = "0MB"')
+    text = text.replace('formats = ["csv", "jsonl"]',
+                        'formats = ["csv"]\nrotate = 0\nrotate_size = "0MB"')
     path = tmp_path / "bad.toml"
     path.write_text(text)
     for args in (("config", "check", str(path)), ("serve", "-c", str(path))):
