@@ -1,7 +1,9 @@
 """The reference docs name everything an operator can set, call or run: every field of the
 config models (docs/configuration.md, or the area doc its table of sections names), every
 route of the HTTP API (docs/api.md) and every command and option of the CLI (docs/*.md or
-README). And the other way: each field a table of docs/configuration.md gives exists. Like
+README). And the other way: each field a table of docs/configuration.md gives exists, each
+route docs/api.md lists is served, and each command and option a doc shows `postlane` run
+with exists. Like
 tests/test_architecture_doc.py, so the pages cannot drift from the code."""
 
 from __future__ import annotations
@@ -160,6 +162,12 @@ async def test_every_api_route_is_documented(tmp_path, sink, make_node) -> None:
         if not any(m == method and re.fullmatch(pattern, p) for m, p in documented):
             missing.append(f"{method} {path}")
     assert len(routes) > 30 and missing == []
+    served = [(m, re.sub(r"\\\{[^}]*\\\}", r"[^/]+", re.escape(re.sub(r"^/api/v1", "", p))))
+              for m, p in routes]
+    unknown = sorted(f"{m} {p}" for m, p in _doc_routes((DOCS / "api.md").read_text())
+                     if "\\|" not in p and p != "/openapi.json" and not any(
+                         m == method and re.fullmatch(pattern, p) for method, pattern in served))
+    assert unknown == []
 
 
 def test_every_cli_command_and_option_is_documented() -> None:
@@ -175,3 +183,39 @@ def test_every_cli_command_and_option_is_documented() -> None:
             if opts and not any(re.search(rf"(?<![\w-]){re.escape(o)}\b", text) for o in opts):
                 missing.append(f"{path} {opts[0]}")
     assert missing == []
+
+
+def _invocations(text: str) -> Iterator[tuple[str, str]]:
+    """(words after ``postlane``, the rest of the line) of each command a doc shows run."""
+    for line in text.splitlines():
+        for match in re.finditer(r"(?:^|[`$(]\s*|&&\s*|\|\s*)postlane ((?:[a-z][\w-]*\s*)+)"
+                                 r"([^`#\n]*)", line):
+            yield match.group(1), match.group(2)
+
+
+def test_every_command_and_option_the_docs_show_exists() -> None:
+    """A reader copies `postlane queue list -c CFG --older-than 10m` as written: each word
+    must name a command and each flag an option of it (usage lines such as
+    ``hold|release`` name several and are left to the reader)."""
+    root = typer.main.get_command(cli_app)
+    wrong = []
+    checked = 0
+    for doc in [*sorted(DOCS.glob("*.md")), REPO / "README.md"]:
+        for words, rest in _invocations(doc.read_text(encoding="utf-8")):
+            cmd, path = root, []
+            for word in words.split():
+                if not hasattr(cmd, "commands") or word not in cmd.commands:
+                    break
+                cmd, path = cmd.commands[word], [*path, word]
+            if hasattr(cmd, "commands"):  # a group: the next word must be one of its commands
+                following = words.split()[len(path):]
+                if path and following and "|" not in following[0]:
+                    wrong.append(f"{doc.name}: postlane {' '.join(path)} {following[0]}")
+                continue
+            checked += 1
+            opts = {o for p in cmd.params for o in [*p.opts, *p.secondary_opts]}
+            rest = " ".join(words.split()[len(path):]) + " " + rest
+            wrong += [f"{doc.name}: postlane {' '.join(path)} {flag}"
+                      for flag in re.findall(r"(?<![\w/-])(--?[a-zA-Z][\w-]*)", rest)
+                      if flag not in opts and flag != "--help"]
+    assert checked > 200 and wrong == []
