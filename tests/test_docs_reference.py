@@ -219,3 +219,45 @@ def test_every_command_and_option_the_docs_show_exists() -> None:
                       for flag in re.findall(r"(?<![\w/-])(--?[a-zA-Z][\w-]*)", rest)
                       if flag not in opts and flag != "--help"]
     assert checked > 200 and wrong == []
+
+
+#: ```toml blocks that are not config fragments, or not literal ones, and why.
+NOT_CONFIG = {
+    ("security.md", '[users."claims-app"]'): "the users file, checked by test_security",
+    ("dkim.md", "[dkim]"): "`ips = [...]` stands for the pool's addresses",
+}
+
+
+def _merge(into: dict, fragment: dict) -> None:
+    for key, value in fragment.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def test_every_config_example_in_the_docs_is_valid() -> None:
+    """Each ```toml block, set into examples/insurance.toml, validates: a reader who pastes
+    it gets no unknown field and no value of the wrong kind."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from postlane.config.load import _message, _path
+
+    example = (REPO / "examples" / "insurance.toml").read_text(encoding="utf-8")
+    wrong = []
+    blocks = 0
+    for doc in [*sorted(DOCS.glob("*.md")), REPO / "README.md"]:
+        for block in re.findall(r"```toml\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
+            if (doc.name, block.split("\n", 1)[0].split("#")[0].strip()) in NOT_CONFIG:
+                continue
+            blocks += 1
+            config = tomllib.loads(example)
+            _merge(config, tomllib.loads(block))
+            try:
+                Config.model_validate(config)
+            except ValidationError as exc:
+                wrong += [f"{doc.name}: {_path(tuple(e['loc']))}: {_message(e)}"
+                          for e in exc.errors()]
+    assert blocks > 5 and wrong == []
