@@ -478,3 +478,25 @@ async def test_a_bad_config_at_serve_leaves_the_queue_as_it_was(tmp_path, make_n
     code, out, err = await run_cli("queue", "list", "--json", *target)
     assert code == 0, err
     assert len(json.loads(out)["messages"]) == 3, out
+
+
+async def test_zero_intervals_and_timeouts_are_named_at_check(tmp_path):
+    """``monitor.sample_every = 0`` passed the check and `serve` died with a ZeroDivisionError
+    traceback; an evaluation, reload or purge interval of 0 spun a loop, a timeout of 0 failed
+    every connection and lookup. Each is refused with its field, by check and serve alike."""
+    text = config_text(tmp_path, 2600, "[monitor]\nsample_every = 0\nevaluate_every = 0\n"
+                                       "[tls]\nreload_interval = 0\n[dns]\ntimeout = 0\n"
+                                       "[audit]\npurge_interval = 0\n")
+    text = text.replace("idle_timeout = 0.5", "idle_timeout = 0.5\nconnect_timeout = 0")
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for args in (("config", "check", str(path)), ("serve", "-c", str(path))):
+        code, out, err = await run_cli(*args)
+        assert code == 2 and "Traceback" not in out + err, (args, err)
+        assert [line.strip() for line in err.splitlines()[1:]] == [
+            "dns.timeout: must be more than 0s",
+            "relay.connect_timeout: must be more than 0s",
+            "tls.reload_interval: must be more than 0s",
+            "audit.purge_interval: must be more than 0s",
+            "monitor.evaluate_every: must be more than 0s",
+            "monitor.sample_every: must be more than 0s"], err

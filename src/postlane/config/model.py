@@ -189,7 +189,7 @@ class ListenerLimits(Strict):
     """Concurrent connections from one client IP, an IPv6 client's /64 (421 4.7.0 beyond)."""
     max_line_length: int = Field(1000, ge=80, le=1_000_000)
     """Longest DATA line in octets including CRLF (RFC 5321 4.5.3.1.6: 1000); 500 5.5.2."""
-    command_timeout: Duration = 300.0
+    command_timeout: PositiveDuration = 300.0
     """Idle time allowed between commands and during DATA (RFC 5321 4.5.3.2.7: 5 min)."""
     stress_timeout: PositiveDuration = 10.0
     """Idle time allowed between commands to clients not in ``relay_from`` while they hold 80 %
@@ -208,7 +208,7 @@ class ListenerLimits(Strict):
     listen_backlog: int = Field(1024, ge=16, le=65535)
     """Connections the kernel queues before the node accepts them (capped by somaxconn): a burst
     beyond it is not even answered with 421."""
-    data_deadline: Duration = 600.0
+    data_deadline: PositiveDuration = 600.0
     """Longest a DATA phase may take however steadily it flows: 421 4.4.2, then close."""
     min_data_rate: int = Field(500, ge=0)
     """Bytes per second a DATA phase must average (Postfix's smtpd_min_data_rate): each packet
@@ -373,7 +373,7 @@ class ClassificationConfig(Strict):
 class DNSConfig(Strict):
     nameserver: IPAddress | None = None
     port: int = Field(53, ge=1, le=65535)
-    timeout: Duration = 5.0
+    timeout: PositiveDuration = 5.0
     dnssec: bool = False
     """Trust the resolver's AD bit (it validates DNSSEC and the path to it is safe, e.g. on
     the same host): enables DANE (Postfix's ``smtp_dns_support_level = dnssec``)."""
@@ -392,9 +392,9 @@ class RelayConfig(Strict):
     """Port of ``https://mta-sts.DOMAIN``; tests point it at a loopback server."""
     dane: bool = True
     """Apply DANE TLSA records (RFC 7672); needs ``dns.dnssec``."""
-    connect_timeout: Duration = 30.0
-    command_timeout: Duration = 60.0
-    data_timeout: Duration = 600.0
+    connect_timeout: PositiveDuration = 30.0
+    command_timeout: PositiveDuration = 60.0
+    data_timeout: PositiveDuration = 600.0
     idle_timeout: Duration = 2.0
     """How long an open connection waits for more mail to its destination before QUIT."""
     max_recipients_per_transaction: int = Field(100, ge=1)
@@ -440,9 +440,9 @@ class WebhookConfig(Strict):
     classes: list[str] = []
     """Traffic classes to send (empty: all)."""
     batch: int = Field(100, ge=1, le=10000)
-    timeout: Duration = 10.0
-    retry_min: Duration = 1.0
-    retry_max: Duration = 300.0
+    timeout: PositiveDuration = 10.0
+    retry_min: PositiveDuration = 1.0
+    retry_max: PositiveDuration = 300.0
     headers: dict[str, str] = {}
     """Extra request headers, e.g. Authorization (never logged)."""
 
@@ -466,7 +466,7 @@ class AuditConfig(Strict):
     """Per class name, or "*" for every class not listed. No entry: kept forever."""
     pseudonymisation_key: str | None = None
     """File with the secret key (at least 16 bytes, mode 0600) for recipient pseudonyms."""
-    purge_interval: Duration = 3600.0
+    purge_interval: PositiveDuration = 3600.0
     webhooks: list[WebhookConfig] = []
     max_backlog: int = Field(200_000, ge=1000)
     """Records waiting in the spool for the audit store (it is away or slow) beyond which intake
@@ -475,11 +475,11 @@ class AuditConfig(Strict):
     seal_key: str | None = None
     """Ed25519 private key (mode 0600, kept apart from the store) that seals each day's head
     (``postlane audit seal-key`` makes one); none: days are not sealed."""
-    seal_interval: Duration = 3600.0
+    seal_interval: PositiveDuration = 3600.0
     """How often a node seals the days that have closed (UTC)."""
     tsa_url: str | None = None
     """An RFC 3161 time-stamp authority: each seal also gets a time-stamp token from it."""
-    tsa_timeout: Duration = 10.0
+    tsa_timeout: PositiveDuration = 10.0
 
 
 class ClassFeedbackConfig(Strict):
@@ -611,7 +611,7 @@ class TLSConfig(Strict):
     key_file: str | None = None
     """PEM files; none: a self-signed certificate for ``node.hostname`` is made at first start
     (``<spool>/tls/``, key mode 0600) and ``postlane status`` says so."""
-    reload_interval: Duration = 10.0
+    reload_interval: PositiveDuration = 10.0
     """How often the files are checked; a changed pair is loaded without a restart."""
 
 
@@ -660,10 +660,10 @@ class SLARule(Strict):
 
 
 class MonitorConfig(Strict):
-    evaluate_every: Duration = 1.0
-    sample_every: Duration = 5.0
+    evaluate_every: PositiveDuration = 1.0
+    sample_every: PositiveDuration = 5.0
     """Dashboard history resolution (one hour is kept)."""
-    rate_window: Duration = 60.0
+    rate_window: PositiveDuration = 60.0
     """Drain rate = final outcomes of a pool over this window."""
     resolve_after: Duration = 30.0
     """An alert resolves once its condition has been clear this long (no flapping)."""
@@ -672,7 +672,7 @@ class MonitorConfig(Strict):
     webhook_url: str | None = None
     webhook_retries: int = Field(5, ge=0, le=20)
     webhook_backoff: Duration = 2.0
-    webhook_timeout: Duration = 5.0
+    webhook_timeout: PositiveDuration = 5.0
     ops_address: str | None = None
     """Alerts are also e-mailed here, through the highest-priority class."""
     ops_from: str = "postlane-monitor@localhost"
@@ -697,7 +697,7 @@ class ClusterConfig(Strict):
     quarter of it and stop delivering after three quarters without one."""
     claim_ahead: int = Field(2, ge=1, le=1000)
     """Ready recipients a node keeps claimed per outbound connection slot of a pool."""
-    poll: Duration = 1.0
+    poll: PositiveDuration = 1.0
     """How often a node looks for due retries and dead nodes without being notified."""
 
     @field_validator("lease", "dead_after")
@@ -759,10 +759,10 @@ class PostmasterConfig(Strict):
     base_url: str = "https://gmailpostmastertools.googleapis.com"
     domains: list[DomainName] = []
     """Domains to import; empty: every domain the account can read."""
-    interval: Duration = 6 * 3600.0
+    interval: PositiveDuration = 6 * 3600.0
     history: Duration = 30 * 86400.0
     """How far back each import reads (Google revises recent days)."""
-    timeout: Duration = 30.0
+    timeout: PositiveDuration = 30.0
 
 
 class SNDSConfig(Strict):
@@ -771,8 +771,8 @@ class SNDSConfig(Strict):
     url: str | None = None
     """The data URL with its access key, as the SNDS "Automated Access" page shows it; the key
     is a secret and never logged."""
-    interval: Duration = 6 * 3600.0
-    timeout: Duration = 30.0
+    interval: PositiveDuration = 6 * 3600.0
+    timeout: PositiveDuration = 30.0
 
 
 class ReputationConfig(Strict):
