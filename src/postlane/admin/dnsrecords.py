@@ -235,15 +235,18 @@ def _default_resolver(resolver: dns.resolver.Resolver) -> Iterator[None]:
         dns.resolver.default_resolver = saved
 
 
-def _spf(rec: Expected) -> tuple[str, str]:
+def _spf(rec: Expected, lifetime: float) -> tuple[str, str]:
     import spf
 
     failed = []
     for address, ehlo in rec.ips:
         with warnings.catch_warnings():  # pyspf calls dnspython's deprecated query()
             warnings.simplefilter("ignore", DeprecationWarning)
-            result, text = spf.check2(i=address, s=f"postmaster@{rec.name}", h=ehlo)
+            result, text = spf.check2(i=address, s=f"postmaster@{rec.name}", h=ehlo,
+                                      querytime=lifetime)  # per query, as [dns] timeout
         if result == "temperror":
+            if "lifetime expired" in text or "timed out" in text:
+                raise dns.exception.Timeout(text)  # the resolver is silent, not the zone wrong
             return "ERROR", text
         if result == "none":
             return "MISSING", "no SPF record"
@@ -254,7 +257,7 @@ def _spf(rec: Expected) -> tuple[str, str]:
 
 def _one(resolver: dns.resolver.Resolver, rec: Expected) -> tuple[str, str]:
     if rec.kind == "spf":
-        return _spf(rec)
+        return _spf(rec, resolver.lifetime)
     found = _answers(resolver, rec.name, rec.rtype)
     if not found:
         return "MISSING", f"no {rec.rtype} record"
@@ -288,13 +291,27 @@ def _one(resolver: dns.resolver.Resolver, rec: Expected) -> tuple[str, str]:
 
 def check(cfg: Config, resolver: dns.resolver.Resolver,
           now: float | None = None) -> list[Result]:
-    """Look each expected record up; a resolver failure is an ERROR, not a verdict."""
+    """Look each expected record up; a resolver failure is an ERROR, not a verdict. After
+    ``SILENT_LIMIT`` queries in a row the resolver left unanswered (a wrong ``--nameserver``),
+    the other records are ERROR without asking: 40 records at ``dns.timeout`` each kept the
+    operator waiting minutes for a verdict the first two gave."""
     results = []
+    silent = 0
     with _default_resolver(resolver):
         for rec in expected(cfg, now):
+            if silent >= SILENT_LIMIT:
+                results.append(Result(rec, "ERROR", f"not looked up: the resolver did not answer"
+                                      f" the last {SILENT_LIMIT} queries"))
+                continue
             try:
                 status, detail = _one(resolver, rec)
+                silent = 0
             except (dns.exception.DNSException, OSError) as exc:
                 status, detail = "ERROR", f"{exc.__class__.__name__}: {exc}"
+                silent = silent + 1 if isinstance(exc, dns.exception.Timeout) else 0
             results.append(Result(rec, status, detail))
     return results
+
+
+SILENT_LIMIT = 2
+"""Unanswered queries in a row after which ``check`` stops asking the resolver."""
