@@ -500,3 +500,25 @@ async def test_zero_intervals_and_timeouts_are_named_at_check(tmp_path):
             "audit.purge_interval: must be more than 0s",
             "monitor.evaluate_every: must be more than 0s",
             "monitor.sample_every: must be more than 0s"], err
+
+
+async def test_a_certificate_and_a_key_that_do_not_belong_together_are_called_so(tmp_path):
+    """A renewed certificate installed beside the old key is the common broken pair: it was
+    reported as "not a PEM certificate and its private key (NO_CERTIFICATE_ASSIGNED)", OpenSSL
+    3's last word, which sent the operator looking for a file format problem."""
+    from postlane.edge.tls import selfsigned
+
+    cert, _ = selfsigned("mta.test")
+    _, other_key = selfsigned("mta.test")
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(other_key)
+    (tmp_path / "key.pem").chmod(0o600)
+    path = tmp_path / "node.toml"
+    path.write_text(config_text(tmp_path, 2600, f'[tls]\ncert_file = "{tmp_path}/cert.pem"\n'
+                                                f'key_file = "{tmp_path}/key.pem"\n'))
+    for cmd in (["config", "check", str(path)], ["serve", "-c", str(path)]):
+        code, _, err = await run_cli(*cmd)
+        assert code == 2 and "Traceback" not in err, err
+        assert [line.strip() for line in err.splitlines()[1:]] == [
+            f"tls.cert_file/key_file: the key {tmp_path}/key.pem is not the key of the"
+            f" certificate {tmp_path}/cert.pem"], err

@@ -49,6 +49,23 @@ def _dkim_key(path: str, algorithm: str) -> str | None:
     return None
 
 
+def _other_key(cert: str, key: str) -> bool:
+    """Whether both files load and the key is not the certificate's: OpenSSL says so as
+    NO_CERTIFICATE_ASSIGNED for RSA, which reads like a format problem."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        with open(cert, "rb") as fh:
+            public = x509.load_pem_x509_certificate(fh.read()).public_key()
+        with open(key, "rb") as fh:
+            private = serialization.load_pem_private_key(fh.read(), password=None)
+    except (OSError, ValueError, TypeError):
+        return False
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public.public_bytes(*spki) != private.public_key().public_bytes(*spki)
+
+
 def _tls_pair(field: str, cert: str, key: str) -> str | None:
     from .edge.tls import server_context
 
@@ -58,6 +75,8 @@ def _tls_pair(field: str, cert: str, key: str) -> str | None:
                 pass
         server_context(cert, key)
     except ssl.SSLError as exc:
+        if _other_key(cert, key):
+            return f"{field}: the key {key} is not the key of the certificate {cert}"
         return (f"{field}: {cert} and {key} are not a PEM certificate and its private key"
                 f" ({exc.reason or exc})")
     except OSError as exc:
