@@ -522,3 +522,21 @@ async def test_a_certificate_and_a_key_that_do_not_belong_together_are_called_so
         assert [line.strip() for line in err.splitlines()[1:]] == [
             f"tls.cert_file/key_file: the key {tmp_path}/key.pem is not the key of the"
             f" certificate {tmp_path}/cert.pem"], err
+
+
+async def test_a_table_given_as_a_value_is_named_in_toml_words(tmp_path):
+    """``[pools] bulk = 5`` and ``[[listeners]]`` said "Input should be a valid dictionary or
+    instance of PoolConfig": a class name of the code, not a TOML word."""
+    text = config_text(tmp_path, 2600).replace("[pools.bulk]\nips = ", "[pools]\nbulk = 5\n"
+                                                "[pools.bulkx]\nips = ")
+    text = text.replace('"127.0.0.30"', '"127.0.0.31"')
+    text = text.replace("[listeners.in]", "[[listeners]]")
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code, _, err = await run_cli("config", "check", str(path))
+    assert code == 2
+    problems = [line.strip() for line in err.splitlines()[1:]]
+    assert "listeners: must be a table ([listeners] or { ... })" in problems, problems
+    assert "pools.bulk: must be a table ([pools.bulk] or { ... })" in problems, problems
+    assert not any("instance of" in p or "dictionary" in p for p in problems), problems
+    assert not any("no pool named 'bulk'" in p for p in problems), "the bad entry, once"

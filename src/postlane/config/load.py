@@ -75,6 +75,10 @@ def _message(err: ErrorDetails) -> str:
         return "unknown field" + (f" (did you mean {hint!r}?)" if hint else "")
     if err.get("type") == "missing":
         return "required field is missing"
+    if err.get("type") in ("model_type", "model_attributes_type", "dict_type"):
+        if isinstance(err["loc"][-1], int):  # an item of an array: an inline table
+            return "must be a table ({ ... })"
+        return f"must be a table ([{_path(tuple(err['loc']))}] or {{ ... }})"
     if err.get("type") == "string_pattern_mismatch":
         return PATTERN_WORDS.get(str(err.get("ctx", {}).get("pattern")), msg)
     return msg
@@ -359,8 +363,8 @@ def _drop(data: dict, loc: tuple[int | str, ...], dropped: set[str]) -> bool:
             return False
     last = loc[-1] if loc else None
     if isinstance(node, dict) and last in node:
-        if len(loc) == 2 and isinstance(node[last], dict):
-            dropped.add(str(last))
+        if len(loc) == 2 and (isinstance(node[last], dict) or not _fields_at(loc[:1])):
+            dropped.add(str(last))  # a named entry (a pool, a class ...), whatever its value
         del node[last]
         return True
     if isinstance(node, list) and isinstance(last, int) and last < len(node):
