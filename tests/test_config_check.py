@@ -434,9 +434,8 @@ async def test_numbers_too_large_to_mean_anything_are_refused(tmp_path):
     assert code == 2
     assert [line.strip() for line in err.splitlines()[1:]] == [
         f"audit.max_backlog: {huge} is not a 64-bit integer (TOML's range)",
-        "node.drain_timeout: not a duration: 1e+308 (too large: at most 100 years)",
-        "classes.policy-documents.expiry: not a duration: '99999999999w' (too large: at most"
-        " 100 years)",
+        "node.drain_timeout: too long: at most 100 years",
+        "classes.policy-documents.expiry: too long: at most 100 years",
         "accounting.rotate_size: not a size: '999999999999999999999GB' (too large: at most"
         " 1 PiB)"], err
 
