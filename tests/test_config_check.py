@@ -539,3 +539,21 @@ async def test_a_table_given_as_a_value_is_named_in_toml_words(tmp_path):
     assert "pools.bulk: must be a table ([pools.bulk] or { ... })" in problems, problems
     assert not any("instance of" in p or "dictionary" in p for p in problems), problems
     assert not any("no pool named 'bulk'" in p for p in problems), "the bad entry, once"
+
+
+async def test_a_path_written_with_a_tilde_is_refused(tmp_path):
+    """``spool = "~/spool"`` passed the check, and `serve` made a folder named ``~`` beside
+    the config: no shell expands it, so the path is relative to the config file's folder."""
+    text = config_text(tmp_path, 2600).replace(f'spool = "{tmp_path}/spool"', 'spool = "~/spool"')
+    text = text.replace(f'directory = "{tmp_path}/acct"', 'directory = "~postlane/acct"')
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    for cmd in (["config", "check", str(path)], ["serve", "-c", str(path)]):
+        code, _, err = await run_cli(*cmd)
+        assert code == 2 and "Traceback" not in err, err
+        assert [line.strip() for line in err.splitlines()[1:]] == [
+            "node.spool: '~/spool': '~' is not expanded here; give the full path (or one"
+            " relative to the config file's folder)",
+            "accounting.directory: '~postlane/acct': '~' is not expanded here; give the full"
+            " path (or one relative to the config file's folder)"], err
+    assert not (tmp_path / "~").exists()

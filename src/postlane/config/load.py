@@ -452,6 +452,28 @@ def _with_defaults(cfg: Config) -> Config:
     return cfg
 
 
+def _tilde_paths(cfg: Config) -> list[str]:
+    """Paths written ``~/...``: no shell expands them here, so the node would make a folder
+    named ``~`` beside the config (they are relative paths, taken from its folder)."""
+    fields: list[tuple[str, str | None]] = [
+        ("node.spool", cfg.node.spool), ("accounting.directory", cfg.accounting.directory),
+        ("api.token_file", cfg.api.token_file), ("api.tokens_file", cfg.api.tokens_file),
+        ("security.users_file", cfg.security.users_file), ("tls.cert_file", cfg.tls.cert_file),
+        ("tls.key_file", cfg.tls.key_file), ("relay.ca_file", cfg.relay.ca_file),
+        ("feedback.bounce_rules", cfg.feedback.bounce_rules),
+        ("feedback.suppression_db", cfg.feedback.suppression_db),
+        ("feedback.key_file", cfg.feedback.key_file), ("audit.path", cfg.audit.path),
+        ("audit.pseudonymisation_key", cfg.audit.pseudonymisation_key),
+        ("audit.seal_key", cfg.audit.seal_key), ("reputation.store", cfg.reputation.store),
+        ("reputation.postmaster.key_file", cfg.reputation.postmaster.key_file)]
+    fields += [(f"listeners.{name}.{attr}", getattr(lst, attr))
+               for name, lst in cfg.listeners.items() for attr in ("tls_cert", "tls_key")]
+    fields += [(f"dkim.keys[{i}].key_file", key.key_file) for i, key in enumerate(cfg.dkim.keys)]
+    return [f"{name}: {value!r}: '~' is not expanded here; give the full path (or one relative"
+            f" to the config file's folder)" for name, value in fields
+            if value and value.startswith("~")]
+
+
 def read_config_file(path: str | Path, checks: PartChecks = NO_PART_CHECKS, *,
                      check_files: bool = True) -> Config:
     """Read a config file; relative paths inside it are taken relative to the file's folder.
@@ -470,6 +492,7 @@ def read_config_file(path: str | Path, checks: PartChecks = NO_PART_CHECKS, *,
     cfg, errors = _validate(text, str(path), checks)
     if cfg is None:
         raise ConfigError(str(path), errors)
+    errors += _tilde_paths(cfg)
     base = path.resolve().parent
     if not is_dsn(cfg.node.spool) and not Path(cfg.node.spool).is_absolute():
         cfg.node.spool = str(base / cfg.node.spool)
