@@ -447,8 +447,8 @@ class Signer:
         log.warning("sending unsigned", extra={"queue_id": qid, "class": cls, "reason": reason})
         return b"", f"dkim=none ({reason})"
 
-    async def sign(self, fields: Sequence[tuple[str, bytes]], body: bytes, *, qid: str,
-                   cls: str, pool: str, mail_from: str, rcpts: Sequence[str],
+    async def sign(self, fields: Sequence[tuple[str, bytes]], body: bytes | memoryview, *,
+                   qid: str, cls: str, pool: str, mail_from: str, rcpts: Sequence[str],
                    own: bool = False) -> tuple[bytes, str]:
         """DKIM-Signature field(s) to put on top of the message, and a note for the "r"
         accounting record when it goes out unsigned (b"" and the reason).
