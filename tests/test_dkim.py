@@ -392,6 +392,32 @@ async def test_signed_end_to_end_over_smtp(tmp_path, keys, sink, make_node, dns_
     assert {r["orig"] for r in received} == {"notices@insurer.test", ""}  # as received
 
 
+@pytest.mark.parametrize("canon", ["relaxed/relaxed", "simple/simple"])
+async def test_a_large_message_arrives_byte_exact_and_signed(tmp_path, keys, sink, make_node,
+                                                             dns_server, canon):
+    """3 MB, more than the blocks the node streams to the signer and to the next hop in, with
+    bare LFs and lines starting with dots (the first body line, lines of dots alone, dots
+    right after bare LFs, which the client stuffs): the body arrives as intake normalised it,
+    and the signature over it verifies."""
+    text = config_text(tmp_path, sink.port, f'[dkim]\ncanonicalization = "{canon}"\n'
+                       + key_entry(tmp_path, keys, "insurer.test", "r1"))
+    text = text.replace("max_message_size = 100000", "max_message_size = 8000000")
+    publish(dns_server, keys, "insurer.test", "r1")
+    node = await make_node(text)
+    lines = [b"." * (i % 4) + b"line %d " % i + b"x" * (i % 90) for i in range(60_000)]
+    body = b".first\r\n" + b"".join(
+        line + (b"\n" if i % 3 == 0 else b"\r\n") for i, line in enumerate(lines)) + b".\n..\r\n"
+    head = (b"From: notices@insurer.test\r\nTo: a@example.com\r\nSubject: big\r\n"
+            b"X-Postlane-Class: policy-documents\r\n\r\n")
+    assert len(body) > 3_000_000 and b"\n." in body
+    await send(node.listeners[0].port, "notices@insurer.test", ["a@example.com"], head + body)
+    [arrival] = await sink.wait_for(1)
+    assert arrival.data.endswith(b"\r\n\r\n" + normalize_newlines(body))
+    assert arrival.data.count(b"\r\n\r\n.first\r\n") == 1
+    assert verify(arrival.data, dns_server) == [True]
+    await node.stop()
+
+
 async def test_transactional_signing_never_waits_for_campaign_signing(tmp_path, keys):
     signer, _ = make_signer(tmp_path, "[dkim]\n" + key_entry(tmp_path, keys, "insurer.test", "r1"))
     await signer.start()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import random
 import socket
 import ssl
 import tracemalloc
@@ -22,7 +23,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from postlane.relay.client import Reply, SMTPConnection, SMTPError, Timeouts, prepare_data
+from postlane.relay.client import (
+    Reply,
+    SMTPConnection,
+    SMTPError,
+    Timeouts,
+    prepare_data,
+    stuffed_blocks,
+)
 
 HOST = "127.0.0.1"
 FAST = Timeouts(connect=5, banner=5, command=5, data_block=5, dot=5)
@@ -289,7 +297,8 @@ async def test_pipelined_delivery_to_three_recipients(sink: Sink) -> None:
     assert got.rcpts == rcpts
     assert got.content == MESSAGE
     assert "BODY=8BITMIME" in got.mail_options
-    assert f"SIZE={len(prepare_data(MESSAGE))}" in got.mail_options
+    # RFC 1870 3: the message's octets, not its transparent dots
+    assert f"SIZE={len(MESSAGE)}" in got.mail_options
     await conn.quit()
     assert not conn.usable
 
@@ -436,6 +445,27 @@ async def test_smuggling_attempt_stays_one_message(sink: Sink) -> None:
 )
 def test_prepare_data(raw: bytes, wire_form: bytes) -> None:
     assert prepare_data(raw) == wire_form
+
+
+def _stuffed_whole(text: bytes) -> bytes:
+    """The wire form made in one piece, as ``prepare_data`` made it before it went by blocks."""
+    if text and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    if text.startswith(b"."):
+        text = b"." + text
+    return text.replace(b"\r\n.", b"\r\n..")
+
+
+def test_stuffing_by_blocks_is_the_whole_message_stuffed() -> None:
+    """Every cut between blocks (a block of 1 to 9 bytes) of messages made of dots, CRLFs and
+    letters: a dot after a CRLF in the block before is stuffed, never one mid-line."""
+    rng = random.Random(5321)
+    for _ in range(400):
+        lines = [rng.choice([b"", b".", b"..", b".x", b"x.", b"x", b"xy.z"])
+                 for _ in range(rng.randint(0, 8))]
+        text = b"\r\n".join(lines) + rng.choice([b"", b"\r\n"])
+        for block in range(1, 10):
+            assert b"".join(stuffed_blocks(text, block)) == _stuffed_whole(text), (text, block)
 
 
 # --- TLS -----------------------------------------------------------------------------------

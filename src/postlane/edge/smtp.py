@@ -314,7 +314,13 @@ class BulkDataSMTP(QuickSMTP):
             self._set_post_data_state()
             await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
             return
-        content = bytes(memoryview(data)[2:-3]).replace(_STUFFED, b"\n.")
+        # the bytearray goes before the handler runs: kept (a local), it was a second copy
+        # of the message through intake, signing and the spool write
+        del data[-3:]  # ".\r\n"
+        del data[:2]  # the CRLF of the DATA line
+        content = bytes(data)
+        data.clear()
+        content = content.replace(_STUFFED, b"\n.")  # the same object when nothing is stuffed
         if content.startswith(b".."):
             content = content[1:]
         refusal = self.check_content(content)

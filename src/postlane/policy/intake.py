@@ -24,7 +24,7 @@ from ..health import Health
 from ..maildate import header_date
 from ..spool import Message, Recipient, Spool, SpoolUnavailable, local_dir
 from ..spool.disk import DiskGuard, guarded_folders
-from .headers import field_value, header_fields, join_fields, normalize_newlines, split_message
+from .headers import field_value, header_fields, join_fields, normalize_newlines, split_head
 from .identity import envelope_sender
 from .users import User, Users
 
@@ -188,7 +188,9 @@ class Intake:
         if src_type != "dsn" and self.audit_behind():
             raise Rejection(451, "4.3.0 Audit trail is behind, try again later")
         data = normalize_newlines(data)
-        head, body = split_message(data)
+        head, start = split_head(data)
+        body = memoryview(data)[start:]  # not a copy: the message's bytes are copied once,
+        # into ``content``, where the node's own fields go on top
         if smtputf8 is None:
             smtputf8 = not (mail_from.isascii() and head.isascii()
                             and all(r.address.isascii() for r in rcpts))
@@ -250,7 +252,8 @@ class Intake:
             signature, dkim_note = await self.signer.sign(
                 kept, body, qid=qid, cls=cls_name, pool=cls.pool, mail_from=mail_from,
                 rcpts=[r.address for r in rcpts], own=src_type in ("dsn", "postmaster"))
-        content = signature + join_fields(stamp + kept) + b"\r\n" + body
+        content = b"".join((signature, join_fields(stamp + kept), b"\r\n", body))
+        body.release()
         msg = Message(
             id=qid, cls=cls_name, pool=cls.pool, queued_at=now,
             mail_from=envelope_sender(self.config.pools[cls.pool], mail_from),

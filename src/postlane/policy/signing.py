@@ -9,6 +9,11 @@ node's CPU per signature (its feeder and manager threads pickle and poll). A chi
 socket pair, with length-prefixed ``marshal`` frames read by an asyncio protocol, costs the loop
 one write and one read per message.
 
+The body follows its request frame as raw bytes, written in blocks as the socket takes them
+(``pause_writing``): marshalling it into the frame, ``writelines`` joining the frames and the
+transport buffering what the socket had not taken made three copies of a 25 MB message in the
+node at once.
+
 The child holds private keys only in memory; it gets each key (DER, PKCS#8) over the socket
 before the first signature that needs it, and exits when the socket closes (node gone). If it
 dies, the signatures in flight fail with ``SigningUnavailable`` (intake answers 451, so
@@ -32,6 +37,10 @@ from ..config.model import DKIMConfig, DKIMKeyConfig
 
 log = logging.getLogger("postlane.dkim")
 
+_BLOCK = 256 * 1024
+"""Bytes of a body handed to the transport at a time."""
+
+
 class SigningUnavailable(Exception):
     """The signing process is gone; the message can be retried."""
 
@@ -50,6 +59,10 @@ class SigningProcess(asyncio.Protocol):
         self._buffer = bytearray()
         self._starting = asyncio.Lock()
         self._closing = False
+        self._writing = asyncio.Lock()
+        """One request (frame and body) at a time on the socket."""
+        self._can_write = asyncio.Event()
+        self._can_write.set()
 
     async def start(self) -> None:
         async with self._starting:
@@ -66,6 +79,7 @@ class SigningProcess(asyncio.Protocol):
             self._keys.clear()
             self._buffer.clear()
             self._closing = False
+            self._can_write.set()
             loop = asyncio.get_running_loop()
             self._transport, _ = await loop.create_unix_connection(lambda: self, sock=mine)
             self._transport.write(frame(("hello", *self.settings)))
@@ -74,25 +88,49 @@ class SigningProcess(asyncio.Protocol):
         """Signatures asked and not yet answered (the signer picks the least busy process)."""
         return len(self._pending)
 
-    async def sign(self, fields: Sequence[tuple[str, bytes]], body: bytes, domain: str,
-                   keys: Sequence[tuple[int, DKIMKeyConfig, bytes]], now: float) -> bytes:
+    async def sign(self, fields: Sequence[tuple[str, bytes]], body: bytes | memoryview,
+                   domain: str, keys: Sequence[tuple[int, DKIMKeyConfig, bytes]],
+                   now: float) -> bytes:
         """DKIM-Signature field(s) for the message; ``keys`` are (key id, config, DER)."""
         if self._transport is None:
             await self.start()
-        assert self._transport is not None
-        out = []
-        for key_id, cfg, der in keys:
-            if key_id not in self._keys:
-                out.append(frame(("key", key_id, cfg.algorithm, der)))
-                self._keys.add(key_id)
-        self._next += 1
-        ask = self._next
-        out.append(frame(("sign", ask, domain, [(k, c.algorithm, c.selector) for k, c, _ in keys],
-                           now, list(fields), body)))
         future = asyncio.get_running_loop().create_future()
-        self._pending[ask] = future
-        self._transport.writelines(out)
+        async with self._writing:
+            transport = self._transport
+            if transport is None:  # the child ended while another request was written
+                raise SigningUnavailable("the signing process ended")
+            out = []
+            for key_id, cfg, der in keys:
+                if key_id not in self._keys:
+                    out.append(frame(("key", key_id, cfg.algorithm, der)))
+                    self._keys.add(key_id)
+            self._next += 1
+            ask = self._next
+            view = memoryview(body).cast("B")
+            out.append(frame(("sign", ask, domain,
+                               [(k, c.algorithm, c.selector) for k, c, _ in keys],
+                               now, list(fields), len(view))))
+            self._pending[ask] = future
+            transport.write(b"".join(out))
+            try:
+                for start in range(0, len(view), _BLOCK):
+                    await self._can_write.wait()
+                    if transport.is_closing():  # connection_lost fails the future
+                        break
+                    transport.write(view[start:start + _BLOCK])
+            except BaseException:  # cancelled mid-body: the child would read the next
+                self._pending.pop(ask, None)  # request as the rest of this body, so it
+                transport.abort()  # goes, and the next signature starts a new one
+                raise
         return await future
+
+    # -- flow control (asyncio.Protocol) --
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
 
     # -- asyncio.Protocol --
 
@@ -109,6 +147,7 @@ class SigningProcess(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._can_write.set()  # a body half written goes no further (its future fails)
         pending, self._pending = self._pending, {}
         if pending:
             log.error("signing process %s ended with %d signatures in flight", self.name,
@@ -174,7 +213,10 @@ def _serve(fd: int) -> None:
         elif op == "key":
             keys[msg[1]] = serialization.load_der_private_key(msg[3], password=None)
         else:
-            _, ask, domain, wanted, now, fields, body = msg
+            _, ask, domain, wanted, now, fields, size = msg
+            body = reader.read(size)  # the body follows its frame, raw
+            if len(body) < size:
+                return
             try:
                 pairs = [(DKIMKeyConfig(domain=domain, selector=selector, algorithm=algorithm,
                                         key_file="-"), keys[key_id])
