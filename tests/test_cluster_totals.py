@@ -14,6 +14,7 @@ import asyncio
 
 import asyncpg
 
+from postlane.accounting.records import Record
 from postlane.node import Node
 from postlane.operations import forget_node
 from postlane.spool.pgschema import MIGRATIONS
@@ -40,6 +41,18 @@ async def _figures(node: Node, evaluator: str, total: int | None = None) -> dict
 
 def _delivered(figures: dict) -> int:
     return {c["class"]: c["delivered_total"] for c in figures["classes"]}["marketing"]
+
+
+def _failed(figures: dict) -> int:
+    return {c["class"]: c["failed_total"] for c in figures["classes"]}["marketing"]
+
+
+async def _rows(schema: str, sql: str, *args) -> list:
+    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": f'"{schema}"'})
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
 
 
 async def _age_slices(schema: str, seconds: int) -> None:
@@ -110,15 +123,116 @@ async def test_a_schema_of_the_previous_release_counts_its_kept_slices_once(
                     await conn.execute(sql)
                     await conn.execute("INSERT INTO schema_migrations VALUES ($1)", version)
             # a node of the previous release delivered 3 marketing mails 10 s ago
+            # (and one bounced)
             await conn.execute("INSERT INTO monitor_slices VALUES ('old', 'marketing',"
-                               " extract(epoch from now())::bigint - 10, 3, '{100}', '{3}')")
+                               " extract(epoch from now())::bigint - 10, 4, '{100}', '{3}')")
     finally:
         await conn.close()
     a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
     try:
-        assert _delivered(await _figures(a, "node-a")) == 3
+        first = await _figures(a, "node-a")
+        assert _delivered(first) == 3 and _failed(first) == 1
         await asyncio.to_thread(send_many, a.listeners[0].port, ["w0"])
         await sink.wait_for(1, timeout=30)
         assert _delivered(await _figures(a, "node-a", 4)) == 4
+    finally:
+        await a.stop()
+
+
+async def test_a_delivery_logged_for_a_second_already_published_still_counts_once(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """A final outcome reaches the monitor after its second's slice went out (its record is
+    emitted once the spool's commit returns, which can straddle the once-a-second publish):
+    it is published as one more part of that second and counted in the cluster's total.
+    (Before: the second slice hit the primary key, ``ON CONFLICT DO NOTHING``, and the
+    delivery was missing from ``delivered_total`` and the latency for good.) A batch retried
+    after an INSERT that did commit counts once."""
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    try:
+        await asyncio.to_thread(send_many, a.listeners[0].port, ["t0"])
+        await sink.wait_for(1, timeout=30)
+        await _figures(a, "node-a", 1)
+        [second] = [r["at"] for r in await _rows(
+            pg_schema, "SELECT at FROM monitor_slices WHERE cls = 'marketing'")]
+        # the record of a delivery finished within that second, reaching the monitor now
+        a.monitor.on_record(Record("d", second + 0.9, second - 2.0, "sender@insurer.test",
+                                   "late@example.com", "LATE0001", "marketing", "bulk"))
+        assert _delivered(await _figures(a, "node-a", 2)) == 2
+
+        # the retry of batches whose INSERT committed although the call raised: kept once
+        cluster = a.monitor.cluster
+        assert cluster is not None
+        published = await _rows(pg_schema, "SELECT node, cls, at, part, finals, buckets, counts"
+                                " FROM monitor_slices ORDER BY at, part")
+        cluster._unsent = [tuple(r) for r in published]
+        await until(lambda: not cluster._unsent, what="the retry")
+        asked = a.monitor.cluster.figures["at"] if a.monitor.cluster.figures else 0.0
+
+        async def evaluated_again() -> dict | None:
+            figures = await _figures(a, "node-a")
+            return figures if figures["at"] > asked + 1 else None
+
+        assert _delivered(await until(evaluated_again, timeout=30, what="two evaluations")) == 2
+        assert len(await _rows(pg_schema, "SELECT 1 FROM monitor_slices")) == len(published)
+    finally:
+        await a.stop()
+
+
+async def test_the_cluster_counts_bounced_outcomes_for_good(tmp_path, sink, pg_schema):  # noqa: F811
+    """``failed_total`` per class: final failures of every node, kept in ``monitor_totals``
+    like ``delivered_total`` (never back at a change of evaluator); the node's own part has
+    its own."""
+    sink.rcpt_replies = {"gone@example.com": ["550 5.1.1 no such user"]}
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    b: Node | None = None
+    try:
+        b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b"))
+        await asyncio.to_thread(send_many, b.listeners[0].port, ["gone", "t1", "t2"])
+        await sink.wait_for(2, timeout=30)
+
+        async def counted() -> dict | None:
+            figures = await _figures(b, "node-a", 2)
+            # the bounce, and its DSN to sender@insurer.test (a domain that does not resolve)
+            return figures if _failed(figures) == 2 else None
+
+        await until(counted, timeout=30, what="the failures counted")
+        await a.stop()
+        a = None
+        taken = await _figures(b, "node-b")
+        assert (_delivered(taken), _failed(taken)) == (2, 2)
+        sla = await b.monitor.sla(taken["at"])
+        own = {c["class"]: c for c in sla["node"]["classes"]}["marketing"]
+        assert 0 <= own["failed_total"] <= 2, own  # node-b's own, whatever it took
+    finally:
+        for node in (a, b):
+            if node is not None:
+                await node.stop()
+
+
+async def test_a_schema_of_release_10_starts_its_failures_at_the_kept_slices(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """Upgraded from schema 10 (delivered totals, no failures): the failures of the slices it
+    kept and counted - the last quarter hour's - are where ``failed_total`` starts."""
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        async with conn.transaction():
+            await conn.execute(f'CREATE SCHEMA "{pg_schema}"')
+            await conn.execute(f'SET LOCAL search_path TO "{pg_schema}"')
+            await conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                               " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+            for version, sql in MIGRATIONS:
+                if version <= 10:
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations VALUES ($1)", version)
+            await conn.execute("INSERT INTO monitor_slices VALUES ('old', 'marketing',"
+                               " extract(epoch from now())::bigint - 10, 3, '{100}', '{1}',"
+                               " true)")
+            await conn.execute("INSERT INTO monitor_totals VALUES ('marketing', 7)")
+    finally:
+        await conn.close()
+    a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    try:
+        figures = await _figures(a, "node-a")
+        assert (_delivered(figures), _failed(figures)) == (7, 2)
     finally:
         await a.stop()

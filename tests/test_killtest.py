@@ -27,3 +27,15 @@ async def test_a_cluster_node_killed_for_good_loses_neither_mail_nor_evidence(tm
     assert result.kills == 1 and result.acknowledged == 200
     assert result.lost == 0 and result.delivered == 200
     assert result.evidence_ok, result.problems
+
+
+async def test_a_cluster_node_with_intake_workers_killed_for_good(tmp_path, pg_schema):
+    """Two nodes on one schema, each with ``workers = 2``: mail taken by any worker of either
+    node is delivered once the victim's main process is SIGKILLed; its workers die with it
+    (its port is released), the survivor takes over what it had claimed, the trail verifies."""
+    result = await asyncio.to_thread(run, tmp_path, messages=200, kills=1, seed=13,
+                                     spool=PG_DSN, workers="2")
+    assert result.kills == 1 and result.acknowledged == 200
+    assert result.outlived == 0, "an intake worker outlived its main process"
+    assert result.lost == 0 and result.delivered == 200
+    assert result.evidence_ok, result.problems

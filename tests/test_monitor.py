@@ -366,6 +366,28 @@ async def test_one_nodes_live_totals_are_since_its_start_and_the_audit_store_kee
     assert json.loads(out)["classes"]["policy-documents"]["delivered"] == 2
 
 
+async def test_one_nodes_failed_total_counts_its_final_failures(tmp_path, sink, make_node):
+    """``failed_total`` per class in /api/v1/sla (one node: since its start): every ``b``
+    record - the bounce, and the DSN to a sender whose domain does not resolve."""
+    from tests.conftest import records
+
+    sink.rcpt_replies = {"gone@example.com": ["550 5.1.1 no such user"]}
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.intake.submit("s@insurer.test", [RcptIn("gone@example.com"),
+                                                RcptIn("here@example.com")],
+                             message("notice", cls="marketing"))
+    await sink.wait_for(1)
+
+    async def failed() -> int | None:
+        await node.flush_evidence()
+        bounced = sum(1 for r in records(tmp_path) if r["type"] == "b")
+        sla = await node.monitor.sla(time.time())
+        total = sum(c["failed_total"] for c in sla["classes"])
+        return total if bounced == 2 and total == bounced else None
+
+    assert await until(failed, timeout=30, what="both failures counted") == 2
+
+
 async def test_an_alert_mail_subject_carries_no_field_of_its_own() -> None:
     """An alert's text can name what a DMARC report (anyone's XML) calls a domain; in the
     alert mail's Subject an RFC 2047 word of CR LF ``Bcc: x`` was decoded by the email package

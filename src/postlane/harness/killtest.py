@@ -60,6 +60,10 @@ class Result:
     acknowledged_not_found: int = 0
     verify_ok: bool = True
     problems: list[str] | None = None
+    outlived: int = 0
+    """Kills after which the victim's SMTP port still took connections 10 s later: an intake
+    worker outlived its main process (``workers`` > 1; it must die with it, docs/architecture.md
+    *Processes*)."""
 
     cluster: bool = False
 
@@ -144,6 +148,20 @@ class _NodeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def released(self, within: float = 10.0) -> bool:
+        """Whether the node's SMTP port refuses connections within ``within`` seconds of its
+        death: nothing of it (no intake worker) still holds the listening socket."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+            except OSError:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -221,7 +239,7 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
     acked: set[int] = set()
     lock = threading.Lock()
     stop = threading.Event()
-    done = 0
+    done = outlived = 0
     try:
         for node in nodes:
             node.start()
@@ -245,6 +263,8 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
             victim = nodes[-1]
             victim.kill()
             done += 1
+            if not victim.released():
+                outlived += 1
             if not spool:  # a single node comes back; a cluster's victim stays dead
                 time.sleep(rng.uniform(0.0, 0.3))
                 victim.start()
@@ -265,7 +285,8 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
     result = Result(kills=done, submitted=messages, acknowledged=len(acked),
                     delivered=len(delivered), duplicates=sum(c - 1 for c in counts.values()),
                     lost=len(acked - delivered), unacknowledged_delivered=len(set(counts) - acked),
-                    seconds=round(time.monotonic() - started, 1), cluster=bool(spool))
+                    seconds=round(time.monotonic() - started, 1), cluster=bool(spool),
+                    outlived=outlived)
     try:
         _evidence(result, configs, acked, counts)
     finally:
@@ -398,7 +419,7 @@ def command(workdir: Path, messages: int, kills: int, seed: int | None,
     result = run(workdir, messages=messages, kills=kills,
                  seed=seed if seed is not None else os.getpid(), spool=spool, workers=workers)
     print(json.dumps({**asdict(result), "evidence_ok": result.evidence_ok}))
-    return 1 if result.lost or not result.evidence_ok else 0
+    return 1 if result.lost or result.outlived or not result.evidence_ok else 0
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["sink"]:

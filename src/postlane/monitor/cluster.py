@@ -90,17 +90,22 @@ FROM recipients WHERE state IN ('queued', 'deferred', 'held') GROUP BY domain, c
 of the open recipients: 36 ms on 200,000 of them)."""
 _TOTALS = """WITH fresh AS (
     UPDATE monitor_slices SET counted = true WHERE NOT counted
-    RETURNING cls, (SELECT coalesce(sum(n), 0) FROM unnest(counts) AS n) AS delivered),
+    RETURNING cls, finals, (SELECT coalesce(sum(n), 0) FROM unnest(counts) AS n) AS delivered),
 added AS (
-    INSERT INTO monitor_totals (cls, delivered) SELECT cls, sum(delivered) FROM fresh GROUP BY cls
-    ON CONFLICT (cls) DO UPDATE SET delivered = monitor_totals.delivered + excluded.delivered
-    RETURNING cls, delivered)
-SELECT cls, delivered FROM added
-UNION ALL SELECT cls, delivered FROM monitor_totals WHERE cls NOT IN (SELECT cls FROM added)"""
-"""The cluster's lifetime totals per class: the slices no evaluation counted yet, added once
-(marked ``counted`` in the same transaction, so a takeover neither loses nor repeats one, and a
-slice published late still counts), then every class's total. Once per evaluation, whatever
-the traffic (index monitor_slices_uncounted: the slices of the last second or so)."""
+    INSERT INTO monitor_totals (cls, delivered, failed)
+    SELECT cls, sum(delivered), sum(finals - delivered) FROM fresh GROUP BY cls
+    ON CONFLICT (cls) DO UPDATE SET delivered = monitor_totals.delivered + excluded.delivered,
+        failed = monitor_totals.failed + excluded.failed
+    RETURNING cls, delivered, failed)
+SELECT cls, delivered, failed FROM added
+UNION ALL SELECT cls, delivered, failed FROM monitor_totals
+WHERE cls NOT IN (SELECT cls FROM added)"""
+"""The cluster's lifetime totals per class - deliveries, and final failures (a slice's
+``finals`` less its deliveries: bounced or expired) - from the slices no evaluation counted
+yet, added once (marked ``counted`` in the same transaction, so a takeover neither loses nor
+repeats one, and a slice published late still counts), then every class's totals. Once per
+evaluation, whatever the traffic (index monitor_slices_uncounted: the slices of the last second
+or so)."""
 
 
 @dataclass(slots=True)
@@ -129,7 +134,7 @@ class ClusterMonitor:
         """The last figures: computed here while leader, else read from ``monitor_state``."""
         self._fetched = -math.inf
         self._conn: asyncpg.Connection | None = None
-        self._seen: set[tuple[str, str, int]] = set()
+        self._seen: set[tuple[str, str, int, int]] = set()
         self._read_from = 0
         self._pruned = 0.0
         self._warm_at = 0.0
@@ -137,6 +142,10 @@ class ClusterMonitor:
         are still filling (completions reach it ``tracker.lag`` late)."""
         self._lock = f"hashtext('postlane-monitor/{spool.schema}'), 0"
         self._unseat_refused = False
+        self._unsent: list[tuple[str, str, int, int, int, list[int], list[int]]] = []
+        """Slice rows (node, cls, second, part, ...) whose INSERT failed, retried as they were."""
+        self._part = 0
+        """The ``part`` of this node's last published batch (see ``_publish``)."""
 
     def _tracker(self) -> Tracker:
         # slices reach the evaluator up to a second after theirs ends, plus a tick
@@ -206,25 +215,29 @@ class ClusterMonitor:
                             "SELECT leader FROM monitor_state WHERE id = 1")})
 
     async def _publish(self, now: float) -> None:
+        """Insert this node's finished slices. Each batch gets a ``part`` of its own (the
+        wall-clock millisecond, rising), so a final outcome that reaches the tracker after its
+        second's slice was published (its record is emitted after the spool's commit, which
+        may straddle a tick) is one more row for that second, counted by the evaluator and the
+        totals, not dropped by the primary key. A batch whose INSERT failed is retried with the
+        rows it had, parts included: if the INSERT in fact committed (the connection broke
+        after the commit), ``ON CONFLICT DO NOTHING`` keeps each row once."""
         rows = self.monitor.tracker.take_slices(now)
-        if not rows:
+        if rows:
+            self._part = max(self._part + 1, int(time.time() * 1000))
+            self._unsent += [(self.name, cls, second, self._part, finals, buckets, counts)
+                             for cls, second, finals, buckets, counts in rows]
+        if not self._unsent:
             return
         try:
             async with self.spool.acquire() as conn:
                 await conn.executemany(
-                    "INSERT INTO monitor_slices (node, cls, at, finals, buckets, counts)"
-                    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                    [(self.name, *row) for row in rows])
-        except UNREACHABLE:  # keep them for the next try (a slice older than SPAN is dropped)
-            slices = self.monitor.tracker.slices
-            assert slices is not None
-            for cls, second, finals, buckets, counts in rows:
-                if second < now - SPAN:
-                    continue
-                entry = slices.setdefault((cls, second), [0, {}])
-                entry[0] += finals
-                for bucket, n in zip(buckets, counts, strict=True):
-                    entry[1][bucket] = entry[1].get(bucket, 0) + n
+                    "INSERT INTO monitor_slices (node, cls, at, part, finals, buckets, counts)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    self._unsent)
+            self._unsent = []
+        except UNREACHABLE:  # kept for the next try (a slice older than SPAN is dropped)
+            self._unsent = [row for row in self._unsent if row[2] >= now - SPAN]
 
     async def current(self) -> dict | None:
         """The cluster's figures, with ``age_s``: this node's own while it evaluates, else the
@@ -293,9 +306,9 @@ class ClusterMonitor:
     async def _evaluate(self, now: float) -> None:
         conn = self._conn
         assert conn is not None
-        for row in await conn.fetch("SELECT node, cls, at, finals, buckets, counts"
+        for row in await conn.fetch("SELECT node, cls, at, part, finals, buckets, counts"
                                     " FROM monitor_slices WHERE at >= $1", self._read_from):
-            key = (row["node"], row["cls"], row["at"])
+            key = (row["node"], row["cls"], row["at"], row["part"])
             if key not in self._seen:
                 self._seen.add(key)
                 self.tracker.absorb(row["cls"], row["at"], row["finals"], row["buckets"],
@@ -321,9 +334,11 @@ class ClusterMonitor:
         stored += [_row(a) for event, a in events if event == "resolved"]
         async with conn.transaction():
             # in the transaction that stores the figures: counted once, by the lock holder
-            totals = {r["cls"]: r["delivered"] for r in await conn.fetch(_TOTALS)}
+            totals = {r["cls"]: r for r in await conn.fetch(_TOTALS)}
             for item in figures["classes"]:
-                item["delivered_total"] = totals.get(item["class"], 0)
+                total = totals.get(item["class"])
+                item["delivered_total"] = total["delivered"] if total else 0
+                item["failed_total"] = total["failed"] if total else 0
             await conn.executemany(
                 "INSERT INTO alerts (id, fired_at, rule, cls, pool, message, value, threshold,"
                 " last_seen, resolved_at, notified)"

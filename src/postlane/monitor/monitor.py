@@ -238,6 +238,7 @@ class Monitor:
                 "sla_s": state.sla, "depth": state.depth, "oldest_age_s": round(oldest, 3),
                 "drain_rate": round(tracker.drain_rate(state.pool, now), 3),
                 "latency_s": _latency(state, now), "delivered_total": state.latency.total,
+                "failed_total": state.failed,
                 "breach_in_s": None if breach is None else round(breach, 3),
                 "breached": _breached(state, now),
                 "rules": None if rule is None else {
@@ -253,6 +254,7 @@ class Monitor:
         held = Counter(self.queue.held_by_class())
         return [{"class": name, "pool": state.pool, "held": held[name],
                  "received_total": state.received, "delivered_total": state.latency.total,
+                 "failed_total": state.failed,
                  "drain_rate": round(self.tracker.drain_rate(state.pool, now), 3),
                  "latency_s": _latency(state, now)}
                 for name, state in self.tracker.classes.items()]

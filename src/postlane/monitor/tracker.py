@@ -44,6 +44,8 @@ class ClassState:
     """SLA classes only: queue id -> [queued_at, recipients left, not before (retry time)]."""
     received: int = 0
     """Recipients this node's intake accepted."""
+    failed: int = 0
+    """Final failures (``b`` records: bounced, expired) this tracker saw."""
     oldest_at: float | None = None
     """Cluster figures: injection time of the oldest queued message (None: none queued)."""
     breached: int | None = None
@@ -155,6 +157,8 @@ class Tracker:
                 state.latency.count(t, bucket)
                 if pool is not None:
                     pool.latency.count(t, bucket)
+            else:
+                state.failed += 1
             if pool is not None:
                 pool.done.add(t)
                 pool.last_done = t

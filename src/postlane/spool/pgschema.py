@@ -104,6 +104,16 @@ ALTER TABLE monitor_slices ADD COLUMN counted BOOLEAN NOT NULL DEFAULT false;
 CREATE INDEX monitor_slices_uncounted ON monitor_slices (at) WHERE NOT counted;
 CREATE TABLE monitor_totals (cls TEXT PRIMARY KEY, delivered BIGINT NOT NULL);
 """),
+    (11, """
+ALTER TABLE monitor_slices ADD COLUMN part BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE monitor_slices DROP CONSTRAINT monitor_slices_pkey,
+    ADD PRIMARY KEY (at, node, cls, part);
+ALTER TABLE monitor_totals ADD COLUMN failed BIGINT NOT NULL DEFAULT 0;
+INSERT INTO monitor_totals (cls, delivered, failed)
+    SELECT cls, 0, sum(finals - (SELECT coalesce(sum(n), 0) FROM unnest(counts) AS n))
+    FROM monitor_slices WHERE counted GROUP BY cls
+    ON CONFLICT (cls) DO UPDATE SET failed = excluded.failed;
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 
