@@ -111,17 +111,20 @@ class SigningProcess(asyncio.Protocol):
                                [(k, c.algorithm, c.selector) for k, c, _ in keys],
                                now, list(fields), len(view))))
             self._pending[ask] = future
-            transport.write(b"".join(out))
-            try:
-                for start in range(0, len(view), _BLOCK):
-                    await self._can_write.wait()
-                    if transport.is_closing():  # connection_lost fails the future
-                        break
-                    transport.write(view[start:start + _BLOCK])
-            except BaseException:  # cancelled mid-body: the child would read the next
-                self._pending.pop(ask, None)  # request as the rest of this body, so it
-                transport.abort()  # goes, and the next signature starts a new one
-                raise
+            if len(view) <= _BLOCK:  # the common case: frame and body in one write, as before
+                transport.write(b"".join((*out, view)))
+            else:
+                transport.write(b"".join(out))
+                try:
+                    for start in range(0, len(view), _BLOCK):
+                        await self._can_write.wait()
+                        if transport.is_closing():  # connection_lost fails the future
+                            break
+                        transport.write(view[start:start + _BLOCK])
+                except BaseException:  # cancelled mid-body: the child would read the next
+                    self._pending.pop(ask, None)  # request as the rest of this body, so it
+                    transport.abort()  # goes, and the next signature starts a new one
+                    raise
         return await future
 
     # -- flow control (asyncio.Protocol) --
