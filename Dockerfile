@@ -15,8 +15,9 @@ FROM python:3.12-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-# src/postlane/data/insurance.toml links to the case study in examples/
+# src/postlane/data/insurance.toml links to the case study in examples/, data/deploy/ to deploy/
 COPY examples ./examples
+COPY deploy ./deploy
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.12-slim-bookworm

@@ -297,3 +297,35 @@ async def test_stores_kept_outside_the_state_folder_are_copied_before_the_spool(
     assert roles.index("audit.path") < spool
     assert roles.index("feedback.suppression_db") < spool
     assert roles.index("audit.path") < roles.index("feedback.suppression_db")
+
+
+def test_restore_on_a_new_machine_makes_the_state_folder_as_private_as_init_did(tmp_path):
+    """docs/operations.md: `init --state-dir` outside the config folder, backup, the machine
+    lost, `restore` into a new folder: the state folder it recreates is 0700 as init made it
+    (it was 0755: made as the accounting folder's parent, under the umask), the keys and the
+    token 0600."""
+    import os
+    import shutil
+
+    state_dir = tmp_path / "lib" / "postlane"
+    result = runner.invoke(app, [
+        "init", str(tmp_path / "etc"), "--state-dir", str(state_dir), "--hostname",
+        "mta.example", "--domain", "insurer.example", "--listen", "127.0.0.1:0", "--inbound",
+        "127.0.0.1:0", "--api", "127.0.0.1:0", "--smarthost", "127.0.0.1:2600"])
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    result = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c",
+                                 str(tmp_path / "etc" / "postlane.toml")])
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(tmp_path / "etc")  # the lost machine
+    shutil.rmtree(tmp_path / "lib")
+    old = os.umask(0o022)
+    try:
+        result = runner.invoke(app, ["restore", str(tmp_path / "copy"), str(tmp_path / "etc")])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "lib").stat().st_mode) == 0o700
+    for secret in [tmp_path / "etc" / "api-token", *(tmp_path / "etc" / "keys").iterdir()]:
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret

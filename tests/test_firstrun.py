@@ -45,6 +45,9 @@ def test_init_writes_a_valid_node_with_private_secrets_and_prints_the_checklist(
         assert stat.S_IMODE((node / secret).stat().st_mode) == 0o600, secret
     assert stat.S_IMODE((node / "keys").stat().st_mode) == 0o700
     assert "# The case study: four traffic classes" in (node / "postlane.toml").read_text()
+    # the config may come to hold a PostgreSQL DSN with its password: the node's user and
+    # group only (0644 before; `restore` writes it 0640 too)
+    assert stat.S_IMODE((node / "postlane.toml").stat().st_mode) == 0o640
     # the checklist: PTR per IP, SPF with every pool IP, DMARC rua at our own address, MX ...
     assert re.search(r"50\.0\.0\.127\.in-addr\.arpa\.\s+IN PTR\s+tx1\.insurer\.example\.", out)
     assert re.search(r"bounces\.insurer\.example\.\s+IN TXT\s+\"v=spf1 ip4:127\.0\.0\.50 "

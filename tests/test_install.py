@@ -1,6 +1,8 @@
 """Installed like a real package: the wheel in a fresh venv outside the clone carries its data
-files (destination and bounce rules, the case study, the dashboard), and `postlane init` +
-`postlane serve` deliver a message from there."""
+files (destination and bounce rules, the case study, the dashboard, the systemd unit and the
+other files docs/operations.md has an operator copy), and `postlane init` + `postlane serve`
+deliver a message from there. The sdist carries the docs and deploy files and builds the same
+wheel."""
 
 from __future__ import annotations
 
@@ -14,13 +16,22 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tarfile
 import urllib.request
+import zipfile
 from pathlib import Path
+
+import pytest
 
 from postlane.harness.sink import Sink
 from tests.support.waiting import until
 
 REPO = Path(__file__).resolve().parents[1]
+# what docs/operations.md has an operator copy from the installed package, and where it lives
+# in the clone
+DEPLOY = {"data/deploy/postlane.service": "deploy/systemd/postlane.service",
+          "data/deploy/postlane.logrotate": "deploy/logrotate/postlane",
+          "data/deploy/accounting-archive.sh": "deploy/accounting-archive.sh"}
 
 
 def _run(*args: str | Path, cwd: Path, timeout: float = 300) -> str:
@@ -30,14 +41,27 @@ def _run(*args: str | Path, cwd: Path, timeout: float = 300) -> str:
     return done.stdout
 
 
-async def test_the_wheel_installs_outside_the_clone_and_delivers(tmp_path):
-    source = tmp_path / "source"  # what the Dockerfile copies, built away from the clone
+def _source(tmp_path: Path, *extra: str) -> Path:
+    """A copy of what the Dockerfile copies (and `extra`), to build away from the clone."""
+    source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", *extra):
         shutil.copy2(REPO / name, source / name)
-    for name in ("src", "examples"):
+    for name in ("src", "examples", "deploy"):
         shutil.copytree(REPO / name, source / name, symlinks=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return source
+
+
+def _data_files(wheel: Path) -> dict[str, bytes]:
+    """Every file of the wheel's package that is not Python source, by name."""
+    with zipfile.ZipFile(wheel) as z:
+        return {n: z.read(n) for n in z.namelist()
+                if n.startswith("postlane/") and not n.endswith(".py")}
+
+
+async def test_the_wheel_installs_outside_the_clone_and_delivers(tmp_path):
+    source = _source(tmp_path)
     wheels = tmp_path / "wheels"
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, source,
          cwd=tmp_path)
@@ -55,15 +79,24 @@ async def test_the_wheel_installs_outside_the_clone_and_delivers(tmp_path):
     home.mkdir()
     assert _run(postlane, "--version", cwd=home).startswith("postlane ")
     where = _run(venv / "bin" / "python", "-c", """
-import importlib.resources as r, json, postlane
+import importlib.resources as r, json, postlane, sys
 d = r.files("postlane")
 print(json.dumps({"pkg": postlane.__file__, "files": [str(d / n) for n in (
     "data/destinations.toml", "data/bounce-rules.toml", "data/insurance.toml",
-    "api/dashboard.html")]}))""", cwd=home)
+    "api/dashboard.html", *sys.argv[1:])]}))""", *DEPLOY, cwd=home)
     found = json.loads(where)
     assert found["pkg"].startswith(str(venv))
     for path in found["files"]:
         assert Path(path).is_file() and not Path(path).is_symlink(), path
+    for path, (name, origin) in zip(found["files"][-len(DEPLOY):], DEPLOY.items(), strict=True):
+        assert path.endswith(name) and Path(path).read_bytes() == (REPO / origin).read_bytes()
+    if shutil.which("systemd-analyze"):  # the unit as an operator copies it from the venv
+        unit = tmp_path / "postlane.service"
+        unit.write_text(Path(found["files"][-len(DEPLOY)]).read_text().replace(
+            "/usr/local/bin/postlane", str(postlane)))
+        done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
     sink = await Sink().start()
     with socket.socket() as probe:  # a free port for the API, which `postlane status` reads
@@ -106,3 +139,28 @@ print(json.dumps({"pkg": postlane.__file__, "files": [str(d / n) for n in (
         log.close()
         await sink.stop()
 
+
+
+@pytest.mark.timeout(300)
+def test_the_sdist_carries_docs_and_deploy_files_and_builds_the_same_wheel(tmp_path):
+    source = _source(tmp_path, "Dockerfile", "compose.yaml", "Makefile")
+    shutil.copytree(REPO / "docs", source / "docs")
+    dist = tmp_path / "dist"
+    _run(sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
+         "b.build_sdist(sys.argv[1])", dist, cwd=source)
+    sdist = next(dist.glob("postlane-*.tar.gz"))
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    for name in ("docs/operations.md", "deploy/systemd/postlane.service",
+                 "deploy/logrotate/postlane", "deploy/accounting-archive.sh",
+                 "examples/insurance.toml", "Dockerfile", "compose.yaml"):
+        assert name in names, name
+    built = {}
+    for name, src in (("clone", source), ("sdist", next((tmp_path / "unpacked").iterdir()))):
+        out = tmp_path / f"wheel-{name}"
+        _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, src,
+             cwd=tmp_path)
+        built[name] = _data_files(next(out.glob("postlane-*.whl")))
+    assert built["sdist"] == built["clone"]
+    assert {f"postlane/{n}" for n in DEPLOY} <= set(built["sdist"])

@@ -342,7 +342,9 @@ def restore(source: Path, directory: Path) -> tuple[Path, list[Path]]:
         raise BackupError("these files exist already (restore never overwrites): "
                           + ", ".join(taken))
     written = [config_path]
-    acct.mkdir(mode=0o750, parents=True, exist_ok=True)  # log shippers in the group read it
+    # missing parents (the state folder on a new machine) 0700, as init makes them
+    private_dir(acct.parent)
+    acct.mkdir(mode=0o750, exist_ok=True)  # log shippers in the group read it
     for item, target in plan:
         if item["kind"] == "position":  # it names the accounting files where they now are
             data = json.loads((source / item["file"]).read_bytes())

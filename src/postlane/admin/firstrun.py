@@ -298,6 +298,9 @@ def write_node(opts: InitOptions, now: float | None = None) -> list[Path]:
     private_dir(folder)
     written = [folder / "postlane.toml"]
     written[0].write_text(text, encoding="utf-8")
+    # the node's user and group only, whatever the umask (as restore writes it): a config may
+    # come to hold a PostgreSQL DSN with its password
+    written[0].chmod(0o640)
     for domain in (opts.domain, f"news.{opts.domain}"):
         path = folder / "keys" / f"{domain}.{selector}.pem"
         write_key(path, generate_key("rsa-sha256", 2048))

@@ -1,0 +1,1 @@
+../../../../deploy/accounting-archive.sh
