@@ -29,43 +29,58 @@ def _everywhere(tmp_path, sink_port: int) -> str:
                        routes=False)
 
 
-async def test_lanes_of_finished_destinations_are_forgotten(tmp_path, sink, make_node):
+async def test_lanes_of_finished_destinations_are_forgotten(tmp_path, sink, make_node,
+                                                           monkeypatch):
     """Each destination domain got a lane that was never dropped: 20 domains, 20 lanes for
     the life of the node, listed by every ``GET /api/v1/status`` and walked by every
-    dispatch that found no free slot."""
+    dispatch that found no free slot. A served lane stays ``LANE_KEEP`` (the dashboard lists
+    it as idle), then the sweep that runs as lanes are made retires it."""
+    from postlane.scheduler import scheduler as sched_mod
+
     node = await make_node(_everywhere(tmp_path, sink.port))
     port = node.listeners[0].port
     for i in range(20):
         await send(port, "s@insurer.test", [f"a@d{i}.example"], message(f"m{i}", cls="marketing"))
     await sink.wait_for(20)
-    await until(lambda: not node.scheduler.lanes, what="the idle lanes retired")
-    assert node.status()["lanes"] == []
-    # a destination seen again gets a lane again, and its mail goes
-    await send(port, "s@insurer.test", ["b@d3.example"], message("again", cls="marketing"))
+    lanes = node.scheduler.lanes
+    await until(lambda: not any(ln.workers for ln in lanes.values()), what="connections closed")
+    node.scheduler._sweep_lanes()
+    assert len(lanes) == 20, "served within LANE_KEEP: kept"
+    monkeypatch.setattr(sched_mod, "LANE_KEEP", 0.0)
+    node.scheduler._sweep_at = len(lanes)  # the next lane made sweeps
+    await send(port, "s@insurer.test", ["b@new.example"], message("new", cls="marketing"))
     await sink.wait_for(21)
+    assert list(lanes) == [("bulk", "new.example")], list(lanes)
+    await until(lambda: not any(ln.workers for ln in lanes.values()), what="connections closed")
+    node.scheduler._sweep_lanes()
+    assert node.status()["lanes"] == []
 
 
-async def test_lanes_with_something_to_keep_stay(tmp_path, sink, make_node):
-    """A paused lane (and one holding a recipient) is not retired; the sweep that runs as
-    lanes are made leaves it too."""
+async def test_lanes_with_something_to_keep_stay(tmp_path, sink, make_node, monkeypatch):
+    """A paused lane (and one holding a recipient) is not retired by the sweep; a finished one
+    past ``LANE_KEEP`` is."""
     from postlane.scheduler import scheduler as sched_mod
     from tests.conftest import OPERATOR
 
+    monkeypatch.setattr(sched_mod, "LANE_KEEP", 0.0)
     node = await make_node(_everywhere(tmp_path, sink.port))
     port = node.listeners[0].port
+    lanes = node.scheduler.lanes
     await node.operations.pause("bulk", "held.example", who=OPERATOR)
     await send(port, "s@insurer.test", ["a@held.example"], message("held", cls="marketing"))
     await send(port, "s@insurer.test", ["a@other.example"], message("goes", cls="marketing"))
     await sink.wait_for(1)
-    await until(lambda: ("bulk", "other.example") not in node.scheduler.lanes,
-                what="the finished lane retired")
+    await until(lambda: not lanes[("bulk", "other.example")].workers, what="its connection closed")
     node.scheduler._sweep_lanes()
-    lane = node.scheduler.lanes[("bulk", "held.example")]
+    assert ("bulk", "other.example") not in lanes
+    lane = lanes[("bulk", "held.example")]
     assert lane.paused and lane.depth() == 1
     assert node.scheduler._sweep_at == sched_mod.LANE_SWEEP
     await node.operations.resume("bulk", "held.example", who=OPERATOR)
     await sink.wait_for(2)
-    await until(lambda: not node.scheduler.lanes, what="the resumed lane retired once empty")
+    await until(lambda: not lane.workers and not lane.depth(), what="the resumed lane served")
+    node.scheduler._sweep_lanes()
+    assert not lanes
 
 
 def _tasks_gauge(node) -> float:

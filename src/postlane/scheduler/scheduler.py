@@ -41,6 +41,10 @@ FAIR_SHARE = 50
 LANE_SWEEP = 1024
 """Lanes a scheduler may hold before it looks for idle ones to retire (then twice as many as it
 kept): a node that runs for weeks sees a new destination domain every few messages."""
+LANE_KEEP = 3600.0
+"""Seconds an idle lane stays after its last mail was queued: the dashboard and ``postlane
+queues`` list recently served destinations (folded as idle), and a lane that is made again
+at once costs more than one that stays."""
 
 
 def _unclassified(status: str, reply: str) -> str:
@@ -171,9 +175,11 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
 
     def _idle(self, lane: Lane) -> bool:
         """Whether a lane holds nothing a new lane to its domain would not: no recipient, no
-        connection, no pause, suspension, backoff, rate wait or per-IP spacing still ahead."""
+        connection, no pause, suspension, backoff, rate wait or per-IP spacing still ahead,
+        and no mail queued to it for ``LANE_KEEP``."""
         now = self.clock.time()
-        return (not lane.depth() and not lane.workers and not lane.idle and not lane.paused
+        return (lane.touched < self.clock.monotonic() - LANE_KEEP
+                and not lane.depth() and not lane.workers and not lane.idle and not lane.paused
                 and not lane.paging and not lane.rate_wait and lane.suspended_until <= now
                 and lane.backoff_until <= now
                 and all(t <= now for t in lane.next_send.values()))
@@ -187,8 +193,9 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
             self._ready.discard(lane)
 
     def _sweep_lanes(self) -> None:
-        """Retire every idle lane; the next sweep comes when the lanes double (amortised O(1)
-        per lane made): lanes a worker never left (purged, expired while suspended) go too."""
+        """Retire every idle lane (``_idle``); the next sweep comes when the lanes double
+        (amortised O(1) per lane made): the lanes held stay within twice those served in the
+        last ``LANE_KEEP`` or ``LANE_SWEEP``, whatever the domains seen since the start."""
         for lane in [ln for ln in self.lanes.values() if self._idle(ln)]:
             self._retire(lane)
         self._sweep_at = max(LANE_SWEEP, 2 * len(self.lanes))
@@ -348,8 +355,6 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
             self._slots.release(lane, slot)
             if lane.heap:
                 self._ready.add(lane)
-            elif self._idle(lane):  # its last connection closed with nothing left to send
-                self._retire(lane)
             self.kick()
 
     def next_batch(self, lane: Lane, sent: int = 0) -> list[Recipient]:
