@@ -326,6 +326,21 @@ async def test_reply_to_the_dot_is_every_accepted_recipients(tmp_path, make_node
 # --- the recipient limit ----------------------------------------------------------------------
 
 
+async def _five_in_pairs(tmp_path, make_node, receiver, caplog, *, connections: int) -> None:
+    """One message to 5 recipients through a receiver taking 2 per transaction: each
+    delivered once ("d"), in transactions of 2, 2 and 1, over ``connections`` connections."""
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    rcpts = [f"a{i}@example.com" for i in range(5)]
+    await send(node.listeners[0].port, "s@insurer.test", rcpts, message(cls="marketing"))
+    await until(lambda: sum(len(r) for _, r, _ in receiver.received) >= 5, what="5 recipients")
+    await node.stop()
+    assert sorted(outcomes(tmp_path)) == sorted((r, "d") for r in rcpts), outcomes(tmp_path)
+    assert [r for _, r, _ in receiver.received] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
+    assert receiver.connections == connections
+    no_tracebacks(caplog)
+
+
 @pytest.mark.parametrize("reply", [b"452 4.5.3 Error: too many recipients\r\n",
                                    b"552 5.5.3 Recipient limit exceeded\r\n",
                                    b"452 Too many recipients received this message\r\n"])
@@ -339,16 +354,7 @@ async def test_recipient_limit_with_pipelining(tmp_path, make_node, receiver, ca
         return None
 
     receiver.script = script
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    rcpts = [f"a{i}@example.com" for i in range(5)]
-    await send(node.listeners[0].port, "s@insurer.test", rcpts, message(cls="marketing"))
-    await until(lambda: sum(len(r) for _, r, _ in receiver.received) >= 5, what="5 recipients")
-    await node.stop()
-    assert sorted(outcomes(tmp_path)) == sorted((r, "d") for r in rcpts), outcomes(tmp_path)
-    assert [r for _, r, _ in receiver.received] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
-    assert receiver.connections == 1
-    no_tracebacks(caplog)
+    await _five_in_pairs(tmp_path, make_node, receiver, caplog, connections=1)
 
 
 # --- reply formats ----------------------------------------------------------------------------
@@ -483,16 +489,7 @@ async def test_recipient_limit_then_the_session_ends(tmp_path, make_node, receiv
         return None
 
     receiver.script = script
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    rcpts = [f"a{i}@example.com" for i in range(5)]
-    await send(node.listeners[0].port, "s@insurer.test", rcpts, message(cls="marketing"))
-    await until(lambda: sum(len(r) for _, r, _ in receiver.received) >= 5, what="5 recipients")
-    await node.stop()
-    assert sorted(outcomes(tmp_path)) == sorted((r, "d") for r in rcpts), outcomes(tmp_path)
-    assert [r for _, r, _ in receiver.received] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
-    assert receiver.connections == 3
-    no_tracebacks(caplog)
+    await _five_in_pairs(tmp_path, make_node, receiver, caplog, connections=3)
 
 
 @pytest.mark.parametrize(
