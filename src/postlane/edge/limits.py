@@ -10,6 +10,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from ..address import plain_ip
+
 IPV6_CLIENT_PREFIX = 64
 """An IPv6 client is counted by its /64: the smallest network an end site gets (RFC 6177,
 RIPE-690; SLAAC needs one), so one host picks any of its 2**64 addresses and per-address limits
@@ -21,13 +23,12 @@ def client_key(ip: str) -> str:
     """Whom the per-client limits count: an IPv4 address, or an IPv6 address's /64
     (``2001:db8:1:2::/64``); an IPv4-mapped IPv6 address is its IPv4 address, anything that
     is no address stays as it is."""
+    ip = plain_ip(ip)
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return ip
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
+    if address.version == 6:
         return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
     return ip
 
