@@ -9,7 +9,9 @@ with workers: tests/test_killtest.py.)
 from __future__ import annotations
 
 import asyncio
+import email
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -89,6 +91,12 @@ async def test_two_nodes_with_two_workers_each_pause_count_and_deliver_once(
         await asyncio.sleep(0.5)  # a bound: a second delivery would come within it
         subjects = subjects_of(sink.arrivals)
         assert len(subjects) == len(set(subjects)) == 22, subjects
+        # each process of each node numbers its queue ids under its own tag: the two nodes'
+        # workers once shared theirs (one Python process), and the spool refused a duplicate
+        tags = {name: {re.search(rb" id ([0-9A-F]+);", m.data)[1][11:-5] for m in sink.arrivals
+                       if email.message_from_bytes(m.data)["Subject"].startswith(prefix)}
+                for name, prefix in (("a", "p"), ("b", "m"))}
+        assert tags["a"] and tags["b"] and not tags["a"] & tags["b"], tags
 
         # the cluster's figures: every delivery of both nodes, counted once, on both nodes
         async def totals(node) -> dict | None:

@@ -53,6 +53,46 @@ async def test_workers_accept_from_several_connections_and_deliver_everything(
     assert len(ids) == 60, "queue ids are unique across the workers"
 
 
+async def test_queue_ids_never_collide_between_the_main_process_and_the_workers(
+        tmp_path, sink, make_node):
+    """Each process of a node numbers its queue ids under its own tag (the id's middle part):
+    the main process (API submissions, DSNs) and each worker. Worker 0 once had the main
+    process's tag, so an API submission and a worker's message could get one id in the same
+    millisecond (the spool refused the duplicate: a 451 for the whole group commit)."""
+    from tests.test_api import api_client
+
+    node = await make_node(_with_workers(config_text(tmp_path, sink.port)))
+    await _ready(node)
+    port = node.listeners[0].port
+
+    replies: list[str] = []
+
+    def one(k: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.ehlo()
+            client.mail("s@insurer.test")
+            client.rcpt(f"t{k}@example.com")
+            code, text = client.data(message(f"t{k}", cls="marketing"))
+            assert code == 250, text
+            replies.append(text.decode().rsplit(" ", 1)[-1])
+
+    await asyncio.gather(*(asyncio.to_thread(one, k) for k in range(12)))
+    async with api_client(node, tmp_path) as api:
+        resp = await api.post("/api/v1/messages", json={
+            "from": "notices@insurer.test", "to": ["api@example.com"], "subject": "via API",
+            "text": "Hello.\n", "class": "marketing"})
+        assert resp.status_code == 202, resp.text
+        main_id = resp.json()["queue_id"]
+
+    def tag(qid: str) -> str:
+        return qid[11:-5]
+
+    worker_tags = {tag(q) for q in replies}
+    assert len(worker_tags) == 2, "the kernel handed the twelve connections to both workers"
+    assert tag(main_id) not in worker_tags
+    assert len({len(q) for q in [main_id, *replies]}) == 1
+
+
 def _client_until_acked(port: int, seqs: list[int], acked: set[int], stop: list[bool]) -> None:
     """Send each message until it gets a 250, reconnecting after any failure."""
     client = None

@@ -40,14 +40,19 @@ SINGLE_FIELDS = ("date", "from", "sender", "reply-to", "to", "cc", "bcc", "messa
                  "in-reply-to", "references", "subject")
 """RFC 5322 §3.6: each at most once in a message."""
 
-_counter = itertools.count()
-_node_tag = os.urandom(2).hex()
+class QueueIds:
+    """Queue ids: 11 hex digits of milliseconds, the process's 32-bit tag and a 20-bit counter,
+    so they sort by time in logs and need no coordination. Each node draws its tag at random
+    and gives its intake workers the next ones: two nodes of a cluster share a tag by a chance
+    of about 2 x 257 in 2^32 (a 16-bit tag, one per Python process, gave two nodes started in
+    one process the same workers' ids: the spool refused the duplicate key, a 451)."""
 
+    def __init__(self, tag: int | None = None) -> None:
+        self.tag = tag if tag is not None else int.from_bytes(os.urandom(4), "big")
+        self._counter = itertools.count()
 
-def new_queue_id(now: float) -> str:
-    """Time-ordered and unique per node: 11 hex digits of milliseconds, a random node tag and a
-    counter (sortable in logs, no coordination needed)."""
-    return f"{int(now * 1000):011X}{_node_tag.upper()}{next(_counter) & 0xFFFFF:05X}"
+    def new(self, now: float) -> str:
+        return f"{int(now * 1000):011X}{self.tag:08X}{next(self._counter) & 0xFFFFF:05X}"
 
 
 class Rejection(Exception):
@@ -114,6 +119,8 @@ class Intake:
         """Tells the in-memory observers; the records themselves go into the spool with the
         message."""
         self.accepted = 0
+        self.ids = QueueIds()
+        """Replaced by an intake worker's own (``workers/process.py``)."""
         self.feedback = feedback
         """feedback.service.FeedbackService when the node wires one: suppression, List-Unsubscribe,
         inbound reports (the listeners ask it at RCPT and DATA)."""
@@ -219,7 +226,7 @@ class Intake:
         cls = self.config.classes[cls_name]
         if cls.sla is not None:  # a regulated message must mean one thing to every reader
             _refuse_repeated_fields(kept)
-        qid = new_queue_id(now)
+        qid = self.ids.new(now)
         if not message_id:
             message_id = f"<{qid}@{self.config.node.hostname}>"
             kept.append(("message-id", f"Message-ID: {message_id}".encode()))

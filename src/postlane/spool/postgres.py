@@ -228,6 +228,9 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                 self.stats.committed(time.perf_counter() - started, len(ops))
             except Exception as exc:  # a failed commit must fail every waiter, not hang them
                 error = exc
+                if not self.down:  # an outage is told once by ``unreachable``
+                    log.error("spool commit of %d operations failed: %s: %s", len(ops),
+                              type(exc).__name__, exc)
             settle(batch.waiters, error)
             delay = writes.committed(ops, error, self._stopping)
             settle(writes.refused, error)

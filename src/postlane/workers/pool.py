@@ -39,7 +39,6 @@ from ..accounting.records import Record
 from ..childproc import frame, frames
 from ..edge.limits import client_key
 from ..edge.smtp import EdgeSMTP, Listener
-from ..policy import intake as intake_module
 from ..policy.dkim import SignerStats
 from ..policy.intake import Rejection
 from ..spool import Message, Recipient
@@ -125,7 +124,6 @@ class WorkerPool:
         self._tasks: set[asyncio.Task] = set()
         self._watchers: list[asyncio.Task] = []
         self._stopping = False
-        self._base_tag = int(intake_module._node_tag, 16)
         self._retired: tuple[int, ...] = astuple(SignerStats())
         self._stressed: dict[str, bool] = {}
         """Listeners under stress as the workers were told."""
@@ -166,7 +164,7 @@ class WorkerPool:
         self.channels[index], self.procs[index] = channel, proc
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         channel.send(("hello", pickle.dumps(self.node.config), fds,
-                      (self._base_tag + index) & 0xFFFF, level))
+                      (self.node.intake.ids.tag + index) & 0xFFFFFFFF, level))
         for listener, stressed in self._stressed.items():  # a worker started under stress
             if stressed:
                 channel.send(("stress", listener, True))

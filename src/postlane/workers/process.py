@@ -40,8 +40,7 @@ from ..edge.smtp import EdgeSMTP, SMTPIntake
 from ..edge.tls import Certificates, ServerCertificate
 from ..feedback.service import FeedbackService
 from ..health import Health
-from ..policy import intake as intake_module
-from ..policy.intake import Intake, Rejection
+from ..policy.intake import Intake, QueueIds, Rejection
 from ..policy.users import Users
 from ..spool import Message, Recipient
 
@@ -428,8 +427,8 @@ async def _serve(fd: int) -> None:
 
     config: Config = pickle.loads(config_bytes)
     setup_logging(level, config.node.name)
-    intake_module._node_tag = f"{tag:04x}"  # queue ids stay unique across the node's processes
     worker = Worker(config, channel, sockets)
+    worker.intake.ids = QueueIds(tag)  # queue ids stay unique across the node's processes
     await worker.start()
     watch = loop.create_task(worker.certificates.watch())
     channel.tell("ready")
