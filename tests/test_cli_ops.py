@@ -6,12 +6,13 @@ import asyncio
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from postlane.edge.smtp import Listener
 from postlane.node import Node
 from postlane.startup import parse_config
-from tests.conftest import config_text
+from tests.conftest import config_text, message, send
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
 
@@ -51,6 +52,32 @@ async def test_cli_pause_resume_status_queues(tmp_path, sink, make_node):
     assert code == 0 and ("bulk", "*") not in node.scheduler.paused
     code, out, _ = await run_cli("queues", *target)
     assert code == 0 and "lanes" in out
+
+
+async def test_status_table_shows_each_class_delivered_and_failed(tmp_path, sink, make_node):
+    """The classes table counts each class's deliveries and final failures (``delivered_total``
+    and ``failed_total`` of /api/v1/sla): the JSON had them, the table an operator reads did
+    not."""
+    sink.rcpt_replies = {"gone@example.com": ["550 5.1.1 no such user"]}
+    node = await make_node(config_text(tmp_path, sink.port))
+    await send(node.listeners[0].port, "s@insurer.test", ["here@example.com"],
+               message("one", cls="marketing"))
+    await send(node.listeners[0].port, "", ["gone@example.com"],  # no DSN to fail as well
+               message("two", cls="marketing"))
+
+    async def counted() -> bool:
+        sla = await node.monitor.sla(time.time())
+        row = {c["class"]: c for c in sla["classes"]}["marketing"]
+        return row["delivered_total"] == 1 and row["failed_total"] == 1
+
+    await until(counted, timeout=30, what="one delivered and one failed")
+    code, out, _ = await run_cli("status", "--url", f"http://127.0.0.1:{node.api.port}",
+                                 "--token-file", str(tmp_path / "api-token"))
+    assert code == 0
+    header = next(line for line in out.splitlines() if "breach in" in line)
+    assert [c.strip() for c in header.split("┃")][-3:-1] == ["delivered", "failed"], header
+    row = next(line for line in out.splitlines() if "marketing" in line and "bulk" in line)
+    assert [c.strip() for c in row.split("│")][-3:-1] == ["1", "1"], row
 
 
 async def test_status_is_not_ready_until_the_listeners_are_open(tmp_path, sink, monkeypatch):

@@ -175,23 +175,26 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     out.print(pools)
     scope = "the cluster's queue, " if clustered else ""
     classes = Table(title=f"classes ({scope}latency over the last 5 minutes)")
-    for col in ("class", "pool", "SLA", "p50", "p95", "p99", "queued", "oldest", "breach in"):
+    for col in ("class", "pool", "SLA", "p50", "p95", "p99", "queued", "oldest", "breach in",
+                "delivered", "failed"):
         classes.add_column(col, justify="left" if col in ("class", "pool") else "right",
                            no_wrap=col in ("class", "pool"))
     for c in sla["classes"]:
         q = c["latency_s"]["5m"] or {}
         classes.add_row(c["class"], c["pool"], _age(c["sla_s"]) if c["sla_s"] else "-",
                         _age(q.get("p50")), _age(q.get("p95")), _age(q.get("p99")),
-                        str(c["depth"]), _age(c["oldest_age_s"]), _age(c["breach_in_s"]))
+                        str(c["depth"]), _age(c["oldest_age_s"]), _age(c["breach_in_s"]),
+                        str(c["delivered_total"]), str(c["failed_total"]))
     out.print(classes)
     if clustered:
         own = Table(title=f"this node's own part ({sla['node']['name']})")
-        for col in ("class", "holds", "accepted", "delivered", "p95 5m", "drain/s"):
+        for col in ("class", "holds", "accepted", "delivered", "failed", "p95 5m", "drain/s"):
             own.add_column(col, justify="left" if col == "class" else "right")
         for c in sla["node"]["classes"]:
             q = c["latency_s"]["5m"] or {}
             own.add_row(c["class"], str(c["held"]), str(c["received_total"]),
-                        str(c["delivered_total"]), _age(q.get("p95")), f"{c['drain_rate']:.2f}")
+                        str(c["delivered_total"]), str(c["failed_total"]), _age(q.get("p95")),
+                        f"{c['drain_rate']:.2f}")
         out.print(own)
     for alert in alerts["active"]:
         out.print(f"[red]ALERT[/] {alert['id']}: {alert['message']}")
