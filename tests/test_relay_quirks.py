@@ -40,6 +40,8 @@ class Conversation:
     """Messages this connection took (final 250) so far."""
     rcpts: list[str] = field(default_factory=list)
     """The current transaction's accepted recipients."""
+    taken: int = 0
+    """Recipients accepted on this connection so far, in every transaction."""
     mail: bool = False
     """A MAIL command was taken (a transaction is open)."""
 
@@ -65,6 +67,10 @@ class Receiver:
     """(connection, recipients, data) of each message answered 250 at its final dot."""
     commands: list[tuple[int, bytes]] = field(default_factory=list)
     connections: int = 0
+    open: int = 0
+    """Connections open now."""
+    peak: int = 0
+    """The most connections open at once."""
 
     async def start(self) -> int:
         self._tasks: set[asyncio.Task[None]] = set()
@@ -82,11 +88,14 @@ class Receiver:
         assert task is not None
         self._tasks.add(task)  # type: ignore[arg-type]
         self.connections += 1
+        self.open += 1
+        self.peak = max(self.peak, self.open)
         try:
             await self._serve(Conversation(self.connections), reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
+            self.open -= 1  # before the close: the client cannot have seen it yet
             writer.close()
             self._tasks.discard(task)  # type: ignore[arg-type]
 
@@ -114,6 +123,7 @@ class Receiver:
                 answer = self._default(conv, verb, line)
             elif verb == b"RCPT" and answer.startswith(b"2"):
                 conv.rcpts.append(_address(line))
+                conv.taken += 1
             if answer == HANG:
                 await reader.read()
                 return
@@ -152,6 +162,7 @@ class Receiver:
             return b"503 5.5.1 Error: need MAIL command\r\n"
         if verb == b"RCPT":
             conv.rcpts.append(_address(line))
+            conv.taken += 1
             return b"250 2.1.5 Ok\r\n"
         if verb == b"DATA":
             return b"354 End data with <CR><LF>.<CR><LF>\r\n" if conv.rcpts else \
@@ -326,11 +337,31 @@ async def test_reply_to_the_dot_is_every_accepted_recipients(tmp_path, make_node
 # --- the recipient limit ----------------------------------------------------------------------
 
 
+TOO_MANY = b"452 4.5.3 Error: too many recipients\r\n"
+NO_PIPELINING = b"250-quirk.test\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
+
+
+def one_slot(text: str) -> str:
+    """The bulk pool (the marketing class's) with one connection: ``max_smtp_out = 1``."""
+    return text.replace('ehlo = "bulk.test", max_smtp_out = 4', 'ehlo = "bulk.test", '
+                                                                 'max_smtp_out = 1')
+
+
+def transactions(receiver: Receiver) -> dict[int, int]:
+    """The MAIL commands the receiver got, by connection."""
+    mails: dict[int, int] = {}
+    for n, line in receiver.commands:
+        if line[:4].upper() == b"MAIL":
+            mails[n] = mails.get(n, 0) + 1
+    return mails
+
+
 async def _five_in_pairs(tmp_path, make_node, receiver, caplog, *, connections: int) -> None:
-    """One message to 5 recipients through a receiver taking 2 per transaction: each
-    delivered once ("d"), in transactions of 2, 2 and 1, over ``connections`` connections."""
+    """One message to 5 recipients through a receiver taking 2 per transaction (or session):
+    each delivered once ("d", no deferral), in transactions of 2, 2 and 1, over
+    ``connections`` connections, never more than one open at once (the pool's one slot)."""
     port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
+    node = await make_node(one_slot(quick_config(tmp_path, port)))
     rcpts = [f"a{i}@example.com" for i in range(5)]
     await send(node.listeners[0].port, "s@insurer.test", rcpts, message(cls="marketing"))
     await until(lambda: sum(len(r) for _, r, _ in receiver.received) >= 5, what="5 recipients")
@@ -338,16 +369,21 @@ async def _five_in_pairs(tmp_path, make_node, receiver, caplog, *, connections: 
     assert sorted(outcomes(tmp_path)) == sorted((r, "d") for r in rcpts), outcomes(tmp_path)
     assert [r for _, r, _ in receiver.received] == [rcpts[:2], rcpts[2:4], rcpts[4:]]
     assert receiver.connections == connections
+    assert receiver.peak == 1
     no_tracebacks(caplog)
 
 
-@pytest.mark.parametrize("reply", [b"452 4.5.3 Error: too many recipients\r\n",
-                                   b"552 5.5.3 Recipient limit exceeded\r\n",
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+@pytest.mark.parametrize("reply", [TOO_MANY, b"552 5.5.3 Recipient limit exceeded\r\n",
                                    b"452 Too many recipients received this message\r\n"])
-async def test_recipient_limit_with_pipelining(tmp_path, make_node, receiver, caplog, reply):
-    """A pipelining receiver that takes 2 recipients per transaction: the rest go in the next
-    transactions on the same connection, none deferred or bounced. RFC 3463's X.5.3 is "too
-    many recipients" whatever the text."""
+async def test_recipient_limit_per_transaction(tmp_path, make_node, receiver, caplog, reply,
+                                               pipelining):
+    """A receiver that takes 2 recipients per transaction: the rest go in the next
+    transactions on the same connection, none deferred or bounced, with or without
+    PIPELINING. RFC 3463's X.5.3 is "too many recipients" whatever the text."""
+    if not pipelining:
+        receiver.ehlo = NO_PIPELINING
+
     def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
         if verb == b"RCPT" and len(conv.rcpts) >= 2:
             return reply
@@ -355,6 +391,86 @@ async def test_recipient_limit_with_pipelining(tmp_path, make_node, receiver, ca
 
     receiver.script = script
     await _five_in_pairs(tmp_path, make_node, receiver, caplog, connections=1)
+    assert transactions(receiver) == {1: 3}
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
+async def test_recipient_limit_per_session(tmp_path, make_node, receiver, caplog, pipelining):
+    """A receiver that takes 2 recipients per session and refuses every later RCPT of the
+    session with 452 4.5.3, in the next transaction too, the session kept open: after that
+    transaction took none, the relay QUITs and goes on at once on a new session from the same
+    slot (the pool's one), 3 sessions for 5 recipients, none deferred to the class's retry
+    (they waited for it, minutes for a class with an SLA of 2)."""
+    if not pipelining:
+        receiver.ehlo = NO_PIPELINING
+
+    def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
+        if verb == b"RCPT" and conv.taken >= 2:
+            return TOO_MANY
+        return None
+
+    receiver.script = script
+    await _five_in_pairs(tmp_path, make_node, receiver, caplog, connections=3)
+    assert [n for n, _, _ in receiver.received] == [1, 2, 3]
+    assert transactions(receiver) == {1: 2, 2: 2, 3: 1}
+    for n in (1, 2):  # ended with a QUIT, not dropped
+        assert [line for c, line in receiver.commands if c == n][-1] == b"QUIT\r\n"
+
+
+async def test_recipient_limit_per_session_for_the_next_message(tmp_path, make_node,
+                                                                receiver, caplog):
+    """The same receiver, two messages of 2 recipients on one connection: the first takes
+    the session's 2, the second's transaction gets 452 4.5.3 for both and goes at once on a
+    new session."""
+    receiver.script = lambda conv, verb, line: (
+        TOO_MANY if verb == b"RCPT" and conv.taken >= 2 else None)
+    port = await receiver.start()
+    node = await make_node(one_slot(quick_config(tmp_path, port)))
+    await node.operations.pause("bulk", who=OPERATOR)  # queue both, then one session
+    for m in ("a", "b"):
+        await send(node.listeners[0].port, "s@insurer.test",
+                   [f"{m}1@example.com", f"{m}2@example.com"], message(cls="marketing"))
+    await node.operations.resume("bulk", who=OPERATOR)
+    await until(lambda: len(receiver.received) >= 2, what="two messages")
+    await node.stop()
+    assert sorted(outcomes(tmp_path)) == [(f"{m}{i}@example.com", "d")
+                                          for m in "ab" for i in (1, 2)], outcomes(tmp_path)
+    assert [n for n, _, _ in receiver.received] == [1, 2]
+    assert transactions(receiver) == {1: 2, 2: 1}
+    assert receiver.peak == 1
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("where", ["from-the-start", "after-a-reopen"])
+async def test_recipient_limit_with_nothing_taken_waits_for_the_retry(
+        tmp_path, make_node, receiver, caplog, where):
+    """A session that delivers nothing is not reopened for the recipient limit: a receiver
+    refusing every RCPT with 452 4.5.3 from its first (or, after a session that took 2, on
+    the reopened one) defers them to the class's retry (10 minutes here, so never within the
+    test), with no loop of connections."""
+    receiver.script = lambda conv, verb, line: (
+        TOO_MANY if verb == b"RCPT" and (where == "from-the-start" or conv.number > 1
+                                         or conv.taken >= 2) else None)
+    port = await receiver.start()
+    text = one_slot(quick_config(tmp_path, port)).replace(
+        'pool = "bulk"\npriority = 3\nretry = ["0.2s"]', 'pool = "bulk"\npriority = 3\n'
+                                                        'retry = ["10m"]')
+    assert 'retry = ["10m"]' in text
+    node = await make_node(text)
+    rcpts = [f"a{i}@example.com" for i in range(5)]
+    await send(node.listeners[0].port, "s@insurer.test", rcpts, message(cls="marketing"))
+    await until(lambda: len(outcomes(tmp_path)) >= 5, what="5 outcomes")
+    await node.stop()
+    rows = [r for r in records(tmp_path) if r["type"] not in ("r", "o")]
+    taken = 0 if where == "from-the-start" else 2
+    assert sorted((r["rcpt"], r["type"]) for r in rows) == sorted(
+        [(r, "d") for r in rcpts[:taken]] + [(r, "t") for r in rcpts[taken:]]), rows
+    assert all(r["dsnStatus"] == "4.5.3" for r in rows if r["type"] == "t"), rows
+    assert [r for _, r, _ in receiver.received] == ([] if taken == 0 else [rcpts[:2]])
+    assert transactions(receiver) == ({1: 1} if taken == 0 else {1: 2, 2: 1})
+    assert receiver.connections == len(transactions(receiver))
+    assert receiver.peak == 1
+    no_tracebacks(caplog)
 
 
 # --- reply formats ----------------------------------------------------------------------------
