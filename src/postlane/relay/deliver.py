@@ -100,8 +100,9 @@ def reachable(dests: list[Destination], source_ip: str) -> list[Destination]:
 
 class SessionLost(Exception):
     """The session failed before the transaction got going (the connection lost, a timeout or
-    a garbled reply at MAIL, a 421 to MAIL): a fault of the server, not of the message, so the
-    batch goes to the next host of the attempt (``Hosts.lost``)."""
+    a garbled reply at MAIL, a 421 to MAIL), or is spent (every recipient of a transaction
+    refused for a recipient limit after the session delivered): a fault of the server, not of
+    the message, so the batch goes on a new session (``Hosts.lost``)."""
 
     def __init__(self, error: SMTPError, settled: dict[int, Outcome] | None = None) -> None:
         super().__init__(str(error))
@@ -195,7 +196,11 @@ class Relay:
         retry. When the session ends before a follow-up (lost at its MAIL, or closed after the
         transaction that delivered), ``SessionLost`` carries the outcomes settled so far and
         the rest of the batch goes on a new session (``Hosts.lost``: the same host again, as
-        it delivered), still not to the retry."""
+        it delivered), still not to the retry. So does a transaction whose every recipient is
+        refused for the limit on a session that delivered before (this message's transaction
+        or an earlier message's): the server counts recipients per session, not per
+        transaction, and the session is spent while it stays open. A session that delivered
+        nothing is not reopened (its batch waits for the retry): no loop."""
         msg = batch[0].msg
         try:
             body = await self.spool.load_body(msg.id)
@@ -208,8 +213,16 @@ class Relay:
         latest = outcomes
         while True:
             over = [i for i, out in zip(pending, latest, strict=True) if _too_many(out)]
-            if not over or len(over) == len(pending):  # none left, or none taken: stop
+            if not over:
                 break
+            if len(over) == len(pending):  # this transaction took none of them
+                if conn.messages_sent == 0:
+                    break  # not even the session's first: the retry
+                # a limit per session, reached by the transactions that delivered: QUIT and
+                # go on with the rest on a new session (from the same slot)
+                raise SessionLost(SMTPError("rcpt", "every recipient over the server's"
+                                                    f" recipient limit: {latest[0].reply}"),
+                                  _settled(outcomes, over))
             if not conn.usable:
                 if not any(out.kind == DELIVERED for out in outcomes):
                     break  # the server ended it without taking this message: the retry
@@ -362,10 +375,12 @@ class Hosts:
         A session that had delivered before it was lost is reopened to the same host first:
         the server is up and took our mail; it ended the session, as Exim does after
         ``smtp_accept_max_per_connection`` MAIL commands (421) or as an idle timeout racing
-        our next MAIL does (a close). The batch waited for its class's retry (15 minutes for
-        marketing) with a deferral on its record. Each reopening needs a session that
-        delivered, so it cannot loop; a reopened session lost before delivering is counted and
-        moved on from as any other."""
+        our next MAIL does (a close), or as a server counting recipients per session refuses
+        every further one (452 4.5.3, ``Relay.transact``). The batch waited for its class's
+        retry (15 minutes for marketing) with a deferral on its record. The session is QUIT
+        before the next is opened: one connection per slot. Each reopening needs a session
+        that delivered, so it cannot loop; a reopened session lost before delivering is
+        counted and moved on from as any other."""
         conn, plan = self.conn, self._current
         assert conn is not None and plan is not None
         log.debug("session %s [%s] lost: %s", conn.server_name, conn.peer_ip, exc)
