@@ -160,12 +160,16 @@ async def busy_node(tmp_path: Path, sink, schema: str, prefix: str, count: int,
 
 async def test_drain_request_stops_a_node_and_hands_its_work_over(tmp_path, sink,
                                                                   pg_schema):  # noqa: F811
-    sink.delay = 0.5  # node-a's 12 take 6 s: node-b starts well before (≈ 2 s on a busy box)
+    sink.delay = 0.5
     a, names = await busy_node(tmp_path, sink, pg_schema, "d", 12)
     b = None
     try:
+        # node-a's work held while node-b starts, which may take longer than node-a's 12
+        # deliveries (6 s) on a loaded machine: then nothing was left to hand over
+        await a.operations.pause("bulk", who=OPERATOR)
         b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b",
                                           marketing_max_out=1))
+        await a.operations.resume("bulk", who=OPERATOR)  # node-a delivers again, then drains
         assert await a.spool.request_drain("node-a")
         await asyncio.wait_for(a.stop_requested.wait(), 10)
         assert a.claimer is not None and a.claimer.draining
@@ -386,8 +390,12 @@ async def test_a_node_whose_work_was_taken_over_while_cut_off_stops(tmp_path, si
     a, names = await busy_node(tmp_path, sink, pg_schema, "t", 10, f"127.0.0.1:{proxy.port}")
     b = None
     try:
+        # node-a's work held while node-b starts, which may take longer than node-a's 10
+        # deliveries (2 s) on a loaded machine: then node-a was cut off holding nothing
+        await a.operations.pause("bulk", who=OPERATOR)
         b = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-b",
                                           marketing_max_out=1))
+        await a.operations.resume("bulk", who=OPERATOR)
         proxy.cut()  # node-a is cut off holding work; its session closes
         assert a.claimer is not None and b.claimer is not None
         await _until(lambda: b.claimer.taken_over > 0, timeout=60)
