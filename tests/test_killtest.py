@@ -63,3 +63,20 @@ async def test_a_foreign_server_on_the_nodes_port_acknowledges_nothing():
         assert foreign.arrivals == []
     finally:
         await foreign.stop()
+
+
+async def test_a_sink_port_taken_by_another_program_stops_the_run(tmp_path, monkeypatch):
+    """The sink's port taken meanwhile: the run stops saying so, rather than have the node
+    deliver to whatever listens there and report the mail lost."""
+    import socket
+
+    import pytest
+
+    from postlane.harness import killtest
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(killtest, "_free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="sink could not listen"):
+            await asyncio.to_thread(killtest.run, tmp_path, messages=2, kills=0, seed=5)

@@ -264,7 +264,11 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
     arrivals.unlink(missing_ok=True)
     sink_port = _free_port()
     sink = subprocess.Popen([sys.executable, "-m", "postlane.harness.killtest", "sink",
-                             str(sink_port), str(arrivals)], stdout=subprocess.DEVNULL)
+                             str(sink_port), str(arrivals)], stdout=subprocess.PIPE)
+    assert sink.stdout is not None
+    if sink.stdout.readline() != b"listening\n":  # it bound the port (not another program)
+        sink.wait(10)
+        raise RuntimeError(f"the sink could not listen on port {sink_port}")
     schema = f"killtest_{os.getpid()}_{rng.randrange(1 << 30)}" if spool else "postlane"
     names = ["node-a", "node-b"] if spool else ["killtest"]
     hostname = f"killtest-{os.urandom(4).hex()}.local"  # the greeting that tells our nodes
@@ -448,6 +452,8 @@ def _sink_main(port: int, out: Path) -> None:
 
     async def main() -> None:
         sink = await RecordingSink(port=port, keep_data=False).start()
+        sys.stdout.write("listening\n")  # the harness waits for this line
+        sys.stdout.flush()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
