@@ -39,3 +39,44 @@ async def test_a_cluster_node_with_intake_workers_killed_for_good(tmp_path, pg_s
     assert result.outlived == 0, "an intake worker outlived its main process"
     assert result.lost == 0 and result.delivered == 200
     assert result.evidence_ok, result.problems
+
+
+async def test_a_foreign_server_on_the_nodes_port_acknowledges_nothing():
+    """The node's port is free when the harness picks it, but another program may take it
+    before the node binds it (or while the node restarts after a kill): a sink that answers
+    250 to anything there must not count as the node's acknowledgement (seed 405 once counted
+    221 messages another test's sink took as "acknowledged and lost")."""
+    import threading
+
+    from postlane.harness.killtest import _submit, _takes_mail
+    from postlane.harness.sink import Sink
+
+    foreign = await Sink().start()
+    try:
+        assert not await asyncio.to_thread(_takes_mail, foreign.port, "killtest-0123abcd.local")
+        acked: set[int] = set()
+        stop = threading.Event()
+        threading.Timer(1.0, stop.set).start()
+        await asyncio.to_thread(_submit, [foreign.port], [0, 1], acked, threading.Lock(), stop,
+                                "killtest-0123abcd.local")
+        assert acked == set()
+        assert foreign.arrivals == []
+    finally:
+        await foreign.stop()
+
+
+async def test_a_sink_port_taken_by_another_program_stops_the_run(tmp_path, monkeypatch):
+    """The sink's port taken meanwhile: the run stops saying so, rather than have the node
+    deliver to whatever listens there and report the mail lost."""
+    import socket
+
+    import pytest
+
+    from postlane.harness import killtest
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(killtest, "_free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="sink could not listen"):
+            await asyncio.to_thread(killtest.run, tmp_path, messages=2, kills=0, seed=5)

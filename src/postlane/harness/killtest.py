@@ -78,20 +78,56 @@ class Result:
                                        or self.acknowledged_not_found)
 
 
+PORTS = (20000, 32000)
+"""Where the harness picks its ports: below Linux's ephemeral range (32768-60999), which every
+``bind(("127.0.0.1", 0))`` of the machine's other programs and tests draws from; a port picked
+there was taken by another test's sink between this check and the node's bind (seed 405)."""
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the ephemeral range; the node's greeting says whether it was
+    still ours when the node bound it (``_takes_mail``)."""
+    pick = random.SystemRandom()  # not the campaign's generator: the kill points stay the seed's
+    for _ in range(200):
+        port = pick.randrange(*PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS[0]}-{PORTS[1]}")
+
+
+def _greeting(client: smtplib.SMTP, port: int, hostname: str) -> None:
+    """Connect ``client`` and check the greeting is this run's node (its hostname is drawn per
+    run): a 250 from another program on the port is no acknowledgement."""
+    _, text = client.connect("127.0.0.1", port)
+    if not text.decode(errors="replace").startswith(hostname + " "):
+        client.close()
+        raise smtplib.SMTPConnectError(220, text)
+
+
+def _takes_mail(port: int, hostname: str, timeout: float = 1.0) -> bool:
+    """Whether this run's node greets on ``port`` (something else on it is not the node)."""
+    client = smtplib.SMTP(timeout=timeout)
+    try:
+        _greeting(client, port, hostname)
+    except (OSError, smtplib.SMTPException):
+        return False
+    with contextlib.suppress(Exception):
+        client.quit()
+    return True
 
 
 def _config(home: Path, listen: int, sink: int, spool: str, name: str, schema: str,
-            workers: str = "1") -> str:
+            workers: str = "1", hostname: str = "killtest.local") -> str:
     return f"""
 default_class = "bulk"
 [node]
 workers = {workers if workers.isdigit() else '"' + workers + '"'}
 name = "{name}"
-hostname = "killtest.local"
+hostname = "{hostname}"
 spool = "{spool}"
 drain_timeout = 2
 [cluster]
@@ -124,8 +160,8 @@ enabled = false  # not needed here, and port 8025 may be another node's on this 
 
 
 class _NodeProcess:
-    def __init__(self, config: Path, port: int, log: Path) -> None:
-        self.config, self.port, self.log = config, port, log
+    def __init__(self, config: Path, port: int, log: Path, hostname: str) -> None:
+        self.config, self.port, self.log, self.hostname = config, port, log, hostname
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -135,8 +171,7 @@ class _NodeProcess:
                  "--log-level", "WARNING"], stdout=log, stderr=log)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=1):
+            if _takes_mail(self.port, self.hostname):  # this node, not whatever took the port
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}; see {self.log}")
@@ -150,13 +185,18 @@ class _NodeProcess:
 
     def released(self, within: float = 10.0) -> bool:
         """Whether the node's SMTP port refuses connections within ``within`` seconds of its
-        death: nothing of it (no intake worker) still holds the listening socket."""
+        death: nothing of it (no intake worker) still holds the listening socket. A listener
+        whose greeting is not this node's is another program that took the free port."""
         deadline = time.monotonic() + within
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    pass
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    greeting = conn.recv(512)  # a worker that accepts greets; one hung: no
+            except TimeoutError:
+                greeting = b""
             except OSError:
+                return True
+            if greeting and not greeting.startswith(f"220 {self.hostname} ".encode()):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -172,9 +212,10 @@ class _NodeProcess:
 
 
 def _submit(ports: list[int], seqs: list[int], acked: set[int], lock: threading.Lock,
-            stop: threading.Event) -> None:
+            stop: threading.Event, hostname: str) -> None:
     """Submit each message until it gets a 250 (a retry after a kill may duplicate it); a node
-    that does not answer is left for the next one (a cluster's survivor)."""
+    that does not answer is left for the next one (a cluster's survivor), and so is a port
+    whose greeting is not the node's ``hostname``."""
     client: smtplib.SMTP | None = None
     turn = 0
     for seq in seqs:
@@ -185,7 +226,8 @@ def _submit(ports: list[int], seqs: list[int], acked: set[int], lock: threading.
         while not stop.is_set():
             try:
                 if client is None:
-                    client = smtplib.SMTP("127.0.0.1", ports[turn % len(ports)], timeout=30)
+                    client = smtplib.SMTP(timeout=30)
+                    _greeting(client, ports[turn % len(ports)], hostname)
                 client.sendmail("killtest@example.com", [f"r{seq}@example.com"], data)
             except (OSError, smtplib.SMTPException):
                 if client is not None:
@@ -222,9 +264,14 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
     arrivals.unlink(missing_ok=True)
     sink_port = _free_port()
     sink = subprocess.Popen([sys.executable, "-m", "postlane.harness.killtest", "sink",
-                             str(sink_port), str(arrivals)], stdout=subprocess.DEVNULL)
+                             str(sink_port), str(arrivals)], stdout=subprocess.PIPE)
+    assert sink.stdout is not None
+    if sink.stdout.readline() != b"listening\n":  # it bound the port (not another program)
+        sink.wait(10)
+        raise RuntimeError(f"the sink could not listen on port {sink_port}")
     schema = f"killtest_{os.getpid()}_{rng.randrange(1 << 30)}" if spool else "postlane"
     names = ["node-a", "node-b"] if spool else ["killtest"]
+    hostname = f"killtest-{os.urandom(4).hex()}.local"  # the greeting that tells our nodes
     nodes, configs = [], []
     for name in names:
         home = workdir / name if spool else workdir
@@ -232,9 +279,9 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
         port = _free_port()
         config = home / "killtest.toml"
         config.write_text(_config(home, port, sink_port, spool or f"{home}/spool", name, schema,
-                                  workers))
+                                  workers, hostname))
         configs.append(config)
-        nodes.append(_NodeProcess(config, port, home / "node.log"))
+        nodes.append(_NodeProcess(config, port, home / "node.log", hostname))
     started = time.monotonic()
     acked: set[int] = set()
     lock = threading.Lock()
@@ -247,7 +294,8 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
         seqs = list(range(messages))
         threads = [threading.Thread(target=_submit, args=(ports[i % len(ports):]
                                                           + ports[:i % len(ports)],
-                                                          seqs[i::clients], acked, lock, stop),
+                                                          seqs[i::clients], acked, lock, stop,
+                                                          hostname),
                                     daemon=True) for i in range(clients)]
         for t in threads:
             t.start()
@@ -404,6 +452,8 @@ def _sink_main(port: int, out: Path) -> None:
 
     async def main() -> None:
         sink = await RecordingSink(port=port, keep_data=False).start()
+        sys.stdout.write("listening\n")  # the harness waits for this line
+        sys.stdout.flush()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await stop.wait()
