@@ -40,6 +40,7 @@ SINGLE_FIELDS = ("date", "from", "sender", "reply-to", "to", "cc", "bcc", "messa
                  "in-reply-to", "references", "subject")
 """RFC 5322 §3.6: each at most once in a message."""
 
+
 class QueueIds:
     """Queue ids: 11 hex digits of milliseconds, the process's 32-bit tag and a 20-bit counter,
     so they sort by time in logs and need no coordination. Each node draws its tag at random
