@@ -127,11 +127,14 @@ async def test_idle_connection_gets_421_then_closed(tmp_path, sink, make_node):
 async def test_each_command_restarts_the_idle_clock(tmp_path, sink, make_node):
     """The idle clock is one timer per connection whose deadline each command moves: a client
     that keeps talking is never cut, and one that stops is cut once the deadline passes."""
-    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.5s"'))
+    # a 2 s clock and a command every 0.5 s: 4 s in total, twice the clock, never idle for
+    # more than 0.5 s; the 1.5 s to spare is a late wakeup a loaded machine may give (with a
+    # 0.5 s clock and 0.2 s pauses, one wakeup 0.4 s late cut the client)
+    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "2s"'))
     raw = await session(node.listeners[0].port)
-    for _ in range(8):  # 1.6 s in total, never idle for 0.5 s
+    for _ in range(8):
         assert (await raw.cmd("NOOP")).startswith("250")
-        await asyncio.sleep(0.2)  # the scenario: real time passes on the node's idle clock
+        await asyncio.sleep(0.5)  # the scenario: real time passes on the node's idle clock
     assert (await raw.reply(timeout=10)).startswith("421 4.4.2 Idle too long")
     assert await raw.closed()
 
@@ -197,17 +200,19 @@ async def test_low_disk_space_refuses_with_452_and_recovers(tmp_path, sink, make
 
 async def test_command_timeout_is_idle_time_during_a_slow_data_transfer(tmp_path, sink,
                                                                         make_node):
-    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "0.5s"\n'
+    node = await make_node(limited(tmp_path, sink.port, 'command_timeout = "2s"\n'
                                                         "min_data_rate = 0"))
     raw = await session(node.listeners[0].port)
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
     assert (await raw.cmd("RCPT TO:<slow@example.com>")).startswith("250")
     assert (await raw.cmd("DATA")).startswith("354")
     raw.send(b"Subject: slow\r\n\r\n")
-    for i in range(8):  # 1.6 s in total, never idle for 0.5 s
+    # a line every 0.5 s against a 2 s clock: 4 s in total, twice the clock, with 1.5 s to
+    # spare for a late wakeup (a 0.5 s clock with 0.2 s pauses failed on one 0.4 s late)
+    for i in range(8):
         raw.send(b"line %d\r\n" % i)
         await raw.writer.drain()
-        await asyncio.sleep(0.2)  # the scenario: a slow sender, in real time
+        await asyncio.sleep(0.5)  # the scenario: a slow sender, in real time
     raw.send(b".\r\n")
     assert (await raw.reply()).startswith("250 2.0.0")
     await raw.close()
