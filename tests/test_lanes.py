@@ -12,7 +12,7 @@ import pytest
 from postlane.harness.sink import Sink
 from postlane.operations import OperationError
 from tests.conftest import OPERATOR, config_text, message, records, send
-from tests.support.waiting import until
+from tests.support.heldsink import HeldSink
 
 
 def shared_pool_config(tmp_path, sink_port: int, *, slots: int = 1, extra: str = "") -> str:
@@ -70,34 +70,13 @@ async def _submit_all(port: int, items: list[tuple[str, str, str]]) -> None:
         await send(port, "sender@insurer.test", [rcpt], message(subject, cls=cls))
 
 
-class HeldSink(Sink):
-    """A sink whose replies to DATA wait for ``release``: the message on the wire stays there
-    until the test has queued the rest, however slow its submissions. (A 0.3 s delay per
-    message stood for that: submissions 0.3 s slower, as on a loaded machine, let the sink
-    take every marketing message before the policy notice was even queued.)"""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.release = asyncio.Event()
-        self.held = 0
-
-    async def handle_DATA(self, server, session, envelope) -> str:
-        self.held += 1
-        await self.release.wait()
-        return await super().handle_DATA(server, session, envelope)
-
-
-async def _on_the_wire(sink: HeldSink) -> None:
-    await until(lambda: sink.held >= 1, what="the first message on the wire, held")
-
-
 async def test_later_policy_notice_overtakes_queued_marketing_in_one_slot(tmp_path, make_node):
     sink = await HeldSink().start()
     try:
         node = await make_node(shared_pool_config(tmp_path, sink.port))
         port = node.listeners[0].port
         await _submit_all(port, [(f"m{i}", "marketing", f"r{i}@example.com") for i in range(5)])
-        await _on_the_wire(sink)
+        await sink.on_the_wire()  # held until the rest is queued
         await _submit_all(port, [("policy", "policy-documents", "p@example.com")])
         sink.release.set()
         await sink.wait_for(6, timeout=30)
@@ -115,7 +94,7 @@ async def test_higher_priority_lane_takes_the_slot_from_another_domain(tmp_path,
         node = await make_node(shared_pool_config(tmp_path, sink.port))
         port = node.listeners[0].port
         await _submit_all(port, [(f"m{i}", "marketing", f"r{i}@news.example") for i in range(5)])
-        await _on_the_wire(sink)
+        await sink.on_the_wire()  # held until the rest is queued
         await _submit_all(port, [("policy", "policy-documents", "p@customers.example")])
         sink.release.set()
         await sink.wait_for(6, timeout=30)
@@ -131,7 +110,7 @@ async def test_earliest_deadline_first_within_a_priority(tmp_path, make_node):
         node = await make_node(shared_pool_config(tmp_path, sink.port))
         port = node.listeners[0].port
         await _submit_all(port, [("blocker", "marketing", "b@example.com")])
-        await _on_the_wire(sink)
+        await sink.on_the_wire()  # held until the rest is queued
         await _submit_all(port, [("claim", "claims", "c@example.com"),        # deadline +30 min
                                  ("receipt", "payment-receipts", "r@example.com")])  # +5 min
         sink.release.set()
