@@ -16,6 +16,7 @@ import pytest
 from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records, send
 from tests.support.badserver import BadServer
+from tests.support.heldsink import HeldSink
 from tests.support.waiting import until
 
 
@@ -200,7 +201,9 @@ async def test_kill_9_after_250_then_restart_delivers_once(tmp_path):
 
 
 async def test_sigterm_drains_with_421_and_exits(tmp_path):
-    sink = await Sink(delay=1.0).start()
+    # the delivery is held at the sink until the test has its 421: a 1 s DATA was a window
+    # the drain's steps had to fit in (a 3 s late MAIL found the node gone: b'', not a 421)
+    sink = await HeldSink().start()
     listen = _free_port()
     cfg = tmp_path / "node.toml"
     cfg.write_text(config_text(tmp_path, sink.port, listener_port=listen))
@@ -214,8 +217,7 @@ async def test_sigterm_drains_with_421_and_exits(tmp_path):
         while not (await reader.readline()).startswith(b"250 "):
             pass
         await send(listen, "s@insurer.test", ["a@example.com"], message(cls="policy-documents"))
-        # the delivery is in flight once the sink took its RCPT (its DATA then takes 1 s)
-        await until(lambda: sink.rcpt_attempts["a@example.com"] >= 1, what="the RCPT at the sink")
+        await sink.on_the_wire()  # the delivery is in flight, held at DATA
         proc.send_signal(signal.SIGTERM)
         # draining: the listener is closed to new connections (the open session stays)
         async def refused() -> bool:
@@ -226,6 +228,7 @@ async def test_sigterm_drains_with_421_and_exits(tmp_path):
         await writer.drain()
         reply = await asyncio.wait_for(reader.readline(), 10)
         assert reply.startswith(b"421"), reply
+        sink.release.set()  # the in-flight delivery may finish now
         assert await asyncio.to_thread(proc.wait, 30) == 0
         assert len(sink.arrivals) == 1, "the in-flight delivery finished before exit"
     finally:
