@@ -247,14 +247,16 @@ async def test_slow_data_is_cut(tmp_path, sink, make_node, limits, interval, chu
 
 
 async def test_a_steady_data_phase_is_not_cut(tmp_path, sink, make_node):
-    node = await make_node(_limits(tmp_path, sink.port, "command_timeout = 1\n"
+    # the bank holds 3 s (command_timeout), so a stall of up to 3 s on a loaded machine is
+    # no cut (with 1 s, one 1 s stall cut it); 4 s in all, longer than the bank
+    node = await make_node(_limits(tmp_path, sink.port, "command_timeout = 3\n"
                                                         "min_data_rate = 500"))
     raw = await session(node.listeners[0].port)
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
     assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
     assert (await raw.cmd("DATA")).startswith("354")
     raw.send(b"Subject: steady\r\n\r\n")
-    for _ in range(15):  # 2,000 bytes/s, well above the minimum, for 1.5 s
+    for _ in range(40):  # 2,000 bytes/s, well above the minimum, for 4 s
         raw.send(b"z" * 198 + b"\r\n")
         await asyncio.sleep(0.1)  # real time in the scenario: a client sending at a steady rate
     raw.send(b".\r\n")
