@@ -3,6 +3,8 @@ a count while they last, an end line with the duration - not a line per refused 
 
 from __future__ import annotations
 
+import socket
+
 from postlane.accounting.records import Record
 from postlane.harness.sink import Sink
 from postlane.monitor.tracker import Tracker
@@ -40,9 +42,12 @@ async def test_low_disk_is_told_once_when_it_starts_and_once_when_it_ends(make_n
 
 async def test_a_receiver_down_is_told_once_while_its_mail_is_deferred(make_node, tmp_path,
                                                                         caplog):
-    down = await Sink().start()
-    port = down.port
-    await down.stop()  # nothing listens there now
+    # The port stays bound but not listening: a connection is refused, and no other program's
+    # bind(0) can take it before the receiver returns on it (asyncio's SO_REUSEADDR may).
+    hold = socket.socket()
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hold.bind(("127.0.0.1", 0))
+    port = hold.getsockname()[1]
     node = await make_node(config_text(tmp_path, port))
     for i in range(3):
         await send(node.listeners[0].port, "sender@insurer.test", ["x@example.com"],
@@ -55,6 +60,7 @@ async def test_a_receiver_down_is_told_once_while_its_mail_is_deferred(make_node
         await until(lambda: not node.health.active, timeout=10)
     finally:
         await back.stop()
+        hold.close()
     lines = told(caplog, "destination")
     assert [r.event for r in lines] == ["start", "end"]
     # the first try failed and deferred its message; the others waited in the suspended lane
