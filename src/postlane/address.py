@@ -198,6 +198,7 @@ def parse_path(arg: str, *, utf8: bool, null: bool = False,
     return address, rest
 
 
+@functools.lru_cache(maxsize=4096)  # per message, from few clients: parsing was 0.8 % of the loop
 def address_literal(ip: str) -> str | None:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``: an IP as RFC 5321 4.1.3 writes it in a
     Received field's TCP-info (4.4), or None when ``ip`` is no IP address. An IPv4-mapped IPv6
