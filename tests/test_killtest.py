@@ -1,6 +1,6 @@
 """The crash-safety harness, small: SIGKILL the node 3 times during a 300-message campaign, and
-on PostgreSQL kill one of two nodes for good. Nothing acknowledged is lost, and every message
-has its evidence in the audit store and the accounting files."""
+on PostgreSQL kill two nodes, restarted, then one of them for good. Nothing acknowledged is
+lost, and every message has its evidence in the audit store and the accounting files."""
 
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ async def test_a_cluster_node_killed_for_good_loses_neither_mail_nor_evidence(tm
                                      spool=PG_DSN)
     assert result.kills == 1 and result.acknowledged == 200
     assert result.lost == 0 and result.delivered == 200
+    assert result.evidence_ok, result.problems
+
+
+async def test_cluster_nodes_killed_and_restarted_then_one_for_good(tmp_path, pg_schema):
+    """Two nodes on one schema, SIGKILLed at random and restarted three times (each comes back
+    to the claims it held or finds them taken over), then one for good: nothing acknowledged
+    is lost and the trail of every message is complete."""
+    result = await asyncio.to_thread(run, tmp_path, messages=300, kills=4, seed=17,
+                                     spool=PG_DSN)
+    assert result.kills == 4 and result.acknowledged == 300
+    assert result.lost == 0 and result.delivered == 300
     assert result.evidence_ok, result.problems
 
 

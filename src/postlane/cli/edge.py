@@ -235,8 +235,9 @@ def killtest(
     messages: int = typer.Option(300, min=2),
     kills: int = typer.Option(3, min=0),
     seed: int | None = typer.Option(None, help="random seed (default: the process id)"),
-    spool: str | None = typer.Option(None, help="a PostgreSQL DSN: two nodes share it, and"
-                                     " one is killed once and never restarted"),
+    spool: str | None = typer.Option(None, help="a PostgreSQL DSN: two nodes share it; each"
+                                     " kill but the last restarts its victim, the last"
+                                     " victim stays dead (taken over)"),
     workers: str = typer.Option("1", help="the node's \\[node] workers (a number or auto)"),
 ) -> None:
     """SIGKILL a node at random moments of a campaign; check nothing acknowledged is lost and

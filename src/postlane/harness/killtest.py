@@ -14,8 +14,9 @@ arrival is explained by an unknown attempt (or a second delivery) in the trail; 
 acknowledged message is found by its correlation id; ``audit verify`` (chain and completeness)
 passes.
 
-With a PostgreSQL DSN (``spool``), two nodes share the queue and the second is killed once and
-never restarted: the survivor takes over its work and its evidence.
+With a PostgreSQL DSN (``spool``), two nodes share the queue: each kill but the last hits one
+of them at random and restarts it (it finds its own claims, or the other node has taken them
+over), the last kills the second for good: the survivor takes over its work and its evidence.
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
         seed: int | None = None, settle: float = 120.0, spool: str | None = None,
         workers: str = "1") -> Result:
     """Run the campaign with ``kills`` SIGKILLs spread over it (with ``spool`` a PostgreSQL
-    DSN: two nodes, one killed once and not restarted); see ``Result``."""
+    DSN: two nodes, the last kill's victim not restarted); see ``Result``."""
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     arrivals = workdir / "arrivals.txt"
@@ -299,21 +300,21 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
                                     daemon=True) for i in range(clients)]
         for t in threads:
             t.start()
-        points = sorted(rng.sample(range(1, messages), min(1 if spool else kills,
-                                                           messages - 1)))
-        for point in points:  # kill points spread over the campaign (delivery runs alongside)
+        points = sorted(rng.sample(range(1, messages), min(kills, messages - 1)))
+        for n, point in enumerate(points):  # spread over the campaign (delivery runs alongside)
+            last = n == len(points) - 1
             while any(t.is_alive() for t in threads):
                 with lock:
                     if len(acked) >= point:
                         break
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.2))
-            victim = nodes[-1]
+            victim = nodes[-1] if not spool or last else rng.choice(nodes)
             victim.kill()
             done += 1
             if not victim.released():
                 outlived += 1
-            if not spool:  # a single node comes back; a cluster's victim stays dead
+            if not (spool and last):  # a cluster's last victim stays dead: taken over
                 time.sleep(rng.uniform(0.0, 0.3))
                 victim.start()
         for t in threads:
