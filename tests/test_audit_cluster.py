@@ -178,3 +178,47 @@ async def test_an_audit_store_gone_does_not_hold_the_shutdown_and_loses_nothing(
     conn = await asyncpg.connect(PG_DSN)
     await conn.execute(f'DROP SCHEMA IF EXISTS "{pg_schema}_b" CASCADE')
     await conn.close()
+
+
+async def test_a_dead_nodes_events_wait_for_its_restart_before_another_node_adopts_them(
+        pg_schema):
+    """The events a killed node's recorder had not consumed are fed by one recorder: the node's
+    own when it comes back (its files' position says exactly which lines they have), another
+    node's only once the dead node's heartbeat is ``dead_after`` old. Adopted at once by the
+    other node, the lines the dead recorder wrote after its last published position were
+    written again there: the same lines in two nodes' files after every crash and restart."""
+    import asyncpg
+
+    from postlane.spool import PostgresSpool
+    from postlane.spool.outbox import PostgresOutbox
+
+    spool = PostgresSpool(PG_DSN, pg_schema, node="node-c")  # makes the schema
+    await spool.open()
+    await spool.close()
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        await conn.execute(f'SET search_path TO "{pg_schema}"')
+        await conn.execute("INSERT INTO writers VALUES ('node-a/old', 'node-a', 1, 0)")
+        await conn.execute("INSERT INTO nodes (name, hostname, pid, started_at, heartbeat)"
+                           " VALUES ('node-a', 'h', 1, 1, extract(epoch from now()))")
+        other = PostgresOutbox(PG_DSN, pg_schema, "node-b/1", dead_after=4.0)
+        try:
+            assert "node-a/old" not in other.writers(), "node-a may be restarting"
+            restarted = PostgresOutbox(PG_DSN, pg_schema, "node-a/2", dead_after=4.0)
+            try:
+                assert "node-a/old" in restarted.writers(), "its own, at once"
+                assert "node-a/old" not in other.writers(), "fed by one recorder"
+            finally:
+                restarted.close()
+            await conn.execute("UPDATE nodes SET heartbeat = heartbeat - 5")
+            assert "node-a/old" in other.writers(), "node-a is dead: the other takes them"
+        finally:
+            other.close()
+        await conn.execute("DELETE FROM nodes")
+        gone = PostgresOutbox(PG_DSN, pg_schema, "node-b/3", dead_after=4.0)
+        try:
+            assert "node-a/old" in gone.writers(), "a node no longer listed is gone"
+        finally:
+            gone.close()
+    finally:
+        await conn.close()

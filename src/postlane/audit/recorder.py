@@ -70,7 +70,7 @@ falls far behind (``Recorder.behind``)."""
 def _settings(config: Config, own: str, audit: str | None) -> dict:
     acc = config.accounting
     return {"spool": config.node.spool, "schema": config.cluster.schema_name, "own": own,
-            "audit": audit,
+            "dead_after": config.cluster.dead_after, "audit": audit,
             "acct": {"directory": str(acc.directory), "formats": list(acc.formats),
                      "fields": list(acc.fields), "rotate": acc.rotate,
                      "rotate_size": acc.rotate_size},
@@ -290,7 +290,8 @@ class _Feed:
 
             self.store = open_store_at(settings["audit"], settings["schema"])
             self.stored = self.store.feed_cursors()
-        self.outbox = open_outbox(settings["spool"], settings["schema"], settings["own"])
+        self.outbox = open_outbox(settings["spool"], settings["schema"], settings["own"],
+                                  settings["dead_after"])
         self._settings = settings
         self._known: set[str] = set()
         self.dirty = False
@@ -473,7 +474,7 @@ class _Feed:
             self.outbox.close()
         with contextlib.suppress(Exception):
             self.outbox = open_outbox(self._settings["spool"], self._settings["schema"],
-                                      self._settings["own"])
+                                      self._settings["own"], self._settings["dead_after"])
 
     def _append(self, entries: list[tuple]) -> None:
         assert self.store is not None

@@ -85,10 +85,19 @@ class SQLiteOutbox:
 class PostgresOutbox:
     """The events of a cluster schema: this node's writer, and writers of nodes that are gone."""
 
-    def __init__(self, dsn: str, schema: str, own: str) -> None:
+    def __init__(self, dsn: str, schema: str, own: str, dead_after: float = 0.0) -> None:
         import psycopg  # only where a cluster runs
 
+        from .pgsql import NOW
+
         self.schema, self.own = schema, own
+        self._listed = ("SELECT w.writer, w.node = %s OR NOT EXISTS (SELECT 1 FROM nodes n"
+                        f" WHERE n.name = w.node AND n.heartbeat >= {NOW} - %s)"
+                        " FROM writers w ORDER BY w.started")
+        self.dead_after = dead_after
+        """Another node's writer is adopted only once that node's heartbeat is this old: a node
+        restarted meanwhile adopts its own (its files' position says exactly where they got to;
+        the cluster's published ``filed`` may be a sync behind: lines written twice)."""
         self._held: set[str] = set()
         self.conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5,
                                     application_name=f"postlane-recorder/{schema}")
@@ -96,11 +105,14 @@ class PostgresOutbox:
 
     def writers(self) -> list[str]:
         out = []
-        listed = [w for (w,) in self.conn.execute("SELECT writer FROM writers ORDER BY started")]
+        rows = self.conn.execute(self._listed, (self.own.rsplit("/", 1)[0],
+                                                self.dead_after)).fetchall()
+        listed = [w for w, _ in rows]
         for writer in self._held - set(listed):  # trimmed to nothing and forgotten
             self.release(writer)
-        for writer in listed:
-            if writer == self.own or writer in self._held or self._try_lock(writer):
+        for writer, adoptable in rows:
+            if writer == self.own or writer in self._held or (adoptable
+                                                               and self._try_lock(writer)):
                 if writer != self.own:
                     self._held.add(writer)
                 out.append(writer)
@@ -155,10 +167,11 @@ class PostgresOutbox:
         self.conn.close()
 
 
-def open_outbox(spool: str, schema: str, own: str) -> SQLiteOutbox | PostgresOutbox:
+def open_outbox(spool: str, schema: str, own: str,
+                dead_after: float = 0.0) -> SQLiteOutbox | PostgresOutbox:
     """The outbox of the spool at ``spool`` (``node.spool``: a folder or a DSN)."""
     if spool.startswith(("postgresql://", "postgres://")):
-        return PostgresOutbox(spool, schema, own)
+        return PostgresOutbox(spool, schema, own, dead_after)
     return SQLiteOutbox(spool)
 
 
