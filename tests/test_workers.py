@@ -286,3 +286,49 @@ async def test_auth_through_a_worker(
     await node.stop()
     users = [r["authUser"] for r in records(tmp_path) if r["type"] == "r"]
     assert users == ["alice", "alice"]
+
+
+# A stand-in for the interpreter the node starts its intake workers with (``sys.executable``):
+# every other child (the audit recorder, signing processes) runs the real one; a worker either
+# exits at once with status 3 (as an interpreter that cannot run it would) or starts without the
+# listening sockets it inherits (each other descriptor but its channel to the main process is
+# closed), so that its own start fails inside Postlane's code.
+_WORKER_WRAPPER = """#!/bin/bash
+case "$*" in *postlane.workers.process*)
+  case "$WORKER_FAULT" in
+    exit) echo "worker stand-in: exiting at start" >&2; exit 3;;
+    sockets) for fd in /proc/$$/fd/*; do n=${{fd##*/}}
+               if [ "$n" -gt 2 ] && [ "$n" != "$3" ] && [ "$n" != 255 ]; then eval "exec $n>&-"; fi
+             done;;
+  esac;;
+esac
+exec {python} "$@"
+"""
+
+
+@pytest.mark.parametrize("fault", ["exit", "sockets"])
+def test_a_worker_that_fails_at_start_is_one_clear_error_not_a_traceback(tmp_path, fault):
+    """``[node] workers = 2`` and a worker that ends during the node's start: ``serve`` said
+    ``RuntimeError: intake worker 1 exited at start`` under a screenful of traceback (and the
+    worker its own). Now: exit 1, ``cannot start:`` naming the worker and why, no traceback."""
+    import subprocess
+    import sys
+
+    wrapper = tmp_path / "python-wrapper"
+    wrapper.write_text(_WORKER_WRAPPER.format(python=sys.executable))
+    wrapper.chmod(0o755)
+    path = tmp_path / "node.toml"
+    path.write_text(_with_workers(config_text(tmp_path, 2600)))
+    code = ("import sys; sys.executable = sys.argv.pop(1); from postlane.cli import main;"
+            " sys.argv[0] = 'postlane'; main()")
+    proc = subprocess.run([sys.executable, "-c", code, str(wrapper), "serve", "-c", str(path)],
+                          capture_output=True, text=True, timeout=110,
+                          env={**os.environ, "WORKER_FAULT": fault})
+    err = proc.stderr
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert "cannot start: intake worker " in err, err
+    if fault == "exit":
+        assert "exited during start-up with status 3" in err, err
+    else:
+        assert "Bad file descriptor" in err, err

@@ -38,6 +38,7 @@ from ..secretfile import UnusableFile
 from ..spool import SpoolInUse
 from ..spool.postgres import NodeConflict
 from ..startup import ConfigError, load_config
+from ..workers.pool import WorkerStartError
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -221,8 +222,8 @@ def run(config: Config, path: Path | None = None) -> None:
         except NewerSchema as exc:  # a downgrade: retrying cannot help
             _node_log.error("cannot start: %s: %s", exc, DOWNGRADE_ADVICE)
             raise SystemExit(2) from None
-        except (OSError, sqlite3.Error, NodeConflict, SpoolInUse,
-                UnusableFile) as exc:  # why, not a traceback
+        except (OSError, sqlite3.Error, NodeConflict, SpoolInUse, UnusableFile,
+                WorkerStartError) as exc:  # why, not a traceback
             _node_log.error("cannot start: %s", _why(exc))
             raise SystemExit(1) from None
 

@@ -43,7 +43,7 @@ from ..policy.dkim import SignerStats
 from ..policy.intake import Rejection
 from ..spool import Message, Recipient
 
-__all__ = ["WorkerPool", "worker_count"]
+__all__ = ["WorkerPool", "WorkerStartError", "worker_count"]
 
 log = logging.getLogger("postlane.workers")
 
@@ -56,6 +56,11 @@ def worker_count(setting: int | str) -> int:
         except AttributeError:  # pragma: no cover - not Linux
             return os.cpu_count() or 1
     return int(setting)
+
+
+class WorkerStartError(RuntimeError):
+    """An intake worker ended, or did not say it listens, while the node started: the node
+    cannot take mail as configured (``serve`` says ``cannot start:`` and why, exit 1)."""
 
 
 class WorkerChannel(asyncio.Protocol):
@@ -75,6 +80,8 @@ class WorkerChannel(asyncio.Protocol):
         self.ready = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self.reloaded: asyncio.Future | None = None
+        self.failure = ""
+        """Why the worker could not start, as it said before it exited ("" if it did not)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -106,7 +113,7 @@ class WorkerChannel(asyncio.Protocol):
         for key in list(self.degraded):  # a worker gone is in no state any more
             self.pool.worker_health(self, "end", key)
         if not self.ready.done():
-            self.ready.set_exception(RuntimeError(f"intake worker {self.index} exited at start"))
+            self.ready.set_exception(WorkerStartError(self.index))
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -141,11 +148,28 @@ class WorkerPool:
             starting.append(await self._spawn(index))
         try:
             await asyncio.wait_for(asyncio.gather(*(c.ready for c in starting)), 120)
-        except BaseException:
+        except BaseException as exc:
             await self._kill_all()
+            if isinstance(exc, WorkerStartError):
+                raise WorkerStartError(self._start_failure(exc.args[0])) from None
+            if isinstance(exc, TimeoutError):
+                raise WorkerStartError("intake workers did not start listening within 120 s"
+                                       " (a machine short of memory or CPU?)") from None
             raise
         self._watchers = [loop.create_task(self._watch(i)) for i in range(1, self.count + 1)]
         log.info("intake workers started", extra={"workers": self.count})
+
+    def _start_failure(self, index: int) -> str:
+        """``cannot start:`` text for worker ``index``, which ended during the start: what it
+        said, else its exit status."""
+        failure = self.channels[index].failure
+        if failure:
+            return f"intake worker {index} could not start: {failure}"
+        code = self.procs[index].returncode
+        how = (f"was killed by signal {-code}" if code is not None and code < 0 else
+               f"exited during start-up with status {code}")
+        return (f"intake worker {index} {how} (its own message, if it wrote one, is just"
+                " above)")
 
     async def _spawn(self, index: int) -> WorkerChannel:
         loop = asyncio.get_running_loop()
@@ -326,6 +350,8 @@ class WorkerPool:
         elif op == "reloaded":
             if channel.reloaded is not None and not channel.reloaded.done():
                 channel.reloaded.set_result(None)
+        elif op == "failed":
+            channel.failure = str(msg[2])
         elif op == "ready":
             if not channel.ready.done():
                 channel.ready.set_result(None)

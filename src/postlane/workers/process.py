@@ -407,6 +407,14 @@ class Worker:
         await asyncio.to_thread(self.feedback.close)  # joins the list's writer thread
 
 
+def start_failure(exc: BaseException) -> str:
+    """One line for why a worker could not start (a file, a descriptor, a resource), for the
+    operator: the main process's ``cannot start:`` line carries it."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: SIGKILL this process when the main process dies (a kill -9 included), so a
     restarted node finds its port free at once."""
@@ -427,9 +435,16 @@ async def _serve(fd: int) -> None:
 
     config: Config = pickle.loads(config_bytes)
     setup_logging(level, config.node.name)
-    worker = Worker(config, channel, sockets)
-    worker.intake.ids = QueueIds(tag)  # queue ids stay unique across the node's processes
-    await worker.start()
+    try:
+        worker = Worker(config, channel, sockets)
+        worker.intake.ids = QueueIds(tag)  # queue ids stay unique across the node's processes
+        await worker.start()
+    except Exception as exc:  # the main process says "cannot start: intake worker N: why"
+        why = start_failure(exc)
+        log.error("intake worker cannot start: %s", why)
+        channel.tell("failed", why)
+        await asyncio.sleep(0)  # the frame out before the exit
+        raise SystemExit(1) from None
     watch = loop.create_task(worker.certificates.watch())
     channel.tell("ready")
     while True:
