@@ -106,6 +106,46 @@ async def test_a_node_from_init_delivers_signed_mail_through_its_smarthost(tmp_p
     assert arrival.peer == "127.0.0.50"
 
 
+async def test_a_first_run_refuses_mail_without_a_class_and_its_config_says_how_to_give_one(
+        tmp_path, sink):
+    """The decision for a first run (docs/configuration.md, *Mail without a class*): a plain
+    client's message with no X-Postlane-Class is refused with "no traffic class", never put in
+    a class by guess; the written config shows the one line that gives the submission
+    listener's unclassified mail a class, and with that line uncommented the same message is
+    delivered in that class. (The config said "refused" but not how to choose otherwise.)"""
+    import smtplib
+
+    from postlane.node import Node
+
+    _init(tmp_path, "--smarthost", f"127.0.0.1:{sink.port}")
+    path = tmp_path / "node" / "postlane.toml"
+    msg = (b"From: notices@insurer.example\r\nTo: anna@example.com\r\nSubject: plain\r\n"
+           b"\r\nfrom a client that sets no class\r\n")
+
+    async def submit(cfg_path) -> None:
+        node = Node(load_config(cfg_path))
+        await node.start()
+        try:
+            await send(node.listeners[0].port, "notices@insurer.example", ["anna@example.com"],
+                       msg)
+        finally:
+            await node.stop()
+
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        await submit(path)
+    assert refused.value.smtp_code == 550 and b"no traffic class" in refused.value.smtp_error
+    text = path.read_text()
+    line = '# default_class = "payment-receipts"'
+    assert line in text.split("[listeners.inbound]")[0].split("[listeners.submission]")[1]
+    path.write_text(text.replace(line, line[2:]))
+    await submit(path)
+    arrival = (await sink.wait_for(1, timeout=20))[0]
+    assert b"Subject: plain" in arrival.data
+    acct = "\n".join(p.read_text() for p in (tmp_path / "node" / "var" / "accounting")
+                     .glob("acct-*.csv"))
+    assert ",payment-receipts," in acct
+
+
 def _publish(server, cfg, *, skip=(), replace=None) -> None:
     """Put the expected records into the loopback zone, leaving out or replacing some."""
     replace = replace or {}

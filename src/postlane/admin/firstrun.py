@@ -130,6 +130,10 @@ address = "{sub_host}"
 port = {sub_port}
 relay_from = ["127.0.0.0/8", "::1/128"]
 tls = "starttls"
+# Mail that names no class (header, AUTH user, rule, MT-PRIORITY) is refused here: 550 5.7.1
+# no traffic class. To send a plain client's mail in one class instead, uncomment this
+# (docs/configuration.md, "Mail without a class"):
+# default_class = "payment-receipts"
 
 # The MX of the bounce and feedback domains points here: bounces, DMARC reports and complaints
 # are accepted from anyone; everything else is refused (no open relay).
