@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from postlane.startup import ConfigError
 from tests.conftest import config_text, message, send
@@ -557,3 +562,38 @@ async def test_a_path_written_with_a_tilde_is_refused(tmp_path):
             "accounting.directory: '~postlane/acct': '~' is not expanded here; give the full"
             " path (or one relative to the config file's folder)"], err
     assert not (tmp_path / "~").exists()
+
+
+def _as_nobody(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                           sys.executable, "-c", "from postlane.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=90)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run as another user (CI runs as root)")
+def test_files_in_a_folder_the_user_cannot_enter_are_config_errors_not_a_traceback():
+    """`postlane init` makes tls/ and keys/ 0700; run as the service's own user (root made
+    them), `serve` died in a traceback ending `PermissionError: ... tls/cert.pem`, and every
+    other command said `postlane: .../tls/cert.pem: Permission denied`, not which field."""
+    if _as_nobody("--version").returncode != 0:
+        pytest.skip("this interpreter cannot be run as nobody here")
+    folder = Path(tempfile.mkdtemp(prefix="postlane-perm-"))
+    try:
+        folder.chmod(0o755)
+        (folder / "tls").mkdir(mode=0o700)
+        for name in ("cert.pem", "key.pem"):
+            (folder / "tls" / name).write_text("x")
+        path = folder / "node.toml"
+        path.write_text(config_text(folder, 2600, '[tls]\ncert_file = "tls/cert.pem"\n'
+                                                  'key_file = "tls/key.pem"\n'))
+        path.chmod(0o644)
+        for args in (["config", "check", str(path)], ["serve", "-c", str(path)]):
+            proc = _as_nobody(*args)
+            assert proc.returncode == 2, proc.stderr
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert f"{path}: configuration is not valid:" in proc.stderr, proc.stderr
+            assert (f"tls.cert_file/key_file: cannot read {folder}/tls/cert.pem: Permission"
+                    " denied") in proc.stderr, proc.stderr
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

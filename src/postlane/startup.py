@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .address import PathError, parse_path
 from .config import Config, ConfigError
-from .config.load import PartChecks, parse_config_text, read_config_file
+from .config.load import PartChecks, file_problem, parse_config_text, read_config_file
 from .config.locations import is_dsn
 from .policy.dkim import DKIMError, read_key
 from .policy.users import UsersError, load_users
@@ -98,22 +98,29 @@ def _loads(field: str, path: str, load: Callable[[str], object]) -> str | None:
 def _folder(field: str, path: str) -> str | None:
     """A folder the node creates at start: it is one, or can be made."""
     wanted = Path(path)
-    for found in (wanted, *wanted.parents):
-        if found.exists():
-            if not found.is_dir():
-                return f"{field}: {found} is not a directory"
-            if not os.access(found, os.W_OK | os.X_OK):
-                return f"{field}: {found} is not writable"
-            return None
+    try:
+        for found in (wanted, *wanted.parents):
+            if found.exists():
+                if not found.is_dir():
+                    return f"{field}: {found} is not a directory"
+                if not os.access(found, os.W_OK | os.X_OK):
+                    return f"{field}: {found} is not writable"
+                return None
+    except OSError as exc:  # a folder on the way this user may not enter
+        return f"{field}: cannot look at {exc.filename or path}: {exc.strerror or exc}"
     return None
 
 
 def _file(field: str, path: str) -> str | None:
     """A file the node opens at start: not a folder; one still to be made, in a folder that
     can be written (one that exists may sit in a read-only /etc, as under systemd)."""
-    if Path(path).is_dir():
-        return f"{field}: {path} is a directory"
-    return None if Path(path).exists() else _folder(field, str(Path(path).parent))
+    try:
+        if Path(path).is_dir():
+            return f"{field}: {path} is a directory"
+        exists = Path(path).exists()
+    except OSError as exc:  # a folder on the way this user may not enter
+        return f"{field}: cannot look at {path}: {exc.strerror or exc}"
+    return None if exists else _folder(field, str(Path(path).parent))
 
 
 def _files(cfg: Config) -> list[str]:
@@ -126,7 +133,7 @@ def _files(cfg: Config) -> list[str]:
     pairs += [(f"listeners.{name}.tls_cert/tls_key", lst.tls_cert, lst.tls_key)
               for name, lst in cfg.listeners.items() if lst.tls != "none"]
     errors = [_tls_pair(field, cert, key) for field, cert, key in pairs
-              if cert and key and Path(cert).is_file() and Path(key).is_file()]
+              if cert and key and not file_problem(cert) and not file_problem(key)]
     if cfg.feedback.bounce_rules:
         try:
             load_classifier(cfg.feedback.bounce_rules)

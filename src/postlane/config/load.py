@@ -270,6 +270,16 @@ def _day(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
+def file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the file a field names, or None: "no such file", or that it
+    cannot be looked at (a folder on the way the user may not enter: init makes tls/ and
+    keys/ 0700, and a service user other than the one who ran it got a traceback)."""
+    try:
+        return None if Path(path).is_file() else f"no such file: {path}"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+
+
 def _security_checks(cfg: Config, base: Path | None, checks: PartChecks) -> list[str]:
     """Resolve the security section's relative paths against ``base`` (the config file's folder;
     None when parsing text) and check the TLS files and the users file that absolute paths name."""
@@ -284,8 +294,8 @@ def _security_checks(cfg: Config, base: Path | None, checks: PartChecks) -> list
         if (cert is None) != (key is None):
             errors.append(f"{where}: give both the certificate and the key file, or neither")
         for path in (cert, key):
-            if path and Path(path).is_absolute() and not Path(path).is_file():
-                errors.append(f"{where}: no such file: {path}")
+            if path and Path(path).is_absolute() and (problem := file_problem(path)):
+                errors.append(f"{where}: {problem}")
 
     sec = cfg.security
     sec.users_file = resolve(sec.users_file)
@@ -293,8 +303,8 @@ def _security_checks(cfg: Config, base: Path | None, checks: PartChecks) -> list
     pair("tls.cert_file/key_file", cfg.tls.cert_file, cfg.tls.key_file)
     cfg.relay.ca_file = resolve(cfg.relay.ca_file)
     ca = cfg.relay.ca_file
-    if ca and Path(ca).is_absolute() and not Path(ca).is_file():
-        errors.append(f"relay.ca_file: no such file: {ca}")
+    if ca and Path(ca).is_absolute() and (problem := file_problem(ca)):
+        errors.append(f"relay.ca_file: {problem}")
     for name, lst in cfg.listeners.items():
         lst.tls_cert, lst.tls_key = resolve(lst.tls_cert), resolve(lst.tls_key)
         where = f"listeners.{name}"
