@@ -108,3 +108,30 @@ def test_suppress_commands(tmp_path) -> None:
     assert run(app, ["suppress", "list"]).exit_code == 2
 
 
+
+
+@pytest.mark.parametrize("address", ["a@@b.example", "a@b..example", "a@-bad-.example",
+                                     "a.@b.example", "a@b.example.", "a@[300.1.1.1]"])
+def test_suppress_refuses_what_is_no_address(tmp_path, address) -> None:
+    """``postlane suppress add a@@b.example`` said "suppressed a@@b.example" (exit 0): a listed
+    entry that can suppress nobody, as the SMTP door refuses that path; an import took it too.
+    Both now refuse it as the door would, naming the address (the import: its line)."""
+    db = str(tmp_path / "s.sqlite3")
+    run = CliRunner().invoke
+    r = run(app, ["suppress", "add", "--db", db, address])
+    assert r.exit_code == 2 and f"not an email address: {address!r}" in r.output, r.output
+    csv_in = tmp_path / "in.csv"
+    csv_in.write_text(f"ok@example.com\n{address}\n")
+    r = run(app, ["suppress", "import", "--db", db, str(csv_in)])
+    assert r.exit_code == 2 and "line 2: not an email address" in r.output, r.output
+    r = run(app, ["suppress", "list", "--db", db])
+    assert "no entries in force" in r.output, r.output
+
+
+def test_suppress_still_takes_every_address_the_door_takes(tmp_path) -> None:
+    db = str(tmp_path / "s.sqlite3")
+    good = ["Anna@Example.COM", "<b@example.com>", "j\u00f6rg@b\u00fccher.example",
+            '"x.y"@example.com', "c@[192.0.2.1]", "d+tag@sub.example.com"]
+    r = CliRunner().invoke(app, ["suppress", "add", "--db", db, *good])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("suppressed ") == len(good)

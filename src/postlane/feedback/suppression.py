@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any, TextIO, TypeVar
 
 from .. import schema
+from ..address import PathError, parse_path
 from ..secretfile import private_file
 
 __all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionBusy", "SuppressionError",
@@ -100,6 +101,20 @@ def normalize(address: str) -> str:
             or _CONTROL.search(address)):  # NUL, ESC ...: the SMTP door refuses them too
         raise SuppressionError(f"not an email address: {address!r}")
     return address
+
+
+def checked(address: str) -> str:
+    """``normalize``, and the address must be a path the SMTP door takes (RFC 5321 with
+    SMTPUTF8): what an operator or an import file names. ``a@@b.example`` was listed and said
+    "suppressed", yet no recipient can ever match it. Look-ups stay with ``normalize``."""
+    normal = normalize(address)
+    try:
+        path, rest = parse_path(normal, utf8=True)
+    except PathError as exc:
+        raise SuppressionError(f"not an email address: {normal!r} ({exc})") from None
+    if rest:
+        raise SuppressionError(f"not an email address: {normal!r}")
+    return normal
 
 
 def _scope(scope: str) -> str:
@@ -237,8 +252,10 @@ class SuppressionList:
     @staticmethod
     def entry(address: str, scope: str, reason: str = "", source: str = "operator",
               when: float | None = None, expires: float = 0.0) -> Entry:
-        """A checked entry (``SuppressionError`` for a bad address or scope)."""
-        return Entry(normalize(address), _scope(scope), reason[:500], source,
+        """A checked entry (``SuppressionError`` for a bad address or scope); an operator's
+        address must be one the SMTP door takes (``checked``)."""
+        address = checked(address) if source == "operator" else normalize(address)
+        return Entry(address, _scope(scope), reason[:500], source,
                      when if when is not None else time.time(), expires)
 
     def add_many(self, entries: Iterable[Entry], patience: float | None = -1.0) -> int:
@@ -503,7 +520,7 @@ def parse_csv(src: TextIO, default_scope: str = "marketing",
                     else now
                 expires = _unix_time(row[5], "expires") if len(row) > 5 and row[5].strip() \
                     else 0.0
-                entries.append(Entry(normalize(row[0]), scope,
+                entries.append(Entry(checked(row[0]), scope,
                                      row[2].strip()[:500] if len(row) > 2 else "",
                                      row[3].strip() if len(row) > 3 and row[3].strip()
                                      else source, created, expires))
