@@ -91,3 +91,22 @@ def test_help_keeps_bracketed_words():
         out = CliRunner().invoke(app, [*path.split(), "--help"], terminal_width=200).output
         lost += [(path, w) for w in words if w not in out]
     assert lost == []
+
+
+def test_audit_show_says_nothing_found_on_stderr(tmp_path):
+    """`postlane audit show --correlation-id NOPE` printed "no records found" on stdout (exit 1),
+    where a script reading the trail takes it for one; as `suppress list` does, the note goes to
+    stderr and stdout stays empty (JSON: an empty list)."""
+    from typer.testing import CliRunner
+
+    from postlane.audit.backend import open_store_at
+
+    db = str(tmp_path / "audit.sqlite")
+    open_store_at(db).close()
+    runner = CliRunner()
+    res = runner.invoke(app, ["audit", "show", "--db", db, "--correlation-id", "nope"])
+    assert res.exit_code == 1 and res.stdout == "", res.stdout
+    assert "no records found" in res.stderr
+    res = runner.invoke(app, ["audit", "show", "--db", db, "--correlation-id", "nope",
+                              "--format", "json"])
+    assert res.exit_code == 1 and json.loads(res.stdout) == []

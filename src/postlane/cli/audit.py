@@ -110,9 +110,11 @@ def show(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
         typer.echo(render_json(items, now), nl=False)
     elif fmt is Format.csv:
         typer.echo(render_csv(items), nl=False)
-    else:
+    elif items:
         typer.echo(render_text(items, now))
-    if not items:
+    if not items:  # on stderr: a script reading the trail gets no line that looks like one
+        if fmt is Format.text:
+            typer.echo("no records found", err=True)
         raise typer.Exit(1)
 
 
