@@ -282,3 +282,29 @@ def test_dns_check_stops_asking_a_resolver_that_does_not_answer(tmp_path):
     skipped = [r for r in records if "not looked up" in r["detail"]]
     assert len(skipped) == len(records) - 2, records[:3]
     assert len(names) <= 2, names
+
+
+def test_the_config_init_writes_says_every_step_to_require_auth(tmp_path):
+    """The submission listener's comment said "add users with `postlane users add` and set
+    require_auth = true"; done so, `config check` refused the config ("require_auth: needs
+    security.users_file"): the users file was never named. The config now carries the
+    commented ``[security]`` lines and the ``users add`` command to run."""
+    _init(tmp_path)
+    path = tmp_path / "node" / "postlane.toml"
+    text = path.read_text()
+    assert "postlane users add NAME -f users.toml" in text
+    users = tmp_path / "node" / "users.toml"
+    pw = tmp_path / "pw"
+    pw.write_text("a long enough password\n")
+    added = runner.invoke(app, ["users", "add", "alice", "-f", str(users), "--password-file",
+                                str(pw), "--class", "claims"])
+    assert added.exit_code == 0, added.output
+    assert '# [security]\n# users_file = "users.toml"' in text
+    text = text.replace('# [security]\n# users_file = "users.toml"',
+                        '[security]\nusers_file = "users.toml"')
+    text = text.replace('# require_auth = true', 'require_auth = true', 1)
+    path.write_text(text)
+    check = runner.invoke(app, ["config", "check", str(path)])
+    assert check.exit_code == 0, check.output
+    cfg = load_config(path)
+    assert cfg.listeners["submission"].require_auth

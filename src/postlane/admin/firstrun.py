@@ -123,13 +123,15 @@ postmaster = "postmaster@{d}"  # mail to <postmaster>, and the From of the node'
 spool = "{state}/spool"
 drain_timeout = "30s"         # SIGTERM: deliveries in flight get this long to finish
 
-# Applications submit here. They may relay from relay_from without AUTH; add users with
-# `postlane users add` and set require_auth = true to make every client log in.
+# Applications submit here. They may relay from relay_from without AUTH. To make every client
+# log in: `postlane users add NAME -f users.toml` in this folder, uncomment [security] below
+# and require_auth here (docs/security.md).
 [listeners.submission]
 address = "{sub_host}"
 port = {sub_port}
 relay_from = ["127.0.0.0/8", "::1/128"]
 tls = "starttls"
+# require_auth = true
 # Mail that names no class (header, AUTH user, rule, MT-PRIORITY) is refused here: 550 5.7.1
 # no traffic class. To send a plain client's mail in one class instead, uncomment this
 # (docs/configuration.md, "Mail without a class"):
@@ -142,6 +144,10 @@ address = "{in_host}"
 port = {in_port}
 relay_from = []
 tls = "starttls"
+
+# SMTP AUTH users (`postlane users add`; scrypt hashes, re-read when the file changes)
+# [security]
+# users_file = "users.toml"
 
 # The listeners' certificate: self-signed by init; replace both files with your CA's (a
 # renewed pair under the same paths is served without a restart).
