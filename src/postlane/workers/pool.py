@@ -211,6 +211,9 @@ class WorkerPool:
             try:
                 channel = await self._spawn(index)
                 await asyncio.wait_for(channel.ready, 120)
+            except WorkerStartError:
+                await self.procs[index].wait()  # its status, for the line below
+                log.error("%s", self._start_failure(index))
             except (OSError, RuntimeError, TimeoutError) as exc:
                 log.error("intake worker %d did not start: %s", index, exc)
 
