@@ -166,6 +166,10 @@ async def test_an_action_on_a_queue_id_it_cannot_act_on_says_why_and_exits_1(
         assert code == 1 and f"{qid}: not in the queue" in err, (action, out, err)
     code, out, err = await cli("queue", "delete", qid, "--yes")
     assert code == 1 and f"{qid}: not in the queue" in err
+    # without --yes and nothing to delete: it said "nothing deleted (0 recipients match;
+    # confirm, or pass --yes)", as if --yes would delete something
+    code, out, err = await cli("queue", "delete", qid)
+    assert code == 1 and f"{qid}: not in the queue" in err and "--yes" not in err, err
 
     await node.operations.pause("bulk", who=OPERATOR)
     waiting = await node.intake.submit("news@example.com", [RcptIn("m@example.com")],

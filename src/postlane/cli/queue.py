@@ -177,6 +177,10 @@ def delete(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
     if not dry_run and not yes:
         count = _call(target, "POST", "/api/v1/queue/delete",
                       body={**sel, "dry_run": True})
+        if not count["recipients"]:  # nothing to ask about: say what matched nothing
+            for qid, why in (count.get("untouched") or {}).items():
+                typer.echo(f"{qid}: {why}", err=True)
+            raise _fail("nothing to delete: no queued recipient matches")
         if not (os.isatty(0) and typer.confirm(
                 f"delete {count['recipients']} recipients of {count['messages']} messages"
                 f"{' with a DSN to each sender' if dsn else ' silently'}?")):
