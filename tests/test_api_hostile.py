@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -617,3 +618,40 @@ async def test_an_import_time_that_is_no_time_is_a_422(tmp_path, sink, make_node
         assert resp.json() == {"imported": 1}
         entry = (await client.get("/api/v1/suppressions")).json()["entries"][0]
         assert (entry["created"], entry["expires"]) == (1700000000, 4102444800)
+
+
+async def test_a_json_body_that_is_not_utf8_is_a_400(tmp_path, sink, make_node):
+    """RFC 8259 8.1: JSON between systems MUST be UTF-8. A UTF-16 or UTF-32 body was queued
+    (Python's json reads bytes in any of them); a byte that is not UTF-8, JSON nested too deep
+    or a number of 5,000 digits got "There was an error parsing the body"."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    body = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "grüße"}
+    text = json.dumps(body, ensure_ascii=False)
+    json_type = {"content-type": "application/json"}
+    async with api_client(node, tmp_path) as client:
+        for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"):
+            for path in ("/api/v1/messages", "/api/v1/queue/hold", "/api/v1/suppressions"):
+                resp = await client.post(path, content=text.encode(encoding), headers=json_type)
+                assert resp.status_code == 400, (encoding, path, resp.text)
+                assert resp.json() == {"error": f"the body is {encoding.upper()}: JSON must be"
+                                                " UTF-8 (RFC 8259 8.1)"}
+        for raw, byte in ((text.encode("latin-1"), "b'\\xfc'"),  # a UTF-8 encoded surrogate:
+                          (b'{"text": "\xed\xa0\x80"}', "b'\\xed'")):  # not UTF-8 either
+            resp = await client.post("/api/v1/messages", content=raw, headers=json_type)
+            assert resp.status_code == 400, resp.text
+            error = resp.json()["error"]
+            assert error.startswith("the body is not UTF-8 (byte ") and byte in error, error
+        resp = await client.post("/api/v1/queue/hold", content=b"[" * 100_000, headers=json_type)
+        assert resp.status_code == 400
+        assert resp.json() == {"error": "the body's JSON is nested too deeply to read"}
+        resp = await client.post("/api/v1/queue/hold", headers=json_type,
+                                 content=b'{"older_than": 1' + b"0" * 5000 + b"}")
+        assert resp.status_code == 400
+        assert "cannot be read: Exceeds the limit" in resp.json()["error"], resp.text
+        # the charset parameter has no effect (RFC 8259 11); a byte order mark is ignored
+        utf16_label = {"content-type": "application/json; charset=utf-16"}
+        for content, headers in ((text.encode(), utf16_label),
+                                 (b"\xef\xbb\xbf" + text.encode(), json_type)):
+            resp = await client.post("/api/v1/messages", content=content, headers=headers)
+            assert resp.status_code == 202, resp.text
+    assert node.intake.accepted == 2

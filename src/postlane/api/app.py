@@ -36,6 +36,7 @@ from ..spool import SpoolUnavailable
 from . import feedback as feedback_api
 from . import queue
 from .injection import MessageIn, Queued
+from .jsonbody import JSONRoute
 from .parts import NodeParts
 from .tokens import Token, Tokens, caller
 
@@ -133,7 +134,8 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     app.add_middleware(_TokenFirst, tokens=tokens)  # outermost: before anything else
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token),
-                                                    Depends(_known_query)])
+                                                    Depends(_known_query)],
+                    route_class=JSONRoute)
 
     @api.post("/messages", status_code=202, response_model=Queued, tags=["injection"])
     async def inject(msg: MessageIn) -> Queued:

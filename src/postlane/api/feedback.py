@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..address import plain_ip
 from ..feedback.suppression import SuppressionError, csv_text
+from .jsonbody import JSONRoute
 from .tokens import caller
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class SuppressionIn(BaseModel):
 
 
 def router(parts: NodeParts) -> APIRouter:
-    api = APIRouter(tags=["feedback"])
+    api = APIRouter(tags=["feedback"], route_class=JSONRoute)
     store = parts.feedback.suppression
 
     @api.get("/suppressions")

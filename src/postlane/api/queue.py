@@ -24,6 +24,7 @@ from ..config.model import parse_duration
 from ..policy.headers import header_fields, split_message
 from ..scheduler.control import SelectionError, Selector, message_view
 from .injection import valid_unicode
+from .jsonbody import JSONRoute
 from .tokens import caller
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def _listing(pool: str | None = None, domain: str | None = None,
 def router(parts: NodeParts) -> APIRouter:
     from .app import APIError
 
-    api = APIRouter(prefix="/queue", tags=["queue"])
+    api = APIRouter(prefix="/queue", tags=["queue"], route_class=JSONRoute)
     queue = parts.control
 
     async def run(fn, *args, **kwargs):
