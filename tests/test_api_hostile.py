@@ -655,3 +655,26 @@ async def test_a_json_body_that_is_not_utf8_is_a_400(tmp_path, sink, make_node):
             resp = await client.post("/api/v1/messages", content=content, headers=headers)
             assert resp.status_code == 202, resp.text
     assert node.intake.accepted == 2
+
+
+async def test_a_query_parameter_given_twice_is_a_422(tmp_path, sink, make_node):
+    """The last of two values counted and the first was dropped without a word:
+    pause?domain=a.example&domain=b.example paused b.example only, and a listing with
+    pool=bulk&pool=critical listed critical. Only queue_id takes several values."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for method, path, query in (
+                ("POST", "/api/v1/pools/bulk/pause", "domain=a.example&domain=b.example"),
+                ("POST", "/api/v1/pools/bulk/resume", "domain=a.example&domain=a.example"),
+                ("GET", "/api/v1/queue/messages", "pool=bulk&pool=critical"),
+                ("GET", "/api/v1/queue/messages", "limit=1&queue_id=x&limit=2"),
+                ("GET", "/api/v1/suppressions", "scope=all&scope=marketing"),
+                ("GET", "/api/v1/queue/shape", "by=class&by=domain")):
+            resp = await client.request(method, f"{path}?{query}")
+            assert resp.status_code == 422, (path, query, resp.text)
+            name = query.split("=")[0] if "queue_id" not in query else "limit"
+            assert resp.json()["error"] == (f"query parameter {name!r} given 2 times: give it"
+                                            " once"), resp.text
+        assert not node.scheduler.paused
+        resp = await client.get("/api/v1/queue/messages?queue_id=a&queue_id=b&limit=5")
+        assert resp.status_code == 200, resp.text

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable
 from email.errors import MessageError
 from importlib import resources
-from typing import TYPE_CHECKING, Annotated, Any
+from types import UnionType
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -318,21 +320,38 @@ def _authenticate(tokens: Tokens, headers: Headers) -> Token:
 
 def _known_query(request: Request) -> None:
     """Refuse a query parameter the route does not take, as unknown JSON fields are: ignored,
-    a misspelt one widens an action (``pause?domian=…`` paused the whole pool)."""
+    a misspelt one widens an action (``pause?domian=…`` paused the whole pool). Refuse one
+    given twice unless it takes several values: the last counted, the first was dropped
+    (``pause?domain=a&domain=b`` paused b only)."""
     route = request.scope.get("route")
-    known = _query_names(route.dependant) if route is not None else set()
-    unknown = sorted(set(request.query_params) - known)
+    params = _query_params(route.dependant) if route is not None else {}
+    unknown = sorted(set(request.query_params) - set(params))
     if unknown:
-        takes = f"this route takes: {', '.join(sorted(known))}" if known else \
+        takes = f"this route takes: {', '.join(sorted(params))}" if params else \
             "this route takes none"
         raise APIError(422, f"unknown query parameter{'s' if len(unknown) > 1 else ''}"
                             f" {', '.join(map(repr, unknown))} ({takes})")
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    for name, count in counts.items():
+        if count > 1 and not params[name]:
+            raise APIError(422, f"query parameter {name!r} given {count} times: give it once")
 
 
-def _query_names(dependant: Any) -> set[str]:
-    """The query parameters a route (FastAPI's ``Dependant``) and its dependencies declare."""
-    return {p.alias for p in dependant.query_params}.union(
-        *(_query_names(sub) for sub in dependant.dependencies))
+def _query_params(dependant: Any) -> dict[str, bool]:
+    """The query parameters a route (FastAPI's ``Dependant``) and its dependencies declare,
+    each with whether it takes several values (``queue_id=a&queue_id=b``)."""
+    params = {p.alias: _takes_several(p.field_info.annotation) for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        params.update(_query_params(sub))
+    return params
+
+
+def _takes_several(annotation: Any) -> bool:
+    """Whether a parameter's type is a list (or a union holding one: ``list[str] | None``)."""
+    origin = get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    return origin in (Union, UnionType) and any(_takes_several(a) for a in get_args(annotation))
 
 
 class _TokenFirst:
