@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import json
@@ -678,3 +679,51 @@ async def test_a_query_parameter_given_twice_is_a_422(tmp_path, sink, make_node)
         assert not node.scheduler.paused
         resp = await client.get("/api/v1/queue/messages?queue_id=a&queue_id=b&limit=5")
         assert resp.status_code == 200, resp.text
+
+
+async def test_a_header_value_that_cannot_be_written_is_named(tmp_path, sink, make_node):
+    """The 422 for a value the email package cannot parse or write quoted its exception:
+    "a header field cannot be written: list index out of range" for Message-ID: <<<>>>,
+    "string index out of range" for Reply-To, an 'ascii' codec error for Message-ID: ü@ü."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "x"}
+    async with api_client(node, tmp_path) as client:
+        for name, value in (("Message-ID", "<<<>>>"), ("Reply-To", "a@example.com, <"),
+                            ("Resent-From", "<"), ("Resent-To", '"'), ("Message-ID", "ü@ü")):
+            resp = await client.post("/api/v1/messages", json={**env, "headers": {name: value}})
+            assert resp.status_code == 422, (name, value, resp.text)
+            assert resp.json() == {"error": f"a header field cannot be written: headers.{name}:"
+                                            f" {value!r} is not a valid {name} field"}
+    assert node.intake.accepted == 0
+
+
+async def test_a_message_attachment_is_attached_as_a_message(tmp_path, sink, make_node):
+    """A message/rfc822 attachment (a forwarded e-mail) was refused with "a header field value
+    would be written as more than one field": the email package base64-encoded it, which RFC
+    2046 5.2.1 forbids for a message/rfc822 part, and the read-back check saw another part.
+    Other message/* and multipart/* types were built as parts no reader can take apart
+    (multipart/mixed without a boundary) or refused with the same wrong reason."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    inner = b"From: a@example.com\r\nTo: b@example.com\r\nSubject: forwarded\r\n\r\nbody\r\n"
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "text": "see attached"}
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/messages", json={**env, "attachments": [
+            {"filename": "fwd.eml", "content_type": "message/rfc822",
+             "content": base64.b64encode(inner).decode()}]})
+        assert resp.status_code == 202, resp.text
+        [arrival] = await sink.wait_for(1)
+        parsed = email.message_from_bytes(arrival.data, policy=email.policy.default)
+        [part] = [p for p in parsed.walk() if p.get_content_type() == "message/rfc822"]
+        assert part["Content-Transfer-Encoding"] in (None, "7bit", "8bit")
+        assert part.get_filename() == "fwd.eml"
+        assert part.get_content()["Subject"] == "forwarded"
+        for content_type in ("message/partial", "message/external-body", "multipart/mixed",
+                             "multipart/alternative"):
+            resp = await client.post("/api/v1/messages", json={**env, "attachments": [
+                {"filename": "x", "content_type": content_type, "content": "eA=="}]})
+            assert resp.status_code == 422, (content_type, resp.text)
+            assert resp.json()["error"] == (
+                f"invalid request: body.attachments.0.content_type: {content_type} cannot be"
+                " attached (a part of that type holds parts, not data): attach a message as"
+                " message/rfc822, anything else as application/octet-stream"), resp.text
+    assert node.intake.accepted == 1

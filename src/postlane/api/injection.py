@@ -108,10 +108,26 @@ Address = Annotated[str, AfterValidator(_address)]
 OneLine = Annotated[str, AfterValidator(_one_line)]
 
 
+def _data_type(value: str) -> str:
+    """Refuse a type whose part holds parts rather than data: the email package wrote such
+    an attachment base64-encoded (message/rfc822: forbidden by RFC 2046 5.2.1) or as a
+    multipart without a boundary, which no reader can take apart."""
+    kind = value.lower()
+    if kind.startswith("multipart/") or (kind.startswith("message/")
+                                         and kind != "message/rfc822"):
+        raise ValueError(f"{value} cannot be attached (a part of that type holds parts, not"
+                         " data): attach a message as message/rfc822, anything else as"
+                         " application/octet-stream")
+    return value
+
+
 class Attachment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     filename: OneLine = Field(min_length=1, max_length=255)
-    content_type: str = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$")
+    content_type: Annotated[str, AfterValidator(_data_type)] = Field(
+        "application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$",
+        description="message/rfc822 attaches the content as a message; no multipart/* nor"
+                    " other message/*")
     content: str = Field(description="base64")
 
     def data(self) -> bytes:
@@ -196,11 +212,11 @@ class MessageIn(BaseModel):
             msg["Cc"] = ", ".join(self.cc)
         msg["Date"] = header_date()
         if self.subject is not None:
-            msg["Subject"] = self.subject
+            _set(msg, "Subject", self.subject, "subject")
         if self.correlation_id:
-            msg[correlation_header] = self.correlation_id
+            _set(msg, correlation_header, self.correlation_id, "correlation_id")
         for name, value in self.headers.items():
-            msg[name] = value
+            _set(msg, name, value, f"headers.{name}")
         if self.text is not None:
             msg.set_content(self.text)
         if self.html is not None:
@@ -210,15 +226,44 @@ class MessageIn(BaseModel):
                 msg.set_content(self.html, subtype="html")
         for att in self.attachments:
             maintype, subtype = att.content_type.split("/", 1)
-            msg.add_attachment(att.data(), maintype=maintype, subtype=subtype,
-                               filename=att.filename)
-        data = msg.as_bytes()
+            if att.content_type.lower() == "message/rfc822":  # as a message, 7bit or 8bit
+                msg.add_attachment(message_from_bytes(att.data(), policy=msg.policy),
+                                   filename=att.filename)
+            else:
+                msg.add_attachment(att.data(), maintype=maintype, subtype=subtype,
+                                   filename=att.filename)
+        try:
+            data = msg.as_bytes()
+        except (ValueError, IndexError, MessageError):
+            _name_unwritable(msg)
+            raise
         _check_fields(msg, data)
         return data
 
 
 class UnwritableHeader(ValueError):
     """A header field value the email package cannot write as one field (a 422)."""
+
+
+def _set(msg: EmailMessage, name: str, value: str, field: str) -> None:
+    """Set a header field; a value the email package cannot parse as that field (it raised
+    IndexError for ``Message-ID: <<<>>>``) is an UnwritableHeader naming the request field."""
+    try:
+        msg[name] = value
+    except (ValueError, IndexError, MessageError):
+        raise UnwritableHeader(f"{field}: {value!r} is not a valid {name} field") from None
+
+
+def _name_unwritable(msg: EmailMessage) -> None:
+    """Raise an UnwritableHeader naming the top-level field the email package cannot write
+    (``Message-ID: ü@ü`` raised an 'ascii' codec error from ``as_bytes``), if one is."""
+    for name, value in msg.items():
+        try:
+            msg.policy.fold_binary(name, value)
+        except (ValueError, IndexError, MessageError):
+            field = "subject" if name == "Subject" else f"headers.{name}"
+            raise UnwritableHeader(f"{field}: {str(value)!r} is not a valid {name} field")\
+                from None
 
 
 def _check_fields(msg: EmailMessage, data: bytes) -> None:
