@@ -727,3 +727,28 @@ async def test_a_message_attachment_is_attached_as_a_message(tmp_path, sink, mak
                 " attached (a part of that type holds parts, not data): attach a message as"
                 " message/rfc822, anything else as application/octet-stream"), resp.text
     assert node.intake.accepted == 1
+
+
+async def test_a_suppression_reason_holds_no_control_character(tmp_path, sink, make_node):
+    """POST /suppressions refused ESC in a reason, but an import took it (and NUL, CR LF in a
+    quoted field), and POST took C1 controls (CSI, NEL) and U+2028: `postlane suppress list`
+    printed them as they were to the operator's terminal."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for reason in ("a\x1b[2Jb", "a\x9bb", "a\x85b", "a\u2028b", "a\x00b"):
+            resp = await client.post("/api/v1/suppressions",
+                                     json={"address": "x@example.com", "reason": reason})
+            assert resp.status_code == 422, (reason, resp.text)
+            assert "body.reason: must not contain a control character" in \
+                resp.json()["error"], resp.text
+        for row in ("b@example.com,all,a\x1b[31mb", "b@example.com,all,\"a\r\nb\"",
+                    "b@example.com,all,a\x9bb", "b@example.com,all,a\u2029b"):
+            resp = await client.post("/api/v1/suppressions/import",
+                                     content=f"ok@example.com\n{row}\n".encode())
+            assert resp.status_code == 422, (row, resp.text)
+            assert resp.json()["error"].startswith(
+                "line 2: reason: must not contain a control character"), resp.text
+        assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
+        resp = await client.post("/api/v1/suppressions/import",
+                                 content="c@example.com,all,tab\there ünïcode\n".encode())
+        assert resp.json() == {"imported": 1}, resp.text

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..address import plain_ip
-from ..feedback.suppression import SuppressionError, csv_text
+from ..feedback.suppression import SuppressionError, check_reason, csv_text
 from .jsonbody import JSONRoute
 from .tokens import caller
 
@@ -33,8 +33,8 @@ class SuppressionIn(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt "scope" is no narrower entry
     address: str = Field(max_length=254)
     scope: Scope = "marketing"
-    reason: str = Field("", max_length=500, pattern=r"^[^\x00-\x08\x0a-\x1f\x7f]*$",
-                        description="free text; no control characters but tab")
+    reason: Annotated[str, AfterValidator(check_reason)] = Field(
+        "", max_length=500, description="free text; no control characters but tab")
 
 
 def router(parts: NodeParts) -> APIRouter:

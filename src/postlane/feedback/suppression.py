@@ -90,6 +90,18 @@ class Entry:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_REASON_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def check_reason(reason: str, field: str = "") -> str:
+    """Refuse a reason an operator or a file gives that holds a control character (a tab is
+    allowed) or a line break: ``suppress list`` prints reasons to a terminal, where ESC or a
+    C1 CSI starts an escape sequence, and the export and the audit trail take them as text."""
+    if _REASON_CONTROL.search(reason):
+        raise SuppressionError(f"{field}{': ' if field else ''}must not contain a control"
+                               " character or a line break (NUL, ESC, CR, LF, C1, U+2028 ...;"
+                               " a tab is allowed)")
+    return reason
 
 
 def normalize(address: str) -> str:
@@ -521,7 +533,8 @@ def parse_csv(src: TextIO, default_scope: str = "marketing",
                 expires = _unix_time(row[5], "expires") if len(row) > 5 and row[5].strip() \
                     else 0.0
                 entries.append(Entry(checked(row[0]), scope,
-                                     row[2].strip()[:500] if len(row) > 2 else "",
+                                     check_reason(row[2].strip()[:500], "reason") if len(row) > 2
+                                     else "",
                                      row[3].strip() if len(row) > 3 and row[3].strip()
                                      else source, created, expires))
             except (SuppressionError, ValueError) as exc:
