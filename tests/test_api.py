@@ -263,3 +263,26 @@ def test_nodes_starting_together_read_one_whole_token_and_key(tmp_path):
         for path in (token, key):
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
             assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+async def test_the_schema_describes_the_errors_the_api_sends(tmp_path, sink, make_node):
+    """The schema gave FastAPI's 422 body ({"detail": [{"loc", "msg", "type"}]}), which the API
+    never sends (it sends {"error", "details": [{"field", "message"}]}), and no other error:
+    not the 401 every route under /api/v1 and /metrics answers without a token."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        schema = (await client.get("/openapi.json")).json()
+    validate(schema)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    error = schema["components"]["schemas"]["Error"]
+    assert error["required"] == ["error"] and "details" in error["properties"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            errors = {code: r for code, r in operation["responses"].items() if code >= "400"}
+            if path.startswith("/api/v1/"):
+                assert {"401", "403", "422"} <= set(errors), (method, path, sorted(errors))
+            elif path == "/metrics":
+                assert "401" in errors
+            for code, response in errors.items():
+                ref = response["content"]["application/json"]["schema"]["$ref"]
+                assert ref == "#/components/schemas/Error", (method, path, code, ref)

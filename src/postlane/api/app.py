@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import BaseModel, Field
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
@@ -53,6 +54,37 @@ _JSON = re.compile(r"application/([\w.+-]+\+)?json\s*(;|$)", re.IGNORECASE)
 """A content type FastAPI reads as JSON."""
 
 _bearer = HTTPBearer(auto_error=False, description="token from the [api] token_file")
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="where, e.g. body.to.0 or query.limit")
+    message: str
+
+
+class Error(BaseModel):
+    """The body of every error the API answers (docs/api.md, *Authentication and errors*)."""
+
+    error: str = Field(description="what is wrong, in words")
+    details: list[FieldError] | None = Field(None, description="422: each invalid field")
+
+
+def _errors(*codes: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Error, "description": text} for code, text in codes}
+
+
+_API_ERRORS = _errors(
+    (400, "a JSON body that is not UTF-8, or cannot be read"),
+    (401, "no token, a wrong or revoked one, or two Authorization headers"),
+    (403, "a read-only token asked to change something"),
+    (404, "no such pool, class, lane, message or suppression"),
+    (409, "the action is refused in this state (a pausable = false pool, an importer not"
+          " configured)"),
+    (413, "the request body or the message is too large"),
+    (415, "a JSON body sent with another content type"),
+    (422, "an invalid request: the details name each field"),
+    (503, "refused for now (the intake, the spool, a store); retry later"))
+"""What any route under /api/v1 may answer besides its success (the schema listed FastAPI's
+422 body, which the API never sends, and nothing else)."""
 
 
 class APIError(Exception):
@@ -137,7 +169,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token),
                                                     Depends(_known_query)],
-                    route_class=JSONRoute)
+                    route_class=JSONRoute, responses=_API_ERRORS)
 
     @api.post("/messages", status_code=202, response_model=Queued, tags=["injection"])
     async def inject(msg: MessageIn) -> Queued:
@@ -280,10 +312,13 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     api.include_router(feedback_api.router(parts))
     app.include_router(api)
     # public: mailbox providers call it
-    app.include_router(unsubscribe.router(parts.feedback, parts.spool.flush))
+    app.include_router(unsubscribe.router(parts.feedback, parts.spool.flush),
+                       responses=_errors((400, "a malformed token"), (410, "an expired token"),
+                                         (422, "an invalid request")))
 
     @app.get("/metrics", dependencies=[Depends(require_token)], tags=["monitoring"],
-             response_class=Response)
+             response_class=Response,
+             responses=_errors((401, "no token, a wrong or revoked one")))
     async def metrics() -> Response:
         """Prometheus text format (scrape with authorization: credentials_file)."""
         cluster = parts.monitor.cluster

@@ -11,7 +11,7 @@ import asyncio
 import io
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -82,7 +82,9 @@ def router(parts: NodeParts) -> APIRouter:
             raise HTTPException(422, str(exc)) from None
         return {"imported": count}
 
-    @api.get("/suppressions/export", response_class=PlainTextResponse)
+    @api.get("/suppressions/export", response_class=Response, responses={
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+              "description": "address,scope,reason,source,created,expires"}})
     async def export() -> PlainTextResponse:
         out = io.StringIO()
         await asyncio.to_thread(store.export_csv, out)

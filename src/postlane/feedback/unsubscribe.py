@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 if TYPE_CHECKING:
     from .service import FeedbackService
@@ -109,7 +109,9 @@ def router(feedback: FeedbackService, flush: Callable[[], Awaitable[None]]) -> A
         await feedback.unsubscribe_now(address, "one-click", flush)
         return {"unsubscribed": address, "scope": "marketing"}
 
-    @api.get("/unsubscribe/{token}", response_class=HTMLResponse)
+    @api.get("/unsubscribe/{token}", response_class=Response, responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}},
+              "description": "the confirmation page"}})  # errors are JSON, as the API's
     async def page(token: str) -> HTMLResponse:
         return HTMLResponse(_PAGE.format(address=html.escape(_verify(token))))
 
