@@ -109,9 +109,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
             _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]  # OpenAPI
     ) -> None:
         token = _authenticate(tokens, request.headers)
-        if token.read_only and request.method not in ("GET", "HEAD"):
-            raise APIError(403, f"token {token.name!r} is read-only: it cannot"
-                                f" {request.method} {request.url.path}")
+        _may_change(token, request.method, request.url.path)
         request.state.token = token
 
     @app.exception_handler(APIError)
@@ -353,6 +351,12 @@ def _authenticate(tokens: Tokens, headers: Headers) -> Token:
     return token
 
 
+def _may_change(token: Token, method: str, path: str) -> None:
+    """Refuse (APIError 403) anything but a read to a read-only token."""
+    if token.read_only and method not in ("GET", "HEAD"):
+        raise APIError(403, f"token {token.name!r} is read-only: it cannot {method} {path}")
+
+
 def _known_query(request: Request) -> None:
     """Refuse a query parameter the route does not take, as unknown JSON fields are: ignored,
     a misspelt one widens an action (``pause?domian=…`` paused the whole pool). Refuse one
@@ -390,10 +394,10 @@ def _takes_several(annotation: Any) -> bool:
 
 
 class _TokenFirst:
-    """Refuse a request to a protected path without a valid token before its body is read:
-    FastAPI reads and parses a body before a route's dependencies run, so an anonymous client
-    had the node parse its body and got answers about it. The routes' dependency still checks
-    (and refuses a read-only token's changes)."""
+    """Refuse a request to a protected path without a valid token, or a read-only token's
+    change, before its body is read: FastAPI reads and parses a body before a route's
+    dependencies run, so an anonymous client (or a read-only one) had the node parse its body
+    and got answers about it. The routes' dependency still checks both."""
 
     def __init__(self, app: ASGIApp, tokens: Tokens) -> None:
         self.app, self.tokens = app, tokens
@@ -402,7 +406,8 @@ class _TokenFirst:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path.startswith("/api/v1/") or path == "/metrics"):
             try:
-                _authenticate(self.tokens, Headers(scope=scope))
+                token = _authenticate(self.tokens, Headers(scope=scope))
+                _may_change(token, scope["method"], path)
             except APIError as exc:
                 response = _error(exc.status, exc.message, exc.headers)
                 return await response(scope, receive, send)
