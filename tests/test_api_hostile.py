@@ -773,3 +773,22 @@ async def test_a_read_only_token_is_refused_before_its_body_is_read(tmp_path, si
         assert (await client.get("/api/v1/token")).json() == {"name": "viewer",
                                                               "read_only": True}
     assert node.intake.accepted == 0
+
+
+async def test_a_suppressed_address_with_a_slash_can_be_removed(tmp_path, sink, make_node):
+    """a/b@example.com is an address (and the API queues mail to it), and POST /suppressions
+    added it, but DELETE /suppressions/a%2Fb@example.com was 404 "Not Found": the path
+    parameter stopped at the slash, so no route matched."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for address in ("a/b@example.com", "a//b/@example.com"):
+            resp = await client.post("/api/v1/suppressions",
+                                     json={"address": address, "scope": "all"})
+            assert resp.status_code == 201, resp.text
+            quoted = address.replace("/", "%2F")
+            resp = await client.delete(f"/api/v1/suppressions/{quoted}?scope=all")
+            assert resp.json() == {"removed": 1}, (address, resp.text)
+        assert (await client.get("/api/v1/suppressions")).json()["total"] == 0
+        resp = await client.delete("/api/v1/suppressions/x%2Fy@example.com")
+        assert resp.status_code == 404
+        assert resp.json() == {"error": "x/y@example.com is not suppressed"}

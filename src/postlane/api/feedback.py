@@ -61,7 +61,7 @@ def router(parts: NodeParts) -> APIRouter:
             raise HTTPException(422, str(exc)) from None
         return entry.as_dict()
 
-    @api.delete("/suppressions/{address}")
+    @api.delete("/suppressions/{address:path}")  # a/b@example.com is an address
     async def remove(request: Request, address: str, scope: Scope | None = None) -> dict:
         try:
             removed = await ops.unsuppress(address, scope, who=caller(request))
