@@ -792,3 +792,29 @@ async def test_a_suppressed_address_with_a_slash_can_be_removed(tmp_path, sink, 
         resp = await client.delete("/api/v1/suppressions/x%2Fy@example.com")
         assert resp.status_code == 404
         assert resp.json() == {"error": "x/y@example.com is not suppressed"}
+
+
+async def test_a_raw_message_with_its_own_correlation_field_and_correlation_id_is_a_422(
+        tmp_path, sink, make_node):
+    """The structured form refused the correlation header beside ``correlation_id``; a raw
+    message with an X-Correlation-ID field was queued with two (the given id prepended):
+    accounting took one, the recipient's reader may take the other."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    env = {"from": "s@insurer.test", "to": ["a@example.com"], "correlation_id": "mine"}
+    raw = "Subject: x\r\nx-correlation-id: other\r\n\r\nbody\r\n"
+    async with api_client(node, tmp_path) as client:
+        for extra in ({"raw": raw}, {"raw_base64": base64.b64encode(raw.encode()).decode()},
+                      {"raw": raw.replace("\r\n", "\n")}):
+            resp = await client.post("/api/v1/messages", json={**env, **extra})
+            assert resp.status_code == 422, resp.text
+            assert resp.json() == {"error": "raw: the message has an X-Correlation-ID field:"
+                                            " give the id there or in correlation_id, not"
+                                            " both"}
+        # in the body it is no field; without correlation_id the message's own one counts
+        body_only = "Subject: x\r\n\r\nX-Correlation-ID: other\r\n"
+        resp = await client.post("/api/v1/messages", json={**env, "raw": body_only})
+        assert resp.status_code == 202, resp.text
+        env.pop("correlation_id")
+        resp = await client.post("/api/v1/messages", json={**env, "raw": raw})
+        assert resp.status_code == 202, resp.text
+    assert node.intake.accepted == 2

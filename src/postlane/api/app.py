@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..feedback import unsubscribe
 from ..operations import OperationError
-from ..policy.headers import normalize_newlines, split_message
+from ..policy.headers import header_fields, normalize_newlines, split_message
 from ..policy.intake import RcptIn, Rejection
 from ..reputation.api import router as reputation_router
 from ..scheduler.control import Selector
@@ -184,6 +184,9 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
             data = msg.build(cfg.correlation_header)
         except (ValueError, IndexError, MessageError) as exc:  # the email package's, on a value
             raise APIError(422, f"a header field cannot be written: {exc}") from None
+        if msg.correlation_id and msg.is_raw() and _has_field(data, cfg.correlation_header, 2):
+            raise APIError(422, f"raw: the message has an {cfg.correlation_header} field: give"
+                                " the id there or in correlation_id, not both")
         if len(data) > max_size:
             raise APIError(413, f"message is {len(data)} bytes, the limit is {max_size}")
         if max_header and len(data) > max_header:  # as the SMTP door's 552 5.3.4
@@ -471,6 +474,13 @@ def _allowed(request: Request) -> list[str]:
                if any(route.matches({**request.scope, "method": method})[0] is Match.FULL
                       for route in request.app.router.routes)]
     return [*methods[:1], "HEAD", *methods[1:]] if "GET" in methods else methods
+
+
+def _has_field(data: bytes, name: str, count: int = 1) -> bool:
+    """Whether the header block of ``data`` holds ``count`` or more fields named ``name``
+    (the correlation header prepended to a raw message that had one: two, read two ways)."""
+    head = split_message(normalize_newlines(data))[0]
+    return sum(field == name.lower() for field, _ in header_fields(head)) >= count
 
 
 def _rejection_status(exc: Rejection) -> tuple[int, str]:

@@ -189,6 +189,10 @@ class MessageIn(BaseModel):
                     from None
         return self
 
+    def is_raw(self) -> bool:
+        """Whether the message is given whole (``raw`` or ``raw_base64``)."""
+        return self.raw is not None or self.raw_base64 is not None
+
     def envelope_recipients(self) -> list[str]:
         return [*self.to, *self.cc, *self.bcc]
 
