@@ -818,3 +818,23 @@ async def test_a_raw_message_with_its_own_correlation_field_and_correlation_id_i
         resp = await client.post("/api/v1/messages", json={**env, "raw": raw})
         assert resp.status_code == 202, resp.text
     assert node.intake.accepted == 2
+
+
+async def test_a_suppression_listing_pattern_has_one_wildcard(tmp_path, sink, make_node):
+    """``like`` is documented with ``*`` as its wildcard, but went to SQL LIKE as it was:
+    ``_`` (common in addresses) matched any one character and ``%`` anything, so
+    like=first_last@example.com listed firstXlast@example.com too."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        resp = await client.post("/api/v1/suppressions/import", content=(
+            b"first_last@example.com\nfirstxlast@example.com\n100%@example.com\n"
+            b"1000@example.com\nback\\slash@example.com\n"))
+        assert resp.json() == {"imported": 5}, resp.text
+        for like, found in (("first_last@example.com", ["first_last@example.com"]),
+                            ("100%@example.com", ["100%@example.com"]),
+                            ("%", []), ("_*", []),
+                            ("back\\slash@*", ["back\\slash@example.com"]),
+                            ("first*", ["first_last@example.com", "firstxlast@example.com"]),
+                            ("*0*", ["100%@example.com", "1000@example.com"])):
+            resp = await client.get("/api/v1/suppressions", params={"like": like})
+            assert [e["address"] for e in resp.json()["entries"]] == found, (like, resp.text)

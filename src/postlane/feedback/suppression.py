@@ -399,8 +399,9 @@ class SuppressionList:
             sql += " AND scope = ?"
             args.append(_scope(scope))
         if like:
-            sql += " AND address LIKE ?"
-            args.append(like.lower().replace("*", "%"))
+            # * is the one wildcard: % and _ (common in addresses) match themselves
+            sql += " AND address LIKE ? ESCAPE '\\'"
+            args.append(re.sub(r"([\\%_])", r"\\\1", like.lower()).replace("*", "%"))
         sql += " ORDER BY address, scope LIMIT ? OFFSET ?"
         args += [limit, offset]
         with self._reading() as conn:
