@@ -838,3 +838,25 @@ async def test_a_suppression_listing_pattern_has_one_wildcard(tmp_path, sink, ma
                             ("*0*", ["100%@example.com", "1000@example.com"])):
             resp = await client.get("/api/v1/suppressions", params={"like": like})
             assert [e["address"] for e in resp.json()["entries"]] == found, (like, resp.text)
+
+
+async def test_a_json_name_given_twice_is_a_422(tmp_path, sink, make_node):
+    """{"dry_run": true, "dry_run": false} deleted for real: the last value counted (as a
+    repeated query parameter did), where a reader that takes the first (a proxy, a log, the
+    operator reading the request) saw a dry run. RFC 8259 4: names SHOULD be unique."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    json_type = {"content-type": "application/json"}
+    async with api_client(node, tmp_path) as client:
+        await client.post("/api/v1/pools/bulk/pause")
+        queued = await client.post("/api/v1/messages", json={
+            "from": "s@insurer.test", "to": ["a@example.com"], "text": "x"})
+        assert queued.status_code == 202
+        for body, name in ((b'{"all": true, "dry_run": true, "dry_run": false}', "dry_run"),
+                           (b'{"pool": "bulk", "state": "queued", "all": false, "all": true}',
+                            "all"),
+                           (b'{"queue_ids": [], "x": {"a": 1, "a": 2}}', "a")):
+            resp = await client.post("/api/v1/queue/delete", content=body, headers=json_type)
+            assert resp.status_code == 422, (body, resp.text)
+            assert resp.json() == {"error": f"the body's JSON gives the name {name!r} twice:"
+                                            " give each name once"}
+        assert node.scheduler.queued() == 1

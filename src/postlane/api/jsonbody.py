@@ -1,5 +1,5 @@
-"""JSON request bodies read as RFC 8259 says: UTF-8 only, with a clear 400 for a body that
-cannot be read at all.
+"""JSON request bodies read as RFC 8259 says: UTF-8 only, each name of an object once, with a
+clear 400 for a body that cannot be read at all.
 
 FastAPI reads a JSON body with ``json.loads(bytes)``, which guesses UTF-16 and UTF-32 too, so a
 UTF-16 body was accepted, and a body with a byte that is not UTF-8, nested too deep or holding
@@ -34,13 +34,26 @@ def read_json(data: bytes) -> Any:
         raise HTTPException(400, f"the body is not UTF-8 (byte {exc.start}: "
                                  f"{data[exc.start:exc.start + 1]!r}): {_RFC}") from None
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_unique)
     except json.JSONDecodeError:
         raise
     except RecursionError:
         raise HTTPException(400, "the body's JSON is nested too deeply to read") from None
     except ValueError as exc:  # an integer of more than 4300 digits (sys.int_info)
         raise HTTPException(400, f"the body's JSON cannot be read: {exc}") from None
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose names are unique (RFC 8259 4: SHOULD), else a 422: the last value
+    counted, where a reader that takes the first (a proxy, a log) saw another request
+    (``{"dry_run": true, "dry_run": false}`` deleted for real)."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise HTTPException(422, f"the body's JSON gives the name {name!r} twice: give"
+                                     " each name once")
+        out[name] = value
+    return out
 
 
 class _Request(Request):
