@@ -860,3 +860,20 @@ async def test_a_json_name_given_twice_is_a_422(tmp_path, sink, make_node):
             assert resp.json() == {"error": f"the body's JSON gives the name {name!r} twice:"
                                             " give each name once"}
         assert node.scheduler.queued() == 1
+
+
+async def test_json_that_is_not_well_formed_says_what_is_wrong(tmp_path, sink, make_node):
+    """The 422 for JSON that is not well formed said only "body.1: JSON decode error": the
+    position, not what is wrong there."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    json_type = {"content-type": "application/json"}
+    async with api_client(node, tmp_path) as client:
+        for content, field, why in ((b"{", "body.1", "Expecting property name enclosed in"
+                                                     " double quotes"),
+                                    (b'{"all": tru}', "body.8", "Expecting value"),
+                                    (b'{"all": true} x', "body.14", "Extra data")):
+            resp = await client.post("/api/v1/queue/hold", content=content, headers=json_type)
+            assert resp.status_code == 422, resp.text
+            assert resp.json() == {
+                "error": f"invalid request: {field}: JSON is not well formed: {why}",
+                "details": [{"field": field, "message": f"JSON is not well formed: {why}"}]}

@@ -148,8 +148,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
             # the body was not read as JSON: say why instead of "not an object"
             return _error(415, "send the body as JSON, with Content-Type: application/json"
                                f" (got {content_type or 'none'})")
-        details = [{"field": ".".join(str(p) for p in e["loc"]),
-                    "message": str(e["msg"]).removeprefix("Value error, ")}
+        details = [{"field": ".".join(str(p) for p in e["loc"]), "message": _message(e)}
                    for e in exc.errors()]
         text = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         return _error(422, f"invalid request: {text}", details=details)
@@ -481,6 +480,14 @@ def _has_field(data: bytes, name: str, count: int = 1) -> bool:
     (the correlation header prepended to a raw message that had one: two, read two ways)."""
     head = split_message(normalize_newlines(data))[0]
     return sum(field == name.lower() for field, _ in header_fields(head)) >= count
+
+
+def _message(error: dict) -> str:
+    """One validation error in words: for JSON that is not well formed what is wrong at its
+    position (FastAPI says only "JSON decode error" and keeps the reason in ``ctx``)."""
+    if error.get("type") == "json_invalid":
+        return f"JSON is not well formed: {error.get('ctx', {}).get('error', 'unreadable')}"
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def _rejection_status(exc: Rejection) -> tuple[int, str]:
