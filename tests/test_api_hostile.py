@@ -828,12 +828,12 @@ async def test_a_suppression_listing_pattern_has_one_wildcard(tmp_path, sink, ma
     async with api_client(node, tmp_path) as client:
         resp = await client.post("/api/v1/suppressions/import", content=(
             b"first_last@example.com\nfirstxlast@example.com\n100%@example.com\n"
-            b"1000@example.com\nback\\slash@example.com\n"))
-        assert resp.json() == {"imported": 5}, resp.text
+            b"1000@example.com\n"))  # (an unquoted backslash is no address: refused)
+        assert resp.json() == {"imported": 4}, resp.text
         for like, found in (("first_last@example.com", ["first_last@example.com"]),
                             ("100%@example.com", ["100%@example.com"]),
                             ("%", []), ("_*", []),
-                            ("back\\slash@*", ["back\\slash@example.com"]),
+                            ("back\\slash@*", []), ("\\", []), ("*\\", []),
                             ("first*", ["first_last@example.com", "firstxlast@example.com"]),
                             ("*0*", ["100%@example.com", "1000@example.com"])):
             resp = await client.get("/api/v1/suppressions", params={"like": like})
