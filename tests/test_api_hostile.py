@@ -877,3 +877,16 @@ async def test_json_that_is_not_well_formed_says_what_is_wrong(tmp_path, sink, m
             assert resp.json() == {
                 "error": f"invalid request: {field}: JSON is not well formed: {why}",
                 "details": [{"field": field, "message": f"JSON is not well formed: {why}"}]}
+
+
+async def test_a_path_with_a_trailing_slash_is_no_redirect(tmp_path, sink, make_node):
+    """``/metrics/`` answered 307 with a Location built from the request's Host header (any
+    host a client names); a path the API does not serve is a 404, with or without a slash."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        for path in ("/metrics/", "/api/v1/status/", "/api/v1/pools/"):
+            resp = await client.get(path, headers={"Host": "evil.example"})
+            assert resp.status_code == 404, (path, resp.status_code, resp.headers)
+            assert "location" not in resp.headers
+            assert resp.json()["error"], resp.text
+        assert (await client.get("/api/v1/status")).status_code == 200

@@ -102,7 +102,8 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     """The API of one node; every protected route requires one of ``tokens``, and a read-only
     one may only read (GET)."""
     app = FastAPI(title="Postlane", version="1", docs_url=None, redoc_url=None,
-                  description="Management, injection and monitoring API of a Postlane node.")
+                  description="Management, injection and monitoring API of a Postlane node.",
+                  redirect_slashes=False)  # /metrics/ was a 307 to a Location built from Host
 
     async def require_token(
             request: Request,
