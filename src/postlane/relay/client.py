@@ -382,7 +382,10 @@ class SMTPConnection:
                 extensions[keyword.upper()] = params.strip()
         self.extensions = extensions
         size = extensions.get("SIZE", "")
-        self.size_limit = int(size) if size.isdigit() and size.isascii() else 0
+        # 20 digits are more than any message: a longer SIZE is no limit too (int() refuses
+        # strings of over 4,300 digits, and a ValueError here failed the whole attempt)
+        self.size_limit = int(size) if size.isdigit() and size.isascii() and len(size) <= 20 \
+            else 0
 
     def peer_chain(self) -> list[bytes]:
         """The certificates the server sent (DER, its own first); [] without TLS."""
