@@ -5,17 +5,27 @@ logs no traceback, and a receiver's misbehaviour never counts against the next m
 
 from __future__ import annotations
 
-from tests.conftest import message, records, send
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import OPERATOR, message, records, send
 from tests.support.waiting import until
 from tests.test_relay_quirks import (
     CLOSE,
-    EHLO,
     Conversation,
+    Receiver,
     no_tracebacks,
     outcomes,
     quick_config,
 )
-from tests.test_relay_quirks import receiver  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    yield r
+    await r.stop()
 
 
 def _rows(tmp_path, rcpt: str) -> list[dict]:
@@ -37,3 +47,33 @@ async def test_a_size_of_thousands_of_digits_is_no_limit(tmp_path, make_node, re
     await node.stop()
     assert outcomes(tmp_path) == [("a@example.com", "d")], records(tmp_path)
     no_tracebacks(caplog)
+
+
+async def test_a_close_at_the_next_mail_after_a_refusal_reopens(tmp_path, make_node, receiver,
+                                                               caplog):
+    """The receiver refuses message 1 at its final dot (550), then hangs up when the next
+    MAIL comes (its idle timeout, or its error limit, racing our MAIL). Message 2 goes at once
+    on a new connection. It was deferred "451 4.4.2 mail: connection is not usable" though
+    nothing of it had been sent, and the destination was reported unreachable and its lane
+    suspended: only a session that had delivered was reopened."""
+    def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
+        return CLOSE if verb == b"MAIL" and conv.number == 1 and b"second@" in line else None
+
+    receiver.script = script
+    receiver.dot = lambda conv: (b"550 5.7.1 rejected as spam\r\n" if conv.number == 1
+                                 else b"250 2.0.0 Ok: queued\r\n")
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port).replace("max_smtp_out = 4",
+                                                               "max_smtp_out = 1"))
+    await node.operations.pause("bulk", who=OPERATOR)  # queue both, then one session
+    for sender in ("first@insurer.test", "second@insurer.test"):
+        await send(node.listeners[0].port, sender, ["a@example.com"], message(cls="marketing"))
+    await node.operations.resume("bulk", who=OPERATOR)
+    await until(lambda: receiver.received, what="message 2's delivery")
+    await node.stop()
+    rows = [(r["orig"], r["type"]) for r in records(tmp_path)
+            if r["type"] not in ("r", "o") and r["rcpt"] == "a@example.com"]
+    assert sorted(rows) == [("first@insurer.test", "b"), ("second@insurer.test", "d")], rows
+    assert receiver.connections == 2 and receiver.peak == 1
+    no_tracebacks(caplog)
+

@@ -235,6 +235,9 @@ class SMTPConnection:
     """The TLS policy the connection was made under (opportunistic, required, verified,
     mta-sts-enforce, mta-sts-testing, dane, tlsrpt): evidence for the accounting records."""
     messages_sent: int
+    transactions: int
+    """Transactions the server answered to their end on this connection, delivered or not,
+    with the session still open after them (no 421)."""
 
     def __init__(
         self,
@@ -265,6 +268,7 @@ class SMTPConnection:
         self.tls_auth = ""
         self.tls_policy = ""
         self.messages_sent = 0
+        self.transactions = 0
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
@@ -464,6 +468,8 @@ class SMTPConnection:
         self._busy = True
         try:
             tx = await self._send(commands, payload, before_dot)
+            if self._usable:  # not a 421, nor the session lost
+                self.transactions += 1
         except BaseException:
             # A failure mid-transaction leaves the stream out of sync: never reuse it.
             self.close()

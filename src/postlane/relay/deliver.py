@@ -372,15 +372,17 @@ class Hosts:
     async def lost(self, exc: SessionLost) -> SMTPConnection | Failed:
         """The open session failed (``exc``): close it and go on to the next host.
 
-        A session that had delivered before it was lost is reopened to the same host first:
-        the server is up and took our mail; it ended the session, as Exim does after
-        ``smtp_accept_max_per_connection`` MAIL commands (421) or as an idle timeout racing
-        our next MAIL does (a close), or as a server counting recipients per session refuses
-        every further one (452 4.5.3, ``Relay.transact``). The batch waited for its class's
-        retry (15 minutes for marketing) with a deferral on its record. The session is QUIT
-        before the next is opened: one connection per slot. Each reopening needs a session
-        that delivered, so it cannot loop; a reopened session lost before delivering is
-        counted and moved on from as any other."""
+        A session that had answered a transaction to its end (delivered or refused) before
+        it was lost is reopened to the same host first: the server is up and talking; it
+        ended the session, as Exim does after ``smtp_accept_max_per_connection`` MAIL
+        commands (421) or as an idle timeout or an error limit racing our next MAIL does (a
+        close), or as a server counting recipients per session refuses every further one
+        (452 4.5.3, ``Relay.transact``). The batch waited for its class's retry (15 minutes
+        for marketing) with a deferral on its record; after a session that only refused, the
+        lane was also reported unreachable and suspended. The session is QUIT before the
+        next is opened: one connection per slot. Each reopening needs a session that answered
+        a transaction, so it cannot loop; a reopened session lost before that is counted and
+        moved on from as any other."""
         conn, plan = self.conn, self._current
         assert conn is not None and plan is not None
         log.debug("session %s [%s] lost: %s", conn.server_name, conn.peer_ip, exc)
@@ -388,6 +390,7 @@ class Hosts:
         await conn.quit()  # closed before the next is opened: one connection per slot
         if conn.messages_sent > 0:
             self._delivered = True
+        if conn.transactions > 0:
             relay = self._relay
             try:
                 self.conn = await relay.tls.connect(plan, self._slot, relay.timeouts)
