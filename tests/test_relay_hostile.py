@@ -77,3 +77,56 @@ async def test_a_close_at_the_next_mail_after_a_refusal_reopens(tmp_path, make_n
     assert receiver.connections == 2 and receiver.peak == 1
     no_tracebacks(caplog)
 
+
+async def test_a_354_to_rcpt_defers_with_a_valid_status_and_ends_reuse(tmp_path, make_node,
+                                                                       receiver, caplog):
+    """A ``354`` where RCPT wants 2xx/4xx/5xx (a receiver out of step, answering a command
+    pipelined behind): that recipient is deferred with an RFC 3463 status (4.5.0, a protocol
+    error), the other delivered, and the connection is not reused: what the server thinks the
+    session is in is unknown. The record's status was "3.0.0" (no such class) and the
+    connection was reused for the retry, which got the same 354 until the idle timeout."""
+    receiver.script = lambda conv, verb, line: (
+        b"354 go ahead\r\n" if verb == b"RCPT" and b"b@" in line and conv.number == 1 else None)
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com", "b@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: len(receiver.received) >= 2, what="a's and b's deliveries")
+    await node.stop()
+    assert [r["type"] for r in _rows(tmp_path, "a@example.com")] == ["d"]
+    rows = _rows(tmp_path, "b@example.com")
+    assert [(r["type"], r["dsnStatus"]) for r in rows] == [("t", "4.5.0"), ("d", "2.0.0")], rows
+    assert "354 go ahead" in rows[0]["dsnDiag"]
+    assert [conn for conn, _, _ in receiver.received] == [1, 2]
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("refused", [["b@example.com"], ["a@example.com", "b@example.com"]],
+                         ids=["one-refused", "all-refused"])
+async def test_refusals_stand_when_data_is_answered_250(tmp_path, make_node, receiver, caplog,
+                                                        refused):
+    """A pipelining receiver refuses a recipient (550 5.1.1) and answers DATA with 250 instead
+    of 354 (the data was never sent): the refusal stands, a bounce, as it does when the session
+    is lost there; a recipient it accepted is deferred and delivered by the retry. The 250 made
+    every recipient deferred: a refused one was retried until the expiry."""
+    def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
+        if verb == b"RCPT" and any(r.encode() in line for r in refused):
+            return b"550 5.1.1 no such user\r\n"
+        if verb == b"DATA" and conv.number == 1:
+            return b"250 2.0.0 Ok\r\n"
+        return None
+
+    receiver.script = script
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@example.com", ["a@example.com", "b@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: all(any(r["type"] in ("d", "b") for r in _rows(tmp_path, rcpt))
+                            for rcpt in ("a@example.com", "b@example.com")),
+                what="both recipients' final outcomes")
+    await node.stop()
+    for rcpt in ("a@example.com", "b@example.com"):
+        rows = [(r["type"], r["dsnStatus"]) for r in _rows(tmp_path, rcpt)]
+        assert rows == ([("b", "5.1.1")] if rcpt in refused else [("t", "4.4.2"), ("d", "2.0.0")]
+                        ), (rcpt, rows)
+    no_tracebacks(caplog)

@@ -591,7 +591,12 @@ class SMTPConnection:
                 self.messages_sent += 1
             return Transaction(mail_reply, rcpt_replies, data_reply)
         if data_cmd_reply.code < 400:  # 2xx/3xx other than 354: the data was never sent
-            raise SMTPError("data", f"unexpected reply to DATA: {data_cmd_reply}")
+            error = SMTPError("data", f"unexpected reply to DATA: {data_cmd_reply}")
+            if accepted and all(r.is_ok for r in rcpt_replies):
+                raise error
+            # the refusals read stand, as when the session is lost there (a 250 to DATA made
+            # a 550 to RCPT a deferral, retried until the expiry)
+            return self._cut_short(mail_reply, rcpt_replies, n, error)
         if data_cmd_reply.code == 421:
             self._usable = False
         else:
@@ -721,7 +726,9 @@ class SMTPConnection:
             raise SMTPError(stage, f"connection lost: {e}") from e
         finally:
             self._deadline = None
-        if reply.code == 421:
+        if reply.code == 421 or (reply.code < 400 and not reply.is_ok and stage != "data"):
+            # a 3xx where none is due (a 354 to RCPT or to the dot): the server is out of step
+            # with us, and what it takes the next command for is unknown
             self._usable = False
         return reply
 

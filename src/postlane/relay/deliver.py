@@ -38,9 +38,13 @@ def _retrieve(fut: asyncio.Future) -> None:
 
 
 def status_of(reply: Reply) -> str:
-    """The RFC 3463 status of a reply: its own enhanced code, else one derived from the class."""
+    """The RFC 3463 status of a reply: its own enhanced code, else one derived from the class;
+    4.5.0 (protocol error) for a 3xx where a final reply was due (RFC 3463 has no class 3:
+    a 354 to RCPT was recorded, and reported in delay DSNs, as "3.0.0")."""
     if reply.enhanced:
         return reply.enhanced
+    if 300 <= reply.code < 400:
+        return "4.5.0"
     return f"{reply.code // 100}.0.0"
 
 
