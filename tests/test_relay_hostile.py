@@ -130,3 +130,29 @@ async def test_refusals_stand_when_data_is_answered_250(tmp_path, make_node, rec
         assert rows == ([("b", "5.1.1")] if rcpt in refused else [("t", "4.4.2"), ("d", "2.0.0")]
                         ), (rcpt, rows)
     no_tracebacks(caplog)
+
+
+async def test_a_reply_nobody_asked_for_is_never_read_as_the_next_ones(tmp_path, make_node,
+                                                                       receiver, caplog):
+    """A greeting followed by a second reply nobody asked for (``250 extra``), to a client
+    without PIPELINING: every later reply was read as the answer to the command before (EHLO
+    got ``250 extra``, MAIL the EHLO's, RCPT a the MAIL's, RCPT b RCPT a's, DATA RCPT b's 550),
+    so a recipient the server accepted bounced with another's 550. A reply waiting before a
+    command is sent now ends the session: deferred, and the retry on a sane connection
+    delivers a and bounces b."""
+    receiver.greeting = b"220 quirk.test ESMTP\r\n250 extra\r\n"
+    receiver.ehlo = b"250-quirk.test\r\n250 8BITMIME\r\n"
+    receiver.script = lambda conv, verb, line: (
+        b"550 5.1.1 no such user\r\n" if verb == b"RCPT" and b"b@" in line else None)
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com", "b@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: outcomes(tmp_path), what="the first outcomes")
+    receiver.greeting = b"220 quirk.test ESMTP\r\n"
+    await until(lambda: receiver.received, what="a's delivery")
+    await node.stop()
+    assert [r["type"] for r in _rows(tmp_path, "a@example.com")][-2:] == ["t", "d"]
+    assert [r["type"] for r in _rows(tmp_path, "b@example.com")][-2:] == ["t", "b"]
+    assert all(r["dsnStatus"][0] in "245" for r in records(tmp_path) if r["dsnStatus"])
+    no_tracebacks(caplog)

@@ -688,6 +688,12 @@ class SMTPConnection:
         self._writer.transport.abort()
 
     async def _command(self, stage: str, line: bytes) -> Reply:
+        if pending_bytes(self._reader):
+            # a reply before its command: every later one would be read as the answer to the
+            # command before (a second greeting line made a RCPT's 550 the DATA's, and the
+            # accepted recipients bounced with it)
+            self._usable = False
+            raise SMTPError(stage, "reply received before the command was sent")
         self._writer.write(line)
         await self._drain(stage, self._timeouts.command)
         return await self._read_reply(stage, self._timeouts.command)
