@@ -15,6 +15,7 @@ from postlane.startup import parse_config
 from tests.conftest import config_text, message, send
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
+from tests.test_relay_quirks import Receiver, quick_config
 
 POSTLANE = str(Path(sys.executable).parent / "postlane")
 
@@ -166,3 +167,24 @@ async def test_queues_on_a_cluster_node_shows_the_shared_queue_and_labels_its_la
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_status_shows_a_remote_reply_in_a_degradation_as_text(tmp_path, make_node):
+    """A destination reported unreachable carries the remote server's reply as its cause,
+    which ``postlane status`` prints: a greeting with ``[/ip]`` (rich markup) and an escape
+    sequence (OSC retitling the terminal, a bell) is shown as text, escaped. The ``[/ip]``
+    failed the command (MarkupError) and the escape reached the terminal raw."""
+    receiver = Receiver(greeting=b"554 5.7.1 \x1b]0;pwned\x07 [/ip] blocked\r\n")
+    port = await receiver.start()
+    try:
+        node = await make_node(quick_config(tmp_path, port))
+        await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+                   message(cls="policy-documents"))
+        await until(lambda: node.health.active, what="the destination reported unreachable")
+        code, out, err = await run_cli("status", "--url", f"http://127.0.0.1:{node.api.port}",
+                                       "--token-file", str(tmp_path / "api-token"))
+    finally:
+        await receiver.stop()
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if "DEGRADED" in line)
+    assert "[/ip] blocked" in line and "\x1b" not in out and "\x07" not in out, line

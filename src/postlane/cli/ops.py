@@ -17,6 +17,9 @@ import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+from ..audit.evidence import visible
 
 app = typer.Typer(add_completion=False)
 
@@ -162,8 +165,12 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
               f" {st['accepted']} accepted, {len(alerts['active'])} active alerts")
     out.print(_listeners_table(st.get("listeners", [])))
     for state in st.get("degraded", []):
-        out.print(f"[red]DEGRADED[/] {state['what']} for {_age(state['duration_s'])}:"
-                  f" {state['effect']} ({state['cause']})")
+        # the cause is often a remote server's reply: text, not rich markup (its "[/ip]"
+        # failed the command), with control characters escaped (an escape sequence in a
+        # greeting reached the operator's terminal raw)
+        out.print(Text.assemble(("DEGRADED", "red"), visible(
+            f" {state['what']} for {_age(state['duration_s'])}: {state['effect']}"
+            f" ({state['cause']})")))
     if clustered:
         _cluster_tables(out, st["cluster"], sla)
     pools = Table(title="pools (this node's connections)" if clustered else "pools")
@@ -197,7 +204,7 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
                         f"{c['drain_rate']:.2f}")
         out.print(own)
     for alert in alerts["active"]:
-        out.print(f"[red]ALERT[/] {alert['id']}: {alert['message']}")
+        out.print(Text.assemble(("ALERT", "red"), visible(f" {alert['id']}: {alert['message']}")))
 
 
 def _cluster_tables(out: Console, cluster: dict, sla: dict) -> None:
