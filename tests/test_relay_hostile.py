@@ -101,34 +101,28 @@ async def test_a_354_to_rcpt_defers_with_a_valid_status_and_ends_reuse(tmp_path,
     no_tracebacks(caplog)
 
 
-@pytest.mark.parametrize("refused", [["b@example.com"], ["a@example.com", "b@example.com"]],
-                         ids=["one-refused", "all-refused"])
-async def test_refusals_stand_when_data_is_answered_250(tmp_path, make_node, receiver, caplog,
-                                                        refused):
-    """A pipelining receiver refuses a recipient (550 5.1.1) and answers DATA with 250 instead
-    of 354 (the data was never sent): the refusal stands, a bounce, as it does when the session
-    is lost there; a recipient it accepted is deferred and delivered by the retry. The 250 made
-    every recipient deferred: a refused one was retried until the expiry."""
+async def test_a_250_to_data_is_a_stream_out_of_step_and_refuses_nobody(tmp_path, make_node,
+                                                                         receiver, caplog):
+    """A stray ``550`` ahead of the MAIL reply (one left over from an earlier transaction, or
+    a receiver's bug), to a pipelining client: MAIL reads the 550, RCPT the MAIL's 250, DATA
+    the RCPT's 250. The 250 to DATA says the replies are out of step with the commands, so
+    none read can be trusted: every recipient is deferred and the retry delivers, never a
+    bounce with the stray 550."""
     def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
-        if verb == b"RCPT" and any(r.encode() in line for r in refused):
-            return b"550 5.1.1 no such user\r\n"
-        if verb == b"DATA" and conv.number == 1:
-            return b"250 2.0.0 Ok\r\n"
+        if verb == b"MAIL" and conv.number == 1:
+            conv.rcpts, conv.mail = [], True
+            return b"550 5.7.1 stray\r\n250 2.1.0 Ok\r\n"
         return None
 
     receiver.script = script
     port = await receiver.start()
     node = await make_node(quick_config(tmp_path, port))
-    await send(node.listeners[0].port, "s@example.com", ["a@example.com", "b@example.com"],
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
                message(cls="policy-documents"))
-    await until(lambda: all(any(r["type"] in ("d", "b") for r in _rows(tmp_path, rcpt))
-                            for rcpt in ("a@example.com", "b@example.com")),
-                what="both recipients' final outcomes")
+    await until(lambda: receiver.received, what="the retry's delivery")
     await node.stop()
-    for rcpt in ("a@example.com", "b@example.com"):
-        rows = [(r["type"], r["dsnStatus"]) for r in _rows(tmp_path, rcpt)]
-        assert rows == ([("b", "5.1.1")] if rcpt in refused else [("t", "4.4.2"), ("d", "2.0.0")]
-                        ), (rcpt, rows)
+    rows = [(r["type"], r["dsnStatus"]) for r in _rows(tmp_path, "a@example.com")]
+    assert rows == [("t", "4.4.2"), ("d", "2.0.0")], rows
     no_tracebacks(caplog)
 
 

@@ -590,13 +590,11 @@ class SMTPConnection:
             elif data_reply.is_ok:
                 self.messages_sent += 1
             return Transaction(mail_reply, rcpt_replies, data_reply)
-        if data_cmd_reply.code < 400:  # 2xx/3xx other than 354: the data was never sent
-            error = SMTPError("data", f"unexpected reply to DATA: {data_cmd_reply}")
-            if accepted and all(r.is_ok for r in rcpt_replies):
-                raise error
-            # the refusals read stand, as when the session is lost there (a 250 to DATA made
-            # a 550 to RCPT a deferral, retried until the expiry)
-            return self._cut_short(mail_reply, rcpt_replies, n, error)
+        if data_cmd_reply.code < 400:  # 2xx/3xx other than 354: the data was never sent,
+            # and the replies are out of step with the commands (a stray reply ahead of the
+            # MAIL's shifts each onto the next command): none read can be trusted, not even
+            # a refusal, so no recipient is refused on them (the caller defers them all)
+            raise SMTPError("data", f"unexpected reply to DATA: {data_cmd_reply}")
         if data_cmd_reply.code == 421:
             self._usable = False
         else:
