@@ -150,3 +150,26 @@ async def test_a_reply_nobody_asked_for_is_never_read_as_the_next_ones(tmp_path,
     assert [r["type"] for r in _rows(tmp_path, "b@example.com")][-2:] == ["t", "b"]
     assert all(r["dsnStatus"][0] in "245" for r in records(tmp_path) if r["dsnStatus"])
     no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("dot", [
+    b"".join(b"250-2.0.0 line %d\r\n" % i for i in range(150)) + b"250 2.0.0 queued\r\n",
+    b"250 2.0.0 queued " + b"x" * 100_000 + b"\r\n",
+], ids=["150-lines", "100-KB-line"])
+async def test_a_long_final_250_is_one_delivery(tmp_path, make_node, receiver, caplog, dot):
+    """A 250 to the final dot in 151 lines, or in one line of 100 KB: delivered, once. Past
+    the reply caps (100 lines, 64 KB) the reply was refused as "too long": the message was
+    deferred and sent again at every retry, a duplicate each time, until the expiry. What is
+    past the caps is now read and dropped (memory stays bounded; the reply's deadline still
+    ends a reply that never ends)."""
+    receiver.dot = lambda conv: dot
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: outcomes(tmp_path), what="an outcome")
+    await node.stop()
+    rows = _rows(tmp_path, "a@example.com")
+    assert [(r["type"], r["dsnStatus"]) for r in rows] == [("d", "2.0.0")], rows
+    assert len(receiver.received) == 1 and len(rows[0]["dsnDiag"]) < 2000
+    no_tracebacks(caplog)

@@ -8,7 +8,8 @@ Defences built in: message data is normalised to CRLF line endings before dot-st
 bare LF or CR can never form an end-of-data sequence the receiver reads differently from us
 (SMTP smuggling, CVE-2023-51766); plaintext bytes pipelined behind a STARTTLS reply are
 refused (CVE-2011-0411 style injection); replies are capped in lines and bytes so a hostile
-server cannot make us buffer megabytes.
+server cannot make us buffer megabytes (what is past the caps is read and dropped, so a long
+reply is still the reply it is, and the reply's deadline ends one that never ends).
 
 SMTPUTF8 (RFC 6531): an envelope with non-ASCII addresses, or a header with UTF-8 (RFC 6532),
 goes with the SMTPUTF8 parameter to a server that offers it. To one that does not: a message
@@ -39,8 +40,11 @@ __all__ = ["Reply", "SMTPConnection", "SMTPError", "Timeouts", "Transaction"]
 
 MAX_REPLY_LINES = 100
 MAX_REPLY_BYTES = 64 * 1024
-# StreamReader buffer limit: a single line longer than this fails fast instead of buffering.
+# StreamReader buffer limit: a single line longer than this is read in parts of this size.
 _STREAM_LIMIT = MAX_REPLY_BYTES
+_LONG_LINE_KEPT = 1000
+"""Of a reply line longer than the stream limit, the bytes kept (its code, and text enough to
+say why: a record's diagnostic)."""
 # Large messages are written in blocks so the RFC 5321 data-block timeout applies per block.
 _DATA_BLOCK = 256 * 1024
 
@@ -773,22 +777,56 @@ class SMTPConnection:
             self._timer = None
 
     async def _read_lines(self, stage: str) -> Reply:
-        readline = self._reader.readline
+        """One reply, read to its last line. Past ``MAX_REPLY_LINES`` lines or
+        ``MAX_REPLY_BYTES`` bytes, and past ``_LONG_LINE_KEPT`` bytes of a line longer than the
+        stream limit, the rest is read and dropped (its codes still checked): memory stays
+        bounded, and the reply is still read (a 250 to the dot refused as "too long" was a
+        deferral, and the message was sent again at every retry). The reply's deadline ends
+        one that never ends."""
         lines: list[bytes] = []
         total = 0
         while True:
-            try:
-                line = await readline()
-            except ValueError:  # longer than the stream limit
-                raise SMTPError(stage, "reply line too long") from None
-            if not line.endswith(b"\n"):
-                raise SMTPError(stage, "connection closed by server")
+            line = await self._read_line(stage)
+            last = len(line) < 5 or line[3:4] != b"-"
+            if not lines:
+                if last:  # most replies: one line
+                    return _parse_line(line, stage)
+            elif len(lines) >= MAX_REPLY_LINES or total > MAX_REPLY_BYTES:
+                _check_line(line.rstrip(b"\r\n"), stage)  # beyond the caps: checked, dropped
+                if line[:3] != lines[0][:3]:
+                    raise SMTPError(stage, f"reply lines with different codes {line[:80]!r}")
+                if last:
+                    return _parse_reply(lines, stage)
+                continue
             lines.append(line)
-            if len(line) < 5 or line[3:4] != b"-":  # the last line (most replies: the only)
-                return _parse_reply(lines, stage)
             total += len(line)
-            if len(lines) >= MAX_REPLY_LINES or total > MAX_REPLY_BYTES:
-                raise SMTPError(stage, "reply too long")
+            if last:
+                return _parse_reply(lines, stage)
+
+    async def _read_line(self, stage: str) -> bytes:
+        """One reply line with its line end; of a line longer than the stream limit, its
+        first ``_LONG_LINE_KEPT`` bytes (the rest is read and dropped)."""
+        reader = self._reader
+        try:
+            return await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            raise SMTPError(stage, "connection closed by server") from None
+        except asyncio.LimitOverrunError as e:
+            head = await self._read_exactly(stage, e.consumed)
+        while True:  # drop the rest of the line, a stream limit's worth at a time
+            try:
+                await reader.readuntil(b"\n")
+                return head[:_LONG_LINE_KEPT] + b"\r\n"
+            except asyncio.IncompleteReadError:
+                raise SMTPError(stage, "connection closed by server") from None
+            except asyncio.LimitOverrunError as e:
+                await self._read_exactly(stage, e.consumed)
+
+    async def _read_exactly(self, stage: str, n: int) -> bytes:
+        try:
+            return await self._reader.readexactly(n)
+        except asyncio.IncompleteReadError:
+            raise SMTPError(stage, "connection closed by server") from None
 
 
 def _settled(fut: Awaitable[object] | None) -> bool:
