@@ -4,6 +4,7 @@ hand-written asyncio servers for wire-level checks and misbehaviour."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import random
@@ -1052,3 +1053,31 @@ async def test_refusals_stand_when_an_empty_data_goes_unanswered() -> None:
         tx = await conn.send("s@a.test", [("x@b.test", "")], MESSAGE)
     assert [str(r) for r in tx.rcpt_replies] == ["550 5.1.1 no such user"]
     assert tx.data_reply is None and not conn.usable
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [b"x" * 65536, b"220-" + b"y" * 60 + b"\r\n"],
+    ids=["endless-line", "endless-continuation-lines"],
+)
+async def test_an_endless_reply_ends_at_its_deadline_in_bounded_memory(chunk: bytes) -> None:
+    """A greeting that never ends (one line, or continuation lines, sent without pause and
+    without closing): what is past the reply caps is read and dropped, so memory stays
+    bounded, and the banner deadline ends it."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 " if chunk.startswith(b"x") else b"")
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+
+    async with raw_server(serve) as port:
+        tracemalloc.start()
+        try:
+            with pytest.raises(SMTPError) as info:
+                await connect(port, timeouts=Timeouts(connect=2, banner=2, command=2))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert info.value.stage == "banner" and "timed out" in info.value.message
+    assert peak < 4 * 1024 * 1024
