@@ -173,3 +173,55 @@ async def test_a_long_final_250_is_one_delivery(tmp_path, make_node, receiver, c
     assert [(r["type"], r["dsnStatus"]) for r in rows] == [("d", "2.0.0")], rows
     assert len(receiver.received) == 1 and len(rows[0]["dsnDiag"]) < 2000
     no_tracebacks(caplog)
+
+
+async def test_a_stray_refusal_ahead_of_mail_bounces_nobody(tmp_path, make_node, receiver,
+                                                           caplog):
+    """A stray ``550`` ahead of the MAIL reply again, with a second recipient the server
+    refuses: MAIL reads the 550, RCPT a the MAIL's 250, RCPT b a's 250, DATA b's 550, and
+    nothing looks wrong until the RSET after it reads the DATA's real reply, a 354. Both
+    recipients bounced with the stray 550 (a was accepted by the server). A 3xx to that RSET
+    now says the replies are out of step: every recipient deferred; the retry delivers a and
+    bounces b with its own 550."""
+    def script(conv: Conversation, verb: bytes, line: bytes) -> bytes | None:
+        if verb == b"MAIL" and conv.number == 1:
+            conv.rcpts, conv.mail = [], True
+            return b"550 5.7.1 stray\r\n250 2.1.0 Ok\r\n"
+        if verb == b"RCPT" and b"b@" in line:
+            return b"550 5.1.1 no such user\r\n"
+        return None
+
+    receiver.script = script
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com", "b@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: receiver.received, what="the retry's delivery to a")
+    await until(lambda: _rows(tmp_path, "b@example.com")[-1:]
+                and _rows(tmp_path, "b@example.com")[-1]["type"] == "b", what="b's bounce")
+    await node.stop()
+    a = [(r["type"], r["dsnStatus"]) for r in _rows(tmp_path, "a@example.com")]
+    b = [(r["type"], r["dsnStatus"]) for r in _rows(tmp_path, "b@example.com")]
+    assert a == [("t", "4.4.2"), ("d", "2.0.0")], a
+    assert b == [("t", "4.4.2"), ("b", "5.1.1")], b
+    no_tracebacks(caplog)
+
+
+async def test_a_421_after_the_refusals_lets_them_stand(tmp_path, make_node, receiver, caplog):
+    """Postfix at its error limit (``smtpd_hard_error_limit``) sends ``421 4.7.0 Error: too
+    many errors`` unasked, right after the reply that reached it: here after a pipelined
+    DATA's 554. That is a server closing, not replies out of step: the recipient's 550 stands
+    (a bounce), it is not deferred."""
+    receiver.script = lambda conv, verb, line: (
+        b"550 5.1.1 no such user\r\n" if verb == b"RCPT" else
+        b"554 5.5.1 Error: no valid recipients\r\n421 4.7.0 Error: too many errors\r\n"
+        if verb == b"DATA" else None)
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
+               message(cls="policy-documents"))
+    await until(lambda: _rows(tmp_path, "a@example.com"), what="a's outcome")
+    await node.stop()
+    rows = [(r["type"], r["dsnStatus"]) for r in _rows(tmp_path, "a@example.com")]
+    assert rows == [("b", "5.1.1")], rows
+    no_tracebacks(caplog)

@@ -602,7 +602,21 @@ class SMTPConnection:
         if data_cmd_reply.code == 421:
             self._usable = False
         else:
-            await self._quiet_rset()
+            if pending_bytes(self._reader):  # one more reply came: read it, send no RSET
+                self._usable = False
+                try:
+                    after: Reply | None = await self._read_reply("data", cmd_timeout)
+                except SMTPError:
+                    after = None
+            else:
+                after = await self._quiet_rset()
+            if after is not None and 300 <= after.code < 400:
+                # DATA's real 354, after DATA's reply: every reply was the one to the command
+                # before (a stray reply ahead of the MAIL's), so none read can be trusted (a
+                # stray 550 bounced recipients the server had accepted). (A 421 there is a
+                # server closing after its error limit: the refusals stand.)
+                raise SMTPError("data", f"replies out of step with the commands: {after}"
+                                        " after the reply to DATA")
         return Transaction(mail_reply, rcpt_replies, data_cmd_reply if accepted else None)
 
     def _cut_short(self, mail_reply: Reply, rcpt_replies: list[Reply], n: int,
@@ -657,17 +671,20 @@ class SMTPConnection:
         if pending_bytes(self._reader):
             raise SMTPError("data", "server replied before the end of data")
 
-    async def rset(self) -> None:
+    async def rset(self) -> Reply:
         """Abort any transaction so the connection can be reused; unusable if refused."""
         reply = await self._command("mail", b"RSET\r\n")
         if not reply.is_ok:
             self._usable = False
+        return reply
 
-    async def _quiet_rset(self) -> None:
+    async def _quiet_rset(self) -> Reply | None:
+        """``rset``; None when it failed (the connection is then unusable)."""
         try:
-            await self.rset()
+            return await self.rset()
         except SMTPError:
             self._usable = False
+            return None
 
     async def quit(self) -> None:
         """Say QUIT politely, ignoring any error, then close."""
