@@ -28,6 +28,14 @@ async def receiver() -> AsyncIterator[Receiver]:
     await r.stop()
 
 
+async def _notice(tmp_path, make_node, receiver: Receiver, rcpts: list[str]):
+    """Start the receiver and a node sending to it, and submit one policy notice."""
+    port = await receiver.start()
+    node = await make_node(quick_config(tmp_path, port))
+    await send(node.listeners[0].port, "s@insurer.test", rcpts, message(cls="policy-documents"))
+    return node
+
+
 def _rows(tmp_path, rcpt: str) -> list[dict]:
     return [r for r in records(tmp_path) if r["type"] not in ("r", "o") and r["rcpt"] == rcpt]
 
@@ -39,10 +47,7 @@ async def test_a_size_of_thousands_of_digits_is_no_limit(tmp_path, make_node, re
     attempt was deferred "451 4.3.0 internal error during delivery" with a traceback in the
     log, and the next MX was never tried."""
     receiver.ehlo = b"250-quirk.test\r\n250-PIPELINING\r\n250 SIZE " + b"9" * 5000 + b"\r\n"
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
-               message(cls="policy-documents"))
+    node = await _notice(tmp_path, make_node, receiver, ["a@example.com"])
     await until(lambda: outcomes(tmp_path), what="an outcome")
     await node.stop()
     assert outcomes(tmp_path) == [("a@example.com", "d")], records(tmp_path)
@@ -87,10 +92,7 @@ async def test_a_354_to_rcpt_defers_with_a_valid_status_and_ends_reuse(tmp_path,
     connection was reused for the retry, which got the same 354 until the idle timeout."""
     receiver.script = lambda conv, verb, line: (
         b"354 go ahead\r\n" if verb == b"RCPT" and b"b@" in line and conv.number == 1 else None)
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com", "b@example.com"],
-               message(cls="policy-documents"))
+    node = await _notice(tmp_path, make_node, receiver, ["a@example.com", "b@example.com"])
     await until(lambda: len(receiver.received) >= 2, what="a's and b's deliveries")
     await node.stop()
     assert [r["type"] for r in _rows(tmp_path, "a@example.com")] == ["d"]
@@ -115,10 +117,7 @@ async def test_a_250_to_data_is_a_stream_out_of_step_and_refuses_nobody(tmp_path
         return None
 
     receiver.script = script
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
-               message(cls="policy-documents"))
+    node = await _notice(tmp_path, make_node, receiver, ["a@example.com"])
     await until(lambda: receiver.received, what="the retry's delivery")
     await node.stop()
     rows = [(r["type"], r["dsnStatus"]) for r in _rows(tmp_path, "a@example.com")]
@@ -138,10 +137,7 @@ async def test_a_reply_nobody_asked_for_is_never_read_as_the_next_ones(tmp_path,
     receiver.ehlo = b"250-quirk.test\r\n250 8BITMIME\r\n"
     receiver.script = lambda conv, verb, line: (
         b"550 5.1.1 no such user\r\n" if verb == b"RCPT" and b"b@" in line else None)
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com", "b@example.com"],
-               message(cls="policy-documents"))
+    node = await _notice(tmp_path, make_node, receiver, ["a@example.com", "b@example.com"])
     await until(lambda: outcomes(tmp_path), what="the first outcomes")
     receiver.greeting = b"220 quirk.test ESMTP\r\n"
     await until(lambda: receiver.received, what="a's delivery")
@@ -163,10 +159,7 @@ async def test_a_long_final_250_is_one_delivery(tmp_path, make_node, receiver, c
     past the caps is now read and dropped (memory stays bounded; the reply's deadline still
     ends a reply that never ends)."""
     receiver.dot = lambda conv: dot
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
-               message(cls="policy-documents"))
+    node = await _notice(tmp_path, make_node, receiver, ["a@example.com"])
     await until(lambda: outcomes(tmp_path), what="an outcome")
     await node.stop()
     rows = _rows(tmp_path, "a@example.com")
@@ -192,10 +185,7 @@ async def test_a_stray_refusal_ahead_of_mail_bounces_nobody(tmp_path, make_node,
         return None
 
     receiver.script = script
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com", "b@example.com"],
-               message(cls="policy-documents"))
+    node = await _notice(tmp_path, make_node, receiver, ["a@example.com", "b@example.com"])
     await until(lambda: receiver.received, what="the retry's delivery to a")
     await until(lambda: _rows(tmp_path, "b@example.com")[-1:]
                 and _rows(tmp_path, "b@example.com")[-1]["type"] == "b", what="b's bounce")
@@ -216,10 +206,7 @@ async def test_a_421_after_the_refusals_lets_them_stand(tmp_path, make_node, rec
         b"550 5.1.1 no such user\r\n" if verb == b"RCPT" else
         b"554 5.5.1 Error: no valid recipients\r\n421 4.7.0 Error: too many errors\r\n"
         if verb == b"DATA" else None)
-    port = await receiver.start()
-    node = await make_node(quick_config(tmp_path, port))
-    await send(node.listeners[0].port, "s@insurer.test", ["a@example.com"],
-               message(cls="policy-documents"))
+    node = await _notice(tmp_path, make_node, receiver, ["a@example.com"])
     await until(lambda: _rows(tmp_path, "a@example.com"), what="a's outcome")
     await node.stop()
     rows = [(r["type"], r["dsnStatus"]) for r in _rows(tmp_path, "a@example.com")]
