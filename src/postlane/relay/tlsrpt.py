@@ -61,6 +61,8 @@ def is_report(msg: Message) -> bool:
 __all__ = ["NO_POLICY", "PolicyRef", "TLSReports"]
 
 FLUSH_EVERY = 60.0
+POST_TIMEOUT = 30.0
+"""Seconds an HTTPS ``rua`` has to take a report and answer, all told."""
 _VERSION = re.compile(r"v=TLSRPTv1[ \t]*;")  # RFC 8460 3: "v=TLSRPTv1" then field-delim
 
 
@@ -298,12 +300,20 @@ class TLSReports:
                           forced_class=self.config.tlsrpt.report_class or self.config.default_class)
 
     async def _post(self, url: str, data: bytes) -> None:
-        async with httpx.AsyncClient(verify=self._ssl, timeout=30.0,
-                                     follow_redirects=False) as client:
-            resp = await client.post(url, content=data,
-                                     headers={"Content-Type": "application/tlsrpt+gzip"})
-        if not resp.is_success:
-            raise RuntimeError(f"HTTP {resp.status_code}")
+        """POST one report (RFC 8460 3: a 2xx status is success). The answer's body is never
+        read, and the whole exchange has ``POST_TIMEOUT`` seconds: httpx's timeout is per
+        read, and an endpoint dripping an endless body held the reports of every domain after
+        it (and filled the memory with the body)."""
+        try:
+            async with asyncio.timeout(POST_TIMEOUT), \
+                    httpx.AsyncClient(verify=self._ssl, timeout=POST_TIMEOUT,
+                                      follow_redirects=False) as client, \
+                    client.stream("POST", url, content=data,
+                                  headers={"Content-Type": "application/tlsrpt+gzip"}) as resp:
+                if not resp.is_success:
+                    raise RuntimeError(f"HTTP {resp.status_code}")
+        except TimeoutError:
+            raise RuntimeError(f"no answer within {POST_TIMEOUT:g} s") from None
 
     async def run(self) -> None:
         """Flush every minute; after each UTC midnight (plus a random delay) send the reports
