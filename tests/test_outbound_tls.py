@@ -388,6 +388,33 @@ async def test_tlsa_mismatch_defers(world, make_node, tmp_path):
     assert report["policies"][0]["failure-details"][0]["result-type"] == "tlsa-invalid"
 
 
+@pytest.mark.parametrize("usage, selector, mtype", [
+    (1, 1, 1),  # PKIX-EE: not for SMTP (RFC 7672 3.1.3)
+    (4, 1, 1),  # an unknown usage
+    (3, 7, 1),  # an unknown selector
+    (3, 1, 9),  # an unknown matching type
+])
+async def test_only_unusable_tlsa_records_make_tls_mandatory_not_a_deferral(
+        world, make_node, tmp_path, usage, selector, mtype):
+    """RFC 7672 2.2: a secure TLSA RRset of only unusable records makes TLS mandatory,
+    without authentication: delivered over unauthenticated TLS, never in clear."""
+    data = "ab" * 32
+    world.mx("dane.test", "wrong.mx.test", secure=True)
+    world.dns.add_tlsa(f"_{world.port}._tcp.wrong.mx.test", usage, selector, mtype, data)
+    world.mx("dane-plain.test", "plain.mx.test", secure=True)
+    world.dns.add_tlsa(f"_{world.port}._tcp.plain.mx.test", usage, selector, mtype, data)
+    node = await make_node(world.config())
+    await _deliver(node, "r@dane.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@dane.test")
+    assert row["type"] == "d", row
+    assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == "none", row
+    assert row["dlvTlsProtocol"], row
+    await _deliver(node, "r@dane-plain.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@dane-plain.test")
+    assert row["type"] == "t" and row["dsnStatus"] == "4.7.10", row
+    assert len(world.sinks["plain.mx.test"].arrivals) == 0
+
+
 async def test_tlsa_without_the_ad_bit_is_ignored(world, make_node, tmp_path):
     world.mx("dane.test", "good.mx.test")  # not signed: no AD, so no DANE
     world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)
