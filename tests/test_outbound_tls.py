@@ -782,3 +782,35 @@ async def test_failed_tlsa_lookups_are_not_blamed_on_mta_sts(world, make_node, t
     results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
     assert "validation-failure" not in results and "dnssec-invalid" in results, results
     assert world.arrivals() == 0
+
+
+
+@pytest.mark.parametrize("rua", [
+    "mailto:tlsrpt@reports.test%0D%0A%20RCPT%20TO:%3Cother@reports.test%3E",  # CR LF
+    "mailto:tlsrpt%3E%20NOTIFY=NEVER@reports.test",  # the path closed, a parameter added
+    "mailto:",
+    "mailto:no-at-sign",
+    "mailto:a@reports.test%2Cb@reports.test",
+])
+async def test_a_malformed_mailto_rua_is_not_queued(world, make_node, tmp_path, caplog, rua):
+    """The ``mailto:`` of a ``rua`` is the recipient domain's word, so anyone's: its address
+    (percent-decoded) was queued as it was - with CR LF in it, an empty one, one without
+    ``@`` - counted as a report sent, then bounced to our own ``mail_from``, its bogus
+    recipient on the audit trail. It is now checked as strictly as the SMTP door checks a
+    RCPT path: a malformed one is logged and skipped, the record's other targets still get
+    the report."""
+    world.mx("sts-testing.test", "wrong.mx.test")
+    world.sts("sts-testing.test", "testing", ["*.mx.test"])
+    world.mx("reports.test", "plain.mx.test")
+    world.dns.add_txt("_smtp._tls.sts-testing.test",
+                      f"v=TLSRPTv1; rua={rua},mailto:tlsrpt@reports.test")
+    node = await make_node(world.config())
+    await _deliver(node, "a@sts-testing.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
+    assert await node.tls_reports.send_due(before="9999-12-31") == 1
+    assert (await first_outcome(tmp_path, "tlsrpt@reports.test"))["type"] == "d"
+    assert [a.rcpts for a in world.sinks["plain.mx.test"].arrivals] == [["tlsrpt@reports.test"]]
+    rcpts = {r["rcpt"] for r in records(tmp_path)}
+    assert rcpts == {"a@sts-testing.test", "tlsrpt@reports.test"}, rcpts
+    assert any("not an address" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]

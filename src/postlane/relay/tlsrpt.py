@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from ..address import PathError, parse_path
 from ..config import Config
 from ..maildate import header_date
 from ..secretfile import private_file
@@ -258,8 +259,12 @@ class TLSReports:
             scheme = urlsplit(uri).scheme.lower()
             try:
                 if scheme == "mailto":
-                    await self._mail(unquote(urlsplit(uri).path), domain, report, data,
-                                     filename)
+                    address = _mailto(uri)
+                    if address is None:
+                        log.warning("TLS report for %s: rua %r is not an address", domain,
+                                    uri[:300])
+                        continue
+                    await self._mail(address, domain, report, data, filename)
                 elif scheme == "https":
                     await self._post(uri, data)
                 else:
@@ -347,6 +352,19 @@ class TLSReports:
             self._down = False
             log.warning("TLS report counts saved again", extra={"file": str(self.path)})
         return True
+
+
+def _mailto(uri: str) -> str | None:
+    """The address of a ``mailto:`` rua (its header fields ignored), or None when it is not
+    one mailbox the SMTP door would take as a RCPT path: the record is the recipient domain's
+    word, and its percent-decoded address carried CR LF, SMTP parameters, or nothing at all
+    into the queue."""
+    address = unquote(urlsplit(uri).path)
+    try:
+        path, params = parse_path(f"<{address}>", utf8=True)
+    except PathError:
+        return None
+    return path if path and not params else None
 
 
 def _next_send(now: float, spread: float) -> float:
