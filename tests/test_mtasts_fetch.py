@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import ssl
+import tracemalloc
 
 from postlane.relay.mtasts import MTASTS
 from postlane.relay.mx import MXResolver
@@ -222,3 +224,68 @@ async def test_expired_policies_leave_the_cache(dns_server, tmp_path):
         assert "old.test" not in sts._policies
     finally:
         https.stop()
+
+
+class Compressed:
+    """An HTTPS policy server that answers with ``Content-Encoding: gzip`` whatever was asked:
+    ``policy`` followed by ``padding`` bytes of ``#``, which deflate 1000 to 1."""
+
+    def __init__(self, context: ssl.SSLContext, policy: str, padding: int) -> None:
+        self.context = context
+        raw = policy.encode() + b"#" * padding
+        self.body = gzip.compress(raw, compresslevel=9)
+        self.accept_encoding: list[str] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            for line in head.split("\r\n"):
+                if line.startswith("accept-encoding:"):
+                    self.accept_encoding.append(line.partition(":")[2].strip())
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                         % len(self.body) + self.body)
+            await writer.drain()
+        writer.close()
+
+    async def start(self) -> Compressed:
+        self.server = await asyncio.start_server(self._serve, HTTPS_IP, 0, ssl=self.context)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.close()
+
+
+async def test_a_compressed_policy_is_inflated_no_further_than_the_size_limit(dns_server,
+                                                                            tmp_path):
+    """RFC 8461 3.3 caps a policy at 64 KB; httpx asked for gzip and inflated each chunk
+    whole before the cap was checked, so 50 KB of gzip from a hostile policy host (50 MB
+    inflated) took tens of MB of memory per fetch, and as much again for each domain fetched
+    at the same time. The fetch now asks for ``identity`` and inflates a compressed answer
+    (sent anyway) only up to the cap; a small compressed policy still reads."""
+    ca = TestCA(tmp_path / "ca")
+    ctx = ca.server_context(["mta-sts.bomb.test", "mta-sts.small.test"])
+    bomb = await Compressed(ctx, POLICY, 50 * 1024 * 1024).start()
+    small = await Compressed(ctx, POLICY, 0).start()
+    for domain in ("bomb.test", "small.test"):
+        dns_server.add_txt(f"_mta-sts.{domain}", "v=STSv1; id=1;")
+        dns_server.add_a(f"mta-sts.{domain}", HTTPS_IP)
+    errors: list = []
+    try:
+        sts = _sts(dns_server, tmp_path, ca, bomb.port, errors)
+        tracemalloc.start()
+        try:
+            assert await sts.policy("bomb.test") is None
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert [e[1] for e in errors] == ["sts-policy-invalid"], errors
+        assert peak < 8 * 1024 * 1024, f"{peak / 1e6:.0f} MB to refuse a 64 KB policy"
+        assert bomb.accept_encoding == ["identity"]
+        sts = _sts(dns_server, tmp_path, ca, small.port, errors)
+        policy = await sts.policy("small.test")
+        assert policy is not None and policy.mode == "enforce" and policy.mx == ["*.mx.test"]
+    finally:
+        bomb.stop()
+        small.stop()

@@ -18,6 +18,7 @@ import os
 import re
 import ssl
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -259,19 +260,20 @@ class MTASTS:
         try:
             async with httpx.AsyncClient(verify=self._ssl, timeout=self.timeout,
                                          follow_redirects=False) as client, \
-                    client.stream("GET", url, headers={"Host": host},
+                    client.stream("GET", url, headers={"Host": host, "Accept-Encoding": "identity"},
                                   extensions={"sni_hostname": host}) as resp:
                 if resp.status_code != 200:
                     raise PolicyError("sts-policy-fetch-error", f"{host}: HTTP {resp.status_code}")
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if ctype != "text/plain":
                     raise PolicyError("sts-policy-invalid", f"{host}: content type {ctype!r}")
-                body = b""
-                async for chunk in resp.aiter_bytes():
-                    body += chunk
+                inflate = _inflater(resp.headers.get("content-encoding", ""), host)
+                body = bytearray()
+                async for chunk in resp.aiter_raw():
+                    body += inflate(chunk, MAX_POLICY_BYTES + 1 - len(body))
                     if len(body) > MAX_POLICY_BYTES:
                         raise PolicyError("sts-policy-invalid", f"{host}: policy over 64 KB")
-                return body
+                return bytes(body)
         except httpx.ConnectError as exc:
             cause = exc.__context__ or exc.__cause__
             if isinstance(cause, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY" in str(exc):
@@ -281,6 +283,33 @@ class MTASTS:
             raise _Unreachable(f"{ip}: {exc}") from None
         except httpx.HTTPError as exc:
             raise PolicyError("sts-policy-fetch-error", f"{host}: {exc}") from None
+
+
+def _inflater(encoding: str, host: str) -> Callable[[bytes, int], bytes]:
+    """(chunk, room) -> at most ``room`` bytes of the body for a ``Content-Encoding``: the
+    fetch asks for ``identity``, but a server may compress anyway, and httpx inflates each
+    chunk whole (50 KB of gzip is 50 MB) before the 64 KB cap could be checked. gzip and
+    deflate (zlib or raw) are inflated here, never past the cap; others are refused."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return lambda chunk, room: chunk
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise PolicyError("sts-policy-invalid", f"{host}: content encoding {encoding!r}")
+    wbits = zlib.MAX_WBITS | (16 if "gzip" in encoding else 32)  # 32: zlib or gzip header
+    inflater, first = zlib.decompressobj(wbits), True
+
+    def inflate(chunk: bytes, room: int) -> bytes:
+        nonlocal inflater, first
+        retry, first = first and encoding == "deflate", False
+        try:
+            return inflater.decompress(chunk, max(room, 1))
+        except zlib.error as exc:
+            if retry:  # raw deflate, without the zlib header, as some servers send it
+                inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                return inflate(chunk, room)
+            raise PolicyError("sts-policy-invalid", f"{host}: {encoding}: {exc}") from None
+
+    return inflate
 
 
 class _Unreachable(Exception):
