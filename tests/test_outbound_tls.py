@@ -814,3 +814,26 @@ async def test_a_malformed_mailto_rua_is_not_queued(world, make_node, tmp_path, 
     assert rcpts == {"a@sts-testing.test", "tlsrpt@reports.test"}, rcpts
     assert any("not an address" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
+
+
+
+@pytest.mark.parametrize("rua", ["https://[::1", "https://[127.0.0.63]/x", "https://",
+                                 "https://127.0.0.63:99999/x"])
+async def test_a_malformed_https_rua_does_not_stop_the_reports(world, make_node, tmp_path,
+                                                               rua):
+    """The scheme of each rua was read with ``urlsplit`` outside the per-target ``try``:
+    ``https://[::1`` raised ValueError out of ``send_due``, so the record's other targets got
+    nothing, the day was never forgotten, and every later round raised again before the
+    domains after it in the loop were reached: one hostile ``_smtp._tls`` record stopped the
+    node's reports to every domain."""
+    world.mx("sts-testing.test", "wrong.mx.test")
+    world.sts("sts-testing.test", "testing", ["*.mx.test"])
+    world.mx("reports.test", "plain.mx.test")
+    world.dns.add_txt("_smtp._tls.sts-testing.test",
+                      f"v=TLSRPTv1; rua={rua},mailto:tlsrpt@reports.test")
+    node = await make_node(world.config())
+    await _deliver(node, "a@sts-testing.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
+    assert await node.tls_reports.send_due(before="9999-12-31") == 1
+    assert (await first_outcome(tmp_path, "tlsrpt@reports.test"))["type"] == "d"
+    assert await node.tls_reports.send_due(before="9999-12-31") == 0, "the day forgotten"

@@ -256,8 +256,8 @@ class TLSReports:
                     f".json.gz")
         sent = 0
         for uri in targets:
-            scheme = urlsplit(uri).scheme.lower()
-            try:
+            try:  # urlsplit too: it raises ValueError for "https://[::1"
+                scheme = urlsplit(uri).scheme.lower()
                 if scheme == "mailto":
                     address = _mailto(uri)
                     if address is None:
@@ -268,10 +268,10 @@ class TLSReports:
                 elif scheme == "https":
                     await self._post(uri, data)
                 else:
-                    log.warning("TLS report for %s: unsupported rua %s", domain, uri)
+                    log.warning("TLS report for %s: unsupported rua %r", domain, uri[:300])
                     continue
             except Exception as exc:  # one failed target does not stop the others
-                log.warning("TLS report for %s to %s failed: %s", domain, uri, exc)
+                log.warning("TLS report for %s to %r failed: %s", domain, uri[:300], exc)
                 continue
             log.info("TLS report sent", extra={"domain": domain, "day": day, "to": uri})
             sent += 1
