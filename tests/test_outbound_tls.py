@@ -415,6 +415,29 @@ async def test_only_unusable_tlsa_records_make_tls_mandatory_not_a_deferral(
     assert len(world.sinks["plain.mx.test"].arrivals) == 0
 
 
+async def test_the_tlsa_lookups_of_the_mx_hosts_are_asked_together(world, make_node, tmp_path):
+    """The TLSA records of a destination's MX hosts were looked up one after the other, each
+    waiting for its answer: a domain whose MX hosts' TLSA lookups go unanswered held the
+    delivery slot for ``dns.timeout`` per host at every attempt (a hostile one with dozens of
+    MX hosts, minutes). They are now asked together. The test DNS server answers none until
+    all three are asked: one at a time, the first two time out (counted as ``dnssec-invalid``)
+    and the message goes to MX 30; together, all answer and MX 10 takes it."""
+    hosts = ["good.mx.test", "wrong.mx.test", "expired.mx.test"]
+    world.mx("dane.test", *hosts, secure=True)
+    for host in hosts:  # DANE-EE: each host's own key, whatever its certificate's name or date
+        world.tlsa(host, 3, 1, leaf_der(world.certs[host][0]), port=world.port)
+    world.dns.hold_until_all_asked([f"_{world.port}._tcp.{h}" for h in hosts])
+    node = await make_node(world.config())
+    await _deliver(node, "r@dane.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@dane.test", timeout=60)
+    assert row["type"] == "d" and row["dlvTlsAuth"] == "dane-ee", row
+    assert len(world.sinks["good.mx.test"].arrivals) == 1
+    node.tls_reports.flush()
+    report = node.tls_reports.report(row["timeLogged"][:10], "dane.test")
+    results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
+    assert results == [], results
+
+
 async def test_tlsa_without_the_ad_bit_is_ignored(world, make_node, tmp_path):
     world.mx("dane.test", "good.mx.test")  # not signed: no AD, so no DANE
     world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)

@@ -100,6 +100,9 @@ class DNSServer:
         self._rcodes: dict[str, dns.rcode.Rcode] = {}
         self._silent: set[str] = set()
         self._secure: set[str] = set()
+        self._held: set[str] = set()
+        self._asked: set[str] = set()
+        self._all_asked = threading.Event()
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
 
@@ -204,6 +207,15 @@ class DNSServer:
         with self._lock:
             self._silent.add(_key(name))
 
+    def hold_until_all_asked(self, names: list[str]) -> None:
+        """Answer a query for one of ``names`` only once every one of them has been asked (at
+        most 20 s later): a client that asks them one after the other, each waiting for its
+        answer, times out on all but the last."""
+        with self._lock:
+            self._held = {_key(n) for n in names}
+            self._asked = set()
+            self._all_asked.clear()
+
     def clear(self) -> None:
         with self._lock:
             self._records.clear()
@@ -249,6 +261,14 @@ class DNSServer:
         question = query.question[0]
         key = _key(question.name.to_text())
         self.queries.append((key, dns.rdatatype.to_text(question.rdtype)))
+        with self._lock:
+            held = key in self._held
+            if held:
+                self._asked.add(key)
+                if self._asked >= self._held:
+                    self._all_asked.set()
+        if held:
+            self._all_asked.wait(timeout=20)
         with self._lock:
             if key in self._silent:
                 return None

@@ -26,6 +26,7 @@ alone on such a connection (scheduler/delivery.py), so no other mail gets the re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -178,22 +179,30 @@ class TLSPolicy:
     async def _tlsa(self, domain: str, dests: list[Destination], source_ip: str,
                     count: bool = True) -> dict[str, list[dane.TLSA] | None]:
         """host -> its authenticated TLSA records ([]: none), or None when the lookup failed;
-        hosts whose MX or address answers were not authenticated are not looked up."""
-        out: dict[str, list[dane.TLSA] | None] = {}
+        hosts whose MX or address answers were not authenticated are not looked up. The hosts
+        are asked together: one after the other, a domain whose TLSA lookups go unanswered
+        held the delivery slot for ``dns.timeout`` per MX host at every attempt."""
+        ports: dict[str, int] = {}
         for d in dests:
-            if not d.secure or d.host in out:
-                continue
-            name = dane.tlsa_name(d.host, d.port)
-            try:
-                records, secure = await self.resolver.records(name, "TLSA")
-            except DNSTempError as exc:
-                log.warning("TLSA lookup failed: %s", exc, extra={"host": d.host})
-                out[d.host] = None
+            if d.secure:
+                ports.setdefault(d.host, d.port)
+        names = list(ports)
+        answers = await asyncio.gather(
+            *(self.resolver.records(dane.tlsa_name(h, ports[h]), "TLSA") for h in names),
+            return_exceptions=True)
+        out: dict[str, list[dane.TLSA] | None] = {}
+        for host, answer in zip(names, answers, strict=True):
+            if isinstance(answer, DNSTempError):
+                log.warning("TLSA lookup failed: %s", answer, extra={"host": host})
+                out[host] = None
                 if count:
-                    self._session(domain, PolicyRef("tlsa", (), (d.host,)), d.host, source_ip, "",
-                                  "dnssec-invalid", str(exc)[:200])
-                continue
-            out[d.host] = dane.parse(records) if secure else []
+                    self._session(domain, PolicyRef("tlsa", (), (host,)), host, source_ip, "",
+                                  "dnssec-invalid", str(answer)[:200])
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                records, secure = answer
+                out[host] = dane.parse(records) if secure else []
         return out
 
     async def connect(self, plan: HostPlan, slot: Source,
