@@ -860,3 +860,24 @@ async def test_a_malformed_https_rua_does_not_stop_the_reports(world, make_node,
     assert await node.tls_reports.send_due(before="9999-12-31") == 1
     assert (await first_outcome(tmp_path, "tlsrpt@reports.test"))["type"] == "d"
     assert await node.tls_reports.send_due(before="9999-12-31") == 0, "the day forgotten"
+
+
+async def test_a_rua_list_of_many_targets_is_cut_at_the_limit(world, make_node, tmp_path,
+                                                              caplog):
+    """RFC 8460 3 sets no limit on ``rua``, and the record is the recipient domain's word: a
+    domain listing hundreds of ``mailto:`` targets (anyone's addresses) had the node mail each
+    of them a report every day, from its own IPs. The first ``MAX_RUA`` (10) are used, and the
+    cut is logged."""
+    world.mx("sts-testing.test", "wrong.mx.test")
+    world.sts("sts-testing.test", "testing", ["*.mx.test"])
+    world.mx("reports.test", "plain.mx.test")
+    targets = [f"mailto:t{i}@reports.test" for i in range(30)]
+    world.dns.add_txt("_smtp._tls.sts-testing.test", f"v=TLSRPTv1; rua={','.join(targets)}")
+    node = await make_node(world.config())
+    await _deliver(node, "a@sts-testing.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
+    assert await node.tls_reports.send_due(before="9999-12-31") == 10
+    arrivals = await world.sinks["plain.mx.test"].wait_for(10)
+    assert sorted(r for a in arrivals for r in a.rcpts) == sorted(
+        f"t{i}@reports.test" for i in range(10))
+    assert any("30 rua targets, only the first 10 used" in r.getMessage() for r in caplog.records)

@@ -64,6 +64,9 @@ __all__ = ["NO_POLICY", "PolicyRef", "TLSReports"]
 FLUSH_EVERY = 60.0
 POST_TIMEOUT = 30.0
 """Seconds an HTTPS ``rua`` has to take a report and answer, all told."""
+MAX_RUA = 10
+"""The ``rua`` targets of a domain that get its report: RFC 8460 sets no limit, and a
+record listing hundreds of anyone's addresses had the node mail each of them daily."""
 _VERSION = re.compile(r"v=TLSRPTv1[ \t]*;")  # RFC 8460 3: "v=TLSRPTv1" then field-delim
 
 
@@ -247,7 +250,11 @@ class TLSReports:
         if len(ours) != 1:
             return []
         fields = dict(part.strip().partition("=")[::2] for part in ours[0].split(";"))
-        return [uri.strip() for uri in fields.get("rua", "").split(",") if uri.strip()]
+        uris = [uri.strip() for uri in fields.get("rua", "").split(",") if uri.strip()]
+        if len(uris) > MAX_RUA:
+            log.warning("TLS report for %s: %d rua targets, only the first %d used", domain,
+                        len(uris), MAX_RUA)
+        return uris[:MAX_RUA]
 
     async def _send(self, day: str, domain: str, report: dict, targets: list[str]) -> int:
         data = gzip.compress(json.dumps(report).encode())
