@@ -115,6 +115,9 @@ def show(queue_id: str, config: ConfigOpt = None, url: URLOpt = None,
                    f" {visible(a['reply'] or '')}")
 
 
+_DONE = {"hold": "held", "release": "released", "retry": "retried", "delete": "deleted"}
+
+
 def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json: bool,
          **extra: object) -> None:
     out = _call(target, "POST", f"/api/v1/queue/{action}",
@@ -122,11 +125,18 @@ def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json
     untouched = out.get("untouched") or {}
     for qid, why in untouched.items():  # named, left alone: say why, exit 1
         typer.echo(f"{qid}: {why}", err=True)
+    # a filter or --all that matched nothing the action takes is exit 1, as a named id left
+    # alone is: a script must not read a mistyped pattern as done (matches on other nodes of
+    # a cluster are not nothing: the answer says where they are)
+    idle = not dry_run and not out["recipients"] and not untouched and not out.get("elsewhere")
     if as_json:
         typer.echo(json.dumps(out, indent=2))
-        raise typer.Exit(1 if untouched else 0)
-    done = {"hold": "held", "release": "released", "retry": "retried now",
-            "delete": "deleted"}[action]
+        raise typer.Exit(1 if untouched or idle else 0)
+    if idle:
+        wanted = {"hold": "queued or deferred", "release": "held", "retry": "deferred",
+                  "delete": "queued, deferred or held"}[action]
+        raise _fail(f"nothing {_DONE[action]}: no {wanted} recipient matches")
+    done = {**_DONE, "retry": "retried now"}[action]
     typer.echo(f"{'would be ' if dry_run else ''}{done}: {out['recipients']} recipients of"
                f" {out['messages']} messages")
     if out.get("elsewhere") and action == "retry" and not dry_run:

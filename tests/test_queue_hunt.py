@@ -1,0 +1,44 @@
+"""Operator queue control at its edges, through the real CLI against a running node."""
+
+from __future__ import annotations
+
+import json
+
+from postlane.policy.intake import RcptIn
+from tests.conftest import OPERATOR, config_text, message
+from tests.test_cli_ops import run_cli
+
+
+async def test_an_action_whose_filter_matches_nothing_says_so_and_exits_1(
+        tmp_path, sink, make_node):
+    """A filter (or ``--all``) that selects no recipient the action can take did nothing: it
+    printed "held: 0 recipients of 0 messages" and exited 0 (``delete --yes`` too: "deleted:
+    0", exit 0, while ``delete`` without ``--yes`` said "nothing to delete", exit 1), so a
+    script could not tell a mistyped sender pattern from a done hold."""
+    node = await make_node(config_text(tmp_path, sink.port))
+
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+
+    await node.operations.pause("bulk", who=OPERATOR)
+    qid = await node.intake.submit("news@example.com", [RcptIn("a@example.com")],
+                                   message("offer", cls="marketing"))
+    for action, words, extra in (("hold", "nothing held", ()),
+                                 ("release", "nothing released", ()),
+                                 ("retry", "nothing retried", ()),
+                                 ("delete", "nothing deleted", ("--yes",))):
+        code, out, err = await cli("queue", action, "--sender", "nobody@*", *extra)
+        assert code == 1 and f"{words}: no " in err and "0 recipients" not in out, \
+            (action, code, out, err)
+        code, out, err = await cli("queue", action, "--sender", "nobody@*", "--json", *extra)
+        assert code == 1 and json.loads(out)["recipients"] == 0, (action, out, err)
+    code, out, err = await cli("queue", "release", "--all")  # nothing is held
+    assert code == 1 and "nothing released: no held recipient matches" in err, (out, err)
+    code, out, err = await cli("queue", "hold", "--all", "--dry-run", "--sender", "nobody@*")
+    assert code == 0 and out.strip() == "would be held: 0 recipients of 0 messages", err
+    code, out, err = await cli("queue", "hold", "--all")  # something to do: done, exit 0
+    assert code == 0 and out.strip() == "held: 1 recipients of 1 messages", err
+    code, out, err = await cli("queue", "hold", "--all")  # the same again: nothing left to hold
+    assert code == 1 and "nothing held: no queued or deferred recipient matches" in err, err
+    assert [r.msg.id for r in node.scheduler.recipients()] == [qid]
