@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from postlane.policy.intake import RcptIn
 from tests.conftest import OPERATOR, config_text, message
+from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
 
 
@@ -42,3 +44,40 @@ async def test_an_action_whose_filter_matches_nothing_says_so_and_exits_1(
     code, out, err = await cli("queue", "hold", "--all")  # the same again: nothing left to hold
     assert code == 1 and "nothing held: no queued or deferred recipient matches" in err, err
     assert [r.msg.id for r in node.scheduler.recipients()] == [qid]
+
+
+async def test_an_action_by_id_names_the_recipients_it_left_on_the_wire(
+        tmp_path, sink, make_node):
+    """A message with one recipient mid-delivery and others waiting: ``delete Q --yes`` said
+    "deleted: 2 recipients of 1 messages", exit 0, with no word of the third, which was then
+    delivered after the "successful" delete. The recipients left on the wire are named (``Q:
+    1 recipient being delivered now …``) and the command exits 1."""
+    gate, data = asyncio.Event(), sink.handle_DATA
+
+    async def held_up(*args):  # a delivery stays under way until the gate opens
+        await gate.wait()
+        return await data(*args)
+
+    sink.handle_DATA = held_up
+    text = config_text(tmp_path, sink.port, max_out=1).replace(
+        "[relay]\n", "[relay]\nmax_recipients_per_transaction = 1\n")
+    node = await make_node(text)
+
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+
+    qid = await node.intake.submit("notices@example.com",
+                                   [RcptIn(f"{n}@example.com") for n in "abc"],
+                                   message("policy", cls="policy-documents"))
+    await until(lambda: node.scheduler.in_flight(qid) == 1)
+    on_wire = 1  # one connection, one recipient a transaction: the others wait
+    code, out, err = await cli("queue", "delete", qid, "--yes", "--json")
+    got = json.loads(out)
+    assert got["recipients"] == 3 - on_wire, (out, err)
+    assert code == 1 and got["untouched"] == {
+        qid: f"{on_wire} recipient(s) being delivered now"}, (out, err)
+    assert f"{qid}: {on_wire} recipient(s) being delivered now" in err
+    gate.set()
+    await sink.wait_for(on_wire)
+    await until(lambda: not node.scheduler.in_flight(qid))

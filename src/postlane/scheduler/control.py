@@ -314,6 +314,9 @@ class QueueControl:
         async with self.spooled(sel) as spooled:
             # the spool's rows first, then memory, in one loop turn: nothing moves in between
             spooled = [r for r in spooled if chosen(r)]
+            # on the wire as the action takes the rest (what it releases may leave at once)
+            wire = {qid: n for qid in dict.fromkeys(sel.queue_ids)
+                    if (n := sched.in_flight(qid))}
             if dry_run:
                 found = [r for r in sched.recipients() if chosen(r)]
             else:
@@ -342,7 +345,7 @@ class QueueControl:
             touched |= ids
         out |= {"recipients": len(found), "messages": len(ids)}
         if sel.queue_ids:
-            out["untouched"] = await self._untouched(sel, wanted, ids)
+            out["untouched"] = await self._untouched(sel, wanted, ids, wire)
         return out
 
     async def _spooled_body(self, qid: str) -> bool:
@@ -359,12 +362,16 @@ class QueueControl:
         return False
 
     async def _untouched(self, sel: Selector, wanted: tuple[State, ...],
-                         touched: set[str]) -> dict[str, str]:
-        """Each queue id named that the action left alone, and why: a typo, a message just
-        delivered and one mid-delivery must not read as done."""
+                         touched: set[str], wire: dict[str, int]) -> dict[str, str]:
+        """Each queue id named that the action left alone, or left in part, and why: a typo,
+        a message just delivered and one mid-delivery must not read as done (nor one whose
+        other recipients were acted on while some were on the wire: those finish their
+        transaction, and may be delivered after a "deleted")."""
         out: dict[str, str] = {}
         for qid in dict.fromkeys(sel.queue_ids):
             if qid in touched:
+                if wire.get(qid):
+                    out[qid] = f"{wire[qid]} recipient(s) being delivered now"
                 continue
             if self.scheduler.message(qid):
                 waiting = True
