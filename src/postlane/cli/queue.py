@@ -49,6 +49,28 @@ def _selector(ids, pool, domain, cls, state, older, younger, sender, rcpt, corr,
     return {k: v for k, v in body.items() if v not in (None, [], False)}
 
 
+IDS_PER_GET = 200
+"""Queue ids asked in one listing: they go in the query string, which HTTP clients and
+servers bound (3000 ids failed with httpx's ``InvalidURL: … 'query' too long``)."""
+
+
+def _listed_in_parts(target: tuple[str, str], ids: list[str], limit: int,
+                     params: dict) -> dict:
+    """One listing of many queue ids, asked ``IDS_PER_GET`` at a time: each message is in one
+    part only, so the totals add up, and the oldest ``limit`` of all parts are kept."""
+    total_msgs = total_rcpts = 0
+    messages: list[dict] = []
+    for start in range(0, len(ids), IDS_PER_GET):
+        part = _call(target, "GET", "/api/v1/queue/messages", limit=limit,
+                     queue_id=ids[start:start + IDS_PER_GET], **params)
+        total_msgs += part["total_messages"]
+        total_rcpts += part["total_recipients"]
+        messages += part["messages"]
+    messages.sort(key=lambda m: (m["queued_at"], m["queue_id"]))
+    return {"total_messages": total_msgs, "total_recipients": total_rcpts,
+            "messages": messages[:limit]}
+
+
 @app.command("list")
 def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
           cls: ClassOpt = None, state: StateOpt = None, older_than: OlderOpt = None,
@@ -61,8 +83,13 @@ def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
     sel = _selector(ids, pool, domain, cls, state, older_than, younger_than, sender, recipient,
                     correlation_id)
     params = {k: v for k, v in sel.items() if k != "queue_ids"}
-    out = _call(_target(config, url, token_file), "GET", "/api/v1/queue/messages",
-                limit=limit, queue_id=sel.get("queue_ids"), **params)
+    target = _target(config, url, token_file)
+    ids = list(dict.fromkeys(sel.get("queue_ids") or []))
+    if len(ids) <= IDS_PER_GET:
+        out = _call(target, "GET", "/api/v1/queue/messages", limit=limit, queue_id=ids or None,
+                    **params)
+    else:
+        out = _listed_in_parts(target, ids, limit, params)
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         return
