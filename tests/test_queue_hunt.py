@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from postlane.policy.intake import RcptIn
-from tests.conftest import OPERATOR, config_text, message
+from tests.conftest import OPERATOR, config_text, message, records
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
+from tests.test_cluster import cluster_text, start_node
+from tests.test_operator_trail import GREY, deferred_across
 
 
 async def test_an_action_whose_filter_matches_nothing_says_so_and_exits_1(
@@ -107,3 +111,69 @@ async def test_queue_list_of_thousands_of_ids(tmp_path, sink, make_node):
     listed = json.loads(out)
     assert code == 0 and listed["total_messages"] == 3, err
     assert [m["queue_id"] for m in listed["messages"]] == queued[:2]
+
+
+async def test_an_action_by_id_on_another_node_s_message_says_where_it_is(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """In a cluster, ``queue hold Q`` sent to a node for a message another node has claimed
+    (deferred there) said "Q: none of its recipients is queued or deferred", which is false:
+    it is deferred, on the other node. ``retry Q`` said the same and exited 1, though the
+    owner retries it (a retry is asked of every node). Now the id is named as claimed by
+    another node (hold, release, delete), and a retry of it is done, exit 0."""
+    sink.rcpt_replies[f"r0@{GREY}"] = ["451 4.7.1 greylisted"]
+    route = f'"{GREY}" = "127.0.0.1:{sink.port}"\n'
+    texts = {name: cluster_text(tmp_path, sink.port, pg_schema, name, route).replace(
+        'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]') for name in ("node-a", "node-b")}
+    a, b = await start_node(texts["node-a"]), await start_node(texts["node-b"])
+    try:
+        [notice] = await deferred_across(a, b, f"r0@{GREY}")
+        owner, other = (a, b) if any(r.msg.id == notice for r in a.scheduler.recipients()) \
+            else (b, a)
+        api = ["--url", f"http://127.0.0.1:{other.api.port}", "--token-file",
+               str(tmp_path / "api-token")]
+        for args in (("hold", notice), ("delete", notice, "--yes")):
+            code, out, err = await run_cli("queue", *args, "--json", *api)
+            assert code == 1 and json.loads(out)["elsewhere"] == 1, (args, out, err)
+            assert f"{notice}: claimed by another node of the cluster" in err, (args, err)
+            assert "none of its recipients" not in err, (args, err)
+        sink.rcpt_replies[f"r0@{GREY}"] = ["250 2.1.5 ok"]
+        code, out, err = await run_cli("queue", "retry", notice, *api)
+        assert code == 0 and "those nodes retry them now" in out and not err, (out, err)
+        await sink.wait_for(1)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_held_message_outlives_its_expiry_and_is_bounced_only_when_released(
+        tmp_path, sink, make_node):
+    """A hold is never lost nor expired unseen: past its class's expiry, held with its pool
+    running, the message stays listed as held, nothing goes out; released, it is bounced at
+    once (a DSN to the sender, a ``b`` record message-expired), never delivered."""
+    text = config_text(tmp_path, sink.port)
+    cut = text.index("[classes.marketing]")
+    text = text[:cut] + text[cut:].replace('expiry = "1h"', 'expiry = "2s"', 1)
+    node = await make_node(text)
+
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+
+    await node.operations.pause("bulk", who=OPERATOR)
+    qid = await node.intake.submit("news@example.com", [RcptIn("a@example.com")],
+                                   message("offer", cls="marketing"))
+    code, out, err = await cli("queue", "hold", qid)
+    assert code == 0, err
+    [msg] = {r.msg.id: r.msg for r in node.scheduler.recipients()}.values()
+    await node.operations.resume("bulk", who=OPERATOR)
+    await until(lambda: time.time() > msg.expire_at + 1, what="the hold outlasts the expiry")
+    code, out, err = await cli("queue", "list", "--state", "held", "--json")
+    assert [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], (out, err)
+    assert sink.arrivals == []
+    code, out, err = await cli("queue", "release", qid)
+    assert code == 0 and out.strip() == "released: 1 recipients of 1 messages", err
+    [dsn] = await sink.wait_for(1)
+    assert dsn.rcpts == ["news@example.com"] and b"Status: 4.4.7" in dsn.data
+    await node.stop()
+    [bounce] = [r for r in records(tmp_path) if r["type"] == "b"]
+    assert (bounce["rcpt"], bounce["bounceCat"]) == ("a@example.com", "message-expired")

@@ -305,12 +305,14 @@ class QueueControl:
 
         sched = self.scheduler
         out: dict = {"action": action, "dry_run": dry_run}
+        elsewhere: Counter[str] = Counter()  # per queue id, recipients other nodes claimed
         if self.shared is not None:  # read before this node takes anything out of its queue
             unowned = [r for r in await self._unowned(wanted, sel, dsn and not dry_run)
                        if chosen(r)]
             # matching recipients other nodes have claimed: theirs to act on
-            out["elsewhere"] = sum(1 for r in await self._unowned(wanted, sel, others=True)
-                                   if chosen(r))
+            theirs = [r for r in await self._unowned(wanted, sel, others=True) if chosen(r)]
+            out["elsewhere"] = len(theirs)
+            elsewhere.update(Counter(r.msg.id for r in theirs))
         async with self.spooled(sel) as spooled:
             # the spool's rows first, then memory, in one loop turn: nothing moves in between
             spooled = [r for r in spooled if chosen(r)]
@@ -345,7 +347,11 @@ class QueueControl:
             touched |= ids
         out |= {"recipients": len(found), "messages": len(ids)}
         if sel.queue_ids:
-            out["untouched"] = await self._untouched(sel, wanted, ids, wire)
+            if action == "retry":  # asked of every node: the owners retry theirs now
+                out["untouched"] = await self._untouched(sel, wanted, ids | set(elsewhere),
+                                                         wire, {})
+            else:
+                out["untouched"] = await self._untouched(sel, wanted, ids, wire, elsewhere)
         return out
 
     async def _spooled_body(self, qid: str) -> bool:
@@ -362,16 +368,26 @@ class QueueControl:
         return False
 
     async def _untouched(self, sel: Selector, wanted: tuple[State, ...],
-                         touched: set[str], wire: dict[str, int]) -> dict[str, str]:
+                         touched: set[str], wire: dict[str, int],
+                         elsewhere: Counter[str] | dict[str, int]) -> dict[str, str]:
         """Each queue id named that the action left alone, or left in part, and why: a typo,
         a message just delivered and one mid-delivery must not read as done (nor one whose
         other recipients were acted on while some were on the wire: those finish their
-        transaction, and may be delivered after a "deleted")."""
+        transaction, and may be delivered after a "deleted"). ``elsewhere``: per id, the
+        recipients other nodes of a cluster have claimed (theirs to act on; a retry is asked
+        of every node, so it passes none)."""
         out: dict[str, str] = {}
+        there = ("claimed by another node of the cluster: run it on that node's API"
+                 " (postlane cluster status)")
         for qid in dict.fromkeys(sel.queue_ids):
             if qid in touched:
                 if wire.get(qid):
                     out[qid] = f"{wire[qid]} recipient(s) being delivered now"
+                elif elsewhere.get(qid):
+                    out[qid] = f"{elsewhere[qid]} recipient(s) {there}"
+                continue
+            if elsewhere.get(qid):
+                out[qid] = there
                 continue
             if self.scheduler.message(qid):
                 waiting = True
