@@ -177,3 +177,28 @@ async def test_a_held_message_outlives_its_expiry_and_is_bounced_only_when_relea
     await node.stop()
     [bounce] = [r for r in records(tmp_path) if r["type"] == "b"]
     assert (bounce["rcpt"], bounce["bounceCat"]) == ("a@example.com", "message-expired")
+
+
+async def test_a_retry_right_after_a_throttling_deferral_goes_out_now(
+        tmp_path, sink, make_node):
+    """A destination answered 421 (its lane waits ``backoff_retry``, 10 minutes, before the
+    next connection); the operator fixes things and runs ``queue retry``: it said "retried
+    now: 1 recipients of 1 messages", yet nothing went out for 10 minutes, the lane still
+    waiting. The lanes of the recipients it retries no longer wait (their slower backoff
+    pace stays)."""
+    sink.rcpt_replies["a@example.com"] = ["421 4.7.0 try again later"]
+    text = config_text(tmp_path, sink.port, '[destinations.example]\n'
+                       'domains = ["example.com"]\nbackoff_retry = "10m"\n')
+    node = await make_node(text.replace('retry = ["1s", "1s", "2s"]', 'retry = ["1h"]'))
+    qid = await node.intake.submit("notices@example.com", [RcptIn("a@example.com")],
+                                   message("policy", cls="policy-documents"))
+    await until(lambda: any(r.state.value == "deferred" for r in node.scheduler.message(qid)))
+    [lane] = [lane for lane in node.scheduler.lanes.values() if lane.domain == "example.com"]
+    assert lane.suspended_until > time.time() + 60, "the 421 makes the lane wait"
+    sink.rcpt_replies["a@example.com"] = ["250 2.1.5 ok"]
+    code, out, err = await run_cli("queue", "retry", qid, "--url",
+                                   f"http://127.0.0.1:{node.api.port}",
+                                   "--token-file", str(tmp_path / "api-token"))
+    assert code == 0 and out.strip() == "retried now: 1 recipients of 1 messages", err
+    [got] = await sink.wait_for(1)
+    assert got.rcpts == ["a@example.com"]

@@ -154,7 +154,8 @@ def router(parts: NodeParts) -> APIRouter:
 
     @api.post("/retry")
     async def retry(request: Request, body: ActionIn) -> dict:
-        """Deferred recipients become due now."""
+        """Deferred recipients become due now, and their lanes stop waiting out a failure
+        or a backoff's ``backoff_retry`` (the backoff's slower pace stays)."""
         return await act(request, "retry", body)
 
     @api.post("/delete")

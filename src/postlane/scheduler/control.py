@@ -415,6 +415,10 @@ class QueueControl:
             self.scheduler.remove(rcpts, action, who, dsn=dsn)
         else:
             self.scheduler.requeue_now(rcpts, action, who)
+            if action == "retry":  # "now": their lanes stop waiting out a failure or a 421
+                # (the slower pace of a backoff stays); "retried now" meant 10 minutes later
+                for pool, domain in {(r.msg.pool, r.domain) for r in rcpts}:
+                    self.scheduler.lift(pool, domain)
             self.scheduler.kick()
 
     # -- views ----------------------------------------------------------------------------------
