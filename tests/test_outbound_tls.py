@@ -808,6 +808,19 @@ async def test_failed_tlsa_lookups_are_not_blamed_on_mta_sts(world, make_node, t
 
 
 
+async def _reporting_node(world, make_node, tmp_path, rua: str):
+    """A node that delivered a message to sts-testing.test, whose TLS-RPT record lists
+    ``rua`` (reports.test's MX is plain.mx.test)."""
+    world.mx("sts-testing.test", "wrong.mx.test")
+    world.sts("sts-testing.test", "testing", ["*.mx.test"])
+    world.mx("reports.test", "plain.mx.test")
+    world.dns.add_txt("_smtp._tls.sts-testing.test", f"v=TLSRPTv1; rua={rua}")
+    node = await make_node(world.config())
+    await _deliver(node, "a@sts-testing.test", cls="marketing")
+    assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
+    return node
+
+
 @pytest.mark.parametrize("rua", [
     "mailto:tlsrpt@reports.test%0D%0A%20RCPT%20TO:%3Cother@reports.test%3E",  # CR LF
     "mailto:tlsrpt%3E%20NOTIFY=NEVER@reports.test",  # the path closed, a parameter added
@@ -822,14 +835,7 @@ async def test_a_malformed_mailto_rua_is_not_queued(world, make_node, tmp_path, 
     recipient on the audit trail. It is now checked as strictly as the SMTP door checks a
     RCPT path: a malformed one is logged and skipped, the record's other targets still get
     the report."""
-    world.mx("sts-testing.test", "wrong.mx.test")
-    world.sts("sts-testing.test", "testing", ["*.mx.test"])
-    world.mx("reports.test", "plain.mx.test")
-    world.dns.add_txt("_smtp._tls.sts-testing.test",
-                      f"v=TLSRPTv1; rua={rua},mailto:tlsrpt@reports.test")
-    node = await make_node(world.config())
-    await _deliver(node, "a@sts-testing.test", cls="marketing")
-    assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
+    node = await _reporting_node(world, make_node, tmp_path, f"{rua},mailto:tlsrpt@reports.test")
     assert await node.tls_reports.send_due(before="9999-12-31") == 1
     assert (await first_outcome(tmp_path, "tlsrpt@reports.test"))["type"] == "d"
     assert [a.rcpts for a in world.sinks["plain.mx.test"].arrivals] == [["tlsrpt@reports.test"]]
@@ -837,7 +843,6 @@ async def test_a_malformed_mailto_rua_is_not_queued(world, make_node, tmp_path, 
     assert rcpts == {"a@sts-testing.test", "tlsrpt@reports.test"}, rcpts
     assert any("not an address" in r.getMessage() for r in caplog.records), \
         [r.getMessage() for r in caplog.records]
-
 
 
 @pytest.mark.parametrize("rua", ["https://[::1", "https://[127.0.0.63]/x", "https://",
@@ -849,14 +854,7 @@ async def test_a_malformed_https_rua_does_not_stop_the_reports(world, make_node,
     nothing, the day was never forgotten, and every later round raised again before the
     domains after it in the loop were reached: one hostile ``_smtp._tls`` record stopped the
     node's reports to every domain."""
-    world.mx("sts-testing.test", "wrong.mx.test")
-    world.sts("sts-testing.test", "testing", ["*.mx.test"])
-    world.mx("reports.test", "plain.mx.test")
-    world.dns.add_txt("_smtp._tls.sts-testing.test",
-                      f"v=TLSRPTv1; rua={rua},mailto:tlsrpt@reports.test")
-    node = await make_node(world.config())
-    await _deliver(node, "a@sts-testing.test", cls="marketing")
-    assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
+    node = await _reporting_node(world, make_node, tmp_path, f"{rua},mailto:tlsrpt@reports.test")
     assert await node.tls_reports.send_due(before="9999-12-31") == 1
     assert (await first_outcome(tmp_path, "tlsrpt@reports.test"))["type"] == "d"
     assert await node.tls_reports.send_due(before="9999-12-31") == 0, "the day forgotten"
@@ -868,14 +866,8 @@ async def test_a_rua_list_of_many_targets_is_cut_at_the_limit(world, make_node, 
     domain listing hundreds of ``mailto:`` targets (anyone's addresses) had the node mail each
     of them a report every day, from its own IPs. The first ``MAX_RUA`` (10) are used, and the
     cut is logged."""
-    world.mx("sts-testing.test", "wrong.mx.test")
-    world.sts("sts-testing.test", "testing", ["*.mx.test"])
-    world.mx("reports.test", "plain.mx.test")
     targets = [f"mailto:t{i}@reports.test" for i in range(30)]
-    world.dns.add_txt("_smtp._tls.sts-testing.test", f"v=TLSRPTv1; rua={','.join(targets)}")
-    node = await make_node(world.config())
-    await _deliver(node, "a@sts-testing.test", cls="marketing")
-    assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
+    node = await _reporting_node(world, make_node, tmp_path, ','.join(targets))
     assert await node.tls_reports.send_due(before="9999-12-31") == 10
     arrivals = await world.sinks["plain.mx.test"].wait_for(10)
     assert sorted(r for a in arrivals for r in a.rcpts) == sorted(

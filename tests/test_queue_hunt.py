@@ -15,6 +15,14 @@ from tests.test_cluster import cluster_text, start_node
 from tests.test_operator_trail import GREY, deferred_across
 
 
+def _cli(node, tmp_path):
+    """``postlane`` with its arguments against ``node``'s API and token: (code, out, err)."""
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+    return cli
+
+
 async def test_an_action_whose_filter_matches_nothing_says_so_and_exits_1(
         tmp_path, sink, make_node):
     """A filter (or ``--all``) that selects no recipient the action can take did nothing: it
@@ -23,9 +31,7 @@ async def test_an_action_whose_filter_matches_nothing_says_so_and_exits_1(
     script could not tell a mistyped sender pattern from a done hold."""
     node = await make_node(config_text(tmp_path, sink.port))
 
-    def cli(*args: str):
-        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
-                       "--token-file", str(tmp_path / "api-token"))
+    cli = _cli(node, tmp_path)
 
     await node.operations.pause("bulk", who=OPERATOR)
     qid = await node.intake.submit("news@example.com", [RcptIn("a@example.com")],
@@ -67,9 +73,7 @@ async def test_an_action_by_id_names_the_recipients_it_left_on_the_wire(
         "[relay]\n", "[relay]\nmax_recipients_per_transaction = 1\n")
     node = await make_node(text)
 
-    def cli(*args: str):
-        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
-                       "--token-file", str(tmp_path / "api-token"))
+    cli = _cli(node, tmp_path)
 
     qid = await node.intake.submit("notices@example.com",
                                    [RcptIn(f"{n}@example.com") for n in "abc"],
@@ -155,9 +159,7 @@ async def test_a_held_message_outlives_its_expiry_and_is_bounced_only_when_relea
     text = text[:cut] + text[cut:].replace('expiry = "1h"', 'expiry = "2s"', 1)
     node = await make_node(text)
 
-    def cli(*args: str):
-        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
-                       "--token-file", str(tmp_path / "api-token"))
+    cli = _cli(node, tmp_path)
 
     await node.operations.pause("bulk", who=OPERATOR)
     qid = await node.intake.submit("news@example.com", [RcptIn("a@example.com")],
