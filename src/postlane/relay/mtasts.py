@@ -155,7 +155,11 @@ class MTASTS:
             now = time.time()  # an expired policy is never used again (RFC 8461 5.1): dropped
             for domain in [d for d, p in self._policies.items() if p.expired(now)]:
                 del self._policies[domain]
-            await asyncio.to_thread(self._save, dict(self._policies))
+            try:
+                await asyncio.to_thread(self._save, dict(self._policies))
+            except OSError as exc:  # a full disk: the policies hold in memory, the next write
+                # tries again; only a restart before it starts without them (it fetches again)
+                log.error("MTA-STS cache %s not written: %s", self.cache_file, exc)
 
     async def policy(self, domain: str) -> STSPolicy | None:
         """The policy in force for ``domain`` (None: none, or mode "none")."""
