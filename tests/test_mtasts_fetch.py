@@ -14,42 +14,13 @@ import tracemalloc
 from postlane.relay.mtasts import MTASTS
 from postlane.relay.mx import MXResolver
 from tests.support.dnsserver import _key
+from tests.support.drip import Drip
 from tests.support.httpsserver import HTTPSServer
 from tests.support.pki import TestCA
 from tests.support.waiting import until
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: *.mx.test\r\nmax_age: 86400\r\n"
 HTTPS_IP = "127.0.0.60"
-
-
-class Drip:
-    """An HTTPS policy server that sends its headers, then one byte of the body at a time,
-    ``interval`` apart: a hostile or broken host that never quite stops sending."""
-
-    def __init__(self, context: ssl.SSLContext, size: int = 1500, interval: float = 0.05):
-        self.context, self.size, self.interval = context, size, interval
-        self.sent = 0
-        self.port = 0
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                         b"Content-Length: %d\r\n\r\n" % self.size)
-            for _ in range(self.size):  # bounded: it stops by itself
-                writer.write(b"#")
-                await writer.drain()
-                self.sent += 1
-                await asyncio.sleep(self.interval)
-        writer.close()
-
-    async def start(self) -> Drip:
-        self.server = await asyncio.start_server(self._serve, HTTPS_IP, 0, ssl=self.context)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        self.server.close()
 
 
 def _sts(dns_server, tmp_path, ca: TestCA, port: int, errors: list, **kw) -> MTASTS:
@@ -64,7 +35,7 @@ async def test_a_dripping_policy_server_is_given_up_on_at_the_time_limit(dns_ser
     server sending a byte every few seconds held the fetch, and with it every delivery slot
     waiting to plan a connection to that domain, for hours."""
     ca = TestCA(tmp_path / "ca")
-    drip = await Drip(ca.server_context(["mta-sts.drip.test"])).start()
+    drip = await Drip(ca.server_context(["mta-sts.drip.test"])).start(HTTPS_IP)
     dns_server.add_txt("_mta-sts.drip.test", "v=STSv1; id=1;")
     dns_server.add_a("mta-sts.drip.test", HTTPS_IP)
     errors: list = []

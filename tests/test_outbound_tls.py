@@ -6,12 +6,10 @@ names) come from the test DNS server, MTA-STS policies from a local HTTPS server
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email
 import gzip
 import hashlib
 import json
-import re
 import shutil
 import ssl
 import subprocess
@@ -24,6 +22,7 @@ from typer.testing import CliRunner
 from postlane.cli import app
 from postlane.harness.sink import Sink
 from tests.conftest import config_text, message, records, send
+from tests.support.drip import DripReply
 from tests.support.httpsserver import HTTPSServer
 from tests.support.pki import TestCA, explicit_version_one, leaf_der, tlsa_sha256
 from tests.support.waiting import until
@@ -612,40 +611,6 @@ async def test_only_a_tlsrpt_record_of_version_1_asks_for_reports(world, make_no
     assert (await first_outcome(tmp_path, "a@sts-testing.test"))["type"] == "d"
     assert await node.tls_reports.send_due(before="9999-12-31") == 0
     assert world.https.posted == []
-
-class DripReply:
-    """An HTTPS report endpoint that takes the POST, answers 200 with a body announced as
-    ``size`` bytes, then sends it one byte every ``interval`` s: a hostile or broken ``rua``
-    that never quite stops sending."""
-
-    def __init__(self, context: ssl.SSLContext, size: int = 400, interval: float = 0.05):
-        self.context, self.size, self.interval = context, size, interval
-        self.sent = 0
-        self.posts = 0
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            await reader.readexactly(length)
-            self.posts += 1
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                         b"Content-Length: %d\r\n\r\n" % self.size)
-            for _ in range(self.size):  # bounded: it stops by itself
-                writer.write(b"#")
-                await writer.drain()
-                self.sent += 1
-                await asyncio.sleep(self.interval)
-        writer.close()
-
-    async def start(self, host: str) -> DripReply:
-        self.server = await asyncio.start_server(self._serve, host, 0, ssl=self.context)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        self.server.close()
-
 
 async def test_a_report_endpoint_that_drips_its_answer_does_not_hold_the_reports(
         world, make_node, tmp_path):
