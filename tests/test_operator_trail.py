@@ -250,14 +250,19 @@ async def test_sla_report_reads_pauses_and_holds_from_the_chain(tmp_path, sink, 
 
 
 
+async def greylisted_pair(tmp_path, sink, schema: str) -> tuple:
+    """Two started nodes on one schema, retries an hour apart, whose destination greylists
+    ``r0@GREY``; and their config texts by node name."""
+    sink.rcpt_replies[f"r0@{GREY}"] = ["451 4.7.1 greylisted"]
+    route = f'"{GREY}" = "127.0.0.1:{sink.port}"\n'
+    texts = {name: cluster_text(tmp_path, sink.port, schema, name, route).replace(
+        'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]') for name in ("node-a", "node-b")}
+    return await start_node(texts["node-a"]), await start_node(texts["node-b"]), texts
+
 async def test_hold_and_release_across_a_cluster(tmp_path, sink, pg_schema):  # noqa: F811
     """On a PostgreSQL spool a held recipient is in the shared spool, nobody's: no node claims
     it, any node lists, shows and releases it, and whoever has a slot delivers it then."""
-    sink.rcpt_replies[f"r0@{GREY}"] = ["451 4.7.1 greylisted"]
-    route = f'"{GREY}" = "127.0.0.1:{sink.port}"\n'
-    texts = {name: cluster_text(tmp_path, sink.port, pg_schema, name, route).replace(
-        'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]') for name in ("node-a", "node-b")}
-    a, b = await start_node(texts["node-a"]), await start_node(texts["node-b"])
+    a, b, texts = await greylisted_pair(tmp_path, sink, pg_schema)
     try:
         api = {n.config.node.name: ["--url", f"http://127.0.0.1:{n.api.port}", "--token-file",
                                     str(tmp_path / "api-token")] for n in (a, b)}

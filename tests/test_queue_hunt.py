@@ -11,8 +11,7 @@ from tests.conftest import OPERATOR, config_text, message, records
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
 from tests.test_cli_ops import run_cli
-from tests.test_cluster import cluster_text, start_node
-from tests.test_operator_trail import GREY, deferred_across
+from tests.test_operator_trail import GREY, deferred_across, greylisted_pair
 
 
 def _cli(node, tmp_path):
@@ -124,11 +123,7 @@ async def test_an_action_by_id_on_another_node_s_message_says_where_it_is(
     it is deferred, on the other node. ``retry Q`` said the same and exited 1, though the
     owner retries it (a retry is asked of every node). Now the id is named as claimed by
     another node (hold, release, delete), and a retry of it is done, exit 0."""
-    sink.rcpt_replies[f"r0@{GREY}"] = ["451 4.7.1 greylisted"]
-    route = f'"{GREY}" = "127.0.0.1:{sink.port}"\n'
-    texts = {name: cluster_text(tmp_path, sink.port, pg_schema, name, route).replace(
-        'retry = ["1s", "1s", "2s"]', 'retry = ["1h"]') for name in ("node-a", "node-b")}
-    a, b = await start_node(texts["node-a"]), await start_node(texts["node-b"])
+    a, b, _ = await greylisted_pair(tmp_path, sink, pg_schema)
     try:
         [notice] = await deferred_across(a, b, f"r0@{GREY}")
         owner, other = (a, b) if any(r.msg.id == notice for r in a.scheduler.recipients()) \
