@@ -321,8 +321,10 @@ def run(workdir: Path, messages: int = 300, kills: int = 3, clients: int = 2,
             t.join(settle)
         deadline = time.monotonic() + settle
         while time.monotonic() < deadline and not (acked <= set(_arrivals(arrivals))
-                                                   and _drained(configs[0])):
-            time.sleep(0.2)  # delivered, and nothing left queued (a dead node's taken over)
+                                                   and _drained(configs[0])
+                                                   and _filed(configs[0])):
+            time.sleep(0.2)  # delivered, nothing left queued (a dead node's taken over), and
+            # its evidence filed (a dead node's events are adopted dead_after after it died)
     finally:
         stop.set()
         for node in nodes:
@@ -425,6 +427,30 @@ def _drained(config_path: Path) -> bool:
         return False
     try:
         return not outbox.open_recipients()
+    finally:
+        outbox.close()
+
+
+def _filed(config_path: Path) -> bool:
+    """Whether every event in a cluster's outbox is in the audit store and the accounting
+    files: those of a node killed for good wait there until the survivor adopts its writer,
+    ``cluster.dead_after`` after its last heartbeat (an embedded node files all at its stop)."""
+    from ..audit.backend import open_audit_store
+    from ..spool.outbox import PostgresOutbox, open_outbox
+    from ..startup import load_config
+
+    config = load_config(config_path)
+    outbox = open_outbox(config.node.spool, config.cluster.schema_name, "")
+    try:
+        if not isinstance(outbox, PostgresOutbox):
+            return True
+        store = open_audit_store(config, readonly=True)
+        try:
+            stored = store.feed_cursors()
+        finally:
+            store.close()
+        return not any(outbox.read(w, min(stored.get(w, 0), outbox.filed(w)), 1)
+                       for w in outbox.all_writers())
     finally:
         outbox.close()
 
