@@ -1081,3 +1081,40 @@ async def test_an_endless_reply_ends_at_its_deadline_in_bounded_memory(chunk: by
             tracemalloc.stop()
     assert info.value.stage == "banner" and "timed out" in info.value.message
     assert peak < 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("verb", [b"MAIL", b"RCPT"])
+async def test_a_354_to_mail_or_rcpt_without_pipelining_ends_the_session_at_once(
+        verb: bytes) -> None:
+    """Without PIPELINING a 354 to MAIL or RCPT puts the server in its data phase: every
+    command sent after it is message text, so the next reply never comes (the client sent the
+    next RCPT, then DATA or RSET, and waited out the command timeout, the connection's slot
+    held). Now the session ends there: the recipients are deferred, nothing more is sent."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        while line := await reader.readline():
+            seen.append(line)
+            if line[:4].upper() == b"EHLO":
+                writer.write(b"250-hi\r\n250 8BITMIME\r\n")
+            elif line[:4].upper() == verb:
+                writer.write(b"354 go on\r\n")
+                await writer.drain()
+                await reader.read()  # in its data phase until the client hangs up
+                return
+            else:
+                writer.write(b"250 Ok\r\n")
+            await writer.drain()
+
+    slow = Timeouts(connect=5, banner=5, command=300, data_block=5, dot=300)
+    async with raw_server(serve) as port, asyncio.timeout(60):  # a hang guard, not a clock
+        conn = await connect(port, timeouts=slow)
+        try:
+            tx = await conn.send("s@a.test", [("x@b.test", ""), ("y@b.test", "")], MESSAGE)
+        except SMTPError as exc:
+            assert exc.temporary
+        else:
+            assert not any(r.is_ok for r in tx.rcpt_replies) and tx.data_reply is None
+    assert not conn.usable
+    assert seen[-1][:4].upper() == verb

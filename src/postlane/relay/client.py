@@ -553,6 +553,7 @@ class SMTPConnection:
                 data_cmd_reply = await self._read_reply("data", cmd_timeout)
             else:
                 mail_reply = await self._command("mail", commands[0])
+                _in_step("mail", mail_reply)
                 if not mail_reply.is_ok:
                     if mail_reply.code == 421:
                         self._usable = False
@@ -562,6 +563,7 @@ class SMTPConnection:
                 for command in commands[1:]:
                     reply = await self._command("rcpt", command)
                     rcpt_replies.append(reply)
+                    _in_step("rcpt", reply)
                     if reply.code == 421:
                         return self._closing(mail_reply, rcpt_replies, n)
                 if not any(r.is_ok for r in rcpt_replies):
@@ -844,6 +846,14 @@ class SMTPConnection:
             return await self._reader.readexactly(n)
         except asyncio.IncompleteReadError:
             raise SMTPError(stage, "connection closed by server") from None
+
+
+def _in_step(stage: str, reply: Reply) -> None:
+    """Raise on a 3xx to MAIL or RCPT sent alone: the server has gone into its data phase,
+    where every later command is message text and its reply never comes (the next command
+    waited out its timeout, the connection's slot held). The session ends there."""
+    if 300 <= reply.code < 400:
+        raise SMTPError(stage, f"unexpected reply to {stage.upper()}: {reply}")
 
 
 def _settled(fut: Awaitable[object] | None) -> bool:
