@@ -414,6 +414,44 @@ async def test_only_unusable_tlsa_records_make_tls_mandatory_not_a_deferral(
     assert len(world.sinks["plain.mx.test"].arrivals) == 0
 
 
+async def test_a_malformed_tlsa_record_is_ignored_and_the_others_used(world, make_node,
+                                                                      tmp_path):
+    """RFC 7672 2.2: a malformed TLSA record (a SHA-256 digest of 20 bytes, not 32) is
+    unusable and ignored; the RRset's other records apply. dnspython refused the whole answer
+    (its resolver waited for one it could parse and timed out): the host's TLSA lookup
+    "failed", the only MX was unusable and the message deferred. Now it goes with DANE-EE;
+    a host whose RRset holds only malformed records gets TLS without authentication, never
+    clear text; and without the AD bit the records are ignored, as before."""
+    bad = bytes([3, 1, 1]) + b"\x5a" * 20
+    world.mx("dane.test", "good.mx.test", secure=True)
+    world.dns.add_raw(f"_{world.port}._tcp.good.mx.test", "TLSA", bad)
+    world.tlsa("good.mx.test", 3, 1, leaf_der(world.certs["good.mx.test"][0]), port=world.port)
+    world.mx("dane-bad.test", "wrong.mx.test", secure=True)
+    world.dns.add_raw(f"_{world.port}._tcp.wrong.mx.test", "TLSA", bad)
+    world.dns.add_raw(f"_{world.port}._tcp.wrong.mx.test", "TLSA", b"\x03")  # too short
+    world.mx("dane-plain.test", "plain.mx.test", secure=True)
+    world.dns.add_raw(f"_{world.port}._tcp.plain.mx.test", "TLSA", bad)
+    world.mx("unsigned.test", "expired.mx.test")  # no AD bit: no DANE
+    world.dns.add_raw(f"_{world.port}._tcp.expired.mx.test", "TLSA", bad)
+    node = await make_node(world.config())
+    for rcpt in ("r@dane.test", "r@dane-bad.test", "r@dane-plain.test", "r@unsigned.test"):
+        await _deliver(node, rcpt, cls="marketing")
+    row = await first_outcome(tmp_path, "r@dane.test")
+    assert row["type"] == "d" and row["dlvTlsAuth"] == "dane-ee", row
+    row = await first_outcome(tmp_path, "r@dane-bad.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "dane", row
+    assert row["dlvTlsAuth"] == "none" and row["dlvTlsProtocol"], row
+    row = await first_outcome(tmp_path, "r@dane-plain.test")
+    assert row["type"] == "t" and row["dsnStatus"] == "4.7.10", row
+    assert len(world.sinks["plain.mx.test"].arrivals) == 0
+    row = await first_outcome(tmp_path, "r@unsigned.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "opportunistic", row
+    node.tls_reports.flush()
+    report = node.tls_reports.report(row["timeLogged"][:10], "dane.test")
+    results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
+    assert results == [], results
+
+
 async def test_the_tlsa_lookups_of_the_mx_hosts_are_asked_together(world, make_node, tmp_path):
     """The TLSA records of a destination's MX hosts were looked up one after the other, each
     waiting for its answer: a domain whose MX hosts' TLSA lookups go unanswered held the

@@ -191,6 +191,13 @@ class DNSServer:
         rdata = dns.rdata.from_text("IN", "TLSA", f"{usage} {selector} {mtype} {data}")
         self._add(name, dns.rdatatype.TLSA, rdata, ttl)
 
+    def add_raw(self, name: str, rdtype: str, rdata: bytes, ttl: int = 60) -> None:
+        """Add a record of ``rdtype`` from its rdata bytes, as they go on the wire: for one
+        dnspython would refuse to build (a TLSA record whose digest has the wrong length)."""
+        generic = dns.rdata.GenericRdata(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype),
+                                         rdata)
+        self._add(name, dns.rdatatype.from_text(rdtype), generic, ttl)
+
     def set_secure(self, zone: str) -> None:
         """Answers for ``zone`` and the names under it carry the AD bit, as a validating
         resolver sets it for DNSSEC-signed data."""

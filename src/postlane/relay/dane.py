@@ -19,6 +19,7 @@ from cryptography.x509 import verification
 __all__ = ["TLSA", "match", "parse", "subject_public_key_info", "tlsa_name"]
 
 DANE_TA, DANE_EE = 2, 3
+_DIGEST_SIZE = {1: 32, 2: 64}  # RFC 6698 2.1.3: SHA-256, SHA-512
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,17 +34,22 @@ class TLSA:
 
     @property
     def usable(self) -> bool:
+        """RFC 7672 2.2: a record of a usage, selector or matching type not for SMTP or not
+        known, or malformed (a digest not of its matching type's length), is unusable."""
+        size = _DIGEST_SIZE.get(self.mtype)
         return self.usage in (DANE_TA, DANE_EE) and self.selector in (0, 1) and \
-            self.mtype in (0, 1, 2)
+            self.mtype in (0, 1, 2) and bool(self.data) and size in (None, len(self.data))
 
 
 def tlsa_name(host: str, port: int) -> str:
     return f"_{port}._tcp.{host}"
 
 
-def parse(rdatas: list) -> list[TLSA]:
-    """dnspython TLSA rdata -> TLSA records."""
-    return [TLSA(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in rdatas]
+def parse(rdatas: list[bytes]) -> list[TLSA]:
+    """TLSA rdata as on the wire (``MXResolver.raw_records``) -> TLSA records, a malformed
+    one included, as unusable (one too short for its three fields: 255 for each missing)."""
+    heads = [r[:3] + b"\xff" * (3 - len(r[:3])) for r in rdatas]
+    return [TLSA(h[0], h[1], h[2], r[3:]) for h, r in zip(heads, rdatas, strict=True)]
 
 
 def _tlv(der: bytes, pos: int) -> tuple[int, int]:

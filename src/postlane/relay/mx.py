@@ -20,11 +20,16 @@ from typing import Any
 import dns.asyncresolver
 import dns.exception
 import dns.flags
+import dns.message
 import dns.name
+import dns.nameserver
+import dns.rcode
 import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 import dns.rdtypes.ANY.TXT
 import dns.resolver
+import dns.wire
 
 log = logging.getLogger("postlane.relay")
 
@@ -147,6 +152,76 @@ class MXResolver:
             return ([], False), NEGATIVE_TTL  # again in 5 minutes, not at every connection
         ttl = float(answer.rrset.ttl) if answer.rrset is not None else self._min_ttl
         return (list(answer), self._secure(answer)), ttl
+
+    async def raw_records(self, name: str, rdtype: str) -> tuple[list[bytes], bool]:
+        """(the rdata of each record, unparsed; authenticated) of one name and type, cached
+        for their TTL, as ``records``. For TLSA: dnspython refuses a whole answer in which
+        one record is malformed (a SHA-256 digest of 20 bytes), and its resolver, waiting
+        for a reply it can parse, timed out, so one bad record of a DANE host's RRset made
+        the host unusable; RFC 7672 2.2 wants that record ignored as unusable and the others
+        used. Asked over TCP (no truncation to handle) and read leniently."""
+        return await self._cached(f"raw:{rdtype}:{_key(name)}",
+                                  lambda: self._lookup_raw(name, rdtype))
+
+    async def _lookup_raw(self, name: str, rdtype: str
+                          ) -> tuple[tuple[list[bytes], bool], float]:
+        qname = _absolute(name)
+        query = dns.message.make_query(qname, rdtype, use_edns=0, payload=1232,
+                                       flags=self._resolver.flags or dns.flags.RD)
+        try:
+            async with asyncio.timeout(self._resolver.lifetime):
+                response = await self._exchange_tcp(query, rdtype, qname)
+        except TimeoutError:
+            raise DNSTempError(f"{rdtype} {qname}: timed out") from None
+        rcode = response.rcode()
+        if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or \
+                not isinstance(response, dns.message.QueryMessage):
+            raise DNSTempError(f"{rdtype} {qname}: {dns.rcode.to_text(rcode)}")
+        try:
+            chain = response.resolve_chaining()
+        except dns.exception.DNSException as e:
+            raise DNSTempError(f"{rdtype} {qname}: {e}") from e
+        rdatas = _raw_answers(response.wire or b"", chain.canonical_name,
+                              dns.rdatatype.from_text(rdtype))
+        if not rdatas:
+            return ([], False), NEGATIVE_TTL
+        secure = self.dnssec and bool(response.flags & dns.flags.AD)
+        return (rdatas, secure), float(chain.minimum_ttl)
+
+    async def _exchange_tcp(self, query: dns.message.Message, rdtype: str,
+                            qname: dns.name.Name) -> dns.message.Message:
+        """The response to ``query`` from the first nameserver that gives one (its records
+        parsed leniently: a malformed one is left out, the raw answer is in ``.wire``)."""
+        wire = query.to_wire()
+        errors: list[str] = []
+        nameservers = list(self._resolver.nameservers)
+        for i, ns in enumerate(nameservers):
+            if isinstance(ns, str):
+                host, port = ns, self._resolver.port
+            elif isinstance(ns, dns.nameserver.Do53Nameserver):
+                host, port = ns.address, ns.port
+            else:  # DNS over HTTPS, TLS, QUIC: not for this lookup
+                continue
+            try:
+                reader, writer = await asyncio.open_connection(host, port)
+                try:
+                    writer.write(len(wire).to_bytes(2, "big") + wire)
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    response = dns.message.from_wire(await reader.readexactly(size),
+                                                     continue_on_error=True)
+                finally:
+                    writer.close()
+            except (OSError, asyncio.IncompleteReadError, dns.exception.DNSException) as e:
+                errors.append(f"{host}: {e or type(e).__name__}")
+                continue
+            if not query.is_response(response):
+                errors.append(f"{host}: not a response to the query")
+                continue
+            if response.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN) or \
+                    i == len(nameservers) - 1:
+                return response  # (a SERVFAIL: the next nameserver is asked, as dnspython does)
+            errors.append(f"{host}: {dns.rcode.to_text(response.rcode())}")
+        raise DNSTempError(f"{rdtype} {qname}: {'; '.join(errors) or 'no nameserver'}")
 
     def _secure(self, answer: dns.resolver.Answer) -> bool:
         return self.dnssec and bool(answer.response.flags & dns.flags.AD)
@@ -303,6 +378,26 @@ def txt_strings(records: Iterable[dns.rdata.Rdata]) -> list[bytes]:
     published as several strings and read as their concatenation: RFC 7208 3.3, RFC 8461 3.1);
     records of another type are skipped."""
     return [b"".join(r.strings) for r in records if isinstance(r, dns.rdtypes.ANY.TXT.TXT)]
+
+
+def _raw_answers(wire: bytes, owner: dns.name.Name, rdtype: int) -> list[bytes]:
+    """The rdata, as bytes, of the answer section's records of ``owner`` and ``rdtype``."""
+    parser = dns.wire.Parser(wire)
+    try:
+        _id, _flags, qdcount, ancount, _ns, _ar = parser.get_struct("!HHHHHH")
+        for _ in range(qdcount):
+            parser.get_name(decompress=True)
+            parser.get_struct("!HH")
+        out = []
+        for _ in range(ancount):
+            name = parser.get_name(decompress=True)
+            rtype, rclass, _ttl, rdlen = parser.get_struct("!HHIH")
+            data = parser.get_bytes(rdlen)
+            if name == owner and rtype == rdtype and rclass == dns.rdataclass.IN:
+                out.append(data)
+    except dns.exception.DNSException:
+        return []  # (``from_wire`` read it: not reached for a response it accepted)
+    return out
 
 
 def _absolute(name: str) -> dns.name.Name:

@@ -188,7 +188,7 @@ class TLSPolicy:
                 ports.setdefault(d.host, d.port)
         names = list(ports)
         answers = await asyncio.gather(
-            *(self.resolver.records(dane.tlsa_name(h, ports[h]), "TLSA") for h in names),
+            *(self.resolver.raw_records(dane.tlsa_name(h, ports[h]), "TLSA") for h in names),
             return_exceptions=True)
         out: dict[str, list[dane.TLSA] | None] = {}
         for host, answer in zip(names, answers, strict=True):
