@@ -260,3 +260,30 @@ async def test_a_compressed_policy_is_inflated_no_further_than_the_size_limit(dn
     finally:
         bomb.stop()
         small.stop()
+
+
+async def test_a_policy_of_max_age_0_is_kept_but_a_new_id_is_fetched_at_once(dns_server,
+                                                                             tmp_path):
+    """A ``max_age: 0`` policy is kept in force for 5 minutes (not fetched at every delivery,
+    test_outbound_tls); a changed ``id`` in the TXT record still fetches the new one at once
+    (RFC 8461 3.1: the id is how a domain says its policy changed)."""
+    ca = TestCA(tmp_path / "ca")
+    https = HTTPSServer(ca.server_context(["mta-sts.zero.test"]), host=HTTPS_IP).start()
+    dns_server.add_txt("_mta-sts.zero.test", "v=STSv1; id=1;", ttl=0)
+    dns_server.add_a("mta-sts.zero.test", HTTPS_IP)
+    https.policy("zero.test", POLICY.replace("86400", "0"))
+    resolver = MXResolver("127.0.0.1", dns_server.port, min_ttl=0)
+    sts = MTASTS(resolver, tmp_path / "mta-sts.json", ca_file=str(ca.ca_file), port=https.port)
+    try:
+        first = await sts.policy("zero.test")
+        assert first is not None and await sts.policy("zero.test") is first
+        assert https.fetches == ["mta-sts.zero.test"]
+        dns_server.clear()
+        dns_server.add_txt("_mta-sts.zero.test", "v=STSv1; id=2;", ttl=0)
+        dns_server.add_a("mta-sts.zero.test", HTTPS_IP)
+        https.policy("zero.test", POLICY.replace("86400", "0").replace("enforce", "testing"))
+        second = await sts.policy("zero.test")
+        assert second is not None and second.id == "2" and second.mode == "testing"
+        assert len(https.fetches) == 2
+    finally:
+        https.stop()

@@ -358,6 +358,51 @@ async def test_a_policy_with_a_bad_max_age_is_invalid(world, make_node, tmp_path
     results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
     assert results == ["sts-policy-invalid"]
 
+
+async def test_a_policy_file_beginning_with_a_bom_is_read(world, make_node, tmp_path):
+    """A policy file saved by a Windows editor begins with a UTF-8 byte order mark: its first
+    line read as a "\\ufeffversion" field, the policy was sts-policy-invalid and the domain
+    sent to as if it had none (here: to MX 10, which the policy does not name). A leading BOM
+    is now skipped; one anywhere else still makes the policy invalid."""
+    world.mx("sts.test", "wrong.mx.test", "good.mx.test")
+    world.sts("sts.test", "enforce", ["good.mx.test"])
+    assert world.https is not None
+    world.https.policy("sts.test", "\ufeffversion: STSv1\r\nmode: enforce\r\n"
+                                   "mx: good.mx.test\r\nmax_age: 86400\r\n")
+    world.mx("sts-testing.test", "wrong.mx.test")
+    world.sts("sts-testing.test", "enforce", ["mx.elsewhere.test"])  # would defer, if read
+    world.https.policy("sts-testing.test", "\ufeff\ufeffversion: STSv1\r\nmode: enforce\r\n"
+                                           "mx: mx.elsewhere.test\r\nmax_age: 86400\r\n")
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "mta-sts-enforce", row
+    assert row["dlvDestinationIp"] == MX["good.mx.test"], row
+    await _deliver(node, "r@sts-testing.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts-testing.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "opportunistic", row
+
+
+async def test_a_policy_of_max_age_0_is_not_fetched_at_every_delivery(world, make_node,
+                                                                      tmp_path):
+    """RFC 8461 3.2 allows ``max_age: 0``: such a policy expired as it was fetched, so every
+    delivery to the domain fetched it again (a busy sender hammering the policy host, and
+    each delivery waiting for the fetch). It is now kept in force for 5 minutes at least
+    (RFC 8461 3.3 lets a sender rate-limit its fetches); a changed ``id`` still fetches it at
+    once (test_mtasts_fetch)."""
+    world.mx("sts.test", "good.mx.test")
+    world.sts("sts.test", "enforce", ["good.mx.test"])
+    assert world.https is not None
+    world.https.policy("sts.test", "version: STSv1\r\nmode: enforce\r\nmx: good.mx.test\r\n"
+                                   "max_age: 0\r\n")
+    node = await make_node(world.config())
+    for rcpt in ("r1@sts.test", "r2@sts.test", "r3@sts.test"):
+        await _deliver(node, rcpt, cls="marketing")
+        row = await first_outcome(tmp_path, rcpt)
+        assert row["type"] == "d" and row["dlvTlsPolicy"] == "mta-sts-enforce", row
+    assert world.https.fetches.count("mta-sts.sts.test") == 1, world.https.fetches
+
+
 # -- DANE ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("usage, selector, auth", [(3, 1, "dane-ee"), (3, 0, "dane-ee"),

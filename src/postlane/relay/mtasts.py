@@ -34,6 +34,10 @@ __all__ = ["MTASTS", "STSPolicy", "parse_policy"]
 
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3
 MAX_AGE = 31_557_600  # one year (RFC 8461 3.2)
+MIN_AGE = 300
+"""A policy is kept in force this long at least, whatever its ``max_age``: one of 0 expired as
+it was fetched, and every delivery to the domain fetched it again (RFC 8461 3.3 lets a sender
+rate-limit its fetches). A changed ``id`` still fetches the new policy at once."""
 REFRESH_AFTER = 86_400.0  # a cached policy is fetched again (in the background) after a day
 RETRY_FETCH = 300.0  # after a failed fetch, the next try for that domain waits this long
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
@@ -88,7 +92,10 @@ class STSPolicy:
 
 
 def parse_policy(text: str, policy_id: str, now: float) -> STSPolicy:
-    """RFC 8461 3.2 (raises PolicyError "sts-policy-invalid")."""
+    """RFC 8461 3.2 (raises PolicyError "sts-policy-invalid"). A leading UTF-8 byte order
+    mark, which Windows editors write, is skipped (its first field was read as
+    "\\ufeffversion"); one anywhere else is not."""
+    text = text.removeprefix("\ufeff")
     fields: dict[str, list[str]] = {}
     for line in text.splitlines():
         key, colon, value = line.partition(":")
@@ -105,7 +112,7 @@ def parse_policy(text: str, policy_id: str, now: float) -> STSPolicy:
     mx = fields.get("mx", [])
     if mode != "none" and not mx:
         raise PolicyError("sts-policy-invalid", "no mx")
-    return STSPolicy(policy_id, mode, mx, min(int(age), MAX_AGE), now, text)
+    return STSPolicy(policy_id, mode, mx, min(max(int(age), MIN_AGE), MAX_AGE), now, text)
 
 
 class MTASTS:
