@@ -359,6 +359,29 @@ async def test_a_policy_with_a_bad_max_age_is_invalid(world, make_node, tmp_path
     assert results == ["sts-policy-invalid"]
 
 
+@pytest.mark.parametrize("term", ["\r", "\x0b", "\x85", "\u2028"],
+                         ids=["CR alone", "vertical tab", "NEL", "line separator"])
+async def test_a_policy_line_ends_only_at_lf_or_crlf(world, make_node, tmp_path, term):
+    """RFC 8461 3.2: a policy line ends with LF or CRLF (``sts-policy-term``). Lines were
+    split with ``str.splitlines``, which also ends them at CR alone, VT, FF, NEL, U+2028 and
+    more: this file, an ``enforce`` policy to a reader that splits so, has no ``mode`` line
+    to one that follows the RFC, and is sts-policy-invalid (the domain is sent to as if it
+    had no policy)."""
+    world.mx("sts.test", "good.mx.test")
+    world.sts("sts.test", "enforce", ["mx.elsewhere.test"])
+    assert world.https is not None
+    world.https.policy("sts.test", f"version: STSv1{term}mode: enforce\r\n"
+                                   "mx: mx.elsewhere.test\r\nmax_age: 86400\r\n")
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "opportunistic", row
+    node.tls_reports.flush()
+    report = node.tls_reports.report(row["timeLogged"][:10], "sts.test")
+    results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
+    assert results == ["sts-policy-invalid"]
+
+
 async def test_a_policy_file_beginning_with_a_bom_is_read(world, make_node, tmp_path):
     """A policy file saved by a Windows editor begins with a UTF-8 byte order mark: its first
     line read as a "\\ufeffversion" field, the policy was sts-policy-invalid and the domain

@@ -42,6 +42,7 @@ REFRESH_AFTER = 86_400.0  # a cached policy is fetched again (in the background)
 RETRY_FETCH = 300.0  # after a failed fetch, the next try for that domain waits this long
 _ID = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _VERSION = re.compile(r"v=STSv1[ \t]*;")  # RFC 8461 3.1: "v=STSv1;" (WSP before ";": ABNF)
+_WSP = " \t"  # RFC 5234 WSP: what may surround a field's value, nothing else
 _MAX_AGE = re.compile(r"[0-9]{1,10}")  # ASCII DIGIT: str.isdigit() also takes "²" and "١"
 
 
@@ -88,7 +89,7 @@ class STSPolicy:
     @property
     def lines(self) -> list[str]:
         """The policy as RFC 8460's ``policy-string``."""
-        return [line.strip() for line in self.text.splitlines() if line.strip()]
+        return [line.strip(_WSP) for line in _lines(self.text) if line.strip(_WSP)]
 
 
 def parse_policy(text: str, policy_id: str, now: float) -> STSPolicy:
@@ -97,10 +98,10 @@ def parse_policy(text: str, policy_id: str, now: float) -> STSPolicy:
     "\\ufeffversion"); one anywhere else is not."""
     text = text.removeprefix("\ufeff")
     fields: dict[str, list[str]] = {}
-    for line in text.splitlines():
+    for line in _lines(text):
         key, colon, value = line.partition(":")
         if colon:
-            fields.setdefault(key.strip().lower(), []).append(value.strip())
+            fields.setdefault(key.strip(_WSP).lower(), []).append(value.strip(_WSP))
     version, mode = fields.get("version", [""])[0], fields.get("mode", [""])[0]
     if version != "STSv1":
         raise PolicyError("sts-policy-invalid", f"version is {version!r}, not STSv1")
@@ -113,6 +114,12 @@ def parse_policy(text: str, policy_id: str, now: float) -> STSPolicy:
     if mode != "none" and not mx:
         raise PolicyError("sts-policy-invalid", "no mx")
     return STSPolicy(policy_id, mode, mx, min(max(int(age), MIN_AGE), MAX_AGE), now, text)
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a policy: each ends at LF or CRLF (RFC 8461 3.2's ``sts-policy-term``);
+    ``str.splitlines`` also ended them at CR alone, VT, FF, NEL, U+2028 and more."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 class MTASTS:
