@@ -197,7 +197,7 @@ class MXResolver:
         nameservers = list(self._resolver.nameservers)
         for i, ns in enumerate(nameservers):
             if isinstance(ns, str):
-                host, port = ns, self._resolver.port
+                host, port = ns, self._resolver.nameserver_ports.get(ns, self._resolver.port)
             elif isinstance(ns, dns.nameserver.Do53Nameserver):
                 host, port = ns.address, ns.port
             else:  # DNS over HTTPS, TLS, QUIC: not for this lookup
