@@ -210,6 +210,23 @@ def test_dns_check_names_what_is_missing_or_wrong(tmp_path, dns_server):
     assert records[("bounces.news.insurer.example", "MX")]["status"] == "ok"
 
 
+@pytest.mark.parametrize("record", ['"v=STSv1; id=2026-12-07"', '"v=STSv1; id=ab cd"',
+                                    '"v=STSv1; id=' + "a" * 33 + '"', '"v=stsv1; id=1"',
+                                    '"v=STSv1 id=1"'],
+                         ids=["hyphen", "space", "33 characters", "lower case", "no ;"])
+def test_dns_check_says_wrong_for_an_mta_sts_record_senders_ignore(tmp_path, dns_server, record):
+    """RFC 8461 3.1: ``v=STSv1`` then ``;``, and ``id`` is 1 to 32 letters and digits;
+    a sender (Postlane's own relay included) ignores any other record, so the domain has no
+    policy. ``dns check`` read the record with its own loose parser and said "ok"."""
+    _init(tmp_path)
+    cfg = load_config(tmp_path / "node" / "postlane.toml")
+    name = "_mta-sts.bounces.insurer.example"
+    _publish(dns_server, cfg, replace={(name, "TXT"): record})
+    code, records = _check(tmp_path, dns_server)
+    assert code == 1
+    assert records[(name, "TXT")]["status"] == "WRONG", records[(name, "TXT")]
+
+
 def test_dns_check_reports_a_failing_resolver_as_an_error_not_a_verdict(tmp_path, dns_server):
     _init(tmp_path)
     cfg = load_config(tmp_path / "node" / "postlane.toml")

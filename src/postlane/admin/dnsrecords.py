@@ -25,6 +25,7 @@ import dns.reversename
 
 from ..config import Config
 from ..policy.dkim import dns_record, read_key, record_name
+from ..relay.mtasts import record_id
 
 __all__ = ["Expected", "Result", "check", "checklist", "expected", "make_resolver",
            "mta_sts_policy"]
@@ -264,6 +265,14 @@ def _one(resolver: dns.resolver.Resolver, rec: Expected) -> tuple[str, str]:
     if rec.kind in ("a", "ptr", "mx"):
         missing = [w for w in rec.want if w.lower() not in found]
         return ("WRONG", f"found {', '.join(found)}") if missing else ("ok", ", ".join(found))
+    if rec.kind == "mta-sts":  # held to what senders read (RFC 8461 3.1), not ``tags``
+        policy_id = record_id(found)
+        if policy_id is not None:
+            return "ok", f"id={policy_id}"
+        if not any(t.lower().startswith("v=stsv1") for t in found):
+            return "MISSING", "0 v=STSv1 records"
+        return "WRONG", ("senders ignore it: one record, v=STSv1; then id= 1 to 32 letters "
+                         "and digits")
     records = [tags(t) for t in found]
     if rec.kind == "dkim":
         want = tags(rec.want[0])
@@ -285,7 +294,7 @@ def _one(resolver: dns.resolver.Resolver, rec: Expected) -> tuple[str, str]:
         if lost:
             return "WRONG", f"rua does not name {', '.join(lost)}"
         return "ok", f"p={record['p']}"
-    need = "id" if rec.kind == "mta-sts" else "rua"
+    need = "rua"  # (tlsrpt: mta-sts returned above)
     return ("ok", f"{need}={record[need]}") if record.get(need) else ("WRONG", f"no {need}=")
 
 

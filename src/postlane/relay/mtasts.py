@@ -30,7 +30,7 @@ from .mx import DNSPermError, DNSTempError, MXResolver, txt_strings
 
 log = logging.getLogger("postlane.relay.mtasts")
 
-__all__ = ["MTASTS", "STSPolicy", "parse_policy"]
+__all__ = ["MTASTS", "STSPolicy", "parse_policy", "record_id"]
 
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3
 MAX_AGE = 31_557_600  # one year (RFC 8461 3.2)
@@ -122,6 +122,17 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def record_id(texts: list[str]) -> str | None:
+    """The policy ``id`` that a domain's ``_mta-sts`` TXT records announce, None when they
+    announce none (RFC 8461 3.1): also what ``postlane dns check`` holds the node's own to."""
+    ours = [t for t in texts if _VERSION.match(t)]  # not "v=STSv10", a later version
+    if len(ours) != 1:  # none, or ambiguous: no policy (RFC 8461 3.1)
+        return None
+    fields = dict(part.strip().partition("=")[::2] for part in ours[0].split(";"))
+    policy_id = fields.get("id", "").strip()
+    return policy_id if _ID.match(policy_id) else None
+
+
 class MTASTS:
     """Policies of recipient domains: looked up, fetched, cached (in memory and on disk)."""
 
@@ -197,13 +208,7 @@ class MTASTS:
 
     async def _record_id(self, domain: str) -> str | None:
         records, _ = await self.resolver.records(f"_mta-sts.{domain}", "TXT")
-        texts = [text.decode("ascii", "replace") for text in txt_strings(records)]
-        ours = [t for t in texts if _VERSION.match(t)]  # not "v=STSv10", a later version
-        if len(ours) != 1:  # none, or ambiguous: no policy (RFC 8461 3.1)
-            return None
-        fields = dict(part.strip().partition("=")[::2] for part in ours[0].split(";"))
-        policy_id = fields.get("id", "").strip()
-        return policy_id if _ID.match(policy_id) else None
+        return record_id([text.decode("ascii", "replace") for text in txt_strings(records)])
 
     async def _fetch_once(self, domain: str, record_id: str) -> STSPolicy | None:
         """One fetch per domain at a time; the others wait for its result."""
