@@ -2,10 +2,11 @@
 
 The ``_mta-sts.DOMAIN`` TXT record says a policy exists and names its ``id``; the policy itself
 is fetched from ``https://mta-sts.DOMAIN/.well-known/mta-sts.txt`` (httpx, certificate checked,
-no redirects) and cached until ``max_age`` runs out, refreshed in the background before that. A
-changed ``id`` fetches it again; when the fetch fails, a cached policy that has not expired stays
-in force (RFC 8461 5.1), which is what protects against an attacker who blocks the fetch. The
-cache is a JSON file in the node's folder, so a restart does not forget a policy.
+no redirects) and cached until ``max_age`` runs out (``MIN_AGE`` at least), refreshed in the
+background before that. A changed ``id`` fetches it again; when the fetch fails, a cached policy
+that has not expired stays in force (RFC 8461 5.1), which is what protects against an attacker
+who blocks the fetch. The cache is a JSON file in the node's folder, so a restart does not
+forget a policy.
 """
 
 from __future__ import annotations
