@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import smtplib
 import sqlite3
+from email.message import EmailMessage
 
 import pytest
 
-from tests.conftest import config_text
+from tests.conftest import config_text, message
 from tests.support.rawsmtp import RawSMTP, session
 from tests.test_security_auth import (  # noqa: F401  (fixtures tls_files, users_file)
     PASSWORD,
@@ -286,3 +288,49 @@ async def test_starttls_on_a_listener_without_tls_is_502_and_the_session_goes_on
     assert (await raw.cmd("STARTTLS")).startswith("502 5.5.1")
     assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250 2.1.0")
     await raw.close()
+
+
+# -- a repeated SMTPUTF8, BODY or SIZE that says the same thing (smtplib's send_message) -------
+
+@pytest.mark.parametrize("option", ["SMTPUTF8", "BODY=8BITMIME", "smtputf8"])
+async def test_send_message_with_its_own_smtputf8_option_is_delivered(tmp_path, sink, make_node,
+                                                                     option):
+    """smtplib's ``send_message`` adds ``SMTPUTF8 BODY=8BITMIME`` itself for a message with a
+    non-ASCII address, after the caller's ``mail_options``: a caller that asked for SMTPUTF8
+    sent it twice and got 501 "SMTPUTF8 given more than once" (Postfix takes a repeated
+    SMTPUTF8, BODY or SIZE; it refuses only a repeated DSN parameter)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "sender@insurer.test", "jürgen@example.com", "Grüße"
+    msg.set_content("Hallo.\n")
+
+    def submit() -> dict:
+        with smtplib.SMTP("127.0.0.1", node.listeners[0].port, timeout=30) as client:
+            return client.send_message(msg, mail_options=[option])
+
+    assert await asyncio.to_thread(submit) == {}
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["jürgen@example.com"]
+
+
+async def test_a_repeated_parameter_with_another_value_is_still_501(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    for params in ("SIZE=10 SIZE=20", "BODY=7BIT BODY=8BITMIME", "SMTPUTF8 SMTPUTF8=X"):
+        assert (await raw.cmd(f"MAIL FROM:<s@insurer.test> {params}")).startswith("501 5.5.4")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test> SIZE=10 size=10 SMTPUTF8 SMTPUTF8")
+            ).startswith("250 2.1.0")
+    await raw.close()
+
+
+# -- ENVID needs a value (RFC 3461 4.4: "ENVID=" xtext) ---------------------------------------
+
+async def test_envid_without_a_value_is_501(tmp_path, sink, make_node):
+    """``MAIL FROM:<...> ENVID`` (no "=") got 250, and a DSN later had no ENVID to give back."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test> ENVID")).startswith("501 5.5.4")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test> RET")).startswith("501 5.5.4")
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test> ENVID=e1")).startswith("250 2.1.0")
+    await raw.close()
+

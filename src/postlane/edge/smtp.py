@@ -104,16 +104,24 @@ def _split_params(rest: str, ours: frozenset[str], known: frozenset[str]
     """The parameters after a path -> (those for aiosmtpd, those in ``ours`` and well-formed
     keywords not in ``known``, which the caller refuses with 555). Raises ParamError for a
     keyword given twice: aiosmtpd kept the last silently (RET=FULL RET=HDRS), where Postfix
-    refuses (RFC 3461 4: each DSN parameter at most once)."""
+    refuses (RFC 3461 4: each DSN parameter at most once). One of aiosmtpd's (SMTPUTF8, BODY,
+    SIZE) repeated with the same value is taken once, as Postfix takes it: smtplib's
+    ``send_message`` adds ``SMTPUTF8 BODY=8BITMIME`` after the caller's own options. Each of
+    ``ours`` takes a value (``ENVID`` alone got 250)."""
     if not rest:  # most MAIL and RCPT commands
         return "", {}
-    keep, mine, seen = [], {}, set()
+    keep, mine = [], {}
+    seen: dict[str, tuple[str, str]] = {}
     for param in rest.split():
         key, eq, value = param.partition("=")
         key = key.upper()
         if key in seen:
-            raise ParamError(f"501 5.5.4 {key} given more than once")
-        seen.add(key)
+            if key in ours or seen[key] != (eq, value.upper()):
+                raise ParamError(f"501 5.5.4 {key} given more than once")
+            continue
+        seen[key] = (eq, value.upper())
+        if key in ours and not eq:
+            raise ParamError(f"501 5.5.4 {key} needs a value")
         if key in ours or (key not in known and (value or not eq) and _KEYWORD.fullmatch(key)):
             mine[key] = value
         else:
