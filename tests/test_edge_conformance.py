@@ -334,3 +334,34 @@ async def test_envid_without_a_value_is_501(tmp_path, sink, make_node):
     assert (await raw.cmd("MAIL FROM:<s@insurer.test> ENVID=e1")).startswith("250 2.1.0")
     await raw.close()
 
+
+# -- a reply line is printable US-ASCII, at most 512 octets (RFC 5321 4.2, 4.5.3.1.5) ---------
+
+async def _raw_reply(raw: RawSMTP) -> bytes:
+    """One reply line as bytes (RawSMTP.reply decodes)."""
+    return await asyncio.wait_for(raw.reader.readline(), 10)
+
+
+async def test_replies_that_echo_the_client_stay_ascii_and_within_512_octets(
+        tmp_path, sink, make_node):
+    """Refusals that quote what the client sent went back as long as it was: a 600-octet
+    unknown MAIL parameter in a 555 of 660 octets, an unknown 505-octet command in a 500 of
+    545, and an unknown class header of any length; a class named in UTF-8 came back in UTF-8
+    to a client that never said SMTPUTF8 (aiosmtplib refuses such a reply as not ASCII)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    raw.send(b"MAIL FROM:<s@insurer.test> X" + b"A" * 600 + b"\r\n")
+    first = await _raw_reply(raw)
+    raw.send(b"Y" * 505 + b"\r\n")
+    second = await _raw_reply(raw)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    raw.send(message(extra="X-Postlane-Class: n\u00e9e" + "q" * 900 + "\r\n") + b".\r\n")
+    third = await _raw_reply(raw)
+    for reply, code in ((first, b"555 5.5.4 XAAA"), (second, b"500 5.5.1"),
+                        (third, b"550 5.7.1 unknown traffic class")):
+        assert reply.startswith(code) and reply.endswith(b"\r\n"), reply[:80]
+        assert len(reply) <= 512 and reply.isascii(), (len(reply), reply[:80])
+    assert (await raw.cmd("NOOP")).startswith("250"), "the session goes on"
+    await raw.close()

@@ -77,6 +77,8 @@ _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
 _BAD_COMMAND = frozenset({"500", "501", "502", "504", "535", "538", "555"})  # the code's 3
 RELAY_DENIED = "550 5.7.1 Relaying denied: authenticate first"
 """Counted as a junk command: a stranger repeating it held a slot for ever at no cost."""
+_REPLY_LINE = 510
+"""Octets of a reply line before its CRLF (RFC 5321 4.5.3.1.5: 512 with it)."""
 
 
 def with_enhanced(reply: str) -> str:
@@ -470,7 +472,13 @@ class GuardedSMTP(QuickSMTP):
         if not text.isprintable():  # aiosmtpd echoes an unknown command as sent: NUL, ESC,
             # a bare CR went back to the client (a reply is printable text, RFC 5321 4.2)
             text = "".join(c if c.isprintable() else "?" for c in text)
+        if not text.isascii():  # RFC 5321 4.2: US-ASCII; a refusal quoting a class header or
+            # a suppression reason in UTF-8 went to clients that never said SMTPUTF8
+            text = text.encode("ascii", "backslashreplace").decode("ascii")
         text = with_enhanced(text)
+        if len(text) > _REPLY_LINE:  # a refusal quoting the client (an unknown parameter or
+            # command, a class header) was as long as what it quoted
+            text = text[:_REPLY_LINE - 3] + "..."
         await super().push(text)
         code = text[:3]
         if code in _BAD_COMMAND:
