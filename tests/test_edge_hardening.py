@@ -446,6 +446,26 @@ async def test_postmaster_at_the_nodes_domains_reaches_the_postmaster_without_a_
     assert {r["class"] for r in records(tmp_path) if r["type"] == "r"} == {"policy-documents"}
 
 
+
+async def test_postmaster_with_a_report_address_in_one_message_still_reaches_the_postmaster(
+        tmp_path, sink, make_node):
+    """A stranger's letter to <postmaster> and to a bounce-domain address in one transaction
+    (an abuse desk writing to both): the report part was read, then the postmaster's copy was
+    classified as if it had other recipients and refused with 550 "no traffic class", the
+    whole message bounced to the writer. The postmaster's copy goes as when it is alone."""
+    text = config_text(tmp_path, sink.port, "").replace(
+        'hostname = "mta.test"', 'hostname = "mta.test"\npostmaster = "pm@example.com"').replace(
+        'relay_from = ["127.0.0.0/8"]', "relay_from = []").replace(
+        'default_class = "marketing"\n', "").replace(
+        "[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
+    node = await make_node(text)
+    letter = (b"From: abuse-desk@isp.example\r\nTo: postmaster\r\nSubject: abuse from your"
+              b" IP\r\n\r\nPlease look at this.\r\n")
+    assert await send(node.listeners[0].port, "abuse-desk@isp.example",
+                      ["postmaster", "someone@bounces.mta.test"], letter) == {}
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["pm@example.com"]
+
 async def test_a_source_route_is_dropped_for_a_trusted_client(tmp_path, sink, make_node):
     node = await make_node(config_text(tmp_path, sink.port))
     assert await send(node.listeners[0].port, "<@x.example:s@insurer.test>",

@@ -646,7 +646,9 @@ class SMTPIntake:
         auth_user = str(session.auth_data) if self.guard.user(session) else ""
         # only the postmaster: its class is ours to give, and another operator's report in
         # its own name is forwarded as it is (not signed by us, not refused for want of a key)
-        postmaster = getattr(envelope, "to_postmaster", 0) == len(envelope.rcpt_tos)
+        # (of the recipients left once reports are taken out: a letter to the postmaster and
+        # to a bounce address was classified as ordinary mail, and refused without a class)
+        postmaster = getattr(envelope, "to_postmaster", 0) == len(rcpts)
         try:
             qid = await self.intake.submit(
                 "" if envelope.mail_from == "<>" else envelope.mail_from or "", rcpts,
