@@ -365,3 +365,19 @@ async def test_replies_that_echo_the_client_stay_ascii_and_within_512_octets(
         assert len(reply) <= 512 and reply.isascii(), (len(reply), reply[:80])
     assert (await raw.cmd("NOOP")).startswith("250"), "the session goes on"
     await raw.close()
+
+
+# -- a session waiting for its next command is told 421 when the node stops (RFC 5321 3.8) ----
+
+async def test_a_session_waiting_for_a_command_gets_421_when_the_node_stops(tmp_path, sink,
+                                                                          make_node):
+    """SIGTERM stopped the listeners and answered 421 only to a further command: a client
+    holding its connection open between messages (a pooled nodemailer, an Exim with
+    ``smtp_accept_max_per_connection``) got no reply at all, the connection cut when the
+    process ended (``postlane serve`` with nothing in flight ends in under a second)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    idle = await session(node.listeners[0].port)
+    assert (await idle.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    await node.stop()
+    assert (await idle.reply()).startswith("421 4.3.2")
+    assert await idle.closed()

@@ -549,8 +549,10 @@ class SMTPIntake:
         are not to wait behind a campaign)."""
 
     def drain(self) -> None:
-        """Refuse new mail with 421 from now on (the node or its worker is stopping)."""
+        """Refuse new mail with 421 from now on (the node or its worker is stopping), and
+        say so now to the sessions waiting for a command."""
         self.draining = True
+        self.guard.close_idle()
 
     async def handle_exception(self, error: Exception) -> str:
         """The reply to a command whose handling raised: the node's fault (a store that
