@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import config_text, message
 from tests.support.rawsmtp import RawSMTP, session
+from tests.support.waiting import until
 from tests.test_security_auth import (  # noqa: F401  (fixtures tls_files, users_file)
     PASSWORD,
     _client_ctx,
@@ -381,3 +382,28 @@ async def test_a_session_waiting_for_a_command_gets_421_when_the_node_stops(tmp_
     await node.stop()
     assert (await idle.reply()).startswith("421 4.3.2")
     assert await idle.closed()
+
+
+async def test_a_message_being_sent_at_sigterm_is_taken(tmp_path, sink, make_node):
+    """SIGTERM while a client is inside DATA: the drain waits (up to ``drain_timeout``) for the
+    transfer to end, answers it 250 and delivers it at the next start. The node went on to stop
+    its signer and close its spool under it: the message got 451 (DKIM signing unavailable)
+    or an error, and had to be sent again."""
+    text = config_text(tmp_path, sink.port)
+    node = await make_node(text)
+    raw = await session(node.listeners[0].port)
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250")
+    assert (await raw.cmd("RCPT TO:<late@example.com>")).startswith("250")
+    assert (await raw.cmd("DATA")).startswith("354")
+    data = message("sent across the stop", cls="policy-documents")
+    raw.send(data[:20])
+    stopping = asyncio.create_task(node.stop())
+    await asyncio.wait({stopping}, timeout=2)  # the old node was stopped by then
+    assert not stopping.done(), "the node stopped with a message half received"
+    raw.send(data[20:] + b".\r\n")
+    assert (await raw.reply()).startswith("250")
+    assert (await raw.reply()).startswith("421 4.3.2")  # then idle: told and closed
+    await stopping
+    await make_node(text)
+    await until(lambda: any(b"sent across the stop" in a.data for a in sink.arrivals),
+                what="the message delivered after the restart")

@@ -222,7 +222,7 @@ class Node:
                 opened.push_async_callback(self.api.stop)
             if self.workers is not None:  # the workers accept; this process binds
                 for listener in self.listeners:
-                    opened.push_async_callback(listener.stop)
+                    opened.push_async_callback(listener.stop, 0.0)
                 await self.workers.start()
                 opened.push_async_callback(self.workers.stop, self.config.node.drain_timeout)
             # Everything made so far lives as long as the node (modules, config, parts, a
@@ -240,7 +240,7 @@ class Node:
                                              f"{listener.name} in the config) cannot listen on"
                                              f" {lc.address}:{lc.port}:"
                                              f" {os.strerror(exc.errno or 0)}") from None
-                opened.push_async_callback(listener.stop)
+                opened.push_async_callback(listener.stop, 0.0)
             opened.pop_all()  # all open: ``stop`` closes them from now on
         self.started_at = time.time()
         loop = asyncio.get_running_loop()
@@ -319,8 +319,8 @@ class Node:
             await self.stopped.wait()
             return
         self._stopping = True
-        for listener in self.listeners:
-            await listener.stop()
+        await asyncio.gather(*(listener.stop(self.config.node.drain_timeout)
+                               for listener in self.listeners))
         if self.workers is not None:  # they finish their transfers, committed here
             await self.workers.stop(self.config.node.drain_timeout)
         if self.api is not None:

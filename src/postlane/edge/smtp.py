@@ -11,6 +11,7 @@ disk. Who may relay, TLS, AUTH and the intake limits are ``guard.py``'s (AUTH's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
@@ -508,7 +509,15 @@ class EdgeSMTP(GuardedSMTP, BulkDataSMTP):
     async def smtp_DATA(self, arg: str) -> None:
         if await self._refuse_if_draining():
             return
-        await super().smtp_DATA(arg)
+        handler = self.intake_handler
+        handler.transfers += 1
+        handler.idle.clear()
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            handler.transfers -= 1
+            if not handler.transfers:
+                handler.idle.set()
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:
@@ -533,6 +542,10 @@ class SMTPIntake:
         self.intake = intake
         self.draining = False
         """421 to new mail (``drain``)."""
+        self.transfers = 0
+        """Sessions inside DATA (receiving or storing a message): a drain waits for them."""
+        self.idle = asyncio.Event()
+        self.idle.set()
         self.guard = Guard(config, intake, certificate, auth, local_limits=local_limits)
         node = intake.config.node
         self.postmaster = node.postmaster or f"postmaster@{node.hostname}"
@@ -552,6 +565,14 @@ class SMTPIntake:
         """Refuse new mail with 421 from now on (the node or its worker is stopping), and
         say so now to the sessions waiting for a command."""
         self.draining = True
+        self.guard.close_idle()
+
+    async def finish(self, timeout: float) -> None:
+        """After ``drain``: wait (at most ``timeout``) for the messages being received to
+        be answered, then close their sessions too. Without it the node stopped its signer
+        and spool under a client inside DATA, whose message got a 451 and came again."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), timeout)
         self.guard.close_idle()
 
     async def handle_exception(self, error: Exception) -> str:
@@ -711,7 +732,9 @@ class Listener:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[1]
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float) -> None:
+        """No new connections, 421 to new mail; messages being received finish (``timeout``)."""
         self.handler.drain()
         if self.server is not None:
             self.server.close()
+        await self.handler.finish(timeout)

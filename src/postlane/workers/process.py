@@ -243,14 +243,10 @@ class WorkerSMTP(EdgeSMTP):
         super().connection_lost(error)
 
     async def smtp_DATA(self, arg: str) -> None:
-        handler: WorkerHandler = self.intake_handler  # type: ignore[assignment]
-        handler.transfers += 1
         try:
             await super().smtp_DATA(arg)
         finally:
-            handler.transfers -= 1
-            if not handler.transfers:
-                handler.idle.set()
+            handler: WorkerHandler = self.intake_handler  # type: ignore[assignment]
             handler.tell_signer_stats()
 
 
@@ -283,8 +279,6 @@ class WorkerHandler(SMTPIntake):
         self.channel = channel
         self.rate_limited = config.limits.messages_per_minute > 0
         self.sessions = 0
-        self.transfers = 0
-        self.idle = asyncio.Event()
         self._told: tuple[int, ...] = ()
 
     def tell_signer_stats(self) -> None:
@@ -395,13 +389,8 @@ class Worker:
             handler.drain()
         for server in self.servers:
             server.close()
-        busy = [h for h in self.handlers.values() if h.transfers]
-        for handler in busy:
-            handler.idle.clear()
-        if busy:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(h.idle.wait() for h in busy)),
-                                       self.config.node.drain_timeout)
+        await asyncio.gather(*(h.finish(self.config.node.drain_timeout)
+                               for h in self.handlers.values()))
         if self.signer is not None:  # the signing children's exits: awaited in threads
             await self.signer.stop()
         await asyncio.to_thread(self.feedback.close)  # joins the list's writer thread
