@@ -218,6 +218,11 @@ def _damage(copy, how: str) -> None:
         spool["file"] = "../elsewhere/spool.sqlite"
     elif how == "config-outside":
         manifest["config"] = "../postlane.toml"
+    elif how == "role-outside":  # the role says where restore writes the file
+        spool["role"] = "state:../../../elsewhere/spool.sqlite"
+    elif how == "accounting-outside":
+        acct = next(i for i in manifest["items"] if i["role"].startswith("accounting:"))
+        acct["role"] = "accounting:../../../elsewhere/acct.position.json"
     elif how == "file-missing":  # a copy of the backup cut short
         (copy / spool["file"]).unlink()
     elif how == "sqlite-truncated":  # and a manifest written after the damage
@@ -230,10 +235,12 @@ def _damage(copy, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["not-an-object", "no-items", "no-config", "item-outside",
-                                 "config-outside", "file-missing", "sqlite-truncated"])
+                                 "config-outside", "role-outside", "accounting-outside",
+                                 "file-missing", "sqlite-truncated"])
 async def test_restore_refuses_a_broken_backup_in_one_line(tmp_path, how):
     """A backup that is cut short or whose manifest is not what backup writes is refused with
-    one line saying why, nothing written (it was a traceback, or a restore that succeeded)."""
+    one line saying why, nothing written (it was a traceback, or a restore that succeeded; a
+    role naming a path outside the state or accounting folder was written there)."""
     _init(tmp_path, 2600)
     node = Node(load_config(tmp_path / "node" / "postlane.toml"))
     await node.start()  # the stores exist

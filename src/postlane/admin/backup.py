@@ -277,6 +277,13 @@ def _manifest(source: Path) -> dict:
         raise BackupError(f"{source}: {MANIFEST} is damaged (no config file name)")
     if not any(i["role"] == "config" for i in items):
         raise BackupError(f"{source}: {MANIFEST} lists no config: not a whole backup")
+    for item in items:  # a role names where restore writes the file: never outside its folder
+        kind, _, rel = item["role"].partition(":")
+        if kind in ("state", "accounting") and (
+                not rel or Path(rel).is_absolute() or ".." in Path(rel).parts
+                or (kind == "accounting" and Path(rel).name != rel)):
+            raise BackupError(f"{source}: {MANIFEST} is damaged (it names {item['role']!r},"
+                              f" outside the {kind} folder)")
     return manifest
 
 
