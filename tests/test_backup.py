@@ -336,3 +336,24 @@ def test_restore_on_a_new_machine_makes_the_state_folder_as_private_as_init_did(
     assert stat.S_IMODE((tmp_path / "lib").stat().st_mode) == 0o700
     for secret in [tmp_path / "etc" / "api-token", *(tmp_path / "etc" / "keys").iterdir()]:
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+
+
+@pytest.mark.parametrize("inside", ["var/spool/backup", "var/accounting/backup"])
+async def test_a_backup_into_the_folders_it_copies_is_refused(tmp_path, inside):
+    """A backup inside the state folder was copied into every later backup, which then failed
+    (`[Errno 17] File exists: …/accounting/acct.position.json`, the nested copy's spool read as
+    the node's), and is lost with the machine it should survive; so is one in the accounting
+    folder. Refused with one line, nothing made; a backup beside them works."""
+    _init(tmp_path, 2600)
+    node = Node(load_config(tmp_path / "node" / "postlane.toml"))
+    await node.start()  # the state folder and the accounting files exist
+    await node.stop()
+    config = str(tmp_path / "node" / "postlane.toml")
+    dest = tmp_path / "node" / inside
+    refused = runner.invoke(app, ["backup", str(dest), "-c", config])
+    assert refused.exit_code == 1, refused.output
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1 and "inside" in lines[0], refused.output
+    assert not dest.exists()
+    done = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c", config])
+    assert done.exit_code == 0, done.output

@@ -193,6 +193,12 @@ def backup(config_path: Path, dest: Path) -> dict:
     cfg = load_config(config_path)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest} exists and is not empty")
+    for what, folder in (("state folder", local_dir(cfg)),
+                         ("accounting folder", Path(cfg.accounting.directory))):
+        # the next backup would copy this one; and it is lost with the machine it is for
+        if dest.resolve().is_relative_to(folder.resolve()):
+            raise BackupError(f"{dest} is inside the node's {what} {folder}: back up to a"
+                              f" folder outside it")
     private_dir(dest)
     items: list[dict] = []
 
