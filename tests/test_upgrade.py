@@ -174,6 +174,25 @@ def test_serve_on_a_newer_store_says_so_in_one_line_and_exits_2(tmp_path, store)
     assert "install the release that wrote it" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("store", ["spool.sqlite", "audit.sqlite", "suppression.sqlite3"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("check", [True, False])
+def test_upgrade_on_a_damaged_store_names_it_in_one_line(tmp_path, store, damage, check):
+    """A store that is not a database, or cut short, is named with its file (it said only
+    `error: DatabaseError: file is not a database`, with four stores to choose from), exit 2,
+    no traceback."""
+    path = _old_node(tmp_path, 9)
+    assert runner.invoke(app, ["upgrade", "-c", str(path)]).exit_code == 0
+    target = tmp_path / "spool" / store
+    data = target.read_bytes()
+    target.write_bytes(b"not a database\n" * 100 if damage == "garbage" else data[:5000])
+    result = runner.invoke(app, ["upgrade", *(["--check"] if check else []), "-c", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(target) in lines[0], result.output
+
+
 @pytest.mark.parametrize("command", [["suppress", "list"], ["suppress", "export"],
                                      ["suppress", "add", "x@example.com"],
                                      ["suppress", "remove", "x@example.com"]])

@@ -25,7 +25,11 @@ from ..spool import postgres as spool_postgres
 from ..spool import sqlite as spool_sqlite
 from ..spool.hold import locked
 
-__all__ = ["StoreState", "apply", "states"]
+__all__ = ["StoreState", "UnreadableStore", "apply", "states"]
+
+
+class UnreadableStore(Exception):
+    """A store SQLite cannot read (not a database, cut short): the message names its file."""
 
 
 @dataclass
@@ -88,7 +92,10 @@ def states(cfg: Config) -> list[StoreState]:
             current = _postgres(location, pg_schema, table)
             location = f"PostgreSQL schema {pg_schema}"
         else:
-            current = _sqlite(Path(location), read)
+            try:
+                current = _sqlite(Path(location), read)
+            except sqlite3.DatabaseError as exc:  # which of the stores, not only what
+                raise UnreadableStore(f"{name} {location}: {exc}") from None
         out.append(StoreState(name, location, current, latest))
 
     state = local_dir(cfg)

@@ -180,12 +180,15 @@ def upgrade(config: Path = _CONFIG,
     """Compare each store's schema with this release. --check: exit 0 when nothing is to do, 1
     when migrations are pending (the node applies them at start), 2 when a store is newer than
     this release. Without --check, migrate the SQLite stores now (with the node stopped)."""
-    from ..admin.upgrade import apply, states
+    from ..admin.upgrade import UnreadableStore, apply, states
 
     cfg = _config(config)
     try:
         found = states(cfg)
         done = [] if check or any(s.status == "newer" for s in found) else apply(cfg)
+    except UnreadableStore as exc:  # it names the store and its file
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except Exception as exc:  # an unreadable store: say which, exit 2
         typer.echo(f"error: {exc.__class__.__name__}: {exc}", err=True)
         raise typer.Exit(2) from None
