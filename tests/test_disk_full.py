@@ -1,13 +1,15 @@
 """A full disk under the spool, the accounting folder or the audit store, on a real small file
-system (a tmpfs mounted for the test: ``tests/support/smallfs.py``): nothing acknowledged is
-lost, every record reaches the files and the store exactly once when space returns, the node
-tells the operator once, and it recovers without a restart."""
+system (a tmpfs mounted for the test: ``tests/support/smallfs.py``), or the accounting folder
+taken away under a running node: nothing acknowledged is lost, every record reaches the files
+and the store exactly once when space (or the folder) returns, the node tells the operator
+once, and it recovers without a restart."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import smtplib
 import sqlite3
 import time
@@ -59,6 +61,41 @@ async def test_a_full_accounting_folder_delays_the_files_and_doubles_no_line(
     lines = Counter((r["type"], r["rcpt"]) for r in records(tmp_path))
     assert lines == Counter({(t, f"u{i}@example.com"): 1 for i in range(n) for t in "rd"})
     assert node.recorder.child_pid == recorder
+
+
+@pytest.mark.parametrize("how", ["removed", "moved"])
+async def test_an_accounting_folder_taken_away_gets_every_record_in_new_files(
+        tmp_path, sink, make_node, how):
+    """The accounting folder removed (or moved away) while the node runs: degraded until the
+    folder is back, then new files there hold every record since the files went (those synced
+    before went with them, as at a restart after a file was moved away). The recorder went on
+    writing into the file it had open, gone from the folder, and its position named that file:
+    the folder got no record again until a restart."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    port = node.listeners[0].port
+
+    async def deliver(numbers: range) -> None:
+        for i in numbers:
+            await send(port, "s@insurer.test", [f"u{i}@example.com"], message(f"m{i}"))
+        await sink.wait_for(numbers.stop)
+
+    await deliver(range(3))
+    await node.flush_evidence()
+    acct = tmp_path / "acct"
+    if how == "removed":
+        shutil.rmtree(acct)
+    else:
+        acct.rename(tmp_path / "acct.old")
+    await deliver(range(3, 6))
+    await until(lambda: "accounting" in node.health.active, timeout=30,
+                what="the node says the files cannot be written")
+    acct.mkdir(mode=0o750)
+    await deliver(range(6, 9))
+    await until(lambda: "accounting" not in node.health.active, timeout=60,
+                what="the files written again once the folder is back")
+    await node.flush_evidence()
+    lines = Counter((r["type"], r["rcpt"]) for r in records(tmp_path))
+    assert lines == Counter({(t, f"u{i}@example.com"): 1 for i in range(3, 9) for t in "rd"})
 
 
 async def test_a_node_starts_on_a_full_accounting_disk_degraded_not_refused(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import logging
@@ -215,6 +216,7 @@ class AccountingLog:
         takes the files back to the previous sync before it is raised (``feed`` unchanged)."""
         with self._lock:
             self._check_open()
+            self._leave_gone_files()
             self._ensure_files()
             with self._undo_on_error():
                 self._write_out(fsync=True)
@@ -292,6 +294,32 @@ class AccountingLog:
         if not self._files:
             self._open_files()
             self.open_error = None
+
+    def _leave_gone_files(self) -> None:
+        """Files no longer in the folder (removed, or moved away with it, while the node runs)
+        are left at their last sync, as a restart leaves a file moved away, and the error is
+        raised: the caller writes the records after that sync again, into new files once the
+        folder is there (written on into the open files, they went where nobody looks)."""
+        for fmt, fd in self._files.items():
+            path = self.current_paths[fmt]
+            try:
+                here, there = os.stat(path), os.fstat(fd)
+            except FileNotFoundError:
+                break
+            if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+                break
+        else:
+            return
+        log.error("accounting file %s is gone from %s (removed or moved while the node runs):"
+                  " the records after its last sync go to new files there", path,
+                  self.directory)
+        self._rewind()
+        for fmt, fd in self._files.items():
+            self._close_as(str(self.current_paths[fmt]), self._synced[fmt])
+            os.close(fd)
+        self._files = {}
+        raise FileNotFoundError(errno.ENOENT, "accounting file gone from its folder (removed"
+                                " or moved): new files are started", str(path))
 
     def _write_locked(self, record: Record) -> None:
         self._check_open()
