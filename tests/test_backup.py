@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import stat
 
 import pytest
@@ -357,3 +358,27 @@ async def test_a_backup_into_the_folders_it_copies_is_refused(tmp_path, inside):
     assert not dest.exists()
     done = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c", config])
     assert done.exit_code == 0, done.output
+
+
+def test_a_restore_that_fails_half_way_leaves_nothing_behind(tmp_path):
+    """A write that fails during the restore (here the restored config's absolute state folder
+    cannot be made: a file is in its place) takes back what the restore wrote: it left the new
+    folder with the config, keys and certificate in it, and a second try then refused it as
+    not empty."""
+    sink_port = 2600
+    result = runner.invoke(app, [
+        "init", str(tmp_path / "node"), "--hostname", "mta.example", "--domain",
+        "insurer.example", "--listen", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--api",
+        "127.0.0.1:0", "--smarthost", f"127.0.0.1:{sink_port}",
+        "--state-dir", str(tmp_path / "state")])
+    assert result.exit_code == 0, result.output
+    done = runner.invoke(app, ["backup", str(tmp_path / "copy"), "-c",
+                               str(tmp_path / "node" / "postlane.toml")])
+    assert done.exit_code == 0, done.output
+    shutil.rmtree(tmp_path / "state")
+    (tmp_path / "state").write_text("not a folder\n")  # where the state folder goes
+    failed = runner.invoke(app, ["restore", str(tmp_path / "copy"), str(tmp_path / "new")])
+    assert failed.exit_code == 1, failed.output
+    assert len(failed.output.strip().splitlines()) == 1, failed.output
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "state").read_text() == "not a folder\n"

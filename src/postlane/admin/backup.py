@@ -143,8 +143,12 @@ def _new_file(path: Path, mode: int = 0o600) -> int:
     return fd
 
 
-def _copy_file(source: Path, target: Path, limit: int | None = None, mode: int = 0o600) -> None:
+def _copy_file(source: Path, target: Path, limit: int | None = None, mode: int = 0o600,
+               made: list[Path] | None = None) -> None:
+    """``made`` gets ``target`` as soon as it exists (a restore takes it back if it fails)."""
     fd = _new_file(target, mode)
+    if made is not None:
+        made.append(target)
     with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
         if limit is None:
             shutil.copyfileobj(src, dst, 1 << 20)
@@ -322,16 +326,33 @@ def _check_item(source: Path, item: dict) -> None:
 def restore(source: Path, directory: Path) -> tuple[Path, list[Path]]:
     """Restore the backup in ``source`` with its config in ``directory`` (absent or empty);
     returns the config's path and the files written. Nothing is overwritten: a target that
-    exists stops the restore before anything is written."""
+    exists stops the restore before anything is written; a write that fails (a folder that
+    cannot be made, a full disk) takes back every file the restore wrote."""
     manifest = _manifest(source)
     for item in manifest["items"]:
         _check_item(source, item)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise BackupError(f"{directory} exists and is not empty")
+    made = not directory.exists()
+    written: list[Path] = []
+    try:
+        return _restore(source, manifest, directory, written)
+    except BaseException:  # nothing half written: take back what this restore wrote
+        for path in reversed(written):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _restore(source: Path, manifest: dict, directory: Path,
+             written: list[Path]) -> tuple[Path, list[Path]]:
+    """``restore`` once the backup is checked; ``written`` gets each file as it is made."""
     config_item = next(i for i in manifest["items"] if i["role"] == "config")
     config_path = directory / manifest["config"]
     private_dir(directory)
-    _copy_file(source / config_item["file"], config_path, mode=0o640)
+    _copy_file(source / config_item["file"], config_path, mode=0o640, made=written)
     cfg = load_config(config_path, check_files=False)
     state, acct = local_dir(cfg), Path(cfg.accounting.directory)
     named = {n.role: n.path for n in named_files(cfg)}
@@ -351,10 +372,8 @@ def restore(source: Path, directory: Path) -> tuple[Path, list[Path]]:
         plan.append((item, target))
     taken = [str(t) for _, t in plan if t.exists()]
     if taken:
-        config_path.unlink()
         raise BackupError("these files exist already (restore never overwrites): "
                           + ", ".join(taken))
-    written = [config_path]
     # missing parents (the state folder on a new machine) 0700, as init makes them
     private_dir(acct.parent)
     acct.mkdir(mode=0o750, exist_ok=True)  # log shippers in the group read it
@@ -364,10 +383,10 @@ def restore(source: Path, directory: Path) -> tuple[Path, list[Path]]:
             data["files"] = {fmt: [str(acct / Path(name).name), size]
                              for fmt, (name, size) in data.get("files", {}).items()}
             fd = _new_file(target, 0o640)
+            written.append(target)
             with os.fdopen(fd, "w") as fh:
                 json.dump(data, fh)
         else:
             mode = 0o640 if item["role"].startswith("accounting:") else 0o600
-            _copy_file(source / item["file"], target, mode=mode)
-        written.append(target)
-    return config_path, written
+            _copy_file(source / item["file"], target, mode=mode, made=written)
+    return config_path, list(written)
