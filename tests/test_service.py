@@ -268,3 +268,27 @@ async def test_sigterm_to_the_whole_unit_drains_like_sigterm_to_the_node(tmp_pat
     assert code == 0, log
     assert '"level": "ERROR"' not in log, log
     assert '"stopped"' in log
+
+
+async def test_a_drain_that_runs_out_of_time_says_what_it_cut_off(tmp_path, make_node, caplog):
+    """Deliveries still on the wire when ``drain_timeout`` runs out are cut off and delivered
+    again at the next start: the log says so (the node logged `stopped` as after a drain that
+    finished, and the operator learned of it only from the next start's `outcome unknown`)."""
+    from tests.conftest import config_text, message, send
+    from tests.support.heldsink import HeldSink
+
+    sink = await HeldSink().start()
+    try:
+        node = await make_node(config_text(tmp_path, sink.port).replace(
+            "drain_timeout = 5", "drain_timeout = 1"))
+        for n in range(2):
+            await send(node.listeners[0].port, "s@insurer.test", [f"r{n}@example.com"],
+                       message(f"m{n}"))
+        await sink.on_the_wire(2)
+        with caplog.at_level("WARNING", logger="postlane.scheduler"):
+            await node.stop()
+    finally:
+        sink.release.set()
+        await sink.stop()
+    said = [r.getMessage() for r in caplog.records if "drain_timeout" in r.getMessage()]
+    assert said and "2 recipient(s)" in said[0] and "next start" in said[0], caplog.text

@@ -568,6 +568,11 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
                     fut.set_result(None)
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            if pending:  # else only the next start's "outcome unknown" would tell
+                cut = sum(lane.inflight for lane in self.lanes.values())
+                log.warning("drain_timeout (%gs) ran out: the deliveries to %d recipient(s)"
+                            " still on the wire are cut off; they are delivered again at the"
+                            " next start (a duplicate if a receiver had taken one)", timeout, cut)
             for task in pending:
                 task.cancel()
             if pending:
