@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -595,5 +596,36 @@ def test_files_in_a_folder_the_user_cannot_enter_are_config_errors_not_a_traceba
             assert f"{path}: configuration is not valid:" in proc.stderr, proc.stderr
             assert (f"tls.cert_file/key_file: cannot read {folder}/tls/cert.pem: Permission"
                     " denied") in proc.stderr, proc.stderr
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run as another user (CI runs as root)")
+def test_a_store_in_the_spool_folder_the_user_cannot_write_is_named():
+    """A restore (or an `upgrade`) run as root, without the `chown` after it, leaves the
+    stores root's in a folder the node's user owns: `serve` said only `cannot start: SQLite:
+    …/spool.sqlite: unable to open database file`. Now the check names the file, its owner
+    and the fix, exit 2."""
+    if _as_nobody("--version").returncode != 0:
+        pytest.skip("this interpreter cannot be run as nobody here")
+    folder = Path(tempfile.mkdtemp(prefix="postlane-perm-"))
+    try:
+        folder.chmod(0o755)
+        for name in ("spool", "acct"):
+            (folder / name).mkdir(mode=0o700)
+            os.chown(folder / name, 65534, 65534)
+        sqlite3.connect(folder / "spool" / "spool.sqlite").close()  # root's, 0644
+        (folder / "spool" / "spool.sqlite").chmod(0o600)
+        path = folder / "node.toml"
+        path.write_text(config_text(folder, 2600).replace(
+            f'token_file = "{folder}/api-token"', f'token_file = "{folder}/spool/api-token"'))
+        path.chmod(0o644)
+        for args in (["config", "check", str(path)], ["serve", "-c", str(path)]):
+            proc = _as_nobody(*args)
+            assert proc.returncode == 2, proc.stderr
+            assert "Traceback" not in proc.stderr, proc.stderr
+            assert (f"node.spool: {folder}/spool/spool.sqlite is not readable and writable by"
+                    " this user (nobody; it belongs to root)") in proc.stderr, proc.stderr
     finally:
         shutil.rmtree(folder, ignore_errors=True)

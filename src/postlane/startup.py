@@ -111,6 +111,38 @@ def _folder(field: str, path: str) -> str | None:
     return None
 
 
+_STORES = ("spool.sqlite", "audit.sqlite", "suppression.sqlite3", "reputation.sqlite3")
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _stores(field: str, folder: Path) -> list[str]:
+    """The databases in the state folder are this user's to write: a restore or an upgrade
+    run as root leaves them root's, and SQLite then says only `unable to open database
+    file`."""
+    out: list[str] = []
+    for name in _STORES:
+        for path in (folder / name, folder / f"{name}-wal", folder / f"{name}-shm"):
+            try:
+                if not path.exists() or os.access(path, os.R_OK | os.W_OK):
+                    continue
+                owner = _user(path.stat().st_uid)
+            except OSError:  # a folder this user cannot enter: _folder says so
+                return out
+            out.append(f"{field}: {path} is not readable and writable by this user"
+                       f" ({_user(os.geteuid())}; it belongs to {owner}): chown the state"
+                       f" folder's files to the node's user")
+            break
+    return out
+
+
 def _file(field: str, path: str) -> str | None:
     """A file the node opens at start: not a folder; one still to be made, in a folder that
     can be written (one that exists may sit in a read-only /etc, as under systemd)."""
@@ -146,6 +178,7 @@ def _files(cfg: Config) -> list[str]:
                              load_key))
     if not is_dsn(cfg.node.spool):
         errors.append(_folder("node.spool", cfg.node.spool))
+        errors += _stores("node.spool", Path(cfg.node.spool))
     errors.append(_folder("accounting.directory", cfg.accounting.directory))
     files = {"reputation.store": cfg.reputation.store,
              "feedback.suppression_db": cfg.feedback.suppression_db,
