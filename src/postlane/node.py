@@ -319,15 +319,20 @@ class Node:
             await self.stopped.wait()
             return
         self._stopping = True
-        await asyncio.gather(*(listener.stop(self.config.node.drain_timeout)
-                               for listener in self.listeners))
+        clock = asyncio.get_running_loop().time
+        deadline = clock() + self.config.node.drain_timeout
+
+        def left() -> float:  # one drain_timeout for the whole drain (TimeoutStopSec follows
+            return max(deadline - clock(), 1.0)  # it), deliveries running all along
+
+        await asyncio.gather(*(listener.stop(left()) for listener in self.listeners))
         if self.workers is not None:  # they finish their transfers, committed here
-            await self.workers.stop(self.config.node.drain_timeout)
+            await self.workers.stop(left())
         if self.api is not None:
             await self.api.stop()
         if self.claimer is not None:
             self.claimer.stop_claiming()
-        await self.scheduler.drain(self.config.node.drain_timeout)
+        await self.scheduler.drain(left())
         if self.scheduler.pager is not None:
             self.scheduler.pager.close()
         if self._background:
