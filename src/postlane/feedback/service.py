@@ -40,6 +40,8 @@ ORIGIN_WAIT = 2.0
 
 #: ARF feedback types that are the recipient asking to stop (auth-failure reports are not).
 _COMPLAINTS = frozenset({"abuse", "fraud", "virus", "opt-out", "other"})
+#: What a delivery status report may say of a recipient, and the node records.
+_REPORTED = ("failed", "delayed", "delivered", "relayed", "expanded")
 _DEFAULT_POLICY = ClassFeedbackConfig()
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
 
@@ -367,7 +369,10 @@ class FeedbackService:
                         extra={"to": rcpts, "named": [r.address for r in named][:10]})
             return
         for verp in verps:  # the VERP names the recipient for certain; the text may not
-            match = next((r for r in named if r.address.lower() == verp.recipient.lower()),
+            # a report that names the recipient says what became of it, whatever it says of
+            # others (delayed here, another address failed: not a hard bounce of ours)
+            match = next((r for r in report.recipients if r.action in _REPORTED
+                          and r.address.lower() == verp.recipient.lower()),
                          named[0] if len(named) == 1 else None)
             if match is None:
                 continue
