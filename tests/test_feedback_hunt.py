@@ -1,4 +1,5 @@
-"""Hostile and repeated reports at the node's feedback addresses, through SMTP."""
+"""Hostile and repeated reports at the node's feedback addresses, through SMTP: an ARF naming
+an address no list can hold, a DSN that names our recipient delayed and someone else failed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,35 @@ import time
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import message, records, send
 from tests.test_feedback_node import _config
+
+
+def _arf_for(rcpts: list[str], message_id: str = "<m1@insurer.test>") -> bytes:
+    """An abuse report naming ``rcpts`` in Original-Rcpt-To (no VERP in the reported mail)."""
+    fields = "".join(f"Original-Rcpt-To: {r}\r\n" for r in rcpts)
+    return (
+        "From: fbl@isp.example\r\nTo: fbl@mta.test\r\nSubject: complaint\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=feedback-report; boundary="b"\r\n\r\n'
+        "--b\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
+        "--b\r\nContent-Type: message/feedback-report\r\n\r\n"
+        f"Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nVersion: 1\r\n{fields}\r\n"
+        "--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"From: news@insurer.test\r\nTo: redacted\r\nMessage-ID: {message_id}\r\n"
+        "Subject: campaign\r\n\r\n--b--\r\n").encode()
+
+
+async def test_a_complaint_naming_an_impossible_address_is_read_not_answered_451(
+        tmp_path, sink, make_node):
+    # 262 octets: no suppression list entry can hold it (RFC 5321: 254 at most). The report
+    # was answered 451 for ever (the FBL resends), its good recipient suppressed on every try
+    # and never on the record
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    long = "x" * 250 + "@example.com"
+    assert await send(port, "", ["fbl@mta.test"], _arf_for(["ok@example.com", long])) == {}
+    assert node.feedback.suppression.check(["ok@example.com"])
+    await node.stop()
+    assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == ["ok@example.com"]
 
 
 async def test_a_dsn_naming_our_recipient_delayed_does_not_bounce_it_for_another(

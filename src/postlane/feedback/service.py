@@ -27,7 +27,7 @@ from .categories import ADDRESS_FAILURES, Classifier, load_classifier
 from .complaints import ComplaintRates
 from .keys import load_or_create_key
 from .parse import Report, parse_report
-from .suppression import SCOPES, Entry, SuppressionList, adding
+from .suppression import SCOPES, Entry, SuppressionError, SuppressionList, adding, normalize
 from .suppression_writer import SuppressionWriter
 from .unsubscribe import TokenError, UnsubscribeSigner
 from .verp import VERP, VerpAddress
@@ -346,6 +346,12 @@ class FeedbackService:
             targets = [v.recipient for v in verps] or [r.address for r in report.recipients]
             qid = verps[0].queue_id if verps else ""
             for address in dict.fromkeys(t.lower() for t in targets):
+                try:
+                    normalize(address)
+                except SuppressionError:  # 255 octets and more: no recipient was ever that
+                    log.warning("complaint names no possible address: that name ignored",
+                                extra={"address": _one_line(address, 80), "type": ftype})
+                    continue
                 record(Record(type="f", rcpt=address, queue_id=qid,
                               dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
                 if ftype in _COMPLAINTS:
