@@ -1,13 +1,16 @@
 """Hostile and repeated reports at the node's feedback addresses, through SMTP: an ARF naming
-an address no list can hold, a DSN that names our recipient delayed and someone else failed."""
+an address no list can hold, a DSN that names our recipient delayed and someone else failed,
+and the same complaint sent again."""
 
 from __future__ import annotations
 
+import email
 import time
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import message, records, send
-from tests.test_feedback_node import _config
+from tests.support.waiting import until
+from tests.test_feedback_node import _arf, _config
 
 
 def _arf_for(rcpts: list[str], message_id: str = "<m1@insurer.test>") -> bytes:
@@ -59,3 +62,25 @@ async def test_a_dsn_naming_our_recipient_delayed_does_not_bounce_it_for_another
     reports = [(r["type"], r["rcpt"], r["dsnAction"], r["dsnStatus"]) for r in records(tmp_path)
                if r["type"] in ("rb", "rd")]
     assert reports == [("rd", "a@example.com", "delayed", "4.2.2")]
+
+
+async def test_the_same_complaint_sent_again_counts_once(tmp_path, sink, make_node):
+    # an FBL that did not see our 250 sends the report again: it was recorded and counted
+    # once per copy (a complaint rate of 300 % after one complaint sent three times)
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["c@example.com"], message("campaign", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    mid = email.message_from_bytes(arrival.data)["Message-ID"]
+    await until(node.feedback.rates.rates, what='the "d" record in the rates')
+    for _ in range(3):
+        assert await send(port, "", ["fbl@mta.test"], _arf(arrival.mail_from, mid)) == {}
+    # without a VERP the reported message's id tells one complaint from another
+    for _ in range(2):
+        assert await send(port, "", ["fbl@mta.test"], _arf_for(["d@example.com"])) == {}
+    assert await send(port, "", ["fbl@mta.test"], _arf_for(["d@example.com"], "<m2@x>")) == {}
+    rates = {(r["pool"], r["domain"]): r for r in node.feedback.rates.rates()}
+    assert rates[("bulk", "example.com")]["complaints"] == 1
+    await node.stop()
+    assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == [
+        "c@example.com", "d@example.com", "d@example.com"]

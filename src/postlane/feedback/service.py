@@ -42,6 +42,8 @@ ORIGIN_WAIT = 2.0
 _COMPLAINTS = frozenset({"abuse", "fraud", "virus", "opt-out", "other"})
 #: What a delivery status report may say of a recipient, and the node records.
 _REPORTED = ("failed", "delayed", "delivered", "relayed", "expanded")
+_COMPLAINTS_KEPT = 100_000
+"""Complaints remembered to tell a resent report from a new one (16 bytes and a slot each)."""
 _DEFAULT_POLICY = ClassFeedbackConfig()
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
 
@@ -100,6 +102,8 @@ class FeedbackService:
         self._next_look = 0.0
         self._written = 0
         """The writer's count of writes when the list was last looked at."""
+        self._complained: dict[bytes, None] = {}
+        """Complaints recorded since the start (``_seen_complaint``), oldest first."""
         self.dmarc = dmarc
         """The reputation service when the node has one: mail to the DMARC ``rua`` addresses
         goes there."""
@@ -345,12 +349,17 @@ class FeedbackService:
             ftype = report.complaint.feedback_type
             targets = [v.recipient for v in verps] or [r.address for r in report.recipients]
             qid = verps[0].queue_id if verps else ""
+            about = qid or report.original_message_id
             for address in dict.fromkeys(t.lower() for t in targets):
                 try:
                     normalize(address)
                 except SuppressionError:  # 255 octets and more: no recipient was ever that
                     log.warning("complaint names no possible address: that name ignored",
                                 extra={"address": _one_line(address, 80), "type": ftype})
+                    continue
+                if about and self._seen_complaint(address, ftype, about):
+                    log.info("complaint already recorded: not counted again",
+                             extra={"type": ftype, "message_id": _one_line(about, 100)})
                     continue
                 record(Record(type="f", rcpt=address, queue_id=qid,
                               dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
@@ -440,6 +449,19 @@ class FeedbackService:
 
         self.writes.submit(self.suppression.bounced, rec.rcpt, rec.time_logged, policy.window,
                            detail, entry, rec.queue_id)
+
+    def _seen_complaint(self, address: str, ftype: str, about: str) -> bool:
+        """Whether this complaint (recipient, type, reported message) was recorded already
+        since the start: an FBL that missed our 250 sends the same report again, and each copy
+        was an "f" record and a complaint in the rate. The last ``_COMPLAINTS_KEPT`` are
+        remembered."""
+        key = hashlib.blake2b(f"{address}\0{ftype}\0{about}".encode(), digest_size=16).digest()
+        if key in self._complained:
+            return True
+        self._complained[key] = None
+        if len(self._complained) > _COMPLAINTS_KEPT:
+            del self._complained[next(iter(self._complained))]
+        return False
 
     def _suppress(self, address: str, scope: str, reason: str, source: str) -> None:
         """Add an entry in the writer thread (a bad address raises here, at once)."""
