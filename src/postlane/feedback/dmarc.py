@@ -3,7 +3,7 @@
 
 Reports come from anyone who can reach the ``rua`` address, so nothing in them is trusted:
 the XML is parsed by ``defusedxml`` (DTDs, entity declarations and external references are
-refused, so a billion-laughs bomb stops at its first ``<!ENTITY``) as a stream: each record is
+refused, so a billion-laughs bomb stops at its ``<!DOCTYPE``) as a stream: each record is
 read when it closes and its elements dropped, nesting and the size of one record are bounded,
 and counts and dates must be numbers a store can sum. Decompression is streamed and stops at
 ``max_size`` bytes of output (a 200 MB gzip bomb costs one chunk of memory beyond the limit),
@@ -249,7 +249,7 @@ def _read_xml(xml: bytes, transcoded: bool = False) -> tuple[Element, list[Row]]
     rows: list[Row] = []
     kept: set[str] = set()
     try:
-        for event, el in iterparse(io.BytesIO(xml), events=("start", "end")):
+        for event, el in iterparse(io.BytesIO(xml), events=("start", "end"), forbid_dtd=True):
             if event == "start":
                 stack.append(el)
                 top = top or _local(el.tag)
