@@ -84,3 +84,22 @@ async def test_the_same_complaint_sent_again_counts_once(tmp_path, sink, make_no
     await node.stop()
     assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == [
         "c@example.com", "d@example.com", "d@example.com"]
+
+
+async def test_the_same_bounce_sent_again_is_one_bounce(tmp_path, sink, make_node):
+    # the evidence for suppression counted it once, but each copy was an "rb" record and a
+    # bounce in the pool's bounce rate (75 % after one delivery bounced, sent three times)
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", ["a@example.com"], message("campaign", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
+                       recipients=[FailedRecipient("a@example.com", "failed", "5.1.1",
+                                                   "550 5.1.1 no such user", "mx.example.com")],
+                       original=arrival.data, arrival_date=time.time(), ret="HDRS")
+    for _ in range(3):
+        assert await send(port, "", [arrival.mail_from], dsn) == {}
+    await until(lambda: node.reputation.bounce_rate("bulk") is not None, what="the rates")
+    assert node.reputation.bounce_rate("bulk") == 0.5  # one delivered, then one bounce
+    await node.stop()
+    assert [r["type"] for r in records(tmp_path) if r["type"] in ("rb", "rd")] == ["rb"]

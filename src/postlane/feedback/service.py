@@ -42,8 +42,8 @@ ORIGIN_WAIT = 2.0
 _COMPLAINTS = frozenset({"abuse", "fraud", "virus", "opt-out", "other"})
 #: What a delivery status report may say of a recipient, and the node records.
 _REPORTED = ("failed", "delayed", "delivered", "relayed", "expanded")
-_COMPLAINTS_KEPT = 100_000
-"""Complaints remembered to tell a resent report from a new one (16 bytes and a slot each)."""
+_REPORTS_KEPT = 100_000
+"""Reports remembered to tell a resent one from a new one (16 bytes and a slot each)."""
 _DEFAULT_POLICY = ClassFeedbackConfig()
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}")
 
@@ -102,8 +102,8 @@ class FeedbackService:
         self._next_look = 0.0
         self._written = 0
         """The writer's count of writes when the list was last looked at."""
-        self._complained: dict[bytes, None] = {}
-        """Complaints recorded since the start (``_seen_complaint``), oldest first."""
+        self._reported: dict[bytes, None] = {}
+        """Reports recorded since the start (``_seen``), oldest first."""
         self.dmarc = dmarc
         """The reputation service when the node has one: mail to the DMARC ``rua`` addresses
         goes there."""
@@ -357,7 +357,7 @@ class FeedbackService:
                     log.warning("complaint names no possible address: that name ignored",
                                 extra={"address": _one_line(address, 80), "type": ftype})
                     continue
-                if about and self._seen_complaint(address, ftype, about):
+                if about and self._seen("f", address, ftype, about):
                     log.info("complaint already recorded: not counted again",
                              extra={"type": ftype, "message_id": _one_line(about, 100)})
                     continue
@@ -390,6 +390,13 @@ class FeedbackService:
                           and r.address.lower() == verp.recipient.lower()),
                          named[0] if len(named) == 1 else None)
             if match is None:
+                continue
+            # a final outcome is reported once per message and recipient; a receiver may
+            # warn of a delay again and again
+            if match.action != "delayed" and self._seen(
+                    "r", verp.queue_id, str(verp.index), match.action):
+                log.info("delivery status report already recorded: not counted again",
+                         extra={"queue_id": verp.queue_id, "action": match.action})
                 continue
             record(Record(type="rb" if match.action == "failed" else "rd",
                           rcpt=verp.recipient, queue_id=verp.queue_id,
@@ -450,17 +457,18 @@ class FeedbackService:
         self.writes.submit(self.suppression.bounced, rec.rcpt, rec.time_logged, policy.window,
                            detail, entry, rec.queue_id)
 
-    def _seen_complaint(self, address: str, ftype: str, about: str) -> bool:
-        """Whether this complaint (recipient, type, reported message) was recorded already
-        since the start: an FBL that missed our 250 sends the same report again, and each copy
-        was an "f" record and a complaint in the rate. The last ``_COMPLAINTS_KEPT`` are
-        remembered."""
-        key = hashlib.blake2b(f"{address}\0{ftype}\0{about}".encode(), digest_size=16).digest()
-        if key in self._complained:
+    def _seen(self, *what: str) -> bool:
+        """Whether this report (a complaint: recipient, type, reported message; a bounce or
+        delivery report: queue id, recipient index, action) was recorded already since the
+        start: a sender that missed our 250 sends the same report again, and each copy was a
+        record, a complaint in the complaint rate, a bounce in the bounce rate. The last
+        ``_REPORTS_KEPT`` are remembered."""
+        key = hashlib.blake2b("\0".join(what).encode(), digest_size=16).digest()
+        if key in self._reported:
             return True
-        self._complained[key] = None
-        if len(self._complained) > _COMPLAINTS_KEPT:
-            del self._complained[next(iter(self._complained))]
+        self._reported[key] = None
+        if len(self._reported) > _REPORTS_KEPT:
+            del self._reported[next(iter(self._reported))]
         return False
 
     def _suppress(self, address: str, scope: str, reason: str, source: str) -> None:
