@@ -103,3 +103,18 @@ async def test_the_same_bounce_sent_again_is_one_bounce(tmp_path, sink, make_nod
     assert node.reputation.bounce_rate("bulk") == 0.5  # one delivered, then one bounce
     await node.stop()
     assert [r["type"] for r in records(tmp_path) if r["type"] in ("rb", "rd")] == ["rb"]
+
+
+async def test_an_undecodable_byte_in_a_complained_address_does_not_name_another_one(
+        tmp_path, sink, make_node):
+    # "j\xf6rg@example.com" (ISO-8859-1, not UTF-8): the byte became U+FFFD and the address
+    # pattern took what followed it, so rg@example.com, someone else, was suppressed
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    report = _arf_for(["<ok@example.com>", "HERE", "x@mail.exHERE"]).replace(
+        b"HERE", b"j\xf6rg@example.com", 1).replace(b"HERE", b"\xe4mple.com")
+    assert await send(port, "", ["fbl@mta.test"], report) == {}
+    assert not node.feedback.suppression.check(["rg@example.com", "x@mail.ex"])
+    assert node.feedback.suppression.check(["ok@example.com"])
+    await node.stop()
+    assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == ["ok@example.com"]

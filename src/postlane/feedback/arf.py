@@ -23,8 +23,13 @@ from email.utils import getaddresses, parsedate_to_datetime
 __all__ = ["Complaint", "bare_address", "field_text", "message_body", "parse_arf",
            "returned_message"]
 
-# \w is Unicode: an ASCII-only pattern cut "rg@example.net" out of "jörg@example.net" (RFC 6531)
-_ADDR = re.compile(r"(?<![\w.%+=!#$&'*/?^`{|}~-])[\w.%+=!#$&'*/?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+# \w is Unicode: an ASCII-only pattern cut "rg@example.net" out of "jörg@example.net" (RFC 6531).
+# A byte that was not UTF-8 (U+FFFD after decoding, a surrogate from the email package) is no
+# boundary either: "j\xf6rg@example.net" in ISO-8859-1 named rg@example.net, and
+# "a@mail.ex\xe4mple.com" a@mail.ex, other people
+_BAD = "\ufffd\udc80-\udcff"
+_ADDR = re.compile(rf"(?<![\w.%+=!#$&'*/?^`{{|}}~{_BAD}-])[\w.%+=!#$&'*/?^`{{|}}~-]+@[\w-]+"
+                   rf"(?:\.[\w-]+)+(?![\w{_BAD}-]|\.[\w{_BAD}-])")
 _IP = re.compile(r"[0-9a-fA-F:.]+")
 _JMRP = re.compile(r"complaint about message from", re.IGNORECASE)
 
