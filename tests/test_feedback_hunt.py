@@ -118,3 +118,20 @@ async def test_an_undecodable_byte_in_a_complained_address_does_not_name_another
     assert node.feedback.suppression.check(["ok@example.com"])
     await node.stop()
     assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == ["ok@example.com"]
+
+
+async def test_a_quoted_local_part_with_a_space_can_be_suppressed(tmp_path, sink, make_node):
+    # "john doe"@example.com is a path the SMTP door takes (RFC 5321 quoted-string), and was
+    # delivered to; the list refused it as "not an email address" (inner white space): its
+    # hard bounce failed in the writer thread, its complaint was dropped, nothing stopped it
+    rcpt = '"john doe"@example.com'
+    sink.rcpt_replies = {rcpt: ["550 5.1.1 user unknown"]}
+    node = await make_node(_config(tmp_path, sink.port, verp=False))
+    port = node.listeners[0].port
+    await send(port, "news@insurer.test", [rcpt], message("campaign", cls="marketing"))
+    await until(lambda: node.feedback.suppression.check([rcpt]), what="the hard bounce")
+    assert node.feedback.suppression.check([rcpt])[rcpt].scope == "best-effort"
+    assert await send(port, "", ["fbl@mta.test"], _arf_for([f"<{rcpt}>"])) == {}
+    assert node.feedback.suppression.check([rcpt], ["marketing"])[rcpt].source == "complaint"
+    await node.stop()
+    assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == [rcpt]

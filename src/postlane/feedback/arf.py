@@ -20,7 +20,7 @@ from email.header import Header, decode_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 
-__all__ = ["Complaint", "bare_address", "field_text", "message_body", "parse_arf",
+__all__ = ["QUOTED_ADDR", "Complaint", "bare_address", "field_text", "message_body", "parse_arf",
            "returned_message"]
 
 # \w is Unicode: an ASCII-only pattern cut "rg@example.net" out of "jörg@example.net" (RFC 6531).
@@ -30,6 +30,8 @@ __all__ = ["Complaint", "bare_address", "field_text", "message_body", "parse_arf
 _BAD = "\ufffd\udc80-\udcff"
 _ADDR = re.compile(rf"(?<![\w.%+=!#$&'*/?^`{{|}}~{_BAD}-])[\w.%+=!#$&'*/?^`{{|}}~-]+@[\w-]+"
                    rf"(?:\.[\w-]+)+(?![\w{_BAD}-]|\.[\w{_BAD}-])")
+QUOTED_ADDR = re.compile(r'"(?:[^"\\\r\n]|\\.)*"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+')
+"""``"john doe"@example.com`` (RFC 5321 quoted-string), which ``_ADDR`` cuts apart."""
 _IP = re.compile(r"[0-9a-fA-F:.]+")
 _JMRP = re.compile(r"complaint about message from", re.IGNORECASE)
 
@@ -114,7 +116,7 @@ def _fields(part: Message) -> list[tuple[str, str]]:
 def bare_address(value: str) -> str:
     """``"Name" <a@b>`` / ``rfc822; a@b`` / ``<a@b>`` -> ``a@b`` (lower-cased domain)."""
     value = value.split(";", 1)[1] if ";" in value and "@" not in value.split(";", 1)[0] else value
-    found = _ADDR.search(value)
+    found = QUOTED_ADDR.search(value) or _ADDR.search(value)
     if not found:
         return ""
     local, _, domain = found.group(0).rpartition("@")

@@ -15,7 +15,15 @@ from email import message_from_bytes, message_from_string
 from email.message import Message
 from email.utils import getaddresses
 
-from .arf import Complaint, bare_address, field_text, message_body, parse_arf, returned_message
+from .arf import (
+    QUOTED_ADDR,
+    Complaint,
+    bare_address,
+    field_text,
+    message_body,
+    parse_arf,
+    returned_message,
+)
 from .categories import Classifier, default_classifier
 
 log = logging.getLogger("postlane.feedback")
@@ -63,7 +71,6 @@ _STRONG = re.compile(r"^\s*<([^\s<>@]+@[^\s<>@]+)>:?\s*$|rcpt to:\s*<?([^\s<>@]+
                      re.IGNORECASE | re.MULTILINE)
 _SKIP_LOCAL = re.compile(r"^(mailer-daemon|postmaster|daemon|abuse|root|noreply|no-reply)$",
                          re.IGNORECASE)
-_QUOTED_ADDR = re.compile(r'"(?:[^"\\\r\n]|\\.)*"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+')
 _UNI_ESCAPE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 _HEXDIGIT = re.compile(r"[0-9a-f]", re.IGNORECASE)
 
@@ -139,7 +146,7 @@ def _recipient(value: str) -> str:
         local, at, domain = addr.rpartition("@")
         if at and local and domain and not any(ch.isspace() for ch in addr):
             return f"{local}@{domain.lower()}"
-    quoted = _QUOTED_ADDR.search(rest if sep else value)  # "john doe"@x: the pattern cuts it
+    quoted = QUOTED_ADDR.search(rest if sep else value)  # "john doe"@x: the pattern cuts it
     if quoted:
         local, _, domain = quoted.group(0).rpartition("@")
         return f"{local}@{domain.lower()}"

@@ -108,8 +108,11 @@ def normalize(address: str) -> str:
     """Compare addresses case-insensitively: local parts are case-sensitive in theory, in
     practice no mailbox provider treats them so, and a missed suppression costs more."""
     address = address.strip().strip("<>").strip().lower()
+    local, _, domain = address.rpartition("@")
+    if len(local) >= 2 and local[0] == local[-1] == '"':  # "john doe"@x: RFC 5321 takes it
+        local = local[1:-1].replace(" ", "")
     if ("@" not in address or address.startswith("@") or address.endswith("@")
-            or len(address) > 254 or len(address.split()) > 1  # inner white space
+            or len(address) > 254 or len(f"{local}@{domain}".split()) > 1  # inner white space
             or _CONTROL.search(address)):  # NUL, ESC ...: the SMTP door refuses them too
         raise SuppressionError(f"not an email address: {address!r}")
     return address
