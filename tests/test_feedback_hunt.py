@@ -135,3 +135,24 @@ async def test_a_quoted_local_part_with_a_space_can_be_suppressed(tmp_path, sink
     assert node.feedback.suppression.check([rcpt], ["marketing"])[rcpt].source == "complaint"
     await node.stop()
     assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == [rcpt]
+
+
+async def test_a_complaint_about_a_policy_notice_stops_newsletters_not_notices(
+        tmp_path, sink, make_node):
+    # docs/feedback.md, Scopes: a complaint is scoped to marketing, whatever class the
+    # reported message had; the next regulatory notice is still delivered (checked, fine)
+    node = await make_node(_config(tmp_path, sink.port, verp=False))
+    port = node.listeners[0].port
+    await send(port, "sender@insurer.test", ["p@example.com"], message("notice",
+                                                                        cls="policy-documents"))
+    await sink.wait_for(1)
+    assert await send(port, "", ["fbl@mta.test"], _arf_for(["p@example.com"])) == {}
+    await send(port, "sender@insurer.test", ["p@example.com"], message("newsletter",
+                                                                        cls="marketing"))
+    await send(port, "sender@insurer.test", ["p@example.com"], message("notice 2",
+                                                                        cls="policy-documents"))
+    arrivals = await sink.wait_for(2)
+    await node.stop()
+    assert sorted(email.message_from_bytes(a.data)["Subject"] for a in arrivals) == [
+        "notice", "notice 2"]
+    assert [r["class"] for r in records(tmp_path) if r["type"] == "s"] == ["marketing"]
