@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import email
 import email.policy
 import json
@@ -890,3 +892,81 @@ async def test_a_path_with_a_trailing_slash_is_no_redirect(tmp_path, sink, make_
             assert "location" not in resp.headers
             assert resp.json()["error"], resp.text
         assert (await client.get("/api/v1/status")).status_code == 200
+
+
+def _timed_config(tmp_path, sink_port: int, read_timeout: float = 0.5) -> str:
+    """The test config with a short ``[api] read_timeout``."""
+    return config_text(tmp_path, sink_port).replace(
+        "[api]\n", f"[api]\nread_timeout = {read_timeout}\n")
+
+
+async def _connect(node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", node.api.port)
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the node sends until it closes the connection (a guard of 20 s fails a
+    node that never does)."""
+    return await asyncio.wait_for(reader.read(), 20)
+
+
+def _head(path: str, token: str, *fields: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {token}",
+             "Content-Type: application/json", *fields]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _status_and_json(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+async def test_a_body_shorter_than_its_length_is_a_408_and_closed(tmp_path, sink, make_node):
+    """A client that sent part of its body and waited held the connection and the handler
+    reading the body for ever: now a 408 after [api] read_timeout, and the connection closes."""
+    node = await make_node(_timed_config(tmp_path, sink.port))
+    token = (tmp_path / "api-token").read_text().strip()
+    for path in ("/api/v1/messages", "/api/v1/suppressions/import", "/api/v1/feedback/reports"):
+        reader, writer = await _connect(node)
+        writer.write(_head(path, token, "Content-Length: 100") + b'{"from": "a@')
+        answer = await _until_closed(reader)
+        writer.close()
+        status, body = _status_and_json(answer)
+        assert status == 408, answer
+        assert body == {"error": "the request body did not arrive within 0.5 s"}
+        assert b"connection: close" in answer.lower()
+    async with api_client(node, tmp_path) as client:
+        assert (await client.get("/api/v1/status")).status_code == 200
+    assert node.intake.accepted == 0
+
+
+async def test_a_request_head_cannot_hold_a_connection(tmp_path, sink, make_node):
+    """uvicorn bounds the time between requests only until the next byte comes: a connection
+    that sent nothing, a head dripped a byte at a time (slowloris) or a body left unfinished
+    after the answer (a 401, read by nobody) was held for ever. Now each is closed after
+    [api] read_timeout, however it drips."""
+    node = await make_node(_timed_config(tmp_path, sink.port))
+    reader, writer = await _connect(node)  # silent
+    assert await _until_closed(reader) == b""
+    writer.close()
+
+    reader, writer = await _connect(node)  # a head that never ends, one byte every 0.05 s
+    writer.write(b"GET /api/v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    for _ in range(400):  # at most 20 s
+        if reader.at_eof():
+            break
+        writer.write(b"X")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.read(), 0.05)
+    assert reader.at_eof()
+    writer.close()
+
+    reader, writer = await _connect(node)  # anonymous, with the body never sent
+    writer.write(_head("/api/v1/messages", "wrong", "Content-Length: 100") + b"{")
+    answer = await _until_closed(reader)
+    writer.close()
+    assert _status_and_json(answer)[0] == 401
+
+    async with api_client(node, tmp_path) as client:  # a client that keeps up is served
+        assert (await client.get("/api/v1/status")).status_code == 200
+

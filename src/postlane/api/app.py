@@ -9,6 +9,7 @@ cookie, so no other site can make a browser call the API (no CSRF).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections import Counter
@@ -163,6 +164,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
 
     app.add_middleware(_HeadAsGet)
     app.add_middleware(_BodyLimit, limit=max_body)
+    app.add_middleware(_BodyDeadline, timeout=parts.config.api.read_timeout)
     app.add_middleware(_TokenFirst, tokens=tokens)  # outermost: before anything else
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token),
@@ -462,6 +464,36 @@ class _BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class _BodyDeadline:
+    """A request's body must arrive within ``timeout`` of its head: a client that sent less
+    than its Content-Length and waited held the connection and the handler reading it for
+    ever. Then a 408, and the connection is closed (the rest of the body is never read)."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        complete = False
+
+        async def timed() -> Message:
+            nonlocal complete
+            if complete:  # after the body: waiting for a disconnect is no read
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:  # the app's handler turns it into the JSON error
+                raise HTTPException(408, f"the request body did not arrive within"
+                                         f" {self.timeout:g} s", {"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        await self.app(scope, timed, send)
 
 
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "

@@ -10,7 +10,9 @@ import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import create_app
 from .tokens import Tokens
@@ -28,6 +30,54 @@ class _Server(uvicorn.Server):
         yield
 
 
+class _HTTPProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for reading a request. uvicorn has none: its
+    keep-alive timeout runs only between requests and the first byte of the next one stops
+    it, so a client that connected and sent nothing, dripped a head a byte at a time
+    (slowloris) or left a body nobody reads (after a 401) unfinished held the connection for
+    ever. The body a handler waits for is bounded in the app (``app._BodyDeadline``: a 408)."""
+
+    read_timeout = 30.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def _watch(self) -> None:
+        """Start the deadline while the client owes a head, or a body the app no longer reads
+        (it has answered); stop it once the app has the head. A deadline that runs is not
+        restarted by more bytes: a drip cannot stretch it."""
+        theirs, ours = self.conn.their_state, self.conn.our_state
+        if theirs is h11.IDLE or (theirs is h11.SEND_BODY and ours in (h11.DONE, h11.MUST_CLOSE)):
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(self.read_timeout, self._expired)
+        else:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
 class APIServer:
     def __init__(self, parts: NodeParts) -> None:
         self.parts = parts
@@ -38,9 +88,11 @@ class APIServer:
     async def start(self) -> None:
         cfg = self.parts.config.api
         app = create_app(self.parts, Tokens(cfg.token_file, cfg.named_tokens_file()))
+        protocol = type("HTTPProtocol", (_HTTPProtocol,), {"read_timeout": cfg.read_timeout})
         self._server = _Server(uvicorn.Config(app, host=cfg.address, port=cfg.port,
-                                              log_level="warning", access_log=False,
-                                              lifespan="off", server_header=False))
+                                              http=protocol, log_level="warning",
+                                              access_log=False, lifespan="off",
+                                              server_header=False))
         # Bound here rather than by uvicorn, whose bind failure is a sys.exit inside a task.
         family = socket.AF_INET6 if ":" in cfg.address else socket.AF_INET
         # "::" takes IPv4 too, as documented: create_server makes an IPv6 socket IPv6 only

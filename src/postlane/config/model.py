@@ -647,6 +647,11 @@ class APIConfig(Strict):
     tokens_file: str | None = None
     """Named tokens (``postlane api token add``): name, SHA-256, read-only (docs/api.md).
     Default: ``api-tokens.json`` beside ``token_file``."""
+    read_timeout: PositiveDuration = 30.0
+    """How long a client may take to send a request's head (from connecting, or from the end
+    of its previous answer: then the connection is closed) and, counted again from the head,
+    its body (408, then closed): a client that stops half way held its connection, and a
+    handler, for ever."""
 
     def named_tokens_file(self) -> str:
         return self.tokens_file or str(Path(self.token_file).with_name("api-tokens.json"))
