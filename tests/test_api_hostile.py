@@ -970,3 +970,27 @@ async def test_a_request_head_cannot_hold_a_connection(tmp_path, sink, make_node
     async with api_client(node, tmp_path) as client:  # a client that keeps up is served
         assert (await client.get("/api/v1/status")).status_code == 200
 
+
+async def test_content_length_with_transfer_encoding_is_a_400_and_closed(tmp_path, sink,
+                                                                         make_node):
+    """A request with both Content-Length and Transfer-Encoding: chunked was read chunked, so
+    what a proxy going by the length took for its body was a second request to the node
+    (request smuggling). Now a 400 and the connection is closed: the rest is never read."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    token = (tmp_path / "api-token").read_text().strip()
+    smuggled = (f"POST /api/v1/pools/bulk/pause HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n").encode()
+    body = b"0\r\n\r\n" + smuggled
+    for framing in ((f"Content-Length: {len(body)}", "Transfer-Encoding: chunked"),
+                    ("Transfer-Encoding: chunked", f"content-length: {len(body)}")):
+        reader, writer = await _connect(node)
+        writer.write(_head("/api/v1/queue/hold", token, *framing) + body)
+        answer = await _until_closed(reader)
+        writer.close()
+        assert answer.count(b"HTTP/1.1 ") == 1, answer  # the smuggled one got no answer
+        status, error = _status_and_json(answer)
+        assert status == 400, answer
+        assert "Content-Length and Transfer-Encoding" in error["error"]
+    async with api_client(node, tmp_path) as client:
+        pools = {p["pool"]: p for p in (await client.get("/api/v1/status")).json()["pools"]}
+        assert pools["bulk"]["paused"] is False

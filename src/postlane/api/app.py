@@ -165,7 +165,8 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     app.add_middleware(_HeadAsGet)
     app.add_middleware(_BodyLimit, limit=max_body)
     app.add_middleware(_BodyDeadline, timeout=parts.config.api.read_timeout)
-    app.add_middleware(_TokenFirst, tokens=tokens)  # outermost: before anything else
+    app.add_middleware(_TokenFirst, tokens=tokens)
+    app.add_middleware(_OneFraming)  # outermost: before anything else
 
     api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token),
                                                     Depends(_known_query)],
@@ -494,6 +495,26 @@ class _BodyDeadline:
             return message
 
         await self.app(scope, timed, send)
+
+
+class _OneFraming:
+    """Refuse (400, then close) a request with both Content-Length and Transfer-Encoding: the
+    server reads it chunked, a proxy in front may go by the length, and what one takes for the
+    body's end the other takes for a second request (request smuggling; RFC 9112 6.3 lets a
+    server refuse it, and it must close the connection after)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {name.lower() for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                response = _error(400, "a request with both Content-Length and"
+                                       " Transfer-Encoding is refused (RFC 9112 6.3): send"
+                                       " one", {"Connection": "close"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
