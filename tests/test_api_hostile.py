@@ -9,9 +9,12 @@ import contextlib
 import email
 import email.policy
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import get_args
 
 import pytest
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Strict
 
 from postlane.api.injection import MessageIn, UnwritableHeader
 from postlane.api.tokens import add_token
@@ -994,3 +997,67 @@ async def test_content_length_with_transfer_encoding_is_a_400_and_closed(tmp_pat
     async with api_client(node, tmp_path) as client:
         pools = {p["pool"]: p for p in (await client.get("/api/v1/status")).json()["pools"]}
         assert pools["bulk"]["paused"] is False
+
+
+async def test_a_yes_no_field_takes_true_or_false_only(tmp_path, sink, make_node):
+    """A boolean of a JSON body was pydantic's lax one: "yes", "on", "t", "1", 1 were true and
+    "no", "off", "f", "0", 0 false, so ``"dry_run": "n"`` acted for real. JSON has true and
+    false; anything else is a 422 naming the field, and nothing is done."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    async with api_client(node, tmp_path) as client:
+        assert (await client.post("/api/v1/pools/bulk/pause")).status_code == 200
+        qid = (await client.post("/api/v1/messages", json={
+            "from": "a@insurer.test", "to": ["b@example.com"], "text": "x"})).json()["queue_id"]
+        for value in ("yes", "on", "t", "1", "true", 1, 0, "no", "off", "0", "false", None):
+            for path, field, body in (
+                    ("/api/v1/queue/hold", "all", {"dry_run": True}),
+                    ("/api/v1/queue/hold", "dry_run", {"all": True}),
+                    ("/api/v1/queue/delete", "dsn", {"all": True, "dry_run": True})):
+                resp = await client.post(path, json={**body, field: value})
+                assert resp.status_code == 422, (path, field, value, resp.text)
+                assert resp.json()["details"] == [
+                    {"field": f"body.{field}", "message": "Input should be a valid boolean"}]
+        resp = await client.post("/api/v1/queue/hold", json={"all": True, "dry_run": True})
+        assert resp.json()["recipients"] == 1
+        resp = await client.post("/api/v1/queue/hold", json={"all": True, "dry_run": False})
+        assert resp.json()["recipients"] == 1
+        state = (await client.get(f"/api/v1/queue/messages/{qid}")).json()
+        assert {r["state"] for r in state["recipients"]} == {"held"}
+
+
+
+async def test_every_yes_no_field_of_the_api_is_strict(tmp_path, sink, make_node):
+    """Every boolean of a body the node's API reads has the one strict type
+    (``jsonbody.Flag``), and no query parameter is FastAPI's lax boolean: a field added later
+    keeps the rule (docs/api.md)."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    app = node.api._server.config.app
+    found = []
+
+    def check(model: type[BaseModel], where: str) -> None:
+        for name, info in model.model_fields.items():
+            kinds = get_args(info.annotation) or (info.annotation,)
+            if bool in kinds:
+                found.append(f"{where}.{name}")
+                assert Strict(strict=True) in info.metadata, f"{where}.{name} is a lax bool"
+            for kind in kinds:
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    check(kind, f"{where}.{name}")
+
+    def api_routes(routes: list) -> Iterator[APIRoute]:
+        for route in routes:
+            if isinstance(route, APIRoute):
+                yield route
+            elif hasattr(route, "original_router"):  # FastAPI's included router
+                yield from api_routes(route.original_router.routes)
+
+    for route in api_routes(app.routes):
+        for param in route.dependant.body_params:
+            if isinstance(param.field_info.annotation, type) and issubclass(
+                    param.field_info.annotation, BaseModel):
+                check(param.field_info.annotation, f"{route.path} body")
+        for dep in [route.dependant, *route.dependant.dependencies]:
+            for param in dep.query_params:
+                assert bool not in (get_args(param.field_info.annotation)
+                                    or (param.field_info.annotation,)), (route.path, param.name)
+    assert "/queue/delete body.dsn" in found and len(found) >= 9

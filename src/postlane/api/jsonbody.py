@@ -1,5 +1,6 @@
 """JSON request bodies read as RFC 8259 says: UTF-8 only, each name of an object once, with a
-clear 400 for a body that cannot be read at all.
+clear 400 for a body that cannot be read at all, and yes/no fields that are JSON's true or
+false (``Flag``).
 
 FastAPI reads a JSON body with ``json.loads(bytes)``, which guesses UTF-16 and UTF-32 too, so a
 UTF-16 body was accepted, and a body with a byte that is not UTF-8, nested too deep or holding
@@ -11,12 +12,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import HTTPException, Request, Response
 from fastapi.routing import APIRoute
+from pydantic import Strict
 
-__all__ = ["JSONRoute", "read_json"]
+__all__ = ["Flag", "JSONRoute", "read_json"]
+
+Flag = Annotated[bool, Strict()]
+"""A yes/no field of a JSON body: true or false, anything else a 422. Pydantic's lax bool read
+"yes", "on", "t", "1" and 1 as true and "no", "off", "f", "0" and 0 as false, so a client's
+``"dry_run": "n"`` deleted for real; every body's booleans are this type (a test walks the
+routes)."""
 
 _RFC = "JSON must be UTF-8 (RFC 8259 8.1)"
 

@@ -24,7 +24,7 @@ from ..config.model import parse_duration
 from ..policy.headers import header_fields, split_message
 from ..scheduler.control import SelectionError, Selector, message_view
 from .injection import valid_unicode
-from .jsonbody import JSONRoute
+from .jsonbody import Flag, JSONRoute
 from .tokens import caller
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class SelectorIn(BaseModel):
     sender: str | None = Field(None, description="envelope sender, * as wildcard")
     recipient: str | None = Field(None, description="recipient address, * as wildcard")
     correlation_id: str | None = None
-    all: bool = False
+    all: Flag = False
     _unicode = model_validator(mode="before")(staticmethod(valid_unicode))
 
     def selector(self) -> Selector:
@@ -69,11 +69,11 @@ class SelectorIn(BaseModel):
 
 
 class ActionIn(SelectorIn):
-    dry_run: bool = Field(False, description="count what would change, change nothing")
+    dry_run: Flag = Field(False, description="count what would change, change nothing")
 
 
 class DeleteIn(ActionIn):
-    dsn: bool = Field(False, description="send the sender a bounce (DSN); default: silently")
+    dsn: Flag = Field(False, description="send the sender a bounce (DSN); default: silently")
 
 
 def _listing(pool: str | None = None, domain: str | None = None,
