@@ -1061,3 +1061,30 @@ async def test_every_yes_no_field_of_the_api_is_strict(tmp_path, sink, make_node
                 assert bool not in (get_args(param.field_info.annotation)
                                     or (param.field_info.annotation,)), (route.path, param.name)
     assert "/queue/delete body.dsn" in found and len(found) >= 9
+
+
+async def test_the_recipient_cap_counts_to_cc_and_bcc_together(tmp_path, sink, make_node):
+    """``to``, ``cc`` and ``bcc`` took 1,000 addresses each, so one message had 3,000
+    recipients: the cap is 1,000 for all of them together, a 422 naming it."""
+    node = await make_node(config_text(tmp_path, sink.port))
+
+    def addresses(field: str, count: int) -> list[str]:
+        return [f"{field}{i}@example.com" for i in range(count)]
+
+    async with api_client(node, tmp_path) as client:
+        assert (await client.post("/api/v1/pools/bulk/pause")).status_code == 200
+        for counts in ((400, 400, 201), (1, 0, 1000), (1000, 1, 0), (334, 334, 334)):
+            body = {"from": "a@insurer.test", "text": "x",
+                    **{f: addresses(f, n) for f, n in zip(("to", "cc", "bcc"),
+                                                              counts, strict=True)}}
+            resp = await client.post("/api/v1/messages", json=body)
+            assert resp.status_code == 422, (counts, resp.text)
+            assert resp.json()["details"] == [{
+                "field": "body", "message": f"{sum(counts)} recipients (to, cc and bcc"
+                                            " together): at most 1000 a message"}]
+        body = {"from": "a@insurer.test", "text": "x", "to": addresses("to", 400),
+                "cc": addresses("cc", 400), "bcc": addresses("bcc", 200)}
+        resp = await client.post("/api/v1/messages", json=body)
+        assert resp.status_code == 202, resp.text
+        assert resp.json()["recipients"] == 1000
+    assert node.intake.accepted == 1

@@ -35,6 +35,10 @@ _RESERVED = {"from", "to", "cc", "bcc", "subject", "mime-version", "x-postlane-c
 part's Content-* fields when it builds the part, so one given in ``headers`` was dropped)."""
 
 
+MAX_RECIPIENTS = 1000
+"""Recipients of one injected message, ``to``, ``cc`` and ``bcc`` together (as the SMTP door's
+``max_recipients`` default)."""
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _ENCODED_WORD = re.compile(r"=\?[^?]*\?[bBqQ]\?.*?\?=", re.DOTALL)
@@ -140,9 +144,11 @@ class MessageIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     from_: Address = Field(alias="from", description="envelope sender (and From: if structured)")
-    to: list[Address] = Field(min_length=1, max_length=1000)
-    cc: list[Address] = Field([], max_length=1000)
-    bcc: list[Address] = Field([], max_length=1000, description="envelope only, no header")
+    to: list[Address] = Field(min_length=1, max_length=MAX_RECIPIENTS,
+                              description=f"with cc and bcc at most {MAX_RECIPIENTS} recipients")
+    cc: list[Address] = Field([], max_length=MAX_RECIPIENTS)
+    bcc: list[Address] = Field([], max_length=MAX_RECIPIENTS,
+                               description="envelope only, no header")
     subject: OneLine | None = Field(None, max_length=998)
     text: str | None = None
     html: str | None = None
@@ -161,6 +167,10 @@ class MessageIn(BaseModel):
         raw = self.raw is not None or self.raw_base64 is not None
         if self.raw is not None and self.raw_base64 is not None:
             raise ValueError("give raw or raw_base64, not both")
+        count = len(self.envelope_recipients())
+        if count > MAX_RECIPIENTS:  # each list's own cap let one message have 3,000
+            raise ValueError(f"{count} recipients (to, cc and bcc together): at most"
+                             f" {MAX_RECIPIENTS} a message")
         structured = [name for name in ("subject", "text", "html") if getattr(self, name)]
         structured += [name for name in ("cc", "headers", "attachments") if getattr(self, name)]
         if raw and structured:
