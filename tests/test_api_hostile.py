@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import get_args
 
+import httpx
 import pytest
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Strict
@@ -1088,3 +1089,25 @@ async def test_the_recipient_cap_counts_to_cc_and_bcc_together(tmp_path, sink, m
         assert resp.status_code == 202, resp.text
         assert resp.json()["recipients"] == 1000
     assert node.intake.accepted == 1
+
+
+async def test_connections_beyond_the_cap_are_closed_at_once(tmp_path, sink, make_node):
+    """Anyone who could reach the API could open connections without end (no token needed to
+    connect), each a file descriptor of the node's, which the SMTP listeners need too: beyond
+    [api] max_connections a new one is closed at once, and served again when one is free."""
+    node = await make_node(config_text(tmp_path, sink.port).replace(
+        "[api]\n", "[api]\nmax_connections = 3\n"))
+    held = [await _connect(node) for _ in range(3)]
+    reader, writer = await _connect(node)
+    writer.write(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert await _until_closed(reader) == b""
+    writer.close()
+    for _, w in held:
+        w.close()
+    async with api_client(node, tmp_path) as client:
+        async def served() -> bool:
+            try:
+                return (await client.get("/api/v1/status")).status_code == 200
+            except httpx.TransportError:
+                return False
+        assert await until(served, what="the API serving again")

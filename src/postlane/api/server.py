@@ -35,13 +35,25 @@ class _HTTPProtocol(H11Protocol):
     keep-alive timeout runs only between requests and the first byte of the next one stops
     it, so a client that connected and sent nothing, dripped a head a byte at a time
     (slowloris) or left a body nobody reads (after a 401) unfinished held the connection for
-    ever. The body a handler waits for is bounded in the app (``app._BodyDeadline``: a 408)."""
+    ever. The body a handler waits for is bounded in the app (``app._BodyDeadline``: a 408).
+    And at most ``max_connections`` at once: uvicorn takes any number, each a file descriptor
+    the SMTP listeners need too."""
 
     read_timeout = 30.0
+    max_connections = 100
+    _warned = -60.0
     _deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        if len(self.connections) > self.max_connections:  # itself included
+            self.transport.close()
+            now = self.loop.time()
+            if now - _HTTPProtocol._warned > 60:  # told once a minute, not per connection
+                _HTTPProtocol._warned = now
+                log.warning("API connections refused: max_connections are open",
+                            extra={"max_connections": self.max_connections})
+            return
         self._watch()
 
     def data_received(self, data: bytes) -> None:
@@ -88,7 +100,8 @@ class APIServer:
     async def start(self) -> None:
         cfg = self.parts.config.api
         app = create_app(self.parts, Tokens(cfg.token_file, cfg.named_tokens_file()))
-        protocol = type("HTTPProtocol", (_HTTPProtocol,), {"read_timeout": cfg.read_timeout})
+        protocol = type("HTTPProtocol", (_HTTPProtocol,), {
+            "read_timeout": cfg.read_timeout, "max_connections": cfg.max_connections})
         self._server = _Server(uvicorn.Config(app, host=cfg.address, port=cfg.port,
                                               http=protocol, log_level="warning",
                                               access_log=False, lifespan="off",

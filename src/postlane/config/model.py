@@ -652,6 +652,9 @@ class APIConfig(Strict):
     of its previous answer: then the connection is closed) and, counted again from the head,
     its body (408, then closed): a client that stops half way held its connection, and a
     handler, for ever."""
+    max_connections: int = Field(100, ge=1)
+    """Connections open at once; a new one beyond is closed at once (each is a file descriptor
+    the SMTP listeners need too)."""
 
     def named_tokens_file(self) -> str:
         return self.tokens_file or str(Path(self.token_file).with_name("api-tokens.json"))
