@@ -967,9 +967,11 @@ async def test_a_request_head_cannot_hold_a_connection(tmp_path, sink, make_node
 
     reader, writer = await _connect(node)  # anonymous, with the body never sent
     writer.write(_head("/api/v1/messages", "wrong", "Content-Length: 100") + b"{")
-    answer = await _until_closed(reader)
+    answer = await reader.readuntil(b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    writer.write(b"x")  # a byte more: uvicorn's keep-alive timer stops
+    assert (await _until_closed(reader)).endswith(b"}")  # the rest of the 401, then the close
     writer.close()
-    assert _status_and_json(answer)[0] == 401
 
     async with api_client(node, tmp_path) as client:  # a client that keeps up is served
         assert (await client.get("/api/v1/status")).status_code == 200
