@@ -1113,3 +1113,21 @@ async def test_connections_beyond_the_cap_are_closed_at_once(tmp_path, sink, mak
             except httpx.TransportError:
                 return False
         assert await until(served, what="the API serving again")
+
+
+async def test_a_request_that_is_no_http_gets_the_apis_json_error(tmp_path, sink, make_node):
+    """uvicorn answered a request it could not read (a malformed head, a Transfer-Encoding
+    other than chunked) with a text/plain 400, the one error of the API
+    that was not ``{"error": ...}``; the connection is closed after it, as before."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    for request in (b"GARBAGE\r\n\r\n",
+                    b"POST /api/v1/queue/hold HTTP/1.1\r\nHost: a\r\n"
+                    b"Transfer-Encoding: gzip\r\n\r\n"):
+        reader, writer = await _connect(node)
+        writer.write(request)
+        answer = await _until_closed(reader)
+        writer.close()
+        status, body = _status_and_json(answer)
+        assert status == 400, answer
+        assert b"content-type: application/json" in answer.lower()
+        assert body == {"error": "the request is not valid HTTP/1.1 (RFC 9112)"}

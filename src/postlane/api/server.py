@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import socket
 from collections.abc import Iterator
@@ -67,6 +68,17 @@ class _HTTPProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot read (a malformed head, one over 16 KiB, a
+        Transfer-Encoding other than chunked) as JSON, like every error of the API (it was a
+        text/plain ``Invalid HTTP request received.``); then the connection is closed."""
+        body = json.dumps({"error": "the request is not valid HTTP/1.1 (RFC 9112)"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
 
     def _watch(self) -> None:
         """Start the deadline while the client owes a head, or a body the app no longer reads
