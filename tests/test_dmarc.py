@@ -8,12 +8,14 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import time
 import tracemalloc
 import zipfile
 import zlib
 from email.message import EmailMessage
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -24,6 +26,7 @@ from postlane.feedback.dmarc import (
     DMARCError,
     parse_aggregate,
 )
+from postlane.policy.dkim import generate_key, write_key
 from postlane.reputation import service as reputation_service
 from postlane.reputation.alignment import summarise
 from postlane.reputation.service import open_store
@@ -621,13 +624,54 @@ async def test_reports_by_smtp_are_stored_exactly_once_and_never_relayed(tmp_pat
     assert node.scheduler.queued() == 0
 
 
+
+async def test_a_report_for_a_domain_not_ours_is_answered_250_and_dropped(tmp_path, sink,
+                                                                           make_node, caplog):
+    """One forged report to the rua address for a domain the node does not send for was stored
+    and raised ``dmarc-unknown-senders`` for it (for up to 100 domains). Ours are the
+    organisational domains of what the config names: here the DKIM key's mail.insurer.test
+    makes reports for insurer.test (its organisation) and news.insurer.test ours."""
+    key = tmp_path / "keys" / "mail.insurer.test.pem"
+    write_key(key, generate_key("ed25519-sha256"))
+    extra = (f'[[dkim.keys]]\ndomain = "mail.insurer.test"\nselector = "s1"\n'
+             f'algorithm = "ed25519-sha256"\nkey_file = "{key}"\n'
+             '[reputation.dmarc]\naddresses = ["rua@reports.test"]\nunknown_alert = 50\n')
+    node = await make_node(config_text(tmp_path, sink.port, extra))
+    port = node.listeners[0].port
+    now = int(time.time())
+    unknown = [("203.0.113.9", 150, "fail", "fail")]
+    for domain in ("spoofed.test", "insurer.test", "news.insurer.test"):
+        mail = report_mail(crafted(unknown, report_id=f"r-{domain}", domain=domain, end=now),
+                           "r.xml", "text/xml")
+        assert await send(port, "noreply-dmarc@mail.example", ["rua@reports.test"],
+                          mail) == {}  # 250: the reporter did nothing wrong, no retry
+    store = node.reputation.store
+    assert store.dmarc_report_count(0) == 2
+    assert {row[0] for row in store.dmarc_sources(0)} == {"insurer.test", "news.insurer.test"}
+    alerts = {c.cls for c in node.reputation.conditions(time.time())
+              if c.rule == "dmarc-unknown-senders"}
+    assert alerts == {"insurer.test", "news.insurer.test"}
+    dropped = [r for r in caplog.records if r.getMessage().startswith("DMARC report for")]
+    assert len(dropped) == 1 and getattr(dropped[0], "policy_domain", None) == "spoofed.test"
+    token = (tmp_path / "api-token").read_text().strip()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
+                                 headers={"Authorization": f"Bearer {token}"}) as api:
+        view = (await api.get("/api/v1/reputation")).json()["dmarc"]
+        report = (await api.get("/api/v1/dmarc/report", params={"days": 3})).json()
+    assert view["reports"] == 2
+    assert {d["domain"] for d in view["domains"]} == {"insurer.test", "news.insurer.test"}
+    assert {d["domain"] for d in report["domains"]} == {"insurer.test", "news.insurer.test"}
+    assert sink.arrivals == [] and node.scheduler.queued() == 0
+
 REAL = Path(__file__).parent / "data" / "dmarc"  # a copy of real reports, see its README
 
 
 async def test_real_report_mails_by_smtp_are_stored_once_each(tmp_path, sink, make_node):
     """Google's, Mimecast's (a gzip with trailing bytes) and another reporter's real mails, sent
-    twice over SMTP to the rua address: three reports, each counted once, nothing relayed."""
-    node = await make_node(config_text(tmp_path, sink.port, RUA))
+    twice over SMTP to the rua address: three reports, each counted once, nothing relayed. Their
+    domains are not the node's own: the operator lists them in ``reputation.dmarc.domains``."""
+    node = await make_node(config_text(tmp_path, sink.port, RUA + 'domains = ["borschow.com",'
+                                       ' "ab.id.au", "twlnet.com"]\n'))
     port = node.listeners[0].port
     mails = sorted(REAL.glob("*.eml"))
     assert len(mails) == 3

@@ -747,6 +747,10 @@ class DMARCConfig(Strict):
     addresses: list[str] = []
     """The ``rua`` addresses published in the domains' DMARC records: accepted on every
     listener from anyone (like the FBL addresses), stored, never relayed."""
+    domains: list[DomainName] = []
+    """Policy domains whose reports are kept besides those the config already names (the DKIM
+    keys', the pools', the classification rules', the node's and the rua addresses' domains),
+    each with its organisation: a report about any other domain is answered 250 and dropped."""
     max_report_size: PositiveSize = 32 * 1024 * 1024
     """Bytes of XML a report may decompress to; beyond, it is refused as a bomb."""
     window: Duration = 7 * 86400.0

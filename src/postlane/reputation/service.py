@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 from ..accounting.records import Record
@@ -25,6 +25,7 @@ from ..feedback.dmarc import DMARCError, parse_aggregate
 from ..monitor.alerts import Condition
 from ..spool import is_dsn, local_dir
 from .alignment import summarise
+from .domains import OurDomains
 from .postmaster import ImportFailed, fetch_postmaster
 from .review import stale_rules
 from .snds import fetch_snds
@@ -63,9 +64,12 @@ def open_store(config: Config) -> ReputationStore:
     return ReputationStore(store_location(config), config.cluster.schema_name)
 
 
-def import_report(store: ReputationStore, data: bytes, source: str, max_size: int) -> dict:
+def import_report(store: ReputationStore, data: bytes, source: str, max_size: int,
+                  ours: Container[str] | None = None) -> dict:
     """Parse and store one report (mail, .xml, .xml.gz or .zip): ``{"ok", "stored"
-    (False: a duplicate), ...}`` or ``{"ok": False, "error"}``. Store failures raise."""
+    (False: a duplicate), ...}`` or ``{"ok": False, "error"}``. Store failures raise. With
+    ``ours``, a report whose policy domain is not in it is not stored: ``{"ok": False,
+    "not_ours": True, "policy_domain", ...}``."""
     try:
         report = parse_aggregate(data, max_size)
     except DMARCError as exc:
@@ -74,6 +78,10 @@ def import_report(store: ReputationStore, data: bytes, source: str, max_size: in
         # reporter would resend for days); the store's failures below still raise
         log.exception("DMARC report parser failed", extra={"source": source})
         return {"ok": False, "error": f"the parser failed: {type(exc).__name__}"}
+    if ours is not None and report.policy_domain not in ours:
+        return {"ok": False, "not_ours": True, "policy_domain": report.policy_domain,
+                "reporter": report.reporter, "report_id": report.report_id,
+                "error": f"the policy domain {report.policy_domain} is not one of this node's"}
     stored = store.add_report(report, source, time.time())
     return {"ok": True, "stored": stored, "reporter": report.reporter,
             "report_id": report.report_id, "policy_domain": report.policy_domain,
@@ -123,6 +131,8 @@ class ReputationService:
                          for ip in p.ips}
         self.marketing = marketing_pools(self.config)
         self.domains = _pool_domains(self.config)
+        self.ours = OurDomains(self.config)
+        """Policy domains whose reports arriving by mail are kept (``domains.py``)."""
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.view: dict = {}
         self.offers: dict[str, str] = {}
@@ -170,13 +180,18 @@ class ReputationService:
         return address.lower() in self.addresses
 
     async def receive(self, data: bytes, client: str = "") -> dict:
-        """A mail to a ``rua`` address: stored once; a report that cannot be read is logged
-        and dropped (the reporter resending it would not help). A store failure raises, so
-        the SMTP client gets a 451 and tries again."""
+        """A mail to a ``rua`` address: stored once; a report that cannot be read, or is about
+        a policy domain not ours, is logged and dropped (the reporter resending it would not
+        help). A store failure raises, so the SMTP client gets a 451 and tries again."""
         assert self.store is not None
         result = await asyncio.to_thread(import_report, self.store, data, f"smtp:{client}",
-                                         self.config.reputation.dmarc.max_report_size)
-        if not result["ok"]:
+                                         self.config.reputation.dmarc.max_report_size,
+                                         self.ours)
+        if result.get("not_ours"):
+            log.warning("DMARC report for a domain not ours dropped", extra={
+                "client": client, **{k: result[k] for k in ("policy_domain", "reporter",
+                                                             "report_id")}})
+        elif not result["ok"]:
             log.warning("DMARC report refused", extra={"client": client,
                                                       "reason": result["error"]})
         else:
