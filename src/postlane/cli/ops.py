@@ -256,7 +256,14 @@ def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     claimed)."""
     st = _call(_target(config, url, token_file), "GET", "/api/v1/status")
     if as_json:
-        typer.echo(json.dumps(st["lanes"], indent=2))
+        # in a cluster, as the text: the shared queue (the same on every node) beside the node's
+        # own lanes - these alone left out what no node claims, e.g. a paused pool's mail
+        shown: object = st["lanes"]
+        if "cluster" in st:
+            shared = st["cluster"]
+            shown = {"cluster": {key: shared.get(key) for key in (
+                "schema", "evaluated_by", "age_s", "pools", "lanes")}, "lanes": st["lanes"]}
+        typer.echo(json.dumps(shown, indent=2))
         return
     out = console()
     if "cluster" in st:

@@ -1,0 +1,100 @@
+"""Does a cluster tell one truth? Two ``postlane serve`` processes on one PostgreSQL schema, each
+with its own API port and token, mail through both (delivered, deferred by a 451, held in a
+paused pool): every node's CLI and API say the same about the cluster's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import message, send
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
+from tests.support.waiting import until
+from tests.test_cluster import Served, cluster_text
+
+FAST = 'dead_after = "1s"\nlease = "2s"\n'
+"""Appended to ``[cluster]``: a killed node is dead a second after its last heartbeat."""
+
+
+def _node(tmp_path: Path, sink_port: int, schema: str, name: str) -> Served:
+    """Node ``name`` of the cluster on ``schema``, with an API token of its own."""
+    token = tmp_path / f"token-{name}"
+    text = cluster_text(tmp_path, sink_port, schema, name).replace(
+        f'token_file = "{tmp_path}/api-token"', f'token_file = "{token}"') + FAST
+    node = Served(tmp_path, name, text)
+    node.token_file = token
+    return node
+
+
+def ops_cli(node: Served, *args: str) -> subprocess.CompletedProcess:
+    """``postlane ARGS`` against ``node``'s API (its own URL and token)."""
+    return subprocess.run(
+        [sys.executable, "-m", "postlane.cli", *args, "--url",
+         f"http://127.0.0.1:{node.api_port}", "--token-file", str(node.token_file)],
+        capture_output=True, text=True, timeout=60)
+
+
+async def _mail_through_both(nodes: list[Served]) -> None:
+    """Per node: one delivered, two recipients deferred by a 451, two in the paused pool."""
+    for i, node in enumerate(nodes):
+        port = await node.port()
+        await send(port, "sender@insurer.test", [f"ok{i}@example.com"],
+                   message(f"ok{i}", cls="policy-documents"))
+        await send(port, "sender@insurer.test", [f"later{i}@example.com",
+                                                 f"later{i + 2}@example.com"],
+                   message(f"later{i}", cls="policy-documents"))
+        await send(port, "sender@insurer.test", [f"bulk{i}@example.com",
+                                                 f"bulk{i + 2}@example.com"],
+                   message(f"bulk{i}", cls="marketing"))
+
+
+async def test_queues_as_json_is_the_clusters_queue_on_every_node(tmp_path, sink,
+                                                                  pg_schema):  # noqa: F811
+    """``postlane queues --json`` printed only the asked node's lanes (what it had claimed):
+    the paused pool's mail, which no node claims, was in neither node's answer, and the two
+    nodes answered differently about one queue, while the text output showed the cluster's.
+    Now the JSON carries the shared queue per pool and per lane too, the same on every node."""
+    sink.rcpt_replies = {f"later{i}@example.com": ["451 4.3.0 try later"] for i in range(4)}
+    nodes = [_node(tmp_path, sink.port, pg_schema, name) for name in ("node-a", "node-b")]
+    try:
+        await asyncio.gather(*(node.port() for node in nodes))
+        paused = ops_cli(nodes[0], "pause", "bulk")
+        assert paused.returncode == 0, paused.stderr
+        await _mail_through_both(nodes)
+
+        async def settled() -> list[dict] | None:
+            """Both nodes' ``queues --json`` once the cluster's figures count it all."""
+            outs = []
+            for node in nodes:
+                out = await asyncio.to_thread(ops_cli, node, "queues", "--json")
+                assert out.returncode == 0, out.stderr
+                outs.append(json.loads(out.stdout))
+            shared = [o.get("cluster", {}) if isinstance(o, dict) else {} for o in outs]
+            if all(s.get("pools", {}).get("bulk", {}).get("queued") == 4 and s["pools"][
+                    "critical"]["deferred"] == 4 for s in shared):
+                return outs
+            return None
+
+        outs = await until(settled, timeout=30, step=0.2, what="the cluster's queue in JSON")
+        a, b = outs
+        counts = [{name: {k: pool[k] for k in ("queued", "deferred", "claimed", "unowned",
+                                               "on_hold")}
+                   for name, pool in o["cluster"]["pools"].items()} for o in outs]
+        assert counts[0] == counts[1] == {  # (the drain rates move on between two reads)
+            "bulk": {"queued": 4, "deferred": 0, "claimed": 0, "unowned": 0, "on_hold": 0},
+            "critical": {"queued": 0, "deferred": 4, "claimed": 4, "unowned": 0,
+                         "on_hold": 0}}, "one queue, one answer"
+        lanes = {n: {(ln["pool"], ln["domain"]): (ln["queued"], ln["deferred"], ln["paused"])
+                     for ln in o["cluster"]["lanes"]} for n, o in zip("ab", outs, strict=True)}
+        assert lanes["a"] == lanes["b"] == {("bulk", "example.com"): (4, 0, True),
+                                            ("critical", "example.com"): (0, 4, False)}
+        # beside it, each node's own lanes: what it has claimed (the deferred ones it tried)
+        held = [sum(ln["depth"] for ln in o["lanes"]) for o in outs]
+        assert sum(held) == 4, held
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(node.stop)
