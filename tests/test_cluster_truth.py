@@ -14,16 +14,16 @@ from pathlib import Path
 from tests.conftest import message, send
 from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
-from tests.test_cluster import Served, cluster_text
+from tests.test_cluster import Served, cluster_text, send_many
 
 FAST = 'dead_after = "1s"\nlease = "2s"\n'
 """Appended to ``[cluster]``: a killed node is dead a second after its last heartbeat."""
 
 
-def _node(tmp_path: Path, sink_port: int, schema: str, name: str) -> Served:
+def _node(tmp_path: Path, sink_port: int, schema: str, name: str, **kwargs) -> Served:
     """Node ``name`` of the cluster on ``schema``, with an API token of its own."""
     token = tmp_path / f"token-{name}"
-    text = cluster_text(tmp_path, sink_port, schema, name).replace(
+    text = cluster_text(tmp_path, sink_port, schema, name, **kwargs).replace(
         f'token_file = "{tmp_path}/api-token"', f'token_file = "{token}"') + FAST
     node = Served(tmp_path, name, text)
     node.token_file = token
@@ -95,6 +95,49 @@ async def test_queues_as_json_is_the_clusters_queue_on_every_node(tmp_path, sink
         # beside it, each node's own lanes: what it has claimed (the deferred ones it tried)
         held = [sum(ln["depth"] for ln in o["lanes"]) for o in outs]
         assert sum(held) == 4, held
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(node.stop)
+
+
+async def test_a_node_stopped_gracefully_leaves_every_delivery_in_the_clusters_totals(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """A node publishes its deliveries to the cluster's figures a second at a time, the
+    seconds that ended before its monitor's tick. Stopped (SIGTERM: a drain, a rolling
+    upgrade) it published nothing more: what it delivered in its last second or two was never
+    in the cluster's ``delivered_total`` (17 of 20, for ever). It now publishes every slice it
+    has when it stops."""
+    nodes = [_node(tmp_path, sink.port, pg_schema, "node-a", max_out=4),
+             _node(tmp_path, sink.port, pg_schema, "node-b", max_out=1)]
+    a, b = nodes
+    try:
+        await asyncio.gather(*(node.port() for node in nodes))
+        names = [f"t{i:02d}" for i in range(20)]
+        assert len(await asyncio.to_thread(send_many, await a.port(), names,
+                                           "policy-documents")) == len(names)
+
+        async def a_done() -> int:
+            """node-a's own deliveries, once it holds nothing (its outcomes committed)."""
+            own = (await a.api("/api/v1/sla"))["node"]["classes"]
+            [mine] = [c for c in own if c["class"] == "policy-documents"]
+            return mine["delivered_total"] if mine["held"] == 0 and mine[
+                "delivered_total"] else 0
+
+        await until(a_done, timeout=30, step=0.02, what="node-a delivered its share")
+        await asyncio.to_thread(a.stop)  # SIGTERM, at once: its last second is unpublished
+        assert len(sink.arrivals) == len(names), "each delivered once"
+
+        async def counted() -> int:
+            sla = await b.api("/api/v1/sla")
+            [cls] = [c for c in sla["classes"] if c["class"] == "policy-documents"]
+            return cls["delivered_total"] if cls["depth"] == 0 else 0
+
+        await until(counted, timeout=20, step=0.2, what="the cluster's figures settled")
+
+        async def every_delivery() -> bool:
+            return await counted() == len(names)
+
+        await until(every_delivery, timeout=5, step=0.2, what="every delivery in the total")
     finally:
         for node in nodes:
             await asyncio.to_thread(node.stop)

@@ -214,15 +214,16 @@ class ClusterMonitor:
                         lease, extra={"stalled_node": await self._conn.fetchval(
                             "SELECT leader FROM monitor_state WHERE id = 1")})
 
-    async def _publish(self, now: float) -> None:
-        """Insert this node's finished slices. Each batch gets a ``part`` of its own (the
-        wall-clock millisecond, rising), so a final outcome that reaches the tracker after its
-        second's slice was published (its record is emitted after the spool's commit, which
-        may straddle a tick) is one more row for that second, counted by the evaluator and the
-        totals, not dropped by the primary key. A batch whose INSERT failed is retried with the
-        rows it had, parts included: if the INSERT in fact committed (the connection broke
-        after the commit), ``ON CONFLICT DO NOTHING`` keeps each row once."""
-        rows = self.monitor.tracker.take_slices(now)
+    async def _publish(self, now: float, final: bool = False) -> None:
+        """Insert this node's finished slices (``final``: all it has, the node stops). Each
+        batch gets a ``part`` of its own (the wall-clock millisecond, rising), so a final
+        outcome that reaches the tracker after its second's slice was published (its record is
+        emitted after the spool's commit, which may straddle a tick) is one more row for that
+        second, counted by the evaluator and the totals, not dropped by the primary key. A
+        batch whose INSERT failed is retried with the rows it had, parts included: if the
+        INSERT in fact committed (the connection broke after the commit), ``ON CONFLICT DO
+        NOTHING`` keeps each row once."""
+        rows = self.monitor.tracker.take_slices(math.inf if final else now)
         if rows:
             self._part = max(self._part + 1, int(time.time() * 1000))
             self._unsent += [(self.name, cls, second, self._part, finals, buckets, counts)
@@ -262,6 +263,11 @@ class ClusterMonitor:
         """Leave the evaluation (``stopping``: the node stops; else it lost its session)."""
         if self.leader and not stopping:
             log.warning("lost the cluster monitor's lock: another node evaluates meanwhile")
+        if stopping:  # its deliveries of the last second or two: in the cluster's totals too
+            try:
+                await self._publish(time.time(), final=True)
+            except Exception:  # a stop must go on (the figures only miss these slices)
+                log.exception("the last delivery figures were not published")
         self._step_down()
         if self._conn is not None:
             self._conn.terminate()

@@ -206,10 +206,12 @@ class Tracker:
             entry[1][bucket] = entry[1].get(bucket, 0) + 1
 
     def take_slices(self, before: float) -> list[tuple[str, int, int, list[int], list[int]]]:
-        """The finished seconds' slices (class, second, finals, buckets, counts), removed."""
+        """The finished seconds' slices (class, second, finals, buckets, counts), removed
+        (``before`` = inf: every slice, the current second's too: the node stops)."""
         assert self.slices is not None
+        limit = int(before) if math.isfinite(before) else math.inf
         out = []
-        for key in [k for k in self.slices if k[1] < int(before)]:
+        for key in [k for k in self.slices if k[1] < limit]:
             finals, hist = self.slices.pop(key)
             out.append((key[0], key[1], finals, list(hist), list(hist.values())))
         return out
