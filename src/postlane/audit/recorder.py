@@ -147,6 +147,10 @@ class Recorder:
         await self._spawn()
 
     async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        # a new one before the child is there: ``child_pid`` never names a child that
+        # ``_ready`` (the last child's, done) says is ready
+        self._ready = loop.create_future()
         mine, theirs = socket.socketpair()
         try:
             self._proc = proc = await asyncio.to_thread(  # fork and exec off the loop
@@ -156,8 +160,6 @@ class Recorder:
         finally:
             theirs.close()
         reader, self._writer = await asyncio.open_connection(sock=mine)
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
         self._writer.write(frame(_settings(self.config, self.spool.writer_id, self.audit)))
         self._reader_task = loop.create_task(self._read(reader, proc))
         try:
