@@ -416,6 +416,20 @@ async def test_postmaster_and_source_routes_are_accepted(tmp_path, sink, make_no
     assert arrival.rcpts == ["pm@example.com"] and arrival.mail_from == "s@insurer.test"
 
 
+
+_ABUSE_LETTER = (b"From: abuse-desk@isp.example\r\nTo: postmaster\r\nSubject: abuse from your"
+                 b" IP\r\n\r\nPlease look at this.\r\n")
+
+
+def _postmaster_text(tmp_path, port: int) -> str:
+    """A node whose postmaster is pm@example.com, that relays for nobody, has no default
+    class and a bounce domain: mail from strangers to the postmaster only."""
+    return config_text(tmp_path, port, "").replace(
+        'hostname = "mta.test"', 'hostname = "mta.test"\npostmaster = "pm@example.com"').replace(
+        'relay_from = ["127.0.0.0/8"]', "relay_from = []").replace(
+        'default_class = "marketing"\n', "").replace(
+        "[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
+
 async def test_postmaster_at_the_nodes_domains_reaches_the_postmaster_without_a_class(
         tmp_path, sink, make_node):
     """RFC 5321 4.5.1 from a stranger, in the words other operators use: postmaster@ the
@@ -423,17 +437,10 @@ async def test_postmaster_at_the_nodes_domains_reaches_the_postmaster_without_a_
     report and dropped, and plain <postmaster> got 550 "no traffic class" for mail without
     Postlane's class header (all such mail): each is delivered to node.postmaster, in the most
     urgent class when neither the listener nor the node has a default."""
-    text = config_text(tmp_path, sink.port, "").replace(
-        'hostname = "mta.test"', 'hostname = "mta.test"\npostmaster = "pm@example.com"').replace(
-        'relay_from = ["127.0.0.0/8"]', "relay_from = []").replace(
-        'default_class = "marketing"\n', "").replace(
-        "[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
-    node = await make_node(text)
-    letter = (b"From: abuse-desk@isp.example\r\nTo: postmaster\r\nSubject: abuse from your"
-              b" IP\r\n\r\nPlease look at this.\r\n")
+    node = await make_node(_postmaster_text(tmp_path, sink.port))
     for to in ("postmaster", "Postmaster@MTA.test", "POSTMASTER@bounces.mta.test"):
         assert await send(node.listeners[0].port, "abuse-desk@isp.example", [to],
-                          letter) == {}, to
+                          _ABUSE_LETTER) == {}, to
     raw = await session(node.listeners[0].port)
     assert (await raw.cmd("MAIL FROM:<x@isp.example>")).startswith("250")
     assert (await raw.cmd("RCPT TO:<postmaster@elsewhere.example>")).startswith(
@@ -453,16 +460,9 @@ async def test_postmaster_with_a_report_address_in_one_message_still_reaches_the
     (an abuse desk writing to both): the report part was read, then the postmaster's copy was
     classified as if it had other recipients and refused with 550 "no traffic class", the
     whole message bounced to the writer. The postmaster's copy goes as when it is alone."""
-    text = config_text(tmp_path, sink.port, "").replace(
-        'hostname = "mta.test"', 'hostname = "mta.test"\npostmaster = "pm@example.com"').replace(
-        'relay_from = ["127.0.0.0/8"]', "relay_from = []").replace(
-        'default_class = "marketing"\n', "").replace(
-        "[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
-    node = await make_node(text)
-    letter = (b"From: abuse-desk@isp.example\r\nTo: postmaster\r\nSubject: abuse from your"
-              b" IP\r\n\r\nPlease look at this.\r\n")
+    node = await make_node(_postmaster_text(tmp_path, sink.port))
     assert await send(node.listeners[0].port, "abuse-desk@isp.example",
-                      ["postmaster", "someone@bounces.mta.test"], letter) == {}
+                      ["postmaster", "someone@bounces.mta.test"], _ABUSE_LETTER) == {}
     [arrival] = await sink.wait_for(1)
     assert arrival.rcpts == ["pm@example.com"]
 

@@ -13,21 +13,6 @@ from tests.support.waiting import until
 from tests.test_feedback_node import _arf, _config
 
 
-def _arf_for(rcpts: list[str], message_id: str = "<m1@insurer.test>") -> bytes:
-    """An abuse report naming ``rcpts`` in Original-Rcpt-To (no VERP in the reported mail)."""
-    fields = "".join(f"Original-Rcpt-To: {r}\r\n" for r in rcpts)
-    return (
-        "From: fbl@isp.example\r\nTo: fbl@mta.test\r\nSubject: complaint\r\n"
-        "MIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=feedback-report; boundary="b"\r\n\r\n'
-        "--b\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
-        "--b\r\nContent-Type: message/feedback-report\r\n\r\n"
-        f"Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nVersion: 1\r\n{fields}\r\n"
-        "--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"From: news@insurer.test\r\nTo: redacted\r\nMessage-ID: {message_id}\r\n"
-        "Subject: campaign\r\n\r\n--b--\r\n").encode()
-
-
 async def test_a_complaint_naming_an_impossible_address_is_read_not_answered_451(
         tmp_path, sink, make_node):
     # 262 octets: no suppression list entry can hold it (RFC 5321: 254 at most). The report
@@ -36,7 +21,7 @@ async def test_a_complaint_naming_an_impossible_address_is_read_not_answered_451
     node = await make_node(_config(tmp_path, sink.port))
     port = node.listeners[0].port
     long = "x" * 250 + "@example.com"
-    assert await send(port, "", ["fbl@mta.test"], _arf_for(["ok@example.com", long])) == {}
+    assert await send(port, "", ["fbl@mta.test"], _arf(rcpts=["ok@example.com", long])) == {}
     assert node.feedback.suppression.check(["ok@example.com"])
     await node.stop()
     assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == ["ok@example.com"]
@@ -77,8 +62,9 @@ async def test_the_same_complaint_sent_again_counts_once(tmp_path, sink, make_no
         assert await send(port, "", ["fbl@mta.test"], _arf(arrival.mail_from, mid)) == {}
     # without a VERP the reported message's id tells one complaint from another
     for _ in range(2):
-        assert await send(port, "", ["fbl@mta.test"], _arf_for(["d@example.com"])) == {}
-    assert await send(port, "", ["fbl@mta.test"], _arf_for(["d@example.com"], "<m2@x>")) == {}
+        assert await send(port, "", ["fbl@mta.test"], _arf(rcpts=["d@example.com"])) == {}
+    assert await send(port, "", ["fbl@mta.test"],
+                      _arf(message_id="<m2@x>", rcpts=["d@example.com"])) == {}
     rates = {(r["pool"], r["domain"]): r for r in node.feedback.rates.rates()}
     assert rates[("bulk", "example.com")]["complaints"] == 1
     await node.stop()
@@ -111,7 +97,7 @@ async def test_an_undecodable_byte_in_a_complained_address_does_not_name_another
     # pattern took what followed it, so rg@example.com, someone else, was suppressed
     node = await make_node(_config(tmp_path, sink.port))
     port = node.listeners[0].port
-    report = _arf_for(["<ok@example.com>", "HERE", "x@mail.exHERE"]).replace(
+    report = _arf(rcpts=["<ok@example.com>", "HERE", "x@mail.exHERE"]).replace(
         b"HERE", b"j\xf6rg@example.com", 1).replace(b"HERE", b"\xe4mple.com")
     assert await send(port, "", ["fbl@mta.test"], report) == {}
     assert not node.feedback.suppression.check(["rg@example.com", "x@mail.ex"])
@@ -131,7 +117,7 @@ async def test_a_quoted_local_part_with_a_space_can_be_suppressed(tmp_path, sink
     await send(port, "news@insurer.test", [rcpt], message("campaign", cls="marketing"))
     await until(lambda: node.feedback.suppression.check([rcpt]), what="the hard bounce")
     assert node.feedback.suppression.check([rcpt])[rcpt].scope == "best-effort"
-    assert await send(port, "", ["fbl@mta.test"], _arf_for([f"<{rcpt}>"])) == {}
+    assert await send(port, "", ["fbl@mta.test"], _arf(rcpts=[f"<{rcpt}>"])) == {}
     assert node.feedback.suppression.check([rcpt], ["marketing"])[rcpt].source == "complaint"
     await node.stop()
     assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == [rcpt]
@@ -146,7 +132,7 @@ async def test_a_complaint_about_a_policy_notice_stops_newsletters_not_notices(
     await send(port, "sender@insurer.test", ["p@example.com"], message("notice",
                                                                         cls="policy-documents"))
     await sink.wait_for(1)
-    assert await send(port, "", ["fbl@mta.test"], _arf_for(["p@example.com"])) == {}
+    assert await send(port, "", ["fbl@mta.test"], _arf(rcpts=["p@example.com"])) == {}
     await send(port, "sender@insurer.test", ["p@example.com"], message("newsletter",
                                                                         cls="marketing"))
     await send(port, "sender@insurer.test", ["p@example.com"], message("notice 2",

@@ -9,6 +9,7 @@ import logging
 import re
 import smtplib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -370,7 +371,12 @@ async def test_synchronous_bounce_gets_its_category_and_suppresses(tmp_path, sin
     assert hits["hard@example.com"].scope == "best-effort"
 
 
-def _arf(return_path: str, message_id: str) -> bytes:
+def _arf(return_path: str = "", message_id: str = "<m1@insurer.test>",
+         rcpts: Sequence[str] = ()) -> bytes:
+    """An abuse report about the message ``message_id``: its Return-Path (our VERP) if given,
+    and ``rcpts`` in Original-Rcpt-To fields."""
+    fields = "".join(f"Original-Rcpt-To: {r}\r\n" for r in rcpts)
+    path = f"Return-Path: <{return_path}>\r\n" if return_path else ""
     return (
         "From: fbl@isp.example\r\nTo: fbl@mta.test\r\nSubject: complaint\r\n"
         "MIME-Version: 1.0\r\n"
@@ -378,9 +384,9 @@ def _arf(return_path: str, message_id: str) -> bytes:
         "--b\r\nContent-Type: text/plain\r\n\r\nA complaint.\r\n"
         "--b\r\nContent-Type: message/feedback-report\r\n\r\n"
         "Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nVersion: 1\r\n"
-        "Source-IP: 127.0.0.30\r\nArrival-Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\n"
+        f"Source-IP: 127.0.0.30\r\nArrival-Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n{fields}\r\n"
         "--b\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"Return-Path: <{return_path}>\r\nFrom: news@insurer.test\r\nTo: redacted\r\n"
+        f"{path}From: news@insurer.test\r\nTo: redacted\r\n"
         f"Message-ID: {message_id}\r\nSubject: campaign\r\n\r\n--b--\r\n").encode()
 
 

@@ -334,6 +334,20 @@ async def test_mta_sts_testing_over_a_failed_handshake_delivers_in_clear(world, 
     assert row["dlvTlsAuth"] == "" and row["dlvTlsProtocol"] == ""
 
 
+async def _sent_as_without_policy(node, tmp_path) -> None:
+    """A mail to r@sts.test delivered as if the domain had no policy (opportunistic TLS), and
+    the day's TLS report for sts.test says sts-policy-invalid (RFC 8461 5)."""
+    await _deliver(node, "r@sts.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts.test")
+    assert row["type"] == "d" and row["dlvTlsPolicy"] == "opportunistic", row
+    node.tls_reports.flush()
+    report = node.tls_reports.report(row["timeLogged"][:10], "sts.test")
+    assert report is not None
+    validate(report)
+    results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
+    assert results == ["sts-policy-invalid"]
+
+
 
 @pytest.mark.parametrize("max_age", ["\u00b2", "\u0661\u0662", "86400x", "+86400", ""],
                          ids=["superscript two", "Arabic-Indic digits", "trailing junk",
@@ -347,16 +361,7 @@ async def test_a_policy_with_a_bad_max_age_is_invalid(world, make_node, tmp_path
     assert world.https is not None
     world.https.policy("sts.test", "version: STSv1\r\nmode: enforce\r\nmx: mx.elsewhere.test"
                                    f"\r\nmax_age: {max_age}\r\n")
-    node = await make_node(world.config())
-    await _deliver(node, "r@sts.test", cls="marketing")
-    row = await first_outcome(tmp_path, "r@sts.test")
-    assert row["type"] == "d" and row["dlvTlsPolicy"] == "opportunistic", row
-    node.tls_reports.flush()
-    report = node.tls_reports.report(row["timeLogged"][:10], "sts.test")
-    validate(report)
-    assert report is not None
-    results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
-    assert results == ["sts-policy-invalid"]
+    await _sent_as_without_policy(await make_node(world.config()), tmp_path)
 
 
 @pytest.mark.parametrize("term", ["\r", "\x0b", "\x85", "\u2028"],
@@ -372,14 +377,7 @@ async def test_a_policy_line_ends_only_at_lf_or_crlf(world, make_node, tmp_path,
     assert world.https is not None
     world.https.policy("sts.test", f"version: STSv1{term}mode: enforce\r\n"
                                    "mx: mx.elsewhere.test\r\nmax_age: 86400\r\n")
-    node = await make_node(world.config())
-    await _deliver(node, "r@sts.test", cls="marketing")
-    row = await first_outcome(tmp_path, "r@sts.test")
-    assert row["type"] == "d" and row["dlvTlsPolicy"] == "opportunistic", row
-    node.tls_reports.flush()
-    report = node.tls_reports.report(row["timeLogged"][:10], "sts.test")
-    results = [d["result-type"] for p in report["policies"] for d in p.get("failure-details", [])]
-    assert results == ["sts-policy-invalid"]
+    await _sent_as_without_policy(await make_node(world.config()), tmp_path)
 
 
 async def test_a_policy_file_beginning_with_a_bom_is_read(world, make_node, tmp_path):
