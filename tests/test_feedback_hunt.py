@@ -10,7 +10,7 @@ import time
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import message, records, send
 from tests.support.waiting import until
-from tests.test_feedback_node import _arf, _config
+from tests.test_feedback_node import _arf, _campaign_delivered, _config
 
 
 async def test_a_complaint_naming_an_impossible_address_is_read_not_answered_451(
@@ -52,12 +52,8 @@ async def test_a_dsn_naming_our_recipient_delayed_does_not_bounce_it_for_another
 async def test_the_same_complaint_sent_again_counts_once(tmp_path, sink, make_node):
     # an FBL that did not see our 250 sends the report again: it was recorded and counted
     # once per copy (a complaint rate of 300 % after one complaint sent three times)
-    node = await make_node(_config(tmp_path, sink.port))
+    node, arrival, mid = await _campaign_delivered(tmp_path, sink, make_node)
     port = node.listeners[0].port
-    await send(port, "news@insurer.test", ["c@example.com"], message("campaign", cls="marketing"))
-    [arrival] = await sink.wait_for(1)
-    mid = email.message_from_bytes(arrival.data)["Message-ID"]
-    await until(node.feedback.rates.rates, what='the "d" record in the rates')
     for _ in range(3):
         assert await send(port, "", ["fbl@mta.test"], _arf(arrival.mail_from, mid)) == {}
     # without a VERP the reported message's id tells one complaint from another

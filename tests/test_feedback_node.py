@@ -370,6 +370,17 @@ async def test_synchronous_bounce_gets_its_category_and_suppresses(tmp_path, sin
     assert list(hits) == ["hard@example.com"] and hits["hard@example.com"].source == "bounce"
     assert hits["hard@example.com"].scope == "best-effort"
 
+async def _campaign_delivered(tmp_path, sink, make_node) -> tuple:
+    """A node, its one campaign message to c@example.com as it arrived, and its Message-ID,
+    once the delivery is in the complaint rates: what a complaint is about."""
+    node = await make_node(_config(tmp_path, sink.port))
+    await send(node.listeners[0].port, "news@insurer.test", ["c@example.com"],
+               message("campaign", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    await until(node.feedback.rates.rates, what='the "d" record in the rates')
+    return node, arrival, email.message_from_bytes(arrival.data)["Message-ID"]
+
+
 
 def _arf(return_path: str = "", message_id: str = "<m1@insurer.test>",
          rcpts: Sequence[str] = ()) -> bytes:
@@ -392,12 +403,8 @@ def _arf(return_path: str = "", message_id: str = "<m1@insurer.test>",
 
 async def test_fbl_complaint_suppresses_for_marketing_and_raises_the_rate_alert(
         tmp_path, sink, make_node, caplog):
-    node = await make_node(_config(tmp_path, sink.port))
+    node, arrival, mid = await _campaign_delivered(tmp_path, sink, make_node)
     port = node.listeners[0].port
-    await send(port, "news@insurer.test", ["c@example.com"], message("campaign", cls="marketing"))
-    [arrival] = await sink.wait_for(1)
-    mid = email.message_from_bytes(arrival.data)["Message-ID"]
-    await until(node.feedback.rates.rates, what='the "d" record in the rates')
     with caplog.at_level(logging.WARNING, logger="postlane.feedback"):
         # the provider redacted the recipient: the VERP return path identifies it
         assert await send(port, "", ["fbl@mta.test"], _arf(arrival.mail_from, mid)) == {}
