@@ -26,22 +26,34 @@ async def test_a_complaint_naming_an_impossible_address_is_read_not_answered_451
     await node.stop()
     assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "f"] == ["ok@example.com"]
 
-
-async def test_a_dsn_naming_our_recipient_delayed_does_not_bounce_it_for_another(
-        tmp_path, sink, make_node):
-    # the DSN came back to a@'s VERP address and says a@ is delayed, some other address
-    # failed: a@ was given the other one's 5.1.1 and suppressed
+async def _campaign_to_a(tmp_path, sink, make_node, reported: list[FailedRecipient]):
+    """A node that delivered one campaign message to a@example.com, and a coroutine function
+    that sends the DSN reporting ``reported`` back to that message's VERP address."""
     node = await make_node(_config(tmp_path, sink.port))
     port = node.listeners[0].port
     await send(port, "news@insurer.test", ["a@example.com"], message("campaign", cls="marketing"))
     [arrival] = await sink.wait_for(1)
     dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
-                       recipients=[FailedRecipient("a@example.com", "delayed", "4.2.2",
-                                                   "452 4.2.2 mailbox full", "mx.example.com"),
-                                   FailedRecipient("other@example.org", "failed", "5.1.1",
-                                                   "550 5.1.1 no such user", "mx.example.org")],
-                       original=arrival.data, arrival_date=time.time(), ret="HDRS")
-    assert await send(port, "", [arrival.mail_from], dsn) == {}
+                       recipients=reported, original=arrival.data, arrival_date=time.time(),
+                       ret="HDRS")
+
+    async def send_dsn() -> None:
+        assert await send(port, "", [arrival.mail_from], dsn) == {}
+
+    return node, send_dsn
+
+
+
+async def test_a_dsn_naming_our_recipient_delayed_does_not_bounce_it_for_another(
+        tmp_path, sink, make_node):
+    # the DSN came back to a@'s VERP address and says a@ is delayed, some other address
+    # failed: a@ was given the other one's 5.1.1 and suppressed
+    node, send_dsn = await _campaign_to_a(tmp_path, sink, make_node, [
+        FailedRecipient("a@example.com", "delayed", "4.2.2", "452 4.2.2 mailbox full",
+                        "mx.example.com"),
+        FailedRecipient("other@example.org", "failed", "5.1.1", "550 5.1.1 no such user",
+                        "mx.example.org")])
+    await send_dsn()
     assert not node.feedback.suppression.check(["a@example.com", "other@example.org"])
     await node.stop()
     reports = [(r["type"], r["rcpt"], r["dsnAction"], r["dsnStatus"]) for r in records(tmp_path)
@@ -71,16 +83,11 @@ async def test_the_same_complaint_sent_again_counts_once(tmp_path, sink, make_no
 async def test_the_same_bounce_sent_again_is_one_bounce(tmp_path, sink, make_node):
     # the evidence for suppression counted it once, but each copy was an "rb" record and a
     # bounce in the pool's bounce rate (75 % after one delivery bounced, sent three times)
-    node = await make_node(_config(tmp_path, sink.port))
-    port = node.listeners[0].port
-    await send(port, "news@insurer.test", ["a@example.com"], message("campaign", cls="marketing"))
-    [arrival] = await sink.wait_for(1)
-    dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
-                       recipients=[FailedRecipient("a@example.com", "failed", "5.1.1",
-                                                   "550 5.1.1 no such user", "mx.example.com")],
-                       original=arrival.data, arrival_date=time.time(), ret="HDRS")
+    node, send_dsn = await _campaign_to_a(tmp_path, sink, make_node, [
+        FailedRecipient("a@example.com", "failed", "5.1.1", "550 5.1.1 no such user",
+                        "mx.example.com")])
     for _ in range(3):
-        assert await send(port, "", [arrival.mail_from], dsn) == {}
+        await send_dsn()
     await until(lambda: node.reputation.bounce_rate("bulk") is not None, what="the rates")
     assert node.reputation.bounce_rate("bulk") == 0.5  # one delivered, then one bounce
     await node.stop()
