@@ -191,7 +191,9 @@ class MXResolver:
     async def _exchange_tcp(self, query: dns.message.Message, rdtype: str,
                             qname: dns.name.Name) -> dns.message.Message:
         """The response to ``query`` from the first nameserver that gives one (its records
-        parsed leniently: a malformed one is left out, the raw answer is in ``.wire``)."""
+        parsed leniently: a malformed one is left out, the raw answer is in ``.wire``). By
+        hand because ``dns.asyncquery.tcp`` and ``receive_tcp`` (dnspython 2.x) take no
+        ``continue_on_error``: they raise on the very answer this lookup is for."""
         wire = query.to_wire()
         errors: list[str] = []
         nameservers = list(self._resolver.nameservers)
