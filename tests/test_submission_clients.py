@@ -45,17 +45,21 @@ async def test_smtplib_bare_lf_message_keeps_its_leading_dots(tmp_path, sink, ma
 
 
 async def test_stuffed_dots_after_crlf_and_bare_lf_on_the_wire(tmp_path, sink, make_node):
-    """The wire bytes: a stuffed dot is taken off after CRLF and after a bare LF, once; a dot
-    after a bare CR is text (no client stuffs there, and Postfix does not end a line at CR)."""
+    """The wire bytes: a line's first dot is taken off after CRLF and after a bare LF, once,
+    stuffed or not (RFC 5321 4.5.2: a client that did not stuff loses it, as through Postfix,
+    Exim and Sendmail; it was kept); a dot after a bare CR is text (no client stuffs there, and
+    Postfix does not end a line at CR)."""
     node = await make_node(config_text(tmp_path, sink.port))
     raw = await session(node.listeners[0].port)
     for command in ("MAIL FROM:<s@insurer.test>", "RCPT TO:<a@example.com>", "DATA"):
         assert (await raw.cmd(command))[:1] in "23"
-    raw.send(b"Subject: wire\r\n\r\na\r\n..crlf\nb\n..lf\n...two\r..cr\r\n.\r\n")
+    raw.send(b"Subject: wire\r\n\r\na\r\n..crlf\nb\n..lf\n...two\r..cr\r\n.one\n.lf\r\n"
+             b".\n\r\n.\r\n")
     assert (await raw.reply()).startswith("250 ")
     await raw.close()
     [arrival] = await sink.wait_for(1)
-    assert arrival.data.endswith(b"\r\n\r\na\r\n.crlf\r\nb\r\n.lf\r\n..two\r\n..cr\r\n")
+    assert arrival.data.endswith(b"\r\n\r\na\r\n.crlf\r\nb\r\n.lf\r\n..two\r\n..cr\r\n"
+                                 b"one\r\nlf\r\n\r\n\r\n")
 
 
 async def test_nodemailer_utf8_dsn_options_come_back_as_written(tmp_path, sink, make_node):

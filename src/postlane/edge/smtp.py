@@ -44,10 +44,11 @@ _XCHAR = r"[\x21-\x2a\x2c-\x3c\x3e-\x7e]*"
 _XTEXT = re.compile(rf"^{_XCHAR}(\+[0-9A-F]{{2}}{_XCHAR})*$")
 _XCODE = re.compile(r"\+([0-9A-F]{2})")
 _END = b"\r\n.\r\n"
-# A transparent dot (RFC 5321 4.5.2) begins a line, and a line ends at LF, bare or not: intake
-# turns a bare LF into CRLF, and clients that send bare LFs stuff after them (Python's smtplib,
-# ``sendmail`` of ``msg.as_bytes()``), as Postfix, Exim and Sendmail read them.
-_STUFFED = b"\n.."
+# A transparent dot (RFC 5321 4.5.2): the first character of a line, if a period, is taken off
+# (a client stuffed it; one that did not loses it, as through Postfix, Exim and Sendmail), and a
+# line ends at LF, bare or not: intake turns a bare LF into CRLF, and clients that send bare LFs
+# stuff after them (Python's smtplib, ``sendmail`` of ``msg.as_bytes()``).
+_STUFFED = b"\n."
 _END_PREFIXES = (b"\r", b"\r\n", b"\r\n.", b"\r\n.\r")
 # An EHLO/HELO name: LDH labels (with "_", which Windows host names carry, as Postfix allows), an
 # address literal, or a bare address. It is written into the Received header: nothing else is.
@@ -313,8 +314,9 @@ class BulkDataSMTP(QuickSMTP):
                 continue
             data += chunk
             if limit and size - 3 > limit:  # counted only past the limit on the wire
-                stuffed += data.count(_STUFFED, counted)
-                counted = len(data) - 2  # a stuffing is 3 bytes: none is counted twice
+                end = len(data) - 3 if data.endswith(_END) else len(data)  # not the end's dot
+                stuffed += data.count(_STUFFED, counted, end)
+                counted = end - 1  # a transparent dot and its LF are 2 bytes: none counted twice
             if limit and size - 3 - stuffed > limit:
                 # read on to the end, keeping only what finds the end mark (all of it when
                 # this chunk ended the data: 4 bytes cut it, and the read waited for more)
@@ -329,8 +331,8 @@ class BulkDataSMTP(QuickSMTP):
         del data[:2]  # the CRLF of the DATA line
         content = bytes(data)
         data.clear()
-        content = content.replace(_STUFFED, b"\n.")  # the same object when nothing is stuffed
-        if content.startswith(b".."):
+        content = content.replace(_STUFFED, b"\n")  # the same object when nothing is stuffed
+        if content.startswith(b"."):
             content = content[1:]
         refusal = self.check_content(content)
         if refusal:
