@@ -9,6 +9,7 @@ import contextlib
 import email
 import email.policy
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import get_args
 
@@ -1131,3 +1132,33 @@ async def test_a_request_that_is_no_http_gets_the_apis_json_error(tmp_path, sink
         assert status == 400, answer
         assert b"content-type: application/json" in answer.lower()
         assert body == {"error": "the request is not valid HTTP/1.1 (RFC 9112)"}
+
+
+async def test_uvicorns_warnings_are_the_nodes_log_lines_told_once_a_minute(tmp_path, sink,
+                                                                           make_node, caplog):
+    """uvicorn logged each request it could not read in its own format, beside the node's
+    handlers (its dictConfig at every API start), once per request: a client sending garbage
+    in a loop wrote a line per connection. Now uvicorn's lines go through the node's logging,
+    the same warning once a minute with the count of those left out."""
+    from postlane.api.server import _ONCE_PER_MINUTE as told_once
+    node = await make_node(config_text(tmp_path, sink.port))
+    told_once.last.clear()  # (one process: earlier tests' garbage)
+    told_once.left_out.clear()
+    caplog.set_level("WARNING")
+    for _ in range(20):
+        reader, writer = await _connect(node)
+        writer.write(b"GARBAGE\r\n\r\n")
+        await _until_closed(reader)
+        writer.close()
+    told = [r for r in caplog.records if r.name == "uvicorn.error"]
+    assert len(told) == 1, [r.getMessage() for r in told]
+    assert "Invalid HTTP request" in told[0].getMessage()
+    assert not logging.getLogger("uvicorn").handlers  # the node's own handlers write them
+    told_once.last = {key: at - 61 for key, at in told_once.last.items()}  # a minute later
+    reader, writer = await _connect(node)
+    writer.write(b"GARBAGE\r\n\r\n")
+    await _until_closed(reader)
+    writer.close()
+    told = [r for r in caplog.records if r.name == "uvicorn.error"]
+    assert len(told) == 2
+    assert "19 more like it in the last minute" in told[1].getMessage()

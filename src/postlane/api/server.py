@@ -7,7 +7,9 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import socket
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -102,6 +104,47 @@ class _HTTPProtocol(H11Protocol):
             self.transport.close()
 
 
+class _OncePerMinute(logging.Filter):
+    """uvicorn's warnings are about clients (a request it cannot read, an Upgrade it does not
+    serve): a client sending garbage in a loop wrote a line per connection. Each warning is told
+    the first time in a minute, with the count of those left out; errors (a handler's bug) all
+    pass."""
+
+    every = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, float] = {}
+        self.left_out: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key, now = str(record.msg), time.monotonic()
+        if now - self.last.get(key, -math.inf) < self.every:
+            self.left_out[key] = self.left_out.get(key, 0) + 1
+            return False
+        self.last[key] = now
+        if left := self.left_out.pop(key, 0):
+            record.msg = f"{record.msg} ({left} more like it in the last minute)"
+        return True
+
+
+_ONCE_PER_MINUTE = _OncePerMinute()
+
+
+def _uvicorn_logs_as_the_nodes() -> None:
+    """uvicorn's loggers write through the node's handlers (its own dictConfig, the default,
+    gave them handlers of their own in another format), its warnings once a minute."""
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+    errors = logging.getLogger("uvicorn.error")
+    if _ONCE_PER_MINUTE not in errors.filters:
+        errors.addFilter(_ONCE_PER_MINUTE)
+
+
 class APIServer:
     def __init__(self, parts: NodeParts) -> None:
         self.parts = parts
@@ -117,7 +160,8 @@ class APIServer:
         self._server = _Server(uvicorn.Config(app, host=cfg.address, port=cfg.port,
                                               http=protocol, log_level="warning",
                                               access_log=False, lifespan="off",
-                                              server_header=False))
+                                              server_header=False, log_config=None))
+        _uvicorn_logs_as_the_nodes()
         # Bound here rather than by uvicorn, whose bind failure is a sys.exit inside a task.
         family = socket.AF_INET6 if ":" in cfg.address else socket.AF_INET
         # "::" takes IPv4 too, as documented: create_server makes an IPv6 socket IPv6 only
