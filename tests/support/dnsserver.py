@@ -200,7 +200,8 @@ class DNSServer:
 
     def set_secure(self, zone: str) -> None:
         """Answers for ``zone`` and the names under it carry the AD bit, as a validating
-        resolver sets it for DNSSEC-signed data."""
+        resolver sets it for DNSSEC-signed data; an answer through a CNAME chain carries it
+        only when every name of the chain is signed."""
         with self._lock:
             self._secure.add(_key(zone))
 
@@ -282,8 +283,6 @@ class DNSServer:
             rcode = self._rcodes.get(key)
             records = self._records.get(key)
             entries = list(records.get(question.rdtype, [])) if records else []
-            if any(key == zone or key.endswith("." + zone) for zone in self._secure):
-                response.flags |= dns.flags.AD
         if rcode is not None:
             response.set_rcode(rcode)
         elif records is None:
@@ -295,6 +294,12 @@ class DNSServer:
             response.answer.append(rrset)
         else:
             self._follow_cname(response, question.name, question.rdtype, records)
+        # AD as a validating resolver sets it: every name of the answer (the CNAME chain's
+        # links and its target) is signed, not only the name asked for
+        owners = {key} | {_key(rrset.name.to_text()) for rrset in response.answer}
+        with self._lock:
+            if all(any(o == z or o.endswith("." + z) for z in self._secure) for o in owners):
+                response.flags |= dns.flags.AD
         if max_size is None:
             max_size = query.payload if query.edns >= 0 else 512
         # Records go out in the order they were added (no round-robin), so tests can assert it;

@@ -110,8 +110,10 @@ class TestCA:
 
 
 def leaf_der(cert_file: Path) -> bytes:
-    """The DER of the first certificate in a PEM chain file."""
-    return ssl.PEM_cert_to_DER_cert(cert_file.read_text())
+    """The DER of the first certificate in a PEM chain file (``ssl.PEM_cert_to_DER_cert``
+    reads one certificate only: given a chain, it decoded the END and BEGIN lines too)."""
+    first = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+    return first.public_bytes(serialization.Encoding.DER)
 
 
 def tlsa_sha256(der: bytes, selector: int) -> str:
