@@ -171,6 +171,29 @@ async def test_mx_pointing_at_a_cname_is_followed(dns_server: DNSServer) -> None
     assert dests == [Destination("mx.alias.test", "127.0.0.41", 25, 10)]
 
 
+@pytest.mark.parametrize("signed, expanded", [
+    (["customer.test", "alias.test", "hosting.test"], "real.hosting.test"),
+    (["customer.test", "alias.test"], ""),  # the target's zone unsigned: no AD, not secure
+    (["customer.test", "hosting.test"], ""),  # the alias's zone unsigned
+])
+async def test_a_secure_cname_chain_names_its_target(dns_server: DNSServer,  # noqa: F811
+                                                     signed: list[str], expanded: str) -> None:
+    """RFC 7672 2.2.3: the target of an authenticated CNAME chain is where the host's TLSA
+    records are looked up first; an unauthenticated chain names none."""
+    dns_server.add_mx("customer.test", 10, "mx.alias.test")
+    dns_server.add_cname("mx.alias.test", "real.hosting.test")
+    dns_server.add_a("real.hosting.test", "127.0.0.41")
+    for zone in signed:
+        dns_server.set_secure(zone)
+    resolver = MXResolver(nameserver=dns_server.host, port=dns_server.port, timeout=2.0,
+                          dnssec=True)
+
+    dests = await resolver.destinations("customer.test")
+
+    assert dests == [Destination("mx.alias.test", "127.0.0.41", 25, 10, bool(expanded),
+                                 expanded)]
+
+
 async def test_mx_naming_an_ip_address_is_used_as_one(dns_server: DNSServer) -> None:  # noqa: F811
     """An MX exchange written as an address ("10 127.0.0.42.") is invalid but seen in the
     wild; Postfix warns and connects to the address. Here too, without an A query for it."""

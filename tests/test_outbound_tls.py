@@ -600,6 +600,76 @@ async def test_dane_ee_matches_an_rsa_pss_key_as_published(world, make_node, tmp
     row = await delivered_with(world, make_node, "r@dane.test")
     assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == "dane-ee"
 
+
+ALIAS, TARGET = "mx.example", "mail.provider.example"
+"""An MX host that is a CNAME to its provider's host (RFC 7672 2.2.3)."""
+
+
+async def _provider_host(world: World, cert_name: str, *, alias_signed: bool = True,
+                         target_signed: bool = True) -> bytes:
+    """cname.test's MX is ALIAS, a CNAME to TARGET: a sink at 127.0.0.61 whose certificate,
+    for ``cert_name`` only, the test CA's intermediate signed. The DER of that certificate."""
+    cert, key = world.intermediate.issue([cert_name], file_name="provider")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    world.sinks[TARGET] = await Sink(host="127.0.0.61", port=world.port,
+                                     tls_context=ctx).start()
+    world.dns.add_mx("cname.test", 10, ALIAS)
+    world.dns.add_cname(ALIAS, TARGET)
+    world.dns.add_a(TARGET, "127.0.0.61")
+    world.dns.set_secure("cname.test")
+    if alias_signed:
+        world.dns.set_secure(ALIAS)
+    if target_signed:
+        world.dns.set_secure("provider.example")
+    return leaf_der(cert)
+
+
+@pytest.mark.parametrize("usage, cert_name, alias_tlsa, auth", [
+    (3, TARGET, False, "dane-ee"),
+    (3, TARGET, True, "dane-ee"),
+    (2, TARGET, False, "dane-ta"),  # the expanded name is a reference identifier (3.2.2)
+    (2, ALIAS, True, "dane-ta"),  # and so is the MX host's own name
+])
+async def test_tlsa_of_a_secure_cname_target_is_used(world, make_node, tmp_path, usage,
+                                                     cert_name, alias_tlsa, auth):
+    """RFC 7672 2.2.3: an MX host whose addresses are reached through a secure CNAME chain
+    has its TLSA records looked up at the chain's target first. They were looked up only at
+    the MX host's name: where a provider's customer publishes none there, the mail went
+    without DANE (opportunistic); where a record there did not match, it was deferred. Now
+    the target's records apply and the MX host's name is not asked once the target has
+    some."""
+    der = await _provider_host(world, cert_name)
+    world.tlsa(TARGET, usage, 0, der if usage == 3 else world.intermediate.der,
+               port=world.port)
+    if alias_tlsa:  # a record the server does not match
+        world.tlsa(ALIAS, 3, 1, leaf_der(world.certs["wrong.mx.test"][0]), port=world.port)
+    row = await delivered_with(world, make_node, "r@cname.test")
+    assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == auth, row
+    assert len(world.sinks[TARGET].arrivals) == 1
+
+
+async def test_tlsa_of_a_cname_is_looked_up_at_the_mx_name_when_the_target_has_none(
+        world, make_node, tmp_path):
+    """RFC 7672 2.2.3: no TLSA records at the CNAME's target (NXDOMAIN, secure): those of
+    the MX host's own name apply."""
+    der = await _provider_host(world, TARGET)
+    world.tlsa(ALIAS, 3, 1, der, port=world.port)
+    row = await delivered_with(world, make_node, "r@cname.test")
+    assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == "dane-ee", row
+
+
+@pytest.mark.parametrize("alias_signed, target_signed", [(False, True), (True, False)])
+async def test_tlsa_of_an_insecure_cname_target_is_not_used(world, make_node, tmp_path,
+                                                            alias_signed, target_signed):
+    """A CNAME chain with an unsigned link: the host's addresses come without AD, so DANE
+    does not apply to it (RFC 7672 2.2.2), the target's TLSA records included."""
+    der = await _provider_host(world, TARGET, alias_signed=alias_signed,
+                               target_signed=target_signed)
+    world.tlsa(TARGET, 3, 1, der, port=world.port)
+    row = await delivered_with(world, make_node, "r@cname.test")
+    assert row["dlvTlsPolicy"] == "opportunistic" and row["dlvTlsAuth"] == "none", row
+
 # -- TLS-RPT -------------------------------------------------------------------------------------
 
 # RFC 8460 section 4.4 as a JSON Schema: the fields, their types, the required ones, the

@@ -3,8 +3,10 @@ chain a server presented matches them.
 
 DANE-EE (usage 3) pins the server's own certificate or public key: no name or date checks apply
 (RFC 7672 3.1.1). DANE-TA (usage 2) names a trust anchor: the chain must lead from the server's
-certificate to it, with the MX host name and validity checked (RFC 7672 3.1.2); that path check
-is ``cryptography``'s X.509 verifier with the anchor as its only root. PKIX-TA/PKIX-EE (0, 1)
+certificate to it, valid today and for one of the reference identifiers - the MX host name
+and, when its TLSA records were found at the end of a secure CNAME chain, that name too (RFC
+7672 3.1.2, 3.2.2); that path check is ``cryptography``'s X.509 verifier with the anchor as its
+only root. PKIX-TA/PKIX-EE (0, 1)
 are not for SMTP and are unusable (RFC 7672 3.1.3).
 """
 
@@ -99,20 +101,30 @@ def _associated(der: bytes, selector: int, mtype: int) -> bytes | None:
     return data
 
 
-def _path_to(anchor: x509.Certificate, chain: list[bytes], host: str) -> bool:
-    verifier = (verification.PolicyBuilder().store(verification.Store([anchor]))
-                .build_server_verifier(verification.DNSName(host)))
+def _path_to(anchor: x509.Certificate, chain: list[bytes], names: tuple[str, ...]) -> bool:
+    """Whether ``chain`` leads to ``anchor`` and its first certificate is valid for one of
+    ``names``."""
+    store = verification.Store([anchor])
     try:  # a certificate ``cryptography`` cannot parse is a chain that does not verify
         certs = [x509.load_der_x509_certificate(der) for der in chain]
-        verifier.verify(certs[0], certs[1:])
-    except (verification.VerificationError, ValueError):
+    except ValueError:
         return False
-    return True
+    for name in names:
+        try:
+            verifier = (verification.PolicyBuilder().store(store)
+                        .build_server_verifier(verification.DNSName(name)))
+            verifier.verify(certs[0], certs[1:])
+        except (verification.VerificationError, ValueError):
+            continue
+        return True
+    return False
 
 
-def match(records: list[TLSA], chain: list[bytes], host: str) -> str | None:
+def match(records: list[TLSA], chain: list[bytes], names: tuple[str, ...]) -> str | None:
     """"dane-ee" or "dane-ta" when the server's chain (DER, its own certificate first) matches
-    a usable record, else None."""
+    a usable record, else None. ``names``: the reference identifiers a DANE-TA chain's
+    certificate may be for (RFC 7672 3.2.2: the MX host name and its secure CNAME
+    expansion)."""
     if not chain:
         return None
     usable = [r for r in records if r.usable]
@@ -130,6 +142,6 @@ def match(records: list[TLSA], chain: list[bytes], host: str) -> str | None:
                 anchor = x509.load_der_x509_certificate(der)
             except ValueError:
                 continue
-            if _path_to(anchor, chain, host):
+            if _path_to(anchor, chain, names):
                 return "dane-ta"
     return None

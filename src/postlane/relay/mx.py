@@ -64,10 +64,15 @@ class Destination:
     secure: bool = False
     """The MX answer and the host's addresses came with the AD bit (``dns.dnssec``): DANE
     applies to this host (RFC 7672 2.2)."""
+    expanded: str = ""
+    """The name at the end of the CNAME chain ``host``'s addresses were reached through,
+    when that chain was authenticated (``secure``); "" without one. Its TLSA records are
+    asked for before the host's own (RFC 7672 2.2.3)."""
 
 
-# A cached answer: (preference, host, addresses, secure) per MX host, sorted by preference.
-_Hosts = list[tuple[int, str, list[str], bool]]
+# A cached answer: (preference, host, addresses, secure, expanded) per MX host, sorted by
+# preference (``Destination``).
+_Hosts = list[tuple[int, str, list[str], bool, str]]
 
 
 def _is_ip(text: str) -> bool:
@@ -295,15 +300,18 @@ class MXResolver:
         except dns.exception.DNSException as e:
             raise DNSTempError(f"{rdtype} {name}: {e}") from e
 
-    async def _addresses(self, name: dns.name.Name) -> tuple[list[str], float, bool]:
-        """A then AAAA addresses of ``name``, their smallest TTL and whether every answer was
-        authenticated; a failure of one family is tolerated when the other answers."""
+    async def _addresses(self, name: dns.name.Name) -> tuple[list[str], float, bool, str]:
+        """A then AAAA addresses of ``name``, their smallest TTL, whether every answer was
+        authenticated, and the name a CNAME chain led to when it was ("": none, or not
+        authenticated: RFC 7672 2.2.3 has an unauthenticated one ignored); a failure of one
+        family is tolerated when the other answers."""
         results = await asyncio.gather(
             self._query(name, "A"), self._query(name, "AAAA"), return_exceptions=True
         )
         ips: list[str] = []
         ttl = self._max_ttl
         secure = True
+        canonical: dns.name.Name | None = None
         errors: list[BaseException] = []
         for result in results:
             if isinstance(result, BaseException):
@@ -314,8 +322,12 @@ class MXResolver:
                 ips.extend(rdata.to_text() for rdata in result)
                 ttl = min(ttl, result.rrset.ttl if result.rrset is not None else ttl)
                 secure = secure and self._secure(result)
+                canonical = canonical or result.canonical_name
         if ips:
-            return ips, ttl, secure
+            expanded = ""
+            if secure and canonical is not None and canonical != name:
+                expanded = canonical.to_text(omit_final_dot=True).lower()
+            return ips, ttl, secure, expanded
         for error in errors:
             if isinstance(error, DNSTempError):
                 raise error
@@ -323,20 +335,20 @@ class MXResolver:
             raise errors[0]
         raise DNSPermError(f"{name.to_text(omit_final_dot=True)}: no A/AAAA record")
 
-    async def _exchange(self, exchange: dns.name.Name) -> tuple[list[str], float, bool]:
+    async def _exchange(self, exchange: dns.name.Name) -> tuple[list[str], float, bool, str]:
         """The addresses of one MX host. An exchange written as an IP address ("10 192.0.2.1.")
         breaks RFC 5321 5.1 but is seen in the wild: as Postfix does, the address is used (no
         A query for a name that has none; not DANE-secure, there is no TLSA name for it)."""
         text = exchange.to_text(omit_final_dot=True).strip("[]")
         if _is_ip(text):
             log.warning("MX record names an IP address, not a host: %s", text)
-            return [text], self._max_ttl, False
+            return [text], self._max_ttl, False, ""
         return await self._addresses(exchange)
 
     async def _lookup_host(self, host: str) -> tuple[_Hosts, float]:
         name = _absolute(host)
-        ips, ttl, secure = await self._addresses(name)
-        return [(0, name.to_text(omit_final_dot=True).lower(), ips, secure)], ttl
+        ips, ttl, secure, expanded = await self._addresses(name)
+        return [(0, name.to_text(omit_final_dot=True).lower(), ips, secure, expanded)], ttl
 
     async def _lookup_mx(self, domain: str) -> tuple[_Hosts, float]:
         name = _absolute(domain)
@@ -364,10 +376,11 @@ class MXResolver:
                     raise result
                 errors.append(result)
                 continue
-            ips, host_ttl, secure = result
+            ips, host_ttl, secure, expanded = result
             ttl = min(ttl, host_ttl)
+            secure = mx_secure and secure
             hosts.append((pref, exchange.to_text(omit_final_dot=True).strip("[]").lower(), ips,
-                          mx_secure and secure))
+                          secure, expanded if secure else ""))
         if hosts:
             return hosts, ttl
         if any(isinstance(e, DNSTempError) for e in errors):
@@ -425,8 +438,8 @@ def _flatten(hosts: _Hosts, port: int) -> list[Destination]:
             random.shuffle(group)
         ordered.extend(group)
         i = j
-    return [Destination(host, ip, port, pref, secure)
-            for pref, host, ips, secure in ordered for ip in _shuffled(ips)]
+    return [Destination(host, ip, port, pref, secure, expanded)
+            for pref, host, ips, secure, expanded in ordered for ip in _shuffled(ips)]
 
 
 def _shuffled(ips: list[str]) -> list[str]:

@@ -4,7 +4,9 @@ For each MX host of a destination, in precedence order:
 
 1. **DANE** (RFC 7672), when the resolver is trusted for DNSSEC (``dns.dnssec``), the MX answer
    and the host's addresses were authenticated and its TLSA RRset is: TLS is mandatory and the
-   certificate must match a usable TLSA record. DANE takes precedence over MTA-STS.
+   certificate must match a usable TLSA record. DANE takes precedence over MTA-STS. A host
+   whose addresses were reached through an authenticated CNAME chain has its TLSA records
+   looked up at the chain's target first, then at its own name (RFC 7672 2.2.3).
 2. **MTA-STS** (RFC 8461): ``enforce`` uses only the MXes the policy names, each with a
    certificate valid for its name (PKIX); ``testing`` checks the same, reports what fails and
    delivers anyway.
@@ -78,6 +80,9 @@ class HostPlan:
     """What TLS-RPT counts the session under; None: not counted (a route is not the domain's
     MX, so the domain's report is not about it)."""
     tlsa: list[dane.TLSA] = field(default_factory=list)
+    names: tuple[str, ...] = ()
+    """DANE: the names a DANE-TA certificate may be for, the TLSA records' base domain first
+    and the MX host name (RFC 7672 3.2.2); () is the MX host name alone."""
     testing: STSPolicy | None = None
     """MTA-STS testing: check the certificate as ``enforce`` would, report, deliver anyway."""
     relaxed: bool = False
@@ -119,7 +124,7 @@ class TLSPolicy:
                     for d in dests]
         if relaxed:
             return await self.relaxed(lane, dests, source_ip)
-        tlsa = await self._tlsa(domain, dests, source_ip) if self.dane else {}
+        tlsa, bases = await self._tlsa(domain, dests, source_ip) if self.dane else ({}, {})
         # DANE applies per host: MTA-STS holds for every host without TLSA records (its
         # lookup not failed), so it is looked up unless DANE covers every host
         sts_hosts = any(not tlsa.get(d.host) and not (d.host in tlsa and tlsa[d.host] is None)
@@ -133,7 +138,8 @@ class TLSPolicy:
             if records:
                 ref = PolicyRef("tlsa", tuple(str(r) for r in records), (d.host,))
                 if any(r.usable for r in records):
-                    plans.append(HostPlan(domain, d, "dane", "dane", ref, records))
+                    plans.append(HostPlan(domain, d, "dane", "dane", ref, records,
+                                          _names(d.host, bases)))
                 else:  # only unusable records: TLS still mandatory (RFC 7672 2.2)
                     plans.append(HostPlan(domain, d, stricter(base, "required"), "dane", ref))
             elif sts is not None and sts.mode == "enforce":
@@ -163,34 +169,38 @@ class TLSPolicy:
         not, unauthenticated TLS, then clear text (``connect``). Evidence: policy ``tlsrpt``
         and the authentication actually had. Routes never get here (``plan``)."""
         base, domain = self.base(lane), lane.domain
-        tlsa = await self._tlsa(domain, dests, source_ip, count=False) if self.dane else {}
+        tlsa, bases = await self._tlsa(domain, dests, source_ip, count=False) \
+            if self.dane else ({}, {})
         sts_hosts = any(not tlsa.get(d.host) for d in dests)
         sts = await self.sts.policy(domain) if self.sts is not None and sts_hosts else None
         plans = []
         for d in dests:
             records = [r for r in tlsa.get(d.host) or [] if r.usable]
             if records:
-                plans.append(HostPlan(domain, d, "dane", "tlsrpt", None, records, relaxed=True))
+                plans.append(HostPlan(domain, d, "dane", "tlsrpt", None, records,
+                                      _names(d.host, bases), relaxed=True))
                 continue
             level = "verified" if sts is not None or base == "verified" else "opportunistic"
             plans.append(HostPlan(domain, d, level, "tlsrpt", None, relaxed=True))
         return plans
 
     async def _tlsa(self, domain: str, dests: list[Destination], source_ip: str,
-                    count: bool = True) -> dict[str, list[dane.TLSA] | None]:
-        """host -> its authenticated TLSA records ([]: none), or None when the lookup failed;
-        hosts whose MX or address answers were not authenticated are not looked up. The hosts
-        are asked together: one after the other, a domain whose TLSA lookups go unanswered
-        held the delivery slot for ``dns.timeout`` per MX host at every attempt."""
-        ports: dict[str, int] = {}
+                    count: bool = True
+                    ) -> tuple[dict[str, list[dane.TLSA] | None], dict[str, str]]:
+        """(host -> its authenticated TLSA records ([]: none), or None when the lookup
+        failed; host -> the name they were found at when not the host's own); hosts whose
+        MX or address answers were not authenticated are not looked up. The hosts are asked
+        together: one after the other, a domain whose TLSA lookups go unanswered held the
+        delivery slot for ``dns.timeout`` per MX host at every attempt."""
+        hosts: dict[str, Destination] = {}
         for d in dests:
             if d.secure:
-                ports.setdefault(d.host, d.port)
-        names = list(ports)
-        answers = await asyncio.gather(
-            *(self.resolver.raw_records(dane.tlsa_name(h, ports[h]), "TLSA") for h in names),
-            return_exceptions=True)
+                hosts.setdefault(d.host, d)
+        names = list(hosts)
+        answers = await asyncio.gather(*(self._host_tlsa(hosts[h]) for h in names),
+                                       return_exceptions=True)
         out: dict[str, list[dane.TLSA] | None] = {}
+        bases: dict[str, str] = {}
         for host, answer in zip(names, answers, strict=True):
             if isinstance(answer, DNSTempError):
                 log.warning("TLSA lookup failed: %s", answer, extra={"host": host})
@@ -201,9 +211,23 @@ class TLSPolicy:
             elif isinstance(answer, BaseException):
                 raise answer
             else:
-                records, secure = answer
-                out[host] = dane.parse(records) if secure else []
-        return out
+                out[host], base = answer
+                if base != host:
+                    bases[host] = base
+        return out, bases
+
+    async def _host_tlsa(self, d: Destination) -> tuple[list[dane.TLSA], str]:
+        """(the authenticated TLSA records of one host, the name they are at). A host reached
+        through an authenticated CNAME chain (``Destination.expanded``) has them looked up at
+        the chain's target first, then, when there are none there (or none authenticated),
+        at its own name (RFC 7672 2.2.3); a failed lookup at the target is not passed over
+        (DNSTempError): an attacker who blocks it must not choose the records that apply."""
+        for name in (d.expanded, d.host) if d.expanded else (d.host,):
+            records, secure = await self.resolver.raw_records(dane.tlsa_name(name, d.port),
+                                                              "TLSA")
+            if records and secure:
+                return dane.parse(records), name
+        return [], d.host
 
     async def connect(self, plan: HostPlan, slot: Source,
                       timeouts: Timeouts) -> SMTPConnection:
@@ -235,7 +259,7 @@ class TLSPolicy:
             return _evidence(conn, plan, "none" if conn.tls_version else "")
         auth = "pkix" if verify else "none" if conn.tls_version else ""
         if plan.level == "dane":
-            auth = dane.match(plan.tlsa, conn.peer_chain(), d.host) or ""
+            auth = dane.match(plan.tlsa, conn.peer_chain(), plan.names or (d.host,)) or ""
             if not auth:
                 conn.close()
                 why = f"the certificate of {d.host} matches none of its TLSA records"
@@ -278,7 +302,8 @@ class TLSPolicy:
         if conn.tls_version:
             auth = "pkix" if verify else "none"
             if plan.level == "dane":
-                auth = dane.match(plan.tlsa, conn.peer_chain(), plan.dest.host) or "none"
+                auth = dane.match(plan.tlsa, conn.peer_chain(),
+                                  plan.names or (plan.dest.host,)) or "none"
         return _evidence(conn, plan, auth)
 
     async def _open(self, plan: HostPlan, slot: Source, timeouts: Timeouts, verify: bool,
@@ -324,6 +349,11 @@ def _refusal(plan: HostPlan, exc: SMTPError) -> SMTPError:
     status = "4.7.10" if exc.tls_failure == "starttls-not-supported" else "4.7.5"
     exc.reply = Reply(451, f"{status} TLS policy {plan.policy}: {exc.message}", status)
     return exc
+
+
+def _names(host: str, bases: dict[str, str]) -> tuple[str, ...]:
+    """The DANE reference identifiers of ``host`` (``HostPlan.names``)."""
+    return (bases[host], host) if host in bases else (host,)
 
 
 def _sts_ref(policy: STSPolicy) -> PolicyRef:
