@@ -606,12 +606,15 @@ ALIAS, TARGET = "mx.example", "mail.provider.example"
 
 
 async def _provider_host(world: World, cert_name: str, *, alias_signed: bool = True,
-                         target_signed: bool = True) -> bytes:
+                         target_signed: bool = True) -> tuple[bytes, list[str | None]]:
     """cname.test's MX is ALIAS, a CNAME to TARGET: a sink at 127.0.0.61 whose certificate,
-    for ``cert_name`` only, the test CA's intermediate signed. The DER of that certificate."""
+    for ``cert_name`` only, the test CA's intermediate signed. (The DER of that certificate,
+    the SNI names its handshakes were sent.)"""
     cert, key = world.intermediate.issue([cert_name], file_name="provider")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
+    sni: list[str | None] = []
+    ctx.sni_callback = lambda _sock, name, _ctx: sni.append(name)
     world.sinks[TARGET] = await Sink(host="127.0.0.61", port=world.port,
                                      tls_context=ctx).start()
     world.dns.add_mx("cname.test", 10, ALIAS)
@@ -622,7 +625,7 @@ async def _provider_host(world: World, cert_name: str, *, alias_signed: bool = T
         world.dns.set_secure(ALIAS)
     if target_signed:
         world.dns.set_secure("provider.example")
-    return leaf_der(cert)
+    return leaf_der(cert), sni
 
 
 @pytest.mark.parametrize("usage, cert_name, alias_tlsa, auth", [
@@ -638,8 +641,8 @@ async def test_tlsa_of_a_secure_cname_target_is_used(world, make_node, tmp_path,
     the MX host's name: where a provider's customer publishes none there, the mail went
     without DANE (opportunistic); where a record there did not match, it was deferred. Now
     the target's records apply and the MX host's name is not asked once the target has
-    some."""
-    der = await _provider_host(world, cert_name)
+    some; SNI names the target (RFC 7672 8.1)."""
+    der, sni = await _provider_host(world, cert_name)
     world.tlsa(TARGET, usage, 0, der if usage == 3 else world.intermediate.der,
                port=world.port)
     if alias_tlsa:  # a record the server does not match
@@ -647,16 +650,18 @@ async def test_tlsa_of_a_secure_cname_target_is_used(world, make_node, tmp_path,
     row = await delivered_with(world, make_node, "r@cname.test")
     assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == auth, row
     assert len(world.sinks[TARGET].arrivals) == 1
+    assert sni == [TARGET]
 
 
 async def test_tlsa_of_a_cname_is_looked_up_at_the_mx_name_when_the_target_has_none(
         world, make_node, tmp_path):
     """RFC 7672 2.2.3: no TLSA records at the CNAME's target (NXDOMAIN, secure): those of
-    the MX host's own name apply."""
-    der = await _provider_host(world, TARGET)
+    the MX host's own name apply, and SNI names it."""
+    der, sni = await _provider_host(world, TARGET)
     world.tlsa(ALIAS, 3, 1, der, port=world.port)
     row = await delivered_with(world, make_node, "r@cname.test")
     assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == "dane-ee", row
+    assert sni == [ALIAS]
 
 
 @pytest.mark.parametrize("alias_signed, target_signed", [(False, True), (True, False)])
@@ -664,11 +669,12 @@ async def test_tlsa_of_an_insecure_cname_target_is_not_used(world, make_node, tm
                                                             alias_signed, target_signed):
     """A CNAME chain with an unsigned link: the host's addresses come without AD, so DANE
     does not apply to it (RFC 7672 2.2.2), the target's TLSA records included."""
-    der = await _provider_host(world, TARGET, alias_signed=alias_signed,
-                               target_signed=target_signed)
+    der, sni = await _provider_host(world, TARGET, alias_signed=alias_signed,
+                                    target_signed=target_signed)
     world.tlsa(TARGET, 3, 1, der, port=world.port)
     row = await delivered_with(world, make_node, "r@cname.test")
     assert row["dlvTlsPolicy"] == "opportunistic" and row["dlvTlsAuth"] == "none", row
+    assert sni == [ALIAS]
 
 # -- TLS-RPT -------------------------------------------------------------------------------------
 

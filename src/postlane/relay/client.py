@@ -252,6 +252,7 @@ class SMTPConnection:
         source_ip: str | None,
         ehlo_name: str,
         timeouts: Timeouts,
+        sni: str | None = None,
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -263,6 +264,7 @@ class SMTPConnection:
         self.peer_ip, self.peer_port = peer[0], peer[1]
         self.source_ip = source_ip
         self.server_name = server_name
+        self._sni = sni or server_name
         self.banner = Reply(0, "")
         self.ehlo_reply = Reply(0, "")
         self.extensions = {}
@@ -290,6 +292,7 @@ class SMTPConnection:
         tls: str = "opportunistic",
         timeouts: Timeouts | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        sni: str | None = None,
     ) -> SMTPConnection:
         """Connect, read the greeting, EHLO and (per ``tls``) STARTTLS + EHLO again.
 
@@ -297,7 +300,8 @@ class SMTPConnection:
         continues in plaintext, a failed handshake raises), "required" or "disabled".
         ``ssl_context`` (default: encryption without certificate checks) may verify the
         server's certificate for ``server_name``; a failed check raises SMTPError with its
-        ``tls_failure``.
+        ``tls_failure``. ``sni``: the name sent in the TLS SNI extension when it is not
+        ``server_name`` (DANE: the TLSA records' base domain, RFC 7672 8.1).
         """
         if tls not in ("opportunistic", "required", "disabled"):
             raise ValueError(f"tls must be opportunistic, required or disabled, not {tls!r}")
@@ -321,6 +325,7 @@ class SMTPConnection:
             source_ip=source_ip,
             ehlo_name=ehlo_name,
             timeouts=t,
+            sni=sni,
         )
         try:
             await conn._handshake(tls, ssl_context)
@@ -358,7 +363,7 @@ class SMTPConnection:
         ctx = ssl_context or unverified_context()
         try:
             async with asyncio.timeout(self._timeouts.command):
-                await self._writer.start_tls(ctx, server_hostname=self.server_name)
+                await self._writer.start_tls(ctx, server_hostname=self._sni)
         except TimeoutError:
             raise SMTPError("starttls", "TLS handshake timed out",
                             tls_failure="validation-failure") from None

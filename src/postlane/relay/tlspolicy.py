@@ -309,9 +309,13 @@ class TLSPolicy:
     async def _open(self, plan: HostPlan, slot: Source, timeouts: Timeouts, verify: bool,
                     tls: str) -> SMTPConnection:
         d = plan.dest
+        # DANE: SNI names the TLSA records' base domain (RFC 7672 8.1), a CNAME's target when
+        # they were found there, so a server choosing its certificate by SNI shows that one
+        sni = plan.names[0] if plan.level == "dane" and plan.names else None
         return await SMTPConnection.open(
             d.ip, d.port, server_name=d.host, source_ip=slot.address, ehlo_name=slot.ehlo,
-            tls=tls, timeouts=timeouts, ssl_context=self._verify if verify else self._plain)
+            tls=tls, timeouts=timeouts, ssl_context=self._verify if verify else self._plain,
+            sni=sni)
 
     def _count(self, plan: HostPlan, slot: Source, failure: str, why: str) -> None:
         if plan.report is not None:
