@@ -11,8 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
+
+from postlane.startup import parse_config
 from tests.conftest import message, send
-from tests.support.pg import pg_schema  # noqa: F401  (fixture)
+from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
 from tests.test_cluster import Served, cluster_text, send_many
 
@@ -27,6 +30,7 @@ def _node(tmp_path: Path, sink_port: int, schema: str, name: str, **kwargs) -> S
         f'token_file = "{tmp_path}/api-token"', f'token_file = "{token}"') + FAST
     node = Served(tmp_path, name, text)
     node.token_file = token
+    node.text = text
     return node
 
 
@@ -143,3 +147,40 @@ async def test_a_node_stopped_gracefully_leaves_every_delivery_in_the_clusters_t
     finally:
         for node in nodes:
             await asyncio.to_thread(node.stop)
+
+
+async def test_every_class_is_listed_before_any_node_evaluated_the_clusters_figures(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """A node with no cluster figures yet - none stored by the evaluator it waits for, or
+    taking the evaluation over before its own first - answered ``/api/v1/sla`` with an empty
+    ``classes`` list: a client iterating the classes saw none. Every configured class is
+    listed at all times; figures nobody has evaluated are null, and ``stale`` says so."""
+    holder = await asyncpg.connect(PG_DSN)  # an evaluator that has stored nothing yet
+    await holder.execute(f"SELECT pg_advisory_lock(hashtext('postlane-monitor/{pg_schema}'), 0)")
+    b = _node(tmp_path, sink.port, pg_schema, "node-b")
+    configured = list(parse_config(b.text).classes)
+    try:
+        await b.port()
+        before = await b.api("/api/v1/sla")
+        assert [c["class"] for c in before["classes"]] == configured
+        assert before["stale"] is True and before["evaluated_by"] is None
+        assert {c["delivered_total"] for c in before["classes"]} == {None}, "not known yet"
+        assert [c["pool"] for c in before["classes"]] == ["critical", "bulk"]
+        shown = await asyncio.to_thread(ops_cli, b, "status")
+        assert shown.returncode == 0, shown.stderr
+        assert "policy-documents" in shown.stdout and "no figures yet" in shown.stdout
+        await holder.close()  # it dies: node-b takes the evaluation over
+
+        async def taken_over() -> dict | None:
+            sla = await b.api("/api/v1/sla")
+            assert [c["class"] for c in sla["classes"]] == configured, sla
+            return sla if sla["evaluated_by"] == "node-b" else None
+
+        after = await until(taken_over, timeout=20, step=0.02, what="node-b evaluating")
+        assert after["stale"] is False
+        assert {c["delivered_total"] for c in after["classes"]} == {0}
+    finally:
+        if not holder.is_closed():
+            await holder.close()
+        await asyncio.to_thread(b.stop)
+

@@ -100,6 +100,11 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 60:.1f}m" if abs(seconds) < 7200 else f"{seconds / 3600:.1f}h"
 
 
+def _count(n: int | None) -> str:
+    """A count, or "-" where the cluster has no figures yet (null in ``/api/v1/sla``)."""
+    return "-" if n is None else str(n)
+
+
 def _lanes_table(status: dict) -> Table:
     clustered = "cluster" in status
     table = Table(title=f"lanes of this node ({status['node']}: what it has claimed)"
@@ -190,8 +195,8 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
         q = c["latency_s"]["5m"] or {}
         classes.add_row(c["class"], c["pool"], _age(c["sla_s"]) if c["sla_s"] else "-",
                         _age(q.get("p50")), _age(q.get("p95")), _age(q.get("p99")),
-                        str(c["depth"]), _age(c["oldest_age_s"]), _age(c["breach_in_s"]),
-                        str(c["delivered_total"]), str(c["failed_total"]))
+                        _count(c["depth"]), _age(c["oldest_age_s"]), _age(c["breach_in_s"]),
+                        _count(c["delivered_total"]), _count(c["failed_total"]))
     out.print(classes)
     if clustered:
         own = Table(title=f"this node's own part ({sla['node']['name']})")

@@ -242,15 +242,16 @@ class ClusterMonitor:
 
     async def current(self) -> dict | None:
         """The cluster's figures, with ``age_s``: this node's own while it evaluates, else the
-        evaluator's last (read at most once per ``evaluate_every``). None before the first."""
-        if not self.leader and time.monotonic() - self._fetched >= \
+        evaluator's last (read at most once per ``evaluate_every``; also by a node that has
+        just taken the evaluation over and has none of its own yet). None before the first."""
+        if (not self.leader or self.figures is None) and time.monotonic() - self._fetched >= \
                 self.config.monitor.evaluate_every:
             self._fetched = time.monotonic()
             try:
                 async with self.spool.acquire() as conn:
                     raw = await conn.fetchval("SELECT figures FROM monitor_state WHERE id = 1")
-                if raw is not None:
-                    self.figures = json.loads(raw)
+                if raw is not None and (not self.leader or self.figures is None):
+                    self.figures = json.loads(raw)  # (an evaluation may have ended meanwhile)
             except UNREACHABLE:
                 pass  # told once by the spool; the last figures say how old they are
         if self.figures is None:

@@ -265,11 +265,32 @@ class Monitor:
         if self.cluster is None:
             return {"scope": "node", "classes": self.class_states(now)}
         figures = await self.cluster.current()
-        return {"scope": "cluster", "classes": figures["classes"] if figures else [],
+        return {"scope": "cluster", "classes": self.every_class(figures),
                 "evaluated_by": figures["leader"] if figures else None,
                 "age_s": figures["age_s"] if figures else None,
                 "stale": figures["stale"] if figures else True,
                 "node": {"name": self.config.node.name, "classes": self.node_states(now)}}
+
+    def every_class(self, figures: dict | None) -> list[dict]:
+        """The cluster's figures per class, every configured class listed: one nobody has
+        evaluated yet (no figures stored: a new cluster, or a node taking the evaluation over
+        before its first) has its name, pool, SLA and rules and null figures (``stale`` says
+        so), where the list used to be empty and a client iterating it saw no class at all."""
+        found = {c["class"]: c for c in figures["classes"]} if figures else {}
+        out = []
+        for name, cls in self.config.classes.items():
+            item = found.get(name)
+            if item is None:
+                rule = self.rules.get(name)
+                item = {"class": name, "pool": cls.pool, "priority": cls.priority,
+                        "sla_s": cls.sla, "depth": None, "oldest_age_s": None,
+                        "drain_rate": None, "latency_s": dict.fromkeys(WINDOWS),
+                        "delivered_total": None, "failed_total": None, "breach_in_s": None,
+                        "breached": None, "rules": None if rule is None else {
+                            "p95_s": rule.p95, "window_s": rule.window,
+                            "lead_time_s": rule.lead_time}}
+            out.append(item)
+        return out
 
     async def alert_lists(self) -> dict:
         """Active and recently resolved alerts (in a cluster: the cluster's)."""
