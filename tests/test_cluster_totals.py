@@ -139,41 +139,34 @@ async def test_a_schema_of_the_previous_release_counts_its_kept_slices_once(
         await a.stop()
 
 
-async def test_a_delivery_logged_for_a_second_already_published_still_counts_once(
+async def test_an_outcome_committed_for_a_second_already_counted_still_counts_once(
         tmp_path, sink, pg_schema):  # noqa: F811
-    """A final outcome reaches the monitor after its second's slice went out (its record is
-    emitted once the spool's commit returns, which can straddle the once-a-second publish):
-    it is published as one more part of that second and counted in the cluster's total.
-    (Before: the second slice hit the primary key, ``ON CONFLICT DO NOTHING``, and the
-    delivery was missing from ``delivered_total`` and the latency for good.) A batch retried
-    after an INSERT that did commit counts once."""
+    """A final outcome whose commit comes after its second was counted (a commit straddling
+    the evaluation, or retried after an outage) is one more slice of that second, counted in
+    the cluster's total once. (Before, when a node published its seconds from memory, the
+    late row hit the primary key, ``ON CONFLICT DO NOTHING``, and the delivery was missing
+    for good; slices are now written in the commit that records the outcome.)"""
     a = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
     try:
         await asyncio.to_thread(send_many, a.listeners[0].port, ["t0"])
         await sink.wait_for(1, timeout=30)
         await _figures(a, "node-a", 1)
         [second] = [r["at"] for r in await _rows(
-            pg_schema, "SELECT at FROM monitor_slices WHERE cls = 'marketing'")]
-        # the record of a delivery finished within that second, reaching the monitor now
-        a.monitor.on_record(Record("d", second + 0.9, second - 2.0, "sender@insurer.test",
-                                   "late@example.com", "LATE0001", "marketing", "bulk"))
-        assert _delivered(await _figures(a, "node-a", 2)) == 2
-
-        # the retry of batches whose INSERT committed although the call raised: kept once
-        cluster = a.monitor.cluster
-        assert cluster is not None
-        published = await _rows(pg_schema, "SELECT node, cls, at, part, finals, buckets, counts"
-                                " FROM monitor_slices ORDER BY at, part")
-        cluster._unsent = [tuple(r) for r in published]
-        await until(lambda: not cluster._unsent, what="the retry")
-        asked = a.monitor.cluster.figures["at"] if a.monitor.cluster.figures else 0.0
+            pg_schema, "SELECT at FROM monitor_slices WHERE cls = 'marketing' AND counted")]
+        # the record of a delivery finished within that second, committed now
+        a.spool.record([Record("d", second + 0.9, second - 2.0, "sender@insurer.test",
+                               "late@example.com", "LATE0001", "marketing", "bulk")])
+        await a.spool.flush()
+        asked = (await _figures(a, "node-a", 2))["at"]
 
         async def evaluated_again() -> dict | None:
             figures = await _figures(a, "node-a")
             return figures if figures["at"] > asked + 1 else None
 
         assert _delivered(await until(evaluated_again, timeout=30, what="two evaluations")) == 2
-        assert len(await _rows(pg_schema, "SELECT 1 FROM monitor_slices")) == len(published)
+        rows = await _rows(pg_schema, "SELECT at, counted FROM monitor_slices"
+                           " WHERE cls = 'marketing'")
+        assert [(r["at"], r["counted"]) for r in rows] == [(second, True)] * 2
     finally:
         await a.stop()
 

@@ -6,7 +6,9 @@ paused pool): every node's CLI and API say the same about the cluster's queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ from postlane.startup import parse_config
 from tests.conftest import message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
-from tests.test_cluster import Served, cluster_text, send_many
+from tests.test_cluster import Served, cluster_text, send_many, subjects_of
 
 FAST = 'dead_after = "1s"\nlease = "2s"\n'
 """Appended to ``[cluster]``: a killed node is dead a second after its last heartbeat."""
@@ -109,8 +111,8 @@ async def test_a_node_stopped_gracefully_leaves_every_delivery_in_the_clusters_t
     """A node publishes its deliveries to the cluster's figures a second at a time, the
     seconds that ended before its monitor's tick. Stopped (SIGTERM: a drain, a rolling
     upgrade) it published nothing more: what it delivered in its last second or two was never
-    in the cluster's ``delivered_total`` (17 of 20, for ever). It now publishes every slice it
-    has when it stops."""
+    in the cluster's ``delivered_total`` (17 of 20, for ever). Its slices are now written with
+    its outcomes, in the spool's commits (nothing is left to publish when it stops)."""
     nodes = [_node(tmp_path, sink.port, pg_schema, "node-a", max_out=4),
              _node(tmp_path, sink.port, pg_schema, "node-b", max_out=1)]
     a, b = nodes
@@ -184,3 +186,79 @@ async def test_every_class_is_listed_before_any_node_evaluated_the_clusters_figu
             await holder.close()
         await asyncio.to_thread(b.stop)
 
+
+async def test_a_killed_nodes_last_outcomes_are_in_the_clusters_totals_after_takeover(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """A node published its outcomes to the cluster's totals a second at a time, from memory:
+    SIGKILLed under load it took its last second or two with it, and ``delivered_total``
+    stayed short of what the sink received for ever, though the audit store had every
+    record. After the takeover the totals are exact: every final outcome of both nodes,
+    delivered or failed, counted once."""
+    sink.delay = 0.1
+    bounced = [f"gone{i}" for i in range(4)]
+    sink.rcpt_replies = {f"{name}@example.com": ["550 5.1.1 no such user"] for name in bounced}
+    nodes = [_node(tmp_path, sink.port, pg_schema, name, max_out=2, marketing_max_out=2)
+             for name in ("node-a", "node-b")]
+    a, b = nodes
+    try:
+        ports = await asyncio.gather(*(node.port() for node in nodes))
+        batches = [[f"p{n}{i:03d}" for i in range(40)] + bounced[n::2] for n in (0, 1)]
+        batches += [[f"m{n}{i:03d}" for i in range(60)] for n in (0, 1)]
+        acked = await asyncio.gather(*(
+            asyncio.to_thread(send_many, ports[n % 2], names,
+                              "policy-documents" if n < 2 else "marketing")
+            for n, names in enumerate(batches)))
+        assert sum(map(len, acked)) == sum(map(len, batches))
+        await sink.wait_for(80, timeout=60)
+        a.stop(signal.SIGKILL)  # in the middle of its deliveries: no drain, nothing published
+        expected = sum(map(len, batches)) - len(bounced)
+
+        async def received() -> bool:
+            return len(set(subjects_of(sink.arrivals))) >= expected
+
+        await until(received, timeout=60, what="every message at the sink")
+
+        async def adopted() -> bool:  # node-b's recorder took what node-a left in the outbox
+            rows = await _rows(pg_schema, "SELECT count(*) AS n FROM events e JOIN writers w"
+                               " ON w.writer = e.writer WHERE w.node = 'node-a'")
+            return rows[0]["n"] == 0
+
+        await until(adopted, timeout=60, what="node-a's evidence adopted by node-b")
+        got: dict = {}
+
+        async def exact() -> bool:
+            sla = await b.api("/api/v1/sla")
+            if sla["evaluated_by"] != "node-b" or any(c["depth"] for c in sla["classes"]):
+                return False
+            subjects = set(subjects_of(sink.arrivals))
+            stored = {(r["cls"], r["type"]): r["n"] for r in await _rows(
+                pg_schema, "SELECT cls, type, count(*) AS n FROM audit_records"
+                " WHERE type IN ('d', 'b') GROUP BY cls, type")}
+            got.clear()
+            for c in sla["classes"]:
+                prefix = "p" if c["class"] == "policy-documents" else "m"
+                got[c["class"]] = {
+                    "delivered_total": c["delivered_total"], "failed_total": c["failed_total"],
+                    "at the sink": sum(1 for s in subjects if s.startswith(prefix)),
+                    "stored d": stored.get((c["class"], "d"), 0),
+                    "stored b": stored.get((c["class"], "b"), 0)}
+            return all(g["delivered_total"] == g["at the sink"] == g["stored d"]
+                       and g["failed_total"] == g["stored b"] for g in got.values())
+
+        with contextlib.suppress(AssertionError):
+            await until(exact, timeout=20, step=0.5, what="the cluster's totals exact")
+        assert got and all(
+            g["delivered_total"] == g["at the sink"] == g["stored d"]
+            and g["failed_total"] == g["stored b"] for g in got.values()), got
+        assert got["policy-documents"]["stored b"] >= len(bounced), got
+    finally:
+        for node in nodes:
+            await asyncio.to_thread(node.stop, signal.SIGKILL)
+
+
+async def _rows(schema: str, sql: str) -> list:
+    conn = await asyncpg.connect(PG_DSN, server_settings={"search_path": f'"{schema}"'})
+    try:
+        return await conn.fetch(sql)
+    finally:
+        await conn.close()

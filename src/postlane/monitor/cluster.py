@@ -4,13 +4,15 @@ Each node's records describe only its own intake and deliveries, so no node can 
 queue from them (counting +1 on intake and -1 on delivery gave one node +259 and another -259).
 Instead:
 
-* every node publishes, once a second, the finished seconds of its deliveries - final outcomes
-  and latency buckets per class - to ``monitor_slices`` (one small INSERT);
+* every node writes the slices of its final outcomes - per class and second, the outcomes and
+  the deliveries' latency buckets - to ``monitor_slices`` in the spool commit that records them
+  (``PostgresSpool.write_slices``: one more statement in a commit with final outcomes), so a
+  slice exists exactly when its outcomes do, whatever happens to the node after;
 * one node, the holder of the monitor's advisory lock, evaluates: it counts the queue in the
   spool itself (an index-only count per class, the deferred and the leased recipients from
   their own indexes, one indexed walk per SLA class over the messages due within the alert
-  horizon), merges every node's slices into one set of latency
-  windows and drain rates, adds the slices no evaluation counted yet to the cluster's lifetime
+  horizon), takes the slices no evaluation counted yet (marking them counted), merges them
+  into one set of latency windows and drain rates, adds them to the cluster's lifetime
   totals in ``monitor_totals`` (so a total never goes back when another node evaluates), runs
   the SLA rules, keeps the alerts in the ``alerts`` table (so the
   next evaluator adopts them: nothing fires twice, nothing stays stuck) and writes the figures
@@ -40,15 +42,13 @@ from ..spool.postgres import CONNECT_TIMEOUT, SESSION_SETTINGS, UNREACHABLE, Nod
 from .alerts import Alert
 from .membership import summarize
 from .metrics import top_domains
-from .tracker import Tracker
+from .tracker import Tracker, outcome_slices
 
 if TYPE_CHECKING:
     from .monitor import Monitor
 
 log = logging.getLogger("postlane.monitor")
 
-LOOKBACK = 30
-"""Seconds of slices read again at each evaluation: a node publishing late is still counted."""
 SPAN = 900
 """Seconds of slices kept (the 15-minute latency window); a new evaluator reads them all."""
 OUTSTANDING_MAX = 10_000
@@ -88,12 +88,15 @@ FROM recipients WHERE state IN ('queued', 'deferred', 'held') GROUP BY domain, c
 """The queue per destination domain (and lane: with the class's pool), and the mail on hold
 (``queue hold``) per class, which a node's lanes and a single node's depth count too (a scan
 of the open recipients: 36 ms on 200,000 of them)."""
-_TOTALS = """WITH fresh AS (
-    UPDATE monitor_slices SET counted = true WHERE NOT counted
-    RETURNING cls, finals, (SELECT coalesce(sum(n), 0) FROM unnest(counts) AS n) AS delivered),
-added AS (
+_FRESH = """UPDATE monitor_slices SET counted = true WHERE NOT counted
+RETURNING cls, at, finals, buckets, counts"""
+"""The slices no evaluation counted yet, marked counted: read once, in the transaction that
+adds them to the totals and stores the figures, by the lock holder (index
+monitor_slices_uncounted: the commits of the last second or so). A slice committed late, its
+second long over, is taken like any other."""
+_TOTALS = """WITH added AS (
     INSERT INTO monitor_totals (cls, delivered, failed)
-    SELECT cls, sum(delivered), sum(finals - delivered) FROM fresh GROUP BY cls
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
     ON CONFLICT (cls) DO UPDATE SET delivered = monitor_totals.delivered + excluded.delivered,
         failed = monitor_totals.failed + excluded.failed
     RETURNING cls, delivered, failed)
@@ -101,11 +104,22 @@ SELECT cls, delivered, failed FROM added
 UNION ALL SELECT cls, delivered, failed FROM monitor_totals
 WHERE cls NOT IN (SELECT cls FROM added)"""
 """The cluster's lifetime totals per class - deliveries, and final failures (a slice's
-``finals`` less its deliveries: bounced or expired) - from the slices no evaluation counted
-yet, added once (marked ``counted`` in the same transaction, so a takeover neither loses nor
-repeats one, and a slice published late still counts), then every class's totals. Once per
-evaluation, whatever the traffic (index monitor_slices_uncounted: the slices of the last second
-or so)."""
+``finals`` less its deliveries: bounced or expired) - plus what the fresh slices (``_FRESH``)
+add, in the same transaction (so a takeover neither loses nor repeats one); then every
+class's totals."""
+_KEPT = """WITH kept AS (
+    SELECT cls, at, finals, buckets, counts FROM monitor_slices WHERE at >= $1 AND counted),
+hist AS (
+    SELECT cls, at, b, sum(c)::int AS c FROM kept, unnest(buckets, counts) AS u (b, c)
+    GROUP BY cls, at, b)
+SELECT f.cls, f.at, f.finals, coalesce(h.buckets, '{}') AS buckets,
+    coalesce(h.counts, '{}') AS counts
+FROM (SELECT cls, at, sum(finals)::int AS finals FROM kept GROUP BY cls, at) AS f
+LEFT JOIN (SELECT cls, at, array_agg(b ORDER BY b) AS buckets, array_agg(c ORDER BY b) AS counts
+           FROM hist GROUP BY cls, at) AS h USING (cls, at)"""
+"""The counted slices of the last 15 minutes, one row per class and second (a node writes a
+row per commit): what a new evaluator's latency windows and rates start from. The uncounted
+ones reach it through ``_FRESH``."""
 
 
 @dataclass(slots=True)
@@ -120,8 +134,8 @@ class Queue:
 
 
 class ClusterMonitor:
-    """This node's part in the cluster's figures: publish its slices, and evaluate when it holds
-    the lock."""
+    """This node's part in the cluster's figures: have its spool write its slices with its
+    outcomes, and evaluate when it holds the lock."""
 
     def __init__(self, monitor: Monitor, spool: PostgresSpool) -> None:
         self.monitor = monitor
@@ -134,18 +148,14 @@ class ClusterMonitor:
         """The last figures: computed here while leader, else read from ``monitor_state``."""
         self._fetched = -math.inf
         self._conn: asyncpg.Connection | None = None
-        self._seen: set[tuple[str, str, int, int]] = set()
-        self._read_from = 0
         self._pruned = 0.0
         self._warm_at = 0.0
         """Until then a new evaluator leaves the alerts as it found them: its windows and rates
         are still filling (completions reach it ``tracker.lag`` late)."""
         self._lock = f"hashtext('postlane-monitor/{spool.schema}'), 0"
         self._unseat_refused = False
-        self._unsent: list[tuple[str, str, int, int, int, list[int], list[int]]] = []
-        """Slice rows (node, cls, second, part, ...) whose INSERT failed, retried as they were."""
-        self._part = 0
-        """The ``part`` of this node's last published batch (see ``_publish``)."""
+        classes = self.config.classes
+        spool.write_slices(lambda events: outcome_slices(events, classes))
 
     def _tracker(self) -> Tracker:
         # slices reach the evaluator up to a second after theirs ends, plus a tick
@@ -155,8 +165,8 @@ class ClusterMonitor:
     # -- every node -----------------------------------------------------------------------------
 
     async def tick(self, now: float) -> None:
-        """Publish this node's finished slices; evaluate if this node is (or becomes) leader."""
-        await self._publish(now)
+        """Evaluate if this node is (or becomes) leader (its slices are written by the spool,
+        with its outcomes)."""
         try:
             if self._conn is None or self._conn.is_closed():
                 await self.close(stopping=False)  # with the connection went the lock
@@ -214,32 +224,6 @@ class ClusterMonitor:
                         lease, extra={"stalled_node": await self._conn.fetchval(
                             "SELECT leader FROM monitor_state WHERE id = 1")})
 
-    async def _publish(self, now: float, final: bool = False) -> None:
-        """Insert this node's finished slices (``final``: all it has, the node stops). Each
-        batch gets a ``part`` of its own (the wall-clock millisecond, rising), so a final
-        outcome that reaches the tracker after its second's slice was published (its record is
-        emitted after the spool's commit, which may straddle a tick) is one more row for that
-        second, counted by the evaluator and the totals, not dropped by the primary key. A
-        batch whose INSERT failed is retried with the rows it had, parts included: if the
-        INSERT in fact committed (the connection broke after the commit), ``ON CONFLICT DO
-        NOTHING`` keeps each row once."""
-        rows = self.monitor.tracker.take_slices(math.inf if final else now)
-        if rows:
-            self._part = max(self._part + 1, int(time.time() * 1000))
-            self._unsent += [(self.name, cls, second, self._part, finals, buckets, counts)
-                             for cls, second, finals, buckets, counts in rows]
-        if not self._unsent:
-            return
-        try:
-            async with self.spool.acquire() as conn:
-                await conn.executemany(
-                    "INSERT INTO monitor_slices (node, cls, at, part, finals, buckets, counts)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                    self._unsent)
-            self._unsent = []
-        except UNREACHABLE:  # kept for the next try (a slice older than SPAN is dropped)
-            self._unsent = [row for row in self._unsent if row[2] >= now - SPAN]
-
     async def current(self) -> dict | None:
         """The cluster's figures, with ``age_s``: this node's own while it evaluates, else the
         evaluator's last (read at most once per ``evaluate_every``; also by a node that has
@@ -264,11 +248,6 @@ class ClusterMonitor:
         """Leave the evaluation (``stopping``: the node stops; else it lost its session)."""
         if self.leader and not stopping:
             log.warning("lost the cluster monitor's lock: another node evaluates meanwhile")
-        if stopping:  # its deliveries of the last second or two: in the cluster's totals too
-            try:
-                await self._publish(time.time(), final=True)
-            except Exception:  # a stop must go on (the figures only miss these slices)
-                log.exception("the last delivery figures were not published")
         self._step_down()
         if self._conn is not None:
             self._conn.terminate()
@@ -283,12 +262,14 @@ class ClusterMonitor:
     # -- the evaluating node --------------------------------------------------------------------
 
     async def _adopt(self, now: float) -> None:
-        """Lock taken: start from the stored alerts and the last 15 minutes of slices."""
+        """Lock taken: start from the stored alerts and the last 15 minutes of slices (those
+        counted; the others are the first evaluation's fresh ones)."""
         assert self._conn is not None
         self.leader = True
         self.tracker = self._tracker()
-        self._seen.clear()
-        self._read_from = int(now) - SPAN
+        for row in await self._conn.fetch(_KEPT, int(now) - SPAN):
+            self.tracker.absorb(row["cls"], row["at"], row["finals"], row["buckets"],
+                                row["counts"])
         alerts = self.monitor.alerts
         alerts.active.clear()
         alerts.history.clear()
@@ -313,35 +294,39 @@ class ClusterMonitor:
     async def _evaluate(self, now: float) -> None:
         conn = self._conn
         assert conn is not None
-        for row in await conn.fetch("SELECT node, cls, at, part, finals, buckets, counts"
-                                    " FROM monitor_slices WHERE at >= $1", self._read_from):
-            key = (row["node"], row["cls"], row["at"], row["part"])
-            if key not in self._seen:
-                self._seen.add(key)
-                self.tracker.absorb(row["cls"], row["at"], row["finals"], row["buckets"],
-                                    row["counts"])
-        self._read_from = max(self._read_from, int(now) - LOOKBACK)
-        self._seen = {key for key in self._seen if key[2] >= self._read_from}
         queue = await self._read_queue(conn, now)
         infos = [NodeInfo(**dict(r)) for r in await conn.fetch(
             f"SELECT {NODE_COLS}, {self.spool.session_open('name')} AS session FROM nodes"
             " ORDER BY name")]
         db_now = await conn.fetchval(f"SELECT {_NOW}")
-        self._load(queue, now)
         alerts = self.monitor.alerts
-        events = []
-        if now >= self._warm_at:
-            # the SLA rules on the cluster's figures, and the other sources (the reputation
-            # service's, from the shared reputation store: the same view on every node)
-            events = alerts.update(self.monitor.conditions(now, self.tracker)
-                                   + [c for source in self.monitor.sources
-                                      for c in source(now)], now)
-        figures = self._figures(queue, infos, now, db_now)
-        stored = [_row(a) for a in alerts.active.values()]
-        stored += [_row(a) for event, a in events if event == "resolved"]
         async with conn.transaction():
-            # in the transaction that stores the figures: counted once, by the lock holder
-            totals = {r["cls"]: r for r in await conn.fetch(_TOTALS)}
+            # the fresh slices, counted in the transaction that stores the figures: once, by
+            # the lock holder (if it fails they stay fresh, and this node steps down: the next
+            # evaluator's tracker starts afresh, so none is merged twice)
+            added: dict[str, list[int]] = {}
+            for row in await conn.fetch(_FRESH):
+                self.tracker.absorb(row["cls"], row["at"], row["finals"], row["buckets"],
+                                    row["counts"])
+                delivered = sum(row["counts"])
+                sums = added.setdefault(row["cls"], [0, 0])
+                sums[0] += delivered
+                sums[1] += row["finals"] - delivered
+            self._load(queue, now)
+            events = []
+            if now >= self._warm_at:
+                # the SLA rules on the cluster's figures, and the other sources (the
+                # reputation service's, from the shared reputation store: the same view on
+                # every node)
+                events = alerts.update(self.monitor.conditions(now, self.tracker)
+                                       + [c for source in self.monitor.sources
+                                          for c in source(now)], now)
+            figures = self._figures(queue, infos, now, db_now)
+            stored = [_row(a) for a in alerts.active.values()]
+            stored += [_row(a) for event, a in events if event == "resolved"]
+            totals = {r["cls"]: r for r in await conn.fetch(
+                _TOTALS, list(added), [t[0] for t in added.values()],
+                [t[1] for t in added.values()])}
             for item in figures["classes"]:
                 total = totals.get(item["class"])
                 item["delivered_total"] = total["delivered"] if total else 0

@@ -76,8 +76,7 @@ class Monitor:
         """The spool writer's commits (what every 250 waits for), for /metrics."""
         mon = self.config.monitor
         clustered = isinstance(spool, PostgresSpool)
-        self.tracker = Tracker(self.config, counts_queue=not clustered,
-                               publishes_slices=clustered)
+        self.tracker = Tracker(self.config, counts_queue=not clustered)
         """This node's own records (on one node: its whole queue)."""
         self.cluster = ClusterMonitor(self, spool) if isinstance(spool, PostgresSpool) else None
         self.rules: dict[str, Rules] = {}

@@ -8,7 +8,8 @@ class, is deadline order): that is what the breach predictor walks.
 On one node the tracker counts the queue from the records (the node owns its whole queue). In a
 cluster a node's records describe only its own intake and deliveries, so its tracker counts no
 queue; the cluster's queue is read from the shared spool (``monitor/cluster.py``), which fills a
-tracker of its own with it and with the latency slices every node publishes.
+tracker of its own with it and with the latency slices every node's spool writes with its
+outcomes (``outcome_slices``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 from ..accounting.records import Record
@@ -92,15 +94,14 @@ class PoolState:
 
 
 class Tracker:
-    def __init__(self, config: Config, counts_queue: bool = True, lag: float = 0.0,
-                 publishes_slices: bool = False) -> None:
+    def __init__(self, config: Config, counts_queue: bool = True, lag: float = 0.0) -> None:
         self.config = config
         self.counts_queue = counts_queue
         """Whether records count the queue (depth, outstanding): only where one node owns the
         whole queue. A cluster node keeps its latency, intake and deliveries."""
         self.lag = lag
         """Seconds by which completions reach this tracker late (cluster figures: the nodes
-        publish each second's slice after it, and the evaluating node reads them once a
+        write their slices as they commit, and the evaluating node reads them once a
         second); rates are measured up to ``now - lag``, or the wait would look like a stall."""
         self.classes = {
             name: ClassState(name, c.pool, c.priority, c.sla, list(c.retry))
@@ -111,9 +112,6 @@ class Tracker:
         self.recent_recipients = 0
         """The recipients' outcomes held in ``recent``."""
         self._by_correlation: dict[str, list[str]] = {}
-        self.slices: dict[tuple[str, int], list] | None = {} if publishes_slices else None
-        """Cluster nodes (``publishes_slices``): per (class, second), [final outcomes,
-        {latency bucket: deliveries}] not yet published for the cluster's figures."""
 
     # -- feeding --------------------------------------------------------------------------------
 
@@ -162,8 +160,6 @@ class Tracker:
             if pool is not None:
                 pool.done.add(t)
                 pool.last_done = t
-            if self.slices is not None:
-                self._slice(rec.cls, t, bucket)
             if self.counts_queue:
                 if state.depth > 0:
                     state.depth -= 1
@@ -195,30 +191,9 @@ class Tracker:
             else:
                 entry[1] += 1
 
-    def _slice(self, cls: str, t: float, bucket: int | None) -> None:
-        """A final outcome into its second's slice (``bucket``: a delivery's latency bucket)."""
-        assert self.slices is not None
-        entry = self.slices.get((cls, int(t)))
-        if entry is None:
-            entry = self.slices[(cls, int(t))] = [0, {}]
-        entry[0] += 1
-        if bucket is not None:
-            entry[1][bucket] = entry[1].get(bucket, 0) + 1
-
-    def take_slices(self, before: float) -> list[tuple[str, int, int, list[int], list[int]]]:
-        """The finished seconds' slices (class, second, finals, buckets, counts), removed
-        (``before`` = inf: every slice, the current second's too: the node stops)."""
-        assert self.slices is not None
-        limit = int(before) if math.isfinite(before) else math.inf
-        out = []
-        for key in [k for k in self.slices if k[1] < limit]:
-            finals, hist = self.slices.pop(key)
-            out.append((key[0], key[1], finals, list(hist), list(hist.values())))
-        return out
-
     def absorb(self, cls: str, second: int, finals: int, buckets: list[int],
                counts: list[int]) -> None:
-        """Another node's (or this node's) published slice, into the cluster's figures."""
+        """A node's slice (``outcome_slices``), into the cluster's figures."""
         state = self.classes.get(cls)
         if state is None:
             return
@@ -345,6 +320,30 @@ class Tracker:
             if max(eta, not_before) > deadline:
                 return deadline - now
         return None
+
+
+def outcome_slices(records: Iterable[Record], classes: Container[str]
+                   ) -> list[tuple[str, int, int, list[int], list[int]]]:
+    """The cluster's slices of ``records`` (one spool commit's events): per class and second,
+    (class, second, final outcomes, latency buckets, deliveries per bucket), for the final
+    outcomes (``d``, ``b``) of ``classes``, as ``Tracker.on_record`` counts them. Written in
+    the commit that records the outcomes (``PostgresSpool.write_slices``), so the cluster's
+    totals have an outcome exactly when the spool has it."""
+    slices: dict[tuple[str, int], list] = {}
+    for rec in records:
+        kind = rec.type
+        if (kind != "d" and kind != "b") or rec.cls not in classes:
+            continue
+        key = (rec.cls, int(rec.time_logged))
+        entry = slices.get(key)
+        if entry is None:
+            entry = slices[key] = [0, {}]
+        entry[0] += 1
+        if kind == "d":
+            bucket = bucket_of(rec.time_logged - rec.time_queued)
+            entry[1][bucket] = entry[1].get(bucket, 0) + 1
+    return [(cls, second, finals, list(hist), list(hist.values()))
+            for (cls, second), (finals, hist) in slices.items()]
 
 
 def _final_state(kind: str, bounce_cat: str) -> str:

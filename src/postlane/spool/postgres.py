@@ -108,11 +108,23 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
         self.down = False
         self.on_reachability: Callable[[bool], None] | None = None
         """Called when the database goes away (False) and when it answers again (True)."""
+        self._slices: Callable[[Sequence[Record]], list[tuple]] | None = None
+        self._part = 0
+        """The ``part`` of the last slices written (``write_slices``)."""
 
     def notify_reachability(self, fn: Callable[[bool], None]) -> None:
         """Call ``fn`` when the database goes away (False) and answers again (True): the
         claimer, built after the spool (it needs it), registers at its start."""
         self.on_reachability = fn
+
+    def write_slices(self, fn: Callable[[Sequence[Record]], list[tuple]]) -> None:
+        """Write, in each commit, the ``monitor_slices`` rows ``fn`` makes of its events
+        (class, second, finals, buckets, counts: the cluster monitor's). In the transaction
+        that records the outcomes, so the cluster's totals count an outcome exactly when it is
+        committed: a node killed after its commit has it counted, one killed before has it
+        delivered again by another node, which counts it then (they were published from
+        memory once a second, and a SIGKILL lost the last second or two for good)."""
+        self._slices = fn
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -300,6 +312,14 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                 await conn.copy_records_to_table(
                     "events", records=[(writer, n, pack(rec))
                                        for n, rec in enumerate(events, first)])
+                slices = self._slices(events) if self._slices is not None else None
+                if slices:  # each commit's its own ``part`` of its seconds (the wall-clock ms)
+                    self._part = part = max(self._part + 1, int(time.time() * 1000))
+                    await conn.executemany(
+                        "INSERT INTO monitor_slices (node, cls, at, part, finals, buckets,"
+                        " counts) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                        [(self.node, cls, at, part, finals, buckets, counts)
+                         for cls, at, finals, buckets, counts in slices])
             for writer, n in batch.trims.items():
                 await conn.execute("DELETE FROM events WHERE writer=$1 AND n<=$2", writer, n)
                 await conn.execute("DELETE FROM writers WHERE writer=$1 AND writer<>$2 AND NOT"
