@@ -199,3 +199,55 @@ async def test_a_retry_right_after_a_throttling_deferral_goes_out_now(
     assert code == 0 and out.strip() == "retried now: 1 recipients of 1 messages", err
     [got] = await sink.wait_for(1)
     assert got.rcpts == ["a@example.com"]
+
+
+async def test_the_null_sender_is_selected_as_the_listing_prints_it(tmp_path, sink, make_node):
+    """The listing prints a bounce's empty sender as ``<>``, yet ``--sender '<>'`` matched
+    nothing, and ``--sender ''`` (JSON's ``"sender": ""``, or a script's unset variable) was
+    no filter at all: ``queue delete --sender '' --pool bulk --yes`` deleted the whole pool's
+    mail, not its bounces. ``<>`` and ``''`` select the null sender, ``<a@b>`` is ``a@b``, and
+    an empty ``--recipient`` (no address is empty) is refused, nothing done."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    cli = _cli(node, tmp_path)
+    await node.operations.pause("bulk", who=OPERATOR)
+    news = await node.intake.submit("news@example.com", [RcptIn("a@example.com")],
+                                    message("offer", cls="marketing"))
+    bounce = await node.intake.submit("", [RcptIn("b@example.com")],
+                                      message("returned mail", cls="marketing"))
+    for null in ("<>", ""):
+        code, out, err = await cli("queue", "list", "--sender", null, "--json")
+        assert code == 0 and [m["queue_id"] for m in json.loads(out)["messages"]] == [bounce], \
+            (null, out, err)
+    code, out, err = await cli("queue", "hold", "--sender", "<NEWS@example.com>")
+    assert code == 0 and out.strip() == "held: 1 recipients of 1 messages", (out, err)
+    code, out, err = await cli("queue", "delete", "--recipient", "", "--pool", "bulk", "--yes")
+    assert code == 1 and "--recipient" in err and "empty" in err and not out, (out, err)
+    code, out, err = await cli("queue", "delete", "--sender", "", "--pool", "bulk", "--yes")
+    assert code == 0 and out.strip() == "deleted: 1 recipients of 1 messages", (out, err)
+    assert {r.msg.id for r in node.scheduler.recipients()} == {news}
+
+
+async def test_an_internationalised_domain_is_selected_in_either_form(tmp_path, sink, make_node):
+    """Lanes are named in A-labels (``xn--bcher-kva.example``) and ``pause --domain
+    bücher.example`` took the U-label, but ``queue list --domain bücher.example``, ``retry
+    bulk --domain bücher.example`` and ``purge bulk bücher.example`` answered "no lane to
+    'bücher.example' (did you mean 'xn--bcher-kva.example'?)", and ``--recipient
+    '*@xn--bcher-kva.example'`` (the lane's name) matched nothing of ``i@bücher.example``.
+    Either form names the one domain."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    cli = _cli(node, tmp_path)
+    await node.operations.pause("bulk", who=OPERATOR)
+    qid = await node.intake.submit("news@example.com", [RcptIn("i@bücher.example")],
+                                   message("offer", cls="marketing"))
+    for args in (("--domain", "bücher.example"), ("--domain", "BÜCHER.example"),
+                 ("--domain", "xn--bcher-kva.example"),
+                 ("--recipient", "*@xn--bcher-kva.example"),
+                 ("--recipient", "I@xn--bcher-kva.example"), ("--recipient", "i@bücher.example")):
+        code, out, err = await cli("queue", "list", *args, "--json")
+        assert code == 0 and [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], \
+            (args, out, err)
+    code, out, err = await cli("retry", "bulk", "--domain", "bücher.example")
+    assert code == 0 and out.strip() == "0 recipients retried now", (out, err)
+    code, out, err = await cli("purge", "bulk", "bücher.example", "--yes")
+    assert code == 0 and out.strip() == "1 recipients purged", (out, err)
+    assert not list(node.scheduler.recipients())

@@ -20,6 +20,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
+import idna
+
+from ..address import domain_key
 from ..spool import PostgresSpool, Recipient, State
 
 if TYPE_CHECKING:
@@ -65,16 +68,37 @@ class Selector:
     all: bool = False
     """Say so to act on the whole queue."""
 
+    def __post_init__(self) -> None:
+        # what an operator may write two ways, in the one form the queue has: a domain in
+        # A-labels as lanes are named (``bücher.example`` was "no lane"), a sender without
+        # its angle brackets (the listing's ``<>`` is the null sender, "")
+        if self.domain is not None:
+            self.domain = domain_key(self.domain)
+        if self.sender is not None and self.sender.startswith("<") \
+                and self.sender.endswith(">"):
+            self.sender = self.sender[1:-1]
+
     def empty(self) -> bool:
-        return not any(getattr(self, f.name) for f in fields(self) if f.name != "all")
+        # an empty sender is a filter: the null sender's (bounces), not "no filter"
+        return self.sender is None and not any(
+            getattr(self, f.name) for f in fields(self) if f.name not in ("all", "sender"))
 
     def matcher(self, now: float):
         """A predicate on recipients; patterns are compiled once."""
         ids = set(self.queue_ids)
         sender = _pattern(self.sender)
-        rcpt = _pattern(self.recipient)
+        null_sender = self.sender == ""
+        rcpt = _pattern(_alabel_address(self.recipient)) if self.recipient else None
         state = State(self.state) if self.state else None
         domain = self.domain.lower() if self.domain else None
+
+        def rcpt_match(r: Recipient) -> bool:
+            assert rcpt is not None
+            address = r.address.lower()
+            # either form of an internationalised domain: the address as given, or with
+            # its lane's A-label domain (``*@xn--bcher-kva.example`` of ``i@bücher.example``)
+            return (rcpt.fullmatch(address) is not None
+                    or rcpt.fullmatch(f"{address.rpartition('@')[0]}@{r.domain}") is not None)
 
         def match(r: Recipient) -> bool:
             msg = r.msg
@@ -86,7 +110,8 @@ class Selector:
                     and (self.older_than is None or age >= self.older_than)
                     and (self.younger_than is None or age < self.younger_than)
                     and (sender is None or sender.fullmatch(msg.mail_from.lower()) is not None)
-                    and (rcpt is None or rcpt.fullmatch(r.address.lower()) is not None)
+                    and (not null_sender or msg.mail_from == "")
+                    and (rcpt is None or rcpt_match(r))
                     and (self.correlation_id is None
                          or msg.correlation_id == self.correlation_id))
         return match
@@ -103,6 +128,22 @@ def _pattern(text: str | None) -> re.Pattern[str] | None:
         return re.compile(parts[0])
     first, *middle, last = parts
     return re.compile(first + "".join(f"(?>.*?{part})" for part in middle) + f".*{last}")
+
+
+def _alabel_address(address: str) -> str:
+    """An address or pattern with its domain in A-labels where it names one (no ``*``)."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{domain_key(domain)}" if at and "*" not in domain else address
+
+
+def _address_forms(address: str) -> list[str]:
+    """An exact address lower-cased, with its domain as given, in A-labels and in U-labels:
+    a recipient is kept in the form its client gave."""
+    local, _, domain = address.lower().rpartition("@")
+    forms = {address.lower(), f"{local}@{domain_key(domain)}"}
+    with contextlib.suppress(idna.IDNAError, UnicodeError):
+        forms.add(f"{local}@{idna.decode(domain_key(domain))}")
+    return sorted(forms)
 
 
 _VARIABLE = re.compile(r"<[^<>\s]*@[^<>\s]*>|[\w.+-]+@[\w.-]+|\b[0-9A-Fa-f]{8,}\b|\b\d{5,}\b")
@@ -172,6 +213,9 @@ class QueueControl:
                 where = f"pool {sel.pool!r}" if sel.pool else "any pool"
                 raise SelectionError(f"no lane to {sel.domain!r} in {where}"
                                      f"{_hint(sel.domain.lower(), domains)}")
+        if sel.recipient is not None and not sel.recipient.strip():
+            raise SelectionError("an empty recipient (--recipient '') matches no address:"
+                                 " leave it out, or give an address or a pattern", 422)
         if action and sel.empty() and not sel.all:
             raise SelectionError("say which messages (queue ids or a filter), or all", 422)
 
@@ -193,8 +237,9 @@ class QueueControl:
                     where.append(f"{column} = ?")
                     params.append(value)
             if sel.recipient and "*" not in sel.recipient:
-                where.append("lower(r.address) = ?")
-                params.append(sel.recipient.lower())
+                forms = _address_forms(sel.recipient)
+                where.append(f"lower(r.address) IN ({','.join('?' * len(forms))})")
+                params.extend(forms)
             if sel.queue_ids:
                 where.append(f"m.id IN ({','.join('?' * len(sel.queue_ids))})")
                 params.extend(sel.queue_ids)
