@@ -251,3 +251,35 @@ async def test_an_internationalised_domain_is_selected_in_either_form(tmp_path, 
     code, out, err = await cli("purge", "bulk", "bücher.example", "--yes")
     assert code == 0 and out.strip() == "1 recipients purged", (out, err)
     assert not list(node.scheduler.recipients())
+
+
+async def test_a_resume_names_the_pauses_still_holding_the_mail(tmp_path, sink, make_node):
+    """A lane paused on its own stays paused when its pool is resumed (and a pool's pause
+    outlasts a resume of one lane), yet ``resume bulk`` said only "resumed bulk" and ``status``
+    showed the pool "running" while its mail to example.com stayed queued. The resume names
+    what still holds the mail, with the command that lets it go, and ``status`` the paused
+    lanes of a running pool."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    cli = _cli(node, tmp_path)
+    code, out, err = await cli("pause", "bulk")
+    assert code == 0, err
+    code, out, err = await cli("resume", "bulk", "--domain", "example.com")
+    assert code == 0 and out.strip() == ("resumed bulk to example.com; pool bulk stays paused"
+                                         " (postlane resume bulk)"), (out, err)
+    code, out, err = await cli("pause", "bulk", "--domain", "example.com")
+    assert code == 0, err
+    code, out, err = await cli("resume", "bulk", "--json")
+    assert code == 0 and json.loads(out)["still_paused"] == ["example.com"], (out, err)
+    await node.intake.submit("news@example.com", [RcptIn("a@example.com")],
+                             message("offer", cls="marketing"))
+    code, out, err = await cli("status", "--json")
+    [bulk] = [p for p in json.loads(out)["status"]["pools"] if p["pool"] == "bulk"]
+    assert (bulk["paused"], bulk["paused_lanes"]) == (False, ["example.com"]), bulk
+    code, out, err = await cli("status")
+    assert code == 0 and "running, lanes paused: example.com" in out, out
+    code, out, err = await cli("resume", "bulk")
+    assert code == 0 and out.strip() == ("resumed bulk; still paused: its lanes to example.com"
+                                         " (postlane resume bulk --domain DOMAIN)"), (out, err)
+    code, out, err = await cli("resume", "bulk", "--domain", "example.com")
+    assert code == 0 and out.strip() == "resumed bulk to example.com", (out, err)
+    await sink.wait_for(1)

@@ -207,6 +207,15 @@ class Operations:
         await self._check(Selector(pool=pool))
         return await self._set_paused(pool, domain, False, who)
 
+    def still_paused(self, pool: str, domain: str | None = None) -> list[str]:
+        """After a resume of ``pool`` (or of its lane to ``domain``): the pauses still holding
+        that mail, which a resume does not lift ("*": the whole pool's, else lanes' domains).
+        A lane paused on its own stays paused when its pool resumes: "resumed bulk" and a
+        pool shown running read as "the mail flows" while it waited."""
+        if domain:
+            return ["*"] if (pool, "*") in self.scheduler.paused else []
+        return sorted(d for p, d in self.scheduler.paused if p == pool and d != "*")
+
     async def _set_paused(self, pool: str, domain: str | None, paused: bool,
                           who: Operator) -> int:
         if domain:  # a lane with no mail yet may be paused, but only one that could have some

@@ -236,8 +236,12 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     @api.post("/pools/{pool}/resume", tags=["operations"])
     async def resume(request: Request, pool: str,
                      domain: LaneDomain = None) -> dict:
+        """Let a pool (or one lane) deliver again; ``still_paused``: the pauses that still
+        hold that mail ("*": the pool's, after a lane's resume; else its lanes paused on their
+        own, after the pool's)."""
         queued = await ops.resume(pool, domain, who=caller(request))
-        return {"pool": pool, "domain": domain, "paused": False, "queued": queued}
+        return {"pool": pool, "domain": domain, "paused": False, "queued": queued,
+                "still_paused": ops.still_paused(pool, domain)}
 
     @api.post("/pools/{pool}/retry", tags=["operations"])
     async def retry(request: Request, pool: str,

@@ -182,8 +182,11 @@ def status(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     for col in ("pool", "connections", "state", "pausable"):
         pools.add_column(col)
     for p in st["pools"]:
-        pools.add_row(p["pool"], f"{p['connections']}/{p['cap']}",
-                      "paused" if p["paused"] else "running", "yes" if p["pausable"] else "no")
+        lanes = p.get("paused_lanes") or []  # a running pool's lanes paused on their own
+        state = "paused" if p["paused"] else (
+            f"running, lanes paused: {', '.join(lanes)}" if lanes else "running")
+        pools.add_row(p["pool"], f"{p['connections']}/{p['cap']}", Text(state),
+                      "yes" if p["pausable"] else "no")
     out.print(pools)
     scope = "the cluster's queue, " if clustered else ""
     classes = Table(title=f"classes ({scope}latency over the last 5 minutes)")
@@ -296,7 +299,15 @@ def resume(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: U
     """Let a paused pool (or lane) deliver again."""
     out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{_seg(pool)}/resume",
                 domain=domain)
-    _done(out, as_json, f"resumed {pool}" + (f" to {domain}" if domain else ""))
+    still = out.get("still_paused") or []
+    if still == ["*"]:  # a lane resumed in a paused pool
+        note = f"; pool {pool} stays paused (postlane resume {pool})"
+    elif still:  # a pool resumed with lanes paused on their own
+        note = (f"; still paused: its lanes to {', '.join(still)}"
+                f" (postlane resume {pool} --domain DOMAIN)")
+    else:
+        note = ""
+    _done(out, as_json, f"resumed {pool}" + (f" to {domain}" if domain else "") + note)
 
 
 @app.command()

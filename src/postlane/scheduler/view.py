@@ -76,6 +76,7 @@ class QueueView:
         return [{
             "pool": name, "pausable": pausable(name),
             "paused": (name, "*") in sched.paused,
+            "paused_lanes": sorted(d for p, d in sched.paused if p == name and d != "*"),
             "connections": sum(s.in_use for s in slots),
             "cap": sum(s.max_smtp_out for s in slots),
             "ips": [{"address": s.address, "ehlo": s.ehlo, "in_use": s.in_use,
