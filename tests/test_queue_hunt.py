@@ -283,3 +283,33 @@ async def test_a_resume_names_the_pauses_still_holding_the_mail(tmp_path, sink, 
     code, out, err = await cli("resume", "bulk", "--domain", "example.com")
     assert code == 0 and out.strip() == "resumed bulk to example.com", (out, err)
     await sink.wait_for(1)
+
+
+async def test_a_retry_or_release_into_a_paused_lane_says_the_mail_waits(
+        tmp_path, sink, make_node):
+    """``queue retry``, ``retry POOL`` and ``queue release`` of mail whose lane is paused said
+    "retried now: 1 recipients" (or "released") and nothing went out: the pause holds it. The
+    answer counts those that wait for a resume (``paused``) and says so."""
+    sink.rcpt_replies["a@example.com"] = ["451 4.7.1 greylisted"]
+    text = config_text(tmp_path, sink.port).replace('retry = ["1s", "2s"]', 'retry = ["1h"]')
+    node = await make_node(text)
+    cli = _cli(node, tmp_path)
+    qid = await node.intake.submit("news@example.com", [RcptIn("a@example.com")],
+                                   message("offer", cls="marketing"))
+    await until(lambda: any(r.state.value == "deferred" for r in node.scheduler.message(qid)))
+    await node.operations.pause("bulk", "example.com", who=OPERATOR)
+    code, out, err = await cli("queue", "retry", qid)
+    assert code == 0 and out.splitlines() == [
+        "retried now: 1 recipients of 1 messages",
+        "1 of them wait in paused lanes until a resume (postlane queues)"], (out, err)
+    code, out, err = await cli("queue", "hold", qid)
+    assert code == 0, err
+    code, out, err = await cli("queue", "release", qid, "--json")
+    assert code == 0 and json.loads(out)["paused"] == 1, (out, err)
+    await node.operations.resume("bulk", "example.com", who=OPERATOR)
+    await until(lambda: any(r.state.value == "deferred" for r in node.scheduler.message(qid))
+                and sink.rcpt_attempts["a@example.com"] == 2)
+    await node.operations.pause("bulk", who=OPERATOR)
+    code, out, err = await cli("retry", "bulk")
+    assert code == 0 and out.strip() == ("1 recipients retried now; 1 of them wait in paused"
+                                         " lanes until a resume (postlane queues)"), (out, err)

@@ -247,7 +247,8 @@ class Operations:
         cluster on every node). ``recipients``: retried here (with the shared queue's
         unclaimed ones); ``elsewhere``: those other nodes hold, which they retry now."""
         out = await self.queue("retry", Selector(pool=pool, domain=domain), who=who, lift=True)
-        return {"recipients": out["recipients"], "elsewhere": out.get("elsewhere", 0)}
+        return {"recipients": out["recipients"], "elsewhere": out.get("elsewhere", 0),
+                "paused": out.get("paused", 0)}
 
     async def retry_asked(self, request: RetryRequest) -> None:
         """Another node was sent ``request`` (retry now): the same on what this node holds,

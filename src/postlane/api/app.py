@@ -250,7 +250,7 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
         cluster on every node: ``elsewhere`` counts those other nodes hold and now retry)."""
         out = await ops.retry(pool, domain, who=caller(request))
         return {"pool": pool, "domain": domain, "retried": out["recipients"],
-                "elsewhere": out["elsewhere"]}
+                "elsewhere": out["elsewhere"], "paused": out["paused"]}
 
     @api.post("/pools/{pool}/lanes/{domain}/purge", tags=["operations"])
     async def purge(request: Request, pool: str, domain: str) -> dict:

@@ -280,6 +280,10 @@ def queues(config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = 
     out.print(_lanes_table(st))
 
 
+PAUSED_NOTE = "{} of them wait in paused lanes until a resume (postlane queues)"
+"""Said of recipients a retry or release made due whose lane is paused: not "sent now"."""
+
+
 def _done(out: dict, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(out, indent=2) if as_json else text)
 
@@ -319,7 +323,8 @@ def retry(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: UR
                 domain=domain)
     elsewhere = out.get("elsewhere", 0)
     _done(out, as_json, f"{out['retried']} recipients retried now" + (
-        f"; {elsewhere} more held by other nodes, which retry them now" if elsewhere else ""))
+        f"; {elsewhere} more held by other nodes, which retry them now" if elsewhere else "")
+        + (f"; {PAUSED_NOTE.format(out['paused'])}" if out.get("paused") else ""))
 
 
 @app.command()

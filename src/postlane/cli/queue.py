@@ -13,7 +13,19 @@ from rich.table import Table
 from rich.text import Text
 
 from ..audit.evidence import visible
-from .ops import ConfigOpt, JSONOpt, TokenOpt, URLOpt, _age, _call, _fail, _seg, _target, console
+from .ops import (
+    PAUSED_NOTE,
+    ConfigOpt,
+    JSONOpt,
+    TokenOpt,
+    URLOpt,
+    _age,
+    _call,
+    _fail,
+    _seg,
+    _target,
+    console,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Message-level queue control: list, show, hold, release, retry, delete,"
@@ -166,6 +178,8 @@ def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json
     done = {**_DONE, "retry": "retried now"}[action]
     typer.echo(f"{'would be ' if dry_run else ''}{done}: {out['recipients']} recipients of"
                f" {out['messages']} messages")
+    if out.get("paused"):
+        typer.echo(PAUSED_NOTE.format(out["paused"]))
     if out.get("elsewhere") and action == "retry" and not dry_run:
         typer.echo(f"{out['elsewhere']} more match on other nodes of the cluster, which have"
                    f" claimed them: those nodes retry them now")

@@ -391,6 +391,10 @@ class QueueControl:
         if touched is not None and not dry_run:
             touched |= ids
         out |= {"recipients": len(found), "messages": len(ids)}
+        if action in ("retry", "release"):  # due now, but a pause still holds these
+            waiting = sum(1 for r in found if sched.pause_holds(r.msg.pool, r.domain))
+            if waiting:
+                out["paused"] = waiting
         if sel.queue_ids:
             if action == "retry":  # asked of every node: the owners retry theirs now
                 out["untouched"] = await self._untouched(sel, wanted, ids | set(elsewhere),

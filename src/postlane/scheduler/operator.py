@@ -197,6 +197,10 @@ class OperatorActions:
         await self.spool.set_paused(pool, domain or ANY_DOMAIN, paused, events)
         self.apply_paused(pool, domain, paused)
 
+    def pause_holds(self, pool: str, domain: str) -> bool:
+        """Whether a pause (the pool's or its lane's) holds mail of ``pool`` to ``domain``."""
+        return (pool, ANY_DOMAIN) in self.paused or (pool, domain) in self.paused
+
     def apply_paused(self, pool: str, domain: str | None, paused: bool) -> None:
         """Apply a pause already stored (by this node, or by another node of a cluster)."""
         key = (pool, domain or ANY_DOMAIN)
