@@ -313,3 +313,32 @@ async def test_a_retry_or_release_into_a_paused_lane_says_the_mail_waits(
     code, out, err = await cli("retry", "bulk")
     assert code == 0 and out.strip() == ("1 recipients retried now; 1 of them wait in paused"
                                          " lanes until a resume (postlane queues)"), (out, err)
+
+
+async def test_an_unconfirmed_delete_of_mail_other_nodes_hold_says_where_it_is(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """In a cluster, ``queue delete --recipient X`` (asked, not ``--yes``) sent to a node while
+    another node has claimed X's mail said "nothing to delete: no queued recipient matches",
+    though it matches, on the other node; with ``--yes`` the same delete said "1 more match on
+    other nodes". It says where the mail is, exit 1 (nothing was deleted), and ``--json``
+    prints the count (``recipients`` 0, ``elsewhere`` 1), as the docs say of ``--json``."""
+    a, b, _ = await greylisted_pair(tmp_path, sink, pg_schema)
+    try:
+        [notice] = await deferred_across(a, b, f"r0@{GREY}")
+        other = b if any(r.msg.id == notice for r in a.scheduler.recipients()) else a
+        api = ["--url", f"http://127.0.0.1:{other.api.port}", "--token-file",
+               str(tmp_path / "api-token")]
+        code, out, err = await run_cli("queue", "delete", "--recipient", f"r0@{GREY}", *api)
+        assert code == 1 and not out and "nothing to delete on this node: 1 more match on" \
+            " other nodes of the cluster" in err, (out, err)
+        code, out, err = await run_cli("queue", "delete", "--recipient", f"r0@{GREY}",
+                                       "--json", *api)
+        got = json.loads(out)
+        assert code == 1 and (got["recipients"], got["elsewhere"]) == (0, 1), (out, err)
+        code, out, err = await run_cli("queue", "delete", "--sender", "nobody@*", "--json",
+                                       *api)
+        assert code == 1 and json.loads(out)["recipients"] == 0, (out, err)
+        assert "nothing to delete: no queued recipient matches" in err, err
+    finally:
+        await a.stop()
+        await b.stop()

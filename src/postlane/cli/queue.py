@@ -231,6 +231,12 @@ def delete(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
         if not count["recipients"]:  # nothing to ask about: say what matched nothing
             for qid, why in (count.get("untouched") or {}).items():
                 typer.echo(f"{qid}: {why}", err=True)
+            if as_json:  # the count, as a delete that found nothing answers with --json
+                typer.echo(json.dumps(count, indent=2))
+            if count.get("elsewhere"):  # it matches, where this node cannot delete it
+                raise _fail(f"nothing to delete on this node: {count['elsewhere']} more match"
+                            " on other nodes of the cluster, which have claimed them: run it"
+                            " on those nodes' APIs (postlane cluster status)")
             raise _fail("nothing to delete: no queued recipient matches")
         if not (os.isatty(0) and typer.confirm(
                 f"delete {count['recipients']} recipients of {count['messages']} messages"
