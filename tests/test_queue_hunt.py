@@ -342,3 +342,25 @@ async def test_an_unconfirmed_delete_of_mail_other_nodes_hold_says_where_it_is(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_listing_cut_by_limit_says_so_and_an_empty_name_is_told(
+        tmp_path, sink, make_node):
+    """``queue list --limit 1`` of three messages printed "3 messages, 3 recipients" over one
+    row, with no word of the two left out; ``purge bulk ''`` (a script's unset variable) and
+    ``pause ''`` answered a bare "Not Found (HTTP 404)": the empty name made another URL."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    cli = _cli(node, tmp_path)
+    await node.operations.pause("bulk", who=OPERATOR)
+    for i in range(3):
+        await node.intake.submit("news@example.com", [RcptIn(f"m{i}@example.com")],
+                                 message(f"offer {i}", cls="marketing"))
+    code, out, err = await cli("queue", "list", "--limit", "1")
+    assert code == 0 and "the oldest 1 of 3 messages shown (--limit)" in out, (out, err)
+    code, out, err = await cli("queue", "list")
+    assert code == 0 and "shown (--limit)" not in out, out
+    for args in (("purge", "bulk", "", "--yes"), ("purge", "", "example.com", "--yes"),
+                 ("pause", ""), ("resume", ""), ("retry", "")):
+        code, out, err = await cli(*args)
+        assert code == 1 and "Not Found" not in err and "empty" in err, (args, out, err)
+    assert len(list(node.scheduler.recipients())) == 3

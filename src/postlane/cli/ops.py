@@ -68,6 +68,14 @@ def _seg(value: str) -> str:
     return quote(value, safe="").replace(".", "%2E")
 
 
+def _named(value: str, what: str) -> str:
+    """A pool or domain named on the command line, not empty: "" (a script's unset variable)
+    made another URL, answered with a bare "Not Found"."""
+    if not value.strip():
+        raise _fail(f"the {what} is empty: give its name (postlane queues lists them)")
+    return value
+
+
 def _call(target: tuple[str, str], method: str, path: str, body: dict | None = None,
           **params: Any) -> dict:
     url, token = target
@@ -292,6 +300,7 @@ def _done(out: dict, as_json: bool, text: str) -> None:
 def pause(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
           token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Hold a pool's mail (or its lane to one domain) in the queue; survives a restart."""
+    _named(pool, "pool")
     out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{_seg(pool)}/pause",
                 domain=domain)
     _done(out, as_json, f"paused {pool}" + (f" to {domain}" if domain else ""))
@@ -301,6 +310,7 @@ def pause(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: UR
 def resume(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: URLOpt = None,
            token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Let a paused pool (or lane) deliver again."""
+    _named(pool, "pool")
     out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{_seg(pool)}/resume",
                 domain=domain)
     still = out.get("still_paused") or []
@@ -319,6 +329,7 @@ def retry(pool: str, domain: DomainOpt = None, config: ConfigOpt = None, url: UR
           token_file: TokenOpt = None, as_json: JSONOpt = False) -> None:
     """Retry deferred mail of a pool (or lane) now, lifting a backoff (in a cluster: on every
     node)."""
+    _named(pool, "pool")
     out = _call(_target(config, url, token_file), "POST", f"/api/v1/pools/{_seg(pool)}/retry",
                 domain=domain)
     elsewhere = out.get("elsewhere", 0)
@@ -333,6 +344,8 @@ def purge(pool: str, domain: str,
           config: ConfigOpt = None, url: URLOpt = None, token_file: TokenOpt = None,
           as_json: JSONOpt = False) -> None:
     """Drop every queued, deferred and held recipient of one lane (logged as purged, no DSN)."""
+    _named(pool, "pool")
+    _named(domain, "domain")
     target = _target(config, url, token_file)
     if not yes and not (os.isatty(0) and typer.confirm(
             f"purge all queued mail of pool {pool} to {domain}?")):

@@ -117,6 +117,9 @@ def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
                     str(msg["size"]), msg["sender"] or "<>"] if i == 0 else [""] * 6
             table.add_row(*_cells(*head, r["address"], r["state"], str(r["attempts"]),
                                   r["reply"]))
+    if len(out["messages"]) < out["total_messages"]:  # the title counts them all
+        table.caption = (f"the oldest {len(out['messages'])} of {out['total_messages']}"
+                         " messages shown (--limit)")
     console().print(table)
 
 
