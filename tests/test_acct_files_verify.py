@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
 import io
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,40 @@ async def test_damaged_files_are_named(tmp_path, sink, make_node, damage):
     report = json.loads((await verify(cfg, "--json")).output)["files"]
     assert not report["ok"] and report["counts"][
         {"deleted": "missing", "doubled": "doubled", "cut": "cut"}[damage]] == 1
+
+
+async def test_files_the_archive_script_compressed_are_checked_too(tmp_path, sink, make_node):
+    """deploy/accounting-archive.sh (docs/operations.md: daily) gzips every closed file: those
+    are the node's rotated files still, so a record cut out of one is named. ``--files`` read
+    only ``acct-*.csv``: after the first archive run it checked the file being written alone."""
+    cfg = node_config(tmp_path, sink.port)
+    await run_node(tmp_path, sink, make_node, cfg)
+    files = csv_files(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "deploy" / "accounting-archive.sh"
+    done = subprocess.run(["sh", str(script), str(tmp_path / "acct"), "400"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    packed = sorted((tmp_path / "acct").glob("acct-*.csv.gz"))
+    assert len(packed) == len(files) - 1  # all but the one being written
+    res = await verify(cfg)
+    assert res.exit_code == 0, res.output
+    assert f"files: 26 lines in {len(files)} files match the store" in res.output
+    # a gzip stopped half-way leaves its .gz beside the original, which is what counts
+    Path(str(files[-1]) + ".gz").write_bytes(gzip.compress(files[-1].read_bytes())[:20])
+    res = await verify(cfg)
+    assert res.exit_code == 0, res.output
+    assert f"files: 26 lines in {len(files)} files match the store" in res.output
+    archived = Path(str(files[1]) + ".gz")
+    lines = gzip.decompress(archived.read_bytes()).splitlines(keepends=True)
+    archived.write_bytes(gzip.compress(b"".join(lines[:2] + lines[3:])))
+    res = await verify(cfg)
+    assert res.exit_code == 1, res.output
+    assert f"FILES: missing from the files: {identity(lines[2])}" in res.output
+    archived.write_bytes(archived.read_bytes()[:-12])  # a copy cut short
+    res = await verify(cfg)
+    assert res.exit_code == 1, res.output
+    assert (f"FILES: not a whole record: {archived.name}: cannot be read (Compressed file"
+            " ended before the end-of-stream marker was reached)") in res.output
 
 
 async def test_a_line_the_store_does_not_have_is_named(tmp_path, sink, make_node):

@@ -17,7 +17,10 @@ line (measured: ≈ 86 bytes a line, 86 MB for a million lines), never the rows 
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +43,7 @@ _MAX_SPAN = 64
 """Physical lines one CSV record may span (a quoted remote reply with line breaks)."""
 _TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}\+0000")
 _M64 = (1 << 64) - 1
-_NAME = re.compile(r"acct-(\d{8}-\d{6})(?:-(\d+))?\.\w+")
+_NAME = re.compile(r"acct-(\d{8}-\d{6})(?:-(\d+))?\.\w+(?:\.gz)?")
 
 
 def _key(rtype: str, when: str, queue_id: str, rcpt: str | None) -> int:
@@ -147,7 +150,7 @@ def check_files(store: AuditStore, directory: Path, formats: list[str],
     feed = {str(w): int(n) for w, n in position.get("feed", {}).items()}
     lost = {str(w): (int(a), int(b)) for w, (a, b) in position.get("lost", {}).items()}
     have_position = "feed" in position
-    paths = ordered(directory.glob(f"acct-*.{fmt}"))
+    paths = _files(directory, fmt)
     writing = {Path(p).name for p, _ in position.get("files", {}).values()}
     if paths:
         writing.add(paths[-1].name)  # rotated after the position was read
@@ -284,19 +287,34 @@ def _committed_since(store: AuditStore, line: _Line) -> bool:
 
 # -- reading the files ----------------------------------------------------------------------------
 
+def _files(directory: Path, fmt: str) -> list[Path]:
+    """The files of ``fmt``, oldest first, and those deploy/accounting-archive.sh compressed
+    (``acct-*.csv.gz``: rotated files still, kept for its KEEP_DAYS). A ``.gz`` beside its own
+    uncompressed file is a gzip that did not finish (gzip removes the original last): the
+    original is read."""
+    plain = set(directory.glob(f"acct-*.{fmt}"))
+    packed = {p for p in directory.glob(f"acct-*.{fmt}.gz") if p.with_suffix("") not in plain}
+    return ordered(plain | packed)
+
+
+def _open(path: Path) -> io.BufferedIOBase:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
+
+
 def _lines(paths: list[Path], fmt: str, writing: set[str],
            result: FilesCheck) -> Iterator[_Line]:
     """Every whole record of the files, in order; a line that is not one goes to ``result``
     (the last, unfinished line of a file being written is skipped)."""
     for path in paths:
         try:
-            with open(path, "rb") as fh:
+            with _open(path) as fh:
                 if fmt == "csv":
                     yield from _csv_lines(path, fh, path.name in writing, result)
                 else:
                     yield from _json_lines(path, fh, path.name in writing, result)
-        except OSError as exc:
-            result.add("cut", f"{path.name}: cannot be read ({exc.strerror or exc})")
+        except (OSError, EOFError, zlib.error) as exc:  # the last two: a .gz cut or damaged
+            why = getattr(exc, "strerror", None) or exc
+            result.add("cut", f"{path.name}: cannot be read ({why})")
 
 
 def _bad(result: FilesCheck, path: Path, number: int, why: str) -> None:
