@@ -3,7 +3,9 @@
 # First run (writes the config, keys, certificate and token into the volumes):
 #   docker run --rm -v postlane-etc:/etc/postlane -v postlane-var:/var/lib/postlane postlane \
 #       init /etc/postlane --state-dir /var/lib/postlane --hostname mta.example --domain insurer.example --ip ...
-# Serve:  docker run -d --network host -v postlane-etc:/etc/postlane -v postlane-var:/var/lib/postlane postlane
+# Serve:  docker run -d --network host --stop-timeout 45 -v postlane-etc:/etc/postlane -v postlane-var:/var/lib/postlane postlane
+# (--stop-timeout: `docker stop` SIGKILLs after 10 s otherwise, while the drain takes up to
+# node.drain_timeout, 30 s; 45 as the systemd unit's TimeoutStopSec and compose's grace period)
 # (host networking: the pools send from the machine's dedicated IPs). On the host's network a
 # non-root process may not bind ports below net.ipv4.ip_unprivileged_port_start (1024), so the
 # node's interpreter carries the one capability it needs, CAP_NET_BIND_SERVICE (below): leave it

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from postlane.config.model import NodeConfig
 from postlane.startup import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,3 +144,24 @@ def test_compose_runs_two_nodes_on_one_postgresql():
         assert not node_ips & ips  # each node sends from its own addresses
         ips |= node_ips
     assert len(names) == 2
+
+
+def test_the_documented_serve_commands_give_the_drain_as_long_as_systemd_does():
+    """``docker stop`` sends SIGTERM and SIGKILLs 10 s later unless told otherwise; the node's
+    drain takes up to ``node.drain_timeout`` (30 s). The ``docker run -d`` that serves (in the
+    Dockerfile and docs/operations.md) had no ``--stop-timeout``: deliveries still on the wire
+    after 10 s were cut (and sent again at the next start). Each place that runs the node now
+    waits as long as the systemd unit's TimeoutStopSec."""
+    unit = (REPO / "deploy" / "systemd" / "postlane.service").read_text()
+    stop = int(next(ln.split("=")[1] for ln in unit.splitlines()
+                    if ln.startswith("TimeoutStopSec=")))
+    assert stop > NodeConfig().drain_timeout
+    for doc in ("Dockerfile", "docs/operations.md"):
+        text = (REPO / doc).read_text().replace("\\\n", " ")
+        serving = [ln for ln in text.splitlines() if "docker run -d" in ln]
+        assert serving, doc
+        for ln in serving:
+            assert f"--stop-timeout {stop} " in ln, (doc, ln)
+    services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    for node in ("node1", "node2"):
+        assert services[node]["stop_grace_period"] == f"{stop}s"
