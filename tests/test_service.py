@@ -72,6 +72,29 @@ def test_accounting_archive_compresses_only_closed_files(tmp_path):
     assert done.returncode != 0 and (acct / "acct-20261103-000000.csv").exists()
 
 
+def test_accounting_archive_leaves_a_file_the_node_just_started(tmp_path):
+    """A rotation (or a start) makes the new files first and names them in the position a
+    moment later. The script read the position, then listed the files: a new file made in
+    between was named nowhere, so it was gzipped and unlinked while the node wrote on into it
+    (the node then logs the file gone and starts others; lines it synced between gzip's read
+    and the unlink were in neither). Only files older than every file the position names as
+    being written are compressed."""
+    acct = tmp_path / "accounting"
+    acct.mkdir()
+    names = ("acct-20261101-000000.csv", "acct-20261101-000000.jsonl",
+             "acct-20261102-000000.csv", "acct-20261102-000000.jsonl",
+             "acct-20261102-000000-1.csv", "acct-20261102-000000-1.jsonl")
+    for name in names:
+        (acct / name).write_text("type\n")
+    (acct / "acct.position.json").write_text(json.dumps(  # still the files before the rotation
+        {"files": {"csv": [str(acct / names[2]), 5], "jsonl": [str(acct / names[3]), 0]},
+         "feed": {}, "closed": {}}))
+    subprocess.run(["sh", str(REPO / "deploy" / "accounting-archive.sh"), str(acct), "400"],
+                   check=True, timeout=30)
+    assert sorted(p.name for p in acct.iterdir()) == sorted(
+        [f"{n}.gz" for n in names[:2]] + list(names[2:]) + ["acct.position.json"])
+
+
 class NotifySocket:
     """What a service manager hears on $NOTIFY_SOCKET."""
 
