@@ -19,7 +19,7 @@ import re
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from ..address import PathError, alabel_domain, parse_path
+from ..address import PathError, alabel_domain, domain_key, parse_path
 from ..config import ListenerConfig
 from ..policy.headers import normalize_newlines
 from ..policy.intake import Intake, RcptIn, Rejection
@@ -627,7 +627,7 @@ class SMTPIntake:
             if refusal is not None:
                 return refusal
         local, _, domain = address.rpartition("@")
-        key = f"{local}@{domain.lower()}"
+        key = f"{local}@{domain_key(domain)}"  # exämple.com is xn--exmple-cua.com (RFC 5890)
         if key in envelope.rcpt_seen:  # type: ignore[attr-defined]
             return "250 2.1.5 Recipient ok (duplicate, delivered once)"
         if len(envelope.rcpt_tos) >= self.config.max_recipients:

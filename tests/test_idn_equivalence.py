@@ -1,0 +1,54 @@
+"""One internationalised mailbox, two spellings: ``jörg@exämple.com`` (U-labels) and
+``jörg@xn--exmple-cua.com`` (A-labels) name the same domain (RFC 5890 2.3.2.1), so the edge,
+the suppression list and the audit trail must treat them as one address."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+
+from postlane.harness.sink import Sink
+from tests.conftest import config_text
+from tests.support.rawsmtp import session
+
+ULABEL = "exämple.com"
+ALABEL = "xn--exmple-cua.com"
+
+
+async def _utf8_node(tmp_path, make_node):
+    target = await Sink(smtputf8=True).start()
+    node = await make_node(config_text(tmp_path, target.port,
+                                       f'"{ALABEL}" = "127.0.0.1:{target.port}"\n'))
+    return node, target
+
+
+def _sendmail(port: int, rcpts: list[str]) -> dict:
+    body = ("From: s@insurer.test\r\nTo: jörg@exämple.com\r\nSubject: Grüße\r\n\r\n"
+            "Hallo\r\n").encode()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        return client.sendmail("s@insurer.test", rcpts, body, ["SMTPUTF8"])
+
+
+async def test_one_mailbox_in_u_labels_and_a_labels_is_one_recipient(tmp_path, make_node):
+    """The duplicate check compared domains lower-cased only: the mailbox named both ways in
+    one transaction was queued twice and its owner got two copies."""
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        raw = await session(node.listeners[0].port)
+        assert (await raw.cmd(b"MAIL FROM:<s@insurer.test> SMTPUTF8\r\n")).startswith("250")
+        assert (await raw.cmd(f"RCPT TO:<jörg@{ULABEL}>".encode() + b"\r\n")).startswith("250")
+        dup = await raw.cmd(f"RCPT TO:<jörg@{ALABEL}>".encode() + b"\r\n")
+        assert dup.startswith("250") and "duplicate" in dup, dup
+        dup = await raw.cmd("RCPT TO:<jörg@EXÄMPLE.com>".encode() + b"\r\n")
+        assert dup.startswith("250") and "duplicate" in dup, dup
+        assert (await raw.cmd("DATA")).startswith("354")
+        raw.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        assert (await raw.reply()).startswith("250")
+        await raw.close()
+        [arrival] = await target.wait_for(1)
+        assert arrival.rcpts == [f"jörg@{ULABEL}"]
+        await asyncio.sleep(0.5)
+        assert len(target.arrivals) == 1
+    finally:
+        await target.stop()
