@@ -52,3 +52,26 @@ async def test_one_mailbox_in_u_labels_and_a_labels_is_one_recipient(tmp_path, m
         assert len(target.arrivals) == 1
     finally:
         await target.stop()
+
+
+async def test_api_message_to_one_mailbox_in_both_spellings_is_one_recipient(tmp_path,
+                                                                             make_node):
+    """The HTTP API took ``to`` and ``cc`` (and ``bcc``) as they came: a mailbox named in
+    U-labels and in A-labels, or twice, was queued as two recipients and got two copies (the
+    SMTP door delivers a duplicate RCPT once)."""
+    from tests.test_api import api_client
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        async with api_client(node, tmp_path) as api:
+            resp = await api.post("/api/v1/messages", json={
+                "from": "s@insurer.test", "to": [f"jörg@{ULABEL}"],
+                "cc": [f"jörg@{ALABEL}"], "bcc": [f"jörg@{ULABEL.upper()}"],
+                "subject": "Grüße", "text": "Hallo"})
+            assert resp.status_code == 202, resp.text
+            assert resp.json()["recipients"] == 1
+        [arrival] = await target.wait_for(1)
+        assert arrival.rcpts == [f"jörg@{ULABEL}"]
+        await asyncio.sleep(0.5)
+        assert len(target.arrivals) == 1
+    finally:
+        await target.stop()

@@ -23,7 +23,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from ..address import PathError, parse_path
+from ..address import PathError, domain_key, parse_path
 from ..maildate import header_date
 
 _ADDRESS = re.compile(r"^[^@\s<>()\[\],;:\"\\]+@(?:[A-Za-z0-9.-]|[^\x00-\x7f])+$")
@@ -167,7 +167,7 @@ class MessageIn(BaseModel):
         raw = self.raw is not None or self.raw_base64 is not None
         if self.raw is not None and self.raw_base64 is not None:
             raise ValueError("give raw or raw_base64, not both")
-        count = len(self.envelope_recipients())
+        count = len(self.to) + len(self.cc) + len(self.bcc)
         if count > MAX_RECIPIENTS:  # each list's own cap let one message have 3,000
             raise ValueError(f"{count} recipients (to, cc and bcc together): at most"
                              f" {MAX_RECIPIENTS} a message")
@@ -204,7 +204,14 @@ class MessageIn(BaseModel):
         return self.raw is not None or self.raw_base64 is not None
 
     def envelope_recipients(self) -> list[str]:
-        return [*self.to, *self.cc, *self.bcc]
+        """``to``, ``cc`` and ``bcc`` with each mailbox once, as the SMTP door takes a
+        duplicate RCPT: same local part, domain in any case or in U- or A-labels
+        (``jörg@exämple.com`` is ``jörg@xn--exmple-cua.com``); each was a copy of its own."""
+        seen: dict[str, str] = {}
+        for address in (*self.to, *self.cc, *self.bcc):
+            local, _, domain = address.rpartition("@")
+            seen.setdefault(f"{local}@{domain_key(domain)}", address)
+        return list(seen.values())
 
     def build(self, correlation_header: str) -> bytes:
         """The message as bytes, with the correlation id header if one was given."""
