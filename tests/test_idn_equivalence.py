@@ -54,6 +54,32 @@ async def test_one_mailbox_in_u_labels_and_a_labels_is_one_recipient(tmp_path, m
         await target.stop()
 
 
+async def test_a_suppressed_u_label_address_stops_its_a_label_spelling(tmp_path, make_node):
+    """``Jörg@Exämple.com`` on the list, mail to ``jörg@xn--exmple-cua.com`` (what a client
+    without SMTPUTF8 support converts the domain to): the list compared lower-cased text only,
+    so the suppressed mailbox got the mail. Either spelling on the list stops both."""
+    from tests.test_api import api_client
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        async with api_client(node, tmp_path) as api:
+            resp = await api.post("/api/v1/suppressions", json={
+                "address": "Jörg@Exämple.com", "scope": "all", "reason": "asked"})
+            assert resp.status_code == 201, resp.text
+            resp = await api.post("/api/v1/suppressions", json={
+                "address": f"anna@{ALABEL}", "scope": "all", "reason": "asked"})
+            assert resp.status_code == 201, resp.text
+        port = node.listeners[0].port
+        for rcpt in (f"jörg@{ALABEL}", f"JÖRG@{ULABEL}", f"anna@{ULABEL}"):
+            try:
+                refused = await asyncio.to_thread(_sendmail, port, [rcpt])
+            except smtplib.SMTPRecipientsRefused as exc:
+                refused = exc.recipients
+            assert refused and refused[rcpt][0] == 550, (rcpt, refused)
+        assert not target.arrivals
+    finally:
+        await target.stop()
+
+
 async def test_api_message_to_one_mailbox_in_both_spellings_is_one_recipient(tmp_path,
                                                                              make_node):
     """The HTTP API took ``to`` and ``cc`` (and ``bcc``) as they came: a mailbox named in
@@ -75,3 +101,29 @@ async def test_api_message_to_one_mailbox_in_both_spellings_is_one_recipient(tmp
         assert len(target.arrivals) == 1
     finally:
         await target.stop()
+
+
+def test_an_entry_written_before_in_u_labels_still_matches_and_is_listed(tmp_path):
+    """The list keeps domains in A-labels now; an entry written before, with the domain as it
+    was given (U-labels), still stops the mailbox in either spelling, ``suppress list --like``
+    finds entries of a domain by either spelling, and ``remove`` takes both."""
+    from postlane.feedback.suppression import SuppressionList
+
+    store = SuppressionList(tmp_path / "s.sqlite3")
+    try:
+        store.write(lambda conn: conn.execute(
+            "INSERT INTO suppression VALUES (?, 'all', 'old', 'operator', 1.0, 0)",
+            (f"jörg@{ULABEL}",)))
+        store.add(f"Anna@{ULABEL.upper()}", "marketing")
+        assert [e.address for e in store.list(like=f"*@{ALABEL}")] == [
+            f"anna@{ALABEL}", f"jörg@{ULABEL}"]
+        assert [e.address for e in store.list(like=f"*@{ULABEL}")] == [
+            f"anna@{ALABEL}", f"jörg@{ULABEL}"]
+        for spelling in (f"jörg@{ALABEL}", f"Jörg@{ULABEL}"):
+            assert store.check_one(spelling).reason == "old", spelling
+            assert list(store.check([spelling])) == [spelling]
+        assert store.check_one(f"anna@{ULABEL}").scope == "marketing"
+        assert store.remove(f"jörg@{ALABEL}") == 1
+        assert store.check_one(f"jörg@{ULABEL}") is None
+    finally:
+        store.close()

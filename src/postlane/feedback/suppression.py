@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO, TypeVar
 
+import idna
+
 from .. import schema
-from ..address import PathError, parse_path
+from ..address import PathError, domain_key, parse_path
 from ..secretfile import private_file
 
 __all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionBusy", "SuppressionError",
@@ -44,6 +46,7 @@ CSV_FIELDS = ("address", "scope", "reason", "source", "created", "expires")
 _CHUNK = 500  # stays under SQLite's bound-parameter limit
 _COLS = "address, scope, reason, source, created, expires"
 _ONE = f"SELECT {_COLS} FROM suppression WHERE address = ?"
+_TWO = f"SELECT {_COLS} FROM suppression WHERE address IN (?, ?)"
 BUSY_TIMEOUT = 0.05
 """Seconds a write waits inside SQLite for the lock before ``write`` sleeps and tries again."""
 T = TypeVar("T")
@@ -106,9 +109,14 @@ def check_reason(reason: str, field: str = "") -> str:
 
 def normalize(address: str) -> str:
     """Compare addresses case-insensitively: local parts are case-sensitive in theory, in
-    practice no mailbox provider treats them so, and a missed suppression costs more."""
+    practice no mailbox provider treats them so, and a missed suppression costs more. The
+    domain is kept in A-labels (``domain_key``): ``jörg@exämple.com`` and
+    ``jörg@xn--exmple-cua.com`` are one mailbox (RFC 5890), and the list compared the text, so
+    an entry in one spelling let mail to the other through."""
     address = address.strip().strip("<>").strip().lower()
     local, _, domain = address.rpartition("@")
+    if domain and ("xn--" in domain or not domain.isascii()):
+        address = f"{local}@{domain_key(domain)}"
     if len(local) >= 2 and local[0] == local[-1] == '"':  # "john doe"@x: RFC 5321 takes it
         local = local[1:-1].replace(" ", "")
     if ("@" not in address or address.startswith("@") or address.endswith("@")
@@ -116,6 +124,22 @@ def normalize(address: str) -> str:
             or _CONTROL.search(address)):  # NUL, ESC ...: the SMTP door refuses them too
         raise SuppressionError(f"not an email address: {address!r}")
     return address
+
+
+def spellings(key: str, domains: bool = False) -> tuple[str, ...]:
+    """A normalized address and, when its domain has A-labels, the same in U-labels: entries
+    written before the list kept domains in A-labels hold the domain as it was given.
+    ``domains``: the domains only."""
+    local, _, domain = key.rpartition("@")
+    names = [domain]
+    if "xn--" in domain:
+        try:
+            ulabel = idna.decode(domain)
+        except (idna.IDNAError, UnicodeError):
+            ulabel = domain
+        if ulabel != domain:
+            names.append(ulabel)
+    return tuple(names) if domains else tuple(f"{local}@{name}" for name in names)
 
 
 def checked(address: str) -> str:
@@ -321,7 +345,8 @@ class SuppressionList:
         wanted: dict[str, list[str]] = {}
         for addr in addresses:
             try:
-                wanted.setdefault(normalize(addr), []).append(addr)
+                for key in spellings(normalize(addr)):
+                    wanted.setdefault(key, []).append(addr)
             except SuppressionError:
                 continue
         scopes = [s for s in SCOPES if s in scopes]
@@ -351,8 +376,9 @@ class SuppressionList:
             key = normalize(address)
         except SuppressionError:
             return None
+        keys = spellings(key)
         with self._lock:
-            rows = self._db.execute(_ONE, (key,)).fetchall()
+            rows = self._db.execute(_ONE if len(keys) == 1 else _TWO, keys).fetchall()
         if not rows:
             return None
         now = time.time()
@@ -402,9 +428,16 @@ class SuppressionList:
             sql += " AND scope = ?"
             args.append(_scope(scope))
         if like:
-            # * is the one wildcard: % and _ (common in addresses) match themselves
-            sql += " AND address LIKE ? ESCAPE '\\'"
-            args.append(re.sub(r"([\\%_])", r"\\\1", like.lower()).replace("*", "%"))
+            # * is the one wildcard: % and _ (common in addresses) match themselves. A whole
+            # domain in U- or A-labels matches both spellings (entries keep A-labels now,
+            # older ones the domain as given).
+            local, at, domain = like.lower().rpartition("@")
+            patterns = [like.lower()]
+            if at and "*" not in domain and ("xn--" in domain or not domain.isascii()):
+                patterns = [f"{local}@{name}"
+                            for name in spellings(f"x@{domain_key(domain)}", domains=True)]
+            sql += " AND (" + " OR ".join(["address LIKE ? ESCAPE '\\'"] * len(patterns)) + ")"
+            args += [re.sub(r"([\\%_])", r"\\\1", p).replace("*", "%") for p in patterns]
         sql += " ORDER BY address, scope LIMIT ? OFFSET ?"
         args += [limit, offset]
         with self._reading() as conn:
@@ -474,12 +507,12 @@ def adding(entries: Iterable[Entry]) -> Callable[[sqlite3.Connection], int]:
 def removing(address: str, scope: str | None = None) -> Callable[[sqlite3.Connection], int]:
     """The write that removes ``address`` from ``scope`` (None: every scope); its result: how
     many entries it removed. A bad address or scope raises here, before any write."""
-    address = normalize(address)
-    sql = "DELETE FROM suppression WHERE address = ?"
-    args: tuple[str, ...] = (address,)
+    keys = spellings(normalize(address))  # an entry written before in U-labels too
+    sql = f"DELETE FROM suppression WHERE address IN ({','.join('?' * len(keys))})"
+    args: tuple[str, ...] = keys
     if scope is not None:
         sql += " AND scope = ?"
-        args = (address, _scope(scope))
+        args = (*keys, _scope(scope))
 
     def remove(conn: sqlite3.Connection) -> int:
         removed: int = conn.execute(sql, args).rowcount
