@@ -7,9 +7,13 @@ from __future__ import annotations
 import asyncio
 import smtplib
 
+from typer.testing import CliRunner
+
+from postlane.cli import app
 from postlane.harness.sink import Sink
-from tests.conftest import config_text
+from tests.conftest import config_text, records
 from tests.support.rawsmtp import session
+from tests.support.waiting import until
 
 ULABEL = "exämple.com"
 ALABEL = "xn--exmple-cua.com"
@@ -78,6 +82,28 @@ async def test_a_suppressed_u_label_address_stops_its_a_label_spelling(tmp_path,
         assert not target.arrivals
     finally:
         await target.stop()
+
+
+async def test_audit_show_finds_a_utf8_recipient_by_either_spelling(tmp_path, make_node):
+    """``postlane audit show --recipient`` compared the text as stored (SQLite's NOCASE folds
+    ASCII only): the trail of ``jörg@exämple.com`` was not found by its A-label spelling, nor
+    by ``Jörg@EXÄMPLE.com``."""
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        await asyncio.to_thread(_sendmail, node.listeners[0].port, [f"jörg@{ULABEL}"])
+        await target.wait_for(1)
+        await until(lambda: [r for r in records(tmp_path) if r["type"] == "d"],
+                    what="the delivery")
+        await node.stop()
+    finally:
+        await target.stop()
+    runner = CliRunner()
+    for spelling in (f"jörg@{ULABEL}", f"jörg@{ALABEL}", f"Jörg@{ALABEL.upper()}",
+                     "Jörg@EXÄMPLE.com"):
+        res = runner.invoke(app, ["audit", "show", "--db", str(node.audit.path),
+                                  "--recipient", spelling])
+        assert res.exit_code == 0, (spelling, res.output)
+        assert f"jörg@{ULABEL}" in res.output
 
 
 async def test_api_message_to_one_mailbox_in_both_spellings_is_one_recipient(tmp_path,

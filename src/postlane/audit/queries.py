@@ -9,13 +9,16 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+import idna
+
 from ..accounting.records import Record
+from ..address import domain_key
 from .chain import RECORD_COLUMNS
 from .seal import Seal
 from .store import Query
 
 __all__ = ["CLASSES_SQL", "SEAL_COLS", "between_where", "find_sql", "pause_spans", "records_of",
-           "pauses_sql", "row_at", "row_record", "seal_row"]
+           "pauses_sql", "rcpt_spellings", "row_at", "row_record", "seal_row"]
 
 _RECORD_KINDS = {f.name: {"str": str, "int": int, "float": float}[str(f.type)]
                  for f in dataclasses.fields(Record) if f.name in RECORD_COLUMNS}
@@ -42,6 +45,26 @@ def between_where(since: float | None, until: float | None, cls: str | None,
     return " AND ".join(where), args
 
 
+def rcpt_spellings(rcpt: str) -> list[str]:
+    """The spellings a recipient may be stored in, which the backends' case-insensitive
+    comparison (ASCII only in SQLite) does not join: the domain in U-labels and in A-labels
+    (RFC 5890: ``jörg@exämple.com`` is ``jörg@xn--exmple-cua.com``; records keep the address
+    as the client gave it) and a non-ASCII local part as given and lower-cased."""
+    local, at, domain = rcpt.rpartition("@")
+    if not at or (rcpt.isascii() and "xn--" not in domain.lower()):
+        return [rcpt]
+    alabel = domain_key(domain)
+    try:
+        ulabel = idna.decode(alabel)
+    except (idna.IDNAError, UnicodeError):
+        ulabel = domain.lower()
+    found: list[str] = []
+    for part in dict.fromkeys((local, local.lower())):
+        for name in dict.fromkeys((domain, alabel, ulabel)):
+            found.append(f"{part}@{name}")
+    return found
+
+
 def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
     """The evidence query of both backends: ``mark`` is the driver's placeholder, and
     ``rcpt_match`` the case-insensitive recipient comparison with one placeholder."""
@@ -56,9 +79,11 @@ def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
             args.append(value)
     if query.env_id is not None:
         where.append("env_id <> ''")
+    spellings = rcpt_spellings(query.rcpt) if query.rcpt is not None else []
+    rcpt_any = "(" + " OR ".join([rcpt_match] * len(spellings)) + ")"
     if query.rcpt is not None:
-        where.append(rcpt_match)
-        args.append(query.rcpt)
+        where.append(rcpt_any)
+        args.extend(spellings)
     if query.since is not None:
         where.append(f"time_queued >= {mark}")
         args.append(query.since)
@@ -75,8 +100,8 @@ def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
     sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
            f"audit_records WHERE {' AND '.join(where)})")
     if query.rcpt is not None:
-        sql += f" AND {rcpt_match}"
-        args.append(query.rcpt)
+        sql += f" AND {rcpt_any}"
+        args.extend(spellings)
     return sql, args
 
 
