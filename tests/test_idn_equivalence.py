@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from postlane.cli import app
 from postlane.harness.sink import Sink
-from tests.conftest import config_text, records
+from tests.conftest import config_text, records, send
 from tests.support.rawsmtp import session
 from tests.support.waiting import until
 
@@ -153,3 +153,31 @@ def test_an_entry_written_before_in_u_labels_still_matches_and_is_listed(tmp_pat
         assert store.check_one(f"jörg@{ULABEL}") is None
     finally:
         store.close()
+
+
+async def test_complaint_rates_count_one_domain_whichever_spelling_mail_went_to(tmp_path,
+                                                                              make_node):
+    """The rates were kept per domain as the recipient spelled it: mail to ``exämple.com`` and
+    to ``xn--exmple-cua.com`` made two rows, each with part of the deliveries, so one
+    complaint in two deliveries read as 100 % for the A-label row (an alert) and 0 % for the
+    other. Both are one domain, counted in A-labels."""
+    from tests.test_feedback_node import _arf, _config
+    target = await Sink(smtputf8=True).start()
+    try:
+        node = await make_node(_config(tmp_path, target.port).replace(
+            "[routes]\n", f'[routes]\n"{ALABEL}" = "127.0.0.1:{target.port}"\n'))
+        port = node.listeners[0].port
+        body = (b"From: news@insurer.test\r\nSubject: news\r\nX-Postlane-Class: marketing\r\n"
+                b"\r\nx\r\n")
+        await send(port, "news@insurer.test", [f"anna@{ULABEL}", f"bob@{ALABEL}"], body,
+                   ["SMTPUTF8"])
+        arrivals = await target.wait_for(2)
+        await until(lambda: node.feedback.rates.sent("bulk") >= 2, what="both deliveries")
+        [bob] = [a for a in arrivals if a.rcpts == [f"bob@{ALABEL}"]]
+        assert await send(port, "", ["fbl@mta.test"], _arf(bob.mail_from, "<m@x>")) == {}
+        await until(lambda: node.feedback.rates.complained("bulk"), what="the complaint")
+        rows = {r["domain"]: r for r in node.feedback.rates.rates() if r["pool"] == "bulk"}
+        assert set(rows) == {"*", ALABEL}, rows
+        assert (rows[ALABEL]["delivered"], rows[ALABEL]["complaints"]) == (2, 1)
+    finally:
+        await target.stop()

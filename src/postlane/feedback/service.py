@@ -19,6 +19,7 @@ from email import message_from_bytes
 from typing import Any, Protocol, cast
 
 from ..accounting.records import Record, pack
+from ..address import domain_key
 from ..config import Config
 from ..config.model import ClassFeedbackConfig
 from ..policy.intake import RcptIn
@@ -430,12 +431,13 @@ class FeedbackService:
         """Hard bounces suppress (``hard_bounce``); deliveries and complaints feed the
         rates."""
         if rec.type == "d":
-            self.rates.on_delivered(rec.vmta_pool, rec.rcpt.rpartition("@")[2].lower())
+            # in A-labels: exämple.com and xn--exmple-cua.com are one domain's rate
+            self.rates.on_delivered(rec.vmta_pool, domain_key(rec.rcpt.rpartition("@")[2]))
         elif rec.type in ("b", "rb") and rec.dsn_status.startswith("5") and \
                 rec.bounce_cat in ADDRESS_FAILURES:
             self.hard_bounce(rec)
         elif rec.type == "f" and rec.dsn_action in _COMPLAINTS - {"opt-out"}:
-            self.rates.on_complaint(rec.vmta_pool, rec.rcpt.rpartition("@")[2].lower())
+            self.rates.on_complaint(rec.vmta_pool, domain_key(rec.rcpt.rpartition("@")[2]))
 
     def hard_bounce(self, rec: Record) -> None:
         """An address-level hard bounce: the address stops classes without an SLA at once, and
