@@ -181,3 +181,45 @@ async def test_complaint_rates_count_one_domain_whichever_spelling_mail_went_to(
         assert (rows[ALABEL]["delivered"], rows[ALABEL]["complaints"]) == (2, 1)
     finally:
         await target.stop()
+
+
+def test_audit_show_finds_a_pseudonymised_utf8_recipient_by_either_spelling(audit_backend,
+                                                                            tmp_path):
+    """Retention replaces a recipient with a keyed hash of the address as stored, and ``audit
+    show -c`` looked up the hash of the spelling it was given only: records of
+    ``jörg@exämple.com`` once pseudonymised were not found as ``jörg@xn--exmple-cua.com``."""
+    import os
+    from datetime import UTC, datetime
+
+    from postlane.accounting.records import Record
+
+    day = datetime(2026, 11, 19, 10, tzinfo=UTC).timestamp()
+    store = audit_backend.open()
+    try:
+        for i, kind in enumerate(("r", "d")):
+            store.append([(Record(type=kind, time_logged=day + i, time_queued=day,
+                                  orig="s@x.test", rcpt=f"jörg@{ULABEL}", queue_id="Q1",
+                                  cls="policy", vmta_pool="pool"), 120.0, "w1", i + 1)])
+    finally:
+        store.close()
+    key = tmp_path / "audit.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(config_text(tmp_path, 2525, f"""
+[classes.policy]
+pool = "critical"
+{audit_backend.toml()}pseudonymisation_key = "{key}"
+"""))
+    runner = CliRunner()
+    show = ["audit", "show", "-c", str(cfg), "--recipient"]
+    for spelling in (f"jörg@{ULABEL}", f"jörg@{ALABEL}"):  # stored as given, either backend
+        res = runner.invoke(app, [*show, spelling])
+        assert res.exit_code == 0 and f"jörg@{ULABEL}" in res.output, (spelling, res.output)
+    with open(cfg, "a") as fh:
+        fh.write('[audit.retention.policy]\npseudonymise = "1d"\n')
+    res = runner.invoke(app, ["audit", "purge", "-c", str(cfg)])
+    assert res.exit_code == 0 and "policy: pseudonymised 2" in res.output, res.output
+    for spelling in (f"jörg@{ULABEL}", f"jörg@{ALABEL}", f"Jörg@{ALABEL}"):
+        res = runner.invoke(app, [*show, spelling])
+        assert res.exit_code == 0 and "recipient pseud-" in res.output, (spelling, res.output)

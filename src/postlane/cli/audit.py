@@ -66,15 +66,22 @@ def _open(config: Path | None, db: str | None, schema: str = "postlane", *,
         raise typer.Exit(2) from None
 
 
-def _pseudonym(config: Path | None, recipient: str | None) -> str | None:
+def _pseudonyms(config: Path | None, recipient: str | None) -> list[str]:
+    """The pseudonyms retention gave the recipient's records, one per spelling it may be
+    stored in (``rcpt_spellings``: the hash is of the address as stored, so the pseudonym of
+    ``jörg@exämple.com`` is not that of ``jörg@xn--exmple-cua.com``)."""
     if config is None or recipient is None:
-        return None
+        return []
     from ..audit.chain import pseudonym
+    from ..audit.queries import rcpt_spellings
     from ..audit.service import load_key
     from . import _load
 
     key_file = _load(config).audit.pseudonymisation_key
-    return pseudonym(load_key(key_file), recipient) if key_file else None
+    if not key_file:
+        return []
+    key = load_key(key_file)
+    return list(dict.fromkeys(pseudonym(key, s) for s in rcpt_spellings(recipient)))
 
 
 @app.command()
@@ -98,10 +105,10 @@ def show(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _SCH
     store = _open(config, db, schema)
     try:
         rows = store.find(query)
-        alias = _pseudonym(config, recipient)
-        if alias:  # records of this recipient that retention has pseudonymised already
+        for alias in _pseudonyms(config, recipient):  # records retention pseudonymised
             query.rcpt = alias
-            rows = sorted(rows + store.find(query), key=lambda r: r["seq"])
+            rows += store.find(query)
+        rows = sorted({r["seq"]: r for r in rows}.values(), key=lambda r: r["seq"])
         items = trails(rows)
     finally:
         store.close()
