@@ -223,3 +223,41 @@ pool = "critical"
     for spelling in (f"jörg@{ULABEL}", f"jörg@{ALABEL}", f"Jörg@{ALABEL}"):
         res = runner.invoke(app, [*show, spelling])
         assert res.exit_code == 0 and "recipient pseud-" in res.output, (spelling, res.output)
+
+
+async def test_a_dsn_naming_our_recipient_in_a_labels_delayed_does_not_bounce_it(tmp_path,
+                                                                                  make_node):
+    """``anna@exämple.com`` goes as ``anna@xn--exmple-cua.com`` to a server without SMTPUTF8,
+    and its DSN names that spelling. A DSN back at her VERP address saying she is delayed and
+    another address failed: the report's block for her was matched by lower-cased text, not
+    found, and the one failure named (someone else's) was taken as hers: a hard bounce and a
+    suppression."""
+    import time
+
+    from postlane.feedback.dsn import FailedRecipient, build_bounce
+    from tests.test_feedback_node import _config
+    target = await Sink(smtputf8=False).start()
+    try:
+        node = await make_node(_config(tmp_path, target.port).replace(
+            "[routes]\n", f'[routes]\n"{ALABEL}" = "127.0.0.1:{target.port}"\n'))
+        port = node.listeners[0].port
+        body = (b"From: news@insurer.test\r\nSubject: news\r\nX-Postlane-Class: marketing\r\n"
+                b"\r\nx\r\n")
+        await send(port, "news@insurer.test", [f"anna@{ULABEL}"], body, ["SMTPUTF8"])
+        [arrival] = await target.wait_for(1)
+        assert arrival.rcpts == [f"anna@{ALABEL}"]
+        dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
+                           recipients=[
+                               FailedRecipient(f"Anna@{ALABEL}", "delayed", "4.2.2",
+                                               "452 4.2.2 mailbox full", "mx.example.com"),
+                               FailedRecipient("other@example.org", "failed", "5.1.1",
+                                               "550 5.1.1 no such user", "mx.example.org")],
+                           original=arrival.data, arrival_date=time.time(), ret="HDRS")
+        assert await send(port, "", [arrival.mail_from], dsn) == {}
+        assert not node.feedback.suppression.check([f"anna@{ULABEL}"])
+        await node.stop()
+        reports = [(r["type"], r["rcpt"], r["dsnAction"], r["dsnStatus"])
+                   for r in records(tmp_path) if r["type"] in ("rb", "rd")]
+        assert reports == [("rd", f"anna@{ULABEL}", "delayed", "4.2.2")]
+    finally:
+        await target.stop()

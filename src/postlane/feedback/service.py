@@ -35,6 +35,14 @@ from .verp import VERP, VerpAddress
 
 __all__ = ["DMARCReports", "FeedbackService"]
 
+
+def _mailbox(address: str) -> str:
+    """An address as reports are matched to recipients: case-insensitive, the domain in
+    A-labels (a report from a server without SMTPUTF8 names ``anna@xn--exmple-cua.com``, the
+    recipient was ``anna@exämple.com``)."""
+    local, _, domain = address.rpartition("@")
+    return f"{local.lower()}@{domain_key(domain)}"
+
 log = logging.getLogger("postlane.feedback")
 ORIGIN_WAIT = 2.0
 """Seconds a report waits for the audit store to name its message's pool and class."""
@@ -387,8 +395,9 @@ class FeedbackService:
         for verp in verps:  # the VERP names the recipient for certain; the text may not
             # a report that names the recipient says what became of it, whatever it says of
             # others (delayed here, another address failed: not a hard bounce of ours)
+            mailbox = _mailbox(verp.recipient)
             match = next((r for r in report.recipients if r.action in _REPORTED
-                          and r.address.lower() == verp.recipient.lower()),
+                          and _mailbox(r.address) == mailbox),
                          named[0] if len(named) == 1 else None)
             if match is None:
                 continue
