@@ -261,3 +261,33 @@ async def test_a_dsn_naming_our_recipient_in_a_labels_delayed_does_not_bounce_it
         assert reports == [("rd", f"anna@{ULABEL}", "delayed", "4.2.2")]
     finally:
         await target.stop()
+
+
+async def test_queue_tools_take_a_domain_in_u_labels(tmp_path, sink, make_node):
+    """Lanes are kept in A-labels and ``pause`` takes either spelling, but the queue's
+    selector compared the domain lower-cased only: ``queue list --domain exämple.com`` said
+    "no lane to 'exämple.com' in any pool" and ``purge bulk exämple.com`` purged nothing
+    while the lane held mail."""
+    import json
+
+    from postlane.policy.intake import RcptIn
+    from tests.conftest import OPERATOR, message
+    from tests.test_cli_ops import run_cli
+
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.pause("bulk", who=OPERATOR)
+    qid = await node.intake.submit("news@example.com", [RcptIn(f"jörg@{ULABEL}")],
+                                   message("offer", cls="marketing"))
+
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+
+    for domain in (ULABEL, ULABEL.upper(), ALABEL):
+        code, out, err = await cli("queue", "list", "--json", "--domain", domain)
+        assert code == 0, (domain, err)
+        assert [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], domain
+    code, out, err = await cli("purge", "bulk", ULABEL, "--yes")
+    assert code == 0, err
+    code, out, err = await cli("queue", "list", "--json", "--domain", ALABEL)
+    assert json.loads(out)["total_messages"] == 0, out
