@@ -291,3 +291,32 @@ async def test_queue_tools_take_a_domain_in_u_labels(tmp_path, sink, make_node):
     assert code == 0, err
     code, out, err = await cli("queue", "list", "--json", "--domain", ALABEL)
     assert json.loads(out)["total_messages"] == 0, out
+
+
+async def test_a_utf8_orcpt_goes_as_ascii_to_a_server_without_smtputf8(tmp_path, make_node):
+    """A client's SMTPUTF8 transaction may give ORCPT in UTF-8 (RFC 6533). ``anna@exämple.com``
+    has an ASCII local part, so her mail goes without SMTPUTF8 (domain in A-labels) to a server
+    that does not offer it; the ORCPT went on as given, 8-bit in the RCPT command, and a
+    server that checks xtext (Postfix: ``501 5.5.4 Bad ORCPT parameter syntax``) refused the
+    recipient: a bounce. Now it goes as ASCII: rfc822 xtext with each UTF-8 octet as ``+XX``
+    (as Postfix sends it), a ``utf-8`` address with ``\\x{HEX}`` (RFC 6533 utf-8-addr-xtext)."""
+    target = await Sink(smtputf8=False, dsn=True).start()
+    try:
+        node = await make_node(config_text(tmp_path, target.port,
+                                           f'"{ALABEL}" = "127.0.0.1:{target.port}"\n'))
+        raw = await session(node.listeners[0].port)
+        assert (await raw.cmd(b"MAIL FROM:<s@example.com> SMTPUTF8\r\n")).startswith("250")
+        for rcpt, orcpt in ((f"anna@{ULABEL}", f"rfc822;anna@{ULABEL}"),
+                            (f"bob@{ULABEL}", f"utf-8;bob@{ULABEL}")):
+            line = f"RCPT TO:<{rcpt}> NOTIFY=FAILURE ORCPT={orcpt}\r\n".encode()
+            assert (await raw.cmd(line)).startswith("250")
+        assert (await raw.cmd("DATA")).startswith("354")
+        raw.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        assert (await raw.reply()).startswith("250")
+        await raw.close()
+        [arrival] = await target.wait_for(1)
+        assert arrival.rcpts == [f"anna@{ALABEL}", f"bob@{ALABEL}"] and not arrival.smtputf8
+        assert arrival.orcpt == {f"anna@{ALABEL}": "rfc822;anna@ex+C3+A4mple.com",
+                                 f"bob@{ALABEL}": "utf-8;bob@ex\\x{E4}mple.com"}
+    finally:
+        await target.stop()

@@ -19,6 +19,7 @@ from ..edge.smtp import BulkDataSMTP
 _DSN_MAIL = re.compile(r"\s(?:ENVID|RET)=\S*", re.IGNORECASE)
 _DSN_RCPT = re.compile(r"\s(?:NOTIFY|ORCPT)=\S*", re.IGNORECASE)
 _NOTIFY = re.compile(r"\sNOTIFY=(\S*)", re.IGNORECASE)
+_ORCPT = re.compile(r"\sORCPT=(\S*)", re.IGNORECASE)
 
 
 @dataclass(slots=True)
@@ -35,6 +36,8 @@ class Arrival:
     """The transaction was sent with the SMTPUTF8 parameter."""
     notify: dict[str, str] = field(default_factory=dict)
     """Each recipient's NOTIFY parameter, as given (a sink offering DSN)."""
+    orcpt: dict[str, str] = field(default_factory=dict)
+    """Each recipient's ORCPT parameter, as given (a sink offering DSN)."""
 
 
 class _SinkSMTP(BulkDataSMTP):
@@ -44,6 +47,8 @@ class _SinkSMTP(BulkDataSMTP):
         self._peer_ip = ""
         self.notify = ""
         """The NOTIFY of the RCPT being answered (a sink offering DSN)."""
+        self.orcpt = ""
+        """Its ORCPT."""
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -51,10 +56,17 @@ class _SinkSMTP(BulkDataSMTP):
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
-        self.notify = ""
+        self.notify = self.orcpt = ""
         if self.sink.dsn and arg:
             found = _NOTIFY.search(arg)
             self.notify = found.group(1) if found else ""
+            found = _ORCPT.search(arg)
+            self.orcpt = found.group(1) if found else ""
+            if not self.orcpt.isascii() and not (self.envelope and self.envelope.smtp_utf8):
+                # xtext is ASCII (RFC 3461 4); UTF-8 only in an SMTPUTF8 transaction (RFC
+                # 6533), as Postfix answers
+                await self.push("501 5.5.4 Bad ORCPT parameter syntax")
+                return
             arg = _DSN_RCPT.sub("", arg)
         await super().smtp_RCPT(arg)
 
@@ -147,6 +159,10 @@ class Sink:
             if notify:  # kept on the envelope until DATA makes the arrival
                 given = getattr(envelope, "notify", {})
                 envelope.notify = {**given, address: notify}  # type: ignore[attr-defined]
+            orcpt = getattr(server, "orcpt", "")
+            if orcpt:
+                given = getattr(envelope, "orcpt", {})
+                envelope.orcpt = {**given, address: orcpt}  # type: ignore[attr-defined]
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -167,7 +183,8 @@ class Sink:
             time=time.time(), peer=session.peer[0] if session.peer else "",
             ehlo=session.host_name or "", mail_from=envelope.mail_from or "",
             rcpts=list(envelope.rcpt_tos), data=data if self.keep_data else b"", tls=tls,
-            tag=tag, smtputf8=bool(envelope.smtp_utf8), notify=getattr(envelope, "notify", {})))
+            tag=tag, smtputf8=bool(envelope.smtp_utf8), notify=getattr(envelope, "notify", {}),
+            orcpt=getattr(envelope, "orcpt", {})))
         self._event.set()
         return self.data_reply
 

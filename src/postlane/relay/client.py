@@ -518,10 +518,11 @@ class SMTPConnection:
             params.append(f"SIZE={message_size(payload)}")
         if "8BITMIME" in ext and "BODY=" not in given and not payload.isascii():
             params.append("BODY=8BITMIME")
-        if "SMTPUTF8" in ext and not (
+        utf8 = "SMTPUTF8" in ext and not (
             mail_from.isascii() and all(addr.isascii() for addr, _ in rcpts)
             and _header(payload).isascii()
-        ):
+        )
+        if utf8:
             params.append("SMTPUTF8")
         if mail_params:
             params.append(mail_params if dsn else _strip_params(mail_params, _DSN_MAIL_PARAMS))
@@ -530,6 +531,8 @@ class SMTPConnection:
         for addr, rparams in rcpts:
             if rparams and not dsn:
                 rparams = _strip_params(rparams, _DSN_RCPT_PARAMS)
+            if not utf8 and not rparams.isascii():
+                rparams = " ".join(map(_ascii_param, rparams.split(" ")))
             commands.append(f"RCPT TO:<{addr}>{' ' if rparams else ''}{rparams}\r\n".encode())
         joined = b"".join(commands)
         if joined.count(b"\n") != len(commands) or joined.count(b"\r") != len(commands):
@@ -896,6 +899,23 @@ def _tls_failure(error: BaseException) -> str:
             return "certificate-host-mismatch"
         return "certificate-not-trusted"
     return "validation-failure"
+
+
+def _ascii_param(param: str) -> str:
+    """A RCPT parameter for a transaction without SMTPUTF8, where xtext is ASCII (RFC 3461 4):
+    an ORCPT a client gave in UTF-8 (RFC 6533 allows it in an SMTPUTF8 transaction) as
+    ``utf-8;`` utf-8-addr-xtext (``\\x{E4}``) or, another type, xtext with each UTF-8 octet
+    as ``+XX`` (as Postfix sends it). Sent as it was, 8-bit in the command, a server checking
+    xtext refused the recipient (Postfix: 501 5.5.4 Bad ORCPT parameter syntax)."""
+    key, eq, value = param.partition("=")
+    if value.isascii():
+        return param
+    kind, sep, address = value.partition(";")
+    if sep and kind.strip().lower() == "utf-8":
+        return f"{key}={kind}{sep}" + "".join(
+            c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in address)
+    return f"{key}{eq}" + "".join(c if c.isascii() else "".join(
+        f"+{b:02X}" for b in c.encode("utf-8", "surrogateescape")) for c in value)
 
 
 def _ascii_address(address: str) -> str | None:
