@@ -320,3 +320,22 @@ async def test_a_utf8_orcpt_goes_as_ascii_to_a_server_without_smtputf8(tmp_path,
                                  f"bob@{ALABEL}": "utf-8;bob@ex\\x{E4}mple.com"}
     finally:
         await target.stop()
+
+
+async def test_api_messages_by_recipient_finds_either_spelling(tmp_path, sink, make_node):
+    """``GET /messages?recipient=`` compared the address lower-cased as stored: mail queued
+    for ``jörg@exämple.com`` was not found as ``jörg@xn--exmple-cua.com`` (nor as
+    ``Jörg@EXÄMPLE.com``), queued or finished."""
+    from postlane.policy.intake import RcptIn
+    from tests.conftest import OPERATOR, message
+    from tests.test_api import api_client
+
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.pause("bulk", who=OPERATOR)
+    qid = await node.intake.submit("news@example.com", [RcptIn(f"jörg@{ULABEL}")],
+                                   message("offer", cls="marketing"))
+    async with api_client(node, tmp_path) as api:
+        for spelling in (f"jörg@{ULABEL}", f"jörg@{ALABEL}", "Jörg@EXÄMPLE.com"):
+            resp = await api.get("/api/v1/messages", params={"recipient": spelling})
+            assert resp.status_code == 200, resp.text
+            assert [m["queue_id"] for m in resp.json()["messages"]] == [qid], spelling

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..audit.queries import rcpt_spellings
 from ..feedback import unsubscribe
 from ..operations import OperationError
 from ..policy.headers import header_fields, normalize_newlines, split_message
@@ -279,8 +280,16 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
         """Queued and recently finished messages by correlation id or recipient address."""
         if (correlation_id is None) == (recipient is None):
             raise APIError(422, "give correlation_id or recipient")
-        return {"messages": await _lookup(parts, correlation_id=correlation_id,
-                                    recipient=recipient.strip().lower() if recipient else None)}
+        if recipient is None:
+            return {"messages": await _lookup(parts, correlation_id=correlation_id)}
+        # each spelling the address may be stored in (domain in U- or A-labels): mail to
+        # jörg@exämple.com was not found as jörg@xn--exmple-cua.com
+        found: dict[str, dict] = {}
+        for spelling in rcpt_spellings(recipient.strip().lower()):
+            for entry in await _lookup(parts, recipient=spelling):
+                held = found.setdefault(entry["queue_id"], {**entry, "recipients": []})
+                held["recipients"] += entry["recipients"]
+        return {"messages": list(found.values())}
 
     @api.get("/activity", tags=["monitoring"])
     async def activity() -> dict:
