@@ -339,3 +339,29 @@ async def test_api_messages_by_recipient_finds_either_spelling(tmp_path, sink, m
             resp = await api.get("/api/v1/messages", params={"recipient": spelling})
             assert resp.status_code == 200, resp.text
             assert [m["queue_id"] for m in resp.json()["messages"]] == [qid], spelling
+
+
+async def test_queue_list_by_recipient_finds_either_spelling(tmp_path, sink, make_node):
+    """``queue list --recipient`` (and hold, retry, delete by recipient) compared the text
+    lower-cased: mail queued for ``jörg@exämple.com`` was not found as
+    ``jörg@xn--exmple-cua.com``."""
+    import json
+
+    from postlane.policy.intake import RcptIn
+    from tests.conftest import OPERATOR, message
+    from tests.test_cli_ops import run_cli
+
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.pause("bulk", who=OPERATOR)
+    qid = await node.intake.submit("news@example.com", [RcptIn(f"jörg@{ULABEL}")],
+                                   message("offer", cls="marketing"))
+
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+
+    for pattern in (f"jörg@{ULABEL}", f"jörg@{ALABEL}", "JÖRG@EXÄMPLE.COM", f"*@{ALABEL}",
+                    "j*@xn--exmple-cua.*"):
+        code, out, err = await cli("queue", "list", "--json", "--recipient", pattern)
+        assert code == 0, (pattern, err)
+        assert [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], pattern

@@ -19,7 +19,7 @@ import re
 import idna
 
 __all__ = ["PathError", "address_literal", "alabel_domain", "domain_key", "parse_path",
-           "plain_ip"]
+           "plain_ip", "spellings"]
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 # The common case, <ascii.dot-string@ldh.domain> with labels of at most 63 octets, in one match.
@@ -116,6 +116,22 @@ def domain_key(domain: str) -> str:
         return alabel_domain(domain)
     except PathError:
         return domain.lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def spellings(address: str) -> tuple[str, ...]:
+    """The address with its domain as given, in A-labels and in U-labels, each once (local
+    part as given): what to look an address up by where it is stored as a client spelled it
+    (``jörg@exämple.com`` and ``jörg@xn--exmple-cua.com`` are one mailbox, RFC 5890)."""
+    local, at, domain = address.rpartition("@")
+    if not at or (domain.isascii() and "xn--" not in domain.lower()):
+        return (address,)
+    alabel = domain_key(domain)
+    try:
+        ulabel = idna.decode(alabel)
+    except (idna.IDNAError, UnicodeError):
+        ulabel = domain
+    return tuple(dict.fromkeys(f"{local}@{name}" for name in (domain, alabel, ulabel)))
 
 
 def _mailbox(text: str) -> str:

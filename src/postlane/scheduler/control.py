@@ -20,9 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
-import idna
-
-from ..address import domain_key
+from ..address import domain_key, spellings
 from ..spool import PostgresSpool, Recipient, State
 
 if TYPE_CHECKING:
@@ -88,17 +86,9 @@ class Selector:
         ids = set(self.queue_ids)
         sender = _pattern(self.sender)
         null_sender = self.sender == ""
-        rcpt = _pattern(_alabel_address(self.recipient)) if self.recipient else None
+        rcpt = _pattern(self.recipient)
         state = State(self.state) if self.state else None
         domain = self.domain.lower() if self.domain else None
-
-        def rcpt_match(r: Recipient) -> bool:
-            assert rcpt is not None
-            address = r.address.lower()
-            # either form of an internationalised domain: the address as given, or with
-            # its lane's A-label domain (``*@xn--bcher-kva.example`` of ``i@bücher.example``)
-            return (rcpt.fullmatch(address) is not None
-                    or rcpt.fullmatch(f"{address.rpartition('@')[0]}@{r.domain}") is not None)
 
         def match(r: Recipient) -> bool:
             msg = r.msg
@@ -111,7 +101,8 @@ class Selector:
                     and (self.younger_than is None or age < self.younger_than)
                     and (sender is None or sender.fullmatch(msg.mail_from.lower()) is not None)
                     and (not null_sender or msg.mail_from == "")
-                    and (rcpt is None or rcpt_match(r))
+                    and (rcpt is None or any(  # any spelling: its domain in U- or A-labels
+                        rcpt.fullmatch(a) is not None for a in spellings(r.address.lower())))
                     and (self.correlation_id is None
                          or msg.correlation_id == self.correlation_id))
         return match
@@ -128,22 +119,6 @@ def _pattern(text: str | None) -> re.Pattern[str] | None:
         return re.compile(parts[0])
     first, *middle, last = parts
     return re.compile(first + "".join(f"(?>.*?{part})" for part in middle) + f".*{last}")
-
-
-def _alabel_address(address: str) -> str:
-    """An address or pattern with its domain in A-labels where it names one (no ``*``)."""
-    local, at, domain = address.rpartition("@")
-    return f"{local}@{domain_key(domain)}" if at and "*" not in domain else address
-
-
-def _address_forms(address: str) -> list[str]:
-    """An exact address lower-cased, with its domain as given, in A-labels and in U-labels:
-    a recipient is kept in the form its client gave."""
-    local, _, domain = address.lower().rpartition("@")
-    forms = {address.lower(), f"{local}@{domain_key(domain)}"}
-    with contextlib.suppress(idna.IDNAError, UnicodeError):
-        forms.add(f"{local}@{idna.decode(domain_key(domain))}")
-    return sorted(forms)
 
 
 _VARIABLE = re.compile(r"<[^<>\s]*@[^<>\s]*>|[\w.+-]+@[\w.-]+|\b[0-9A-Fa-f]{8,}\b|\b\d{5,}\b")
@@ -237,9 +212,9 @@ class QueueControl:
                     where.append(f"{column} = ?")
                     params.append(value)
             if sel.recipient and "*" not in sel.recipient:
-                forms = _address_forms(sel.recipient)
-                where.append(f"lower(r.address) IN ({','.join('?' * len(forms))})")
-                params.extend(forms)
+                named = spellings(sel.recipient.lower())
+                where.append(f"lower(r.address) IN ({','.join('?' * len(named))})")
+                params.extend(named)
             if sel.queue_ids:
                 where.append(f"m.id IN ({','.join('?' * len(sel.queue_ids))})")
                 params.extend(sel.queue_ids)
@@ -275,9 +250,14 @@ class QueueControl:
         if not sel.queue_ids and not sel.correlation_id and not exact:
             return []
         seen = {(r.msg.id, r.idx) for r in found}
-        return [r for r in await self.shared.not_held_here(sel.queue_ids, sel.correlation_id,
-                                                           exact)
-                if (r.msg.id, r.idx) not in seen and match(r)]
+        elsewhere: list[Recipient] = []
+        for spelling in spellings(exact.lower()) if exact else (None,):
+            for r in await self.shared.not_held_here(sel.queue_ids, sel.correlation_id,
+                                                     spelling):
+                if (r.msg.id, r.idx) not in seen and match(r):
+                    seen.add((r.msg.id, r.idx))
+                    elsewhere.append(r)
+        return elsewhere
 
     async def _unowned(self, states: tuple[State, ...], sel: Selector, bodies: bool = False,
                        others: bool = False) -> list[Recipient]:
