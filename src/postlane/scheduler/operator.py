@@ -16,6 +16,8 @@ from .lanes import Lane
 from .outcomes import Failure, base_record
 
 if TYPE_CHECKING:
+    import contextlib
+
     from ..config import Config
     from .paging import Pager
     from .timers import RetryTimers
@@ -47,6 +49,7 @@ class OperatorActions:
         def _final(self, rcpt: Recipient, state: State, reply: str, rec: Record,
                    from_heap: bool = True, lane: Lane | None = None,
                    owed: Failure | None = None) -> None: ...
+        def one_write(self) -> contextlib.AbstractContextManager[None]: ...
 
     def take(self, chosen: Callable[[Recipient], bool]) -> list[Recipient]:
         """Take the chosen queued, deferred and held recipients out of the queue (in-flight
@@ -118,9 +121,11 @@ class OperatorActions:
         """Bounce recipients taken out of the queue on an operator's decision (``action``
         purge or delete): a "b" record each, naming the operator, and a DSN to the sender only
         if ``dsn``."""
-        for rcpt, rec in zip(rcpts, self.operator_records(rcpts, action, who), strict=True):
-            owed = self._told(rcpt, action) if dsn else None
-            self._final(rcpt, State.BOUNCED, rec.dsn_diag, rec, from_heap=False, owed=owed)
+        with self.one_write():  # the whole action in one commit (those owed a DSN: after it)
+            for rcpt, rec in zip(rcpts, self.operator_records(rcpts, action, who),
+                                 strict=True):
+                owed = self._told(rcpt, action) if dsn else None
+                self._final(rcpt, State.BOUNCED, rec.dsn_diag, rec, from_heap=False, owed=owed)
 
     def _told(self, rcpt: Recipient, action: str) -> Failure | None:
         """A DSN for a recipient an operator removed: it says what happened, not who did it."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import orjson
@@ -85,6 +85,8 @@ class OutcomeRecording:
     """Recipients final in memory whose final state is held back: a page read skips them."""
     on_final: Callable[[Recipient], None] | None
     _ready: set[Lane]
+    _gathered: tuple[list[RecipientUpdate], list[Record], list[str]] | None = None
+    """While ``one_write`` gathers: the final states, their records, the messages ended."""
 
     if TYPE_CHECKING:  # the Scheduler's
         def lane(self, pool: str, domain: str) -> Lane: ...
@@ -93,6 +95,39 @@ class OutcomeRecording:
         def outage_key(self, lane: Lane) -> str: ...
         def _unindex(self, rcpt: Recipient) -> None: ...
         def _left(self, rcpt: Recipient) -> None: ...
+
+    @contextlib.contextmanager
+    def one_write(self) -> Iterator[None]:
+        """The final states ``_final`` writes meanwhile (with their records) go to the spool
+        as one write, so in one commit, and the messages they end are forgotten after it: an
+        operator's purge or delete of many recipients is on disk whole or not at all. One
+        write per recipient spanned several commits (``BATCH_MAX``), and a node killed between
+        them had done a part of an action it never answered."""
+        assert self._gathered is None, "one_write does not nest"
+        gathered: tuple[list[RecipientUpdate], list[Record], list[str]] = ([], [], [])
+        self._gathered = gathered
+        try:
+            yield
+        finally:
+            self._gathered = None
+            updates, recs, ended = gathered
+            if updates:
+                self.spool.update(updates, recs)
+            for msg_id in ended:
+                self.spool.finish(msg_id)
+
+    def _write_final(self, update: RecipientUpdate, rec: Record) -> None:
+        if self._gathered is None:
+            self.spool.update([update], (rec,))
+        else:
+            self._gathered[0].append(update)
+            self._gathered[1].append(rec)
+
+    def _finish(self, msg_id: str) -> None:
+        if self._gathered is None:
+            self.spool.finish(msg_id)
+        else:
+            self._gathered[2].append(msg_id)
 
     def _outcome_unknown(self, rcpt: Recipient) -> None:
         """A recipient comes back (restart, or another node's work taken over) with an attempt
@@ -231,7 +266,7 @@ class OutcomeRecording:
         msg = rcpt.msg
         update = RecipientUpdate(msg.id, rcpt.idx, state, rcpt.attempts, 0.0, reply)
         if owed is None:
-            self.spool.update([update], (rec,))
+            self._write_final(update, rec)
         else:
             key = (msg.id, rcpt.idx)
             self.unwritten.add(key)
@@ -250,7 +285,7 @@ class OutcomeRecording:
         self._unindex(rcpt)
         msg.remaining -= 1
         if msg.remaining <= 0 and msg.id not in self.owing:
-            self.spool.finish(msg.id)
+            self._finish(msg.id)
         self._left(rcpt)
         if self.on_final is not None:
             self.on_final(rcpt)
