@@ -5,6 +5,8 @@ what it has done and recorded after its restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email
 import os
 import signal
 import sqlite3
@@ -101,4 +103,73 @@ async def test_a_lane_purge_killed_in_the_middle_is_all_or_nothing(tmp_path):
 
 async def test_a_delete_of_many_messages_killed_in_the_middle_is_all_or_nothing(tmp_path):
     await _killed_in_the_middle(tmp_path, "delete")
+
+
+def _kill_when(tmp_path: Path, pid: int, sql: str) -> threading.Thread:
+    """A thread that SIGKILLs ``pid`` the moment ``sql`` (a count) is non-zero on the spool
+    on disk, read as another process would; gives up after 60 s."""
+
+    def watch() -> None:
+        db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(sqlite3.OperationalError):  # not made yet
+                    if db.execute(sql).fetchone()[0]:
+                        os.kill(pid, signal.SIGKILL)
+                        return
+                time.sleep(0.0005)
+        finally:
+            db.close()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def _dsn_ids(arrivals: list) -> list[str]:
+    """The queue id of each DSN (a report from the null sender) the sink took, once per
+    arrival (a DSN delivered twice is there twice)."""
+    out = []
+    for a in arrivals:
+        if a.mail_from in ("", "<>"):
+            msg = email.message_from_bytes(a.data)
+            out.append(msg["X-Postlane-Queued"].split("id=")[1])
+    return out
+
+
+async def test_a_node_killed_as_it_queues_a_bounce_sends_one_dsn(tmp_path):
+    """The remote refuses a recipient for good (550); the node is SIGKILLed the moment the
+    DSN is on disk. The recipient's final state and "b" record used to follow in a commit of
+    their own: killed between, the restarted node delivered the recipient again, was refused
+    again, and sent its sender a second DSN (with a "u" and a second attempt on the trail).
+    Now the DSN, the final state and the "b" are one commit: one DSN, one "b"."""
+    async with _APINode(tmp_path) as node:
+        node.sink.rcpt_replies["gone@example.com"] = ["550 5.1.1 no such user"]
+        watcher = _kill_when(tmp_path, node.proc.pid,
+                             "SELECT count(*) FROM messages WHERE listener = 'dsn'")
+        await send(node.port, "s@example.com", ["gone@example.com"], message("m"))
+        await asyncio.to_thread(watcher.join, 60)
+        await asyncio.to_thread(node.proc.wait)
+        await node.restart()
+        await node.sink.wait_for(1)
+        await until(lambda: not _open_rows(tmp_path), what="nothing left to deliver")
+        await asyncio.sleep(1.5)  # a recipient delivered again is refused within this (retry 1s)
+    dsns = _dsn_ids(node.sink.arrivals)
+    assert len(set(dsns)) == 1, f"{len(set(dsns))} DSNs sent: {dsns}"
+    rows = records(tmp_path)
+    gone = [r["type"] for r in rows if r["rcpt"] == "gone@example.com"]
+    assert gone.count("b") == 1 and "u" not in gone, gone
+    assert node.sink.rcpt_attempts["gone@example.com"] == 1
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
+
+
+def _open_rows(tmp_path: Path) -> list[tuple]:
+    db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    try:
+        return list(db.execute("SELECT msg_id, idx FROM recipients WHERE state NOT IN"
+                               " ('delivered', 'bounced', 'expired', 'suppressed')"))
+    finally:
+        db.close()
 

@@ -417,9 +417,14 @@ class Node:
         them not final (delivered, and so bounced, again after its restart): False."""
         msg, failures = self._failures.pop(msg_id)
         delay = 1.0
+        carried = False
+        """Whether the DSN's commit carried the final states (one commit: a node killed after
+        it sends no second DSN; written after it, a kill between delivered the recipients
+        again and bounced them again)."""
         while True:
             try:
                 await self._bounce(msg, failures)
+                carried = True
                 break
             except (SpoolUnavailable, Rejection) as exc:
                 if isinstance(exc, Rejection) and exc.code >= 500:
@@ -440,7 +445,7 @@ class Node:
                 break
         for failure in failures:  # the DSN is durable (or refused): the final states now
             if failure.write is not None:
-                failure.write()
+                failure.write(carried and failure.final is not None)
         return True
 
     async def _bounce(self, msg: Message, failures: list[Failure]) -> None:
@@ -458,7 +463,8 @@ class Node:
             queue_id=msg.id, postmaster=self.config.node.postmaster)
         await self.intake.submit(
             "", [RcptIn(msg.mail_from, "NEVER")], report, listener="dsn",
-            src_type="dsn", forced_class=msg.cls)
+            src_type="dsn", forced_class=msg.cls,
+            finals=[f.final for f in failures if f.final is not None])
 
     def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``work`` beside the node; a drain waits for it."""

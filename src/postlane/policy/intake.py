@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from ..address import address_literal, domain_key
 from ..config import Config
 from ..health import Health
 from ..maildate import header_date
-from ..spool import Message, Recipient, Spool, SpoolUnavailable, local_dir
+from ..spool import Message, Recipient, RecipientUpdate, Spool, SpoolUnavailable, local_dir
 from ..spool.disk import DiskGuard, guarded_folders
 from .headers import field_value, header_fields, join_fields, normalize_newlines, split_head
 from .identity import envelope_sender
@@ -184,11 +184,14 @@ class Intake:
                      client_name: str = "", auth_user: str = "", default_class: str | None = None,
                      src_type: str = "smtp", forced_class: str | None = None,
                      mt_priority: int | None = None, protocol: str = "ESMTP",
-                     smtputf8: bool | None = None) -> str:
+                     smtputf8: bool | None = None,
+                     finals: Sequence[tuple[RecipientUpdate, Record]] = ()) -> str:
         """Queue a message durably and return its queue id (raises Rejection); ``protocol``
         is the Received field's "with" (RFC 3848). ``smtputf8``: the SMTP client gave the
         SMTPUTF8 parameter; None (mail made here, the HTTP API) asks for it when an address
-        or a header field is not ASCII, as Postfix's ``smtputf8_autodetect_classes`` does."""
+        or a header field is not ASCII, as Postfix's ``smtputf8_autodetect_classes`` does.
+        ``finals``: the final states (and records) of the recipients a DSN reports, committed
+        with the DSN (or with its "s" records, when its recipient is suppressed)."""
         now = time.time()
         if src_type != "dsn" and not self.disk.ok():
             self.disk.refusal()
@@ -239,7 +242,11 @@ class Intake:
                 queue_id=qid, now=now, cls=cls_name, pool=cls.pool, mail_from=mail_from,
                 rcpts=rcpts, fields=kept, message_id=message_id, listener=listener)
             if not rcpts:  # every recipient suppressed: accepted and dropped ("s" records)
-                self.spool.record(dropped, urgent=cls.sla is not None)
+                if finals:  # one write: the final states and every record in one commit
+                    self.spool.update([u for u, _ in finals], [*(r for _, r in finals),
+                                                                *dropped])
+                else:
+                    self.spool.record(dropped, urgent=cls.sla is not None)
                 await self.spool.flush()
                 for rec in dropped:
                     self.record(rec)
@@ -281,16 +288,21 @@ class Intake:
                            listener=listener, auth_user=auth_user) for r in recipients]
         # the "r" (and "s") records are committed with the message: no 250 without them
         await self.store(msg, recipients, content, urgent=cls.sla is not None,
-                         events=dropped + received)
+                         events=dropped + received, finals=finals)
         return qid
 
     async def store(self, msg: Message, recipients: list[Recipient], content: bytes, *,
-                    urgent: bool, events: list[Record]) -> None:
+                    urgent: bool, events: list[Record],
+                    finals: Sequence[tuple[RecipientUpdate, Record]] = ()) -> None:
         """Commit an accepted message with its records, tell the observers, queue it and
         count it: the end of ``submit``, and what the main process does with a message an
-        intake worker accepted. Raises Rejection (451) when the spool cannot take it."""
+        intake worker accepted. Raises Rejection (451) when the spool cannot take it.
+        ``finals``: other recipients' final states and records, in the same commit (their
+        observers were told when they became final)."""
         try:
-            await self.spool.enqueue(msg, recipients, content, urgent=urgent, events=events)
+            await self.spool.enqueue(msg, recipients, content, urgent=urgent,
+                                     events=[*events, *(r for _, r in finals)],
+                                     finals=[u for u, _ in finals])
         except SpoolUnavailable:  # told once by the spool (Health), counted here
             self.health.count(self.spool.HEALTH_KEY)
             text = "4.3.0 Temporary failure storing the message, try again"

@@ -183,13 +183,14 @@ class OperatorActions:
             update = RecipientUpdate(rcpt.msg.id, rcpt.idx, State.BOUNCED, rcpt.attempts, 0.0,
                                      rec.dsn_diag)
 
-            def write(update: RecipientUpdate = update, rec: Record = rec) -> None:
-                spool.update([update], (rec,))
+            def write(spooled: bool = False, update: RecipientUpdate = update,
+                      rec: Record = rec) -> None:
+                spool.update([update], (rec,))  # never spooled: ``final`` is not set
                 spool.finish_shared(update.msg_id)
 
             owed = self._told(rcpt, action)
             if owed is None:  # a null sender, or NOTIFY=NEVER: nobody to tell
-                write()
+                write(False)
             else:
                 owed.write = write
         return leased

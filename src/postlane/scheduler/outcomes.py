@@ -30,15 +30,20 @@ log = logging.getLogger("postlane.scheduler")
 class Failure:
     """A recipient that failed for good, waiting to be reported in a bounce."""
 
-    __slots__ = ("rcpt", "status", "diag", "remote_mta", "action", "write")
+    __slots__ = ("rcpt", "status", "diag", "remote_mta", "action", "write", "final")
 
     def __init__(self, rcpt: Recipient, status: str, diag: str, remote_mta: str,
                  action: str = "failed") -> None:
         self.rcpt, self.status, self.diag = rcpt, status, diag
         self.remote_mta, self.action = remote_mta, action
-        self.write: Callable[[], None] | None = None
+        self.write: Callable[[bool], None] | None = None
         """The recipient's final state and record, for the spool once the bounce is queued
-        (whoever sends the bounce calls it, whatever became of the bounce)."""
+        (whoever sends the bounce calls it, whatever became of the bounce); called with True
+        when the bounce's own commit carried ``final``: only the node's memory is left."""
+        self.final: tuple[RecipientUpdate, Record] | None = None
+        """The final state and its record, for the bounce's commit to carry (one commit: a
+        node killed after it neither delivers the recipient again nor sends a second bounce);
+        None: ``write`` alone writes them (a cluster's delete that leased them)."""
 
 
 def base_record(kind: str, rcpt: Recipient, now: float) -> Record:
@@ -272,8 +277,9 @@ class OutcomeRecording:
             self.unwritten.add(key)
             self.owing[msg.id] = self.owing.get(msg.id, 0) + 1
 
-            def write() -> None:
-                self.spool.update([update], (rec,))
+            def write(spooled: bool = False) -> None:
+                if not spooled:
+                    self.spool.update([update], (rec,))
                 self.unwritten.discard(key)
                 self.owing[msg.id] -= 1
                 if not self.owing[msg.id]:
@@ -282,6 +288,7 @@ class OutcomeRecording:
                         self.spool.finish(msg.id)
 
             owed.write = write
+            owed.final = (update, rec)
         self._unindex(rcpt)
         msg.remaining -= 1
         if msg.remaining <= 0 and msg.id not in self.owing:

@@ -28,7 +28,17 @@ import asyncpg
 
 from ..accounting.records import Record, pack
 from ..health import Health
-from .base import FINAL_STATES, Message, Pending, Recipient, State, message_row, new_writer_id
+from .base import (
+    FINAL_STATES,
+    Message,
+    Pending,
+    Recipient,
+    RecipientUpdate,
+    State,
+    message_row,
+    new_writer_id,
+    update_rows,
+)
 from .cache import BodyCache
 from .leases import Leases
 from .membership import SESSION_SETTINGS, Membership, NodeConflict, NodeInfo
@@ -193,14 +203,16 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
         self._wake.set()
 
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
-                      urgent: bool = False, events: Sequence[Record] = ()) -> None:
+                      urgent: bool = False, events: Sequence[Record] = (),
+                      finals: Sequence[RecipientUpdate] = ()) -> None:
         """Return once the message, its recipients and ``events`` are committed."""
         fut = asyncio.get_running_loop().create_future()
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
                   r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority, msg.deadline,
                   msg.cls) for r in rcpts]
-        self._submit(Enqueue(row, (msg.id, body), rrows, events, fut), urgent)
+        self._submit(Enqueue(row, (msg.id, body), rrows, events, fut,
+                             update_rows(list(finals))), urgent)
         await fut
         self._cache.put(msg.id, body)
 

@@ -31,10 +31,12 @@ from .base import (
     Message,
     Pending,
     Recipient,
+    RecipientUpdate,
     SpoolUnavailable,
     State,
     message_row,
     new_writer_id,
+    update_rows,
 )
 from .cache import BodyCache
 from .writer import (
@@ -298,14 +300,16 @@ class SQLiteSpool(GroupCommitWrites):
             self._cv.notify()
 
     async def enqueue(self, msg: Message, rcpts: list[Recipient], body: bytes,
-                      urgent: bool = False, events: Sequence[Record] = ()) -> None:
+                      urgent: bool = False, events: Sequence[Record] = (),
+                      finals: Sequence[RecipientUpdate] = ()) -> None:
         """Return once the message, its recipients and ``events`` are committed to disk."""
         fut = self._future()
         row = message_row(msg)
         rrows = [(msg.id, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state.value,
                   r.attempts, r.next_attempt, r.last_reply, msg.pool, msg.priority,
                   msg.deadline) for r in rcpts]
-        self._submit(Enqueue(row, (msg.id, body), rrows, events, fut), urgent)
+        self._submit(Enqueue(row, (msg.id, body), rrows, events, fut,
+                             update_rows(list(finals))), urgent)
         await fut
         self._cache.put(msg.id, body)
 

@@ -49,6 +49,9 @@ class Enqueue:
     recipients: list[tuple]
     events: Sequence[Record]
     done: asyncio.Future
+    updates: list[tuple] = field(default_factory=list)
+    """Other recipients' state changes committed with it (``base.update_rows``; their records
+    are in ``events``): the final states a DSN reports, in the DSN's commit."""
 
 
 @dataclass(slots=True)
@@ -152,6 +155,7 @@ class Batch:
                     b.messages.append(op.message)
                     b.bodies.append(op.body)
                     b.recipients.extend(op.recipients)
+                    b.updates.extend(op.updates)
                     b.events.extend(op.events)
                 case Update():
                     b.updates.extend(op.rows)

@@ -23,7 +23,7 @@ import pickle
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import astuple, fields
 from typing import Any, ClassVar
 
@@ -116,8 +116,13 @@ class RemoteSpool:
         self._urgent = False
 
     async def enqueue(self, msg: Message, recipients: list[Recipient], content: bytes,
-                      urgent: bool = False, events: list[Record] | tuple = ()) -> None:
-        """Returns once the main process has committed the message (and its records)."""
+                      urgent: bool = False, events: list[Record] | tuple = (),
+                      finals: Sequence[object] = ()) -> None:
+        """Returns once the main process has committed the message (and its records).
+        ``finals`` (other recipients' final states, a DSN's) never come here: the main
+        process queues the DSNs."""
+        if finals:
+            raise ValueError("an intake worker queues no DSN")
         refusal = await self.channel.ask(
             "enqueue", message_values(msg),
             [(r.idx, r.address, r.domain, r.orcpt, r.notify) for r in recipients], content,
