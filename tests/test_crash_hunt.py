@@ -105,12 +105,14 @@ async def test_a_delete_of_many_messages_killed_in_the_middle_is_all_or_nothing(
     await _killed_in_the_middle(tmp_path, "delete")
 
 
-def _kill_when(tmp_path: Path, pid: int, sql: str) -> threading.Thread:
-    """A thread that SIGKILLs ``pid`` the moment ``sql`` (a count) is non-zero on the spool
-    on disk, read as another process would; gives up after 60 s."""
+def _kill_when(tmp_path: Path, pid: int, sql: str,
+               database: str = "spool.sqlite") -> threading.Thread:
+    """A thread that SIGKILLs ``pid`` the moment ``sql`` (a count) is non-zero in the
+    ``database`` of the spool folder on disk, read as another process would; gives up after
+    60 s."""
 
     def watch() -> None:
-        db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
+        db = sqlite3.connect(tmp_path / "spool" / database, isolation_level=None)
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -249,3 +251,53 @@ async def test_a_drain_cut_short_by_sigkill_loses_nothing_and_keeps_the_trail(tm
         assert n == 1 or types["u"] >= n - 1, (corr, n, types)
     res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
     assert res.exit_code == 0, res.output
+
+
+def _recorder_pid(node_pid: int) -> int | None:
+    """The node's recorder process (``python -m postlane.audit.recorder``), if one runs."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if parent == node_pid and b"postlane.audit.recorder" in cmd:
+            return int(entry.name)
+    return None
+
+
+async def test_a_stop_while_the_recorder_waits_to_restart_files_every_record(tmp_path):
+    """The recorder process SIGKILLed 5 times in a row waits 4 s before its next start (the
+    pause for a recorder that keeps dying); mail delivered meanwhile has its records only in
+    the spool. A SIGTERM then used to wait the pause out and end the node with those records
+    in neither the accounting files nor (had the store not been ahead) the audit store,
+    until a next start. Now the stop cuts the pause short and starts a recorder once more to
+    write them: the node stops at once with every record filed."""
+    async with _APINode(tmp_path) as node:
+        for _ in range(5):
+            pid = await until(lambda: _recorder_pid(node.proc.pid), timeout=30,
+                              what="a recorder running")
+            await asyncio.sleep(0.5)  # ready, not killed as it starts
+            os.kill(pid, signal.SIGKILL)
+            await until(lambda p=pid: _recorder_pid(node.proc.pid) not in (p,),
+                        what="the recorder gone")
+        await asyncio.sleep(0.5)
+        assert _recorder_pid(node.proc.pid) is None  # pausing
+        for i in range(3):
+            await send(node.port, "s@insurer.test", [f"late{i}@example.com"],
+                       message(f"late{i}"))
+        await node.sink.wait_for(3)
+        await until(lambda: not _open_rows(tmp_path), what="delivered")
+        started = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(node.proc.wait, 60)
+        took = time.monotonic() - started
+    assert took < 3, f"the stop took {took:.1f}s"
+    types = sorted((r["rcpt"], r["type"]) for r in records(tmp_path)
+                   if r["rcpt"].startswith("late"))
+    assert types == [(f"late{i}@example.com", t) for i in range(3) for t in "dr"], types
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
+

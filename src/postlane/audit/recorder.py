@@ -102,6 +102,10 @@ class Recorder:
         self._tokens = itertools.count(1)
         self._ready: asyncio.Future | None = None
         self._stopping = False
+        self._stop_asked = asyncio.Event()
+        """Set by ``stop``: cuts a restart pause short."""
+        self._restarter: asyncio.Task | None = None
+        """The task starting a child after one died (a stop waits for it and its last child)."""
         self._behind = False
         self._started = 0.0
         """When the running child was ready (``time.monotonic``)."""
@@ -187,6 +191,14 @@ class Recorder:
             return  # it said why it could not start: the start fails with that, no restart
         if self._stopping or proc is not self._proc:
             return
+        self._restarter = asyncio.current_task()
+        try:
+            await self._restart(proc)
+        finally:
+            self._restarter = None
+
+    async def _restart(self, proc: subprocess.Popen) -> None:
+        """Start another child after ``proc`` died (after a pause if they keep dying)."""
         code = await asyncio.to_thread(proc.wait)
         # A child that keeps dying soon after its start (a full disk, a store it cannot write)
         # is restarted after a growing pause, not in a loop of process starts; the events wait
@@ -196,15 +208,41 @@ class Recorder:
         delay = min(RESTART_MAX, 2.0 ** (self._quick_deaths - 2)) if self._quick_deaths > 1 else 0
         log.error("recorder process ended (exit %s); starting another%s", code,
                   f" in {delay:g}s" if delay else "")
-        if delay:
-            await asyncio.sleep(delay)
-        while not self._stopping:
+        # A stop meanwhile cuts the pause short and still starts one: the node's last records
+        # are written before it ends (it used to wait the pause out and end with them in the
+        # spool only, neither in the files nor in the store until a next start).
+        await self._pause(delay)
+        while True:
             try:
                 await self._spawn()
-                return
             except Exception as exc:  # noqa: BLE001 - the events wait in the spool meanwhile
+                if self._stopping:
+                    log.error("cannot start the recorder to write the last records (%s): they"
+                              " wait in the spool for the next start", exc)
+                    return
                 log.error("cannot start the recorder: %s; retrying in 5s", exc)
-                await asyncio.sleep(5)
+                await self._pause(5)
+                continue
+            if self._stopping:  # started for the stop: it writes what the spool holds, ends
+                await self._last(self._writer, self._reader_task)
+            return
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if a stop is asked meanwhile."""
+        if seconds and not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_asked.wait(), seconds)
+
+    @staticmethod
+    async def _last(writer: asyncio.StreamWriter | None, reader: asyncio.Task | None) -> None:
+        """Tell a child to write what the spool holds and end; wait (60 s at most) for it."""
+        if writer is not None:
+            with contextlib.suppress(ConnectionError):
+                writer.write(frame(("stop", None)))
+                await writer.drain()
+        if reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(reader), 60)
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
@@ -249,8 +287,14 @@ class Recorder:
         await fut
 
     async def stop(self) -> None:
-        """Let the child write what the spool holds, then end it."""
+        """Let the child write what the spool holds, then end it (one waiting out a restart
+        pause is started at once for that)."""
         self._stopping = True
+        self._stop_asked.set()
+        restarter = self._restarter
+        if restarter is not None:  # a child died: the one started for the stop files the rest
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(restarter), 90)
         if self._writer is not None:
             with contextlib.suppress(ConnectionError):
                 self._writer.write(frame(("stop", None)))
