@@ -301,3 +301,75 @@ async def test_a_stop_while_the_recorder_waits_to_restart_files_every_record(tmp
     res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
     assert res.exit_code == 0, res.output
 
+
+async def test_a_large_suppression_import_killed_as_it_lands_is_whole_with_its_record(tmp_path):
+    """5,000 addresses imported over the API, the node SIGKILLed the moment the first of them
+    is in the list on disk: the list has all of them, and after the restart the import has
+    its one "o" record (the list's transaction carries it until the spool has it)."""
+    rows = "address\n" + "".join(f"imp{i}@example.com\n" for i in range(5000))
+    async with _APINode(tmp_path) as node:
+        watcher = _kill_when(tmp_path, node.proc.pid, "SELECT count(*) FROM suppression WHERE"
+                             " address LIKE 'imp%'", database="suppression.sqlite3")
+        with contextlib.suppress(httpx.HTTPError):
+            await node.client.post("/suppressions/import", params={"scope": "all"},
+                                   content=rows.encode())
+        await asyncio.to_thread(watcher.join, 60)
+        await asyncio.to_thread(node.proc.wait)
+        db = sqlite3.connect(tmp_path / "spool" / "suppression.sqlite3")
+        try:
+            (listed,) = db.execute("SELECT count(*) FROM suppression WHERE address LIKE"
+                                   " 'imp%'").fetchone()
+        finally:
+            db.close()
+        assert listed == 5000
+        await node.restart()
+    ops = [r["dsnAction"] for r in records(tmp_path) if r["type"] == "o"]
+    assert ops == ["suppress-import"], ops
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
+
+
+async def test_a_recorder_killed_while_it_rotates_files_leaves_each_line_once(tmp_path):
+    """The accounting files rotate at (almost) every sync (``rotate_size`` 1 KB) while mail
+    flows, and the recorder process is SIGKILLed 5 times at random moments (rotations
+    included): every record is in the files once, and ``audit verify --files`` passes."""
+    import random
+
+    rng = random.Random(5)
+    async with _APINode(tmp_path, "") as node:
+        node.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(node.proc.wait, 60)
+        node.cfg.write_text(node.cfg.read_text().replace(
+            'formats = ["csv", "jsonl"]', 'formats = ["csv", "jsonl"]\nrotate_size = "1KB"'))
+        await node.restart()
+        done = asyncio.Event()
+
+        async def sender() -> int:  # mail flows (and files rotate) all through the kills
+            i = 0
+            while not done.is_set():
+                await send(node.port, "s@insurer.test", [f"k{i}-{j}@example.com" for j in range(5)],
+                           message(f"k{i}"))
+                i += 1
+                await asyncio.sleep(0.05)
+            return i
+
+        sending = asyncio.ensure_future(sender())
+        kills = 0
+        while kills < 5:
+            await asyncio.sleep(rng.uniform(0.3, 1.2))
+            pid = _recorder_pid(node.proc.pid)
+            if pid is not None:  # (one killed as it starts makes the next wait 5 s)
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+        done.set()
+        sent = await sending
+        await until(lambda: not _open_rows(tmp_path), timeout=120, what="everything delivered")
+    assert len(list((tmp_path / "acct").glob("*.csv"))) > 3  # it did rotate
+    rows = records(tmp_path)
+    lines = Counter(tuple(r.values()) for r in rows)
+    assert [k for k, n in lines.items() if n > 1] == []
+    types = Counter((r["rcpt"], r["type"]) for r in rows if r["rcpt"].startswith("k"))
+    assert all(types[(f"k{i}-{j}@example.com", t)] == 1
+               for i in range(sent) for j in range(5) for t in "rd")
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
