@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import message, records, send
+from tests.conftest import OPERATOR, config_text, message, records, send
 from tests.support.waiting import until
 from tests.test_crash_repair import _APINode
 from tests.test_evidence import cli
@@ -373,3 +373,25 @@ async def test_a_recorder_killed_while_it_rotates_files_leaves_each_line_once(tm
                for i in range(sent) for j in range(5) for t in "rd")
     res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
     assert res.exit_code == 0, res.output
+
+
+async def test_a_dsn_to_a_suppressed_sender_writes_the_final_state_with_its_drop(
+        tmp_path, sink, make_node):
+    """The DSN of a refused recipient goes to a sender on the suppression list: the DSN is
+    dropped (an "s" record) and the refused recipient's final state and "b" are written in
+    that same spool write; nothing is left open and each record is there once."""
+    sink.rcpt_replies["gone@example.com"] = ["550 5.1.1 no such user"]
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.suppress("s@example.com", "all", "test", who=OPERATOR)
+    await send(node.listeners[0].port, "s@example.com", ["gone@example.com"], message("m"))
+
+    async def filed() -> list[tuple[str, str]]:
+        await node.flush_evidence()
+        rows = [(r["type"], r["rcpt"]) for r in records(tmp_path) if r["type"] in "rbs"]
+        return rows if ("s", "s@example.com") in rows else []
+
+    rows = await until(filed, what="the DSN dropped")
+    assert sorted(rows) == [("b", "gone@example.com"), ("r", "gone@example.com"),
+                            ("s", "s@example.com")], rows
+    await until(lambda: not _open_rows(tmp_path), what="nothing open")
+    assert sink.arrivals == []
