@@ -395,3 +395,52 @@ async def test_a_dsn_to_a_suppressed_sender_writes_the_final_state_with_its_drop
                             ("s", "s@example.com")], rows
     await until(lambda: not _open_rows(tmp_path), what="nothing open")
     assert sink.arrivals == []
+
+
+async def test_a_node_killed_as_it_records_a_delivery_with_notify_success_sends_its_dsn(
+        tmp_path):
+    """NOTIFY=SUCCESS to a receiver without DSN: this node owes the sender a "relayed" DSN
+    (RFC 3461 5.2.2). The delivery's final state was committed first and the DSN queued
+    after it: a node SIGKILLed between them never sent the DSN (the recipient was final, so
+    nothing made it again). Now the final state waits for the DSN's commit, as a failure's
+    does: the node killed the moment the delivery is final on disk has its DSN too."""
+    async with _APINode(tmp_path) as node:
+        def final(db: sqlite3.Connection, seen: list[bool] = []) -> bool:  # noqa: B006
+            (n,) = db.execute("SELECT count(*) FROM recipients WHERE address = 'ok@example.com'"
+                              " AND state = 'queued'").fetchone()
+            seen.append(bool(n))
+            return any(seen) and not n  # queued on disk before, not any more
+        watcher = _kill_on(tmp_path, node.proc.pid, final)
+        await send(node.port, "s@example.com", ["ok@example.com"], message("m"),
+                   rcpt_options=["NOTIFY=SUCCESS"])
+        await asyncio.to_thread(watcher.join, 60)
+        await asyncio.to_thread(node.proc.wait)
+        await node.restart()
+        await until(lambda: not _open_rows(tmp_path), what="nothing left to deliver")
+        await asyncio.sleep(1.5)
+    dsns = set(_dsn_ids(node.sink.arrivals))
+    assert len(dsns) == 1, f"{len(dsns)} DSNs sent"
+    res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
+    assert res.exit_code == 0, res.output
+
+
+def _kill_on(tmp_path: Path, pid: int, when) -> threading.Thread:
+    """A thread that SIGKILLs ``pid`` the moment ``when(connection)`` is true of the spool on
+    disk, read as another process would; gives up after 60 s."""
+
+    def watch() -> None:
+        db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with contextlib.suppress(sqlite3.OperationalError):  # not made yet
+                    if when(db):
+                        os.kill(pid, signal.SIGKILL)
+                        return
+                time.sleep(0.0005)
+        finally:
+            db.close()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

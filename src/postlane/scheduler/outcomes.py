@@ -163,9 +163,11 @@ class OutcomeRecording:
         rec.dsn_action, rec.dsn_status, rec.dsn_diag = "relayed", status, f"smtp;{reply}"
         fill_conn(rec, conn)
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
-        self._final(rcpt, State.DELIVERED, reply, rec, lane=lane)
-        if "SUCCESS" in rcpt.notify.upper():
-            self._relayed(rcpt, status, reply, conn)
+        # a "relayed" DSN owed: the final state waits for its commit, as a failure's does (it
+        # was written first: a node killed before the DSN's commit never sent it)
+        owed = self._relayed(rcpt, status, reply, conn) if "SUCCESS" in rcpt.notify.upper() \
+            else None
+        self._final(rcpt, State.DELIVERED, reply, rec, lane=lane, owed=owed)
         if self.health.active:
             self.health.end(self.outage_key(lane))
         if lane.in_backoff(now) and lane.rule is not None and lane.rule.backoff_until_success:
@@ -297,17 +299,20 @@ class OutcomeRecording:
         if self.on_final is not None:
             self.on_final(rcpt)
 
-    def _relayed(self, rcpt: Recipient, status: str, reply: str, conn: dict[str, str]) -> None:
+    def _relayed(self, rcpt: Recipient, status: str, reply: str,
+                 conn: dict[str, str]) -> Failure | None:
         """NOTIFY=SUCCESS (RFC 3461 5.2.2): a "relayed" DSN to the sender when nobody beyond
         will report the delivery to it: the receiver does not offer DSN (the parameters were
-        dropped), or its report comes back to this node's VERP return path (recorded "rd")."""
+        dropped), or its report comes back to this node's VERP return path (recorded "rd").
+        The report's entry if one will be sent (the delivery's final state goes with it)."""
         msg = rcpt.msg
         pool = self.config.pools.get(msg.pool)
         if self.on_failures is None or (conn.get("dsn") and not (
                 pool is not None and pool.bounce_domain and msg.mail_from)):
-            return
-        self.on_failures(msg, [Failure(rcpt, status if status.startswith("2") else "2.0.0",
-                                       reply, conn.get("mx", ""), action="relayed")])
+            return None
+        report = Failure(rcpt, status if status.startswith("2") else "2.0.0", reply,
+                         conn.get("mx", ""), action="relayed")
+        return report if self.on_failures(msg, [report]) else None
 
     def _fail(self, rcpt: Recipient, status: str, diag: str, mx: str) -> Failure | None:
         """Report a recipient in a bounce; the ``Failure`` if a bounce will be sent."""
