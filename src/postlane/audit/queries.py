@@ -9,10 +9,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-import idna
-
 from ..accounting.records import Record
-from ..address import domain_key
+from ..address import spellings
 from .chain import RECORD_COLUMNS
 from .seal import Seal
 from .store import Query
@@ -47,22 +45,12 @@ def between_where(since: float | None, until: float | None, cls: str | None,
 
 def rcpt_spellings(rcpt: str) -> list[str]:
     """The spellings a recipient may be stored in, which the backends' case-insensitive
-    comparison (ASCII only in SQLite) does not join: the domain in U-labels and in A-labels
-    (RFC 5890: ``jörg@exämple.com`` is ``jörg@xn--exmple-cua.com``; records keep the address
-    as the client gave it) and a non-ASCII local part as given and lower-cased."""
-    local, at, domain = rcpt.rpartition("@")
-    if not at or (rcpt.isascii() and "xn--" not in domain.lower()):
-        return [rcpt]
-    alabel = domain_key(domain)
-    try:
-        ulabel = idna.decode(alabel)
-    except (idna.IDNAError, UnicodeError):
-        ulabel = domain.lower()
-    found: list[str] = []
-    for part in dict.fromkeys((local, local.lower())):
-        for name in dict.fromkeys((domain, alabel, ulabel)):
-            found.append(f"{part}@{name}")
-    return found
+    comparison (ASCII only in SQLite) does not join: the domain as given, in A-labels and in
+    U-labels (``address.spellings``; records keep the address as the client gave it) and a
+    non-ASCII local part as given and lower-cased."""
+    local = rcpt.rpartition("@")[0]
+    return list(dict.fromkeys(spelling for part in dict.fromkeys((local, local.lower()))
+                              for spelling in spellings(part + rcpt[len(local):])))
 
 
 def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
@@ -79,11 +67,11 @@ def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
             args.append(value)
     if query.env_id is not None:
         where.append("env_id <> ''")
-    spellings = rcpt_spellings(query.rcpt) if query.rcpt is not None else []
-    rcpt_any = "(" + " OR ".join([rcpt_match] * len(spellings)) + ")"
+    named = rcpt_spellings(query.rcpt) if query.rcpt is not None else []
+    rcpt_any = "(" + " OR ".join([rcpt_match] * len(named)) + ")"
     if query.rcpt is not None:
         where.append(rcpt_any)
-        args.extend(spellings)
+        args.extend(named)
     if query.since is not None:
         where.append(f"time_queued >= {mark}")
         args.append(query.since)
@@ -101,7 +89,7 @@ def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
            f"audit_records WHERE {' AND '.join(where)})")
     if query.rcpt is not None:
         sql += f" AND {rcpt_any}"
-        args.extend(spellings)
+        args.extend(named)
     return sql, args
 
 

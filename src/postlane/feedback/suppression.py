@@ -30,10 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TextIO, TypeVar
 
-import idna
-
 from .. import schema
-from ..address import PathError, domain_key, parse_path
+from ..address import PathError, domain_key, parse_path, spellings
 from ..secretfile import private_file
 
 __all__ = ["MIGRATIONS", "SCOPES", "Entry", "SuppressionBusy", "SuppressionError",
@@ -124,22 +122,6 @@ def normalize(address: str) -> str:
             or _CONTROL.search(address)):  # NUL, ESC ...: the SMTP door refuses them too
         raise SuppressionError(f"not an email address: {address!r}")
     return address
-
-
-def spellings(key: str, domains: bool = False) -> tuple[str, ...]:
-    """A normalized address and, when its domain has A-labels, the same in U-labels: entries
-    written before the list kept domains in A-labels hold the domain as it was given.
-    ``domains``: the domains only."""
-    local, _, domain = key.rpartition("@")
-    names = [domain]
-    if "xn--" in domain:
-        try:
-            ulabel = idna.decode(domain)
-        except (idna.IDNAError, UnicodeError):
-            ulabel = domain
-        if ulabel != domain:
-            names.append(ulabel)
-    return tuple(names) if domains else tuple(f"{local}@{name}" for name in names)
 
 
 def checked(address: str) -> str:
@@ -434,8 +416,8 @@ class SuppressionList:
             local, at, domain = like.lower().rpartition("@")
             patterns = [like.lower()]
             if at and "*" not in domain and ("xn--" in domain or not domain.isascii()):
-                patterns = [f"{local}@{name}"
-                            for name in spellings(f"x@{domain_key(domain)}", domains=True)]
+                patterns = [f"{local}@{spelling.rpartition('@')[2]}"
+                            for spelling in spellings(f"x@{domain_key(domain)}")]
             sql += " AND (" + " OR ".join(["address LIKE ? ESCAPE '\\'"] * len(patterns)) + ")"
             args += [re.sub(r"([\\%_])", r"\\\1", p).replace("*", "%") for p in patterns]
         sql += " ORDER BY address, scope LIMIT ? OFFSET ?"
