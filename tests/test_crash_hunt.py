@@ -34,30 +34,6 @@ def _queued(tmp_path: Path) -> int:
         db.close()
 
 
-def _kill_at_first_change(tmp_path: Path, pid: int, total: int) -> threading.Thread:
-    """A thread that SIGKILLs ``pid`` the moment the spool on disk has fewer than ``total``
-    queued recipients (the action's first commit), reading the database as another process
-    would; gives up after 60 s."""
-
-    def watch() -> None:
-        db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                (n,) = db.execute(
-                    "SELECT count(*) FROM recipients WHERE state = 'queued'").fetchone()
-                if n < total:
-                    os.kill(pid, signal.SIGKILL)
-                    return
-                time.sleep(0.0005)
-        finally:
-            db.close()
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 async def _killed_in_the_middle(tmp_path: Path, action: str) -> None:
     """3,000 recipients of the paused pool, ``action`` (purge of the lane, or delete of
     every message) asked over the API and the node SIGKILLed as soon as the first of its
@@ -71,7 +47,9 @@ async def _killed_in_the_middle(tmp_path: Path, action: str) -> None:
             rcpts = [f"m{i}-{j}@example.com" for j in range(PER_MESSAGE)]
             assert await send(node.port, "s@insurer.test", rcpts, message(f"m{i}")) == {}
         await until(lambda: _queued(tmp_path) == total, what="all queued on disk")
-        watcher = _kill_at_first_change(tmp_path, node.proc.pid, total)
+        # SIGKILL as soon as the action's first commit is on disk
+        watcher = _kill_when(tmp_path, node.proc.pid, f"SELECT count(*) < {total} FROM"
+                             " recipients WHERE state = 'queued'")
         try:
             if action == "purge":
                 answer = await client.post("/pools/bulk/lanes/example.com/purge", json={})

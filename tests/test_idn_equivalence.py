@@ -5,6 +5,7 @@ the suppression list and the audit trail must treat them as one address."""
 from __future__ import annotations
 
 import asyncio
+import json
 import smtplib
 
 from typer.testing import CliRunner
@@ -17,6 +18,24 @@ from tests.support.waiting import until
 
 ULABEL = "exämple.com"
 ALABEL = "xn--exmple-cua.com"
+
+
+async def _held_for_joerg(tmp_path, sink, make_node):
+    """A node with the bulk pool paused and one campaign message queued for jörg@exämple.com:
+    the ``postlane`` CLI against it, and the message's queue id."""
+    from postlane.policy.intake import RcptIn
+    from tests.conftest import OPERATOR, message
+    from tests.test_cli_ops import run_cli
+
+    node = await make_node(config_text(tmp_path, sink.port))
+    await node.operations.pause("bulk", who=OPERATOR)
+    qid = await node.intake.submit("news@example.com", [RcptIn(f"jörg@{ULABEL}")],
+                                   message("offer", cls="marketing"))
+
+    def cli(*args: str):
+        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
+                       "--token-file", str(tmp_path / "api-token"))
+    return cli, qid
 
 
 async def _utf8_node(tmp_path, make_node):
@@ -268,20 +287,7 @@ async def test_queue_tools_take_a_domain_in_u_labels(tmp_path, sink, make_node):
     selector compared the domain lower-cased only: ``queue list --domain exämple.com`` said
     "no lane to 'exämple.com' in any pool" and ``purge bulk exämple.com`` purged nothing
     while the lane held mail."""
-    import json
-
-    from postlane.policy.intake import RcptIn
-    from tests.conftest import OPERATOR, message
-    from tests.test_cli_ops import run_cli
-
-    node = await make_node(config_text(tmp_path, sink.port))
-    await node.operations.pause("bulk", who=OPERATOR)
-    qid = await node.intake.submit("news@example.com", [RcptIn(f"jörg@{ULABEL}")],
-                                   message("offer", cls="marketing"))
-
-    def cli(*args: str):
-        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
-                       "--token-file", str(tmp_path / "api-token"))
+    cli, qid = await _held_for_joerg(tmp_path, sink, make_node)
 
     for domain in (ULABEL, ULABEL.upper(), ALABEL):
         code, out, err = await cli("queue", "list", "--json", "--domain", domain)
@@ -345,20 +351,7 @@ async def test_queue_list_by_recipient_finds_either_spelling(tmp_path, sink, mak
     """``queue list --recipient`` (and hold, retry, delete by recipient) compared the text
     lower-cased: mail queued for ``jörg@exämple.com`` was not found as
     ``jörg@xn--exmple-cua.com``."""
-    import json
-
-    from postlane.policy.intake import RcptIn
-    from tests.conftest import OPERATOR, message
-    from tests.test_cli_ops import run_cli
-
-    node = await make_node(config_text(tmp_path, sink.port))
-    await node.operations.pause("bulk", who=OPERATOR)
-    qid = await node.intake.submit("news@example.com", [RcptIn(f"jörg@{ULABEL}")],
-                                   message("offer", cls="marketing"))
-
-    def cli(*args: str):
-        return run_cli(*args, "--url", f"http://127.0.0.1:{node.api.port}",
-                       "--token-file", str(tmp_path / "api-token"))
+    cli, qid = await _held_for_joerg(tmp_path, sink, make_node)
 
     for pattern in (f"jörg@{ULABEL}", f"jörg@{ALABEL}", "JÖRG@EXÄMPLE.COM", f"*@{ALABEL}",
                     "j*@xn--exmple-cua.*"):
