@@ -83,9 +83,9 @@ async def test_a_delete_of_many_messages_killed_in_the_middle_is_all_or_nothing(
     await _killed_in_the_middle(tmp_path, "delete")
 
 
-def _kill_when(tmp_path: Path, pid: int, sql: str,
-               database: str = "spool.sqlite") -> threading.Thread:
-    """A thread that SIGKILLs ``pid`` the moment ``sql`` (a count) is non-zero in the
+def _kill_on(tmp_path: Path, pid: int, when,
+             database: str = "spool.sqlite") -> threading.Thread:
+    """A thread that SIGKILLs ``pid`` the moment ``when(connection)`` is true of the
     ``database`` of the spool folder on disk, read as another process would; gives up after
     60 s."""
 
@@ -95,7 +95,7 @@ def _kill_when(tmp_path: Path, pid: int, sql: str,
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 with contextlib.suppress(sqlite3.OperationalError):  # not made yet
-                    if db.execute(sql).fetchone()[0]:
+                    if when(db):
                         os.kill(pid, signal.SIGKILL)
                         return
                 time.sleep(0.0005)
@@ -105,6 +105,12 @@ def _kill_when(tmp_path: Path, pid: int, sql: str,
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def _kill_when(tmp_path: Path, pid: int, sql: str,
+               database: str = "spool.sqlite") -> threading.Thread:
+    """``_kill_on`` once ``sql`` (a count) is non-zero."""
+    return _kill_on(tmp_path, pid, lambda db: db.execute(sql).fetchone()[0], database)
 
 
 def _dsn_ids(arrivals: list) -> list[str]:
@@ -400,25 +406,3 @@ async def test_a_node_killed_as_it_records_a_delivery_with_notify_success_sends_
     assert len(dsns) == 1, f"{len(dsns)} DSNs sent"
     res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
     assert res.exit_code == 0, res.output
-
-
-def _kill_on(tmp_path: Path, pid: int, when) -> threading.Thread:
-    """A thread that SIGKILLs ``pid`` the moment ``when(connection)`` is true of the spool on
-    disk, read as another process would; gives up after 60 s."""
-
-    def watch() -> None:
-        db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite", isolation_level=None)
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                with contextlib.suppress(sqlite3.OperationalError):  # not made yet
-                    if when(db):
-                        os.kill(pid, signal.SIGKILL)
-                        return
-                time.sleep(0.0005)
-        finally:
-            db.close()
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread

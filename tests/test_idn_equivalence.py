@@ -20,6 +20,19 @@ ULABEL = "exämple.com"
 ALABEL = "xn--exmple-cua.com"
 
 
+async def _routed_to(tmp_path, make_node, target: Sink):
+    """The feedback node with mail to the A-label domain routed to ``target``: the node and its
+    SMTP port."""
+    from tests.test_feedback_node import _config
+    node = await make_node(_config(tmp_path, target.port).replace(
+        "[routes]\n", f'[routes]\n"{ALABEL}" = "127.0.0.1:{target.port}"\n'))
+    return node, node.listeners[0].port
+
+
+CAMPAIGN = b"From: news@insurer.test\r\nSubject: news\r\nX-Postlane-Class: marketing\r\n\r\nx\r\n"
+"""A campaign message, classed by its header."""
+
+
 async def _held_for_joerg(tmp_path, sink, make_node):
     """A node with the bulk pool paused and one campaign message queued for jörg@exämple.com:
     the ``postlane`` CLI against it, and the message's queue id."""
@@ -180,15 +193,11 @@ async def test_complaint_rates_count_one_domain_whichever_spelling_mail_went_to(
     to ``xn--exmple-cua.com`` made two rows, each with part of the deliveries, so one
     complaint in two deliveries read as 100 % for the A-label row (an alert) and 0 % for the
     other. Both are one domain, counted in A-labels."""
-    from tests.test_feedback_node import _arf, _config
+    from tests.test_feedback_node import _arf
     target = await Sink(smtputf8=True).start()
     try:
-        node = await make_node(_config(tmp_path, target.port).replace(
-            "[routes]\n", f'[routes]\n"{ALABEL}" = "127.0.0.1:{target.port}"\n'))
-        port = node.listeners[0].port
-        body = (b"From: news@insurer.test\r\nSubject: news\r\nX-Postlane-Class: marketing\r\n"
-                b"\r\nx\r\n")
-        await send(port, "news@insurer.test", [f"anna@{ULABEL}", f"bob@{ALABEL}"], body,
+        node, port = await _routed_to(tmp_path, make_node, target)
+        await send(port, "news@insurer.test", [f"anna@{ULABEL}", f"bob@{ALABEL}"], CAMPAIGN,
                    ["SMTPUTF8"])
         arrivals = await target.wait_for(2)
         await until(lambda: node.feedback.rates.sent("bulk") >= 2, what="both deliveries")
@@ -254,15 +263,10 @@ async def test_a_dsn_naming_our_recipient_in_a_labels_delayed_does_not_bounce_it
     import time
 
     from postlane.feedback.dsn import FailedRecipient, build_bounce
-    from tests.test_feedback_node import _config
     target = await Sink(smtputf8=False).start()
     try:
-        node = await make_node(_config(tmp_path, target.port).replace(
-            "[routes]\n", f'[routes]\n"{ALABEL}" = "127.0.0.1:{target.port}"\n'))
-        port = node.listeners[0].port
-        body = (b"From: news@insurer.test\r\nSubject: news\r\nX-Postlane-Class: marketing\r\n"
-                b"\r\nx\r\n")
-        await send(port, "news@insurer.test", [f"anna@{ULABEL}"], body, ["SMTPUTF8"])
+        node, port = await _routed_to(tmp_path, make_node, target)
+        await send(port, "news@insurer.test", [f"anna@{ULABEL}"], CAMPAIGN, ["SMTPUTF8"])
         [arrival] = await target.wait_for(1)
         assert arrival.rcpts == [f"anna@{ALABEL}"]
         dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
