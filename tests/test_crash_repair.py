@@ -424,6 +424,10 @@ async def test_a_bounce_sent_again_after_a_sigkill_is_counted_once(tmp_path):
         [arrival] = await node.sink.wait_for(1)
         verp = arrival.mail_from
         assert verp.endswith("@bounces.mta.test"), verp
+        # the sink has the message before the node commits its "d": wait for it on the record,
+        # or the lock below holds the "d" back too and the restart delivers the message again
+        await until(lambda: [r["type"] for r in records(tmp_path) if r["rcpt"] == rcpt]
+                    == ["r", "d"], what="the delivery on the record")
         dsn = build_bounce(reporting_mta="mx.example.com", sender=verp,
                            recipients=[FailedRecipient(rcpt, "failed", "5.1.1",
                                                        "550 5.1.1 no such user",
