@@ -760,3 +760,69 @@ def test_gzip_with_trailing_bytes_and_two_members():
     raw = zlib.compress(xml)  # zlib, not gzip: refused clearly, not misread
     with pytest.raises(DMARCError, match="not a DMARC report"):
         parse_aggregate(raw)
+
+
+# -- one report once, whoever receives it, and no report suppressed by a forgery ----------------
+
+async def test_a_report_sent_again_after_a_restart_is_counted_once(tmp_path, sink, make_node):
+    """The reporter did not see our 250 and sends the report again, to the node restarted in
+    between: the store decides, not the node's memory."""
+    text = config_text(tmp_path, sink.port, RUA)
+    mail = report_mail(crafted(SPLIT[:2]), "r.xml", "text/xml")
+    first = await make_node(text)
+    assert await send(first.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                      mail) == {}
+    await first.stop()
+    again = await make_node(text)
+    assert await send(again.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                      mail) == {}
+    assert again.reputation.store.dmarc_report_count(0) == 1
+    assert again.reputation.view["dmarc"]["reports"] == 1
+    assert sum(r[4] for r in again.reputation.store.dmarc_sources(0)) == 600
+
+
+async def test_a_report_that_reaches_two_nodes_of_a_cluster_is_counted_once(tmp_path, sink,
+                                                                            pg_schema):
+    from tests.test_cluster import cluster_text, start_node
+
+    nodes = [await start_node(cluster_text(tmp_path, sink.port, pg_schema, name, RUA))
+             for name in ("a", "b")]
+    try:
+        mail = report_mail(crafted(SPLIT[:2]), "r.xml", "text/xml")
+        for node in nodes:
+            assert await send(node.listeners[0].port, "x@mail.example",
+                              ["dmarc-rua@insurer.test"], mail) == {}
+        for node in nodes:
+            await node.reputation.refresh()
+            assert node.reputation.view["dmarc"]["reports"] == 1
+            assert sum(r[4] for r in node.reputation.store.dmarc_sources(0)) == 600
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def test_a_forged_report_reusing_a_real_report_id_suppresses_nothing(tmp_path, sink,
+                                                                           make_node, caplog):
+    """Anyone can mail the rua address. A forger who guesses the id Google will give its next
+    report (they are sequential numbers) sends one first, under Google's name: the genuine report
+    was then "already stored" and dropped, its figures replaced by the forger's. The key is the
+    reporter's name, its address and the report id; a report with the same key and other
+    content is kept beside the first and both are flagged as conflicting."""
+    node = await make_node(config_text(tmp_path, sink.port, RUA))
+    port = node.listeners[0].port
+    genuine = crafted(SPLIT[:2], report_id="17")  # 600 messages from our pools
+    other_address = crafted([("203.0.113.9", 9000, "fail", "fail")], report_id="17").replace(
+        b"<email>dmarc@mail.example</email>", b"<email>dmarc@forger.test</email>")
+    same_address = crafted([("203.0.113.9", 7000, "fail", "fail")], report_id="17")
+    for data in (other_address, same_address, genuine, genuine):
+        assert await send(port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                          report_mail(data, "r.xml", "text/xml")) == {}
+    store = node.reputation.store
+    assert store.dmarc_report_count(0) == 3  # the genuine one once, beside both forgeries
+    figures = {ip: n for _, ip, _, _, n in store.dmarc_sources(0)}
+    assert figures == {"127.0.0.30": 500, "127.0.0.20": 100, "203.0.113.9": 16000}
+    assert store.dmarc_conflicts(0) == 2  # same reporter, address and id, other content
+    assert "DMARC report conflicts with one stored" in caplog.text
+    result = runner.invoke(app, ["dmarc", "report", "-c", str(_write_config(tmp_path, RUA)),
+                                 "--days", "3660", "--json"])
+    assert json.loads(result.stdout)["conflicting_reports"] == 2, result.output
