@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import sqlite3
 import time
 import tracemalloc
 import zipfile
@@ -826,3 +827,33 @@ async def test_a_forged_report_reusing_a_real_report_id_suppresses_nothing(tmp_p
     result = runner.invoke(app, ["dmarc", "report", "-c", str(_write_config(tmp_path, RUA)),
                                  "--days", "3660", "--json"])
     assert json.loads(result.stdout)["conflicting_reports"] == 2, result.output
+
+
+def test_a_report_stored_before_the_digest_is_still_a_duplicate_when_resent(tmp_path,
+                                                                             monkeypatch):
+    """Reports stored at schema 2 have no digest: one sent again after the upgrade is the
+    same report (as it was), one from another address is not."""
+    from postlane.reputation import store as store_module
+
+    path = tmp_path / "rep.sqlite3"
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
+    ReputationStore(path).close()
+    report = parse_aggregate(crafted(SPLIT[:1]))
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO dmarc_reports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   (report.reporter, report.report_id, report.org_name, report.email,
+                    report.policy_domain, 1, 2, "{}", "1.0", 1, 500, "smtp:", 3.0))
+        db.execute("INSERT INTO dmarc_rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   (report.reporter, report.report_id, 0, 2, "127.0.0.30", 500, "none", 1, 1,
+                    "insurer.test", "insurer.test", "", "[]", "[]", "[]"))
+    monkeypatch.undo()
+    store = ReputationStore(path)
+    try:
+        assert store.store_report(report, "again", 10.0) == "duplicate"
+        other = parse_aggregate(crafted(SPLIT[:1]).replace(b"dmarc@mail.example",
+                                                             b"dmarc@forger.test"))
+        assert store.store_report(other, "forged", 10.0) == "stored"
+        assert store.dmarc_report_count(0) == 2 and store.dmarc_conflicts(0) == 0
+        assert sum(r[4] for r in store.dmarc_sources(0)) == 1000
+    finally:
+        store.close()

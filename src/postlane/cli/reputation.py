@@ -117,7 +117,9 @@ def import_(files: list[Path] = typer.Argument(..., help=".xml, .xml.gz, .zip or
             elif not result["ok"]:
                 typer.echo(f"{path}: refused: {result['error']}")
             else:
-                state = "stored" if result["stored"] else "already stored, skipped"
+                state = "already stored, skipped" if not result["stored"] else (
+                    "stored, conflicting with a stored report of the same reporter, address"
+                    " and id (both kept, flagged)" if result["conflict"] else "stored")
                 typer.echo(f"{path}: {state} ({result['reporter']} {result['report_id']},"
                            f" {result['records']} records, {result['messages']} messages)")
     finally:
@@ -140,15 +142,20 @@ def report(config: Path = _CONFIG,
     try:
         rows = store.dmarc_sources(time.time() - days * 86400, domain)
         reports = store.dmarc_report_count(time.time() - days * 86400, domain)
+        conflicts = store.dmarc_conflicts(time.time() - days * 86400)
     finally:
         store.close()
     pool_ips = {ip.address: name for name, p in cfg.pools.items() for ip in p.ips}
     summary = summarise(rows, pool_ips, top)
     if as_json:
-        typer.echo(json.dumps({"days": days, "reports": reports, **summary}))
+        typer.echo(json.dumps({"days": days, "reports": reports,
+                               "conflicting_reports": conflicts, **summary}))
         return
     about = f" about {visible(domain.lower())}" if domain else ""
     typer.echo(f"{reports} reports{about} in the last {days:g} days")
+    if conflicts:
+        typer.echo(f"{conflicts} reports conflict with another of the same reporter, address"
+                   " and report id (a forgery or a reused id: both kept and counted)")
     for dom in summary["domains"]:
         typer.echo(f"\n{visible(dom['domain'])}: {dom['messages']} messages, DMARC pass"
                    f" {_pct(dom['pass_rate'])}, DKIM aligned {_pct(dom['dkim_rate'])}")

@@ -19,8 +19,10 @@ streams with trailing bytes, and a whole report e-mail whose attachment holds th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import ipaddress
+import json
 import math
 import re
 import zipfile
@@ -81,6 +83,14 @@ class AggregateReport:
         """Who sent it, for deduplication with the report id: the organisation, or its address
         when the organisation is left empty (some reporters do)."""
         return self.org_name or self.email
+
+    @property
+    def digest(self) -> str:
+        """What the report says, hashed: a report with the same reporter, address and id but
+        another digest is not the same report sent again (a forgery, or a reporter reusing
+        ids), and is kept beside the first, not dropped as a duplicate."""
+        text = json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def messages(self) -> int:
