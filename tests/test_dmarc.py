@@ -370,7 +370,7 @@ def test_the_split_into_pools_forwarders_authorised_and_unknown():
 def test_an_ipv4_mapped_source_ip_is_our_pool_ip(tmp_path):
     """Reporters that store addresses as IPv6 write our IPv4 pool address as ``::ffff:…``: the
     daily review put our own mail with the unknown senders (spoofing) and left the pool out."""
-    cfg = _write_config(tmp_path)
+    cfg = _write_config(tmp_path, RUA)
     path = tmp_path / "mapped.xml"
     path.write_bytes(crafted([("::ffff:127.0.0.30", 500, "pass", "pass"),
                               ("::FFFF:7f00:14", 100, "fail", "pass"),
@@ -387,7 +387,7 @@ def test_an_ipv4_mapped_source_ip_is_our_pool_ip(tmp_path):
 def test_report_for_one_domain_counts_the_reports_about_it(tmp_path):
     """``dmarc report --domain D`` said "N reports" counting every domain's reports: with a
     typo in D it read "17 reports" over an empty review, as if they had nothing to say."""
-    cfg = _write_config(tmp_path)
+    cfg = _write_config(tmp_path, RUA + 'domains = ["other.test"]\n')
     for i, domain in enumerate(("insurer.test", "other.test", "other.test")):
         path = tmp_path / f"{i}.xml"
         path.write_bytes(crafted(SPLIT[:2], report_id=f"r-{i}", domain=domain))
@@ -410,9 +410,11 @@ def test_report_for_one_domain_counts_the_reports_about_it(tmp_path):
 def test_report_text_escapes_control_characters_a_reporter_wrote(tmp_path):
     """Anyone can mail the rua address; XML carries C1 controls (``&#x9b;`` is CSI to a
     terminal) and line separators: ``dmarc report`` printed the header From domain raw."""
-    cfg = _write_config(tmp_path)
-    path = tmp_path / "c1.xml"
-    path.write_bytes(crafted(SPLIT[:1], domain="evil&#x9b;2J&#x2028;.test"))
+    cfg = _write_config(tmp_path, RUA)
+    path = tmp_path / "c1.xml"  # about our insurer.test; a row's header From is the reporter's
+    path.write_bytes(crafted(SPLIT[:1], domain="evil&#x9b;2J&#x2028;.test").replace(
+        b"<policy_published><domain>evil&#x9b;2J&#x2028;.test",
+        b"<policy_published><domain>insurer.test"))
     assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
     out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660"]).stdout
     assert "\x9b" not in out and "\u2028" not in out
@@ -529,6 +531,10 @@ async def test_store_on_postgresql_in_the_cluster_schema(tmp_path, pg_schema):
         store.close()
 
 
+RUA = '[reputation.dmarc]\naddresses = ["dmarc-rua@insurer.test"]\n'
+"""The rua address: also makes insurer.test (its domain) one of the node's."""
+
+
 # -- the CLI ------------------------------------------------------------------------------------
 
 def _write_config(tmp_path: Path, extra: str = "") -> Path:
@@ -538,7 +544,7 @@ def _write_config(tmp_path: Path, extra: str = "") -> Path:
 
 
 def test_cli_import_deduplicates_and_report_splits(tmp_path):
-    cfg = _write_config(tmp_path)
+    cfg = _write_config(tmp_path, RUA)  # insurer.test is ours
     files = []
     for i, (name, data) in enumerate([("a.xml", crafted(SPLIT)),
                                       ("a.xml.gz", gzip.compress(crafted(SPLIT))),
@@ -580,9 +586,6 @@ def test_cli_report_refuses_impossible_periods(tmp_path, days):
 
 
 # -- by SMTP to the rua address -----------------------------------------------------------------
-
-RUA = '[reputation.dmarc]\naddresses = ["dmarc-rua@insurer.test"]\n'
-
 
 def report_mail(attachment: bytes, name: str, ctype: str = "application/gzip") -> bytes:
     msg = EmailMessage()
@@ -689,8 +692,10 @@ async def test_real_report_mails_by_smtp_are_stored_once_each(tmp_path, sink, ma
 
 def test_real_report_files_through_the_cli_import(tmp_path):
     """The import path with real xml, gzip, zip and mail files; a second run skips them all;
-    the refused file is named with its reason."""
-    cfg = _write_config(tmp_path)
+    the refused file is named with its reason. Their domains are not the node's own: the
+    operator lists them in ``reputation.dmarc.domains``."""
+    cfg = _write_config(tmp_path, '[reputation.dmarc]\ndomains = ["indemed.com", "borschow.com",'
+                        ' "example.de", "example.com", "ab.id.au", "twlnet.com"]\n')
     files = sorted(map(str, REAL.iterdir()))
     files.remove(str(REAL / "README.md"))
     first = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), "--json", *files])
@@ -855,5 +860,33 @@ def test_a_report_stored_before_the_digest_is_still_a_duplicate_when_resent(tmp_
         assert store.store_report(other, "forged", 10.0) == "stored"
         assert store.dmarc_report_count(0) == 2 and store.dmarc_conflicts(0) == 0
         assert sum(r[4] for r in store.dmarc_sources(0)) == 1000
+    finally:
+        store.close()
+
+
+def test_cli_import_leaves_out_reports_for_domains_not_ours_and_counts_them(tmp_path):
+    """``postlane dmarc import`` stored every file, a report about someone else's domain as if
+    it were ours (its unknown senders alerting for that domain); the SMTP intake drops those.
+    The import now keeps the same rule, says so per file and counts them."""
+    cfg = _write_config(tmp_path, RUA)  # insurer.test is ours: the rua address's domain
+    files = []
+    for name, domain in (("ours.xml", "insurer.test"), ("sub.xml", "news.insurer.test"),
+                         ("foreign.xml", "spoofed.test")):
+        files.append(tmp_path / name)
+        files[-1].write_bytes(crafted(SPLIT[5:6], report_id=f"r-{domain}", domain=domain))
+    result = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), *map(str, files)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "foreign.xml: not ours, skipped: the policy domain spoofed.test is not one of" \
+           " this node's" in lines[2]
+    assert lines[-1] == "2 stored, 0 already stored, 1 not ours (skipped), 0 refused"
+    as_json = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), "--json", str(files[2])])
+    (line,) = map(json.loads, as_json.stdout.splitlines())
+    assert line["not_ours"] is True and line["policy_domain"] == "spoofed.test"
+    store = open_store(parse_config(cfg.read_text()))
+    try:
+        assert store.dmarc_report_count(0) == 2
+        assert {row[0] for row in store.dmarc_sources(0)} == {"insurer.test",
+                                                               "news.insurer.test"}
     finally:
         store.close()
