@@ -828,6 +828,7 @@ async def test_a_forged_report_reusing_a_real_report_id_suppresses_nothing(tmp_p
     figures = {ip: n for _, ip, _, _, n in store.dmarc_sources(0)}
     assert figures == {"127.0.0.30": 500, "127.0.0.20": 100, "203.0.113.9": 16000}
     assert store.dmarc_conflicts(0) == 2  # same reporter, address and id, other content
+    assert node.reputation.view["dmarc"]["conflicting_reports"] == 2
     assert "DMARC report conflicts with one stored" in caplog.text
     result = runner.invoke(app, ["dmarc", "report", "-c", str(_write_config(tmp_path, RUA)),
                                  "--days", "3660", "--json"])

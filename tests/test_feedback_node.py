@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
 import logging
 import re
 import smtplib
@@ -12,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
@@ -505,8 +507,6 @@ def _ses(kind: str, source: str, rcpt: str, *, bounce_type: str = "Permanent",
 
 def _sns_mail(notification: dict) -> bytes:
     """The notification as SNS mails it to an e-mail-JSON subscription (the FBL address)."""
-    import json
-
     envelope = {"Type": "Notification", "MessageId": "02f86d9b-eecf",
                 "TopicArn": "arn:aws:sns:eu-west-1:123456789012:ses-feedback",
                 "Message": json.dumps(notification), "Timestamp": "2026-12-07T10:00:06.000Z"}
@@ -524,8 +524,6 @@ async def test_amazon_ses_json_notifications_are_bounces_and_complaints(tmp_path
     sender) and, our VERP being only in the JSON's ``source``, acted on nobody. Read as JSON:
     Permanent is a hard bounce, Transient a soft one (on the record, never a suppression),
     Complaint a complaint, each for the recipient the VERP address proves."""
-    import httpx
-
     node = await make_node(_config(tmp_path, sink.port))
     port = node.listeners[0].port
     rcpts = ["hard@example.com", "soft@example.com", "comp@example.com"]
@@ -538,8 +536,6 @@ async def test_amazon_ses_json_notifications_are_bounces_and_complaints(tmp_path
              sub_type="MailboxFull", status="4.2.2",
              diag="smtp; 452 4.2.2 mailbox full"))) == {}
     token = (tmp_path / "api-token").read_text().strip()
-    import json
-
     webhook = {"Type": "Notification", "MessageId": "9a1", "Message": json.dumps(
         _ses("Complaint", verp["comp@example.com"], "comp@example.com"))}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}/api/v1",
@@ -564,8 +560,6 @@ async def test_amazon_ses_json_notifications_are_bounces_and_complaints(tmp_path
 
 async def test_real_amazon_ses_notifications_parse_as_json():
     """The real SES notifications of the corpus, through ``postlane feedback parse``."""
-    import json
-
     code, out, err = await run_cli("feedback", "parse", *(str(DATA / f"amazonses-{n}.eml") for n in
                                    ("sns-bounce", "complaint", "delivery")))
     assert code == 0, err
@@ -581,3 +575,21 @@ async def test_real_amazon_ses_notifications_parse_as_json():
     assert delivery["kind"] == "delivered"
     assert [(r["address"], r["action"], r["status"]) for r in delivery["recipients"]] == [
         ("success@simulator.amazonses.com", "delivered", "2.6.0")]
+
+
+async def test_hostile_ses_json_is_no_report_or_only_what_it_names(tmp_path):
+    """Anyone can reach the FBL address: JSON nested 200,000 deep is no report (not a crash),
+    values of the wrong type are skipped, not taken as text."""
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"notificationType":"Bounce","x":' + "[" * 200_000 + "]" * 200_000 + "}")
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"notificationType": "Bounce", "mail": [1], "bounce": {
+        "bounceType": 7, "bouncedRecipients": [1, "a@example.com", {"emailAddress": ["x"]},
+                                               {"emailAddress": "ok@example.com",
+                                                "status": 9}]}}))
+    code, out, err = await run_cli("feedback", "parse", str(nested), str(typed))
+    assert code == 0, err
+    first, second = map(json.loads, out.splitlines())
+    assert first["kind"] == "not-a-report"
+    assert [(r["address"], r["status"], r["permanent"]) for r in second["recipients"]] == [
+        ("ok@example.com", "4.0.0", False)]
