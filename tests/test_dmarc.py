@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import sqlite3
 import time
 import tracemalloc
 import zipfile
@@ -835,25 +834,25 @@ async def test_a_forged_report_reusing_a_real_report_id_suppresses_nothing(tmp_p
     assert json.loads(result.stdout)["conflicting_reports"] == 2, result.output
 
 
-def test_a_report_stored_before_the_digest_is_still_a_duplicate_when_resent(tmp_path,
-                                                                             monkeypatch):
+def _resent_after_migration_3(location: str, schema: str, monkeypatch) -> None:
     """Reports stored at schema 2 have no digest: one sent again after the upgrade is the
-    same report (as it was), one from another address is not."""
+    same report (as it was), one from another address is not. Migration 3 rebuilds the tables
+    on both backends."""
     from postlane.reputation import store as store_module
 
-    path = tmp_path / "rep.sqlite3"
     monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
-    ReputationStore(path).close()
+    old = ReputationStore(location, schema)
     report = parse_aggregate(crafted(SPLIT[:1]))
-    with sqlite3.connect(path) as db:
-        db.execute("INSERT INTO dmarc_reports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                   (report.reporter, report.report_id, report.org_name, report.email,
-                    report.policy_domain, 1, 2, "{}", "1.0", 1, 500, "smtp:", 3.0))
-        db.execute("INSERT INTO dmarc_rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                   (report.reporter, report.report_id, 0, 2, "127.0.0.30", 500, "none", 1, 1,
-                    "insurer.test", "insurer.test", "", "[]", "[]", "[]"))
+    with old._tx() as conn:
+        old._exec(conn, "INSERT INTO dmarc_reports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                  (report.reporter, report.report_id, report.org_name, report.email,
+                   report.policy_domain, 1, 2, "{}", "1.0", 1, 500, "smtp:", 3.0))
+        old._exec(conn, "INSERT INTO dmarc_rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                  (report.reporter, report.report_id, 0, 2, "127.0.0.30", 500, "none", 1, 1,
+                   "insurer.test", "insurer.test", "", "[]", "[]", "[]"))
+    old.close()
     monkeypatch.undo()
-    store = ReputationStore(path)
+    store = ReputationStore(location, schema)
     try:
         assert store.store_report(report, "again", 10.0) == "duplicate"
         other = parse_aggregate(crafted(SPLIT[:1]).replace(b"dmarc@mail.example",
@@ -863,6 +862,15 @@ def test_a_report_stored_before_the_digest_is_still_a_duplicate_when_resent(tmp_
         assert sum(r[4] for r in store.dmarc_sources(0)) == 1000
     finally:
         store.close()
+
+
+def test_a_report_stored_before_the_digest_is_still_a_duplicate_when_resent(tmp_path,
+                                                                             monkeypatch):
+    _resent_after_migration_3(str(tmp_path / "rep.sqlite3"), "postlane", monkeypatch)
+
+
+async def test_the_same_after_migration_3_on_postgresql(pg_schema, monkeypatch):
+    _resent_after_migration_3(PG_DSN, pg_schema, monkeypatch)
 
 
 def test_cli_import_leaves_out_reports_for_domains_not_ours_and_counts_them(tmp_path):
