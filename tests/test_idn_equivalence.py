@@ -362,3 +362,97 @@ async def test_queue_list_by_recipient_finds_either_spelling(tmp_path, sink, mak
         code, out, err = await cli("queue", "list", "--json", "--recipient", pattern)
         assert code == 0, (pattern, err)
         assert [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], pattern
+
+
+# -- one local part, two Unicode forms (RFC 6530 10.1, RFC 6532 3.1: NFC) -----------------------
+
+NFC = "j\u00f6rg"
+"""``jörg`` with a precomposed ö."""
+NFD = "jo\u0308rg"
+"""``jörg`` as ``o`` and a combining diaeresis: what a client that decomposes sends."""
+
+
+async def test_one_local_part_in_nfc_and_nfd_is_one_recipient(tmp_path, make_node):
+    """``jörg`` precomposed and decomposed is one mailbox (canonically equivalent, RFC 6530
+    10.1): the duplicate check compared code points, so both were queued and the mailbox got
+    two copies. The next hop gets the first spelling as the client gave it."""
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        raw = await session(node.listeners[0].port)
+        assert (await raw.cmd(b"MAIL FROM:<s@insurer.test> SMTPUTF8\r\n")).startswith("250")
+        assert (await raw.cmd(f"RCPT TO:<{NFD}@{ULABEL}>".encode() + b"\r\n")).startswith("250")
+        dup = await raw.cmd(f"RCPT TO:<{NFC}@{ALABEL}>".encode() + b"\r\n")
+        assert dup.startswith("250") and "duplicate" in dup, dup
+        assert (await raw.cmd("DATA")).startswith("354")
+        raw.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        assert (await raw.reply()).startswith("250")
+        await raw.close()
+        [arrival] = await target.wait_for(1)
+        assert arrival.rcpts == [f"{NFD}@{ULABEL}"]
+        await asyncio.sleep(0.5)
+        assert len(target.arrivals) == 1
+    finally:
+        await target.stop()
+
+
+async def test_a_suppression_in_one_unicode_form_stops_the_other(tmp_path, make_node):
+    """An entry written with a decomposed ö did not stop mail to the precomposed spelling
+    (and the other way round), and adding both made two entries for one mailbox."""
+    from tests.test_api import api_client
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        async with api_client(node, tmp_path) as api:
+            for local in (NFD, NFC):
+                resp = await api.post("/api/v1/suppressions", json={
+                    "address": f"{local}@{ULABEL}", "scope": "all", "reason": "asked"})
+                assert resp.status_code == 201, resp.text
+            resp = await api.post("/api/v1/suppressions", json={
+                "address": f"ma\u0308x@{ULABEL}", "scope": "all", "reason": "asked"})
+            assert resp.status_code == 201, resp.text
+            listed = (await api.get("/api/v1/suppressions")).json()
+            addresses = [e["address"] for e in listed["entries"]]
+            assert addresses == [f"{NFC}@{ALABEL}", f"m\u00e4x@{ALABEL}"], listed
+        port = node.listeners[0].port
+        for rcpt in (f"{NFC}@{ULABEL}", f"{NFD}@{ALABEL}", f"m\u00e4x@{ULABEL}",
+                     f"MA\u0308X@{ULABEL}"):
+            try:
+                refused = await asyncio.to_thread(_sendmail, port, [rcpt])
+            except smtplib.SMTPRecipientsRefused as exc:
+                refused = exc.recipients
+            assert refused and refused[rcpt][0] == 550, (rcpt, refused)
+        assert not target.arrivals
+    finally:
+        await target.stop()
+
+
+async def test_audit_and_api_look_ups_find_either_unicode_form(tmp_path, make_node):
+    """Mail to the decomposed ``jörg`` was not found by the precomposed spelling (what most
+    keyboards type): ``audit show`` and ``GET /messages``."""
+    from tests.test_api import api_client
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        await asyncio.to_thread(_sendmail, node.listeners[0].port, [f"{NFD}@{ULABEL}"])
+        await target.wait_for(1)
+        await until(lambda: [r for r in records(tmp_path) if r["type"] == "d"],
+                    what="the delivery")
+        async with api_client(node, tmp_path) as api:
+            resp = await api.get("/api/v1/messages", params={"recipient": f"{NFC}@{ULABEL}"})
+            assert resp.status_code == 200 and len(resp.json()["messages"]) == 1, resp.text
+        await node.stop()
+    finally:
+        await target.stop()
+    runner = CliRunner()
+    for spelling in (f"{NFC}@{ULABEL}", f"J\u00d6RG@{ALABEL}"):
+        res = runner.invoke(app, ["audit", "show", "--db", str(node.audit.path),
+                                  "--recipient", spelling])
+        assert res.exit_code == 0, (spelling, res.output)
+        assert f"{NFD}@{ULABEL}" in res.output, spelling
+
+
+async def test_queue_list_by_recipient_finds_either_unicode_form(tmp_path, sink, make_node):
+    """Mail queued for the precomposed ``jörg`` was not found by the decomposed spelling."""
+    cli, qid = await _held_for_joerg(tmp_path, sink, make_node)
+    for pattern in (f"{NFD}@{ULABEL}", f"JO\u0308RG@{ALABEL}", f"{NFD}*"):
+        code, out, err = await cli("queue", "list", "--json", "--recipient", pattern)
+        assert code == 0, (pattern, err)
+        assert [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], pattern

@@ -25,6 +25,7 @@ import re
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ _CHUNK = 500  # stays under SQLite's bound-parameter limit
 _COLS = "address, scope, reason, source, created, expires"
 _ONE = f"SELECT {_COLS} FROM suppression WHERE address = ?"
 _TWO = f"SELECT {_COLS} FROM suppression WHERE address IN (?, ?)"
+_IN = f"SELECT {_COLS} FROM suppression WHERE address IN ({{}})"
+"""A local part not in ASCII: an entry written before in NFD too (``spellings``)."""
 BUSY_TIMEOUT = 0.05
 """Seconds a write waits inside SQLite for the lock before ``write`` sleeps and tries again."""
 T = TypeVar("T")
@@ -110,8 +113,9 @@ def normalize(address: str) -> str:
     practice no mailbox provider treats them so, and a missed suppression costs more. The
     domain is kept in A-labels (``domain_key``): ``jörg@exämple.com`` and
     ``jörg@xn--exmple-cua.com`` are one mailbox (RFC 5890), and the list compared the text, so
-    an entry in one spelling let mail to the other through."""
-    address = address.strip().strip("<>").strip().lower()
+    an entry in one spelling let mail to the other through. The text is in NFC (RFC 6530
+    10.1): ``jörg`` precomposed and decomposed were two entries, each stopping one spelling."""
+    address = unicodedata.normalize("NFC", address.strip().strip("<>").strip().lower())
     local, _, domain = address.rpartition("@")
     if domain and ("xn--" in domain or not domain.isascii()):
         address = f"{local}@{domain_key(domain)}"
@@ -360,7 +364,8 @@ class SuppressionList:
             return None
         keys = spellings(key)
         with self._lock:
-            rows = self._db.execute(_ONE if len(keys) == 1 else _TWO, keys).fetchall()
+            rows = self._db.execute(_ONE if len(keys) == 1 else _TWO if len(keys) == 2 else
+                                    _IN.format(",".join("?" * len(keys))), keys).fetchall()
         if not rows:
             return None
         now = time.time()
