@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
-from ..address import domain_key, spellings
+from ..address import address_key, domain_key, spellings
 from ..spool import PostgresSpool, Recipient, State
 
 if TYPE_CHECKING:
@@ -212,9 +212,10 @@ class QueueControl:
                     where.append(f"{column} = ?")
                     params.append(value)
             if sel.recipient and "*" not in sel.recipient:
-                named = spellings(sel.recipient.lower())
-                where.append(f"lower(r.address) IN ({','.join('?' * len(named))})")
-                params.extend(named)
+                # the key in Python on both sides (SQLite's lower() folds ASCII only, so
+                # JÖRG@EXÄMPLE.com in the spool was not jörg@exämple.com; memory found it)
+                where.append("address_key(r.address) = ?")
+                params.append(address_key(sel.recipient))
             if sel.queue_ids:
                 where.append(f"m.id IN ({','.join('?' * len(sel.queue_ids))})")
                 params.extend(sel.queue_ids)
