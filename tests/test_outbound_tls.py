@@ -281,6 +281,33 @@ async def test_mta_sts_enforce_defers_and_sends_nothing(world, make_node, tmp_pa
     assert world.arrivals() == 0
 
 
+async def test_mta_sts_field_names_are_case_sensitive(world, make_node, tmp_path):
+    """RFC 8461 3.2's ABNF names the fields with RFC 7405 ``%s`` (case-sensitive):
+    ``sts-policy-mode-field = %s"mode"``; ``MODE`` is an extension field, to be ignored. Keys
+    were lower-cased, so a ``MODE: testing`` line before ``mode: enforce`` was taken as the
+    mode (the first of a field counts) and enforcement was lost, and a file of ``Version:``,
+    ``Mode:``, ``MX:`` keys was taken as a policy no other sender reads: mail deferred here
+    that others deliver, and the domain's TLS-RPT never heard of ``sts-policy-invalid``."""
+    assert world.https is not None
+    policies = {"sts.test": "MODE: testing\r\nversion: STSv1\r\nmode: enforce\r\n"
+                            "mx: *.mx.test\r\nmax_age: 86400\r\n",
+                "sts-testing.test": "Version: STSv1\r\nMode: enforce\r\n"
+                                    "MX: mx.elsewhere.test\r\nMax_Age: 86400\r\n"}
+    for domain, text in policies.items():
+        world.mx(domain, "good.mx.test")
+        world.dns.add_txt(f"_mta-sts.{domain}", "v=STSv1; id=1;")
+        world.dns.add_a(f"mta-sts.{domain}", HTTPS_IP)
+        world.https.policy(domain, text)
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts.test")
+    assert row["type"] == "d", row
+    assert row["dlvTlsPolicy"] == "mta-sts-enforce" and row["dlvTlsAuth"] == "pkix", row
+    await _deliver(node, "r@sts-testing.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts-testing.test")
+    assert row["type"] == "d" and not row["dlvTlsPolicy"].startswith("mta-sts"), row
+
+
 async def test_mta_sts_policy_survives_a_restart(world, make_node, tmp_path):
     world.mx("sts-away.test", "good.mx.test")
     world.sts("sts-away.test", "enforce", ["mx.elsewhere.test"])
