@@ -694,14 +694,40 @@ async def test_tlsa_of_a_cname_is_looked_up_at_the_mx_name_when_the_target_has_n
 @pytest.mark.parametrize("alias_signed, target_signed", [(False, True), (True, False)])
 async def test_tlsa_of_an_insecure_cname_target_is_not_used(world, make_node, tmp_path,
                                                             alias_signed, target_signed):
-    """A CNAME chain with an unsigned link: the host's addresses come without AD, so DANE
-    does not apply to it (RFC 7672 2.2.2), the target's TLSA records included."""
+    """A CNAME chain with an unsigned link: the host's addresses come without AD, so the
+    target's TLSA records are not used (RFC 7672 2.2.2); an unsigned alias is not in a
+    signed zone, so DANE does not apply at all, and a signed alias with no records of its
+    own has none to apply (the next test has some)."""
     der, sni = await _provider_host(world, TARGET, alias_signed=alias_signed,
                                     target_signed=target_signed)
     world.tlsa(TARGET, 3, 1, der, port=world.port)
     row = await delivered_with(world, make_node, "r@cname.test")
     assert row["dlvTlsPolicy"] == "opportunistic" and row["dlvTlsAuth"] == "none", row
     assert sni == [ALIAS]
+
+@pytest.mark.parametrize("matching", [True, False])
+async def test_tlsa_of_a_secure_cname_to_an_unsigned_zone_is_used_at_the_mx_name(
+        world, make_node, tmp_path, matching):
+    """RFC 7672 2.2.2: an MX host that is a signed CNAME into an unsigned zone (a customer's
+    signed ``mx.example`` pointing at a provider that does not sign) is in a signed zone,
+    so DANE applies to it at its own name: only the target's records, which cannot be
+    authenticated, are out. The host's address answer has no AD, and neither name's records
+    were used: a record at the MX name that the server does not match let the mail go
+    unauthenticated. Now it is DANE-EE (SNI names the MX host) or, not matching, deferred."""
+    der, sni = await _provider_host(world, TARGET, target_signed=False)
+    world.tlsa(ALIAS, 3, 1, der if matching else leaf_der(world.certs["wrong.mx.test"][0]),
+               port=world.port)
+    node = await make_node(world.config())
+    await _deliver(node, "r@cname.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@cname.test")
+    if matching:
+        assert row["type"] == "d", row
+        assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == "dane-ee", row
+        assert sni == [ALIAS]
+    else:
+        assert row["type"] == "t" and "TLS policy dane" in row["dsnDiag"], row
+        assert world.sinks[TARGET].arrivals == []
+
 
 # -- TLS-RPT -------------------------------------------------------------------------------------
 
