@@ -147,8 +147,8 @@ def spellings(address: str) -> tuple[str, ...]:
     ``jörg@xn--exmple-cua.com`` are one mailbox, RFC 5890; so are ``jörg`` precomposed and
     decomposed, RFC 6530 10.1)."""
     local, at, domain = address.rpartition("@")
-    if not at:
-        return (address,)
+    if not at or (address.isascii() and "xn--" not in domain.lower()):
+        return (address,)  # the common case: one spelling
     if domain.isascii() and "xn--" not in domain.lower():
         domains: tuple[str, ...] = (domain,)
     else:
