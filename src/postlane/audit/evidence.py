@@ -223,7 +223,7 @@ def render_text(items: list[Trail], now: float) -> str:
             if row["type"] == "r":
                 continue
             if _by_operator(row):
-                via = f" (via {row['src_type']})" if row["type"] == "o" else ""
+                via = f" (via {row['src_type']})" if row["src_type"] in ("api", "cli") else ""
                 lines.append(f"  {_t(row['time_logged'])}  {row['dsn_diag'] or row['type']}{via}")
                 continue
             if row["type"] == "b" and row["bounce_cat"] == "message-expired" and \

