@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from postlane.api.queue import ACTION_BODY, MAX_IDS
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records
 from tests.test_api import api_client
@@ -46,3 +47,42 @@ async def test_delete_and_purge_records_say_how_the_action_came(tmp_path, sink, 
     assert "purged by operator admin (via api)" in out
     code, out, err = await audit(tmp_path, "verify")
     assert code == 0, out + err
+
+
+async def test_queue_action_takes_back_the_ids_a_listing_gave(tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    ids = await paused_campaign(node, tmp_path, 10000)
+    async with api_client(node, tmp_path) as api:
+        listed = (await api.get("/api/v1/queue/messages", params={"limit": 100000})).json()
+        named = [m["queue_id"] for m in listed["messages"]]
+        assert sorted(named) == sorted(ids)
+        resp = await api.post("/api/v1/queue/hold", json={"queue_ids": named})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["recipients"] == 10000 and resp.json()["untouched"] == {}
+
+
+async def test_queue_action_limits_name_the_cap_and_other_routes_keep_theirs(
+        tmp_path, sink, make_node):
+    node = await make_node(config_text(tmp_path, sink.port))
+    ids = await paused_campaign(node, tmp_path, 1)
+    filler = [f"{i:024X}" for i in range(MAX_IDS - 1)]
+    async with api_client(node, tmp_path) as api:
+        # the cap itself, dry run: fits (each id not found is named, so none is silently lost)
+        resp = await api.post("/api/v1/queue/hold",
+                              json={"queue_ids": ids + filler, "dry_run": True})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["recipients"] == 1 and len(resp.json()["untouched"]) == MAX_IDS - 1
+        # one id more: a 422 naming the cap
+        resp = await api.post("/api/v1/queue/hold", json={"queue_ids": ids + filler + ["X"]})
+        assert resp.status_code == 422 and str(MAX_IDS) in resp.json()["error"]
+        # a body past the action's limit: 413 naming the limit and the way out
+        big = b'{"queue_ids": ["' + b"A" * ACTION_BODY + b'"]}'
+        resp = await api.post("/api/v1/queue/delete", content=big,
+                              headers={"content-type": "application/json"})
+        assert resp.status_code == 413
+        assert str(ACTION_BODY) in resp.json()["error"] and "filter" in resp.json()["error"]
+        # other routes keep the API's own limit (the largest message, as base64, and fields)
+        resp = await api.post("/api/v1/suppressions", content=b" " * 300_000,
+                              headers={"content-type": "application/json"})
+        assert resp.status_code == 413 and "filter" not in resp.json()["error"]
+    assert [r.state.value for r in node.scheduler.recipients()] == ["queued"]  # none held

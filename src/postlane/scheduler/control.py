@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import re
 import time
 from collections import Counter
@@ -216,9 +217,9 @@ class QueueControl:
                 # JÖRG@EXÄMPLE.com in the spool was not jörg@exämple.com; memory found it)
                 where.append("address_key(r.address) = ?")
                 params.append(address_key(sel.recipient))
-            if sel.queue_ids:
-                where.append(f"m.id IN ({','.join('?' * len(sel.queue_ids))})")
-                params.extend(sel.queue_ids)
+            if sel.queue_ids:  # one parameter: 100,000 ids exceed SQLite's older limit
+                where.append("m.id IN (SELECT value FROM json_each(?))")
+                params.append(json.dumps(sel.queue_ids))
         found = await pager.spooled(" AND ".join(where), tuple(params))
         try:
             yield found
