@@ -9,6 +9,7 @@ from pathlib import Path
 from postlane.api.queue import ACTION_BODY, MAX_IDS
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records
+from tests.support.rawsmtp import session
 from tests.test_api import api_client
 from tests.test_operator_trail import audit
 
@@ -86,3 +87,30 @@ async def test_queue_action_limits_name_the_cap_and_other_routes_keep_theirs(
                               headers={"content-type": "application/json"})
         assert resp.status_code == 413 and "filter" not in resp.json()["error"]
     assert [r.state.value for r in node.scheduler.recipients()] == ["queued"]  # none held
+
+
+async def test_a_domain_with_a_trailing_dot_is_refused_by_name_and_the_rest_delivered(
+        tmp_path, sink, make_node):
+    """RFC 5321 4.1.2: a Domain is sub-domains joined by dots, none after the last; the root's
+    dot of DNS is not part of it. ``b@example.com.`` is refused (501) saying so, at RCPT, where
+    the client still holds the message: the other recipients are delivered, none lost."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    raw = await session(node.listeners[0].port)
+    reply = await raw.cmd("MAIL FROM:<s@insurer.test.>")
+    assert reply.startswith("501 5.1.7") and "trailing dot" in reply, reply
+    assert (await raw.cmd("MAIL FROM:<s@insurer.test>")).startswith("250 ")
+    for path in ("<b@example.com.>", "b@example.com.", "<b@EXAMPLE.COM.>"):
+        reply = await raw.cmd(f"RCPT TO:{path}")
+        assert reply.startswith("501 5.1.3") and "trailing dot" in reply, reply
+    assert "trailing dot" not in await raw.cmd("RCPT TO:<b@example.com..>")  # not the case
+    assert (await raw.cmd("RCPT TO:<a@example.com>")).startswith("250 ")
+    assert (await raw.cmd("DATA")).startswith("354")
+    assert (await raw.cmd(message("dot").decode() + "\r\n.")).startswith("250 ")
+    await raw.close()
+    [arrival] = await sink.wait_for(1)
+    assert arrival.rcpts == ["a@example.com"]
+    async with api_client(node, tmp_path) as api:
+        resp = await api.post("/api/v1/messages", json={
+            "from": "notices@insurer.test", "to": ["b@example.com."], "subject": "x",
+            "text": "x"})
+        assert resp.status_code == 422 and "trailing dot" in resp.json()["error"], resp.text

@@ -83,6 +83,10 @@ def check_domain(text: str) -> None:
         return
     if not text or len(text) > 255:
         raise PathError("bad domain")
+    if text.endswith(".") and text[:-1] and not text[:-1].endswith("."):
+        # DNS's root dot (example.com.) is no part of an SMTP Domain; refused saying so,
+        # not stripped: the client still holds the message and can correct the address
+        raise PathError("the domain ends with a trailing dot (RFC 5321 4.1.2): leave it out")
     for label in text.split("."):
         if label.isascii():
             if not _LDH.fullmatch(label) or len(label) > 63:
