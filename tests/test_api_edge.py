@@ -4,12 +4,17 @@ trailing dot, and large listings to a client that does not read."""
 
 from __future__ import annotations
 
+import io
+import socket
+import time
 from pathlib import Path
 
 from postlane.api.queue import ACTION_BODY, MAX_IDS
+from postlane.feedback.suppression import Entry
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records
 from tests.support.rawsmtp import session
+from tests.support.waiting import until
 from tests.test_api import api_client
 from tests.test_operator_trail import audit
 
@@ -114,3 +119,67 @@ async def test_a_domain_with_a_trailing_dot_is_refused_by_name_and_the_rest_deli
             "from": "notices@insurer.test", "to": ["b@example.com."], "subject": "x",
             "text": "x"})
         assert resp.status_code == 422 and "trailing dot" in resp.json()["error"], resp.text
+
+
+async def test_the_suppression_export_is_streamed(tmp_path, sink, make_node):
+    """The export of the whole suppression list (no cap: millions of entries) was built whole
+    in memory, and its bytes kept in the socket's buffer for a client that did not read: now
+    streamed page by page, chunked, the same CSV as ``postlane suppress export``."""
+    node = await make_node(config_text(tmp_path, sink.port))
+    store = node.feedback.suppression
+    async with api_client(node, tmp_path) as api:
+        for part in range(3):  # 12,000 addresses (more than two pages), in bodies the API takes
+            rows = "".join(f"s{part}-{i}@example.org,all,test\n" for i in range(4000))
+            resp = await api.post("/api/v1/suppressions/import", params={"scope": "all"},
+                                  content=rows.encode(), headers={"content-type": "text/csv"})
+            assert resp.json() == {"imported": 4000}, resp.text
+        async with api.stream("GET", "/api/v1/suppressions/export") as resp:
+            assert resp.status_code == 200 and "content-length" not in resp.headers
+            assert resp.headers["transfer-encoding"] == "chunked"
+            assert resp.headers["content-type"] == "text/csv; charset=utf-8"
+            exported = (await resp.aread()).decode()
+        whole = io.StringIO()
+        assert store.export_csv(whole) == 12000
+        assert exported == whole.getvalue()  # the same bytes as the file export
+        assert exported.count("\r\n") == 12001 and exported.startswith("address,scope,")
+
+        # a client that asks and never reads, then goes: the node answers the next one
+        raw = socket.create_connection(("127.0.0.1", node.api.port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        token = (tmp_path / "api-token").read_text().strip()
+        raw.sendall(f"GET /api/v1/suppressions/export HTTP/1.1\r\nHost: x\r\n"
+                    f"Authorization: Bearer {token}\r\n\r\n".encode())
+        raw.close()
+        assert (await api.get("/api/v1/status")).status_code == 200
+
+
+def export_asked(node, tmp_path: Path) -> socket.socket:
+    """A client that asks for the export with a small receive buffer and never reads."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", node.api.port))
+    token = (tmp_path / "api-token").read_text().strip()
+    raw.sendall(f"GET /api/v1/suppressions/export HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {token}\r\n\r\n".encode())
+    return raw
+
+
+async def test_a_client_that_never_reads_is_dropped_and_does_not_hold_a_stop(
+        tmp_path, sink, make_node):
+    text = config_text(tmp_path, sink.port).replace("[api]\n", '[api]\nread_timeout = "1s"\n')
+    node = await make_node(text)
+    now = time.time()
+    node.feedback.suppression.add_many(Entry(f"u{i}@example.org", "all", "t", "import", now)
+                                       for i in range(100_000))  # a few MB of CSV
+    connections = node.api._server.server_state.connections
+    raw = export_asked(node, tmp_path)
+    await until(lambda: connections, what="the client's connection")
+    # it reads nothing: after read_timeout the node drops it (and what it streamed for it)
+    await until(lambda: not connections, what="the stalled connection dropped")
+    raw.close()
+    # a stop while such a client waits drops it instead of waiting for it
+    raw = export_asked(node, tmp_path)
+    await until(lambda: any(c.flow.write_paused for c in connections), what="a stalled write")
+    await node.stop()
+    assert node.api._task.done() and not connections
+    raw.close()

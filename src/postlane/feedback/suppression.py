@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import itertools
 import math
 import re
@@ -452,25 +453,35 @@ class SuppressionList:
         last = ("", "")
         with self._reading() as conn:
             while True:
-                rows = conn.execute(
-                    f"SELECT {_COLS} FROM suppression WHERE (address, scope) > (?, ?)"
-                    " AND (expires = 0 OR expires > ?) ORDER BY address, scope LIMIT 5000",
-                    (*last, time.time())).fetchall()
+                rows = self._page(conn, last, 5000)
                 if not rows:
                     return
                 for row in rows:
                     yield Entry(*row)
                 last = (rows[-1][0], rows[-1][1])
 
+    @staticmethod
+    def _page(conn: sqlite3.Connection, after: tuple[str, str], size: int) -> list[tuple]:
+        return conn.execute(
+            f"SELECT {_COLS} FROM suppression WHERE (address, scope) > (?, ?)"
+            " AND (expires = 0 OR expires > ?) ORDER BY address, scope LIMIT ?",
+            (*after, time.time(), size)).fetchall()
+
+    def export_page(self, after: tuple[str, str] = ("", ""), size: int = 5000
+                    ) -> tuple[str, tuple[str, str] | None]:
+        """The CSV rows (no header) of the ``size`` entries in force after ``after`` (address,
+        scope) and where the next page starts (None: the last page): the API streams an export
+        page by page, so a list of millions is never whole in memory."""
+        with self._reading() as conn:
+            rows = self._page(conn, after, size)
+        out = io.StringIO()
+        _write_rows(csv.writer(out), (Entry(*row) for row in rows))
+        return out.getvalue(), ((rows[-1][0], rows[-1][1]) if len(rows) == size else None)
+
     def export_csv(self, out: IO[str]) -> int:
         writer = csv.writer(out)
         writer.writerow(CSV_FIELDS)
-        n = 0
-        for e in self.iter_all():
-            writer.writerow([e.address, e.scope, e.reason, e.source, f"{e.created:.3f}",
-                             f"{e.expires:.3f}" if e.expires else ""])
-            n += 1
-        return n
+        return _write_rows(writer, self.iter_all())
 
     def import_csv(self, src: TextIO, default_scope: str = "marketing",
                    source: str = "import", patience: float | None = -1.0) -> int:
@@ -478,6 +489,16 @@ class SuppressionList:
         naming ``address`` is skipped). All or nothing: one bad row rejects the file, naming its
         line."""
         return self.add_many(parse_csv(src, default_scope, source), patience)
+
+
+def _write_rows(writer: Any, entries: Iterable[Entry]) -> int:
+    """Entries as export rows (``CSV_FIELDS``); how many."""
+    n = 0
+    for e in entries:
+        writer.writerow([e.address, e.scope, e.reason, e.source, f"{e.created:.3f}",
+                         f"{e.expires:.3f}" if e.expires else ""])
+        n += 1
+    return n
 
 
 def adding(entries: Iterable[Entry]) -> Callable[[sqlite3.Connection], int]:
