@@ -6,7 +6,8 @@ and the queue's age shape per domain or class.
 It works on the node's in-memory queue (the scheduler's lanes, retry timers and held set) and,
 where deep lanes left recipients in the spool (``paging.py``), on those too (read off the loop);
 every action takes effect at once and is written to the spool through the scheduler. Recipients
-in flight finish their transaction and are not selected.
+in flight finish their transaction and are not selected; a hold or delete naming their queue id
+waits for that transaction to end (``Scheduler.pend``), unless it delivers.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
+from ..accounting.operators import DONE
 from ..address import address_key, domain_key, spellings
 from ..spool import PostgresSpool, Recipient, State
+from .operator import PENDING
 
 if TYPE_CHECKING:
     from ..accounting.operators import Operator
@@ -346,6 +349,8 @@ class QueueControl:
             # on the wire as the action takes the rest (what it releases may leave at once)
             wire = {qid: n for qid in dict.fromkeys(sel.queue_ids)
                     if (n := sched.in_flight(qid))}
+            # named ones on the wire: a hold or delete waits for their delivery to end
+            pend = self._pending(action, wire, match)
             if dry_run:
                 found = [r for r in sched.recipients() if chosen(r)]
             else:
@@ -369,6 +374,15 @@ class QueueControl:
                 sched.let_go(mine)
         elif not dry_run:
             self._apply(action, found, who, dsn)
+            sched.pend([r for rs in pend.values() for r in rs], action, who, dsn)
+        if pend:
+            done = f"{'would be' if dry_run else 'will be'} {DONE[action]}"
+            out["pending"] = {qid: f"{len(rs)} recipient(s) being delivered now: {done} when"
+                                   " the delivery in progress ends, unless it delivers"
+                              for qid, rs in pend.items()}
+            out["pending_recipients"] = sum(map(len, pend.values()))
+            wire = {qid: n - len(pend.get(qid, ())) for qid, n in wire.items()
+                    if n > len(pend.get(qid, ()))}
         ids = {r.msg.id for r in found}
         if touched is not None and not dry_run:
             touched |= ids
@@ -382,8 +396,19 @@ class QueueControl:
                 out["untouched"] = await self._untouched(sel, wanted, ids | set(elsewhere),
                                                          wire, {})
             else:
-                out["untouched"] = await self._untouched(sel, wanted, ids, wire, elsewhere)
+                out["untouched"] = await self._untouched(sel, wanted, ids | set(pend), wire,
+                                                         elsewhere)
         return out
+
+    def _pending(self, action: str, wire: dict[str, int], match: Callable[[Recipient], bool]
+                 ) -> dict[str, list[Recipient]]:
+        """Per queue id named, its recipients on the wire that a hold or delete waits for
+        (``Scheduler.pend``). One node only: in a cluster they are named as being delivered
+        now (PostgreSQL has no place for a pending action yet)."""
+        if action not in PENDING or self.shared is not None:
+            return {}
+        return {qid: rs for qid in wire
+                if (rs := [r for r in self.scheduler.on_the_wire(qid) if match(r)])}
 
     async def _spooled_body(self, qid: str) -> bool:
         """Whether the spool still has the message (a deep lane's recipients are only there;

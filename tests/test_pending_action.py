@@ -1,0 +1,177 @@
+"""A hold or delete of a recipient whose delivery is in progress: kept as pending (durably, with
+its record) and applied when that delivery ends, unless it delivers - as Postfix's ``postsuper
+-h/-d`` of a message in delivery takes effect once the delivery agent returns. It said "being
+delivered now", exit 1, and a delivery that then deferred left the recipient queued, retried
+later: the hold or delete the operator asked for was lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+
+from postlane.policy.intake import RcptIn
+from tests.conftest import config_text, message, records, send
+from tests.support.heldsink import HeldSink
+from tests.support.waiting import until
+from tests.test_crash_repair import _APINode
+from tests.test_queue_hunt import _cli
+
+LATER = "451 4.3.0 try again later"
+ADDRESS = "a@example.com"
+
+
+class _AnswersFirst(HeldSink):
+    """A ``HeldSink`` whose first DATA replies are ``first`` (then its ``data_reply``, 250)."""
+
+    def __init__(self, *first: str) -> None:
+        super().__init__()
+        self.first = list(first)
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        reply = await super().handle_DATA(server, session, envelope)
+        return self.first.pop(0) if self.first else reply
+
+
+def _pending_on_disk(tmp_path: Path) -> list[tuple[str, str]]:
+    """(address, pending action) of every recipient row with one, as the spool has it."""
+    db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+    try:
+        return [(a, json.loads(p)["action"]) for a, p in db.execute(
+            "SELECT address, pending FROM recipients WHERE pending != ''")]
+    finally:
+        db.close()
+
+
+def _trail(tmp_path: Path, address: str = ADDRESS) -> list[str]:
+    """The recipient's records, "type" or "type/dsnAction" for operator records."""
+    return [r["type"] + (f"/{r['dsnAction']}" if r["type"] == "o" else "")
+            for r in records(tmp_path) if r["rcpt"] == address]
+
+
+async def _on_the_wire(tmp_path: Path, make_node, *first: str):
+    """A node whose destination holds the DATA of a policy notice to ``ADDRESS`` until the
+    test releases it, then answers ``first`` (then 250): (sink, node, cli, queue id)."""
+    sink = await _AnswersFirst(*first).start()
+    node = await make_node(config_text(tmp_path, sink.port))
+    qid = await node.intake.submit("notices@example.com", [RcptIn(ADDRESS)],
+                                   message("policy", cls="policy-documents"))
+    await sink.on_the_wire()
+    assert node.scheduler.in_flight(qid) == 1
+    return sink, node, _cli(node, tmp_path), qid
+
+
+async def test_a_hold_during_a_delivery_that_defers_holds_it(tmp_path, make_node):
+    """The receiver answers 451 after the hold: the recipient is held (listed as held, not
+    retried after its retry time), with its pending and its hold on the record."""
+    sink, node, cli, qid = await _on_the_wire(tmp_path, make_node, LATER)
+    try:
+        code, out, err = await cli("queue", "hold", qid, "--json")
+        got = json.loads(out)
+        assert code == 0 and not got["untouched"], (out, err)
+        assert got["pending"] == {qid: "1 recipient(s) being delivered now: will be held when"
+                                       " the delivery in progress ends, unless it delivers"}
+        assert _pending_on_disk(tmp_path) == [(ADDRESS, "hold")]  # durable before the answer
+        sink.release.set()
+
+        async def held() -> bool:
+            code, out, err = await cli("queue", "list", "--state", "held", "--json")
+            return code == 0 and json.loads(out)["total_recipients"] == 1
+
+        await until(held, what="the recipient held once its delivery deferred")
+        await asyncio.sleep(2.5)  # past its retry time (1 s): a deferred one goes out again
+        assert [a.rcpts for a in sink.arrivals] == [[ADDRESS]], "delivered while held"
+        assert await held()
+        assert not _pending_on_disk(tmp_path)
+        code, out, err = await cli("queue", "release", qid)
+        assert code == 0, (out, err)
+        await sink.wait_for(2)
+        await node.stop()
+    finally:
+        sink.release.set()
+        await sink.stop()
+    assert _trail(tmp_path) == ["r", "o/hold-pending", "t", "o/hold", "o/release", "d"]
+
+
+async def test_a_delete_with_a_dsn_during_a_delivery_that_defers_deletes_it(
+        tmp_path, make_node):
+    """``delete Q --dsn --yes`` while Q is on the wire, the receiver then answers 451: the
+    recipient is deleted, with one "b" record (purged) and one DSN to its sender."""
+    sink, node, cli, qid = await _on_the_wire(tmp_path, make_node, LATER)
+    try:
+        code, out, err = await cli("queue", "delete", qid, "--dsn", "--yes")
+        assert code == 0 and not err, (out, err)
+        assert out.strip() == (f"{qid}: 1 recipient(s) being delivered now: will be deleted"
+                               " when the delivery in progress ends, unless it delivers")
+        sink.release.set()
+        dsns = [a for a in await sink.wait_for(2) if a.rcpts == ["notices@example.com"]]
+        assert len(dsns) == 1 and b"deleted by operator" in dsns[0].data
+        await until(lambda: not node.scheduler.message(qid) and not
+                    node.scheduler.in_flight(qid), what="the message gone from the queue")
+        await asyncio.sleep(2.5)  # past its retry time: a deferred one goes out again
+        assert [a.rcpts for a in sink.arrivals] == [[ADDRESS], ["notices@example.com"]]
+        await node.stop()
+    finally:
+        sink.release.set()
+        await sink.stop()
+    assert _trail(tmp_path) == ["r", "o/delete-pending", "t", "b"]
+    [gone] = [r for r in records(tmp_path) if r["rcpt"] == ADDRESS and r["type"] == "b"]
+    assert gone["bounceCat"] == "purged" and gone["dsnDiag"].startswith("deleted by operator")
+
+
+async def test_a_hold_during_a_delivery_that_delivers_does_nothing_more(tmp_path, make_node):
+    """Delivered is final: the hold asked meanwhile holds nothing, and the trail says so."""
+    sink, node, cli, qid = await _on_the_wire(tmp_path, make_node)
+    try:
+        code, out, err = await cli("queue", "hold", qid)
+        assert code == 0 and "will be held when the delivery in progress ends" in out, err
+        sink.release.set()
+        await sink.wait_for(1)
+        await until(lambda: not node.scheduler.in_flight(qid), what="the delivery recorded")
+        code, out, err = await cli("queue", "list", "--state", "held", "--json")
+        assert code == 0 and json.loads(out)["total_recipients"] == 0, (out, err)
+        await node.stop()
+    finally:
+        sink.release.set()
+        await sink.stop()
+    assert _trail(tmp_path) == ["r", "o/hold-pending", "d", "o/hold-void"]
+    [void] = [r for r in records(tmp_path) if r["dsnAction"] == "hold-void"]
+    assert "not applied" in void["dsnDiag"] and "delivered, final" in void["dsnDiag"]
+
+
+async def test_a_pending_hold_is_applied_by_the_restart_of_a_killed_node(tmp_path):
+    """The hold is answered as pending, the node is SIGKILLed before the delivery ends: the
+    restarted node holds the recipient (its attempt's outcome unknown, on the record)."""
+    async with _APINode(tmp_path) as node:
+        gate = asyncio.Event()  # never set: the killed node's delivery never ends
+        data = node.sink.handle_DATA
+
+        reached: list[bool] = []
+
+        async def held_up(*args):
+            reached.append(True)
+            await gate.wait()
+            return await data(*args)
+
+        node.sink.handle_DATA = held_up
+        await send(node.port, "s@insurer.test", [ADDRESS], message("m"))
+        db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
+        try:
+            [(qid,)] = db.execute("SELECT msg_id FROM recipients").fetchall()
+        finally:
+            db.close()
+        await until(lambda: reached, what="the message on the wire")
+        answer = await node.client.post("/queue/hold", json={"queue_ids": [qid]})
+        assert answer.status_code == 200 and qid in answer.json()["pending"], answer.text
+        await node.kill()  # at once after the answer
+        assert _pending_on_disk(tmp_path) == [(ADDRESS, "hold")]
+        await node.restart()
+
+        async def held() -> bool:
+            got = await node.client.get("/queue/messages", params={"state": "held"})
+            return got.json()["total_recipients"] == 1
+
+        await until(held, what="the recipient held after the restart")
+        assert node.sink.rcpt_attempts[ADDRESS] == 1  # not sent again
+    assert _trail(tmp_path) == ["r", "o/hold-pending", "u", "o/hold"]
