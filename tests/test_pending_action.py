@@ -11,6 +11,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records, send
 from tests.support.heldsink import HeldSink
@@ -22,6 +24,10 @@ LATER = "451 4.3.0 try again later"
 ADDRESS = "a@example.com"
 
 
+DROP = "drop"
+"""A scripted DATA reply: the connection is closed instead (a connection failure)."""
+
+
 class _AnswersFirst(HeldSink):
     """A ``HeldSink`` whose first DATA replies are ``first`` (then its ``data_reply``, 250)."""
 
@@ -31,7 +37,11 @@ class _AnswersFirst(HeldSink):
 
     async def handle_DATA(self, server, session, envelope) -> str:
         reply = await super().handle_DATA(server, session, envelope)
-        return self.first.pop(0) if self.first else reply
+        reply = self.first.pop(0) if self.first else reply
+        if reply == DROP:
+            server.transport.close()
+            return "421 4.3.0 closing"  # never read: the connection is gone
+        return reply
 
 
 def _pending_on_disk(tmp_path: Path) -> list[tuple[str, str]]:
@@ -62,10 +72,12 @@ async def _on_the_wire(tmp_path: Path, make_node, *first: str):
     return sink, node, _cli(node, tmp_path), qid
 
 
-async def test_a_hold_during_a_delivery_that_defers_holds_it(tmp_path, make_node):
-    """The receiver answers 451 after the hold: the recipient is held (listed as held, not
-    retried after its retry time), with its pending and its hold on the record."""
-    sink, node, cli, qid = await _on_the_wire(tmp_path, make_node, LATER)
+@pytest.mark.parametrize("ending", [LATER, DROP])
+async def test_a_hold_during_a_delivery_that_defers_holds_it(tmp_path, make_node, ending):
+    """The receiver answers 451 after the hold, or the connection fails: the recipient is
+    held (listed as held, not retried after its retry time), with its pending and its hold
+    on the record."""
+    sink, node, cli, qid = await _on_the_wire(tmp_path, make_node, ending)
     try:
         code, out, err = await cli("queue", "hold", qid, "--json")
         got = json.loads(out)
@@ -140,38 +152,48 @@ async def test_a_hold_during_a_delivery_that_delivers_does_nothing_more(tmp_path
     assert "not applied" in void["dsnDiag"] and "delivered, final" in void["dsnDiag"]
 
 
-async def test_a_pending_hold_is_applied_by_the_restart_of_a_killed_node(tmp_path):
-    """The hold is answered as pending, the node is SIGKILLed before the delivery ends: the
-    restarted node holds the recipient (its attempt's outcome unknown, on the record)."""
+@pytest.mark.parametrize("action", ["hold", "delete"])
+async def test_a_pending_action_is_applied_by_the_restart_of_a_killed_node(tmp_path, action):
+    """The hold (delete with a DSN) is answered as pending, the node is SIGKILLed before the
+    delivery ends: the restarted node holds (deletes, with one DSN) the recipient, after the
+    "u" of its attempt whose outcome is unknown; it does not send it again."""
     async with _APINode(tmp_path) as node:
         gate = asyncio.Event()  # never set: the killed node's delivery never ends
         data = node.sink.handle_DATA
-
         reached: list[bool] = []
 
-        async def held_up(*args):
-            reached.append(True)
-            await gate.wait()
-            return await data(*args)
+        async def held_up(server, session, envelope):
+            if ADDRESS in envelope.rcpt_tos:
+                reached.append(True)
+                await gate.wait()
+            return await data(server, session, envelope)
 
         node.sink.handle_DATA = held_up
-        await send(node.port, "s@insurer.test", [ADDRESS], message("m"))
+        await send(node.port, "notices@example.com", [ADDRESS], message("m"))
         db = sqlite3.connect(tmp_path / "spool" / "spool.sqlite")
         try:
             [(qid,)] = db.execute("SELECT msg_id FROM recipients").fetchall()
         finally:
             db.close()
         await until(lambda: reached, what="the message on the wire")
-        answer = await node.client.post("/queue/hold", json={"queue_ids": [qid]})
+        body = {"queue_ids": [qid], **({"dsn": True} if action == "delete" else {})}
+        answer = await node.client.post(f"/queue/{action}", json=body)
         assert answer.status_code == 200 and qid in answer.json()["pending"], answer.text
         await node.kill()  # at once after the answer
-        assert _pending_on_disk(tmp_path) == [(ADDRESS, "hold")]
+        assert _pending_on_disk(tmp_path) == [(ADDRESS, action)]
         await node.restart()
+        if action == "hold":
+            async def held() -> bool:
+                got = await node.client.get("/queue/messages", params={"state": "held"})
+                return got.json()["total_recipients"] == 1
 
-        async def held() -> bool:
-            got = await node.client.get("/queue/messages", params={"state": "held"})
-            return got.json()["total_recipients"] == 1
-
-        await until(held, what="the recipient held after the restart")
-        assert node.sink.rcpt_attempts[ADDRESS] == 1  # not sent again
-    assert _trail(tmp_path) == ["r", "o/hold-pending", "u", "o/hold"]
+            await until(held, what="the recipient held after the restart")
+        else:
+            await node.sink.wait_for(1)  # the DSN
+        assert len(reached) == 1  # not sent again
+    if action == "hold":
+        assert _trail(tmp_path) == ["r", "o/hold-pending", "u", "o/hold"]
+    else:
+        assert _trail(tmp_path) == ["r", "o/delete-pending", "u", "b"]
+        assert [a.rcpts for a in node.sink.arrivals] == [["notices@example.com"]]
+        assert b"deleted by operator" in node.sink.arrivals[0].data
