@@ -16,7 +16,9 @@ import pytest
 from postlane.policy.intake import RcptIn
 from tests.conftest import config_text, message, records, send
 from tests.support.heldsink import HeldSink
+from tests.support.pg import pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
+from tests.test_cluster import cluster_text, start_node
 from tests.test_crash_repair import _APINode
 from tests.test_queue_hunt import _cli
 
@@ -197,3 +199,46 @@ async def test_a_pending_action_is_applied_by_the_restart_of_a_killed_node(tmp_p
         assert _trail(tmp_path) == ["r", "o/delete-pending", "u", "b"]
         assert [a.rcpts for a in node.sink.arrivals] == [["notices@example.com"]]
         assert b"deleted by operator" in node.sink.arrivals[0].data
+
+
+@pytest.mark.parametrize("action", ["hold", "delete"])
+async def test_a_pending_action_in_a_cluster(tmp_path, pg_schema, action):  # noqa: F811
+    """The same on a cluster node (PostgreSQL spool): held in the shared spool (nobody's, as
+    any hold), or deleted with one DSN, once the delivery in progress deferred."""
+    sink = await _AnswersFirst(LATER).start()
+    node = await start_node(cluster_text(tmp_path, sink.port, pg_schema, "node-a"))
+    try:
+        cli = _cli(node, tmp_path)
+        qid = await node.intake.submit("notices@example.com", [RcptIn(ADDRESS)],
+                                       message("policy", cls="policy-documents"))
+        await sink.on_the_wire()
+        code, out, err = await cli("queue", action, qid, "--json",
+                                   *(("--dsn", "--yes") if action == "delete" else ()))
+        got = json.loads(out)
+        assert code == 0 and not got["untouched"] and got["pending_recipients"] == 1, (out, err)
+        async with node.spool.acquire() as conn:
+            assert await conn.fetchval("SELECT pending FROM recipients WHERE msg_id = $1",
+                                       qid), "not in the shared spool before the answer"
+        sink.release.set()
+        if action == "hold":
+            async def held() -> bool:
+                code, out, err = await cli("queue", "list", "--state", "held", "--json")
+                return code == 0 and json.loads(out)["total_recipients"] == 1
+
+            await until(held, what="the recipient held once its delivery deferred")
+        else:
+            dsns = [a for a in await sink.wait_for(2) if a.rcpts == ["notices@example.com"]]
+            assert len(dsns) == 1 and b"deleted by operator" in dsns[0].data
+        await asyncio.sleep(2.5)  # past its retry time (1 s): a deferred one goes out again
+        assert [a.rcpts for a in sink.arrivals if ADDRESS in a.rcpts] == [[ADDRESS]]
+        async with node.spool.acquire() as conn:
+            rows = await conn.fetch("SELECT state, pending, lease_owner FROM recipients"
+                                    " WHERE msg_id = $1", qid)
+        if action == "hold":
+            assert [tuple(r) for r in rows] == [("held", "", None)]
+        else:
+            assert all(r["state"] == "bounced" for r in rows)  # or the message is gone
+    finally:
+        sink.release.set()
+        await node.stop()
+        await sink.stop()

@@ -351,6 +351,8 @@ class QueueControl:
                     if (n := sched.in_flight(qid))}
             # named ones on the wire: a hold or delete waits for their delivery to end
             pend = self._pending(action, wire, match)
+            if not dry_run:  # now, while they are on the wire (the shared spool awaits below)
+                sched.pend([r for rs in pend.values() for r in rs], action, who, dsn)
             if dry_run:
                 found = [r for r in sched.recipients() if chosen(r)]
             else:
@@ -374,7 +376,6 @@ class QueueControl:
                 sched.let_go(mine)
         elif not dry_run:
             self._apply(action, found, who, dsn)
-            sched.pend([r for rs in pend.values() for r in rs], action, who, dsn)
         if pend:
             done = f"{'would be' if dry_run else 'will be'} {DONE[action]}"
             out["pending"] = {qid: f"{len(rs)} recipient(s) being delivered now: {done} when"
@@ -403,9 +404,8 @@ class QueueControl:
     def _pending(self, action: str, wire: dict[str, int], match: Callable[[Recipient], bool]
                  ) -> dict[str, list[Recipient]]:
         """Per queue id named, its recipients on the wire that a hold or delete waits for
-        (``Scheduler.pend``). One node only: in a cluster they are named as being delivered
-        now (PostgreSQL has no place for a pending action yet)."""
-        if action not in PENDING or self.shared is not None:
+        (``Scheduler.pend``): this node's, so in a cluster those it delivers."""
+        if action not in PENDING:
             return {}
         return {qid: rs for qid in wire
                 if (rs := [r for r in self.scheduler.on_the_wire(qid) if match(r)])}

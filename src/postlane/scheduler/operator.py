@@ -4,7 +4,9 @@ operator in the same spool write. ``operations.py`` is the door to these (it log
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from .paging import Pager
     from .timers import RetryTimers
 
+log = logging.getLogger("postlane.scheduler")
+
 ANY_DOMAIN = "*"
 PENDING = ("hold", "delete")
 """The actions that, asked of a recipient being delivered, wait for that delivery to end
@@ -42,6 +46,8 @@ class OperatorActions:
     on_final: Callable[[Recipient], None] | None
     pager: Pager | None
     _ready: set[Lane]
+    _pending_tasks: set[asyncio.Task]
+    """Cluster mode: pending actions being written to the shared spool (``_pending_shared``)."""
 
     if TYPE_CHECKING:  # the Scheduler's
         def lane(self, pool: str, domain: str) -> Lane: ...
@@ -169,8 +175,11 @@ class OperatorActions:
         if not rcpt.pending:
             return False
         asked = orjson.loads(rcpt.pending)
-        rcpt.pending = ""
         who = Operator(asked["operator"], asked["via"])
+        if isinstance(self.spool, PostgresSpool):
+            self._pending_shared(rcpt, asked["action"], who, asked["dsn"])
+            return True
+        rcpt.pending = ""
         if asked["action"] != "hold":  # the row's final state ends it (a DSN's commit too)
             self.remove([rcpt], asked["action"], who, dsn=asked["dsn"])
             return True
@@ -180,6 +189,35 @@ class OperatorActions:
             self.hold([rcpt], who)
         self.spool.pend([("", rcpt.msg.id, rcpt.idx)])
         return True
+
+    def _pending_shared(self, rcpt: Recipient, action: str, who: Operator, dsn: bool) -> None:
+        """Cluster mode: the recipient leaves this node's queue and the shared spool takes the
+        action, as an operator's on a recipient this node holds (``operate_shared``: held ones
+        are nobody's; a delete with a DSN is leased here until its DSN is queued). The spool
+        keeps it pending until then: a spool that fails retries it at the recipient's next
+        retry time, a node that dies leaves it to the node that claims the recipient."""
+        async def run() -> None:
+            try:
+                # the delivery's outcome first: the action's write is urgent, and an outcome
+                # committed after it would make the held recipient deferred (claimable) again
+                await self.spool.flush()
+                await self.operate_shared([rcpt], action, who, (State.QUEUED, State.DEFERRED),
+                                          dsn)
+            except Exception:
+                log.exception("the %s asked during the delivery of %s (queue id %s) is not"
+                              " written yet: tried again at its retry time", action,
+                              rcpt.address, rcpt.msg.id)
+                rcpt.state = State.DEFERRED
+                rcpt.next_attempt = max(rcpt.next_attempt, self.clock.time() + 60.0)
+                self.lane(rcpt.msg.pool, rcpt.domain).deferred += 1
+                self.timers.add(rcpt)  # due: ``add`` applies it again
+                return
+            rcpt.pending = ""
+            self.let_go([rcpt])
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._pending_tasks.add(task)
+        task.add_done_callback(self._pending_tasks.discard)
 
     def pending_void(self, rcpt: Recipient, state: State) -> None:
         """The delivery of a recipient with a pending action ended it (delivered, bounced,

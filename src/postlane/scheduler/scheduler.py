@@ -105,6 +105,7 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         self.fenced = False
         """No transaction starts (a cluster node that missed its heartbeats: the fence)."""
         self._tasks: set[asyncio.Task] = set()
+        self._pending_tasks: set[asyncio.Task] = set()
         self.fifo = config.scheduler == "fifo"
         self.rules = RuleBook(config.destinations)
         self.classify = classify

@@ -314,6 +314,9 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                 await conn.executemany(
                     "UPDATE recipients SET attempt_started=$1, attempt_info=$2"
                     " WHERE msg_id=$3 AND idx=$4", marks)
+            if batch.pends:
+                await conn.executemany("UPDATE recipients SET pending=$1 WHERE msg_id=$2"
+                                       " AND idx=$3", batch.pends)
             for op in batch.operations:
                 op.moved[:] = await self._operate(conn, op.recipients, op.state, op.states)
                 events.extend(op.records(op.moved))
@@ -361,6 +364,7 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                        states: Sequence[State]) -> list[Recipient]:
         rows = await conn.fetch(
             "UPDATE recipients r SET state = $1, lease_owner = NULL, lease_until = NULL,"
+            " pending = '',"
             " next_attempt = CASE WHEN $1 = 'held' THEN r.next_attempt ELSE 0 END"
             " FROM unnest($2::text[], $3::int[]) AS k (msg_id, idx)"
             " WHERE r.msg_id = k.msg_id AND r.idx = k.idx AND r.state = ANY($4::text[])"
