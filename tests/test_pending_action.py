@@ -242,3 +242,35 @@ async def test_a_pending_action_in_a_cluster(tmp_path, pg_schema, action):  # no
         sink.release.set()
         await node.stop()
         await sink.stop()
+
+
+async def test_a_pending_hold_in_a_cluster_is_applied_by_the_node_that_takes_it_next(
+        tmp_path, pg_schema):  # noqa: F811
+    """The node stops while the delivery is still on the wire (its drain cuts it): the
+    pending hold stays in the shared spool, and the node that claims the recipient next (here
+    the same one, started again) holds it instead of sending it again."""
+    sink = await _AnswersFirst().start()
+    text = cluster_text(tmp_path, sink.port, pg_schema, "node-a").replace(
+        "drain_timeout = 5", "drain_timeout = 0.5")
+    node = await start_node(text)
+    try:
+        cli = _cli(node, tmp_path)
+        qid = await node.intake.submit("notices@example.com", [RcptIn(ADDRESS)],
+                                       message("policy", cls="policy-documents"))
+        await sink.on_the_wire()
+        code, out, err = await cli("queue", "hold", qid, "--json")
+        assert code == 0 and json.loads(out)["pending_recipients"] == 1, (out, err)
+        await node.stop()  # the delivery is cut, its outcome never known
+        node = await start_node(text)
+        cli = _cli(node, tmp_path)
+
+        async def held() -> bool:
+            code, out, err = await cli("queue", "list", "--state", "held", "--json")
+            return code == 0 and json.loads(out)["total_recipients"] == 1
+
+        await until(held, what="the recipient held by the node that claimed it")
+        assert sink.held == 1  # not sent again
+    finally:
+        sink.release.set()
+        await node.stop()
+        await sink.stop()
