@@ -57,7 +57,7 @@ def _pending_on_disk(tmp_path: Path) -> list[tuple[str, str]]:
 
 
 def _trail(tmp_path: Path, address: str = ADDRESS) -> list[str]:
-    """The recipient's records, "type" or "type/dsnAction" for operator records."""
+    """The recipient's records, as filed: "type", or "type/dsnAction" for an operator's."""
     return [r["type"] + (f"/{r['dsnAction']}" if r["type"] == "o" else "")
             for r in records(tmp_path) if r["rcpt"] == address]
 
@@ -114,6 +114,13 @@ async def test_a_delete_with_a_dsn_during_a_delivery_that_defers_deletes_it(
     recipient is deleted, with one "b" record (purged) and one DSN to its sender."""
     sink, node, cli, qid = await _on_the_wire(tmp_path, make_node, LATER)
     try:
+        code, out, err = await cli("queue", "delete", qid, "--dry-run")
+        assert code == 0 and out.strip() == (f"{qid}: 1 recipient(s) being delivered now: would"
+                                             " be deleted when the delivery in progress ends,"
+                                             " unless it delivers"), (out, err)
+        code, out, err = await cli("queue", "delete", qid)  # asks first: no terminal, refused
+        assert code == 1 and "nothing deleted (1 recipients match" in err, (out, err)
+        assert not _pending_on_disk(tmp_path)
         code, out, err = await cli("queue", "delete", qid, "--dsn", "--yes")
         assert code == 0 and not err, (out, err)
         assert out.strip() == (f"{qid}: 1 recipient(s) being delivered now: will be deleted"

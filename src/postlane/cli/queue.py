@@ -252,8 +252,8 @@ def delete(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
                 + (f" (and {waiting} being delivered now, when that ends unless it delivers)"
                    if waiting else "")
                 + f"{' with a DSN to each sender' if dsn else ' silently'}?")):
-            raise _fail(f"nothing deleted ({count['recipients']} recipients match; confirm,"
-                        " or pass --yes)")
+            raise _fail(f"nothing deleted ({count['recipients'] + waiting} recipients match;"
+                        " confirm, or pass --yes)")
     _act("delete", sel, dry_run, target, as_json, dsn=dsn)
 
 

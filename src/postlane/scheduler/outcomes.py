@@ -210,8 +210,11 @@ class OutcomeRecording:
         rec.bounce_cat = self.classify(status, reply)
         fill_conn(rec, conn)
         self.record(rec)
+        # a pending action applies next: its records (a delete's DSN commit is urgent) come
+        # after this "t" in the trail
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, State.DEFERRED, rcpt.attempts,
-                                           rcpt.next_attempt, reply)], (rec,))
+                                           rcpt.next_attempt, reply)], (rec,),
+                          urgent=bool(rcpt.pending))
         lane.inflight -= 1
         if self.apply_pending(rcpt):  # held or deleted during the delivery: it is now
             return

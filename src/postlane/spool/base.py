@@ -170,7 +170,8 @@ class Spool(Protocol):
         (other messages' recipients, whose records are among ``events``) in the same commit."""
         ...
 
-    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None: ...
+    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = (),
+               urgent: bool = False) -> None: ...
 
     def record(self, events: Sequence[Record], urgent: bool = False) -> None:
         """Events without a state change (complaints, refusals …); durable at the next commit

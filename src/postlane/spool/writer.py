@@ -312,10 +312,12 @@ class GroupCommitWrites:
     def _future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 
-    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
+    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = (),
+               urgent: bool = False) -> None:
         """Record recipient state changes and their events; durable at the next commit (a
-        crash before it re-delivers, and the attempt mark says so)."""
-        self._submit(Update(update_rows(updates), events), False)
+        crash before it re-delivers, and the attempt mark says so). ``urgent``: before the
+        bulk writes queued (so before an urgent write queued after it, as a DSN's)."""
+        self._submit(Update(update_rows(updates), events), urgent)
 
     def pend(self, rows: list[tuple[str, str, int]], events: Sequence[Record] = ()) -> None:
         """Set (or with "" clear) the operator action that waits for a recipient's delivery in
