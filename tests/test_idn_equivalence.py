@@ -8,6 +8,7 @@ import asyncio
 import json
 import smtplib
 
+import pytest
 from typer.testing import CliRunner
 
 from postlane.cli import app
@@ -456,3 +457,128 @@ async def test_queue_list_by_recipient_finds_either_unicode_form(tmp_path, sink,
         code, out, err = await cli("queue", "list", "--json", "--recipient", pattern)
         assert code == 0, (pattern, err)
         assert [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], pattern
+
+
+# -- upper-case non-ASCII local parts in the audit store -----------------------------------------
+
+UPPER = "J\u00d6RG"
+"""``JÖRG``: SQLite's NOCASE (and lower() under a C ctype) folds ASCII only, so ``JÖRG`` is
+not ``jörg`` there, though the rest of the product (``address_key``) says it is."""
+
+
+async def test_audit_show_finds_an_upper_case_utf8_recipient_in_lower_case(tmp_path, make_node):
+    """Mail to ``JÖRG@exämple.com`` through SMTP: ``audit show --recipient jörg@exämple.com``
+    said "no records found" (the store compared with NOCASE, which folds ASCII only)."""
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        await asyncio.to_thread(_sendmail, node.listeners[0].port, [f"{UPPER}@{ULABEL}"])
+        await target.wait_for(1)
+        await until(lambda: [r for r in records(tmp_path) if r["type"] == "d"],
+                    what="the delivery")
+        await node.stop()
+    finally:
+        await target.stop()
+    runner = CliRunner()
+    for spelling in (f"{NFC}@{ULABEL}", f"{NFD}@{ALABEL}", f"J\u00f6rg@{ULABEL}",
+                     f"{UPPER}@{ULABEL}"):
+        res = runner.invoke(app, ["audit", "show", "--db", str(node.audit.path),
+                                  "--recipient", spelling])
+        assert res.exit_code == 0, (spelling, res.output)
+        assert f"{UPPER}@{ULABEL}" in res.output and "delivered" in res.output, spelling
+
+
+def _joerg_trail(store, rcpt: str, queue_id: str = "Q1") -> None:
+    from datetime import UTC, datetime
+
+    from postlane.accounting.records import Record
+
+    day = datetime(2026, 11, 19, 10, tzinfo=UTC).timestamp()
+    store.append([(Record(type=kind, time_logged=day + i, time_queued=day, orig="s@x.test",
+                          rcpt=rcpt, queue_id=queue_id, cls="policy", vmta_pool="pool"),
+                   120.0, f"w-{queue_id}", i + 1) for i, kind in enumerate(("r", "d"))])
+
+
+def test_audit_show_by_recipient_compares_address_keys_on_either_backend(audit_backend):
+    """On both backends, the recipient look-up compares ``address_key``: the upper-case,
+    decomposed, A-label spellings of one mailbox find each other, another mailbox is not
+    found, and the look-up uses the key's index (no scan of the table)."""
+    store = audit_backend.open()
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+        _joerg_trail(store, f"j\u00f6rgen@{ULABEL}", "Q2")
+    finally:
+        store.close()
+    runner = CliRunner()
+    for spelling in (f"{NFC}@{ULABEL}", f"JO\u0308RG@{ALABEL.upper()}", f"{NFD}@{ULABEL}"):
+        res = runner.invoke(app, ["audit", "show", *audit_backend.cli(), "--format", "json",
+                                  "--recipient", spelling])
+        assert res.exit_code == 0, (audit_backend.name, spelling, res.output)
+        assert [t["queue_id"] for t in json.loads(res.output)] == ["Q1"], spelling
+    res = runner.invoke(app, ["audit", "show", *audit_backend.cli(), "--recipient",
+                              f"j\u00f6r@{ULABEL}"])
+    assert res.exit_code == 1, res.output
+
+
+@pytest.fixture
+def c_ctype_dsn():
+    """A database of its own created with ``LC_CTYPE=C`` (PostgreSQL's lower() then folds
+    ASCII only), dropped after the test."""
+    import secrets
+
+    import psycopg
+
+    from tests.support.pg import PG_DSN, pg_reachable
+
+    if not pg_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (make test starts it)")
+    name = f"pl_ctype_c_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'"
+                     " LC_COLLATE 'C' LC_CTYPE 'C'")
+    yield PG_DSN.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_postgres_audit_look_up_does_not_depend_on_the_database_ctype(c_ctype_dsn):
+    """A cluster's audit store in a database created with ``LC_CTYPE=C``: the look-up
+    compared ``lower(rcpt) = lower(?)``, which folds ASCII only there, so the trail of
+    ``JÖRG@exämple.com`` was not found as ``jörg@exämple.com``."""
+    from postlane.audit.backend import open_store_at
+
+    store = open_store_at(c_ctype_dsn, "postlane")
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+    finally:
+        store.close()
+    res = CliRunner().invoke(app, ["audit", "show", "--db", c_ctype_dsn, "--format", "json",
+                                   "--recipient", f"{NFC}@{ULABEL}"])
+    assert res.exit_code == 0, res.output
+    assert [t["queue_id"] for t in json.loads(res.output)] == ["Q1"]
+
+
+def test_a_store_written_before_the_key_gets_it_for_its_rows(audit_backend):
+    """A store of the release before (no ``rcpt_key``): opening it to write (the node, or
+    ``postlane upgrade``) fills in the key of the rows it holds, in its migration, so their
+    trails are found by key like new ones, and the chain still checks."""
+    store = audit_backend.open()
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+        _joerg_trail(store, "", "Q0")  # a record without a recipient keeps no key
+    finally:
+        store.close()
+    old = {"sqlite": ("CREATE INDEX ax_rcpt ON audit_records (rcpt COLLATE NOCASE)", 5),
+           "postgres": ("CREATE INDEX ax_rcpt ON audit_records (lower(rcpt))", 6)}
+    index, version = old[audit_backend.name]
+    audit_backend.sql(("DROP INDEX ax_rcpt_key",),
+                      ("ALTER TABLE audit_records DROP COLUMN rcpt_key",), (index,),
+                      ("DELETE FROM audit_migrations WHERE version = ?", (version,)))
+    audit_backend.open().close()
+    assert audit_backend.row(1)["rcpt_key"] == f"{NFC}@{ALABEL}"
+    assert audit_backend.row(3)["rcpt_key"] is None
+    res = CliRunner().invoke(app, ["audit", "show", *audit_backend.cli(), "--format", "json",
+                                   "--recipient", f"{NFD}@{ALABEL}"])
+    assert res.exit_code == 0, res.output
+    assert [t["queue_id"] for t in json.loads(res.output)] == ["Q1"]
+    res = CliRunner().invoke(app, ["audit", "verify", *audit_backend.cli()])
+    assert res.exit_code == 0, res.output

@@ -51,6 +51,7 @@ from .queries import (
     find_sql,
     pause_spans,
     pauses_sql,
+    rcpt_key,
     records_of,
     row_at,
     seal_from_row,
@@ -137,12 +138,37 @@ CREATE TABLE audit_seals (
     (5, """
 CREATE INDEX ax_ops ON audit_records (vmta_pool, time_logged) WHERE type = 'o';
 """),
+    (6, """
+ALTER TABLE audit_records ADD COLUMN rcpt_key TEXT;
+DROP INDEX ax_rcpt;
+"""),
 ]
 """Versioned schema of the audit tables (table ``audit_migrations``, separate from the spool's
 ``schema_migrations``): append ``(n + 1, sql)``; never edit an applied entry. The columns are
-those of ``store.COLUMNS``; a test checks that they match."""
+those of ``store.COLUMNS``; a test checks that they match. 6 adds the recipient's look-up key
+(``store.KEY_COLUMNS``) in place of the index on ``lower(rcpt)``, whose folding depends on the
+database's ``LC_CTYPE`` (ASCII only under ``C``); ``_fill_rcpt_keys`` fills it in for the rows
+already there, in the same transaction."""
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _fill_rcpt_keys(conn: psycopg.Connection) -> None:
+    """Migration 6's back-fill: the key of every distinct recipient, computed here (the key is
+    Python's ``address_key``: NFC, IDNA, Unicode case folding, none of which SQL has the same
+    way), copied into a temporary table and joined in one UPDATE (one pass over the table, not
+    one per address), then the index built over the filled column."""
+    conn.execute("CREATE TEMPORARY TABLE rcpt_keys (rcpt TEXT PRIMARY KEY, rcpt_key TEXT)"
+                 " ON COMMIT DROP")
+    with conn.cursor(f"audit_rcpts_{next(_names)}") as names, conn.cursor() as cur:
+        names.execute("SELECT DISTINCT rcpt FROM audit_records WHERE rcpt <> ''")
+        while batch := names.fetchmany(10000):  # no COPY open while the cursor fetches
+            with cur.copy("COPY rcpt_keys (rcpt, rcpt_key) FROM STDIN") as copy:
+                for (rcpt,) in batch:
+                    copy.write_row((rcpt, rcpt_key(rcpt)))
+    conn.execute("UPDATE audit_records a SET rcpt_key = k.rcpt_key FROM rcpt_keys k"
+                 " WHERE a.rcpt = k.rcpt")
+    conn.execute("CREATE INDEX ax_rcpt_key ON audit_records (rcpt_key)")
 
 _INSERT = f"COPY audit_records ({', '.join(COLUMNS)}) FROM STDIN"
 _names = count()
@@ -204,6 +230,8 @@ class PostgresAuditStore(RetentionMixin):
             for version, sql in MIGRATIONS:
                 if version > current:
                     conn.execute(sql)
+                    if version == 6:
+                        _fill_rcpt_keys(conn)
                     conn.execute("INSERT INTO audit_migrations (version) VALUES (%s)", (version,))
 
     def _check_schema(self) -> None:
@@ -309,7 +337,7 @@ class PostgresAuditStore(RetentionMixin):
     def find(self, query: Query) -> list[dict]:
         """Every record of the messages matching the keys (a recipient key keeps only that
         recipient's records), in chain order."""
-        sql, args = find_sql(query, "%s", "lower(rcpt) = lower(%s)")
+        sql, args = find_sql(query, "%s")
         with self._db().cursor(row_factory=dict_row) as cur:
             return cur.execute(sql + " ORDER BY seq", args).fetchall()
 
