@@ -899,3 +899,44 @@ def test_cli_import_leaves_out_reports_for_domains_not_ours_and_counts_them(tmp_
                                                                "news.insurer.test"}
     finally:
         store.close()
+
+
+# -- posted to the API ----------------------------------------------------------------------------
+
+async def test_a_report_posted_to_feedback_reports_reaches_the_dmarc_store(tmp_path, sink,
+                                                                           make_node):
+    """``POST /api/v1/feedback/reports`` parsed every body as a bounce or ARF report: an
+    aggregate report posted there (a provider's webhook, an operator) was answered 200 and
+    never stored. It goes where mail to the rua address goes, with the same own-domains
+    filter, and the answer says what happened."""
+    from tests.test_api import api_client
+
+    node = await make_node(config_text(tmp_path, sink.port, RUA))
+    now = int(time.time())
+    mail = report_mail(gzip.compress(crafted(SPLIT, end=now)), "r.xml.gz")
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("r2.xml", crafted(SPLIT[:2], report_id="r-2", end=now))
+    async with api_client(node, tmp_path) as api:
+        resp = await api.post("/api/v1/feedback/reports", content=mail)
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+        assert (got["kind"], got["outcome"], got["report_id"], got["policy_domain"]) == (
+            "dmarc", "stored", "r-1", "insurer.test"), got
+        resp = await api.post("/api/v1/feedback/reports", content=mail)
+        assert (resp.status_code, resp.json()["outcome"]) == (200, "already stored")
+        resp = await api.post("/api/v1/feedback/reports", content=zipped.getvalue())
+        assert (resp.status_code, resp.json()["outcome"]) == (200, "stored"), resp.text
+        resp = await api.post("/api/v1/feedback/reports",
+                              content=crafted(SPLIT[:1], report_id="r-3", domain="spoofed.test",
+                                              end=now))
+        assert resp.status_code == 422 and "spoofed.test" in resp.text, resp.text
+        assert "not one of this node's" in resp.text
+        resp = await api.post("/api/v1/feedback/reports", content=b"<feedback>&x;</feedback>")
+        assert resp.status_code == 422 and "DMARC" in resp.text, resp.text
+        view = (await api.get("/api/v1/reputation")).json()["dmarc"]
+    store = node.reputation.store
+    assert store.dmarc_report_count(0) == 2
+    assert {row[0] for row in store.dmarc_sources(0)} == {"insurer.test"}
+    assert view["reports"] == 2
+    assert not [r for r in records(tmp_path) if r["type"] in ("rb", "f")]

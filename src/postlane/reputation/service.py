@@ -181,12 +181,13 @@ class ReputationService:
     def is_rua(self, address: str) -> bool:
         return address.lower() in self.addresses
 
-    async def receive(self, data: bytes, client: str = "") -> dict:
-        """A mail to a ``rua`` address: stored once; a report that cannot be read, or is about
-        a policy domain not ours, is logged and dropped (the reporter resending it would not
-        help). A store failure raises, so the SMTP client gets a 451 and tries again."""
+    async def receive(self, data: bytes, client: str = "", via: str = "smtp") -> dict:
+        """A mail to a ``rua`` address (or a report posted to the API, ``via`` "api"): stored
+        once; a report that cannot be read, or is about a policy domain not ours, is logged and
+        dropped (the reporter resending it would not help). A store failure raises, so the SMTP
+        client gets a 451 and tries again."""
         assert self.store is not None
-        result = await asyncio.to_thread(import_report, self.store, data, f"smtp:{client}",
+        result = await asyncio.to_thread(import_report, self.store, data, f"{via}:{client}",
                                          self.config.reputation.dmarc.max_report_size,
                                          self.ours)
         if result.get("not_ours"):
