@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from postlane.cli import app
 from postlane.harness.sink import Sink
-from tests.conftest import config_text, records, send
+from tests.conftest import OPERATOR, config_text, records, send
 from tests.support.rawsmtp import session
 from tests.support.waiting import until
 
@@ -582,3 +582,68 @@ def test_a_store_written_before_the_key_gets_it_for_its_rows(audit_backend):
     assert [t["queue_id"] for t in json.loads(res.output)] == ["Q1"]
     res = CliRunner().invoke(app, ["audit", "verify", *audit_backend.cli()])
     assert res.exit_code == 0, res.output
+
+
+async def test_a_cluster_node_finds_mail_waiting_for_an_upper_case_utf8_recipient(
+        tmp_path, sink, c_ctype_dsn):
+    """In a cluster whose database was created with ``LC_CTYPE=C``, mail to ``JÖRG@exämple.com``
+    waiting unclaimed in the shared spool was not found by ``GET /messages?recipient=
+    jörg@exämple.com``: the spool compared ``lower(address)``, which folds ASCII only there."""
+    from tests.support.pg import PG_DSN
+    from tests.test_api import api_client
+    from tests.test_cluster import cluster_text, start_node
+
+    node = await start_node(cluster_text(tmp_path, sink.port, "postlane", "node-a").replace(
+        PG_DSN, c_ctype_dsn))
+    try:
+        await node.operations.pause("bulk", who=OPERATOR)
+        await asyncio.to_thread(_sendmail, node.listeners[0].port, [f"{UPPER}@{ULABEL}"])
+        async with node.spool.acquire() as conn:
+            qid = await conn.fetchval("SELECT msg_id FROM recipients")
+        async with api_client(node, tmp_path) as api:
+            for spelling in (f"{UPPER}@{ULABEL}", f"{NFC}@{ULABEL}", f"{NFD}@{ALABEL}"):
+                resp = await api.get("/api/v1/messages", params={"recipient": spelling})
+                assert resp.status_code == 200, resp.text
+                assert [m["queue_id"] for m in resp.json()["messages"]] == [qid], spelling
+            resp = await api.get("/api/v1/messages", params={"recipient": f"j\u00f6r@{ULABEL}"})
+            assert resp.json()["messages"] == []
+    finally:
+        await node.stop()
+
+
+def test_the_cluster_spool_narrowing_knows_every_non_ascii_spelling_of_ascii():
+    """The shared spool narrows a look-up by recipient with a LIKE pattern in which the ASCII
+    characters of the key stand for themselves, except those a stored address may spell with
+    a non-ASCII code point (``spool.postgres._NOT_LITERAL``): that list must be complete."""
+    import unicodedata
+
+    from postlane.spool.postgres import _NOT_LITERAL, _address_like
+
+    found = {ch for cp in range(0x80, 0x110000) if not 0xD800 <= cp <= 0xDFFF
+             for ch in unicodedata.normalize("NFC", chr(cp).lower()) if ch.isascii()}
+    assert found == _NOT_LITERAL
+    assert _address_like(f"{NFC}_1%@{ALABEL}") == (ALABEL, "j%rg\\_1\\%@%")
+    assert _address_like("kim@x.test") == ("x.test", "%m@%")
+    assert _address_like("postmaster") == ("postmaster", "postmaster")
+
+
+def test_postgres_keys_rows_an_older_node_wrote_during_a_rolling_upgrade(pg_schema):
+    """In a cluster upgraded node by node, nodes still on the release before append rows
+    without ``rcpt_key`` after the migration: their trails were not found by recipient. The
+    next node to start (or ``postlane upgrade``) keys them."""
+    from postlane.audit.backend import open_store_at
+    from tests.support.audit import PostgresBackend
+    from tests.support.pg import PG_DSN
+
+    backend = PostgresBackend(PG_DSN, pg_schema)
+    store = open_store_at(PG_DSN, pg_schema)
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+    finally:
+        store.close()
+    backend.sql(("UPDATE audit_records SET rcpt_key = NULL",))  # as the old release wrote
+    open_store_at(PG_DSN, pg_schema).close()
+    assert backend.row(2)["rcpt_key"] == f"{NFC}@{ALABEL}"
+    res = CliRunner().invoke(app, ["audit", "show", *backend.cli(), "--format", "json",
+                                   "--recipient", f"{NFC}@{ULABEL}"])
+    assert res.exit_code == 0 and [t["queue_id"] for t in json.loads(res.output)] == ["Q1"]
