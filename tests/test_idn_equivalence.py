@@ -647,3 +647,25 @@ def test_postgres_keys_rows_an_older_node_wrote_during_a_rolling_upgrade(pg_sche
     res = CliRunner().invoke(app, ["audit", "show", *backend.cli(), "--format", "json",
                                    "--recipient", f"{NFC}@{ULABEL}"])
     assert res.exit_code == 0 and [t["queue_id"] for t in json.loads(res.output)] == ["Q1"]
+
+
+def test_retention_takes_the_recipient_key_with_the_address(audit_backend):
+    """The key is personal data like the address it is made from: pseudonymising replaces it
+    with the pseudonym's, deleting clears it, and the chain still checks."""
+    import os
+
+    from postlane.audit.store import Retention
+
+    store = audit_backend.open()
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+        now = 1_900_000_000.0
+        store.purge({"policy": Retention(pseudonymise=1)}, os.urandom(32), now)
+        row = audit_backend.row(1)
+        assert row["rcpt"].startswith("pseud-") and row["rcpt_key"] == row["rcpt"].replace(
+            ULABEL, ALABEL)
+        store.purge({"policy": Retention(delete=1)}, None, now)
+        assert (audit_backend.row(1)["rcpt"], audit_backend.row(1)["rcpt_key"]) == (None, None)
+        assert store.verify().ok
+    finally:
+        store.close()
