@@ -18,6 +18,7 @@ from pathlib import Path
 import asyncpg
 
 from postlane.harness.killtest import _committed
+from postlane.spool.outbox import cluster_position
 from tests.conftest import message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
@@ -26,12 +27,13 @@ from tests.test_crash_hunt import _recorder_pid
 from tests.test_evidence import cli
 
 
-def _lines(directory: Path) -> Counter[tuple]:
+def _lines(directory: Path, schema: str, node: str) -> Counter[tuple]:
     """The CSV lines of a node's files, each file up to what its recorder committed (the way
     ``postlane killtest`` and an auditor read a dead node's files)."""
     lines: Counter[tuple] = Counter()
+    published = cluster_position(PG_DSN, schema, node)
     for path in sorted(directory.glob("acct-*.csv")):
-        for row in csv.DictReader(_committed(directory, path).splitlines()):
+        for row in csv.DictReader(_committed(directory, path, published).splitlines()):
             lines[tuple(row.values())] += 1
     return lines
 
@@ -87,7 +89,9 @@ async def test_a_node_killed_as_its_files_take_a_batch_leaves_each_record_once(
 
         await until(adopted, timeout=60, what="node-a's events filed by node-b")
         await asyncio.to_thread(b.stop)
-        lines = _lines(tmp_path / "acct-node-a") + _lines(tmp_path / "acct-node-b")
+        lines = Counter()
+        for node in ("node-a", "node-b"):
+            lines += await asyncio.to_thread(_lines, tmp_path / f"acct-{node}", pg_schema, node)
         ours = Counter({k: n for k, n in lines.items() if any("once" in v for v in k)})
         twice = {k: n for k, n in ours.items() if n > 1}
         assert not twice, f"{len(twice)} lines in both nodes' files: {list(twice)[:3]}"

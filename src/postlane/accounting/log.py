@@ -20,6 +20,16 @@ about its fsync, a file cut outside Postlane): the position also lists which spo
 current files' lines are (``runs``), so ``recover`` cuts every file back to its last whole
 record, says so, and hands back the events of the lines lost (``lost``) for the recorder to
 write again (from the spool, or from the audit store once the spool has let them go).
+
+In a cluster the position is also committed to the database (``commit``), between the fsync
+and the position file, in the transaction that tells the cluster how far the files got
+(``writers.filed``, where a node adopting a dead node's events goes on from). Each position
+carries a generation (``gen``); a reader of the files (the node's own restart, ``audit verify
+--files``, ``postlane killtest``) trusts the newer of the file's and the database's
+(``read_position(published=...)``). A node killed for good between its fsync and that commit
+leaves lines past both positions: no reader counts them, and the adopter writes them into its
+own files; killed between the commit and the position file, the database's position names them
+and the adopter starts after them. Each record is in one node's files, either way.
 """
 
 from __future__ import annotations
@@ -58,14 +68,31 @@ _FLOATS = frozenset({"totalSecondsQueued"})  # written with 3 decimals in CSV
 
 
 
-def read_position(directory: Path, prefix: str = "acct") -> dict:
-    """The position file a node's accounting files in ``directory`` keep (their names and
-    synced sizes, ``feed``, ``lost``); {} if there is none or it cannot be read."""
+def read_position(directory: Path, prefix: str = "acct",
+                  published: Mapping | None = None) -> dict:
+    """The position of a node's accounting files in ``directory`` (their names and committed
+    sizes, ``feed``, ``lost``): its position file's, or ``published`` (the one a cluster's
+    database holds for the node, ``spool.outbox.cluster_position``) if that is newer; {} if
+    there is neither or it cannot be read. The files' lines past these sizes are no record of
+    theirs (a node killed for good left them; another node wrote those records)."""
     try:
         saved = json.loads((directory / f"{prefix}{POSITION_FILE}").read_bytes())
         _check_shape(saved)
     except (OSError, ValueError, TypeError, AttributeError):
-        return {}
+        saved = {}
+    return _newer(saved, published)
+
+
+def _newer(saved: dict, published: Mapping | None) -> dict:
+    """The newer (by ``gen``) of a position file's ``saved`` and the cluster's ``published``."""
+    if not published:
+        return saved
+    try:
+        _check_shape(published)
+        if int(published.get("gen", 0)) > int(saved.get("gen", 0)):
+            return dict(published)
+    except (ValueError, TypeError, AttributeError):
+        log.error("the cluster's accounting position is unreadable; the position file is used")
     return saved
 
 
@@ -87,6 +114,7 @@ def _check_shape(saved: Any) -> None:
     whole(*saved.get("closed", {}).values())
     for _, first, last in saved.get("runs", []):
         whole(first, last)
+    whole(saved.get("gen", 0))
 
 
 class AccountingLog:
@@ -105,7 +133,13 @@ class AccountingLog:
         rotate_bytes: int = 100 * 1024 * 1024,
         prefix: str = "acct",
         clock: Callable[[], float] = time.time,
+        commit: Callable[[dict], None] | None = None,
+        published: Mapping | None = None,
     ) -> None:
+        """``commit`` (a cluster's recorder): called with each position ``sync`` makes, after
+        the fsync and before the position file; what it raises fails the sync (the files go
+        back to the last one). ``published``: the position it committed last (the newer of it
+        and the position file is the one recovered)."""
         if not formats:
             raise ValueError("at least one accounting format is required")
         for fmt in formats:
@@ -131,6 +165,10 @@ class AccountingLog:
         self.rotate_bytes = int(rotate_bytes)
         self.prefix = prefix
         self._clock = clock
+        self._commit = commit
+        self._published = published
+        self._gen = 0
+        """The last position's generation (each save makes the next one)."""
         self._lock = threading.Lock()
         self._files: dict[str, int] = {}
         """File descriptors, one per format (our own buffers: a failed write must be undone)."""
@@ -221,7 +259,16 @@ class AccountingLog:
             with self._undo_on_error():
                 self._write_out(fsync=True)
                 new_feed = {**self.feed, **(feed or {})}
-                self._save_position(self._sizes, new_feed)
+                data = self._position_data(self._sizes, new_feed)
+                if self._commit is not None:
+                    try:
+                        self._commit(data)
+                    except OSError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - the database's error
+                        raise OSError(errno.EIO, f"accounting position not committed to the"
+                                      f" cluster ({type(exc).__name__}: {exc})") from exc
+                self._save_position(self._sizes, new_feed, data)
                 self.feed = new_feed
                 if self._clock() - self._opened_at >= self.rotate_seconds or any(
                         size >= self.rotate_bytes for size in self._sizes.values()):
@@ -417,14 +464,20 @@ class AccountingLog:
     def _position_path(self) -> Path:
         return self.directory / f"{self.prefix}{POSITION_FILE}"
 
-    def _save_position(self, sizes: Mapping[str, int], feed: Mapping[str, int]) -> None:
+    def _position_data(self, sizes: Mapping[str, int], feed: Mapping[str, int]) -> dict:
+        """The next position (generation ``_gen`` + 1) naming ``sizes`` and ``feed``."""
+        return json.loads(json.dumps({
+            "files": {fmt: [str(p), sizes[fmt]] for fmt, p in self.current_paths.items()},
+            "feed": dict(feed), "records": self._records, "runs": self._runs,
+            "lost": self.lost, "closed": self.closed, "gen": self._gen + 1}))
+
+    def _save_position(self, sizes: Mapping[str, int], feed: Mapping[str, int],
+                       position: dict | None = None) -> None:
         """Replace the position file (written and fsynced aside, then renamed); once renamed,
         ``sizes`` are what a restart cuts the files back to."""
-        data = json.dumps({"files": {fmt: [str(p), sizes[fmt]]
-                                     for fmt, p in self.current_paths.items()},
-                           "feed": dict(feed), "records": self._records,
-                           "runs": self._runs, "lost": self.lost,
-                           "closed": self.closed}).encode()
+        if position is None:
+            position = self._position_data(sizes, feed)
+        data = json.dumps(position).encode()
         path = self._position_path()
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
@@ -434,6 +487,7 @@ class AccountingLog:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        self._gen = int(position["gen"])
         self._synced = dict(sizes)
         self._synced_runs = [list(run) for run in self._runs]
         self._synced_records = self._records
@@ -450,11 +504,20 @@ class AccountingLog:
             saved = json.loads(path.read_bytes())
             _check_shape(saved)
         except FileNotFoundError:
-            return 0
+            saved = {}
         except (ValueError, TypeError, AttributeError) as exc:
             log.error("accounting position file %s is unreadable (%s); records after the last"
                       " sync may appear twice in the files", path, exc)
+            saved = {}
+        chosen = _newer(saved, self._published)
+        if chosen is not saved:
+            log.warning("accounting files: the cluster's position of them (generation %d) is"
+                        " newer than %s (%d): the node died between the two; it is used",
+                        chosen["gen"], path, saved.get("gen", 0))
+            saved = chosen
+        if not saved:
             return 0
+        self._gen = int(saved.get("gen", 0))
         self.feed = {str(w): int(n) for w, n in saved.get("feed", {}).items()}
         self.lost = {str(w): (int(a), int(b)) for w, (a, b) in saved.get("lost", {}).items()}
         self._check_closed(saved.get("closed", {}))

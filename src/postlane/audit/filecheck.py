@@ -130,12 +130,15 @@ def ordered(paths: Iterable[Path]) -> list[Path]:
 
 
 def check_files(store: AuditStore, directory: Path, formats: list[str],
-                fields: list[str]) -> FilesCheck:
+                fields: list[str], published: dict | None = None) -> FilesCheck:
     """Compare the accounting files in ``directory`` (CSV if the node writes it, else JSONL)
     with ``store``: records in the files' time span that no line has, lines the store has no
     record of (older than its oldest record: not judged), lines present twice, lines that are
     not a whole record. Records of spool events the files have not reached yet (past the
-    position file's ``feed``, or lost lines being written again) are not missing."""
+    position file's ``feed``, or lost lines being written again) are not missing. The files
+    the position names are read up to its sizes: what a node killed for good wrote past them is
+    not its record (``published``: the position a cluster's database holds for the node, used
+    when it is newer than the file's; see ``AccountingLog``)."""
     result = FilesCheck()
     names = {name for name, _ in resolve_fields(fields)}
     lacking = [f for f in KEY_FIELDS if f not in names]
@@ -146,12 +149,14 @@ def check_files(store: AuditStore, directory: Path, formats: list[str],
         return result
     fmt = "csv" if "csv" in formats else next(f for f in formats if f in FORMATS)
     result.format = fmt
-    position = read_position(directory)  # before the files: what it names is in them
+    position = read_position(directory, published=published)  # before the files: what it
+    # names is in them
     feed = {str(w): int(n) for w, n in position.get("feed", {}).items()}
     lost = {str(w): (int(a), int(b)) for w, (a, b) in position.get("lost", {}).items()}
     have_position = "feed" in position
     paths = _files(directory, fmt)
     writing = {Path(p).name for p, _ in position.get("files", {}).values()}
+    limits = {Path(p).name: int(size) for p, size in position.get("files", {}).values()}
     if paths:
         writing.add(paths[-1].name)  # rotated after the position was read
     result.files = len(paths)
@@ -160,7 +165,7 @@ def check_files(store: AuditStore, directory: Path, formats: list[str],
     seen: dict[int, int] = {}
     multi: dict[int, int] = {}
     first = last = ""
-    for line in _lines(paths, fmt, writing, result):
+    for line in _lines(paths, fmt, writing, result, limits):
         result.lines += 1
         key = _key(line.rtype, line.when, line.queue_id, line.rcpt)
         if key in seen:
@@ -237,7 +242,7 @@ def check_files(store: AuditStore, directory: Path, formats: list[str],
                 result.add("missing", f"{row['type']} {row['queue_id'] or '-'} to"
                            f" {row['rcpt'] or '(purged)'} at {when} (seq {row['seq']})")
     if unmatched or doubled:
-        _name_lines(store, paths, fmt, writing, unmatched, doubled, oldest, result)
+        _name_lines(store, paths, fmt, writing, unmatched, doubled, oldest, result, limits)
     return result
 
 
@@ -255,11 +260,11 @@ def _identity(store: AuditStore, seq: int) -> str:
 
 def _name_lines(store: AuditStore, paths: list[Path], fmt: str, writing: set[str],
                 unmatched: set[int], doubled: set[int], oldest: str,
-                result: FilesCheck) -> None:
+                result: FilesCheck, limits: dict[str, int] | None = None) -> None:
     """Second pass over the files: where each unmatched and doubled line is."""
     where: dict[int, list[_Line]] = {k: [] for k in doubled}
     ignore = FilesCheck()  # the cut lines were told by the first pass
-    for line in _lines(paths, fmt, writing, ignore):
+    for line in _lines(paths, fmt, writing, ignore, limits):
         key = _key(line.rtype, line.when, line.queue_id, line.rcpt)
         if key in where:
             where[key].append(line)
@@ -301,13 +306,16 @@ def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # noqa: SIM115
 
 
-def _lines(paths: list[Path], fmt: str, writing: set[str],
-           result: FilesCheck) -> Iterator[_Line]:
-    """Every whole record of the files, in order; a line that is not one goes to ``result``
-    (the last, unfinished line of a file being written is skipped)."""
+def _lines(paths: list[Path], fmt: str, writing: set[str], result: FilesCheck,
+           limits: dict[str, int] | None = None) -> Iterator[_Line]:
+    """Every whole record of the files, in order, those named in ``limits`` up to that many
+    bytes; a line that is not one goes to ``result`` (the last, unfinished line of a file being
+    written is skipped)."""
     for path in paths:
         try:
-            with _open(path) as fh:
+            with _open(path) as raw:
+                limit = (limits or {}).get(path.name)
+                fh = raw if limit is None else _upto(raw, limit)
                 if fmt == "csv":
                     yield from _csv_lines(path, fh, path.name in writing, result)
                 else:
@@ -315,6 +323,15 @@ def _lines(paths: list[Path], fmt: str, writing: set[str],
         except (OSError, EOFError, zlib.error) as exc:  # the last two: a .gz cut or damaged
             why = getattr(exc, "strerror", None) or exc
             result.add("cut", f"{path.name}: cannot be read ({why})")
+
+
+def _upto(fh: io.BufferedIOBase, limit: int) -> Iterator[bytes]:
+    """The lines of ``fh`` in its first ``limit`` bytes."""
+    for line in fh:
+        if limit <= 0:
+            return
+        yield line[:limit]
+        limit -= len(line)
 
 
 def _bad(result: FilesCheck, path: Path, number: int, why: str) -> None:

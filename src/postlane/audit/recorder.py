@@ -324,10 +324,18 @@ class _Feed:
         self.tell = tell
         """Sends a frame to the node (degraded states go to its Health)."""
         self.sla: dict[str, float | None] = settings["sla"]
+        self.outbox = open_outbox(settings["spool"], settings["schema"], settings["own"],
+                                  settings["dead_after"])
+        self.node = settings["own"].rsplit("/", 1)[0]
         acc = settings["acct"]
-        self.files = AccountingLog(Path(acc["directory"]), formats=acc["formats"],
-                                   fields=acc["fields"], rotate_seconds=acc["rotate"],
-                                   rotate_bytes=acc["rotate_size"])
+        # in a cluster the files' position is committed with ``writers.filed`` (where an
+        # adopter of this node's events goes on from) before it is written beside them
+        clustered = hasattr(self.outbox, "commit_position")
+        self.files = AccountingLog(
+            Path(acc["directory"]), formats=acc["formats"], fields=acc["fields"],
+            rotate_seconds=acc["rotate"], rotate_bytes=acc["rotate_size"],
+            commit=self._commit_position if clustered else None,
+            published=self.outbox.position(self.node) if clustered else None)
         self.filed: dict[str, int] = dict(self.files.feed)  # written (synced when durable)
         self.store = None
         self.stored: dict[str, int] = {}
@@ -336,8 +344,6 @@ class _Feed:
 
             self.store = open_store_at(settings["audit"], settings["schema"])
             self.stored = self.store.feed_cursors()
-        self.outbox = open_outbox(settings["spool"], settings["schema"], settings["own"],
-                                  settings["dead_after"])
         self._settings = settings
         self._known: set[str] = set()
         self.dirty = False
@@ -357,6 +363,9 @@ class _Feed:
         # this recorder's files had them: the position published in a cluster (from before
         # the loss) must not skip the lines being written again
         self._known.update(lost)
+
+    def _commit_position(self, position: dict) -> None:
+        self.outbox.commit_position(self.node, position)
 
     def _write_lost(self) -> bool:
         """Write again the events ``files.lost`` names: at the start, and after a failed write
@@ -558,10 +567,6 @@ class _Feed:
             self._files_down = False
             self._files_delay = 0.5
             self.tell(("recovered", "accounting"))
-        publish = getattr(self.outbox, "publish_filed", None)
-        if publish is not None:
-            with contextlib.suppress(Exception):  # advisory; the next sync tells it again
-                publish(self.filed)
 
     def progress(self) -> tuple:
         return ("progress", dict(self.stored), dict(self.files.feed))

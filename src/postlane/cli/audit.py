@@ -214,10 +214,14 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
 def _check_files(store: AuditStore, config: Path):
     """The accounting files of ``config`` against ``store`` (``audit.filecheck``)."""
     from ..audit.filecheck import check_files
+    from ..spool.outbox import cluster_position
     from . import _load
 
-    acc = _load(config).accounting
-    return check_files(store, Path(acc.directory), list(acc.formats), list(acc.fields))
+    cfg = _load(config)
+    acc = cfg.accounting
+    published = cluster_position(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name)
+    return check_files(store, Path(acc.directory), list(acc.formats), list(acc.fields),
+                       published)
 
 
 def _seal_checkers(public_key: Path | None, tsa_ca: Path | None) -> tuple:

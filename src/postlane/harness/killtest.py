@@ -352,7 +352,7 @@ def _evidence(result: Result, configs: list[Path], acked: set[int],
     from ..audit.backend import open_audit_store
     from ..audit.evidence import trails
     from ..audit.store import Query
-    from ..spool.outbox import open_outbox
+    from ..spool.outbox import cluster_position, open_outbox
     from ..startup import load_config
 
     config = load_config(configs[0])
@@ -387,9 +387,12 @@ def _evidence(result: Result, configs: list[Path], acked: set[int],
     lines: Counter[tuple] = Counter()
     by_seq: dict[int, Counter[str]] = defaultdict(Counter)
     for cfg in configs:
-        directory = Path(load_config(cfg).accounting.directory)
+        node_config = load_config(cfg)
+        directory = Path(node_config.accounting.directory)
+        published = cluster_position(node_config.node.spool,
+                                     node_config.cluster.schema_name, node_config.node.name)
         for path in sorted(directory.glob("*.csv")):
-            for row in csv.DictReader(_committed(directory, path).splitlines()):
+            for row in csv.DictReader(_committed(directory, path, published).splitlines()):
                 lines[tuple(row.values())] += 1
                 corr = row.get("header_X-Correlation-ID", "")
                 if corr.startswith("kill-"):
@@ -402,16 +405,17 @@ def _evidence(result: Result, configs: list[Path], acked: set[int],
     result.problems = problems[:20]
 
 
-def _committed(directory: Path, path: Path) -> str:
-    """A file's committed part: up to the size its position file records (the rest, of a node
-    killed and never restarted, was written again by the node that took its work over)."""
-    from ..accounting.log import POSITION_FILE
+def _committed(directory: Path, path: Path, published: dict | None = None) -> str:
+    """A file's committed part: up to the size its position records (the rest, of a node
+    killed and never restarted, was written again by the node that took its work over); in a
+    cluster, ``published`` is the position the database holds for the node
+    (``cluster_position``), used when it is the newer one."""
+    from ..accounting.log import read_position
 
     data = path.read_bytes()
-    for position in directory.glob(f"*{POSITION_FILE}"):
-        for name, size in json.loads(position.read_text()).get("files", {}).values():
-            if Path(name) == path:
-                data = data[:size]
+    for name, size in read_position(directory, published=published).get("files", {}).values():
+        if Path(name) == path:
+            data = data[:size]
     return data.decode()
 
 

@@ -30,7 +30,7 @@ from .base import FINAL_STATES, new_writer_id
 if TYPE_CHECKING:
     from ..accounting.records import Record
 
-__all__ = ["Outbox", "PostgresOutbox", "SQLiteOutbox", "open_outbox", "post",
+__all__ = ["Outbox", "PostgresOutbox", "SQLiteOutbox", "cluster_position", "open_outbox", "post",
            "writer_lock_key"]
 
 _FINAL_SQL = f"({', '.join(sorted(repr(s.value) for s in FINAL_STATES))})"
@@ -148,12 +148,30 @@ class PostgresOutbox:
                                 (writer,)).fetchone()
         return row[0] if row else 0
 
-    def publish_filed(self, cursors: dict[str, int]) -> None:
-        """Tell the cluster how far the files hold each writer's events (see ``filed``): the
-        one column a recorder writes in the spool, right after its files' fsync."""
-        for writer, n in cursors.items():
-            self.conn.execute("UPDATE writers SET filed = %s WHERE writer = %s AND filed < %s",
-                              (n, writer, n))
+    def commit_position(self, node: str, position: dict) -> None:
+        """Make ``position`` (the node's accounting position, see ``AccountingLog``) the
+        cluster's word on its files, with each writer's ``filed`` from its ``feed``, in one
+        transaction: called after the files' fsync and before the position file. An adopter
+        goes on from ``filed``, and a reader of the node's files (its own restart, ``audit
+        verify --files``) trusts the position this table or the file holds, whichever is
+        newer: the two never disagree about which lines the files have."""
+        from psycopg.types.json import Jsonb
+
+        feed = position.get("feed", {})
+        with self.conn.transaction():
+            self.conn.execute(
+                "UPDATE writers w SET filed = v.n FROM (SELECT unnest(%s::text[]) AS writer,"
+                " unnest(%s::bigint[]) AS n) v WHERE w.writer = v.writer AND w.filed < v.n",
+                (list(feed), list(feed.values())))
+            self.conn.execute(
+                "INSERT INTO acct_positions (node, gen, position, at) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (node) DO UPDATE SET gen = excluded.gen, position ="
+                " excluded.position, at = excluded.at WHERE acct_positions.gen < excluded.gen",
+                (node, int(position.get("gen", 0)), Jsonb(position), time.time()))
+
+    def position(self, node: str) -> dict | None:
+        """The accounting position the cluster holds for ``node`` (``commit_position``)."""
+        return _position_row(self.conn, node)
 
     def release(self, writer: str) -> None:
         """Stop feeding an adopted writer (all its events are consumed, and nobody writes
@@ -165,6 +183,30 @@ class PostgresOutbox:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _position_row(conn, node: str) -> dict | None:
+    import psycopg
+
+    try:
+        with conn.transaction():  # a schema from before migration 12: no such table
+            row = conn.execute("SELECT position FROM acct_positions WHERE node = %s",
+                               (node,)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return row[0] if row else None
+
+
+def cluster_position(spool: str, schema: str, node: str) -> dict | None:
+    """The accounting position a cluster's database holds for ``node`` (None on one node, or
+    none committed yet): what a reader of that node's files passes to ``read_position``."""
+    if not spool.startswith(("postgresql://", "postgres://")):
+        return None
+    import psycopg
+
+    with psycopg.connect(spool, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'SET search_path TO "{schema}"')
+        return _position_row(conn, node)
 
 
 def open_outbox(spool: str, schema: str, own: str,

@@ -117,6 +117,11 @@ INSERT INTO monitor_totals (cls, delivered, failed)
     (12, """
 ALTER TABLE recipients ADD COLUMN pending TEXT NOT NULL DEFAULT '';
 """),
+    (13, """
+CREATE TABLE acct_positions (
+    node TEXT PRIMARY KEY, gen BIGINT NOT NULL, position JSONB NOT NULL,
+    at DOUBLE PRECISION NOT NULL);
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 
