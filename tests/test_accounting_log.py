@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from postlane.accounting.log import AccountingLog
+from postlane.accounting.log import AccountingLog, read_position
 from postlane.accounting.records import (
     DEFAULT_FIELDS,
     Record,
@@ -467,3 +467,39 @@ def test_lost_events_stay_in_the_position_when_writing_them_again_fails(small_fs
     expected = [f"Q{n:06d}" for n in range(1, 11)]
     files = sorted(fs.path.glob("acct-*.csv"), key=lambda p: p.stat().st_mtime_ns)
     assert [r["queueId"] for p in files for r in read_csv(p)] == expected
+
+
+class _Killed(BaseException):
+    """The process dying where it is (nothing after it runs, no undo)."""
+
+
+def test_a_position_committed_to_the_cluster_but_not_beside_the_files_is_the_one_used(
+        tmp_path: Path) -> None:
+    """A cluster's recorder commits each position to the database (with ``writers.filed``,
+    where an adopter of its events goes on from) after the fsync and before the position file.
+    Killed between the two, the database's position is newer: a restart keeps the lines it
+    names (the adopter skipped them), and a reader of the files trusts it; killed before the
+    commit, the lines past the older position are no record of the files (written again)."""
+    committed: list[dict] = []
+    log = AccountingLog(tmp_path, commit=committed.append)
+    log.write_events("node-a/1", [(1, make_record(1)), (2, make_record(2))])
+    log.sync({"node-a/1": 2})
+    assert committed[-1]["feed"] == {"node-a/1": 2}
+
+    def die(position: dict) -> None:
+        committed.append(position)
+        raise _Killed
+
+    log._commit = die
+    log.write_events("node-a/1", [(3, make_record(3))])
+    with pytest.raises(_Killed):
+        log.sync({"node-a/1": 3})
+    os.close(log._files["csv"])  # the process is gone: no close
+    published = committed[-1]
+    assert read_position(tmp_path)["feed"] == {"node-a/1": 2}, "the file is a sync behind"
+    assert read_position(tmp_path, published=published)["feed"] == {"node-a/1": 3}
+    again = AccountingLog(tmp_path, published=published)
+    assert again.feed == {"node-a/1": 3} and again.recovered_bytes == 0
+    again.close()
+    rows = [r for path in sorted(tmp_path.glob("acct-*.csv")) for r in read_csv(path)]
+    assert [r["rcpt"] for r in rows] == [f"user{n}@example.net" for n in (1, 2, 3)]
