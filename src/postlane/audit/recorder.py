@@ -319,7 +319,7 @@ class _Feed:
     """What the child feeds: the store (optional) and the files, each with its cursors."""
 
     def __init__(self, settings: dict, tell: Callable[[tuple], None]) -> None:
-        from ..spool.outbox import open_outbox
+        from ..spool.outbox import PostgresOutbox, open_outbox
 
         self.tell = tell
         """Sends a frame to the node (degraded states go to its Health)."""
@@ -330,12 +330,13 @@ class _Feed:
         acc = settings["acct"]
         # in a cluster the files' position is committed with ``writers.filed`` (where an
         # adopter of this node's events goes on from) before it is written beside them
-        clustered = hasattr(self.outbox, "commit_position")
+        clustered = isinstance(self.outbox, PostgresOutbox)
         self.files = AccountingLog(
             Path(acc["directory"]), formats=acc["formats"], fields=acc["fields"],
             rotate_seconds=acc["rotate"], rotate_bytes=acc["rotate_size"],
             commit=self._commit_position if clustered else None,
-            published=self.outbox.position(self.node) if clustered else None)
+            published=self.outbox.position(self.node)
+            if isinstance(self.outbox, PostgresOutbox) else None)
         self.filed: dict[str, int] = dict(self.files.feed)  # written (synced when durable)
         self.store = None
         self.stored: dict[str, int] = {}
@@ -365,6 +366,12 @@ class _Feed:
         self._known.update(lost)
 
     def _commit_position(self, position: dict) -> None:
+        """The files' position and ``writers.filed`` to the cluster's database (its outbox
+        may have been opened again since)."""
+        from ..spool.outbox import PostgresOutbox
+
+        if not isinstance(self.outbox, PostgresOutbox):
+            raise TypeError("the accounting position is committed only in a cluster")
         self.outbox.commit_position(self.node, position)
 
     def _write_lost(self) -> bool:

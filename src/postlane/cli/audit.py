@@ -8,11 +8,15 @@ import time
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ..audit.backend import open_audit_store, open_store_at
 from ..audit.store import AuditStore, Query, StoreMissing
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 app = typer.Typer(no_args_is_help=True,
                   help="The regulatory audit trail: evidence, verification, retention.")
@@ -214,14 +218,20 @@ def verify(config: Path | None = _CONFIG, db: str | None = _DB, schema: str = _S
 def _check_files(store: AuditStore, config: Path):
     """The accounting files of ``config`` against ``store`` (``audit.filecheck``)."""
     from ..audit.filecheck import check_files
-    from ..spool.outbox import cluster_position
     from . import _load
 
     cfg = _load(config)
     acc = cfg.accounting
-    published = cluster_position(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name)
     return check_files(store, Path(acc.directory), list(acc.formats), list(acc.fields),
-                       published)
+                       _published(cfg))
+
+
+def _published(cfg: Config) -> dict | None:
+    """The accounting position a cluster's database holds for the node of ``cfg`` (the newer
+    of it and the position file says what the files hold: ``read_position``)."""
+    from ..spool.outbox import cluster_position
+
+    return cluster_position(cfg.node.spool, cfg.cluster.schema_name, cfg.node.name)
 
 
 def _seal_checkers(public_key: Path | None, tsa_ca: Path | None) -> tuple:
@@ -314,7 +324,8 @@ def _filed(config: Path | None) -> dict[str, int] | None:
 
     if config is None:
         return None
-    feed = read_position(Path(_load(config).accounting.directory)).get("feed")
+    cfg = _load(config)
+    feed = read_position(Path(cfg.accounting.directory), published=_published(cfg)).get("feed")
     try:
         return {str(w): int(n) for w, n in feed.items()} if feed is not None else None
     except (ValueError, TypeError, AttributeError):

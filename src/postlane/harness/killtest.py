@@ -70,11 +70,10 @@ class Result:
 
     @property
     def evidence_ok(self) -> bool:
-        """Complete, and each line once in the files; in a cluster whose node died for good,
-        the survivor may write again the one batch the dead node made durable but had not yet
-        published (docs/audit.md), so lines twice are counted there, not failed."""
+        """Complete, and each line once in the files (in a cluster too: a node's files are
+        read up to the position it committed, docs/audit.md)."""
         return self.verify_ok and not (self.evidence_gaps_store or self.evidence_gaps_files
-                                       or (self.file_lines_twice and not self.cluster)
+                                       or self.file_lines_twice
                                        or self.unexplained_duplicates
                                        or self.acknowledged_not_found)
 
