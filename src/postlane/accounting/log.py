@@ -108,7 +108,8 @@ def _check_shape(saved: Any) -> None:
     for name, size in saved.get("files", {}).values():
         os.fspath(name)
         whole(size)
-    whole(*saved.get("feed", {}).values(), saved.get("records", 0))
+    whole(*saved.get("feed", {}).values(), saved.get("records", 0),
+          *saved.get("first", {}).values())
     for first, last in saved.get("lost", {}).values():
         whole(first, last)
     whole(*saved.get("closed", {}).values())
@@ -181,6 +182,10 @@ class AccountingLog:
         self._closed = False
         self.feed: dict[str, int] = {}
         """Each spool writer's last event the files hold, as of the last ``sync``."""
+        self.first: dict[str, int] = {}
+        """Each spool writer's first event the files hold: 1, but for a writer adopted from a
+        cluster node that died, the first after those its own files had (``audit verify
+        --files`` looks for its events from there on)."""
         self._runs: list[list] = []
         """``[writer, first, last]``: the spool events the current files' lines are, in order
         (one line per event in each file; lines written by ``write``/``write_many`` have none,
@@ -240,6 +245,8 @@ class AccountingLog:
             self._check_open()
             self._ensure_files()
             with self._undo_on_error():
+                if events and events[0][0] < self.first.get(writer, events[0][0] + 1):
+                    self.first[writer] = events[0][0]
                 for n, record in events:
                     self._write_locked(record)
                     runs = self._runs
@@ -468,7 +475,8 @@ class AccountingLog:
         """The next position (generation ``_gen`` + 1) naming ``sizes`` and ``feed``."""
         return json.loads(json.dumps({
             "files": {fmt: [str(p), sizes[fmt]] for fmt, p in self.current_paths.items()},
-            "feed": dict(feed), "records": self._records, "runs": self._runs,
+            "feed": dict(feed), "first": self.first, "records": self._records,
+            "runs": self._runs,
             "lost": self.lost, "closed": self.closed, "gen": self._gen + 1}))
 
     def _save_position(self, sizes: Mapping[str, int], feed: Mapping[str, int],
@@ -519,6 +527,7 @@ class AccountingLog:
             return 0
         self._gen = int(saved.get("gen", 0))
         self.feed = {str(w): int(n) for w, n in saved.get("feed", {}).items()}
+        self.first = {str(w): int(n) for w, n in saved.get("first", {}).items()}
         self.lost = {str(w): (int(a), int(b)) for w, (a, b) in saved.get("lost", {}).items()}
         self._check_closed(saved.get("closed", {}))
         self._repair_torn(saved)

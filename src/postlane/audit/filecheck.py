@@ -135,7 +135,8 @@ def check_files(store: AuditStore, directory: Path, formats: list[str],
     with ``store``: records in the files' time span that no line has, lines the store has no
     record of (older than its oldest record: not judged), lines present twice, lines that are
     not a whole record. Records of spool events the files have not reached yet (past the
-    position file's ``feed``, or lost lines being written again) are not missing. The files
+    position file's ``feed``, or lost lines being written again) are not missing, nor are those
+    of an adopted writer before the position's ``first`` (in the dead node's files). The files
     the position names are read up to its sizes: what a node killed for good wrote past them is
     not its record (``published``: the position a cluster's database holds for the node, used
     when it is newer than the file's; see ``AccountingLog``)."""
@@ -152,6 +153,7 @@ def check_files(store: AuditStore, directory: Path, formats: list[str],
     position = read_position(directory, published=published)  # before the files: what it
     # names is in them
     feed = {str(w): int(n) for w, n in position.get("feed", {}).items()}
+    since = {str(w): int(n) for w, n in position.get("first", {}).items()}
     lost = {str(w): (int(a), int(b)) for w, (a, b) in position.get("lost", {}).items()}
     have_position = "feed" in position
     paths = _files(directory, fmt)
@@ -194,7 +196,8 @@ def check_files(store: AuditStore, directory: Path, formats: list[str],
         filed = True
         if writer is not None and have_position:
             span = lost.get(writer)
-            filed = n <= feed.get(writer, 0) and not (span and span[0] <= n <= span[1])
+            filed = (since.get(writer, 1) <= n <= feed.get(writer, 0)
+                     and not (span and span[0] <= n <= span[1]))
         rtype, queue_id = row["type"], row["queue_id"] or ""
         if row["state"] != INTACT:
             if filed:  # an unfiled one a line has is found again by ``_committed_since``
