@@ -503,3 +503,30 @@ def test_a_position_committed_to_the_cluster_but_not_beside_the_files_is_the_one
     again.close()
     rows = [r for path in sorted(tmp_path.glob("acct-*.csv")) for r in read_csv(path)]
     assert [r["rcpt"] for r in rows] == [f"user{n}@example.net" for n in (1, 2, 3)]
+
+
+def test_a_committed_position_is_never_committed_again_under_its_generation(
+        tmp_path: Path) -> None:
+    """The commit went through but the position file could not be written (the disk full):
+    the sync fails and the batch is written again; the next commit must carry a newer
+    generation, or the cluster (which keeps the newest) would keep the failed one's."""
+    committed: list[dict] = []
+    blocker = tmp_path / "acct.position.json.tmp"
+
+    def commit(position: dict) -> None:
+        committed.append(position)
+        if len(committed) == 2:
+            blocker.mkdir()  # the position file cannot be written aside: an OSError
+
+    log = AccountingLog(tmp_path, commit=commit)
+    log.write_events("w", [(1, make_record(1))])
+    log.sync({"w": 1})
+    log.write_events("w", [(2, make_record(2))])
+    with pytest.raises(OSError):
+        log.sync({"w": 2})
+    blocker.rmdir()
+    log.write_events("w", [(2, make_record(2))])
+    log.sync({"w": 2})
+    log.close()
+    gens = [p["gen"] for p in committed]
+    assert gens == sorted(set(gens)), gens

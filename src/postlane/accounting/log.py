@@ -275,6 +275,7 @@ class AccountingLog:
                     except Exception as exc:  # noqa: BLE001 - the database's error
                         raise OSError(errno.EIO, f"accounting position not committed to the"
                                       f" cluster ({type(exc).__name__}: {exc})") from exc
+                    self._gen = data["gen"]  # committed: never reused, whatever follows
                 self._save_position(self._sizes, new_feed, data)
                 self.feed = new_feed
                 if self._clock() - self._opened_at >= self.rotate_seconds or any(
