@@ -189,7 +189,7 @@ def _position_row(conn, node: str) -> dict | None:
     import psycopg
 
     try:
-        with conn.transaction():  # a schema from before migration 12: no such table
+        with conn.transaction():  # a schema from before migration 13: no such table
             row = conn.execute("SELECT position FROM acct_positions WHERE node = %s",
                                (node,)).fetchone()
     except psycopg.errors.UndefinedTable:
