@@ -9,7 +9,9 @@ own, so a crash at any moment neither loses nor doubles a record:
 - the audit store keeps each writer's last event number in the same transaction as the chained
   records (``AuditStore.append`` skips events it holds);
 - the accounting files keep theirs in a position file, written after each fsync, and cut the
-  files back to it after a crash (``AccountingLog``).
+  files back to it after a crash (``AccountingLog``); in a cluster each position is committed
+  to the database first, with ``writers.filed`` (where a node adopting a dead node's events
+  goes on from), and the newer of the two is the files' position.
 
 The node trims the events both consumers have (the spool keeps one writer). Why a process: the
 hashing, the index inserts and the file formatting cost the node ≈ 30 µs per record in its own
@@ -629,7 +631,7 @@ def _serve(fd: int) -> None:
         sock.sendall(frame(("error", f"{type(exc).__name__}: {exc}")))
         return
     sock.sendall(frame(("ready", None)))
-    # In a cluster, a survivor goes on from the position this recorder publishes: sync each
+    # In a cluster, a survivor goes on from the position this recorder commits: sync each
     # batch, so that a node that dies for good leaves at most one batch the survivor repeats.
     every = 0.0 if settings["spool"].startswith(("postgresql://", "postgres://")) else SYNC
     last_sync, last_progress = time.monotonic(), None
