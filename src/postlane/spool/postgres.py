@@ -83,6 +83,10 @@ round trips. Measured: 2,000 messages through one node took 23.5 s committing ea
 once, 19.2 s with this delay (under cProfile, on the shared 2-core machine: indicative only)."""
 
 
+FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
+"""``FINAL_STATES`` as stored (the first item of ``base.update_rows``)."""
+
+
 class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, SharedFeedback,
                      Tokens):
     """Spool in PostgreSQL schema ``schema`` of the database at ``dsn``."""
@@ -288,6 +292,11 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
     async def _commit(self, conn: asyncpg.Connection, batch: Batch) -> None:
         msgs, upds, marks, pauses = batch.messages, batch.updates, batch.marks, batch.pauses
         fins = list(batch.finished)
+        # a DSN's reported recipients, final in its commit: their message goes with them when
+        # nothing of it is left open (a Finish after it was a commit of its own, and a node
+        # killed between left the message in the shared spool, which no other node sweeps)
+        fins.extend({u[4] for op in batch.ops if isinstance(op, Enqueue) for u in op.updates
+                     if u[0] in FINAL_VALUES})
         events = list(batch.events)  # an operator's action adds the records of what it moved
         first = self.events_written + 1
         async with conn.transaction():
