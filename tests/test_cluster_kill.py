@@ -10,15 +10,18 @@ import contextlib
 import email
 import os
 import signal
+import smtplib
 import threading
 import time
 
 import psycopg
 
+from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
 from tests.test_cluster import Served
+from tests.test_cluster_feedback import FEEDBACK
 from tests.test_cluster_truth import _node, _rows, ops_cli
 
 
@@ -96,3 +99,52 @@ async def test_a_node_killed_as_a_deletes_dsn_commits_sends_one_dsn(tmp_path, si
         pg_schema, "SELECT type FROM audit_records WHERE rcpt = 'gone@example.com'"
         " ORDER BY seq")]
     assert sorted(trail) == ["b", "r"], trail
+
+
+def _verp(text: str) -> str:
+    """The bulk pool sends with VERP return paths (a remote bounce comes back to the nodes)."""
+    return text.replace("[pools.bulk]\n", '[pools.bulk]\nbounce_domain = "bounces.mta.test"\n')
+
+
+def _feedback_nodes(tmp_path, sink_port: int, schema: str) -> tuple[Served, Served]:
+    """Two nodes of one cluster, each with its own suppression list file (one key: the
+    nodes share their ``state`` folder here)."""
+    return tuple(_node(tmp_path, sink_port, schema, name, edit=_verp,  # type: ignore[return-value]
+                       extra=FEEDBACK.format(db=tmp_path / f"{name}-suppression.sqlite3"))
+                 for name in ("node-a", "node-b"))
+
+
+async def test_a_remote_bounce_sent_again_after_a_kill_is_one_rb_record(tmp_path, sink,
+                                                                       pg_schema):  # noqa: F811
+    """The receiving side bounces a delivered message to its VERP address at node-a, which is
+    SIGKILLed the moment the "rb" record is committed, before its 250: the reporting MTA sends
+    the report again, to node-b (the bounce domain's other MX). Each node remembered the
+    reports it had recorded since its own start only, so node-b wrote a second "rb": two
+    remote bounces of one recipient in the trail, the pool's bounce counts and the
+    exports."""
+    a, b = _feedback_nodes(tmp_path, sink.port, pg_schema)
+    try:
+        port_a, port_b = await a.port(), await b.port()
+        await send(port_a, "news@insurer.test", ["v1@example.com"],
+                   message("campaign", cls="marketing"))
+        [arrival] = await sink.wait_for(1)
+        dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
+                           recipients=[FailedRecipient(
+                               "v1@example.com", "failed", "5.1.1",
+                               "550 5.1.1 <v1@example.com>: no such user (rb-marker)",
+                               "mx.example.com")],
+                           original=arrival.data, arrival_date=time.time(), ret="HDRS")
+        watcher = _kill_when(pg_schema, a.proc.pid, "SELECT (SELECT count(*) FROM events WHERE"
+                             " position('rb-marker'::bytea in data) > 0)"
+                             " + (SELECT count(*) FROM audit_records WHERE type = 'rb')")
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            await send(port_a, "", [arrival.mail_from], dsn)
+        await _killed_at(a, watcher)
+        assert await send(port_b, "", [arrival.mail_from], dsn) == {}
+        await until(lambda: _drained(pg_schema), timeout=60, step=0.1,
+                    what="node-a's records adopted by node-b")
+    finally:
+        for node in (a, b):
+            await asyncio.to_thread(node.stop, signal.SIGKILL)
+    rb = await _rows(pg_schema, "SELECT rcpt, dsn_status FROM audit_records WHERE type = 'rb'")
+    assert [tuple(r) for r in rb] == [("v1@example.com", "5.1.1")], rb

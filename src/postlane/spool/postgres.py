@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import asyncpg
 
-from ..accounting.records import Record, pack
+from ..accounting.records import Record, pack, unpack
 from ..health import Health
 from .base import (
     FINAL_STATES,
@@ -579,6 +579,14 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
         async with self.acquire() as conn:
             return await conn.fetchval("SELECT 1 FROM events WHERE data = $1 LIMIT 1",
                                        data) is not None
+
+    async def events_naming(self, text: str) -> list[Record]:
+        """Every node's outbox: a killed node's records wait here until another node's
+        recorder adopts them."""
+        async with self.acquire() as conn:
+            return [Record(*unpack(bytes(r["data"]))) for r in await conn.fetch(
+                "SELECT data FROM events WHERE position($1::bytea in data) > 0",
+                text.encode())]
 
     # -- cluster: leases and nodes --------------------------------------------------------------
 
