@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email
+import json
 import os
 import signal
 import smtplib
@@ -20,7 +21,7 @@ from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import message, send
 from tests.support.pg import PG_DSN, pg_schema  # noqa: F401  (fixture)
 from tests.support.waiting import until
-from tests.test_cluster import Served
+from tests.test_cluster import Served, send_many, subjects_of
 from tests.test_cluster_feedback import FEEDBACK
 from tests.test_cluster_truth import _node, _rows, ops_cli
 
@@ -148,3 +149,79 @@ async def test_a_remote_bounce_sent_again_after_a_kill_is_one_rb_record(tmp_path
             await asyncio.to_thread(node.stop, signal.SIGKILL)
     rb = await _rows(pg_schema, "SELECT rcpt, dsn_status FROM audit_records WHERE type = 'rb'")
     assert [tuple(r) for r in rb] == [("v1@example.com", "5.1.1")], rb
+
+
+def _totals(sla: dict) -> dict[str, tuple]:
+    return {c["class"]: (c["delivered_total"], c["failed_total"], c["depth"])
+            for c in sla["classes"]}
+
+
+async def test_totals_after_a_takeover_of_deferred_work_count_every_outcome_once(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """node-a is SIGKILLed the moment it holds a deferred recipient (a 451 committed), with
+    deliveries, bounces and deferrals of both classes under way on both nodes. node-b takes
+    its work over (retries that deliver or bounce), node-a restarts: the cluster's totals on
+    both nodes (``/api/v1/sla`` and ``postlane status --json``) are the audit store's "d"
+    and "b" counts, and what the sink took, exactly."""
+    sink.delay = 0.02
+    script = {"later": ["451 4.3.0 try later", "250 2.1.5 Ok"],  # deferred, then delivered
+              "soft": ["451 4.3.0 try later", "550 5.1.1 no such user"],  # then refused
+              "gone": ["550 5.1.1 no such user"]}
+    batches: list[tuple[int, str, list[str]]] = []  # (n, class, subjects)
+    for n in (0, 1):
+        policy = [f"p{n}{i:02d}" for i in range(20)] + [
+            f"{kind}{n}{i}" for kind in script for i in range(3)]
+        bulk = [f"m{n}{i:02d}" for i in range(20)] + [f"mlater{n}{i}" for i in range(3)]
+        batches += [(n, "policy-documents", policy), (n, "marketing", bulk)]
+        for names in (policy, bulk):
+            for name in names:
+                kind = name.removeprefix("m").rstrip("0123456789")
+                if kind in script:
+                    sink.rcpt_replies[f"{name}@example.com"] = list(script[kind])
+    route = f'"insurer.test" = "127.0.0.1:{sink.port}"\n'  # the senders get their DSNs
+    a, b = (_node(tmp_path, sink.port, pg_schema, name, extra=route, max_out=2,
+                    marketing_max_out=2)
+            for name in ("node-a", "node-b"))
+    seen: list = []
+    try:
+        ports = [await a.port(), await b.port()]
+        watcher = _kill_when(pg_schema, a.proc.pid, "SELECT count(*) FROM recipients WHERE"
+                             " state = 'deferred' AND lease_owner = 'node-a'")
+        # all through node-b (node-a claims its share of the shared queue): every one acked
+        acked = await asyncio.gather(*(asyncio.to_thread(send_many, ports[1], names, cls)
+                                       for _, cls, names in batches))
+        assert sum(map(len, acked)) == sum(len(names) for *_, names in batches)
+        await _killed_at(a, watcher)
+        a = _node(tmp_path, sink.port, pg_schema, "node-a", extra=route, max_out=2,
+                  marketing_max_out=2)
+        await a.port()
+        await until(lambda: _drained(pg_schema), timeout=90, step=0.2,
+                    what="every recipient final, every record in the store")
+        stored = {(r["cls"], r["type"]): r["n"] for r in await _rows(
+            pg_schema, "SELECT cls, type, count(*) AS n FROM audit_records"
+            " WHERE type IN ('d', 'b') GROUP BY cls, type")}
+        want = {cls: (stored.get((cls, "d"), 0), stored.get((cls, "b"), 0), 0)
+                for cls in ("policy-documents", "marketing")}
+
+        async def agreed() -> bool:
+            seen.clear()
+            for node in (a, b):
+                seen.append(_totals(await node.api("/api/v1/sla")))
+                out = await asyncio.to_thread(ops_cli, node, "status", "--json")
+                assert out.returncode == 0, out.stderr
+                seen.append(_totals(json.loads(out.stdout)["sla"]))
+            return all(s == want for s in seen)
+
+        with contextlib.suppress(AssertionError):
+            await until(agreed, timeout=20, step=0.5, what="the totals on both nodes")
+    finally:
+        for node in (a, b):
+            await asyncio.to_thread(node.stop, signal.SIGKILL)
+    assert seen and all(s == want for s in seen), (want, seen)
+    took = set(subjects_of([x for x in sink.arrivals if x.mail_from not in ("", "<>")]))
+    dsns = set(_dsns(sink.arrivals))  # one per bounced recipient, delivered in its class
+    assert len(dsns) == 12, dsns
+    assert want == {"policy-documents": (sum(1 for t in took if not t.startswith("m"))
+                                         + len(dsns), 12, 0),
+                    "marketing": (sum(1 for t in took if t.startswith("m")), 0, 0)}, want
+    assert len(took) == 2 * (20 + 3 + 20 + 3), sorted(took)  # every delivery at the sink
