@@ -14,6 +14,7 @@ import signal
 import smtplib
 import threading
 import time
+from collections.abc import Mapping
 
 import psycopg
 
@@ -26,18 +27,25 @@ from tests.test_cluster_feedback import FEEDBACK
 from tests.test_cluster_truth import _node, _rows, ops_cli
 
 
-def _kill_when(schema: str, pid: int, sql: str) -> threading.Thread:
+def _kill_when(schema: str, pid: int | Mapping[str, int], sql: str) -> threading.Thread:
     """A thread that SIGKILLs ``pid`` the moment ``sql`` (a count, on the shared schema, read
-    as another process would) is non-zero; gives up after 60 s."""
+    as another process would) is non-zero; gives up after 60 s. ``pid`` a mapping of node
+    names: ``sql`` gives (a node's name or NULL, the count), and the node it last named is
+    the one killed."""
 
     def watch() -> None:
+        named = ""
         with psycopg.connect(PG_DSN, autocommit=True,
                              options=f"-c search_path={schema}") as conn:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 with contextlib.suppress(psycopg.errors.UndefinedTable):  # not made yet
-                    if conn.execute(sql).fetchone()[0]:
-                        os.kill(pid, signal.SIGKILL)
+                    row = conn.execute(sql).fetchone()
+                    if isinstance(pid, Mapping):
+                        named = row[0] or named
+                    if row[-1] and (named or not isinstance(pid, Mapping)):
+                        os.kill(pid[named] if isinstance(pid, Mapping) else pid,
+                                signal.SIGKILL)
                         return
                 time.sleep(0.0002)
 
@@ -58,6 +66,18 @@ async def _drained(schema: str) -> bool:
     rows = await _rows(schema, "SELECT (SELECT count(*) FROM messages)"
                        " + (SELECT count(*) FROM events) AS n")
     return rows[0]["n"] == 0
+
+
+async def _until_drained(schema: str, what: str, timeout: float = 60) -> None:
+    """``_drained``, or an AssertionError that shows what was left."""
+    try:
+        await until(lambda: _drained(schema), timeout=timeout, step=0.1, what=what)
+    except AssertionError as exc:
+        left = [await _rows(schema, sql) for sql in (
+            "SELECT m.id, m.listener, r.address, r.state, r.lease_owner FROM messages m"
+            " LEFT JOIN recipients r ON r.msg_id = m.id",
+            "SELECT e.writer, e.n, w.node FROM events e LEFT JOIN writers w USING (writer)")]
+        raise AssertionError(f"{exc}; left: {left}") from None
 
 
 async def _killed_at(node: Served, watcher: threading.Thread) -> None:
@@ -88,8 +108,14 @@ async def test_a_node_killed_as_a_deletes_dsn_commits_sends_one_dsn(tmp_path, si
         resumed = await asyncio.to_thread(ops_cli, b, "resume", "bulk")
         assert resumed.returncode == 0, resumed.stderr
         await sink.wait_for(1, timeout=60)
-        await until(lambda: _drained(pg_schema), timeout=60, step=0.1,
-                    what="node-b took over and delivered what was left")
+        await _until_drained(pg_schema, "node-b took over and delivered what was left")
+
+        async def counted() -> dict | None:  # the DSN delivered, the deleted one failed
+            totals = _totals(await b.api("/api/v1/sla"))["marketing"]
+            return totals if totals[2] == 0 and totals[0] + totals[1] >= 2 else None
+
+        assert await until(counted, timeout=20, step=0.2, what="the cluster's totals") == (
+            1, 1, 0)
     finally:
         for node in (a, b):
             await asyncio.to_thread(node.stop, signal.SIGKILL)
@@ -142,8 +168,7 @@ async def test_a_remote_bounce_sent_again_after_a_kill_is_one_rb_record(tmp_path
             await send(port_a, "", [arrival.mail_from], dsn)
         await _killed_at(a, watcher)
         assert await send(port_b, "", [arrival.mail_from], dsn) == {}
-        await until(lambda: _drained(pg_schema), timeout=60, step=0.1,
-                    what="node-a's records adopted by node-b")
+        await _until_drained(pg_schema, "node-a's records adopted by node-b")
     finally:
         for node in (a, b):
             await asyncio.to_thread(node.stop, signal.SIGKILL)
@@ -195,8 +220,7 @@ async def test_totals_after_a_takeover_of_deferred_work_count_every_outcome_once
         a = _node(tmp_path, sink.port, pg_schema, "node-a", extra=route, max_out=2,
                   marketing_max_out=2)
         await a.port()
-        await until(lambda: _drained(pg_schema), timeout=90, step=0.2,
-                    what="every recipient final, every record in the store")
+        await _until_drained(pg_schema, "every recipient final, every record in the store")
         stored = {(r["cls"], r["type"]): r["n"] for r in await _rows(
             pg_schema, "SELECT cls, type, count(*) AS n FROM audit_records"
             " WHERE type IN ('d', 'b') GROUP BY cls, type")}
@@ -225,3 +249,37 @@ async def test_totals_after_a_takeover_of_deferred_work_count_every_outcome_once
                                          + len(dsns), 12, 0),
                     "marketing": (sum(1 for t in took if t.startswith("m")), 0, 0)}, want
     assert len(took) == 2 * (20 + 3 + 20 + 3), sorted(took)  # every delivery at the sink
+
+
+async def test_a_node_killed_as_its_bounces_dsn_commits_leaves_nothing_behind(
+        tmp_path, sink, pg_schema):  # noqa: F811
+    """The remote refuses a recipient for good; the node delivering it is SIGKILLed the
+    moment the DSN is committed (with the recipient's final state and "b", one
+    transaction). The message itself was deleted in a commit after it: killed between, it
+    stayed in the shared spool with no recipient left to deliver, and the running node never
+    removed it (only a node's start sweeps). Now it goes in the DSN's commit: one DSN, one
+    attempt, nothing left."""
+    sink.rcpt_replies["gone@example.com"] = ["550 5.1.1 no such user"]
+    nodes = {name: _node(tmp_path, sink.port, pg_schema, name) for name in ("node-a", "node-b")}
+    try:
+        port = await nodes["node-a"].port()
+        await nodes["node-b"].port()
+        watcher = _kill_when(pg_schema, {n: node.proc.pid for n, node in nodes.items()},
+                             "SELECT (SELECT lease_owner FROM recipients WHERE address ="
+                             " 'gone@example.com'), (SELECT count(*) FROM messages"
+                             " WHERE listener = 'dsn')")
+        await send(port, "notices@example.com", ["gone@example.com"], message("m"))
+        await asyncio.to_thread(watcher.join, 60)
+        await until(lambda: any(node.proc.poll() is not None for node in nodes.values()),
+                    what="the node that bounced it killed")
+        await sink.wait_for(1, timeout=60)  # the other node delivers the DSN
+        await _until_drained(pg_schema, "nothing left in the shared spool")
+    finally:
+        for node in nodes.values():
+            await asyncio.to_thread(node.stop, signal.SIGKILL)
+    assert len(_dsns(sink.arrivals)) == 1, _dsns(sink.arrivals)
+    assert sink.rcpt_attempts["gone@example.com"] == 1
+    trail = [r["type"] for r in await _rows(
+        pg_schema, "SELECT type FROM audit_records WHERE rcpt = 'gone@example.com'"
+        " ORDER BY seq")]
+    assert trail == ["r", "b"], trail
