@@ -25,6 +25,7 @@ from tests.support.waiting import until
 from tests.test_cluster import Served, send_many, subjects_of
 from tests.test_cluster_feedback import FEEDBACK
 from tests.test_cluster_truth import _node, _rows, ops_cli
+from tests.test_feedback_node import _arf
 
 
 def _kill_when(schema: str, pid: int | Mapping[str, int], sql: str) -> threading.Thread:
@@ -76,7 +77,8 @@ async def _until_drained(schema: str, what: str, timeout: float = 60) -> None:
         left = [await _rows(schema, sql) for sql in (
             "SELECT m.id, m.listener, r.address, r.state, r.lease_owner FROM messages m"
             " LEFT JOIN recipients r ON r.msg_id = m.id",
-            "SELECT e.writer, e.n, w.node FROM events e LEFT JOIN writers w USING (writer)")]
+            "SELECT e.writer, e.n, w.node FROM events e LEFT JOIN writers w USING (writer)",
+            "SELECT * FROM writers", "SELECT name, heartbeat, clock_timestamp() FROM nodes")]
         raise AssertionError(f"{exc}; left: {left}") from None
 
 
@@ -283,3 +285,30 @@ async def test_a_node_killed_as_its_bounces_dsn_commits_leaves_nothing_behind(
         pg_schema, "SELECT type FROM audit_records WHERE rcpt = 'gone@example.com'"
         " ORDER BY seq")]
     assert trail == ["r", "b"], trail
+
+
+async def test_a_complaint_sent_again_after_a_kill_is_one_f_record(tmp_path, sink,
+                                                                   pg_schema):  # noqa: F811
+    """As for a bounce: an FBL's complaint reaches node-a, SIGKILLed the moment its "f"
+    record is committed, and the FBL sends it again, to node-b, which recorded a second "f"
+    (a second complaint in the cluster's complaint rate). One "f" now."""
+    a, b = _feedback_nodes(tmp_path, sink.port, pg_schema)
+    try:
+        port_a, port_b = await a.port(), await b.port()
+        await send(port_a, "news@insurer.test", ["c1@example.com"],
+                   message("campaign", cls="marketing"))
+        [arrival] = await sink.wait_for(1)
+        arf = _arf(arrival.mail_from, email.message_from_bytes(arrival.data)["Message-ID"])
+        watcher = _kill_when(pg_schema, a.proc.pid, "SELECT (SELECT count(*) FROM events WHERE"
+                             " position('arf;abuse'::bytea in data) > 0)"
+                             " + (SELECT count(*) FROM audit_records WHERE type = 'f')")
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            await send(port_a, "", ["fbl@mta.test"], arf)
+        await _killed_at(a, watcher)
+        assert await send(port_b, "", ["fbl@mta.test"], arf) == {}
+        await _until_drained(pg_schema, "node-a's records adopted by node-b")
+    finally:
+        for node in (a, b):
+            await asyncio.to_thread(node.stop, signal.SIGKILL)
+    f = await _rows(pg_schema, "SELECT rcpt, dsn_action FROM audit_records WHERE type = 'f'")
+    assert [tuple(r) for r in f] == [("c1@example.com", "abuse")], f

@@ -88,9 +88,9 @@ class FeedbackService:
         the message a report names, which its bounce domain alone does not tell (pools may
         share one)."""
         self.reported = reported
-        """(recipient, action) of the "rb"/"rd" records of a queue id on the record already
-        (the spool's outbox and the store): a report sent again to another node of a
-        cluster, or to this node after a restart, is not recorded twice."""
+        """(recipient, action) of the "rb", "rd" and "f" records of a queue id on the record
+        already (the spool's outbox and the store): a report sent again to another node of
+        a cluster, or to this node after a restart, is not recorded twice."""
         fb = config.feedback
         spool = local_dir(config)
         self.classifier = load_classifier(fb.bounce_rules)
@@ -280,7 +280,7 @@ class FeedbackService:
                 await self._then_record(held)
                 return report
         verps = self._verps(report, rcpts)
-        known = await self._recorded(verps) if report.kind in ("bounce", "delivered") else set()
+        known = await self._recorded(verps)
         self.act_on(report, rcpts, verps, client, await self._origins(verps), held.append,
                     known)
         await self._then_record(held)
@@ -338,9 +338,10 @@ class FeedbackService:
         return found
 
     async def _recorded(self, verps: list[VerpAddress]) -> set[tuple[str, str, str]]:
-        """(queue id, recipient, action) of the final reports of the messages ``verps`` name
-        that are on the record already (``reported``). A store that is away or slow
-        (``ORIGIN_WAIT``) leaves only this node's memory to tell a report sent again."""
+        """(queue id, recipient, action or feedback type) of the final reports and
+        complaints of the messages ``verps`` name that are on the record already
+        (``reported``). A store that is away or slow (``ORIGIN_WAIT``) leaves only this
+        node's memory to tell a report sent again."""
         found: set[tuple[str, str, str]] = set()
         if self.reported is None:
             return found
@@ -394,7 +395,8 @@ class FeedbackService:
                     log.warning("complaint names no possible address: that name ignored",
                                 extra={"address": _one_line(address, 80), "type": ftype})
                     continue
-                if about and self._seen("f", address, ftype, about):
+                if about and ((qid, address, ftype) in known
+                              or self._seen("f", address, ftype, about)):
                     log.info("complaint already recorded: not counted again",
                              extra={"type": ftype, "message_id": _one_line(about, 100)})
                     continue
