@@ -28,11 +28,12 @@ from tests.test_cluster_truth import _node, _rows, ops_cli
 from tests.test_feedback_node import _arf
 
 
-def _kill_when(schema: str, pid: int | Mapping[str, int], sql: str) -> threading.Thread:
-    """A thread that SIGKILLs ``pid`` the moment ``sql`` (a count, on the shared schema, read
-    as another process would) is non-zero; gives up after 60 s. ``pid`` a mapping of node
-    names: ``sql`` gives (a node's name or NULL, the count), and the node it last named is
-    the one killed."""
+def _kill_when(schema: str, pid: int | Mapping[str, int], sql: str,
+               sig: int = signal.SIGKILL) -> threading.Thread:
+    """A thread that SIGKILLs ``pid`` (or sends it ``sig``) the moment ``sql`` (a count, on
+    the shared schema, read as another process would) is non-zero; gives up after 60 s.
+    ``pid`` a mapping of node names: ``sql`` gives (a node's name or NULL, the count), and
+    the node it last named is the one killed (its name in the thread's ``named``)."""
 
     def watch() -> None:
         named = ""
@@ -45,8 +46,8 @@ def _kill_when(schema: str, pid: int | Mapping[str, int], sql: str) -> threading
                     if isinstance(pid, Mapping):
                         named = row[0] or named
                     if row[-1] and (named or not isinstance(pid, Mapping)):
-                        os.kill(pid[named] if isinstance(pid, Mapping) else pid,
-                                signal.SIGKILL)
+                        thread.named = named  # type: ignore[attr-defined]
+                        os.kill(pid[named] if isinstance(pid, Mapping) else pid, sig)
                         return
                 time.sleep(0.0002)
 
@@ -255,11 +256,15 @@ async def test_totals_after_a_takeover_of_deferred_work_count_every_outcome_once
 
 async def test_a_node_killed_as_its_bounces_dsn_commits_leaves_nothing_behind(
         tmp_path, sink, pg_schema):  # noqa: F811
-    """The remote refuses a recipient for good; the node delivering it is SIGKILLed the
-    moment the DSN is committed (with the recipient's final state and "b", one
-    transaction). The message itself was deleted in a commit after it: killed between, it
-    stayed in the shared spool with no recipient left to deliver, and the running node never
-    removed it (only a node's start sweeps). Now it goes in the DSN's commit: one DSN, one
+    """The remote refuses a recipient for good; the node delivering it is stopped the moment
+    the DSN is committed (with the recipient's final state and "b", one transaction), and
+    SIGKILLed once its recorder has filed and stored that commit's records (its spool never
+    trimmed them). The message itself was deleted in a commit after the DSN's: killed
+    between, it stayed in the shared spool with no recipient left to deliver, and the running
+    node never removed it (only a node's start sweeps). And the other node, adopting the
+    killed one's records with nothing left to file, never told its spool to trim them: they
+    stayed in the outbox until that node wrote records of its own. Now the message goes in
+    the DSN's commit, and an adopted position is recorded at the next sync: one DSN, one
     attempt, nothing left."""
     sink.rcpt_replies["gone@example.com"] = ["550 5.1.1 no such user"]
     nodes = {name: _node(tmp_path, sink.port, pg_schema, name) for name in ("node-a", "node-b")}
@@ -269,13 +274,22 @@ async def test_a_node_killed_as_its_bounces_dsn_commits_leaves_nothing_behind(
         watcher = _kill_when(pg_schema, {n: node.proc.pid for n, node in nodes.items()},
                              "SELECT (SELECT lease_owner FROM recipients WHERE address ="
                              " 'gone@example.com'), (SELECT count(*) FROM messages"
-                             " WHERE listener = 'dsn')")
+                             " WHERE listener = 'dsn')", signal.SIGSTOP)
         await send(port, "notices@example.com", ["gone@example.com"], message("m"))
         await asyncio.to_thread(watcher.join, 60)
-        await until(lambda: any(node.proc.poll() is not None for node in nodes.values()),
-                    what="the node that bounced it killed")
+        stopped = nodes[watcher.named]  # type: ignore[attr-defined]
+
+        async def filed() -> bool:  # its recorder, still running, has it all in its files
+            rows = await _rows(pg_schema, "SELECT count(*) AS n FROM writers w WHERE"
+                               f" w.node = '{watcher.named}' AND w.filed < (SELECT"  # type: ignore[attr-defined]
+                               " coalesce(max(n), 0) FROM events e WHERE e.writer = w.writer)")
+            return rows[0]["n"] == 0
+
+        await until(filed, timeout=30, step=0.02, what="the stopped node's records filed")
+        stopped.proc.kill()
+        await asyncio.to_thread(stopped.proc.wait, 30)
         await sink.wait_for(1, timeout=60)  # the other node delivers the DSN
-        await _until_drained(pg_schema, "nothing left in the shared spool")
+        await _until_drained(pg_schema, "nothing left in the shared spool", timeout=20)
     finally:
         for node in nodes.values():
             await asyncio.to_thread(node.stop, signal.SIGKILL)
