@@ -369,7 +369,7 @@ def test_the_split_into_pools_forwarders_authorised_and_unknown():
 def test_an_ipv4_mapped_source_ip_is_our_pool_ip(tmp_path):
     """Reporters that store addresses as IPv6 write our IPv4 pool address as ``::ffff:…``: the
     daily review put our own mail with the unknown senders (spoofing) and left the pool out."""
-    cfg = _write_config(tmp_path)
+    cfg = _write_config(tmp_path, RUA)
     path = tmp_path / "mapped.xml"
     path.write_bytes(crafted([("::ffff:127.0.0.30", 500, "pass", "pass"),
                               ("::FFFF:7f00:14", 100, "fail", "pass"),
@@ -386,7 +386,7 @@ def test_an_ipv4_mapped_source_ip_is_our_pool_ip(tmp_path):
 def test_report_for_one_domain_counts_the_reports_about_it(tmp_path):
     """``dmarc report --domain D`` said "N reports" counting every domain's reports: with a
     typo in D it read "17 reports" over an empty review, as if they had nothing to say."""
-    cfg = _write_config(tmp_path)
+    cfg = _write_config(tmp_path, RUA + 'domains = ["other.test"]\n')
     for i, domain in enumerate(("insurer.test", "other.test", "other.test")):
         path = tmp_path / f"{i}.xml"
         path.write_bytes(crafted(SPLIT[:2], report_id=f"r-{i}", domain=domain))
@@ -409,9 +409,11 @@ def test_report_for_one_domain_counts_the_reports_about_it(tmp_path):
 def test_report_text_escapes_control_characters_a_reporter_wrote(tmp_path):
     """Anyone can mail the rua address; XML carries C1 controls (``&#x9b;`` is CSI to a
     terminal) and line separators: ``dmarc report`` printed the header From domain raw."""
-    cfg = _write_config(tmp_path)
-    path = tmp_path / "c1.xml"
-    path.write_bytes(crafted(SPLIT[:1], domain="evil&#x9b;2J&#x2028;.test"))
+    cfg = _write_config(tmp_path, RUA)
+    path = tmp_path / "c1.xml"  # about our insurer.test; a row's header From is the reporter's
+    path.write_bytes(crafted(SPLIT[:1], domain="evil&#x9b;2J&#x2028;.test").replace(
+        b"<policy_published><domain>evil&#x9b;2J&#x2028;.test",
+        b"<policy_published><domain>insurer.test"))
     assert runner.invoke(app, ["dmarc", "import", "-c", str(cfg), str(path)]).exit_code == 0
     out = runner.invoke(app, ["dmarc", "report", "-c", str(cfg), "--days", "3660"]).stdout
     assert "\x9b" not in out and "\u2028" not in out
@@ -528,6 +530,10 @@ async def test_store_on_postgresql_in_the_cluster_schema(tmp_path, pg_schema):
         store.close()
 
 
+RUA = '[reputation.dmarc]\naddresses = ["dmarc-rua@insurer.test"]\n'
+"""The rua address: also makes insurer.test (its domain) one of the node's."""
+
+
 # -- the CLI ------------------------------------------------------------------------------------
 
 def _write_config(tmp_path: Path, extra: str = "") -> Path:
@@ -537,7 +543,7 @@ def _write_config(tmp_path: Path, extra: str = "") -> Path:
 
 
 def test_cli_import_deduplicates_and_report_splits(tmp_path):
-    cfg = _write_config(tmp_path)
+    cfg = _write_config(tmp_path, RUA)  # insurer.test is ours
     files = []
     for i, (name, data) in enumerate([("a.xml", crafted(SPLIT)),
                                       ("a.xml.gz", gzip.compress(crafted(SPLIT))),
@@ -579,9 +585,6 @@ def test_cli_report_refuses_impossible_periods(tmp_path, days):
 
 
 # -- by SMTP to the rua address -----------------------------------------------------------------
-
-RUA = '[reputation.dmarc]\naddresses = ["dmarc-rua@insurer.test"]\n'
-
 
 def report_mail(attachment: bytes, name: str, ctype: str = "application/gzip") -> bytes:
     msg = EmailMessage()
@@ -688,8 +691,10 @@ async def test_real_report_mails_by_smtp_are_stored_once_each(tmp_path, sink, ma
 
 def test_real_report_files_through_the_cli_import(tmp_path):
     """The import path with real xml, gzip, zip and mail files; a second run skips them all;
-    the refused file is named with its reason."""
-    cfg = _write_config(tmp_path)
+    the refused file is named with its reason. Their domains are not the node's own: the
+    operator lists them in ``reputation.dmarc.domains``."""
+    cfg = _write_config(tmp_path, '[reputation.dmarc]\ndomains = ["indemed.com", "borschow.com",'
+                        ' "example.de", "example.com", "ab.id.au", "twlnet.com"]\n')
     files = sorted(map(str, REAL.iterdir()))
     files.remove(str(REAL / "README.md"))
     first = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), "--json", *files])
@@ -760,3 +765,178 @@ def test_gzip_with_trailing_bytes_and_two_members():
     raw = zlib.compress(xml)  # zlib, not gzip: refused clearly, not misread
     with pytest.raises(DMARCError, match="not a DMARC report"):
         parse_aggregate(raw)
+
+
+# -- one report once, whoever receives it, and no report suppressed by a forgery ----------------
+
+async def test_a_report_sent_again_after_a_restart_is_counted_once(tmp_path, sink, make_node):
+    """The reporter did not see our 250 and sends the report again, to the node restarted in
+    between: the store decides, not the node's memory."""
+    text = config_text(tmp_path, sink.port, RUA)
+    mail = report_mail(crafted(SPLIT[:2]), "r.xml", "text/xml")
+    first = await make_node(text)
+    assert await send(first.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                      mail) == {}
+    await first.stop()
+    again = await make_node(text)
+    assert await send(again.listeners[0].port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                      mail) == {}
+    assert again.reputation.store.dmarc_report_count(0) == 1
+    assert again.reputation.view["dmarc"]["reports"] == 1
+    assert sum(r[4] for r in again.reputation.store.dmarc_sources(0)) == 600
+
+
+async def test_a_report_that_reaches_two_nodes_of_a_cluster_is_counted_once(tmp_path, sink,
+                                                                            pg_schema):
+    from tests.test_cluster import cluster_text, start_node
+
+    nodes = [await start_node(cluster_text(tmp_path, sink.port, pg_schema, name, RUA))
+             for name in ("a", "b")]
+    try:
+        mail = report_mail(crafted(SPLIT[:2]), "r.xml", "text/xml")
+        for node in nodes:
+            assert await send(node.listeners[0].port, "x@mail.example",
+                              ["dmarc-rua@insurer.test"], mail) == {}
+        for node in nodes:
+            await node.reputation.refresh()
+            assert node.reputation.view["dmarc"]["reports"] == 1
+            assert sum(r[4] for r in node.reputation.store.dmarc_sources(0)) == 600
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def test_a_forged_report_reusing_a_real_report_id_suppresses_nothing(tmp_path, sink,
+                                                                           make_node, caplog):
+    """Anyone can mail the rua address. A forger who guesses the id Google will give its next
+    report (they are sequential numbers) sends one first, under Google's name: the genuine report
+    was then "already stored" and dropped, its figures replaced by the forger's. The key is the
+    reporter's name, its address and the report id; a report with the same key and other
+    content is kept beside the first and both are flagged as conflicting."""
+    node = await make_node(config_text(tmp_path, sink.port, RUA))
+    port = node.listeners[0].port
+    genuine = crafted(SPLIT[:2], report_id="17")  # 600 messages from our pools
+    other_address = crafted([("203.0.113.9", 9000, "fail", "fail")], report_id="17").replace(
+        b"<email>dmarc@mail.example</email>", b"<email>dmarc@forger.test</email>")
+    same_address = crafted([("203.0.113.9", 7000, "fail", "fail")], report_id="17")
+    for data in (other_address, same_address, genuine, genuine):
+        assert await send(port, "x@mail.example", ["dmarc-rua@insurer.test"],
+                          report_mail(data, "r.xml", "text/xml")) == {}
+    store = node.reputation.store
+    assert store.dmarc_report_count(0) == 3  # the genuine one once, beside both forgeries
+    figures = {ip: n for _, ip, _, _, n in store.dmarc_sources(0)}
+    assert figures == {"127.0.0.30": 500, "127.0.0.20": 100, "203.0.113.9": 16000}
+    assert store.dmarc_conflicts(0) == 2  # same reporter, address and id, other content
+    assert node.reputation.view["dmarc"]["conflicting_reports"] == 2
+    assert "DMARC report conflicts with one stored" in caplog.text
+    result = runner.invoke(app, ["dmarc", "report", "-c", str(_write_config(tmp_path, RUA)),
+                                 "--days", "3660", "--json"])
+    assert json.loads(result.stdout)["conflicting_reports"] == 2, result.output
+
+
+def _resent_after_migration_3(location: str, schema: str, monkeypatch) -> None:
+    """Reports stored at schema 2 have no digest: one sent again after the upgrade is the
+    same report (as it was), one from another address is not. Migration 3 rebuilds the tables
+    on both backends."""
+    from postlane.reputation import store as store_module
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
+    old = ReputationStore(location, schema)
+    report = parse_aggregate(crafted(SPLIT[:1]))
+    with old._tx() as conn:
+        old._exec(conn, "INSERT INTO dmarc_reports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                  (report.reporter, report.report_id, report.org_name, report.email,
+                   report.policy_domain, 1, 2, "{}", "1.0", 1, 500, "smtp:", 3.0))
+        old._exec(conn, "INSERT INTO dmarc_rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                  (report.reporter, report.report_id, 0, 2, "127.0.0.30", 500, "none", 1, 1,
+                   "insurer.test", "insurer.test", "", "[]", "[]", "[]"))
+    old.close()
+    monkeypatch.undo()
+    store = ReputationStore(location, schema)
+    try:
+        assert store.store_report(report, "again", 10.0) == "duplicate"
+        other = parse_aggregate(crafted(SPLIT[:1]).replace(b"dmarc@mail.example",
+                                                             b"dmarc@forger.test"))
+        assert store.store_report(other, "forged", 10.0) == "stored"
+        assert store.dmarc_report_count(0) == 2 and store.dmarc_conflicts(0) == 0
+        assert sum(r[4] for r in store.dmarc_sources(0)) == 1000
+    finally:
+        store.close()
+
+
+def test_a_report_stored_before_the_digest_is_still_a_duplicate_when_resent(tmp_path,
+                                                                             monkeypatch):
+    _resent_after_migration_3(str(tmp_path / "rep.sqlite3"), "postlane", monkeypatch)
+
+
+async def test_the_same_after_migration_3_on_postgresql(pg_schema, monkeypatch):
+    _resent_after_migration_3(PG_DSN, pg_schema, monkeypatch)
+
+
+def test_cli_import_leaves_out_reports_for_domains_not_ours_and_counts_them(tmp_path):
+    """``postlane dmarc import`` stored every file, a report about someone else's domain as if
+    it were ours (its unknown senders alerting for that domain); the SMTP intake drops those.
+    The import now keeps the same rule, says so per file and counts them."""
+    cfg = _write_config(tmp_path, RUA)  # insurer.test is ours: the rua address's domain
+    files = []
+    for name, domain in (("ours.xml", "insurer.test"), ("sub.xml", "news.insurer.test"),
+                         ("foreign.xml", "spoofed.test")):
+        files.append(tmp_path / name)
+        files[-1].write_bytes(crafted(SPLIT[5:6], report_id=f"r-{domain}", domain=domain))
+    result = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), *map(str, files)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "foreign.xml: not ours, skipped: the policy domain spoofed.test is not one of" \
+           " this node's" in lines[2]
+    assert lines[-1] == "2 stored, 0 already stored, 1 not ours (skipped), 0 refused"
+    as_json = runner.invoke(app, ["dmarc", "import", "-c", str(cfg), "--json", str(files[2])])
+    (line,) = map(json.loads, as_json.stdout.splitlines())
+    assert line["not_ours"] is True and line["policy_domain"] == "spoofed.test"
+    store = open_store(parse_config(cfg.read_text()))
+    try:
+        assert store.dmarc_report_count(0) == 2
+        assert {row[0] for row in store.dmarc_sources(0)} == {"insurer.test",
+                                                               "news.insurer.test"}
+    finally:
+        store.close()
+
+
+# -- posted to the API ----------------------------------------------------------------------------
+
+async def test_a_report_posted_to_feedback_reports_reaches_the_dmarc_store(tmp_path, sink,
+                                                                           make_node):
+    """``POST /api/v1/feedback/reports`` parsed every body as a bounce or ARF report: an
+    aggregate report posted there (a provider's webhook, an operator) was answered 200 and
+    never stored. It goes where mail to the rua address goes, with the same own-domains
+    filter, and the answer says what happened."""
+    from tests.test_api import api_client
+
+    node = await make_node(config_text(tmp_path, sink.port, RUA))
+    now = int(time.time())
+    mail = report_mail(gzip.compress(crafted(SPLIT, end=now)), "r.xml.gz")
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("r2.xml", crafted(SPLIT[:2], report_id="r-2", end=now))
+    async with api_client(node, tmp_path) as api:
+        resp = await api.post("/api/v1/feedback/reports", content=mail)
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+        assert (got["kind"], got["outcome"], got["report_id"], got["policy_domain"]) == (
+            "dmarc", "stored", "r-1", "insurer.test"), got
+        resp = await api.post("/api/v1/feedback/reports", content=mail)
+        assert (resp.status_code, resp.json()["outcome"]) == (200, "already stored")
+        resp = await api.post("/api/v1/feedback/reports", content=zipped.getvalue())
+        assert (resp.status_code, resp.json()["outcome"]) == (200, "stored"), resp.text
+        resp = await api.post("/api/v1/feedback/reports",
+                              content=crafted(SPLIT[:1], report_id="r-3", domain="spoofed.test",
+                                              end=now))
+        assert resp.status_code == 422 and "spoofed.test" in resp.text, resp.text
+        assert "not one of this node's" in resp.text
+        resp = await api.post("/api/v1/feedback/reports", content=b"<feedback>&x;</feedback>")
+        assert resp.status_code == 422 and "DMARC" in resp.text, resp.text
+        view = (await api.get("/api/v1/reputation")).json()["dmarc"]
+    store = node.reputation.store
+    assert store.dmarc_report_count(0) == 2
+    assert {row[0] for row in store.dmarc_sources(0)} == {"insurer.test"}
+    assert view["reports"] == 2
+    assert not [r for r in records(tmp_path) if r["type"] in ("rb", "f")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
 import logging
 import re
 import smtplib
@@ -12,6 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
@@ -500,3 +502,119 @@ async def test_an_operators_suppression_applies_to_the_next_delivery_at_once(tmp
     await node.stop()
     assert sorted(a.rcpts[0] for a in arrivals) == ["other@example.com", "stay@example.com"]
     assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "s"] == ["leave@example.com"]
+
+
+def _ses(kind: str, source: str, rcpt: str, *, bounce_type: str = "Permanent",
+         status: str = "5.1.1", diag: str = "smtp; 550 5.1.1 user unknown",
+         sub_type: str = "General", message_id: str = "<m1@insurer.test>") -> dict:
+    """An Amazon SES notification (the ``Message`` of an SNS notification), shaped as the real
+    ones in tests/data/feedback/amazonses-*.eml: ``source`` is the MAIL FROM SES got (our VERP
+    address when the pool relays through SES)."""
+    mail = {"timestamp": "2026-12-07T10:00:00.000Z", "source": source,
+            "messageId": "0101019a-ses-id-000000", "destination": [rcpt],
+            "headersTruncated": False,
+            "headers": [{"name": "From", "value": "news@insurer.test"},
+                        {"name": "To", "value": rcpt},
+                        {"name": "Message-ID", "value": message_id}],
+            "commonHeaders": {"from": ["news@insurer.test"], "to": [rcpt]}}
+    if kind == "Complaint":
+        return {"notificationType": "Complaint", "mail": mail, "complaint": {
+            "complainedRecipients": [{"emailAddress": rcpt}], "userAgent": "Yahoo!-Mail",
+            "complaintFeedbackType": "abuse", "timestamp": "2026-12-07T11:00:00.000Z",
+            "feedbackId": "0101019a-fb"}}
+    return {"notificationType": "Bounce", "mail": mail, "bounce": {
+        "bounceType": bounce_type, "bounceSubType": sub_type,
+        "bouncedRecipients": [{"emailAddress": rcpt, "action": "failed", "status": status,
+                               "diagnosticCode": diag}],
+        "timestamp": "2026-12-07T10:00:05.000Z", "feedbackId": "0101019a-fb",
+        "reportingMTA": "dsn; a8-1.smtp-out.amazonses.com"}}
+
+
+def _sns_mail(notification: dict) -> bytes:
+    """The notification as SNS mails it to an e-mail-JSON subscription (the FBL address)."""
+    envelope = {"Type": "Notification", "MessageId": "02f86d9b-eecf",
+                "TopicArn": "arn:aws:sns:eu-west-1:123456789012:ses-feedback",
+                "Message": json.dumps(notification), "Timestamp": "2026-12-07T10:00:06.000Z"}
+    return ("From: AWS Notifications <no-reply@sns.amazonaws.com>\r\nTo: fbl@mta.test\r\n"
+            "Subject: AWS Notification Message\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=UTF-8\r\n\r\n"
+            + json.dumps(envelope, indent=2) + "\r\n").encode()
+
+
+async def test_amazon_ses_json_notifications_are_bounces_and_complaints(tmp_path, sink,
+                                                                        make_node):
+    """SES reports in JSON (by mail from SNS, or POSTed by an SNS webhook): they were read by
+    the prose fallback, which took an address from the JSON text and a status from its
+    numbers (a complaint became a 5.0.0 hard bounce, a delivery notice a bounce of the
+    sender) and, our VERP being only in the JSON's ``source``, acted on nobody. Read as JSON:
+    Permanent is a hard bounce, Transient a soft one (on the record, never a suppression),
+    Complaint a complaint, each for the recipient the VERP address proves."""
+    node = await make_node(_config(tmp_path, sink.port))
+    port = node.listeners[0].port
+    rcpts = ["hard@example.com", "soft@example.com", "comp@example.com"]
+    await send(port, "news@insurer.test", rcpts, message("campaign", cls="marketing"))
+    verp = {a.rcpts[0]: a.mail_from for a in await sink.wait_for(3)}
+    assert await send(port, "no-reply@sns.amazonaws.com", ["fbl@mta.test"], _sns_mail(
+        _ses("Bounce", verp["hard@example.com"], "hard@example.com"))) == {}
+    assert await send(port, "no-reply@sns.amazonaws.com", ["fbl@mta.test"], _sns_mail(
+        _ses("Bounce", verp["soft@example.com"], "soft@example.com", bounce_type="Transient",
+             sub_type="MailboxFull", status="4.2.2",
+             diag="smtp; 452 4.2.2 mailbox full"))) == {}
+    token = (tmp_path / "api-token").read_text().strip()
+    webhook = {"Type": "Notification", "MessageId": "9a1", "Message": json.dumps(
+        _ses("Complaint", verp["comp@example.com"], "comp@example.com"))}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}/api/v1",
+                                 headers={"Authorization": f"Bearer {token}"}) as api:
+        r = await api.post("/feedback/reports", content=json.dumps(webhook))
+    assert r.status_code == 200 and r.json()["kind"] == "complaint", r.text
+    assert r.json()["method"] == "ses-json"
+    hits = node.feedback.suppression.check(rcpts, ["all", "best-effort", "marketing"])
+    assert {a: e.scope for a, e in hits.items()} == {"hard@example.com": "best-effort",
+                                                     "comp@example.com": "marketing"}
+    await node.stop()
+    rb = {r["rcpt"]: r for r in records(tmp_path) if r["type"] == "rb"}
+    assert set(rb) == {"hard@example.com", "soft@example.com"}
+    assert (rb["hard@example.com"]["dsnStatus"], rb["hard@example.com"]["bounceCat"]) == (
+        "5.1.1", "bad-mailbox")
+    assert rb["soft@example.com"]["dsnStatus"] == "4.2.2"
+    assert rb["soft@example.com"]["bounceCat"] == "quota-issues"
+    [f] = [r for r in records(tmp_path) if r["type"] == "f"]
+    assert f["rcpt"] == "comp@example.com" and f["dsnDiag"] == "arf;abuse"
+    assert f["vmtaPool"] == "bulk"
+
+
+async def test_real_amazon_ses_notifications_parse_as_json():
+    """The real SES notifications of the corpus, through ``postlane feedback parse``."""
+    code, out, err = await run_cli("feedback", "parse", *(str(DATA / f"amazonses-{n}.eml") for n in
+                                   ("sns-bounce", "complaint", "delivery")))
+    assert code == 0, err
+    bounce, complaint, delivery = map(json.loads, out.splitlines())
+    assert (bounce["kind"], bounce["method"]) == ("bounce", "ses-json")
+    [r] = bounce["recipients"]
+    assert (r["address"], r["status"], r["permanent"], r["category"]) == (
+        "bounce@simulator.amazonses.com", "5.1.1", True, "bad-mailbox")
+    assert bounce["original_return_path"] == "kijitora@neko.example.org"
+    assert (complaint["kind"], complaint["complaint"]["feedback_type"]) == ("complaint", "abuse")
+    assert [r["address"] for r in complaint["recipients"]] == [
+        "complaint@simulator.amazonses.com"]
+    assert delivery["kind"] == "delivered"
+    assert [(r["address"], r["action"], r["status"]) for r in delivery["recipients"]] == [
+        ("success@simulator.amazonses.com", "delivered", "2.6.0")]
+
+
+async def test_hostile_ses_json_is_no_report_or_only_what_it_names(tmp_path):
+    """Anyone can reach the FBL address: JSON nested 200,000 deep is no report (not a crash),
+    values of the wrong type are skipped, not taken as text."""
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"notificationType":"Bounce","x":' + "[" * 200_000 + "]" * 200_000 + "}")
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"notificationType": "Bounce", "mail": [1], "bounce": {
+        "bounceType": 7, "bouncedRecipients": [1, "a@example.com", {"emailAddress": ["x"]},
+                                               {"emailAddress": "ok@example.com",
+                                                "status": 9}]}}))
+    code, out, err = await run_cli("feedback", "parse", str(nested), str(typed))
+    assert code == 0, err
+    first, second = map(json.loads, out.splitlines())
+    assert first["kind"] == "not-a-report"
+    assert [(r["address"], r["status"], r["permanent"]) for r in second["recipients"]] == [
+        ("ok@example.com", "4.0.0", False)]

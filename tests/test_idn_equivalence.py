@@ -8,11 +8,12 @@ import asyncio
 import json
 import smtplib
 
+import pytest
 from typer.testing import CliRunner
 
 from postlane.cli import app
 from postlane.harness.sink import Sink
-from tests.conftest import config_text, records, send
+from tests.conftest import OPERATOR, config_text, records, send
 from tests.support.rawsmtp import session
 from tests.support.waiting import until
 
@@ -362,3 +363,309 @@ async def test_queue_list_by_recipient_finds_either_spelling(tmp_path, sink, mak
         code, out, err = await cli("queue", "list", "--json", "--recipient", pattern)
         assert code == 0, (pattern, err)
         assert [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], pattern
+
+
+# -- one local part, two Unicode forms (RFC 6530 10.1, RFC 6532 3.1: NFC) -----------------------
+
+NFC = "j\u00f6rg"
+"""``jörg`` with a precomposed ö."""
+NFD = "jo\u0308rg"
+"""``jörg`` as ``o`` and a combining diaeresis: what a client that decomposes sends."""
+
+
+async def test_one_local_part_in_nfc_and_nfd_is_one_recipient(tmp_path, make_node):
+    """``jörg`` precomposed and decomposed is one mailbox (canonically equivalent, RFC 6530
+    10.1): the duplicate check compared code points, so both were queued and the mailbox got
+    two copies. The next hop gets the first spelling as the client gave it."""
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        raw = await session(node.listeners[0].port)
+        assert (await raw.cmd(b"MAIL FROM:<s@insurer.test> SMTPUTF8\r\n")).startswith("250")
+        assert (await raw.cmd(f"RCPT TO:<{NFD}@{ULABEL}>".encode() + b"\r\n")).startswith("250")
+        dup = await raw.cmd(f"RCPT TO:<{NFC}@{ALABEL}>".encode() + b"\r\n")
+        assert dup.startswith("250") and "duplicate" in dup, dup
+        assert (await raw.cmd("DATA")).startswith("354")
+        raw.send(b"Subject: x\r\n\r\nx\r\n.\r\n")
+        assert (await raw.reply()).startswith("250")
+        await raw.close()
+        [arrival] = await target.wait_for(1)
+        assert arrival.rcpts == [f"{NFD}@{ULABEL}"]
+        await asyncio.sleep(0.5)
+        assert len(target.arrivals) == 1
+    finally:
+        await target.stop()
+
+
+async def test_a_suppression_in_one_unicode_form_stops_the_other(tmp_path, make_node):
+    """An entry written with a decomposed ö did not stop mail to the precomposed spelling
+    (and the other way round), and adding both made two entries for one mailbox."""
+    from tests.test_api import api_client
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        async with api_client(node, tmp_path) as api:
+            for local in (NFD, NFC):
+                resp = await api.post("/api/v1/suppressions", json={
+                    "address": f"{local}@{ULABEL}", "scope": "all", "reason": "asked"})
+                assert resp.status_code == 201, resp.text
+            resp = await api.post("/api/v1/suppressions", json={
+                "address": f"ma\u0308x@{ULABEL}", "scope": "all", "reason": "asked"})
+            assert resp.status_code == 201, resp.text
+            listed = (await api.get("/api/v1/suppressions")).json()
+            addresses = [e["address"] for e in listed["entries"]]
+            assert addresses == [f"{NFC}@{ALABEL}", f"m\u00e4x@{ALABEL}"], listed
+        port = node.listeners[0].port
+        for rcpt in (f"{NFC}@{ULABEL}", f"{NFD}@{ALABEL}", f"m\u00e4x@{ULABEL}",
+                     f"MA\u0308X@{ULABEL}"):
+            try:
+                refused = await asyncio.to_thread(_sendmail, port, [rcpt])
+            except smtplib.SMTPRecipientsRefused as exc:
+                refused = exc.recipients
+            assert refused and refused[rcpt][0] == 550, (rcpt, refused)
+        assert not target.arrivals
+    finally:
+        await target.stop()
+
+
+async def test_audit_and_api_look_ups_find_either_unicode_form(tmp_path, make_node):
+    """Mail to the decomposed ``jörg`` was not found by the precomposed spelling (what most
+    keyboards type): ``audit show`` and ``GET /messages``."""
+    from tests.test_api import api_client
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        await asyncio.to_thread(_sendmail, node.listeners[0].port, [f"{NFD}@{ULABEL}"])
+        await target.wait_for(1)
+        await until(lambda: [r for r in records(tmp_path) if r["type"] == "d"],
+                    what="the delivery")
+        async with api_client(node, tmp_path) as api:
+            resp = await api.get("/api/v1/messages", params={"recipient": f"{NFC}@{ULABEL}"})
+            assert resp.status_code == 200 and len(resp.json()["messages"]) == 1, resp.text
+        await node.stop()
+    finally:
+        await target.stop()
+    runner = CliRunner()
+    for spelling in (f"{NFC}@{ULABEL}", f"J\u00d6RG@{ALABEL}"):
+        res = runner.invoke(app, ["audit", "show", "--db", str(node.audit.path),
+                                  "--recipient", spelling])
+        assert res.exit_code == 0, (spelling, res.output)
+        assert f"{NFD}@{ULABEL}" in res.output, spelling
+
+
+async def test_queue_list_by_recipient_finds_either_unicode_form(tmp_path, sink, make_node):
+    """Mail queued for the precomposed ``jörg`` was not found by the decomposed spelling."""
+    cli, qid = await _held_for_joerg(tmp_path, sink, make_node)
+    for pattern in (f"{NFD}@{ULABEL}", f"JO\u0308RG@{ALABEL}", f"{NFD}*"):
+        code, out, err = await cli("queue", "list", "--json", "--recipient", pattern)
+        assert code == 0, (pattern, err)
+        assert [m["queue_id"] for m in json.loads(out)["messages"]] == [qid], pattern
+
+
+# -- upper-case non-ASCII local parts in the audit store -----------------------------------------
+
+UPPER = "J\u00d6RG"
+"""``JÖRG``: SQLite's NOCASE (and lower() under a C ctype) folds ASCII only, so ``JÖRG`` is
+not ``jörg`` there, though the rest of the product (``address_key``) says it is."""
+
+
+async def test_audit_show_finds_an_upper_case_utf8_recipient_in_lower_case(tmp_path, make_node):
+    """Mail to ``JÖRG@exämple.com`` through SMTP: ``audit show --recipient jörg@exämple.com``
+    said "no records found" (the store compared with NOCASE, which folds ASCII only)."""
+    node, target = await _utf8_node(tmp_path, make_node)
+    try:
+        await asyncio.to_thread(_sendmail, node.listeners[0].port, [f"{UPPER}@{ULABEL}"])
+        await target.wait_for(1)
+        await until(lambda: [r for r in records(tmp_path) if r["type"] == "d"],
+                    what="the delivery")
+        await node.stop()
+    finally:
+        await target.stop()
+    runner = CliRunner()
+    for spelling in (f"{NFC}@{ULABEL}", f"{NFD}@{ALABEL}", f"J\u00f6rg@{ULABEL}",
+                     f"{UPPER}@{ULABEL}"):
+        res = runner.invoke(app, ["audit", "show", "--db", str(node.audit.path),
+                                  "--recipient", spelling])
+        assert res.exit_code == 0, (spelling, res.output)
+        assert f"{UPPER}@{ULABEL}" in res.output and "delivered" in res.output, spelling
+
+
+def _joerg_trail(store, rcpt: str, queue_id: str = "Q1") -> None:
+    from datetime import UTC, datetime
+
+    from postlane.accounting.records import Record
+
+    day = datetime(2026, 11, 19, 10, tzinfo=UTC).timestamp()
+    store.append([(Record(type=kind, time_logged=day + i, time_queued=day, orig="s@x.test",
+                          rcpt=rcpt, queue_id=queue_id, cls="policy", vmta_pool="pool"),
+                   120.0, f"w-{queue_id}", i + 1) for i, kind in enumerate(("r", "d"))])
+
+
+def test_audit_show_by_recipient_compares_address_keys_on_either_backend(audit_backend):
+    """On both backends, the recipient look-up compares ``address_key``: the upper-case,
+    decomposed, A-label spellings of one mailbox find each other, another mailbox is not
+    found, and the look-up uses the key's index (no scan of the table)."""
+    store = audit_backend.open()
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+        _joerg_trail(store, f"j\u00f6rgen@{ULABEL}", "Q2")
+    finally:
+        store.close()
+    runner = CliRunner()
+    for spelling in (f"{NFC}@{ULABEL}", f"JO\u0308RG@{ALABEL.upper()}", f"{NFD}@{ULABEL}"):
+        res = runner.invoke(app, ["audit", "show", *audit_backend.cli(), "--format", "json",
+                                  "--recipient", spelling])
+        assert res.exit_code == 0, (audit_backend.name, spelling, res.output)
+        assert [t["queue_id"] for t in json.loads(res.output)] == ["Q1"], spelling
+    res = runner.invoke(app, ["audit", "show", *audit_backend.cli(), "--recipient",
+                              f"j\u00f6r@{ULABEL}"])
+    assert res.exit_code == 1, res.output
+
+
+@pytest.fixture
+def c_ctype_dsn():
+    """A database of its own created with ``LC_CTYPE=C`` (PostgreSQL's lower() then folds
+    ASCII only), dropped after the test."""
+    import secrets
+
+    import psycopg
+
+    from tests.support.pg import PG_DSN, pg_reachable
+
+    if not pg_reachable():
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (make test starts it)")
+    name = f"pl_ctype_c_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8'"
+                     " LC_COLLATE 'C' LC_CTYPE 'C'")
+    yield PG_DSN.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_postgres_audit_look_up_does_not_depend_on_the_database_ctype(c_ctype_dsn):
+    """A cluster's audit store in a database created with ``LC_CTYPE=C``: the look-up
+    compared ``lower(rcpt) = lower(?)``, which folds ASCII only there, so the trail of
+    ``JÖRG@exämple.com`` was not found as ``jörg@exämple.com``."""
+    from postlane.audit.backend import open_store_at
+
+    store = open_store_at(c_ctype_dsn, "postlane")
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+    finally:
+        store.close()
+    res = CliRunner().invoke(app, ["audit", "show", "--db", c_ctype_dsn, "--format", "json",
+                                   "--recipient", f"{NFC}@{ULABEL}"])
+    assert res.exit_code == 0, res.output
+    assert [t["queue_id"] for t in json.loads(res.output)] == ["Q1"]
+
+
+def test_a_store_written_before_the_key_gets_it_for_its_rows(audit_backend):
+    """A store of the release before (no ``rcpt_key``): opening it to write (the node, or
+    ``postlane upgrade``) fills in the key of the rows it holds, in its migration, so their
+    trails are found by key like new ones, and the chain still checks."""
+    store = audit_backend.open()
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+        _joerg_trail(store, "", "Q0")  # a record without a recipient keeps no key
+    finally:
+        store.close()
+    old = {"sqlite": ("CREATE INDEX ax_rcpt ON audit_records (rcpt COLLATE NOCASE)", 5),
+           "postgres": ("CREATE INDEX ax_rcpt ON audit_records (lower(rcpt))", 6)}
+    index, version = old[audit_backend.name]
+    audit_backend.sql(("DROP INDEX ax_rcpt_key",),
+                      ("ALTER TABLE audit_records DROP COLUMN rcpt_key",), (index,),
+                      ("DELETE FROM audit_migrations WHERE version = ?", (version,)))
+    audit_backend.open().close()
+    assert audit_backend.row(1)["rcpt_key"] == f"{NFC}@{ALABEL}"
+    assert audit_backend.row(3)["rcpt_key"] is None
+    res = CliRunner().invoke(app, ["audit", "show", *audit_backend.cli(), "--format", "json",
+                                   "--recipient", f"{NFD}@{ALABEL}"])
+    assert res.exit_code == 0, res.output
+    assert [t["queue_id"] for t in json.loads(res.output)] == ["Q1"]
+    res = CliRunner().invoke(app, ["audit", "verify", *audit_backend.cli()])
+    assert res.exit_code == 0, res.output
+
+
+async def test_a_cluster_node_finds_mail_waiting_for_an_upper_case_utf8_recipient(
+        tmp_path, sink, c_ctype_dsn):
+    """In a cluster whose database was created with ``LC_CTYPE=C``, mail to ``JÖRG@exämple.com``
+    waiting unclaimed in the shared spool was not found by ``GET /messages?recipient=
+    jörg@exämple.com``: the spool compared ``lower(address)``, which folds ASCII only there."""
+    from tests.support.pg import PG_DSN
+    from tests.test_api import api_client
+    from tests.test_cluster import cluster_text, start_node
+
+    node = await start_node(cluster_text(tmp_path, sink.port, "postlane", "node-a").replace(
+        PG_DSN, c_ctype_dsn))
+    try:
+        await node.operations.pause("bulk", who=OPERATOR)
+        await asyncio.to_thread(_sendmail, node.listeners[0].port, [f"{UPPER}@{ULABEL}"])
+        async with node.spool.acquire() as conn:
+            qid = await conn.fetchval("SELECT msg_id FROM recipients")
+        async with api_client(node, tmp_path) as api:
+            for spelling in (f"{UPPER}@{ULABEL}", f"{NFC}@{ULABEL}", f"{NFD}@{ALABEL}"):
+                resp = await api.get("/api/v1/messages", params={"recipient": spelling})
+                assert resp.status_code == 200, resp.text
+                assert [m["queue_id"] for m in resp.json()["messages"]] == [qid], spelling
+            resp = await api.get("/api/v1/messages", params={"recipient": f"j\u00f6r@{ULABEL}"})
+            assert resp.json()["messages"] == []
+    finally:
+        await node.stop()
+
+
+def test_the_cluster_spool_narrowing_knows_every_non_ascii_spelling_of_ascii():
+    """The shared spool narrows a look-up by recipient with a LIKE pattern in which the ASCII
+    characters of the key stand for themselves, except those a stored address may spell with
+    a non-ASCII code point (``spool.postgres._NOT_LITERAL``): that list must be complete."""
+    import unicodedata
+
+    from postlane.spool.postgres import _NOT_LITERAL, _address_like
+
+    found = {ch for cp in range(0x80, 0x110000) if not 0xD800 <= cp <= 0xDFFF
+             for ch in unicodedata.normalize("NFC", chr(cp).lower()) if ch.isascii()}
+    assert found == _NOT_LITERAL
+    assert _address_like(f"{NFC}_1%@{ALABEL}") == (ALABEL, "j%rg\\_1\\%@%")
+    assert _address_like("kim@x.test") == ("x.test", "%m@%")
+    assert _address_like("postmaster") == ("postmaster", "postmaster")
+
+
+def test_postgres_keys_rows_an_older_node_wrote_during_a_rolling_upgrade(pg_schema):
+    """In a cluster upgraded node by node, nodes still on the release before append rows
+    without ``rcpt_key`` after the migration: their trails were not found by recipient. The
+    next node to start (or ``postlane upgrade``) keys them."""
+    from postlane.audit.backend import open_store_at
+    from tests.support.audit import PostgresBackend
+    from tests.support.pg import PG_DSN
+
+    backend = PostgresBackend(PG_DSN, pg_schema)
+    store = open_store_at(PG_DSN, pg_schema)
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+    finally:
+        store.close()
+    backend.sql(("UPDATE audit_records SET rcpt_key = NULL",))  # as the old release wrote
+    open_store_at(PG_DSN, pg_schema).close()
+    assert backend.row(2)["rcpt_key"] == f"{NFC}@{ALABEL}"
+    res = CliRunner().invoke(app, ["audit", "show", *backend.cli(), "--format", "json",
+                                   "--recipient", f"{NFC}@{ULABEL}"])
+    assert res.exit_code == 0 and [t["queue_id"] for t in json.loads(res.output)] == ["Q1"]
+
+
+def test_retention_takes_the_recipient_key_with_the_address(audit_backend):
+    """The key is personal data like the address it is made from: pseudonymising replaces it
+    with the pseudonym's, deleting clears it, and the chain still checks."""
+    import os
+
+    from postlane.audit.store import Retention
+
+    store = audit_backend.open()
+    try:
+        _joerg_trail(store, f"{UPPER}@{ULABEL}")
+        now = 1_900_000_000.0
+        store.purge({"policy": Retention(pseudonymise=1)}, os.urandom(32), now)
+        row = audit_backend.row(1)
+        assert row["rcpt"].startswith("pseud-") and row["rcpt_key"] == row["rcpt"].replace(
+            ULABEL, ALABEL)
+        store.purge({"policy": Retention(delete=1)}, None, now)
+        assert (audit_backend.row(1)["rcpt"], audit_backend.row(1)["rcpt_key"]) == (None, None)
+        assert store.verify().ok
+    finally:
+        store.close()

@@ -235,11 +235,11 @@ def test_dmarc_reports_count_our_ipv6_pool_address_as_ours(tmp_path):
     from typer.testing import CliRunner
 
     from postlane.cli import app
-    from tests.test_dmarc import crafted
+    from tests.test_dmarc import RUA, crafted
 
     runner = CliRunner()
     cfg = tmp_path / "postlane.toml"
-    cfg.write_text(_six(config_text(tmp_path, 2525)))
+    cfg.write_text(_six(config_text(tmp_path, 2525, RUA)))  # insurer.test is ours
     path = tmp_path / "six.xml"
     path.write_bytes(crafted([("0:0:0:0:0:0:0:1", 500, "pass", "pass"),
                               ("2001:DB8::7", 3, "fail", "fail")]))

@@ -171,15 +171,20 @@ async def test_mx_pointing_at_a_cname_is_followed(dns_server: DNSServer) -> None
     assert dests == [Destination("mx.alias.test", "127.0.0.41", 25, 10)]
 
 
-@pytest.mark.parametrize("signed, expanded", [
-    (["customer.test", "alias.test", "hosting.test"], "real.hosting.test"),
-    (["customer.test", "alias.test"], ""),  # the target's zone unsigned: no AD, not secure
-    (["customer.test", "hosting.test"], ""),  # the alias's zone unsigned
+@pytest.mark.parametrize("signed, secure, expanded", [
+    (["customer.test", "alias.test", "hosting.test"], True, "real.hosting.test"),
+    # the target's zone unsigned: no AD on the addresses, but the alias is signed, so the
+    # host is in a signed zone and DANE applies at its own name (RFC 7672 2.2.2)
+    (["customer.test", "alias.test"], True, ""),
+    (["customer.test", "hosting.test"], False, ""),  # the alias's zone unsigned
+    (["alias.test"], False, ""),  # the MX answer unsigned
 ])
 async def test_a_secure_cname_chain_names_its_target(dns_server: DNSServer,  # noqa: F811
-                                                     signed: list[str], expanded: str) -> None:
+                                                     signed: list[str], secure: bool,
+                                                     expanded: str) -> None:
     """RFC 7672 2.2.3: the target of an authenticated CNAME chain is where the host's TLSA
-    records are looked up first; an unauthenticated chain names none."""
+    records are looked up first; an unauthenticated chain names none, and DANE applies to
+    the host when its own CNAME record is authenticated (2.2.2)."""
     dns_server.add_mx("customer.test", 10, "mx.alias.test")
     dns_server.add_cname("mx.alias.test", "real.hosting.test")
     dns_server.add_a("real.hosting.test", "127.0.0.41")
@@ -190,8 +195,7 @@ async def test_a_secure_cname_chain_names_its_target(dns_server: DNSServer,  # n
 
     dests = await resolver.destinations("customer.test")
 
-    assert dests == [Destination("mx.alias.test", "127.0.0.41", 25, 10, bool(expanded),
-                                 expanded)]
+    assert dests == [Destination("mx.alias.test", "127.0.0.41", 25, 10, secure, expanded)]
 
 
 async def test_mx_naming_an_ip_address_is_used_as_one(dns_server: DNSServer) -> None:  # noqa: F811
@@ -256,3 +260,24 @@ async def test_expired_answers_do_not_pile_up(dns_server: DNSServer) -> None:  #
         with pytest.raises(DNSPermError):
             await resolver.destinations(f"gone{i}.test")
     assert len(resolver._cache) <= 50
+
+
+async def test_a_failed_lookup_of_a_signed_alias_leaves_the_host_unusable(
+        dns_server: DNSServer) -> None:  # noqa: F811
+    """The CNAME of an MX host into an unsigned zone is asked for to learn whether DANE
+    applies (RFC 7672 2.2.2); when that lookup fails the host is not taken as without DANE
+    (an attacker who blocks it would turn DANE off): it is skipped, the next MX is used."""
+    dns_server.add_mx("customer.test", 10, "mx.alias.test")
+    dns_server.add_mx("customer.test", 20, "backup.customer.test")
+    dns_server.add_cname("mx.alias.test", "real.hosting.test")
+    dns_server.add_a("real.hosting.test", "127.0.0.41")
+    dns_server.add_a("backup.customer.test", "127.0.0.42")
+    for zone in ("customer.test", "alias.test"):
+        dns_server.set_secure(zone)
+    dns_server.set_rcode("mx.alias.test", "SERVFAIL", "CNAME")
+    resolver = MXResolver(nameserver=dns_server.host, port=dns_server.port, timeout=2.0,
+                          dnssec=True)
+
+    dests = await resolver.destinations("customer.test")
+
+    assert [d.host for d in dests] == ["backup.customer.test"]

@@ -281,6 +281,33 @@ async def test_mta_sts_enforce_defers_and_sends_nothing(world, make_node, tmp_pa
     assert world.arrivals() == 0
 
 
+async def test_mta_sts_field_names_are_case_sensitive(world, make_node, tmp_path):
+    """RFC 8461 3.2's ABNF names the fields with RFC 7405 ``%s`` (case-sensitive):
+    ``sts-policy-mode-field = %s"mode"``; ``MODE`` is an extension field, to be ignored. Keys
+    were lower-cased, so a ``MODE: testing`` line before ``mode: enforce`` was taken as the
+    mode (the first of a field counts) and enforcement was lost, and a file of ``Version:``,
+    ``Mode:``, ``MX:`` keys was taken as a policy no other sender reads: mail deferred here
+    that others deliver, and the domain's TLS-RPT never heard of ``sts-policy-invalid``."""
+    assert world.https is not None
+    policies = {"sts.test": "MODE: testing\r\nversion: STSv1\r\nmode: enforce\r\n"
+                            "mx: *.mx.test\r\nmax_age: 86400\r\n",
+                "sts-testing.test": "Version: STSv1\r\nMode: enforce\r\n"
+                                    "MX: mx.elsewhere.test\r\nMax_Age: 86400\r\n"}
+    for domain, text in policies.items():
+        world.mx(domain, "good.mx.test")
+        world.dns.add_txt(f"_mta-sts.{domain}", "v=STSv1; id=1;")
+        world.dns.add_a(f"mta-sts.{domain}", HTTPS_IP)
+        world.https.policy(domain, text)
+    node = await make_node(world.config())
+    await _deliver(node, "r@sts.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts.test")
+    assert row["type"] == "d", row
+    assert row["dlvTlsPolicy"] == "mta-sts-enforce" and row["dlvTlsAuth"] == "pkix", row
+    await _deliver(node, "r@sts-testing.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@sts-testing.test")
+    assert row["type"] == "d" and not row["dlvTlsPolicy"].startswith("mta-sts"), row
+
+
 async def test_mta_sts_policy_survives_a_restart(world, make_node, tmp_path):
     world.mx("sts-away.test", "good.mx.test")
     world.sts("sts-away.test", "enforce", ["mx.elsewhere.test"])
@@ -667,14 +694,40 @@ async def test_tlsa_of_a_cname_is_looked_up_at_the_mx_name_when_the_target_has_n
 @pytest.mark.parametrize("alias_signed, target_signed", [(False, True), (True, False)])
 async def test_tlsa_of_an_insecure_cname_target_is_not_used(world, make_node, tmp_path,
                                                             alias_signed, target_signed):
-    """A CNAME chain with an unsigned link: the host's addresses come without AD, so DANE
-    does not apply to it (RFC 7672 2.2.2), the target's TLSA records included."""
+    """A CNAME chain with an unsigned link: the host's addresses come without AD, so the
+    target's TLSA records are not used (RFC 7672 2.2.2); an unsigned alias is not in a
+    signed zone, so DANE does not apply at all, and a signed alias with no records of its
+    own has none to apply (the next test has some)."""
     der, sni = await _provider_host(world, TARGET, alias_signed=alias_signed,
                                     target_signed=target_signed)
     world.tlsa(TARGET, 3, 1, der, port=world.port)
     row = await delivered_with(world, make_node, "r@cname.test")
     assert row["dlvTlsPolicy"] == "opportunistic" and row["dlvTlsAuth"] == "none", row
     assert sni == [ALIAS]
+
+@pytest.mark.parametrize("matching", [True, False])
+async def test_tlsa_of_a_secure_cname_to_an_unsigned_zone_is_used_at_the_mx_name(
+        world, make_node, tmp_path, matching):
+    """RFC 7672 2.2.2: an MX host that is a signed CNAME into an unsigned zone (a customer's
+    signed ``mx.example`` pointing at a provider that does not sign) is in a signed zone,
+    so DANE applies to it at its own name: only the target's records, which cannot be
+    authenticated, are out. The host's address answer has no AD, and neither name's records
+    were used: a record at the MX name that the server does not match let the mail go
+    unauthenticated. Now it is DANE-EE (SNI names the MX host) or, not matching, deferred."""
+    der, sni = await _provider_host(world, TARGET, target_signed=False)
+    world.tlsa(ALIAS, 3, 1, der if matching else leaf_der(world.certs["wrong.mx.test"][0]),
+               port=world.port)
+    node = await make_node(world.config())
+    await _deliver(node, "r@cname.test", cls="marketing")
+    row = await first_outcome(tmp_path, "r@cname.test")
+    if matching:
+        assert row["type"] == "d", row
+        assert row["dlvTlsPolicy"] == "dane" and row["dlvTlsAuth"] == "dane-ee", row
+        assert sni == [ALIAS]
+    else:
+        assert row["type"] == "t" and "TLS policy dane" in row["dsnDiag"], row
+        assert world.sinks[TARGET].arrivals == []
+
 
 # -- TLS-RPT -------------------------------------------------------------------------------------
 

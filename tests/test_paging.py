@@ -5,6 +5,7 @@ actions reach it, a restart resumes it, and every recipient is delivered exactly
 from __future__ import annotations
 
 import collections
+import json
 import time
 
 import httpx
@@ -188,3 +189,43 @@ async def test_an_action_on_a_deep_recipient_records_its_unknown_attempt_first(t
         await again.stop()
     last = [r["type"] for r in records(tmp_path) if r["rcpt"] == f"r{N - 1}@d0.example"]
     assert sorted(last)[1:] == ["r", "u"] and len(last) == 3, last
+
+
+async def test_a_deep_recipient_in_unicode_upper_case_is_found_as_in_memory(tmp_path, sink,
+                                                                            make_node):
+    """The spool's selection by recipient compared SQLite's ``lower()``, which folds ASCII
+    only, while the in-memory matcher folds with Python: ``JÖRG@EXÄMPLE.com`` deep in a paused
+    lane was not found as ``jörg@exämple.com`` (``queue list``, ``GET /messages``, actions),
+    nor its decomposed spelling; the same recipient at the lane's head was."""
+    from tests.test_api import api_client
+    from tests.test_cli_ops import run_cli
+
+    node = await make_node(_routes(tmp_path, sink))
+    await node.operations.pause("bulk", who=OPERATOR)
+    deep = "J\u00d6RG@EX\u00c4MPLE.com"
+    rcpts = [f"r{i}@ex\u00e4mple.com" for i in range(N)]
+    qids = [await node.intake.submit("s@insurer.test", [RcptIn(r)],
+                                     message(f"offer {i}", cls="marketing"))
+            for i, r in enumerate([deep, *rcpts, deep])]
+    lane = node.scheduler.lanes[("bulk", "xn--exmple-cua.com")]
+    await _until(lambda: not lane.paging)
+    assert lane.spooled >= N - paging.WINDOW
+    head, spooled = qids[0], qids[-1]
+    assert (head, 0) in node.scheduler.pager.known
+    assert (spooled, 0) not in node.scheduler.pager.known  # deep: only the spool has it
+
+    target = ["--url", f"http://127.0.0.1:{node.api.port}",
+              "--token-file", str(tmp_path / "api-token")]
+    for spelling in ("j\u00f6rg@ex\u00e4mple.com", "jo\u0308rg@xn--exmple-cua.com", deep):
+        code, out, err = await run_cli("queue", "list", "--json", "--recipient", spelling,
+                                       *target)
+        assert code == 0, (spelling, err)
+        assert sorted(m["queue_id"] for m in json.loads(out)["messages"]) == sorted(
+            [head, spooled]), spelling
+    async with api_client(node, tmp_path) as api:
+        resp = await api.get("/api/v1/messages", params={"recipient": "j\u00f6rg@ex\u00e4mple.com"})
+        assert sorted(m["queue_id"] for m in resp.json()["messages"]) == sorted(
+            [head, spooled]), resp.text
+    out = await node.operations.queue("hold", Selector(recipient="j\u00f6rg@ex\u00e4mple.com"),
+                                      who=OPERATOR)
+    assert out["recipients"] == 2

@@ -131,7 +131,8 @@ async def test_queue_tools_on_a_real_backlog(tmp_path, sink, make_node):
 async def test_an_action_on_a_queue_id_it_cannot_act_on_says_why_and_exits_1(
         tmp_path, sink, make_node):
     """By queue id, an id the action left alone is named with the reason (not in the queue:
-    delivered or never queued; being delivered now; nothing in the state the action takes)
+    delivered or never queued; being delivered now, for a release or retry; nothing in the state
+    the action takes)
     and the command exits 1; it was "held: 0 recipients of 0 messages", exit 0, for a typo,
     for a message just delivered and for one mid-delivery alike."""
     gate, data = asyncio.Event(), sink.handle_DATA
@@ -154,9 +155,12 @@ async def test_an_action_on_a_queue_id_it_cannot_act_on_says_why_and_exits_1(
     qid = await node.intake.submit("notices@example.com", [RcptIn("a@example.com")],
                                    message("policy", cls="policy-documents"))
     await _until(lambda: node.scheduler.in_flight(qid) == 1)
-    code, out, err = await cli("queue", "hold", qid, "--json")
+    code, out, err = await cli("queue", "release", qid, "--json")
     assert code == 1 and json.loads(out)["untouched"] == {qid: "being delivered now"}, err
     assert f"{qid}: being delivered now" in err
+    # a hold waits for the delivery to end (tests/test_pending_action.py)
+    code, out, err = await cli("queue", "hold", qid, "--json")
+    assert code == 0 and not json.loads(out)["untouched"] and qid in json.loads(out)["pending"]
     gate.set()
     await sink.wait_for(1)
     await _until(lambda: not node.scheduler.in_flight(qid))

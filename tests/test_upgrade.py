@@ -86,7 +86,7 @@ def test_upgrade_migrates_the_sqlite_stores_with_the_node_stopped(tmp_path):
     conn = sqlite3.connect(tmp_path / "spool" / "audit.sqlite")
     assert schema.columns(conn, "audit_records") == set(COLUMNS)
     assert not schema.columns(conn, "audit_writers")
-    assert [r[0] for r in conn.execute("SELECT version FROM audit_migrations")] == [1, 2, 3, 4]
+    assert [r[0] for r in conn.execute("SELECT version FROM audit_migrations")] == [1, 2, 3, 4, 5]
     assert schema.columns(conn, "audit_seals")
 
 

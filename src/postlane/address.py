@@ -15,11 +15,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import unicodedata
 
 import idna
 
-__all__ = ["PathError", "address_literal", "alabel_domain", "domain_key", "parse_path",
-           "plain_ip", "spellings"]
+__all__ = ["PathError", "address_key", "address_literal", "alabel_domain", "domain_key",
+           "parse_path", "plain_ip", "spellings"]
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 # The common case, <ascii.dot-string@ldh.domain> with labels of at most 63 octets, in one match.
@@ -82,6 +83,10 @@ def check_domain(text: str) -> None:
         return
     if not text or len(text) > 255:
         raise PathError("bad domain")
+    if text.endswith(".") and text[:-1] and not text[:-1].endswith("."):
+        # DNS's root dot (example.com.) is no part of an SMTP Domain; refused saying so,
+        # not stripped: the client still holds the message and can correct the address
+        raise PathError("the domain ends with a trailing dot (RFC 5321 4.1.2): leave it out")
     for label in text.split("."):
         if label.isascii():
             if not _LDH.fullmatch(label) or len(label) > 63:
@@ -118,20 +123,47 @@ def domain_key(domain: str) -> str:
         return domain.lower()
 
 
+def _forms(text: str) -> tuple[str, ...]:
+    """``text`` as given, in NFC and in NFD, each once (ASCII has one form)."""
+    if text.isascii():
+        return (text,)
+    return tuple(dict.fromkeys((text, unicodedata.normalize("NFC", text),
+                                unicodedata.normalize("NFD", text))))
+
+
+@functools.lru_cache(maxsize=4096)
+def address_key(address: str) -> str:
+    """The one form two spellings of a mailbox compare equal in: the local part lower-cased
+    in NFC (``jörg`` precomposed and as ``o`` + U+0308 are canonically equivalent; RFC 6530
+    10.1 and RFC 6532 3.1 ask for NFC), the domain as ``domain_key``. Only for comparing:
+    what goes to the next hop stays as the client gave it."""
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return unicodedata.normalize("NFC", address.lower())
+    return f"{unicodedata.normalize('NFC', local.lower())}@{domain_key(domain)}"
+
+
 @functools.lru_cache(maxsize=4096)
 def spellings(address: str) -> tuple[str, ...]:
-    """The address with its domain as given, in A-labels and in U-labels, each once (local
-    part as given): what to look an address up by where it is stored as a client spelled it
-    (``jörg@exämple.com`` and ``jörg@xn--exmple-cua.com`` are one mailbox, RFC 5890)."""
+    """The address with its domain as given, in A-labels and in U-labels, and a non-ASCII
+    local part (or U-label) as given, in NFC and in NFD, each once (case as given): what to
+    look an address up by where it is stored as a client spelled it (``jörg@exämple.com`` and
+    ``jörg@xn--exmple-cua.com`` are one mailbox, RFC 5890; so are ``jörg`` precomposed and
+    decomposed, RFC 6530 10.1)."""
     local, at, domain = address.rpartition("@")
-    if not at or (domain.isascii() and "xn--" not in domain.lower()):
-        return (address,)
-    alabel = domain_key(domain)
-    try:
-        ulabel = idna.decode(alabel)
-    except (idna.IDNAError, UnicodeError):
-        ulabel = domain
-    return tuple(dict.fromkeys(f"{local}@{name}" for name in (domain, alabel, ulabel)))
+    if not at or (address.isascii() and "xn--" not in domain.lower()):
+        return (address,)  # the common case: one spelling
+    if domain.isascii() and "xn--" not in domain.lower():
+        domains: tuple[str, ...] = (domain,)
+    else:
+        alabel = domain_key(domain)
+        try:
+            ulabel = idna.decode(alabel)
+        except (idna.IDNAError, UnicodeError):
+            ulabel = domain
+        domains = (*_forms(domain), alabel, *_forms(ulabel))
+    return tuple(dict.fromkeys(f"{part}@{name}" for part in _forms(local)
+                               for name in domains))
 
 
 def _mailbox(text: str) -> str:

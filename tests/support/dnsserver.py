@@ -205,10 +205,12 @@ class DNSServer:
         with self._lock:
             self._secure.add(_key(zone))
 
-    def set_rcode(self, name: str, rcode: str) -> None:
-        """Answer every query for ``name`` with this rcode, e.g. "SERVFAIL"."""
+    def set_rcode(self, name: str, rcode: str, rdtype: str | None = None) -> None:
+        """Answer every query for ``name`` (of ``rdtype`` only, when given) with this rcode,
+        e.g. "SERVFAIL"."""
         with self._lock:
-            self._rcodes[_key(name)] = dns.rcode.from_text(rcode)
+            self._rcodes[_key(name) if rdtype is None else f"{_key(name)}/{rdtype.upper()}"] = \
+                dns.rcode.from_text(rcode)
 
     def set_timeout(self, name: str) -> None:
         """Never answer queries for ``name``."""
@@ -280,7 +282,8 @@ class DNSServer:
         with self._lock:
             if key in self._silent:
                 return None
-            rcode = self._rcodes.get(key)
+            rcode = self._rcodes.get(
+                f"{key}/{dns.rdatatype.to_text(question.rdtype)}", self._rcodes.get(key))
             records = self._records.get(key)
             entries = list(records.get(question.rdtype, [])) if records else []
         if rcode is not None:

@@ -35,13 +35,14 @@ class Operator:
 
 
 def stamp(rec: Record, action: str, who: Operator, what: str = "", note: str = "") -> Record:
-    """Make ``rec`` the record of ``who``'s ``action``: ``operator`` set and ``dsnDiag``
-    "[what ]<done> by operator <name>[note]"; an ``o`` record also gets the action as
-    ``dsnAction`` and how it came as ``srcType``."""
-    rec.operator = who.name
+    """Make ``rec`` the record of ``who``'s ``action``: ``operator`` set, how it came as
+    ``srcType`` (every record of an action, the final ``b`` of a purge or delete too: an auditor
+    sees the channel on each) and ``dsnDiag`` "[what ]<done> by operator <name>[note]"; an
+    ``o`` record also gets the action as ``dsnAction``."""
+    rec.operator, rec.src_type = who.name, who.via
     rec.dsn_diag = f"{what + ' ' if what else ''}{DONE[action]} by operator {who.name}{note}"
     if rec.type == "o":
-        rec.dsn_action, rec.src_type = action, who.via
+        rec.dsn_action = action
     return rec
 
 

@@ -164,7 +164,8 @@ def create_app(parts: NodeParts, tokens: Tokens) -> FastAPI:
     max_header = 0 if 0 in header_limits else max(header_limits, default=1 << 20)
 
     app.add_middleware(_HeadAsGet)
-    app.add_middleware(_BodyLimit, limit=max_body)
+    app.add_middleware(_BodyLimit, limit=max_body, wide=queue.ACTION_PATHS,
+                       wide_limit=max(max_body, queue.ACTION_BODY))
     app.add_middleware(_BodyDeadline, timeout=parts.config.api.read_timeout)
     app.add_middleware(_TokenFirst, tokens=tokens)
     app.add_middleware(_OneFraming)  # outermost: before anything else
@@ -455,17 +456,23 @@ class _HeadAsGet:
 
 class _BodyLimit:
     """Refuse a body larger than ``limit`` before it is in memory: from its Content-Length
-    before it is read, and while a body without one (chunked) streams in."""
+    before it is read, and while a body without one (chunked) streams in. A POST to one of
+    the ``wide`` paths (queue actions, whose body is a list of queue ids an operator listed)
+    has ``wide_limit``, and its 413 says how many ids fit and what to do instead."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, wide: frozenset[str] = frozenset(),
+                 wide_limit: int = 0) -> None:
+        self.app, self.limit, self.wide, self.wide_limit = app, limit, wide, wide_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit, hint = self.limit, ""
+        if scope["method"] == "POST" and scope["path"] in self.wide:
+            limit, hint = self.wide_limit, f": {queue.ACTION_TOO_LARGE}"
         length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.limit:
-            response = _error(413, f"request body of {length} bytes exceeds {self.limit}")
+        if length.isdigit() and int(length) > limit:
+            response = _error(413, f"request body of {length} bytes exceeds {limit}{hint}")
             return await response(scope, receive, send)
         seen = 0
 
@@ -473,8 +480,8 @@ class _BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:  # the app's handler turns it into the JSON error
-                raise HTTPException(413, f"request body exceeds {self.limit} bytes")
+            if seen > limit:  # the app's handler turns it into the JSON error
+                raise HTTPException(413, f"request body exceeds {limit} bytes{hint}")
             return message
 
         await self.app(scope, counted, send)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..address import plain_ip
-from ..feedback.suppression import SuppressionError, check_reason, csv_text
+from ..feedback.dmarc import is_aggregate
+from ..feedback.suppression import CSV_FIELDS, SuppressionError, check_reason, csv_text
 from .jsonbody import JSONRoute
 from .tokens import caller
 
@@ -35,6 +37,19 @@ class SuppressionIn(BaseModel):
     scope: Scope = "marketing"
     reason: Annotated[str, AfterValidator(check_reason)] = Field(
         "", max_length=500, description="free text; no control characters but tab")
+
+
+def _dmarc_answer(result: dict) -> dict:
+    """What ``import_report`` did with a posted aggregate report: 200 with ``outcome``
+    "stored" or "already stored" (a resent report is counted once), else 422 with the reason
+    (not about one of the node's domains; unreadable or hostile)."""
+    if result.get("not_ours"):
+        raise HTTPException(422, f"DMARC aggregate report not stored: {result['error']}")
+    if not result["ok"]:
+        raise HTTPException(422, f"DMARC aggregate report refused: {result['error']}")
+    return {"kind": "dmarc", "outcome": "stored" if result["stored"] else "already stored",
+            **{k: result[k] for k in ("conflict", "reporter", "email", "report_id",
+                                      "policy_domain", "records", "messages")}}
 
 
 def router(parts: NodeParts) -> APIRouter:
@@ -85,22 +100,36 @@ def router(parts: NodeParts) -> APIRouter:
     @api.get("/suppressions/export", response_class=Response, responses={
         200: {"content": {"text/csv": {"schema": {"type": "string"}}},
               "description": "address,scope,reason,source,created,expires"}})
-    async def export() -> PlainTextResponse:
-        out = io.StringIO()
-        await asyncio.to_thread(store.export_csv, out)
-        return PlainTextResponse(out.getvalue(), media_type="text/csv")
+    async def export() -> StreamingResponse:
+        """The whole list as CSV, streamed page by page (5,000 entries, each read in a
+        thread): a list of millions was built whole in memory, and kept there for a client
+        that did not read it."""
+        async def pages() -> AsyncIterator[str]:
+            yield ",".join(CSV_FIELDS) + "\r\n"
+            after: tuple[str, str] | None = ("", "")
+            while after is not None:
+                rows, after = await asyncio.to_thread(store.export_page, after)
+                yield rows
+
+        return StreamingResponse(pages(), media_type="text/csv; charset=utf-8")
 
     @api.post("/feedback/reports")
     async def report(request: Request) -> dict:
         """A bounce or ARF report as a raw RFC 5322 message (e.g. from a provider webhook):
-        handled as if it had arrived by SMTP at the FBL address."""
+        handled as if it had arrived by SMTP at the FBL address. A DMARC aggregate report (a
+        mail carrying one, or the XML, gzip or zip file itself) goes where mail to the rua
+        address goes, and the answer says whether it was stored."""
         data = await request.body()
         if not data or len(data) > MAX_REPORT:
             raise HTTPException(413 if data else 422, "send one message, at most 10 MB")
         client = plain_ip(request.client.host) if request.client else ""
+        limit = parts.config.reputation.dmarc.max_report_size
+        if await asyncio.to_thread(is_aggregate, data, limit):
+            return _dmarc_answer(await parts.reputation.receive(data, client, via="api"))
         report = await parts.feedback.receive(data, [], client)
+        assert report is not None  # None only for mail to a rua address: no recipient here
         await parts.spool.flush()  # its records are on disk before the answer
-        return report.as_dict() if report is not None else {"kind": "dmarc"}
+        return report.as_dict()
 
     @api.get("/feedback/complaint-rates")
     async def rates() -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import unicodedata
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.errors import MessageError
@@ -206,11 +207,13 @@ class MessageIn(BaseModel):
     def envelope_recipients(self) -> list[str]:
         """``to``, ``cc`` and ``bcc`` with each mailbox once, as the SMTP door takes a
         duplicate RCPT: same local part, domain in any case or in U- or A-labels
-        (``jörg@exämple.com`` is ``jörg@xn--exmple-cua.com``); each was a copy of its own."""
+        (``jörg@exämple.com`` is ``jörg@xn--exmple-cua.com``), the local part in either
+        Unicode form (compared in NFC, RFC 6530 10.1); each was a copy of its own."""
         seen: dict[str, str] = {}
         for address in (*self.to, *self.cc, *self.bcc):
             local, _, domain = address.rpartition("@")
-            seen.setdefault(f"{local}@{domain_key(domain)}", address)
+            seen.setdefault(f"{unicodedata.normalize('NFC', local)}@{domain_key(domain)}",
+                            address)
         return list(seen.values())
 
     def build(self, correlation_header: str) -> bytes:

@@ -30,7 +30,19 @@ from .tokens import caller
 if TYPE_CHECKING:
     from .parts import NodeParts
 
-__all__ = ["router"]
+__all__ = ["ACTION_BODY", "ACTION_PATHS", "MAX_IDS", "router"]
+
+MAX_IDS = 100_000
+"""Queue ids one action (or listing) may name: as many as a listing gives at most
+(``limit``), so an operator can post back the ids they listed."""
+ACTION_BODY = MAX_IDS * 40 + 65536
+"""The request body limit of a queue action (``ACTION_PATHS``): ``MAX_IDS`` ids of 24
+characters, quoted, with a separator and pretty-printing's indentation, plus the filters. The
+other routes keep the API's own limit (docs/api.md, *Queue control*)."""
+ACTION_PATHS = frozenset(f"/api/v1/queue/{a}" for a in ("hold", "release", "retry", "delete"))
+ACTION_TOO_LARGE = (f"a queue action takes at most {MAX_IDS} queue ids ({ACTION_BODY} bytes"
+                    " of body): select by a filter instead (pool, domain, class, state,"
+                    " older_than, sender, recipient, correlation_id), or send the ids in parts")
 
 
 def _age(value: object) -> float | None:
@@ -49,7 +61,7 @@ class SelectorIn(BaseModel):
     """Which messages: every field given must match; ``all`` for the whole queue."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    queue_ids: list[str] = Field([], max_length=10000)
+    queue_ids: list[str] = Field([], max_length=MAX_IDS)
     pool: str | None = None
     domain: str | None = None
     cls: str | None = Field(None, alias="class")
@@ -108,7 +120,7 @@ def router(parts: NodeParts) -> APIRouter:
 
     @api.get("/messages")
     async def messages(sel: Annotated[SelectorIn, Depends(_listing)],
-                       limit: Annotated[int, Query(ge=1, le=100000)] = 1000) -> dict:
+                       limit: Annotated[int, Query(ge=1, le=MAX_IDS)] = 1000) -> dict:
         """Queued, deferred and held messages (oldest first) with their recipients (in a
         cluster: the cluster's queue, on whichever node is asked)."""
         return await run(queue.messages, sel.selector(), limit)

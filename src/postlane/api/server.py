@@ -69,7 +69,38 @@ class _HTTPProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
+        self._resumed()
         super().connection_lost(exc)
+
+    _stalled: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        """The client does not read as fast as an answer is written (a streamed export waits
+        for it): it has ``read_timeout`` to read on, else the connection is dropped. A client
+        that asked and never read held its connection, and the answer's stream, for ever."""
+        super().pause_writing()
+        if self._stalled is None:
+            self._stalled = self.loop.call_later(self.read_timeout, self._drop)
+
+    def resume_writing(self) -> None:
+        self._resumed()
+        super().resume_writing()
+
+    def _resumed(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _drop(self) -> None:
+        self._stalled = None
+        self.transport.abort()  # what is buffered for it goes too
+
+    def shutdown(self) -> None:
+        """A node stopping drops a client it waits on to read, rather than wait for it."""
+        if self.flow is not None and self.flow.write_paused:
+            self._drop()
+            return
+        super().shutdown()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request h11 cannot read (a malformed head, one over 16 KiB, a

@@ -20,7 +20,7 @@ from ..accounting.records import DEFAULT_FIELDS, format_time
 from ..secretfile import private_dir, private_open
 from .chain import PSEUDONYMISED, PURGED, chain_hash, row_cdigest, verify_tuple
 from .queries import row_record
-from .store import AuditStore
+from .store import KEY_COLUMNS, AuditStore
 
 __all__ = ["Trail", "export", "render_csv", "render_json", "render_text", "trails", "visible",
            "verify_export"]
@@ -223,7 +223,7 @@ def render_text(items: list[Trail], now: float) -> str:
             if row["type"] == "r":
                 continue
             if _by_operator(row):
-                via = f" (via {row['src_type']})" if row["type"] == "o" else ""
+                via = f" (via {row['src_type']})" if row["src_type"] in ("api", "cli") else ""
                 lines.append(f"  {_t(row['time_logged'])}  {row['dsn_diag'] or row['type']}{via}")
                 continue
             if row["type"] == "b" and row["bounce_cat"] == "message-expired" and \
@@ -314,7 +314,8 @@ def export(store: AuditStore, out: Path, since: float | None, until: float | Non
         for row in store.rows_between(since, until, cls):
             writer.writerow([row["day"], bytes(row["prev"]).hex(), *_csv_row(row)])
             fh_chain.write(json.dumps({k: (v.hex() if isinstance(v, bytes) else v)
-                                       for k, v in row.items()}, ensure_ascii=False) + "\n")
+                                       for k, v in row.items() if k not in KEY_COLUMNS},
+                                      ensure_ascii=False) + "\n")
             count += 1
             first = first or row
             last = row

@@ -27,6 +27,7 @@ from .chain import (
     content_digest,
     personal_digest,
 )
+from .queries import rcpt_key
 from .store import Entry, VerifyResult
 
 __all__ = ["Prepared", "check_days", "day_of", "fresh", "link", "prepare", "walk"]
@@ -34,6 +35,7 @@ __all__ = ["Prepared", "check_days", "day_of", "fresh", "link", "prepare", "walk
 _RECORD_GETTER = operator.attrgetter(*RECORD_COLUMNS)
 _FLOAT_POSITIONS = [i for i, c in enumerate(RECORD_COLUMNS) if c in FLOATS]
 _PERSONAL_POSITIONS = [RECORD_COLUMNS.index(c) for c in PERSONAL]
+_RCPT_POSITION = RECORD_COLUMNS.index("rcpt")
 _HASHED_POSITIONS = [(RECORD_COLUMNS + EXTRA_COLUMNS).index(c) for c in HASHED]
 """Where each HASHED value is in a record's values followed by its EXTRA_COLUMNS values."""
 
@@ -43,8 +45,9 @@ def day_of(ts: float) -> str:
 
 
 #: A record ready to be chained: its RECORD_COLUMNS values, its EXTRA_COLUMNS values, nonce,
-#: pdigest, content digest and time_logged; everything its hash needs but the previous hash.
-Prepared = tuple[list, tuple, bytes, bytes, bytes, float]
+#: pdigest, content digest and time_logged (everything its hash needs but the previous hash),
+#: then its KEY_COLUMNS values (not hashed).
+Prepared = tuple[list, tuple, bytes, bytes, bytes, float, tuple]
 
 
 def _clean_text(value: object) -> object:
@@ -60,7 +63,7 @@ def prepare(batch: Sequence[Entry], *, clean: bool = False) -> list[Prepared]:
     that a backend can do it before taking its append lock. ``clean`` first replaces text that
     PostgreSQL refuses, so the stored row is exactly what the hash covers."""
     out: list[Prepared] = []
-    urandom, fields = os.urandom, _RECORD_GETTER
+    urandom, fields, rcpt_at = os.urandom, _RECORD_GETTER, _RCPT_POSITION
     for entry in batch:
         record, sla = entry[0], entry[1]
         writer, n = (entry[2], entry[3]) if len(entry) > 2 else (None, None)
@@ -74,7 +77,8 @@ def prepare(batch: Sequence[Entry], *, clean: bool = False) -> list[Prepared]:
         pdigest = personal_digest(nonce, [row[i] for i in _PERSONAL_POSITIONS])
         full = row + list(extra)
         hashed = [full[i] for i in _HASHED_POSITIONS]
-        out.append((row, extra, nonce, pdigest, content_digest(hashed, pdigest), row[1]))
+        out.append((row, extra, nonce, pdigest, content_digest(hashed, pdigest), row[1],
+                    (rcpt_key(row[rcpt_at]),)))
     return out
 
 
@@ -103,7 +107,7 @@ def link(prepared: Sequence[Prepared], tail: tuple[int, bytes, str]
     rows: list[tuple] = []
     days: dict[str, list] = {}
     day_number = -1
-    for row, extra, nonce, pdigest, cdigest, logged in prepared:
+    for row, extra, nonce, pdigest, cdigest, logged, keys in prepared:
         seq += 1
         number = int(logged // 86400)
         if number != day_number:  # strftime once per day, not per record
@@ -116,7 +120,8 @@ def link(prepared: Sequence[Prepared], tail: tuple[int, bytes, str]
         else:
             stats[1], stats[4] = seq, digest
             stats[2] += 1
-        rows.append((seq, day, prev, digest, INTACT, nonce, pdigest, None, SCHEME, *row, *extra))
+        rows.append((seq, day, prev, digest, INTACT, nonce, pdigest, None, SCHEME, *row, *extra,
+                     *keys))
         prev = digest
     return rows, days, (seq, prev, day)
 

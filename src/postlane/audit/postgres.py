@@ -51,6 +51,7 @@ from .queries import (
     find_sql,
     pause_spans,
     pauses_sql,
+    rcpt_key,
     records_of,
     row_at,
     seal_from_row,
@@ -137,12 +138,39 @@ CREATE TABLE audit_seals (
     (5, """
 CREATE INDEX ax_ops ON audit_records (vmta_pool, time_logged) WHERE type = 'o';
 """),
+    (6, """
+ALTER TABLE audit_records ADD COLUMN rcpt_key TEXT;
+DROP INDEX ax_rcpt;
+CREATE INDEX ax_rcpt_nokey ON audit_records (seq) WHERE rcpt_key IS NULL AND rcpt <> '';
+"""),
 ]
 """Versioned schema of the audit tables (table ``audit_migrations``, separate from the spool's
 ``schema_migrations``): append ``(n + 1, sql)``; never edit an applied entry. The columns are
-those of ``store.COLUMNS``; a test checks that they match."""
+those of ``store.COLUMNS``; a test checks that they match. 6 adds the recipient's look-up key
+(``store.KEY_COLUMNS``) in place of the index on ``lower(rcpt)``, whose folding depends on the
+database's ``LC_CTYPE`` (ASCII only under ``C``); ``_fill_rcpt_keys`` fills it in for the rows
+already there, in the same transaction, and again at every later start for rows that nodes of
+the release before wrote meanwhile (a rolling upgrade: they write no key); ``ax_rcpt_nokey``
+holds just those rows, so that look is free when there are none."""
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def _fill_rcpt_keys(conn: psycopg.Connection) -> None:
+    """The key of every recipient of a row without one, computed here (the key is Python's
+    ``address_key``: NFC, IDNA, Unicode case folding, none of which SQL has the same way),
+    copied into a temporary table and joined in one UPDATE (one pass, not one per address)."""
+    conn.execute("CREATE TEMPORARY TABLE rcpt_keys (rcpt TEXT PRIMARY KEY, rcpt_key TEXT)"
+                 " ON COMMIT DROP")
+    with conn.cursor(f"audit_rcpts_{next(_names)}") as names, conn.cursor() as cur:
+        names.execute("SELECT DISTINCT rcpt FROM audit_records"
+                      " WHERE rcpt_key IS NULL AND rcpt <> ''")
+        while batch := names.fetchmany(10000):  # no COPY open while the cursor fetches
+            with cur.copy("COPY rcpt_keys (rcpt, rcpt_key) FROM STDIN") as copy:
+                for (rcpt,) in batch:
+                    copy.write_row((rcpt, rcpt_key(rcpt)))
+    conn.execute("UPDATE audit_records a SET rcpt_key = k.rcpt_key FROM rcpt_keys k"
+                 " WHERE a.rcpt = k.rcpt AND a.rcpt_key IS NULL AND a.rcpt <> ''")
 
 _INSERT = f"COPY audit_records ({', '.join(COLUMNS)}) FROM STDIN"
 _names = count()
@@ -204,7 +232,12 @@ class PostgresAuditStore(RetentionMixin):
             for version, sql in MIGRATIONS:
                 if version > current:
                     conn.execute(sql)
+                    if version == 6:  # the index after the back-fill: built once, not updated
+                        _fill_rcpt_keys(conn)
+                        conn.execute("CREATE INDEX ax_rcpt_key ON audit_records (rcpt_key)")
                     conn.execute("INSERT INTO audit_migrations (version) VALUES (%s)", (version,))
+            if current >= 6:
+                _fill_rcpt_keys(conn)
 
     def _check_schema(self) -> None:
         found = _scalar(self._conn.execute("SELECT to_regclass(%s)",
@@ -309,7 +342,7 @@ class PostgresAuditStore(RetentionMixin):
     def find(self, query: Query) -> list[dict]:
         """Every record of the messages matching the keys (a recipient key keeps only that
         recipient's records), in chain order."""
-        sql, args = find_sql(query, "%s", "lower(rcpt) = lower(%s)")
+        sql, args = find_sql(query, "%s")
         with self._db().cursor(row_factory=dict_row) as cur:
             return cur.execute(sql + " ORDER BY seq", args).fetchall()
 

@@ -10,13 +10,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..accounting.records import Record
-from ..address import spellings
+from ..address import address_key, spellings
 from .chain import RECORD_COLUMNS
 from .seal import Seal
 from .store import Query
 
 __all__ = ["CLASSES_SQL", "SEAL_COLS", "between_where", "find_sql", "pause_spans", "records_of",
-           "pauses_sql", "rcpt_spellings", "row_at", "row_record", "seal_row"]
+           "pauses_sql", "rcpt_key", "rcpt_spellings", "row_at", "row_record", "seal_row"]
 
 _RECORD_KINDS = {f.name: {"str": str, "int": int, "float": float}[str(f.type)]
                  for f in dataclasses.fields(Record) if f.name in RECORD_COLUMNS}
@@ -43,19 +43,30 @@ def between_where(since: float | None, until: float | None, cls: str | None,
     return " AND ".join(where), args
 
 
+def rcpt_key(rcpt: str | None) -> str | None:
+    """The ``rcpt_key`` column of a record (``store.KEY_COLUMNS``): ``address.address_key`` of
+    its recipient, None without one. Never raises: a record is written whatever its text."""
+    if not rcpt:
+        return None
+    try:
+        return address_key(rcpt)
+    except Exception:  # noqa: BLE001 - text the key cannot take (lone surrogates): lower-cased
+        return rcpt.lower()
+
+
 def rcpt_spellings(rcpt: str) -> list[str]:
-    """The spellings a recipient may be stored in, which the backends' case-insensitive
-    comparison (ASCII only in SQLite) does not join: the domain as given, in A-labels and in
-    U-labels (``address.spellings``; records keep the address as the client gave it) and a
-    non-ASCII local part as given and lower-cased."""
+    """The spellings a recipient may be stored in where only the text as stored is at hand
+    (a pseudonym is a hash of it; the API's in-memory look-ups): the domain as given, in
+    A-labels and in U-labels (``address.spellings``; records keep the address as the client
+    gave it) and a non-ASCII local part as given and lower-cased."""
     local = rcpt.rpartition("@")[0]
     return list(dict.fromkeys(spelling for part in dict.fromkeys((local, local.lower()))
                               for spelling in spellings(part + rcpt[len(local):])))
 
 
-def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
-    """The evidence query of both backends: ``mark`` is the driver's placeholder, and
-    ``rcpt_match`` the case-insensitive recipient comparison with one placeholder."""
+def find_sql(query: Query, mark: str) -> tuple[str, list]:
+    """The evidence query of both backends: ``mark`` is the driver's placeholder. A recipient
+    is compared by its key (``rcpt_key``, indexed), not by the database's case folding."""
     where: list[str] = []
     args: list = []
     keys = {"queue_id": query.queue_id, "message_id": query.message_id,
@@ -67,11 +78,10 @@ def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
             args.append(value)
     if query.env_id is not None:
         where.append("env_id <> ''")
-    named = rcpt_spellings(query.rcpt) if query.rcpt is not None else []
-    rcpt_any = "(" + " OR ".join([rcpt_match] * len(named)) + ")"
+    key = rcpt_key(query.rcpt) if query.rcpt is not None else None
     if query.rcpt is not None:
-        where.append(rcpt_any)
-        args.extend(named)
+        where.append(f"rcpt_key = {mark}")
+        args.append(key)
     if query.since is not None:
         where.append(f"time_queued >= {mark}")
         args.append(query.since)
@@ -88,8 +98,8 @@ def find_sql(query: Query, mark: str, rcpt_match: str) -> tuple[str, list]:
     sql = (f"SELECT * FROM audit_records WHERE queue_id IN (SELECT queue_id FROM "
            f"audit_records WHERE {' AND '.join(where)})")
     if query.rcpt is not None:
-        sql += f" AND {rcpt_any}"
-        args.extend(named)
+        sql += f" AND rcpt_key = {mark}"
+        args.append(key)
     return sql, args
 
 

@@ -17,7 +17,8 @@ from .chain import (
     row_cdigest,
     verify_tuple,
 )
-from .store import Retention
+from .queries import rcpt_key
+from .store import KEY_COLUMNS, Retention
 
 __all__ = ["RetentionMixin"]
 
@@ -71,7 +72,10 @@ class RetentionMixin:
                     bad += 1
                     continue
                 row["cdigest"] = cdigest
-                updates.append((row["seq"], change(row)))
+                new = change(row)
+                if "rcpt" in new:  # the look-up key goes with the address it was made from
+                    new["rcpt_key"] = rcpt_key(new["rcpt"])
+                updates.append((row["seq"], new))
             if updates:
                 done += self._write_changes(updates, states)
 
@@ -88,7 +92,7 @@ class RetentionMixin:
 
 
 def _tombstone(row: dict) -> dict:
-    new: dict[str, Any] = {c: None for c in RECORD_COLUMNS + EXTRA_COLUMNS
+    new: dict[str, Any] = {c: None for c in RECORD_COLUMNS + EXTRA_COLUMNS + KEY_COLUMNS
                            if c not in _KEPT_AFTER_PURGE}
     new.update(state=PURGED, cdigest=row["cdigest"], nonce=None, pdigest=None)
     return new

@@ -21,6 +21,7 @@ from .queries import (
     find_sql,
     pause_spans,
     pauses_sql,
+    rcpt_key,
     records_of,
     row_at,
     seal_from_row,
@@ -37,7 +38,10 @@ __all__ = ["MIGRATIONS", "SQLiteAuditStore", "baseline"]
 #: (old rows keep NULL there and verify as scheme 1), the lookup keys on every record (they
 #: covered "r" rows only) and each record's spool event (unique: an event is chained once,
 #: whatever replays a crash causes); 3 the day seals (Ed25519 signatures, time-stamps); 4 the
-#: index of operators' actions. The columns are those of ``COLUMNS`` (a test checks).
+#: index of operators' actions; 5 the recipient's look-up key (``store.KEY_COLUMNS``), filled
+#: in for the rows already there, and its index in place of the NOCASE one (NOCASE folds ASCII
+#: only: ``JÖRG@…`` was not found as ``jörg@…``). The columns are those of ``COLUMNS`` (a test
+#: checks).
 MIGRATIONS: list[tuple[int, str]] = [
     (1, """
 CREATE TABLE audit_records (seq INTEGER PRIMARY KEY, day TEXT NOT NULL, prev BLOB NOT NULL,
@@ -93,6 +97,12 @@ CREATE TABLE audit_seals (day TEXT NOT NULL, last_seq INTEGER NOT NULL,
     (4, """
 CREATE INDEX ax_ops ON audit_records (vmta_pool, time_logged) WHERE type = 'o';
 """),
+    (5, """
+ALTER TABLE audit_records ADD COLUMN rcpt_key TEXT;
+UPDATE audit_records SET rcpt_key = postlane_rcpt_key(rcpt) WHERE rcpt IS NOT NULL AND rcpt <> '';
+DROP INDEX ax_rcpt;
+CREATE INDEX ax_rcpt_key ON audit_records (rcpt_key);
+"""),
 ]
 
 
@@ -129,6 +139,8 @@ class SQLiteAuditStore(RetentionMixin):
             private_file(self.path)  # evidence holds addresses: 0600 in a 0700 folder
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
                                       check_same_thread=False)
+            # migration 5 fills in the look-up key of the rows already there
+            self.db.create_function("postlane_rcpt_key", 1, rcpt_key, deterministic=True)
             with schema.naming(self.path):
                 self.db.execute("PRAGMA journal_mode=WAL")
                 # FULL: a commit is on disk when it returns. The node trims the spool's events
@@ -220,7 +232,7 @@ class SQLiteAuditStore(RetentionMixin):
     def find(self, query: Query) -> list[dict]:
         """Every record of the messages matching the keys (a recipient key keeps only that
         recipient's records), in chain order."""
-        sql, args = find_sql(query, "?", "rcpt = ? COLLATE NOCASE")
+        sql, args = find_sql(query, "?")
         return [dict(r) for r in self.db.execute(sql + " ORDER BY seq", args)]
 
     def rows_between(self, since: float | None, until: float | None,

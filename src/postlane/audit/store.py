@@ -20,10 +20,17 @@ from .chain import CHAIN_COLUMNS, EXTRA_COLUMNS, RECORD_COLUMNS, Problem
 from .completeness import Completeness, SpoolView
 from .seal import Seal
 
-__all__ = ["COLUMNS", "AuditStore", "Entry", "Query", "Retention", "StoreMissing",
+__all__ = ["COLUMNS", "KEY_COLUMNS", "AuditStore", "Entry", "Query", "Retention", "StoreMissing",
            "StoreOutdated", "VerifyResult"]
 
-COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS
+KEY_COLUMNS: tuple[str, ...] = ("rcpt_key",)
+"""Look-up keys the store derives from a record when it writes it, not content (no hash covers
+them): ``rcpt_key`` is ``address.address_key`` of the recipient, the one form the rest of
+Postlane compares addresses in, indexed, so a look-up by recipient finds ``JÖRG@exämple.com`` as
+``jörg@xn--exmple-cua.com`` without the database folding case (SQLite's NOCASE and lower()
+under a C ctype fold ASCII only). Retention rewrites it with ``rcpt``."""
+
+COLUMNS: tuple[str, ...] = CHAIN_COLUMNS + RECORD_COLUMNS + EXTRA_COLUMNS + KEY_COLUMNS
 """The columns of ``audit_records`` in both backends, in order."""
 
 

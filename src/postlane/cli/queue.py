@@ -170,7 +170,9 @@ def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json
     # a filter or --all that matched nothing the action takes is exit 1, as a named id left
     # alone is: a script must not read a mistyped pattern as done (matches on other nodes of
     # a cluster are not nothing: the answer says where they are)
-    idle = not dry_run and not out["recipients"] and not untouched and not out.get("elsewhere")
+    pending = out.get("pending") or {}  # on the wire: done when their delivery ends
+    idle = not dry_run and not out["recipients"] and not untouched and not out.get("elsewhere") \
+        and not pending
     if as_json:
         typer.echo(json.dumps(out, indent=2))
         raise typer.Exit(1 if untouched or idle else 0)
@@ -179,8 +181,11 @@ def _act(action: str, sel: dict, dry_run: bool, target: tuple[str, str], as_json
                   "delete": "queued, deferred or held"}[action]
         raise _fail(f"nothing {_DONE[action]}: no {wanted} recipient matches")
     done = {**_DONE, "retry": "retried now"}[action]
-    typer.echo(f"{'would be ' if dry_run else ''}{done}: {out['recipients']} recipients of"
-               f" {out['messages']} messages")
+    if out["recipients"] or not pending:
+        typer.echo(f"{'would be ' if dry_run else ''}{done}: {out['recipients']} recipients of"
+                   f" {out['messages']} messages")
+    for qid, what in pending.items():
+        typer.echo(f"{qid}: {what}")
     if out.get("paused"):
         typer.echo(PAUSED_NOTE.format(out["paused"]))
     if out.get("elsewhere") and action == "retry" and not dry_run:
@@ -231,7 +236,8 @@ def delete(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
     if not dry_run and not yes:
         count = _call(target, "POST", "/api/v1/queue/delete",
                       body={**sel, "dry_run": True})
-        if not count["recipients"]:  # nothing to ask about: say what matched nothing
+        waiting = count.get("pending_recipients", 0)  # on the wire: deleted once it ends
+        if not count["recipients"] and not waiting:  # nothing to ask about: say why
             for qid, why in (count.get("untouched") or {}).items():
                 typer.echo(f"{qid}: {why}", err=True)
             if as_json:  # the count, as a delete that found nothing answers with --json
@@ -243,9 +249,11 @@ def delete(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
             raise _fail("nothing to delete: no queued recipient matches")
         if not (os.isatty(0) and typer.confirm(
                 f"delete {count['recipients']} recipients of {count['messages']} messages"
-                f"{' with a DSN to each sender' if dsn else ' silently'}?")):
-            raise _fail(f"nothing deleted ({count['recipients']} recipients match; confirm,"
-                        " or pass --yes)")
+                + (f" (and {waiting} being delivered now, when that ends unless it delivers)"
+                   if waiting else "")
+                + f"{' with a DSN to each sender' if dsn else ' silently'}?")):
+            raise _fail(f"nothing deleted ({count['recipients'] + waiting} recipients match;"
+                        " confirm, or pass --yes)")
     _act("delete", sel, dry_run, target, as_json, dsn=dsn)
 
 

@@ -20,6 +20,7 @@ from ..audit.evidence import visible
 from ..config import Config
 from ..feedback.dmarc import DEFAULT_MAX_SIZE, DMARCError, parse_aggregate
 from ..reputation.alignment import GROUPS, summarise
+from ..reputation.domains import OurDomains
 from ..reputation.postmaster import ImportFailed, drop_future_days, parse_traffic_stats
 from ..reputation.review import PERIOD, review
 from ..reputation.service import RECENT, import_report, open_store, store_location, store_view
@@ -98,31 +99,41 @@ def parse(files: list[Path] = typer.Argument(..., help=".xml, .xml.gz, .zip or .
 @dmarc_app.command("import")
 def import_(files: list[Path] = typer.Argument(..., help=".xml, .xml.gz, .zip or .eml files"),
             config: Path = _CONFIG, as_json: bool = _JSON) -> None:
-    """Store reports (a report already stored, same reporter and report id, is skipped).
-    Exit 1 if any file was not a readable report."""
+    """Store reports about this node's domains, as the rua address does (a report already
+    stored, same reporter, address, report id and content, is skipped; one about a policy
+    domain not ours is left out and counted). Exit 1 if any file was not a readable report."""
     cfg = _config(config)
+    ours = OurDomains(cfg)
     store = _store(cfg, write=True)
-    failed = 0
+    counts = {"stored": 0, "already": 0, "foreign": 0, "refused": 0}
     try:
         for path in files:
             try:
                 result = import_report(store, _read(path), f"file:{path.name}",
-                                       cfg.reputation.dmarc.max_report_size)
+                                       cfg.reputation.dmarc.max_report_size, ours)
             except OSError as exc:
                 result = {"ok": False, "error": f"cannot read: {exc.strerror}"}
-            if not result["ok"]:
-                failed += 1
+            counts["foreign" if result.get("not_ours") else "refused" if not result["ok"]
+                   else "stored" if result["stored"] else "already"] += 1
             if as_json:
                 typer.echo(json.dumps({"file": str(path), **result}, ensure_ascii=False))
+            elif result.get("not_ours"):
+                typer.echo(f"{path}: not ours, skipped: {visible(result['error'])} (list it in"
+                           f" reputation.dmarc.domains if it is)")
             elif not result["ok"]:
                 typer.echo(f"{path}: refused: {result['error']}")
             else:
-                state = "stored" if result["stored"] else "already stored, skipped"
+                state = "already stored, skipped" if not result["stored"] else (
+                    "stored, conflicting with a stored report of the same reporter, address"
+                    " and id (both kept, flagged)" if result["conflict"] else "stored")
                 typer.echo(f"{path}: {state} ({result['reporter']} {result['report_id']},"
                            f" {result['records']} records, {result['messages']} messages)")
     finally:
         store.close()
-    raise typer.Exit(1 if failed else 0)
+    if not as_json:
+        typer.echo(f"{counts['stored']} stored, {counts['already']} already stored,"
+                   f" {counts['foreign']} not ours (skipped), {counts['refused']} refused")
+    raise typer.Exit(1 if counts["refused"] else 0)
 
 
 @dmarc_app.command("report")
@@ -140,15 +151,20 @@ def report(config: Path = _CONFIG,
     try:
         rows = store.dmarc_sources(time.time() - days * 86400, domain)
         reports = store.dmarc_report_count(time.time() - days * 86400, domain)
+        conflicts = store.dmarc_conflicts(time.time() - days * 86400)
     finally:
         store.close()
     pool_ips = {ip.address: name for name, p in cfg.pools.items() for ip in p.ips}
     summary = summarise(rows, pool_ips, top)
     if as_json:
-        typer.echo(json.dumps({"days": days, "reports": reports, **summary}))
+        typer.echo(json.dumps({"days": days, "reports": reports,
+                               "conflicting_reports": conflicts, **summary}))
         return
     about = f" about {visible(domain.lower())}" if domain else ""
     typer.echo(f"{reports} reports{about} in the last {days:g} days")
+    if conflicts:
+        typer.echo(f"{conflicts} reports conflict with another of the same reporter, address"
+                   " and report id (a forgery or a reused id: both kept and counted)")
     for dom in summary["domains"]:
         typer.echo(f"\n{visible(dom['domain'])}: {dom['messages']} messages, DMARC pass"
                    f" {_pct(dom['pass_rate'])}, DKIM aligned {_pct(dom['dkim_rate'])}")

@@ -651,7 +651,8 @@ class APIConfig(Strict):
     """How long a client may take to send a request's head (from connecting, or from the end
     of its previous answer: then the connection is closed) and, counted again from the head,
     its body (408, then closed): a client that stops half way held its connection, and a
-    handler, for ever."""
+    handler, for ever. Also how long a client may stop reading an answer before it is
+    dropped (a streamed export waits for it)."""
     max_connections: int = Field(100, ge=1)
     """Connections open at once; a new one beyond is closed at once (each is a file descriptor
     the SMTP listeners need too)."""

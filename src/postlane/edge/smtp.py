@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import unicodedata
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
@@ -627,7 +628,9 @@ class SMTPIntake:
             if refusal is not None:
                 return refusal
         local, _, domain = address.rpartition("@")
-        key = f"{local}@{domain_key(domain)}"  # exämple.com is xn--exmple-cua.com (RFC 5890)
+        # exämple.com is xn--exmple-cua.com (RFC 5890), jörg precomposed is jörg decomposed
+        # (RFC 6530 10.1: compared in NFC); the local part's case counts (RFC 5321 2.4)
+        key = f"{unicodedata.normalize('NFC', local)}@{domain_key(domain)}"
         if key in envelope.rcpt_seen:  # type: ignore[attr-defined]
             return "250 2.1.5 Recipient ok (duplicate, delivered once)"
         if len(envelope.rcpt_tos) >= self.config.max_recipients:

@@ -19,8 +19,10 @@ streams with trailing bytes, and a whole report e-mail whose attachment holds th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import ipaddress
+import json
 import math
 import re
 import zipfile
@@ -32,7 +34,8 @@ from xml.etree.ElementTree import Element, ParseError
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import iterparse
 
-__all__ = ["DEFAULT_MAX_SIZE", "AggregateReport", "DMARCError", "Row", "parse_aggregate"]
+__all__ = ["DEFAULT_MAX_SIZE", "AggregateReport", "DMARCError", "Row", "is_aggregate",
+           "parse_aggregate"]
 
 DEFAULT_MAX_SIZE = 32 * 1024 * 1024
 """Bytes of XML one report may decompress to (the largest real report in the test corpus is
@@ -81,6 +84,14 @@ class AggregateReport:
         """Who sent it, for deduplication with the report id: the organisation, or its address
         when the organisation is left empty (some reporters do)."""
         return self.org_name or self.email
+
+    @property
+    def digest(self) -> str:
+        """What the report says, hashed: a report with the same reporter, address and id but
+        another digest is not the same report sent again (a forgery, or a reporter reusing
+        ids), and is kept beside the first, not dropped as a duplicate."""
+        text = json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @property
     def messages(self) -> int:
@@ -405,6 +416,27 @@ def _report(root: Element, rows: list[Row]) -> AggregateReport:
 def parse_aggregate(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> AggregateReport:
     """The report in ``data`` (an e-mail, gzip, zip or XML); raises ``DMARCError``."""
     return _report(*_read_xml(unpack(data, max_size)))
+
+
+def is_aggregate(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> bool:
+    """Whether a report posted to the API (``POST /feedback/reports``, which takes bounces and
+    ARF too) is a DMARC aggregate report: an XML, gzip or zip file (no bounce or complaint is
+    one), or a mail other than a delivery or feedback report (``multipart/report``) whose
+    attachment parses as one. A mail whose attachment does not parse is left to the bounce
+    parser, as it would have been."""
+    kind = _kind(data)
+    if kind in ("xml", "gzip", "zip"):
+        return True
+    if kind != "mail":
+        return False
+    try:
+        if message_from_bytes(data[:65536], policy=policy.compat32).get_content_type() \
+                == "multipart/report":
+            return False
+        parse_aggregate(data, max_size)
+    except (DMARCError, RecursionError):
+        return False
+    return True
 
 
 def _mb(size: int) -> str:

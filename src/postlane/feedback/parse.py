@@ -8,12 +8,14 @@ and its status is the enhanced code or SMTP reply code written next to it.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
 from email import message_from_bytes, message_from_string
 from email.message import Message
 from email.utils import getaddresses
+from typing import Any
 
 from .arf import (
     QUOTED_ADDR,
@@ -358,10 +360,112 @@ def parse_report(data: bytes, classifier: Classifier | None = None) -> Report:
         return Report(kind="not-a-report")
 
 
+_SES_STATUS = {"noemail": "1.1", "mailboxfull": "2.2", "messagetoolarge": "3.4"}
+"""SES bounce subtypes and the RFC 3463 detail they stand for, when a recipient has no status."""
+
+
+def _ses_notification(msg: Message, data: bytes) -> dict | None:
+    """An Amazon SES notification (``notificationType``, or ``eventType`` for event
+    publishing), unwrapped from its SNS envelope: the whole body when it is JSON (an SNS
+    webhook's POST) or the text of a one-part mail (SNS to an e-mail subscription)."""
+    if data.lstrip()[:1] == b"{":
+        text = data.decode("utf-8", "replace")
+    elif not msg.is_multipart() and msg.get_content_type() in ("text/plain", "application/json"):
+        text = _text_of(msg)
+        if text.lstrip()[:1] != "{":
+            return None
+    else:
+        return None
+    # strict: a line break in a string (a relay folded a line over 998 octets); raw_decode:
+    # SNS's "email" protocol appends an unsubscribe footer after the JSON
+    decoder = json.JSONDecoder(strict=False)
+    try:
+        note = decoder.raw_decode(text.lstrip())[0]
+        if isinstance(note, dict) and note.get("Type") == "Notification" and \
+                isinstance(note.get("Message"), str):
+            note = decoder.raw_decode(note["Message"].lstrip())[0]
+    except ValueError:  # not JSON after all: the prose fallback may still read it
+        return None
+    if not isinstance(note, dict):
+        return None
+    kind = note.get("notificationType") or note.get("eventType")
+    return note if kind in ("Bounce", "Complaint", "Delivery") else None
+
+
+def _dicts(value: Any) -> list[dict]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _ses_report(note: dict, report: Report, classifier: Classifier) -> Report:
+    """What an SES notification says: Permanent bounces are hard, Transient (and Undetermined)
+    soft: SES gave up, and the message is lost, but the mailbox may take the next one, so the
+    status class is 4 whatever SES wrote (its 5.3.4 for a too large message is 4.3.4 here; the
+    diagnostic keeps the receiver's words); complaints; deliveries. Everything in it is
+    untrusted text: only strings are read, addresses as ARF reads them."""
+    kind = note.get("notificationType") or note.get("eventType")
+    mail = note.get("mail") if isinstance(note.get("mail"), dict) else {}
+    headers = {str(h.get("name", "")).lower(): str(h.get("value", ""))
+               for h in _dicts(mail.get("headers"))}
+    report.method = "ses-json"
+    # SES's "source" is the MAIL FROM it was given: our VERP address when a pool relays
+    # through SES, which is what proves the recipient
+    report.original_return_path = bare_address(headers.get("return-path", "")) or \
+        bare_address(str(mail.get("source") or ""))
+    report.original_message_id = " ".join(headers.get("message-id", "").split())
+    if kind == "Complaint":
+        body = note.get("complaint") if isinstance(note.get("complaint"), dict) else {}
+        rcpts = [a for a in (bare_address(str(r.get("emailAddress", "")))
+                             for r in _dicts(body.get("complainedRecipients"))) if a]
+        ftype = str(body.get("complaintFeedbackType") or "abuse").lower()[:40]
+        report.kind = "complaint"
+        report.complaint = Complaint(
+            feedback_type=ftype, recipients=rcpts,
+            original_mail_from=bare_address(str(mail.get("source") or "")),
+            source_ip=str(mail.get("sourceIp") or "")[:45],
+            user_agent=" ".join(str(body.get("userAgent") or "").split())[:200],
+            message_id=report.original_message_id, return_path=report.original_return_path)
+        report.recipients = [ReportRecipient(address=a, action="complained") for a in rcpts]
+        return report
+    if kind == "Delivery":
+        body = note.get("delivery") if isinstance(note.get("delivery"), dict) else {}
+        said = " ".join(str(body.get("smtpResponse") or "").split())[:500]
+        remote = str(body.get("reportingMTA") or "").partition(";")[2].strip() or \
+            str(body.get("reportingMTA") or "")[:255]
+        rcpts = body.get("recipients") if isinstance(body.get("recipients"), list) else []
+        report.recipients = [ReportRecipient(address=a, action="delivered",
+                                             status=_status_of(said) or "2.0.0",
+                                             diagnostic=said, remote_mta=remote)
+                             for a in dict.fromkeys(bare_address(str(r)) for r in rcpts) if a]
+        report.kind = _kind(report.recipients)
+        return report
+    body = note.get("bounce") if isinstance(note.get("bounce"), dict) else {}
+    btype, sub = str(body.get("bounceType") or ""), str(body.get("bounceSubType") or "")
+    hard = btype.lower() == "permanent"
+    remote = str(body.get("reportingMTA") or "").partition(";")[2].strip()
+    for item in _dicts(body.get("bouncedRecipients")):
+        address = bare_address(str(item.get("emailAddress", "")))
+        if not address or any(r.address == address for r in report.recipients):
+            continue
+        diag = " ".join(str(item.get("diagnosticCode") or "").split())[:500] or \
+            f"ses; {btype} {sub}".strip()
+        found = _ENHANCED.search(str(item.get("status") or "")) or _ENHANCED.search(diag)
+        detail = found.group(0)[2:] if found else _SES_STATUS.get(sub.lower(), "0.0")
+        status = ("5." if hard else "4.") + detail
+        report.recipients.append(ReportRecipient(
+            address=address, action="failed", status=status, permanent=hard,
+            category=classifier.classify(status, f"{diag} {sub}"), diagnostic=diag,
+            remote_mta=remote))
+    report.kind = "bounce" if report.recipients else "not-a-report"
+    return report
+
+
 def _parse_report(data: bytes, classifier: Classifier) -> Report:
     msg = message_from_bytes(data)
     to = [bare_address(str(v)) for v in (msg.get_all("To") or [])]
     report = Report(kind="not-a-report", to=[a for a in to if a])
+    note = _ses_notification(msg, data)
+    if note is not None:
+        return _ses_report(note, report, classifier)
     original = returned_message(msg)
     if original is not None:
         report.original_message_id = " ".join(str(original.get("Message-ID", "")).split())

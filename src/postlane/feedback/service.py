@@ -19,7 +19,7 @@ from email import message_from_bytes
 from typing import Any, Protocol, cast
 
 from ..accounting.records import Record, pack
-from ..address import domain_key
+from ..address import address_key, domain_key
 from ..config import Config
 from ..config.model import ClassFeedbackConfig
 from ..policy.intake import RcptIn
@@ -39,9 +39,8 @@ __all__ = ["DMARCReports", "FeedbackService"]
 def _mailbox(address: str) -> str:
     """An address as reports are matched to recipients: case-insensitive, the domain in
     A-labels (a report from a server without SMTPUTF8 names ``anna@xn--exmple-cua.com``, the
-    recipient was ``anna@exämple.com``)."""
-    local, _, domain = address.rpartition("@")
-    return f"{local.lower()}@{domain_key(domain)}"
+    recipient was ``anna@exämple.com``), the local part in NFC (``address_key``)."""
+    return address_key(address)
 
 log = logging.getLogger("postlane.feedback")
 ORIGIN_WAIT = 2.0

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import itertools
 import math
 import re
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,8 @@ _CHUNK = 500  # stays under SQLite's bound-parameter limit
 _COLS = "address, scope, reason, source, created, expires"
 _ONE = f"SELECT {_COLS} FROM suppression WHERE address = ?"
 _TWO = f"SELECT {_COLS} FROM suppression WHERE address IN (?, ?)"
+_IN = f"SELECT {_COLS} FROM suppression WHERE address IN ({{}})"
+"""A local part not in ASCII: an entry written before in NFD too (``spellings``)."""
 BUSY_TIMEOUT = 0.05
 """Seconds a write waits inside SQLite for the lock before ``write`` sleeps and tries again."""
 T = TypeVar("T")
@@ -110,8 +114,9 @@ def normalize(address: str) -> str:
     practice no mailbox provider treats them so, and a missed suppression costs more. The
     domain is kept in A-labels (``domain_key``): ``jörg@exämple.com`` and
     ``jörg@xn--exmple-cua.com`` are one mailbox (RFC 5890), and the list compared the text, so
-    an entry in one spelling let mail to the other through."""
-    address = address.strip().strip("<>").strip().lower()
+    an entry in one spelling let mail to the other through. The text is in NFC (RFC 6530
+    10.1): ``jörg`` precomposed and decomposed were two entries, each stopping one spelling."""
+    address = unicodedata.normalize("NFC", address.strip().strip("<>").strip().lower())
     local, _, domain = address.rpartition("@")
     if domain and ("xn--" in domain or not domain.isascii()):
         address = f"{local}@{domain_key(domain)}"
@@ -360,7 +365,8 @@ class SuppressionList:
             return None
         keys = spellings(key)
         with self._lock:
-            rows = self._db.execute(_ONE if len(keys) == 1 else _TWO, keys).fetchall()
+            rows = self._db.execute(_ONE if len(keys) == 1 else _TWO if len(keys) == 2 else
+                                    _IN.format(",".join("?" * len(keys))), keys).fetchall()
         if not rows:
             return None
         now = time.time()
@@ -447,25 +453,35 @@ class SuppressionList:
         last = ("", "")
         with self._reading() as conn:
             while True:
-                rows = conn.execute(
-                    f"SELECT {_COLS} FROM suppression WHERE (address, scope) > (?, ?)"
-                    " AND (expires = 0 OR expires > ?) ORDER BY address, scope LIMIT 5000",
-                    (*last, time.time())).fetchall()
+                rows = self._page(conn, last, 5000)
                 if not rows:
                     return
                 for row in rows:
                     yield Entry(*row)
                 last = (rows[-1][0], rows[-1][1])
 
+    @staticmethod
+    def _page(conn: sqlite3.Connection, after: tuple[str, str], size: int) -> list[tuple]:
+        return conn.execute(
+            f"SELECT {_COLS} FROM suppression WHERE (address, scope) > (?, ?)"
+            " AND (expires = 0 OR expires > ?) ORDER BY address, scope LIMIT ?",
+            (*after, time.time(), size)).fetchall()
+
+    def export_page(self, after: tuple[str, str] = ("", ""), size: int = 5000
+                    ) -> tuple[str, tuple[str, str] | None]:
+        """The CSV rows (no header) of the ``size`` entries in force after ``after`` (address,
+        scope) and where the next page starts (None: the last page): the API streams an export
+        page by page, so a list of millions is never whole in memory."""
+        with self._reading() as conn:
+            rows = self._page(conn, after, size)
+        out = io.StringIO()
+        _write_rows(csv.writer(out), (Entry(*row) for row in rows))
+        return out.getvalue(), ((rows[-1][0], rows[-1][1]) if len(rows) == size else None)
+
     def export_csv(self, out: IO[str]) -> int:
         writer = csv.writer(out)
         writer.writerow(CSV_FIELDS)
-        n = 0
-        for e in self.iter_all():
-            writer.writerow([e.address, e.scope, e.reason, e.source, f"{e.created:.3f}",
-                             f"{e.expires:.3f}" if e.expires else ""])
-            n += 1
-        return n
+        return _write_rows(writer, self.iter_all())
 
     def import_csv(self, src: TextIO, default_scope: str = "marketing",
                    source: str = "import", patience: float | None = -1.0) -> int:
@@ -473,6 +489,16 @@ class SuppressionList:
         naming ``address`` is skipped). All or nothing: one bad row rejects the file, naming its
         line."""
         return self.add_many(parse_csv(src, default_scope, source), patience)
+
+
+def _write_rows(writer: Any, entries: Iterable[Entry]) -> int:
+    """Entries as export rows (``CSV_FIELDS``); how many."""
+    n = 0
+    for e in entries:
+        writer.writerow([e.address, e.scope, e.reason, e.source, f"{e.created:.3f}",
+                         f"{e.expires:.3f}" if e.expires else ""])
+        n += 1
+    return n
 
 
 def adding(entries: Iterable[Entry]) -> Callable[[sqlite3.Connection], int]:

@@ -96,13 +96,15 @@ class STSPolicy:
 def parse_policy(text: str, policy_id: str, now: float) -> STSPolicy:
     """RFC 8461 3.2 (raises PolicyError "sts-policy-invalid"). A leading UTF-8 byte order
     mark, which Windows editors write, is skipped (its first field was read as
-    "\\ufeffversion"); one anywhere else is not."""
+    "\\ufeffversion"); one anywhere else is not. Field names are case-sensitive, as the ABNF
+    writes them (``sts-policy-mode-field = %s"mode"``, RFC 7405 ``%s``): ``Mode`` is an
+    extension field and is ignored, as other senders ignore it; it was taken as ``mode``."""
     text = text.removeprefix("\ufeff")
     fields: dict[str, list[str]] = {}
     for line in _lines(text):
         key, colon, value = line.partition(":")
         if colon:
-            fields.setdefault(key.strip(_WSP).lower(), []).append(value.strip(_WSP))
+            fields.setdefault(key.strip(_WSP), []).append(value.strip(_WSP))
     version, mode = fields.get("version", [""])[0], fields.get("mode", [""])[0]
     if version != "STSv1":
         raise PolicyError("sts-policy-invalid", f"version is {version!r}, not STSv1")

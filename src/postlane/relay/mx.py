@@ -62,8 +62,9 @@ class Destination:
     port: int
     preference: int
     secure: bool = False
-    """The MX answer and the host's addresses came with the AD bit (``dns.dnssec``): DANE
-    applies to this host (RFC 7672 2.2)."""
+    """The MX answer and the host's addresses came with the AD bit (``dns.dnssec``), or the
+    host is an authenticated CNAME into an unsigned zone: DANE applies to this host (RFC
+    7672 2.2)."""
     expanded: str = ""
     """The name at the end of the CNAME chain ``host``'s addresses were reached through,
     when that chain was authenticated (``secure``); "" without one. Its TLSA records are
@@ -300,11 +301,15 @@ class MXResolver:
         except dns.exception.DNSException as e:
             raise DNSTempError(f"{rdtype} {name}: {e}") from e
 
-    async def _addresses(self, name: dns.name.Name) -> tuple[list[str], float, bool, str]:
-        """A then AAAA addresses of ``name``, their smallest TTL, whether every answer was
-        authenticated, and the name a CNAME chain led to when it was ("": none, or not
-        authenticated: RFC 7672 2.2.3 has an unauthenticated one ignored); a failure of one
-        family is tolerated when the other answers."""
+    async def _addresses(self, name: dns.name.Name, signed_mx: bool = True
+                         ) -> tuple[list[str], float, bool, str]:
+        """A then AAAA addresses of ``name``, their smallest TTL, whether DANE applies to it
+        (every answer authenticated, or ``name`` an authenticated CNAME into an unsigned zone:
+        ``_secure_alias``), and the name a CNAME chain led to when the whole chain was
+        authenticated ("": none, or not: RFC 7672 2.2.2 has an unauthenticated target's TLSA
+        records ignored); a failure of one family is tolerated when the other answers.
+        ``signed_mx``: the MX answer naming it was authenticated (else DANE cannot apply and
+        the alias is not asked about)."""
         results = await asyncio.gather(
             self._query(name, "A"), self._query(name, "AAAA"), return_exceptions=True
         )
@@ -325,8 +330,11 @@ class MXResolver:
                 canonical = canonical or result.canonical_name
         if ips:
             expanded = ""
-            if secure and canonical is not None and canonical != name:
-                expanded = canonical.to_text(omit_final_dot=True).lower()
+            if canonical is not None and canonical != name:
+                if secure:
+                    expanded = canonical.to_text(omit_final_dot=True).lower()
+                elif self.dnssec and signed_mx:
+                    secure = await self._secure_alias(name)
             return ips, ttl, secure, expanded
         for error in errors:
             if isinstance(error, DNSTempError):
@@ -335,7 +343,23 @@ class MXResolver:
             raise errors[0]
         raise DNSPermError(f"{name.to_text(omit_final_dot=True)}: no A/AAAA record")
 
-    async def _exchange(self, exchange: dns.name.Name) -> tuple[list[str], float, bool, str]:
+    async def _secure_alias(self, name: dns.name.Name) -> bool:
+        """Whether ``name``'s own CNAME record is authenticated, when the chain it starts
+        ends in an unsigned zone (its address answer without AD). Then the host is in a
+        signed zone and DANE applies at its own name, not at the chain's target (RFC 7672
+        2.2.2; as its author puts it, a host is in a signed zone when its addresses "result
+        from a CNAME chain whose first link is DNSSEC signed"). Asked
+        as a query for the CNAME type, which the resolver answers from the alias's zone
+        alone. A failed lookup raises DNSTempError: an attacker who blocks it must not turn
+        DANE off for the host."""
+        try:
+            answer = await self._query(name, "CNAME")
+        except DNSPermError:
+            return False
+        return answer is not None and self._secure(answer)
+
+    async def _exchange(self, exchange: dns.name.Name, signed_mx: bool = True
+                        ) -> tuple[list[str], float, bool, str]:
         """The addresses of one MX host. An exchange written as an IP address ("10 192.0.2.1.")
         breaks RFC 5321 5.1 but is seen in the wild: as Postfix does, the address is used (no
         A query for a name that has none; not DANE-secure, there is no TLSA name for it)."""
@@ -343,7 +367,7 @@ class MXResolver:
         if _is_ip(text):
             log.warning("MX record names an IP address, not a host: %s", text)
             return [text], self._max_ttl, False, ""
-        return await self._addresses(exchange)
+        return await self._addresses(exchange, signed_mx)
 
     async def _lookup_host(self, host: str) -> tuple[_Hosts, float]:
         name = _absolute(host)
@@ -366,7 +390,8 @@ class MXResolver:
         if not real:
             raise DNSNullMX(f"{domain}: null MX, domain accepts no mail (RFC 7505)")
         results = await asyncio.gather(
-            *(self._exchange(exchange) for _, exchange in real), return_exceptions=True
+            *(self._exchange(exchange, mx_secure) for _, exchange in real),
+            return_exceptions=True
         )
         hosts: _Hosts = []
         errors: list[BaseException] = []

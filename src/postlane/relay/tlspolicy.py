@@ -6,7 +6,8 @@ For each MX host of a destination, in precedence order:
    and the host's addresses were authenticated and its TLSA RRset is: TLS is mandatory and the
    certificate must match a usable TLSA record. DANE takes precedence over MTA-STS. A host
    whose addresses were reached through an authenticated CNAME chain has its TLSA records
-   looked up at the chain's target first, then at its own name (RFC 7672 2.2.3).
+   looked up at the chain's target first, then at its own name (RFC 7672 2.2.3); one that is
+   an authenticated CNAME into an unsigned zone only at its own name (RFC 7672 2.2.2).
 2. **MTA-STS** (RFC 8461): ``enforce`` uses only the MXes the policy names, each with a
    certificate valid for its name (PKIX); ``testing`` checks the same, reports what fails and
    delivers anyway.

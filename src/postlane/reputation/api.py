@@ -44,8 +44,9 @@ def router(service: ReputationService, config: Config) -> APIRouter:
         store = service.store
 
         def read() -> dict:  # off the event loop: months of reports are many rows
-            return summarise(store.dmarc_sources(time.time() - days * 86400, domain),
-                             service.pool_ips)
+            since = time.time() - days * 86400
+            return {"conflicting_reports": store.dmarc_conflicts(since),
+                    **summarise(store.dmarc_sources(since, domain), service.pool_ips)}
 
         return {"days": days, **await asyncio.to_thread(read)}
 

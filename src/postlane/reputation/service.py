@@ -67,8 +67,9 @@ def open_store(config: Config) -> ReputationStore:
 def import_report(store: ReputationStore, data: bytes, source: str, max_size: int,
                   ours: Container[str] | None = None) -> dict:
     """Parse and store one report (mail, .xml, .xml.gz or .zip): ``{"ok", "stored"
-    (False: a duplicate), ...}`` or ``{"ok": False, "error"}``. Store failures raise. With
-    ``ours``, a report whose policy domain is not in it is not stored: ``{"ok": False,
+    (False: a duplicate), "conflict" (another report of this reporter, address and id says
+    something else: both kept, flagged), ...}`` or ``{"ok": False, "error"}``. Store failures
+    raise. With ``ours``, a report whose policy domain is not in it is not stored: ``{"ok": False,
     "not_ours": True, "policy_domain", ...}``."""
     try:
         report = parse_aggregate(data, max_size)
@@ -82,8 +83,9 @@ def import_report(store: ReputationStore, data: bytes, source: str, max_size: in
         return {"ok": False, "not_ours": True, "policy_domain": report.policy_domain,
                 "reporter": report.reporter, "report_id": report.report_id,
                 "error": f"the policy domain {report.policy_domain} is not one of this node's"}
-    stored = store.add_report(report, source, time.time())
-    return {"ok": True, "stored": stored, "reporter": report.reporter,
+    outcome = store.store_report(report, source, time.time())
+    return {"ok": True, "stored": outcome != "duplicate", "conflict": outcome == "conflict",
+            "reporter": report.reporter, "email": report.email,
             "report_id": report.report_id, "policy_domain": report.policy_domain,
             "records": len(report.rows), "messages": report.messages}
 
@@ -179,12 +181,13 @@ class ReputationService:
     def is_rua(self, address: str) -> bool:
         return address.lower() in self.addresses
 
-    async def receive(self, data: bytes, client: str = "") -> dict:
-        """A mail to a ``rua`` address: stored once; a report that cannot be read, or is about
-        a policy domain not ours, is logged and dropped (the reporter resending it would not
-        help). A store failure raises, so the SMTP client gets a 451 and tries again."""
+    async def receive(self, data: bytes, client: str = "", via: str = "smtp") -> dict:
+        """A mail to a ``rua`` address (or a report posted to the API, ``via`` "api"): stored
+        once; a report that cannot be read, or is about a policy domain not ours, is logged and
+        dropped (the reporter resending it would not help). A store failure raises, so the SMTP
+        client gets a 451 and tries again."""
         assert self.store is not None
-        result = await asyncio.to_thread(import_report, self.store, data, f"smtp:{client}",
+        result = await asyncio.to_thread(import_report, self.store, data, f"{via}:{client}",
                                          self.config.reputation.dmarc.max_report_size,
                                          self.ours)
         if result.get("not_ours"):
@@ -194,11 +197,16 @@ class ReputationService:
         elif not result["ok"]:
             log.warning("DMARC report refused", extra={"client": client,
                                                       "reason": result["error"]})
+        elif result["conflict"]:
+            log.warning("DMARC report conflicts with one stored (same reporter, address and"
+                        " report id, other content): both kept, flagged", extra={
+                            "client": client, **{k: result[k] for k in (
+                                "reporter", "email", "report_id", "records")}})
         else:
             log.info("DMARC report" + (" stored" if result["stored"] else " already stored"),
                      extra={k: result[k] for k in ("reporter", "report_id", "records")})
-            if result["stored"]:
-                await self.refresh()
+        if result["ok"] and result["stored"]:
+            await self.refresh()
         return result
 
     # -- importers ------------------------------------------------------------------------------
@@ -287,6 +295,7 @@ class ReputationService:
         return {"dmarc": self._bounded(summarise(self.store.dmarc_sources(now - rep.dmarc.window),
                                                  self.pool_ips)),
                 "reports": self.store.dmarc_report_count(now - rep.dmarc.window),
+                "conflicts": self.store.dmarc_conflicts(now - rep.dmarc.window),
                 "postmaster": self.store.postmaster(since_day),
                 "snds": self.store.snds(now - RECENT), "imports": self.store.imports(),
                 "reviews": self.store.last_reviews()}
@@ -348,7 +357,8 @@ class ReputationService:
             imports[source] = {"enabled": enabled, **state,
                                "age_s": None if success is None else round(now - success, 1)}
         view = {"pools": pools, "dmarc": {"window_s": rep.dmarc.window,
-                                          "reports": data["reports"], **dmarc},
+                                          "reports": data["reports"],
+                                          "conflicting_reports": data["conflicts"], **dmarc},
                 "imports": imports, "stale_rules": stale_rules(self.config, data["reviews"], now),
                 "thresholds": {"spam_ratio_warning": rep.spam_ratio_warning,
                                "spam_ratio_critical": rep.spam_ratio_critical,

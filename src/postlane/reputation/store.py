@@ -4,7 +4,8 @@ the importers and the rules reviews.
 Same family as the rest of a node's state: a SQLite file (WAL) beside the spool, or, when
 ``node.spool`` is a PostgreSQL DSN, tables in the cluster's schema of that database, so every
 node of a cluster reads and writes one copy (a report that two nodes receive is stored once:
-the primary key is reporter + report id, and ``ON CONFLICT DO NOTHING`` decides the race).
+the primary key is reporter + report id + content digest, and ``ON CONFLICT DO NOTHING``
+decides the race).
 The SQL is written once for both backends (``?`` placeholders become ``%s`` for psycopg); the
 interface is synchronous and thread-safe (one connection behind a lock), and the node calls it
 through ``asyncio.to_thread``.
@@ -69,10 +70,38 @@ UPDATE dmarc_rows SET end_ts = (SELECT CAST(r.received_at AS BIGINT) FROM dmarc_
 UPDATE dmarc_reports SET end_ts = CAST(received_at AS BIGINT),
     begin_ts = CASE WHEN begin_ts > received_at THEN CAST(received_at AS BIGINT) ELSE begin_ts END
   WHERE end_ts > received_at
+"""), (3, """
+CREATE TABLE dmarc_reports_v3 (
+    reporter TEXT NOT NULL, report_id TEXT NOT NULL, org_name TEXT NOT NULL,
+    email TEXT NOT NULL, policy_domain TEXT NOT NULL, begin_ts BIGINT NOT NULL,
+    end_ts BIGINT NOT NULL, policy TEXT NOT NULL, version TEXT NOT NULL,
+    records INTEGER NOT NULL, messages BIGINT NOT NULL, source TEXT NOT NULL,
+    received_at DOUBLE PRECISION NOT NULL, digest TEXT NOT NULL, conflict SMALLINT NOT NULL,
+    PRIMARY KEY (reporter, report_id, digest));
+INSERT INTO dmarc_reports_v3 SELECT reporter, report_id, org_name, email, policy_domain,
+    begin_ts, end_ts, policy, version, records, messages, source, received_at, '', 0
+    FROM dmarc_reports;
+DROP TABLE dmarc_reports;
+ALTER TABLE dmarc_reports_v3 RENAME TO dmarc_reports;
+CREATE INDEX dmarc_reports_end ON dmarc_reports (end_ts);
+CREATE TABLE dmarc_rows_v3 (
+    reporter TEXT NOT NULL, report_id TEXT NOT NULL, idx INTEGER NOT NULL,
+    end_ts BIGINT NOT NULL, source_ip TEXT NOT NULL, count BIGINT NOT NULL,
+    disposition TEXT NOT NULL, dkim_aligned SMALLINT NOT NULL, spf_aligned SMALLINT NOT NULL,
+    header_from TEXT NOT NULL, envelope_from TEXT NOT NULL, envelope_to TEXT NOT NULL,
+    dkim TEXT NOT NULL, spf TEXT NOT NULL, reasons TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (reporter, report_id, digest, idx));
+INSERT INTO dmarc_rows_v3 SELECT reporter, report_id, idx, end_ts, source_ip, count,
+    disposition, dkim_aligned, spf_aligned, header_from, envelope_from, envelope_to, dkim, spf,
+    reasons, '' FROM dmarc_rows;
+DROP TABLE dmarc_rows;
+ALTER TABLE dmarc_rows_v3 RENAME TO dmarc_rows;
+CREATE INDEX dmarc_rows_end ON dmarc_rows (end_ts)
 """)]
 """Versioned schema (table ``reputation_migrations``): append ``(n + 1, sql)``, never edit an
 applied entry. 2: reports stored as ending after they arrived end on arrival, as new ones do
-(``add_report``)."""
+(``add_report``). 3: a report is keyed on its reporter, report id and content digest, with a
+``conflict`` flag (``store_report``); reports stored before have the digest ``''``."""
 
 
 class ReputationStore:
@@ -184,25 +213,54 @@ class ReputationStore:
     # -- DMARC ----------------------------------------------------------------------------------
 
     def add_report(self, report: AggregateReport, source: str, now: float) -> bool:
-        """Store a report and its rows once; False when this reporter's report id is already
-        stored (a resent report). A report that claims to end after it arrived is taken as
-        ending on arrival: dated in 2096, it stayed in every window (and its alerts firing)
-        for good."""
+        """``store_report``: False when it was a duplicate."""
+        return self.store_report(report, source, now) != "duplicate"
+
+    def store_report(self, report: AggregateReport, source: str, now: float) -> str:
+        """Store a report and its rows once: ``"stored"``, ``"duplicate"`` (this reporter's
+        report of this id from this address, with the same content, is already stored: a
+        resend, to this node or another of the cluster) or ``"conflict"``.
+
+        The key is the reporter (organisation, else address), the report id and the content
+        digest; the address is compared too. Anyone can mail the rua address, so a report with
+        a guessed id was enough to have the genuine one dropped as "already stored": now one
+        from another address is another report, and one from the same address with other
+        content is stored beside the first and both are flagged ``conflict`` (we cannot tell
+        which is genuine; keeping both counts the forger's figures, which a fresh id would
+        have done anyway, and never loses the reporter's). A report stored before the digest
+        existed (``''``) stands for any content from its address.
+
+        A report that claims to end after it arrived is taken as ending on arrival: dated in
+        2096, it stayed in every window (and its alerts firing) for good."""
         end = min(report.end, int(now))
+        digest, email = report.digest, report.email.lower()
         with self._tx() as conn:
-            cur = self._exec(conn, """INSERT INTO dmarc_reports VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
-                ON CONFLICT (reporter, report_id) DO NOTHING""", (
+            stored = self._exec(conn, "SELECT email, digest FROM dmarc_reports"
+                                      " WHERE reporter = ? AND report_id = ?",
+                                (report.reporter, report.report_id)).fetchall()
+            same = {d for e, d in stored if e.lower() == email}
+            if digest in same or "" in same:
+                return "duplicate"
+            cur = self._exec(conn, """INSERT INTO dmarc_reports
+                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                ON CONFLICT (reporter, report_id, digest) DO NOTHING""", (
                 report.reporter, report.report_id, report.org_name, report.email,
                 report.policy_domain, min(report.begin, end), end, json.dumps(report.policy),
-                report.version, len(report.rows), report.messages, source[:200], now))
-            if cur.rowcount == 0:
-                return False
-            self._many(conn, "INSERT INTO dmarc_rows VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [
+                report.version, len(report.rows), report.messages, source[:200], now, digest,
+                int(bool(same))))
+            if cur.rowcount == 0:  # another node stored it since the SELECT
+                return "duplicate"
+            if same:
+                self._exec(conn, "UPDATE dmarc_reports SET conflict = 1 WHERE reporter = ?"
+                                 " AND report_id = ? AND lower(email) = ?",
+                           (report.reporter, report.report_id, email))
+            self._many(conn, "INSERT INTO dmarc_rows"
+                             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", [
                 (report.reporter, report.report_id, i, end, r.source_ip, r.count,
                  r.disposition, int(r.dkim_aligned), int(r.spf_aligned), r.header_from,
                  r.envelope_from, r.envelope_to, json.dumps(r.dkim), json.dumps(r.spf),
-                 json.dumps(r.reasons)) for i, r in enumerate(report.rows)])
-        return True
+                 json.dumps(r.reasons), digest) for i, r in enumerate(report.rows)])
+        return "conflict" if same else "stored"
 
     def dmarc_sources(self, since: float, domain: str | None = None) -> list[tuple]:
         """Rows of reports that ended since ``since``, summed per (header_from, source_ip,
@@ -220,11 +278,18 @@ class ReputationStore:
         """Reports that ended since ``since``; with ``domain``, those with rows of that header
         From domain (as ``dmarc_sources`` reads)."""
         if domain:
-            return self._all("SELECT count(*) FROM (SELECT DISTINCT reporter, report_id FROM"
-                             " dmarc_rows WHERE end_ts >= ? AND header_from = ?) AS about",
+            return self._all("SELECT count(*) FROM (SELECT DISTINCT reporter, report_id,"
+                             " digest FROM dmarc_rows WHERE end_ts >= ? AND header_from = ?)"
+                             " AS about",
                              (int(since), domain.lower()))[0][0]
         return self._all("SELECT count(*) FROM dmarc_reports WHERE end_ts >= ?",
                          (int(since),))[0][0]
+
+    def dmarc_conflicts(self, since: float) -> int:
+        """Reports that ended since ``since`` flagged ``conflict``: another report of the same
+        reporter, address and id says something else (``store_report``)."""
+        return self._all("SELECT count(*) FROM dmarc_reports WHERE end_ts >= ? AND"
+                         " conflict = 1", (int(since),))[0][0]
 
     # -- Postmaster Tools and SNDS --------------------------------------------------------------
 

@@ -6,13 +6,15 @@ and the queue's age shape per domain or class.
 It works on the node's in-memory queue (the scheduler's lanes, retry timers and held set) and,
 where deep lanes left recipients in the spool (``paging.py``), on those too (read off the loop);
 every action takes effect at once and is written to the spool through the scheduler. Recipients
-in flight finish their transaction and are not selected.
+in flight finish their transaction and are not selected; a hold or delete naming their queue id
+waits for that transaction to end (``Scheduler.pend``), unless it delivers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import re
 import time
 from collections import Counter
@@ -20,8 +22,10 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
-from ..address import domain_key, spellings
+from ..accounting.operators import DONE
+from ..address import address_key, domain_key, spellings
 from ..spool import PostgresSpool, Recipient, State
+from .operator import PENDING
 
 if TYPE_CHECKING:
     from ..accounting.operators import Operator
@@ -212,12 +216,13 @@ class QueueControl:
                     where.append(f"{column} = ?")
                     params.append(value)
             if sel.recipient and "*" not in sel.recipient:
-                named = spellings(sel.recipient.lower())
-                where.append(f"lower(r.address) IN ({','.join('?' * len(named))})")
-                params.extend(named)
-            if sel.queue_ids:
-                where.append(f"m.id IN ({','.join('?' * len(sel.queue_ids))})")
-                params.extend(sel.queue_ids)
+                # the key in Python on both sides (SQLite's lower() folds ASCII only, so
+                # JÖRG@EXÄMPLE.com in the spool was not jörg@exämple.com; memory found it)
+                where.append("address_key(r.address) = ?")
+                params.append(address_key(sel.recipient))
+            if sel.queue_ids:  # one parameter: 100,000 ids exceed SQLite's older limit
+                where.append("m.id IN (SELECT value FROM json_each(?))")
+                params.append(json.dumps(sel.queue_ids))
         found = await pager.spooled(" AND ".join(where), tuple(params))
         try:
             yield found
@@ -344,6 +349,10 @@ class QueueControl:
             # on the wire as the action takes the rest (what it releases may leave at once)
             wire = {qid: n for qid in dict.fromkeys(sel.queue_ids)
                     if (n := sched.in_flight(qid))}
+            # named ones on the wire: a hold or delete waits for their delivery to end
+            pend = self._pending(action, wire, match)
+            if not dry_run:  # now, while they are on the wire (the shared spool awaits below)
+                sched.pend([r for rs in pend.values() for r in rs], action, who, dsn)
             if dry_run:
                 found = [r for r in sched.recipients() if chosen(r)]
             else:
@@ -367,6 +376,14 @@ class QueueControl:
                 sched.let_go(mine)
         elif not dry_run:
             self._apply(action, found, who, dsn)
+        if pend:
+            done = f"{'would be' if dry_run else 'will be'} {DONE[action]}"
+            out["pending"] = {qid: f"{len(rs)} recipient(s) being delivered now: {done} when"
+                                   " the delivery in progress ends, unless it delivers"
+                              for qid, rs in pend.items()}
+            out["pending_recipients"] = sum(map(len, pend.values()))
+            wire = {qid: n - len(pend.get(qid, ())) for qid, n in wire.items()
+                    if n > len(pend.get(qid, ()))}
         ids = {r.msg.id for r in found}
         if touched is not None and not dry_run:
             touched |= ids
@@ -380,8 +397,18 @@ class QueueControl:
                 out["untouched"] = await self._untouched(sel, wanted, ids | set(elsewhere),
                                                          wire, {})
             else:
-                out["untouched"] = await self._untouched(sel, wanted, ids, wire, elsewhere)
+                out["untouched"] = await self._untouched(sel, wanted, ids | set(pend), wire,
+                                                         elsewhere)
         return out
+
+    def _pending(self, action: str, wire: dict[str, int], match: Callable[[Recipient], bool]
+                 ) -> dict[str, list[Recipient]]:
+        """Per queue id named, its recipients on the wire that a hold or delete waits for
+        (``Scheduler.pend``): this node's, so in a cluster those it delivers."""
+        if action not in PENDING:
+            return {}
+        return {qid: rs for qid in wire
+                if (rs := [r for r in self.scheduler.on_the_wire(qid) if match(r)])}
 
     async def _spooled_body(self, qid: str) -> bool:
         """Whether the spool still has the message (a deep lane's recipients are only there;

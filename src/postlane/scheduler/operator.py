@@ -4,9 +4,13 @@ operator in the same spool write. ``operations.py`` is the door to these (it log
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+
+import orjson
 
 from ..accounting.operators import DONE, Operator, stamp
 from ..accounting.records import Record
@@ -22,7 +26,12 @@ if TYPE_CHECKING:
     from .paging import Pager
     from .timers import RetryTimers
 
+log = logging.getLogger("postlane.scheduler")
+
 ANY_DOMAIN = "*"
+PENDING = ("hold", "delete")
+"""The actions that, asked of a recipient being delivered, wait for that delivery to end
+(``pend``); a release or retry of it has nothing to do (it is neither held nor deferred)."""
 
 
 class OperatorActions:
@@ -37,6 +46,8 @@ class OperatorActions:
     on_final: Callable[[Recipient], None] | None
     pager: Pager | None
     _ready: set[Lane]
+    _pending_tasks: set[asyncio.Task]
+    """Cluster mode: pending actions being written to the shared spool (``_pending_shared``)."""
 
     if TYPE_CHECKING:  # the Scheduler's
         def lane(self, pool: str, domain: str) -> Lane: ...
@@ -130,6 +141,96 @@ class OperatorActions:
     def _told(self, rcpt: Recipient, action: str) -> Failure | None:
         """A DSN for a recipient an operator removed: it says what happened, not who did it."""
         return self._fail(rcpt, "5.0.0", f"{DONE[action]} by operator", "")
+
+    # -- actions asked during a delivery ---------------------------------------------------------
+
+    def pend(self, rcpts: list[Recipient], action: str, who: Operator, dsn: bool = False
+             ) -> None:
+        """``who``'s hold or delete of recipients being delivered now, kept as pending (in the
+        spool with its "o" record, one commit: a SIGKILL after the answer cannot lose it) and
+        applied when the delivery ends (``apply_pending``), unless it delivered: as Postfix's
+        ``postsuper -h/-d`` of a message in delivery takes effect once the agent returns. A
+        delivery that deferred put the recipient back in the queue, retried later."""
+        rcpts = [r for r in rcpts if r.state is State.INFLIGHT]
+        if not rcpts:
+            return
+        value = orjson.dumps({"action": action, "dsn": dsn, "operator": who.name,
+                              "via": who.via}).decode()
+        now = self.clock.time()
+        recs = []
+        for rcpt in rcpts:
+            rcpt.pending = value
+            rec = base_record("o", rcpt, now)
+            rec.operator, rec.dsn_action, rec.src_type = who.name, f"{action}-pending", who.via
+            rec.dsn_diag = (f"{action} asked by operator {who.name} during a delivery: to be"
+                            f" {DONE[action]} when it ends, unless it delivers")
+            self.record(rec)
+            recs.append(rec)
+        self.spool.pend([(value, r.msg.id, r.idx) for r in rcpts], recs)
+
+    def apply_pending(self, rcpt: Recipient) -> bool:
+        """A recipient with a pending action is back in the queue (its delivery deferred, or
+        never started, or the node restarted meanwhile): hold or delete it now, with the
+        records and DSN of the action on a queued recipient. False if none is pending."""
+        if not rcpt.pending:
+            return False
+        asked = orjson.loads(rcpt.pending)
+        who = Operator(asked["operator"], asked["via"])
+        if isinstance(self.spool, PostgresSpool):
+            self._pending_shared(rcpt, asked["action"], who, asked["dsn"])
+            return True
+        rcpt.pending = ""
+        if asked["action"] != "hold":  # the row's final state ends it (a DSN's commit too)
+            self.remove([rcpt], asked["action"], who, dsn=asked["dsn"])
+            return True
+        if rcpt.state is State.HELD:  # held before a restart; only the clearing was lost
+            self.add(rcpt)
+        else:
+            self.hold([rcpt], who)
+        self.spool.pend([("", rcpt.msg.id, rcpt.idx)])
+        return True
+
+    def _pending_shared(self, rcpt: Recipient, action: str, who: Operator, dsn: bool) -> None:
+        """Cluster mode: the recipient leaves this node's queue and the shared spool takes the
+        action, as an operator's on a recipient this node holds (``operate_shared``: held ones
+        are nobody's; a delete with a DSN is leased here until its DSN is queued). The spool
+        keeps it pending until then: a spool that fails retries it at the recipient's next
+        retry time, a node that dies leaves it to the node that claims the recipient."""
+        async def run() -> None:
+            try:
+                # the delivery's outcome first: the action's write is urgent, and an outcome
+                # committed after it would make the held recipient deferred (claimable) again
+                await self.spool.flush()
+                await self.operate_shared([rcpt], action, who, (State.QUEUED, State.DEFERRED),
+                                          dsn)
+            except Exception:
+                log.exception("the %s asked during the delivery of %s (queue id %s) is not"
+                              " written yet: tried again at its retry time", action,
+                              rcpt.address, rcpt.msg.id)
+                rcpt.state = State.DEFERRED
+                rcpt.next_attempt = max(rcpt.next_attempt, self.clock.time() + 60.0)
+                self.lane(rcpt.msg.pool, rcpt.domain).deferred += 1
+                self.timers.add(rcpt)  # due: ``add`` applies it again
+                return
+            rcpt.pending = ""
+            self.let_go([rcpt])
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._pending_tasks.add(task)
+        task.add_done_callback(self._pending_tasks.discard)
+
+    def pending_void(self, rcpt: Recipient, state: State) -> None:
+        """The delivery of a recipient with a pending action ended it (delivered, bounced,
+        expired): the action has nothing left to do, and its trail says so."""
+        asked = orjson.loads(rcpt.pending)
+        rcpt.pending = ""
+        rec = base_record("o", rcpt, self.clock.time())
+        rec.operator, rec.src_type = asked["operator"], asked["via"]
+        rec.dsn_action = f"{asked['action']}-void"
+        rec.dsn_diag = (f"{asked['action']} asked by operator {asked['operator']} not applied:"
+                        f" the delivery in progress ended it ({state.value}, final)")
+        self.record(rec)
+        self.spool.record([rec])
 
     def let_go(self, rcpts: list[Recipient]) -> None:
         """Cluster mode: recipients taken out of this node's queue that the shared spool

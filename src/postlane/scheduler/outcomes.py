@@ -100,6 +100,8 @@ class OutcomeRecording:
         def outage_key(self, lane: Lane) -> str: ...
         def _unindex(self, rcpt: Recipient) -> None: ...
         def _left(self, rcpt: Recipient) -> None: ...
+        def apply_pending(self, rcpt: Recipient) -> bool: ...
+        def pending_void(self, rcpt: Recipient, state: State) -> None: ...
 
     @contextlib.contextmanager
     def one_write(self) -> Iterator[None]:
@@ -208,9 +210,14 @@ class OutcomeRecording:
         rec.bounce_cat = self.classify(status, reply)
         fill_conn(rec, conn)
         self.record(rec)
+        # a pending action applies next: its records (a delete's DSN commit is urgent) come
+        # after this "t" in the trail
         self.spool.update([RecipientUpdate(rcpt.msg.id, rcpt.idx, State.DEFERRED, rcpt.attempts,
-                                           rcpt.next_attempt, reply)], (rec,))
+                                           rcpt.next_attempt, reply)], (rec,),
+                          urgent=bool(rcpt.pending))
         lane.inflight -= 1
+        if self.apply_pending(rcpt):  # held or deleted during the delivery: it is now
+            return
         lane.deferred += 1
         self.timers.add(rcpt)
 
@@ -291,6 +298,8 @@ class OutcomeRecording:
 
             owed.write = write
             owed.final = (update, rec)
+        if rcpt.pending:  # after the final state: the trail says why the action did nothing
+            self.pending_void(rcpt, state)
         self._unindex(rcpt)
         msg.remaining -= 1
         if msg.remaining <= 0 and msg.id not in self.owing:

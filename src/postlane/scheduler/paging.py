@@ -204,7 +204,8 @@ class Pager:
                 msg=msg, idx=row[16], address=row[17], domain=row[18], orcpt=row[19] or "",
                 notify=row[20] or "", state=State.QUEUED if state is State.INFLIGHT else state,
                 attempts=row[22], next_attempt=row[23], last_reply=row[24] or "",
-                open_attempt=self._unsettled(key, row[22]), counted=True))
+                open_attempt=self._unsettled(key, row[22]), counted=True,
+                pending=row[27]))
         return out
 
     def _unsettled(self, key: tuple[str, int], attempts: int) -> Attempt | None:

@@ -105,6 +105,7 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         self.fenced = False
         """No transaction starts (a cluster node that missed its heartbeats: the fence)."""
         self._tasks: set[asyncio.Task] = set()
+        self._pending_tasks: set[asyncio.Task] = set()
         self.fifo = config.scheduler == "fifo"
         self.rules = RuleBook(config.destinations)
         self.classify = classify
@@ -211,6 +212,8 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         just accepted (a deep lane may leave it in the spool, see ``paging.py``)."""
         if rcpt.open_attempt is not None:
             self._outcome_unknown(rcpt)
+        if rcpt.pending and self.apply_pending(rcpt):  # asked during a delivery: ended now
+            return
         self.index(rcpt)
         lane = self.lane(rcpt.msg.pool, rcpt.domain)
         if not rcpt.counted:
@@ -529,8 +532,12 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
 
     def in_flight(self, msg_id: str) -> int:
         """How many of one message's recipients are being delivered now."""
+        return len(self.on_the_wire(msg_id))
+
+    def on_the_wire(self, msg_id: str) -> list[Recipient]:
+        """One message's recipients being delivered now."""
         held = self._by_msg.get(msg_id) or {}
-        return sum(1 for r in held.values() if r.state is State.INFLIGHT)
+        return [r for _, r in sorted(held.items()) if r.state is State.INFLIGHT]
 
     def with_correlation_id(self, correlation_id: str) -> list[str]:
         """The ids of the messages held with this correlation id."""

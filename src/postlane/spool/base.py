@@ -82,6 +82,10 @@ class Recipient:
     open_attempt: Attempt | None = None
     """An attempt the spool says was started and never settled (the node stopped during it):
     set when the recipient is loaded again, so the trail can say its outcome is unknown."""
+    pending: str = ""
+    """An operator's hold or delete asked while this recipient was being delivered, to apply
+    when that delivery ends unless it delivered (``operator.py``, ``pending_action``); kept
+    in the spool (SQLite) so a restart applies it."""
     counted: bool = False
     """Counted in its lane's ages (``Lane.ages``) until final; in memory only."""
 
@@ -166,7 +170,8 @@ class Spool(Protocol):
         (other messages' recipients, whose records are among ``events``) in the same commit."""
         ...
 
-    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None: ...
+    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = (),
+               urgent: bool = False) -> None: ...
 
     def record(self, events: Sequence[Record], urgent: bool = False) -> None:
         """Events without a state change (complaints, refusals …); durable at the next commit

@@ -114,6 +114,9 @@ INSERT INTO monitor_totals (cls, delivered, failed)
     FROM monitor_slices WHERE counted GROUP BY cls
     ON CONFLICT (cls) DO UPDATE SET failed = excluded.failed;
 """),
+    (12, """
+ALTER TABLE recipients ADD COLUMN pending TEXT NOT NULL DEFAULT '';
+"""),
 ]
 """Versioned schema: append ``(n + 1, sql)``; never edit an applied entry."""
 

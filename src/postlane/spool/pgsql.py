@@ -30,8 +30,9 @@ MSG_COLS = ("id, cls, pool, mail_from, queued_at, deadline, expire_at, priority,
             " ret, correlation_id, message_id, listener, auth_user, client, smtputf8")
 RCPT_COLS = ("msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
              " last_reply")
-LOAD_COLS = RCPT_COLS + ", attempt_started, attempt_info"
-"""What a node reads back of a recipient: with the mark of an attempt never settled."""
+LOAD_COLS = RCPT_COLS + ", attempt_started, attempt_info, pending"
+"""What a node reads back of a recipient: with the mark of an attempt never settled, and the
+operator's action waiting for a delivery (``Recipient.pending``)."""
 
 
 def redact(dsn: str) -> str:
@@ -61,4 +62,5 @@ def recipient_of(row: Mapping, msg: Message) -> Recipient:
         state=State.QUEUED if state is State.INFLIGHT else state, attempts=row["attempts"],
         next_attempt=row["next_attempt"], last_reply=row["last_reply"] or "",
         open_attempt=None if row["attempt_started"] is None else Attempt(
-            row["msg_id"], row["idx"], row["attempt_started"], row["attempt_info"] or ""))
+            row["msg_id"], row["idx"], row["attempt_started"], row["attempt_info"] or ""),
+        pending=row["pending"])

@@ -27,6 +27,7 @@ from typing import ClassVar
 import asyncpg
 
 from ..accounting.records import Record, pack, unpack
+from ..address import address_key
 from ..health import Health
 from .base import (
     FINAL_STATES,
@@ -85,6 +86,40 @@ once, 19.2 s with this delay (under cProfile, on the shared 2-core machine: indi
 
 FINAL_VALUES = frozenset(s.value for s in FINAL_STATES)
 """``FINAL_STATES`` as stored (the first item of ``base.update_rows``)."""
+
+
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_NOT_LITERAL = frozenset("ik;`")
+"""ASCII characters of an ``address_key`` that a stored address may spell with a non-ASCII
+one: İ (i + U+0307), the Kelvin sign, the Greek question mark and varia (the only code points
+whose NFC-lower-cased form holds ASCII; a test checks)."""
+
+
+def _address_like(key: str) -> tuple[str, str]:
+    """The domain and a LIKE pattern that every stored spelling of the mailbox ``key``
+    (``address_key``) matches once its ASCII letters are lower-cased (``translate``, the same
+    under any ``LC_CTYPE``; ``lower()`` folds ASCII only under ``C``): the key's local part with
+    each character a stored spelling may write otherwise (non-ASCII, ``_NOT_LITERAL``) as
+    ``%``. A narrowing, not the comparison: the caller compares keys."""
+    local, at, domain = key.rpartition("@")
+    if not at:  # ``postmaster``: its own "domain" (``intake.domain_of``)
+        local = domain
+    out: list[str] = []
+    for ch in local:
+        if not ch.isascii() or ch in _NOT_LITERAL:
+            if not out or out[-1] != "%":
+                out.append("%")
+        else:
+            out.append("\\" + ch if ch in "%_\\" else ch)
+    return domain, "".join(out) + ("@%" if at else "")
+
+
+def _key_of(address: str) -> str | None:
+    """``address_key`` of a stored address; None for one it cannot take."""
+    try:
+        return address_key(address)
+    except Exception:  # noqa: BLE001 - a stored text the key cannot take matches nothing
+        return None
 
 
 class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, SharedFeedback,
@@ -323,6 +358,9 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                 await conn.executemany(
                     "UPDATE recipients SET attempt_started=$1, attempt_info=$2"
                     " WHERE msg_id=$3 AND idx=$4", marks)
+            if batch.pends:
+                await conn.executemany("UPDATE recipients SET pending=$1 WHERE msg_id=$2"
+                                       " AND idx=$3", batch.pends)
             for op in batch.operations:
                 op.moved[:] = await self._operate(conn, op.recipients, op.state, op.states)
                 events.extend(op.records(op.moved))
@@ -370,6 +408,7 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                        states: Sequence[State]) -> list[Recipient]:
         rows = await conn.fetch(
             "UPDATE recipients r SET state = $1, lease_owner = NULL, lease_until = NULL,"
+            " pending = '',"
             " next_attempt = CASE WHEN $1 = 'held' THEN r.next_attempt ELSE 0 END"
             " FROM unnest($2::text[], $3::int[]) AS k (msg_id, idx)"
             " WHERE r.msg_id = k.msg_id AND r.idx = k.idx AND r.state = ANY($4::text[])"
@@ -473,6 +512,8 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
         if not queue_ids and not correlation_id and not recipient:
             return []
         cols = ", ".join("m." + c.strip() for c in MSG_COLS.split(","))
+        key = address_key(recipient) if recipient else None
+        domain, pattern = _address_like(key) if key else (None, None)
         async with self.acquire() as conn:
             rows = await conn.fetch(
                 f"SELECT r.{LOAD_COLS.replace(', ', ', r.')}, {cols} FROM recipients r"
@@ -480,10 +521,12 @@ class PostgresSpool(GroupCommitWrites, Leases, Membership, RetryRequests, Shared
                 " AND r.lease_owner IS DISTINCT FROM $1"
                 " AND (cardinality($2::text[]) = 0 OR r.msg_id = ANY($2::text[]))"
                 " AND ($3::text IS NULL OR m.correlation_id = $3)"
-                " AND ($4::text IS NULL OR lower(r.address) = $4)"
+                " AND ($4::text IS NULL OR (r.domain = $4 AND"
+                f" translate(r.address, '{_UPPER}', '{_UPPER.lower()}') LIKE $5))"
                 " ORDER BY m.queued_at, r.msg_id, r.idx",
-                self.node, list(queue_ids), correlation_id or None,
-                recipient.lower() if recipient else None)
+                self.node, list(queue_ids), correlation_id or None, domain, pattern)
+        if key is not None:  # the exact comparison, of which the SQL was a narrowing
+            rows = [row for row in rows if _key_of(row["address"]) == key]
         return self._grouped(rows)
 
     async def open_not_held_here(self, pool: str | None = None, domain: str | None = None,

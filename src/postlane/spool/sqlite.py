@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..accounting.records import Record, pack, unpack
+from ..address import address_key
 from ..health import Health
 from ..schema import NewerSchema, naming
 from ..secretfile import private_file, private_open
@@ -114,6 +115,9 @@ CREATE INDEX recipients_lane ON recipients (pool, domain, priority, deadline, ms
     (4, """
 ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;
 """),
+    (5, """
+ALTER TABLE recipients ADD COLUMN pending TEXT NOT NULL DEFAULT '';
+"""),
 ]
 """Versioned schema after the tables of version 1 (``meta.schema_version``): append
 ``(n + 1, sql)``; never edit an applied entry."""
@@ -129,7 +133,7 @@ ROW = ("SELECT m.id, m.cls, m.pool, m.mail_from, m.queued_at, m.deadline, m.expi
        " m.priority, m.size, m.envid, m.ret, m.correlation_id, m.message_id, m.listener,"
        " m.auth_user, m.client, r.idx, r.address, r.domain, r.orcpt, r.notify, r.state,"
        " r.attempts, r.next_attempt, r.last_reply, (SELECT count(*) FROM recipients o WHERE"
-       f" o.msg_id = r.msg_id AND o.state NOT IN {_FINAL}), m.smtputf8"
+       f" o.msg_id = r.msg_id AND o.state NOT IN {_FINAL}), m.smtputf8, r.pending"
        " FROM recipients r JOIN messages m ON m.id = r.msg_id")
 """A recipient with its message and the message's recipients not yet final (``paging.py``
 turns these rows into objects)."""
@@ -141,8 +145,19 @@ keeps the file at its largest otherwise: ten 25 MB messages at once left a 185 M
 the spool for good (a checkpoint every 1,000 pages keeps it near 4 MB in normal use)."""
 
 
+def _address_key(address: str) -> str:
+    """``address.address_key`` for SQL: never raises (an exception would fail the query)."""
+    try:
+        return address_key(address)
+    except Exception:  # noqa: BLE001 - a stored address the key cannot take: as it is
+        return address.lower()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    # SQLite's lower() folds ASCII only: the spool's selections by recipient compare the
+    # key Python computes, as the in-memory matcher does (``JÖRG@EXÄMPLE.com``)
+    conn.create_function("address_key", 1, _address_key, deterministic=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
@@ -369,6 +384,9 @@ class SQLiteSpool(GroupCommitWrites):
                 updates = [row for row in updates if row[4] not in gone]
             if updates:
                 conn.executemany(_UPDATE, updates)
+            if batch.pends:
+                conn.executemany("UPDATE recipients SET pending=? WHERE msg_id=? AND idx=?",
+                                 batch.pends)
             if events:
                 writer = self.writer_id
                 conn.executemany("INSERT INTO events VALUES (?, ?, ?)",
@@ -445,7 +463,7 @@ class SQLiteSpool(GroupCommitWrites):
         final = tuple(s.value for s in FINAL_STATES)
         for row in self._reader.execute(
                 "SELECT msg_id, idx, address, domain, orcpt, notify, state, attempts, next_attempt,"
-                " last_reply FROM recipients"
+                " last_reply, pending FROM recipients"
                 f" WHERE state NOT IN ({','.join('?' * len(final))})", final):
             owner = by_id.get(row[0])
             if owner is None:
@@ -457,7 +475,8 @@ class SQLiteSpool(GroupCommitWrites):
             out.recipients.append(Recipient(
                 msg=owner, idx=row[1], address=row[2], domain=row[3], orcpt=row[4] or "",
                 notify=row[5] or "", state=state, attempts=row[7], next_attempt=row[8],
-                last_reply=row[9] or "", open_attempt=_unsettled(journaled, row)))
+                last_reply=row[9] or "", open_attempt=_unsettled(journaled, row),
+                pending=row[10]))
         for msg in out.messages:
             if not msg.remaining:  # crashed between the last outcome and the cleanup
                 self.finish(msg.id)
@@ -497,11 +516,14 @@ class SQLiteSpool(GroupCommitWrites):
                     "SELECT id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r"
                     f" WHERE r.msg_id = m.id AND r.state NOT IN {_FINAL})"):
                 out.finished.append(msg_id)  # crashed between the last outcome and the cleanup
-            out.rows = self._read(f"{ROW} WHERE r.state NOT IN {_FINAL} AND r.state != 'queued'")
+            # a queued recipient with an operator's action pending comes in now, to have it
+            # applied (``Scheduler.add``), and is not counted among its lane's spooled ones
+            out.rows = self._read(f"{ROW} WHERE r.state NOT IN {_FINAL} AND"
+                                  " (r.state != 'queued' OR r.pending != '')")
             out.lanes = self._read(
                 "SELECT r.pool, r.domain, CAST(m.queued_at AS INTEGER), count(*),"
                 " min(m.queued_at) FROM recipients r JOIN messages m ON m.id = r.msg_id"
-                " WHERE r.state = 'queued' GROUP BY r.pool, r.domain, 3")
+                " WHERE r.state = 'queued' AND r.pending = '' GROUP BY r.pool, r.domain, 3")
             out.classes = dict(self._read(
                 "SELECT m.cls, count(*) FROM recipients r JOIN messages m ON m.id = r.msg_id"
                 f" WHERE r.state NOT IN {_FINAL} GROUP BY m.cls"))

@@ -64,6 +64,16 @@ class Update:
 
 
 @dataclass(slots=True)
+class Pend:
+    """Operator actions that wait for a delivery in progress: (pending, msg_id, idx) rows
+    ("" clears one), with the record of the request in the same commit."""
+
+    rows: list[tuple[str, str, int]]
+    events: Sequence[Record]
+    done: None = None
+
+
+@dataclass(slots=True)
 class Events:
     """Events without a state change (complaints, refusals ...)."""
 
@@ -126,7 +136,7 @@ class Operate:
     done: asyncio.Future
 
 
-Op = Enqueue | Update | Events | Mark | Trim | Finish | Pause | Flush | Operate
+Op = Enqueue | Update | Pend | Events | Mark | Trim | Finish | Pause | Flush | Operate
 
 
 @dataclass(slots=True)
@@ -138,6 +148,7 @@ class Batch:
     bodies: list[tuple[str, bytes]] = field(default_factory=list)
     recipients: list[tuple] = field(default_factory=list)
     updates: list[tuple] = field(default_factory=list)
+    pends: list[tuple[str, str, int]] = field(default_factory=list)
     events: list[Record] = field(default_factory=list)
     marks: list[tuple] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
@@ -159,6 +170,9 @@ class Batch:
                     b.events.extend(op.events)
                 case Update():
                     b.updates.extend(op.rows)
+                    b.events.extend(op.events)
+                case Pend():
+                    b.pends.extend(op.rows)
                     b.events.extend(op.events)
                 case Events():
                     b.events.extend(op.events)
@@ -298,10 +312,18 @@ class GroupCommitWrites:
     def _future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 
-    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = ()) -> None:
+    def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = (),
+               urgent: bool = False) -> None:
         """Record recipient state changes and their events; durable at the next commit (a
-        crash before it re-delivers, and the attempt mark says so)."""
-        self._submit(Update(update_rows(updates), events), False)
+        crash before it re-delivers, and the attempt mark says so). ``urgent``: before the
+        bulk writes queued (so before an urgent write queued after it, as a DSN's)."""
+        self._submit(Update(update_rows(updates), events), urgent)
+
+    def pend(self, rows: list[tuple[str, str, int]], events: Sequence[Record] = ()) -> None:
+        """Set (or with "" clear) the operator action that waits for a recipient's delivery in
+        progress, (pending, msg_id, idx) rows, with its records in the same commit (the
+        operator's answer waits for ``flush``)."""
+        self._submit(Pend(rows, events), False)
 
     def record(self, events: Sequence[Record], urgent: bool = False) -> None:
         """Events without a state change (complaints, refusals …); durable at the next commit
