@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -25,10 +26,12 @@ FAST = 'dead_after = "1s"\nlease = "2s"\n'
 """Appended to ``[cluster]``: a killed node is dead a second after its last heartbeat."""
 
 
-def _node(tmp_path: Path, sink_port: int, schema: str, name: str, **kwargs) -> Served:
-    """Node ``name`` of the cluster on ``schema``, with an API token of its own."""
+def _node(tmp_path: Path, sink_port: int, schema: str, name: str,
+          edit: Callable[[str], str] = str, **kwargs) -> Served:
+    """Node ``name`` of the cluster on ``schema``, with an API token of its own (``edit``
+    changes the config text first)."""
     token = tmp_path / f"token-{name}"
-    text = cluster_text(tmp_path, sink_port, schema, name, **kwargs).replace(
+    text = edit(cluster_text(tmp_path, sink_port, schema, name, **kwargs)).replace(
         f'token_file = "{tmp_path}/api-token"', f'token_file = "{token}"') + FAST
     node = Served(tmp_path, name, text)
     node.token_file = token

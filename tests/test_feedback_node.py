@@ -254,6 +254,31 @@ async def test_verp_round_trip_remote_bounces_become_rb_records_and_suppressions
     assert rb["v2@example.com"]["bounceCat"] == "bad-mailbox"
 
 
+async def test_a_remote_bounce_sent_again_after_a_restart_is_recorded_once(tmp_path, sink,
+                                                                           make_node):
+    """A node remembered the reports it recorded since its start only: the same bounce sent
+    again after a restart (the reporting MTA never saw the 250) was a second "rb". It is
+    looked for in the spool's outbox and the audit store now: one "rb"; and when it is still
+    in the outbox only (the recorder not yet past it), it is found there too."""
+    text = _config(tmp_path, sink.port)
+    node = await make_node(text)
+    await send(node.listeners[0].port, "news@insurer.test", ["v1@example.com"],
+               message("campaign", cls="marketing"))
+    [arrival] = await sink.wait_for(1)
+    dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
+                       recipients=[FailedRecipient("v1@example.com", "failed", "5.1.1",
+                                                   "550 5.1.1 no such user", "mx.example.com")],
+                       original=arrival.data, arrival_date=time.time(), ret="HDRS")
+    await send(node.listeners[0].port, "", [arrival.mail_from], dsn)
+    qid = node.feedback.verp.decode(arrival.mail_from).queue_id
+    assert ("v1@example.com", "failed") in await node._reported(qid)
+    await node.stop()
+    node = await make_node(text)
+    assert await send(node.listeners[0].port, "", [arrival.mail_from], dsn) == {}
+    await node.stop()
+    assert [r["rcpt"] for r in records(tmp_path) if r["type"] == "rb"] == ["v1@example.com"]
+
+
 async def test_a_success_dsn_back_at_the_verp_address_is_an_rd_record_in_the_evidence(
         tmp_path, sink, make_node, caplog):
     """NOTIFY=SUCCESS is passed on; the receiving side's success DSN (Postfix's, as it sent

@@ -75,7 +75,8 @@ class Node:
         self.reputation = ReputationService(config, complaints)
         self.feedback = FeedbackService(config, self.persist, rates=complaints,
                                         dmarc=self.reputation,
-                                        origin=self.audit.received if self.audit else None)
+                                        origin=self.audit.received if self.audit else None,
+                                        reported=self._reported)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
         # the relay counts TLS sessions for the reports, the scheduler drives the relay and the
@@ -404,6 +405,21 @@ class Node:
         if await self.spool.has_event(data):
             return True
         return self.audit is not None and await self.audit.holds(rec)
+
+    async def _reported(self, queue_id: str) -> set[tuple[str, str]]:
+        """(recipient, action) of the remote reports ("rb", "rd") and complaints ("f": the
+        feedback type) of ``queue_id`` on the record: the outbox first, then the store (the
+        recorder lets an event go only once the store holds it, so one read between the two
+        is in one of them). In a cluster the outbox is every node's: a killed node's records
+        wait there for adoption."""
+        found = {(rec.rcpt.lower(), rec.dsn_action)
+                 for rec in await self.spool.events_naming(queue_id)
+                 if rec.type in ("rb", "rd", "f") and rec.queue_id == queue_id}
+        if self.audit is not None:
+            found.update((row["rcpt"].lower(), row["dsn_action"])
+                         for row in await self.audit.records(queue_id)
+                         if row["type"] in ("rb", "rd", "f"))
+        return found
 
     def bounces_pending(self, msg_ids: Collection[str]) -> list[asyncio.Future[bool]]:
         """The DSNs of these messages being queued (their final states are handed to the

@@ -438,6 +438,11 @@ class _Feed:
                 if published is not None:
                     self._adopted[writer] = published(writer)
                     self.filed[writer] = max(self.filed.get(writer, 0), self._adopted[writer])
+                    # recorded at the next sync (the progress the spool trims by): with
+                    # nothing left to file it never synced, and the dead node's records
+                    # stayed in the outbox until this node filed records of its own
+                    if self.filed[writer] > self.files.feed.get(writer, 0):
+                        self.dirty = True
             filed = self.filed.get(writer, 0)
             rows: list | None = None
             values: list[tuple] = []

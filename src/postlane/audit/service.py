@@ -90,6 +90,10 @@ class AuditService:
         rows = await self._call(lambda store: store.find(Query(queue_id=queue_id)))
         return next((r for r in rows if r["type"] == "r"), None)
 
+    async def records(self, queue_id: str) -> list[dict]:
+        """Every record of a message, in chain order."""
+        return await self._call(lambda store: store.find(Query(queue_id=queue_id)))
+
     async def holds(self, rec: Record) -> bool:
         """Whether the store has ``rec``: a record of its type and action, by the same
         operator, logged at the same instant (a record written again after a crash, whose

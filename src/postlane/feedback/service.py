@@ -14,7 +14,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Container, Mapping
 from email import message_from_bytes
 from typing import Any, Protocol, cast
 
@@ -78,12 +78,18 @@ and another process's change is seen up to a second late."""
 class FeedbackService:
     def __init__(self, config: Config, record: Callable[[Record], None], *,
                  rates: ComplaintRates | None = None, dmarc: DMARCReports | None = None,
-                 origin: Callable[[str], Awaitable[dict | None]] | None = None) -> None:
+                 origin: Callable[[str], Awaitable[dict | None]] | None = None,
+                 reported: Callable[[str], Awaitable[set[tuple[str, str]]]] | None = None
+                 ) -> None:
         self.config = config
         self.origin = origin
         """The "r" record of a queue id (the audit store's): the pool, class and sender of
         the message a report names, which its bounce domain alone does not tell (pools may
         share one)."""
+        self.reported = reported
+        """(recipient, action) of the "rb", "rd" and "f" records of a queue id on the record
+        already (the spool's outbox and the store): a report sent again to another node of
+        a cluster, or to this node after a restart, is not recorded twice."""
         fb = config.feedback
         spool = local_dir(config)
         self.classifier = load_classifier(fb.bounce_rules)
@@ -273,7 +279,9 @@ class FeedbackService:
                 await self._then_record(held)
                 return report
         verps = self._verps(report, rcpts)
-        self.act_on(report, rcpts, verps, client, await self._origins(verps), held.append)
+        known = await self._recorded(verps)
+        self.act_on(report, rcpts, verps, client, await self._origins(verps), held.append,
+                    known)
         await self._then_record(held)
         return report
 
@@ -328,12 +336,33 @@ class FeedbackService:
                 found[qid] = row
         return found
 
+    async def _recorded(self, verps: list[VerpAddress]) -> set[tuple[str, str, str]]:
+        """(queue id, recipient, action or feedback type) of the final reports and
+        complaints of the messages ``verps`` name that are on the record already
+        (``reported``). A store that is away or slow (``ORIGIN_WAIT``) leaves only this
+        node's memory to tell a report sent again."""
+        found: set[tuple[str, str, str]] = set()
+        if self.reported is None:
+            return found
+        for qid in dict.fromkeys(v.queue_id for v in verps):
+            try:
+                pairs = await asyncio.wait_for(self.reported(qid), ORIGIN_WAIT)
+            except Exception as exc:  # noqa: BLE001 - the report is still acted on
+                log.warning("the spool and the audit store could not tell whether queue id"
+                            " %s's report is on the record already (%s): a copy another node"
+                            " recorded may be recorded again", qid, type(exc).__name__)
+                continue
+            found.update((qid, rcpt, action) for rcpt, action in pairs)
+        return found
+
     def act_on(self, report: Report, rcpts: list[str], verps: list[VerpAddress],
                client: str = "", origins: Mapping[str, dict] | None = None,
-               record: Callable[[Record], None] | None = None) -> None:
+               record: Callable[[Record], None] | None = None,
+               known: Container[tuple[str, str, str]] = ()) -> None:
         """``verps``: ``_verps`` of the report; ``origins``: the "r" record of each queue id
         the report names, where known; ``record``: where its records go (``self.record``
-        by default; ``receive`` holds them until the entries are written)."""
+        by default; ``receive`` holds them until the entries are written); ``known``: the
+        final reports on the record already (``_recorded``)."""
         record = record or self.record
         now = time.time()
         ours = [*rcpts, *report.to, report.original_return_path]
@@ -365,7 +394,8 @@ class FeedbackService:
                     log.warning("complaint names no possible address: that name ignored",
                                 extra={"address": _one_line(address, 80), "type": ftype})
                     continue
-                if about and self._seen("f", address, ftype, about):
+                if about and ((qid, address, ftype) in known
+                              or self._seen("f", address, ftype, about)):
                     log.info("complaint already recorded: not counted again",
                              extra={"type": ftype, "message_id": _one_line(about, 100)})
                     continue
@@ -402,8 +432,9 @@ class FeedbackService:
                 continue
             # a final outcome is reported once per message and recipient; a receiver may
             # warn of a delay again and again
-            if match.action != "delayed" and self._seen(
-                    "r", verp.queue_id, str(verp.index), match.action):
+            if match.action != "delayed" and (
+                    (verp.queue_id, verp.recipient.lower(), match.action) in known
+                    or self._seen("r", verp.queue_id, str(verp.index), match.action)):
                 log.info("delivery status report already recorded: not counted again",
                          extra={"queue_id": verp.queue_id, "action": match.action})
                 continue

@@ -273,9 +273,11 @@ class OperatorActions:
     async def _delete_telling(self, rcpts: list[Recipient], action: str, who: Operator,
                               states: tuple[State, ...]) -> list[Recipient]:
         """Cluster mode, a delete with DSNs: as on one node, each final state and "b" record
-        is written only once its DSN is queued (``Failure.write``). Until then the recipients
-        are leased to this node, so no other node delivers them meanwhile; a node that dies in
-        between leaves them to be delivered after its lease, never bounced untold."""
+        is committed with its DSN (``Failure.final``, in the DSN's transaction). Until then
+        the recipients are leased to this node, so no other node delivers them meanwhile; a
+        node that dies before leaves them to be delivered after its lease, never bounced
+        untold. (They were written in a commit after the DSN's: a node killed between had its
+        recipients delivered by the node taking over, and their sender told twice.)"""
         spool = self.spool
         assert isinstance(spool, PostgresSpool)
         leased = await spool.reserve(spool.node, rcpts, states, self.config.cluster.lease)
@@ -286,7 +288,8 @@ class OperatorActions:
 
             def write(spooled: bool = False, update: RecipientUpdate = update,
                       rec: Record = rec) -> None:
-                spool.update([update], (rec,))  # never spooled: ``final`` is not set
+                if not spooled:  # the DSN's commit did not carry it (none, or refused)
+                    spool.update([update], (rec,))
                 spool.finish_shared(update.msg_id)
 
             owed = self._told(rcpt, action)
@@ -294,6 +297,7 @@ class OperatorActions:
                 write(False)
             else:
                 owed.write = write
+                owed.final = (update, rec)
         return leased
 
     # -- pause ----------------------------------------------------------------------------------

@@ -210,5 +210,10 @@ class Spool(Protocol):
         record written a second time after a crash is looked for here, then in the store."""
         ...
 
+    async def events_naming(self, text: str) -> list[Record]:
+        """The records still in the outbox whose packed bytes contain ``text`` (a queue id):
+        what is committed and not yet in the store, which a look-up there cannot see."""
+        ...
+
     async def flush(self) -> None: ...
 

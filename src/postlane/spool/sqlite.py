@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ..accounting.records import Record, pack
+from ..accounting.records import Record, pack, unpack
 from ..address import address_key
 from ..health import Health
 from ..schema import NewerSchema, naming
@@ -549,6 +549,11 @@ class SQLiteSpool(GroupCommitWrites):
         assert self._reader is not None
         return self._reader.execute("SELECT 1 FROM events WHERE data = ? LIMIT 1",
                                     (data,)).fetchone() is not None
+
+    async def events_naming(self, text: str) -> list[Record]:
+        assert self._reader is not None
+        return [Record(*unpack(data)) for (data,) in self._reader.execute(
+            "SELECT data FROM events WHERE instr(data, ?) > 0", (text.encode(),))]
 
 
 @dataclass(slots=True)
