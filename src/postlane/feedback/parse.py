@@ -392,6 +392,10 @@ def _ses_notification(msg: Message, data: bytes) -> dict | None:
     return note if kind in ("Bounce", "Complaint", "Delivery") else None
 
 
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _dicts(value: Any) -> list[dict]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
@@ -403,7 +407,7 @@ def _ses_report(note: dict, report: Report, classifier: Classifier) -> Report:
     diagnostic keeps the receiver's words); complaints; deliveries. Everything in it is
     untrusted text: only strings are read, addresses as ARF reads them."""
     kind = note.get("notificationType") or note.get("eventType")
-    mail = note.get("mail") if isinstance(note.get("mail"), dict) else {}
+    mail = _dict(note.get("mail"))
     headers = {str(h.get("name", "")).lower(): str(h.get("value", ""))
                for h in _dicts(mail.get("headers"))}
     report.method = "ses-json"
@@ -413,7 +417,7 @@ def _ses_report(note: dict, report: Report, classifier: Classifier) -> Report:
         bare_address(str(mail.get("source") or ""))
     report.original_message_id = " ".join(headers.get("message-id", "").split())
     if kind == "Complaint":
-        body = note.get("complaint") if isinstance(note.get("complaint"), dict) else {}
+        body = _dict(note.get("complaint"))
         rcpts = [a for a in (bare_address(str(r.get("emailAddress", "")))
                              for r in _dicts(body.get("complainedRecipients"))) if a]
         ftype = str(body.get("complaintFeedbackType") or "abuse").lower()[:40]
@@ -427,18 +431,19 @@ def _ses_report(note: dict, report: Report, classifier: Classifier) -> Report:
         report.recipients = [ReportRecipient(address=a, action="complained") for a in rcpts]
         return report
     if kind == "Delivery":
-        body = note.get("delivery") if isinstance(note.get("delivery"), dict) else {}
+        body = _dict(note.get("delivery"))
         said = " ".join(str(body.get("smtpResponse") or "").split())[:500]
         remote = str(body.get("reportingMTA") or "").partition(";")[2].strip() or \
             str(body.get("reportingMTA") or "")[:255]
-        rcpts = body.get("recipients") if isinstance(body.get("recipients"), list) else []
+        listed = body.get("recipients")
+        named = listed if isinstance(listed, list) else []
         report.recipients = [ReportRecipient(address=a, action="delivered",
                                              status=_status_of(said) or "2.0.0",
                                              diagnostic=said, remote_mta=remote)
-                             for a in dict.fromkeys(bare_address(str(r)) for r in rcpts) if a]
+                             for a in dict.fromkeys(bare_address(str(r)) for r in named) if a]
         report.kind = _kind(report.recipients)
         return report
-    body = note.get("bounce") if isinstance(note.get("bounce"), dict) else {}
+    body = _dict(note.get("bounce"))
     btype, sub = str(body.get("bounceType") or ""), str(body.get("bounceSubType") or "")
     hard = btype.lower() == "permanent"
     remote = str(body.get("reportingMTA") or "").partition(";")[2].strip()

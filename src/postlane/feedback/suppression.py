@@ -45,6 +45,8 @@ SCOPES = ("all", "best-effort", "marketing")
 CSV_FIELDS = ("address", "scope", "reason", "source", "created", "expires")
 _CHUNK = 500  # stays under SQLite's bound-parameter limit
 _COLS = "address, scope, reason, source, created, expires"
+_Rows = list[tuple[Any, ...]]
+"""Rows of ``_COLS`` (named here: inside ``SuppressionList`` ``list`` is its method)."""
 _ONE = f"SELECT {_COLS} FROM suppression WHERE address = ?"
 _TWO = f"SELECT {_COLS} FROM suppression WHERE address IN (?, ?)"
 _IN = f"SELECT {_COLS} FROM suppression WHERE address IN ({{}})"
@@ -461,7 +463,7 @@ class SuppressionList:
                 last = (rows[-1][0], rows[-1][1])
 
     @staticmethod
-    def _page(conn: sqlite3.Connection, after: tuple[str, str], size: int) -> list[tuple]:
+    def _page(conn: sqlite3.Connection, after: tuple[str, str], size: int) -> _Rows:
         return conn.execute(
             f"SELECT {_COLS} FROM suppression WHERE (address, scope) > (?, ?)"
             " AND (expires = 0 OR expires > ?) ORDER BY address, scope LIMIT ?",

@@ -173,6 +173,11 @@ class Spool(Protocol):
     def update(self, updates: list[RecipientUpdate], events: Sequence[Record] = (),
                urgent: bool = False) -> None: ...
 
+    def pend(self, rows: list[tuple[str, str, int]], events: Sequence[Record] = ()) -> None:
+        """Set (or with "" clear) the operator action waiting for a recipient's delivery in
+        progress, (pending, msg_id, idx) rows, with its records in the same commit."""
+        ...
+
     def record(self, events: Sequence[Record], urgent: bool = False) -> None:
         """Events without a state change (complaints, refusals …); durable at the next commit
         (``flush`` waits for it), kept for the one after if that fails."""
