@@ -11,6 +11,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import httpx
 import pytest
 
 from postlane.policy.intake import RcptIn
@@ -280,4 +281,53 @@ async def test_a_pending_hold_in_a_cluster_is_applied_by_the_node_that_takes_it_
     finally:
         sink.release.set()
         await node.stop()
+        await sink.stop()
+
+
+@pytest.mark.parametrize("action", ["hold", "delete"])
+async def test_a_pending_action_is_shown_where_the_queue_is_listed(tmp_path, make_node, action):
+    """After a hold (delete) was answered as pending, ``queue list``, ``queue show`` and the
+    API's listings showed nothing of it: the recipient on the wire was missing (or plain in
+    flight), so the operator could not tell the action was waiting. Each shows it now, until
+    the delivery ends and the action applies."""
+    sink, node, cli, qid = await _on_the_wire(tmp_path, make_node, LATER)
+    try:
+        code, out, err = await cli("queue", action, qid,
+                                   *(("--dsn", "--yes") if action == "delete" else ()))
+        assert code == 0 and "being delivered now" in out, (out, err)
+        code, out, err = await cli("queue", "list", "--json")
+        assert code == 0, err
+        [listed] = json.loads(out)["messages"]
+        assert listed["queue_id"] == qid
+        assert [(r["address"], r["state"], r["pending"]) for r in listed["recipients"]] \
+            == [(ADDRESS, "inflight", action)]
+        code, out, err = await cli("queue", "list")
+        assert code == 0 and f"inflight ({action} pending)" in out, (out, err)
+        code, out, err = await cli("queue", "show", qid)
+        assert code == 0 and f"{ADDRESS}: inflight ({action} pending)" in out, (out, err)
+        code, out, err = await cli("queue", "show", qid, "--json")
+        assert code == 0 and [r["pending"] for r in json.loads(out)["recipients"]] \
+            == [action], (out, err)
+        token = (tmp_path / "api-token").read_text().strip()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{node.api.port}",
+                                     headers={"Authorization": f"Bearer {token}"}) as api:
+            got = (await api.get(f"/api/v1/messages/{qid}")).json()
+        assert [(r["address"], r["pending"]) for r in got["recipients"]] == [(ADDRESS, action)]
+        sink.release.set()
+        if action == "hold":
+            async def held() -> bool:
+                code, out, err = await cli("queue", "list", "--json")
+                [m] = json.loads(out)["messages"] or [{"recipients": [{}]}]
+                return [(r.get("state"), r.get("pending")) for r in m["recipients"]] \
+                    == [("held", None)]
+
+            await until(held, what="held, nothing pending any more")
+            code, out, err = await cli("queue", "list")
+            assert code == 0 and "pending" not in out, (out, err)
+        else:
+            await until(lambda: not node.scheduler.message(qid) and not
+                        node.scheduler.in_flight(qid), what="the message gone from the queue")
+        await node.stop()
+    finally:
+        sink.release.set()
         await sink.stop()

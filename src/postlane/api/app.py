@@ -36,7 +36,7 @@ from ..operations import OperationError
 from ..policy.headers import header_fields, normalize_newlines, split_message
 from ..policy.intake import RcptIn, Rejection
 from ..reputation.api import router as reputation_router
-from ..scheduler.control import Selector
+from ..scheduler.control import Selector, pending_action
 from ..spool import SpoolUnavailable
 from . import feedback as feedback_api
 from . import queue
@@ -579,7 +579,7 @@ async def _lookup(parts: NodeParts, queue_id: str | None = None,
     through its index, by recipient address a walk) and those deep lanes left in the spool (in a
     cluster also those waiting in the shared spool unclaimed or with another node),
     finished ones from the monitor's recent records (in-flight recipients show once their
-    attempt ends)."""
+    attempt ends, or at once with their pending hold or delete)."""
     found: dict[str, dict] = {}
     sched = parts.queue
     sel = Selector(queue_ids=(queue_id,) if queue_id else (), correlation_id=correlation_id,
@@ -594,6 +594,7 @@ async def _lookup(parts: NodeParts, queue_id: str | None = None,
         held = sched.recipients()
     async with parts.control.spooled(sel) as spooled:
         everyone = [*held, *spooled]
+    everyone += parts.control.pending_here(sel)  # on the wire with a hold or delete waiting
     shared = parts.control.shared
     if shared is not None:  # a cluster: also where it waits unclaimed or with another node
         seen = {(r.msg.id, r.idx) for r in everyone}
@@ -611,7 +612,8 @@ async def _lookup(parts: NodeParts, queue_id: str | None = None,
             "queued_at": msg.queued_at, "recipients": []})
         entry["recipients"].append({
             "address": rcpt.address, "state": rcpt.state.value, "attempts": rcpt.attempts,
-            "next_attempt": rcpt.next_attempt or None, "reply": rcpt.last_reply})
+            "next_attempt": rcpt.next_attempt or None, "reply": rcpt.last_reply,
+            "pending": pending_action(rcpt)})
     for done in parts.monitor.tracker.finished(queue_id, correlation_id, recipient):
         entry = found.setdefault(done["queue_id"], {**done, "recipients": []})
         entry["recipients"].extend(done["recipients"])

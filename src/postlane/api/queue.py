@@ -129,7 +129,10 @@ def router(parts: NodeParts) -> APIRouter:
     async def show(queue_id: str) -> dict:
         """One message: envelope, header fields, recipients, and every attempt recorded in the
         audit store (time, source IP, destination, the remote reply)."""
-        rcpts = await run(queue.select, Selector(queue_ids=(queue_id,)))
+        sel = Selector(queue_ids=(queue_id,))
+        rcpts = await run(queue.select, sel)
+        rcpts += queue.pending_here(sel)  # on the wire with a hold or delete waiting
+        rcpts.sort(key=lambda r: r.idx)
         if not rcpts:
             raise APIError(404, f"no message {queue_id!r} in the queue (in flight, finished or"
                                 " never queued: see postlane audit show --queue-id)")

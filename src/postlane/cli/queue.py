@@ -83,6 +83,13 @@ def _listed_in_parts(target: tuple[str, str], ids: list[str], limit: int,
             "messages": messages[:limit]}
 
 
+def _state(rcpt: dict) -> str:
+    """A recipient's state, and the hold or delete waiting for its delivery to end, if any
+    (``inflight (hold pending)``): else the operator who asked sees nothing of it."""
+    pending = rcpt.get("pending")  # absent from an older node's answer
+    return f"{rcpt['state']} ({pending} pending)" if pending else rcpt["state"]
+
+
 @app.command("list")
 def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
           cls: ClassOpt = None, state: StateOpt = None, older_than: OlderOpt = None,
@@ -115,7 +122,7 @@ def list_(ids: IdsArg = None, pool: PoolOpt = None, domain: DomainOpt = None,
         for i, r in enumerate(msg["recipients"]):
             head = [msg["queue_id"], msg["class"], msg["pool"], _age(msg["age_s"]),
                     str(msg["size"]), msg["sender"] or "<>"] if i == 0 else [""] * 6
-            table.add_row(*_cells(*head, r["address"], r["state"], str(r["attempts"]),
+            table.add_row(*_cells(*head, r["address"], _state(r), str(r["attempts"]),
                                   r["reply"]))
     if len(out["messages"]) < out["total_messages"]:  # the title counts them all
         table.caption = (f"the oldest {len(out['messages'])} of {out['total_messages']}"
@@ -145,7 +152,7 @@ def show(queue_id: str, config: ConfigOpt = None, url: URLOpt = None,
     for r in out["recipients"]:
         nxt = f", next attempt in {_age(r['next_attempt'] - time.time())}" \
             if r["next_attempt"] else ""
-        typer.echo(f"  {visible(r['address'])}: {r['state']}, {r['attempts']} attempt(s){nxt}"
+        typer.echo(f"  {visible(r['address'])}: {_state(r)}, {r['attempts']} attempt(s){nxt}"
                    + (f"; last reply: {visible(r['reply'])}" if r["reply"] else ""))
     typer.echo("\nattempts:")
     if out["attempts"] is None:

@@ -245,6 +245,14 @@ class QueueControl:
             found += await self._named_elsewhere(sel, match, found)
         return found
 
+    def pending_here(self, sel: Selector, now: float | None = None) -> list[Recipient]:
+        """The recipients ``sel`` selects that this node is delivering now with a hold or
+        delete pending: listed (not acted on: ``select`` leaves them out), so the operator
+        sees the action waiting for the delivery to end."""
+        match = sel.matcher(time.time() if now is None else now)
+        return [r for r in self.scheduler.pending_on_the_wire(sel.queue_ids or None)
+                if match(r)]
+
     async def _named_elsewhere(self, sel: Selector, match: Callable[[Recipient], bool],
                                found: list[Recipient]) -> list[Recipient]:
         """In a cluster, the recipients of the messages ``sel`` names (queue ids, correlation
@@ -276,7 +284,7 @@ class QueueControl:
         if self.shared is not None:
             return await self._cluster_messages(sel, limit, now)
         by_msg: dict[str, list[Recipient]] = {}
-        for rcpt in await self.select(sel, now):
+        for rcpt in [*await self.select(sel, now), *self.pending_here(sel, now)]:
             by_msg.setdefault(rcpt.msg.id, []).append(rcpt)
         ordered = sorted(by_msg.values(), key=lambda rs: (rs[0].msg.queued_at, rs[0].msg.id))
         return {"total_messages": len(ordered), "total_recipients": sum(map(len, ordered)),
@@ -295,6 +303,8 @@ class QueueControl:
             for rcpt in (*held, *spooled):
                 if match(rcpt):
                     by_msg.setdefault(rcpt.msg.id, []).append(rcpt)
+        for rcpt in self.pending_here(sel, now):
+            by_msg.setdefault(rcpt.msg.id, []).append(rcpt)
         mine = set(by_msg)
         total_msgs, total_rcpts = len(mine), sum(map(len, by_msg.values()))
         kept, last = 0, ""
@@ -546,7 +556,14 @@ def message_view(rcpts: list[Recipient], now: float) -> dict:
             "message_id": msg.message_id,
             "recipients": [{"address": r.address, "state": r.state.value,
                             "attempts": r.attempts, "next_attempt": r.next_attempt or None,
-                            "reply": r.last_reply} for r in rcpts]}
+                            "reply": r.last_reply, "pending": pending_action(r)}
+                           for r in rcpts]}
+
+
+def pending_action(rcpt: Recipient) -> str | None:
+    """The operator's action waiting for this recipient's delivery to end ("hold" or
+    "delete", ``Operator.pend``), or None: shown with the recipient wherever it is listed."""
+    return json.loads(rcpt.pending)["action"] if rcpt.pending else None
 
 
 def _hint(name: str, known: Iterable[str]) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..accounting.records import Record
 from ..config import Config
@@ -538,6 +538,14 @@ class Scheduler(DeliveryLoop, OutcomeRecording, OperatorActions):
         """One message's recipients being delivered now."""
         held = self._by_msg.get(msg_id) or {}
         return [r for _, r in sorted(held.items()) if r.state is State.INFLIGHT]
+
+    def pending_on_the_wire(self, msg_ids: Iterable[str] | None = None) -> list[Recipient]:
+        """Recipients being delivered now with an operator's hold or delete pending (of the
+        messages ``msg_ids``, or all): the listings show them, else the operator who asked
+        sees nothing of the action waiting (``recipients`` leaves in-flight ones out)."""
+        ids = self._by_msg if msg_ids is None else dict.fromkeys(msg_ids)
+        return [r for qid in ids for _, r in sorted((self._by_msg.get(qid) or {}).items())
+                if r.state is State.INFLIGHT and r.pending]
 
     def with_correlation_id(self, correlation_id: str) -> list[str]:
         """The ids of the messages held with this correlation id."""
