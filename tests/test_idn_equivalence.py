@@ -669,3 +669,67 @@ def test_retention_takes_the_recipient_key_with_the_address(audit_backend):
         assert store.verify().ok
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("named", [f"jörg@{ALABEL}", f"JÖRG@{ULABEL}"])
+async def test_a_remote_bounce_naming_another_spelling_leaves_the_trail_complete(
+        tmp_path, make_node, named):
+    """``jörg@exämple.com`` is delivered, then a remote bounce names her as ``named``:
+    ``audit verify`` grouped the records of a queue id by ``lower(rcpt)``, so an "rb" in
+    another spelling (A-labels, non-ASCII upper case) stood alone, a stray record of a
+    recipient never received, and the trail was called incomplete."""
+    import time
+
+    from postlane.feedback.dsn import FailedRecipient, build_bounce
+    from tests.test_evidence import cli as audit
+    from tests.test_feedback_node import _config
+    target = await Sink(smtputf8=True).start()
+    try:
+        text = _config(tmp_path, target.port).replace(
+            "[routes]\n", f'[routes]\n"{ALABEL}" = "127.0.0.1:{target.port}"\n')
+        cfg = tmp_path / "node.toml"
+        cfg.write_text(text)
+        node = await make_node(text)
+        port = node.listeners[0].port
+        await send(port, "news@insurer.test", [f"jörg@{ULABEL}"], CAMPAIGN, ["SMTPUTF8"])
+        [arrival] = await target.wait_for(1)
+        await until(lambda: [r["type"] for r in records(tmp_path)] == ["r", "d"],
+                    what="the delivery on the record")
+        dsn = build_bounce(reporting_mta="mx.example.com", sender=arrival.mail_from,
+                           recipients=[FailedRecipient(named, "failed", "5.1.1",
+                                                       "550 5.1.1 no such user",
+                                                       "mx.example.com")],
+                           original=arrival.data, arrival_date=time.time(), ret="HDRS")
+        assert await send(port, "", [arrival.mail_from], dsn) == {}
+        await node.stop()
+    finally:
+        await target.stop()
+    res = await asyncio.to_thread(audit, "verify", "-c", str(cfg))
+    assert res.exit_code == 0 and "INCOMPLETE" not in res.output, res.output
+
+
+async def test_an_open_recipient_in_non_ascii_upper_case_is_not_called_missing(tmp_path, sink,
+                                                                               make_node):
+    """``JÖRG@EXÄMPLE.COM`` waits in the queue (its pool paused): ``audit verify -c`` matched
+    the store's records by SQL ``lower(rcpt)`` (ASCII only in SQLite: ``jÖrg@exÄmple.com``)
+    against the spool's open recipients lower-cased by Python (``jörg@exämple.com``), did not
+    find it open, and called its trail incomplete ("no final record")."""
+    from postlane.policy.intake import RcptIn
+    from tests.conftest import message
+    from tests.test_evidence import cli as audit
+
+    text = config_text(tmp_path, sink.port)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(text)
+    node = await make_node(text)
+    await node.operations.pause("bulk", who=OPERATOR)
+    await node.intake.submit("news@example.com", [RcptIn(f"JÖRG@{ULABEL.upper()}")],
+                             message("offer", cls="marketing"))
+    await node.flush_evidence()
+    await until(lambda: [r["type"] for r in records(tmp_path) if r["rcpt"]] == ["r"],
+                what="the r record")
+    res = await asyncio.to_thread(audit, "verify", "-c", str(cfg))
+    assert res.exit_code == 0 and "INCOMPLETE" not in res.output, res.output
+    await node.stop()
+    res = await asyncio.to_thread(audit, "verify", "-c", str(cfg))
+    assert res.exit_code == 0 and "INCOMPLETE" not in res.output, res.output

@@ -13,6 +13,11 @@ per writer, which gives two proofs:
 The second proof needs the spool (``-c CONFIG``). A node may be writing meanwhile: whatever looks
 missing in the store's snapshot is looked for again, after the spool was read, among the records
 committed since and the events still waiting in the spool, before it is called missing.
+
+A recipient is one mailbox however its records spell it: they are matched by its key
+(``address.address_key``, the store's indexed ``rcpt_key``), as everywhere else, not by SQL
+``lower(rcpt)``, which folds ASCII only (SQLite; PostgreSQL under ``LC_CTYPE=C``) while the
+spool's addresses were folded by Python, and which keeps A- and U-labels, NFC and NFD apart.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ _AFTER_R = ("d", "b", "t", "u")
 _IN_FINAL = ", ".join(repr(t) for t in _FINAL)
 _IN_AFTER_R = ", ".join(repr(t) for t in _AFTER_R)
 _LIMIT = 20
+_KEY = "coalesce(rcpt_key, lower(coalesce(rcpt, '')))"
+"""A record's recipient as compared: its key; a row a node of the release before wrote during a
+rolling upgrade has none until the next start fills it in (``postgres._fill_rcpt_keys``)."""
 """Problems named at most (the first ones)."""
 
 
@@ -41,7 +49,7 @@ class SpoolView(Protocol):
     """What completeness needs of the spool (``spool.outbox`` readers provide it)."""
 
     def open_recipients(self) -> set[tuple[str, str]]:
-        """(queue id, lower-cased address) of every recipient not yet final."""
+        """(queue id, address) of every recipient not yet final (compared by its key)."""
         ...
 
     def messages(self) -> set[str]:
@@ -75,14 +83,15 @@ class _Reader(Protocol):
 
 
 def _pending(spool: SpoolView, cursors: dict[str, int]) -> set[tuple[str, str]]:
-    """(queue id, lower-cased recipient) of the events the spool holds beyond the store."""
+    """(queue id, recipient's key) of the events the spool holds beyond the store."""
+    from .queries import rcpt_key  # here: queries imports store, which imports this module
     out = set()
     for writer in spool.all_writers():
         after = cursors.get(writer, 0)
         while rows := spool.read(writer, after, 20000):
             for _, data in rows:
                 values = unpack(data)
-                out.add((values[5], (values[4] or "").lower()))
+                out.add((values[5], rcpt_key(values[4]) or ""))
             after = rows[-1][0]
     return out
 
@@ -131,35 +140,37 @@ def check(reader: _Reader, mark: str, cursors: dict[str, int],
     if filed and spool is not None:
         _files_ahead(reader, mark, result, spool, filed, highs)
     rows = reader.query(
-        "SELECT queue_id, lower(rcpt), min(seq),"
+        f"SELECT queue_id, {_KEY}, min(rcpt), min(seq),"
         " sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END),"
         f" sum(CASE WHEN type IN ({_IN_FINAL}) THEN 1 ELSE 0 END)"
         f" FROM audit_records WHERE scheme >= 2 AND state <> {PURGED}"
         f" AND type IN ({', '.join(repr(t) for t in ('r', *_AFTER_R, 's'))})"
-        " GROUP BY queue_id, lower(rcpt)"
+        f" GROUP BY queue_id, {_KEY}"
         " HAVING (sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END) = 0"
         f" AND sum(CASE WHEN type IN ({_IN_AFTER_R}) THEN 1 ELSE 0 END) > 0)"
         f" OR sum(CASE WHEN type IN ({_IN_FINAL}) THEN 1 ELSE 0 END)"
         " < sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END)")
     top = reader.query("SELECT coalesce(max(seq), 0) FROM audit_records")[0][0]
     if spool is None:
-        unreceived = [r for r in rows if r[3] == 0]
-        for queue_id, rcpt, seq, _, _ in unreceived[:_LIMIT]:
+        unreceived = [r for r in rows if r[4] == 0]
+        for queue_id, _, rcpt, seq, _, _ in unreceived[:_LIMIT]:
             result.fail(f"record seq {seq} (message {queue_id} to {rcpt}) has no 'received'"
                         " record")
         return result  # without the spool, a recipient with no final record may be open
-    open_ = spool.open_recipients()
+    from .queries import rcpt_key  # here: queries imports store, which imports this module
+    open_ = {(queue_id, rcpt_key(address) or "")
+             for queue_id, address in spool.open_recipients()}
     pending = _pending(spool, cursors)
-    for queue_id, rcpt, seq, received, _ in rows:
-        key = (queue_id, rcpt)
+    for queue_id, key_, rcpt, seq, received, _ in rows:
+        key = (queue_id, key_)
         if key in pending or (received and key in open_):
             continue
         # committed after the snapshot (the node runs)? look again
         again = reader.query(
             "SELECT sum(CASE WHEN type = 'r' THEN 1 ELSE 0 END),"
             f" sum(CASE WHEN type IN ({_IN_FINAL}) THEN 1 ELSE 0 END)"
-            f" FROM audit_records WHERE queue_id = {mark} AND lower(rcpt) = {mark}",
-            (queue_id, rcpt))[0]
+            f" FROM audit_records WHERE queue_id = {mark} AND {_KEY} = {mark}",
+            (queue_id, key_))[0]
         if (again[0] or 0) and (again[1] or 0) >= (again[0] or 0):
             continue
         if not received and not again[0]:
