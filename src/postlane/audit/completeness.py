@@ -39,10 +39,10 @@ _AFTER_R = ("d", "b", "t", "u")
 _IN_FINAL = ", ".join(repr(t) for t in _FINAL)
 _IN_AFTER_R = ", ".join(repr(t) for t in _AFTER_R)
 _LIMIT = 20
+"""Problems named at most (the first ones)."""
 _KEY = "coalesce(rcpt_key, lower(coalesce(rcpt, '')))"
 """A record's recipient as compared: its key; a row a node of the release before wrote during a
 rolling upgrade has none until the next start fills it in (``postgres._fill_rcpt_keys``)."""
-"""Problems named at most (the first ones)."""
 
 
 class SpoolView(Protocol):
