@@ -447,6 +447,27 @@ async def test_fbl_complaint_suppresses_for_marketing_and_raises_the_rate_alert(
     assert f["messageId"] == mid and f["vmtaPool"] == "bulk"
 
 
+async def test_a_complaint_by_message_id_sent_again_after_a_restart_is_recorded_once(
+        tmp_path, sink, make_node):
+    """An FBL that strips the return path names our message by its Message-ID only. Such a
+    complaint was told from a copy by the node's memory alone: sent again after a restart
+    (the FBL never saw the 250) it was a second "f" record, a second complaint in the rate.
+    Its message is found by the Message-ID now (in the outbox or the store, as a VERP
+    complaint's), and the copy is looked for under its queue id: one "f"."""
+    node, arrival, mid = await _campaign_delivered(tmp_path, sink, make_node)
+    arf = _arf("", mid, ["c@example.com"])
+    assert await send(node.listeners[0].port, "", ["fbl@mta.test"], arf) == {}
+    await node.stop()
+    node = await make_node(_config(tmp_path, sink.port))
+    assert await send(node.listeners[0].port, "", ["fbl@mta.test"], arf) == {}
+    await node.stop()
+    f = [r for r in records(tmp_path) if r["type"] == "f"]
+    assert [(r["rcpt"], r["dsnAction"], r["messageId"]) for r in f] == [
+        ("c@example.com", "abuse", mid)], f
+    [d] = [r for r in records(tmp_path) if r["type"] == "d"]
+    assert f[0]["queueId"] == d["queueId"] and f[0]["vmtaPool"] == "bulk"
+
+
 async def test_reports_are_accepted_from_anywhere_but_mail_is_not_relayed(
         tmp_path, sink, make_node):
     text = _config(tmp_path, sink.port).replace('relay_from = ["127.0.0.0/8"]', 'relay_from = []')

@@ -76,7 +76,7 @@ class Node:
         self.feedback = FeedbackService(config, self.persist, rates=complaints,
                                         dmarc=self.reputation,
                                         origin=self.audit.received if self.audit else None,
-                                        reported=self._reported)
+                                        reported=self._reported, sent_as=self._sent_as)
         self.resolver = MXResolver(config.dns.nameserver, config.dns.port, config.dns.timeout,
                                    dnssec=config.dns.dnssec)
         # the relay counts TLS sessions for the reports, the scheduler drives the relay and the
@@ -420,6 +420,18 @@ class Node:
                          for row in await self.audit.records(queue_id)
                          if row["type"] in ("rb", "rd", "f"))
         return found
+
+    async def _sent_as(self, message_id: str) -> list[dict]:
+        """The "r" records (audit store columns) of the messages whose Message-ID is
+        ``message_id``, oldest first: the outbox, then the store, as ``_reported`` (a
+        complaint without our VERP names its message by that alone)."""
+        found = {(rec.queue_id, rec.rcpt.lower()): dataclasses.asdict(rec)
+                 for rec in await self.spool.events_naming(message_id)
+                 if rec.type == "r" and rec.message_id == message_id}
+        if self.audit is not None:
+            found.update(((row["queue_id"], row["rcpt"].lower()), row)
+                         for row in await self.audit.sent_as(message_id))
+        return sorted(found.values(), key=lambda row: (row["time_logged"], row["queue_id"]))
 
     def bounces_pending(self, msg_ids: Collection[str]) -> list[asyncio.Future[bool]]:
         """The DSNs of these messages being queued (their final states are handed to the

@@ -90,6 +90,12 @@ class AuditService:
         rows = await self._call(lambda store: store.find(Query(queue_id=queue_id)))
         return next((r for r in rows if r["type"] == "r"), None)
 
+    async def sent_as(self, message_id: str) -> list[dict]:
+        """The "r" records of the messages whose Message-ID is ``message_id``: a complaint
+        whose FBL stripped our return path names its message by that alone."""
+        rows = await self._call(lambda store: store.find(Query(message_id=message_id)))
+        return [r for r in rows if r["type"] == "r" and r["message_id"] == message_id]
+
     async def records(self, queue_id: str) -> list[dict]:
         """Every record of a message, in chain order."""
         return await self._call(lambda store: store.find(Query(queue_id=queue_id)))

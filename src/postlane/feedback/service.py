@@ -79,8 +79,8 @@ class FeedbackService:
     def __init__(self, config: Config, record: Callable[[Record], None], *,
                  rates: ComplaintRates | None = None, dmarc: DMARCReports | None = None,
                  origin: Callable[[str], Awaitable[dict | None]] | None = None,
-                 reported: Callable[[str], Awaitable[set[tuple[str, str]]]] | None = None
-                 ) -> None:
+                 reported: Callable[[str], Awaitable[set[tuple[str, str]]]] | None = None,
+                 sent_as: Callable[[str], Awaitable[list[dict]]] | None = None) -> None:
         self.config = config
         self.origin = origin
         """The "r" record of a queue id (the audit store's): the pool, class and sender of
@@ -90,6 +90,10 @@ class FeedbackService:
         """(recipient, action) of the "rb", "rd" and "f" records of a queue id on the record
         already (the spool's outbox and the store): a report sent again to another node of
         a cluster, or to this node after a restart, is not recorded twice."""
+        self.sent_as = sent_as
+        """The "r" records of a Message-ID, oldest first (the outbox's and the store's): the
+        message a complaint without our VERP names, under whose queue id ``reported`` looks
+        for a copy recorded already."""
         fb = config.feedback
         spool = local_dir(config)
         self.classifier = load_classifier(fb.bounce_rules)
@@ -279,9 +283,13 @@ class FeedbackService:
                 await self._then_record(held)
                 return report
         verps = self._verps(report, rcpts)
-        known = await self._recorded(verps)
-        self.act_on(report, rcpts, verps, client, await self._origins(verps), held.append,
-                    known)
+        sent = await self._complained_of(report, verps)
+        qids = [*(v.queue_id for v in verps), *(row["queue_id"] for row in sent.values())]
+        known = await self._recorded(qids)
+        origins = await self._origins([v.queue_id for v in verps])
+        origins.update((row["queue_id"], row) for row in sent.values())
+        self.act_on(report, rcpts, verps, client, origins, held.append, known,
+                    {address: row["queue_id"] for address, row in sent.items()})
         await self._then_record(held)
         return report
 
@@ -318,13 +326,39 @@ class FeedbackService:
         ours = [*rcpts, *report.to, report.original_return_path]
         return list({v.recipient.lower(): v for v in map(self.verp.decode, ours) if v}.values())
 
-    async def _origins(self, verps: list[VerpAddress]) -> dict[str, dict]:
-        """The "r" records of the messages ``verps`` name (``origin``); a store that is away
+    async def _complained_of(self, report: Report, verps: list[VerpAddress]
+                             ) -> dict[str, dict]:
+        """Complained-of address -> the "r" record of the message a complaint without our
+        VERP names by its Message-ID (``sent_as``): that address's, else the oldest message's
+        (the same on every node and after a restart, where a copy of the report is looked
+        for). Empty for a VERP complaint, a bounce, or a store that is away or slow
+        (``ORIGIN_WAIT``): then only this node's memory tells a copy."""
+        mid = report.original_message_id
+        if (report.kind != "complaint" or report.complaint is None or verps or not mid
+                or self.sent_as is None):
+            return {}
+        try:
+            rows = await asyncio.wait_for(self.sent_as(mid), ORIGIN_WAIT)
+        except Exception as exc:  # noqa: BLE001 - the report is still acted on
+            log.warning("the spool and the audit store could not tell which message a"
+                        " complaint names (%s): a copy recorded before may be recorded again",
+                        type(exc).__name__, extra={"message_id": _one_line(mid, 100)})
+            return {}
+        if not rows:
+            return {}
+        found: dict[str, dict] = {}
+        for address in (r.address.lower() for r in report.recipients):
+            found[address] = next((row for row in rows if row["rcpt"].lower() == address),
+                                  rows[0])
+        return found
+
+    async def _origins(self, qids: list[str]) -> dict[str, dict]:
+        """The "r" records of the messages ``qids`` (``origin``); a store that is away
         or slow (``ORIGIN_WAIT``) leaves the records to the bounce domain's pool."""
         found: dict[str, dict] = {}
         if self.origin is None:
             return found
-        for qid in dict.fromkeys(v.queue_id for v in verps):
+        for qid in dict.fromkeys(qids):
             try:
                 row = await asyncio.wait_for(self.origin(qid), ORIGIN_WAIT)
             except Exception as exc:  # noqa: BLE001 - the report is still acted on
@@ -336,15 +370,16 @@ class FeedbackService:
                 found[qid] = row
         return found
 
-    async def _recorded(self, verps: list[VerpAddress]) -> set[tuple[str, str, str]]:
+    async def _recorded(self, qids: list[str]) -> set[tuple[str, str, str]]:
         """(queue id, recipient, action or feedback type) of the final reports and
-        complaints of the messages ``verps`` name that are on the record already
+        complaints of the messages ``qids`` (a report's VERPs', a complaint's Message-ID's)
+        that are on the record already
         (``reported``). A store that is away or slow (``ORIGIN_WAIT``) leaves only this
         node's memory to tell a report sent again."""
         found: set[tuple[str, str, str]] = set()
         if self.reported is None:
             return found
-        for qid in dict.fromkeys(v.queue_id for v in verps):
+        for qid in dict.fromkeys(qids):
             try:
                 pairs = await asyncio.wait_for(self.reported(qid), ORIGIN_WAIT)
             except Exception as exc:  # noqa: BLE001 - the report is still acted on
@@ -358,11 +393,14 @@ class FeedbackService:
     def act_on(self, report: Report, rcpts: list[str], verps: list[VerpAddress],
                client: str = "", origins: Mapping[str, dict] | None = None,
                record: Callable[[Record], None] | None = None,
-               known: Container[tuple[str, str, str]] = ()) -> None:
+               known: Container[tuple[str, str, str]] = (),
+               sent: Mapping[str, str] | None = None) -> None:
         """``verps``: ``_verps`` of the report; ``origins``: the "r" record of each queue id
         the report names, where known; ``record``: where its records go (``self.record``
         by default; ``receive`` holds them until the entries are written); ``known``: the
-        final reports on the record already (``_recorded``)."""
+        final reports on the record already (``_recorded``); ``sent``: complained-of
+        address -> queue id of the message a complaint without VERP names by Message-ID
+        (``_complained_of``)."""
         record = record or self.record
         now = time.time()
         ours = [*rcpts, *report.to, report.original_return_path]
@@ -385,9 +423,9 @@ class FeedbackService:
         if report.kind == "complaint" and report.complaint is not None:
             ftype = report.complaint.feedback_type
             targets = [v.recipient for v in verps] or [r.address for r in report.recipients]
-            qid = verps[0].queue_id if verps else ""
-            about = qid or report.original_message_id
             for address in dict.fromkeys(t.lower() for t in targets):
+                qid = verps[0].queue_id if verps else (sent or {}).get(address, "")
+                about = verps[0].queue_id if verps else report.original_message_id
                 try:
                     normalize(address)
                 except SuppressionError:  # 255 octets and more: no recipient was ever that
@@ -400,7 +438,8 @@ class FeedbackService:
                              extra={"type": ftype, "message_id": _one_line(about, 100)})
                     continue
                 record(Record(type="f", rcpt=address, queue_id=qid,
-                              dsn_diag=f"arf;{ftype}", dsn_action=ftype, **base))
+                              dsn_diag=f"arf;{ftype}", dsn_action=ftype,
+                              **(base if verps or not qid else of(qid))))
                 if ftype in _COMPLAINTS:
                     self._suppress(address, "marketing", f"complaint ({ftype})", "complaint")
             log.info("complaint", extra={"type": ftype, "recipients": len(targets)})
