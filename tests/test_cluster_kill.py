@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 
 import psycopg
+import pytest
 
 from postlane.feedback.dsn import FailedRecipient, build_bounce
 from tests.conftest import message, send
@@ -301,18 +302,22 @@ async def test_a_node_killed_as_its_bounces_dsn_commits_leaves_nothing_behind(
     assert trail == ["r", "b"], trail
 
 
+@pytest.mark.parametrize("verp", [True, False], ids=["VERP", "Message-ID only"])
 async def test_a_complaint_sent_again_after_a_kill_is_one_f_record(tmp_path, sink,
-                                                                   pg_schema):  # noqa: F811
+                                                                   pg_schema,  # noqa: F811
+                                                                   verp):
     """As for a bounce: an FBL's complaint reaches node-a, SIGKILLed the moment its "f"
     record is committed, and the FBL sends it again, to node-b, which recorded a second "f"
-    (a second complaint in the cluster's complaint rate). One "f" now."""
+    (a second complaint in the cluster's complaint rate). One "f" now; also when the FBL
+    stripped our VERP and the report names the message by its Message-ID only."""
     a, b = _feedback_nodes(tmp_path, sink.port, pg_schema)
     try:
         port_a, port_b = await a.port(), await b.port()
         await send(port_a, "news@insurer.test", ["c1@example.com"],
                    message("campaign", cls="marketing"))
         [arrival] = await sink.wait_for(1)
-        arf = _arf(arrival.mail_from, email.message_from_bytes(arrival.data)["Message-ID"])
+        mid = email.message_from_bytes(arrival.data)["Message-ID"]
+        arf = _arf(arrival.mail_from, mid) if verp else _arf("", mid, ["c1@example.com"])
         watcher = _kill_when(pg_schema, a.proc.pid, "SELECT (SELECT count(*) FROM events WHERE"
                              " position('arf;abuse'::bytea in data) > 0)"
                              " + (SELECT count(*) FROM audit_records WHERE type = 'f')")
