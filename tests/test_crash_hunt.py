@@ -9,6 +9,7 @@ import contextlib
 import email
 import os
 import signal
+import smtplib
 import sqlite3
 import threading
 import time
@@ -21,6 +22,7 @@ from tests.conftest import OPERATOR, config_text, message, records, send
 from tests.support.waiting import until
 from tests.test_crash_repair import _APINode
 from tests.test_evidence import cli
+from tests.test_feedback_node import FEEDBACK, _arf
 
 MESSAGES, PER_MESSAGE = 3, 1000
 """3,000 recipients: more than one commit of the spool's writer takes (``BATCH_MAX``)."""
@@ -406,3 +408,26 @@ async def test_a_node_killed_as_it_records_a_delivery_with_notify_success_sends_
     assert len(dsns) == 1, f"{len(dsns)} DSNs sent"
     res = await asyncio.to_thread(cli, "verify", "-c", str(node.cfg), "--files")
     assert res.exit_code == 0, res.output
+
+
+async def test_a_complaint_by_message_id_sent_again_after_a_sigkill_is_one_f_record(tmp_path):
+    """An FBL that strips our VERP names the message by its Message-ID only. The node is
+    SIGKILLed the moment the complaint's "f" is committed (before its 250); the FBL sends the
+    report again to the restarted node, whose memory of reports was gone with the process: a
+    second "f", a second complaint in the rate. The message is found by its Message-ID and
+    the copy under its queue id (outbox, then store): one "f"."""
+    async with _APINode(tmp_path, FEEDBACK) as node:
+        await send(node.port, "news@insurer.test", ["c@example.com"],
+                   message("campaign", cls="marketing"))
+        [arrival] = await node.sink.wait_for(1)
+        arf = _arf("", email.message_from_bytes(arrival.data)["Message-ID"], ["c@example.com"])
+        watcher = _kill_when(tmp_path, node.proc.pid,
+                             "SELECT count(*) FROM events WHERE instr(data, 'arf;abuse') > 0")
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            await send(node.port, "", ["fbl@mta.test"], arf)
+        await asyncio.to_thread(watcher.join, 60)
+        await asyncio.to_thread(node.proc.wait)
+        await node.restart()
+        assert await send(node.port, "", ["fbl@mta.test"], arf) == {}
+    f = [(r["rcpt"], r["dsnAction"]) for r in records(tmp_path) if r["type"] == "f"]
+    assert f == [("c@example.com", "abuse")], f
