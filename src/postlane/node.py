@@ -421,16 +421,17 @@ class Node:
                          if row["type"] in ("rb", "rd", "f"))
         return found
 
-    async def _sent_as(self, message_id: str) -> list[dict]:
+    async def _sent_as(self, message_id: str, rcpts: Sequence[str]) -> list[dict]:
         """The "r" records (audit store columns) of the messages whose Message-ID is
         ``message_id``, oldest first: the outbox, then the store, as ``_reported`` (a
-        complaint without our VERP names its message by that alone)."""
+        complaint without our VERP names its message by that alone). The store is asked for
+        those to ``rcpts`` first (``AuditService.sent_as``)."""
         found = {(rec.queue_id, rec.rcpt.lower()): dataclasses.asdict(rec)
                  for rec in await self.spool.events_naming(message_id)
                  if rec.type == "r" and rec.message_id == message_id}
         if self.audit is not None:
-            found.update(((row["queue_id"], row["rcpt"].lower()), row)
-                         for row in await self.audit.sent_as(message_id))
+            found.update(((row["queue_id"], (row["rcpt"] or "").lower()), row)
+                         for row in await self.audit.sent_as(message_id, rcpts))
         return sorted(found.values(), key=lambda row: (row["time_logged"], row["queue_id"]))
 
     def bounces_pending(self, msg_ids: Collection[str]) -> list[asyncio.Future[bool]]:

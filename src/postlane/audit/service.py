@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
@@ -90,11 +91,21 @@ class AuditService:
         rows = await self._call(lambda store: store.find(Query(queue_id=queue_id)))
         return next((r for r in rows if r["type"] == "r"), None)
 
-    async def sent_as(self, message_id: str) -> list[dict]:
-        """The "r" records of the messages whose Message-ID is ``message_id``: a complaint
-        whose FBL stripped our return path names its message by that alone."""
-        rows = await self._call(lambda store: store.find(Query(message_id=message_id)))
-        return [r for r in rows if r["type"] == "r" and r["message_id"] == message_id]
+    async def sent_as(self, message_id: str, rcpts: Sequence[str]) -> list[dict]:
+        """The "r" records of the messages whose Message-ID is ``message_id`` (a complaint
+        whose FBL stripped our return path names its message by that alone): those to
+        ``rcpts`` (indexed: a message to many has records by the thousand), else all."""
+
+        def sent(query: Query, store: AuditStore) -> list[dict]:
+            return [r for r in store.find(query)
+                    if r["type"] == "r" and r["message_id"] == message_id]
+
+        def find(store: AuditStore) -> list[dict]:
+            return [row for r in rcpts
+                    for row in sent(Query(message_id=message_id, rcpt=r), store)] or \
+                sent(Query(message_id=message_id), store)
+
+        return await self._call(find)
 
     async def records(self, queue_id: str) -> list[dict]:
         """Every record of a message, in chain order."""

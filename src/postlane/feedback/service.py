@@ -80,7 +80,8 @@ class FeedbackService:
                  rates: ComplaintRates | None = None, dmarc: DMARCReports | None = None,
                  origin: Callable[[str], Awaitable[dict | None]] | None = None,
                  reported: Callable[[str], Awaitable[set[tuple[str, str]]]] | None = None,
-                 sent_as: Callable[[str], Awaitable[list[dict]]] | None = None) -> None:
+                 sent_as: Callable[[str, list[str]], Awaitable[list[dict]]] | None = None
+                 ) -> None:
         self.config = config
         self.origin = origin
         """The "r" record of a queue id (the audit store's): the pool, class and sender of
@@ -91,9 +92,9 @@ class FeedbackService:
         already (the spool's outbox and the store): a report sent again to another node of
         a cluster, or to this node after a restart, is not recorded twice."""
         self.sent_as = sent_as
-        """The "r" records of a Message-ID, oldest first (the outbox's and the store's): the
-        message a complaint without our VERP names, under whose queue id ``reported`` looks
-        for a copy recorded already."""
+        """The "r" records of a Message-ID (to these recipients first), oldest first (the
+        outbox's and the store's): the message a complaint without our VERP names, under
+        whose queue id ``reported`` looks for a copy recorded already."""
         fb = config.feedback
         spool = local_dir(config)
         self.classifier = load_classifier(fb.bounce_rules)
@@ -334,11 +335,12 @@ class FeedbackService:
         for). Empty for a VERP complaint, a bounce, or a store that is away or slow
         (``ORIGIN_WAIT``): then only this node's memory tells a copy."""
         mid = report.original_message_id
+        named = list(dict.fromkeys(r.address.lower() for r in report.recipients))
         if (report.kind != "complaint" or report.complaint is None or verps or not mid
-                or self.sent_as is None):
+                or not named or self.sent_as is None):
             return {}
         try:
-            rows = await asyncio.wait_for(self.sent_as(mid), ORIGIN_WAIT)
+            rows = await asyncio.wait_for(self.sent_as(mid, named), ORIGIN_WAIT)
         except Exception as exc:  # noqa: BLE001 - the report is still acted on
             log.warning("the spool and the audit store could not tell which message a"
                         " complaint names (%s): a copy recorded before may be recorded again",
@@ -346,11 +348,8 @@ class FeedbackService:
             return {}
         if not rows:
             return {}
-        found: dict[str, dict] = {}
-        for address in (r.address.lower() for r in report.recipients):
-            found[address] = next((row for row in rows if row["rcpt"].lower() == address),
-                                  rows[0])
-        return found
+        return {address: next((row for row in rows if (row["rcpt"] or "").lower() == address),
+                              rows[0]) for address in named}
 
     async def _origins(self, qids: list[str]) -> dict[str, dict]:
         """The "r" records of the messages ``qids`` (``origin``); a store that is away
