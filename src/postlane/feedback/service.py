@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Container, Mapping
 from email import message_from_bytes
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from ..accounting.records import Record, pack
 from ..address import address_key, domain_key
@@ -73,6 +73,23 @@ CHANGE_MARGIN = 60.0
 """Seconds after a change of the suppression list during which newly queued mail is still
 looked up at delivery: its RCPT may have been checked before the change (DATA takes time),
 and another process's change is seen up to a second late."""
+
+
+_T = TypeVar("_T")
+
+
+async def _per_message(qids: list[str], fetch: Callable[[str], Awaitable[_T]],
+                       warning: str) -> dict[str, _T]:
+    """``fetch`` of each queue id once, each within ``ORIGIN_WAIT``; one that fails or is
+    slow is logged (``warning`` with the queue id and the error's name) and left out: the
+    report is acted on all the same."""
+    found: dict[str, _T] = {}
+    for qid in dict.fromkeys(qids):
+        try:
+            found[qid] = await asyncio.wait_for(fetch(qid), ORIGIN_WAIT)
+        except Exception as exc:  # noqa: BLE001 - the report is still acted on
+            log.warning(warning, qid, type(exc).__name__)
+    return found
 
 
 class FeedbackService:
@@ -354,30 +371,25 @@ class FeedbackService:
     async def _origins(self, qids: list[str]) -> dict[str, dict]:
         """The "r" records of the messages ``qids`` (``origin``); a store that is away
         or slow (``ORIGIN_WAIT``) leaves the records to the bounce domain's pool."""
-        found: dict[str, dict] = {}
         if self.origin is None:
-            return found
-        for qid in dict.fromkeys(qids):
-            try:
-                row = await asyncio.wait_for(self.origin(qid), ORIGIN_WAIT)
-            except Exception as exc:  # noqa: BLE001 - the report is still acted on
-                log.warning("the audit store could not tell queue id %s's pool and class"
-                            " (%s): its feedback record has the bounce domain's pool", qid,
-                            type(exc).__name__)
-                continue
-            if row is not None:
-                found[qid] = row
-        return found
+            return {}
+        rows = await _per_message(qids, self.origin, "the audit store could not tell queue id"
+                                  " %s's pool and class (%s): its feedback record has the"
+                                  " bounce domain's pool")
+        return {qid: row for qid, row in rows.items() if row is not None}
 
     async def _recorded(self, qids: list[str]) -> set[tuple[str, str, str]]:
         """(queue id, recipient, action or feedback type) of the final reports and
         complaints of the messages ``qids`` (a report's VERPs', a complaint's Message-ID's)
-        that are on the record already
-        (``reported``). A store that is away or slow (``ORIGIN_WAIT``) leaves only this
-        node's memory to tell a report sent again."""
-        found: set[tuple[str, str, str]] = set()
+        that are on the record already (``reported``). A store that is away or slow
+        (``ORIGIN_WAIT``) leaves only this node's memory to tell a report sent again."""
         if self.reported is None:
-            return found
+            return set()
+        found = await _per_message(qids, self.reported, "the spool and the audit store could"
+                                   " not tell whether queue id %s's report is on the record"
+                                   " already (%s): a copy another node recorded may be"
+                                   " recorded again")
+        return {(qid, rcpt, action) for qid, pairs in found.items() for rcpt, action in pairs}
         for qid in dict.fromkeys(qids):
             try:
                 pairs = await asyncio.wait_for(self.reported(qid), ORIGIN_WAIT)
