@@ -59,6 +59,18 @@ async def _utf8_node(tmp_path, make_node):
     return node, target
 
 
+async def _all_refused(node, target: Sink, rcpts: list[str]) -> None:
+    """Each of ``rcpts`` (spellings of suppressed mailboxes), sent alone, is refused with 550
+    and nothing reaches ``target``."""
+    for rcpt in rcpts:
+        try:
+            refused = await asyncio.to_thread(_sendmail, node.listeners[0].port, [rcpt])
+        except smtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients
+        assert refused and refused[rcpt][0] == 550, (rcpt, refused)
+    assert not target.arrivals
+
+
 def _sendmail(port: int, rcpts: list[str]) -> dict:
     body = ("From: s@insurer.test\r\nTo: jörg@exämple.com\r\nSubject: Grüße\r\n\r\n"
             "Hallo\r\n").encode()
@@ -111,14 +123,7 @@ async def test_a_suppressed_u_label_address_stops_its_a_label_spelling(tmp_path,
             resp = await api.post("/api/v1/suppressions", json={
                 "address": f"anna@{ALABEL}", "scope": "all", "reason": "asked"})
             assert resp.status_code == 201, resp.text
-        port = node.listeners[0].port
-        for rcpt in (f"jörg@{ALABEL}", f"JÖRG@{ULABEL}", f"anna@{ULABEL}"):
-            try:
-                refused = await asyncio.to_thread(_sendmail, port, [rcpt])
-            except smtplib.SMTPRecipientsRefused as exc:
-                refused = exc.recipients
-            assert refused and refused[rcpt][0] == 550, (rcpt, refused)
-        assert not target.arrivals
+        await _all_refused(node, target, [f"jörg@{ALABEL}", f"JÖRG@{ULABEL}", f"anna@{ULABEL}"])
     finally:
         await target.stop()
 
@@ -403,15 +408,8 @@ async def test_a_suppression_in_one_unicode_form_stops_the_other(tmp_path, make_
             listed = (await api.get("/api/v1/suppressions")).json()
             addresses = [e["address"] for e in listed["entries"]]
             assert addresses == [f"{NFC}@{ALABEL}", f"m\u00e4x@{ALABEL}"], listed
-        port = node.listeners[0].port
-        for rcpt in (f"{NFC}@{ULABEL}", f"{NFD}@{ALABEL}", f"m\u00e4x@{ULABEL}",
-                     f"MA\u0308X@{ULABEL}"):
-            try:
-                refused = await asyncio.to_thread(_sendmail, port, [rcpt])
-            except smtplib.SMTPRecipientsRefused as exc:
-                refused = exc.recipients
-            assert refused and refused[rcpt][0] == 550, (rcpt, refused)
-        assert not target.arrivals
+        await _all_refused(node, target, [f"{NFC}@{ULABEL}", f"{NFD}@{ALABEL}",
+                                          f"m\u00e4x@{ULABEL}", f"MA\u0308X@{ULABEL}"])
     finally:
         await target.stop()
 
